@@ -1,0 +1,34 @@
+"""Errors a user can act on. The CLI prints their message and exits with status 2, no traceback."""
+
+
+class FedMedClipError(Exception):
+    """Base class: the message names the problem and, where possible, the fix."""
+
+
+class ConfigError(FedMedClipError):
+    """A bad option or combination of options."""
+
+
+class DataError(FedMedClipError):
+    """A bad data source: missing file, empty class, unknown label."""
+
+
+class ImageDecodeError(DataError):
+    """An image file that cannot be read or decoded."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class BackboneNotFound(FedMedClipError):
+    """CLIP weights are not available locally (we never download at run time)."""
+
+
+class ProvenanceMismatch(FedMedClipError):
+    """A stored artifact was made from different inputs than the ones asked for."""
+
+
+class CheckpointError(FedMedClipError):
+    """A checkpoint that cannot be resumed from."""

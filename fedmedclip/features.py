@@ -1,0 +1,235 @@
+"""The feature store: every image is encoded once by the frozen CLIP, then training reads features.
+
+Exactness is the point: a store records the provenance of its features (backbone identity and
+weights hash, preprocessing, prompt template, class names, hash of the image list and contents),
+is reused only when that provenance matches, and refuses a mismatch rather than mixing inputs.
+Stores are per holder (each site encodes only its own images), which is also what the pipeline's
+per-site extraction does: CPU encodings differ by ~1e-6 with batch composition, so both paths
+encode the same batches and give identical features."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .data import ImageRecord, load_image
+from .errors import DataError, ImageDecodeError, ProvenanceMismatch
+from .preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+DEFAULT_PROMPT = "a picture of a {}"
+
+
+def canonical_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ImageDecodeError(path, f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def image_list_sha256(records: list[ImageRecord], workers: int) -> str:
+    """Hash of (image id, label, content hash) in order: a renamed, relabelled or edited image changes it."""
+    with ThreadPoolExecutor(workers) as pool:
+        contents = list(pool.map(_file_sha256, [r.path for r in records]))
+    h = hashlib.sha256()
+    for r, c in zip(records, contents, strict=True):
+        h.update(f"{r.image_id}\t{r.label}\t{c}\n".encode())
+    return h.hexdigest()
+
+
+def provenance_for(
+    records: list[ImageRecord],
+    class_names: list[str],
+    backbone: Backbone,
+    preprocessing: Preprocessing,
+    prompt_template: str,
+    workers: int,
+) -> dict:
+    prov = {
+        "format": STORE_FORMAT,
+        "backbone": backbone.identity(),
+        "preprocessing": preprocessing.describe(),
+        "prompt_template": prompt_template,
+        "class_names": list(class_names),
+        "n_images": len(records),
+        "image_list_sha256": image_list_sha256(records, workers),
+    }
+    prov["digest"] = canonical_digest(prov)
+    return prov
+
+
+@dataclass
+class FeatureStore:
+    features: torch.Tensor  # float32 [N, D], raw (unnormalised) CLIP image embeddings
+    labels: torch.Tensor  # int64 [N], indices into class_names
+    image_ids: list[str]
+    class_names: list[str]
+    text_features: torch.Tensor  # float32 [C, D], raw prompt embeddings
+    provenance: dict
+    skipped: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+    def rows(self, image_ids: list[str]) -> np.ndarray:
+        """Row indices of the given image ids (skipped images are left out)."""
+        where = {iid: i for i, iid in enumerate(self.image_ids)}
+        return np.array([where[i] for i in image_ids if i in where], dtype=np.int64)
+
+    def save(self, directory: Path) -> None:
+        """Write atomically: a half-written store must never look valid."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=directory.parent))
+        save_file(
+            {"features": self.features, "labels": self.labels, "text_features": self.text_features},
+            str(tmp / "features.safetensors"),
+        )
+        (tmp / "index.json").write_text(
+            json.dumps(
+                {"image_ids": self.image_ids, "class_names": self.class_names, "skipped": self.skipped}
+            )
+        )
+        (tmp / "provenance.json").write_text(json.dumps(self.provenance, indent=2))
+        os.replace(tmp, directory)
+        self.path = directory
+
+    @classmethod
+    def load(cls, directory: Path) -> FeatureStore:
+        tensors = load_file(str(directory / "features.safetensors"))
+        index = json.loads((directory / "index.json").read_text())
+        prov = json.loads((directory / "provenance.json").read_text())
+        return cls(
+            tensors["features"],
+            tensors["labels"],
+            index["image_ids"],
+            index["class_names"],
+            tensors["text_features"],
+            prov,
+            index.get("skipped", []),
+            directory,
+        )
+
+
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        if key == "digest":
+            continue
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {str(a)[:60]!r} vs requested {str(b)[:60]!r}")
+    return out
+
+
+def _decode(record: ImageRecord, preprocessing: Preprocessing):
+    try:
+        return preprocessing.to_uint8(load_image(record.path))
+    except ImageDecodeError as exc:
+        return exc
+
+
+def build_feature_store(
+    records: list[ImageRecord],
+    class_names: list[str],
+    backbone: Backbone,
+    preprocessing: Preprocessing,
+    directory: str | Path | None = None,
+    prompt_template: str = DEFAULT_PROMPT,
+    cache_root: str | Path | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    desc: str = "encoding",
+) -> FeatureStore:
+    """Load the store at `directory` if its provenance matches, else encode the images into it.
+    A store with different provenance is never overwritten: that is an error. With `cache_root`
+    instead of `directory`, the store lives at `cache_root/<provenance digest>`, so reuse is automatic."""
+    if not records:
+        raise DataError(f"no images to encode for {desc}")
+    if (directory is None) == (cache_root is None):
+        raise ValueError("give exactly one of directory or cache_root")
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    wanted = provenance_for(records, class_names, backbone, preprocessing, prompt_template, workers)
+    directory = Path(directory) if directory is not None else Path(cache_root) / wanted["digest"][:24]
+    if (directory / "provenance.json").exists():
+        stored = json.loads((directory / "provenance.json").read_text())
+        if stored.get("digest") == wanted["digest"]:
+            log.info("reusing feature store %s", directory)
+            return FeatureStore.load(directory)
+        raise ProvenanceMismatch(
+            f"feature store {str(directory)!r} was built from different inputs:\n  "
+            + "\n  ".join(_differences(stored, wanted))
+            + "\nIt is left untouched: point at another directory, or delete it to rebuild."
+        )
+    if "{}" not in prompt_template:
+        raise DataError(f"prompt template {prompt_template!r} must contain '{{}}' for the class name")
+
+    label_index = {c: i for i, c in enumerate(class_names)}
+    feats, labels, ids, skipped = [], [], [], []
+    batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+    bar = tqdm(total=len(records), desc=desc, unit="img", disable=not progress, leave=False)
+    with ThreadPoolExecutor(workers) as pool:
+        # Decode the next batch while the current one is encoded.
+        pending = pool.map(lambda r: _decode(r, preprocessing), batches[0]) if batches else None
+        for b, batch in enumerate(batches):
+            decoded = list(pending)
+            if b + 1 < len(batches):
+                pending = pool.map(lambda r: _decode(r, preprocessing), batches[b + 1])
+            arrays, kept = [], []
+            for rec, arr in zip(batch, decoded, strict=True):
+                if isinstance(arr, ImageDecodeError):
+                    if not skip_bad:
+                        raise arr
+                    skipped.append(rec.image_id)
+                    log.warning("skipping unreadable image %s (%s)", rec.path, arr.reason)
+                    continue
+                arrays.append(arr)
+                kept.append(rec)
+            if arrays:
+                pixels = preprocessing.normalise(torch.from_numpy(np.stack(arrays)))
+                feats.append(backbone.encode_images(pixels))
+                labels += [label_index[r.label] for r in kept]
+                ids += [r.image_id for r in kept]
+            bar.update(len(batch))
+    bar.close()
+    if skipped:
+        log.warning("%s: skipped %d unreadable image(s) of %d", desc, len(skipped), len(records))
+    if not feats:
+        raise DataError(f"{desc}: every image was unreadable")
+    store = FeatureStore(
+        features=torch.cat(feats).contiguous(),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        image_ids=ids,
+        class_names=list(class_names),
+        text_features=backbone.encode_text([prompt_template.format(c) for c in class_names]).contiguous(),
+        provenance=wanted,
+        skipped=skipped,
+    )
+    if directory.exists():
+        shutil.rmtree(directory)  # an incomplete leftover without provenance.json
+    store.save(directory)
+    return store

@@ -1,0 +1,72 @@
+"""Classification metrics, computed directly (no scikit-learn dependency), matching sklearn's
+definitions: balanced accuracy = mean recall over classes present in y_true; macro-F1 over the
+union of true and predicted classes, 0 where undefined; ECE with 10 equal-width confidence bins."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    recalls = [(y_pred[y_true == c] == c).mean() for c in np.unique(y_true)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def macro_f1(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    scores = []
+    for c in np.union1d(np.unique(y_true), np.unique(y_pred)):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        denom = np.sum(y_pred == c) + np.sum(y_true == c)
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def reliability_bins(probs, y_true, n_bins: int = 10) -> dict:
+    """Per bin of max-class confidence (lo, hi], the first bin closed: count, mean confidence, accuracy."""
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(which, weights=correct.astype(float), minlength=n_bins)
+    safe = np.maximum(counts, 1)
+    return {
+        "edges": edges.tolist(),
+        "count": counts.tolist(),
+        "confidence": (conf_sum / safe).tolist(),
+        "accuracy": (acc_sum / safe).tolist(),
+    }
+
+
+def expected_calibration_error(probs, y_true, n_bins: int = 10) -> float:
+    """ECE = Σ_b (n_b / N) |conf_b − acc_b|."""
+    b = reliability_bins(probs, y_true, n_bins)
+    n = sum(b["count"])
+    if n == 0:
+        return float("nan")
+    return float(
+        sum(
+            c / n * abs(cf - ac) for c, cf, ac in zip(b["count"], b["confidence"], b["accuracy"], strict=True)
+        )
+    )
+
+
+def classification_report(probs, y_true) -> dict:
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    y_pred = probs.argmax(axis=1)
+    return {
+        "acc": accuracy(y_true, y_pred),
+        "bacc": balanced_accuracy(y_true, y_pred),
+        "f1": macro_f1(y_true, y_pred),
+        "ece": expected_calibration_error(probs, y_true),
+        "n": int(len(y_true)),
+    }

@@ -1,0 +1,141 @@
+"""Trainable modules on top of frozen CLIP features (see ../shared/docs/algorithms.md §2.1, §3.1-3.3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_RULES = ("code", "dst")
+MASK_MARGIN = 0.01  # a row (or weight) is kept when mean|W| - t exceeds this
+
+
+class _CodeStep(torch.autograd.Function):
+    """The reference code's step: forward 1[s > 0.01]; backward passes the gradient only where
+    |s| > 1. Since |s| is ~0.02 in practice, thresholds and the mask path get zero gradient."""
+
+    @staticmethod
+    def forward(ctx, s):
+        ctx.save_for_backward(s)
+        return (s > MASK_MARGIN).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return grad * (s.abs() > 1).to(grad.dtype)
+
+
+class _DSTStep(torch.autograd.Function):
+    """Dynamic Sparse Training's estimator: derivative 2-4|x| for |x|<=0.4, 0.4 for |x|<=1, else 0."""
+
+    @staticmethod
+    def forward(ctx, s):
+        ctx.save_for_backward(s)
+        return (s > 0).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        a = s.abs()
+        d = torch.where(
+            a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a))
+        )
+        return grad * d
+
+
+class MaskedLinear(nn.Module):
+    """Linear layer with a learnable-threshold magnitude mask.
+
+    `code` (default, what the released code effectively does): a row i is kept iff
+    mean_j |W_ij| - t_i > 0.01; t gets no gradient, so this is a fixed magnitude rule.
+    `dst`: the intended element-wise Dynamic-Sparse-Training mask |W_ij| - t_i > 0 with its
+    straight-through estimator, so thresholds actually learn."""
+
+    def __init__(self, in_features: int, out_features: int, mask_rule: str = "code"):
+        super().__init__()
+        if mask_rule not in MASK_RULES:
+            raise ValueError(f"unknown mask rule {mask_rule!r}; choose one of {MASK_RULES}")
+        self.mask_rule = mask_rule
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.threshold = nn.Parameter(torch.zeros(out_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def mask(self) -> torch.Tensor:
+        """The effective mask, broadcastable to the weight: [out, 1] (code) or [out, in] (dst)."""
+        if self.mask_rule == "code":
+            s = self.weight.abs().mean(dim=1) - self.threshold
+            step = _CodeStep.apply(s) if torch.is_grad_enabled() else (s > MASK_MARGIN).to(s.dtype)
+            return step.unsqueeze(1)
+        s = self.weight.abs() - self.threshold.unsqueeze(1)
+        return _DSTStep.apply(s) if torch.is_grad_enabled() else (s > 0).to(s.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask()
+        if self.training and m.mean() <= 0.01:
+            # The reference code resets thresholds when almost everything is masked.
+            with torch.no_grad():
+                self.threshold.zero_()
+            m = self.mask()
+        return F.linear(x, self.weight * m, self.bias)
+
+
+def per_sample_standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """What InstanceNorm1d does to a 2-D (B, D) input in the reference code: it is treated as
+    unbatched, so each sample is standardised across its D features (no affine, no running stats)."""
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+class FeatureAdaptationModule(nn.Module):
+    """FedMedCLIP's FAM, the only module that travels: a softmax attention over feature dims."""
+
+    def __init__(self, dim: int, mask_rule: str = "code"):
+        super().__init__()
+        self.fc1 = MaskedLinear(dim, dim, mask_rule)
+        self.fc2 = MaskedLinear(dim, dim, mask_rule)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc2(F.relu(per_sample_standardise(self.fc1(f)))), dim=1)
+
+
+class PrivateMLP(nn.Module):
+    """FedMedCLIP's per-site classifier; it never leaves its site."""
+
+    def __init__(self, dim: int, num_classes: int, mask_rule: str = "code", depth: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [MaskedLinear(dim, dim, mask_rule), nn.BatchNorm1d(dim), nn.ReLU()]
+        layers.append(MaskedLinear(dim, num_classes, mask_rule))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class FacmicAttention(nn.Module):
+    """FACMIC's feature attention module (communicated, BN running stats included)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim),
+            nn.BatchNorm1d(dim),
+            nn.LeakyReLU(0.01),
+            nn.Linear(dim, dim),
+            nn.Softmax(dim=1),
+        )
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+def adapt(attention: nn.Module, f: torch.Tensor) -> torch.Tensor:
+    """ĥ = n(a(f) ⊙ f): the attended, L2-normalised feature every method classifies."""
+    return F.normalize(attention(f) * f, dim=1)

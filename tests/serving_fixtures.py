@@ -1,0 +1,95 @@
+"""Small ONNX models that follow the exported-model contract (docs/contracts.md), for the serving tests
+and the benchmark. Not a CLIP: a seeded conv net with the same interface (uint8 NHWC in, normalisation
+inside the graph, `probabilities` float32 [N, C] and `class_index` int64 [N] out, the metadata_props).
+
+Importing this module needs torch (tests and bench only; the server never imports it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedmedclip.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
+
+CLASS_NAMES = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+def contract_preprocessing(image_size: int) -> Preprocessing:
+    """The `clip` recipe at `image_size`: short-side resize + centre crop, so the server's decode path matters."""
+    return Preprocessing(
+        name="clip", size=image_size, resample="bicubic", center_crop=True, mean=CLIP_MEAN, std=CLIP_STD
+    )
+
+
+def make_contract_onnx(
+    path: str | Path,
+    *,
+    image_size: int = 64,
+    class_names: tuple[str, ...] = CLASS_NAMES,
+    width: int = 8,
+    depth: int = 1,
+    seed: int = 0,
+    run_id: str = "test-run",
+) -> Path:
+    """Export a seeded conv classifier to `path` and return it.
+
+    `width`/`depth` scale the compute: the tests use the default (about 1 ms per image), the benchmark a
+    heavier net so ONNX Runtime dominates like the real CLIP encoder does.
+    """
+    import onnx
+    import torch
+    from torch import nn
+
+    pre = contract_preprocessing(image_size)
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = [nn.Conv2d(3, width, kernel_size=4, stride=4), nn.GELU()]
+            for _ in range(depth - 1):
+                layers += [nn.Conv2d(width, width, kernel_size=3, padding=1), nn.GELU()]
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Linear(width, len(class_names))
+
+        def forward(self, images: torch.Tensor):
+            x = pre.normalise(images)
+            x = self.features(x).mean(dim=(2, 3))
+            # Scaled logits so the probabilities are far from uniform and differ between images.
+            probs = torch.softmax(self.head(x) * 4.0, dim=-1)
+            return probs, torch.argmax(probs, dim=-1)
+
+    net = Net().eval()
+    example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["probabilities", "class_index"],
+        dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}, "class_index": {0: "N"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    model = onnx.load(str(path))
+    meta = {
+        "fedmedclip.class_names": json.dumps(list(class_names)),
+        "fedmedclip.image_size": str(image_size),
+        "fedmedclip.preprocessing": json.dumps(pre.describe()),
+        "fedmedclip.backbone": "test/tiny-conv",
+        "fedmedclip.backbone_sha256": "0" * 64,
+        "fedmedclip.method": "fixture",
+        "fedmedclip.site": "global",
+        "fedmedclip.run_id": run_id,
+        "fedmedclip.precision": "fp32",
+        "fedmedclip.format_version": "1",
+    }
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, str(path))
+    return path
