@@ -22,9 +22,13 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The main job on the built-in default (synthetic multi-site data, tiny random CLIP).
+# The newcomer path: local stack (moto S3 + MLflow in .stack/), the Kubeflow pipeline run on this machine
+# (kfp.local) on synthetic data with the tiny CLIP (or DATA=../shared/datasets/brain-tumor-mri), then the
+# model registered and promoted @champion. Each pipeline task is a process: few rounds keep it short.
+DEMO_ROUNDS ?= 3
+DEMO_SITES  ?= 3
 demo: install
-	$(BIN)/fedmedclip train --data $(DATA) --rounds $(ROUNDS) --method $(METHOD) --out $(OUT)-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/fedmedclip demo --data $(DATA) --rounds $(DEMO_ROUNDS) --sites $(DEMO_SITES) --method $(METHOD) --out $(OUT)-$$(date +%Y%m%d-%H%M%S)
 
 train: install
 	rm -rf $(OUT) && $(BIN)/fedmedclip train --data $(DATA) --rounds $(ROUNDS) --method $(METHOD) --out $(OUT)

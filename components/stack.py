@@ -200,7 +200,9 @@ def read_state(data_dir: str | Path) -> StackInfo | None:
     try:
         return StackInfo.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
-        raise StackError(f"{path} is not a valid stack state file ({e}); remove it if no stack is running") from e
+        raise StackError(
+            f"{path} is not a valid stack state file ({e}); remove it if no stack is running"
+        ) from e
 
 
 def _tool(name: str) -> str:
@@ -269,20 +271,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_our_process(svc: ServiceInfo) -> bool:
-    """Guard against PID reuse: the recorded PID must still run the recorded program on the recorded port."""
-    if not _pid_alive(svc.pid):
-        return False
-    cmdline = Path(f"/proc/{svc.pid}/cmdline")
-    if not cmdline.exists():  # not Linux: trust the record
-        return True
+def _cmdline(pid: int) -> str | None:
+    """The command line of `pid` (Linux), None where /proc does not tell."""
     try:
-        args = cmdline.read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return False
-    text = b" ".join(args).decode(errors="replace")
+        return None
+
+
+def _runs_service(pid: int, svc: ServiceInfo) -> bool:
+    """Guard against PID reuse: the process must still run the recorded program on the recorded port."""
+    text = _cmdline(pid)
+    if text is None:
+        return not Path("/proc").is_dir()  # not Linux: trust the record
     program = "moto_server" if svc.name == "s3" else "mlflow"
     return program in text and str(svc.port) in text
+
+
+def _is_our_process(svc: ServiceInfo) -> bool:
+    return _pid_alive(svc.pid) and _runs_service(svc.pid, svc)
+
+
+def _group_members(svc: ServiceInfo) -> list[int]:
+    """Live processes of the service's process group (pgid == leader pid: it was started in its own
+    session) still running the service, e.g. MLflow's uvicorn worker after its parent died."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(stat.parent.name)
+        if fields[0] != "Z" and int(fields[2]) == svc.pid and _runs_service(pid, svc):
+            members.append(pid)
+    return members
 
 
 def _launch(name: str, command: list[str], log: Path, env: dict[str, str], cwd: Path) -> ServiceInfo:
@@ -311,9 +333,8 @@ def _fail(msg: str, svc: ServiceInfo | None, started: list[ServiceInfo]) -> Stac
 
 
 def _wait_s3(info: StackInfo, svc: ServiceInfo, started: list[ServiceInfo]) -> None:
-    from botocore.config import Config
-
     import boto3
+    from botocore.config import Config
 
     client = boto3.client(
         "s3",
@@ -388,39 +409,37 @@ def _s3_healthy(info: StackInfo) -> bool:
 
 
 def _terminate(svc: ServiceInfo, timeout: float = STOP_TIMEOUT) -> bool:
-    """SIGTERM the service's process group (MLflow runs uvicorn as a child), SIGKILL if it lingers.
+    """SIGTERM the service's process group (MLflow runs uvicorn as a child), SIGKILL what lingers.
     Returns True when something was stopped."""
-    if not _is_our_process(svc):
-        _CHILDREN.pop(svc.pid, None)
+    leader = _is_our_process(svc)
+    if not leader and not _group_members(svc):
+        child = _CHILDREN.pop(svc.pid, None)
+        if child is not None:
+            child.poll()  # reap
         return False
-    try:
-        pgid = os.getpgid(svc.pid)
-    except ProcessLookupError:
-        return False
-    # Never signal our own group: the service was started in its own session, so pgid == pid.
-    target_group = pgid == svc.pid and pgid != os.getpgid(0)
-    with contextlib.suppress(ProcessLookupError):
-        if target_group:
-            os.killpg(pgid, signal.SIGTERM)
-        else:
-            os.kill(svc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(svc.pid):
-        time.sleep(0.1)
-    if _pid_alive(svc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            if target_group:
-                os.killpg(pgid, signal.SIGKILL)
+    # The service leads its own group (start_new_session), so pgid == pid; never signal our own group.
+    as_group = svc.pid != os.getpgid(0)
+
+    def signal_all(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if as_group:
+                os.killpg(svc.pid, sig)
             else:
-                os.kill(svc.pid, signal.SIGKILL)
+                os.kill(svc.pid, sig)
+
+    def alive() -> bool:
+        return _is_our_process(svc) or bool(_group_members(svc))
+
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        time.sleep(0.1)
+    if alive():
+        signal_all(signal.SIGKILL)
     child = _CHILDREN.pop(svc.pid, None)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
-    # Workers of the group that outlived the leader (uvicorn children) get the same treatment.
-    if target_group:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
     return True
 
 
@@ -433,9 +452,12 @@ def start_stack(
     mlflow_port: int = DEFAULT_MLFLOW_PORT,
     host: str = DEFAULT_HOST,
     bucket: str = DEFAULT_BUCKET,
+    mlflow_args: list[str] | tuple[str, ...] = (),
 ) -> StackInfo:
     """Start moto (S3) and MLflow in the background; return once both answer and the bucket exists.
 
+    `mlflow_args` are appended to `mlflow server` (e.g. `--allowed-hosts myhost:*` when binding a
+    non-loopback `host`: MLflow rejects Host headers other than localhost and private IPs by default).
     If a healthy stack is already recorded in `data_dir`, it is returned unchanged (ports as recorded).
     Raises StackError naming the problem (port taken, server died, with its log tail)."""
     data_dir = Path(data_dir).resolve()
@@ -484,6 +506,7 @@ def start_stack(
         str(mlflow_port),
         "--workers",
         "1",
+        *mlflow_args,
     ]
     started: list[ServiceInfo] = []
     s3 = _launch("s3", s3_cmd, data_dir / "s3.log", env, data_dir)

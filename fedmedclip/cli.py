@@ -25,7 +25,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="image-folder root (<root>/<split>/<class>/*), a CSV manifest "
         "(path,label[,site][,split]), or 'synthetic' (default: %(default)s)",
     )
-    p.add_argument("--method", default=d.method, help="fedmedclip | facmic (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        default=d.method,
+        help="fedmedclip | facmic | fedclip | zeroshot | fedavg | fedprox | moon | fedfocal (default: %(default)s)",
+    )
+    p.add_argument(
+        "--federation",
+        default=d.federation,
+        choices=("federated", "local", "centralized"),
+        help="federated (default), local (each site alone, nothing shared) or centralized (all training "
+        "data pooled in one holder): the lower and upper references for any method",
+    )
     p.add_argument("--partition", default=d.partition, choices=SCHEMES)
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (smaller = more skew)")
     p.add_argument("--sites", type=int, default=d.sites)
@@ -87,6 +98,7 @@ def config_from_args(args) -> TrainConfig:  # noqa: F821 - imported lazily for a
     return TrainConfig(
         data=args.data,
         method=args.method,
+        federation=args.federation,
         partition=args.partition,
         alpha=args.alpha,
         sites=args.sites,
@@ -157,6 +169,22 @@ def _cmd_backbone(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_onnx
+
+    path = export_onnx(
+        args.run_dir,
+        args.site,
+        args.out,
+        precision="fp16" if args.fp16 else "fp32",
+        run_id=args.run_id,
+        backbone=args.backbone,
+        exporter=args.exporter,
+    )
+    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmedclip", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -181,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("spec")
     p.set_defaults(func=_cmd_backbone)
+
+    from . import compare  # light at import: the engine loads only when the command runs
+
+    p = sub.add_parser("compare", help="methods x partitions x seeds side by side (resumable), tabulated")
+    compare.add_arguments(p)
+    p.set_defaults(func=compare.cmd_compare)
+
+    p = sub.add_parser("export", help="export a trained site's or the global predictor to one ONNX file")
+    p.add_argument("run_dir", help="a `fedmedclip train --out` run directory")
+    p.add_argument("--site", default="global", help="global | a site name | a site index (default: global)")
+    p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
+    p.add_argument("--fp16", action="store_true", help="half-precision image encoder (for GPU serving)")
+    p.add_argument("--run-id", default="", help="training run id recorded in the metadata")
+    p.add_argument("--backbone", default=None, help="where the frozen weights are, if moved (hash-checked)")
+    p.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"))
+    p.set_defaults(func=_cmd_export)
 
     for ep in entry_points(group="fedmedclip.commands"):
         try:

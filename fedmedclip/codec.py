@@ -72,19 +72,25 @@ def decode_state(payload: bytes) -> dict[str, torch.Tensor]:
     except (ValueError, zlib.error) as exc:
         raise CodecError(f"corrupt module update: {exc}") from None
     out, offset = {}, 0
-    for e in header["tensors"]:
-        raw = body[offset : offset + e["nbytes"]]
-        offset += e["nbytes"]
-        shape = tuple(e["shape"])
-        if e["dtype"] == "int8-rows":
-            rows = e["rows"]
-            scale = np.frombuffer(raw[: 4 * rows], dtype=np.float32)
-            q = np.frombuffer(raw[4 * rows :], dtype=np.int8).reshape(rows, -1).astype(np.float32)
-            arr = (q * scale[:, None]).reshape(shape)
-        else:
-            arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(shape)
-            arr = arr.astype(np.int64 if e["dtype"] == "int64" else np.float32)
-        out[e["name"]] = torch.from_numpy(np.array(arr))
+    try:
+        for e in header["tensors"]:
+            raw = body[offset : offset + e["nbytes"]]
+            offset += e["nbytes"]
+            shape = tuple(e["shape"])
+            if e["dtype"] == "int8-rows":
+                rows = e["rows"]
+                scale = np.frombuffer(raw[: 4 * rows], dtype=np.float32)
+                q = np.frombuffer(raw[4 * rows :], dtype=np.int8).reshape(rows, -1).astype(np.float32)
+                arr = (q * scale[:, None]).reshape(shape)
+            elif e["dtype"] in ("float16", "float32", "int64"):
+                arr = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(shape)
+                arr = arr.astype(np.int64 if e["dtype"] == "int64" else np.float32)
+            else:
+                raise ValueError(f"unknown stored dtype {e['dtype']!r}")
+            out[e["name"]] = torch.from_numpy(np.array(arr))
+    except (KeyError, TypeError, ValueError) as exc:
+        # A header that parses but does not describe its body (wrong shape, dtype, missing key).
+        raise CodecError(f"corrupt module update: {type(exc).__name__}: {exc}") from None
     if offset != len(body):
         raise CodecError("corrupt module update: payload length does not match its header")
     return out

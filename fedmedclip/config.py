@@ -13,12 +13,16 @@ from .features import DEFAULT_PROMPT
 from .partition import SCHEMES
 
 SYNTHETIC = "synthetic"
+# federated: the method as published; local: each site alone, nothing shared (lower reference);
+# centralized: all sites' training data pooled in one holder (upper reference).
+FEDERATIONS = ("federated", "local", "centralized")
 
 
 @dataclass
 class TrainConfig:
     data: str = SYNTHETIC  # image-folder root, CSV manifest, or "synthetic"
     method: str = "fedmedclip"
+    federation: str = "federated"  # one of FEDERATIONS
     partition: str = "iid"
     alpha: float | None = None
     sites: int | None = 3
@@ -43,6 +47,10 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.federation not in FEDERATIONS:
+            raise ConfigError(
+                f"unknown federation {self.federation!r}; choose one of {', '.join(FEDERATIONS)}"
+            )
         if self.partition not in SCHEMES:
             raise ConfigError(f"unknown partition {self.partition!r}; choose one of {', '.join(SCHEMES)}")
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
@@ -82,6 +90,8 @@ class TrainConfig:
         d = self.to_json()
         for k in ("out", "cache_dir"):
             d.pop(k)
+        if d["federation"] == "federated":
+            d.pop("federation")  # the default is left out, so keys from before the field existed still match
         return json.loads(json.dumps(d))
 
 

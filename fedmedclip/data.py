@@ -143,11 +143,17 @@ def from_csv(path: str | Path, classes: list[str] | None = None) -> ImageSet:
                 f"{path}: missing column(s) {', '.join(sorted(missing))}; need path,label[,site][,split]"
             )
         records = []
+        seen: dict[Path, int] = {}
         for line, row in enumerate(reader, start=2):
             rel = (row.get("path") or "").strip()
             label = (row.get("label") or "").strip()
             if not rel or not label:
                 raise DataError(f"{path}:{line}: empty path or label")
+            # The same image twice (e.g. in train and test) would leak across the splits.
+            key = (base / rel).resolve()
+            if key in seen:
+                raise DataError(f"{path}:{line}: image {rel!r} is already listed on line {seen[key]}")
+            seen[key] = line
             if classes is not None and label not in classes:
                 raise DataError(f"{path}:{line}: unknown label {label!r}; expected one of {sorted(classes)}")
             split_raw = (row.get("split") or "train").strip().lower()

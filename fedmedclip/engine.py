@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .aggregation import aggregation_weights
 from .backbone import Backbone, load_backbone, make_preprocessing
 from .codec import decode_state, encode_state
 from .config import SYNTHETIC, TrainConfig
-from .data import ImageSet, open_source
+from .data import ImageSet, load_image, open_source
 from .errors import CheckpointError, ConfigError
 from .features import FeatureStore, build_feature_store, canonical_digest
 from .methods import METHODS, Method, MethodContext, SiteData, SiteTrainer
@@ -63,6 +64,8 @@ class Prepared:
     preprocessing: Preprocessing
     stores: dict[str, FeatureStore]  # holder (site name or "server") -> store
     feature_seconds: float
+    # Only for methods with `needs_images`: holder -> uint8 pixels [N, S, S, 3], rows as in its store.
+    pixels: dict[str, torch.Tensor] | None = None
 
 
 def holder_image_ids(partition: Partition, holder: str) -> list[str]:
@@ -98,6 +101,42 @@ def extract_features(
     )
 
 
+# Decoded pixels per (recipe, image path), kept for the life of the process: a comparison grid runs many
+# fine-tuning cells over the same images, and decoding + resizing dominates their set-up otherwise.
+# About S*S*3 bytes per image (150 kB at 224 px: ~0.5 GB for the 3,264 brain-MRI images).
+_PIXEL_CACHE: dict[tuple[str, str], np.ndarray] = {}
+
+
+def load_pixels(
+    image_set: ImageSet,
+    image_ids: list[str],
+    preprocessing: Preprocessing,
+    progress: bool = True,
+    desc: str = "decoding",
+) -> torch.Tensor:
+    """The preprocessed uint8 pixels [N, S, S, 3] of the given images, for methods that train the image
+    encoder. Nothing augments, so the geometry is computed once; normalisation runs at every step."""
+    by_id = image_set.by_id()
+    recipe = json.dumps(preprocessing.describe(), sort_keys=True)
+    paths = [by_id[i].path for i in image_ids]
+    missing = [p for p in dict.fromkeys(paths) if (recipe, p) not in _PIXEL_CACHE]
+    if missing:
+        with ThreadPoolExecutor(min(8, (os.cpu_count() or 2) * 2)) as pool:
+            arrays = pool.map(lambda p: preprocessing.to_uint8(load_image(p)), missing)
+            for p, a in tqdm(
+                zip(missing, arrays, strict=True),
+                total=len(missing),
+                desc=desc,
+                unit="img",
+                disable=not progress,
+                leave=False,
+            ):
+                _PIXEL_CACHE[(recipe, p)] = a
+    if not paths:
+        return torch.zeros(0, preprocessing.size, preprocessing.size, 3, dtype=torch.uint8)
+    return torch.from_numpy(np.stack([_PIXEL_CACHE[(recipe, p)] for p in paths]))
+
+
 def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
     cfg.validate()
     image_set = load_image_set(cfg)
@@ -117,20 +156,40 @@ def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
         h: extract_features(image_set, holder_image_ids(partition, h), backbone, prep, cfg, h, progress)
         for h in [*partition.site_names, SERVER]
     }
-    return Prepared(cfg, image_set, partition, backbone, prep, stores, time.perf_counter() - t0)
+    pixels = None
+    if METHODS[cfg.method].needs_images:
+        # The stores still give the text features and provenance; training reads these pixels.
+        pixels = {
+            h: load_pixels(image_set, s.image_ids, prep, progress, f"decoding {h}") for h, s in stores.items()
+        }
+    return Prepared(cfg, image_set, partition, backbone, prep, stores, time.perf_counter() - t0, pixels)
 
 
-def _rows(store: FeatureStore, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows(
+    store: FeatureStore, ids: list[str], pixels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     r = torch.from_numpy(store.rows(ids))
-    return store.features[r], store.labels[r]
+    return (store.features if pixels is None else pixels)[r], store.labels[r]
 
 
 def site_data(
-    partition: Partition, site: str, store: FeatureStore, reference_x: torch.Tensor | None
+    partition: Partition,
+    site: str,
+    store: FeatureStore,
+    reference_x: torch.Tensor | None,
+    pixels: torch.Tensor | None = None,
 ) -> SiteData:
+    """A site's train/val/test: cached features, or with `pixels` (rows as in `store`) the images."""
     split = partition.sites[site]
-    (trx, tr_y), (vx, vy), (tex, tey) = (_rows(store, split[s]) for s in ("train", "val", "test"))
+    (trx, tr_y), (vx, vy), (tex, tey) = (_rows(store, split[s], pixels) for s in ("train", "val", "test"))
     return SiteData(site, trx, tr_y, vx, vy, tex, tey, reference_x)
+
+
+def pooled_data(datas: list[SiteData], name: str = "pooled") -> SiteData:
+    """Every site's data in one holder: the centralized reference (an upper bound no hospital can run)."""
+    cat = lambda attr: torch.cat([getattr(d, attr) for d in datas])  # noqa: E731
+    parts = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+    return SiteData(name, *(cat(a) for a in parts), datas[0].reference_x)
 
 
 def reference_features(partition: Partition, server_store: FeatureStore, transductive: bool) -> torch.Tensor:
@@ -139,7 +198,15 @@ def reference_features(partition: Partition, server_store: FeatureStore, transdu
     return _rows(server_store, ids)[0]
 
 
-def build_method(cfg: TrainConfig, text_features: torch.Tensor) -> Method:
+def build_method(
+    cfg: TrainConfig,
+    text_features: torch.Tensor,
+    backbone: Backbone | None = None,
+    preprocessing: Preprocessing | None = None,
+    class_names: list[str] | None = None,
+) -> Method:
+    """The configured method. Methods that fine-tune CLIP (`needs_images`) also need the backbone, the
+    preprocessing recipe and the class names (for their prompts)."""
     ctx = MethodContext(
         feature_dim=text_features.shape[1],
         num_classes=text_features.shape[0],
@@ -148,6 +215,13 @@ def build_method(cfg: TrainConfig, text_features: torch.Tensor) -> Method:
         batch_size=cfg.batch_size,
         options=dict(cfg.method_options),
     )
+    if METHODS[cfg.method].needs_images:
+        if backbone is None or preprocessing is None or class_names is None:
+            raise ConfigError(
+                f"{cfg.method} fine-tunes CLIP: build_method needs backbone, preprocessing, class_names"
+            )
+        ctx.backbone, ctx.preprocessing = backbone, preprocessing
+        ctx.prompts = [cfg.prompt_template.format(c) for c in class_names]
     return METHODS[cfg.method](ctx)
 
 
@@ -168,11 +242,20 @@ def aggregate_round(
 
 
 def evaluate(
-    method: Method, global_module, trainers: list[SiteTrainer], datas: list[SiteData], gx, gy
+    method: Method,
+    global_module,
+    trainers: list[SiteTrainer],
+    datas: list[SiteData],
+    gx,
+    gy,
+    global_predictions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
-    """Global test with the global rule; each site's val and test with its local rule."""
+    """Global test with the global rule; each site's val and test with its local rule.
+    `global_predictions` (probabilities, labels) replaces the global rule where there is no global
+    model (local-only training)."""
+    probs, labels = global_predictions or (method.global_probs(global_module, gx), gy)
     out = {
-        "global": classification_report(method.global_probs(global_module, gx).numpy(), gy.numpy()),
+        "global": classification_report(probs.numpy(), labels.numpy()),
         "sites": [],
     }
     for t, d in zip(trainers, datas, strict=True):
@@ -190,43 +273,95 @@ def _site_mean(rows: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- the in-process federation
 class Federation:
-    """Holds the server and the sites of one run, and its on-disk checkpoint."""
+    """Holds the server and the sites of one run, and its on-disk checkpoint.
+
+    `cfg.federation` picks how the sites learn: `federated` (the method as published), `local` (each
+    site trains alone, nothing travels, no aggregation: the lower reference) or `centralized` (every
+    site's training data pooled in one holder: the upper reference). All three are evaluated the same
+    way: every site's local test with the model that site would hold, and the global test."""
 
     def __init__(self, cfg: TrainConfig, prepared: Prepared):
         self.cfg, self.p = cfg, prepared
+        self.mode = cfg.federation
         server = prepared.stores[SERVER]
-        self.method = build_method(cfg, server.text_features)
-        ref = reference_features(prepared.partition, server, cfg.transductive)
-        self.datas = [
-            site_data(prepared.partition, s, prepared.stores[s], ref) for s in prepared.partition.site_names
-        ]
-        self.trainers = [self.method.new_site(d, k) for k, d in enumerate(self.datas)]
+        part = prepared.partition
+        if self.mode != "federated" and cfg.method in ("fedprox", "moon"):
+            raise ConfigError(
+                f"{cfg.method} regularises toward a global model, which --federation {self.mode} does not "
+                "have; use fedavg for the local/centralized reference of the fine-tuning baselines"
+            )
+        self.method = build_method(
+            cfg,
+            server.text_features,
+            prepared.backbone,
+            prepared.preprocessing,
+            prepared.image_set.class_names,
+        )
+        pixels = prepared.pixels or {}
+        ref = reference_features(part, server, cfg.transductive)
+        self.datas = [site_data(part, s, prepared.stores[s], ref, pixels.get(s)) for s in part.site_names]
+        # The training units: one per site, or a single holder of all sites' data (centralized).
+        self.unit_datas = [pooled_data(self.datas)] if self.mode == "centralized" else self.datas
+        self.units = [self.method.new_site(d, k) for k, d in enumerate(self.unit_datas)]
+        # What each site predicts with: its own trainer, or in the centralized case the pooled one.
+        self.trainers = self.units * len(self.datas) if self.mode == "centralized" else self.units
         self.global_module = self.method.new_global()
         self.global_state = self.method.shared_state(self.global_module)
-        self.gx, self.gy = _rows(server, prepared.partition.global_test)
+        if self.mode == "centralized":
+            self.units[0].load_shared(self.global_state)  # starts where a federation would
+        self.gx, self.gy = _rows(server, part.global_test, pixels.get(SERVER))
         self.round = 0
         self.history: list[dict] = []
         self.best: dict | None = None  # {"round", "val", "global", "sites"}
 
+    def global_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and labels on the global test. Local-only training has no global model: every
+        site's own module predicts every global test image (the metrics are then over sites x images)."""
+        if self.mode != "local":
+            return self.method.global_probs(self.global_module, self.gx), self.gy
+        scratch = copy.deepcopy(self.global_module)
+        probs = []
+        for t in self.units:
+            scratch.load_state_dict(t.shared_update(), strict=False)
+            probs.append(self.method.global_probs(scratch, self.gx))
+        return torch.cat(probs), self.gy.repeat(len(self.units))
+
+    def _evaluate(self) -> dict:
+        pred = self.global_predictions() if self.mode == "local" else None
+        return evaluate(self.method, self.global_module, self.trainers, self.datas, self.gx, self.gy, pred)
+
     # -- one round
+    def _train_units(self, r: int) -> tuple[list[int], list[int], list[float]]:
+        """Local and centralized training: nothing crosses a network, so the ledger records 0 bytes."""
+        losses = [t.train_round(r)["loss"] for t in self.units]
+        if self.mode == "centralized":
+            self.global_state = self.units[0].shared_update()
+            self.global_module.load_state_dict(self.global_state, strict=False)
+        return [0] * len(self.datas), [0] * len(self.datas), losses
+
     def step(self) -> dict:
         r = self.round + 1
         t0 = time.perf_counter()
-        down = encode_state(self.global_state, self.cfg.codec)
-        ups, losses = [], []
-        for t in self.trainers:
-            up, stats = site_round(t, down, r, self.cfg.codec)
-            ups.append(up)
-            losses.append(stats["loss"])
-        self.global_state = aggregate_round(
-            self.method, self.global_state, ups, [d.n_train for d in self.datas]
-        )
-        # Evaluate what the sites will actually hold: the codec-rounded global module.
-        received = decode_state(encode_state(self.global_state, self.cfg.codec))
-        self.global_module.load_state_dict(received, strict=False)
-        for t in self.trainers:
-            t.load_shared(received)
-        ev = evaluate(self.method, self.global_module, self.trainers, self.datas, self.gx, self.gy)
+        if self.mode != "federated":
+            bytes_up, bytes_down, losses = self._train_units(r)
+            ev = self._evaluate()
+        else:
+            down = encode_state(self.global_state, self.cfg.codec)
+            ups, losses = [], []
+            for t in self.trainers:
+                up, stats = site_round(t, down, r, self.cfg.codec)
+                ups.append(up)
+                losses.append(stats["loss"])
+            self.global_state = aggregate_round(
+                self.method, self.global_state, ups, [d.n_train for d in self.datas]
+            )
+            # Evaluate what the sites will actually hold: the codec-rounded global module.
+            received = decode_state(encode_state(self.global_state, self.cfg.codec))
+            self.global_module.load_state_dict(received, strict=False)
+            for t in self.trainers:
+                t.load_shared(received)
+            ev = evaluate(self.method, self.global_module, self.trainers, self.datas, self.gx, self.gy)
+            bytes_up, bytes_down = [len(u) for u in ups], [len(down)] * len(ups)
         val = [s["val"]["acc"] for s in ev["sites"] if s["val"]]
         val_mean = float(np.mean(val)) if val else float(np.mean([s["test"]["acc"] for s in ev["sites"]]))
         record = {
@@ -243,8 +378,8 @@ class Federation:
             ],
             "val_acc_mean": val_mean,
             "train_loss": float(np.mean(losses)),
-            "bytes_up": [len(u) for u in ups],
-            "bytes_down": [len(down)] * len(ups),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
             "seconds": time.perf_counter() - t0,
         }
         self.round = r
@@ -259,15 +394,22 @@ class Federation:
             "round": r,
             "val": val,
             "global": {k: v.clone() for k, v in self.global_state.items()},
-            "sites": [copy.deepcopy(t.state_dict()) for t in self.trainers],
+            "sites": [copy.deepcopy(t.state_dict()) for t in self.units],
         }
 
+    def _receive(self, state: dict) -> None:
+        """Load a global state into the global module and, where one is shared, into the trainers."""
+        if self.mode == "federated":
+            state = decode_state(encode_state(state, self.cfg.codec))
+        self.global_module.load_state_dict(state, strict=False)
+        if self.mode == "federated":
+            for t in self.units:
+                t.load_shared(state)
+
     def restore(self, snap: dict) -> None:
-        received = decode_state(encode_state(snap["global"], self.cfg.codec))
-        self.global_module.load_state_dict(received, strict=False)
-        for t, s in zip(self.trainers, snap["sites"], strict=True):
+        for t, s in zip(self.units, snap["sites"], strict=True):
             t.load_state_dict(s)
-            t.load_shared(received)
+        self._receive(snap["global"])
 
     # -- checkpointing: every round, atomically; private site state in per-site files
     def save_checkpoint(self, directory: Path) -> None:
@@ -275,10 +417,10 @@ class Federation:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "best").mkdir(parents=True)
         torch.save(self.global_state, tmp / "server.pt")
-        for d, t in zip(self.datas, self.trainers, strict=True):
+        for d, t in zip(self.unit_datas, self.units, strict=True):
             torch.save(t.state_dict(), tmp / f"site_{d.name}.pt")
         torch.save(self.best["global"], tmp / "best" / "server.pt")
-        for d, s in zip(self.datas, self.best["sites"], strict=True):
+        for d, s in zip(self.unit_datas, self.best["sites"], strict=True):
             torch.save(s, tmp / "best" / f"site_{d.name}.pt")
         state = {
             "round": self.round,
@@ -306,28 +448,31 @@ class Federation:
             )
         load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
         self.global_state = load(directory / "server.pt")
-        received = decode_state(encode_state(self.global_state, self.cfg.codec))
-        self.global_module.load_state_dict(received, strict=False)
-        for d, t in zip(self.datas, self.trainers, strict=True):
+        for d, t in zip(self.unit_datas, self.units, strict=True):
             t.load_state_dict(load(directory / f"site_{d.name}.pt"))
+        if self.mode == "federated":
+            received = decode_state(encode_state(self.global_state, self.cfg.codec))
+            self.global_module.load_state_dict(received, strict=False)
+        else:
+            self.global_module.load_state_dict(self.global_state, strict=False)
         self.round, self.history = state["round"], state["history"]
         self.best = {
             "round": state["best_round"],
             "val": state["best_val"],
             "global": load(directory / "best" / "server.pt"),
-            "sites": [load(directory / "best" / f"site_{d.name}.pt") for d in self.datas],
+            "sites": [load(directory / "best" / f"site_{d.name}.pt") for d in self.unit_datas],
         }
 
 
 # ---------------------------------------------------------------- reporting
 def _report(fed: Federation) -> tuple[dict, dict, list]:
-    ev = evaluate(fed.method, fed.global_module, fed.trainers, fed.datas, fed.gx, fed.gy)
+    probs, labels = fed.global_predictions()
+    ev = evaluate(fed.method, fed.global_module, fed.trainers, fed.datas, fed.gx, fed.gy, (probs, labels))
     sites = [{"site": s["site"], **(s["test"] or {"n": 0})} for s in ev["sites"]]
-    probs = fed.method.global_probs(fed.global_module, fed.gx).numpy()
     return (
         ev["global"],
         {"sites": sites, "site_mean": _site_mean(sites)},
-        reliability_bins(probs, fed.gy.numpy()),
+        reliability_bins(probs.numpy(), labels.numpy()),
     )
 
 
@@ -335,7 +480,9 @@ def write_model(fed: Federation, directory: Path) -> None:
     """The selected model in framework-neutral files: what export and serving load."""
     directory.mkdir(parents=True, exist_ok=True)
     p = fed.p
-    received = decode_state(encode_state(fed.best["global"], fed.cfg.codec))
+    received = fed.best["global"]
+    if fed.mode == "federated":
+        received = decode_state(encode_state(received, fed.cfg.codec))
     save_file({k: v.contiguous() for k, v in received.items()}, str(directory / "global.safetensors"))
     save_file({"text_features": p.stores[SERVER].text_features}, str(directory / "text_features.safetensors"))
     for d, t in zip(fed.datas, fed.trainers, strict=True):
@@ -352,6 +499,7 @@ def write_model(fed: Federation, directory: Path) -> None:
         "format_version": 1,
         "method": fed.cfg.method,
         "method_options": fed.method.opt,
+        "federation": fed.mode,
         "class_names": p.image_set.class_names,
         "prompt_template": fed.cfg.prompt_template,
         "backbone": p.backbone.identity(),
@@ -411,6 +559,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     h = fed.history
     results = {
         "method": cfg.method,
+        "federation": cfg.federation,
         "partition": {
             "scheme": cfg.partition,
             "alpha": cfg.alpha,
@@ -450,7 +599,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     (out / "plots").mkdir(exist_ok=True)
     plot_accuracy(
-        h, out / "plots" / "accuracy.png", title=f"{cfg.method} · {cfg.partition} · {len(fed.datas)} sites"
+        h,
+        out / "plots" / "accuracy.png",
+        title=f"{cfg.method} ({cfg.federation}) · {cfg.partition} · {len(fed.datas)} sites",
     )
     plot_reliability(
         bins,

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_accuracy(history: list[dict], path: Path, title: str = "") -> None:
@@ -17,9 +18,11 @@ def plot_accuracy(history: list[dict], path: Path, title: str = "") -> None:
     for i, site in enumerate(history[0]["sites"]):
         ys = [r["sites"][i]["acc"] for r in history]
         ax.plot(rounds, ys, "-", lw=1, alpha=0.8, label=f"{site['site']} local test")
-    ax.plot(
-        rounds, [r["val_acc_mean"] for r in history], "--", color="grey", lw=1, label="mean site validation"
-    )
+    val = [r["val_acc_mean"] for r in history]
+    ax.plot(rounds, val, "--", color="grey", lw=1, label="mean site validation")
+    selected = rounds[max(range(len(val)), key=lambda i: (val[i], -i))]  # first best, as the engine selects
+    ax.axvline(selected, color="tab:red", lw=1, ls=":", label=f"selected round {selected}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

@@ -20,6 +20,7 @@ from fedmedclip.preprocess import Preprocessing
 from .errors import RequestRejected
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
+_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ def install_pil_guards(limits: Limits) -> None:
     header check refuses above 1x first); truncated files must fail, never be silently padded."""
     Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Between 1x and 2x the limit PIL only warns; decode_image refuses those from the header itself. Set once
+    # here: warnings.catch_warnings() per image is not thread-safe, and images decode on a thread pool.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def as_encoded_bytes(item: object, index: int) -> bytes:
@@ -65,20 +69,26 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
     before any pixel is decoded (decompression bombs)."""
     if len(data) == 0:
         raise RequestRejected("empty_image", f"image {index} is empty (0 bytes)")
-    with warnings.catch_warnings():
-        # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; our own size check below refuses.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        except UnidentifiedImageError:
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        fmt = next((f for magic, f in _MAGIC.items() if data.startswith(magic)), None)
+        if fmt is not None:
             raise RequestRejected(
-                "not_an_image",
-                f"image {index} is not a JPEG or PNG file ({len(data)} bytes starting {data[:8]!r})",
+                "corrupt_image", f"image {index} starts like a {fmt} file but is corrupt or truncated"
             ) from None
-        except Image.DecompressionBombError as exc:
-            raise RequestRejected("image_too_large", f"image {index} refused: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestRejected("corrupt_image", f"image {index} has a corrupt header: {exc}") from None
+        raise RequestRejected(
+            "not_an_image",
+            f"image {index} is not a JPEG or PNG file ({len(data)} bytes starting {data[:8]!r})",
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise RequestRejected(
+            "image_too_large",
+            f"image {index} is over the limit of {limits.max_image_pixels:,} pixels "
+            f"(server option --max-image-pixels): {exc}",
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RequestRejected("corrupt_image", f"image {index} has a corrupt header: {exc}") from None
     with image:
         width, height = image.size
         if width < 1 or height < 1:
@@ -99,5 +109,6 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
             return pre.to_uint8(image)
         except (OSError, ValueError) as exc:
             raise RequestRejected(
-                "corrupt_image", f"image {index} ({image.format}, mode {image.mode}) cannot be converted: {exc}"
+                "corrupt_image",
+                f"image {index} ({image.format}, mode {image.mode}) cannot be converted: {exc}",
             ) from None

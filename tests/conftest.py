@@ -20,3 +20,40 @@ def brain_mri() -> Path:
     if not (BRAIN_MRI / "Training").is_dir():
         pytest.skip(f"real MRI data not found at {BRAIN_MRI} (only present with ../shared beside the clone)")
     return BRAIN_MRI
+
+
+# ----------------------------------------------------------------------------- MLOps stack (components)
+
+
+def free_ports(n: int = 2, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports nothing listens on right now (the OS picks them; all held open until all are
+    chosen, so they differ; a race with other processes afterwards is unlikely)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+@pytest.fixture(scope="session")
+def mlops_stack(tmp_path_factory):
+    """A real local stack (moto S3 + MLflow server) on free loopback ports, shared by the session.
+
+    Yields components.stack.StackInfo: .tracking_uri, .s3_endpoint, .bucket (versioned), .env (a dict of
+    MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL and AWS credentials), .s3_client(). About 8 s to start."""
+    from components.stack import start_stack, stop_stack
+
+    data_dir = tmp_path_factory.mktemp("stack")
+    s3_port, mlflow_port = free_ports(2)
+    info = start_stack(data_dir, s3_port=s3_port, mlflow_port=mlflow_port)
+    try:
+        yield info
+    finally:
+        stop_stack(data_dir)

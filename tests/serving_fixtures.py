@@ -8,6 +8,7 @@ Importing this module needs torch (tests and bench only; the server never import
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from fedmedclip.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
@@ -64,16 +65,19 @@ def make_contract_onnx(
     example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        net,
-        (example,),
-        str(path),
-        input_names=["images"],
-        output_names=["probabilities", "class_index"],
-        dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}, "class_index": {0: "N"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    # The legacy TorchScript exporter: about 1 s, against several for dynamo, for the same contract graph.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["probabilities", "class_index"],
+            dynamic_axes={"images": {0: "N"}, "probabilities": {0: "N"}, "class_index": {0: "N"}},
+            opset_version=17,
+            dynamo=False,
+        )
     model = onnx.load(str(path))
     meta = {
         "fedmedclip.class_names": json.dumps(list(class_names)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ def generator(*parts) -> torch.Generator:
 
 @dataclass
 class SiteData:
-    """One site's cached features. Labels of `reference_x` are never given (unlabelled)."""
+    """One site's cached features, or, for a method with `needs_images`, its preprocessed uint8 pixels
+    [N, S, S, 3] in the same places. Labels of `reference_x` are never given (unlabelled)."""
 
     name: str
     train_x: torch.Tensor
@@ -50,6 +52,10 @@ class MethodContext:
     seed: int = 0
     batch_size: int = 32
     options: dict = field(default_factory=dict)
+    # Only filled for methods with `needs_images` (they fine-tune the encoders themselves):
+    backbone: Any = None  # fedmedclip.backbone.Backbone, the frozen original to copy from
+    preprocessing: Any = None  # fedmedclip.preprocess.Preprocessing, turns the uint8 pixels into inputs
+    prompts: list[str] | None = None  # one prompt per class, in class order
 
 
 def batch_stream(n: int, batch_size: int, gen: torch.Generator):
@@ -102,6 +108,9 @@ class Method:
     name: str = ""
     weighting: str = "samples"  # aggregation rule: "samples" or "equal"
     default_preprocessing: str = "clip"
+    # True: SiteData carries preprocessed pixels instead of cached features, because the method trains
+    # the image encoder (no feature cache possible); the engine then also fills ctx.backbone/prompts.
+    needs_images: bool = False
     options: dict = {}  # name -> default; documented in the method's module docstring
 
     def __init__(self, ctx: MethodContext):

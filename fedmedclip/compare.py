@@ -1,0 +1,414 @@
+"""`fedmedclip compare`: every method on the same data, backbone, partitions and seeds, side by side.
+
+A grid of cells (method x partition x seed), each an ordinary run directory under
+OUT/runs/<method>/<partition>/seed<k>/. A cell with a results.json is finished and is never rerun, a
+cell with a checkpoint resumes, so an interrupted grid continues where it stopped. Every cell shares
+one --cache-dir, so each holder's feature store is encoded once per (backbone, preprocessing) and
+reused by every method with that preprocessing.
+
+Methods are named as in `fedmedclip train --method`; `NAME@local` and `NAME@centralized` run the same
+method with `--federation local` (each site alone) or `centralized` (all training data pooled): the
+lower and upper references. Groups: `all`, `cached` (methods on cached features), `finetune`.
+
+Outputs: OUT/comparison.md (table), OUT/comparison.json (every cell and the summary),
+OUT/comparison.png (global and mean-site accuracy per method and partition)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FEDERATED_CACHED = ("zeroshot", "fedclip", "facmic", "fedmedclip")
+FINETUNE = ("fedavg", "fedprox", "moon", "fedfocal")
+REFERENCES = ("fedmedclip@local", "fedmedclip@centralized", "facmic@local", "facmic@centralized")
+GROUPS = {
+    "all": (*FEDERATED_CACHED, *FINETUNE, *REFERENCES),
+    "cached": (*FEDERATED_CACHED, *REFERENCES),
+    "finetune": FINETUNE,
+}
+DEFAULT_PARTITIONS = "iid,dirichlet:0.1,dirichlet:0.5,dirichlet:1.0"
+METRICS = ("acc", "bacc", "f1", "ece")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    federation: str
+    partition: str  # label, e.g. "dirichlet:0.5"
+    scheme: str
+    alpha: float | None
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return self.method if self.federation == "federated" else f"{self.method}@{self.federation}"
+
+    def directory(self, out: Path) -> Path:
+        return (
+            out
+            / "runs"
+            / self.label.replace("@", "-")
+            / self.partition.replace(":", "-")
+            / f"seed{self.seed}"
+        )
+
+
+def parse_methods(spec: str) -> list[tuple[str, str]]:
+    """`all`, a group, or a comma list of NAME / NAME@local / NAME@centralized -> [(method, federation)]."""
+    from .config import FEDERATIONS
+    from .methods import METHODS
+
+    out: list[tuple[str, str]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        for name in GROUPS.get(item, (item,)):
+            method, _, federation = name.partition("@")
+            federation = federation or "federated"
+            if method not in METHODS:
+                raise ConfigError(
+                    f"unknown method {method!r} in --methods; choose from {', '.join(METHODS)} "
+                    f"(optionally @local / @centralized) or a group: {', '.join(GROUPS)}"
+                )
+            if federation not in FEDERATIONS:
+                raise ConfigError(
+                    f"unknown federation {federation!r} in {name!r}; choose one of {FEDERATIONS}"
+                )
+            if (method, federation) not in out:
+                out.append((method, federation))
+    if not out:
+        raise ConfigError("--methods selects nothing")
+    return out
+
+
+def parse_partitions(spec: str) -> list[tuple[str, str, float | None]]:
+    """`iid,dirichlet:0.5,natural` -> [(label, scheme, alpha)]."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        scheme, _, alpha = item.partition(":")
+        if scheme == "dirichlet":
+            try:
+                a = float(alpha)
+            except ValueError:
+                raise ConfigError(f"partition {item!r} needs a concentration, e.g. dirichlet:0.5") from None
+            if a <= 0:
+                raise ConfigError(f"partition {item!r}: the concentration must be > 0")
+            out.append((f"dirichlet:{a:g}", scheme, a))
+        elif scheme in ("iid", "natural") and not alpha:
+            out.append((scheme, scheme, None))
+        else:
+            raise ConfigError(f"unknown partition {item!r}; use iid, natural or dirichlet:ALPHA")
+    if not out:
+        raise ConfigError("--partitions selects nothing")
+    return out
+
+
+def options_for(method: str, options: dict, grid_methods: list[str]) -> dict:
+    """`METHOD.KEY` applies to that method only; a bare `KEY` to every method that has that option."""
+    from .methods import METHODS
+
+    out = {}
+    for key, value in options.items():
+        target, _, name = key.rpartition(".")
+        if target:
+            if target not in METHODS:
+                raise ConfigError(f"--method-opt {key}: unknown method {target!r}")
+            if name not in METHODS[target].options:
+                raise ConfigError(f"--method-opt {key}: {target} has no option {name!r}")
+            if target == method:
+                out[name] = value
+        else:
+            if not any(name in METHODS[m].options for m in grid_methods):
+                raise ConfigError(f"--method-opt {key}: no method in the grid has that option")
+            if name in METHODS[method].options:
+                out[name] = value
+    return out
+
+
+def build_cells(methods, partitions, seeds: list[int]) -> list[Cell]:
+    return [
+        Cell(m, fed, label, scheme, alpha, seed)
+        for (m, fed) in methods
+        for (label, scheme, alpha) in partitions
+        for seed in seeds
+    ]
+
+
+def run_grid(base, cells: list[Cell], out: Path, method_options: dict, progress: bool = True) -> list[dict]:
+    """Run every unfinished cell. `base` is a TrainConfig with the shared settings (data, backbone,
+    rounds, cache_dir, ...). Returns one record per cell: its identity and its results.json."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from .engine import train
+
+    grid_methods = sorted({c.method for c in cells})
+    records = []
+    bar = tqdm(cells, desc="compare", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.label} {cell.partition} seed{cell.seed}")
+        d = cell.directory(out)
+        cfg = replace(
+            base,
+            method=cell.method,
+            federation=cell.federation,
+            partition=cell.scheme,
+            alpha=cell.alpha,
+            seed=cell.seed,
+            out=str(d),
+            method_options=options_for(cell.method, method_options, grid_methods),
+        ).validate()
+        results_path = d / "results.json"
+        if results_path.exists():
+            stored = json.loads((d / "config.json").read_text())
+            if {k: v for k, v in stored.items() if k not in ("out", "cache_dir")} != {
+                k: v
+                for k, v in json.loads(json.dumps(cfg.to_json())).items()
+                if k not in ("out", "cache_dir")
+            }:
+                raise ConfigError(
+                    f"{d} holds a finished run with another configuration than this grid asks for "
+                    "(different rounds, backbone, options?): use another --out, or delete that cell to redo it"
+                )
+            results = json.loads(results_path.read_text())
+            log.info("cell %s is finished: not rerun", d)
+        else:
+            resume = (d / "checkpoint" / "state.json").exists()
+            if d.exists() and not resume:
+                shutil.rmtree(d)  # started but not a single round checkpointed: start it again
+            results = train(cfg, resume=resume, progress=progress)
+        records.append({**_identity(cell), "dir": str(d), "results": results})
+    return records
+
+
+def _identity(cell: Cell) -> dict:
+    return {
+        "method": cell.label,
+        "base_method": cell.method,
+        "federation": cell.federation,
+        "partition": cell.partition,
+        "seed": cell.seed,
+    }
+
+
+def _stat(values: list[float]) -> dict:
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per (method, partition): mean and sample std over seeds of every reported number."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["partition"]), []).append(r["results"])
+    rows = []
+    for (method, partition), rs in groups.items():
+        row = {"method": method, "partition": partition, "seeds": len(rs)}
+        for k in METRICS:
+            row[f"global_{k}"] = _stat([r["metrics"]["global"][k] for r in rs])
+            row[f"sites_{k}"] = _stat([r["metrics"]["site_mean"][k] for r in rs])
+        row["bytes_per_site_per_round"] = _stat([r["comm"]["bytes_up_per_site_per_round"] for r in rs])
+        row["seconds_per_round"] = _stat([r["timing"]["seconds_per_round"] for r in rs])
+        row["rounds"] = rs[0]["rounds"]
+        rows.append(row)
+    return rows
+
+
+def _pct(s: dict) -> str:
+    if s["mean"] is None:
+        return "–"
+    # One seed has no spread to show.
+    return f"{100 * s['mean']:.1f}" if s["n"] < 2 else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| partition | method | global ACC | global BACC | global F1 | global ECE "
+        "| sites ACC | sites BACC | sites F1 | sites ECE | bytes/site/round | s/round |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        metrics = [_pct(r[f"global_{k}"]) for k in METRICS] + [_pct(r[f"sites_{k}"]) for k in METRICS]
+        sec = r["seconds_per_round"]["mean"]
+        lines.append(
+            f"| {r['partition']} | {r['method']} | "
+            + " | ".join(metrics)
+            + f" | {_bytes(r['bytes_per_site_per_round']['mean'])} | {sec:.2f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    partitions = list(dict.fromkeys(r["partition"] for r in rows))
+    by = {(r["method"], r["partition"]): r for r in rows}
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.9 * len(methods) + 3), 7.5), sharex=True)
+    width = 0.8 / max(len(partitions), 1)
+    for ax, key, title in zip(
+        axes, ("global_acc", "sites_acc"), ("global test", "mean of sites' local tests"), strict=True
+    ):
+        for j, part in enumerate(partitions):
+            xs, ys, es = [], [], []
+            for i, m in enumerate(methods):
+                s = by.get((m, part), {}).get(key)
+                if s and s["mean"] is not None:
+                    xs.append(i + (j - (len(partitions) - 1) / 2) * width)
+                    ys.append(s["mean"])
+                    es.append(s["std"])
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=part)
+        ax.set_ylabel(f"accuracy ({title})")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(title="partition", fontsize=8, ncol=len(partitions))
+    axes[1].set_xticks(range(len(methods)))
+    axes[1].set_xticklabels(methods, rotation=35, ha="right")
+    fig.suptitle("Method comparison: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(records: list[dict], out: Path, settings: dict) -> list[dict]:
+    rows = summarise(records)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [{k: v for k, v in r.items() if k != "results"} | _cell_numbers(r["results"]) for r in records]
+    (out / "comparison.json").write_text(
+        json.dumps({"settings": settings, "summary": rows, "cells": cells}, indent=1)
+    )
+    body = (
+        f"# Comparison\n\nbackbone `{settings['backbone']}`, data `{settings['data']}`, {settings['rounds']} rounds, "
+        f"seeds {settings['seeds']} ({len(records)} finished cells); mean ± sample std over seeds, in %. Global: the global test set with each "
+        "method's global rule; sites: mean over sites of their local test metrics (selected round: best "
+        "mean site validation accuracy). Bytes: measured payload length uploaded per site per round.\n\n"
+    )
+    (out / "comparison.md").write_text(body + markdown_table(rows))
+    plot(rows, out / "comparison.png")
+    return rows
+
+
+def _cell_numbers(results: dict) -> dict:
+    m = results["metrics"]
+    return {
+        "global": {k: m["global"][k] for k in METRICS},
+        "site_mean": m["site_mean"],
+        "best_round": m["best_round"],
+        "bytes_per_site_per_round": results["comm"]["bytes_up_per_site_per_round"],
+        "seconds_per_round": results["timing"]["seconds_per_round"],
+    }
+
+
+# ---------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    p.add_argument("--data", default="synthetic", help="image-folder root, CSV manifest, or 'synthetic'")
+    p.add_argument(
+        "--methods",
+        default="all",
+        help="all | cached | finetune | comma list of methods, NAME@local / NAME@centralized for the "
+        "references (default: %(default)s)",
+    )
+    p.add_argument("--partitions", default=DEFAULT_PARTITIONS, help="comma list (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--backbone", default="tiny")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--codec", default="fp16-zlib")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="per-site train,val,test shares")
+    p.add_argument("--reference-fraction", type=float, default=0.1)
+    p.add_argument("--transductive", action="store_true")
+    p.add_argument(
+        "--method-opt",
+        action="append",
+        default=[],
+        metavar="[METHOD.]KEY=VALUE",
+        help="e.g. facmic.local_steps=50 (that method only) or local_steps=50 (every method having it)",
+    )
+    p.add_argument("--out", default="runs/compare", help="grid directory (default: %(default)s)")
+    p.add_argument("--cache-dir", default=".cache/fedmedclip", help="shared by every cell")
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: tabulate the cells of this grid that are already finished",
+    )
+
+
+def cmd_compare(args) -> int:
+    from .config import TrainConfig, parse_method_options
+
+    try:
+        split = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        raise ConfigError(f"--split {args.split!r} must be three numbers like 0.8,0.1,0.1") from None
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    methods = parse_methods(args.methods)
+    partitions = parse_partitions(args.partitions)
+    base = TrainConfig(
+        data=args.data,
+        sites=args.sites,
+        rounds=args.rounds,
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        codec=args.codec,
+        split_ratio=split,
+        reference_fraction=args.reference_fraction,
+        transductive=args.transductive,
+        cache_dir=args.cache_dir,
+        skip_bad_images=args.skip_bad_images,
+    )
+    out = Path(args.out)
+    cells = build_cells(methods, partitions, list(range(args.seeds)))
+    if args.report_only:
+        records = [
+            {**_identity(c), "dir": str(c.directory(out)), "results": json.loads(p.read_text())}
+            for c in cells
+            if (p := c.directory(out) / "results.json").exists()
+        ]
+        if not records:
+            raise ConfigError(f"no finished cell of this grid under {out}")
+    else:
+        records = run_grid(base, cells, out, parse_method_options(args.method_opt), progress=not args.quiet)
+    settings = {
+        "data": args.data,
+        "backbone": args.backbone,
+        "rounds": args.rounds,
+        "seeds": args.seeds,
+        "sites": args.sites,
+        "methods": [f"{m}@{f}" if f != "federated" else m for m, f in methods],
+        "partitions": [p[0] for p in partitions],
+        "method_options": args.method_opt,
+    }
+    write_outputs(records, out, settings)
+    print((out / "comparison.md").read_text())
+    print(f"table: {out}/comparison.md\njson : {out}/comparison.json\nplot : {out}/comparison.png")
+    return 0

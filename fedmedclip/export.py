@@ -1,0 +1,210 @@
+"""Export a trained predictor (fedmedclip.inference.ImageClassifier) to one self-contained ONNX file.
+
+The graph follows docs/contracts.md ("Exported model"): input `images` uint8 [N, S, S, 3] with a dynamic
+batch, outputs `probabilities` float32 [N, C] and `class_index` int64 [N], and the `fedmedclip.*`
+metadata_props the server reads. torch.onnx's dynamo exporter is tried first; the TorchScript exporter
+is the fallback, and `fedmedclip.exporter` records which one wrote the file.
+
+fp16 casts only the CLIP image encoder to half precision: normalisation, the adaptation module, the
+masks, the cosine logits (x100) and the ensemble stay float32, because the mask rule's `> 0.01` margin
+and the x100 temperature would amplify half-precision rounding; the interface (uint8 in, float32
+out) is the same for both precisions. ONNX Runtime's CPU provider runs the fp16 graph too (it
+inserts casts around half-precision nodes it lacks kernels for), so parity is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, FedMedClipError
+from .inference import GLOBAL, ImageClassifier, load_classifier
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+PRECISIONS = ("fp32", "fp16")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("probabilities", "class_index")
+TORCHSCRIPT_OPSET = 17
+
+
+def contract_metadata(meta: dict, precision: str, run_id: str = "") -> dict[str, str]:
+    """The `fedmedclip.*` metadata_props of docs/contracts.md, all strings, from model.json-style metadata."""
+    return {
+        "fedmedclip.class_names": json.dumps(list(meta["class_names"])),
+        "fedmedclip.image_size": str(int(meta["preprocessing"]["size"])),
+        "fedmedclip.preprocessing": json.dumps(meta["preprocessing"]),
+        "fedmedclip.backbone": str(meta["backbone"]["name"]),
+        "fedmedclip.backbone_sha256": str(meta["backbone"].get("weights_sha256", "")),
+        "fedmedclip.method": str(meta["method"]),
+        "fedmedclip.site": str(meta["site"]),
+        "fedmedclip.run_id": str(run_id),
+        "fedmedclip.precision": precision,
+        "fedmedclip.format_version": FORMAT_VERSION,
+    }
+
+
+def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,  # one file: the server verifies a single hash
+        verbose=False,
+    )
+
+
+def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+        opset_version=TORCHSCRIPT_OPSET,
+        dynamo=False,
+        external_data=False,
+        verbose=False,
+    )
+
+
+EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+def _quiet_torch_onnx_logs() -> None:
+    # The dynamo exporter warns about every torchvision op when torchvision is absent (it always is here).
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # onnxscript's optimiser logs every pass at INFO; our own log line says what was written.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+
+
+def export_classifier(
+    clf: ImageClassifier,
+    meta: dict,
+    out_path: str | Path,
+    precision: str = "fp32",
+    run_id: str = "",
+    exporter: str = "auto",
+) -> Path:
+    """Write `clf` (modified in place for fp16) as ONNX with the contract's names and metadata.
+    `meta` needs class_names, preprocessing, backbone, method and site. `exporter`: auto (dynamo,
+    then TorchScript on failure), dynamo or torchscript."""
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if exporter not in ("auto", *EXPORTERS):
+        raise ConfigError(f"unknown exporter {exporter!r}; choose auto, dynamo or torchscript")
+    out = Path(out_path)
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a directory; give a file name such as model.onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clf = clf.eval()
+    if precision == "fp16":
+        clf.encoder.half()
+    elif clf.encoder_dtype() != torch.float32:
+        raise ConfigError("this classifier's encoder was already halved (an fp16 export): reload it for fp32")
+    size = clf.preprocessing.size
+    # Batch 2, not 1: a size-1 example dimension would be specialised to a constant.
+    example = torch.randint(
+        0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    order = list(EXPORTERS) if exporter == "auto" else [exporter]
+    errors, used = [], None
+    _quiet_torch_onnx_logs()
+    for name in order:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # exporter deprecation chatter, not about this model
+                EXPORTERS[name](clf, example, tmp)
+            used = name
+            break
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the next one
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log.warning("ONNX export with the %s exporter failed (%s)", name, errors[-1])
+            tmp.unlink(missing_ok=True)
+    if used is None:
+        raise FedMedClipError("ONNX export failed with every exporter:\n  " + "\n  ".join(errors))
+    if errors:
+        log.warning("exported with the %s exporter after: %s", used, "; ".join(errors))
+
+    try:
+        model = onnx.load(str(tmp))
+        metadata = {**contract_metadata(meta, precision, run_id), "fedmedclip.exporter": used}
+        del model.metadata_props[:]
+        for key, value in metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        _check_interface(model, size, len(meta["class_names"]))
+        onnx.checker.check_model(model)
+        onnx.save_model(model, str(tmp))
+        os.replace(tmp, out)  # never leave a half-written model under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info(
+        "wrote %s (%s, %s exporter, opset %d, %.1f MiB)",
+        out,
+        precision,
+        used,
+        max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+        out.stat().st_size / 2**20,
+    )
+    return out
+
+
+def _check_interface(model, size: int, num_classes: int) -> None:
+    """Fail at export time, not in the server, if the graph's names or shapes drift from the contract."""
+    import onnx
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    ins, outs = list(model.graph.input), list(model.graph.output)
+    got = ([i.name for i in ins], [o.name for o in outs])
+    if got != ([INPUT_NAME], list(OUTPUT_NAMES)):
+        raise FedMedClipError(
+            f"exported graph has inputs/outputs {got}, expected {([INPUT_NAME], list(OUTPUT_NAMES))}"
+        )
+    want = {
+        INPUT_NAME: (onnx.TensorProto.UINT8, 4, [size, size, 3]),
+        "probabilities": (onnx.TensorProto.FLOAT, 2, [num_classes]),
+        "class_index": (onnx.TensorProto.INT64, 1, []),
+    }
+    for v in ins + outs:
+        elem, rank, tail = want[v.name]
+        d = dims(v)
+        if v.type.tensor_type.elem_type != elem or len(d) != rank or d[1:] != tail or isinstance(d[0], int):
+            raise FedMedClipError(
+                f"exported {v.name!r} has type {onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)} "
+                f"shape {d}; the contract needs {onnx.TensorProto.DataType.Name(elem)} {['batch', *tail]}"
+            )
+
+
+def export_onnx(
+    run_dir: str | Path,
+    site: str | int = GLOBAL,
+    out_path: str | Path = "model.onnx",
+    precision: str = "fp32",
+    run_id: str = "",
+    backbone: str | None = None,
+    exporter: str = "auto",
+) -> Path:
+    """Export the predictor of `site` ("global", a site name or index) of a run directory to ONNX."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    clf, meta = load_classifier(run_dir, site, backbone=backbone)
+    return export_classifier(clf, meta, out_path, precision, run_id, exporter)

@@ -1,0 +1,274 @@
+"""The trained predictor as one torch module, rebuilt from a run directory's `model/` folder.
+
+`ImageClassifier` goes from uint8 images to class probabilities exactly as training predicted:
+Preprocessing.normalise -> frozen CLIP image encoder + projection -> the adaptation module (FedMedCLIP's
+FAM or FACMIC's attention) -> ĥ = n(a(f) ⊙ f) -> softmax(100 · cos(ĥ, t_c)), and at a FedMedCLIP site
+also the private MLP and the uncertainty-weighted ensemble (algorithms.md §3.7). It is what
+`fedmedclip.export` traces into ONNX, so `forward` has no data-dependent python control flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import LOGIT_SCALE, Backbone, load_backbone
+from .errors import ConfigError, FedMedClipError, ProvenanceMismatch
+from .losses import ENTROPIES, ensemble
+from .methods import METHODS, MethodContext
+from .modules import FeatureAdaptationModule, PrivateMLP, adapt
+from .preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+GLOBAL = "global"
+
+
+class ImageEncoder(nn.Module):
+    """CLIP's vision tower + projection: `CLIPModel.get_image_features(...).pooler_output`, without
+    the text tower (so an exported graph carries no unused weights)."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.vision_model = clip_model.vision_model
+        self.visual_projection = clip_model.visual_projection
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values, return_dict=True).pooler_output
+        return self.visual_projection(pooled)
+
+
+class ImageClassifier(nn.Module):
+    """uint8 NHWC images -> (probabilities float32 [N, C], class_index int64 [N]).
+
+    `mlp=None` gives zero-shot prediction through the adaptation module (FedMedCLIP global, FACMIC);
+    with an MLP, the ensemble p = (1-α)·p_fam + α·p_mlp with α from the `entropy` rule."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        preprocessing: Preprocessing,
+        attention: nn.Module,
+        text_features: torch.Tensor,
+        mlp: nn.Module | None = None,
+        entropy: str = "code",
+    ):
+        super().__init__()
+        if entropy not in ENTROPIES:
+            raise ConfigError(f"unknown entropy rule {entropy!r}; choose one of {', '.join(ENTROPIES)}")
+        self.encoder = encoder
+        self.preprocessing = preprocessing
+        self.attention = attention
+        self.mlp = mlp
+        self.entropy = entropy
+        # Normalised once here with the same function the methods use per call: identical values.
+        self.register_buffer("text_normalised", F.normalize(text_features.float(), dim=1).contiguous())
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text_normalised.shape[0])
+
+    def encoder_dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """Raw CLIP image embeddings, float32 [N, D] (what the feature store holds)."""
+        pixels = self.preprocessing.normalise(images_uint8)
+        # An fp16 encoder takes fp16 pixels; its output goes back to float32 for the head.
+        return self.encoder(pixels.to(self.encoder_dtype())).float()
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Probabilities from raw features: the rule of Method.global_probs / SiteTrainer.probs."""
+        h = adapt(self.attention, features)
+        p_fam = torch.softmax(LOGIT_SCALE * h @ self.text_normalised.t(), dim=1)
+        if self.mlp is None:
+            return p_fam
+        return ensemble(p_fam, torch.softmax(self.mlp(h), dim=1), self.entropy)
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities = self.head(self.features(images_uint8))
+        return probabilities, torch.argmax(probabilities, dim=1)
+
+
+# ---------------------------------------------------------------- loading a run directory
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FedMedClipError(f"model file {str(path)!r} is missing: the run directory is incomplete")
+    return load_file(str(path))
+
+
+def read_model_json(run_dir: str | Path) -> dict:
+    """`RUN/model/model.json`, with errors that say what is wrong with the run directory."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FedMedClipError(f"run directory {str(run)!r} does not exist")
+    path = run / "model" / "model.json"
+    if not path.is_file():
+        raise FedMedClipError(
+            f"{str(run)!r} has no model/model.json: not a finished `fedmedclip train --out` run directory"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise FedMedClipError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    missing = [k for k in ("method", "class_names", "backbone", "preprocessing") if k not in meta]
+    if missing:
+        raise FedMedClipError(f"{str(path)!r} lacks {', '.join(missing)}")
+    return meta
+
+
+def site_names(meta: dict) -> list[str]:
+    return list(meta.get("sites") or meta.get("site_names") or [])
+
+
+def resolve_site(meta: dict, site: str | int) -> str:
+    """The canonical site name for "global", a site name, or a site index (int or digits)."""
+    names = site_names(meta)
+    s = str(site)
+    if s == GLOBAL or s in names:
+        return s
+    if s.lstrip("-").isdigit():
+        k = int(s)
+        if 0 <= k < len(names):
+            return names[k]
+        raise ConfigError(f"site index {k} is out of range: this run has {len(names)} site(s) {names}")
+    raise ConfigError(
+        f"unknown site {s!r}: choose 'global', a site name {names} or an index 0..{len(names) - 1}"
+    )
+
+
+def load_run_backbone(meta: dict, backbone: str | None = None) -> Backbone:
+    """The run's frozen backbone, checked against the weights hash recorded at training."""
+    ident = meta["backbone"]
+    spec, seed = backbone or ident["name"], 0
+    if backbone is None and "@seed" in spec:  # built-in random shapes with a non-default seed
+        spec, seed = spec.split("@seed")[0], int(spec.split("@seed")[1])
+    bb = load_backbone(spec, seed)
+    want = ident.get("weights_sha256")
+    if want and bb.weights_sha256 != want:
+        raise ProvenanceMismatch(
+            f"backbone {spec!r} has weights sha256 {bb.weights_sha256[:16]}..., but the run was trained "
+            f"with {want[:16]}...: point --backbone at the exact weights used for training"
+        )
+    return bb
+
+
+def _method_context(meta: dict, text: torch.Tensor) -> MethodContext:
+    # The seed only draws initial weights that the stored state overwrites (thresholds start at 0).
+    return MethodContext(
+        feature_dim=text.shape[1],
+        num_classes=text.shape[0],
+        text_features=text,
+        options=dict(meta.get("method_options") or {}),
+    )
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _fedmedclip_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
+    method = METHODS["fedmedclip"](_method_context(meta, text))
+    if site == GLOBAL:
+        # The engine's global module: a fresh FAM holding the communicated fc weights; its
+        # thresholds are never communicated and stay at their initial zeros (engine.write_model).
+        fam = method.new_global()
+        missing, unexpected = fam.load_state_dict(
+            _load_safetensors(model_dir / "global.safetensors"), strict=False
+        )
+        if unexpected or any(not k.endswith("threshold") for k in missing):
+            raise FedMedClipError(
+                f"global.safetensors does not hold a FAM: missing {missing}, unexpected {unexpected}"
+            )
+        return fam, None, method.opt["entropy"]
+    state = _load_safetensors(model_dir / f"site_{site}.safetensors")
+    fam = FeatureAdaptationModule(text.shape[1], method.opt["mask_rule"])
+    mlp = PrivateMLP(text.shape[1], text.shape[0], method.opt["mask_rule"])
+    fam.load_state_dict(_strip(state, "fam."))
+    mlp.load_state_dict(_strip(state, "mlp."))
+    return fam, mlp, method.opt["entropy"]
+
+
+def _communicated_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
+    # FACMIC and FedCLIP communicate their whole attention module and keep nothing private, so after
+    # the final aggregation every site predicts zero-shot with the global module (Site.probs).
+    method = METHODS[meta["method"]](_method_context(meta, text))
+    attention = method.new_global()
+    attention.load_state_dict(_load_safetensors(model_dir / "global.safetensors"))
+    return attention, None, "code"
+
+
+class UnitAttention(nn.Module):
+    """a(f) = 1, so ĥ = n(f): plain CLIP zero-shot (`zeroshot` method) through the same head."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(f)
+
+
+def _zeroshot_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
+    return UnitAttention(), None, "code"
+
+
+# method name -> (model dir, model.json, site, raw text features) -> (attention, mlp or None, entropy rule).
+# Methods that fine-tune the CLIP encoder itself (fedavg, fedprox, moon, fedfocal) are not here: their
+# encoder is no longer the frozen backbone that the run directory identifies by hash.
+PART_BUILDERS: dict[str, Callable] = {
+    "fedmedclip": _fedmedclip_parts,
+    "facmic": _communicated_parts,
+    "fedclip": _communicated_parts,
+    "zeroshot": _zeroshot_parts,
+}
+
+
+def load_classifier(
+    run_dir: str | Path, site: str | int = GLOBAL, backbone: str | None = None
+) -> tuple[ImageClassifier, dict]:
+    """The predictor of `site` ("global", a site name or an index) from RUN/model, and metadata:
+    model.json's contents plus `site` (canonical name) and `run_dir`. `backbone` overrides where the
+    frozen weights come from (their hash must still match)."""
+    meta = read_model_json(run_dir)
+    method = meta["method"]
+    if method not in PART_BUILDERS:
+        raise ConfigError(
+            f"cannot export method {method!r}: supported are {', '.join(PART_BUILDERS)} (methods that "
+            "fine-tune the CLIP encoder are not exportable yet)"
+        )
+    site = resolve_site(meta, site)
+    model_dir = Path(run_dir) / "model"
+    if meta.get("federation", "federated") == "local" and method != "zeroshot":
+        # Each site trained alone: global.safetensors is only the untrained starting point.
+        if site == GLOBAL:
+            raise ConfigError(
+                "this run was trained with --federation local: it has no global model; export a site"
+            )
+        if not (model_dir / f"site_{site}.safetensors").is_file():
+            raise FedMedClipError(
+                f"this {method} run was trained with --federation local, but site {site!r}'s own module was "
+                "not saved in model/ (only private modules are): it cannot be exported"
+            )
+    text = _load_safetensors(model_dir / "text_features.safetensors")["text_features"].float()
+    if text.shape[0] != len(meta["class_names"]):
+        raise FedMedClipError(
+            f"text_features has {text.shape[0]} rows but model.json lists {len(meta['class_names'])} classes"
+        )
+    attention, mlp, entropy = PART_BUILDERS[method](model_dir, meta, site, text)
+    bb = load_run_backbone(meta, backbone)
+    if bb.feature_dim != text.shape[1]:
+        raise ProvenanceMismatch(
+            f"backbone feature dim {bb.feature_dim} != stored text features {text.shape[1]}"
+        )
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    clf = ImageClassifier(ImageEncoder(bb.model), prep, attention, text, mlp, entropy)
+    log.debug("loaded %s classifier for site %s from %s", method, site, run_dir)
+    return clf, {**meta, "site": site, "run_dir": str(run_dir)}

@@ -1,0 +1,175 @@
+"""Server-side dynamic batching: concurrent requests' images share one ONNX Runtime run.
+
+A request's images are queued; a batch closes when it holds `max_batch_size` images or when its oldest
+request has waited `max_delay_s`. Runs happen on a dedicated thread pool, never on the event loop, so the
+REST and gRPC servers keep accepting (and queueing) requests while the accelerator works. With
+`concurrency` > 1 the next batch is prepared while the previous one runs (useful on a GPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 32  # images per ONNX Runtime run
+    max_delay_ms: float = 2.0  # longest a request waits for others to share its run
+    concurrency: int = 1  # runs in flight at once (2 can overlap host work with a GPU run)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_delay_ms < 0 or self.concurrency < 1:
+            raise ValueError(
+                f"bad batching settings {self}: need max_batch_size >= 1, max_delay_ms >= 0, concurrency >= 1"
+            )
+
+
+RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Item:
+    images: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: RunFn,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.002,
+        concurrency: int = 1,
+        on_dispatch: Callable[[list[float]], None] | None = None,
+    ):
+        """`run` maps uint8 [N,S,S,3] to (probabilities [N,C], class_index [N]) and must be thread-safe when
+        `concurrency` > 1. `on_dispatch(queue_waits)` gets each batch's per-request waits (metrics)."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.concurrency = concurrency
+        self._on_dispatch = on_dispatch
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ort-run")
+        self._items: deque[_Item] = deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self.runs = 0  # ONNX Runtime runs so far (tests and logs)
+
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Queue one request's images; resolves to that request's rows of the batched outputs."""
+        if self._task is None or self._task.done():
+            self._start()
+        future = asyncio.get_running_loop().create_future()
+        self._items.append(_Item(images, future))
+        self._queued_images += len(images)
+        self._wakeup.set()
+        return await future
+
+    def _start(self) -> None:
+        # Created lazily: kserve loads the model before its event loop exists.
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dynamic-batcher")
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._items:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()
+            # Wait for a full batch, at most until the oldest queued request's deadline.
+            deadline = self._items[0].enqueued + self.max_delay_s
+            while self._queued_images < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self) -> list[_Item]:
+        """Pop requests in arrival order while they fit; the first one always goes (a request larger than
+        max_batch_size is run alone, in max_batch_size chunks)."""
+        batch: list[_Item] = []
+        count = 0
+        while self._items:
+            item = self._items[0]
+            if batch and count + len(item.images) > self.max_batch_size:
+                break
+            self._items.popleft()
+            self._queued_images -= len(item.images)
+            if item.future.done():  # the client went away while queued
+                continue
+            batch.append(item)
+            count += len(item.images)
+        return batch
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
+            if self._on_dispatch is not None:
+                now = time.monotonic()
+                self._on_dispatch([now - it.enqueued for it in batch])
+            self.runs += -(-len(images) // self.max_batch_size)
+            probs, index = await loop.run_in_executor(self._executor, self._run_chunked, images)
+        except Exception as exc:  # every waiting request gets the error instead of hanging
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        offset = 0
+        for it in batch:
+            n = len(it.images)
+            if not it.future.done():
+                it.future.set_result((probs[offset : offset + n], index[offset : offset + n]))
+            offset += n
+
+    def _run_chunked(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(images) <= self.max_batch_size:
+            return self._run(images)
+        parts = []
+        for start in range(0, len(images), self.max_batch_size):
+            parts.append(self._run(images[start : start + self.max_batch_size]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def shutdown(self) -> None:
+        """Synchronous stop (kserve's model.stop): no new runs; a run in progress finishes."""
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._running):
+            await asyncio.gather(task, return_exceptions=True)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,193 @@
+"""The exported classifier on ONNX Runtime: provider selection, the contract check, and `run`.
+
+Reads only what docs/contracts.md promises ("Exported model (ONNX)"); a file that breaks the contract is
+refused at start-up with a message naming the broken part, never at the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedmedclip.preprocess import Preprocessing
+
+from .errors import ServingError
+
+log = logging.getLogger("fedmedclip.serving")
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+FORMAT_VERSION = "1"
+REQUIRED_META = ("fedmedclip.class_names", "fedmedclip.image_size", "fedmedclip.preprocessing")
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What the server needs from the ONNX metadata and signature."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    preprocessing: Preprocessing
+    precision: str
+    metadata: dict[str, str] = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def read_contract(session, source: str) -> ModelContract:
+    """Check the session's inputs/outputs and metadata_props against the export contract."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ServingError(
+            f"{source} is not a fedmedclip export: metadata_props lack {missing} "
+            "(export it with `fedmedclip export`)"
+        )
+    version = meta.get("fedmedclip.format_version", "")
+    if version != FORMAT_VERSION:
+        raise ServingError(
+            f"{source} has fedmedclip.format_version={version!r}; this server reads format {FORMAT_VERSION}"
+        )
+    try:
+        class_names = tuple(str(c) for c in json.loads(meta["fedmedclip.class_names"]))
+        image_size = int(meta["fedmedclip.image_size"])
+        pre = Preprocessing.from_dict(json.loads(meta["fedmedclip.preprocessing"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ServingError(
+            f"{source}: unreadable fedmedclip metadata ({type(exc).__name__}: {exc})"
+        ) from None
+    if not class_names:
+        raise ServingError(f"{source}: fedmedclip.class_names is empty")
+    if pre.size != image_size:
+        raise ServingError(
+            f"{source}: preprocessing size {pre.size} != fedmedclip.image_size {image_size} (broken export)"
+        )
+
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+        got = [(i.name, i.type) for i in inputs]
+        raise ServingError(f"{source}: expected one input 'images' of tensor(uint8), got {got}")
+    shape = inputs[0].shape
+    if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] not in (
+        [image_size, image_size, 3],
+        [],
+    ):
+        raise ServingError(
+            f"{source}: input 'images' has shape {shape}, expected [N, {image_size}, {image_size}, 3]"
+        )
+    outputs = {o.name: o for o in session.get_outputs()}
+    for name, types in (
+        ("probabilities", ("tensor(float)", "tensor(float16)")),
+        ("class_index", ("tensor(int64)",)),
+    ):
+        if name not in outputs or outputs[name].type not in types:
+            got = [(o.name, o.type) for o in outputs.values()]
+            raise ServingError(f"{source}: expected output {name!r} of {types[0]}, got {got}")
+    width = outputs["probabilities"].shape[-1]
+    if isinstance(width, int) and width != len(class_names):
+        raise ServingError(f"{source}: {width} probabilities per image but {len(class_names)} class names")
+    return ModelContract(
+        class_names=class_names,
+        image_size=image_size,
+        preprocessing=pre,
+        precision=meta.get("fedmedclip.precision", "fp32"),
+        metadata=meta,
+    )
+
+
+def create_session(path: Path, device: str = "auto", intra_op_threads: int = 0, spin: bool = False):
+    """An InferenceSession on the asked device. ONNX Runtime silently falls back to CPU when the CUDA provider
+    cannot start, so the providers the session actually got are checked: `cuda` refuses to start without
+    CUDA, `auto` logs the fallback."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise ServingError(f"--device must be one of {DEVICES}, got {device!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    if not spin:
+        # ORT's idle intra-op threads busy-wait for the next run by default: fine for a benchmark loop, but in
+        # a server they burn the cores that decode images and handle requests between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    available = ort.get_available_providers()
+    if device in ("cuda", "auto") and CUDA_EP in available:
+        if hasattr(ort, "preload_dlls"):
+            # Loads the CUDA/cuDNN libraries installed from pip (onnxruntime-gpu[cuda,cudnn]); no torch in the image.
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a failed preload shows up as a missing CUDA provider below
+                log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+        session = _session(ort, path, options, [CUDA_EP, CPU_EP])
+        got = session.get_providers()
+        if got and got[0] == CUDA_EP:
+            log.info("ONNX Runtime %s providers: %s", ort.__version__, got)
+            return session
+        msg = (
+            f"{CUDA_EP} is built into onnxruntime {ort.__version__} but the session got {got}: no usable GPU, "
+            "or the CUDA/cuDNN libraries failed to load (see the onnxruntime error above)"
+        )
+        if device == "cuda":
+            raise ServingError(f"--device cuda: {msg}. Use --device auto or cpu to run on CPU.")
+        log.warning("%s; serving on CPU", msg)
+        return session
+    if device == "cuda":
+        raise ServingError(
+            f"--device cuda: this onnxruntime build ({ort.__version__}) has no {CUDA_EP} (available: {available}). "
+            "Install the GPU build (the project's `gpu` extra, onnxruntime-gpu) or use --device auto/cpu."
+        )
+    session = _session(ort, path, options, [CPU_EP])
+    log.info("ONNX Runtime %s providers: %s", ort.__version__, session.get_providers())
+    return session
+
+
+def _session(ort, path: Path, options, providers):
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ServingError(f"ONNX Runtime cannot load {path}: {exc}") from None
+
+
+class OnnxClassifier:
+    """The session plus its contract. `run` is thread-safe (ONNX Runtime sessions are)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, spin: bool = False):
+        self.path = Path(path)
+        self.session = create_session(self.path, device, intra_op_threads, spin)
+        self.providers = tuple(self.session.get_providers())
+        self.contract = read_contract(self.session, str(self.path))
+        self._outputs = ["probabilities", "class_index"]
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers and self.providers[0] == CUDA_EP else "cpu"
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, S, S, 3] -> (float32 [N, C], int64 [N])."""
+        probs, index = self.session.run(self._outputs, {"images": images})
+        # fp16 exports may hand back float16; the served contract is float32.
+        return np.asarray(probs, dtype=np.float32), np.asarray(index, dtype=np.int64)
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Runs at start-up: the first CUDA run of each batch shape allocates memory and picks kernels, and a
+        graph that cannot run fails here rather than on a client's request."""
+        s, c = self.contract.image_size, self.contract.num_classes
+        for n in sorted(set(batch_sizes)):
+            try:
+                probs, index = self.run(np.zeros((n, s, s, 3), dtype=np.uint8))
+            except Exception as exc:
+                raise ServingError(f"{self.path}: test inference on a batch of {n} failed: {exc}") from None
+            if probs.shape != (n, c) or index.shape != (n,):
+                raise ServingError(
+                    f"{self.path}: test inference gave probabilities {probs.shape} and class_index {index.shape}, "
+                    f"expected ({n}, {c}) and ({n},)"
+                )

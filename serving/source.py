@@ -1,0 +1,151 @@
+"""Where the served ONNX file comes from: a local path (file or a folder holding one .onnx, e.g. KServe's
+/mnt/models), or the MLflow registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, artifacts on S3 behind
+the MLflow server). A registry model is verified against the sha256 recorded at registration (model-version
+tag `onnx_sha256`) before ONNX Runtime sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ServingError
+
+log = logging.getLogger("fedmedclip.serving")
+
+SHA256_TAG = "onnx_sha256"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    sha256: str  # of the file actually served
+    origin: str  # human-readable: the path, or "models:/NAME@ALIAS (version 3)"
+    verified: bool  # sha256 matched an expected value (registry tag or --expected-sha256)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _normalise_sha(value: str, what: str) -> str:
+    value = value.strip().lower()
+    if not _HEX64.match(value):
+        raise ServingError(f"{what} must be 64 hex digits (a sha256), got {value!r}")
+    return value
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> str:
+    """Hash `path` and refuse a mismatch. Returns the hash."""
+    expected = _normalise_sha(expected, what)
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ServingError(
+            f"refusing to serve {path}: its sha256 is {actual} but {what} is {expected}: the file changed "
+            "after it was exported/registered, or the wrong file was fetched."
+        )
+    return actual
+
+
+def find_onnx(folder: Path, what: str) -> Path:
+    """The single .onnx file in a folder (an MLflow model directory, KServe's /mnt/models)."""
+    found = sorted(p for p in folder.rglob("*.onnx") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    named = [p for p in found if p.name == "model.onnx"]
+    if len(named) == 1:
+        return named[0]
+    if not found:
+        raise ServingError(f"{what} holds no .onnx file")
+    raise ServingError(f"{what} holds several .onnx files ({[str(p) for p in found]}); pass the file itself")
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
+    rest = uri[len("models:/") :].strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def resolve_model(
+    spec: str, expected_sha256: str | None = None, cache_dir: str | None = None
+) -> ResolvedModel:
+    """Turn the `serve` argument into a verified local .onnx path."""
+    if spec.startswith("models:/"):
+        return _from_registry(spec, expected_sha256, cache_dir)
+    path = Path(spec)
+    if path.is_dir():
+        path = find_onnx(path, f"model folder {spec}")
+    elif not path.is_file():
+        raise ServingError(
+            f"model file {spec} not found (give an .onnx path, a folder, or models:/NAME@ALIAS)"
+        )
+    if expected_sha256:
+        return ResolvedModel(path, verify_sha256(path, expected_sha256, "--expected-sha256"), str(path), True)
+    return ResolvedModel(path, sha256_file(path), str(path), False)
+
+
+def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None) -> ResolvedModel:
+    # Imported here: the core CLI and `predict` must not pay for mlflow.
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_models_uri(uri)
+    client = MlflowClient()
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as exc:
+        raise ServingError(
+            f"cannot resolve {uri} in the MLflow registry at {mlflow.get_registry_uri()}: {exc.message}"
+        ) from None
+    tag = (mv.tags or {}).get(SHA256_TAG)
+    if not tag:
+        raise ServingError(
+            f"{uri} (version {mv.version}) has no {SHA256_TAG!r} tag, so its file cannot be verified; register it "
+            "with `fedmedclip register`, which records the hash"
+        )
+    tag = _normalise_sha(tag, f"the registry tag {SHA256_TAG} of {uri}")
+    if expected_sha256 and _normalise_sha(expected_sha256, "--expected-sha256") != tag:
+        raise ServingError(
+            f"--expected-sha256 {expected_sha256} disagrees with {uri}'s {SHA256_TAG} tag {tag}"
+        )
+
+    dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    # Download the pinned version, not the alias again: the alias may move between the two calls.
+    pinned = f"models:/{name}/{mv.version}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise ServingError(f"cannot download {pinned}: {exc.message}") from None
+    except OSError as exc:  # botocore/S3 and network errors surface as OSError subclasses or wrap them
+        raise ServingError(f"cannot download {pinned}: {exc}") from None
+    named = (mv.tags or {}).get("onnx_file")  # recorded by `fedmedclip register`
+    if local.is_dir() and named and (local / named).is_file():
+        path = local / named
+    else:
+        path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
+    sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
+    log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
+    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True)

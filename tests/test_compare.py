@@ -1,0 +1,111 @@
+"""The comparison grid: parsing, outputs, and resuming without redoing finished cells."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmedclip import compare, engine
+from fedmedclip.cli import main
+from fedmedclip.errors import ConfigError
+
+SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
+
+
+def test_parse_methods_and_partitions():
+    assert compare.parse_methods("fedmedclip,facmic@local") == [
+        ("fedmedclip", "federated"),
+        ("facmic", "local"),
+    ]
+    assert ("fedavg", "federated") in compare.parse_methods("all")
+    assert all(m not in compare.FINETUNE for m, _ in compare.parse_methods("cached"))
+    assert compare.parse_partitions("iid,dirichlet:0.50") == [
+        ("iid", "iid", None),
+        ("dirichlet:0.5", "dirichlet", 0.5),
+    ]
+    with pytest.raises(ConfigError, match="unknown method"):
+        compare.parse_methods("fedsgd")
+    with pytest.raises(ConfigError, match="concentration"):
+        compare.parse_partitions("dirichlet")
+
+
+def test_method_options_are_routed():
+    grid = ["facmic", "fedmedclip"]
+    opts = {"facmic.local_steps": 5, "lr_fam": 1e-4}
+    assert compare.options_for("facmic", opts, grid) == {"local_steps": 5}
+    assert compare.options_for("fedmedclip", opts, grid) == {"lr_fam": 1e-4}
+    with pytest.raises(ConfigError, match="no option"):
+        compare.options_for("facmic", {"facmic.nope": 1}, grid)
+
+
+def grid_args(tmp_path, cache):
+    return [
+        "-q",
+        "compare",
+        "--methods",
+        "zeroshot,fedclip@centralized",
+        "--partitions",
+        "iid,dirichlet:0.5",
+        "--seeds",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path / "grid"),
+        "--cache-dir",
+        str(cache),
+    ]
+
+
+def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch):
+    from fedmedclip.config import TrainConfig
+
+    # Tiny synthetic images for every cell (the CLI's synthetic default is larger).
+    real_init = TrainConfig.__init__
+
+    def small(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.synthetic = dict(SYNTH)
+
+    monkeypatch.setattr(TrainConfig, "__init__", small)
+    cache = tmp_path / "cache"
+    calls = []
+    real_train = engine.train
+    monkeypatch.setattr(engine, "train", lambda cfg, **kw: calls.append(cfg.out) or real_train(cfg, **kw))
+
+    assert main(grid_args(tmp_path, cache)) == 0
+    out = tmp_path / "grid"
+    assert len(calls) == 2 * 2 * 2
+    summary = json.loads((out / "comparison.json").read_text())
+    assert {(r["method"], r["partition"]) for r in summary["summary"]} == {
+        (m, p) for m in ("zeroshot", "fedclip@centralized") for p in ("iid", "dirichlet:0.5")
+    }
+    row = summary["summary"][0]
+    assert row["seeds"] == 2 and row["global_acc"]["n"] == 2 and row["bytes_per_site_per_round"]["mean"] >= 0
+    table = (out / "comparison.md").read_text()
+    assert "| iid | zeroshot |" in table and "±" in table
+    assert (out / "comparison.png").stat().st_size > 0
+
+    # Second invocation: every cell is finished, nothing trains, the table is rebuilt identically.
+    calls.clear()
+    assert main(grid_args(tmp_path, cache)) == 0
+    assert calls == []
+    assert (out / "comparison.md").read_text() == table
+
+    # An interrupted cell (checkpoint, no results.json) resumes; the others stay untouched.
+    cell = out / "runs" / "zeroshot" / "iid" / "seed1"
+    (cell / "results.json").unlink()
+    assert main(grid_args(tmp_path, cache)) == 0
+    assert calls == [str(cell)]
+
+
+def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch):
+    from fedmedclip.config import TrainConfig
+
+    base = TrainConfig(rounds=1, synthetic=SYNTH, cache_dir=str(tmp_path / "c"))
+    cells = compare.build_cells([("zeroshot", "federated")], [("iid", "iid", None)], [0])
+    compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)
+    base.rounds = 2
+    with pytest.raises(ConfigError, match="another configuration"):
+        compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)

@@ -1,0 +1,326 @@
+"""Data sources and bad inputs (clear errors naming the file or class), and the feature store's
+provenance rules (reuse on a match, refuse a mismatch, never touch a stored file)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedmedclip.backbone import load_backbone, make_preprocessing
+from fedmedclip.data import ImageRecord, from_csv, from_image_folder, load_image, open_source
+from fedmedclip.errors import DataError, ImageDecodeError, ProvenanceMismatch
+from fedmedclip.features import FeatureStore, build_feature_store
+
+
+def _png(path: Path, seed: int, size: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size + 8), dtype=np.uint8)
+    Image.fromarray(arr, mode="L").save(path)
+    return path
+
+
+def _jpeg_bytes(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, with a tiny (inconsistent) body: a decompression bomb
+    as far as a reader that trusts the header is concerned."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_folder(root: Path, classes=("glioma", "normal"), n_train=3, n_test=2) -> Path:
+    for ci, c in enumerate(classes):
+        for i in range(n_train):
+            _png(root / "Training" / c / f"{i}.png", 100 * ci + i)
+        for i in range(n_test):
+            _png(root / "Testing" / c / f"{i}.png", 1000 + 100 * ci + i)
+    return root
+
+
+# ----------------------------------------------------------------------------- decoding bad files
+
+
+def test_load_image_decodes_rgb(tmp_path):
+    img = load_image(_png(tmp_path / "a.png", 0))
+    assert img.mode == "RGB" and img.size == (56, 48)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("corrupt.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, ""),
+        ("truncated.jpg", None, "truncated"),
+        ("notes.jpg", b"this is a text file, not a scan\n" * 10, "cannot identify"),
+        ("empty.png", b"", ""),
+        ("bomb-pil.png", _png_header(20_000, 20_000), "decompression bomb"),
+        ("bomb-warn.png", _png_header(10_000, 10_000), "DecompressionBomb"),
+        ("bomb-ours.png", _png_header(9_000, 9_000), "exceeds the limit"),
+    ],
+)
+def test_unreadable_images_raise_naming_the_file(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else _jpeg_bytes()[: len(_jpeg_bytes()) // 2])
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert str(path) in str(info.value) and info.value.path == str(path)
+    assert reason.lower() in str(info.value).lower()
+    assert isinstance(info.value, DataError)
+
+
+def test_missing_image_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match="file not found") as info:
+        load_image(tmp_path / "gone.jpg")
+    assert "gone.jpg" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def test_image_folder_layout(tmp_path):
+    root = make_folder(tmp_path / "bt", classes=("pituitary", "glioma", "normal"))
+    ims = open_source(root)
+    assert ims.class_names == ["glioma", "normal", "pituitary"]  # one global sorted list
+    assert len(ims.split("train")) == 9 and len(ims.split("test")) == 6
+    r = ims.split("train")[0]
+    assert r.image_id == "Training/glioma/0.png" and Path(r.path).is_file() and r.site is None
+    assert ims.labels(ims.split("train")).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_image_folder_errors(tmp_path):
+    root = make_folder(tmp_path / "bt")
+    (root / "Training" / "meningioma").mkdir()
+    with pytest.raises(DataError, match="meningioma.*contains no images"):
+        from_image_folder(root)
+    (root / "Training" / "meningioma").rmdir()
+    with pytest.raises(DataError, match="unknown label.*'normal'"):
+        from_image_folder(root, classes=["glioma", "pituitary"])
+    # a class that only the test split has: the training pool lacks it
+    _png(root / "Testing" / "pituitary" / "0.png", 5)
+    with pytest.raises(DataError, match="no images: pituitary"):
+        from_image_folder(root)
+    with pytest.raises(DataError, match="does not exist"):
+        from_image_folder(tmp_path / "nowhere")
+    (tmp_path / "flat" / "glioma").mkdir(parents=True)
+    with pytest.raises(DataError, match="Training"):
+        from_image_folder(tmp_path / "flat")
+
+
+# ----------------------------------------------------------------------------- CSV manifests
+
+
+def _manifest(tmp_path: Path, rows: list[str], header: str = "path,label,site,split") -> Path:
+    for i in range(4):
+        _png(tmp_path / "img" / f"{i}.png", i)
+    p = tmp_path / "manifest.csv"
+    p.write_text("\n".join([header, *rows]) + "\n")
+    return p
+
+
+def test_csv_manifest(tmp_path):
+    p = _manifest(
+        tmp_path,
+        ["img/0.png,b,h1,train", "img/1.png,a,h2,Training", "img/2.png,a,,test", "img/3.png,b,h1,"],
+    )
+    ims = from_csv(p)
+    assert ims.class_names == ["a", "b"]
+    assert [(r.image_id, r.label, r.site, r.split) for r in ims.records] == [
+        ("img/0.png", "b", "h1", "train"),
+        ("img/1.png", "a", "h2", "train"),
+        ("img/2.png", "a", None, "test"),
+        ("img/3.png", "b", "h1", "train"),  # no split: the training pool
+    ]
+    assert Path(ims.records[0].path) == (tmp_path / "img" / "0.png").resolve()
+    assert open_source(p).class_names == ["a", "b"]
+    # a declared class list may name classes the manifest lacks only in its test split
+    assert from_csv(p, classes=["a", "b"]).class_names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "pattern"),
+    [
+        (["img/0.png,a"], "path,site", "missing column.*label"),
+        (["img/0.png,a"], "file,label", "missing column.*path"),
+        (
+            ["img/0.png,a,h1,train", "img/1.png,tumour,h1,train"],
+            None,
+            r"manifest.csv:3: unknown label 'tumour'",
+        ),
+        (["img/0.png,a,h1,validation"], None, "manifest.csv:2: unknown split 'validation'"),
+        (["img/9.png,a,h1,train"], None, r"9.png.*does not exist"),
+        ([",a,h1,train"], None, "empty path or label"),
+        (["img/0.png,a,h1,test"], None, r"training split\): class\(es\) with no images: a"),
+        ([], None, "no images found"),
+        (
+            ["img/0.png,a,h1,train", "img/1.png,b,h1,train", "./img/0.png,a,,test"],
+            None,
+            r"manifest.csv:4: image './img/0.png' is already listed on line 2",
+        ),
+    ],
+)
+def test_csv_manifest_errors(tmp_path, rows, header, pattern):
+    p = _manifest(tmp_path, rows, header or "path,label,site,split")
+    with pytest.raises(DataError, match=pattern):
+        from_csv(p, classes=["a", "b"] if "tumour" in pattern else None)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(tmp_path / "nope.csv")
+
+
+# ----------------------------------------------------------------------------- feature store
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+@pytest.fixture
+def images(tmp_path):
+    ims = open_source(make_folder(tmp_path / "data", n_train=4, n_test=1))
+    return ims.split("train"), ims.class_names
+
+
+def _snapshot(directory: Path) -> dict:
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
+    }
+
+
+def test_store_contents(tiny, images, tmp_path):
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    store = build_feature_store(
+        records, classes, tiny, prep, directory=tmp_path / "s", progress=False, batch_size=3
+    )
+    assert store.features.shape == (8, tiny.feature_dim) and store.features.dtype == torch.float32
+    assert store.image_ids == [r.image_id for r in records]
+    assert store.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # raw (unnormalised) image features of the preprocessed image
+    one = prep.normalise(torch.from_numpy(prep.to_uint8(load_image(records[5].path)))[None])
+    assert torch.allclose(store.features[5], tiny.encode_images(one)[0], atol=1e-4)
+    assert not torch.allclose(store.features.norm(dim=1), torch.ones(8))
+    assert torch.equal(
+        store.text_features, tiny.encode_text(["a picture of a glioma", "a picture of a normal"])
+    )
+    prov = store.provenance
+    assert prov["backbone"]["weights_sha256"] == tiny.weights_sha256
+    assert prov["preprocessing"]["name"] == "squash" and prov["prompt_template"] == "a picture of a {}"
+    assert prov["n_images"] == 8 and len(prov["image_list_sha256"]) == 64
+    loaded = FeatureStore.load(tmp_path / "s")
+    assert torch.equal(loaded.features, store.features) and loaded.image_ids == store.image_ids
+    assert loaded.rows([records[3].image_id, "not/there.png", records[0].image_id]).tolist() == [3, 0]
+
+
+def test_store_reused_when_provenance_matches(tiny, images, tmp_path, monkeypatch):
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    first = build_feature_store(records, classes, tiny, prep, directory=tmp_path / "s", progress=False)
+    before = _snapshot(tmp_path / "s")
+
+    def no_encoding(*a, **k):
+        raise AssertionError("a matching store must be loaded, not re-encoded")
+
+    monkeypatch.setattr(tiny, "encode_images", no_encoding)
+    again = build_feature_store(records, classes, tiny, prep, directory=tmp_path / "s", progress=False)
+    assert torch.equal(again.features, first.features) and torch.equal(again.labels, first.labels)
+    assert again.provenance["digest"] == first.provenance["digest"]
+    assert again.provenance == json.loads(json.dumps(first.provenance))
+    assert _snapshot(tmp_path / "s") == before
+
+
+def test_store_refuses_a_mismatch_and_is_left_untouched(tiny, images, tmp_path, monkeypatch):
+    records, classes = images
+    squash, clip = make_preprocessing("squash", tiny), make_preprocessing("clip", tiny)
+    d = tmp_path / "s"
+    build_feature_store(records, classes, tiny, squash, directory=d, progress=False)
+    before = _snapshot(d)
+    monkeypatch.setattr(tiny, "encode_images", lambda *a: pytest.fail("must not encode on a mismatch"))
+
+    with pytest.raises(ProvenanceMismatch, match="preprocessing") as info:
+        build_feature_store(records, classes, tiny, clip, directory=d, progress=False)
+    assert str(d) in str(info.value) and "untouched" in str(info.value)
+    with pytest.raises(ProvenanceMismatch, match="prompt_template"):
+        build_feature_store(
+            records, classes, tiny, squash, directory=d, prompt_template="an MRI of {}", progress=False
+        )
+    _png(Path(records[2].path), seed=999)  # an edited image, same name and label
+    with pytest.raises(ProvenanceMismatch, match="image_list_sha256"):
+        build_feature_store(records, classes, tiny, squash, directory=d, progress=False)
+    relabelled = [*records[:-1], ImageRecord(records[-1].image_id, records[-1].path, "glioma", "train")]
+    with pytest.raises(ProvenanceMismatch):
+        build_feature_store(relabelled, classes, tiny, squash, directory=d, progress=False)
+    assert _snapshot(d) == before
+
+
+def test_cache_root_keys_stores_by_provenance(tiny, images, tmp_path):
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    a = build_feature_store(records, classes, tiny, prep, cache_root=tmp_path / "c", progress=False)
+    b = build_feature_store(records[:5], classes, tiny, prep, cache_root=tmp_path / "c", progress=False)
+    assert a.path != b.path and a.path.parent == b.path.parent == tmp_path / "c"
+    assert a.path.name == a.provenance["digest"][:24]
+    assert torch.allclose(b.features, a.features[:5], atol=1e-5)
+
+
+def test_corrupt_image_raises_or_is_skipped_with_a_count(tiny, images, tmp_path, caplog):
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    Path(records[1].path).write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ImageDecodeError) as info:
+        build_feature_store(records, classes, tiny, prep, directory=tmp_path / "a", progress=False)
+    assert records[1].path in str(info.value)
+    assert not (tmp_path / "a").exists()  # nothing half-written
+
+    with caplog.at_level(logging.WARNING, logger="fedmedclip.features"):
+        store = build_feature_store(
+            records, classes, tiny, prep, directory=tmp_path / "b", progress=False, skip_bad=True
+        )
+    assert store.skipped == [records[1].image_id]
+    assert len(store.image_ids) == len(store.features) == len(records) - 1
+    assert records[1].image_id not in store.image_ids
+    assert "skipped 1 unreadable image(s) of 8" in caplog.text
+    assert FeatureStore.load(tmp_path / "b").skipped == [records[1].image_id]
+
+
+def test_store_refuses_nothing_to_encode_and_bad_template(tiny, images, tmp_path):
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    with pytest.raises(DataError, match="no images"):
+        build_feature_store([], classes, tiny, prep, directory=tmp_path / "x", progress=False)
+    with pytest.raises(DataError, match="template"):
+        build_feature_store(
+            records, classes, tiny, prep, directory=tmp_path / "x", prompt_template="mri", progress=False
+        )
+    for r in records[:2]:
+        Path(r.path).write_bytes(b"garbage")
+    with pytest.raises(DataError, match="every image was unreadable"):
+        build_feature_store(
+            records[:2], classes, tiny, prep, directory=tmp_path / "y", progress=False, skip_bad=True
+        )

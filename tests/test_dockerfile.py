@@ -1,0 +1,168 @@
+"""What can be checked of the Dockerfile without a Docker daemon: its stages, what each one pip-installs
+(the train image never the `cpu` extra; the serve image never torch or the CPU onnxruntime), that the
+requirement lists it derives from pyproject.toml come out right, and that everything it COPYs exists."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def parse(text: str) -> tuple[dict[str, str], list[dict]]:
+    """(global ARG defaults, stages); a stage: {name, base, instructions: [(KEYWORD, text)]}, with line
+    continuations joined and heredoc bodies attached to their instruction."""
+    lines = text.splitlines()
+    args: dict[str, str] = {}
+    stages: list[dict] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        while line.rstrip().endswith("\\") and i < len(lines):
+            line = line.rstrip()[:-1] + " " + lines[i].strip()
+            i += 1
+        for marker in re.findall(r"<<-?'?\"?(\w+)'?\"?", line):  # heredoc: take the body up to its marker
+            body = []
+            while i < len(lines) and lines[i].strip() != marker:
+                body.append(lines[i])
+                i += 1
+            i += 1
+            line += "\n" + "\n".join(body)
+        keyword, _, rest = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name.strip()] = default.strip()
+        elif keyword == "FROM":
+            m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            base = re.sub(r"\$\{(\w+)\}", lambda g: args.get(g.group(1), ""), m.group(1))
+            stages.append({"name": (m.group(2) or "").lower(), "base": base, "instructions": []})
+        elif stages:
+            stages[-1]["instructions"].append((keyword, rest))
+    return args, stages
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, dict]:
+    _, parsed = parse(DOCKERFILE.read_text())
+    return {s["name"]: s for s in parsed}
+
+
+def pip_installs(stage: dict) -> list[str]:
+    """The `pip install ...` commands of a stage's RUN instructions (one string each)."""
+    out = []
+    for keyword, text in stage["instructions"]:
+        if keyword == "RUN":
+            first_line = text.split("\n", 1)[0]  # heredoc bodies are scripts, not shell commands
+            for command in re.split(r"&&|;|\|\|", first_line):
+                if re.search(r"\bpip3?\s+install\b", command):
+                    out.append(command.strip())
+    return out
+
+
+def test_targets_exist(stages):
+    assert {"train", "serve"} <= set(stages)
+
+
+def test_train_is_cuda_torch_and_gpu_extra(stages):
+    train = stages["train"]
+    assert "nvidia/cuda" in train["base"]
+    installs = pip_installs(train)
+    assert installs[0].split()[-1] == "torch==2.13.0" and len(shlex.split(installs[0])) == 3, (
+        "torch must be installed first and alone (docs/stack.md)"
+    )
+    extras = [m for cmd in installs for m in re.findall(r"\.\[([^\]]*)\]", cmd)]
+    assert any({"pipelines", "gpu"} <= set(e.split(",")) for e in extras)
+    for cmd in installs:
+        assert not re.search(r"\[[^\]]*\bcpu\b", cmd), f"train installs the cpu extra: {cmd}"
+        assert not re.search(r"\bonnxruntime(?!-gpu)\b", cmd), f"train installs CPU onnxruntime: {cmd}"
+
+
+def test_serve_has_no_torch_and_no_cpu_onnxruntime(stages):
+    serve = stages["serve"]
+    installs = pip_installs(serve)
+    assert installs
+    for cmd in installs:
+        assert "torch" not in cmd, f"serve installs torch: {cmd}"
+        assert not re.search(r"\bonnxruntime(?!-gpu)\b", cmd), f"serve installs CPU onnxruntime: {cmd}"
+        assert not re.search(r"\[[^\]]*\bcpu\b", cmd), f"serve installs the cpu extra: {cmd}"
+        # the project itself (whose core deps include torch) only ever without its dependencies
+        if re.search(r"\s\.(\s|$|\[)", cmd + " "):
+            assert "--no-deps" in cmd, f"serve installs the package with its dependencies: {cmd}"
+
+
+def test_requirement_lists_from_pyproject(stages, tmp_path):
+    """Run the requirement-list script of the `reqs` stage on the real pyproject.toml."""
+    run = next(text for keyword, text in stages["reqs"]["instructions"] if keyword == "RUN")
+    script = run.split("\n", 1)[1]
+    (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, capture_output=True)
+
+    def names(f):
+        return {
+            re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower() for r in (tmp_path / f).read_text().split()
+        }
+
+    serve, train = names("serve.txt"), names("train.txt")
+    assert {"torch", "onnxruntime", "transformers"}.isdisjoint(serve)
+    assert {"onnxruntime-gpu", "kserve", "numpy", "pillow"} <= serve
+    assert "torch" not in train and "onnxruntime" not in train  # torch has its own layer
+    assert {"onnxruntime-gpu", "kfp", "mlflow", "transformers"} <= train
+
+
+def _dockerignored(path: str, patterns: list[str]) -> bool:
+    ignored = False
+    for p in patterns:
+        negate = p.startswith("!")
+        p = p.lstrip("!").rstrip("/")
+        if fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path.split("/")[0], p):
+            ignored = not negate
+    return ignored
+
+
+def test_copied_files_exist_and_are_not_dockerignored(stages):
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for stage in stages.values():
+        for keyword, text in stage["instructions"]:
+            if keyword not in ("COPY", "ADD"):
+                continue
+            parts = shlex.split(text)
+            if any(p.startswith("--from=") for p in parts):
+                continue
+            sources = [p for p in parts if not p.startswith("--")][:-1]
+            for src in sources:
+                matches = [m for m in REPO.glob(src)] if any(c in src for c in "*?[") else [REPO / src]
+                matches = [m for m in matches if m.exists()]
+                # Docker accepts a glob matching nothing only when another source of the instruction exists
+                if not matches and any(c in src for c in "*?["):
+                    continue
+                assert matches, f"{stage['name']}: COPY source {src!r} does not exist"
+                for m in matches:
+                    rel = m.relative_to(REPO).as_posix()
+                    assert not _dockerignored(rel, patterns), (
+                        f"{stage['name']}: COPY {rel} is excluded by .dockerignore"
+                    )
+
+
+def test_packages_installed_by_the_images_are_copied(stages):
+    # setuptools finds these packages; a missing COPY would silently ship an image without them
+    for target in ("train", "serve"):
+        copied = {
+            shlex.split(t)[0] for k, t in stages[target]["instructions"] if k == "COPY" and "--from" not in t
+        }
+        assert {"fedmedclip", "components", "pipelines", "serving", "pyproject.toml"} <= copied, target

@@ -1,0 +1,275 @@
+"""ONNX export of the whole predictor (issue 4, Export): the torch ImageClassifier reproduces the engine's
+predictions, and ONNX Runtime reproduces the ImageClassifier (max |Δp| <= 1e-4) on random and real images,
+with the contract's names, dynamic batch and metadata (docs/contracts.md, "Exported model")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from fedmedclip.config import TrainConfig  # noqa: E402
+from fedmedclip.errors import ConfigError, FedMedClipError  # noqa: E402
+
+TOL = 1e-4  # the issue's parity bound for fp32
+FP16_TOL = 2e-2  # half-precision encoder, x100 logit scale: recorded, and bounded loosely
+SYNTH = {"per_class_per_site": 20, "test_per_class": 10, "size": 64}
+
+
+def _train(tmp: Path, method: str, options: dict) -> tuple[Path, TrainConfig]:
+    from fedmedclip.engine import train
+
+    cfg = TrainConfig(
+        data="synthetic",
+        synthetic=SYNTH,
+        rounds=2,
+        method=method,
+        method_options=options,
+        cache_dir=str(tmp / "cache"),
+        out=str(tmp / f"run-{method}"),
+    )
+    train(cfg, progress=False)
+    return Path(cfg.out), cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    return {
+        "fedmedclip": _train(tmp, "fedmedclip", {}),
+        "facmic": _train(tmp, "facmic", {"local_steps": 5}),
+    }
+
+
+# (method, site) of every model the parity tests cover: a FedMedCLIP site (MLP + ensemble),
+# the FedMedCLIP global model (FAM zero-shot) and FACMIC (attention zero-shot).
+MODELS = [("fedmedclip", "1"), ("fedmedclip", "global"), ("facmic", "global")]
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    from fedmedclip.export import export_onnx
+    from fedmedclip.inference import load_classifier
+
+    out = tmp_path_factory.mktemp("onnx")
+    models = {}
+    for method, site in MODELS:
+        run, _ = runs[method]
+        path = export_onnx(run, site, out / f"{method}-{site}.onnx", run_id=f"run-{method}")
+        clf, meta = load_classifier(run, site)
+        models[(method, site)] = (path, clf, meta)
+    return models
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _check_parity(session, clf, images: np.ndarray, tol: float = TOL) -> float:
+    probs, index = session.run(None, {"images": images})
+    with torch.no_grad():
+        want, want_index = clf(torch.from_numpy(images))
+    assert probs.dtype == np.float32 and index.dtype == np.int64
+    assert probs.shape == tuple(want.shape) and index.shape == (len(images),)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    diff = float(np.abs(probs - want.numpy()).max())
+    assert diff <= tol, f"max |p_onnx - p_torch| = {diff:.2e} > {tol:.0e}"
+    # Argmax agrees except where the top two are within the numerical difference.
+    top2 = np.sort(want.numpy(), axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+    assert (index[clear] == want_index.numpy()[clear]).all()
+    return diff
+
+
+def _synthetic_images(cfg: TrainConfig, prep, n: int) -> np.ndarray:
+    from fedmedclip.data import load_image
+    from fedmedclip.engine import load_image_set
+
+    records = load_image_set(cfg).records[::37][:n]
+    return np.stack([prep.to_uint8(load_image(r.path)) for r in records])
+
+
+# ---------------------------------------------------------------- torch classifier == engine
+@pytest.mark.parametrize("method", ["fedmedclip", "facmic"])
+def test_classifier_reproduces_engine_predictions(runs, method):
+    """On the cached features, ImageClassifier.head gives the engine's own probabilities, and its
+    encoder gives the feature store's features for the same images."""
+    from fedmedclip.engine import Federation, prepare
+    from fedmedclip.inference import load_classifier
+
+    run, cfg = runs[method]
+    prepared = prepare(cfg, progress=False)
+    fed = Federation(cfg, prepared)
+    fed.load_checkpoint(run / "checkpoint")
+    fed.restore(fed.best)  # the selected round: what write_model saved
+
+    clf, _ = load_classifier(run, "global")
+    with torch.no_grad():
+        torch.testing.assert_close(clf.head(fed.gx), fed.method.global_probs(fed.global_module, fed.gx))
+    for k, (trainer, data) in enumerate(zip(fed.trainers, fed.datas, strict=True)):
+        clf, meta = load_classifier(run, k)
+        assert meta["site"] == data.name
+        with torch.no_grad():
+            torch.testing.assert_close(clf.head(data.test_x), trainer.probs(data.test_x))
+
+    # End to end from pixels: the encoder path matches the stored features (batching differs: ~1e-6).
+    from fedmedclip.data import load_image
+
+    store = prepared.stores["server"]
+    by_id = prepared.image_set.by_id()
+    ids = store.image_ids[:6]
+    images = np.stack([prepared.preprocessing.to_uint8(load_image(by_id[i].path)) for i in ids])
+    with torch.no_grad():
+        feats = clf.features(torch.from_numpy(images))
+    torch.testing.assert_close(feats, store.features[:6], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- ONNX Runtime == torch
+@pytest.mark.parametrize(("method", "site"), MODELS)
+def test_onnx_parity_random_and_synthetic_images(exported, runs, method, site):
+    path, clf, _ = exported[(method, site)]
+    session = _session(path)
+    s = clf.preprocessing.size
+    rng = np.random.default_rng(0)
+    for n in (1, 5):  # the dynamic batch dimension
+        _check_parity(session, clf, rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8))
+    _check_parity(session, clf, _synthetic_images(runs[method][1], clf.preprocessing, 6))
+
+
+@pytest.mark.needs_shared
+def test_onnx_parity_brain_mri(exported, brain_mri):
+    from fedmedclip.data import load_image
+
+    files = sorted((brain_mri / "Training").glob("*/*.jp*g"))[::400][:4]
+    assert files, f"no JPEGs under {brain_mri / 'Training'}"
+    for method, site in MODELS:
+        path, clf, _ = exported[(method, site)]
+        images = np.stack([clf.preprocessing.to_uint8(load_image(f)) for f in files])
+        _check_parity(_session(path), clf, images)
+
+
+@pytest.mark.parametrize(("method", "site"), MODELS)
+def test_onnx_interface_and_metadata(exported, method, site):
+    path, clf, meta = exported[(method, site)]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    expected_site = meta["site"]
+    assert expected_site == ("global" if site == "global" else meta["sites"][int(site)])
+    want = {
+        "fedmedclip.class_names": meta["class_names"],
+        "fedmedclip.image_size": str(meta["preprocessing"]["size"]),
+        "fedmedclip.preprocessing": json.loads(json.dumps(clf.preprocessing.describe())),
+        "fedmedclip.backbone": meta["backbone"]["name"],
+        "fedmedclip.backbone_sha256": meta["backbone"]["weights_sha256"],
+        "fedmedclip.method": method,
+        "fedmedclip.site": expected_site,
+        "fedmedclip.run_id": f"run-{method}",
+        "fedmedclip.precision": "fp32",
+        "fedmedclip.format_version": "1",
+    }
+    for key, value in want.items():
+        assert key in props, f"metadata {key} missing"
+        got = (
+            json.loads(props[key])
+            if key in ("fedmedclip.class_names", "fedmedclip.preprocessing")
+            else props[key]
+        )
+        assert got == value, key
+    assert len(props["fedmedclip.backbone_sha256"]) == 64
+    assert props["fedmedclip.exporter"] == "dynamo"
+
+    session = _session(path)
+    (inp,), outs = session.get_inputs(), session.get_outputs()
+    s = int(props["fedmedclip.image_size"])
+    assert (inp.name, inp.type) == ("images", "tensor(uint8)")
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [s, s, 3]
+    assert [(o.name, o.type) for o in outs] == [
+        ("probabilities", "tensor(float)"),
+        ("class_index", "tensor(int64)"),
+    ]
+    assert outs[0].shape[1] == len(meta["class_names"])
+
+
+# ---------------------------------------------------------------- fp16 and the fallback exporter
+def test_fp16_export_runs_on_cpu_with_measured_parity(runs, tmp_path):
+    from fedmedclip.export import export_onnx
+    from fedmedclip.inference import load_classifier
+
+    run, cfg = runs["fedmedclip"]
+    path = export_onnx(run, 0, tmp_path / "fp16.onnx", precision="fp16")
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["fedmedclip.precision"] == "fp16"
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    clf, _ = load_classifier(run, 0)  # the fp32 reference: what fp16 serving should approximate
+    s = clf.preprocessing.size
+    images = np.concatenate(
+        [
+            _synthetic_images(cfg, clf.preprocessing, 4),
+            np.random.default_rng(1).integers(0, 256, (4, s, s, 3), dtype=np.uint8),
+        ]
+    )
+    diff = _check_parity(_session(path), clf, images, tol=FP16_TOL)
+    print(f"fp16 ONNX (CPU EP) vs fp32 torch: max |dp| = {diff:.2e}")
+
+
+def test_torchscript_fallback_when_dynamo_fails(runs, tmp_path, monkeypatch):
+    from fedmedclip import export
+    from fedmedclip.inference import load_classifier
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("simulated dynamo failure")
+
+    monkeypatch.setitem(export.EXPORTERS, "dynamo", broken)
+    run, cfg = runs["facmic"]
+    path = export.export_onnx(run, "global", tmp_path / "ts.onnx")
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["fedmedclip.exporter"] == "torchscript"
+    clf, _ = load_classifier(run, "global")
+    s = clf.preprocessing.size
+    session = _session(path)
+    for n in (1, 5):
+        _check_parity(session, clf, np.random.default_rng(n).integers(0, 256, (n, s, s, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------- bad input
+def test_export_errors_name_the_problem(runs, tmp_path):
+    from fedmedclip.export import export_onnx
+
+    run, _ = runs["fedmedclip"]
+    with pytest.raises(ConfigError, match="unknown site 'nowhere'"):
+        export_onnx(run, "nowhere", tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="site index 9 is out of range"):
+        export_onnx(run, 9, tmp_path / "m.onnx")
+    with pytest.raises(FedMedClipError, match="does not exist"):
+        export_onnx(tmp_path / "missing-run", "global", tmp_path / "m.onnx")
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(FedMedClipError, match="no model/model.json"):
+        export_onnx(tmp_path / "not-a-run", "global", tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        export_onnx(run, "global", tmp_path / "m.onnx", precision="int4")
+    from fedmedclip.export import export_classifier
+    from fedmedclip.inference import load_classifier
+
+    clf, meta = load_classifier(run, "global")
+    clf.encoder.half()
+    with pytest.raises(ConfigError, match="already halved"):
+        export_classifier(clf, meta, tmp_path / "m.onnx", "fp32")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
+    from fedmedclip.cli import main
+
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "run directory" in capsys.readouterr().err
+    run, _ = runs["fedmedclip"]
+    assert main(["export", str(run), "--site", "bogus", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "unknown site 'bogus'" in capsys.readouterr().err

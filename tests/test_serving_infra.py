@@ -1,0 +1,96 @@
+"""infra/serving: the InferenceService parses, has what the GPU endpoint needs, and its container args are a
+valid `fedmedclip serve` command line whose probes match the served model name."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+INFRA = Path(__file__).resolve().parents[1] / "infra" / "serving"
+
+
+def _load(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((INFRA / name).read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def isvc() -> dict:
+    (doc,) = _load("inferenceservice.yaml")
+    return doc
+
+
+def test_inferenceservice_shape(isvc):
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container" and container["image"]
+
+    resources = container["resources"]
+    for kind in ("requests", "limits"):
+        assert str(resources[kind]["nvidia.com/gpu"]) == "1"
+        assert resources[kind]["cpu"] and resources[kind]["memory"]
+
+    ports = {p["containerPort"]: p for p in container["ports"]}
+    assert set(ports) == {8080, 8081}
+    assert ports[8081]["name"] == "h2c" and ports[8080]["name"] in ("http1", "http")
+
+    env = {e["name"]: e for e in container["env"]}
+    assert "MLFLOW_TRACKING_URI" in env
+    secret_refs = [
+        e["valueFrom"]["secretKeyRef"] for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= {r["key"] for r in secret_refs}
+    assert not any("value" in e and "SECRET" in e["name"] for e in env.values()), (
+        "credentials must come from Secrets"
+    )
+
+    volumes = {v["name"] for v in predictor.get("volumes", [])}
+    assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
+
+
+def test_container_args_are_a_valid_serve_command(isvc):
+    from serving.cli import register
+
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert container["command"] == ["fedmedclip"]
+    parser = argparse.ArgumentParser(prog="fedmedclip")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(container["args"])
+    assert args.command == "serve"
+    assert args.model.startswith("models:/") and "@" in args.model  # registry + alias: the hash is verified
+    assert args.device == "cuda"
+    assert (args.http_port, args.grpc_port) == (8080, 8081)
+    assert args.cache_dir in {m["mountPath"] for m in container["volumeMounts"]}
+
+    probes = {k: container[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert all(p["port"] == args.http_port for p in probes.values())
+    assert probes["readinessProbe"]["path"] == f"/v2/models/{args.name}/ready"
+    assert probes["startupProbe"]["path"] == f"/v2/models/{args.name}/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+
+
+def test_kustomization_lists_existing_resources(isvc):
+    (kust,) = _load("kustomization.yaml")
+    assert kust["kind"] == "Kustomization"
+    for resource in kust["resources"]:
+        assert (INFRA / resource).is_file(), resource
+    (patch,) = kust["patches"]
+    assert (
+        patch["target"]["kind"] == "InferenceService" and patch["target"]["name"] == isvc["metadata"]["name"]
+    )
+    ops = yaml.safe_load(patch["patch"])
+    assert ops[0]["path"] == "/spec/predictor/containers/0/image"
+
+    (cm,) = _load("configmap.yaml")
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    cm_refs = {
+        e["valueFrom"]["configMapKeyRef"]["name"]
+        for e in container["env"]
+        if "configMapKeyRef" in e.get("valueFrom", {})
+    }
+    assert cm_refs == {cm["metadata"]["name"]}
+    assert "MLFLOW_TRACKING_URI" in cm["data"]

@@ -1,0 +1,64 @@
+"""The server's registry path against the real local stack (moto S3 + MLflow server, `mlops_stack`):
+a model registered by `components.tracking.register_model` is fetched with `models:/NAME@ALIAS` and verified
+against its `onnx_sha256` tag; a tampered or missing tag refuses to start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx_fixtures import make_tiny_onnx
+from run_fixtures import make_run_dir
+
+
+@pytest.fixture()
+def registry(mlops_stack, monkeypatch):
+    # The server reads the registry location from the environment, as in the InferenceService.
+    for key, value in mlops_stack.env.items():
+        monkeypatch.setenv(key, value)
+    return mlops_stack.tracking_uri
+
+
+def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys):
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+
+    from components.tracking import log_run_dir, promote, register_model
+    from serving.cli import main
+    from serving.errors import ServingError
+    from serving.runtime import OnnxClassifier
+    from serving.source import resolve_model
+
+    onnx_path = make_tiny_onnx(tmp_path / "tiny.onnx")
+    run_id = log_run_dir(make_run_dir(tmp_path / "run"), "test-serving-registry", tracking_uri=registry)
+    name = "serving-registry-test"
+    version = register_model(run_id, name, onnx_path, registry).version
+    promote(name, version, tracking_uri=registry)
+
+    resolved = resolve_model(f"models:/{name}@champion", cache_dir=str(tmp_path / "cache"))
+    assert resolved.verified and resolved.origin == f"models:/{name}@champion (version {version})"
+    assert resolved.path.name == "model.onnx" and (tmp_path / "cache") in resolved.path.parents
+    classifier = OnnxClassifier(resolved.path, device="cpu")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    expected = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images}
+    )
+    np.testing.assert_allclose(classifier.run(images)[0], expected[0], atol=1e-6)
+    assert (
+        resolve_model(f"models:/{name}/{version}", cache_dir=str(tmp_path / "cache2")).sha256
+        == resolved.sha256
+    )
+
+    client = MlflowClient(registry)
+    client.set_model_version_tag(name, version, "onnx_sha256", "0" * 64)
+    with pytest.raises(ServingError, match="refusing to serve .* registry tag onnx_sha256"):
+        resolve_model(f"models:/{name}@champion", cache_dir=str(tmp_path / "cache3"))
+    # The same refusal through the CLI: exit status 2, a message, no traceback, nothing served.
+    assert main(["serve", f"models:/{name}@champion", "--cache-dir", str(tmp_path / "cache4")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve" in err and "Traceback" not in err
+
+    client.delete_model_version_tag(name, version, "onnx_sha256")
+    with pytest.raises(ServingError, match="no 'onnx_sha256' tag"):
+        resolve_model(f"models:/{name}@champion")
+    with pytest.raises(ServingError, match="cannot resolve models:/serving-registry-test@nope"):
+        resolve_model(f"models:/{name}@nope")

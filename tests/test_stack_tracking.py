@@ -1,0 +1,344 @@
+"""The local stack, tracking and the registry against real servers (moto S3 + MLflow), nothing mocked."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port, free_ports
+from onnx_fixtures import make_tiny_onnx
+from run_fixtures import make_run_dir
+
+from components import cli as ccli
+from components.stack import (
+    StackError,
+    _group_members,
+    mlflow_healthy,
+    read_state,
+    stack_status,
+    start_stack,
+)
+from components.tracking import (
+    PROMOTION_METRIC,
+    PromotionRefused,
+    RunDirError,
+    TrackingError,
+    log_run_dir,
+    promote,
+    register_model,
+)
+from fedmedclip.errors import FedMedClipError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmedclip")
+    ccli.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def run_cli(*argv: str) -> int:
+    args = _parser().parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_with(fragment: str) -> list[int]:
+    found = []
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if fragment in f.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(f.parent.name))
+        except OSError:
+            continue
+    return [p for p in found if _alive(p)]
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    return make_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+# ------------------------------------------------------------------------------------------ the stack
+
+
+def test_cli_light_imports():
+    import subprocess
+    import sys
+
+    code = "import sys; import components.cli; print(sorted(m for m in ('mlflow', 'boto3', 'torch', 'kfp') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
+    data_dir = tmp_path / "stack"
+    s3_port, ml_port = free_ports(2)
+    assert run_cli("stack", "up", "--data-dir", data_dir, "--s3-port", s3_port, "--mlflow-port", ml_port) == 0
+    state = read_state(data_dir)
+    pids = {name: svc.pid for name, svc in state.services.items()}
+    assert set(pids) == {"s3", "mlflow"} and all(_alive(p) for p in pids.values())
+    try:
+        # up again: the running stack is reused, not duplicated
+        assert (
+            run_cli("stack", "up", "--data-dir", data_dir, "--s3-port", s3_port, "--mlflow-port", ml_port)
+            == 0
+        )
+        assert {n: s.pid for n, s in read_state(data_dir).services.items()} == pids
+        capsys.readouterr()
+
+        assert run_cli("stack", "status", "--data-dir", data_dir) == 0
+        assert "running" in capsys.readouterr().out
+
+        assert run_cli("stack", "env", "--data-dir", data_dir) == 0
+        env = capsys.readouterr().out
+        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{ml_port}" in env
+        assert f"export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:{s3_port}" in env
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            assert f"export {key}=" in env
+
+        # the bucket exists and is versioned
+        assert state.s3_client().get_bucket_versioning(Bucket=state.bucket)["Status"] == "Enabled"
+
+        # a second stack on a taken port fails fast, naming the port and the option
+        with pytest.raises(StackError, match=rf"port {s3_port} .*already in use.*--s3-port"):
+            start_stack(tmp_path / "other", s3_port=s3_port, mlflow_port=free_port())
+        # A crashed MLflow parent leaves its uvicorn worker serving: `down` must still stop the whole group.
+        os.kill(pids["mlflow"], signal.SIGKILL)
+        assert _group_members(state.services["mlflow"]), "expected the uvicorn worker to outlive its parent"
+    finally:
+        assert run_cli("stack", "down", "--data-dir", data_dir) == 0
+    assert not any(_alive(p) for p in pids.values())
+    assert not _group_members(state.services["mlflow"]) and not _group_members(state.services["s3"])
+    assert not mlflow_healthy(state.tracking_uri)
+    assert not (data_dir / "stack.json").exists()
+    # idempotent
+    assert run_cli("stack", "down", "--data-dir", data_dir) == 0
+    assert run_cli("stack", "status", "--data-dir", data_dir) == 1
+    with pytest.raises(StackError, match="stack up"):
+        run_cli("stack", "env", "--data-dir", data_dir)
+
+
+def test_stack_start_failure_shows_log_tail(tmp_path):
+    data_dir = tmp_path / "broken"
+    # An option `mlflow server` does not know: the server exits during start-up, as a broken install would.
+    s3_port, mlflow_port = free_ports(2)
+    with pytest.raises(StackError, match="MLflow server exited during start-up") as err:
+        start_stack(data_dir, s3_port=s3_port, mlflow_port=mlflow_port, mlflow_args=["--no-such-option"])
+    message = str(err.value)
+    assert "last lines of" in message and "mlflow.log" in message
+    assert "No such option" in message  # the server's own explanation, from its log
+    assert not stack_status(data_dir).recorded  # nothing left behind, moto included
+    assert not _processes_with(f"-p {s3_port}") and not _processes_with(f"--port {mlflow_port}")
+
+
+# ------------------------------------------------------------------------------------------- tracking
+
+
+def test_log_run_dir_params_metrics_tags_artifacts(mlops_stack, tmp_path):
+    from mlflow import MlflowClient
+
+    run_dir = make_run_dir(tmp_path / "run", bacc=0.8, rounds=3)
+    run_id = log_run_dir(run_dir, "test-log", tracking_uri=mlops_stack.tracking_uri)
+    client = MlflowClient(mlops_stack.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert (
+        params["method"] == "fedmedclip"
+        and params["optim.lr"] == "0.001"
+        and params["partition.alpha"] == "0.5"
+    )
+
+    metrics = run.data.metrics
+    assert metrics[PROMOTION_METRIC] == pytest.approx(0.8)
+    assert metrics["final_site_site_1_bacc"] == pytest.approx(0.79)
+    assert metrics["comm_total_bytes"] == 27000
+    history = client.get_metric_history(run_id, "global_bacc")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+    assert sorted(history, key=lambda m: m.step)[-1].value == pytest.approx(0.8)
+    for key in ("global_acc", "site_site_0_acc", "site_site_2_bacc", "bytes_up", "bytes_down", "train_loss"):
+        assert len(client.get_metric_history(run_id, key)) == 3, key
+    assert client.get_metric_history(run_id, "bytes_up")[0].value == 3000  # summed over the sites
+
+    tags = run.data.tags
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert tags["partition_digest"] == partition["digest"]
+    assert tags["backbone_sha256"] == "0" * 64
+    assert tags["method"] == "fedmedclip"
+    assert len(tags["feature_provenance_digest"]) == 64 and len(tags["dataset_digest"]) == 64
+    assert tags["git_commit"] and tags["mlflow.source.git.commit"] == tags["git_commit"]
+
+    def listing(path=None):
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out += listing(f.path) if f.is_dir else [f.path]
+        return out
+
+    files = set(listing())
+    expected = {
+        "results.json",
+        "config.json",
+        "partition.json",
+        "provenance.json",
+        "plots/accuracy.png",
+        "plots/reliability.png",
+        "rounds/global_round_001.bin",
+        "rounds/global_round_003.bin",
+        "model/model.json",
+        "model/global.safetensors",
+        "model/site_site_0.safetensors",
+    }
+    assert expected <= files
+    assert not any(f.startswith("checkpoint") for f in files)
+
+    # The bytes went through the MLflow proxy into the versioned moto bucket.
+    s3 = mlops_stack.s3_client()
+    key = f"mlartifacts/{run.info.experiment_id}/{run_id}/artifacts/results.json"
+    versions = s3.list_object_versions(Bucket=mlops_stack.bucket, Prefix=key)["Versions"]
+    assert len(versions) == 1 and versions[0]["VersionId"] not in (None, "", "null")
+    # Re-logging a file keeps the old bytes as an earlier version.
+    (run_dir / "results.json").write_text(
+        json.dumps({**json.loads((run_dir / "results.json").read_text()), "note": 1})
+    )
+    client.log_artifact(run_id, str(run_dir / "results.json"))
+    versions = s3.list_object_versions(Bucket=mlops_stack.bucket, Prefix=key)["Versions"]
+    assert len(versions) == 2 and len({v["VersionId"] for v in versions}) == 2
+
+
+def test_bad_run_dir_gives_clear_error(mlops_stack, tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    (run_dir / "results.json").unlink()
+    with pytest.raises(RunDirError, match=r"results\.json is missing"):
+        log_run_dir(run_dir, "test-bad", tracking_uri=mlops_stack.tracking_uri)
+    with pytest.raises(FedMedClipError, match=r"results\.json is missing"):  # what the CLI turns into exit 2
+        run_cli("track", run_dir, "--experiment", "test-bad", "--tracking-uri", mlops_stack.tracking_uri)
+    with pytest.raises(RunDirError, match="does not exist"):
+        log_run_dir(tmp_path / "nope", "test-bad", tracking_uri=mlops_stack.tracking_uri)
+    from mlflow import MlflowClient
+
+    # validation happens before anything is created on the server
+    assert MlflowClient(mlops_stack.tracking_uri).get_experiment_by_name("test-bad") is None
+
+
+def test_unreachable_server_fails_fast(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    with pytest.raises(TrackingError, match="not reachable.*stack up"):
+        log_run_dir(run_dir, "x", tracking_uri=f"http://127.0.0.1:{free_port()}")
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, capsys, caplog):
+    import mlflow
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+
+    uri = mlops_stack.tracking_uri
+    name = "fedmedclip-test"
+    client = MlflowClient(uri, registry_uri=uri)
+
+    # v1: 0.80, through the CLI (stdout carries only the run id / version number)
+    run_a = make_run_dir(tmp_path / "a", bacc=0.80)
+    assert run_cli("track", run_a, "--experiment", "test-registry", "--tracking-uri", uri) == 0
+    run_id_a = capsys.readouterr().out.strip()
+    assert len(run_id_a) == 32
+    assert run_cli("register", run_id_a, "--name", name, "--onnx", tiny_onnx, "--tracking-uri", uri) == 0
+    v1 = capsys.readouterr().out.strip()
+    mv1 = client.get_model_version(name, v1)
+    for tag in (
+        "method",
+        "partition_digest",
+        "dataset_digest",
+        "backbone_sha256",
+        "git_commit",
+        "onnx_sha256",
+    ):
+        assert mv1.tags.get(tag), tag
+    assert mv1.tags["partition_digest"] == client.get_run(run_id_a).data.tags["partition_digest"]
+    assert mv1.run_id == run_id_a
+
+    assert run_cli("promote", name, "--version", v1, "--tracking-uri", uri) == 0
+    assert "is now @champion" in capsys.readouterr().out
+
+    # v2: worse (0.70): refused by default, both numbers named
+    run_b = make_run_dir(tmp_path / "b", bacc=0.70, seed=1)
+    v2 = register_model(log_run_dir(run_b, "test-registry", tracking_uri=uri), name, tiny_onnx, uri).version
+    with pytest.raises(PromotionRefused, match=r"0\.7000 is below .*version 1\).* 0\.8000.*--allow-worse"):
+        promote(name, v2, tracking_uri=uri)
+    assert client.get_registered_model(name).aliases["champion"] == v1
+
+    # ... and promoted with the override, which is logged and recorded on the version
+    with caplog.at_level(logging.WARNING, logger="fedmedclip.tracking"):
+        assert run_cli("promote", name, "--version", v2, "--allow-worse", "--tracking-uri", uri) == 0
+    assert "allow-worse" in capsys.readouterr().out
+    assert any("allow_worse" in r.getMessage() for r in caplog.records)
+    mv2 = client.get_model_version(name, v2)
+    assert (
+        "0.7000" in mv2.tags["promotion_override.champion"]
+        and "0.8000" in mv2.tags["promotion_override.champion"]
+    )
+    assert json.loads(mv2.tags["promoted.champion"])["allow_worse"] is True
+    assert client.get_registered_model(name).aliases["champion"] == v2
+
+    # v3: better than the current champion (0.70): promoted without a flag
+    run_c = make_run_dir(tmp_path / "c", bacc=0.85, seed=2)
+    v3 = register_model(log_run_dir(run_c, "test-registry", tracking_uri=uri), name, tiny_onnx, uri).version
+    result = promote(name, v3, tracking_uri=uri)
+    assert (result.previous_version, result.overridden) == (v2, False)
+    assert "promotion_override.champion" not in client.get_model_version(name, v3).tags
+
+    # models:/NAME@champion loads, is v3's file byte for byte, and runs
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+    stored = hashlib.sha256((local / "model.onnx").read_bytes()).hexdigest()
+    assert stored == client.get_model_version(name, v3).tags["onnx_sha256"]
+    model = mlflow.onnx.load_model(f"models:/{name}@champion")
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["fedmedclip.class_names"])[0] == "glioma"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[0, ..., 0] = 255  # red -> class 0 in the tiny model
+    probabilities, class_index = session.run(None, {"images": images})
+    assert class_index.tolist() == [0, 3] and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx):
+    import mlflow
+
+    uri = mlops_stack.tracking_uri
+    run_id = log_run_dir(make_run_dir(tmp_path / "run"), "test-plain", tracking_uri=uri)
+    mv = register_model(run_id, "fedmedclip-plain", tracking_uri=uri)
+    assert mv.tags["partition_digest"] and "onnx_sha256" not in mv.tags
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/fedmedclip-plain/{mv.version}"))
+    assert (local / "model.json").is_file() and (local / "global.safetensors").is_file()
+
+    with pytest.raises(TrackingError, match="no MLflow run 'deadbeef'"):
+        register_model("deadbeef", "fedmedclip-plain", tracking_uri=uri)
+    with pytest.raises(TrackingError, match="does not exist"):
+        register_model(run_id, "fedmedclip-plain", onnx_path=tmp_path / "missing.onnx", tracking_uri=uri)
+    # an ONNX from another backbone is not this run's model
+    other = make_tiny_onnx(tmp_path / "other.onnx", backbone_sha256="f" * 64)
+    with pytest.raises(TrackingError, match="backbone"):
+        register_model(run_id, "fedmedclip-plain", onnx_path=other, tracking_uri=uri)
+    with pytest.raises(TrackingError, match="has no version 99"):
+        promote("fedmedclip-plain", 99, tracking_uri=uri)
