@@ -237,7 +237,7 @@ def aggregate_round(
     method: Method, previous: dict, payloads: list[bytes], sample_counts: list[int]
 ) -> dict[str, torch.Tensor]:
     """The server: decode the site updates and average them by the method's rule."""
-    weights = aggregation_weights(sample_counts, method.weighting)
+    weights = aggregation_weights(method.aggregation_counts(sample_counts), method.weighting)
     return method.aggregate(previous, [decode_state(p) for p in payloads], weights)
 
 
@@ -431,12 +431,14 @@ class Federation:
         }
         (tmp / "state.json").write_text(json.dumps(state))
         old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an interrupted swap
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, directory: Path) -> None:
+        recover_checkpoint(directory)
         try:
             state = json.loads((directory / "state.json").read_text())
         except (OSError, ValueError) as exc:
@@ -462,6 +464,25 @@ class Federation:
             "global": load(directory / "best" / "server.pt"),
             "sites": [load(directory / "best" / f"site_{d.name}.pt") for d in self.unit_datas],
         }
+
+
+def recover_checkpoint(directory: Path) -> bool:
+    """Finish a checkpoint swap a kill interrupted. save_checkpoint writes `.tmp` (state.json last),
+    moves the live one to `.old`, then `.tmp` into place: with no live checkpoint, a complete `.tmp` is
+    the newest round and `.old` the one before. True when a usable checkpoint is in place."""
+    if (directory / "state.json").exists():
+        return True
+    for candidate in (directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")):
+        try:
+            json.loads((candidate / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(candidate, directory)
+        log.warning("recovered the checkpoint of an interrupted save from %s", candidate.name)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- reporting
@@ -493,6 +514,9 @@ def write_model(fed: Federation, directory: Path) -> None:
         }
         if hasattr(t, "fam"):
             tensors.update({f"fam.{k}": v.contiguous() for k, v in t.fam.state_dict().items()})
+        elif fed.mode == "local":
+            # Trained alone, the site's shared module never reached global.safetensors: keep its own.
+            tensors.update({f"attention.{k}": v.contiguous() for k, v in t.shared_update().items()})
         if tensors:
             save_file(tensors, str(directory / f"site_{d.name}.safetensors"))
     meta = {
@@ -521,7 +545,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise ConfigError(
             f"output directory {str(out)!r} is not empty: pass --resume to continue it, or another --out"
         )
-    if resume and not (ckpt / "state.json").exists():
+    if resume and not recover_checkpoint(ckpt):
         raise CheckpointError(f"nothing to resume in {str(out)!r}: no checkpoint/state.json")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

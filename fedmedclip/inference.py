@@ -203,9 +203,14 @@ def _fedmedclip_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor
 def _communicated_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
     # FACMIC and FedCLIP communicate their whole attention module and keep nothing private, so after
     # the final aggregation every site predicts zero-shot with the global module (Site.probs).
+    # With --federation local each site's own module is in its site file instead (engine.write_model).
     method = METHODS[meta["method"]](_method_context(meta, text))
     attention = method.new_global()
-    attention.load_state_dict(_load_safetensors(model_dir / "global.safetensors"))
+    own = model_dir / f"site_{site}.safetensors"
+    if site != GLOBAL and meta.get("federation", "federated") == "local" and own.is_file():
+        attention.load_state_dict(_strip(_load_safetensors(own), "attention."))
+    else:
+        attention.load_state_dict(_load_safetensors(model_dir / "global.safetensors"))
     return attention, None, "code"
 
 

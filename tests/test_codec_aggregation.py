@@ -224,3 +224,17 @@ def test_method_aggregate_keeps_server_counters_and_averages_bn_stats():
     assert out["net.1.num_batches_tracked"].item() == 41
     for k in ("net.1.running_mean", "net.1.running_var", "net.0.weight", "net.3.bias"):
         assert torch.allclose(out[k], 0.75 * states[0][k] + 0.25 * states[1][k], atol=1e-7)
+
+
+def test_facmic_weights_count_full_batches_only():
+    """FACMIC's n_k = 32·⌊n_train_k/32⌋ (algorithms.md §2.4), applied by the server's aggregate_round:
+    sites of 95 and 33 training images weigh 64 : 32, not 95 : 33."""
+    from fedmedclip.codec import encode_state
+    from fedmedclip.engine import aggregate_round
+
+    m = Facmic(MethodContext(8, 3, torch.randn(3, 8), batch_size=32))
+    assert m.aggregation_counts([95, 33, 32, 7]) == [64, 32, 32, 7]
+    assert FedMedClip(MethodContext(8, 3, torch.randn(3, 8))).aggregation_counts([95, 33]) == [95, 33]
+    a, b = {"w": torch.zeros(2)}, {"w": torch.full((2,), 3.0)}
+    out = aggregate_round(m, a, [encode_state(a, "fp32-zlib"), encode_state(b, "fp32-zlib")], [95, 33])
+    assert torch.allclose(out["w"], torch.full((2,), 1.0))  # 3 * 32 / (64 + 32)

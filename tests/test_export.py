@@ -130,6 +130,37 @@ def test_classifier_reproduces_engine_predictions(runs, method):
     torch.testing.assert_close(feats, store.features[:6], atol=1e-4, rtol=1e-4)
 
 
+def test_local_only_sites_export_their_own_modules(tmp_path):
+    """--federation local: FACMIC sites never aggregate, so each site's own attention is what its
+    classifier must hold (the global file is only the untrained start); there is no global model."""
+    from fedmedclip.engine import Federation, prepare, train
+    from fedmedclip.inference import load_classifier
+
+    cfg = TrainConfig(
+        data="synthetic",
+        synthetic=SYNTH,
+        rounds=2,
+        method="facmic",
+        federation="local",
+        method_options={"local_steps": 5},
+        cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+    )
+    train(cfg, progress=False)
+    fed = Federation(cfg, prepare(cfg, progress=False))
+    fed.load_checkpoint(Path(cfg.out) / "checkpoint")
+    fed.restore(fed.best)
+    heads = []
+    for k, (trainer, data) in enumerate(zip(fed.trainers, fed.datas, strict=True)):
+        clf, _ = load_classifier(cfg.out, k)
+        with torch.no_grad():
+            torch.testing.assert_close(clf.head(data.test_x), trainer.probs(data.test_x))
+            heads.append(clf.head(data.test_x))
+    assert not torch.allclose(heads[0], load_classifier(cfg.out, 1)[0].head(fed.datas[0].test_x))
+    with pytest.raises(ConfigError, match="no global model"):
+        load_classifier(cfg.out, "global")
+
+
 # ---------------------------------------------------------------- ONNX Runtime == torch
 @pytest.mark.parametrize(("method", "site"), MODELS)
 def test_onnx_parity_random_and_synthetic_images(exported, runs, method, site):

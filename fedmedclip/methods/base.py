@@ -134,6 +134,10 @@ class Method:
     def new_site(self, data: SiteData, index: int) -> SiteTrainer:
         raise NotImplementedError
 
+    def aggregation_counts(self, n_train: list[int]) -> list[int]:
+        """The sample counts the `samples` weighting uses: the sites' training-set sizes."""
+        return list(n_train)
+
     def aggregate(self, previous: dict, updates: list[dict], weights: list[float]) -> dict:
         """Weighted average of float entries; counters keep the server's previous value."""
         out = weighted_average(updates, weights)

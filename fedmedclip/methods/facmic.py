@@ -8,6 +8,9 @@ Options (defaults reproduce the reference code, §2.6):
 - lmmd_weight 1.0 (scaled by 0.1 for batch sizes <= 8, as the paper does).
 - bandwidth "mean" (code) or "median" (paper).
 - masked_target False: True applies the attention to the target features too (paper reading).
+Aggregation weights n_k = 32·⌊n_train_k/32⌋ (the batches a drop_last loader yields, paper Eq. 8).
+Pseudo-labels of the target batch come from the attention in train mode, so that batch also moves the
+BatchNorm running statistics, as in the reference code (those statistics travel and are averaged).
 The reference set itself is chosen by the engine: held-out unlabelled training images by default,
 the global test set with `transductive` (only to match the paper's numbers)."""
 
@@ -107,6 +110,12 @@ class Facmic(Method):
             raise ConfigError(f"bandwidth must be mean or median, not {self.opt['bandwidth']!r}")
         if not (self.opt["local_steps"] or self.opt["local_epochs"]):
             raise ConfigError("FACMIC needs local_steps > 0 or local_epochs > 0")
+
+    def aggregation_counts(self, n_train):
+        # Paper Eq. 8 as coded (§2.4): the samples a drop_last loader yields, b·⌊n/b⌋; a site smaller
+        # than one batch still trains on all it has (batch = n), so it keeps its n.
+        b = self.ctx.batch_size
+        return [n if n < b else b * (n // b) for n in n_train]
 
     def new_global(self):
         with torch.random.fork_rng(devices=[]):
