@@ -472,7 +472,10 @@ def recover_checkpoint(directory: Path) -> bool:
     the newest round and `.old` the one before. True when a usable checkpoint is in place."""
     if (directory / "state.json").exists():
         return True
-    for candidate in (directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")):
+    for candidate in (
+        directory.with_name(directory.name + ".tmp"),
+        directory.with_name(directory.name + ".old"),
+    ):
         try:
             json.loads((candidate / "state.json").read_text())
         except (OSError, ValueError):
