@@ -92,6 +92,7 @@ def main() -> int:
         synthetic=args.synthetic,
         export_site="",
         tracking_uri="",
+        log_path=work / "pipeline.log",
     )
     pipe_s = time.perf_counter() - t0
     assert run.results["metrics"] == ref["metrics"], "pipeline and engine metrics differ"

@@ -108,27 +108,12 @@ def _pixels(cfg, store, prep):
     return load_pixels(load_image_set(cfg), store.image_ids, prep, progress=False)
 
 
-def site_model_tensors(trainer) -> dict:
-    """A site's part of the exported model, named as engine.write_model names it."""
-    tensors = {
-        f"{name}.{k}": v.detach().clone().contiguous()
-        for name, m in trainer.private_modules().items()
-        for k, v in m.state_dict().items()
-    }
-    if hasattr(trainer, "fam"):
-        tensors.update(
-            {f"fam.{k}": v.detach().clone().contiguous() for k, v in trainer.fam.state_dict().items()}
-        )
-    return tensors
-
-
 # ------------------------------------------------------------------------------------------- steps
 def prepare_step(params: dict, sites: int, rounds: int, site_names: list, partition_dir: str) -> str:
     """Validate the configuration, draw the partition; returns the resolved TrainConfig as JSON."""
     from fedmedclip.config import TrainConfig
-    from fedmedclip.engine import load_image_set
+    from fedmedclip.engine import load_image_set, partition_for
     from fedmedclip.errors import ConfigError
-    from fedmedclip.partition import make_partition
 
     p = dict(params)
     p["alpha"] = p.get("alpha") or None  # 0 means "not set": KFP parameters cannot be None
@@ -141,16 +126,7 @@ def prepare_step(params: dict, sites: int, rounds: int, site_names: list, partit
         raise ConfigError(
             "the pipeline runs federated training; the local/centralized references run in-process"
         )
-    image_set = load_image_set(cfg)
-    part = make_partition(
-        image_set,
-        cfg.partition,
-        cfg.sites if cfg.partition != "natural" else None,
-        cfg.alpha,
-        cfg.seed,
-        cfg.split_ratio,
-        cfg.reference_fraction,
-    )
+    part = partition_for(cfg, load_image_set(cfg))
     if part.site_names != list(site_names):
         # Sites are unrolled at compile time: the graph's site tasks must be the data's sites.
         raise ConfigError(
@@ -241,7 +217,7 @@ def site_step(
     from safetensors.torch import save_file
 
     from fedmedclip.codec import decode_state
-    from fedmedclip.engine import site_data, site_round
+    from fedmedclip.engine import site_data, site_model_tensors, site_round
     from fedmedclip.features import FeatureStore
     from fedmedclip.metrics import classification_report
 

@@ -137,10 +137,9 @@ def load_pixels(
     return torch.from_numpy(np.stack([_PIXEL_CACHE[(recipe, p)] for p in paths]))
 
 
-def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
-    cfg.validate()
-    image_set = load_image_set(cfg)
-    partition = make_partition(
+def partition_for(cfg: TrainConfig, image_set: ImageSet) -> Partition:
+    """The configured partition of the image set (the pipeline's prepare task calls this too)."""
+    return make_partition(
         image_set,
         cfg.partition,
         cfg.sites if cfg.partition != "natural" else None,
@@ -149,6 +148,12 @@ def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
         cfg.split_ratio,
         cfg.reference_fraction,
     )
+
+
+def prepare(cfg: TrainConfig, progress: bool = True) -> Prepared:
+    cfg.validate()
+    image_set = load_image_set(cfg)
+    partition = partition_for(cfg, image_set)
     backbone = load_backbone(cfg.backbone)
     prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
     t0 = time.perf_counter()
@@ -500,6 +505,23 @@ def _report(fed: Federation) -> tuple[dict, dict, list]:
     )
 
 
+def site_model_tensors(trainer: SiteTrainer, own_shared: bool = False) -> dict[str, torch.Tensor]:
+    """A site's part of the exported model: its private modules and FedMedCLIP's FAM; with `own_shared`
+    (local-only training, where the site's shared module never reached the global file) that module too."""
+    tensors = {
+        f"{name}.{k}": v.detach().clone().contiguous()
+        for name, m in trainer.private_modules().items()
+        for k, v in m.state_dict().items()
+    }
+    if hasattr(trainer, "fam"):
+        tensors.update(
+            {f"fam.{k}": v.detach().clone().contiguous() for k, v in trainer.fam.state_dict().items()}
+        )
+    elif own_shared:
+        tensors.update({f"attention.{k}": v.contiguous() for k, v in trainer.shared_update().items()})
+    return tensors
+
+
 def write_model(fed: Federation, directory: Path) -> None:
     """The selected model in framework-neutral files: what export and serving load."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -510,16 +532,7 @@ def write_model(fed: Federation, directory: Path) -> None:
     save_file({k: v.contiguous() for k, v in received.items()}, str(directory / "global.safetensors"))
     save_file({"text_features": p.stores[SERVER].text_features}, str(directory / "text_features.safetensors"))
     for d, t in zip(fed.datas, fed.trainers, strict=True):
-        tensors = {
-            f"{name}.{k}": v.contiguous()
-            for name, m in t.private_modules().items()
-            for k, v in m.state_dict().items()
-        }
-        if hasattr(t, "fam"):
-            tensors.update({f"fam.{k}": v.contiguous() for k, v in t.fam.state_dict().items()})
-        elif fed.mode == "local":
-            # Trained alone, the site's shared module never reached global.safetensors: keep its own.
-            tensors.update({f"attention.{k}": v.contiguous() for k, v in t.shared_update().items()})
+        tensors = site_model_tensors(t, own_shared=fed.mode == "local")
         if tensors:
             save_file(tensors, str(directory / f"site_{d.name}.safetensors"))
     meta = {

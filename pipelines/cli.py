@@ -13,7 +13,8 @@ from pathlib import Path
 DEFAULT_SITES = 3  # keep in step with pipelines.pipeline (not imported here: it pulls kfp)
 DEFAULT_ROUNDS = 3
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
-DEMO_SYNTHETIC = {"per_class_per_site": 40, "test_per_class": 20, "size": 64}
+# Few rounds keep the demo short (each task is a process); more local work per round makes them count.
+DEMO_METHOD_OPTIONS = {"fedmedclip": ["local_epochs=5"]}
 
 
 def _compile_options(p: argparse.ArgumentParser, rounds_default: int = DEFAULT_ROUNDS) -> None:
@@ -107,21 +108,39 @@ def cmd_run(args) -> int:
         raise FedMedClipError(
             "only --local runs here; use `fedmedclip pipeline submit --host URL` for a cluster"
         )
-    from pipelines.local import run_local
 
     root = Path(args.pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-kfp-")).resolve()
     yaml_path = Path(args.yaml) if args.yaml else _compile(args, str(root / "pipeline.yaml"))
-    run = run_local(yaml_path, root, args.out, **params_from_args(args, local=True))
+    run = _run(args, yaml_path, root)
     _print_run(run)
     return 0
 
 
+def _run(args, yaml_path: Path, root: Path):
+    from pipelines.local import run_local
+
+    log_path = root / "pipeline.log"
+    if not args.verbose:
+        print(f"running the pipeline locally; task logs: {log_path}", flush=True)
+    return run_local(
+        yaml_path,
+        root,
+        args.out,
+        log_path=None if args.verbose else log_path,
+        progress=not args.quiet,
+        **params_from_args(args, local=True),
+    )
+
+
 def _print_run(run) -> None:
     m = run.results["metrics"]
+    g, s = m["global"], m["site_mean"]
     print(
-        f"pipeline finished in {run.seconds:.1f} s: global acc {m['global']['acc']:.4f}, "
-        f"bacc {m['global']['bacc']:.4f} (round {m['best_round']})\n"
-        f"run directory: {run.run_dir}\nartifacts (pipeline root): {run.pipeline_root}"
+        f"pipeline finished in {run.seconds:.1f} s (selected round {m['best_round']} of {run.results['rounds']})\n"
+        f"  sites, own test splits (mean): acc {s['acc']:.3f}  bacc {s['bacc']:.3f}  f1 {s['f1']:.3f}\n"
+        f"  global test set ({g['n']} images): acc {g['acc']:.3f}  bacc {g['bacc']:.3f}  ece {g['ece']:.3f}\n"
+        f"run directory: {run.run_dir}  (results.json, plots/accuracy.png, plots/reliability.png)\n"
+        f"task artifacts and logs: {run.pipeline_root}"
     )
     print(f"model: {run.model_uri}" if run.model_uri else "model: not registered (no tracking server)")
 
@@ -148,17 +167,17 @@ def cmd_submit(args) -> int:
 def cmd_demo(args) -> int:
     """The newcomer path: local stack, pipeline on this machine, MLflow run, registered + promoted model."""
     from components.stack import start_stack
-    from pipelines.local import run_local
 
     ports = {k: v for k, v in (("s3_port", args.s3_port), ("mlflow_port", args.mlflow_port)) if v}
     info = start_stack(args.stack_dir, **ports)  # returns the running stack unchanged when it is already up
     print(f"local stack up: MLflow {info.tracking_uri}, S3 {info.s3_endpoint}")
     args.tracking_uri = info.tracking_uri
-    if args.data == "synthetic" and not args.synthetic:
-        args.synthetic = json.dumps(DEMO_SYNTHETIC)
+    if not args.method_option and args.method in DEMO_METHOD_OPTIONS:
+        args.method_option = DEMO_METHOD_OPTIONS[args.method]
+        print(f"demo setting for {args.method}: {' '.join(args.method_option)} (--method-option overrides)")
     root = Path(args.pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-demo-")).resolve()
     yaml_path = _compile(args, str(root / "pipeline.yaml"))
-    run = run_local(yaml_path, root, args.out, **params_from_args(args, local=True))
+    run = _run(args, yaml_path, root)
     _print_run(run)
     print(f"\nMLflow UI:  {info.tracking_uri}\nmodel URI:  {run.model_uri or '(registration failed)'}")
     if run.model_uri and "@" not in run.model_uri:

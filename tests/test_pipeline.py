@@ -159,7 +159,10 @@ def test_compiled_yaml_runs_locally_and_matches_the_engine(small_yaml, tmp_path)
         cache_dir=str(tmp_path / "cache_pipeline"),
         synthetic=json.dumps(SYNTH),
         export_site="",  # the ONNX export has its own tests; it would double this test's time
+        log_path=tmp_path / "pipeline.log",
     )
+    log_text = (tmp_path / "pipeline.log").read_text()  # kfp.local's task streams went to the log
+    assert "Executing task" in log_text and "aggregate" in log_text
     assert run.model_uri == ""  # no tracking server configured: registration skipped cleanly
     cfg = TrainConfig(
         sites=2,
