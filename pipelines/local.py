@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -59,6 +60,11 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
+def _not_kfp_cleanup(record: logging.LogRecord) -> bool:
+    # The one kfp.local message logged after its own handler is gone, so it would reach the console.
+    return not (f"{os.sep}kfp{os.sep}" in record.pathname and record.getMessage().startswith("Cleaned up"))
+
+
 def run_local(
     pipeline_yaml: str | Path,
     pipeline_root: str | Path | None = None,
@@ -103,6 +109,9 @@ def run_local(
                 target=_watch_tasks, args=(root, _task_count(pipeline_yaml), done, progress), daemon=True
             )
             watcher.start()
+            root_logger = logging.getLogger()
+            root_logger.addFilter(_not_kfp_cleanup)
+            stack.callback(root_logger.removeFilter, _not_kfp_cleanup)
         try:
             task = pipeline(**params)
         except RuntimeError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,9 @@ def test_cli_compile(tmp_path):
 
 # ------------------------------------------------------------------------------------------- execution
 @pytest.mark.slow
-def test_compiled_yaml_runs_locally_and_matches_the_engine(small_yaml, tmp_path):
+def test_compiled_yaml_runs_locally_and_matches_the_engine(small_yaml, tmp_path, caplog):
     """~15 kfp.local subprocess tasks (each imports torch): about 1.5 to 2 minutes on 2 cores."""
+    caplog.set_level(logging.INFO)
     from fedmedclip.config import TrainConfig
     from fedmedclip.engine import train
     from pipelines.local import run_local
@@ -163,6 +165,9 @@ def test_compiled_yaml_runs_locally_and_matches_the_engine(small_yaml, tmp_path)
     )
     log_text = (tmp_path / "pipeline.log").read_text()  # kfp.local's task streams went to the log
     assert "Executing task" in log_text and "aggregate" in log_text
+    assert not [
+        r for r in caplog.records if r.getMessage().startswith("Cleaned up workspace")
+    ]  # not on the console
     assert run.model_uri == ""  # no tracking server configured: registration skipped cleanly
     cfg = TrainConfig(
         sites=2,
