@@ -145,45 +145,63 @@ def build_cells(methods, partitions, seeds: list[int]) -> list[Cell]:
     ]
 
 
-def run_grid(base, cells: list[Cell], out: Path, method_options: dict, progress: bool = True) -> list[dict]:
-    """Run every unfinished cell. `base` is a TrainConfig with the shared settings (data, backbone,
-    rounds, cache_dir, ...). Returns one record per cell: its identity and its results.json."""
+def _cell_config(base, cell: Cell, out: Path, method_options: dict, grid_methods: list[str]):
     from dataclasses import replace
 
+    return replace(
+        base,
+        method=cell.method,
+        federation=cell.federation,
+        partition=cell.scheme,
+        alpha=cell.alpha,
+        seed=cell.seed,
+        out=str(cell.directory(out)),
+        method_options=options_for(cell.method, method_options, grid_methods),
+    ).validate()
+
+
+def finished_results(cfg) -> dict | None:
+    """The results of a finished cell (None when unfinished); an error when it was run with other settings,
+    so that a table never mixes configurations."""
+    d = Path(cfg.out)
+    results_path = d / "results.json"
+    if not results_path.exists():
+        return None
+    drop = ("out", "cache_dir")
+    stored = json.loads((d / "config.json").read_text())
+    wanted = json.loads(json.dumps(cfg.to_json()))
+    if {k: v for k, v in stored.items() if k not in drop} != {
+        k: v for k, v in wanted.items() if k not in drop
+    }:
+        raise ConfigError(
+            f"{d} holds a finished run with another configuration than this grid asks for "
+            "(different rounds, backbone, options?): use another --out, or delete that cell to redo it"
+        )
+    return json.loads(results_path.read_text())
+
+
+def run_grid(
+    base, cells: list[Cell], out: Path, method_options: dict, progress: bool = True, report_only: bool = False
+) -> list[dict]:
+    """Run every unfinished cell (`report_only`: skip them). `base` is a TrainConfig with the shared settings
+    (data, backbone, rounds, cache_dir, ...). Returns one record per cell: its identity and its results.json."""
     from tqdm.auto import tqdm
 
     from .engine import train
 
     grid_methods = sorted({c.method for c in cells})
     records = []
-    bar = tqdm(cells, desc="compare", unit="cell", disable=not progress)
+    bar = tqdm(cells, desc="compare", unit="cell", disable=not progress or report_only)
     for cell in bar:
         bar.set_postfix_str(f"{cell.label} {cell.partition} seed{cell.seed}")
-        d = cell.directory(out)
-        cfg = replace(
-            base,
-            method=cell.method,
-            federation=cell.federation,
-            partition=cell.scheme,
-            alpha=cell.alpha,
-            seed=cell.seed,
-            out=str(d),
-            method_options=options_for(cell.method, method_options, grid_methods),
-        ).validate()
-        results_path = d / "results.json"
-        if results_path.exists():
-            stored = json.loads((d / "config.json").read_text())
-            if {k: v for k, v in stored.items() if k not in ("out", "cache_dir")} != {
-                k: v
-                for k, v in json.loads(json.dumps(cfg.to_json())).items()
-                if k not in ("out", "cache_dir")
-            }:
-                raise ConfigError(
-                    f"{d} holds a finished run with another configuration than this grid asks for "
-                    "(different rounds, backbone, options?): use another --out, or delete that cell to redo it"
-                )
-            results = json.loads(results_path.read_text())
-            log.info("cell %s is finished: not rerun", d)
+        cfg = _cell_config(base, cell, out, method_options, grid_methods)
+        d = Path(cfg.out)
+        results = finished_results(cfg)
+        if results is not None:
+            if not report_only:
+                log.info("cell %s is finished: not rerun", d)
+        elif report_only:
+            continue
         else:
             resume = (d / "checkpoint" / "state.json").exists()
             if d.exists() and not resume:
@@ -388,16 +406,11 @@ def cmd_compare(args) -> int:
     )
     out = Path(args.out)
     cells = build_cells(methods, partitions, list(range(args.seeds)))
-    if args.report_only:
-        records = [
-            {**_identity(c), "dir": str(c.directory(out)), "results": json.loads(p.read_text())}
-            for c in cells
-            if (p := c.directory(out) / "results.json").exists()
-        ]
-        if not records:
-            raise ConfigError(f"no finished cell of this grid under {out}")
-    else:
-        records = run_grid(base, cells, out, parse_method_options(args.method_opt), progress=not args.quiet)
+    records = run_grid(
+        base, cells, out, parse_method_options(args.method_opt), not args.quiet, report_only=args.report_only
+    )
+    if not records:
+        raise ConfigError(f"no finished cell of this grid under {out}")
     settings = {
         "data": args.data,
         "backbone": args.backbone,

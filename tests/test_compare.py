@@ -109,3 +109,12 @@ def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch):
     base.rounds = 2
     with pytest.raises(ConfigError, match="another configuration"):
         compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)
+    # --report-only checks the settings too, and runs nothing.
+    with pytest.raises(ConfigError, match="another configuration"):
+        compare.run_grid(base, cells, tmp_path / "g", {}, progress=False, report_only=True)
+    base.rounds = 1
+    calls = []
+    monkeypatch.setattr(engine, "train", lambda cfg, **kw: calls.append(cfg.out))
+    more = cells + compare.build_cells([("zeroshot", "federated")], [("iid", "iid", None)], [1])
+    records = compare.run_grid(base, more, tmp_path / "g", {}, progress=False, report_only=True)
+    assert calls == [] and [r["seed"] for r in records] == [0]  # the unfinished seed 1 is left out
