@@ -309,7 +309,10 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].legend(title="partition", fontsize=8, ncol=len(partitions))
     axes[1].set_xticks(range(len(methods)))
     axes[1].set_xticklabels(methods, rotation=35, ha="right")
-    fig.suptitle("Method comparison: mean ± std over seeds")
+    seeds = max((r["seeds"] for r in rows), default=1)
+    fig.suptitle(
+        f"Method comparison: mean ± std over {seeds} seeds" if seeds > 1 else "Method comparison (one seed)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
