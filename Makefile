@@ -22,7 +22,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The newcomer path: local stack (moto S3 + MLflow in .stack/), the Kubeflow pipeline run on this machine
+# The newcomer path: local stack (moto S3 + MLflow in .stack/), the data put in S3 one prefix per site, the
+# Kubeflow pipeline run on this machine
 # (kfp.local) on synthetic data with the tiny CLIP (or DATA=../shared/datasets/brain-tumor-mri), then the
 # model registered and promoted @champion. Each pipeline task is a process: few rounds keep it short.
 DEMO_ROUNDS ?= 3

@@ -1,4 +1,4 @@
-"""`fedmedclip stack|track|register|promote`: the MLOps sub-commands (entry point `fedmedclip.commands`).
+"""`fedmedclip stack|track|register|promote|data`: the MLOps sub-commands (entry point `fedmedclip.commands`).
 
 Nothing heavy is imported here (no mlflow, boto3): `fedmedclip train` loads this module on every start.
 stdout carries only what scripts capture (run id, version number, export lines); the rest goes to stderr.
@@ -152,7 +152,75 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_data_publish(args) -> int:
+    import json
+
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.errors import ConfigError
+
+    from .site_data import parse_bucket, publish
+    from .stack import DEFAULT_DATA_DIR, read_state
+
+    bucket = parse_bucket(args.to)
+    try:
+        split = tuple(float(x) for x in args.split.split(","))
+        synthetic = json.loads(args.synthetic) if args.synthetic else {}
+    except ValueError as e:
+        raise ConfigError(f"--split must be like 0.8,0.1,0.1 and --synthetic a JSON object ({e})") from None
+    cfg = TrainConfig(
+        data=args.data,
+        partition=args.partition,
+        alpha=args.alpha,
+        sites=args.sites,
+        seed=args.seed,
+        split_ratio=split,
+        reference_fraction=args.reference_fraction,
+        synthetic=synthetic,
+        cache_dir=args.cache_dir,
+    ).validate()
+    if not os.environ.get("AWS_ACCESS_KEY_ID"):
+        # Like `track`: without credentials in the environment, the local stack if one is recorded.
+        info = read_state(os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR)
+        if info is not None:
+            os.environ.update({k: v for k, v in info.env.items() if not k.startswith("MLFLOW_TRACKING")})
+    summary = publish(cfg, bucket, progress=not args.quiet)
+    sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
+    print(
+        f"published {summary['images']} images to s3://{bucket} ({summary['bytes_uploaded'] / 1e6:.1f} MB "
+        f"uploaded; sites {sites}; server {summary['server']})\n"
+        f"run on it: fedmedclip pipeline run --local --data s3://{bucket} --partition {cfg.partition} "
+        f"--seed {cfg.seed}"
+        + (f" --alpha {cfg.alpha}" if cfg.alpha else "")
+        + f" --sites {len(summary['sites'])}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ register
+
+
+def _register_data(subparsers) -> None:
+    p = subparsers.add_parser(
+        "data", help="publish a data set to S3, each site's images under its own prefix"
+    )
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = sub.add_parser(
+        "publish",
+        help="upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)",
+    )
+    d.add_argument("--data", default="synthetic", help="image folder, CSV manifest or 'synthetic'")
+    d.add_argument("--to", default="s3://fedmedclip-data", help="the data bucket (default: %(default)s)")
+    d.add_argument("--partition", default="iid", choices=("iid", "dirichlet", "natural"))
+    d.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration")
+    d.add_argument("--sites", type=int, default=3)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--split", default="0.8,0.1,0.1", help="per-site train,val,test shares")
+    d.add_argument("--reference-fraction", type=float, default=0.1)
+    d.add_argument("--synthetic", default=None, help="JSON arguments of the synthetic generator")
+    d.add_argument("--cache-dir", default=".cache/fedmedclip", help="where synthetic data is generated")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data_publish)
 
 
 def register(subparsers) -> None:
@@ -209,3 +277,4 @@ def register(subparsers) -> None:
     )
     p.add_argument("--tracking-uri", default=None, help=uri_help)
     p.set_defaults(func=cmd_promote)
+    _register_data(subparsers)

@@ -99,18 +99,32 @@ def _method(cfg, shared: dict, meta: dict):
     return build_method(cfg, shared["text_features"], backbone, prep, meta["class_names"]), prep
 
 
-def _pixels(cfg, store, prep):
+def _image_set(cfg, part=None, holder: str | None = None):
+    """The data source; for `s3://BUCKET` data only what this task may see: the catalog (no holder, the
+    prepare task) or the holder's own images, downloaded with the task's credentials."""
+    from components.site_data import catalog_image_set, is_s3, parse_bucket, stage_holder
+    from fedmedclip.engine import load_image_set
+
+    if not is_s3(cfg.data):
+        return load_image_set(cfg)
+    if holder is None:
+        return catalog_image_set(parse_bucket(cfg.data))[0]
+    return stage_holder(cfg, part, holder)
+
+
+def _pixels(cfg, part, holder: str, store, prep):
     """A holder's preprocessed pixels (rows as in its store), for needs_images methods; else None."""
     if prep is None:
         return None
-    from fedmedclip.engine import load_image_set, load_pixels
+    from fedmedclip.engine import load_pixels
 
-    return load_pixels(load_image_set(cfg), store.image_ids, prep, progress=False)
+    return load_pixels(_image_set(cfg, part, holder), store.image_ids, prep, progress=False)
 
 
 # ------------------------------------------------------------------------------------------- steps
 def prepare_step(params: dict, sites: int, rounds: int, site_names: list, partition_dir: str) -> str:
     """Validate the configuration, draw the partition; returns the resolved TrainConfig as JSON."""
+    from components.site_data import catalog_image_set, check_published_partition, is_s3, parse_bucket
     from fedmedclip.config import TrainConfig
     from fedmedclip.engine import load_image_set, partition_for
     from fedmedclip.errors import ConfigError
@@ -126,7 +140,12 @@ def prepare_step(params: dict, sites: int, rounds: int, site_names: list, partit
         raise ConfigError(
             "the pipeline runs federated training; the local/centralized references run in-process"
         )
-    part = partition_for(cfg, load_image_set(cfg))
+    if is_s3(cfg.data):
+        image_set, catalog = catalog_image_set(parse_bucket(cfg.data))
+        part = partition_for(cfg, image_set)
+        check_published_partition(cfg, part, catalog)
+    else:
+        part = partition_for(cfg, load_image_set(cfg))
     if part.site_names != list(site_names):
         # Sites are unrolled at compile time: the graph's site tasks must be the data's sites.
         raise ConfigError(
@@ -139,9 +158,9 @@ def prepare_step(params: dict, sites: int, rounds: int, site_names: list, partit
 
 
 def _extract(cfg, part, holder: str):
-    from fedmedclip.engine import extract_features, holder_image_ids, load_image_set
+    from fedmedclip.engine import extract_features, holder_image_ids
 
-    image_set = load_image_set(cfg)
+    image_set = _image_set(cfg, part, holder)
     backbone, prep = _backbone(cfg)
     # Same function, same holder image order as the engine: identical batches, identical features.
     store = extract_features(
@@ -226,7 +245,7 @@ def site_step(
     store = FeatureStore.load(Path(features_dir))
     shared, meta = _shared(shared_dir)
     method, prep = _method(cfg, shared, meta)
-    data = site_data(part, site, store, shared["reference_x"], _pixels(cfg, store, prep))
+    data = site_data(part, site, store, shared["reference_x"], _pixels(cfg, part, site, store, prep))
     trainer = method.new_site(data, site_index)
     down = Path(payload_path).read_bytes()
 
@@ -279,7 +298,7 @@ def aggregate_step(
     import torch
 
     from fedmedclip.codec import decode_state, encode_state
-    from fedmedclip.engine import _rows, aggregate_round
+    from fedmedclip.engine import SERVER, _rows, aggregate_round
     from fedmedclip.features import FeatureStore
     from fedmedclip.metrics import classification_report, reliability_bins
 
@@ -302,7 +321,7 @@ def aggregate_step(
     module = method.new_global()
     module.load_state_dict(decode_state(payload), strict=False)
     server_store = FeatureStore.load(Path(server_features_dir))
-    gx, gy = _rows(server_store, part.global_test, _pixels(cfg, server_store, prep))
+    gx, gy = _rows(server_store, part.global_test, _pixels(cfg, part, SERVER, server_store, prep))
     probs = method.global_probs(module, gx).numpy()
     history = _read_json(out / "history.json", [])
     history.append(

@@ -25,7 +25,7 @@ from .backbone import Backbone, load_backbone, make_preprocessing
 from .codec import decode_state, encode_state
 from .config import SYNTHETIC, TrainConfig
 from .data import ImageSet, load_image, open_source
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .features import FeatureStore, build_feature_store, canonical_digest
 from .methods import METHODS, Method, MethodContext, SiteData, SiteTrainer
 from .metrics import classification_report, reliability_bins
@@ -40,6 +40,12 @@ SERVER = "server"
 # ---------------------------------------------------------------- preparation
 def load_image_set(cfg: TrainConfig) -> ImageSet:
     """The configured source; `synthetic` is generated once into the cache (deterministic)."""
+    if cfg.data.startswith("s3://"):
+        raise DataError(
+            f"--data {cfg.data}: data published per site to S3 is read by the pipeline's tasks "
+            "(`fedmedclip pipeline run --local --data s3://...`); in-process training reads a local folder, "
+            "a .csv manifest or 'synthetic'"
+        )
     if cfg.data != SYNTHETIC:
         return open_source(cfg.data)
     from . import synthetic

@@ -37,7 +37,11 @@ def _compile_options(p: argparse.ArgumentParser, rounds_default: int = DEFAULT_R
 
 def _pipeline_params(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline parameters")
-    g.add_argument("--data", default="synthetic", help="image folder, CSV manifest or 'synthetic'")
+    g.add_argument(
+        "--data",
+        default="synthetic",
+        help="image folder, CSV manifest, 'synthetic', or s3://BUCKET (published by `fedmedclip data publish`)",
+    )
     g.add_argument("--method", default="fedmedclip")
     g.add_argument("--partition", default="iid", choices=("iid", "dirichlet", "natural"))
     g.add_argument("--alpha", type=float, default=0.0, help="Dirichlet concentration (dirichlet partition)")
@@ -83,7 +87,7 @@ def params_from_args(args, local: bool) -> dict:
     if args.cache_dir or local:
         # Locally the tasks share this machine's cache with `fedmedclip train` (same feature stores).
         params["cache_dir"] = str(Path(args.cache_dir or ".cache/fedmedclip").resolve())
-    if local and args.data != "synthetic":
+    if local and args.data != "synthetic" and not args.data.startswith("s3://"):
         params["data"] = str(Path(args.data).resolve())
     return params
 
@@ -116,9 +120,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _s3_credentials_from_stack(args) -> None:
+    """Local tasks inherit this process's environment: for s3:// data without credentials in it, use the
+    local stack's (in a cluster each task gets its own site's Secret instead)."""
+    import os
+
+    if not args.data.startswith("s3://") or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return
+    from components.stack import DEFAULT_DATA_DIR, read_state
+
+    info = read_state(
+        getattr(args, "stack_dir", None) or os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR
+    )
+    if info is not None:
+        os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
+
+
 def _run(args, yaml_path: Path, root: Path):
     from pipelines.local import run_local
 
+    _s3_credentials_from_stack(args)
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
@@ -172,6 +193,8 @@ def cmd_demo(args) -> int:
     info = start_stack(args.stack_dir, **ports)  # returns the running stack unchanged when it is already up
     print(f"local stack up: MLflow {info.tracking_uri}, S3 {info.s3_endpoint}")
     args.tracking_uri = info.tracking_uri
+    if not args.local_data:
+        args.data = _publish_for_demo(args, info)
     if not args.method_option and args.method in DEMO_METHOD_OPTIONS:
         args.method_option = DEMO_METHOD_OPTIONS[args.method]
         print(f"demo setting for {args.method}: {' '.join(args.method_option)} (--method-option overrides)")
@@ -186,6 +209,38 @@ def cmd_demo(args) -> int:
             f"`fedmedclip promote {args.model_name} --version ... --alias {args.alias} --allow-worse` overrides)"
         )
     return 0
+
+
+def _publish_for_demo(args, info) -> str:
+    """Publish the demo's data to the local stack's S3, one prefix per site, as a hospital deployment holds
+    it; the pipeline then reads s3://BUCKET and each site's tasks download only their own images. One bucket
+    per (source, partition), so re-running the demo reuses it and another data set never collides."""
+    import os
+
+    from components.site_data import partition_settings, publish
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.features import canonical_digest
+
+    data = args.data if args.data == "synthetic" else str(Path(args.data).resolve())
+    cfg = TrainConfig(
+        data=data,
+        partition=args.partition,
+        alpha=args.alpha or None,
+        sites=args.sites,
+        seed=args.seed,
+        synthetic=json.loads(args.synthetic) if args.synthetic else {},
+        cache_dir=str(Path(args.cache_dir or ".cache/fedmedclip").resolve()),
+    ).validate()
+    key = {"data": data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
+    bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
+    os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
+    os.environ["AWS_ENDPOINT_URL_S3"] = info.s3_endpoint
+    summary = publish(cfg, bucket, progress=not args.quiet)
+    per_site = ", ".join(f"{s} {n}" for s, n in summary["sites"].items())
+    print(
+        f"data published to s3://{bucket}: sites/<k>/ per site ({per_site}), server/ {summary['server']} images"
+    )
+    return f"s3://{bucket}"
 
 
 def register(subparsers) -> None:
@@ -230,6 +285,11 @@ def register(subparsers) -> None:
     d.add_argument("--mlflow-port", type=int, default=None, help="MLflow port when the stack starts")
     d.add_argument("--out", default=None, help="copy the run directory here")
     d.add_argument("--pipeline-root", default=None)
+    d.add_argument(
+        "--local-data",
+        action="store_true",
+        help="tasks read --data from this machine's disk instead of from the stack's S3 (one prefix per site)",
+    )
     _compile_options(d)
     _pipeline_params(d)
     d.set_defaults(func=cmd_demo)

@@ -88,7 +88,12 @@ def run_local(
     root.mkdir(parents=True, exist_ok=True)
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
     for key in ("cache_dir", "data"):
-        if key in params and params[key] and params[key] != "synthetic":
+        if (
+            key in params
+            and params[key]
+            and params[key] != "synthetic"
+            and not params[key].startswith("s3://")
+        ):
             params[key] = str(Path(params[key]).resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = components.load_component_from_file(str(pipeline_yaml))

@@ -1,9 +1,10 @@
 """The fedmedclip Kubeflow pipeline: sites and rounds unrolled at compile time, so the graph shows every
 round (one training task per site, then the round's aggregation), and each site's tasks get only that
-site's features and that site's S3 secret.
+site's features and that site's S3 secret. With `data = s3://BUCKET` (published by `fedmedclip data
+publish`), each holder's extraction task downloads only its own prefix with that secret.
 
-    prepare ─┬─ site_k: extract features (GPU, site secret)   ─┐
-             └─ server: extract features + initial module     ─┤
+    prepare (server secret) ─┬─ site_k: extract features (GPU, site secret)   ─┐
+                             └─ server: extract features + initial module     ─┤
     round r:    site_k: train (GPU, site secret)  ×N  ──►  aggregate (server)
     end:        site_k: evaluate last round       ×N  ──►  evaluate (run dir) ──► export (ONNX) ──► register (MLflow)
 """
@@ -21,6 +22,7 @@ DEFAULT_SITES = 3
 DEFAULT_ROUNDS = 3
 DEFAULT_YAML = Path(__file__).with_name("fedmedclip_pipeline.yaml")
 GPU_RESOURCE = "nvidia.com/gpu"
+S3_ENDPOINT_KEYS = {k: k for k in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")}
 
 
 def default_site_names(sites: int) -> list[str]:
@@ -50,16 +52,23 @@ def build_pipeline(
 
     keys = {k: k for k in SECRET_KEYS}
 
+    def s3_endpoint(task):
+        # Where the data bucket is (s3:// data); optional, so a path-data cluster needs no ConfigMap.
+        return kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, S3_ENDPOINT_KEYS, optional=True)
+
     def site_task(task, index: int, accelerate: bool):
-        # Only site k's S3 credentials reach its pods (Secret fedmedclip-site-<k>-s3, infra/training).
+        # Only site k's S3 credentials reach its pods (Secret fedmedclip-site-<k>-s3, infra/training): with
+        # s3:// data they can download sites/<k>/ and nothing else.
         kubernetes.use_secret_as_env(task, secret_name=site_secret_name(index), secret_key_to_env=keys)
+        s3_endpoint(task)
         if accelerate:
             gpu_task(task)
         return task
 
     def server_task(task):
-        # The aggregator's credentials: the server/ prefix only, never a site's.
-        return kubernetes.use_secret_as_env(task, secret_name=SERVER_SECRET_NAME, secret_key_to_env=keys)
+        # The aggregator's credentials: the server/ prefix only (catalog, global test), never a site's.
+        kubernetes.use_secret_as_env(task, secret_name=SERVER_SECRET_NAME, secret_key_to_env=keys)
+        return s3_endpoint(task)
 
     def gpu_task(task):
         if gpu:
@@ -121,6 +130,7 @@ def build_pipeline(
             rounds=rounds,
             site_names=names,
         ).set_display_name("prepare: configuration + partition")
+        server_task(prep)
         cfg, part = prep.outputs["Output"], prep.outputs["partition"]
 
         server = server_task(gpu_task(c.extract_server(config=cfg, partition=part))).set_display_name(

@@ -332,7 +332,7 @@ def test_mlflow_uses_postgres_and_the_versioned_artifact_bucket(index):
 
 def test_pipeline_endpoints_point_at_platform_services(index):
     cm = index[("ConfigMap", _pipeline_namespace(), ENDPOINTS_CONFIGMAP)]["data"]
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         url = urlparse(cm[key])
         service, namespace = url.hostname.split(".")[:2]
         assert url.hostname == f"{service}.{namespace}.svc.cluster.local", key
@@ -340,6 +340,19 @@ def test_pipeline_endpoints_point_at_platform_services(index):
         assert svc is not None, f"{key} points at {service}.{namespace}, which is not defined"
         assert url.port in {p["port"] for p in svc["spec"]["ports"]}, f"{key}: port {url.port}"
     assert cm["FEDMEDCLIP_DATA_BUCKET"] == DATA_BUCKET
+    # Every key the compiled pipeline maps from this ConfigMap into its tasks exists in it.
+    from pipelines.pipeline import DEFAULT_YAML
+
+    platform = list(yaml.safe_load_all(DEFAULT_YAML.read_text()))[1]
+    wanted = {
+        e["configMapKey"]
+        for ex in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+        for m in ex.get("configMapAsEnv", [])
+        if m["configMapName"] == ENDPOINTS_CONFIGMAP
+        for e in m["keyToEnv"]
+    }
+    assert {"AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"} <= wanted
+    assert wanted <= set(cm), wanted - set(cm)
 
 
 def test_placeholders_are_marked(rendered):

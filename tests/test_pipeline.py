@@ -13,7 +13,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("kfp")
 
-from components.sites import SERVER_SECRET_NAME, site_secret_name  # noqa: E402
+from components.sites import ENDPOINTS_CONFIGMAP, SERVER_SECRET_NAME, site_secret_name  # noqa: E402
 from pipelines.pipeline import DEFAULT_ROUNDS, DEFAULT_SITES, DEFAULT_YAML, compile_pipeline  # noqa: E402
 
 SYNTH = {"per_class_per_site": 20, "test_per_class": 10, "size": 64}
@@ -77,10 +77,17 @@ def test_site_tasks_get_only_their_own_secret_and_a_gpu():
         if not name.startswith("site-final"):
             acc = executors[ex]["container"]["resources"]["accelerator"]
             assert acc["resourceType"] == "nvidia.com/gpu" and acc["resourceCount"] == "1", name
-    # The server's tasks hold the server's credentials, never a site's.
+    # The server's tasks (prepare reads server/published.json for s3:// data) hold the server's credentials,
+    # never a site's.
     for name in tasks:
-        if name.startswith(("aggregate", "extract-server")):
+        if name.startswith(("aggregate", "extract-server", "prepare")):
             assert [s["secretName"] for s in k8s[_executor(ir, name)]["secretAsEnv"]] == [SERVER_SECRET_NAME]
+    # Every task that may download from the data bucket finds its endpoint in the (optional) ConfigMap.
+    for name in [*site_tasks, *(n for n in tasks if n.startswith(("aggregate", "extract-server", "prepare")))]:
+        maps = k8s[_executor(ir, name)]["configMapAsEnv"]
+        assert [m["configMapName"] for m in maps] == [ENDPOINTS_CONFIGMAP], name
+        assert {e["envVar"] for e in maps[0]["keyToEnv"]} == {"AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"}
+        assert maps[0]["optional"] is True
 
 
 def test_site_tasks_receive_only_their_own_features_and_state():
