@@ -83,7 +83,10 @@ def test_site_tasks_get_only_their_own_secret_and_a_gpu():
         if name.startswith(("aggregate", "extract-server", "prepare")):
             assert [s["secretName"] for s in k8s[_executor(ir, name)]["secretAsEnv"]] == [SERVER_SECRET_NAME]
     # Every task that may download from the data bucket finds its endpoint in the (optional) ConfigMap.
-    for name in [*site_tasks, *(n for n in tasks if n.startswith(("aggregate", "extract-server", "prepare")))]:
+    for name in [
+        *site_tasks,
+        *(n for n in tasks if n.startswith(("aggregate", "extract-server", "prepare"))),
+    ]:
         maps = k8s[_executor(ir, name)]["configMapAsEnv"]
         assert [m["configMapName"] for m in maps] == [ENDPOINTS_CONFIGMAP], name
         assert {e["envVar"] for e in maps[0]["keyToEnv"]} == {"AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"}
