@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -85,6 +86,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--skip-bad-images", action="store_true", help="skip unreadable images (logged) instead of failing"
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--track",
+        action="store_true",
+        help="log the finished run to MLflow (`fedmedclip track`); on by default when MLFLOW_TRACKING_URI is set",
+    )
+    p.add_argument(
+        "--no-track", action="store_true", help="do not log to MLflow even if MLFLOW_TRACKING_URI is set"
+    )
+    p.add_argument(
+        "--experiment", default="fedmedclip", help="MLflow experiment for --track (default: %(default)s)"
+    )
 
 
 def config_from_args(args) -> TrainConfig:  # noqa: F821 - imported lazily for a fast --help
@@ -144,7 +156,18 @@ def _cmd_train(args) -> int:
     print(
         f"results: {args.out}/results.json\nplots  : {args.out}/plots/accuracy.png, {args.out}/plots/reliability.png"
     )
+    if getattr(args, "track", False) or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track):
+        return _track(args.out, args.experiment)
     return 0
+
+
+def _track(run_dir: str, experiment: str) -> int:
+    """Log the run with the `track` command of the MLOps layer (the core never imports mlflow)."""
+    if "track" not in _command_names():
+        raise FedMedClipError(
+            "--track needs the MLOps layer: install the project with its `pipelines` extra (make install)"
+        )
+    return main(["track", run_dir, "--experiment", experiment])
 
 
 def _cmd_synth(args) -> int:
@@ -232,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError as exc:  # that layer's extra is not installed in this environment
             logging.getLogger(__name__).debug("commands from %s unavailable: %s", ep.name, exc)
     return parser
+
+
+def _command_names() -> set[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
 
 
 def main(argv: list[str] | None = None) -> int:

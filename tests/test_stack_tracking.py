@@ -342,3 +342,33 @@ def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx
         register_model(run_id, "fedmedclip-plain", onnx_path=other, tracking_uri=uri)
     with pytest.raises(TrackingError, match="has no version 99"):
         promote("fedmedclip-plain", 99, tracking_uri=uri)
+
+
+def test_train_cli_logs_the_run_when_a_tracking_server_is_set(mlops_stack, tmp_path, monkeypatch, capsys):
+    """`fedmedclip train` on its own reaches MLflow too (through the `track` command of this layer)."""
+    from mlflow import MlflowClient
+
+    from fedmedclip.cli import main
+
+    data = tmp_path / "data"
+    assert (
+        main(
+            ["synth", str(data), "--sites", "2", "--per-class", "8", "--test-per-class", "4", "--size", "32"]
+        )
+        == 0
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlops_stack.tracking_uri)
+    common = ["--quiet", "train", "--data", str(data / "manifest.csv"), "--sites", "2", "--rounds", "1"]
+    common += ["--cache-dir", str(tmp_path / "c"), "--experiment", "train-cli"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "run")]) == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1]
+    client = MlflowClient(mlops_stack.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.params["method"] == "fedmedclip" and run.info.status == "FINISHED"
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert run.data.metrics[PROMOTION_METRIC] == pytest.approx(results["metrics"]["global"]["bacc"])
+
+    assert main([*common, "--out", str(tmp_path / "run2"), "--no-track"]) == 0
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
