@@ -248,15 +248,21 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
     part = partition_for(cfg, image_set)
     settings = partition_settings(cfg)
     try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError:
-        client.create_bucket(Bucket=bucket)
-        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            # A new bucket is versioned, as the cluster's are: a later upload never loses an earlier one.
+            client.create_bucket(Bucket=bucket)
+            client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     except Exception as exc:
         raise _s3_error(exc, bucket, "") from None
     try:
         existing = client.get_object(Bucket=bucket, Key=SERVER_PREFIX + PUBLISHED)["Body"].read()
-    except ClientError:
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise _s3_error(exc, bucket, SERVER_PREFIX + PUBLISHED) from None
         existing = None
     if existing is not None:
         old = json.loads(existing)
