@@ -146,11 +146,10 @@ def main() -> int:
 def bench_s3(args, work: Path, y: Path, ref: dict, path_phases: dict) -> dict:
     """The same pipeline on data published per site to a local S3 (a fresh task cache, so every holder
     downloads its prefix)."""
-    import os
     import socket
 
     from components.site_data import publish
-    from components.stack import start_stack, stop_stack
+    from components.stack import start_stack, stop_stack, use_stack_s3
     from fedmedclip.config import TrainConfig
     from pipelines.local import run_local
 
@@ -161,8 +160,7 @@ def bench_s3(args, work: Path, y: Path, ref: dict, path_phases: dict) -> dict:
             ports.append(s.getsockname()[1])
     info = start_stack(work / "stack", s3_port=ports[0], mlflow_port=ports[1])
     try:
-        os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
-        os.environ["AWS_ENDPOINT_URL_S3"] = info.s3_endpoint
+        use_stack_s3(info)
         cfg = TrainConfig(sites=args.sites, synthetic=json.loads(args.synthetic), cache_dir=str(work / "c1"))
         t0 = time.perf_counter()
         summary = publish(cfg, "bench-data", progress=False)

@@ -17,7 +17,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _stack_dir_default() -> str:
-    return os.environ.get("FEDMEDCLIP_STACK_DIR", ".stack")
+    from .stack import recorded_stack_dir
+
+    return recorded_stack_dir()
 
 
 def _add_stack_options(p: argparse.ArgumentParser, ports: bool) -> None:
@@ -159,7 +161,7 @@ def cmd_data_publish(args) -> int:
     from fedmedclip.errors import ConfigError
 
     from .site_data import parse_bucket, publish
-    from .stack import DEFAULT_DATA_DIR, read_state
+    from .stack import use_recorded_stack_s3
 
     bucket = parse_bucket(args.to)
     try:
@@ -178,11 +180,7 @@ def cmd_data_publish(args) -> int:
         synthetic=synthetic,
         cache_dir=args.cache_dir,
     ).validate()
-    if not os.environ.get("AWS_ACCESS_KEY_ID"):
-        # Like `track`: without credentials in the environment, the local stack if one is recorded.
-        info = read_state(os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR)
-        if info is not None:
-            os.environ.update({k: v for k, v in info.env.items() if not k.startswith("MLFLOW_TRACKING")})
+    use_recorded_stack_s3()  # like `track`: the local stack when the environment names no S3 credentials
     summary = publish(cfg, bucket, progress=not args.quiet)
     sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
     print(

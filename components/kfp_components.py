@@ -99,16 +99,14 @@ def _method(cfg, shared: dict, meta: dict):
     return build_method(cfg, shared["text_features"], backbone, prep, meta["class_names"]), prep
 
 
-def _image_set(cfg, part=None, holder: str | None = None):
-    """The data source; for `s3://BUCKET` data only what this task may see: the catalog (no holder, the
-    prepare task) or the holder's own images, downloaded with the task's credentials."""
-    from components.site_data import catalog_image_set, is_s3, parse_bucket, stage_holder
+def _image_set(cfg, part, holder: str):
+    """The images of `holder`: the data source, or for `s3://BUCKET` data only the holder's own prefix,
+    downloaded with the task's credentials."""
+    from components.site_data import is_s3, stage_holder
     from fedmedclip.engine import load_image_set
 
     if not is_s3(cfg.data):
         return load_image_set(cfg)
-    if holder is None:
-        return catalog_image_set(parse_bucket(cfg.data))[0]
     return stage_holder(cfg, part, holder)
 
 

@@ -126,15 +126,6 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _etag(client, bucket: str, key: str) -> str | None:
-    from botocore.exceptions import ClientError
-
-    try:
-        return client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    except ClientError:
-        return None
-
-
 def partition_settings(cfg) -> dict:
     d = cfg.to_json()
     d = {k: d[k] for k in PARTITION_KEYS}
@@ -275,17 +266,16 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
             )
 
     by_id = image_set.by_id()
-    holders = [*part.site_names, SERVER]
-    jobs = []
-    for holder in holders:
-        prefix = holder_prefix(part, holder)
-        ids = holder_image_ids(part, holder)
-        for i in ids:
-            jobs.append((by_id[i].path, f"{prefix}images/{i}"))
+    holder_ids = {h: holder_image_ids(part, h) for h in [*part.site_names, SERVER]}
+    prefixes = {h: holder_prefix(part, h) for h in holder_ids}
+    jobs = [(by_id[i].path, f"{prefixes[h]}images/{i}") for h, ids in holder_ids.items() for i in ids]
+    etags = {}  # what is already there: one listing per prefix, not a request per image
+    for prefix in prefixes.values():
+        etags.update(_list_etags(client, bucket, prefix + "images/"))
 
     def put(job) -> int:
         src, key = job
-        local, there = _md5(Path(src)), _etag(client, bucket, key)
+        local, there = _md5(Path(src)), etags.get(key)
         if there == local:
             return 0  # already there (a re-run of the same publish)
         if there is not None:
@@ -304,16 +294,15 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
         )
 
     # Catalogs last, published.json at the very end: a run can start only on a complete publish.
-    for holder in holders:
-        prefix = holder_prefix(part, holder)
-        rows = [[i, by_id[i].label, by_id[i].split] for i in holder_image_ids(part, holder)]
+    for holder, ids in holder_ids.items():
+        rows = [[i, by_id[i].label, by_id[i].split] for i in ids]
         body = {
             "format": CATALOG_FORMAT,
             "holder": holder,
             "class_names": image_set.class_names,
             "records": rows,
         }
-        client.put_object(Bucket=bucket, Key=prefix + CATALOG, Body=json.dumps(body).encode())
+        client.put_object(Bucket=bucket, Key=prefixes[holder] + CATALOG, Body=json.dumps(body).encode())
     catalog = {
         "format": CATALOG_FORMAT,
         "source": cfg.data,
@@ -322,15 +311,15 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
         "partition_settings": settings,
         "partition_digest": part.digest,
         "image_list": _image_list_digest(image_set),
-        "site_prefixes": {s: holder_prefix(part, s) for s in part.site_names},
+        "site_prefixes": {s: prefixes[s] for s in part.site_names},
     }
     client.put_object(Bucket=bucket, Key=SERVER_PREFIX + PUBLISHED, Body=json.dumps(catalog).encode())
     return {
         "bucket": bucket,
         "images": len(jobs),
         "bytes_uploaded": sent,
-        "sites": {s: len(holder_image_ids(part, s)) for s in part.site_names},
-        "server": len(holder_image_ids(part, SERVER)),
+        "sites": {s: len(holder_ids[s]) for s in part.site_names},
+        "server": len(holder_ids[SERVER]),
         "partition_digest": part.digest,
     }
 

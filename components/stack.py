@@ -193,6 +193,27 @@ def _state_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / STATE_FILE
 
 
+def recorded_stack_dir() -> str:
+    """Where commands look for a running local stack: $FEDMEDCLIP_STACK_DIR, else .stack."""
+    return os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR
+
+
+def use_stack_s3(info: StackInfo) -> None:
+    """Point this process, and the task processes it starts, at the stack's S3 (credentials and endpoint).
+    The tracking URI is left alone: each command chooses it explicitly."""
+    os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
+    os.environ["AWS_ENDPOINT_URL_S3"] = info.s3_endpoint
+
+
+def use_recorded_stack_s3(stack_dir: str | Path | None = None) -> None:
+    """Without S3 credentials in the environment, those of the recorded local stack, if there is one."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return
+    info = read_state(stack_dir or recorded_stack_dir())
+    if info is not None:
+        use_stack_s3(info)
+
+
 def read_state(data_dir: str | Path) -> StackInfo | None:
     path = _state_path(data_dir)
     if not path.exists():

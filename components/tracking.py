@@ -215,9 +215,9 @@ def resolve_tracking_uri(tracking_uri: str | None = None, stack_dir: str | Path 
         return tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from .stack import DEFAULT_DATA_DIR, read_state
+    from .stack import read_state, recorded_stack_dir
 
-    stack_dir = stack_dir or os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR
+    stack_dir = stack_dir or recorded_stack_dir()
     info = read_state(stack_dir)
     if info is not None:
         return info.tracking_uri

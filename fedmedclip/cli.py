@@ -156,7 +156,7 @@ def _cmd_train(args) -> int:
     print(
         f"results: {args.out}/results.json\nplots  : {args.out}/plots/accuracy.png, {args.out}/plots/reliability.png"
     )
-    if getattr(args, "track", False) or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track):
+    if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track):
         return _track(args.out, args.experiment)
     return 0
 

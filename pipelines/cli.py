@@ -123,17 +123,10 @@ def cmd_run(args) -> int:
 def _s3_credentials_from_stack(args) -> None:
     """Local tasks inherit this process's environment: for s3:// data without credentials in it, use the
     local stack's (in a cluster each task gets its own site's Secret instead)."""
-    import os
+    if args.data.startswith("s3://"):
+        from components.stack import use_recorded_stack_s3
 
-    if not args.data.startswith("s3://") or os.environ.get("AWS_ACCESS_KEY_ID"):
-        return
-    from components.stack import DEFAULT_DATA_DIR, read_state
-
-    info = read_state(
-        getattr(args, "stack_dir", None) or os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR
-    )
-    if info is not None:
-        os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
+        use_recorded_stack_s3(getattr(args, "stack_dir", None))
 
 
 def _run(args, yaml_path: Path, root: Path):
@@ -215,9 +208,8 @@ def _publish_for_demo(args, info) -> str:
     """Publish the demo's data to the local stack's S3, one prefix per site, as a hospital deployment holds
     it; the pipeline then reads s3://BUCKET and each site's tasks download only their own images. One bucket
     per (source, partition), so re-running the demo reuses it and another data set never collides."""
-    import os
-
     from components.site_data import partition_settings, publish
+    from components.stack import use_stack_s3
     from fedmedclip.config import TrainConfig
     from fedmedclip.features import canonical_digest
 
@@ -233,8 +225,7 @@ def _publish_for_demo(args, info) -> str:
     ).validate()
     key = {"data": data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
     bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
-    os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
-    os.environ["AWS_ENDPOINT_URL_S3"] = info.s3_endpoint
+    use_stack_s3(info)
     summary = publish(cfg, bucket, progress=not args.quiet)
     per_site = ", ".join(f"{s} {n}" for s, n in summary["sites"].items())
     print(
