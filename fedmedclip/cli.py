@@ -14,78 +14,13 @@ from importlib.metadata import entry_points
 from .errors import FedMedClipError
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .codec import CODECS
-    from .config import TrainConfig
-    from .partition import SCHEMES
+def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
+    from .flags import add_config_arguments
 
-    d = TrainConfig()
-    p.add_argument(
-        "--data",
-        default=d.data,
-        help="image-folder root (<root>/<split>/<class>/*), a CSV manifest "
-        "(path,label[,site][,split]), or 'synthetic' (default: %(default)s)",
-    )
-    p.add_argument(
-        "--method",
-        default=d.method,
-        help="fedmedclip | facmic | fedclip | zeroshot | fedavg | fedprox | moon | fedfocal (default: %(default)s)",
-    )
-    p.add_argument(
-        "--federation",
-        default=d.federation,
-        choices=("federated", "local", "centralized"),
-        help="federated (default), local (each site alone, nothing shared) or centralized (all training "
-        "data pooled in one holder): the lower and upper references for any method",
-    )
-    p.add_argument("--partition", default=d.partition, choices=SCHEMES)
-    p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (smaller = more skew)")
-    p.add_argument("--sites", type=int, default=d.sites)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument(
-        "--backbone",
-        default=d.backbone,
-        help="tiny | random-vit-b32 | random-vit-b16 | a local CLIP "
-        "directory | a Hugging Face id already cached (never downloaded)",
-    )
-    p.add_argument(
-        "--preprocessing",
-        default=None,
-        choices=("clip", "squash"),
-        help="default: the method's reference recipe (fedmedclip: squash, facmic: clip)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="run directory (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--codec", default=d.codec, choices=CODECS, help="how module updates travel")
-    p.add_argument(
-        "--split", default="0.8,0.1,0.1", help="per-site train,val,test shares (default: %(default)s)"
-    )
-    p.add_argument(
-        "--reference-fraction",
-        type=float,
-        default=d.reference_fraction,
-        help="share of the training pool held out as the unlabelled reference set (FACMIC)",
-    )
-    p.add_argument(
-        "--transductive",
-        action="store_true",
-        help="FACMIC: adapt toward the global test images (reference code; only to match the paper)",
-    )
-    p.add_argument(
-        "--method-opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method option, e.g. lr_fam=5e-4 or local_steps=50 (repeatable)",
-    )
-    p.add_argument(
-        "--cache-dir", default=d.cache_dir, help="feature stores and synthetic data (default: %(default)s)"
-    )
-    p.add_argument(
-        "--skip-bad-images", action="store_true", help="skip unreadable images (logged) instead of failing"
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    # The federation runtime runs federated training only, and always resumes what its state holds.
+    add_config_arguments(p, exclude=("federation",) if runtime else ())
+    if not runtime:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument(
         "--track",
         action="store_true",
@@ -99,46 +34,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args) -> TrainConfig:  # noqa: F821 - imported lazily for a fast --help
-    from .config import TrainConfig, parse_method_options
-    from .errors import ConfigError
+def config_from_args(args):
+    from .flags import config_from_args as from_flags
 
-    try:
-        split = tuple(float(x) for x in args.split.split(","))
-    except ValueError:
-        raise ConfigError(f"--split {args.split!r} must be three numbers like 0.8,0.1,0.1") from None
-    return TrainConfig(
-        data=args.data,
-        method=args.method,
-        federation=args.federation,
-        partition=args.partition,
-        alpha=args.alpha,
-        sites=args.sites,
-        rounds=args.rounds,
-        backbone=args.backbone,
-        preprocessing=args.preprocessing,
-        seed=args.seed,
-        out=args.out,
-        batch_size=args.batch_size,
-        codec=args.codec,
-        split_ratio=split,
-        reference_fraction=args.reference_fraction,
-        transductive=args.transductive,
-        method_options=parse_method_options(args.method_opt),
-        cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
-    ).validate()
+    return from_flags(args)
 
 
-def _cmd_train(args) -> int:
-    from .engine import train
-
-    results = train(config_from_args(args), resume=args.resume, progress=not args.quiet)
+def print_summary(results: dict, out: str) -> None:
+    """What a person reads at the end of a run: the selected round and how, metrics, traffic, time."""
     m = results["metrics"]
     g = m["global"]
     print(
         f"\n{results['method']} on {results['sites']} sites, {results['rounds']} rounds "
-        f"(selected round {m['best_round']} by mean site validation accuracy)"
+        f"(selected round {m['best_round']}: {m['selection']})"
     )
     print(
         f"  global test : acc {g['acc']:.3f}  bacc {g['bacc']:.3f}  f1 {g['f1']:.3f}  ece {g['ece']:.3f}  (n={g['n']})"
@@ -150,15 +58,165 @@ def _cmd_train(args) -> int:
             )
     c, t = results["comm"], results["timing"]
     print(
-        f"  comm        : {c['bytes_up_per_site_per_round'] / 1e3:.1f} kB up per site per round ({c['codec']})"
+        f"  comm        : {c['bytes_up_per_site_per_round'] / 1e3:.1f} kB up ({c['codec_up']}), "
+        f"{c['bytes_down_per_site_per_round'] / 1e3:.1f} kB down ({c['codec_down']}) per site per round"
     )
     print(f"  time        : {t['seconds_per_round']:.2f} s per round, features {t['feature_seconds']:.1f} s")
-    print(
-        f"results: {args.out}/results.json\nplots  : {args.out}/plots/accuracy.png, {args.out}/plots/reliability.png"
-    )
+    print(f"results: {out}/results.json\nplots  : {out}/plots/accuracy.png, {out}/plots/reliability.png")
+
+
+def _cmd_train(args) -> int:
+    from .engine import train
+
+    results = train(config_from_args(args), resume=args.resume, progress=not args.quiet)
+    print_summary(results, args.out)
     if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track):
         return _track(args.out, args.experiment)
     return 0
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mailbox",
+        required=True,
+        help="where the parties exchange modules: s3://BUCKET[/PREFIX] or a local directory shared by all parties",
+    )
+    p.add_argument("--run-id", required=True, help="the run's name in the mailbox (letters, digits, ._-)")
+    p.add_argument(
+        "--state",
+        default=None,
+        help="where this party keeps its private state and checkpoints: a directory or s3://BUCKET/PREFIX "
+        "(default: the server's area of the mailbox; a site: .fedmedclip-state/RUN_ID/SITE on its own disk)",
+    )
+
+
+def _cmd_server_run(args) -> int:
+    from .federation.runner import run_server
+    from .federation.server import ServerOptions
+
+    options = ServerOptions(
+        quorum=args.quorum,
+        round_timeout=args.round_timeout,
+        join_timeout=args.join_timeout,
+        norm_factor=args.norm_factor,
+        stall_every=args.stall_every,
+    )
+    cfg = config_from_args(args)
+    observer = (
+        _observer(args, cfg)
+        if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track)
+        else None
+    )
+    results = run_server(
+        cfg, args.mailbox, args.run_id, args.out, args.state, options, observer, not args.quiet
+    )
+    print_summary(results, args.out)
+    return 0
+
+
+def _observer(args, cfg):
+    """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed."""
+    for ep in entry_points(group="fedmedclip.observers"):
+        if ep.name == "mlflow":
+            return ep.load()(cfg=cfg, run_id=args.run_id, experiment=args.experiment)
+    raise FedMedClipError("--track needs the MLOps layer: install the project with its `pipelines` extra")
+
+
+def _cmd_site_run(args) -> int:
+    from .federation.runner import run_site
+
+    run_site(
+        args.mailbox,
+        args.run_id,
+        args.site,
+        data=args.data,
+        cache_dir=args.cache_dir,
+        state_url=args.state,
+        threads=args.threads,
+        join_timeout=args.join_timeout,
+        silence_timeout=args.silence_timeout,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def _add_runtime_commands(sub) -> None:
+    from .config import TrainConfig
+
+    server = sub.add_parser(
+        "server", help="the federation's aggregator, as a long-lived process"
+    ).add_subparsers(dest="server_command", metavar="COMMAND", required=True)
+    p = server.add_parser(
+        "run",
+        help="aggregate a federated run through a mailbox (S3 or a directory); restart with the same arguments "
+        "to continue it",
+    )
+    _add_runtime_args(p)
+    _add_train_args(p, runtime=True)
+    p.add_argument(
+        "--quorum",
+        type=int,
+        default=None,
+        help="minimum sites per round once a round times out (default: every site)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a round waits for updates (default: %(default)s)",
+    )
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds round 1 waits, while the sites encode their images (default: %(default)s)",
+    )
+    p.add_argument(
+        "--norm-factor",
+        type=float,
+        default=10.0,
+        help="reject an update farther from the global module than this times the median of the round's "
+        "others; 0 disables (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stall-every",
+        type=float,
+        default=30.0,
+        help="seconds between 'waiting for' lines (default: %(default)s)",
+    )
+    p.set_defaults(func=_cmd_server_run)
+
+    site = sub.add_parser("site", help="a hospital's worker, as a long-lived process").add_subparsers(
+        dest="site_command", metavar="COMMAND", required=True
+    )
+    p = site.add_parser(
+        "run",
+        help="join a federated run as one site: reads only this site's data, sends only module updates; restart "
+        "with the same arguments to continue",
+    )
+    _add_runtime_args(p)
+    d = TrainConfig()
+    p.add_argument(
+        "--site", required=True, help="this site's name in the run (as the server's partition names it)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="this site's images: s3://BUCKET (its own prefix, its own credentials) or a local source "
+        "(default: the run's --data)",
+    )
+    p.add_argument("--cache-dir", default=d.cache_dir, help="feature stores (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="torch threads for training (default: %(default)s)"
+    )
+    p.add_argument("--join-timeout", type=float, default=3600.0, help="seconds to wait for the run to appear")
+    p.add_argument(
+        "--silence-timeout",
+        type=float,
+        default=float("inf"),
+        help="give up after this many seconds without a new global module (default: never)",
+    )
+    p.set_defaults(func=_cmd_site_run)
 
 
 def _track(run_dir: str, experiment: str) -> int:
@@ -217,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="federated training on cached CLIP features, in one process")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
+
+    _add_runtime_commands(sub)
 
     p = sub.add_parser("synth", help="write the synthetic multi-site scan set (PNGs + manifest.csv)")
     p.add_argument("out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -11,17 +12,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def plot_accuracy(history: list[dict], path: Path, title: str = "") -> None:
+def _nan(values) -> list[float]:
+    """Rounds where a site was absent (or no site has a validation split) have None: drawn as gaps."""
+    return [float("nan") if v is None else v for v in values]
+
+
+def _save(fig, path: Path) -> None:
+    """Written to a temporary file and renamed, like every final file of a run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_accuracy(history: list[dict], path: Path, title: str = "", selected: int | None = None) -> None:
+    """Accuracy per round: global test, each site's own test, the mean site validation, the selected round."""
     rounds = [r["round"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(rounds, [r["global"]["acc"] for r in history], "k-o", ms=3, lw=2, label="global test")
     for i, site in enumerate(history[0]["sites"]):
-        ys = [r["sites"][i]["acc"] for r in history]
+        ys = _nan(r["sites"][i]["acc"] for r in history)
         ax.plot(rounds, ys, "-", lw=1, alpha=0.8, label=f"{site['site']} local test")
-    val = [r["val_acc_mean"] for r in history]
-    ax.plot(rounds, val, "--", color="grey", lw=1, label="mean site validation")
-    selected = rounds[max(range(len(val)), key=lambda i: (val[i], -i))]  # first best, as the engine selects
-    ax.axvline(selected, color="tab:red", lw=1, ls=":", label=f"selected round {selected}")
+    val = _nan(r["val_acc_mean"] for r in history)
+    if any(v == v for v in val):
+        ax.plot(rounds, val, "--", color="grey", lw=1, label="mean site validation")
+    if selected is not None:
+        ax.axvline(selected, color="tab:red", lw=1, ls=":", label=f"selected round {selected}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
@@ -30,8 +48,7 @@ def plot_accuracy(history: list[dict], path: Path, title: str = "") -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_reliability(bins: dict, path: Path, title: str = "") -> None:
@@ -52,5 +69,4 @@ def plot_reliability(bins: dict, path: Path, title: str = "") -> None:
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -1,0 +1,164 @@
+"""A party's checkpoints in an object store, with an integrity digest, and a fallback to the previous one.
+
+Two slots, `a/` and `b/`, alternate: a save goes to the slot that does not hold the newest checkpoint, tensors
+first and `state.json` last. `state.json` carries a sequence number, the sha256 of the tensors object and a
+digest over itself, so a truncated, zero-byte, missing or edited file (a round number changed by hand, a history
+cut short) is detected and the other slot, one save older, is used instead. Non-finite tensors are refused when
+saving and when loading. Nothing is listed: the two keys of each slot are fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..features import canonical_digest
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SLOTS = ("a", "b")
+
+
+def _walk_tensors(obj: Any, path: str = ""):
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk_tensors(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk_tensors(v, f"{path}[{i}]")
+
+
+def non_finite(obj: Any) -> str | None:
+    """The name of the first float tensor (nested dicts/lists) holding NaN or Inf, else None."""
+    for name, t in _walk_tensors(obj):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name or "tensor"
+    return None
+
+
+def _json_finite(obj: Any, path: str = "") -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "value"
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = _json_finite(v, f"{path}.{k}" if path else str(k))
+            if bad:
+                return bad
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            bad = _json_finite(v, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+class CheckpointStore:
+    def __init__(self, store: ObjectStore, party: str):
+        self.store, self.party = store, party
+
+    def _read(self, slot: str) -> tuple[int, dict, Any]:
+        """(seq, body, tensors) of a slot, or CheckpointError saying what is wrong with it."""
+        raw = self.store.get(f"{slot}/state.json")
+        if raw is None:
+            raise CheckpointError("missing state.json")
+        try:
+            state = json.loads(raw)
+            body, seq, want = state["body"], int(state["seq"]), state["tensors_sha256"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"unreadable state.json ({type(exc).__name__})") from None
+        if state.get("format") != FORMAT or state.get("digest") != canonical_digest(
+            {k: v for k, v in state.items() if k != "digest"}
+        ):
+            raise CheckpointError("state.json does not match its digest (edited or damaged)")
+        blob = self.store.get(f"{slot}/tensors.pt")
+        if blob is None:
+            raise CheckpointError("missing tensors.pt")
+        if hashlib.sha256(blob).hexdigest() != want:
+            raise CheckpointError(
+                f"tensors.pt does not match its sha256 ({len(blob)} bytes: truncated or damaged)"
+            )
+        try:
+            tensors = torch.load(io.BytesIO(blob), weights_only=True)
+        except Exception as exc:  # the digest matched, so this is a bug, not damage; say so plainly
+            raise CheckpointError(f"tensors.pt cannot be loaded: {type(exc).__name__}: {exc}") from None
+        bad = non_finite(tensors)
+        if bad:
+            raise CheckpointError(f"tensor {bad} holds NaN or Inf")
+        return seq, body, tensors
+
+    def load(self) -> tuple[int, dict, Any] | None:
+        """The newest intact checkpoint as (seq, body, tensors); None when there is none at all. A damaged
+        newest slot falls back to the other with a warning; when every existing slot is damaged, an error."""
+        found, problems = [], []
+        for slot in SLOTS:
+            if self.store.get(f"{slot}/state.json") is None and self.store.get(f"{slot}/tensors.pt") is None:
+                continue
+            try:
+                found.append(self._read(slot))
+            except CheckpointError as exc:
+                problems.append(f"{self.store.where(slot)}: {exc}")
+        if not found:
+            if problems:
+                raise CheckpointError(
+                    f"{self.party}: no intact checkpoint to resume from:\n  " + "\n  ".join(problems)
+                )
+            return None
+        best = max(found, key=lambda f: f[0])
+        if problems:
+            log.warning(
+                "%s: ignoring a damaged checkpoint (%s); resuming from save #%d",
+                self.party,
+                problems[0],
+                best[0],
+            )
+        return best
+
+    def save(self, body: dict, tensors: Any) -> int:
+        """Write a new checkpoint into the older slot; returns its sequence number."""
+        bad = non_finite(tensors) or _json_finite(body)
+        if bad:
+            raise CheckpointError(f"{self.party}: refusing to checkpoint non-finite state ({bad})")
+        seqs = {}
+        for slot in SLOTS:
+            try:
+                seqs[slot] = self._read_seq(slot)
+            except CheckpointError:
+                seqs[slot] = -1
+        target = min(SLOTS, key=lambda s: seqs[s])
+        seq = max(seqs.values()) + 1
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        blob = buf.getvalue()
+        state = {"format": FORMAT, "party": self.party, "seq": seq, "body": body}
+        state["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+        state["digest"] = canonical_digest(state)
+        self.store.put(f"{target}/tensors.pt", blob)
+        self.store.put(f"{target}/state.json", json.dumps(state, allow_nan=False).encode())
+        self._seq_cache = {target: seq, **{s: v for s, v in seqs.items() if s != target}}
+        return seq
+
+    def _read_seq(self, slot: str) -> int:
+        cache = getattr(self, "_seq_cache", None)
+        if cache is not None and slot in cache:
+            return cache[slot]
+        raw = self.store.get(f"{slot}/state.json")
+        if raw is None:
+            raise CheckpointError("missing")
+        try:
+            state = json.loads(raw)
+            if state.get("digest") != canonical_digest({k: v for k, v in state.items() if k != "digest"}):
+                raise CheckpointError("damaged")
+            return int(state["seq"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError("damaged") from None

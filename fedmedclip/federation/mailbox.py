@@ -1,0 +1,142 @@
+"""The mailbox: the key layout of one federated run in an object store (docs/contracts.md, "Federation
+runtime: the mailbox"), typed reads and writes, and polling with backoff.
+
+Every key is computable from the run id, the round and the site name, so no party ever lists a prefix and
+each role's storage policy can name exactly the keys it may touch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+
+from ..errors import ConfigError, FedMedClipError
+from .storage import ObjectStore
+
+SERVER = "server"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ProtocolError(FedMedClipError):
+    """A party broke the protocol (a malformed object, another run's object, a refused setting)."""
+
+
+def check_name(kind: str, name: str) -> str:
+    """Run ids and site names become key segments: letters, digits and ._- only."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == SERVER and kind == "site name":
+        raise ConfigError(
+            f"invalid {kind} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+            f"or digit{' (and not ' + repr(SERVER) + ')' if kind == 'site name' else ''}"
+        )
+    return name
+
+
+def _finite_json(obj) -> bytes:
+    # allow_nan=False: a NaN metric is a bug upstream and must not become a readable "NaN" token.
+    return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+
+
+class Mailbox:
+    """One run's keys in `store`. Round r's global module is the one *after* round r (r = 0: initial)."""
+
+    def __init__(self, store: ObjectStore, run_id: str):
+        self.store, self.run_id = store, check_name("run id", run_id)
+        self.root = f"runs/{run_id}"
+
+    # -- keys
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.root}/manifest.json"
+
+    @property
+    def shared_key(self) -> str:
+        return f"{self.root}/shared.safetensors"
+
+    def global_key(self, r: int) -> str:
+        return f"{self.root}/rounds/{r:04d}/global.bin"
+
+    def update_key(self, r: int, site: str) -> str:
+        return f"{self.root}/rounds/{r:04d}/updates/{site}.bin"
+
+    def report_key(self, r: int, site: str) -> str:
+        return f"{self.root}/rounds/{r:04d}/reports/{site}.json"
+
+    def status_key(self, party: str) -> str:
+        return f"{self.root}/status/{party}.json"
+
+    def server_private(self) -> ObjectStore:
+        """The server's own area of the run (its checkpoints); no site may read it."""
+        return self.store.sub(f"{self.root}/server")
+
+    def where(self, key: str) -> str:
+        return self.store.where(key)
+
+    # -- typed access
+    def put_json(self, key: str, obj) -> None:
+        self.store.put(key, _finite_json(obj))
+
+    def get_json(self, key: str, who: str = "") -> dict | None:
+        raw = self.store.get(key)
+        if raw is None:
+            return None
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise ProtocolError(
+                f"{self.where(key)}{' from ' + who if who else ''} is not valid JSON: {exc}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{self.where(key)}{' from ' + who if who else ''} is not a JSON object")
+        return obj
+
+    def put_status(self, party: str, state: str, round_index: int, message: str = "", **extra) -> None:
+        self.put_json(
+            self.status_key(party),
+            {
+                "party": party,
+                "state": state,
+                "round": round_index,
+                "message": message,
+                "time": time.time(),
+                **extra,
+            },
+        )
+
+    def status(self, party: str) -> dict | None:
+        try:
+            return self.get_json(self.status_key(party), party)
+        except ProtocolError:
+            return None
+
+
+class Poller:
+    """Backoff between polls: from `first` seconds, x1.5 each time, capped at `cap` (reset after progress)."""
+
+    def __init__(self, first: float = 0.02, cap: float = 0.25):
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def sleep(self, until: float = math.inf) -> None:
+        time.sleep(max(0.0, min(self.delay, until - time.monotonic())))
+        self.delay = min(self.cap, self.delay * 1.5)
+
+
+def wait_until(
+    ready: Callable[[], object], what: str, timeout: float = math.inf, poller: Poller | None = None
+) -> object:
+    """Poll `ready()` until it returns something other than None/False; TimeoutError after `timeout` s."""
+    poller = poller or Poller()
+    deadline = time.monotonic() + timeout
+    while True:
+        got = ready()
+        if got is not None and got is not False:
+            return got
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        poller.sleep(deadline)

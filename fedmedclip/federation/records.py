@@ -1,0 +1,268 @@
+"""What a round leaves behind, written once for every runtime: the round record (results.json's `history`),
+best-round selection, results.json itself, and the model directory. The in-process simulator
+(`fedmedclip train`), the mailbox server (`fedmedclip server run`) and the Kubeflow pipeline all call these.
+
+Reports are computed where the data is: the server evaluates the global module on the global test set; each
+site evaluates its own predictor (with the round's global module loaded) on its own validation and test splits
+and sends only the metrics. Selection reads validation metrics only, never a test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..metrics import classification_report, reliability_bins
+
+SELECTION_BEST_VAL = "best client-mean validation accuracy"
+SELECTION_LAST = "last round (no site has a validation split)"
+SUMMARY_KEYS = ("acc", "bacc", "f1", "ece")
+
+
+# ---------------------------------------------------------------- files
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a final file so that a reader (or a crash) never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=indent, allow_nan=False).encode())
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
+
+
+# ---------------------------------------------------------------- reports
+def _clean(report: dict | None) -> dict | None:
+    """JSON-safe: a metric that is undefined (no sample of any class) becomes None, never NaN."""
+    if report is None:
+        return None
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+
+
+def evaluate_global(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The server's report of a round: metrics and reliability bins on the global test set."""
+    p, y = probs.numpy(), labels.numpy()
+    return {"report": _clean(classification_report(p, y)), "reliability": reliability_bins(p, y)}
+
+
+def evaluate_site(trainer, data) -> dict:
+    """A site's report of a round: its own predictor on its own validation and test splits (metrics only)."""
+
+    def report(x, y):
+        return _clean(classification_report(trainer.probs(x).numpy(), y.numpy())) if len(y) else None
+
+    return {"val": report(data.val_x, data.val_y), "test": report(data.test_x, data.test_y)}
+
+
+def check_site_report(report: dict) -> str | None:
+    """Why a site's report (JSON from another party) cannot be used, or None."""
+    for split in ("val", "test"):
+        rep = report.get(split)
+        if rep is None:
+            continue
+        if not isinstance(rep, dict):
+            return f"{split} is not an object"
+        for k in SUMMARY_KEYS:
+            v = rep.get(k)
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                return f"{split}.{k} = {v!r} is not a number in [0, 1]"
+        if not isinstance(rep.get("n"), int) or rep["n"] < 0:
+            return f"{split}.n is not a sample count"
+    return None
+
+
+# ---------------------------------------------------------------- the round record
+def round_record(
+    r: int,
+    global_report: dict,
+    site_names: list[str],
+    site_reports: dict[str, dict | None],
+    present: list[str],
+    losses: dict[str, float],
+    bytes_up: dict[str, int],
+    bytes_down: dict[str, int],
+    seconds: float,
+    rejected: dict[str, str] | None = None,
+) -> dict:
+    """One entry of results.json's `history`. Sites absent from the round (or without a report) have None
+    metrics; `val_acc_mean` averages the validation accuracy of the sites that have a validation split,
+    and is None when none has."""
+    rows = []
+    for name in site_names:
+        rep = site_reports.get(name) or {}
+        test, val = rep.get("test"), rep.get("val")
+        rows.append(
+            {
+                "site": name,
+                "acc": test["acc"] if test else None,
+                "bacc": test["bacc"] if test else None,
+                "val_acc": val["acc"] if val else None,
+            }
+        )
+    val = [row["val_acc"] for row in rows if row["val_acc"] is not None]
+    present_losses = [losses[s] for s in present if s in losses]
+    return {
+        "round": r,
+        "global": {k: global_report["report"][k] for k in ("acc", "bacc")},
+        "sites": rows,
+        "sites_present": list(present),
+        "rejected": dict(rejected or {}),
+        "val_acc_mean": float(np.mean(val)) if val else None,
+        "validation_sites": [row["site"] for row in rows if row["val_acc"] is not None],
+        "train_loss": float(np.mean(present_losses)) if present_losses else None,
+        "bytes_up": [bytes_up.get(s) for s in site_names],
+        "bytes_down": [bytes_down.get(s) for s in site_names],
+        "seconds": float(seconds),
+    }
+
+
+def is_better(record: dict, best_val: float | None) -> bool:
+    """Selection by the first maximum of the client-mean validation accuracy; a round without validation
+    metrics is never selected by it (the run then selects its last round)."""
+    v = record.get("val_acc_mean")
+    return v is not None and (best_val is None or v > best_val)
+
+
+def selection_of(history: list[dict], best_round: int | None) -> tuple[int, str]:
+    """The selected round and how it was selected. `best_round` is the running best by validation."""
+    if best_round is None:
+        return history[-1]["round"], SELECTION_LAST
+    return best_round, SELECTION_BEST_VAL
+
+
+def _site_mean(rows: list[dict]) -> dict:
+    valid = [r for r in rows if r.get("n")]
+    out = {}
+    for k in SUMMARY_KEYS:
+        vals = [r[k] for r in valid if r.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def site_rows(site_names: list[str], site_reports: dict[str, dict | None]) -> dict:
+    rows = [{"site": n, **((site_reports.get(n) or {}).get("test") or {"n": 0})} for n in site_names]
+    return {"sites": rows, "site_mean": _site_mean(rows)}
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def build_results(
+    *,
+    cfg,
+    partition,
+    backbone: dict,
+    preprocessing: dict,
+    method_options: dict,
+    history: list[dict],
+    reports: dict[int, dict],
+    best_round: int | None,
+    timing: dict,
+    features: dict,
+    extra: dict | None = None,
+) -> dict:
+    """results.json (docs/contracts.md). `reports[r]` = {"global": evaluate_global(...), "sites": {name:
+    evaluate_site(...) or None}} for every round r of `history`."""
+    selected, how = selection_of(history, best_round)
+    last = history[-1]["round"]
+    names = partition.site_names
+    ups = [b for rec in history for b in rec["bytes_up"] if b is not None]
+    downs = [b for rec in history for b in rec["bytes_down"] if b is not None]
+    results = {
+        "method": cfg.method,
+        "federation": cfg.federation,
+        "partition": {
+            "scheme": cfg.partition,
+            "alpha": cfg.alpha,
+            "seed": cfg.seed,
+            "digest": partition.digest,
+        },
+        "sites": len(names),
+        "site_names": names,
+        "rounds": cfg.rounds,
+        "backbone": backbone,
+        "preprocessing": preprocessing,
+        "method_options": method_options,
+        "metrics": {
+            "selection": how,
+            "selection_sites": next(rec for rec in history if rec["round"] == selected)["validation_sites"],
+            "best_round": selected,
+            "global": reports[selected]["global"]["report"],
+            **site_rows(names, reports[selected]["sites"]),
+            "last_round": {
+                "round": last,
+                "global": reports[last]["global"]["report"],
+                **site_rows(names, reports[last]["sites"]),
+            },
+        },
+        "reliability": reports[selected]["global"]["reliability"],
+        "history": history,
+        "comm": {
+            "codec": cfg.codec_up,
+            "codec_up": cfg.codec_up,
+            "codec_down": cfg.codec_down,
+            "bytes_up_per_site_per_round": _mean(ups) or 0.0,
+            "bytes_down_per_site_per_round": _mean(downs) or 0.0,
+            "total_bytes": int(sum(ups) + sum(downs)),
+        },
+        "timing": {"seconds_per_round": _mean(rec["seconds"] for rec in history), **timing},
+        "features": features,
+        **(extra or {}),
+    }
+    return results
+
+
+def write_results(out: str | Path, results: dict, title: str) -> None:
+    """results.json and the plots, each written atomically."""
+    from ..plots import plot_accuracy, plot_reliability
+
+    out = Path(out)
+    atomic_write_json(out / "results.json", results)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    best = results["metrics"]["best_round"]
+    plot_accuracy(results["history"], out / "plots" / "accuracy.png", title=title, selected=best)
+    plot_reliability(
+        results["reliability"],
+        out / "plots" / "reliability.png",
+        title=f"{results['method']}: global test (round {best})",
+    )
+
+
+def write_model_dir(
+    directory: str | Path,
+    received_global: dict[str, torch.Tensor],
+    text_features: torch.Tensor,
+    meta: dict,
+    site_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """model/: the selected round's global module (as the sites received it), the prompt embeddings, each
+    given site's own part, and model.json. Everything is finite (the callers only hold validated state)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(directory / "global.safetensors", received_global)
+    save_safetensors(directory / "text_features.safetensors", {"text_features": text_features})
+    for name, tensors in (site_tensors or {}).items():
+        if tensors:
+            save_safetensors(directory / f"site_{name}.safetensors", tensors)
+    atomic_write_json(directory / "model.json", meta)

@@ -1,0 +1,227 @@
+"""Starting the federation's parties from what each one holds: `fedmedclip server run` and `fedmedclip site run`
+(and the Kubeflow pipeline's workers) call `run_server` and `run_site`; `fedmedclip train` builds the same
+setups from one process's preparation.
+
+The server prepares only its own holder (the global test and reference sets); a site prepares only its own
+images, taking every setting from the run's manifest, and refuses to join a run whose backbone, preprocessing,
+classes or partition differ from what its own data and weights give.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..backbone import load_backbone, make_preprocessing
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..methods import METHODS
+from ..preparation import (
+    SERVER,
+    Prepared,
+    _rows,
+    build_method,
+    extract_features,
+    holder_image_ids,
+    load_image_set,
+    load_pixels,
+    partition_for,
+    prepare,
+    reference_features,
+    split_data,
+)
+from ..sources import is_remote, remote_source
+from .mailbox import Mailbox, Poller, ProtocolError, check_name, wait_until
+from .server import FederationServer, ServerOptions, ServerSetup
+from .site import SiteSetup, SiteWorker
+from .storage import open_store
+
+log = logging.getLogger("fedmedclip.federation")
+
+
+def method_for(cfg: TrainConfig, p: Prepared):
+    return build_method(
+        cfg, p.stores[SERVER].text_features, p.backbone, p.preprocessing, p.image_set.class_names
+    )
+
+
+def server_setup(cfg: TrainConfig, p: Prepared, method) -> ServerSetup:
+    server = p.stores[SERVER]
+    gx, gy = _rows(server, p.partition.global_test, (p.pixels or {}).get(SERVER))
+    return ServerSetup(
+        cfg=cfg,
+        method=method,
+        partition=p.partition,
+        global_x=gx,
+        global_y=gy,
+        text_features=server.text_features,
+        reference_x=reference_features(p.partition, server, cfg.transductive),
+        class_names=p.image_set.class_names,
+        backbone=p.backbone.identity(),
+        preprocessing=p.preprocessing.describe(),
+        provenance=server.provenance,
+        feature_seconds=p.feature_seconds,
+    )
+
+
+def run_server(
+    cfg: TrainConfig,
+    mailbox_url: str,
+    run_id: str,
+    out: str | Path,
+    state_url: str | None = None,
+    options: ServerOptions | None = None,
+    observer=None,
+    progress: bool = True,
+) -> dict:
+    """Prepare the server's holder, then aggregate until the run ends; returns results.json's content.
+    Started again with the same arguments after a crash, it continues from its last completed step."""
+    cfg.validate()
+    if cfg.federation != "federated":
+        raise ConfigError(
+            "the federation runtime runs federated training; --federation local|centralized run in `fedmedclip train`"
+        )
+    mailbox = Mailbox(open_store(mailbox_url), run_id)
+    prepared = prepare(cfg, progress, holders=[SERVER])
+    torch.set_num_threads(cfg.threads)
+    method = method_for(cfg, prepared)
+    state = open_store(state_url) if state_url else mailbox.server_private()
+    server = FederationServer(mailbox, server_setup(cfg, prepared, method), state, out, options, observer)
+    log.info(
+        "server of run %s: %d sites (%s), %d rounds, quorum %d; mailbox %s",
+        run_id,
+        len(server.sites),
+        ", ".join(server.sites),
+        cfg.rounds,
+        server.quorum,
+        mailbox.store.url,
+    )
+    server.start()
+    return server.run()
+
+
+def _shared_tensors(mailbox: Mailbox) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    raw = mailbox.store.get(mailbox.shared_key)
+    if raw is None:
+        raise ProtocolError(
+            f"{mailbox.where(mailbox.shared_key)} is missing: the server did not start this run"
+        )
+    try:
+        return load(raw)
+    except Exception as exc:
+        raise ProtocolError(f"{mailbox.where(mailbox.shared_key)} is not readable: {exc}") from None
+
+
+def site_config(manifest: dict, data: str | None, cache_dir: str, threads: int) -> TrainConfig:
+    """The run's settings from the manifest, with this site's own data location, cache and threads."""
+    settings = dict(manifest["settings"])
+    settings.update(out="", cache_dir=cache_dir, threads=threads)
+    if data:
+        settings["data"] = data
+    return TrainConfig.from_json(settings).validate()
+
+
+def prepare_site(
+    cfg: TrainConfig, site: str, manifest: dict, shared: dict, progress: bool = True
+) -> SiteSetup:
+    """This site's setup from its own data only, checked against the run's manifest."""
+    names = [s["name"] for s in manifest["sites"]]
+    if site not in names:
+        raise ConfigError(
+            f"site {site!r} is not part of run {manifest['run_id']}: its sites are {', '.join(names)}"
+        )
+    index = names.index(site)
+    backbone = load_backbone(cfg.backbone)
+    prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
+    mismatch = []
+    if backbone.identity().get("weights_sha256") != manifest["backbone"].get("weights_sha256"):
+        mismatch.append(
+            f"backbone weights {backbone.identity().get('weights_sha256', '')[:12]}... vs the run's "
+            f"{manifest['backbone'].get('weights_sha256', '')[:12]}..."
+        )
+    if json.loads(json.dumps(prep.describe())) != manifest["preprocessing"]:
+        mismatch.append(f"preprocessing {prep.describe()} vs the run's {manifest['preprocessing']}")
+    if is_remote(cfg.data):
+        images, split, digest = remote_source(cfg.data).site_holder(cfg, site)
+    else:
+        image_set = load_image_set(cfg)
+        partition = partition_for(cfg, image_set)
+        images, split, digest = image_set, partition.sites.get(site), partition.digest
+    if digest != manifest["partition_digest"]:
+        mismatch.append(
+            f"partition {str(digest)[:12]}... vs the run's {manifest['partition_digest'][:12]}..."
+        )
+    if images.class_names != manifest["class_names"]:
+        mismatch.append(f"classes {images.class_names} vs the run's {manifest['class_names']}")
+    if mismatch:
+        raise ConfigError(f"site {site} cannot join run {manifest['run_id']}: " + "; ".join(mismatch))
+    ids = split["train"] + split["val"] + split["test"]
+    store = extract_features(images, ids, backbone, prep, cfg, site, progress)
+    pixels = (
+        load_pixels(images, store.image_ids, prep, progress, f"decoding {site}")
+        if METHODS[cfg.method].needs_images
+        else None
+    )
+    method = build_method(cfg, shared["text_features"], backbone, prep, images.class_names)
+    data = split_data(site, split, store, shared["reference_x"], pixels)
+    return SiteSetup(site, index, method, data, store.provenance)
+
+
+def run_site(
+    mailbox_url: str,
+    run_id: str,
+    site: str,
+    data: str | None = None,
+    cache_dir: str = ".cache/fedmedclip",
+    state_url: str | None = None,
+    threads: int = 1,
+    join_timeout: float = 3600.0,
+    silence_timeout: float = math.inf,
+    progress: bool = True,
+) -> None:
+    """Join the run as `site`: wait for its manifest, encode this site's own images once, then train until
+    the server ends the run. Started again with the same arguments after a crash, it continues."""
+    check_name("site name", site)
+    mailbox = Mailbox(open_store(mailbox_url), run_id)
+    t0 = time.monotonic()
+    log.info("%s: waiting for run %s in %s", site, run_id, mailbox.store.url)
+    manifest = wait_until(
+        lambda: mailbox.get_json(mailbox.manifest_key, "server"),
+        f"the manifest of run {run_id} at {mailbox.where(mailbox.manifest_key)}",
+        join_timeout,
+        Poller(first=0.1, cap=2.0),
+    )
+    cfg = site_config(manifest, data, cache_dir, threads)
+    state = open_store(state_url or Path(".fedmedclip-state") / run_id / site)
+    mailbox.put_status(site, "preparing", 0, "encoding its images")
+    try:
+        setup = prepare_site(cfg, site, manifest, _shared_tensors(mailbox), progress)
+    except Exception as exc:  # the server's stall lines then say why this site never sends anything
+        mailbox.put_status(site, "failed", 0, f"{type(exc).__name__}: {exc}")
+        raise
+    torch.set_num_threads(threads)
+    log.info(
+        "%s: %d training images, %d validation, %d test (ready in %.1f s); state in %s",
+        site,
+        setup.data.n_train,
+        len(setup.data.val_y),
+        len(setup.data.test_y),
+        time.monotonic() - t0,
+        state.url,
+    )
+    worker = SiteWorker(mailbox, manifest, setup, state)
+    try:
+        worker.run(timeout=silence_timeout)
+    except Exception as exc:
+        mailbox.put_status(site, "failed", worker.trained, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+__all__ = ["holder_image_ids", "method_for", "prepare_site", "run_server", "run_site", "server_setup"]

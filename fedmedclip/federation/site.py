@@ -1,0 +1,259 @@
+"""A site worker: one long-lived party per hospital. It reads only its own data, encodes its features once,
+then loops: wait for the global module, evaluate its own predictor with it (metrics only leave), train one
+round, upload its update. Its private state (its own modules, optimiser, error-feedback memory, the model part
+of the candidate rounds, checkpoints) stays in storage that only it reads.
+
+`poll()` does whatever is ready and returns at once, so the in-process simulator drives the very same object
+that `fedmedclip site run` drives with `run()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..codec import decode, encode
+from ..errors import FedMedClipError
+from ..methods import Method, SiteData
+from .checkpoint import CheckpointStore, non_finite
+from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .records import evaluate_site, save_safetensors
+from .storage import ObjectStore
+
+log = logging.getLogger("fedmedclip.site")
+
+
+class SiteFailure(FedMedClipError):
+    """This site cannot go on (its own training diverged, or the server ended the run)."""
+
+
+@dataclass
+class SiteSetup:
+    """What a site trains with, prepared from its own data only."""
+
+    name: str
+    index: int  # the site's position in the manifest: seeds its random draws
+    method: Method
+    data: SiteData
+    provenance: dict  # its feature store's provenance (hashes only; no image ids leave)
+
+
+def template_of(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(shape), dtype) for k, (shape, dtype) in manifest["template"].items()}
+
+
+def model_part(trainer, own_shared: bool = False) -> dict[str, torch.Tensor]:
+    """A site's part of the exported model: its private modules (FedMedCLIP's MLP, FAM); with `own_shared`
+    (local-only training, where the site's shared module never reached the global file) that module too."""
+    return {k: v.detach().clone().contiguous() for k, v in trainer.model_tensors(own_shared).items()}
+
+
+class SiteWorker:
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        manifest: dict,
+        setup: SiteSetup,
+        state: ObjectStore,
+        model_dir=None,
+        verbose: bool = True,
+    ):
+        self.mb, self.manifest, self.setup = mailbox, manifest, setup
+        self.name, self.rounds = setup.name, int(manifest["rounds"])
+        self.codec_up, self.codec_down = manifest["codec_up"], manifest["codec_down"]
+        self.template = template_of(manifest)
+        self.state, self.model_dir, self.verbose = state, model_dir, verbose
+        self.ckpt = CheckpointStore(state.sub("ckpt"), f"site {self.name}")
+        self.trainer = setup.method.new_site(setup.data, setup.index)
+        self.trained = 0  # the last round this site trained (its update of that round exists)
+        self.reported = 0  # the last round whose global module this site evaluated
+        self.memory: dict | None = None  # the uplink codec's error feedback, kept here only
+        self.candidates: dict[int, dict[str, torch.Tensor]] = {}  # round -> this site's model part
+        self.pending: bytes | None = None  # the update of round `trained`, kept to re-upload after a restart
+        self.last_report: dict | None = None  # the metrics of round `reported`, likewise
+        self.finished = False
+        self.final_round: int | None = None
+        self._restore()
+
+    # ------------------------------------------------------------------ state
+    def _restore(self) -> None:
+        got = self.ckpt.load()
+        if got is None:
+            return
+        _, body, tensors = got
+        if body.get("run_id") != self.mb.run_id:
+            raise SiteFailure(
+                f"site {self.name}: its state store {self.state.url} holds run {body.get('run_id')!r}, not "
+                f"{self.mb.run_id!r}: give each run its own --state"
+            )
+        self.trainer.load_state_dict(tensors["trainer"])
+        self.memory = tensors.get("memory")
+        self.candidates = {int(r): t for r, t in tensors["candidates"].items()}
+        self.trained, self.reported = int(body["trained"]), int(body["reported"])
+        self.last_report = body.get("last_report")
+        self.pending = bytes(tensors["pending"].numpy().tobytes()) if "pending" in tensors else None
+        self._say(f"resuming after round {self.trained} (state in {self.state.url})")
+
+    def _checkpoint(self) -> None:
+        tensors = {
+            "trainer": self.trainer.state_dict(),
+            "candidates": {str(r): t for r, t in self.candidates.items()},
+        }
+        if self.memory is not None:
+            tensors["memory"] = self.memory
+        if self.pending is not None:
+            tensors["pending"] = torch.frombuffer(bytearray(self.pending), dtype=torch.uint8)
+        body = {"run_id": self.mb.run_id, "trained": self.trained, "reported": self.reported}
+        self.ckpt.save({**body, "last_report": self.last_report}, tensors)
+
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            log.info("%s: %s", self.name, message)
+
+    def _status(self, state: str, r: int, message: str = "") -> None:
+        self.mb.put_status(self.name, state, r, message)
+
+    # ------------------------------------------------------------------ the protocol
+    def _newest_global(self) -> int | None:
+        """The newest published global module this site has not trained past: the one after its last trained
+        round, or a later one when the server went on without this site (it then takes the current one).
+        The server publishes rounds in order, so when round `floor` is not there, no later one is."""
+        floor = max(self.trained, self.reported)
+        if not self.mb.store.exists(self.mb.global_key(floor)):
+            server = self.mb.status(SERVER) or {}
+            if server.get("state") == "failed":
+                raise SiteFailure(f"the server ended run {self.mb.run_id}: {server.get('message', '')}")
+            return None
+        g = floor
+        while g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
+            g += 1
+        return g
+
+    def _receive(self, g: int) -> tuple[dict, dict]:
+        payload = self.mb.store.get(self.mb.global_key(g))
+        try:
+            got = decode(payload, template=self.template)
+        except Exception as exc:
+            raise ProtocolError(
+                f"site {self.name}: the server's global module of round {g} is unusable: {exc}"
+            ) from None
+        if got.meta.get("run_id") != self.mb.run_id or got.meta.get("round") != g:
+            raise ProtocolError(
+                f"site {self.name}: {self.mb.where(self.mb.global_key(g))} belongs to run "
+                f"{got.meta.get('run_id')!r} round {got.meta.get('round')!r}"
+            )
+        return got.state, got.meta
+
+    def poll(self) -> bool:
+        """Do what is ready; True when something was done."""
+        if self.finished:
+            return False
+        if self.final_round is not None:
+            return self._finish_if_done()
+        # After a restart, what this site already sent goes out again if the mailbox lost it (same bytes).
+        if self.pending is not None and not self.mb.store.exists(self.mb.update_key(self.trained, self.name)):
+            self.mb.store.put(self.mb.update_key(self.trained, self.name), self.pending)
+        if self.last_report is not None and not self.mb.store.exists(
+            self.mb.report_key(self.reported, self.name)
+        ):
+            self.mb.put_json(self.mb.report_key(self.reported, self.name), self.last_report)
+        g = self._newest_global()
+        if g is None:
+            return False
+        received, meta = self._receive(g)
+        self.trainer.load_shared(received)
+        if g >= 1 and g > self.reported:
+            report = {"format": 1, "run_id": self.mb.run_id, "round": g, "site": self.name}
+            report.update(evaluate_site(self.trainer, self.setup.data))
+            report["provenance"] = self.setup.provenance
+            self.mb.put_json(self.mb.report_key(g, self.name), report)
+            self.last_report = report
+            self.candidates[g] = model_part(self.trainer)
+            self.reported = g
+        best = meta.get("best_round")
+        self.candidates = {r: t for r, t in self.candidates.items() if r in (best, g)}
+        if self.name not in meta.get("sites_present", [self.name]) and g >= 1:
+            self._say(f"round {g}: the server aggregated without this site's update")
+        if g >= self.rounds:
+            self.final_round = g
+            self._checkpoint()
+            self._status("finishing", g, "waiting for the server to select the round")
+            return True
+        self._train(g + 1, received)
+        return True
+
+    def _train(self, r: int, received: dict) -> None:
+        self._status("training", r)
+        t0 = time.perf_counter()
+        stats = self.trainer.train_round(r)
+        update = self.trainer.shared_update()
+        loss = float(stats["loss"])
+        bad = non_finite(update)
+        if not math.isfinite(loss) or bad:
+            message = (
+                f"round {r}: local training diverged (loss {loss}, "
+                f"{'parameter ' + bad + ' is non-finite' if bad else 'parameters finite'}); nothing was uploaded"
+            )
+            self._status("failed", r, message)
+            raise SiteFailure(f"site {self.name}: {message}")
+        meta = {
+            "run_id": self.mb.run_id,
+            "round": r,
+            "site": self.name,
+            "n_train": self.setup.data.n_train,
+            "loss": loss,
+            "steps": int(stats.get("steps", 0)),
+        }
+        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=meta)
+        self.memory, self.pending, self.trained = enc.memory, enc.payload, r
+        self._checkpoint()
+        self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
+        self._status("uploaded", r, f"{len(enc.payload)} bytes")
+        self._say(
+            f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}, sent {len(enc.payload) / 1e3:.1f} kB"
+        )
+
+    def _finish_if_done(self) -> bool:
+        server = self.mb.status(SERVER) or {}
+        if server.get("state") == "failed":
+            raise SiteFailure(f"the server ended run {self.mb.run_id}: {server.get('message', '')}")
+        if server.get("state") != "done":
+            return False
+        best = int(server["best_round"])
+        part = self.candidates.get(best)
+        if part is None:
+            self._say(f"the selected round {best} is not one this site evaluated: no model part written")
+        elif part:
+            save_safetensors_to(self.state, f"model/site_{self.name}.safetensors", part)
+            if self.model_dir is not None:
+                save_safetensors(self.model_dir / f"site_{self.name}.safetensors", part)
+        self.finished = True
+        self._status("done", self.final_round or 0, f"selected round {best}")
+        self._say(f"done: the server selected round {best}")
+        return True
+
+    def run(self, timeout: float = math.inf, poll_cap: float = 0.25) -> None:
+        """Poll until the run ends. `timeout`: seconds without progress before giving up."""
+        poller = Poller(cap=poll_cap)
+        self._status("waiting", self.trained, "waiting for the global module")
+        last = time.monotonic()
+        while not self.finished:
+            if self.poll():
+                poller.reset()
+                last = time.monotonic()
+                continue
+            if time.monotonic() - last > timeout:
+                raise SiteFailure(
+                    f"site {self.name}: nothing from the server for {timeout:.0f} s (after round {self.trained})"
+                )
+            poller.sleep()
+
+
+def save_safetensors_to(store: ObjectStore, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    store.put(key, save({k: v.contiguous() for k, v in tensors.items()}))

@@ -1,0 +1,182 @@
+"""Object storage behind one small interface: what the federation's parties exchange and keep.
+
+Two implementations live in the core: a local directory (single machine, tests, a hospital's own disk) and
+memory (the in-process simulator). S3 lives in `components/` (boto3 is not a core dependency) and plugs in
+through the entry-point group `fedmedclip.stores` (name = URL scheme, value = a callable taking the URL).
+
+The contract every implementation keeps, so that parties never coordinate through anything but keys:
+- `put` publishes a complete object atomically: a reader sees the old object, or the new one, never half;
+- `get` returns the bytes, or None when the key does not exist (a permission problem is an error, never None);
+- keys are relative, `/`-separated, and confined to the store (no `..`, no absolute path, no empty segment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from ..errors import FedMedClipError
+
+STORE_ENTRY_POINTS = "fedmedclip.stores"
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+
+
+class StoreError(FedMedClipError):
+    """An object store refused or failed an operation; the message names the object and the party."""
+
+
+class StoreAccessDenied(StoreError):
+    """The credentials in use may not touch this object (the role's policy refuses it)."""
+
+
+def check_key(key: str) -> str:
+    """A key confined to its store: relative segments of letters, digits and `._=-`, none starting with a dot."""
+    parts = key.split("/")
+    if not key or any(not _KEY_SEGMENT.match(p) for p in parts):
+        raise StoreError(
+            f"invalid object key {key!r}: use relative '/'-separated names of letters, digits and ._=- "
+            "(no '..', no absolute path, no empty segment)"
+        )
+    return key
+
+
+class ObjectStore:
+    """The interface. `url` names the store in messages (`s3://bucket/prefix`, a directory, `memory://x`)."""
+
+    url: str = ""
+
+    def put(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def where(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
+
+    def sub(self, prefix: str) -> ObjectStore:
+        """The same store seen under `prefix/` (a party's area)."""
+        return PrefixStore(self, prefix)
+
+
+class PrefixStore(ObjectStore):
+    def __init__(self, base: ObjectStore, prefix: str):
+        self.base, self.prefix = base, check_key(prefix.strip("/"))
+        self.url = base.where(self.prefix)
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{check_key(key)}"
+
+    def put(self, key, data):
+        self.base.put(self._k(key), data)
+
+    def get(self, key):
+        return self.base.get(self._k(key))
+
+    def exists(self, key):
+        return self.base.exists(self._k(key))
+
+    def delete(self, key):
+        self.base.delete(self._k(key))
+
+
+class LocalDirStore(ObjectStore):
+    """Objects as files under a root directory; `put` writes a temporary file and renames it into place."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def put(self, key, data):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except PermissionError as exc:
+            raise StoreAccessDenied(f"cannot read {self.where(key)}: {exc.strerror}") from None
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+
+_MEMORY: dict[str, dict[str, bytes]] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+class MemoryStore(ObjectStore):
+    """Objects in a dict of this process; stores of the same name share their objects (`memory://NAME`)."""
+
+    def __init__(self, name: str = "default"):
+        self.url = f"memory://{name}"
+        with _MEMORY_LOCK:
+            self._objects = _MEMORY.setdefault(name, {})
+
+    def put(self, key, data):
+        with _MEMORY_LOCK:
+            self._objects[check_key(key)] = bytes(data)
+
+    def get(self, key):
+        with _MEMORY_LOCK:
+            return self._objects.get(check_key(key))
+
+    def delete(self, key):
+        with _MEMORY_LOCK:
+            self._objects.pop(check_key(key), None)
+
+    def clear(self) -> None:
+        """Drop every object of this named store (the in-process simulator frees its mailbox at the end)."""
+        with _MEMORY_LOCK:
+            self._objects.clear()
+            _MEMORY.pop(self.url.removeprefix("memory://"), None)
+
+
+def open_store(url: str | Path) -> ObjectStore:
+    """`memory://NAME`, a local directory (or `file://DIR`), or any scheme a layer registered under the
+    entry-point group `fedmedclip.stores` (the MLOps layer registers `s3`)."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return LocalDirStore(text)
+    if scheme == "memory":
+        return MemoryStore(rest or "default")
+    if scheme == "file":
+        return LocalDirStore(rest)
+    for ep in entry_points(group=STORE_ENTRY_POINTS):
+        if ep.name == scheme:
+            try:
+                factory = ep.load()
+            except ImportError as exc:
+                raise StoreError(
+                    f"{text}: the {scheme}:// store needs the MLOps layer's packages ({exc}); install the "
+                    "project with its `pipelines` extra"
+                ) from None
+            return factory(text)
+    raise StoreError(f"{text}: unknown store scheme {scheme!r}; use a local directory, memory:// or s3://")

@@ -1,0 +1,224 @@
+"""One definition of the training configuration's command-line flags. `fedmedclip train`, `server run`,
+`compare`, `data publish` and `pipeline run|submit|demo` all add their flags from here (each command picks the
+fields it needs), so a flag is spelled, typed, defaulted and documented once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+
+from .config import FEDERATIONS, TrainConfig, parse_method_options
+from .errors import ConfigError
+
+
+def _split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise ConfigError(f"--split {text!r} must be three numbers like 0.8,0.1,0.1")
+    return parts
+
+
+def _json_object(flag: str):
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{flag} {text!r} is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"per_class_per_site\": 40}}'")
+        return value
+
+    return parse
+
+
+def _classes(text: str) -> list[str]:
+    names = [c.strip() for c in str(text).split(",") if c.strip()]
+    if not names:
+        raise ConfigError("--classes needs a comma-separated list of class names")
+    return names
+
+
+def _methods_help() -> str:
+    from .methods import METHODS
+
+    return " | ".join(METHODS)
+
+
+@dataclass
+class Flag:
+    field: str  # TrainConfig field
+    flags: tuple[str, ...]
+    help: str
+    kwargs: dict = field(default_factory=dict)
+    parse: object = None  # str -> value, applied by config_from_args (errors are ConfigError, exit status 2)
+
+
+FLAGS: list[Flag] = [
+    Flag(
+        "data",
+        ("--data",),
+        "image-folder root (<root>/<Training|Testing>/<class>/*), a CSV manifest (path,label[,site][,split]), "
+        "'synthetic' (generated), or s3://BUCKET published by `fedmedclip data publish` (default: %(default)s)",
+    ),
+    Flag("method", ("--method",), "the method: {methods} (default: %(default)s)"),
+    Flag(
+        "federation",
+        ("--federation",),
+        "federated (default), local (each site alone, nothing shared) or centralized (all training data pooled "
+        "in one holder): the lower and upper references for any method",
+        {"choices": FEDERATIONS},
+    ),
+    Flag(
+        "partition",
+        ("--partition",),
+        "iid, dirichlet (with --alpha) or natural (the manifest's site column) (default: %(default)s)",
+        {"choices": ("iid", "dirichlet", "natural")},
+    ),
+    Flag("alpha", ("--alpha",), "Dirichlet concentration (smaller = more label skew)", {"type": float}),
+    Flag("sites", ("--sites",), "number of sites (default: %(default)s)", {"type": int}),
+    Flag("rounds", ("--rounds",), "federated rounds (default: %(default)s)", {"type": int}),
+    Flag(
+        "backbone",
+        ("--backbone",),
+        "tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a Hugging Face id already cached "
+        "(never downloaded) (default: %(default)s)",
+    ),
+    Flag(
+        "preprocessing",
+        ("--preprocessing",),
+        "squash or clip (default: the method's reference recipe: fedmedclip squash, facmic clip)",
+        {"choices": ("clip", "squash")},
+    ),
+    Flag(
+        "seed",
+        ("--seed",),
+        "random seed of the partition and every draw (default: %(default)s)",
+        {"type": int},
+    ),
+    Flag("out", ("--out",), "run directory (default: %(default)s)"),
+    Flag("batch_size", ("--batch-size",), "training batch size (default: %(default)s)", {"type": int}),
+    Flag("codec_up", ("--codec-up",), "how a site's update travels to the server (default: %(default)s)"),
+    Flag(
+        "codec_down", ("--codec-down",), "how the global module travels to the sites (default: %(default)s)"
+    ),
+    Flag("split_ratio", ("--split",), "per-site train,val,test shares (default: 0.8,0.1,0.1)", parse=_split),
+    Flag(
+        "reference_fraction",
+        ("--reference-fraction",),
+        "share of the training pool held out, unlabelled, as FACMIC's adaptation target (default: %(default)s; "
+        "nothing is held out with --transductive)",
+        {"type": float},
+    ),
+    Flag(
+        "transductive",
+        ("--transductive",),
+        "FACMIC adapts toward the global test images, as the reference code does (only to match the paper)",
+        {"action": "store_true"},
+    ),
+    Flag(
+        "prompt_template",
+        ("--prompt-template",),
+        "class prompt, '{}' is the class name (default: %(default)r)",
+    ),
+    Flag("cache_dir", ("--cache-dir",), "feature stores and generated data (default: %(default)s)"),
+    Flag(
+        "skip_bad_images",
+        ("--skip-bad-images",),
+        "skip unreadable images (counted, ids recorded) instead of failing on the first",
+        {"action": "store_true"},
+    ),
+    Flag(
+        "method_options",
+        ("--method-opt", "--method-option"),
+        "a method option KEY=VALUE, e.g. lr_fam=5e-4 or local_steps=50 (repeatable; unknown options are refused "
+        "with the list of known ones)",
+        {"action": "append", "metavar": "KEY=VALUE"},
+        parse=parse_method_options,
+    ),
+    Flag(
+        "synthetic",
+        ("--synthetic",),
+        "JSON arguments of the synthetic data generator, e.g. '{\"per_class_per_site\": 40}'",
+        parse=_json_object("--synthetic"),
+    ),
+    Flag(
+        "threads",
+        ("--threads",),
+        "torch threads for training; extraction uses every core (default: %(default)s)",
+        {"type": int},
+    ),
+]
+
+# The pieces of the configuration a command can ask for by name.
+DATA_FIELDS = (
+    "data",
+    "partition",
+    "alpha",
+    "sites",
+    "seed",
+    "split_ratio",
+    "reference_fraction",
+    "transductive",
+    "synthetic",
+    "cache_dir",
+    "skip_bad_images",
+)
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+    defaults: dict | None = None,
+    title: str | None = None,
+) -> None:
+    """Add the flags of the chosen TrainConfig fields (default: all), with TrainConfig's defaults unless
+    `defaults` overrides them; `--codec` (both directions) comes with the codec fields."""
+    base = TrainConfig()
+    target = parser.add_argument_group(title) if title else parser
+    for f in FLAGS:
+        if (include is not None and f.field not in include) or f.field in exclude:
+            continue
+        default = (defaults or {}).get(f.field, getattr(base, f.field))
+        kwargs = dict(f.kwargs)
+        if kwargs.get("action") == "append":
+            default = []
+        elif f.field == "split_ratio":
+            default = ",".join(str(x) for x in default)
+        elif isinstance(default, dict):
+            default = None
+        kwargs.setdefault("default", default)
+        helptext = f.help.format(methods=_methods_help()) if "{methods}" in f.help else f.help
+        target.add_argument(*f.flags, dest=f.field, help=helptext, **kwargs)
+        if f.field == "codec_up":
+            from .codec import CODECS
+
+            target.add_argument(
+                "--codec",
+                dest="codec_both",
+                default=None,
+                help=f"sets both --codec-up and --codec-down: {' | '.join(CODECS)}",
+            )
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """A validated TrainConfig from the parsed flags (fields a command did not add keep their defaults)."""
+    values = {}
+    for f in FLAGS:
+        if not hasattr(args, f.field):
+            continue
+        value = getattr(args, f.field)
+        if f.parse is not None and value is not None:
+            value = f.parse(value)
+        if value is None and f.field in ("synthetic", "method_options"):
+            continue
+        values[f.field] = value
+    both = getattr(args, "codec_both", None)
+    if both:
+        values["codec_up"] = values["codec_down"] = both
+    values.update(overrides)
+    return TrainConfig(**values).validate()
