@@ -20,7 +20,9 @@ def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
     # The federation runtime runs federated training only, and always resumes what its state holds.
     add_config_arguments(p, exclude=("federation",) if runtime else ())
     if not runtime:
-        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        p.add_argument(
+            "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+        )
     p.add_argument(
         "--track",
         action="store_true",
@@ -228,6 +230,13 @@ def _track(run_dir: str, experiment: str) -> int:
     return main(["track", run_dir, "--experiment", experiment])
 
 
+def _cmd_methods(args) -> int:
+    from .methods import describe_methods
+
+    print(describe_methods())
+    return 0
+
+
 def _cmd_synth(args) -> int:
     from .synthetic import generate
 
@@ -277,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     _add_runtime_commands(sub)
+
+    p = sub.add_parser(
+        "methods", help="the registered methods: group, aggregation, options with defaults and help"
+    )
+    p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser("synth", help="write the synthetic multi-site scan set (PNGs + manifest.csv)")
     p.add_argument("out")

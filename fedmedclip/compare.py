@@ -8,7 +8,8 @@ reused by every method with that preprocessing.
 
 Methods are named as in `fedmedclip train --method`; `NAME@local` and `NAME@centralized` run the same
 method with `--federation local` (each site alone) or `centralized` (all training data pooled): the
-lower and upper references. Groups: `all`, `cached` (methods on cached features), `finetune`.
+lower and upper references. Groups come from the methods' own declarations (`Method.group`,
+`Method.compare_references`): `all`, `cached` (methods on cached features, with their references), `finetune`.
 
 Outputs: OUT/comparison.md (table), OUT/comparison.json (every cell and the summary),
 OUT/comparison.png (global and mean-site accuracy per method and partition)."""
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +27,6 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FEDERATED_CACHED = ("zeroshot", "fedclip", "facmic", "fedmedclip")
-FINETUNE = ("fedavg", "fedprox", "moon", "fedfocal")
-REFERENCES = ("fedmedclip@local", "fedmedclip@centralized", "facmic@local", "facmic@centralized")
-GROUPS = {
-    "all": (*FEDERATED_CACHED, *FINETUNE, *REFERENCES),
-    "cached": (*FEDERATED_CACHED, *REFERENCES),
-    "finetune": FINETUNE,
-}
 DEFAULT_PARTITIONS = "iid,dirichlet:0.1,dirichlet:0.5,dirichlet:1.0"
 METRICS = ("acc", "bacc", "f1", "ece")
 
@@ -65,19 +57,20 @@ class Cell:
 def parse_methods(spec: str) -> list[tuple[str, str]]:
     """`all`, a group, or a comma list of NAME / NAME@local / NAME@centralized -> [(method, federation)]."""
     from .config import FEDERATIONS
-    from .methods import METHODS
+    from .methods import METHODS, method_groups
 
+    groups = method_groups()
     out: list[tuple[str, str]] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        for name in GROUPS.get(item, (item,)):
+        for name in groups.get(item, (item,)):
             method, _, federation = name.partition("@")
             federation = federation or "federated"
             if method not in METHODS:
                 raise ConfigError(
                     f"unknown method {method!r} in --methods; choose from {', '.join(METHODS)} "
-                    f"(optionally @local / @centralized) or a group: {', '.join(GROUPS)}"
+                    f"(optionally @local / @centralized) or a group: {', '.join(groups)}"
                 )
             if federation not in FEDERATIONS:
                 raise ConfigError(
@@ -167,12 +160,10 @@ def finished_results(cfg) -> dict | None:
     results_path = d / "results.json"
     if not results_path.exists():
         return None
-    drop = ("out", "cache_dir")
-    stored = json.loads((d / "config.json").read_text())
-    wanted = json.loads(json.dumps(cfg.to_json()))
-    if {k: v for k, v in stored.items() if k not in drop} != {
-        k: v for k, v in wanted.items() if k not in drop
-    }:
+    from .config import TrainConfig
+
+    stored = TrainConfig.from_json(json.loads((d / "config.json").read_text())).resume_key()
+    if stored != cfg.resume_key():
         raise ConfigError(
             f"{d} holds a finished run with another configuration than this grid asks for "
             "(different rounds, backbone, options?): use another --out, or delete that cell to redo it"
@@ -203,10 +194,8 @@ def run_grid(
         elif report_only:
             continue
         else:
-            resume = (d / "checkpoint" / "state.json").exists()
-            if d.exists() and not resume:
-                shutil.rmtree(d)  # started but not a single round checkpointed: start it again
-            results = train(cfg, resume=resume, progress=progress)
+            # A started cell resumes (train refuses another configuration before any work).
+            results = train(cfg, resume=(d / "config.json").exists(), progress=progress)
         records.append({**_identity(cell), "dir": str(d), "results": results})
     return records
 
@@ -348,24 +337,21 @@ def _cell_numbers(results: dict) -> dict:
 
 
 # ---------------------------------------------------------------- command line
+# The grid's own flags replace these configuration fields; every other field comes from fedmedclip.flags.
+GRID_FIELDS = ("method", "federation", "partition", "alpha", "seed", "out", "method_options")
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--data", default="synthetic", help="image-folder root, CSV manifest, or 'synthetic'")
+    from .flags import add_config_arguments
+
     p.add_argument(
         "--methods",
         default="all",
         help="all | cached | finetune | comma list of methods, NAME@local / NAME@centralized for the "
-        "references (default: %(default)s)",
+        "references (default: %(default)s; `fedmedclip methods` lists them)",
     )
     p.add_argument("--partitions", default=DEFAULT_PARTITIONS, help="comma list (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--backbone", default="tiny")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--codec", default="fp16-zlib")
-    p.add_argument("--split", default="0.8,0.1,0.1", help="per-site train,val,test shares")
-    p.add_argument("--reference-fraction", type=float, default=0.1)
-    p.add_argument("--transductive", action="store_true")
     p.add_argument(
         "--method-opt",
         action="append",
@@ -374,39 +360,25 @@ def add_arguments(p) -> None:
         help="e.g. facmic.local_steps=50 (that method only) or local_steps=50 (every method having it)",
     )
     p.add_argument("--out", default="runs/compare", help="grid directory (default: %(default)s)")
-    p.add_argument("--cache-dir", default=".cache/fedmedclip", help="shared by every cell")
-    p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: tabulate the cells of this grid that are already finished",
     )
+    add_config_arguments(
+        p, exclude=GRID_FIELDS, defaults={"rounds": 10}, title="settings shared by every cell"
+    )
 
 
 def cmd_compare(args) -> int:
-    from .config import TrainConfig, parse_method_options
+    from .config import parse_method_options
+    from .flags import config_from_args
 
-    try:
-        split = tuple(float(x) for x in args.split.split(","))
-    except ValueError:
-        raise ConfigError(f"--split {args.split!r} must be three numbers like 0.8,0.1,0.1") from None
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     methods = parse_methods(args.methods)
     partitions = parse_partitions(args.partitions)
-    base = TrainConfig(
-        data=args.data,
-        sites=args.sites,
-        rounds=args.rounds,
-        backbone=args.backbone,
-        batch_size=args.batch_size,
-        codec=args.codec,
-        split_ratio=split,
-        reference_fraction=args.reference_fraction,
-        transductive=args.transductive,
-        cache_dir=args.cache_dir,
-        skip_bad_images=args.skip_bad_images,
-    )
+    base = config_from_args(args, method_options={})
     out = Path(args.out)
     cells = build_cells(methods, partitions, list(range(args.seeds)))
     records = run_grid(

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .backbone import PREPROCESSING_NAMES
+from .methods import DEFAULT_METHOD
 from .codec import CODECS
+from .data import DEFAULT_MIN_CLASS_IMAGES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .partition import SCHEMES
@@ -21,7 +23,7 @@ FEDERATIONS = ("federated", "local", "centralized")
 @dataclass
 class TrainConfig:
     data: str = SYNTHETIC  # image-folder root, CSV manifest, or "synthetic"
-    method: str = "fedmedclip"
+    method: str = DEFAULT_METHOD
     federation: str = "federated"  # one of FEDERATIONS
     partition: str = "iid"
     alpha: float | None = None
@@ -32,13 +34,27 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/latest"
     batch_size: int = 32
-    codec: str = "fp16-zlib"
+    codec_up: str = "fp16-zlib"  # how a site's update travels to the server (fedmedclip.codec)
+    codec_down: str = "fp16-zlib"  # how the global module travels to the sites
     split_ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    # Share of the training pool held out, unlabelled, as FACMIC's adaptation target (for every method, so
+    # partitions compare fairly). With `transductive` FACMIC adapts toward the global test images instead, as
+    # the reference code does, so nothing is held out: validate() sets this to 0 and the sites train on 100 %
+    # of the pool, as in the paper.
     reference_fraction: float = 0.1
     transductive: bool = False
     prompt_template: str = DEFAULT_PROMPT
     cache_dir: str = ".cache/fedmedclip"
     skip_bad_images: bool = False
+    # The class list. None: inferred from the data, and then a class with fewer than `min_class_images`
+    # training images, or in only one of the training pool and the global test set, is refused with every
+    # class's counts (a label typo would otherwise become a class). An explicit list skips that check;
+    # labels outside it are refused.
+    classes: list[str] | None = None
+    min_class_images: int = DEFAULT_MIN_CLASS_IMAGES
+    # Torch threads for training (feature extraction uses every core). Results depend on it in the last bits:
+    # parties that must agree exactly (a simulator and a mailbox run) use the same value. Not a resume key.
+    threads: int = 1
     method_options: dict = field(default_factory=dict)
     synthetic: dict = field(default_factory=dict)  # arguments of fedmedclip.synthetic.generate
 
@@ -61,8 +77,19 @@ class TrainConfig:
             raise ConfigError(f"--sites must be at least 1, got {self.sites}")
         if self.batch_size < 2:
             raise ConfigError(f"--batch-size must be at least 2 (BatchNorm), got {self.batch_size}")
-        if self.codec not in CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
+        for flag, name in (("--codec-up", self.codec_up), ("--codec-down", self.codec_down)):
+            if name not in CODECS:
+                raise ConfigError(f"unknown codec {name!r} for {flag}; choose one of {', '.join(CODECS)}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        # Unknown method options fail here, before any data is read or any pod starts.
+        unknown = sorted(set(self.method_options) - set(METHODS[self.method].options))
+        if unknown:
+            known = METHODS[self.method].options
+            raise ConfigError(
+                f"unknown option(s) for {self.method}: {', '.join(unknown)}; known: "
+                + (", ".join(f"{k} (default {v})" for k, v in known.items()) or "none")
+            )
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSING_NAMES:
             raise ConfigError(
                 f"unknown preprocessing {self.preprocessing!r}; choose one of {', '.join(PREPROCESSING_NAMES)}"
@@ -72,6 +99,19 @@ class TrainConfig:
             raise ConfigError(
                 f"--data {self.data!r} does not exist (a folder, a .csv manifest, or 'synthetic')"
             )
+        if self.classes is not None:
+            names = [c.strip() if isinstance(c, str) else c for c in self.classes]
+            if any(not isinstance(c, str) or not c for c in names) or len(set(names)) != len(names):
+                raise ConfigError(f"--classes must be distinct non-empty class names, got {self.classes!r}")
+            if len(names) < 2:
+                raise ConfigError(f"--classes needs at least two classes, got {self.classes!r}")
+            self.classes = names
+        if isinstance(self.min_class_images, bool) or not isinstance(self.min_class_images, int):
+            raise ConfigError(f"--min-class-images must be an integer, got {self.min_class_images!r}")
+        if self.min_class_images < 1:
+            raise ConfigError(f"--min-class-images must be at least 1, got {self.min_class_images}")
+        if self.transductive:
+            self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
         return self
 
@@ -80,6 +120,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        if "codec" in d:  # before uplink and downlink codecs were chosen separately: one codec for both
+            codec = d.pop("codec")
+            d.setdefault("codec_up", codec)
+            d.setdefault("codec_down", codec)
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = set(d) - set(known)
         if unknown:
@@ -89,8 +134,10 @@ class TrainConfig:
     def resume_key(self) -> dict:
         """What must not change between a run and its resumption (`out` and cache paths may)."""
         d = self.to_json()
-        for k in ("out", "cache_dir"):
+        for k in ("out", "cache_dir", "threads", "min_class_images"):
             d.pop(k)
+        if d.get("classes") is None:
+            d.pop("classes", None)  # the default is left out: keys from before the field existed still match
         if d["federation"] == "federated":
             d.pop("federation")  # the default is left out, so keys from before the field existed still match
         return json.loads(json.dumps(d))

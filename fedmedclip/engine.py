@@ -76,11 +76,13 @@ def site_setups(cfg: TrainConfig, p: Prepared, method) -> list[SiteSetup]:
 
 
 # ---------------------------------------------------------------- the in-process federation
-def simulate(cfg: TrainConfig, p: Prepared, out: Path, progress: bool = True) -> dict:
+def simulate(
+    cfg: TrainConfig, p: Prepared, out: Path, progress: bool = True, run_id: str = INPROCESS_RUN_ID
+) -> dict:
     """Run the federation's server and sites in this process over an in-memory mailbox. Each party keeps
     its checkpoints under RUN/checkpoint/ (a resumed run continues every party from its own)."""
     method = method_for(cfg, p)
-    mailbox = Mailbox(MemoryStore(f"inprocess-{uuid.uuid4().hex}"), INPROCESS_RUN_ID)
+    mailbox = Mailbox(MemoryStore(f"inprocess-{uuid.uuid4().hex}"), run_id)
     ckpt = LocalDirStore(out / "checkpoint")
     server = FederationServer(
         mailbox, server_setup(cfg, p, method), ckpt.sub("server"), out, ServerOptions(), verbose=False
@@ -331,8 +333,11 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise CheckpointError(f"cannot resume {str(out)!r}: the configuration differs in {', '.join(diff)}")
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) a training; writes the run directory (docs/contracts.md) and returns results.json."""
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, run_id: str = INPROCESS_RUN_ID
+) -> dict:
+    """Run (or resume) a training; writes the run directory (docs/contracts.md) and returns results.json.
+    `run_id` is recorded in every payload's header: the same id as a mailbox run gives byte-identical payloads."""
     cfg.validate()
     out = Path(cfg.out)
     _check_resumable(cfg, out, resume)
@@ -342,7 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     prepared = prepare(cfg, progress)
     torch.set_num_threads(cfg.threads)
     if cfg.federation == "federated":
-        results = simulate(cfg, prepared, out, progress)
+        results = simulate(cfg, prepared, out, progress, run_id)
     else:
         results = _run_reference(cfg, prepared, out, progress)
     results["timing"]["total_seconds"] = time.perf_counter() - t0

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .data import ImageRecord, load_image
+from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
 from .errors import DataError, ImageDecodeError, ProvenanceMismatch
 from .preprocess import Preprocessing
 
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 DEFAULT_PROMPT = "a picture of a {}"
-
-
-def canonical_digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _file_sha256(path: str) -> str:
@@ -233,3 +230,30 @@ def build_feature_store(
         shutil.rmtree(directory)  # an incomplete leftover without provenance.json
     store.save(directory)
     return store
+
+
+def check_training_classes(stores: dict[str, FeatureStore], train_ids: dict[str, list[str]]) -> None:
+    """Refuse a class that has no training image left at any site once the images are encoded: with
+    `skip_bad` (--skip-bad-images) every image of a class can be skipped as unreadable, and the run would
+    then train without the class while still predicting it. `stores` maps each site to its store, `train_ids`
+    each site to its training image ids (the partition's `sites[s]["train"]`). Call it once every site's store
+    exists, before training: the engine's preparation, or the pipeline's step after the sites' extraction."""
+    class_names = next(iter(stores.values())).class_names
+    counts = np.zeros(len(class_names), dtype=np.int64)
+    for site, ids in train_ids.items():
+        store = stores[site]
+        rows = torch.from_numpy(store.rows(ids))
+        counts += np.bincount(store.labels[rows].numpy(), minlength=len(class_names))
+    empty = [c for c, n in zip(class_names, counts.tolist(), strict=True) if n == 0]
+    if empty:
+        skipped = sorted({i for site, ids in train_ids.items() for i in set(ids) & set(stores[site].skipped)})
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        reason = (
+            f"--skip-bad-images skipped {len(skipped)} unreadable training image(s): {shown}"
+            if skipped
+            else "the partition put none of its images in a site's training split"
+        )
+        raise DataError(
+            f"no training image left at any site for class(es) {', '.join(empty)} ({reason}); the run would "
+            "never learn the class yet still predict it. Fix or replace the unreadable files, or remove the class."
+        )

@@ -146,6 +146,19 @@ FLAGS: list[Flag] = [
         parse=_json_object("--synthetic"),
     ),
     Flag(
+        "classes",
+        ("--classes",),
+        "the class list, comma-separated (default: inferred from the data, which then refuses a class with fewer "
+        "than --min-class-images training images or present in only one split)",
+        parse=_classes,
+    ),
+    Flag(
+        "min_class_images",
+        ("--min-class-images",),
+        "with an inferred class list, the fewest training images a class may have (default: %(default)s)",
+        {"type": int},
+    ),
+    Flag(
         "threads",
         ("--threads",),
         "torch threads for training; extraction uses every core (default: %(default)s)",
@@ -214,7 +227,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         value = getattr(args, f.field)
         if f.parse is not None and value is not None:
             value = f.parse(value)
-        if value is None and f.field in ("synthetic", "method_options"):
+        if value is None and f.field in ("synthetic", "method_options", "classes"):
             continue
         values[f.field] = value
     both = getattr(args, "codec_both", None)

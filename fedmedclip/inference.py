@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ from torch import nn
 from .backbone import LOGIT_SCALE, Backbone, load_backbone
 from .errors import ConfigError, FedMedClipError, ProvenanceMismatch
 from .losses import ENTROPIES, ensemble
-from .methods import METHODS, MethodContext
-from .modules import FeatureAdaptationModule, PrivateMLP, adapt
+from .methods import METHODS, MethodContext, ModelFiles
+from .modules import adapt
 from .preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -174,68 +173,6 @@ def _method_context(meta: dict, text: torch.Tensor) -> MethodContext:
     )
 
 
-def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _fedmedclip_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
-    method = METHODS["fedmedclip"](_method_context(meta, text))
-    if site == GLOBAL:
-        # The engine's global module: a fresh FAM holding the communicated fc weights; its
-        # thresholds are never communicated and stay at their initial zeros (engine.write_model).
-        fam = method.new_global()
-        missing, unexpected = fam.load_state_dict(
-            _load_safetensors(model_dir / "global.safetensors"), strict=False
-        )
-        if unexpected or any(not k.endswith("threshold") for k in missing):
-            raise FedMedClipError(
-                f"global.safetensors does not hold a FAM: missing {missing}, unexpected {unexpected}"
-            )
-        return fam, None, method.opt["entropy"]
-    state = _load_safetensors(model_dir / f"site_{site}.safetensors")
-    fam = FeatureAdaptationModule(text.shape[1], method.opt["mask_rule"])
-    mlp = PrivateMLP(text.shape[1], text.shape[0], method.opt["mask_rule"])
-    fam.load_state_dict(_strip(state, "fam."))
-    mlp.load_state_dict(_strip(state, "mlp."))
-    return fam, mlp, method.opt["entropy"]
-
-
-def _communicated_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
-    # FACMIC and FedCLIP communicate their whole attention module and keep nothing private, so after
-    # the final aggregation every site predicts zero-shot with the global module (Site.probs).
-    # With --federation local each site's own module is in its site file instead (engine.write_model).
-    method = METHODS[meta["method"]](_method_context(meta, text))
-    attention = method.new_global()
-    own = model_dir / f"site_{site}.safetensors"
-    if site != GLOBAL and meta.get("federation", "federated") == "local" and own.is_file():
-        attention.load_state_dict(_strip(_load_safetensors(own), "attention."))
-    else:
-        attention.load_state_dict(_load_safetensors(model_dir / "global.safetensors"))
-    return attention, None, "code"
-
-
-class UnitAttention(nn.Module):
-    """a(f) = 1, so ĥ = n(f): plain CLIP zero-shot (`zeroshot` method) through the same head."""
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(f)
-
-
-def _zeroshot_parts(model_dir: Path, meta: dict, site: str, text: torch.Tensor):
-    return UnitAttention(), None, "code"
-
-
-# method name -> (model dir, model.json, site, raw text features) -> (attention, mlp or None, entropy rule).
-# Methods that fine-tune the CLIP encoder itself (fedavg, fedprox, moon, fedfocal) are not here: their
-# encoder is no longer the frozen backbone that the run directory identifies by hash.
-PART_BUILDERS: dict[str, Callable] = {
-    "fedmedclip": _fedmedclip_parts,
-    "facmic": _communicated_parts,
-    "fedclip": _communicated_parts,
-    "zeroshot": _zeroshot_parts,
-}
-
-
 def load_classifier(
     run_dir: str | Path, site: str | int = GLOBAL, backbone: str | None = None
 ) -> tuple[ImageClassifier, dict]:
@@ -243,31 +180,34 @@ def load_classifier(
     model.json's contents plus `site` (canonical name) and `run_dir`. `backbone` overrides where the
     frozen weights come from (their hash must still match)."""
     meta = read_model_json(run_dir)
-    method = meta["method"]
-    if method not in PART_BUILDERS:
+    name = meta["method"]
+    if name not in METHODS or not METHODS[name].exportable:
+        exportable = [m for m, cls in METHODS.items() if cls.exportable]
         raise ConfigError(
-            f"cannot export method {method!r}: supported are {', '.join(PART_BUILDERS)} (methods that "
-            "fine-tune the CLIP encoder are not exportable yet)"
+            f"cannot export method {name!r}: exportable are {', '.join(exportable)} (methods that fine-tune "
+            "the CLIP encoder are not exportable yet)"
         )
     site = resolve_site(meta, site)
     model_dir = Path(run_dir) / "model"
-    if meta.get("federation", "federated") == "local" and method != "zeroshot":
-        # Each site trained alone: global.safetensors is only the untrained starting point.
-        if site == GLOBAL:
-            raise ConfigError(
-                "this run was trained with --federation local: it has no global model; export a site"
-            )
-        if not (model_dir / f"site_{site}.safetensors").is_file():
-            raise FedMedClipError(
-                f"this {method} run was trained with --federation local, but site {site!r}'s own module was "
-                "not saved in model/ (only private modules are): it cannot be exported"
-            )
     text = _load_safetensors(model_dir / "text_features.safetensors")["text_features"].float()
     if text.shape[0] != len(meta["class_names"]):
         raise FedMedClipError(
             f"text_features has {text.shape[0]} rows but model.json lists {len(meta['class_names'])} classes"
         )
-    attention, mlp, entropy = PART_BUILDERS[method](model_dir, meta, site, text)
+    method = METHODS[name](_method_context(meta, text))
+    files = ModelFiles(model_dir, meta)
+    if files.federation == "local" and method.shared_state(method.new_global()):
+        # Each site trained alone: global.safetensors is only the untrained starting point.
+        if site == GLOBAL:
+            raise ConfigError(
+                "this run was trained with --federation local: it has no global model; export a site"
+            )
+        if files.site(site) is None:
+            raise FedMedClipError(
+                f"this {name} run was trained with --federation local, but site {site!r}'s own module was "
+                "not saved in model/ (only private modules are): it cannot be exported"
+            )
+    attention, mlp, entropy = method.predictor_parts(files, None if site == GLOBAL else site)
     bb = load_run_backbone(meta, backbone)
     if bb.feature_dim != text.shape[1]:
         raise ProvenanceMismatch(
@@ -275,5 +215,5 @@ def load_classifier(
         )
     prep = Preprocessing.from_dict(meta["preprocessing"])
     clf = ImageClassifier(ImageEncoder(bb.model), prep, attention, text, mlp, entropy)
-    log.debug("loaded %s classifier for site %s from %s", method, site, run_dir)
+    log.debug("loaded %s classifier for site %s from %s", name, site, run_dir)
     return clf, {**meta, "site": site, "run_dir": str(run_dir)}

@@ -1,6 +1,7 @@
 """Classification metrics, computed directly (no scikit-learn dependency), matching sklearn's
 definitions: balanced accuracy = mean recall over classes present in y_true; macro-F1 over the
-union of true and predicted classes, 0 where undefined; ECE with 10 equal-width confidence bins."""
+union of true and predicted classes, 0 where undefined; ECE with 10 equal-width confidence bins, ours and
+the reference code's variant (`ece_reference`, see `expected_calibration_error_reference`)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,38 @@ def expected_calibration_error(probs, y_true, n_bins: int = 10) -> float:
     )
 
 
+def expected_calibration_error_reference(probs, y_true, n_bins: int = 10) -> float:
+    """ECE as the reference code computes it (algorithms.md §6, the quirk): bins are [lo, hi) except the
+    last, [0.9, 1.0]; n_b is that histogram's count, so a confidence of exactly 1.0 is counted in the last bin,
+    but the per-bin accuracy and mean confidence are taken over the samples with lo <= conf < hi only, so
+    those 1.0s never count there (a bin holding only 1.0s contributes nothing). With logits scaled by 100
+    many confidences saturate to exactly 1.0 in float32, and this variant can differ from ours by a lot:
+    report it only to compare with the papers' numbers."""
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    n = len(y_true)
+    if n == 0:
+        return float("nan")
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    counts = np.histogram(conf, bins=edges)[0]
+    # np.digitize's left-closed bins: 1.0 (== the last edge) falls past the last bin and is dropped.
+    which = np.digitize(conf, edges) - 1
+    inside = (which >= 0) & (which < n_bins)
+    members = np.bincount(which[inside], minlength=n_bins)
+    conf_sum = np.bincount(which[inside], weights=conf[inside], minlength=n_bins)
+    acc_sum = np.bincount(which[inside], weights=correct[inside], minlength=n_bins)
+    safe = np.maximum(members, 1)
+    gaps = np.where(members > 0, np.abs(conf_sum / safe - acc_sum / safe), 0.0)
+    return float(np.sum(counts / n * gaps))
+
+
 def classification_report(probs, y_true) -> dict:
+    """acc, bacc (mean recall over classes present), f1 (macro), n, and two ECEs over 10 equal-width bins
+    of the max-class confidence: `ece` (ours: bins (lo, hi], the first closed; every sample counts in its
+    bin's confidence and accuracy) and `ece_reference` (the reference code's, where a confidence of exactly
+    1.0 counts in the bin sizes but not in the per-bin accuracy or confidence: comparable with the papers'
+    ECE; see `expected_calibration_error_reference`)."""
     probs, y_true = np.asarray(probs), np.asarray(y_true)
     y_pred = probs.argmax(axis=1)
     return {
@@ -68,5 +100,6 @@ def classification_report(probs, y_true) -> dict:
         "bacc": balanced_accuracy(y_true, y_pred),
         "f1": macro_f1(y_true, y_pred),
         "ece": expected_calibration_error(probs, y_true),
+        "ece_reference": expected_calibration_error_reference(probs, y_true),
         "n": int(len(y_true)),
     }

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone, load_backbone, make_preprocessing
 from .config import SYNTHETIC, TrainConfig
-from .data import ImageSet, load_image, open_source
+from .data import ImageSet, check_class_support, load_image, open_source
 from .errors import ConfigError
-from .features import FeatureStore, build_feature_store, canonical_digest
+from .features import FeatureStore, build_feature_store, canonical_digest, check_training_classes
 from .methods import METHODS, Method, MethodContext, SiteData
 from .partition import Partition, make_partition
 from .preprocess import Preprocessing
@@ -37,9 +37,17 @@ def load_image_set(cfg: TrainConfig) -> ImageSet:
     """The configured source; `synthetic` is generated once into the cache (deterministic). For remote data
     (`s3://BUCKET`) the published image list without pixels: enough to draw the partition."""
     if is_remote(cfg.data):
-        return remote_source(cfg.data).published(cfg)
+        image_set = remote_source(cfg.data).published(cfg)
+    else:
+        image_set = open_source(_local_source(cfg), classes=cfg.classes)
+    if cfg.classes is None:  # an inferred class list: a label typo must not become a class of its own
+        check_class_support(image_set, cfg.min_class_images)
+    return image_set
+
+
+def _local_source(cfg: TrainConfig) -> Path | str:
     if cfg.data != SYNTHETIC:
-        return open_source(cfg.data)
+        return cfg.data
     from . import synthetic
 
     args = {"sites": cfg.sites or 3, **cfg.synthetic}
@@ -50,7 +58,7 @@ def load_image_set(cfg: TrainConfig) -> ImageSet:
         shutil.rmtree(tmp, ignore_errors=True)
         synthetic.generate(tmp, **args)
         os.replace(tmp, folder)
-    return open_source(manifest)
+    return manifest
 
 
 def holder_images(cfg: TrainConfig, image_set: ImageSet, partition: Partition, holder: str) -> ImageSet:
@@ -174,6 +182,9 @@ def prepare(cfg: TrainConfig, progress: bool = True, holders: list[str] | None =
         if METHODS[cfg.method].needs_images:
             # The store still gives the text features and provenance; training reads these pixels.
             pixels[h] = load_pixels(images, stores[h].image_ids, prep, progress, f"decoding {h}")
+    sites = [h for h in stores if h != SERVER]
+    if sites == partition.site_names:  # every site's store is here: no class may have lost all its images
+        check_training_classes({s: stores[s] for s in sites}, {s: partition.sites[s]["train"] for s in sites})
     return Prepared(
         cfg, image_set, partition, backbone, prep, stores, time.perf_counter() - t0, pixels or None
     )

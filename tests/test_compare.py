@@ -9,6 +9,7 @@ import pytest
 from fedmedclip import compare, engine
 from fedmedclip.cli import main
 from fedmedclip.errors import ConfigError
+from fedmedclip.methods import method_groups
 
 SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
 
@@ -19,7 +20,10 @@ def test_parse_methods_and_partitions():
         ("facmic", "local"),
     ]
     assert ("fedavg", "federated") in compare.parse_methods("all")
-    assert all(m not in compare.FINETUNE for m, _ in compare.parse_methods("cached"))
+    finetune = method_groups()["finetune"]
+    assert finetune == ["fedavg", "fedprox", "moon", "fedfocal"]
+    assert all(m not in finetune for m, _ in compare.parse_methods("cached"))
+    assert ("facmic", "centralized") in compare.parse_methods("cached")
     assert compare.parse_partitions("iid,dirichlet:0.50") == [
         ("iid", "iid", None),
         ("dirichlet:0.5", "dirichlet", 0.5),
@@ -55,20 +59,12 @@ def grid_args(tmp_path, cache):
         str(tmp_path / "grid"),
         "--cache-dir",
         str(cache),
+        "--synthetic",
+        json.dumps(SYNTH),  # tiny images for every cell
     ]
 
 
 def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch):
-    from fedmedclip.config import TrainConfig
-
-    # Tiny synthetic images for every cell (the CLI's synthetic default is larger).
-    real_init = TrainConfig.__init__
-
-    def small(self, *a, **kw):
-        real_init(self, *a, **kw)
-        self.synthetic = dict(SYNTH)
-
-    monkeypatch.setattr(TrainConfig, "__init__", small)
     cache = tmp_path / "cache"
     calls = []
     real_train = engine.train
@@ -93,7 +89,7 @@ def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch
     assert calls == []
     assert (out / "comparison.md").read_text() == table
 
-    # An interrupted cell (checkpoint, no results.json) resumes; the others stay untouched.
+    # An interrupted cell (its run started, no results.json) resumes; the others stay untouched.
     cell = out / "runs" / "zeroshot" / "iid" / "seed1"
     (cell / "results.json").unlink()
     assert main(grid_args(tmp_path, cache)) == 0

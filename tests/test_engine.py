@@ -1,5 +1,6 @@
-"""The in-process federation end to end: resume equivalence, results.json and plots, the communication
-ledger, model selection, refusing to overwrite a run, and training on the real brain-tumour MRI set."""
+"""The in-process federation end to end: resume after interruptions and damaged checkpoints, results.json and
+plots, the communication ledger, model selection (never on a test split), a diverging site, refusing to
+overwrite a run, and training on the real brain-tumour MRI set."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedmedclip import engine
-from fedmedclip.codec import decode_state, encode_state
+from fedmedclip.codec import decode_state
 from fedmedclip.config import TrainConfig
 from fedmedclip.errors import CheckpointError, ConfigError
-from fedmedclip.methods import MethodContext
+from fedmedclip.federation.site import SiteFailure, SiteWorker
 from fedmedclip.methods.fedmedclip_method import FedMedClip
 
 SYNTHETIC = {"per_class_per_site": 20, "test_per_class": 10, "size": 64}
@@ -67,93 +67,69 @@ def _history(h: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- resume equivalence
-
-
-@pytest.mark.parametrize("method", ["fedmedclip", "facmic"])
-def test_resumed_federation_equals_uninterrupted(method, cache, tmp_path):
-    cfg = config(method, cache, tmp_path / "unused")
-    prepared = engine.prepare(cfg, progress=False)
-
-    full = engine.Federation(cfg, prepared)
-    for _ in range(4):
-        full.step()
-
-    first = engine.Federation(cfg, prepared)
-    first.step()
-    first.step()
-    first.save_checkpoint(tmp_path / "ckpt")
-    del first
-
-    # A new process would rebuild everything from the configuration: fresh stores, fresh modules.
-    resumed = engine.Federation(cfg, engine.prepare(cfg, progress=False))
-    resumed.load_checkpoint(tmp_path / "ckpt")
-    assert resumed.round == 2
-    resumed.step()
-    resumed.step()
-
-    assert _history(resumed.history) == _history(full.history)
-    assert_same(resumed.global_state, full.global_state, "global")
-    for k, (a, b) in enumerate(zip(resumed.trainers, full.trainers, strict=True)):
-        assert_same(a.state_dict(), b.state_dict(), f"site{k}")  # modules and optimiser state
-    assert resumed.best["round"] == full.best["round"]
-    assert_same(resumed.best["global"], full.best["global"], "best")
-    # the run really trained: the global module moved away from its initialisation
-    init = engine.Federation(cfg, prepared).global_state
-    assert any(not torch.equal(init[k], full.global_state[k]) for k in init)
-
-
-def test_checkpoint_refuses_a_different_configuration(cache, tmp_path):
-    cfg = config("fedmedclip", cache, tmp_path / "a", rounds=2)
-    fed = engine.Federation(cfg, engine.prepare(cfg, progress=False))
-    fed.step()
-    fed.save_checkpoint(tmp_path / "ckpt")
-    other = config("fedmedclip", cache, tmp_path / "b", rounds=2, codec="int8-zlib")
-    fed2 = engine.Federation(other, engine.prepare(other, progress=False))
-    with pytest.raises(CheckpointError, match="codec"):
-        fed2.load_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(CheckpointError, match="no usable checkpoint"):
-        fed2.load_checkpoint(tmp_path / "nothing-here")
-
-
 class Killed(Exception):
     pass
 
 
+def _same_results(a: dict, b: dict) -> None:
+    assert a["metrics"] == b["metrics"]
+    assert _history(a["history"]) == _history(b["history"])
+
+
+def _same_model_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in (a / "model").iterdir())
+    assert names == sorted(p.name for p in (b / "model").iterdir())
+    for name in names:
+        assert (a / "model" / name).read_bytes() == (b / "model" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("method", ["fedmedclip", "facmic"])
-def test_train_interrupted_then_resumed_matches_uninterrupted(method, cache, tmp_path, monkeypatch):
+def test_train_interrupted_mid_round_then_resumed_matches_uninterrupted(method, cache, tmp_path, monkeypatch):
+    """Interrupted while round 3 is half done (site_0 has trained it, site_1 has not): the resumed run ends
+    with the same metrics and byte-identical model files."""
     straight = engine.train(config(method, cache, tmp_path / "straight"), progress=False)
+    train_site = SiteWorker._train
 
-    step = engine.Federation.step
-
-    def dies_in_round_3(self):
-        if self.round == 2:
-            raise Killed  # after round 2's checkpoint was written
-        return step(self)
+    def dies(self, r, received):
+        if r == 3 and self.name == "site_1":
+            raise Killed
+        return train_site(self, r, received)
 
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(engine.Federation, "step", dies_in_round_3)
+    monkeypatch.setattr(SiteWorker, "_train", dies)
     with pytest.raises(Killed):
         engine.train(config(method, cache, out), progress=False)
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 2
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(engine.Federation, "step", step)
-
-    with pytest.raises(ConfigError, match="--resume"):
-        engine.train(config(method, cache, out), progress=False)
+    monkeypatch.setattr(SiteWorker, "_train", train_site)
     resumed = engine.train(config(method, cache, out), resume=True, progress=False)
+    _same_results(resumed, straight)
+    _same_model_files(out, tmp_path / "straight")
 
-    assert resumed["metrics"] == straight["metrics"]
-    assert _history(resumed["history"]) == _history(straight["history"])
-    assert resumed["comm"] == straight["comm"]
-    for name in os.listdir(tmp_path / "straight" / "model"):
-        if name.endswith(".safetensors"):
-            assert_same(
-                load_file(out / "model" / name), load_file(tmp_path / "straight" / "model" / name), name
-            )
+
+def test_killed_during_round_1_resumes(cache, tmp_path, monkeypatch):
+    """Killed after config.json was written and before any round finished (even before the checkpoints
+    existed): --resume starts it, and the result is an uninterrupted run's."""
+    straight = engine.train(config("fedmedclip", cache, tmp_path / "straight", rounds=2), progress=False)
+    out = tmp_path / "run"
+    monkeypatch.setattr(SiteWorker, "_train", lambda self, r, received: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        engine.train(config("fedmedclip", cache, out, rounds=2), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="not empty.*--resume"):
+        engine.train(config("fedmedclip", cache, out, rounds=2), progress=False)
+    _same_results(
+        engine.train(config("fedmedclip", cache, out, rounds=2), resume=True, progress=False), straight
+    )
+    # Killed before even the checkpoints: only config.json is there.
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text((out / "config.json").read_text())
+    resumed = engine.train(config("fedmedclip", cache, only_config, rounds=2), resume=True, progress=False)
+    _same_results(resumed, straight)
 
 
 def test_train_killed_by_signal_resumes_to_the_same_result(cache, tmp_path):
-    """A real SIGKILL of a training process after its first checkpoint, then `train(resume=True)`."""
+    """A real SIGKILL of a training process after its first checkpoints, then `train(resume=True)`."""
     out = tmp_path / "killed"
     cfg = config("fedmedclip", cache, out, rounds=6)
     script = textwrap.dedent(
@@ -161,23 +137,21 @@ def test_train_killed_by_signal_resumes_to_the_same_result(cache, tmp_path):
         import json, time
         from fedmedclip import engine
         from fedmedclip.config import TrainConfig
+        from fedmedclip.federation.site import SiteWorker
         cfg = TrainConfig.from_json(json.loads({json.dumps(json.dumps(cfg.to_json()))}))
-        step = engine.Federation.step
-        def slow(self):
-            rec = step(self)
-            time.sleep(0.5)  # leave the parent time to kill between rounds or mid-checkpoint
-            return rec
-        engine.Federation.step = slow
+        train = SiteWorker._train
+        def slow(self, r, received):
+            time.sleep(0.2)  # leave the parent time to kill mid-round or mid-checkpoint
+            return train(self, r, received)
+        SiteWorker._train = slow
         engine.train(cfg, progress=False)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
-    state = out / "checkpoint" / "state.json"
+    marker = out / "rounds" / "global_round_002.bin"
     deadline = time.time() + 120
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if state.exists():
-                break
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
             time.sleep(0.05)
         assert proc.poll() is None, "the training process ended before it could be killed"
         time.sleep(0.3)
@@ -186,51 +160,98 @@ def test_train_killed_by_signal_resumes_to_the_same_result(cache, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    done = json.loads(state.read_text())["round"]
-    assert 1 <= done < 6
+    assert not (out / "results.json").exists()
     resumed = engine.train(config("fedmedclip", cache, out, rounds=6), resume=True, progress=False)
     straight = engine.train(config("fedmedclip", cache, tmp_path / "straight", rounds=6), progress=False)
-    assert resumed["metrics"] == straight["metrics"]
-    assert _history(resumed["history"]) == _history(straight["history"])
+    _same_results(resumed, straight)
 
 
-def test_kill_between_checkpoint_renames_still_resumes(cache, tmp_path, monkeypatch):
+def _newest_slot(party: Path) -> Path:
+    slots = [party / "ckpt" / s for s in ("a", "b")]
+    return max(slots, key=lambda s: json.loads((s / "state.json").read_text())["seq"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte", "missing", "edited-round", "nan"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(damage, cache, tmp_path, monkeypatch):
+    """The server's newest checkpoint damaged in each way the audit tried: it is detected (digest, sha256,
+    finiteness), the previous save is used, and the run still ends exactly as an uninterrupted one."""
+    straight = engine.train(config("fedmedclip", cache, tmp_path / "straight", rounds=3), progress=False)
     out = tmp_path / "run"
-    real_replace = os.replace
-    calls = []
+    train_site = SiteWorker._train
 
-    def killed_mid_swap(src, dst):
-        calls.append((Path(src).name, Path(dst).name))
-        if Path(src).name == "checkpoint.tmp" and len(calls) > 1:
-            raise Killed  # round 2: the old checkpoint is already moved aside
-        return real_replace(src, dst)
+    def dies(self, r, received):
+        if r == 3:
+            raise Killed
+        return train_site(self, r, received)
 
-    monkeypatch.setattr(engine.os, "replace", killed_mid_swap)
+    monkeypatch.setattr(SiteWorker, "_train", dies)
     with pytest.raises(Killed):
         engine.train(config("fedmedclip", cache, out, rounds=3), progress=False)
-    monkeypatch.setattr(engine.os, "replace", real_replace)
-    assert (out / "checkpoint.old" / "state.json").exists() or (
-        out / "checkpoint.tmp" / "state.json"
-    ).exists()
+    monkeypatch.undo()
+    slot = _newest_slot(out / "checkpoint" / "server")
+    if damage == "truncated":
+        blob = (slot / "tensors.pt").read_bytes()
+        (slot / "tensors.pt").write_bytes(blob[: len(blob) // 2])
+    elif damage == "zero-byte":
+        (slot / "state.json").write_bytes(b"")
+    elif damage == "missing":
+        (slot / "tensors.pt").unlink()
+    elif damage == "edited-round":
+        state = json.loads((slot / "state.json").read_text())
+        state["body"]["round"] += 1
+        (slot / "state.json").write_text(json.dumps(state))
+    else:  # NaN state with a recomputed, matching sha256: caught by the finiteness check
+        import hashlib
+        import io
+
+        tensors = torch.load(io.BytesIO((slot / "tensors.pt").read_bytes()), weights_only=True)
+        next(iter(tensors["global_state"].values())).fill_(float("nan"))
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        (slot / "tensors.pt").write_bytes(buf.getvalue())
+        state = json.loads((slot / "state.json").read_text())
+        state["tensors_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        body = {k: v for k, v in state.items() if k != "digest"}
+        from fedmedclip.features import canonical_digest
+
+        state["digest"] = canonical_digest(body)
+        (slot / "state.json").write_text(json.dumps(state))
     resumed = engine.train(config("fedmedclip", cache, out, rounds=3), resume=True, progress=False)
-    straight = engine.train(config("fedmedclip", cache, tmp_path / "straight", rounds=3), progress=False)
-    assert resumed["metrics"] == straight["metrics"]
+    _same_results(resumed, straight)
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+    from fedmedclip.federation.checkpoint import CheckpointStore
+    from fedmedclip.federation.storage import LocalDirStore
+
+    store = CheckpointStore(LocalDirStore(tmp_path), "server")
+    assert store.load() is None
+    store.save({"round": 1}, {"w": torch.ones(2)})
+    store.save({"round": 2}, {"w": torch.full((2,), 2.0)})
+    assert store.load()[1] == {"round": 2}
+    for slot in ("a", "b"):
+        (tmp_path / slot / "tensors.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as err:
+        store.load()
+    assert "sha256" in str(err.value) and "weights_only" not in str(err.value)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        store.save({"round": 3}, {"w": torch.tensor([1.0, float("inf")])})
+
+
+def test_resume_with_another_configuration_is_refused_before_any_encoding(cache, tmp_path):
+    cfg = config("fedmedclip", cache, tmp_path / "run", rounds=2)
+    engine.train(cfg, progress=False)
+    fresh = tmp_path / "fresh-cache"
+    other = config("fedmedclip", fresh, tmp_path / "run", rounds=2, codec_up="int8-zlib")
+    with pytest.raises(CheckpointError, match="differs in codec_up"):
+        engine.train(other, resume=True, progress=False)
+    assert not fresh.exists()  # refused before any feature store was written
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def test_results_plots_and_ledger(cache, tmp_path, monkeypatch):
-    ups = []
-    site_round = engine.site_round
-
-    def spy(*a, **k):
-        payload, stats = site_round(*a, **k)
-        assert isinstance(payload, bytes)  # only bytes leave a site
-        ups.append(len(payload))
-        return payload, stats
-
-    monkeypatch.setattr(engine, "site_round", spy)
+def test_results_plots_and_ledger(cache, tmp_path):
     cfg = config("fedmedclip", cache, tmp_path / "run", rounds=3)
     res = engine.train(cfg, progress=False)
     out = tmp_path / "run"
@@ -240,7 +261,7 @@ def test_results_plots_and_ledger(cache, tmp_path, monkeypatch):
     assert res["partition"]["scheme"] == "iid" and res["partition"]["seed"] == 0
     assert res["backbone"]["name"] == "tiny"
     g = res["metrics"]["global"]
-    for k in ("acc", "bacc", "f1", "ece"):
+    for k in ("acc", "bacc", "f1", "ece", "ece_reference"):
         assert 0.0 <= g[k] <= 1.0
     assert g["n"] == 40  # 4 classes x 10 global test images
     sites = res["metrics"]["sites"]
@@ -248,20 +269,18 @@ def test_results_plots_and_ledger(cache, tmp_path, monkeypatch):
     assert all({"acc", "bacc", "f1", "ece", "n"} <= set(s) for s in sites)
     assert res["timing"]["seconds_per_round"] > 0
 
-    # The ledger: what was measured on the wire, per site and round.
+    # The ledger: what was measured on the wire, per site and round; round r downloads round r-1's module.
     h = res["history"]
-    assert [b for r in h for b in r["bytes_up"]] == ups
-    assert res["comm"]["bytes_up_per_site_per_round"] == pytest.approx(sum(ups) / len(ups))
-    init = FedMedClip(MethodContext(128, 4, torch.zeros(4, 128), seed=0))
-    first_down = len(encode_state(init.shared_state(init.new_global()), cfg.codec))
-    assert h[0]["bytes_down"] == [first_down] * 3
-    for r in (2, 3):  # round r downloads what round r-1 produced
+    assert all(r["sites_present"] == ["site_0", "site_1", "site_2"] and r["rejected"] == {} for r in h)
+    for r in (2, 3):
         assert (
             h[r - 1]["bytes_down"]
             == [len((out / "rounds" / f"global_round_{r - 1:03d}.bin").read_bytes())] * 3
         )
+    ups = [b for r in h for b in r["bytes_up"]]
+    assert res["comm"]["bytes_up_per_site_per_round"] == pytest.approx(sum(ups) / len(ups))
     raw = (128 * 128 + 128) * 2 * 2  # the FAM's W and b in fp16
-    assert all(0.7 * raw < b < raw + 1000 for b in ups)
+    assert all(0.7 * raw < b < raw + 1500 for b in ups)
     assert set(decode_state((out / "rounds" / "global_round_003.bin").read_bytes())) == {
         "fc1.weight",
         "fc1.bias",
@@ -272,6 +291,8 @@ def test_results_plots_and_ledger(cache, tmp_path, monkeypatch):
     # Model selection: the best client-mean validation round, and the last round beside it.
     vals = [r["val_acc_mean"] for r in h]
     assert res["metrics"]["best_round"] == vals.index(max(vals)) + 1
+    assert res["metrics"]["selection"] == "best client-mean validation accuracy"
+    assert res["metrics"]["selection_sites"] == ["site_0", "site_1", "site_2"]
     last = res["metrics"]["last_round"]
     assert last["round"] == 3 and last["global"]["acc"] == pytest.approx(h[-1]["global"]["acc"])
 
@@ -280,6 +301,58 @@ def test_results_plots_and_ledger(cache, tmp_path, monkeypatch):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert (out / "partition.json").exists() and (out / "config.json").exists()
     assert (out / "model" / "global.safetensors").exists()
+    assert not list(out.rglob("*.part"))  # every final file was renamed into place
+
+
+def test_without_validation_data_the_last_round_is_selected_and_the_test_split_is_never_read(
+    cache, tmp_path, capsys
+):
+    """--split 0.9,0,0.1: no site has a validation split. Selection must not fall back to the sites' test
+    accuracy: the last round is selected, and results.json and the console say so."""
+    from fedmedclip.cli import main
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        "synthetic",
+        "--rounds",
+        "4",
+        "--split",
+        "0.9,0,0.1",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--synthetic",
+        json.dumps(SYNTHETIC),
+        "--no-track",
+    ]
+    assert main(["-q", *args]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["metrics"]["best_round"] == 4
+    assert res["metrics"]["selection"].startswith("last round")
+    assert all(r["val_acc_mean"] is None for r in res["history"])
+    assert "selected round 4: last round (no site has a validation split)" in capsys.readouterr().out
+
+
+def test_a_site_whose_training_diverges_stops_with_a_clear_error_and_sends_nothing(
+    cache, tmp_path, monkeypatch
+):
+    train_round = FedMedClip.new_site
+
+    def poisoned(self, data, index):
+        trainer = train_round(self, data, index)
+        if index == 1:
+            data.train_x[0] = float("nan")  # a corrupt feature row at site_1
+        return trainer
+
+    monkeypatch.setattr(FedMedClip, "new_site", poisoned)
+    with pytest.raises(
+        SiteFailure, match="site site_1: round 1: local training diverged .*nothing was uploaded"
+    ):
+        engine.train(config("fedmedclip", cache, tmp_path / "run", rounds=2), progress=False)
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_refuses_a_non_empty_out_without_resume(cache, tmp_path):

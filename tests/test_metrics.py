@@ -12,6 +12,7 @@ from fedmedclip.metrics import (
     balanced_accuracy,
     classification_report,
     expected_calibration_error,
+    expected_calibration_error_reference,
     macro_f1,
     reliability_bins,
 )
@@ -114,6 +115,58 @@ def test_ece_random_against_loop_reference():
 def test_classification_report_keys():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     rep = classification_report(probs, [0, 1, 1])
-    assert set(rep) == {"acc", "bacc", "f1", "ece", "n"}
+    assert set(rep) == {"acc", "bacc", "f1", "ece", "ece_reference", "n"}
     assert rep["acc"] == pytest.approx(2 / 3) and rep["n"] == 3
     assert rep["bacc"] == pytest.approx(0.75)
+    assert rep["ece_reference"] == pytest.approx(expected_calibration_error_reference(probs, [0, 1, 1]))
+
+
+# ----------------------------------------------------------------------------- the reference code's ECE
+
+
+def test_ece_reference_counts_a_saturated_confidence_only_in_the_bin_size():
+    probs = [
+        [1.0, 0.0],  # conf exactly 1.0, correct: in the last bin's count, not in its accuracy or confidence
+        [0.95, 0.05],  # conf 0.95, label 1: wrong
+        [0.65, 0.35],  # conf 0.65, correct
+    ]
+    y = [0, 1, 0]
+    # ours: bin (0.9, 1]: conf (1 + 0.95)/2, acc 1/2, 2 of 3; bin (0.6, 0.7]: |0.65 - 1|, 1 of 3
+    assert expected_calibration_error(probs, y) == pytest.approx(abs(0.975 - 0.5) * 2 / 3 + 0.35 / 3)
+    # reference: the last bin counts 2 of 3, but its conf and acc come from 0.95 alone (wrong): |0.95 - 0|
+    assert expected_calibration_error_reference(probs, y) == pytest.approx(0.95 * 2 / 3 + 0.35 / 3)
+    # a bin holding only saturated confidences adds nothing, even with a wrong prediction in it
+    assert expected_calibration_error_reference([[1.0, 0.0], [0.0, 1.0]], [1, 1]) == 0.0
+    assert expected_calibration_error([[1.0, 0.0], [0.0, 1.0]], [1, 1]) == pytest.approx(0.5)
+    assert math.isnan(expected_calibration_error_reference(np.zeros((0, 2)), []))
+
+
+def _ref_ece_reference(probs, y, n_bins=10):
+    """The quirk spelled out: n_b over [lo, hi) bins with the last closed; conf_b and acc_b over [lo, hi)."""
+    n = len(y)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        confs = [max(p) for p in probs]
+        count = sum(1 for c in confs if lo <= c < hi or (b == n_bins - 1 and c == 1.0))
+        members = [
+            (max(p), int(p.index(max(p))) == t) for p, t in zip(probs, y, strict=True) if lo <= max(p) < hi
+        ]
+        if count and members:
+            conf = sum(c for c, _ in members) / len(members)
+            acc = sum(ok for _, ok in members) / len(members)
+            total += count / n * abs(conf - acc)
+    return total
+
+
+def test_ece_reference_random_with_saturated_rows_against_loop_reference():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(300, 4)).astype(np.float32) * 2
+    logits[:60] *= 100  # like the 100-scaled cosine logits: float32 softmax saturates to exactly 1.0
+    e = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    probs = (e / e.sum(1, keepdims=True)).astype(np.float32).astype(np.float64)
+    assert (probs.max(1) == 1.0).sum() > 30
+    y = rng.integers(0, 4, 300)
+    want = _ref_ece_reference(probs.tolist(), y.tolist())
+    assert expected_calibration_error_reference(probs, y) == pytest.approx(want)
+    assert abs(expected_calibration_error(probs, y) - want) > 0.01  # the two really differ here

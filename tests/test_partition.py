@@ -149,3 +149,22 @@ def test_bad_configurations_are_refused():
     no_test = ImageSet(CLASSES, ims.split("train"), "/nowhere")
     with pytest.raises(DataError, match="global test"):
         make_partition(no_test, "iid", 3)
+
+
+def test_transductive_holds_nothing_out_so_sites_train_on_the_whole_pool():
+    """With --transductive FACMIC adapts toward the global test images (the reference code's setting), so
+    the configuration holds no reference set out, whatever --reference-fraction says: the sites' splits
+    cover 100 % of the training pool, as in the paper."""
+    from fedmedclip.config import TrainConfig
+
+    ims = image_set()
+    cfg = TrainConfig(method="facmic", transductive=True, reference_fraction=0.2).validate()
+    assert cfg.reference_fraction == 0.0
+    p = make_partition(
+        ims, cfg.partition, cfg.sites, cfg.alpha, cfg.seed, cfg.split_ratio, cfg.reference_fraction
+    )
+    pool = sorted(r.image_id for r in ims.split("train"))
+    assert p.reference == [] and sorted(_all_site_ids(p)) == pool
+    assert sum(len(s["train"]) for s in p.sites.values()) == round(0.8 * len(pool))
+    # without it the default holds a tenth out
+    assert TrainConfig(method="facmic").validate().reference_fraction == 0.1

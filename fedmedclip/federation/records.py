@@ -22,7 +22,7 @@ from ..metrics import classification_report, reliability_bins
 
 SELECTION_BEST_VAL = "best client-mean validation accuracy"
 SELECTION_LAST = "last round (no site has a validation split)"
-SUMMARY_KEYS = ("acc", "bacc", "f1", "ece")
+SUMMARY_KEYS = ("acc", "bacc", "f1", "ece", "ece_reference")
 
 
 # ---------------------------------------------------------------- files

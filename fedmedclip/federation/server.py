@@ -54,7 +54,9 @@ class ServerOptions:
     quorum: int | None = None  # minimum sites per round; None: every expected site
     round_timeout: float = 600.0  # seconds a round waits for updates once the global module is out
     join_timeout: float = 3600.0  # round 1 also waits for the sites to encode their features
-    report_timeout: float = 120.0  # seconds to wait for a present site's metrics after publishing
+    report_timeout: float | None = (
+        None  # seconds to wait for a present site's metrics (default: round_timeout)
+    )
     norm_factor: float = 10.0  # reject an update whose distance to the global module exceeds this x the others' median (0: off)
     max_update_bytes: int | None = None  # cap on an inflated update (default: the template's size + headroom)
     stall_every: float = 30.0  # seconds between "waiting for ..." lines
@@ -410,10 +412,11 @@ class FederationServer:
     def _aggregate(self) -> None:
         r = self.round
         present = [s for s in self.sites if s in self._updates]
-        counts = self.method.aggregation_counts([self.counts[s] for s in present])
-        weights = aggregation_weights(counts, self.method.weighting)
-        new_state = self.method.aggregate(
-            self.global_state, [self._updates[s]["state"] for s in present], weights
+        new_state = aggregate_updates(
+            self.method,
+            self.global_state,
+            [self._updates[s]["state"] for s in present],
+            [self.counts[s] for s in present],
         )
         bad = non_finite(new_state)
         if bad:  # cannot happen with validated finite updates and convex weights; never publish it
@@ -421,6 +424,7 @@ class FederationServer:
                 f"round {r}: the aggregated module's {bad} is non-finite; nothing was published"
             )
         self.global_state = new_state
+        downloaded = len(self.payload)  # this round's sites trained from the previous global module
         self._publish(r, new_state, present)
         probs = self.method.global_probs(self.global_module, self.setup.global_x)
         self.reports[r] = {"global": evaluate_global(probs, self.setup.global_y), "sites": {}}
@@ -429,7 +433,7 @@ class FederationServer:
             "rejected": dict(self._rejected),
             "losses": {s: self._updates[s]["loss"] for s in present if self._updates[s]["loss"] is not None},
             "bytes_up": {s: self._updates[s]["bytes"] for s in present},
-            "bytes_down": {s: len(self.payload) for s in self.sites},
+            "bytes_down": {s: downloaded for s in present},
             "seconds": time.monotonic() - self._round_started,
         }
         self.phase = "reports"
@@ -467,10 +471,11 @@ class FederationServer:
             if isinstance(report.get("provenance"), dict):
                 self.site_provenance[site] = report["provenance"]
         missing = [s for s in self.info["present"] if s not in got]
-        if missing and time.monotonic() - getattr(self, "_reports_started", 0) < self.opt.report_timeout:
+        limit = self.opt.report_timeout or self.opt.round_timeout
+        if missing and time.monotonic() - self._reports_started < limit:
             return progressed
         for s in missing:
-            log.warning("round %d: no metrics from %s within %.0f s", r, s, self.opt.report_timeout)
+            log.warning("round %d: no metrics from %s within %.0f s", r, s, limit)
         self._close_round()
         return True
 
@@ -562,6 +567,14 @@ class FederationServer:
                 last_beat = time.monotonic()
             poller.sleep()
         return self.results
+
+
+def aggregate_updates(method: Method, previous: dict, states: list[dict], sample_counts: list[int]) -> dict:
+    """The method's aggregation of the present sites' decoded updates. `sample_counts` are the counts the
+    server holds (the manifest's), never what a site reports; the weights are renormalised over the sites
+    present."""
+    weights = aggregation_weights(method.aggregation_counts(sample_counts), method.weighting)
+    return method.aggregate(previous, states, weights)
 
 
 def model_meta(cfg, method: Method, setup: ServerSetup, best_round: int) -> dict:

@@ -101,6 +101,19 @@ class SiteTrainer:
         """Modules that never leave the site but belong to the exported model (e.g. the MLP)."""
         return {}
 
+    def model_tensors(self, own_shared: bool = False) -> dict[str, torch.Tensor]:
+        """This site's part of the exported model (`model/site_<name>.safetensors`): its private modules as
+        `<module>.<key>`; with `own_shared` (local-only training, where the site's shared module never reached
+        the global file) also its shared module as `attention.<key>`."""
+        tensors = {
+            f"{name}.{k}": v.detach().clone().contiguous()
+            for name, m in self.private_modules().items()
+            for k, v in m.state_dict().items()
+        }
+        if own_shared:
+            tensors.update({f"attention.{k}": v.contiguous() for k, v in self.shared_update().items()})
+        return tensors
+
 
 class Method:
     """Server-side description of a method."""
@@ -111,7 +124,17 @@ class Method:
     # True: SiteData carries preprocessed pixels instead of cached features, because the method trains
     # the image encoder (no feature cache possible); the engine then also fills ctx.backbone/prompts.
     needs_images: bool = False
-    options: dict = {}  # name -> default; documented in the method's module docstring
+    # True: the local loss regularises toward the round's global model (FedProx, MOON), so the method has no
+    # meaning without a federation (`--federation local|centralized` refuse it).
+    needs_global_model: bool = False
+    # Its group in `fedmedclip compare`: "cached" (frozen CLIP, trains on cached features) or "finetune"
+    # (trains CLIP itself), and the references (`--federation local|centralized`) the `cached` group runs.
+    group: str = "cached"
+    compare_references: tuple[str, ...] = ()
+    options: dict = {}  # name -> default
+    option_help: dict = {}  # name -> one line of help (`fedmedclip methods` prints them)
+    # Whether a run directory of this method can be rebuilt into a predictor (`predictor_parts`) and exported.
+    exportable: bool = False
 
     def __init__(self, ctx: MethodContext):
         unknown = set(ctx.options) - set(self.options)
@@ -150,3 +173,54 @@ class Method:
     def global_probs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Prediction at the global site, where no private module exists: zero-shot through the module."""
         raise NotImplementedError
+
+    def predictor_parts(self, model: ModelFiles, site: str | None) -> tuple[nn.Module, nn.Module | None, str]:
+        """The head of the exported predictor for `site` (None: the global model), rebuilt from a run's
+        model/ files: (attention a(f), private MLP or None, entropy rule of the ensemble). The predictor is
+        softmax(100 cos(n(a(f) f), t_c)), ensembled with the MLP's softmax when there is one. The default
+        serves methods whose shared module is all a site holds: the global module, or with
+        `--federation local` the site's own module (its `attention.*` tensors)."""
+        attention = self.new_global()
+        own = model.site(site) if site is not None and model.federation == "local" else None
+        if own is not None:
+            attention.load_state_dict(strip_prefix(own, "attention."))
+        else:
+            attention.load_state_dict(model.global_state())
+        return attention, None, "code"
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@dataclass
+class ModelFiles:
+    """A run's model/ folder as a method rebuilds its predictor from it (fedmedclip.inference)."""
+
+    directory: Any  # pathlib.Path
+    meta: dict  # model.json
+
+    @property
+    def federation(self) -> str:
+        return self.meta.get("federation", "federated")
+
+    def _load(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        from ..errors import FedMedClipError
+
+        path = self.directory / name
+        if not path.is_file():
+            raise FedMedClipError(f"model file {str(path)!r} is missing: the run directory is incomplete")
+        return load_file(str(path))
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self._load("global.safetensors")
+
+    def site(self, site: str) -> dict[str, torch.Tensor] | None:
+        """A site's own part (model/site_<name>.safetensors), None when the run has none for it."""
+        return (
+            self._load(f"site_{site}.safetensors")
+            if (self.directory / f"site_{site}.safetensors").is_file()
+            else None
+        )

@@ -3,14 +3,14 @@ LMMD domain adaptation toward an unlabelled reference set, aggregated by sample 
 
 Options (defaults reproduce the reference code, §2.6):
 - lr 5e-5, weight_decay 0.02 (Adam, coupled L2), optimiser state kept across rounds.
-- local_steps 199 (the code's n_iter break for BT/SC); local_epochs 0. Set local_epochs 1 (and
-  local_steps 0) for the paper's one epoch per round.
+- local_steps 199 (the code's n_iter break for BT/SC); local_epochs 0. Set local_epochs 1 for the paper's
+  one epoch per round (local_epochs set alone replaces the default local_steps; both non-zero is refused).
 - lmmd_weight 1.0 (scaled by 0.1 for batch sizes <= 8, as the paper does).
 - bandwidth "mean" (code) or "median" (paper).
 - masked_target False: True applies the attention to the target features too (paper reading).
 Aggregation weights n_k = 32·⌊n_train_k/32⌋ (the batches a drop_last loader yields, paper Eq. 8).
 Pseudo-labels of the target batch come from the attention in train mode, so that batch also moves the
-BatchNorm running statistics, as in the reference code (those statistics travel and are averaged).
+BatchNorm running statistics, once per step as in the reference code (those statistics travel and are averaged).
 The reference set itself is chosen by the engine: held-out unlabelled training images by default,
 the global test set with `transductive` (only to match the paper's numbers)."""
 
@@ -66,9 +66,16 @@ class FacmicSite(SiteTrainer):
             if len(tidx) != len(idx):  # the reference set is smaller than a batch
                 ft = ft[torch.arange(len(idx)) % len(ft)]
             h = adapt(self.attention, f)
-            with torch.no_grad():
-                q = torch.softmax(LOGIT_SCALE * adapt(self.attention, ft) @ text_n.t(), dim=1)
-            z = adapt(self.attention, ft) if opt["masked_target"] else F.normalize(ft, dim=1)
+            if opt["masked_target"]:
+                # One forward pass of the target batch gives both the masked target features and, detached,
+                # the pseudo-labels: BatchNorm's running statistics move once per target batch, as in the
+                # reference (a second pass would give the same values but move them twice).
+                z = adapt(self.attention, ft)
+                q = torch.softmax(LOGIT_SCALE * z.detach() @ text_n.t(), dim=1)
+            else:
+                with torch.no_grad():
+                    q = torch.softmax(LOGIT_SCALE * adapt(self.attention, ft) @ text_n.t(), dim=1)
+                z = F.normalize(ft, dim=1)
             loss = contrastive_loss(h, ctx.text_features, labels) + lam * lmmd_loss(
                 h, z, labels, q, ctx.num_classes, opt["bandwidth"]
             )
@@ -94,6 +101,9 @@ class Facmic(Method):
     name = "facmic"
     weighting = "samples"
     default_preprocessing = "clip"
+    group = "cached"
+    compare_references = ("local", "centralized")
+    exportable = True
     options = {
         "lr": 5e-5,
         "weight_decay": 0.02,
@@ -103,11 +113,29 @@ class Facmic(Method):
         "bandwidth": "mean",
         "masked_target": False,
     }
+    option_help = {
+        "lr": "Adam learning rate (coupled L2; the optimiser state persists across rounds)",
+        "weight_decay": "Adam L2 weight decay",
+        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
+        "local_epochs": "passes over the training split per round instead of local_steps",
+        "lmmd_weight": "weight of the LMMD adaptation loss (x0.1 for batches of 8 or fewer)",
+        "bandwidth": "LMMD kernel bandwidth: mean (code) or median (paper)",
+        "masked_target": "apply the attention to the target features too (paper reading)",
+    }
 
     def __init__(self, ctx):
         super().__init__(ctx)
         if self.opt["bandwidth"] not in ("mean", "median"):
             raise ConfigError(f"bandwidth must be mean or median, not {self.opt['bandwidth']!r}")
+        # An option the user sets takes effect: local_epochs alone replaces the default local_steps (which
+        # would otherwise win); both set is ambiguous and refused.
+        if ctx.options.get("local_epochs") and "local_steps" not in ctx.options:
+            self.opt["local_steps"] = 0
+        if self.opt["local_steps"] and self.opt["local_epochs"]:
+            raise ConfigError(
+                f"FACMIC got local_steps={self.opt['local_steps']} and local_epochs={self.opt['local_epochs']}: "
+                "set one of them (the other 0)"
+            )
         if not (self.opt["local_steps"] or self.opt["local_epochs"]):
             raise ConfigError("FACMIC needs local_steps > 0 or local_epochs > 0")
 

@@ -77,7 +77,14 @@ class FedClip(Method):
     name = "fedclip"
     weighting = "equal"
     default_preprocessing = "clip"
+    group = "cached"
+    exportable = True
     options = {"lr": 5e-5, "weight_decay": 0.2, "local_epochs": 1}
+    option_help = {
+        "lr": "Adam learning rate (re-created every round)",
+        "weight_decay": "Adam L2 weight decay",
+        "local_epochs": "passes over the training split per round",
+    }
 
     def __init__(self, ctx):
         super().__init__(ctx)

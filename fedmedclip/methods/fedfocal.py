@@ -37,3 +37,8 @@ class FedFocal(FineTuneMethod):
     name = "fedfocal"
     site_class = FedFocalSite
     options = {**FineTuneMethod.options, "gamma": 1.0, "smoothing": 0.1}
+    option_help = {
+        **FineTuneMethod.option_help,
+        "gamma": "focal exponent on the target entry",
+        "smoothing": "label smoothing of the contrastive targets",
+    }

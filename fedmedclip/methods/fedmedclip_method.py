@@ -7,7 +7,8 @@ Options (defaults follow the reference code, §8 of algorithms.md):
 - local_epochs 1; kd_weight 0.04; kd_temperature 2.0.
 - kd_adaptive False: True weights the two KL directions by the uncertainty share α (the commented-out intent).
 - entropy "code" (log-softmax of probabilities) or "shannon", for the ensemble weight.
-- mask_rule "code" (row magnitude rule, thresholds inert) or "dst" (element-wise, learnable thresholds)."""
+- mask_rule "code" (row magnitude rule, thresholds inert) or "dst" (element-wise, learnable thresholds, reset
+  to 0 whenever a site receives the global module, as the reference's clients do)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ import torch.nn.functional as F
 
 from ..losses import classwise_kl, contrastive_loss, ensemble, ensemble_weight
 from ..modules import FeatureAdaptationModule, PrivateMLP, adapt
-from .base import Method, SiteData, SiteTrainer, batch_stream, derive_seed, generator, zero_shot_probs
+from .base import (
+    Method,
+    SiteData,
+    SiteTrainer,
+    batch_stream,
+    derive_seed,
+    generator,
+    strip_prefix,
+    zero_shot_probs,
+)
 
 SHARED_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -33,6 +43,11 @@ class FedMedClipSite(SiteTrainer):
 
     def load_shared(self, state):
         self.fam.load_state_dict(state, strict=False)
+        # Thresholds do not travel; receiving the global module resets them to its value, 0 (algorithms.md
+        # §3.6), so with mask_rule=dst (where they learn) the sites start every round from the global masks.
+        with torch.no_grad():
+            for layer in (self.fam.fc1, self.fam.fc2):
+                layer.threshold.zero_()
 
     def shared_update(self):
         return {k: v.detach().clone() for k, v in self.fam.state_dict().items() if k in SHARED_KEYS}
@@ -97,11 +112,23 @@ class FedMedClipSite(SiteTrainer):
     def private_modules(self):
         return {"mlp": self.mlp}
 
+    def model_tensors(self, own_shared=False):
+        # The site predicts with its own FAM (its masks and thresholds included), so the whole FAM is part of
+        # its model, whatever the federation mode.
+        tensors = super().model_tensors(own_shared=False)
+        tensors.update(
+            {f"fam.{k}": v.detach().clone().contiguous() for k, v in self.fam.state_dict().items()}
+        )
+        return tensors
+
 
 class FedMedClip(Method):
     name = "fedmedclip"
     weighting = "equal"
     default_preprocessing = "squash"
+    group = "cached"
+    compare_references = ("local", "centralized")
+    exportable = True
     options = {
         "lr_fam": 5e-5,
         "lr_mlp": 1e-3,
@@ -113,6 +140,18 @@ class FedMedClip(Method):
         "kd_adaptive": False,
         "entropy": "code",
         "mask_rule": "code",
+    }
+    option_help = {
+        "lr_fam": "learning rate of the FAM (AdamW, re-created every round)",
+        "lr_mlp": "learning rate of the private MLP",
+        "lr_decay": "learning-rate factor per round (lr x decay^(round-1))",
+        "weight_decay": "AdamW decoupled weight decay",
+        "local_epochs": "passes over the site's training split per round",
+        "kd_weight": "weight of the class-wise KL between the MLP and the FAM zero-shot logits",
+        "kd_temperature": "temperature of that KL",
+        "kd_adaptive": "weight the two KL directions by the uncertainty share (the reference's commented-out intent)",
+        "entropy": "uncertainty of the ensemble weight: code (log-softmax of probabilities) or shannon",
+        "mask_rule": "code (row magnitude mask, thresholds inert) or dst (element-wise, learnable thresholds)",
     }
 
     def seed_for(self, *parts) -> int:
@@ -133,3 +172,28 @@ class FedMedClip(Method):
     def global_probs(self, module, x):
         module.eval()
         return zero_shot_probs(adapt(module, x), self.ctx.text_features)
+
+    def predictor_parts(self, model, site):
+        from ..errors import FedMedClipError
+
+        if site is None:
+            # The global module: a fresh FAM holding the communicated fc weights; its thresholds never
+            # travel and stay at their initial zeros, as in the server's own evaluation.
+            fam = self.new_global()
+            missing, unexpected = fam.load_state_dict(model.global_state(), strict=False)
+            if unexpected or any(not k.endswith("threshold") for k in missing):
+                raise FedMedClipError(
+                    f"global.safetensors does not hold a FAM: missing {missing}, unexpected {unexpected}"
+                )
+            return fam, None, self.opt["entropy"]
+        state = model.site(site)
+        if state is None:
+            raise FedMedClipError(
+                f"model/site_{site}.safetensors is missing: a FedMedCLIP site's MLP stays at that site "
+                "(its own state store, model/site_<name>.safetensors); copy it into the run's model/ folder to export it"
+            )
+        fam = FeatureAdaptationModule(self.ctx.feature_dim, self.opt["mask_rule"])
+        mlp = PrivateMLP(self.ctx.feature_dim, self.ctx.num_classes, self.opt["mask_rule"])
+        fam.load_state_dict(strip_prefix(state, "fam."))
+        mlp.load_state_dict(strip_prefix(state, "mlp."))
+        return fam, mlp, self.opt["entropy"]

@@ -29,8 +29,14 @@ class FedProxSite(FineTuneSite):
 
 class FedProx(FineTuneMethod):
     name = "fedprox"
+    needs_global_model = True
     site_class = FedProxSite
     options = {**FineTuneMethod.options, "mu": 0.01, "prox_norm": "squared"}
+    option_help = {
+        **FineTuneMethod.option_help,
+        "mu": "weight of the proximal term toward the round's global model (active from round 2)",
+        "prox_norm": "squared (the FedProx paper) or unsquared (the reference code's norm)",
+    }
 
     def __init__(self, ctx):
         super().__init__(ctx)

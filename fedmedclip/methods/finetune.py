@@ -5,8 +5,9 @@ feature cache is possible) and the whole trainable model travels each round.
 Settings follow the FACMIC repository's baselines (the BT protocol of its Table 2, §2.3):
 - Adam (coupled L2), lr 5e-5, betas (0.9, 0.98), eps 1e-6, weight_decay 0.02; one optimiser per site whose
   state persists across rounds; aggregation weighted by training-set size.
-- local_steps 199 per round (the reference's n_iter break); local_epochs 0. Set local_epochs 1 and
-  local_steps 0 for one pass over the local training split.
+- local_steps 199 per round (the reference's n_iter break); local_epochs 0. Set local_epochs 1 for one pass
+  over the local training split (local_epochs set alone replaces the default local_steps; both non-zero is
+  refused).
 - The frozen temperature exp(logit_scale) = 100 is not trained and does not travel; every other
   parameter of the CLIP model (vision tower, text tower, both projections) is trained and travels.
 
@@ -135,13 +136,31 @@ class FineTuneMethod(Method):
     default_preprocessing = "clip"
     needs_images = True
     site_class = FineTuneSite
+    group = "finetune"
+    # Not exportable yet: the fine-tuned encoder is no longer the frozen backbone a run identifies by hash.
+    exportable = False
     options = {"lr": 5e-5, "weight_decay": 0.02, "local_steps": 199, "local_epochs": 0}
+    option_help = {
+        "lr": "Adam learning rate (optimiser state persists across rounds)",
+        "weight_decay": "Adam L2 weight decay",
+        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
+        "local_epochs": "passes over the training split per round instead of local_steps",
+    }
 
     def __init__(self, ctx):
         super().__init__(ctx)
         if ctx.backbone is None or ctx.preprocessing is None or not ctx.prompts:
             raise ConfigError(
                 f"{self.name} fine-tunes CLIP and needs the backbone, preprocessing and prompts"
+            )
+        # An option the user sets takes effect: local_epochs alone replaces the default local_steps (which
+        # would otherwise win); both set is ambiguous and refused.
+        if ctx.options.get("local_epochs") and "local_steps" not in ctx.options:
+            self.opt["local_steps"] = 0
+        if self.opt["local_steps"] and self.opt["local_epochs"]:
+            raise ConfigError(
+                f"{self.name} got local_steps={self.opt['local_steps']} and "
+                f"local_epochs={self.opt['local_epochs']}: set one of them (the other 0)"
             )
         if not (self.opt["local_steps"] or self.opt["local_epochs"]):
             raise ConfigError(f"{self.name} needs local_steps > 0 or local_epochs > 0")

@@ -58,5 +58,11 @@ class MoonSite(FineTuneSite):
 
 class Moon(FineTuneMethod):
     name = "moon"
+    needs_global_model = True
     site_class = MoonSite
     options = {**FineTuneMethod.options, "mu": 1.0, "tau": 0.5}
+    option_help = {
+        **FineTuneMethod.option_help,
+        "mu": "weight of the model-contrastive loss",
+        "tau": "temperature of the model-contrastive loss",
+    }

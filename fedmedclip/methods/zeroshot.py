@@ -46,6 +46,8 @@ class ZeroShot(Method):
     name = "zeroshot"
     weighting = "equal"
     default_preprocessing = "clip"
+    group = "cached"
+    exportable = True
     options = {}
 
     def new_global(self):
@@ -63,3 +65,13 @@ class ZeroShot(Method):
     @torch.no_grad()
     def global_probs(self, module, x):
         return zero_shot_probs(F.normalize(x, dim=1), self.ctx.text_features)
+
+    def predictor_parts(self, model, site):
+        return UnitAttention(), None, "code"
+
+
+class UnitAttention(nn.Module):
+    """a(f) = 1, so n(a(f) f) = n(f): plain CLIP zero-shot through the predictor's head."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(f)
