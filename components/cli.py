@@ -1,4 +1,4 @@
-"""`fedmedclip stack|track|register|promote|data`: the MLOps sub-commands (entry point `fedmedclip.commands`).
+"""`fedmedclip stack|track|register|promote|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
 
 Nothing heavy is imported here (no mlflow, boto3): `fedmedclip train` loads this module on every start.
 stdout carries only what scripts capture (run id, version number, export lines); the rest goes to stderr.
@@ -69,18 +69,43 @@ def _mlflow_errors(fn):
 # ------------------------------------------------------------------------------------------ handlers
 
 
+def _site_names(args) -> list[str]:
+    from fedmedclip.errors import ConfigError
+
+    from .policies import default_site_names
+
+    if args.site_names:
+        names = [n.strip() for n in args.site_names.split(",") if n.strip()]
+        if args.sites is not None and args.sites != len(names):
+            raise ConfigError(f"--sites {args.sites} but --site-names names {len(names)} sites: {names}")
+        return names
+    return default_site_names(args.sites if args.sites is not None else 3)
+
+
 def cmd_stack_up(args) -> int:
-    from .stack import stack_status, start_stack
+    from .stack import DEFAULT_DATA_BUCKET, stack_status, start_stack
 
     was_running = stack_status(args.data_dir).running
-    info = start_stack(args.data_dir, s3_port=args.s3_port, mlflow_port=args.mlflow_port, host=args.host)
+    info = start_stack(
+        args.data_dir,
+        s3_port=args.s3_port,
+        mlflow_port=args.mlflow_port,
+        host=args.host,
+        site_names=_site_names(args),
+        data_roots=args.data_bucket or [DEFAULT_DATA_BUCKET],
+    )
     status = stack_status(args.data_dir)
     if was_running:
-        print("already running (ports as recorded; stop it first to change them)", file=sys.stderr)
+        print(
+            "already running (ports, sites and buckets as recorded; stop it first to change them)",
+            file=sys.stderr,
+        )
     print(status.describe(), file=sys.stderr)
     print(
         f"S3 lives in moto's memory: artifacts do not survive `fedmedclip stack down`.\n"
-        f"to use it from a shell: eval $(fedmedclip stack env --data-dir {info.data_dir})",
+        f"S3 enforces per-role credentials (in {info.data_dir}/stack.json, readable by you only).\n"
+        f'a party\'s shell: eval "$(fedmedclip stack env --data-dir {info.data_dir} --role ROLE)" with ROLE one '
+        f"of {', '.join(info.role_names)}; without --role: the admin key (bootstrap and operators only)",
         file=sys.stderr,
     )
     return 0
@@ -110,7 +135,26 @@ def cmd_stack_status(args) -> int:
 def cmd_stack_env(args) -> int:
     from .stack import running_stack
 
-    print(running_stack(args.data_dir).export_lines())
+    info = running_stack(args.data_dir)
+    print(info.export_lines(args.role))
+    if args.role is None:
+        print(
+            "(these are the stack's ADMIN credentials, for bootstrap and operators; a party of the federation "
+            "uses its own: --role " + "|".join(info.role_names) + ")",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_stack_add_bucket(args) -> int:
+    from .stack import add_data_root
+
+    info = add_data_root(args.data_dir, args.root)
+    print(
+        f"roles {', '.join(r for r in info.roles if r != 'mlflow')} granted on {args.root} (versioned); "
+        f"data roots: {', '.join(info.data_roots)}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -119,7 +163,14 @@ def cmd_track(args) -> int:
     from .tracking import log_run_dir, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    run_id = log_run_dir(args.run_dir, args.experiment, tracking_uri=uri, run_name=args.run_name)
+    run_id = log_run_dir(
+        args.run_dir,
+        args.experiment,
+        tracking_uri=uri,
+        run_name=args.run_name,
+        include_site_models=args.include_site_models,
+        kfp_run_id=args.kfp_run_id,
+    )
     print(f"logged {args.run_dir} to experiment {args.experiment!r} on {uri}", file=sys.stderr)
     print(run_id)
     return 0
@@ -149,39 +200,91 @@ def cmd_promote(args) -> int:
         alias=args.alias,
         allow_worse=args.allow_worse,
         tracking_uri=args.tracking_uri,
+        allow_different_data=args.allow_different_data,
     )
     print(result.describe())
     return 0
 
 
-def cmd_data_publish(args) -> int:
-    import json
+def _stack_credentials_for(role: str, root: str | None) -> None:
+    """Without S3 credentials in the environment: `role`'s from the recorded local stack, which is granted
+    on `root` first if it is not yet (as the stack's admin, whose key is in the same state file)."""
+    from .stack import add_data_root, use_recorded_stack_s3
 
-    from fedmedclip.config import TrainConfig
+    info = use_recorded_stack_s3(role=role)
+    if info is not None and root is not None and root not in info.data_roots:
+        add_data_root(info.data_dir, root)
+        print(f"local stack: roles granted on the new data root {root}", file=sys.stderr)
+
+
+def cmd_backbone(args) -> int:
+    """`backbone push DIR --to URL` publishes a CLIP directory; `backbone SPEC` with an s3:// or models:/
+    spec downloads and checks it into the cache first; any other spec goes to the core's handler as it is."""
     from fedmedclip.errors import ConfigError
 
-    from .site_data import parse_bucket, publish
-    from .stack import use_recorded_stack_s3
+    if args.spec == "push":
+        if not args.directory or not args.to:
+            raise ConfigError("usage: fedmedclip backbone push DIR --to s3://BUCKET/PREFIX (or models:/NAME)")
+        from .backbones import push_backbone
+        from .stack import use_recorded_stack_s3
 
-    bucket = parse_bucket(args.to)
-    try:
-        split = tuple(float(x) for x in args.split.split(","))
-        synthetic = json.loads(args.synthetic) if args.synthetic else {}
-    except ValueError as e:
-        raise ConfigError(f"--split must be like 0.8,0.1,0.1 and --synthetic a JSON object ({e})") from None
-    cfg = TrainConfig(
-        data=args.data,
-        partition=args.partition,
-        alpha=args.alpha,
-        sites=args.sites,
-        seed=args.seed,
-        split_ratio=split,
-        reference_fraction=args.reference_fraction,
-        synthetic=synthetic,
-        cache_dir=args.cache_dir,
-    ).validate()
-    use_recorded_stack_s3()  # like `track`: the local stack when the environment names no S3 credentials
-    summary = publish(cfg, bucket, progress=not args.quiet)
+        _quiet_mlflow()
+        use_recorded_stack_s3()  # like `data publish`: the local stack when the environment names no S3
+        published = push_backbone(args.directory, args.to, tracking_uri=args.tracking_uri)
+        print(published.describe(), file=sys.stderr)
+        print(published.spec)
+        return 0
+    if args.directory or args.to:
+        raise ConfigError(
+            f"`fedmedclip backbone {args.spec} {args.directory or ''}`: only `backbone push DIR --to URL` "
+            "takes a directory and --to"
+        )
+    from .backbones import is_remote_backbone, resolve_backbone
+
+    if is_remote_backbone(args.spec):
+        _quiet_mlflow()
+        from .stack import use_recorded_stack_s3
+
+        use_recorded_stack_s3()
+        local = resolve_backbone(args.spec, args.cache_dir, tracking_uri=args.tracking_uri)
+        print(f"{args.spec}: checked copy in {local}", file=sys.stderr)
+        args.spec = local
+    if args.core_backbone is not None:
+        return args.core_backbone(args)
+    import json
+
+    from fedmedclip.backbone import load_backbone
+
+    print(json.dumps(load_backbone(args.spec).identity(), indent=2))
+    return 0
+
+
+def cmd_data_publish(args) -> int:
+    from fedmedclip.flags import config_from_args
+
+    from .site_data import is_s3, parse_bucket, parse_root, publish, publish_site
+
+    if args.site is None:
+        bucket = parse_bucket(args.to)
+    elif is_s3(args.to):
+        bucket, prefix = parse_root(args.to)
+    cfg = config_from_args(args)
+    if args.site is not None:
+        if is_s3(args.to):  # the site's own role, like a hospital holding only its own Secret
+            _stack_credentials_for(args.site, "/".join(filter(None, (bucket, prefix))))
+        summary = publish_site(
+            cfg, args.site, args.to, progress=not args.quiet, allow_outside_root=args.allow_outside_root
+        )
+        samples = ", ".join(f"{s} {n}" for s, n in summary["samples"].items())
+        print(
+            f"published {args.site}'s {summary['images']} images (site {summary['index']}: {samples}) to "
+            f"{summary['location']} ({summary['bytes_uploaded'] / 1e6:.1f} MB uploaded), with its catalog and "
+            "its summary for the server",
+            file=sys.stderr,
+        )
+        return 0
+    _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials
+    summary = publish(cfg, bucket, progress=not args.quiet, allow_outside_root=args.allow_outside_root)
     sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
     print(
         f"published {summary['images']} images to s3://{bucket} ({summary['bytes_uploaded'] / 1e6:.1f} MB "
@@ -207,28 +310,81 @@ def _register_data(subparsers) -> None:
         "publish",
         help="upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)",
     )
-    d.add_argument("--data", default="synthetic", help="image folder, CSV manifest or 'synthetic'")
-    d.add_argument("--to", default="s3://fedmedclip-data", help="the data bucket (default: %(default)s)")
-    d.add_argument("--partition", default="iid", choices=("iid", "dirichlet", "natural"))
-    d.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration")
-    d.add_argument("--sites", type=int, default=3)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--split", default="0.8,0.1,0.1", help="per-site train,val,test shares")
-    d.add_argument("--reference-fraction", type=float, default=0.1)
-    d.add_argument("--synthetic", default=None, help="JSON arguments of the synthetic generator")
-    d.add_argument("--cache-dir", default=".cache/fedmedclip", help="where synthetic data is generated")
+    d.add_argument(
+        "--to",
+        default="s3://fedmedclip-data",
+        help="the data bucket (default: %(default)s); with --site also s3://BUCKET/PREFIX or a local directory",
+    )
+    d.add_argument(
+        "--site",
+        default=None,
+        metavar="NAME",
+        help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
+        "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
+    from fedmedclip.flags import DATA_FIELDS, add_config_arguments
+
+    add_config_arguments(d, include=DATA_FIELDS, exclude=("skip_bad_images",), title="data and partition")
     d.set_defaults(func=cmd_data_publish)
 
 
+def _register_backbone(subparsers) -> None:
+    """`backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a
+    backbone's identity) without changing it: its handler still serves every other spec."""
+    p = subparsers.choices.get("backbone")
+    if p is None:  # this layer's commands without the core's (its own tests)
+        p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
+        p.add_argument("spec")
+    p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
+    p.add_argument(
+        "--to", default=None, help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/fedmedclip",
+        help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow for models:/ (default: $MLFLOW_TRACKING_URI, else .stack/)",
+    )
+    p.epilog = (
+        "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
+        "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
+        "checked against the weights hash recorded when pushed).  "
+        "`fedmedclip backbone push DIR --to s3://BUCKET/PREFIX|models:/NAME` publishes DIR for the pods; "
+        "it prints the spec to pass as --backbone."
+    )
+    p.set_defaults(func=cmd_backbone, core_backbone=p.get_default("func"))
+
+
 def register(subparsers) -> None:
-    """Add `stack`, `track`, `register`, `promote` to the `fedmedclip` command line."""
+    """Add `stack`, `track`, `register`, `promote`, `data`, `backbone push` to the `fedmedclip` command line."""
     p = subparsers.add_parser(
         "stack", help="local S3 (moto) + MLflow servers for development, demos and tests"
     )
     stack_sub = p.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
-    s = stack_sub.add_parser("up", help="start the servers in the background and wait until they answer")
+    s = stack_sub.add_parser(
+        "up",
+        help="start the servers in the background and wait until they answer; S3 enforces one IAM user per "
+        "role (publisher, server, each site, mlflow)",
+    )
     _add_stack_options(s, ports=True)
+    s.add_argument("--sites", type=int, default=None, help="site roles site_0..site_{N-1} (default 3)")
+    s.add_argument(
+        "--site-names", default=None, help="comma-separated site role names instead (site k = the k-th name)"
+    )
+    s.add_argument(
+        "--data-bucket",
+        action="append",
+        default=None,
+        metavar="BUCKET[/PREFIX]",
+        help="a data bucket (or mailbox root) the roles are granted on, created versioned; repeatable "
+        "(default: fedmedclip-data; more later: `stack add-bucket`)",
+    )
     s.set_defaults(func=cmd_stack_up)
     s = stack_sub.add_parser("down", help="stop the servers (idempotent); S3 contents are lost")
     _add_stack_options(s, ports=False)
@@ -237,9 +393,24 @@ def register(subparsers) -> None:
     s = stack_sub.add_parser("status", help="are the servers running and answering? (exit 1 if not)")
     _add_stack_options(s, ports=False)
     s.set_defaults(func=cmd_stack_status)
-    s = stack_sub.add_parser("env", help="print the export lines for clients: eval $(fedmedclip stack env)")
+    s = stack_sub.add_parser(
+        "env",
+        help='print export lines for a client: eval "$(fedmedclip stack env --role site_0)"; without --role '
+        "the ADMIN key (bootstrap and operators only)",
+    )
     _add_stack_options(s, ports=False)
+    s.add_argument(
+        "--role",
+        default=None,
+        help="publisher, server, a site's name (site_0, ...), mlflow or admin (default: admin, as before)",
+    )
     s.set_defaults(func=cmd_stack_env)
+    s = stack_sub.add_parser(
+        "add-bucket", help="grant every data role on another bucket (or BUCKET/PREFIX), created versioned"
+    )
+    _add_stack_options(s, ports=False)
+    s.add_argument("root", metavar="BUCKET[/PREFIX]")
+    s.set_defaults(func=cmd_stack_add_bucket)
 
     uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local stack in .stack/)"
 
@@ -248,6 +419,13 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", default=None, help="default: the run directory's name")
     p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.add_argument(
+        "--include-site-models",
+        action="store_true",
+        help="also log the sites' private heads (model/site_*.safetensors); by default they stay off the "
+        "central MLflow",
+    )
+    p.add_argument("--kfp-run-id", default=None, help="the Kubeflow run this run belongs to (tag kfp.run_id)")
     p.set_defaults(func=cmd_track)
 
     p = subparsers.add_parser(
@@ -273,6 +451,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--allow-worse", action="store_true", help="promote even if worse than the current holder (recorded)"
     )
+    p.add_argument(
+        "--allow-different-data",
+        action="store_true",
+        help="compare with the current holder even if trained on another data set or partition (recorded)",
+    )
     p.add_argument("--tracking-uri", default=None, help=uri_help)
     p.set_defaults(func=cmd_promote)
     _register_data(subparsers)
+    _register_backbone(subparsers)

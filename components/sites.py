@@ -2,7 +2,8 @@
 
 A hospital site k reads its images from `s3://DATA_BUCKET/sites/<k>/` with its own credentials, held in the
 Kubernetes Secret `fedmedclip-site-<k>-s3` (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in the namespace
-where the pipeline's pods run. The MinIO policy attached to that user allows that prefix only.
+where the pipeline's pods run. The MinIO policy attached to that user (generated from components/policies.py)
+allows that prefix and the site's own keys of the federation mailbox only.
 Standard library only: the pipeline compiler imports this.
 """
 
@@ -41,9 +42,5 @@ def site_secret_name(site: int | str) -> str:
 
 
 def site_prefix(site: int | str) -> str:
-    """`sites/<site>/`, the only prefix of DATA_BUCKET that site's credentials can read."""
+    """`sites/<site>/`, the only data prefix of DATA_BUCKET that site's credentials can read."""
     return SITE_PREFIX_TEMPLATE.format(site=_check_site(site))
-
-
-def site_secret_names(n_sites: int = DEFAULT_SITES) -> list[str]:
-    return [site_secret_name(k) for k in range(n_sites)]

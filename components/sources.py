@@ -21,8 +21,9 @@ class S3Source:
     def stage(self, cfg, partition, holder: str):
         return site_data.stage_holder(cfg, partition, holder)
 
-    def site_holder(self, cfg, site: str):
-        return site_data.read_site_assignment(cfg, site)
+    def site_holder(self, cfg, site: str, index: int):
+        got = site_data.read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)
+        return got.image_set, got.splits, got.partition_digest
 
 
 _CATALOGS: dict[str, dict] = {}

@@ -2,8 +2,22 @@
 
 `start_stack` launches both as detached background processes (their own sessions, so they outlive the
 command that started them and can be stopped as whole process groups), waits until they answer, creates
-the artifact bucket with versioning enabled, and records PIDs, ports and log files in `DATA_DIR/stack.json`.
+the artifact bucket and the data buckets with versioning enabled, and records PIDs, ports, log files and
+credentials in `DATA_DIR/stack.json` (mode 0600: it holds every role's secret key).
 `stop_stack` reads that file and terminates them; `stack_status` reports on them.
+
+**The S3 server enforces per-role credentials.** moto runs with `INITIAL_NO_AUTH_ACTION_COUNT=0` (every
+request is authenticated and IAM user policies are evaluated for S3 object operations) inside a small
+wrapper (`python -m components.stack serve-s3`) that, before it serves a single request, creates one IAM
+user and access key per role of components/policies.py (publisher, server, each site, mlflow) plus an
+`admin` user for bootstrapping, so there is no unauthenticated window. The wrapper also closes what moto
+leaves open: its unauthenticated control API (`/moto-api/`: it can switch authentication off, reset the
+server, or dump every object and key), server-side copies (moto checks write access to the destination
+only, so a site could copy another site's image into its own prefix), and anonymous requests (moto answers
+them with a 500). Presigned URLs (MLflow hands them to clients downloading artifacts), which moto cannot
+authenticate, are checked by the wrapper (SigV4 signature, expiry) and passed on signed in headers with the
+same key, so the signer's policy applies. MLflow's server gets the mlflow role's credentials. `StackInfo.role_env(role)` gives a
+role's client environment; `StackInfo.env` (what `fedmedclip stack env` prints) is the admin's.
 
 MLflow keeps its tracking database (sqlite) in DATA_DIR, but moto keeps S3 **in memory only**: every
 artifact (run files, registered models) is gone after `stack down`. A restarted stack still lists the
@@ -36,13 +50,18 @@ DEFAULT_DATA_DIR = ".stack"
 DEFAULT_S3_PORT = 9000
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_BUCKET = "fedmedclip"
-# moto accepts any credentials; these only have to be consistent between the servers and the clients.
+DEFAULT_BUCKET = "fedmedclip"  # MLflow's artifacts, under mlartifacts/
+DEFAULT_DATA_BUCKET = "fedmedclip-data"  # the data bucket every role is granted on at start (the cluster's)
+MLFLOW_PREFIX = "mlartifacts"
+# Placeholders of a state file written before the stack enforced credentials; real keys are generated.
 DEFAULT_ACCESS_KEY = "fedmedclip"
 DEFAULT_SECRET_KEY = "fedmedclip-secret"
 DEFAULT_REGION = "us-east-1"  # the one region where create_bucket needs no LocationConstraint
 STATE_FILE = "stack.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+ADMIN = "admin"  # the bootstrap user: every S3 and IAM action (creates buckets, grants roles)
+BOOTSTRAP_FILE = "s3-bootstrap.json"  # users and policies for the S3 wrapper (no secrets)
+CREDENTIALS_FILE = "s3-credentials.json"  # the keys the wrapper generated, until stack.json holds them
 
 # First start on 2 cores creates the sqlite schema: about 10 s. Leave generous room for loaded CI machines.
 S3_START_TIMEOUT = 30.0
@@ -64,17 +83,30 @@ class ServiceInfo:
 
 
 @dataclass
+class RoleCredentials:
+    """A role's IAM user on the local S3 server (components/policies.py defines what it may do)."""
+
+    kind: str  # publisher | server | site | mlflow
+    access_key: str
+    secret_key: str
+    site_index: int | None = None
+
+
+@dataclass
 class StackInfo:
     data_dir: str
     host: str
     s3_port: int
     mlflow_port: int
     bucket: str = DEFAULT_BUCKET
-    access_key: str = DEFAULT_ACCESS_KEY
+    access_key: str = DEFAULT_ACCESS_KEY  # the admin's
     secret_key: str = DEFAULT_SECRET_KEY
     region: str = DEFAULT_REGION
     services: dict[str, ServiceInfo] = field(default_factory=dict)
     started_at: float = 0.0
+    site_names: list[str] = field(default_factory=list)  # site k = site_names[k]
+    data_roots: list[str] = field(default_factory=list)  # buckets (or BUCKET/PREFIX) the roles are granted on
+    roles: dict[str, RoleCredentials] = field(default_factory=dict)
 
     @property
     def tracking_uri(self) -> str:
@@ -89,8 +121,14 @@ class StackInfo:
         return f"s3://{self.bucket}/mlartifacts"
 
     @property
+    def mlflow_root(self) -> str:
+        """Where MLflow's server keeps artifacts, as a policy root (`BUCKET/PREFIX`)."""
+        return f"{self.bucket}/{MLFLOW_PREFIX}"
+
+    @property
     def env(self) -> dict[str, str]:
-        """What a client needs to talk to the stack (MLflow needs only the first; boto3 the rest)."""
+        """The ADMIN's client environment (bootstrap, tests, operators): MLflow needs only the first;
+        boto3 the rest. A party of the federation uses its own role's: `role_env`."""
         return {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
@@ -99,17 +137,54 @@ class StackInfo:
             "AWS_DEFAULT_REGION": self.region,
         }
 
-    def export_lines(self) -> str:
-        return "\n".join(f"export {k}={_shell_quote(v)}" for k, v in self.env.items())
+    @property
+    def role_names(self) -> list[str]:
+        """The roles with credentials: publisher, server, the sites, mlflow (and `admin`)."""
+        return [*self.roles, ADMIN]
 
-    def s3_client(self):
+    def credentials(self, role: str) -> tuple[str, str]:
+        """(access key, secret key) of `role` (`admin` included); StackError naming the known roles."""
+        if role == ADMIN:
+            return self.access_key, self.secret_key
+        creds = self.roles.get(role)
+        if creds is None:
+            raise StackError(
+                f"the local stack in {self.data_dir} has no role {role!r}; its roles: {', '.join(self.role_names)}"
+                + ("" if self.roles else " (it was started before roles existed: restart it)")
+            )
+        return creds.access_key, creds.secret_key
+
+    def role_env(self, role: str) -> dict[str, str]:
+        """The environment of a client acting as `role`: its S3 credentials, region and endpoint
+        (`AWS_ENDPOINT_URL_S3`, which boto3 reads itself). The server (and admin) also get the MLflow
+        tracking URI; a site and the publisher do not: nothing of a site goes to the central MLflow."""
+        access_key, secret_key = self.credentials(role)
+        env = {
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
+        }
+        if role in (ADMIN, "server"):
+            env["MLFLOW_TRACKING_URI"] = self.tracking_uri
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
+        return env
+
+    def export_lines(self, role: str | None = None) -> str:
+        """Shell `export` lines: the admin's environment (`env`), or `role`'s (`role_env`)."""
+        env = self.env if role is None else self.role_env(role)
+        return "\n".join(f"export {k}={_shell_quote(v)}" for k, v in env.items())
+
+    def s3_client(self, role: str | None = None):
+        """A boto3 S3 client of the admin, or of `role`."""
         import boto3
 
+        access_key, secret_key = self.credentials(role or ADMIN)
         return boto3.client(
             "s3",
             endpoint_url=self.s3_endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
             region_name=self.region,
         )
 
@@ -123,6 +198,7 @@ class StackInfo:
     @classmethod
     def from_json(cls, d: dict) -> StackInfo:
         services = {k: ServiceInfo(**v) for k, v in d.get("services", {}).items()}
+        roles = {k: RoleCredentials(**v) for k, v in d.get("roles", {}).items()}
         return cls(
             data_dir=d["data_dir"],
             host=d["host"],
@@ -134,6 +210,9 @@ class StackInfo:
             region=d.get("region", DEFAULT_REGION),
             services=services,
             started_at=float(d.get("started_at", 0.0)),
+            site_names=list(d.get("site_names", [])),
+            data_roots=list(d.get("data_roots", [])),
+            roles=roles,
         )
 
 
@@ -168,6 +247,11 @@ class StackStatus:
         if self.info is not None:
             lines.append(f"  MLflow UI / tracking URI: {self.info.tracking_uri}")
             lines.append(f"  S3 endpoint: {self.info.s3_endpoint}  bucket: {self.info.bucket} (versioned)")
+            if self.info.roles:
+                lines.append(
+                    f"  S3 credentials enforced; roles: {', '.join(self.info.roles)} (and admin); "
+                    f"data buckets: {', '.join(self.info.data_roots)}"
+                )
         return "\n".join(lines)
 
 
@@ -198,20 +282,23 @@ def recorded_stack_dir() -> str:
     return os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR
 
 
-def use_stack_s3(info: StackInfo) -> None:
-    """Point this process, and the task processes it starts, at the stack's S3 (credentials and endpoint).
-    The tracking URI is left alone: each command chooses it explicitly."""
-    os.environ.update({k: v for k, v in info.env.items() if k != "MLFLOW_TRACKING_URI"})
+def use_stack_s3(info: StackInfo, role: str | None = None) -> None:
+    """Point this process, and the task processes it starts, at the stack's S3 (credentials and endpoint)
+    as the admin, or as `role`. The tracking URI is left alone: each command chooses it explicitly."""
+    env = info.env if role is None else info.role_env(role)
+    os.environ.update({k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"})
     os.environ["AWS_ENDPOINT_URL_S3"] = info.s3_endpoint
 
 
-def use_recorded_stack_s3(stack_dir: str | Path | None = None) -> None:
-    """Without S3 credentials in the environment, those of the recorded local stack, if there is one."""
+def use_recorded_stack_s3(stack_dir: str | Path | None = None, role: str | None = None) -> StackInfo | None:
+    """Without S3 credentials in the environment, those of the recorded local stack (the admin's, or
+    `role`'s), if there is one; returns that stack (None when the environment's credentials are kept)."""
     if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return
+        return None
     info = read_state(stack_dir or recorded_stack_dir())
     if info is not None:
-        use_stack_s3(info)
+        use_stack_s3(info, role)
+    return info
 
 
 def read_state(data_dir: str | Path) -> StackInfo | None:
@@ -224,6 +311,24 @@ def read_state(data_dir: str | Path) -> StackInfo | None:
         raise StackError(
             f"{path} is not a valid stack state file ({e}); remove it if no stack is running"
         ) from e
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable and writable by its owner only (it holds secret keys), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o600)  # a leftover temporary file keeps its old mode through O_CREAT
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_state(info: StackInfo) -> None:
+    _write_private(_state_path(info.data_dir), json.dumps(info.to_json(), indent=2))
 
 
 def _tool(name: str) -> str:
@@ -305,8 +410,8 @@ def _runs_service(pid: int, svc: ServiceInfo) -> bool:
     text = _cmdline(pid)
     if text is None:
         return not Path("/proc").is_dir()  # not Linux: trust the record
-    program = "moto_server" if svc.name == "s3" else "mlflow"
-    return program in text and str(svc.port) in text
+    programs = ("components.stack", "moto_server") if svc.name == "s3" else ("mlflow",)
+    return any(p in text for p in programs) and str(svc.port) in text
 
 
 def _is_our_process(svc: ServiceInfo) -> bool:
@@ -382,16 +487,23 @@ def _wait_s3(info: StackInfo, svc: ServiceInfo, started: list[ServiceInfo]) -> N
             svc,
             started,
         )
-    try:
-        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-        if info.bucket not in existing:
-            client.create_bucket(Bucket=info.bucket)
-        client.put_bucket_versioning(Bucket=info.bucket, VersioningConfiguration={"Status": "Enabled"})
-        status = client.get_bucket_versioning(Bucket=info.bucket).get("Status")
-    except Exception as e:
-        raise _fail(f"cannot create the versioned bucket {info.bucket!r}: {e}", svc, started) from e
-    if status != "Enabled":
-        raise _fail(f"bucket {info.bucket!r} versioning is {status!r}, expected 'Enabled'", svc, started)
+    buckets = [info.bucket, *(root.split("/")[0] for root in info.data_roots)]
+    for bucket in dict.fromkeys(buckets):
+        try:
+            status = _versioned_bucket(client, bucket)
+        except Exception as e:
+            raise _fail(f"cannot create the versioned bucket {bucket!r}: {e}", svc, started) from e
+        if status != "Enabled":
+            raise _fail(f"bucket {bucket!r} versioning is {status!r}, expected 'Enabled'", svc, started)
+
+
+def _versioned_bucket(client, bucket: str) -> str | None:
+    """Create `bucket` if missing, enable versioning; returns the versioning status read back."""
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return client.get_bucket_versioning(Bucket=bucket).get("Status")
 
 
 def mlflow_healthy(tracking_uri: str, timeout: float = 2.0) -> bool:
@@ -419,9 +531,10 @@ def _wait_mlflow(info: StackInfo, svc: ServiceInfo, started: list[ServiceInfo]) 
 
 
 def _s3_healthy(info: StackInfo) -> bool:
-    # A bare TCP + HTTP probe: avoids importing boto3 for `stack status`.
+    # A bare TCP + HTTP probe (anonymous: answered 403 by the enforcing server): avoids importing boto3
+    # for `stack status`.
     try:
-        with urllib.request.urlopen(f"{info.s3_endpoint}/moto-api/", timeout=2.0) as r:
+        with urllib.request.urlopen(f"{info.s3_endpoint}/", timeout=2.0) as r:
             return r.status < 500
     except urllib.error.HTTPError as e:
         return e.code < 500
@@ -474,15 +587,24 @@ def start_stack(
     host: str = DEFAULT_HOST,
     bucket: str = DEFAULT_BUCKET,
     mlflow_args: list[str] | tuple[str, ...] = (),
+    site_names: list[str] | tuple[str, ...] | None = None,
+    data_roots: list[str] | tuple[str, ...] = (DEFAULT_DATA_BUCKET,),
 ) -> StackInfo:
-    """Start moto (S3) and MLflow in the background; return once both answer and the bucket exists.
+    """Start the enforcing S3 server and MLflow in the background; return once both answer and the
+    buckets exist.
 
-    `mlflow_args` are appended to `mlflow server` (e.g. `--allowed-hosts myhost:*` when binding a
-    non-loopback `host`: MLflow rejects Host headers other than localhost and private IPs by default).
-    If a healthy stack is already recorded in `data_dir`, it is returned unchanged (ports as recorded).
-    Raises StackError naming the problem (port taken, server died, with its log tail)."""
+    One IAM user and key per role of components/policies.py: publisher, server, one per site of
+    `site_names` (default site_0..site_2; site k's data prefix is `sites/<k>/`), mlflow, granted on each
+    of `data_roots` (buckets, or `BUCKET/PREFIX` mailbox roots; their buckets are created, versioned; grant
+    more later with `add_data_root`), and an admin. `mlflow_args` are appended to `mlflow server` (e.g.
+    `--allowed-hosts myhost:*` when binding a non-loopback `host`: MLflow rejects Host headers other than
+    localhost and private IPs by default). If a healthy stack is already recorded in `data_dir`, it is
+    returned unchanged (ports, sites and buckets as recorded). Raises StackError naming the problem (port
+    taken, server died, with its log tail)."""
+    from components.policies import check_root, default_site_names, roles
+
     data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     current = stack_status(data_dir)
     if current.running:
@@ -491,6 +613,11 @@ def start_stack(
         # Leftovers of a crashed or half-stopped stack: clean them up before starting again.
         stop_stack(data_dir)
 
+    names = list(site_names) if site_names is not None else default_site_names()
+    roles(names)  # validates the names before anything starts
+    roots = list(dict.fromkeys(root.strip("/") for root in data_roots))
+    for root in roots:
+        check_root(root)
     if s3_port == mlflow_port:
         raise StackError(f"the S3 and MLflow ports must differ (both are {s3_port})")
     for label, port, flag in (("S3", s3_port, "--s3-port"), ("MLflow", mlflow_port, "--mlflow-port")):
@@ -501,53 +628,179 @@ def start_stack(
             )
 
     info = StackInfo(
-        data_dir=str(data_dir), host=host, s3_port=s3_port, mlflow_port=mlflow_port, bucket=bucket
+        data_dir=str(data_dir),
+        host=host,
+        s3_port=s3_port,
+        mlflow_port=mlflow_port,
+        bucket=bucket,
+        site_names=names,
+        data_roots=roots,
     )
     info.started_at = time.time()
     env = dict(os.environ)
-    env.update(info.env)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the server must not act as a client of another server
+    for key in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(key, None)  # the servers must not act as clients of another server, or with another's key
+    env.pop("MOTO_ACCOUNT_ID", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # fewer processes, faster start
     # A configured HTTP proxy must not intercept loopback traffic between the two servers.
     env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY", ""), "127.0.0.1", "localhost", "::1"]))
     env["no_proxy"] = env["NO_PROXY"]
 
-    s3_cmd = [_tool("moto_server"), "-H", host, "-p", str(s3_port)]
-    mlflow_cmd = [
-        _tool("mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{data_dir / 'mlflow.db'}",
-        "--artifacts-destination",
-        info.artifacts_destination,
-        "--serve-artifacts",
+    bootstrap, credentials = data_dir / BOOTSTRAP_FILE, data_dir / CREDENTIALS_FILE
+    credentials.unlink(missing_ok=True)
+    _write_private(bootstrap, json.dumps({"users": _iam_users(info)}))
+    s3_cmd = [
+        sys.executable,
+        "-m",
+        "components.stack",
+        "serve-s3",
         "--host",
         host,
         "--port",
-        str(mlflow_port),
-        "--workers",
-        "1",
-        *mlflow_args,
+        str(s3_port),
+        "--bootstrap",
+        str(bootstrap),
+        "--credentials",
+        str(credentials),
     ]
+    # moto authenticates every request from the first on: the wrapper creates the users in-process.
+    s3_env = {**env, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     started: list[ServiceInfo] = []
-    s3 = _launch("s3", s3_cmd, data_dir / "s3.log", env, data_dir)
+    s3 = _launch("s3", s3_cmd, data_dir / "s3.log", s3_env, data_dir)
     s3.port = s3_port
     started.append(s3)
-    # Launched together: MLflow's start-up (seconds) overlaps moto's; it only touches S3 on first upload.
-    ml = _launch("mlflow", mlflow_cmd, data_dir / "mlflow.log", env, data_dir)
-    ml.port = mlflow_port
-    started.append(ml)
-    info.services = {"s3": s3, "mlflow": ml}
+    info.services = {"s3": s3}
     # Record before waiting, so that `stack down` can clean up even if this process is interrupted.
-    _state_path(data_dir).write_text(json.dumps(info.to_json(), indent=2))
+    _write_state(info)
     try:
+        _take_credentials(info, s3, started, bootstrap, credentials)
+        mlflow_cmd = [
+            _tool("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{data_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            info.artifacts_destination,
+            "--serve-artifacts",
+            "--host",
+            host,
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            *mlflow_args,
+        ]
+        # MLflow's server reaches S3 as the mlflow role: its artifact prefix, nothing else.
+        ml_env = {**env, **info.role_env("mlflow"), "MLFLOW_S3_ENDPOINT_URL": info.s3_endpoint}
+        # Its start-up (seconds) overlaps the buckets' creation; it only touches S3 on first upload.
+        ml = _launch("mlflow", mlflow_cmd, data_dir / "mlflow.log", ml_env, data_dir)
+        ml.port = mlflow_port
+        started.append(ml)
+        info.services["mlflow"] = ml
+        _write_state(info)
         _wait_s3(info, s3, started)
         _wait_mlflow(info, ml, started)
     except BaseException:
-        for s in started:
-            _terminate(s)
+        for svc in started:
+            _terminate(svc)
         _state_path(data_dir).unlink(missing_ok=True)
         raise
+    finally:
+        bootstrap.unlink(missing_ok=True)
+        credentials.unlink(missing_ok=True)
+    return info
+
+
+def _iam_users(info: StackInfo) -> dict[str, dict[str, dict]]:
+    """{user: {inline policy name: document}}: the admin, and every role on every data root."""
+    from components.policies import MLFLOW, data_policy, mlflow_policy, roles
+
+    admin = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*", "sts:*"], "Resource": ["*"]}],
+    }
+    users: dict[str, dict[str, dict]] = {ADMIN: {"admin": admin}}
+    for role in roles(info.site_names):
+        if role.kind == MLFLOW:
+            users[role.name] = {"mlflow": mlflow_policy(info.mlflow_root)}
+        else:
+            users[role.name] = {
+                _data_policy_name(root): data_policy(role, root, len(info.site_names))
+                for root in info.data_roots
+            }
+    return users
+
+
+def _data_policy_name(root: str) -> str:
+    # IAM policy names allow [\w+=,.@-]: one inline policy per data root, replaced when granted again.
+    return "data@" + root.replace("/", "+")
+
+
+def _take_credentials(
+    info: StackInfo, svc: ServiceInfo, started: list[ServiceInfo], bootstrap: Path, credentials: Path
+) -> None:
+    """Wait for the keys the S3 wrapper generated and move them into `info` (then the state file)."""
+    from components.policies import roles
+
+    deadline = time.monotonic() + S3_START_TIMEOUT
+    while not credentials.exists():
+        if not _pid_alive(svc.pid):
+            raise _fail(f"the S3 server (moto) exited during start-up on port {info.s3_port}", svc, started)
+        if time.monotonic() > deadline:
+            raise _fail(
+                f"the S3 server did not create its users within {S3_START_TIMEOUT:.0f} s", svc, started
+            )
+        time.sleep(0.05)
+    keys = json.loads(credentials.read_text())
+    info.access_key, info.secret_key = keys[ADMIN]["access_key"], keys[ADMIN]["secret_key"]
+    info.roles = {
+        r.name: RoleCredentials(r.kind, keys[r.name]["access_key"], keys[r.name]["secret_key"], r.site_index)
+        for r in roles(info.site_names)
+    }
+    _write_state(info)
+
+
+def add_data_root(data_dir: str | Path, root: str) -> StackInfo:
+    """Grant every data role of the running local stack its policy on `root` (a bucket, or `BUCKET/PREFIX`),
+    creating the bucket, versioned, if it is missing (as the admin). Idempotent; returns the updated stack.
+    In a cluster the buckets and policies come from infra/training instead."""
+    from botocore.config import Config
+
+    from components.policies import MLFLOW, check_root, data_policy, roles
+
+    info = running_stack(data_dir)
+    root = root.strip("/")
+    bucket, _ = check_root(root)
+    if root in info.data_roots:
+        return info
+    if not info.roles:
+        raise StackError(f"the local stack in {info.data_dir} predates per-role credentials: restart it")
+    access_key, secret_key = info.credentials(ADMIN)
+    client_args = dict(
+        endpoint_url=info.s3_endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=info.region,
+        config=Config(retries={"max_attempts": 2}),
+    )
+    import boto3
+
+    try:
+        status = _versioned_bucket(boto3.client("s3", **client_args), bucket)
+        iam = boto3.client("iam", **client_args)
+        for role in roles(info.site_names):
+            if role.kind != MLFLOW:
+                iam.put_user_policy(
+                    UserName=role.name,
+                    PolicyName=_data_policy_name(root),
+                    PolicyDocument=json.dumps(data_policy(role, root, len(info.site_names))),
+                )
+    except Exception as e:
+        raise StackError(f"cannot grant the stack's roles on {root!r}: {e}") from e
+    if status != "Enabled":
+        raise StackError(f"bucket {bucket!r} versioning is {status!r}, expected 'Enabled'")
+    info.data_roots.append(root)
+    _write_state(info)
     return info
 
 
@@ -599,3 +852,185 @@ def running_stack(data_dir: str | Path = DEFAULT_DATA_DIR) -> StackInfo:
             + ("" if not status.recorded else f"\n{status.describe()}")
         )
     return status.info  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------- the enforcing S3 server
+
+
+def _refusal(environ, start_response, message: str) -> list[bytes]:
+    """A 403 in S3's error format (botocore reads the code): AccessDenied with our reason."""
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>AccessDenied</Code><Message>{message}</Message></Error>"
+    ).encode()
+    start_response("403 Forbidden", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+
+_PRESIGN_PARAMS = (
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+)
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def _presigned_as_signed_request(environ, secret_of) -> str | None:
+    """Check a SigV4 presigned URL (MLflow hands them to clients that download artifacts) and turn it into
+    the same request signed in headers, which moto authenticates and authorises as usual. Returns None when
+    done, else why the URL is refused. `secret_of(access_key)` -> secret key or None."""
+    import calendar
+    import hashlib
+    import hmac
+    from urllib.parse import unquote
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    query = environ.get("QUERY_STRING", "")
+    pairs = [p.partition("=") for p in query.split("&") if p]
+    params = {k: unquote(v) for k, _, v in pairs}
+    if params.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or "X-Amz-Security-Token" in params:
+        return "only SigV4 presigned URLs of a role's key are accepted"
+    try:
+        access_key, date, region, service, terminator = params["X-Amz-Credential"].split("/")
+        amz_date, expires = params["X-Amz-Date"], int(params["X-Amz-Expires"])
+        signed_headers, signature = params["X-Amz-SignedHeaders"], params["X-Amz-Signature"]
+        issued = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
+    except (KeyError, ValueError):
+        return "malformed presigned URL"
+    if not 0 < expires <= 7 * 24 * 3600 or time.time() > issued + expires or not amz_date.startswith(date):
+        return "the presigned URL has expired"
+    secret = secret_of(access_key)
+    if secret is None:
+        return "the presigned URL's access key does not exist"
+    raw_path = environ.get("RAW_URI", "").split("?", 1)[0] or environ.get("PATH_INFO", "/")
+    unsigned = sorted((k, v) for k, _, v in pairs if k != "X-Amz-Signature")
+    headers = "".join(
+        f"{h}:{(environ.get('HTTP_' + h.upper().replace('-', '_')) or '').strip()}\n"
+        for h in signed_headers.split(";")
+    )
+    canonical = "\n".join(
+        [
+            environ.get("REQUEST_METHOD", "GET"),
+            raw_path,
+            "&".join(f"{k}={v}" for k, v in unsigned),
+            headers,
+            signed_headers,
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    scope = f"{date}/{region}/{service}/{terminator}"
+    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{secret}".encode(), date), region), service), terminator)
+    if not hmac.compare_digest(hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest(), signature):
+        return "the presigned URL's signature does not match"
+    # The same request, signed in headers with the same key: moto then applies that user's policies.
+    rest = "&".join(f"{k}={v}" for k, _, v in pairs if k not in _PRESIGN_PARAMS)
+    host = environ.get("HTTP_HOST", "")
+    request = AWSRequest(
+        method=environ.get("REQUEST_METHOD", "GET"),
+        url=f"http://{host}{raw_path}" + (f"?{rest}" if rest else ""),
+        headers={"Host": host, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"},
+    )
+    S3SigV4Auth(Credentials(access_key, secret), "s3", region).add_auth(request)
+    environ["QUERY_STRING"] = rest
+    for name in ("RAW_URI", "REQUEST_URI"):
+        if name in environ:
+            environ[name] = raw_path + (f"?{rest}" if rest else "")
+    for header in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256"):
+        environ["HTTP_" + header.upper().replace("-", "_")] = request.headers[header]
+    return None
+
+
+def guard_moto(app, secret_of=lambda access_key: None):
+    """WSGI middleware in front of moto closing what its IAM enforcement leaves open. `secret_of` gives
+    an access key's secret, to check presigned URLs."""
+
+    def guarded(environ, start_response):
+        if environ.get("PATH_INFO", "").startswith("/moto-api"):
+            # Unauthenticated: it can switch authentication off (reset-auth), wipe the server, or dump
+            # every object and secret key (data.json).
+            return _refusal(environ, start_response, "moto's control API is disabled on the fedmedclip stack")
+        if not environ.get("HTTP_AUTHORIZATION"):
+            if "X-Amz-Signature=" not in environ.get("QUERY_STRING", ""):
+                # Anonymous requests: moto would fail them with a 500; S3 answers 403.
+                return _refusal(
+                    environ, start_response, "anonymous requests are refused: sign with a role's key"
+                )
+            problem = _presigned_as_signed_request(environ, secret_of)
+            if problem:
+                return _refusal(environ, start_response, problem)
+        if "HTTP_X_AMZ_COPY_SOURCE" in environ:
+            # moto checks write access to the destination only: a copy would read any object.
+            return _refusal(environ, start_response, "server-side copies are refused on the fedmedclip stack")
+        environ.pop("HTTP_X_MOTO_ACCOUNT_ID", None)  # the account follows from the access key, not a header
+        return app(environ, start_response)
+
+    return guarded
+
+
+def serve_enforcing_s3(argv: list[str] | None = None) -> int:
+    """`python -m components.stack serve-s3`: create the IAM users of --bootstrap in-process, write their
+    generated keys to --credentials (mode 0600), then serve moto's S3 and IAM behind `guard_moto`, every
+    request authenticated (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m components.stack serve-s3")
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bootstrap", required=True, help="JSON {users: {name: {policy name: document}}}")
+    parser.add_argument("--credentials", required=True, help="where the generated keys are written")
+    args = parser.parse_args(argv)
+
+    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    os.environ.pop("MOTO_ACCOUNT_ID", None)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    from moto import settings
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.iam.models import iam_backends
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import run_simple
+
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = (
+        0  # also if moto.settings was imported before the variable was set
+    )
+    iam = iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    keys = {}
+    for user, policies in json.loads(Path(args.bootstrap).read_text())["users"].items():
+        iam.create_user(region_name=DEFAULT_REGION, user_name=user)
+        for name, document in policies.items():
+            iam.put_user_policy(user, name, json.dumps(document))
+        key = iam.create_access_key(user)
+        keys[user] = {"access_key": key.access_key_id, "secret_key": key.secret_access_key}
+    _write_private(Path(args.credentials), json.dumps(keys))
+
+    def secret_of(access_key: str) -> str | None:
+        key = iam.access_keys.get(access_key)
+        return key.secret_access_key if key is not None and key.status == "Active" else None
+
+    app = guard_moto(DomainDispatcherApplication(create_backend_app), secret_of)
+    run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve-s3"]:
+        sys.exit("usage: python -m components.stack serve-s3 --port PORT --bootstrap FILE --credentials FILE")
+    sys.exit(serve_enforcing_s3(sys.argv[2:]))

@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .backbone import PREPROCESSING_NAMES
-from .methods import DEFAULT_METHOD
 from .codec import CODECS
 from .data import DEFAULT_MIN_CLASS_IMAGES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
+from .methods import DEFAULT_METHOD
 from .partition import SCHEMES
 
 SYNTHETIC = "synthetic"
@@ -55,6 +55,8 @@ class TrainConfig:
     # Torch threads for training (feature extraction uses every core). Results depend on it in the last bits:
     # parties that must agree exactly (a simulator and a mailbox run) use the same value. Not a resume key.
     threads: int = 1
+    # A CSV manifest may list images outside the manifest's folder only when the user says so.
+    allow_outside_root: bool = False
     method_options: dict = field(default_factory=dict)
     synthetic: dict = field(default_factory=dict)  # arguments of fedmedclip.synthetic.generate
 
@@ -134,7 +136,7 @@ class TrainConfig:
     def resume_key(self) -> dict:
         """What must not change between a run and its resumption (`out` and cache paths may)."""
         d = self.to_json()
-        for k in ("out", "cache_dir", "threads", "min_class_images"):
+        for k in ("out", "cache_dir", "threads", "min_class_images", "allow_outside_root"):
             d.pop(k)
         if d.get("classes") is None:
             d.pop("classes", None)  # the default is left out: keys from before the field existed still match

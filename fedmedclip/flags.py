@@ -159,6 +159,12 @@ FLAGS: list[Flag] = [
         {"type": int},
     ),
     Flag(
+        "allow_outside_root",
+        ("--allow-outside-root",),
+        "let a CSV manifest list images outside the manifest's folder (refused by default)",
+        {"action": "store_true"},
+    ),
+    Flag(
         "threads",
         ("--threads",),
         "torch threads for training; extraction uses every core (default: %(default)s)",
@@ -179,6 +185,9 @@ DATA_FIELDS = (
     "synthetic",
     "cache_dir",
     "skip_bad_images",
+    "classes",
+    "min_class_images",
+    "allow_outside_root",
 )
 
 

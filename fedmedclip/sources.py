@@ -7,8 +7,11 @@ A source provides:
   partition (what the server's `prepare` reads; it also checks the data was published for that partition);
 - `stage(cfg, partition, holder) -> ImageSet`: that holder's own images, downloaded with the holder's own
   credentials into the cache, with local paths;
-- `site_holder(cfg, site) -> (ImageSet, {"train"|"val"|"test": [ids]}, partition digest)`: a site's images and
-  its own split from its own prefix only (a hospital's worker cannot read the server's catalog).
+- `site_holder(cfg, site, index) -> (ImageSet, {"train"|"val"|"test": [ids]}, partition digest)`: a site's
+  images and its own split from its own prefix only (a hospital's worker cannot read the server's catalog).
+
+A local directory in the same layout (`DIR/sites/<k>/catalog.json`, written by `fedmedclip data publish --site
+NAME --to DIR` inside a hospital) is read by the source registered as `published`, for sites only.
 """
 
 from __future__ import annotations
@@ -24,9 +27,18 @@ def is_remote(data: str) -> bool:
     return "://" in str(data)
 
 
+def is_published_layout(data: str) -> bool:
+    """A local directory holding sites' published prefixes (`sites/<k>/catalog.json`), not an image folder."""
+    from pathlib import Path
+
+    return (
+        not is_remote(data) and Path(str(data), "sites").is_dir() and not Path(str(data), "Training").is_dir()
+    )
+
+
 def remote_source(data: str):
-    """The registered source for `data`'s URL scheme."""
-    scheme = str(data).split("://", 1)[0]
+    """The registered source for `data`'s URL scheme (`published` for a local directory in that layout)."""
+    scheme = str(data).split("://", 1)[0] if is_remote(data) else "published"
     for ep in entry_points(group=SOURCE_ENTRY_POINTS):
         if ep.name == scheme:
             try:

@@ -57,3 +57,25 @@ def mlops_stack(tmp_path_factory):
         yield info
     finally:
         stop_stack(data_dir)
+
+
+@pytest.fixture
+def as_stack_role(mlops_stack, monkeypatch):
+    """`as_stack_role("site_0")`: this test's process (and the processes it starts) acts as that role of the
+    session stack, with that role's S3 key only (components/policies.py says what it may do); the admin's
+    variables are removed. Returns the role's environment."""
+
+    def switch(role: str) -> dict[str, str]:
+        for key in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "MLFLOW_S3_ENDPOINT_URL",
+            "MLFLOW_TRACKING_URI",
+        ):
+            monkeypatch.delenv(key, raising=False)
+        env = mlops_stack.role_env(role)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return env
+
+    return switch

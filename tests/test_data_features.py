@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,9 +18,18 @@ import torch
 from PIL import Image
 
 from fedmedclip.backbone import load_backbone, make_preprocessing
-from fedmedclip.data import ImageRecord, from_csv, from_image_folder, load_image, open_source
+from fedmedclip.data import (
+    DEFAULT_MIN_CLASS_IMAGES,
+    ImageRecord,
+    ImageSet,
+    check_class_support,
+    from_csv,
+    from_image_folder,
+    load_image,
+    open_source,
+)
 from fedmedclip.errors import DataError, ImageDecodeError, ProvenanceMismatch
-from fedmedclip.features import FeatureStore, build_feature_store
+from fedmedclip.features import FeatureStore, build_feature_store, check_training_classes
 
 
 def _png(path: Path, seed: int, size: int = 48) -> Path:
@@ -108,6 +118,17 @@ def test_image_folder_layout(tmp_path):
     r = ims.split("train")[0]
     assert r.image_id == "Training/glioma/0.png" and Path(r.path).is_file() and r.site is None
     assert ims.labels(ims.split("train")).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_symlink_out_of_an_image_folder_is_refused_unless_allowed(tmp_path):
+    root = make_folder(tmp_path / "bt", classes=("pituitary", "glioma", "normal"))
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    (root / "Training" / "glioma" / "smuggled.png").symlink_to(outside)
+    with pytest.raises(DataError, match="smuggled.png.*outside the data root.*--allow-outside-root"):
+        open_source(root)
+    ims = open_source(root, allow_outside_root=True)
+    assert any(r.image_id.endswith("smuggled.png") for r in ims.records)
 
 
 def test_image_folder_errors(tmp_path):
@@ -324,3 +345,207 @@ def test_store_refuses_nothing_to_encode_and_bad_template(tiny, images, tmp_path
         build_feature_store(
             records[:2], classes, tiny, prep, directory=tmp_path / "y", progress=False, skip_bad=True
         )
+
+
+# ----------------------------------------------------------------------------- damage the decoder hides
+
+
+def _sound_jpeg(size=(64, 48), mode="RGB", **save) -> bytes:
+    """A real JPEG from Pillow's encoder, of smooth content (most blocks end early, as in scans)."""
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    rgb = np.stack([(xx * 4) % 256, (yy * 5) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buf, format="JPEG", quality=save.pop("quality", 90), **save)
+    return buf.getvalue()
+
+
+def _garbage_scan(jpeg: bytes, seed: int) -> bytes:
+    """The same file, header and end marker intact, with the entropy-coded scan (between the SOS header
+    and EOI) overwritten by random bytes. No 0xFF in the garbage, so no marker appears in it: libjpeg then
+    decodes it without an error, and Pillow returns garbage pixels without a word."""
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
+    end = jpeg.rindex(b"\xff\xd9")
+    garbage = np.random.default_rng(seed).integers(0, 255, end - start, dtype=np.uint8).tobytes()
+    return jpeg[:start] + garbage + jpeg[end:]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_jpeg_with_garbage_scan_data_is_an_error_naming_the_file(tmp_path, seed):
+    path = tmp_path / f"scan_{seed}.jpg"
+    path.write_bytes(_garbage_scan(_sound_jpeg(), seed))
+    with Image.open(path) as img:  # what the audit saw: Pillow decodes it silently
+        img.load()
+    with pytest.raises(ImageDecodeError, match="corrupt JPEG data") as info:
+        load_image(path)
+    assert info.value.path == str(path) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        {},
+        {"mode": "L"},
+        {"subsampling": 0},
+        {"subsampling": 2, "quality": 30},
+        {"optimize": True},  # per-image Huffman tables
+        {"quality": 100, "size": (200, 40)},  # long codes, partial MCUs
+        {"restart_marker_blocks": 3},  # restart intervals
+        {"progressive": True},  # not read by the check: left to libjpeg
+    ],
+)
+def test_sound_jpegs_decode_unchanged(tmp_path, save):
+    size, mode = save.pop("size", (64, 48)), save.pop("mode", "RGB")
+    data = _sound_jpeg(size, mode, **save)
+    path = tmp_path / "ok.jpg"
+    path.write_bytes(data)
+    with Image.open(io.BytesIO(data)) as img:
+        want = np.asarray(img.convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(path)), want)
+
+
+@pytest.mark.needs_shared
+def test_sound_jpegs_of_the_real_mri_set_pass(brain_mri):
+    """No false alarm on real scans: every 97th JPEG of the brain-tumour MRI set."""
+    files = sorted(brain_mri.rglob("*.jpg"))[::97]
+    assert len(files) > 30
+    for f in files:
+        load_image(f)
+
+
+def test_truncated_jpeg_is_an_error_even_when_pillow_is_told_to_pad(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    data = _sound_jpeg()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some other library may set it
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # left as it was found
+    # with the end marker put back, the scan still stops short: premature end of data
+    path.write_bytes(data[: len(data) * 2 // 3] + b"\xff\xd9")
+    with pytest.raises(ImageDecodeError, match="premature end"):
+        load_image(path)
+
+
+def test_a_pillow_warning_about_the_file_is_an_error(tmp_path):
+    """An APNG control chunk claiming 0 frames: Pillow warns and decodes the default image anyway."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 7).save(buf, format="PNG")
+    png = buf.getvalue()
+    path = tmp_path / "odd.png"
+    path.write_bytes(png[:33] + chunk(b"acTL", struct.pack(">II", 0, 0)) + png[33:])  # after IHDR
+    filters = list(warnings.filters)
+    with pytest.raises(ImageDecodeError, match="decoder warning: UserWarning: Invalid APNG") as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+    assert list(warnings.filters) == filters  # process-wide filters restored
+
+
+def test_corrupt_jpeg_is_skipped_with_skip_bad_images(tiny, tmp_path):
+    ims = open_source(make_folder(tmp_path / "data", n_train=4, n_test=1))
+    records = ims.split("train")
+    jpg = tmp_path / "data" / "Training" / "glioma" / "bad.jpg"
+    jpg.write_bytes(_garbage_scan(_sound_jpeg(), 0))
+    records = [*records, ImageRecord("Training/glioma/bad.jpg", str(jpg), "glioma", "train")]
+    prep = make_preprocessing("squash", tiny)
+    with pytest.raises(ImageDecodeError, match="bad.jpg.*corrupt JPEG data"):
+        build_feature_store(records, ims.class_names, tiny, prep, directory=tmp_path / "a", progress=False)
+    store = build_feature_store(
+        records, ims.class_names, tiny, prep, directory=tmp_path / "b", progress=False, skip_bad=True
+    )
+    assert store.skipped == ["Training/glioma/bad.jpg"] and len(store.image_ids) == len(records) - 1
+
+
+# ----------------------------------------------------------------------------- suspicious class lists
+
+
+def _image_set(train: dict[str, int], test: dict[str, int]) -> ImageSet:
+    records = [
+        ImageRecord(f"{split}/{c}/{i}.png", f"/nowhere/{split}/{c}/{i}.png", c, split)
+        for split, counts in (("train", train), ("test", test))
+        for c, n in counts.items()
+        for i in range(n)
+    ]
+    return ImageSet(sorted(set(train) | set(test)), records, "/nowhere/manifest.csv")
+
+
+def test_a_label_typo_in_a_manifest_is_refused_with_every_class_count(tmp_path):
+    rows = []
+    for c in ("glioma_tumor", "no_tumor"):
+        for i in range(12):
+            _png(tmp_path / "img" / c / f"{i}.png", hash((c, i)) % 1000)
+            rows.append(f"img/{c}/{i}.png,{c},,train")
+        for i in range(12, 14):
+            _png(tmp_path / "img" / c / f"{i}.png", hash((c, i)) % 1000)
+            rows.append(f"img/{c}/{i}.png,{c},,test")
+    rows[3] = rows[3].replace(",glioma_tumor,", ",glioma_tumour,")  # one train row
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(["path,label,site,split", *rows]) + "\n")
+    ims = from_csv(manifest)
+    assert ims.class_names == ["glioma_tumor", "glioma_tumour", "no_tumor"]  # what went unnoticed
+    with pytest.raises(DataError) as info:
+        check_class_support(ims)
+    msg = str(info.value)
+    assert "'glioma_tumour' has 1 training image(s), fewer than 10" in msg
+    assert "'glioma_tumour' is only in the training pool" in msg
+    assert "glioma_tumor 11/2, glioma_tumour 1/0, no_tumor 12/2" in msg
+    assert "manifest.csv" in msg and "--classes" in msg
+    # the explicit class list is the user's word: the typo is then an unknown label
+    with pytest.raises(DataError, match=r"manifest.csv:5: unknown label 'glioma_tumour'"):
+        from_csv(manifest, classes=["glioma_tumor", "no_tumor"])
+
+
+def test_class_support_minimum_and_splits():
+    check_class_support(_image_set({"a": 10, "b": 30}, {"a": 1, "b": 1}))  # exactly the minimum
+    with pytest.raises(DataError, match=r"'a' has 9 training image\(s\), fewer than 10.*a 9/1, b 30/1"):
+        check_class_support(_image_set({"a": 9, "b": 30}, {"a": 1, "b": 1}))
+    check_class_support(_image_set({"a": 9, "b": 30}, {"a": 1, "b": 1}), min_images=9)
+    with pytest.raises(DataError, match="'b' is only in the training pool"):
+        check_class_support(_image_set({"a": 20, "b": 20}, {"a": 3}))
+    # no test split at all: only the minimum applies (the partition refuses a source without one)
+    check_class_support(_image_set({"a": 20, "b": 20}, {}))
+
+
+def test_the_synthetic_sets_pass_the_class_check(tmp_path):
+    from fedmedclip import synthetic
+
+    # the smallest synthetic set the tests use: 12 images per class and site, 2 sites
+    manifest = synthetic.generate(tmp_path / "s", sites=2, per_class_per_site=12, test_per_class=6, size=16)
+    check_class_support(open_source(manifest), DEFAULT_MIN_CLASS_IMAGES)
+
+
+# ----------------------------------------------------------------------------- classes lost to skipping
+
+
+def test_skipping_every_training_image_of_a_class_is_refused_naming_it(tiny, images, tmp_path):
+    records, classes = images  # glioma 0-3, normal 0-3
+    prep = make_preprocessing("squash", tiny)
+    sites = {"a": [records[i] for i in (0, 1, 4, 5)], "b": [records[i] for i in (2, 3, 6, 7)]}
+    train_ids = {s: [r.image_id for r in rs] for s, rs in sites.items()}
+    normal = [r for r in records if r.label == "normal"]
+
+    def stores(tag):
+        return {
+            s: build_feature_store(
+                rs, classes, tiny, prep, directory=tmp_path / f"{tag}{s}", progress=False, skip_bad=True
+            )
+            for s, rs in sites.items()
+        }
+
+    Path(normal[0].path).write_bytes(b"garbage")
+    check_training_classes(stores("one"), train_ids)  # one of the four lost: fine
+    for r in normal[1:]:
+        Path(r.path).write_bytes(b"garbage")
+    with pytest.raises(DataError) as info:
+        check_training_classes(stores("all"), train_ids)
+    msg = str(info.value)
+    assert "for class(es) normal (" in msg and "glioma" not in msg
+    assert "--skip-bad-images skipped 4 unreadable training image(s)" in msg
+    assert all(r.image_id in msg for r in normal)

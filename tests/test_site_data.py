@@ -1,10 +1,13 @@
-"""Data in S3 with one prefix per site (components/site_data.py) on a real S3 server (moto, the local stack):
-published images reach each holder's tasks unchanged, a site's task downloads only its own prefix, and the
-pipeline run on s3:// data gives the in-process engine's metrics."""
+"""Data in S3 with one prefix per site (components/site_data.py) on a real S3 server (moto, the local stack,
+enforcing per-role credentials): published images reach each holder's tasks unchanged, each party works with
+its own role's key, a site's task downloads only its own prefix, a site can publish its own share and read
+it back from its prefix alone, ids from catalogs and manifests stay inside their root, and the pipeline run
+on s3:// data gives the in-process engine's metrics."""
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -14,7 +17,16 @@ pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
 from components.kfp_components import extract_site_step, prepare_step  # noqa: E402
-from components.site_data import CATALOG, PUBLISHED, publish  # noqa: E402
+from components.site_data import (  # noqa: E402
+    CATALOG,
+    PUBLISHED,
+    _md5,
+    publish,
+    publish_site,
+    read_site_assignment,
+    read_site_summary,
+)
+from components.stack import add_data_root  # noqa: E402
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, DataError  # noqa: E402
 
@@ -32,6 +44,13 @@ def s3_env(mlops_stack, monkeypatch):
 
 def _bucket() -> str:
     return f"fmc-data-{uuid.uuid4().hex[:10]}"
+
+
+def _granted_bucket(stack) -> str:
+    """A new data bucket every role of the stack is granted on (as `fedmedclip stack add-bucket` does)."""
+    bucket = _bucket()
+    add_data_root(stack.data_dir, bucket)
+    return bucket
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
@@ -57,17 +76,21 @@ def _keys(client, bucket: str) -> list[str]:
     return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
-def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_features(s3_env, tmp_path):
+def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_features(
+    mlops_stack, tmp_path, monkeypatch, as_stack_role
+):
     from fedmedclip.engine import SERVER, extract_features, holder_image_ids, load_image_set, partition_for
     from fedmedclip.features import FeatureStore
     from fedmedclip.partition import Partition
 
-    bucket, client = _bucket(), s3_env.s3_client()
+    bucket, client = _granted_bucket(mlops_stack), mlops_stack.s3_client()  # admin: to inspect only
     cfg = _cfg(tmp_path)
+    as_stack_role("publisher")
     summary = publish(cfg, bucket, progress=False)
     image_set = load_image_set(cfg)
     part = partition_for(cfg, image_set)
     keys = _keys(client, bucket)
+    by_id = image_set.by_id()
     for k, site in enumerate(part.site_names):
         ids = holder_image_ids(part, site)
         assert summary["sites"][site] == len(ids)
@@ -76,19 +99,35 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
         )
         site_catalog = json.loads(client.get_object(Bucket=bucket, Key=f"sites/{k}/{CATALOG}")["Body"].read())
         assert [r[0] for r in site_catalog["records"]] == ids  # no other site's image ids
+        # the site's data is complete in its prefix: its split in the partition's order, the digest, MD5s
+        assert site_catalog["assignment"] == part.sites[site] and site_catalog["index"] == k
+        assert site_catalog["partition_digest"] == part.digest
+        assert site_catalog["md5"] == {i: _md5(Path(by_id[i].path)) for i in ids}
+        site_summary = json.loads(
+            client.get_object(Bucket=bucket, Key=f"summaries/sites/{k}.json")["Body"].read()
+        )
+        assert site_summary["samples"] == {s: len(part.sites[site][s]) for s in ("train", "val", "test")}
     server_ids = holder_image_ids(part, SERVER)
     assert sum(x.startswith("server/images/") for x in keys) == len(server_ids) == summary["server"]
     versioning = client.get_bucket_versioning(Bucket=bucket)
     assert versioning.get("Status") == "Enabled"
 
-    # prepare (server credentials) draws the same partition from the catalog alone.
+    # prepare (the server's key) draws the same partition from the catalog alone.
+    as_stack_role("server")
     cache = tmp_path / "task_cache"
     config_json = prepare_step(
         _params(f"s3://{bucket}", cache=cache), 2, 2, part.site_names, str(tmp_path / "p")
     )
     assert Partition.load(tmp_path / "p" / "partition.json").digest == part.digest
+    assert read_site_summary(f"s3://{bucket}", 1)["samples"]["train"] == len(part.sites["site_1"]["train"])
 
-    # site_1's extraction task: its prefix only, and the engine's features bit for bit.
+    # site_0's key cannot run site_1's extraction: its prefix is refused by the server.
+    as_stack_role("site_0")
+    with pytest.raises(DataError, match=rf"access to s3://{bucket}/sites/1/catalog.json denied"):
+        extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
+
+    # site_1's extraction task with site_1's key: its prefix only, and the engine's features bit for bit.
+    as_stack_role("site_1")
     extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
     s3_cache = cache / "s3" / bucket
     staged = sorted(p.relative_to(s3_cache).as_posix() for p in s3_cache.rglob("*") if p.is_file())
@@ -112,6 +151,7 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     assert got.features.equal(ref.features) and got.labels.equal(ref.labels)
 
     # Publishing the same thing again is a no-op; another partition is refused and changes nothing.
+    as_stack_role("publisher")
     again = publish(cfg, bucket, progress=False)
     assert again["bytes_uploaded"] == 0
     before = client.get_object(Bucket=bucket, Key=f"server/{PUBLISHED}")["Body"].read()
@@ -121,6 +161,7 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     assert _keys(client, bucket) == keys
 
     # A run asking for another partition than the published one is refused before any download.
+    as_stack_role("server")
     with pytest.raises(ConfigError, match="was published for the partition"):
         prepare_step(
             _params(f"s3://{bucket}", seed=1, cache=cache), 2, 2, part.site_names, str(tmp_path / "q")
@@ -128,8 +169,6 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
 
 
 def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
-    from fedmedclip.engine import load_image_set
-
     cache = tmp_path / "c"
     with pytest.raises(DataError, match="does not exist: publish the data first"):
         prepare_step(
@@ -139,9 +178,6 @@ def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
         prepare_step(
             _params("s3://bucket/some/prefix", cache=cache), 2, 2, ["site_0", "site_1"], str(tmp_path / "p")
         )
-    with pytest.raises(DataError, match="read by the pipeline's tasks"):
-        load_image_set(TrainConfig(data="s3://bucket").validate())
-
     # A published bucket whose site prefix lost an image: the site's task names the object.
     bucket = _bucket()
     publish(_cfg(tmp_path), bucket, progress=False)
@@ -153,6 +189,12 @@ def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
     )
     with pytest.raises(DataError, match=f"s3://{bucket}/{victim}"):
         extract_site_step(config_json, str(tmp_path / "p"), "site_0", str(tmp_path / "f0"))
+    # An image replaced after publishing: its MD5 is not the catalog's, and nothing is staged from it.
+    tampered = next(k for k in _keys(client, bucket) if k.startswith("sites/1/images/"))
+    client.put_object(Bucket=bucket, Key=tampered, Body=b"not the published scan")
+    with pytest.raises(DataError, match=rf"s3://{bucket}/{tampered} has MD5 .*changed after publishing"):
+        extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
+    client.delete_object(Bucket=bucket, Key=tampered)
 
     # No credentials: the error says which Secret a cluster task would have.
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -175,6 +217,8 @@ def test_cli_publish_uses_the_local_stack(s3_env, tmp_path, monkeypatch, capsys)
     assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert f"to s3://{bucket}" in err and f"--data s3://{bucket}" in err
+    assert f"roles granted on the new data root {bucket}" in err  # the publisher's key, granted on it first
+    assert os.environ["AWS_ACCESS_KEY_ID"] == s3_env.credentials("publisher")[0]
     assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--quiet", "--seed", "3"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
 
@@ -213,3 +257,201 @@ def test_pipeline_on_s3_data_matches_the_engine(s3_env, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=s3_env.tracking_uri)
     version = client.get_model_version_by_alias(f"s3-data-{bucket}", "champion")
     assert client.get_run(version.run_id).data.params["data"] == f"s3://{bucket}"
+
+
+# ------------------------------------------------------------------ hospital-side onboarding (--site)
+
+
+def test_a_site_publishes_its_own_share_with_its_own_key_and_reads_it_back(
+    s3_env, tmp_path, monkeypatch, capsys, as_stack_role
+):
+    from fedmedclip.cli import main
+    from fedmedclip.engine import load_image_set, partition_for
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", s3_env.data_dir)  # the hospital's key: site_1's role
+    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
+    argv = ["data", "publish", "--site", "site_1", "--to", f"s3://{bucket}", "--sites", "2"]
+    argv += ["--synthetic", json.dumps(SYNTH), "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    assert main(argv) == 0
+    assert "published site_1's" in capsys.readouterr().err
+    assert os.environ["AWS_ACCESS_KEY_ID"] == s3_env.credentials("site_1")[0]
+    part = partition_for(_cfg(tmp_path, cache_dir=str(tmp_path / "c")), load_image_set(_cfg(tmp_path)))
+    ids = [i for s in ("train", "val", "test") for i in part.sites["site_1"][s]]
+    keys = _keys(admin, bucket)
+    # only site 1's prefix and its summary were written
+    assert keys == sorted(
+        [*(f"sites/1/images/{i}" for i in ids), "sites/1/catalog.json", "summaries/sites/1.json"]
+    )
+
+    # the site's runtime reads its data from its own prefix alone, with its own key
+    as_stack_role("site_1")
+    got = read_site_assignment(f"s3://{bucket}", 1, site="site_1", cache_dir=tmp_path / "rt")
+    assert (got.train, got.val, got.test) == tuple(part.sites["site_1"][s] for s in ("train", "val", "test"))
+    assert got.partition_digest == part.digest and got.samples["train"] == len(part.sites["site_1"]["train"])
+    by_id = load_image_set(_cfg(tmp_path)).by_id()
+    for r in got.image_set.records:
+        assert Path(r.path).read_bytes() == Path(by_id[r.image_id].path).read_bytes()
+        assert (tmp_path / "rt" / "s3" / bucket / "sites" / "1" / "images") in Path(r.path).parents
+    with pytest.raises(DataError, match="holds site 'site_1'.s data, not 'site_0'"):
+        read_site_assignment(f"s3://{bucket}", 1, site="site_0", cache_dir=tmp_path / "rt")
+
+    # the server learns the training-sample count from the summary, never from the site's prefix
+    as_stack_role("server")
+    assert read_site_summary(f"s3://{bucket}", 1)["samples"] == got.samples
+    with pytest.raises(DataError, match=rf"access to s3://{bucket}/sites/1/catalog.json denied"):
+        read_site_assignment(f"s3://{bucket}", 1, cache_dir=tmp_path / "srv")
+    as_stack_role("site_0")
+    with pytest.raises(DataError, match="denied"):
+        read_site_assignment(f"s3://{bucket}", 1, cache_dir=tmp_path / "s0")
+    assert not (tmp_path / "srv").exists() and not (tmp_path / "s0").exists()
+
+    # again: nothing uploaded; for another partition: refused, nothing changed
+    as_stack_role("site_1")
+    before = admin.get_object(Bucket=bucket, Key="sites/1/catalog.json")["Body"].read()
+    assert publish_site(_cfg(tmp_path), "site_1", f"s3://{bucket}", progress=False)["bytes_uploaded"] == 0
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        publish_site(_cfg(tmp_path, seed=1), "site_1", f"s3://{bucket}", progress=False)
+    assert admin.get_object(Bucket=bucket, Key="sites/1/catalog.json")["Body"].read() == before
+    assert _keys(admin, bucket) == keys
+    # site_1's key cannot publish site_0's share
+    with pytest.raises(DataError, match="denied"):
+        publish_site(_cfg(tmp_path), "site_0", f"s3://{bucket}", progress=False)
+
+
+def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
+    from fedmedclip.engine import load_image_set, partition_for
+
+    cfg = _cfg(tmp_path)
+    home = tmp_path / "hospital"
+    summary = publish_site(cfg, "site_0", home, progress=False)
+    part = partition_for(cfg, load_image_set(cfg))
+    assert summary["images"] == sum(len(v) for v in part.sites["site_0"].values())
+    got = read_site_assignment(home, 0, site="site_0")
+    assert got.train == part.sites["site_0"]["train"] and got.test == part.sites["site_0"]["test"]
+    assert all((home / "sites" / "0" / "images") in Path(r.path).parents for r in got.image_set.records)
+    assert read_site_summary(home, 0)["samples"] == got.samples
+    assert sorted(p.name for p in home.iterdir()) == ["sites", "summaries"]
+    assert sorted(p.name for p in (home / "sites").iterdir()) == ["0"]
+
+
+# -------------------------------------------------------------------------------------- safe paths
+
+
+def test_image_ids_must_be_clean_relative_paths():
+    from fedmedclip.paths import check_relative_id
+
+    for good in ("a.png", "Training/glioma/Tr-gl_0010.jpg", "x/..y/z.png"):
+        assert check_relative_id(good, "t") == good
+    for bad, why in (
+        ("../x.png", "'..' segment"),
+        ("a/../../x.png", "'..' segment"),
+        ("/etc/passwd", "absolute"),
+        ("C:/x.png", "absolute"),
+        ("a//b.png", "empty or '.'"),
+        ("./a.png", "empty or '.'"),
+        ("", "empty"),
+        ("a\0b", "NUL"),
+    ):
+        with pytest.raises(DataError, match=rf"image id .* from catalog X is refused: .*{why}"):
+            check_relative_id(bad, "catalog X")
+
+
+def _write_catalog(client, bucket: str, ids: list[str]) -> None:
+    body = {
+        "format": 2,
+        "holder": "site_0",
+        "index": 0,
+        "class_names": ["a"],
+        "records": [[i, "a", "train"] for i in ids],
+        "md5": {i: "0" * 32 for i in ids},
+        "assignment": {"train": ids, "val": [], "test": []},
+        "partition_digest": "x",
+    }
+    client.put_object(Bucket=bucket, Key="sites/0/catalog.json", Body=json.dumps(body).encode())
+
+
+def test_catalog_ids_cannot_escape_the_download_cache(s3_env, tmp_path, monkeypatch, as_stack_role):
+    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
+    as_stack_role("site_0")
+    cache = tmp_path / "deep" / "cache"
+    for evil in ("../../../../escape.png", "/tmp/escape.png"):
+        _write_catalog(admin, bucket, [evil])
+        with pytest.raises(
+            DataError, match=rf"image id '{evil}' from s3://{bucket}/sites/0/catalog.json is refused"
+        ):
+            read_site_assignment(f"s3://{bucket}", 0, cache_dir=cache)
+    assert not list(tmp_path.rglob("escape.png"))
+
+    # a symlink inside the cache that points elsewhere: the download would land outside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    images = cache / "s3" / bucket / "sites" / "0" / "images"
+    images.mkdir(parents=True)
+    (images / "sub").symlink_to(outside)
+    _write_catalog(admin, bucket, ["sub/x.png"])
+    admin.put_object(Bucket=bucket, Key="sites/0/images/sub/x.png", Body=b"scan")
+    with pytest.raises(DataError, match=r"image id 'sub/x.png' .* outside its root .*symbolic link"):
+        read_site_assignment(f"s3://{bucket}", 0, cache_dir=cache)
+    assert list(outside.iterdir()) == []
+
+
+def _synthetic_source(tmp_path) -> Path:
+    from fedmedclip import synthetic
+
+    return synthetic.generate(tmp_path / "data", sites=2, per_class_per_site=6, test_per_class=2, size=16)
+
+
+def test_manifest_paths_outside_the_data_root_need_the_flag(s3_env, tmp_path, monkeypatch, as_stack_role):
+    import csv
+
+    from fedmedclip.data import open_source
+
+    manifest = _synthetic_source(tmp_path)
+    rows = list(csv.reader(manifest.open()))
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "scan.png"
+    (manifest.parent / rows[1][0]).rename(moved)
+    rows[1][0] = "../elsewhere/scan.png"
+    with manifest.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    with pytest.raises(
+        DataError, match=r"manifest.csv:2: image '../elsewhere/scan.png' resolves to .*outside"
+    ):
+        open_source(manifest)
+    assert len(open_source(manifest, allow_outside_root=True).records) == len(rows) - 1
+
+    # even allowed, such an id cannot become a key: the publish is refused before any upload
+    bucket = _granted_bucket(s3_env)
+    as_stack_role("publisher")
+    cfg = TrainConfig(data=str(manifest), sites=2, cache_dir=str(tmp_path / "c")).validate()
+    with pytest.raises(DataError, match=r"image id '../elsewhere/scan.png' .* '..' segment"):
+        publish(cfg, bucket, progress=False, allow_outside_root=True)
+    with pytest.raises(DataError, match="outside"):
+        publish(cfg, bucket, progress=False)
+    assert _keys(s3_env.s3_client(), bucket) == []
+
+
+def test_a_symlink_out_of_an_image_folder_is_not_published(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split, n in (("Training", 12), ("Testing", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), i * 10).save(root / split / cls / f"{i}.png")
+    secret = tmp_path / "not-a-scan.png"
+    Image.new("L", (8, 8), 255).save(secret)
+    (root / "Training" / "a" / "0.png").unlink()
+    (root / "Training" / "a" / "0.png").symlink_to(secret)
+    cfg = TrainConfig(data=str(root), sites=1, cache_dir=str(tmp_path / "c")).validate()
+    with pytest.raises(
+        DataError, match=r"image 'Training/a/0.png' .* outside the data root .*--allow-outside-root"
+    ):
+        publish_site(cfg, "site_0", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert (
+        publish_site(cfg, "site_0", tmp_path / "out", progress=False, allow_outside_root=True)["images"] > 0
+    )

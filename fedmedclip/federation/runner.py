@@ -35,7 +35,7 @@ from ..preparation import (
     reference_features,
     split_data,
 )
-from ..sources import is_remote, remote_source
+from ..sources import is_published_layout, is_remote, remote_source
 from .mailbox import Mailbox, Poller, ProtocolError, check_name, wait_until
 from .server import FederationServer, ServerOptions, ServerSetup
 from .site import SiteSetup, SiteWorker
@@ -148,8 +148,8 @@ def prepare_site(
         )
     if json.loads(json.dumps(prep.describe())) != manifest["preprocessing"]:
         mismatch.append(f"preprocessing {prep.describe()} vs the run's {manifest['preprocessing']}")
-    if is_remote(cfg.data):
-        images, split, digest = remote_source(cfg.data).site_holder(cfg, site)
+    if is_remote(cfg.data) or is_published_layout(cfg.data):
+        images, split, digest = remote_source(cfg.data).site_holder(cfg, site, index)
     else:
         image_set = load_image_set(cfg)
         partition = partition_for(cfg, image_set)

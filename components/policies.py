@@ -1,0 +1,316 @@
+"""Who may touch which objects: the ONE definition of the storage roles and their S3 permissions.
+
+Both enforcement points are generated from it, so they cannot drift apart:
+- the local stack (`fedmedclip stack up`, components/stack.py) creates one IAM user per role on its moto
+  S3 server with these policies, per data bucket;
+- the cluster's MinIO policies, `infra/training/platform/minio-policies.yaml`, are rendered by
+  `render_minio_policies()`; `python -m components.policies --write` regenerates the file and
+  tests/test_isolation.py checks that the committed file is what this module renders.
+
+Roles (the keys are those of docs/contracts.md, "Federation runtime: the mailbox" and "Data published to
+S3", under a data root `BUCKET` or `BUCKET/PREFIX`):
+- `publisher` uploads data centrally: lists the bucket, reads and writes `server/`, each site's
+  `sites/<k>/images/` and `sites/<k>/catalog.json`, and the sites' public summaries.
+- `server` (the aggregator) reads the run manifest, shared tensors, global modules, every site's
+  update, report and status, its own state `runs/*/server/`, the `server/` data and the sites' summaries;
+  writes the manifest, shared tensors, global modules, its own status and state. Never `sites/`.
+- a site (`site_0`, ... with data index k) reads the manifest, shared tensors, global modules and the
+  server's status; reads and writes only its own update, report and status keys, its own data prefix
+  `sites/<k>/` (images, catalog, private state) and its own summary. Nothing else.
+- `mlflow` reads and writes its artifact root only.
+
+No role but the publisher (and MLflow, on its own bucket) may list: every key the runtime uses is computable,
+and moto does not evaluate the `s3:prefix` condition that would confine a listing to a prefix. moto matches
+`*` anywhere in a resource (across `/` too), as IAM does; site names are plain words (no `.`, `*`, `/`), so a
+pattern ending in `updates/site_0.bin` cannot match another site's key.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmedclip.errors import ConfigError
+
+PUBLISHER = "publisher"
+SERVER = "server"
+MLFLOW = "mlflow"
+SITE = "site"
+ROLE_KINDS = (PUBLISHER, SERVER, SITE, MLFLOW)
+DEFAULT_SITES = 3
+
+# Key patterns under a data root; `{site}` is the site's name, `{k}` its data index.
+MANIFEST = "runs/*/manifest.json"
+SHARED = "runs/*/shared.safetensors"
+GLOBAL = "runs/*/rounds/*/global.bin"
+UPDATE = "runs/*/rounds/*/updates/{site}.bin"
+REPORT = "runs/*/rounds/*/reports/{site}.json"
+STATUS = "runs/*/status/{site}.json"
+SERVER_STATUS = "runs/*/status/server.json"
+SERVER_STATE = "runs/*/server/*"
+SITE_DATA = "sites/{k}/*"
+SITE_IMAGES = "sites/{k}/images/*"
+SITE_CATALOG = "sites/{k}/catalog.json"
+SITE_PRIVATE = "sites/{k}/private/*"
+SITE_SUMMARY = "summaries/sites/{k}.json"
+SERVER_DATA = "server/*"
+
+READ_ACTIONS = ("s3:GetObject",)
+WRITE_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload")
+DELETE_ACTIONS = ("s3:DeleteObject",)
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+
+REPO = Path(__file__).resolve().parents[1]
+MINIO_POLICIES_YAML = REPO / "infra" / "training" / "platform" / "minio-policies.yaml"
+CLUSTER_DATA_BUCKET = "fedmedclip-data"  # components.sites.DATA_BUCKET
+CLUSTER_MLFLOW_BUCKET = "fedmedclip-mlflow"  # components.sites.MLFLOW_BUCKET
+
+
+@dataclass(frozen=True)
+class Role:
+    """A principal of the object store. `site_index` is a site's k (its data prefix `sites/<k>/`)."""
+
+    name: str
+    kind: str
+    site_index: int | None = None
+
+    @property
+    def policy_name(self) -> str:
+        """The MinIO policy's name (and its file in the minio-policies ConfigMap): `site-<k>` for a site,
+        like its Secret `fedmedclip-site-<k>-s3`; the role's name otherwise."""
+        return f"site-{self.site_index}" if self.kind == SITE else self.name
+
+
+@dataclass(frozen=True)
+class Access:
+    """Key patterns (relative to a data root) a role may read, write and delete; whether it may list."""
+
+    read: tuple[str, ...] = ()
+    write: tuple[str, ...] = ()
+    delete: tuple[str, ...] = ()
+    list_bucket: bool = False
+
+
+def check_site_name(name: str) -> str:
+    if (
+        not isinstance(name, str)
+        or not _SITE_NAME.match(name)
+        or name in (PUBLISHER, SERVER, MLFLOW, "admin")
+    ):
+        raise ConfigError(
+            f"site name {name!r} cannot name a storage role: use 1 to 63 letters, digits, '_' or '-', starting "
+            f"with a letter or digit, and none of {PUBLISHER}, {SERVER}, {MLFLOW}, admin"
+        )
+    return name
+
+
+def default_site_names(n_sites: int = DEFAULT_SITES) -> list[str]:
+    """`site_0`, `site_1`, ...: the partition's names for n sites (data index k = position)."""
+    if n_sites < 1:
+        raise ConfigError(f"the number of sites must be at least 1, not {n_sites}")
+    return [f"site_{k}" for k in range(n_sites)]
+
+
+def roles(site_names: list[str] | tuple[str, ...] | None = None) -> list[Role]:
+    """publisher, server, one role per site (k = its position in `site_names`), mlflow."""
+    names = list(site_names) if site_names is not None else default_site_names()
+    for n in names:
+        check_site_name(n)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"site names must differ: {names}")
+    return [
+        Role(PUBLISHER, PUBLISHER),
+        Role(SERVER, SERVER),
+        *(Role(n, SITE, k) for k, n in enumerate(names)),
+        Role(MLFLOW, MLFLOW),
+    ]
+
+
+def access(role: Role, site_count: int) -> Access:
+    """What `role` may do under a data root (`site_count`: how many sites the publisher serves). The
+    mlflow role has no access to data roots (see `mlflow_policy`)."""
+    if role.kind == SITE:
+        own = {"site": role.name, "k": role.site_index}
+        mine = tuple(p.format(**own) for p in (UPDATE, REPORT, STATUS, SITE_DATA, SITE_SUMMARY))
+        return Access(
+            read=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, *mine),
+            write=mine,
+            delete=(SITE_PRIVATE.format(**own),),
+        )
+    if role.kind == SERVER:
+        everyone = {"site": "*", "k": "*"}
+        return Access(
+            read=(
+                MANIFEST,
+                SHARED,
+                GLOBAL,
+                UPDATE.format(**everyone),
+                REPORT.format(**everyone),
+                STATUS.format(**everyone),
+                SERVER_STATE,
+                SERVER_DATA,
+                SITE_SUMMARY.format(**everyone),
+            ),
+            write=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, SERVER_STATE),
+            delete=(SERVER_STATE,),
+        )
+    if role.kind == PUBLISHER:
+        # Each site's images and catalog by index, not `sites/*/images/*`: `*` also matches `/`, which
+        # would reach a site's private state under a path that happens to contain `/images/`.
+        per_site = tuple(
+            p.format(k=k) for k in range(site_count) for p in (SITE_IMAGES, SITE_CATALOG, SITE_SUMMARY)
+        )
+        keys = (SERVER_DATA, *per_site)
+        return Access(read=keys, write=keys, list_bucket=True)
+    return Access()
+
+
+def check_root(root: str) -> tuple[str, str]:
+    """`BUCKET` or `BUCKET/PREFIX` -> (bucket, prefix without slashes)."""
+    bucket, _, prefix = root.strip("/").partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ConfigError(f"{root!r}: {bucket!r} is not a valid bucket name (3 to 63 of a-z, 0-9, '.', '-')")
+    if prefix and not all(_PREFIX_SEGMENT.match(p) for p in prefix.split("/")):
+        raise ConfigError(f"{root!r}: the prefix must be '/'-separated names of letters, digits and ._=-")
+    return bucket, prefix
+
+
+def _arn(bucket: str, prefix: str, key: str = "") -> str:
+    path = "/".join(p for p in (prefix, key) if p)
+    return f"arn:aws:s3:::{bucket}/{path}" if key else f"arn:aws:s3:::{bucket}"
+
+
+def _listing(bucket: str, prefix: str, actions: list[str]) -> dict:
+    statement = {"Sid": "List", "Effect": "Allow", "Action": actions, "Resource": [_arn(bucket, prefix)]}
+    if prefix:  # MinIO confines the listing; moto ignores conditions (the role may read its root anyway)
+        statement["Condition"] = {"StringLike": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}}
+    return statement
+
+
+def data_policy(role: Role, root: str, site_count: int) -> dict:
+    """The IAM policy document of `role` on the data root `root` (`BUCKET` or `BUCKET/PREFIX`)."""
+    if role.kind == MLFLOW:
+        raise ConfigError("the mlflow role has no data policy; use mlflow_policy")
+    bucket, prefix = check_root(root)
+    acc = access(role, site_count)
+    statements = []
+    if acc.list_bucket:
+        statements.append(_listing(bucket, prefix, ["s3:GetBucketLocation", "s3:ListBucket"]))
+    for sid, actions, keys in (
+        ("Read", READ_ACTIONS, acc.read),
+        ("Write", WRITE_ACTIONS, acc.write),
+        ("Delete", DELETE_ACTIONS, acc.delete),
+    ):
+        if keys:
+            statements.append(
+                {
+                    "Sid": sid,
+                    "Effect": "Allow",
+                    "Action": list(actions),
+                    "Resource": [_arn(bucket, prefix, k) for k in keys],
+                }
+            )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def mlflow_policy(root: str) -> dict:
+    """MLflow's artifact store: everything under `root` (`BUCKET` or `BUCKET/PREFIX`), listing included."""
+    bucket, prefix = check_root(root)
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            _listing(
+                bucket, prefix, ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"]
+            ),
+            {
+                "Sid": "Objects",
+                "Effect": "Allow",
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:DeleteObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:ListMultipartUploadParts",
+                ],
+                "Resource": [_arn(bucket, prefix, "*")],
+            },
+        ],
+    }
+
+
+def role_policy(role: Role, data_root: str, mlflow_root: str, site_count: int) -> dict:
+    """The one policy of `role` where there is one data root (the cluster's MinIO)."""
+    return mlflow_policy(mlflow_root) if role.kind == MLFLOW else data_policy(role, data_root, site_count)
+
+
+# ------------------------------------------------------------------------------------ infra/training
+
+
+def minio_policies(
+    site_names: list[str] | None = None,
+    data_root: str = CLUSTER_DATA_BUCKET,
+    mlflow_root: str = CLUSTER_MLFLOW_BUCKET,
+) -> dict[str, dict]:
+    """{`<policy name>.json`: document} for the cluster's MinIO users, in role order."""
+    rs = roles(site_names)
+    n = sum(r.kind == SITE for r in rs)
+    return {f"{r.policy_name}.json": role_policy(r, data_root, mlflow_root, n) for r in rs}
+
+
+def render_minio_policies(site_names: list[str] | None = None) -> str:
+    """The text of infra/training/platform/minio-policies.yaml."""
+    names = list(site_names) if site_names is not None else default_site_names()
+    lines = [
+        "# GENERATED from components/policies.py by `python -m components.policies --write`: do not edit by hand",
+        "# (tests/test_isolation.py checks that this file is what the module renders). One IAM policy per MinIO",
+        "# user, created by minio-setup.yaml: the publisher (central uploads), the server (aggregator), one per",
+        f"# site ({', '.join(names)}: data prefix sites/<k>/ and its own mailbox keys only) and MLflow",
+        "# (its artifact bucket). The same definition gives the local stack's users (`fedmedclip stack up`).",
+        "apiVersion: v1",
+        "kind: ConfigMap",
+        "metadata:",
+        "  name: minio-policies",
+        "data:",
+    ]
+    for name, doc in minio_policies(names).items():
+        lines.append(f"  {name}: |")
+        lines += ["    " + line for line in json.dumps(doc, indent=2).splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.policies",
+        description="Render the cluster's MinIO policies from components/policies.py.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help=f"rewrite {MINIO_POLICIES_YAML.relative_to(REPO)}")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the committed file differs")
+    args = parser.parse_args(argv)
+    text = render_minio_policies()
+    if args.write:
+        MINIO_POLICIES_YAML.write_text(text)
+        print(f"wrote {MINIO_POLICIES_YAML}", file=sys.stderr)
+        return 0
+    if args.check:
+        same = MINIO_POLICIES_YAML.is_file() and MINIO_POLICIES_YAML.read_text() == text
+        if not same:
+            print(
+                f"{MINIO_POLICIES_YAML} is stale: run `python -m components.policies --write`",
+                file=sys.stderr,
+            )
+        return 0 if same else 1
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Paths named by data we did not write (manifests, catalogs, object keys) confined to their root.
+
+An image id is a `/`-separated path relative to its source's root. Read back from a manifest, a catalog or
+an object store, it is joined to a local folder (the data root, a download cache) or to a key prefix
+(`sites/<k>/images/`); an id such as `../../x` or `/etc/x`, or a symlink under the root that points
+elsewhere, would then reach outside. These helpers refuse that with an error naming the id and where it
+came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from .errors import DataError
+
+
+def check_relative_id(image_id: str, source: str) -> str:
+    """`image_id` itself: a non-empty relative posix path with no `.`/`..`/empty segment and no NUL.
+    `source` names where the id was read (a manifest line, a catalog URI) for the error."""
+    problem = None
+    if not isinstance(image_id, str) or not image_id:
+        problem = "it is empty"
+    elif "\0" in image_id:
+        problem = "it contains a NUL byte"
+    elif image_id.startswith("/") or PurePosixPath(image_id).is_absolute() or _windows_absolute(image_id):
+        problem = "it is an absolute path"
+    else:
+        parts = image_id.split("/")
+        if ".." in parts:
+            problem = "it has a '..' segment"
+        elif any(p in ("", ".") for p in parts):
+            problem = "it has an empty or '.' segment"
+    if problem:
+        raise DataError(
+            f"image id {image_id!r} from {source} is refused: {problem} (ids must stay inside their root)"
+        )
+    return image_id
+
+
+def _windows_absolute(text: str) -> bool:
+    # `C:/x` or `C:\x`: harmless on POSIX, but never a relative id either.
+    return len(text) >= 2 and text[1] == ":" and text[0].isalpha()
+
+
+def is_within(path: str | Path, root: str | Path) -> bool:
+    """True when `path`, with every symlink resolved, is `root` or lies under it (also resolved)."""
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+
+
+def confined_path(root: str | Path, image_id: str, source: str) -> Path:
+    """`root/image_id`, refused when the id is not a clean relative path or when the joined path, symlinks
+    resolved, leaves `root` (a link inside the root pointing elsewhere). The path need not exist yet: its
+    deepest existing ancestor is what is resolved."""
+    check_relative_id(image_id, source)
+    root = Path(root)
+    target = root.joinpath(*image_id.split("/"))
+    if not is_within(target, root):
+        raise DataError(
+            f"image id {image_id!r} from {source} is refused: {target} resolves to {os.path.realpath(target)}, "
+            f"outside its root {os.path.realpath(root)} (a symbolic link)"
+        )
+    return target
+
+
+def check_file_within(path: str | Path, root: str | Path, what: str, hint: str = "") -> None:
+    """Refuse a file that resolves outside `root` (`what` names it and its source in the error; `hint` says
+    how to allow it on purpose)."""
+    if not is_within(path, root):
+        raise DataError(
+            f"{what} resolves to {os.path.realpath(path)}, outside the data root {os.path.realpath(root)}"
+            + (f"; {hint}" if hint else "")
+        )
