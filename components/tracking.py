@@ -1,12 +1,19 @@
-"""MLflow tracking and model registry, driven by a run directory (docs/contracts.md, "Run directory").
+"""MLflow tracking and model registry (docs/contracts.md, "Run directory").
 
-- `log_run_dir(run_dir, experiment)`: one MLflow run per run directory: parameters (config.json), per-round
-  metrics (results.json `history`, step = round), final metrics, lineage tags, and the artifacts
-  (results/partition/provenance/config JSON, plots/, rounds/, model/).
-- `register_model(run_id, name, onnx_path=...)`: a new registered model version with lineage tags and the
-  sha256 of the stored ONNX file (tag `onnx_sha256`, which the server verifies).
-- `promote(name, version, alias="champion")`: moves the alias, refusing a candidate whose global balanced
-  accuracy (`PROMOTION_METRIC` of its run) is below the current holder's unless `allow_worse`.
+- `LiveRunLogger`: one MLflow run logged while a federated run goes on: parameters and inputs (the data set
+  and the partition) at start, each round's metrics as the round finishes (step = round, the round's real
+  time), then the run directory's files and final metrics. The federation server calls it through three
+  methods, so the core never imports mlflow.
+- `log_run_dir(run_dir, experiment)`: the same MLflow run from a finished run directory, after the fact.
+- `register_model(run_id, name, onnx_path=...)`: a new registered model version with lineage tags, the
+  sha256 of the stored ONNX file (tag `onnx_sha256`, which the server verifies), a signature and an input
+  example.
+- `promote(name, version, alias="champion")`: moves the alias, refusing a candidate trained on another data
+  set or partition than the current holder unless `allow_different_data`, and one whose global balanced
+  accuracy (`PROMOTION_METRIC` of its run) is below the holder's unless `allow_worse`.
+
+A site's private head (`model/site_*.safetensors`: FedMedCLIP's MLP) stays out of the central MLflow unless
+the operator asks for it (`include_site_models`).
 
 Artifacts go through the tracking server (`mlflow server --serve-artifacts`, `mlflow-artifacts:` URIs), so
 clients need no S3 credentials; the server writes them to the versioned bucket.
@@ -15,18 +22,30 @@ mlflow is imported inside the functions: `components.cli` must stay light.
 
 from __future__ import annotations
 
-import hashlib
+import collections
 import json
 import logging
+import math
 import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmedclip.digests import (
+    FORMAT_VERSION,
+    META_BACKBONE_SHA256,
+    META_CLASS_NAMES,
+    META_FORMAT_VERSION,
+    META_IMAGE_SIZE,
+    META_PREPROCESSING,
+    canonical_digest,
+    sha256_file,
+)
 from fedmedclip.errors import FedMedClipError
 
 log = logging.getLogger("fedmedclip.tracking")
@@ -41,13 +60,21 @@ REQUIRED_DIRS = ("model",)
 OPTIONAL_DIRS = ("plots", "rounds")
 # protobuf cannot serialise a single message above 2 GiB.
 _MAX_INLINE_ONNX = 2**31 - 2**20
+# What registration needs from an exported model's metadata (docs/contracts.md, "Exported model").
 _ONNX_REQUIRED_METADATA = (
-    "fedmedclip.class_names",
-    "fedmedclip.image_size",
-    "fedmedclip.preprocessing",
-    "fedmedclip.backbone_sha256",
-    "fedmedclip.format_version",
+    META_CLASS_NAMES,
+    META_IMAGE_SIZE,
+    META_PREPROCESSING,
+    META_BACKBONE_SHA256,
+    META_FORMAT_VERSION,
 )
+# The digests that say which data a version was trained on; promotion compares only like with like.
+DATA_DIGEST_TAGS = ("dataset_digest", "partition_digest")
+# A site's private part of the model (FedMedCLIP's MLP): never sent to the central MLflow by default.
+SITE_MODEL_GLOB = "site_*.safetensors"
+KFP_RUN_ID_TAG = "kfp.run_id"
+RUN_KEY_TAG = "fedmedclip.run_key"  # the federation's run id: a restarted server continues its MLflow run
+COMPLETE_TAG = "fedmedclip.logged"  # "complete" once a whole run directory is logged: registrable
 LINEAGE_TAGS = (
     "method",
     "partition_digest",
@@ -69,6 +96,10 @@ class RunDirError(TrackingError):
 
 class PromotionRefused(TrackingError):
     """The candidate is worse than the current alias holder and the override was not given."""
+
+
+class DifferentDataRefused(PromotionRefused):
+    """The candidate and the current alias holder were trained on different data sets or partitions."""
 
 
 # ------------------------------------------------------------------------------------------- run dir
@@ -106,17 +137,12 @@ class RunDir:
         return {
             "method": self.method,
             "partition_digest": str(self.partition.get("digest", "")),
-            "dataset_digest": _canonical_digest(images),
+            "dataset_digest": canonical_digest(images),
             "backbone": str(backbone.get("name", "unknown")),
             "backbone_sha256": str(backbone.get("weights_sha256", "unknown")),
-            "feature_provenance_digest": _canonical_digest(stores),
+            "feature_provenance_digest": canonical_digest(stores),
             "git_commit": _git_commit(self),
         }
-
-
-def _canonical_digest(obj: Any) -> str:
-    # Same recipe as fedmedclip.features.canonical_digest (not imported: it pulls in torch).
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_json(run_dir: Path, name: str) -> Any:
@@ -252,6 +278,10 @@ def _client(tracking_uri: str | None):
 
     uri = resolve_tracking_uri(tracking_uri)
     _check_reachable(uri)
+    # Downloads stream through the tracking server, as uploads do: MLflow 3 otherwise fetches presigned S3
+    # URLs itself, which needs a route to the bucket (a hospital's pod has none) and is refused by the
+    # local stack's S3, which accepts only requests signed with a role's key.
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     # The fluent API (log_model, register_model, load_model) reads the global URIs.
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -290,40 +320,50 @@ def _num(x: Any) -> float | None:
         v = float(x)
     except (TypeError, ValueError):
         return None
-    return v if v == v else None  # NaN is not worth logging
+    return v if math.isfinite(v) else None  # a NaN or infinite metric is never logged
 
 
-def run_metrics(run: RunDir) -> tuple[list[tuple[str, float, int]], dict[str, float]]:
-    """(per-round metrics as (key, value, step=round), final metrics) from results.json."""
-    res = run.results
-    names = run.site_names
-    rounds: list[tuple[str, float, int]] = []
+def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
+    """One round record (an entry of results.json's `history`) as MLflow metrics: global and per-site
+    accuracy, the number of sites present (and rejected), bytes up and down (summed and per site), seconds,
+    training loss. Missing or non-finite values are left out."""
+    out: dict[str, float] = {}
 
-    def add(key: str, value: Any, step: int) -> None:
+    def add(key: str, value: Any) -> None:
         v = _num(value)
         if v is not None:
-            rounds.append((key, v, step))
+            out[key] = v
 
-    for rec in res["history"]:
-        r = int(rec["round"])
-        g = rec.get("global") or {}
-        add("global_acc", g.get("acc"), r)
-        add("global_bacc", g.get("bacc"), r)
-        for s in rec.get("sites") or []:
-            for k in ("acc", "bacc", "val_acc"):
-                add(metric_key("site", str(s.get("site")), k), s.get(k), r)
-        add("val_acc_mean", rec.get("val_acc_mean"), r)
-        add("train_loss", rec.get("train_loss"), r)
-        add("round_seconds", rec.get("seconds"), r)
-        for direction in ("bytes_up", "bytes_down"):
-            per_site = rec.get(direction)
-            if isinstance(per_site, list):
-                add(direction, sum(_num(b) or 0.0 for b in per_site), r)
-                for name, b in zip(names, per_site, strict=False):
-                    add(metric_key("site", name, direction), b, r)
-            else:
-                add(direction, per_site, r)
+    g = record.get("global") or {}
+    add("global_acc", g.get("acc"))
+    add("global_bacc", g.get("bacc"))
+    rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
+    for s in rows:
+        for k in ("acc", "bacc", "val_acc"):
+            add(metric_key("site", str(s.get("site")), k), s.get(k))
+    add("val_acc_mean", record.get("val_acc_mean"))
+    add("train_loss", record.get("train_loss"))
+    add("round_seconds", record.get("seconds"))
+    present = record.get("sites_present")
+    add("sites_present", len(present) if isinstance(present, list) else present)
+    if isinstance(record.get("rejected"), dict):
+        add("sites_rejected", len(record["rejected"]))
+    # Per-site lists follow the order of the record's site rows (the run's site names).
+    names = [str(s.get("site")) for s in rows] or [str(n) for n in site_names or []]
+    for direction in ("bytes_up", "bytes_down"):
+        per_site = record.get(direction)
+        if isinstance(per_site, list):
+            add(direction, sum(_num(b) or 0.0 for b in per_site))
+            if len(per_site) == len(names):
+                for name, b in zip(names, per_site, strict=True):
+                    add(metric_key("site", name, direction), b)
+        else:
+            add(direction, per_site)
+    return out
 
+
+def final_metrics(results: dict) -> dict[str, float]:
+    """The reported model's metrics from results.json (`final_global_bacc` is what promotion compares)."""
     final: dict[str, float] = {}
 
     def put(key: str, value: Any) -> None:
@@ -331,7 +371,7 @@ def run_metrics(run: RunDir) -> tuple[list[tuple[str, float, int]], dict[str, fl
         if v is not None:
             final[key] = v
 
-    m = res["metrics"]
+    m = results.get("metrics") or {}
     for k, v in (m.get("global") or {}).items():
         put(f"final_global_{k}", v)
     for s in m.get("sites") or []:
@@ -343,13 +383,13 @@ def run_metrics(run: RunDir) -> tuple[list[tuple[str, float, int]], dict[str, fl
     last = m.get("last_round") or {}
     for k, v in (last.get("global") or {}).items():
         put(f"last_round_global_{k}", v)
-    comm = res.get("comm") or {}
+    comm = results.get("comm") or {}
     for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round", "total_bytes"):
         put(f"comm_{k}", comm.get(k))
-    timing = res.get("timing") or {}
+    timing = results.get("timing") or {}
     for k, v in timing.items():
         put(f"timing_{k}", v)
-    return rounds, final
+    return final
 
 
 def run_params(run: RunDir) -> dict[str, str]:
@@ -373,6 +413,57 @@ def run_params(run: RunDir) -> dict[str, str]:
     return params
 
 
+def _data_name(source: str) -> str:
+    """A readable name for a data source: `synthetic`, the bucket, the folder or `folder/manifest.csv`."""
+    if source.startswith("s3://"):
+        return source[len("s3://") :].strip("/") or source
+    path = Path(source)
+    if source == "synthetic" or not path.name:
+        return source
+    return f"{path.parent.name}/{path.name}" if path.suffix else path.name
+
+
+def _data_source_type(source: str) -> str:
+    if source.startswith("s3://"):
+        return "s3"
+    return "synthetic" if source == "synthetic" else "local"
+
+
+def dataset_inputs(partition: dict, data_source: str = "") -> list:
+    """The MLflow inputs of a run, from its partition manifest (docs/contracts.md, partition.json): the data
+    set (every image id and the class names, whoever holds them) and the partition (which holder holds
+    which image; its own digest). MLflow keeps 36 characters of a digest; the full sha256 is an input tag."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source = str(data_source or partition.get("source") or "unknown")
+    ids = [i for split in (partition.get("sites") or {}).values() for ids in split.values() for i in ids]
+    ids += list(partition.get("reference") or []) + list(partition.get("global_test") or [])
+    images_digest = canonical_digest({"class_names": partition.get("class_names"), "images": sorted(ids)})
+    data_profile = {"images": len(ids), "class_names": partition.get("class_names")}
+    scheme = str(partition.get("scheme", "unknown"))
+    alpha = partition.get("alpha")
+    partition_name = f"{_data_name(source)}:{scheme}" + (f"(alpha={alpha})" if alpha else "")
+    partition_name += f":seed={partition.get('seed')}:{len(partition.get('sites') or {})} sites"
+    partition_digest = str(partition.get("digest") or canonical_digest(partition))
+
+    def entry(name: str, digest: str, profile: dict, context: str) -> DatasetInput:
+        dataset = Dataset(
+            name=name,
+            digest=digest[:32],
+            source_type=_data_source_type(source),
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile),
+        )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("fedmedclip.digest", digest)]
+        return DatasetInput(dataset, tags)
+
+    return [
+        entry(_data_name(source), images_digest, data_profile, "training"),
+        entry(partition_name, partition_digest, {"counts": partition.get("counts")}, "partition"),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ logging
 
 
@@ -387,51 +478,366 @@ def get_or_create_experiment(client, name: str) -> str:
     return exp.experiment_id
 
 
+def _log_run_files(client, run_id: str, run_path: Path, include_site_models: bool) -> list[str]:
+    """The run directory's files into the run's artifacts (never checkpoint/: resume state only).
+    Returns the site model files left out."""
+    for name in REQUIRED_FILES:
+        if (run_path / name).is_file():
+            client.log_artifact(run_id, str(run_path / name))
+    for d in OPTIONAL_DIRS:
+        if (run_path / d).is_dir():
+            client.log_artifacts(run_id, str(run_path / d), artifact_path=d)
+    withheld = []
+    model_dir = run_path / "model"
+    for f in sorted(model_dir.rglob("*")) if model_dir.is_dir() else []:
+        if not f.is_file():
+            continue
+        if f.parent == model_dir and f.match(SITE_MODEL_GLOB) and not include_site_models:
+            withheld.append(f.name)
+            continue
+        where = Path("model") / f.parent.relative_to(model_dir)
+        client.log_artifact(run_id, str(f), artifact_path=where.as_posix())
+    return withheld
+
+
+def _lineage_tags(run: RunDir) -> dict[str, str]:
+    lineage = run.lineage()
+    return {
+        **lineage,
+        "mlflow.source.git.commit": lineage["git_commit"],
+        "fedmedclip.run_dir": str(run.path.resolve()),
+        "fedmedclip.sites": ",".join(run.site_names),
+    }
+
+
+class LiveRunLogger:
+    """One MLflow run logged while the federated run it describes goes on.
+
+        logger = LiveRunLogger("fedmedclip", kfp_run_id=...)
+        logger.start(params, tags, run_name, partition=manifest, data_source="s3://bucket")
+        for each finished round: logger.log_round(record)      # never waits for MLflow
+        logger.finish(run_dir, "FINISHED")                       # or "FAILED": the rounds logged stay
+
+    `log_round` stamps the metrics with the time it is called and hands them to a sender thread, so a slow or
+    unreachable tracking server never holds up a round; what it could not send yet it retries every
+    `retry_seconds`, and `finish` waits up to `flush_timeout` for the rest. With `background=False` metrics
+    are sent in the caller's thread and errors raise (after-the-fact logging: `log_run_dir`).
+    Used as a context manager, an exception ends the run as FAILED.
+    """
+
+    def __init__(
+        self,
+        experiment: str = "fedmedclip",
+        tracking_uri: str | None = None,
+        *,
+        kfp_run_id: str | None = None,
+        include_site_models: bool = False,
+        background: bool = True,
+        retry_seconds: float = 5.0,
+        flush_timeout: float = 120.0,
+    ):
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri
+        self.kfp_run_id = kfp_run_id or None
+        self.include_site_models = include_site_models
+        self.background = background
+        self.retry_seconds = retry_seconds
+        self.flush_timeout = flush_timeout
+        self.run_id: str | None = None
+        self.site_names: list[str] = []
+        self._client = None
+        self._pending: collections.deque = collections.deque()  # lists of Metric, each one log_batch
+        self._unsent_rounds: dict[int, int] = {}  # round -> batches of it still pending
+        self._cond = threading.Condition()
+        self._closing = False
+        self._sender: threading.Thread | None = None
+        self._last_error: Exception | None = None
+        self._finished = False
+
+    # -- start
+    def start(
+        self,
+        params: dict,
+        tags: dict[str, str] | None = None,
+        run_name: str | None = None,
+        *,
+        site_names: list[str] | None = None,
+        partition: dict | None = None,
+        data_source: str | None = None,
+        run_key: str | None = None,
+    ) -> str:
+        """Create the MLflow run (named `run_name`, tagged with the KFP run id when given), log `params`
+        (nested dicts are flattened to dotted keys) and, with the partition manifest, the data set and the
+        partition as inputs. With `run_key` (the federation's run id), a run already logged under that key
+        is continued instead: a restarted server keeps one MLflow run. Returns the MLflow run id."""
+        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+        if self.run_id is not None:
+            raise TrackingError(f"this logger already started MLflow run {self.run_id}")
+        client, uri = _client(self.tracking_uri)
+        exp_id = get_or_create_experiment(client, self.experiment)
+        all_tags = dict(tags or {})
+        if self.kfp_run_id:
+            all_tags[KFP_RUN_ID_TAG] = str(self.kfp_run_id)
+        if run_key:
+            all_tags[RUN_KEY_TAG] = str(run_key)
+        existing = self._run_with_key(client, exp_id, run_key) if run_key else None
+        flat = _flatten(params)
+        if existing is not None:
+            run_id = existing.info.run_id
+            changed = {
+                k: (existing.data.params[k], v)
+                for k, v in flat.items()
+                if existing.data.params.get(k, v) != v
+            }
+            if changed:
+                raise TrackingError(
+                    f"MLflow run {run_id} of {run_key} was started with other parameters ("
+                    + "; ".join(
+                        f"{k}: {old!r} then, {new!r} now" for k, (old, new) in sorted(changed.items())
+                    )
+                    + "): a run continues only with its own configuration"
+                )
+            client.update_run(run_id, status="RUNNING")
+            log.info("continuing MLflow run %s of %s on %s", run_id, run_key, uri)
+        else:
+            run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        self._client, self.run_id = client, run_id
+        self.site_names = [str(s) for s in site_names or []]
+        try:
+            logged = [Param(k, v) for k, v in flat.items()]
+            for i in range(0, len(logged), MAX_PARAMS_TAGS_PER_BATCH):
+                client.log_batch(run_id, params=logged[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            if existing is not None:
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+            elif partition:
+                client.log_inputs(run_id, datasets=dataset_inputs(partition, data_source or ""))
+        except MlflowException as e:
+            client.set_terminated(run_id, "FAILED")
+            self._finished = True
+            raise TrackingError(f"MLflow refused the start of run {run_id}: {e.message}") from e
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            self._finished = True
+            raise
+        if self.background:
+            self._sender = threading.Thread(target=self._send_loop, name="mlflow-live-logger", daemon=True)
+            self._sender.start()
+        log.info("MLflow run %s in experiment %r on %s", run_id, self.experiment, uri)
+        return run_id
+
+    @staticmethod
+    def _run_with_key(client, exp_id: str, run_key: str):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", str(run_key)):
+            raise TrackingError(f"run key {run_key!r}: use letters, digits, '.', '_' or '-'")
+        found = client.search_runs(
+            [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1
+        )
+        return found[0] if found else None
+
+    # -- rounds
+    def log_round(self, record: dict) -> None:
+        """One finished round (a results.json `history` entry), step = its round, stamped now."""
+        self.log_rounds([record])
+
+    def log_rounds(self, records: list[dict]) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+        if self.run_id is None or self._finished:
+            raise TrackingError("log_round needs a started, unfinished run: call start() first")
+        now = int(time.time() * 1000)
+        metrics, steps = [], []
+        for rec in records:
+            if not isinstance(rec, dict) or not isinstance(rec.get("round"), int):
+                raise TrackingError(f"a round record needs an integer `round`, got {str(rec)[:200]}")
+            r = rec["round"]
+            steps.append(r)
+            metrics += [(r, Metric(k, v, now, r)) for k, v in round_metrics(rec, self.site_names).items()]
+        with self._cond:
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
+                rounds = sorted({r for r, _ in chunk})
+                self._pending.append((rounds, [m for _, m in chunk]))
+                for r in rounds:
+                    self._unsent_rounds[r] = self._unsent_rounds.get(r, 0) + 1
+            self._cond.notify_all()
+        if not self.background:
+            self._send_pending()
+
+    def _send_one(self) -> bool:
+        """Send the oldest pending batch; False when there is none."""
+        with self._cond:
+            if not self._pending:
+                return False
+            rounds, batch = self._pending[0]
+        self._client.log_batch(self.run_id, metrics=batch)
+        with self._cond:
+            self._pending.popleft()
+            for r in rounds:
+                self._unsent_rounds[r] -= 1
+                if not self._unsent_rounds[r]:
+                    del self._unsent_rounds[r]
+            self._cond.notify_all()
+        return True
+
+    def _send_pending(self) -> None:
+        while self._send_one():
+            pass
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+            try:
+                self._send_one()
+                self._last_error = None
+            except Exception as e:  # the server is down or refuses: keep the batch, try again later
+                if self._last_error is None:
+                    log.warning(
+                        "MLflow run %s: could not log round metrics (%s); retrying every %.0f s",
+                        self.run_id,
+                        getattr(e, "message", e),
+                        self.retry_seconds,
+                    )
+                self._last_error = e
+                with self._cond:
+                    if self._closing:
+                        return
+                    self._cond.wait(self.retry_seconds)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every round logged so far is in MLflow (or `timeout` seconds); True when it is."""
+        if not self.background:
+            try:
+                self._send_pending()
+            except Exception as e:  # log_round already raised it to the caller
+                self._last_error = e
+                return False
+            return True
+        deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        with self._cond:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._sender is None or not self._sender.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.5))
+            return True
+
+    @property
+    def unsent_rounds(self) -> list[int]:
+        with self._cond:
+            return sorted(self._unsent_rounds)
+
+    # -- finish
+    def finish(self, run_dir: str | Path | None = None, status: str = "FINISHED") -> None:
+        """End the run with `status` (FINISHED, FAILED or KILLED). The rounds already logged stay whatever
+        the status. From `run_dir`: results.json, config/partition/provenance, plots/, rounds/ and model/
+        (less the sites' private heads unless `include_site_models`) and the final metrics; a FINISHED run
+        whose directory is complete gets the lineage tags that registration needs. A directory that is not
+        complete ends the run FAILED and raises RunDirError."""
+        from mlflow.entities import Metric, RunTag
+
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
+        if self.run_id is None:
+            raise TrackingError("finish needs a started run: call start() first")
+        if self._finished:
+            return
+        self._finished = True
+        client, run_id = self._client, self.run_id
+        sent = self.flush()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        tags: dict[str, str] = {}
+        if not sent:
+            missing = ",".join(str(r) for r in self.unsent_rounds)
+            tags["fedmedclip.unlogged_rounds"] = missing
+            log.warning(
+                "MLflow run %s: metrics of rounds %s could not be logged (%s)",
+                run_id,
+                missing,
+                self._last_error,
+            )
+        final_status, problem = status, None
+        try:
+            run_path = Path(run_dir) if run_dir is not None else None
+            if run_path is not None and run_path.is_dir():
+                withheld = _log_run_files(client, run_id, run_path, self.include_site_models)
+                if withheld:
+                    tags["fedmedclip.site_models"] = (
+                        "withheld (kept on the sites' own storage): " + ", ".join(withheld)
+                    )
+                try:
+                    results = json.loads((run_path / "results.json").read_text())
+                except (OSError, ValueError):
+                    results = None
+                if isinstance(results, dict):
+                    now = int(time.time() * 1000)
+                    final = [Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
+                    if final:
+                        client.log_batch(run_id, metrics=final)
+                if status == "FINISHED":
+                    try:
+                        tags.update(_lineage_tags(read_run_dir(run_path)))
+                        tags[COMPLETE_TAG] = "complete"
+                    except RunDirError as e:
+                        final_status, problem = "FAILED", e
+            elif status == "FINISHED" and run_dir is not None:
+                final_status, problem = "FAILED", RunDirError(f"run directory {run_path} does not exist")
+            if tags:
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, final_status)
+        if problem is not None:
+            raise problem
+
+    def __enter__(self) -> LiveRunLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.run_id is not None and not self._finished:
+            self.finish(None, "FAILED" if exc_type is not None else "FINISHED")
+
+
 def log_run_dir(
     run_dir: str | Path,
     experiment: str,
     tracking_uri: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
+    include_site_models: bool = False,
+    kfp_run_id: str | None = None,
 ) -> str:
-    """Log a run directory as one MLflow run and return its run id."""
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
-
+    """Log a finished run directory as one MLflow run and return its run id."""
     run = read_run_dir(run_dir)  # before touching the server: a bad run dir makes no empty run
-    client, uri = _client(tracking_uri)
-    exp_id = get_or_create_experiment(client, experiment)
-    lineage = run.lineage()
-    all_tags = {
-        **lineage,
-        "mlflow.source.git.commit": lineage["git_commit"],
-        "fedmedclip.run_dir": str(run.path.resolve()),
-        "fedmedclip.sites": ",".join(run.site_names),
-        **(tags or {}),
-    }
-    mlrun = client.create_run(exp_id, run_name=run_name or run.path.resolve().name, tags=all_tags)
-    run_id = mlrun.info.run_id
-    try:
-        now = int(time.time() * 1000)
-        rounds, final = run_metrics(run)
-        metrics = [Metric(k, v, now, step) for k, v, step in rounds]
-        metrics += [Metric(k, v, now, 0) for k, v in final.items()]
-        params = [Param(k, v) for k, v in run_params(run).items()]
-        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
-        for name in REQUIRED_FILES:
-            client.log_artifact(run_id, str(run.path / name))
-        for d in REQUIRED_DIRS + OPTIONAL_DIRS:
-            if (run.path / d).is_dir():
-                client.log_artifacts(run_id, str(run.path / d), artifact_path=d)
-        client.log_batch(run_id, tags=[RunTag("fedmedclip.logged", "complete")])
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    log.info("logged %s as run %s in experiment %r on %s", run.path, run_id, experiment, uri)
+    logger = LiveRunLogger(
+        experiment,
+        tracking_uri,
+        kfp_run_id=kfp_run_id,
+        include_site_models=include_site_models,
+        background=False,
+    )
+    run_id = logger.start(
+        run_params(run),
+        tags={**_lineage_tags(run), **(tags or {})},
+        run_name=run_name or run.path.resolve().name,
+        site_names=run.site_names,
+        partition=run.partition,
+        data_source=str(run.config.get("data") or ""),
+    )
+    with logger:
+        logger.log_rounds(run.results["history"])
+        logger.finish(run.path, "FINISHED")
+    log.info("logged %s as run %s in experiment %r", run.path, run_id, experiment)
     return run_id
 
 
@@ -451,14 +857,6 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_onnx_contract(model) -> dict[str, str]:
     """The parts of the export contract the server relies on; returns metadata_props as a dict."""
     inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -474,6 +872,10 @@ def check_onnx_contract(model) -> dict[str, str]:
     missing = [k for k in _ONNX_REQUIRED_METADATA if k not in meta]
     if missing:
         problems.append(f"metadata_props lack {', '.join(missing)}")
+    elif meta[META_FORMAT_VERSION] != FORMAT_VERSION:
+        problems.append(
+            f"{META_FORMAT_VERSION} is {meta[META_FORMAT_VERSION]!r}; the server reads format {FORMAT_VERSION}"
+        )
     if problems:
         raise TrackingError(
             "the ONNX file does not follow the export contract (docs/contracts.md): " + "; ".join(problems)
@@ -486,8 +888,8 @@ def _onnx_signature(meta: dict[str, str]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    size = int(meta["fedmedclip.image_size"])
-    n_classes = len(json.loads(meta["fedmedclip.class_names"]))
+    size = int(meta[META_IMAGE_SIZE])
+    n_classes = len(json.loads(meta[META_CLASS_NAMES]))
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "images")]),
         outputs=Schema(
@@ -497,6 +899,14 @@ def _onnx_signature(meta: dict[str, str]):
             ]
         ),
     )
+
+
+def _onnx_input_example(meta: dict[str, str]) -> dict:
+    """One black image, uint8 [1, S, S, 3]: the smallest valid request (stored as JSON with the model)."""
+    import numpy as np
+
+    size = int(meta[META_IMAGE_SIZE])
+    return {"images": np.zeros((1, size, size, 3), dtype=np.uint8)}
 
 
 def _onnx_requirements() -> list[str]:
@@ -553,7 +963,7 @@ def register_model(
             raise TrackingError(f"no MLflow run {run_id!r} on {mlflow.get_tracking_uri()}") from e
         raise
     run_tags = mlrun.data.tags
-    if run_tags.get("fedmedclip.logged") != "complete":
+    if run_tags.get(COMPLETE_TAG) != "complete":
         raise TrackingError(
             f"run {run_id} was not logged from a complete run directory (`fedmedclip track`); refusing to "
             "register a model without its lineage"
@@ -576,9 +986,9 @@ def register_model(
         except Exception as e:
             raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
         meta = check_onnx_contract(model)
-        if tags.get("backbone_sha256") not in (None, "unknown", meta["fedmedclip.backbone_sha256"]):
+        if tags.get("backbone_sha256") not in (None, "unknown", meta[META_BACKBONE_SHA256]):
             raise TrackingError(
-                f"{onnx_path} was exported from backbone {meta['fedmedclip.backbone_sha256'][:12]} but run "
+                f"{onnx_path} was exported from backbone {meta[META_BACKBONE_SHA256][:12]} but run "
                 f"{run_id} trained on {tags['backbone_sha256'][:12]}: not the model of this run"
             )
         if model.ByteSize() > _MAX_INLINE_ONNX:
@@ -591,14 +1001,15 @@ def register_model(
             # onnx.save_model, which need not reproduce the exporter's bytes.
             stored = Path(tmp) / ONNX_FILE
             onnx.save_model(model, str(stored), save_as_external_data=False)
-            tags["onnx_sha256"] = file_sha256(stored)
-        tags["onnx_source_sha256"] = file_sha256(onnx_path)
+            tags["onnx_sha256"] = sha256_file(stored)
+        tags["onnx_source_sha256"] = sha256_file(onnx_path)
         tags["onnx_file"] = ONNX_FILE
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
                 model,
                 name=ONNX_MODEL_NAME,
                 signature=_onnx_signature(meta),
+                input_example=_onnx_input_example(meta),
                 pip_requirements=_onnx_requirements(),
                 metadata=dict(tags),
                 # one self-contained model.onnx: what the server downloads and checks against onnx_sha256
@@ -643,6 +1054,7 @@ class Promotion:
     previous_version: str | None
     previous_metric: float | None
     overridden: bool
+    different_data: dict[str, tuple[str, str]] = field(default_factory=dict)  # tag -> (candidate, holder)
 
     def describe(self) -> str:
         prev = (
@@ -651,6 +1063,12 @@ class Promotion:
             else f"previous: version {self.previous_version}, {PROMOTION_METRIC} {self.previous_metric:.4f}"
         )
         note = " (worse than the previous holder: promoted with --allow-worse)" if self.overridden else ""
+        if self.different_data:
+            note += (
+                " (trained on other data than the previous holder: "
+                + ", ".join(self.different_data)
+                + " differ; promoted with --allow-different-data)"
+            )
         return (
             f"{self.name} version {self.version} is now @{self.alias} ({PROMOTION_METRIC} "
             f"{self.candidate_metric:.4f}; {prev}){note}\nload it with models:/{self.name}@{self.alias}"
@@ -673,16 +1091,32 @@ def _version_metric(client, mv) -> float | None:
     return float(tag) if tag is not None else None
 
 
+def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple[str, str]]:
+    """The data digests (DATA_DIGEST_TAGS) on which two versions differ, as tag -> (candidate, holder).
+    A digest missing on either side counts as different: nothing says the data are the same."""
+    out = {}
+    for tag in DATA_DIGEST_TAGS:
+        a, b = (candidate_tags or {}).get(tag, ""), (holder_tags or {}).get(tag, "")
+        if not a or not b or a != b:
+            out[tag] = (a or "(none)", b or "(none)")
+    return out
+
+
 def promote(
     name: str,
     version: str | int,
     alias: str = DEFAULT_ALIAS,
     allow_worse: bool = False,
     tracking_uri: str | None = None,
+    allow_different_data: bool = False,
 ) -> Promotion:
-    """Point `models:/NAME@ALIAS` at `version`. Refuses (PromotionRefused) when the candidate's
-    PROMOTION_METRIC is below the current holder's unless `allow_worse`; an override is logged and
-    recorded as tags on the promoted version."""
+    """Point `models:/NAME@ALIAS` at `version`.
+
+    Balanced accuracies compare only on the same test data: the promotion is refused
+    (DifferentDataRefused) when the candidate and the current holder differ in a data digest (data set or
+    partition, version tags) unless `allow_different_data`, and (PromotionRefused) when the candidate's
+    PROMOTION_METRIC is below the holder's unless `allow_worse`. Overrides are logged and recorded as tags
+    on the promoted version."""
     from mlflow.exceptions import MlflowException
 
     client, _ = _client(tracking_uri)
@@ -704,7 +1138,19 @@ def promote(
     current = client.get_model_version(name, str(holder)) if holder is not None else None
     previous_metric = None
     overridden = False
+    different: dict[str, tuple[str, str]] = {}
     if current is not None and str(current.version) != version:
+        different = data_differences(mv.tags, current.tags)
+        if different and not allow_different_data:
+            listed = "; ".join(
+                f"{tag} {cand[:12]} (version {version}) vs {held[:12]} (version {current.version})"
+                for tag, (cand, held) in different.items()
+            )
+            raise DifferentDataRefused(
+                f"refusing to compare {name} version {version} with the current @{alias} (version "
+                f"{current.version}): they were trained on different data ({listed}), so their balanced "
+                "accuracies are not comparable; pass --allow-different-data to promote it anyway"
+            )
         previous_metric = _version_metric(client, current)
         if previous_metric is None:
             if not allow_worse:
@@ -729,6 +1175,7 @@ def promote(
         None if current is None or str(current.version) == version else str(current.version),
         previous_metric,
         overridden,
+        different,
     )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if overridden:
@@ -738,6 +1185,12 @@ def promote(
             + ("(no metric)" if previous_metric is None else f"{previous_metric:.4f}")
         )
         client.set_model_version_tag(name, version, f"promotion_override.{alias}", reason)
+        log.warning("%s version %s: %s", name, version, reason)
+    if different:
+        reason = f"promoted to @{alias} with allow_different_data at {stamp}: " + "; ".join(
+            f"{tag} {cand} vs version {current.version} {held}" for tag, (cand, held) in different.items()
+        )
+        client.set_model_version_tag(name, version, f"promotion_different_data.{alias}", reason[:5000])
         log.warning("%s version %s: %s", name, version, reason)
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(
@@ -751,28 +1204,8 @@ def promote(
                 "previous_metric": previous_metric,
                 "metric": candidate,
                 "allow_worse": overridden,
+                "allow_different_data": sorted(different),
             }
         ),
     )
     return result
-
-
-def model_uri(name: str, alias: str = DEFAULT_ALIAS) -> str:
-    return f"models:/{name}@{alias}"
-
-
-def get_version(name: str, alias_or_version: str = DEFAULT_ALIAS, tracking_uri: str | None = None):
-    """The MLflow ModelVersion behind an alias (or a version number): its tags hold `onnx_sha256`."""
-    from mlflow.exceptions import MlflowException
-
-    client, _ = _client(tracking_uri)
-    try:
-        if str(alias_or_version).isdigit():
-            return client.get_model_version(name, str(alias_or_version))
-        holder = (client.get_registered_model(name).aliases or {}).get(alias_or_version)
-        if holder is not None:
-            return client.get_model_version(name, str(holder))
-    except MlflowException as e:
-        if not _not_found(e):
-            raise
-    raise TrackingError(f"registered model {name!r} has no version or alias {alias_or_version!r}")

@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+from botocore.exceptions import ClientError
 from conftest import free_port, free_ports
 from onnx_fixtures import make_tiny_onnx
 from run_fixtures import make_run_dir
@@ -27,6 +29,7 @@ from components.stack import (
 )
 from components.tracking import (
     PROMOTION_METRIC,
+    DifferentDataRefused,
     PromotionRefused,
     RunDirError,
     TrackingError,
@@ -90,7 +93,11 @@ def test_cli_light_imports():
 def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
     data_dir = tmp_path / "stack"
     s3_port, ml_port = free_ports(2)
-    assert run_cli("stack", "up", "--data-dir", data_dir, "--s3-port", s3_port, "--mlflow-port", ml_port) == 0
+    sites = ("--site-names", "charite,ucsf", "--data-bucket", "fmc-hospitals")
+    assert (
+        run_cli("stack", "up", "--data-dir", data_dir, "--s3-port", s3_port, "--mlflow-port", ml_port, *sites)
+        == 0
+    )
     state = read_state(data_dir)
     pids = {name: svc.pid for name, svc in state.services.items()}
     assert set(pids) == {"s3", "mlflow"} and all(_alive(p) for p in pids.values())
@@ -115,6 +122,26 @@ def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
 
         # the bucket exists and is versioned
         assert state.s3_client().get_bucket_versioning(Bucket=state.bucket)["Status"] == "Enabled"
+        assert state.s3_client().get_bucket_versioning(Bucket="fmc-hospitals")["Status"] == "Enabled"
+
+        # one role per hospital, each with its own key, in a file only its owner can read
+        assert stat.S_IMODE((data_dir / "stack.json").stat().st_mode) == 0o600
+        assert list(state.roles) == ["publisher", "server", "charite", "ucsf", "mlflow"]
+        assert (state.roles["charite"].site_index, state.roles["ucsf"].site_index) == (0, 1)
+        assert run_cli("stack", "env", "--data-dir", data_dir, "--role", "ucsf") == 0
+        role_env = capsys.readouterr().out
+        assert f"export AWS_ACCESS_KEY_ID={state.roles['ucsf'].access_key}" in role_env
+        assert "MLFLOW_TRACKING_URI" not in role_env
+        ucsf = state.s3_client("ucsf")
+        ucsf.put_object(Bucket="fmc-hospitals", Key="sites/1/images/x.png", Body=b"ucsf scan")
+        ucsf.put_object(Bucket="fmc-hospitals", Key="runs/r/status/ucsf.json", Body=b"{}")
+        for call in (
+            lambda: state.s3_client("charite").get_object(Bucket="fmc-hospitals", Key="sites/1/images/x.png"),
+            lambda: ucsf.put_object(Bucket="fmc-hospitals", Key="runs/r/status/charite.json", Body=b"{}"),
+        ):
+            with pytest.raises(ClientError) as denied:
+                call()
+            assert denied.value.response["Error"]["Code"] == "AccessDenied"
 
         # a second stack on a taken port fails fast, naming the port and the option
         with pytest.raises(StackError, match=rf"port {s3_port} .*already in use.*--s3-port"):
@@ -145,7 +172,7 @@ def test_stack_start_failure_shows_log_tail(tmp_path):
     assert "last lines of" in message and "mlflow.log" in message
     assert "No such option" in message  # the server's own explanation, from its log
     assert not stack_status(data_dir).recorded  # nothing left behind, moto included
-    assert not _processes_with(f"-p {s3_port}") and not _processes_with(f"--port {mlflow_port}")
+    assert not _processes_with(f"--port {s3_port}") and not _processes_with(f"--port {mlflow_port}")
 
 
 # ------------------------------------------------------------------------------------------- tracking
@@ -204,10 +231,23 @@ def test_log_run_dir_params_metrics_tags_artifacts(mlops_stack, tmp_path):
         "rounds/global_round_003.bin",
         "model/model.json",
         "model/global.safetensors",
-        "model/site_site_0.safetensors",
     }
     assert expected <= files
     assert not any(f.startswith("checkpoint") for f in files)
+    # The sites' private heads stay off the central MLflow unless asked for (test_track_include_site_models).
+    assert (run_dir / "model" / "site_site_0.safetensors").is_file()
+    assert not any(f.startswith("model/site_") for f in files)
+    assert "site_site_0.safetensors" in tags["fedmedclip.site_models"]
+
+    # The data set and the partition are the run's inputs, with their digests.
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    by_context = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs.values()
+    }
+    assert set(by_context) == {"training", "partition"}
+    assert by_context["partition"].digest == partition["digest"][:32]
+    full = {t.value for i in inputs.values() for t in i.tags if t.key == "fedmedclip.digest"}
+    assert partition["digest"] in full
 
     # The bytes went through the MLflow proxy into the versioned moto bucket.
     s3 = mlops_stack.s3_client()
@@ -221,6 +261,21 @@ def test_log_run_dir_params_metrics_tags_artifacts(mlops_stack, tmp_path):
     client.log_artifact(run_id, str(run_dir / "results.json"))
     versions = s3.list_object_versions(Bucket=mlops_stack.bucket, Prefix=key)["Versions"]
     assert len(versions) == 2 and len({v["VersionId"] for v in versions}) == 2
+
+
+def test_track_include_site_models(mlops_stack, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    run_dir = make_run_dir(tmp_path / "run", rounds=1)
+    uri = mlops_stack.tracking_uri
+    argv = ("track", run_dir, "--experiment", "test-site-models", "--tracking-uri", uri)
+    assert run_cli(*argv, "--include-site-models", "--kfp-run-id", "kfp-123") == 0
+    run_id = capsys.readouterr().out.strip()
+    client = MlflowClient(uri)
+    files = {f.path for f in client.list_artifacts(run_id, "model")}
+    assert {f"model/site_{s}.safetensors" for s in ("site_0", "site_1", "site_2")} <= files
+    tags = client.get_run(run_id).data.tags
+    assert tags["kfp.run_id"] == "kfp-123" and "fedmedclip.site_models" not in tags
 
 
 def test_bad_run_dir_gives_clear_error(mlops_stack, tmp_path):
@@ -276,11 +331,24 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     assert mv1.tags["partition_digest"] == client.get_run(run_id_a).data.tags["partition_digest"]
     assert mv1.run_id == run_id_a
 
+    # The registered ONNX model carries its signature and an input example.
+    info = mlflow.models.get_model_info(f"models:/{name}/{v1}")
+    inputs, outputs = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert [(t.name, t.type, t.shape) for t in inputs] == [("images", np.dtype(np.uint8), (-1, 32, 32, 3))]
+    assert [(t.name, t.type, t.shape) for t in outputs] == [
+        ("probabilities", np.dtype(np.float32), (-1, 4)),
+        ("class_index", np.dtype(np.int64), (-1,)),
+    ]
+    mlflow.set_tracking_uri(uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{v1}"))
+    example = mlflow.models.Model.load(model_dir).load_input_example(model_dir)
+    assert np.asarray(example["images"]).shape == (1, 32, 32, 3)
+
     assert run_cli("promote", name, "--version", v1, "--tracking-uri", uri) == 0
     assert "is now @champion" in capsys.readouterr().out
 
     # v2: worse (0.70): refused by default, both numbers named
-    run_b = make_run_dir(tmp_path / "b", bacc=0.70, seed=1)
+    run_b = make_run_dir(tmp_path / "b", bacc=0.70)  # same data and partition as run_a
     v2 = register_model(log_run_dir(run_b, "test-registry", tracking_uri=uri), name, tiny_onnx, uri).version
     with pytest.raises(PromotionRefused, match=r"0\.7000 is below .*version 1\).* 0\.8000.*--allow-worse"):
         promote(name, v2, tracking_uri=uri)
@@ -300,7 +368,7 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     assert client.get_registered_model(name).aliases["champion"] == v2
 
     # v3: better than the current champion (0.70): promoted without a flag
-    run_c = make_run_dir(tmp_path / "c", bacc=0.85, seed=2)
+    run_c = make_run_dir(tmp_path / "c", bacc=0.85)
     v3 = register_model(log_run_dir(run_c, "test-registry", tracking_uri=uri), name, tiny_onnx, uri).version
     result = promote(name, v3, tracking_uri=uri)
     assert (result.previous_version, result.overridden) == (v2, False)
@@ -319,6 +387,52 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     images[0, ..., 0] = 255  # red -> class 0 in the tiny model
     probabilities, class_index = session.run(None, {"images": images})
     assert class_index.tolist() == [0, 3] and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_promote_refuses_versions_trained_on_different_data(mlops_stack, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = mlops_stack.tracking_uri
+    name = "fedmedclip-data-gate"
+    client = MlflowClient(uri, registry_uri=uri)
+
+    def version(path, **kw) -> str:
+        return register_model(
+            log_run_dir(make_run_dir(path, **kw), "test-data-gate", tracking_uri=uri), name, tracking_uri=uri
+        ).version
+
+    v1 = version(tmp_path / "a", bacc=0.70)
+    promote(name, v1, tracking_uri=uri)
+    # Another partition seed draws other data for every holder: both digests differ, even for a better model.
+    v2 = version(tmp_path / "b", bacc=0.90, seed=1)
+    mv1, mv2 = client.get_model_version(name, v1), client.get_model_version(name, v2)
+    with pytest.raises(DifferentDataRefused) as refused:
+        promote(name, v2, tracking_uri=uri)
+    message = str(refused.value)
+    for tag in ("dataset_digest", "partition_digest"):
+        assert f"{tag} {mv2.tags[tag][:12]} (version {v2}) vs {mv1.tags[tag][:12]} (version {v1})" in message
+    assert "--allow-different-data" in message
+    assert client.get_registered_model(name).aliases["champion"] == v1
+    # A refusal is a PromotionRefused: the pipeline's registration step keeps the version, unpromoted.
+    assert isinstance(refused.value, PromotionRefused)
+
+    # The override is explicit and recorded; the metric gate still applies (0.90 >= 0.70 passes).
+    args = ("promote", name, "--version", v2, "--tracking-uri", uri)
+    assert run_cli(*args, "--allow-different-data") == 0
+    assert "--allow-different-data" in capsys.readouterr().out
+    recorded = client.get_model_version(name, v2).tags
+    assert mv1.tags["partition_digest"] in recorded["promotion_different_data.champion"]
+    assert json.loads(recorded["promoted.champion"])["allow_different_data"] == [
+        "dataset_digest",
+        "partition_digest",
+    ]
+    assert client.get_registered_model(name).aliases["champion"] == v2
+
+    # Same data as the new holder, worse: the metric gate speaks, not the data gate.
+    v3 = version(tmp_path / "c", bacc=0.50, seed=1)
+    with pytest.raises(PromotionRefused, match="below") as worse:
+        promote(name, v3, tracking_uri=uri)
+    assert not isinstance(worse.value, DifferentDataRefused)
 
 
 def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx):

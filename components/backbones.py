@@ -1,0 +1,503 @@
+"""Real CLIP weights for pods whose image bakes none in: a model directory is published once, to S3 or to
+the MLflow model registry, and each pod resolves it into its own cache, checked against the weights hash
+recorded when it was published.
+
+    fedmedclip backbone push ./clip-b32 --to s3://BUCKET/backbones/clip-b32    # or --to models:/clip-b32
+    resolve_backbone("s3://BUCKET/backbones/clip-b32", cache_dir)  ->  "<cache_dir>/backbones/<sha256>"
+    resolve_backbone("models:/clip-b32/1" or "models:/clip-b32@prod", cache_dir)  ->  the same kind of folder
+
+What a push writes:
+- S3: every file of the directory under the prefix, then `fedmedclip-backbone.json` (written last, so a
+  prefix without it was never completely published): the weights hash (`fedmedclip.backbone.load_backbone(dir)
+  .weights_sha256`), the backbone's identity and each file's sha256 and size.
+- MLflow: a run of the experiment `fedmedclip-backbones` holding the directory (and the same manifest) as
+  artifacts, registered as a new version of NAME with the tags `fedmedclip.kind=backbone` and
+  `weights_sha256`.
+
+A pod downloads a backbone once into `<cache_dir>/backbones/<weights sha256>/` and checks every file's sha256
+and then the weights hash of the loaded model against the manifest before the folder is published in the
+cache (an atomic rename). Later resolutions re-check the files' hashes and reuse the folder. The federation
+runtime and the pipeline call `resolve_backbone` before `load_backbone`: a missing or mismatching backbone
+fails there, before any training, with a message saying how to publish it. Built-in names (`tiny`, ...) and
+local directories pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmedclip.digests import is_sha256, sha256_file
+from fedmedclip.errors import BackboneNotFound, FedMedClipError
+
+log = logging.getLogger("fedmedclip.backbones")
+
+MANIFEST = "fedmedclip-backbone.json"
+MANIFEST_FORMAT = 1
+REGISTRY_EXPERIMENT = "fedmedclip-backbones"  # the MLflow experiment whose runs hold pushed backbones
+KIND_TAG = "fedmedclip.kind"
+KIND_BACKBONE = "backbone"
+WEIGHTS_TAG = "weights_sha256"
+CACHE_SUBDIR = "backbones"
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))?$")
+
+
+class BackboneUnavailable(BackboneNotFound):
+    """A published backbone is missing, damaged or not the one its manifest records."""
+
+
+class BackbonePublishError(FedMedClipError):
+    """A push that would overwrite another backbone, or a target that cannot take one."""
+
+
+@dataclass
+class PublishedBackbone:
+    spec: str  # what to pass as --backbone
+    weights_sha256: str
+    files: int
+    bytes: int
+    already_published: bool
+
+    def describe(self) -> str:
+        state = "already published at" if self.already_published else "published to"
+        return (
+            f"backbone {self.weights_sha256[:12]} ({self.files} files, {self.bytes / 2**20:.1f} MiB) {state} "
+            f"{self.spec}\nuse it with: --backbone {self.spec}"
+        )
+
+
+def is_remote_backbone(spec: str) -> bool:
+    """True for the specs `resolve_backbone` downloads: `s3://...` and `models:/...`."""
+    return str(spec).startswith(("s3://", "models:/"))
+
+
+def _how_to_publish(spec: str) -> str:
+    target = spec if spec.startswith("s3://") else _registry_name_uri(spec)
+    return (
+        f"Publish it from a local CLIP directory (`huggingface-cli download openai/clip-vit-base-patch32 "
+        f"--local-dir DIR` on a connected machine) with:\n  fedmedclip backbone push DIR --to {target}"
+    )
+
+
+def _registry_name_uri(spec: str) -> str:
+    m = _REGISTRY_URI.match(spec)
+    return f"models:/{m.group('name')}" if m else "models:/NAME"
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def _directory_files(directory: Path) -> list[Path]:
+    """The files a backbone directory is made of: no hidden entries (a `huggingface-cli download`
+    leaves `.cache/` next to the weights), never an earlier manifest."""
+    files = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if (
+            any(part.startswith(".") for part in rel.parts)
+            or not path.is_file()
+            or rel.as_posix() == MANIFEST
+        ):
+            continue
+        files.append(rel)
+    return files
+
+
+def backbone_manifest(directory: str | Path) -> dict:
+    """Load the CLIP in `directory` (offline) and describe it: weights hash, identity, every file's hash."""
+    from fedmedclip.backbone import load_backbone
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BackboneNotFound(f"backbone directory {str(directory)!r} does not exist or is not a directory")
+    backbone = load_backbone(str(directory))
+    identity = backbone.identity()
+    files = {
+        rel.as_posix(): {"sha256": sha256_file(directory / rel), "size": (directory / rel).stat().st_size}
+        for rel in _directory_files(directory)
+    }
+    return {
+        "format": MANIFEST_FORMAT,
+        "weights_sha256": backbone.weights_sha256,
+        "source_name": directory.resolve().name,
+        "identity": {
+            k: v for k, v in identity.items() if k != "name"
+        },  # the pusher's path means nothing here
+        "files": files,
+    }
+
+
+def _check_manifest(manifest: object, where: str) -> dict:
+    """A manifest read from storage: the right format, a sha256, and file names confined to one folder."""
+    problem = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
+    elif not is_sha256(str(manifest.get("weights_sha256", ""))):
+        problem = "no weights_sha256"
+    elif not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        problem = "no file list"
+    else:
+        for name, entry in manifest["files"].items():
+            parts = name.split("/")
+            if name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+                problem = f"file name {name!r} leaves the backbone folder"
+            elif not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
+                problem = f"file {name!r} has no sha256"
+            if problem:
+                break
+    if problem:
+        raise BackboneUnavailable(f"{where} is damaged: {problem}. " + _how_to_publish(where))
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def _verify_files(folder: Path, manifest: dict) -> str | None:
+    """Why `folder` does not hold exactly the manifest's files, or None."""
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry.get("size", path.stat().st_size):
+            return f"{name} has {path.stat().st_size} bytes, the manifest records {entry['size']}"
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            return f"{name} has sha256 {digest[:12]}, the manifest records {entry['sha256'][:12]}"
+    return None
+
+
+def _cached(cache_root: Path, manifest: dict) -> Path | None:
+    """The cached copy of this backbone when it is intact; a damaged copy is removed (it is only a copy)."""
+    folder = cache_root / manifest["weights_sha256"]
+    if not (folder / MANIFEST).is_file():
+        return None
+    problem = _verify_files(folder, manifest)
+    if problem is None:
+        return folder
+    log.warning("cached backbone %s is damaged (%s): downloading it again", folder, problem)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
+    """Download into a private folder, check files and weights, then publish it in the cache by a rename."""
+    from fedmedclip.backbone import load_backbone
+
+    found = _cached(cache_root, manifest)
+    if found is not None:
+        log.info("backbone %s: using the cached copy %s", spec, found)
+        return found
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".partial-{manifest['weights_sha256'][:12]}-"))
+    try:
+        download(staging)
+        problem = _verify_files(staging, manifest)
+        if problem is not None:
+            raise BackboneUnavailable(
+                f"the backbone at {spec} does not match its manifest: {problem}; the published copy is damaged "
+                "or was changed after it was published. " + _how_to_publish(spec)
+            )
+        weights = load_backbone(str(staging)).weights_sha256
+        if weights != manifest["weights_sha256"]:
+            raise BackboneUnavailable(
+                f"the backbone at {spec} loads with weights sha256 {weights[:12]}, but it was published as "
+                f"{manifest['weights_sha256'][:12]}. " + _how_to_publish(spec)
+            )
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        final = cache_root / manifest["weights_sha256"]
+        try:
+            staging.rename(final)
+        except OSError:  # another process of this pod published the same backbone first
+            if _cached(cache_root, manifest) is None:
+                raise
+        log.info("backbone %s: downloaded and checked into %s", spec, final)
+        return final
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_backbone(spec: str, cache_dir: str | Path, *, tracking_uri: str | None = None) -> str:
+    """A backbone spec the core can load: `s3://BUCKET/PREFIX` and `models:/NAME/VERSION`,
+    `models:/NAME@ALIAS` become a checked local folder in `<cache_dir>/backbones/`; anything else (built-in
+    names, local directories, cached Hugging Face ids) is returned as it is. Raises BackboneUnavailable,
+    with how to publish the backbone, when it is missing or is not what was published."""
+    spec = str(spec)
+    cache_root = Path(cache_dir) / CACHE_SUBDIR
+    if spec.startswith("s3://"):
+        return str(_resolve_s3(spec, cache_root))
+    if spec.startswith("models:/"):
+        return str(_resolve_registry(spec, cache_root, tracking_uri))
+    return spec
+
+
+def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = None) -> PublishedBackbone:
+    """Publish the CLIP directory `directory` to `s3://BUCKET/PREFIX` or to the registry as `models:/NAME`.
+    Pushing the same weights again changes nothing; a prefix holding another backbone is refused."""
+    manifest = backbone_manifest(directory)
+    if to.startswith("s3://"):
+        return _push_s3(Path(directory), to, manifest)
+    if to.startswith("models:/"):
+        return _push_registry(Path(directory), to, manifest, tracking_uri)
+    raise BackbonePublishError(f"--to {to!r}: publish to s3://BUCKET/PREFIX or to models:/NAME")
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or not prefix:
+        raise BackbonePublishError(
+            f"{uri!r}: give a bucket and a prefix for the backbone, e.g. s3://BUCKET/backbones/clip-b32"
+        )
+    return bucket, prefix
+
+
+def _s3_problem(exc: Exception, verb: str, where: str, spec: str) -> FedMedClipError:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return BackboneUnavailable(
+            f"cannot {verb} {where}: no S3 credentials in the environment (AWS_ACCESS_KEY_ID, "
+            'AWS_SECRET_ACCESS_KEY); on this machine run `eval "$(fedmedclip stack env)"`'
+        )
+    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+    if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+        return BackboneUnavailable(
+            f"no backbone published at {spec} ({where}: {code}). " + _how_to_publish(spec)
+        )
+    if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return BackboneUnavailable(f"cannot {verb} {where}: {code}: the credentials in use may not touch it")
+    return BackboneUnavailable(f"cannot {verb} {where}: {code or type(exc).__name__}: {exc}")
+
+
+def _s3_client():
+    from .site_data import s3_client
+
+    return s3_client()
+
+
+def _read_s3_manifest(client, bucket: str, prefix: str, spec: str) -> dict | None:
+    from botocore.exceptions import ClientError
+
+    key = f"{prefix}/{MANIFEST}"
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise _s3_problem(exc, "read", f"s3://{bucket}/{key}", spec) from None
+    except Exception as exc:  # botocore raises several unrelated classes
+        raise _s3_problem(exc, "read", f"s3://{bucket}/{key}", spec) from None
+    try:
+        return _check_manifest(json.loads(body), f"s3://{bucket}/{key}")
+    except ValueError as exc:
+        raise BackboneUnavailable(
+            f"s3://{bucket}/{key} is not valid JSON ({exc}). " + _how_to_publish(spec)
+        ) from None
+
+
+def _resolve_s3(spec: str, cache_root: Path) -> Path:
+    bucket, prefix = _split_s3(spec)
+    client = _s3_client()
+    manifest = _read_s3_manifest(client, bucket, prefix, spec)
+    if manifest is None:
+        raise BackboneUnavailable(
+            f"no backbone published at {spec} (s3://{bucket}/{prefix}/{MANIFEST} does not exist). "
+            + _how_to_publish(spec)
+        )
+
+    def download(folder: Path) -> None:
+        for name in manifest["files"]:
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                client.download_file(bucket, f"{prefix}/{name}", str(target))
+            except Exception as exc:
+                raise _s3_problem(exc, "download", f"s3://{bucket}/{prefix}/{name}", spec) from None
+
+    return _install(cache_root, spec, manifest, download)
+
+
+def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
+    bucket, prefix = _split_s3(to)
+    spec = f"s3://{bucket}/{prefix}"
+    client = _s3_client()
+    size = sum(f["size"] for f in manifest["files"].values())
+    existing = _read_s3_manifest(client, bucket, prefix, spec)
+    if existing is not None:
+        if (
+            existing["weights_sha256"] == manifest["weights_sha256"]
+            and existing["files"] == manifest["files"]
+        ):
+            return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, True)
+        raise BackbonePublishError(
+            f"{spec} already holds backbone {existing['weights_sha256'][:12]} "
+            f"({existing.get('source_name', '?')}); nothing was overwritten: push "
+            f"{manifest['weights_sha256'][:12]} to another prefix"
+        )
+    # The manifest goes last: a prefix without it was never completely published, and is written over.
+    for name in manifest["files"]:
+        key = f"{prefix}/{name}"
+        try:
+            client.upload_file(str(directory / name), bucket, key)
+        except Exception as exc:
+            raise _s3_problem(exc, "upload to", f"s3://{bucket}/{key}", spec) from None
+    try:
+        client.put_object(
+            Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest, indent=1).encode()
+        )
+    except Exception as exc:
+        raise _s3_problem(exc, "write", f"s3://{bucket}/{prefix}/{MANIFEST}", spec) from None
+    log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], spec)
+    return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
+
+
+# ------------------------------------------------------------------------------------ MLflow registry
+
+
+def _registry_client(tracking_uri: str | None):
+    from .tracking import _client
+
+    client, _ = _client(tracking_uri)
+    return client
+
+
+def _backbone_versions(client, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+
+
+def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import _registered_model_exists, get_or_create_experiment
+
+    m = _REGISTRY_URI.match(to)
+    if not m or m.group("version") or m.group("alias"):
+        raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
+    name = m.group("name")
+    client = _registry_client(tracking_uri)
+    size = sum(f["size"] for f in manifest["files"].values())
+    if _registered_model_exists(client, name):
+        model = client.get_registered_model(name)
+        if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
+            raise BackbonePublishError(
+                f"registered model {name!r} does not hold backbones (no tag {KIND_TAG}={KIND_BACKBONE}); "
+                "push to another name"
+            )
+        for mv in _backbone_versions(client, name):
+            if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
+                spec = f"models:/{name}/{mv.version}"
+                return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, True)
+    exp_id = get_or_create_experiment(client, REGISTRY_EXPERIMENT)
+    tags = {
+        KIND_TAG: KIND_BACKBONE,
+        WEIGHTS_TAG: manifest["weights_sha256"],
+        "backbone.source_name": manifest["source_name"],
+        "backbone.feature_dim": str(manifest["identity"].get("feature_dim", "")),
+        "backbone.image_size": str(manifest["identity"].get("image_size", "")),
+    }
+    run = client.create_run(exp_id, run_name=f"backbone {manifest['source_name']}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # The artifacts are the directory's files (hidden entries left out) plus the manifest.
+            staged = Path(tmp) / "backbone"
+            for rel in manifest["files"]:
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(directory / rel, staged / rel)
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            client.log_artifacts(run_id, str(staged), artifact_path="backbone")
+        if not _registered_model_exists(client, name):
+            client.create_registered_model(
+                name, tags={KIND_TAG: KIND_BACKBONE}, description="CLIP backbone (fedmedclip backbone push)"
+            )
+        mv = client.create_model_version(
+            name, f"{run.info.artifact_uri.rstrip('/')}/backbone", run_id=run_id, tags=tags
+        )
+    except MlflowException as exc:
+        client.set_terminated(run_id, "FAILED")
+        raise BackbonePublishError(f"registering the backbone as {name!r} failed: {exc.message}") from exc
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    spec = f"models:/{name}/{mv.version}"
+    log.info("registered backbone %s as %s", manifest["weights_sha256"][:12], spec)
+    return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
+
+
+def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    m = _REGISTRY_URI.match(spec)
+    if not m or not (m.group("version") or m.group("alias")):
+        raise BackboneUnavailable(f"--backbone {spec!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
+    name = m.group("name")
+    client = _registry_client(tracking_uri)
+    try:
+        if m.group("version"):
+            mv = client.get_model_version(name, m.group("version"))
+        else:
+            mv = client.get_model_version_by_alias(name, m.group("alias"))
+    except MlflowException as exc:
+        raise BackboneUnavailable(
+            f"no backbone registered as {spec} ({exc.message}). " + _how_to_publish(spec)
+        ) from None
+    tags = mv.tags or {}
+    if tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(tags.get(WEIGHTS_TAG, "")):
+        raise BackboneUnavailable(
+            f"{spec} is not a backbone pushed with `fedmedclip backbone push` (no {KIND_TAG}={KIND_BACKBONE} "
+            f"and {WEIGHTS_TAG} tags on version {mv.version}). " + _how_to_publish(spec)
+        )
+    wanted = tags[WEIGHTS_TAG]
+    cached_manifest = cache_root / wanted / MANIFEST
+    if cached_manifest.is_file():
+        manifest = _check_manifest(json.loads(cached_manifest.read_text()), str(cached_manifest))
+        found = _cached(cache_root, manifest) if manifest["weights_sha256"] == wanted else None
+        if found is not None:
+            log.info("backbone %s: using the cached copy %s", spec, found)
+            return found
+    version_uri = f"models:/{name}/{mv.version}"
+    with tempfile.TemporaryDirectory(dir=_mkdir(cache_root), prefix=".download-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version_uri, dst_path=tmp))
+        except MlflowException as exc:
+            raise BackboneUnavailable(f"cannot download {spec}: {exc.message}") from None
+        if not (local / MANIFEST).is_file():
+            raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
+        manifest = _check_manifest(json.loads((local / MANIFEST).read_text()), f"{spec} ({MANIFEST})")
+        if manifest["weights_sha256"] != wanted:
+            raise BackboneUnavailable(
+                f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "
+                f"{manifest['weights_sha256'][:12]}. " + _how_to_publish(spec)
+            )
+
+        def download(folder: Path) -> None:
+            for rel in manifest["files"]:
+                if (local / rel).is_file():  # a missing one is reported by the check that follows
+                    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(local / rel), folder / rel)
+
+        return _install(cache_root, spec, manifest, download)
+
+
+def _mkdir(path: Path) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
