@@ -7,6 +7,9 @@
 # serve:    ONNX Runtime GPU + KServe, and no torch (fedmedclip.preprocess is torch-free on purpose).
 # tracking: the MLflow server of infra/training (mlflow + boto3 + the Postgres driver).
 # One rule from docs/stack.md: onnxruntime and onnxruntime-gpu write the same package folder, never both.
+# Every image runs as uid 1000 (numeric, so Kubernetes can verify runAsNonRoot) and writes nothing outside
+# HOME=/tmp and the folders its manifests mount, so it runs with a read-only root filesystem (infra/): the
+# code is installed, byte-compiled, owned by root, and Python writes no bytecode at run time.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -55,6 +58,7 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     MPLBACKEND=Agg \
+    PYTHONDONTWRITEBYTECODE=1 \
     FEDMEDCLIP_GIT_COMMIT=${GIT_COMMIT}
 COPY --from=uv /uv /usr/local/bin/uv
 # Python 3.11, the version the pinned stack was verified on (docs/stack.md), whatever the CUDA image ships.
@@ -73,7 +77,8 @@ COPY serving ./serving
 RUN pip install -c constraints.txt ".[pipelines,gpu]" \
     && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, components"
 # Ubuntu 24.04 images already have uid 1000 (`ubuntu`): reuse it rather than fail.
-RUN id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home fedmedclip
+RUN id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --no-create-home fedmedclip
+ENV HOME=/tmp
 USER 1000
 ENTRYPOINT ["fedmedclip"]
 CMD ["--help"]
@@ -82,7 +87,8 @@ CMD ["--help"]
 FROM ${PYTHON_IMAGE} AS serve
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 COPY constraints.txt ./
 COPY --from=reqs /reqs/serve.txt /tmp/serve.txt
@@ -105,7 +111,9 @@ for dist in ("torch", "onnxruntime"):  # the CPU onnxruntime would clobber onnxr
     raise SystemExit(f"the serving image must not contain {dist}")
 import fedmedclip.preprocess, onnxruntime  # noqa: E401,F401
 EOF
-RUN useradd --uid 1000 --create-home fedmedclip
+RUN useradd --uid 1000 --no-create-home fedmedclip
+# HOME: MLflow's client writes there when fetching a registered model; /tmp is an emptyDir in the cluster.
+ENV HOME=/tmp
 USER 1000
 EXPOSE 8080 8081
 ENTRYPOINT ["fedmedclip"]
@@ -116,10 +124,12 @@ FROM ${PYTHON_IMAGE} AS tracking
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp
 WORKDIR /app
 COPY constraints.txt ./
-RUN pip install -c constraints.txt "mlflow==3.17.2" boto3 "psycopg2-binary==2.9.13"
+# mlflow[auth]: the basic-auth app (`mlflow server --app-name basic-auth`, infra/training) needs Flask-WTF.
+RUN pip install -c constraints.txt "mlflow[auth]==3.17.2" boto3 "psycopg2-binary==2.9.13"
 RUN useradd --uid 1000 --no-create-home mlflow
 USER 1000
 EXPOSE 5000

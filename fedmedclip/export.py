@@ -10,11 +10,14 @@ masks, the cosine logits (x100) and the ensemble stay float32, because the mask 
 and the x100 temperature would amplify half-precision rounding; the interface (uint8 in, float32
 out) is the same for both precisions. ONNX Runtime's CPU provider runs the fp16 graph too (it
 inserts casts around half-precision nodes it lacks kernels for), so parity is testable without a GPU.
+
+Nothing non-finite is exported: the run's model files and every parameter and buffer of the classifier are
+checked first, and a NaN or inf is refused naming the file or tensor. The written file's sha256 goes to a
+sidecar next to it (`model.onnx.sha256`, `sha256sum` format), which `fedmedclip serve` verifies.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -22,12 +25,19 @@ from pathlib import Path
 
 import torch
 
+from .digests import (
+    FORMAT_VERSION,  # noqa: F401 - part of this module's interface since the first export format
+    META_EXPORTER,
+    onnx_metadata,
+    sha256_file,
+    sha256_sidecar,
+    write_sha256_sidecar,
+)
 from .errors import ConfigError, FedMedClipError
-from .inference import GLOBAL, ImageClassifier, load_classifier
+from .inference import GLOBAL, ImageClassifier, load_classifier, read_model_json, resolve_site
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
 PRECISIONS = ("fp32", "fp16")
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "class_index")
@@ -36,18 +46,73 @@ TORCHSCRIPT_OPSET = 17
 
 def contract_metadata(meta: dict, precision: str, run_id: str = "") -> dict[str, str]:
     """The `fedmedclip.*` metadata_props of docs/contracts.md, all strings, from model.json-style metadata."""
-    return {
-        "fedmedclip.class_names": json.dumps(list(meta["class_names"])),
-        "fedmedclip.image_size": str(int(meta["preprocessing"]["size"])),
-        "fedmedclip.preprocessing": json.dumps(meta["preprocessing"]),
-        "fedmedclip.backbone": str(meta["backbone"]["name"]),
-        "fedmedclip.backbone_sha256": str(meta["backbone"].get("weights_sha256", "")),
-        "fedmedclip.method": str(meta["method"]),
-        "fedmedclip.site": str(meta["site"]),
-        "fedmedclip.run_id": str(run_id),
-        "fedmedclip.precision": precision,
-        "fedmedclip.format_version": FORMAT_VERSION,
-    }
+    return onnx_metadata(
+        class_names=meta["class_names"],
+        image_size=meta["preprocessing"]["size"],
+        preprocessing=meta["preprocessing"],
+        backbone=meta["backbone"]["name"],
+        backbone_sha256=meta["backbone"].get("weights_sha256", ""),
+        method=meta["method"],
+        site=meta["site"],
+        run_id=run_id,
+        precision=precision,
+    )
+
+
+def _non_finite(tensor: torch.Tensor) -> str | None:
+    """'3 NaN, 1 inf of 512 values' for a floating tensor holding any, else None."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    return f"{nan} NaN, {int((~finite).sum()) - nan} inf of {tensor.numel()} values"
+
+
+def check_classifier_finite(clf: torch.nn.Module, where: str) -> None:
+    """Refuse a classifier with a non-finite parameter or buffer: its ONNX graph would answer NaN."""
+    for kind, named in (("parameter", clf.named_parameters()), ("buffer", clf.named_buffers())):
+        for name, tensor in named:
+            problem = _non_finite(tensor.detach())
+            if problem:
+                raise FedMedClipError(
+                    f"refusing to export {where}: its {kind} {name!r} is not finite ({problem}); the "
+                    "training that produced it diverged or the model files are damaged"
+                )
+
+
+def check_model_files_finite(run_dir: str | Path, site: str | int = GLOBAL) -> list[Path]:
+    """Refuse a run whose model files for `site`'s predictor hold a NaN or inf, naming the file and tensor.
+    Reads the files the predictor may be built from: the class-prompt embeddings, the communicated module
+    and the site's own file. Returns the files checked."""
+    from safetensors import SafetensorError, safe_open
+
+    meta = read_model_json(run_dir)
+    name = resolve_site(meta, site)
+    model_dir = Path(run_dir) / "model"
+    candidates = ["text_features.safetensors", "global.safetensors"]
+    if name != GLOBAL:
+        candidates.append(f"site_{name}.safetensors")
+    checked = []
+    for file_name in candidates:
+        path = model_dir / file_name
+        if not path.is_file():
+            continue  # load_classifier says which file a predictor needs and lacks
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    problem = _non_finite(fh.get_tensor(key))
+                    if problem:
+                        raise FedMedClipError(
+                            f"refusing to export site {name!r} of {run_dir}: {path} holds a non-finite "
+                            f"tensor {key!r} ({problem}); the training that wrote it diverged or the file "
+                            "is damaged"
+                        )
+        except (SafetensorError, OSError) as exc:
+            raise FedMedClipError(f"cannot read {path}: {exc}") from None
+        checked.append(path)
+    return checked
 
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -112,9 +177,12 @@ def export_classifier(
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a directory; give a file name such as model.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_classifier_finite(clf, f"the {meta.get('method', '?')} predictor of site {meta.get('site', '?')!r}")
     clf = clf.eval()
     if precision == "fp16":
         clf.encoder.half()
+        # A weight beyond float16's range (65504) becomes inf: an error, never a silently broken graph.
+        check_classifier_finite(clf, "the float16 encoder (a weight overflows float16; export in fp32)")
     elif clf.encoder_dtype() != torch.float32:
         raise ConfigError("this classifier's encoder was already halved (an fp16 export): reload it for fp32")
     size = clf.preprocessing.size
@@ -145,23 +213,29 @@ def export_classifier(
 
     try:
         model = onnx.load(str(tmp))
-        metadata = {**contract_metadata(meta, precision, run_id), "fedmedclip.exporter": used}
+        metadata = {**contract_metadata(meta, precision, run_id), META_EXPORTER: used}
         del model.metadata_props[:]
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)
         _check_interface(model, size, len(meta["class_names"]))
         onnx.checker.check_model(model)
         onnx.save_model(model, str(tmp))
+        digest = sha256_file(tmp)
+        # A stale sidecar of an earlier export must never vouch for the new file, even if we stop here.
+        sha256_sidecar(out).unlink(missing_ok=True)
         os.replace(tmp, out)  # never leave a half-written model under the final name
+        write_sha256_sidecar(out, digest)
     finally:
         tmp.unlink(missing_ok=True)
     log.info(
-        "wrote %s (%s, %s exporter, opset %d, %.1f MiB)",
+        "wrote %s (%s, %s exporter, opset %d, %.1f MiB), sha256 %s (recorded in %s)",
         out,
         precision,
         used,
         max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
         out.stat().st_size / 2**20,
+        digest,
+        sha256_sidecar(out).name,
     )
     return out
 
@@ -206,5 +280,6 @@ def export_onnx(
     """Export the predictor of `site` ("global", a site name or index) of a run directory to ONNX."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_model_files_finite(run_dir, site)
     clf, meta = load_classifier(run_dir, site, backbone=backbone)
     return export_classifier(clf, meta, out_path, precision, run_id, exporter)

@@ -11,8 +11,9 @@ try:
     import kserve
     from kserve import logging as kserve_logging
     from kserve import model_server
-    from kserve.errors import InvalidInput
+    from kserve.errors import InferenceError, InvalidInput
     from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.grpc import server as grpc_server
     from kserve.protocol.infer_type import (
         InferInput,
         InferOutput,
@@ -20,6 +21,7 @@ try:
         InferResponse,
         RequestedOutput,
     )
+    from kserve.protocol.rest import server as rest_server
 finally:
     sys.argv = _argv
 
@@ -29,9 +31,12 @@ __all__ = [
     "InferOutput",
     "InferRequest",
     "InferResponse",
+    "InferenceError",
     "InvalidInput",
     "RequestedOutput",
+    "grpc_server",
     "kserve",
     "kserve_logging",
     "model_server",
+    "rest_server",
 ]

@@ -7,6 +7,7 @@ core CLI stays fast. `python -m serving serve|predict ...` runs the same command
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -27,7 +28,15 @@ def register(subparsers) -> None:
     serve.add_argument(
         "model",
         help="an .onnx file, a folder holding one (e.g. KServe's /mnt/models), or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION from the MLflow registry (MLFLOW_TRACKING_URI), verified against its onnx_sha256 tag",
+        "models:/NAME/VERSION from the MLflow registry (MLFLOW_TRACKING_URI), verified against its onnx_sha256 "
+        "tag; a file is verified against --expected-sha256 or the MODEL.onnx.sha256 sidecar `fedmedclip export` "
+        "writes, and refused without either",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on, REST and gRPC (default: %(default)s, this machine only; 0.0.0.0 for every "
+        "interface, as in a container)",
     )
     serve.add_argument(
         "--name", default="fedmedclip", help="model name on the endpoints (default: %(default)s)"
@@ -71,6 +80,27 @@ def register(subparsers) -> None:
         type=int,
         default=64 * MIB,
         help="request body (REST) / message (gRPC) size limit in bytes (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=64 * 2048 * 2048,
+        help="total width*height of one request's encoded images, from their headers before any is decoded "
+        "(default: %(default)s = 64 images of 2048x2048)",
+    )
+    serve.add_argument(
+        "--max-decode-seconds",
+        type=float,
+        default=10.0,
+        help="CPU seconds decoding one request's encoded images may take; a request over it is refused "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--decode-threads",
+        type=int,
+        default=0,
+        help="threads decoding encoded images, shared fairly between requests (one request uses at most "
+        "half); 0 = one per core, at most 8 (default: %(default)s)",
     )
     serve.add_argument(
         "--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads, 0 = its default"
@@ -126,8 +156,9 @@ def _serve(args: argparse.Namespace) -> int:
         if not 0 < port < 65536:
             raise ServingError(f"--{opt.replace('_', '-')} must be a TCP port, got {port}")
         # Checked before the model is fetched and loaded: kserve would only fail once it starts listening.
-        if not _port_free(port):
-            raise ServingError(f"--{opt.replace('_', '-')} {port} is already in use")
+        problem = _cannot_listen(args.host, port)
+        if problem:
+            raise ServingError(f"--{opt.replace('_', '-')} {port} {problem} (--host {args.host})")
     if not args.no_grpc and args.http_port == args.grpc_port:
         raise ServingError("--http-port and --grpc-port must differ")
     try:
@@ -135,8 +166,12 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch_images=args.max_batch_images,
             max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes,
+            max_request_pixels=args.max_request_pixels,
+            max_decode_seconds=args.max_decode_seconds,
         )
         batching = Batching(args.max_batch_size, args.max_batch_delay_ms, args.batch_concurrency)
+        if args.decode_threads < 0:
+            raise ValueError(f"--decode-threads must be 0 or more, got {args.decode_threads}")
     except ValueError as exc:
         raise ServingError(f"bad option: {exc}") from None
 
@@ -148,8 +183,14 @@ def _serve(args: argparse.Namespace) -> int:
     # wrong hash or a missing GPU fails fast.
     resolved = resolve_model(args.model, expected_sha256=args.expected_sha256, cache_dir=args.cache_dir)
     classifier = OnnxClassifier(
-        resolved.path, device=args.device, intra_op_threads=args.ort_threads, spin=args.ort_spin
+        resolved.path,
+        device=args.device,
+        intra_op_threads=args.ort_threads,
+        spin=args.ort_spin,
+        expected_sha256=resolved.sha256,
     )
+    # A model that cannot run, or answers NaN, is refused here too, before kserve is imported.
+    classifier.warm_up((1, batching.max_batch_size))
 
     from .model import FedMedClipModel
     from .server import ServerOptions, configure_logging, run_server
@@ -165,11 +206,13 @@ def _serve(args: argparse.Namespace) -> int:
         origin=resolved.origin,
         sha256=resolved.sha256,
         classifier=classifier,
+        decode_threads=args.decode_threads,
     )
     model.load()
     run_server(
         model,
         ServerOptions(
+            host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
             enable_grpc=not args.no_grpc,
@@ -180,18 +223,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port_free(port: int) -> bool:
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (the address is unknown or the port taken), or None."""
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        return f"cannot be listened on: --host is not an address ({exc})"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
         )  # as uvicorn binds: TIME_WAIT is no conflict
         try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
+            sock.bind(address)
+        except OSError as exc:
+            return "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc})"
+    return None
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -36,3 +36,13 @@ QUEUE_SECONDS = Histogram(
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )
+DECODED_IMAGES = Counter(
+    "fedmedclip_images_decoded", "Encoded images (image_bytes) decoded and resized", ["model"]
+)
+DECODED_PIXELS = Counter("fedmedclip_decoded_pixels", "Pixels of the encoded images decoded", ["model"])
+DECODE_SECONDS = Histogram(
+    "fedmedclip_image_decode_seconds",
+    "CPU time to decode and resize one encoded image",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)

@@ -4,12 +4,12 @@ v2 Open Inference Protocol, REST and gRPC. One request carries exactly one input
   - `image_bytes` BYTES [N]: encoded JPEG/PNG files, decoded and resized here with the training geometry;
   - `images` UINT8 [N, S, S, 3]: pixels already through `Preprocessing.to_uint8`.
 Outputs: `probabilities` FP32 [N, C], `class_index` INT64 [N], `class_name` BYTES [N]; the response parameter
-`class_names` (JSON list) lets clients label every column.
+`class_names` (JSON list) lets clients label every column. A model that answers NaN or inf for an image gets
+the request an error (HTTP 500), never a 200 with null probabilities.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import struct
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from ._kserve import InferOutput, InferRequest, InferResponse, InvalidInput, kserve
+from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, InvalidInput, kserve
 from .batcher import Batching, DynamicBatcher
 from .errors import RequestRejected
-from .images import Limits, as_encoded_bytes, decode_image, install_pil_guards
+from .images import DecodePool, Limits, as_encoded_bytes, install_pil_guards
 from .runtime import OnnxClassifier
 
 log = logging.getLogger("fedmedclip.serving")
@@ -46,9 +46,11 @@ class FedMedClipModel(kserve.Model):
         origin: str | None = None,
         sha256: str | None = None,
         classifier: OnnxClassifier | None = None,
+        decode_threads: int = 0,
     ):
         """`classifier`: an already created session for `model_path` (the CLI creates it before importing
-        kserve so that a bad model or --device fails fast); otherwise `load` creates it."""
+        kserve so that a bad model or --device fails fast); otherwise `load` creates it. `decode_threads`:
+        threads decoding encoded images (0: one per core, at most 8)."""
         super().__init__(name)
         self.model_path = Path(model_path)
         self.device = device
@@ -58,14 +60,18 @@ class FedMedClipModel(kserve.Model):
         self.origin = origin or str(model_path)
         self.sha256 = sha256
         self.classifier = classifier
+        self.decode_threads = decode_threads
         self.batcher: DynamicBatcher | None = None
+        self.decoder: DecodePool | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def load(self) -> bool:
         install_pil_guards(self.limits)
         if self.classifier is None:
-            self.classifier = OnnxClassifier(self.model_path, self.device, self.intra_op_threads)
+            self.classifier = OnnxClassifier(
+                self.model_path, self.device, self.intra_op_threads, expected_sha256=self.sha256
+            )
         self.classifier.warm_up((1, self.batching.max_batch_size))
         contract = self.classifier.contract
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
@@ -73,6 +79,10 @@ class FedMedClipModel(kserve.Model):
         self._batch_size_metric = metrics.BATCH_SIZE.labels(self.name)
         self._run_seconds_metric = metrics.RUN_SECONDS.labels(self.name)
         self._queue_metric = metrics.QUEUE_SECONDS.labels(self.name)
+        self._decoded_metric = metrics.DECODED_IMAGES.labels(self.name)
+        self._decoded_pixels_metric = metrics.DECODED_PIXELS.labels(self.name)
+        self._decode_seconds_metric = metrics.DECODE_SECONDS.labels(self.name)
+        self.decoder = DecodePool(self.decode_threads)
         self.batcher = DynamicBatcher(
             self._run,
             max_batch_size=self.batching.max_batch_size,
@@ -83,7 +93,7 @@ class FedMedClipModel(kserve.Model):
         meta = contract.metadata
         log.info(
             "model %r from %s (sha256 %s): %d classes %s, image %dx%d (%s preprocessing), method=%s site=%s "
-            "run_id=%s precision=%s; providers %s; batching %s; limits %s",
+            "run_id=%s precision=%s; providers %s; batching %s; limits %s; %d decoding threads",
             self.name,
             self.origin,
             self.sha256 or "not computed",
@@ -99,6 +109,7 @@ class FedMedClipModel(kserve.Model):
             list(self.classifier.providers),
             self.batching,
             self.limits,
+            self.decoder.threads,
         )
         self.ready = True
         return self.ready
@@ -107,6 +118,8 @@ class FedMedClipModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.shutdown()
+        if self.decoder is not None:
+            self.decoder.shutdown()
 
     # ---- v2 model metadata -----------------------------------------------------------------------------
 
@@ -136,9 +149,14 @@ class FedMedClipModel(kserve.Model):
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
             images = self._uint8_images(inp) if kind == "uint8" else await self._decode_bytes(inp)
             probs, index = await self.batcher.submit(images)
+            self._check_finite(probs)
         except RequestRejected as exc:
             metrics.ERRORS.labels(self.name, exc.code).inc()
             raise InvalidInput(exc.message) from None
+        except _NonFiniteOutput as exc:
+            metrics.ERRORS.labels(self.name, "non_finite_output").inc()
+            log.error("%s", exc)
+            raise InferenceError(str(exc)) from None
         except Exception:
             metrics.ERRORS.labels(self.name, "internal").inc()
             raise
@@ -169,7 +187,9 @@ class FedMedClipModel(kserve.Model):
                 raise RequestRejected(
                     "unknown_output", f"unknown output {out.name!r}; this model has {list(OUTPUT_NAMES)}"
                 )
+            _check_parameters(out.parameters, f"output {out.name!r}", {"binary_data": bool})
         inp = payload.inputs[0]
+        _check_parameters(inp.parameters, f"input {inp.name!r}", {"binary_data_size": int})
         if inp.name not in (INPUT_UINT8, INPUT_BYTES):
             raise RequestRejected("unknown_input", f"unknown input {inp.name!r}; send {expected}")
         want = "UINT8" if inp.name == INPUT_UINT8 else "BYTES"
@@ -203,6 +223,8 @@ class FedMedClipModel(kserve.Model):
                 f"got {shape}; send encoded files as {INPUT_BYTES!r} to have the server resize them",
             )
         self._check_count(shape[0])
+        if inp._raw_data is None:  # JSON numbers: as_numpy would truncate 1.7 to 1 and read "7" as 7
+            _check_uint8_values(inp.data)
         try:
             images = inp.as_numpy()
         except (ValueError, TypeError, OverflowError) as exc:
@@ -237,13 +259,23 @@ class FedMedClipModel(kserve.Model):
                 f"{total:,} bytes of images in one request, over the limit of {self.limits.max_request_bytes:,} "
                 "(server option --max-request-bytes)",
             )
-        pre = self.classifier.contract.preprocessing
-        loop = asyncio.get_running_loop()
-        # Decoding is CPU work: off the event loop, one task per image so a multi-image request uses all cores.
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(None, decode_image, b, i, pre, self.limits) for i, b in enumerate(blobs))
+        # Decoding is CPU work: off the event loop, on the shared pool, within the request's pixel and CPU budget.
+        return await self.decoder.decode(
+            blobs, self.classifier.contract.preprocessing, self.limits, self._observe_decode
         )
-        return np.stack(decoded)
+
+    def _observe_decode(self, pixels: int, cpu_seconds: float) -> None:
+        self._decoded_metric.inc()
+        self._decoded_pixels_metric.inc(pixels)
+        self._decode_seconds_metric.observe(cpu_seconds)
+
+    def _check_finite(self, probs: np.ndarray) -> None:
+        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        if len(bad):
+            raise _NonFiniteOutput(
+                f"model {self.name!r} ({self.origin}) answered NaN or inf probabilities for image(s) "
+                f"{bad.tolist()} of this request; no answer is given for a broken model output"
+            )
 
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One ONNX Runtime run (batcher thread)."""
@@ -278,3 +310,62 @@ class FedMedClipModel(kserve.Model):
             use_binary_outputs=payload.use_binary_outputs if rest else False,
             requested_outputs=requested if rest else None,
         )
+
+
+class _NonFiniteOutput(Exception):
+    """The model answered NaN/inf: a server-side failure (HTTP 500), not the client's."""
+
+
+def _check_parameters(parameters, where: str, typed: dict[str, type]) -> None:
+    """v2 `parameters` must be an object; the ones this server reads must have their type (JSON true is not
+    a size, "yes" is not a boolean)."""
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise RequestRejected(
+            "bad_parameters", f"{where}: 'parameters' must be a JSON object, got {type(parameters).__name__}"
+        )
+    for key, kind in typed.items():
+        if key in parameters:
+            value = parameters[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise RequestRejected(
+                    "bad_parameters",
+                    f"{where}: parameter {key!r} must be {'an integer' if kind is int else 'true or false'}, "
+                    f"got {value!r}",
+                )
+
+
+def _check_uint8_values(data) -> None:
+    """A UINT8 tensor sent as JSON numbers holds integers 0-255 and nothing else (flat or nested lists)."""
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged nesting
+        raise RequestRejected(
+            "bad_value", "input 'images' (UINT8): 'data' must be a flat or regularly nested list of integers"
+        ) from None
+    if values.dtype.kind not in "iu":
+        example = next((v for v in _leaves(data) if not _is_plain_int(v)), None)
+        raise RequestRejected(
+            "bad_value",
+            f"input 'images' (UINT8): 'data' must hold integers 0-255, got {type(example).__name__} "
+            f"values such as {example!r}; nothing is rounded or converted",
+        )
+    if values.size and (values.min() < 0 or values.max() > 255):
+        bad = values.min() if values.min() < 0 else values.max()
+        raise RequestRejected(
+            "bad_value", f"input 'images' (UINT8): 'data' must hold integers 0-255, got {int(bad)}"
+        )
+
+
+def _leaves(data):
+    """The scalars of a (nested) JSON list, in order."""
+    for item in data if isinstance(data, (list, tuple)) else [data]:
+        if isinstance(item, (list, tuple)):
+            yield from _leaves(item)
+        else:
+            yield item
+
+
+def _is_plain_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -1,7 +1,8 @@
 """The exported classifier on ONNX Runtime: provider selection, the contract check, and `run`.
 
-Reads only what docs/contracts.md promises ("Exported model (ONNX)"); a file that breaks the contract is
-refused at start-up with a message naming the broken part, never at the first request.
+Reads only what docs/contracts.md promises ("Exported model (ONNX)"); a file that breaks the contract, or
+whose outputs on a warm-up batch are not finite, is refused at start-up with a message naming the broken
+part, never at the first request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmedclip.digests import (
+    FORMAT_VERSION,
+    META_CLASS_NAMES,
+    META_FORMAT_VERSION,
+    META_IMAGE_SIZE,
+    META_PRECISION,
+    META_PREPROCESSING,
+    SERVING_METADATA_KEYS,
+    sha256_bytes,
+)
 from fedmedclip.preprocess import Preprocessing
 
 from .errors import ServingError
@@ -22,8 +33,6 @@ log = logging.getLogger("fedmedclip.serving")
 DEVICES = ("auto", "cuda", "cpu")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
-FORMAT_VERSION = "1"
-REQUIRED_META = ("fedmedclip.class_names", "fedmedclip.image_size", "fedmedclip.preprocessing")
 
 
 @dataclass(frozen=True)
@@ -44,30 +53,30 @@ class ModelContract:
 def read_contract(session, source: str) -> ModelContract:
     """Check the session's inputs/outputs and metadata_props against the export contract."""
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    missing = [k for k in REQUIRED_META if k not in meta]
+    missing = [k for k in SERVING_METADATA_KEYS if k not in meta]
     if missing:
         raise ServingError(
             f"{source} is not a fedmedclip export: metadata_props lack {missing} "
             "(export it with `fedmedclip export`)"
         )
-    version = meta.get("fedmedclip.format_version", "")
+    version = meta.get(META_FORMAT_VERSION, "")
     if version != FORMAT_VERSION:
         raise ServingError(
-            f"{source} has fedmedclip.format_version={version!r}; this server reads format {FORMAT_VERSION}"
+            f"{source} has {META_FORMAT_VERSION}={version!r}; this server reads format {FORMAT_VERSION}"
         )
     try:
-        class_names = tuple(str(c) for c in json.loads(meta["fedmedclip.class_names"]))
-        image_size = int(meta["fedmedclip.image_size"])
-        pre = Preprocessing.from_dict(json.loads(meta["fedmedclip.preprocessing"]))
+        class_names = tuple(str(c) for c in json.loads(meta[META_CLASS_NAMES]))
+        image_size = int(meta[META_IMAGE_SIZE])
+        pre = Preprocessing.from_dict(json.loads(meta[META_PREPROCESSING]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ServingError(
             f"{source}: unreadable fedmedclip metadata ({type(exc).__name__}: {exc})"
         ) from None
     if not class_names:
-        raise ServingError(f"{source}: fedmedclip.class_names is empty")
+        raise ServingError(f"{source}: {META_CLASS_NAMES} is empty")
     if pre.size != image_size:
         raise ServingError(
-            f"{source}: preprocessing size {pre.size} != fedmedclip.image_size {image_size} (broken export)"
+            f"{source}: preprocessing size {pre.size} != {META_IMAGE_SIZE} {image_size} (broken export)"
         )
 
     inputs = session.get_inputs()
@@ -97,15 +106,21 @@ def read_contract(session, source: str) -> ModelContract:
         class_names=class_names,
         image_size=image_size,
         preprocessing=pre,
-        precision=meta.get("fedmedclip.precision", "fp32"),
+        precision=meta.get(META_PRECISION, "fp32"),
         metadata=meta,
     )
 
 
-def create_session(path: Path, device: str = "auto", intra_op_threads: int = 0, spin: bool = False):
+def create_session(
+    path: Path,
+    device: str = "auto",
+    intra_op_threads: int = 0,
+    spin: bool = False,
+    model_bytes: bytes | None = None,
+):
     """An InferenceSession on the asked device. ONNX Runtime silently falls back to CPU when the CUDA provider
     cannot start, so the providers the session actually got are checked: `cuda` refuses to start without
-    CUDA, `auto` logs the fallback."""
+    CUDA, `auto` logs the fallback. `model_bytes`: the file's contents, already read (and verified)."""
     import onnxruntime as ort
 
     if device not in DEVICES:
@@ -127,7 +142,7 @@ def create_session(path: Path, device: str = "auto", intra_op_threads: int = 0, 
                 ort.preload_dlls()
             except Exception as exc:  # a failed preload shows up as a missing CUDA provider below
                 log.warning("onnxruntime.preload_dlls() failed: %s", exc)
-        session = _session(ort, path, options, [CUDA_EP, CPU_EP])
+        session = _session(ort, path, options, [CUDA_EP, CPU_EP], model_bytes)
         got = session.get_providers()
         if got and got[0] == CUDA_EP:
             log.info("ONNX Runtime %s providers: %s", ort.__version__, got)
@@ -145,14 +160,15 @@ def create_session(path: Path, device: str = "auto", intra_op_threads: int = 0, 
             f"--device cuda: this onnxruntime build ({ort.__version__}) has no {CUDA_EP} (available: {available}). "
             "Install the GPU build (the project's `gpu` extra, onnxruntime-gpu) or use --device auto/cpu."
         )
-    session = _session(ort, path, options, [CPU_EP])
+    session = _session(ort, path, options, [CPU_EP], model_bytes)
     log.info("ONNX Runtime %s providers: %s", ort.__version__, session.get_providers())
     return session
 
 
-def _session(ort, path: Path, options, providers):
+def _session(ort, path: Path, options, providers, model_bytes: bytes | None = None):
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        source = str(path) if model_bytes is None else model_bytes
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ServingError(f"ONNX Runtime cannot load {path}: {exc}") from None
 
@@ -160,12 +176,35 @@ def _session(ort, path: Path, options, providers):
 class OnnxClassifier:
     """The session plus its contract. `run` is thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, spin: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        spin: bool = False,
+        expected_sha256: str | None = None,
+    ):
+        """`expected_sha256`: the hash the model was verified against (source.resolve_model). The session is
+        then built from the very bytes hashed here, so a file replaced after that check is never served."""
         self.path = Path(path)
-        self.session = create_session(self.path, device, intra_op_threads, spin)
+        model_bytes = None
+        if expected_sha256 is not None:
+            try:
+                model_bytes = self.path.read_bytes()
+            except OSError as exc:
+                raise ServingError(f"cannot read {self.path}: {exc}") from None
+            actual = sha256_bytes(model_bytes)
+            if actual != expected_sha256.lower():
+                raise ServingError(
+                    f"refusing to serve {self.path}: it changed after its sha256 was verified "
+                    f"(now {actual}, verified {expected_sha256})"
+                )
+        self.session = create_session(self.path, device, intra_op_threads, spin, model_bytes)
+        del model_bytes  # ONNX Runtime holds its own copy
         self.providers = tuple(self.session.get_providers())
         self.contract = read_contract(self.session, str(self.path))
         self._outputs = ["probabilities", "class_index"]
+        self._warmed: set[int] = set()
 
     @property
     def device(self) -> str:
@@ -179,11 +218,16 @@ class OnnxClassifier:
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Runs at start-up: the first CUDA run of each batch shape allocates memory and picks kernels, and a
-        graph that cannot run fails here rather than on a client's request."""
+        graph that cannot run, or answers NaN/inf (a model exported from a diverged training), fails here
+        rather than on a client's request. Batches: a black image first, then white, then seeded noise."""
         s, c = self.contract.image_size, self.contract.num_classes
-        for n in sorted(set(batch_sizes)):
+        for n in sorted(set(batch_sizes) - self._warmed):
+            images = np.random.default_rng(n).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+            images[0] = 0
+            if n > 1:
+                images[1] = 255
             try:
-                probs, index = self.run(np.zeros((n, s, s, 3), dtype=np.uint8))
+                probs, index = self.run(images)
             except Exception as exc:
                 raise ServingError(f"{self.path}: test inference on a batch of {n} failed: {exc}") from None
             if probs.shape != (n, c) or index.shape != (n,):
@@ -191,3 +235,11 @@ class OnnxClassifier:
                     f"{self.path}: test inference gave probabilities {probs.shape} and class_index {index.shape}, "
                     f"expected ({n}, {c}) and ({n},)"
                 )
+            bad = ~np.isfinite(probs).all(axis=1)
+            if bad.any():
+                raise ServingError(
+                    f"refusing to serve {self.path}: its probabilities on a warm-up batch of {n} are not finite "
+                    f"(NaN or inf for {int(bad.sum())} of {n} images). The model is broken (exported from a "
+                    "diverged training, or damaged): export it again from a good run."
+                )
+            self._warmed.add(n)

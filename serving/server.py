@@ -1,5 +1,6 @@
 """The model server process: kserve's ModelServer (REST + gRPC, /metrics, health endpoints) around our model,
-with two fixes for kserve 0.21's v2 REST binary path and a request-size limit."""
+with two fixes for kserve 0.21's v2 REST binary path, a request-size limit, and both servers bound to the
+asked host (kserve 0.21 always listens on every interface)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from ._kserve import (
     InferRequest,
     InvalidInput,
     RequestedOutput,
+    grpc_server,
     kserve,
     kserve_logging,
     model_server,
+    rest_server,
 )
 from .metrics import ERRORS
 from .model import FedMedClipModel
@@ -55,6 +58,12 @@ def decode_binary_request(body: bytes, headers: dict, model_name: str) -> InferR
         raise InvalidInput(f"the request's JSON header is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInput('the request\'s JSON header must be an object with an "inputs" list')
+    # kserve reads these without checking their types: a wrong type would be an HTTP 500 there.
+    if not isinstance(header.get("parameters") or {}, dict):
+        raise InvalidInput('the request\'s "parameters" must be a JSON object')
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f'the request\'s "id" must be a string, got {type(request_id).__name__}')
 
     view = memoryview(body)
     offset = json_length
@@ -62,15 +71,23 @@ def decode_binary_request(body: bytes, headers: dict, model_name: str) -> InferR
     for i, spec in enumerate(header["inputs"]):
         if not isinstance(spec, dict) or not all(k in spec for k in ("name", "shape", "datatype")):
             raise InvalidInput(f"input {i} needs 'name', 'shape' and 'datatype'")
+        if not isinstance(spec["name"], str):
+            raise InvalidInput(f"input {i}: 'name' must be a string, got {spec['name']!r}")
         if not isinstance(spec["shape"], list) or not isinstance(spec["datatype"], str):
             raise InvalidInput(f"input {spec['name']!r}: 'shape' must be a list and 'datatype' a string")
         params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"input {spec['name']!r}: 'parameters' must be a JSON object")
         inp = InferInput(name=spec["name"], shape=spec["shape"], datatype=spec["datatype"], parameters=params)
         if "data" in spec:
             inp.data = spec["data"]
         elif "binary_data_size" in params:
             size = params["binary_data_size"]
-            if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(
+                    f"input {spec['name']!r}: binary_data_size must be a non-negative integer, got {size!r}"
+                )
+            if offset + size > len(body):
                 raise InvalidInput(
                     f"input {spec['name']!r}: binary_data_size {size!r} runs past the end of the request body "
                     f"({len(body) - offset} bytes left)"
@@ -89,17 +106,19 @@ def decode_binary_request(body: bytes, headers: dict, model_name: str) -> InferR
         )
     outputs = None
     if header.get("outputs"):
-        try:
-            outputs = [
-                RequestedOutput(name=o["name"], parameters=o.get("parameters")) for o in header["outputs"]
-            ]
-        except (TypeError, KeyError):
-            raise InvalidInput('each entry of "outputs" needs a "name"') from None
-    request_id = header.get("id")
+        entries = header["outputs"]
+        if not isinstance(entries, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in entries
+        ):
+            raise InvalidInput('"outputs" must be a list of objects, each with a string "name"')
+        for o in entries:
+            if not isinstance(o.get("parameters") or {}, dict):
+                raise InvalidInput(f"output {o['name']!r}: 'parameters' must be a JSON object")
+        outputs = [RequestedOutput(name=o["name"], parameters=o.get("parameters")) for o in entries]
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,
-        request_id=str(request_id) if request_id is not None else None,
+        request_id=request_id,
         parameters=header.get("parameters"),
         request_outputs=outputs,
     )
@@ -204,6 +223,7 @@ class _QuietKserveLogs(logging.Filter):
 
 @dataclass(frozen=True)
 class ServerOptions:
+    host: str = "127.0.0.1"  # loopback unless asked: the cluster manifests pass --host 0.0.0.0
     http_port: int = 8080
     grpc_port: int = 8081
     enable_grpc: bool = True
@@ -216,6 +236,41 @@ def configure_logging(level: str = "INFO") -> None:
     """kserve's log format for its loggers and uvicorn's; ours keep their handler (see cli._log_to_stderr)."""
     kserve_logging.configure_logging()
     logging.getLogger("fedmedclip").setLevel(level)
+
+
+def _bind_to(host: str) -> None:
+    """Make kserve's ModelServer create REST and gRPC servers that listen on `host` only. ModelServer builds
+    them itself from these module-level names and has no host argument."""
+
+    class HostRESTServer(rest_server.RESTServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.host = host  # read when uvicorn binds, after this constructor
+
+    class HostGRPCServer(grpc_server.GRPCServer):
+        async def start(self, max_workers):
+            # kserve's start, with the listening address ours instead of "[::]".
+            servicer = grpc_server.InferenceServicer(self._data_plane, self._model_repository_extension)
+            self._server = grpc_server.aio.server(
+                grpc_server.futures.ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(grpc_server.LoggingInterceptor(), grpc_server.ExceptionToStatusInterceptor()),
+                options=[
+                    ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                    ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                ],
+            )
+            grpc_server.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                servicer, self._server
+            )
+            address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+            if self._server.add_insecure_port(address) == 0:
+                raise OSError(f"gRPC cannot listen on {address}")
+            log.info("gRPC listening on %s with %d threads", address, max_workers)
+            await self._server.start()
+            await self._server.wait_for_termination()
+
+    model_server.RESTServer = HostRESTServer
+    model_server.GRPCServer = HostGRPCServer
 
 
 def run_server(model: FedMedClipModel, options: ServerOptions) -> None:
@@ -231,6 +286,7 @@ def run_server(model: FedMedClipModel, options: ServerOptions) -> None:
     # kserve builds its gRPC server from this module-level namespace (ModelServer has no argument for it).
     model_server.args.grpc_max_receive_message_length = options.max_request_bytes + _GRPC_OVERHEAD
     model_server.app.add_middleware(RequestSizeLimit, max_bytes=options.max_request_bytes)
+    _bind_to(options.host)
     server = kserve.ModelServer(
         http_port=options.http_port,
         grpc_port=options.grpc_port,
@@ -241,8 +297,9 @@ def run_server(model: FedMedClipModel, options: ServerOptions) -> None:
     )
     server.dataplane = FedMedClipDataPlane(model_registry=server.registered_models)
     log.info(
-        "serving %r: REST :%d%s",
+        "serving %r on %s: REST :%d%s",
         model.name,
+        options.host,
         options.http_port,
         f", gRPC :{options.grpc_port}" if options.enable_grpc else "",
     )

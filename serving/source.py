@@ -1,24 +1,26 @@
 """Where the served ONNX file comes from: a local path (file or a folder holding one .onnx, e.g. KServe's
 /mnt/models), or the MLflow registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, artifacts on S3 behind
-the MLflow server). A registry model is verified against the sha256 recorded at registration (model-version
-tag `onnx_sha256`) before ONNX Runtime sees it.
+the MLflow server). Every model is verified before ONNX Runtime sees it: a registry model against the sha256
+recorded at registration (model-version tag `onnx_sha256`), a file against `--expected-sha256` or else the
+sidecar `fedmedclip export` wrote next to it (`model.onnx.sha256`). A file with neither is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmedclip.digests import is_sha256, read_sha256_sidecar, sha256_file, sha256_sidecar
+
 from .errors import ServingError
+
+__all__ = ["SHA256_TAG", "ResolvedModel", "find_onnx", "parse_models_uri", "resolve_model", "sha256_file"]
 
 log = logging.getLogger("fedmedclip.serving")
 
 SHA256_TAG = "onnx_sha256"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -26,20 +28,12 @@ class ResolvedModel:
     path: Path
     sha256: str  # of the file actually served
     origin: str  # human-readable: the path, or "models:/NAME@ALIAS (version 3)"
-    verified: bool  # sha256 matched an expected value (registry tag or --expected-sha256)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    verified: bool  # sha256 matched an expected value (registry tag, --expected-sha256 or the sidecar)
 
 
 def _normalise_sha(value: str, what: str) -> str:
     value = value.strip().lower()
-    if not _HEX64.match(value):
+    if not is_sha256(value):
         raise ServingError(f"{what} must be 64 hex digits (a sha256), got {value!r}")
     return value
 
@@ -98,7 +92,19 @@ def resolve_model(
         )
     if expected_sha256:
         return ResolvedModel(path, verify_sha256(path, expected_sha256, "--expected-sha256"), str(path), True)
-    return ResolvedModel(path, sha256_file(path), str(path), False)
+    try:
+        recorded = read_sha256_sidecar(path)
+    except (ValueError, OSError) as exc:
+        raise ServingError(f"cannot verify {path}: {exc}") from None
+    if recorded is None:
+        raise ServingError(
+            f"refusing to serve {path}: it has no sha256 sidecar ({sha256_sidecar(path).name}, written by "
+            "`fedmedclip export`) and no --expected-sha256, so nothing says it is the file that was exported. "
+            f"Re-export it, pass --expected-sha256 HASH, or record its hash with "
+            f"`sha256sum {path.name} > {sha256_sidecar(path).name}` if you trust the file."
+        )
+    sha = verify_sha256(path, recorded, f"the sha256 recorded in {sha256_sidecar(path).name}")
+    return ResolvedModel(path, sha, str(path), True)
 
 
 def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None) -> ResolvedModel:

@@ -5,14 +5,16 @@ Contract: input `images` uint8 [N, S, S, 3] (NHWC, dynamic N), normalisation ins
 `probabilities` float32 [N, C] (rows sum to 1) and `class_index` int64 [N]; `metadata_props` strings.
 The "model" is deterministic: per-channel means of the normalised image, a fixed linear map, softmax.
 Its predictions are easy to steer: a pure red / green / blue image is class 0 / 1 / 2, a black one is
-class 3 (with the default four classes).
+class 3 (with the default four classes). Like `fedmedclip export`, it writes the sha256 sidecar next to the
+file.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
+
+from fedmedclip.digests import onnx_metadata, write_sha256_sidecar
 
 DEFAULT_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
@@ -76,16 +78,16 @@ def make_tiny_onnx(
         )
     model = onnx.load(str(path))
     metadata = {
-        "fedmedclip.class_names": json.dumps(list(class_names)),
-        "fedmedclip.image_size": str(image_size),
-        "fedmedclip.preprocessing": json.dumps(pre.describe()),
-        "fedmedclip.backbone": backbone,
-        "fedmedclip.backbone_sha256": backbone_sha256,
-        "fedmedclip.method": method,
-        "fedmedclip.site": site,
-        "fedmedclip.run_id": run_id,
-        "fedmedclip.precision": "fp32",
-        "fedmedclip.format_version": "1",
+        **onnx_metadata(
+            class_names=class_names,
+            image_size=image_size,
+            preprocessing=pre.describe(),
+            backbone=backbone,
+            backbone_sha256=backbone_sha256,
+            method=method,
+            site=site,
+            run_id=run_id,
+        ),
         **(extra_metadata or {}),
     }
     del model.metadata_props[:]
@@ -93,4 +95,5 @@ def make_tiny_onnx(
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     onnx.save_model(model, str(path))
+    write_sha256_sidecar(path)
     return path

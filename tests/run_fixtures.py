@@ -3,18 +3,15 @@ MLOps layers that must not wait for real training. `fedmedclip train --out RUN` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from fedmedclip.digests import canonical_digest
+
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 BACKBONE_SHA = "0" * 64  # matches onnx_fixtures.make_tiny_onnx's default backbone_sha256
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def make_run_dir(
@@ -57,7 +54,7 @@ def make_run_dir(
         "global_test": ["test/img0", "test/img1"],
         "counts": {s: {"train": dict.fromkeys(CLASSES, 1)} for s in sites},
     }
-    partition = {**body, "digest": _digest(body)}
+    partition = {**body, "digest": canonical_digest(body)}
     backbone = {
         "name": "tiny-random-clip",
         "weights_sha256": BACKBONE_SHA,
@@ -66,8 +63,8 @@ def make_run_dir(
     }
     provenance = {}
     for holder in (*sites, "server"):
-        prov = {"backbone": backbone, "n_images": 4, "image_list_sha256": _digest([holder, seed])}
-        provenance[holder] = {**prov, "digest": _digest(prov)}
+        prov = {"backbone": backbone, "n_images": 4, "image_list_sha256": canonical_digest([holder, seed])}
+        provenance[holder] = {**prov, "digest": canonical_digest(prov)}
 
     history = []
     for r in range(1, rounds + 1):

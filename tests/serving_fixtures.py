@@ -1,16 +1,17 @@
 """Small ONNX models that follow the exported-model contract (docs/contracts.md), for the serving tests
 and the benchmark. Not a CLIP: a seeded conv net with the same interface (uint8 NHWC in, normalisation
-inside the graph, `probabilities` float32 [N, C] and `class_index` int64 [N] out, the metadata_props).
+inside the graph, `probabilities` float32 [N, C] and `class_index` int64 [N] out, the metadata_props), with
+the sha256 sidecar that `fedmedclip export` writes next to it.
 
 Importing this module needs torch (tests and bench only; the server never imports it).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
+from fedmedclip.digests import onnx_metadata, write_sha256_sidecar
 from fedmedclip.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
 
 CLASS_NAMES = ("glioma", "meningioma", "notumor", "pituitary")
@@ -32,11 +33,16 @@ def make_contract_onnx(
     depth: int = 1,
     seed: int = 0,
     run_id: str = "test-run",
+    non_finite: bool = False,
+    nan_for_pixel: int | None = None,
 ) -> Path:
-    """Export a seeded conv classifier to `path` and return it.
+    """Export a seeded conv classifier to `path` (and its sha256 sidecar) and return it.
 
     `width`/`depth` scale the compute: the tests use the default (about 1 ms per image), the benchmark a
-    heavier net so ONNX Runtime dominates like the real CLIP encoder does.
+    heavier net so ONNX Runtime dominates like the real CLIP encoder does. `non_finite`: one weight of the
+    head is NaN, as after a diverged training, so every probability is NaN. `nan_for_pixel`: the model is
+    fine except for images whose every pixel is this value, which get NaN probabilities (a model that only
+    breaks on some inputs, which a warm-up batch cannot see).
     """
     import onnx
     import torch
@@ -59,9 +65,16 @@ def make_contract_onnx(
             x = self.features(x).mean(dim=(2, 3))
             # Scaled logits so the probabilities are far from uniform and differ between images.
             probs = torch.softmax(self.head(x) * 4.0, dim=-1)
-            return probs, torch.argmax(probs, dim=-1)
+            index = torch.argmax(probs, dim=-1)
+            if nan_for_pixel is not None:
+                trap = (images == nan_for_pixel).flatten(1).all(dim=1)
+                probs = torch.where(trap[:, None], torch.full_like(probs, float("nan")), probs)
+            return probs, index
 
     net = Net().eval()
+    if non_finite:
+        with torch.no_grad():
+            net.head.weight[0, 0] = float("nan")
     example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,21 +92,20 @@ def make_contract_onnx(
             dynamo=False,
         )
     model = onnx.load(str(path))
-    meta = {
-        "fedmedclip.class_names": json.dumps(list(class_names)),
-        "fedmedclip.image_size": str(image_size),
-        "fedmedclip.preprocessing": json.dumps(pre.describe()),
-        "fedmedclip.backbone": "test/tiny-conv",
-        "fedmedclip.backbone_sha256": "0" * 64,
-        "fedmedclip.method": "fixture",
-        "fedmedclip.site": "global",
-        "fedmedclip.run_id": run_id,
-        "fedmedclip.precision": "fp32",
-        "fedmedclip.format_version": "1",
-    }
+    meta = onnx_metadata(
+        class_names=class_names,
+        image_size=image_size,
+        preprocessing=pre.describe(),
+        backbone="test/tiny-conv",
+        backbone_sha256="0" * 64,
+        method="fixture",
+        site="global",
+        run_id=run_id,
+    )
     del model.metadata_props[:]
     for key, value in meta.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
     onnx.save(model, str(path))
+    write_sha256_sidecar(path)
     return path

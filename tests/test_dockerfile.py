@@ -166,3 +166,48 @@ def test_packages_installed_by_the_images_are_copied(stages):
             shlex.split(t)[0] for k, t in stages[target]["instructions"] if k == "COPY" and "--from" not in t
         }
         assert {"fedmedclip", "components", "pipelines", "serving", "pyproject.toml"} <= copied, target
+
+
+def _env(stage: dict) -> dict[str, str]:
+    """The stage's ENV settings (`ENV A=1 B=2` and the legacy `ENV A 1`), later ones winning."""
+    out: dict[str, str] = {}
+    for keyword, text in stage["instructions"]:
+        if keyword == "ENV":
+            parts = shlex.split(text)
+            if parts and "=" not in parts[0]:
+                out[parts[0]] = " ".join(parts[1:])
+            else:
+                out.update(p.split("=", 1) for p in parts if "=" in p)
+    return out
+
+
+@pytest.mark.parametrize("target", ["train", "serve", "tracking"])
+def test_images_run_non_root_on_a_read_only_root(stages, target):
+    """Pod Security "restricted" with readOnlyRootFilesystem (infra/): a numeric non-root USER (kubelet can
+    only verify runAsNonRoot on a number), HOME on /tmp (an emptyDir in the pods), no bytecode written at
+    run time, nothing made world-writable; and the uid the manifests run it as."""
+    stage = stages[target]
+    users = [text.strip() for keyword, text in stage["instructions"] if keyword == "USER"]
+    assert users, f"{target}: no USER: it would run as root"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"{target}: USER {users[-1]!r} must be a non-zero uid"
+    env = _env(stage)
+    assert env.get("HOME") == "/tmp" and env.get("PYTHONDONTWRITEBYTECODE") == "1", env
+    for keyword, text in stage["instructions"]:
+        if keyword == "RUN":
+            assert not re.search(r"chmod\s+(-R\s+)?(0?777|[ao]\+w)", text), (
+                f"{target}: world-writable: {text}"
+            )
+    import yaml
+
+    manifests = {
+        "serve": ("serving/inferenceservice.yaml", lambda d: d["spec"]["predictor"]["securityContext"]),
+        "tracking": (
+            "training/platform/mlflow.yaml",
+            lambda d: d["spec"]["template"]["spec"]["securityContext"],
+        ),
+    }
+    if target in manifests:
+        path, context = manifests[target]
+        doc = next(d for d in yaml.safe_load_all((REPO / "infra" / path).read_text()) if d)
+        assert context(doc)["runAsUser"] == int(uid), f"{path} runs the {target} image as another uid"

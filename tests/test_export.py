@@ -304,3 +304,90 @@ def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
     run, _ = runs["fedmedclip"]
     assert main(["export", str(run), "--site", "bogus", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "unknown site 'bogus'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- what the server verifies, what is refused
+@pytest.mark.parametrize(("method", "site"), MODELS)
+def test_export_records_the_sha256_in_a_sidecar(exported, method, site):
+    from fedmedclip.digests import read_sha256_sidecar, sha256_file, sha256_sidecar
+
+    path, _, _ = exported[(method, site)]
+    assert sha256_sidecar(path).read_text() == f"{sha256_file(path)}  {path.name}\n"
+    assert read_sha256_sidecar(path) == sha256_file(path)
+
+
+def test_export_logs_the_sha256_and_replaces_a_stale_sidecar(runs, tmp_path, caplog):
+    import logging
+
+    from fedmedclip.digests import sha256_file, sha256_sidecar
+    from fedmedclip.export import export_onnx
+
+    run, _ = runs["facmic"]
+    out = tmp_path / "m.onnx"
+    sha256_sidecar(out).write_text("0" * 64 + "  m.onnx\n")  # left over from an earlier file
+    with caplog.at_level(logging.INFO, logger="fedmedclip.export"):
+        export_onnx(run, "global", out, exporter="torchscript")
+    digest = sha256_file(out)
+    assert f"sha256 {digest}" in caplog.text
+    assert sha256_sidecar(out).read_text() == f"{digest}  m.onnx\n"
+
+
+def _poison(run: Path, dst: Path, file_name: str, value: float) -> tuple[Path, str]:
+    """A copy of `run` whose model/`file_name` has one `value` in its first floating tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = Path(shutil.copytree(run, dst, ignore=shutil.ignore_patterns("checkpoint", "rounds")))
+    state = load_file(str(copy / "model" / file_name))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = value
+    save_file(state, str(copy / "model" / file_name))
+    return copy, key
+
+
+@pytest.mark.parametrize(
+    ("method", "site", "file_name", "value", "word"),
+    [
+        ("fedmedclip", "global", "global.safetensors", float("nan"), "1 NaN"),
+        ("fedmedclip", "1", "site_site_1.safetensors", float("inf"), "1 inf"),
+        ("facmic", "global", "text_features.safetensors", float("-inf"), "1 inf"),
+    ],
+)
+def test_export_refuses_non_finite_model_files(runs, tmp_path, method, site, file_name, value, word):
+    """Issue 13: a run whose selected state holds NaN/inf is never exported; the error names the file and
+    the tensor, and nothing is written."""
+    from fedmedclip.export import export_onnx
+
+    run, key = _poison(runs[method][0], tmp_path / "run", file_name, value)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(FedMedClipError) as info:
+        export_onnx(run, site, out)
+    message = str(info.value)
+    assert file_name in message and repr(key) in message and word in message and "refusing" in message
+    assert not out.exists() and not (tmp_path / "m.onnx.sha256").exists()
+
+
+def test_export_refuses_a_non_finite_classifier_and_fp16_overflow(runs, tmp_path):
+    from fedmedclip.export import export_classifier
+    from fedmedclip.inference import load_classifier
+
+    run, _ = runs["fedmedclip"]
+    clf, meta = load_classifier(run, 0)
+    name, param = next(iter(clf.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    with pytest.raises(
+        FedMedClipError, match=rf"refusing to export .*parameter '{name}' is not finite \(1 NaN"
+    ):
+        export_classifier(clf, meta, tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+    clf, meta = load_classifier(run, 0)
+    name, param = next((n, p) for n, p in clf.encoder.named_parameters() if p.is_floating_point())
+    with torch.no_grad():
+        param.view(-1)[0] = 1e6  # finite in float32, inf in float16 (max 65504)
+    with pytest.raises(FedMedClipError, match="overflows float16"):
+        export_classifier(clf, meta, tmp_path / "fp16.onnx", precision="fp16")
+    assert not (tmp_path / "fp16.onnx").exists()

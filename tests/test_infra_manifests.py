@@ -1,15 +1,21 @@
-"""Static checks of the cluster manifests in infra/training (no cluster here).
+"""Static checks of the cluster manifests in infra/training and infra/serving (no cluster here).
 
-A small stand-in for `kustomize build` collects the objects each kustomization produces, with its namespace
-applied, then checks what `kubectl apply` would only reveal at run time: required fields, and references
-(secrets, config maps, claims, volumes, selectors, named ports, in-cluster URLs) that resolve within the
-object's namespace.
+A small stand-in for `kustomize build` (infra/check.py's `render`) collects the objects each kustomization
+produces, with its namespace applied, then checks what `kubectl apply` would only reveal at run time:
+required fields, references (secrets, config maps, claims, volumes, selectors, named ports, in-cluster URLs)
+that resolve within the object's namespace, and the hardening (issue 12): Pod Security "restricted" on every
+workload and enforced on the namespace, NetworkPolicies evaluated for who may reach whom, the admission
+policy on site credentials evaluated (CEL) on the pods the compiled pipeline creates and on forbidden ones,
+MLflow behind authentication, and no placeholder credential passing `infra/check.py`.
 """
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,60 +39,35 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 TRAINING = INFRA / "training"
 PLATFORM_NS = "fedmedclip"
-CLUSTER_SCOPED = {
-    "Namespace",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "PersistentVolume",
-    "StorageClass",
-    "CustomResourceDefinition",
-    "PriorityClass",
-}
+SERVING = INFRA / "serving"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
-KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 
 
 def _load_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
-def _kustomization_file(directory: Path) -> Path | None:
-    return next((directory / n for n in KUSTOMIZATION_NAMES if (directory / n).is_file()), None)
+def _infra_check():
+    """infra/check.py (not a package: it runs with PyYAML alone, before `kubectl apply`)."""
+    spec = importlib.util.spec_from_file_location("infra_check", INFRA / "check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+check = _infra_check()
+CLUSTER_SCOPED = check.CLUSTER_SCOPED
 
 
 def build(directory: Path, used_files: set[Path] | None = None) -> list[tuple[dict, Path]]:
     """(object, source file) for everything the kustomization in `directory` renders, namespaces applied."""
-    kfile = _kustomization_file(directory)
-    assert kfile is not None, f"{directory} has no kustomization.yaml"
-    if used_files is not None:
-        used_files.add(kfile.resolve())
-    k = yaml.safe_load(kfile.read_text())
-    out: list[tuple[dict, Path]] = []
-    for entry in k.get("resources", []):
-        target = (directory / entry).resolve()
-        assert target.exists(), f"{kfile}: resource {entry!r} does not exist"
-        if target.is_dir():
-            out += build(target, used_files)
-        else:
-            if used_files is not None:
-                used_files.add(target)
-            out += [(doc, target) for doc in _load_docs(target)]
-    if k.get("namespace"):
-        out = [
-            (
-                {**d, "metadata": {**d["metadata"], "namespace": k["namespace"]}}
-                if d.get("kind") not in CLUSTER_SCOPED
-                else d,
-                f,
-            )
-            for d, f in out
-        ]
-    return out
+    return [(r.doc, r.source) for r in check.render(directory, used_files)]
 
 
 @pytest.fixture(scope="module")
 def rendered() -> list[tuple[dict, Path]]:
-    return build(TRAINING)
+    return build(TRAINING) + build(SERVING)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +89,23 @@ def _pod_specs(doc: dict) -> list[dict]:
         return [doc["spec"]["template"]["spec"]]
     if kind == "CronJob":
         return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    if kind == "InferenceService":  # KServe: the predictor is a pod spec
+        return [doc["spec"]["predictor"]]
     return []
+
+
+def _pod_labels(doc: dict) -> dict[str, str]:
+    """Labels of the pods a workload creates (KServe adds its own to the predictor's)."""
+    if doc["kind"] == "InferenceService":
+        return {
+            **doc["metadata"].get("labels", {}),
+            "serving.kserve.io/inferenceservice": doc["metadata"]["name"],
+        }
+    if doc["kind"] == "Pod":
+        return doc["metadata"].get("labels", {})
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {})
+    return doc["spec"]["template"]["metadata"].get("labels", {})
 
 
 def _containers(spec: dict) -> list[dict]:
@@ -134,11 +131,12 @@ def test_every_yaml_under_infra_parses():
             assert isinstance(doc, dict), f"{f}: a document that is not a mapping"
 
 
-def test_every_training_manifest_is_used():
-    used: set[Path] = set()
-    build(TRAINING, used)
-    files = {p.resolve() for p in TRAINING.rglob("*.y*ml")}
-    assert not files - used, f"manifests no kustomization includes: {sorted(map(str, files - used))}"
+def test_every_manifest_is_used():
+    for root in (TRAINING, SERVING):
+        used: set[Path] = set()
+        build(root, used)
+        files = {p.resolve() for p in root.rglob("*.y*ml")}
+        assert not files - used, f"manifests no kustomization includes: {sorted(map(str, files - used))}"
 
 
 def test_required_fields(rendered):
@@ -202,7 +200,7 @@ def test_references_resolve(rendered, index):
                 for e in c.get("env", []):
                     ref = e.get("valueFrom", {})
                     for kind, field in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
-                        if field in ref:
+                        if field in ref and not ref[field].get("optional"):
                             name, key = ref[field]["name"], ref[field]["key"]
                             assert has(kind, ns, name), f"{where}: {kind} {name!r} undefined in {ns}"
                             assert key in _keys(index[(kind, ns, name)]), (
@@ -228,7 +226,7 @@ def test_references_resolve(rendered, index):
                 for d, _ in rendered
                 if _ns(d) == ns
                 for spec in _pod_specs(d)
-                if selector.items() <= d["spec"]["template"]["metadata"].get("labels", {}).items()
+                if selector.items() <= _pod_labels(d).items()
                 for c in _containers(spec)
             ]
             assert targets, f"{where}: selector {selector} matches no pod template in {ns}"
@@ -288,17 +286,8 @@ def test_one_policy_per_site_limited_to_its_prefix(index):
         for other in range(DEFAULT_SITES):
             if other != k:
                 assert site_prefix(other) not in text, f"site {k}'s policy mentions site {other}'s prefix"
-        object_resources = [
-            r
-            for s in policy["Statement"]
-            for r in s["Resource"]
-            if any(a.startswith("s3:GetObject") for a in s["Action"])
-        ]
-        assert object_resources == [f"arn:aws:s3:::{DATA_BUCKET}/{own}*"]
-        listing = [s for s in policy["Statement"] if "s3:ListBucket" in s["Action"]]
-        assert listing and all(
-            all(p.startswith(own) for p in s["Condition"]["StringLike"]["s3:prefix"]) for s in listing
-        ), f"site {k} may list outside {own}"
+        # What each policy allows is tests/test_isolation.py's (the file is generated from components/policies.py).
+        assert f"{DATA_BUCKET}/{own}" in text
         assert all(s["Effect"] == "Allow" for s in policy["Statement"])
         # the Job creates this site's user from the site's own secret
         for var, key in (
@@ -312,7 +301,7 @@ def test_one_policy_per_site_limited_to_its_prefix(index):
     for bucket in (DATA_BUCKET, MLFLOW_BUCKET):
         assert bucket in script
     assert "mc mb --ignore-existing" in script and "mc version enable" in script
-    assert set(policies) == {f"site-{k}.json" for k in range(DEFAULT_SITES)} | {"server.json", "mlflow.json"}
+    assert {f"site-{k}.json" for k in range(DEFAULT_SITES)} | {"server.json", "mlflow.json"} <= set(policies)
 
 
 def test_mlflow_uses_postgres_and_the_versioned_artifact_bucket(index):
@@ -323,7 +312,8 @@ def test_mlflow_uses_postgres_and_the_versioned_artifact_bucket(index):
     assert ("StatefulSet", PLATFORM_NS, "postgres") in index
     dest = urlparse(env["MLFLOW_ARTIFACTS_DESTINATION"]["value"])
     assert dest.scheme == "s3" and dest.netloc == MLFLOW_BUCKET
-    assert "--serve-artifacts" in mlflow["spec"]["template"]["spec"]["containers"][0]["args"]
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    assert "--serve-artifacts" in " ".join(container["command"] + container["args"])
     s3 = urlparse(env["MLFLOW_S3_ENDPOINT_URL"]["value"])
     assert ("Service", PLATFORM_NS, s3.hostname) in index
     policy = json.loads(index[("ConfigMap", PLATFORM_NS, "minio-policies")]["data"]["mlflow.json"])
@@ -357,10 +347,13 @@ def test_pipeline_endpoints_point_at_platform_services(index):
 
 def test_placeholders_are_marked(rendered):
     # Every credential shipped here is a placeholder, recognisable so that nobody mistakes it for a real one.
+    sensitive = re.compile(r"secret|password|key$", re.IGNORECASE)
     for doc, source in rendered:
         if doc["kind"] == "Secret":
             secrets = {
-                k: v for k, v in (doc.get("stringData") or {}).items() if "SECRET" in k or "PASSWORD" in k
+                k: v
+                for k, v in (doc.get("stringData") or {}).items()
+                if sensitive.search(k) and k != "AWS_ACCESS_KEY_ID"
             }
             assert secrets and all(v.startswith("CHANGE-ME") for v in secrets.values()), (
                 f"{source}: {doc['metadata']['name']}"
@@ -369,3 +362,536 @@ def test_placeholders_are_marked(rendered):
     for doc, _ in rendered:
         counts[doc["kind"]] += 1
     assert counts["Namespace"] == 1
+
+
+# -------------------------------------------------------------------- placeholders refused before deploying
+
+
+def _run_check(*args: str, stdin: str | None = None):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(INFRA / "check.py"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
+def test_check_refuses_the_shipped_placeholders():
+    """`python infra/check.py` (run before `kubectl apply`) fails while any CHANGE-ME is left, naming every
+    Secret key, never a value."""
+    proc = _run_check()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for name, key in (
+        ("fedmedclip/minio-root", "MINIO_ROOT_PASSWORD"),
+        ("fedmedclip/mlflow-auth", "MLFLOW_AUTH_ADMIN_PASSWORD"),
+        ("kubeflow/fedmedclip-site-0-s3", "AWS_SECRET_ACCESS_KEY"),
+        ("kubeflow/fedmedclip-mlflow-pipeline", "password"),
+        ("fedmedclip/fedmedclip-mlflow", "password"),
+    ):
+        assert f"Secret {name}: {key} is still a CHANGE-ME placeholder" in proc.stderr, (name, key)
+    assert "CHANGE-ME-minio-root-password" not in proc.stderr
+
+
+def test_check_passes_real_values_and_reads_generated_and_rendered_secrets(tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(INFRA, tmp_path / "infra"))
+    for f in copy.rglob("*.yaml"):
+        f.write_text(re.sub(r"CHANGE-ME[-\w]*", "s3cr3t-value", f.read_text()))
+    proc = _run_check(str(copy / "training"), str(copy / "serving"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok: ")
+
+    # Secrets from a secretGenerator (the README's way to keep real values out of git) are read too.
+    sites = copy / "training" / "sites"
+    (sites / "site-0.env").write_text(
+        "AWS_ACCESS_KEY_ID=fedmedclip-site-0\nAWS_SECRET_ACCESS_KEY=CHANGE-ME\n"
+    )
+    kfile = sites / "kustomization.yaml"
+    kfile.write_text(
+        kfile.read_text()
+        + "generatorOptions: {disableNameSuffixHash: true}\n"
+        + "secretGenerator:\n  - name: extra-site-0\n    envs: [site-0.env]\n"
+    )
+    proc = _run_check(str(copy / "training"))
+    assert proc.returncode == 1 and "Secret kubeflow/extra-site-0: AWS_SECRET_ACCESS_KEY" in proc.stderr
+    # `kubectl kustomize ... | python infra/check.py -`: base64 `data`, as kubectl renders generated Secrets.
+    encoded = base64.b64encode(b"CHANGE-ME-later").decode()
+    doc = f"apiVersion: v1\nkind: Secret\nmetadata: {{name: s, namespace: n}}\ndata: {{token: {encoded}}}\n"
+    proc = _run_check("-", stdin=doc)
+    assert proc.returncode == 1 and "Secret n/s: token is still a CHANGE-ME placeholder" in proc.stderr
+    empty = "apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: n}\nstringData: {token: ''}\n"
+    proc = _run_check("-", stdin=empty)
+    assert proc.returncode == 1 and "token is empty" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------- Pod Security
+
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+}  # fmt: skip
+
+
+def _workloads(rendered):
+    return [(doc, source, spec) for doc, source in rendered for spec in _pod_specs(doc)]
+
+
+def test_every_workload_meets_pod_security_restricted(rendered):
+    """The Pod Security Standard "restricted", field by field, plus our own: read-only root filesystems
+    (with an emptyDir for /tmp) and no service-account token."""
+    workloads = _workloads(rendered)
+    assert {d["metadata"]["name"] for d, _, _ in workloads} >= {
+        "minio", "postgres", "mlflow", "fedmedclip-minio-setup", "fedmedclip-mlflow-users", "fedmedclip",
+    }  # fmt: skip
+    for doc, source, spec in workloads:
+        where = f"{source.relative_to(REPO)} {doc['kind']}/{doc['metadata']['name']}"
+        pod = spec.get("securityContext") or {}
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
+        assert spec.get("automountServiceAccountToken") is False, (
+            f"{where}: mounts an API token it never uses"
+        )
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for v in volumes.values():
+            kinds = set(v) - {"name"}
+            assert kinds <= RESTRICTED_VOLUMES, f"{where}: volume {v['name']} of type {kinds}"
+        for c in _containers(spec):
+            ctx = c.get("securityContext") or {}
+            what = f"{where} container {c['name']}"
+            assert ctx.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, f"{what}: runAsNonRoot"
+            assert ctx.get("runAsUser", pod.get("runAsUser", 1)) != 0, f"{what}: runs as root"
+            seccomp = (ctx.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+            assert seccomp in ("RuntimeDefault", "Localhost"), f"{what}: seccompProfile {seccomp}"
+            assert ctx.get("allowPrivilegeEscalation") is False, f"{what}: allowPrivilegeEscalation"
+            assert not ctx.get("privileged"), f"{what}: privileged"
+            caps = ctx.get("capabilities") or {}
+            assert "ALL" in caps.get("drop", []), f"{what}: capabilities.drop ALL"
+            assert set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{what}: adds {caps.get('add')}"
+            assert ctx.get("readOnlyRootFilesystem") is True, f"{what}: writable root filesystem"
+            mounts = {m["mountPath"]: volumes.get(m["name"], {}) for m in c.get("volumeMounts", [])}
+            assert "emptyDir" in mounts.get("/tmp", {}), f"{what}: no writable /tmp on a read-only root"
+
+
+def test_namespace_enforces_restricted_and_holds_every_platform_workload(rendered):
+    namespaces = {d["metadata"]["name"]: d for d, _ in rendered if d["kind"] == "Namespace"}
+    labels = namespaces[PLATFORM_NS]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for doc, _, _ in _workloads(rendered):
+        assert _ns(doc) == PLATFORM_NS, f"{doc['kind']}/{doc['metadata']['name']} outside {PLATFORM_NS}"
+    # The pipeline's namespace is Kubeflow's: shipping it would delete it on `kubectl delete -k`.
+    assert _pipeline_namespace() not in namespaces and _pipeline_namespace() != PLATFORM_NS
+
+
+def test_images_run_as_the_uid_the_manifests_expect():
+    """The Dockerfile's images run as uid 1000 (tests/test_dockerfile.py), which the manifests set."""
+    (isvc,) = [d for d in _load_docs(SERVING / "inferenceservice.yaml") if d["kind"] == "InferenceService"]
+    assert isvc["spec"]["predictor"]["securityContext"]["runAsUser"] == 1000
+    mlflow = _load_docs(TRAINING / "platform" / "mlflow.yaml")[0]
+    assert mlflow["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000
+
+
+# --------------------------------------------------------------------------------------- NetworkPolicies
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    if selector is None:
+        return False
+    if selector.get("matchLabels") and not selector["matchLabels"].items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        ok = {
+            "In": value in expr.get("values", []),
+            "NotIn": value not in expr.get("values", []),
+            "Exists": expr["key"] in labels,
+            "DoesNotExist": expr["key"] not in labels,
+        }[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+class Network:
+    """NetworkPolicy semantics for the rendered policies: a pod selected by a policy of a type (Ingress,
+    Egress) is isolated in that direction and gets only what some selecting policy's rule allows."""
+
+    def __init__(self, rendered):
+        self.policies = [d for d, _ in rendered if d["kind"] == "NetworkPolicy"]
+        self.namespace_labels = {
+            d["metadata"]["name"]: d["metadata"].get("labels", {})
+            for d, _ in rendered
+            if d["kind"] == "Namespace"
+        }
+
+    def ns_labels(self, ns: str) -> dict:
+        return {**self.namespace_labels.get(ns, {}), "kubernetes.io/metadata.name": ns}
+
+    def _peer_matches(self, peer: dict, policy_ns: str, pod: tuple[str, dict]) -> bool:
+        ns, labels = pod
+        if "ipBlock" in peer:
+            return False  # no policy here uses addresses
+        if "namespaceSelector" in peer:
+            if not _selects(peer["namespaceSelector"], self.ns_labels(ns)):
+                return False
+        elif ns != policy_ns:
+            return False
+        return "podSelector" not in peer or _selects(peer["podSelector"], labels)
+
+    def _allowed(self, direction: str, pod, peer_pod, port: int, protocol: str) -> bool:
+        ns, labels = pod
+        selecting = [
+            p
+            for p in self.policies
+            if _ns(p) == ns
+            and _selects(p["spec"]["podSelector"], labels)
+            and direction in p["spec"].get("policyTypes", ["Ingress"])
+        ]
+        if not selecting:
+            return True  # not isolated in that direction
+        key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        for policy in selecting:
+            for rule in policy["spec"].get(key, []):
+                peers = rule.get(peers_key)
+                ports = rule.get("ports")
+                if peers and not any(self._peer_matches(x, ns, peer_pod) for x in peers):
+                    continue
+                if ports and not any(
+                    x.get("port") == port and x.get("protocol", "TCP") == protocol for x in ports
+                ):
+                    continue
+                return True
+        return False
+
+    def reaches(self, src, dst, port: int, protocol: str = "TCP") -> bool:
+        return self._allowed("Egress", src, dst, port, protocol) and self._allowed(
+            "Ingress", dst, src, port, protocol
+        )
+
+
+def test_network_policies_allow_what_each_component_needs_and_nothing_else(rendered):
+    net = Network(rendered)
+    pods = {
+        d["metadata"]["name"]: (_ns(d), _pod_labels(d)) for d, _, _ in _workloads(rendered)
+    }  # minio, postgres, mlflow, the two Jobs, fedmedclip (the inference service)
+    pipeline_task = (_pipeline_namespace(), {"pipelines.kubeflow.org/v2_component": "true"})
+    elsewhere = ("some-other-namespace", {"app": "curious"})
+    dns = ("kube-system", {"k8s-app": "kube-dns"})
+    minio, postgres, mlflow = pods["minio"], pods["postgres"], pods["mlflow"]
+    setup, users, inference = (
+        pods["fedmedclip-minio-setup"],
+        pods["fedmedclip-mlflow-users"],
+        pods["fedmedclip"],
+    )
+
+    allowed = [
+        (pipeline_task, minio, 9000), (pipeline_task, mlflow, 5000),
+        (mlflow, postgres, 5432), (mlflow, minio, 9000),
+        (setup, minio, 9000), (users, mlflow, 5000), (inference, mlflow, 5000),
+        (elsewhere, inference, 8080), (elsewhere, inference, 8081), (pipeline_task, inference, 8080),
+    ]  # fmt: skip
+    for src, dst, port in allowed:
+        assert net.reaches(src, dst, port), (src, dst, port)
+    for pod in pods.values():
+        assert net.reaches(pod, dns, 53, "UDP"), pod
+    denied = [
+        (pipeline_task, postgres, 5432), (pipeline_task, minio, 9001),
+        (elsewhere, minio, 9000), (elsewhere, mlflow, 5000), (elsewhere, postgres, 5432),
+        (inference, minio, 9000), (inference, postgres, 5432), (inference, elsewhere, 443),
+        (setup, mlflow, 5000), (setup, postgres, 5432), (users, postgres, 5432), (users, minio, 9000),
+        (mlflow, elsewhere, 443), (minio, elsewhere, 443), (postgres, minio, 9000),
+    ]  # fmt: skip
+    for src, dst, port in denied:
+        assert not net.reaches(src, dst, port), (src, dst, port)
+    # The default deny covers every pod of the namespace, both ways.
+    (deny,) = [p for p in net.policies if p["metadata"]["name"] == "default-deny"]
+    assert deny["spec"]["podSelector"] == {} and set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+# ------------------------------------------------------------------------ serving points at the platform
+
+
+def test_serving_configmap_points_at_the_installed_mlflow(index):
+    cm = index[("ConfigMap", PLATFORM_NS, "fedmedclip-serving")]["data"]
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+        url = urlparse(cm[key])
+        service, namespace = url.hostname.split(".")[:2]
+        assert url.hostname == f"{service}.{namespace}.svc.cluster.local", key
+        svc = index.get(("Service", namespace, service))
+        assert svc is not None, (
+            f"{key} points at {service}.{namespace}, which infra/training does not install"
+        )
+        assert url.port in {p["port"] for p in svc["spec"]["ports"]}, key
+
+
+# ------------------------------------------------------------------------------- MLflow authentication
+
+
+def test_mlflow_requires_authentication_and_every_client_has_a_user(index):
+    mlflow = index[("Deployment", PLATFORM_NS, "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(mlflow["command"] + mlflow["args"])
+    assert "mlflow server --app-name basic-auth" in script
+    assert "default_permission = READ" in script and "MLFLOW_AUTH_CONFIG_PATH" in script
+    env = {e["name"]: e for e in mlflow["env"]}
+    for name in (
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth", name
+    # The users Job creates the users whose credentials the inference service and the pipeline read.
+    job = index[("Job", PLATFORM_NS, "fedmedclip-mlflow-users")]["spec"]["template"]["spec"]["containers"][0]
+    job_secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"] if "valueFrom" in e}
+    assert {"mlflow-auth", "fedmedclip-mlflow", "fedmedclip-mlflow-pipeline"} <= job_secrets
+    (isvc,) = [d for (kind, _, _), d in index.items() if kind == "InferenceService"]
+    serving_env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        ref = serving_env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "fedmedclip-mlflow" and not ref.get("optional"), name
+    assert {"username", "password"} <= _keys(
+        index[("Secret", _pipeline_namespace(), "fedmedclip-mlflow-pipeline")]
+    )
+
+
+# --------------------------------------------------------------------- admission policy on site credentials
+
+
+def _cel():
+    return pytest.importorskip("cel", reason="needs a CEL evaluator: pip install common-expression-language")
+
+
+def _policy(index) -> tuple[dict, dict, dict]:
+    vap = index[("ValidatingAdmissionPolicy", "", "fedmedclip-site-credentials")]
+    binding = index[("ValidatingAdmissionPolicyBinding", "", "fedmedclip-site-credentials")]
+    params = index[("ConfigMap", _pipeline_namespace(), binding["spec"]["paramRef"]["name"])]
+    return vap, binding, params
+
+
+def admit(vap: dict, params: dict | None, pod: dict, user: str, operation: str = "CREATE") -> list[str]:
+    """The messages of the failed validations (empty: admitted), evaluating the policy's CEL like the API
+    server: variables in order, then each validation, with `object`, `params`, `request`."""
+    cel = _cel()
+    context = {
+        "object": pod,
+        "params": params,
+        "request": {"operation": operation, "userInfo": {"username": user}},
+    }
+    variables: dict = {}
+    for var in vap["spec"].get("variables", []):
+        variables[var["name"]] = cel.evaluate(var["expression"], {**context, "variables": variables})
+    failed = []
+    for rule in vap["spec"]["validations"]:
+        if cel.evaluate(rule["expression"], {**context, "variables": variables}) is not True:
+            if "messageExpression" in rule:
+                failed.append(cel.evaluate(rule["messageExpression"], {**context, "variables": variables}))
+            else:
+                failed.append(rule["message"])
+    return failed
+
+
+def _pipeline_pods() -> list[dict]:
+    """The pods a KFP backend creates for the compiled pipeline: one per executor, its secrets and config
+    maps as env (kfp-kubernetes secretAsEnv / configMapAsEnv), created by the workflow controller."""
+    from pipelines.pipeline import DEFAULT_YAML
+
+    platform = list(yaml.safe_load_all(DEFAULT_YAML.read_text()))[1]
+    pods = []
+    for name, executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        env = [
+            {
+                "name": e["envVar"],
+                "valueFrom": {"secretKeyRef": {"name": s["secretName"], "key": e["secretKey"]}},
+            }
+            for s in executor.get("secretAsEnv", [])
+            for e in s["keyToEnv"]
+        ] + [
+            {
+                "name": e["envVar"],
+                "valueFrom": {"configMapKeyRef": {"name": m["configMapName"], "key": e["configMapKey"]}},
+            }
+            for m in executor.get("configMapAsEnv", [])
+            for e in m["keyToEnv"]
+        ]
+        labels = {
+            "pipelines.kubeflow.org/v2_component": "true",
+            **(executor.get("podMetadata") or {}).get("labels", {}),
+        }
+        pods.append(
+            {
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "initContainers": [{"name": "kfp-launcher", "image": "kfp-launcher"}],
+                    "containers": [{"name": "main", "image": "fedmedclip-train", "env": env}],
+                },
+            }
+        )
+    return pods
+
+
+def _site_pod(*secrets: str, labels: dict | None = None, how: str = "env") -> dict:
+    if how == "volume":
+        return {
+            "metadata": {"name": "p", "labels": labels or {}},
+            "spec": {
+                "containers": [{"name": "c", "image": "i"}],
+                "volumes": [{"name": f"v{i}", "secret": {"secretName": s}} for i, s in enumerate(secrets)],
+            },
+        }
+    if how == "envFrom":
+        container = {"name": "c", "image": "i", "envFrom": [{"secretRef": {"name": s}} for s in secrets]}
+    else:
+        container = {
+            "name": "c",
+            "image": "i",
+            "env": [
+                {"name": f"E{i}", "valueFrom": {"secretKeyRef": {"name": s, "key": "AWS_SECRET_ACCESS_KEY"}}}
+                for i, s in enumerate(secrets)
+            ],
+        }
+    return {"metadata": {"name": "p", "labels": labels or {}}, "spec": {"containers": [container]}}
+
+
+def test_site_credentials_policy_admits_the_pipeline_and_refuses_the_rest(index):
+    cel = _cel()
+    vap, binding, params = _policy(index)
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"] and binding["spec"][
+        "validationActions"
+    ] == ["Deny"]
+    assert vap["spec"]["failurePolicy"] == "Fail"
+    assert binding["spec"]["paramRef"]["parameterNotFoundAction"] == "Allow"  # other namespaces: not checked
+    controller = params["data"]["podCreators"].split(",")[0]
+
+    # Every pod of the compiled pipeline is admitted, and some of them do read site credentials.
+    pods = _pipeline_pods()
+    assert any(site_secret_name(0) in json.dumps(p) for p in pods)
+    for pod in pods:
+        assert admit(vap, params, pod, controller) == [], pod["metadata"]["name"]
+
+    site0, site1, server = site_secret_name(0), site_secret_name(1), SERVER_SECRET_NAME
+    # Two parties' credentials in one pod, however they are read.
+    for how in ("env", "envFrom", "volume"):
+        assert admit(vap, params, _site_pod(site0, site1, how=how), controller), how
+        assert admit(vap, params, _site_pod(site0, server, how=how), controller), how
+    two_containers = _site_pod(site0)
+    two_containers["spec"]["initContainers"] = _site_pod(site1)["spec"]["containers"]
+    assert admit(vap, params, two_containers, controller)
+    # A pod labelled for a site reads only that site's Secret.
+    assert admit(vap, params, _site_pod(site0, labels={"fedmedclip.io/site": "0"}), controller) == []
+    assert admit(vap, params, _site_pod(site1, labels={"fedmedclip.io/site": "0"}), controller)
+    assert admit(vap, params, _site_pod(server, labels={"fedmedclip.io/site": "0"}), controller)
+    # Only the pipeline's pod creator: not a person, not another service account.
+    for user in ("alice@hospital-1.example", "system:serviceaccount:kubeflow:default-editor"):
+        assert admit(vap, params, _site_pod(site0), user), user
+        assert admit(vap, params, _site_pod("unrelated-secret"), user) == [], (
+            user
+        )  # other Secrets: not our business
+    # No debug container reading them.
+    debug = _site_pod("unrelated-secret")
+    debug["spec"]["ephemeralContainers"] = _site_pod(site0)["spec"]["containers"]
+    assert admit(vap, params, debug, "alice", operation="UPDATE")
+    # The names it guards are exactly the pipeline's (components/sites.py).
+    pattern = cel.evaluate(vap["spec"]["variables"][0]["expression"], {})
+    assert all(re.match(pattern, n) for n in (site0, "fedmedclip-site-hospital-a-s3", server))
+    assert not any(
+        re.match(pattern, n) for n in ("mlflow-s3", "fedmedclip-mlflow-pipeline", "fedmedclip-site--s3")
+    )
+
+
+# ------------------------------------------------------- the MLflow manifests' scripts, run for real
+
+
+@pytest.mark.slow
+def test_mlflow_basic_auth_scripts_run(index, tmp_path):
+    """The MLflow container's start script and the users Job's script from the manifests, run on this machine
+    (sqlite instead of Postgres, a folder instead of MinIO): anonymous requests are refused, the Job creates
+    the pipeline's and the inference service's users (twice: it is idempotent), and they can work."""
+    import os
+    import subprocess
+    import time
+
+    import requests
+    from conftest import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow = index[("Deployment", PLATFORM_NS, "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    script = (
+        mlflow["args"][0]
+        .replace("/tmp/", f"{tmp_path}/")
+        .replace("--host=0.0.0.0 --port=5000 --workers=2", f"--host=127.0.0.1 --port={port} --workers=1")
+    )
+    secrets = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-key"}  # fmt: skip
+    env = {
+        **os.environ,
+        **secrets,
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port}",
+        "HOME": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    log = tmp_path / "mlflow.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(["/bin/sh", "-ec", script], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        search = f"{url}/api/2.0/mlflow/experiments/search"
+        assert requests.post(search, json={"max_results": 1}, timeout=10).status_code == 401
+
+        job = index[("Job", PLATFORM_NS, "fedmedclip-mlflow-users")]["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        users = {"PIPELINE_USERNAME": "fedmedclip-pipeline", "PIPELINE_PASSWORD": "pipeline-password-1",
+                 "SERVING_USERNAME": "fedmedclip-serving", "SERVING_PASSWORD": "serving-password-1"}  # fmt: skip
+        job_env = {**env, "ADMIN_USERNAME": "admin", "ADMIN_PASSWORD": "admin-password-1", **users}
+        code = job["args"][0].replace("http://mlflow:5000", url)
+        for _ in range(2):
+            done = subprocess.run(
+                [sys.executable, "-c", code], env=job_env, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+        assert "password set again" in done.stdout
+
+        pipeline, serving = (
+            ("fedmedclip-pipeline", "pipeline-password-1"),
+            ("fedmedclip-serving", "serving-password-1"),
+        )
+        created = requests.post(
+            f"{url}/api/2.0/mlflow/experiments/create", json={"name": "fedmedclip"}, auth=pipeline, timeout=10
+        )
+        assert created.status_code == 200, created.text
+        experiment = created.json()["experiment_id"]
+        assert requests.post(search, json={"max_results": 5}, auth=serving, timeout=10).status_code == 200
+        # READ for every user: the inference service cannot change what the pipeline made.
+        deleted = requests.post(
+            f"{url}/api/2.0/mlflow/experiments/delete",
+            json={"experiment_id": experiment},
+            auth=serving,
+            timeout=10,
+        )
+        assert deleted.status_code == 403, deleted.text
+        assert (
+            requests.post(
+                search, json={"max_results": 1}, auth=("fedmedclip-serving", "wrong"), timeout=10
+            ).status_code
+            == 401
+        )
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

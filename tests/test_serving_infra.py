@@ -64,6 +64,8 @@ def test_container_args_are_a_valid_serve_command(isvc):
     assert args.model.startswith("models:/") and "@" in args.model  # registry + alias: the hash is verified
     assert args.device == "cuda"
     assert (args.http_port, args.grpc_port) == (8080, 8081)
+    # By hand the server listens on loopback only; in the pod it must listen on the pod's network.
+    assert parser.parse_args(["serve", "m.onnx"]).host == "127.0.0.1" and args.host == "0.0.0.0"
     assert args.cache_dir in {m["mountPath"] for m in container["volumeMounts"]}
 
     probes = {k: container[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}

@@ -1,0 +1,154 @@
+"""What identifies things across the layers, defined once: the canonical digest of JSON-like objects, the
+sha256 of a file and its sidecar, and the `fedmedclip.*` metadata keys (with the format version) of an
+exported ONNX model (docs/contracts.md, "Exported model").
+
+Standard library only (no torch, numpy, onnx): export, tracking, the server (whose image has no torch) and
+the test fixtures all import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+# ---- the canonical digest --------------------------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> bytes:
+    """`obj` as JSON with sorted keys and no whitespace: equal objects give equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def canonical_digest(obj: Any) -> str:
+    """sha256 (hex) of `canonical_json(obj)`: the digest of partitions, provenance, data sets and configs."""
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+# ---- file hashes and their sidecar -----------------------------------------------------------------------
+
+SHA256_SIDECAR_SUFFIX = ".sha256"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks (models are hundreds of MiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_sha256(value: str) -> bool:
+    """64 lowercase hex digits."""
+    return bool(_SHA256_HEX.match(value))
+
+
+def sha256_sidecar(path: str | Path) -> Path:
+    """`model.onnx` -> `model.onnx.sha256`, where `write_sha256_sidecar` records the file's hash."""
+    path = Path(path)
+    return path.with_name(path.name + SHA256_SIDECAR_SUFFIX)
+
+
+def write_sha256_sidecar(path: str | Path, digest: str | None = None) -> str:
+    """Write `<hex>  <file name>` (the `sha256sum` format, so `sha256sum -c model.onnx.sha256` checks it)
+    next to `path`; hashes the file unless `digest` is given. Returns the hash."""
+    path = Path(path)
+    digest = sha256_file(path) if digest is None else digest.lower()
+    if not is_sha256(digest):
+        raise ValueError(f"not a sha256: {digest!r}")
+    sidecar = sha256_sidecar(path)
+    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp.write_text(f"{digest}  {path.name}\n")
+    tmp.replace(sidecar)
+    return digest
+
+
+def read_sha256_sidecar(path: str | Path) -> str | None:
+    """The hash recorded in `path`'s sidecar, or None when it has none. A sidecar that is not one line
+    `<64 hex>` (optionally followed by the file name, as `sha256sum` writes it), or that names another
+    file, raises ValueError naming the sidecar."""
+    path = Path(path)
+    sidecar = sha256_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    lines = [line for line in sidecar.read_text(errors="replace").splitlines() if line.strip()]
+    fields = lines[0].split(maxsplit=1) if len(lines) == 1 else []
+    digest = fields[0].lower() if fields else ""
+    if not is_sha256(digest):
+        raise ValueError(
+            f"{sidecar} is not a sha256 sidecar: expected one line '<64 hex digits>  {path.name}'"
+        )
+    if len(fields) == 2:
+        named = fields[1].strip().lstrip("*")  # sha256sum marks binary mode with '*'
+        if Path(named).name != path.name:
+            raise ValueError(f"{sidecar} records the hash of {named!r}, not of {path.name!r}")
+    return digest
+
+
+# ---- metadata of an exported ONNX model ------------------------------------------------------------------
+
+FORMAT_VERSION = "1"  # of the exported model's interface and metadata; the server reads exactly this one
+
+META_CLASS_NAMES = "fedmedclip.class_names"  # JSON list of strings
+META_IMAGE_SIZE = "fedmedclip.image_size"  # S of the uint8 [N, S, S, 3] input
+META_PREPROCESSING = "fedmedclip.preprocessing"  # JSON of Preprocessing.describe()
+META_BACKBONE = "fedmedclip.backbone"
+META_BACKBONE_SHA256 = "fedmedclip.backbone_sha256"
+META_METHOD = "fedmedclip.method"
+META_SITE = "fedmedclip.site"
+META_RUN_ID = "fedmedclip.run_id"
+META_PRECISION = "fedmedclip.precision"  # fp32 | fp16
+META_FORMAT_VERSION = "fedmedclip.format_version"
+META_EXPORTER = "fedmedclip.exporter"  # informational: which torch.onnx exporter wrote the graph
+
+# Every key of the contract, in the order docs/contracts.md lists them (META_EXPORTER is not part of it).
+METADATA_KEYS = (
+    META_CLASS_NAMES,
+    META_IMAGE_SIZE,
+    META_PREPROCESSING,
+    META_BACKBONE,
+    META_BACKBONE_SHA256,
+    META_METHOD,
+    META_SITE,
+    META_RUN_ID,
+    META_PRECISION,
+    META_FORMAT_VERSION,
+)
+# What a server cannot classify without (the format version is checked on its own, with its own message).
+SERVING_METADATA_KEYS = (META_CLASS_NAMES, META_IMAGE_SIZE, META_PREPROCESSING)
+
+
+def onnx_metadata(
+    *,
+    class_names: list[str] | tuple[str, ...],
+    image_size: int,
+    preprocessing: dict,
+    backbone: str,
+    backbone_sha256: str,
+    method: str,
+    site: str,
+    run_id: str = "",
+    precision: str = "fp32",
+) -> dict[str, str]:
+    """The contract's metadata_props (all strings), every key of METADATA_KEYS."""
+    return {
+        META_CLASS_NAMES: json.dumps(list(class_names)),
+        META_IMAGE_SIZE: str(int(image_size)),
+        META_PREPROCESSING: json.dumps(preprocessing),
+        META_BACKBONE: str(backbone),
+        META_BACKBONE_SHA256: str(backbone_sha256),
+        META_METHOD: str(method),
+        META_SITE: str(site),
+        META_RUN_ID: str(run_id),
+        META_PRECISION: str(precision),
+        META_FORMAT_VERSION: FORMAT_VERSION,
+    }
