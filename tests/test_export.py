@@ -96,32 +96,39 @@ def _synthetic_images(cfg: TrainConfig, prep, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- torch classifier == engine
+def _report_of(clf, x, y) -> dict:
+    from fedmedclip.metrics import classification_report
+
+    with torch.no_grad():
+        return classification_report(clf.head(x).numpy(), y.numpy())
+
+
 @pytest.mark.parametrize("method", ["fedmedclip", "facmic"])
 def test_classifier_reproduces_engine_predictions(runs, method):
-    """On the cached features, ImageClassifier.head gives the engine's own probabilities, and its
+    """On the cached features, ImageClassifier.head gives the engine's own probabilities at the selected
+    round: every metric results.json recorded (accuracy, balanced accuracy, F1, both ECEs, which depend on
+    each probability) comes out identical, for the global model and for every site's own model; and its
     encoder gives the feature store's features for the same images."""
-    from fedmedclip.engine import Federation, prepare
+    from fedmedclip.engine import prepare, site_setups
     from fedmedclip.inference import load_classifier
+    from fedmedclip.preparation import SERVER, _rows
 
     run, cfg = runs[method]
+    results = json.loads((run / "results.json").read_text())
     prepared = prepare(cfg, progress=False)
-    fed = Federation(cfg, prepared)
-    fed.load_checkpoint(run / "checkpoint")
-    fed.restore(fed.best)  # the selected round: what write_model saved
-
+    gx, gy = _rows(prepared.stores[SERVER], prepared.partition.global_test)
     clf, _ = load_classifier(run, "global")
-    with torch.no_grad():
-        torch.testing.assert_close(clf.head(fed.gx), fed.method.global_probs(fed.global_module, fed.gx))
-    for k, (trainer, data) in enumerate(zip(fed.trainers, fed.datas, strict=True)):
+    assert _report_of(clf, gx, gy) == results["metrics"]["global"]
+    for k, setup in enumerate(site_setups(cfg, prepared, None)):
         clf, meta = load_classifier(run, k)
-        assert meta["site"] == data.name
-        with torch.no_grad():
-            torch.testing.assert_close(clf.head(data.test_x), trainer.probs(data.test_x))
+        assert meta["site"] == setup.name
+        got = _report_of(clf, setup.data.test_x, setup.data.test_y)
+        assert got == {k2: v for k2, v in results["metrics"]["sites"][k].items() if k2 != "site"}
 
     # End to end from pixels: the encoder path matches the stored features (batching differs: ~1e-6).
     from fedmedclip.data import load_image
 
-    store = prepared.stores["server"]
+    store = prepared.stores[SERVER]
     by_id = prepared.image_set.by_id()
     ids = store.image_ids[:6]
     images = np.stack([prepared.preprocessing.to_uint8(load_image(by_id[i].path)) for i in ids])
@@ -133,7 +140,7 @@ def test_classifier_reproduces_engine_predictions(runs, method):
 def test_local_only_sites_export_their_own_modules(tmp_path):
     """--federation local: FACMIC sites never aggregate, so each site's own attention is what its
     classifier must hold (the global file is only the untrained start); there is no global model."""
-    from fedmedclip.engine import Federation, prepare, train
+    from fedmedclip.engine import prepare, site_setups, train
     from fedmedclip.inference import load_classifier
 
     cfg = TrainConfig(
@@ -146,17 +153,16 @@ def test_local_only_sites_export_their_own_modules(tmp_path):
         cache_dir=str(tmp_path / "cache"),
         out=str(tmp_path / "run"),
     )
-    train(cfg, progress=False)
-    fed = Federation(cfg, prepare(cfg, progress=False))
-    fed.load_checkpoint(Path(cfg.out) / "checkpoint")
-    fed.restore(fed.best)
+    results = train(cfg, progress=False)
+    setups = site_setups(cfg, prepare(cfg, progress=False), None)
     heads = []
-    for k, (trainer, data) in enumerate(zip(fed.trainers, fed.datas, strict=True)):
+    for k, setup in enumerate(setups):
         clf, _ = load_classifier(cfg.out, k)
+        got = _report_of(clf, setup.data.test_x, setup.data.test_y)
+        assert got == {k2: v for k2, v in results["metrics"]["sites"][k].items() if k2 != "site"}
         with torch.no_grad():
-            torch.testing.assert_close(clf.head(data.test_x), trainer.probs(data.test_x))
-            heads.append(clf.head(data.test_x))
-    assert not torch.allclose(heads[0], load_classifier(cfg.out, 1)[0].head(fed.datas[0].test_x))
+            heads.append(clf.head(setups[0].data.test_x))
+    assert not torch.allclose(heads[0], heads[1])  # each site predicts with its own module
     with pytest.raises(ConfigError, match="no global model"):
         load_classifier(cfg.out, "global")
 

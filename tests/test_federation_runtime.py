@@ -4,7 +4,6 @@ against `fedmedclip train` (the in-process simulator) for the same seed."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -14,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import train
 
 ROUNDS = 6
+BUCKET = "fedmedclip-data"  # the local stack's data bucket: the roles' policies cover its mailbox keys
 SITES = ("site_0", "site_1", "site_2")
 FACMIC_OPTS = ["--method-opt", "local_steps=10"]
 
@@ -120,72 +119,41 @@ def cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3 server (moto) on a free loopback port, with a bucket for the mailbox."""
-    import boto3
-
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-    }
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id="test",
-        aws_secret_access_key="test-secret",
-        region_name="us-east-1",
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.create_bucket(Bucket="fed-mailbox")
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    try:
-        yield env, client
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        log.close()
-
-
 def s3_exists(client, key: str) -> bool:
     try:
-        client.head_object(Bucket="fed-mailbox", Key=key)
+        client.head_object(Bucket=BUCKET, Key=key)
         return True
     except Exception:
         return False
 
 
 @pytest.mark.slow
-def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, s3, tmp_path):
-    """SIGKILL a site mid-run and the server mid-run, restart both with the same arguments: the run completes
-    with the metrics, payloads and model files of an uninterrupted in-process run of the same seed."""
-    env, client = s3
-    env = _env(env)
+def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stack, tmp_path):
+    """On the local stack's IAM-enforcing S3, each party with its own role's key only (the sites keep their
+    private state in their own prefix): SIGKILL a site mid-run and the server mid-run, restart both with the
+    same arguments, and the run completes with the metrics, payloads and model files of an uninterrupted
+    in-process run of the same seed."""
+    client = mlops_stack.s3_client()
     expected = tmp_path / "train"
-    mailbox, run = "s3://fed-mailbox", "killed"
+    mailbox, run = f"s3://{BUCKET}", "killed"
     reference("fedmedclip", cache, expected, run_id=run)
     args = common_args(cache)
     server = Party(
-        ["server", "run", "--mailbox", mailbox, "--run-id", run, "--out", str(tmp_path / "server"), *args],
+        [
+            "server",
+            "run",
+            "--mailbox",
+            mailbox,
+            "--run-id",
+            run,
+            "--out",
+            str(tmp_path / "server"),
+            "--no-track",
+            *args,
+        ],
         tmp_path / "server.log",
-        env,
+        _env(mlops_stack.role_env("server")),
     )
-    states = {s: tmp_path / "state" / s for s in SITES}
     sites = {
         s: Party(
             [
@@ -200,12 +168,12 @@ def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, s3, tmp_pa
                 "--cache-dir",
                 str(cache),
                 "--state",
-                str(states[s]),
+                f"s3://{BUCKET}/sites/{k}/private/{run}",
             ],
             tmp_path / f"{s}.log",
-            env,
+            _env(mlops_stack.role_env(s)),
         )
-        for s in SITES
+        for k, s in enumerate(SITES)
     }
     wait_for(
         lambda: s3_exists(client, f"runs/{run}/rounds/0002/updates/site_1.bin"), "site_1's round-2 update"
@@ -219,6 +187,15 @@ def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, s3, tmp_pa
     for p in sites.values():
         assert p.wait() == 0, p.output()
     assert "resuming" in server.output() and "resuming" in sites["site_1"].output()
+    # The sites' private models went to their own prefixes, nowhere else.
+    states = {}
+    for k, s in enumerate(SITES):
+        states[s] = tmp_path / "site-models" / s
+        (states[s] / "model").mkdir(parents=True)
+        key = f"sites/{k}/private/{run}/model/site_{s}.safetensors"
+        (states[s] / "model" / f"site_{s}.safetensors").write_bytes(
+            client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        )
     assert_same_run(expected, tmp_path / "server", states)
 
 
@@ -266,64 +243,11 @@ def test_local_directory_mailbox_equals_the_simulator_for_facmic(cache, tmp_path
 
 
 @pytest.mark.slow
-def test_a_site_that_never_starts_is_absent_once_the_round_times_out(cache, tmp_path):
-    mailbox, env = str(tmp_path / "mailbox"), _env()
-    server = Party(
-        [
-            "server",
-            "run",
-            "--mailbox",
-            mailbox,
-            "--run-id",
-            "r",
-            "--out",
-            str(tmp_path / "server"),
-            *common_args(cache, rounds=3),
-            "--quorum",
-            "2",
-            "--round-timeout",
-            "2",
-            "--join-timeout",
-            "15",
-            "--stall-every",
-            "1",
-        ],
-        tmp_path / "server.log",
-        env,
-    )
-    sites = [
-        Party(
-            [
-                "site",
-                "run",
-                "--mailbox",
-                mailbox,
-                "--run-id",
-                "r",
-                "--site",
-                s,
-                "--cache-dir",
-                str(cache),
-                "--state",
-                str(tmp_path / s),
-            ],
-            tmp_path / f"{s}.log",
-            env,
-        )
-        for s in ("site_0", "site_1")
-    ]
-    assert server.wait() == 0, server.output()
-    assert all(p.wait() == 0 for p in sites)
-    results = json.loads((tmp_path / "server" / "results.json").read_text())
-    assert [h["sites_present"] for h in results["history"]] == [["site_0", "site_1"]] * 3
-    assert all(h["sites"][2]["acc"] is None and h["bytes_up"][2] is None for h in results["history"])
-    assert "waiting" in server.output() and "site_2 (never seen)" in server.output()
-
-
-@pytest.mark.slow
-def test_a_round_without_quorum_ends_the_run_and_keeps_what_was_written(cache, tmp_path):
-    mailbox, env = tmp_path / "mailbox", _env()
-    out = tmp_path / "server"
+def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
+    """Four expected sites, quorum 3. site_3 never starts: each round proceeds at its timeout without it,
+    and results.json records who was there. Then site_2 is killed for good: the next round has no quorum, the
+    run ends with a clear error naming the missing sites, and nothing already written is lost."""
+    mailbox, env, out = tmp_path / "mailbox", _env(), tmp_path / "server"
     server = Party(
         [
             "server",
@@ -334,9 +258,17 @@ def test_a_round_without_quorum_ends_the_run_and_keeps_what_was_written(cache, t
             "r",
             "--out",
             str(out),
-            *common_args(cache, rounds=4),
-            "--round-timeout",
+            *common_args(cache, rounds=8),
+            "--sites",
+            "4",
+            "--quorum",
             "3",
+            "--round-timeout",
+            "2",
+            "--join-timeout",
+            "20",
+            "--stall-every",
+            "1",
         ],
         tmp_path / "server.log",
         env,
@@ -362,18 +294,29 @@ def test_a_round_without_quorum_ends_the_run_and_keeps_what_was_written(cache, t
         )
         for s in SITES
     }
-    wait_for(lambda: (mailbox / "runs/r/rounds/0001/global.bin").exists(), "round 1")
-    sites["site_2"].kill()  # and never comes back
-    assert server.wait() == 2
+    wait_for(lambda: (mailbox / "runs/r/rounds/0002/global.bin").exists(), "round 2", timeout=180)
+    sites["site_2"].kill()  # and it never comes back
+    assert server.wait() == 2, server.output()
     text = server.output()
-    assert "error: round" in text and "quorum 3" in text and "site_2" in text
+    assert "site_3 (never seen)" in text
+    assert "error: round" in text and "(quorum 3)" in text and "site_2" in text and "site_3" in text
     status = json.loads((mailbox / "runs/r/status/server.json").read_text())
     assert status["state"] == "failed" and "site_2" in status["message"]
-    # Nothing already written is lost: the configuration, the partition, every finished round.
-    assert (out / "config.json").exists() and (out / "partition.json").exists()
-    assert (out / "rounds" / "global_round_001.bin").read_bytes() == (
-        mailbox / "runs/r/rounds/0001/global.bin"
-    ).read_bytes()
-    assert not (out / "results.json").exists()
     for s in ("site_0", "site_1"):  # the sites learn that the server ended the run
         assert sites[s].wait() == 2 and "the server ended run r" in sites[s].output()
+    # What was written stays: the configuration, the partition, every finished round (recorded in the
+    # server's checkpoint with the sites present), and no results.json pretending the run finished.
+    assert (out / "config.json").exists() and (out / "partition.json").exists()
+    done = sorted(p.name for p in (out / "rounds").iterdir())
+    assert len(done) >= 2
+    for name in done:
+        r = int(name.split("_")[-1].split(".")[0])
+        assert (out / "rounds" / name).read_bytes() == (
+            mailbox / f"runs/r/rounds/{r:04d}/global.bin"
+        ).read_bytes()
+    assert not (out / "results.json").exists()
+    from fedmedclip.federation.checkpoint import CheckpointStore
+    from fedmedclip.federation.storage import LocalDirStore
+
+    _, body, _ = CheckpointStore(LocalDirStore(mailbox / "runs/r/server/ckpt"), "server").load()
+    assert [h["sites_present"] for h in body["history"]][:2] == [["site_0", "site_1", "site_2"]] * 2

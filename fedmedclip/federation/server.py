@@ -156,6 +156,7 @@ class FederationServer:
         # Not checkpointed: what arrived in the current round.
         self._updates: dict[str, dict] = {}
         self._rejected: dict[str, str] = {}
+        self._quorum_at: float | None = None
         self._round_started = time.monotonic()
         self._last_stall_line = time.monotonic()
         self.results: dict | None = None
@@ -366,11 +367,21 @@ class FederationServer:
             except UpdateRejected as exc:
                 self._reject(site, str(exc))
         waiting = self._waiting_for()
-        elapsed = time.monotonic() - self._round_started
-        timeout = self.opt.join_timeout if r == 1 else self.opt.round_timeout
-        if waiting and elapsed < timeout:
-            self._stall_line(waiting, elapsed)
-            return progressed
+        now = time.monotonic()
+        elapsed = now - self._round_started
+        if waiting:
+            if len(self._updates) >= self.quorum:
+                # With a quorum, stragglers get the round timeout; in round 1 counted from when the quorum
+                # was reached, since the sites start at different times and first encode their images.
+                if self._quorum_at is None:
+                    self._quorum_at = now
+                start = self._quorum_at if r == 1 else self._round_started
+                if now - start < self.opt.round_timeout:
+                    self._stall_line(waiting, elapsed)
+                    return progressed
+            elif elapsed < (self.opt.join_timeout if r == 1 else self.opt.round_timeout):
+                self._stall_line(waiting, elapsed)
+                return progressed
         self._norm_outliers()
         if len(self._updates) < self.quorum:
             self._fail_quorum(waiting, elapsed)
@@ -439,7 +450,7 @@ class FederationServer:
         self.phase = "reports"
         self._save()
         self._write_global(r, self.payload)
-        self._updates, self._rejected = {}, {}
+        self._updates, self._rejected, self._quorum_at = {}, {}, None
         self._reports_started = time.monotonic()
         self._status("waiting_reports")
 
