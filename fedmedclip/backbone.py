@@ -150,9 +150,41 @@ class Backbone:
         return out.pooler_output.float()
 
 
-def load_backbone(spec: str, seed: int = 0) -> Backbone:
-    """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files), a local directory, or a
-    Hugging Face model id already in the local cache. Never touches the network."""
+BACKBONE_ENTRY_POINTS = "fedmedclip.backbones"
+
+
+def is_remote_spec(spec: str) -> bool:
+    """A backbone published to object storage or a model registry (`s3://...`, `models:/...`)."""
+    return "://" in spec or spec.startswith("models:/")
+
+
+def resolve_remote(spec: str, cache_dir: str | Path) -> str:
+    """The local directory of a published backbone, downloaded once into `cache_dir` and checked against its
+    recorded weights hash by the MLOps layer (entry-point group `fedmedclip.backbones`, name `resolve`)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=BACKBONE_ENTRY_POINTS):
+        if ep.name == "resolve":
+            try:
+                resolve = ep.load()
+            except ImportError as exc:
+                raise BackboneNotFound(
+                    f"backbone {spec!r} is published remotely: reading it needs the MLOps layer's packages "
+                    f"({exc}); install the project with its `pipelines` extra"
+                ) from None
+            return resolve(spec, cache_dir)
+    raise BackboneNotFound(f"backbone {spec!r}: no resolver for remote backbones is installed")
+
+
+def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path = ".cache/fedmedclip") -> Backbone:
+    """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files), a local directory, a Hugging
+    Face model id already in the local cache, or a backbone published with `fedmedclip backbone push`
+    (`s3://...`, `models:/...`: downloaded into `cache_dir` and hash-checked; its name stays the spec, so
+    every pod that loads it gives the same identity). Never touches a model hub."""
+    if is_remote_spec(spec):
+        backbone = load_backbone(resolve_remote(spec, cache_dir), seed)
+        backbone.name = spec
+        return backbone
     if spec in _RANDOM_SHAPES:
         model, tokenizer = random_clip(spec, seed)
         name = spec if seed == 0 else f"{spec}@seed{seed}"

@@ -172,7 +172,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, holders: list[str] | None =
     partition = partition_for(cfg, image_set)
     if is_remote(cfg.data):  # the holders' prefixes hold the images of the partition they were published for
         remote_source(cfg.data).check_partition(cfg, partition)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
     prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
     t0 = time.perf_counter()
     stores, pixels = {}, {}

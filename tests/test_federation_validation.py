@@ -23,6 +23,7 @@ from fedmedclip.federation.storage import LocalDirStore
 
 SYNTH = {"per_class_per_site": 16, "test_per_class": 6, "size": 32}
 RUN = "hostile"
+SITES_ALL = ["site_0", "site_1", "site_2"]
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +233,55 @@ def test_a_run_with_a_hostile_site_completes_without_it(prepared, tmp_path, capl
     for k in got:
         expected = ((ups[0][k].double() + ups[1][k].double()) / 2).float()
         torch.testing.assert_close(got[k], expected.half().float(), atol=2e-3, rtol=2e-3)
+
+
+def test_an_update_the_server_did_not_use_goes_back_into_the_sites_error_feedback(prepared, tmp_path):
+    """With the 4-bit difference codec, site_2's round-2 update never reaches the server (lost): the round
+    times out and aggregates the two others. site_2's error-feedback memory then takes back what that update
+    carried, so it travels in a later round instead of being lost."""
+    cfg, p = prepared
+    cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 3, "codec_up": "delta-ef-q4-zlib"})
+    method = engine.method_for(cfg, p)
+    store = LocalDirStore(tmp_path / "mailbox")
+    mailbox = Mailbox(store, RUN)
+    server = FederationServer(
+        mailbox,
+        engine.server_setup(cfg, p, method),
+        store.sub("server-state"),
+        tmp_path / "out",
+        ServerOptions(quorum=2, round_timeout=0.2),
+        verbose=False,
+    )
+    server.start()
+    sites = [
+        SiteWorker(mailbox, server.manifest, s, store.sub(f"state-{s.name}"), verbose=False)
+        for s in engine.site_setups(cfg, p, method)
+    ]
+    lost = sites[2]
+    before = None
+    while not server.finished:
+        for s in sites:
+            if s is lost and s.trained == 2 and s.reported < 2:
+                if before is None:  # its round-2 update was uploaded: lose it, remember the memory
+                    store.delete(mailbox.update_key(2, "site_2"))
+                    before = {k: v.clone() for k, v in s.memory.items()}
+                    sent_payload, ref = s.pending, decode(store.get(mailbox.global_key(1))).state
+                if not store.exists(mailbox.global_key(2)):
+                    continue  # it waits for the server, which waits for the round timeout
+            s.poll()
+        server.poll()
+    history = json.loads((tmp_path / "out" / "results.json").read_text())["history"]
+    assert history[1]["sites_present"] == ["site_0", "site_1"] and history[2]["sites_present"] == SITES_ALL
+    sent = decode(sent_payload, reference=ref).state
+    carried = {k: (sent[k] - ref[k]) for k in before}
+    assert any(float(v.abs().max()) > 0 for v in carried.values())
+    total_sent_later = decode(
+        store.get(mailbox.update_key(3, "site_2")), reference=decode(store.get(mailbox.global_key(2))).state
+    ).state
+    # Round 3's difference is much larger than a normal round's: it carries the lost round too.
+    normal = decode(
+        store.get(mailbox.update_key(3, "site_0")), reference=decode(store.get(mailbox.global_key(2))).state
+    ).state
+    g2 = decode(store.get(mailbox.global_key(2))).state
+    norm = lambda st: sum(float(((st[k] - g2[k]) ** 2).sum()) for k in carried) ** 0.5  # noqa: E731
+    assert norm(total_sent_later) > 1.3 * norm(normal)

@@ -138,7 +138,7 @@ def prepare_site(
             f"site {site!r} is not part of run {manifest['run_id']}: its sites are {', '.join(names)}"
         )
     index = names.index(site)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
     prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
     mismatch = []
     if backbone.identity().get("weights_sha256") != manifest["backbone"].get("weights_sha256"):

@@ -165,6 +165,9 @@ class SiteWorker:
         if g is None:
             return False
         received, meta = self._receive(g)
+        if g == self.trained and g >= 1 and self.name not in meta.get("sites_present", [self.name]):
+            self._say(f"round {g}: the server aggregated without this site's update")
+            self._keep_unused_update(g)
         self.trainer.load_shared(received)
         if g >= 1 and g > self.reported:
             report = {"format": 1, "run_id": self.mb.run_id, "round": g, "site": self.name}
@@ -176,8 +179,6 @@ class SiteWorker:
             self.reported = g
         best = meta.get("best_round")
         self.candidates = {r: t for r, t in self.candidates.items() if r in (best, g)}
-        if self.name not in meta.get("sites_present", [self.name]) and g >= 1:
-            self._say(f"round {g}: the server aggregated without this site's update")
         if g >= self.rounds:
             self.final_round = g
             self._checkpoint()
@@ -185,6 +186,16 @@ class SiteWorker:
             return True
         self._train(g + 1, received)
         return True
+
+    def _keep_unused_update(self, g: int) -> None:
+        """With error feedback, the memory assumed the update of round g would arrive. It did not (rejected,
+        or too late): add what it carried back to the memory, so that it is sent in a later round instead of
+        being lost."""
+        if self.memory is None or self.pending is None:
+            return
+        ref, _ = self._receive(g - 1)
+        sent = decode(self.pending, reference=ref, template=self.template).state
+        self.memory = {k: m + (sent[k] - ref[k]) for k, m in self.memory.items()}
 
     def _train(self, r: int, received: dict) -> None:
         self._status("training", r)
