@@ -59,6 +59,7 @@ SITE_CATALOG = "sites/{k}/catalog.json"
 SITE_PRIVATE = "sites/{k}/private/*"
 SITE_SUMMARY = "summaries/sites/{k}.json"
 SERVER_DATA = "server/*"
+BACKBONES = "backbones/*"  # published CLIP weights (`fedmedclip backbone push`): every party's pods load them
 
 READ_ACTIONS = ("s3:GetObject",)
 WRITE_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload")
@@ -141,7 +142,7 @@ def access(role: Role, site_count: int) -> Access:
         own = {"site": role.name, "k": role.site_index}
         mine = tuple(p.format(**own) for p in (UPDATE, REPORT, STATUS, SITE_DATA, SITE_SUMMARY))
         return Access(
-            read=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, *mine),
+            read=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, BACKBONES, *mine),
             write=mine,
             delete=(SITE_PRIVATE.format(**own),),
         )
@@ -158,6 +159,7 @@ def access(role: Role, site_count: int) -> Access:
                 SERVER_STATE,
                 SERVER_DATA,
                 SITE_SUMMARY.format(**everyone),
+                BACKBONES,
             ),
             write=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, SERVER_STATE),
             delete=(SERVER_STATE,),
@@ -168,7 +170,7 @@ def access(role: Role, site_count: int) -> Access:
         per_site = tuple(
             p.format(k=k) for k in range(site_count) for p in (SITE_IMAGES, SITE_CATALOG, SITE_SUMMARY)
         )
-        keys = (SERVER_DATA, *per_site)
+        keys = (SERVER_DATA, BACKBONES, *per_site)
         return Access(read=keys, write=keys, list_bucket=True)
     return Access()
 

@@ -271,7 +271,9 @@ def _cmd_export(args) -> int:
         backbone=args.backbone,
         exporter=args.exporter,
     )
-    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    from .digests import read_sha256_sidecar
+
+    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB) sha256 {read_sha256_sidecar(path)}")
     return 0
 
 

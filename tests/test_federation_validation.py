@@ -285,3 +285,40 @@ def test_an_update_the_server_did_not_use_goes_back_into_the_sites_error_feedbac
     g2 = decode(store.get(mailbox.global_key(2))).state
     norm = lambda st: sum(float(((st[k] - g2[k]) ** 2).sum()) for k in carried) ** 0.5  # noqa: E731
     assert norm(total_sent_later) > 1.3 * norm(normal)
+
+
+def test_a_site_that_joins_late_takes_the_current_global_module(prepared, tmp_path):
+    """site_2 starts only after round 2: rounds 1-2 go on without it (quorum 2), then it takes the current
+    global module (round 2's), trains round 3 from it and is part of rounds 3 and 4."""
+    cfg, p = prepared
+    cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 4})
+    method = engine.method_for(cfg, p)
+    store = LocalDirStore(tmp_path / "mailbox")
+    mailbox = Mailbox(store, RUN)
+    server = FederationServer(
+        mailbox,
+        engine.server_setup(cfg, p, method),
+        store.sub("server-state"),
+        tmp_path / "out",
+        ServerOptions(quorum=2, round_timeout=0.2),
+        verbose=False,
+    )
+    server.start()
+    setups = engine.site_setups(cfg, p, method)
+    sites = [
+        SiteWorker(mailbox, server.manifest, s, store.sub(f"state-{s.name}"), verbose=False)
+        for s in setups[:2]
+    ]
+    late = None
+    while not server.finished:
+        if late is None and store.exists(mailbox.global_key(2)):
+            late = SiteWorker(mailbox, server.manifest, setups[2], store.sub("state-site_2"), verbose=False)
+            sites.append(late)
+        for s in sites:
+            s.poll()
+        server.poll()
+    history = json.loads((tmp_path / "out" / "results.json").read_text())["history"]
+    assert [h["sites_present"] for h in history] == [["site_0", "site_1"]] * 2 + [SITES_ALL] * 2
+    # Its first update was trained from round 2's module: the update of round 3, not round 1.
+    assert not store.exists(mailbox.update_key(1, "site_2")) and store.exists(mailbox.update_key(3, "site_2"))
+    assert history[2]["sites"][2]["acc"] is not None
