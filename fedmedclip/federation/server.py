@@ -451,7 +451,9 @@ class FederationServer:
         self._save()
         self._write_global(r, self.payload)
         self._updates, self._rejected, self._quorum_at = {}, {}, None
-        self._reports_started = time.monotonic()
+        # The next round starts now: the sites train from this module as soon as they see it (a round's
+        # seconds and its timeout run from its global module going out to the next one going out).
+        self._round_started = self._reports_started = time.monotonic()
         self._status("waiting_reports")
 
     def _poll_reports(self) -> bool:
@@ -516,7 +518,6 @@ class FederationServer:
             return
         self.phase, self.round = "updates", r + 1
         self._save()
-        self._round_started = time.monotonic()
         self._status("waiting_updates")
 
     def _round_line(self, rec: dict) -> None:
