@@ -85,6 +85,19 @@ class S3Store(ObjectStore):
         except Exception as exc:
             raise self._error(exc, "read", key) from None
 
+    def exists(self, key):
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") in _MISSING:
+                return False
+            raise self._error(exc, "check", key) from None
+        except Exception as exc:
+            raise self._error(exc, "check", key) from None
+
     def delete(self, key):
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -454,7 +454,6 @@ class FederationServer:
         # The next round starts now: the sites train from this module as soon as they see it (a round's
         # seconds and its timeout run from its global module going out to the next one going out).
         self._round_started = self._reports_started = time.monotonic()
-        self._status("waiting_reports")
 
     def _poll_reports(self) -> bool:
         r, progressed = self.round, False
@@ -516,8 +515,9 @@ class FederationServer:
         if r >= self.rounds:
             self._finish()
             return
+        # No checkpoint here: a restart in the reports phase reads the same reports again and closes the same
+        # record (the next round's updates stay in the mailbox).
         self.phase, self.round = "updates", r + 1
-        self._save()
         self._status("waiting_updates")
 
     def _round_line(self, rec: dict) -> None:

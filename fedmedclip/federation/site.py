@@ -26,6 +26,8 @@ from .storage import ObjectStore
 
 log = logging.getLogger("fedmedclip.site")
 
+SERVER_STATUS_EVERY = 2.0  # seconds between reads of the server's status while waiting
+
 
 class SiteFailure(FedMedClipError):
     """This site cannot go on (its own training diverged, or the server ended the run)."""
@@ -77,6 +79,8 @@ class SiteWorker:
         self.last_report: dict | None = None  # the metrics of round `reported`, likewise
         self.finished = False
         self.final_round: int | None = None
+        self._resent = False  # whether what a restart may have lost was sent again
+        self._server_checked = 0.0
         self._restore()
 
     # ------------------------------------------------------------------ state
@@ -124,9 +128,12 @@ class SiteWorker:
         The server publishes rounds in order, so when round `floor` is not there, no later one is."""
         floor = max(self.trained, self.reported)
         if not self.mb.store.exists(self.mb.global_key(floor)):
-            server = self.mb.status(SERVER) or {}
-            if server.get("state") == "failed":
-                raise SiteFailure(f"the server ended run {self.mb.run_id}: {server.get('message', '')}")
+            # The server's status says whether it ended the run; read every few seconds, not every poll.
+            if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
+                self._server_checked = time.monotonic()
+                server = self.mb.status(SERVER) or {}
+                if server.get("state") == "failed":
+                    raise SiteFailure(f"the server ended run {self.mb.run_id}: {server.get('message', '')}")
             return None
         g = floor
         while g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
@@ -154,13 +161,17 @@ class SiteWorker:
             return False
         if self.final_round is not None:
             return self._finish_if_done()
-        # After a restart, what this site already sent goes out again if the mailbox lost it (same bytes).
-        if self.pending is not None and not self.mb.store.exists(self.mb.update_key(self.trained, self.name)):
-            self.mb.store.put(self.mb.update_key(self.trained, self.name), self.pending)
-        if self.last_report is not None and not self.mb.store.exists(
-            self.mb.report_key(self.reported, self.name)
-        ):
-            self.mb.put_json(self.mb.report_key(self.reported, self.name), self.last_report)
+        if not self._resent:
+            # After a restart, what this site already sent goes out again if the mailbox lost it (same bytes).
+            self._resent = True
+            if self.pending is not None and not self.mb.store.exists(
+                self.mb.update_key(self.trained, self.name)
+            ):
+                self.mb.store.put(self.mb.update_key(self.trained, self.name), self.pending)
+            if self.last_report is not None and not self.mb.store.exists(
+                self.mb.report_key(self.reported, self.name)
+            ):
+                self.mb.put_json(self.mb.report_key(self.reported, self.name), self.last_report)
         g = self._newest_global()
         if g is None:
             return False
@@ -198,7 +209,6 @@ class SiteWorker:
         self.memory = {k: m + (sent[k] - ref[k]) for k, m in self.memory.items()}
 
     def _train(self, r: int, received: dict) -> None:
-        self._status("training", r)
         t0 = time.perf_counter()
         stats = self.trainer.train_round(r)
         update = self.trainer.shared_update()
