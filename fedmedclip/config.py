@@ -79,13 +79,18 @@ class TrainConfig:
             raise ConfigError(f"--sites must be at least 1, got {self.sites}")
         if self.batch_size < 2:
             raise ConfigError(f"--batch-size must be at least 2 (BatchNorm), got {self.batch_size}")
-        for flag, name, direction in (("--codec-up", self.codec_up, "up"), ("--codec-down", self.codec_down, "down")):
+        for flag, name, direction in (
+            ("--codec-up", self.codec_up, "up"),
+            ("--codec-down", self.codec_down, "down"),
+        ):
             if name not in CODECS:
                 raise ConfigError(f"unknown codec {name!r} for {flag}; choose one of {', '.join(CODECS)}")
             try:
                 get_codec(name, direction)
             except CodecError as exc:  # a difference codec cannot travel down: a late site has no reference
-                raise ConfigError(f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)") from None
+                raise ConfigError(
+                    f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)"
+                ) from None
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         # Unknown method options fail here, before any data is read or any pod starts.

@@ -29,16 +29,13 @@ from .federation.mailbox import SERVER as SERVER_PARTY
 from .federation.mailbox import Mailbox
 from .federation.records import (
     atomic_write_json,
-    build_results,
     evaluate_global,
     evaluate_site,
     is_better,
     round_record,
-    write_model_dir,
-    write_results,
 )
 from .federation.runner import method_for, server_setup
-from .federation.server import FederationServer, ServerOptions, model_meta
+from .federation.server import FederationServer, ServerOptions, write_run
 from .federation.site import SiteSetup, SiteWorker, model_part
 from .federation.storage import LocalDirStore, MemoryStore
 from .methods import METHODS, SiteTrainer
@@ -255,35 +252,21 @@ class ReferenceRun:
         for t, s in zip(self.units, self.best["units"], strict=True):
             t.load_state_dict(s)
         self.global_module.load_state_dict(self.best["global"], strict=False)
-        setup, cfg = self.setup, self.cfg
-        provenance = {h: s.provenance for h, s in self.p.stores.items()}
-        results = build_results(
-            cfg=cfg,
-            partition=self.p.partition,
-            backbone=setup.backbone,
-            preprocessing=setup.preprocessing,
-            method_options=self.method.opt,
-            history=self.history,
-            reports=self.reports,
-            best_round=self.best_round,
-            timing={"feature_seconds": self.p.feature_seconds},
-            features={h: p["digest"] for h, p in provenance.items()},
-        )
-        selected = results["metrics"]["best_round"]
-        atomic_write_json(out / "provenance.json", provenance, indent=1)
         site_tensors = {
             n: model_part(t, own_shared=self.mode == "local")
             for n, t in zip(self.site_names, self.trainers, strict=True)
         }
-        write_model_dir(
-            out / "model",
+        provenance = {h: s.provenance for h, s in self.p.stores.items()}
+        results = write_run(
+            out,
+            self.setup,
+            self.method,
+            self.history,
+            self.reports,
+            self.best_round,
+            provenance,
             self.best["global"],
-            setup.text_features,
-            model_meta(cfg, self.method, setup, selected),
             site_tensors,
-        )
-        write_results(
-            out, results, f"{cfg.method} ({cfg.federation}) · {cfg.partition} · {len(self.site_names)} sites"
         )
         return results
 

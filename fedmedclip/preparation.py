@@ -39,7 +39,9 @@ def load_image_set(cfg: TrainConfig) -> ImageSet:
     if is_remote(cfg.data):
         image_set = remote_source(cfg.data).published(cfg)
     else:
-        image_set = open_source(_local_source(cfg), classes=cfg.classes, allow_outside_root=cfg.allow_outside_root)
+        image_set = open_source(
+            _local_source(cfg), classes=cfg.classes, allow_outside_root=cfg.allow_outside_root
+        )
     if cfg.classes is None:  # an inferred class list: a label typo must not become a class of its own
         check_class_support(image_set, cfg.min_class_images)
     return image_set

@@ -33,7 +33,11 @@ def prepared(tmp_path_factory):
     return cfg, engine.prepare(cfg, progress=False)
 
 
-def _parties(cfg, p, tmp_path, quorum: int, norm_factor: float = 10.0):
+def _parties(
+    cfg, p, tmp_path, quorum: int, norm_factor: float = 10.0, round_timeout: float = 30, workers: int = 3
+):
+    """The server (started) and the first `workers` site workers over a local-directory mailbox; also the
+    store and every site's setup (a test may start a worker later)."""
     method = engine.method_for(cfg, p)
     store = LocalDirStore(tmp_path / "mailbox")
     mailbox = Mailbox(store, RUN)
@@ -42,15 +46,17 @@ def _parties(cfg, p, tmp_path, quorum: int, norm_factor: float = 10.0):
         engine.server_setup(cfg, p, method),
         store.sub("server-state"),
         tmp_path / "out",
-        ServerOptions(quorum=quorum, round_timeout=30, norm_factor=norm_factor),
+        ServerOptions(quorum=quorum, round_timeout=round_timeout, norm_factor=norm_factor),
         verbose=False,
     )
     server.start()
-    sites = [
-        SiteWorker(mailbox, server.manifest, s, store.sub(f"state-{s.name}"), verbose=False)
-        for s in engine.site_setups(cfg, p, method)
-    ]
-    return server, sites, mailbox
+    setups = engine.site_setups(cfg, p, method)
+    sites = [worker(server, mailbox, store, s) for s in setups[:workers]]
+    return server, sites, mailbox, store, setups
+
+
+def worker(server, mailbox, store, setup) -> SiteWorker:
+    return SiteWorker(mailbox, server.manifest, setup, store.sub(f"state-{setup.name}"), verbose=False)
 
 
 def _honest(server, site: str, scale: float = 1e-3, seed: int = 0) -> dict:
@@ -150,7 +156,7 @@ REASONS = {
 @pytest.mark.parametrize("kind", list(REASONS))
 def test_each_bad_update_is_rejected_with_the_reason(kind, prepared, tmp_path):
     cfg, p = prepared
-    server, _, _ = _parties(cfg, p, tmp_path, quorum=2)
+    server, *_ = _parties(cfg, p, tmp_path, quorum=2)
     with pytest.raises(UpdateRejected, match=REASONS[kind]) as err:
         server._validate("site_2", bad_update(kind, server, "site_2"))
     detail = {"nan": "NaN", "inf": "Inf", "missing": "missing", "extra": "extra", "bomb": "inflate"}
@@ -163,7 +169,7 @@ def test_each_bad_update_is_rejected_with_the_reason(kind, prepared, tmp_path):
 
 def test_an_update_far_outside_the_others_is_rejected(prepared, tmp_path):
     cfg, p = prepared
-    server, _, _ = _parties(cfg, p, tmp_path, quorum=2)
+    server, *_ = _parties(cfg, p, tmp_path, quorum=2)
     for k, site in enumerate(("site_0", "site_1")):
         server._updates[site] = server._validate(
             site, encode(_honest(server, site, seed=k), "fp32-zlib", meta=_meta(server, site)).payload
@@ -182,7 +188,7 @@ def test_a_run_with_a_hostile_site_completes_without_it(prepared, tmp_path, capl
     cfg, p = prepared
     kinds = [*REASONS, "far"]
     cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": len(kinds)})
-    server, sites, mailbox = _parties(cfg, p, tmp_path, quorum=2)
+    server, sites, mailbox, *_ = _parties(cfg, p, tmp_path, quorum=2)
     honest = [s for s in sites if s.name != "site_2"]
     sent: dict[int, str] = {}
     while not server.finished:
@@ -241,22 +247,7 @@ def test_an_update_the_server_did_not_use_goes_back_into_the_sites_error_feedbac
     carried, so it travels in a later round instead of being lost."""
     cfg, p = prepared
     cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 3, "codec_up": "delta-ef-q4-zlib"})
-    method = engine.method_for(cfg, p)
-    store = LocalDirStore(tmp_path / "mailbox")
-    mailbox = Mailbox(store, RUN)
-    server = FederationServer(
-        mailbox,
-        engine.server_setup(cfg, p, method),
-        store.sub("server-state"),
-        tmp_path / "out",
-        ServerOptions(quorum=2, round_timeout=0.2),
-        verbose=False,
-    )
-    server.start()
-    sites = [
-        SiteWorker(mailbox, server.manifest, s, store.sub(f"state-{s.name}"), verbose=False)
-        for s in engine.site_setups(cfg, p, method)
-    ]
+    server, sites, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, round_timeout=0.2)
     lost = sites[2]
     before = None
     while not server.finished:
@@ -292,27 +283,11 @@ def test_a_site_that_joins_late_takes_the_current_global_module(prepared, tmp_pa
     global module (round 2's), trains round 3 from it and is part of rounds 3 and 4."""
     cfg, p = prepared
     cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 4})
-    method = engine.method_for(cfg, p)
-    store = LocalDirStore(tmp_path / "mailbox")
-    mailbox = Mailbox(store, RUN)
-    server = FederationServer(
-        mailbox,
-        engine.server_setup(cfg, p, method),
-        store.sub("server-state"),
-        tmp_path / "out",
-        ServerOptions(quorum=2, round_timeout=0.2),
-        verbose=False,
-    )
-    server.start()
-    setups = engine.site_setups(cfg, p, method)
-    sites = [
-        SiteWorker(mailbox, server.manifest, s, store.sub(f"state-{s.name}"), verbose=False)
-        for s in setups[:2]
-    ]
+    server, sites, mailbox, store, setups = _parties(cfg, p, tmp_path, quorum=2, round_timeout=0.2, workers=2)
     late = None
     while not server.finished:
         if late is None and store.exists(mailbox.global_key(2)):
-            late = SiteWorker(mailbox, server.manifest, setups[2], store.sub("state-site_2"), verbose=False)
+            late = worker(server, mailbox, store, setups[2])
             sites.append(late)
         for s in sites:
             s.poll()

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..metrics import classification_report, reliability_bins
+from .storage import atomic_write_bytes
 
 SELECTION_BEST_VAL = "best client-mean validation accuracy"
 SELECTION_LAST = "last round (no site has a validation split)"
@@ -26,20 +25,6 @@ SUMMARY_KEYS = ("acc", "bacc", "f1", "ece", "ece_reference")
 
 
 # ---------------------------------------------------------------- files
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a final file so that a reader (or a crash) never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=indent, allow_nan=False).encode())
 

@@ -532,34 +532,22 @@ class FederationServer:
 
     # ------------------------------------------------------------------ the end
     def _finish(self) -> None:
-        setup, cfg = self.setup, self.cfg
+        setup = self.setup
         if self.best_round is None:
             self._say("no site has a validation split: the last round is selected (results.json says so)")
             self.best_received = {k: v.clone() for k, v in self.received.items()}
-        provenance = {**self.site_provenance, SERVER: setup.provenance}
-        results = build_results(
-            cfg=cfg,
-            partition=setup.partition,
-            backbone=setup.backbone,
-            preprocessing=setup.preprocessing,
-            method_options=self.method.opt,
-            history=self.history,
-            reports=self.reports,
-            best_round=self.best_round,
-            timing={"total_seconds": None, "feature_seconds": setup.feature_seconds},
-            features={h: p.get("digest") for h, p in provenance.items()},
+        results = write_run(
+            self.out,
+            setup,
+            self.method,
+            self.history,
+            self.reports,
+            self.best_round,
+            {**self.site_provenance, SERVER: setup.provenance},
+            self.best_received,
             extra={"run_id": self.mb.run_id, **setup.extra_results},
         )
         selected = results["metrics"]["best_round"]
-        atomic_write_json(self.out / "provenance.json", provenance, indent=1)
-        write_model_dir(
-            self.out / "model",
-            self.best_received,
-            setup.text_features,
-            model_meta(cfg, self.method, setup, selected),
-        )
-        title = f"{cfg.method} ({cfg.federation}) · {cfg.partition} · {len(self.sites)} sites"
-        write_results(self.out, results, title)
         self.results, self.phase, self.finished = results, "done", True
         self._save()
         self._status("done", f"selected round {selected}", best_round=selected)
@@ -587,6 +575,51 @@ def aggregate_updates(method: Method, previous: dict, states: list[dict], sample
     present."""
     weights = aggregation_weights(method.aggregation_counts(sample_counts), method.weighting)
     return method.aggregate(previous, states, weights)
+
+
+def write_run(
+    out: Path,
+    setup: ServerSetup,
+    method: Method,
+    history: list[dict],
+    reports: dict[int, dict],
+    best_round: int | None,
+    provenance: dict,
+    received_global: dict[str, torch.Tensor],
+    site_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """The end of every run, whatever ran it: results.json, the plots, provenance.json and model/ (the
+    selected round's global module as the sites received it, and the given sites' own parts)."""
+    cfg = setup.cfg
+    results = build_results(
+        cfg=cfg,
+        partition=setup.partition,
+        backbone=setup.backbone,
+        preprocessing=setup.preprocessing,
+        method_options=method.opt,
+        history=history,
+        reports=reports,
+        best_round=best_round,
+        timing={"total_seconds": None, "feature_seconds": setup.feature_seconds},
+        features={h: p.get("digest") for h, p in provenance.items()},
+        extra=extra,
+    )
+    selected = results["metrics"]["best_round"]
+    atomic_write_json(out / "provenance.json", provenance, indent=1)
+    write_model_dir(
+        out / "model",
+        received_global,
+        setup.text_features,
+        model_meta(cfg, method, setup, selected),
+        site_tensors,
+    )
+    write_results(
+        out,
+        results,
+        f"{cfg.method} ({cfg.federation}) · {cfg.partition} · {len(setup.partition.site_names)} sites",
+    )
+    return results
 
 
 def model_meta(cfg, method: Method, setup: ServerSetup, best_round: int) -> dict:

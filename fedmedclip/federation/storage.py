@@ -44,6 +44,21 @@ def check_key(key: str) -> str:
     return key
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file whole or not at all: a temporary file in the same folder, renamed into place, so a reader
+    (or a crash) never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class ObjectStore:
     """The interface. `url` names the store in messages (`s3://bucket/prefix`, a directory, `memory://x`)."""
 
@@ -101,16 +116,7 @@ class LocalDirStore(ObjectStore):
         return self.root.joinpath(*check_key(key).split("/"))
 
     def put(self, key, data):
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self._path(key), data)
 
     def get(self, key):
         try:
