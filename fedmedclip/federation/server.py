@@ -415,6 +415,7 @@ class FederationServer:
             + (f"; rejected: {'; '.join(why)}" if why else "")
             + f". Everything up to round {self.round - 1} is kept in {self.out} and the mailbox"
         )
+        self._save()  # the records of every closed round stay, for a restart with a lower --quorum
         self._status("failed", message)
         if self.observer is not None and hasattr(self.observer, "finish"):
             self.observer.finish(None, message)
