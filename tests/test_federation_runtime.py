@@ -129,15 +129,34 @@ def s3_exists(client, key: str) -> bool:
 
 @pytest.mark.slow
 def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stack, tmp_path):
-    """On the local stack's IAM-enforcing S3, each party with its own role's key only (the sites keep their
-    private state in their own prefix): SIGKILL a site mid-run and the server mid-run, restart both with the
-    same arguments, and the run completes with the metrics, payloads and model files of an uninterrupted
-    in-process run of the same seed."""
+    """On the local stack's IAM-enforcing S3, each party with its own role's key only: the publisher puts
+    each holder's images in its own prefix, the server reads only its own, each site reads only its own and
+    keeps its private state there. SIGKILL a site mid-run and the server mid-run, restart both with the same
+    arguments, and the run completes with the metrics, payloads and model files of an uninterrupted in-process
+    run of the same seed on the local source."""
     client = mlops_stack.s3_client()
     expected = tmp_path / "train"
     mailbox, run = f"s3://{BUCKET}", "killed"
     reference("fedmedclip", cache, expected, run_id=run)
-    args = common_args(cache)
+    publish = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmedclip.cli",
+            "-q",
+            "data",
+            "publish",
+            "--to",
+            mailbox,
+            "--cache-dir",
+            str(cache),
+        ],
+        env=_env(mlops_stack.role_env("publisher")),
+        capture_output=True,
+        text=True,
+    )
+    assert publish.returncode == 0, publish.stderr
+    args = [*common_args(cache), "--data", mailbox]
     server = Party(
         [
             "server",
@@ -167,6 +186,8 @@ def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stac
                 s,
                 "--cache-dir",
                 str(cache),
+                "--data",
+                mailbox,
                 "--state",
                 f"s3://{BUCKET}/sites/{k}/private/{run}",
             ],
