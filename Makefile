@@ -22,11 +22,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The newcomer path: local stack (moto S3 + MLflow in .stack/), the data put in S3 one prefix per site, the
-# Kubeflow pipeline run on this machine
-# (kfp.local) on synthetic data with the tiny CLIP (or DATA=../shared/datasets/brain-tumor-mri), then the
-# model registered and promoted @champion. Each pipeline task is a process: few rounds keep it short.
-DEMO_ROUNDS ?= 3
+# The newcomer path: local stack (moto S3 with per-role keys + MLflow in .stack/), the data put in S3 one prefix
+# per site, the Kubeflow pipeline run on this machine (kfp.local: the server and every site as long-lived workers
+# at the same time, each task with only its own role's S3 key) on synthetic data with the tiny CLIP (or
+# DATA=../shared/datasets/brain-tumor-mri), live tracking in MLflow, then the model registered and promoted
+# @champion. A round costs a fraction of a second: enough rounds to watch it learn.
+DEMO_ROUNDS ?= 30
 DEMO_SITES  ?= 3
 demo: install
 	$(BIN)/fedmedclip demo --data $(DATA) --rounds $(DEMO_ROUNDS) --sites $(DEMO_SITES) --method $(METHOD) --out $(OUT)-$$(date +%Y%m%d-%H%M%S)

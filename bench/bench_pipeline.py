@@ -1,203 +1,139 @@
-"""Orchestration overhead: the same run through the locally executed Kubeflow pipeline (kfp.local, one
-process per task) and through the in-process engine (`fedmedclip train`), plus the pipeline's per-round
-time breakdown (per task, from the completion times of its executor outputs).
+"""Orchestration overhead of the Kubeflow pipeline on the federation runtime: the same run through the compiled
+YAML on kfp.local (`fedmedclip pipeline run --local`: prepare, each party's extraction, the server and site
+workers at the same time, report) and through the in-process engine (`fedmedclip train`), at several round
+counts; and the compiled YAML's size for several site and round counts.
 
-    .venv/bin/python bench/bench_pipeline.py [--sites 3 --rounds 3 --json out.json] [--s3]
+    .venv/bin/python bench/bench_pipeline.py [--sites 3 --rounds 3,20,50 --json out.json]
 
-With --s3 it also starts a local stack (moto S3 on a free port), publishes the data per site
-(`fedmedclip data publish`) and runs the pipeline a second time on `s3://BUCKET`: the cost of the
-per-site download, measured on the extraction tasks.
-
-Both runs start from empty caches (each encodes its images). The export and registration are skipped so
-both sides do the same work. kfp.local runs tasks one at a time, so the wall time is the sum of the tasks;
-on a cluster the sites' tasks run in parallel."""
+Goals (issue 11): the pipeline's extra time is a per-run constant, not per round (at 50 rounds at most 2x the
+engine), and one YAML size for every (sites, rounds). Both runs of a row start from empty caches (each encodes
+its images); export and registration are skipped so both do the same work. The metrics are checked identical.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+SIZES_SITES = (3, 10, 50)
+SIZES_ROUNDS = (3, 50, 100)
 
-def task_times(pipeline_yaml: Path, pipeline_root: Path, started: float) -> list[dict]:
-    """[{task, display, round, end, seconds}] in completion order; seconds since the previous completion."""
-    ir = next(yaml.safe_load_all(pipeline_yaml.read_text()))
-    tasks = ir["root"]["dag"]["tasks"]
-    run_dir = max(pipeline_root.glob("fedmedclip-*"), key=lambda p: p.stat().st_mtime)
+
+def yaml_sizes(work: Path) -> list[dict]:
+    """Compile the pipeline for every (sites, rounds): they are run-time parameters, so each compile is the
+    same graph; the table shows it (size and digest per cell)."""
+    from pipelines.pipeline import compile_pipeline
+
     rows = []
-    for d in run_dir.iterdir():
-        out = d / "executor_output.json"
-        if d.name in tasks and out.exists():
-            t = tasks[d.name]
-            rnd = (
-                t["inputs"]
-                .get("parameters", {})
-                .get("round_index", {})
-                .get("runtimeValue", {})
-                .get("constant")
-            )
+    for sites in SIZES_SITES:
+        for rounds in SIZES_ROUNDS:
+            path = compile_pipeline(work / f"p-{sites}x{rounds}.yaml")
+            data = path.read_bytes()
             rows.append(
                 {
-                    "task": d.name,
-                    "display": t["taskInfo"]["name"],
-                    "round": int(rnd) if rnd is not None else None,
-                    "end": out.stat().st_mtime,
+                    "sites": sites,
+                    "rounds": rounds,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest()[:12],
                 }
             )
-    rows.sort(key=lambda r: r["end"])
-    prev = started
-    for r in rows:
-        r["seconds"], prev = r["end"] - prev, r["end"]
     return rows
+
+
+def one_row(work: Path, sites: int, rounds: int, synthetic: dict) -> dict:
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.engine import train
+    from pipelines.local import run_local
+    from pipelines.pipeline import DEFAULT_YAML
+
+    row_dir = work / f"r{rounds}"
+    pipe_cache, engine_cache = row_dir / "cache-pipeline", row_dir / "cache-engine"
+    t0 = time.perf_counter()
+    run = run_local(
+        DEFAULT_YAML,
+        row_dir / "root",
+        log_path=row_dir / "pipeline.log",
+        sites=sites,
+        rounds=rounds,
+        cache_dir=str(pipe_cache),
+        synthetic=json.dumps(synthetic),
+        mailbox=str(row_dir / "mailbox"),
+        export_site="",
+        join_timeout=900.0,
+    )
+    pipeline_s = time.perf_counter() - t0
+
+    cfg = TrainConfig(
+        sites=sites,
+        rounds=rounds,
+        synthetic=synthetic,
+        cache_dir=str(engine_cache),
+        out=str(row_dir / "engine"),
+    )
+    t0 = time.perf_counter()
+    ref = train(cfg, progress=False, run_id=run.results["run_id"])
+    engine_s = time.perf_counter() - t0
+    same = run.results["metrics"] == ref["metrics"]
+    engine_rounds = sum(h["seconds"] for h in ref["history"])
+    shutil.rmtree(pipe_cache, ignore_errors=True)
+    shutil.rmtree(engine_cache, ignore_errors=True)
+    return {
+        "sites": sites,
+        "rounds": rounds,
+        "engine_s": engine_s,
+        "engine_features_s": ref["timing"]["feature_seconds"],
+        "engine_rounds_s": engine_rounds,
+        "pipeline_s": pipeline_s,
+        "extra_s": pipeline_s - engine_s,
+        "ratio": pipeline_s / engine_s,
+        "metrics_identical": same,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--synthetic", default='{"per_class_per_site": 40, "test_per_class": 20, "size": 64}')
+    ap.add_argument("--rounds", default="3,20,50", help="comma-separated round counts")
+    ap.add_argument(
+        "--synthetic", default="{}", help="JSON arguments of the synthetic generator (default: its own)"
+    )
     ap.add_argument("--json", default=None, help="also write the numbers here")
-    ap.add_argument("--s3", action="store_true", help="also run on data published to a local S3 (moto)")
+    ap.add_argument("--no-yaml", action="store_true", help="skip the compile-size table")
     args = ap.parse_args()
-
-    from fedmedclip.config import TrainConfig
-    from fedmedclip.engine import train
-    from pipelines.local import run_local
-    from pipelines.pipeline import compile_pipeline
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    synth = json.loads(args.synthetic)
-
-    cfg = TrainConfig(
-        sites=args.sites,
-        rounds=args.rounds,
-        out=str(work / "engine"),
-        cache_dir=str(work / "c1"),
-        synthetic=synth,
-    )
-    t0 = time.perf_counter()
-    ref = train(cfg, progress=False)
-    engine_s = time.perf_counter() - t0
-
-    y = compile_pipeline(work / "p.yaml", args.sites, args.rounds, gpu=False)
-    started = time.time()
-    t0 = time.perf_counter()
-    run = run_local(
-        y,
-        work / "root",
-        cache_dir=str(work / "c2"),
-        synthetic=args.synthetic,
-        export_site="",
-        tracking_uri="",
-        log_path=work / "pipeline.log",
-    )
-    pipe_s = time.perf_counter() - t0
-    assert run.results["metrics"] == ref["metrics"], "pipeline and engine metrics differ"
-
-    rows = task_times(y, work / "root", started)
-    per_round = defaultdict(lambda: {"site_train": 0.0, "aggregate": 0.0, "tasks": 0})
-    phases = defaultdict(float)
-    for r in rows:
-        if r["round"] is not None and r["task"].startswith(("site-train", "aggregate")):
-            kind = "aggregate" if r["task"].startswith("aggregate") else "site_train"
-            per_round[r["round"]][kind] += r["seconds"]
-            per_round[r["round"]]["tasks"] += 1
-        else:
-            phases[r["task"].rsplit("-component", 1)[0]] += r["seconds"]
-    engine_rounds = [h["seconds"] for h in ref["history"]]
-    report = {
-        "sites": args.sites,
-        "rounds": args.rounds,
-        "tasks": len(rows),
-        "engine_seconds": engine_s,
-        "pipeline_seconds": pipe_s,
-        "overhead_ratio": pipe_s / engine_s,
-        "engine_feature_seconds": ref["timing"]["feature_seconds"],
-        "engine_round_seconds": engine_rounds,
-        "pipeline_rounds": {r: dict(v) for r, v in sorted(per_round.items())},
-        "pipeline_other_phases": dict(phases),
-        "mean_task_seconds": sum(r["seconds"] for r in rows) / max(len(rows), 1),
-    }
-    print(f"{args.sites} sites x {args.rounds} rounds, metrics identical: yes")
-    print(f"in-process engine : {engine_s:7.1f} s  (features {ref['timing']['feature_seconds']:.1f} s)")
+    out = {"sizes": [] if args.no_yaml else yaml_sizes(work), "runs": []}
+    if out["sizes"]:
+        print("| sites x rounds | compiled YAML | sha256 |\n|---|---|---|")
+        for r in out["sizes"]:
+            print(f"| {r['sites']} x {r['rounds']} | {r['bytes'] / 1e3:.1f} kB | {r['sha256']} |")
     print(
-        f"kfp.local pipeline: {pipe_s:7.1f} s  ({len(rows)} tasks, {report['mean_task_seconds']:.1f} s/task)"
+        "\n| rounds | engine (features + rounds) | pipeline (kfp.local) | extra | ratio | metrics |\n"
+        "|---|---|---|---|---|---|"
     )
-    print(f"overhead ratio    : {report['overhead_ratio']:.1f}x")
-    print("per round: engine s | pipeline site-train s (sum over sites) + aggregate s")
-    for r, v in sorted(per_round.items()):
-        print(f"  round {r}: {engine_rounds[r - 1]:6.2f} | {v['site_train']:6.1f} + {v['aggregate']:5.1f}")
-    print("other pipeline phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
-    if args.s3:
-        report["s3"] = bench_s3(args, work, y, ref, phases)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
-
-
-def bench_s3(args, work: Path, y: Path, ref: dict, path_phases: dict) -> dict:
-    """The same pipeline on data published per site to a local S3 (a fresh task cache, so every holder
-    downloads its prefix)."""
-    import socket
-
-    from components.site_data import publish
-    from components.stack import start_stack, stop_stack, use_stack_s3
-    from fedmedclip.config import TrainConfig
-    from pipelines.local import run_local
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    info = start_stack(work / "stack", s3_port=ports[0], mlflow_port=ports[1])
-    try:
-        use_stack_s3(info)
-        cfg = TrainConfig(sites=args.sites, synthetic=json.loads(args.synthetic), cache_dir=str(work / "c1"))
-        t0 = time.perf_counter()
-        summary = publish(cfg, "bench-data", progress=False)
-        publish_s = time.perf_counter() - t0
-        started = time.time()
-        t0 = time.perf_counter()
-        run = run_local(
-            y,
-            work / "root-s3",
-            data="s3://bench-data",
-            cache_dir=str(work / "c3"),
-            export_site="",
-            tracking_uri="",
-            log_path=work / "pipeline-s3.log",
+    for rounds in (int(r) for r in args.rounds.split(",")):
+        r = one_row(work, args.sites, rounds, json.loads(args.synthetic))
+        out["runs"].append(r)
+        print(
+            f"| {rounds} | {r['engine_s']:.1f} s ({r['engine_features_s']:.1f} + {r['engine_rounds_s']:.1f}) | "
+            f"{r['pipeline_s']:.1f} s | {r['extra_s']:+.1f} s | {r['ratio']:.2f}x | "
+            f"{'identical' if r['metrics_identical'] else 'DIFFERENT'} |",
+            flush=True,
         )
-        pipe_s = time.perf_counter() - t0
-    finally:
-        stop_stack(work / "stack")
-    assert run.results["metrics"] == ref["metrics"], "pipeline on s3:// data and engine metrics differ"
-    phases = defaultdict(float)
-    for r in task_times(y, work / "root-s3", started):
-        if r["round"] is None:
-            phases[r["task"].rsplit("-component", 1)[0]] += r["seconds"]
-    extract = lambda ph: sum(v for k, v in ph.items() if k.startswith("extract"))  # noqa: E731
-    out = {
-        "images": summary["images"],
-        "publish_seconds": publish_s,
-        "pipeline_seconds": pipe_s,
-        "extract_seconds": extract(phases),
-        "extract_seconds_path_data": extract(path_phases),
-    }
-    print(
-        f"s3:// data       : publish {summary['images']} images {publish_s:.1f} s; pipeline {pipe_s:.1f} s, "
-        f"metrics identical: yes; extraction tasks {out['extract_seconds']:.1f} s "
-        f"(path data: {out['extract_seconds_path_data']:.1f} s)"
-    )
-    return out
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["metrics_identical"] for r in out["runs"]) else 1
 
 
 if __name__ == "__main__":

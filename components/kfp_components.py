@@ -1,37 +1,40 @@
-"""Kubeflow Pipelines v2 lightweight components: the engine's steps (fedmedclip.engine) as pipeline tasks.
+"""Kubeflow Pipelines v2 lightweight components: the federation runtime (fedmedclip.federation) as pipeline tasks.
+
+The pipeline (pipelines/pipeline.py) is one graph for any number of sites and rounds:
+
+    prepare ──► ParallelFor over the parties [server, site_0, site_1, ...]:
+                    extract features (GPU, the party's own Secret) ──► federation worker (CPU, same Secret)
+            ──► report (server's Secret) ──► export ONNX ──► register + promote (MLflow)
+
+The workers of one run are long-lived and run at the same time: the server worker is `fedmedclip server run`
+(`run_server`), each site worker is `fedmedclip site run` (`run_site`); they exchange codec payloads through the
+mailbox (docs/contracts.md, "Federation runtime: the mailbox") under the run id = the KFP run id, so a retried
+worker continues the run from its checkpoints in storage (the server's in the mailbox, a site's under its own
+prefix `sites/<k>/private/<run>/`), never from the pod's disk. Rounds are a loop inside the workers, not tasks.
 
 Two halves, in one module so that the image needs only this package:
-- `*_step` functions: the work, plain Python on local paths (artifact folders/files). They call the core's
-  step functions (load_image_set, make_partition, holder_image_ids + extract_features, site_data,
-  reference_features, build_method, site_round, aggregate_round, ...) in the engine's order, so a pipeline
-  run gives the engine's metrics bit for bit (tests/test_pipeline.py checks it).
-- `*_component` functions: the KFP signatures. KFP ships only a component function's own source into the
-  pod, so each body imports its step from this module inside the function (the image has the package).
-  `components_for(base_image)` wraps them with `@dsl.component(base_image=..., install_kfp_package=False)`:
-  no pip install at pod start, which air-gapped hospital clusters need.
+- `*_step` functions: the work, plain Python on local paths (tests/test_pipeline_steps.py runs them in sequence).
+- `*_component` functions: the KFP signatures. KFP ships only a component function's own source into the pod,
+  so each body imports its step from this module (the image has the package). `components_for(base_image)`
+  wraps them with `@dsl.component(base_image=..., install_kfp_package=False)`: no pip install at pod start.
 
-Artifacts (all folders unless noted):
-  partition      partition.json (the manifest: image ids only, no pixels)
-  features       one holder's feature store (FeatureStore.save layout); a site's never leaves that site
-  shared         what the server broadcasts: shared.safetensors {reference_x, text_features}, meta.json
-  payload        file: codec bytes of the global module (the broadcast of the next round)
-  update         file: codec bytes of one site's update; metadata n_train (the aggregation weight)
-  site state     the site's private state: trainer.pt (modules + optimiser), stats.json (per round),
-                 evals.json (per round val/test reports), candidates/round_NNN.safetensors (its model part)
-  server state   state.pt (full-precision global state), states/, rounds/global_round_NNN.bin, history.json
-  run_dir        the run directory of docs/contracts.md (what `fedmedclip train --out` writes)
+Nothing here computes a round, selects a round or writes results.json: the server worker's FederationServer does
+(fedmedclip/federation/records.py). The server worker uploads the run directory it wrote to its private area of the
+mailbox (`runs/<run>/server/rundir/`, a manifest with every file's sha256 written last); the report task
+downloads it with the server's credentials into the `run_dir` artifact.
 
-No `from __future__ import annotations` here: KFP reads the component signatures' annotations as types."""
+No `from __future__ import annotations` here: KFP reads the component signatures' annotations as types.
+"""
 
 import functools
+import hashlib
 import json
 import logging
 import os
 import shutil
-import time
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Output
@@ -39,492 +42,475 @@ from kfp.dsl import Artifact, Input, Metrics, Output
 log = logging.getLogger("fedmedclip.pipeline")
 
 DEFAULT_BASE_IMAGE = "ghcr.io/fedmedclip/train:0.1.0"
-# Aggregation and evaluation take one optional input per site: KFP has no list-of-artifacts input fed by
-# separately named tasks (only dsl.Collected from a ParallelFor), and sites are unrolled at compile time.
-MAX_SITES = 8
+SERVER_ROLE = "server"
+SITE_ROLE = "site"
+RUN_DIR_PREFIX = "rundir"  # under the server's private area of the run: runs/<run>/server/rundir/
+RUN_DIR_MANIFEST = f"{RUN_DIR_PREFIX}/manifest.json"
+RUN_DIR_FORMAT = 1
+# The Secret holding the MLflow user the pipeline logs and registers as (infra/training/mlflow-clients).
+MLFLOW_SECRET_NAME = "fedmedclip-mlflow-pipeline"
+MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+# Where a worker pod finds the tracking server (from the endpoints ConfigMap): only the server role uses it.
+WORKER_TRACKING_ENV = "FEDMEDCLIP_TRACKING_URI"
+
+# ------------------------------------------------------------------------------- configuration <-> parameters
+# Every TrainConfig field the pipeline takes, as a KFP parameter: (parameter, field, type). KFP parameters
+# cannot be None, lists of floats or objects, so: alpha 0 = unset, preprocessing '' = the method's recipe,
+# classes '' = inferred (else comma-separated), split "0.8,0.1,0.1", method options and the synthetic
+# generator's arguments as JSON objects. `federation` (the pipeline trains federated) and `out` (the run
+# directory is the task's artifact) are not parameters.
+CONFIG_PARAMETERS = (
+    ("data", "data", str),
+    ("method", "method", str),
+    ("partition", "partition", str),
+    ("alpha", "alpha", float),
+    ("sites", "sites", int),
+    ("rounds", "rounds", int),
+    ("backbone", "backbone", str),
+    ("preprocessing", "preprocessing", str),
+    ("seed", "seed", int),
+    ("batch_size", "batch_size", int),
+    ("codec_up", "codec_up", str),
+    ("codec_down", "codec_down", str),
+    ("split", "split_ratio", str),
+    ("reference_fraction", "reference_fraction", float),
+    ("transductive", "transductive", bool),
+    ("prompt_template", "prompt_template", str),
+    ("cache_dir", "cache_dir", str),
+    ("skip_bad_images", "skip_bad_images", bool),
+    ("classes", "classes", str),
+    ("min_class_images", "min_class_images", int),
+    ("allow_outside_root", "allow_outside_root", bool),
+    ("threads", "threads", int),
+    ("method_options", "method_options", str),
+    ("synthetic", "synthetic", str),
+)
+NOT_PARAMETERS = ("federation", "out")  # TrainConfig fields the pipeline sets itself
+# What a holder's feature extraction depends on; its task's cache key is made of these alone (plus the
+# holder), so a sweep over methods, learning rates, codecs or rounds reuses the extracted features.
+EXTRACTION_FIELDS = (
+    "data",
+    "partition",
+    "alpha",
+    "sites",
+    "seed",
+    "split_ratio",
+    "reference_fraction",
+    "synthetic",
+    "classes",
+    "min_class_images",
+    "allow_outside_root",
+    "skip_bad_images",
+    "backbone",
+    "preprocessing",
+    "prompt_template",
+    "cache_dir",
+)
+
+
+def config_to_parameters(cfg) -> dict:
+    """The pipeline parameters of a validated TrainConfig (what `pipeline run|submit` passes)."""
+    params = {}
+    for name, field, _ in CONFIG_PARAMETERS:
+        value = getattr(cfg, field)
+        if field == "alpha":
+            value = float(value or 0.0)
+        elif field == "preprocessing":
+            value = value or ""
+        elif field == "classes":
+            value = ",".join(value) if value else ""
+        elif field == "split_ratio":
+            value = ",".join(repr(float(x)) for x in value)
+        elif field in ("method_options", "synthetic"):
+            value = json.dumps(value or {}, sort_keys=True)
+        params[name] = value
+    return params
+
+
+def config_from_parameters(params: dict):
+    """The validated TrainConfig of the pipeline parameters (the prepare task; ConfigError names the problem)."""
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.errors import ConfigError
+
+    values = {"federation": "federated", "out": ""}
+    for name, field, _ in CONFIG_PARAMETERS:
+        if name not in params:
+            continue
+        value = params[name]
+        if field == "alpha":
+            value = float(value) or None
+        elif field == "preprocessing":
+            value = value or None
+        elif field == "classes":
+            value = [c.strip() for c in str(value).split(",") if c.strip()] or None
+        elif field == "split_ratio":
+            try:
+                value = tuple(float(x) for x in str(value).split(","))
+            except ValueError:
+                value = ()
+            if len(value) != 3:
+                raise ConfigError(f"split {params[name]!r} must be three numbers like 0.8,0.1,0.1")
+        elif field in ("method_options", "synthetic"):
+            try:
+                value = json.loads(value or "{}")
+            except ValueError as exc:
+                raise ConfigError(f"{name} {params[name]!r} is not JSON: {exc}") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a JSON object, got {params[name]!r}")
+        values[field] = value
+    return TrainConfig(**values).validate()
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _config(config_json: str):
-    from fedmedclip.config import TrainConfig
+def act_as(role: str, local_stack: str) -> None:
+    """Local runs only: take `role`'s S3 credentials from the local stack recorded in `local_stack` (each task
+    its own role, as each pod in a cluster gets only its own Secret). With '' the environment is kept."""
+    if not local_stack:
+        return
+    from components.stack import read_state
 
-    return TrainConfig.from_json(json.loads(config_json)).validate()
+    info = read_state(local_stack)
+    if info is None:
+        from fedmedclip.errors import ConfigError
 
-
-def _partition(path: str):
-    from fedmedclip.partition import Partition
-
-    return Partition.load(Path(path) / "partition.json")
-
-
-def _shared(path: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(path) / "shared.safetensors")), json.loads(
-        (Path(path) / "meta.json").read_text()
-    )
-
-
-def _read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.exists() else default
+        raise ConfigError(
+            f"local_stack {local_stack!r}: no local stack is recorded there (`fedmedclip stack up`)"
+        )
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
+        os.environ.pop(key, None)
+    if role != SERVER_ROLE:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # nothing of a site goes to the central MLflow
+    os.environ.update(info.role_env(role))
 
 
-def _copy_dir(src: str | None, dst: str) -> Path:
-    out = Path(dst)
-    if src:
-        shutil.copytree(src, out, dirs_exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
+    """The extraction task's feature store, where the worker's own preparation looks it up (cache_dir/features/
+    <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
+    src = Path(features_dir)
+    prov = src / "provenance.json"
+    if not prov.is_file():
+        return
+    digest = json.loads(prov.read_text())["digest"]
+    dst = Path(cache_dir) / "features" / digest[:24]
+    if (dst / "provenance.json").exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=dst.parent))
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    try:
+        os.replace(tmp, dst)
+    except OSError:  # another task of this machine put it there first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _backbone(cfg):
-    from fedmedclip.backbone import load_backbone, make_preprocessing
-    from fedmedclip.methods import METHODS
-
-    backbone = load_backbone(cfg.backbone)
-    return backbone, make_preprocessing(
-        cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone
-    )
+def site_state_url(mailbox: str, index: int, run_id: str) -> str:
+    """Where site k keeps its private state: its own prefix of the mailbox root (`sites/<k>/private/<run>`),
+    which only its role may read (components/policies.py)."""
+    return f"{mailbox.rstrip('/')}/sites/{int(index)}/private/{run_id}"
 
 
-def _method(cfg, shared: dict, meta: dict):
-    """build_method as the engine calls it; methods that fine-tune CLIP (needs_images) also get the
-    backbone and preprocessing. Returns (method, preprocessing or None)."""
-    from fedmedclip.engine import build_method
-    from fedmedclip.methods import METHODS
-
-    if not METHODS[cfg.method].needs_images:
-        return build_method(cfg, shared["text_features"]), None
-    backbone, prep = _backbone(cfg)
-    return build_method(cfg, shared["text_features"], backbone, prep, meta["class_names"]), prep
-
-
-def _image_set(cfg, part, holder: str):
-    """The images of `holder`: the data source, or for `s3://BUCKET` data only the holder's own prefix,
-    downloaded with the task's credentials."""
-    from components.site_data import is_s3, stage_holder
-    from fedmedclip.engine import load_image_set
-
-    if not is_s3(cfg.data):
-        return load_image_set(cfg)
-    return stage_holder(cfg, part, holder)
-
-
-def _pixels(cfg, part, holder: str, store, prep):
-    """A holder's preprocessed pixels (rows as in its store), for needs_images methods; else None."""
-    if prep is None:
-        return None
-    from fedmedclip.engine import load_pixels
-
-    return load_pixels(_image_set(cfg, part, holder), store.image_ids, prep, progress=False)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- steps
-def prepare_step(params: dict, sites: int, rounds: int, site_names: list, partition_dir: str) -> str:
-    """Validate the configuration, draw the partition; returns the resolved TrainConfig as JSON."""
-    from components.site_data import catalog_image_set, check_published_partition, is_s3, parse_bucket
-    from fedmedclip.config import TrainConfig
-    from fedmedclip.engine import load_image_set, partition_for
+def resolve_mailbox(mailbox: str, data: str) -> str:
+    """The mailbox parameter, '' meaning the data's bucket (s3:// data); ConfigError when there is none, or when
+    a local directory would have to be shared by pods."""
     from fedmedclip.errors import ConfigError
 
-    p = dict(params)
-    p["alpha"] = p.get("alpha") or None  # 0 means "not set": KFP parameters cannot be None
-    p["preprocessing"] = p.get("preprocessing") or None
-    for key in ("method_options", "synthetic", "split_ratio"):
-        if isinstance(p.get(key), str):
-            p[key] = json.loads(p[key] or "null") or ({} if key != "split_ratio" else [0.8, 0.1, 0.1])
-    cfg = TrainConfig(**p, sites=sites, rounds=rounds, out="").validate()
-    if getattr(cfg, "federation", "federated") != "federated":
+    mailbox = mailbox or (data.rstrip("/") if data.startswith("s3://") else "")
+    if not mailbox:
         raise ConfigError(
-            "the pipeline runs federated training; the local/centralized references run in-process"
+            "no mailbox: pass mailbox=s3://BUCKET[/PREFIX] (the parties exchange their modules there; with "
+            "data=s3://BUCKET it defaults to the data's bucket)"
         )
-    if is_s3(cfg.data):
-        image_set, catalog = catalog_image_set(parse_bucket(cfg.data))
-        part = partition_for(cfg, image_set)
-        check_published_partition(cfg, part, catalog)
-    else:
-        part = partition_for(cfg, load_image_set(cfg))
-    if part.site_names != list(site_names):
-        # Sites are unrolled at compile time: the graph's site tasks must be the data's sites.
+    if "://" not in mailbox and os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise ConfigError(
-            f"the pipeline was compiled for sites {list(site_names)} but the partition has "
-            f"{part.site_names}: recompile with `fedmedclip pipeline compile --site-names ...`"
+            f"mailbox {mailbox!r} is a local directory, which pods do not share: use s3://BUCKET[/PREFIX]"
         )
-    out = _copy_dir(None, partition_dir)
-    part.save(out / "partition.json")
-    return json.dumps(cfg.to_json())
+    return mailbox
 
 
-def _extract(cfg, part, holder: str):
-    from fedmedclip.engine import extract_features, holder_image_ids
+def prepare_step(params: dict, site_names: str, mailbox: str) -> list:
+    """Validate the configuration and draw the partition (as the server's holder would); returns the parties of
+    the federation, each item carrying what its extraction and its worker need (kfp.local iterates only over a
+    task's single `Output`, so the loop's items carry the resolved configuration too)."""
+    from components.sites import SERVER_SECRET_NAME, site_secret_name
+    from fedmedclip.errors import ConfigError
+    from fedmedclip.methods import METHODS
+    from fedmedclip.preparation import load_image_set, partition_for
+    from fedmedclip.sources import is_remote, remote_source
 
-    image_set = _image_set(cfg, part, holder)
-    backbone, prep = _backbone(cfg)
-    # Same function, same holder image order as the engine: identical batches, identical features.
-    store = extract_features(
-        image_set, holder_image_ids(part, holder), backbone, prep, cfg, holder, progress=False
-    )
-    return store, image_set, backbone, prep
-
-
-def extract_site_step(config_json: str, partition_dir: str, site: str, features_dir: str) -> None:
-    cfg, part = _config(config_json), _partition(partition_dir)
-    store, *_ = _extract(cfg, part, site)
-    _copy_dir(str(store.path), features_dir)
-
-
-def extract_server_step(
-    config_json: str,
-    partition_dir: str,
-    features_dir: str,
-    shared_dir: str,
-    payload_path: str,
-    state_dir: str,
-) -> None:
-    """The server's holder (global test + reference sets), the broadcast, and the initial global module."""
-    import torch
-    from safetensors.torch import save_file
-
-    from fedmedclip.codec import encode_state
-    from fedmedclip.engine import SERVER, reference_features
-
-    cfg, part = _config(config_json), _partition(partition_dir)
-    store, image_set, backbone, prep = _extract(cfg, part, SERVER)
-    _copy_dir(str(store.path), features_dir)
-
-    shared = _copy_dir(None, shared_dir)
-    ref = reference_features(part, store, cfg.transductive)
-    save_file(
-        {"reference_x": ref.contiguous(), "text_features": store.text_features.contiguous()},
-        str(shared / "shared.safetensors"),
-    )
-    meta = {
-        "class_names": image_set.class_names,
-        "backbone": backbone.identity(),
-        "preprocessing": prep.describe(),
-        "feature_dim": backbone.feature_dim,
-    }
-    (shared / "meta.json").write_text(json.dumps(meta, indent=1))
-
-    method, _ = _method(cfg, {"text_features": store.text_features}, meta)
-    state = method.shared_state(method.new_global())
-    Path(payload_path).write_bytes(encode_state(state, cfg.codec))
-    out = _copy_dir(None, state_dir)
-    torch.save(state, out / "state.pt")
-    (out / "history.json").write_text("[]")
-
-
-def site_step(
-    config_json: str,
-    partition_dir: str,
-    site: str,
-    site_index: int,
-    round_index: int,
-    features_dir: str,
-    shared_dir: str,
-    payload_path: str,
-    previous_state_dir: str | None,
-    state_dir: str,
-    update_path: str | None,
-) -> int:
-    """A site's task. With a previous state: restore it, take the broadcast global module and evaluate
-    the previous round (what the engine does right after aggregating). Then, with `update_path`, train
-    round `round_index` and write the update payload. Returns the site's training-sample count."""
-    import torch
-    from safetensors.torch import save_file
-
-    from fedmedclip.codec import decode_state
-    from fedmedclip.engine import site_data, site_model_tensors, site_round
-    from fedmedclip.features import FeatureStore
-    from fedmedclip.metrics import classification_report
-
-    t0 = time.perf_counter()
-    cfg, part = _config(config_json), _partition(partition_dir)
-    store = FeatureStore.load(Path(features_dir))
-    shared, meta = _shared(shared_dir)
-    method, prep = _method(cfg, shared, meta)
-    data = site_data(part, site, store, shared["reference_x"], _pixels(cfg, part, site, store, prep))
-    trainer = method.new_site(data, site_index)
-    down = Path(payload_path).read_bytes()
-
-    out = _copy_dir(previous_state_dir, state_dir)
-    evals = _read_json(out / "evals.json", {})
-    stats = _read_json(out / "stats.json", [])
-    if previous_state_dir:
-        trainer.load_state_dict(torch.load(Path(previous_state_dir) / "trainer.pt", weights_only=True))
-        trainer.load_shared(decode_state(down))
-        done = round_index - 1 if update_path else round_index
-        report = lambda x, y: classification_report(trainer.probs(x).numpy(), y.numpy()) if len(y) else None  # noqa: E731
-        evals[str(done)] = {"val": report(data.val_x, data.val_y), "test": report(data.test_x, data.test_y)}
-        tensors = site_model_tensors(trainer)
-        if tensors:
-            (out / "candidates").mkdir(exist_ok=True)
-            save_file(tensors, str(out / "candidates" / f"round_{done:03d}.safetensors"))
-    if update_path:
-        up, st = site_round(trainer, down, round_index, cfg.codec)
-        Path(update_path).write_bytes(up)
-        torch.save(trainer.state_dict(), out / "trainer.pt")
-        stats.append(
-            {
-                "round": round_index,
-                "loss": st["loss"],
-                "bytes_up": len(up),
-                "bytes_down": len(down),
-                "seconds": time.perf_counter() - t0,
-            }
+    cfg = config_from_parameters(params)
+    image_set = load_image_set(cfg)
+    part = partition_for(cfg, image_set)
+    if is_remote(cfg.data):
+        remote_source(cfg.data).check_partition(cfg, part)
+    names = [s.strip() for s in site_names.split(",") if s.strip()]
+    if names and names != part.site_names:
+        raise ConfigError(
+            f"site_names {names} are not the partition's sites {part.site_names} (the data's site column for "
+            "--partition natural, site_0, site_1, ... otherwise)"
         )
+    mailbox = resolve_mailbox(mailbox, cfg.data)
+    resolved = cfg.to_json()
+    resolved["preprocessing"] = cfg.preprocessing or METHODS[cfg.method].default_preprocessing
+    extraction = {k: resolved[k] for k in EXTRACTION_FIELDS}
+    parties = [{"role": SERVER_ROLE, "party": SERVER_ROLE, "index": -1, "secret": SERVER_SECRET_NAME}] + [
+        {"role": SITE_ROLE, "party": s, "index": k, "secret": site_secret_name(k)}
+        for k, s in enumerate(part.site_names)
+    ]
+    config, extraction = json.dumps(resolved, sort_keys=True), json.dumps(extraction, sort_keys=True)
+    for p in parties:
+        # A site reads no MLflow credentials: its "tracking secret" is its own S3 Secret, which holds no
+        # username/password keys (mounted optional: the variables stay unset). Only the server logs centrally.
+        p["tracking_secret"] = MLFLOW_SECRET_NAME if p["role"] == SERVER_ROLE else p["secret"]
+        p.update(config=config, extraction=extraction, mailbox=mailbox)
+    return parties
+
+
+def extract_step(extraction_json: str, role: str, holder: str, index: int, features_dir: str) -> dict:
+    """Encode one holder's own images (the server: global test + reference sets; a site: its train/val/test)
+    into a feature store, exactly as the worker's preparation would; returns its provenance."""
+    from fedmedclip.backbone import load_backbone, make_preprocessing
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.preparation import SERVER, extract_features, prepare
+    from fedmedclip.sources import is_published_layout, is_remote, remote_source
+
+    # A published backbone (s3://, models:/) is fetched into the cache and hash-checked by load_backbone,
+    # before any image is read: a missing or mismatching one fails here, saying how to publish it.
+    cfg = TrainConfig(**json.loads(extraction_json), out="").validate()
+    if role == SERVER_ROLE:
+        store = prepare(cfg, progress=False, holders=[SERVER]).stores[SERVER]
+    elif is_remote(cfg.data) or is_published_layout(cfg.data):
+        # The site's own prefix only, with its own credentials: it never reads the server's catalog.
+        images, split, _ = remote_source(cfg.data).site_holder(cfg, holder, index)
+        backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+        prep = make_preprocessing(cfg.preprocessing, backbone)
+        ids = split["train"] + split["val"] + split["test"]
+        store = extract_features(images, ids, backbone, prep, cfg, holder, progress=False)
     else:
-        (out / "provenance.json").write_text(json.dumps(store.provenance, indent=1))
-    (out / "evals.json").write_text(json.dumps(evals))
-    (out / "stats.json").write_text(json.dumps(stats))
-    return data.n_train
+        store = prepare(cfg, progress=False, holders=[holder]).stores[holder]
+    out = Path(features_dir)
+    shutil.copytree(store.path, out, dirs_exist_ok=True)
+    return store.provenance
 
 
-def aggregate_step(
+def _server_options(quorum: int, round_timeout: float, join_timeout: float):
+    from fedmedclip.federation.server import ServerOptions
+
+    return ServerOptions(quorum=quorum or None, round_timeout=round_timeout, join_timeout=join_timeout)
+
+
+def worker_step(
     config_json: str,
-    partition_dir: str,
-    round_index: int,
-    server_features_dir: str,
-    shared_dir: str,
-    previous_state_dir: str,
-    updates: list,
-    payload_path: str,
-    state_dir: str,
-) -> None:
-    """The server: aggregate the sites' update payloads ([(path, n_train)] in site order), broadcast the
-    result, and evaluate the global module on the global test set."""
-    import torch
+    role: str,
+    party: str,
+    index: int,
+    run_id: str,
+    mailbox: str,
+    features_dir: str | None,
+    quorum: int = 0,
+    round_timeout: float = 600.0,
+    join_timeout: float = 3600.0,
+    experiment: str = "fedmedclip",
+    tracking_uri: str = "",
+    kfp_run_id: str = "",
+) -> str:
+    """One party of the federation, until the run ends: the server (aggregates, evaluates, writes the run
+    directory, then uploads it to its private area of the mailbox) or site `party` (trains on its own data).
+    Started again after a failure (a KFP retry), it continues from its last checkpoint. Returns the MLflow
+    run id of the server's live tracking ('' for a site or without tracking)."""
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.federation.runner import run_server, run_site
 
-    from fedmedclip.codec import decode_state, encode_state
-    from fedmedclip.engine import SERVER, _rows, aggregate_round
-    from fedmedclip.features import FeatureStore
-    from fedmedclip.metrics import classification_report, reliability_bins
-
-    t0 = time.perf_counter()
-    cfg, part = _config(config_json), _partition(partition_dir)
-    shared, meta = _shared(shared_dir)
-    method, prep = _method(cfg, shared, meta)
-    previous = torch.load(Path(previous_state_dir) / "state.pt", weights_only=True)
-    payloads = [Path(p).read_bytes() for p, _ in updates]
-    state = aggregate_round(method, previous, payloads, [int(n) for _, n in updates])
-    payload = encode_state(state, cfg.codec)
-    Path(payload_path).write_bytes(payload)
-
-    out = _copy_dir(previous_state_dir, state_dir)
-    torch.save(state, out / "state.pt")
-    (out / "rounds").mkdir(exist_ok=True)
-    (out / "rounds" / f"global_round_{round_index:03d}.bin").write_bytes(payload)
-
-    # Evaluate what the sites receive: the codec-rounded module, loaded over a fresh (seeded) global module.
-    module = method.new_global()
-    module.load_state_dict(decode_state(payload), strict=False)
-    server_store = FeatureStore.load(Path(server_features_dir))
-    gx, gy = _rows(server_store, part.global_test, _pixels(cfg, part, SERVER, server_store, prep))
-    probs = method.global_probs(module, gx).numpy()
-    history = _read_json(out / "history.json", [])
-    history.append(
-        {
-            "round": round_index,
-            "global": classification_report(probs, gy.numpy()),
-            "reliability": reliability_bins(probs, gy.numpy()),
-            "bytes_up": [len(p) for p in payloads],
-            "seconds": time.perf_counter() - t0,
-        }
-    )
-    (out / "history.json").write_text(json.dumps(history))
-
-
-def evaluate_step(
-    config_json: str,
-    partition_dir: str,
-    shared_dir: str,
-    server_features_dir: str,
-    server_state_dir: str,
-    site_state_dirs: list,
-    run_dir: str,
-) -> dict:
-    """Select the round (best client-mean validation accuracy, as the engine does), write the run
-    directory (results.json, model/, rounds/, plots/ ...) and return results.json."""
-    import numpy as np
-    from safetensors.torch import load_file, save_file
-
-    from fedmedclip.codec import decode_state
-    from fedmedclip.engine import SERVER, _site_mean
-    from fedmedclip.plots import plot_accuracy, plot_reliability
-
-    cfg, part = _config(config_json), _partition(partition_dir)
-    shared, meta = _shared(shared_dir)
-    method, _ = _method(cfg, shared, meta)
-    server = Path(server_state_dir)
-    ghist = json.loads((server / "history.json").read_text())
-    sites = [Path(d) for d in site_state_dirs]
-    names = part.site_names
-    evals = [json.loads((d / "evals.json").read_text()) for d in sites]
-    stats = [json.loads((d / "stats.json").read_text()) for d in sites]
-
-    history = []
-    for g in ghist:
-        r = g["round"]
-        ev = [e[str(r)] for e in evals]
-        st = [s[r - 1] for s in stats]
-        val = [e["val"]["acc"] for e in ev if e["val"]]
-        val_mean = float(np.mean(val)) if val else float(np.mean([e["test"]["acc"] for e in ev]))
-        history.append(
-            {
-                "round": r,
-                "global": {k: g["global"][k] for k in ("acc", "bacc")},
-                "sites": [
-                    {
-                        "site": n,
-                        "acc": e["test"]["acc"] if e["test"] else None,
-                        "bacc": e["test"]["bacc"] if e["test"] else None,
-                        "val_acc": e["val"]["acc"] if e["val"] else None,
-                    }
-                    for n, e in zip(names, ev, strict=True)
-                ],
-                "val_acc_mean": val_mean,
-                "train_loss": float(np.mean([s["loss"] for s in st])),
-                "bytes_up": [s["bytes_up"] for s in st],
-                "bytes_down": [s["bytes_down"] for s in st],
-                # Sites train in parallel: the round's critical path is the slowest site plus aggregation.
-                "seconds": max(s["seconds"] for s in st) + g["seconds"],
-            }
+    cfg = TrainConfig.from_json(json.loads(config_json)).validate()
+    if features_dir:
+        _copy_store_into_cache(features_dir, cfg.cache_dir)
+    if role == SITE_ROLE:
+        run_site(
+            mailbox,
+            run_id,
+            party,
+            data=cfg.data,
+            cache_dir=cfg.cache_dir,
+            state_url=site_state_url(mailbox, index, run_id),
+            threads=cfg.threads,
+            join_timeout=join_timeout,
+            progress=False,
         )
-    best = max(history, key=lambda h: h["val_acc_mean"])["round"]  # first maximum, as the engine
-    last = history[-1]["round"]
+        return ""
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import open_store
 
-    def site_rows(r):
-        rows = [{"site": n, **(e[str(r)]["test"] or {"n": 0})} for n, e in zip(names, evals, strict=True)]
-        return {"sites": rows, "site_mean": _site_mean(rows)}
+    private = Mailbox(open_store(mailbox), run_id).server_private()
+    done = private.get(RUN_DIR_MANIFEST)
+    if done is not None:  # a retry after the run directory was published: nothing left to do
+        return json.loads(done).get("mlflow_run_id", "")
+    out = Path(tempfile.mkdtemp(prefix="fedmedclip-server-")) / "run"
+    cfg.out = str(out)
+    observer = None
+    uri = tracking_uri or os.environ.get(WORKER_TRACKING_ENV) or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        from components.observer import MlflowObserver
 
-    out = _copy_dir(None, run_dir)
-    (out / "rounds").mkdir(exist_ok=True)
-    for f in sorted((server / "rounds").iterdir()):
-        shutil.copy2(f, out / "rounds" / f.name)
-    (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-    part.save(out / "partition.json")
-    provenance = {
-        n: json.loads((d / "provenance.json").read_text()) for n, d in zip(names, sites, strict=True)
-    }
-    provenance[SERVER] = json.loads((Path(server_features_dir) / "provenance.json").read_text())
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=1))
-
-    model = out / "model"
-    model.mkdir(exist_ok=True)
-    received = decode_state((server / "rounds" / f"global_round_{best:03d}.bin").read_bytes())
-    save_file({k: v.contiguous() for k, v in received.items()}, str(model / "global.safetensors"))
-    save_file({"text_features": shared["text_features"]}, str(model / "text_features.safetensors"))
-    for n, d in zip(names, sites, strict=True):
-        cand = d / "candidates" / f"round_{best:03d}.safetensors"
-        if cand.exists():
-            save_file(load_file(str(cand)), str(model / f"site_{n}.safetensors"))
-    model_meta = {
-        "format_version": 1,
-        "method": cfg.method,
-        "method_options": method.opt,
-        "federation": "federated",
-        "class_names": meta["class_names"],
-        "prompt_template": cfg.prompt_template,
-        "backbone": meta["backbone"],
-        "preprocessing": meta["preprocessing"],
-        "feature_dim": meta["feature_dim"],
-        "sites": names,
-        "best_round": best,
-        "partition_digest": part.digest,
-    }
-    (model / "model.json").write_text(json.dumps(model_meta, indent=2))
-
-    g_best, g_last = ghist[best - 1], ghist[last - 1]
-    h = history
-    results = {
-        "method": cfg.method,
-        "federation": "federated",
-        "partition": {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed, "digest": part.digest},
-        "sites": len(names),
-        "site_names": names,
-        "rounds": cfg.rounds,
-        "backbone": meta["backbone"],
-        "preprocessing": meta["preprocessing"],
-        "method_options": method.opt,
-        "metrics": {
-            "selection": "best client-mean validation accuracy",
-            "best_round": best,
-            "global": g_best["global"],
-            **site_rows(best),
-            "last_round": {"round": last, "global": g_last["global"], **site_rows(last)},
-        },
-        "reliability": g_best["reliability"],
-        "history": h,
-        "comm": {
-            "codec": cfg.codec,
-            "bytes_up_per_site_per_round": float(np.mean([b for r in h for b in r["bytes_up"]])),
-            "bytes_down_per_site_per_round": float(np.mean([b for r in h for b in r["bytes_down"]])),
-            "total_bytes": int(sum(sum(r["bytes_up"]) + sum(r["bytes_down"]) for r in h)),
-        },
-        "timing": {
-            "seconds_per_round": float(np.mean([r["seconds"] for r in h])),
-            "total_seconds": float(sum(r["seconds"] for r in h)),
-            "feature_seconds": None,  # measured per task by the orchestrator, not in one process
-        },
-        "features": {holder: p["digest"] for holder, p in provenance.items()},
-        "orchestrator": "kubeflow-pipelines",
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "plots").mkdir(exist_ok=True)
-    plot_accuracy(
-        h,
-        out / "plots" / "accuracy.png",
-        title=f"{cfg.method} (federated) · {cfg.partition} · {len(names)} sites",
+        observer = MlflowObserver(cfg, run_id, experiment, tracking_uri=uri, kfp_run_id=kfp_run_id or run_id)
+    results = run_server(
+        cfg,
+        mailbox,
+        run_id,
+        out,
+        None,
+        _server_options(quorum, round_timeout, join_timeout),
+        observer,
+        progress=False,
     )
-    plot_reliability(
-        results["reliability"],
-        out / "plots" / "reliability.png",
-        title=f"{cfg.method}: global test (round {best})",
-    )
-    return results
+    if results is None:
+        from fedmedclip.errors import FedMedClipError
+
+        raise FedMedClipError(
+            f"the server's state in {private.url} says run {run_id} is done, but its run directory was never "
+            "published (the worker stopped in between); the run's results are in its checkpoint: start the "
+            "run again under a new run id, or publish them from the checkpoint"
+        )
+    _complete_run_dir(out, cfg, Mailbox(open_store(mailbox), run_id))
+    mlflow_run_id = (observer.mlflow_run_id or "") if observer is not None else ""
+    publish_run_dir(out, private, run_id, mlflow_run_id)
+    return mlflow_run_id
+
+
+def _complete_run_dir(out: Path, cfg, mailbox) -> None:
+    """A server worker restarted in a fresh pod holds only what it wrote since: the files written at the run's
+    start and the global modules of earlier rounds come back from the configuration and the mailbox (the very
+    bytes the run directory keeps, docs/contracts.md)."""
+    from fedmedclip.federation.records import atomic_write_bytes, atomic_write_json
+
+    if not (out / "config.json").exists():
+        atomic_write_json(out / "config.json", cfg.to_json())
+    if not (out / "partition.json").exists():
+        from fedmedclip.preparation import load_image_set, partition_for
+
+        partition_for(cfg, load_image_set(cfg)).save(out / "partition.json")
+    for r in range(1, int(cfg.rounds) + 1):
+        path = out / "rounds" / f"global_round_{r:03d}.bin"
+        if not path.exists():
+            payload = mailbox.store.get(mailbox.global_key(r))
+            if payload is not None:
+                atomic_write_bytes(path, payload)
+
+
+def publish_run_dir(out: Path, store, run_id: str, mlflow_run_id: str = "") -> dict:
+    """Upload the run directory under `rundir/` of the server's private store, then its manifest (every file's
+    sha256 and size): a reader that finds the manifest finds every file. No listing is needed to read it back."""
+    files = {}
+    for path in sorted(p for p in Path(out).rglob("*") if p.is_file()):
+        rel = path.relative_to(out).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # an interrupted atomic write's leftovers
+        data = path.read_bytes()
+        store.put(f"{RUN_DIR_PREFIX}/{rel}", data)
+        files[rel] = {"sha256": _sha256(data), "bytes": len(data)}
+    manifest = {"format": RUN_DIR_FORMAT, "run_id": run_id, "files": files, "mlflow_run_id": mlflow_run_id}
+    store.put(RUN_DIR_MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
+    """Download the run directory the server worker published (checked against its manifest) into `run_dir`;
+    returns results.json and the MLflow run id of the live tracking ('' without)."""
+    from fedmedclip.errors import FedMedClipError
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import check_key, open_store
+
+    mb = Mailbox(open_store(mailbox), run_id)
+    private = mb.server_private()
+    raw = private.get(RUN_DIR_MANIFEST)
+    if raw is None:
+        status = mb.status(SERVER_ROLE) or {}
+        raise FedMedClipError(
+            f"run {run_id}: the server worker published no run directory ({private.where(RUN_DIR_MANIFEST)} is "
+            f"missing; server status: {status.get('state', 'none')} {status.get('message', '')})"
+        )
+    manifest = json.loads(raw)
+    if manifest.get("run_id") != run_id or manifest.get("format") != RUN_DIR_FORMAT:
+        raise FedMedClipError(
+            f"{private.where(RUN_DIR_MANIFEST)} is not run {run_id}'s run directory manifest"
+        )
+    out = Path(run_dir)
+    for rel, meta in sorted(manifest["files"].items()):
+        key = check_key(f"{RUN_DIR_PREFIX}/{rel}")  # confined: no '..', no absolute path
+        data = private.get(key)
+        if data is None or _sha256(data) != meta["sha256"]:
+            raise FedMedClipError(
+                f"{private.where(key)} is {'missing' if data is None else 'not the file the server published'}"
+            )
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    results = json.loads((out / "results.json").read_text())
+    return results, manifest.get("mlflow_run_id", "")
 
 
 def export_step(run_dir: str, site: str, onnx_dir: str) -> str:
     """ONNX export of `site` ("global" or a site name) of the run; '' skips. Returns the file or ''."""
-    out = _copy_dir(None, onnx_dir)
+    out = Path(onnx_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if not site:
         log.info("export skipped: export_site is empty")
         return ""
-    try:
-        from fedmedclip.export import export_onnx
-    except ImportError as e:  # the export module ships separately; the pipeline still runs without it
-        log.warning("export skipped: fedmedclip.export is not importable (%s)", e)
-        return ""
-    path = export_onnx(run_dir, site, out / "model.onnx")
-    return str(path)
+    from fedmedclip.export import export_onnx
+
+    return str(export_onnx(run_dir, site, out / "model.onnx"))
 
 
 def register_step(
     run_dir: str,
     onnx_dir: str,
+    mlflow_run_id: str,
     tracking_uri: str,
     experiment: str,
     model_name: str,
     alias: str,
     allow_worse: bool,
+    allow_different_data: bool = False,
+    kfp_run_id: str = "",
 ) -> str:
-    """Log the run to MLflow, register a model version (the ONNX file when there is one) and promote it.
-    Returns the model URI, or '' when no tracking server is configured (registration skipped)."""
+    """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
+    run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
+    promote it. Returns the model URI, or '' when no tracking server is configured (registration skipped)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
         return ""
     from components.tracking import PromotionRefused, log_run_dir, promote, register_model
 
-    run_id = log_run_dir(run_dir, experiment, tracking_uri=uri, tags={"orchestrator": "kubeflow-pipelines"})
+    if not mlflow_run_id:
+        mlflow_run_id = log_run_dir(
+            run_dir,
+            experiment,
+            tracking_uri=uri,
+            run_name=kfp_run_id or None,
+            tags={"orchestrator": "kubeflow-pipelines"},
+            kfp_run_id=kfp_run_id or None,
+        )
     onnx = Path(onnx_dir) / "model.onnx"
-    version = register_model(run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
+    version = register_model(mlflow_run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
     if not alias:
         return version.uri
     try:
-        log.info(promote(model_name, version.version, alias, allow_worse, tracking_uri=uri).describe())
+        done = promote(
+            model_name,
+            version.version,
+            alias,
+            allow_worse,
+            tracking_uri=uri,
+            allow_different_data=allow_different_data,
+        )
+        log.info(done.describe())
     except PromotionRefused as e:
-        # The version stays registered; promoting a worse model is a human decision (--allow-worse).
+        # The version stays registered; promoting a worse model, or one trained on other data, is a human
+        # decision (allow_worse, allow_different_data).
         log.warning("promotion refused: %s", e)
         return version.uri
     return f"models:/{model_name}@{alias}"
@@ -535,198 +521,106 @@ def register_step(
 def prepare_component(
     data: str,
     method: str,
-    partition_scheme: str,
+    partition: str,
     alpha: float,
-    seed: int,
-    batch_size: int,
-    codec: str,
+    sites: int,
+    rounds: int,
     backbone: str,
     preprocessing: str,
-    method_options: str,
-    synthetic: str,
-    split_ratio: str,
+    seed: int,
+    batch_size: int,
+    codec_up: str,
+    codec_down: str,
+    split: str,
     reference_fraction: float,
     transductive: bool,
     prompt_template: str,
-    skip_bad_images: bool,
     cache_dir: str,
-    sites: int,
-    rounds: int,
-    site_names: list,
-    partition: Output[Artifact],
+    skip_bad_images: bool,
+    classes: str,
+    min_class_images: int,
+    allow_outside_root: bool,
+    threads: int,
+    method_options: str,
+    synthetic: str,
+    site_names: str,
+    mailbox: str,
+    local_stack: str,
+) -> list:
+    from components.kfp_components import CONFIG_PARAMETERS, SERVER_ROLE, act_as, prepare_step
+
+    act_as(SERVER_ROLE, local_stack)  # s3:// data: the server reads server/published.json
+    values = locals()
+    return prepare_step({name: values[name] for name, _, _ in CONFIG_PARAMETERS}, site_names, mailbox)
+
+
+def extract_component(
+    extraction: str, role: str, party: str, index: int, local_stack: str, features: Output[Artifact]
+):
+    from components.kfp_components import act_as, extract_step
+
+    act_as(party, local_stack)
+    prov = extract_step(extraction, role, party, index, features.path)
+    features.metadata.update({"holder": party, "digest": prov["digest"], "images": prov["n_images"]})
+
+
+def worker_component(
+    config: str,
+    role: str,
+    party: str,
+    index: int,
+    run_id: str,
+    mailbox: str,
+    features: Input[Artifact],
+    quorum: int,
+    round_timeout: float,
+    join_timeout: float,
+    experiment: str,
+    tracking_uri: str,
+    local_stack: str,
 ) -> str:
-    from components.kfp_components import prepare_step
+    import logging
 
-    params = dict(
-        data=data,
-        method=method,
-        partition=partition_scheme,
-        alpha=alpha,
-        seed=seed,
-        batch_size=batch_size,
-        codec=codec,
-        backbone=backbone,
-        preprocessing=preprocessing,
-        method_options=method_options,
-        synthetic=synthetic,
-        split_ratio=split_ratio,
-        reference_fraction=reference_fraction,
-        transductive=transductive,
-        prompt_template=prompt_template,
-        skip_bad_images=skip_bad_images,
-        cache_dir=cache_dir,
-    )
-    return prepare_step(params, sites, rounds, site_names, partition.path)
+    from components.kfp_components import act_as, worker_step
 
-
-def extract_site_component(config: str, partition: Input[Artifact], site: str, features: Output[Artifact]):
-    from components.kfp_components import extract_site_step
-
-    extract_site_step(config, partition.path, site, features.path)
-
-
-def extract_server_component(
-    config: str,
-    partition: Input[Artifact],
-    features: Output[Artifact],
-    shared: Output[Artifact],
-    payload: Output[Artifact],
-    server_state: Output[Artifact],
-):
-    from components.kfp_components import extract_server_step
-
-    extract_server_step(config, partition.path, features.path, shared.path, payload.path, server_state.path)
-
-
-def site_train_component(
-    config: str,
-    partition: Input[Artifact],
-    site: str,
-    site_index: int,
-    round_index: int,
-    features: Input[Artifact],
-    shared: Input[Artifact],
-    payload: Input[Artifact],
-    update: Output[Artifact],
-    site_state: Output[Artifact],
-    previous_state: Optional[Input[Artifact]] = None,  # noqa: UP045 (KFP parses typing.Optional)
-):
-    from components.kfp_components import site_step
-
-    n_train = site_step(
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    act_as(party, local_stack)
+    return worker_step(
         config,
-        partition.path,
-        site,
-        site_index,
-        round_index,
+        role,
+        party,
+        index,
+        run_id,
+        mailbox,
         features.path,
-        shared.path,
-        payload.path,
-        previous_state.path if previous_state is not None else None,
-        site_state.path,
-        update.path,
-    )
-    update.metadata["n_train"] = n_train
-    update.metadata["site"] = site
-
-
-def site_final_component(
-    config: str,
-    partition: Input[Artifact],
-    site: str,
-    site_index: int,
-    rounds: int,
-    features: Input[Artifact],
-    shared: Input[Artifact],
-    payload: Input[Artifact],
-    previous_state: Input[Artifact],
-    site_state: Output[Artifact],
-):
-    from components.kfp_components import site_step
-
-    site_step(
-        config,
-        partition.path,
-        site,
-        site_index,
-        rounds,
-        features.path,
-        shared.path,
-        payload.path,
-        previous_state.path,
-        site_state.path,
-        None,
+        quorum,
+        round_timeout,
+        join_timeout,
+        experiment,
+        tracking_uri,
+        run_id,
     )
 
 
-def aggregate_component(
-    config: str,
-    partition: Input[Artifact],
-    round_index: int,
-    server_features: Input[Artifact],
-    shared: Input[Artifact],
-    previous_state: Input[Artifact],
-    payload: Output[Artifact],
-    server_state: Output[Artifact],
-    update_0: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_1: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_2: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_3: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_4: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_5: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_6: Optional[Input[Artifact]] = None,  # noqa: UP045
-    update_7: Optional[Input[Artifact]] = None,  # noqa: UP045
-):
-    from components.kfp_components import aggregate_step
-
-    ups = [update_0, update_1, update_2, update_3, update_4, update_5, update_6, update_7]
-    aggregate_step(
-        config,
-        partition.path,
-        round_index,
-        server_features.path,
-        shared.path,
-        previous_state.path,
-        [(u.path, u.metadata["n_train"]) for u in ups if u is not None],
-        payload.path,
-        server_state.path,
-    )
-
-
-def evaluate_component(
-    config: str,
-    partition: Input[Artifact],
-    shared: Input[Artifact],
-    server_features: Input[Artifact],
-    server_state: Input[Artifact],
+def report_component(
+    mailbox: str,
+    data: str,
+    run_id: str,
+    local_stack: str,
     run_dir: Output[Artifact],
     metrics: Output[Metrics],
-    site_0: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_1: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_2: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_3: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_4: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_5: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_6: Optional[Input[Artifact]] = None,  # noqa: UP045
-    site_7: Optional[Input[Artifact]] = None,  # noqa: UP045
-):
-    from components.kfp_components import evaluate_step
+) -> str:
+    from components.kfp_components import SERVER_ROLE, act_as, report_step, resolve_mailbox
 
-    sites = [site_0, site_1, site_2, site_3, site_4, site_5, site_6, site_7]
-    results = evaluate_step(
-        config,
-        partition.path,
-        shared.path,
-        server_features.path,
-        server_state.path,
-        [s.path for s in sites if s is not None],
-        run_dir.path,
-    )
+    act_as(SERVER_ROLE, local_stack)
+    results, mlflow_run_id = report_step(resolve_mailbox(mailbox, data), run_id, run_dir.path)
     m = results["metrics"]
     metrics.log_metric("best_round", m["best_round"])
     for k in ("acc", "bacc", "f1", "ece"):
-        metrics.log_metric(f"global_{k}", m["global"][k])
-        metrics.log_metric(f"site_mean_{k}", m["site_mean"][k])
+        for name, value in ((f"global_{k}", m["global"].get(k)), (f"site_mean_{k}", m["site_mean"].get(k))):
+            if value is not None:
+                metrics.log_metric(name, value)
+    return mlflow_run_id
 
 
 def export_component(run_dir: Input[Artifact], site: str, onnx: Output[Artifact]) -> str:
@@ -738,25 +632,36 @@ def export_component(run_dir: Input[Artifact], site: str, onnx: Output[Artifact]
 def register_component(
     run_dir: Input[Artifact],
     onnx: Input[Artifact],
+    mlflow_run_id: str,
     tracking_uri: str,
     experiment: str,
     model_name: str,
     alias: str,
     allow_worse: bool,
+    allow_different_data: bool,
+    kfp_run_id: str,
 ) -> str:
     from components.kfp_components import register_step
 
-    return register_step(run_dir.path, onnx.path, tracking_uri, experiment, model_name, alias, allow_worse)
+    return register_step(
+        run_dir.path,
+        onnx.path,
+        mlflow_run_id,
+        tracking_uri,
+        experiment,
+        model_name,
+        alias,
+        allow_worse,
+        allow_different_data,
+        kfp_run_id,
+    )
 
 
 _COMPONENT_FUNCS = {
     "prepare": prepare_component,
-    "extract_site": extract_site_component,
-    "extract_server": extract_server_component,
-    "site_train": site_train_component,
-    "site_final": site_final_component,
-    "aggregate": aggregate_component,
-    "evaluate": evaluate_component,
+    "extract": extract_component,
+    "worker": worker_component,
+    "report": report_component,
     "export": export_component,
     "register": register_component,
 }

@@ -1,79 +1,210 @@
-"""The fedmedclip Kubeflow pipeline: sites and rounds unrolled at compile time, so the graph shows every
-round (one training task per site, then the round's aggregation), and each site's tasks get only that
-site's features and that site's S3 secret. With `data = s3://BUCKET` (published by `fedmedclip data
-publish`), each holder's extraction task downloads only its own prefix with that secret.
+"""The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time parameters).
 
-    prepare (server secret) ─┬─ site_k: extract features (GPU, site secret)   ─┐
-                             └─ server: extract features + initial module     ─┤
-    round r:    site_k: train (GPU, site secret)  ×N  ──►  aggregate (server)
-    end:        site_k: evaluate last round       ×N  ──►  evaluate (run dir) ──► export (ONNX) ──► register (MLflow)
+    prepare (server Secret) ──► ParallelFor over [server, site_0, site_1, ...]  (all iterations at once):
+                                   extract features      (GPU, the party's own Secret, cached on its data)
+                                   ──► federation worker (CPU, the same Secret; retried, resumes)
+                             ──► report (server Secret) ──► export ONNX ──► register + promote (MLflow)
+
+Each iteration is one party of the federation runtime (fedmedclip.federation): its extraction encodes only its
+own images, its worker is the long-lived `fedmedclip server run` or `fedmedclip site run`, and the workers
+exchange codec payloads through the mailbox (`mailbox`, default the data's bucket) under the run id = the KFP
+run id, so a retried worker resumes the run instead of restarting it. Rounds loop inside the workers, so the
+graph (and its compiled YAML) is the same for 1 or 500 sites, 1 or 10,000 rounds. Each iteration reads its own
+Kubernetes Secret: the loop item names it, and KFP compiles it to `secretNameParameter`.
+
+KFP cannot pass the k-th output of one loop to the k-th iteration of another, so a party's extraction sits in
+the party's own iteration, before its worker (and the report waits for the loop with `.after`: kfp 2.17 does
+not compile `dsl.Collected` there, see pipelines/README.md).
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from components.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME, site_secret_name
-from fedmedclip.errors import ConfigError
-from fedmedclip.features import DEFAULT_PROMPT
+from components.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
+from fedmedclip.config import TrainConfig
+from fedmedclip.methods import DEFAULT_METHOD
 
 PIPELINE_NAME = "fedmedclip"
-DEFAULT_SITES = 3
-DEFAULT_ROUNDS = 3
 DEFAULT_YAML = Path(__file__).with_name("fedmedclip_pipeline.yaml")
 GPU_RESOURCE = "nvidia.com/gpu"
+POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod (an emptyDir-backed /tmp in the training image)
 S3_ENDPOINT_KEYS = {k: k for k in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")}
+_DEFAULTS = TrainConfig()
 
 
-def default_site_names(sites: int) -> list[str]:
-    return [f"site_{k}" for k in range(sites)]  # fedmedclip.partition's names for iid/dirichlet
+@dataclass(frozen=True)
+class Resources:
+    cpu_request: str
+    cpu_limit: str
+    memory_request: str
+    memory_limit: str
 
 
-def build_pipeline(
-    sites: int = DEFAULT_SITES,
-    rounds: int = DEFAULT_ROUNDS,
-    site_names: list[str] | None = None,
-    base_image: str | None = None,
-    gpu: bool = True,
-):
-    """The pipeline function for `sites` sites and `rounds` rounds (compile-time options)."""
+# Per kind of task. Extraction is the only GPU work (encoding images once); the workers train on cached
+# features, which a CPU does in well under a second per round, so they hold no GPU for their long lives.
+DEFAULT_RESOURCES = {
+    "prepare": Resources("500m", "2", "1Gi", "4Gi"),
+    "extract": Resources("2", "8", "8Gi", "16Gi"),
+    "worker": Resources("1", "4", "4Gi", "16Gi"),
+    "report": Resources("250m", "1", "512Mi", "2Gi"),
+    "export": Resources("2", "4", "8Gi", "16Gi"),
+    "register": Resources("500m", "2", "2Gi", "4Gi"),
+}
+# Seconds before Kubernetes stops a task (activeDeadlineSeconds). A worker lives as long as the federation.
+DEFAULT_TIMEOUTS = {
+    "prepare": 3600,
+    "extract": 6 * 3600,
+    "worker": 72 * 3600,
+    "report": 1800,
+    "export": 2 * 3600,
+    "register": 3600,
+}
+
+
+@dataclass(frozen=True)
+class Retry:
+    retries: int
+    backoff: str = "30s"
+    factor: float = 2.0
+    max_backoff: str = "10m"
+
+
+DEFAULT_RETRIES = {
+    "prepare": Retry(2),
+    "extract": Retry(2),
+    "worker": Retry(5),  # a retried worker continues from its last checkpoint in storage
+    "report": Retry(3),
+    "export": Retry(1),
+    "register": Retry(3),
+}
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Cluster settings fixed in the graph (everything about the run itself is a run-time parameter)."""
+
+    base_image: str | None = None
+    gpu: bool = True  # request a GPU for feature extraction
+    gpu_node_selector: dict = field(default_factory=dict)  # label -> value, on extraction tasks
+    gpu_tolerations: tuple = ()  # ({"key", "operator", "value", "effect"}, ...), on extraction tasks
+    resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
+    retries: dict = field(default_factory=lambda: dict(DEFAULT_RETRIES))
+
+
+def build_pipeline(options: CompileOptions | None = None):
+    """The pipeline function (sites, site names and rounds are its run-time parameters)."""
     from kfp import dsl, kubernetes
 
-    from components.kfp_components import DEFAULT_BASE_IMAGE, MAX_SITES, components_for
+    from components.kfp_components import (
+        DEFAULT_BASE_IMAGE,
+        MLFLOW_SECRET_KEYS,
+        MLFLOW_SECRET_NAME,
+        WORKER_TRACKING_ENV,
+        components_for,
+    )
 
-    names = list(site_names) if site_names else default_site_names(sites)
-    if len(names) != sites or len(set(names)) != sites:
-        raise ConfigError(f"--site-names must name {sites} distinct sites, got {names}")
-    if not 1 <= sites <= MAX_SITES:
-        raise ConfigError(f"the pipeline supports 1 to {MAX_SITES} sites, got {sites}")
-    if rounds < 1:
-        raise ConfigError(f"--rounds must be at least 1, got {rounds}")
-    c = components_for(base_image or DEFAULT_BASE_IMAGE)
+    opt = options or CompileOptions()
+    c = components_for(opt.base_image or DEFAULT_BASE_IMAGE)
+    secret_keys = {k: k for k in SECRET_KEYS}
 
-    keys = {k: k for k in SECRET_KEYS}
+    def configure(task, kind: str, display: str, cache: bool = True):
+        r = opt.resources[kind]
+        task.set_display_name(display)
+        task.set_cpu_request(r.cpu_request).set_cpu_limit(r.cpu_limit)
+        task.set_memory_request(r.memory_request).set_memory_limit(r.memory_limit)
+        retry = opt.retries.get(kind)
+        if retry is not None and retry.retries > 0:
+            task.set_retry(retry.retries, retry.backoff, retry.factor, retry.max_backoff)
+        kubernetes.set_timeout(task, int(opt.timeouts[kind]))
+        task.set_caching_options(cache)
+        return task
 
     def s3_endpoint(task):
-        # Where the data bucket is (s3:// data); optional, so a path-data cluster needs no ConfigMap.
+        # Where the bucket is; optional, so a cluster without the ConfigMap still runs path data.
         return kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, S3_ENDPOINT_KEYS, optional=True)
 
-    def site_task(task, index: int, accelerate: bool):
-        # Only site k's S3 credentials reach its pods (Secret fedmedclip-site-<k>-s3, infra/training): with
-        # s3:// data they can download sites/<k>/ and nothing else.
-        kubernetes.use_secret_as_env(task, secret_name=site_secret_name(index), secret_key_to_env=keys)
-        s3_endpoint(task)
-        if accelerate:
-            gpu_task(task)
-        return task
-
-    def server_task(task):
-        # The aggregator's credentials: the server/ prefix only (catalog, global test), never a site's.
-        kubernetes.use_secret_as_env(task, secret_name=SERVER_SECRET_NAME, secret_key_to_env=keys)
-        return s3_endpoint(task)
-
     def gpu_task(task):
-        if gpu:
+        if opt.gpu:
             task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+            for label, value in sorted(opt.gpu_node_selector.items()):
+                kubernetes.add_node_selector(task, label, value)
+            for t in opt.gpu_tolerations:
+                kubernetes.add_toleration(
+                    task,
+                    key=t.get("key"),
+                    operator=t.get("operator"),
+                    value=t.get("value"),
+                    effect=t.get("effect"),
+                )
         return task
+
+    def tracking(task):
+        # The tracking server and the pipeline's MLflow user (infra/training); both optional.
+        kubernetes.use_config_map_as_env(
+            task, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}, optional=True
+        )
+        return kubernetes.use_secret_as_env(task, MLFLOW_SECRET_NAME, MLFLOW_SECRET_KEYS, optional=True)
+
+    @dsl.pipeline(
+        name="federation-party",
+        description="One party of the federation (the server or a site): its feature extraction, then its "
+        "long-lived worker, both with that party's own S3 Secret.",
+    )
+    def party_pipeline(
+        role: str,
+        party: str,
+        index: int,
+        secret: str,
+        tracking_secret: str,
+        extraction: str,
+        config: str,
+        run_id: str,
+        mailbox: str,
+        quorum: int,
+        round_timeout: float,
+        join_timeout: float,
+        experiment: str,
+        tracking_uri: str,
+        local_stack: str,
+    ) -> str:
+        # A sub-pipeline, not tasks in the loop body: kfp 2.17 compiles a Secret name taken from a field of a
+        # loop item over a task's output only when it reaches the tasks as an input of their own DAG.
+        extract = c.extract(
+            extraction=extraction, role=role, party=party, index=index, local_stack=local_stack
+        )
+        # Cached on the extraction settings and the holder only: not the method, codec or rounds.
+        configure(extract, "extract", "extract features (own images, GPU)")
+        kubernetes.use_secret_as_env(extract, secret, secret_keys)
+        s3_endpoint(gpu_task(extract))
+
+        worker = c.worker(
+            config=config,
+            role=role,
+            party=party,
+            index=index,
+            run_id=run_id,
+            mailbox=mailbox,
+            features=extract.outputs["features"],
+            quorum=quorum,
+            round_timeout=round_timeout,
+            join_timeout=join_timeout,
+            experiment=experiment,
+            tracking_uri=tracking_uri,
+            local_stack=local_stack,
+        )
+        configure(worker, "worker", "federation worker (server or site)", cache=False)
+        kubernetes.use_secret_as_env(worker, secret, secret_keys)
+        s3_endpoint(worker)
+        # Only the server's item names the MLflow Secret; a site's names its own S3 Secret, which has no such
+        # keys (optional: nothing is set), so no site pod holds the central MLflow's credentials.
+        kubernetes.use_secret_as_env(worker, tracking_secret, MLFLOW_SECRET_KEYS, optional=True)
+        kubernetes.use_config_map_as_env(
+            worker, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": WORKER_TRACKING_ENV}, optional=True
+        )
+        return worker.output
 
     class Outputs(NamedTuple):
         run_dir: dsl.Artifact
@@ -81,154 +212,175 @@ def build_pipeline(
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description=f"Federated adaptation of a frozen CLIP: {sites} sites ({', '.join(names)}), {rounds} rounds.",
+        description="Federated adaptation of a frozen CLIP: a server and one long-lived worker per site, "
+        "exchanging module updates through an object store (any number of sites and rounds).",
     )
     def fedmedclip_pipeline(
-        data: str = "synthetic",
-        method: str = "fedmedclip",
-        partition: str = "iid",
+        data: str = _DEFAULTS.data,
+        method: str = DEFAULT_METHOD,
+        partition: str = _DEFAULTS.partition,
         alpha: float = 0.0,
-        seed: int = 0,
-        batch_size: int = 32,
-        codec: str = "fp16-zlib",
-        backbone: str = "tiny",
+        sites: int = _DEFAULTS.sites,
+        site_names: str = "",
+        rounds: int = _DEFAULTS.rounds,
+        backbone: str = _DEFAULTS.backbone,
         preprocessing: str = "",
+        seed: int = _DEFAULTS.seed,
+        batch_size: int = _DEFAULTS.batch_size,
+        codec_up: str = _DEFAULTS.codec_up,
+        codec_down: str = _DEFAULTS.codec_down,
+        split: str = "0.8,0.1,0.1",
+        reference_fraction: float = _DEFAULTS.reference_fraction,
+        transductive: bool = False,
+        prompt_template: str = _DEFAULTS.prompt_template,
+        cache_dir: str = POD_CACHE_DIR,
+        skip_bad_images: bool = False,
+        classes: str = "",
+        min_class_images: int = _DEFAULTS.min_class_images,
+        allow_outside_root: bool = False,
+        threads: int = _DEFAULTS.threads,
         method_options: str = "{}",
         synthetic: str = "{}",
-        split_ratio: str = "[0.8, 0.1, 0.1]",
-        reference_fraction: float = 0.1,
-        transductive: bool = False,
-        prompt_template: str = DEFAULT_PROMPT,
-        skip_bad_images: bool = False,
-        cache_dir: str = "/tmp/fedmedclip-cache",
+        mailbox: str = "",
+        quorum: int = 0,
+        round_timeout: float = 600.0,
+        join_timeout: float = 3600.0,
         export_site: str = "global",
         tracking_uri: str = "",
-        experiment: str = "fedmedclip",
-        model_name: str = "fedmedclip",
+        experiment: str = PIPELINE_NAME,
+        model_name: str = PIPELINE_NAME,
         promote_alias: str = "champion",
         allow_worse: bool = False,
+        allow_different_data: bool = False,
+        local_stack: str = "",
     ) -> Outputs:
+        """Federated adaptation of a frozen CLIP (FedMedCLIP, FACMIC and baselines) as a federation runtime.
+
+        Args:
+            data: Images: s3://BUCKET published per site by `fedmedclip data publish` (each party reads only its own prefix), or synthetic, an image folder or a CSV manifest readable in the pods.
+            method: The method (`fedmedclip methods` lists them and their options).
+            partition: iid, dirichlet (with alpha) or natural (the manifest's site column).
+            alpha: Dirichlet concentration (smaller = more label skew); 0 = unset.
+            sites: Number of sites (the partition's; any number: each is one iteration of the workers' loop).
+            site_names: Comma-separated site names to check against the partition's ('' = the partition's).
+            rounds: Federated rounds (a loop inside the workers: any number).
+            backbone: tiny | random-vit-b32 | random-vit-b16 | s3://BUCKET/PREFIX or models:/NAME/VERSION published by `fedmedclip backbone push` (downloaded once per pod, hash-checked).
+            preprocessing: squash or clip; '' = the method's recipe.
+            seed: Seed of the partition and of every random draw.
+            batch_size: Training batch size.
+            codec_up: How a site's update travels to the server.
+            codec_down: How the global module travels to the sites.
+            split: Per-site train,val,test shares, e.g. 0.8,0.1,0.1.
+            reference_fraction: Share of the training pool held out, unlabelled, as FACMIC's adaptation target.
+            transductive: FACMIC adapts toward the global test images (only to match the paper).
+            prompt_template: Class prompt; {} is the class name.
+            cache_dir: Feature stores, downloads and backbones inside each pod.
+            skip_bad_images: Skip unreadable images (counted, ids recorded) instead of failing.
+            classes: Comma-separated class list ('' = inferred from the data).
+            min_class_images: With an inferred class list, the fewest training images a class may have.
+            allow_outside_root: Allow manifest rows that resolve outside the manifest's folder.
+            threads: Torch threads of each worker.
+            method_options: Method options as a JSON object, e.g. {"lr_fam": 5e-4}.
+            synthetic: Arguments of the synthetic data generator as a JSON object.
+            mailbox: Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.
+            quorum: Fewest sites a round may aggregate once it times out; 0 = every site.
+            round_timeout: Seconds a round waits for the sites' updates.
+            join_timeout: Seconds round 1 waits while the sites prepare.
+            export_site: Model exported to ONNX: global, a site name, or '' (no export).
+            tracking_uri: MLflow server; '' = the endpoints ConfigMap's MLFLOW_TRACKING_URI (none: no tracking).
+            experiment: MLflow experiment of the live run.
+            model_name: Registered model name.
+            promote_alias: Alias the new version is promoted to ('' registers only).
+            allow_worse: Promote even when its global balanced accuracy is below the alias holder's.
+            allow_different_data: Promote even when the alias holder was trained on other data or partition.
+            local_stack: Local runs only: the local stack directory whose per-role keys each task takes ('' in a cluster, where each task gets its own Secret).
+        """
         prep = c.prepare(
             data=data,
             method=method,
-            partition_scheme=partition,
+            partition=partition,
             alpha=alpha,
-            seed=seed,
-            batch_size=batch_size,
-            codec=codec,
+            sites=sites,
+            rounds=rounds,
             backbone=backbone,
             preprocessing=preprocessing,
-            method_options=method_options,
-            synthetic=synthetic,
-            split_ratio=split_ratio,
+            seed=seed,
+            batch_size=batch_size,
+            codec_up=codec_up,
+            codec_down=codec_down,
+            split=split,
             reference_fraction=reference_fraction,
             transductive=transductive,
             prompt_template=prompt_template,
-            skip_bad_images=skip_bad_images,
             cache_dir=cache_dir,
-            sites=sites,
-            rounds=rounds,
-            site_names=names,
-        ).set_display_name("prepare: configuration + partition")
-        server_task(prep)
-        cfg, part = prep.outputs["Output"], prep.outputs["partition"]
-
-        server = server_task(gpu_task(c.extract_server(config=cfg, partition=part))).set_display_name(
-            "server: extract features (global test + reference)"
+            skip_bad_images=skip_bad_images,
+            classes=classes,
+            min_class_images=min_class_images,
+            allow_outside_root=allow_outside_root,
+            threads=threads,
+            method_options=method_options,
+            synthetic=synthetic,
+            site_names=site_names,
+            mailbox=mailbox,
+            local_stack=local_stack,
         )
-        shared, server_features = server.outputs["shared"], server.outputs["features"]
-        features = {}
-        for k, s in enumerate(names):
-            t = c.extract_site(config=cfg, partition=part, site=s).set_display_name(f"{s}: extract features")
-            features[s] = site_task(t, k, accelerate=True).outputs["features"]
+        configure(prep, "prepare", "prepare: validate, partition, parties")
+        # The server's credentials: s3:// data's server/published.json (no site's prefix).
+        kubernetes.use_secret_as_env(prep, SERVER_SECRET_NAME, secret_keys)
+        s3_endpoint(prep)
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-        payload, server_state = server.outputs["payload"], server.outputs["server_state"]
-        site_state: dict = {s: None for s in names}
-        for r in range(1, rounds + 1):
-            updates = {}
-            for k, s in enumerate(names):
-                extra = {"previous_state": site_state[s]} if site_state[s] is not None else {}
-                t = c.site_train(
-                    config=cfg,
-                    partition=part,
-                    site=s,
-                    site_index=k,
-                    round_index=r,
-                    features=features[s],
-                    shared=shared,
-                    payload=payload,
-                    **extra,
-                ).set_display_name(f"round {r}: {s} train")
-                site_task(t, k, accelerate=True)
-                updates[f"update_{k}"] = t.outputs["update"]
-                site_state[s] = t.outputs["site_state"]
-            agg = c.aggregate(
-                config=cfg,
-                partition=part,
-                round_index=r,
-                server_features=server_features,
-                shared=shared,
-                previous_state=server_state,
-                **updates,
-            ).set_display_name(f"round {r}: aggregate (server)")
-            server_task(agg)
-            payload, server_state = agg.outputs["payload"], agg.outputs["server_state"]
+        with dsl.ParallelFor(prep.output) as party:
+            worker = party_pipeline(
+                role=party.role,
+                party=party.party,
+                index=party.index,
+                secret=party.secret,
+                tracking_secret=party.tracking_secret,
+                extraction=party.extraction,
+                config=party.config,
+                run_id=run_id,
+                mailbox=party.mailbox,
+                quorum=quorum,
+                round_timeout=round_timeout,
+                join_timeout=join_timeout,
+                experiment=experiment,
+                tracking_uri=tracking_uri,
+                local_stack=local_stack,
+            ).set_display_name("party: extract features, then its federation worker")
 
-        finals = {}
-        for k, s in enumerate(names):
-            t = c.site_final(
-                config=cfg,
-                partition=part,
-                site=s,
-                site_index=k,
-                rounds=rounds,
-                features=features[s],
-                shared=shared,
-                payload=payload,
-                previous_state=site_state[s],
-            ).set_display_name(f"{s}: evaluate round {rounds}")
-            finals[f"site_{k}"] = site_task(t, k, accelerate=False).outputs["site_state"]
-        ev = c.evaluate(
-            config=cfg,
-            partition=part,
-            shared=shared,
-            server_features=server_features,
-            server_state=server_state,
-            **finals,
-        ).set_display_name("evaluate: select round, write run directory")
-        export = c.export(run_dir=ev.outputs["run_dir"], site=export_site).set_display_name("export ONNX")
+        report = c.report(mailbox=mailbox, data=data, run_id=run_id, local_stack=local_stack).after(worker)
+        configure(report, "report", "report: the server's run directory", cache=False)
+        kubernetes.use_secret_as_env(report, SERVER_SECRET_NAME, secret_keys)
+        s3_endpoint(report)
+
+        export = c.export(run_dir=report.outputs["run_dir"], site=export_site)
+        configure(export, "export", "export ONNX")
+
         reg = c.register(
-            run_dir=ev.outputs["run_dir"],
+            run_dir=report.outputs["run_dir"],
             onnx=export.outputs["onnx"],
+            mlflow_run_id=report.outputs["Output"],
             tracking_uri=tracking_uri,
             experiment=experiment,
             model_name=model_name,
             alias=promote_alias,
             allow_worse=allow_worse,
-        ).set_display_name("register + promote (MLflow)")
-        reg.set_caching_options(False)  # the registry changes between runs: never reuse a registration
-        # In the cluster the tracking URI comes from the endpoints ConfigMap (MLFLOW_TRACKING_URI) unless the
-        # tracking_uri parameter is set; optional, so a cluster without MLflow skips registration.
-        kubernetes.use_config_map_as_env(
-            reg, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}, optional=True
+            allow_different_data=allow_different_data,
+            kfp_run_id=run_id,
         )
-        return Outputs(run_dir=ev.outputs["run_dir"], model_uri=reg.outputs["Output"])
+        configure(reg, "register", "register + promote (MLflow)", cache=False)
+        tracking(reg)
+        return Outputs(run_dir=report.outputs["run_dir"], model_uri=reg.outputs["Output"])
 
     return fedmedclip_pipeline
 
 
-def compile_pipeline(
-    out: str | Path = DEFAULT_YAML,
-    sites: int = DEFAULT_SITES,
-    rounds: int = DEFAULT_ROUNDS,
-    site_names: list[str] | None = None,
-    base_image: str | None = None,
-    gpu: bool = True,
-) -> Path:
-    """Compile to IR YAML (what `kfp.Client` uploads and what the local test executes)."""
+def compile_pipeline(out: str | Path = DEFAULT_YAML, options: CompileOptions | None = None) -> Path:
+    """Compile to IR YAML (what `kfp.Client` uploads and what `pipeline run --local` executes)."""
     from kfp import compiler
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(sites, rounds, site_names, base_image, gpu), str(out))
+    compiler.Compiler().compile(build_pipeline(options), str(out))
     return out
