@@ -275,23 +275,21 @@ def extract_step(extraction_json: str, role: str, holder: str, index: int, featu
     into a feature store, exactly as the worker's preparation would; returns its provenance."""
     from fedmedclip.backbone import load_backbone, make_preprocessing
     from fedmedclip.config import TrainConfig
+    from fedmedclip.federation.runner import site_images
     from fedmedclip.preparation import SERVER, extract_features, prepare
-    from fedmedclip.sources import is_published_layout, is_remote, remote_source
 
     # A published backbone (s3://, models:/) is fetched into the cache and hash-checked by load_backbone,
     # before any image is read: a missing or mismatching one fails here, saying how to publish it.
     cfg = TrainConfig(**json.loads(extraction_json), out="").validate()
     if role == SERVER_ROLE:
         store = prepare(cfg, progress=False, holders=[SERVER]).stores[SERVER]
-    elif is_remote(cfg.data) or is_published_layout(cfg.data):
-        # The site's own prefix only, with its own credentials: it never reads the server's catalog.
-        images, split, _ = remote_source(cfg.data).site_holder(cfg, holder, index)
+    else:
+        # The site's own images only (its own prefix with its own credentials, for published data).
+        images, split, _ = site_images(cfg, holder, index)
         backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
         prep = make_preprocessing(cfg.preprocessing, backbone)
         ids = split["train"] + split["val"] + split["test"]
         store = extract_features(images, ids, backbone, prep, cfg, holder, progress=False)
-    else:
-        store = prepare(cfg, progress=False, holders=[holder]).stores[holder]
     out = Path(features_dir)
     shutil.copytree(store.path, out, dirs_exist_ok=True)
     return store.provenance

@@ -60,7 +60,9 @@ class Partition:
         return self.to_json()["digest"]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        from .federation.storage import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps(self.to_json(), indent=1).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> Partition:

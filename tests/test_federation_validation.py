@@ -297,3 +297,38 @@ def test_a_site_that_joins_late_takes_the_current_global_module(prepared, tmp_pa
     # Its first update was trained from round 2's module: the update of round 3, not round 1.
     assert not store.exists(mailbox.update_key(1, "site_2")) and store.exists(mailbox.update_key(3, "site_2"))
     assert history[2]["sites"][2]["acc"] is not None
+
+
+def test_a_finished_server_started_again_on_a_fresh_disk_writes_its_run_directory_again(prepared, tmp_path):
+    """A retried pod of a server that had finished: its checkpoint says done, its disk is new; it writes the
+    same run directory again (from its checkpoint and the mailbox) instead of training anything."""
+    cfg, p = prepared
+    cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 2})
+    server, sites, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=3)
+    while not (server.finished and all(s.finished for s in sites)):
+        for s in sites:
+            s.poll()
+        server.poll()
+    again = FederationServer(
+        mailbox,
+        server.setup,
+        store.sub("server-state"),
+        tmp_path / "fresh-disk",
+        ServerOptions(quorum=3),
+        verbose=False,
+    )
+    again.start()
+    written = json.loads((tmp_path / "fresh-disk" / "results.json").read_text())
+    assert again.finished and json.loads(json.dumps(again.run())) == written
+    first, second = tmp_path / "out", tmp_path / "fresh-disk"
+    strip = lambda r: {k: v for k, v in r.items() if k != "timing"}  # noqa: E731
+    assert strip(json.loads((first / "results.json").read_text())) == strip(written)
+    for rel in (
+        "model/global.safetensors",
+        "model/model.json",
+        "rounds/global_round_002.bin",
+        "provenance.json",
+        "partition.json",
+        "config.json",
+    ):
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel

@@ -691,42 +691,64 @@ def admit(vap: dict, params: dict | None, pod: dict, user: str, operation: str =
     return failed
 
 
+def _secret_name(ref: dict, party: dict) -> str:
+    """A Secret's name in a compiled executor: a constant, or (workers, extraction) a field of the party's loop
+    item reaching the task as an input parameter."""
+    param = ref.get("secretNameParameter", {})
+    if "componentInputParameter" in param:
+        return party[param["componentInputParameter"]]
+    return ref.get("secretName") or param["runtimeValue"]["constant"]
+
+
 def _pipeline_pods() -> list[dict]:
-    """The pods a KFP backend creates for the compiled pipeline: one per executor, its secrets and config
-    maps as env (kfp-kubernetes secretAsEnv / configMapAsEnv), created by the workflow controller."""
+    """The pods a KFP backend creates for the compiled pipeline: one per executor and, for the tasks of the
+    parties' loop, one per party (the server and DEFAULT_SITES sites, each loop item naming its own Secrets as
+    prepare_step does), their secrets and config maps as env (kfp-kubernetes secretAsEnv / configMapAsEnv),
+    created by the workflow controller."""
     from pipelines.pipeline import DEFAULT_YAML
 
     platform = list(yaml.safe_load_all(DEFAULT_YAML.read_text()))[1]
+    parties = [{"secret": SERVER_SECRET_NAME, "tracking_secret": "fedmedclip-mlflow-pipeline"}] + [
+        {"secret": site_secret_name(k), "tracking_secret": site_secret_name(k)} for k in range(DEFAULT_SITES)
+    ]
     pods = []
     for name, executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
-        env = [
-            {
-                "name": e["envVar"],
-                "valueFrom": {"secretKeyRef": {"name": s["secretName"], "key": e["secretKey"]}},
-            }
+        per_party = any(
+            "componentInputParameter" in s.get("secretNameParameter", {})
             for s in executor.get("secretAsEnv", [])
-            for e in s["keyToEnv"]
-        ] + [
-            {
-                "name": e["envVar"],
-                "valueFrom": {"configMapKeyRef": {"name": m["configMapName"], "key": e["configMapKey"]}},
-            }
-            for m in executor.get("configMapAsEnv", [])
-            for e in m["keyToEnv"]
-        ]
-        labels = {
-            "pipelines.kubeflow.org/v2_component": "true",
-            **(executor.get("podMetadata") or {}).get("labels", {}),
-        }
-        pods.append(
-            {
-                "metadata": {"name": name, "labels": labels},
-                "spec": {
-                    "initContainers": [{"name": "kfp-launcher", "image": "kfp-launcher"}],
-                    "containers": [{"name": "main", "image": "fedmedclip-train", "env": env}],
-                },
-            }
         )
+        for party in parties if per_party else parties[:1]:
+            env = [
+                {
+                    "name": e["envVar"],
+                    "valueFrom": {"secretKeyRef": {"name": _secret_name(s, party), "key": e["secretKey"]}},
+                }
+                for s in executor.get("secretAsEnv", [])
+                for e in s["keyToEnv"]
+            ] + [
+                {
+                    "name": e["envVar"],
+                    "valueFrom": {"configMapKeyRef": {"name": m["configMapName"], "key": e["configMapKey"]}},
+                }
+                for m in executor.get("configMapAsEnv", [])
+                for e in m["keyToEnv"]
+            ]
+            labels = {
+                "pipelines.kubeflow.org/v2_component": "true",
+                **(executor.get("podMetadata") or {}).get("labels", {}),
+            }
+            pods.append(
+                {
+                    "metadata": {
+                        "name": f"{name}-{party['secret']}" if per_party else name,
+                        "labels": labels,
+                    },
+                    "spec": {
+                        "initContainers": [{"name": "kfp-launcher", "image": "kfp-launcher"}],
+                        "containers": [{"name": "main", "image": "fedmedclip-train", "env": env}],
+                    },
+                }
+            )
     return pods
 
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
-from components.kfp_components import extract_site_step, prepare_step  # noqa: E402
+from components.kfp_components import extract_step, prepare_step  # noqa: E402
 from components.site_data import (  # noqa: E402
     CATALOG,
     PUBLISHED,
@@ -60,6 +60,7 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
 
 
 def _params(data: str, seed: int = 0, cache: Path | None = None) -> dict:
+    """The pipeline parameters of the prepare task (`components/kfp_components.py`)."""
     return {
         "data": data,
         "method": "fedmedclip",
@@ -68,7 +69,13 @@ def _params(data: str, seed: int = 0, cache: Path | None = None) -> dict:
         "seed": seed,
         "synthetic": json.dumps(SYNTH),
         "cache_dir": str(cache),
+        "sites": 2,
+        "rounds": 2,
     }
+
+
+def _extraction(parties: list, site: str) -> str:
+    return next(p for p in parties if p["party"] == site)["extraction"]
 
 
 def _keys(client, bucket: str) -> list[str]:
@@ -81,7 +88,6 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
 ):
     from fedmedclip.engine import SERVER, extract_features, holder_image_ids, load_image_set, partition_for
     from fedmedclip.features import FeatureStore
-    from fedmedclip.partition import Partition
 
     bucket, client = _granted_bucket(mlops_stack), mlops_stack.s3_client()  # admin: to inspect only
     cfg = _cfg(tmp_path)
@@ -115,20 +121,18 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     # prepare (the server's key) draws the same partition from the catalog alone.
     as_stack_role("server")
     cache = tmp_path / "task_cache"
-    config_json = prepare_step(
-        _params(f"s3://{bucket}", cache=cache), 2, 2, part.site_names, str(tmp_path / "p")
-    )
-    assert Partition.load(tmp_path / "p" / "partition.json").digest == part.digest
+    parties = prepare_step(_params(f"s3://{bucket}", cache=cache), ",".join(part.site_names), "")
+    assert [p["party"] for p in parties] == ["server", *part.site_names]
     assert read_site_summary(f"s3://{bucket}", 1)["samples"]["train"] == len(part.sites["site_1"]["train"])
 
     # site_0's key cannot run site_1's extraction: its prefix is refused by the server.
     as_stack_role("site_0")
     with pytest.raises(DataError, match=rf"access to s3://{bucket}/sites/1/catalog.json denied"):
-        extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
+        extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
 
     # site_1's extraction task with site_1's key: its prefix only, and the engine's features bit for bit.
     as_stack_role("site_1")
-    extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
+    extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
     s3_cache = cache / "s3" / bucket
     staged = sorted(p.relative_to(s3_cache).as_posix() for p in s3_cache.rglob("*") if p.is_file())
     assert staged and all(p.startswith("sites/1/images/") for p in staged)
@@ -163,37 +167,29 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     # A run asking for another partition than the published one is refused before any download.
     as_stack_role("server")
     with pytest.raises(ConfigError, match="was published for the partition"):
-        prepare_step(
-            _params(f"s3://{bucket}", seed=1, cache=cache), 2, 2, part.site_names, str(tmp_path / "q")
-        )
+        prepare_step(_params(f"s3://{bucket}", seed=1, cache=cache), "", "")
 
 
 def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
     cache = tmp_path / "c"
     with pytest.raises(DataError, match="does not exist: publish the data first"):
-        prepare_step(
-            _params(f"s3://{_bucket()}", cache=cache), 2, 2, ["site_0", "site_1"], str(tmp_path / "p")
-        )
+        prepare_step(_params(f"s3://{_bucket()}", cache=cache), "", "")
     with pytest.raises(ConfigError, match=r"give the data bucket only, s3://BUCKET"):
-        prepare_step(
-            _params("s3://bucket/some/prefix", cache=cache), 2, 2, ["site_0", "site_1"], str(tmp_path / "p")
-        )
+        prepare_step(_params("s3://bucket/some/prefix", cache=cache), "", "")
     # A published bucket whose site prefix lost an image: the site's task names the object.
     bucket = _bucket()
     publish(_cfg(tmp_path), bucket, progress=False)
     client = s3_env.s3_client()
     victim = next(k for k in _keys(client, bucket) if k.startswith("sites/0/images/"))
     client.delete_object(Bucket=bucket, Key=victim)
-    config_json = prepare_step(
-        _params(f"s3://{bucket}", cache=cache), 2, 2, ["site_0", "site_1"], str(tmp_path / "p")
-    )
+    parties = prepare_step(_params(f"s3://{bucket}", cache=cache), "", "")
     with pytest.raises(DataError, match=f"s3://{bucket}/{victim}"):
-        extract_site_step(config_json, str(tmp_path / "p"), "site_0", str(tmp_path / "f0"))
+        extract_step(_extraction(parties, "site_0"), "site", "site_0", 0, str(tmp_path / "f0"))
     # An image replaced after publishing: its MD5 is not the catalog's, and nothing is staged from it.
     tampered = next(k for k in _keys(client, bucket) if k.startswith("sites/1/images/"))
     client.put_object(Bucket=bucket, Key=tampered, Body=b"not the published scan")
     with pytest.raises(DataError, match=rf"s3://{bucket}/{tampered} has MD5 .*changed after publishing"):
-        extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
+        extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
     client.delete_object(Bucket=bucket, Key=tampered)
 
     # No credentials: the error says which Secret a cluster task would have.
@@ -203,7 +199,7 @@ def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(DataError, match="fedmedclip-site-1-s3"):
-        extract_site_step(config_json, str(tmp_path / "p"), "site_1", str(tmp_path / "f1"))
+        extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
 
 
 def test_cli_publish_uses_the_local_stack(s3_env, tmp_path, monkeypatch, capsys):
@@ -225,27 +221,32 @@ def test_cli_publish_uses_the_local_stack(s3_env, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_pipeline_on_s3_data_matches_the_engine(s3_env, tmp_path):
-    """`make demo`'s path: the compiled YAML run locally on published data, registered and promoted
-    (~15 task processes, 1 to 2 minutes)."""
+    """`make demo`'s path: the compiled YAML run locally on data published per holder, every task with only
+    its own role's key (the local stack's, as each pod gets its own Secret), the federation's mailbox in the
+    same bucket; the model registered and promoted (1 to 2 minutes)."""
     from fedmedclip.engine import train
     from pipelines.local import run_local
-    from pipelines.pipeline import compile_pipeline
+    from pipelines.pipeline import DEFAULT_YAML
 
-    bucket = _bucket()
+    bucket = _granted_bucket(s3_env)
     cfg = _cfg(tmp_path, out=str(tmp_path / "engine"))
     publish(cfg, bucket, progress=False)
-    yaml_path = compile_pipeline(tmp_path / "p.yaml", sites=2, rounds=2)
     run = run_local(
-        yaml_path,
+        DEFAULT_YAML,
         tmp_path / "root",
+        log_path=tmp_path / "pipeline.log",
+        sites=2,
+        rounds=2,
         data=f"s3://{bucket}",
         cache_dir=str(tmp_path / "task_cache"),
+        synthetic=json.dumps(SYNTH),
+        local_stack=s3_env.data_dir,
+        join_timeout=300.0,
         export_site="",
-        log_path=tmp_path / "pipeline.log",
         tracking_uri=s3_env.tracking_uri,
         model_name=f"s3-data-{bucket}",
     )
-    ref = train(cfg, progress=False)
+    ref = train(cfg, progress=False, run_id=run.results["run_id"])
     assert run.results["metrics"] == ref["metrics"]
     assert run.results["comm"] == ref["comm"] and run.results["features"] == ref["features"]
     staged = tmp_path / "task_cache" / "s3" / bucket

@@ -128,6 +128,21 @@ def site_config(manifest: dict, data: str | None, cache_dir: str, threads: int) 
     return TrainConfig.from_json(settings).validate()
 
 
+def site_images(cfg: TrainConfig, site: str, index: int):
+    """A site's own images, its split ({"train"|"val"|"test": [ids]} in the partition's order) and the partition
+    digest: from its own published prefix (S3, or a local folder in that layout), with its own credentials and
+    nothing else; or from a local source, drawing the run's partition from it."""
+    if is_remote(cfg.data) or is_published_layout(cfg.data):
+        return remote_source(cfg.data).site_holder(cfg, site, index)
+    image_set = load_image_set(cfg)
+    partition = partition_for(cfg, image_set)
+    if site not in partition.sites:
+        raise ConfigError(
+            f"--data {cfg.data}: its partition has no site {site!r} (it has {', '.join(partition.site_names)})"
+        )
+    return image_set, partition.sites[site], partition.digest
+
+
 def prepare_site(
     cfg: TrainConfig, site: str, manifest: dict, shared: dict, progress: bool = True
 ) -> SiteSetup:
@@ -148,12 +163,7 @@ def prepare_site(
         )
     if json.loads(json.dumps(prep.describe())) != manifest["preprocessing"]:
         mismatch.append(f"preprocessing {prep.describe()} vs the run's {manifest['preprocessing']}")
-    if is_remote(cfg.data) or is_published_layout(cfg.data):
-        images, split, digest = remote_source(cfg.data).site_holder(cfg, site, index)
-    else:
-        image_set = load_image_set(cfg)
-        partition = partition_for(cfg, image_set)
-        images, split, digest = image_set, partition.sites.get(site), partition.digest
+    images, split, digest = site_images(cfg, site, index)
     if digest != manifest["partition_digest"]:
         mismatch.append(
             f"partition {str(digest)[:12]}... vs the run's {manifest['partition_digest'][:12]}..."

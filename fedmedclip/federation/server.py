@@ -232,6 +232,8 @@ class FederationServer:
         if self.phase != "done" and not self.mb.store.exists(self.mb.global_key(newest)):
             self._write_global(newest, self.payload)
         if self.phase == "done":
+            # A finished run started again (a retried pod, maybe on a fresh disk): its run directory again.
+            self.results = self._write_outputs(rewrite=not (self.out / "results.json").exists())
             self.finished = True
         self._say(f"resuming run {self.mb.run_id}: {self.phase} of round {self.round}")
 
@@ -532,22 +534,37 @@ class FederationServer:
         )
 
     # ------------------------------------------------------------------ the end
-    def _finish(self) -> None:
+    def _write_outputs(self, rewrite: bool = True) -> dict:
+        """The run directory from the server's state (`rewrite=False`: it is there, read results.json)."""
+        if not rewrite:
+            return json.loads((self.out / "results.json").read_text())
         setup = self.setup
-        if self.best_round is None:
-            self._say("no site has a validation split: the last round is selected (results.json says so)")
-            self.best_received = {k: v.clone() for k, v in self.received.items()}
-        results = write_run(
+        atomic_write_json(self.out / "config.json", self.cfg.to_json())
+        setup.partition.save(self.out / "partition.json")
+        for r in range(1, len(self.history) + 1):
+            if not (self.out / "rounds" / f"global_round_{r:03d}.bin").exists():
+                payload = self.mb.store.get(self.mb.global_key(r))
+                if payload is not None:
+                    atomic_write_bytes(self.out / "rounds" / f"global_round_{r:03d}.bin", payload)
+        # Holders in the sites' order, then the server: as `fedmedclip train` writes them.
+        provenance = {s: self.site_provenance[s] for s in self.sites if s in self.site_provenance}
+        return write_run(
             self.out,
             setup,
             self.method,
             self.history,
             self.reports,
             self.best_round,
-            {**self.site_provenance, SERVER: setup.provenance},
+            {**provenance, SERVER: setup.provenance},
             self.best_received,
             extra={"run_id": self.mb.run_id, **setup.extra_results},
         )
+
+    def _finish(self) -> None:
+        if self.best_round is None:
+            self._say("no site has a validation split: the last round is selected (results.json says so)")
+            self.best_received = {k: v.clone() for k, v in self.received.items()}
+        results = self._write_outputs()
         selected = results["metrics"]["best_round"]
         self.results, self.phase, self.finished = results, "done", True
         self._save()
