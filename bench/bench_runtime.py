@@ -41,7 +41,9 @@ def start_moto(workdir: Path) -> tuple[subprocess.Popen, dict]:
     port = _free_port()
     exe = Path(sys.executable).parent / "moto_server"
     log = (workdir / "moto.log").open("w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     env = {
         "AWS_ACCESS_KEY_ID": "bench",
         "AWS_SECRET_ACCESS_KEY": "bench-secret",
@@ -74,21 +76,53 @@ def engine_run(sites: int, rounds: int, cache: Path, out: Path, run_id: str) -> 
     return results, time.perf_counter() - t0
 
 
-def mailbox_run(sites: int, rounds: int, cache: Path, work: Path, mailbox: str, env: dict, run_id: str) -> tuple[dict, float, float]:
+def mailbox_run(
+    sites: int, rounds: int, cache: Path, work: Path, mailbox: str, env: dict, run_id: str
+) -> tuple[dict, float, float]:
     common = ["--cache-dir", str(cache), "--threads", "1"]
     env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fedmedclip.cli", "-q"]
     t0 = time.perf_counter()
     server = subprocess.Popen(
-        [*cmd, "server", "run", "--mailbox", mailbox, "--run-id", run_id, "--out", str(work / "server"),
-         "--sites", str(sites), "--rounds", str(rounds), *common],
-        stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT, env=env,
+        [
+            *cmd,
+            "server",
+            "run",
+            "--mailbox",
+            mailbox,
+            "--run-id",
+            run_id,
+            "--out",
+            str(work / "server"),
+            "--sites",
+            str(sites),
+            "--rounds",
+            str(rounds),
+            *common,
+        ],
+        stdout=(work / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     workers = [
         subprocess.Popen(
-            [*cmd, "site", "run", "--mailbox", mailbox, "--run-id", run_id, "--site", f"site_{k}",
-             "--state", str(work / f"site_{k}"), *common],
-            stdout=(work / f"site_{k}.log").open("w"), stderr=subprocess.STDOUT, env=env,
+            [
+                *cmd,
+                "site",
+                "run",
+                "--mailbox",
+                mailbox,
+                "--run-id",
+                run_id,
+                "--site",
+                f"site_{k}",
+                "--state",
+                str(work / f"site_{k}"),
+                *common,
+            ],
+            stdout=(work / f"site_{k}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         for k in range(sites)
     ]
@@ -105,7 +139,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", default="3,10", help="comma list of site counts (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--mailbox", choices=("s3", "dir"), default="s3", help="a local moto S3 server or a directory")
+    p.add_argument(
+        "--mailbox", choices=("s3", "dir"), default="s3", help="a local moto S3 server or a directory"
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -148,7 +184,9 @@ def main() -> None:
         if moto is not None:
             moto.terminate()
     print(f"\nmailbox: {args.mailbox}, FedMedCLIP, tiny backbone, synthetic data, one torch thread per party")
-    print("| sites | rounds | engine s/round | mailbox s/round | overhead s/round | rounds 2..R: engine / mailbox | wall: engine / mailbox |")
+    print(
+        "| sites | rounds | engine s/round | mailbox s/round | overhead s/round | rounds 2..R: engine / mailbox | wall: engine / mailbox |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

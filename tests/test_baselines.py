@@ -44,7 +44,9 @@ def test_zeroshot_trains_nothing_and_reports_everything(cache, tmp_path):
     losses = [h["train_loss"] for h in r["history"]]
     assert losses[0] == losses[1]  # nothing learns
     assert r["metrics"]["global"]["n"] > 0 and r["metrics"]["site_mean"]["acc"] >= 0
-    assert r["comm"]["bytes_up_per_site_per_round"] < 400  # an empty payload: the header (codec, run, round, site) only
+    assert (
+        r["comm"]["bytes_up_per_site_per_round"] < 400
+    )  # an empty payload: the header (codec, run, round, site) only
 
 
 def test_fedclip_improves_its_training_loss(cache, tmp_path):

@@ -128,7 +128,9 @@ def test_a_toy_method_trains_exports_and_compares_through_the_registry(toy, tmp_
     assert "toy" in method_groups()["cached"] and "toy@local" in method_groups()["cached"]
     assert main(["methods"]) == 0 and "--method-opt steps=3" in capsys.readouterr().out
 
-    cfg = TrainConfig(method="toy", rounds=2, synthetic=SYNTH, cache_dir=str(tmp_path / "c"), out=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        method="toy", rounds=2, synthetic=SYNTH, cache_dir=str(tmp_path / "c"), out=str(tmp_path / "run")
+    )
     results = train(cfg, progress=False)
     assert results["method"] == "toy" and len(results["history"]) == 2
     from safetensors.torch import load_file
@@ -168,7 +170,11 @@ def _method_literals(path: Path, names: set[str]) -> list[str]:
             as_method.update(id(k) for k in node.keys if isinstance(k, ast.Constant))
         elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             as_method.add(id(node.slice))
-        elif isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "method" and node.value is not None:
+        elif (
+            isinstance(node, ast.AnnAssign)
+            and getattr(node.target, "id", "") == "method"
+            and node.value is not None
+        ):
             as_method.add(id(node.value))
         elif isinstance(node, ast.Call) and any(
             isinstance(a, ast.Constant) and a.value in ("--method", "method") for a in node.args
@@ -201,4 +207,7 @@ def test_no_method_is_named_outside_its_module_and_the_registry():
     ]
     assert len(files) > 30
     found = [hit for p in files for hit in _method_literals(p, names)]
-    assert found == [], "method names written outside fedmedclip/methods/ (declare it on the method instead):\n" + "\n".join(found)
+    assert found == [], (
+        "method names written outside fedmedclip/methods/ (declare it on the method instead):\n"
+        + "\n".join(found)
+    )
