@@ -15,6 +15,16 @@ SHARED = Path(os.environ.get("FEDMEDCLIP_SHARED", REPO.parent / "shared"))
 BRAIN_MRI = SHARED / "datasets" / "brain-tumor-mri"
 
 
+@pytest.fixture(autouse=True)
+def _same_environment_for_every_test():
+    """Code under test may set process environment variables on purpose (`use_stack_s3` points this process
+    and the tasks it starts at the local stack); no test sees what an earlier one left."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def brain_mri() -> Path:
     if not (BRAIN_MRI / "Training").is_dir():

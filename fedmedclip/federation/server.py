@@ -210,7 +210,11 @@ class FederationServer:
         if self.observer is not None and hasattr(self.observer, "start"):
             self.observer.start(self.manifest, resumed=got is not None)
         self._round_started = self._reports_started = time.monotonic()
-        self._status("waiting_updates" if self.phase == "updates" else self.phase)
+        if self.phase == "done":
+            selected = self.results["metrics"]["best_round"]
+            self._status("done", f"selected round {selected}", best_round=selected)
+        else:
+            self._status("waiting_updates" if self.phase == "updates" else self.phase)
 
     def _restore(self, body: dict, tensors: dict) -> None:
         if body.get("run_id") != self.mb.run_id:

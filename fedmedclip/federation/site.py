@@ -99,6 +99,8 @@ class SiteWorker:
         self.candidates = {int(r): t for r, t in tensors["candidates"].items()}
         self.trained, self.reported = int(body["trained"]), int(body["reported"])
         self.last_report = body.get("last_report")
+        if self.reported >= self.rounds:  # it had evaluated the last round: only the end is left
+            self.final_round = self.reported
         self.pending = bytes(tensors["pending"].numpy().tobytes()) if "pending" in tensors else None
         self._say(f"resuming after round {self.trained} (state in {self.state.url})")
 
