@@ -199,14 +199,26 @@ def test_cli_compile(tmp_path):
 
 # ------------------------------------------------------------------------------------------- execution
 @pytest.mark.slow
-def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(tmp_path):
-    """The committed YAML on kfp.local: prepare, three parties (extraction, then the server and the two site
-    workers running at the same time, exchanging through a local mailbox), report. About 40 s on 2 cores."""
+def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(mlops_stack, tmp_path):
+    """`make demo`'s path with the committed YAML on kfp.local: data published one prefix per holder, every task
+    with only its own role's key of the local stack (as each pod gets only its own Secret), the mailbox in the
+    same bucket; prepare, three parties (extraction, then the server and the two site workers running at the
+    same time), report, registration and promotion. Metrics and payloads are `fedmedclip train`'s."""
+    import uuid
+
+    from components.site_data import publish
+    from components.stack import add_data_root, use_stack_s3
     from fedmedclip.config import TrainConfig
     from fedmedclip.engine import train
     from pipelines.local import run_local
 
+    bucket = f"fmc-pipe-{uuid.uuid4().hex[:10]}"
+    add_data_root(mlops_stack.data_dir, bucket)
     cache = tmp_path / "cache"
+    cfg = TrainConfig(sites=2, rounds=3, out=str(tmp_path / "engine"), cache_dir=str(cache), synthetic=SYNTH)
+    use_stack_s3(mlops_stack, "publisher")
+    publish(cfg, bucket, progress=False)
+    model = f"pipe-{bucket}"
     run = run_local(
         DEFAULT_YAML,
         tmp_path / "root",
@@ -214,37 +226,51 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         log_path=tmp_path / "pipeline.log",
         sites=2,
         rounds=3,
-        cache_dir=str(cache),
+        data=f"s3://{bucket}",
+        cache_dir=str(tmp_path / "task_cache"),
         synthetic=json.dumps(SYNTH),
-        mailbox=str(tmp_path / "mailbox"),
+        local_stack=mlops_stack.data_dir,
         join_timeout=300.0,
         export_site="",  # the ONNX export has its own tests
+        tracking_uri=mlops_stack.tracking_uri,
+        model_name=model,
     )
-    assert run.model_uri == ""  # no tracking server configured: registration skipped cleanly
     run_id = run.results["run_id"]
-    cfg = TrainConfig(sites=2, rounds=3, out=str(tmp_path / "engine"), cache_dir=str(cache), synthetic=SYNTH)
     ref = train(cfg, progress=False, run_id=run_id)  # the same run id: byte-identical payloads
 
     got = run.results
     assert got["metrics"] == ref["metrics"]  # exact equality, every float
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(got["history"]) == strip(ref["history"])
+    assert got["comm"] == ref["comm"] and got["features"] == ref["features"]
     a, b = Path(run.run_dir), Path(cfg.out)
-    # provenance.json's holders are in the order their first reports arrived (same content).
-    assert json.loads((a / "provenance.json").read_text()) == json.loads((b / "provenance.json").read_text())
     for rel in [
         "partition.json",
+        "provenance.json",
         "model/global.safetensors",
         "model/text_features.safetensors",
         "model/model.json",
         *(f"rounds/{p.name}" for p in (b / "rounds").iterdir()),
     ]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    # Each party staged only its own prefix.
+    staged = tmp_path / "task_cache" / "s3" / bucket
+    assert sorted(p.name for p in staged.iterdir()) == ["server", "sites"]
     # Each worker waits for the others through the mailbox: the run can only have finished with all of them
     # running at once. Every party says so in its status.
+    admin = mlops_stack.s3_client()
     status = {
-        p.stem: json.loads(p.read_text())
-        for p in (tmp_path / "mailbox" / "runs" / run_id / "status").iterdir()
+        party: json.loads(
+            admin.get_object(Bucket=bucket, Key=f"runs/{run_id}/status/{party}.json")["Body"].read()
+        )
+        for party in ("server", "site_0", "site_1")
     }
-    assert {s["state"] for s in status.values()} == {"done"} and set(status) == {"server", "site_0", "site_1"}
+    assert {s["state"] for s in status.values()} == {"done"}
     assert (a / "plots" / "accuracy.png").exists()
+    # Registered and promoted in MLflow, loadable by alias, with the run's data recorded.
+    assert run.model_uri == f"models:/{model}@champion"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlops_stack.tracking_uri)
+    version = client.get_model_version_by_alias(model, "champion")
+    assert client.get_run(version.run_id).data.params["data"] == f"s3://{bucket}"

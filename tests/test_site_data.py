@@ -219,47 +219,6 @@ def test_cli_publish_uses_the_local_stack(s3_env, tmp_path, monkeypatch, capsys)
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_pipeline_on_s3_data_matches_the_engine(s3_env, tmp_path):
-    """`make demo`'s path: the compiled YAML run locally on data published per holder, every task with only
-    its own role's key (the local stack's, as each pod gets its own Secret), the federation's mailbox in the
-    same bucket; the model registered and promoted (1 to 2 minutes)."""
-    from fedmedclip.engine import train
-    from pipelines.local import run_local
-    from pipelines.pipeline import DEFAULT_YAML
-
-    bucket = _granted_bucket(s3_env)
-    cfg = _cfg(tmp_path, out=str(tmp_path / "engine"))
-    publish(cfg, bucket, progress=False)
-    run = run_local(
-        DEFAULT_YAML,
-        tmp_path / "root",
-        log_path=tmp_path / "pipeline.log",
-        sites=2,
-        rounds=2,
-        data=f"s3://{bucket}",
-        cache_dir=str(tmp_path / "task_cache"),
-        synthetic=json.dumps(SYNTH),
-        local_stack=s3_env.data_dir,
-        join_timeout=300.0,
-        export_site="",
-        tracking_uri=s3_env.tracking_uri,
-        model_name=f"s3-data-{bucket}",
-    )
-    ref = train(cfg, progress=False, run_id=run.results["run_id"])
-    assert run.results["metrics"] == ref["metrics"]
-    assert run.results["comm"] == ref["comm"] and run.results["features"] == ref["features"]
-    staged = tmp_path / "task_cache" / "s3" / bucket
-    assert sorted(p.name for p in staged.iterdir()) == ["server", "sites"]
-    # What `make demo` does after the run: registered and promoted in MLflow, loadable by alias.
-    assert run.model_uri == f"models:/s3-data-{bucket}@champion"
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=s3_env.tracking_uri)
-    version = client.get_model_version_by_alias(f"s3-data-{bucket}", "champion")
-    assert client.get_run(version.run_id).data.params["data"] == f"s3://{bucket}"
-
-
 # ------------------------------------------------------------------ hospital-side onboarding (--site)
 
 
