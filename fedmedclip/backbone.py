@@ -10,6 +10,7 @@ import torch
 
 from .errors import BackboneNotFound, ConfigError
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
+from .seeding import seeded
 
 # exp(logit_scale) of both OpenAI CLIPs is exactly 100; the methods use it as a frozen temperature.
 LOGIT_SCALE = 100.0
@@ -67,8 +68,7 @@ def random_clip(shape: str = "tiny", seed: int = 0):
         vision_config=dict(image_size=224, patch_size=spec["patch_size"], **spec["vision"]),
         projection_dim=spec["projection_dim"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = CLIPModel(config)
     return model, tokenizer
 

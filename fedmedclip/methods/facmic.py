@@ -23,6 +23,7 @@ from ..backbone import LOGIT_SCALE
 from ..errors import ConfigError
 from ..losses import contrastive_loss, lmmd_loss
 from ..modules import FacmicAttention, adapt
+from ..seeding import seeded
 from .base import Method, SiteTrainer, batch_stream, derive_seed, generator, zero_shot_probs
 
 
@@ -146,8 +147,7 @@ class Facmic(Method):
         return [n if n < b else b * (n // b) for n in n_train]
 
     def new_global(self):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.ctx.seed, self.name, "global"))
+        with seeded(derive_seed(self.ctx.seed, self.name, "global")):
             return FacmicAttention(self.ctx.feature_dim)
 
     def new_site(self, data, index):

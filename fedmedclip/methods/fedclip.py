@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses import contrastive_loss
 from ..modules import adapt
+from ..seeding import seeded
 from .base import Method, SiteTrainer, batch_stream, derive_seed, generator, zero_shot_probs
 
 
@@ -92,8 +93,7 @@ class FedClip(Method):
             raise ConfigError(f"fedclip needs local_epochs >= 1, got {self.opt['local_epochs']}")
 
     def new_global(self):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.ctx.seed, self.name, "global"))
+        with seeded(derive_seed(self.ctx.seed, self.name, "global")):
             return FedClipAdapter(self.ctx.feature_dim)
 
     def new_site(self, data, index):

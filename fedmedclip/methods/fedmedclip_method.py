@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..losses import classwise_kl, contrastive_loss, ensemble, ensemble_weight
 from ..modules import FeatureAdaptationModule, PrivateMLP, adapt
+from ..seeding import seeded
 from .base import (
     Method,
     SiteData,
@@ -35,8 +36,7 @@ class FedMedClipSite(SiteTrainer):
     def __init__(self, method: FedMedClip, data: SiteData, index: int):
         self.m, self.data, self.index = method, data, index
         ctx, opt = method.ctx, method.opt
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(method.seed_for("site", index))
+        with seeded(method.seed_for("site", index)):
             self.fam = FeatureAdaptationModule(ctx.feature_dim, opt["mask_rule"])
             self.mlp = PrivateMLP(ctx.feature_dim, ctx.num_classes, opt["mask_rule"])
         self.text = ctx.text_features
@@ -158,8 +158,7 @@ class FedMedClip(Method):
         return derive_seed(self.ctx.seed, self.name, *parts)
 
     def new_global(self):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed_for("global"))
+        with seeded(self.seed_for("global")):
             return FeatureAdaptationModule(self.ctx.feature_dim, self.opt["mask_rule"])
 
     def shared_state(self, module):

@@ -1,0 +1,21 @@
+"""Seeded initialisation that is safe when several parties build their modules in one process at once."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_LOCK = threading.RLock()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global generator as if it had just been seeded with `seed`, leaving it as it was
+    afterwards. Module constructors draw from that one global generator: without the lock, two threads (the
+    pipeline's workers of one process, say) would interleave their draws and build different weights."""
+    with _LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
