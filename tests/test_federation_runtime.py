@@ -221,44 +221,28 @@ def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stac
 
 
 @pytest.mark.slow
-def test_local_directory_mailbox_equals_the_simulator_for_facmic(cache, tmp_path):
+def test_local_directory_mailbox_equals_the_simulator_for_facmic(cache, tmp_path, caplog):
+    """The same commands as in a deployment (`server run`, `site run`), here as threads of this process over a
+    local-directory mailbox (the processes' case is the S3 test above): FACMIC's run is the simulator's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmedclip.cli import main
+
     expected = tmp_path / "train"
     reference("facmic", cache, expected)
     mailbox = str(tmp_path / "mailbox")
-    args = common_args(cache, "facmic")
-    env = _env()
-    server = Party(
-        ["server", "run", "--mailbox", mailbox, "--run-id", "r", "--out", str(tmp_path / "server"), *args],
-        tmp_path / "server.log",
-        env,
-    )
-    states = {s: tmp_path / "state" / s for s in SITES}
-    sites = [
-        Party(
-            [
-                "site",
-                "run",
-                "--mailbox",
-                mailbox,
-                "--run-id",
-                "r",
-                "--site",
-                s,
-                "--cache-dir",
-                str(cache),
-                "--state",
-                str(states[s]),
-            ],
-            tmp_path / f"{s}.log",
-            env,
-        )
-        for s in SITES
-    ]
-    assert server.wait() == 0, server.output()
-    assert all(p.wait() == 0 for p in sites)
+    server = ["-q", "server", "run", "--mailbox", mailbox, "--run-id", "r", "--out", str(tmp_path / "server")]
+    site = ["-q", "site", "run", "--mailbox", mailbox, "--run-id", "r", "--cache-dir", str(cache)]
+    caplog.set_level("INFO", logger="fedmedclip")
+    with ThreadPoolExecutor(4) as pool:
+        parties = [pool.submit(main, [*server, *common_args(cache, "facmic")])] + [
+            pool.submit(main, [*site, "--site", s, "--state", str(tmp_path / "state" / s)]) for s in SITES
+        ]
+        assert [p.result(timeout=300) for p in parties] == [0, 0, 0, 0]
     # Progress a person can follow: one line per round on the server, each site logs its rounds.
-    assert server.output().count("/6 · 3/3 sites · global acc") == ROUNDS
-    assert "round 6: trained" in sites[0].output()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("/6 · 3/3 sites · global acc" in m for m in lines) == ROUNDS
+    assert any(m.startswith("site_0: round 6: trained") for m in lines)
     # FACMIC's site model is the global module: nothing private to write.
     assert_same_run(expected, tmp_path / "server", {})
 
