@@ -32,6 +32,18 @@ def brain_mri() -> Path:
     return BRAIN_MRI
 
 
+def without_timing(results: dict) -> dict:
+    """results.json without what differs between two runs of the same seed: wall times and the run id."""
+    import json
+
+    r = json.loads(json.dumps(results))
+    for key in ("timing", "run_id"):
+        r.pop(key, None)
+    for rec in r["history"]:
+        rec.pop("seconds")
+    return r
+
+
 # ----------------------------------------------------------------------------- MLOps stack (components)
 
 

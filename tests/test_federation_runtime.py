@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import without_timing
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import train
@@ -85,20 +86,10 @@ def reference(method: str, cache: Path, out: Path, rounds: int = ROUNDS, run_id:
     return train(cfg, progress=False, run_id=run_id)
 
 
-def _strip(results: dict) -> dict:
-    """What must be identical between two runs of the same seed: everything but wall times and run ids."""
-    r = json.loads(json.dumps(results))
-    for key in ("timing", "run_id"):
-        r.pop(key, None)
-    for rec in r["history"]:
-        rec.pop("seconds")
-    return r
-
-
 def assert_same_run(expected: Path, got: Path, site_states: dict[str, Path]) -> None:
     a = json.loads((expected / "results.json").read_text())
     b = json.loads((got / "results.json").read_text())
-    assert _strip(a) == _strip(b)
+    assert without_timing(a) == without_timing(b)
     rounds = sorted(p.name for p in (expected / "rounds").iterdir())
     assert rounds == sorted(p.name for p in (got / "rounds").iterdir()) and len(rounds) == a["rounds"]
     for name in rounds:

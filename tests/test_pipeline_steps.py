@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("kfp")
 
+from conftest import without_timing  # noqa: E402
+
 from components.kfp_components import (  # noqa: E402
     CONFIG_PARAMETERS,
     NOT_PARAMETERS,
@@ -83,15 +85,6 @@ def test_prepare_names_each_partys_secret_and_refuses_bad_input(tmp_path):
         prepare_step(_params(tmp_path / "cache"), "", "")
 
 
-def _strip(results: dict) -> dict:
-    r = json.loads(json.dumps(results))
-    for key in ("timing", "run_id"):
-        r.pop(key, None)
-    for rec in r["history"]:
-        rec.pop("seconds")
-    return r
-
-
 def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
     from fedmedclip.engine import train
 
@@ -131,7 +124,7 @@ def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
     assert mlflow_run_id == ""
     cfg = TrainConfig(sites=2, rounds=2, cache_dir=str(cache), synthetic=SYNTH, out=str(tmp_path / "engine"))
     ref = train(cfg, progress=False, run_id=run_id)
-    assert _strip(results) == _strip(ref)
+    assert without_timing(results) == without_timing(ref)
     engine = Path(cfg.out)
     assert json.loads((run_dir / "provenance.json").read_text()) == json.loads(
         (engine / "provenance.json").read_text()
