@@ -25,6 +25,19 @@ def _same_environment_for_every_test():
     os.environ.update(saved)
 
 
+# The small synthetic data set most tests train on: 4 classes, 3 sites x 12 images per class, 6 global test
+# images per class, 32 px. One definition, so that the session's cache below holds it and its feature stores
+# once for every test module.
+SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory) -> Path:
+    """One cache directory for the session: SYNTH is generated into it once and each holder's feature store
+    is encoded once (stores are reused by provenance, so a test cannot get another configuration's features)."""
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
 @pytest.fixture(scope="session")
 def brain_mri() -> Path:
     if not (BRAIN_MRI / "Training").is_dir():

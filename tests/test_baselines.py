@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SYNTH
 
 from fedmedclip.backbone import load_backbone, make_preprocessing
 from fedmedclip.config import TrainConfig
@@ -14,14 +15,13 @@ from fedmedclip.errors import ConfigError
 from fedmedclip.methods import METHODS, MethodContext, SiteData
 
 # Small on purpose (2-core CI): 12 images per class and site, 6 per class in the global test.
-SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
 SMALL = SYNTH
 FAST_FINETUNE = {"local_steps": 2}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture
+def cache(synthetic_cache):
+    return synthetic_cache
 
 
 def run(cache, tmp_path, method, federation="federated", rounds=2, synthetic=SYNTH, **opts):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SYNTH
 
 from fedmedclip import compare, engine
 from fedmedclip.cli import main
 from fedmedclip.errors import ConfigError
 from fedmedclip.methods import method_groups
-
-SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
 
 
 def test_parse_methods_and_partitions():
@@ -64,8 +63,8 @@ def grid_args(tmp_path, cache):
     ]
 
 
-def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
+def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch, synthetic_cache):
+    cache = synthetic_cache
     calls = []
     real_train = engine.train
     monkeypatch.setattr(engine, "train", lambda cfg, **kw: calls.append(cfg.out) or real_train(cfg, **kw))
@@ -96,10 +95,10 @@ def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch
     assert calls == [str(cell)]
 
 
-def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch):
+def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch, synthetic_cache):
     from fedmedclip.config import TrainConfig
 
-    base = TrainConfig(rounds=1, synthetic=SYNTH, cache_dir=str(tmp_path / "c"))
+    base = TrainConfig(rounds=1, synthetic=SYNTH, cache_dir=str(synthetic_cache))
     cells = compare.build_cells([("zeroshot", "federated")], [("iid", "iid", None)], [0])
     compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)
     base.rounds = 2

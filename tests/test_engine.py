@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SYNTH
 
 from fedmedclip import engine
 from fedmedclip.codec import decode_state
@@ -23,14 +24,14 @@ from fedmedclip.errors import CheckpointError, ConfigError
 from fedmedclip.federation.site import SiteFailure, SiteWorker
 from fedmedclip.methods.fedmedclip_method import FedMedClip
 
-SYNTHETIC = {"per_class_per_site": 20, "test_per_class": 10, "size": 64}
+SYNTHETIC = SYNTH
 OPTIONS = {"fedmedclip": {}, "facmic": {"local_steps": 5}}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One feature cache for the module: every run reuses the stores (provenance-checked)."""
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture
+def cache(synthetic_cache) -> Path:
+    """The session's feature cache: every run reuses the stores (provenance-checked)."""
+    return synthetic_cache
 
 
 def config(method: str, cache: Path, out: Path, **kw) -> TrainConfig:
@@ -263,7 +264,7 @@ def test_results_plots_and_ledger(cache, tmp_path):
     g = res["metrics"]["global"]
     for k in ("acc", "bacc", "f1", "ece", "ece_reference"):
         assert 0.0 <= g[k] <= 1.0
-    assert g["n"] == 40  # 4 classes x 10 global test images
+    assert g["n"] == 4 * SYNTH["test_per_class"]
     sites = res["metrics"]["sites"]
     assert [s["site"] for s in sites] == ["site_0", "site_1", "site_2"]
     assert all({"acc", "bacc", "f1", "ece", "n"} <= set(s) for s in sites)

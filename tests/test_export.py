@@ -14,15 +14,16 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from conftest import SYNTH  # noqa: E402
+
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, FedMedClipError  # noqa: E402
 
 TOL = 1e-4  # the issue's parity bound for fp32
 FP16_TOL = 2e-2  # half-precision encoder, x100 logit scale: recorded, and bounded loosely
-SYNTH = {"per_class_per_site": 20, "test_per_class": 10, "size": 64}
 
 
-def _train(tmp: Path, method: str, options: dict) -> tuple[Path, TrainConfig]:
+def _train(tmp: Path, method: str, options: dict, cache: Path) -> tuple[Path, TrainConfig]:
     from fedmedclip.engine import train
 
     cfg = TrainConfig(
@@ -31,7 +32,7 @@ def _train(tmp: Path, method: str, options: dict) -> tuple[Path, TrainConfig]:
         rounds=2,
         method=method,
         method_options=options,
-        cache_dir=str(tmp / "cache"),
+        cache_dir=str(cache),
         out=str(tmp / f"run-{method}"),
     )
     train(cfg, progress=False)
@@ -39,11 +40,11 @@ def _train(tmp: Path, method: str, options: dict) -> tuple[Path, TrainConfig]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, synthetic_cache):
     tmp = tmp_path_factory.mktemp("export")
     return {
-        "fedmedclip": _train(tmp, "fedmedclip", {}),
-        "facmic": _train(tmp, "facmic", {"local_steps": 5}),
+        "fedmedclip": _train(tmp, "fedmedclip", {}, synthetic_cache),
+        "facmic": _train(tmp, "facmic", {"local_steps": 5}, synthetic_cache),
     }
 
 
@@ -137,7 +138,7 @@ def test_classifier_reproduces_engine_predictions(runs, method):
     torch.testing.assert_close(feats, store.features[:6], atol=1e-4, rtol=1e-4)
 
 
-def test_local_only_sites_export_their_own_modules(tmp_path):
+def test_local_only_sites_export_their_own_modules(tmp_path, synthetic_cache):
     """--federation local: FACMIC sites never aggregate, so each site's own attention is what its
     classifier must hold (the global file is only the untrained start); there is no global model."""
     from fedmedclip.engine import prepare, site_setups, train
@@ -150,7 +151,7 @@ def test_local_only_sites_export_their_own_modules(tmp_path):
         method="facmic",
         federation="local",
         method_options={"local_steps": 5},
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(synthetic_cache),
         out=str(tmp_path / "run"),
     )
     results = train(cfg, progress=False)

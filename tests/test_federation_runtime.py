@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import without_timing
+from conftest import SYNTH, without_timing
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import train
@@ -74,15 +74,16 @@ def wait_for(predicate, what: str, timeout: float = 120) -> None:
 
 
 def common_args(cache: Path, method: str = "fedmedclip", rounds: int = ROUNDS) -> list[str]:
-    return ["--method", method, "--rounds", str(rounds), "--cache-dir", str(cache), "--seed", "0"] + (
-        FACMIC_OPTS if method == "facmic" else []
-    )
+    common = ["--method", method, "--rounds", str(rounds), "--cache-dir", str(cache), "--seed", "0"]
+    return [*common, "--synthetic", json.dumps(SYNTH)] + (FACMIC_OPTS if method == "facmic" else [])
 
 
 def reference(method: str, cache: Path, out: Path, rounds: int = ROUNDS, run_id: str = "r") -> dict:
     """The in-process simulator's run; the run id is in every payload's header, so it is the mailbox run's."""
     opts = {"local_steps": 10} if method == "facmic" else {}
-    cfg = TrainConfig(method=method, rounds=rounds, cache_dir=str(cache), out=str(out), method_options=opts)
+    cfg = TrainConfig(
+        method=method, rounds=rounds, synthetic=SYNTH, cache_dir=str(cache), out=str(out), method_options=opts
+    )
     return train(cfg, progress=False, run_id=run_id)
 
 
@@ -102,12 +103,10 @@ def assert_same_run(expected: Path, got: Path, site_states: dict[str, Path]) -> 
         assert not (got / "model" / f"site_{site}.safetensors").exists()  # private heads stay at the site
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """Synthetic data and its feature stores, encoded once for this module (the parties reuse them)."""
-    cache = tmp_path_factory.mktemp("cache")
-    reference("fedmedclip", cache, tmp_path_factory.mktemp("warm") / "run", rounds=1)
-    return cache
+@pytest.fixture
+def cache(synthetic_cache) -> Path:
+    """The session's synthetic data and feature stores: the parties reuse them, as a site reuses its own."""
+    return synthetic_cache
 
 
 def s3_exists(client, key: str) -> bool:
@@ -141,6 +140,8 @@ def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stac
             mailbox,
             "--cache-dir",
             str(cache),
+            "--synthetic",
+            json.dumps(SYNTH),
         ],
         env=_env(mlops_stack.role_env("publisher")),
         capture_output=True,

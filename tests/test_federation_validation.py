@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+from conftest import SYNTH
 
 from fedmedclip import engine
 from fedmedclip.codec import decode, encode
@@ -21,15 +22,13 @@ from fedmedclip.federation.server import FederationServer, ServerOptions, Update
 from fedmedclip.federation.site import SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
 
-SYNTH = {"per_class_per_site": 16, "test_per_class": 6, "size": 32}
 RUN = "hostile"
 SITES_ALL = ["site_0", "site_1", "site_2"]
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = TrainConfig(rounds=16, synthetic=SYNTH, cache_dir=str(cache), out="unused")
+def prepared(synthetic_cache):
+    cfg = TrainConfig(rounds=16, synthetic=SYNTH, cache_dir=str(synthetic_cache), out="unused")
     return cfg, engine.prepare(cfg, progress=False)
 
 

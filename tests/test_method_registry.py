@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SYNTH
 
 from fedmedclip.methods import METHODS, method_groups, register_method, unregister_method
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
 
 TOY = textwrap.dedent(
     '''
@@ -116,7 +116,9 @@ def toy(tmp_path):
         sys.modules.pop("toy_method", None)
 
 
-def test_a_toy_method_trains_exports_and_compares_through_the_registry(toy, tmp_path, capsys):
+def test_a_toy_method_trains_exports_and_compares_through_the_registry(
+    toy, tmp_path, capsys, synthetic_cache
+):
     import onnxruntime as ort
 
     from fedmedclip import compare
@@ -129,7 +131,7 @@ def test_a_toy_method_trains_exports_and_compares_through_the_registry(toy, tmp_
     assert main(["methods"]) == 0 and "--method-opt steps=3" in capsys.readouterr().out
 
     cfg = TrainConfig(
-        method="toy", rounds=2, synthetic=SYNTH, cache_dir=str(tmp_path / "c"), out=str(tmp_path / "run")
+        method="toy", rounds=2, synthetic=SYNTH, cache_dir=str(synthetic_cache), out=str(tmp_path / "run")
     )
     results = train(cfg, progress=False)
     assert results["method"] == "toy" and len(results["history"]) == 2
@@ -147,7 +149,7 @@ def test_a_toy_method_trains_exports_and_compares_through_the_registry(toy, tmp_
     probs = session.run(["probabilities"], {"images": np.zeros((2, size, size, 3), np.uint8)})[0]
     assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
-    base = TrainConfig(rounds=1, synthetic=SYNTH, cache_dir=str(tmp_path / "c"))
+    base = TrainConfig(rounds=1, synthetic=SYNTH, cache_dir=str(synthetic_cache))
     cells = compare.build_cells(compare.parse_methods("toy,toy@local"), compare.parse_partitions("iid"), [0])
     records = compare.run_grid(base, cells, tmp_path / "grid", {"toy.steps": 2}, progress=False)
     assert [r["method"] for r in records] == ["toy", "toy@local"]

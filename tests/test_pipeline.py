@@ -13,14 +13,13 @@ import pytest
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("kfp")
 
+from conftest import SYNTH  # noqa: E402
 from test_kfp_local import MAX_PIPELINE_YAML_BYTES, assert_same_yaml_for_every_size  # noqa: E402
 
 from components.kfp_components import DEFAULT_BASE_IMAGE, MLFLOW_SECRET_NAME  # noqa: E402
 from components.sites import ENDPOINTS_CONFIGMAP, SERVER_SECRET_NAME  # noqa: E402
 from fedmedclip.cli import main  # noqa: E402
 from pipelines.pipeline import DEFAULT_YAML, CompileOptions, build_pipeline, compile_pipeline  # noqa: E402
-
-SYNTH = {"per_class_per_site": 20, "test_per_class": 10, "size": 64}
 
 
 def _load(path=DEFAULT_YAML):

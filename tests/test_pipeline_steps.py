@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("kfp")
 
-from conftest import without_timing  # noqa: E402
+from conftest import SYNTH, without_timing  # noqa: E402
 
 from components.kfp_components import (  # noqa: E402
     CONFIG_PARAMETERS,
@@ -30,7 +30,6 @@ from components.sites import SERVER_SECRET_NAME, site_secret_name  # noqa: E402
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, FedMedClipError  # noqa: E402
 
-SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
 REPO = Path(__file__).resolve().parents[1]
 
 
