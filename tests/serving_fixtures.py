@@ -17,6 +17,28 @@ from fedmedclip.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
 CLASS_NAMES = ("glioma", "meningioma", "notumor", "pituitary")
 
 
+def wait_ready(proc, http: str, model: str, log_path: Path, timeout: float = 60.0) -> None:
+    """Until the server process `proc` answers that `model` is ready on `http` (host:port); a failed test,
+    with the end of the server's log, when it exits first or takes longer than `timeout`."""
+    import time
+
+    import pytest
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"http://{http}/v2/models/{model}/ready", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
 def contract_preprocessing(image_size: int) -> Preprocessing:
     """The `clip` recipe at `image_size`: short-side resize + centre crop, so the server's decode path matters."""
     return Preprocessing(

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import pytest
 import requests
 from conftest import free_port
 from PIL import Image
-from serving_fixtures import CLASS_NAMES, contract_preprocessing, make_contract_onnx
+from serving_fixtures import CLASS_NAMES, contract_preprocessing, make_contract_onnx, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fedmedclip"
@@ -66,18 +65,7 @@ def server(onnx_path, tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     http = f"127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"http://{http}/v2/models/{MODEL}/ready", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+        wait_ready(proc, http, MODEL, log_path)
         yield http, f"127.0.0.1:{grpc_port}"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -22,7 +22,7 @@ import pytest
 import requests
 from conftest import free_port
 from PIL import Image
-from serving_fixtures import contract_preprocessing, make_contract_onnx
+from serving_fixtures import contract_preprocessing, make_contract_onnx, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fedmedclip"
@@ -43,21 +43,6 @@ def onnx_path(tmp_path_factory) -> Path:
     )
 
 
-def _wait_ready(proc: subprocess.Popen, http: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"http://{http}/v2/models/{MODEL}/ready", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"server not ready after 60 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def server(onnx_path, tmp_path_factory):
     """(http, grpc port, pid) of a server started without --host (so on its default), two decoding threads."""
@@ -74,7 +59,7 @@ def server(onnx_path, tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     http = f"127.0.0.1:{http_port}"
     try:
-        _wait_ready(proc, http, log_path)
+        wait_ready(proc, http, MODEL, log_path)
         yield http, grpc_port, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
