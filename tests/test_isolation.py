@@ -29,15 +29,19 @@ BUCKET = DEFAULT_DATA_BUCKET
 OK = "ok"
 
 
-def _client(stack, role=None, access_key=None, secret_key=None, signed=True):
+def _client(stack, role=None, access_key=None, secret_key=None, signed=True, service="s3", **config):
+    """A client of the stack's S3 (or `service="iam"`) with `role`'s key (or the given one), one attempt per
+    request (a refusal is the answer, not something to retry); `config`: more botocore Config settings."""
     import boto3
     from botocore import UNSIGNED
 
     if role is not None:
         access_key, secret_key = stack.credentials(role)
-    config = Config(retries={"max_attempts": 1}, **({} if signed else {"signature_version": UNSIGNED}))
+    if not signed:
+        config["signature_version"] = UNSIGNED
+    config = Config(retries={"max_attempts": 1}, **config)
     return boto3.client(
-        "s3",
+        service,
         endpoint_url=stack.s3_endpoint,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
@@ -274,17 +278,7 @@ def _fetch(url: str, method: str = "GET", data: bytes | None = None) -> tuple[in
 
 def test_presigned_urls_carry_their_signers_permissions_only(seeded):
     """MLflow hands clients presigned URLs to download artifacts: they work, with the signer's policy."""
-    import boto3
-
-    access_key, secret_key = seeded.credentials("site_0")
-    site_0 = boto3.client(
-        "s3",
-        endpoint_url=seeded.s3_endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name=seeded.region,
-        config=Config(signature_version="s3v4"),  # as MLflow's server presigns
-    )
+    site_0 = _client(seeded, "site_0", signature_version="s3v4")  # as MLflow's server presigns
     own, other = f"sites/0/images/{RUN}/a.png", f"sites/1/images/{RUN}/b.png"
     url = site_0.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": own}, ExpiresIn=60)
     assert _fetch(url) == (200, b"site 0 scan")
@@ -337,17 +331,7 @@ def test_motos_control_api_cannot_switch_enforcement_off(seeded):
 
 
 def test_roles_cannot_grant_themselves_more(seeded):
-    import boto3
-
-    access_key, secret_key = seeded.credentials("site_0")
-    iam = boto3.client(
-        "iam",
-        endpoint_url=seeded.s3_endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name=seeded.region,
-        config=Config(retries={"max_attempts": 1}),
-    )
+    iam = _client(seeded, "site_0", service="iam")
     everything = json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     )
@@ -438,16 +422,7 @@ def test_committed_minio_policies_are_the_generated_ones():
 
 def test_the_enforced_local_policies_are_the_clusters(seeded):
     """The stack's IAM policies on the default data bucket are, document for document, the MinIO ones."""
-    import boto3
-
-    access_key, secret_key = seeded.credentials(ADMIN)
-    iam = boto3.client(
-        "iam",
-        endpoint_url=seeded.s3_endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name=seeded.region,
-    )
+    iam = _client(seeded, ADMIN, service="iam")
     minio = {
         k: json.loads(v) for k, v in yaml.safe_load(policies.MINIO_POLICIES_YAML.read_text())["data"].items()
     }
