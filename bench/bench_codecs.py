@@ -58,7 +58,7 @@ def whole_store(cfg: TrainConfig):
 
 
 def prepared_from(cfg: TrainConfig, store: FeatureStore, backbone, prep) -> Prepared:
-    """What engine.prepare returns, with every holder's rows cut from the one store."""
+    """What fedmedclip.preparation.prepare returns, with every holder's rows cut from the one store."""
     image_set = load_image_set(cfg)
     partition = partition_for(cfg, image_set)
     stores = {}

@@ -98,7 +98,7 @@ def s3_client():
 
 
 def holder_prefix(partition, holder: str) -> str:
-    from fedmedclip.engine import SERVER
+    from fedmedclip.preparation import SERVER
 
     if holder == SERVER:
         return SERVER_PREFIX
@@ -383,7 +383,7 @@ def _stage(
 def stage_holder(cfg, partition, holder: str, client=None, progress: bool = False) -> ImageSet:
     """Download `holder`'s prefix into the task's cache and return its images as an ImageSet with the
     global class names (the pipeline's tasks, with that holder's credentials)."""
-    from fedmedclip.engine import holder_image_ids
+    from fedmedclip.preparation import holder_image_ids
 
     bucket = parse_bucket(cfg.data)
     root = _Root(f"s3://{bucket}", client)
@@ -480,7 +480,7 @@ def read_site_summary(location: str | Path, index: int, client=None) -> dict:
 # ------------------------------------------------------------------------------------------- publishing
 def _load_source(cfg, allow_outside_root: bool) -> ImageSet:
     from fedmedclip.data import open_source
-    from fedmedclip.engine import load_image_set
+    from fedmedclip.preparation import load_image_set
 
     if cfg.data == "synthetic" or is_s3(cfg.data):
         return load_image_set(cfg)
@@ -543,7 +543,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
     Returns a summary."""
     from botocore.exceptions import ClientError
 
-    from fedmedclip.engine import SERVER, holder_image_ids, partition_for
+    from fedmedclip.preparation import SERVER, holder_image_ids, partition_for
 
     client = client or s3_client()
     image_set = _load_source(cfg, allow_outside_root)
@@ -652,7 +652,7 @@ def publish_site(
     own credentials, or a local directory). Nothing outside `sites/<k>/` and `summaries/sites/<k>.json` is
     written or read, so no listing is needed. Idempotent; an image or catalog already there with other
     content (another source or partition) is refused, never overwritten. Returns a summary."""
-    from fedmedclip.engine import holder_image_ids, partition_for
+    from fedmedclip.preparation import holder_image_ids, partition_for
 
     image_set = _load_source(cfg, allow_outside_root)
     part = partition_for(cfg, image_set)

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
 from .federation.checkpoint import CheckpointStore
-from .federation.mailbox import SERVER as SERVER_PARTY
 from .federation.mailbox import Mailbox
 from .federation.records import (
     atomic_write_json,
@@ -39,16 +38,9 @@ from .federation.server import FederationServer, ServerOptions, write_run
 from .federation.site import SiteSetup, SiteWorker, model_part
 from .federation.storage import LocalDirStore, MemoryStore
 from .methods import METHODS, SiteTrainer
-from .preparation import (  # noqa: F401 - re-exported: the pipeline's components and tests use them from here
+from .preparation import (
     SERVER,
     Prepared,
-    _rows,
-    build_method,
-    extract_features,
-    holder_image_ids,
-    load_image_set,
-    load_pixels,
-    partition_for,
     pooled_data,
     prepare,
     reference_features,
@@ -339,4 +331,4 @@ def train(
     return results
 
 
-__all__ = ["INPROCESS_RUN_ID", "SERVER", "SERVER_PARTY", "ReferenceRun", "simulate", "train"]
+__all__ = ["INPROCESS_RUN_ID", "ReferenceRun", "simulate", "site_setups", "train"]

@@ -90,7 +90,7 @@ def _check_parity(session, clf, images: np.ndarray, tol: float = TOL) -> float:
 
 def _synthetic_images(cfg: TrainConfig, prep, n: int) -> np.ndarray:
     from fedmedclip.data import load_image
-    from fedmedclip.engine import load_image_set
+    from fedmedclip.preparation import load_image_set
 
     records = load_image_set(cfg).records[::37][:n]
     return np.stack([prep.to_uint8(load_image(r.path)) for r in records])
@@ -110,9 +110,9 @@ def test_classifier_reproduces_engine_predictions(runs, method):
     round: every metric results.json recorded (accuracy, balanced accuracy, F1, both ECEs, which depend on
     each probability) comes out identical, for the global model and for every site's own model; and its
     encoder gives the feature store's features for the same images."""
-    from fedmedclip.engine import prepare, site_setups
+    from fedmedclip.engine import site_setups
     from fedmedclip.inference import load_classifier
-    from fedmedclip.preparation import SERVER, _rows
+    from fedmedclip.preparation import SERVER, _rows, prepare
 
     run, cfg = runs[method]
     results = json.loads((run / "results.json").read_text())
@@ -141,8 +141,9 @@ def test_classifier_reproduces_engine_predictions(runs, method):
 def test_local_only_sites_export_their_own_modules(tmp_path, synthetic_cache):
     """--federation local: FACMIC sites never aggregate, so each site's own attention is what its
     classifier must hold (the global file is only the untrained start); there is no global model."""
-    from fedmedclip.engine import prepare, site_setups, train
+    from fedmedclip.engine import site_setups, train
     from fedmedclip.inference import load_classifier
+    from fedmedclip.preparation import prepare
 
     cfg = TrainConfig(
         data="synthetic",

@@ -21,6 +21,7 @@ from fedmedclip.federation.mailbox import Mailbox
 from fedmedclip.federation.server import FederationServer, ServerOptions, UpdateRejected
 from fedmedclip.federation.site import SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
+from fedmedclip.preparation import prepare
 
 RUN = "hostile"
 SITES_ALL = ["site_0", "site_1", "site_2"]
@@ -29,7 +30,7 @@ SITES_ALL = ["site_0", "site_1", "site_2"]
 @pytest.fixture(scope="module")
 def prepared(synthetic_cache):
     cfg = TrainConfig(rounds=16, synthetic=SYNTH, cache_dir=str(synthetic_cache), out="unused")
-    return cfg, engine.prepare(cfg, progress=False)
+    return cfg, prepare(cfg, progress=False)
 
 
 def _parties(

@@ -86,8 +86,14 @@ def _keys(client, bucket: str) -> list[str]:
 def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_features(
     mlops_stack, tmp_path, monkeypatch, as_stack_role
 ):
-    from fedmedclip.engine import SERVER, extract_features, holder_image_ids, load_image_set, partition_for
     from fedmedclip.features import FeatureStore
+    from fedmedclip.preparation import (
+        SERVER,
+        extract_features,
+        holder_image_ids,
+        load_image_set,
+        partition_for,
+    )
 
     bucket, client = _granted_bucket(mlops_stack), mlops_stack.s3_client()  # admin: to inspect only
     cfg = _cfg(tmp_path)
@@ -226,7 +232,7 @@ def test_a_site_publishes_its_own_share_with_its_own_key_and_reads_it_back(
     s3_env, tmp_path, monkeypatch, capsys, as_stack_role
 ):
     from fedmedclip.cli import main
-    from fedmedclip.engine import load_image_set, partition_for
+    from fedmedclip.preparation import load_image_set, partition_for
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(k)
@@ -281,7 +287,7 @@ def test_a_site_publishes_its_own_share_with_its_own_key_and_reads_it_back(
 
 
 def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
-    from fedmedclip.engine import load_image_set, partition_for
+    from fedmedclip.preparation import load_image_set, partition_for
 
     cfg = _cfg(tmp_path)
     home = tmp_path / "hospital"
