@@ -131,6 +131,7 @@ def config_from_parameters(params: dict):
     """The validated TrainConfig of the pipeline parameters (the prepare task; ConfigError names the problem)."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.errors import ConfigError
+    from fedmedclip.flags import parse_split
 
     values = {"federation": "federated", "out": ""}
     for name, field, _ in CONFIG_PARAMETERS:
@@ -144,12 +145,7 @@ def config_from_parameters(params: dict):
         elif field == "classes":
             value = [c.strip() for c in str(value).split(",") if c.strip()] or None
         elif field == "split_ratio":
-            try:
-                value = tuple(float(x) for x in str(value).split(","))
-            except ValueError:
-                value = ()
-            if len(value) != 3:
-                raise ConfigError(f"split {params[name]!r} must be three numbers like 0.8,0.1,0.1")
+            value = parse_split(value)
         elif field in ("method_options", "synthetic"):
             try:
                 value = json.loads(value or "{}")

@@ -12,7 +12,7 @@ from .config import FEDERATIONS, TrainConfig, parse_method_options
 from .errors import ConfigError
 
 
-def _split(text: str) -> tuple[float, float, float]:
+def parse_split(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in str(text).split(","))
     except ValueError:
@@ -105,7 +105,12 @@ FLAGS: list[Flag] = [
     Flag(
         "codec_down", ("--codec-down",), "how the global module travels to the sites (default: %(default)s)"
     ),
-    Flag("split_ratio", ("--split",), "per-site train,val,test shares (default: 0.8,0.1,0.1)", parse=_split),
+    Flag(
+        "split_ratio",
+        ("--split",),
+        "per-site train,val,test shares (default: 0.8,0.1,0.1)",
+        parse=parse_split,
+    ),
     Flag(
         "reference_fraction",
         ("--reference-fraction",),
