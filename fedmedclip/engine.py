@@ -31,6 +31,7 @@ from .federation.records import (
     evaluate_global,
     evaluate_site,
     is_better,
+    round_of,
     round_record,
 )
 from .federation.runner import method_for, server_setup
@@ -201,7 +202,7 @@ class ReferenceRun:
         )
         self.round = r
         self.history.append(record)
-        if is_better(record, self.best_val):
+        if is_better(record, round_of(self.history, self.best_round)):
             self.best_round, self.best_val = r, record["val_acc_mean"]
             self.best = self._snapshot()
         return record

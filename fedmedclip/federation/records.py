@@ -120,11 +120,28 @@ def round_record(
     }
 
 
-def is_better(record: dict, best_val: float | None) -> bool:
-    """Selection by the first maximum of the client-mean validation accuracy; a round without validation
-    metrics is never selected by it (the run then selects its last round)."""
+def selection_key(record: dict) -> tuple[int, float] | None:
+    """How a round ranks for selection: first by how many sites reported validation metrics in it, then by
+    their mean validation accuracy; None for a round without validation metrics (never selected by them).
+
+    A mean over fewer sites is not comparable with one over every site: a round in which a weak site was
+    absent would win by that alone. So a round in which every site with a validation split reported beats
+    every round with fewer (and those are compared only among themselves when no round had every site).
+    The selected round is then one whose metrics and model parts exist at every site."""
     v = record.get("val_acc_mean")
-    return v is not None and (best_val is None or v > best_val)
+    return None if v is None else (len(record.get("validation_sites") or ()), v)
+
+
+def round_of(history: list[dict], r: int | None) -> dict | None:
+    """The record of round r in `history` (None for None)."""
+    return None if r is None else next(rec for rec in history if rec["round"] == r)
+
+
+def is_better(record: dict, best: dict | None) -> bool:
+    """Whether `record` replaces `best` (the record of the round selected so far, or None) as the selected
+    round: the first maximum of `selection_key`."""
+    key = selection_key(record)
+    return key is not None and (best is None or key > selection_key(best))
 
 
 def selection_of(history: list[dict], best_round: int | None) -> tuple[int, str]:

@@ -34,6 +34,7 @@ from .records import (
     check_site_report,
     evaluate_global,
     is_better,
+    round_of,
     round_record,
     write_model_dir,
     write_results,
@@ -513,7 +514,7 @@ class FederationServer:
             info["rejected"],
         )
         self.history.append(record)
-        if is_better(record, self.best_val):
+        if is_better(record, round_of(self.history, self.best_round)):
             self.best_round, self.best_val = r, record["val_acc_mean"]
             self.best_received = {k: v.clone() for k, v in self.received.items()}
         if self.observer is not None and hasattr(self.observer, "round"):
