@@ -152,8 +152,10 @@ def test_each_site_initialises_its_own_private_mlp_and_fam():
     m, data = _fedmedclip(), _site_data()
     first, second, again = m.new_site(data, 0), m.new_site(data, 1), m.new_site(data, 0)
     for part in ("mlp", "fam"):
-        assert _differs(_state(getattr(first, part)), _state(getattr(second, part))), part
-        assert not _differs(_state(getattr(first, part)), _state(getattr(again, part))), part
+        differs = _differs(_state(getattr(first, part)), _state(getattr(second, part)))
+        assert differs, f"sites 0 and 1 start with the same {part}"
+        differs = _differs(_state(getattr(first, part)), _state(getattr(again, part)))
+        assert not differs, f"site 0 starts with another {part} each time"
 
 
 def test_a_fedmedclip_site_takes_the_global_fam_it_receives():
@@ -162,7 +164,9 @@ def test_a_fedmedclip_site_takes_the_global_fam_it_receives():
     m = _fedmedclip()
     site = m.new_site(_site_data(), 0)
     g = torch.Generator().manual_seed(3)
-    received = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in m.shared_state(m.new_global()).items()}
+    received = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in m.shared_state(m.new_global()).items()
+    }
     site.load_shared(received)
     sent = site.shared_update()
     assert set(sent) == set(received)

@@ -23,7 +23,14 @@ def metrics(acc: float) -> dict:
 
 
 def site_report(r: int, site: str, val_acc: float) -> dict:
-    return {"format": 1, "run_id": RUN, "round": r, "site": site, "val": metrics(val_acc), "test": metrics(val_acc)}
+    return {
+        "format": 1,
+        "run_id": RUN,
+        "round": r,
+        "site": site,
+        "val": metrics(val_acc),
+        "test": metrics(val_acc),
+    }
 
 
 # Round 2 lacks the weak site_1: over the sites present its mean (0.70) beats every round with all three.
@@ -77,7 +84,9 @@ def history(*rounds: dict[str, float | None]) -> list[dict]:
     split); a site missing from a round's dict was absent from that round."""
     out = []
     for r, vals in enumerate(rounds, 1):
-        reports = {s: {"val": None if v is None else metrics(v), "test": metrics(0.5)} for s, v in vals.items()}
+        reports = {
+            s: {"val": None if v is None else metrics(v), "test": metrics(0.5)} for s, v in vals.items()
+        }
         zeros = dict.fromkeys(vals, 0)
         out.append(round_record(r, GLOBAL, SITES, reports, list(vals), {}, zeros, zeros, 0.0))
     return out
