@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SYNTH
+from test_engine import Killed, config
 
 from fedmedclip import engine
 from fedmedclip.codec import decode, encode
@@ -221,23 +222,13 @@ def test_train_uses_the_default_server_options(synthetic_cache, tmp_path, monkey
 # ----------------------------------------------------------------------------- resume
 
 
-class Killed(Exception):
-    pass
-
-
 def test_a_resumed_site_keeps_its_error_feedback(synthetic_cache, tmp_path, monkeypatch):
     """`delta-ef-q4-zlib` keeps each site's rounding error and sends it later. A run interrupted while round 3
     is half done (site_0 has trained it, site_1 has not) and resumed publishes exactly the global modules of
     the uninterrupted run in every round: each site resumed with the memory it had."""
 
     def cfg(out):
-        return TrainConfig(
-            rounds=5,
-            synthetic=SYNTH,
-            cache_dir=str(synthetic_cache),
-            out=str(out),
-            codec_up="delta-ef-q4-zlib",
-        )
+        return config("fedmedclip", synthetic_cache, out, rounds=5, codec_up="delta-ef-q4-zlib")
 
     straight = engine.train(cfg(tmp_path / "straight"), progress=False)
     train_site = SiteWorker._train
