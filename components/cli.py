@@ -11,9 +11,20 @@ import os
 import sys
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value and value.isdigit() else default
+def add_port_options(p: argparse.ArgumentParser) -> None:
+    """--s3-port and --mlflow-port of a new local stack (`stack up`, `demo`): components.stack.stack_ports."""
+    p.add_argument(
+        "--s3-port",
+        type=int,
+        default=None,
+        help="S3 (moto) port (default: $FEDMEDCLIP_S3_PORT, else 9000, else a free port, said when chosen)",
+    )
+    p.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=None,
+        help="MLflow port (default: $FEDMEDCLIP_MLFLOW_PORT, else 5000, else a free port, said when chosen)",
+    )
 
 
 def _stack_dir_default() -> str:
@@ -29,18 +40,7 @@ def _add_stack_options(p: argparse.ArgumentParser, ports: bool) -> None:
         help="where the stack keeps stack.json, logs and the MLflow database (default: $FEDMEDCLIP_STACK_DIR or .stack)",
     )
     if ports:
-        p.add_argument(
-            "--s3-port",
-            type=int,
-            default=_env_int("FEDMEDCLIP_S3_PORT", 9000),
-            help="S3 (moto) port (default: $FEDMEDCLIP_S3_PORT or 9000)",
-        )
-        p.add_argument(
-            "--mlflow-port",
-            type=int,
-            default=_env_int("FEDMEDCLIP_MLFLOW_PORT", 5000),
-            help="MLflow port (default: $FEDMEDCLIP_MLFLOW_PORT or 5000)",
-        )
+        add_port_options(p)
         p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
 
 
@@ -183,7 +183,9 @@ def cmd_register(args) -> int:
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
     sha = mv.tags.get("onnx_sha256")
     print(
-        f"registered {mv.uri} from run {mv.run_id}" + (f" (onnx_sha256 {sha})" if sha else ""),
+        ("already registered: " if mv.existing else "registered ")
+        + f"{mv.uri} from run {mv.run_id}"
+        + (f" (onnx_sha256 {sha})" if sha else ""),
         file=sys.stderr,
     )
     print(mv.version)
@@ -276,9 +278,10 @@ def cmd_data_publish(args) -> int:
             cfg, args.site, args.to, progress=not args.quiet, allow_outside_root=args.allow_outside_root
         )
         samples = ", ".join(f"{s} {n}" for s, n in summary["samples"].items())
+        moved = "uploaded" if is_s3(args.to) else "written"
         print(
             f"published {args.site}'s {summary['images']} images (site {summary['index']}: {samples}) to "
-            f"{summary['location']} ({summary['bytes_uploaded'] / 1e6:.1f} MB uploaded), with its catalog and "
+            f"{summary['location']} ({summary['bytes_uploaded'] / 1e6:.1f} MB {moved}), with its catalog and "
             "its summary for the server",
             file=sys.stderr,
         )
@@ -412,9 +415,16 @@ def register(subparsers) -> None:
     s.add_argument("root", metavar="BUCKET[/PREFIX]")
     s.set_defaults(func=cmd_stack_add_bucket)
 
-    uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local stack in .stack/)"
+    uri_help = (
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
+        "or .stack/, else an error)"
+    )
 
-    p = subparsers.add_parser("track", help="log a run directory to MLflow; prints the run id")
+    p = subparsers.add_parser(
+        "track",
+        help="log a finished run directory to MLflow afterwards, each round at its recorded time; prints the "
+        "run id (`train --track` logs while it runs)",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", default=None, help="default: the run directory's name")
@@ -431,7 +441,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "register", help="register a tracked run's model as a new version; prints the version number"
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "run_id",
+        metavar="RUN_ID",
+        help="the MLflow run of a tracked run directory (what `fedmedclip track` or `train --track` prints)",
+    )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument(
         "--onnx",
@@ -445,9 +459,13 @@ def register(subparsers) -> None:
         "promote",
         help="point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--version", required=True)
-    p.add_argument("--alias", default="champion")
+    p.add_argument("name", metavar="NAME", help="the registered model")
+    p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
+    p.add_argument(
+        "--alias",
+        default="champion",
+        help="the alias to move to it; serve it with models:/NAME@ALIAS (default: %(default)s)",
+    )
     p.add_argument(
         "--allow-worse", action="store_true", help="promote even if worse than the current holder (recorded)"
     )

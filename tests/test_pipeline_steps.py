@@ -185,7 +185,7 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
     run = client.get_run(obs.mlflow_run_id)
     assert run.info.status == "FAILED" and run.info.run_name == "obs-run-1"
     assert run.data.tags["kfp.run_id"] == "kfp-1"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "global_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/acc")] == [1, 2]
     assert run.data.params["method"] == cfg.method and run.data.params["site_names"] == "site_0,site_1"
 
     # An unreachable tracking server turns tracking off; it never stops the federation.

@@ -196,14 +196,21 @@ def test_log_run_dir_params_metrics_tags_artifacts(mlops_stack, tmp_path):
 
     metrics = run.data.metrics
     assert metrics[PROMOTION_METRIC] == pytest.approx(0.8)
-    assert metrics["final_site_site_1_bacc"] == pytest.approx(0.79)
-    assert metrics["comm_total_bytes"] == 27000
-    history = client.get_metric_history(run_id, "global_bacc")
+    assert metrics["final/site_1_bacc"] == pytest.approx(0.79)
+    assert metrics["comm/total_bytes"] == 27000
+    history = client.get_metric_history(run_id, "global/bacc")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
     assert sorted(history, key=lambda m: m.step)[-1].value == pytest.approx(0.8)
-    for key in ("global_acc", "site_site_0_acc", "site_site_2_bacc", "bytes_up", "bytes_down", "train_loss"):
+    for key in (
+        "global/acc",
+        "site_0/acc",
+        "site_2/bacc",
+        "comm/bytes_up",
+        "comm/bytes_down",
+        "sites/train_loss",
+    ):
         assert len(client.get_metric_history(run_id, key)) == 3, key
-    assert client.get_metric_history(run_id, "bytes_up")[0].value == 3000  # summed over the sites
+    assert client.get_metric_history(run_id, "comm/bytes_up")[0].value == 3000  # summed over the sites
 
     tags = run.data.tags
     partition = json.loads((run_dir / "partition.json").read_text())
