@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
@@ -472,6 +473,7 @@ def cmd_submit(args) -> int:
     for q in quiet:
         q.setLevel(logging.CRITICAL)  # kfp logs a traceback per retry; the one line below says it all
     try:
+        warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
         client = kfp.Client(host=args.host, namespace=args.namespace, **credentials)
         result = client.create_run_from_pipeline_package(
             str(yaml_path),

@@ -273,3 +273,95 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     client = mlflow.MlflowClient(tracking_uri=mlops_stack.tracking_uri)
     version = client.get_model_version_by_alias(model, "champion")
     assert client.get_run(version.run_id).data.params["data"] == f"s3://{bucket}"
+
+
+# ------------------------------------------------------------------------------------------- submit
+class _FakeKfpApi:
+    """A real HTTP server on loopback standing in for the KFP API: `answers` maps a path prefix to (status,
+    JSON body); every request's headers are kept."""
+
+    def __init__(self, answers: dict[str, tuple[int, dict]]):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                seen.append((self.command, self.path, dict(self.headers)))
+                status, body = next(
+                    (v for k, v in answers.items() if self.path.startswith(k)), (404, {"error": "nope"})
+                )
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
+    from conftest import free_port
+
+    submit = ["pipeline", "submit", "--yaml", str(DEFAULT_YAML), "--rounds", "2"]
+    healthz = "/apis/v2beta1/healthz"
+
+    def run(host, *extra):
+        code = main([*submit, "--host", host, *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err  # one line, no traceback
+        return err
+
+    assert "cannot reach the Kubeflow Pipelines API" in run(f"http://127.0.0.1:{free_port()}")
+    refusing = _FakeKfpApi({healthz: (401, {"error": "Unauthenticated", "code": 16})})
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-token-123\n")
+    try:
+        err = run(refusing.url, "--token-file", str(token_file))
+        assert "HTTP 401" in err and "--token" in err and "--cookies" in err
+        assert refusing.seen[-1][2]["Authorization"] == "Bearer sa-token-123"
+        run(refusing.url, "--cookies", "authservice_session=abc")
+        assert refusing.seen[-1][2]["Cookie"] == "authservice_session=abc"
+    finally:
+        refusing.close()
+    old = _FakeKfpApi({healthz: (200, {"tag_name": "2.2.0", "multi_user": False})})
+    try:
+        err = run(old.url, "--token", "t")
+        assert "is 2.2.0" in err and "2.15 or newer" in err
+    finally:
+        old.close()
+    # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off)
+    failing = _FakeKfpApi(
+        {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
+    )
+    try:
+        err = run(failing.url, "--token", "t")
+        assert "HTTP 500" in err and "boom" in err
+        assert any(method == "POST" or "experiments" in path for method, path, _ in failing.seen)
+    finally:
+        failing.close()
+    # compiling for a cluster needs the image that was built and pushed, not the placeholder
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 2
+    assert "--base-image" in capsys.readouterr().err
+
+
+def test_verbosity_flags_are_accepted_after_the_command():
+    from fedmedclip.cli import build_parser
+
+    args = build_parser().parse_args(["pipeline", "run", "--local", "-v"])
+    assert args.verbose is True and args.quiet is False
+    assert build_parser().parse_args(["-v", "pipeline", "run", "--local"]).verbose is True
+    assert build_parser().parse_args(["demo", "-q"]).quiet is True
