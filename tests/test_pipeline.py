@@ -267,7 +267,7 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     assert {s["state"] for s in status.values()} == {"done"}
     assert (a / "plots" / "accuracy.png").exists()
     # Registered and promoted in MLflow, loadable by alias, with the run's data recorded.
-    assert run.model_uri == f"models:/{model}@champion"
+    assert run.model_uri == f"models:/{model}@champion" and run.promotion == "promoted"
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlops_stack.tracking_uri)
@@ -365,3 +365,31 @@ def test_verbosity_flags_are_accepted_after_the_command():
     assert args.verbose is True and args.quiet is False
     assert build_parser().parse_args(["-v", "pipeline", "run", "--local"]).verbose is True
     assert build_parser().parse_args(["demo", "-q"]).quiet is True
+
+
+def test_round_progress_comes_from_the_servers_status_in_the_mailbox(tmp_path, mlops_stack):
+    """`pipeline run --local` and `demo` show the rounds as the server closes them, read from the server's
+    status in the mailbox (a local folder, or S3 with the local stack's key) of the run they started."""
+    import uuid
+
+    from components.s3store import S3Store
+    from components.stack import add_data_root
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import open_store
+    from pipelines.local import rounds_closed, server_status_reader
+
+    bucket = f"fmc-progress-{uuid.uuid4().hex[:8]}"
+    add_data_root(mlops_stack.data_dir, f"{bucket}/fed")
+    for url, store in (
+        (str(tmp_path / "mailbox"), open_store(str(tmp_path / "mailbox"))),
+        (f"s3://{bucket}/fed", S3Store(f"s3://{bucket}/fed", mlops_stack.s3_client("server"))),
+    ):
+        reader = server_status_reader(url, mlops_stack.data_dir)
+        assert reader() is None  # no run yet
+        mb = Mailbox(store, "4711")
+        mb.put_json(mb.manifest_key, {"run_id": "4711"})
+        mb.put_status("server", "waiting_updates", 4)
+        assert rounds_closed(reader(), 10) == 3, url
+        mb.put_status("server", "done", 10, best_round=7)
+        status = reader()
+        assert rounds_closed(status, 10) == 10 and status["best_round"] == 7, url
