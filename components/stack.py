@@ -61,6 +61,14 @@ DEFAULT_SECRET_KEY = "fedmedclip-secret"
 DEFAULT_REGION = "us-east-1"  # the one region where create_bucket needs no LocationConstraint
 STATE_FILE = STACK_STATE_FILE
 STATE_FORMAT = 2
+# What points a client at the central MLflow: a site's or the publisher's shell must hold none of them.
+MLFLOW_CLIENT_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 ADMIN = "admin"  # the bootstrap user: every S3 and IAM action (creates buckets, grants roles)
 BOOTSTRAP_FILE = "s3-bootstrap.json"  # users and policies for the S3 wrapper (no secrets)
 CREDENTIALS_FILE = "s3-credentials.json"  # the keys the wrapper generated, until stack.json holds them
@@ -176,9 +184,15 @@ class StackInfo:
         return env
 
     def export_lines(self, role: str | None = None) -> str:
-        """Shell `export` lines: the admin's environment (`env`), or `role`'s (`role_env`)."""
+        """Shell lines giving the admin's environment (`env`) or `role`'s (`role_env`): `export` of each of its
+        variables, then `unset` of the MLflow ones a role does not get (a site's shell that held the admin's
+        or the server's before gets no MLflow address)."""
         env = self.env if role is None else self.role_env(role)
-        return "\n".join(f"export {k}={_shell_quote(v)}" for k, v in env.items())
+        lines = [f"export {k}={_shell_quote(v)}" for k, v in env.items()]
+        absent = [k for k in MLFLOW_CLIENT_VARIABLES if k not in env]
+        if absent:
+            lines.append(f"unset {' '.join(absent)}")
+        return "\n".join(lines)
 
     def s3_client(self, role: str | None = None):
         """A boto3 S3 client of the admin, or of `role`."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check the cluster manifests before `kubectl apply`: no Secret may still hold a placeholder.
+"""Check the cluster manifests before `kubectl apply`: no Secret may still hold a placeholder, and the
+hospitals' S3 endpoint (the Ingress host) must not be the example one.
 
     python infra/check.py                          # infra/training and infra/serving, as kustomize renders them
     python infra/check.py infra/training           # one kustomization (a folder holding kustomization.yaml)
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - the message is the point
     sys.exit("infra/check.py needs PyYAML: pip install pyyaml")
 
 PLACEHOLDER = "CHANGE-ME"
+EXAMPLE_HOST_SUFFIX = ".example.org"  # minio-ingress.yaml's host, until replaced
 INFRA = Path(__file__).resolve().parent
 DEFAULT_TARGETS = (INFRA / "training", INFRA / "serving")
 KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -159,14 +161,33 @@ def _secret_values(doc: dict) -> dict[str, str | None]:
     return values
 
 
+def _hosts(doc: dict) -> list[str]:
+    """The host names an Ingress serves or a cert-manager Certificate is for."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "Ingress":
+        return [r.get("host", "") for r in spec.get("rules") or []] + [
+            h for t in spec.get("tls") or [] for h in t.get("hosts") or []
+        ]
+    if doc.get("kind") == "Certificate":
+        return list(spec.get("dnsNames") or [])
+    return []
+
+
 def placeholder_problems(items: list[Rendered]) -> list[str]:
-    """One line per Secret key that holds a placeholder or nothing; [] when all are set."""
+    """One line per Secret key that holds a placeholder or nothing, and per host still the example one
+    (`EXAMPLE_HOST_SUFFIX`: the hospitals' S3 endpoint); [] when all are set."""
     problems = []
     for item in items:
         doc = item.doc
+        meta = doc.get("metadata") or {}
+        for host in dict.fromkeys(_hosts(doc)):
+            if host.endswith(EXAMPLE_HOST_SUFFIX):
+                problems.append(
+                    f"{item.source}: {doc['kind']} {meta.get('namespace', '-')}/{meta.get('name')}: host {host} is "
+                    "still the example host (the S3 endpoint the hospitals use)"
+                )
         if doc.get("kind") != "Secret":
             continue
-        meta = doc.get("metadata") or {}
         name = f"{meta.get('namespace', '-')}/{meta.get('name')}"
         for key, value in sorted(_secret_values(doc).items()):
             if value is None:
@@ -201,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     secrets = sum(1 for i in items if i.doc.get("kind") == "Secret")
     if problems:
         print(
-            f"{len(problems)} placeholder credential(s): replace them before `kubectl apply` (infra/README.md, "
-            '"Credentials"):',
+            f"{len(problems)} placeholder(s): replace them before `kubectl apply` (infra/README.md, "
+            '"Credentials" and "The hospitals\' S3 endpoint"):',
             file=sys.stderr,
         )
         for line in problems:

@@ -131,7 +131,7 @@ def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
         assert run_cli("stack", "env", "--data-dir", data_dir, "--role", "ucsf") == 0
         role_env = capsys.readouterr().out
         assert f"export AWS_ACCESS_KEY_ID={state.roles['ucsf'].access_key}" in role_env
-        assert "MLFLOW_TRACKING_URI" not in role_env
+        assert "export MLFLOW_TRACKING_URI" not in role_env and "unset MLFLOW_TRACKING_URI" in role_env
         ucsf = state.s3_client("ucsf")
         ucsf.put_object(Bucket="fmc-hospitals", Key="sites/1/images/x.png", Body=b"ucsf scan")
         ucsf.put_object(Bucket="fmc-hospitals", Key="runs/r/status/ucsf.json", Body=b"{}")
