@@ -11,8 +11,8 @@ kustomization generates with `secretGenerator` (envs, files, literals). A value 
 or is empty, is reported by Secret and key (never by value); the exit status is then 1, and 0 when every
 Secret holds real values. Needs Python 3.9+ and PyYAML only: no fedmedclip, no cluster.
 
-`render(folder)` is a small stand-in for `kustomize build` (resources, namespace, secretGenerator); the
-manifest tests use it too. It ignores patches and image overrides, which do not change what is checked.
+`render(folder)` is a small stand-in for `kustomize build` (resources, namespace, secretGenerator, images); the
+manifest tests use it too. It ignores patches, which do not change what is checked.
 """
 
 from __future__ import annotations
@@ -118,6 +118,35 @@ def _generated_secrets(kustomization: dict, folder: Path, kfile: Path) -> list[R
     return out
 
 
+def _set_images(doc: dict, images: list[dict]) -> None:
+    """kustomize's `images:` transformer: a container image named `name` becomes newName[:newTag|@digest]."""
+    if not images:
+        return
+    spec = doc.get("spec") or {}
+    pods = [
+        spec.get("template", {}).get("spec"),
+        spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec"),
+    ]
+    pods.append(spec.get("predictor") if doc.get("kind") == "InferenceService" else None)
+    for pod in filter(None, pods):
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            current = str(c.get("image", ""))
+            base = (
+                current.split("@")[0].rsplit(":", 1)[0]
+                if ":" in current.split("/")[-1]
+                else current.split("@")[0]
+            )
+            for entry in images:
+                if entry.get("name") == base:
+                    image = entry.get("newName", base)
+                    tag = current[len(base) :] if not (entry.get("newTag") or entry.get("digest")) else ""
+                    if entry.get("digest"):
+                        tag = f"@{entry['digest']}"
+                    elif entry.get("newTag"):
+                        tag = f":{entry['newTag']}"
+                    c["image"] = image + tag
+
+
 def render(folder: str | Path, used_files: set[Path] | None = None) -> list[Rendered]:
     """Everything the kustomization in `folder` renders, with its namespace applied. `used_files` collects
     every file read (to find manifests that no kustomization includes)."""
@@ -140,6 +169,8 @@ def render(folder: str | Path, used_files: set[Path] | None = None) -> list[Rend
                 used_files.add(target)
             out += [Rendered(doc, target) for doc in _load(target)]
     out += _generated_secrets(kustomization, folder, kfile)
+    for item in out:
+        _set_images(item.doc, kustomization.get("images") or [])
     namespace = kustomization.get("namespace")
     if namespace:
         for item in out:
