@@ -171,7 +171,15 @@ def cmd_track(args) -> int:
         include_site_models=args.include_site_models,
         kfp_run_id=args.kfp_run_id,
     )
-    print(f"logged {args.run_dir} to experiment {args.experiment!r} on {uri}", file=sys.stderr)
+    from mlflow import MlflowClient
+
+    from .tracking import experiment_ui_url
+
+    exp = MlflowClient(uri).get_run(run_id).info.experiment_id
+    print(
+        f"logged {args.run_dir} to experiment {args.experiment!r}: {experiment_ui_url(uri, exp, run_id)}",
+        file=sys.stderr,
+    )
     print(run_id)
     return 0
 

@@ -77,6 +77,9 @@ class MlflowObserver:
         self.source = source
         self.kfp_run_id = kfp_run_id
         self.key_file = Path(key_file) if key_file is not None else None
+        # The run starts when its command does (data preparation and feature extraction included), not when
+        # its manifest is out: the MLflow run's duration is the run's.
+        self.created = time.time()
         self.logger = LiveRunLogger(
             experiment,
             tracking_uri,
@@ -148,6 +151,7 @@ class MlflowObserver:
                 data_source=str(cfg.data),
                 run_key=self.run_key,
                 description=describe_run(cfg.method, names, cfg.rounds, str(cfg.data), scheme, where),
+                start_time=self.created,
             )
         except Exception as exc:  # tracking must not stop the federation
             self.enabled = False

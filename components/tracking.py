@@ -52,7 +52,8 @@ from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri, un
 log = logging.getLogger("fedmedclip.tracking")
 
 # The run metric that promotion compares: global balanced accuracy of the reported (selected-round) model.
-PROMOTION_METRIC = "final/global_bacc"
+SUMMARY = "summary"  # the metric group of the run's reported model, traffic and times (`summary/...`)
+PROMOTION_METRIC = f"{SUMMARY}/global_bacc"
 LEGACY_PROMOTION_METRICS = ("final_global_bacc",)  # its name before metrics were grouped (older versions)
 DEFAULT_ALIAS = "champion"
 ONNX_MODEL_NAME = "onnx_model"  # name of the logged ONNX model inside the run
@@ -350,8 +351,9 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
 
 
 def final_metrics(results: dict) -> dict[str, float]:
-    """The reported (selected-round) model's metrics from results.json, under `final/` (`final/global_bacc` is
-    what promotion compares), the last round's under `last_round/`, traffic under `comm/`, times under `time/`."""
+    """The run's summary from results.json, under `summary/`: the reported (selected-round) model's metrics
+    (`summary/global_bacc` is what promotion compares), the last round's, traffic and times. One group that
+    the MLflow UI lists after the per-round curves (it orders groups by name)."""
     final: dict[str, float] = {}
 
     def put(key: str, value: Any) -> None:
@@ -361,23 +363,30 @@ def final_metrics(results: dict) -> dict[str, float]:
 
     m = results.get("metrics") or {}
     for k, v in (m.get("global") or {}).items():
-        put(f"final/global_{k}", v)
+        put(f"{SUMMARY}/global_{k}", v)
     for s in m.get("sites") or []:
         for k in ("acc", "bacc", "f1", "ece", "n"):
-            put(metric_key("final", f"{s.get('site')}_{k}"), s.get(k))
+            put(metric_key(SUMMARY, f"{s.get('site')}_{k}"), s.get(k))
     for k, v in (m.get("site_mean") or {}).items():
-        put(f"final/site_mean_{k}", v)
-    put("final/best_round", m.get("best_round"))
+        put(f"{SUMMARY}/site_mean_{k}", v)
+    put(f"{SUMMARY}/best_round", m.get("best_round"))
     last = m.get("last_round") or {}
     for k, v in (last.get("global") or {}).items():
-        put(f"last_round/global_{k}", v)
+        put(f"{SUMMARY}/last_round_global_{k}", v)
     comm = results.get("comm") or {}
     for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round", "total_bytes"):
-        put(f"comm/{k}", comm.get(k))
+        put(f"{SUMMARY}/{k}", comm.get(k))
     timing = results.get("timing") or {}
     for k, v in timing.items():
-        put(f"time/{k}", v)
+        put(f"{SUMMARY}/{k}", v)
     return final
+
+
+def experiment_ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or a run) in its model-training view: MLflow 3's UI opens on
+    its GenAI pages unless the link asks for `workflowType=machine_learning`."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
 # Settings that may change when a run is continued (a restarted server with another quorum, threads or cache):
@@ -470,7 +479,7 @@ def describe_run(
         lines.append(orchestrator)
     lines.append(
         "Metrics: `global/*` on the server's global test set, `<site>/*` on each site's own test split "
-        "(per round), `final/*` at the selected round (the model that is registered)."
+        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times."
     )
     return "\n\n".join(lines)
 
@@ -549,7 +558,8 @@ EXPERIMENT_KIND = "custom_model_development"
 EXPERIMENT_DESCRIPTION = (
     "Federated runs of fedmedclip (frozen CLIP adapted across hospitals). Each run: one federation; its "
     "parameters are every resolved setting, its metrics are grouped per party (`global/`, one group per site, "
-    "`comm/`, `time/`, `final/` for the selected round). Registered models carry the run's lineage tags."
+    "`sites/`, `comm/`, `time/`, and `summary/` for the selected round). Registered models carry the run's "
+    "lineage tags. Open it in the UI's Model training view."
 )
 
 

@@ -525,13 +525,28 @@ def cmd_demo(args) -> int:
     root = Path(args.pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-demo-")).resolve()
     run = _run_local(args, cfg, root, info.data_dir)
     _print_run(run)
-    print(f"\nMLflow UI:  {info.tracking_uri}\nmodel URI:  {run.model_uri or '(registration failed)'}")
+    print(
+        f"\nMLflow UI:  {_ui_link(info.tracking_uri, args.experiment)}\nmodel URI:  {run.model_uri or '(registration failed)'}"
+    )
     if run.model_uri and "@" not in run.model_uri:
         print(
             f"(registered but not promoted; `fedmedclip promote {args.model_name} --version ... --alias "
             f"{args.alias} --allow-worse` overrides)"
         )
     return 0
+
+
+def _ui_link(tracking_uri: str, experiment: str) -> str:
+    """The experiment's page in the UI's model-training view (MLflow 3 opens on its GenAI pages otherwise)."""
+    try:
+        from mlflow import MlflowClient
+
+        from components.tracking import experiment_ui_url
+
+        exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+        return experiment_ui_url(tracking_uri, exp.experiment_id) if exp is not None else tracking_uri
+    except Exception:  # a link is a courtesy: the address alone still works
+        return tracking_uri
 
 
 def _publish_for_demo(cfg, info, quiet: bool) -> str:

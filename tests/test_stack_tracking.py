@@ -236,8 +236,8 @@ def test_log_run_dir_params_metrics_tags_artifacts(mlops_stack, tmp_path):
 
     metrics = run.data.metrics
     assert metrics[PROMOTION_METRIC] == pytest.approx(0.8)
-    assert metrics["final/site_1_bacc"] == pytest.approx(0.79)
-    assert metrics["comm/total_bytes"] == 27000
+    assert metrics["summary/site_1_bacc"] == pytest.approx(0.79)
+    assert metrics["summary/total_bytes"] == 27000
     history = client.get_metric_history(run_id, "global/bacc")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
     assert sorted(history, key=lambda m: m.step)[-1].value == pytest.approx(0.8)
