@@ -47,7 +47,7 @@ from fedmedclip.digests import (
     sha256_file,
 )
 from fedmedclip.errors import FedMedClipError
-from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri, unreachable
+from fedmedclip.tracking_server import require_tracking_uri
 
 log = logging.getLogger("fedmedclip.tracking")
 
@@ -237,23 +237,11 @@ def _git_commit(run: RunDir | None = None) -> str:
 # ----------------------------------------------------------------------------------- MLflow plumbing
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None, stack_dir: str | Path | None = None) -> str:
-    """The tracking server by the one rule of fedmedclip.tracking_server (--tracking-uri, else
-    $MLFLOW_TRACKING_URI, else the local stack); TrackingError when there is none. Never MLflow's silent
-    default of a ./mlflow.db or ./mlruns store in the working directory."""
-    uri = find_tracking_uri(tracking_uri, stack_dir)
-    if uri is None:
-        raise TrackingError(NO_TRACKING_SERVER + " (then `eval $(fedmedclip stack env)` for other shells)")
-    return uri
-
-
-def _check_reachable(tracking_uri: str) -> None:
-    problem = unreachable(tracking_uri)
-    if problem is not None:
-        raise TrackingError(
-            f"the MLflow tracking server at {tracking_uri} is not reachable ({problem}); "
-            "start the local one with `fedmedclip stack up` or check --tracking-uri / MLFLOW_TRACKING_URI"
-        )
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The answering tracking server by the one rule of fedmedclip.tracking_server (--tracking-uri, else
+    $MLFLOW_TRACKING_URI, else the local stack); TrackingError when there is none or it does not answer.
+    Never MLflow's silent default of a ./mlflow.db or ./mlruns store in the working directory."""
+    return require_tracking_uri(tracking_uri, error=TrackingError)
 
 
 def _client(tracking_uri: str | None):
@@ -261,7 +249,6 @@ def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    _check_reachable(uri)
     # Downloads stream through the tracking server, as uploads do: MLflow 3 otherwise fetches presigned S3
     # URLs itself, which needs a route to the bucket (a hospital's pod has none) and is refused by the
     # local stack's S3, which accepts only requests signed with a role's key.

@@ -93,16 +93,9 @@ def _tracking_on(args) -> bool:
     """Whether to log to MLflow; asked for, the tracking server must be there before any work starts."""
     on = bool(args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track))
     if on:
-        from .tracking_server import NO_TRACKING_SERVER, find_tracking_uri, unreachable
+        from .tracking_server import require_tracking_uri
 
-        uri = find_tracking_uri()
-        if uri is None:
-            raise FedMedClipError(f"--track: {NO_TRACKING_SERVER}")
-        problem = unreachable(uri)
-        if problem is not None:
-            raise FedMedClipError(
-                f"--track: the MLflow tracking server at {uri} is not reachable ({problem})"
-            )
+        require_tracking_uri(purpose="--track")
     return on
 
 

@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .errors import FedMedClipError
+
 STACK_DIR_ENV = "FEDMEDCLIP_STACK_DIR"
 DEFAULT_STACK_DIR = ".stack"
 STACK_STATE_FILE = "stack.json"
@@ -61,3 +63,19 @@ def unreachable(tracking_uri: str, timeout: float = 5.0) -> str | None:
         return None  # it answers; an auth proxy may guard /health
     except (urllib.error.URLError, OSError, ValueError) as e:
         return str(getattr(e, "reason", e))
+
+
+def require_tracking_uri(explicit: str | None = None, purpose: str = "", error=FedMedClipError) -> str:
+    """The tracking server by the rule, answering: else `error` (a FedMedClipError class) in one line, led by
+    `purpose` (what needed it)."""
+    lead = f"{purpose}: " if purpose else ""
+    uri = find_tracking_uri(explicit)
+    if uri is None:
+        raise error(f"{lead}{NO_TRACKING_SERVER} (then `eval $(fedmedclip stack env)` for other shells)")
+    problem = unreachable(uri)
+    if problem is not None:
+        raise error(
+            f"{lead}the MLflow tracking server at {uri} is not reachable ({problem}); start the local one with "
+            "`fedmedclip stack up` or check --tracking-uri / MLFLOW_TRACKING_URI"
+        )
+    return uri

@@ -113,18 +113,11 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri, unreachable
+    from fedmedclip.tracking_server import require_tracking_uri
 
     name, alias, version = parse_models_uri(uri)
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here).
-    tracking = find_tracking_uri()
-    if tracking is None:
-        raise ServingError(f"{uri} needs the MLflow registry: {NO_TRACKING_SERVER}")
-    problem = unreachable(tracking)
-    if problem is not None:
-        raise ServingError(
-            f"cannot resolve {uri}: the MLflow server at {tracking} is not reachable ({problem})"
-        )
+    tracking = require_tracking_uri(purpose=f"{uri} needs the MLflow registry", error=ServingError)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(tracking)
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
