@@ -433,7 +433,7 @@ def _register_backbone(subparsers) -> None:
     p = subparsers.choices.get("backbone")
     if p is None:  # this layer's commands without the core's (its own tests)
         p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
-        p.add_argument("spec")
+        p.add_argument("spec", help="a backbone spec, or `push`")
     p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
     p.add_argument(
         "--to", default=None, help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)"
@@ -506,7 +506,9 @@ def register(subparsers) -> None:
         "add-bucket", help="grant every data role on another bucket (or BUCKET/PREFIX), created versioned"
     )
     _add_stack_options(s, ports=False)
-    s.add_argument("root", metavar="BUCKET[/PREFIX]")
+    s.add_argument(
+        "root", metavar="BUCKET[/PREFIX]", help="the bucket (created versioned) or a mailbox root in it"
+    )
     s.set_defaults(func=cmd_stack_add_bucket)
 
     uri_help = (

@@ -324,18 +324,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser("synth", help="write the synthetic multi-site scan set (PNGs + manifest.csv)")
-    p.add_argument("out")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--per-class", type=int, default=80)
-    p.add_argument("--test-per-class", type=int, default=30)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="the folder to write (PNGs and manifest.csv with a site column)")
+    p.add_argument(
+        "--sites",
+        type=int,
+        default=3,
+        help="hospitals, each with its own scanner look (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-class", type=int, default=80, help="images per class per site (default: %(default)s)"
+    )
+    p.add_argument(
+        "--test-per-class", type=int, default=30, help="global test images per class (default: %(default)s)"
+    )
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser(
         "backbone", help="load a backbone offline and print its identity (checks weights are present)"
     )
-    p.add_argument("spec")
+    p.add_argument(
+        "spec",
+        help="tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id",
+    )
     p.set_defaults(func=_cmd_backbone)
 
     from . import compare  # light at import: the engine loads only when the command runs

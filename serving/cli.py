@@ -120,7 +120,12 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
-    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="the server's log level (default: %(default)s)",
+    )
     serve.set_defaults(func=_serve)
 
     predict = subparsers.add_parser(

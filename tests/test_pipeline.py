@@ -390,6 +390,34 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
     assert "--base-image" in capsys.readouterr().err
 
 
+def test_every_option_of_every_command_says_what_it_does(capsys):
+    """No flag without help text, in any command of any layer; the top-level description is whole; a bad
+    --codec is named by the flag that was given."""
+    import argparse
+
+    from fedmedclip.cli import DESCRIPTION, build_parser
+
+    def undocumented(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from undocumented(child, [*path, name])
+            elif not action.help and action.dest != "help":
+                yield f"{' '.join(path)} {action.option_strings or action.dest}"
+
+    parser = build_parser()
+    assert list(undocumented(parser, ["fedmedclip"])) == []
+    assert parser.description == DESCRIPTION and DESCRIPTION.endswith("docs/algorithms.md.")
+    assert main(["pipeline", "run", "--local", "--codec", "zip"]) == 2
+    assert "unknown codec 'zip' for --codec;" in capsys.readouterr().err
+    # a round's seconds at the end of a run: round 1 (which waits for the sites to start) apart
+    from fedmedclip.cli import _round_time
+
+    assert _round_time([{"seconds": 15.0}, {"seconds": 0.2}, {"seconds": 0.4}]).startswith(
+        "0.30 s per round (rounds 2-3; round 1 15.00 s"
+    )
+
+
 def test_verbosity_flags_are_accepted_after_the_command():
     from fedmedclip.cli import build_parser
 
