@@ -85,7 +85,8 @@ def _round_time(history: list[dict]) -> str:
         return f"{seconds[0] if seconds else 0.0:.2f} s per round"
     rest = sum(seconds[1:]) / len(seconds[1:])
     return (
-        f"{rest:.2f} s per round (rounds 2-{len(seconds)}; round 1 {seconds[0]:.2f} s, with the sites' start)"
+        f"{rest:.2f} s per round after round 1 ({seconds[0]:.2f} s, which in a mailbox run also waits for "
+        "the sites to start)"
     )
 
 

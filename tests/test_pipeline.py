@@ -414,7 +414,7 @@ def test_every_option_of_every_command_says_what_it_does(capsys):
     from fedmedclip.cli import _round_time
 
     assert _round_time([{"seconds": 15.0}, {"seconds": 0.2}, {"seconds": 0.4}]).startswith(
-        "0.30 s per round (rounds 2-3; round 1 15.00 s"
+        "0.30 s per round after round 1 (15.00 s"
     )
 
 
