@@ -9,9 +9,17 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from importlib.metadata import entry_points
 
 from .errors import FedMedClipError
+
+DESCRIPTION = (
+    "Federated adaptation of a frozen CLIP for medical image classification (FedMedCLIP, FACMIC and their "
+    "baselines): train in one process, run the federation's server and sites as long-lived processes, and, "
+    "with the MLOps layers installed, the local stack, MLflow tracking and registry, the Kubeflow pipeline "
+    "and ONNX serving. The maths: docs/algorithms.md."
+)
 
 
 def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
@@ -26,7 +34,9 @@ def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
     p.add_argument(
         "--track",
         action="store_true",
-        help="log the finished run to MLflow (`fedmedclip track`); on by default when MLFLOW_TRACKING_URI is set",
+        help="log the run to MLflow while it goes on, each round as it finishes (tracking server: "
+        "MLFLOW_TRACKING_URI, else the local stack of `fedmedclip stack up`); on by default when "
+        "MLFLOW_TRACKING_URI is set",
     )
     p.add_argument(
         "--no-track", action="store_true", help="do not log to MLflow even if MLFLOW_TRACKING_URI is set"
@@ -63,17 +73,47 @@ def print_summary(results: dict, out: str) -> None:
         f"  comm        : {c['bytes_up_per_site_per_round'] / 1e3:.1f} kB up ({c['codec_up']}), "
         f"{c['bytes_down_per_site_per_round'] / 1e3:.1f} kB down ({c['codec_down']}) per site per round"
     )
-    print(f"  time        : {t['seconds_per_round']:.2f} s per round, features {t['feature_seconds']:.1f} s")
+    print(f"  time        : {_round_time(results['history'])}, features {t['feature_seconds']:.1f} s")
     print(f"results: {out}/results.json\nplots  : {out}/plots/accuracy.png, {out}/plots/reliability.png")
+
+
+def _round_time(history: list[dict]) -> str:
+    """Seconds per round. Round 1 of a mailbox run also waits for the sites to start and encode their
+    images, so it is shown apart from the others."""
+    seconds = [float(r["seconds"]) for r in history]
+    if len(seconds) < 2:
+        return f"{seconds[0] if seconds else 0.0:.2f} s per round"
+    rest = sum(seconds[1:]) / len(seconds[1:])
+    return (
+        f"{rest:.2f} s per round after round 1 ({seconds[0]:.2f} s, which in a mailbox run also waits for "
+        "the sites to start)"
+    )
+
+
+def _tracking_on(args) -> bool:
+    """Whether to log to MLflow; asked for, the tracking server must be there before any work starts."""
+    on = bool(args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track))
+    if on:
+        from .tracking_server import require_tracking_uri
+
+        require_tracking_uri(purpose="--track")
+    return on
 
 
 def _cmd_train(args) -> int:
     from .engine import train
 
-    results = train(config_from_args(args), resume=args.resume, progress=not args.quiet)
+    cfg = config_from_args(args)
+    observer = _observer(args, cfg, run_id=None) if _tracking_on(args) else None
+    results = train(cfg, resume=args.resume, progress=not args.quiet, observer=observer)
     print_summary(results, args.out)
-    if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track):
-        return _track(args.out, args.experiment)
+    mlflow_run_id = getattr(observer, "mlflow_run_id", None) if observer is not None else None
+    if observer is not None and mlflow_run_id is None:
+        raise FedMedClipError(
+            f"the run in {args.out} is complete but was not tracked (see the warning above)"
+        )
+    if mlflow_run_id:
+        print(mlflow_run_id)
     return 0
 
 
@@ -105,9 +145,7 @@ def _cmd_server_run(args) -> int:
     )
     cfg = config_from_args(args)
     observer = (
-        _observer(args, cfg)
-        if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track)
-        else None
+        _observer(args, cfg, run_id=args.run_id, options=asdict(options)) if _tracking_on(args) else None
     )
     results = run_server(
         cfg, args.mailbox, args.run_id, args.out, args.state, options, observer, not args.quiet
@@ -116,11 +154,12 @@ def _cmd_server_run(args) -> int:
     return 0
 
 
-def _observer(args, cfg):
-    """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed."""
+def _observer(args, cfg, run_id: str | None, **kwargs):
+    """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed: the one
+    tracking mechanism of `train --track` and `server run --track` (`run_id=None`: train's own key)."""
     for ep in entry_points(group="fedmedclip.observers"):
         if ep.name == "mlflow":
-            return ep.load()(cfg=cfg, run_id=args.run_id, experiment=args.experiment)
+            return ep.load()(cfg=cfg, run_id=run_id, experiment=args.experiment, **kwargs)
     raise FedMedClipError("--track needs the MLOps layer: install the project with its `pipelines` extra")
 
 
@@ -221,15 +260,6 @@ def _add_runtime_commands(sub) -> None:
     p.set_defaults(func=_cmd_site_run)
 
 
-def _track(run_dir: str, experiment: str) -> int:
-    """Log the run with the `track` command of the MLOps layer (the core never imports mlflow)."""
-    if "track" not in _command_names():
-        raise FedMedClipError(
-            "--track needs the MLOps layer: install the project with its `pipelines` extra (make install)"
-        )
-    return main(["track", run_dir, "--experiment", experiment])
-
-
 def _cmd_methods(args) -> int:
     from .methods import describe_methods
 
@@ -278,7 +308,7 @@ def _cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmedclip", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fedmedclip", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -295,18 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser("synth", help="write the synthetic multi-site scan set (PNGs + manifest.csv)")
-    p.add_argument("out")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--per-class", type=int, default=80)
-    p.add_argument("--test-per-class", type=int, default=30)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="the folder to write (PNGs and manifest.csv with a site column)")
+    p.add_argument(
+        "--sites",
+        type=int,
+        default=3,
+        help="hospitals, each with its own scanner look (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-class", type=int, default=80, help="images per class per site (default: %(default)s)"
+    )
+    p.add_argument(
+        "--test-per-class", type=int, default=30, help="global test images per class (default: %(default)s)"
+    )
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser(
         "backbone", help="load a backbone offline and print its identity (checks weights are present)"
     )
-    p.add_argument("spec")
+    p.add_argument(
+        "spec",
+        help="tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id",
+    )
     p.set_defaults(func=_cmd_backbone)
 
     from . import compare  # light at import: the engine loads only when the command runs
@@ -322,7 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="half-precision image encoder (for GPU serving)")
     p.add_argument("--run-id", default="", help="training run id recorded in the metadata")
     p.add_argument("--backbone", default=None, help="where the frozen weights are, if moved (hash-checked)")
-    p.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"))
+    p.add_argument(
+        "--exporter",
+        default="auto",
+        choices=("auto", "dynamo", "torchscript"),
+        help="torch's ONNX exporter: dynamo (torch.export), torchscript (tracing), or auto (dynamo, then "
+        "torchscript if dynamo fails; default)",
+    )
     p.set_defaults(func=_cmd_export)
 
     for ep in entry_points(group="fedmedclip.commands"):
@@ -330,12 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
             ep.load()(sub)
         except ImportError as exc:  # that layer's extra is not installed in this environment
             logging.getLogger(__name__).debug("commands from %s unavailable: %s", ep.name, exc)
+    _global_flags_everywhere(parser)
     return parser
 
 
-def _command_names() -> set[str]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return set(sub.choices)
+def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose and -q/--quiet are accepted after any command too (`fedmedclip pipeline run --local -v`),
+    not only before it. SUPPRESS: a command that does not see them leaves the top-level value alone."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in set(action.choices.values()):
+            taken = child._option_string_actions
+            if not {"-v", "--verbose"} & set(taken):
+                child.add_argument(
+                    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+                )
+            if not {"-q", "--quiet"} & set(taken):
+                child.add_argument(
+                    "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+                )
+            _global_flags_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:

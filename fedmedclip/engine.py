@@ -67,10 +67,17 @@ def site_setups(cfg: TrainConfig, p: Prepared, method) -> list[SiteSetup]:
 
 # ---------------------------------------------------------------- the in-process federation
 def simulate(
-    cfg: TrainConfig, p: Prepared, out: Path, progress: bool = True, run_id: str = INPROCESS_RUN_ID
+    cfg: TrainConfig,
+    p: Prepared,
+    out: Path,
+    progress: bool = True,
+    run_id: str = INPROCESS_RUN_ID,
+    observer=None,
 ) -> dict:
     """Run the federation's server and sites in this process over an in-memory mailbox. Each party keeps
-    its checkpoints under RUN/checkpoint/ (a resumed run continues every party from its own)."""
+    its checkpoints under RUN/checkpoint/ (a resumed run continues every party from its own). `observer`
+    (the protocol of `fedmedclip server run --track`, docs/contracts.md) hears the start and each round as
+    it finishes; `train` tells it the end once results.json is final."""
     method = method_for(cfg, p)
     mailbox = Mailbox(MemoryStore(f"inprocess-{uuid.uuid4().hex}"), run_id)
     ckpt = LocalDirStore(out / "checkpoint")
@@ -78,6 +85,9 @@ def simulate(
         mailbox, server_setup(cfg, p, method), ckpt.sub("server"), out, ServerOptions(), verbose=False
     )
     server.start()
+    logged = len(server.history)  # a resumed run's earlier rounds were logged when they finished
+    if observer is not None:
+        observer.start(server.manifest, resumed=logged > 0)
     sites = [
         SiteWorker(
             mailbox, server.manifest, s, ckpt.sub(f"sites/{s.name}"), model_dir=out / "model", verbose=False
@@ -106,6 +116,10 @@ def simulate(
                     )
                     bar.update(len(server.history) - bar.n)
                     _forget_old_rounds(mailbox, rec["round"], server.sites)
+                if observer is not None:
+                    for rec in server.history[logged:]:
+                        observer.round(rec)
+                    logged = len(server.history)
             if not progressed:  # cannot happen when every party is in this process
                 raise RuntimeError("in-process federation made no progress")
     finally:
@@ -264,18 +278,22 @@ class ReferenceRun:
         return results
 
 
-def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool) -> dict:
+def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, observer=None) -> dict:
     run = ReferenceRun(cfg, p)
     store = CheckpointStore(LocalDirStore(out / "checkpoint" / "reference"), "reference run")
     run.load(store)
     atomic_write_json(out / "config.json", cfg.to_json())
     p.partition.save(out / "partition.json")
+    if observer is not None:  # nothing travels: the observer hears the sites and the rounds, no manifest
+        observer.start({"sites": [{"name": n} for n in run.site_names]}, resumed=run.round > 0)
     bar = tqdm(
         total=cfg.rounds, initial=run.round, desc=f"{cfg.method} rounds", unit="round", disable=not progress
     )
     while run.round < cfg.rounds:
         rec = run.step()
         run.save(store)
+        if observer is not None:
+            observer.round(rec)
         bar.update(1)
         bar.set_postfix(global_acc=f"{rec['global']['acc']:.3f}")
     bar.close()
@@ -310,10 +328,16 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, progress: bool = True, run_id: str = INPROCESS_RUN_ID
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    run_id: str = INPROCESS_RUN_ID,
+    observer=None,
 ) -> dict:
     """Run (or resume) a training; writes the run directory (docs/contracts.md) and returns results.json.
-    `run_id` is recorded in every payload's header: the same id as a mailbox run gives byte-identical payloads."""
+    `run_id` is recorded in every payload's header: the same id as a mailbox run gives byte-identical payloads.
+    `observer` (`train --track`: components.observer) is told the start, each round as it finishes, and the
+    end (`finish(results, None)`, or `finish(None, message)` when the run fails)."""
     cfg.validate()
     out = Path(cfg.out)
     _check_resumable(cfg, out, resume)
@@ -322,13 +346,20 @@ def train(
     t0 = time.perf_counter()
     prepared = prepare(cfg, progress)
     torch.set_num_threads(cfg.threads)
-    if cfg.federation == "federated":
-        results = simulate(cfg, prepared, out, progress, run_id)
-    else:
-        results = _run_reference(cfg, prepared, out, progress)
+    try:
+        if cfg.federation == "federated":
+            results = simulate(cfg, prepared, out, progress, run_id, observer)
+        else:
+            results = _run_reference(cfg, prepared, out, progress, observer)
+    except BaseException as exc:
+        if observer is not None:
+            observer.finish(None, f"{type(exc).__name__}: {exc}")
+        raise
     results["timing"]["total_seconds"] = time.perf_counter() - t0
     results["timing"]["feature_seconds"] = prepared.feature_seconds
     atomic_write_json(out / "results.json", results)
+    if observer is not None:
+        observer.finish(results, None)
     return results
 
 

@@ -246,6 +246,11 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         values[f.field] = value
     both = getattr(args, "codec_both", None)
     if both:
+        from .codec import CODECS
+        from .errors import ConfigError
+
+        if both not in CODECS:  # named by the flag that was given, not the field it sets
+            raise ConfigError(f"unknown codec {both!r} for --codec; choose one of {', '.join(CODECS)}")
         values["codec_up"] = values["codec_down"] = both
     values.update(overrides)
     return TrainConfig(**values).validate()

@@ -1,4 +1,4 @@
-"""Losses and the ensemble rule, written as in ../shared/docs/algorithms.md (§2.2, §3.4, §3.7)."""
+"""Losses and the ensemble rule, written as in docs/algorithms.md (§2.2, §3.4, §3.7)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def expected_calibration_error(probs, y_true, n_bins: int = 10) -> float:
 
 
 def expected_calibration_error_reference(probs, y_true, n_bins: int = 10) -> float:
-    """ECE as the reference code computes it (algorithms.md §6, the quirk): bins are [lo, hi) except the
+    """ECE as the reference code computes it (docs/algorithms.md §6, the quirk): bins are [lo, hi) except the
     last, [0.9, 1.0]; n_b is that histogram's count, so a confidence of exactly 1.0 is counted in the last bin,
     but the per-bin accuracy and mean confidence are taken over the samples with lo <= conf < hi only, so
     those 1.0s never count there (a bin holding only 1.0s contributes nothing). With logits scaled by 100

@@ -1,4 +1,4 @@
-"""Trainable modules on top of frozen CLIP features (see ../shared/docs/algorithms.md §2.1, §3.1-3.3)."""
+"""Trainable modules on top of frozen CLIP features (see docs/algorithms.md §2.1, §3.1-3.3)."""
 
 from __future__ import annotations
 

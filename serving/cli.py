@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     serve.add_argument(
         "model",
         help="an .onnx file, a folder holding one (e.g. KServe's /mnt/models), or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION from the MLflow registry (MLFLOW_TRACKING_URI), verified against its onnx_sha256 "
+        "models:/NAME/VERSION from the MLflow registry ($MLFLOW_TRACKING_URI, else the running local stack), verified against its onnx_sha256 "
         "tag; a file is verified against --expected-sha256 or the MODEL.onnx.sha256 sidecar `fedmedclip export` "
         "writes, and refused without either",
     )
@@ -120,7 +120,12 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
-    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="the server's log level (default: %(default)s)",
+    )
     serve.set_defaults(func=_serve)
 
     predict = subparsers.add_parser(

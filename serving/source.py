@@ -113,8 +113,14 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from fedmedclip.tracking_server import require_tracking_uri
+
     name, alias, version = parse_models_uri(uri)
-    client = MlflowClient()
+    # The one rule of every command (never MLflow's default, which would create ./mlflow.db here).
+    tracking = require_tracking_uri(purpose=f"{uri} needs the MLflow registry", error=ServingError)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     try:
         mv = (
             client.get_model_version_by_alias(name, alias)

@@ -64,7 +64,7 @@ def assert_same(a, b, where="state"):
 
 
 def _history(h: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "finished_at")} for r in h]
 
 
 # ----------------------------------------------------------------------------- resume equivalence

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,12 @@ def round_record(
     bytes_down: dict[str, int],
     seconds: float,
     rejected: dict[str, str] | None = None,
+    finished_at: float | None = None,
 ) -> dict:
     """One entry of results.json's `history`. Sites absent from the round (or without a report) have None
     metrics; `val_acc_mean` averages the validation accuracy of the sites that have a validation split,
-    and is None when none has."""
+    and is None when none has. `finished_at` (unix seconds, default now) is when the round closed: what
+    `fedmedclip track` stamps its metrics with when it logs the run afterwards."""
     rows = []
     for name in site_names:
         rep = site_reports.get(name) or {}
@@ -117,6 +120,7 @@ def round_record(
         "bytes_up": [bytes_up.get(s) for s in site_names],
         "bytes_down": [bytes_down.get(s) for s in site_names],
         "seconds": float(seconds),
+        "finished_at": round(time.time() if finished_at is None else float(finished_at), 3),
     }
 
 

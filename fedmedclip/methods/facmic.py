@@ -1,4 +1,4 @@
-"""FACMIC (algorithms.md §2): a feature attention module trained with the CLIP contrastive loss plus
+"""FACMIC (docs/algorithms.md §2): a feature attention module trained with the CLIP contrastive loss plus
 LMMD domain adaptation toward an unlabelled reference set, aggregated by sample size.
 
 Options (defaults reproduce the reference code, §2.6):

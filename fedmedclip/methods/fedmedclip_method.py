@@ -1,7 +1,7 @@
-"""FedMedCLIP (algorithms.md §3): a masked FAM travels; each site keeps a masked MLP; a class-wise
+"""FedMedCLIP (docs/algorithms.md §3): a masked FAM travels; each site keeps a masked MLP; a class-wise
 KL lets them teach each other; local prediction is an uncertainty-weighted ensemble.
 
-Options (defaults follow the reference code, §8 of algorithms.md):
+Options (defaults follow the reference code, §8 of docs/algorithms.md):
 - lr_fam 5e-5, lr_mlp 1e-3 (README values; the argparse defaults were 5e-4 / 1e-4), lr_decay 0.97 per round,
   weight_decay 0.02; AdamW re-created every round.
 - local_epochs 1; kd_weight 0.04; kd_temperature 2.0.
@@ -43,7 +43,7 @@ class FedMedClipSite(SiteTrainer):
 
     def load_shared(self, state):
         self.fam.load_state_dict(state, strict=False)
-        # Thresholds do not travel; receiving the global module resets them to its value, 0 (algorithms.md
+        # Thresholds do not travel; receiving the global module resets them to its value, 0 (docs/algorithms.md
         # §3.6), so with mask_rule=dst (where they learn) the sites start every round from the global masks.
         with torch.no_grad():
             for layer in (self.fam.fc1, self.fam.fc2):
