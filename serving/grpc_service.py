@@ -91,18 +91,10 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         return grpc_pb2.ServerMetadataResponse(**self.state.metadata())
 
     async def ModelReady(self, request, context):
+        # An unknown model, or version, is simply not ready (as Triton answers; REST says 404).
         try:
             self.state.model_ready(request.name, request.version or None)
-        except NotServed as exc:
-            await self._refuse(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                exc.message,
-                "unknown_model",
-                self.state.label(request.name),
-                "ModelReady",
-            )
-        except NotReady:
+        except (NotServed, NotReady):
             return grpc_pb2.ModelReadyResponse(ready=False)
         return grpc_pb2.ModelReadyResponse(ready=True)
 

@@ -219,17 +219,17 @@ def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.nda
         )
     kinds = set(map(type, flat))
     if t.datatype in INTEGER_TYPES:
-        _only(kinds, {int}, flat, where, "integers")
         dtype = INTEGER_TYPES[t.datatype]
+        info = np.iinfo(dtype)
+        _only(kinds, {int}, flat, where, f"integers {info.min}-{info.max}")
         try:
             values = np.array(flat, dtype=np.int64)
         except OverflowError:
             raise RequestRejected("bad_value", f"{where}: a value is out of the {t.datatype} range") from None
-        info = np.iinfo(dtype)
         if values.size and (values.min() < info.min or values.max() > min(info.max, np.iinfo(np.int64).max)):
             bad = int(values.min() if values.min() < info.min else values.max())
             raise RequestRejected(
-                "bad_value", f"{where}: {t.datatype} values must lie in {info.min}..{info.max}, got {bad}"
+                "bad_value", f"{where}: 'data' must hold integers {info.min}-{info.max}, got {bad}"
             )
         return values.astype(dtype)
     if t.datatype in FLOAT_TYPES:
@@ -279,7 +279,7 @@ def _only(kinds: set, allowed: set, flat: list, where: str, what: str) -> None:
     example = next(v for v in flat if type(v) not in allowed)
     raise RequestRejected(
         "bad_value",
-        f"{where}: 'data' must hold {what}, got {_kind(example)} values such as {quoted(example, 20)}; "
+        f"{where}: 'data' must hold {what}, got {type(example).__name__} values such as {quoted(example, 20)}; "
         "nothing is rounded or converted",
     )
 

@@ -10,7 +10,12 @@ Importing this module needs torch (tests and bench only; the server never import
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ from fedmedclip.digests import onnx_metadata, ood_metadata, write_sha256_sidecar
 from fedmedclip.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
 
 CLASS_NAMES = ("glioma", "meningioma", "notumor", "pituitary")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_ready(proc, http: str, model: str, log_path: Path, timeout: float = 60.0) -> None:
@@ -41,6 +47,48 @@ def wait_ready(proc, http: str, model: str, log_path: Path, timeout: float = 60.
         if time.monotonic() > deadline:
             pytest.fail(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
+
+
+@dataclass
+class RunningServer:
+    http: str  # host:port
+    grpc: str  # host:port
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(models: list[str], log_dir: Path, *options: str, ready_model: str = "fedmedclip"):
+    """`python -m serving serve MODELS... OPTIONS` (the handler of `fedmedclip serve`) on free loopback ports,
+    on CPU, its output in log_dir/server.log; stopped with SIGTERM afterwards."""
+    from conftest import free_port
+
+    http_port, grpc_port = free_port(), free_port()
+    log_path = log_dir / "server.log"
+    cmd = [
+        sys.executable, "-m", "serving", "serve", *models, "--device", "cpu",
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), *options,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)
+    try:
+        wait_ready(proc, server.http, ready_model, log_path)
+        yield server
+    finally:
+        server.stop()
 
 
 def contract_preprocessing(image_size: int) -> Preprocessing:
@@ -169,3 +217,116 @@ def _calibrate(path: Path, noise) -> dict[str, str]:
         reference_shape=reference.shape,
         sigma=median_bandwidth(reference.astype(np.float64)),
     )
+
+
+# ------------------------------------------------------------------ the Open Inference Protocol's own spec
+
+SPEC_DIR = Path(__file__).resolve().parent / "specs" / "open-inference-protocol"
+
+
+class OipRestSpec:
+    """Response validation against the protocol's OpenAPI file (tests/specs/open-inference-protocol, unmodified)
+    with openapi-schema-validator's OpenAPI 3.0 validator (nullable rules included).
+
+    The file writes model paths as `${MODEL_NAME}` and lists only the versioned model routes; the unversioned
+    ones (optional `[/versions/V]` in inference_rest.md) are checked against the same operation. A status the
+    file does not list for an operation is an error: its body must be the protocol's `{"error": string}`.
+    A binary-extension answer (application/octet-stream) is checked on its JSON header, where outputs sent as
+    binary carry `binary_data_size` instead of `data`."""
+
+    def __init__(self) -> None:
+        import re
+
+        import yaml
+        from openapi_schema_validator import OAS30Validator
+        from referencing import Registry, Resource
+        from referencing.jsonschema import DRAFT4
+
+        self.spec = yaml.safe_load((SPEC_DIR / "open_inference_rest.yaml").read_text())
+        registry = Registry().with_resource(
+            "oip", Resource.from_contents(self.spec, default_specification=DRAFT4)
+        )
+        self._validator = lambda ref: OAS30Validator({"$ref": f"oip{ref}"}, registry=registry)
+        self.routes = []
+        for template, item in self.spec["paths"].items():
+            pattern = re.escape(template.replace("${", "{")).replace(r"\{", "{").replace(r"\}", "}")
+            pattern = re.sub(r"\{[A-Z_]+\}", "[^/]+", pattern)
+            self.routes.append((re.compile(f"^{pattern}$"), item))
+        self.error = self._validator("#/components/schemas/metadata_model_error_response")
+        self.checked: list[tuple[str, str, int]] = []
+
+    def operation(self, method: str, path: str) -> dict:
+        import re
+
+        if path == "/v2":
+            path = "/v2/"
+        # Unversioned model routes: the same operation as the versioned ones.
+        path = re.sub(r"^(/v2/models/[^/]+)(?=/ready$|/infer$|$)", r"\1/versions/_", path)
+        for pattern, item in self.routes:
+            if pattern.match(path) and method.lower() in item:
+                return item[method.lower()]
+        raise AssertionError(f"{method} {path} is not an operation of the protocol's OpenAPI file")
+
+    def check(self, response, method: str | None = None, path: str | None = None) -> dict | None:
+        """Validate a `requests` response; returns its JSON (header) or None for a body-less 200."""
+        import json
+        from urllib.parse import urlsplit
+
+        method = method or response.request.method
+        path = path or urlsplit(response.request.url).path
+        try:
+            declared = self.operation(method, path)["responses"].get(str(response.status_code))
+        except AssertionError:
+            if response.status_code < 400:  # an error to a request outside the spec is still {"error"}
+                raise
+            declared = None
+        content_type = response.headers.get("content-type", "")
+        self.checked.append((method, path, response.status_code))
+        if response.status_code >= 400 or declared is None:
+            assert response.status_code >= 400, f"{method} {path}: {response.status_code} is not in the spec"
+            assert "detail" not in response.text[:20], response.text[:200]
+            assert content_type.startswith("application/json"), (path, content_type)
+            body = response.json()
+            self.error.validate(body)
+            return body
+        schema = (declared.get("content") or {}).get("application/json", {}).get("schema")
+        if content_type.startswith("application/octet-stream"):
+            length = int(response.headers["inference-header-content-length"])
+            body = json.loads(response.content[:length])
+            for output in body["outputs"]:
+                assert "data" in output or "binary_data_size" in output.get("parameters", {}), output
+            shown = {**body, "outputs": [{"data": [], **o} for o in body["outputs"]]}
+        else:
+            assert content_type.startswith("application/json"), (path, content_type)
+            body = shown = response.json()
+        if schema is not None:
+            self._validator(schema["$ref"]).validate(shown)
+        return body
+
+
+def oip_grpc_messages(tmp_dir: Path):
+    """The protocol's gRPC messages compiled from its own .proto (unmodified) into a private descriptor pool
+    (tritonclient's and kserve's generated copies claim the same `inference.*` names in the default one):
+    {message name: class}. The server's answers are parsed with these."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_tools import protoc
+
+    out = tmp_dir / "oip.desc"
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{SPEC_DIR}",
+            f"--descriptor_set_out={out}",
+            str(SPEC_DIR / "open_inference_grpc.proto"),
+        ]
+    )
+    assert rc == 0, "protoc could not compile the protocol's .proto"
+    files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for proto in files.file:
+        pool.Add(proto)
+    (proto,) = files.file
+    return {
+        m.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{proto.package}.{m.name}"))
+        for m in proto.message_type
+    }
