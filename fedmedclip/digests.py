@@ -156,7 +156,7 @@ def onnx_metadata(
 
 # ---- the out-of-distribution score and the drift reference (optional parts of an exported model) ----------
 # A model exported with an OOD score has two more outputs, `ood_score` float32 [N] (larger: further from the
-# exporting party's data) and `embedding` float32 [N, K] (the projection the drift statistic compares), and
+# exporting party's data) and `drift_embedding` float32 [N, K] (the projection the drift statistic compares), and
 # these metadata_props. A model without them still serves, without the OOD fields.
 
 META_OOD_METHOD = "fedmedclip.ood.method"  # e.g. "mahalanobis-shared-covariance"
@@ -176,7 +176,7 @@ OOD_METADATA_KEYS = (
     META_DRIFT_REFERENCE_SHAPE,
     META_DRIFT_SIGMA,
 )
-OOD_OUTPUTS = ("ood_score", "embedding")
+OOD_OUTPUTS = ("ood_score", "drift_embedding")
 
 
 def ood_metadata(

@@ -16,7 +16,7 @@ checked first, and a NaN or inf is refused naming the file or tensor. The writte
 sidecar next to it (`model.onnx.sha256`, `sha256sum` format), which `fedmedclip serve` verifies.
 
 With an OOD score (fedmedclip.ood, the default of `fedmedclip export`) the graph has two more outputs,
-`ood_score` float32 [N] and `embedding` float32 [N, K], computed from the same frozen features, and the
+`ood_score` float32 [N] and `drift_embedding` float32 [N, K], computed from the same frozen features, and the
 calibration in the metadata. It is fitted on what the exporting party holds: for the global model the
 server's images (`export RUN`), for a site's own model that site's images, read by the site itself
 (`export --state`, on the site's machine: its private MLP never leaves it).
@@ -306,7 +306,7 @@ def _check_interface(model, size: int, num_classes: int, embedding_dims: int | N
         "probabilities": (onnx.TensorProto.FLOAT, 2, [num_classes]),
         "class_index": (onnx.TensorProto.INT64, 1, []),
         "ood_score": (onnx.TensorProto.FLOAT, 1, []),
-        "embedding": (onnx.TensorProto.FLOAT, 2, [embedding_dims]),
+        "drift_embedding": (onnx.TensorProto.FLOAT, 2, [embedding_dims]),
     }
     for v in ins + outs:
         elem, rank, tail = want[v.name]
@@ -498,6 +498,8 @@ def export_site_state(
                 )
             except FedMedClipError as exc:
                 if ood == "require":
-                    raise
+                    raise FedMedClipError(
+                        f"cannot fit the OOD score of {site!r}: {exc} (export with --no-ood to skip it)"
+                    ) from None
                 log.warning("exporting %s without an OOD score: %s", site, exc)
         return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)

@@ -14,7 +14,7 @@ images (never the ones the Gaussians were fitted on), so in-distribution images 
 about alpha, the stated false-alarm rate. Both go into the ONNX metadata.
 
 Drift reference: a PCA projection (fitted on the same features) to `embedding_dims` dimensions is a second
-output of the graph, `embedding`; up to `reference_size` held-out images' embeddings and the Gaussian kernel
+output of the graph, `drift_embedding`; up to `reference_size` held-out images' embeddings and the Gaussian kernel
 bandwidth (median heuristic, as alibi-detect computes it) go into the metadata for the server's MMD test.
 
 Which data: a site fits on its own training split (with its labels) and calibrates on its validation and test

@@ -146,7 +146,7 @@ def read_contract(session, source: str) -> ModelContract:
 
 def _read_ood(meta: dict[str, str], outputs: dict, source: str) -> OodContract:
     """The OOD outputs and their metadata, all or nothing: a half-exported score is refused at start-up."""
-    for name, dtype in (("ood_score", "tensor(float)"), ("embedding", "tensor(float)")):
+    for name, dtype in (("ood_score", "tensor(float)"), ("drift_embedding", "tensor(float)")):
         if name not in outputs or outputs[name].type != dtype:
             raise ServingError(f"{source}: has OOD outputs but not {name!r} of {dtype} (broken export)")
     missing = [k for k in OOD_METADATA_KEYS if k not in meta]
@@ -169,7 +169,7 @@ def _read_ood(meta: dict[str, str], outputs: dict, source: str) -> OodContract:
         )
     if rows < 2 or not np.isfinite(reference).all() or not isinstance(calibration, dict):
         raise ServingError(f"{source}: the drift reference must hold 2 or more finite rows")
-    width = outputs["embedding"].shape[-1]
+    width = outputs["drift_embedding"].shape[-1]
     if isinstance(width, int) and width != dims:
         raise ServingError(f"{source}: embeddings of {width} values but a drift reference of {dims}")
     return OodContract(meta[META_OOD_METHOD], threshold, rate, calibration, reference, sigma)

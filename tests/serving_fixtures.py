@@ -162,7 +162,7 @@ def make_contract_onnx(
     example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    outputs = ["probabilities", "class_index", *(["ood_score", "embedding"] if ood else [])]
+    outputs = ["probabilities", "class_index", *(["ood_score", "drift_embedding"] if ood else [])]
     # The legacy TorchScript exporter: about 1 s, against several for dynamo, for the same contract graph.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -207,7 +207,7 @@ def _calibrate(path: Path, noise) -> dict[str, str]:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     scores = session.run(["ood_score"], {"images": noise[1].numpy()})[0]
-    reference = session.run(["embedding"], {"images": noise[2].numpy()})[0].astype(np.float32)
+    reference = session.run(["drift_embedding"], {"images": noise[2].numpy()})[0].astype(np.float32)
     return ood_metadata(
         method="fixture-squared-distance",
         threshold=conformal_threshold(scores.astype(np.float64), 0.05),
