@@ -365,7 +365,7 @@ def fit_run_ood(run_dir: str | Path, site: str, clf: ImageClassifier, false_alar
         cfg = TrainConfig.from_json(json.loads(config.read_text()))
         holder = SERVER if site == GLOBAL else site
         prepared = prepare(cfg, progress=False, holders=[holder])
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any reason the holder's data is not readable here (files, S3)
         raise FedMedClipError(f"the run's data cannot be read here ({type(exc).__name__}: {exc})") from None
     store = prepared.stores[holder]
     if site == GLOBAL:
