@@ -79,6 +79,11 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         log.info("refused gRPC %s: %s %s: %s", method, code.name, reason, message)
         await context.abort(code, message)
 
+    async def _not_served(self, context, exc: NotServed, name: str, method: str):
+        await self._refuse(
+            context, grpc.StatusCode.NOT_FOUND, exc.message, "unknown_model", self.state.label(name), method
+        )
+
     # ---- health and metadata -----------------------------------------------------------------------------
 
     async def ServerLive(self, request, context):
@@ -102,14 +107,7 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             model = self.state.model(request.name, request.version or None, ready=False)
         except NotServed as exc:
-            await self._refuse(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                exc.message,
-                "unknown_model",
-                self.state.label(request.name),
-                "ModelMetadata",
-            )
+            await self._not_served(context, exc, request.name, "ModelMetadata")
         if model.classifier is None:
             await self._refuse(
                 context,
@@ -134,9 +132,7 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
             response, _ = await model(infer_request, headers=dict(context.invocation_metadata() or ()))
             return response.to_grpc()
         except NotServed as exc:
-            await self._refuse(
-                context, grpc.StatusCode.NOT_FOUND, exc.message, "unknown_model", label, "ModelInfer"
-            )
+            await self._not_served(context, exc, request.model_name, "ModelInfer")
         except NotReady as exc:
             await self._refuse(
                 context, grpc.StatusCode.UNAVAILABLE, exc.message, "not_ready", label, "ModelInfer"
@@ -183,14 +179,7 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
                 context, grpc.StatusCode.UNAUTHENTICATED, exc.message, exc.code, metrics.NO_MODEL, method
             )
         except NotServed as exc:
-            await self._refuse(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                exc.message,
-                "unknown_model",
-                metrics.UNKNOWN_MODEL,
-                method,
-            )
+            await self._not_served(context, exc, request.model_name, method)
 
     async def RepositoryModelLoad(self, request, context):
         await self._control(request, context, "load")

@@ -91,6 +91,17 @@ def running_server(models: list[str], log_dir: Path, *options: str, ready_model:
         server.stop()
 
 
+def uint8_json(images: np.ndarray, **extra) -> dict:
+    """A v2 JSON request body carrying `images` (uint8 [N, S, S, 3]) as the `images` UINT8 tensor."""
+    spec = {
+        "name": "images",
+        "datatype": "UINT8",
+        "shape": list(images.shape),
+        "data": images.ravel().tolist(),
+    }
+    return {"inputs": [spec], **extra}
+
+
 def contract_preprocessing(image_size: int) -> Preprocessing:
     """The `clip` recipe at `image_size`: short-side resize + centre crop, so the server's decode path matters."""
     return Preprocessing(

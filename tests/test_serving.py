@@ -22,7 +22,13 @@ import pytest
 import requests
 from conftest import free_port
 from PIL import Image
-from serving_fixtures import CLASS_NAMES, contract_preprocessing, make_contract_onnx, running_server
+from serving_fixtures import (
+    CLASS_NAMES,
+    contract_preprocessing,
+    make_contract_onnx,
+    running_server,
+    uint8_json,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fedmedclip"
@@ -250,16 +256,7 @@ def test_request_without_id_and_with_id(server, ort_session):
     """kserve 0.21 answers 500 to an id-less v2 request unless the model fills the id: plain JSON, no id."""
     http = server[0]
     images = random_images(2, seed=5)
-    body = {
-        "inputs": [
-            {
-                "name": "images",
-                "datatype": "UINT8",
-                "shape": list(images.shape),
-                "data": images.ravel().tolist(),
-            }
-        ]
-    }
+    body = uint8_json(images)
     resp = requests.post(f"http://{http}/v2/models/{MODEL}/infer", json=body, timeout=10)
     assert resp.status_code == 200, resp.text
     answer = resp.json()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import SYNTH
-from serving_fixtures import OipRestSpec, running_server
+from serving_fixtures import OipRestSpec, running_server, uint8_json
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -160,16 +160,7 @@ def test_one_server_serves_the_global_and_the_site_model_with_ood_and_drift(expo
             probs, _, score, _ = session.run(None, {"images": images})
             answers = []
             for chunk in np.split(images, 3):
-                body = {
-                    "inputs": [
-                        {
-                            "name": "images",
-                            "datatype": "UINT8",
-                            "shape": list(chunk.shape),
-                            "data": chunk.ravel().tolist(),
-                        }
-                    ]
-                }
+                body = uint8_json(chunk)
                 resp = requests.post(f"{base}/v2/models/{name}/infer", json=body, timeout=60)
                 answers.append({o["name"]: o["data"] for o in spec.check(resp)["outputs"]})
             got_probs = np.concatenate([np.reshape(a["probabilities"], (10, -1)) for a in answers])

@@ -27,6 +27,7 @@ from serving_fixtures import (
     make_contract_onnx,
     oip_grpc_messages,
     running_server,
+    uint8_json,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,16 +71,6 @@ def url(server, path: str) -> str:
     return f"http://{server.http}{path}"
 
 
-def uint8_body(images: np.ndarray, **extra) -> dict:
-    spec = {
-        "name": "images",
-        "datatype": "UINT8",
-        "shape": list(images.shape),
-        "data": images.ravel().tolist(),
-    }
-    return {"inputs": [spec], **extra}
-
-
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, S, S, 3), dtype=np.uint8)
 
@@ -112,13 +103,13 @@ def test_every_rest_endpoint_answers_the_openapi_schema(server, spec, version):
         ("GET", f"/v2/models/{MODEL}/versions/{version}", None, 200),
         ("GET", f"/v2/models/{MODEL}/ready", None, 200),
         ("GET", f"/v2/models/{MODEL}/versions/{version}/ready", None, 200),
-        ("POST", f"/v2/models/{MODEL}/infer", uint8_body(img, id="a"), 200),
-        ("POST", f"/v2/models/{MODEL}/versions/{version}/infer", uint8_body(img), 200),
+        ("POST", f"/v2/models/{MODEL}/infer", uint8_json(img, id="a"), 200),
+        ("POST", f"/v2/models/{MODEL}/versions/{version}/infer", uint8_json(img), 200),
         ("GET", "/v2/models/nope", None, 404),
         ("GET", f"/v2/models/{MODEL}/versions/999", None, 404),
         ("GET", f"/v2/models/{MODEL}/versions/999/ready", None, 404),
-        ("POST", f"/v2/models/{MODEL}/versions/999/infer", uint8_body(img), 404),
-        ("POST", "/v2/models/nope/infer", uint8_body(img), 404),
+        ("POST", f"/v2/models/{MODEL}/versions/999/infer", uint8_json(img), 404),
+        ("POST", "/v2/models/nope/infer", uint8_json(img), 404),
         ("GET", f"/v2/models/{MODEL}/infer", None, 405),
         ("POST", f"/v2/models/{MODEL}/infer", {"inputs": []}, 400),
         ("POST", f"/v2/models/{MODEL}/infer", {"id": 5, "inputs": [{}]}, 400),
@@ -139,7 +130,7 @@ def test_every_rest_endpoint_answers_the_openapi_schema(server, spec, version):
 
 
 def test_binary_answers_have_their_content_type(server, spec):
-    body = uint8_body(images(1), parameters={"binary_data_output": True})
+    body = uint8_json(images(1), parameters={"binary_data_output": True})
     resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=body, timeout=30)
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/octet-stream"
@@ -268,14 +259,14 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
             assert resp.status_code == 503, path
             spec.check(resp)
         assert not client.is_server_ready() and not client.is_model_ready(MODEL)
-        resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_body(images(1)), timeout=10)
+        resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=10)
         assert resp.status_code == 503
         spec.check(resp)
     finally:
         load = url(server, f"/v2/repository/models/{MODEL}/load")
         assert requests.post(load, headers=auth, timeout=120).status_code == 200
     assert client.is_server_ready() and client.is_model_ready(MODEL)
-    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_body(images(1)), timeout=30)
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30)
     assert resp.status_code == 200
     client.close()
 
@@ -372,7 +363,7 @@ def test_hostile_json_gets_a_4xx_one_log_line_and_no_echo(server, spec, tmp_path
     log = server.log()
     assert refusals(server) == before + len(HOSTILE)  # one line per refused request
     assert "Traceback" not in log and "A" * 100 not in log
-    assert requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_body(images(1)), timeout=30).ok
+    assert requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30).ok
 
 
 def test_short_png_and_chunked_and_slow_bodies(server, spec):
@@ -489,7 +480,7 @@ def test_sigterm_not_ready_first_then_drain_then_ports_close(onnx_path, tmp_path
 
     import tritonclient.grpc as grpcclient
 
-    body = json.dumps(uint8_body(images(1))).encode()
+    body = json.dumps(uint8_json(images(1))).encode()
     with running_server(
         [str(onnx_path)], tmp_path, "--drain-seconds", "1", "--grace-period", "120", "--body-timeout", "300"
     ) as server:
