@@ -680,3 +680,20 @@ def test_cli_module_is_light():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_no_model_control_without_a_token(server, grpc_client):
+    """kserve 0.21 let any client unload the model for good (REST and gRPC); this server has no model
+    control unless started with --model-control-token-file: 404 and UNIMPLEMENTED, and it stays ready."""
+    from tritonclient.utils import InferenceServerException
+
+    http = server[0]
+    for action in ("unload", "load"):
+        resp = requests.post(f"http://{http}/v2/repository/models/{MODEL}/{action}", timeout=10)
+        assert resp.status_code == 404 and set(resp.json()) == {"error"}
+    with pytest.raises(InferenceServerException) as info:
+        grpc_client.unload_model(MODEL)
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert "model_repository" not in requests.get(f"http://{http}/v2", timeout=10).json()["extensions"]
+    assert grpc_client.is_server_ready() and grpc_client.is_model_ready(MODEL)
+    assert requests.get(f"http://{http}/v2/health/ready", timeout=10).status_code == 200
