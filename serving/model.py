@@ -424,7 +424,7 @@ def _check_parameters(parameters, where: str, typed: dict[str, type]) -> None:
                 raise RequestRejected(
                     "bad_parameters",
                     f"{where}: parameter {key!r} must be {'an integer' if kind is int else 'true or false'}, "
-                    f"got {value!r}",
+                    f"got {quoted(value)}",
                 )
 
 
