@@ -72,14 +72,15 @@ class RunningServer:
 @contextlib.contextmanager
 def running_server(models: list[str], log_dir: Path, *options: str, ready_model: str = "fedmedclip"):
     """`python -m serving serve MODELS... OPTIONS` (the handler of `fedmedclip serve`) on free loopback ports,
-    on CPU, its output in log_dir/server.log; stopped with SIGTERM afterwards."""
+    on CPU, its output in log_dir/server.log; stopped with SIGTERM afterwards (no drain period unless
+    OPTIONS give --drain-seconds: nothing balances load in front of a test server)."""
     from conftest import free_port
 
     http_port, grpc_port = free_port(), free_port()
     log_path = log_dir / "server.log"
     cmd = [
         sys.executable, "-m", "serving", "serve", *models, "--device", "cpu",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), *options,
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--drain-seconds", "0", *options,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
