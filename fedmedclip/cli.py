@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from importlib.metadata import entry_points
 
-from .errors import FedMedClipError
+from .errors import ConfigError, FedMedClipError
 
 DESCRIPTION = (
     "Federated adaptation of a frozen CLIP for medical image classification (FedMedCLIP, FACMIC and their "
@@ -290,17 +290,37 @@ def _cmd_backbone(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_onnx
+    from .export import export_onnx, export_site_state
 
-    path = export_onnx(
-        args.run_dir,
-        args.site,
-        args.out,
+    common = dict(
         precision="fp16" if args.fp16 else "fp32",
-        run_id=args.run_id,
-        backbone=args.backbone,
         exporter=args.exporter,
+        ood="off" if args.no_ood else "require",
+        false_alarm_rate=args.ood_false_alarm_rate,
     )
+    if args.state:
+        missing = [f"--{o}" for o in ("mailbox", "run_id") if not getattr(args, o)]
+        if args.run_dir or missing or args.site == "global":
+            raise ConfigError(
+                "export --state exports a site's own model: give --site NAME, --mailbox and --run-id (the ones "
+                f"`site run` used) and no run directory{'; missing ' + ', '.join(missing) if missing else ''}"
+            )
+        path = export_site_state(
+            args.state,
+            args.site,
+            args.mailbox,
+            args.run_id,
+            args.out,
+            data=args.data,
+            cache_dir=args.cache_dir,
+            **common,
+        )
+    else:
+        if not args.run_dir:
+            raise ConfigError("export needs a run directory (RUN), or --state for a site's own model")
+        path = export_onnx(
+            args.run_dir, args.site, args.out, run_id=args.run_id or "", backbone=args.backbone, **common
+        )
     from .digests import read_sha256_sidecar
 
     print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB) sha256 {read_sha256_sidecar(path)}")
@@ -357,12 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(p)
     p.set_defaults(func=compare.cmd_compare)
 
-    p = sub.add_parser("export", help="export a trained site's or the global predictor to one ONNX file")
-    p.add_argument("run_dir", help="a `fedmedclip train --out` run directory")
+    p = sub.add_parser(
+        "export",
+        help="export a trained site's or the global predictor to one ONNX file, with its OOD score",
+        description="Export the global model or a site's model of a run directory (`export RUN --site S`), or a "
+        "site's personalised model from its own private state, on the site's machine (`export --state DIR "
+        "--site NAME --mailbox URL --run-id ID`). The out-of-distribution score is fitted on the exporting "
+        "party's own images (found through the run's configuration and feature cache) and calibrated on "
+        "held-out ones to --ood-false-alarm-rate.",
+    )
+    p.add_argument(
+        "run_dir", nargs="?", help="a `fedmedclip train --out` or `server run --out` run directory"
+    )
     p.add_argument("--site", default="global", help="global | a site name | a site index (default: global)")
     p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
     p.add_argument("--fp16", action="store_true", help="half-precision image encoder (for GPU serving)")
-    p.add_argument("--run-id", default="", help="training run id recorded in the metadata")
+    p.add_argument(
+        "--run-id", default=None, help="training run id (recorded in the metadata; with --state, the run's)"
+    )
     p.add_argument("--backbone", default=None, help="where the frozen weights are, if moved (hash-checked)")
     p.add_argument(
         "--exporter",
@@ -370,6 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "dynamo", "torchscript"),
         help="torch's ONNX exporter: dynamo (torch.export), torchscript (tracing), or auto (dynamo, then "
         "torchscript if dynamo fails; default)",
+    )
+    p.add_argument("--no-ood", action="store_true", help="export without the out-of-distribution score")
+    p.add_argument(
+        "--ood-false-alarm-rate",
+        type=float,
+        default=0.05,
+        help="share of held-out in-distribution images the OOD threshold flags (default: %(default)s)",
+    )
+    p.add_argument(
+        "--state", help="a site's private state (`site run --state`): export that site's own model"
+    )
+    p.add_argument("--mailbox", help="with --state: the run's mailbox (directory or s3://...)")
+    p.add_argument(
+        "--data", help="with --state: the site's own data, as `site run --data` (default: the run's)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/fedmedclip",
+        help="with --state: the site's feature cache (default: %(default)s)",
     )
     p.set_defaults(func=_cmd_export)
 

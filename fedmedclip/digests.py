@@ -152,3 +152,56 @@ def onnx_metadata(
         META_PRECISION: str(precision),
         META_FORMAT_VERSION: FORMAT_VERSION,
     }
+
+
+# ---- the out-of-distribution score and the drift reference (optional parts of an exported model) ----------
+# A model exported with an OOD score has two more outputs, `ood_score` float32 [N] (larger: further from the
+# exporting party's data) and `drift_embedding` float32 [N, K] (the projection the drift statistic compares), and
+# these metadata_props. A model without them still serves, without the OOD fields.
+
+META_OOD_METHOD = "fedmedclip.ood.method"  # e.g. "mahalanobis-shared-covariance"
+META_OOD_THRESHOLD = "fedmedclip.ood.threshold"  # a score above it is flagged out_of_distribution
+META_OOD_FALSE_ALARM_RATE = "fedmedclip.ood.false_alarm_rate"  # the rate the threshold was calibrated to
+META_OOD_CALIBRATION = "fedmedclip.ood.calibration"  # JSON: what it was fitted and calibrated on, counts
+META_DRIFT_REFERENCE = "fedmedclip.drift.reference"  # base64 of little-endian float32 [R, K] embeddings
+META_DRIFT_REFERENCE_SHAPE = "fedmedclip.drift.reference_shape"  # "R,K"
+META_DRIFT_SIGMA = "fedmedclip.drift.sigma"  # Gaussian kernel bandwidth of the MMD (median heuristic)
+
+OOD_METADATA_KEYS = (
+    META_OOD_METHOD,
+    META_OOD_THRESHOLD,
+    META_OOD_FALSE_ALARM_RATE,
+    META_OOD_CALIBRATION,
+    META_DRIFT_REFERENCE,
+    META_DRIFT_REFERENCE_SHAPE,
+    META_DRIFT_SIGMA,
+)
+OOD_OUTPUTS = ("ood_score", "drift_embedding")
+
+
+def ood_metadata(
+    *,
+    method: str,
+    threshold: float,
+    false_alarm_rate: float,
+    calibration: dict,
+    reference: bytes,
+    reference_shape: tuple[int, int],
+    sigma: float,
+) -> dict[str, str]:
+    """The OOD metadata_props (all strings). `reference`: the drift reference embeddings as little-endian
+    float32 bytes of `reference_shape`."""
+    import base64
+
+    rows, dims = reference_shape
+    if len(reference) != 4 * rows * dims:
+        raise ValueError(f"reference holds {len(reference)} bytes, not float32 {rows}x{dims}")
+    return {
+        META_OOD_METHOD: method,
+        META_OOD_THRESHOLD: repr(float(threshold)),
+        META_OOD_FALSE_ALARM_RATE: repr(float(false_alarm_rate)),
+        META_OOD_CALIBRATION: json.dumps(calibration, sort_keys=True),
+        META_DRIFT_REFERENCE: base64.b64encode(reference).decode(),
+        META_DRIFT_REFERENCE_SHAPE: f"{rows},{dims}",
+        META_DRIFT_SIGMA: repr(float(sigma)),
+    }

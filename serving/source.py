@@ -29,6 +29,13 @@ class ResolvedModel:
     sha256: str  # of the file actually served
     origin: str  # human-readable: the path, or "models:/NAME@ALIAS (version 3)"
     verified: bool  # sha256 matched an expected value (registry tag, --expected-sha256 or the sidecar)
+    registry_version: str | None = None  # the MLflow model version the alias or URI resolved to
+
+    @property
+    def version(self) -> str:
+        """What every answer carries as `model_version`: the registry version, or the file's sha256 prefix,
+        so each prediction traces back to one registered model or one file."""
+        return self.registry_version or self.sha256[:12]
 
 
 def _normalise_sha(value: str, what: str) -> str:
@@ -160,4 +167,4 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
         path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
     sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
-    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True)
+    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True, str(mv.version))

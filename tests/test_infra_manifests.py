@@ -618,11 +618,15 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
         pods["fedmedclip"],
     )
 
+    # Inference clients and Prometheus live in namespaces labelled for it (infra/serving/networkpolicy.yaml).
+    net.namespace_labels["clinic-apps"] = {"fedmedclip.io/inference-client": "true"}
+    net.namespace_labels["monitoring"] = {"fedmedclip.io/monitoring": "true"}
+    client, prometheus = ("clinic-apps", {"app": "viewer"}), ("monitoring", {"app": "prometheus"})
     allowed = [
         (pipeline_task, minio, 9000), (pipeline_task, mlflow, 5000),
         (mlflow, postgres, 5432), (mlflow, minio, 9000),
         (setup, minio, 9000), (users, mlflow, 5000), (inference, mlflow, 5000),
-        (elsewhere, inference, 8080), (elsewhere, inference, 8081), (pipeline_task, inference, 8080),
+        (client, inference, 8080), (client, inference, 8081), (prometheus, inference, 8080),
     ]  # fmt: skip
     for src, dst, port in allowed:
         assert net.reaches(src, dst, port), (src, dst, port)
@@ -634,6 +638,8 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
         (inference, minio, 9000), (inference, postgres, 5432), (inference, elsewhere, 443),
         (setup, mlflow, 5000), (setup, postgres, 5432), (users, postgres, 5432), (users, minio, 9000),
         (mlflow, elsewhere, 443), (minio, elsewhere, 443), (postgres, minio, 9000),
+        (elsewhere, inference, 8080), (elsewhere, inference, 8081), (pipeline_task, inference, 8080),
+        (prometheus, inference, 8081),
     ]  # fmt: skip
     for src, dst, port in denied:
         assert not net.reaches(src, dst, port), (src, dst, port)
