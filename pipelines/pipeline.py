@@ -241,6 +241,7 @@ def build_pipeline(options: CompileOptions | None = None):
         threads: int = _DEFAULTS.threads,
         method_options: str = "{}",
         synthetic: str = "{}",
+        privacy: str = "{}",
         mailbox: str = "",
         quorum: int = 0,
         round_timeout: float = 600.0,
@@ -282,6 +283,7 @@ def build_pipeline(options: CompileOptions | None = None):
             threads: Torch threads of each worker.
             method_options: Method options as a JSON object, e.g. {"lr_fam": 5e-4}.
             synthetic: Arguments of the synthetic data generator as a JSON object.
+            privacy: Differential privacy settings as a JSON object (the --dp-* flags, docs/privacy.md), e.g. {"target_epsilon": 8}; {} = none.
             mailbox: Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.
             quorum: Fewest sites a round may aggregate once it times out; 0 = every site.
             round_timeout: Seconds a round waits for the sites' updates.
@@ -320,6 +322,7 @@ def build_pipeline(options: CompileOptions | None = None):
             threads=threads,
             method_options=method_options,
             synthetic=synthetic,
+            privacy=privacy,
             site_names=site_names,
             mailbox=mailbox,
             local_stack=local_stack,
