@@ -109,6 +109,9 @@ META_RUN_ID = "fedmedclip.run_id"
 META_PRECISION = "fedmedclip.precision"  # fp32 | fp16
 META_FORMAT_VERSION = "fedmedclip.format_version"
 META_EXPORTER = "fedmedclip.exporter"  # informational: which torch.onnx exporter wrote the graph
+# informational: JSON of the run's privacy facts (fedmedclip.privacy.report.privacy_summary: dp.mode, dp.epsilon,
+# dp.delta, dp.clip, dp.noise_multiplier, dp.secure_aggregation, ...), which the served model's metadata reports
+META_PRIVACY = "fedmedclip.privacy"
 
 # Every key of the contract, in the order docs/contracts.md lists them (META_EXPORTER is not part of it).
 METADATA_KEYS = (

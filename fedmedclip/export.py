@@ -18,6 +18,7 @@ sidecar next to it (`model.onnx.sha256`, `sha256sum` format), which `fedmedclip 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -28,6 +29,7 @@ import torch
 from .digests import (
     FORMAT_VERSION,  # noqa: F401 - part of this module's interface since the first export format
     META_EXPORTER,
+    META_PRIVACY,
     onnx_metadata,
     sha256_file,
     sha256_sidecar,
@@ -214,6 +216,8 @@ def export_classifier(
     try:
         model = onnx.load(str(tmp))
         metadata = {**contract_metadata(meta, precision, run_id), META_EXPORTER: used}
+        if meta.get("privacy"):  # the run's differential-privacy facts (export_onnx reads them)
+            metadata[META_PRIVACY] = json.dumps(meta["privacy"], sort_keys=True)
         del model.metadata_props[:]
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)
@@ -282,4 +286,20 @@ def export_onnx(
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check_model_files_finite(run_dir, site)
     clf, meta = load_classifier(run_dir, site, backbone=backbone)
+    meta["privacy"] = run_privacy(run_dir)
     return export_classifier(clf, meta, out_path, precision, run_id, exporter)
+
+
+def run_privacy(run_dir: str | Path) -> dict[str, str]:
+    """The run's privacy facts for the model's metadata (`dp.mode` none when results.json has no DP,
+    unknown when the run directory has no results.json)."""
+    from .privacy.report import privacy_summary
+
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        return {"dp.mode": "unknown"}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedMedClipError(f"cannot read {path} for the model's privacy facts: {exc}") from None
+    return privacy_summary(results if isinstance(results, dict) else {})

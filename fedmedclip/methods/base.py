@@ -165,7 +165,8 @@ class Method:
 
     def dp_plan(self, data: SiteData):
         """This site's DP-SGD plan (noise multiplier, step budget) from its own training-set size."""
-        from ..privacy import DPSGD, plan_site
+        from ..privacy.accounting import plan_site
+        from ..privacy.dpsgd import DPSGD
 
         n = data.n_train
         plan = plan_site(
