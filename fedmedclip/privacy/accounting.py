@@ -56,6 +56,7 @@ def gaussian_rounds_epsilon(sigma: float, rounds: int, delta: float, accountant:
     return dpsgd_epsilon(1.0, sigma, rounds, delta, accountant)
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_sigma(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
@@ -81,6 +82,7 @@ def calibrate_sigma(
     return max(float(sigma), MIN_SIGMA)
 
 
+@functools.lru_cache(maxsize=256)
 def max_steps(
     target_epsilon: float, delta: float, sample_rate: float, sigma: float, limit: int, accountant: str = "rdp"
 ) -> int:
