@@ -152,7 +152,7 @@ def test_per_example_clipping_bounds_every_examples_contribution():
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
     x[3] *= 1e4  # the extreme example: huge features ...
-    y[3] = int(torch.argmin((F.normalize(x[3:4], dim=1) @ text_n.t())))  # ... labelled its least likely class
+    y[3] = int(torch.argmin(F.normalize(x[3:4], dim=1) @ text_n.t()))  # ... labelled its least likely class
     grads, losses = per_example_gradients(mods, _loss, (x, y), (text_n,))
     # Each row is that example's own gradient (checked against plain autograd on the example alone).
     params = {f"{m}.{k}": p for m, mod in mods.items() for k, p in mod.named_parameters()}
