@@ -17,10 +17,10 @@ the global test set with `transductive` (only to match the paper's numbers).
 Under record-level DP (fedmedclip.privacy) the attention module is trained by DP-SGD on per-example losses:
 CE over the class prompts instead of the batch contrastive loss, and LMMD's per-example source-target term
 (each labelled example pulled toward the reference examples pseudo-labelled with its class, the bandwidth from
-the reference batch alone); the source-source term, which couples a batch's examples, is left out. The module
-runs in eval mode (BatchNorm keeps its running statistics, which therefore travel unchanged) and the
-pseudo-labels come from it without gradient. `masked_target` is refused (its gradient runs through the
-reference batch, summed over the labelled examples). The reference set is the server's, sent to every site:
+the reference batch alone); the source-source term, which couples a batch's examples, is left out. Its BatchNorm
+normalises with the statistics of the step's reference batch instead of the site's own batch (BatchNorm's
+running statistics, which travel, move with those batches), and the pseudo-labels come from it without gradient.
+`masked_target` is refused (its gradient runs through the reference batch, summed over the labelled examples). The reference set is the server's, sent to every site:
 DP-SGD protects the site's labelled examples, not it (docs/privacy.md)."""
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..losses import (
     reference_alignment,
 )
 from ..modules import FacmicAttention, adapt
+from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
     Method,
@@ -112,9 +113,9 @@ class FacmicSite(SiteTrainer):
             total += loss.item()
         return {"loss": total / max(steps, 1), "steps": steps}
 
-    def _example_loss(self, mods, f, labels, target, target_weights, bw, lam):
+    def _example_loss(self, mods, f, labels, reference, target, target_weights, bw, lam):
         """One labelled example's loss under DP-SGD (the module docstring says how it differs)."""
-        h = adapt(mods["attention"], f)
+        h = F.normalize(reference_normalised(mods["attention"].net, f, reference) * f, dim=1)
         return prompt_cross_entropy(h, self.m.ctx.text_features, labels) + lam * lmmd_example_loss(
             h, labels, target, target_weights, bw
         )
@@ -132,6 +133,8 @@ class FacmicSite(SiteTrainer):
             if not self.dp.may_step(round_index):
                 break
             idx, ft = self.dp.sample(len(y), round_index, step), ref[next(target)]
+            # The reference batch moves BatchNorm's running statistics, once per step as in the reference code.
+            track_reference_statistics([self.attention], lambda ft=ft: self.attention(ft))
             with torch.no_grad():
                 q = torch.softmax(LOGIT_SCALE * adapt(self.attention, ft) @ text_n.t(), dim=1)
                 z = F.normalize(ft, dim=1)
@@ -141,7 +144,7 @@ class FacmicSite(SiteTrainer):
                     {"attention": self.attention},
                     self._example_loss,
                     (x[idx], y[idx]),
-                    (z, weights, bw, lam),
+                    (ft, z, weights, bw, lam),
                     self.optimiser,
                     round_index,
                     step,

@@ -14,14 +14,17 @@ Under record-level DP (`--dp-target-epsilon` / `--dp-noise-multiplier`, fedmedcl
 private MLP are both trained by DP-SGD (the FAM's distillation reads the MLP's predictions, so an MLP trained
 without DP would leak into what travels): Poisson-sampled batches, per-example losses (CE over the class
 prompts instead of the batch contrastive loss, CE of the MLP, and the per-example symmetric KL over classes
-instead of the class-wise KL over the batch), the modules in eval mode (the MLP's BatchNorm keeps its running
-statistics), and the same optimiser and schedule."""
+instead of the class-wise KL over the batch), the MLP's BatchNorm normalising with the statistics of a batch
+of the unlabelled reference set instead of the site's own batch (its running statistics move with those
+batches), the FAM's and the MLP's parts of each example's gradient clipped separately to C/sqrt(2), and the same
+optimiser and schedule."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..losses import (
     classwise_kl,
     contrastive_loss,
@@ -30,7 +33,8 @@ from ..losses import (
     prompt_cross_entropy,
     samplewise_kl,
 )
-from ..modules import FeatureAdaptationModule, PrivateMLP, adapt
+from ..modules import FeatureAdaptationModule, MaskedLinear, PrivateMLP, adapt
+from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
     Method,
@@ -56,6 +60,13 @@ class FedMedClipSite(SiteTrainer):
             self.mlp = PrivateMLP(ctx.feature_dim, ctx.num_classes, opt["mask_rule"])
         self.text = ctx.text_features
         self.dp = method.dp_plan(data) if method.private else None
+        if self.dp is not None and opt["mask_rule"] == "code":
+            # The code rule's thresholds get exactly zero gradient (algorithms.md §3.1): under DP-SGD they would
+            # get noise alone, drift, and mask rows out. Frozen, they stay at 0 as without DP.
+            for module in (self.fam, self.mlp):
+                for layer in module.modules():
+                    if isinstance(layer, MaskedLinear):
+                        layer.threshold.requires_grad_(False)
 
     def load_shared(self, state):
         self.fam.load_state_dict(state, strict=False)
@@ -112,11 +123,11 @@ class FedMedClipSite(SiteTrainer):
             total += loss.item()
         return {"loss": total / max(steps, 1), "steps": steps}
 
-    def _example_loss(self, mods, f, labels, text_n):
+    def _example_loss(self, mods, f, labels, text_n, reference):
         """One example's loss under DP-SGD (the module docstring says how it differs)."""
         opt = self.m.opt
         h = adapt(mods["fam"], f)
-        z = mods["mlp"](h)
+        z = reference_normalised(mods["mlp"].net, h, adapt(mods["fam"], reference))
         sim = h @ text_n.t()
         alpha = None
         if opt["kd_adaptive"]:
@@ -131,19 +142,35 @@ class FedMedClipSite(SiteTrainer):
         )
 
     def _train_round_private(self, round_index, optimiser):
-        x, y = self.data.train_x, self.data.train_y
+        x, y, ref = self.data.train_x, self.data.train_y, self.data.reference_x
+        if ref is None or len(ref) < 2:
+            raise ConfigError(
+                "FedMedCLIP with DP-SGD normalises its MLP with reference-set statistics: it needs an "
+                "unlabelled reference set (--reference-fraction > 0)"
+            )
         self.fam.eval()
         self.mlp.eval()
         mods = {"fam": self.fam, "mlp": self.mlp}
         text_n = F.normalize(self.text, dim=1)
+        references = batch_stream(
+            len(ref), self.m.ctx.batch_size, generator(self.m.ctx.seed, "reference", self.index, round_index)
+        )
         losses, taken = [], 0
         for step in range(self.m.steps_per_round(len(y))):
             if not self.dp.may_step(round_index):
                 break
+            reference = ref[next(references)]
+            track_reference_statistics([self.mlp], lambda r=reference: self.mlp(adapt(self.fam, r)))
             idx = self.dp.sample(len(y), round_index, step)
             losses.append(
                 self.dp.step(
-                    mods, self._example_loss, (x[idx], y[idx]), (text_n,), optimiser, round_index, step
+                    mods,
+                    self._example_loss,
+                    (x[idx], y[idx]),
+                    (text_n, reference),
+                    optimiser,
+                    round_index,
+                    step,
                 )
             )
             taken += 1

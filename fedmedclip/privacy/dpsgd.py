@@ -6,7 +6,11 @@ What a method gives: its trainable modules, and a per-example loss: a function o
 (tensors with a batch dimension of 1) plus per-step tensors that hold no training example (the class prompts,
 FACMIC's reference batch). A loss that couples the examples of a batch (the CLIP contrastive loss, FedMedCLIP's
 class-wise KL over the batch, BatchNorm in training mode) has no per-example gradient to clip, so methods
-use per-example forms under DP and run their modules in eval mode (BatchNorm uses its running statistics).
+use per-example forms under DP and run their modules in eval mode; a BatchNorm layer normalises with the
+statistics of a reference-set batch carried through the same layers (`reference_normalised`), which also
+move its running statistics (`track_reference_statistics`): never with the site's own examples.
+With several modules (FedMedCLIP's FAM and MLP) each module's part of an example's gradient is clipped to
+C/sqrt(modules), so an example's whole contribution stays within C.
 
 The randomness that the guarantee rests on (which examples a step samples, and the noise) must be unknown to
 everyone else, the server included: it is drawn from a 256-bit key taken from the operating system when the
@@ -62,14 +66,56 @@ def per_example_gradients(
 
 
 def clip_per_example(
-    grads: dict[str, torch.Tensor], clip: float
+    grads: dict[str, torch.Tensor], clip: float, groups: int = 1
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Each example's whole gradient (every parameter together) scaled to norm at most `clip`; returns the
-    clipped per-example gradients and the norms before clipping."""
-    flat = [g.reshape(g.shape[0], -1) for g in grads.values()]
-    norms = torch.sqrt(sum((f.double() ** 2).sum(dim=1) for f in flat)).to(flat[0].dtype)
-    scale = (clip / (norms + 1e-6)).clamp(max=1.0)
-    return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}, norms
+    """Each example's gradient scaled to norm at most `clip`; returns the clipped per-example gradients and
+    each example's norm before clipping. With `groups` > 1 (parameter names `<group>.<rest>`, one group per
+    module), each group's part is clipped on its own to clip / sqrt(groups), so the whole stays within
+    `clip` and a module whose gradients are small (FedMedCLIP's MLP beside its FAM) keeps its share."""
+    bound = clip / groups**0.5
+    names = sorted({k.split(".", 1)[0] for k in grads}) if groups > 1 else [""]
+    if len(names) != groups:
+        raise ValueError(f"{groups} clipping groups asked, the gradients name {names}")
+    out, total = {}, 0.0
+    for name in names:
+        part = {k: g for k, g in grads.items() if groups == 1 or k.split(".", 1)[0] == name}
+        flat = [g.reshape(g.shape[0], -1) for g in part.values()]
+        sq = sum((f.double() ** 2).sum(dim=1) for f in flat)
+        total = total + sq
+        scale = (bound / (torch.sqrt(sq).to(flat[0].dtype) + 1e-6)).clamp(max=1.0)
+        out.update({k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in part.items()})
+    return {k: out[k] for k in grads}, torch.sqrt(total).to(next(iter(grads.values())).dtype)
+
+
+def reference_normalised(layers: nn.Sequential, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`layers(x)` with every BatchNorm normalising by the statistics of `reference` (a batch of the
+    reference set, carried through the same layers) instead of x's own batch: BatchNorm's training-mode
+    behaviour, gradient through the statistics included, with statistics that hold no example of the site,
+    so each example's output depends on that example alone (what DP-SGD's per-example gradients need)."""
+    for layer in layers:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            mean, var = reference.mean(dim=0), reference.var(dim=0, unbiased=False)
+
+            def norm(t, layer=layer, mean=mean, var=var):
+                t = (t - mean) / torch.sqrt(var + layer.eps)
+                return t * layer.weight + layer.bias if layer.affine else t
+
+            x, reference = norm(x), norm(reference)
+        else:
+            x, reference = layer(x), layer(reference)
+    return x
+
+
+def track_reference_statistics(modules: list[nn.Module], forward: Callable[[], object]) -> None:
+    """Move the running statistics of the BatchNorm layers in `modules` (what they normalise with at
+    prediction) with one forward pass over a reference batch, as training mode would with a batch of the
+    site's own; the modules are left in eval mode."""
+    for mod in modules:
+        mod.train()
+    with torch.no_grad():
+        forward()
+    for mod in modules:
+        mod.eval()
 
 
 def new_key() -> torch.Tensor:
@@ -144,7 +190,7 @@ class DPSGD:
         }
         if len(examples[0]):
             grads, losses = per_example_gradients(modules, loss, examples, shared)
-            clipped, _ = clip_per_example(grads, self.plan.clip)
+            clipped, _ = clip_per_example(grads, self.plan.clip, groups=len(modules))
             summed = {k: clipped[k].sum(dim=0) for k in params}
             mean_loss = float(losses.mean())
         else:  # Poisson sampling may draw an empty batch: the step is then noise alone
