@@ -227,6 +227,7 @@ class SiteWorker:
             )
             self._status("failed", r, message)
             raise SiteFailure(f"site {self.name}: {message}")
+        eps = stats.get("epsilon")
         if self.client_dp is not None:  # client-level DP with the noise added here (fedmedclip.privacy)
             update, _ = self.client_dp.apply(update, received, r)
         meta = {
@@ -234,7 +235,8 @@ class SiteWorker:
             "round": r,
             "site": self.name,
             "n_train": self.setup.data.n_train,
-            "loss": loss,
+            # Under DP-SGD the training loss, an average over the site's examples without noise, stays here.
+            "loss": loss if eps is None else None,
             "steps": int(stats.get("steps", 0)),
         }
         enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=meta)
@@ -242,7 +244,6 @@ class SiteWorker:
         self._checkpoint()
         self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
         self._status("uploaded", r, f"{len(enc.payload)} bytes")
-        eps = stats.get("epsilon")
         self._say(
             f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}, sent {len(enc.payload) / 1e3:.1f} kB"
             + (
