@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedmedclip.digests import parse_model_reference
+from fedmedclip.errors import ConfigError
 from fedmedclip.model_card import CardError, build_card, write_card
 
 CARD_TAG = "model_card"
@@ -86,30 +88,17 @@ def log_model_card(client, run_id: str, name: str, version: str, tags: dict, sit
     return folder
 
 
-def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS -> (name, alias, version)."""
-    from fedmedclip.errors import ConfigError
-
-    ref = ref.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in ref:
-        name, version = ref.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise ConfigError(f"{ref!r} is not a registered model reference: use NAME@ALIAS or NAME/VERSION")
-
-
 def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) -> str:
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
     from mlflow.exceptions import MlflowException
 
     from .tracking import TrackingError, _client
 
+    parsed = parse_model_reference(ref)
+    if parsed is None:
+        raise ConfigError(f"{ref!r} is not a registered model reference: use NAME@ALIAS or NAME/VERSION")
+    name, alias, version = parsed
     client, _ = _client(tracking_uri)
-    name, alias, version = parse_model_ref(ref)
     try:
         mv = (
             client.get_model_version_by_alias(name, alias)

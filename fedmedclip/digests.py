@@ -155,3 +155,21 @@ def onnx_metadata(
         META_PRECISION: str(precision),
         META_FORMAT_VERSION: FORMAT_VERSION,
     }
+
+
+# ---- registered model references -------------------------------------------------------------------------
+
+
+def parse_model_reference(ref: str) -> tuple[str, str | None, str | None] | None:
+    """`NAME@ALIAS` -> (NAME, ALIAS, None), `NAME/VERSION` -> (NAME, None, VERSION), with or without the
+    `models:/` prefix; None when `ref` is neither (each caller says so in its own words)."""
+    rest = ref.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    return None

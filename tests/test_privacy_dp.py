@@ -246,10 +246,12 @@ def test_client_level_dp_clips_each_update_and_noises_the_sum():
 
 
 def test_client_level_dp_runs_with_adaptive_clipping(synthetic_cache, tmp_path):
-    privacy = {"client_noise": 0.5, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 1.0}
+    # The count noise (0.3) keeps the adaptation's direction certain: with every update above the clip the
+    # noisy unclipped fraction is N(0, 0.3^2) / 3 sites, below the 0.5 quantile but for a 5-sigma draw.
+    privacy = {"client_noise": 0.4, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 0.3}
     results = engine.train(config(synthetic_cache, tmp_path / "run", privacy=privacy), progress=False)
     client = results["privacy"]["client_level"]
-    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.5, 2, 1e-5))
+    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.4, 2, 1e-5))
     clips = [rec["client_dp"]["clip"] for rec in results["history"]]
     assert clips[0] == 1e-4 and clips[1] > clips[0]  # every update was above the clip: it grows
     assert client["final_clip"] == clips[-1]
@@ -308,3 +310,12 @@ def test_facmic_masked_target_and_a_delta_above_one_over_n_are_refused(synthetic
             config(synthetic_cache, tmp_path / "b", privacy={"target_epsilon": 8, "delta": 0.05}),
             progress=False,
         )
+
+
+def test_the_privacy_settings_travel_as_one_pipeline_parameter():
+    from components.kfp_components import config_from_parameters, config_to_parameters
+
+    cfg = TrainConfig(out="", privacy={"target_epsilon": 8, "delta": 1e-6, "client_noise": 0.5}).validate()
+    params = config_to_parameters(cfg)
+    assert params["privacy"] == '{"client_noise": 0.5, "delta": 1e-06, "target_epsilon": 8}'
+    assert config_from_parameters(params).privacy == cfg.privacy

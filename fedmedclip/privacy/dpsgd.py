@@ -118,6 +118,11 @@ def track_reference_statistics(modules: list[nn.Module], forward: Callable[[], o
         mod.eval()
 
 
+def trainable(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """The parameters DP-SGD trains, named `<module>.<parameter>` as `per_example_gradients` names them."""
+    return {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters() if p.requires_grad}
+
+
 def new_key() -> torch.Tensor:
     return torch.frombuffer(bytearray(os.urandom(KEY_BYTES)), dtype=torch.uint8).clone()
 
@@ -185,9 +190,7 @@ class DPSGD:
     ) -> tuple[dict[str, torch.Tensor], float]:
         """(sum of clipped per-example gradients + N(0, (sigma C)^2)) / expected batch, per parameter, and the
         batch's mean loss (nan for an empty batch)."""
-        params = {
-            f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters() if p.requires_grad
-        }
+        params = trainable(modules)
         if len(examples[0]):
             grads, losses = per_example_gradients(modules, loss, examples, shared)
             clipped, _ = clip_per_example(grads, self.plan.clip, groups=len(modules))
@@ -221,10 +224,8 @@ class DPSGD:
                     layer.reset_if_collapsed()
         noisy, mean_loss = self.noisy_gradient(modules, loss, examples, shared, round_index, step)
         optimiser.zero_grad(set_to_none=True)
-        for m, mod in modules.items():
-            for k, p in mod.named_parameters():
-                if p.requires_grad:
-                    p.grad = noisy[f"{m}.{k}"]
+        for name, p in trainable(modules).items():
+            p.grad = noisy[name]
         optimiser.step()
         self.steps += 1
         return mean_loss
