@@ -99,8 +99,16 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
     assert privacy["dp.mode"] == "record" and float(privacy["dp.epsilon"]) <= TARGET
 
     run_id = log_run_dir(dp_run, "test-card", tracking_uri=uri, kfp_run_id="kfp-run-42")
-    mv = register_model(run_id, name, onnx_path, uri)
     client = MlflowClient(uri)
+    # Every round's epsilon is a metric of the run (the round records' fields, as the live observer logs them).
+    results = json.loads((dp_run / "results.json").read_text())
+    history = client.get_metric_history(run_id, "epsilon_max")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+        pytest.approx(r["epsilon_max"]) for r in results["history"]
+    ]
+    assert client.get_metric_history(run_id, "site_site_0_epsilon")
+    assert client.get_run(run_id).data.tags["dp.mode"] == "record"
+    mv = register_model(run_id, name, onnx_path, uri)
     tags = client.get_model_version(name, mv.version).tags
     for key in ("dp.epsilon", "dp.delta", "dp.clip", "dp.noise_multiplier", "dp.secure_aggregation"):
         assert tags[key] == privacy[key], key
