@@ -1,4 +1,4 @@
-"""`fedmedclip stack|track|register|promote|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
+"""`fedmedclip stack|track|register|promote|card|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
 
 Nothing heavy is imported here (no mlflow, boto3): `fedmedclip train` loads this module on every start.
 stdout carries only what scripts capture (run id, version number, export lines); the rest goes to stderr.
@@ -7,6 +7,7 @@ stdout carries only what scripts capture (run id, version number, export lines);
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -211,8 +212,25 @@ def cmd_promote(args) -> int:
         allow_worse=args.allow_worse,
         tracking_uri=args.tracking_uri,
         allow_different_data=args.allow_different_data,
+        max_epsilon=args.max_epsilon,
     )
     print(result.describe())
+    return 0
+
+
+@_mlflow_errors
+def cmd_card(args) -> int:
+    from pathlib import Path
+
+    if Path(args.model).is_dir():  # a run directory: its card, without the registry's facts
+        from fedmedclip.model_card import build_card, render_markdown
+
+        card = build_card(args.model)
+        print(json.dumps(card, indent=1) if args.json else render_markdown(card))
+        return 0
+    from .model_card import read_model_card
+
+    print(read_model_card(args.model, "json" if args.json else "md", tracking_uri=args.tracking_uri))
     return 0
 
 
@@ -459,7 +477,7 @@ def _register_backbone(subparsers) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `stack`, `track`, `register`, `promote`, `data`, `backbone push` to the `fedmedclip` command line."""
+    """Add `stack`, `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
     p = subparsers.add_parser(
         "stack", help="local S3 (moto) + MLflow servers for development, demos and tests"
     )
@@ -570,7 +588,24 @@ def register(subparsers) -> None:
         action="store_true",
         help="compare with the current holder even if trained on another data set or partition (recorded)",
     )
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        metavar="EPSILON",
+        help="refuse a version trained without record-level differential privacy or with a larger epsilon "
+        "(the largest over its sites)",
+    )
     p.add_argument("--tracking-uri", default=None, help=uri_help)
     p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser(
+        "card",
+        help="print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory",
+    )
+    p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
+    p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.set_defaults(func=cmd_card)
     _register_data(subparsers)
     _register_backbone(subparsers)

@@ -85,6 +85,7 @@ CONFIG_PARAMETERS = (
     ("threads", "threads", int),
     ("method_options", "method_options", str),
     ("synthetic", "synthetic", str),
+    ("privacy", "privacy", str),
 )
 NOT_PARAMETERS = ("federation", "out")  # TrainConfig fields the pipeline sets itself
 # What a holder's feature extraction depends on; its task's cache key is made of these alone (plus the
@@ -122,7 +123,7 @@ def config_to_parameters(cfg) -> dict:
             value = ",".join(value) if value else ""
         elif field == "split_ratio":
             value = ",".join(repr(float(x)) for x in value)
-        elif field in ("method_options", "synthetic"):
+        elif field in ("method_options", "synthetic", "privacy"):
             value = json.dumps(value or {}, sort_keys=True)
         params[name] = value
     return params
@@ -147,7 +148,7 @@ def config_from_parameters(params: dict):
             value = [c.strip() for c in str(value).split(",") if c.strip()] or None
         elif field == "split_ratio":
             value = parse_split(value)
-        elif field in ("method_options", "synthetic"):
+        elif field in ("method_options", "synthetic", "privacy"):
             try:
                 value = json.loads(value or "{}")
             except ValueError as exc:
@@ -582,6 +583,7 @@ def prepare_component(
     threads: int,
     method_options: str,
     synthetic: str,
+    privacy: str,
     site_names: str,
     mailbox: str,
     local_stack: str,
@@ -739,6 +741,8 @@ PARAMETER_DOCS = {
     "threads": "Torch threads of each worker.",
     "method_options": 'Method options as a JSON object, e.g. {"lr_fam": 5e-4} (`fedmedclip methods`).',
     "synthetic": "Arguments of the synthetic data generator as a JSON object.",
+    "privacy": "Differential privacy settings as a JSON object (the --dp-* flags, docs/privacy.md), e.g. "
+    '{"target_epsilon": 8}; {} = none.',
     # the federation
     "mailbox": "Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.",
     "quorum": "Fewest sites a round may aggregate once it times out; 0 = every site.",

@@ -43,10 +43,14 @@ from fedmedclip.digests import (
     META_FORMAT_VERSION,
     META_IMAGE_SIZE,
     META_PREPROCESSING,
+    META_SITE,
+    OOD_OUTPUTS,
     canonical_digest,
     sha256_file,
 )
 from fedmedclip.errors import FedMedClipError
+from fedmedclip.model_card import dataset_digest
+from fedmedclip.privacy.report import privacy_summary
 from fedmedclip.tracking_server import require_tracking_uri
 
 log = logging.getLogger("fedmedclip.tracking")
@@ -105,6 +109,10 @@ class DifferentDataRefused(PromotionRefused):
     """The candidate and the current alias holder were trained on different data sets or partitions."""
 
 
+class PrivacyRefused(PromotionRefused):
+    """The candidate's record-level epsilon is above `max_epsilon`, or it was trained without DP."""
+
+
 # ------------------------------------------------------------------------------------------- run dir
 
 
@@ -135,12 +143,11 @@ class RunDir:
     def lineage(self) -> dict[str, str]:
         backbone = self.results.get("backbone") or self.model_info.get("backbone") or {}
         # Dataset identity: which images (and labels) each holder's feature store was built from.
-        images = {h: p.get("image_list_sha256", "") for h, p in sorted(self.provenance.items())}
         stores = {h: p.get("digest", "") for h, p in sorted(self.provenance.items())}
         return {
             "method": self.method,
             "partition_digest": str(self.partition.get("digest", "")),
-            "dataset_digest": canonical_digest(images),
+            "dataset_digest": dataset_digest(self.provenance),
             "backbone": str(backbone.get("name", "unknown")),
             "backbone_sha256": str(backbone.get("weights_sha256", "unknown")),
             "feature_provenance_digest": canonical_digest(stores),
@@ -301,7 +308,8 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
     groups them (it groups by the part before the first `/`): `global/acc`, `global/bacc`; per site
     `<site>/acc`, `<site>/bacc`, `<site>/val_acc`, `<site>/bytes_up`, `<site>/bytes_down`; `sites/present`,
     `sites/rejected`, `sites/val_acc_mean`, `sites/train_loss`; `comm/bytes_up`, `comm/bytes_down` (summed
-    over the sites); `time/round_seconds`. Missing or non-finite values are left out."""
+    over the sites); `time/round_seconds`; under DP `privacy/epsilon_max` (the sites' largest epsilon so far),
+    `privacy/client_epsilon` (client-level DP) and `<site>/epsilon`. Missing or non-finite values are left out."""
     out: dict[str, float] = {}
 
     def add(key: str, value: Any) -> None:
@@ -314,10 +322,13 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
     add("global/bacc", g.get("bacc"))
     rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
     for s in rows:
-        for k in ("acc", "bacc", "val_acc"):
+        for k in ("acc", "bacc", "val_acc", "epsilon"):
             add(metric_key(str(s.get("site")), k), s.get(k))
     add("sites/val_acc_mean", record.get("val_acc_mean"))
     add("sites/train_loss", record.get("train_loss"))
+    # Differential privacy (fedmedclip.privacy): the sites' largest epsilon so far, and client-level DP's.
+    add("privacy/epsilon_max", record.get("epsilon_max"))
+    add("privacy/client_epsilon", (record.get("client_dp") or {}).get("epsilon"))
     add("time/round_seconds", record.get("seconds"))
     present = record.get("sites_present")
     add("sites/present", len(present) if isinstance(present, list) else present)
@@ -596,6 +607,7 @@ def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:
     lineage = run.lineage()
     tags = {
         **lineage,
+        **privacy_summary(run.results),
         "mlflow.source.git.commit": lineage["git_commit"],
         "fedmedclip.sites": ",".join(run.site_names),
     }
@@ -1031,8 +1043,10 @@ def check_onnx_contract(model) -> dict[str, str]:
         problems.append(f"inputs are {inputs}, expected ['images']")
     elif model.graph.input[0].type.tensor_type.elem_type != 2:  # TensorProto.UINT8
         problems.append("input `images` is not uint8")
-    if set(outputs) != {"probabilities", "class_index"}:
-        problems.append(f"outputs are {outputs}, expected probabilities and class_index")
+    if set(outputs) not in ({"probabilities", "class_index"}, {"probabilities", "class_index", *OOD_OUTPUTS}):
+        problems.append(
+            f"outputs are {outputs}, expected probabilities and class_index (and all or none of {OOD_OUTPUTS})"
+        )
     missing = [k for k in _ONNX_REQUIRED_METADATA if k not in meta]
     if missing:
         problems.append(f"metadata_props lack {', '.join(missing)}")
@@ -1047,7 +1061,7 @@ def check_onnx_contract(model) -> dict[str, str]:
     return meta
 
 
-def _onnx_signature(meta: dict[str, str]):
+def _onnx_signature(meta: dict[str, str], ood: bool = False):
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -1061,6 +1075,14 @@ def _onnx_signature(meta: dict[str, str]):
                 TensorSpec(np.dtype(np.float32), (-1, n_classes), "probabilities"),
                 TensorSpec(np.dtype(np.int64), (-1,), "class_index"),
             ]
+            + (
+                [
+                    TensorSpec(np.dtype(np.float32), (-1,), "ood_score"),
+                    TensorSpec(np.dtype(np.float32), (-1, -1), "drift_embedding"),
+                ]
+                if ood
+                else []
+            )
         ),
     )
 
@@ -1135,7 +1157,9 @@ def register_model(
     With `onnx_path`: the file is logged into the run as an MLflow ONNX model and that model is registered;
     the version carries `onnx_sha256`, the sha256 of the `model.onnx` stored in the registry. Without it:
     the run's `model/` artifacts are registered as they are (a plain artifact version, not loadable as a
-    pyfunc). Lineage tags are copied from the run either way.
+    pyfunc). Lineage tags are copied from the run either way, and the privacy facts of its results.json
+    (`dp.*`: epsilon, delta, clip, noise multiplier, secure aggregation on/off). Every version gets a model
+    card (components/model_card.py), logged beside the model; a run whose card cannot be built is refused.
 
     Idempotent, keyed on the run and the file: a version of `name` already registered from this run with the
     same ONNX file (`onnx_source_sha256`; or, without a file, the run's model folder) is returned as it is
@@ -1143,6 +1167,8 @@ def register_model(
     registration task finds its own version instead of adding another."""
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from .model_card import check_card, log_model_card
 
     client, _ = _client(tracking_uri)
     try:
@@ -1158,6 +1184,7 @@ def register_model(
             "register a model without its lineage"
         )
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+    tags.update(privacy_summary(check_card(client, run_id)))
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")
@@ -1167,6 +1194,7 @@ def register_model(
     if found is not None:
         log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
         return RegisteredVersion(name, str(found.version), run_id, found.source, dict(found.tags), True)
+    site = None
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
@@ -1183,6 +1211,7 @@ def register_model(
         except Exception as e:
             raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
         meta = check_onnx_contract(model)
+        site = meta.get(META_SITE)
         if tags.get("backbone_sha256") not in (None, "unknown", meta[META_BACKBONE_SHA256]):
             raise TrackingError(
                 f"{onnx_path} was exported from backbone {meta[META_BACKBONE_SHA256][:12]} but run "
@@ -1208,7 +1237,9 @@ def register_model(
                 info = mlflow.onnx.log_model(
                     model,
                     name=ONNX_MODEL_NAME,
-                    signature=_onnx_signature(meta),
+                    signature=_onnx_signature(
+                        meta, ood=OOD_OUTPUTS[0] in {o.name for o in model.graph.output}
+                    ),
                     input_example=_onnx_input_example(meta),
                     pip_requirements=_onnx_requirements(),
                     metadata=dict(tags),
@@ -1236,9 +1267,15 @@ def register_model(
         client.set_registered_model_tag(name, "project", "fedmedclip")
         client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")
     metric = f", {PROMOTION_METRIC} {bacc:.4f}" if bacc is not None else ""
-    client.update_model_version(
-        name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}"
+    privacy = (
+        f", DP epsilon {tags['dp.epsilon']} (delta {tags['dp.delta']})"
+        if tags.get("dp.epsilon")
+        else ", no record-level DP"
     )
+    client.update_model_version(
+        name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
+    )
+    tags["model_card"] = log_model_card(client, run_id, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
@@ -1295,6 +1332,25 @@ def _version_metric(client, mv) -> float | None:
     return next((float(tags[n]) for n in names if tags.get(n) is not None), None)
 
 
+def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float) -> None:
+    """PrivacyRefused unless the version was trained with record-level DP at epsilon <= max_epsilon."""
+    mode = tags.get("dp.mode", "none")
+    if "record" not in mode.split("+"):
+        raise PrivacyRefused(
+            f"refusing to promote {name} version {version} under --max-epsilon {max_epsilon:g}: it was trained "
+            f"without record-level differential privacy (dp.mode {mode}); train with --dp-target-epsilon"
+        )
+    try:
+        epsilon = float(tags.get("dp.epsilon", ""))
+    except ValueError:
+        epsilon = math.nan
+    if not math.isfinite(epsilon) or epsilon > max_epsilon:
+        raise PrivacyRefused(
+            f"refusing to promote {name} version {version}: its epsilon {tags.get('dp.epsilon') or '(none)'} "
+            f"(delta {tags.get('dp.delta', '?')}, largest over its sites) is above --max-epsilon {max_epsilon:g}"
+        )
+
+
 def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple[str, str]]:
     """The data digests (DATA_DIGEST_TAGS) on which two versions differ, as tag -> (candidate, holder).
     A digest missing on either side counts as different: nothing says the data are the same."""
@@ -1313,6 +1369,7 @@ def promote(
     allow_worse: bool = False,
     tracking_uri: str | None = None,
     allow_different_data: bool = False,
+    max_epsilon: float | None = None,
 ) -> Promotion:
     """Point `models:/NAME@ALIAS` at `version`.
 
@@ -1320,7 +1377,9 @@ def promote(
     (DifferentDataRefused) when the candidate and the current holder differ in a data digest (data set or
     partition, version tags) unless `allow_different_data`, and (PromotionRefused) when the candidate's
     PROMOTION_METRIC is below the holder's unless `allow_worse`. Overrides are logged and recorded as tags
-    on the promoted version."""
+    on the promoted version. With `max_epsilon`, a version trained without record-level differential privacy,
+    or whose epsilon (its `dp.epsilon` tag: the largest over its sites) is above it, is refused
+    (PrivacyRefused); no override."""
     from mlflow.exceptions import MlflowException
 
     client, _ = _client(tracking_uri)
@@ -1331,6 +1390,8 @@ def promote(
         if _not_found(e):
             raise TrackingError(f"registered model {name!r} has no version {version}") from e
         raise
+    if max_epsilon is not None:
+        check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
@@ -1409,6 +1470,7 @@ def promote(
                 "metric": candidate,
                 "allow_worse": overridden,
                 "allow_different_data": sorted(different),
+                "max_epsilon": max_epsilon,
             }
         ),
     )

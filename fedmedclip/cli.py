@@ -74,6 +74,15 @@ def print_summary(results: dict, out: str) -> None:
         f"{c['bytes_down_per_site_per_round'] / 1e3:.1f} kB down ({c['codec_down']}) per site per round"
     )
     print(f"  time        : {_round_time(results['history'])}, features {t['feature_seconds']:.1f} s")
+    privacy = results.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        print(
+            f"  privacy     : epsilon {privacy['epsilon']:.4g} (largest over the sites) at delta {privacy['delta']:g}"
+        )
+    if (privacy.get("client_level") or {}).get("epsilon") is not None:
+        print(
+            f"  privacy     : client-level epsilon {privacy['client_level']['epsilon']:.4g} at delta {privacy['delta']:g}"
+        )
     print(f"results: {out}/results.json\nplots  : {out}/plots/accuracy.png, {out}/plots/reliability.png")
 
 

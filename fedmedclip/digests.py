@@ -109,6 +109,9 @@ META_RUN_ID = "fedmedclip.run_id"
 META_PRECISION = "fedmedclip.precision"  # fp32 | fp16
 META_FORMAT_VERSION = "fedmedclip.format_version"
 META_EXPORTER = "fedmedclip.exporter"  # informational: which torch.onnx exporter wrote the graph
+# informational: JSON of the run's privacy facts (fedmedclip.privacy.report.privacy_summary: dp.mode, dp.epsilon,
+# dp.delta, dp.clip, dp.noise_multiplier, dp.secure_aggregation, ...), which the served model's metadata reports
+META_PRIVACY = "fedmedclip.privacy"
 
 # Every key of the contract, in the order docs/contracts.md lists them (META_EXPORTER is not part of it).
 METADATA_KEYS = (
@@ -205,3 +208,21 @@ def ood_metadata(
         META_DRIFT_REFERENCE_SHAPE: f"{rows},{dims}",
         META_DRIFT_SIGMA: repr(float(sigma)),
     }
+
+
+# ---- registered model references -------------------------------------------------------------------------
+
+
+def parse_model_reference(ref: str) -> tuple[str, str | None, str | None] | None:
+    """`NAME@ALIAS` -> (NAME, ALIAS, None), `NAME/VERSION` -> (NAME, None, VERSION), with or without the
+    `models:/` prefix; None when `ref` is neither (each caller says so in its own words)."""
+    rest = ref.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    return None

@@ -47,6 +47,7 @@ from .preparation import (
     reference_features,
     site_data,
 )
+from .privacy.report import attach_epsilon, privacy_results
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class ReferenceRun:
         self.reports[r] = {
             "global": evaluate_global(*self.global_predictions()),
             "sites": {
-                n: evaluate_site(t, d)
+                n: {**evaluate_site(t, d), "privacy": t.privacy_report()}
                 for n, t, d in zip(self.site_names, self.trainers, self.datas, strict=True)
             },
         }
@@ -214,6 +215,7 @@ class ReferenceRun:
             zeros,
             time.perf_counter() - t0,
         )
+        attach_epsilon(record, {n: rep["privacy"] for n, rep in self.reports[r]["sites"].items()})
         self.round = r
         self.history.append(record)
         if is_better(record, round_of(self.history, self.best_round)):
@@ -274,6 +276,7 @@ class ReferenceRun:
             provenance,
             self.best["global"],
             site_tensors,
+            extra={"privacy": privacy_results(self.cfg.privacy, self.site_names, self.reports, self.history)},
         )
         return results
 

@@ -24,6 +24,7 @@ server's images (`export RUN`), for a site's own model that site's images, read 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -34,6 +35,7 @@ import torch
 from .digests import (
     FORMAT_VERSION,  # noqa: F401 - part of this module's interface since the first export format
     META_EXPORTER,
+    META_PRIVACY,
     OOD_OUTPUTS,
     onnx_metadata,
     ood_metadata,
@@ -261,6 +263,8 @@ def export_classifier(
                     sigma=ood.sigma,
                 )
             )
+        if meta.get("privacy"):  # the run's differential-privacy facts (export_onnx reads them)
+            metadata[META_PRIVACY] = json.dumps(meta["privacy"], sort_keys=True)
         del model.metadata_props[:]
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)
@@ -350,6 +354,7 @@ def export_onnx(
                     f"cannot fit the OOD score of {meta['site']!r}: {exc} (export with --no-ood to skip it)"
                 ) from None
             log.warning("exporting %s without an OOD score: %s", meta["site"], exc)
+    meta["privacy"] = run_privacy(run_dir)
     return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
 
 
@@ -503,3 +508,18 @@ def export_site_state(
                     ) from None
                 log.warning("exporting %s without an OOD score: %s", site, exc)
         return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
+
+
+def run_privacy(run_dir: str | Path) -> dict[str, str]:
+    """The run's privacy facts for the model's metadata (`dp.mode` none when results.json has no DP,
+    unknown when the run directory has no results.json)."""
+    from .privacy.report import privacy_summary
+
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        return {"dp.mode": "unknown"}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedMedClipError(f"cannot read {path} for the model's privacy facts: {exc}") from None
+    return privacy_summary(results if isinstance(results, dict) else {})

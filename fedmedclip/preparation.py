@@ -235,6 +235,14 @@ def reference_features(partition: Partition, server_store: FeatureStore, transdu
     return _rows(server_store, ids)[0]
 
 
+def privacy_settings(cfg: TrainConfig):
+    """The run's differential-privacy settings (fedmedclip.privacy), None for a run without DP."""
+    from .privacy import PrivacySettings
+
+    settings = PrivacySettings.from_config(cfg.privacy)
+    return settings if settings.enabled else None
+
+
 def build_method(
     cfg: TrainConfig,
     text_features: torch.Tensor,
@@ -251,6 +259,8 @@ def build_method(
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         options=dict(cfg.method_options),
+        privacy=privacy_settings(cfg),
+        rounds=cfg.rounds,
     )
     if METHODS[cfg.method].needs_images:
         if backbone is None or preprocessing is None or class_names is None:

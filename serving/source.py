@@ -12,7 +12,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.digests import is_sha256, read_sha256_sidecar, sha256_file, sha256_sidecar
+from fedmedclip.digests import (
+    is_sha256,
+    parse_model_reference,
+    read_sha256_sidecar,
+    sha256_file,
+    sha256_sidecar,
+)
 
 from .errors import ServingError
 
@@ -72,15 +78,9 @@ def find_onnx(folder: Path, what: str) -> Path:
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
-    rest = uri[len("models:/") :].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
+    parsed = parse_model_reference(uri) if uri.startswith("models:/") else None
+    if parsed is not None:
+        return parsed
     raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 

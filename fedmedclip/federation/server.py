@@ -25,6 +25,8 @@ from ..aggregation import aggregation_weights
 from ..codec import decode, encode
 from ..errors import FedMedClipError
 from ..methods import Method
+from ..privacy.client import server_privacy
+from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SERVER, Mailbox, Poller, ProtocolError
 from .records import (
@@ -141,6 +143,9 @@ class FederationServer:
         self.template = tensor_template(self.global_state)
         self.manifest = make_manifest(mailbox.run_id, setup, self.opt, self.template)
         self.counts = {s["name"]: s["n_train"] for s in self.manifest["sites"]}
+        # Differential privacy (fedmedclip.privacy): delta checked against every site's size before any
+        # training; client-level DP's aggregation when on.
+        self.client_dp = server_privacy(setup.method.ctx.privacy, self.counts, self.quorum, state)
         template_bytes = sum(int(np.prod(shape)) * 8 for shape, _ in self.template.values())
         self.max_update_bytes = self.opt.max_update_bytes or template_bytes + (1 << 20)
         # Progress state (checkpointed).
@@ -231,6 +236,8 @@ class FederationServer:
         self.best_received = tensors.get("best_received")
         self.payload = tensors["payload"].numpy().tobytes()
         self.global_module.load_state_dict(self.received, strict=False)
+        if self.client_dp is not None:
+            self.client_dp.restore(self.info)
         # The newest global module goes out again when the mailbox lacks it (a crash between this checkpoint
         # and publishing, or an in-process mailbox that did not survive): the same bytes.
         newest = self.round if self.phase == "reports" else self.round - 1
@@ -431,12 +438,18 @@ class FederationServer:
     def _aggregate(self) -> None:
         r = self.round
         present = [s for s in self.sites if s in self._updates]
-        new_state = aggregate_updates(
-            self.method,
-            self.global_state,
-            [self._updates[s]["state"] for s in present],
-            [self.counts[s] for s in present],
-        )
+        client_dp = None
+        if self.client_dp is not None:
+            new_state, client_dp = self.client_dp.aggregate(
+                self.received, [self._updates[s]["state"] for s in present], r
+            )
+        else:
+            new_state = aggregate_updates(
+                self.method,
+                self.global_state,
+                [self._updates[s]["state"] for s in present],
+                [self.counts[s] for s in present],
+            )
         bad = non_finite(new_state)
         if bad:  # cannot happen with validated finite updates and convex weights; never publish it
             raise FederationError(
@@ -455,6 +468,8 @@ class FederationServer:
             "bytes_down": {s: downloaded for s in present},
             "seconds": time.monotonic() - self._round_started,
         }
+        if client_dp is not None:
+            self.info["client_dp"] = client_dp
         self.phase = "reports"
         self._save()
         self._write_global(r, self.payload)
@@ -488,6 +503,11 @@ class FederationServer:
                 got[site] = None
                 continue
             got[site] = {"val": report.get("val"), "test": report.get("test")}
+            privacy, why = check_site_privacy(report.get("privacy"))
+            if why:
+                log.warning("round %d: ignoring the privacy report of %s: %s", r, site, why)
+            if privacy is not None:
+                got[site]["privacy"] = privacy
             if isinstance(report.get("provenance"), dict):
                 self.site_provenance[site] = report["provenance"]
         missing = [s for s in self.info["present"] if s not in got]
@@ -513,6 +533,9 @@ class FederationServer:
             info["seconds"],
             info["rejected"],
         )
+        attach_epsilon(record, {s: (rep or {}).get("privacy") for s, rep in self.reports[r]["sites"].items()})
+        if info.get("client_dp"):
+            record["client_dp"] = info["client_dp"]
         self.history.append(record)
         if is_better(record, round_of(self.history, self.best_round)):
             self.best_round, self.best_val = r, record["val_acc_mean"]
@@ -536,6 +559,8 @@ class FederationServer:
             f" · global acc {rec['global']['acc']:.3f} bacc {rec['global']['bacc']:.3f}"
             + (f" · val {rec['val_acc_mean']:.3f}" if rec["val_acc_mean"] is not None else "")
             + f" · up {np.mean(ups) / 1e3 if ups else 0:.1f} kB/site · {rec['seconds']:.2f} s{rejected}"
+            + (f" · epsilon max {rec['epsilon_max']:.4g}" if rec.get("epsilon_max") is not None else "")
+            + (f" · client epsilon {rec['client_dp']['epsilon']:.4g}" if rec.get("client_dp") else "")
         )
 
     # ------------------------------------------------------------------ the end
@@ -562,7 +587,11 @@ class FederationServer:
             self.best_round,
             {**provenance, SERVER: setup.provenance},
             self.best_received,
-            extra={"run_id": self.mb.run_id, **setup.extra_results},
+            extra={
+                "run_id": self.mb.run_id,
+                **setup.extra_results,
+                "privacy": privacy_results(self.cfg.privacy, self.sites, self.reports, self.history),
+            },
         )
 
     def _finish(self) -> None:

@@ -19,6 +19,7 @@ import torch
 from ..codec import decode, encode
 from ..errors import FedMedClipError
 from ..methods import Method, SiteData
+from ..privacy.client import site_client_privacy
 from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SERVER, Mailbox, Poller, ProtocolError
 from .records import evaluate_site, save_safetensors
@@ -81,6 +82,7 @@ class SiteWorker:
         self.final_round: int | None = None
         self._resent = False  # whether what a restart may have lost was sent again
         self._server_checked = 0.0
+        self.client_dp = site_client_privacy(setup.method.ctx.privacy, manifest, state, self.name)
         self._restore()
 
     # ------------------------------------------------------------------ state
@@ -186,6 +188,8 @@ class SiteWorker:
             report = {"format": 1, "run_id": self.mb.run_id, "round": g, "site": self.name}
             report.update(evaluate_site(self.trainer, self.setup.data))
             report["provenance"] = self.setup.provenance
+            if self.trainer.privacy_report() is not None:  # its DP-SGD ledger (fedmedclip.privacy)
+                report["privacy"] = self.trainer.privacy_report()
             self.mb.put_json(self.mb.report_key(g, self.name), report)
             self.last_report = report
             self.candidates[g] = model_part(self.trainer)
@@ -223,12 +227,16 @@ class SiteWorker:
             )
             self._status("failed", r, message)
             raise SiteFailure(f"site {self.name}: {message}")
+        eps = stats.get("epsilon")
+        if self.client_dp is not None:  # client-level DP with the noise added here (fedmedclip.privacy)
+            update, _ = self.client_dp.apply(update, received, r)
         meta = {
             "run_id": self.mb.run_id,
             "round": r,
             "site": self.name,
             "n_train": self.setup.data.n_train,
-            "loss": loss,
+            # Under DP-SGD the training loss, an average over the site's examples without noise, stays here.
+            "loss": loss if eps is None else None,
             "steps": int(stats.get("steps", 0)),
         }
         enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=meta)
@@ -238,6 +246,11 @@ class SiteWorker:
         self._status("uploaded", r, f"{len(enc.payload)} bytes")
         self._say(
             f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}, sent {len(enc.payload) / 1e3:.1f} kB"
+            + (
+                f", epsilon {eps:.4g} (delta {self.trainer.privacy_report()['delta']:g})"
+                if eps is not None
+                else ""
+            )
         )
 
     def _finish_if_done(self) -> bool:
