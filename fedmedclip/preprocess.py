@@ -22,6 +22,26 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 PREPROCESSING_NAMES = ("clip", "squash")
 
+# Pillow modes holding more than 8 bits per grey value: exported MRI/CT slices are often 16-bit PNGs (I;16).
+# Pillow's own convert("RGB") clips them at 255 instead of scaling them.
+_HIGH_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, its full bit depth scaled onto 0..255: 16-bit grey (`I;16`, and `I` as Pillow
+    opens 16-bit PNGs) by value * 255 / 65535, rounded; every other mode as Pillow converts it (16-bit-per-
+    channel RGB PNGs already arrive as RGB scaled to 8 bits). Training (`fedmedclip.data.load_image`) and
+    serving (`Preprocessing.to_uint8`) both go through this one function."""
+    if image.mode not in _HIGH_BIT_GREY:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.int64)
+    if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"32-bit grey values outside 0..65535 ({values.min()}..{values.max()}) have no scale"
+        )
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -36,8 +56,8 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
-        """Geometry only: RGB, resized (and cropped) to size x size, as uint8 HxWx3."""
-        image = image.convert("RGB")
+        """Geometry only: 8-bit RGB (`to_rgb8`), resized (and cropped) to size x size, as uint8 HxWx3."""
+        image = to_rgb8(image)
         resample = _RESAMPLE[self.resample]
         if self.center_crop:
             w, h = image.size
