@@ -502,11 +502,10 @@ class FederationServer:
 
     def _aggregate(self) -> None:
         r = self.round
-        present = [s for s in self.sites if s in self._updates]
-        new_state, payload, failed = self._publishable_aggregate(present)
-        if failed:  # set aside; the round keeps the previous module
-            present = []
-        else:
+        new_state, payload, present, failed = self._publishable_aggregate(
+            [s for s in self.sites if s in self._updates]
+        )
+        if not failed:  # a failed round keeps the previous module
             self.global_state = new_state
         downloaded = len(self.payload)  # this round's sites trained from the previous global module
         self._publish(r, self.global_state, present, payload)
@@ -535,8 +534,11 @@ class FederationServer:
         meta = {"run_id": self.mb.run_id, "round": r, "sites_present": present, "best_round": self.best_round}
         return encode(state, self.cfg.codec_down, meta=meta).payload
 
-    def _publishable_aggregate(self, present: list[str]) -> tuple[dict | None, bytes | None, str | None]:
-        """(state, its payload, None), or (None, None, why) when no aggregate of this round can be published.
+    def _publishable_aggregate(
+        self, present: list[str]
+    ) -> tuple[dict | None, bytes | None, list[str], str | None]:
+        """(state, its payload, the sites in it, None), or (None, None, [], why) when no aggregate of this
+        round can be published.
         The aggregate is checked (finite, encodable in the downlink codec) before anything goes out. An update
         that cannot travel down on its own is set aside and the others aggregated again (quorum
         permitting); otherwise every update of the round is set aside and the round is recorded as failed."""
@@ -553,7 +555,7 @@ class FederationServer:
                 bad = non_finite(state)
                 if bad:
                     raise CodecError(f"tensor {bad!r} is non-finite")
-                return state, self._encoded(r, state, present), None
+                return state, self._encoded(r, state, present), present, None
             except CodecError as exc:
                 why = f"the aggregate of {', '.join(present)} cannot be published: {exc}"
             offending = [s for s in present if not self._travels_down(self._updates[s]["state"])]
@@ -565,7 +567,7 @@ class FederationServer:
         for s in list(self._updates):
             self._reject(s, f"set aside: {why}", save=False)
         log.warning("round %d failed: %s; the global module stays as it was", r, why)
-        return None, None, why
+        return None, None, [], why
 
     def _travels_down(self, state: dict) -> bool:
         try:

@@ -267,7 +267,8 @@ class SiteWorker:
             )
             self.mb.put_message(self.mb.report_key(g, self.name), report)
             self.last_report = report.to_dict()
-            self.recovered = None  # said once
+            if self.recovered is not None and g > self.recovered["from_round"]:
+                self.recovered = None  # said in a round the server had not closed when this site lost its state
             self.candidates[g] = model_part(self.trainer)
             self.reported = g
         best = meta.best_round
@@ -321,6 +322,8 @@ class SiteWorker:
             )
             self._status("failed", r, message)
             raise SiteFailure(f"site {self.name}: {message}")
+        if sent is not None:
+            self._recovered(f"its update of round {r} was in the mailbox although its state ended before it")
         self.memory, self.pending, self.trained = enc.memory, enc.payload, r
         self._checkpoint()
         if sent is None:
