@@ -28,19 +28,16 @@ _HIGH_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """An image as 8-bit RGB, its full bit depth scaled onto 0..255: 16-bit grey (`I;16`, and `I` as Pillow
-    opens 16-bit PNGs) by value * 255 / 65535, rounded; every other mode as Pillow converts it (16-bit-per-
-    channel RGB PNGs already arrive as RGB scaled to 8 bits). Training (`fedmedclip.data.load_image`) and
-    serving (`Preprocessing.to_uint8`) both go through this one function."""
+    """An image as 8-bit RGB with its full bit depth kept in range: 16-bit grey (`I;16`, and `I` as some
+    Pillow versions open 16-bit PNGs) by its high byte, value >> 8, exactly as Pillow reads a 16-bit-per-channel
+    RGB PNG; every other mode as Pillow converts it. Training (`fedmedclip.data.load_image`) and serving
+    (`Preprocessing.to_uint8`) both go through this one function."""
     if image.mode not in _HIGH_BIT_GREY:
         return image.convert("RGB")
     values = np.asarray(image).astype(np.int64)
-    if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
-        raise ValueError(
-            f"32-bit grey values outside 0..65535 ({values.min()}..{values.max()}) have no scale"
-        )
-    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"grey values {values.min()}..{values.max()} are outside 16 bits: no scale for them")
+    return Image.fromarray((values >> 8).astype(np.uint8), mode="L").convert("RGB")
 
 
 @dataclass(frozen=True)
