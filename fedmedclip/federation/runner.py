@@ -49,6 +49,13 @@ def method_for(cfg: TrainConfig, p: Prepared):
     )
 
 
+def dataset_summary(image_set) -> dict | None:
+    """What the data preparation changed, for results.json and provenance.json: the exact duplicates it
+    found (None when there were none, so that a run on data without any reads as before)."""
+    dup = image_set.duplicates
+    return {"duplicates": dup} if dup and dup["groups"] else None
+
+
 def server_setup(cfg: TrainConfig, p: Prepared, method) -> ServerSetup:
     server = p.stores[SERVER]
     gx, gy = _rows(server, p.partition.global_test, (p.pixels or {}).get(SERVER))
@@ -65,7 +72,7 @@ def server_setup(cfg: TrainConfig, p: Prepared, method) -> ServerSetup:
         preprocessing=p.preprocessing.describe(),
         provenance=server.provenance,
         feature_seconds=p.feature_seconds,
-        dataset={"duplicates": p.image_set.duplicates} if p.image_set.duplicates else None,
+        dataset=dataset_summary(p.image_set),
     )
 
 
