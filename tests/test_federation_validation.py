@@ -56,6 +56,15 @@ def _parties(cfg, p, tmp_path, quorum: int, round_timeout: float = 30, workers: 
     return server, sites, mailbox, store, setups
 
 
+def restarted(server, store, out, quorum: int) -> FederationServer:
+    """The server started again (a new process) on the same state and mailbox, writing to `out`."""
+    again = FederationServer(
+        server.mb, server.setup, store.sub("server-state"), out, ServerOptions(quorum=quorum), verbose=False
+    )
+    again.start()
+    return again
+
+
 def worker(server, mailbox, store, setup) -> SiteWorker:
     return SiteWorker(mailbox, server.manifest, setup, store.sub(f"state-{setup.name}"), verbose=False)
 
@@ -310,15 +319,7 @@ def test_a_finished_server_started_again_on_a_fresh_disk_writes_its_run_director
         for s in sites:
             s.poll()
         server.poll()
-    again = FederationServer(
-        mailbox,
-        server.setup,
-        store.sub("server-state"),
-        tmp_path / "fresh-disk",
-        ServerOptions(quorum=3),
-        verbose=False,
-    )
-    again.start()
+    again = restarted(server, store, tmp_path / "fresh-disk", quorum=3)
     written = json.loads((tmp_path / "fresh-disk" / "results.json").read_text())
     assert again.finished and json.loads(json.dumps(again.run())) == written
     first, second = tmp_path / "out", tmp_path / "fresh-disk"
@@ -400,15 +401,7 @@ def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again
     server.poll()
     assert "loss" in server._rejected["site_2"] and "finite" in server._rejected["site_2"]
     mailbox.store.put(key(1, "site_2"), _update(server, "site_2"))  # valid now: it must not be read again
-    server = FederationServer(
-        mailbox,
-        server.setup,
-        store.sub("server-state"),
-        tmp_path / "out",
-        ServerOptions(quorum=2),
-        verbose=False,
-    )
-    server.start()
+    server = restarted(server, store, tmp_path / "out", quorum=2)
     for k, site in enumerate(("site_0", "site_1")):
         mailbox.store.put(key(1, site), _update(server, site, seed=k))
     # Round 1's reports: site_0's provenance holds 1e999, site_1's val holds only n.

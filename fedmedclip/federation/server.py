@@ -26,7 +26,7 @@ from ..errors import FedMedClipError
 from ..methods import Method
 from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SERVER, Mailbox, Poller, ProtocolError
-from .messages import MessageRefused, SiteReport, UpdateHeader, parse
+from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
 from .records import (
     atomic_write_bytes,
     atomic_write_json,
@@ -531,8 +531,10 @@ class FederationServer:
 
     def _encoded(self, r: int, state: dict, present: list[str]) -> bytes:
         """The global module after round r as the sites will receive it (CodecError when it cannot be)."""
-        meta = {"run_id": self.mb.run_id, "round": r, "sites_present": present, "best_round": self.best_round}
-        return encode(state, self.cfg.codec_down, meta=meta).payload
+        meta = GlobalHeader.build(
+            run_id=self.mb.run_id, round=r, sites_present=present, best_round=self.best_round
+        )
+        return encode(state, self.cfg.codec_down, meta=meta.to_dict()).payload
 
     def _publishable_aggregate(
         self, present: list[str]
@@ -722,7 +724,7 @@ class FederationServer:
                     poller.sleep()
         except FederationError:
             raise  # its status already says why
-        except BaseException as exc:
+        except Exception as exc:  # not an interrupt: a server stopped by hand is started again, and resumes
             self.fail(f"the server stopped: {type(exc).__name__}: {exc}")
             raise
         return self.results

@@ -268,7 +268,9 @@ class SiteWorker:
             self.mb.put_message(self.mb.report_key(g, self.name), report)
             self.last_report = report.to_dict()
             if self.recovered is not None and g > self.recovered["from_round"]:
-                self.recovered = None  # said in a round the server had not closed when this site lost its state
+                self.recovered = (
+                    None  # said in a round the server had not closed when this site lost its state
+                )
             self.candidates[g] = model_part(self.trainer)
             self.reported = g
         best = meta.best_round
