@@ -709,3 +709,39 @@ def test_train_with_a_robust_aggregator_uses_it(synthetic_cache, tmp_path):
     for k in got:
         median = torch.stack([u[k] for u in ups]).median(dim=0).values
         torch.testing.assert_close(got[k], median.half().float(), atol=1e-3, rtol=1e-3)
+
+
+def test_a_new_kind_of_message_is_one_declaration(tmp_path):
+    """What a secure-aggregation protocol will add (a key advertisement): one declaration gives the writer
+    and the reader, the size cap before reading, finite numbers and known keys."""
+    from typing import Annotated
+
+    from pydantic import StringConstraints
+
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.messages import MESSAGES, Message, MessageRefused, Name, message
+    from fedmedclip.federation.storage import LocalDirStore
+
+    @message("test_key_advertisement", max_bytes=1024)
+    class KeyAdvertisement(Message):
+        site: Name
+        public_key: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+        epoch: float
+
+    try:
+        mailbox = Mailbox(LocalDirStore(tmp_path), "r")
+        key = "runs/r/keys/site_0.json"
+        sent = KeyAdvertisement.build(site="site_0", public_key="ab" * 32, epoch=1.5)
+        mailbox.put_message(key, sent)
+        assert mailbox.read_message(key, KeyAdvertisement, "site_0") == sent
+        for bad, why in (
+            (b'{"site": "site_0", "public_key": "' + b"ab" * 32 + b'", "epoch": 1e999}', "finite"),
+            (b'{"site": "site_0", "public_key": "xyz", "epoch": 1}', "public_key"),
+            (sent.to_bytes()[:-1] + b', "extra": 1}', "extra"),
+            (b" " * 2000, "over the limit of 1024"),
+        ):
+            mailbox.store.put(key, bad)
+            with pytest.raises(MessageRefused, match=why):
+                mailbox.read_message(key, KeyAdvertisement, "site_0")
+    finally:
+        MESSAGES.pop("test_key_advertisement", None)
