@@ -420,7 +420,8 @@ MAJORITY = 115 / 394  # meningioma: the majority-class rate of the 394 official 
 @pytest.fixture(scope="module")
 def brain_run(brain_mri, tmp_path_factory) -> dict:
     """FedMedCLIP, reference options, 3 iid sites, 5 rounds, the tiny backbone, the real brain-tumour MRI
-    set (2,870 training and 394 test images). About 40 s to encode on 2 cores, a few seconds to train."""
+    set (2,713 training images once exact duplicates are dropped, 394 test images). About 40 s to encode on 2
+    cores, a few seconds to train."""
     tmp = tmp_path_factory.mktemp("brain")
     cfg = TrainConfig(
         data=str(brain_mri),
@@ -439,7 +440,8 @@ def test_brain_mri_sites_beat_chance(brain_run):
     """Each site's own model (FAM + private MLP ensemble) on its local test split. Seeds 0-2 give
     0.44-0.45 site-mean accuracy at the selected round."""
     m = brain_run["metrics"]
-    assert [s["n"] for s in m["sites"]] and sum(s["n"] for s in m["sites"]) > 250
+    # 2,713 training images once the 157 training copies of byte-identical files are dropped: 81 test each
+    assert [s["n"] for s in m["sites"]] and sum(s["n"] for s in m["sites"]) > 240
     assert m["site_mean"]["acc"] > MAJORITY + 0.07, brain_run["history"]
     assert m["site_mean"]["bacc"] > 0.25 + 0.05, brain_run["history"]
 
