@@ -534,7 +534,7 @@ HEADER_BAD = {
     "round": [*_ROUND_BAD, 0],
     "site": [*_NAME_BAD, "site_0"],
     "n_train": [*_COUNT_BAD, 0, "over-manifest"],
-    "loss": [None, "x", INF, f"-{INF}", 1e31, [1.0]],
+    "loss": ["x", INF, f"-{INF}", 1e31, [1.0]],  # null is allowed: a DP-SGD site keeps its loss
     "steps": [None, -1, 1.5, "x", 10**10, INF],
 }
 REPORT_BAD = {

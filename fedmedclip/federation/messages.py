@@ -117,7 +117,7 @@ class UpdateHeader(Message):
     round: Annotated[int, Field(ge=1, le=1_000_000)]
     site: Name
     n_train: Annotated[int, Field(ge=1, le=1_000_000_000)]
-    loss: Finite
+    loss: Finite | None  # None: kept at the site (a DP-SGD site's loss is not noised)
     steps: Count = 0
 
 
@@ -174,6 +174,23 @@ class Provenance(Message):
     digest: Hex64
 
 
+class PrivacyLedger(Message):
+    """A DP-SGD site's privacy ledger (`fedmedclip.privacy`, where a branch has it): its plan and epsilon so
+    far."""
+
+    epsilon: Annotated[float, Field(ge=0.0, le=1e30)]
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)]
+    noise_multiplier: Annotated[float, Field(ge=0.0, le=1e30)]
+    clip: Annotated[float, Field(ge=0.0, le=1e30)]
+    sample_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+    steps: Count
+    planned_steps: Count
+    n_train: Count
+    accountant: Short | None = None
+    budget: Annotated[float, Field(ge=0.0, le=1e30)] | None = None
+    stopped_at_round: Round | None = None
+
+
 class Recovery(Message):
     """A party that resumed from older state than its newest: from which round, and why."""
 
@@ -193,6 +210,7 @@ class SiteReport(Message):
     val: SplitMetrics | None
     test: SplitMetrics | None
     provenance: Provenance
+    privacy: PrivacyLedger | None = None
     recovered: Recovery | None = None
 
 
@@ -243,6 +261,7 @@ __all__ = [
     "GlobalHeader",
     "Message",
     "MessageRefused",
+    "PrivacyLedger",
     "Provenance",
     "Recovery",
     "SiteReport",

@@ -514,7 +514,7 @@ class FederationServer:
         self.info = {
             "present": present,
             "rejected": dict(self._rejected),
-            "losses": {s: self._updates[s]["loss"] for s in present},
+            "losses": {s: self._updates[s]["loss"] for s in present if self._updates[s]["loss"] is not None},
             "bytes_up": {s: self._updates[s]["bytes"] for s in present},
             "bytes_down": {s: downloaded for s in present},
             "seconds": time.monotonic() - self._round_started,
