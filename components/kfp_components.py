@@ -87,7 +87,9 @@ CONFIG_PARAMETERS = (
     ("synthetic", "synthetic", str),
     ("privacy", "privacy", str),
 )
-NOT_PARAMETERS = ("federation", "out")  # TrainConfig fields the pipeline sets itself
+# TrainConfig fields the pipeline sets itself; `aggregator` and `duplicates` are not parameters yet, so the
+# pipeline's runs use their defaults (the method's mean; exact duplicates dropped).
+NOT_PARAMETERS = ("federation", "out", "aggregator", "duplicates")
 # What a holder's feature extraction depends on; its task's cache key is made of these alone (plus the
 # holder), so a sweep over methods, learning rates, codecs or rounds reuses the extracted features.
 EXTRACTION_FIELDS = (

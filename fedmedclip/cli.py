@@ -31,6 +31,12 @@ def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
         p.add_argument(
             "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
         )
+        p.add_argument(
+            "--run-id",
+            default="inprocess",
+            help="the run id written into every payload's header; a mailbox run's id gives its payloads and "
+            "results byte for byte (default: %(default)s)",
+        )
     p.add_argument(
         "--track",
         action="store_true",
@@ -68,6 +74,17 @@ def print_summary(results: dict, out: str) -> None:
             print(
                 f"  {s['site']:<12}: acc {s['acc']:.3f}  bacc {s['bacc']:.3f}  f1 {s['f1']:.3f}  ece {s['ece']:.3f}  (n={s['n']})"
             )
+    dup = (results.get("data") or {}).get("duplicates")
+    if dup and dup["groups"]:
+        print(
+            f"  data        : {dup['groups']} groups of byte-identical images ({dup['groups_across_splits']} across "
+            f"training and test): dropped {dup['dropped_training_copies']} training copies, "
+            f"{dup['dropped_conflicting']} with conflicting labels (--duplicates {dup['policy']})"
+        )
+    for entry in results.get("recovery") or []:
+        print(
+            f"  recovery    : {entry['party']} resumed from older state at round {entry['round']}: {entry['reason']}"
+        )
     c, t = results["comm"], results["timing"]
     print(
         f"  comm        : {c['bytes_up_per_site_per_round'] / 1e3:.1f} kB up ({c['codec_up']}), "
@@ -111,10 +128,12 @@ def _tracking_on(args) -> bool:
 
 def _cmd_train(args) -> int:
     from .engine import train
+    from .federation.mailbox import check_name
 
     cfg = config_from_args(args)
+    run_id = check_name("run id", args.run_id)
     observer = _observer(args, cfg, run_id=None) if _tracking_on(args) else None
-    results = train(cfg, resume=args.resume, progress=not args.quiet, observer=observer)
+    results = train(cfg, resume=args.resume, progress=not args.quiet, run_id=run_id, observer=observer)
     print_summary(results, args.out)
     mlflow_run_id = getattr(observer, "mlflow_run_id", None) if observer is not None else None
     if observer is not None and mlflow_run_id is None:
@@ -150,6 +169,8 @@ def _cmd_server_run(args) -> int:
         round_timeout=args.round_timeout,
         join_timeout=args.join_timeout,
         norm_factor=args.norm_factor,
+        max_update_norm=args.max_update_norm,
+        clip_updates=args.clip_updates,
         stall_every=args.stall_every,
     )
     cfg = config_from_args(args)
@@ -192,6 +213,7 @@ def _cmd_site_run(args) -> int:
 
 def _add_runtime_commands(sub) -> None:
     from .config import TrainConfig
+    from .federation.site import DEFAULT_SILENCE_TIMEOUT
 
     server = sub.add_parser(
         "server", help="the federation's aggregator, as a long-lived process"
@@ -229,6 +251,19 @@ def _add_runtime_commands(sub) -> None:
         "others; 0 disables (default: %(default)s)",
     )
     p.add_argument(
+        "--max-update-norm",
+        type=float,
+        default=None,
+        help="the most an update may move the global module (L2 norm of the difference), fixed in the run's "
+        "manifest; refused above it (see --clip-updates); 0 disables (default: 2x the norm of the method's "
+        "initial global module)",
+    )
+    p.add_argument(
+        "--clip-updates",
+        action="store_true",
+        help="clip an update above --max-update-norm onto the bound instead of refusing it",
+    )
+    p.add_argument(
         "--stall-every",
         type=float,
         default=30.0,
@@ -263,8 +298,9 @@ def _add_runtime_commands(sub) -> None:
     p.add_argument(
         "--silence-timeout",
         type=float,
-        default=float("inf"),
-        help="give up after this many seconds without a new global module (default: never)",
+        default=DEFAULT_SILENCE_TIMEOUT,
+        help="give up after this many seconds without progress and without a heartbeat of the server (its "
+        "status, rewritten every 10 s while it waits); a silence of a minute is logged (default: %(default)s)",
     )
     p.set_defaults(func=_cmd_site_run)
 

@@ -6,9 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .aggregation import AGGREGATORS
 from .backbone import PREPROCESSING_NAMES
 from .codec import CODECS, CodecError, get_codec
-from .data import DEFAULT_MIN_CLASS_IMAGES
+from .data import DEFAULT_MIN_CLASS_IMAGES, DUPLICATE_POLICIES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .methods import DEFAULT_METHOD
@@ -62,6 +63,12 @@ class TrainConfig:
     # Differential privacy (the --dp-* flags; fedmedclip.privacy.PrivacySettings, docs/privacy.md): only the
     # entries that differ from the defaults, empty for a run without DP.
     privacy: dict = field(default_factory=dict)
+    # How the server combines the accepted updates: the method's own mean, or a robust rule
+    # (fedmedclip/federation/robust.py).
+    aggregator: str = "mean"
+    # Byte-identical images (fedmedclip.data.deduplicate): drop the training-pool copies (the test copy stays),
+    # keep them all (the papers' setting), or refuse the data.
+    duplicates: str = "drop"
 
     def validate(self) -> TrainConfig:
         from .methods import METHODS
@@ -94,6 +101,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)"
                 ) from None
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(
+                f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}"
+            )
+        if self.duplicates not in DUPLICATE_POLICIES:
+            raise ConfigError(
+                f"unknown --duplicates {self.duplicates!r}; choose one of {', '.join(DUPLICATE_POLICIES)}"
+            )
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         # Unknown method options fail here, before any data is read or any pod starts.
@@ -176,8 +191,10 @@ class TrainConfig:
             d.pop("classes", None)  # the default is left out: keys from before the field existed still match
         if not d.get("privacy"):
             d.pop("privacy", None)  # likewise: a run without DP keeps the key it had before DP existed
-        if d["federation"] == "federated":
-            d.pop("federation")  # the default is left out, so keys from before the field existed still match
+        # Defaults are left out, so keys from before these fields existed still match.
+        for key, default in (("federation", "federated"), ("aggregator", "mean"), ("duplicates", "drop")):
+            if d.get(key) == default:
+                d.pop(key)
         return json.loads(json.dumps(d))
 
 

@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -35,9 +34,9 @@ from .federation.records import (
     round_record,
 )
 from .federation.runner import method_for, server_setup
-from .federation.server import FederationServer, ServerOptions, write_run
+from .federation.server import FederationError, FederationServer, ServerOptions, write_run
 from .federation.site import SiteSetup, SiteWorker, model_part
-from .federation.storage import LocalDirStore, MemoryStore
+from .federation.storage import LocalDirStore
 from .methods import METHODS, SiteTrainer
 from .preparation import (
     SERVER,
@@ -75,13 +74,15 @@ def simulate(
     run_id: str = INPROCESS_RUN_ID,
     observer=None,
 ) -> dict:
-    """Run the federation's server and sites in this process over an in-memory mailbox. Each party keeps
-    its checkpoints under RUN/checkpoint/ (a resumed run continues every party from its own). `observer`
-    (the protocol of `fedmedclip server run --track`, docs/contracts.md) hears the start and each round as
-    it finishes; `train` tells it the end once results.json is final."""
+    """Run the federation's server and sites in this process over a mailbox in RUN/checkpoint/mailbox/ (the
+    last rounds only). Each party keeps its checkpoints under RUN/checkpoint/: a resumed run continues every
+    party from its own, and a party whose newest checkpoint was damaged redoes what it lost from the rounds
+    still in the mailbox, exactly. `observer` (the protocol of `fedmedclip server run --track`,
+    docs/contracts.md) hears the start and each round as it finishes; `train` tells it the end once
+    results.json is final."""
     method = method_for(cfg, p)
-    mailbox = Mailbox(MemoryStore(f"inprocess-{uuid.uuid4().hex}"), run_id)
     ckpt = LocalDirStore(out / "checkpoint")
+    mailbox = Mailbox(ckpt.sub("mailbox"), run_id)
     server = FederationServer(
         mailbox, server_setup(cfg, p, method), ckpt.sub("server"), out, ServerOptions(), verbose=False
     )
@@ -121,17 +122,28 @@ def simulate(
                     for rec in server.history[logged:]:
                         observer.round(rec)
                     logged = len(server.history)
-            if not progressed:  # cannot happen when every party is in this process
-                raise RuntimeError("in-process federation made no progress")
+            if not progressed:  # every party is in this process: someone cannot go on
+                raise FederationError(_stalled(server, sites))
     finally:
         bar.close()
-        MemoryStore(mailbox.store.url.removeprefix("memory://")).clear()
     return server.results
 
 
+def _stalled(server: FederationServer, sites: list[SiteWorker]) -> str:
+    waiting = ", ".join(
+        f"{s.name} (trained round {s.trained}, evaluated round {s.reported})" for s in sites if not s.finished
+    )
+    return (
+        f"the in-process federation cannot go on: the server is in the {server.phase} phase of round "
+        f"{server.round}; sites: {waiting or 'all finished'}. Its state in {server.out / 'checkpoint'} does not "
+        "fit together (were parts of it replaced?): start the run again in an empty --out"
+    )
+
+
 def _forget_old_rounds(mailbox: Mailbox, r: int, sites: list[str]) -> None:
-    """Free the in-memory mailbox of rounds no party will read again (resume republishes what it needs)."""
-    old = r - 1
+    """Free the mailbox of rounds no party reads again. Round r just closed; the two before it stay, which
+    is what a party whose newest checkpoint is damaged (one save lost) reads again to redo its step."""
+    old = r - 2
     if old < 0:
         return
     for key in [mailbox.global_key(old)] + [

@@ -8,7 +8,9 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
+from .aggregation import AGGREGATORS
 from .config import FEDERATIONS, TrainConfig, parse_method_options
+from .data import DUPLICATE_POLICIES
 from .errors import ConfigError
 
 
@@ -175,6 +177,21 @@ FLAGS: list[Flag] = [
         {"action": "store_true"},
     ),
     Flag(
+        "aggregator",
+        ("--aggregator",),
+        "how the server combines the accepted updates: mean (the method's own rule), or for small or untrusted "
+        "federations median, trimmed-mean or krum (default: %(default)s)",
+        {"choices": AGGREGATORS},
+    ),
+    Flag(
+        "duplicates",
+        ("--duplicates",),
+        "byte-identical images: drop the training and validation copies (a test copy stays), keep them all "
+        "(the papers' setting) or refuse the data; copies with different labels are dropped everywhere "
+        "(refuse: stop) (default: %(default)s)",
+        {"choices": DUPLICATE_POLICIES},
+    ),
+    Flag(
         "threads",
         ("--threads",),
         "torch threads for training; extraction uses every core (default: %(default)s)",
@@ -282,6 +299,7 @@ DATA_FIELDS = (
     "classes",
     "min_class_images",
     "allow_outside_root",
+    "duplicates",
 )
 
 

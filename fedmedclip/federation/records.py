@@ -59,23 +59,6 @@ def evaluate_site(trainer, data) -> dict:
     return {"val": report(data.val_x, data.val_y), "test": report(data.test_x, data.test_y)}
 
 
-def check_site_report(report: dict) -> str | None:
-    """Why a site's report (JSON from another party) cannot be used, or None."""
-    for split in ("val", "test"):
-        rep = report.get(split)
-        if rep is None:
-            continue
-        if not isinstance(rep, dict):
-            return f"{split} is not an object"
-        for k in SUMMARY_KEYS:
-            v = rep.get(k)
-            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
-                return f"{split}.{k} = {v!r} is not a number in [0, 1]"
-        if not isinstance(rep.get("n"), int) or rep["n"] < 0:
-            return f"{split}.n is not a sample count"
-    return None
-
-
 # ---------------------------------------------------------------- the round record
 def round_record(
     r: int,
