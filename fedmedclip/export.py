@@ -457,7 +457,9 @@ def export_site_state(
     status = mb.status(SERVER)
     if status is None or status.state != "done" or status.best_round is None:
         state = status.state if status is not None else None
-        raise FedMedClipError(f"run {run_id} has not finished (server status {state!r}): nothing selected yet")
+        raise FedMedClipError(
+            f"run {run_id} has not finished (server status {state!r}): nothing selected yet"
+        )
     best = status.best_round
     own = open_store(state).get(f"model/site_{site}.safetensors")
     if own is None:
