@@ -37,14 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from fedmedclip.digests import (
-    FORMAT_VERSION,
     META_BACKBONE_SHA256,
-    META_CLASS_NAMES,
-    META_FORMAT_VERSION,
     META_IMAGE_SIZE,
-    META_PREPROCESSING,
     META_SITE,
-    OOD_OUTPUTS,
     canonical_digest,
     sha256_file,
 )
@@ -67,14 +62,6 @@ REQUIRED_DIRS = ("model",)
 OPTIONAL_DIRS = ("plots", "rounds")
 # protobuf cannot serialise a single message above 2 GiB.
 _MAX_INLINE_ONNX = 2**31 - 2**20
-# What registration needs from an exported model's metadata (docs/contracts.md, "Exported model").
-_ONNX_REQUIRED_METADATA = (
-    META_CLASS_NAMES,
-    META_IMAGE_SIZE,
-    META_PREPROCESSING,
-    META_BACKBONE_SHA256,
-    META_FORMAT_VERSION,
-)
 # The digests that say which data a version was trained on; promotion compares only like with like.
 DATA_DIGEST_TAGS = ("dataset_digest", "partition_digest")
 # A site's private part of the model (FedMedCLIP's MLP): never sent to the central MLflow by default.
@@ -1033,57 +1020,29 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def check_onnx_contract(model) -> dict[str, str]:
-    """The parts of the export contract the server relies on; returns metadata_props as a dict."""
-    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    outputs = [o.name for o in model.graph.output]
-    meta = {p.key: p.value for p in model.metadata_props}
-    problems = []
-    if inputs != ["images"]:
-        problems.append(f"inputs are {inputs}, expected ['images']")
-    elif model.graph.input[0].type.tensor_type.elem_type != 2:  # TensorProto.UINT8
-        problems.append("input `images` is not uint8")
-    if set(outputs) not in ({"probabilities", "class_index"}, {"probabilities", "class_index", *OOD_OUTPUTS}):
-        problems.append(
-            f"outputs are {outputs}, expected probabilities and class_index (and all or none of {OOD_OUTPUTS})"
-        )
-    missing = [k for k in _ONNX_REQUIRED_METADATA if k not in meta]
-    if missing:
-        problems.append(f"metadata_props lack {', '.join(missing)}")
-    elif meta[META_FORMAT_VERSION] != FORMAT_VERSION:
-        problems.append(
-            f"{META_FORMAT_VERSION} is {meta[META_FORMAT_VERSION]!r}; the server reads format {FORMAT_VERSION}"
-        )
-    if problems:
-        raise TrackingError(
-            "the ONNX file does not follow the export contract (docs/contracts.md): " + "; ".join(problems)
-        )
-    return meta
+def check_onnx_contract(model, source: str = "the ONNX file"):
+    """The export contract (fedmedclip.onnx_contract, as the server checks it) plus what registration needs:
+    the backbone's hash, which must be the run's."""
+    from fedmedclip.onnx_contract import ContractError, contract_of_model
+
+    try:
+        contract = contract_of_model(model, source)
+    except ContractError as exc:
+        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
+    if not contract.metadata.get(META_BACKBONE_SHA256):
+        raise TrackingError(f"{source}: metadata_props lack {META_BACKBONE_SHA256} (docs/contracts.md)")
+    return contract
 
 
-def _onnx_signature(meta: dict[str, str], ood: bool = False):
+def _onnx_signature(contract):
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    size = int(meta[META_IMAGE_SIZE])
-    n_classes = len(json.loads(meta[META_CLASS_NAMES]))
+    inputs, outputs = contract.signature()
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "images")]),
-        outputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1, n_classes), "probabilities"),
-                TensorSpec(np.dtype(np.int64), (-1,), "class_index"),
-            ]
-            + (
-                [
-                    TensorSpec(np.dtype(np.float32), (-1,), "ood_score"),
-                    TensorSpec(np.dtype(np.float32), (-1, -1), "drift_embedding"),
-                ]
-                if ood
-                else []
-            )
-        ),
+        inputs=Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in inputs]),
+        outputs=Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in outputs]),
     )
 
 
@@ -1210,7 +1169,8 @@ def register_model(
             model = onnx.load(str(onnx_path))
         except Exception as e:
             raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
-        meta = check_onnx_contract(model)
+        contract = check_onnx_contract(model, str(onnx_path))
+        meta = contract.metadata
         site = meta.get(META_SITE)
         if tags.get("backbone_sha256") not in (None, "unknown", meta[META_BACKBONE_SHA256]):
             raise TrackingError(
@@ -1237,9 +1197,7 @@ def register_model(
                 info = mlflow.onnx.log_model(
                     model,
                     name=ONNX_MODEL_NAME,
-                    signature=_onnx_signature(
-                        meta, ood=OOD_OUTPUTS[0] in {o.name for o in model.graph.output}
-                    ),
+                    signature=_onnx_signature(contract),
                     input_example=_onnx_input_example(meta),
                     pip_requirements=_onnx_requirements(),
                     metadata=dict(tags),
