@@ -382,30 +382,9 @@ def worker_step(
             "published (the worker stopped in between); the run's results are in its checkpoint: start the "
             "run again under a new run id, or publish them from the checkpoint"
         )
-    _complete_run_dir(out, cfg, Mailbox(open_store(mailbox), run_id))
-    mlflow_run_id = (observer.mlflow_run_id or "") if observer is not None else ""
+    mlflow_run_id = observer.tracked_run_id or "" if observer is not None else ""
     publish_run_dir(out, private, run_id, mlflow_run_id)
     return mlflow_run_id
-
-
-def _complete_run_dir(out: Path, cfg, mailbox) -> None:
-    """A server worker restarted in a fresh pod holds only what it wrote since: the files written at the run's
-    start and the global modules of earlier rounds come back from the configuration and the mailbox (the very
-    bytes the run directory keeps, docs/contracts.md)."""
-    from fedmedclip.federation.records import atomic_write_bytes, atomic_write_json
-
-    if not (out / "config.json").exists():
-        atomic_write_json(out / "config.json", cfg.to_json())
-    if not (out / "partition.json").exists():
-        from fedmedclip.preparation import load_image_set, partition_for
-
-        partition_for(cfg, load_image_set(cfg)).save(out / "partition.json")
-    for r in range(1, int(cfg.rounds) + 1):
-        path = out / "rounds" / f"global_round_{r:03d}.bin"
-        if not path.exists():
-            payload = mailbox.store.get(mailbox.global_key(r))
-            if payload is not None:
-                atomic_write_bytes(path, payload)
 
 
 def publish_run_dir(out: Path, store, run_id: str, mlflow_run_id: str = "") -> dict:

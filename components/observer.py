@@ -7,9 +7,7 @@
 - `fedmedclip track RUN_DIR` logs a finished directory through the same `LiveRunLogger`, each round at the
   time the run recorded for it (`finished_at`), so the history looks the same as if it had been live.
 
-Protocol (what the core calls): `start(manifest, resumed=bool)` once the run's manifest exists, `round(record)`
-after each round (a results.json `history` entry), and `finish(results, None)` at the end or
-`finish(None, message)` when the run fails.
+The interface the core calls is fedmedclip.observer.RunObserver.
 
 Tracking never stops the federation: an MLflow that cannot be reached at the start, or refuses something later,
 is logged as a warning and the run goes on (the pipeline's register task then logs the finished run directory
@@ -25,6 +23,8 @@ import logging
 import time
 import uuid
 from pathlib import Path
+
+from fedmedclip.observer import RunObserver
 
 log = logging.getLogger("fedmedclip.tracking")
 
@@ -47,7 +47,7 @@ def resolved_preprocessing(cfg) -> str:
     return cfg.preprocessing or (cls.default_preprocessing if cls is not None else "")
 
 
-class MlflowObserver:
+class MlflowObserver(RunObserver):
     def __init__(
         self,
         cfg,
@@ -90,7 +90,8 @@ class MlflowObserver:
         self.enabled = True
 
     @property
-    def mlflow_run_id(self) -> str | None:
+    def tracked_run_id(self) -> str | None:
+        """The MLflow run id; None while nothing is logged, or once tracking is off."""
         return self.logger.run_id if self.enabled else None
 
     def params(self, manifest: dict) -> dict:

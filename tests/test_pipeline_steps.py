@@ -188,7 +188,7 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
         )
     obs.finish(None, "round 3: only 1 of 2 sites answered")
     client = MlflowClient(mlops_stack.tracking_uri)
-    run = client.get_run(obs.mlflow_run_id)
+    run = client.get_run(obs.tracked_run_id)
     assert run.info.status == "FAILED" and run.info.run_name == "obs-run-1"
     assert run.data.tags["kfp.run_id"] == "kfp-1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/acc")] == [1, 2]
@@ -219,16 +219,18 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
     off.start(manifest)
     off.round({"round": 1})
     off.finish({}, None)
-    assert off.mlflow_run_id is None
+    assert off.tracked_run_id is None
 
 
 def test_server_run_track_finds_the_observer_by_its_entry_point(tmp_path):
     from importlib.metadata import entry_points
 
     from components.observer import MlflowObserver
+    from fedmedclip.observer import RunObserver
 
     (ep,) = [e for e in entry_points(group="fedmedclip.observers") if e.name == "mlflow"]
     cfg = TrainConfig(out=str(tmp_path / "run")).validate()
     obs = ep.load()(cfg=cfg, run_id="r-1", experiment="exp")  # how `fedmedclip server run --track` calls it
     assert isinstance(obs, MlflowObserver) and obs.run_dir == tmp_path / "run"
-    assert obs.logger.experiment == "exp" and obs.mlflow_run_id is None  # nothing logged before start
+    assert isinstance(obs, RunObserver)  # the core's one observer interface (fedmedclip.observer)
+    assert obs.logger.experiment == "exp" and obs.tracked_run_id is None  # nothing logged before start
