@@ -8,7 +8,6 @@ Nothing heavy is imported at module level (docs/contracts.md): kfp, torch and ml
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -262,6 +261,7 @@ def cmd_run(args) -> int:
 
 def _run_local(args, cfg, root: Path, local_stack: str):
     from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
+    from pipelines._kfp_local import kfp_chatter_off
     from pipelines.local import run_local, server_status_reader
 
     root.mkdir(parents=True, exist_ok=True)
@@ -283,7 +283,7 @@ def _run_local(args, cfg, root: Path, local_stack: str):
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
     mailbox = args.mailbox or cfg.data.rstrip("/")
-    with _kfp_chatter_off(not args.verbose):
+    with kfp_chatter_off(not args.verbose):
         return run_local(
             yaml_path,
             root,
@@ -293,28 +293,6 @@ def _run_local(args, cfg, root: Path, local_stack: str):
             rounds_of=server_status_reader(mailbox, local_stack),
             **params,
         )
-
-
-@contextlib.contextmanager
-def _kfp_chatter_off(active: bool):
-    """kfp.local logs every loop item it selects at INFO on the root logger, whose console handler our CLI set
-    up: keep kfp's records below WARNING off the console (they are in the task log)."""
-    if not active:
-        yield
-        return
-    marker = f"{os.sep}kfp{os.sep}"
-
-    def keep(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or marker not in record.pathname
-
-    handlers = list(logging.getLogger().handlers)
-    for h in handlers:
-        h.addFilter(keep)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            h.removeFilter(keep)
 
 
 def learning_curve(results: dict) -> str:
