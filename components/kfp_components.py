@@ -167,7 +167,7 @@ def act_as(role: str, local_stack: str) -> None:
     its own role, as each pod in a cluster gets only its own Secret). With '' the environment is kept."""
     if not local_stack:
         return
-    from components.stack import read_state
+    from devstack.stack import read_state
 
     info = read_state(local_stack)
     if info is None:
@@ -205,7 +205,7 @@ def _copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
 
 def site_state_url(mailbox: str, index: int, run_id: str) -> str:
     """Where site k keeps its private state: its own prefix of the mailbox root (`sites/<k>/private/<run>`),
-    which only its role may read (components/policies.py)."""
+    which only its role may read (mlops/policies.py)."""
     return f"{mailbox.rstrip('/')}/sites/{int(index)}/private/{run_id}"
 
 
@@ -236,11 +236,11 @@ def prepare_step(params: dict, site_names: str, mailbox: str) -> list:
     """Validate the configuration and draw the partition (as the server's holder would); returns the parties of
     the federation, each item carrying what its extraction and its worker need (kfp.local iterates only over a
     task's single `Output`, so the loop's items carry the resolved configuration too)."""
-    from components.sites import SERVER_SECRET_NAME, site_secret_name
     from fedmedclip.errors import ConfigError
     from fedmedclip.methods import METHODS
     from fedmedclip.preparation import load_image_set, partition_for
     from fedmedclip.sources import is_remote, remote_source
+    from mlops.sites import SERVER_SECRET_NAME, site_secret_name
 
     cfg = config_from_parameters(params)
     image_set = load_image_set(cfg)
@@ -359,7 +359,7 @@ def worker_step(
     if uri:
         from dataclasses import asdict
 
-        from components.observer import MlflowObserver
+        from mlops.live import MlflowObserver
 
         kfp_id = kfp_run_id or run_id
         observer = MlflowObserver(
@@ -482,7 +482,7 @@ def register_step(
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
         return "", f"{NOT_PROMOTED} (no tracking server)"
-    from components.tracking import PromotionRefused, log_run_dir, promote, register_model
+    from mlops.tracking import PromotionRefused, log_run_dir, promote, register_model
 
     if not mlflow_run_id:
         from fedmedclip.config import TrainConfig

@@ -124,7 +124,7 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
         def client():
             if "client" not in found:
                 if local_stack:
-                    from components.stack import read_state
+                    from devstack.stack import read_state
 
                     found["client"] = read_state(local_stack).s3_client()
                 else:

@@ -508,8 +508,8 @@ def test_an_update_object_is_measured_before_it_is_read(prepared, tmp_path):
 
 
 def test_the_s3_store_checks_the_size_before_reading(mlops_stack):
-    from components.s3store import S3Store
     from fedmedclip.federation.storage import ObjectTooLarge
+    from mlops.s3 import S3Store
 
     client = mlops_stack.s3_client()
     client.put_object(Bucket=mlops_stack.bucket, Key="size-check/big.bin", Body=bytes(3 << 20))

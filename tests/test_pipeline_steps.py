@@ -26,9 +26,9 @@ from components.kfp_components import (  # noqa: E402
     report_step,
     worker_step,
 )
-from components.sites import SERVER_SECRET_NAME, site_secret_name  # noqa: E402
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, FedMedClipError  # noqa: E402
+from mlops.sites import SERVER_SECRET_NAME, site_secret_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
 def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack):
     from mlflow import MlflowClient
 
-    from components.observer import MlflowObserver
+    from mlops.live import MlflowObserver
 
     cfg = TrainConfig(sites=2, rounds=5, synthetic=SYNTH, out="/nonexistent").validate()
     manifest = {
@@ -195,7 +195,7 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
     assert run.data.params["method"] == cfg.method and run.data.params["site_names"] == "site_0,site_1"
     # Every resolved setting is a parameter: the method's options with their defaults, the operational
     # settings, the server's options (quorum resolved to every site), the preprocessing the method chose.
-    from components.observer import resolved_method_options
+    from mlops.live import resolved_method_options
 
     params = run.data.params
     options = resolved_method_options(cfg)
@@ -225,8 +225,8 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
 def test_server_run_track_finds_the_observer_by_its_entry_point(tmp_path):
     from importlib.metadata import entry_points
 
-    from components.observer import MlflowObserver
     from fedmedclip.observer import RunObserver
+    from mlops.live import MlflowObserver
 
     (ep,) = [e for e in entry_points(group="fedmedclip.observers") if e.name == "mlflow"]
     cfg = TrainConfig(out=str(tmp_path / "run")).validate()

@@ -1,4 +1,4 @@
-"""Data in S3 with one prefix per site (components/site_data.py) on a real S3 server (moto, the local stack,
+"""Data in S3 with one prefix per site (mlops/site_data.py) on a real S3 server (moto, the local stack,
 enforcing per-role credentials): published images reach each holder's tasks unchanged, each party works with
 its own role's key, a site's task downloads only its own prefix, a site can publish its own share and read
 it back from its prefix alone, ids from catalogs and manifests stay inside their root, and the pipeline run
@@ -17,7 +17,10 @@ pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
 from components.kfp_components import extract_step, prepare_step  # noqa: E402
-from components.site_data import (  # noqa: E402
+from devstack.stack import add_data_root  # noqa: E402
+from fedmedclip.config import TrainConfig  # noqa: E402
+from fedmedclip.errors import ConfigError, DataError  # noqa: E402
+from mlops.site_data import (  # noqa: E402
     CATALOG,
     PUBLISHED,
     _md5,
@@ -26,9 +29,6 @@ from components.site_data import (  # noqa: E402
     read_site_assignment,
     read_site_summary,
 )
-from components.stack import add_data_root  # noqa: E402
-from fedmedclip.config import TrainConfig  # noqa: E402
-from fedmedclip.errors import ConfigError, DataError  # noqa: E402
 
 SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 48}
 

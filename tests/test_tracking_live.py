@@ -1,4 +1,4 @@
-"""Logging a federated run to MLflow while it goes on (components.tracking.LiveRunLogger), against the real
+"""Logging a federated run to MLflow while it goes on (mlops.tracking.LiveRunLogger), against the real
 MLflow server of the local stack; the outage test cuts a real TCP path to it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port
 from run_fixtures import make_run_dir
 
-from components.tracking import (
+from mlops.tracking import (
     COMPLETE_TAG,
     KFP_RUN_ID_TAG,
     PROMOTION_METRIC,

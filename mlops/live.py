@@ -1,4 +1,4 @@
-"""The federation's observer that logs a run to MLflow while it goes on (components.tracking's
+"""The federation's observer that logs a run to MLflow while it goes on (mlops.tracking's
 `LiveRunLogger`), so the core never imports mlflow. ONE mechanism for every way a run is made:
 
 - `fedmedclip server run --track`: the server calls it (entry point `fedmedclip.observers`, name `mlflow`);
@@ -66,7 +66,7 @@ class MlflowObserver(RunObserver):
         record_run_dir: bool = True,
         key_file: str | Path | None = None,
     ):
-        from components.tracking import LiveRunLogger
+        from mlops.tracking import LiveRunLogger
 
         self.cfg, self.run_id = cfg, run_id
         self.run_dir = Path(run_dir if run_dir is not None else cfg.out)
@@ -95,10 +95,10 @@ class MlflowObserver(RunObserver):
         return self.logger.run_id if self.enabled else None
 
     def params(self, manifest: dict) -> dict:
-        """Every resolved setting of the run (components.tracking.run_parameters): the configuration, the
+        """Every resolved setting of the run (mlops.tracking.run_parameters): the configuration, the
         method's options with their defaults, the preprocessing, the run's sites and the server's options
         (quorum, timeouts, norm factor: `server.*`, operational, so a restart may change them)."""
-        from components.tracking import run_parameters
+        from mlops.tracking import run_parameters
 
         names = [s["name"] for s in manifest.get("sites", [])]
         server = {k: v for k, v in self.options.items() if v is not None}
@@ -122,7 +122,7 @@ class MlflowObserver(RunObserver):
             return key
 
     def start(self, manifest: dict, resumed: bool = False) -> None:
-        from components.tracking import context_tags, describe_run
+        from mlops.tracking import context_tags, describe_run
 
         if self.key_file is not None:
             self.run_key = self._recorded_key()

@@ -1,5 +1,5 @@
 """Images in S3, one prefix per holder, so that a site's pods, which hold only that site's credentials, can
-read only that site's images (the layout the policies of components/policies.py allow):
+read only that site's images (the layout the policies of mlops/policies.py allow):
 
   ROOT/server/published.json        every image's id, label, split and site (no pixels) and the partition
                                     the data was published for (central publishing only)
@@ -37,12 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.policies import SITE_SUMMARY
-from components.sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_prefix, site_secret_name
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.messages import MessageRefused, SiteSummary, parse
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
+from mlops.policies import SITE_SUMMARY
+from mlops.sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_prefix, site_secret_name
 
 log = logging.getLogger("fedmedclip.site_data")
 

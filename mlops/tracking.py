@@ -17,7 +17,7 @@ the operator asks for it (`include_site_models`).
 
 Artifacts go through the tracking server (`mlflow server --serve-artifacts`, `mlflow-artifacts:` URIs), so
 clients need no S3 credentials; the server writes them to the versioned bucket.
-mlflow is imported inside the functions: `components.cli` must stay light.
+mlflow is imported inside the functions: `mlops.cli` must stay light.
 """
 
 from __future__ import annotations
@@ -1118,7 +1118,7 @@ def register_model(
     the run's `model/` artifacts are registered as they are (a plain artifact version, not loadable as a
     pyfunc). Lineage tags are copied from the run either way, and the privacy facts of its results.json
     (`dp.*`: epsilon, delta, clip, noise multiplier, secure aggregation on/off). Every version gets a model
-    card (components/model_card.py), logged beside the model; a run whose card cannot be built is refused.
+    card (mlops/model_card.py), logged beside the model; a run whose card cannot be built is refused.
 
     Idempotent, keyed on the run and the file: a version of `name` already registered from this run with the
     same ONNX file (`onnx_source_sha256`; or, without a file, the run's model folder) is returned as it is

@@ -1,9 +1,9 @@
 """`s3://BUCKET` as an image source of the core (`fedmedclip.sources`, entry-point group `fedmedclip.sources`):
-data published one prefix per holder by `fedmedclip data publish` (components/site_data.py)."""
+data published one prefix per holder by `fedmedclip data publish` (mlops/site_data.py)."""
 
 from __future__ import annotations
 
-from components import site_data
+from mlops import site_data
 
 
 class S3Source:
