@@ -42,7 +42,6 @@ def _add_stack_options(p: argparse.ArgumentParser, ports: bool) -> None:
 
 def _site_names(args) -> list[str]:
     from fedmedclip.errors import ConfigError
-
     from mlops.policies import default_site_names
 
     if args.site_names:

@@ -196,16 +196,9 @@ class StackInfo:
 
     def s3_client(self, role: str | None = None):
         """A boto3 S3 client of the admin, or of `role`."""
-        import boto3
+        from mlops.s3 import s3_client
 
-        access_key, secret_key = self.credentials(role or ADMIN)
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_endpoint,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=self.region,
-        )
+        return s3_client(self.s3_endpoint, *self.credentials(role or ADMIN), region=self.region)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -205,42 +205,13 @@ def cmd_data_publish(args) -> int:
     return 0
 
 
-def delete_every_version(client, bucket: str, key: str) -> int:
-    """Delete `key` and all its earlier versions (a versioned bucket keeps them) without listing, which a
-    site's role may not: HEAD gives the current version, which is deleted until none is left. Returns how many
-    versions went."""
-    from botocore.exceptions import ClientError
-
-    gone = 0
-    while True:
-        try:
-            version = client.head_object(Bucket=bucket, Key=key).get("VersionId")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return gone
-            raise
-        if version in (None, "", "null"):
-            client.delete_object(Bucket=bucket, Key=key)
-            return gone + 1
-        client.delete_object(Bucket=bucket, Key=key, VersionId=version)
-        gone += 1
-
-
 def cmd_data_withdraw(args) -> int:
     """A hospital withdraws its published data with its own key: every version of its images (the ids its
     catalog lists), then its catalog and its summary. Its private state is its own to delete as well."""
-    import json
+    from fedmedclip.errors import ConfigError
 
-    import boto3
-    from botocore.exceptions import ClientError
+    from .site_data import withdraw_site
 
-    from fedmedclip.errors import ConfigError, DataError
-    from fedmedclip.paths import check_relative_id
-
-    from .site_data import parse_root
-
-    bucket, prefix = parse_root(args.from_)
-    root = "/".join(filter(None, (bucket, prefix)))
     index = args.site_index
     if args.site is not None:
         info = _stack_credentials_for(args.site)  # the local stack: the site's own key and index
@@ -250,27 +221,10 @@ def cmd_data_withdraw(args) -> int:
         raise ConfigError(
             "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
         )
-    base = f"{prefix}/" if prefix else ""
-    client = boto3.client("s3")
-    catalog_key = f"{base}sites/{index}/catalog.json"
-    try:
-        catalog = json.loads(client.get_object(Bucket=bucket, Key=catalog_key)["Body"].read(64 << 20))
-    except ClientError as e:
-        raise DataError(
-            f"cannot read s3://{bucket}/{catalog_key}: {e.response.get('Error', {}).get('Code')}"
-        ) from None
-    ids = [check_relative_id(i, f"s3://{bucket}/{catalog_key}") for i in (catalog.get("md5") or {})]
-    versions = 0
-    try:
-        for image_id in ids:
-            versions += delete_every_version(client, bucket, f"{base}sites/{index}/images/{image_id}")
-        for key in (catalog_key, f"{base}summaries/sites/{index}.json"):
-            versions += delete_every_version(client, bucket, key)
-    except ClientError as e:
-        raise DataError(f"withdrawing site {index}'s data from s3://{root} failed: {e}") from None
+    images, versions = withdraw_site(args.from_, index)
     print(
-        f"withdrew site {index}'s {len(ids)} images, catalog and summary from s3://{root} ({versions} object "
-        "versions deleted)",
+        f"withdrew site {index}'s {images} images, catalog and summary from {args.from_.rstrip('/')} "
+        f"({versions} object versions deleted)",
         file=sys.stderr,
     )
     return 0

@@ -128,9 +128,9 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
 
                     found["client"] = read_state(local_stack).s3_client()
                 else:
-                    import boto3
+                    from mlops.s3 import s3_client
 
-                    found["client"] = boto3.client("s3")
+                    found["client"] = s3_client()
             return found["client"]
 
         def newest():

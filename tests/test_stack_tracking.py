@@ -654,7 +654,7 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
     refused promotion is the task's `promotion` output and an ERROR line, and fails it when asked."""
     from mlflow import MlflowClient
 
-    from components.kfp_components import PROMOTED, REFUSED, register_step
+    from components.register.component import PROMOTED, REFUSED, register_step
 
     uri, name = mlops_stack.tracking_uri, "fedmedclip-retry"
     onnx_dir = tmp_path / "onnx"
