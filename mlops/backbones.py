@@ -337,7 +337,8 @@ def _backbone_versions(client, name: str) -> list:
 def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
     from mlflow.exceptions import MlflowException
 
-    from .tracking import _registered_model_exists, get_or_create_experiment
+    from .registry import _registered_model_exists
+    from .tracking import get_or_create_experiment
 
     m = _REGISTRY_URI.match(to)
     if not m or m.group("version") or m.group("alias"):

@@ -38,7 +38,8 @@ def _mlflow_errors(fn):
 
 @_mlflow_errors
 def cmd_track(args) -> int:
-    from .tracking import log_run_dir, resolve_tracking_uri
+    from .rundir import log_run_dir
+    from .tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     run_id = log_run_dir(
@@ -64,7 +65,7 @@ def cmd_track(args) -> int:
 
 @_mlflow_errors
 def cmd_register(args) -> int:
-    from .tracking import register_model
+    from .registry import register_model
 
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
     sha = mv.tags.get("onnx_sha256")
@@ -80,7 +81,7 @@ def cmd_register(args) -> int:
 
 @_mlflow_errors
 def cmd_promote(args) -> int:
-    from .tracking import promote
+    from .registry import promote
 
     result = promote(
         args.name,

@@ -20,7 +20,8 @@ from fedmedclip.export import export_onnx
 from fedmedclip.metrics import metrics_from_confusion
 from fedmedclip.model_card import SECTIONS, build_card, render_markdown
 from mlops import cli as ccli
-from mlops.tracking import PrivacyRefused, log_run_dir, promote, register_model
+from mlops.registry import PrivacyRefused, promote, register_model
+from mlops.rundir import log_run_dir
 
 TARGET = 6.0
 

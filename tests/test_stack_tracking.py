@@ -29,16 +29,9 @@ from devstack.stack import (
 )
 from fedmedclip.errors import FedMedClipError
 from mlops import cli as ccli
-from mlops.tracking import (
-    PROMOTION_METRIC,
-    DifferentDataRefused,
-    PromotionRefused,
-    RunDirError,
-    TrackingError,
-    log_run_dir,
-    promote,
-    register_model,
-)
+from mlops.registry import DifferentDataRefused, PromotionRefused, promote, register_model
+from mlops.rundir import log_run_dir
+from mlops.tracking import PROMOTION_METRIC, RunDirError, TrackingError
 
 
 def _parser() -> argparse.ArgumentParser:

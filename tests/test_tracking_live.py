@@ -1,4 +1,4 @@
-"""Logging a federated run to MLflow while it goes on (mlops.tracking.LiveRunLogger), against the real
+"""Logging a federated run to MLflow while it goes on (mlops/live.py: LiveRunLogger, MlflowObserver), against the real
 MLflow server of the local stack; the outage test cuts a real TCP path to it."""
 
 from __future__ import annotations
@@ -15,15 +15,9 @@ from conftest import SYNTH, free_port
 from run_fixtures import make_run_dir
 
 from fedmedclip.config import TrainConfig
-from mlops.tracking import (
-    COMPLETE_TAG,
-    KFP_RUN_ID_TAG,
-    PROMOTION_METRIC,
-    LiveRunLogger,
-    RunDirError,
-    TrackingError,
-    register_model,
-)
+from mlops.live import LiveRunLogger
+from mlops.registry import register_model
+from mlops.tracking import COMPLETE_TAG, KFP_RUN_ID_TAG, PROMOTION_METRIC, RunDirError, TrackingError
 
 SITES = ["site_0", "site_1", "site_2"]
 
@@ -361,3 +355,18 @@ def test_server_run_track_finds_the_observer_by_its_entry_point(tmp_path):
     assert isinstance(obs, MlflowObserver) and obs.run_dir == tmp_path / "run"
     assert isinstance(obs, RunObserver)  # the core's one observer interface (fedmedclip.observer)
     assert obs.logger.experiment == "exp" and obs.tracked_run_id is None  # nothing logged before start
+
+
+def test_mlflow_is_the_pinned_version_whose_asynchronous_logging_we_read():
+    """mlops/_mlflow.py lists what live logging takes from mlflow beyond its documented API (the futures of an
+    asynchronous log_batch): if the pin changes, this fails and the list is checked again."""
+    from concurrent.futures import Future
+    from importlib.metadata import version
+
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
+    from mlops._mlflow import PINNED_VERSION, operation_futures
+
+    assert version("mlflow") == PINNED_VERSION == "3.17.2"
+    future = Future()
+    assert operation_futures(RunOperations([future])) == [future]

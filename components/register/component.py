@@ -48,7 +48,8 @@ def register_step(
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
         return "", f"{NOT_PROMOTED} (no tracking server)"
-    from mlops.tracking import PromotionRefused, log_run_dir, promote, register_model
+    from mlops.registry import PromotionRefused, promote, register_model
+    from mlops.rundir import log_run_dir
 
     if not mlflow_run_id:
         from fedmedclip.config import TrainConfig
