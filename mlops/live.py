@@ -82,21 +82,15 @@ class MlflowObserver(RunObserver):
         *,
         tracking_uri: str | None = None,
         kfp_run_id: str | None = None,
-        run_dir: str | Path | None = None,
-        include_site_models: bool = False,
-        tags: dict[str, str] | None = None,
         options: dict | None = None,
-        run_key: str | None = None,
         run_name: str | None = None,
         source: str = "fedmedclip server run",
         record_run_dir: bool = True,
         key_file: str | Path | None = None,
     ):
-        self.cfg, self.run_id = cfg, run_id
-        self.run_dir = Path(run_dir if run_dir is not None else cfg.out)
-        self.tags = dict(tags or {})
+        self.cfg, self.run_id, self.run_key = cfg, run_id, run_id
+        self.run_dir = Path(cfg.out)
         self.options = dict(options or {})
-        self.run_key = run_key or run_id
         self.run_name = run_name or run_id
         self.source = source
         self.kfp_run_id = kfp_run_id
@@ -104,12 +98,9 @@ class MlflowObserver(RunObserver):
         # The run starts when its command does (data preparation and feature extraction included), not when
         # its manifest is out: the MLflow run's duration is the run's.
         self.created = time.time()
+        # The sites' private heads never go to the central MLflow live (`track --include-site-models` may).
         self.logger = LiveRunLogger(
-            experiment,
-            tracking_uri,
-            kfp_run_id=kfp_run_id,
-            include_site_models=include_site_models,
-            record_run_dir=record_run_dir,
+            experiment, tracking_uri, kfp_run_id=kfp_run_id, record_run_dir=record_run_dir
         )
         self.enabled = True
 
@@ -160,7 +151,6 @@ class MlflowObserver(RunObserver):
         tags = {
             **context_tags(self.source, "JOB" if self.kfp_run_id else "LOCAL"),
             "orchestrator": "kubeflow-pipelines" if self.kfp_run_id else "federation-runtime",
-            **self.tags,
         }
         try:
             self.logger.start(
