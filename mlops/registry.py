@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmedclip.digests import META_BACKBONE_SHA256, META_IMAGE_SIZE, META_SITE, sha256_file
+from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, sha256_file
 from fedmedclip.privacy.report import privacy_summary
 
 from .tracking import (
@@ -107,14 +107,6 @@ def _onnx_signature(contract):
     )
 
 
-def _onnx_input_example(meta: dict[str, str]) -> dict:
-    """One black image, uint8 [1, S, S, 3]: the smallest valid request (stored as JSON with the model)."""
-    import numpy as np
-
-    size = int(meta[META_IMAGE_SIZE])
-    return {"images": np.zeros((1, size, size, 3), dtype=np.uint8)}
-
-
 def _onnx_requirements() -> list[str]:
     # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds).
     # Written as the CPU `onnxruntime`; GPU images are built from constraints.txt, never from these.
@@ -186,6 +178,7 @@ def register_model(
     (`existing=True`), and an ONNX model already logged into the run for this file is reused. So a retried
     registration task finds its own version instead of adding another."""
     import mlflow
+    import numpy as np
     from mlflow.exceptions import MlflowException
 
     from .model_card import check_card, log_model_card
@@ -224,8 +217,6 @@ def register_model(
         import onnx
 
         onnx_path = Path(onnx_path)
-        if not onnx_path.is_file():
-            raise TrackingError(f"ONNX file {onnx_path} does not exist")
         try:
             model = onnx.load(str(onnx_path))
         except Exception as e:
@@ -259,7 +250,10 @@ def register_model(
                     model,
                     name=ONNX_MODEL_NAME,
                     signature=_onnx_signature(contract),
-                    input_example=_onnx_input_example(meta),
+                    # one black image, uint8 [1, S, S, 3]: the smallest valid request
+                    input_example={
+                        "images": np.zeros((1, contract.image_size, contract.image_size, 3), np.uint8)
+                    },
                     pip_requirements=_onnx_requirements(),
                     metadata=dict(tags),
                     # one self-contained model.onnx: what the server downloads and checks against onnx_sha256
