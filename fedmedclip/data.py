@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import DataError, ImageDecodeError
@@ -74,7 +75,7 @@ def load_image(path: str | Path) -> Image.Image:
     `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says, so is any warning Pillow raises while it parses and decodes the
     file (corrupt metadata, a malformed file, a decompression bomb), and a JPEG's entropy-coded data is checked
     (`jpeg_scan_problem`): libjpeg decodes garbage scan data into garbage pixels with only a warning, which
-    Pillow drops."""
+    Pillow drops, so a strict libjpeg-turbo decode must pass too. The pixels returned are Pillow's."""
     path = str(path)
     try:
         data = Path(path).read_bytes()
@@ -92,7 +93,7 @@ def load_image(path: str | Path) -> Image.Image:
                 ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
         _refuse_decoder_warnings(path, caught)
         if img.format == "JPEG":
-            problem = _checked_jpeg_scan_problem(data)
+            problem = jpeg_scan_problem(data)
             if problem:
                 raise ImageDecodeError(path, f"corrupt JPEG data: {problem}")
         return to_rgb8(img)
@@ -129,225 +130,20 @@ def _refuse_decoder_warnings(path: str, caught: list[warnings.WarningMessage]) -
 
 # ----------------------------------------------------------------------------- JPEG scan check
 # libjpeg treats damaged entropy-coded data as a warning: it substitutes zeros or garbage coefficients and the
-# image decodes. Pillow discards those warnings, so this re-reads the Huffman-coded data of sequential JPEGs
-# (baseline and extended: what scanners, PACS exports and nearly every data set write) symbol by symbol,
-# without the inverse DCT, and reports what libjpeg would warn about plus what no encoder writes: an invalid
-# code, a coefficient run past the end of a block, data that ends before the last block or leaves whole
-# bytes over, restart markers missing or out of order. Progressive, lossless and arithmetic-coded JPEGs are
-# left to libjpeg's own errors. About 6-10 ms for a 512x512 scan on one core.
-
-_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # 0xFF fill bytes, then a marker code (0xFF00 is stuffing)
-_SEQUENTIAL_HUFFMAN_FRAMES = {0xC0, 0xC1}
-_OTHER_FRAMES = {0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_LOOKUP_BITS = 10  # codes this short (nearly all) resolve in one table look-up
-_EOB = 128  # a coefficient-index advance that ends the block
-# Zero bytes after the data: more than one MCU can read, so running past the end is caught after each MCU.
-_PAD_BYTES = 4096
-
-
-class _HuffmanTable:
-    """One DHT table as look-ups. An entry packs the bits a symbol takes (code plus the magnitude bits that
-    follow it) with how far it moves the coefficient index (AC tables); 0 means "resolve the long way",
-    -1 a symbol that cannot occur in this table."""
-
-    def __init__(self, counts: bytes, symbols: bytes, is_ac: bool, max_size: int):
-        self.is_ac, self.max_size, self.symbols = is_ac, max_size, symbols
-        self.short = [0] * (1 << _LOOKUP_BITS)
-        self.long: list[tuple[int, int, int, int]] = []  # (length, first code, last code, first symbol)
-        code = k = 0
-        for length in range(1, 17):
-            n = counts[length - 1]
-            if n and length > _LOOKUP_BITS:
-                self.long.append((length, code, code + n - 1, k))
-            elif n:
-                span = 1 << (_LOOKUP_BITS - length)
-                for i in range(n):
-                    lo = (code + i) << (_LOOKUP_BITS - length)
-                    self.short[lo : lo + span] = [self._entry(length, symbols[k + i])] * span
-            code = (code + n) << 1
-            k += n
-
-    def _entry(self, length: int, symbol: int) -> int:
-        run, size = symbol >> 4, symbol & 0x0F
-        if size > self.max_size or (not self.is_ac and run):
-            return -1
-        if not self.is_ac:
-            advance = 0
-        elif size:
-            advance = run + 1
-        else:
-            advance = 16 if run == 15 else _EOB  # ZRL: sixteen zeros; otherwise end of block
-        return (length + size) | (advance << 8)
-
-    def resolve(self, window16: int) -> int:
-        for length, first, last, k in self.long:
-            code = window16 >> (16 - length)
-            if first <= code <= last:
-                return self._entry(length, self.symbols[k + code - first])
-        return -1
-
-
-# Digests of JPEG files whose scan data passed, so a file read again in this process (another preprocessing,
-# another run of a comparison grid) is not re-checked: the check costs several times the decode itself.
-_SOUND_JPEGS: set[bytes] = set()
-_SOUND_JPEGS_MAX = 200_000
-
-
-def _checked_jpeg_scan_problem(data: bytes) -> str | None:
-    digest = hashlib.blake2b(data, digest_size=16).digest()
-    if digest in _SOUND_JPEGS:
-        return None
-    problem = jpeg_scan_problem(data)
-    if problem is None:
-        if len(_SOUND_JPEGS) >= _SOUND_JPEGS_MAX:
-            _SOUND_JPEGS.clear()
-        _SOUND_JPEGS.add(digest)
-    return problem
+# image decodes. Pillow discards those warnings, so the file is decoded a second time by libjpeg-turbo through
+# simplejpeg in strict mode, which turns every such warning into an error: an invalid Huffman code, data that
+# ends before the last block or leaves bytes over, restart markers missing or out of order, in sequential and
+# progressive JPEGs alike. Decoding to grayscale skips the colour work (the entropy-coded data of every
+# component is still read): about 0.35 ms for a 512x512 MRI JPEG on one core, a third of Pillow's own decode.
 
 
 def jpeg_scan_problem(data: bytes) -> str | None:
-    """What is wrong with a JPEG file's structure or entropy-coded data, or None when nothing is (and for
-    the non-sequential JPEGs this does not read). See the comment above for what is checked."""
+    """What libjpeg-turbo finds wrong with a JPEG file's structure or entropy-coded data when told to refuse
+    what it would only warn about, or None when nothing is."""
     try:
-        return _jpeg_problem(data)
-    except IndexError:  # a segment shorter than its own fields say
-        return "a malformed marker segment"
-
-
-def _jpeg_problem(data: bytes) -> str | None:
-    if data[:2] != b"\xff\xd8":
-        return "no start-of-image marker"
-    pos, frame, restart = 2, None, 0
-    tables: dict[tuple[int, int], tuple[bytes, bytes]] = {}
-    while True:
-        m = _MARKER.match(data, pos)
-        if not m:
-            if pos >= len(data):
-                return "the file ends without an end-of-image marker (truncated)"
-            return f"unexpected bytes between segments at offset {pos}"
-        code, pos = m.group(1)[0], m.end()
-        if code == 0xD9:
-            return None if frame else "no image frame before the end-of-image marker"
-        if 0xD0 <= code <= 0xD7 or code == 0x01:
-            continue  # markers without a length
-        length = int.from_bytes(data[pos : pos + 2], "big")
-        seg = data[pos + 2 : pos + length]
-        if length < 2 or len(seg) != length - 2:
-            return f"segment 0xFF{code:02X} at offset {pos - 2} is truncated"
-        pos += 2 + len(seg)
-        if code in _OTHER_FRAMES:
-            return None
-        if code in _SEQUENTIAL_HUFFMAN_FRAMES:
-            height, width, n = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
-            if height == 0:
-                return None  # the height comes later in a DNL marker: left to libjpeg
-            comps = {seg[6 + 3 * i]: (seg[7 + 3 * i] >> 4, seg[7 + 3 * i] & 15) for i in range(n)}
-            frame = (seg[0], height, width, comps)
-        elif code == 0xC4:
-            i = 0
-            while i + 17 <= len(seg):
-                n = sum(seg[i + 1 : i + 17])
-                tables[(seg[i] >> 4, seg[i] & 15)] = (
-                    bytes(seg[i + 1 : i + 17]),
-                    bytes(seg[i + 17 : i + 17 + n]),
-                )
-                i += 17 + n
-        elif code == 0xDD:
-            restart = int.from_bytes(seg[:2], "big")
-        elif code == 0xDA:
-            if frame is None:
-                return "a scan before the frame header"
-            intervals = []  # the scan's data split at its restart markers
-            start = pos
-            nxt = _MARKER.search(data, pos)
-            while nxt and 0xD0 <= nxt.group(1)[0] <= 0xD7:
-                intervals.append((data[start : nxt.start()], nxt.group(1)[0]))
-                start = nxt.end()
-                nxt = _MARKER.search(data, start)
-            pos = nxt.start() if nxt else len(data)
-            intervals.append((data[start:pos], None))
-            problem = _scan_problem(frame, seg, tables, restart, intervals)
-            if problem:
-                return problem
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _scan_problem(frame, header: bytes, tables, restart: int, intervals) -> str | None:
-    precision, height, width, comps = frame
-    ns = header[0]
-    selectors = [(header[1 + 2 * i], header[2 + 2 * i] >> 4, header[2 + 2 * i] & 15) for i in range(ns)]
-    if tuple(header[1 + 2 * ns : 4 + 2 * ns]) != (0, 63, 0):
-        return "invalid scan parameters for a sequential JPEG"
-    if any(c not in comps for c, _, _ in selectors):
-        return "a scan names a component the frame does not have"
-    # The largest magnitude category a coefficient can have at this precision (DC, AC).
-    max_dc, max_ac = (11, 10) if precision == 8 else (15, 14)
-    try:
-        coders = [
-            (_HuffmanTable(*tables[(0, td)], False, max_dc), _HuffmanTable(*tables[(1, ta)], True, max_ac))
-            for _, td, ta in selectors
-        ]
-    except KeyError:
-        return "a scan uses a Huffman table that was never defined"
-    h_max = max(h for h, _ in comps.values())
-    v_max = max(v for _, v in comps.values())
-    if ns == 1:  # non-interleaved: one block per MCU, over the component's own size
-        h, v = comps[selectors[0][0]]
-        mcus = _ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8)
-        blocks = coders
-    else:
-        mcus = _ceil_div(width, 8 * h_max) * _ceil_div(height, 8 * v_max)
-        blocks = [
-            c
-            for (cid, _, _), c in zip(selectors, coders, strict=True)
-            for _ in range(comps[cid][0] * comps[cid][1])
-        ]
-    per_interval = restart or mcus
-    expected = _ceil_div(mcus, per_interval)
-    if len(intervals) != expected:
-        return f"{len(intervals) - 1} restart marker(s) in a scan that needs {expected - 1}"
-    for i, (raw, marker) in enumerate(intervals):
-        if marker is not None and marker != 0xD0 + i % 8:
-            return "restart markers out of order"
-        problem = _interval_problem(raw, min(per_interval, mcus - i * per_interval), blocks)
-        if problem:
-            return problem
-    return None
-
-
-def _interval_problem(raw: bytes, mcus: int, blocks) -> str | None:
-    """Decode the Huffman symbols of `mcus` MCUs from one restart interval's data."""
-    unstuffed = raw.replace(b"\xff\x00", b"\xff")
-    nbits = 8 * len(unstuffed)
-    b = np.frombuffer(unstuffed + bytes(_PAD_BYTES), dtype=np.uint8).astype(np.int64)
-    win = ((b[:-2] << 16) | (b[1:-1] << 8) | b[2:]).tolist()  # 24 bits from every byte offset
-    p = 0
-    shift = 24 - _LOOKUP_BITS
-    short_mask = (1 << _LOOKUP_BITS) - 1
-    for _ in range(mcus):
-        for dc, ac in blocks:
-            x, o = win[p >> 3], p & 7
-            v = dc.short[(x >> (shift - o)) & short_mask] or dc.resolve((x >> (8 - o)) & 0xFFFF)
-            if v < 0:
-                return "an invalid Huffman code in the scan data"
-            p += v
-            k = 1
-            while k < 64:
-                x, o = win[p >> 3], p & 7
-                v = ac.short[(x >> (shift - o)) & short_mask] or ac.resolve((x >> (8 - o)) & 0xFFFF)
-                if v < 0:
-                    return "an invalid Huffman code in the scan data"
-                p += v & 0xFF
-                k += v >> 8
-            if 64 < k < _EOB:
-                return "a run of coefficients past the end of a block"
-        if p > nbits:
-            return "the scan data ends before the last block (premature end of data)"
-    if nbits - p >= 8:
-        return f"{(nbits - p) // 8} extraneous byte(s) after the last block"
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
+    except ValueError as exc:
+        return re.sub(r"^corrupt jpeg data:\s*", "", str(exc), flags=re.IGNORECASE) or "undecodable"
     return None
 
 

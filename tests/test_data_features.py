@@ -370,10 +370,12 @@ def _garbage_scan(jpeg: bytes, seed: int) -> bytes:
     return jpeg[:start] + garbage + jpeg[end:]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_jpeg_with_garbage_scan_data_is_an_error_naming_the_file(tmp_path, seed):
+@pytest.mark.parametrize(
+    ("seed", "save"), [(seed, {}) for seed in range(6)] + [(seed, {"progressive": True}) for seed in range(3)]
+)
+def test_jpeg_with_garbage_scan_data_is_an_error_naming_the_file(tmp_path, seed, save):
     path = tmp_path / f"scan_{seed}.jpg"
-    path.write_bytes(_garbage_scan(_sound_jpeg(), seed))
+    path.write_bytes(_garbage_scan(_sound_jpeg(**save), seed))
     with Image.open(path) as img:  # what the audit saw: Pillow decodes it silently
         img.load()
     with pytest.raises(ImageDecodeError, match="corrupt JPEG data") as info:
@@ -386,12 +388,13 @@ def test_jpeg_with_garbage_scan_data_is_an_error_naming_the_file(tmp_path, seed)
     [
         {},
         {"mode": "L"},
+        {"mode": "CMYK"},  # Adobe CMYK, as some scanners write
         {"subsampling": 0},
         {"subsampling": 2, "quality": 30},
         {"optimize": True},  # per-image Huffman tables
         {"quality": 100, "size": (200, 40)},  # long codes, partial MCUs
         {"restart_marker_blocks": 3},  # restart intervals
-        {"progressive": True},  # not read by the check: left to libjpeg
+        {"progressive": True},
     ],
 )
 def test_sound_jpegs_decode_unchanged(tmp_path, save):

@@ -122,36 +122,32 @@ def s3_exists(client, key: str) -> bool:
 
 
 @pytest.mark.slow
-def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stack, tmp_path):
+def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stack, as_stack_role, tmp_path):
     """On the local stack's IAM-enforcing S3, each party with its own role's key only: the publisher puts
     each holder's images in its own prefix, the server reads only its own, each site reads only its own and
-    keeps its private state there. SIGKILL a site mid-run and the server mid-run, restart both with the same
+    keeps its private state there. SIGKILL the server and a site mid-run, restart both with the same
     arguments, and the run completes with the metrics, payloads and model files of an uninterrupted in-process
     run of the same seed on the local source."""
+    from fedmedclip.cli import main
+
     client = mlops_stack.s3_client()
     expected = tmp_path / "train"
     mailbox, run = f"s3://{BUCKET}", "killed"
     reference("fedmedclip", cache, expected, run_id=run)
-    publish = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedmedclip.cli",
-            "-q",
-            "data",
-            "publish",
-            "--to",
-            mailbox,
-            "--cache-dir",
-            str(cache),
-            "--synthetic",
-            json.dumps(SYNTH),
-        ],
-        env=_env(mlops_stack.role_env("publisher")),
-        capture_output=True,
-        text=True,
-    )
-    assert publish.returncode == 0, publish.stderr
+    # The publisher is this process with the publisher's key only (the parties below get their own).
+    as_stack_role("publisher")
+    publish = [
+        "-q",
+        "data",
+        "publish",
+        "--to",
+        mailbox,
+        "--cache-dir",
+        str(cache),
+        "--synthetic",
+        json.dumps(SYNTH),
+    ]
+    assert main(publish) == 0
     args = [*common_args(cache), "--data", mailbox]
     server = Party(
         [
@@ -192,14 +188,16 @@ def test_killed_parties_over_s3_end_identical_to_the_simulator(cache, mlops_stac
         )
         for k, s in enumerate(SITES)
     }
+    # The server once it has published round 1, then site_1 once it has sent round 2 (the sites go on while
+    # the server is down): both restart at the same time.
+    wait_for(lambda: s3_exists(client, f"runs/{run}/rounds/0001/global.bin"), "the global module of round 1")
+    server.kill()
+    server.start()
     wait_for(
         lambda: s3_exists(client, f"runs/{run}/rounds/0002/updates/site_1.bin"), "site_1's round-2 update"
     )
     sites["site_1"].kill()
     sites["site_1"].start()
-    wait_for(lambda: s3_exists(client, f"runs/{run}/rounds/0004/global.bin"), "the global module of round 4")
-    server.kill()
-    server.start()
     assert server.wait() == 0, server.output()
     for p in sites.values():
         assert p.wait() == 0, p.output()
@@ -244,69 +242,56 @@ def test_local_directory_mailbox_equals_the_simulator_for_facmic(cache, tmp_path
 
 
 @pytest.mark.slow
-def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
+def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path, capsys, caplog):
     """Four expected sites, quorum 3. site_3 never starts: round 1 proceeds without it once the three others
-    have answered and its timeout has passed, and results record who was there. site_2 is killed for good
-    after its round-1 update: a later round has no quorum, the run ends with a clear error naming the missing
-    sites, and nothing already written is lost. Joining waits for the sites (the join timeout is generous);
-    only the absent sites cost round timeouts, so a slow machine changes nothing but the duration."""
-    mailbox, env, out = tmp_path / "mailbox", _env(), tmp_path / "server"
-    server = Party(
-        [
-            "server",
-            "run",
-            "--mailbox",
-            str(mailbox),
-            "--run-id",
-            "r",
-            "--out",
-            str(out),
-            *common_args(cache, rounds=8),
-            "--sites",
-            "4",
-            "--quorum",
-            "3",
-            "--round-timeout",
-            "3",
-            "--join-timeout",
-            str(CEILING),
-            "--stall-every",
-            "1",
-        ],
-        tmp_path / "server.log",
-        env,
-    )
-    sites = {
-        s: Party(
-            [
-                "site",
-                "run",
-                "--mailbox",
-                str(mailbox),
-                "--run-id",
-                "r",
-                "--site",
-                s,
-                "--cache-dir",
-                str(cache),
-                "--state",
-                str(tmp_path / s),
-            ],
-            tmp_path / f"{s}.log",
-            env,
-        )
-        for s in SITES
-    }
-    wait_for(lambda: (mailbox / "runs/r/rounds/0001/updates/site_2.bin").exists(), "site_2's round-1 update")
-    sites["site_2"].kill()  # and it never comes back
-    assert server.wait() == 2, server.output()
-    text = server.output()
+    have answered and its timeout has passed, and results record who was there. site_2, a process of its own,
+    is killed for good with SIGKILL after its round-1 update: a later round has no quorum, the run ends with a
+    clear error naming the missing sites, and nothing already written is lost. Joining waits for the sites
+    (the join timeout is generous); only the absent sites cost round timeouts, so a slow machine changes
+    nothing but the duration. The server and the two sites that stay run as threads of this process (the
+    processes' case is the S3 test above)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmedclip.cli import main
+
+    mailbox, out = tmp_path / "mailbox", tmp_path / "server"
+    server_args = [
+        *("-q", "server", "run", "--mailbox", str(mailbox), "--run-id", "r", "--out", str(out)),
+        *common_args(cache, rounds=8),
+        *("--sites", "4", "--quorum", "3", "--round-timeout", "1", "--join-timeout", str(CEILING)),
+        *("--stall-every", "1"),
+    ]
+
+    def site_args(site: str) -> list[str]:
+        return [
+            *("site", "run", "--mailbox", str(mailbox), "--run-id", "r", "--site", site),
+            *("--cache-dir", str(cache), "--state", str(tmp_path / site)),
+        ]
+
+    caplog.set_level("INFO", logger="fedmedclip")
+    site_2 = Party(site_args("site_2"), tmp_path / "site_2.log", _env())
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            server = pool.submit(main, server_args)
+            sites = {s: pool.submit(main, ["-q", *site_args(s)]) for s in ("site_0", "site_1")}
+            wait_for(
+                lambda: (mailbox / "runs/r/rounds/0001/updates/site_2.bin").exists(),
+                "site_2's round-1 update",
+            )
+            site_2.kill()  # and it never comes back
+            assert server.result(timeout=CEILING) == 2
+            # the sites learn that the server ended the run
+            assert [sites[s].result(timeout=CEILING) for s in sites] == [2, 2]
+    finally:
+        if site_2.proc.poll() is None:
+            site_2.kill()
+    err = capsys.readouterr().err
+    text = err + "\n".join(r.getMessage() for r in caplog.records)
     assert "site_3 (never seen)" in text
-    assert "error: round" in text and "(quorum 3)" in text and "site_2" in text and "site_3" in text
+    assert "error: round" in err and "(quorum 3)" in err and "site_2" in err and "site_3" in err
+    assert err.count("error: the server ended run r") == 2, err
     status = json.loads((mailbox / "runs/r/status/server.json").read_text())
     assert status["state"] == "failed" and "site_2" in status["message"]
-    for s in ("site_0", "site_1"):  # the sites learn that the server ended the run
-        assert sites[s].wait() == 2 and "the server ended run r" in sites[s].output()
     # What was written stays: the configuration, the partition, every finished round (recorded in the
     # server's checkpoint with the sites present), and no results.json pretending the run finished.
     assert (out / "config.json").exists() and (out / "partition.json").exists()

@@ -890,13 +890,20 @@ def test_mlflow_basic_auth_scripts_run(index, tmp_path):
     )
     secrets = {"MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
                "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-key"}  # fmt: skip
+    # The container's own settings (MLFLOW_SERVER_ENABLE_JOB_EXECUTION among them: without it the server
+    # starts job-runner processes), then what differs on this machine.
+    settings = {e["name"]: e["value"] for e in mlflow["env"] if "value" in e and "$(" not in e["value"]}
+    settings.pop("MLFLOW_S3_ENDPOINT_URL")  # a folder instead of MinIO
+    assert settings["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     env = {
         **os.environ,
+        **settings,
         **secrets,
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
         "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:{port}",
         "HOME": str(tmp_path),
+        "TMPDIR": str(tmp_path),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     log = tmp_path / "mlflow.log"
