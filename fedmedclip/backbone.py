@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
+import threading
 from pathlib import Path
 
 import torch
 
-from .errors import BackboneNotFound, ConfigError
+from .digests import canonical_digest
+from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
 from .seeding import seeded
 
@@ -103,37 +107,87 @@ _HOW_TO_SUPPLY = (
 
 
 class Backbone:
-    """A frozen CLIPModel with its tokenizer and image-processor settings."""
+    """A frozen CLIPModel with its tokenizer and image-processor settings.
+
+    A built-in backbone whose description was recorded in the cache (`described`) is known without building it:
+    its identity, sizes and weights hash come from the record, and the model (transformers, ~2 s of CPU) is
+    built only when something is encoded, then checked against the record."""
 
     def __init__(self, model, tokenizer, name: str, image_mean=CLIP_MEAN, image_std=CLIP_STD):
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = tokenizer
         self.name = name
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
-        self.image_size = int(model.config.vision_config.image_size)
-        self.feature_dim = int(model.config.projection_dim)
-        self._sha256: str | None = None
+        self._lock = threading.Lock()
+        self._adopt(model, tokenizer)
+        self._sizes = _sizes(model)
+        self._sha256: str | None = None  # hashed when first asked (seconds for a ViT-B)
+
+    @classmethod
+    def described(cls, name: str, description: dict, build, record: Path) -> Backbone:
+        """The backbone `build()` -> (model, tokenizer) gives, known until then by `description` (what
+        `description()` returned for it, recorded at `record`)."""
+        self = cls.__new__(cls)
+        self.name = name
+        self.image_mean, self.image_std = tuple(CLIP_MEAN), tuple(CLIP_STD)
+        self._lock = threading.Lock()
+        self._model = self._tokenizer = None
+        self._build, self._record = build, record
+        self._sha256 = description["weights_sha256"]
+        self._sizes = {k: v for k, v in description.items() if k != "weights_sha256"}
+        return self
+
+    def _adopt(self, model, tokenizer) -> None:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._model, self._tokenizer = model, tokenizer
+
+    def _built(self):
+        with self._lock:
+            if self._model is None:
+                model, tokenizer = self._build()
+                built = {"weights_sha256": state_dict_sha256(model), **_sizes(model)}
+                if built != self.description():
+                    # Not adopted: nothing is encoded under the recorded identity; a restart reads the right record.
+                    _write_record(self._record, built)
+                    raise ProvenanceMismatch(
+                        f"backbone {self.name!r}: the description recorded at {self._record} "
+                        f"(weights {self._sha256[:12]}...) is not what this machine builds "
+                        f"(weights {built['weights_sha256'][:12]}...); it is replaced: run again"
+                    )
+                self._adopt(model, tokenizer)
+        return self._model
+
+    @property
+    def model(self):
+        return self._model if self._model is not None else self._built()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._built()
+        return self._tokenizer
 
     @property
     def weights_sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = state_dict_sha256(self.model)
+            self._sha256 = state_dict_sha256(self._model)
         return self._sha256
 
+    def description(self) -> dict:
+        """Identity without the name: the weights hash and the sizes."""
+        return {"weights_sha256": self.weights_sha256, **self._sizes}
+
+    @property
+    def image_size(self) -> int:
+        return self._sizes["image_size"]
+
+    @property
+    def feature_dim(self) -> int:
+        return self._sizes["feature_dim"]
+
     def identity(self) -> dict:
-        vc = self.model.config.vision_config
-        return {
-            "name": self.name,
-            "weights_sha256": self.weights_sha256,
-            "feature_dim": self.feature_dim,
-            "image_size": self.image_size,
-            "patch_size": int(vc.patch_size),
-            "vision_layers": int(vc.num_hidden_layers),
-            "vision_width": int(vc.hidden_size),
-        }
+        return {"name": self.name, **self.description()}
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -148,6 +202,95 @@ class Backbone:
         )
         out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         return out.pooler_output.float()
+
+
+_DESCRIPTION_TYPES = {
+    "weights_sha256": str,
+    "feature_dim": int,
+    "image_size": int,
+    "patch_size": int,
+    "vision_layers": int,
+    "vision_width": int,
+}
+
+
+def _sizes(model) -> dict:
+    vc = model.config.vision_config
+    return {
+        "feature_dim": int(model.config.projection_dim),
+        "image_size": int(vc.image_size),
+        "patch_size": int(vc.patch_size),
+        "vision_layers": int(vc.num_hidden_layers),
+        "vision_width": int(vc.hidden_size),
+    }
+
+
+# What builds a built-in backbone: this file's recipe, the seeding, torch's and transformers' initialisation.
+_BUILT_FROM = (Path(__file__), Path(__file__).with_name("seeding.py"))
+
+
+def builtin_record_key(shape: str, seed: int, versions: dict[str, str] | None = None) -> str:
+    """The digest of everything that determines a built-in backbone's weights: the shape, the seed, the code
+    that builds it, torch's and transformers' versions (default: the installed ones) and the machine type."""
+    if versions is None:
+        from importlib.metadata import version
+
+        versions = {"torch": torch.__version__, "transformers": version("transformers")}
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in _BUILT_FROM)).hexdigest()
+    return canonical_digest(
+        {
+            "shape": shape,
+            "spec": _RANDOM_SHAPES[shape],
+            "seed": seed,
+            "code": code,
+            "versions": versions,
+            "machine": platform.machine(),
+        }
+    )
+
+
+def builtin_record(cache_dir: str | Path, shape: str, seed: int) -> Path:
+    """Where the description of a built-in backbone is recorded in a cache directory."""
+    return Path(cache_dir) / "backbones" / f"{shape}-{builtin_record_key(shape, seed)[:24]}.json"
+
+
+def _read_record(path: Path) -> dict | None:
+    """The recorded description, or None where there is none or it is not one (then it is built again)."""
+    try:
+        if path.stat().st_size > 4096:
+            return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or set(record) != set(_DESCRIPTION_TYPES):
+        return None
+    for key, kind in _DESCRIPTION_TYPES.items():
+        if type(record[key]) is not kind:
+            return None
+    return record
+
+
+def _write_record(path: Path, description: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(description, indent=2))
+    os.replace(tmp, path)
+
+
+def builtin_backbone(shape: str, seed: int = 0, cache_dir: str | Path | None = None) -> Backbone:
+    """A built-in seeded backbone. With `cache_dir`, its description is recorded there the first time, and a
+    later process gets it from the record and builds the model only when it encodes something."""
+    name = shape if seed == 0 else f"{shape}@seed{seed}"
+    build = lambda: random_clip(shape, seed)  # noqa: E731
+    if cache_dir is None:
+        return Backbone(*build(), name)
+    record = builtin_record(cache_dir, shape, seed)
+    description = _read_record(record)
+    if description is None:
+        backbone = Backbone(*build(), name)
+        _write_record(record, backbone.description())
+        return backbone
+    return Backbone.described(name, description, build, record)
 
 
 BACKBONE_ENTRY_POINTS = "fedmedclip.backbones"
@@ -176,19 +319,18 @@ def resolve_remote(spec: str, cache_dir: str | Path) -> str:
     raise BackboneNotFound(f"backbone {spec!r}: no resolver for remote backbones is installed")
 
 
-def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path = ".cache/fedmedclip") -> Backbone:
-    """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files), a local directory, a Hugging
-    Face model id already in the local cache, or a backbone published with `fedmedclip backbone push`
-    (`s3://...`, `models:/...`: downloaded into `cache_dir` and hash-checked; its name stays the spec, so
+def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None) -> Backbone:
+    """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files; with `cache_dir`, built only when
+    something is encoded, see `builtin_backbone`), a local directory, a Hugging Face model id already in the
+    local cache, or a backbone published with `fedmedclip backbone push` (`s3://...`, `models:/...`:
+    downloaded into `cache_dir`, by default .cache/fedmedclip, and hash-checked; its name stays the spec, so
     every pod that loads it gives the same identity). Never touches a model hub."""
     if is_remote_spec(spec):
-        backbone = load_backbone(resolve_remote(spec, cache_dir), seed)
+        backbone = load_backbone(resolve_remote(spec, cache_dir or ".cache/fedmedclip"), seed)
         backbone.name = spec
         return backbone
     if spec in _RANDOM_SHAPES:
-        model, tokenizer = random_clip(spec, seed)
-        name = spec if seed == 0 else f"{spec}@seed{seed}"
-        return Backbone(model, tokenizer, name)
+        return builtin_backbone(spec, seed, cache_dir)
 
     # Offline always: a missing file must fail here, not silently try a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

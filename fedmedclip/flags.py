@@ -136,7 +136,11 @@ FLAGS: list[Flag] = [
         ("--prompt-template",),
         "class prompt, '{}' is the class name (default: %(default)r)",
     ),
-    Flag("cache_dir", ("--cache-dir",), "feature stores and generated data (default: %(default)s)"),
+    Flag(
+        "cache_dir",
+        ("--cache-dir",),
+        "feature stores, generated data and the built-in backbones' descriptions (default: %(default)s)",
+    ),
     Flag(
         "skip_bad_images",
         ("--skip-bad-images",),

@@ -3,7 +3,9 @@ refusal with instructions when weights are missing (never a network call)."""
 
 from __future__ import annotations
 
+import json
 import socket
+from importlib.metadata import version
 
 import numpy as np
 import pytest
@@ -13,12 +15,14 @@ from PIL import Image
 from fedmedclip.backbone import (
     BUILTIN_BACKBONES,
     LOGIT_SCALE,
+    builtin_record,
+    builtin_record_key,
     byte_level_tokenizer,
     load_backbone,
     make_preprocessing,
     random_clip,
 )
-from fedmedclip.errors import BackboneNotFound, ConfigError
+from fedmedclip.errors import BackboneNotFound, ConfigError, ProvenanceMismatch
 from fedmedclip.preprocess import CLIP_MEAN, IMAGENET_MEAN
 
 
@@ -38,6 +42,47 @@ def test_tiny_is_deterministic(tiny):
     ident = tiny.identity()
     assert ident["name"] == "tiny" and ident["feature_dim"] == 128 and ident["image_size"] == 224
     assert "tiny" in BUILTIN_BACKBONES and LOGIT_SCALE == 100.0
+
+
+def test_a_recorded_builtin_backbone_is_built_only_to_encode_and_a_wrong_record_is_refused(tiny, tmp_path):
+    """A process that finds the built-in backbone's description in its cache takes the identity from it
+    (without building the model: transformers and the build cost ~2 s of CPU per process); the model is built
+    when something is encoded, and a record that does not describe what is built is refused and replaced."""
+    first = load_backbone("tiny", cache_dir=tmp_path)  # no record yet: built and recorded
+    record = builtin_record(tmp_path, "tiny", 0)
+    assert first.identity() == tiny.identity() and json.loads(record.read_text())["weights_sha256"] == (
+        tiny.weights_sha256
+    )
+    again = load_backbone("tiny", cache_dir=tmp_path)
+    assert again.identity() == tiny.identity()
+    x = torch.zeros(1, 3, 224, 224)
+    assert torch.equal(again.encode_images(x), tiny.encode_images(x))
+
+    # The record is what a later process believes: a wrong one is used as it is until the model is built ...
+    wrong = {**json.loads(record.read_text()), "weights_sha256": "0" * 64}
+    record.write_text(json.dumps(wrong))
+    lied = load_backbone("tiny", cache_dir=tmp_path)
+    assert lied.weights_sha256 == "0" * 64 and lied.identity()["feature_dim"] == 128
+    # ... and building it to encode refuses the record and writes the right one.
+    with pytest.raises(ProvenanceMismatch, match=r"recorded at .*tiny-.*\.json.*000000000000"):
+        lied.encode_text(["a picture of a glioma_tumor"])
+    with pytest.raises(ProvenanceMismatch):  # the model built is not kept under the wrong identity
+        lied.encode_images(x)
+    assert load_backbone("tiny", cache_dir=tmp_path).identity() == tiny.identity()
+    # A record that is not a description is ignored (built and recorded again).
+    record.write_text('{"weights_sha256": 1}')
+    assert load_backbone("tiny", cache_dir=tmp_path).identity() == tiny.identity()
+    assert json.loads(record.read_text())["weights_sha256"] == tiny.weights_sha256
+
+    # Whatever can change the weights has its own record: the shape, the seed, the code, the versions.
+    key = builtin_record_key("tiny", 0)
+    installed = {"torch": torch.__version__, "transformers": version("transformers")}
+    assert builtin_record_key("tiny", 0, installed) == key
+    assert builtin_record_key("tiny", 1) != key and builtin_record_key("random-vit-b32", 0) != key
+    assert builtin_record_key("tiny", 0, {**installed, "transformers": "0.0.0"}) != key
+    assert builtin_record_key("tiny", 0, {**installed, "torch": "0.0.0"}) != key
+    other = load_backbone("tiny", seed=1, cache_dir=tmp_path)
+    assert other.weights_sha256 != tiny.weights_sha256 and builtin_record(tmp_path, "tiny", 1).exists()
 
 
 def test_tokenizer_and_text_encoder_work(tiny):
