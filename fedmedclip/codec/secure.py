@@ -1,0 +1,381 @@
+"""Secure aggregation as a filter on a codec's chain: what a site's update becomes before it is masked, and
+how the server turns the sum of the masked payloads back into one module.
+
+The secure form of a codec (`secure_codec`) keeps the codec's bit depth b (the 4-bit codec: b = 4; int8: 8;
+fp16 and fp32: 16) and replaces its quantiser and byte coders, because masks cancel only in exact integer
+arithmetic and masked bytes do not compress:
+
+    delta > error-feedback > norm-clip(B) > fixed-point(L) > secagg-mask(k) > packed-uint(k)
+
+- `delta`, `error-feedback`: as in the plain codecs (the difference to the global module the site received;
+  what the lossy stages leave out is kept at the site and sent in later rounds).
+- `norm-clip`: the site bounds its own update (the L2 norm over every float tensor) by B, the run's bound,
+  before anything is masked: the server cannot check a single update any more.
+- `fixed-point`: x -> clamp(round(w * x / s), -L, L). w is the site's aggregation weight over the whole
+  manifest (its sample count share, or 1/n for equal weighting), applied before masking so that the plain sum
+  of the sites' integers is the weighted sum; s is the round's public step per tensor (the same at every
+  site: `initial_steps`, `next_steps`). L = floor((2^(k-1) - 1) / n), so the sum of n sites' integers never
+  leaves [-(2^(k-1) - 1), 2^(k-1) - 1] and wraps nowhere.
+- `secagg-mask`: (x + m) mod 2^k, m the site's mask of the round (fedmedclip/secagg: its self-mask plus its
+  pairwise masks). The mask is a per-call input, never written to the header.
+- `packed-uint`: k bits per value.
+
+k = b + ceil(log2 n) - 1 by default: a 4-bit codec over 3, 10, 30 sites gives k = 5, 7, 8 and L = 5, 6, 4.
+The body of a masked payload is d * k / 8 bytes for d values (FedMedCLIP's FAM at ViT-B/32 width, 10 sites:
+460 kB), and uniformly distributed.
+
+The server never decodes one masked payload: `decode_masked_sum` checks each one (chain, template, sizes,
+the public grid, the site's weight, the reference), adds their stored integers modulo 2^k, removes the
+unmasking total, and undoes the transforms once, dividing by the weights of the sites present (the method's
+weights renormalised over them)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .chain import Codec, Decoded, _assemble
+from .quantisers import BlockQuant, Float16, Float32, Int8Rows
+from .stages import CodecError, Quantiser, Tensors, TensorTransform, WireContext, numel
+from .transforms import Delta, ErrorFeedback
+from .wire import unpack
+
+SUFFIX = "+secagg"
+MAX_MODULUS_BITS = 24  # masked integers travel through float32 tensors: exact below 2^24
+# The grid's step puts GRID_SPREAD standard deviations of a typical site's weighted update at L.
+GRID_SPREAD = 3.0
+# When a round's aggregate of a tensor is all zeros, its step was too coarse: the next one is this much finer.
+GRID_SHRINK = 16.0
+_STEP_RANGE = (1e-30, 1e30)
+
+
+def grid_bits(quantiser: Quantiser) -> int:
+    """The per-site bit depth of a codec's quantiser, kept by its secure form (floats: 16 bits)."""
+    if isinstance(quantiser, BlockQuant):
+        return quantiser.bits
+    if isinstance(quantiser, Int8Rows):
+        return 8
+    if isinstance(quantiser, Float16 | Float32):
+        return 16
+    raise CodecError(f"quantiser {quantiser.name!r} has no secure-aggregation form")
+
+
+def modulus_bits(bits: int, sites: int) -> int:
+    """k = b + ceil(log2 n) - 1: the smallest ring that holds n sites' sums with a little less than b bits
+    of resolution each (see `grid_levels`)."""
+    if sites < 1:
+        raise CodecError(f"secure aggregation needs at least one site, not {sites}")
+    return bits + max(0, math.ceil(math.log2(sites))) - 1 if sites > 1 else bits
+
+
+def grid_levels(k: int, sites: int) -> int:
+    """L: each site's integers lie in [-L, L] so that n of them sum inside Z_(2^k) without wrapping."""
+    return (2 ** (k - 1) - 1) // sites
+
+
+def _float_names(tensors: Tensors) -> list[str]:
+    return [n for n, t in tensors.items() if t.is_floating_point()]
+
+
+class NormClip(TensorTransform):
+    """Scales the update down to L2 norm `bound` (over every float tensor) when it is longer. Whether it was
+    clipped is not recorded: that would tell the server something about one site's update."""
+
+    name = "norm-clip"
+
+    def __init__(self, bound: float):
+        if not (math.isfinite(bound) and bound > 0):
+            raise CodecError(f"the update bound must be positive and finite, got {bound!r}")
+        self.bound = float(bound)
+
+    def params(self):
+        return {"bound": self.bound}
+
+    def forward(self, tensors, ctx):
+        norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors.values()))
+        if norm <= self.bound:
+            return dict(tensors)
+        scale = self.bound / norm
+        return {n: (t.double() * scale).to(torch.float32) for n, t in tensors.items()}
+
+    def inverse(self, tensors, ctx):
+        return tensors
+
+
+class FixedPoint(TensorTransform):
+    """clamp(round(w * x / s), -L, L) per value, with the public step s of each tensor and the sender's weight
+    w given as `inputs["fixed-point"] = {"weight": w, "steps": {name: s}}`; both are recorded in the header so
+    the receiver checks them. The inverse multiplies by s / w, where the receiver of a sum gives w = the sum
+    of the weights of the sites present."""
+
+    name = "fixed-point"
+
+    def __init__(self, levels: int):
+        if levels < 1:
+            raise CodecError(
+                f"secure aggregation leaves each site {levels} levels: too many sites for the ring; "
+                "give more modulus bits"
+            )
+        self.levels = int(levels)
+
+    def params(self):
+        return {"levels": self.levels}
+
+    @staticmethod
+    def _grid(info, names, where: str) -> tuple[float, dict[str, float]]:
+        if not isinstance(info, dict):
+            raise CodecError(f"{where}: no fixed-point grid (weight and steps)")
+        weight, steps = info.get("weight"), info.get("steps")
+        if not isinstance(weight, int | float) or not (math.isfinite(weight) and weight > 0):
+            raise CodecError(f"{where}: the aggregation weight {weight!r} is not a positive finite number")
+        if not isinstance(steps, dict) or sorted(steps) != sorted(names):
+            raise CodecError(f"{where}: the grid's steps must name exactly the tensors {sorted(names)}")
+        for name, s in steps.items():
+            if not isinstance(s, int | float) or not (_STEP_RANGE[0] <= s <= _STEP_RANGE[1]):
+                raise CodecError(f"{where}: tensor {name!r} has step {s!r}, outside {_STEP_RANGE}")
+        return float(weight), {n: float(s) for n, s in steps.items()}
+
+    def forward(self, tensors, ctx):
+        weight, steps = self._grid(ctx.inputs.get(self.name), list(tensors), "the sender's grid")
+        ctx.stage_data[self.name] = {"weight": weight, "steps": steps}
+        out = {}
+        for n, t in tensors.items():
+            scaled = t.double() * (weight / steps[n])
+            out[n] = torch.round(scaled).clamp(-self.levels, self.levels).to(torch.float32)
+        return out
+
+    def inverse(self, tensors, ctx):
+        weight, steps = self._grid(ctx.stage_data.get(self.name), list(tensors), "the payload's grid")
+        return {n: (t.double() * (steps[n] / weight)).to(torch.float32) for n, t in tensors.items()}
+
+
+def _ring_masks(inputs: dict, name: str, tensors: Tensors) -> dict[str, torch.Tensor]:
+    masks = inputs.get(name)
+    if not isinstance(masks, dict) or sorted(masks) != sorted(tensors):
+        raise CodecError("secure aggregation: no mask for every tensor of the update")
+    out = {}
+    for n, t in tensors.items():
+        m = masks[n]
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.int64 or tuple(m.shape) != tuple(t.shape):
+            raise CodecError(f"secure aggregation: the mask of {n!r} is not an int64 tensor of its shape")
+        out[n] = m
+    return out
+
+
+class Mask(TensorTransform):
+    """(x + m) mod 2^k on integer-valued tensors; the inverse subtracts m and maps [2^(k-1), 2^k) back to
+    negatives. m comes as `inputs["secagg-mask"] = {name: int64 tensor}`: at the site its own mask, at the
+    server the unmasking total of the sum."""
+
+    name = "secagg-mask"
+
+    def __init__(self, bits: int):
+        if not 2 <= bits <= MAX_MODULUS_BITS:
+            raise CodecError(f"the secure-aggregation ring needs 2..{MAX_MODULUS_BITS} bits, got {bits}")
+        self.bits = int(bits)
+
+    def params(self):
+        return {"modulus_bits": self.bits}
+
+    def forward(self, tensors, ctx):
+        masks = _ring_masks(ctx.inputs, self.name, tensors)
+        ring = 1 << self.bits
+        return {
+            n: torch.remainder(t.to(torch.int64) + masks[n], ring).to(torch.float32)
+            for n, t in tensors.items()
+        }
+
+    def inverse(self, tensors, ctx):
+        masks = _ring_masks(ctx.inputs, self.name, tensors)
+        return {n: centred(t.to(torch.int64) - masks[n], self.bits) for n, t in tensors.items()}
+
+
+def centred(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers modulo 2^k as the representatives in [-2^(k-1), 2^(k-1)), as float32."""
+    ring = 1 << bits
+    v = torch.remainder(values, ring)
+    return torch.where(v >= ring // 2, v - ring, v).to(torch.float32)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Non-negative integers below 2^bits, `bits` bits each, least significant first."""
+    v = values.astype(np.uint32, copy=False).reshape(-1)
+    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(raw: bytes, n: int, bits: int) -> np.ndarray:
+    flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    if flat[n * bits :].any():
+        raise CodecError("packed integers: the padding bits after the last value are not zero")
+    planes = flat[: n * bits].reshape(n, bits).astype(np.uint32)
+    return planes @ (np.uint32(1) << np.arange(bits, dtype=np.uint32))
+
+
+class PackedUInt(Quantiser):
+    """Integer-valued float tensors in [0, 2^bits), stored with `bits` bits each."""
+
+    name = "packed-uint"
+    tag = "packed-uint"
+
+    def __init__(self, bits: int):
+        if not 2 <= bits <= MAX_MODULUS_BITS:
+            raise ValueError(f"bits must be within 2..{MAX_MODULUS_BITS}, got {bits}")
+        self.bits = int(bits)
+
+    def params(self):
+        return {"bits": self.bits}
+
+    def encode_tensor(self, name, t, coarseness=1.0):
+        v = t.reshape(-1).to(torch.float64)
+        if v.numel() and (
+            bool((v != torch.round(v)).any()) or float(v.min()) < 0 or float(v.max()) >= 2**self.bits
+        ):
+            raise CodecError(f"tensor {name!r}: packed-uint stores integers in [0, 2^{self.bits}) only")
+        return {}, pack_bits(v.to(torch.int64).numpy(), self.bits)
+
+    def expected_nbytes(self, name, shape, entry):
+        return -(-numel(shape) * self.bits // 8)
+
+    def decode_tensor(self, name, shape, entry, raw):
+        values = unpack_bits(raw, numel(shape), self.bits)
+        return torch.from_numpy(values.astype(np.float32)).reshape(shape)
+
+
+def secure_codec(base: Codec, *, sites: int, bound: float, modulus: int | None = None) -> Codec:
+    """The secure form of `base` for a federation of `sites` (see the module's docstring). `modulus`: k,
+    by default `modulus_bits(b, sites)`."""
+    if base.name.endswith(SUFFIX):
+        raise CodecError(f"codec {base.name!r} is already a secure form")
+    k = modulus if modulus is not None else modulus_bits(grid_bits(base.quantiser), sites)
+    return Codec(
+        base.name + SUFFIX,
+        PackedUInt(k),
+        transforms=(Delta(), ErrorFeedback(), NormClip(bound), FixedPoint(grid_levels(k, sites)), Mask(k)),
+        summary=f"{base.summary}, masked for secure aggregation in Z_(2^{k})",
+    )
+
+
+def _secure_stages(codec: Codec) -> tuple[FixedPoint, Mask, NormClip]:
+    stages = {type(s): s for s in codec.transforms}
+    if not {FixedPoint, Mask, NormClip} <= set(stages):
+        raise CodecError(f"codec {codec.name!r} is not a secure-aggregation codec")
+    return stages[FixedPoint], stages[Mask], stages[NormClip]
+
+
+# ------------------------------------------------------------------ the public grid
+def initial_steps(template: dict, bound: float, sites: int, levels: int) -> dict[str, float]:
+    """The first round's steps, from the bound B alone (nothing else is public yet): GRID_SPREAD * B /
+    (L * sqrt(d) * n^1.5), n^(1/2) times finer than `next_steps` would give an aggregate of updates at the
+    bound, because honest updates sit well inside it. Where even that is too coarse, the first aggregate is
+    zero, error feedback keeps what was not sent, and `next_steps` makes the grid GRID_SHRINK times finer."""
+    names = [n for n, (shape, dtype) in template.items() if str(dtype).removeprefix("torch.") == "float32"]
+    d = sum(numel(tuple(template[n][0])) for n in names)
+    if not names or d == 0:
+        return {}
+    step = GRID_SPREAD * bound / (levels * math.sqrt(d) * math.sqrt(sites) * sites)
+    return {n: float(min(max(step, _STEP_RANGE[0]), _STEP_RANGE[1])) for n in names}
+
+
+def next_steps(
+    steps: dict[str, float], sums: dict[str, torch.Tensor], present: int, levels: int
+) -> dict[str, float]:
+    """The next round's public steps from this round's aggregate (integer sums S per tensor, on steps s):
+    s' = GRID_SPREAD * s * rms(S) / (L * sqrt(n present)), so that a typical site's weighted update spans
+    about GRID_SPREAD / L of its range; s / GRID_SHRINK where S is all zeros. Only the published aggregate
+    goes in, so the grid tells nobody anything about one site."""
+    out = {}
+    for name, s in steps.items():
+        S = sums[name].double()
+        rms = float(torch.sqrt((S**2).mean())) if S.numel() else 0.0
+        new = GRID_SPREAD * s * rms / (levels * math.sqrt(max(present, 1))) if rms > 0 else s / GRID_SHRINK
+        out[name] = float(min(max(new, _STEP_RANGE[0]), _STEP_RANGE[1]))
+    return out
+
+
+# ------------------------------------------------------------------ the server's side
+def decode_masked_sum(
+    codec: Codec,
+    payloads: dict[str, bytes],
+    *,
+    unmask: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    steps: dict[str, float],
+    reference: Tensors,
+    template,
+    cap: int,
+) -> tuple[Decoded, dict[str, torch.Tensor]]:
+    """The weighted mean of the sites' updates from their masked payloads ({site: payload}), and the integer
+    sums per tensor (for `next_steps`). unmask: the total to subtract ({tensor: int64}, the sites' self-masks
+    and the pairwise masks of the sites that dropped); weights: each present site's weight as the manifest
+    gives it; steps: the round's public grid. A payload on another grid, weight, reference or chain is a
+    CodecError naming its site. Integer tensors (counters) are taken from the reference."""
+    if not payloads:
+        raise CodecError("nothing to aggregate: no masked update")
+    fixed, mask, _ = _secure_stages(codec)
+    ring = 1 << mask.bits
+    total: dict[str, torch.Tensor] = {}
+    entries, delta_data = None, None
+    for site, payload in payloads.items():
+        try:
+            magic, header, body = unpack(payload)
+            if header.get("codec") != codec.name:
+                raise CodecError(f"payload is coded with {header.get('codec')!r}, expected {codec.name!r}")
+            got, floats, _, _, stage_data = codec.decode_stored(header, body, template=template, cap=cap)
+            grid = stage_data.get(fixed.name)
+            if grid != {"weight": weights[site], "steps": steps}:
+                raise CodecError(
+                    f"coded on grid {grid!r}, the round's is weight {weights[site]!r} and steps {steps!r}"
+                )
+            delta = stage_data.get(Delta.name)
+            if delta_data is not None and delta != delta_data:
+                raise CodecError("coded against another reference module than the other sites")
+        except CodecError as exc:
+            raise CodecError(f"the masked update of {site}: {exc}") from None
+        entries, delta_data = got, delta
+        for name, t in floats.items():
+            v = t.to(torch.int64)
+            total[name] = v if name not in total else torch.remainder(total[name] + v, ring)
+    ctx = WireContext(
+        reference=reference,
+        stage_data={
+            Delta.name: delta_data,
+            fixed.name: {"weight": float(sum(weights[s] for s in payloads)), "steps": steps},
+        },
+        inputs={mask.name: unmask},
+    )
+    sums = {n: centred(t - unmask[n], mask.bits) for n, t in total.items()}
+    floats = codec.invert({n: t.to(torch.float32) for n, t in total.items()}, ctx)
+    _check_mean_update(codec, floats, reference, steps, template, [weights[s] for s in payloads])
+    ints = {
+        n: reference[n].clone()
+        for n, *_ in entries
+        if n not in floats and not reference[n].is_floating_point()
+    }
+    return Decoded(_assemble(entries, floats, ints), {}, codec.name), sums
+
+
+def _check_mean_update(codec, floats, reference, steps, template, weights) -> None:
+    """The unmasked aggregate is finite and within what honest sites can produce (`mean_update_limit`)."""
+    norm = math.sqrt(sum(float(((t.double() - reference[n].double()) ** 2).sum()) for n, t in floats.items()))
+    limit = mean_update_limit(codec, steps, template, weights)
+    if not norm <= limit:
+        raise CodecError(
+            f"the unmasked aggregate moves the module by {norm:.6g}, beyond the {limit:.6g} that updates within "
+            "the run's bound can: some site sent integers outside its range or masked them with something "
+            "else; the round is refused"
+        )
+
+
+def mean_update_limit(codec: Codec, steps: dict[str, float], template, weights: list[float]) -> float:
+    """The largest L2 norm the weighted mean of honest sites' updates can have: each site's update is clipped
+    to B before masking, and rounding adds at most half a step per value and site (clamping only shrinks).
+    So ||sum_k s * S_k|| <= W * B + sqrt(sum_t d_t * (n * s_t / 2)^2), and the mean is that over W, the sum of
+    the present sites' weights. An aggregate beyond it, or not finite, is refused: some site sent integers
+    outside its range (the sum wrapped) or masked with something else."""
+    _, _, clip = _secure_stages(codec)
+    n, total = len(weights), float(sum(weights))
+    rounding = math.sqrt(sum(numel(tuple(template[t][0])) * (n * s / 2) ** 2 for t, s in steps.items()))
+    return clip.bound + rounding / total
