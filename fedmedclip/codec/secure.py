@@ -280,17 +280,27 @@ def initial_steps(template: dict, bound: float, sites: int, levels: int) -> dict
 
 
 def next_steps(
-    steps: dict[str, float], sums: dict[str, torch.Tensor], present: int, levels: int
+    steps: dict[str, float],
+    published_update: dict[str, torch.Tensor],
+    weight_sum: float,
+    present: int,
+    levels: int,
 ) -> dict[str, float]:
-    """The next round's public steps from this round's aggregate (integer sums S per tensor, on steps s):
-    s' = GRID_SPREAD * s * rms(S) / (L * sqrt(n present)), so that a typical site's weighted update spans
-    about GRID_SPREAD / L of its range; s / GRID_SHRINK where S is all zeros. Only the published aggregate
-    goes in, so the grid tells nobody anything about one site."""
+    """The next round's public steps from the update the last round published (the new global module as the
+    sites received it minus the previous one, per tensor): the sum of the weighted updates it came from is
+    weight_sum times it, and each of the `present` sites' weighted updates is taken to span GRID_SPREAD / L
+    of that over sqrt(n): s' = GRID_SPREAD * rms(update) * weight_sum / (L * sqrt(n)); s / GRID_SHRINK where
+    the update is all zeros (the grid was too coarse for anything to get through). Only published modules go
+    in, so the grid tells nobody anything beyond them (with DP noise on the aggregate, nothing beyond the
+    noised module)."""
     out = {}
     for name, s in steps.items():
-        S = sums[name].double()
-        rms = float(torch.sqrt((S**2).mean())) if S.numel() else 0.0
-        new = GRID_SPREAD * s * rms / (levels * math.sqrt(max(present, 1))) if rms > 0 else s / GRID_SHRINK
+        u = published_update[name].double()
+        rms = float(torch.sqrt((u**2).mean())) if u.numel() else 0.0
+        if rms > 0:
+            new = GRID_SPREAD * rms * weight_sum / (levels * math.sqrt(max(present, 1)))
+        else:
+            new = s / GRID_SHRINK
         out[name] = float(min(max(new, _STEP_RANGE[0]), _STEP_RANGE[1]))
     return out
 
@@ -308,7 +318,7 @@ def decode_masked_sum(
     cap: int,
 ) -> tuple[Decoded, dict[str, torch.Tensor]]:
     """The weighted mean of the sites' updates from their masked payloads ({site: payload}), and the integer
-    sums per tensor (for `next_steps`). unmask: the total to subtract ({tensor: int64}, the sites' self-masks
+    sums per tensor. unmask: the total to subtract ({tensor: int64}, the sites' self-masks
     and the pairwise masks of the sites that dropped); weights: each present site's weight as the manifest
     gives it; steps: the round's public grid. A payload on another grid, weight, reference or chain is a
     CodecError naming its site. Integer tensors (counters) are taken from the reference."""
