@@ -152,7 +152,16 @@ def access(role: Role, site_count: int) -> Access:
         own = {"site": role.name, "k": role.site_index}
         mine = tuple(
             p.format(**own)
-            for p in (UPDATE, REPORT, STATUS, SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK, SITE_DATA, SITE_SUMMARY)
+            for p in (
+                UPDATE,
+                REPORT,
+                STATUS,
+                SECAGG_KEYS,
+                SECAGG_SHARES,
+                SECAGG_UNMASK,
+                SITE_DATA,
+                SITE_SUMMARY,
+            )
         )
         return Access(
             read=(
