@@ -48,6 +48,7 @@ from .messages import (
     Survivors,
     UnmaskShares,
     raw,
+    signed_bytes,
     text,
 )
 
@@ -212,8 +213,8 @@ class SiteRound:
             "mask_key": text(P.public_bytes(self._mask)),
             "self_mask_commitment": self_commitment(self._self_seed),
         }
-        adv = KeyAdvertisement.model_construct(**fields, signature="")
-        return KeyAdvertisement(**fields, signature=text(identity.sign(adv.signed_bytes())))
+        signature = identity.sign(signed_bytes(*fields.values()))
+        return KeyAdvertisement(**fields, signature=text(signature))
 
     def _roster(self, roster: Roster) -> dict[str, KeyAdvertisement]:
         advs = verified_roster(self.settings, self.run_id, self.round, roster)
