@@ -25,6 +25,7 @@ from fedmedclip.codec.secure import (
     secure_codec,
 )
 from fedmedclip.codec.wire import unpack
+from fedmedclip.errors import ConfigError
 from fedmedclip.secagg import (
     IdentityKey,
     SecAggRefused,
@@ -388,3 +389,19 @@ def test_a_site_clips_its_update_to_the_bound_and_keeps_the_rest_in_its_error_fe
     assert BOUND * 0.9 <= sent_norm <= BOUND + rounding
     for n, v in delta.items():
         assert torch.allclose(sent_delta[n] + enc.memory[n], v, atol=1e-5), n
+
+
+def test_an_identity_key_is_kept_private_at_the_site_and_never_overwritten(tmp_path):
+    key = IdentityKey.generate()
+    path = tmp_path / "site_0" / "identity.pem"
+    key.save(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert IdentityKey.load(path).public == key.public
+    with pytest.raises(ConfigError, match="never overwritten"):
+        IdentityKey.generate().save(path)
+    assert IdentityKey.load(path).public == key.public
+    (tmp_path / "bad.pem").write_text("not a key")
+    with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
+        IdentityKey.load(tmp_path / "bad.pem")
+    with pytest.raises(ConfigError, match="must read 'ed25519:<base64>'"):
+        SecureSettings(tuple(SITES[:3]), {"site_0": key.public, "site_1": "rsa:xyz", "site_2": key.public}, 2)
