@@ -25,12 +25,18 @@ install: $(BIN)/.installed
 # The newcomer path: local stack (moto S3 with per-role keys + MLflow in .stack/), the data put in S3 one prefix
 # per site, the Kubeflow pipeline run on this machine (kfp.local: the server and every site as long-lived workers
 # at the same time, each task with only its own role's S3 key) on synthetic data with the tiny CLIP (or
-# DATA=../shared/datasets/brain-tumor-mri), live tracking in MLflow, then the model registered and promoted
-# @champion. A round costs a fraction of a second: enough rounds to watch it learn.
+# DATA=/path/to/brain-tumor-mri, see README "Data"), live tracking in MLflow, then the model registered and
+# promoted @champion. A round costs a fraction of a second: enough rounds to watch it learn.
+# Ports: S3_PORT=... MLFLOW_PORT=... (or $FEDMEDCLIP_S3_PORT / $FEDMEDCLIP_MLFLOW_PORT); by default 9000 and
+# 5000, or free ones when those are taken (the demo says which).
 DEMO_ROUNDS ?= 30
 DEMO_SITES  ?= 3
+S3_PORT     ?=
+MLFLOW_PORT ?=
 demo: install
-	$(BIN)/fedmedclip demo --data $(DATA) --rounds $(DEMO_ROUNDS) --sites $(DEMO_SITES) --method $(METHOD) --out $(OUT)-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/fedmedclip demo --data $(DATA) --rounds $(DEMO_ROUNDS) --sites $(DEMO_SITES) --method $(METHOD) \
+		$(if $(S3_PORT),--s3-port $(S3_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT)) \
+		--out $(OUT)-$$(date +%Y%m%d-%H%M%S)
 
 train: install
 	rm -rf $(OUT) && $(BIN)/fedmedclip train --data $(DATA) --rounds $(ROUNDS) --method $(METHOD) --out $(OUT)

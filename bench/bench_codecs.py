@@ -65,8 +65,15 @@ def prepared_from(cfg: TrainConfig, store: FeatureStore, backbone, prep) -> Prep
     for holder in [*partition.site_names, SERVER]:
         ids = holder_image_ids(partition, holder)
         rows = torch.from_numpy(store.rows(ids))
+        # The whole store's provenance: a site's report carries one (hashes only), and this is where its
+        # rows come from.
         stores[holder] = FeatureStore(
-            store.features[rows], store.labels[rows], ids, store.class_names, store.text_features, {}
+            store.features[rows],
+            store.labels[rows],
+            ids,
+            store.class_names,
+            store.text_features,
+            store.provenance,
         )
     return Prepared(cfg, image_set, partition, backbone, prep, stores, 0.0)
 

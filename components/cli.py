@@ -1,4 +1,4 @@
-"""`fedmedclip stack|track|register|promote|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
+"""`fedmedclip stack|track|register|promote|card|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
 
 Nothing heavy is imported here (no mlflow, boto3): `fedmedclip train` loads this module on every start.
 stdout carries only what scripts capture (run id, version number, export lines); the rest goes to stderr.
@@ -7,13 +7,25 @@ stdout carries only what scripts capture (run id, version number, export lines);
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value and value.isdigit() else default
+def add_port_options(p: argparse.ArgumentParser) -> None:
+    """--s3-port and --mlflow-port of a new local stack (`stack up`, `demo`): components.stack.stack_ports."""
+    p.add_argument(
+        "--s3-port",
+        type=int,
+        default=None,
+        help="S3 (moto) port (default: $FEDMEDCLIP_S3_PORT, else 9000, else a free port, said when chosen)",
+    )
+    p.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=None,
+        help="MLflow port (default: $FEDMEDCLIP_MLFLOW_PORT, else 5000, else a free port, said when chosen)",
+    )
 
 
 def _stack_dir_default() -> str:
@@ -29,18 +41,7 @@ def _add_stack_options(p: argparse.ArgumentParser, ports: bool) -> None:
         help="where the stack keeps stack.json, logs and the MLflow database (default: $FEDMEDCLIP_STACK_DIR or .stack)",
     )
     if ports:
-        p.add_argument(
-            "--s3-port",
-            type=int,
-            default=_env_int("FEDMEDCLIP_S3_PORT", 9000),
-            help="S3 (moto) port (default: $FEDMEDCLIP_S3_PORT or 9000)",
-        )
-        p.add_argument(
-            "--mlflow-port",
-            type=int,
-            default=_env_int("FEDMEDCLIP_MLFLOW_PORT", 5000),
-            help="MLflow port (default: $FEDMEDCLIP_MLFLOW_PORT or 5000)",
-        )
+        add_port_options(p)
         p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
 
 
@@ -171,7 +172,15 @@ def cmd_track(args) -> int:
         include_site_models=args.include_site_models,
         kfp_run_id=args.kfp_run_id,
     )
-    print(f"logged {args.run_dir} to experiment {args.experiment!r} on {uri}", file=sys.stderr)
+    from mlflow import MlflowClient
+
+    from .tracking import experiment_ui_url
+
+    exp = MlflowClient(uri).get_run(run_id).info.experiment_id
+    print(
+        f"logged {args.run_dir} to experiment {args.experiment!r}: {experiment_ui_url(uri, exp, run_id)}",
+        file=sys.stderr,
+    )
     print(run_id)
     return 0
 
@@ -183,7 +192,9 @@ def cmd_register(args) -> int:
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
     sha = mv.tags.get("onnx_sha256")
     print(
-        f"registered {mv.uri} from run {mv.run_id}" + (f" (onnx_sha256 {sha})" if sha else ""),
+        ("already registered: " if mv.existing else "registered ")
+        + f"{mv.uri} from run {mv.run_id}"
+        + (f" (onnx_sha256 {sha})" if sha else ""),
         file=sys.stderr,
     )
     print(mv.version)
@@ -201,8 +212,25 @@ def cmd_promote(args) -> int:
         allow_worse=args.allow_worse,
         tracking_uri=args.tracking_uri,
         allow_different_data=args.allow_different_data,
+        max_epsilon=args.max_epsilon,
     )
     print(result.describe())
+    return 0
+
+
+@_mlflow_errors
+def cmd_card(args) -> int:
+    from pathlib import Path
+
+    if Path(args.model).is_dir():  # a run directory: its card, without the registry's facts
+        from fedmedclip.model_card import build_card, render_markdown
+
+        card = build_card(args.model)
+        print(json.dumps(card, indent=1) if args.json else render_markdown(card))
+        return 0
+    from .model_card import read_model_card
+
+    print(read_model_card(args.model, "json" if args.json else "md", tracking_uri=args.tracking_uri))
     return 0
 
 
@@ -276,9 +304,10 @@ def cmd_data_publish(args) -> int:
             cfg, args.site, args.to, progress=not args.quiet, allow_outside_root=args.allow_outside_root
         )
         samples = ", ".join(f"{s} {n}" for s, n in summary["samples"].items())
+        moved = "uploaded" if is_s3(args.to) else "written"
         print(
             f"published {args.site}'s {summary['images']} images (site {summary['index']}: {samples}) to "
-            f"{summary['location']} ({summary['bytes_uploaded'] / 1e6:.1f} MB uploaded), with its catalog and "
+            f"{summary['location']} ({summary['bytes_uploaded'] / 1e6:.1f} MB {moved}), with its catalog and "
             "its summary for the server",
             file=sys.stderr,
         )
@@ -293,6 +322,79 @@ def cmd_data_publish(args) -> int:
         f"--seed {cfg.seed}"
         + (f" --alpha {cfg.alpha}" if cfg.alpha else "")
         + f" --sites {len(summary['sites'])}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def delete_every_version(client, bucket: str, key: str) -> int:
+    """Delete `key` and all its earlier versions (a versioned bucket keeps them) without listing, which a
+    site's role may not: HEAD gives the current version, which is deleted until none is left. Returns how many
+    versions went."""
+    from botocore.exceptions import ClientError
+
+    gone = 0
+    while True:
+        try:
+            version = client.head_object(Bucket=bucket, Key=key).get("VersionId")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return gone
+            raise
+        if version in (None, "", "null"):
+            client.delete_object(Bucket=bucket, Key=key)
+            return gone + 1
+        client.delete_object(Bucket=bucket, Key=key, VersionId=version)
+        gone += 1
+
+
+def cmd_data_withdraw(args) -> int:
+    """A hospital withdraws its published data with its own key: every version of its images (the ids its
+    catalog lists), then its catalog and its summary. Its private state is its own to delete as well."""
+    import json
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from fedmedclip.errors import ConfigError, DataError
+    from fedmedclip.paths import check_relative_id
+
+    from .site_data import parse_root
+
+    bucket, prefix = parse_root(args.from_)
+    root = "/".join(filter(None, (bucket, prefix)))
+    index = args.site_index
+    if args.site is not None:
+        from .stack import use_recorded_stack_s3
+
+        info = use_recorded_stack_s3(role=args.site)  # the local stack: the site's own key and index
+        if info is not None and args.site in info.roles:
+            index = info.roles[args.site].site_index if index is None else index
+    if index is None:
+        raise ConfigError(
+            "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
+        )
+    base = f"{prefix}/" if prefix else ""
+    client = boto3.client("s3")
+    catalog_key = f"{base}sites/{index}/catalog.json"
+    try:
+        catalog = json.loads(client.get_object(Bucket=bucket, Key=catalog_key)["Body"].read(64 << 20))
+    except ClientError as e:
+        raise DataError(
+            f"cannot read s3://{bucket}/{catalog_key}: {e.response.get('Error', {}).get('Code')}"
+        ) from None
+    ids = [check_relative_id(i, f"s3://{bucket}/{catalog_key}") for i in (catalog.get("md5") or {})]
+    versions = 0
+    try:
+        for image_id in ids:
+            versions += delete_every_version(client, bucket, f"{base}sites/{index}/images/{image_id}")
+        for key in (catalog_key, f"{base}summaries/sites/{index}.json"):
+            versions += delete_every_version(client, bucket, key)
+    except ClientError as e:
+        raise DataError(f"withdrawing site {index}'s data from s3://{root} failed: {e}") from None
+    print(
+        f"withdrew site {index}'s {len(ids)} images, catalog and summary from s3://{root} ({versions} object "
+        "versions deleted)",
         file=sys.stderr,
     )
     return 0
@@ -328,6 +430,19 @@ def _register_data(subparsers) -> None:
 
     add_config_arguments(d, include=DATA_FIELDS, exclude=("skip_bad_images",), title="data and partition")
     d.set_defaults(func=cmd_data_publish)
+    w = sub.add_parser(
+        "withdraw",
+        help="a site deletes its own published images (every version), its catalog and its summary, with its "
+        "own key",
+    )
+    w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
+    w.add_argument("--site-index", type=int, default=None, help="the site's k (its prefix sites/<k>/)")
+    w.add_argument(
+        "--site",
+        default=None,
+        help="on the local stack: the site's role name (its key and its k from the stack)",
+    )
+    w.set_defaults(func=cmd_data_withdraw)
 
 
 def _register_backbone(subparsers) -> None:
@@ -336,7 +451,7 @@ def _register_backbone(subparsers) -> None:
     p = subparsers.choices.get("backbone")
     if p is None:  # this layer's commands without the core's (its own tests)
         p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
-        p.add_argument("spec")
+        p.add_argument("spec", help="a backbone spec, or `push`")
     p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
     p.add_argument(
         "--to", default=None, help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)"
@@ -362,7 +477,7 @@ def _register_backbone(subparsers) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `stack`, `track`, `register`, `promote`, `data`, `backbone push` to the `fedmedclip` command line."""
+    """Add `stack`, `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
     p = subparsers.add_parser(
         "stack", help="local S3 (moto) + MLflow servers for development, demos and tests"
     )
@@ -409,12 +524,21 @@ def register(subparsers) -> None:
         "add-bucket", help="grant every data role on another bucket (or BUCKET/PREFIX), created versioned"
     )
     _add_stack_options(s, ports=False)
-    s.add_argument("root", metavar="BUCKET[/PREFIX]")
+    s.add_argument(
+        "root", metavar="BUCKET[/PREFIX]", help="the bucket (created versioned) or a mailbox root in it"
+    )
     s.set_defaults(func=cmd_stack_add_bucket)
 
-    uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local stack in .stack/)"
+    uri_help = (
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
+        "or .stack/, else an error)"
+    )
 
-    p = subparsers.add_parser("track", help="log a run directory to MLflow; prints the run id")
+    p = subparsers.add_parser(
+        "track",
+        help="log a finished run directory to MLflow afterwards, each round at its recorded time; prints the "
+        "run id (`train --track` logs while it runs)",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", default=None, help="default: the run directory's name")
@@ -431,7 +555,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "register", help="register a tracked run's model as a new version; prints the version number"
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "run_id",
+        metavar="RUN_ID",
+        help="the MLflow run of a tracked run directory (what `fedmedclip track` or `train --track` prints)",
+    )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument(
         "--onnx",
@@ -445,9 +573,13 @@ def register(subparsers) -> None:
         "promote",
         help="point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder",
     )
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--version", required=True)
-    p.add_argument("--alias", default="champion")
+    p.add_argument("name", metavar="NAME", help="the registered model")
+    p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
+    p.add_argument(
+        "--alias",
+        default="champion",
+        help="the alias to move to it; serve it with models:/NAME@ALIAS (default: %(default)s)",
+    )
     p.add_argument(
         "--allow-worse", action="store_true", help="promote even if worse than the current holder (recorded)"
     )
@@ -456,7 +588,24 @@ def register(subparsers) -> None:
         action="store_true",
         help="compare with the current holder even if trained on another data set or partition (recorded)",
     )
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        metavar="EPSILON",
+        help="refuse a version trained without record-level differential privacy or with a larger epsilon "
+        "(the largest over its sites)",
+    )
     p.add_argument("--tracking-uri", default=None, help=uri_help)
     p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser(
+        "card",
+        help="print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory",
+    )
+    p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
+    p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.set_defaults(func=cmd_card)
     _register_data(subparsers)
     _register_backbone(subparsers)

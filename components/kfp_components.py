@@ -35,9 +35,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Metrics, Output
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 log = logging.getLogger("fedmedclip.pipeline")
 
@@ -84,8 +85,11 @@ CONFIG_PARAMETERS = (
     ("threads", "threads", int),
     ("method_options", "method_options", str),
     ("synthetic", "synthetic", str),
+    ("privacy", "privacy", str),
 )
-NOT_PARAMETERS = ("federation", "out")  # TrainConfig fields the pipeline sets itself
+# TrainConfig fields the pipeline sets itself; `aggregator` and `duplicates` are not parameters yet, so the
+# pipeline's runs use their defaults (the method's mean; exact duplicates dropped).
+NOT_PARAMETERS = ("federation", "out", "aggregator", "duplicates")
 # What a holder's feature extraction depends on; its task's cache key is made of these alone (plus the
 # holder), so a sweep over methods, learning rates, codecs or rounds reuses the extracted features.
 EXTRACTION_FIELDS = (
@@ -121,7 +125,7 @@ def config_to_parameters(cfg) -> dict:
             value = ",".join(value) if value else ""
         elif field == "split_ratio":
             value = ",".join(repr(float(x)) for x in value)
-        elif field in ("method_options", "synthetic"):
+        elif field in ("method_options", "synthetic", "privacy"):
             value = json.dumps(value or {}, sort_keys=True)
         params[name] = value
     return params
@@ -146,7 +150,7 @@ def config_from_parameters(params: dict):
             value = [c.strip() for c in str(value).split(",") if c.strip()] or None
         elif field == "split_ratio":
             value = parse_split(value)
-        elif field in ("method_options", "synthetic"):
+        elif field in ("method_options", "synthetic", "privacy"):
             try:
                 value = json.loads(value or "{}")
             except ValueError as exc:
@@ -297,6 +301,11 @@ def _server_options(quorum: int, round_timeout: float, join_timeout: float):
     return ServerOptions(quorum=quorum or None, round_timeout=round_timeout, join_timeout=join_timeout)
 
 
+def pipeline_run_name(cfg, kfp_run_id: str) -> str:
+    """The MLflow run's name for a pipeline run: what it is, then the KFP run it belongs to."""
+    return f"{cfg.method}-{cfg.sites}sites-{cfg.rounds}r-kfp-{kfp_run_id[:8]}"
+
+
 def worker_step(
     config_json: str,
     role: str,
@@ -345,21 +354,26 @@ def worker_step(
     out = Path(tempfile.mkdtemp(prefix="fedmedclip-server-")) / "run"
     cfg.out = str(out)
     observer = None
+    options = _server_options(quorum, round_timeout, join_timeout)
     uri = tracking_uri or os.environ.get(WORKER_TRACKING_ENV) or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
+        from dataclasses import asdict
+
         from components.observer import MlflowObserver
 
-        observer = MlflowObserver(cfg, run_id, experiment, tracking_uri=uri, kfp_run_id=kfp_run_id or run_id)
-    results = run_server(
-        cfg,
-        mailbox,
-        run_id,
-        out,
-        None,
-        _server_options(quorum, round_timeout, join_timeout),
-        observer,
-        progress=False,
-    )
+        kfp_id = kfp_run_id or run_id
+        observer = MlflowObserver(
+            cfg,
+            run_id,
+            experiment,
+            tracking_uri=uri,
+            kfp_run_id=kfp_id,
+            options=asdict(options),
+            run_name=pipeline_run_name(cfg, kfp_id),
+            source="kubeflow pipeline fedmedclip",
+            record_run_dir=False,  # the pod's temporary directory means nothing to a reader
+        )
+    results = run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False)
     if results is None:
         from fedmedclip.errors import FedMedClipError
 
@@ -458,6 +472,9 @@ def export_step(run_dir: str, site: str, onnx_dir: str) -> str:
     return str(export_onnx(run_dir, site, out / "model.onnx"))
 
 
+PROMOTED, REFUSED, NOT_PROMOTED = "promoted", "refused", "not promoted"
+
+
 def register_step(
     run_dir: str,
     onnx_dir: str,
@@ -469,29 +486,49 @@ def register_step(
     allow_worse: bool,
     allow_different_data: bool = False,
     kfp_run_id: str = "",
-) -> str:
+    fail_if_not_promoted: bool = False,
+) -> tuple[str, str]:
     """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
     run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
-    promote it. Returns the model URI, or '' when no tracking server is configured (registration skipped)."""
+    promote it. Returns (model URI, promotion outcome): the URI is '' when no tracking server is configured
+    (registration skipped); the outcome is `promoted`, `refused: <why>` or `not promoted (...)`.
+
+    Idempotent (KFP retries this task): the registration is keyed on the MLflow run and the ONNX file, so a
+    retry finds its own version; promoting a version that already holds the alias changes nothing. A refused
+    promotion leaves the version registered, is logged as an error line and returned as the outcome, and fails
+    the task when `fail_if_not_promoted` (the operator's choice: the run then ends red in the KFP UI)."""
+    from fedmedclip.errors import FedMedClipError
+
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
-        return ""
+        return "", f"{NOT_PROMOTED} (no tracking server)"
     from components.tracking import PromotionRefused, log_run_dir, promote, register_model
 
     if not mlflow_run_id:
+        from fedmedclip.config import TrainConfig
+
+        cfg = TrainConfig.from_json(json.loads((Path(run_dir) / "config.json").read_text()))
         mlflow_run_id = log_run_dir(
             run_dir,
             experiment,
             tracking_uri=uri,
-            run_name=kfp_run_id or None,
+            run_name=pipeline_run_name(cfg, kfp_run_id) if kfp_run_id else None,
             tags={"orchestrator": "kubeflow-pipelines"},
             kfp_run_id=kfp_run_id or None,
+            record_run_dir=False,
+            source="kubeflow pipeline fedmedclip",
         )
     onnx = Path(onnx_dir) / "model.onnx"
     version = register_model(mlflow_run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
+    log.info(
+        "%s %s from MLflow run %s",
+        "already registered:" if version.existing else "registered",
+        version.uri,
+        mlflow_run_id,
+    )
     if not alias:
-        return version.uri
+        return version.uri, f"{NOT_PROMOTED} (no alias asked for)"
     try:
         done = promote(
             model_name,
@@ -501,13 +538,24 @@ def register_step(
             tracking_uri=uri,
             allow_different_data=allow_different_data,
         )
-        log.info(done.describe())
     except PromotionRefused as e:
         # The version stays registered; promoting a worse model, or one trained on other data, is a human
         # decision (allow_worse, allow_different_data).
-        log.warning("promotion refused: %s", e)
-        return version.uri
-    return f"models:/{model_name}@{alias}"
+        outcome = f"{REFUSED}: {e}"
+        log.error(
+            "PROMOTION REFUSED: %s version %s stays registered, not @%s: %s",
+            model_name,
+            version.version,
+            alias,
+            e,
+        )
+        if fail_if_not_promoted:
+            raise FedMedClipError(
+                f"promotion refused (fail_if_not_promoted is set): {e}; {version.uri} stays registered"
+            ) from e
+        return version.uri, outcome
+    log.info(done.describe())
+    return f"models:/{model_name}@{alias}", PROMOTED
 
 
 # ------------------------------------------------------------------------------------------- KFP components
@@ -537,6 +585,7 @@ def prepare_component(
     threads: int,
     method_options: str,
     synthetic: str,
+    privacy: str,
     site_names: str,
     mailbox: str,
     local_stack: str,
@@ -617,15 +666,20 @@ def report_component(
     return mlflow_run_id
 
 
-def export_component(run_dir: Input[Artifact], site: str, onnx: Output[Artifact]) -> str:
+def export_component(run_dir: Input[Artifact], site: str, onnx: Output[Model]) -> str:
     from components.kfp_components import export_step
 
-    return export_step(run_dir.path, site, onnx.path)
+    path = export_step(run_dir.path, site, onnx.path)
+    if path:
+        from fedmedclip.digests import read_sha256_sidecar
+
+        onnx.metadata.update({"framework": "onnx", "file": "model.onnx", "sha256": read_sha256_sidecar(path)})
+    return path
 
 
 def register_component(
     run_dir: Input[Artifact],
-    onnx: Input[Artifact],
+    onnx: Input[Model],
     mlflow_run_id: str,
     tracking_uri: str,
     experiment: str,
@@ -633,11 +687,14 @@ def register_component(
     alias: str,
     allow_worse: bool,
     allow_different_data: bool,
+    fail_if_not_promoted: bool,
     kfp_run_id: str,
-) -> str:
+) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)]):  # noqa: F821
+    from typing import NamedTuple
+
     from components.kfp_components import register_step
 
-    return register_step(
+    model_uri, promotion = register_step(
         run_dir.path,
         onnx.path,
         mlflow_run_id,
@@ -648,7 +705,126 @@ def register_component(
         allow_worse,
         allow_different_data,
         kfp_run_id,
+        fail_if_not_promoted,
     )
+    # the functional form: this body runs in the pod without this module's names
+    outputs = NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)])  # noqa: UP014
+    return outputs(model_uri, promotion)
+
+
+# What every input and output of the pipeline and its components means: ONE table, from which the pipeline's
+# and each component's docstring `Args:` / `Returns:` sections are written (KFP shows them in its UI).
+PARAMETER_DOCS = {
+    # the run's configuration (fedmedclip/flags.py: the same as `fedmedclip train`)
+    "data": "Images: s3://BUCKET published per site by `fedmedclip data publish` (each party reads only its own "
+    "prefix), or synthetic, an image folder or a CSV manifest readable in the pods.",
+    "method": "The method (`fedmedclip methods` lists them and their options).",
+    "partition": "iid, dirichlet (with alpha) or natural (the manifest's site column).",
+    "alpha": "Dirichlet concentration (smaller = more label skew); 0 = unset.",
+    "sites": "Number of sites (the partition's; any number: each is one iteration of the workers' loop).",
+    "site_names": "Comma-separated site names to check against the partition's ('' = the partition's).",
+    "rounds": "Federated rounds (a loop inside the workers: any number).",
+    "backbone": "tiny | random-vit-b32 | random-vit-b16 | s3://BUCKET/PREFIX or models:/NAME/VERSION published by "
+    "`fedmedclip backbone push` (downloaded once per pod, hash-checked).",
+    "preprocessing": "squash or clip; '' = the method's recipe.",
+    "seed": "Seed of the partition and of every random draw.",
+    "batch_size": "Training batch size.",
+    "codec_up": "How a site's update travels to the server.",
+    "codec_down": "How the global module travels to the sites.",
+    "split": "Per-site train,val,test shares, e.g. 0.8,0.1,0.1.",
+    "reference_fraction": "Share of the training pool held out, unlabelled, as FACMIC's adaptation target.",
+    "transductive": "FACMIC adapts toward the global test images (only to match the paper).",
+    "prompt_template": "Class prompt; {} is the class name.",
+    "cache_dir": "Feature stores, downloads and backbones inside each pod.",
+    "skip_bad_images": "Skip unreadable images (counted, ids recorded) instead of failing.",
+    "classes": "Comma-separated class list ('' = inferred from the data).",
+    "min_class_images": "With an inferred class list, the fewest training images a class may have.",
+    "allow_outside_root": "Allow manifest rows that resolve outside the manifest's folder.",
+    "threads": "Torch threads of each worker.",
+    "method_options": 'Method options as a JSON object, e.g. {"lr_fam": 5e-4} (`fedmedclip methods`).',
+    "synthetic": "Arguments of the synthetic data generator as a JSON object.",
+    "privacy": "Differential privacy settings as a JSON object (the --dp-* flags, docs/privacy.md), e.g. "
+    '{"target_epsilon": 8}; {} = none.',
+    # the federation
+    "mailbox": "Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.",
+    "quorum": "Fewest sites a round may aggregate once it times out; 0 = every site.",
+    "round_timeout": "Seconds a round waits for the sites' updates.",
+    "join_timeout": "Seconds round 1 waits while the sites prepare (a site whose pod never starts fails the "
+    "run after this, naming it).",
+    "run_id": "The federation's run id in the mailbox: the KFP run id, so a retried worker resumes.",
+    "role": "The party's role: server or site.",
+    "party": "The party's name: server, or the site's name in the partition.",
+    "index": "The site's data index k (its prefix sites/<k>/); -1 for the server.",
+    "secret": "The Kubernetes Secret with this party's own S3 key (fedmedclip-site-<k>-s3, fedmedclip-server-s3).",
+    "tracking_secret": "The Secret with the MLflow user (the server's item); a site's names its own S3 Secret, "
+    "which has no MLflow keys, so no site pod holds MLflow credentials.",
+    "extraction": "The extraction settings as JSON (data, partition, backbone, preprocessing, prompt, cache): "
+    "the extraction task's cache key, so a sweep over methods or rounds reuses the features.",
+    "config": "The run's resolved configuration as JSON (fedmedclip.config.TrainConfig).",
+    "features": "The party's feature store (its own images encoded once by the frozen CLIP).",
+    # export, tracking, registry
+    "export_site": "Model exported to ONNX: global, a site name, or '' (no export).",
+    "site": "Model exported to ONNX: global, a site name, or '' (no export).",
+    "tracking_uri": "MLflow server; '' = the endpoints ConfigMap's MLFLOW_TRACKING_URI (none: no tracking).",
+    "experiment": "MLflow experiment of the run.",
+    "model_name": "Registered model name.",
+    "promote_alias": "Alias the new version is promoted to ('' registers only).",
+    "alias": "Alias the new version is promoted to ('' registers only).",
+    "allow_worse": "Promote even when its global balanced accuracy is below the alias holder's.",
+    "allow_different_data": "Promote even when the alias holder was trained on other data or partition.",
+    "fail_if_not_promoted": "Fail the run (red in the KFP UI) when the promotion is refused; by default the "
+    "version stays registered, the refusal is the register task's `promotion` output and an error line.",
+    "mlflow_run_id": "The MLflow run the server logged live ('' = log the run directory now).",
+    "kfp_run_id": "The KFP run id, recorded on the MLflow run (tag kfp.run_id).",
+    "local_stack": "Local runs only: the local stack directory whose per-role keys each task takes ('' in a "
+    "cluster, where each task gets its own Secret).",
+    # outputs
+    "Output": "",
+    "run_dir": "The run directory the server worker wrote (docs/contracts.md): results.json, plots, model/.",
+    "metrics": "The selected round's global and site-mean metrics.",
+    "onnx": "The exported ONNX model (model.onnx, uint8 images in, probabilities and class index out).",
+    "model_uri": "The registered model: models:/NAME@ALIAS when promoted, models:/NAME/VERSION otherwise, '' "
+    "without a tracking server.",
+    "promotion": "promoted, refused: <why> (the version stays registered), or not promoted (<why>).",
+}
+_RETURNS = {
+    "prepare": "The parties [server, site_0, ...], each item carrying its role, name, Secret and settings.",
+    "worker": "The MLflow run id of the server's live tracking ('' for a site or without tracking).",
+    "report": "The MLflow run id of the server's live tracking ('' without).",
+    "export": "The ONNX file's path inside the artifact ('' when skipped).",
+}
+_SUMMARIES = {
+    "prepare": "Validate the configuration, draw the partition and list the federation's parties.",
+    "extract": "Encode one party's own images once with the frozen CLIP (the only GPU task).",
+    "worker": "One party's long-lived federation worker: the server (aggregates) or a site (trains on its own "
+    "data); runs until the federation ends, resumes after a retry.",
+    "report": "Download the run directory the server worker published, checked file by file.",
+    "export": "Export the run's global or a site's predictor to one ONNX file.",
+    "register": "Register the run's model in MLflow (keyed on the run: a retry finds its version) and promote "
+    "it to the alias when it is at least as good as the holder.",
+}
+
+
+def documented(func, summary: str, returns: str = ""):
+    """`func` with a docstring whose Args (inputs) and Returns (outputs) sections come from PARAMETER_DOCS:
+    what KFP shows for each input and output. A name missing from the table is an error (tested)."""
+    import inspect
+
+    inputs, outputs = [], []
+    for name, param in inspect.signature(func).parameters.items():
+        annotation = str(param.annotation)
+        (outputs if "Output" in annotation else inputs).append(name)
+    ret = inspect.signature(func).return_annotation
+    fields = getattr(ret, "_fields", None)
+    if fields:
+        outputs += list(fields)
+    lines = [summary, "", "Args:"]
+    lines += [f"    {n}: {PARAMETER_DOCS[n]}" for n in inputs]
+    described = [(n, PARAMETER_DOCS[n]) for n in outputs] + ([("Output", returns)] if returns else [])
+    if described:
+        lines += ["", "Returns:"] + [f"    {n}: {d}" for n, d in described]
+    func.__doc__ = "\n".join(lines) + "\n"
+    return func
 
 
 _COMPONENT_FUNCS = {
@@ -659,6 +835,8 @@ _COMPONENT_FUNCS = {
     "export": export_component,
     "register": register_component,
 }
+for _name, _func in _COMPONENT_FUNCS.items():
+    documented(_func, _SUMMARIES[_name], _RETURNS.get(_name, ""))
 
 
 @functools.cache

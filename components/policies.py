@@ -18,7 +18,9 @@ S3", under a data root `BUCKET` or `BUCKET/PREFIX`):
 - a site (`site_0`, ... with data index k) reads the manifest, shared tensors, global modules, the server's
   status and secure aggregation's roster, survivors and its own inbox; reads and writes only its own update,
   report and status keys, its own secure-aggregation keys (advertisement, shares, unmasking answer), its own
-  data prefix `sites/<k>/` (images, catalog, private state) and its own summary. Nothing else.
+  data prefix `sites/<k>/` (images, catalog, private state) and its own summary; and may delete its own data
+  prefix and summary, every version of them (a hospital withdraws its data: `fedmedclip data withdraw`).
+  Nothing else.
 - `mlflow` reads and writes its artifact root only.
 
 No role but the publisher (and MLflow, on its own bucket) may list: every key the runtime uses is computable,
@@ -73,7 +75,8 @@ BACKBONES = "backbones/*"  # published CLIP weights (`fedmedclip backbone push`)
 
 READ_ACTIONS = ("s3:GetObject",)
 WRITE_ACTIONS = ("s3:PutObject", "s3:AbortMultipartUpload")
-DELETE_ACTIONS = ("s3:DeleteObject",)
+# Every version too: the buckets are versioned, and a delete that left the old versions would withdraw nothing.
+DELETE_ACTIONS = ("s3:DeleteObject", "s3:DeleteObjectVersion")
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -176,7 +179,7 @@ def access(role: Role, site_count: int) -> Access:
                 *mine,
             ),
             write=mine,
-            delete=(SITE_PRIVATE.format(**own),),
+            delete=(SITE_DATA.format(**own), SITE_SUMMARY.format(**own)),
         )
     if role.kind == SERVER:
         everyone = {"site": "*", "k": "*"}

@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 import os
 
-from fedmedclip.federation.storage import ObjectStore, StoreAccessDenied, StoreError, check_key
+from fedmedclip.federation.storage import (
+    ObjectStore,
+    StoreAccessDenied,
+    StoreError,
+    check_key,
+    check_size,
+)
 
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _DENIED = ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")
@@ -73,11 +79,25 @@ class S3Store(ObjectStore):
         except Exception as exc:  # botocore raises several unrelated classes
             raise self._error(exc, "write", key) from None
 
-    def get(self, key):
+    def get(self, key, max_bytes=None):
+        """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
+        object's connection is closed unread), and the body is read with that cap."""
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body = response["Body"]
+            if max_bytes is None:
+                return body.read()
+            try:
+                check_size(self.where(key), int(response.get("ContentLength", 0)), max_bytes)
+                data = body.read(max_bytes + 1)
+                check_size(self.where(key), len(data), max_bytes)
+                return data
+            finally:
+                body.close()
+        except StoreError:
+            raise
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code", "") in _MISSING:
                 return None

@@ -41,7 +41,8 @@ from components.policies import SITE_SUMMARY
 from components.sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_prefix, site_secret_name
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
-from fedmedclip.paths import check_file_within, check_relative_id, confined_path
+from fedmedclip.federation.messages import MessageRefused, SiteSummary, parse
+from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
 log = logging.getLogger("fedmedclip.site_data")
 
@@ -316,11 +317,31 @@ def _read_holder_catalog(root: _Root, prefix: str) -> dict:
 
 
 def _stage(
-    root: _Root, prefix: str, cat: dict, wanted: list[str], cache_root: Path, label: str, progress: bool
+    root: _Root,
+    prefix: str,
+    cat: dict,
+    wanted: list[str],
+    cache_root: Path,
+    label: str,
+    progress: bool,
+    confine: Path | None = None,
 ) -> list[ImageRecord]:
     """Local files for `wanted` ids of the holder at `prefix`: from a local root in place, from S3 into
     `cache_root/<prefix>images/` (files already there with the catalog's MD5 are kept; every download is
-    checked against it). No listing: each key follows from the id."""
+    checked against it). No listing: each key follows from the id. Every path, symlinks resolved, stays
+    inside `confine` (the download cache the user gave, or the local root): a linked folder anywhere below
+    it (`<cache>/s3/<bucket>/sites/0/images` pointing elsewhere) is refused, not followed."""
+    confine = Path(root.dir if root.dir is not None else (confine or cache_root))
+
+    def confined(base: Path, image_id: str) -> Path:
+        path = confined_path(base, image_id, where)
+        if not is_within(path, confine):
+            raise DataError(
+                f"image id {image_id!r} from {where} is refused: {path} resolves to {os.path.realpath(path)}, "
+                f"outside {os.path.realpath(confine)} (a symbolic link below it points elsewhere)"
+            )
+        return path
+
     where = root.url(prefix + CATALOG)
     by_id = {i: (label_, split) for i, label_, split in cat["records"]}
     missing = [i for i in wanted if i not in by_id]
@@ -332,13 +353,13 @@ def _stage(
     md5 = cat["md5"]
 
     def local(image_id: str) -> Path:
-        path = confined_path(root.dir / prefix / "images", image_id, where)
+        path = confined(root.dir / prefix / "images", image_id)
         if not path.is_file():
             raise DataError(f"{path} is listed in {where} but does not exist")
         return path
 
     def fetch(image_id: str) -> Path:
-        dst = confined_path(cache_root / prefix / "images", image_id, where)
+        dst = confined(cache_root / prefix / "images", image_id)
         key = root.key(f"{prefix}images/{image_id}")
         if dst.is_file() and _md5(dst) == md5[image_id]:
             return dst
@@ -390,7 +411,8 @@ def stage_holder(cfg, partition, holder: str, client=None, progress: bool = Fals
     prefix = holder_prefix(partition, holder)
     cat = _read_holder_catalog(root, prefix)
     cache_root = Path(cfg.cache_dir) / "s3" / bucket
-    records = _stage(root, prefix, cat, holder_image_ids(partition, holder), cache_root, holder, progress)
+    wanted = holder_image_ids(partition, holder)
+    records = _stage(root, prefix, cat, wanted, cache_root, holder, progress, Path(cfg.cache_dir))
     log.info("%s: %d images from s3://%s/%s in %s", holder, len(records), bucket, prefix, cache_root / prefix)
     return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
@@ -450,7 +472,7 @@ def read_site_assignment(
             check_relative_id(image_id, where)
     wanted = [i for s in SITE_SPLITS for i in assignment[s]]
     cache_root = Path(cache_dir) / "s3" / root.bucket / root.prefix if root.dir is None else root.dir
-    records = _stage(root, prefix, cat, wanted, cache_root, holder, progress)
+    records = _stage(root, prefix, cat, wanted, cache_root, holder, progress, Path(cache_dir))
     return SiteAssignment(
         site=holder,
         index=int(index),
@@ -465,16 +487,20 @@ def read_site_assignment(
 
 def read_site_summary(location: str | Path, index: int, client=None) -> dict:
     """Site k's public summary (`summaries/sites/<k>.json`: site, index, class_names, samples per split,
-    partition_digest), written by whoever published the site's data; the server's role may read it."""
+    partition_digest), written by whoever published the site's data; the server's role may read it. Parsed
+    against its one declaration (`fedmedclip.federation.messages.SiteSummary`), which the writer uses too."""
     root = _Root(location, client)
     key = site_summary_key(index)
-    summary = root.get_json(key)
-    if summary.get("format") != SUMMARY_FORMAT or summary.get("index") != int(index):
-        raise DataError(f"{root.url(key)} is not site {index}'s summary (format {summary.get('format')!r})")
-    samples = summary.get("samples") or {}
-    if set(samples) != set(SITE_SPLITS) or not all(isinstance(v, int) and v >= 0 for v in samples.values()):
-        raise DataError(f"{root.url(key)}: `samples` must give train, val and test counts")
-    return summary
+    body = root.get(key)
+    if body is None:
+        raise DataError(f"{root.url(key)} does not exist: publish the data first (`fedmedclip data publish`)")
+    try:
+        summary = parse(SiteSummary, body, f"site {index}'s publisher", root.url(key))
+    except MessageRefused as exc:
+        raise DataError(str(exc)) from None
+    if summary.index != int(index):
+        raise DataError(f"{root.url(key)} is not site {index}'s summary (it says index {summary.index})")
+    return summary.to_dict()
 
 
 # ------------------------------------------------------------------------------------------- publishing
@@ -521,14 +547,14 @@ def _holder_catalog(holder: str, index: int | None, ids, by_id, image_set, part,
 
 
 def _site_summary(site: str, index: int, image_set: ImageSet, part) -> dict:
-    return {
-        "format": SUMMARY_FORMAT,
-        "site": site,
-        "index": index,
-        "class_names": image_set.class_names,
-        "samples": {s: len(part.sites[site][s]) for s in SITE_SPLITS},
-        "partition_digest": part.digest,
-    }
+    return SiteSummary.build(
+        format=SUMMARY_FORMAT,
+        site=site,
+        index=index,
+        class_names=image_set.class_names,
+        samples={s: len(part.sites[site][s]) for s in SITE_SPLITS},
+        partition_digest=part.digest,
+    ).to_dict()
 
 
 def _md5s(paths: dict[str, str]) -> dict[str, str]:

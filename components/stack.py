@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -45,8 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
+from fedmedclip.tracking_server import DEFAULT_STACK_DIR, STACK_STATE_FILE, recorded_stack_dir  # noqa: F401
 
-DEFAULT_DATA_DIR = ".stack"
+DEFAULT_DATA_DIR = DEFAULT_STACK_DIR
 DEFAULT_S3_PORT = 9000
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_HOST = "127.0.0.1"
@@ -57,8 +59,16 @@ MLFLOW_PREFIX = "mlartifacts"
 DEFAULT_ACCESS_KEY = "fedmedclip"
 DEFAULT_SECRET_KEY = "fedmedclip-secret"
 DEFAULT_REGION = "us-east-1"  # the one region where create_bucket needs no LocationConstraint
-STATE_FILE = "stack.json"
+STATE_FILE = STACK_STATE_FILE
 STATE_FORMAT = 2
+# What points a client at the central MLflow: a site's or the publisher's shell must hold none of them.
+MLFLOW_CLIENT_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 ADMIN = "admin"  # the bootstrap user: every S3 and IAM action (creates buckets, grants roles)
 BOOTSTRAP_FILE = "s3-bootstrap.json"  # users and policies for the S3 wrapper (no secrets)
 CREDENTIALS_FILE = "s3-credentials.json"  # the keys the wrapper generated, until stack.json holds them
@@ -67,6 +77,9 @@ CREDENTIALS_FILE = "s3-credentials.json"  # the keys the wrapper generated, unti
 S3_START_TIMEOUT = 30.0
 MLFLOW_START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
+
+
+_log = logging.getLogger("fedmedclip.stack")
 
 
 class StackError(FedMedClipError):
@@ -171,9 +184,15 @@ class StackInfo:
         return env
 
     def export_lines(self, role: str | None = None) -> str:
-        """Shell `export` lines: the admin's environment (`env`), or `role`'s (`role_env`)."""
+        """Shell lines giving the admin's environment (`env`) or `role`'s (`role_env`): `export` of each of its
+        variables, then `unset` of the MLflow ones a role does not get (a site's shell that held the admin's
+        or the server's before gets no MLflow address)."""
         env = self.env if role is None else self.role_env(role)
-        return "\n".join(f"export {k}={_shell_quote(v)}" for k, v in env.items())
+        lines = [f"export {k}={_shell_quote(v)}" for k, v in env.items()]
+        absent = [k for k in MLFLOW_CLIENT_VARIABLES if k not in env]
+        if absent:
+            lines.append(f"unset {' '.join(absent)}")
+        return "\n".join(lines)
 
     def s3_client(self, role: str | None = None):
         """A boto3 S3 client of the admin, or of `role`."""
@@ -275,11 +294,6 @@ def _shell_quote(value: str) -> str:
 
 def _state_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / STATE_FILE
-
-
-def recorded_stack_dir() -> str:
-    """Where commands look for a running local stack: $FEDMEDCLIP_STACK_DIR, else .stack."""
-    return os.environ.get("FEDMEDCLIP_STACK_DIR") or DEFAULT_DATA_DIR
 
 
 def use_stack_s3(info: StackInfo, role: str | None = None) -> None:
@@ -580,10 +594,56 @@ def _terminate(svc: ServiceInfo, timeout: float = STOP_TIMEOUT) -> bool:
 # ------------------------------------------------------------------------------------------- public API
 
 
+S3_PORT_ENV = "FEDMEDCLIP_S3_PORT"
+MLFLOW_PORT_ENV = "FEDMEDCLIP_MLFLOW_PORT"
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def stack_ports(host: str = DEFAULT_HOST, s3_port: int | None = None, mlflow_port: int | None = None):
+    """The ports a new local stack listens on, and what the choice needs saying: ([s3, mlflow], notes).
+
+    A port that was asked for (the argument, else $FEDMEDCLIP_S3_PORT / $FEDMEDCLIP_MLFLOW_PORT) is used as
+    it is, and a taken one is a StackError naming it and the option. A default port (9000, 5000) that is taken
+    is replaced by a free one the system picks, and a note says which. `stack up` and `demo` both start
+    the stack through this."""
+    chosen, notes = [], []
+    for label, port, env, default, flag in (
+        ("S3", s3_port, S3_PORT_ENV, DEFAULT_S3_PORT, "--s3-port"),
+        ("MLflow", mlflow_port, MLFLOW_PORT_ENV, DEFAULT_MLFLOW_PORT, "--mlflow-port"),
+    ):
+        raw = os.environ.get(env, "")
+        if port is None and raw:
+            if not raw.isdigit() or not 0 < int(raw) < 65536:
+                raise StackError(f"${env}={raw!r} is not a port number")
+            port = int(raw)
+        asked = port is not None
+        port = default if port is None else int(port)
+        if port in chosen or not _port_free(host, port):
+            if asked:
+                raise StackError(
+                    f"port {port} on {host} is already in use, so the {label} server cannot start there; "
+                    f"stop whatever listens on it or choose another port with {flag} (or ${env})"
+                )
+            taken = port
+            while port == taken or port in chosen:
+                port = _free_port(host)
+            notes.append(
+                f"port {taken} is taken: the {label} server listens on {port} instead ({flag} or ${env} choose)"
+            )
+        chosen.append(port)
+    return chosen, notes
+
+
 def start_stack(
     data_dir: str | Path = DEFAULT_DATA_DIR,
-    s3_port: int = DEFAULT_S3_PORT,
-    mlflow_port: int = DEFAULT_MLFLOW_PORT,
+    s3_port: int | None = None,
+    mlflow_port: int | None = None,
     host: str = DEFAULT_HOST,
     bucket: str = DEFAULT_BUCKET,
     mlflow_args: list[str] | tuple[str, ...] = (),
@@ -598,7 +658,8 @@ def start_stack(
     of `data_roots` (buckets, or `BUCKET/PREFIX` mailbox roots; their buckets are created, versioned; grant
     more later with `add_data_root`), and an admin. `mlflow_args` are appended to `mlflow server` (e.g.
     `--allowed-hosts myhost:*` when binding a non-loopback `host`: MLflow rejects Host headers other than
-    localhost and private IPs by default). If a healthy stack is already recorded in `data_dir`, it is
+    localhost and private IPs by default). Ports: `stack_ports` (a port asked for is used or refused; a taken
+    default is replaced by a free one, logged). If a healthy stack is already recorded in `data_dir`, it is
     returned unchanged (ports, sites and buckets as recorded). Raises StackError naming the problem (port
     taken, server died, with its log tail)."""
     from components.policies import check_root, default_site_names, roles
@@ -618,14 +679,11 @@ def start_stack(
     roots = list(dict.fromkeys(root.strip("/") for root in data_roots))
     for root in roots:
         check_root(root)
-    if s3_port == mlflow_port:
+    if s3_port is not None and s3_port == mlflow_port:
         raise StackError(f"the S3 and MLflow ports must differ (both are {s3_port})")
-    for label, port, flag in (("S3", s3_port, "--s3-port"), ("MLflow", mlflow_port, "--mlflow-port")):
-        if not _port_free(host, port):
-            raise StackError(
-                f"port {port} on {host} is already in use, so the {label} server cannot start there; "
-                f"stop whatever listens on it or choose another port with {flag}"
-            )
+    (s3_port, mlflow_port), notes = stack_ports(host, s3_port, mlflow_port)
+    for note in notes:
+        _log.warning("%s", note)
 
     info = StackInfo(
         data_dir=str(data_dir),

@@ -43,15 +43,22 @@ from fedmedclip.digests import (
     META_FORMAT_VERSION,
     META_IMAGE_SIZE,
     META_PREPROCESSING,
+    META_SITE,
+    OOD_OUTPUTS,
     canonical_digest,
     sha256_file,
 )
 from fedmedclip.errors import FedMedClipError
+from fedmedclip.model_card import dataset_digest
+from fedmedclip.privacy.report import privacy_summary
+from fedmedclip.tracking_server import require_tracking_uri
 
 log = logging.getLogger("fedmedclip.tracking")
 
 # The run metric that promotion compares: global balanced accuracy of the reported (selected-round) model.
-PROMOTION_METRIC = "final_global_bacc"
+SUMMARY = "summary"  # the metric group of the run's reported model, traffic and times (`summary/...`)
+PROMOTION_METRIC = f"{SUMMARY}/global_bacc"
+LEGACY_PROMOTION_METRICS = ("final_global_bacc",)  # its name before metrics were grouped (older versions)
 DEFAULT_ALIAS = "champion"
 ONNX_MODEL_NAME = "onnx_model"  # name of the logged ONNX model inside the run
 ONNX_FILE = "model.onnx"  # file name MLflow's onnx flavour stores the graph under
@@ -102,6 +109,10 @@ class DifferentDataRefused(PromotionRefused):
     """The candidate and the current alias holder were trained on different data sets or partitions."""
 
 
+class PrivacyRefused(PromotionRefused):
+    """The candidate's record-level epsilon is above `max_epsilon`, or it was trained without DP."""
+
+
 # ------------------------------------------------------------------------------------------- run dir
 
 
@@ -132,12 +143,11 @@ class RunDir:
     def lineage(self) -> dict[str, str]:
         backbone = self.results.get("backbone") or self.model_info.get("backbone") or {}
         # Dataset identity: which images (and labels) each holder's feature store was built from.
-        images = {h: p.get("image_list_sha256", "") for h, p in sorted(self.provenance.items())}
         stores = {h: p.get("digest", "") for h, p in sorted(self.provenance.items())}
         return {
             "method": self.method,
             "partition_digest": str(self.partition.get("digest", "")),
-            "dataset_digest": canonical_digest(images),
+            "dataset_digest": dataset_digest(self.provenance),
             "backbone": str(backbone.get("name", "unknown")),
             "backbone_sha256": str(backbone.get("weights_sha256", "unknown")),
             "feature_provenance_digest": canonical_digest(stores),
@@ -234,42 +244,11 @@ def _git_commit(run: RunDir | None = None) -> str:
 # ----------------------------------------------------------------------------------- MLflow plumbing
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None, stack_dir: str | Path | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the local stack recorded in `stack_dir`
-    ($FEDMEDCLIP_STACK_DIR or .stack/). Never MLflow's silent default of a local ./mlruns store."""
-    if tracking_uri:
-        return tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    from .stack import read_state, recorded_stack_dir
-
-    stack_dir = stack_dir or recorded_stack_dir()
-    info = read_state(stack_dir)
-    if info is not None:
-        return info.tracking_uri
-    raise TrackingError(
-        "no MLflow tracking server given: pass --tracking-uri, set MLFLOW_TRACKING_URI, or start the local "
-        "stack with `fedmedclip stack up` (then `eval $(fedmedclip stack env)`)"
-    )
-
-
-def _check_reachable(tracking_uri: str) -> None:
-    # The MLflow client retries a dead server for minutes; fail in seconds with the fix instead.
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=5):
-            return
-    except urllib.error.HTTPError:
-        return  # it answers; auth proxies may guard /health
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise TrackingError(
-            f"the MLflow tracking server at {tracking_uri} is not reachable ({getattr(e, 'reason', e)}); "
-            "start the local one with `fedmedclip stack up` or check --tracking-uri / MLFLOW_TRACKING_URI"
-        ) from e
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The answering tracking server by the one rule of fedmedclip.tracking_server (--tracking-uri, else
+    $MLFLOW_TRACKING_URI, else the local stack); TrackingError when there is none or it does not answer.
+    Never MLflow's silent default of a ./mlflow.db or ./mlruns store in the working directory."""
+    return require_tracking_uri(tracking_uri, error=TrackingError)
 
 
 def _client(tracking_uri: str | None):
@@ -277,7 +256,6 @@ def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    _check_reachable(uri)
     # Downloads stream through the tracking server, as uploads do: MLflow 3 otherwise fetches presigned S3
     # URLs itself, which needs a route to the bucket (a hospital's pod has none) and is refused by the
     # local stack's S3, which accepts only requests signed with a role's key.
@@ -296,12 +274,14 @@ _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 def metric_key(*parts: str) -> str:
-    """A valid MLflow metric/param key (site names may hold any character)."""
-    return _KEY_BAD.sub("_", "_".join(p for p in parts if p))[:250]
+    """A valid MLflow metric key `part/part/...` (site names may hold any character)."""
+    return _KEY_BAD.sub("_", "/".join(p for p in parts if p))[:250]
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
+    if isinstance(obj, dict) and not obj and not prefix:
+        return out
     if isinstance(obj, dict) and obj:
         for k, v in obj.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
@@ -324,9 +304,12 @@ def _num(x: Any) -> float | None:
 
 
 def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
-    """One round record (an entry of results.json's `history`) as MLflow metrics: global and per-site
-    accuracy, the number of sites present (and rejected), bytes up and down (summed and per site), seconds,
-    training loss. Missing or non-finite values are left out."""
+    """One round record (an entry of results.json's `history`) as MLflow metrics, named so that the MLflow UI
+    groups them (it groups by the part before the first `/`): `global/acc`, `global/bacc`; per site
+    `<site>/acc`, `<site>/bacc`, `<site>/val_acc`, `<site>/bytes_up`, `<site>/bytes_down`; `sites/present`,
+    `sites/rejected`, `sites/val_acc_mean`, `sites/train_loss`; `comm/bytes_up`, `comm/bytes_down` (summed
+    over the sites); `time/round_seconds`; under DP `privacy/epsilon_max` (the sites' largest epsilon so far),
+    `privacy/client_epsilon` (client-level DP) and `<site>/epsilon`. Missing or non-finite values are left out."""
     out: dict[str, float] = {}
 
     def add(key: str, value: Any) -> None:
@@ -335,35 +318,40 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
             out[key] = v
 
     g = record.get("global") or {}
-    add("global_acc", g.get("acc"))
-    add("global_bacc", g.get("bacc"))
+    add("global/acc", g.get("acc"))
+    add("global/bacc", g.get("bacc"))
     rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
     for s in rows:
-        for k in ("acc", "bacc", "val_acc"):
-            add(metric_key("site", str(s.get("site")), k), s.get(k))
-    add("val_acc_mean", record.get("val_acc_mean"))
-    add("train_loss", record.get("train_loss"))
-    add("round_seconds", record.get("seconds"))
+        for k in ("acc", "bacc", "val_acc", "epsilon"):
+            add(metric_key(str(s.get("site")), k), s.get(k))
+    add("sites/val_acc_mean", record.get("val_acc_mean"))
+    add("sites/train_loss", record.get("train_loss"))
+    # Differential privacy (fedmedclip.privacy): the sites' largest epsilon so far, and client-level DP's.
+    add("privacy/epsilon_max", record.get("epsilon_max"))
+    add("privacy/client_epsilon", (record.get("client_dp") or {}).get("epsilon"))
+    add("time/round_seconds", record.get("seconds"))
     present = record.get("sites_present")
-    add("sites_present", len(present) if isinstance(present, list) else present)
+    add("sites/present", len(present) if isinstance(present, list) else present)
     if isinstance(record.get("rejected"), dict):
-        add("sites_rejected", len(record["rejected"]))
+        add("sites/rejected", len(record["rejected"]))
     # Per-site lists follow the order of the record's site rows (the run's site names).
     names = [str(s.get("site")) for s in rows] or [str(n) for n in site_names or []]
     for direction in ("bytes_up", "bytes_down"):
         per_site = record.get(direction)
         if isinstance(per_site, list):
-            add(direction, sum(_num(b) or 0.0 for b in per_site))
+            add(f"comm/{direction}", sum(_num(b) or 0.0 for b in per_site))
             if len(per_site) == len(names):
                 for name, b in zip(names, per_site, strict=True):
-                    add(metric_key("site", name, direction), b)
+                    add(metric_key(name, direction), b)
         else:
-            add(direction, per_site)
+            add(f"comm/{direction}", per_site)
     return out
 
 
 def final_metrics(results: dict) -> dict[str, float]:
-    """The reported model's metrics from results.json (`final_global_bacc` is what promotion compares)."""
+    """The run's summary from results.json, under `summary/`: the reported (selected-round) model's metrics
+    (`summary/global_bacc` is what promotion compares), the last round's, traffic and times. One group that
+    the MLflow UI lists after the per-round curves (it orders groups by name)."""
     final: dict[str, float] = {}
 
     def put(key: str, value: Any) -> None:
@@ -373,44 +361,139 @@ def final_metrics(results: dict) -> dict[str, float]:
 
     m = results.get("metrics") or {}
     for k, v in (m.get("global") or {}).items():
-        put(f"final_global_{k}", v)
+        put(f"{SUMMARY}/global_{k}", v)
     for s in m.get("sites") or []:
         for k in ("acc", "bacc", "f1", "ece", "n"):
-            put(metric_key("final_site", str(s.get("site")), k), s.get(k))
+            put(metric_key(SUMMARY, f"{s.get('site')}_{k}"), s.get(k))
     for k, v in (m.get("site_mean") or {}).items():
-        put(f"final_site_mean_{k}", v)
-    put("best_round", m.get("best_round"))
+        put(f"{SUMMARY}/site_mean_{k}", v)
+    put(f"{SUMMARY}/best_round", m.get("best_round"))
     last = m.get("last_round") or {}
     for k, v in (last.get("global") or {}).items():
-        put(f"last_round_global_{k}", v)
+        put(f"{SUMMARY}/last_round_global_{k}", v)
     comm = results.get("comm") or {}
     for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round", "total_bytes"):
-        put(f"comm_{k}", comm.get(k))
+        put(f"{SUMMARY}/{k}", comm.get(k))
     timing = results.get("timing") or {}
     for k, v in timing.items():
-        put(f"timing_{k}", v)
+        put(f"{SUMMARY}/{k}", v)
     return final
 
 
+def experiment_ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or a run) in its model-training view: MLflow 3's UI opens on
+    its GenAI pages unless the link asks for `workflowType=machine_learning`."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/{page}?workflowType=machine_learning"
+
+
+# Settings that may change when a run is continued (a restarted server with another quorum, threads or cache):
+# logged as parameters at the start; a change on restart is recorded in a tag, never refused.
+OPERATIONAL_PARAMS = ("threads", "cache_dir", "min_class_images", "allow_outside_root", "server.")
+
+
+def is_operational(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_PARAMS)
+
+
+def run_parameters(
+    config: dict,
+    method_options: dict | None = None,
+    preprocessing: str | None = None,
+    extra: dict | None = None,
+) -> dict[str, str]:
+    """Every resolved setting of a run as MLflow parameters, one key per setting (nested dicts as dotted
+    keys): the configuration (config.json, `out` left out), the method's options with their defaults
+    resolved (`method_options.lr_fam`, ...), the resolved preprocessing, and `extra` (the runtime's: site
+    names, quorum, timeouts, norm factor, ... under `server.`). The live logger and `track RUN_DIR` both log
+    through this, so one run gives the same keys however it is logged."""
+    settings = {k: v for k, v in config.items() if k != "out"}
+    if method_options is not None:
+        settings["method_options"] = {**(settings.get("method_options") or {}), **method_options}
+    if preprocessing:
+        settings["preprocessing"] = preprocessing
+    params = _flatten(settings)
+    params.update(_flatten({k: v for k, v in (extra or {}).items() if v is not None}))
+    return params
+
+
 def run_params(run: RunDir) -> dict[str, str]:
-    params = _flatten(run.config)
+    """run_parameters of a run directory: the config, and what results.json resolved."""
     res = run.results
     part = res.get("partition") or {}
+    preprocessing = res.get("preprocessing")
     # Facts from results.json that a search or comparison wants as params; the config wins on clashes.
     extra = {
         "method": res.get("method"),
         "sites": res.get("sites"),
+        "site_names": ",".join(run.site_names) or None,
         "rounds": res.get("rounds"),
         "partition.scheme": part.get("scheme"),
         "partition.alpha": part.get("alpha"),
         "partition.seed": part.get("seed"),
         "comm.codec": (res.get("comm") or {}).get("codec"),
         "metrics.selection": (res.get("metrics") or {}).get("selection"),
+        "federation_run_id": res.get("run_id"),
     }
-    for k, v in extra.items():
-        if v is not None and k not in params:
-            params[k] = v if isinstance(v, str) else json.dumps(v)
+    params = run_parameters(
+        run.config,
+        res.get("method_options") if isinstance(res.get("method_options"), dict) else None,
+        preprocessing.get("name") if isinstance(preprocessing, dict) else None,
+    )
+    for k, v in _flatten({k: v for k, v in extra.items() if v is not None}).items():
+        params.setdefault(k, v)
     return params
+
+
+def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
+    """Who logged the run and from where (MLflow's system tags, shown in the UI): the user (the MLflow user
+    the client signs in as, else the login), the command or pipeline as the source, the code's commit."""
+    import getpass
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # a container's uid without a passwd entry
+            user = "unknown"
+    return {
+        "mlflow.user": user,
+        "mlflow.source.name": source,
+        "mlflow.source.type": source_type,
+        "mlflow.source.git.commit": _git_commit(),
+    }
+
+
+def describe_run(
+    method: str, site_names: list[str], rounds: Any, data: str, partition: str = "", orchestrator: str = ""
+) -> str:
+    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown."""
+    sites = ", ".join(site_names[:8]) + (f", ... ({len(site_names)} in all)" if len(site_names) > 8 else "")
+    lines = [
+        f"**{method}** federated over {len(site_names)} sites ({sites}), {rounds} rounds.",
+        f"Data: `{data}`" + (f", partition {partition}." if partition else "."),
+    ]
+    if orchestrator:
+        lines.append(orchestrator)
+    lines.append(
+        "Metrics: `global/*` on the server's global test set, `<site>/*` on each site's own test split "
+        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times."
+    )
+    return "\n\n".join(lines)
+
+
+def outcome_line(results: dict) -> str:
+    m = results.get("metrics") or {}
+    g, mean = m.get("global") or {}, m.get("site_mean") or {}
+
+    def f(x):
+        return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+    return (
+        f"**Result**: selected round {m.get('best_round')} ({m.get('selection', '')}): global acc "
+        f"{f(g.get('acc'))}, bacc {f(g.get('bacc'))}; sites' mean acc {f(mean.get('acc'))}, bacc "
+        f"{f(mean.get('bacc'))}."
+    )
 
 
 def _data_name(source: str) -> str:
@@ -467,14 +550,32 @@ def dataset_inputs(partition: dict, data_source: str = "") -> list:
 # ------------------------------------------------------------------------------------------ logging
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_DESCRIPTION = (
+    "Federated runs of fedmedclip (frozen CLIP adapted across hospitals). Each run: one federation; its "
+    "parameters are every resolved setting, its metrics are grouped per party (`global/`, one group per site, "
+    "`sites/`, `comm/`, `time/`, and `summary/` for the selected round). Registered models carry the run's "
+    "lineage tags. Open it in the UI's Model training view."
+)
+
+
 def get_or_create_experiment(client, name: str) -> str:
+    """The experiment's id, created if missing; it is marked as model training (not GenAI) and described."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name)
+        exp_id = client.create_experiment(
+            name,
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION},
+        )
+        return exp_id
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"
         )
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -500,14 +601,19 @@ def _log_run_files(client, run_id: str, run_path: Path, include_site_models: boo
     return withheld
 
 
-def _lineage_tags(run: RunDir) -> dict[str, str]:
+def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:
+    """Registration's lineage; the run directory's path only where it means something to a reader (not a
+    pod's temporary directory: `record_path=False`)."""
     lineage = run.lineage()
-    return {
+    tags = {
         **lineage,
+        **privacy_summary(run.results),
         "mlflow.source.git.commit": lineage["git_commit"],
-        "fedmedclip.run_dir": str(run.path.resolve()),
         "fedmedclip.sites": ",".join(run.site_names),
     }
+    if record_path:
+        tags["fedmedclip.run_dir"] = str(run.path.resolve())
+    return tags
 
 
 class LiveRunLogger:
@@ -535,8 +641,11 @@ class LiveRunLogger:
         background: bool = True,
         retry_seconds: float = 5.0,
         flush_timeout: float = 120.0,
+        record_run_dir: bool = True,
     ):
         self.experiment = experiment
+        self.record_run_dir = record_run_dir
+        self.description = ""
         self.tracking_uri = tracking_uri
         self.kfp_run_id = kfp_run_id or None
         self.include_site_models = include_site_models
@@ -565,11 +674,15 @@ class LiveRunLogger:
         partition: dict | None = None,
         data_source: str | None = None,
         run_key: str | None = None,
+        description: str | None = None,
+        start_time: float | None = None,
     ) -> str:
-        """Create the MLflow run (named `run_name`, tagged with the KFP run id when given), log `params`
-        (nested dicts are flattened to dotted keys) and, with the partition manifest, the data set and the
-        partition as inputs. With `run_key` (the federation's run id), a run already logged under that key
-        is continued instead: a restarted server keeps one MLflow run. Returns the MLflow run id."""
+        """Create the MLflow run (named `run_name`, tagged with the KFP run id when given, `description` as
+        its note, started at `start_time` (unix seconds; default now)), log `params` (nested dicts are
+        flattened to dotted keys) and, with the partition manifest, the data set and the partition as inputs.
+        With `run_key` (the federation's run id), a run already logged under that key is continued instead: a
+        restarted server keeps one MLflow run; its defining parameters must be the same, and operational
+        ones (OPERATIONAL_PARAMS) that changed are recorded in a tag. Returns the MLflow run id."""
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
         from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
@@ -578,7 +691,10 @@ class LiveRunLogger:
             raise TrackingError(f"this logger already started MLflow run {self.run_id}")
         client, uri = _client(self.tracking_uri)
         exp_id = get_or_create_experiment(client, self.experiment)
-        all_tags = dict(tags or {})
+        all_tags = {**context_tags("fedmedclip"), **(tags or {})}
+        if description:
+            self.description = description
+            all_tags["mlflow.note.content"] = description
         if self.kfp_run_id:
             all_tags[KFP_RUN_ID_TAG] = str(self.kfp_run_id)
         if run_key:
@@ -587,11 +703,12 @@ class LiveRunLogger:
         flat = _flatten(params)
         if existing is not None:
             run_id = existing.info.run_id
-            changed = {
+            differ = {
                 k: (existing.data.params[k], v)
                 for k, v in flat.items()
                 if existing.data.params.get(k, v) != v
             }
+            changed = {k: d for k, d in differ.items() if not is_operational(k)}
             if changed:
                 raise TrackingError(
                     f"MLflow run {run_id} of {run_key} was started with other parameters ("
@@ -602,8 +719,20 @@ class LiveRunLogger:
                 )
             client.update_run(run_id, status="RUNNING")
             log.info("continuing MLflow run %s of %s on %s", run_id, run_key, uri)
+            if differ:  # parameters cannot change: the restart's operational settings go into a tag
+                all_tags[f"fedmedclip.restarted.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"] = (
+                    json.dumps({k: {"before": old, "now": new} for k, (old, new) in sorted(differ.items())})[
+                        :5000
+                    ]
+                )
+                flat = {k: v for k, v in flat.items() if k not in differ}
         else:
-            run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+            run_id = client.create_run(
+                exp_id,
+                run_name=run_name,
+                tags=all_tags,
+                start_time=int(start_time * 1000) if start_time is not None else None,
+            ).info.run_id
         self._client, self.run_id = client, run_id
         self.site_names = [str(s) for s in site_names or []]
         try:
@@ -655,7 +784,10 @@ class LiveRunLogger:
                 raise TrackingError(f"a round record needs an integer `round`, got {str(rec)[:200]}")
             r = rec["round"]
             steps.append(r)
-            metrics += [(r, Metric(k, v, now, r)) for k, v in round_metrics(rec, self.site_names).items()]
+            # The round's own time when the record has it (a finished run logged afterwards), else now.
+            finished = _num(rec.get("finished_at"))
+            stamp = int(finished * 1000) if finished is not None else now
+            metrics += [(r, Metric(k, v, stamp, r)) for k, v in round_metrics(rec, self.site_names).items()]
         with self._cond:
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 chunk = metrics[i : i + MAX_METRICS_PER_BATCH]
@@ -735,7 +867,9 @@ class LiveRunLogger:
             return sorted(self._unsent_rounds)
 
     # -- finish
-    def finish(self, run_dir: str | Path | None = None, status: str = "FINISHED") -> None:
+    def finish(
+        self, run_dir: str | Path | None = None, status: str = "FINISHED", end_time: float | None = None
+    ) -> None:
         """End the run with `status` (FINISHED, FAILED or KILLED). The rounds already logged stay whatever
         the status. From `run_dir`: results.json, config/partition/provenance, plots/, rounds/ and model/
         (less the sites' private heads unless `include_site_models`) and the final metrics; a FINISHED run
@@ -779,13 +913,15 @@ class LiveRunLogger:
                 except (OSError, ValueError):
                     results = None
                 if isinstance(results, dict):
-                    now = int(time.time() * 1000)
+                    now = int((end_time or time.time()) * 1000)
                     final = [Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
                     if final:
                         client.log_batch(run_id, metrics=final)
+                    if self.description:
+                        tags["mlflow.note.content"] = f"{self.description}\n\n{outcome_line(results)}"
                 if status == "FINISHED":
                     try:
-                        tags.update(_lineage_tags(read_run_dir(run_path)))
+                        tags.update(_lineage_tags(read_run_dir(run_path), self.record_run_dir))
                         tags[COMPLETE_TAG] = "complete"
                     except RunDirError as e:
                         final_status, problem = "FAILED", e
@@ -796,7 +932,9 @@ class LiveRunLogger:
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise
-        client.set_terminated(run_id, final_status)
+        client.set_terminated(
+            run_id, final_status, end_time=int(end_time * 1000) if end_time is not None else None
+        )
         if problem is not None:
             raise problem
 
@@ -808,6 +946,23 @@ class LiveRunLogger:
             self.finish(None, "FAILED" if exc_type is not None else "FINISHED")
 
 
+def recorded_times(results: dict) -> tuple[float | None, float | None]:
+    """(start, end) of a finished run in unix seconds, from what results.json records: each round's
+    `finished_at` and the run's total seconds; (None, None) for a run directory written before rounds had
+    their time."""
+    ends = [_num(r.get("finished_at")) for r in results.get("history") or [] if isinstance(r, dict)]
+    ends = [t for t in ends if t is not None]
+    if not ends:
+        return None, None
+    end = max(ends)
+    timing = results.get("timing") or {}
+    total = _num(timing.get("total_seconds"))
+    if total is None:
+        first = min(results["history"], key=lambda r: _num(r.get("finished_at")) or end)
+        total = (end - min(ends)) + (_num(first.get("seconds")) or 0.0)
+    return end - total, end
+
+
 def log_run_dir(
     run_dir: str | Path,
     experiment: str,
@@ -816,8 +971,11 @@ def log_run_dir(
     tags: dict[str, str] | None = None,
     include_site_models: bool = False,
     kfp_run_id: str | None = None,
+    record_run_dir: bool = True,
+    source: str = "fedmedclip track",
 ) -> str:
-    """Log a finished run directory as one MLflow run and return its run id."""
+    """Log a finished run directory as one MLflow run and return its run id: the same parameters, metrics,
+    files and tags as live logging, each round at the time the run recorded for it (not now)."""
     run = read_run_dir(run_dir)  # before touching the server: a bad run dir makes no empty run
     logger = LiveRunLogger(
         experiment,
@@ -825,18 +983,35 @@ def log_run_dir(
         kfp_run_id=kfp_run_id,
         include_site_models=include_site_models,
         background=False,
+        record_run_dir=record_run_dir,
     )
+    start, end = recorded_times(run.results)
+    part = run.results.get("partition") or {}
     run_id = logger.start(
         run_params(run),
-        tags={**_lineage_tags(run), **(tags or {})},
+        tags={
+            **context_tags(source),
+            **_lineage_tags(run, record_run_dir),
+            "fedmedclip.times": "recorded" if start is not None else "logging time (none recorded)",
+            **(tags or {}),
+        },
         run_name=run_name or run.path.resolve().name,
         site_names=run.site_names,
         partition=run.partition,
         data_source=str(run.config.get("data") or ""),
+        description=describe_run(
+            run.method,
+            run.site_names,
+            run.results.get("rounds"),
+            str(run.config.get("data") or part.get("source") or "?"),
+            f"{part.get('scheme', '?')}" + (f" (alpha {part['alpha']})" if part.get("alpha") else ""),
+            f"Logged from the run directory by `{source}`.",
+        ),
+        start_time=start,
     )
     with logger:
         logger.log_rounds(run.results["history"])
-        logger.finish(run.path, "FINISHED")
+        logger.finish(run.path, "FINISHED", end_time=end)
     log.info("logged %s as run %s in experiment %r", run.path, run_id, experiment)
     return run_id
 
@@ -851,6 +1026,7 @@ class RegisteredVersion:
     run_id: str
     source: str
     tags: dict[str, str] = field(default_factory=dict)
+    existing: bool = False  # registered before (a retry): nothing new was created
 
     @property
     def uri(self) -> str:
@@ -867,8 +1043,10 @@ def check_onnx_contract(model) -> dict[str, str]:
         problems.append(f"inputs are {inputs}, expected ['images']")
     elif model.graph.input[0].type.tensor_type.elem_type != 2:  # TensorProto.UINT8
         problems.append("input `images` is not uint8")
-    if set(outputs) != {"probabilities", "class_index"}:
-        problems.append(f"outputs are {outputs}, expected probabilities and class_index")
+    if set(outputs) not in ({"probabilities", "class_index"}, {"probabilities", "class_index", *OOD_OUTPUTS}):
+        problems.append(
+            f"outputs are {outputs}, expected probabilities and class_index (and all or none of {OOD_OUTPUTS})"
+        )
     missing = [k for k in _ONNX_REQUIRED_METADATA if k not in meta]
     if missing:
         problems.append(f"metadata_props lack {', '.join(missing)}")
@@ -883,7 +1061,7 @@ def check_onnx_contract(model) -> dict[str, str]:
     return meta
 
 
-def _onnx_signature(meta: dict[str, str]):
+def _onnx_signature(meta: dict[str, str], ood: bool = False):
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -897,6 +1075,14 @@ def _onnx_signature(meta: dict[str, str]):
                 TensorSpec(np.dtype(np.float32), (-1, n_classes), "probabilities"),
                 TensorSpec(np.dtype(np.int64), (-1,), "class_index"),
             ]
+            + (
+                [
+                    TensorSpec(np.dtype(np.float32), (-1,), "ood_score"),
+                    TensorSpec(np.dtype(np.float32), (-1, -1), "drift_embedding"),
+                ]
+                if ood
+                else []
+            )
         ),
     )
 
@@ -940,20 +1126,49 @@ def _registered_model_exists(client, name: str) -> bool:
         return False
 
 
+REGISTRATION_KEY_TAG = "fedmedclip.registered_from"  # on a version: the sha256 of its ONNX file, or "model/"
+LOGGED_ONNX_TAG_PREFIX = "fedmedclip.onnx_model."  # on a run: the URI of the ONNX model logged for a file
+
+
+def _version_of_run(client, name: str, run_id: str, source_key: str):
+    """The version of `name` registered from `run_id` with `source_key`, if there is one."""
+    from mlflow.exceptions import MlflowException
+
+    if not re.fullmatch(r"[A-Za-z0-9]+", run_id):
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException as e:
+        if _not_found(e):
+            return None
+        raise
+    mine = [v for v in versions if (v.tags or {}).get(REGISTRATION_KEY_TAG) == source_key]
+    return min(mine, key=lambda v: int(v.version)) if mine else None
+
+
 def register_model(
     run_id: str,
     name: str,
     onnx_path: str | Path | None = None,
     tracking_uri: str | None = None,
 ) -> RegisteredVersion:
-    """Register a new version of `name` from a logged run.
+    """Register a version of `name` from a logged run.
 
     With `onnx_path`: the file is logged into the run as an MLflow ONNX model and that model is registered;
     the version carries `onnx_sha256`, the sha256 of the `model.onnx` stored in the registry. Without it:
     the run's `model/` artifacts are registered as they are (a plain artifact version, not loadable as a
-    pyfunc). Lineage tags are copied from the run either way."""
+    pyfunc). Lineage tags are copied from the run either way, and the privacy facts of its results.json
+    (`dp.*`: epsilon, delta, clip, noise multiplier, secure aggregation on/off). Every version gets a model
+    card (components/model_card.py), logged beside the model; a run whose card cannot be built is refused.
+
+    Idempotent, keyed on the run and the file: a version of `name` already registered from this run with the
+    same ONNX file (`onnx_source_sha256`; or, without a file, the run's model folder) is returned as it is
+    (`existing=True`), and an ONNX model already logged into the run for this file is reused. So a retried
+    registration task finds its own version instead of adding another."""
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from .model_card import check_card, log_model_card
 
     client, _ = _client(tracking_uri)
     try:
@@ -969,7 +1184,17 @@ def register_model(
             "register a model without its lineage"
         )
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+    tags.update(privacy_summary(check_card(client, run_id)))
     tags["source_run_id"] = run_id
+    if onnx_path is not None and not Path(onnx_path).is_file():
+        raise TrackingError(f"ONNX file {onnx_path} does not exist")
+    source_key = sha256_file(Path(onnx_path)) if onnx_path is not None else "model/"
+    tags[REGISTRATION_KEY_TAG] = source_key
+    found = _version_of_run(client, name, run_id, source_key)
+    if found is not None:
+        log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
+        return RegisteredVersion(name, str(found.version), run_id, found.source, dict(found.tags), True)
+    site = None
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
@@ -986,6 +1211,7 @@ def register_model(
         except Exception as e:
             raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
         meta = check_onnx_contract(model)
+        site = meta.get(META_SITE)
         if tags.get("backbone_sha256") not in (None, "unknown", meta[META_BACKBONE_SHA256]):
             raise TrackingError(
                 f"{onnx_path} was exported from backbone {meta[META_BACKBONE_SHA256][:12]} but run "
@@ -1004,18 +1230,24 @@ def register_model(
             tags["onnx_sha256"] = sha256_file(stored)
         tags["onnx_source_sha256"] = sha256_file(onnx_path)
         tags["onnx_file"] = ONNX_FILE
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.onnx.log_model(
-                model,
-                name=ONNX_MODEL_NAME,
-                signature=_onnx_signature(meta),
-                input_example=_onnx_input_example(meta),
-                pip_requirements=_onnx_requirements(),
-                metadata=dict(tags),
-                # one self-contained model.onnx: what the server downloads and checks against onnx_sha256
-                save_as_external_data=False,
-            )
-        source = info.model_uri
+        logged_tag = f"{LOGGED_ONNX_TAG_PREFIX}{source_key[:16]}"
+        source = run_tags.get(logged_tag)  # logged by an earlier attempt that failed before registering
+        if source is None:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.onnx.log_model(
+                    model,
+                    name=ONNX_MODEL_NAME,
+                    signature=_onnx_signature(
+                        meta, ood=OOD_OUTPUTS[0] in {o.name for o in model.graph.output}
+                    ),
+                    input_example=_onnx_input_example(meta),
+                    pip_requirements=_onnx_requirements(),
+                    metadata=dict(tags),
+                    # one self-contained model.onnx: what the server downloads and checks against onnx_sha256
+                    save_as_external_data=False,
+                )
+            source = info.model_uri
+            client.set_tag(run_id, logged_tag, source)
         register = lambda: mlflow.register_model(source, name, tags=tags)  # noqa: E731
     else:
         # MLflow 3's register_model wants a logged model under runs:/ URIs; a plain folder is registered
@@ -1035,9 +1267,15 @@ def register_model(
         client.set_registered_model_tag(name, "project", "fedmedclip")
         client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")
     metric = f", {PROMOTION_METRIC} {bacc:.4f}" if bacc is not None else ""
-    client.update_model_version(
-        name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}"
+    privacy = (
+        f", DP epsilon {tags['dp.epsilon']} (delta {tags['dp.delta']})"
+        if tags.get("dp.epsilon")
+        else ", no record-level DP"
     )
+    client.update_model_version(
+        name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
+    )
+    tags["model_card"] = log_model_card(client, run_id, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
@@ -1078,17 +1316,39 @@ class Promotion:
 def _version_metric(client, mv) -> float | None:
     from mlflow.exceptions import MlflowException
 
+    names = (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)
     if mv.run_id:
         try:
-            value = client.get_run(mv.run_id).data.metrics.get(PROMOTION_METRIC)
-            if value is not None:
-                return float(value)
+            metrics = client.get_run(mv.run_id).data.metrics
         except MlflowException as e:
             if not _not_found(e):
                 raise
+            metrics = {}
+        for name in names:
+            if metrics.get(name) is not None:
+                return float(metrics[name])
     # The run may be gone (deleted experiment); registration copied the number onto the version.
-    tag = (mv.tags or {}).get(PROMOTION_METRIC)
-    return float(tag) if tag is not None else None
+    tags = mv.tags or {}
+    return next((float(tags[n]) for n in names if tags.get(n) is not None), None)
+
+
+def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float) -> None:
+    """PrivacyRefused unless the version was trained with record-level DP at epsilon <= max_epsilon."""
+    mode = tags.get("dp.mode", "none")
+    if "record" not in mode.split("+"):
+        raise PrivacyRefused(
+            f"refusing to promote {name} version {version} under --max-epsilon {max_epsilon:g}: it was trained "
+            f"without record-level differential privacy (dp.mode {mode}); train with --dp-target-epsilon"
+        )
+    try:
+        epsilon = float(tags.get("dp.epsilon", ""))
+    except ValueError:
+        epsilon = math.nan
+    if not math.isfinite(epsilon) or epsilon > max_epsilon:
+        raise PrivacyRefused(
+            f"refusing to promote {name} version {version}: its epsilon {tags.get('dp.epsilon') or '(none)'} "
+            f"(delta {tags.get('dp.delta', '?')}, largest over its sites) is above --max-epsilon {max_epsilon:g}"
+        )
 
 
 def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple[str, str]]:
@@ -1109,6 +1369,7 @@ def promote(
     allow_worse: bool = False,
     tracking_uri: str | None = None,
     allow_different_data: bool = False,
+    max_epsilon: float | None = None,
 ) -> Promotion:
     """Point `models:/NAME@ALIAS` at `version`.
 
@@ -1116,7 +1377,9 @@ def promote(
     (DifferentDataRefused) when the candidate and the current holder differ in a data digest (data set or
     partition, version tags) unless `allow_different_data`, and (PromotionRefused) when the candidate's
     PROMOTION_METRIC is below the holder's unless `allow_worse`. Overrides are logged and recorded as tags
-    on the promoted version."""
+    on the promoted version. With `max_epsilon`, a version trained without record-level differential privacy,
+    or whose epsilon (its `dp.epsilon` tag: the largest over its sites) is above it, is refused
+    (PrivacyRefused); no override."""
     from mlflow.exceptions import MlflowException
 
     client, _ = _client(tracking_uri)
@@ -1127,6 +1390,8 @@ def promote(
         if _not_found(e):
             raise TrackingError(f"registered model {name!r} has no version {version}") from e
         raise
+    if max_epsilon is not None:
+        check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
@@ -1205,6 +1470,7 @@ def promote(
                 "metric": candidate,
                 "allow_worse": overridden,
                 "allow_different_data": sorted(different),
+                "max_epsilon": max_epsilon,
             }
         ),
     )

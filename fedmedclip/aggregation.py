@@ -7,6 +7,9 @@ import torch
 from .errors import ConfigError
 
 WEIGHTINGS = ("samples", "equal")
+# How the server combines accepted updates: the method's own weighted mean, or a robust rule
+# (fedmedclip/federation/robust.py).
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 
 
 def aggregation_weights(sample_counts: list[int], rule: str) -> list[float]:

@@ -9,9 +9,17 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from importlib.metadata import entry_points
 
-from .errors import FedMedClipError
+from .errors import ConfigError, FedMedClipError
+
+DESCRIPTION = (
+    "Federated adaptation of a frozen CLIP for medical image classification (FedMedCLIP, FACMIC and their "
+    "baselines): train in one process, run the federation's server and sites as long-lived processes, and, "
+    "with the MLOps layers installed, the local stack, MLflow tracking and registry, the Kubeflow pipeline "
+    "and ONNX serving. The maths: docs/algorithms.md."
+)
 
 
 def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
@@ -23,10 +31,18 @@ def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
         p.add_argument(
             "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
         )
+        p.add_argument(
+            "--run-id",
+            default="inprocess",
+            help="the run id written into every payload's header; a mailbox run's id gives its payloads and "
+            "results byte for byte (default: %(default)s)",
+        )
     p.add_argument(
         "--track",
         action="store_true",
-        help="log the finished run to MLflow (`fedmedclip track`); on by default when MLFLOW_TRACKING_URI is set",
+        help="log the run to MLflow while it goes on, each round as it finishes (tracking server: "
+        "MLFLOW_TRACKING_URI, else the local stack of `fedmedclip stack up`); on by default when "
+        "MLFLOW_TRACKING_URI is set",
     )
     p.add_argument(
         "--no-track", action="store_true", help="do not log to MLflow even if MLFLOW_TRACKING_URI is set"
@@ -58,22 +74,74 @@ def print_summary(results: dict, out: str) -> None:
             print(
                 f"  {s['site']:<12}: acc {s['acc']:.3f}  bacc {s['bacc']:.3f}  f1 {s['f1']:.3f}  ece {s['ece']:.3f}  (n={s['n']})"
             )
+    dup = (results.get("data") or {}).get("duplicates")
+    if dup and dup["groups"]:
+        print(
+            f"  data        : {dup['groups']} groups of byte-identical images ({dup['groups_across_splits']} across "
+            f"training and test): dropped {dup['dropped_training_copies']} training copies, "
+            f"{dup['dropped_conflicting']} with conflicting labels (--duplicates {dup['policy']})"
+        )
+    for entry in results.get("recovery") or []:
+        print(
+            f"  recovery    : {entry['party']} resumed from older state at round {entry['round']}: {entry['reason']}"
+        )
     c, t = results["comm"], results["timing"]
     print(
         f"  comm        : {c['bytes_up_per_site_per_round'] / 1e3:.1f} kB up ({c['codec_up']}), "
         f"{c['bytes_down_per_site_per_round'] / 1e3:.1f} kB down ({c['codec_down']}) per site per round"
     )
-    print(f"  time        : {t['seconds_per_round']:.2f} s per round, features {t['feature_seconds']:.1f} s")
+    print(f"  time        : {_round_time(results['history'])}, features {t['feature_seconds']:.1f} s")
+    privacy = results.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        print(
+            f"  privacy     : epsilon {privacy['epsilon']:.4g} (largest over the sites) at delta {privacy['delta']:g}"
+        )
+    if (privacy.get("client_level") or {}).get("epsilon") is not None:
+        print(
+            f"  privacy     : client-level epsilon {privacy['client_level']['epsilon']:.4g} at delta {privacy['delta']:g}"
+        )
     print(f"results: {out}/results.json\nplots  : {out}/plots/accuracy.png, {out}/plots/reliability.png")
+
+
+def _round_time(history: list[dict]) -> str:
+    """Seconds per round. Round 1 of a mailbox run also waits for the sites to start and encode their
+    images, so it is shown apart from the others."""
+    seconds = [float(r["seconds"]) for r in history]
+    if len(seconds) < 2:
+        return f"{seconds[0] if seconds else 0.0:.2f} s per round"
+    rest = sum(seconds[1:]) / len(seconds[1:])
+    return (
+        f"{rest:.2f} s per round after round 1 ({seconds[0]:.2f} s, which in a mailbox run also waits for "
+        "the sites to start)"
+    )
+
+
+def _tracking_on(args) -> bool:
+    """Whether to log to MLflow; asked for, the tracking server must be there before any work starts."""
+    on = bool(args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track))
+    if on:
+        from .tracking_server import require_tracking_uri
+
+        require_tracking_uri(purpose="--track")
+    return on
 
 
 def _cmd_train(args) -> int:
     from .engine import train
+    from .federation.mailbox import check_name
 
-    results = train(config_from_args(args), resume=args.resume, progress=not args.quiet)
+    cfg = config_from_args(args)
+    run_id = check_name("run id", args.run_id)
+    observer = _observer(args, cfg, run_id=None) if _tracking_on(args) else None
+    results = train(cfg, resume=args.resume, progress=not args.quiet, run_id=run_id, observer=observer)
     print_summary(results, args.out)
-    if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track):
-        return _track(args.out, args.experiment)
+    mlflow_run_id = getattr(observer, "mlflow_run_id", None) if observer is not None else None
+    if observer is not None and mlflow_run_id is None:
+        raise FedMedClipError(
+            f"the run in {args.out} is complete but was not tracked (see the warning above)"
+        )
+    if mlflow_run_id:
+        print(mlflow_run_id)
     return 0
 
 
@@ -101,13 +169,13 @@ def _cmd_server_run(args) -> int:
         round_timeout=args.round_timeout,
         join_timeout=args.join_timeout,
         norm_factor=args.norm_factor,
+        max_update_norm=args.max_update_norm,
+        clip_updates=args.clip_updates,
         stall_every=args.stall_every,
     )
     cfg = config_from_args(args)
     observer = (
-        _observer(args, cfg)
-        if args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track)
-        else None
+        _observer(args, cfg, run_id=args.run_id, options=asdict(options)) if _tracking_on(args) else None
     )
     results = run_server(
         cfg, args.mailbox, args.run_id, args.out, args.state, options, observer, not args.quiet
@@ -116,11 +184,12 @@ def _cmd_server_run(args) -> int:
     return 0
 
 
-def _observer(args, cfg):
-    """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed."""
+def _observer(args, cfg, run_id: str | None, **kwargs):
+    """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed: the one
+    tracking mechanism of `train --track` and `server run --track` (`run_id=None`: train's own key)."""
     for ep in entry_points(group="fedmedclip.observers"):
         if ep.name == "mlflow":
-            return ep.load()(cfg=cfg, run_id=args.run_id, experiment=args.experiment)
+            return ep.load()(cfg=cfg, run_id=run_id, experiment=args.experiment, **kwargs)
     raise FedMedClipError("--track needs the MLOps layer: install the project with its `pipelines` extra")
 
 
@@ -144,6 +213,7 @@ def _cmd_site_run(args) -> int:
 
 def _add_runtime_commands(sub) -> None:
     from .config import TrainConfig
+    from .federation.site import DEFAULT_SILENCE_TIMEOUT
 
     server = sub.add_parser(
         "server", help="the federation's aggregator, as a long-lived process"
@@ -181,6 +251,19 @@ def _add_runtime_commands(sub) -> None:
         "others; 0 disables (default: %(default)s)",
     )
     p.add_argument(
+        "--max-update-norm",
+        type=float,
+        default=None,
+        help="the most an update may move the global module (L2 norm of the difference), fixed in the run's "
+        "manifest; refused above it (see --clip-updates); 0 disables (default: 2x the norm of the method's "
+        "initial global module)",
+    )
+    p.add_argument(
+        "--clip-updates",
+        action="store_true",
+        help="clip an update above --max-update-norm onto the bound instead of refusing it",
+    )
+    p.add_argument(
         "--stall-every",
         type=float,
         default=30.0,
@@ -215,19 +298,11 @@ def _add_runtime_commands(sub) -> None:
     p.add_argument(
         "--silence-timeout",
         type=float,
-        default=float("inf"),
-        help="give up after this many seconds without a new global module (default: never)",
+        default=DEFAULT_SILENCE_TIMEOUT,
+        help="give up after this many seconds without progress and without a heartbeat of the server (its "
+        "status, rewritten every 10 s while it waits); a silence of a minute is logged (default: %(default)s)",
     )
     p.set_defaults(func=_cmd_site_run)
-
-
-def _track(run_dir: str, experiment: str) -> int:
-    """Log the run with the `track` command of the MLOps layer (the core never imports mlflow)."""
-    if "track" not in _command_names():
-        raise FedMedClipError(
-            "--track needs the MLOps layer: install the project with its `pipelines` extra (make install)"
-        )
-    return main(["track", run_dir, "--experiment", experiment])
 
 
 def _cmd_methods(args) -> int:
@@ -260,17 +335,37 @@ def _cmd_backbone(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_onnx
+    from .export import export_onnx, export_site_state
 
-    path = export_onnx(
-        args.run_dir,
-        args.site,
-        args.out,
+    common = dict(
         precision="fp16" if args.fp16 else "fp32",
-        run_id=args.run_id,
-        backbone=args.backbone,
         exporter=args.exporter,
+        ood="off" if args.no_ood else "require",
+        false_alarm_rate=args.ood_false_alarm_rate,
     )
+    if args.state:
+        missing = [f"--{o}" for o in ("mailbox", "run_id") if not getattr(args, o)]
+        if args.run_dir or missing or args.site == "global":
+            raise ConfigError(
+                "export --state exports a site's own model: give --site NAME, --mailbox and --run-id (the ones "
+                f"`site run` used) and no run directory{'; missing ' + ', '.join(missing) if missing else ''}"
+            )
+        path = export_site_state(
+            args.state,
+            args.site,
+            args.mailbox,
+            args.run_id,
+            args.out,
+            data=args.data,
+            cache_dir=args.cache_dir,
+            **common,
+        )
+    else:
+        if not args.run_dir:
+            raise ConfigError("export needs a run directory (RUN), or --state for a site's own model")
+        path = export_onnx(
+            args.run_dir, args.site, args.out, run_id=args.run_id or "", backbone=args.backbone, **common
+        )
     from .digests import read_sha256_sidecar
 
     print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB) sha256 {read_sha256_sidecar(path)}")
@@ -278,7 +373,7 @@ def _cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmedclip", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fedmedclip", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -295,18 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_methods)
 
     p = sub.add_parser("synth", help="write the synthetic multi-site scan set (PNGs + manifest.csv)")
-    p.add_argument("out")
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--per-class", type=int, default=80)
-    p.add_argument("--test-per-class", type=int, default=30)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="the folder to write (PNGs and manifest.csv with a site column)")
+    p.add_argument(
+        "--sites",
+        type=int,
+        default=3,
+        help="hospitals, each with its own scanner look (default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-class", type=int, default=80, help="images per class per site (default: %(default)s)"
+    )
+    p.add_argument(
+        "--test-per-class", type=int, default=30, help="global test images per class (default: %(default)s)"
+    )
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser(
         "backbone", help="load a backbone offline and print its identity (checks weights are present)"
     )
-    p.add_argument("spec")
+    p.add_argument(
+        "spec",
+        help="tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id",
+    )
     p.set_defaults(func=_cmd_backbone)
 
     from . import compare  # light at import: the engine loads only when the command runs
@@ -315,14 +422,51 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_arguments(p)
     p.set_defaults(func=compare.cmd_compare)
 
-    p = sub.add_parser("export", help="export a trained site's or the global predictor to one ONNX file")
-    p.add_argument("run_dir", help="a `fedmedclip train --out` run directory")
+    p = sub.add_parser(
+        "export",
+        help="export a trained site's or the global predictor to one ONNX file, with its OOD score",
+        description="Export the global model or a site's model of a run directory (`export RUN --site S`), or a "
+        "site's personalised model from its own private state, on the site's machine (`export --state DIR "
+        "--site NAME --mailbox URL --run-id ID`). The out-of-distribution score is fitted on the exporting "
+        "party's own images (found through the run's configuration and feature cache) and calibrated on "
+        "held-out ones to --ood-false-alarm-rate.",
+    )
+    p.add_argument(
+        "run_dir", nargs="?", help="a `fedmedclip train --out` or `server run --out` run directory"
+    )
     p.add_argument("--site", default="global", help="global | a site name | a site index (default: global)")
     p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
     p.add_argument("--fp16", action="store_true", help="half-precision image encoder (for GPU serving)")
-    p.add_argument("--run-id", default="", help="training run id recorded in the metadata")
+    p.add_argument(
+        "--run-id", default=None, help="training run id (recorded in the metadata; with --state, the run's)"
+    )
     p.add_argument("--backbone", default=None, help="where the frozen weights are, if moved (hash-checked)")
-    p.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"))
+    p.add_argument(
+        "--exporter",
+        default="auto",
+        choices=("auto", "dynamo", "torchscript"),
+        help="torch's ONNX exporter: dynamo (torch.export), torchscript (tracing), or auto (dynamo, then "
+        "torchscript if dynamo fails; default)",
+    )
+    p.add_argument("--no-ood", action="store_true", help="export without the out-of-distribution score")
+    p.add_argument(
+        "--ood-false-alarm-rate",
+        type=float,
+        default=0.05,
+        help="share of held-out in-distribution images the OOD threshold flags (default: %(default)s)",
+    )
+    p.add_argument(
+        "--state", help="a site's private state (`site run --state`): export that site's own model"
+    )
+    p.add_argument("--mailbox", help="with --state: the run's mailbox (directory or s3://...)")
+    p.add_argument(
+        "--data", help="with --state: the site's own data, as `site run --data` (default: the run's)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/fedmedclip",
+        help="with --state: the site's feature cache (default: %(default)s)",
+    )
     p.set_defaults(func=_cmd_export)
 
     for ep in entry_points(group="fedmedclip.commands"):
@@ -330,12 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
             ep.load()(sub)
         except ImportError as exc:  # that layer's extra is not installed in this environment
             logging.getLogger(__name__).debug("commands from %s unavailable: %s", ep.name, exc)
+    _global_flags_everywhere(parser)
     return parser
 
 
-def _command_names() -> set[str]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return set(sub.choices)
+def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose and -q/--quiet are accepted after any command too (`fedmedclip pipeline run --local -v`),
+    not only before it. SUPPRESS: a command that does not see them leaves the top-level value alone."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in set(action.choices.values()):
+            taken = child._option_string_actions
+            if not {"-v", "--verbose"} & set(taken):
+                child.add_argument(
+                    "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+                )
+            if not {"-q", "--quiet"} & set(taken):
+                child.add_argument(
+                    "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+                )
+            _global_flags_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .aggregation import AGGREGATORS
 from .backbone import PREPROCESSING_NAMES
 from .codec import CODECS, CodecError, get_codec
-from .data import DEFAULT_MIN_CLASS_IMAGES
+from .data import DEFAULT_MIN_CLASS_IMAGES, DUPLICATE_POLICIES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .methods import DEFAULT_METHOD
@@ -59,6 +60,15 @@ class TrainConfig:
     allow_outside_root: bool = False
     method_options: dict = field(default_factory=dict)
     synthetic: dict = field(default_factory=dict)  # arguments of fedmedclip.synthetic.generate
+    # Differential privacy (the --dp-* flags; fedmedclip.privacy.PrivacySettings, docs/privacy.md): only the
+    # entries that differ from the defaults, empty for a run without DP.
+    privacy: dict = field(default_factory=dict)
+    # How the server combines the accepted updates: the method's own mean, or a robust rule
+    # (fedmedclip/federation/robust.py).
+    aggregator: str = "mean"
+    # Byte-identical images (fedmedclip.data.deduplicate): drop the training-pool copies (the test copy stays),
+    # keep them all (the papers' setting), or refuse the data.
+    duplicates: str = "drop"
 
     def validate(self) -> TrainConfig:
         from .methods import METHODS
@@ -91,6 +101,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)"
                 ) from None
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(
+                f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}"
+            )
+        if self.duplicates not in DUPLICATE_POLICIES:
+            raise ConfigError(
+                f"unknown --duplicates {self.duplicates!r}; choose one of {', '.join(DUPLICATE_POLICIES)}"
+            )
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         # Unknown method options fail here, before any data is read or any pod starts.
@@ -121,10 +139,32 @@ class TrainConfig:
             raise ConfigError(f"--min-class-images must be an integer, got {self.min_class_images!r}")
         if self.min_class_images < 1:
             raise ConfigError(f"--min-class-images must be at least 1, got {self.min_class_images}")
+        self._validate_privacy(METHODS[self.method])
         if self.transductive:
             self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
         return self
+
+    def _validate_privacy(self, method_cls) -> None:
+        from .privacy import PrivacySettings
+
+        if not isinstance(self.privacy, dict):
+            raise ConfigError(f"privacy must be an object of settings, got {self.privacy!r}")
+        settings = PrivacySettings.from_config(self.privacy)
+        if settings.record_level and not method_cls.dp_sgd:
+            from .methods.base import dp_sgd_methods
+
+            raise ConfigError(
+                f"{self.method} does not support record-level differential privacy (DP-SGD is implemented for "
+                f"{', '.join(dp_sgd_methods())}, which train small modules on cached features); drop "
+                "--dp-target-epsilon / --dp-noise-multiplier"
+            )
+        if settings.client_level and self.federation != "federated":
+            raise ConfigError(
+                f"client-level DP (--dp-client-noise) protects what sites send to the server; --federation "
+                f"{self.federation} sends nothing"
+            )
+        self.privacy = settings.to_config()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -149,8 +189,12 @@ class TrainConfig:
             d.pop(k)
         if d.get("classes") is None:
             d.pop("classes", None)  # the default is left out: keys from before the field existed still match
-        if d["federation"] == "federated":
-            d.pop("federation")  # the default is left out, so keys from before the field existed still match
+        if not d.get("privacy"):
+            d.pop("privacy", None)  # likewise: a run without DP keeps the key it had before DP existed
+        # Defaults are left out, so keys from before these fields existed still match.
+        for key, default in (("federation", "federated"), ("aggregator", "mean"), ("duplicates", "drop")):
+            if d.get(key) == default:
+                d.pop(key)
         return json.loads(json.dumps(d))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 import re
 import threading
@@ -21,6 +22,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import DataError, ImageDecodeError
 from .paths import check_file_within
+from .preprocess import to_rgb8
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # Refuse decompression bombs: 8,192 x 8,192 is far beyond any scan we expect.
@@ -44,6 +48,7 @@ class ImageSet:
     records: list[ImageRecord]
     source: str
     skipped: list[str] = field(default_factory=list)
+    duplicates: dict | None = None  # what `deduplicate` found and did (None: not checked)
 
     def labels(self, records: list[ImageRecord] | None = None) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.class_names)}
@@ -90,7 +95,7 @@ def load_image(path: str | Path) -> Image.Image:
             problem = _checked_jpeg_scan_problem(data)
             if problem:
                 raise ImageDecodeError(path, f"corrupt JPEG data: {problem}")
-        return img.convert("RGB")
+        return to_rgb8(img)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -491,6 +496,102 @@ def from_csv(
     class_names = _resolve_classes(sorted({r.label for r in records}), classes, str(path))
     _check_classes(class_names, [r for r in records if r.split == "train"], f"{path} (training split)")
     return ImageSet(class_names, records, str(path.resolve()))
+
+
+# ----------------------------------------------------------------------------- exact duplicates
+DUPLICATE_POLICIES = ("drop", "keep", "refuse")
+_HASH_THREADS = 8
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ImageDecodeError(path, f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def _sha256_or_none(path: str) -> str | None:
+    try:
+        return file_sha256(path)
+    except ImageDecodeError:  # unreadable: left to the decoder, which refuses or skips it
+        return None
+
+
+def deduplicate(image_set: ImageSet, policy: str = "drop") -> ImageSet:
+    """Find byte-identical files (sha256 of their contents) across the training pool and the test split.
+
+    Copies carrying different labels are dropped from every split, and named in a warning. Then, with
+    `drop` (the default), a group with a test copy loses its training-pool copies (the test copies stay, so the
+    global test is the official one) and a group inside the pool keeps its first copy only: a site's
+    validation and test images, and the global test, are then never copies of a training image. `keep` leaves
+    the consistent copies (the published papers' setting); `refuse` stops at any duplicate. What was found
+    and dropped is in the returned set's `duplicates` (results.json and provenance.json carry it)."""
+    if policy not in DUPLICATE_POLICIES:
+        raise DataError(
+            f"unknown duplicates policy {policy!r}; choose one of {', '.join(DUPLICATE_POLICIES)}"
+        )
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        digests = list(pool.map(_sha256_or_none, [r.path for r in image_set.records]))
+    by_hash: dict[str, list[ImageRecord]] = {}
+    for record, digest in zip(image_set.records, digests, strict=True):
+        if digest is not None:
+            by_hash.setdefault(digest, []).append(record)
+    groups = sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: g[0].image_id)
+    conflicting = [g for g in groups if len({r.label for r in g}) > 1]
+    consistent = [g for g in groups if len({r.label for r in g}) == 1]
+    across = sum(1 for g in groups if {r.split for r in g} == {"train", "test"})
+    summary = {
+        "policy": policy,
+        "groups": len(groups),
+        "files": sum(len(g) for g in groups),
+        "groups_across_splits": across,
+        "conflicting_groups": len(conflicting),
+        "dropped_conflicting": sum(len(g) for g in conflicting),
+        "dropped_training_copies": 0,
+    }
+    show = lambda g: " = ".join(f"{r.image_id} ({r.label})" for r in g)  # noqa: E731
+    if policy == "refuse" and groups:
+        raise DataError(
+            f"{image_set.source}: {len(groups)} group(s) of byte-identical images ({across} across the training "
+            f"and test splits, {len(conflicting)} with different labels), e.g. {show(groups[0])}; "
+            "pass --duplicates drop (drop the training copies) or keep"
+        )
+    drop = {r.image_id for g in conflicting for r in g}
+    if conflicting:
+        log.warning(
+            "%s: %d group(s) of byte-identical images carry different labels and are dropped from every "
+            "split: %s%s",
+            image_set.source,
+            len(conflicting),
+            "; ".join(show(g) for g in conflicting[:5]),
+            " ..." if len(conflicting) > 5 else "",
+        )
+    if policy == "drop":
+        for g in consistent:
+            pool_copies = sorted((r for r in g if r.split == "train"), key=lambda r: r.image_id)
+            extra = pool_copies if any(r.split == "test" for r in g) else pool_copies[1:]
+            drop.update(r.image_id for r in extra)
+            summary["dropped_training_copies"] += len(extra)
+    if groups:
+        log.info(
+            "%s: %d group(s) of byte-identical images (%d files, %d groups across the training and test splits); "
+            "dropped %d training-pool copies and %d copies with conflicting labels (--duplicates %s)",
+            image_set.source,
+            len(groups),
+            summary["files"],
+            across,
+            summary["dropped_training_copies"],
+            summary["dropped_conflicting"],
+            policy,
+        )
+    records = [r for r in image_set.records if r.image_id not in drop]
+    return ImageSet(image_set.class_names, records, image_set.source, list(image_set.skipped), summary)
 
 
 def open_source(

@@ -109,6 +109,9 @@ META_RUN_ID = "fedmedclip.run_id"
 META_PRECISION = "fedmedclip.precision"  # fp32 | fp16
 META_FORMAT_VERSION = "fedmedclip.format_version"
 META_EXPORTER = "fedmedclip.exporter"  # informational: which torch.onnx exporter wrote the graph
+# informational: JSON of the run's privacy facts (fedmedclip.privacy.report.privacy_summary: dp.mode, dp.epsilon,
+# dp.delta, dp.clip, dp.noise_multiplier, dp.secure_aggregation, ...), which the served model's metadata reports
+META_PRIVACY = "fedmedclip.privacy"
 
 # Every key of the contract, in the order docs/contracts.md lists them (META_EXPORTER is not part of it).
 METADATA_KEYS = (
@@ -152,3 +155,74 @@ def onnx_metadata(
         META_PRECISION: str(precision),
         META_FORMAT_VERSION: FORMAT_VERSION,
     }
+
+
+# ---- the out-of-distribution score and the drift reference (optional parts of an exported model) ----------
+# A model exported with an OOD score has two more outputs, `ood_score` float32 [N] (larger: further from the
+# exporting party's data) and `drift_embedding` float32 [N, K] (the projection the drift statistic compares), and
+# these metadata_props. A model without them still serves, without the OOD fields.
+
+META_OOD_METHOD = "fedmedclip.ood.method"  # e.g. "mahalanobis-shared-covariance"
+META_OOD_THRESHOLD = "fedmedclip.ood.threshold"  # a score above it is flagged out_of_distribution
+META_OOD_FALSE_ALARM_RATE = "fedmedclip.ood.false_alarm_rate"  # the rate the threshold was calibrated to
+META_OOD_CALIBRATION = "fedmedclip.ood.calibration"  # JSON: what it was fitted and calibrated on, counts
+META_DRIFT_REFERENCE = "fedmedclip.drift.reference"  # base64 of little-endian float32 [R, K] embeddings
+META_DRIFT_REFERENCE_SHAPE = "fedmedclip.drift.reference_shape"  # "R,K"
+META_DRIFT_SIGMA = "fedmedclip.drift.sigma"  # Gaussian kernel bandwidth of the MMD (median heuristic)
+
+OOD_METADATA_KEYS = (
+    META_OOD_METHOD,
+    META_OOD_THRESHOLD,
+    META_OOD_FALSE_ALARM_RATE,
+    META_OOD_CALIBRATION,
+    META_DRIFT_REFERENCE,
+    META_DRIFT_REFERENCE_SHAPE,
+    META_DRIFT_SIGMA,
+)
+OOD_OUTPUTS = ("ood_score", "drift_embedding")
+
+
+def ood_metadata(
+    *,
+    method: str,
+    threshold: float,
+    false_alarm_rate: float,
+    calibration: dict,
+    reference: bytes,
+    reference_shape: tuple[int, int],
+    sigma: float,
+) -> dict[str, str]:
+    """The OOD metadata_props (all strings). `reference`: the drift reference embeddings as little-endian
+    float32 bytes of `reference_shape`."""
+    import base64
+
+    rows, dims = reference_shape
+    if len(reference) != 4 * rows * dims:
+        raise ValueError(f"reference holds {len(reference)} bytes, not float32 {rows}x{dims}")
+    return {
+        META_OOD_METHOD: method,
+        META_OOD_THRESHOLD: repr(float(threshold)),
+        META_OOD_FALSE_ALARM_RATE: repr(float(false_alarm_rate)),
+        META_OOD_CALIBRATION: json.dumps(calibration, sort_keys=True),
+        META_DRIFT_REFERENCE: base64.b64encode(reference).decode(),
+        META_DRIFT_REFERENCE_SHAPE: f"{rows},{dims}",
+        META_DRIFT_SIGMA: repr(float(sigma)),
+    }
+
+
+# ---- registered model references -------------------------------------------------------------------------
+
+
+def parse_model_reference(ref: str) -> tuple[str, str | None, str | None] | None:
+    """`NAME@ALIAS` -> (NAME, ALIAS, None), `NAME/VERSION` -> (NAME, None, VERSION), with or without the
+    `models:/` prefix; None when `ref` is neither (each caller says so in its own words)."""
+    rest = ref.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    return None

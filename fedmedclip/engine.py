@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -35,9 +34,9 @@ from .federation.records import (
     round_record,
 )
 from .federation.runner import method_for, server_setup
-from .federation.server import FederationServer, ServerOptions, write_run
+from .federation.server import FederationError, FederationServer, ServerOptions, write_run
 from .federation.site import SiteSetup, SiteWorker, model_part
-from .federation.storage import LocalDirStore, MemoryStore
+from .federation.storage import LocalDirStore
 from .methods import METHODS, SiteTrainer
 from .preparation import (
     SERVER,
@@ -47,6 +46,7 @@ from .preparation import (
     reference_features,
     site_data,
 )
+from .privacy.report import attach_epsilon, privacy_results
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,29 @@ def site_setups(cfg: TrainConfig, p: Prepared, method) -> list[SiteSetup]:
 
 # ---------------------------------------------------------------- the in-process federation
 def simulate(
-    cfg: TrainConfig, p: Prepared, out: Path, progress: bool = True, run_id: str = INPROCESS_RUN_ID
+    cfg: TrainConfig,
+    p: Prepared,
+    out: Path,
+    progress: bool = True,
+    run_id: str = INPROCESS_RUN_ID,
+    observer=None,
 ) -> dict:
-    """Run the federation's server and sites in this process over an in-memory mailbox. Each party keeps
-    its checkpoints under RUN/checkpoint/ (a resumed run continues every party from its own)."""
+    """Run the federation's server and sites in this process over a mailbox in RUN/checkpoint/mailbox/ (the
+    last rounds only). Each party keeps its checkpoints under RUN/checkpoint/: a resumed run continues every
+    party from its own, and a party whose newest checkpoint was damaged redoes what it lost from the rounds
+    still in the mailbox, exactly. `observer` (the protocol of `fedmedclip server run --track`,
+    docs/contracts.md) hears the start and each round as it finishes; `train` tells it the end once
+    results.json is final."""
     method = method_for(cfg, p)
-    mailbox = Mailbox(MemoryStore(f"inprocess-{uuid.uuid4().hex}"), run_id)
     ckpt = LocalDirStore(out / "checkpoint")
+    mailbox = Mailbox(ckpt.sub("mailbox"), run_id)
     server = FederationServer(
         mailbox, server_setup(cfg, p, method), ckpt.sub("server"), out, ServerOptions(), verbose=False
     )
     server.start()
+    logged = len(server.history)  # a resumed run's earlier rounds were logged when they finished
+    if observer is not None:
+        observer.start(server.manifest, resumed=logged > 0)
     sites = [
         SiteWorker(
             mailbox, server.manifest, s, ckpt.sub(f"sites/{s.name}"), model_dir=out / "model", verbose=False
@@ -106,17 +118,32 @@ def simulate(
                     )
                     bar.update(len(server.history) - bar.n)
                     _forget_old_rounds(mailbox, rec["round"], server.sites)
-            if not progressed:  # cannot happen when every party is in this process
-                raise RuntimeError("in-process federation made no progress")
+                if observer is not None:
+                    for rec in server.history[logged:]:
+                        observer.round(rec)
+                    logged = len(server.history)
+            if not progressed:  # every party is in this process: someone cannot go on
+                raise FederationError(_stalled(server, sites))
     finally:
         bar.close()
-        MemoryStore(mailbox.store.url.removeprefix("memory://")).clear()
     return server.results
 
 
+def _stalled(server: FederationServer, sites: list[SiteWorker]) -> str:
+    waiting = ", ".join(
+        f"{s.name} (trained round {s.trained}, evaluated round {s.reported})" for s in sites if not s.finished
+    )
+    return (
+        f"the in-process federation cannot go on: the server is in the {server.phase} phase of round "
+        f"{server.round}; sites: {waiting or 'all finished'}. Its state in {server.out / 'checkpoint'} does not "
+        "fit together (were parts of it replaced?): start the run again in an empty --out"
+    )
+
+
 def _forget_old_rounds(mailbox: Mailbox, r: int, sites: list[str]) -> None:
-    """Free the in-memory mailbox of rounds no party will read again (resume republishes what it needs)."""
-    old = r - 1
+    """Free the mailbox of rounds no party reads again. Round r just closed; the two before it stay, which
+    is what a party whose newest checkpoint is damaged (one save lost) reads again to redo its step."""
+    old = r - 2
     if old < 0:
         return
     for key in [mailbox.global_key(old)] + [
@@ -177,7 +204,7 @@ class ReferenceRun:
         self.reports[r] = {
             "global": evaluate_global(*self.global_predictions()),
             "sites": {
-                n: evaluate_site(t, d)
+                n: {**evaluate_site(t, d), "privacy": t.privacy_report()}
                 for n, t, d in zip(self.site_names, self.trainers, self.datas, strict=True)
             },
         }
@@ -200,6 +227,7 @@ class ReferenceRun:
             zeros,
             time.perf_counter() - t0,
         )
+        attach_epsilon(record, {n: rep["privacy"] for n, rep in self.reports[r]["sites"].items()})
         self.round = r
         self.history.append(record)
         if is_better(record, round_of(self.history, self.best_round)):
@@ -260,22 +288,27 @@ class ReferenceRun:
             provenance,
             self.best["global"],
             site_tensors,
+            extra={"privacy": privacy_results(self.cfg.privacy, self.site_names, self.reports, self.history)},
         )
         return results
 
 
-def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool) -> dict:
+def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, observer=None) -> dict:
     run = ReferenceRun(cfg, p)
     store = CheckpointStore(LocalDirStore(out / "checkpoint" / "reference"), "reference run")
     run.load(store)
     atomic_write_json(out / "config.json", cfg.to_json())
     p.partition.save(out / "partition.json")
+    if observer is not None:  # nothing travels: the observer hears the sites and the rounds, no manifest
+        observer.start({"sites": [{"name": n} for n in run.site_names]}, resumed=run.round > 0)
     bar = tqdm(
         total=cfg.rounds, initial=run.round, desc=f"{cfg.method} rounds", unit="round", disable=not progress
     )
     while run.round < cfg.rounds:
         rec = run.step()
         run.save(store)
+        if observer is not None:
+            observer.round(rec)
         bar.update(1)
         bar.set_postfix(global_acc=f"{rec['global']['acc']:.3f}")
     bar.close()
@@ -310,10 +343,16 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, progress: bool = True, run_id: str = INPROCESS_RUN_ID
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    run_id: str = INPROCESS_RUN_ID,
+    observer=None,
 ) -> dict:
     """Run (or resume) a training; writes the run directory (docs/contracts.md) and returns results.json.
-    `run_id` is recorded in every payload's header: the same id as a mailbox run gives byte-identical payloads."""
+    `run_id` is recorded in every payload's header: the same id as a mailbox run gives byte-identical payloads.
+    `observer` (`train --track`: components.observer) is told the start, each round as it finishes, and the
+    end (`finish(results, None)`, or `finish(None, message)` when the run fails)."""
     cfg.validate()
     out = Path(cfg.out)
     _check_resumable(cfg, out, resume)
@@ -322,13 +361,20 @@ def train(
     t0 = time.perf_counter()
     prepared = prepare(cfg, progress)
     torch.set_num_threads(cfg.threads)
-    if cfg.federation == "federated":
-        results = simulate(cfg, prepared, out, progress, run_id)
-    else:
-        results = _run_reference(cfg, prepared, out, progress)
+    try:
+        if cfg.federation == "federated":
+            results = simulate(cfg, prepared, out, progress, run_id, observer)
+        else:
+            results = _run_reference(cfg, prepared, out, progress, observer)
+    except BaseException as exc:
+        if observer is not None:
+            observer.finish(None, f"{type(exc).__name__}: {exc}")
+        raise
     results["timing"]["total_seconds"] = time.perf_counter() - t0
     results["timing"]["feature_seconds"] = prepared.feature_seconds
     atomic_write_json(out / "results.json", results)
+    if observer is not None:
+        observer.finish(results, None)
     return results
 
 

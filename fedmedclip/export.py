@@ -14,10 +14,17 @@ inserts casts around half-precision nodes it lacks kernels for), so parity is te
 Nothing non-finite is exported: the run's model files and every parameter and buffer of the classifier are
 checked first, and a NaN or inf is refused naming the file or tensor. The written file's sha256 goes to a
 sidecar next to it (`model.onnx.sha256`, `sha256sum` format), which `fedmedclip serve` verifies.
+
+With an OOD score (fedmedclip.ood, the default of `fedmedclip export`) the graph has two more outputs,
+`ood_score` float32 [N] and `drift_embedding` float32 [N, K], computed from the same frozen features, and the
+calibration in the metadata. It is fitted on what the exporting party holds: for the global model the
+server's images (`export RUN`), for a site's own model that site's images, read by the site itself
+(`export --state`, on the site's machine: its private MLP never leaves it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -28,13 +35,17 @@ import torch
 from .digests import (
     FORMAT_VERSION,  # noqa: F401 - part of this module's interface since the first export format
     META_EXPORTER,
+    META_PRIVACY,
+    OOD_OUTPUTS,
     onnx_metadata,
+    ood_metadata,
     sha256_file,
     sha256_sidecar,
     write_sha256_sidecar,
 )
 from .errors import ConfigError, FedMedClipError
 from .inference import GLOBAL, ImageClassifier, load_classifier, read_model_json, resolve_site
+from .ood import DEFAULT_FALSE_ALARM_RATE, METHOD, OodFit, OodHead, fit_ood, split_for_calibration
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,22 @@ PRECISIONS = ("fp32", "fp16")
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "class_index")
 TORCHSCRIPT_OPSET = 17
+OOD_MODES = ("require", "auto", "off")  # fit the OOD score, or fail / or export without it / never
+
+
+class ScoredClassifier(torch.nn.Module):
+    """The classifier and its OOD head on the same frozen features: (probabilities, class_index, ood_score,
+    embedding)."""
+
+    def __init__(self, classifier: ImageClassifier, ood: OodHead):
+        super().__init__()
+        self.classifier, self.ood = classifier, ood
+
+    def forward(self, images_uint8: torch.Tensor):
+        features = self.classifier.features(images_uint8)
+        probabilities = self.classifier.head(features)
+        score, embedding = self.ood(features)
+        return probabilities, torch.argmax(probabilities, dim=1), score, embedding
 
 
 def contract_metadata(meta: dict, precision: str, run_id: str = "") -> dict[str, str]:
@@ -115,14 +142,16 @@ def check_model_files_finite(run_dir: str | Path, site: str | int = GLOBAL) -> l
     return checked
 
 
-def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export_dynamo(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, output_names=OUTPUT_NAMES
+) -> None:
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         model,
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
+        output_names=list(output_names),
         dynamic_shapes=({0: batch},),
         dynamo=True,
         external_data=False,  # one file: the server verifies a single hash
@@ -130,14 +159,16 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path) ->
     )
 
 
-def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export_torchscript(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, output_names=OUTPUT_NAMES
+) -> None:
     torch.onnx.export(
         model,
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+        output_names=list(output_names),
+        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
         opset_version=TORCHSCRIPT_OPSET,
         dynamo=False,
         external_data=False,
@@ -163,10 +194,11 @@ def export_classifier(
     precision: str = "fp32",
     run_id: str = "",
     exporter: str = "auto",
+    ood: OodFit | None = None,
 ) -> Path:
     """Write `clf` (modified in place for fp16) as ONNX with the contract's names and metadata.
     `meta` needs class_names, preprocessing, backbone, method and site. `exporter`: auto (dynamo,
-    then TorchScript on failure), dynamo or torchscript."""
+    then TorchScript on failure), dynamo or torchscript. `ood`: the fitted OOD score, exported with it."""
     import onnx
 
     if precision not in PRECISIONS:
@@ -194,12 +226,17 @@ def export_classifier(
     tmp = out.with_name(f".{out.name}.tmp")
     order = list(EXPORTERS) if exporter == "auto" else [exporter]
     errors, used = [], None
+    module, names = (
+        (clf, OUTPUT_NAMES)
+        if ood is None
+        else (ScoredClassifier(clf, ood.head).eval(), OUTPUT_NAMES + OOD_OUTPUTS)
+    )
     _quiet_torch_onnx_logs()
     for name in order:
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # exporter deprecation chatter, not about this model
-                EXPORTERS[name](clf, example, tmp)
+                EXPORTERS[name](module, example, tmp, output_names=names)
             used = name
             break
         except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the next one
@@ -214,10 +251,26 @@ def export_classifier(
     try:
         model = onnx.load(str(tmp))
         metadata = {**contract_metadata(meta, precision, run_id), META_EXPORTER: used}
+        if ood is not None:
+            metadata.update(
+                ood_metadata(
+                    method=METHOD,
+                    threshold=ood.threshold,
+                    false_alarm_rate=ood.false_alarm_rate,
+                    calibration=ood.calibration,
+                    reference=ood.reference.astype("<f4").tobytes(),
+                    reference_shape=ood.reference.shape,
+                    sigma=ood.sigma,
+                )
+            )
+        if meta.get("privacy"):  # the run's differential-privacy facts (export_onnx reads them)
+            metadata[META_PRIVACY] = json.dumps(meta["privacy"], sort_keys=True)
         del model.metadata_props[:]
         for key, value in metadata.items():
             model.metadata_props.add(key=key, value=value)
-        _check_interface(model, size, len(meta["class_names"]))
+        _check_interface(
+            model, size, len(meta["class_names"]), None if ood is None else ood.reference.shape[1]
+        )
         onnx.checker.check_model(model)
         onnx.save_model(model, str(tmp))
         digest = sha256_file(tmp)
@@ -240,7 +293,7 @@ def export_classifier(
     return out
 
 
-def _check_interface(model, size: int, num_classes: int) -> None:
+def _check_interface(model, size: int, num_classes: int, embedding_dims: int | None = None) -> None:
     """Fail at export time, not in the server, if the graph's names or shapes drift from the contract."""
     import onnx
 
@@ -249,14 +302,15 @@ def _check_interface(model, size: int, num_classes: int) -> None:
 
     ins, outs = list(model.graph.input), list(model.graph.output)
     got = ([i.name for i in ins], [o.name for o in outs])
-    if got != ([INPUT_NAME], list(OUTPUT_NAMES)):
-        raise FedMedClipError(
-            f"exported graph has inputs/outputs {got}, expected {([INPUT_NAME], list(OUTPUT_NAMES))}"
-        )
+    names = list(OUTPUT_NAMES) + (list(OOD_OUTPUTS) if embedding_dims else [])
+    if got != ([INPUT_NAME], names):
+        raise FedMedClipError(f"exported graph has inputs/outputs {got}, expected {([INPUT_NAME], names)}")
     want = {
         INPUT_NAME: (onnx.TensorProto.UINT8, 4, [size, size, 3]),
         "probabilities": (onnx.TensorProto.FLOAT, 2, [num_classes]),
         "class_index": (onnx.TensorProto.INT64, 1, []),
+        "ood_score": (onnx.TensorProto.FLOAT, 1, []),
+        "drift_embedding": (onnx.TensorProto.FLOAT, 2, [embedding_dims]),
     }
     for v in ins + outs:
         elem, rank, tail = want[v.name]
@@ -276,10 +330,196 @@ def export_onnx(
     run_id: str = "",
     backbone: str | None = None,
     exporter: str = "auto",
+    ood: str = "auto",
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
 ) -> Path:
-    """Export the predictor of `site` ("global", a site name or index) of a run directory to ONNX."""
+    """Export the predictor of `site` ("global", a site name or index) of a run directory to ONNX.
+
+    `ood`: "require" fits the OOD score on the holder's data (the run's config.json names it; its features
+    come from the feature cache) and fails if it cannot; "auto" exports without the score, with a warning,
+    when the data cannot be read here (a pipeline task without the server's credentials); "off" never."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if ood not in OOD_MODES:
+        raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
     check_model_files_finite(run_dir, site)
     clf, meta = load_classifier(run_dir, site, backbone=backbone)
-    return export_classifier(clf, meta, out_path, precision, run_id, exporter)
+    fitted = None
+    if ood != "off":
+        try:
+            fitted = fit_run_ood(run_dir, meta["site"], clf, false_alarm_rate)
+        except FedMedClipError as exc:
+            if ood == "require":
+                raise FedMedClipError(
+                    f"cannot fit the OOD score of {meta['site']!r}: {exc} (export with --no-ood to skip it)"
+                ) from None
+            log.warning("exporting %s without an OOD score: %s", meta["site"], exc)
+    meta["privacy"] = run_privacy(run_dir)
+    return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
+
+
+def fit_run_ood(run_dir: str | Path, site: str, clf: ImageClassifier, false_alarm_rate: float) -> OodFit:
+    """The OOD score of `site` ("global": the server's) fitted on that holder's features of the run."""
+    import json
+
+    from .config import TrainConfig
+    from .preparation import SERVER, _rows, prepare
+
+    config = Path(run_dir) / "config.json"
+    try:
+        cfg = TrainConfig.from_json(json.loads(config.read_text()))
+        holder = SERVER if site == GLOBAL else site
+        prepared = prepare(cfg, progress=False, holders=[holder])
+    except Exception as exc:  # noqa: BLE001 - any reason the holder's data is not readable here (files, S3)
+        raise FedMedClipError(f"the run's data cannot be read here ({type(exc).__name__}: {exc})") from None
+    store = prepared.stores[holder]
+    if site == GLOBAL:
+        ids = prepared.partition.global_test + prepared.partition.reference
+        return fit_server_ood(_rows(store, ids)[0], clf, false_alarm_rate)
+    split = prepared.partition.sites[site]
+    return fit_site_ood(
+        site, _rows(store, split["train"]), _rows(store, split["val"] + split["test"])[0], false_alarm_rate
+    )
+
+
+def fit_server_ood(features: torch.Tensor, clf: ImageClassifier, false_alarm_rate: float) -> OodFit:
+    """The global model's OOD score on the server's images: classes are the model's own predictions (the
+    reference set is unlabelled), half the images fit the Gaussians, the other half calibrate."""
+    fit, cal = split_for_calibration(len(features))
+    with torch.no_grad():
+        predicted = clf.head(features.float()).argmax(1)
+    return fit_ood(
+        features[fit],
+        predicted[fit],
+        features[cal],
+        false_alarm_rate,
+        described={
+            "holder": "server",
+            "fitted_on": "half of the global test and reference images, predicted classes",
+            "calibrated_on": "the other half",
+        },
+    )
+
+
+def fit_site_ood(
+    site: str, train: tuple[torch.Tensor, torch.Tensor], held_out: torch.Tensor, false_alarm_rate: float
+) -> OodFit:
+    """A site's OOD score: fitted on its training split with its labels, calibrated on its validation and
+    test splits."""
+    return fit_ood(
+        train[0],
+        train[1],
+        held_out,
+        false_alarm_rate,
+        described={
+            "holder": site,
+            "fitted_on": "the site's training split, labels",
+            "calibrated_on": "the site's validation and test splits",
+        },
+    )
+
+
+def export_site_state(
+    state: str,
+    site: str,
+    mailbox: str,
+    run_id: str,
+    out_path: str | Path = "model.onnx",
+    data: str | None = None,
+    cache_dir: str = ".cache/fedmedclip",
+    precision: str = "fp32",
+    exporter: str = "auto",
+    ood: str = "require",
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    threads: int = 1,
+) -> Path:
+    """A site's personalised model (its private part with the run's shared modules) from its own private
+    state (`site run --state`), on the site's machine: the run's manifest, prompt embeddings and selected
+    round's global module come from the mailbox (what the site may read anyway), its own part from `state`,
+    and the OOD score is fitted on its own images. Nothing is written outside `out_path`."""
+    import tempfile
+
+    from safetensors.torch import load
+
+    from .codec import decode
+    from .federation.mailbox import SERVER, Mailbox
+    from .federation.records import write_model_dir
+    from .federation.runner import prepare_site, site_config
+    from .federation.site import template_of
+    from .federation.storage import open_store
+
+    if ood not in OOD_MODES:
+        raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
+    mb = Mailbox(open_store(mailbox), run_id)
+    manifest = mb.get_json(mb.manifest_key, "server")
+    if manifest is None:
+        raise FedMedClipError(f"{mb.where(mb.manifest_key)} is missing: no run {run_id!r} in that mailbox")
+    status = mb.status(SERVER) or {}
+    if status.get("state") != "done" or "best_round" not in status:
+        raise FedMedClipError(
+            f"run {run_id} has not finished (server status {status.get('state')!r}): nothing selected yet"
+        )
+    best = int(status["best_round"])
+    own = open_store(state).get(f"model/site_{site}.safetensors")
+    if own is None:
+        raise FedMedClipError(
+            f"{open_store(state).where(f'model/site_{site}.safetensors')} is missing: site {site!r} writes its model "
+            "part there when the run ends (give the --state that `site run` used)"
+        )
+    shared_raw = mb.store.get(mb.shared_key)
+    global_raw = mb.store.get(mb.global_key(best))
+    if shared_raw is None or global_raw is None:
+        raise FedMedClipError(
+            f"run {run_id}'s shared tensors or round {best}'s global module are missing from the mailbox"
+        )
+    shared = load(shared_raw)
+    received = decode(global_raw, template=template_of(manifest)).state
+    cfg = site_config(manifest, data, cache_dir, threads)
+    setup = prepare_site(cfg, site, manifest, shared, progress=False)
+    meta = {
+        "format_version": 1,
+        "method": manifest["method"],
+        "method_options": setup.method.opt,
+        "federation": "federated",
+        "class_names": manifest["class_names"],
+        "prompt_template": cfg.prompt_template,
+        "backbone": manifest["backbone"],
+        "preprocessing": manifest["preprocessing"],
+        "feature_dim": int(shared["text_features"].shape[1]),
+        "sites": [s["name"] for s in manifest["sites"]],
+        "best_round": best,
+        "partition_digest": manifest["partition_digest"],
+    }
+    with tempfile.TemporaryDirectory(prefix="fedmedclip-site-export-") as tmp:
+        write_model_dir(Path(tmp) / "model", received, shared["text_features"], meta, {site: load(own)})
+        check_model_files_finite(tmp, site)
+        clf, meta = load_classifier(tmp, site, backbone=cfg.backbone)
+        fitted = None
+        if ood != "off":
+            d = setup.data
+            try:
+                fitted = fit_site_ood(
+                    site, (d.train_x, d.train_y), torch.cat([d.val_x, d.test_x]), false_alarm_rate
+                )
+            except FedMedClipError as exc:
+                if ood == "require":
+                    raise FedMedClipError(
+                        f"cannot fit the OOD score of {site!r}: {exc} (export with --no-ood to skip it)"
+                    ) from None
+                log.warning("exporting %s without an OOD score: %s", site, exc)
+        return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
+
+
+def run_privacy(run_dir: str | Path) -> dict[str, str]:
+    """The run's privacy facts for the model's metadata (`dp.mode` none when results.json has no DP,
+    unknown when the run directory has no results.json)."""
+    from .privacy.report import privacy_summary
+
+    path = Path(run_dir) / "results.json"
+    if not path.exists():
+        return {"dp.mode": "unknown"}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedMedClipError(f"cannot read {path} for the model's privacy facts: {exc}") from None
+    return privacy_summary(results if isinstance(results, dict) else {})

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .data import ImageRecord, load_image
+from .data import ImageRecord, file_sha256, load_image
 from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
 from .errors import DataError, ImageDecodeError, ProvenanceMismatch
 from .preprocess import Preprocessing
@@ -36,21 +36,10 @@ STORE_FORMAT = 1
 DEFAULT_PROMPT = "a picture of a {}"
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise ImageDecodeError(path, f"{type(exc).__name__}: {exc.strerror or exc}") from None
-    return h.hexdigest()
-
-
 def image_list_sha256(records: list[ImageRecord], workers: int) -> str:
     """Hash of (image id, label, content hash) in order: a renamed, relabelled or edited image changes it."""
     with ThreadPoolExecutor(workers) as pool:
-        contents = list(pool.map(_file_sha256, [r.path for r in records]))
+        contents = list(pool.map(file_sha256, [r.path for r in records]))
     h = hashlib.sha256()
     for r, c in zip(records, contents, strict=True):
         h.update(f"{r.image_id}\t{r.label}\t{c}\n".encode())

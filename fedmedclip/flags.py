@@ -8,7 +8,9 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
+from .aggregation import AGGREGATORS
 from .config import FEDERATIONS, TrainConfig, parse_method_options
+from .data import DUPLICATE_POLICIES
 from .errors import ConfigError
 
 
@@ -55,6 +57,11 @@ class Flag:
     help: str
     kwargs: dict = field(default_factory=dict)
     parse: object = None  # str -> value, applied by config_from_args (errors are ConfigError, exit status 2)
+    key: str | None = None  # the entry of a dict field (`privacy`) this flag sets; None: the whole field
+
+    @property
+    def dest(self) -> str:
+        return f"{self.field}__{self.key}" if self.key else self.field
 
 
 FLAGS: list[Flag] = [
@@ -170,10 +177,109 @@ FLAGS: list[Flag] = [
         {"action": "store_true"},
     ),
     Flag(
+        "aggregator",
+        ("--aggregator",),
+        "how the server combines the accepted updates: mean (the method's own rule), or for small or untrusted "
+        "federations median, trimmed-mean or krum (default: %(default)s)",
+        {"choices": AGGREGATORS},
+    ),
+    Flag(
+        "duplicates",
+        ("--duplicates",),
+        "byte-identical images: drop the training and validation copies (a test copy stays), keep them all "
+        "(the papers' setting) or refuse the data; copies with different labels are dropped everywhere "
+        "(refuse: stop) (default: %(default)s)",
+        {"choices": DUPLICATE_POLICIES},
+    ),
+    Flag(
         "threads",
         ("--threads",),
         "torch threads for training; extraction uses every core (default: %(default)s)",
         {"type": int},
+    ),
+    # Differential privacy (fedmedclip.privacy, docs/privacy.md): each sets one entry of TrainConfig.privacy.
+    Flag(
+        "privacy",
+        ("--dp-target-epsilon",),
+        "record-level DP-SGD at each site: the epsilon each site may spend (per site, at --dp-delta); each site's "
+        "noise multiplier is calibrated to it for the planned rounds before any training, and a site stops before "
+        "a step that would exceed it",
+        {"type": float, "metavar": "EPSILON"},
+        key="target_epsilon",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-noise-multiplier",),
+        "record-level DP-SGD with this noise multiplier sigma (noise std sigma x --dp-clip per step) instead of a "
+        "calibrated one; with --dp-target-epsilon that target is then a budget",
+        {"type": float, "metavar": "SIGMA"},
+        key="noise_multiplier",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-clip",),
+        "DP-SGD's per-example gradient norm bound C (default: 1.0)",
+        {"type": float, "metavar": "C"},
+        key="clip",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-delta",),
+        "delta of every (epsilon, delta) guarantee (default: 1e-5; must not exceed 1/n of the smallest site)",
+        {"type": float, "metavar": "DELTA"},
+        key="delta",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-accountant",),
+        "privacy accountant of dp-accounting: rdp (default) or pld (tighter, much slower)",
+        {"choices": ("rdp", "pld")},
+        key="accountant",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-client-noise",),
+        "client-level DP: each site's update is clipped and Gaussian noise of this multiplier z (std z x the "
+        "clip) is added to the sum; meant for federations of many sites (docs/privacy.md)",
+        {"type": float, "metavar": "Z"},
+        key="client_noise",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-client-clip",),
+        "client-level DP: the update norm bound S (the initial one with --dp-client-quantile) (default: 1.0)",
+        {"type": float, "metavar": "S"},
+        key="client_clip",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-client-quantile",),
+        "client-level DP with adaptive clipping (Andrew et al. 2021): the clip follows this quantile of the "
+        "sites' update norms, e.g. 0.5",
+        {"type": float, "metavar": "GAMMA"},
+        key="client_quantile",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-client-clip-lr",),
+        "adaptive clipping's learning rate (geometric update; default: 0.2)",
+        {"type": float, "metavar": "ETA"},
+        key="client_clip_lr",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-client-count-noise",),
+        "adaptive clipping: noise std on the count of unclipped updates (default: sites / 20)",
+        {"type": float, "metavar": "SIGMA_B"},
+        key="client_count_noise",
+    ),
+    Flag(
+        "privacy",
+        ("--dp-client-noise-at",),
+        "client-level DP: who adds the noise: server (a trusted aggregator, on the sum; default) or sites (each "
+        "its share, for an aggregator that sees only the sum)",
+        {"choices": ("server", "sites")},
+        key="client_noise_at",
     ),
 ]
 
@@ -193,6 +299,7 @@ DATA_FIELDS = (
     "classes",
     "min_class_images",
     "allow_outside_root",
+    "duplicates",
 )
 
 
@@ -212,7 +319,9 @@ def add_config_arguments(
             continue
         default = (defaults or {}).get(f.field, getattr(base, f.field))
         kwargs = dict(f.kwargs)
-        if kwargs.get("action") == "append":
+        if f.key is not None:
+            default = (default or {}).get(f.key)  # unset: the setting's own default (fedmedclip.privacy)
+        elif kwargs.get("action") == "append":
             default = []
         elif f.field == "split_ratio":
             default = ",".join(str(x) for x in default)
@@ -220,7 +329,7 @@ def add_config_arguments(
             default = None
         kwargs.setdefault("default", default)
         helptext = f.help.format(methods=_methods_help()) if "{methods}" in f.help else f.help
-        target.add_argument(*f.flags, dest=f.field, help=helptext, **kwargs)
+        target.add_argument(*f.flags, dest=f.dest, help=helptext, **kwargs)
         if f.field == "codec_up":
             from .codec import CODECS
 
@@ -236,9 +345,13 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     """A validated TrainConfig from the parsed flags (fields a command did not add keep their defaults)."""
     values = {}
     for f in FLAGS:
-        if not hasattr(args, f.field):
+        if not hasattr(args, f.dest):
             continue
-        value = getattr(args, f.field)
+        value = getattr(args, f.dest)
+        if f.key is not None:
+            if value is not None:
+                values.setdefault(f.field, {})[f.key] = value
+            continue
         if f.parse is not None and value is not None:
             value = f.parse(value)
         if value is None and f.field in ("synthetic", "method_options", "classes"):
@@ -246,6 +359,11 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         values[f.field] = value
     both = getattr(args, "codec_both", None)
     if both:
+        from .codec import CODECS
+        from .errors import ConfigError
+
+        if both not in CODECS:  # named by the flag that was given, not the field it sets
+            raise ConfigError(f"unknown codec {both!r} for --codec; choose one of {', '.join(CODECS)}")
         values["codec_up"] = values["codec_down"] = both
     values.update(overrides)
     return TrainConfig(**values).validate()

@@ -3,7 +3,7 @@
 `ImageClassifier` goes from uint8 images to class probabilities exactly as training predicted:
 Preprocessing.normalise -> frozen CLIP image encoder + projection -> the adaptation module (FedMedCLIP's
 FAM or FACMIC's attention) -> ĥ = n(a(f) ⊙ f) -> softmax(100 · cos(ĥ, t_c)), and at a FedMedCLIP site
-also the private MLP and the uncertainty-weighted ensemble (algorithms.md §3.7). It is what
+also the private MLP and the uncertainty-weighted ensemble (docs/algorithms.md §3.7). It is what
 `fedmedclip.export` traces into ONNX, so `forward` has no data-dependent python control flow.
 """
 

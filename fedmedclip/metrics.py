@@ -62,7 +62,7 @@ def expected_calibration_error(probs, y_true, n_bins: int = 10) -> float:
 
 
 def expected_calibration_error_reference(probs, y_true, n_bins: int = 10) -> float:
-    """ECE as the reference code computes it (algorithms.md §6, the quirk): bins are [lo, hi) except the
+    """ECE as the reference code computes it (docs/algorithms.md §6, the quirk): bins are [lo, hi) except the
     last, [0.9, 1.0]; n_b is that histogram's count, so a confidence of exactly 1.0 is counted in the last bin,
     but the per-bin accuracy and mean confidence are taken over the samples with lo <= conf < hi only, so
     those 1.0s never count there (a bin holding only 1.0s contributes nothing). With logits scaled by 100
@@ -87,12 +87,58 @@ def expected_calibration_error_reference(probs, y_true, n_bins: int = 10) -> flo
     return float(np.sum(counts / n * gaps))
 
 
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Counts [true class, predicted class]."""
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def metrics_from_confusion(cm) -> dict[str, np.ndarray]:
+    """acc, bacc and macro-F1 (the definitions above) of one confusion matrix [C, C] or a stack [B, C, C]."""
+    cm = np.asarray(cm, dtype=float)
+    single = cm.ndim == 2
+    cm = cm[None] if single else cm
+    n = cm.sum(axis=(1, 2))
+    diag = np.diagonal(cm, axis1=1, axis2=2)
+    true, pred = cm.sum(axis=2), cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = diag.sum(axis=1) / n
+        recall = np.where(true > 0, diag / np.maximum(true, 1), np.nan)
+        bacc = np.nanmean(np.where(true > 0, recall, np.nan), axis=1)
+        seen = (true + pred) > 0
+        f1 = np.where(seen, 2 * diag / np.maximum(true + pred, 1), 0.0)
+        f1 = (f1 * seen).sum(axis=1) / seen.sum(axis=1)
+    out = {"acc": acc, "bacc": bacc, "f1": f1}
+    return {k: v[0] for k, v in out.items()} if single else out
+
+
+def bootstrap_intervals(cm, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of acc, bacc and macro-F1 from a confusion matrix: the n test
+    examples resampled with replacement (a multinomial draw over the matrix's cells), seeded."""
+    cm = np.asarray(cm, dtype=np.int64)
+    n = int(cm.sum())
+    if n == 0:
+        return {}
+    draws = (
+        np.random.default_rng(seed).multinomial(n, (cm / n).ravel(), size=n_boot).reshape(n_boot, *cm.shape)
+    )
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    with np.errstate(all="ignore"):
+        return {
+            k: [float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))]
+            for k, v in metrics_from_confusion(draws).items()
+        }
+
+
 def classification_report(probs, y_true) -> dict:
     """acc, bacc (mean recall over classes present), f1 (macro), n, and two ECEs over 10 equal-width bins
     of the max-class confidence: `ece` (ours: bins (lo, hi], the first closed; every sample counts in its
     bin's confidence and accuracy) and `ece_reference` (the reference code's, where a confidence of exactly
     1.0 counts in the bin sizes but not in the per-bin accuracy or confidence: comparable with the papers'
-    ECE; see `expected_calibration_error_reference`)."""
+    ECE; see `expected_calibration_error_reference`). `confusion`: counts [true][predicted], from which the
+    model card draws its bootstrap intervals."""
     probs, y_true = np.asarray(probs), np.asarray(y_true)
     y_pred = probs.argmax(axis=1)
     return {
@@ -102,4 +148,5 @@ def classification_report(probs, y_true) -> dict:
         "ece": expected_calibration_error(probs, y_true),
         "ece_reference": expected_calibration_error_reference(probs, y_true),
         "n": int(len(y_true)),
+        "confusion": confusion_matrix(y_true, y_pred, probs.shape[1]).tolist(),
     }

@@ -1,4 +1,4 @@
-"""Trainable modules on top of frozen CLIP features (see ../shared/docs/algorithms.md §2.1, §3.1-3.3)."""
+"""Trainable modules on top of frozen CLIP features (see docs/algorithms.md §2.1, §3.1-3.3)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,19 @@ MASK_MARGIN = 0.01  # a row (or weight) is kept when mean|W| - t exceeds this
 
 class _CodeStep(torch.autograd.Function):
     """The reference code's step: forward 1[s > 0.01]; backward passes the gradient only where
-    |s| > 1. Since |s| is ~0.02 in practice, thresholds and the mask path get zero gradient."""
+    |s| > 1. Since |s| is ~0.02 in practice, thresholds and the mask path get zero gradient.
+    Written with `setup_context` and a generated vmap rule so that torch.func (DP-SGD's per-example
+    gradients, fedmedclip.privacy) can transform it; plain autograd computes exactly the same."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, s):
-        ctx.save_for_backward(s)
+    def forward(s):
         return (s > MASK_MARGIN).to(s.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -28,12 +35,18 @@ class _CodeStep(torch.autograd.Function):
 
 
 class _DSTStep(torch.autograd.Function):
-    """Dynamic Sparse Training's estimator: derivative 2-4|x| for |x|<=0.4, 0.4 for |x|<=1, else 0."""
+    """Dynamic Sparse Training's estimator: derivative 2-4|x| for |x|<=0.4, 0.4 for |x|<=1, else 0.
+    torch.func-compatible like _CodeStep."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, s):
-        ctx.save_for_backward(s)
+    def forward(s):
         return (s > 0).to(s.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -74,12 +87,18 @@ class MaskedLinear(nn.Module):
         s = self.weight.abs() - self.threshold.unsqueeze(1)
         return _DSTStep.apply(s) if torch.is_grad_enabled() else (s > 0).to(s.dtype)
 
+    def reset_if_collapsed(self) -> bool:
+        """The reference code resets thresholds when almost everything is masked; True when it did."""
+        with torch.no_grad():
+            if self.mask().mean() > 0.01:
+                return False
+            self.threshold.zero_()
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mask()
         if self.training and m.mean() <= 0.01:
-            # The reference code resets thresholds when almost everything is masked.
-            with torch.no_grad():
-                self.threshold.zero_()
+            self.reset_if_collapsed()
             m = self.mask()
         return F.linear(x, self.weight * m, self.bias)
 

@@ -30,7 +30,7 @@ def _save(fig, path: Path) -> None:
 def plot_accuracy(history: list[dict], path: Path, title: str = "", selected: int | None = None) -> None:
     """Accuracy per round: global test, each site's own test, the mean site validation, the selected round."""
     rounds = [r["round"] for r in history]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.6, 4.2))
     ax.plot(rounds, [r["global"]["acc"] for r in history], "k-o", ms=3, lw=2, label="global test")
     for i, site in enumerate(history[0]["sites"]):
         ys = _nan(r["sites"][i]["acc"] for r in history)
@@ -45,7 +45,8 @@ def plot_accuracy(history: list[dict], path: Path, title: str = "", selected: in
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # Outside the axes: inside, it covered the curves' right ends (the rounds that matter most).
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)

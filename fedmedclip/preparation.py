@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone, load_backbone, make_preprocessing
 from .config import SYNTHETIC, TrainConfig
-from .data import ImageSet, check_class_support, load_image, open_source
+from .data import ImageSet, check_class_support, deduplicate, load_image, open_source
 from .errors import ConfigError
 from .features import FeatureStore, build_feature_store, canonical_digest, check_training_classes
 from .methods import METHODS, Method, MethodContext, SiteData
@@ -42,6 +42,9 @@ def load_image_set(cfg: TrainConfig) -> ImageSet:
         image_set = open_source(
             _local_source(cfg), classes=cfg.classes, allow_outside_root=cfg.allow_outside_root
         )
+        # Byte-identical copies across splits would put a training image in a test split (the publisher
+        # of remote data applied this before publishing).
+        image_set = deduplicate(image_set, cfg.duplicates)
     if cfg.classes is None:  # an inferred class list: a label typo must not become a class of its own
         check_class_support(image_set, cfg.min_class_images)
     return image_set
@@ -235,6 +238,14 @@ def reference_features(partition: Partition, server_store: FeatureStore, transdu
     return _rows(server_store, ids)[0]
 
 
+def privacy_settings(cfg: TrainConfig):
+    """The run's differential-privacy settings (fedmedclip.privacy), None for a run without DP."""
+    from .privacy import PrivacySettings
+
+    settings = PrivacySettings.from_config(cfg.privacy)
+    return settings if settings.enabled else None
+
+
 def build_method(
     cfg: TrainConfig,
     text_features: torch.Tensor,
@@ -251,6 +262,8 @@ def build_method(
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         options=dict(cfg.method_options),
+        privacy=privacy_settings(cfg),
+        rounds=cfg.rounds,
     )
     if METHODS[cfg.method].needs_images:
         if backbone is None or preprocessing is None or class_names is None:

@@ -22,6 +22,23 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 PREPROCESSING_NAMES = ("clip", "squash")
 
+# Pillow modes holding more than 8 bits per grey value: exported MRI/CT slices are often 16-bit PNGs (I;16).
+# Pillow's own convert("RGB") clips them at 255 instead of scaling them.
+_HIGH_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB with its full bit depth kept in range: 16-bit grey (`I;16`, and `I` as some
+    Pillow versions open 16-bit PNGs) by its high byte, value >> 8, exactly as Pillow reads a 16-bit-per-channel
+    RGB PNG; every other mode as Pillow converts it. Training (`fedmedclip.data.load_image`) and serving
+    (`Preprocessing.to_uint8`) both go through this one function."""
+    if image.mode not in _HIGH_BIT_GREY:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"grey values {values.min()}..{values.max()} are outside 16 bits: no scale for them")
+    return Image.fromarray((values >> 8).astype(np.uint8), mode="L").convert("RGB")
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -36,8 +53,8 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
-        """Geometry only: RGB, resized (and cropped) to size x size, as uint8 HxWx3."""
-        image = image.convert("RGB")
+        """Geometry only: 8-bit RGB (`to_rgb8`), resized (and cropped) to size x size, as uint8 HxWx3."""
+        image = to_rgb8(image)
         resample = _RESAMPLE[self.resample]
         if self.center_crop:
             w, h = image.size

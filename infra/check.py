@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Check the cluster manifests before `kubectl apply`: no Secret may still hold a placeholder.
+"""Check the cluster manifests before `kubectl apply`: no Secret may still hold a placeholder, and the
+hospitals' S3 endpoint (the Ingress host) must not be the example one.
 
     python infra/check.py                          # infra/training and infra/serving, as kustomize renders them
     python infra/check.py infra/training           # one kustomization (a folder holding kustomization.yaml)
@@ -10,8 +11,8 @@ kustomization generates with `secretGenerator` (envs, files, literals). A value 
 or is empty, is reported by Secret and key (never by value); the exit status is then 1, and 0 when every
 Secret holds real values. Needs Python 3.9+ and PyYAML only: no fedmedclip, no cluster.
 
-`render(folder)` is a small stand-in for `kustomize build` (resources, namespace, secretGenerator); the
-manifest tests use it too. It ignores patches and image overrides, which do not change what is checked.
+`render(folder)` is a small stand-in for `kustomize build` (resources, namespace, secretGenerator, images); the
+manifest tests use it too. It ignores patches, which do not change what is checked.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - the message is the point
     sys.exit("infra/check.py needs PyYAML: pip install pyyaml")
 
 PLACEHOLDER = "CHANGE-ME"
+EXAMPLE_HOST_SUFFIX = ".example.org"  # minio-ingress.yaml's host, until replaced
 INFRA = Path(__file__).resolve().parent
 DEFAULT_TARGETS = (INFRA / "training", INFRA / "serving")
 KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -116,6 +118,35 @@ def _generated_secrets(kustomization: dict, folder: Path, kfile: Path) -> list[R
     return out
 
 
+def _set_images(doc: dict, images: list[dict]) -> None:
+    """kustomize's `images:` transformer: a container image named `name` becomes newName[:newTag|@digest]."""
+    if not images:
+        return
+    spec = doc.get("spec") or {}
+    pods = [
+        spec.get("template", {}).get("spec"),
+        spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec"),
+    ]
+    pods.append(spec.get("predictor") if doc.get("kind") == "InferenceService" else None)
+    for pod in filter(None, pods):
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            current = str(c.get("image", ""))
+            base = (
+                current.split("@")[0].rsplit(":", 1)[0]
+                if ":" in current.split("/")[-1]
+                else current.split("@")[0]
+            )
+            for entry in images:
+                if entry.get("name") == base:
+                    image = entry.get("newName", base)
+                    tag = current[len(base) :] if not (entry.get("newTag") or entry.get("digest")) else ""
+                    if entry.get("digest"):
+                        tag = f"@{entry['digest']}"
+                    elif entry.get("newTag"):
+                        tag = f":{entry['newTag']}"
+                    c["image"] = image + tag
+
+
 def render(folder: str | Path, used_files: set[Path] | None = None) -> list[Rendered]:
     """Everything the kustomization in `folder` renders, with its namespace applied. `used_files` collects
     every file read (to find manifests that no kustomization includes)."""
@@ -138,6 +169,8 @@ def render(folder: str | Path, used_files: set[Path] | None = None) -> list[Rend
                 used_files.add(target)
             out += [Rendered(doc, target) for doc in _load(target)]
     out += _generated_secrets(kustomization, folder, kfile)
+    for item in out:
+        _set_images(item.doc, kustomization.get("images") or [])
     namespace = kustomization.get("namespace")
     if namespace:
         for item in out:
@@ -159,14 +192,33 @@ def _secret_values(doc: dict) -> dict[str, str | None]:
     return values
 
 
+def _hosts(doc: dict) -> list[str]:
+    """The host names an Ingress serves or a cert-manager Certificate is for."""
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "Ingress":
+        return [r.get("host", "") for r in spec.get("rules") or []] + [
+            h for t in spec.get("tls") or [] for h in t.get("hosts") or []
+        ]
+    if doc.get("kind") == "Certificate":
+        return list(spec.get("dnsNames") or [])
+    return []
+
+
 def placeholder_problems(items: list[Rendered]) -> list[str]:
-    """One line per Secret key that holds a placeholder or nothing; [] when all are set."""
+    """One line per Secret key that holds a placeholder or nothing, and per host still the example one
+    (`EXAMPLE_HOST_SUFFIX`: the hospitals' S3 endpoint); [] when all are set."""
     problems = []
     for item in items:
         doc = item.doc
+        meta = doc.get("metadata") or {}
+        for host in dict.fromkeys(_hosts(doc)):
+            if host.endswith(EXAMPLE_HOST_SUFFIX):
+                problems.append(
+                    f"{item.source}: {doc['kind']} {meta.get('namespace', '-')}/{meta.get('name')}: host {host} is "
+                    "still the example host (the S3 endpoint the hospitals use)"
+                )
         if doc.get("kind") != "Secret":
             continue
-        meta = doc.get("metadata") or {}
         name = f"{meta.get('namespace', '-')}/{meta.get('name')}"
         for key, value in sorted(_secret_values(doc).items()):
             if value is None:
@@ -201,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     secrets = sum(1 for i in items if i.doc.get("kind") == "Secret")
     if problems:
         print(
-            f"{len(problems)} placeholder credential(s): replace them before `kubectl apply` (infra/README.md, "
-            '"Credentials"):',
+            f"{len(problems)} placeholder(s): replace them before `kubectl apply` (infra/README.md, "
+            '"Credentials" and "The hospitals\' S3 endpoint"):',
             file=sys.stderr,
         )
         for line in problems:

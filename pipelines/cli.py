@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
@@ -22,13 +23,20 @@ DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see 
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
 # TrainConfig fields that are not pipeline parameters (components.kfp_components.NOT_PARAMETERS).
-NOT_PIPELINE_FIELDS = ("federation", "out")
+NOT_PIPELINE_FIELDS = ("federation", "out", "aggregator", "duplicates")  # see kfp_components.NOT_PARAMETERS
 
 
 # ------------------------------------------------------------------------------------------- flags
 def _compile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compile options (fixed in the graph; sites and rounds are run-time parameters)")
-    g.add_argument("--base-image", default=None, help="the components' image (default: the training image)")
+    g.add_argument(
+        "--base-image",
+        default=None,
+        metavar="IMAGE",
+        help="the components' image: the training image you built and pushed (`docker build --target train -t "
+        "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
+        "because the default, ghcr.io/fedmedclip/train:0.1.0, is a placeholder nothing publishes",
+    )
     g.add_argument("--no-gpu", action="store_true", help="request no GPU for feature extraction")
     g.add_argument(
         "--gpu-node-selector",
@@ -147,7 +155,10 @@ def _pipeline_params(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("export, tracking and registry")
     g.add_argument("--export-site", default="global", help="model to export to ONNX ('' skips the export)")
     g.add_argument(
-        "--tracking-uri", default="", help="MLflow server ('': $MLFLOW_TRACKING_URI or no tracking)"
+        "--tracking-uri",
+        default="",
+        help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
+        "tracking; in a cluster the endpoints ConfigMap's)",
     )
     g.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (default: %(default)s)")
     g.add_argument("--model-name", default="fedmedclip", help="registered model (default: %(default)s)")
@@ -157,6 +168,12 @@ def _pipeline_params(p: argparse.ArgumentParser, defaults: dict) -> None:
         "--allow-different-data",
         action="store_true",
         help="promote even when the alias holder was trained on other data or another partition",
+    )
+    g.add_argument(
+        "--fail-if-not-promoted",
+        action="store_true",
+        help="fail the run when the promotion is refused (default: the version stays registered and the "
+        "register task's `promotion` output says why)",
     )
 
 
@@ -184,6 +201,7 @@ def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
         promote_alias=args.alias,
         allow_worse=args.allow_worse,
         allow_different_data=args.allow_different_data,
+        fail_if_not_promoted=args.fail_if_not_promoted,
         local_stack=local_stack,
     )
     if args.join_timeout is not None:
@@ -243,18 +261,28 @@ def cmd_run(args) -> int:
 
 
 def _run_local(args, cfg, root: Path, local_stack: str):
-    from pipelines.local import run_local
+    from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
+    from pipelines.local import run_local, server_status_reader
 
     root.mkdir(parents=True, exist_ok=True)
     if not args.mailbox and not cfg.data.startswith("s3://"):
         args.mailbox = str(root / "mailbox")
     if args.join_timeout is None:
         args.join_timeout = LOCAL_JOIN_TIMEOUT
+    # The one rule of every command (fedmedclip.tracking_server); a local run without a server is not tracked.
+    args.tracking_uri = find_tracking_uri(args.tracking_uri) or ""
+    print(
+        f"tracking: {args.tracking_uri}"
+        if args.tracking_uri
+        else f"tracking: none ({NO_TRACKING_SERVER}); the run is neither tracked nor registered",
+        flush=True,
+    )
     params = pipeline_arguments(args, cfg, local_stack)
     yaml_path = Path(args.yaml) if args.yaml else _compile(args, str(root / "pipeline.yaml"))
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
+    mailbox = args.mailbox or cfg.data.rstrip("/")
     with _kfp_chatter_off(not args.verbose):
         return run_local(
             yaml_path,
@@ -262,6 +290,7 @@ def _run_local(args, cfg, root: Path, local_stack: str):
             args.out,
             log_path=None if args.verbose else log_path,
             progress=not args.quiet,
+            rounds_of=server_status_reader(mailbox, local_stack),
             **params,
         )
 
@@ -311,25 +340,160 @@ def _print_run(run) -> None:
     print_summary(run.results, str(run.run_dir))
     print(learning_curve(run.results))
     print(f"model: {run.model_uri}" if run.model_uri else "model: not registered (no tracking server)")
+    if run.model_uri:
+        print(f"promotion: {run.promotion}")
+
+
+# The oldest Kubeflow Pipelines backend that runs the compiled YAML: kfp-kubernetes (2.17.0 here) writes the
+# `optional` field on every secret and config map mapped to environment variables, which drivers older than
+# 2.15 refuse ("unknown field \"optional\" in kfp_kubernetes.SecretAsEnv"); the Secret names taken from the
+# parties' loop items (secretNameParameter), activeDeadlineSeconds and retry back-off are older than that.
+MIN_KFP_BACKEND = (2, 15)
+
+
+def kfp_credentials(args):
+    """kfp.Client's keyword arguments for how this user signs in to the KFP API (multi-user Kubeflow):
+    an existing bearer token (--token, $KF_PIPELINES_TOKEN), a service-account token file that is read again
+    for each request (--token-file: kfp's ServiceAccountTokenVolumeCredentials, e.g. a projected token with
+    audience pipelines.kubeflow.org), the session cookie of the Kubeflow dashboard (--cookies), and the CA
+    that signed the endpoint's certificate (--ssl-ca-cert). Without any, kfp's own defaults."""
+    from fedmedclip.errors import ConfigError
+
+    kwargs = {}
+    token = args.token or os.environ.get("KF_PIPELINES_TOKEN")
+    if sum(bool(x) for x in (token, args.token_file, args.cookies)) > 1:
+        raise ConfigError("give one of --token (or $KF_PIPELINES_TOKEN), --token-file, --cookies")
+    if token:
+        kwargs["existing_token"] = token
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file():
+            raise ConfigError(f"--token-file {path}: no such file")
+        from kfp.client import ServiceAccountTokenVolumeCredentials
+
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=str(path))
+    if args.cookies:
+        kwargs["cookies"] = args.cookies
+    if args.ssl_ca_cert:
+        if not Path(args.ssl_ca_cert).is_file():
+            raise ConfigError(f"--ssl-ca-cert {args.ssl_ca_cert}: no such file")
+        kwargs["ssl_ca_cert"] = args.ssl_ca_cert
+    return kwargs
+
+
+def _auth_headers(kwargs: dict, token_file: str | None) -> dict:
+    headers = {}
+    token = kwargs.get("existing_token")
+    if token_file:
+        token = Path(token_file).read_text().strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if kwargs.get("cookies"):
+        headers["Cookie"] = kwargs["cookies"]
+    return headers
+
+
+def _http_problem(host: str, code: int, body: str) -> str:
+    detail = " ".join(body.split())[:200]
+    if code in (401, 403):
+        return (
+            f"the Kubeflow Pipelines API at {host} refused the request (HTTP {code}: {detail or 'no reason'}): "
+            "sign in with --token, --token-file or --cookies (multi-user Kubeflow), and --namespace your profile"
+        )
+    return f"the Kubeflow Pipelines API at {host} answered HTTP {code} ({detail or 'no body'})"
+
+
+def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, timeout: float = 10.0) -> dict:
+    """GET the KFP API's healthz with this user's credentials; returns its JSON. One line (FedMedClipError)
+    for what goes wrong: unreachable, refused credentials, another HTTP error, a backend older than
+    MIN_KFP_BACKEND."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from fedmedclip.errors import FedMedClipError
+
+    url = f"{host.rstrip('/')}/apis/v2beta1/healthz"
+    context = (
+        ssl.create_default_context(cafile=kwargs.get("ssl_ca_cert")) if url.startswith("https") else None
+    )
+    request = urllib.request.Request(url, headers=_auth_headers(kwargs, token_file))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
+            raw = r.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        raise FedMedClipError(_http_problem(host, e.code, e.read(2000).decode(errors="replace"))) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise FedMedClipError(
+            f"cannot reach the Kubeflow Pipelines API at {host} ({getattr(e, 'reason', e)}); check --host "
+            "(e.g. `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80`, then --host http://localhost:8080)"
+        ) from None
+    try:
+        health = json.loads(raw)
+    except ValueError:
+        raise FedMedClipError(f"{url} did not answer JSON: is {host} the Kubeflow Pipelines API?") from None
+    tag = str(health.get("tag_name") or health.get("tagName") or "")
+    parts = tag.lstrip("v").split(".")
+    parsed = (
+        (int(parts[0]), int(parts[1]))
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit()
+        else None
+    )
+    if parsed is not None and parsed < MIN_KFP_BACKEND:
+        raise FedMedClipError(
+            f"the Kubeflow Pipelines backend at {host} is {tag}; this pipeline needs "
+            f"{'.'.join(map(str, MIN_KFP_BACKEND))} or newer (pipelines/README.md, 'Backend version')"
+        )
+    return health
 
 
 def cmd_submit(args) -> int:
-    cfg = validated_config(args)  # before anything is compiled or submitted
-    import kfp
+    from fedmedclip.errors import ConfigError, FedMedClipError
 
+    cfg = validated_config(args)  # before anything is compiled or submitted
+    if not args.yaml and not args.base_image:
+        raise ConfigError(
+            "pass --base-image REGISTRY/fedmedclip-train:TAG (the training image you built and pushed: "
+            "`docker build --target train ...`, infra/README.md), or --yaml of a pipeline compiled with it: "
+            "the default image is a placeholder no registry serves"
+        )
+    credentials = kfp_credentials(args)
+    check_kfp_endpoint(args.host, credentials, args.token_file)  # one clear line before kfp's retries
     params = pipeline_arguments(args, cfg)
     yaml_path = args.yaml or _compile(
         args, str(Path(tempfile.mkdtemp(prefix="fedmedclip-kfp-")) / "pipeline.yaml")
     )
-    client = kfp.Client(host=args.host, namespace=args.namespace)
-    result = client.create_run_from_pipeline_package(
-        str(yaml_path),
-        arguments=params,
-        run_name=args.run_name,
-        experiment_name=args.experiment_name,
-        namespace=args.namespace,
-        enable_caching=not args.no_cache,
-    )
+    import kfp
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    quiet = [logging.getLogger(n) for n in ("kfp", "urllib3", "root")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)  # kfp logs a traceback per retry; the one line below says it all
+    try:
+        warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
+        client = kfp.Client(host=args.host, namespace=args.namespace, **credentials)
+        result = client.create_run_from_pipeline_package(
+            str(yaml_path),
+            arguments=params,
+            run_name=args.run_name,
+            experiment_name=args.experiment_name,
+            namespace=args.namespace,
+            enable_caching=not args.no_cache,
+        )
+    except ApiException as e:
+        raise FedMedClipError(
+            _http_problem(args.host, e.status or 0, str(e.body or e.reason or ""))
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as e:
+        raise FedMedClipError(
+            f"submitting to the Kubeflow Pipelines API at {args.host} failed: {e}"
+        ) from None
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
     print(f"submitted run {result.run_id}: {args.host.rstrip('/')}/#/runs/details/{result.run_id}")
     return 0
 
@@ -340,12 +504,14 @@ def cmd_demo(args) -> int:
     from components.policies import default_site_names
     from components.stack import start_stack
     from fedmedclip.errors import ConfigError
+    from fedmedclip.tracking_server import recorded_stack_dir
 
     cfg = validated_config(args)
     _local_paths(cfg)
-    ports = {k: v for k, v in (("s3_port", args.s3_port), ("mlflow_port", args.mlflow_port)) if v}
+    args.stack_dir = args.stack_dir or recorded_stack_dir()
     names = default_site_names(cfg.sites or 3) if cfg.partition != "natural" else None
-    info = start_stack(args.stack_dir, site_names=names, **ports)  # the running stack when it is already up
+    # The running stack when it is already up; else started, on free ports when the defaults are taken.
+    info = start_stack(args.stack_dir, args.s3_port, args.mlflow_port, site_names=names)
     missing = [n for n in names or [] if n not in info.site_names]
     if missing:
         raise ConfigError(
@@ -359,13 +525,28 @@ def cmd_demo(args) -> int:
     root = Path(args.pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-demo-")).resolve()
     run = _run_local(args, cfg, root, info.data_dir)
     _print_run(run)
-    print(f"\nMLflow UI:  {info.tracking_uri}\nmodel URI:  {run.model_uri or '(registration failed)'}")
+    print(
+        f"\nMLflow UI:  {_ui_link(info.tracking_uri, args.experiment)}\nmodel URI:  {run.model_uri or '(registration failed)'}"
+    )
     if run.model_uri and "@" not in run.model_uri:
         print(
             f"(registered but not promoted; `fedmedclip promote {args.model_name} --version ... --alias "
             f"{args.alias} --allow-worse` overrides)"
         )
     return 0
+
+
+def _ui_link(tracking_uri: str, experiment: str) -> str:
+    """The experiment's page in the UI's model-training view (MLflow 3 opens on its GenAI pages otherwise)."""
+    try:
+        from mlflow import MlflowClient
+
+        from components.tracking import experiment_ui_url
+
+        exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+        return experiment_ui_url(tracking_uri, exp.experiment_id) if exp is not None else tracking_uri
+    except Exception:  # a link is a courtesy: the address alone still works
+        return tracking_uri
 
 
 def _publish_for_demo(cfg, info, quiet: bool) -> str:
@@ -426,11 +607,32 @@ def register(subparsers) -> None:
     _pipeline_params(r, {"cache_dir": LOCAL_CACHE})
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint (kfp.Client)")
+    s = sub.add_parser(
+        "submit",
+        help="submit to a Kubeflow Pipelines endpoint (kfp.Client; backend "
+        f"{'.'.join(map(str, MIN_KFP_BACKEND))} or newer)",
+    )
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    a = s.add_argument_group("signing in (multi-user Kubeflow; one of the first three)")
+    a.add_argument(
+        "--token", default=None, help="an existing bearer token (default: $KF_PIPELINES_TOKEN, if set)"
+    )
+    a.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="a service-account token file, read for every request (kfp's ServiceAccountTokenVolumeCredentials; "
+        "in a pod: a projected token with audience pipelines.kubeflow.org)",
+    )
+    a.add_argument(
+        "--cookies",
+        default=None,
+        help="the Kubeflow dashboard's session cookie, e.g. 'authservice_session=...' (from your browser)",
+    )
+    a.add_argument("--ssl-ca-cert", default=None, metavar="PATH", help="CA bundle of an https endpoint")
     s.add_argument("--yaml", default=None, help="compiled YAML (default: compile with the options)")
-    s.add_argument("--run-name", default=None)
+    s.add_argument("--run-name", default=None, help="the KFP run's name (default: kfp's)")
     s.add_argument("--experiment-name", default="fedmedclip", help="KFP experiment")
     s.add_argument("--no-cache", action="store_true", help="disable KFP step caching for this run")
     _compile_options(s)
@@ -442,13 +644,20 @@ def register(subparsers) -> None:
         "demo",
         help="start the local stack, run the pipeline locally on its S3, register and promote the model",
     )
-    d.add_argument("--stack-dir", default=".stack", help="local stack data directory (default: %(default)s)")
     d.add_argument(
-        "--s3-port", type=int, default=None, help="S3 port when the stack starts (default: the stack's)"
+        "--stack-dir",
+        default=None,
+        help="local stack data directory (default: $FEDMEDCLIP_STACK_DIR, else .stack)",
     )
-    d.add_argument("--mlflow-port", type=int, default=None, help="MLflow port when the stack starts")
+    from components.cli import add_port_options
+
+    add_port_options(d)  # used when the stack starts; a running stack keeps its ports
     d.add_argument("--out", default=None, help="copy the run directory here")
-    d.add_argument("--pipeline-root", default=None)
+    d.add_argument(
+        "--pipeline-root",
+        default=None,
+        help="where the tasks' artifacts, the task log and (for local data) the mailbox go (default: a temp dir)",
+    )
     d.add_argument("--yaml", default=None, help="a compiled YAML to run (default: compile)")
     d.add_argument(
         "--local-data",

@@ -41,6 +41,7 @@ class LocalRun:
     results: dict
     seconds: float
     pipeline_root: Path
+    promotion: str = ""  # the register task's outcome: promoted, refused: <why>, not promoted (<why>)
 
 
 def _task_count(pipeline_yaml: Path) -> int:
@@ -50,12 +51,23 @@ def _task_count(pipeline_yaml: Path) -> int:
     return len(spec["root"]["dag"]["tasks"])
 
 
-def _watch_tasks(root: Path, total: int, done: threading.Event, progress: bool) -> None:
-    """A progress bar over the pipeline's tasks: a task is finished when its executor output exists."""
+def _watch_tasks(
+    root: Path,
+    total: int,
+    done: threading.Event,
+    progress: bool,
+    rounds: int = 0,
+    rounds_of=None,
+) -> None:
+    """Progress bars over the pipeline's tasks (a task is finished when its executor output exists) and,
+    with `rounds_of` (a reader of the federation server's status in the mailbox, `server_status_reader`),
+    over the federated rounds as the server closes them."""
     from tqdm.auto import tqdm
 
     seen: set[Path] = set()
-    with tqdm(total=total, desc="pipeline tasks", unit="task", disable=not progress) as bar:
+    with contextlib.ExitStack() as bars:
+        bar = bars.enter_context(tqdm(total=total, desc="pipeline tasks", unit="task", disable=not progress))
+        round_bar = None
         while True:
             finished = done.wait(0.5)
             new = set(root.glob("*/*/executor_output.json")) - seen
@@ -63,8 +75,106 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, progress: bool) 
                 seen.add(path)
                 bar.set_postfix_str(path.parent.name, refresh=False)
                 bar.update(1)
+            status = rounds_of() if rounds_of is not None and rounds and progress else None
+            if status:
+                if round_bar is None:
+                    round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
+                closed = rounds_closed(status, rounds)
+                round_bar.set_postfix_str(status_line(status), refresh=False)
+                round_bar.update(max(0, closed - round_bar.n))
             if finished:
                 return
+
+
+def rounds_closed(status: dict, rounds: int) -> int:
+    """How many rounds the server has closed, from its status (docs/contracts.md: `round` is the round it
+    works on; `done` when the run is over)."""
+    r = status.get("round")
+    if not isinstance(r, int):
+        return 0
+    return rounds if status.get("state") == "done" else max(0, min(rounds, r - 1))
+
+
+def status_line(status: dict) -> str:
+    text = f"server {status.get('state', '?')}"
+    if status.get("best_round") is not None:
+        text += f", best round {status['best_round']}"
+    return text
+
+
+def server_status_reader(mailbox: str, local_stack: str = ""):
+    """A function returning the federation server's last status (`runs/<run>/status/server.json` in the
+    mailbox) of the run the local pipeline started, or None while there is none. The run id is the KFP run's,
+    which kfp.local draws itself: the reader takes the run whose manifest appeared after it was made.
+
+    A local directory is read directly; an S3 mailbox with the local stack's admin key (`local_stack`), else
+    with the environment's credentials. Progress only: any failure is None."""
+    since = time.time() - 1.0
+    if not mailbox:
+        return None
+    found: dict = {}
+
+    if "://" not in mailbox:
+        runs = Path(mailbox) / "runs"
+
+        def newest():
+            manifests = [m for m in runs.glob("*/manifest.json") if m.stat().st_mtime >= since]
+            return max(manifests, key=lambda m: m.stat().st_mtime).parent.name if manifests else None
+
+        def read(run: str):
+            path = runs / run / "status" / "server.json"
+            return json.loads(path.read_text()) if path.is_file() else None
+
+    elif mailbox.startswith("s3://"):
+        bucket, _, prefix = mailbox[len("s3://") :].partition("/")
+        prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+
+        def client():
+            if "client" not in found:
+                if local_stack:
+                    from components.stack import read_state
+
+                    found["client"] = read_state(local_stack).s3_client()
+                else:
+                    import boto3
+
+                    found["client"] = boto3.client("s3")
+            return found["client"]
+
+        def newest():
+            listed = client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}runs/", Delimiter="/")
+            best = None
+            for common in listed.get("CommonPrefixes", []):
+                key = f"{common['Prefix']}manifest.json"
+                try:
+                    modified = client().head_object(Bucket=bucket, Key=key)["LastModified"].timestamp()
+                except Exception:
+                    continue
+                if modified >= since and (best is None or modified > best[0]):
+                    best = (modified, common["Prefix"][len(prefix) + len("runs/") :].strip("/"))
+            return best[1] if best else None
+
+        def read(run: str):
+            key = f"{prefix}runs/{run}/status/server.json"
+            return json.loads(client().get_object(Bucket=bucket, Key=key)["Body"].read(1 << 20))
+
+    else:
+        return None
+
+    def status() -> dict | None:
+        try:
+            if "run" not in found:
+                run = newest()
+                if run is None:
+                    return None
+                found["run"] = run
+            got = read(found["run"])
+            return got if isinstance(got, dict) else None
+        except Exception as exc:  # progress display only
+            log.debug("server status not readable yet: %s", exc)
+            return None
+
+    return status
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -181,12 +291,14 @@ def run_compiled(
     pipeline_root: str | Path | None = None,
     log_path: str | Path | None = None,
     progress: bool = False,
+    rounds_of=None,
     **params,
 ) -> CompiledRun:
     """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once.
 
     kfp.local streams every task's executor input and output (thousands of lines). With `log_path` they go
-    to that file instead, and `progress` shows a bar over the tasks; a failure quotes the log's tail."""
+    to that file instead, and `progress` shows a bar over the tasks (and over the rounds, read from the
+    server's status by `rounds_of`); a failure quotes the log's tail."""
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)
@@ -212,7 +324,16 @@ def run_compiled(
                 "ignore", message=".*(no effect in the current local runner|base image).*"
             )
             watcher = threading.Thread(
-                target=_watch_tasks, args=(root, _task_count(pipeline_yaml), done, progress), daemon=True
+                target=_watch_tasks,
+                args=(
+                    root,
+                    _task_count(pipeline_yaml),
+                    done,
+                    progress,
+                    int(params.get("rounds") or 0),
+                    rounds_of,
+                ),
+                daemon=True,
             )
             watcher.start()
             root_logger = logging.getLogger()
@@ -238,6 +359,7 @@ def run_local(
     out: str | Path | None = None,
     log_path: str | Path | None = None,
     progress: bool = False,
+    rounds_of=None,
     **params,
 ) -> LocalRun:
     """Execute the fedmedclip pipeline's compiled YAML locally with `params` as pipeline parameters; its
@@ -253,10 +375,15 @@ def run_local(
             and not params[key].startswith("s3://")
         ):
             params[key] = str(Path(params[key]).resolve())
-    done = run_compiled(pipeline_yaml, pipeline_root, log_path=log_path, progress=progress, **params)
+    done = run_compiled(
+        pipeline_yaml, pipeline_root, log_path=log_path, progress=progress, rounds_of=rounds_of, **params
+    )
     run_dir = Path(done.task.outputs["run_dir"].path)
     if out is not None:
         shutil.copytree(run_dir, out, dirs_exist_ok=True)
         run_dir = Path(out)
     results = json.loads((run_dir / "results.json").read_text())
-    return LocalRun(run_dir, done.task.outputs["model_uri"], results, done.seconds, done.pipeline_root)
+    outputs = done.task.outputs
+    return LocalRun(
+        run_dir, outputs["model_uri"], results, done.seconds, done.pipeline_root, outputs.get("promotion", "")
+    )

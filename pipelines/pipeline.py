@@ -104,6 +104,7 @@ def build_pipeline(options: CompileOptions | None = None):
         MLFLOW_SECRET_NAME,
         WORKER_TRACKING_ENV,
         components_for,
+        documented,
     )
 
     opt = options or CompileOptions()
@@ -148,11 +149,6 @@ def build_pipeline(options: CompileOptions | None = None):
         )
         return kubernetes.use_secret_as_env(task, MLFLOW_SECRET_NAME, MLFLOW_SECRET_KEYS, optional=True)
 
-    @dsl.pipeline(
-        name="federation-party",
-        description="One party of the federation (the server or a site): its feature extraction, then its "
-        "long-lived worker, both with that party's own S3 Secret.",
-    )
     def party_pipeline(
         role: str,
         party: str,
@@ -176,7 +172,7 @@ def build_pipeline(options: CompileOptions | None = None):
             extraction=extraction, role=role, party=party, index=index, local_stack=local_stack
         )
         # Cached on the extraction settings and the holder only: not the method, codec or rounds.
-        configure(extract, "extract", "extract features (own images, GPU)")
+        configure(extract, "extract", f"extract features (own images{', GPU' if opt.gpu else ''})")
         kubernetes.use_secret_as_env(extract, secret, secret_keys)
         s3_endpoint(gpu_task(extract))
 
@@ -206,15 +202,21 @@ def build_pipeline(options: CompileOptions | None = None):
         )
         return worker.output
 
+    party_summary = (
+        "One party of the federation (the server or a site): its feature extraction, then its long-lived "
+        "worker, both with that party's own S3 Secret."
+    )
+    party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(
+        documented(
+            party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run."
+        )
+    )
+
     class Outputs(NamedTuple):
         run_dir: dsl.Artifact
         model_uri: str
+        promotion: str
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="Federated adaptation of a frozen CLIP: a server and one long-lived worker per site, "
-        "exchanging module updates through an object store (any number of sites and rounds).",
-    )
     def fedmedclip_pipeline(
         data: str = _DEFAULTS.data,
         method: str = DEFAULT_METHOD,
@@ -241,6 +243,7 @@ def build_pipeline(options: CompileOptions | None = None):
         threads: int = _DEFAULTS.threads,
         method_options: str = "{}",
         synthetic: str = "{}",
+        privacy: str = "{}",
         mailbox: str = "",
         quorum: int = 0,
         round_timeout: float = 600.0,
@@ -252,49 +255,9 @@ def build_pipeline(options: CompileOptions | None = None):
         promote_alias: str = "champion",
         allow_worse: bool = False,
         allow_different_data: bool = False,
+        fail_if_not_promoted: bool = False,
         local_stack: str = "",
     ) -> Outputs:
-        """Federated adaptation of a frozen CLIP (FedMedCLIP, FACMIC and baselines) as a federation runtime.
-
-        Args:
-            data: Images: s3://BUCKET published per site by `fedmedclip data publish` (each party reads only its own prefix), or synthetic, an image folder or a CSV manifest readable in the pods.
-            method: The method (`fedmedclip methods` lists them and their options).
-            partition: iid, dirichlet (with alpha) or natural (the manifest's site column).
-            alpha: Dirichlet concentration (smaller = more label skew); 0 = unset.
-            sites: Number of sites (the partition's; any number: each is one iteration of the workers' loop).
-            site_names: Comma-separated site names to check against the partition's ('' = the partition's).
-            rounds: Federated rounds (a loop inside the workers: any number).
-            backbone: tiny | random-vit-b32 | random-vit-b16 | s3://BUCKET/PREFIX or models:/NAME/VERSION published by `fedmedclip backbone push` (downloaded once per pod, hash-checked).
-            preprocessing: squash or clip; '' = the method's recipe.
-            seed: Seed of the partition and of every random draw.
-            batch_size: Training batch size.
-            codec_up: How a site's update travels to the server.
-            codec_down: How the global module travels to the sites.
-            split: Per-site train,val,test shares, e.g. 0.8,0.1,0.1.
-            reference_fraction: Share of the training pool held out, unlabelled, as FACMIC's adaptation target.
-            transductive: FACMIC adapts toward the global test images (only to match the paper).
-            prompt_template: Class prompt; {} is the class name.
-            cache_dir: Feature stores, downloads and backbones inside each pod.
-            skip_bad_images: Skip unreadable images (counted, ids recorded) instead of failing.
-            classes: Comma-separated class list ('' = inferred from the data).
-            min_class_images: With an inferred class list, the fewest training images a class may have.
-            allow_outside_root: Allow manifest rows that resolve outside the manifest's folder.
-            threads: Torch threads of each worker.
-            method_options: Method options as a JSON object, e.g. {"lr_fam": 5e-4}.
-            synthetic: Arguments of the synthetic data generator as a JSON object.
-            mailbox: Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.
-            quorum: Fewest sites a round may aggregate once it times out; 0 = every site.
-            round_timeout: Seconds a round waits for the sites' updates.
-            join_timeout: Seconds round 1 waits while the sites prepare.
-            export_site: Model exported to ONNX: global, a site name, or '' (no export).
-            tracking_uri: MLflow server; '' = the endpoints ConfigMap's MLFLOW_TRACKING_URI (none: no tracking).
-            experiment: MLflow experiment of the live run.
-            model_name: Registered model name.
-            promote_alias: Alias the new version is promoted to ('' registers only).
-            allow_worse: Promote even when its global balanced accuracy is below the alias holder's.
-            allow_different_data: Promote even when the alias holder was trained on other data or partition.
-            local_stack: Local runs only: the local stack directory whose per-role keys each task takes ('' in a cluster, where each task gets its own Secret).
-        """
         prep = c.prepare(
             data=data,
             method=method,
@@ -320,6 +283,7 @@ def build_pipeline(options: CompileOptions | None = None):
             threads=threads,
             method_options=method_options,
             synthetic=synthetic,
+            privacy=privacy,
             site_names=site_names,
             mailbox=mailbox,
             local_stack=local_stack,
@@ -367,13 +331,23 @@ def build_pipeline(options: CompileOptions | None = None):
             alias=promote_alias,
             allow_worse=allow_worse,
             allow_different_data=allow_different_data,
+            fail_if_not_promoted=fail_if_not_promoted,
             kfp_run_id=run_id,
         )
         configure(reg, "register", "register + promote (MLflow)", cache=False)
         tracking(reg)
-        return Outputs(run_dir=report.outputs["run_dir"], model_uri=reg.outputs["Output"])
+        return Outputs(
+            run_dir=report.outputs["run_dir"],
+            model_uri=reg.outputs["model_uri"],
+            promotion=reg.outputs["promotion"],
+        )
 
-    return fedmedclip_pipeline
+    summary = (
+        "Federated adaptation of a frozen CLIP (FedMedCLIP, FACMIC and baselines) as a federation runtime: a "
+        "server and one long-lived worker per site, exchanging module updates through an object store (any "
+        "number of sites and rounds)."
+    )
+    return dsl.pipeline(name=PIPELINE_NAME, description=summary)(documented(fedmedclip_pipeline, summary))
 
 
 def compile_pipeline(out: str | Path = DEFAULT_YAML, options: CompileOptions | None = None) -> Path:

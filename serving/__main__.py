@@ -4,4 +4,6 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# Guarded: the server's JSON worker processes (spawned) import this module again as `__mp_main__`.
+if __name__ == "__main__":
+    sys.exit(main())

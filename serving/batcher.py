@@ -31,7 +31,8 @@ class Batching:
             )
 
 
-RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# uint8 [N, S, S, 3] -> arrays whose first dimension is N (probabilities, class_index, and the OOD outputs).
+RunFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
 @dataclass
@@ -50,8 +51,8 @@ class DynamicBatcher:
         concurrency: int = 1,
         on_dispatch: Callable[[list[float]], None] | None = None,
     ):
-        """`run` maps uint8 [N,S,S,3] to (probabilities [N,C], class_index [N]) and must be thread-safe when
-        `concurrency` > 1. `on_dispatch(queue_waits)` gets each batch's per-request waits (metrics)."""
+        """`run` maps uint8 [N,S,S,3] to a tuple of arrays with N rows each (probabilities, class_index, ...)
+        and must be thread-safe when `concurrency` > 1. `on_dispatch(queue_waits)` gets each batch's per-request waits (metrics)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_delay_s < 0:
@@ -72,7 +73,7 @@ class DynamicBatcher:
         self._running: set[asyncio.Task] = set()
         self.runs = 0  # ONNX Runtime runs so far (tests and logs)
 
-    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """Queue one request's images; resolves to that request's rows of the batched outputs."""
         if self._task is None or self._task.done():
             self._start()
@@ -138,7 +139,7 @@ class DynamicBatcher:
                 now = time.monotonic()
                 self._on_dispatch([now - it.enqueued for it in batch])
             self.runs += -(-len(images) // self.max_batch_size)
-            probs, index = await loop.run_in_executor(self._executor, self._run_chunked, images)
+            outputs = await loop.run_in_executor(self._executor, self._run_chunked, images)
         except Exception as exc:  # every waiting request gets the error instead of hanging
             for it in batch:
                 if not it.future.done():
@@ -150,16 +151,16 @@ class DynamicBatcher:
         for it in batch:
             n = len(it.images)
             if not it.future.done():
-                it.future.set_result((probs[offset : offset + n], index[offset : offset + n]))
+                it.future.set_result(tuple(out[offset : offset + n] for out in outputs))
             offset += n
 
-    def _run_chunked(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_chunked(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(images) <= self.max_batch_size:
             return self._run(images)
         parts = []
         for start in range(0, len(images), self.max_batch_size):
             parts.append(self._run(images[start : start + self.max_batch_size]))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
     def shutdown(self) -> None:
         """Synchronous stop (kserve's model.stop): no new runs; a run in progress finishes."""

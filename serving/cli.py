@@ -10,10 +10,13 @@ import argparse
 import errno
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
+
+from .errors import ServingError
 
 MIB = 1024 * 1024
 
@@ -21,16 +24,19 @@ MIB = 1024 * 1024
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve",
-        help="serve an exported ONNX classifier over the v2 Open Inference Protocol (KServe, REST + gRPC)",
-        description="Serve an exported fedmedclip ONNX model with KServe's ModelServer on ONNX Runtime. "
-        "REST on --http-port (/v2/models/NAME/infer, /v2/health/*, /metrics), gRPC on --grpc-port.",
+        help="serve exported ONNX classifiers over the v2 Open Inference Protocol (REST + gRPC)",
+        description="Serve one or more exported fedmedclip ONNX models on ONNX Runtime, each under its name: "
+        "REST on --http-port (/v2/models/NAME[/versions/V]/infer, /v2/health/*, /metrics), gRPC on --grpc-port.",
     )
     serve.add_argument(
-        "model",
+        "models",
+        nargs="+",
+        metavar="[NAME=]MODEL",
         help="an .onnx file, a folder holding one (e.g. KServe's /mnt/models), or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION from the MLflow registry (MLFLOW_TRACKING_URI), verified against its onnx_sha256 "
+        "models:/NAME/VERSION from the MLflow registry ($MLFLOW_TRACKING_URI, else the running local stack), verified against its onnx_sha256 "
         "tag; a file is verified against --expected-sha256 or the MODEL.onnx.sha256 sidecar `fedmedclip export` "
-        "writes, and refused without either",
+        "writes, and refused without either. Several models: give each a name, e.g. "
+        "`global=models:/fedmedclip@champion site_0=site_0.onnx`",
     )
     serve.add_argument(
         "--host",
@@ -39,7 +45,9 @@ def register(subparsers) -> None:
         "interface, as in a container)",
     )
     serve.add_argument(
-        "--name", default="fedmedclip", help="model name on the endpoints (default: %(default)s)"
+        "--name",
+        default="fedmedclip",
+        help="name of a single model given without NAME= (default: %(default)s)",
     )
     serve.add_argument("--http-port", type=int, default=8080, help="REST port (default: %(default)s)")
     serve.add_argument("--grpc-port", type=int, default=8081, help="gRPC port (default: %(default)s)")
@@ -120,7 +128,77 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
-    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a REST request body may take to arrive; a body announced and not sent gets 408 "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM: seconds the server keeps answering while its readiness says no (so load balancers "
+        "stop sending) before the ports close (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, after the drain: longest wait for requests still in flight (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--json-workers",
+        type=int,
+        default=1,
+        help="processes parsing large JSON request bodies off the server's interpreter (0: threads only; "
+        "default: %(default)s)",
+    )
+    serve.add_argument(
+        "--model-control-token-file",
+        help="enable model control (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
+        "Unload) for requests with `Authorization: Bearer TOKEN`, TOKEN being this file's content (at least 32 "
+        "characters). Without it, no model can be loaded or unloaded over the network",
+    )
+    serve.add_argument(
+        "--ood-window",
+        type=int,
+        default=200,
+        help="images over which fedmedclip_ood_window_rate is the share flagged out_of_distribution "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drift-window",
+        type=int,
+        default=200,
+        help="recent images whose embeddings the drift test compares with the exported reference "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drift-every",
+        type=int,
+        default=50,
+        help="run the drift test again after this many new images (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drift-permutations",
+        type=int,
+        default=100,
+        help="permutations of the MMD test (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--drift-p-value",
+        type=float,
+        default=0.05,
+        help="level of the reported MMD^2 threshold (fedmedclip_drift_mmd2_threshold; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="the server's log level (default: %(default)s)",
+    )
     serve.set_defaults(func=_serve)
 
     predict = subparsers.add_parser(
@@ -146,16 +224,46 @@ def register(subparsers) -> None:
 # ---- serve ------------------------------------------------------------------------------------------------
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def model_specs(items: list[str], default_name: str) -> list[tuple[str, str]]:
+    """(name, model spec) for each `serve` argument: `NAME=SPEC`, or a bare SPEC served as `default_name`."""
+    specs = []
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not MODEL_NAME.match(name) or not spec:
+            name, spec = default_name, item
+        specs.append((name, spec))
+    if not MODEL_NAME.match(default_name):
+        raise ServingError(
+            f"--name {default_name!r}: a model name is 1-63 letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit"
+        )
+    names = [n for n, _ in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ServingError(
+            f"two models named {duplicates}: give each model its own name, e.g. `serve global=a.onnx site_0=b.onnx`"
+        )
+    return specs
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .batcher import Batching
-    from .errors import ServingError
     from .images import Limits
+    from .monitor import MonitorOptions
 
+    specs = model_specs(args.models, args.name)
+    if args.expected_sha256 and len(specs) > 1:
+        raise ServingError(
+            "--expected-sha256 checks a single model; with several, each needs its sidecar or tag"
+        )
     for opt in ("http_port", "grpc_port") if not args.no_grpc else ("http_port",):
         port = getattr(args, opt)
         if not 0 < port < 65536:
             raise ServingError(f"--{opt.replace('_', '-')} must be a TCP port, got {port}")
-        # Checked before the model is fetched and loaded: kserve would only fail once it starts listening.
+        # Checked before the model is fetched and loaded: the server would only fail once it starts listening.
         problem = _cannot_listen(args.host, port)
         if problem:
             raise ServingError(f"--{opt.replace('_', '-')} {port} {problem} (--host {args.host})")
@@ -170,47 +278,66 @@ def _serve(args: argparse.Namespace) -> int:
             max_decode_seconds=args.max_decode_seconds,
         )
         batching = Batching(args.max_batch_size, args.max_batch_delay_ms, args.batch_concurrency)
-        if args.decode_threads < 0:
-            raise ValueError(f"--decode-threads must be 0 or more, got {args.decode_threads}")
+        monitoring = MonitorOptions(
+            args.ood_window, args.drift_window, args.drift_every, args.drift_permutations, args.drift_p_value
+        )
+        if args.decode_threads < 0 or args.json_workers < 0:
+            raise ValueError("--decode-threads and --json-workers must be 0 or more")
+        if not (args.body_timeout > 0 and args.drain_seconds >= 0 and args.grace_period >= 0):
+            raise ValueError("--body-timeout must be positive, --drain-seconds and --grace-period 0 or more")
+        if not (args.ood_window >= 1 and args.drift_window >= 2 and args.drift_every >= 1):
+            raise ValueError("--ood-window must be at least 1, --drift-window 2, --drift-every 1")
+        if not (args.drift_permutations >= 10 and 0 < args.drift_p_value < 1):
+            raise ValueError("--drift-permutations must be at least 10 and --drift-p-value in (0, 1)")
     except ValueError as exc:
         raise ServingError(f"bad option: {exc}") from None
+    token = _control_token(args.model_control_token_file)
 
     from .runtime import OnnxClassifier
     from .source import resolve_model
 
     _log_to_stderr(args.log_level)
-    # Model file, hash and execution provider are checked before kserve is imported (a second or two), so a
-    # wrong hash or a missing GPU fails fast.
-    resolved = resolve_model(args.model, expected_sha256=args.expected_sha256, cache_dir=args.cache_dir)
-    classifier = OnnxClassifier(
-        resolved.path,
-        device=args.device,
-        intra_op_threads=args.ort_threads,
-        spin=args.ort_spin,
-        expected_sha256=resolved.sha256,
-    )
-    # A model that cannot run, or answers NaN, is refused here too, before kserve is imported.
-    classifier.warm_up((1, batching.max_batch_size))
+    # Model files, hashes and execution provider are checked before kserve is imported (a second or two), so
+    # a wrong hash or a missing GPU fails fast.
+    loaded = []
+    for name, spec in specs:
+        cache = str(Path(args.cache_dir) / name) if args.cache_dir and len(specs) > 1 else args.cache_dir
+        resolved = resolve_model(spec, expected_sha256=args.expected_sha256, cache_dir=cache)
+        classifier = OnnxClassifier(
+            resolved.path,
+            device=args.device,
+            intra_op_threads=args.ort_threads,
+            spin=args.ort_spin,
+            expected_sha256=resolved.sha256,
+        )
+        # A model that cannot run, or answers NaN, is refused here too, before kserve is imported.
+        classifier.warm_up((1, batching.max_batch_size))
+        loaded.append((name, resolved, classifier))
 
     from .model import FedMedClipModel
     from .server import ServerOptions, configure_logging, run_server
 
     configure_logging(args.log_level)
-    model = FedMedClipModel(
-        args.name,
-        resolved.path,
-        device=args.device,
-        limits=limits,
-        batching=batching,
-        intra_op_threads=args.ort_threads,
-        origin=resolved.origin,
-        sha256=resolved.sha256,
-        classifier=classifier,
-        decode_threads=args.decode_threads,
-    )
-    model.load()
+    models = []
+    for name, resolved, classifier in loaded:
+        model = FedMedClipModel(
+            name,
+            resolved.path,
+            device=args.device,
+            limits=limits,
+            batching=batching,
+            intra_op_threads=args.ort_threads,
+            origin=resolved.origin,
+            sha256=resolved.sha256,
+            version=resolved.version,
+            classifier=classifier,
+            decode_threads=args.decode_threads,
+            monitoring=monitoring,
+        )
+        model.load()
+        models.append(model)
     run_server(
-        model,
+        models,
         ServerOptions(
             host=args.host,
             http_port=args.http_port,
@@ -218,9 +345,29 @@ def _serve(args: argparse.Namespace) -> int:
             enable_grpc=not args.no_grpc,
             max_request_bytes=limits.max_request_bytes,
             access_log=args.access_log,
+            drain_seconds=args.drain_seconds,
+            grace_period_s=args.grace_period,
+            body_timeout_s=args.body_timeout,
+            json_workers=args.json_workers,
+            control_token=token,
         ),
     )
     return 0
+
+
+def _control_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ServingError(f"--model-control-token-file: cannot read {path}: {exc}") from None
+    if len(token) < 32 or any(c.isspace() for c in token):
+        raise ServingError(
+            f"--model-control-token-file {path}: the token must be one word of at least 32 characters "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return token
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -13,10 +13,21 @@ class ServingError(FedMedClipError):
 
 class RequestRejected(ValueError):
     """A client error in one inference request. `code` is a short stable reason (the metrics label);
-    `message` names the problem for the client. The model turns it into kserve's InvalidInput (HTTP 400,
-    gRPC INVALID_ARGUMENT)."""
+    `message` names the problem for the client, never quoting more than a few characters of what it sent.
+    HTTP `status` (400 unless said otherwise); gRPC maps it to INVALID_ARGUMENT (413: RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, status: int = 400):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
+
+    def __reduce__(self):  # raised in the JSON worker process: it must survive pickling with its fields
+        return (type(self), (self.code, self.message, self.status))
+
+
+def quoted(value: object, limit: int = 40) -> str:
+    """`repr` of something a client sent, cut to `limit` characters: error messages and log lines name what
+    was wrong without echoing the request."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,13 +3,16 @@
 v2 Open Inference Protocol, REST and gRPC. One request carries exactly one input tensor:
   - `image_bytes` BYTES [N]: encoded JPEG/PNG files, decoded and resized here with the training geometry;
   - `images` UINT8 [N, S, S, 3]: pixels already through `Preprocessing.to_uint8`.
-Outputs: `probabilities` FP32 [N, C], `class_index` INT64 [N], `class_name` BYTES [N]; the response parameter
-`class_names` (JSON list) lets clients label every column. A model that answers NaN or inf for an image gets
-the request an error (HTTP 500), never a 200 with null probabilities.
+Outputs: `probabilities` FP32 [N, C], `class_index` INT64 [N], `class_name` BYTES [N], and for a model
+exported with its OOD score `ood_score` FP32 [N] with `out_of_distribution` BOOL [N] (score above the
+exported threshold); the response parameter `class_names` (JSON list) labels every column. Every answer
+carries `model_version`: the registry version the server resolved, or the file's sha256 prefix. A model
+that answers NaN or inf for an image gets the request an error (HTTP 500), never a 200 with null values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import struct
@@ -20,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, InvalidInput, kserve
+from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve
 from .batcher import Batching, DynamicBatcher
-from .errors import RequestRejected
+from .errors import RequestRejected, quoted
 from .images import DecodePool, Limits, as_encoded_bytes, install_pil_guards
+from .monitor import DriftTest, MonitorOptions, OodWindow
 from .runtime import OnnxClassifier
 
 log = logging.getLogger("fedmedclip.serving")
@@ -31,6 +35,11 @@ log = logging.getLogger("fedmedclip.serving")
 INPUT_UINT8 = "images"
 INPUT_BYTES = "image_bytes"
 OUTPUT_NAMES = ("probabilities", "class_index", "class_name")
+OOD_OUTPUT_NAMES = ("ood_score", "out_of_distribution")
+PLATFORM = "onnx_onnxv1"  # the protocol's platform name for an ONNX model run by ONNX Runtime
+METADATA_PREFIX = "onnx.metadata."  # model metadata `properties`: the ONNX file's metadata_props, as they are
+SERVED_PREFIX = "served."  # ... and what the server knows of the file (sha256, origin, version, device)
+_LONG_PROPERTY = 4096  # a metadata value longer than this is reported by its sha256
 
 
 class FedMedClipModel(kserve.Model):
@@ -45,11 +54,14 @@ class FedMedClipModel(kserve.Model):
         intra_op_threads: int = 0,
         origin: str | None = None,
         sha256: str | None = None,
+        version: str | None = None,
         classifier: OnnxClassifier | None = None,
         decode_threads: int = 0,
+        monitoring: MonitorOptions | None = None,
     ):
         """`classifier`: an already created session for `model_path` (the CLI creates it before importing
-        kserve so that a bad model or --device fails fast); otherwise `load` creates it. `decode_threads`:
+        kserve so that a bad model or --device fails fast); otherwise `load` creates it. `version`: what
+        answers carry as `model_version` (the registry version, else the sha256 prefix). `decode_threads`:
         threads decoding encoded images (0: one per core, at most 8)."""
         super().__init__(name)
         self.model_path = Path(model_path)
@@ -59,10 +71,15 @@ class FedMedClipModel(kserve.Model):
         self.intra_op_threads = intra_op_threads
         self.origin = origin or str(model_path)
         self.sha256 = sha256
+        self.version = version or (sha256[:12] if sha256 else "1")
         self.classifier = classifier
         self.decode_threads = decode_threads
+        self.monitoring = monitoring or MonitorOptions()
         self.batcher: DynamicBatcher | None = None
         self.decoder: DecodePool | None = None
+        self.ood_window: OodWindow | None = None
+        self.drift: DriftTest | None = None
+        self._ready_gauge = metrics.MODEL_READY.labels(name)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -74,6 +91,25 @@ class FedMedClipModel(kserve.Model):
             )
         self.classifier.warm_up((1, self.batching.max_batch_size))
         contract = self.classifier.contract
+        self.output_names = OUTPUT_NAMES + (OOD_OUTPUT_NAMES if contract.ood else ())
+        if contract.ood:
+            self.ood_window = OodWindow(self.name, self.monitoring.ood_window, contract.ood.false_alarm_rate)
+            self.drift = DriftTest(
+                self.name,
+                contract.ood.reference,
+                contract.ood.sigma,
+                window=self.monitoring.drift_window,
+                every=self.monitoring.drift_every,
+                permutations=self.monitoring.drift_permutations,
+                p_value=self.monitoring.drift_p_value,
+            )
+        else:
+            log.warning(
+                "model %r (%s) was exported without an OOD score: its answers carry no ood_score or "
+                "out_of_distribution, and no drift is measured (export it again with `fedmedclip export`)",
+                self.name,
+                self.origin,
+            )
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
         self._class_names_json = json.dumps(list(contract.class_names))
         self._batch_size_metric = metrics.BATCH_SIZE.labels(self.name)
@@ -92,9 +128,10 @@ class FedMedClipModel(kserve.Model):
         )
         meta = contract.metadata
         log.info(
-            "model %r from %s (sha256 %s): %d classes %s, image %dx%d (%s preprocessing), method=%s site=%s "
-            "run_id=%s precision=%s; providers %s; batching %s; limits %s; %d decoding threads",
+            "model %r version %s from %s (sha256 %s): %d classes %s, image %dx%d (%s preprocessing), method=%s "
+            "site=%s run_id=%s precision=%s; OOD %s; providers %s; batching %s; limits %s; %d decoding threads",
             self.name,
+            self.version,
             self.origin,
             self.sha256 or "not computed",
             contract.num_classes,
@@ -106,22 +143,58 @@ class FedMedClipModel(kserve.Model):
             meta.get("fedmedclip.site"),
             meta.get("fedmedclip.run_id"),
             contract.precision,
+            (
+                f"threshold {contract.ood.threshold:.4g} at a false-alarm rate of {contract.ood.false_alarm_rate:g}"
+                if contract.ood
+                else "none"
+            ),
             list(self.classifier.providers),
             self.batching,
             self.limits,
             self.decoder.threads,
         )
         self.ready = True
+        self._ready_gauge.set(1)
         return self.ready
+
+    def unload(self) -> None:
+        """Stop serving and free the session (the model-control extension); `load` brings it back, checked
+        against the same sha256."""
+        self.stop()
+        self.classifier = None
 
     def stop(self) -> None:
         self.ready = False
-        if self.batcher is not None:
-            self.batcher.shutdown()
-        if self.decoder is not None:
-            self.decoder.shutdown()
+        self._ready_gauge.set(0)
+        for part in (self.batcher, self.decoder, self.drift):
+            if part is not None:
+                part.shutdown()
+        self.batcher = self.decoder = self.drift = None
 
     # ---- v2 model metadata -----------------------------------------------------------------------------
+
+    def metadata(self) -> dict:
+        """The protocol's model metadata: name, versions, platform, inputs, outputs, and `properties`
+        (strings): the ONNX metadata_props under `onnx.metadata.` and the served file's facts under `served.`."""
+        properties = {
+            f"{SERVED_PREFIX}version": self.version,
+            f"{SERVED_PREFIX}origin": self.origin,
+            f"{SERVED_PREFIX}sha256": self.sha256 or "",
+        }
+        if self.classifier is not None:
+            properties[f"{SERVED_PREFIX}device"] = self.classifier.device
+            for key, value in sorted(self.classifier.contract.metadata.items()):
+                if len(value) > _LONG_PROPERTY:
+                    value = f"sha256:{hashlib.sha256(value.encode()).hexdigest()} ({len(value)} characters)"
+                properties[METADATA_PREFIX + key] = value
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": PLATFORM,
+            "inputs": self.get_input_types(),
+            "outputs": self.get_output_types(),
+            "properties": properties,
+        }
 
     def get_input_types(self) -> list[dict]:
         s = self.classifier.contract.image_size
@@ -132,11 +205,17 @@ class FedMedClipModel(kserve.Model):
 
     def get_output_types(self) -> list[dict]:
         c = self.classifier.contract.num_classes
-        return [
+        types = [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, c]},
             {"name": "class_index", "datatype": "INT64", "shape": [-1]},
             {"name": "class_name", "datatype": "BYTES", "shape": [-1]},
         ]
+        if self.classifier.contract.ood:
+            types += [
+                {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+                {"name": "out_of_distribution", "datatype": "BOOL", "shape": [-1]},
+            ]
+        return types
 
     # ---- inference -------------------------------------------------------------------------------------
 
@@ -148,23 +227,18 @@ class FedMedClipModel(kserve.Model):
             inp = self._select_input(payload)
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
             images = self._uint8_images(inp) if kind == "uint8" else await self._decode_bytes(inp)
-            probs, index = await self.batcher.submit(images)
-            self._check_finite(probs)
-        except RequestRejected as exc:
-            metrics.ERRORS.labels(self.name, exc.code).inc()
-            raise InvalidInput(exc.message) from None
+            outputs = await self.batcher.submit(images)
+            self._check_finite(outputs)
         except _NonFiniteOutput as exc:
             metrics.ERRORS.labels(self.name, "non_finite_output").inc()
             log.error("%s", exc)
             raise InferenceError(str(exc)) from None
-        except Exception:
-            metrics.ERRORS.labels(self.name, "internal").inc()
-            raise
+        # Refusals (RequestRejected) and internal errors go up: the front end logs and counts each once.
         finally:
             metrics.REQUESTS.labels(self.name, protocol, kind).inc()
             metrics.LATENCY.labels(self.name, protocol).observe(time.perf_counter() - started)
-        metrics.IMAGES.labels(self.name).inc(len(index))
-        return self._response(payload, probs, index)
+        metrics.IMAGES.labels(self.name).inc(len(outputs[1]))
+        return self._response(payload, outputs)
 
     def _select_input(self, payload):
         if not isinstance(payload, InferRequest):
@@ -178,29 +252,31 @@ class FedMedClipModel(kserve.Model):
             f"'{INPUT_BYTES}' (BYTES [N], encoded JPEG/PNG files) or '{INPUT_UINT8}' (UINT8 [N,{s},{s},3])"
         )
         if len(payload.inputs) != 1:
-            names = [i.name for i in payload.inputs]
+            names = [quoted(i.name) for i in payload.inputs[:4]]
             raise RequestRejected(
-                "input_count", f"expected exactly one input tensor, {expected}; got {len(names)}: {names}"
+                "input_count",
+                f"expected exactly one input tensor, {expected}; got {len(payload.inputs)}: {names}",
             )
         for out in payload.request_outputs or []:
-            if out.name not in OUTPUT_NAMES:
+            if out.name not in self.output_names:
                 raise RequestRejected(
-                    "unknown_output", f"unknown output {out.name!r}; this model has {list(OUTPUT_NAMES)}"
+                    "unknown_output",
+                    f"unknown output {quoted(out.name)}; this model has {list(self.output_names)}",
                 )
             _check_parameters(out.parameters, f"output {out.name!r}", {"binary_data": bool})
         inp = payload.inputs[0]
         _check_parameters(inp.parameters, f"input {inp.name!r}", {"binary_data_size": int})
         if inp.name not in (INPUT_UINT8, INPUT_BYTES):
-            raise RequestRejected("unknown_input", f"unknown input {inp.name!r}; send {expected}")
+            raise RequestRejected("unknown_input", f"unknown input {quoted(inp.name)}; send {expected}")
         want = "UINT8" if inp.name == INPUT_UINT8 else "BYTES"
         if inp.datatype != want:
             raise RequestRejected(
                 "bad_dtype",
-                f"input {inp.name!r} must have datatype {want}, got {inp.datatype}; send {expected}",
+                f"input {inp.name!r} must have datatype {want}, got {quoted(inp.datatype)}; send {expected}",
             )
         shape = list(inp.shape)
-        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise RequestRejected("bad_shape", f"input {inp.name!r} has an invalid shape {shape}")
+        if not shape or not all(type(d) is int and d >= 0 for d in shape):
+            raise RequestRejected("bad_shape", f"input {inp.name!r} has an invalid shape {quoted(shape)}")
         return inp
 
     def _check_count(self, n: int) -> None:
@@ -223,7 +299,7 @@ class FedMedClipModel(kserve.Model):
                 f"got {shape}; send encoded files as {INPUT_BYTES!r} to have the server resize them",
             )
         self._check_count(shape[0])
-        if inp._raw_data is None:  # JSON numbers: as_numpy would truncate 1.7 to 1 and read "7" as 7
+        if inp._raw_data is None:  # gRPC typed contents (uint32s): as_numpy would wrap 300 to 44
             _check_uint8_values(inp.data)
         try:
             images = inp.as_numpy()
@@ -269,15 +345,19 @@ class FedMedClipModel(kserve.Model):
         self._decoded_pixels_metric.inc(pixels)
         self._decode_seconds_metric.observe(cpu_seconds)
 
-    def _check_finite(self, probs: np.ndarray) -> None:
-        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    def _check_finite(self, outputs: tuple[np.ndarray, ...]) -> None:
+        n = len(outputs[1])
+        bad = ~np.isfinite(outputs[0]).all(axis=1)
+        for extra in outputs[2:]:
+            bad |= ~np.isfinite(extra.reshape(n, -1)).all(axis=1)
+        bad = np.flatnonzero(bad)
         if len(bad):
             raise _NonFiniteOutput(
-                f"model {self.name!r} ({self.origin}) answered NaN or inf probabilities for image(s) "
-                f"{bad.tolist()} of this request; no answer is given for a broken model output"
+                f"model {self.name!r} ({self.origin}) answered NaN or inf for image(s) "
+                f"{bad.tolist()[:16]} of this request; no answer is given for a broken model output"
             )
 
-    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """One ONNX Runtime run (batcher thread)."""
         started = time.perf_counter()
         out = self.classifier.run(images)
@@ -289,22 +369,34 @@ class FedMedClipModel(kserve.Model):
         for w in waits:
             self._queue_metric.observe(w)
 
-    def _response(self, payload: InferRequest, probs: np.ndarray, index: np.ndarray) -> InferResponse:
+    def _response(self, payload: InferRequest, outputs: tuple[np.ndarray, ...]) -> InferResponse:
+        probs, index = outputs[:2]
         n = len(index)
         available = {
             "probabilities": InferOutput("probabilities", [n, probs.shape[1]], "FP32", data=probs),
             "class_index": InferOutput("class_index", [n], "INT64", data=index),
             "class_name": InferOutput("class_name", [n], "BYTES", data=self._class_names[index]),
         }
+        parameters = {"class_names": self._class_names_json}
+        ood = self.classifier.contract.ood
+        if ood is not None:
+            score, embedding = outputs[2:4]
+            flags = score > ood.threshold
+            available["ood_score"] = InferOutput("ood_score", [n], "FP32", data=score)
+            available["out_of_distribution"] = InferOutput("out_of_distribution", [n], "BOOL", data=flags)
+            parameters["ood_threshold"] = repr(ood.threshold)
+            self.ood_window.observe(flags)
+            self.drift.observe(embedding)
         requested = payload.request_outputs
-        outputs = [available[o.name] for o in requested] if requested else list(available.values())
+        chosen = [available[o.name] for o in requested] if requested else list(available.values())
         rest = not payload.from_grpc
         return InferResponse(
             # kserve 0.21 answers HTTP 500 when a response has no id: v2 clients may omit it.
             response_id=payload.id or str(uuid.uuid4()),
             model_name=self.name,
-            infer_outputs=outputs,
-            parameters={"class_names": self._class_names_json},
+            model_version=self.version,
+            infer_outputs=chosen,
+            parameters=parameters,
             # REST honours the client's binary_data choices; gRPC always returns raw contents
             # (passing the REST flags into a gRPC response breaks it in kserve 0.21).
             use_binary_outputs=payload.use_binary_outputs if rest else False,
@@ -332,40 +424,16 @@ def _check_parameters(parameters, where: str, typed: dict[str, type]) -> None:
                 raise RequestRejected(
                     "bad_parameters",
                     f"{where}: parameter {key!r} must be {'an integer' if kind is int else 'true or false'}, "
-                    f"got {value!r}",
+                    f"got {quoted(value)}",
                 )
 
 
 def _check_uint8_values(data) -> None:
-    """A UINT8 tensor sent as JSON numbers holds integers 0-255 and nothing else (flat or nested lists)."""
-    try:
-        values = np.asarray(data)
-    except ValueError:  # ragged nesting
-        raise RequestRejected(
-            "bad_value", "input 'images' (UINT8): 'data' must be a flat or regularly nested list of integers"
-        ) from None
-    if values.dtype.kind not in "iu":
-        example = next((v for v in _leaves(data) if not _is_plain_int(v)), None)
-        raise RequestRejected(
-            "bad_value",
-            f"input 'images' (UINT8): 'data' must hold integers 0-255, got {type(example).__name__} "
-            f"values such as {example!r}; nothing is rounded or converted",
-        )
+    """A UINT8 tensor sent as gRPC typed contents (`uint_contents`, 32-bit) holds 0-255 only: as_numpy would
+    wrap 300 to 44. (REST JSON data is checked by serving.protocol, which keeps the exact JSON types.)"""
+    values = np.asarray(data, dtype=np.int64)
     if values.size and (values.min() < 0 or values.max() > 255):
         bad = values.min() if values.min() < 0 else values.max()
         raise RequestRejected(
-            "bad_value", f"input 'images' (UINT8): 'data' must hold integers 0-255, got {int(bad)}"
+            "bad_value", f"input 'images' (UINT8): its values must be integers 0-255, got {int(bad)}"
         )
-
-
-def _leaves(data):
-    """The scalars of a (nested) JSON list, in order."""
-    for item in data if isinstance(data, (list, tuple)) else [data]:
-        if isinstance(item, (list, tuple)):
-            yield from _leaves(item)
-        else:
-            yield item
-
-
-def _is_plain_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

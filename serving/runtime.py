@@ -7,8 +7,11 @@ part, never at the first request.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +20,19 @@ import numpy as np
 from fedmedclip.digests import (
     FORMAT_VERSION,
     META_CLASS_NAMES,
+    META_DRIFT_REFERENCE,
+    META_DRIFT_REFERENCE_SHAPE,
+    META_DRIFT_SIGMA,
     META_FORMAT_VERSION,
     META_IMAGE_SIZE,
+    META_OOD_CALIBRATION,
+    META_OOD_FALSE_ALARM_RATE,
+    META_OOD_METHOD,
+    META_OOD_THRESHOLD,
     META_PRECISION,
     META_PREPROCESSING,
+    OOD_METADATA_KEYS,
+    OOD_OUTPUTS,
     SERVING_METADATA_KEYS,
     sha256_bytes,
 )
@@ -36,6 +48,18 @@ CPU_EP = "CPUExecutionProvider"
 
 
 @dataclass(frozen=True)
+class OodContract:
+    """The exported OOD score's calibration and the drift reference (docs/contracts.md, "Exported model")."""
+
+    method: str
+    threshold: float
+    false_alarm_rate: float
+    calibration: dict
+    reference: np.ndarray = field(repr=False)  # float32 [R, K]: embeddings of the exporting party's images
+    sigma: float  # the MMD's Gaussian kernel bandwidth
+
+
+@dataclass(frozen=True)
 class ModelContract:
     """What the server needs from the ONNX metadata and signature."""
 
@@ -44,10 +68,15 @@ class ModelContract:
     preprocessing: Preprocessing
     precision: str
     metadata: dict[str, str] = field(repr=False)
+    ood: OodContract | None = None  # None: an export without the OOD score (served without its fields)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["probabilities", "class_index", *(OOD_OUTPUTS if self.ood else ())]
 
 
 def read_contract(session, source: str) -> ModelContract:
@@ -102,13 +131,48 @@ def read_contract(session, source: str) -> ModelContract:
     width = outputs["probabilities"].shape[-1]
     if isinstance(width, int) and width != len(class_names):
         raise ServingError(f"{source}: {width} probabilities per image but {len(class_names)} class names")
+    ood = None
+    if any(name in outputs for name in OOD_OUTPUTS):
+        ood = _read_ood(meta, outputs, source)
     return ModelContract(
         class_names=class_names,
         image_size=image_size,
         preprocessing=pre,
         precision=meta.get(META_PRECISION, "fp32"),
         metadata=meta,
+        ood=ood,
     )
+
+
+def _read_ood(meta: dict[str, str], outputs: dict, source: str) -> OodContract:
+    """The OOD outputs and their metadata, all or nothing: a half-exported score is refused at start-up."""
+    for name, dtype in (("ood_score", "tensor(float)"), ("drift_embedding", "tensor(float)")):
+        if name not in outputs or outputs[name].type != dtype:
+            raise ServingError(f"{source}: has OOD outputs but not {name!r} of {dtype} (broken export)")
+    missing = [k for k in OOD_METADATA_KEYS if k not in meta]
+    if missing:
+        raise ServingError(f"{source}: has OOD outputs but its metadata_props lack {missing} (broken export)")
+    try:
+        threshold = float(meta[META_OOD_THRESHOLD])
+        rate = float(meta[META_OOD_FALSE_ALARM_RATE])
+        sigma = float(meta[META_DRIFT_SIGMA])
+        calibration = json.loads(meta[META_OOD_CALIBRATION])
+        rows, dims = (int(x) for x in meta[META_DRIFT_REFERENCE_SHAPE].split(","))
+        reference = np.frombuffer(base64.b64decode(meta[META_DRIFT_REFERENCE], validate=True), dtype="<f4")
+        reference = reference.reshape(rows, dims).astype(np.float32)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ServingError(f"{source}: unreadable OOD metadata ({type(exc).__name__}: {exc})") from None
+    if not (math.isfinite(threshold) and 0 < rate < 1 and math.isfinite(sigma) and sigma > 0):
+        raise ServingError(
+            f"{source}: OOD threshold {threshold}, false-alarm rate {rate} and kernel bandwidth {sigma} must be "
+            "finite, the rate in (0, 1) and the bandwidth positive"
+        )
+    if rows < 2 or not np.isfinite(reference).all() or not isinstance(calibration, dict):
+        raise ServingError(f"{source}: the drift reference must hold 2 or more finite rows")
+    width = outputs["drift_embedding"].shape[-1]
+    if isinstance(width, int) and width != dims:
+        raise ServingError(f"{source}: embeddings of {width} values but a drift reference of {dims}")
+    return OodContract(meta[META_OOD_METHOD], threshold, rate, calibration, reference, sigma)
 
 
 def create_session(
@@ -203,18 +267,23 @@ class OnnxClassifier:
         del model_bytes  # ONNX Runtime holds its own copy
         self.providers = tuple(self.session.get_providers())
         self.contract = read_contract(self.session, str(self.path))
-        self._outputs = ["probabilities", "class_index"]
+        self._outputs = self.contract.output_names
         self._warmed: set[int] = set()
 
     @property
     def device(self) -> str:
         return "cuda" if self.providers and self.providers[0] == CUDA_EP else "cpu"
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, S, S, 3] -> (float32 [N, C], int64 [N])."""
-        probs, index = self.session.run(self._outputs, {"images": images})
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """uint8 [N, S, S, 3] -> (probabilities float32 [N, C], class_index int64 [N]) and, for an export with
+        the OOD score, (ood_score float32 [N], embedding float32 [N, K])."""
+        probs, index, *ood = self.session.run(self._outputs, {"images": images})
         # fp16 exports may hand back float16; the served contract is float32.
-        return np.asarray(probs, dtype=np.float32), np.asarray(index, dtype=np.int64)
+        return (
+            np.asarray(probs, dtype=np.float32),
+            np.asarray(index, dtype=np.int64),
+            *(np.asarray(o, dtype=np.float32) for o in ood),
+        )
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Runs at start-up: the first CUDA run of each batch shape allocates memory and picks kernels, and a
@@ -227,7 +296,7 @@ class OnnxClassifier:
             if n > 1:
                 images[1] = 255
             try:
-                probs, index = self.run(images)
+                probs, index, *ood = self.run(images)
             except Exception as exc:
                 raise ServingError(f"{self.path}: test inference on a batch of {n} failed: {exc}") from None
             if probs.shape != (n, c) or index.shape != (n,):
@@ -235,10 +304,17 @@ class OnnxClassifier:
                     f"{self.path}: test inference gave probabilities {probs.shape} and class_index {index.shape}, "
                     f"expected ({n}, {c}) and ({n},)"
                 )
+            if ood and (ood[0].shape != (n,) or ood[1].shape[0] != n):
+                raise ServingError(
+                    f"{self.path}: test inference gave ood_score {ood[0].shape} and embedding {ood[1].shape} "
+                    f"for a batch of {n}"
+                )
             bad = ~np.isfinite(probs).all(axis=1)
+            for extra in ood:
+                bad |= ~np.isfinite(extra.reshape(n, -1)).all(axis=1)
             if bad.any():
                 raise ServingError(
-                    f"refusing to serve {self.path}: its probabilities on a warm-up batch of {n} are not finite "
+                    f"refusing to serve {self.path}: its outputs on a warm-up batch of {n} are not finite "
                     f"(NaN or inf for {int(bad.sum())} of {n} images). The model is broken (exported from a "
                     "diverged training, or damaged): export it again from a good run."
                 )

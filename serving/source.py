@@ -12,7 +12,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.digests import is_sha256, read_sha256_sidecar, sha256_file, sha256_sidecar
+from fedmedclip.digests import (
+    is_sha256,
+    parse_model_reference,
+    read_sha256_sidecar,
+    sha256_file,
+    sha256_sidecar,
+)
 
 from .errors import ServingError
 
@@ -29,6 +35,13 @@ class ResolvedModel:
     sha256: str  # of the file actually served
     origin: str  # human-readable: the path, or "models:/NAME@ALIAS (version 3)"
     verified: bool  # sha256 matched an expected value (registry tag, --expected-sha256 or the sidecar)
+    registry_version: str | None = None  # the MLflow model version the alias or URI resolved to
+
+    @property
+    def version(self) -> str:
+        """What every answer carries as `model_version`: the registry version, or the file's sha256 prefix,
+        so each prediction traces back to one registered model or one file."""
+        return self.registry_version or self.sha256[:12]
 
 
 def _normalise_sha(value: str, what: str) -> str:
@@ -65,15 +78,9 @@ def find_onnx(folder: Path, what: str) -> Path:
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
-    rest = uri[len("models:/") :].strip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
+    parsed = parse_model_reference(uri) if uri.startswith("models:/") else None
+    if parsed is not None:
+        return parsed
     raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
@@ -113,8 +120,14 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from fedmedclip.tracking_server import require_tracking_uri
+
     name, alias, version = parse_models_uri(uri)
-    client = MlflowClient()
+    # The one rule of every command (never MLflow's default, which would create ./mlflow.db here).
+    tracking = require_tracking_uri(purpose=f"{uri} needs the MLflow registry", error=ServingError)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     try:
         mv = (
             client.get_model_version_by_alias(name, alias)
@@ -154,4 +167,4 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
         path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
     sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
-    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True)
+    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True, str(mv.version))

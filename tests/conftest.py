@@ -46,7 +46,8 @@ def brain_mri() -> Path:
 
 
 def without_timing(results: dict) -> dict:
-    """results.json without what differs between two runs of the same seed: wall times and the run id."""
+    """results.json without what differs between two runs of the same seed: wall times, the rounds' clock
+    times and the run id."""
     import json
 
     r = json.loads(json.dumps(results))
@@ -54,6 +55,7 @@ def without_timing(results: dict) -> dict:
         r.pop(key, None)
     for rec in r["history"]:
         rec.pop("seconds")
+        rec.pop("finished_at", None)
     return r
 
 

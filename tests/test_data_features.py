@@ -549,3 +549,156 @@ def test_skipping_every_training_image_of_a_class_is_refused_naming_it(tiny, ima
     assert "for class(es) normal (" in msg and "glioma" not in msg
     assert "--skip-bad-images skipped 4 unreadable training image(s)" in msg
     assert all(r.image_id in msg for r in normal)
+
+
+# ----------------------------------------------------------------------------- high bit depth
+def _png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG (grey HxW or RGB HxWx3), written by hand: Pillow cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    color = 2 if values.ndim == 3 else 0
+    header = struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_16_bit_pngs_are_scaled_not_saturated_in_training_and_serving(tmp_path):
+    """A full-range 16-bit gradient (grey `I;16` as exported MRI/CT slices are, and 16-bit RGB) keeps its
+    gradient: value >> 8 in every channel, in training (`load_image`) and in what serving decodes with
+    (`Preprocessing.to_uint8`, the same function). Pillow's own conversion saturated 99.6 % of the grey one."""
+    from PIL import Image
+
+    from fedmedclip.preprocess import Preprocessing
+
+    gradient = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))
+    grey = _png16(tmp_path / "grey16.png", gradient)
+    rgb = _png16(tmp_path / "rgb16.png", np.stack([gradient, gradient // 2, 65535 - gradient], axis=-1))
+    assert Image.open(grey).mode == "I;16"
+    expected = {
+        grey: np.stack([gradient >> 8] * 3, axis=-1),
+        rgb: np.stack([gradient >> 8, (gradient // 2) >> 8, (65535 - gradient) >> 8], axis=-1),
+    }
+    serving = Preprocessing("squash", 256, "bicubic", False, (0.5,) * 3, (0.5,) * 3)
+    for path, want in expected.items():
+        trained = np.asarray(load_image(path))
+        np.testing.assert_array_equal(trained, want.astype(np.uint8))
+        assert (trained == 255).mean() < 0.01
+        with Image.open(path) as image:  # what the server's decode hands to_uint8: the file as opened
+            served = serving.to_uint8(image)
+        np.testing.assert_array_equal(served[:4, :, :], serving.to_uint8(Image.fromarray(trained))[:4, :, :])
+
+
+# ----------------------------------------------------------------------------- exact duplicates
+def _with_duplicates(tmp_path: Path) -> tuple[Path, dict]:
+    """A small manifest with: a training copy of a test image (same label), two copies of a training image,
+    and a training image copied under another class (conflicting labels)."""
+    import csv
+    import shutil
+
+    from fedmedclip import synthetic
+
+    manifest = synthetic.generate(tmp_path / "data", sites=2, per_class_per_site=3, test_per_class=1, size=16)
+    root = manifest.parent
+    rows = list(csv.reader(manifest.open()))
+    added = {
+        "copy_of_test": ("train/site_0/normal/copy-of-test.png", "test/global/normal/0000.png", "normal"),
+        "pool_copy": ("train/site_1/normal/copy.png", "train/site_0/normal/0001.png", "normal"),
+        "conflict": (
+            "train/site_1/round_lesion/conflict.png",
+            "train/site_0/normal/0002.png",
+            "round_lesion",
+        ),
+    }
+    for new, src, label in added.values():
+        shutil.copy(root / src, root / new)
+        rows.append([new, label, new.split("/")[1], "train"])
+    with manifest.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return manifest, added
+
+
+def test_exact_duplicates_drop_the_training_copies_and_conflicting_labels_everywhere(tmp_path, caplog):
+    from fedmedclip.data import deduplicate, open_source
+
+    manifest, added = _with_duplicates(tmp_path)
+    image_set = open_source(manifest)
+    ids = {r.image_id for r in image_set.records}
+    dropped = deduplicate(image_set, "drop")
+    kept = {r.image_id for r in dropped.records}
+    assert dropped.duplicates == {
+        "policy": "drop",
+        "groups": 3,
+        "files": 6,
+        "groups_across_splits": 1,
+        "conflicting_groups": 1,
+        "dropped_conflicting": 2,
+        "dropped_training_copies": 2,
+    }
+    assert ids - kept == {
+        added["copy_of_test"][0],  # the training copy of a test image (the test copy stays)
+        added["pool_copy"][0],  # the second of two copies inside the pool (by id)
+        added["conflict"][0],  # both copies with different labels
+        "train/site_0/normal/0002.png",
+    }
+    assert any(
+        "different labels" in r.getMessage() and "conflict.png (round_lesion)" in r.getMessage()
+        for r in caplog.records
+    )
+    kept_all = deduplicate(image_set, "keep")
+    assert {r.image_id for r in image_set.records} - {r.image_id for r in kept_all.records} == {
+        added["conflict"][0],
+        "train/site_0/normal/0002.png",
+    }
+    with pytest.raises(
+        DataError, match=r"3 group\(s\) of byte-identical images \(1 across the training and test"
+    ):
+        deduplicate(image_set, "refuse")
+
+
+def test_train_reports_the_duplicates_and_takes_a_run_id(tmp_path, capsys):
+    """`fedmedclip train --duplicates drop` (the default) on data with duplicates: the console, results.json
+    and provenance.json say what was found and dropped; `--run-id` (documented) is accepted and recorded."""
+    from fedmedclip.cli import main
+
+    manifest, _ = _with_duplicates(tmp_path)
+    out = tmp_path / "run"
+    args = [
+        "-q",
+        "train",
+        "--data",
+        str(manifest),
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--min-class-images",
+        "2",
+    ]
+    args += ["--out", str(out)]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache"), "--run-id", "dup-check", "--no-track"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["run_id"] == "dup-check"
+    assert results["data"]["duplicates"]["dropped_training_copies"] == 2
+    assert json.loads((out / "provenance.json").read_text())["_dataset"] == results["data"]
+    printed = capsys.readouterr().out
+    assert (
+        "3 groups of byte-identical images (1 across training and test): dropped 2 training copies, 2 with conflicting labels"
+        in printed
+    )

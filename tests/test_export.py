@@ -62,7 +62,16 @@ def exported(runs, tmp_path_factory):
     models = {}
     for method, site in MODELS:
         run, _ = runs[method]
-        path = export_onnx(run, site, out / f"{method}-{site}.onnx", run_id=f"run-{method}")
+        # A site of the small synthetic set holds 8 held-out images: a 20 % false-alarm rate is what they
+        # can calibrate (the default 5 % needs 19 and is refused, see test_ood_calibration_needs_enough_images).
+        path = export_onnx(
+            run,
+            site,
+            out / f"{method}-{site}.onnx",
+            run_id=f"run-{method}",
+            ood="require",
+            false_alarm_rate=0.2,
+        )
         clf, meta = load_classifier(run, site)
         models[(method, site)] = (path, clf, meta)
     return models
@@ -73,7 +82,7 @@ def _session(path) -> ort.InferenceSession:
 
 
 def _check_parity(session, clf, images: np.ndarray, tol: float = TOL) -> float:
-    probs, index = session.run(None, {"images": images})
+    probs, index = session.run(["probabilities", "class_index"], {"images": images})
     with torch.no_grad():
         want, want_index = clf(torch.from_numpy(images))
     assert probs.dtype == np.float32 and index.dtype == np.int64
@@ -232,7 +241,14 @@ def test_onnx_interface_and_metadata(exported, method, site):
     assert [(o.name, o.type) for o in outs] == [
         ("probabilities", "tensor(float)"),
         ("class_index", "tensor(int64)"),
+        ("ood_score", "tensor(float)"),
+        ("drift_embedding", "tensor(float)"),
     ]
+    calibration = json.loads(props["fedmedclip.ood.calibration"])
+    assert props["fedmedclip.ood.method"] == "mahalanobis-shared-covariance"
+    assert props["fedmedclip.ood.false_alarm_rate"] == "0.2"
+    assert calibration["holder"] == ("server" if site == "global" else expected_site)
+    assert calibration["calibration_images"] >= 4 and calibration["fit_images"] >= 2
     assert outs[0].shape[1] == len(meta["class_names"])
 
 
@@ -399,3 +415,88 @@ def test_export_refuses_a_non_finite_classifier_and_fp16_overflow(runs, tmp_path
     with pytest.raises(FedMedClipError, match="overflows float16"):
         export_classifier(clf, meta, tmp_path / "fp16.onnx", precision="fp16")
     assert not (tmp_path / "fp16.onnx").exists()
+
+
+# ---------------------------------------------------------------- the out-of-distribution score
+@pytest.mark.parametrize(("method", "site"), MODELS)
+def test_ood_score_in_the_graph_is_torchs_and_calibrated(exported, runs, method, site):
+    """The exported ood_score is the torch OOD head's on the same frozen features; on the held-out images it
+    was calibrated on, at most the stated share is above the threshold; noise images, far from any scan, are
+    flagged."""
+    from fedmedclip.export import fit_run_ood
+    from fedmedclip.preparation import SERVER, _rows, prepare
+
+    path, clf, meta = exported[(method, site)]
+    fit = fit_run_ood(runs[method][0], meta["site"], clf, 0.2)  # deterministic: the exported fit
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert float(props["fedmedclip.ood.threshold"]) == pytest.approx(fit.threshold, rel=1e-12)
+    session = _session(path)
+    s = clf.preprocessing.size
+    images = np.concatenate(
+        [
+            _synthetic_images(runs[method][1], clf.preprocessing, 6),
+            np.random.default_rng(3).integers(0, 256, (6, s, s, 3), dtype=np.uint8),
+        ]
+    )
+    score, embedding = session.run(["ood_score", "drift_embedding"], {"images": images})
+    with torch.no_grad():
+        want_score, want_embedding = fit.head(clf.features(torch.from_numpy(images)))
+    np.testing.assert_allclose(score, want_score.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embedding, want_embedding.numpy(), rtol=1e-4, atol=1e-5)
+    assert (score[6:] > fit.threshold).all(), "uniform noise is not a scan: every noise image is flagged"
+
+    cfg = runs[method][1]
+    prepared = prepare(cfg, progress=False, holders=[SERVER if site == "global" else meta["site"]])
+    if site == "global":
+        store = prepared.stores[SERVER]
+        held_out = _rows(store, prepared.partition.global_test + prepared.partition.reference)[0]
+    else:
+        split = prepared.partition.sites[meta["site"]]
+        held_out = _rows(prepared.stores[meta["site"]], split["val"] + split["test"])[0]
+    with torch.no_grad():
+        scores = fit.head(held_out)[0].numpy()
+    if site != "global":  # a site calibrates on all of its held-out images: at most 20 % above
+        assert (scores > fit.threshold).mean() <= 0.2
+
+
+def test_ood_calibration_needs_enough_images(runs, tmp_path, caplog):
+    """5 % needs 19 held-out images, a synthetic site has 8: `require` refuses naming the problem and the
+    way out; `auto` exports without the score and says so; `--no-ood` skips it."""
+    import logging
+
+    from fedmedclip.cli import main
+    from fedmedclip.export import export_onnx
+
+    run, _ = runs["fedmedclip"]
+    with pytest.raises(FedMedClipError, match=r"8 held-out images cannot calibrate .*--no-ood"):
+        export_onnx(run, "1", tmp_path / "r.onnx", ood="require")
+    with caplog.at_level(logging.WARNING, logger="fedmedclip.export"):
+        path = export_onnx(run, "1", tmp_path / "a.onnx", ood="auto", exporter="torchscript")
+    assert "without an OOD score" in caplog.text
+    assert [o.name for o in _session(path).get_outputs()] == ["probabilities", "class_index"]
+    assert main(["export", str(run), "--site", "1", "--out", str(tmp_path / "c.onnx")]) == 2
+    out = tmp_path / "n.onnx"
+    assert (
+        main(["export", str(run), "--site", "1", "--no-ood", "--exporter", "torchscript", "--out", str(out)])
+        == 0
+    )
+    assert [o.name for o in _session(out).get_outputs()] == ["probabilities", "class_index"]
+
+
+def test_ood_statistics_against_their_references():
+    """Ledoit-Wolf shrinkage as sklearn computes it; the conformal threshold's rank; the kernel bandwidth as
+    alibi-detect's median heuristic takes it (its lower middle)."""
+    from fedmedclip.ood import conformal_threshold, ledoit_wolf, median_bandwidth
+
+    sklearn_cov = pytest.importorskip("sklearn.covariance")
+    x = np.random.default_rng(0).normal(size=(40, 60))
+    x -= x.mean(0)
+    cov, shrinkage = ledoit_wolf(x)
+    want_cov, want_shrinkage = sklearn_cov.ledoit_wolf(x, assume_centered=True)
+    assert shrinkage == pytest.approx(want_shrinkage, rel=1e-9)
+    np.testing.assert_allclose(cov, want_cov, rtol=1e-9, atol=1e-12)
+    assert conformal_threshold(np.arange(19.0), 0.05) == 18.0  # ceil(20 * 0.95) = 19th smallest
+    with pytest.raises(FedMedClipError, match="needs at least 19"):
+        conformal_threshold(np.arange(18.0), 0.05)
+    pts = np.array([[0.0], [1.0], [3.0]])  # squared distances 1, 4, 9 (each twice): lower middle 4
+    assert median_bandwidth(pts) == pytest.approx(np.sqrt(2.0))

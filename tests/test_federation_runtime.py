@@ -22,6 +22,9 @@ ROUNDS = 6
 BUCKET = "fedmedclip-data"  # the local stack's data bucket: the roles' policies cover its mailbox keys
 SITES = ("site_0", "site_1", "site_2")
 FACMIC_OPTS = ["--method-opt", "local_steps=10"]
+# Every wait in this file is for an event (a file, an object, a process exit); this ceiling only ends a run
+# that is broken, and is far above what any of them takes on a loaded 2-core machine.
+CEILING = 900
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -52,7 +55,7 @@ class Party:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def wait(self, timeout: float = 240) -> int:
+    def wait(self, timeout: float = CEILING) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -65,7 +68,8 @@ class Party:
         return self.log.read_text()
 
 
-def wait_for(predicate, what: str, timeout: float = 120) -> None:
+def wait_for(predicate, what: str, timeout: float = CEILING) -> None:
+    """Wait for an event (a file, a key); the ceiling is only there so that a broken run ends."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -230,7 +234,7 @@ def test_local_directory_mailbox_equals_the_simulator_for_facmic(cache, tmp_path
         parties = [pool.submit(main, [*server, *common_args(cache, "facmic")])] + [
             pool.submit(main, [*site, "--site", s, "--state", str(tmp_path / "state" / s)]) for s in SITES
         ]
-        assert [p.result(timeout=300) for p in parties] == [0, 0, 0, 0]
+        assert [p.result(timeout=CEILING) for p in parties] == [0, 0, 0, 0]
     # Progress a person can follow: one line per round on the server, each site logs its rounds.
     lines = [r.getMessage() for r in caplog.records]
     assert sum("/6 · 3/3 sites · global acc" in m for m in lines) == ROUNDS
@@ -241,9 +245,11 @@ def test_local_directory_mailbox_equals_the_simulator_for_facmic(cache, tmp_path
 
 @pytest.mark.slow
 def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
-    """Four expected sites, quorum 3. site_3 never starts: each round proceeds at its timeout without it,
-    and results.json records who was there. Then site_2 is killed for good: the next round has no quorum, the
-    run ends with a clear error naming the missing sites, and nothing already written is lost."""
+    """Four expected sites, quorum 3. site_3 never starts: round 1 proceeds without it once the three others
+    have answered and its timeout has passed, and results record who was there. site_2 is killed for good
+    after its round-1 update: a later round has no quorum, the run ends with a clear error naming the missing
+    sites, and nothing already written is lost. Joining waits for the sites (the join timeout is generous);
+    only the absent sites cost round timeouts, so a slow machine changes nothing but the duration."""
     mailbox, env, out = tmp_path / "mailbox", _env(), tmp_path / "server"
     server = Party(
         [
@@ -261,9 +267,9 @@ def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
             "--quorum",
             "3",
             "--round-timeout",
-            "2",
+            "3",
             "--join-timeout",
-            "20",
+            str(CEILING),
             "--stall-every",
             "1",
         ],
@@ -291,7 +297,7 @@ def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
         )
         for s in SITES
     }
-    wait_for(lambda: (mailbox / "runs/r/rounds/0002/global.bin").exists(), "round 2", timeout=180)
+    wait_for(lambda: (mailbox / "runs/r/rounds/0001/updates/site_2.bin").exists(), "site_2's round-1 update")
     sites["site_2"].kill()  # and it never comes back
     assert server.wait() == 2, server.output()
     text = server.output()
@@ -305,7 +311,7 @@ def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
     # server's checkpoint with the sites present), and no results.json pretending the run finished.
     assert (out / "config.json").exists() and (out / "partition.json").exists()
     done = sorted(p.name for p in (out / "rounds").iterdir())
-    assert len(done) >= 2
+    assert len(done) >= 1
     for name in done:
         r = int(name.split("_")[-1].split(".")[0])
         assert (out / "rounds" / name).read_bytes() == (
@@ -316,4 +322,4 @@ def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path):
     from fedmedclip.federation.storage import LocalDirStore
 
     _, body, _ = CheckpointStore(LocalDirStore(mailbox / "runs/r/server/ckpt"), "server").load()
-    assert [h["sites_present"] for h in body["history"]][:2] == [["site_0", "site_1", "site_2"]] * 2
+    assert body["history"][0]["sites_present"] == ["site_0", "site_1", "site_2"]

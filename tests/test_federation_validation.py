@@ -29,13 +29,14 @@ SITES_ALL = ["site_0", "site_1", "site_2"]
 
 @pytest.fixture(scope="module")
 def prepared(synthetic_cache):
-    cfg = TrainConfig(rounds=16, synthetic=SYNTH, cache_dir=str(synthetic_cache), out="unused")
+    # Updates travel as fp32 here, so that a test can edit their raw values (NaN, Inf, a huge finite value).
+    cfg = TrainConfig(
+        rounds=16, synthetic=SYNTH, cache_dir=str(synthetic_cache), out="unused", codec_up="fp32-zlib"
+    )
     return cfg, prepare(cfg, progress=False)
 
 
-def _parties(
-    cfg, p, tmp_path, quorum: int, norm_factor: float = 10.0, round_timeout: float = 30, workers: int = 3
-):
+def _parties(cfg, p, tmp_path, quorum: int, round_timeout: float = 30, workers: int = 3, **options):
     """The server (started) and the first `workers` site workers over a local-directory mailbox; also the
     store and every site's setup (a test may start a worker later)."""
     method = engine.method_for(cfg, p)
@@ -46,13 +47,22 @@ def _parties(
         engine.server_setup(cfg, p, method),
         store.sub("server-state"),
         tmp_path / "out",
-        ServerOptions(quorum=quorum, round_timeout=round_timeout, norm_factor=norm_factor),
+        ServerOptions(quorum=quorum, round_timeout=round_timeout, **options),
         verbose=False,
     )
     server.start()
     setups = engine.site_setups(cfg, p, method)
     sites = [worker(server, mailbox, store, s) for s in setups[:workers]]
     return server, sites, mailbox, store, setups
+
+
+def restarted(server, store, out, quorum: int) -> FederationServer:
+    """The server started again (a new process) on the same state and mailbox, writing to `out`."""
+    again = FederationServer(
+        server.mb, server.setup, store.sub("server-state"), out, ServerOptions(quorum=quorum), verbose=False
+    )
+    again.start()
+    return again
 
 
 def worker(server, mailbox, store, setup) -> SiteWorker:
@@ -149,7 +159,7 @@ REASONS = {
     "wrong-round": "expected run 'hostile' round",
     "wrong-run": "expected run 'hostile' round",
     "huge-count": "sample count 1000000000 is outside",
-    "negative-count": "sample count -150 is outside",
+    "negative-count": "n_train: input should be greater than or equal to 1, got -150",
 }
 
 
@@ -169,7 +179,7 @@ def test_each_bad_update_is_rejected_with_the_reason(kind, prepared, tmp_path):
 
 def test_an_update_far_outside_the_others_is_rejected(prepared, tmp_path):
     cfg, p = prepared
-    server, *_ = _parties(cfg, p, tmp_path, quorum=2)
+    server, *_ = _parties(cfg, p, tmp_path, quorum=2, max_update_norm=0)  # the relative rule alone
     for k, site in enumerate(("site_0", "site_1")):
         server._updates[site] = server._validate(
             site, encode(_honest(server, site, seed=k), "fp32-zlib", meta=_meta(server, site)).payload
@@ -217,8 +227,8 @@ def test_a_run_with_a_hostile_site_completes_without_it(prepared, tmp_path, capl
         assert rec["sites_present"] == ["site_0", "site_1"], kind
         assert "site_2" in rec["rejected"], kind
         assert rec["bytes_up"][2] is None and rec["sites"][2]["acc"] is None
-    assert "over 10x the median" in results["history"][-1]["rejected"]["site_2"]
-    assert "sample count -150" in results["history"][kinds.index("negative-count")]["rejected"]["site_2"]
+    assert "over the run's bound" in results["history"][-1]["rejected"]["site_2"]
+    assert "n_train" in results["history"][kinds.index("negative-count")]["rejected"]["site_2"]
     assert any("rejected the update of site_2" in r.getMessage() for r in caplog.records)
     # Everything kept is finite.
     from safetensors.torch import load_file
@@ -309,15 +319,7 @@ def test_a_finished_server_started_again_on_a_fresh_disk_writes_its_run_director
         for s in sites:
             s.poll()
         server.poll()
-    again = FederationServer(
-        mailbox,
-        server.setup,
-        store.sub("server-state"),
-        tmp_path / "fresh-disk",
-        ServerOptions(quorum=3),
-        verbose=False,
-    )
-    again.start()
+    again = restarted(server, store, tmp_path / "fresh-disk", quorum=3)
     written = json.loads((tmp_path / "fresh-disk" / "results.json").read_text())
     assert again.finished and json.loads(json.dumps(again.run())) == written
     first, second = tmp_path / "out", tmp_path / "fresh-disk"
@@ -332,3 +334,414 @@ def test_a_finished_server_started_again_on_a_fresh_disk_writes_its_run_director
         "config.json",
     ):
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+
+
+# ----------------------------------------------------------------------------- a party's fields, not only tensors
+INF = "__INF__"  # written into JSON as 1e999, which JSON reads as inf (the NaN/Infinity tokens are refused)
+
+
+def _json_with_inf(obj) -> bytes:
+    return json.dumps(obj).replace(f'"{INF}"', "1e999").replace(f'"-{INF}"', "-1e999").encode()
+
+
+def _payload_with_meta(payload: bytes, meta: dict) -> bytes:
+    """`payload` whose header's meta is `meta`, written as raw JSON text (so it may hold 1e999)."""
+    magic, header, body = unpack(payload)
+    header["meta"] = meta
+    hb = _json_with_inf(header)
+    return magic + struct.pack("<I", len(hb)) + hb + body
+
+
+def _update(server, site: str, scale: float = 1e-3, seed: int = 0, codec: str = "fp32-zlib", **meta) -> bytes:
+    return encode(_honest(server, site, scale, seed), codec, meta=_meta(server, site, **meta)).payload
+
+
+def _metrics_of(n: int = 3) -> dict:
+    return {"acc": 0.5, "bacc": 0.5, "f1": 0.4, "ece": 0.1, "ece_reference": 0.1, "n": n}
+
+
+def _report(server, p, site: str) -> dict:
+    return {
+        "format": 1,
+        "run_id": RUN,
+        "round": server.round,
+        "site": site,
+        "val": _metrics_of(),
+        "test": _metrics_of(),
+        "provenance": json.loads(json.dumps(p.stores[site].provenance)),
+    }
+
+
+def _status(site: str) -> dict:
+    return {"party": site, "state": "uploaded", "round": 1, "message": "", "time": 1.7e9}
+
+
+def _close_round(server) -> dict:
+    """Poll until the server closes its current round; its record."""
+    n = len(server.history)
+    for _ in range(200):
+        server.poll()
+        if len(server.history) > n:
+            return server.history[-1]
+    raise AssertionError(f"round {server.round} did not close (phase {server.phase})")
+
+
+def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again(prepared, tmp_path):
+    """The objects that ended the server (and ended it again on every restart): an update header whose loss is
+    1e999, a report whose provenance holds 1e999, a report whose metrics hold only `n`, a status whose time is
+    "soon". Each is refused naming site_2 and the reason, recorded in the round, the server goes on, and a
+    restarted server does not read the refused object again (here: replaced by a valid one, still refused)."""
+    cfg, p = prepared
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    key = mailbox.update_key
+    # Round 1: site_2's update header says loss = 1e999.
+    mailbox.store.put(
+        key(1, "site_2"), _payload_with_meta(_update(server, "site_2"), _meta(server, "site_2", loss=INF))
+    )
+    server.poll()
+    assert "loss" in server._rejected["site_2"] and "finite" in server._rejected["site_2"]
+    mailbox.store.put(key(1, "site_2"), _update(server, "site_2"))  # valid now: it must not be read again
+    server = restarted(server, store, tmp_path / "out", quorum=2)
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(key(1, site), _update(server, site, seed=k))
+    # Round 1's reports: site_0's provenance holds 1e999, site_1's val holds only n.
+    bad_provenance = _report(server, p, "site_0")
+    bad_provenance["provenance"]["n_images"] = INF
+    mailbox.store.put(mailbox.report_key(1, "site_0"), _json_with_inf(bad_provenance))
+    mailbox.store.put(
+        mailbox.report_key(1, "site_1"), _json_with_inf({**_report(server, p, "site_1"), "val": {"n": 3}})
+    )
+    # A status whose time is "soon": shown as refused when the server says whom it waits for.
+    mailbox.store.put(mailbox.status_key("site_2"), json.dumps({"time": "soon"}).encode())
+    assert "site_2 (status refused: status from site_2" in server._describe(["site_2"])
+    record = _close_round(server)
+    assert record["sites_present"] == ["site_0", "site_1"]
+    assert "loss" in record["rejected"]["site_2"]
+    assert (
+        record["rejected"]["site_0"].startswith("report: ")
+        and "provenance.n_images" in record["rejected"]["site_0"]
+    )
+    assert "val.acc: field required" in record["rejected"]["site_1"]
+    assert [row["acc"] for row in record["sites"]] == [None, None, None]
+
+
+def test_an_update_in_another_codec_than_the_manifests_is_rejected(prepared, tmp_path):
+    cfg, p = prepared
+    server, *_ = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    for codec in ("int8-zlib", "fp16-zlib"):
+        with pytest.raises(UpdateRejected, match=f"coded with '{codec}', expected 'fp32-zlib'"):
+            server._validate("site_2", _update(server, "site_2", codec=codec))
+
+
+def _scaled(server, site: str, factor: float) -> bytes:
+    """An update `factor` times an honest difference away from the global module."""
+    g = server.received
+    honest = _honest(server, site)
+    return encode(
+        {k: g[k] + factor * (honest[k] - g[k]) for k in g}, "fp32-zlib", meta=_meta(server, site)
+    ).payload
+
+
+def test_every_update_is_bounded_however_few_arrive(prepared, tmp_path):
+    """Two sites, quorum 2: the relative rule cannot act, the absolute bound in the manifest does. An update
+    multiplied by 1e4, or a finite 3e38, is refused (or, with clip_updates, clipped onto the bound)."""
+    cfg, p = prepared
+    server, *_ = _parties(cfg, p, tmp_path / "refuse", quorum=2, workers=0)
+    bound = server.manifest["max_update_norm"]
+    from fedmedclip.federation.robust import DEFAULT_BOUND_FACTOR, distance, float_norm
+
+    assert bound == pytest.approx(DEFAULT_BOUND_FACTOR * float_norm(server.global_state))
+    server._validate("site_1", _update(server, "site_1"))
+    with pytest.raises(UpdateRejected, match="over the run's bound"):
+        server._validate("site_1", _scaled(server, "site_1", 1e4))
+    huge = {k: torch.full_like(v, 3e38) for k, v in server.received.items()}
+    with pytest.raises(UpdateRejected, match="over the run's bound"):
+        server._validate("site_1", encode(huge, "fp32-zlib", meta=_meta(server, "site_1")).payload)
+    clipping, *_ = _parties(cfg, p, tmp_path / "clip", quorum=2, workers=0, clip_updates=True)
+    got = clipping._validate("site_1", _scaled(clipping, "site_1", 1e4))
+    assert got["clipped"] > bound and distance(got["state"], clipping.received) == pytest.approx(
+        bound, rel=1e-5
+    )
+
+
+def test_an_aggregate_that_cannot_be_published_sets_the_offending_update_aside(prepared, tmp_path):
+    """Without an absolute bound, an update of finite fp32 values beyond fp16's range would overflow the fp16
+    downlink. The aggregate is checked before it is encoded: the update that cannot travel down is set aside,
+    the others are aggregated; with nothing publishable left the round is recorded as failed."""
+    cfg, p = prepared
+    off = {"max_update_norm": 0, "norm_factor": 0}  # neither the absolute bound nor the relative rule
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, workers=0, **off)
+    huge = {k: torch.full_like(v, 3e38) for k, v in server.received.items()}  # finite in fp32
+    mailbox.store.put(
+        mailbox.update_key(1, "site_2"), encode(huge, "fp32-zlib", meta=_meta(server, "site_2")).payload
+    )
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+        mailbox.store.put(mailbox.report_key(1, site), json.dumps(_report(server, p, site)).encode())
+    record = _close_round(server)
+    assert record["sites_present"] == ["site_0", "site_1"] and "failed" not in record
+    assert "set aside" in record["rejected"]["site_2"] and "overflows fp16" in record["rejected"]["site_2"]
+    assert non_finite(decode(mailbox.store.get(mailbox.global_key(1))).state) is None
+    # All three unpublishable (quorum 1 left nobody): the round is recorded as failed, the module unchanged.
+    solo, _, mb2, _, _ = _parties(cfg, p, tmp_path / "solo", quorum=1, workers=0, **off)
+    before = decode(mb2.store.get(mb2.global_key(0))).state
+    for site in SITES_ALL:
+        mb2.store.put(mb2.update_key(1, site), encode(huge, "fp32-zlib", meta=_meta(solo, site)).payload)
+    record = _close_round(solo)
+    assert record["sites_present"] == [] and "cannot be published" in record["failed"]
+    assert set(record["rejected"]) == set(SITES_ALL)
+    after = decode(mb2.store.get(mb2.global_key(1))).state
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_update_object_is_measured_before_it_is_read(prepared, tmp_path):
+    """A valid update followed by 200 MiB (a sparse file: nothing is written): refused from its size, not
+    read."""
+    cfg, p = prepared
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    mailbox.store.put(mailbox.update_key(1, "site_2"), _update(server, "site_2"))
+    path = store.root / mailbox.update_key(1, "site_2")
+    with path.open("r+b") as fh:
+        fh.truncate(path.stat().st_size + (200 << 20))
+    server.poll()
+    reason = server._rejected["site_2"]
+    assert "update too large" in reason and "not read" in reason and str(path.stat().st_size) in reason
+
+
+def test_the_s3_store_checks_the_size_before_reading(mlops_stack):
+    from components.s3store import S3Store
+    from fedmedclip.federation.storage import ObjectTooLarge
+
+    client = mlops_stack.s3_client()
+    client.put_object(Bucket=mlops_stack.bucket, Key="size-check/big.bin", Body=bytes(3 << 20))
+    store = S3Store(f"s3://{mlops_stack.bucket}/size-check", client=client)
+    with pytest.raises(
+        ObjectTooLarge, match=r"big.bin is 3145728 bytes, over the limit of 1048576: not read"
+    ):
+        store.get("big.bin", max_bytes=1 << 20)
+    assert len(store.get("big.bin", max_bytes=3 << 20)) == 3 << 20
+    assert store.get("absent.bin", max_bytes=10) is None
+
+
+# ----------------------------------------------------------------------------- property: field-by-field mutations
+# Values that are wrong for the field they replace (by type, range, length or label), per field.
+_NAME_BAD = [None, 5, "", "x" * 200, "a/b", "../x", INF]
+_ROUND_BAD = [None, -1, "1", 1.5, True, 10**7, INF, "wrong-round"]
+_COUNT_BAD = [None, -1, 1.5, "3", True, 10**10, INF]
+_UNIT_BAD = [1.5, -0.1, INF, f"-{INF}", "0.5", True, [0.5]]
+HEADER_BAD = {
+    "run_id": [*_NAME_BAD, "another-run"],
+    "round": [*_ROUND_BAD, 0],
+    "site": [*_NAME_BAD, "site_0"],
+    "n_train": [*_COUNT_BAD, 0, "over-manifest"],
+    "loss": ["x", INF, f"-{INF}", 1e31, [1.0]],  # null is allowed: a DP-SGD site keeps its loss
+    "steps": [None, -1, 1.5, "x", 10**10, INF],
+}
+REPORT_BAD = {
+    "format": [2, "1", None, INF],
+    "run_id": [*_NAME_BAD, "another-run"],
+    "round": _ROUND_BAD,
+    "site": [*_NAME_BAD, "site_0"],
+    "val": ["x", [], {"n": 3}, 5],
+    "val.acc": _UNIT_BAD,
+    "val.n": _COUNT_BAD,
+    "test.ece": _UNIT_BAD,
+    "test.f1": _UNIT_BAD,
+    "provenance": [None, {}, "x"],
+    "provenance.n_images": _COUNT_BAD,
+    "provenance.digest": ["zz", None, 5],
+    "provenance.backbone.name": ["x" * 1000, None],
+    "provenance.preprocessing.mean": [[0.5], [INF, 0.1, 0.1], "x"],
+    "provenance.class_names": [["x" * 300], "x", None],
+    "recovered": [{"from_round": -1, "reason": "x"}, "x", {"reason": "x"}],
+}
+STATUS_BAD = {
+    "time": ["soon", INF, -5, None, 1e12],
+    "state": ["hacking", 5, None],
+    "round": [-1, "x", 1.5, INF],
+    "party": ["../x", None, 7],
+    "message": ["x" * 5000, 5],
+}
+STRUCTURE_BAD = ["drop", "extra", "not-json", "array", "oversized"]
+
+
+def _mutate(obj: dict, path: str, value, server) -> dict:
+    obj = json.loads(json.dumps(obj))
+    *parents, leaf = path.split(".")
+    target = obj
+    for k in parents:
+        target = target[k]
+    if value == "wrong-round":
+        value = server.round + 1
+    elif value == "over-manifest":
+        value = server.counts["site_2"] + 1
+    target[leaf] = value
+    return obj
+
+
+def _mutated(obj: dict, how: str, value, server, required: str) -> dict | bytes:
+    """`obj` with one field replaced by `value`, or changed in structure (`how` in STRUCTURE_BAD): a required
+    key dropped, an unknown key added, not JSON, not an object, over the size limit."""
+    if how not in STRUCTURE_BAD:
+        return _mutate(obj, how, value, server)
+    return {
+        "drop": lambda: {k: v for k, v in obj.items() if k != required},
+        "extra": lambda: {**obj, "unexpected": 1},
+        "not-json": lambda: b"{not json",
+        "array": lambda: b"[1, 2, 3]",
+        "oversized": lambda: {**obj, "padding": ["x" * 1000] * 300},
+    }[how]()
+
+
+def _raw(obj: dict | bytes) -> bytes:
+    return obj if isinstance(obj, bytes) else _json_with_inf(obj)
+
+
+@pytest.fixture(scope="module")
+def arena(prepared, tmp_path_factory):
+    """One long server (quorum 1, rounds enough for every example) the property test drives round by round."""
+    cfg, p = prepared
+    cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 500})
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path_factory.mktemp("arena"), quorum=1, workers=0)
+    return server, mailbox, p
+
+
+def _hypothesis():
+    return pytest.importorskip("hypothesis")
+
+
+hypothesis = _hypothesis()
+st = hypothesis.strategies
+
+
+@st.composite
+def mutations(draw):
+    target = draw(st.sampled_from(["header", "report", "status"]))
+    how = draw(st.sampled_from(["field", "field", *STRUCTURE_BAD]))
+    table = {"header": HEADER_BAD, "report": REPORT_BAD, "status": STATUS_BAD}[target]
+    if how != "field":
+        return target, how, None
+    path = draw(st.sampled_from(sorted(table)))
+    return target, path, draw(st.sampled_from(table[path]))
+
+
+@hypothesis.settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
+@hypothesis.given(mutation=mutations())
+def test_property_a_mutated_field_never_stops_the_server_and_only_valid_updates_are_aggregated(
+    arena, mutation
+):
+    """Valid update headers, reports and statuses mutated field by field (wrong type, range, length, label;
+    1e999; a key dropped or added; not JSON; over the size limit): the server keeps going, site_2 is absent
+    from the round (its update) or has no metrics (its report) with the reason recorded, and the round's
+    global module is exactly the mean of the updates it lists as present."""
+    server, mailbox, p = arena
+    target, how, value = mutation
+    r = server.round
+    for k, site in enumerate(SITES_ALL):
+        meta, report, status = _meta(server, site), _report(server, p, site), _status(site)
+        hostile = site == "site_2"
+        if hostile and target == "header":
+            meta = _mutated(meta, how, value, server, "loss")
+            if isinstance(
+                meta, bytes
+            ):  # a payload header's meta is always JSON: the structure goes wrong instead
+                meta = {**_meta(server, site), "unexpected": meta.decode()}
+        payload = _payload_with_meta(_update(server, site, seed=k + r), meta)
+        mailbox.store.put(mailbox.update_key(r, site), payload)
+        if hostile and target == "report":
+            report = _mutated(report, how, value, server, "val")
+        mailbox.store.put(mailbox.report_key(r, site), _raw(report))
+        if hostile and target == "status":
+            mailbox.store.put(mailbox.status_key(site), _raw(_mutated(status, how, value, server, "time")))
+            assert "status refused" in server._describe(["site_2"])
+    record = _close_round(server)
+    if target == "header":
+        assert record["sites_present"] == ["site_0", "site_1"] and "site_2" in record["rejected"]
+    else:
+        assert record["sites_present"] == SITES_ALL
+    if target == "report":
+        assert record["rejected"]["site_2"].startswith("report: ") and record["sites"][2]["acc"] is None
+    ups = [decode(mailbox.store.get(mailbox.update_key(r, s))).state for s in record["sites_present"]]
+    got = decode(mailbox.store.get(mailbox.global_key(r))).state
+    for k in got:
+        mean = (sum(u[k].double() for u in ups) / len(ups)).float()
+        torch.testing.assert_close(got[k], mean.half().float(), atol=2e-3, rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------- robust aggregation
+def test_robust_aggregators_resist_one_outlier_and_keep_counters():
+    from fedmedclip.federation.robust import robust_aggregate
+
+    previous = {"w": torch.zeros(4), "steps": torch.tensor(7)}
+    values = [1.0, 1.1, 0.9, 1.05, 1000.0]
+    states = [{"w": torch.full((4,), v), "steps": torch.tensor(k)} for k, v in enumerate(values)]
+    median = robust_aggregate("median", previous, states)
+    assert torch.allclose(median["w"], torch.full((4,), 1.05)) and int(median["steps"]) == 7
+    trimmed = robust_aggregate("trimmed-mean", previous, states)  # one dropped at each end of five
+    assert torch.allclose(trimmed["w"], torch.full((4,), (1.0 + 1.1 + 1.05) / 3))
+    krum = robust_aggregate("krum", previous, states)
+    assert any(torch.equal(krum["w"], s["w"]) for s in states[:4])  # one honest update, whole
+    two = robust_aggregate("median", previous, states[:2])
+    assert torch.allclose(two["w"], torch.full((4,), 1.05))
+
+
+def test_train_with_a_robust_aggregator_uses_it(synthetic_cache, tmp_path):
+    """`--aggregator median` reaches the server: round 2's global module is the coordinate median of the three
+    sites' round-2 updates (read back from the run's mailbox), and the manifest says which rule ran."""
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import LocalDirStore
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        rounds=2, synthetic=SYNTH, cache_dir=str(synthetic_cache), out=str(out), aggregator="median"
+    )
+    engine.train(cfg, progress=False)
+    mailbox = Mailbox(LocalDirStore(out / "checkpoint" / "mailbox"), engine.INPROCESS_RUN_ID)
+    assert mailbox.get_json(mailbox.manifest_key)["aggregator"] == "median"
+    ups = [decode(mailbox.store.get(mailbox.update_key(2, s))).state for s in SITES_ALL]
+    got = decode(mailbox.store.get(mailbox.global_key(2))).state
+    for k in got:
+        median = torch.stack([u[k] for u in ups]).median(dim=0).values
+        torch.testing.assert_close(got[k], median.half().float(), atol=1e-3, rtol=1e-3)
+
+
+def test_a_new_kind_of_message_is_one_declaration(tmp_path):
+    """What a secure-aggregation protocol will add (a key advertisement): one declaration gives the writer
+    and the reader, the size cap before reading, finite numbers and known keys."""
+    from typing import Annotated
+
+    from pydantic import StringConstraints
+
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.messages import MESSAGES, Message, MessageRefused, Name, message
+    from fedmedclip.federation.storage import LocalDirStore
+
+    @message("test_key_advertisement", max_bytes=1024)
+    class KeyAdvertisement(Message):
+        site: Name
+        public_key: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+        epoch: float
+
+    try:
+        mailbox = Mailbox(LocalDirStore(tmp_path), "r")
+        key = "runs/r/keys/site_0.json"
+        sent = KeyAdvertisement.build(site="site_0", public_key="ab" * 32, epoch=1.5)
+        mailbox.put_message(key, sent)
+        assert mailbox.read_message(key, KeyAdvertisement, "site_0") == sent
+        for bad, why in (
+            (b'{"site": "site_0", "public_key": "' + b"ab" * 32 + b'", "epoch": 1e999}', "finite"),
+            (b'{"site": "site_0", "public_key": "xyz", "epoch": 1}', "public_key"),
+            (sent.to_bytes()[:-1] + b', "extra": 1}', "extra"),
+            (b" " * 2000, "over the limit of 1024"),
+        ):
+            mailbox.store.put(key, bad)
+            with pytest.raises(MessageRefused, match=why):
+                mailbox.read_message(key, KeyAdvertisement, "site_0")
+    finally:
+        MESSAGES.pop("test_key_advertisement", None)

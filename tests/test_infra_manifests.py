@@ -394,6 +394,9 @@ def test_check_refuses_the_shipped_placeholders():
     ):
         assert f"Secret {name}: {key} is still a CHANGE-ME placeholder" in proc.stderr, (name, key)
     assert "CHANGE-ME-minio-root-password" not in proc.stderr
+    assert (
+        "Ingress fedmedclip/minio-s3: host s3.fedmedclip.example.org is still the example host" in proc.stderr
+    )
 
 
 def test_check_passes_real_values_and_reads_generated_and_rendered_secrets(tmp_path):
@@ -401,7 +404,8 @@ def test_check_passes_real_values_and_reads_generated_and_rendered_secrets(tmp_p
 
     copy = Path(shutil.copytree(INFRA, tmp_path / "infra"))
     for f in copy.rglob("*.yaml"):
-        f.write_text(re.sub(r"CHANGE-ME[-\w]*", "s3cr3t-value", f.read_text()))
+        text = re.sub(r"CHANGE-ME[-\w]*", "s3cr3t-value", f.read_text())
+        f.write_text(text.replace("s3.fedmedclip.example.org", "s3.fedmedclip.hospital-net.eu"))
     proc = _run_check(str(copy / "training"), str(copy / "serving"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok: ")
@@ -486,11 +490,39 @@ def test_namespace_enforces_restricted_and_holds_every_platform_workload(rendere
 
 
 def test_images_run_as_the_uid_the_manifests_expect():
-    """The Dockerfile's images run as uid 1000 (tests/test_dockerfile.py), which the manifests set."""
+    """The Dockerfile's images run as uid 10001 (tests/test_dockerfile.py), which the manifests set."""
     (isvc,) = [d for d in _load_docs(SERVING / "inferenceservice.yaml") if d["kind"] == "InferenceService"]
-    assert isvc["spec"]["predictor"]["securityContext"]["runAsUser"] == 1000
+    assert isvc["spec"]["predictor"]["securityContext"]["runAsUser"] == 10001
     mlflow = _load_docs(TRAINING / "platform" / "mlflow.yaml")[0]
-    assert mlflow["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000
+    assert mlflow["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+# Workloads whose image fixes its uid below 10000: the official Postgres (alpine) image's postgres user
+# (infra/README.md, "checkov").
+LOW_UID_ALLOWED = {"postgres": 70}
+
+
+def test_workloads_pull_always_run_as_high_uids_and_read_secrets_as_files_where_they_can(rendered):
+    """checkov's CKV_K8S_15 (pull policy Always) and CKV_K8S_40 (uid >= 10000) hold for every container,
+    the InferenceService included (checkov itself does not look at it); Postgres reads its credentials as
+    files. What checkov still reports is listed and justified in infra/README.md."""
+    for doc, source, spec in _workloads(rendered):
+        name = doc["metadata"]["name"]
+        pod = spec.get("securityContext") or {}
+        for c in _containers(spec):
+            where = f"{source.relative_to(REPO)} {name}/{c['name']}"
+            assert c.get("imagePullPolicy") == "Always", where
+            uid = (c.get("securityContext") or {}).get("runAsUser", pod.get("runAsUser"))
+            assert uid == LOW_UID_ALLOWED.get(name, uid) and (uid >= 10000 or name in LOW_UID_ALLOWED), where
+    postgres = [
+        c for d, _, s in _workloads(rendered) if d["metadata"]["name"] == "postgres" for c in _containers(s)
+    ]
+    (container,) = postgres
+    assert "envFrom" not in container and not [e for e in container["env"] if "valueFrom" in e]
+    assert {e["name"] for e in container["env"]} >= {"POSTGRES_PASSWORD_FILE", "POSTGRES_USER_FILE"}
+    readme = (INFRA / "README.md").read_text()
+    for check in ("CKV_K8S_43", "CKV_K8S_35", "CKV_K8S_40"):
+        assert check in readme, f"infra/README.md does not justify the remaining {check} findings"
 
 
 # --------------------------------------------------------------------------------------- NetworkPolicies
@@ -586,11 +618,15 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
         pods["fedmedclip"],
     )
 
+    # Inference clients and Prometheus live in namespaces labelled for it (infra/serving/networkpolicy.yaml).
+    net.namespace_labels["clinic-apps"] = {"fedmedclip.io/inference-client": "true"}
+    net.namespace_labels["monitoring"] = {"fedmedclip.io/monitoring": "true"}
+    client, prometheus = ("clinic-apps", {"app": "viewer"}), ("monitoring", {"app": "prometheus"})
     allowed = [
         (pipeline_task, minio, 9000), (pipeline_task, mlflow, 5000),
         (mlflow, postgres, 5432), (mlflow, minio, 9000),
         (setup, minio, 9000), (users, mlflow, 5000), (inference, mlflow, 5000),
-        (elsewhere, inference, 8080), (elsewhere, inference, 8081), (pipeline_task, inference, 8080),
+        (client, inference, 8080), (client, inference, 8081), (prometheus, inference, 8080),
     ]  # fmt: skip
     for src, dst, port in allowed:
         assert net.reaches(src, dst, port), (src, dst, port)
@@ -602,6 +638,8 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
         (inference, minio, 9000), (inference, postgres, 5432), (inference, elsewhere, 443),
         (setup, mlflow, 5000), (setup, postgres, 5432), (users, postgres, 5432), (users, minio, 9000),
         (mlflow, elsewhere, 443), (minio, elsewhere, 443), (postgres, minio, 9000),
+        (elsewhere, inference, 8080), (elsewhere, inference, 8081), (pipeline_task, inference, 8080),
+        (prometheus, inference, 8081),
     ]  # fmt: skip
     for src, dst, port in denied:
         assert not net.reaches(src, dst, port), (src, dst, port)
@@ -615,7 +653,13 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
 
 def test_serving_configmap_points_at_the_installed_mlflow(index):
     cm = index[("ConfigMap", PLATFORM_NS, "fedmedclip-serving")]["data"]
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+    # What the server is configured to reach is what its egress policy lets it reach: MLflow only (the
+    # model's bytes come through MLflow's --serve-artifacts), no S3 endpoint, no S3 credentials.
+    assert set(cm) == {"MLFLOW_TRACKING_URI"}
+    (isvc,) = [d for (kind, _, _), d in index.items() if kind == "InferenceService"]
+    env = isvc["spec"]["predictor"]["containers"][0]["env"]
+    assert not [e["name"] for e in env if e["name"].startswith(("AWS_", "MLFLOW_S3"))]
+    for key in ("MLFLOW_TRACKING_URI",):
         url = urlparse(cm[key])
         service, namespace = url.hostname.split(".")[:2]
         assert url.hostname == f"{service}.{namespace}.svc.cluster.local", key
@@ -859,13 +903,15 @@ def test_mlflow_basic_auth_scripts_run(index, tmp_path):
     with open(log, "wb") as out:
         server = subprocess.Popen(["/bin/sh", "-ec", script], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        # Event wait: until /health answers (a slow answer on a loaded machine is waited for, not an error),
+        # the server exits, or a generous ceiling passes.
+        deadline = time.monotonic() + 600
         while True:
             assert server.poll() is None, log.read_text()[-3000:]
             try:
-                if requests.get(f"{url}/health", timeout=2).ok:
+                if requests.get(f"{url}/health", timeout=60).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
@@ -917,3 +963,51 @@ def test_mlflow_basic_auth_scripts_run(index, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# ------------------------------------------------------------------- the hospitals' way in: S3 over TLS
+
+
+INGRESS_CONTROLLER = ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})  # class nginx's pods
+
+
+def test_hospitals_reach_the_s3_api_over_tls_and_nothing_else(rendered, index):
+    """A site outside the cluster needs outbound HTTPS to one host: an Ingress with TLS routes that host to
+    MinIO's S3 port only (never the console), its certificate covers that host, the NetworkPolicy admits the
+    ingress controller to that port only, and the onboarding instructions name the same endpoint."""
+    (ingress,) = [d for d, _ in rendered if d["kind"] == "Ingress"]
+    assert _ns(ingress) == PLATFORM_NS and ingress["spec"]["ingressClassName"] == "nginx"
+    rules, tls = ingress["spec"]["rules"], ingress["spec"]["tls"]
+    hosts = {r["host"] for r in rules}
+    assert hosts and hosts == {h for t in tls for h in t["hosts"]}, "every routed host is served over TLS"
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
+    minio = index[("Service", PLATFORM_NS, "minio")]
+    s3_port = next(p for p in minio["spec"]["ports"] if p["port"] == 9000)
+    for rule in rules:
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == "minio", backend
+            assert backend["port"] in ({"name": s3_port["name"]}, {"number": 9000}), "the S3 API only"
+    # the certificate: cert-manager's, for exactly the routed hosts, into the Secret the Ingress serves
+    (secret_name,) = {t["secretName"] for t in tls}
+    certificate = next(
+        d
+        for (kind, ns, _), d in index.items()
+        if kind == "Certificate" and d["spec"]["secretName"] == secret_name
+    )
+    assert _ns(certificate) == PLATFORM_NS and set(certificate["spec"]["dnsNames"]) == hosts
+    assert certificate["spec"]["issuerRef"]["name"]
+    # the controller reaches MinIO's S3 port, and nothing else of the platform; others still do not
+    net = Network(rendered)
+    pods = {d["metadata"]["name"]: (_ns(d), _pod_labels(d)) for d, _, _ in _workloads(rendered)}
+    assert net.reaches(INGRESS_CONTROLLER, pods["minio"], 9000)
+    for target, port in ((pods["minio"], 9001), (pods["mlflow"], 5000), (pods["postgres"], 5432)):
+        assert not net.reaches(INGRESS_CONTROLLER, target, port), (target, port)
+    assert not net.reaches(("ingress-nginx", {"app": "something-else"}), pods["minio"], 9000)
+    assert not net.reaches(("other", INGRESS_CONTROLLER[1]), pods["minio"], 9000)
+    # the onboarding instructions give a site this endpoint and how to trust its CA
+    (host,) = hosts
+    for doc in (REPO / "README.md", INFRA / "README.md"):
+        text = doc.read_text()
+        assert f"AWS_ENDPOINT_URL_S3=https://{host}" in text, doc
+        assert "AWS_CA_BUNDLE" in text, doc

@@ -172,7 +172,14 @@ CASES = [
     ("site_0", "get", "runs/{run}/server/checkpoint.bin", "AccessDenied"),
     ("site_0", "get", "server/images/{run}/t.png", "AccessDenied"),
     ("site_0", "put", "server/images/{run}/t.png", "AccessDenied"),
-    ("site_0", "delete", "sites/0/images/{run}/a.png", "AccessDenied"),  # published images stay
+    # a site withdraws its own data (images, catalog, summary), nobody else's
+    ("site_0", "put", "sites/0/images/{run}/withdrawn.png", OK),
+    ("site_0", "delete", "sites/0/images/{run}/withdrawn.png", OK),
+    ("site_0", "delete", "sites/1/images/{run}/b.png", "AccessDenied"),
+    ("site_0", "delete", "summaries/sites/1.json", "AccessDenied"),
+    ("site_0", "delete", "runs/{run}/rounds/0001/global.bin", "AccessDenied"),
+    ("server", "delete", "sites/0/images/{run}/a.png", "AccessDenied"),
+    ("publisher", "delete", "sites/0/images/{run}/a.png", "AccessDenied"),
     # secure aggregation: a site writes its own advertisement, shares and unmasking answer, reads the roster,
     # the survivors and its own inbox; never another site's, and never what the server publishes
     ("site_0", "put", "runs/{run}/rounds/0002/secagg/keys/site_0.json", OK),
@@ -409,6 +416,40 @@ def test_a_mailbox_root_under_a_prefix(seeded):
     assert add_data_root(seeded.data_dir, f"{bucket}/fed").data_roots == info.data_roots  # idempotent
 
 
+def test_a_site_withdraws_every_version_of_its_own_data(seeded, monkeypatch, capsys):
+    """`fedmedclip data withdraw` with the site's own key: every version of the images its catalog lists (the
+    bucket is versioned), its catalog and its summary are gone; another site's data is untouched."""
+    bucket = f"fmc-withdraw-{uuid.uuid4().hex[:8]}"
+    add_data_root(seeded.data_dir, bucket)
+    site_0, site_1, admin = _client(seeded, "site_0"), _client(seeded, "site_1"), _client(seeded, ADMIN)
+    for version in (b"first scan", b"rescanned"):  # two versions of one image
+        site_0.put_object(Bucket=bucket, Key="sites/0/images/x/a.png", Body=version)
+    site_0.put_object(Bucket=bucket, Key="sites/0/images/b.png", Body=b"b")
+    catalog = {"format": 2, "md5": {"x/a.png": "0" * 32, "b.png": "1" * 32}}
+    site_0.put_object(Bucket=bucket, Key="sites/0/catalog.json", Body=json.dumps(catalog).encode())
+    site_0.put_object(Bucket=bucket, Key="summaries/sites/0.json", Body=b"{}")
+    site_1.put_object(Bucket=bucket, Key="sites/1/images/c.png", Body=b"site 1 keeps this")
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", seeded.data_dir)  # the site's own key from the local stack
+    assert run_cli("data", "withdraw", "--from", f"s3://{bucket}", "--site", "site_0") == 0
+    assert "withdrew site 0's 2 images" in capsys.readouterr().err
+    left = admin.list_object_versions(Bucket=bucket)
+    keys = {v["Key"] for v in left.get("Versions", []) + left.get("DeleteMarkers", [])}
+    assert keys == {"sites/1/images/c.png"}, keys  # no version, no delete marker of site 0's data
+    # another site's data cannot be withdrawn with site 0's key
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", seeded.data_dir)
+    from fedmedclip.errors import FedMedClipError
+
+    site_1.put_object(
+        Bucket=bucket, Key="sites/1/catalog.json", Body=json.dumps({"md5": {"c.png": "2" * 32}}).encode()
+    )
+    with pytest.raises(FedMedClipError):
+        run_cli("data", "withdraw", "--from", f"s3://{bucket}", "--site", "site_0", "--site-index", "1")
+    assert admin.get_object(Bucket=bucket, Key="sites/1/images/c.png")["Body"].read() == b"site 1 keeps this"
+
+
 # ------------------------------------------------------------------------ credentials and their file
 
 
@@ -427,7 +468,28 @@ def test_each_role_has_its_own_key_in_a_private_state_file(seeded, capsys):
     out = capsys.readouterr().out
     assert f"export AWS_ACCESS_KEY_ID={seeded.credentials('site_1')[0]}" in out
     assert f"export AWS_ENDPOINT_URL_S3={seeded.s3_endpoint}" in out
-    assert "MLFLOW_TRACKING_URI" not in out  # nothing of a site goes to the central MLflow
+    assert "export MLFLOW" not in out  # nothing of a site goes to the central MLflow
+    # ... even in a shell that held the admin's or the server's environment before
+    import subprocess
+
+    shell = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'eval "$1"; echo "uri=${MLFLOW_TRACKING_URI-unset} key=$AWS_ACCESS_KEY_ID"',
+            "_",
+            out,
+        ],
+        env={
+            "PATH": os.environ["PATH"],
+            "MLFLOW_TRACKING_URI": seeded.tracking_uri,
+            "MLFLOW_TRACKING_PASSWORD": "x",
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shell.strip() == f"uri=unset key={seeded.credentials('site_1')[0]}"
     assert run_cli("stack", "env", "--data-dir", seeded.data_dir) == 0
     captured = capsys.readouterr()
     assert f"export AWS_ACCESS_KEY_ID={seeded.access_key}" in captured.out and "ADMIN" in captured.err

@@ -1,5 +1,5 @@
 """How each method puts its losses, schedules and state together, re-derived by hand from
-../shared/docs/algorithms.md on small tensors: one real training step of the method, observed through
+docs/algorithms.md on small tensors: one real training step of the method, observed through
 gradient hooks, its reported loss and its parameters, against the same step written out here with plain
 torch autograd (never the fedmedclip losses or modules under test). The loss functions themselves are
 tested in test_losses.py; these tests catch a method that composes correct parts wrongly (a detached input,

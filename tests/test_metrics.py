@@ -115,7 +115,7 @@ def test_ece_random_against_loop_reference():
 def test_classification_report_keys():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     rep = classification_report(probs, [0, 1, 1])
-    assert set(rep) == {"acc", "bacc", "f1", "ece", "ece_reference", "n"}
+    assert set(rep) == {"acc", "bacc", "f1", "ece", "ece_reference", "n", "confusion"}
     assert rep["acc"] == pytest.approx(2 / 3) and rep["n"] == 3
     assert rep["bacc"] == pytest.approx(0.75)
     assert rep["ece_reference"] == pytest.approx(expected_calibration_error_reference(probs, [0, 1, 1]))

@@ -151,6 +151,38 @@ def test_pipeline_parameters_are_documented():
     assert not [n for n, p in params.items() if not p.get("description")]
 
 
+def test_every_component_input_and_output_is_described_and_the_onnx_is_a_model(tmp_path):
+    """What the KFP UI shows for each task: a description of every input and output (one table,
+    PARAMETER_DOCS), the ONNX export typed as a Model; the extraction task's name says GPU only with one."""
+    ir, _ = _load()
+    described, missing = 0, []
+    for name, component in ir["components"].items():
+        if name.startswith("comp-for-loop"):
+            continue  # KFP's own loop plumbing (pipelinechannel--...), not ours to describe
+        for side in ("inputDefinitions", "outputDefinitions"):
+            for kind in ("parameters", "artifacts"):
+                for key, spec in (component.get(side, {}).get(kind) or {}).items():
+                    described += 1
+                    if not spec.get("description"):
+                        missing.append(f"{name} {side} {key}")
+    assert described > 80 and not missing, missing
+    onnx = ir["components"]["comp-export-component"]["outputDefinitions"]["artifacts"]["onnx"]
+    assert onnx["artifactType"]["schemaTitle"] == "system.Model"
+    register = ir["components"]["comp-register-component"]
+    assert register["inputDefinitions"]["artifacts"]["onnx"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert set(register["outputDefinitions"]["parameters"]) == {"model_uri", "promotion"}
+    assert set(ir["root"]["outputDefinitions"]["parameters"]) == {"model_uri", "promotion"}
+
+    def extract_name(path):
+        party = yaml.safe_load_all(Path(path).read_text()).__next__()["components"]["comp-federation-party"]
+        return party["dag"]["tasks"]["extract-component"]["taskInfo"]["name"]
+
+    assert extract_name(DEFAULT_YAML) == "extract features (own images, GPU)"
+    assert extract_name(compile_pipeline(tmp_path / "cpu.yaml", CompileOptions(gpu=False))) == (
+        "extract features (own images)"
+    )
+
+
 def test_the_cli_validates_before_anything_is_compiled_or_started(tmp_path, capsys):
     root = tmp_path / "root"
     for bad, message in (
@@ -239,7 +271,7 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
 
     got = run.results
     assert got["metrics"] == ref["metrics"]  # exact equality, every float
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "finished_at")} for r in h]  # noqa: E731
     assert strip(got["history"]) == strip(ref["history"])
     assert got["comm"] == ref["comm"] and got["features"] == ref["features"]
     a, b = Path(run.run_dir), Path(cfg.out)
@@ -267,9 +299,157 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     assert {s["state"] for s in status.values()} == {"done"}
     assert (a / "plots" / "accuracy.png").exists()
     # Registered and promoted in MLflow, loadable by alias, with the run's data recorded.
-    assert run.model_uri == f"models:/{model}@champion"
+    assert run.model_uri == f"models:/{model}@champion" and run.promotion == "promoted"
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlops_stack.tracking_uri)
     version = client.get_model_version_by_alias(model, "champion")
     assert client.get_run(version.run_id).data.params["data"] == f"s3://{bucket}"
+
+
+# ------------------------------------------------------------------------------------------- submit
+class _FakeKfpApi:
+    """A real HTTP server on loopback standing in for the KFP API: `answers` maps a path prefix to (status,
+    JSON body); every request's headers are kept."""
+
+    def __init__(self, answers: dict[str, tuple[int, dict]]):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                seen.append((self.command, self.path, dict(self.headers)))
+                status, body = next(
+                    (v for k, v in answers.items() if self.path.startswith(k)), (404, {"error": "nope"})
+                )
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
+    from conftest import free_port
+
+    submit = ["pipeline", "submit", "--yaml", str(DEFAULT_YAML), "--rounds", "2"]
+    healthz = "/apis/v2beta1/healthz"
+
+    def run(host, *extra):
+        code = main([*submit, "--host", host, *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err  # one line, no traceback
+        return err
+
+    assert "cannot reach the Kubeflow Pipelines API" in run(f"http://127.0.0.1:{free_port()}")
+    refusing = _FakeKfpApi({healthz: (401, {"error": "Unauthenticated", "code": 16})})
+    token_file = tmp_path / "token"
+    token_file.write_text("sa-token-123\n")
+    try:
+        err = run(refusing.url, "--token-file", str(token_file))
+        assert "HTTP 401" in err and "--token" in err and "--cookies" in err
+        assert refusing.seen[-1][2]["Authorization"] == "Bearer sa-token-123"
+        run(refusing.url, "--cookies", "authservice_session=abc")
+        assert refusing.seen[-1][2]["Cookie"] == "authservice_session=abc"
+    finally:
+        refusing.close()
+    old = _FakeKfpApi({healthz: (200, {"tag_name": "2.2.0", "multi_user": False})})
+    try:
+        err = run(old.url, "--token", "t")
+        assert "is 2.2.0" in err and "2.15 or newer" in err
+    finally:
+        old.close()
+    # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off)
+    failing = _FakeKfpApi(
+        {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
+    )
+    try:
+        err = run(failing.url, "--token", "t")
+        assert "HTTP 500" in err and "boom" in err
+        assert any(method == "POST" or "experiments" in path for method, path, _ in failing.seen)
+    finally:
+        failing.close()
+    # compiling for a cluster needs the image that was built and pushed, not the placeholder
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 2
+    assert "--base-image" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_says_what_it_does(capsys):
+    """No flag without help text, in any command of any layer; the top-level description is whole; a bad
+    --codec is named by the flag that was given."""
+    import argparse
+
+    from fedmedclip.cli import DESCRIPTION, build_parser
+
+    def undocumented(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from undocumented(child, [*path, name])
+            elif not action.help and action.dest != "help":
+                yield f"{' '.join(path)} {action.option_strings or action.dest}"
+
+    parser = build_parser()
+    assert list(undocumented(parser, ["fedmedclip"])) == []
+    assert parser.description == DESCRIPTION and DESCRIPTION.endswith("docs/algorithms.md.")
+    assert main(["pipeline", "run", "--local", "--codec", "zip"]) == 2
+    assert "unknown codec 'zip' for --codec;" in capsys.readouterr().err
+    # a round's seconds at the end of a run: round 1 (which waits for the sites to start) apart
+    from fedmedclip.cli import _round_time
+
+    assert _round_time([{"seconds": 15.0}, {"seconds": 0.2}, {"seconds": 0.4}]).startswith(
+        "0.30 s per round after round 1 (15.00 s"
+    )
+
+
+def test_verbosity_flags_are_accepted_after_the_command():
+    from fedmedclip.cli import build_parser
+
+    args = build_parser().parse_args(["pipeline", "run", "--local", "-v"])
+    assert args.verbose is True and args.quiet is False
+    assert build_parser().parse_args(["-v", "pipeline", "run", "--local"]).verbose is True
+    assert build_parser().parse_args(["demo", "-q"]).quiet is True
+
+
+def test_round_progress_comes_from_the_servers_status_in_the_mailbox(tmp_path, mlops_stack):
+    """`pipeline run --local` and `demo` show the rounds as the server closes them, read from the server's
+    status in the mailbox (a local folder, or S3 with the local stack's key) of the run they started."""
+    import uuid
+
+    from components.s3store import S3Store
+    from components.stack import add_data_root
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import open_store
+    from pipelines.local import rounds_closed, server_status_reader
+
+    bucket = f"fmc-progress-{uuid.uuid4().hex[:8]}"
+    add_data_root(mlops_stack.data_dir, f"{bucket}/fed")
+    for url, store in (
+        (str(tmp_path / "mailbox"), open_store(str(tmp_path / "mailbox"))),
+        (f"s3://{bucket}/fed", S3Store(f"s3://{bucket}/fed", mlops_stack.s3_client("server"))),
+    ):
+        reader = server_status_reader(url, mlops_stack.data_dir)
+        assert reader() is None  # no run yet
+        mb = Mailbox(store, "4711")
+        mb.put_json(mb.manifest_key, {"run_id": "4711"})
+        mb.put_status("server", "waiting_updates", 4)
+        assert rounds_closed(reader(), 10) == 3, url
+        mb.put_status("server", "done", 10, best_round=7)
+        status = reader()
+        assert rounds_closed(status, 10) == 10 and status["best_round"] == 7, url

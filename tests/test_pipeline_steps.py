@@ -165,9 +165,15 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
         "codec_down": "fp16-zlib",
     }
     obs = MlflowObserver(
-        cfg, "obs-run-1", "observer-test", tracking_uri=mlops_stack.tracking_uri, kfp_run_id="kfp-1"
+        cfg,
+        "obs-run-1",
+        "observer-test",
+        tracking_uri=mlops_stack.tracking_uri,
+        kfp_run_id="kfp-1",
+        options={"quorum": None, "round_timeout": 600.0, "join_timeout": 3600.0, "norm_factor": 10.0},
+        record_run_dir=False,
     )
-    obs.start(manifest)
+    obs.start({**manifest, "quorum": 2})
     for r in (1, 2):
         obs.round(
             {
@@ -185,8 +191,28 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
     run = client.get_run(obs.mlflow_run_id)
     assert run.info.status == "FAILED" and run.info.run_name == "obs-run-1"
     assert run.data.tags["kfp.run_id"] == "kfp-1"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "global_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/acc")] == [1, 2]
     assert run.data.params["method"] == cfg.method and run.data.params["site_names"] == "site_0,site_1"
+    # Every resolved setting is a parameter: the method's options with their defaults, the operational
+    # settings, the server's options (quorum resolved to every site), the preprocessing the method chose.
+    from components.observer import resolved_method_options
+
+    params = run.data.params
+    options = resolved_method_options(cfg)
+    assert options and all(
+        params[f"method_options.{k}"] == (v if isinstance(v, str) else json.dumps(v))
+        for k, v in options.items()
+    )
+    assert params["threads"] == str(cfg.threads) and params["min_class_images"] == str(cfg.min_class_images)
+    assert (params["server.quorum"], params["server.join_timeout"], params["server.norm_factor"]) == (
+        "2",
+        "3600.0",
+        "10.0",
+    )
+    assert params["preprocessing"] in ("squash", "clip") and "out" not in params
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.user"] and "fedmedclip.run_dir" not in tags
+    assert "kfp-1" in tags["mlflow.note.content"]
 
     # An unreachable tracking server turns tracking off; it never stops the federation.
     off = MlflowObserver(cfg, "obs-run-2", "observer-test", tracking_uri="http://127.0.0.1:9")

@@ -22,7 +22,7 @@ def metrics(acc: float) -> dict:
     return {"acc": acc, "bacc": acc, "f1": acc, "ece": 0.1, "ece_reference": 0.1, "n": 10}
 
 
-def site_report(r: int, site: str, val_acc: float) -> dict:
+def site_report(r: int, site: str, val_acc: float, provenance: dict) -> dict:
     return {
         "format": 1,
         "run_id": RUN,
@@ -30,6 +30,7 @@ def site_report(r: int, site: str, val_acc: float) -> dict:
         "site": site,
         "val": metrics(val_acc),
         "test": metrics(val_acc),
+        "provenance": provenance,
     }
 
 
@@ -65,7 +66,7 @@ def test_a_round_without_a_weak_site_does_not_win_the_selection(prepared, tmp_pa
         aggregate_round(server)
         assert server.info["present"] == list(reports)
         for s, acc in reports.items():
-            server.mb.put_json(server.mb.report_key(r, s), site_report(r, s, acc))
+            server.mb.put_json(server.mb.report_key(r, s), site_report(r, s, acc, p.stores[s].provenance))
         while server.round == r and not server.finished:
             server.poll()
     results = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -23,7 +22,13 @@ import pytest
 import requests
 from conftest import free_port
 from PIL import Image
-from serving_fixtures import CLASS_NAMES, contract_preprocessing, make_contract_onnx, wait_ready
+from serving_fixtures import (
+    CLASS_NAMES,
+    contract_preprocessing,
+    make_contract_onnx,
+    running_server,
+    uint8_json,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fedmedclip"
@@ -51,29 +56,14 @@ def ort_session(onnx_path):
 
 @pytest.fixture(scope="module")
 def server(onnx_path, tmp_path_factory):
-    """(http_url, grpc_url) of a running server; stopped with SIGTERM after the module."""
-    http_port, grpc_port = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("serving-log") / "server.log"
-    cmd = [
-        sys.executable, "-m", "serving", "serve", str(onnx_path), "--name", MODEL,
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--device", "cpu",
-        "--max-batch-size", "16", "--max-batch-delay-ms", "25",
+    """(http, grpc) host:port of a running server; stopped with SIGTERM after the module."""
+    options = [
+        "--name", MODEL, "--max-batch-size", "16", "--max-batch-delay-ms", "25",
         "--max-batch-images", str(MAX_BATCH_IMAGES), "--max-image-pixels", str(MAX_IMAGE_PIXELS),
         "--max-request-bytes", str(MAX_REQUEST_BYTES),
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    http = f"127.0.0.1:{http_port}"
-    try:
-        wait_ready(proc, http, MODEL, log_path)
-        yield http, f"127.0.0.1:{grpc_port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_server([str(onnx_path)], tmp_path_factory.mktemp("serving-log"), *options) as s:
+        yield s.http, s.grpc
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +105,17 @@ def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def reference(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    probs, index = session.run(None, {"images": images})
-    return probs, index
+def reference(session, images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(probabilities, class_index, ood_score) from ONNX Runtime directly."""
+    probs, index, score, _ = session.run(None, {"images": images})
+    return probs, index, score
 
 
-def reference_from_files(session, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+def ood_threshold(session) -> float:
+    return float(session.get_modelmeta().custom_metadata_map["fedmedclip.ood.threshold"])
+
+
+def reference_from_files(session, blobs: list[bytes]) -> tuple[np.ndarray, ...]:
     """What the server must compute: the training geometry on the decoded file, then the graph."""
     pre = contract_preprocessing(S)
     return reference(session, np.stack([pre.to_uint8(Image.open(io.BytesIO(b))) for b in blobs]))
@@ -140,7 +135,9 @@ def bytes_tensor(blobs: list[bytes]) -> np.ndarray:
     return np.array(blobs, dtype=np.object_)
 
 
-def check_answer(result, probs_ref: np.ndarray, index_ref: np.ndarray) -> None:
+def check_answer(
+    result, probs_ref: np.ndarray, index_ref: np.ndarray, score_ref: np.ndarray, threshold: float
+) -> None:
     probs = result.as_numpy("probabilities")
     assert probs.dtype == np.float32 and probs.shape == probs_ref.shape
     np.testing.assert_allclose(probs, probs_ref, atol=TOL, rtol=0)
@@ -149,6 +146,12 @@ def check_answer(result, probs_ref: np.ndarray, index_ref: np.ndarray) -> None:
     np.testing.assert_array_equal(index, index_ref)
     names = [n.decode() if isinstance(n, bytes) else n for n in result.as_numpy("class_name")]
     assert names == [CLASS_NAMES[i] for i in index_ref]
+    score = result.as_numpy("ood_score")
+    assert score.dtype == np.float32
+    np.testing.assert_allclose(score, score_ref, rtol=1e-5, atol=1e-6)
+    flags = result.as_numpy("out_of_distribution")
+    assert flags.dtype == np.bool_
+    np.testing.assert_array_equal(flags, score_ref > threshold)
 
 
 def metric_samples(http: str) -> dict[tuple[str, tuple], float]:
@@ -168,7 +171,11 @@ def metric(samples: dict, name: str, **labels) -> float:
 
 def assert_still_serving(http_client, ort_session) -> None:
     images = random_images(1, seed=99)
-    check_answer(infer(http_client, "http", "images", images, "UINT8"), *reference(ort_session, images))
+    check_answer(
+        infer(http_client, "http", "images", images, "UINT8"),
+        *reference(ort_session, images),
+        ood_threshold(ort_session),
+    )
 
 
 # ----------------------------------------------------------------------------------- health and metadata
@@ -181,17 +188,30 @@ def test_health_endpoints(server):
     assert requests.get(f"http://{http}/v2/models/nope/ready", timeout=5).status_code == 404
 
 
-def test_model_metadata_rest_and_grpc(server, grpc_client):
+def test_model_metadata_rest_and_grpc(server, grpc_client, onnx_path, ort_session):
+    from fedmedclip.digests import sha256_file
+
     expected_inputs = {"images": ("UINT8", [-1, S, S, 3]), "image_bytes": ("BYTES", [-1])}
     expected_outputs = {
         "probabilities": ("FP32", [-1, len(CLASS_NAMES)]),
         "class_index": ("INT64", [-1]),
         "class_name": ("BYTES", [-1]),
+        "ood_score": ("FP32", [-1]),
+        "out_of_distribution": ("BOOL", [-1]),
     }
     meta = requests.get(f"http://{server[0]}/v2/models/{MODEL}", timeout=5).json()
     assert meta["name"] == MODEL
     assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == expected_inputs
     assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]} == expected_outputs
+    # The protocol's platform name; the one version is the file's sha256 prefix (no registry here).
+    version = sha256_file(onnx_path)[:12]
+    assert meta["platform"] == "onnx_onnxv1" and meta["versions"] == [version]
+    # Every metadata_props entry of the ONNX file, under one prefix, as the file has it.
+    props = meta["properties"]
+    for key, value in ort_session.get_modelmeta().custom_metadata_map.items():
+        shown = props[f"onnx.metadata.{key}"]
+        assert shown == value or (len(value) > 4096 and shown.startswith("sha256:")), key
+    assert props["served.sha256"] == sha256_file(onnx_path) and props["served.version"] == version
 
     gmeta = grpc_client.get_model_metadata(MODEL, as_json=True)
     assert {
@@ -210,7 +230,7 @@ def test_uint8_matches_onnxruntime(protocol, http_client, grpc_client, ort_sessi
     client = http_client if protocol == "http" else grpc_client
     images = random_images(5, seed=1)
     result = infer(client, protocol, "images", images, "UINT8")
-    check_answer(result, *reference(ort_session, images))
+    check_answer(result, *reference(ort_session, images), ood_threshold(ort_session))
     # The response names every column of `probabilities`.
     params = result.get_response()["parameters"] if protocol == "http" else None
     if params is not None:
@@ -229,23 +249,14 @@ def test_encoded_files_match_onnxruntime(protocol, fmt, http_client, grpc_client
     grey.save(buf, fmt)
     blobs.append(buf.getvalue())
     result = infer(client, protocol, "image_bytes", bytes_tensor(blobs), "BYTES")
-    check_answer(result, *reference_from_files(ort_session, blobs))
+    check_answer(result, *reference_from_files(ort_session, blobs), ood_threshold(ort_session))
 
 
 def test_request_without_id_and_with_id(server, ort_session):
     """kserve 0.21 answers 500 to an id-less v2 request unless the model fills the id: plain JSON, no id."""
     http = server[0]
     images = random_images(2, seed=5)
-    body = {
-        "inputs": [
-            {
-                "name": "images",
-                "datatype": "UINT8",
-                "shape": list(images.shape),
-                "data": images.ravel().tolist(),
-            }
-        ]
-    }
+    body = uint8_json(images)
     resp = requests.post(f"http://{http}/v2/models/{MODEL}/infer", json=body, timeout=10)
     assert resp.status_code == 200, resp.text
     answer = resp.json()
@@ -297,7 +308,7 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
         paths.append(p)
     assert main(["predict", "--url", f"http://{server[0]}", "--top", "2", *map(str, paths)]) == 0
     out = capsys.readouterr().out
-    probs, index = reference_from_files(ort_session, [p.read_bytes() for p in paths])
+    probs, index, _ = reference_from_files(ort_session, [p.read_bytes() for p in paths])
     for p, row, i in zip(paths, probs, index, strict=True):
         assert f"{p}: {CLASS_NAMES[i]} ({row[i]:.1%})" in out
     assert main(["predict", "--url", f"http://{server[0]}", "--json", str(paths[0])]) == 0
@@ -439,7 +450,7 @@ def test_malformed_binary_request(server, http_client, ort_session):
     )
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]
     v1 = requests.post(f"http://{http}/v1/models/{MODEL}:predict", json={"instances": [[1, 2]]}, timeout=10)
-    assert v1.status_code == 400 and "v2 Open Inference Protocol" in v1.json()["error"]
+    assert v1.status_code == 404 and "v2 Open Inference Protocol" in v1.json()["error"]
     assert_still_serving(http_client, ort_session)
 
 
@@ -457,7 +468,7 @@ def test_concurrent_single_image_requests_are_batched(server, ort_session):
     n = 32
     arrays = [smooth_image(70 + i, 90, 100 + i) for i in range(n)]
     blobs = [encode(a, "PNG") for a in arrays]
-    probs_ref, index_ref = reference_from_files(ort_session, blobs)
+    probs_ref, index_ref, _ = reference_from_files(ort_session, blobs)
     before = metric_samples(http)
     barrier = threading.Barrier(n)
     results: dict[int, np.ndarray] = {}
@@ -669,3 +680,20 @@ def test_cli_module_is_light():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_no_model_control_without_a_token(server, grpc_client):
+    """kserve 0.21 let any client unload the model for good (REST and gRPC); this server has no model
+    control unless started with --model-control-token-file: 404 and UNIMPLEMENTED, and it stays ready."""
+    from tritonclient.utils import InferenceServerException
+
+    http = server[0]
+    for action in ("unload", "load"):
+        resp = requests.post(f"http://{http}/v2/repository/models/{MODEL}/{action}", timeout=10)
+        assert resp.status_code == 404 and set(resp.json()) == {"error"}
+    with pytest.raises(InferenceServerException) as info:
+        grpc_client.unload_model(MODEL)
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert "model_repository" not in requests.get(f"http://{http}/v2", timeout=10).json()["extensions"]
+    assert grpc_client.is_server_ready() and grpc_client.is_model_ready(MODEL)
+    assert requests.get(f"http://{http}/v2/health/ready", timeout=10).status_code == 200

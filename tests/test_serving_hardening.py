@@ -10,7 +10,6 @@ import asyncio
 import functools
 import io
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import pytest
 import requests
 from conftest import free_port
 from PIL import Image
-from serving_fixtures import contract_preprocessing, make_contract_onnx, wait_ready
+from serving_fixtures import contract_preprocessing, make_contract_onnx, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fedmedclip"
@@ -46,28 +45,13 @@ def onnx_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(onnx_path, tmp_path_factory):
     """(http, grpc port, pid) of a server started without --host (so on its default), two decoding threads."""
-    http_port, grpc_port = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("hardening-log") / "server.log"
-    cmd = [
-        sys.executable, "-m", "serving", "serve", str(onnx_path), "--name", MODEL,
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--device", "cpu",
-        "--max-batch-size", "16", "--max-batch-delay-ms", "5", "--decode-threads", "2",
+    options = [
+        "--name", MODEL, "--max-batch-size", "16", "--max-batch-delay-ms", "5", "--decode-threads", "2",
         "--max-batch-images", str(MAX_BATCH_IMAGES), "--max-image-pixels", str(BIG * BIG),
         "--max-request-pixels", str(MAX_REQUEST_PIXELS),
     ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    http = f"127.0.0.1:{http_port}"
-    try:
-        wait_ready(proc, http, MODEL, log_path)
-        yield http, grpc_port, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_server([str(onnx_path)], tmp_path_factory.mktemp("hardening-log"), *options) as s:
+        yield s.http, int(s.grpc.rsplit(":", 1)[1]), s.proc.pid
 
 
 @pytest.fixture(scope="module")
@@ -264,12 +248,12 @@ MALFORMED_BINARY = {
     "request_parameters_list": (
         {**_uint8_header(parameters={"binary_data_size": len(IMAGE)}), "parameters": [1]},
         IMAGE,
-        '"parameters" must be a JSON object',
+        "'parameters' must be a JSON object",
     ),
     "request_parameters_string": (
         {**_uint8_header(parameters={"binary_data_size": len(IMAGE)}), "parameters": "x"},
         IMAGE,
-        '"parameters" must be a JSON object',
+        "'parameters' must be a JSON object",
     ),
     "binary_data_size_true": (
         _uint8_header(parameters={"binary_data_size": True}),

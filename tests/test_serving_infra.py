@@ -43,7 +43,10 @@ def test_inferenceservice_shape(isvc):
     secret_refs = [
         e["valueFrom"]["secretKeyRef"] for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})
     ]
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= {r["key"] for r in secret_refs}
+    # The model comes through MLflow's artifact proxy: the predictor holds MLflow credentials and no S3 key,
+    # as its egress policy (MLflow only) says.
+    assert {r["key"] for r in secret_refs} == {"username", "password"}
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"} & set(env)
     assert not any("value" in e and "SECRET" in e["name"] for e in env.values()), (
         "credentials must come from Secrets"
     )
@@ -61,7 +64,9 @@ def test_container_args_are_a_valid_serve_command(isvc):
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(container["args"])
     assert args.command == "serve"
-    assert args.model.startswith("models:/") and "@" in args.model  # registry + alias: the hash is verified
+    (model,) = args.models
+    assert model.startswith("models:/") and "@" in model  # registry + alias: the hash is verified
+    assert args.model_control_token_file is None  # no model control from the network
     assert args.device == "cuda"
     assert (args.http_port, args.grpc_port) == (8080, 8081)
     # By hand the server listens on loopback only; in the pod it must listen on the pod's network.
@@ -70,9 +75,14 @@ def test_container_args_are_a_valid_serve_command(isvc):
 
     probes = {k: container[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert all(p["port"] == args.http_port for p in probes.values())
-    assert probes["readinessProbe"]["path"] == f"/v2/models/{args.name}/ready"
+    # Server readiness turns false when a model is not loaded and first thing on SIGTERM.
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
     assert probes["startupProbe"]["path"] == f"/v2/models/{args.name}/ready"
     assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    # The pod's grace period covers the drain and the wait for requests in flight.
+    readiness = container["readinessProbe"]
+    assert args.drain_seconds >= readiness["periodSeconds"] * readiness["failureThreshold"]
+    assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > args.drain_seconds + args.grace_period
 
 
 def test_kustomization_lists_existing_resources(isvc):
@@ -96,3 +106,36 @@ def test_kustomization_lists_existing_resources(isvc):
     }
     assert cm_refs == {cm["metadata"]["name"]}
     assert "MLFLOW_TRACKING_URI" in cm["data"]
+
+
+def test_network_policy_admits_labelled_namespaces_only():
+    (policy,) = _load("networkpolicy.yaml")
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            assert peer["namespaceSelector"].get("matchLabels"), (
+                "an empty namespaceSelector admits every namespace"
+            )
+    grpc_rules = [r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 8081} in r["ports"]]
+    assert [r["from"][0]["namespaceSelector"]["matchLabels"] for r in grpc_rules] == [
+        {"fedmedclip.io/inference-client": "true"}
+    ]
+
+
+def test_alert_rules_use_metrics_the_server_exports():
+    """Every series an alert reads is one serving/metrics.py defines (a renamed metric would silence it)."""
+    import re
+
+    from prometheus_client import REGISTRY
+
+    import serving.metrics  # noqa: F401 - registers the collectors
+
+    exported = {s.name for family in REGISTRY.collect() for s in family.samples} | {
+        family.name for family in REGISTRY.collect()
+    }
+    (rule,) = _load("prometheusrule.yaml")
+    assert rule["kind"] == "PrometheusRule"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"FedMedClipOutOfDistributionRate", "FedMedClipFeatureDrift"} <= set(alerts)
+    for name, alert in alerts.items():
+        used = set(re.findall(r"fedmedclip_[a-z0-9_]+", alert["expr"]))
+        assert used and used <= exported, (name, used - exported)

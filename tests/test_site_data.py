@@ -362,6 +362,17 @@ def test_catalog_ids_cannot_escape_the_download_cache(s3_env, tmp_path, monkeypa
         read_site_assignment(f"s3://{bucket}", 0, cache_dir=cache)
     assert list(outside.iterdir()) == []
 
+    # the site's whole images folder of the cache linked elsewhere: confined to the real cache root, not
+    # to the link
+    (images / "sub").unlink()
+    images.rmdir()
+    images.symlink_to(outside, target_is_directory=True)
+    _write_catalog(admin, bucket, ["x.png"])
+    admin.put_object(Bucket=bucket, Key="sites/0/images/x.png", Body=b"scan")
+    with pytest.raises(DataError, match=r"image id 'x.png' .* outside .*cache.* \(a symbolic link below it"):
+        read_site_assignment(f"s3://{bucket}", 0, cache_dir=cache)
+    assert list(outside.iterdir()) == []
+
 
 def _synthetic_source(tmp_path) -> Path:
     from fedmedclip import synthetic

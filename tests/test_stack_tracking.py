@@ -131,7 +131,7 @@ def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
         assert run_cli("stack", "env", "--data-dir", data_dir, "--role", "ucsf") == 0
         role_env = capsys.readouterr().out
         assert f"export AWS_ACCESS_KEY_ID={state.roles['ucsf'].access_key}" in role_env
-        assert "MLFLOW_TRACKING_URI" not in role_env
+        assert "export MLFLOW_TRACKING_URI" not in role_env and "unset MLFLOW_TRACKING_URI" in role_env
         ucsf = state.s3_client("ucsf")
         ucsf.put_object(Bucket="fmc-hospitals", Key="sites/1/images/x.png", Body=b"ucsf scan")
         ucsf.put_object(Bucket="fmc-hospitals", Key="runs/r/status/ucsf.json", Body=b"{}")
@@ -160,6 +160,46 @@ def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
     assert run_cli("stack", "status", "--data-dir", data_dir) == 1
     with pytest.raises(StackError, match="stack up"):
         run_cli("stack", "env", "--data-dir", data_dir)
+
+
+def test_taken_default_ports_are_replaced_and_asked_ports_are_kept(monkeypatch):
+    """`stack up` and `demo` choose their ports with one function: a default port in use is replaced by a free
+    one (and a note says which), a port asked for (option or $FEDMEDCLIP_S3_PORT) is used or refused."""
+    import socket
+
+    from components import stack
+
+    with socket.socket() as s3_taken, socket.socket() as mlflow_taken:
+        for sock in (s3_taken, mlflow_taken):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(1)
+        busy = (s3_taken.getsockname()[1], mlflow_taken.getsockname()[1])
+        monkeypatch.setattr(stack, "DEFAULT_S3_PORT", busy[0])  # as if 9000 and 5000 were taken
+        monkeypatch.setattr(stack, "DEFAULT_MLFLOW_PORT", busy[1])
+        for env in (stack.S3_PORT_ENV, stack.MLFLOW_PORT_ENV):
+            monkeypatch.delenv(env, raising=False)
+        ports, notes = stack.stack_ports("127.0.0.1")
+        assert len(set(ports)) == 2 and not set(ports) & set(busy)
+        assert len(notes) == 2
+        assert notes[0].startswith(f"port {busy[0]} is taken: the S3 server listens on {ports[0]} instead")
+        assert notes[1].startswith(
+            f"port {busy[1]} is taken: the MLflow server listens on {ports[1]} instead"
+        )
+        # asked for: kept when free, refused (naming the option and the variable) when taken
+        free_s3, free_ml = free_ports(2)
+        monkeypatch.setenv(stack.S3_PORT_ENV, str(free_s3))
+        assert stack.stack_ports("127.0.0.1", mlflow_port=free_ml) == ([free_s3, free_ml], [])
+        monkeypatch.setenv(stack.S3_PORT_ENV, str(busy[0]))
+        with pytest.raises(StackError, match=rf"port {busy[0]} .*in use.*--s3-port.*FEDMEDCLIP_S3_PORT"):
+            stack.stack_ports("127.0.0.1")
+        with pytest.raises(StackError, match=rf"port {busy[1]} .*in use.*--mlflow-port"):
+            stack.stack_ports("127.0.0.1", free_s3, busy[1])
+    # the demo's and stack up's options reach the same function
+    from fedmedclip.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--s3-port", "9100", "--mlflow-port", "5100"])
+    assert (args.s3_port, args.mlflow_port) == (9100, 5100)
+    assert build_parser().parse_args(["stack", "up"]).s3_port is None  # resolved by stack_ports
 
 
 def test_stack_start_failure_shows_log_tail(tmp_path):
@@ -196,14 +236,21 @@ def test_log_run_dir_params_metrics_tags_artifacts(mlops_stack, tmp_path):
 
     metrics = run.data.metrics
     assert metrics[PROMOTION_METRIC] == pytest.approx(0.8)
-    assert metrics["final_site_site_1_bacc"] == pytest.approx(0.79)
-    assert metrics["comm_total_bytes"] == 27000
-    history = client.get_metric_history(run_id, "global_bacc")
+    assert metrics["summary/site_1_bacc"] == pytest.approx(0.79)
+    assert metrics["summary/total_bytes"] == 27000
+    history = client.get_metric_history(run_id, "global/bacc")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
     assert sorted(history, key=lambda m: m.step)[-1].value == pytest.approx(0.8)
-    for key in ("global_acc", "site_site_0_acc", "site_site_2_bacc", "bytes_up", "bytes_down", "train_loss"):
+    for key in (
+        "global/acc",
+        "site_0/acc",
+        "site_2/bacc",
+        "comm/bytes_up",
+        "comm/bytes_down",
+        "sites/train_loss",
+    ):
         assert len(client.get_metric_history(run_id, key)) == 3, key
-    assert client.get_metric_history(run_id, "bytes_up")[0].value == 3000  # summed over the sites
+    assert client.get_metric_history(run_id, "comm/bytes_up")[0].value == 3000  # summed over the sites
 
     tags = run.data.tags
     partition = json.loads((run_dir / "partition.json").read_text())
@@ -458,10 +505,12 @@ def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx
         promote("fedmedclip-plain", 99, tracking_uri=uri)
 
 
-def test_train_cli_logs_the_run_when_a_tracking_server_is_set(mlops_stack, tmp_path, monkeypatch, capsys):
-    """`fedmedclip train` on its own reaches MLflow too (through the `track` command of this layer)."""
+def test_train_track_logs_every_round_live_with_every_setting(mlops_stack, tmp_path, monkeypatch, capsys):
+    """`fedmedclip train` logs through the same observer as `server run --track`: each round as it finishes,
+    at its own time, with every resolved setting as a parameter; `--resume` continues the same MLflow run."""
     from mlflow import MlflowClient
 
+    from components.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from fedmedclip.cli import main
 
     data = tmp_path / "data"
@@ -472,8 +521,15 @@ def test_train_cli_logs_the_run_when_a_tracking_server_is_set(mlops_stack, tmp_p
         == 0
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlops_stack.tracking_uri)
-    common = ["--quiet", "train", "--data", str(data / "manifest.csv"), "--sites", "2", "--rounds", "1"]
-    common += ["--cache-dir", str(tmp_path / "c"), "--experiment", "train-cli"]
+    common = ["--quiet", "train", "--data", str(data / "manifest.csv"), "--sites", "2", "--rounds", "2"]
+    common += [
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--experiment",
+        "train-cli",
+        "--method-opt",
+        "lr_fam=0.002",
+    ]
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "run")]) == 0
     run_id = capsys.readouterr().out.strip().splitlines()[-1]
@@ -482,7 +538,147 @@ def test_train_cli_logs_the_run_when_a_tracking_server_is_set(mlops_stack, tmp_p
     assert run.data.params["method"] == "fedmedclip" and run.info.status == "FINISHED"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert run.data.metrics[PROMOTION_METRIC] == pytest.approx(results["metrics"]["global"]["bacc"])
+    # every resolved setting: the method's options with their defaults, threads, class filters, preprocessing
+    params = run.data.params
+    for key, value in results["method_options"].items():
+        assert params[f"method_options.{key}"] == (value if isinstance(value, str) else json.dumps(value)), (
+            key
+        )
+    assert params["method_options.lr_fam"] == "0.002" and len(results["method_options"]) > 3
+    for key in (
+        "threads",
+        "min_class_images",
+        "allow_outside_root",
+        "batch_size",
+        "codec_up",
+        "preprocessing",
+    ):
+        assert key in params, key
+    # live: each round at the time it finished (results.json records it), the run spanning the training
+    points = sorted(client.get_metric_history(run_id, "global/bacc"), key=lambda m: m.step)
+    finished = [round(rec["finished_at"] * 1000) for rec in results["history"]]
+    assert [m.step for m in points] == [1, 2] and [m.timestamp for m in points] == finished
+    assert run.info.start_time <= finished[0] <= finished[1] <= run.info.end_time
+    # readable in the UI: a model-training experiment, a description, who and what logged it
+    tags = run.data.tags
+    assert client.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert "**fedmedclip**" in tags["mlflow.note.content"] and "selected round" in tags["mlflow.note.content"]
+    assert tags["mlflow.source.name"] == "fedmedclip train" and tags["mlflow.user"]
+    assert run.info.run_name == "run" and tags["fedmedclip.run_dir"] == str((tmp_path / "run").resolve())
+    # a resumed run continues the same MLflow run (its key is recorded in the run directory)
+    assert main([*common, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == run_id
 
     assert main([*common, "--out", str(tmp_path / "run2"), "--no-track"]) == 0
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
+
+
+def test_track_logs_a_run_directory_at_its_recorded_times(mlops_stack, tmp_path):
+    """`fedmedclip track RUN_DIR` after the fact: the same history as live logging, each round at the time the
+    run recorded for it, and the run's duration the training's, not the logging's."""
+    from mlflow import MlflowClient
+
+    run_dir = make_run_dir(tmp_path / "run", rounds=3)
+    results = json.loads((run_dir / "results.json").read_text())
+    t0 = 1_700_000_000.0  # a run from long ago
+    for r, rec in enumerate(results["history"], start=1):
+        rec["finished_at"] = t0 + 10.0 * r
+    results["timing"]["total_seconds"] = 45.0
+    (run_dir / "results.json").write_text(json.dumps(results))
+    run_id = log_run_dir(run_dir, "test-recorded-times", tracking_uri=mlops_stack.tracking_uri)
+    client = MlflowClient(mlops_stack.tracking_uri)
+    points = sorted(client.get_metric_history(run_id, "global/acc"), key=lambda m: m.step)
+    assert [m.timestamp for m in points] == [int((t0 + 10.0 * r) * 1000) for r in (1, 2, 3)]
+    info = client.get_run(run_id).info
+    assert (info.start_time, info.end_time) == (int((t0 + 30 - 45) * 1000), int((t0 + 30) * 1000))
+    assert client.get_run(run_id).data.tags["fedmedclip.times"] == "recorded"
+
+
+def test_every_command_finds_the_tracking_server_by_one_rule_and_never_writes_a_database(
+    mlops_stack, tmp_path, monkeypatch, capsys
+):
+    """No MLFLOW_TRACKING_URI and no local stack: track, register, promote, serve models:/ and train --track
+    each say so in one line, and nothing (mlflow.db, mlruns/) appears in the working directory. With a local
+    stack recorded (FEDMEDCLIP_STACK_DIR), every one of them finds it."""
+    from fedmedclip.cli import main
+    from fedmedclip.tracking_server import find_tracking_uri
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", str(tmp_path / "no-stack"))
+    run_dir = make_run_dir(tmp_path / "run")
+    commands = [
+        ["track", str(run_dir)],
+        ["register", "0" * 32, "--name", "m"],
+        ["promote", "m", "--version", "1"],
+        ["serve", "models:/m@champion"],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no MLflow tracking server" in err, (argv, err)
+    train = [
+        "train",
+        "--synthetic",
+        "{}",
+        "--track",
+        "--out",
+        str(tmp_path / "t"),
+        "--cache-dir",
+        str(tmp_path),
+    ]
+    assert main(train) == 2  # before any work
+    assert "no MLflow tracking server" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == []  # no mlflow.db, no mlruns/
+
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", mlops_stack.data_dir)
+    assert find_tracking_uri() == mlops_stack.tracking_uri
+    assert main(["serve", "models:/no-such-model@champion"]) == 2
+    err = capsys.readouterr().err
+    assert mlops_stack.tracking_uri in err and "no-such-model" in err
+    assert main(["promote", "no-such-model", "--version", "1"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == []
+
+
+def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
+    mlops_stack, tmp_path, tiny_onnx, caplog
+):
+    """KFP retries the register task: a retry finds the version it registered instead of adding one. A
+    refused promotion is the task's `promotion` output and an ERROR line, and fails it when asked."""
+    from mlflow import MlflowClient
+
+    from components.kfp_components import PROMOTED, REFUSED, register_step
+
+    uri, name = mlops_stack.tracking_uri, "fedmedclip-retry"
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(tiny_onnx.read_bytes())
+    good = make_run_dir(tmp_path / "good", bacc=0.8)
+    run_id = log_run_dir(good, "test-retry", tracking_uri=uri)
+    args = (str(good), str(onnx_dir), run_id, uri, "test-retry", name, "champion", False)
+    first = register_step(*args)
+    again = register_step(*args)  # the retry
+    assert first == again == (f"models:/{name}@champion", PROMOTED)
+    client = MlflowClient(uri, registry_uri=uri)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert (
+        len(register_model(run_id, name, tiny_onnx, uri).version)
+        and register_model(run_id, name, tiny_onnx, uri).existing
+    )
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+    worse = make_run_dir(tmp_path / "worse", bacc=0.5)
+    worse_id = log_run_dir(worse, "test-retry", tracking_uri=uri)
+    args = (str(worse), str(onnx_dir), worse_id, uri, "test-retry", name, "champion", False)
+    with caplog.at_level(logging.ERROR, logger="fedmedclip.pipeline"):
+        model_uri, outcome = register_step(*args)
+    assert model_uri == f"models:/{name}/2" and outcome.startswith(f"{REFUSED}: ") and "0.5000" in outcome
+    assert any(r.levelno == logging.ERROR and "PROMOTION REFUSED" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FedMedClipError, match="promotion refused"):
+        register_step(*args, fail_if_not_promoted=True)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2  # the retry added nothing
+    assert client.get_registered_model(name).aliases["champion"] == "1"

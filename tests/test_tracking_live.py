@@ -94,7 +94,7 @@ def test_rounds_reach_mlflow_while_the_run_goes_on(mlops_stack, client, tmp_path
     assert logger.flush(timeout=60)
     # Round 1 is in MLflow while the run is still going.
     assert client.get_run(run_id).info.status == "RUNNING"
-    assert [(m.step, m.value) for m in history(client, run_id, "global_bacc")] == [(1, pytest.approx(0.26))]
+    assert [(m.step, m.value) for m in history(client, run_id, "global/bacc")] == [(1, pytest.approx(0.26))]
 
     time.sleep(0.01)  # rounds finish at different times; so must their points
     logger.log_round(round_record(2, present=["site_0", "site_2"]))
@@ -104,24 +104,24 @@ def test_rounds_reach_mlflow_while_the_run_goes_on(mlops_stack, client, tmp_path
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    points = history(client, run_id, "global_bacc")
+    points = history(client, run_id, "global/bacc")
     assert [m.step for m in points] == [1, 2, 3]
     assert points[0].timestamp < points[1].timestamp < points[2].timestamp
-    assert [m.value for m in history(client, run_id, "sites_present")] == [3, 2, 3]
-    assert [m.value for m in history(client, run_id, "bytes_up")] == [
+    assert [m.value for m in history(client, run_id, "sites/present")] == [3, 2, 3]
+    assert [m.value for m in history(client, run_id, "comm/bytes_up")] == [
         3003,
         2002,
         3003,
     ]  # absent site: nothing
-    assert [m.step for m in history(client, run_id, "site_site_1_bytes_up")] == [1, 3]
-    assert [m.step for m in history(client, run_id, "site_site_1_acc")] == [1, 3]
+    assert [m.step for m in history(client, run_id, "site_1/bytes_up")] == [1, 3]
+    assert [m.step for m in history(client, run_id, "site_1/acc")] == [1, 3]
     for key in (
-        "global_acc",
-        "site_site_0_bacc",
-        "site_site_2_val_acc",
-        "bytes_down",
-        "round_seconds",
-        "train_loss",
+        "global/acc",
+        "site_0/bacc",
+        "site_2/val_acc",
+        "comm/bytes_down",
+        "time/round_seconds",
+        "sites/train_loss",
     ):
         assert len(history(client, run_id, key)) == 3, key
 
@@ -156,7 +156,7 @@ def test_a_run_that_fails_at_round_37_keeps_rounds_1_to_36(mlops_stack, client, 
         raise RuntimeError("round 37: site_1 stalled, no quorum")
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
-    assert [m.step for m in history(client, run_id, "global_bacc")] == list(range(1, 37))
+    assert [m.step for m in history(client, run_id, "global/bacc")] == list(range(1, 37))
     assert COMPLETE_TAG not in run.data.tags
     with pytest.raises(TrackingError, match="not logged from a complete run directory"):
         register_model(run_id, "fedmedclip-live", tracking_uri=mlops_stack.tracking_uri)
@@ -170,7 +170,7 @@ def test_failed_run_with_partial_directory_logs_what_exists(mlops_stack, client,
     logger.log_round(round_record(1))
     logger.finish(run_dir, "FAILED")
     run = client.get_run(run_id)
-    assert run.info.status == "FAILED" and [m.step for m in history(client, run_id, "global_acc")] == [1]
+    assert run.info.status == "FAILED" and [m.step for m in history(client, run_id, "global/acc")] == [1]
     assert {"partition.json", "rounds"} <= {f.path for f in client.list_artifacts(run_id)}
     assert PROMOTION_METRIC not in run.data.metrics
 
@@ -195,7 +195,7 @@ def test_restarted_server_continues_its_mlflow_run(mlops_stack, client):
     assert again.start({"rounds": 3, "method": "fedmedclip"}, run_name=key, run_key=key) == run_id
     again.log_round(round_record(2))
     again.finish(None, "FAILED")
-    assert [m.step for m in history(client, run_id, "global_acc")] == [1, 2]
+    assert [m.step for m in history(client, run_id, "global/acc")] == [1, 2]
     # Another configuration under the same key is refused, not mixed into that run.
     other = LiveRunLogger("test-live", mlops_stack.tracking_uri)
     with pytest.raises(TrackingError, match="rounds"):
@@ -269,7 +269,7 @@ def test_rounds_logged_during_a_tracking_outage_arrive_when_it_is_back(mlops_sta
         relay.up()  # back
         assert logger.flush(timeout=60) and logger.unsent_rounds == []
         logger.finish(None, "FAILED")
-        points = history(client, run_id, "global_bacc")
+        points = history(client, run_id, "global/bacc")
         assert [m.step for m in points] == [1, 2, 3]
         assert points[1].timestamp <= finished_2  # the round's own time, not the time it reached MLflow
     finally:

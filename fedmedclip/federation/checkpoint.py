@@ -66,6 +66,9 @@ def _json_finite(obj: Any, path: str = "") -> str | None:
 class CheckpointStore:
     def __init__(self, store: ObjectStore, party: str):
         self.store, self.party = store, party
+        # What `load` found wrong (a damaged or removed slot): the party then resumed from older state than
+        # its newest, and says so (results.json's `recovery`).
+        self.problems: list[str] = []
 
     def _read(self, slot: str) -> tuple[int, dict, Any]:
         """(seq, body, tensors) of a slot, or CheckpointError saying what is wrong with it."""
@@ -100,18 +103,26 @@ class CheckpointStore:
     def load(self) -> tuple[int, dict, Any] | None:
         """The newest intact checkpoint as (seq, body, tensors); None when there is none at all. A damaged
         newest slot falls back to the other with a warning; when every existing slot is damaged, an error."""
-        found, problems = [], []
+        found, problems, absent = [], [], []
         for slot in SLOTS:
-            if self.store.get(f"{slot}/state.json") is None and self.store.get(f"{slot}/tensors.pt") is None:
+            if not self.store.exists(f"{slot}/state.json") and not self.store.exists(f"{slot}/tensors.pt"):
+                absent.append(slot)
                 continue
             try:
                 found.append(self._read(slot))
             except CheckpointError as exc:
                 problems.append(f"{self.store.where(slot)}: {exc}")
+        # Saves alternate between the slots, so once a party has saved twice both exist: a slot gone after
+        # that was removed, and may have held the newest save.
+        if len(found) == 1 and absent and found[0][0] >= 1:
+            problems += [
+                f"{self.store.where(slot)}: removed (both of its files are missing)" for slot in absent
+            ]
+        self.problems = problems
         if not found:
             if problems:
                 raise CheckpointError(
-                    f"{self.party}: no intact checkpoint to resume from:\n  " + "\n  ".join(problems)
+                    f"{self.party}: no intact checkpoint to resume from: " + "; ".join(problems)
                 )
             return None
         best = max(found, key=lambda f: f[0])

@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 
 from ..errors import ConfigError, FedMedClipError
-from .storage import ObjectStore
+from .messages import Message, MessageRefused, Status, parse
+from .storage import ObjectStore, ObjectTooLarge
 
 SERVER = "server"
+MAX_MANIFEST_BYTES = 16 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -78,8 +80,25 @@ class Mailbox:
     def put_json(self, key: str, obj) -> None:
         self.store.put(key, _finite_json(obj))
 
-    def get_json(self, key: str, who: str = "") -> dict | None:
-        raw = self.store.get(key)
+    def put_message(self, key: str, msg: Message) -> None:
+        self.store.put(key, msg.to_bytes())
+
+    def read_message(self, key: str, cls: type[Message], party: str) -> Message | None:
+        """The object `party` wrote at `key`, parsed against its declaration (its size checked before it is
+        read); None when it is not there; MessageRefused when it does not parse."""
+        try:
+            raw = self.store.get(key, max_bytes=cls.max_bytes)
+        except ObjectTooLarge as exc:
+            raise MessageRefused(f"{cls.kind} from {party}: {exc}", cls.kind, party) from None
+        if raw is None:
+            return None
+        return parse(cls, raw, party, self.where(key))
+
+    def get_json(self, key: str, who: str = "", max_bytes: int = MAX_MANIFEST_BYTES) -> dict | None:
+        try:
+            raw = self.store.get(key, max_bytes=max_bytes)
+        except ObjectTooLarge as exc:
+            raise ProtocolError(f"{exc}{' (from ' + who + ')' if who else ''}") from None
         if raw is None:
             return None
         try:
@@ -93,23 +112,13 @@ class Mailbox:
         return obj
 
     def put_status(self, party: str, state: str, round_index: int, message: str = "", **extra) -> None:
-        self.put_json(
-            self.status_key(party),
-            {
-                "party": party,
-                "state": state,
-                "round": round_index,
-                "message": message,
-                "time": time.time(),
-                **extra,
-            },
+        self.put_message(
+            self.status_key(party), Status.of(party, state, round_index, message, time.time(), **extra)
         )
 
-    def status(self, party: str) -> dict | None:
-        try:
-            return self.get_json(self.status_key(party), party)
-        except ProtocolError:
-            return None
+    def status(self, party: str) -> Status | None:
+        """`party`'s heartbeat; None when it has written none; MessageRefused when it does not parse."""
+        return self.read_message(self.status_key(party), Status, party)
 
 
 class Poller:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,23 +59,6 @@ def evaluate_site(trainer, data) -> dict:
     return {"val": report(data.val_x, data.val_y), "test": report(data.test_x, data.test_y)}
 
 
-def check_site_report(report: dict) -> str | None:
-    """Why a site's report (JSON from another party) cannot be used, or None."""
-    for split in ("val", "test"):
-        rep = report.get(split)
-        if rep is None:
-            continue
-        if not isinstance(rep, dict):
-            return f"{split} is not an object"
-        for k in SUMMARY_KEYS:
-            v = rep.get(k)
-            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
-                return f"{split}.{k} = {v!r} is not a number in [0, 1]"
-        if not isinstance(rep.get("n"), int) or rep["n"] < 0:
-            return f"{split}.n is not a sample count"
-    return None
-
-
 # ---------------------------------------------------------------- the round record
 def round_record(
     r: int,
@@ -87,10 +71,12 @@ def round_record(
     bytes_down: dict[str, int],
     seconds: float,
     rejected: dict[str, str] | None = None,
+    finished_at: float | None = None,
 ) -> dict:
     """One entry of results.json's `history`. Sites absent from the round (or without a report) have None
     metrics; `val_acc_mean` averages the validation accuracy of the sites that have a validation split,
-    and is None when none has."""
+    and is None when none has. `finished_at` (unix seconds, default now) is when the round closed: what
+    `fedmedclip track` stamps its metrics with when it logs the run afterwards."""
     rows = []
     for name in site_names:
         rep = site_reports.get(name) or {}
@@ -117,6 +103,7 @@ def round_record(
         "bytes_up": [bytes_up.get(s) for s in site_names],
         "bytes_down": [bytes_down.get(s) for s in site_names],
         "seconds": float(seconds),
+        "finished_at": round(time.time() if finished_at is None else float(finished_at), 3),
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -37,8 +36,8 @@ from ..preparation import (
 )
 from ..sources import is_published_layout, is_remote, remote_source
 from .mailbox import Mailbox, Poller, ProtocolError, check_name, wait_until
-from .server import FederationServer, ServerOptions, ServerSetup
-from .site import SiteSetup, SiteWorker
+from .server import FederationError, FederationServer, ServerOptions, ServerSetup
+from .site import DEFAULT_SILENCE_TIMEOUT, SiteSetup, SiteWorker
 from .storage import open_store
 
 log = logging.getLogger("fedmedclip.federation")
@@ -48,6 +47,13 @@ def method_for(cfg: TrainConfig, p: Prepared):
     return build_method(
         cfg, p.stores[SERVER].text_features, p.backbone, p.preprocessing, p.image_set.class_names
     )
+
+
+def dataset_summary(image_set) -> dict | None:
+    """What the data preparation changed, for results.json and provenance.json: the exact duplicates it
+    found (None when there were none, so that a run on data without any reads as before)."""
+    dup = image_set.duplicates
+    return {"duplicates": dup} if dup and dup["groups"] else None
 
 
 def server_setup(cfg: TrainConfig, p: Prepared, method) -> ServerSetup:
@@ -66,6 +72,7 @@ def server_setup(cfg: TrainConfig, p: Prepared, method) -> ServerSetup:
         preprocessing=p.preprocessing.describe(),
         provenance=server.provenance,
         feature_seconds=p.feature_seconds,
+        dataset=dataset_summary(p.image_set),
     )
 
 
@@ -101,7 +108,13 @@ def run_server(
         server.quorum,
         mailbox.store.url,
     )
-    server.start()
+    try:
+        server.start()
+    except FederationError:
+        raise  # a refused configuration: the run in the mailbox (maybe another's) is left as it is
+    except Exception as exc:
+        server.fail(f"the server could not resume: {type(exc).__name__}: {exc}")
+        raise
     return server.run()
 
 
@@ -193,7 +206,7 @@ def run_site(
     state_url: str | None = None,
     threads: int = 1,
     join_timeout: float = 3600.0,
-    silence_timeout: float = math.inf,
+    silence_timeout: float = DEFAULT_SILENCE_TIMEOUT,
     progress: bool = True,
 ) -> None:
     """Join the run as `site`: wait for its manifest, encode this site's own images once, then train until

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,18 @@ import numpy as np
 import torch
 
 from ..aggregation import aggregation_weights
-from ..codec import decode, encode
+from ..codec import CodecError, decode, encode
 from ..errors import FedMedClipError
 from ..methods import Method
+from ..privacy.client import server_privacy
+from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
 from .records import (
     atomic_write_bytes,
     atomic_write_json,
     build_results,
-    check_site_report,
     evaluate_global,
     is_better,
     round_of,
@@ -39,7 +40,8 @@ from .records import (
     write_model_dir,
     write_results,
 )
-from .storage import ObjectStore
+from .robust import clip_to, default_bound, distance, robust_aggregate
+from .storage import ObjectStore, ObjectTooLarge
 
 log = logging.getLogger("fedmedclip.server")
 
@@ -59,8 +61,13 @@ class ServerOptions:
         None  # seconds to wait for a present site's metrics (default: round_timeout)
     )
     norm_factor: float = 10.0  # reject an update whose distance to the global module exceeds this x the others' median (0: off)
+    # The absolute bound on an update's distance to the global module it was trained from, fixed in the
+    # manifest; None: DEFAULT_BOUND_FACTOR x the norm of the method's initial module; 0: none.
+    max_update_norm: float | None = None
+    clip_updates: bool = False  # above the bound: clip the update onto it instead of refusing it
     max_update_bytes: int | None = None  # cap on an inflated update (default: the template's size + headroom)
     stall_every: float = 30.0  # seconds between "waiting for ..." lines
+    heartbeat_every: float = 10.0  # seconds between status writes while the server waits
     poll_cap: float = 0.25
 
 
@@ -81,13 +88,18 @@ class ServerSetup:
     provenance: dict  # the server's feature store
     feature_seconds: float = 0.0
     extra_results: dict = field(default_factory=dict)
+    # What the data preparation found (exact duplicates and what was dropped): results.json's `data` and
+    # provenance.json's `_dataset` (no holder is named with a leading underscore).
+    dataset: dict | None = None
 
 
 def tensor_template(state: dict[str, torch.Tensor]) -> dict:
     return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
 
 
-def make_manifest(run_id: str, setup: ServerSetup, options: ServerOptions, template: dict) -> dict:
+def make_manifest(
+    run_id: str, setup: ServerSetup, options: ServerOptions, template: dict, max_update_norm: float | None
+) -> dict:
     cfg, part = setup.cfg, setup.partition
     counts = {s: len(part.sites[s]["train"]) for s in part.site_names}
     return {
@@ -103,6 +115,9 @@ def make_manifest(run_id: str, setup: ServerSetup, options: ServerOptions, templ
         "quorum": options.quorum or len(part.site_names),
         "round_timeout": options.round_timeout,
         "norm_factor": options.norm_factor,
+        "aggregator": cfg.aggregator,
+        "max_update_norm": max_update_norm,
+        "clip_updates": bool(options.clip_updates),
         "backbone": setup.backbone,
         "preprocessing": setup.preprocessing,
         "class_names": setup.class_names,
@@ -139,10 +154,17 @@ class FederationServer:
         self.global_module = self.method.new_global()
         self.global_state = self.method.shared_state(self.global_module)
         self.template = tensor_template(self.global_state)
-        self.manifest = make_manifest(mailbox.run_id, setup, self.opt, self.template)
+        bound = self.opt.max_update_norm
+        self.max_update_norm = default_bound(self.global_state) if bound is None else (float(bound) or None)
+        self.manifest = make_manifest(mailbox.run_id, setup, self.opt, self.template, self.max_update_norm)
         self.counts = {s["name"]: s["n_train"] for s in self.manifest["sites"]}
+        # Differential privacy (fedmedclip.privacy): delta checked against every site's size before any
+        # training; client-level DP's aggregation when on.
+        self.client_dp = server_privacy(setup.method.ctx.privacy, self.counts, self.quorum, state)
         template_bytes = sum(int(np.prod(shape)) * 8 for shape, _ in self.template.values())
         self.max_update_bytes = self.opt.max_update_bytes or template_bytes + (1 << 20)
+        # An update object larger than this is refused before it is read: the inflated cap plus its header.
+        self.max_payload_bytes = self.max_update_bytes + (1 << 20)
         # Progress state (checkpointed).
         self.phase, self.round = "start", 0
         self.received: dict[str, torch.Tensor] = {}
@@ -154,10 +176,16 @@ class FederationServer:
         self.site_provenance: dict[str, dict] = {}
         self.info: dict = {}  # the round being closed: present, rejected, losses, bytes
         self.payload: bytes = b""
-        # Not checkpointed: what arrived in the current round.
+        # Parties that resumed from older state than their newest (results.json's `recovery`).
+        self.recovery: list[dict] = []
+        # Not checkpointed: the updates accepted in the current round (read again after a restart).
         self._updates: dict[str, dict] = {}
+        # Checkpointed: the sites whose object of the current round was refused, set aside so that a restart
+        # never reads it again.
         self._rejected: dict[str, str] = {}
         self._quorum_at: float | None = None
+        self._last_status: tuple[str, str, dict] = ("waiting_updates", "", {})
+        self._heartbeat_at = time.monotonic()
         self._round_started = time.monotonic()
         self._last_stall_line = time.monotonic()
         self.results: dict | None = None
@@ -175,6 +203,9 @@ class FederationServer:
         "codec_down",
         "partition_digest",
         "sites",
+        "aggregator",
+        "max_update_norm",
+        "clip_updates",
         "backbone",
         "preprocessing",
         "class_names",
@@ -200,6 +231,8 @@ class FederationServer:
         got = self.ckpt.load()
         if got is not None:
             self._restore(*got[1:])
+            if self.ckpt.problems:
+                self._note_recovery(SERVER, self.round, "; ".join(self.ckpt.problems))
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / "config.json", self.cfg.to_json())
@@ -215,7 +248,17 @@ class FederationServer:
             selected = self.results["metrics"]["best_round"]
             self._status("done", f"selected round {selected}", best_round=selected)
         else:
-            self._status("waiting_updates" if self.phase == "updates" else self.phase)
+            self._status(self._waiting_state())
+
+    def _waiting_state(self) -> str:
+        return "waiting_updates" if self.phase == "updates" else "waiting_reports"
+
+    def _note_recovery(self, party: str, r: int, reason: str) -> None:
+        """Record that `party` resumed from older state than its newest (results.json's `recovery`)."""
+        entry = {"party": party, "round": r, "reason": reason}
+        if entry not in self.recovery:
+            self.recovery.append(entry)
+            log.warning("%s resumed from older state at round %d: %s", party, r, reason)
 
     def _restore(self, body: dict, tensors: dict) -> None:
         if body.get("run_id") != self.mb.run_id:
@@ -227,10 +270,15 @@ class FederationServer:
         self.reports = {int(r): v for r, v in body["reports"].items()}
         self.best_round, self.best_val = body["best_round"], body["best_val"]
         self.site_provenance = body["site_provenance"]
+        self.recovery = list(body.get("recovery", []))
+        if self.phase == "updates":
+            self._rejected = dict(body.get("set_aside", {}))
         self.global_state, self.received = tensors["global_state"], tensors["received"]
         self.best_received = tensors.get("best_received")
         self.payload = tensors["payload"].numpy().tobytes()
         self.global_module.load_state_dict(self.received, strict=False)
+        if self.client_dp is not None:
+            self.client_dp.restore(self.info)
         # The newest global module goes out again when the mailbox lacks it (a crash between this checkpoint
         # and publishing, or an in-process mailbox that did not survive): the same bytes.
         newest = self.round if self.phase == "reports" else self.round - 1
@@ -253,6 +301,8 @@ class FederationServer:
             "best_val": self.best_val,
             "site_provenance": self.site_provenance,
             "info": self.info,
+            "recovery": self.recovery,
+            "set_aside": self._rejected if self.phase == "updates" else {},
         }
         tensors = {
             "global_state": self.global_state,
@@ -269,21 +319,35 @@ class FederationServer:
             log.info("%s", message)
 
     def _status(self, state: str, message: str = "", **extra) -> None:
+        self._last_status = (state, message, extra)
         self.mb.put_status(SERVER, state, self.round, message, **{"best_round": self.best_round, **extra})
+        self._heartbeat_at = time.monotonic()
+
+    def _beat(self) -> None:
+        """The last status again, with the time of now: the sites see that the server is alive."""
+        state, message, extra = self._last_status
+        self._status(state, message, **extra)
 
     def _write_global(self, r: int, payload: bytes) -> None:
         self.mb.store.put(self.mb.global_key(r), payload)
         if r >= 1:  # the run directory keeps every round's broadcast, as `fedmedclip train` always did
             atomic_write_bytes(self.out / "rounds" / f"global_round_{r:03d}.bin", payload)
 
-    def _publish(self, r: int, state: dict, present: list[str]) -> None:
-        """Encode the global module after round r for the sites; keep what they will receive."""
-        meta = {"run_id": self.mb.run_id, "round": r, "sites_present": present, "best_round": self.best_round}
-        self.payload = encode(state, self.cfg.codec_down, meta=meta).payload
+    def _publish(self, r: int, state: dict, present: list[str], payload: bytes | None = None) -> None:
+        """Encode the global module after round r for the sites (unless `payload` is that already); keep what
+        they will receive."""
+        self.payload = payload if payload is not None else self._encoded(r, state, present)
         self.received = decode(self.payload).state
         self.global_module.load_state_dict(self.received, strict=False)
 
     # ------------------------------------------------------------------ validation
+    def _read_update(self, site: str) -> bytes | None:
+        """The bytes of `site`'s update of this round, its size checked before it is read."""
+        try:
+            return self.mb.store.get(self.mb.update_key(self.round, site), max_bytes=self.max_payload_bytes)
+        except ObjectTooLarge as exc:
+            raise UpdateRejected(f"update too large: {exc}") from None
+
     def _validate(self, site: str, payload: bytes) -> dict:
         """The decoded update of `site` for the current round, or UpdateRejected with the reason."""
         r = self.round
@@ -293,29 +357,43 @@ class FederationServer:
                 reference=self.received,
                 template=self.template_tuples,
                 max_bytes=self.max_update_bytes,
+                codec=self.cfg.codec_up,  # the manifest's uplink codec, and no other
             )
         except Exception as exc:  # CodecError and anything a hostile payload provokes
             raise UpdateRejected(f"undecodable update: {exc}") from None
-        meta = got.meta
-        if meta.get("run_id") != self.mb.run_id or meta.get("round") != r or meta.get("site") != site:
+        try:
+            header = parse(UpdateHeader, got.meta, site)
+        except MessageRefused as exc:
+            raise UpdateRejected(str(exc)) from None
+        if header.run_id != self.mb.run_id or header.round != r or header.site != site:
             raise UpdateRejected(
-                f"update is labelled run {meta.get('run_id')!r} round {meta.get('round')!r} site "
-                f"{meta.get('site')!r}, expected run {self.mb.run_id!r} round {r} site {site!r}"
+                f"update is labelled run {header.run_id!r} round {header.round!r} site "
+                f"{header.site!r}, expected run {self.mb.run_id!r} round {r} site {site!r}"
             )
-        n = meta.get("n_train")
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.counts[site]:
+        if header.n_train > self.counts[site]:
             raise UpdateRejected(
-                f"reported sample count {n!r} is outside what the manifest says {site} holds (1..{self.counts[site]})"
+                f"reported sample count {header.n_train!r} is outside what the manifest says {site} holds "
+                f"(1..{self.counts[site]})"
             )
         bad = non_finite(got.state)
         if bad:
             raise UpdateRejected(f"tensor {bad} holds NaN or Inf")
-        loss = meta.get("loss")
+        state, clipped = got.state, None
+        if self.max_update_norm is not None:
+            norm = distance(state, self.received)
+            if not norm <= self.max_update_norm:
+                if not self.opt.clip_updates:
+                    raise UpdateRejected(
+                        f"update norm {norm:.4g} (distance to the global module) is over the run's bound "
+                        f"{self.max_update_norm:.4g}"
+                    )
+                state, clipped = clip_to(state, self.received, self.max_update_norm, norm), norm
         return {
-            "state": got.state,
-            "n_train": n,
-            "loss": float(loss) if isinstance(loss, (int, float)) else None,
+            "state": state,
+            "n_train": header.n_train,
+            "loss": header.loss,
             "bytes": len(payload),
+            "clipped": clipped,
         }
 
     @property
@@ -326,14 +404,7 @@ class FederationServer:
         """Reject updates whose distance to the global module is far outside the round's others."""
         if not self.opt.norm_factor or len(self._updates) < 3:
             return
-        norms = {}
-        for site, u in self._updates.items():
-            sq = sum(
-                float(((v.double() - self.received[k].double()) ** 2).sum())
-                for k, v in u["state"].items()
-                if v.is_floating_point()
-            )
-            norms[site] = math.sqrt(sq)
+        norms = {site: distance(u["state"], self.received) for site, u in self._updates.items()}
         for site, norm in norms.items():
             others = [v for s, v in norms.items() if s != site]
             median = float(np.median(others))
@@ -341,12 +412,16 @@ class FederationServer:
                 self._reject(
                     site,
                     f"update norm {norm:.4g} is over {self.opt.norm_factor:g}x the median of the round's others ({median:.4g})",
+                    save=False,
                 )
 
-    def _reject(self, site: str, reason: str) -> None:
+    def _reject(self, site: str, reason: str, save: bool = True) -> None:
+        """`site` is absent from this round; its object is set aside (checkpointed: never read again)."""
         self._updates.pop(site, None)
         self._rejected[site] = reason
         log.warning("round %d: rejected the update of %s: %s", self.round, site, reason)
+        if save:
+            self._save()
 
     # ------------------------------------------------------------------ the round
     def poll(self) -> bool:
@@ -365,14 +440,16 @@ class FederationServer:
     def _poll_updates(self) -> bool:
         r, progressed = self.round, False
         for site in self._waiting_for():
-            payload = self.mb.store.get(self.mb.update_key(r, site))
-            if payload is None:
-                continue
-            progressed = True
             try:
+                payload = self._read_update(site)
+                if payload is None:
+                    continue
                 self._updates[site] = self._validate(site, payload)
             except UpdateRejected as exc:
                 self._reject(site, str(exc))
+            except Exception as exc:  # nothing a site wrote may stop the server
+                self._reject(site, f"unusable update: {type(exc).__name__}: {exc}")
+            progressed = True
         waiting = self._waiting_for()
         now = time.monotonic()
         elapsed = now - self._round_started
@@ -395,6 +472,15 @@ class FederationServer:
         self._aggregate()
         return True
 
+    def _describe_one(self, site: str) -> str:
+        try:
+            st = self.mb.status(site)
+        except MessageRefused as exc:
+            return f"{site} (status refused: {exc})"
+        if st is None:
+            return f"{site} (never seen)"
+        return f"{site} ({st.state} round {st.round}, {max(0.0, time.time() - st.time):.0f} s ago)"
+
     def _stall_line(self, waiting: list[str], elapsed: float) -> None:
         if time.monotonic() - self._last_stall_line < self.opt.stall_every:
             return
@@ -403,15 +489,9 @@ class FederationServer:
         self._say(f"round {self.round}: waiting {elapsed:.0f} s for {self._describe(waiting)}")
 
     def _describe(self, sites: list[str]) -> str:
-        parts = []
-        for s in sites:
-            st = self.mb.status(s)
-            if st is None:
-                parts.append(f"{s} (never seen)")
-            else:
-                ago = time.time() - float(st.get("time", 0))
-                parts.append(f"{s} ({st.get('state')} round {st.get('round')}, {ago:.0f} s ago)")
-        return ", ".join(parts)
+        """What each site last said in its status (a status is advisory: one that does not parse is shown
+        as refused, never trusted)."""
+        return ", ".join(self._describe_one(s) for s in sites)
 
     def _fail_quorum(self, waiting: list[str], elapsed: float) -> None:
         why = [f"{s}: {reason}" for s, reason in self._rejected.items()]
@@ -430,21 +510,13 @@ class FederationServer:
 
     def _aggregate(self) -> None:
         r = self.round
-        present = [s for s in self.sites if s in self._updates]
-        new_state = aggregate_updates(
-            self.method,
-            self.global_state,
-            [self._updates[s]["state"] for s in present],
-            [self.counts[s] for s in present],
+        new_state, payload, present, failed, client_dp = self._publishable_aggregate(
+            [s for s in self.sites if s in self._updates]
         )
-        bad = non_finite(new_state)
-        if bad:  # cannot happen with validated finite updates and convex weights; never publish it
-            raise FederationError(
-                f"round {r}: the aggregated module's {bad} is non-finite; nothing was published"
-            )
-        self.global_state = new_state
+        if not failed:  # a failed round keeps the previous module
+            self.global_state = new_state
         downloaded = len(self.payload)  # this round's sites trained from the previous global module
-        self._publish(r, new_state, present)
+        self._publish(r, self.global_state, present, payload)
         probs = self.method.global_probs(self.global_module, self.setup.global_x)
         self.reports[r] = {"global": evaluate_global(probs, self.setup.global_y), "sites": {}}
         self.info = {
@@ -454,7 +526,11 @@ class FederationServer:
             "bytes_up": {s: self._updates[s]["bytes"] for s in present},
             "bytes_down": {s: downloaded for s in present},
             "seconds": time.monotonic() - self._round_started,
+            "clipped": {s: self._updates[s]["clipped"] for s in present if self._updates[s]["clipped"]},
+            "failed": failed,
         }
+        if client_dp is not None:
+            self.info["client_dp"] = client_dp
         self.phase = "reports"
         self._save()
         self._write_global(r, self.payload)
@@ -463,6 +539,67 @@ class FederationServer:
         # seconds and its timeout run from its global module going out to the next one going out).
         self._round_started = self._reports_started = time.monotonic()
 
+    def _encoded(self, r: int, state: dict, present: list[str]) -> bytes:
+        """The global module after round r as the sites will receive it (CodecError when it cannot be)."""
+        meta = GlobalHeader.build(
+            run_id=self.mb.run_id, round=r, sites_present=present, best_round=self.best_round
+        )
+        return encode(state, self.cfg.codec_down, meta=meta.to_dict()).payload
+
+    def _publishable_aggregate(
+        self, present: list[str]
+    ) -> tuple[dict | None, bytes | None, list[str], str | None, dict | None]:
+        """(state, its payload, the sites in it, None, client-level DP's record or None), or
+        (None, None, [], why, None) when no aggregate of this round can be published.
+        The aggregate is checked (finite, encodable in the downlink codec) before anything goes out. An update
+        that cannot travel down on its own is set aside and the others aggregated again (quorum
+        permitting); otherwise every update of the round is set aside and the round is recorded as failed."""
+        r = self.round
+        client_bound = self.client_dp.bound if self.client_dp is not None else None
+        while present:
+            client_dp = None
+            if self.client_dp is not None:
+                # Client-level DP clips, sums and noises the updates itself; its adaptive clip bound moves
+                # once per aggregate, so an aggregate tried again starts from the round's bound.
+                self.client_dp.bound = client_bound
+                state, client_dp = self.client_dp.aggregate(
+                    self.received, [self._updates[s]["state"] for s in present], r
+                )
+            else:
+                state = aggregate_updates(
+                    self.method,
+                    self.global_state,
+                    [self._updates[s]["state"] for s in present],
+                    [self.counts[s] for s in present],
+                    self.cfg.aggregator,
+                )
+            try:
+                bad = non_finite(state)
+                if bad:
+                    raise CodecError(f"tensor {bad!r} is non-finite")
+                return state, self._encoded(r, state, present), present, None, client_dp
+            except CodecError as exc:
+                why = f"the aggregate of {', '.join(present)} cannot be published: {exc}"
+            offending = [s for s in present if not self._travels_down(self._updates[s]["state"])]
+            for s in offending or present:
+                self._reject(s, f"set aside: {why}", save=False)
+            present = [s for s in present if s in self._updates]
+            if len(present) < self.quorum:
+                break
+        for s in list(self._updates):
+            self._reject(s, f"set aside: {why}", save=False)
+        log.warning("round %d failed: %s; the global module stays as it was", r, why)
+        if self.client_dp is not None:
+            self.client_dp.bound = client_bound
+        return None, None, [], why, None
+
+    def _travels_down(self, state: dict) -> bool:
+        try:
+            encode(state, self.cfg.codec_down)
+            return True
+        except CodecError:
+            return False
+
     def _poll_reports(self) -> bool:
         r, progressed = self.round, False
         got = self.reports[r]["sites"]
@@ -470,26 +607,29 @@ class FederationServer:
             if site in got:
                 continue
             try:
-                report = self.mb.get_json(self.mb.report_key(r, site), site)
-            except ProtocolError as exc:
-                log.warning("round %d: ignoring the report of %s: %s", r, site, exc)
-                got[site] = None
+                report = self._read_report(site)
+            except (MessageRefused, ProtocolError) as exc:
+                self._reject_report(site, str(exc))
+                progressed = True
+                continue
+            except Exception as exc:  # nothing a site wrote may stop the server
+                self._reject_report(site, f"unusable report: {type(exc).__name__}: {exc}")
+                progressed = True
                 continue
             if report is None:
                 continue
             progressed = True
-            problem = check_site_report(report) or (
-                None
-                if report.get("round") == r and report.get("site") == site
-                else "labelled for another round or site"
+            got[site] = {"val": _metrics(report.val), "test": _metrics(report.test)}
+            self.site_provenance[site] = report.provenance.to_dict()
+            if report.recovered is not None:
+                self._note_recovery(site, report.recovered.from_round, report.recovered.reason)
+            privacy, why = check_site_privacy(
+                report.privacy.to_dict() if report.privacy is not None else None
             )
-            if problem:
-                log.warning("round %d: ignoring the report of %s: %s", r, site, problem)
-                got[site] = None
-                continue
-            got[site] = {"val": report.get("val"), "test": report.get("test")}
-            if isinstance(report.get("provenance"), dict):
-                self.site_provenance[site] = report["provenance"]
+            if why:
+                log.warning("round %d: ignoring the privacy report of %s: %s", r, site, why)
+            if privacy is not None:
+                got[site]["privacy"] = privacy
         missing = [s for s in self.info["present"] if s not in got]
         limit = self.opt.report_timeout or self.opt.round_timeout
         if missing and time.monotonic() - self._reports_started < limit:
@@ -498,6 +638,24 @@ class FederationServer:
             log.warning("round %d: no metrics from %s within %.0f s", r, s, limit)
         self._close_round()
         return True
+
+    def _read_report(self, site: str) -> SiteReport | None:
+        r = self.round
+        report = self.mb.read_message(self.mb.report_key(r, site), SiteReport, site)
+        if report is not None and (report.run_id, report.round, report.site) != (self.mb.run_id, r, site):
+            raise ProtocolError(
+                f"report from {site} is labelled run {report.run_id!r} round {report.round} site "
+                f"{report.site!r}, expected run {self.mb.run_id!r} round {r} site {site!r}"
+            )
+        return report
+
+    def _reject_report(self, site: str, reason: str) -> None:
+        """The site's update stays aggregated (it is in the published module); its metrics of this round are
+        absent, the reason recorded, and the refusal checkpointed (never read again)."""
+        log.warning("round %d: ignoring the report of %s: %s", self.round, site, reason)
+        self.reports[self.round]["sites"][site] = None
+        self.info["rejected"][site] = f"report: {reason}"
+        self._save()
 
     def _close_round(self) -> None:
         r, info = self.round, self.info
@@ -513,6 +671,13 @@ class FederationServer:
             info["seconds"],
             info["rejected"],
         )
+        attach_epsilon(record, {s: (rep or {}).get("privacy") for s, rep in self.reports[r]["sites"].items()})
+        if info.get("client_dp"):
+            record["client_dp"] = info["client_dp"]
+        if info.get("clipped"):
+            record["clipped"] = info["clipped"]
+        if info.get("failed"):
+            record["failed"] = info["failed"]
         self.history.append(record)
         if is_better(record, round_of(self.history, self.best_round)):
             self.best_round, self.best_val = r, record["val_acc_mean"]
@@ -536,6 +701,8 @@ class FederationServer:
             f" · global acc {rec['global']['acc']:.3f} bacc {rec['global']['bacc']:.3f}"
             + (f" · val {rec['val_acc_mean']:.3f}" if rec["val_acc_mean"] is not None else "")
             + f" · up {np.mean(ups) / 1e3 if ups else 0:.1f} kB/site · {rec['seconds']:.2f} s{rejected}"
+            + (f" · epsilon max {rec['epsilon_max']:.4g}" if rec.get("epsilon_max") is not None else "")
+            + (f" · client epsilon {rec['client_dp']['epsilon']:.4g}" if rec.get("client_dp") else "")
         )
 
     # ------------------------------------------------------------------ the end
@@ -562,7 +729,12 @@ class FederationServer:
             self.best_round,
             {**provenance, SERVER: setup.provenance},
             self.best_received,
-            extra={"run_id": self.mb.run_id, **setup.extra_results},
+            extra={
+                "run_id": self.mb.run_id,
+                "recovery": self.recovery,
+                **setup.extra_results,
+                "privacy": privacy_results(self.cfg.privacy, self.sites, self.reports, self.history),
+            },
         )
 
     def _finish(self) -> None:
@@ -578,24 +750,40 @@ class FederationServer:
             self.observer.finish(results, None)
 
     def run(self) -> dict:
-        """Poll until the run ends (or fails with FederationError); returns results.json's content."""
+        """Poll until the run ends (or fails with FederationError); returns results.json's content. Whatever
+        else stops it, its status says `failed` with the reason, so the sites do not wait for ever."""
         poller = Poller(cap=self.opt.poll_cap)
-        last_beat = time.monotonic()
-        while not self.finished:
-            if self.poll():
-                poller.reset()
-                continue
-            if time.monotonic() - last_beat > 10:
-                self._status("waiting_updates" if self.phase == "updates" else "waiting_reports")
-                last_beat = time.monotonic()
-            poller.sleep()
+        try:
+            while not self.finished:
+                if self.poll():
+                    poller.reset()
+                elif time.monotonic() - self._heartbeat_at > self.opt.heartbeat_every:
+                    self._beat()
+                else:
+                    poller.sleep()
+        except FederationError:
+            raise  # its status already says why
+        except Exception as exc:  # not an interrupt: a server stopped by hand is started again, and resumes
+            self.fail(f"the server stopped: {type(exc).__name__}: {exc}")
+            raise
         return self.results
 
+    def fail(self, message: str) -> None:
+        """Say `failed` in the status (best effort: the mailbox itself may be what failed)."""
+        try:
+            self._status("failed", message)
+        except Exception as exc:
+            log.error("could not write the failed status: %s", exc)
 
-def aggregate_updates(method: Method, previous: dict, states: list[dict], sample_counts: list[int]) -> dict:
-    """The method's aggregation of the present sites' decoded updates. `sample_counts` are the counts the
-    server holds (the manifest's), never what a site reports; the weights are renormalised over the sites
-    present."""
+
+def aggregate_updates(
+    method: Method, previous: dict, states: list[dict], sample_counts: list[int], aggregator: str = "mean"
+) -> dict:
+    """The present sites' decoded updates combined: with `mean` the method's own rule, whose weights come
+    from `sample_counts`, the counts the server holds (the manifest's), never what a site reports,
+    renormalised over the sites present; otherwise a robust rule (robust.py)."""
+    if aggregator != "mean":
+        return robust_aggregate(aggregator, previous, states)
     weights = aggregation_weights(method.aggregation_counts(sample_counts), method.weighting)
     return method.aggregate(previous, states, weights)
 
@@ -629,6 +817,9 @@ def write_run(
         extra=extra,
     )
     selected = results["metrics"]["best_round"]
+    if setup.dataset:
+        results["data"] = setup.dataset
+        provenance = {**provenance, "_dataset": setup.dataset}
     atomic_write_json(out / "provenance.json", provenance, indent=1)
     write_model_dir(
         out / "model",
@@ -643,6 +834,10 @@ def write_run(
         f"{cfg.method} ({cfg.federation}) · {cfg.partition} · {len(setup.partition.site_names)} sites",
     )
     return results
+
+
+def _metrics(split) -> dict | None:
+    return None if split is None else split.to_dict()
 
 
 def model_meta(cfg, method: Method, setup: ServerSetup, best_round: int) -> dict:

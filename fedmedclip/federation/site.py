@@ -17,16 +17,23 @@ from dataclasses import dataclass
 import torch
 
 from ..codec import decode, encode
+from ..codec.wire import template_cap, unpack
 from ..errors import FedMedClipError
 from ..methods import Method, SiteData
+from ..privacy.client import site_client_privacy
 from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
 from .storage import ObjectStore
 
 log = logging.getLogger("fedmedclip.site")
 
 SERVER_STATUS_EVERY = 2.0  # seconds between reads of the server's status while waiting
+# The server rewrites its status at least every 10 s while it waits (its heartbeat). A site says so when it
+# has seen none for this long, and gives up after --silence-timeout (DEFAULT_SILENCE_TIMEOUT) without one.
+HEARTBEAT_STALE = 60.0
+DEFAULT_SILENCE_TIMEOUT = 1800.0
 
 
 class SiteFailure(FedMedClipError):
@@ -79,8 +86,17 @@ class SiteWorker:
         self.last_report: dict | None = None  # the metrics of round `reported`, likewise
         self.finished = False
         self.final_round: int | None = None
+        # Set when this site resumed from older state than its newest (a damaged or removed checkpoint):
+        # said in its next report, so that the server's results record it.
+        self.recovered: dict | None = None
         self._resent = False  # whether what a restart may have lost was sent again
         self._server_checked = 0.0
+        self.client_dp = site_client_privacy(setup.method.ctx.privacy, manifest, state, self.name)
+        self._server_beat: float | None = None  # the `time` of the server's status when last read
+        self._server_beat_at = time.monotonic()  # when (this site's clock) that status last changed
+        self._server_said: Status | None = None
+        # A payload of the template's size in any codec, plus its header.
+        self.max_global_bytes = template_cap(self.template) + (1 << 20)
         self._restore()
 
     # ------------------------------------------------------------------ state
@@ -99,10 +115,18 @@ class SiteWorker:
         self.candidates = {int(r): t for r, t in tensors["candidates"].items()}
         self.trained, self.reported = int(body["trained"]), int(body["reported"])
         self.last_report = body.get("last_report")
+        self.recovered = body.get("recovered")
         if self.reported >= self.rounds:  # it had evaluated the last round: only the end is left
             self.final_round = self.reported
         self.pending = bytes(tensors["pending"].numpy().tobytes()) if "pending" in tensors else None
+        if self.ckpt.problems:
+            self._recovered("; ".join(self.ckpt.problems))
         self._say(f"resuming after round {self.trained} (state in {self.state.url})")
+
+    def _recovered(self, reason: str) -> None:
+        if self.recovered is None:
+            self.recovered = {"from_round": self.trained, "reason": reason[:3900]}
+            log.warning("%s: resumed from its state after round %d: %s", self.name, self.trained, reason)
 
     def _checkpoint(self) -> None:
         tensors = {
@@ -114,7 +138,7 @@ class SiteWorker:
         if self.pending is not None:
             tensors["pending"] = torch.frombuffer(bytearray(self.pending), dtype=torch.uint8)
         body = {"run_id": self.mb.run_id, "trained": self.trained, "reported": self.reported}
-        self.ckpt.save({**body, "last_report": self.last_report}, tensors)
+        self.ckpt.save({**body, "last_report": self.last_report, "recovered": self.recovered}, tensors)
 
     def _say(self, message: str) -> None:
         if self.verbose:
@@ -127,35 +151,84 @@ class SiteWorker:
     def _newest_global(self) -> int | None:
         """The newest published global module this site has not trained past: the one after its last trained
         round, or a later one when the server went on without this site (it then takes the current one).
-        The server publishes rounds in order, so when round `floor` is not there, no later one is."""
+        The server publishes rounds in order, so when round `floor` is not there, no later one is, unless it
+        was removed since (old rounds of the in-process mailbox). A site that finds its own update of a round
+        past its state (its newest checkpoint was damaged or removed after it sent it) redoes that round from
+        the global module before it: what it sends is then byte-identical to what it sent before."""
         floor = max(self.trained, self.reported)
-        if not self.mb.store.exists(self.mb.global_key(floor)):
+        if self.mb.store.exists(self.mb.global_key(floor)):
+            g = floor
+        elif floor < self.rounds and self.mb.store.exists(self.mb.global_key(floor + 1)):
+            if self._sent_before(floor + 1):
+                raise SiteFailure(
+                    f"site {self.name}: its state ends after round {floor}, but it had sent its update of round "
+                    f"{floor + 1} and the global module of round {floor} it would redo that round from is no "
+                    f"longer in {self.mb.store.url}: restore this site's newest state, or start it with an "
+                    "empty --state (it then rejoins with the current global module)"
+                )
+            g = floor + 1
+        else:
             # The server's status says whether it ended the run; read every few seconds, not every poll.
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
-                server = self.mb.status(SERVER) or {}
-                if server.get("state") == "failed":
-                    raise SiteFailure(f"the server ended run {self.mb.run_id}: {server.get('message', '')}")
+                self._check_server()
             return None
-        g = floor
         while g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
+            if self._sent_before(g + 1):
+                self._recovered(
+                    f"its update of round {g + 1} was in the mailbox although its state ended before it"
+                )
+                break
             g += 1
         return g
 
-    def _receive(self, g: int) -> tuple[dict, dict]:
-        payload = self.mb.store.get(self.mb.global_key(g))
+    def _sent_before(self, r: int) -> bool:
+        """Whether this site's update of round r went out (it is in the mailbox, or the server's global
+        module of round r lists this site among those it aggregated)."""
+        if self.mb.store.exists(self.mb.update_key(r, self.name)):
+            return True
         try:
-            got = decode(payload, template=self.template)
-        except Exception as exc:
+            raw = self.mb.store.get(self.mb.global_key(r), max_bytes=self.max_global_bytes)
+            header = parse(GlobalHeader, unpack(raw)[1].get("meta"), SERVER) if raw is not None else None
+        except Exception:  # an unreadable module is refused where it is received
+            return False
+        return header is not None and self.name in header.sites_present
+
+    def _server_status(self) -> Status | None:
+        """The server's heartbeat, and when it last changed by this site's clock (no clock is shared)."""
+        try:
+            st = self.mb.status(SERVER)
+        except MessageRefused as exc:
+            log.warning("%s: %s", self.name, exc)
+            return None
+        if st is not None and st.time != self._server_beat:
+            self._server_beat, self._server_beat_at = st.time, time.monotonic()
+        self._server_said = st
+        return st
+
+    def _check_server(self) -> Status | None:
+        st = self._server_status()
+        if st is not None and st.state == "failed":
+            raise SiteFailure(f"the server ended run {self.mb.run_id}: {st.message}")
+        return st
+
+    def _receive(self, g: int) -> tuple[dict, GlobalHeader]:
+        """The global module of round g (its size checked before it is read, the manifest's downlink codec
+        and template, its header parsed), or ProtocolError."""
+        try:
+            payload = self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+            got = decode(payload, template=self.template, codec=self.codec_down)
+            meta = parse(GlobalHeader, got.meta, SERVER)
+        except Exception as exc:  # ObjectTooLarge, CodecError, MessageRefused, ...
             raise ProtocolError(
                 f"site {self.name}: the server's global module of round {g} is unusable: {exc}"
             ) from None
-        if got.meta.get("run_id") != self.mb.run_id or got.meta.get("round") != g:
+        if meta.run_id != self.mb.run_id or meta.round != g:
             raise ProtocolError(
                 f"site {self.name}: {self.mb.where(self.mb.global_key(g))} belongs to run "
-                f"{got.meta.get('run_id')!r} round {got.meta.get('round')!r}"
+                f"{meta.run_id!r} round {meta.round!r}"
             )
-        return got.state, got.meta
+        return got.state, meta
 
     def poll(self) -> bool:
         """Do what is ready; True when something was done."""
@@ -173,24 +246,37 @@ class SiteWorker:
             if self.last_report is not None and not self.mb.store.exists(
                 self.mb.report_key(self.reported, self.name)
             ):
-                self.mb.put_json(self.mb.report_key(self.reported, self.name), self.last_report)
+                self.mb.put_message(
+                    self.mb.report_key(self.reported, self.name), SiteReport.model_validate(self.last_report)
+                )
         g = self._newest_global()
         if g is None:
             return False
         received, meta = self._receive(g)
-        if g == self.trained and g >= 1 and self.name not in meta.get("sites_present", [self.name]):
+        if g == self.trained and g >= 1 and self.name not in meta.sites_present:
             self._say(f"round {g}: the server aggregated without this site's update")
             self._keep_unused_update(g)
         self.trainer.load_shared(received)
         if g >= 1 and g > self.reported:
-            report = {"format": 1, "run_id": self.mb.run_id, "round": g, "site": self.name}
-            report.update(evaluate_site(self.trainer, self.setup.data))
-            report["provenance"] = self.setup.provenance
-            self.mb.put_json(self.mb.report_key(g, self.name), report)
-            self.last_report = report
+            report = SiteReport.build(
+                format=1,
+                run_id=self.mb.run_id,
+                round=g,
+                site=self.name,
+                provenance=self.setup.provenance,
+                recovered=self.recovered,
+                privacy=self.trainer.privacy_report(),  # its DP-SGD ledger (fedmedclip.privacy), or None
+                **evaluate_site(self.trainer, self.setup.data),
+            )
+            self.mb.put_message(self.mb.report_key(g, self.name), report)
+            self.last_report = report.to_dict()
+            if self.recovered is not None and g > self.recovered["from_round"]:
+                self.recovered = (
+                    None  # said in a round the server had not closed when this site lost its state
+                )
             self.candidates[g] = model_part(self.trainer)
             self.reported = g
-        best = meta.get("best_round")
+        best = meta.best_round
         self.candidates = {r: t for r, t in self.candidates.items() if r in (best, g)}
         if g >= self.rounds:
             self.final_round = g
@@ -223,30 +309,49 @@ class SiteWorker:
             )
             self._status("failed", r, message)
             raise SiteFailure(f"site {self.name}: {message}")
-        meta = {
-            "run_id": self.mb.run_id,
-            "round": r,
-            "site": self.name,
-            "n_train": self.setup.data.n_train,
-            "loss": loss,
-            "steps": int(stats.get("steps", 0)),
-        }
-        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=meta)
+        eps = stats.get("epsilon")
+        if self.client_dp is not None:  # client-level DP with the noise added here (fedmedclip.privacy)
+            update, _ = self.client_dp.apply(update, received, r)
+        header = UpdateHeader.build(
+            run_id=self.mb.run_id,
+            round=r,
+            site=self.name,
+            n_train=self.setup.data.n_train,
+            # Under DP-SGD the training loss, an average over the site's examples without noise, stays here.
+            loss=loss if eps is None else None,
+            steps=int(stats.get("steps", 0)),
+        )
+        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=header.to_dict())
+        sent = self.mb.store.get(self.mb.update_key(r, self.name), max_bytes=len(enc.payload) + (1 << 20))
+        if sent is not None and sent != enc.payload:
+            message = (
+                f"round {r}: this site's state ended before round {r}, and redoing it gave another update than "
+                "the one it had sent; its private state cannot be made the run's again. Restore its newest "
+                "state, or start it with an empty --state (it then rejoins with the current global module)"
+            )
+            self._status("failed", r, message)
+            raise SiteFailure(f"site {self.name}: {message}")
+        if sent is not None:
+            self._recovered(f"its update of round {r} was in the mailbox although its state ended before it")
         self.memory, self.pending, self.trained = enc.memory, enc.payload, r
         self._checkpoint()
-        self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
+        if sent is None:
+            self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
         self._status("uploaded", r, f"{len(enc.payload)} bytes")
         self._say(
             f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}, sent {len(enc.payload) / 1e3:.1f} kB"
+            + (
+                f", epsilon {eps:.4g} (delta {self.trainer.privacy_report()['delta']:g})"
+                if eps is not None
+                else ""
+            )
         )
 
     def _finish_if_done(self) -> bool:
-        server = self.mb.status(SERVER) or {}
-        if server.get("state") == "failed":
-            raise SiteFailure(f"the server ended run {self.mb.run_id}: {server.get('message', '')}")
-        if server.get("state") != "done":
+        server = self._check_server()
+        if server is None or server.state != "done" or server.best_round is None:
             return False
-        best = int(server["best_round"])
+        best = server.best_round
         part = self.candidates.get(best)
         if part is None:
             self._say(f"the selected round {best} is not one this site evaluated: no model part written")
@@ -259,21 +364,41 @@ class SiteWorker:
         self._say(f"done: the server selected round {best}")
         return True
 
-    def run(self, timeout: float = math.inf, poll_cap: float = 0.25) -> None:
-        """Poll until the run ends. `timeout`: seconds without progress before giving up."""
+    def run(self, timeout: float = DEFAULT_SILENCE_TIMEOUT, poll_cap: float = 0.25) -> None:
+        """Poll until the run ends. `timeout`: seconds without progress and without a heartbeat of the
+        server (its status changing) before giving up; after HEARTBEAT_STALE seconds of silence the site
+        says so."""
         poller = Poller(cap=poll_cap)
         self._status("waiting", self.trained, "waiting for the global module")
-        last = time.monotonic()
+        last, warned = time.monotonic(), False
         while not self.finished:
             if self.poll():
                 poller.reset()
-                last = time.monotonic()
+                last, warned = time.monotonic(), False
                 continue
-            if time.monotonic() - last > timeout:
+            if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
+                self._server_checked = time.monotonic()
+                self._check_server()
+            silent = time.monotonic() - max(last, self._server_beat_at)
+            if silent > min(HEARTBEAT_STALE, timeout) and not warned:
+                warned = True
+                log.warning("%s: %s", self.name, self._silence(silent))
+            if silent > timeout:
                 raise SiteFailure(
-                    f"site {self.name}: nothing from the server for {timeout:.0f} s (after round {self.trained})"
+                    f"site {self.name}: {self._silence(silent)}; giving up after --silence-timeout "
+                    f"{timeout:g} s (after round {self.trained}). Start it again with the same arguments once "
+                    "the server runs: it continues from its state"
                 )
             poller.sleep()
+
+    def _silence(self, seconds: float) -> str:
+        st = self._server_said
+        said = (
+            f"its status still says {st.state} round {st.round}"
+            if st is not None
+            else "it has no readable status"
+        )
+        return f"no heartbeat from the server for {seconds:.0f} s ({said})"
 
 
 def save_safetensors_to(store: ObjectStore, key: str, tensors: dict[str, torch.Tensor]) -> None:

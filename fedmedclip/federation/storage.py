@@ -7,6 +7,8 @@ through the entry-point group `fedmedclip.stores` (name = URL scheme, value = a 
 The contract every implementation keeps, so that parties never coordinate through anything but keys:
 - `put` publishes a complete object atomically: a reader sees the old object, or the new one, never half;
 - `get` returns the bytes, or None when the key does not exist (a permission problem is an error, never None);
+  with `max_bytes` it learns the object's size before reading it and refuses a larger one (`ObjectTooLarge`),
+  so another party's object is never read whole to find out it is too big;
 - keys are relative, `/`-separated, and confined to the store (no `..`, no absolute path, no empty segment).
 """
 
@@ -31,6 +33,19 @@ class StoreError(FedMedClipError):
 
 class StoreAccessDenied(StoreError):
     """The credentials in use may not touch this object (the role's policy refuses it)."""
+
+
+class ObjectTooLarge(StoreError):
+    """An object is larger than its reader allows; it was not read."""
+
+    def __init__(self, where: str, size: int, limit: int):
+        super().__init__(f"{where} is {size} bytes, over the limit of {limit}: not read")
+        self.size, self.limit = size, limit
+
+
+def check_size(where: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ObjectTooLarge(where, size, max_bytes)
 
 
 def check_key(key: str) -> str:
@@ -67,7 +82,9 @@ class ObjectStore:
     def put(self, key: str, data: bytes) -> None:
         raise NotImplementedError
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        """The object's bytes, None when it does not exist; ObjectTooLarge (without reading it) when it is
+        larger than `max_bytes`."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -95,8 +112,8 @@ class PrefixStore(ObjectStore):
     def put(self, key, data):
         self.base.put(self._k(key), data)
 
-    def get(self, key):
-        return self.base.get(self._k(key))
+    def get(self, key, max_bytes=None):
+        return self.base.get(self._k(key), max_bytes)
 
     def exists(self, key):
         return self.base.exists(self._k(key))
@@ -118,10 +135,16 @@ class LocalDirStore(ObjectStore):
     def put(self, key, data):
         atomic_write_bytes(self._path(key), data)
 
-    def get(self, key):
+    def get(self, key, max_bytes=None):
         try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
+            with self._path(key).open("rb") as fh:
+                if max_bytes is None:
+                    return fh.read()
+                check_size(self.where(key), os.fstat(fh.fileno()).st_size, max_bytes)
+                data = fh.read(max_bytes + 1)  # a file that grew since: still never more than this
+                check_size(self.where(key), len(data), max_bytes)
+                return data
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except PermissionError as exc:
             raise StoreAccessDenied(f"cannot read {self.where(key)}: {exc.strerror}") from None
@@ -149,9 +172,12 @@ class MemoryStore(ObjectStore):
         with _MEMORY_LOCK:
             self._objects[check_key(key)] = bytes(data)
 
-    def get(self, key):
+    def get(self, key, max_bytes=None):
         with _MEMORY_LOCK:
-            return self._objects.get(check_key(key))
+            data = self._objects.get(check_key(key))
+        if data is not None:
+            check_size(self.where(key), len(data), max_bytes)
+        return data
 
     def delete(self, key):
         with _MEMORY_LOCK:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,16 +12,7 @@ from torch import nn
 from ..aggregation import weighted_average
 from ..backbone import LOGIT_SCALE
 from ..errors import ConfigError
-
-
-def derive_seed(*parts) -> int:
-    """A stable 63-bit seed from any parts: every random draw is a function of (seed, site, round),
-    so a resumed run draws exactly what an uninterrupted one would."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-def generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
+from ..seeding import derive_seed, generator  # noqa: F401 - the methods' helpers, re-exported here
 
 
 @dataclass
@@ -56,6 +46,10 @@ class MethodContext:
     backbone: Any = None  # fedmedclip.backbone.Backbone, the frozen original to copy from
     preprocessing: Any = None  # fedmedclip.preprocess.Preprocessing, turns the uint8 pixels into inputs
     prompts: list[str] | None = None  # one prompt per class, in class order
+    # Differential privacy (fedmedclip.privacy): record-level DP-SGD at each site needs the rounds to plan
+    # its noise before any training.
+    privacy: Any = None  # fedmedclip.privacy.PrivacySettings, or None
+    rounds: int = 1
 
 
 def batch_stream(n: int, batch_size: int, gen: torch.Generator):
@@ -97,6 +91,11 @@ class SiteTrainer:
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
+    def privacy_report(self) -> dict | None:
+        """This site's DP-SGD ledger (epsilon so far, its plan), None without record-level DP."""
+        dp = getattr(self, "dp", None)
+        return dp.report() if dp is not None else None
+
     def private_modules(self) -> dict[str, nn.Module]:
         """Modules that never leave the site but belong to the exported model (e.g. the MLP)."""
         return {}
@@ -135,6 +134,9 @@ class Method:
     option_help: dict = {}  # name -> one line of help (`fedmedclip methods` prints them)
     # Whether a run directory of this method can be rebuilt into a predictor (`predictor_parts`) and exported.
     exportable: bool = False
+    # Whether its sites can train with record-level DP-SGD (fedmedclip.privacy): the method then trains on
+    # per-example losses under DP (see its module's docstring); others refuse --dp-target-epsilon.
+    dp_sgd: bool = False
 
     def __init__(self, ctx: MethodContext):
         unknown = set(ctx.options) - set(self.options)
@@ -145,6 +147,37 @@ class Method:
             )
         self.ctx = ctx
         self.opt = {**self.options, **ctx.options}
+        if self.private and not self.dp_sgd:
+            raise ConfigError(
+                f"{self.name} does not support record-level differential privacy (DP-SGD is implemented for "
+                "the methods that train small modules on cached features: "
+                f"{', '.join(dp_sgd_methods())}); drop --dp-target-epsilon / --dp-noise-multiplier"
+            )
+
+    @property
+    def private(self) -> bool:
+        """Record-level DP-SGD at the sites."""
+        return self.ctx.privacy is not None and self.ctx.privacy.record_level
+
+    def steps_per_round(self, n_train: int) -> int:
+        """The optimiser steps a site with `n_train` training examples takes per round."""
+        raise NotImplementedError
+
+    def dp_plan(self, data: SiteData):
+        """This site's DP-SGD plan (noise multiplier, step budget) from its own training-set size."""
+        from ..privacy.accounting import plan_site
+        from ..privacy.dpsgd import DPSGD
+
+        n = data.n_train
+        plan = plan_site(
+            self.ctx.privacy,
+            n,
+            self.ctx.batch_size,
+            self.steps_per_round(n),
+            self.ctx.rounds,
+            f"site {data.name}",
+        )
+        return DPSGD(plan, data.name)
 
     def new_global(self) -> nn.Module:
         """The server's copy of the shared module, seeded."""
@@ -187,6 +220,19 @@ class Method:
         else:
             attention.load_state_dict(model.global_state())
         return attention, None, "code"
+
+
+def private_round_stats(losses: list[float], steps: int, dp) -> dict:
+    """A DP-SGD round's stats: the mean loss of its non-empty batches (0 when it took no step: a site
+    whose budget is spent still reports a finite loss), its steps and its epsilon so far."""
+    finite = [v for v in losses if v == v]
+    return {"loss": sum(finite) / len(finite) if finite else 0.0, "steps": steps, "epsilon": dp.epsilon()}
+
+
+def dp_sgd_methods() -> list[str]:
+    from . import METHODS
+
+    return [name for name, cls in METHODS.items() if cls.dp_sgd]
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""FACMIC (algorithms.md §2): a feature attention module trained with the CLIP contrastive loss plus
+"""FACMIC (docs/algorithms.md §2): a feature attention module trained with the CLIP contrastive loss plus
 LMMD domain adaptation toward an unlabelled reference set, aggregated by sample size.
 
 Options (defaults reproduce the reference code, §2.6):
@@ -12,7 +12,16 @@ Aggregation weights n_k = 32·⌊n_train_k/32⌋ (the batches a drop_last loader
 Pseudo-labels of the target batch come from the attention in train mode, so that batch also moves the
 BatchNorm running statistics, once per step as in the reference code (those statistics travel and are averaged).
 The reference set itself is chosen by the engine: held-out unlabelled training images by default,
-the global test set with `transductive` (only to match the paper's numbers)."""
+the global test set with `transductive` (only to match the paper's numbers).
+
+Under record-level DP (fedmedclip.privacy) the attention module is trained by DP-SGD on per-example losses:
+CE over the class prompts instead of the batch contrastive loss, and LMMD's per-example source-target term
+(each labelled example pulled toward the reference examples pseudo-labelled with its class, the bandwidth from
+the reference batch alone); the source-source term, which couples a batch's examples, is left out. Its BatchNorm
+normalises with the statistics of the step's reference batch instead of the site's own batch (BatchNorm's
+running statistics, which travel, move with those batches), and the pseudo-labels come from it without gradient.
+`masked_target` is refused (its gradient runs through the reference batch, summed over the labelled examples). The reference set is the server's, sent to every site:
+DP-SGD protects the site's labelled examples, not it (docs/privacy.md)."""
 
 from __future__ import annotations
 
@@ -21,10 +30,25 @@ import torch.nn.functional as F
 
 from ..backbone import LOGIT_SCALE
 from ..errors import ConfigError
-from ..losses import contrastive_loss, lmmd_loss
+from ..losses import (
+    contrastive_loss,
+    lmmd_example_loss,
+    lmmd_loss,
+    prompt_cross_entropy,
+    reference_alignment,
+)
 from ..modules import FacmicAttention, adapt
+from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
-from .base import Method, SiteTrainer, batch_stream, derive_seed, generator, zero_shot_probs
+from .base import (
+    Method,
+    SiteTrainer,
+    batch_stream,
+    derive_seed,
+    generator,
+    private_round_stats,
+    zero_shot_probs,
+)
 
 
 class FacmicSite(SiteTrainer):
@@ -43,6 +67,7 @@ class FacmicSite(SiteTrainer):
             eps=1e-6,
             weight_decay=opt["weight_decay"],
         )
+        self.dp = method.dp_plan(data) if method.private else None
 
     def load_shared(self, state):
         self.attention.load_state_dict(state)
@@ -52,10 +77,12 @@ class FacmicSite(SiteTrainer):
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
+        if self.dp is not None:
+            return self._train_round_private(round_index)
         x, y, ref = self.data.train_x, self.data.train_y, self.data.reference_x
         b = min(ctx.batch_size, len(y))
-        steps = opt["local_steps"] or opt["local_epochs"] * max(1, len(y) // b)
-        lam = opt["lmmd_weight"] * (0.1 if b <= 8 else 1.0)
+        steps = self.m.steps_per_round(len(y))
+        lam = self.m.lmmd_weight(len(y))
         source = batch_stream(len(y), b, generator(ctx.seed, "batches", self.index, round_index))
         target = batch_stream(len(ref), b, generator(ctx.seed, "reference", self.index, round_index))
         text_n = F.normalize(ctx.text_features, dim=1)
@@ -86,16 +113,61 @@ class FacmicSite(SiteTrainer):
             total += loss.item()
         return {"loss": total / max(steps, 1), "steps": steps}
 
+    def _example_loss(self, mods, f, labels, reference, target, target_weights, bw, lam):
+        """One labelled example's loss under DP-SGD (the module docstring says how it differs)."""
+        h = F.normalize(reference_normalised(mods["attention"].net, f, reference) * f, dim=1)
+        return prompt_cross_entropy(h, self.m.ctx.text_features, labels) + lam * lmmd_example_loss(
+            h, labels, target, target_weights, bw
+        )
+
+    def _train_round_private(self, round_index):
+        ctx, opt = self.m.ctx, self.m.opt
+        x, y, ref = self.data.train_x, self.data.train_y, self.data.reference_x
+        b = min(ctx.batch_size, len(y))
+        lam = self.m.lmmd_weight(len(y))
+        target = batch_stream(len(ref), b, generator(ctx.seed, "reference", self.index, round_index))
+        text_n = F.normalize(ctx.text_features, dim=1)
+        self.attention.eval()
+        losses, taken = [], 0
+        for step in range(self.m.steps_per_round(len(y))):
+            if not self.dp.may_step(round_index):
+                break
+            idx, ft = self.dp.sample(len(y), round_index, step), ref[next(target)]
+            # The reference batch moves BatchNorm's running statistics, once per step as in the reference code.
+            track_reference_statistics([self.attention], lambda ft=ft: self.attention(ft))
+            with torch.no_grad():
+                q = torch.softmax(LOGIT_SCALE * adapt(self.attention, ft) @ text_n.t(), dim=1)
+                z = F.normalize(ft, dim=1)
+                weights, bw = reference_alignment(z, q, opt["bandwidth"])
+            losses.append(
+                self.dp.step(
+                    {"attention": self.attention},
+                    self._example_loss,
+                    (x[idx], y[idx]),
+                    (ft, z, weights, bw, lam),
+                    self.optimiser,
+                    round_index,
+                    step,
+                )
+            )
+            taken += 1
+        return private_round_stats(losses, taken, self.dp)
+
     @torch.no_grad()
     def probs(self, x):
         return self.m.global_probs(self.attention, x)
 
     def state_dict(self):
-        return {"attention": self.attention.state_dict(), "optimiser": self.optimiser.state_dict()}
+        state = {"attention": self.attention.state_dict(), "optimiser": self.optimiser.state_dict()}
+        if self.dp is not None:
+            state["dp"] = self.dp.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.attention.load_state_dict(state["attention"])
         self.optimiser.load_state_dict(state["optimiser"])
+        if self.dp is not None:
+            self.dp.load_state_dict(state["dp"])
 
 
 class Facmic(Method):
@@ -105,6 +177,7 @@ class Facmic(Method):
     group = "cached"
     compare_references = ("local", "centralized")
     exportable = True
+    dp_sgd = True
     options = {
         "lr": 5e-5,
         "weight_decay": 0.02,
@@ -139,6 +212,19 @@ class Facmic(Method):
             )
         if not (self.opt["local_steps"] or self.opt["local_epochs"]):
             raise ConfigError("FACMIC needs local_steps > 0 or local_epochs > 0")
+        if self.private and self.opt["masked_target"]:
+            raise ConfigError(
+                "FACMIC with masked_target=true is not available with DP-SGD: its gradient runs through the "
+                "reference batch, summed over the labelled examples, so no example's contribution can be clipped"
+            )
+
+    def steps_per_round(self, n_train):
+        b = min(self.ctx.batch_size, n_train)
+        return self.opt["local_steps"] or self.opt["local_epochs"] * max(1, n_train // b)
+
+    def lmmd_weight(self, n_train: int) -> float:
+        """λ, scaled by 0.1 for batches of 8 or fewer, as the paper does."""
+        return self.opt["lmmd_weight"] * (0.1 if min(self.ctx.batch_size, n_train) <= 8 else 1.0)
 
     def aggregation_counts(self, n_train):
         # Paper Eq. 8 as coded (§2.4): the samples a drop_last loader yields, b·⌊n/b⌋; a site smaller

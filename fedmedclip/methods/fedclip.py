@@ -1,4 +1,4 @@
-"""FedCLIP (algorithms.md §4, microsoft/PersonalizedFL `fedclip`): an attention adapter
+"""FedCLIP (docs/algorithms.md §4, microsoft/PersonalizedFL `fedclip`): an attention adapter
 Linear(D,D) → Tanh → Linear(D,D) → Softmax multiplied into the frozen image feature, ĥ = n(a(f) ⊙ f),
 trained with the CLIP contrastive loss and averaged with equal weights. Prediction is zero-shot
 through the adapter, locally and at the global site.

@@ -1,4 +1,4 @@
-"""FedFocal (algorithms.md §4): FedAvg with the contrastive loss replaced by a focal loss with label
+"""FedFocal (docs/algorithms.md §4): FedAvg with the contrastive loss replaced by a focal loss with label
 smoothing on the B×B contrastive logits (the "classes" are the B batch entries), symmetrised over
 images→texts and texts→images like L_con.
 

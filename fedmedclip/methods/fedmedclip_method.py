@@ -1,22 +1,40 @@
-"""FedMedCLIP (algorithms.md §3): a masked FAM travels; each site keeps a masked MLP; a class-wise
+"""FedMedCLIP (docs/algorithms.md §3): a masked FAM travels; each site keeps a masked MLP; a class-wise
 KL lets them teach each other; local prediction is an uncertainty-weighted ensemble.
 
-Options (defaults follow the reference code, §8 of algorithms.md):
+Options (defaults follow the reference code, §8 of docs/algorithms.md):
 - lr_fam 5e-5, lr_mlp 1e-3 (README values; the argparse defaults were 5e-4 / 1e-4), lr_decay 0.97 per round,
   weight_decay 0.02; AdamW re-created every round.
 - local_epochs 1; kd_weight 0.04; kd_temperature 2.0.
 - kd_adaptive False: True weights the two KL directions by the uncertainty share α (the commented-out intent).
 - entropy "code" (log-softmax of probabilities) or "shannon", for the ensemble weight.
 - mask_rule "code" (row magnitude rule, thresholds inert) or "dst" (element-wise, learnable thresholds, reset
-  to 0 whenever a site receives the global module, as the reference's clients do)."""
+  to 0 whenever a site receives the global module, as the reference's clients do).
+
+Under record-level DP (`--dp-target-epsilon` / `--dp-noise-multiplier`, fedmedclip.privacy) the FAM and the
+private MLP are both trained by DP-SGD (the FAM's distillation reads the MLP's predictions, so an MLP trained
+without DP would leak into what travels): Poisson-sampled batches, per-example losses (CE over the class
+prompts instead of the batch contrastive loss, CE of the MLP, and the per-example symmetric KL over classes
+instead of the class-wise KL over the batch), the MLP's BatchNorm normalising with the statistics of a batch
+of the unlabelled reference set instead of the site's own batch (its running statistics move with those
+batches), the FAM's and the MLP's parts of each example's gradient clipped separately to C/sqrt(2), and the same
+optimiser and schedule."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..losses import classwise_kl, contrastive_loss, ensemble, ensemble_weight
-from ..modules import FeatureAdaptationModule, PrivateMLP, adapt
+from ..errors import ConfigError
+from ..losses import (
+    classwise_kl,
+    contrastive_loss,
+    ensemble,
+    ensemble_weight,
+    prompt_cross_entropy,
+    samplewise_kl,
+)
+from ..modules import FeatureAdaptationModule, MaskedLinear, PrivateMLP, adapt
+from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
     Method,
@@ -25,6 +43,7 @@ from .base import (
     batch_stream,
     derive_seed,
     generator,
+    private_round_stats,
     strip_prefix,
     zero_shot_probs,
 )
@@ -40,10 +59,18 @@ class FedMedClipSite(SiteTrainer):
             self.fam = FeatureAdaptationModule(ctx.feature_dim, opt["mask_rule"])
             self.mlp = PrivateMLP(ctx.feature_dim, ctx.num_classes, opt["mask_rule"])
         self.text = ctx.text_features
+        self.dp = method.dp_plan(data) if method.private else None
+        if self.dp is not None and opt["mask_rule"] == "code":
+            # The code rule's thresholds get exactly zero gradient (algorithms.md §3.1): under DP-SGD they would
+            # get noise alone, drift, and mask rows out. Frozen, they stay at 0 as without DP.
+            for module in (self.fam, self.mlp):
+                for layer in module.modules():
+                    if isinstance(layer, MaskedLinear):
+                        layer.threshold.requires_grad_(False)
 
     def load_shared(self, state):
         self.fam.load_state_dict(state, strict=False)
-        # Thresholds do not travel; receiving the global module resets them to its value, 0 (algorithms.md
+        # Thresholds do not travel; receiving the global module resets them to its value, 0 (docs/algorithms.md
         # §3.6), so with mask_rule=dst (where they learn) the sites start every round from the global masks.
         with torch.no_grad():
             for layer in (self.fam.fc1, self.fam.fc2):
@@ -65,8 +92,10 @@ class FedMedClipSite(SiteTrainer):
             eps=1e-6,
             weight_decay=opt["weight_decay"],
         )
+        if self.dp is not None:
+            return self._train_round_private(round_index, optimiser)
         x, y = self.data.train_x, self.data.train_y
-        steps = opt["local_epochs"] * max(1, len(y) // ctx.batch_size)
+        steps = self.m.steps_per_round(len(y))
         stream = batch_stream(len(y), ctx.batch_size, generator(ctx.seed, "batches", self.index, round_index))
         self.fam.train()
         self.mlp.train()
@@ -94,6 +123,59 @@ class FedMedClipSite(SiteTrainer):
             total += loss.item()
         return {"loss": total / max(steps, 1), "steps": steps}
 
+    def _example_loss(self, mods, f, labels, text_n, reference):
+        """One example's loss under DP-SGD (the module docstring says how it differs)."""
+        opt = self.m.opt
+        h = adapt(mods["fam"], f)
+        z = reference_normalised(mods["mlp"].net, h, adapt(mods["fam"], reference))
+        sim = h @ text_n.t()
+        alpha = None
+        if opt["kd_adaptive"]:
+            with torch.no_grad():
+                alpha = ensemble_weight(
+                    torch.softmax(100 * sim, dim=1), torch.softmax(z, dim=1), opt["entropy"]
+                )
+        return (
+            prompt_cross_entropy(h, self.text, labels)
+            + F.cross_entropy(z, labels)
+            + opt["kd_weight"] * samplewise_kl(z, sim, opt["kd_temperature"], alpha)
+        )
+
+    def _train_round_private(self, round_index, optimiser):
+        x, y, ref = self.data.train_x, self.data.train_y, self.data.reference_x
+        if ref is None or len(ref) < 2:
+            raise ConfigError(
+                "FedMedCLIP with DP-SGD normalises its MLP with reference-set statistics: it needs an "
+                "unlabelled reference set (--reference-fraction > 0)"
+            )
+        self.fam.eval()
+        self.mlp.eval()
+        mods = {"fam": self.fam, "mlp": self.mlp}
+        text_n = F.normalize(self.text, dim=1)
+        references = batch_stream(
+            len(ref), self.m.ctx.batch_size, generator(self.m.ctx.seed, "reference", self.index, round_index)
+        )
+        losses, taken = [], 0
+        for step in range(self.m.steps_per_round(len(y))):
+            if not self.dp.may_step(round_index):
+                break
+            reference = ref[next(references)]
+            track_reference_statistics([self.mlp], lambda r=reference: self.mlp(adapt(self.fam, r)))
+            idx = self.dp.sample(len(y), round_index, step)
+            losses.append(
+                self.dp.step(
+                    mods,
+                    self._example_loss,
+                    (x[idx], y[idx]),
+                    (text_n, reference),
+                    optimiser,
+                    round_index,
+                    step,
+                )
+            )
+            taken += 1
+        return private_round_stats(losses, taken, self.dp)
+
     @torch.no_grad()
     def probs(self, x):
         self.fam.eval()
@@ -103,11 +185,16 @@ class FedMedClipSite(SiteTrainer):
         return ensemble(zero_shot_probs(h, self.text), p_mlp, self.m.opt["entropy"])
 
     def state_dict(self):
-        return {"fam": self.fam.state_dict(), "mlp": self.mlp.state_dict()}
+        state = {"fam": self.fam.state_dict(), "mlp": self.mlp.state_dict()}
+        if self.dp is not None:
+            state["dp"] = self.dp.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.fam.load_state_dict(state["fam"])
         self.mlp.load_state_dict(state["mlp"])
+        if self.dp is not None:
+            self.dp.load_state_dict(state["dp"])
 
     def private_modules(self):
         return {"mlp": self.mlp}
@@ -129,6 +216,7 @@ class FedMedClip(Method):
     group = "cached"
     compare_references = ("local", "centralized")
     exportable = True
+    dp_sgd = True
     options = {
         "lr_fam": 5e-5,
         "lr_mlp": 1e-3,
@@ -153,6 +241,9 @@ class FedMedClip(Method):
         "entropy": "uncertainty of the ensemble weight: code (log-softmax of probabilities) or shannon",
         "mask_rule": "code (row magnitude mask, thresholds inert) or dst (element-wise, learnable thresholds)",
     }
+
+    def steps_per_round(self, n_train):
+        return self.opt["local_epochs"] * max(1, n_train // self.ctx.batch_size)
 
     def seed_for(self, *parts) -> int:
         return derive_seed(self.ctx.seed, self.name, *parts)

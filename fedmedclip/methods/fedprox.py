@@ -1,4 +1,4 @@
-"""FedProx (algorithms.md §4): FedAvg plus a proximal pull toward the round's global model,
+"""FedProx (docs/algorithms.md §4): FedAvg plus a proximal pull toward the round's global model,
 (mu/2)·||w − w_g||², active from round 2 (as in the reference).
 
 Options (besides those of fedmedclip/methods/finetune.py):

@@ -1,5 +1,5 @@
 """Shared machinery of the baselines that fine-tune CLIP itself (FedAvg, FedProx, MOON, FedFocal;
-algorithms.md §4): the image AND text encoders are trained, so images are encoded at every step (no
+docs/algorithms.md §4): the image AND text encoders are trained, so images are encoded at every step (no
 feature cache is possible) and the whole trainable model travels each round.
 
 Settings follow the FACMIC repository's baselines (the BT protocol of its Table 2, §2.3):

@@ -1,4 +1,4 @@
-"""MOON (algorithms.md §4): FedAvg plus model-contrastive learning on the normalised image embedding z:
+"""MOON (docs/algorithms.md §4): FedAvg plus model-contrastive learning on the normalised image embedding z:
 mu · CE([cos(z, z_glob), cos(z, z_prev)] / tau, target 0), pulling toward the round's global model and
 away from this site's model of the previous round.
 

@@ -1,4 +1,4 @@
-"""CLIP zero-shot (algorithms.md §4): nothing is trained and nothing travels.
+"""CLIP zero-shot (docs/algorithms.md §4): nothing is trained and nothing travels.
 
 Prediction everywhere is argmax_c softmax(100 · cos(n(f), n(t_c))) with the prompt template of the run.
 Rounds still run (each one only evaluates, and the ledger shows the near-empty payload), so the run

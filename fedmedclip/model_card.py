@@ -1,0 +1,470 @@
+"""The model card of a trained model: what it is for, what it was trained on, how well it does (with bootstrap
+intervals) and how well calibrated it is, what privacy it gives, and where every piece came from. Built from a
+run directory (docs/contracts.md) plus what the registry knows (name, version, tags, the KFP and MLflow run
+ids); rendered as JSON (the facts, `CARD_FORMAT`) and Markdown. Anchors: Google's Model Card Toolkit, Hugging
+Face model cards, and the documentation FDA's good machine learning practice and the EU AI Act ask of medical AI.
+
+Every figure comes from the run's own files: per-class counts from partition.json, metrics and confusion
+counts from results.json (the counts written by each site about its own test split, checked here since another
+party wrote them), privacy from results.json's `privacy` section. No image and no image id enters a card.
+`components/model_card.py` logs it to MLflow at registration; `fedmedclip card NAME@ALIAS` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .digests import canonical_digest
+from .errors import FedMedClipError
+from .metrics import bootstrap_intervals, metrics_from_confusion
+from .privacy.report import privacy_summary
+
+CARD_FORMAT = 1
+SECTIONS = (
+    "Model",
+    "Intended use and limits",
+    "Data",
+    "Partition",
+    "Method and hyperparameters",
+    "Performance",
+    "Calibration",
+    "Privacy",
+    "Provenance",
+)
+RELIABILITY_PLOT = "reliability.png"
+N_BOOT = 2000
+
+
+class CardError(FedMedClipError):
+    """A run directory from which no card can be built (a file missing or unreadable)."""
+
+
+def _read(run_dir: Path, name: str) -> dict:
+    path = run_dir / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CardError(f"cannot build a model card: {path} is missing") from None
+    except ValueError as exc:
+        raise CardError(f"cannot build a model card: {path} is not JSON ({exc})") from None
+
+
+def dataset_digest(provenance: dict) -> str:
+    """One digest of which images (and labels) every holder's feature store was built from."""
+    return canonical_digest(
+        {h: (p or {}).get("image_list_sha256", "") for h, p in sorted(provenance.items())}
+    )
+
+
+def random_backbone(identity: dict) -> bool:
+    """Whether the backbone is one of the built-in seeded random CLIPs (`tiny@seed3` included)."""
+    from .backbone import BUILTIN_BACKBONES  # torch: imported only when a card is built
+
+    return str(identity.get("name", "")).split("@", 1)[0] in BUILTIN_BACKBONES
+
+
+def _confusion(report: dict | None, num_classes: int) -> list[list[int]] | None:
+    """A report's confusion counts when they are a C x C matrix of counts summing to its n, else None."""
+    cm = (report or {}).get("confusion")
+    if not (isinstance(cm, list) and len(cm) == num_classes):
+        return None
+    for row in cm:
+        if not (isinstance(row, list) and len(row) == num_classes):
+            return None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row):
+            return None
+    if sum(map(sum, cm)) != (report or {}).get("n"):
+        return None
+    return cm
+
+
+def _metrics(report: dict | None, num_classes: int, seed: int) -> dict:
+    """Point metrics as reported, with 95% bootstrap intervals from the confusion counts when present."""
+    report = report or {}
+    out = {k: report.get(k) for k in ("acc", "bacc", "f1", "ece", "n")}
+    cm = _confusion(report, num_classes)
+    out["confusion"] = cm
+    out["ci95"] = bootstrap_intervals(cm, n_boot=N_BOOT, seed=seed) if cm else None
+    if cm:  # the counts must say what the report says, or they are not this report's
+        derived = metrics_from_confusion(cm)
+        if any(
+            report.get(k) is not None and abs(float(derived[k]) - report[k]) > 1e-6 for k in ("acc", "bacc")
+        ):
+            out["ci95"], out["confusion"] = None, None
+    return out
+
+
+def _class_counts(partition: dict, class_names: list[str]) -> dict:
+    """{holder: {split: {class: n}}}: every site's, and the server's global test and reference sets."""
+    counts = {
+        site: {split: {c: int((per or {}).get(c, 0)) for c in class_names} for split, per in splits.items()}
+        for site, splits in (partition.get("counts") or {}).items()
+    }
+    return counts
+
+
+def _global_counts(report: dict | None, class_names: list[str]) -> dict | None:
+    """The global test set's images per class: the rows of its confusion counts."""
+    cm = _confusion(report, len(class_names))
+    return {c: sum(row) for c, row in zip(class_names, cm, strict=True)} if cm else None
+
+
+def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
+    """The card's facts (JSON-able) from a run directory. `registry`: what the registry adds (name, version,
+    tags, mlflow_run_id, kfp_run_id, git_commit, onnx_sha256, registered_at), all optional."""
+    run = Path(run_dir)
+    results = _read(run, "results.json")
+    config = _read(run, "config.json")
+    partition = _read(run, "partition.json")
+    provenance = _read(run, "provenance.json")
+    model_json = _read(run, "model/model.json") if (run / "model" / "model.json").is_file() else {}
+    registry = dict(registry or {})
+    tags = registry.get("tags") or {}
+    backbone = results.get("backbone") or model_json.get("backbone") or {}
+    class_names = list(partition.get("class_names") or model_json.get("class_names") or [])
+    num_classes = len(class_names)
+    m = results.get("metrics") or {}
+    seed = int(config.get("seed") or 0)
+
+    sites = []
+    for k, row in enumerate(m.get("sites") or []):
+        sites.append({"site": row.get("site"), **_metrics(row, num_classes, seed + 1 + k)})
+    with_bacc = [s for s in sites if isinstance(s.get("bacc"), (int, float))]
+    worst = min(with_bacc, key=lambda s: s["bacc"]) if with_bacc else None
+
+    privacy = results.get("privacy") or {}
+    summary = privacy_summary(results)
+    card = {
+        "format": CARD_FORMAT,
+        "model": {
+            "name": registry.get("name"),
+            "version": registry.get("version"),
+            "method": results.get("method"),
+            "federation": results.get("federation", "federated"),
+            "site_exported": registry.get("site") or tags.get("site"),
+            "classes": class_names,
+            "registered_at": registry.get("registered_at"),
+        },
+        "warnings": [],
+        "intended_use": _intended_use(results, class_names),
+        "data": {
+            "source": str(config.get("data", "")),
+            "classes": class_names,
+            "counts_per_class": _class_counts(partition, class_names),
+            "global_test_counts": _global_counts(m.get("global"), class_names),
+            "dataset_digest": dataset_digest(provenance),
+            "holders": {
+                h: {"images": p.get("n_images"), "image_list_sha256": p.get("image_list_sha256")}
+                for h, p in sorted(provenance.items())
+                if isinstance(p, dict)
+            },
+        },
+        "partition": {
+            "scheme": (results.get("partition") or {}).get("scheme", partition.get("scheme")),
+            "alpha": (results.get("partition") or {}).get("alpha", partition.get("alpha")),
+            "seed": (results.get("partition") or {}).get("seed", partition.get("seed")),
+            "split": partition.get("split_ratio"),
+            "reference_fraction": partition.get("reference_fraction"),
+            "sites": results.get("site_names") or list((partition.get("counts") or {}).keys()),
+            "digest": partition.get("digest"),
+        },
+        "method": {
+            "name": results.get("method"),
+            "options": results.get("method_options") or model_json.get("method_options") or {},
+            "rounds": results.get("rounds"),
+            "batch_size": config.get("batch_size"),
+            "codec_up": (results.get("comm") or {}).get("codec_up"),
+            "codec_down": (results.get("comm") or {}).get("codec_down"),
+            "preprocessing": results.get("preprocessing"),
+            "prompt_template": config.get("prompt_template") or model_json.get("prompt_template"),
+            "selection": m.get("selection"),
+            "selected_round": m.get("best_round"),
+        },
+        "performance": {
+            "confidence": "95% percentile bootstrap over the test examples (2000 resamples of the confusion counts)",
+            "global": _metrics(m.get("global"), num_classes, seed),
+            "sites": sites,
+            "site_mean": m.get("site_mean"),
+            "worst_site": {
+                "site": worst["site"],
+                "bacc": worst["bacc"],
+                "ci95": (worst.get("ci95") or {}).get("bacc"),
+            }
+            if worst
+            else None,
+        },
+        "calibration": {
+            "global_ece": (m.get("global") or {}).get("ece"),
+            "site_ece": {s["site"]: s.get("ece") for s in sites},
+            "reliability": results.get("reliability"),
+            "plot": RELIABILITY_PLOT if (run / "plots" / "reliability.png").is_file() else None,
+        },
+        "privacy": {
+            **summary,
+            "record_level": privacy.get("record_level"),
+            "client_level": privacy.get("client_level"),
+        },
+        "provenance": {
+            "code_commit": registry.get("git_commit") or tags.get("git_commit") or results.get("git_commit"),
+            "backbone": backbone,
+            "backbone_sha256": backbone.get("weights_sha256"),
+            "kfp_run_id": registry.get("kfp_run_id"),
+            "mlflow_run_id": registry.get("mlflow_run_id"),
+            "federation_run_id": results.get("run_id"),
+            "dataset_digest": dataset_digest(provenance),
+            "partition_digest": partition.get("digest"),
+            "feature_stores": {
+                h: p.get("digest") for h, p in sorted(provenance.items()) if isinstance(p, dict)
+            },
+            "onnx_sha256": registry.get("onnx_sha256") or tags.get("onnx_sha256"),
+        },
+    }
+    if random_backbone(backbone):
+        card["warnings"].append(
+            f"The backbone {backbone.get('name')!r} has RANDOM weights (a built-in seeded CLIP for tests and "
+            "benchmarks): its features carry no learned visual knowledge, so the absolute accuracy of this model "
+            "means nothing clinically. Use it to compare methods and settings, never to classify patients."
+        )
+    if summary["dp.mode"] == "none":
+        card["warnings"].append(
+            "Trained WITHOUT differential privacy: nothing bounds what the shared updates or this model reveal "
+            "about an individual patient of a site."
+        )
+    if worst is None or m.get("global", {}).get("confusion") is None:
+        card["warnings"].append(
+            "Some metrics have no confusion counts in the run directory (a run from before they were recorded, "
+            "or a site whose counts did not check out): their confidence intervals are missing."
+        )
+    return card
+
+
+def _intended_use(results: dict, class_names: list[str]) -> dict:
+    method = results.get("method")
+    return {
+        "use": (
+            f"Research on federated adaptation of a frozen CLIP image encoder ({method}): classifying an image "
+            f"into one of {len(class_names)} classes ({', '.join(class_names)}) of the data set it was trained on, "
+            "by sites of a federation like the one that trained it."
+        ),
+        "users": "Machine-learning researchers and engineers evaluating federated, privacy-preserving training.",
+        "out_of_scope": [
+            "Diagnosis or any clinical decision: this is not a medical device and has not been clinically "
+            "validated (no prospective study, no regulatory clearance).",
+            "Images of other modalities, body parts, scanners, protocols or populations than the training data: "
+            "performance there is unknown.",
+            "Classes outside the list above: every image is assigned one of them, however unlike it is.",
+        ],
+        "limits": [
+            "Metrics come from the sites' own test splits and one global test set of the same data source; "
+            "the intervals cover resampling of those test examples only, not other hospitals.",
+            "The selected round was chosen on the sites' validation accuracy.",
+            "A site's model (FedMedCLIP) includes its private head: it is meant for that site's own images.",
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------ Markdown
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f}"
+
+
+def _ci(ci: dict | None, key: str) -> str:
+    if not ci or key not in ci:
+        return ""
+    lo, hi = ci[key]
+    return f" [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _row(name: str, mt: dict) -> str:
+    ci = mt.get("ci95")
+    return (
+        f"| {name} | {mt.get('n') if mt.get('n') is not None else 'n/a'} | {_pct(mt.get('acc'))}{_ci(ci, 'acc')} "
+        f"| {_pct(mt.get('bacc'))}{_ci(ci, 'bacc')} | {_pct(mt.get('f1'))}{_ci(ci, 'f1')} | {_pct(mt.get('ece'))} |"
+    )
+
+
+def render_markdown(card: dict) -> str:
+    """The card as Markdown: one `## ` section per SECTIONS entry, warnings first and prominent."""
+    model, perf, cal, priv, prov = (
+        card["model"],
+        card["performance"],
+        card["calibration"],
+        card["privacy"],
+        card["provenance"],
+    )
+    title = f"{model.get('name') or 'model'}" + (
+        f" version {model['version']}" if model.get("version") else ""
+    )
+    out = [f"# Model card: {title}", ""]
+    for w in card["warnings"]:
+        out += [f"> **WARNING** {w}", ""]
+    out += [
+        "## Model",
+        "",
+        f"- Method: **{model['method']}** ({model['federation']}); exported predictor: {model.get('site_exported') or 'see registry'}",
+        f"- Classes: {', '.join(model['classes'])}",
+        f"- Registered: {model.get('registered_at') or 'n/a'}",
+        "",
+        "## Intended use and limits",
+        "",
+        card["intended_use"]["use"],
+        "",
+        f"Users: {card['intended_use']['users']}",
+        "",
+        "Out of scope:",
+        *[f"- {x}" for x in card["intended_use"]["out_of_scope"]],
+        "",
+        "Limits:",
+        *[f"- {x}" for x in card["intended_use"]["limits"]],
+        "",
+        "## Data",
+        "",
+        f"Source: `{card['data']['source']}`; data digest `{card['data']['dataset_digest']}` (no images or image "
+        "ids in this card).",
+        "",
+    ]
+    classes = card["data"]["classes"]
+    out += [
+        "| holder | split | " + " | ".join(classes) + " | total |",
+        "|---|---|" + "---|" * (len(classes) + 1),
+    ]
+    for holder, splits in card["data"]["counts_per_class"].items():
+        for split, per in splits.items():
+            out.append(
+                f"| {holder} | {split} | "
+                + " | ".join(str(per.get(c, 0)) for c in classes)
+                + f" | {sum(per.values())} |"
+            )
+    if card["data"].get("global_test_counts"):
+        per = card["data"]["global_test_counts"]
+        out.append(
+            "| server | global test | "
+            + " | ".join(str(per.get(c, 0)) for c in classes)
+            + f" | {sum(per.values())} |"
+        )
+    part = card["partition"]
+    out += [
+        "",
+        "## Partition",
+        "",
+        f"- Scheme: {part['scheme']}"
+        + (f" (alpha {part['alpha']})" if part.get("alpha") else "")
+        + f", seed {part['seed']}",
+        f"- Per-site split train/val/test: {part.get('split')}; unlabelled reference fraction: {part.get('reference_fraction')}",
+        f"- Sites: {', '.join(map(str, part.get('sites') or []))}",
+        f"- Partition digest: `{part.get('digest')}`",
+        "",
+        "## Method and hyperparameters",
+        "",
+    ]
+    meth = card["method"]
+    for k in (
+        "rounds",
+        "batch_size",
+        "codec_up",
+        "codec_down",
+        "prompt_template",
+        "selection",
+        "selected_round",
+    ):
+        out.append(f"- {k}: {meth.get(k)}")
+    out.append(f"- preprocessing: `{json.dumps(meth.get('preprocessing'), sort_keys=True)}`")
+    out.append(f"- method options: `{json.dumps(meth.get('options'), sort_keys=True)}`")
+    worst = perf.get("worst_site")
+    out += [
+        "",
+        "## Performance",
+        "",
+        f"Test metrics in %, with {perf['confidence']} in brackets.",
+        "",
+        "| model | n | accuracy | balanced accuracy | macro-F1 | ECE |",
+        "|---|---|---|---|---|---|",
+        _row("global test", perf["global"]),
+        *[_row(s["site"], s) for s in perf["sites"]],
+        "",
+        (
+            f"**Worst site's balanced accuracy: {_pct(worst['bacc'])}** ({worst['site']})"
+            + (f" [{_pct(worst['ci95'][0])}, {_pct(worst['ci95'][1])}]" if worst.get("ci95") else "")
+            if worst
+            else "Worst site's balanced accuracy: n/a (no site reported test metrics)"
+        ),
+        "",
+        "## Calibration",
+        "",
+        f"Global expected calibration error (10 equal-width bins): {_pct(cal.get('global_ece'))}%; per site: "
+        + ", ".join(f"{s} {_pct(v)}%" for s, v in cal["site_ece"].items()),
+        "",
+    ]
+    rel = cal.get("reliability") or {}
+    if rel.get("count"):
+        out += ["| confidence bin | n | mean confidence | accuracy |", "|---|---|---|---|"]
+        edges = rel["edges"]
+        for i, n in enumerate(rel["count"]):
+            if n:
+                out.append(
+                    f"| ({edges[i]:.1f}, {edges[i + 1]:.1f}] | {n} | {rel['confidence'][i]:.3f} | {rel['accuracy'][i]:.3f} |"
+                )
+        out.append("")
+    if cal.get("plot"):
+        out += [f"![reliability diagram of the global test]({cal['plot']})", ""]
+    out += ["## Privacy", ""]
+    mode = priv.get("dp.mode", "none")
+    if mode == "none":
+        out.append("- Differential privacy: **none**")
+    if priv.get("record_level"):
+        out += [
+            f"- Record level (each patient of a site): **epsilon {priv.get('dp.epsilon')}** (largest over sites), "
+            f"delta {priv.get('dp.delta')}, per-example clip C = {priv.get('dp.clip')}, noise multiplier sigma "
+            f">= {priv.get('dp.noise_multiplier')}, accountant {priv.get('dp.accountant')}",
+            *[
+                f"  - {name}: epsilon {s.get('epsilon'):.4g}, sigma {s.get('noise_multiplier'):.4g}, "
+                f"{s.get('steps')} steps at sampling rate {s.get('sample_rate'):.4g}"
+                + (
+                    f", stopped by its budget in round {s['stopped_at_round']}"
+                    if s.get("stopped_at_round")
+                    else ""
+                )
+                for name, s in (priv["record_level"].get("sites") or {}).items()
+            ],
+        ]
+    if priv.get("client_level"):
+        out.append(
+            f"- Client level (a whole site): epsilon {priv.get('dp.client_epsilon')}, noise multiplier "
+            f"{priv.get('dp.client_noise_multiplier')}, update clip {priv.get('dp.client_clip')}, noise added at the "
+            f"{priv.get('dp.client_noise_at')}"
+        )
+    out += [
+        f"- Secure aggregation: {priv.get('dp.secure_aggregation', 'off')}",
+        "- Not covered: metric reports, sample counts and other summaries that travel, the selection of the "
+        "round on validation accuracy, the features cache at each site (docs/privacy.md).",
+        "",
+        "## Provenance",
+        "",
+        f"- Code commit: `{prov.get('code_commit') or 'unknown'}`",
+        f"- Backbone: `{(prov.get('backbone') or {}).get('name')}`, weights sha256 `{prov.get('backbone_sha256')}`",
+        f"- KFP run: {prov.get('kfp_run_id') or 'n/a'}; MLflow run: {prov.get('mlflow_run_id') or 'n/a'}; "
+        f"federation run: {prov.get('federation_run_id') or 'n/a'}",
+        f"- Data digest `{prov.get('dataset_digest')}`; partition digest `{prov.get('partition_digest')}`",
+        *[f"- Feature store of {h}: `{d}`" for h, d in (prov.get("feature_stores") or {}).items()],
+        f"- ONNX sha256: `{prov.get('onnx_sha256') or 'n/a'}`",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_card(run_dir: str | Path, out_dir: str | Path, registry: dict | None = None) -> dict:
+    """model_card.json, model_card.md and the reliability plot in `out_dir`; returns the card."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    card = build_card(run_dir, registry)
+    (out / "model_card.json").write_text(json.dumps(card, indent=1, allow_nan=False))
+    (out / "model_card.md").write_text(render_markdown(card))
+    plot = Path(run_dir) / "plots" / "reliability.png"
+    if plot.is_file():
+        shutil.copyfile(plot, out / RELIABILITY_PLOT)
+    return card

@@ -1,0 +1,150 @@
+"""Client-level DP (DP-FedAvg, McMahan et al. 2018; adaptive clipping after Andrew et al. 2021): every site's
+update, as its difference to the global module it received, is clipped to norm S; the clipped differences
+are averaged with equal weights and Gaussian noise of std z*S is added to their sum. It hides whether a whole
+site took part, which needs many sites: with 3-10 hospitals the noise drowns the signal (docs/privacy.md).
+
+- noise at the server (default): a trusted aggregator. Sites send their updates as usual; the server clips
+  each one, adds the noise to the sum, and with `client_quantile` adapts S toward that quantile of the
+  update norms, the count of unclipped updates itself noised (std sigma_b) so the adaptation is private too.
+- noise at the sites: each site clips its own update to the fixed S and adds N(0, (z S)^2 / quorum), so any
+  quorum of sites sums to at least the full noise: for an aggregator that sees only the sum (secure
+  aggregation). The server then averages without clipping or noise.
+
+The noise's randomness comes from a key only that party holds (`party_key`), kept in its private state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..seeding import derive_seed
+from .accounting import client_noise_split, gaussian_rounds_epsilon
+from .dpsgd import KEY_BYTES, new_key
+from .settings import PrivacySettings
+
+KEY_NAME = "privacy/noise_key"
+
+
+def party_key(store) -> bytes:
+    """This party's secret noise key in its private object store (created from the OS on first use)."""
+    raw = store.get(KEY_NAME)
+    if raw is None or len(raw) != KEY_BYTES:
+        raw = bytes(new_key().tolist())
+        store.put(KEY_NAME, raw)
+    return bytes(raw)
+
+
+def _float_keys(state: dict) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def difference(update: dict, reference: dict) -> dict:
+    return {k: update[k].double() - reference[k].double() for k in _float_keys(update)}
+
+
+def norm(delta: dict) -> float:
+    return math.sqrt(sum(float((v**2).sum()) for v in delta.values()))
+
+
+def clip(delta: dict, bound: float) -> tuple[dict, float]:
+    """`delta` scaled to norm at most `bound`; and its norm before."""
+    n = norm(delta)
+    scale = min(1.0, bound / (n + 1e-12))
+    return {k: v * scale for k, v in delta.items()}, n
+
+
+def gaussian(like: dict, std: float, key: bytes, *parts) -> dict:
+    gen = torch.Generator().manual_seed(derive_seed(key, *parts))
+    return {k: torch.normal(0.0, std, v.shape, generator=gen, dtype=torch.float64) for k, v in like.items()}
+
+
+class SiteClientPrivacy:
+    """A site's part when the noise is added at the sites: clip its update, add its share of the noise."""
+
+    def __init__(self, settings: PrivacySettings, quorum: int, key: bytes, site: str):
+        self.bound = float(settings.client_clip)
+        self.std = float(settings.client_noise) * self.bound / math.sqrt(max(1, quorum))
+        self.key, self.site = key, site
+
+    def apply(self, update: dict, received: dict, round_index: int) -> tuple[dict, dict]:
+        clipped, before = clip(difference(update, received), self.bound)
+        noise = gaussian(clipped, self.std, self.key, "client-noise", self.site, round_index)
+        out = dict(update)
+        for k, v in clipped.items():
+            out[k] = (received[k].double() + v + noise[k]).to(update[k].dtype)
+        return out, {"norm": before, "clipped": before > self.bound}
+
+
+class ClientPrivacy:
+    """The server's part: clipped (server placement) equal-weight mean of the differences, noise, adaptive S."""
+
+    def __init__(self, settings: PrivacySettings, sites: int, quorum: int, key: bytes):
+        self.s = settings
+        self.sites, self.quorum, self.key = sites, quorum, key
+        self.z_update, self.sigma_b = client_noise_split(settings, sites)
+        self.bound = float(settings.client_clip)  # S of the next aggregation
+
+    def restore(self, info: dict | None) -> None:
+        """S after a restart: what the last closed aggregation left (its `next_clip`)."""
+        last = (info or {}).get("client_dp") or {}
+        if isinstance(last.get("next_clip"), (int, float)) and math.isfinite(last["next_clip"]):
+            self.bound = float(last["next_clip"])
+
+    def aggregate(self, previous: dict, states: list[dict], round_index: int) -> tuple[dict, dict]:
+        """The new global state from the present sites' decoded updates, and what the round record keeps."""
+        m = len(states)
+        deltas = [difference(s, previous) for s in states]
+        bound = self.bound
+        norms = [norm(d) for d in deltas]
+        at_server = self.s.client_noise_at == "server"
+        if at_server:
+            deltas = [clip(d, bound)[0] for d in deltas]
+        total = {k: sum(d[k] for d in deltas) for k in deltas[0]}
+        std = self.z_update * bound if at_server else 0.0
+        if std:
+            noise = gaussian(total, std, self.key, "client-noise", round_index)
+            total = {k: v + noise[k] for k, v in total.items()}
+        new = {k: v.clone() for k, v in previous.items()}
+        for k, v in total.items():
+            new[k] = (previous[k].double() + v / m).to(previous[k].dtype)
+        info = {
+            "clip": bound,
+            "noise_multiplier": float(self.s.client_noise),
+            "sites": m,
+            "update_norms_median": float(torch.tensor(norms).median()),
+        }
+        if at_server and self.s.client_quantile is not None:
+            unclipped = sum(1 for n in norms if n <= bound)
+            gen = torch.Generator().manual_seed(derive_seed(self.key, "client-count", round_index))
+            noisy = unclipped + float(torch.normal(0.0, self.sigma_b, (1,), generator=gen))
+            self.bound = bound * math.exp(-self.s.client_clip_lr * (noisy / m - self.s.client_quantile))
+        info["next_clip"] = self.bound
+        info["epsilon"] = gaussian_rounds_epsilon(
+            self.s.client_noise, round_index, self.s.delta, self.s.accountant
+        )
+        return new, info
+
+
+def server_privacy(settings, counts: dict[str, int], quorum: int, store) -> ClientPrivacy | None:
+    """At the server's start: delta checked against every site's training-set size (ConfigError naming the
+    site), before any training; the client-level DP aggregation when on, else None. `store`: the server's
+    private state (its noise key)."""
+    from .accounting import check_delta
+
+    if settings is None:
+        return None
+    if settings.record_level:
+        for site, n in counts.items():
+            check_delta(settings.delta, n, f"site {site}")
+    if not settings.client_level:
+        return None
+    return ClientPrivacy(settings, len(counts), quorum, party_key(store))
+
+
+def site_client_privacy(settings, manifest: dict, store, name: str) -> SiteClientPrivacy | None:
+    """Client-level DP's part at a site when the sites add the noise, else None. `store`: the site's
+    private state (its noise key)."""
+    if settings is None or not settings.client_level or settings.client_noise_at != "sites":
+        return None
+    return SiteClientPrivacy(settings, int(manifest["quorum"]), party_key(store), name)

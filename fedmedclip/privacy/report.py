@@ -1,0 +1,152 @@
+"""The privacy facts of a run, written where every other fact of it is: each site's DP-SGD ledger in its
+per-round report (checked here, since another party wrote it), epsilon in the round records (results.json's
+`history`, MLflow's live metrics, the server's round line), results.json's `privacy` section, and the flat
+summary that the registry tags, the exported model's metadata and the model card show."""
+
+from __future__ import annotations
+
+import math
+
+from .settings import ACCOUNTANTS, PrivacySettings
+
+# A site's privacy report: each entry's check. Anything else in it is dropped.
+_NUMBER = ("epsilon", "delta", "noise_multiplier", "clip", "sample_rate")
+_COUNT = ("steps", "planned_steps", "n_train")
+
+
+def _finite(v, lo: float = 0.0) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+
+
+def check_site_privacy(obj) -> tuple[dict | None, str | None]:
+    """(the usable part of a site's privacy report, None) or (None, why it is refused). None: no report."""
+    if obj is None:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, "privacy is not an object"
+    out = {}
+    for k in _NUMBER:
+        if not _finite(obj.get(k)):
+            return None, f"privacy.{k} = {obj.get(k)!r} is not a finite non-negative number"
+        out[k] = float(obj[k])
+    if not (0 < out["delta"] < 1 and 0 < out["sample_rate"] <= 1):
+        return None, "privacy.delta or privacy.sample_rate is outside (0, 1]"
+    for k in _COUNT:
+        v = obj.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return None, f"privacy.{k} = {v!r} is not a count"
+        out[k] = v
+    out["accountant"] = obj.get("accountant") if obj.get("accountant") in ACCOUNTANTS else None
+    budget = obj.get("budget")
+    out["budget"] = float(budget) if _finite(budget) else None
+    stopped = obj.get("stopped_at_round")
+    out["stopped_at_round"] = stopped if isinstance(stopped, int) and not isinstance(stopped, bool) else None
+    return out, None
+
+
+def attach_epsilon(record: dict, site_privacy: dict[str, dict | None]) -> dict:
+    """Each site row of a round record gets its epsilon so far (None without a report), the record the
+    maximum over sites (`epsilon_max`): what the server's round line and MLflow's live metrics show."""
+    values = []
+    for row in record.get("sites", []):
+        eps = (site_privacy.get(row["site"]) or {}).get("epsilon")
+        row["epsilon"] = eps
+        if eps is not None:
+            values.append(eps)
+    record["epsilon_max"] = max(values) if values else None
+    return record
+
+
+def last_site_privacy(site_names: list[str], reports: dict[int, dict]) -> dict[str, dict]:
+    """Each site's newest privacy report over the rounds (`reports[r]["sites"][name]["privacy"]`)."""
+    out: dict[str, dict] = {}
+    for r in sorted(reports):
+        for name, rep in (reports[r].get("sites") or {}).items():
+            if name in site_names and isinstance(rep, dict) and rep.get("privacy"):
+                out[name] = rep["privacy"]
+    return {n: out[n] for n in site_names if n in out}
+
+
+def privacy_results(
+    cfg_privacy: dict, site_names: list[str], reports: dict[int, dict], history: list[dict]
+) -> dict:
+    """results.json's `privacy` section (docs/contracts.md)."""
+    settings = PrivacySettings.from_config(cfg_privacy)
+    section: dict = {
+        "record_level": None,
+        "client_level": None,
+        "secure_aggregation": False,
+        "epsilon": None,
+        "delta": settings.delta if settings.enabled else None,
+        "settings": settings.to_config(),
+    }
+    if settings.record_level:
+        sites = last_site_privacy(site_names, reports)
+        eps = [s["epsilon"] for s in sites.values()]
+        section["record_level"] = {
+            "mechanism": "DP-SGD (Poisson sampling, per-example clipping, Gaussian noise) at each site",
+            "accountant": settings.accountant,
+            "target_epsilon": settings.target_epsilon,
+            "clip": settings.clip,
+            "delta": settings.delta,
+            "sites": sites,
+            "sites_without_report": [n for n in site_names if n not in sites],
+            "epsilon_max": max(eps) if eps else None,
+        }
+        section["epsilon"] = section["record_level"]["epsilon_max"]
+    if settings.client_level:
+        last = next((rec["client_dp"] for rec in reversed(history) if rec.get("client_dp")), None)
+        section["client_level"] = {
+            "mechanism": "clipped update differences, equal-weight mean, Gaussian noise on the sum",
+            "noise_multiplier": settings.client_noise,
+            "noise_at": settings.client_noise_at,
+            "clip": settings.client_clip,
+            "adaptive_quantile": settings.client_quantile,
+            "final_clip": last.get("clip") if last else None,
+            "epsilon": last.get("epsilon") if last else None,
+            "delta": settings.delta,
+        }
+    return section
+
+
+def privacy_summary(results: dict) -> dict[str, str]:
+    """The flat privacy facts of a run (registry tags `dp.*`, the exported model's metadata, the model card).
+    A run without a `privacy` section, or without DP, says `dp.mode = none`."""
+    p = results.get("privacy") or {}
+    rec, cli = p.get("record_level"), p.get("client_level")
+    modes = [m for m, on in (("record", rec), ("client", cli)) if on]
+    out = {
+        "dp.mode": "+".join(modes) or "none",
+        "dp.secure_aggregation": "on" if p.get("secure_aggregation") else "off",
+    }
+    if rec:
+        sites = rec.get("sites") or {}
+        sigmas = [s["noise_multiplier"] for s in sites.values() if s.get("noise_multiplier") is not None]
+        out.update(
+            {
+                "dp.epsilon": _fmt(rec.get("epsilon_max")),
+                "dp.delta": _fmt(rec.get("delta")),
+                "dp.clip": _fmt(rec.get("clip")),
+                "dp.noise_multiplier": _fmt(min(sigmas)) if sigmas else "",
+                "dp.accountant": str(rec.get("accountant")),
+                "dp.sites": ",".join(
+                    f"{n}:eps={_fmt(s.get('epsilon'))}:sigma={_fmt(s.get('noise_multiplier'))}"
+                    for n, s in sites.items()
+                ),
+            }
+        )
+    if cli:
+        out.update(
+            {
+                "dp.client_epsilon": _fmt(cli.get("epsilon")),
+                "dp.client_noise_multiplier": _fmt(cli.get("noise_multiplier")),
+                "dp.client_clip": _fmt(cli.get("final_clip") or cli.get("clip")),
+                "dp.client_noise_at": str(cli.get("noise_at")),
+            }
+        )
+        out.setdefault("dp.delta", _fmt(cli.get("delta")))
+    return out
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{float(v):.6g}"

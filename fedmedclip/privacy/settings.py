@@ -1,0 +1,153 @@
+"""The privacy settings of a run (`TrainConfig.privacy`, set by the `--dp-*` flags), parsed and checked once.
+
+Record level (DP-SGD at each site, docs/privacy.md): on when `target_epsilon` or `noise_multiplier` is set.
+- `target_epsilon` alone: each site's noise multiplier is calibrated before any training so that its planned
+  steps (rounds x its local steps) end at or below the target; `noise_multiplier` alone: that noise, epsilon
+  reported; both: that noise, and `target_epsilon` is a budget a site stops at.
+- `delta` (default 1e-5) must not exceed 1/n of the smallest site's training set (checked where n is known).
+- `clip` (default 1.0): the per-example gradient norm bound C.
+- `accountant`: rdp (default) or pld, both from dp-accounting.
+
+Client level (DP-FedAvg with a clipped update per site and Gaussian noise on the sum, docs/privacy.md): on when
+`client_noise` (the noise multiplier z) is set; `client_clip` the update norm bound S (fixed, or the initial
+value with `client_quantile`: adaptive clipping toward that quantile of the sites' update norms, Andrew et al.
+2021, with `client_clip_lr` and `client_count_noise`); `client_noise_at` server (a trusted aggregator adds
+the noise to the sum) or sites (each site adds its share, for an aggregator that sees only the sum).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import ConfigError
+
+DEFAULT_DELTA = 1e-5
+DEFAULT_CLIP = 1.0
+ACCOUNTANTS = ("rdp", "pld")
+NOISE_PLACEMENTS = ("server", "sites")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = DEFAULT_DELTA
+    clip: float = DEFAULT_CLIP
+    accountant: str = "rdp"
+    client_noise: float | None = None
+    client_clip: float = DEFAULT_CLIP
+    client_quantile: float | None = None
+    client_clip_lr: float = 0.2
+    client_count_noise: float | None = None
+    client_noise_at: str = "server"
+
+    @property
+    def record_level(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    @property
+    def client_level(self) -> bool:
+        return self.client_noise is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.record_level or self.client_level
+
+    @classmethod
+    def from_config(cls, value: dict | None) -> PrivacySettings:
+        """Parse `TrainConfig.privacy`; ConfigError names the first bad entry."""
+        value = dict(value or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown privacy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        s = cls(**{k: v for k, v in value.items() if v is not None})
+        s.check()
+        return s
+
+    def to_config(self) -> dict:
+        """The non-default entries: what `TrainConfig.privacy` stores (empty for a run without DP)."""
+        default = PrivacySettings()
+        return {k: v for k, v in asdict(self).items() if v != getattr(default, k)}
+
+    def check(self) -> None:
+        def positive(name: str, v, allow_zero: bool = False) -> None:
+            if v is None:
+                return
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"--dp-{name.replace('_', '-')} must be a positive number, got {v!r}")
+
+        for name in ("target_epsilon", "noise_multiplier", "clip", "client_noise", "client_clip"):
+            positive(name, getattr(self, name))
+        positive("client_clip_lr", self.client_clip_lr)
+        positive("client_count_noise", self.client_count_noise, allow_zero=True)
+        positive("delta", self.delta)
+        if not self.delta < 1:
+            raise ConfigError(f"--dp-delta must be below 1, got {self.delta!r}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(
+                f"--dp-accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
+            )
+        if self.client_noise_at not in NOISE_PLACEMENTS:
+            raise ConfigError(
+                f"--dp-client-noise-at must be one of {', '.join(NOISE_PLACEMENTS)}, got {self.client_noise_at!r}"
+            )
+        if self.client_quantile is not None and not (
+            isinstance(self.client_quantile, (int, float)) and 0 < self.client_quantile < 1
+        ):
+            raise ConfigError(f"--dp-client-quantile must be in (0, 1), got {self.client_quantile!r}")
+        if self.client_quantile is not None and self.client_noise_at == "sites":
+            raise ConfigError(
+                "adaptive clipping (--dp-client-quantile) needs the count of unclipped updates aggregated with "
+                "its own noise at the server: use it with --dp-client-noise-at server"
+            )
+        if not self.client_level:
+            changed = [
+                k for k in ("client_quantile", "client_count_noise") if getattr(self, k) is not None
+            ] + [
+                k
+                for k in ("client_clip", "client_clip_lr", "client_noise_at")
+                if getattr(self, k) != getattr(PrivacySettings(), k)
+            ]
+            if changed:
+                raise ConfigError(
+                    f"--dp-{changed[0].replace('_', '-')} needs client-level DP: set --dp-client-noise too"
+                )
+        if not self.record_level:
+            changed = [k for k in ("clip", "accountant") if getattr(self, k) != getattr(PrivacySettings(), k)]
+            if changed:
+                raise ConfigError(
+                    f"--dp-{changed[0]} needs record-level DP: set --dp-target-epsilon or --dp-noise-multiplier"
+                )
+        if self.delta != DEFAULT_DELTA and not self.enabled:
+            raise ConfigError(
+                "--dp-delta needs DP: set --dp-target-epsilon, --dp-noise-multiplier or --dp-client-noise"
+            )
+
+    def describe(self) -> str:
+        parts = []
+        if self.record_level:
+            parts.append(
+                "DP-SGD at each site ("
+                + (f"target epsilon {self.target_epsilon:g}, " if self.target_epsilon is not None else "")
+                + (
+                    f"noise multiplier {self.noise_multiplier:g}, "
+                    if self.noise_multiplier is not None
+                    else ""
+                )
+                + f"clip {self.clip:g}, delta {self.delta:g}, {self.accountant})"
+            )
+        if self.client_level:
+            clip = (
+                f"adaptive clip from {self.client_clip:g} toward quantile {self.client_quantile:g}"
+                if self.client_quantile is not None
+                else f"clip {self.client_clip:g}"
+            )
+            parts.append(
+                f"client-level DP (noise multiplier {self.client_noise:g}, {clip}, noise at the {self.client_noise_at})"
+            )
+        return "; ".join(parts) or "no differential privacy"

@@ -1,0 +1,162 @@
+"""What the server watches in the answers it gives: the share of images flagged out of distribution, and
+whether the recent requests' features have drifted from the exporting party's data.
+
+- `OodWindow`: the flags of the last `window` images; their mean is `fedmedclip_ood_window_rate`, next to the
+  false-alarm rate the threshold was calibrated to (`fedmedclip_ood_false_alarm_rate`): in distribution the
+  two agree, a rate several times the calibrated one means the server is being sent other scans.
+- `DriftTest`: maximum mean discrepancy (MMD^2, Gaussian kernel, unbiased estimate with a zero diagonal)
+  between the embeddings of the last `window` images and the exported reference sample, with a permutation
+  p-value and the permutation threshold at level `p_value` (the test of Gretton et al. 2012, as alibi-detect's
+  MMDDrift computes it; bench/bench_ood.py compares the two). It runs on a thread of its own at most every
+  `every` new images, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import metrics
+
+log = logging.getLogger("fedmedclip.serving")
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """`fedmedclip serve --ood-window/--drift-window/--drift-every/--drift-permutations/--drift-p-value`."""
+
+    ood_window: int = 200  # images whose flags make the windowed OOD rate
+    drift_window: int = 200  # recent images compared with the reference
+    drift_every: int = 50  # a new drift test after this many new images (at most one running)
+    drift_permutations: int = 100
+    drift_p_value: float = 0.05  # level of the reported MMD^2 threshold
+
+
+class OodWindow:
+    def __init__(self, model: str, window: int, false_alarm_rate: float):
+        if window < 1:
+            raise ValueError(f"the OOD window must hold at least 1 image, got {window}")
+        self._flags: deque[bool] = deque(maxlen=window)
+        self._flagged = 0  # flagged images in the window
+        self._lock = threading.Lock()
+        self._counter = metrics.OOD_IMAGES.labels(model)
+        self._rate = metrics.OOD_WINDOW_RATE.labels(model)
+        self._rate.set(float("nan"))
+        metrics.OOD_FALSE_ALARM_RATE.labels(model).set(false_alarm_rate)
+
+    def observe(self, flags: np.ndarray) -> None:
+        with self._lock:
+            for flag in flags.tolist():
+                if len(self._flags) == self._flags.maxlen:
+                    self._flagged -= self._flags[0]
+                self._flags.append(flag)
+                self._flagged += flag
+            if len(self._flags) == self._flags.maxlen:
+                self._rate.set(self._flagged / len(self._flags))
+        self._counter.inc(int(flags.sum()))
+
+    @property
+    def rate(self) -> float | None:
+        with self._lock:
+            return self._flagged / len(self._flags) if len(self._flags) == self._flags.maxlen else None
+
+
+def gaussian_kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
+    """exp(-|x - y|^2 / (2 sigma^2)) for every pair of rows."""
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.exp(-np.maximum(sq, 0.0) / (2.0 * sigma * sigma))
+
+
+def mmd2_permutation_test(
+    reference: np.ndarray, window: np.ndarray, sigma: float, permutations: int, level: float, seed: int = 0
+) -> tuple[float, float, float]:
+    """(MMD^2, p-value, MMD^2 threshold at `level`) between two samples, from one kernel matrix over their
+    union with a zero diagonal; the p-value is the share of `permutations` random splits of the union whose
+    MMD^2 is at least the observed one."""
+    pooled = np.concatenate([reference, window]).astype(np.float64)
+    k = gaussian_kernel(pooled, pooled, sigma)
+    np.fill_diagonal(k, 0.0)
+    n, m = len(reference), len(window)
+
+    def mmd2(order: np.ndarray) -> float:
+        kk = k[np.ix_(order, order)]
+        xx, yy, xy = kk[:n, :n], kk[n:, n:], kk[n:, :n]
+        return xx.sum() / (n * (n - 1)) + yy.sum() / (m * (m - 1)) - 2.0 * xy.mean()
+
+    observed = mmd2(np.arange(n + m))
+    rng = np.random.default_rng(seed)
+    null = np.array([mmd2(rng.permutation(n + m)) for _ in range(permutations)])
+    p_value = float((observed <= null).mean())
+    threshold = float(np.sort(null)[::-1][min(int(level * permutations), permutations - 1)])
+    return float(observed), p_value, threshold
+
+
+class DriftTest:
+    def __init__(
+        self,
+        model: str,
+        reference: np.ndarray,
+        sigma: float,
+        window: int = 200,
+        every: int = 50,
+        permutations: int = 100,
+        p_value: float = 0.05,
+    ):
+        if window < 2 or every < 1 or permutations < 10 or not 0 < p_value < 1:
+            raise ValueError(
+                f"bad drift settings: window {window} (>= 2), every {every} (>= 1), permutations {permutations} "
+                f"(>= 10), p-value {p_value} (in (0, 1))"
+            )
+        self.model, self.reference, self.sigma = model, np.asarray(reference, np.float64), sigma
+        self.window, self.every, self.permutations, self.level = window, every, permutations, p_value
+        self._recent: deque[np.ndarray] = deque(maxlen=window)
+        self._since = 0  # images since the last test started
+        self._lock = threading.Lock()
+        self._running = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift")
+        self._tests = 0
+        self.last: tuple[float, float, float] | None = None  # (mmd2, p-value, threshold)
+        self._gauges = (
+            metrics.DRIFT_MMD2.labels(model),
+            metrics.DRIFT_P_VALUE.labels(model),
+            metrics.DRIFT_THRESHOLD.labels(model),
+        )
+        for gauge in self._gauges:
+            gauge.set(float("nan"))
+        self._count = metrics.DRIFT_TESTS.labels(model)
+
+    def observe(self, embeddings: np.ndarray) -> None:
+        with self._lock:
+            self._recent.extend(np.asarray(embeddings, np.float64))
+            self._since += len(embeddings)
+            due = len(self._recent) == self.window and self._since >= self.every and not self._running
+            if not due:
+                return
+            self._running, self._since = True, 0
+            sample = np.stack(self._recent)
+            self._tests += 1
+            seed = self._tests
+        self._executor.submit(self._test, sample, seed)
+
+    def _test(self, sample: np.ndarray, seed: int) -> None:
+        try:
+            result = mmd2_permutation_test(
+                self.reference, sample, self.sigma, self.permutations, self.level, seed
+            )
+            self.last = result
+            for gauge, value in zip(self._gauges, result, strict=True):
+                gauge.set(value)
+            self._count.inc()
+        except Exception:  # a failed test must not stop the server; the gauges keep their last value
+            log.exception("drift test of model %r failed", self.model)
+        finally:
+            with self._lock:
+                self._running = False
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,444 @@
+"""A v2 REST inference request, read against the Open Inference Protocol's request schema before any model
+sees it (tests/specs/open-inference-protocol/, `inference_request`), with the binary tensor data extension.
+
+Every byte of a request is hostile until checked, and a request must never stall other clients:
+- the JSON part is budgeted *before* it is parsed: its size (the server's request-body limit) and an upper
+  bound on its tensor elements (every element needs a `,` or `[`, counted at C speed) against
+  `Budget.max_elements`, derived from what the served models accept;
+- it is parsed with orjson (which refuses NaN, Infinity and numbers beyond a double) and checked field by
+  field with exact types: a string `id`, integer `shape` entries (not `"1"`, not `true`, not `1.0`), a known
+  `datatype`, integer/boolean/string parameters; tensor data of an integer type holds integers only (never
+  `true`), of a float type finite numbers, of BYTES strings (the base64 of the bytes);
+- this runs off the event loop: in a thread for a small JSON part (a few milliseconds of interpreter time at
+  most), in a worker process for a large one (`JsonParser`), because orjson and the conversion to numpy hold
+  the interpreter lock for the whole parse (0.5 s for a legal 64-image UINT8 tensor in JSON).
+
+What comes out is plain data (numpy arrays, lists of bytes): picklable, so a worker process can hand it
+back, and the same for JSON and binary requests. `to_infer_request` then attaches the binary sections and
+builds kserve's `InferRequest`, which the model reads exactly as it reads a gRPC request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+import orjson
+
+from .errors import RequestRejected, quoted
+
+log = logging.getLogger("fedmedclip.serving")
+
+HEADER_LENGTH = "inference-header-content-length"
+
+# The protocol's tensor data types (inference_rest.md, "Tensor Data Types") and how JSON data of each is read.
+INTEGER_TYPES = {
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+}
+FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+DATATYPES = frozenset({*INTEGER_TYPES, *FLOAT_TYPES, "BOOL", "BYTES", "BF16"})
+_MAX_DIM = 1 << 40  # a dimension beyond this cannot describe data that fits any request
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bounds on one request's JSON, checked before and while it is parsed."""
+
+    max_elements: int  # tensor elements given as JSON data in one request
+    max_inputs: int = 8
+    max_outputs: int = 8
+    max_rank: int = 8
+    max_string: int = 256  # characters of a name, an id, a datatype, a parameter key
+    max_parameter_string: int = 4096  # characters of a string parameter value
+    max_parameters: int = 32
+    inline_bytes: int = (
+        1 << 20
+    )  # a JSON part up to this size is parsed in a thread, a larger one in a process
+
+    def __post_init__(self) -> None:
+        if self.max_elements < 1:
+            raise ValueError(f"max_elements must be at least 1, got {self.max_elements}")
+
+
+@dataclass
+class Tensor:
+    """One input of a request. `data`: the JSON data as a numpy array (numeric, BOOL) or a list of bytes
+    (BYTES); None when the tensor follows the JSON as binary data (`binary_size` bytes)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict | None
+    data: np.ndarray | list[bytes] | None = None
+    binary_size: int | None = None
+
+
+@dataclass
+class Header:
+    id: str | None
+    parameters: dict | None
+    inputs: list[Tensor]
+    outputs: list[tuple[str, dict | None]] | None = None
+    elements: int = field(default=0)  # JSON tensor elements read
+
+
+# ---------------------------------------------------------------------------------------- the JSON part
+
+
+def parse_header(text: bytes, budget: Budget) -> Header:
+    """Budget, parse and check the JSON part of a request (the whole body, or the header of a binary one).
+    Raises RequestRejected naming the first problem. Runs in a thread or a worker process."""
+    # Every JSON array element is preceded by `[` or `,`: this bounds the element count before parsing.
+    upper = text.count(b",") + text.count(b"[")
+    if upper > budget.max_elements + 4096:
+        raise RequestRejected(
+            "too_many_elements",
+            f"the request's JSON holds up to {upper:,} values, over the budget of {budget.max_elements:,} "
+            "tensor elements per request (the served models' largest legal request); send images as "
+            "binary data or encoded files",
+        )
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names the position and the kind of problem, never the text itself.
+        raise RequestRejected("bad_json", f"the request is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RequestRejected("bad_request", f"the request must be a JSON object, got {_kind(doc)}")
+    request_id = doc.get("id")
+    if request_id is not None:
+        request_id = _string(request_id, '"id"', budget.max_string)
+    parameters = _parameters(doc.get("parameters"), "the request", budget)
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestRejected("bad_request", 'the request needs "inputs": a non-empty list of input tensors')
+    if len(inputs) > budget.max_inputs:
+        raise RequestRejected(
+            "bad_request", f"{len(inputs)} input tensors, over the limit of {budget.max_inputs}"
+        )
+    header = Header(request_id, parameters, [])
+    left = budget.max_elements
+    for i, spec in enumerate(inputs):
+        tensor = _input(spec, i, budget, left)
+        if tensor.data is not None:
+            left -= len(tensor.data)
+        header.inputs.append(tensor)
+    header.elements = budget.max_elements - left
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or len(outputs) > budget.max_outputs:
+            raise RequestRejected(
+                "bad_request", f'"outputs" must be a list of at most {budget.max_outputs} objects'
+            )
+        header.outputs = []
+        for i, spec in enumerate(outputs):
+            if not isinstance(spec, dict):
+                raise RequestRejected("bad_request", f"output {i} must be a JSON object, got {_kind(spec)}")
+            name = _string(spec.get("name"), f"output {i}: 'name'", budget.max_string)
+            params = _parameters(spec.get("parameters"), f"output {quoted(name)}", budget)
+            if params and "binary_data" in params and type(params["binary_data"]) is not bool:
+                raise RequestRejected(
+                    "bad_parameters",
+                    f"output {quoted(name)}: parameter 'binary_data' must be true or false, "
+                    f"got {quoted(params['binary_data'])}",
+                )
+            header.outputs.append((name, params))
+    return header
+
+
+def _input(spec: object, i: int, budget: Budget, elements_left: int) -> Tensor:
+    if not isinstance(spec, dict):
+        raise RequestRejected("bad_request", f"input {i} must be a JSON object, got {_kind(spec)}")
+    name = _string(spec.get("name"), f"input {i}: 'name'", budget.max_string)
+    where = f"input {quoted(name)}"
+    datatype = _string(spec.get("datatype"), f"{where}: 'datatype'", budget.max_string)
+    if datatype not in DATATYPES:
+        raise RequestRejected(
+            "bad_dtype",
+            f"{where}: unknown datatype {quoted(datatype)}; the protocol's are {sorted(DATATYPES)}",
+        )
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or len(shape) > budget.max_rank:
+        raise RequestRejected(
+            "bad_shape", f"{where}: 'shape' must be a list of at most {budget.max_rank} integers"
+        )
+    for d in shape:
+        # Exactly int: JSON true, "1" and 1.0 are not dimensions.
+        if type(d) is not int or not 0 <= d <= _MAX_DIM:
+            raise RequestRejected(
+                "bad_shape", f"{where}: 'shape' entries must be non-negative integers, got {quoted(d)}"
+            )
+    parameters = _parameters(spec.get("parameters"), where, budget)
+    tensor = Tensor(name, datatype, shape, parameters)
+    if parameters and "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if type(size) is not int or size < 0:
+            raise RequestRejected(
+                "bad_parameters",
+                f"{where}: binary_data_size must be a non-negative integer, got {quoted(size)}",
+            )
+        if "data" in spec:
+            raise RequestRejected("bad_request", f"{where} has both 'data' and a binary_data_size parameter")
+        tensor.binary_size = size
+        return tensor
+    if "data" not in spec:
+        raise RequestRejected("bad_request", f"{where} has neither 'data' nor a 'binary_data_size' parameter")
+    tensor.data = _data(spec["data"], tensor, budget, elements_left)
+    return tensor
+
+
+def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.ndarray | list[bytes]:
+    where = f"input {quoted(t.name)}"
+    if not isinstance(data, list):
+        raise RequestRejected("bad_data", f"{where}: 'data' must be a JSON array, got {_kind(data)}")
+    flat = _flatten(data, where, budget.max_rank)
+    want = math.prod(t.shape)
+    if len(flat) != want:
+        raise RequestRejected(
+            "bad_shape", f"{where}: 'data' holds {len(flat):,} values but shape {t.shape} needs {want:,}"
+        )
+    if len(flat) > elements_left:
+        raise RequestRejected(
+            "too_many_elements",
+            f"the request's JSON tensors hold more than the budget of {budget.max_elements:,} elements",
+        )
+    kinds = set(map(type, flat))
+    if t.datatype in INTEGER_TYPES:
+        dtype = INTEGER_TYPES[t.datatype]
+        info = np.iinfo(dtype)
+        _only(kinds, {int}, flat, where, f"integers {info.min}-{info.max}")
+        try:
+            values = np.array(flat, dtype=np.int64)
+        except OverflowError:
+            raise RequestRejected("bad_value", f"{where}: a value is out of the {t.datatype} range") from None
+        if values.size and (values.min() < info.min or values.max() > min(info.max, np.iinfo(np.int64).max)):
+            bad = int(values.min() if values.min() < info.min else values.max())
+            raise RequestRejected(
+                "bad_value", f"{where}: 'data' must hold integers {info.min}-{info.max}, got {bad}"
+            )
+        return values.astype(dtype)
+    if t.datatype in FLOAT_TYPES:
+        _only(kinds, {int, float}, flat, where, "numbers")
+        values = np.array(flat, dtype=np.float64)
+        cast = values.astype(FLOAT_TYPES[t.datatype])
+        if not np.isfinite(cast).all():  # orjson refuses NaN and inf; a float16 can still overflow
+            raise RequestRejected("bad_value", f"{where}: a value is not finite as {t.datatype}")
+        return cast
+    if t.datatype == "BOOL":
+        _only(kinds, {bool}, flat, where, "true or false")
+        return np.array(flat, dtype=np.bool_)
+    if t.datatype == "BYTES":
+        _only(kinds, {str}, flat, where, "strings (the base64 of each element's bytes)")
+        out = []
+        for k, item in enumerate(flat):
+            try:
+                out.append(base64.b64decode(item, validate=True))
+            except (binascii.Error, ValueError):
+                raise RequestRejected(
+                    "bad_base64",
+                    f"{where}: element {k} is not base64; a BYTES element sent as a JSON string must be the "
+                    "base64 of its bytes (or send the tensor as binary data)",
+                ) from None
+        return out
+    raise RequestRejected(
+        "bad_dtype", f"{where}: {t.datatype} cannot be sent as JSON data; send it as binary data"
+    )
+
+
+def _flatten(data: list, where: str, max_rank: int) -> list:
+    """The scalars of a flat or regularly nested JSON array, in row-major order."""
+    level, depth = data, 1
+    while level and type(level[0]) is list:
+        if set(map(type, level)) != {list}:
+            raise RequestRejected("bad_data", f"{where}: 'data' mixes nested lists and values")
+        level = list(chain.from_iterable(level))
+        depth += 1
+        if depth > max_rank:
+            raise RequestRejected("bad_data", f"{where}: 'data' is nested deeper than {max_rank} levels")
+    return level
+
+
+def _only(kinds: set, allowed: set, flat: list, where: str, what: str) -> None:
+    if kinds <= allowed:
+        return
+    example = next(v for v in flat if type(v) not in allowed)
+    raise RequestRejected(
+        "bad_value",
+        f"{where}: 'data' must hold {what}, got {type(example).__name__} values such as {quoted(example, 20)}; "
+        "nothing is rounded or converted",
+    )
+
+
+def _string(value: object, where: str, limit: int) -> str:
+    if type(value) is not str:
+        raise RequestRejected("bad_request", f"{where} must be a string, got {_kind(value)}")
+    if not value or len(value) > limit:
+        raise RequestRejected("bad_request", f"{where} must have 1 to {limit} characters, got {len(value)}")
+    return value
+
+
+def _parameters(value: object, where: str, budget: Budget) -> dict | None:
+    """A protocol `$parameters` object: string keys, string/number/boolean values (finite numbers)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestRejected(
+            "bad_parameters", f"{where}: 'parameters' must be a JSON object, got {_kind(value)}"
+        )
+    if len(value) > budget.max_parameters:
+        raise RequestRejected(
+            "bad_parameters", f"{where}: {len(value)} parameters, over the limit of {budget.max_parameters}"
+        )
+    for key, v in value.items():
+        if len(key) > budget.max_string:
+            raise RequestRejected(
+                "bad_parameters", f"{where}: a parameter name is over {budget.max_string} characters"
+            )
+        if type(v) is str:
+            if len(v) > budget.max_parameter_string:
+                raise RequestRejected(
+                    "bad_parameters",
+                    f"{where}: parameter {quoted(key)} is over {budget.max_parameter_string} characters",
+                )
+        elif type(v) not in (int, float, bool):
+            raise RequestRejected(
+                "bad_parameters",
+                f"{where}: parameter {quoted(key)} must be a string, number or boolean, got {_kind(v)}",
+            )
+    return value
+
+
+def _kind(value: object) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------------- the whole REST body
+
+
+def json_part(body: bytes, headers) -> tuple[bytes, int]:
+    """(the JSON part, where the binary data starts) of a REST request body, from the
+    Inference-Header-Content-Length header of the binary tensor data extension (absent: all JSON)."""
+    raw = headers.get(HEADER_LENGTH)
+    if raw is None:
+        return body, len(body)
+    if not raw.isdigit() or not 0 < int(raw) <= len(body):
+        raise RequestRejected(
+            "bad_request",
+            f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "
+            f"got {quoted(raw, 24)}",
+        )
+    n = int(raw)
+    return body[:n], n
+
+
+def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, version: str | None):
+    """kserve's InferRequest from a checked header and the body's binary sections (zero-copy views)."""
+    from ._kserve import InferInput, InferRequest, RequestedOutput
+
+    view = memoryview(body)
+    inputs = []
+    for t in header.inputs:
+        inp = InferInput(name=t.name, shape=t.shape, datatype=t.datatype, parameters=t.parameters)
+        if t.binary_size is not None:
+            if offset + t.binary_size > len(body):
+                raise RequestRejected(
+                    "bad_request",
+                    f"input {quoted(t.name)}: binary_data_size {t.binary_size} runs past the end of the request "
+                    f"body ({len(body) - offset} bytes left)",
+                )
+            # The attribute kserve's gRPC path fills from raw_input_contents: as_numpy() reads it in place.
+            inp._raw_data = view[offset : offset + t.binary_size]
+            offset += t.binary_size
+        elif isinstance(t.data, np.ndarray):
+            inp._raw_data = memoryview(np.ascontiguousarray(t.data)).cast("B")
+        else:
+            inp.data = t.data
+        inputs.append(inp)
+    if offset != len(body):
+        raise RequestRejected(
+            "bad_request",
+            f"{len(body) - offset} bytes after the last binary input: binary_data_size is wrong",
+        )
+    outputs = (
+        [RequestedOutput(name=name, parameters=params) for name, params in header.outputs]
+        if header.outputs
+        else None
+    )
+    return InferRequest(
+        model_name=model_name,
+        infer_inputs=inputs,
+        request_id=header.id,
+        parameters=header.parameters,
+        request_outputs=outputs,
+        model_version=version,
+    )
+
+
+class JsonParser:
+    """Runs `parse_header` off the event loop: small JSON parts on threads, large ones in `processes` worker
+    processes (0: threads only), so that no parse holds the server's interpreter lock for long."""
+
+    def __init__(self, budget: Budget, processes: int = 1, threads: int = 2):
+        self.budget = budget
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="json")
+        self._process_count = processes
+        self._processes: ProcessPoolExecutor | None = None
+        if processes > 0:
+            self._processes = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the server process runs gRPC and ONNX Runtime threads that a fork would copy broken.
+        return ProcessPoolExecutor(self._process_count, mp_context=multiprocessing.get_context("spawn"))
+
+    def warm_up(self) -> None:
+        """Start the worker processes now (a second or so), not on the first large request."""
+        if self._processes is not None:
+            self._processes.submit(
+                parse_header,
+                b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [0], "data": []}]}',
+                self.budget,
+            ).result()
+
+    async def parse(self, text: bytes) -> Header:
+        loop = asyncio.get_running_loop()
+        if self._processes is None or len(text) <= self.budget.inline_bytes:
+            return await loop.run_in_executor(self._threads, parse_header, text, self.budget)
+        try:
+            return await loop.run_in_executor(self._processes, parse_header, text, self.budget)
+        except BrokenProcessPool:
+            # The worker died (killed for memory, say): a new pool serves the next request.
+            log.error(
+                "the JSON worker process died while parsing a %d-byte request; starting a new one", len(text)
+            )
+            self._processes = self._new_pool()
+            raise RequestRejected(
+                "json_worker_died", "the server could not parse this request (its parser process died)", 503
+            ) from None
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,281 @@
+"""The v2 Open Inference Protocol over REST: our own routes (a Starlette ASGI app run by uvicorn) around the
+served models, answering exactly the protocol's schemas (tests/specs/open-inference-protocol/).
+
+kserve 0.21's REST server cannot be used as it is: it mounts the model-repository extension for anyone,
+validates JSON bodies with pydantic on the event loop that gRPC shares, answers FastAPI's `{"detail": ...}`
+(echoing the request) for schema errors, unknown routes and methods, null `model_version`/`parameters`, 501
+for versioned URLs, and logs a traceback for every client error. Here:
+
+- every answer that is not a 200 is `{"error": string}` with a message that quotes at most a few characters of
+  what the client sent, and one log line;
+- the body is read with a size limit (413 from Content-Length before reading, or as soon as a chunked body
+  passes it) and a deadline (408 for a body announced and not sent);
+- the request is parsed off the event loop within the JSON budgets (serving.protocol), then handed to the
+  model as kserve's InferRequest; the answer is kserve's InferResponse.to_rest() (binary outputs with
+  Content-Type application/octet-stream and Inference-Header-Content-Length);
+- versioned URLs serve the model's one version; model readiness, server readiness (every model loaded, not
+  shutting down) and the in-flight count (what a shutdown drains) are the shared ServerState's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from prometheus_client import REGISTRY, exposition
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import metrics
+from ._kserve import InferenceError
+from .errors import RequestRejected
+from .protocol import JsonParser, json_part, to_infer_request
+from .state import NotReady, NotServed, ServerState
+
+log = logging.getLogger("fedmedclip.serving")
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(message)
+        self.status, self.message, self.reason = status, message, reason
+
+
+def json_response(body: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, media_type=JSON)
+
+
+def error_response(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
+
+
+def refused(request: Request, status: int, message: str, reason: str, model: str) -> Response:
+    """One log line and one metric per refused request; the body is the protocol's error object."""
+    metrics.ERRORS.labels(model, reason).inc()
+    log.info("refused %s %s: HTTP %d %s: %s", request.method, request.url.path[:80], status, reason, message)
+    return error_response(status, message)
+
+
+class RestApi:
+    def __init__(
+        self,
+        state: ServerState,
+        parser: JsonParser,
+        max_request_bytes: int,
+        body_timeout_s: float,
+    ):
+        self.state, self.parser = state, parser
+        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+
+    def app(self) -> Starlette:
+        model = "/v2/models/{name}"
+        versioned = "/v2/models/{name}/versions/{version}"
+        routes = [
+            Route("/v2", self.server_metadata, methods=["GET"]),
+            Route("/v2/", self.server_metadata, methods=["GET"]),
+            Route("/v2/health/live", self.live, methods=["GET"]),
+            Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v2/models", self.list_models, methods=["GET"]),
+            Route(model, self.model_metadata, methods=["GET"]),
+            Route(versioned, self.model_metadata, methods=["GET"]),
+            Route(f"{model}/ready", self.model_ready, methods=["GET"]),
+            Route(f"{versioned}/ready", self.model_ready, methods=["GET"]),
+            Route(f"{model}/infer", self.infer, methods=["POST"]),
+            Route(f"{versioned}/infer", self.infer, methods=["POST"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
+        if self.state.control_enabled:
+            routes += [
+                Route("/v2/repository/models/{name}/load", self.control, methods=["POST"]),
+                Route("/v2/repository/models/{name}/unload", self.control, methods=["POST"]),
+            ]
+        return Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception, Exception: self._internal_error},
+        )
+
+    # ---- errors ------------------------------------------------------------------------------------------
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        # Starlette's own: no route (404) or a method the route does not take (405).
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed here"
+            reason = "method_not_allowed"
+        elif exc.status_code == 404:
+            message = (
+                "no such endpoint: this server speaks the v2 Open Inference Protocol (GET /v2, /v2/health/live, "
+                "/v2/health/ready, /v2/models/NAME[/versions/V][/ready], POST /v2/models/NAME[/versions/V]/infer)"
+            )
+            reason = "no_route"
+        else:
+            message, reason = str(exc.detail)[:200], "http_error"
+        response = refused(request, exc.status_code, message, reason, metrics.NO_MODEL)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        metrics.ERRORS.labels(metrics.NO_MODEL, "internal").inc()
+        log.error("internal error on %s %s", request.method, request.url.path[:80], exc_info=exc)
+        return error_response(500, "internal server error")
+
+    # ---- health and metadata -----------------------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        if self.state.ready():
+            return json_response({"ready": True})
+        why = "the server is shutting down" if self.state.draining else "a model is not loaded"
+        return error_response(503, f"not ready: {why}")
+
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response(self.state.metadata())
+
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": sorted(self.state.models)})
+
+    async def model_metadata(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        try:
+            model = self.state.model(name, version, ready=False)
+        except NotServed as exc:
+            return refused(request, 404, exc.message, "unknown_model", self.state.label(name))
+        if model.classifier is None:
+            return refused(request, 503, f"model {name!r} is not loaded", "not_ready", name)
+        return json_response(model.metadata())
+
+    async def model_ready(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        try:
+            self.state.model_ready(name, version)
+        except NotServed as exc:
+            return refused(request, 404, exc.message, "unknown_model", self.state.label(name))
+        except NotReady as exc:
+            return error_response(503, exc.message)
+        return json_response({"name": name, "ready": True})
+
+    async def metrics(self, request: Request) -> Response:
+        encoder, content_type = exposition.choose_encoder(request.headers.get("accept"))
+        return Response(encoder(REGISTRY), headers={"content-type": content_type})
+
+    # ---- model control (only with --model-control-token-file) --------------------------------------------
+
+    async def control(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        action = request.url.path.rsplit("/", 1)[1]
+        try:
+            self.state.authorize(request.headers.get("authorization"))
+            if action == "unload":
+                self.state.unload(name)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, self.state.load, name)
+        except RequestRejected as exc:
+            return refused(request, exc.status, exc.message, exc.code, self.state.label(name))
+        except NotServed as exc:
+            return refused(request, 404, exc.message, "unknown_model", metrics.UNKNOWN_MODEL)
+        return json_response({"name": name, action: True})
+
+    # ---- inference ---------------------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        label = self.state.label(name)
+        self.state.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            model = self.state.model(name, version)
+            body = await self._read_body(request)
+            text, offset = json_part(body, request.headers)
+            header = await self.parser.parse(text)
+            infer_request = to_infer_request(header, body, offset, name, version)
+            response, _ = await model(infer_request, headers=dict(request.headers))
+            return self._encode(response)
+        except NotServed as exc:
+            return refused(request, 404, exc.message, "unknown_model", label)
+        except NotReady as exc:
+            return refused(request, 503, exc.message, "not_ready", label)
+        except RequestRejected as exc:
+            return refused(request, exc.status, exc.message, exc.code, label)
+        except InferenceError as exc:  # the model logged and counted it (a broken model output)
+            return error_response(500, str(exc))
+        except ClientDisconnect:
+            log.info("client went away during %s %s", request.method, request.url.path[:80])
+            return Response(status_code=499)
+        except Exception as exc:  # a bug: one traceback, and the client gets no detail
+            metrics.ERRORS.labels(label, "internal").inc()
+            log.error("internal error on %s %s", request.method, request.url.path[:80], exc_info=exc)
+            return error_response(500, "internal server error")
+        finally:
+            self.state.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The whole body, within --max-request-bytes (413) and --body-timeout (408)."""
+        limit = self.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
+            if int(length) > limit:
+                raise RequestRejected(
+                    "request_too_large",
+                    f"request body of {int(length):,} bytes is over the limit of {limit:,} "
+                    "(server option --max-request-bytes)",
+                    413,
+                )
+        chunks, received = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(request.receive(), max(remaining, 0.0))
+            except TimeoutError:
+                raise RequestRejected(
+                    "body_timeout",
+                    f"the request body did not arrive within {self.body_timeout_s:g} s "
+                    f"({received:,} bytes received; server option --body-timeout)",
+                    408,
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise RequestRejected(
+                    "request_too_large",
+                    f"request body of {received:,}+ bytes is over the limit of {limit:,} "
+                    "(server option --max-request-bytes)",
+                    413,
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _encode(response) -> Response:
+        body, json_length = response.to_rest()
+        if json_length is None:
+            return json_response(_without_nulls(body))
+        return Response(
+            body,
+            200,
+            headers={"inference-header-content-length": str(json_length)},
+            media_type=BINARY,
+        )
+
+
+def _without_nulls(body: dict) -> dict:
+    """The protocol's optional fields are absent, never null."""
+    out = {k: v for k, v in body.items() if v is not None}
+    out["outputs"] = [{k: v for k, v in o.items() if v is not None} for o in body["outputs"]]
+    return out

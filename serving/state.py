@@ -1,0 +1,128 @@
+"""What the REST and gRPC front ends share: the served models by name, whether the server is ready, the
+requests in flight (what a shutdown waits for), and the optional model-control token."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from importlib import metadata
+
+from . import metrics
+from .errors import RequestRejected, quoted
+
+log = logging.getLogger("fedmedclip.serving")
+
+SERVER_NAME = "fedmedclip"
+# The binary tensor data extension (Inference-Header-Content-Length) is always on; model control
+# (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) only with a token.
+EXTENSIONS = ("binary_tensor_data",)
+CONTROL_EXTENSION = "model_repository"
+
+
+class NotServed(Exception):
+    """The request names a model, or a version of it, that this server does not serve (HTTP 404)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class NotReady(Exception):
+    """The model exists but cannot answer now (unloaded, or the server is shutting down): HTTP 503."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ServerState:
+    def __init__(self, models: dict, control_token: str | None = None):
+        """`models`: name -> FedMedClipModel (already loaded). `control_token`: enables model control for
+        requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all."""
+        self.models = dict(models)
+        self.draining = False
+        self.in_flight = 0
+        self._control_digest = (
+            hashlib.sha256(control_token.encode()).digest() if control_token is not None else None
+        )
+        try:
+            self.version = metadata.version("fedmedclip")
+        except metadata.PackageNotFoundError:
+            self.version = "0"
+        self.update_ready()
+
+    # ---- readiness ---------------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
+        return not self.draining and all(m.ready for m in self.models.values())
+
+    def update_ready(self) -> None:
+        metrics.READY.set(1 if self.ready() else 0)
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.update_ready()
+
+    # ---- models ------------------------------------------------------------------------------------------
+
+    def label(self, name: str) -> str:
+        return metrics.model_label(name, self.models)
+
+    def model(self, name: str, version: str | None = None, *, ready: bool = True):
+        """The model a request names (a version, if given, must be the one served)."""
+        model = self.models.get(name)
+        if model is None:
+            raise NotServed(
+                f"this server serves no model {quoted(name)}; it serves {sorted(self.models)} "
+                "(GET /v2/models lists them)"
+            )
+        if version is not None and version != "" and version != model.version:
+            raise NotServed(
+                f"model {name!r} has no version {quoted(version)}; it serves version {model.version!r}"
+            )
+        if ready and not model.ready:
+            raise NotReady(f"model {name!r} is not loaded")
+        return model
+
+    def model_ready(self, name: str, version: str | None = None) -> None:
+        """The protocol's model readiness: loaded, and the server not shutting down (inference requests are
+        still answered while it drains; only the probes say not ready, so load balancers stop sending)."""
+        self.model(name, version)
+        if self.draining:
+            raise NotReady(f"model {name!r} is not ready: the server is shutting down")
+
+    def metadata(self) -> dict:
+        extensions = [*EXTENSIONS, *([CONTROL_EXTENSION] if self.control_enabled else [])]
+        return {"name": SERVER_NAME, "version": self.version, "extensions": extensions}
+
+    # ---- model control -----------------------------------------------------------------------------------
+
+    @property
+    def control_enabled(self) -> bool:
+        return self._control_digest is not None
+
+    def authorize(self, authorization: str | None) -> None:
+        """Refuse (401) a model-control request without the configured bearer token."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise RequestRejected("unauthenticated", "model control needs 'Authorization: Bearer TOKEN'", 401)
+        if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._control_digest):
+            raise RequestRejected("unauthenticated", "model control refused: wrong token", 401)
+
+    def unload(self, name: str) -> None:
+        model = self.model(name, ready=False)
+        model.unload()
+        self.update_ready()
+        log.warning(
+            "model %r unloaded (model control): the server is not ready until it is loaded again", name
+        )
+
+    def load(self, name: str) -> None:
+        """Load `name` again from its verified file (blocking: run it off the event loop)."""
+        model = self.model(name, ready=False)
+        if not model.ready:
+            model.load()
+        self.update_ready()
+        log.warning("model %r loaded (model control)", name)

@@ -1,0 +1,147 @@
+"""Model cards (fedmedclip/model_card.py, components/model_card.py) and privacy in the registry, against a real
+MLflow server: every registered version gets a card with the required sections, logged beside its model and
+printed by `fedmedclip card NAME@ALIAS`; the version carries the privacy facts as tags, the exported ONNX
+carries them in its metadata, and `promote --max-epsilon` refuses a version above the budget or without DP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SYNTH
+from run_fixtures import make_run_dir
+
+from components import cli as ccli
+from components.tracking import PrivacyRefused, log_run_dir, promote, register_model
+from fedmedclip import engine
+from fedmedclip.config import TrainConfig
+from fedmedclip.digests import META_PRIVACY
+from fedmedclip.export import export_onnx
+from fedmedclip.metrics import metrics_from_confusion
+from fedmedclip.model_card import SECTIONS, build_card, render_markdown
+
+TARGET = 6.0
+
+
+def run_cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="fedmedclip")
+    ccli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def dp_run(synthetic_cache, tmp_path_factory) -> Path:
+    """A real FedMedCLIP run with DP-SGD at epsilon <= 6 per site (tiny backbone, 2 rounds)."""
+    out = tmp_path_factory.mktemp("card") / "dp-run"
+    engine.train(
+        TrainConfig(
+            data="synthetic",
+            synthetic=SYNTH,
+            cache_dir=str(synthetic_cache),
+            rounds=2,
+            batch_size=8,
+            out=str(out),
+            privacy={"target_epsilon": TARGET},
+        ),
+        progress=False,
+    )
+    return out
+
+
+def test_the_card_of_a_run_has_every_section_its_warnings_and_intervals(dp_run):
+    card = build_card(
+        dp_run, {"name": "fmc", "version": "7", "kfp_run_id": "kfp-123", "git_commit": "abc123"}
+    )
+    md = render_markdown(card)
+    for section in SECTIONS:
+        assert f"\n## {section}\n" in md, section
+    assert md.index("**WARNING** The backbone 'tiny' has RANDOM weights") < md.index("## Model")
+    results = json.loads((dp_run / "results.json").read_text())
+    # Per-site and global metrics with bootstrap intervals around the reported values.
+    g = card["performance"]["global"]
+    assert g["bacc"] == results["metrics"]["global"]["bacc"]
+    assert float(metrics_from_confusion(g["confusion"])["bacc"]) == pytest.approx(g["bacc"])
+    for key in ("acc", "bacc", "f1"):
+        lo, hi = g["ci95"][key]
+        assert lo <= g[key] <= hi
+    assert [s["site"] for s in card["performance"]["sites"]] == results["site_names"]
+    assert all(s["ci95"] for s in card["performance"]["sites"])
+    worst = min(results["metrics"]["sites"], key=lambda s: s["bacc"])
+    assert card["performance"]["worst_site"]["bacc"] == worst["bacc"]
+    assert f"Worst site's balanced accuracy: {100 * worst['bacc']:.1f}**" in md
+    # Data per site by class (no image ids anywhere), calibration, privacy and provenance.
+    partition = json.loads((dp_run / "partition.json").read_text())
+    assert card["data"]["counts_per_class"]["site_0"]["train"] == partition["counts"]["site_0"]["train"]
+    assert not any(i in md for i in partition["global_test"][:5])
+    assert card["calibration"]["global_ece"] == results["metrics"]["global"]["ece"]
+    assert card["calibration"]["plot"] == "reliability.png"
+    assert (
+        float(card["privacy"]["dp.epsilon"]) <= TARGET and card["privacy"]["dp.secure_aggregation"] == "off"
+    )
+    assert "kfp-123" in md and "abc123" in md and results["backbone"]["weights_sha256"] in md
+    assert card["provenance"]["partition_digest"] == partition["digest"]
+
+
+def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_gate(
+    mlops_stack, dp_run, tmp_path, capsys
+):
+    from mlflow import MlflowClient
+
+    uri, name = mlops_stack.tracking_uri, "fmc-private"
+    onnx_path = export_onnx(dp_run, "global", tmp_path / "model.onnx")
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    privacy = json.loads(meta[META_PRIVACY])  # what the served model's metadata reports
+    assert privacy["dp.mode"] == "record" and float(privacy["dp.epsilon"]) <= TARGET
+
+    run_id = log_run_dir(dp_run, "test-card", tracking_uri=uri, kfp_run_id="kfp-run-42")
+    client = MlflowClient(uri)
+    # Every round's epsilon is a metric of the run (the round records' fields, as the live observer logs them).
+    results = json.loads((dp_run / "results.json").read_text())
+    history = client.get_metric_history(run_id, "privacy/epsilon_max")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+        pytest.approx(r["epsilon_max"]) for r in results["history"]
+    ]
+    assert client.get_metric_history(run_id, "site_0/epsilon")
+    assert client.get_run(run_id).data.tags["dp.mode"] == "record"
+    mv = register_model(run_id, name, onnx_path, uri)
+    tags = client.get_model_version(name, mv.version).tags
+    for key in ("dp.epsilon", "dp.delta", "dp.clip", "dp.noise_multiplier", "dp.secure_aggregation"):
+        assert tags[key] == privacy[key], key
+    assert tags["dp.delta"] == "1e-05" and tags["dp.secure_aggregation"] == "off"
+    assert tags["model_card"] == f"model_cards/{name}/v{mv.version}"
+    stored = {a.path for a in client.list_artifacts(run_id, tags["model_card"])}
+    assert {
+        f"{tags['model_card']}/{f}" for f in ("model_card.md", "model_card.json", "reliability.png")
+    } <= stored
+
+    # promote --max-epsilon: refused below the version's epsilon, accepted at or above it.
+    with pytest.raises(PrivacyRefused, match="above --max-epsilon 0.5"):
+        promote(name, mv.version, tracking_uri=uri, max_epsilon=0.5)
+    assert (
+        run_cli("promote", name, "--version", mv.version, "--max-epsilon", TARGET, "--tracking-uri", uri) == 0
+    )
+    capsys.readouterr()
+    assert run_cli("card", f"{name}@champion", "--tracking-uri", uri) == 0
+    md = capsys.readouterr().out
+    assert md.startswith(f"# Model card: {name} version {mv.version}")
+    for section in SECTIONS:
+        assert f"\n## {section}\n" in md
+    assert "kfp-run-42" in md and run_id in md and tags["onnx_sha256"] in md
+    assert "exported predictor: global" in md
+    assert run_cli("card", f"{name}/{mv.version}", "--json", "--tracking-uri", uri) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["version"] == mv.version
+
+    # A version trained without DP (a run directory from before privacy existed) is registered with a card
+    # too, and refused by the privacy gate whatever its accuracy.
+    plain = make_run_dir(tmp_path / "plain", bacc=0.99)
+    v2 = register_model(log_run_dir(plain, "test-card", tracking_uri=uri), name, tracking_uri=uri).version
+    assert client.get_model_version(name, v2).tags["dp.mode"] == "none"
+    with pytest.raises(PrivacyRefused, match="without record-level differential privacy"):
+        promote(name, v2, tracking_uri=uri, max_epsilon=100.0, allow_different_data=True)
+    assert run_cli("card", f"{name}/{v2}", "--tracking-uri", uri) == 0
+    assert "Trained WITHOUT differential privacy" in capsys.readouterr().out

@@ -1,0 +1,321 @@
+"""Differential privacy (fedmedclip.privacy, docs/privacy.md): each site's epsilon is dp-accounting's own figure
+(and Opacus's), a run with --dp-target-epsilon ends at or below it at every site, a site stops at its budget,
+per-example clipping bounds every example's contribution, client-level DP clips and noises the aggregate, a
+resumed DP run continues exactly, and what cannot be done with DP is refused with a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SYNTH
+
+from fedmedclip import engine
+from fedmedclip.config import TrainConfig
+from fedmedclip.errors import ConfigError
+from fedmedclip.federation.site import SiteWorker
+from fedmedclip.flags import add_config_arguments, config_from_args
+from fedmedclip.privacy import PrivacySettings
+from fedmedclip.privacy import dpsgd as dpsgd_module
+from fedmedclip.privacy.accounting import dpsgd_epsilon, gaussian_rounds_epsilon, plan_site
+from fedmedclip.privacy.client import ClientPrivacy
+from fedmedclip.privacy.dpsgd import DPSGD, clip_per_example, per_example_gradients
+
+BATCH = 8  # SYNTH gives 34-35 training images per site: 4 steps per round at sampling rate ~0.23
+
+
+def config(cache: Path, out: Path, method: str = "fedmedclip", **kw) -> TrainConfig:
+    return TrainConfig(
+        data="synthetic",
+        method=method,
+        rounds=kw.pop("rounds", 2),
+        synthetic=SYNTH,
+        cache_dir=str(cache),
+        out=str(out),
+        batch_size=BATCH,
+        method_options=kw.pop("method_options", {"local_steps": 3} if method == "facmic" else {}),
+        **kw,
+    )
+
+
+def library_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+    """dp-accounting's RDP accountant used directly, as its documentation shows."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+def test_each_sites_epsilon_is_the_accountant_librarys_own_figure(synthetic_cache, tmp_path):
+    sigma, rounds = 1.1, 2
+    results = engine.train(
+        config(synthetic_cache, tmp_path / "run", rounds=rounds, privacy={"noise_multiplier": sigma}),
+        progress=False,
+    )
+    partition = results["partition"]
+    assert partition
+    sites = results["privacy"]["record_level"]["sites"]
+    assert sorted(sites) == results["site_names"]
+    for name, s in sites.items():
+        n = s["n_train"]
+        steps_per_round = max(1, n // BATCH)
+        assert s["sample_rate"] == BATCH / n and s["noise_multiplier"] == sigma
+        assert s["steps"] == rounds * steps_per_round
+        want = library_epsilon(BATCH / n, sigma, s["steps"], 1e-5)
+        assert s["epsilon"] == pytest.approx(want, rel=1e-12)
+        # Every round record carries the epsilon after that round's steps.
+        for rec in results["history"]:
+            row = next(r for r in rec["sites"] if r["site"] == name)
+            assert row["epsilon"] == pytest.approx(
+                library_epsilon(BATCH / n, sigma, rec["round"] * steps_per_round, 1e-5), rel=1e-12
+            )
+    assert results["privacy"]["epsilon"] == max(s["epsilon"] for s in sites.values())
+    assert results["history"][-1]["epsilon_max"] == results["privacy"]["epsilon"]
+
+
+def test_the_accounting_agrees_with_opacus():
+    opacus = pytest.importorskip("opacus.accountants")
+    q, sigma, steps = 0.05, 1.0, 400
+    accountant = opacus.RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+    ours = dpsgd_epsilon(q, sigma, steps, 1e-5)
+    assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
+
+
+def test_a_target_epsilon_run_ends_at_or_below_it_at_every_site(synthetic_cache, tmp_path):
+    target = 3.0
+    results = engine.train(
+        config(synthetic_cache, tmp_path / "run", method="facmic", privacy={"target_epsilon": target}),
+        progress=False,
+    )
+    sites = results["privacy"]["record_level"]["sites"]
+    assert len(sites) == 3
+    for s in sites.values():
+        assert s["epsilon"] <= target
+        assert s["epsilon"] > 0.95 * target  # calibrated to it, not over-noised
+        assert s["steps"] == s["planned_steps"] and s["stopped_at_round"] is None
+    for rec in results["history"]:
+        assert rec["epsilon_max"] <= target
+
+
+def test_a_site_stops_before_the_step_that_would_exceed_its_budget(synthetic_cache, tmp_path, caplog):
+    """With a fixed noise multiplier the target is a budget: the sites stop short of it and say so."""
+    sigma, budget = 0.8, 4.0
+    plan = plan_site(PrivacySettings(noise_multiplier=sigma, target_epsilon=budget), 35, BATCH, 4, 3)
+    assert plan.budget_steps < plan.planned_steps  # the budget does not last the planned rounds
+    caplog.set_level(logging.WARNING, logger="fedmedclip.privacy")
+    results = engine.train(
+        config(
+            synthetic_cache,
+            tmp_path / "run",
+            rounds=3,
+            privacy={"noise_multiplier": sigma, "target_epsilon": budget},
+        ),
+        progress=False,
+    )
+    for name, s in results["privacy"]["record_level"]["sites"].items():
+        assert s["epsilon"] <= budget
+        assert s["steps"] < s["planned_steps"] and s["stopped_at_round"] is not None
+        # One more step would have exceeded the budget.
+        assert dpsgd_epsilon(s["sample_rate"], sigma, s["steps"] + 1, 1e-5) > budget
+        assert any(name in r.message and "privacy budget reached" in r.message for r in caplog.records)
+    assert "global" in results["metrics"]  # the run went on to the end
+
+
+def _fam_mlp(dim: int = 16, classes: int = 4):
+    from fedmedclip.modules import FeatureAdaptationModule, PrivateMLP
+
+    torch.manual_seed(0)
+    return {"fam": FeatureAdaptationModule(dim).eval(), "mlp": PrivateMLP(dim, classes).eval()}
+
+
+def _loss(mods, f, y, text_n):
+    from fedmedclip.modules import adapt
+
+    h = adapt(mods["fam"], f)
+    return F.cross_entropy(100 * h @ text_n.t(), y) + F.cross_entropy(mods["mlp"](h), y)
+
+
+def test_per_example_clipping_bounds_every_examples_contribution():
+    """A batch with one extreme example: unclipped it dominates, clipped no example contributes more than C,
+    and removing the extreme one moves the sum by at most C (the sensitivity DP-SGD's noise is sized for)."""
+    mods = _fam_mlp()
+    text_n = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    x[3] *= 1e4  # the extreme example: huge features ...
+    y[3] = int(torch.argmin(F.normalize(x[3:4], dim=1) @ text_n.t()))  # ... labelled its least likely class
+    grads, losses = per_example_gradients(mods, _loss, (x, y), (text_n,))
+    # Each row is that example's own gradient (checked against plain autograd on the example alone).
+    params = {f"{m}.{k}": p for m, mod in mods.items() for k, p in mod.named_parameters()}
+    for p in params.values():
+        p.grad = None
+    _loss(mods, x[5:6], y[5:6], text_n).backward()
+    for k, p in params.items():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert torch.allclose(grads[k][5], expected, rtol=1e-4, atol=1e-7), k
+    assert losses.shape == (8,)
+    clip = 0.5
+    clipped, norms = clip_per_example(grads, clip)
+    assert norms[3] > 100 * clip  # far outside the bound
+    clipped_norms = torch.sqrt(sum((g.reshape(8, -1) ** 2).sum(1) for g in clipped.values()))
+    assert torch.all(clipped_norms <= clip * (1 + 1e-5))
+    small = norms <= clip
+    assert torch.allclose(clipped_norms[small], norms[small])  # within the bound: left as it was
+    without = {k: torch.cat([g[:3], g[4:]]).sum(0) for k, g in clipped.items()}
+    with_it = {k: g.sum(0) for k, g in clipped.items()}
+    shift = math.sqrt(sum(float(((with_it[k] - without[k]) ** 2).sum()) for k in with_it))
+    assert shift <= clip * (1 + 1e-5)
+
+
+def test_the_noisy_gradient_is_the_clipped_sum_plus_noise_of_std_sigma_c():
+    mods = _fam_mlp()
+    text_n = F.normalize(torch.randn(4, 16), dim=1)
+    x, y = torch.randn(6, 16), torch.randint(0, 4, (6,))
+    plan = plan_site(PrivacySettings(noise_multiplier=2.0, clip=0.1), 24, 6, 1, 1)
+    dp = DPSGD(plan, "site_0")
+    noisy, _ = dp.noisy_gradient(mods, _loss, (x, y), (text_n,), 1, 0)
+    grads, _ = per_example_gradients(mods, _loss, (x, y), (text_n,))
+    clipped, _ = clip_per_example(grads, 0.1)
+    noise = torch.cat([(noisy[k] * 6 - clipped[k].sum(0)).flatten() for k in noisy])
+    assert noise.std().item() == pytest.approx(2.0 * 0.1, rel=0.05)  # thousands of coordinates
+    assert abs(noise.mean().item()) < 0.01
+    # Another site's key draws other noise: the randomness is the site's own.
+    other, _ = DPSGD(plan, "site_1").noisy_gradient(mods, _loss, (x, y), (text_n,), 1, 0)
+    assert not torch.equal(other["fam.fc1.weight"], noisy["fam.fc1.weight"])
+
+
+def test_a_resumed_dp_run_continues_exactly(synthetic_cache, tmp_path, monkeypatch):
+    """The sites' secret keys are part of their checkpoints: interrupted mid-round 2 of 2 and resumed, a DP run
+    ends exactly as the same run uninterrupted (the keys are made deterministic for the comparison only; the
+    resumed process draws new ones, so a key not restored from the checkpoint would show)."""
+    calls = {"n": 0}
+
+    def numbered_key():
+        calls["n"] += 1
+        digest = hashlib.sha256(str(calls["n"]).encode()).digest()
+        return torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()
+
+    monkeypatch.setattr(dpsgd_module, "new_key", numbered_key)
+    privacy = {"target_epsilon": 5.0}
+    straight = engine.train(config(synthetic_cache, tmp_path / "straight", privacy=privacy), progress=False)
+    calls["n"] = 0
+    train_site = SiteWorker._train
+
+    def dies(self, r, received):
+        if r == 2 and self.name == "site_1":
+            raise KeyboardInterrupt
+        return train_site(self, r, received)
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(SiteWorker, "_train", dies)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(config(synthetic_cache, out, privacy=privacy), progress=False)
+    monkeypatch.setattr(SiteWorker, "_train", train_site)
+    resumed = engine.train(config(synthetic_cache, out, privacy=privacy), resume=True, progress=False)
+    assert calls["n"] == 6  # the resumed sites drew new keys ... and used their checkpointed ones
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["privacy"] == straight["privacy"]
+    assert (out / "model" / "global.safetensors").read_bytes() == (
+        tmp_path / "straight" / "model" / "global.safetensors"
+    ).read_bytes()
+
+
+def test_client_level_dp_clips_each_update_and_noises_the_sum():
+    settings = PrivacySettings.from_config({"client_noise": 1e-6, "client_clip": 0.5})
+    dp = ClientPrivacy(settings, sites=3, quorum=3, key=b"k" * 32)
+    previous = {"w": torch.zeros(100), "count": torch.tensor(7)}
+    states = [
+        {"w": torch.full((100,), 0.01), "count": torch.tensor(9)},
+        {"w": torch.full((100,), -0.01), "count": torch.tensor(9)},
+        {"w": torch.full((100,), 1e3), "count": torch.tensor(9)},  # a huge update: clipped to 0.5
+    ]
+    new, info = dp.aggregate(previous, states, 1)
+    assert int(new["count"]) == 7  # counters are not averaged
+    want = torch.full((100,), 0.5 / 10 / 3)  # (0.1 - 0.1 + 0.5 spread over 100 coordinates) / 3 sites
+    assert torch.allclose(new["w"], want, atol=1e-4)
+    assert info["epsilon"] == pytest.approx(gaussian_rounds_epsilon(1e-6, 1, 1e-5))
+
+
+def test_client_level_dp_runs_with_adaptive_clipping(synthetic_cache, tmp_path):
+    # The count noise (0.3) keeps the adaptation's direction certain: with every update above the clip the
+    # noisy unclipped fraction is N(0, 0.3^2) / 3 sites, below the 0.5 quantile but for a 5-sigma draw.
+    privacy = {"client_noise": 0.4, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 0.3}
+    results = engine.train(config(synthetic_cache, tmp_path / "run", privacy=privacy), progress=False)
+    client = results["privacy"]["client_level"]
+    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.4, 2, 1e-5))
+    clips = [rec["client_dp"]["clip"] for rec in results["history"]]
+    assert clips[0] == 1e-4 and clips[1] > clips[0]  # every update was above the clip: it grows
+    assert client["final_clip"] == clips[-1]
+
+
+def test_dp_flags_parse_into_the_configuration():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--dp-target-epsilon", "8", "--dp-delta", "1e-6", "--dp-clip", "0.5"])
+    cfg = config_from_args(args)
+    assert cfg.privacy == {"target_epsilon": 8.0, "delta": 1e-6, "clip": 0.5}
+    assert "privacy" in cfg.resume_key()
+    assert "privacy" not in config_from_args(parser.parse_args([])).resume_key()  # no DP: the key as before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "fedavg", "privacy": {"target_epsilon": 8}}, "fedavg does not support record-level"),
+        (
+            {"method": "fedclip", "privacy": {"noise_multiplier": 1.0}},
+            "fedclip does not support record-level",
+        ),
+        ({"privacy": {"clip": 2.0}}, "needs record-level DP"),
+        ({"privacy": {"target_epsilon": -1}}, "must be a positive number"),
+        ({"privacy": {"target_epsilon": 8, "delta": 2}}, "below 1"),
+        ({"privacy": {"target_epsilon": 8, "bogus": 1}}, "unknown privacy setting"),
+        ({"federation": "local", "privacy": {"client_noise": 1.0}}, "sends nothing"),
+        (
+            {"privacy": {"client_noise": 1.0, "client_quantile": 0.5, "client_noise_at": "sites"}},
+            "adaptive clipping",
+        ),
+    ],
+)
+def test_what_dp_cannot_do_is_refused_before_any_work(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(out=str(tmp_path / "x"), **overrides).validate()
+
+
+def test_facmic_masked_target_and_a_delta_above_one_over_n_are_refused(synthetic_cache, tmp_path):
+    with pytest.raises(ConfigError, match="masked_target"):
+        engine.train(
+            config(
+                synthetic_cache,
+                tmp_path / "a",
+                method="facmic",
+                method_options={"local_steps": 3, "masked_target": True},
+                privacy={"target_epsilon": 8},
+            ),
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match=r"1/n .* site_\d \(3\d training examples\)"):
+        engine.train(
+            config(synthetic_cache, tmp_path / "b", privacy={"target_epsilon": 8, "delta": 0.05}),
+            progress=False,
+        )
+
+
+def test_the_privacy_settings_travel_as_one_pipeline_parameter():
+    from components.kfp_components import config_from_parameters, config_to_parameters
+
+    cfg = TrainConfig(out="", privacy={"target_epsilon": 8, "delta": 1e-6, "client_noise": 0.5}).validate()
+    params = config_to_parameters(cfg)
+    assert params["privacy"] == '{"client_noise": 0.5, "delta": 1e-06, "target_epsilon": 8}'
+    assert config_from_parameters(params).privacy == cfg.privacy

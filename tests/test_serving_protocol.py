@@ -1,0 +1,521 @@
+"""The server against the Open Inference Protocol's own files (tests/specs/open-inference-protocol, copied
+unmodified from kserve/open-inference-protocol): every endpoint's answers, errors included, validated
+against the REST OpenAPI file and parsed with the protocol's gRPC proto; driven with tritonclient over HTTP
+and gRPC, sync and asyncio. And what a client must not be able to do (issue 17): control the model, block
+other clients with JSON, grow /metrics, flood the log, get a short file classified, hold a connection open
+with a body it never sends; and the shutdown order.
+
+One server for the module (model control enabled with a token, a short body timeout); the shutdown test
+starts its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from serving_fixtures import (
+    OipRestSpec,
+    make_contract_onnx,
+    oip_grpc_messages,
+    running_server,
+    uint8_json,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "fedmedclip"
+S = 32
+MAX_REQUEST_BYTES = 2_000_000
+BODY_TIMEOUT = 3
+TOKEN = "t" * 40
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory) -> Path:
+    return make_contract_onnx(tmp_path_factory.mktemp("protocol") / "model.onnx", image_size=S)
+
+
+@pytest.fixture(scope="module")
+def server(onnx_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("protocol-server")
+    (tmp / "token").write_text(TOKEN + "\n")
+    options = [
+        "--max-request-bytes", str(MAX_REQUEST_BYTES), "--body-timeout", str(BODY_TIMEOUT),
+        "--model-control-token-file", str(tmp / "token"), "--max-batch-delay-ms", "1",
+    ]  # fmt: skip
+    with running_server([str(onnx_path)], tmp, *options) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def spec() -> OipRestSpec:
+    return OipRestSpec()
+
+
+@pytest.fixture(scope="module")
+def version(onnx_path) -> str:
+    from fedmedclip.digests import sha256_file
+
+    return sha256_file(onnx_path)[:12]
+
+
+def url(server, path: str) -> str:
+    return f"http://{server.http}{path}"
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+
+
+def refusals(server) -> int:
+    return server.log().count(" refused ")
+
+
+def wait_for_refusals(server, count: int) -> None:
+    """The server logs asynchronously to a file: wait (minutes at most) until `count` refusals are there."""
+    deadline = time.monotonic() + 120
+    while refusals(server) < count:
+        assert time.monotonic() < deadline, f"only {refusals(server)} of {count} refusals logged"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------- every endpoint against the spec
+
+
+def test_every_rest_endpoint_answers_the_openapi_schema(server, spec, version):
+    """200s and errors alike: metadata with versions and platform (no nulls), answers with model_version
+    and no null parameters, versioned routes, the protocol's {"error"} for 404/405/400/413/503."""
+    img = images(2)
+    checks = [
+        ("GET", "/v2", None, 200),
+        ("GET", "/v2/", None, 200),
+        ("GET", "/v2/health/live", None, 200),
+        ("GET", "/v2/health/ready", None, 200),
+        ("GET", f"/v2/models/{MODEL}", None, 200),
+        ("GET", f"/v2/models/{MODEL}/versions/{version}", None, 200),
+        ("GET", f"/v2/models/{MODEL}/ready", None, 200),
+        ("GET", f"/v2/models/{MODEL}/versions/{version}/ready", None, 200),
+        ("POST", f"/v2/models/{MODEL}/infer", uint8_json(img, id="a"), 200),
+        ("POST", f"/v2/models/{MODEL}/versions/{version}/infer", uint8_json(img), 200),
+        ("GET", "/v2/models/nope", None, 404),
+        ("GET", f"/v2/models/{MODEL}/versions/999", None, 404),
+        ("GET", f"/v2/models/{MODEL}/versions/999/ready", None, 404),
+        ("POST", f"/v2/models/{MODEL}/versions/999/infer", uint8_json(img), 404),
+        ("POST", "/v2/models/nope/infer", uint8_json(img), 404),
+        ("GET", f"/v2/models/{MODEL}/infer", None, 405),
+        ("POST", f"/v2/models/{MODEL}/infer", {"inputs": []}, 400),
+        ("POST", f"/v2/models/{MODEL}/infer", {"id": 5, "inputs": [{}]}, 400),
+    ]
+    for method, path, body, status in checks:
+        resp = requests.request(method, url(server, path), json=body, timeout=30)
+        assert resp.status_code == status, (method, path, resp.status_code, resp.text[:300])
+        got = spec.check(resp)
+        if path.endswith("/infer") and status == 200:
+            assert got["model_version"] == version and got["model_name"] == MODEL
+            assert all(o.get("parameters", {}) is not None for o in got["outputs"])
+        if "versions" in (got or {}):
+            assert got["versions"] == [version] and got["platform"] == "onnx_onnxv1"
+    # Unknown routes and v1 are not the protocol's: still {"error": string}, 404.
+    for path in ("/", "/v1/models/fedmedclip:predict", "/v2/repository/index", "/docs"):
+        resp = requests.post(url(server, path), data=b"{}", timeout=10)
+        assert resp.status_code in (404, 405) and set(resp.json()) == {"error"}, (path, resp.text)
+
+
+def test_binary_answers_have_their_content_type(server, spec):
+    body = uint8_json(images(1), parameters={"binary_data_output": True})
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=body, timeout=30)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "application/octet-stream"
+    header = spec.check(resp)
+    assert {o["name"] for o in header["outputs"]} >= {"probabilities", "ood_score", "out_of_distribution"}
+
+
+def test_grpc_answers_parse_with_the_protocols_proto(server, tmp_path, version):
+    """Each RPC of the protocol's service, answered bytes parsed by classes built from its own .proto:
+    ModelMetadata carries versions, the platform and the `properties` map (the ONNX metadata)."""
+    import grpc
+
+    pb = oip_grpc_messages(tmp_path)
+    channel = grpc.insecure_channel(server.grpc)
+
+    def call(method: str, request):
+        stub = channel.unary_unary(
+            f"/inference.GRPCInferenceService/{method}",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb[f"{method}Response"].FromString,
+        )
+        return stub(request, timeout=30)
+
+    assert call("ServerLive", pb["ServerLiveRequest"]()).live
+    assert call("ServerReady", pb["ServerReadyRequest"]()).ready
+    assert call("ModelReady", pb["ModelReadyRequest"](name=MODEL, version=version)).ready
+    meta = call("ServerMetadata", pb["ServerMetadataRequest"]())
+    assert meta.name == "fedmedclip" and "model_repository" in meta.extensions
+    model = call("ModelMetadata", pb["ModelMetadataRequest"](name=MODEL))
+    assert list(model.versions) == [version] and model.platform == "onnx_onnxv1"
+    assert model.properties["onnx.metadata.fedmedclip.ood.false_alarm_rate"] == "0.05"
+    assert model.properties["served.version"] == version
+
+    img = images(3, seed=4)
+    request = pb["ModelInferRequest"](model_name=MODEL, model_version=version, id="g1")
+    request.inputs.add(name="images", datatype="UINT8", shape=list(img.shape))
+    request.raw_input_contents.append(img.tobytes())
+    answer = call("ModelInfer", request)
+    assert answer.model_version == version and answer.id == "g1"
+    assert [o.name for o in answer.outputs] == [
+        "probabilities", "class_index", "class_name", "ood_score", "out_of_distribution"
+    ]  # fmt: skip
+    # gRPC honours the version: another one is NOT_FOUND.
+    request.model_version = "999"
+    with pytest.raises(grpc.RpcError) as info:
+        call("ModelInfer", request)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "version" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        call("ModelMetadata", pb["ModelMetadataRequest"](name=MODEL, version="999"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
+
+
+def test_tritonclient_http_and_grpc_sync_and_asyncio(server, onnx_path, version):
+    """Clients nobody here wrote: versioned calls, metadata, binary and JSON outputs, and errors they can
+    decode (tritonclient raises with the server's message)."""
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as agrpc
+    import tritonclient.http as httpclient
+    import tritonclient.http.aio as ahttp
+    from tritonclient.utils import InferenceServerException
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    img = images(4, seed=7)
+    want = session.run(["probabilities", "ood_score"], {"images": img})
+
+    def check(result) -> None:
+        np.testing.assert_allclose(result.as_numpy("probabilities"), want[0], atol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("ood_score"), want[1], rtol=1e-5)
+
+    for module, address in ((httpclient, server.http), (grpcclient, server.grpc)):
+        client = module.InferenceServerClient(address)
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(MODEL, version) and not client.is_model_ready("nope")
+        inp = module.InferInput("images", list(img.shape), "UINT8")
+        inp.set_data_from_numpy(img)
+        check(client.infer(MODEL, [inp], model_version=version))
+        outputs = [module.InferRequestedOutput(n) for n in ("probabilities", "ood_score")]
+        check(client.infer(MODEL, [inp], outputs=outputs))
+        with pytest.raises(InferenceServerException, match="has no version '999'"):
+            client.infer(MODEL, [inp], model_version="999")
+        bad = module.InferInput("images", [1, S, S, 3], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, S, S, 3), np.float32))
+        with pytest.raises(InferenceServerException, match="must have datatype UINT8"):
+            client.infer(MODEL, [bad])
+        client.close()
+
+    async def asyncio_clients() -> None:
+        for module, address in ((ahttp, server.http), (agrpc, server.grpc)):
+            client = module.InferenceServerClient(address)
+            assert await client.is_server_ready()
+            meta = await client.get_model_metadata(MODEL, version)
+            assert (meta["platform"] if isinstance(meta, dict) else meta.platform) == "onnx_onnxv1"
+            inp = module.InferInput("images", list(img.shape), "UINT8")
+            inp.set_data_from_numpy(img)
+            check(await client.infer(MODEL, [inp]))
+            await client.close()
+
+    asyncio.run(asyncio_clients())
+
+
+# ---------------------------------------------------------------------------- model control and readiness
+
+
+def test_model_control_needs_the_token_and_readiness_follows_the_model(server, spec):
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    unload = url(server, f"/v2/repository/models/{MODEL}/unload")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        resp = requests.post(unload, headers=headers, timeout=10)
+        assert resp.status_code == 401 and set(resp.json()) == {"error"}, resp.text
+    client = grpcclient.InferenceServerClient(server.grpc)
+    with pytest.raises(InferenceServerException) as info:
+        client.unload_model(MODEL)
+    assert info.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+    assert requests.get(url(server, "/v2/health/ready"), timeout=10).status_code == 200
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.post(unload, headers=auth, timeout=10).status_code == 200
+    try:
+        for path in ("/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+            resp = requests.get(url(server, path), timeout=10)
+            assert resp.status_code == 503, path
+            spec.check(resp)
+        assert not client.is_server_ready() and not client.is_model_ready(MODEL)
+        resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=10)
+        assert resp.status_code == 503
+        spec.check(resp)
+    finally:
+        load = url(server, f"/v2/repository/models/{MODEL}/load")
+        assert requests.post(load, headers=auth, timeout=120).status_code == 200
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30)
+    assert resp.status_code == 200
+    client.close()
+
+
+# --------------------------------------------------------------------- hostile JSON: 4xx, one line, no echo
+
+
+def _raw(server, body: bytes, headers: dict | None = None) -> requests.Response:
+    return requests.post(
+        url(server, f"/v2/models/{MODEL}/infer"), data=body, headers=headers or {}, timeout=60
+    )
+
+
+HOSTILE = {
+    # name: JSON body (bytes), the text of the error
+    "nan_in_id": (b'{"id": NaN, "inputs": []}', "not valid JSON"),
+    "infinity_in_shape": (
+        b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [Infinity], "data": []}]}',
+        "not valid JSON",
+    ),
+    "1e400_in_shape": (
+        b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1e400], "data": []}]}',
+        "not valid JSON",
+    ),
+    "1e400_in_id": (b'{"id": 1e400, "inputs": []}', "not valid JSON"),
+    "nan_in_datatype": (
+        b'{"inputs": [{"name": "images", "datatype": NaN, "shape": [1], "data": [1]}]}',
+        "JSON",
+    ),
+    "number_as_datatype": (
+        b'{"inputs": [{"name": "images", "datatype": 1e300, "shape": [1], "data": [1]}]}',
+        "'datatype' must be a string",
+    ),
+    "string_in_shape": (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "UINT8",
+                        "shape": ["1", S, S, 3],
+                        "data": [0] * (S * S * 3),
+                    }
+                ]
+            }
+        ).encode(),
+        "'shape' entries must be non-negative integers",
+    ),
+    "true_in_shape": (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "UINT8",
+                        "shape": [True, S, S, 3],
+                        "data": [0] * (S * S * 3),
+                    }
+                ]
+            }
+        ).encode(),
+        "'shape' entries must be non-negative integers",
+    ),
+    "true_among_uint8": (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "UINT8",
+                        "shape": [1, S, S, 3],
+                        "data": [True] + [0] * (S * S * 3 - 1),
+                    }
+                ]
+            }
+        ).encode(),
+        "bool values such as True",
+    ),
+    "too_many_elements": (b'{"inputs": [{"data": [' + b"0," * (64 * S * S * 3 + 5000) + b"0]}]}", "budget"),
+    "no_inputs_9mb_echo_bait": (b'{"x": "' + b"A" * 1_900_000 + b'"}', '"inputs"'),
+    "deep_nesting": (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "not valid JSON"),
+}
+
+
+def test_hostile_json_gets_a_4xx_one_log_line_and_no_echo(server, spec, tmp_path):
+    before = refusals(server)
+    for case, (body, text) in HOSTILE.items():
+        resp = _raw(server, body, {"content-type": "application/json"})
+        assert 400 <= resp.status_code < 500, (case, resp.status_code, resp.text[:300])
+        error = spec.check(resp, "POST", f"/v2/models/{MODEL}/infer")["error"]
+        assert text in error, (case, error)
+        assert len(resp.content) < 1000, (case, len(resp.content))  # the request is never echoed
+    wait_for_refusals(server, before + len(HOSTILE))
+    log = server.log()
+    assert refusals(server) == before + len(HOSTILE)  # one line per refused request
+    assert "Traceback" not in log and "A" * 100 not in log
+    assert requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30).ok
+
+
+def test_short_png_and_chunked_and_slow_bodies(server, spec):
+    """A PNG whose data ends after one of its rows: 400 (PIL would pad it with zeros). A chunked body over
+    --max-request-bytes: 413. A body announced and never sent: 408 after --body-timeout."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    short = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 3000, 1000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 3001, 9))
+        + chunk(b"IEND", b"")
+    )
+    body = {
+        "inputs": [
+            {
+                "name": "image_bytes",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(short).decode()],
+            }
+        ]
+    }
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=body, timeout=30)
+    assert resp.status_code == 400 and "truncated" in spec.check(resp)["error"], resp.text
+
+    def chunks():
+        for _ in range(40):
+            yield b"0" * 100_000
+
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), data=chunks(), timeout=60)
+    assert resp.status_code == 413 and "--max-request-bytes" in spec.check(resp)["error"]
+
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(
+            f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            'Content-Length: 1000\r\n\r\n{"inputs"'.encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"--body-timeout" in answer
+
+
+def test_metric_labels_stay_bounded(server):
+    """Requests naming invented models (oversized, unknown, malformed) never become label values."""
+
+    def metrics_text() -> str:
+        return requests.get(url(server, "/metrics"), timeout=30).text
+
+    requests.post(url(server, "/v2/models/warm-up-name/infer"), data=b"{}", timeout=10)
+    size = len(metrics_text())
+    for i in range(150):
+        name = f"invented-{i}"
+        requests.post(
+            url(server, f"/v2/models/{name}/infer"),
+            data=b"x",
+            headers={"Content-Length": str(MAX_REQUEST_BYTES + 1)},
+            timeout=10,
+        )
+        requests.post(url(server, f"/v2/models/{name}/infer"), data=b"{}", timeout=10)
+        requests.get(url(server, f"/v2/models/{name}/versions/{i}/ready"), timeout=10)
+    text = metrics_text()
+    assert "invented-" not in text
+    assert len(text) - size < 2000, f"/metrics grew by {len(text) - size} bytes"
+
+
+def test_kserve_is_the_pinned_version_with_the_shortcomings_we_work_around():
+    """serving/_kserve.py lists what the pinned kserve does that the server must not: if the pin changes,
+    this fails, and the list is checked again. (A subprocess: kserve's gRPC stubs and tritonclient's claim
+    the same protobuf names in one process.)"""
+    code = """
+import json, sys
+from serving._kserve import PINNED_VERSION, installed_version, InferRequest
+from kserve.protocol.rest import v2_endpoints
+from kserve.protocol.dataplane import DataPlane
+import inspect
+src = inspect.getsource(v2_endpoints.register_v2_endpoints)
+try:
+    InferRequest.from_bytes(b'{"inputs":[{"name":"x","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":5}}]}\\x01\\x00\\x00\\x00\\xff', 99, "m")
+    from_bytes_breaks = False
+except Exception:
+    from_bytes_breaks = True
+print(json.dumps([PINNED_VERSION, installed_version(), "/repository/models/{model_name}/unload" in src,
+                  "model_repository_extension" in str(DataPlane.metadata.__code__.co_consts), from_bytes_breaks]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pinned, installed, mounts_repository, advertises, from_bytes_breaks = json.loads(
+        out.stdout.strip().splitlines()[-1]
+    )
+    assert installed == pinned == "0.21.0"
+    assert mounts_repository and advertises and from_bytes_breaks
+
+
+# ------------------------------------------------------------------------------------------- shutdown
+
+
+def test_sigterm_not_ready_first_then_drain_then_ports_close(onnx_path, tmp_path):
+    """A request is in flight (its body half sent) when SIGTERM arrives: readiness turns false on REST and
+    gRPC while both still answer; the request then completes with a 200; only then do the ports close and
+    the process exits 0."""
+    import signal
+
+    import tritonclient.grpc as grpcclient
+
+    body = json.dumps(uint8_json(images(1))).encode()
+    with running_server(
+        [str(onnx_path)], tmp_path, "--drain-seconds", "1", "--grace-period", "120", "--body-timeout", "300"
+    ) as server:
+        host, port = server.http.split(":")
+        sock = socket.create_connection((host, int(port)), timeout=300)
+        sock.sendall(
+            f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:100]
+        )
+        client = grpcclient.InferenceServerClient(server.grpc)
+        assert client.is_server_ready()
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while requests.get(url(server, "/v2/health/ready"), timeout=30).status_code == 200:
+            assert time.monotonic() < deadline, "readiness never turned false"
+            time.sleep(0.02)
+        # Not ready, but both ports still answer: the load balancer can see it.
+        assert not client.is_server_ready() and client.is_server_live()
+        assert requests.get(url(server, f"/v2/models/{MODEL}/ready"), timeout=30).status_code == 503
+        assert requests.get(url(server, "/v2/health/live"), timeout=30).status_code == 200
+        client.close()
+        sock.sendall(body[100:])
+        answer = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert server.proc.wait(timeout=180) == 0
+        log = server.log()
+        assert log.index("not ready now") < log.index("closing the ports") < log.index("stopped")
+        for address in (server.http, server.grpc):
+            h, p = address.split(":")
+            with pytest.raises(OSError):
+                socket.create_connection((h, int(p)), timeout=5).close()
