@@ -26,8 +26,16 @@ from fedmedclip.codec.secure import (
 )
 from fedmedclip.codec.wire import unpack
 from fedmedclip.errors import ConfigError
-from fedmedclip.secagg import (
-    IdentityKey,
+from fedmedclip.federation.messages import (
+    KeyAdvertisement,
+    MessageRefused,
+    ShareBundle,
+    UnmaskShares,
+    parse,
+)
+from fedmedclip.secagg.identity import IdentityKey
+from fedmedclip.secagg.primitives import random_secret
+from fedmedclip.secagg.protocol import (
     SecAggRefused,
     SecureSettings,
     SiteRound,
@@ -38,7 +46,6 @@ from fedmedclip.secagg import (
     make_inboxes,
     make_roster,
     make_survivors,
-    random_secret,
     unmask_total,
 )
 
@@ -100,17 +107,17 @@ class Round:
         accepted = {}
         for s in sites:
             adv = self.sites[s].advertisement(self.identities[s])
-            adv = type(adv).parse(adv.to_bytes(), s)
+            adv = parse(KeyAdvertisement, adv.to_bytes(), s)
             check_advertisement(self.settings, RUN, self.r, s, adv)
             accepted[s] = adv
-        self.roster = make_roster(self.settings, RUN, self.r, accepted)
+        self.roster = make_roster(self.settings, RUN, self.r, accepted, self.steps)
         return self.roster
 
     def share(self, sites=SITES):
         bundles = {}
         for s in sites:
             b = self.sites[s].share_bundle(self.roster)
-            b = type(b).parse(b.to_bytes(), s)
+            b = parse(ShareBundle, b.to_bytes(), s)
             check_bundle(self.settings, self.roster, s, b)
             bundles[s] = b
         self.inboxes = make_inboxes(self.settings, self.roster, bundles)
@@ -138,7 +145,7 @@ class Round:
         answers = {}
         for s in answering:
             a = self.sites[s].unmask_response(self.roster, self.inboxes[s], survivors)
-            a = type(a).parse(a.to_bytes(), s)
+            a = parse(UnmaskShares, a.to_bytes(), s)
             check_unmask(self.settings, survivors, s, a)
             answers[s] = a
         total = unmask_total(self.settings, self.roster, survivors, answers, self.length, self.k)

@@ -24,10 +24,10 @@ k = b + ceil(log2 n) - 1 by default: a 4-bit codec over 3, 10, 30 sites gives k 
 The body of a masked payload is d * k / 8 bytes for d values (FedMedCLIP's FAM at ViT-B/32 width, 10 sites:
 460 kB), and uniformly distributed.
 
-The server never decodes one masked payload: `decode_masked_sum` checks each one (chain, template, sizes,
-the public grid, the site's weight, the reference), adds their stored integers modulo 2^k, removes the
-unmasking total, and undoes the transforms once, dividing by the weights of the sites present (the method's
-weights renormalised over them)."""
+The server never decodes one masked payload: `MaskedSum` checks each one as it arrives (chain, template,
+sizes, the public grid, the site's weight, the reference), adds their stored integers modulo 2^k, and once
+the round is unmasked removes the unmasking total and undoes the transforms once, dividing by the weights of
+the sites present (the method's weights renormalised over them)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import torch
 from .chain import Codec, Decoded, _assemble
 from .quantisers import BlockQuant, Float16, Float32, Int8Rows
 from .stages import CodecError, Quantiser, Tensors, TensorTransform, WireContext, numel
-from .transforms import Delta, ErrorFeedback
+from .transforms import Delta, ErrorFeedback, reference_digest
 from .wire import unpack
 
 SUFFIX = "+secagg"
@@ -306,6 +306,81 @@ def next_steps(
 
 
 # ------------------------------------------------------------------ the server's side
+class MaskedSum:
+    """The server's running sum of one round's masked payloads: each is checked as it arrives (`add`: the
+    chain, template and sizes, the round's public grid, the site's weight, the reference it was coded against)
+    and its stored integers added modulo 2^k; `unmasked` removes the unmasking total and undoes the chain once,
+    dividing by the weights of the sites added. No single payload is ever decoded.
+
+    weights: each site's weight as the manifest gives it; steps: the round's public grid; reference: the
+    global module the sites received."""
+
+    def __init__(self, codec: Codec, *, weights, steps, reference: Tensors, template, cap: int):
+        self.fixed, self.mask, _ = _secure_stages(codec)
+        self.codec, self.weights, self.steps = codec, dict(weights), dict(steps)
+        self.reference, self.template, self.cap = reference, template, cap
+        self.ring = 1 << self.mask.bits
+        self.digest = reference_digest(reference, list(steps)) if steps else None
+        self.total: dict[str, torch.Tensor] = {}
+        self.entries = None
+        self.sites: list[str] = []
+
+    def check(self, site: str, payload: bytes) -> tuple[dict, dict[str, torch.Tensor], list]:
+        """(meta, stored integers per float tensor, entries) of `site`'s masked payload, or CodecError."""
+        magic, header, body = unpack(payload)
+        if header.get("codec") != self.codec.name:
+            raise CodecError(f"payload is coded with {header.get('codec')!r}, expected {self.codec.name!r}")
+        entries, floats, _, meta, stage_data = self.codec.decode_stored(
+            header, body, template=self.template, cap=self.cap
+        )
+        grid = stage_data.get(self.fixed.name)
+        if grid != {"weight": self.weights[site], "steps": self.steps}:
+            raise CodecError(
+                f"coded on grid {grid!r}, the round's is weight {self.weights[site]!r} and steps {self.steps!r}"
+            )
+        delta = stage_data.get(Delta.name)
+        if not isinstance(delta, dict) or delta.get("reference") != self.digest:
+            raise CodecError("coded against another reference module than the global module of the round")
+        return meta, {n: t.to(torch.int64) for n, t in floats.items()}, entries
+
+    def add(self, site: str, payload: bytes) -> dict:
+        """Check `site`'s masked payload and add it; its header's meta. CodecError (nothing added) when it
+        is not a payload of this round's grid, weight, reference and chain."""
+        if site in self.sites:
+            raise CodecError(f"{site}'s masked update is already in the sum")
+        meta, ints, entries = self.check(site, payload)
+        for name, v in ints.items():
+            self.total[name] = torch.remainder(self.total[name] + v, self.ring) if name in self.total else v
+        self.entries = entries
+        self.sites.append(site)
+        return meta
+
+    def unmasked(self, unmask: dict[str, torch.Tensor]) -> tuple[Decoded, dict[str, torch.Tensor]]:
+        """The weighted mean of the added sites' updates, and the integer sums per tensor; unmask: the total
+        to subtract ({tensor: int64}, the sites' self-masks and the pairwise masks of the sites that dropped).
+        CodecError when the unmasked aggregate is beyond what honest sites can produce."""
+        if not self.sites:
+            raise CodecError("nothing to aggregate: no masked update")
+        weights = [self.weights[s] for s in self.sites]
+        ctx = WireContext(
+            reference=self.reference,
+            stage_data={
+                Delta.name: {"reference": self.digest},
+                self.fixed.name: {"weight": float(sum(weights)), "steps": self.steps},
+            },
+            inputs={self.mask.name: unmask},
+        )
+        sums = {n: centred(t - unmask[n], self.mask.bits) for n, t in self.total.items()}
+        floats = self.codec.invert({n: t.to(torch.float32) for n, t in self.total.items()}, ctx)
+        _check_mean_update(self.codec, floats, self.reference, self.steps, self.template, weights)
+        ints = {
+            n: self.reference[n].clone()
+            for n, *_ in self.entries
+            if n not in floats and not self.reference[n].is_floating_point()
+        }
+        return Decoded(_assemble(self.entries, floats, ints), {}, self.codec.name), sums
+
+
 def decode_masked_sum(
     codec: Codec,
     payloads: dict[str, bytes],
@@ -317,54 +392,15 @@ def decode_masked_sum(
     template,
     cap: int,
 ) -> tuple[Decoded, dict[str, torch.Tensor]]:
-    """The weighted mean of the sites' updates from their masked payloads ({site: payload}), and the integer
-    sums per tensor. unmask: the total to subtract ({tensor: int64}, the sites' self-masks
-    and the pairwise masks of the sites that dropped); weights: each present site's weight as the manifest
-    gives it; steps: the round's public grid. A payload on another grid, weight, reference or chain is a
-    CodecError naming its site. Integer tensors (counters) are taken from the reference."""
-    if not payloads:
-        raise CodecError("nothing to aggregate: no masked update")
-    fixed, mask, _ = _secure_stages(codec)
-    ring = 1 << mask.bits
-    total: dict[str, torch.Tensor] = {}
-    entries, delta_data = None, None
+    """`MaskedSum` of `payloads` ({site: payload}) at once: a payload on another grid, weight, reference or
+    chain is a CodecError naming its site."""
+    total = MaskedSum(codec, weights=weights, steps=steps, reference=reference, template=template, cap=cap)
     for site, payload in payloads.items():
         try:
-            magic, header, body = unpack(payload)
-            if header.get("codec") != codec.name:
-                raise CodecError(f"payload is coded with {header.get('codec')!r}, expected {codec.name!r}")
-            got, floats, _, _, stage_data = codec.decode_stored(header, body, template=template, cap=cap)
-            grid = stage_data.get(fixed.name)
-            if grid != {"weight": weights[site], "steps": steps}:
-                raise CodecError(
-                    f"coded on grid {grid!r}, the round's is weight {weights[site]!r} and steps {steps!r}"
-                )
-            delta = stage_data.get(Delta.name)
-            if delta_data is not None and delta != delta_data:
-                raise CodecError("coded against another reference module than the other sites")
+            total.add(site, payload)
         except CodecError as exc:
             raise CodecError(f"the masked update of {site}: {exc}") from None
-        entries, delta_data = got, delta
-        for name, t in floats.items():
-            v = t.to(torch.int64)
-            total[name] = v if name not in total else torch.remainder(total[name] + v, ring)
-    ctx = WireContext(
-        reference=reference,
-        stage_data={
-            Delta.name: delta_data,
-            fixed.name: {"weight": float(sum(weights[s] for s in payloads)), "steps": steps},
-        },
-        inputs={mask.name: unmask},
-    )
-    sums = {n: centred(t - unmask[n], mask.bits) for n, t in total.items()}
-    floats = codec.invert({n: t.to(torch.float32) for n, t in total.items()}, ctx)
-    _check_mean_update(codec, floats, reference, steps, template, [weights[s] for s in payloads])
-    ints = {
-        n: reference[n].clone()
-        for n, *_ in entries
-        if n not in floats and not reference[n].is_floating_point()
-    }
-    return Decoded(_assemble(entries, floats, ints), {}, codec.name), sums
+    return total.unmasked(unmask)
 
 
 def _check_mean_update(codec, floats, reference, steps, template, weights) -> None:

@@ -31,33 +31,39 @@ class IdentityKey:
         return cls(ed25519.Ed25519PrivateKey.generate())
 
     @classmethod
+    def from_pem(cls, data: bytes, where: str) -> IdentityKey:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where} is not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise ConfigError(f"{where} holds a {type(key).__name__}, not an Ed25519 identity key")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self._private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @classmethod
     def load(cls, path: str | Path) -> IdentityKey:
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read the identity key {path}: {exc.strerror}") from None
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path} is not an unencrypted PEM private key: {exc}") from None
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 identity key")
-        return cls(key)
+        return cls.from_pem(data, str(path))
 
     def save(self, path: str | Path) -> None:
         """Write the private key (PEM, PKCS#8) readable by its owner only; never overwrites a key."""
         path = Path(path)
-        pem = self._private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise ConfigError(f"{path} exists: an identity key is never overwritten") from None
         with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+            f.write(self.to_pem())
 
     @property
     def public(self) -> str:
@@ -68,6 +74,36 @@ class IdentityKey:
 
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)
+
+
+IDENTITY_FILE = "identity.pem"
+
+
+def site_identity(location: str | Path, create: bool = False) -> tuple[IdentityKey, bool]:
+    """(the identity key kept at `location`, whether it was created now). `location`: a PEM file, or an
+    object of a store (`s3://BUCKET/PREFIX/identity.pem`, where a pipeline site keeps its private state).
+    With `create`, a missing key is generated there (a local file readable by its owner only); an existing
+    one is never replaced."""
+    text = str(location)
+    if "://" not in text or text.startswith("file://"):
+        path = Path(text.removeprefix("file://"))
+        if not path.exists() and create:
+            key = IdentityKey.generate()
+            key.save(path)
+            return key, True
+        return IdentityKey.load(path), False
+    from ..federation.storage import open_store
+
+    parent, _, name = text.rstrip("/").rpartition("/")
+    store = open_store(parent)
+    data = store.get(name, max_bytes=16 << 10)
+    if data is None:
+        if not create:
+            raise ConfigError(f"no identity key at {text}: generate one with `fedmedclip site keygen`")
+        key = IdentityKey.generate()
+        store.put(name, key.to_pem())
+        return key, True
+    return IdentityKey.from_pem(data, text), False
 
 
 def public_key(text: str, who: str = "") -> ed25519.Ed25519PublicKey:

@@ -29,6 +29,7 @@ still cannot gather t shares of both seeds of one honest site from honest sites 
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,23 +37,33 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import primitives as P
-from .identity import IdentityKey, public_key, verify
-from .messages import (
+from ..errors import FedMedClipError
+from ..federation.messages import (
     SHARE_PLAINTEXT,
     Inbox,
     KeyAdvertisement,
     Roster,
-    SecAggRefused,
     ShareBundle,
     Survivors,
     UnmaskShares,
-    raw,
     signed_bytes,
-    text,
 )
+from . import primitives as P
+from .identity import IdentityKey, public_key, verify
 
 MAX_RECONSTRUCTION_TRIES = 64  # subsets of answers tried when some site sent a wrong share
+
+
+class SecAggRefused(FedMedClipError):
+    """A secure-aggregation object or step that breaks the protocol; the message names the party."""
+
+
+def raw(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def text(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def default_threshold(sites: int) -> int:
@@ -214,7 +225,7 @@ class SiteRound:
             "self_mask_commitment": self_commitment(self._self_seed),
         }
         signature = identity.sign(signed_bytes(*fields.values()))
-        return KeyAdvertisement(**fields, signature=text(signature))
+        return KeyAdvertisement.build(**fields, signature=text(signature))
 
     def _roster(self, roster: Roster) -> dict[str, KeyAdvertisement]:
         advs = verified_roster(self.settings, self.run_id, self.round, roster)
@@ -240,7 +251,7 @@ class SiteRound:
             aad = share_label(self.run_id, self.round, self.site, v)
             key = P.agree(self._cipher, raw(adv.cipher_key), aad)
             sealed[v] = text(P.seal(key, key_shares[i] + self_shares[i], aad))
-        return ShareBundle(run_id=self.run_id, round=self.round, site=self.site, shares=sealed)
+        return ShareBundle.build(run_id=self.run_id, round=self.round, site=self.site, shares=sealed)
 
     def _inbox(self, roster: Roster, inbox: Inbox) -> tuple[dict[str, KeyAdvertisement], list[str]]:
         advs = self._roster(roster)
@@ -299,7 +310,7 @@ class SiteRound:
         _, senders = self._inbox(roster, inbox)
         survived = check_survivors(self.settings, self.run_id, self.round, senders, survivors)
         opened = self.opened_shares(roster, inbox)
-        return UnmaskShares(
+        return UnmaskShares.build(
             run_id=self.run_id,
             round=self.round,
             site=self.site,
@@ -327,12 +338,19 @@ def check_survivors(
 
 # ------------------------------------------------------------------ the server's round
 def make_roster(
-    settings: SecureSettings, run_id: str, r: int, accepted: dict[str, KeyAdvertisement]
+    settings: SecureSettings,
+    run_id: str,
+    r: int,
+    accepted: dict[str, KeyAdvertisement],
+    steps: dict[str, float],
 ) -> Roster:
-    """The accepted advertisements (each already `check_advertisement`ed), in manifest order: U1."""
+    """The accepted advertisements (each already `check_advertisement`ed), in manifest order: U1; and the
+    round's public quantisation steps (fedmedclip/codec/secure.py)."""
     sites = settings.order(accepted)
     _enough(settings, f"round {r}: sites that advertised keys", sites)
-    return Roster(run_id=run_id, round=r, advertisements=[accepted[s] for s in sites])
+    return Roster.build(
+        run_id=run_id, round=r, advertisements=[accepted[s].to_dict() for s in sites], steps=steps
+    )
 
 
 def check_bundle(settings: SecureSettings, roster: Roster, site: str, bundle: ShareBundle) -> None:
@@ -359,7 +377,7 @@ def make_inboxes(
     shared = settings.order(bundles)
     _enough(settings, f"round {roster.round}: sites that shared keys", shared)
     return {
-        v: Inbox(
+        v: Inbox.build(
             run_id=roster.run_id,
             round=roster.round,
             site=v,
@@ -376,7 +394,7 @@ def make_survivors(
     """U3: the sites of U2 whose masked updates the server accepted."""
     survived = settings.order(s for s in set(masked) if s in shared)
     _enough(settings, f"round {r}: masked updates", survived)
-    return Survivors(run_id=run_id, round=r, shared=settings.order(shared), survivors=survived)
+    return Survivors.build(run_id=run_id, round=r, shared=settings.order(shared), survivors=survived)
 
 
 def check_unmask(settings: SecureSettings, survivors: Survivors, site: str, answer: UnmaskShares) -> None:
