@@ -367,10 +367,13 @@ def test_ring_sizes_and_the_public_grid():
     assert -(-525_312 * modulus_bits(4, 10) // 8) == 459_648
     template = {"w": ((100,), "float32")}
     s0 = initial_steps(template, bound=1.0, sites=4, levels=6)
-    assert s0["w"] == pytest.approx(3 * 1.0 / (6 * 10 * 2 * 4))
+    assert s0["w"] == pytest.approx(3 * 1.0 / 4096 / (6 * 10 * 2))
     assert next_steps(s0, {"w": torch.zeros(100)}, 1.0, 4, 6)["w"] == pytest.approx(s0["w"] / 16)
     published = {"w": torch.full((100,), 0.02)}
-    assert next_steps(s0, published, 0.5, 4, 6)["w"] == pytest.approx(3 * 0.02 * 0.5 / (6 * 2))
+    assert next_steps({"w": 1e-3}, published, 0.5, 4, 6)["w"] == pytest.approx(3 * 0.02 * 0.5 / (6 * 2))
+    # Every site clamped at L in the same direction (the sum of integers is n L everywhere): 16 times coarser.
+    clamped = {"w": torch.full((100,), 4 * 6 * 1e-4)}
+    assert next_steps({"w": 1e-4}, clamped, 1.0, 4, 6)["w"] == pytest.approx(1.6e-3)
 
 
 def test_a_site_clips_its_update_to_the_bound_and_keeps_the_rest_in_its_error_feedback(identities):
