@@ -338,6 +338,8 @@ def worker_step(
     if features_dir:
         _copy_store_into_cache(features_dir, cfg.cache_dir)
     if role == SITE_ROLE:
+        # Secure aggregation: the site's identity key is generated in its own private prefix (kept across runs)
+        # and registered through the mailbox; the server takes the registered keys (docs/secure-aggregation.md).
         run_site(
             mailbox,
             run_id,
@@ -348,6 +350,8 @@ def worker_step(
             threads=cfg.threads,
             join_timeout=join_timeout,
             progress=False,
+            identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
+            register_identity=cfg.secure_aggregation,
         )
         return ""
     from fedmedclip.federation.mailbox import Mailbox
@@ -379,7 +383,10 @@ def worker_step(
             source="kubeflow pipeline fedmedclip",
             record_run_dir=False,  # the pod's temporary directory means nothing to a reader
         )
-    results = run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False)
+    site_keys = "mailbox" if cfg.secure_aggregation else None
+    results = run_server(
+        cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys
+    )
     if results is None:
         from fedmedclip.errors import FedMedClipError
 

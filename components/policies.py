@@ -17,10 +17,10 @@ S3", under a data root `BUCKET` or `BUCKET/PREFIX`):
   inboxes and survivors, its own status and state. Never `sites/`.
 - a site (`site_0`, ... with data index k) reads the manifest, shared tensors, global modules, the server's
   status and secure aggregation's roster, survivors and its own inbox; reads and writes only its own update,
-  report and status keys, its own secure-aggregation keys (advertisement, shares, unmasking answer), its own
-  data prefix `sites/<k>/` (images, catalog, private state) and its own summary; and may delete its own data
-  prefix and summary, every version of them (a hospital withdraws its data: `fedmedclip data withdraw`).
-  Nothing else.
+  report and status keys, its own secure-aggregation keys (advertisement, shares, unmasking answer, identity
+  registration), its own data prefix `sites/<k>/` (images, catalog, private state) and its own summary; and
+  may delete its own data prefix and summary, every version of them (a hospital withdraws its data:
+  `fedmedclip data withdraw`). Nothing else.
 - `mlflow` reads and writes its artifact root only.
 
 No role but the publisher (and MLflow, on its own bucket) may list: every key the runtime uses is computable,
@@ -63,6 +63,8 @@ SECAGG_UNMASK = "runs/*/rounds/*/secagg/unmask/{site}.json"
 SECAGG_INBOX = "runs/*/rounds/*/secagg/inbox/{site}.json"
 SECAGG_ROSTER = "runs/*/rounds/*/secagg/roster.json"
 SECAGG_SURVIVORS = "runs/*/rounds/*/secagg/survivors.json"
+# A site created by the system registers its own public identity key (`site run --register-identity`).
+SECAGG_IDENTITY = "runs/*/secagg/identities/{site}.json"
 SERVER_STATUS = "runs/*/status/server.json"
 SERVER_STATE = "runs/*/server/*"
 SITE_DATA = "sites/{k}/*"
@@ -162,6 +164,7 @@ def access(role: Role, site_count: int) -> Access:
                 SECAGG_KEYS,
                 SECAGG_SHARES,
                 SECAGG_UNMASK,
+                SECAGG_IDENTITY,
                 SITE_DATA,
                 SITE_SUMMARY,
             )
@@ -194,6 +197,7 @@ def access(role: Role, site_count: int) -> Access:
                 SECAGG_KEYS.format(**everyone),
                 SECAGG_SHARES.format(**everyone),
                 SECAGG_UNMASK.format(**everyone),
+                SECAGG_IDENTITY.format(**everyone),
                 SECAGG_ROSTER,
                 SECAGG_SURVIVORS,
                 SECAGG_INBOX.format(**everyone),

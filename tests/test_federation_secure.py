@@ -32,7 +32,7 @@ RUN = "secure"
 SITES = ("site_0", "site_1", "site_2")
 CODEC = "delta-ef-q4-zlib"
 CEILING = 900  # only ends a broken run; every wait is for an event
-TIMEOUT = 1.5  # the round timeout of the in-process federations: how long an absent site is waited for
+TIMEOUT = 1.0  # the round timeout of the in-process federations: how long an absent site is waited for
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +185,7 @@ def test_secure_aggregation_needs_registered_keys_and_says_so_in_the_results(pre
             tmp_path / "out",
             identities={s: keys[s].public for s in SITES[:2]},
         )
-    results = engine.train(
-        TrainConfig(**{**cfg.to_json(), "out": str(tmp_path / "train"), "rounds": 2}), progress=False
-    )
+    results = engine.train(TrainConfig(**{**cfg.to_json(), "out": str(tmp_path / "train")}), progress=False)
     assert results["privacy"]["secure_aggregation"] is True
     assert results["comm"]["codec_up"] == f"{CODEC}+secagg"
     assert privacy_summary(results)["dp.secure_aggregation"] == "on"
@@ -199,3 +197,98 @@ def test_secure_aggregation_needs_registered_keys_and_says_so_in_the_results(pre
     # Each site's identity key was generated in its own private state, readable by its owner only.
     pem = tmp_path / "train" / "checkpoint" / "sites" / "site_0" / "identity.pem"
     assert IdentityKey.load(pem).public == sec["identities"]["site_0"] and pem.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.slow
+def test_parties_killed_mid_protocol_end_identical_to_an_uninterrupted_secure_run(
+    synthetic_cache, tmp_path, capsys
+):
+    """`server run` and `site run` over a local-directory mailbox, onboarded as a deployment is (each site
+    generates its identity key, the operator gives the public keys to the server). The server and site_1 run
+    as processes (the other two sites as threads of this one): site_1 is killed with SIGKILL after sending its
+    shares of round 1, the server once it has fixed round 1's survivors; both restart with the same arguments.
+    The run ends with the metrics, global modules and model files of an uninterrupted secure `fedmedclip
+    train` of the same seed (the masks differ, the sums are exact)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_federation_runtime import Party, _env, assert_same_run, common_args, wait_for
+
+    from fedmedclip.cli import main
+
+    cache, run, rounds = synthetic_cache, "killed", 2
+    keys = {}
+    for s in SITES:
+        assert main(["-q", "site", "keygen", "--state", str(tmp_path / "identity" / s)]) == 0
+        keys[s] = capsys.readouterr().out.strip()
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    mailbox = tmp_path / "mailbox"
+    secure = ["--secure-aggregation", "--site-keys", str(tmp_path / "keys.json"), "--codec-up", CODEC]
+    server = Party(
+        ["server", "run", "--mailbox", str(mailbox), "--run-id", run, "--out", str(tmp_path / "server")]
+        + ["--no-track", *secure, *common_args(cache, rounds=rounds)],
+        tmp_path / "server.log",
+        _env(),
+    )
+
+    def site(name: str) -> list[str]:
+        state, identity = tmp_path / "state" / name, tmp_path / "identity" / name / "identity.pem"
+        where = ["--mailbox", str(mailbox), "--run-id", run, "--cache-dir", str(cache)]
+        return ["site", "run", "--site", name, *where, "--state", str(state), "--identity", str(identity)]
+
+    killed = Party(site("site_1"), tmp_path / "site_1.log", _env())
+    with ThreadPoolExecutor(2) as pool:
+        others = [pool.submit(main, ["-q", *site(s)]) for s in ("site_0", "site_2")]
+        # Meanwhile, the uninterrupted run to compare with.
+        expected = tmp_path / "train"
+        cfg = TrainConfig(
+            rounds=rounds,
+            synthetic=SYNTH,
+            cache_dir=str(cache),
+            out=str(expected),
+            codec_up=CODEC,
+            secure_aggregation=True,
+        )
+        engine.train(cfg, progress=False, run_id=run)
+        r1 = mailbox / "runs" / run / "rounds" / "0001" / "secagg"
+        wait_for(lambda: (r1 / "shares" / "site_1.json").exists(), "site_1's shares of round 1")
+        killed.kill()
+        killed.start()
+        wait_for(lambda: (r1 / "survivors.json").exists(), "the survivors of round 1")
+        server.kill()
+        server.start()
+        assert server.wait() == 0, server.output()
+        assert killed.wait() == 0, killed.output()
+        assert [f.result(timeout=CEILING) for f in others] == [0, 0]
+    assert "resuming" in server.output() and "resuming" in killed.output()
+    assert_same_run(expected, tmp_path / "server", {s: tmp_path / "state" / s for s in SITES})
+    results = json.loads((tmp_path / "server" / "results.json").read_text())
+    assert [rec["secure_aggregation"]["survivors"] for rec in results["history"]] == [list(SITES)] * rounds
+
+
+def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_path, monkeypatch):
+    """The pipeline's workers (here as threads over a local-directory mailbox): each site generates its
+    identity key in its own private prefix and registers it through the mailbox, the server takes the
+    registered keys into the manifest; the run is the engine's secure run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.kfp_components import config_to_parameters, prepare_step, report_step, worker_step
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_id, mailbox = "pipeline", str(tmp_path / "mailbox")
+    cfg = TrainConfig(
+        rounds=1, synthetic=SYNTH, cache_dir=str(synthetic_cache), codec_up=CODEC, secure_aggregation=True
+    )
+    parties = prepare_step(config_to_parameters(cfg.validate()), "", mailbox)
+    with ThreadPoolExecutor(len(parties)) as pool:
+        futures = [
+            pool.submit(worker_step, p["config"], p["role"], p["party"], p["index"], run_id, mailbox, None)
+            for p in parties
+        ]
+        assert [f.result(timeout=CEILING) for f in futures] == [""] * len(parties)
+    results, _ = report_step(mailbox, run_id, str(tmp_path / "run_dir"))
+    manifest = json.loads(Path(mailbox, "runs", run_id, "manifest.json").read_text())
+    for k, s in enumerate(SITES):
+        key = IdentityKey.load(Path(mailbox, "sites", str(k), "private", "identity.pem"))
+        assert manifest["secure_aggregation"]["identities"][s] == key.public
+    cfg.out = str(tmp_path / "engine")
+    assert without_timing(results) == without_timing(engine.train(cfg, progress=False, run_id=run_id))

@@ -207,6 +207,12 @@ CASES = [
     ("server", "put", "runs/{run}/rounds/0001/secagg/keys/site_1.json", "AccessDenied"),  # forging keys
     ("server", "put", "runs/{run}/rounds/0001/secagg/unmask/site_1.json", "AccessDenied"),
     ("publisher", "get", "runs/{run}/rounds/0001/secagg/inbox/site_0.json", "AccessDenied"),
+    # a site registers its own identity key (the pipeline's sites), never another's; the server reads them
+    ("site_0", "put", "runs/{run}/secagg/identities/site_0.json", OK),
+    ("site_0", "put", "runs/{run}/secagg/identities/site_1.json", "AccessDenied"),
+    ("site_0", "get", "runs/{run}/secagg/identities/site_1.json", "AccessDenied"),
+    ("server", "get", "runs/{run}/secagg/identities/site_1.json", OK),
+    ("server", "put", "runs/{run}/secagg/identities/site_1.json", "AccessDenied"),
     # the server: reads every site's update, report and status, writes the global module; never sites/
     ("server", "get", "runs/{run}/rounds/0001/updates/site_0.bin", OK),
     ("server", "get", "runs/{run}/rounds/0001/updates/site_1.bin", OK),

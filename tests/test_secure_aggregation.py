@@ -415,3 +415,17 @@ def test_an_identity_key_is_kept_private_at_the_site_and_never_overwritten(tmp_p
         IdentityKey.load(tmp_path / "bad.pem")
     with pytest.raises(ConfigError, match="must read 'ed25519:<base64>'"):
         SecureSettings(tuple(SITES[:3]), {"site_0": key.public, "site_1": "rsa:xyz", "site_2": key.public}, 2)
+
+
+def test_protocol_objects_are_parsed_against_their_declaration(identities):
+    """What another party wrote is parsed against the one declaration its writer used: keys of the wrong
+    length, unknown fields and oversized objects are refused naming the kind and the party."""
+    rd = Round(identities)
+    adv = rd.sites["site_1"].advertisement(identities["site_1"]).to_dict()
+    short = {**adv, "mask_key": base64.b64encode(bytes(31)).decode()}
+    with pytest.raises(MessageRefused, match="secagg_key_advertisement from site_1 refused: mask_key"):
+        parse(KeyAdvertisement, json.dumps(short).encode(), "site_1")
+    with pytest.raises(MessageRefused, match="note: extra inputs are not permitted"):
+        parse(KeyAdvertisement, json.dumps({**adv, "note": "hi"}).encode(), "site_1")
+    with pytest.raises(MessageRefused, match="secagg_shares from site_2 takes .* over its limit"):
+        parse(ShareBundle, b" " * (ShareBundle.max_bytes + 1), "site_2")
