@@ -1,9 +1,20 @@
 """What secure aggregation costs per site per round: bytes and seconds, at 3, 10 and 30 sites.
 
-FedMedCLIP's FAM at ViT-B/32 width (525,312 float values), the 4-bit uplink codec (`delta-ef-q4-zlib`) and its
-secure form; every party of the protocol runs its real code (fedmedclip/secagg, fedmedclip/codec/secure.py)
+Two measurements, FedMedCLIP's FAM at ViT-B/32 width (525,312 float values) and the 4-bit uplink codec
+(`delta-ef-q4-zlib`) against its secure form:
+
+`--mode runtime` (the default; what a federation sees): the real runtime, `fedmedclip train`'s server and site
+workers (FederationServer, SiteWorker) each polling in its own thread as `server run` and `site run` do, over a
+local-directory mailbox, on synthetic images encoded by a random ViT-B/32 (`--backbone random-vit-b32`). The
+same run with and without `--secure-aggregation`; a round's seconds are from one global module going out to
+the next (results.json's history, rounds after the first). Every site shares this machine's cores, so a
+round's extra time also holds the other sites' protocol work, which in a federation runs on their own machines.
+Bytes per site per round: the masked update and the protocol's objects a site writes (advertisement, shares,
+answer) and reads (roster, inbox, survivors), from the mailbox.
+
+`--mode compute`: every party of the protocol runs its real code (fedmedclip/secagg, fedmedclip/codec/secure.py)
 with real keys, shares and masks, one after another in this process, on updates with the spread of real FAM
-updates. Reported per round:
+updates, with no mailbox. Reported per round:
 
 - bytes a site uploads: the plain 4-bit payload, the masked payload, and the protocol's messages (its key
   advertisement, its sealed shares, its unmasking answer); bytes it downloads besides the global module (the
@@ -14,13 +25,17 @@ updates. Reported per round:
   `--drop 1` makes one site vanish after its masked upload (its self-mask seed is rebuilt from shares).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_secagg.py --sites 3,10,30 --json runs/bench-secagg.json
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/bench_secagg.py --mode compute --sites 3,10,30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +45,9 @@ from fedmedclip.codec.secure import decode_masked_sum, secure_codec
 from fedmedclip.codec.wire import unpack
 from fedmedclip.methods import MethodContext
 from fedmedclip.methods.fedmedclip_method import FedMedClip
-from fedmedclip.secagg import (
-    IdentityKey,
+from fedmedclip.secagg.identity import IdentityKey
+from fedmedclip.secagg.primitives import random_secret
+from fedmedclip.secagg.protocol import (
     SecureSettings,
     SiteRound,
     as_tensors,
@@ -42,7 +58,6 @@ from fedmedclip.secagg import (
     make_inboxes,
     make_roster,
     make_survivors,
-    random_secret,
     unmask_total,
 )
 
@@ -114,7 +129,7 @@ def secure_round(reference, ups, drop: int) -> dict:
     t0 = time.perf_counter()
     for s, adv in advs.items():
         check_advertisement(settings, RUN, 1, s, adv)
-    roster = make_roster(settings, RUN, 1, advs)
+    roster = make_roster(settings, RUN, 1, advs, steps)
     server_s += time.perf_counter() - t0
     bundles = {}
     for s in names:
@@ -184,15 +199,147 @@ def secure_round(reference, ups, drop: int) -> dict:
     }
 
 
+def runtime_run(sites: int, rounds: int, secure: bool, work: Path, cache: Path) -> dict:
+    """One run of the real runtime (every party in its own thread, over a directory mailbox): its results,
+    and the bytes of the protocol's objects in the mailbox."""
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.engine import method_for, server_setup, site_setups
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.server import FederationServer, ServerOptions
+    from fedmedclip.federation.site import SiteWorker
+    from fedmedclip.federation.storage import LocalDirStore
+    from fedmedclip.preparation import prepare
+
+    cfg = TrainConfig(
+        method="fedmedclip",
+        backbone="random-vit-b32",
+        sites=sites,
+        rounds=rounds,
+        synthetic={"per_class_per_site": 3, "test_per_class": 2, "size": 32},
+        cache_dir=str(cache),
+        out=str(work / "out"),
+        codec_up=BASE,
+        secure_aggregation=secure,
+        min_class_images=1,
+    ).validate()
+    p = prepare(cfg, progress=False)
+    method = method_for(cfg, p)
+    store = LocalDirStore(work / "mailbox")
+    mailbox = Mailbox(store, RUN)
+    setups = site_setups(cfg, p, method)
+    keys = {s.name: IdentityKey.generate() for s in setups} if secure else {}
+    server = FederationServer(
+        mailbox,
+        server_setup(cfg, p, method),
+        store.sub("server-state"),
+        work / "out",
+        ServerOptions(),
+        verbose=False,
+        identities={n: k.public for n, k in keys.items()},
+    )
+    server.start()
+    workers = [
+        SiteWorker(
+            mailbox,
+            server.manifest,
+            s,
+            store.sub(f"state/{s.name}"),
+            verbose=False,
+            identity=keys.get(s.name),
+        )
+        for s in setups
+    ]
+    errors = []
+
+    def guarded(f):
+        try:
+            f()
+        except BaseException as exc:  # reported after the join
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(w.run,)) for w in workers]
+    threads.append(threading.Thread(target=guarded, args=(server.run,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    objects = {"up": [], "down": []}
+    if secure:
+        for r in range(2, rounds + 1):
+            for s in workers:
+                for what, way in (("keys", "up"), ("shares", "up"), ("unmask", "up"), ("inbox", "down")):
+                    raw = store.get(mailbox.secagg_key(r, what, s.name))
+                    objects[way].append(len(raw or b""))
+            for what in ("roster", "survivors"):
+                objects["down"] += [len(store.get(mailbox.secagg_key(r, what)) or b"")] * len(workers)
+    return {"results": server.results, "objects": objects, "manifest": server.manifest}
+
+
+def runtime_row(sites: int, rounds: int, cache: Path) -> dict:
+    rows = {}
+    for secure in (False, True):
+        with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+            got = runtime_run(sites, rounds, secure, Path(tmp), cache)
+        history = got["results"]["history"][1:]  # round 1 also waits for the sites to start
+        ups = [b for rec in history for b in rec["bytes_up"] if b is not None]
+        per_round = len(history)
+        rows["secure" if secure else "plain"] = {
+            "seconds_per_round": float(np.mean([rec["seconds"] for rec in history])),
+            "seconds": [rec["seconds"] for rec in history],
+            "update_bytes": float(np.mean(ups)),
+            "protocol_upload_bytes": sum(got["objects"]["up"]) / max(1, sites * per_round),
+            "protocol_download_bytes": sum(got["objects"]["down"]) / max(1, sites * per_round),
+            "global_bacc": got["results"]["metrics"]["global"]["bacc"],
+        }
+        if secure:
+            sec = got["manifest"]["secure_aggregation"]
+            rows["secure"].update(threshold=sec["threshold"], modulus_bits=sec["modulus_bits"])
+    plain, secure = rows["plain"], rows["secure"]
+    return {
+        "sites": sites,
+        "rounds_timed": rounds - 1,
+        "plain": plain,
+        "secure": secure,
+        "upload_bytes_per_site": secure["update_bytes"] + secure["protocol_upload_bytes"],
+        "extra_upload_bytes_per_site": secure["update_bytes"]
+        + secure["protocol_upload_bytes"]
+        - plain["update_bytes"],
+        "extra_seconds_per_round": secure["seconds_per_round"] - plain["seconds_per_round"],
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("runtime", "compute"), default="runtime")
     ap.add_argument("--sites", default="3,10,30")
+    ap.add_argument("--rounds", type=int, default=6, help="runtime: rounds per run (the first is not timed)")
+    ap.add_argument("--cache-dir", default=".cache/bench-secagg", help="runtime: images and feature stores")
     ap.add_argument("--dim", type=int, default=512, help="feature width (512: ViT-B/32)")
     ap.add_argument("--rms", type=float, default=1e-3, help="spread of the synthetic updates")
     ap.add_argument("--drop", type=int, default=0, help="sites gone after their masked upload")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.mode == "runtime":
+        rows = []
+        for n in [int(x) for x in args.sites.split(",")]:
+            row = runtime_row(n, args.rounds, Path(args.cache_dir))
+            rows.append(row)
+            p, s = row["plain"], row["secure"]
+            print(
+                f"{n:3d} sites · t={s['threshold']} k={s['modulus_bits']} · up/site: plain {p['update_bytes'] / 1e3:.1f} kB, "
+                f"secure {row['upload_bytes_per_site'] / 1e3:.1f} kB (masked {s['update_bytes'] / 1e3:.1f} + protocol "
+                f"{s['protocol_upload_bytes'] / 1e3:.1f}) · down/site extra {s['protocol_download_bytes'] / 1e3:.1f} kB · "
+                f"round {p['seconds_per_round']:.2f} -> {s['seconds_per_round']:.2f} s · extra "
+                f"{row['extra_seconds_per_round']:.2f} s/round",
+                flush=True,
+            )
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     reference = fam_reference(args.dim)
     values = sum(t.numel() for t in reference.values())
     rows = []

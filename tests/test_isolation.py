@@ -97,6 +97,7 @@ SEEDED = {
     "runs/{run}/rounds/0001/secagg/survivors.json": b"{}",
     "runs/{run}/rounds/0001/secagg/inbox/site_0.json": b"{}",
     "runs/{run}/rounds/0001/secagg/inbox/site_1.json": b"{}",
+    "runs/{run}/secagg/identities/site_1.json": b"{}",
     "server/images/{run}/t.png": b"global test scan",
     "summaries/sites/1.json": b"{}",
 }

@@ -327,7 +327,7 @@ def test_unmasking_survives_a_wrong_share_and_refuses_too_few(identities):
 
 def test_a_wrapped_or_wrongly_masked_sum_is_refused(identities):
     """A site that masks with something else (or sends integers outside its range) makes the unmasked sum
-    garbage: it is refused by the aggregate's bound, never published."""
+    garbage: integers beyond what n sites' values in [-L, L] can sum to. It is refused, never published."""
     rd = Round(identities)
     rd.keys()
     rd.share()
@@ -339,7 +339,9 @@ def test_a_wrapped_or_wrongly_masked_sum_is_refused(identities):
     survivors = make_survivors(rd.settings, RUN, 1, rd.shared, SITES)
     answers = {s: rd.sites[s].unmask_response(rd.roster, rd.inboxes[s], survivors) for s in SITES}
     total = unmask_total(rd.settings, rd.roster, survivors, answers, rd.length, rd.k)
-    with pytest.raises(CodecError, match="unmasked aggregate moves the module"):
+    with pytest.raises(
+        CodecError, match="unmasked sum has .* values beyond the \\+-30 that 5 sites' integers"
+    ):
         rd.aggregate(payloads, total)
 
 

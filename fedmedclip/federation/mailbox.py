@@ -135,6 +135,11 @@ class Mailbox:
         return self.read_message(self.status_key(party), Status, party)
 
 
+# Seconds between polls at most while a party waits for the next object of a secure-aggregation round, which
+# follows its own within moments (the default cap is 0.25 s).
+SECURE_POLL_CAP = 0.1
+
+
 class Poller:
     """Backoff between polls: from `first` seconds, x1.5 each time, capped at `cap` (reset after progress)."""
 

@@ -14,10 +14,11 @@ sites encode their images); fewer than that at the timeout ends the run, as a ro
 Fewer than t unmasking answers, shares that do not rebuild a seed, or an unmasked aggregate beyond what
 bounded updates can give fail the round: the global module stays as it was.
 
-A site advertises its keys for round r as soon as it has the global module of round r - 1 (before training,
-so the server gathers the roster while the sites train), trains, then shares once the roster is out, masks
-and uploads once its inbox is out, and answers once the survivors are out. It never answers two different
-survivor sets of one round (it keeps the one it answered in its checkpoint).
+A site advertises its keys for round r as soon as it has the global module of round r - 1, shares once the
+roster is out, then trains (while the server forwards the shares), masks and uploads once its inbox is out,
+and answers once the survivors are out. It never answers two different survivor sets of one round (it keeps
+the one it answered in its checkpoint). A site the roster leaves out (its keys came too late) sits the round
+out without training it, as an absent site does.
 
 Restarts: a party's step is checkpointed before what it writes goes out, and what it wrote is written again
 (the same bytes) when the mailbox lacks it. The server checkpoints the roster, the shares and the survivors
@@ -518,16 +519,23 @@ class SiteSecureRound:
         self._forget()
 
     # ---------------------------------------------------------------- the round
-    def advertise(self, r: int) -> None:
+    def start(self, r: int) -> None:
+        """Round r begins for this site (it has the global module of round r - 1): advertise its keys."""
+        self.finish()
+        self.round = r
         adv = self.protocol(r).advertisement(self.identity)
         self._put_once(self.w.mb.secagg_key(r, "keys", self.w.name), adv.to_bytes())
 
+    @property
+    def untrained(self) -> bool:
+        """Round r started and not trained yet (nothing of it is checkpointed: a restart starts it again)."""
+        return self.round is not None and self.update is None
+
     def begin(self, r: int, update: dict, memory: dict | None, header: dict) -> None:
-        """This site trained round r: its update waits for the round's roster and inbox."""
+        """This site trained round r: its update waits for its inbox (checkpointed by the worker)."""
         self.round, self.header, self.answered = r, header, None
         self.update = {k: v.detach().clone() for k, v in update.items()}
         self.memory_before = None if memory is None else {k: v.clone() for k, v in memory.items()}
-        self._forget()
 
     def finish(self) -> None:
         self.round = self.update = self.memory_before = self.header = self.answered = None
@@ -548,11 +556,16 @@ class SiteSecureRound:
             log.warning("%s: round %d: %s; this site waits for the next round", self.w.name, self.round, why)
 
     def advance(self) -> bool:
-        """Do the protocol's next step that is ready; True when something was written."""
+        """Do the protocol's next step that is ready; True when something was done."""
         r = self.round
-        if r is None or self._out is not None:
+        if r is None:
             return False
         mb, name = self.w.mb, self.w.name
+        if self.update is None and mb.store.exists(mb.global_key(r)):
+            self.finish()  # the round ended without this site: the worker takes the newest global module
+            return True
+        if self._out is not None:
+            return False
         try:
             if self._roster is None:
                 self._roster = mb.read_message(mb.secagg_key(r, "roster"), Roster, SERVER)
@@ -563,6 +576,8 @@ class SiteSecureRound:
                     return False
                 bundle = self.protocol(r).share_bundle(self._roster)  # checks every signature
                 self._put_once(mb.secagg_key(r, "shares", name), bundle.to_bytes())
+            if self.update is None:
+                self.w.secure_train(r)
                 return True
             if self._inbox is None:
                 self._inbox = mb.read_message(mb.secagg_key(r, "inbox", name), Inbox, SERVER)

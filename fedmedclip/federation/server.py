@@ -27,7 +27,7 @@ from ..methods import Method
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
 from .records import (
     atomic_write_bytes,
@@ -848,6 +848,9 @@ class FederationServer:
         poller = Poller(cap=self.opt.poll_cap)
         try:
             while not self.finished:
+                # Secure aggregation's shares and answers follow the server's objects within moments.
+                quick = self.phase in ("keys", "shares", "unmask")
+                poller.cap = min(self.opt.poll_cap, SECURE_POLL_CAP) if quick else self.opt.poll_cap
                 if self.poll():
                     poller.reset()
                 elif time.monotonic() - self._heartbeat_at > self.opt.heartbeat_every:

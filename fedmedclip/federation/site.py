@@ -22,7 +22,7 @@ from ..errors import FedMedClipError
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
 from .storage import ObjectStore
@@ -265,6 +265,8 @@ class SiteWorker:
             return False
         if self.final_round is not None:
             return self._finish_if_done()
+        if self.secure is not None and self.secure.untrained:
+            return self.secure.advance()  # secure aggregation: the round's first steps, before training
         if not self._resent:
             # After a restart, what this site already sent goes out again if the mailbox lost it (same bytes).
             self._resent = True
@@ -333,7 +335,27 @@ class SiteWorker:
 
     def _train(self, r: int, received: dict) -> None:
         if self.secure is not None:
-            self.secure.advertise(r)  # first: the server gathers the roster while the sites train
+            # Secure aggregation: advertise the round's keys now; training waits until this site's shares are
+            # out (`secure.advance` calls `secure_train`), so that the server forwards them while it trains.
+            self.secure.start(r)
+            return
+        update, header, done, privacy = self._local_update(r, received)
+        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=header.to_dict())
+        self._upload(r, enc)
+        self._say(f"{done}, sent {len(enc.payload) / 1e3:.1f} kB{privacy}")
+
+    def secure_train(self, r: int) -> None:
+        """Train round r under secure aggregation: the update waits in this site's checkpoint for its inbox
+        (masked and uploaded by `secure.advance`)."""
+        update, header, done, privacy = self._local_update(r, self.received_for(r))
+        self.secure.begin(r, update, self.memory, header.to_dict())
+        self.trained, self.pending = r, None
+        self._checkpoint()
+        self._status("waiting", r, "trained; in secure aggregation")
+        self._say(f"{done}{privacy}; masked and sent once its inbox is out")
+
+    def _local_update(self, r: int, received: dict):
+        """Train round r: (the update to send, its header, the log line's parts)."""
         t0 = time.perf_counter()
         stats = self.trainer.train_round(r)
         update = self.trainer.shared_update()
@@ -364,18 +386,7 @@ class SiteWorker:
             if eps is not None
             else ""
         )
-        if self.secure is not None:
-            # The update waits for the round's roster and inbox: masked and uploaded by `secure.advance`.
-            self.secure.begin(r, update, self.memory, header.to_dict())
-            self.trained, self.pending = r, None
-            self._checkpoint()
-            self._status("waiting", r, "trained; in secure aggregation")
-            self._say(f"{done}{privacy}; masked and sent once the round's shares are out")
-            self.secure.advance()
-            return
-        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=header.to_dict())
-        self._upload(r, enc)
-        self._say(f"{done}, sent {len(enc.payload) / 1e3:.1f} kB{privacy}")
+        return update, header, done, privacy
 
     def _upload(self, r: int, enc) -> None:
         """Send the update of round r (`enc`: its payload and this site's new error-feedback memory), once: a
@@ -429,6 +440,8 @@ class SiteWorker:
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
                 self._check_server()
+            # In a secure round the server's next object follows this site's within moments: poll sooner.
+            poller.cap = min(poll_cap, SECURE_POLL_CAP) if self.secure and self.secure.round else poll_cap
             silent = time.monotonic() - max(last, self._server_beat_at)
             if silent > min(HEARTBEAT_STALE, timeout) and not warned:
                 warned = True

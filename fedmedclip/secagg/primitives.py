@@ -61,13 +61,31 @@ def agree(private: x25519.X25519PrivateKey, peer_public: bytes, info: bytes) -> 
 
 
 def prg(key: bytes, n: int, bits: int) -> np.ndarray:
-    """n pseudo-random integers uniform in [0, 2^bits) (bits <= 32) from the ChaCha20 keystream of `key`
-    (each key is used for one stream only, so the nonce is fixed). Keeping the low bits of uniform bytes
-    keeps them uniform."""
+    """n pseudo-random integers uniform in [0, 2^bits) (bits <= 32), as uint32, from the ChaCha20 keystream of
+    `key` (each key is used for one stream only, so the nonce is fixed). Keeping the low bits of uniform
+    bytes keeps them uniform."""
     width = 1 if bits <= 8 else 2 if bits <= 16 else 4
     stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(n * width))
-    values = np.frombuffer(stream, dtype={1: np.uint8, 2: "<u2", 4: "<u4"}[width]).astype(np.int64)
-    return values & ((1 << bits) - 1)
+    values = np.frombuffer(stream, dtype={1: np.uint8, 2: "<u2", 4: "<u4"}[width]).astype(np.uint32)
+    return values & np.uint32((1 << bits) - 1)
+
+
+class RingSum:
+    """A running sum modulo 2^bits (bits <= 32) of uint32 vectors: uint32 arithmetic wraps modulo 2^32,
+    which 2^bits divides, so the low bits are kept once at the end instead of after every term."""
+
+    def __init__(self, n: int, bits: int):
+        self.total, self.bits = np.zeros(n, dtype=np.uint32), bits
+
+    def add(self, values: np.ndarray, sign: int = 1) -> None:
+        if sign > 0:
+            self.total += values
+        else:
+            self.total -= values
+
+    def value(self) -> np.ndarray:
+        """The sum in [0, 2^bits), as int64."""
+        return (self.total & np.uint32((1 << self.bits) - 1)).astype(np.int64)
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:

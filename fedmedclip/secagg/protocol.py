@@ -289,8 +289,8 @@ class SiteRound:
         """This site's mask over `length` values in Z_(2^bits): its self-mask plus +-its pairwise mask with
         every other site that shared (U2)."""
         advs, senders = self._inbox(roster, inbox)
-        ring = 1 << bits
-        total = self_mask(self._self_seed, length, bits)
+        total = P.RingSum(length, bits)
+        total.add(self_mask(self._self_seed, length, bits))
         me = self.settings.index(self.site)
         for v in senders:
             if v == self.site:
@@ -300,9 +300,8 @@ class SiteRound:
                 raw(advs[v].mask_key),
                 pair_label(self.settings, self.run_id, self.round, self.site, v),
             )
-            stream = P.prg(key, length, bits)
-            total = (total + stream) % ring if me < self.settings.index(v) else (total - stream) % ring
-        return total
+            total.add(P.prg(key, length, bits), 1 if me < self.settings.index(v) else -1)
+        return total.value()
 
     def unmask_response(self, roster: Roster, inbox: Inbox, survivors: Survivors) -> UnmaskShares:
         """Shares of the survivors' self-mask seeds and of the dropped sites' mask key seeds. The caller
@@ -445,19 +444,18 @@ def unmask_total(
     """What to subtract from the sum of the survivors' masked updates: their self-masks, and the pairwise
     masks between them and the sites that shared but dropped."""
     advs = {a.site: a for a in roster.advertisements}
-    ring = 1 << bits
     run_id, r = roster.run_id, roster.round
-    total = np.zeros(length, dtype=np.int64)
+    total = P.RingSum(length, bits)
     survived = settings.order(survivors.survivors)
     dropped = settings.order(set(survivors.shared) - set(survived))
     for u in survived:
         own = answers[u].own_self_mask_seed if u in answers else None
         if own is not None and self_commitment(raw(own)) == advs[u].self_mask_commitment:
-            total = (total + self_mask(raw(own), length, bits)) % ring
+            total.add(self_mask(raw(own), length, bits))
             continue
         shares = {settings.index(s) + 1: raw(a.self_mask[u]) for s, a in answers.items() if u in a.self_mask}
         seed = _rebuild(settings, u, "self-mask seed", shares, self_commitment, advs[u].self_mask_commitment)
-        total = (total + self_mask(seed, length, bits)) % ring
+        total.add(self_mask(seed, length, bits))
     for u in dropped:
         shares = {settings.index(s) + 1: raw(a.mask_key[u]) for s, a in answers.items() if u in a.mask_key}
         seed = _rebuild(settings, u, "mask key seed", shares, mask_public, advs[u].mask_key)
@@ -467,7 +465,5 @@ def unmask_total(
                 P.agree(key_u, raw(advs[v].mask_key), pair_label(settings, run_id, r, u, v)), length, bits
             )
             # v added +stream when v comes before u in the manifest, -stream otherwise.
-            total = (
-                (total + stream) % ring if settings.index(v) < settings.index(u) else (total - stream) % ring
-            )
-    return total
+            total.add(stream, 1 if settings.index(v) < settings.index(u) else -1)
+    return total.value()
