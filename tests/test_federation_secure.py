@@ -19,6 +19,7 @@ from fedmedclip import engine
 from fedmedclip.codec import decode
 from fedmedclip.codec.wire import unpack
 from fedmedclip.config import TrainConfig
+from fedmedclip.errors import ConfigError
 from fedmedclip.federation.mailbox import Mailbox
 from fedmedclip.federation.messages import KeyAdvertisement
 from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions
@@ -175,6 +176,9 @@ def test_forged_keys_unregistered_keys_and_wrong_masks_are_refused(prepared, key
 
 
 def test_secure_aggregation_needs_registered_keys_and_says_so_in_the_results(prepared, keys, tmp_path):
+    """A server without every site's key refuses to start; what would need a single update is refused up
+    front; a `train` run with secure aggregation and client-level DP (the sites clip to S/2, the server noises
+    the unmasked sum) generates each site's key in its private state and says `secure aggregation on`."""
     cfg, p = prepared
     method = engine.method_for(cfg, p)
     with pytest.raises(FederationError, match="no identity key is registered for site_2"):
@@ -185,15 +189,28 @@ def test_secure_aggregation_needs_registered_keys_and_says_so_in_the_results(pre
             tmp_path / "out",
             identities={s: keys[s].public for s in SITES[:2]},
         )
-    results = engine.train(TrainConfig(**{**cfg.to_json(), "out": str(tmp_path / "train")}), progress=False)
-    assert results["privacy"]["secure_aggregation"] is True
+    base = {**cfg.to_json(), "out": str(tmp_path / "train")}
+    for bad, why in (
+        ({"aggregator": "median"}, "needs each site's update"),
+        ({"secagg_threshold": 1}, "must be above half the 3 sites"),
+        ({"privacy": {"client_noise": 1.0, "client_noise_at": "sites"}}, "noise at the sites needs discrete"),
+        ({"privacy": {"client_noise": 1.0, "client_quantile": 0.5}}, "adaptive clipping"),
+        ({"secure_aggregation": False, "secagg_threshold": 2}, "needs --secure-aggregation"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            TrainConfig(**{**base, **bad}).validate()
+    results = engine.train(
+        TrainConfig(**{**base, "privacy": {"client_noise": 0.5, "client_clip": 0.2}}), progress=False
+    )
+    assert results["privacy"]["secure_aggregation"] is True and results["privacy"]["client_level"]["epsilon"]
     assert results["comm"]["codec_up"] == f"{CODEC}+secagg"
     assert privacy_summary(results)["dp.secure_aggregation"] == "on"
     manifest = json.loads(
         (tmp_path / "train" / "checkpoint" / "mailbox" / "runs" / "inprocess" / "manifest.json").read_text()
     )
     sec = manifest["secure_aggregation"]
-    assert sec["threshold"] == 2 and sorted(sec["identities"]) == list(SITES)
+    assert sec["threshold"] == 2 and sorted(sec["identities"]) == list(SITES) and sec["bound"] == 0.1
+    assert set(sec["weights"].values()) == {1 / 3}  # client-level DP's equal-weight mean
     # Each site's identity key was generated in its own private state, readable by its owner only.
     pem = tmp_path / "train" / "checkpoint" / "sites" / "site_0" / "identity.pem"
     assert IdentityKey.load(pem).public == sec["identities"]["site_0"] and pem.stat().st_mode & 0o077 == 0
@@ -206,7 +223,7 @@ def test_parties_killed_mid_protocol_end_identical_to_an_uninterrupted_secure_ru
     """`server run` and `site run` over a local-directory mailbox, onboarded as a deployment is (each site
     generates its identity key, the operator gives the public keys to the server). The server and site_1 run
     as processes (the other two sites as threads of this one): site_1 is killed with SIGKILL after sending its
-    shares of round 1, the server once it has fixed round 1's survivors; both restart with the same arguments.
+    shares of round 2 (before training it), the server once it has fixed round 2's survivors; both restart with the same arguments.
     The run ends with the metrics, global modules and model files of an uninterrupted secure `fedmedclip
     train` of the same seed (the masks differ, the sums are exact)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -249,11 +266,11 @@ def test_parties_killed_mid_protocol_end_identical_to_an_uninterrupted_secure_ru
             secure_aggregation=True,
         )
         engine.train(cfg, progress=False, run_id=run)
-        r1 = mailbox / "runs" / run / "rounds" / "0001" / "secagg"
-        wait_for(lambda: (r1 / "shares" / "site_1.json").exists(), "site_1's shares of round 1")
+        r2 = mailbox / "runs" / run / "rounds" / "0002" / "secagg"
+        wait_for(lambda: (r2 / "shares" / "site_1.json").exists(), "site_1's shares of round 2")
         killed.kill()
         killed.start()
-        wait_for(lambda: (r1 / "survivors.json").exists(), "the survivors of round 1")
+        wait_for(lambda: (r2 / "survivors.json").exists(), "the survivors of round 2")
         server.kill()
         server.start()
         assert server.wait() == 0, server.output()

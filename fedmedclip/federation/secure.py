@@ -17,7 +17,7 @@ bounded updates can give fail the round: the global module stays as it was.
 A site advertises its keys for round r as soon as it has the global module of round r - 1, shares once the
 roster is out, then trains (while the server forwards the shares), masks and uploads once its inbox is out,
 and answers once the survivors are out. It never answers two different survivor sets of one round (it keeps
-the one it answered in its checkpoint). A site the roster leaves out (its keys came too late) sits the round
+the one it answered in its private state). A site the roster leaves out (its keys came too late) sits the round
 out without training it, as an absent site does.
 
 Restarts: a party's step is checkpointed before what it writes goes out, and what it wrote is written again
@@ -28,6 +28,7 @@ per-run secret (kept in its private state), so its advertisement and masked upda
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ log = logging.getLogger("fedmedclip.secagg")
 
 PHASES = ("keys", "shares", "updates", "unmask")
 SECRET_KEY = "secagg/run_secret"  # a site's per-run secret, in its private state
+ANSWERED_KEY = "secagg/answered.json"  # the survivors it answered last, likewise
 
 
 def secure_weights(method, counts: dict[str, int], privacy: PrivacySettings) -> dict[str, float]:
@@ -99,8 +101,10 @@ def manifest_section(
     sites = list(counts)
     t = int(threshold) if threshold else default_threshold(len(sites))
     SecureSettings(tuple(sites), dict(identities or {}), t)  # every site registered, t in (n/2, n]
-    # Under client-level DP each site clips to the DP's S: the server cannot clip a single update any more.
-    clip = float(privacy.client_clip) if privacy.client_level else bound
+    # Under client-level DP each site clips to S / 2: the server cannot clip a single update any more, and
+    # rounding to the nearest grid point at most doubles a coordinate it keeps (it zeroes the others), so each
+    # site's contribution to the sum stays within S, the sensitivity the accountant uses.
+    clip = float(privacy.client_clip) / 2 if privacy.client_level else bound
     if not clip:
         raise SecAggRefused(
             "secure aggregation needs a bound on each site's update (--max-update-norm 0 turns it off): each "
@@ -472,13 +476,13 @@ class SiteSecureRound:
         self.w, self.run, self.identity = worker, run, identity
         run.settings.check_identity(worker.name, identity)
         self.secret = party_key(worker.state, SECRET_KEY)
-        # Checkpointed (SiteWorker._checkpoint): the round in progress, its trained update, the error-feedback
-        # memory before it, its header, and the survivors this site answered.
+        # Checkpointed with the masked update (SiteWorker._upload): the round, its trained update, the
+        # error-feedback memory before it, its header. Before it, a restart trains the round again (the same
+        # update: training is deterministic from the last checkpoint).
         self.round: int | None = None
         self.update: dict[str, torch.Tensor] | None = None
         self.memory_before: dict[str, torch.Tensor] | None = None
         self.header: dict | None = None
-        self.answered: list[str] | None = None
         self._forget()
 
     def _forget(self) -> None:
@@ -509,11 +513,11 @@ class SiteSecureRound:
         return out
 
     def body(self) -> dict:
-        return {"round": self.round, "header": self.header, "answered": self.answered}
+        return {"round": self.round, "header": self.header}
 
     def restore(self, body: dict | None, tensors: dict) -> None:
         body = body or {}
-        self.round, self.header, self.answered = body.get("round"), body.get("header"), body.get("answered")
+        self.round, self.header = body.get("round"), body.get("header")
         self.update = tensors.get("secagg_update")
         self.memory_before = tensors.get("secagg_memory_before")
         self._forget()
@@ -533,12 +537,12 @@ class SiteSecureRound:
 
     def begin(self, r: int, update: dict, memory: dict | None, header: dict) -> None:
         """This site trained round r: its update waits for its inbox (checkpointed by the worker)."""
-        self.round, self.header, self.answered = r, header, None
+        self.round, self.header = r, header
         self.update = {k: v.detach().clone() for k, v in update.items()}
         self.memory_before = None if memory is None else {k: v.clone() for k, v in memory.items()}
 
     def finish(self) -> None:
-        self.round = self.update = self.memory_before = self.header = self.answered = None
+        self.round = self.update = self.memory_before = self.header = None
         self._forget()
 
     def unused_memory(self, reference: dict) -> dict:
@@ -615,24 +619,26 @@ class SiteSecureRound:
         if survivors is None:
             return False
         key = mb.secagg_key(r, "unmask", name)
-        if self.answered is not None:
-            if list(survivors.survivors) != self.answered:
+        # Kept in this site's private state before the answer goes out: after a restart it answers the same
+        # survivors only.
+        raw = self.w.state.get(ANSWERED_KEY, max_bytes=1 << 20)
+        answered = json.loads(raw) if raw is not None else {}
+        if answered.get("run_id") == mb.run_id and answered.get("round") == r:
+            if answered.get("survivors") != list(survivors.survivors):
                 self._sit_out(
                     f"the survivors now name {list(survivors.survivors)}, this site answered for "
-                    f"{self.answered}: it never answers two survivor sets of one round"
+                    f"{answered.get('survivors')}: it never answers two survivor sets of one round"
                 )
-            elif not mb.store.exists(key):
-                self._answer_now(r, survivors, key)
-                return True
-            return False
-        self.answered = list(survivors.survivors)
-        self.w._checkpoint()  # before the answer goes out: a restart answers the same survivors only
+                return False
+        else:
+            record = {"run_id": mb.run_id, "round": r, "survivors": list(survivors.survivors)}
+            self.w.state.put(ANSWERED_KEY, json.dumps(record).encode())
         self._answer_now(r, survivors, key)
         return True
 
     def _answer_now(self, r: int, survivors: Survivors, key: str) -> None:
         answer = self.protocol(r).unmask_response(self._roster, self._inbox, survivors)
-        self.w.mb.store.put(key, answer.to_bytes())
+        self._put_once(key, answer.to_bytes())
         self._out = "answered"  # nothing left to do in this round
 
 
@@ -640,7 +646,6 @@ class SiteSecureRound:
 def read_site_keys(path: str) -> dict[str, str]:
     """The sites' public identity keys the operator collected (`fedmedclip site keygen` prints each): a JSON
     object {site: "ed25519:..."}; ConfigError naming the problem."""
-    import json
     from pathlib import Path
 
     from ..errors import ConfigError

@@ -345,12 +345,11 @@ class SiteWorker:
         self._say(f"{done}, sent {len(enc.payload) / 1e3:.1f} kB{privacy}")
 
     def secure_train(self, r: int) -> None:
-        """Train round r under secure aggregation: the update waits in this site's checkpoint for its inbox
-        (masked and uploaded by `secure.advance`)."""
+        """Train round r under secure aggregation: the update waits for this site's inbox (masked, uploaded and
+        checkpointed by `secure.advance`)."""
         update, header, done, privacy = self._local_update(r, self.received_for(r))
         self.secure.begin(r, update, self.memory, header.to_dict())
         self.trained, self.pending = r, None
-        self._checkpoint()
         self._status("waiting", r, "trained; in secure aggregation")
         self._say(f"{done}{privacy}; masked and sent once its inbox is out")
 
