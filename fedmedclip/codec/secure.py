@@ -210,8 +210,8 @@ def centred(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Non-negative integers below 2^bits, `bits` bits each, least significant first."""
-    v = values.astype(np.uint32, copy=False).reshape(-1)
-    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    v = values.astype("<u4", copy=False).reshape(-1)
+    planes = np.unpackbits(v.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")[:, :bits]
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
