@@ -16,6 +16,7 @@
 # runAsNonRoot on a number) and writes nothing outside HOME=/tmp and the folders its manifests mount, so it runs
 # with a read-only root filesystem (infra/): the code is installed, byte-compiled, owned by root, and Python
 # writes no bytecode at run time.
+# The local development stack (devstack/: moto S3, a local MLflow, `fedmedclip stack ...`) is never copied.
 # Base images: pin them by digest for a reproducible build, e.g.
 #   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest of `docker buildx imagetools inspect python:3.11-slim-bookworm`>
 # (the default is the tag: no digest can be looked up where this file is written; infra/README.md, "checkov").
@@ -47,12 +48,13 @@ COPY --from=reqs /reqs/train.txt /tmp/train.txt
 RUN pip install --no-cache-dir -c constraints.txt -r /tmp/train.txt
 COPY pyproject.toml README.m[d] ./
 COPY fedmedclip ./fedmedclip
+COPY mlops ./mlops
 COPY components ./components
 COPY pipelines ./pipelines
 COPY serving ./serving
 # --no-deps: every dependency is installed above, pinned by constraints.txt.
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, components" \
+    && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, mlops, components" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin fedmedclip
 ENV HOME=/tmp
 USER 10001
@@ -71,6 +73,7 @@ COPY --from=reqs /reqs/serve.txt /tmp/serve.txt
 RUN pip install --no-cache-dir -c constraints.txt -r /tmp/serve.txt
 COPY pyproject.toml README.m[d] docker/requirements.py ./
 COPY fedmedclip ./fedmedclip
+COPY mlops ./mlops
 COPY components ./components
 COPY pipelines ./pipelines
 COPY serving ./serving

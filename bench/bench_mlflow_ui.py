@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import free_ports
 
-    from components.stack import start_stack, stop_stack
+    from devstack.stack import start_stack, stop_stack
 
     work = Path(tempfile.mkdtemp(prefix="fedmedclip-ui-"))
     out = Path(args.out)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run = MlflowClient(info.tracking_uri).get_run(run_id)
         exp = run.info.experiment_id
-        from components.tracking import experiment_ui_url
+        from mlops.tracking import experiment_ui_url
 
         run_page = experiment_ui_url(info.tracking_uri, exp, run_id)
         pages = {

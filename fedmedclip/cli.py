@@ -13,6 +13,7 @@ from dataclasses import asdict
 from importlib.metadata import entry_points
 
 from .errors import ConfigError, FedMedClipError
+from .observer import NO_OBSERVER, RunObserver
 
 DESCRIPTION = (
     "Federated adaptation of a frozen CLIP for medical image classification (FedMedCLIP, FACMIC and their "
@@ -132,16 +133,16 @@ def _cmd_train(args) -> int:
 
     cfg = config_from_args(args)
     run_id = check_name("run id", args.run_id)
-    observer = _observer(args, cfg, run_id=None) if _tracking_on(args) else None
+    tracked = _tracking_on(args)
+    observer = _observer(args, cfg, run_id=None) if tracked else NO_OBSERVER
     results = train(cfg, resume=args.resume, progress=not args.quiet, run_id=run_id, observer=observer)
     print_summary(results, args.out)
-    mlflow_run_id = getattr(observer, "mlflow_run_id", None) if observer is not None else None
-    if observer is not None and mlflow_run_id is None:
+    if tracked and observer.tracked_run_id is None:
         raise FedMedClipError(
             f"the run in {args.out} is complete but was not tracked (see the warning above)"
         )
-    if mlflow_run_id:
-        print(mlflow_run_id)
+    if observer.tracked_run_id:
+        print(observer.tracked_run_id)
     return 0
 
 
@@ -188,7 +189,9 @@ def _cmd_server_run(args) -> int:
 
         site_keys = read_site_keys(site_keys)
     observer = (
-        _observer(args, cfg, run_id=args.run_id, options=asdict(options)) if _tracking_on(args) else None
+        _observer(args, cfg, run_id=args.run_id, options=asdict(options))
+        if _tracking_on(args)
+        else NO_OBSERVER
     )
     results = run_server(
         cfg,
@@ -205,7 +208,7 @@ def _cmd_server_run(args) -> int:
     return 0
 
 
-def _observer(args, cfg, run_id: str | None, **kwargs):
+def _observer(args, cfg, run_id: str | None, **kwargs) -> RunObserver:
     """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed: the one
     tracking mechanism of `train --track` and `server run --track` (`run_id=None`: train's own key)."""
     for ep in entry_points(group="fedmedclip.observers"):

@@ -128,7 +128,7 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown preprocessing {self.preprocessing!r}; choose one of {', '.join(PREPROCESSING_NAMES)}"
             )
-        # s3://BUCKET: images published per site, read by the pipeline's tasks (components/site_data.py).
+        # s3://BUCKET: images published per site, read by the pipeline's tasks (mlops/site_data.py).
         if self.data != SYNTHETIC and not self.data.startswith("s3://") and not Path(self.data).exists():
             raise ConfigError(
                 f"--data {self.data!r} does not exist (a folder, a .csv manifest, or 'synthetic')"

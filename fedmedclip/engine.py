@@ -38,6 +38,7 @@ from .federation.server import FederationError, FederationServer, ServerOptions,
 from .federation.site import SiteSetup, SiteWorker, model_part
 from .federation.storage import LocalDirStore
 from .methods import METHODS, SiteTrainer
+from .observer import NO_OBSERVER, RunObserver
 from .preparation import (
     SERVER,
     Prepared,
@@ -73,13 +74,12 @@ def simulate(
     out: Path,
     progress: bool = True,
     run_id: str = INPROCESS_RUN_ID,
-    observer=None,
+    observer: RunObserver = NO_OBSERVER,
 ) -> dict:
     """Run the federation's server and sites in this process over a mailbox in RUN/checkpoint/mailbox/ (the
     last rounds only). Each party keeps its checkpoints under RUN/checkpoint/: a resumed run continues every
     party from its own, and a party whose newest checkpoint was damaged redoes what it lost from the rounds
-    still in the mailbox, exactly. `observer` (the protocol of `fedmedclip server run --track`,
-    docs/contracts.md) hears the start and each round as it finishes; `train` tells it the end once
+    still in the mailbox, exactly. `observer` (fedmedclip.observer: the interface of `fedmedclip server run --track`) hears the start and each round as it finishes; `train` tells it the end once
     results.json is final."""
     method = method_for(cfg, p)
     ckpt = LocalDirStore(out / "checkpoint")
@@ -106,8 +106,7 @@ def simulate(
     )
     server.start()
     logged = len(server.history)  # a resumed run's earlier rounds were logged when they finished
-    if observer is not None:
-        observer.start(server.manifest, resumed=logged > 0)
+    observer.start(server.manifest, resumed=logged > 0)
     sites = [
         SiteWorker(
             mailbox,
@@ -142,10 +141,9 @@ def simulate(
                     )
                     bar.update(len(server.history) - bar.n)
                     _forget_old_rounds(mailbox, rec["round"], server.sites)
-                if observer is not None:
-                    for rec in server.history[logged:]:
-                        observer.round(rec)
-                    logged = len(server.history)
+                for rec in server.history[logged:]:
+                    observer.round(rec)
+                logged = len(server.history)
             if not progressed:  # every party is in this process: someone cannot go on
                 raise FederationError(_stalled(server, sites))
     finally:
@@ -325,22 +323,21 @@ class ReferenceRun:
         return results
 
 
-def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, observer=None) -> dict:
+def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, observer: RunObserver) -> dict:
     run = ReferenceRun(cfg, p)
     store = CheckpointStore(LocalDirStore(out / "checkpoint" / "reference"), "reference run")
     run.load(store)
     atomic_write_json(out / "config.json", cfg.to_json())
     p.partition.save(out / "partition.json")
-    if observer is not None:  # nothing travels: the observer hears the sites and the rounds, no manifest
-        observer.start({"sites": [{"name": n} for n in run.site_names]}, resumed=run.round > 0)
+    # Nothing travels: the observer hears the sites and the rounds, no manifest.
+    observer.start({"sites": [{"name": n} for n in run.site_names]}, resumed=run.round > 0)
     bar = tqdm(
         total=cfg.rounds, initial=run.round, desc=f"{cfg.method} rounds", unit="round", disable=not progress
     )
     while run.round < cfg.rounds:
         rec = run.step()
         run.save(store)
-        if observer is not None:
-            observer.round(rec)
+        observer.round(rec)
         bar.update(1)
         bar.set_postfix(global_acc=f"{rec['global']['acc']:.3f}")
     bar.close()
@@ -379,13 +376,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     run_id: str = INPROCESS_RUN_ID,
-    observer=None,
+    observer: RunObserver | None = None,
 ) -> dict:
     """Run (or resume) a training; writes the run directory (docs/contracts.md) and returns results.json.
     `run_id` is recorded in every payload's header: the same id as a mailbox run gives byte-identical payloads.
-    `observer` (`train --track`: components.observer) is told the start, each round as it finishes, and the
+    `observer` (fedmedclip.observer; `train --track`: the MLOps layer's MLflow logging) is told the start, each round as it finishes, and the
     end (`finish(results, None)`, or `finish(None, message)` when the run fails)."""
     cfg.validate()
+    observer = observer or NO_OBSERVER
     out = Path(cfg.out)
     _check_resumable(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -399,14 +397,12 @@ def train(
         else:
             results = _run_reference(cfg, prepared, out, progress, observer)
     except BaseException as exc:
-        if observer is not None:
-            observer.finish(None, f"{type(exc).__name__}: {exc}")
+        observer.finish(None, f"{type(exc).__name__}: {exc}")
         raise
     results["timing"]["total_seconds"] = time.perf_counter() - t0
     results["timing"]["feature_seconds"] = prepared.feature_seconds
     atomic_write_json(out / "results.json", results)
-    if observer is not None:
-        observer.finish(results, None)
+    observer.finish(results, None)
     return results
 
 

@@ -454,12 +454,13 @@ def export_site_state(
     manifest = mb.get_json(mb.manifest_key, "server")
     if manifest is None:
         raise FedMedClipError(f"{mb.where(mb.manifest_key)} is missing: no run {run_id!r} in that mailbox")
-    status = mb.status(SERVER) or {}
-    if status.get("state") != "done" or "best_round" not in status:
+    status = mb.status(SERVER)
+    if status is None or status.state != "done" or status.best_round is None:
+        state = status.state if status is not None else None
         raise FedMedClipError(
-            f"run {run_id} has not finished (server status {status.get('state')!r}): nothing selected yet"
+            f"run {run_id} has not finished (server status {state!r}): nothing selected yet"
         )
-    best = int(status["best_round"])
+    best = status.best_round
     own = open_store(state).get(f"model/site_{site}.safetensors")
     if own is None:
         raise FedMedClipError(

@@ -7,7 +7,7 @@ Face model cards, and the documentation FDA's good machine learning practice and
 Every figure comes from the run's own files: per-class counts from partition.json, metrics and confusion
 counts from results.json (the counts written by each site about its own test split, checked here since another
 party wrote them), privacy from results.json's `privacy` section. No image and no image id enters a card.
-`components/model_card.py` logs it to MLflow at registration; `fedmedclip card NAME@ALIAS` prints it.
+`mlops/model_card.py` logs it to MLflow at registration; `fedmedclip card NAME@ALIAS` prints it.
 """
 
 from __future__ import annotations

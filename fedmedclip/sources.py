@@ -1,6 +1,6 @@
 """Remote image sources (`--data s3://BUCKET`) behind a small interface, so the core reads data published per
 holder without importing boto3. The MLOps layer registers `s3` under the entry-point group `fedmedclip.sources`
-(`components/sources.py`); local folders, CSV manifests and `synthetic` never go through here.
+(`mlops/site_data.py`); local folders, CSV manifests and `synthetic` never go through here.
 
 A source provides:
 - `published(cfg) -> ImageSet`: every image's id, label and split, without pixels: enough to draw the

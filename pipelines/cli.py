@@ -8,7 +8,6 @@ Nothing heavy is imported at module level (docs/contracts.md): kfp, torch and ml
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -232,7 +231,7 @@ def _local_stack_for(cfg, args) -> str:
         return ""
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         return ""  # the environment's own credentials, for every task
-    from components.stack import read_state, recorded_stack_dir
+    from devstack.stack import read_state, recorded_stack_dir
 
     stack = recorded_stack_dir()
     return str(Path(stack).resolve()) if read_state(stack) is not None else ""
@@ -262,6 +261,7 @@ def cmd_run(args) -> int:
 
 def _run_local(args, cfg, root: Path, local_stack: str):
     from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
+    from pipelines._kfp_local import kfp_chatter_off
     from pipelines.local import run_local, server_status_reader
 
     root.mkdir(parents=True, exist_ok=True)
@@ -283,7 +283,7 @@ def _run_local(args, cfg, root: Path, local_stack: str):
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
     mailbox = args.mailbox or cfg.data.rstrip("/")
-    with _kfp_chatter_off(not args.verbose):
+    with kfp_chatter_off(not args.verbose):
         return run_local(
             yaml_path,
             root,
@@ -293,28 +293,6 @@ def _run_local(args, cfg, root: Path, local_stack: str):
             rounds_of=server_status_reader(mailbox, local_stack),
             **params,
         )
-
-
-@contextlib.contextmanager
-def _kfp_chatter_off(active: bool):
-    """kfp.local logs every loop item it selects at INFO on the root logger, whose console handler our CLI set
-    up: keep kfp's records below WARNING off the console (they are in the task log)."""
-    if not active:
-        yield
-        return
-    marker = f"{os.sep}kfp{os.sep}"
-
-    def keep(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or marker not in record.pathname
-
-    handlers = list(logging.getLogger().handlers)
-    for h in handlers:
-        h.addFilter(keep)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            h.removeFilter(keep)
 
 
 def learning_curve(results: dict) -> str:
@@ -501,10 +479,10 @@ def cmd_submit(args) -> int:
 def cmd_demo(args) -> int:
     """The newcomer path: local stack, data in its S3 one prefix per site, the pipeline on this machine with
     each task holding only its own role's key, a live MLflow run, a registered and promoted model."""
-    from components.policies import default_site_names
-    from components.stack import start_stack
+    from devstack.stack import start_stack
     from fedmedclip.errors import ConfigError
     from fedmedclip.tracking_server import recorded_stack_dir
+    from mlops.policies import default_site_names
 
     cfg = validated_config(args)
     _local_paths(cfg)
@@ -541,7 +519,7 @@ def _ui_link(tracking_uri: str, experiment: str) -> str:
     try:
         from mlflow import MlflowClient
 
-        from components.tracking import experiment_ui_url
+        from mlops.tracking import experiment_ui_url
 
         exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
         return experiment_ui_url(tracking_uri, exp.experiment_id) if exp is not None else tracking_uri
@@ -552,9 +530,9 @@ def _ui_link(tracking_uri: str, experiment: str) -> str:
 def _publish_for_demo(cfg, info, quiet: bool) -> str:
     """Publish the demo's data to the local stack's S3, one prefix per site, as the publisher role; one bucket
     per (source, partition), so a later demo reuses it and another data set never collides."""
-    from components.site_data import partition_settings, publish
-    from components.stack import add_data_root, use_stack_s3
+    from devstack.stack import add_data_root, use_stack_s3
     from fedmedclip.features import canonical_digest
+    from mlops.site_data import partition_settings, publish
 
     key = {"data": cfg.data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
     bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
@@ -640,6 +618,10 @@ def register(subparsers) -> None:
     s.set_defaults(func=cmd_submit)
     p.set_defaults(func=lambda a: (p.print_help(sys.stderr), 2)[1])
 
+    try:  # the demo starts the local development stack, which the images do not ship
+        from devstack.cli import add_port_options
+    except ImportError:
+        return
     d = subparsers.add_parser(
         "demo",
         help="start the local stack, run the pipeline locally on its S3, register and promote the model",
@@ -649,8 +631,6 @@ def register(subparsers) -> None:
         default=None,
         help="local stack data directory (default: $FEDMEDCLIP_STACK_DIR, else .stack)",
     )
-    from components.cli import add_port_options
-
     add_port_options(d)  # used when the stack starts; a running stack keeps its ports
     d.add_argument("--out", default=None, help="copy the run directory here")
     d.add_argument(

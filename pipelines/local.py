@@ -1,27 +1,17 @@
 """Running the pipeline on this machine with kfp.local (SubprocessRunner: each task is a subprocess of
 this Python, no Docker, no cluster). It runs the compiled IR YAML itself: the artifact a cluster gets.
 
-Concurrency. On Argo every iteration of a `dsl.ParallelFor` runs at once (unless the loop sets
-`parallelism`). kfp.local 2.17 does not: it runs at most `ParallelExecutor.conservative_max` = 2 iterations at
-a time whatever the loop says (kfp/local/orchestrator/enhanced_dag_orchestrator.py), and sibling tasks with no
-dependency between them one after another. The federation runs its server and every site as the iterations of
-one ParallelFor, and they wait for one another: two at a time, they would never finish. So the local runner,
-and only it, lifts that cap while it runs (`parallel_for_runs_all_iterations`), after checking that the
-installed kfp still has the structure the lift relies on (`check_local_orchestrator`); a kfp that changed
-fails there with a message instead of hanging. tests/test_kfp_local.py proves both the cap and the lift with
-real kfp.local runs.
+Every ParallelFor iteration runs at once, as on Argo (the federation's server and sites wait for one another):
+kfp.local's own cap of two is lifted while a run goes on (pipelines/_kfp_local.py, where every kfp.local
+workaround lives). tests/test_kfp_local.py proves both the cap and the lift with real kfp.local runs.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import inspect
 import json
 import logging
-import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -30,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
+
+from ._kfp_local import not_kfp_cleanup, parallel_for_runs_all_iterations, process_state_restored
 
 log = logging.getLogger("fedmedclip.pipeline")
 
@@ -132,13 +124,13 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
         def client():
             if "client" not in found:
                 if local_stack:
-                    from components.stack import read_state
+                    from devstack.stack import read_state
 
                     found["client"] = read_state(local_stack).s3_client()
                 else:
-                    import boto3
+                    from mlops.s3 import s3_client
 
-                    found["client"] = boto3.client("s3")
+                    found["client"] = s3_client()
             return found["client"]
 
         def newest():
@@ -184,101 +176,6 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def _not_kfp_cleanup(record: logging.LogRecord) -> bool:
-    # The one kfp.local message logged after its own handler is gone, so it would reach the console.
-    return not (f"{os.sep}kfp{os.sep}" in record.pathname and record.getMessage().startswith("Cleaned up"))
-
-
-# kfp.local's cap on concurrent ParallelFor iterations, as measured on the pinned kfp (2.17.0).
-KFP_LOCAL_ITERATION_CAP = 2
-
-
-class LocalOrchestratorChanged(FedMedClipError):
-    """The installed kfp's local orchestrator is not the one `parallel_for_runs_all_iterations` was written for."""
-
-
-def check_local_orchestrator():
-    """The kfp.local structure that lifting the iteration cap relies on; returns the orchestrator module.
-
-    - `ParallelExecutor()` (no arguments) caps iterations at `conservative_max` and `max_workers`;
-    - `execute_parallel_tasks` bounds its thread pool by `self.conservative_max`;
-    - `run_enhanced_dag` looks `ParallelExecutor` up in its module when it runs a DAG (so replacing the
-      module's name for the duration of a run reaches it)."""
-    import kfp
-    from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
-
-    problems = []
-    executor_class = getattr(orchestrator, "ParallelExecutor", None)
-    if executor_class is None:
-        problems.append("it has no ParallelExecutor")
-    else:
-        executor = executor_class()
-        caps = (getattr(executor, "conservative_max", None), getattr(executor, "max_workers", None))
-        if caps != (KFP_LOCAL_ITERATION_CAP, KFP_LOCAL_ITERATION_CAP):
-            problems.append(f"ParallelExecutor() caps (conservative_max, max_workers) are {caps}")
-        try:
-            pool_source = inspect.getsource(executor_class.execute_parallel_tasks)
-            dag_source = inspect.getsource(orchestrator.run_enhanced_dag)
-        except (AttributeError, OSError, TypeError) as e:
-            problems.append(f"its source cannot be read ({e})")
-        else:
-            if "self.conservative_max" not in pool_source:
-                problems.append("execute_parallel_tasks no longer bounds its pool by self.conservative_max")
-            if "ParallelExecutor()" not in dag_source:
-                problems.append("run_enhanced_dag no longer creates ParallelExecutor()")
-    if problems:
-        raise LocalOrchestratorChanged(
-            f"kfp {kfp.__version__}: the local orchestrator changed ({'; '.join(problems)}); "
-            "pipelines/local.py (parallel_for_runs_all_iterations) was written for kfp 2.17.0 and must be "
-            "reviewed before the federation's workers can run together locally"
-        )
-    return orchestrator
-
-
-@contextlib.contextmanager
-def parallel_for_runs_all_iterations():
-    """Within the block, kfp.local runs all iterations of a ParallelFor at once, as Argo does (a loop's
-    `parallelism`, when set, still bounds them). Only the executor class the orchestrator instantiates is
-    swapped, and it is put back on exit."""
-    from kfp.local.orchestrator import enhanced_dag_orchestrator
-
-    if getattr(enhanced_dag_orchestrator.ParallelExecutor, "lifted_by_fedmedclip", False):
-        yield  # an enclosing block already lifted it
-        return
-    orchestrator = check_local_orchestrator()
-    capped = orchestrator.ParallelExecutor
-
-    class AllIterationsExecutor(capped):
-        lifted_by_fedmedclip = True
-
-        def __init__(self, max_workers: int | None = None):
-            super().__init__(max_workers)
-            # The thread pool starts threads only for the iterations it is given: as many as the loop has.
-            self.conservative_max = sys.maxsize
-            self.max_workers = sys.maxsize if max_workers is None else max_workers
-
-    orchestrator.ParallelExecutor = AllIterationsExecutor
-    try:
-        yield
-    finally:
-        orchestrator.ParallelExecutor = capped
-
-
-@contextlib.contextmanager
-def _process_state_restored():
-    """kfp.local swaps builtins.print (to indent a task's output) and the root logger's handlers and level
-    for the duration of each task, and restores what it found. Tasks that overlap restore each other's swaps,
-    which can leave print indenting and the root logger writing to stdout for the rest of the process."""
-    root = logging.getLogger()
-    saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        builtins.print = saved_print
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-
-
 @dataclass
 class CompiledRun:
     task: object  # what kfp.local returns for the pipeline: `.outputs` holds its outputs
@@ -313,7 +210,7 @@ def run_compiled(
     watcher = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(parallel_for_runs_all_iterations())
-        stack.enter_context(_process_state_restored())
+        stack.enter_context(process_state_restored())
         if log_path is not None:
             log_path = Path(log_path)
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,8 +234,8 @@ def run_compiled(
             )
             watcher.start()
             root_logger = logging.getLogger()
-            root_logger.addFilter(_not_kfp_cleanup)
-            stack.callback(root_logger.removeFilter, _not_kfp_cleanup)
+            root_logger.addFilter(not_kfp_cleanup)
+            stack.callback(root_logger.removeFilter, not_kfp_cleanup)
         try:
             task = pipeline(**params)
         except RuntimeError as e:

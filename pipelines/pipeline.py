@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from components.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 from fedmedclip.config import TrainConfig
 from fedmedclip.methods import DEFAULT_METHOD
+from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
 DEFAULT_YAML = Path(__file__).with_name("fedmedclip_pipeline.yaml")

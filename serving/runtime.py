@@ -1,42 +1,19 @@
 """The exported classifier on ONNX Runtime: provider selection, the contract check, and `run`.
 
-Reads only what docs/contracts.md promises ("Exported model (ONNX)"); a file that breaks the contract, or
-whose outputs on a warm-up batch are not finite, is refused at start-up with a message naming the broken
-part, never at the first request.
+Reads only what docs/contracts.md promises ("Exported model (ONNX)", checked by fedmedclip.onnx_contract, as
+registration checks it); a file that breaks the contract, or whose outputs on a warm-up batch are not finite,
+is refused at start-up with a message naming the broken part, never at the first request.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedmedclip.digests import (
-    FORMAT_VERSION,
-    META_CLASS_NAMES,
-    META_DRIFT_REFERENCE,
-    META_DRIFT_REFERENCE_SHAPE,
-    META_DRIFT_SIGMA,
-    META_FORMAT_VERSION,
-    META_IMAGE_SIZE,
-    META_OOD_CALIBRATION,
-    META_OOD_FALSE_ALARM_RATE,
-    META_OOD_METHOD,
-    META_OOD_THRESHOLD,
-    META_PRECISION,
-    META_PREPROCESSING,
-    OOD_METADATA_KEYS,
-    OOD_OUTPUTS,
-    SERVING_METADATA_KEYS,
-    sha256_bytes,
-)
-from fedmedclip.preprocess import Preprocessing
+from fedmedclip.digests import sha256_bytes
+from fedmedclip.onnx_contract import ContractError, contract_of_session
 
 from .errors import ServingError
 
@@ -45,134 +22,6 @@ log = logging.getLogger("fedmedclip.serving")
 DEVICES = ("auto", "cuda", "cpu")
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
-
-
-@dataclass(frozen=True)
-class OodContract:
-    """The exported OOD score's calibration and the drift reference (docs/contracts.md, "Exported model")."""
-
-    method: str
-    threshold: float
-    false_alarm_rate: float
-    calibration: dict
-    reference: np.ndarray = field(repr=False)  # float32 [R, K]: embeddings of the exporting party's images
-    sigma: float  # the MMD's Gaussian kernel bandwidth
-
-
-@dataclass(frozen=True)
-class ModelContract:
-    """What the server needs from the ONNX metadata and signature."""
-
-    class_names: tuple[str, ...]
-    image_size: int
-    preprocessing: Preprocessing
-    precision: str
-    metadata: dict[str, str] = field(repr=False)
-    ood: OodContract | None = None  # None: an export without the OOD score (served without its fields)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["probabilities", "class_index", *(OOD_OUTPUTS if self.ood else ())]
-
-
-def read_contract(session, source: str) -> ModelContract:
-    """Check the session's inputs/outputs and metadata_props against the export contract."""
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    missing = [k for k in SERVING_METADATA_KEYS if k not in meta]
-    if missing:
-        raise ServingError(
-            f"{source} is not a fedmedclip export: metadata_props lack {missing} "
-            "(export it with `fedmedclip export`)"
-        )
-    version = meta.get(META_FORMAT_VERSION, "")
-    if version != FORMAT_VERSION:
-        raise ServingError(
-            f"{source} has {META_FORMAT_VERSION}={version!r}; this server reads format {FORMAT_VERSION}"
-        )
-    try:
-        class_names = tuple(str(c) for c in json.loads(meta[META_CLASS_NAMES]))
-        image_size = int(meta[META_IMAGE_SIZE])
-        pre = Preprocessing.from_dict(json.loads(meta[META_PREPROCESSING]))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ServingError(
-            f"{source}: unreadable fedmedclip metadata ({type(exc).__name__}: {exc})"
-        ) from None
-    if not class_names:
-        raise ServingError(f"{source}: {META_CLASS_NAMES} is empty")
-    if pre.size != image_size:
-        raise ServingError(
-            f"{source}: preprocessing size {pre.size} != {META_IMAGE_SIZE} {image_size} (broken export)"
-        )
-
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
-        got = [(i.name, i.type) for i in inputs]
-        raise ServingError(f"{source}: expected one input 'images' of tensor(uint8), got {got}")
-    shape = inputs[0].shape
-    if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] not in (
-        [image_size, image_size, 3],
-        [],
-    ):
-        raise ServingError(
-            f"{source}: input 'images' has shape {shape}, expected [N, {image_size}, {image_size}, 3]"
-        )
-    outputs = {o.name: o for o in session.get_outputs()}
-    for name, types in (
-        ("probabilities", ("tensor(float)", "tensor(float16)")),
-        ("class_index", ("tensor(int64)",)),
-    ):
-        if name not in outputs or outputs[name].type not in types:
-            got = [(o.name, o.type) for o in outputs.values()]
-            raise ServingError(f"{source}: expected output {name!r} of {types[0]}, got {got}")
-    width = outputs["probabilities"].shape[-1]
-    if isinstance(width, int) and width != len(class_names):
-        raise ServingError(f"{source}: {width} probabilities per image but {len(class_names)} class names")
-    ood = None
-    if any(name in outputs for name in OOD_OUTPUTS):
-        ood = _read_ood(meta, outputs, source)
-    return ModelContract(
-        class_names=class_names,
-        image_size=image_size,
-        preprocessing=pre,
-        precision=meta.get(META_PRECISION, "fp32"),
-        metadata=meta,
-        ood=ood,
-    )
-
-
-def _read_ood(meta: dict[str, str], outputs: dict, source: str) -> OodContract:
-    """The OOD outputs and their metadata, all or nothing: a half-exported score is refused at start-up."""
-    for name, dtype in (("ood_score", "tensor(float)"), ("drift_embedding", "tensor(float)")):
-        if name not in outputs or outputs[name].type != dtype:
-            raise ServingError(f"{source}: has OOD outputs but not {name!r} of {dtype} (broken export)")
-    missing = [k for k in OOD_METADATA_KEYS if k not in meta]
-    if missing:
-        raise ServingError(f"{source}: has OOD outputs but its metadata_props lack {missing} (broken export)")
-    try:
-        threshold = float(meta[META_OOD_THRESHOLD])
-        rate = float(meta[META_OOD_FALSE_ALARM_RATE])
-        sigma = float(meta[META_DRIFT_SIGMA])
-        calibration = json.loads(meta[META_OOD_CALIBRATION])
-        rows, dims = (int(x) for x in meta[META_DRIFT_REFERENCE_SHAPE].split(","))
-        reference = np.frombuffer(base64.b64decode(meta[META_DRIFT_REFERENCE], validate=True), dtype="<f4")
-        reference = reference.reshape(rows, dims).astype(np.float32)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise ServingError(f"{source}: unreadable OOD metadata ({type(exc).__name__}: {exc})") from None
-    if not (math.isfinite(threshold) and 0 < rate < 1 and math.isfinite(sigma) and sigma > 0):
-        raise ServingError(
-            f"{source}: OOD threshold {threshold}, false-alarm rate {rate} and kernel bandwidth {sigma} must be "
-            "finite, the rate in (0, 1) and the bandwidth positive"
-        )
-    if rows < 2 or not np.isfinite(reference).all() or not isinstance(calibration, dict):
-        raise ServingError(f"{source}: the drift reference must hold 2 or more finite rows")
-    width = outputs["drift_embedding"].shape[-1]
-    if isinstance(width, int) and width != dims:
-        raise ServingError(f"{source}: embeddings of {width} values but a drift reference of {dims}")
-    return OodContract(meta[META_OOD_METHOD], threshold, rate, calibration, reference, sigma)
 
 
 def create_session(
@@ -266,7 +115,10 @@ class OnnxClassifier:
         self.session = create_session(self.path, device, intra_op_threads, spin, model_bytes)
         del model_bytes  # ONNX Runtime holds its own copy
         self.providers = tuple(self.session.get_providers())
-        self.contract = read_contract(self.session, str(self.path))
+        try:
+            self.contract = contract_of_session(self.session, str(self.path))
+        except ContractError as exc:
+            raise ServingError(str(exc)) from None
         self._outputs = self.contract.output_names
         self._warmed: set[int] = set()
 

@@ -83,9 +83,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def mlops_stack(tmp_path_factory):
     """A real local stack (moto S3 + MLflow server) on free loopback ports, shared by the session.
 
-    Yields components.stack.StackInfo: .tracking_uri, .s3_endpoint, .bucket (versioned), .env (a dict of
+    Yields devstack.stack.StackInfo: .tracking_uri, .s3_endpoint, .bucket (versioned), .env (a dict of
     MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL and AWS credentials), .s3_client(). About 8 s to start."""
-    from components.stack import start_stack, stop_stack
+    from devstack.stack import start_stack, stop_stack
 
     data_dir = tmp_path_factory.mktemp("stack")
     s3_port, mlflow_port = free_ports(2)
@@ -99,7 +99,7 @@ def mlops_stack(tmp_path_factory):
 @pytest.fixture
 def as_stack_role(mlops_stack, monkeypatch):
     """`as_stack_role("site_0")`: this test's process (and the processes it starts) acts as that role of the
-    session stack, with that role's S3 key only (components/policies.py says what it may do); the admin's
+    session stack, with that role's S3 key only (mlops/policies.py says what it may do); the admin's
     variables are removed. Returns the role's environment."""
 
     def switch(role: str) -> dict[str, str]:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from components.backbones import (
+from fedmedclip.backbone import load_backbone, random_clip
+from fedmedclip.cli import main
+from mlops.backbones import (
     MANIFEST,
     BackbonePublishError,
     BackboneUnavailable,
     push_backbone,
     resolve_backbone,
 )
-from fedmedclip.backbone import load_backbone, random_clip
-from fedmedclip.cli import main
 
 
 def save_clip(directory: Path, seed: int) -> Path:

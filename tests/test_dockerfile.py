@@ -192,7 +192,20 @@ def test_packages_installed_by_the_images_are_copied(stages):
         copied = {
             shlex.split(t)[0] for k, t in stages[target]["instructions"] if k == "COPY" and "--from" not in t
         }
-        assert {"fedmedclip", "components", "pipelines", "serving", "pyproject.toml"} <= copied, target
+        assert {"fedmedclip", "mlops", "components", "pipelines", "serving", "pyproject.toml"} <= copied, (
+            target
+        )
+
+
+def test_no_image_ships_the_development_stack_or_tests(stages):
+    """devstack/ (moto S3, a local MLflow, `fedmedclip stack`) and the tests beside the components stay out."""
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip()]
+    for stage in stages.values():
+        for keyword, text in stage["instructions"]:
+            assert not (keyword in ("COPY", "ADD") and "devstack" in text), f"{stage['name']}: {text}"
+    assert _dockerignored("devstack", patterns)
+    tests = [p.relative_to(REPO).as_posix() for p in (REPO / "components").rglob("test_*.py")]
+    assert tests and all(_dockerignored(t, patterns) for t in tests)
 
 
 def _env(stage: dict) -> dict[str, str]:

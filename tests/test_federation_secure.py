@@ -288,7 +288,10 @@ def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_
     registered keys into the manifest; the run is the engine's secure run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from components.kfp_components import config_to_parameters, prepare_step, report_step, worker_step
+    from components.kfp_components import config_to_parameters
+    from components.prepare.component import prepare_step
+    from components.report.component import report_step
+    from components.worker.component import worker_step
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_id, mailbox = "pipeline", str(tmp_path / "mailbox")

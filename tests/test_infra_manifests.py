@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from components.sites import (
+from mlops.sites import (
     DATA_BUCKET,
     DEFAULT_SITES,
     ENDPOINTS_CONFIGMAP,
@@ -286,7 +286,7 @@ def test_one_policy_per_site_limited_to_its_prefix(index):
         for other in range(DEFAULT_SITES):
             if other != k:
                 assert site_prefix(other) not in text, f"site {k}'s policy mentions site {other}'s prefix"
-        # What each policy allows is tests/test_isolation.py's (the file is generated from components/policies.py).
+        # What each policy allows is tests/test_isolation.py's (the file is generated from mlops/policies.py).
         assert f"{DATA_BUCKET}/{own}" in text
         assert all(s["Effect"] == "Allow" for s in policy["Statement"])
         # the Job creates this site's user from the site's own secret
@@ -857,7 +857,7 @@ def test_site_credentials_policy_admits_the_pipeline_and_refuses_the_rest(index)
     debug = _site_pod("unrelated-secret")
     debug["spec"]["ephemeralContainers"] = _site_pod(site0)["spec"]["containers"]
     assert admit(vap, params, debug, "alice", operation="UPDATE")
-    # The names it guards are exactly the pipeline's (components/sites.py).
+    # The names it guards are exactly the pipeline's (mlops/sites.py).
     pattern = cel.evaluate(vap["spec"]["variables"][0]["expression"], {})
     assert all(re.match(pattern, n) for n in (site0, "fedmedclip-site-hospital-a-s3", server))
     assert not any(

@@ -1,5 +1,5 @@
 """Site isolation enforced by the real local S3 server (moto with IAM enforcement, behind the stack's guard),
-with the per-role policies of components/policies.py, which also render the cluster's MinIO policies.
+with the per-role policies of mlops/policies.py, which also render the cluster's MinIO policies.
 
 Every refusal is asserted by the error code the server answers, and every allowed operation is performed
 and checked, so each case can fail both ways. Objects a refused write aimed at are checked unchanged."""
@@ -21,8 +21,8 @@ pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
 
-from components import policies  # noqa: E402
-from components.stack import ADMIN, DEFAULT_DATA_BUCKET, StackError, add_data_root  # noqa: E402
+from devstack.stack import ADMIN, DEFAULT_DATA_BUCKET, StackError, add_data_root  # noqa: E402
+from mlops import policies  # noqa: E402
 
 RUN = f"iso-{uuid.uuid4().hex[:8]}"  # this session's run id: the shared bucket may hold other tests' objects
 BUCKET = DEFAULT_DATA_BUCKET
@@ -53,10 +53,13 @@ def _client(stack, role=None, access_key=None, secret_key=None, signed=True, ser
 def run_cli(*argv) -> int:
     import argparse
 
-    from components import cli
+    from devstack import cli as stack_cli
+    from mlops import cli
 
     parser = argparse.ArgumentParser(prog="fedmedclip")
-    cli.register(parser.add_subparsers(dest="command"))
+    sub = parser.add_subparsers(dest="command")
+    cli.register(sub)
+    stack_cli.register(sub)
     args = parser.parse_args([str(a) for a in argv])
     return args.func(args)
 
@@ -510,7 +513,7 @@ def test_each_role_has_its_own_key_in_a_private_state_file(seeded, capsys):
 
 def test_committed_minio_policies_are_the_generated_ones():
     committed = policies.MINIO_POLICIES_YAML.read_text()
-    assert committed == policies.render_minio_policies(), "stale: run `python -m components.policies --write`"
+    assert committed == policies.render_minio_policies(), "stale: run `python -m mlops.policies --write`"
     data = yaml.safe_load(committed)["data"]
     assert list(data) == [
         "publisher.json",

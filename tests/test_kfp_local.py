@@ -1,5 +1,5 @@
 """kfp.local as the federation needs it, with the pinned kfp: every ParallelFor iteration runs at once under
-`pipelines.local` (the server worker and the site workers wait for one another), and a compile-size harness
+`pipelines/_kfp_local.py` (the server worker and the site workers wait for one another), and a compile-size harness
 for pipelines whose graph must not grow with sites and rounds.
 
 `assert_same_yaml_for_every_size` is the harness the federation pipeline's test uses:
@@ -21,12 +21,13 @@ import yaml
 from kfp import compiler, dsl
 
 from fedmedclip.errors import FedMedClipError
-from pipelines.local import (
+from pipelines._kfp_local import (
     KFP_LOCAL_ITERATION_CAP,
+    PINNED_VERSION,
     check_local_orchestrator,
     parallel_for_runs_all_iterations,
-    run_compiled,
 )
+from pipelines.local import run_compiled
 
 # ------------------------------------------------------------------------------ compile-size harness
 
@@ -137,11 +138,13 @@ def meeting_yaml(tmp_path_factory) -> Path:
 
 
 def test_the_pinned_kfp_local_orchestrator_is_the_one_we_patch():
-    """Fails when kfp changes underneath: the cap we lift, and how the orchestrator creates it."""
-    import kfp
+    """Fails when kfp changes underneath (pipelines/_kfp_local.py lists what it works around): the pin, the
+    cap we lift, and how the orchestrator creates it."""
+    from importlib.metadata import version
+
     from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
 
-    assert kfp.__version__ == "2.17.0"
+    assert version("kfp") == PINNED_VERSION == "2.17.0"
     assert check_local_orchestrator() is orchestrator
     capped = orchestrator.ParallelExecutor
     assert (capped().conservative_max, capped(max_workers=8).max_workers) == (KFP_LOCAL_ITERATION_CAP,) * 2

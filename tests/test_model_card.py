@@ -1,4 +1,4 @@
-"""Model cards (fedmedclip/model_card.py, components/model_card.py) and privacy in the registry, against a real
+"""Model cards (fedmedclip/model_card.py, mlops/model_card.py) and privacy in the registry, against a real
 MLflow server: every registered version gets a card with the required sections, logged beside its model and
 printed by `fedmedclip card NAME@ALIAS`; the version carries the privacy facts as tags, the exported ONNX
 carries them in its metadata, and `promote --max-epsilon` refuses a version above the budget or without DP."""
@@ -13,14 +13,15 @@ import pytest
 from conftest import SYNTH
 from run_fixtures import make_run_dir
 
-from components import cli as ccli
-from components.tracking import PrivacyRefused, log_run_dir, promote, register_model
 from fedmedclip import engine
 from fedmedclip.config import TrainConfig
 from fedmedclip.digests import META_PRIVACY
 from fedmedclip.export import export_onnx
 from fedmedclip.metrics import metrics_from_confusion
 from fedmedclip.model_card import SECTIONS, build_card, render_markdown
+from mlops import cli as ccli
+from mlops.registry import PrivacyRefused, promote, register_model
+from mlops.rundir import log_run_dir
 
 TARGET = 6.0
 

@@ -17,8 +17,8 @@ from conftest import SYNTH  # noqa: E402
 from test_kfp_local import MAX_PIPELINE_YAML_BYTES, assert_same_yaml_for_every_size  # noqa: E402
 
 from components.kfp_components import DEFAULT_BASE_IMAGE, MLFLOW_SECRET_NAME  # noqa: E402
-from components.sites import ENDPOINTS_CONFIGMAP, SERVER_SECRET_NAME  # noqa: E402
 from fedmedclip.cli import main  # noqa: E402
+from mlops.sites import ENDPOINTS_CONFIGMAP, SERVER_SECRET_NAME  # noqa: E402
 from pipelines.pipeline import DEFAULT_YAML, CompileOptions, build_pipeline, compile_pipeline  # noqa: E402
 
 
@@ -237,10 +237,10 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     same time), report, registration and promotion. Metrics and payloads are `fedmedclip train`'s."""
     import uuid
 
-    from components.site_data import publish
-    from components.stack import add_data_root, use_stack_s3
+    from devstack.stack import add_data_root, use_stack_s3
     from fedmedclip.config import TrainConfig
     from fedmedclip.engine import train
+    from mlops.site_data import publish
     from pipelines.local import run_local
 
     bucket = f"fmc-pipe-{uuid.uuid4().hex[:10]}"
@@ -432,10 +432,10 @@ def test_round_progress_comes_from_the_servers_status_in_the_mailbox(tmp_path, m
     status in the mailbox (a local folder, or S3 with the local stack's key) of the run they started."""
     import uuid
 
-    from components.s3store import S3Store
-    from components.stack import add_data_root
+    from devstack.stack import add_data_root
     from fedmedclip.federation.mailbox import Mailbox
     from fedmedclip.federation.storage import open_store
+    from mlops.s3 import S3Store
     from pipelines.local import rounds_closed, server_status_reader
 
     bucket = f"fmc-progress-{uuid.uuid4().hex[:8]}"

@@ -1,5 +1,5 @@
 """The server's registry path against the real local stack (moto S3 + MLflow server, `mlops_stack`):
-a model registered by `components.tracking.register_model` is fetched with `models:/NAME@ALIAS` and verified
+a model registered by `mlops.registry.register_model` is fetched with `models:/NAME@ALIAS` and verified
 against its `onnx_sha256` tag; a tampered or missing tag refuses to start."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys):
     import onnxruntime as ort
     from mlflow import MlflowClient
 
-    from components.tracking import log_run_dir, promote, register_model
+    from mlops.registry import promote, register_model
+    from mlops.rundir import log_run_dir
     from serving.cli import main
     from serving.errors import ServingError
     from serving.runtime import OnnxClassifier

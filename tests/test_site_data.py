@@ -1,4 +1,4 @@
-"""Data in S3 with one prefix per site (components/site_data.py) on a real S3 server (moto, the local stack,
+"""Data in S3 with one prefix per site (mlops/site_data.py) on a real S3 server (moto, the local stack,
 enforcing per-role credentials): published images reach each holder's tasks unchanged, each party works with
 its own role's key, a site's task downloads only its own prefix, a site can publish its own share and read
 it back from its prefix alone, ids from catalogs and manifests stay inside their root, and the pipeline run
@@ -16,19 +16,20 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
-from components.kfp_components import extract_step, prepare_step  # noqa: E402
-from components.site_data import (  # noqa: E402
+from components.extract.component import extract_step  # noqa: E402
+from components.prepare.component import prepare_step  # noqa: E402
+from devstack.stack import add_data_root  # noqa: E402
+from fedmedclip.config import TrainConfig  # noqa: E402
+from fedmedclip.errors import ConfigError, DataError  # noqa: E402
+from mlops.site_data import (  # noqa: E402
     CATALOG,
     PUBLISHED,
-    _md5,
     publish,
     publish_site,
     read_site_assignment,
     read_site_summary,
 )
-from components.stack import add_data_root  # noqa: E402
-from fedmedclip.config import TrainConfig  # noqa: E402
-from fedmedclip.errors import ConfigError, DataError  # noqa: E402
+from mlops.tree import file_digest  # noqa: E402
 
 SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 48}
 
@@ -114,7 +115,7 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
         # the site's data is complete in its prefix: its split in the partition's order, the digest, MD5s
         assert site_catalog["assignment"] == part.sites[site] and site_catalog["index"] == k
         assert site_catalog["partition_digest"] == part.digest
-        assert site_catalog["md5"] == {i: _md5(Path(by_id[i].path)) for i in ids}
+        assert site_catalog["md5"] == {i: file_digest(by_id[i].path, "md5") for i in ids}
         site_summary = json.loads(
             client.get_object(Bucket=bucket, Key=f"summaries/sites/{k}.json")["Body"].read()
         )

@@ -18,8 +18,8 @@ from conftest import free_port, free_ports
 from onnx_fixtures import make_tiny_onnx
 from run_fixtures import make_run_dir
 
-from components import cli as ccli
-from components.stack import (
+from devstack import cli as stack_cli
+from devstack.stack import (
     StackError,
     _group_members,
     mlflow_healthy,
@@ -27,22 +27,18 @@ from components.stack import (
     stack_status,
     start_stack,
 )
-from components.tracking import (
-    PROMOTION_METRIC,
-    DifferentDataRefused,
-    PromotionRefused,
-    RunDirError,
-    TrackingError,
-    log_run_dir,
-    promote,
-    register_model,
-)
 from fedmedclip.errors import FedMedClipError
+from mlops import cli as ccli
+from mlops.registry import DifferentDataRefused, PromotionRefused, promote, register_model
+from mlops.rundir import log_run_dir
+from mlops.tracking import PROMOTION_METRIC, RunDirError, TrackingError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmedclip")
-    ccli.register(parser.add_subparsers(dest="command"))
+    sub = parser.add_subparsers(dest="command")
+    ccli.register(sub)
+    stack_cli.register(sub)
     return parser
 
 
@@ -85,7 +81,7 @@ def test_cli_light_imports():
     import subprocess
     import sys
 
-    code = "import sys; import components.cli; print(sorted(m for m in ('mlflow', 'boto3', 'torch', 'kfp') if m in sys.modules))"
+    code = "import sys; import mlops.cli, devstack.cli; print(sorted(m for m in ('mlflow', 'boto3', 'torch', 'kfp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -167,7 +163,7 @@ def test_taken_default_ports_are_replaced_and_asked_ports_are_kept(monkeypatch):
     one (and a note says which), a port asked for (option or $FEDMEDCLIP_S3_PORT) is used or refused."""
     import socket
 
-    from components import stack
+    from devstack import stack
 
     with socket.socket() as s3_taken, socket.socket() as mlflow_taken:
         for sock in (s3_taken, mlflow_taken):
@@ -510,8 +506,8 @@ def test_train_track_logs_every_round_live_with_every_setting(mlops_stack, tmp_p
     at its own time, with every resolved setting as a parameter; `--resume` continues the same MLflow run."""
     from mlflow import MlflowClient
 
-    from components.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from fedmedclip.cli import main
+    from mlops.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     data = tmp_path / "data"
     assert (
@@ -651,7 +647,7 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
     refused promotion is the task's `promotion` output and an ERROR line, and fails it when asked."""
     from mlflow import MlflowClient
 
-    from components.kfp_components import PROMOTED, REFUSED, register_step
+    from components.register.component import PROMOTED, REFUSED, register_step
 
     uri, name = mlops_stack.tracking_uri, "fedmedclip-retry"
     onnx_dir = tmp_path / "onnx"

@@ -1,4 +1,4 @@
-"""Logging a federated run to MLflow while it goes on (components.tracking.LiveRunLogger), against the real
+"""Logging a federated run to MLflow while it goes on (mlops/live.py: LiveRunLogger, MlflowObserver), against the real
 MLflow server of the local stack; the outage test cuts a real TCP path to it."""
 
 from __future__ import annotations
@@ -11,18 +11,13 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import SYNTH, free_port
 from run_fixtures import make_run_dir
 
-from components.tracking import (
-    COMPLETE_TAG,
-    KFP_RUN_ID_TAG,
-    PROMOTION_METRIC,
-    LiveRunLogger,
-    RunDirError,
-    TrackingError,
-    register_model,
-)
+from fedmedclip.config import TrainConfig
+from mlops.live import LiveRunLogger
+from mlops.registry import register_model
+from mlops.tracking import COMPLETE_TAG, KFP_RUN_ID_TAG, PROMOTION_METRIC, RunDirError, TrackingError
 
 SITES = ["site_0", "site_1", "site_2"]
 
@@ -274,3 +269,104 @@ def test_rounds_logged_during_a_tracking_outage_arrive_when_it_is_back(mlops_sta
         assert points[1].timestamp <= finished_2  # the round's own time, not the time it reached MLflow
     finally:
         relay.down()
+
+
+# ---------------------------------------------------------------- the observer the core calls (mlops/live.py)
+
+
+def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack):
+    from mlflow import MlflowClient
+
+    from mlops.live import MlflowObserver
+
+    cfg = TrainConfig(sites=2, rounds=5, synthetic=SYNTH, out="/nonexistent").validate()
+    manifest = {
+        "sites": [{"name": "site_0"}, {"name": "site_1"}],
+        "codec_up": "fp16-zlib",
+        "codec_down": "fp16-zlib",
+    }
+    obs = MlflowObserver(
+        cfg,
+        "obs-run-1",
+        "observer-test",
+        tracking_uri=mlops_stack.tracking_uri,
+        kfp_run_id="kfp-1",
+        options={"quorum": None, "round_timeout": 600.0, "join_timeout": 3600.0, "norm_factor": 10.0},
+        record_run_dir=False,
+    )
+    obs.start({**manifest, "quorum": 2})
+    for r in (1, 2):
+        obs.round(
+            {
+                "round": r,
+                "global": {"acc": 0.25 * r, "bacc": 0.2 * r},
+                "sites": [{"site": "site_0", "acc": 0.5, "bacc": 0.5, "val_acc": 0.4}],
+                "sites_present": ["site_0", "site_1"],
+                "bytes_up": [10, 12],
+                "bytes_down": [20, 20],
+                "seconds": 0.1,
+            }
+        )
+    obs.finish(None, "round 3: only 1 of 2 sites answered")
+    client = MlflowClient(mlops_stack.tracking_uri)
+    run = client.get_run(obs.tracked_run_id)
+    assert run.info.status == "FAILED" and run.info.run_name == "obs-run-1"
+    assert run.data.tags["kfp.run_id"] == "kfp-1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/acc")] == [1, 2]
+    assert run.data.params["method"] == cfg.method and run.data.params["site_names"] == "site_0,site_1"
+    # Every resolved setting is a parameter: the method's options with their defaults, the operational
+    # settings, the server's options (quorum resolved to every site), the preprocessing the method chose.
+    from mlops.live import resolved_method_options
+
+    params = run.data.params
+    options = resolved_method_options(cfg)
+    assert options and all(
+        params[f"method_options.{k}"] == (v if isinstance(v, str) else json.dumps(v))
+        for k, v in options.items()
+    )
+    assert params["threads"] == str(cfg.threads) and params["min_class_images"] == str(cfg.min_class_images)
+    assert (params["server.quorum"], params["server.join_timeout"], params["server.norm_factor"]) == (
+        "2",
+        "3600.0",
+        "10.0",
+    )
+    assert params["preprocessing"] in ("squash", "clip") and "out" not in params
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.user"] and "fedmedclip.run_dir" not in tags
+    assert "kfp-1" in tags["mlflow.note.content"]
+
+    # An unreachable tracking server turns tracking off; it never stops the federation.
+    off = MlflowObserver(cfg, "obs-run-2", "observer-test", tracking_uri="http://127.0.0.1:9")
+    off.start(manifest)
+    off.round({"round": 1})
+    off.finish({}, None)
+    assert off.tracked_run_id is None
+
+
+def test_server_run_track_finds_the_observer_by_its_entry_point(tmp_path):
+    from importlib.metadata import entry_points
+
+    from fedmedclip.observer import RunObserver
+    from mlops.live import MlflowObserver
+
+    (ep,) = [e for e in entry_points(group="fedmedclip.observers") if e.name == "mlflow"]
+    cfg = TrainConfig(out=str(tmp_path / "run")).validate()
+    obs = ep.load()(cfg=cfg, run_id="r-1", experiment="exp")  # how `fedmedclip server run --track` calls it
+    assert isinstance(obs, MlflowObserver) and obs.run_dir == tmp_path / "run"
+    assert isinstance(obs, RunObserver)  # the core's one observer interface (fedmedclip.observer)
+    assert obs.logger.experiment == "exp" and obs.tracked_run_id is None  # nothing logged before start
+
+
+def test_mlflow_is_the_pinned_version_whose_asynchronous_logging_we_read():
+    """mlops/_mlflow.py lists what live logging takes from mlflow beyond its documented API (the futures of an
+    asynchronous log_batch): if the pin changes, this fails and the list is checked again."""
+    from concurrent.futures import Future
+    from importlib.metadata import version
+
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
+    from mlops._mlflow import PINNED_VERSION, operation_futures
+
+    assert version("mlflow") == PINNED_VERSION == "3.17.2"
+    future = Future()
+    assert operation_futures(RunOperations([future])) == [future]

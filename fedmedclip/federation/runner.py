@@ -20,6 +20,7 @@ from ..backbone import load_backbone, make_preprocessing
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..methods import METHODS
+from ..observer import RunObserver
 from ..preparation import (
     SERVER,
     Prepared,
@@ -86,7 +87,7 @@ def run_server(
     out: str | Path,
     state_url: str | None = None,
     options: ServerOptions | None = None,
-    observer=None,
+    observer: RunObserver | None = None,
     progress: bool = True,
     site_keys: dict[str, str] | str | None = None,
 ) -> dict:

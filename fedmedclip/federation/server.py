@@ -24,6 +24,7 @@ from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
 from ..errors import FedMedClipError
 from ..methods import Method
+from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
@@ -137,14 +138,14 @@ class FederationServer:
         state: ObjectStore,
         out_dir: str | Path,
         options: ServerOptions | None = None,
-        observer=None,
+        observer: RunObserver | None = None,
         verbose: bool = True,
         identities: dict[str, str] | None = None,
     ):
         self.mb, self.setup, self.state = mailbox, setup, state
         self.out = Path(out_dir)
         self.opt = options or ServerOptions()
-        self.observer, self.verbose = observer, verbose
+        self.observer, self.verbose = observer or NO_OBSERVER, verbose
         cfg, part = setup.cfg, setup.partition
         self.cfg, self.method, self.sites = cfg, setup.method, list(part.site_names)
         self.rounds = int(cfg.rounds)
@@ -268,8 +269,7 @@ class FederationServer:
             self._write_global(0, self.payload)
             self.phase, self.round = self._first_phase(), 1
             self._save()
-        if self.observer is not None and hasattr(self.observer, "start"):
-            self.observer.start(self.manifest, resumed=got is not None)
+        self.observer.start(self.manifest, resumed=got is not None)
         self._round_started = self._reports_started = time.monotonic()
         if self.phase == "done":
             selected = self.results["metrics"]["best_round"]
@@ -561,8 +561,7 @@ class FederationServer:
         )
         self._save()  # the records of every closed round stay, for a restart with a lower --quorum
         self._status("failed", message)
-        if self.observer is not None and hasattr(self.observer, "finish"):
-            self.observer.finish(None, message)
+        self.observer.finish(None, message)
         raise FederationError(message)
 
     def _aggregate(self) -> None:
@@ -771,8 +770,7 @@ class FederationServer:
         if is_better(record, round_of(self.history, self.best_round)):
             self.best_round, self.best_val = r, record["val_acc_mean"]
             self.best_received = {k: v.clone() for k, v in self.received.items()}
-        if self.observer is not None and hasattr(self.observer, "round"):
-            self.observer.round(record)
+        self.observer.round(record)
         self._round_line(record)
         if r >= self.rounds:
             self._finish()
@@ -839,8 +837,7 @@ class FederationServer:
         self.results, self.phase, self.finished = results, "done", True
         self._save()
         self._status("done", f"selected round {selected}", best_round=selected)
-        if self.observer is not None and hasattr(self.observer, "finish"):
-            self.observer.finish(results, None)
+        self.observer.finish(results, None)
 
     def run(self) -> dict:
         """Poll until the run ends (or fails with FederationError); returns results.json's content. Whatever

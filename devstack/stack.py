@@ -8,8 +8,8 @@ credentials in `DATA_DIR/stack.json` (mode 0600: it holds every role's secret ke
 
 **The S3 server enforces per-role credentials.** moto runs with `INITIAL_NO_AUTH_ACTION_COUNT=0` (every
 request is authenticated and IAM user policies are evaluated for S3 object operations) inside a small
-wrapper (`python -m components.stack serve-s3`) that, before it serves a single request, creates one IAM
-user and access key per role of components/policies.py (publisher, server, each site, mlflow) plus an
+wrapper (`python -m devstack.stack serve-s3`) that, before it serves a single request, creates one IAM
+user and access key per role of mlops/policies.py (publisher, server, each site, mlflow) plus an
 `admin` user for bootstrapping, so there is no unauthenticated window. The wrapper also closes what moto
 leaves open: its unauthenticated control API (`/moto-api/`: it can switch authentication off, reset the
 server, or dump every object and key), server-side copies (moto checks write access to the destination
@@ -97,7 +97,7 @@ class ServiceInfo:
 
 @dataclass
 class RoleCredentials:
-    """A role's IAM user on the local S3 server (components/policies.py defines what it may do)."""
+    """A role's IAM user on the local S3 server (mlops/policies.py defines what it may do)."""
 
     kind: str  # publisher | server | site | mlflow
     access_key: str
@@ -196,16 +196,9 @@ class StackInfo:
 
     def s3_client(self, role: str | None = None):
         """A boto3 S3 client of the admin, or of `role`."""
-        import boto3
+        from mlops.s3 import s3_client
 
-        access_key, secret_key = self.credentials(role or ADMIN)
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_endpoint,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=self.region,
-        )
+        return s3_client(self.s3_endpoint, *self.credentials(role or ADMIN), region=self.region)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -424,7 +417,7 @@ def _runs_service(pid: int, svc: ServiceInfo) -> bool:
     text = _cmdline(pid)
     if text is None:
         return not Path("/proc").is_dir()  # not Linux: trust the record
-    programs = ("components.stack", "moto_server") if svc.name == "s3" else ("mlflow",)
+    programs = ("devstack.stack", "moto_server") if svc.name == "s3" else ("mlflow",)
     return any(p in text for p in programs) and str(svc.port) in text
 
 
@@ -653,7 +646,7 @@ def start_stack(
     """Start the enforcing S3 server and MLflow in the background; return once both answer and the
     buckets exist.
 
-    One IAM user and key per role of components/policies.py: publisher, server, one per site of
+    One IAM user and key per role of mlops/policies.py: publisher, server, one per site of
     `site_names` (default site_0..site_2; site k's data prefix is `sites/<k>/`), mlflow, granted on each
     of `data_roots` (buckets, or `BUCKET/PREFIX` mailbox roots; their buckets are created, versioned; grant
     more later with `add_data_root`), and an admin. `mlflow_args` are appended to `mlflow server` (e.g.
@@ -662,7 +655,7 @@ def start_stack(
     default is replaced by a free one, logged). If a healthy stack is already recorded in `data_dir`, it is
     returned unchanged (ports, sites and buckets as recorded). Raises StackError naming the problem (port
     taken, server died, with its log tail)."""
-    from components.policies import check_root, default_site_names, roles
+    from mlops.policies import check_root, default_site_names, roles
 
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -710,7 +703,7 @@ def start_stack(
     s3_cmd = [
         sys.executable,
         "-m",
-        "components.stack",
+        "devstack.stack",
         "serve-s3",
         "--host",
         host,
@@ -771,7 +764,7 @@ def start_stack(
 
 def _iam_users(info: StackInfo) -> dict[str, dict[str, dict]]:
     """{user: {inline policy name: document}}: the admin, and every role on every data root."""
-    from components.policies import MLFLOW, data_policy, mlflow_policy, roles
+    from mlops.policies import MLFLOW, data_policy, mlflow_policy, roles
 
     admin = {
         "Version": "2012-10-17",
@@ -798,7 +791,7 @@ def _take_credentials(
     info: StackInfo, svc: ServiceInfo, started: list[ServiceInfo], bootstrap: Path, credentials: Path
 ) -> None:
     """Wait for the keys the S3 wrapper generated and move them into `info` (then the state file)."""
-    from components.policies import roles
+    from mlops.policies import roles
 
     deadline = time.monotonic() + S3_START_TIMEOUT
     while not credentials.exists():
@@ -824,7 +817,7 @@ def add_data_root(data_dir: str | Path, root: str) -> StackInfo:
     In a cluster the buckets and policies come from infra/training instead."""
     from botocore.config import Config
 
-    from components.policies import MLFLOW, check_root, data_policy, roles
+    from mlops.policies import MLFLOW, check_root, data_policy, roles
 
     info = running_stack(data_dir)
     root = root.strip("/")
@@ -1040,12 +1033,12 @@ def guard_moto(app, secret_of=lambda access_key: None):
 
 
 def serve_enforcing_s3(argv: list[str] | None = None) -> int:
-    """`python -m components.stack serve-s3`: create the IAM users of --bootstrap in-process, write their
+    """`python -m devstack.stack serve-s3`: create the IAM users of --bootstrap in-process, write their
     generated keys to --credentials (mode 0600), then serve moto's S3 and IAM behind `guard_moto`, every
     request authenticated (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m components.stack serve-s3")
+    parser = argparse.ArgumentParser(prog="python -m devstack.stack serve-s3")
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bootstrap", required=True, help="JSON {users: {name: {policy name: document}}}")
@@ -1090,5 +1083,5 @@ def serve_enforcing_s3(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["serve-s3"]:
-        sys.exit("usage: python -m components.stack serve-s3 --port PORT --bootstrap FILE --credentials FILE")
+        sys.exit("usage: python -m devstack.stack serve-s3 --port PORT --bootstrap FILE --credentials FILE")
     sys.exit(serve_enforcing_s3(sys.argv[2:]))

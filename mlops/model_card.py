@@ -1,6 +1,6 @@
 """Model cards in MLflow (the core builds them: fedmedclip/model_card.py).
 
-`log_model_card` runs at registration (components.tracking.register_model): it downloads the run's logged
+`log_model_card` runs at registration (mlops.registry.register_model): it downloads the run's logged
 files (results.json, config.json, partition.json, provenance.json, model/model.json, the reliability plot),
 builds the card with what the registry adds (name, version, tags, the MLflow and KFP run ids), and logs
 `model_card.md`, `model_card.json` and the plot into the run beside the registered model, under

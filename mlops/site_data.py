@@ -1,5 +1,5 @@
 """Images in S3, one prefix per holder, so that a site's pods, which hold only that site's credentials, can
-read only that site's images (the layout the policies of components/policies.py allow):
+read only that site's images (the layout the policies of mlops/policies.py allow):
 
   ROOT/server/published.json        every image's id, label, split and site (no pixels) and the partition
                                     the data was published for (central publishing only)
@@ -25,24 +25,24 @@ equal an in-process run on it. Ids read from catalogs are confined to their root
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.policies import SITE_SUMMARY
-from components.sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_prefix, site_secret_name
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.messages import MessageRefused, SiteSummary, parse
+from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreError
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
+
+from .policies import SITE_SUMMARY
+from .s3 import ObjectMissing, S3Store
+from .sites import SERVER_PREFIX, site_prefix
+from .tree import download, file_digests, stored_md5, upload
 
 log = logging.getLogger("fedmedclip.site_data")
 
@@ -53,7 +53,6 @@ HOLDER_CATALOG_FORMAT = 2  # sites/<k>/catalog.json and server/catalog.json (2: 
 SUMMARY_FORMAT = 1
 PARTITION_KEYS = ("partition", "sites", "alpha", "seed", "split_ratio", "reference_fraction")
 SITE_SPLITS = ("train", "val", "test")
-_DOWNLOAD_THREADS = 8
 
 
 def is_s3(data: str) -> bool:
@@ -62,10 +61,8 @@ def is_s3(data: str) -> bool:
 
 def parse_bucket(uri: str) -> str:
     """`s3://BUCKET` -> BUCKET. The pipeline's data is a bucket root: no key prefix is accepted."""
-    if not is_s3(uri):
-        raise ConfigError(f"{uri!r} is not an s3:// URI")
-    bucket, _, rest = uri[len("s3://") :].partition("/")
-    if not bucket or rest.strip("/"):
+    bucket, prefix = parse_root(uri)
+    if prefix:
         raise ConfigError(
             f"--data {uri!r}: give the data bucket only, s3://BUCKET (sites/<k>/ and server/ are fixed prefixes)"
         )
@@ -85,19 +82,6 @@ def parse_root(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def s3_client():
-    """boto3 client from the environment: the task's Secret (AWS_ACCESS_KEY_ID/SECRET) and the endpoints
-    ConfigMap (AWS_ENDPOINT_URL_S3) in a cluster; `eval "$(fedmedclip stack env --role ROLE)"` here."""
-    import boto3
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    logging.getLogger("botocore.credentials").setLevel(
-        logging.WARNING
-    )  # "Found credentials in ..." per client
-    # A fresh session: boto3's default one keeps the first credentials it found for the process's life.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint)
-
-
 def holder_prefix(partition, holder: str) -> str:
     from fedmedclip.preparation import SERVER
 
@@ -111,59 +95,6 @@ def site_summary_key(index: int) -> str:
     return SITE_SUMMARY.format(k=int(index))
 
 
-_SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
-
-
-def _credentials_hint(key: str) -> str:
-    """Which credentials a key needs: the Secret a cluster task would hold, the role on this machine."""
-    m = _SITE_KEY.search(key)
-    if m:
-        return f"site {m.group(1)}'s (Secret {site_secret_name(m.group(1))})"
-    if key.startswith(SERVER_PREFIX) or f"/{SERVER_PREFIX}" in key:
-        return f"the server's (Secret {SERVER_SECRET_NAME})"
-    return "this party's"
-
-
-def _s3_error(exc: Exception, bucket: str, key: str, verb: str = "read") -> Exception:
-    """A boto3 failure as an error that names the object and what to check."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    where = f"s3://{bucket}/{key}"
-    if isinstance(exc, NoCredentialsError):
-        return DataError(
-            f"cannot {verb} {where}: no S3 credentials in the environment ({', '.join(SECRET_KEYS)}); it needs "
-            f"{_credentials_hint(key)} credentials: in a cluster the task gets them from its Secret, on this "
-            'machine run `eval "$(fedmedclip stack env --role ROLE)"`'
-        )
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return DataError(f"{where} does not exist: publish the data first (`fedmedclip data publish`)")
-        if code == "NoSuchBucket":
-            return DataError(
-                f"bucket {bucket!r} does not exist: publish the data first (`fedmedclip data publish`)"
-            )
-        if code in ("AccessDenied", "403", "Forbidden"):
-            return DataError(
-                f"access to {where} denied ({verb}): the credentials in use do not cover it; it needs "
-                f"{_credentials_hint(key)} credentials"
-            )
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return DataError(
-                f"cannot {verb} {where}: the S3 server does not accept these credentials ({code})"
-            )
-        return DataError(f"cannot {verb} {where}: {code or exc}")
-    return DataError(f"cannot {verb} {where}: {exc}")
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def partition_settings(cfg) -> dict:
     d = cfg.to_json()
     d = {k: d[k] for k in PARTITION_KEYS}
@@ -173,117 +104,68 @@ def partition_settings(cfg) -> dict:
     return d
 
 
+def _data_errors(fn):
+    """The object store's failures (mlops/s3.py names the object and the credentials it needs) as DataError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ObjectMissing as exc:
+            raise DataError(f"{exc}: publish the data first (`fedmedclip data publish`)") from None
+        except StoreError as exc:
+            raise DataError(str(exc)) from None
+
+    return wrapper
+
+
 # ------------------------------------------------------------------------------ where the data lives
-class _Root:
-    """Published data under a root: an S3 bucket (and prefix), or a local directory of the same layout.
-    Keys are relative to the root; every id joined into a key or a path is checked (fedmedclip.paths)."""
+class _DataDir(LocalDirStore):
+    """A local directory of the published layout; ids join as image paths (fedmedclip.paths), not store keys."""
 
-    def __init__(self, location: str | Path, client=None):
-        self.location = str(location)
-        if is_s3(self.location):
-            self.bucket, self.prefix = parse_root(self.location)
-            self.dir = None
-            self.client = client or s3_client()
-        else:
-            text = self.location[len("file://") :] if self.location.startswith("file://") else self.location
-            self.bucket, self.prefix, self.client = "", "", None
-            self.dir = Path(text).resolve()
-
-    def key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
-
-    def url(self, rel: str) -> str:
-        if self.dir is not None:
-            return str(self.dir / rel)
-        return f"s3://{self.bucket}/{self.key(rel)}"
-
-    def _path(self, rel: str) -> Path:
-        return confined_path(self.dir, rel, self.location)
-
-    def get(self, rel: str) -> bytes | None:
-        """The object's bytes; None when it does not exist (any other failure is an error)."""
-        if self.dir is not None:
-            path = self._path(rel)
-            return path.read_bytes() if path.is_file() else None
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise _s3_error(exc, self.bucket, self.key(rel)) from None
-        except Exception as exc:
-            raise _s3_error(exc, self.bucket, self.key(rel)) from None
-
-    def get_json(self, rel: str, required: bool = True) -> dict | None:
-        body = self.get(rel)
-        if body is None:
-            if required:
-                raise DataError(
-                    f"{self.url(rel)} does not exist: publish the data first (`fedmedclip data publish`)"
-                )
-            return None
-        try:
-            return json.loads(body)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{self.url(rel)} is not valid JSON: {exc}") from None
-
-    def md5(self, rel: str) -> str | None:
-        """The stored object's MD5 (its ETag: every object is one PUT), None when absent."""
-        if self.dir is not None:
-            path = self._path(rel)
-            return _md5(path) if path.is_file() else None
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.key(rel))["ETag"].strip('"')
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise _s3_error(exc, self.bucket, self.key(rel)) from None
-
-    def put(self, rel: str, body: bytes) -> None:
-        if self.dir is not None:
-            _write_atomic(self._path(rel), lambda fh: fh.write(body))
-            return
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=body)
-        except Exception as exc:
-            raise _s3_error(exc, self.bucket, self.key(rel), "write") from None
-
-    def put_file(self, rel: str, src: Path) -> None:
-        if self.dir is not None:
-            with open(src, "rb") as fin:
-                _write_atomic(self._path(rel), lambda fh: shutil.copyfileobj(fin, fh))
-            return
-        try:
-            with open(src, "rb") as fh:  # one PUT, so the ETag is the MD5 that re-runs and downloads compare
-                self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=fh)
-        except Exception as exc:
-            raise _s3_error(exc, self.bucket, self.key(rel), "write") from None
+    def _path(self, key: str) -> Path:
+        return confined_path(self.root, key, str(self.root))
 
 
-def _write_atomic(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
+    """The published data under `location` (`s3://BUCKET[/PREFIX]`, or a local directory of the same
+    layout) as an object store whose keys are checked as image ids, and the directory when it is local."""
+    text = str(location)
+    if is_s3(text):
+        bucket, prefix = parse_root(text)
+        url = f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
+        return S3Store(url, client, check=lambda key: check_relative_id(key, text)), None
+    store = _DataDir(text.removeprefix("file://"))
+    return store, store.root
+
+
+def _get_json(root: ObjectStore, key: str, required: bool = True) -> dict | None:
+    body = root.get(key)
+    if body is None:
+        if required:
+            raise DataError(
+                f"{root.where(key)} does not exist: publish the data first (`fedmedclip data publish`)"
+            )
+        return None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{root.where(key)} is not valid JSON: {exc}") from None
+
+
+def _put_json(root: ObjectStore, key: str, obj: dict) -> None:
+    root.put(key, json.dumps(obj).encode())
 
 
 # ------------------------------------------------------------------------------------------- reading
+@_data_errors
 def catalog_image_set(bucket: str, client=None) -> tuple[ImageSet, dict]:
     """The whole image list from server/published.json (records without local files: enough to partition)."""
-    root = _Root(f"s3://{bucket}", client)
-    cat = root.get_json(SERVER_PREFIX + PUBLISHED)
+    root, _ = _root(f"s3://{bucket}", client)
+    cat = _get_json(root, SERVER_PREFIX + PUBLISHED)
+    source = root.where(SERVER_PREFIX + PUBLISHED)
     if cat.get("format") != CATALOG_FORMAT:
-        raise DataError(f"s3://{bucket}/{SERVER_PREFIX}{PUBLISHED}: unknown format {cat.get('format')!r}")
-    source = root.url(SERVER_PREFIX + PUBLISHED)
+        raise DataError(f"{source}: unknown format {cat.get('format')!r}")
     for image_id, *_ in cat["records"]:
         check_relative_id(image_id, source)
     records = [ImageRecord(i, "", label, split, site or None) for i, label, split, site in cat["records"]]
@@ -300,9 +182,9 @@ def check_published_partition(cfg, partition, catalog: dict) -> None:
         )
 
 
-def _read_holder_catalog(root: _Root, prefix: str) -> dict:
-    cat = root.get_json(prefix + CATALOG)
-    where = root.url(prefix + CATALOG)
+def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
+    cat = _get_json(root, prefix + CATALOG)
+    where = root.where(prefix + CATALOG)
     if cat.get("format") != HOLDER_CATALOG_FORMAT:
         raise DataError(
             f"{where}: catalog format {cat.get('format')!r}, expected {HOLDER_CATALOG_FORMAT} (it lacks the "
@@ -311,27 +193,29 @@ def _read_holder_catalog(root: _Root, prefix: str) -> dict:
     md5 = cat.get("md5") or {}
     for image_id, _label, _split in cat["records"]:
         check_relative_id(image_id, where)
-        if not re.fullmatch(r"[0-9a-f]{32}", str(md5.get(image_id, ""))):
+        if not isinstance(md5.get(image_id), str) or len(md5[image_id]) != 32:
             raise DataError(f"{where}: no valid MD5 for image {image_id!r}")
     return cat
 
 
 def _stage(
-    root: _Root,
+    root: ObjectStore,
+    local: Path | None,
     prefix: str,
     cat: dict,
     wanted: list[str],
     cache_root: Path,
     label: str,
     progress: bool,
-    confine: Path | None = None,
+    confine: Path,
 ) -> list[ImageRecord]:
     """Local files for `wanted` ids of the holder at `prefix`: from a local root in place, from S3 into
     `cache_root/<prefix>images/` (files already there with the catalog's MD5 are kept; every download is
-    checked against it). No listing: each key follows from the id. Every path, symlinks resolved, stays
-    inside `confine` (the download cache the user gave, or the local root): a linked folder anywhere below
-    it (`<cache>/s3/<bucket>/sites/0/images` pointing elsewhere) is refused, not followed."""
-    confine = Path(root.dir if root.dir is not None else (confine or cache_root))
+    checked against it: mlops/tree.py). No listing: each key follows from the id. Every path, symlinks
+    resolved, stays inside `confine` (the download cache the user gave, or the local root): a linked folder
+    anywhere below it (`<cache>/s3/<bucket>/sites/0/images` pointing elsewhere) is refused, not followed."""
+    where = root.where(prefix + CATALOG)
+    confine = local if local is not None else confine
 
     def confined(base: Path, image_id: str) -> Path:
         path = confined_path(base, image_id, where)
@@ -342,7 +226,6 @@ def _stage(
             )
         return path
 
-    where = root.url(prefix + CATALOG)
     by_id = {i: (label_, split) for i, label_, split in cat["records"]}
     missing = [i for i in wanted if i not in by_id]
     if missing:
@@ -350,69 +233,36 @@ def _stage(
             f"{where} lacks {len(missing)} of {label}'s images (e.g. {missing[0]!r}): the data was published "
             "for another partition; publish again"
         )
-    md5 = cat["md5"]
-
-    def local(image_id: str) -> Path:
-        path = confined(root.dir / prefix / "images", image_id)
-        if not path.is_file():
-            raise DataError(f"{path} is listed in {where} but does not exist")
-        return path
-
-    def fetch(image_id: str) -> Path:
-        dst = confined(cache_root / prefix / "images", image_id)
-        key = root.key(f"{prefix}images/{image_id}")
-        if dst.is_file() and _md5(dst) == md5[image_id]:
-            return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".part-")
-        os.close(fd)
-        try:
-            try:
-                root.client.download_file(root.bucket, key, tmp)
-            except Exception as exc:
-                raise _s3_error(exc, root.bucket, key) from None
-            got = _md5(Path(tmp))
-            if got != md5[image_id]:
-                raise DataError(
-                    f"s3://{root.bucket}/{key} has MD5 {got}, not the {md5[image_id]} of {where}: the object "
-                    "was changed after publishing; publish again"
-                )
-            os.replace(tmp, dst)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return dst
-
-    from tqdm.auto import tqdm
-
-    get = local if root.dir is not None else fetch
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        paths = list(
-            tqdm(
-                pool.map(get, wanted),
-                total=len(wanted),
-                desc=f"{label}: images",
-                unit="img",
-                disable=not progress,
-            )
-        )
+    if local is not None:
+        paths = [confined(local / prefix / "images", i) for i in wanted]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"{path} is listed in {where} but does not exist")
+    else:
+        jobs = {
+            f"{prefix}images/{i}": (confined(cache_root / prefix / "images", i), cat["md5"][i])
+            for i in wanted
+        }
+        paths = download(root, jobs, "md5", f"{label}: images" if progress else "")
     return [
         ImageRecord(i, str(p.resolve()), by_id[i][0], by_id[i][1], None)
         for i, p in zip(wanted, paths, strict=True)
     ]
 
 
+@_data_errors
 def stage_holder(cfg, partition, holder: str, client=None, progress: bool = False) -> ImageSet:
     """Download `holder`'s prefix into the task's cache and return its images as an ImageSet with the
     global class names (the pipeline's tasks, with that holder's credentials)."""
     from fedmedclip.preparation import holder_image_ids
 
     bucket = parse_bucket(cfg.data)
-    root = _Root(f"s3://{bucket}", client)
+    root, _ = _root(f"s3://{bucket}", client)
     prefix = holder_prefix(partition, holder)
     cat = _read_holder_catalog(root, prefix)
     cache_root = Path(cfg.cache_dir) / "s3" / bucket
     wanted = holder_image_ids(partition, holder)
-    records = _stage(root, prefix, cat, wanted, cache_root, holder, progress, Path(cfg.cache_dir))
+    records = _stage(root, None, prefix, cat, wanted, cache_root, holder, progress, Path(cfg.cache_dir))
     log.info("%s: %d images from s3://%s/%s in %s", holder, len(records), bucket, prefix, cache_root / prefix)
     return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
@@ -445,6 +295,7 @@ class SiteAssignment:
         return {s: list(getattr(self, s)) for s in SITE_SPLITS}
 
 
+@_data_errors
 def read_site_assignment(
     location: str | Path,
     index: int,
@@ -457,10 +308,10 @@ def read_site_assignment(
     `cache_dir/s3/BUCKET/[PREFIX/]sites/<k>/images/`, checked against the catalog's MD5s) or a local
     directory of the same layout (images used in place). `site`, when given, must be the catalog's holder.
     Needs only the site's own credentials (GetObject on `sites/<k>/`)."""
-    root = _Root(location, client)
+    root, local = _root(location, client)
     prefix = site_prefix(int(index))
     cat = _read_holder_catalog(root, prefix)
-    where = root.url(prefix + CATALOG)
+    where = root.where(prefix + CATALOG)
     holder = cat.get("holder")
     if site is not None and holder != site:
         raise DataError(f"{where} holds site {holder!r}'s data, not {site!r}'s: check the site's index")
@@ -471,12 +322,12 @@ def read_site_assignment(
         for image_id in assignment[split]:
             check_relative_id(image_id, where)
     wanted = [i for s in SITE_SPLITS for i in assignment[s]]
-    cache_root = Path(cache_dir) / "s3" / root.bucket / root.prefix if root.dir is None else root.dir
-    records = _stage(root, prefix, cat, wanted, cache_root, holder, progress, Path(cache_dir))
+    cache_root = Path(cache_dir) / "s3" / root.url.removeprefix("s3://") if local is None else local
+    records = _stage(root, local, prefix, cat, wanted, cache_root, holder, progress, Path(cache_dir))
     return SiteAssignment(
         site=holder,
         index=int(index),
-        image_set=ImageSet(list(cat["class_names"]), records, root.url(prefix)),
+        image_set=ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/"))),
         train=list(assignment["train"]),
         val=list(assignment["val"]),
         test=list(assignment["test"]),
@@ -485,21 +336,24 @@ def read_site_assignment(
     )
 
 
+@_data_errors
 def read_site_summary(location: str | Path, index: int, client=None) -> dict:
     """Site k's public summary (`summaries/sites/<k>.json`: site, index, class_names, samples per split,
     partition_digest), written by whoever published the site's data; the server's role may read it. Parsed
     against its one declaration (`fedmedclip.federation.messages.SiteSummary`), which the writer uses too."""
-    root = _Root(location, client)
+    root, _ = _root(location, client)
     key = site_summary_key(index)
     body = root.get(key)
     if body is None:
-        raise DataError(f"{root.url(key)} does not exist: publish the data first (`fedmedclip data publish`)")
+        raise DataError(
+            f"{root.where(key)} does not exist: publish the data first (`fedmedclip data publish`)"
+        )
     try:
-        summary = parse(SiteSummary, body, f"site {index}'s publisher", root.url(key))
+        summary = parse(SiteSummary, body, f"site {index}'s publisher", root.where(key))
     except MessageRefused as exc:
         raise DataError(str(exc)) from None
     if summary.index != int(index):
-        raise DataError(f"{root.url(key)} is not site {index}'s summary (it says index {summary.index})")
+        raise DataError(f"{root.where(key)} is not site {index}'s summary (it says index {summary.index})")
     return summary.to_dict()
 
 
@@ -557,47 +411,29 @@ def _site_summary(site: str, index: int, image_set: ImageSet, part) -> dict:
     ).to_dict()
 
 
-def _md5s(paths: dict[str, str]) -> dict[str, str]:
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        return dict(zip(paths, pool.map(lambda p: _md5(Path(p)), paths.values()), strict=True))
-
-
+@_data_errors
 def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_root: bool = False) -> dict:
     """Upload cfg's data source to `bucket`, each holder's images under its own prefix, as the partition of
     cfg draws them (the publisher's credentials: it lists the bucket to skip what is there). Idempotent for
     the same source and partition; a bucket published for another partition is refused, never overwritten.
     Returns a summary."""
-    from botocore.exceptions import ClientError
-
+    from fedmedclip.federation.storage import StoreAccessDenied
     from fedmedclip.preparation import SERVER, holder_image_ids, partition_for
 
-    client = client or s3_client()
     image_set = _load_source(cfg, allow_outside_root)
     part = partition_for(cfg, image_set)
-    settings = partition_settings(cfg)
     holder_ids = {h: holder_image_ids(part, h) for h in [*part.site_names, SERVER]}
     by_id = _check_publishable(image_set, [i for ids in holder_ids.values() for i in ids], allow_outside_root)
+    root, _ = _root(f"s3://{bucket}", client)
     try:
-        try:  # ListBucket: what the publisher's role may do (HeadBucket is not an action of its own)
-            client.list_objects_v2(Bucket=bucket, MaxKeys=1)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-                raise
-            # A new bucket is versioned, as the cluster's are: a later upload never loses an earlier one.
-            # (An admin's key may create it; the roles' keys may not: `fedmedclip stack add-bucket`.)
-            client.create_bucket(Bucket=bucket)
-            client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code in ("AccessDenied", "403", "Forbidden"):
-            raise DataError(
-                f"the credentials in use may not list or create bucket {bucket!r}: publishing needs the "
-                "publisher's role granted on it (the local stack: `fedmedclip stack add-bucket "
-                f"{bucket}`; a cluster: the data bucket of infra/training)"
-            ) from None
-        raise _s3_error(exc, bucket, "", "write") from None
-    root = _Root(f"s3://{bucket}", client)
-    old = root.get_json(SERVER_PREFIX + PUBLISHED, required=False)
+        root.ensure_bucket()
+    except StoreAccessDenied:
+        raise DataError(
+            f"the credentials in use may not list or create bucket {bucket!r}: publishing needs the "
+            f"publisher's role granted on it (the local stack: `fedmedclip stack add-bucket {bucket}`; a "
+            "cluster: the data bucket of infra/training)"
+        ) from None
+    old = _get_json(root, SERVER_PREFIX + PUBLISHED, required=False)
     if old is not None and (
         old.get("partition_digest") != part.digest or old.get("image_list") != _image_list_digest(image_set)
     ):
@@ -605,59 +441,41 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
             f"s3://{bucket} already holds data published for {old.get('source')!r} with the partition "
             f"{old.get('partition_settings')}; refusing to overwrite it: publish to another bucket"
         )
-
     prefixes = {h: holder_prefix(part, h) for h in holder_ids}
-    md5s = _md5s({i: by_id[i].path for ids in holder_ids.values() for i in ids})
-    jobs = [(i, f"{prefixes[h]}images/{i}") for h, ids in holder_ids.items() for i in ids]
-    etags = {}  # what is already there: one listing per prefix, not a request per image
+    files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
+    md5s = file_digests(files)
+    there = {}  # what is already there: one listing per prefix, not a request per image
     for prefix in prefixes.values():
-        etags.update(_list_etags(client, bucket, prefix + "images/"))
-
-    def put(job) -> int:
-        image_id, key = job
-        src, there = by_id[image_id].path, etags.get(key)
-        if there == md5s[image_id]:
-            return 0  # already there (a re-run of the same publish)
-        if there is not None:
-            raise DataError(
-                f"s3://{bucket}/{key} exists with other content than {src}; refusing to overwrite it"
-            )
-        root.put_file(key, Path(src))
-        return Path(src).stat().st_size
-
-    from tqdm.auto import tqdm
-
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        sent = sum(
-            tqdm(pool.map(put, jobs), total=len(jobs), desc="publish", unit="img", disable=not progress)
-        )
-
+        there.update(root.md5s(prefix + "images"))
+    sent = upload(root, files, md5s, there, "publish" if progress else "")
     # Catalogs and summaries last, published.json at the very end: a run can start only on a complete publish.
+    image_md5 = {i: md5s[f"{prefixes[h]}images/{i}"] for h, ids in holder_ids.items() for i in ids}
     for holder, ids in holder_ids.items():
         if holder == SERVER:
             index, assignment = None, {"global_test": part.global_test, "reference": part.reference}
         else:
             index, assignment = part.site_names.index(holder), part.sites[holder]
-        body = _holder_catalog(holder, index, ids, by_id, image_set, part, assignment, md5s)
-        root.put(prefixes[holder] + CATALOG, json.dumps(body).encode())
+        _put_json(
+            root,
+            prefixes[holder] + CATALOG,
+            _holder_catalog(holder, index, ids, by_id, image_set, part, assignment, image_md5),
+        )
         if holder != SERVER:
-            root.put(
-                site_summary_key(index), json.dumps(_site_summary(holder, index, image_set, part)).encode()
-            )
+            _put_json(root, site_summary_key(index), _site_summary(holder, index, image_set, part))
     catalog = {
         "format": CATALOG_FORMAT,
         "source": cfg.data,
         "class_names": image_set.class_names,
         "records": [[r.image_id, r.label, r.split, r.site] for r in image_set.records],
-        "partition_settings": settings,
+        "partition_settings": partition_settings(cfg),
         "partition_digest": part.digest,
         "image_list": _image_list_digest(image_set),
         "site_prefixes": {s: prefixes[s] for s in part.site_names},
     }
-    root.put(SERVER_PREFIX + PUBLISHED, json.dumps(catalog).encode())
+    _put_json(root, SERVER_PREFIX + PUBLISHED, catalog)
     return {
         "bucket": bucket,
-        "images": len(jobs),
+        "images": len(files),
         "bytes_uploaded": sent,
         "sites": {s: len(holder_ids[s]) for s in part.site_names},
         "server": len(holder_ids[SERVER]),
@@ -665,6 +483,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
     }
 
 
+@_data_errors
 def publish_site(
     cfg,
     site: str,
@@ -688,39 +507,27 @@ def publish_site(
     prefix = site_prefix(index)
     ids = holder_image_ids(part, site)
     by_id = _check_publishable(image_set, ids, allow_outside_root)
-    root = _Root(location, client)
-    old = root.get_json(prefix + CATALOG, required=False)
+    root, _ = _root(location, client)
+    old = _get_json(root, prefix + CATALOG, required=False)
     if old is not None and old.get("partition_digest") != part.digest:
         raise DataError(
-            f"{root.url(prefix + CATALOG)} already holds {old.get('holder')!r}'s data for another partition "
+            f"{root.where(prefix + CATALOG)} already holds {old.get('holder')!r}'s data for another partition "
             f"({old.get('partition_digest')}); refusing to overwrite it: publish to another bucket"
         )
-    md5s = _md5s({i: by_id[i].path for i in ids})
-
-    def put(image_id: str) -> int:
-        key, src = f"{prefix}images/{image_id}", Path(by_id[image_id].path)
-        there = root.md5(key)
-        if there == md5s[image_id]:
-            return 0
-        if there is not None:
-            raise DataError(f"{root.url(key)} exists with other content than {src}; refusing to overwrite it")
-        root.put_file(key, src)
-        return src.stat().st_size
-
-    from tqdm.auto import tqdm
-
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        sent = sum(
-            tqdm(
-                pool.map(put, ids), total=len(ids), desc=f"{site}: publish", unit="img", disable=not progress
-            )
-        )
-    body = _holder_catalog(site, index, ids, by_id, image_set, part, part.sites[site], md5s)
-    root.put(prefix + CATALOG, json.dumps(body).encode())
+    files = {f"{prefix}images/{i}": by_id[i].path for i in ids}
+    md5s = file_digests(files)
+    there = lambda key: stored_md5(root, key)  # noqa: E731  (a site's role may not list: one HEAD per image)
+    sent = upload(root, files, md5s, there, f"{site}: publish" if progress else "")
+    image_md5 = {i: md5s[f"{prefix}images/{i}"] for i in ids}
+    _put_json(
+        root,
+        prefix + CATALOG,
+        _holder_catalog(site, index, ids, by_id, image_set, part, part.sites[site], image_md5),
+    )
     summary = _site_summary(site, index, image_set, part)
-    root.put(site_summary_key(index), json.dumps(summary).encode())
+    _put_json(root, site_summary_key(index), summary)
     return {
-        "location": root.url(prefix),
+        "location": root.where(prefix.rstrip("/")),
         "site": site,
         "index": index,
         "images": len(ids),
@@ -730,19 +537,55 @@ def publish_site(
     }
 
 
-def _list_etags(client, bucket: str, prefix: str) -> dict[str, str]:
-    out = {}
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                out[obj["Key"]] = obj["ETag"].strip('"')
-    except Exception as exc:
-        raise _s3_error(exc, bucket, prefix) from None
-    return out
-
-
 def _image_list_digest(image_set: ImageSet) -> str:
     h = hashlib.sha256()
     for r in image_set.records:
         h.update(f"{r.image_id}\t{r.label}\t{r.split}\t{r.site or ''}\n".encode())
     return h.hexdigest()
+
+
+@_data_errors
+def withdraw_site(location: str, index: int) -> tuple[int, int]:
+    """Delete site k's published images (the ids its catalog lists), then its catalog and its summary, every
+    version of each, with the site's own key (no listing). Returns (images, object versions deleted)."""
+    parse_root(location)
+    root, _ = _root(location)
+    catalog = _get_json(root, f"{site_prefix(index)}{CATALOG}")
+    ids = [check_relative_id(i, root.where(site_prefix(index) + CATALOG)) for i in catalog.get("md5") or {}]
+    keys = [f"{site_prefix(index)}images/{i}" for i in ids] + [
+        site_prefix(index) + CATALOG,
+        site_summary_key(index),
+    ]
+    return len(ids), sum(root.delete_every_version(key) for key in keys)
+
+
+# ------------------------------------------------------------------------------ the core's image source
+class S3Source:
+    """`s3://BUCKET` as an image source of the core (entry-point group `fedmedclip.sources`, fedmedclip.sources):
+    the data published here, one prefix per holder."""
+
+    def __init__(self):
+        self.catalogs: dict[str, dict] = {}
+
+    def published(self, cfg):
+        """Every image's id, label and split from server/published.json (server credentials), no pixels."""
+        image_set, self.catalogs[cfg.data] = catalog_image_set(parse_bucket(cfg.data))
+        return image_set
+
+    def check_partition(self, cfg, partition) -> None:
+        if cfg.data in self.catalogs:
+            check_published_partition(cfg, partition, self.catalogs[cfg.data])
+
+    def stage(self, cfg, partition, holder: str):
+        return stage_holder(cfg, partition, holder)
+
+    def site_holder(self, cfg, site: str, index: int):
+        got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)
+        return got.image_set, got.splits, got.partition_digest
+
+
+_SOURCE = S3Source()
+
+
+def s3_source() -> S3Source:
+    return _SOURCE

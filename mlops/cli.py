@@ -1,4 +1,4 @@
-"""`fedmedclip stack|track|register|promote|card|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
+"""`fedmedclip track|register|promote|card|data|backbone push`: the MLOps sub-commands (entry point `fedmedclip.commands`).
 
 Nothing heavy is imported here (no mlflow, boto3): `fedmedclip train` loads this module on every start.
 stdout carries only what scripts capture (run id, version number, export lines); the rest goes to stderr.
@@ -6,43 +6,9 @@ stdout carries only what scripts capture (run id, version number, export lines);
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-
-
-def add_port_options(p: argparse.ArgumentParser) -> None:
-    """--s3-port and --mlflow-port of a new local stack (`stack up`, `demo`): components.stack.stack_ports."""
-    p.add_argument(
-        "--s3-port",
-        type=int,
-        default=None,
-        help="S3 (moto) port (default: $FEDMEDCLIP_S3_PORT, else 9000, else a free port, said when chosen)",
-    )
-    p.add_argument(
-        "--mlflow-port",
-        type=int,
-        default=None,
-        help="MLflow port (default: $FEDMEDCLIP_MLFLOW_PORT, else 5000, else a free port, said when chosen)",
-    )
-
-
-def _stack_dir_default() -> str:
-    from .stack import recorded_stack_dir
-
-    return recorded_stack_dir()
-
-
-def _add_stack_options(p: argparse.ArgumentParser, ports: bool) -> None:
-    p.add_argument(
-        "--data-dir",
-        default=_stack_dir_default(),
-        help="where the stack keeps stack.json, logs and the MLflow database (default: $FEDMEDCLIP_STACK_DIR or .stack)",
-    )
-    if ports:
-        add_port_options(p)
-        p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
 
 
 def _quiet_mlflow() -> None:
@@ -70,98 +36,10 @@ def _mlflow_errors(fn):
 # ------------------------------------------------------------------------------------------ handlers
 
 
-def _site_names(args) -> list[str]:
-    from fedmedclip.errors import ConfigError
-
-    from .policies import default_site_names
-
-    if args.site_names:
-        names = [n.strip() for n in args.site_names.split(",") if n.strip()]
-        if args.sites is not None and args.sites != len(names):
-            raise ConfigError(f"--sites {args.sites} but --site-names names {len(names)} sites: {names}")
-        return names
-    return default_site_names(args.sites if args.sites is not None else 3)
-
-
-def cmd_stack_up(args) -> int:
-    from .stack import DEFAULT_DATA_BUCKET, stack_status, start_stack
-
-    was_running = stack_status(args.data_dir).running
-    info = start_stack(
-        args.data_dir,
-        s3_port=args.s3_port,
-        mlflow_port=args.mlflow_port,
-        host=args.host,
-        site_names=_site_names(args),
-        data_roots=args.data_bucket or [DEFAULT_DATA_BUCKET],
-    )
-    status = stack_status(args.data_dir)
-    if was_running:
-        print(
-            "already running (ports, sites and buckets as recorded; stop it first to change them)",
-            file=sys.stderr,
-        )
-    print(status.describe(), file=sys.stderr)
-    print(
-        f"S3 lives in moto's memory: artifacts do not survive `fedmedclip stack down`.\n"
-        f"S3 enforces per-role credentials (in {info.data_dir}/stack.json, readable by you only).\n"
-        f'a party\'s shell: eval "$(fedmedclip stack env --data-dir {info.data_dir} --role ROLE)" with ROLE one '
-        f"of {', '.join(info.role_names)}; without --role: the admin key (bootstrap and operators only)",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def cmd_stack_down(args) -> int:
-    from .stack import stop_stack
-
-    stopped = stop_stack(args.data_dir, purge=args.purge)
-    if stopped:
-        print(f"stopped {', '.join(stopped)} (S3 contents are gone)", file=sys.stderr)
-    else:
-        print(f"no running stack recorded in {args.data_dir}: nothing to stop", file=sys.stderr)
-    if args.purge:
-        print("removed the MLflow database", file=sys.stderr)
-    return 0
-
-
-def cmd_stack_status(args) -> int:
-    from .stack import stack_status
-
-    status = stack_status(args.data_dir)
-    print(status.describe())
-    return 0 if status.running else 1
-
-
-def cmd_stack_env(args) -> int:
-    from .stack import running_stack
-
-    info = running_stack(args.data_dir)
-    print(info.export_lines(args.role))
-    if args.role is None:
-        print(
-            "(these are the stack's ADMIN credentials, for bootstrap and operators; a party of the federation "
-            "uses its own: --role " + "|".join(info.role_names) + ")",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def cmd_stack_add_bucket(args) -> int:
-    from .stack import add_data_root
-
-    info = add_data_root(args.data_dir, args.root)
-    print(
-        f"roles {', '.join(r for r in info.roles if r != 'mlflow')} granted on {args.root} (versioned); "
-        f"data roots: {', '.join(info.data_roots)}",
-        file=sys.stderr,
-    )
-    return 0
-
-
 @_mlflow_errors
 def cmd_track(args) -> int:
-    from .tracking import log_run_dir, resolve_tracking_uri
+    from .rundir import log_run_dir
+    from .tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     run_id = log_run_dir(
@@ -187,7 +65,7 @@ def cmd_track(args) -> int:
 
 @_mlflow_errors
 def cmd_register(args) -> int:
-    from .tracking import register_model
+    from .registry import register_model
 
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
     sha = mv.tags.get("onnx_sha256")
@@ -203,7 +81,7 @@ def cmd_register(args) -> int:
 
 @_mlflow_errors
 def cmd_promote(args) -> int:
-    from .tracking import promote
+    from .registry import promote
 
     result = promote(
         args.name,
@@ -234,15 +112,19 @@ def cmd_card(args) -> int:
     return 0
 
 
-def _stack_credentials_for(role: str, root: str | None) -> None:
-    """Without S3 credentials in the environment: `role`'s from the recorded local stack, which is granted
-    on `root` first if it is not yet (as the stack's admin, whose key is in the same state file)."""
-    from .stack import add_data_root, use_recorded_stack_s3
-
+def _stack_credentials_for(role: str | None = None, root: str | None = None):
+    """Without S3 credentials in the environment, on a development machine: `role`'s from the recorded local
+    stack (devstack), which is granted on `root` first if it is not yet. Returns the stack's record, or None
+    (no stack recorded, or no devstack package: the images ship none)."""
+    try:
+        from devstack.stack import add_data_root, use_recorded_stack_s3
+    except ImportError:
+        return None
     info = use_recorded_stack_s3(role=role)
     if info is not None and root is not None and root not in info.data_roots:
         add_data_root(info.data_dir, root)
         print(f"local stack: roles granted on the new data root {root}", file=sys.stderr)
+    return info
 
 
 def cmd_backbone(args) -> int:
@@ -254,10 +136,9 @@ def cmd_backbone(args) -> int:
         if not args.directory or not args.to:
             raise ConfigError("usage: fedmedclip backbone push DIR --to s3://BUCKET/PREFIX (or models:/NAME)")
         from .backbones import push_backbone
-        from .stack import use_recorded_stack_s3
 
         _quiet_mlflow()
-        use_recorded_stack_s3()  # like `data publish`: the local stack when the environment names no S3
+        _stack_credentials_for()  # like `data publish`: the local stack when the environment names no S3
         published = push_backbone(args.directory, args.to, tracking_uri=args.tracking_uri)
         print(published.describe(), file=sys.stderr)
         print(published.spec)
@@ -271,9 +152,7 @@ def cmd_backbone(args) -> int:
 
     if is_remote_backbone(args.spec):
         _quiet_mlflow()
-        from .stack import use_recorded_stack_s3
-
-        use_recorded_stack_s3()
+        _stack_credentials_for()
         local = resolve_backbone(args.spec, args.cache_dir, tracking_uri=args.tracking_uri)
         print(f"{args.spec}: checked copy in {local}", file=sys.stderr)
         args.spec = local
@@ -327,74 +206,26 @@ def cmd_data_publish(args) -> int:
     return 0
 
 
-def delete_every_version(client, bucket: str, key: str) -> int:
-    """Delete `key` and all its earlier versions (a versioned bucket keeps them) without listing, which a
-    site's role may not: HEAD gives the current version, which is deleted until none is left. Returns how many
-    versions went."""
-    from botocore.exceptions import ClientError
-
-    gone = 0
-    while True:
-        try:
-            version = client.head_object(Bucket=bucket, Key=key).get("VersionId")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return gone
-            raise
-        if version in (None, "", "null"):
-            client.delete_object(Bucket=bucket, Key=key)
-            return gone + 1
-        client.delete_object(Bucket=bucket, Key=key, VersionId=version)
-        gone += 1
-
-
 def cmd_data_withdraw(args) -> int:
     """A hospital withdraws its published data with its own key: every version of its images (the ids its
     catalog lists), then its catalog and its summary. Its private state is its own to delete as well."""
-    import json
+    from fedmedclip.errors import ConfigError
 
-    import boto3
-    from botocore.exceptions import ClientError
+    from .site_data import withdraw_site
 
-    from fedmedclip.errors import ConfigError, DataError
-    from fedmedclip.paths import check_relative_id
-
-    from .site_data import parse_root
-
-    bucket, prefix = parse_root(args.from_)
-    root = "/".join(filter(None, (bucket, prefix)))
     index = args.site_index
     if args.site is not None:
-        from .stack import use_recorded_stack_s3
-
-        info = use_recorded_stack_s3(role=args.site)  # the local stack: the site's own key and index
+        info = _stack_credentials_for(args.site)  # the local stack: the site's own key and index
         if info is not None and args.site in info.roles:
             index = info.roles[args.site].site_index if index is None else index
     if index is None:
         raise ConfigError(
             "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
         )
-    base = f"{prefix}/" if prefix else ""
-    client = boto3.client("s3")
-    catalog_key = f"{base}sites/{index}/catalog.json"
-    try:
-        catalog = json.loads(client.get_object(Bucket=bucket, Key=catalog_key)["Body"].read(64 << 20))
-    except ClientError as e:
-        raise DataError(
-            f"cannot read s3://{bucket}/{catalog_key}: {e.response.get('Error', {}).get('Code')}"
-        ) from None
-    ids = [check_relative_id(i, f"s3://{bucket}/{catalog_key}") for i in (catalog.get("md5") or {})]
-    versions = 0
-    try:
-        for image_id in ids:
-            versions += delete_every_version(client, bucket, f"{base}sites/{index}/images/{image_id}")
-        for key in (catalog_key, f"{base}summaries/sites/{index}.json"):
-            versions += delete_every_version(client, bucket, key)
-    except ClientError as e:
-        raise DataError(f"withdrawing site {index}'s data from s3://{root} failed: {e}") from None
+    images, versions = withdraw_site(args.from_, index)
     print(
-        f"withdrew site {index}'s {len(ids)} images, catalog and summary from s3://{root} ({versions} object "
-        "versions deleted)",
+        f"withdrew site {index}'s {images} images, catalog and summary from {args.from_.rstrip('/')} "
+        f"({versions} object versions deleted)",
         file=sys.stderr,
     )
     return 0
@@ -477,58 +308,7 @@ def _register_backbone(subparsers) -> None:
 
 
 def register(subparsers) -> None:
-    """Add `stack`, `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
-    p = subparsers.add_parser(
-        "stack", help="local S3 (moto) + MLflow servers for development, demos and tests"
-    )
-    stack_sub = p.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
-    s = stack_sub.add_parser(
-        "up",
-        help="start the servers in the background and wait until they answer; S3 enforces one IAM user per "
-        "role (publisher, server, each site, mlflow)",
-    )
-    _add_stack_options(s, ports=True)
-    s.add_argument("--sites", type=int, default=None, help="site roles site_0..site_{N-1} (default 3)")
-    s.add_argument(
-        "--site-names", default=None, help="comma-separated site role names instead (site k = the k-th name)"
-    )
-    s.add_argument(
-        "--data-bucket",
-        action="append",
-        default=None,
-        metavar="BUCKET[/PREFIX]",
-        help="a data bucket (or mailbox root) the roles are granted on, created versioned; repeatable "
-        "(default: fedmedclip-data; more later: `stack add-bucket`)",
-    )
-    s.set_defaults(func=cmd_stack_up)
-    s = stack_sub.add_parser("down", help="stop the servers (idempotent); S3 contents are lost")
-    _add_stack_options(s, ports=False)
-    s.add_argument("--purge", action="store_true", help="also delete the MLflow database")
-    s.set_defaults(func=cmd_stack_down)
-    s = stack_sub.add_parser("status", help="are the servers running and answering? (exit 1 if not)")
-    _add_stack_options(s, ports=False)
-    s.set_defaults(func=cmd_stack_status)
-    s = stack_sub.add_parser(
-        "env",
-        help='print export lines for a client: eval "$(fedmedclip stack env --role site_0)"; without --role '
-        "the ADMIN key (bootstrap and operators only)",
-    )
-    _add_stack_options(s, ports=False)
-    s.add_argument(
-        "--role",
-        default=None,
-        help="publisher, server, a site's name (site_0, ...), mlflow or admin (default: admin, as before)",
-    )
-    s.set_defaults(func=cmd_stack_env)
-    s = stack_sub.add_parser(
-        "add-bucket", help="grant every data role on another bucket (or BUCKET/PREFIX), created versioned"
-    )
-    _add_stack_options(s, ports=False)
-    s.add_argument(
-        "root", metavar="BUCKET[/PREFIX]", help="the bucket (created versioned) or a mailbox root in it"
-    )
-    s.set_defaults(func=cmd_stack_add_bucket)
-
+    """Add `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
     uri_help = (
         "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
         "or .stack/, else an error)"

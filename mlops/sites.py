@@ -2,7 +2,7 @@
 
 A hospital site k reads its images from `s3://DATA_BUCKET/sites/<k>/` with its own credentials, held in the
 Kubernetes Secret `fedmedclip-site-<k>-s3` (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in the namespace
-where the pipeline's pods run. The MinIO policy attached to that user (generated from components/policies.py)
+where the pipeline's pods run. The MinIO policy attached to that user (generated from mlops/policies.py)
 allows that prefix and the site's own keys of the federation mailbox only.
 Standard library only: the pipeline compiler imports this.
 """

@@ -1,10 +1,10 @@
 """Who may touch which objects: the ONE definition of the storage roles and their S3 permissions.
 
 Both enforcement points are generated from it, so they cannot drift apart:
-- the local stack (`fedmedclip stack up`, components/stack.py) creates one IAM user per role on its moto
+- the local stack (`fedmedclip stack up`, devstack/stack.py) creates one IAM user per role on its moto
   S3 server with these policies, per data bucket;
 - the cluster's MinIO policies, `infra/training/platform/minio-policies.yaml`, are rendered by
-  `render_minio_policies()`; `python -m components.policies --write` regenerates the file and
+  `render_minio_policies()`; `python -m mlops.policies --write` regenerates the file and
   tests/test_isolation.py checks that the committed file is what this module renders.
 
 Roles (the keys are those of docs/contracts.md, "Federation runtime: the mailbox" and "Data published to
@@ -86,8 +86,8 @@ _PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 
 REPO = Path(__file__).resolve().parents[1]
 MINIO_POLICIES_YAML = REPO / "infra" / "training" / "platform" / "minio-policies.yaml"
-CLUSTER_DATA_BUCKET = "fedmedclip-data"  # components.sites.DATA_BUCKET
-CLUSTER_MLFLOW_BUCKET = "fedmedclip-mlflow"  # components.sites.MLFLOW_BUCKET
+CLUSTER_DATA_BUCKET = "fedmedclip-data"  # mlops.sites.DATA_BUCKET
+CLUSTER_MLFLOW_BUCKET = "fedmedclip-mlflow"  # mlops.sites.MLFLOW_BUCKET
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def render_minio_policies(site_names: list[str] | None = None) -> str:
     """The text of infra/training/platform/minio-policies.yaml."""
     names = list(site_names) if site_names is not None else default_site_names()
     lines = [
-        "# GENERATED from components/policies.py by `python -m components.policies --write`: do not edit by hand",
+        "# GENERATED from mlops/policies.py by `python -m mlops.policies --write`: do not edit by hand",
         "# (tests/test_isolation.py checks that this file is what the module renders). One IAM policy per MinIO",
         "# user, created by minio-setup.yaml: the publisher (central uploads), the server (aggregator), one per",
         f"# site ({', '.join(names)}: data prefix sites/<k>/ and its own mailbox keys only) and MLflow",
@@ -344,8 +344,8 @@ def render_minio_policies(site_names: list[str] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m components.policies",
-        description="Render the cluster's MinIO policies from components/policies.py.",
+        prog="python -m mlops.policies",
+        description="Render the cluster's MinIO policies from mlops/policies.py.",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help=f"rewrite {MINIO_POLICIES_YAML.relative_to(REPO)}")
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         same = MINIO_POLICIES_YAML.is_file() and MINIO_POLICIES_YAML.read_text() == text
         if not same:
             print(
-                f"{MINIO_POLICIES_YAML} is stale: run `python -m components.policies --write`",
+                f"{MINIO_POLICIES_YAML} is stale: run `python -m mlops.policies --write`",
                 file=sys.stderr,
             )
         return 0 if same else 1

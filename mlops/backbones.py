@@ -24,6 +24,7 @@ local directories pass through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -34,6 +35,10 @@ from pathlib import Path
 
 from fedmedclip.digests import is_sha256, sha256_file
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
+from fedmedclip.federation.storage import StoreError
+
+from .s3 import ObjectMissing, S3Store
+from .tree import fetch_tree, publish_tree, tree_files
 
 log = logging.getLogger("fedmedclip.backbones")
 
@@ -92,22 +97,6 @@ def _registry_name_uri(spec: str) -> str:
 # ------------------------------------------------------------------------------------------ manifest
 
 
-def _directory_files(directory: Path) -> list[Path]:
-    """The files a backbone directory is made of: no hidden entries (a `huggingface-cli download`
-    leaves `.cache/` next to the weights), never an earlier manifest."""
-    files = []
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory)
-        if (
-            any(part.startswith(".") for part in rel.parts)
-            or not path.is_file()
-            or rel.as_posix() == MANIFEST
-        ):
-            continue
-        files.append(rel)
-    return files
-
-
 def backbone_manifest(directory: str | Path) -> dict:
     """Load the CLIP in `directory` (offline) and describe it: weights hash, identity, every file's hash."""
     from fedmedclip.backbone import load_backbone
@@ -117,10 +106,9 @@ def backbone_manifest(directory: str | Path) -> dict:
         raise BackboneNotFound(f"backbone directory {str(directory)!r} does not exist or is not a directory")
     backbone = load_backbone(str(directory))
     identity = backbone.identity()
-    files = {
-        rel.as_posix(): {"sha256": sha256_file(directory / rel), "size": (directory / rel).stat().st_size}
-        for rel in _directory_files(directory)
-    }
+    # No hidden entries (a `huggingface-cli download` leaves `.cache/` next to the weights), never an earlier
+    # manifest.
+    files = tree_files(directory, skip=(MANIFEST,))
     return {
         "format": MANIFEST_FORMAT,
         "weights_sha256": backbone.weights_sha256,
@@ -251,88 +239,62 @@ def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = 
 # ------------------------------------------------------------------------------------------------ S3
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
+def _s3_store(uri: str) -> S3Store:
     bucket, _, prefix = uri[len("s3://") :].partition("/")
-    prefix = prefix.strip("/")
-    if not bucket or not prefix:
+    if not bucket or not prefix.strip("/"):
         raise BackbonePublishError(
             f"{uri!r}: give a bucket and a prefix for the backbone, e.g. s3://BUCKET/backbones/clip-b32"
         )
-    return bucket, prefix
+    return S3Store(f"s3://{bucket}/{prefix.strip('/')}")
 
 
-def _s3_problem(exc: Exception, verb: str, where: str, spec: str) -> FedMedClipError:
-    from botocore.exceptions import ClientError, NoCredentialsError
-
-    if isinstance(exc, NoCredentialsError):
-        return BackboneUnavailable(
-            f"cannot {verb} {where}: no S3 credentials in the environment (AWS_ACCESS_KEY_ID, "
-            'AWS_SECRET_ACCESS_KEY); on this machine run `eval "$(fedmedclip stack env)"`'
-        )
-    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-    if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
-        return BackboneUnavailable(
-            f"no backbone published at {spec} ({where}: {code}). " + _how_to_publish(spec)
-        )
-    if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return BackboneUnavailable(f"cannot {verb} {where}: {code}: the credentials in use may not touch it")
-    return BackboneUnavailable(f"cannot {verb} {where}: {code or type(exc).__name__}: {exc}")
-
-
-def _s3_client():
-    from .site_data import s3_client
-
-    return s3_client()
-
-
-def _read_s3_manifest(client, bucket: str, prefix: str, spec: str) -> dict | None:
-    from botocore.exceptions import ClientError
-
-    key = f"{prefix}/{MANIFEST}"
+@contextlib.contextmanager
+def _s3_problems(spec: str):
+    """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
     try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404", "NotFound"):
-            return None
-        raise _s3_problem(exc, "read", f"s3://{bucket}/{key}", spec) from None
-    except Exception as exc:  # botocore raises several unrelated classes
-        raise _s3_problem(exc, "read", f"s3://{bucket}/{key}", spec) from None
+        yield
+    except ObjectMissing as exc:
+        raise BackboneUnavailable(
+            f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
+        ) from None
+    except StoreError as exc:
+        raise BackboneUnavailable(str(exc)) from None
+
+
+def _read_s3_manifest(store: S3Store) -> dict | None:
+    with _s3_problems(store.url):
+        body = store.get(MANIFEST)
+    if body is None:
+        return None
     try:
-        return _check_manifest(json.loads(body), f"s3://{bucket}/{key}")
+        return _check_manifest(json.loads(body), store.where(MANIFEST))
     except ValueError as exc:
         raise BackboneUnavailable(
-            f"s3://{bucket}/{key} is not valid JSON ({exc}). " + _how_to_publish(spec)
+            f"{store.where(MANIFEST)} is not valid JSON ({exc}). " + _how_to_publish(store.url)
         ) from None
 
 
 def _resolve_s3(spec: str, cache_root: Path) -> Path:
-    bucket, prefix = _split_s3(spec)
-    client = _s3_client()
-    manifest = _read_s3_manifest(client, bucket, prefix, spec)
+    store = _s3_store(spec)
+    manifest = _read_s3_manifest(store)
     if manifest is None:
         raise BackboneUnavailable(
-            f"no backbone published at {spec} (s3://{bucket}/{prefix}/{MANIFEST} does not exist). "
+            f"no backbone published at {spec} ({store.where(MANIFEST)} does not exist). "
             + _how_to_publish(spec)
         )
 
-    def download(folder: Path) -> None:
-        for name in manifest["files"]:
-            target = folder / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                client.download_file(bucket, f"{prefix}/{name}", str(target))
-            except Exception as exc:
-                raise _s3_problem(exc, "download", f"s3://{bucket}/{prefix}/{name}", spec) from None
+    def download(folder: Path) -> None:  # checked as a whole by _install
+        with _s3_problems(spec):
+            fetch_tree(store, manifest["files"], folder, checked=False)
 
     return _install(cache_root, spec, manifest, download)
 
 
 def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
-    bucket, prefix = _split_s3(to)
-    spec = f"s3://{bucket}/{prefix}"
-    client = _s3_client()
+    store = _s3_store(to)
+    spec = store.url
     size = sum(f["size"] for f in manifest["files"].values())
-    existing = _read_s3_manifest(client, bucket, prefix, spec)
+    existing = _read_s3_manifest(store)
     if existing is not None:
         if (
             existing["weights_sha256"] == manifest["weights_sha256"]
@@ -345,18 +307,8 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
             f"{manifest['weights_sha256'][:12]} to another prefix"
         )
     # The manifest goes last: a prefix without it was never completely published, and is written over.
-    for name in manifest["files"]:
-        key = f"{prefix}/{name}"
-        try:
-            client.upload_file(str(directory / name), bucket, key)
-        except Exception as exc:
-            raise _s3_problem(exc, "upload to", f"s3://{bucket}/{key}", spec) from None
-    try:
-        client.put_object(
-            Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest, indent=1).encode()
-        )
-    except Exception as exc:
-        raise _s3_problem(exc, "write", f"s3://{bucket}/{prefix}/{MANIFEST}", spec) from None
+    with _s3_problems(spec):
+        publish_tree(store, directory, MANIFEST, manifest)
     log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], spec)
     return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
 
@@ -385,7 +337,8 @@ def _backbone_versions(client, name: str) -> list:
 def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
     from mlflow.exceptions import MlflowException
 
-    from .tracking import _registered_model_exists, get_or_create_experiment
+    from .registry import _registered_model_exists
+    from .tracking import get_or_create_experiment
 
     m = _REGISTRY_URI.match(to)
     if not m or m.group("version") or m.group("alias"):

@@ -1,0 +1,29 @@
+"""What the tests beside the components share: offline model loading, and kfp.local set up for one test
+(each component's kfp.local test runs its KFP definition as a real task, a subprocess of this Python)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# A small synthetic data set: 4 classes, 2 sites x 6 images per class, 2 global test images per class, 24 px.
+SYNTH = {"per_class_per_site": 6, "test_per_class": 2, "size": 24}
+
+
+@pytest.fixture
+def kfp_local(tmp_path):
+    """kfp.local with the SubprocessRunner (no Docker) and its artifacts under tmp_path; the process's print
+    and root logger, which kfp.local swaps for each task, are put back afterwards."""
+    from kfp import local
+
+    from pipelines._kfp_local import process_state_restored
+
+    with process_state_restored(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*base image")  # our image's packages are this Python's
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+        yield local

@@ -1,0 +1,1 @@
+"""The prepare component: component.py (its step and its KFP definition), README.md (inputs and outputs)."""

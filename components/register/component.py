@@ -1,0 +1,139 @@
+"""register: a model version from the run's MLflow run (the one the server logged live; logged now from the
+run directory if the live logging could not reach MLflow), with the ONNX file when there is one, promoted to
+the alias when it is at least as good as the holder (mlops/registry.py).
+
+No `from __future__ import annotations`: KFP reads the component's annotations as types.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from kfp.dsl import Artifact, Input, Model
+
+from components.kfp_components import pipeline_run_name
+
+log = logging.getLogger("fedmedclip.pipeline")
+
+PROMOTED, REFUSED, NOT_PROMOTED = "promoted", "refused", "not promoted"
+
+
+def register_step(
+    run_dir: str,
+    onnx_dir: str,
+    mlflow_run_id: str,
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
+    alias: str,
+    allow_worse: bool,
+    allow_different_data: bool = False,
+    kfp_run_id: str = "",
+    fail_if_not_promoted: bool = False,
+) -> tuple[str, str]:
+    """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
+    run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
+    promote it. Returns (model URI, promotion outcome): the URI is '' when no tracking server is configured
+    (registration skipped); the outcome is `promoted`, `refused: <why>` or `not promoted (...)`.
+
+    Idempotent (KFP retries this task): the registration is keyed on the MLflow run and the ONNX file, so a
+    retry finds its own version; promoting a version that already holds the alias changes nothing. A refused
+    promotion leaves the version registered, is logged as an error line and returned as the outcome, and fails
+    the task when `fail_if_not_promoted` (the operator's choice: the run then ends red in the KFP UI)."""
+    from fedmedclip.errors import FedMedClipError
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
+        return "", f"{NOT_PROMOTED} (no tracking server)"
+    from mlops.registry import PromotionRefused, promote, register_model
+    from mlops.rundir import log_run_dir
+
+    if not mlflow_run_id:
+        from fedmedclip.config import TrainConfig
+
+        cfg = TrainConfig.from_json(json.loads((Path(run_dir) / "config.json").read_text()))
+        mlflow_run_id = log_run_dir(
+            run_dir,
+            experiment,
+            tracking_uri=uri,
+            run_name=pipeline_run_name(cfg, kfp_run_id) if kfp_run_id else None,
+            tags={"orchestrator": "kubeflow-pipelines"},
+            kfp_run_id=kfp_run_id or None,
+            record_run_dir=False,
+            source="kubeflow pipeline fedmedclip",
+        )
+    onnx = Path(onnx_dir) / "model.onnx"
+    version = register_model(mlflow_run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
+    log.info(
+        "%s %s from MLflow run %s",
+        "already registered:" if version.existing else "registered",
+        version.uri,
+        mlflow_run_id,
+    )
+    if not alias:
+        return version.uri, f"{NOT_PROMOTED} (no alias asked for)"
+    try:
+        done = promote(
+            model_name,
+            version.version,
+            alias,
+            allow_worse,
+            tracking_uri=uri,
+            allow_different_data=allow_different_data,
+        )
+    except PromotionRefused as e:
+        # The version stays registered; promoting a worse model, or one trained on other data, is a human
+        # decision (allow_worse, allow_different_data).
+        outcome = f"{REFUSED}: {e}"
+        log.error(
+            "PROMOTION REFUSED: %s version %s stays registered, not @%s: %s",
+            model_name,
+            version.version,
+            alias,
+            e,
+        )
+        if fail_if_not_promoted:
+            raise FedMedClipError(
+                f"promotion refused (fail_if_not_promoted is set): {e}; {version.uri} stays registered"
+            ) from e
+        return version.uri, outcome
+    log.info(done.describe())
+    return f"models:/{model_name}@{alias}", PROMOTED
+
+
+def register_component(
+    run_dir: Input[Artifact],
+    onnx: Input[Model],
+    mlflow_run_id: str,
+    tracking_uri: str,
+    experiment: str,
+    model_name: str,
+    alias: str,
+    allow_worse: bool,
+    allow_different_data: bool,
+    fail_if_not_promoted: bool,
+    kfp_run_id: str,
+) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)]):  # noqa: F821
+    from typing import NamedTuple
+
+    from components.register.component import register_step
+
+    model_uri, promotion = register_step(
+        run_dir.path,
+        onnx.path,
+        mlflow_run_id,
+        tracking_uri,
+        experiment,
+        model_name,
+        alias,
+        allow_worse,
+        allow_different_data,
+        kfp_run_id,
+        fail_if_not_promoted,
+    )
+    # the functional form: this body runs in the pod without this module's names
+    outputs = NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)])  # noqa: UP014
+    return outputs(model_uri, promotion)

@@ -1,0 +1,71 @@
+"""report: the run directory the server worker published to its private area of the mailbox, downloaded with
+the server's credentials into the `run_dir` artifact, every file checked against the manifest's sha256.
+
+No `from __future__ import annotations`: KFP reads the component's annotations as types.
+"""
+
+import json
+from pathlib import Path
+
+from kfp.dsl import Artifact, Metrics, Output
+
+from components.kfp_components import SERVER_ROLE
+from components.worker.component import RUN_DIR, RUN_DIR_FORMAT, RUN_DIR_MANIFEST
+
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
+    """Returns results.json and the MLflow run id of the live tracking ('' without)."""
+    from fedmedclip.errors import FedMedClipError
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import StoreError, open_store
+    from mlops.tree import fetch_tree
+
+    mb = Mailbox(open_store(mailbox), run_id)
+    published = mb.server_private().sub(RUN_DIR)
+    raw = published.get(RUN_DIR_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
+    if raw is None:
+        status = mb.status(SERVER_ROLE)
+        said = f"{status.state} {status.message}" if status is not None else "none"
+        raise FedMedClipError(
+            f"run {run_id}: the server worker published no run directory ({published.where(RUN_DIR_MANIFEST)} "
+            f"is missing; server status: {said})"
+        )
+    try:
+        manifest = json.loads(raw)
+        valid = manifest["run_id"] == run_id and manifest["format"] == RUN_DIR_FORMAT
+        files = manifest["files"] if valid and isinstance(manifest["files"], dict) else None
+    except (ValueError, KeyError, TypeError):
+        files = None
+    if not files:
+        raise FedMedClipError(
+            f"{published.where(RUN_DIR_MANIFEST)} is not run {run_id}'s run directory manifest"
+        )
+    try:
+        fetch_tree(published, files, run_dir)
+    except StoreError as exc:
+        raise FedMedClipError(f"the run directory the server published is damaged: {exc}") from None
+    return json.loads((Path(run_dir) / "results.json").read_text()), str(manifest.get("mlflow_run_id") or "")
+
+
+def report_component(
+    mailbox: str,
+    data: str,
+    run_id: str,
+    local_stack: str,
+    run_dir: Output[Artifact],
+    metrics: Output[Metrics],
+) -> str:
+    from components.kfp_components import SERVER_ROLE, act_as, resolve_mailbox
+    from components.report.component import report_step
+
+    act_as(SERVER_ROLE, local_stack)
+    results, mlflow_run_id = report_step(resolve_mailbox(mailbox, data), run_id, run_dir.path)
+    m = results["metrics"]
+    metrics.log_metric("best_round", m["best_round"])
+    for k in ("acc", "bacc", "f1", "ece"):
+        for name, value in ((f"global_{k}", m["global"].get(k)), (f"site_mean_{k}", m["site_mean"].get(k))):
+            if value is not None:
+                metrics.log_metric(name, value)
+    return mlflow_run_id

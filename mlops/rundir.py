@@ -1,0 +1,267 @@
+"""A run directory (docs/contracts.md, "Run directory") read and checked, and logged to MLflow: its files
+(the sites' private heads withheld unless asked), its lineage, and, after the fact, the whole run
+(`log_run_dir`: the same MLflow run live logging makes, each round at the time the run recorded for it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmedclip.digests import canonical_digest
+from fedmedclip.model_card import dataset_digest
+from fedmedclip.privacy.report import privacy_summary
+
+from .tracking import (
+    RunDirError,
+    _flatten,
+    _num,
+    context_tags,
+    describe_run,
+    git_commit,
+    run_parameters,
+)
+
+log = logging.getLogger("fedmedclip.tracking")
+
+REQUIRED_FILES = ("results.json", "config.json", "partition.json", "provenance.json")
+REQUIRED_DIRS = ("model",)
+OPTIONAL_DIRS = ("plots", "rounds")
+# A site's private part of the model (FedMedCLIP's MLP): never sent to the central MLflow by default.
+SITE_MODEL_GLOB = "site_*.safetensors"
+
+
+@dataclass
+class RunDir:
+    path: Path
+    config: dict
+    results: dict
+    partition: dict
+    provenance: dict
+    model_info: dict
+
+    @property
+    def method(self) -> str:
+        return str(self.results["method"])
+
+    @property
+    def site_names(self) -> list[str]:
+        names = self.results.get("site_names")
+        if names:
+            return [str(n) for n in names]
+        return [str(s["site"]) for s in self.results["metrics"].get("sites", [])]
+
+    @property
+    def global_bacc(self) -> float:
+        return float(self.results["metrics"]["global"]["bacc"])
+
+    def lineage(self) -> dict[str, str]:
+        backbone = self.results.get("backbone") or self.model_info.get("backbone") or {}
+        # Dataset identity: which images (and labels) each holder's feature store was built from.
+        stores = {h: p.get("digest", "") for h, p in sorted(self.provenance.items())}
+        return {
+            "method": self.method,
+            "partition_digest": str(self.partition.get("digest", "")),
+            "dataset_digest": dataset_digest(self.provenance),
+            "backbone": str(backbone.get("name", "unknown")),
+            "backbone_sha256": str(backbone.get("weights_sha256", "unknown")),
+            "feature_provenance_digest": canonical_digest(stores),
+            "git_commit": git_commit(self.results, self.config),
+        }
+
+
+def _read_json(run_dir: Path, name: str) -> Any:
+    path = run_dir / name
+    if not path.is_file():
+        raise RunDirError(
+            f"{run_dir} is not a complete run directory: {name} is missing "
+            f"(expected the output of `fedmedclip train --out {run_dir}`, see docs/contracts.md)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RunDirError(f"{path} is not valid JSON: {e}") from e
+
+
+def _require(obj: dict, dotted: str, where: Path) -> Any:
+    cur: Any = obj
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise RunDirError(
+                f"{where} has no `{dotted}` (see docs/contracts.md for the results.json format)"
+            )
+        cur = cur[part]
+    return cur
+
+
+def read_run_dir(run_dir: str | Path) -> RunDir:
+    """Load and check a run directory; RunDirError names the first missing piece."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunDirError(f"run directory {path} does not exist or is not a directory")
+    data = {name: _read_json(path, name) for name in REQUIRED_FILES}
+    for d in REQUIRED_DIRS:
+        if not (path / d).is_dir():
+            raise RunDirError(f"{path} is not a complete run directory: {d}/ is missing")
+    model_json = path / "model" / "model.json"
+    model_info = _read_json(path, "model/model.json") if model_json.exists() else {}
+    results = data["results.json"]
+    where = path / "results.json"
+    for key in ("method", "metrics.global.acc", "metrics.global.bacc", "history"):
+        _require(results, key, where)
+    if not isinstance(results["history"], list):
+        raise RunDirError(f"{where}: `history` must be a list of per-round records")
+    for i, rec in enumerate(results["history"]):
+        if not isinstance(rec, dict) or "round" not in rec:
+            raise RunDirError(f"{where}: history[{i}] has no `round`")
+    partition, provenance = data["partition.json"], data["provenance.json"]
+    if not isinstance(provenance, dict):
+        raise RunDirError(f"{path / 'provenance.json'} must map each holder to its feature-store provenance")
+    # Two digests of one partition that disagree mean files from different runs were mixed.
+    declared = (results.get("partition") or {}).get("digest")
+    if declared and partition.get("digest") and declared != partition["digest"]:
+        raise RunDirError(
+            f"{path}: results.json names partition {declared[:12]} but partition.json is "
+            f"{partition['digest'][:12]}; the run directory mixes files from different runs"
+        )
+    return RunDir(path, data["config.json"], results, partition, provenance, model_info)
+
+
+def run_params(run: RunDir) -> dict[str, str]:
+    """run_parameters of a run directory: the config, and what results.json resolved."""
+    res = run.results
+    part = res.get("partition") or {}
+    preprocessing = res.get("preprocessing")
+    # Facts from results.json that a search or comparison wants as params; the config wins on clashes.
+    extra = {
+        "method": res.get("method"),
+        "sites": res.get("sites"),
+        "site_names": ",".join(run.site_names) or None,
+        "rounds": res.get("rounds"),
+        "partition.scheme": part.get("scheme"),
+        "partition.alpha": part.get("alpha"),
+        "partition.seed": part.get("seed"),
+        "comm.codec": (res.get("comm") or {}).get("codec"),
+        "metrics.selection": (res.get("metrics") or {}).get("selection"),
+        "federation_run_id": res.get("run_id"),
+    }
+    params = run_parameters(
+        run.config,
+        res.get("method_options") if isinstance(res.get("method_options"), dict) else None,
+        preprocessing.get("name") if isinstance(preprocessing, dict) else None,
+    )
+    for k, v in _flatten({k: v for k, v in extra.items() if v is not None}).items():
+        params.setdefault(k, v)
+    return params
+
+
+def _log_run_files(client, run_id: str, run_path: Path, include_site_models: bool) -> list[str]:
+    """The run directory's files into the run's artifacts (never checkpoint/: resume state only).
+    Returns the site model files left out."""
+    for name in REQUIRED_FILES:
+        if (run_path / name).is_file():
+            client.log_artifact(run_id, str(run_path / name))
+    for d in OPTIONAL_DIRS:
+        if (run_path / d).is_dir():
+            client.log_artifacts(run_id, str(run_path / d), artifact_path=d)
+    withheld = []
+    model_dir = run_path / "model"
+    for f in sorted(model_dir.rglob("*")) if model_dir.is_dir() else []:
+        if not f.is_file():
+            continue
+        if f.parent == model_dir and f.match(SITE_MODEL_GLOB) and not include_site_models:
+            withheld.append(f.name)
+            continue
+        where = Path("model") / f.parent.relative_to(model_dir)
+        client.log_artifact(run_id, str(f), artifact_path=where.as_posix())
+    return withheld
+
+
+def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:
+    """Registration's lineage; the run directory's path only where it means something to a reader (not a
+    pod's temporary directory: `record_path=False`)."""
+    lineage = run.lineage()
+    tags = {
+        **lineage,
+        **privacy_summary(run.results),
+        "mlflow.source.git.commit": lineage["git_commit"],
+        "fedmedclip.sites": ",".join(run.site_names),
+    }
+    if record_path:
+        tags["fedmedclip.run_dir"] = str(run.path.resolve())
+    return tags
+
+
+def recorded_times(results: dict) -> tuple[float | None, float | None]:
+    """(start, end) of a finished run in unix seconds, from what results.json records: each round's
+    `finished_at` and the run's total seconds; (None, None) for a run directory written before rounds had
+    their time."""
+    ends = [_num(r.get("finished_at")) for r in results.get("history") or [] if isinstance(r, dict)]
+    ends = [t for t in ends if t is not None]
+    if not ends:
+        return None, None
+    end = max(ends)
+    timing = results.get("timing") or {}
+    total = _num(timing.get("total_seconds"))
+    if total is None:
+        first = min(results["history"], key=lambda r: _num(r.get("finished_at")) or end)
+        total = (end - min(ends)) + (_num(first.get("seconds")) or 0.0)
+    return end - total, end
+
+
+def log_run_dir(
+    run_dir: str | Path,
+    experiment: str,
+    tracking_uri: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    include_site_models: bool = False,
+    kfp_run_id: str | None = None,
+    record_run_dir: bool = True,
+    source: str = "fedmedclip track",
+) -> str:
+    """Log a finished run directory as one MLflow run and return its run id: the same parameters, metrics,
+    files and tags as live logging, each round at the time the run recorded for it (not now)."""
+    run = read_run_dir(run_dir)  # before touching the server: a bad run dir makes no empty run
+    from .live import LiveRunLogger
+
+    logger = LiveRunLogger(
+        experiment,
+        tracking_uri,
+        kfp_run_id=kfp_run_id,
+        include_site_models=include_site_models,
+        background=False,
+        record_run_dir=record_run_dir,
+    )
+    start, end = recorded_times(run.results)
+    part = run.results.get("partition") or {}
+    run_id = logger.start(
+        run_params(run),
+        tags={
+            **context_tags(source),
+            **_lineage_tags(run, record_run_dir),
+            "fedmedclip.times": "recorded" if start is not None else "logging time (none recorded)",
+            **(tags or {}),
+        },
+        run_name=run_name or run.path.resolve().name,
+        site_names=run.site_names,
+        partition=run.partition,
+        data_source=str(run.config.get("data") or ""),
+        description=describe_run(
+            run.method,
+            run.site_names,
+            run.results.get("rounds"),
+            str(run.config.get("data") or part.get("source") or "?"),
+            f"{part.get('scheme', '?')}" + (f" (alpha {part['alpha']})" if part.get("alpha") else ""),
+            f"Logged from the run directory by `{source}`.",
+        ),
+        start_time=start,
+    )
+    with logger:
+        logger.log_rounds(run.results["history"])
+        logger.finish(run.path, "FINISHED", end_time=end)
+    log.info("logged %s as run %s in experiment %r", run.path, run_id, experiment)
+    return run_id

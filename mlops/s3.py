@@ -1,0 +1,240 @@
+"""S3 for the whole MLOps layer: ONE client factory, ONE error mapper and ONE object store, the S3
+implementation of the core's `fedmedclip.federation.storage.ObjectStore`. The federation's mailbox and private
+state, published data (mlops/site_data.py), published backbones (mlops/backbones.py) and the run directory the
+pipeline's server worker publishes all go through `S3Store`.
+
+Registered under the entry-point group `fedmedclip.stores` as `s3`, so `open_store("s3://BUCKET/PREFIX")` in
+the core finds it without importing boto3. Credentials and endpoint come from the environment (a party's own:
+its Kubernetes Secret in a cluster, `eval "$(fedmedclip stack env --role ROLE)"` on this machine). A PUT is one
+request, so S3 publishes an object whole (and its ETag is its MD5): no reader ever sees half of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from fedmedclip.federation.storage import (
+    ObjectStore,
+    StoreAccessDenied,
+    StoreError,
+    check_key,
+    check_size,
+)
+
+from .sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_secret_name
+
+MISSING = ("NoSuchKey", "404", "NotFound")
+DENIED = ("AccessDenied", "403", "Forbidden")
+REFUSED_KEY = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
+_SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
+_RAISE = object()
+
+
+class ObjectMissing(StoreError):
+    """The object (or its bucket) does not exist."""
+
+
+def s3_client(
+    endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None, region=None
+):
+    """A boto3 S3 client: the environment's endpoint (AWS_ENDPOINT_URL_S3) and credentials unless given."""
+    import boto3
+    from botocore.config import Config
+
+    logging.getLogger("botocore.credentials").setLevel(
+        logging.WARNING
+    )  # "Found credentials in ..." per client
+    endpoint = (
+        endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    )
+    # A fresh session: boto3's default one keeps the first credentials it found for the process's life.
+    # Retries with backoff absorb a bucket's transient errors; the parties poll anyway.
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16)
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        config=config,
+    )
+
+
+def error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def credentials_hint(key: str) -> str:
+    """Which credentials a key needs: the Secret a cluster task would hold for it."""
+    m = _SITE_KEY.search(key)
+    if m:
+        return f"site {m.group(1)}'s (Secret {site_secret_name(m.group(1))})"
+    if key.startswith(SERVER_PREFIX) or f"/{SERVER_PREFIX}" in key:
+        return f"the server's (Secret {SERVER_SECRET_NAME})"
+    return "this party's"
+
+
+def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
+    """A boto3 failure as a StoreError that names the object and what to check: StoreAccessDenied when the
+    credentials are missing or refused, ObjectMissing when the object or its bucket does not exist."""
+    from botocore.exceptions import NoCredentialsError
+
+    where, needs = f"s3://{bucket}/{key}", credentials_hint(key)
+    if isinstance(exc, NoCredentialsError):
+        return StoreAccessDenied(
+            f"cannot {verb} {where}: no S3 credentials in the environment ({', '.join(SECRET_KEYS)}); it needs "
+            f"{needs} credentials: in a cluster the task gets them from its Secret, on this machine run "
+            '`eval "$(fedmedclip stack env --role ROLE)"`'
+        )
+    code = error_code(exc)
+    if code in DENIED:
+        key_id = os.environ.get("AWS_ACCESS_KEY_ID", "?")[:8]
+        return StoreAccessDenied(
+            f"access to {where} denied ({verb}): the credentials in use (access key {key_id}...) do not cover "
+            f"it; it needs {needs} credentials"
+        )
+    if code in REFUSED_KEY:
+        return StoreAccessDenied(
+            f"cannot {verb} {where}: the S3 server does not accept these credentials ({code})"
+        )
+    if code == "NoSuchBucket":
+        return ObjectMissing(f"cannot {verb} {where}: bucket {bucket!r} does not exist")
+    if code in MISSING:
+        return ObjectMissing(f"{where} does not exist")
+    return StoreError(f"cannot {verb} {where}: {code or type(exc).__name__}: {exc}")
+
+
+class S3Store(ObjectStore):
+    """`s3://BUCKET[/PREFIX]`; keys are relative to the prefix, each checked by `check` (by default the core's
+    check_key: plain relative names; published data passes its image-id check)."""
+
+    def __init__(self, url: str, client=None, check: Callable[[str], str] = check_key):
+        if not str(url).startswith("s3://"):
+            raise StoreError(f"{url!r} is not an s3:// URL")
+        bucket, _, prefix = str(url)[len("s3://") :].partition("/")
+        if not bucket:
+            raise StoreError(f"{url!r}: no bucket name")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        if self.prefix:
+            check_key(self.prefix)
+        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.client, self.check = client or s3_client(), check
+
+    def sub(self, prefix: str) -> S3Store:
+        """The same bucket under `prefix/`: still an S3Store (streamed files, MD5s)."""
+        return S3Store(f"{self.url}/{check_key(prefix.strip('/'))}", self.client, self.check)
+
+    def _key(self, key: str) -> str:
+        self.check(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, verb: str, key: str, method: str, missing=_RAISE, **kwargs):
+        """One boto3 call on `key`: its answer, `missing` when the object does not exist (if given), else the
+        failure as the mapped StoreError."""
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except Exception as exc:  # botocore raises several unrelated classes
+            if missing is not _RAISE and error_code(exc) in MISSING:
+                return missing
+            raise s3_error(exc, verb, self.bucket, self._key(key)) from None
+
+    def put(self, key, data):
+        self._call("write", key, "put_object", Key=self._key(key), Body=bytes(data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        """One PUT of the file (streamed), so its ETag is its MD5."""
+        with open(path, "rb") as fh:
+            self._call("write", key, "put_object", Key=self._key(key), Body=fh)
+
+    def get(self, key, max_bytes=None):
+        """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
+        object's connection is closed unread), and the body is read with that cap."""
+        response = self._call("read", key, "get_object", missing=None, Key=self._key(key))
+        if response is None:
+            return None
+        body = response["Body"]
+        try:
+            if max_bytes is None:
+                return body.read()
+            check_size(self.where(key), int(response.get("ContentLength", 0)), max_bytes)
+            data = body.read(max_bytes + 1)
+            check_size(self.where(key), len(data), max_bytes)
+            return data
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise s3_error(exc, "read", self.bucket, self._key(key)) from None
+        finally:
+            body.close()
+
+    def download(self, key: str, path: str | Path) -> None:
+        """The object into `path` (ObjectMissing when it does not exist)."""
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path))
+        except Exception as exc:
+            raise s3_error(exc, "read", self.bucket, self._key(key)) from None
+
+    def md5(self, key: str) -> str | None:
+        """The stored object's MD5 (its ETag: every object is one PUT), None when it does not exist."""
+        head = self._call("check", key, "head_object", missing=None, Key=self._key(key))
+        return None if head is None else head["ETag"].strip('"')
+
+    def exists(self, key):
+        return self.md5(key) is not None
+
+    def delete(self, key):
+        self._call("delete", key, "delete_object", Key=self._key(key))
+
+    def delete_every_version(self, key: str) -> int:
+        """Delete `key` and all its earlier versions (a versioned bucket keeps them) without listing, which a
+        site's role may not: HEAD gives the current version, deleted until none is left. Returns how many."""
+        gone = 0
+        while True:
+            head = self._call("check", key, "head_object", missing=None, Key=self._key(key))
+            if head is None:
+                return gone
+            version = head.get("VersionId")
+            if version in (None, "", "null"):
+                self.delete(key)
+                return gone + 1
+            self._call("delete", key, "delete_object", Key=self._key(key), VersionId=version)
+            gone += 1
+
+    def md5s(self, prefix: str) -> dict[str, str]:
+        """Every object's MD5 under `prefix` (relative keys), one listing: the publisher's role only."""
+        out, base = {}, self._key(prefix.strip("/")) + "/"
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(self.prefix) + 1 if self.prefix else 0 :]] = obj["ETag"].strip('"')
+        except Exception as exc:
+            raise s3_error(exc, "list", self.bucket, base) from None
+        return out
+
+    def ensure_bucket(self) -> None:
+        """List the bucket (what the publisher's role may do; HeadBucket is not an action of its own), and
+        create it, versioned as the cluster's are, when it does not exist (an admin's key may; a role's may
+        not: `fedmedclip stack add-bucket`)."""
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+            return
+        except Exception as exc:
+            if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise s3_error(exc, "list", self.bucket, "") from None
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+            self.client.put_bucket_versioning(
+                Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
+            )
+        except Exception as exc:
+            raise s3_error(exc, "create", self.bucket, "") from None
+
+
+def open_s3_store(url: str) -> S3Store:
+    return S3Store(url)

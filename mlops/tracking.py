@@ -1,0 +1,375 @@
+"""MLflow plumbing shared by live logging (mlops/live.py), run-directory logging (mlops/rundir.py) and the
+registry (mlops/registry.py): the tracking server by the one rule, the client, the experiment, and how a run's
+records, settings and context become MLflow metrics, parameters, tags and inputs (docs/contracts.md, "Run
+directory"). mlflow is imported inside the functions: `mlops.cli` must stay light.
+
+Artifacts go through the tracking server (`mlflow server --serve-artifacts`, `mlflow-artifacts:` URIs), so
+clients need no S3 credentials; the server writes them to the versioned bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fedmedclip.digests import canonical_digest
+from fedmedclip.errors import FedMedClipError
+from fedmedclip.tracking_server import require_tracking_uri
+
+log = logging.getLogger("fedmedclip.tracking")
+
+# The run metric that promotion compares: global balanced accuracy of the reported (selected-round) model.
+SUMMARY = "summary"  # the metric group of the run's reported model, traffic and times (`summary/...`)
+PROMOTION_METRIC = f"{SUMMARY}/global_bacc"
+KFP_RUN_ID_TAG = "kfp.run_id"
+RUN_KEY_TAG = "fedmedclip.run_key"  # the federation's run id: a restarted server continues its MLflow run
+COMPLETE_TAG = "fedmedclip.logged"  # "complete" once a whole run directory is logged: registrable
+
+
+class TrackingError(FedMedClipError):
+    """MLflow tracking or registry cannot do what was asked (server down, unknown run/model, ...)."""
+
+
+class RunDirError(TrackingError):
+    """A run directory that does not follow docs/contracts.md."""
+
+
+def git_commit(*recorded: dict) -> str:
+    """The commit of the code that made the run: recorded in the run directory (results.json, config.json) if
+    the core wrote it, else the image's build argument (no .git inside containers), else this checkout."""
+    for source in recorded:
+        value = source.get("git_commit") if isinstance(source, dict) else None
+        if value:
+            return str(value)
+    env = os.environ.get("FEDMEDCLIP_GIT_COMMIT")
+    if env:
+        return env
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------- MLflow plumbing
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The answering tracking server by the one rule of fedmedclip.tracking_server (--tracking-uri, else
+    $MLFLOW_TRACKING_URI, else the local stack); TrackingError when there is none or it does not answer.
+    Never MLflow's silent default of a ./mlflow.db or ./mlruns store in the working directory."""
+    return require_tracking_uri(tracking_uri, error=TrackingError)
+
+
+def _client(tracking_uri: str | None):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    # Downloads stream through the tracking server, as uploads do: MLflow 3 otherwise fetches presigned S3
+    # URLs itself, which needs a route to the bucket (a hospital's pod has none) and is refused by the
+    # local stack's S3, which accepts only requests signed with a role's key.
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+    # The fluent API (log_model, register_model, load_model) reads the global URIs.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _not_found(e: Exception) -> bool:
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def metric_key(*parts: str) -> str:
+    """A valid MLflow metric key `part/part/...` (site names may hold any character)."""
+    return _KEY_BAD.sub("_", "/".join(p for p in parts if p))[:250]
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(obj, dict) and not obj and not prefix:
+        return out
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    value = obj if isinstance(obj, str) else json.dumps(obj)
+    if len(value) > 6000:  # MLflow's parameter value limit
+        value = value[:5980] + "...(truncated)"
+    out[_KEY_BAD.sub("_", prefix)[:250]] = value
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None  # a NaN or infinite metric is never logged
+
+
+def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
+    """One round record (an entry of results.json's `history`) as MLflow metrics, named so that the MLflow UI
+    groups them (it groups by the part before the first `/`): `global/acc`, `global/bacc`; per site
+    `<site>/acc`, `<site>/bacc`, `<site>/val_acc`, `<site>/bytes_up`, `<site>/bytes_down`; `sites/present`,
+    `sites/rejected`, `sites/val_acc_mean`, `sites/train_loss`; `comm/bytes_up`, `comm/bytes_down` (summed
+    over the sites); `time/round_seconds`; under DP `privacy/epsilon_max` (the sites' largest epsilon so far),
+    `privacy/client_epsilon` (client-level DP) and `<site>/epsilon`. Missing or non-finite values are left out."""
+    out: dict[str, float] = {}
+
+    def add(key: str, value: Any) -> None:
+        v = _num(value)
+        if v is not None:
+            out[key] = v
+
+    g = record.get("global") or {}
+    add("global/acc", g.get("acc"))
+    add("global/bacc", g.get("bacc"))
+    rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
+    for s in rows:
+        for k in ("acc", "bacc", "val_acc", "epsilon"):
+            add(metric_key(str(s.get("site")), k), s.get(k))
+    add("sites/val_acc_mean", record.get("val_acc_mean"))
+    add("sites/train_loss", record.get("train_loss"))
+    # Differential privacy (fedmedclip.privacy): the sites' largest epsilon so far, and client-level DP's.
+    add("privacy/epsilon_max", record.get("epsilon_max"))
+    add("privacy/client_epsilon", (record.get("client_dp") or {}).get("epsilon"))
+    add("time/round_seconds", record.get("seconds"))
+    present = record.get("sites_present")
+    add("sites/present", len(present) if isinstance(present, list) else present)
+    if isinstance(record.get("rejected"), dict):
+        add("sites/rejected", len(record["rejected"]))
+    # Per-site lists follow the order of the record's site rows (the run's site names).
+    names = [str(s.get("site")) for s in rows] or [str(n) for n in site_names or []]
+    for direction in ("bytes_up", "bytes_down"):
+        per_site = record.get(direction)
+        if isinstance(per_site, list):
+            add(f"comm/{direction}", sum(_num(b) or 0.0 for b in per_site))
+            if len(per_site) == len(names):
+                for name, b in zip(names, per_site, strict=True):
+                    add(metric_key(name, direction), b)
+        else:
+            add(f"comm/{direction}", per_site)
+    return out
+
+
+def final_metrics(results: dict) -> dict[str, float]:
+    """The run's summary from results.json, under `summary/`: the reported (selected-round) model's metrics
+    (`summary/global_bacc` is what promotion compares), the last round's, traffic and times. One group that
+    the MLflow UI lists after the per-round curves (it orders groups by name)."""
+    final: dict[str, float] = {}
+
+    def put(key: str, value: Any) -> None:
+        v = _num(value)
+        if v is not None:
+            final[key] = v
+
+    m = results.get("metrics") or {}
+    for k, v in (m.get("global") or {}).items():
+        put(f"{SUMMARY}/global_{k}", v)
+    for s in m.get("sites") or []:
+        for k in ("acc", "bacc", "f1", "ece", "n"):
+            put(metric_key(SUMMARY, f"{s.get('site')}_{k}"), s.get(k))
+    for k, v in (m.get("site_mean") or {}).items():
+        put(f"{SUMMARY}/site_mean_{k}", v)
+    put(f"{SUMMARY}/best_round", m.get("best_round"))
+    last = m.get("last_round") or {}
+    for k, v in (last.get("global") or {}).items():
+        put(f"{SUMMARY}/last_round_global_{k}", v)
+    comm = results.get("comm") or {}
+    for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round", "total_bytes"):
+        put(f"{SUMMARY}/{k}", comm.get(k))
+    timing = results.get("timing") or {}
+    for k, v in timing.items():
+        put(f"{SUMMARY}/{k}", v)
+    return final
+
+
+def experiment_ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or a run) in its model-training view: MLflow 3's UI opens on
+    its GenAI pages unless the link asks for `workflowType=machine_learning`."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/{page}?workflowType=machine_learning"
+
+
+# Settings that may change when a run is continued (a restarted server with another quorum, threads or cache):
+# logged as parameters at the start; a change on restart is recorded in a tag, never refused.
+OPERATIONAL_PARAMS = ("threads", "cache_dir", "min_class_images", "allow_outside_root", "server.")
+
+
+def is_operational(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_PARAMS)
+
+
+def run_parameters(
+    config: dict,
+    method_options: dict | None = None,
+    preprocessing: str | None = None,
+    extra: dict | None = None,
+) -> dict[str, str]:
+    """Every resolved setting of a run as MLflow parameters, one key per setting (nested dicts as dotted
+    keys): the configuration (config.json, `out` left out), the method's options with their defaults
+    resolved (`method_options.lr_fam`, ...), the resolved preprocessing, and `extra` (the runtime's: site
+    names, quorum, timeouts, norm factor, ... under `server.`). The live logger and `track RUN_DIR` both log
+    through this, so one run gives the same keys however it is logged."""
+    settings = {k: v for k, v in config.items() if k != "out"}
+    if method_options is not None:
+        settings["method_options"] = {**(settings.get("method_options") or {}), **method_options}
+    if preprocessing:
+        settings["preprocessing"] = preprocessing
+    params = _flatten(settings)
+    params.update(_flatten({k: v for k, v in (extra or {}).items() if v is not None}))
+    return params
+
+
+def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
+    """Who logged the run and from where (MLflow's system tags, shown in the UI): the user (the MLflow user
+    the client signs in as, else the login), the command or pipeline as the source, the code's commit."""
+    import getpass
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # a container's uid without a passwd entry
+            user = "unknown"
+    return {
+        "mlflow.user": user,
+        "mlflow.source.name": source,
+        "mlflow.source.type": source_type,
+        "mlflow.source.git.commit": git_commit(),
+    }
+
+
+def describe_run(
+    method: str, site_names: list[str], rounds: Any, data: str, partition: str = "", orchestrator: str = ""
+) -> str:
+    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown."""
+    sites = ", ".join(site_names[:8]) + (f", ... ({len(site_names)} in all)" if len(site_names) > 8 else "")
+    lines = [
+        f"**{method}** federated over {len(site_names)} sites ({sites}), {rounds} rounds.",
+        f"Data: `{data}`" + (f", partition {partition}." if partition else "."),
+    ]
+    if orchestrator:
+        lines.append(orchestrator)
+    lines.append(
+        "Metrics: `global/*` on the server's global test set, `<site>/*` on each site's own test split "
+        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times."
+    )
+    return "\n\n".join(lines)
+
+
+def outcome_line(results: dict) -> str:
+    m = results.get("metrics") or {}
+    g, mean = m.get("global") or {}, m.get("site_mean") or {}
+
+    def f(x):
+        return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+    return (
+        f"**Result**: selected round {m.get('best_round')} ({m.get('selection', '')}): global acc "
+        f"{f(g.get('acc'))}, bacc {f(g.get('bacc'))}; sites' mean acc {f(mean.get('acc'))}, bacc "
+        f"{f(mean.get('bacc'))}."
+    )
+
+
+def _data_name(source: str) -> str:
+    """A readable name for a data source: `synthetic`, the bucket, the folder or `folder/manifest.csv`."""
+    if source.startswith("s3://"):
+        return source[len("s3://") :].strip("/") or source
+    path = Path(source)
+    if source == "synthetic" or not path.name:
+        return source
+    return f"{path.parent.name}/{path.name}" if path.suffix else path.name
+
+
+def _data_source_type(source: str) -> str:
+    if source.startswith("s3://"):
+        return "s3"
+    return "synthetic" if source == "synthetic" else "local"
+
+
+def dataset_inputs(partition: dict, data_source: str = "") -> list:
+    """The MLflow inputs of a run, from its partition manifest (docs/contracts.md, partition.json): the data
+    set (every image id and the class names, whoever holds them) and the partition (which holder holds
+    which image; its own digest). MLflow keeps 36 characters of a digest; the full sha256 is an input tag."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source = str(data_source or partition.get("source") or "unknown")
+    ids = [i for split in (partition.get("sites") or {}).values() for ids in split.values() for i in ids]
+    ids += list(partition.get("reference") or []) + list(partition.get("global_test") or [])
+    images_digest = canonical_digest({"class_names": partition.get("class_names"), "images": sorted(ids)})
+    data_profile = {"images": len(ids), "class_names": partition.get("class_names")}
+    scheme = str(partition.get("scheme", "unknown"))
+    alpha = partition.get("alpha")
+    partition_name = f"{_data_name(source)}:{scheme}" + (f"(alpha={alpha})" if alpha else "")
+    partition_name += f":seed={partition.get('seed')}:{len(partition.get('sites') or {})} sites"
+    partition_digest = str(partition.get("digest") or canonical_digest(partition))
+
+    def entry(name: str, digest: str, profile: dict, context: str) -> DatasetInput:
+        dataset = Dataset(
+            name=name,
+            digest=digest[:32],
+            source_type=_data_source_type(source),
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile),
+        )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("fedmedclip.digest", digest)]
+        return DatasetInput(dataset, tags)
+
+    return [
+        entry(_data_name(source), images_digest, data_profile, "training"),
+        entry(partition_name, partition_digest, {"counts": partition.get("counts")}, "partition"),
+    ]
+
+
+# MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_DESCRIPTION = (
+    "Federated runs of fedmedclip (frozen CLIP adapted across hospitals). Each run: one federation; its "
+    "parameters are every resolved setting, its metrics are grouped per party (`global/`, one group per site, "
+    "`sites/`, `comm/`, `time/`, and `summary/` for the selected round). Registered models carry the run's "
+    "lineage tags. Open it in the UI's Model training view."
+)
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    """The experiment's id, created if missing; it is marked as model training (not GenAI) and described."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        exp_id = client.create_experiment(
+            name,
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION},
+        )
+        return exp_id
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"
+        )
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id

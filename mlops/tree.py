@@ -1,0 +1,149 @@
+"""Files published to an object store and fetched back checked: the ONE helper behind published data
+(mlops/site_data.py: images, MD5 per image in the holder's catalog), published backbones (mlops/backbones.py)
+and the run directory the pipeline's server worker hands to the report task (components/worker, report).
+
+The rule every publisher keeps: the files first, the manifest (or catalog) that lists them with their
+digests LAST, so a reader that finds the manifest finds every file; and a reader checks every file it
+fetches against the manifest's digest before it uses it. No listing is needed to read a tree back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fedmedclip.federation.storage import ObjectStore, StoreError
+
+from .s3 import ObjectMissing, S3Store
+
+THREADS = 8
+
+
+class TreeMismatch(StoreError):
+    """A published file is not the one its manifest records (changed or damaged after publishing)."""
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(paths: dict[str, str | Path], algorithm: str = "md5") -> dict[str, str]:
+    with ThreadPoolExecutor(THREADS) as pool:
+        return dict(zip(paths, pool.map(lambda p: file_digest(p, algorithm), paths.values()), strict=True))
+
+
+def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every file below `folder` as {relative path: {"sha256", "size"}}: no hidden entries (an interrupted
+    atomic write's leftovers, a `huggingface-cli download`'s .cache/), nothing named in `skip`."""
+    folder, files = Path(folder), {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in skip and not any(p.startswith(".") for p in rel.split("/")):
+            files[rel] = {"sha256": file_digest(path), "size": path.stat().st_size}
+    return files
+
+
+def stored_md5(store: ObjectStore, key: str) -> str | None:
+    """The stored object's MD5 (S3: its ETag, every object being one PUT), None when it does not exist."""
+    if isinstance(store, S3Store):
+        return store.md5(key)
+    data = store.get(key)
+    return None if data is None else hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def upload(
+    store: ObjectStore,
+    files: dict[str, str | Path],
+    md5s: dict[str, str] | None = None,
+    there: dict[str, str] | Callable[[str], str | None] | None = None,
+    progress: str = "",
+) -> int:
+    """Put each file `{key: path}` (an S3Store streams it in one PUT). With `md5s` and `there` (the stored
+    MD5s: a listing, or `stored_md5` per key), a key already holding the file is skipped and one holding other
+    content is refused, never overwritten (a re-run of the same publish sends nothing). Returns bytes sent."""
+
+    def put(key: str) -> int:
+        path = Path(files[key])
+        if md5s is not None and there is not None:
+            found = there.get(key) if isinstance(there, dict) else there(key)
+            if found == md5s[key]:
+                return 0
+            if found is not None:
+                raise StoreError(
+                    f"{store.where(key)} exists with other content than {path}; refusing to overwrite it"
+                )
+        if isinstance(store, S3Store):
+            store.put_file(key, path)
+        else:
+            store.put(key, path.read_bytes())
+        return path.stat().st_size
+
+    return sum(_map(put, list(files), progress, "img"))
+
+
+def download(
+    store: ObjectStore, files: dict[str, tuple[Path, str | None]], algorithm: str = "md5", progress: str = ""
+) -> list[Path]:
+    """Fetch each `{key: (local path, digest)}`: a local file that already has the digest is kept; else the
+    object is downloaded beside it, checked against the digest (TreeMismatch names both) and renamed into
+    place, so a damaged download is never used. A digest of None: downloaded unchecked (the caller checks)."""
+
+    def fetch(key: str) -> Path:
+        path, digest = files[key]
+        if digest is not None and path.is_file() and file_digest(path, algorithm) == digest:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        os.close(fd)
+        try:
+            if isinstance(store, S3Store):
+                store.download(key, tmp)
+            else:
+                data = store.get(key)
+                if data is None:
+                    raise ObjectMissing(f"{store.where(key)} does not exist")
+                Path(tmp).write_bytes(data)
+            got = file_digest(tmp, algorithm) if digest is not None else None
+            if got != digest:
+                raise TreeMismatch(
+                    f"{store.where(key)} has {algorithm.upper()} {got}, not the {digest} its publisher recorded: "
+                    "it was changed after publishing; publish again"
+                )
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    return list(_map(fetch, list(files), progress, "file"))
+
+
+def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, manifest: dict) -> None:
+    """The files `manifest["files"]` lists (tree_files of `folder`), then the manifest itself, last."""
+    upload(store, {rel: Path(folder) / rel for rel in manifest["files"]})
+    store.put(manifest_key, json.dumps(manifest, indent=1).encode())
+
+
+def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, checked: bool = True) -> None:
+    """The files a manifest lists (`{rel: {"sha256", ...}}`) into `dest`, each checked against its sha256
+    unless `checked` is False (the caller checks the whole tree itself)."""
+    for rel in files:
+        if rel.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in rel.split("/")):
+            raise StoreError(f"{store.url}: the manifest names {rel!r}, which leaves its folder")
+    jobs = {rel: (Path(dest) / rel, entry["sha256"] if checked else None) for rel, entry in files.items()}
+    download(store, jobs, "sha256")
+
+
+def _map(fn, items: list, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=not desc))
