@@ -7,7 +7,8 @@ Two measurements, FedMedCLIP's FAM at ViT-B/32 width (525,312 float values) and 
 workers (FederationServer, SiteWorker) each polling in its own thread as `server run` and `site run` do, over a
 local-directory mailbox, on synthetic images encoded by a random ViT-B/32 (`--backbone random-vit-b32`). The
 same run with and without `--secure-aggregation`; a round's seconds are from one global module going out to
-the next (results.json's history, rounds after the first). Every site shares this machine's cores, so a
+the next (results.json's history, rounds after the first; the median over `--repeats` alternated plain and
+secure runs, since the machine's other load drifts). Every site shares this machine's cores, so a
 round's extra time also holds the other sites' protocol work, which in a federation runs on their own machines.
 Bytes per site per round: the masked update and the protocol's objects a site writes (advertisement, shares,
 answer) and reads (roster, inbox, survivors), from the mailbox.
@@ -277,29 +278,36 @@ def runtime_run(sites: int, rounds: int, secure: bool, work: Path, cache: Path) 
     return {"results": server.results, "objects": objects, "manifest": server.manifest}
 
 
-def runtime_row(sites: int, rounds: int, cache: Path) -> dict:
-    rows = {}
-    for secure in (False, True):
-        with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
-            got = runtime_run(sites, rounds, secure, Path(tmp), cache)
-        history = got["results"]["history"][1:]  # round 1 also waits for the sites to start
-        ups = [b for rec in history for b in rec["bytes_up"] if b is not None]
-        per_round = len(history)
-        rows["secure" if secure else "plain"] = {
-            "seconds_per_round": float(np.mean([rec["seconds"] for rec in history])),
-            "seconds": [rec["seconds"] for rec in history],
-            "update_bytes": float(np.mean(ups)),
-            "protocol_upload_bytes": sum(got["objects"]["up"]) / max(1, sites * per_round),
-            "protocol_download_bytes": sum(got["objects"]["down"]) / max(1, sites * per_round),
-            "global_bacc": got["results"]["metrics"]["global"]["bacc"],
-        }
-        if secure:
-            sec = got["manifest"]["secure_aggregation"]
-            rows["secure"].update(threshold=sec["threshold"], modulus_bits=sec["modulus_bits"])
+def runtime_row(sites: int, rounds: int, cache: Path, repeats: int) -> dict:
+    """Plain and secure runs, alternated `repeats` times (the machine's other load drifts); a mode's seconds per
+    round is the median over its timed rounds."""
+    rows: dict[str, dict] = {}
+    for _ in range(repeats):
+        for secure in (False, True):
+            with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+                got = runtime_run(sites, rounds, secure, Path(tmp), cache)
+            history = got["results"]["history"][1:]  # round 1 also waits for the sites to start
+            row = rows.setdefault(
+                "secure" if secure else "plain", {"seconds": [], "ups": [], "up": [], "down": []}
+            )
+            row["seconds"] += [rec["seconds"] for rec in history]
+            row["ups"] += [b for rec in history for b in rec["bytes_up"] if b is not None]
+            row["up"].append(sum(got["objects"]["up"]) / max(1, sites * len(history)))
+            row["down"].append(sum(got["objects"]["down"]) / max(1, sites * len(history)))
+            if secure:
+                sec = got["manifest"]["secure_aggregation"]
+                row.update(threshold=sec["threshold"], modulus_bits=sec["modulus_bits"])
+    for row in rows.values():
+        row.update(
+            seconds_per_round=float(np.median(row["seconds"])),
+            update_bytes=float(np.mean(row.pop("ups"))),
+            protocol_upload_bytes=float(np.mean(row.pop("up"))),
+            protocol_download_bytes=float(np.mean(row.pop("down"))),
+        )
     plain, secure = rows["plain"], rows["secure"]
     return {
         "sites": sites,
-        "rounds_timed": rounds - 1,
+        "rounds_timed": (rounds - 1) * repeats,
         "plain": plain,
         "secure": secure,
         "upload_bytes_per_site": secure["update_bytes"] + secure["protocol_upload_bytes"],
@@ -315,6 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("runtime", "compute"), default="runtime")
     ap.add_argument("--sites", default="3,10,30")
     ap.add_argument("--rounds", type=int, default=6, help="runtime: rounds per run (the first is not timed)")
+    ap.add_argument("--repeats", type=int, default=2, help="runtime: plain and secure runs, alternated")
     ap.add_argument("--cache-dir", default=".cache/bench-secagg", help="runtime: images and feature stores")
     ap.add_argument("--dim", type=int, default=512, help="feature width (512: ViT-B/32)")
     ap.add_argument("--rms", type=float, default=1e-3, help="spread of the synthetic updates")
@@ -325,7 +334,7 @@ def main(argv=None) -> int:
     if args.mode == "runtime":
         rows = []
         for n in [int(x) for x in args.sites.split(",")]:
-            row = runtime_row(n, args.rounds, Path(args.cache_dir))
+            row = runtime_row(n, args.rounds, Path(args.cache_dir), args.repeats)
             rows.append(row)
             p, s = row["plain"], row["secure"]
             print(

@@ -120,7 +120,10 @@ def worker_step(
             record_run_dir=False,  # the pod's temporary directory means nothing to a reader
         )
     site_keys = "mailbox" if cfg.secure_aggregation else None
-    if run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys) is None:
+    if (
+        run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys)
+        is None
+    ):
         raise FedMedClipError(
             f"the server's state in {published.url} says run {run_id} is done, but its run directory was never "
             "published (the worker stopped in between); the run's results are in its checkpoint: start the "
