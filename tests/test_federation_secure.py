@@ -6,6 +6,7 @@ with SIGKILL mid-protocol end identical to an uninterrupted secure run of `fedme
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -55,35 +56,44 @@ def keys() -> dict[str, IdentityKey]:
 
 
 class Federation:
-    """A server and site workers of one secure round over a local-directory mailbox, polled in turn."""
+    """A server and site workers of secure rounds over a local-directory mailbox, polled in turn."""
 
-    def __init__(self, prepared, keys, tmp: Path, workers=SITES, identity=None):
+    def __init__(self, prepared, keys, tmp: Path, workers=SITES, identity=None, timeout: float = TIMEOUT):
         cfg, p = prepared
         method = engine.method_for(cfg, p)
-        store = LocalDirStore(tmp / "mailbox")
-        self.mb = Mailbox(store, RUN)
-        self.server = FederationServer(
+        self.store = LocalDirStore(tmp / "mailbox")
+        self.mb = Mailbox(self.store, RUN)
+        self.out, self.keys, self.timeout = tmp / "out", keys, timeout
+        self.server_setup = engine.server_setup(cfg, p, method)
+        self.server = self.new_server()
+        self.setups = {s.name: s for s in engine.site_setups(cfg, p, method)}
+        self.sites = {s: self.new_site(s, (identity or {}).get(s, keys[s])) for s in workers}
+
+    def new_server(self) -> FederationServer:
+        """The server (started again: a new process on the same state and mailbox)."""
+        server = FederationServer(
             self.mb,
-            engine.server_setup(cfg, p, method),
-            store.sub("server-state"),
-            tmp / "out",
-            ServerOptions(quorum=2, round_timeout=TIMEOUT, join_timeout=TIMEOUT),
+            self.server_setup,
+            self.store.sub("server-state"),
+            self.out,
+            ServerOptions(quorum=2, round_timeout=self.timeout, join_timeout=self.timeout),
             verbose=False,
-            identities={s: k.public for s, k in keys.items()},
+            identities={s: k.public for s, k in self.keys.items()},
         )
-        self.server.start()
-        setups = {s.name: s for s in engine.site_setups(cfg, p, method)}
-        self.sites = {
-            s: SiteWorker(
-                self.mb,
-                self.server.manifest,
-                setups[s],
-                store.sub(f"state-{s}"),
-                verbose=False,
-                identity=(identity or {}).get(s, keys[s]),
-            )
-            for s in workers
-        }
+        server.start()
+        return server
+
+    def new_site(self, name: str, identity=None) -> SiteWorker:
+        """Site `name`'s worker (started again: a new process on the same state)."""
+        state = self.store.sub(f"state-{name}")
+        return SiteWorker(
+            self.mb,
+            self.server.manifest,
+            self.setups[name],
+            state,
+            verbose=False,
+            identity=identity or self.keys[name],
+        )
 
     def round_one(self, gone=lambda name, site: False) -> bytes:
         """Poll until the global module of round 1 is out (a site for which `gone` says so is no longer
@@ -138,6 +148,49 @@ def test_dropouts_leave_the_round_exactly_what_the_protocol_promises(prepared, k
     # Both are real aggregates: round 1 moved the module, and site_2's update made a difference.
     zero, a, b = (_state(x) for x in (honest.mb.store.get(honest.mb.global_key(0)), without, everyone))
     assert any(not torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(zero[k], b[k]) for k in b)
+
+
+_DIGESTS: dict = {}
+
+
+def _written(root: Path) -> dict:
+    """What the parties have written under `root` (mailbox and states), heartbeats left out, as digests of
+    the files' bytes: an object written again with the same bytes is no new step."""
+    out = {}
+    for f in root.rglob("*"):
+        if f.is_file() and "status" not in f.parts:
+            st = f.stat()
+            key = (str(f), st.st_mtime_ns, st.st_size)
+            if key not in _DIGESTS:
+                _DIGESTS[key] = hashlib.sha256(f.read_bytes()).hexdigest()
+            out[str(f)] = _DIGESTS[key]
+    return out
+
+
+def test_every_party_restarted_after_every_step_ends_as_an_uninterrupted_run(prepared, keys, tmp_path):
+    """Two secure rounds in which, after every step that writes something new (an advertisement, shares, a
+    masked upload and checkpoint, an answer, a report; each of the server's sub-phases, its reports and its
+    end), the party that took it is replaced by a new one on the same state and mailbox, as a restarted process
+    would be: the run's results and global modules are an uninterrupted run's."""
+    cfg, p = prepared
+    two = (TrainConfig(**{**cfg.to_json(), "rounds": 2}), p)
+
+    def run(tmp: Path, restart: bool) -> tuple[dict, list[bytes]]:
+        fed = Federation(two, keys, tmp, timeout=CEILING)  # every site answers: nothing is waited out
+        deadline, restarts = time.monotonic() + CEILING, 0
+        while not (fed.server.finished and all(s.finished for s in fed.sites.values())):
+            assert time.monotonic() < deadline, "the run never ended"
+            for name in SITES:
+                before = _written(tmp) if restart else None
+                if fed.sites[name].poll() and restart and _written(tmp) != before:
+                    fed.sites[name], restarts = fed.new_site(name), restarts + 1
+            before = _written(tmp) if restart else None
+            if fed.server.poll() and restart and _written(tmp) != before and not fed.server.finished:
+                fed.server, restarts = fed.new_server(), restarts + 1
+        assert restarts > 20 or not restart
+        return without_timing(fed.server.results), [fed.mb.store.get(fed.mb.global_key(r)) for r in (1, 2)]
+
+    assert run(tmp_path / "restarted", restart=True) == run(tmp_path / "straight", restart=False)
 
 
 def test_forged_keys_unregistered_keys_and_wrong_masks_are_refused(prepared, keys, tmp_path, monkeypatch):

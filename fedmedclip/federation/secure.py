@@ -193,6 +193,7 @@ class ServerSecureRound:
         self.answers: dict[str, UnmaskShares] = {}
         self.started = time.monotonic()
         self._open_at: float | None = None
+        self._broken: str | None = None  # why this round's sum cannot be unmasked, known before the answers
 
     # ---------------------------------------------------------------- checkpoint
     def state(self) -> dict:
@@ -227,14 +228,17 @@ class ServerSecureRound:
         if self.srv.phase in ("updates", "unmask"):
             self._new_sum()
         if self.srv.phase == "unmask":
-            # The survivors' masked updates were accepted before: add them again.
+            # The survivors' masked updates were accepted before: add them again. One that is gone or changed
+            # since fails the round (the survivors are fixed: the sum cannot be unmasked without it).
             for site in self.survivors.survivors:
-                payload = self.srv._read_update(site)
-                if payload is None:
-                    raise ProtocolError(
-                        f"round {self.srv.round}: the masked update of survivor {site} is no longer in the mailbox"
-                    )
-                self._add_masked(site, payload)
+                try:
+                    payload = self.srv._read_update(site)
+                    if payload is None:
+                        raise ProtocolError("it is no longer in the mailbox")
+                    self._add_masked(site, payload)
+                except Exception as exc:
+                    self._broken = f"the masked update of survivor {site} cannot be read again: {exc}"
+                    break
 
     def _publish_current(self) -> None:
         mb, r, phase = self.srv.mb, self.srv.round, self.srv.phase
@@ -418,8 +422,10 @@ class ServerSecureRound:
         progressed = self._collect(shared, self.answers, read, "unmasking shares")
         if not self._due(shared, self.answers, len(shared), "unmasking shares"):
             return progressed
-        state, failed = None, None
+        state, failed = None, self._broken
         try:
+            if failed:
+                raise SecAggRefused(failed)
             total = unmask_total(
                 self.run.settings, self.roster, self.survivors, self.answers, self.run.length, self.run.bits
             )

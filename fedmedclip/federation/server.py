@@ -555,7 +555,7 @@ class FederationServer:
         message = (
             f"round {self.round}: only {have} of {len(self.sites)} sites answered with a usable "
             f"{what} within {elapsed:.0f} s ({need})"
-            + (f"; no update from {self._describe(waiting)}" if waiting else "")
+            + (f"; no {what} from {self._describe(waiting)}" if waiting else "")
             + (f"; rejected: {'; '.join(why)}" if why else "")
             + f". Everything up to round {self.round - 1} is kept in {self.out} and the mailbox"
         )
