@@ -21,11 +21,13 @@ from fedmedclip.codec import decode
 from fedmedclip.codec.wire import unpack
 from fedmedclip.config import TrainConfig
 from fedmedclip.errors import ConfigError
+from fedmedclip.export import run_privacy
 from fedmedclip.federation.mailbox import Mailbox
 from fedmedclip.federation.messages import KeyAdvertisement
 from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions
 from fedmedclip.federation.site import SiteFailure, SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
+from fedmedclip.model_card import build_card
 from fedmedclip.preparation import prepare
 from fedmedclip.privacy.report import privacy_summary
 from fedmedclip.secagg.identity import IdentityKey
@@ -258,6 +260,9 @@ def test_secure_aggregation_needs_registered_keys_and_says_so_in_the_results(pre
     assert results["privacy"]["secure_aggregation"] is True and results["privacy"]["client_level"]["epsilon"]
     assert results["comm"]["codec_up"] == f"{CODEC}+secagg"
     assert privacy_summary(results)["dp.secure_aggregation"] == "on"
+    # What the registry's tags, the ONNX metadata and the model card show comes from that summary.
+    assert run_privacy(tmp_path / "train")["dp.secure_aggregation"] == "on"
+    assert build_card(tmp_path / "train")["privacy"]["dp.secure_aggregation"] == "on"
     manifest = json.loads(
         (tmp_path / "train" / "checkpoint" / "mailbox" / "runs" / "inprocess" / "manifest.json").read_text()
     )
