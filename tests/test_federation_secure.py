@@ -370,3 +370,20 @@ def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_
         assert manifest["secure_aggregation"]["identities"][s] == key.public
     cfg.out = str(tmp_path / "engine")
     assert without_timing(results) == without_timing(engine.train(cfg, progress=False, run_id=run_id))
+
+
+def test_server_run_asks_for_the_sites_keys(tmp_path, capsys):
+    """`server run --secure-aggregation` needs the sites' public keys, from a JSON file or the mailbox; a bad
+    file is named in a one-line error, before any work."""
+    from fedmedclip.cli import main
+
+    args = ["-q", "server", "run", "--mailbox", str(tmp_path / "mb"), "--run-id", "r", "--out", str(tmp_path)]
+    assert main([*args, "--no-track", "--secure-aggregation"]) == 2
+    assert "needs the sites' public identity keys: --site-keys FILE" in capsys.readouterr().err
+    (tmp_path / "keys.json").write_text('["ed25519:..."]')
+    assert (
+        main([*args, "--no-track", "--secure-aggregation", "--site-keys", str(tmp_path / "keys.json")]) == 2
+    )
+    assert "must hold a JSON object" in capsys.readouterr().err
+    assert main([*args, "--no-track", "--site-keys", "mailbox"]) == 2
+    assert "--secure-aggregation, which is off" in capsys.readouterr().err
