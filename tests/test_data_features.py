@@ -609,7 +609,9 @@ def test_16_bit_pngs_are_scaled_not_saturated_in_training_and_serving(tmp_path):
 
 
 # ----------------------------------------------------------------------------- exact duplicates
-def test_exact_duplicates_drop_the_training_copies_and_conflicting_labels_everywhere(data_with_duplicates, caplog):
+def test_exact_duplicates_drop_the_training_copies_and_conflicting_labels_everywhere(
+    data_with_duplicates, caplog
+):
     from fedmedclip.data import deduplicate, open_source
 
     manifest, added = data_with_duplicates
