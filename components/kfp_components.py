@@ -76,6 +76,8 @@ CONFIG_PARAMETERS = (
     ("method_options", "method_options", str),
     ("synthetic", "synthetic", str),
     ("privacy", "privacy", str),
+    ("secure_aggregation", "secure_aggregation", bool),
+    ("secagg_threshold", "secagg_threshold", int),
 )
 # TrainConfig fields the pipeline sets itself; `aggregator` and `duplicates` are not parameters yet, so the
 # pipeline's runs use their defaults (the method's mean; exact duplicates dropped).
@@ -117,6 +119,8 @@ def config_to_parameters(cfg) -> dict:
             value = ",".join(repr(float(x)) for x in value)
         elif field in ("method_options", "synthetic", "privacy"):
             value = json.dumps(value or {}, sort_keys=True)
+        elif field == "secagg_threshold":
+            value = int(value or 0)
         params[name] = value
     return params
 
@@ -138,6 +142,8 @@ def config_from_parameters(params: dict):
             value = value or None
         elif field == "classes":
             value = [c.strip() for c in str(value).split(",") if c.strip()] or None
+        elif field == "secagg_threshold":
+            value = int(value) or None
         elif field == "split_ratio":
             value = parse_split(value)
         elif field in ("method_options", "synthetic", "privacy"):
@@ -229,6 +235,10 @@ PARAMETER_DOCS = {
     "synthetic": "Arguments of the synthetic data generator as a JSON object.",
     "privacy": "Differential privacy settings as a JSON object (the --dp-* flags, docs/privacy.md), e.g. "
     '{"target_epsilon": 8}; {} = none.',
+    "secure_aggregation": "Secure aggregation (docs/secure-aggregation.md): the server sees only the sum of the "
+    "sites' updates; each site's identity key is generated in its private state and registered through the "
+    "mailbox.",
+    "secagg_threshold": "Secure aggregation's threshold t (above half the sites); 0 = floor(sites/2) + 1.",
     # the federation
     "mailbox": "Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.",
     "quorum": "Fewest sites a round may aggregate once it times out; 0 = every site.",

@@ -175,13 +175,34 @@ def _cmd_server_run(args) -> int:
         stall_every=args.stall_every,
     )
     cfg = config_from_args(args)
+    site_keys = args.site_keys
+    if site_keys and not cfg.secure_aggregation:
+        raise ConfigError("--site-keys registers identity keys for --secure-aggregation, which is off")
+    if cfg.secure_aggregation and not site_keys:
+        raise ConfigError(
+            "--secure-aggregation needs the sites' public identity keys: --site-keys FILE (a JSON object "
+            "{site: key}, each printed by `fedmedclip site keygen`), or --site-keys mailbox (each site "
+            "registers its own: `site run --register-identity`)"
+        )
+    if site_keys and site_keys != "mailbox":
+        from .federation.secure import read_site_keys
+
+        site_keys = read_site_keys(site_keys)
     observer = (
         _observer(args, cfg, run_id=args.run_id, options=asdict(options))
         if _tracking_on(args)
         else NO_OBSERVER
     )
     results = run_server(
-        cfg, args.mailbox, args.run_id, args.out, args.state, options, observer, not args.quiet
+        cfg,
+        args.mailbox,
+        args.run_id,
+        args.out,
+        args.state,
+        options,
+        observer,
+        not args.quiet,
+        site_keys=site_keys,
     )
     print_summary(results, args.out)
     return 0
@@ -210,12 +231,29 @@ def _cmd_site_run(args) -> int:
         join_timeout=args.join_timeout,
         silence_timeout=args.silence_timeout,
         progress=not args.quiet,
+        identity=args.identity,
+        register_identity=args.register_identity,
     )
+    return 0
+
+
+def _cmd_site_keygen(args) -> int:
+    from .secagg.identity import IDENTITY_FILE, site_identity
+
+    where = f"{str(args.state).rstrip('/')}/{IDENTITY_FILE}"
+    key, created = site_identity(where, create=True)
+    print(
+        f"{'generated' if created else 'kept the existing'} identity key {where} (private: it never leaves "
+        "this site)\npublic key, for the operator to register in the run (server run --site-keys):",
+        file=sys.stderr,
+    )
+    print(key.public)
     return 0
 
 
 def _add_runtime_commands(sub) -> None:
     from .config import TrainConfig
+    from .federation.runner import DEFAULT_IDENTITY, STATE_ROOT
     from .federation.site import DEFAULT_SILENCE_TIMEOUT
 
     server = sub.add_parser(
@@ -272,6 +310,15 @@ def _add_runtime_commands(sub) -> None:
         default=30.0,
         help="seconds between 'waiting for' lines (default: %(default)s)",
     )
+    p.add_argument(
+        "--site-keys",
+        default=None,
+        metavar="FILE|mailbox",
+        help="with --secure-aggregation: the sites' public identity keys, a JSON file {site: 'ed25519:...'} "
+        "(each printed by `fedmedclip site keygen` at its site), written into the run's manifest; 'mailbox': "
+        "take the keys the sites register there themselves (`site run --register-identity`), trusting each "
+        "site's storage role (docs/secure-aggregation.md)",
+    )
     p.set_defaults(func=_cmd_server_run)
 
     site = sub.add_parser("site", help="a hospital's worker, as a long-lived process").add_subparsers(
@@ -305,7 +352,32 @@ def _add_runtime_commands(sub) -> None:
         help="give up after this many seconds without progress and without a heartbeat of the server (its "
         "status, rewritten every 10 s while it waits); a silence of a minute is logged (default: %(default)s)",
     )
+    p.add_argument(
+        "--identity",
+        default=DEFAULT_IDENTITY,
+        help="this site's identity key for secure aggregation (`site keygen` writes it): a PEM file or "
+        "s3://BUCKET/PREFIX/identity.pem (default: %(default)s)",
+    )
+    p.add_argument(
+        "--register-identity",
+        action="store_true",
+        help="create the identity key if it is missing and register its public key through the mailbox, for "
+        "a server started with --site-keys mailbox (sites the operator's system creates)",
+    )
     p.set_defaults(func=_cmd_site_run)
+
+    p = site.add_parser(
+        "keygen",
+        help="generate this site's long-term identity key for secure aggregation (kept, never overwritten) and "
+        "print its public key for the operator",
+    )
+    p.add_argument(
+        "--state",
+        default=STATE_ROOT,
+        help="where this site keeps its private state: the key is written to STATE/identity.pem, readable by "
+        "its owner only (a directory, or s3://BUCKET/PREFIX) (default: %(default)s)",
+    )
+    p.set_defaults(func=_cmd_site_keygen)
 
 
 def _cmd_methods(args) -> int:

@@ -69,6 +69,11 @@ class TrainConfig:
     # Byte-identical images (fedmedclip.data.deduplicate): drop the training-pool copies (the test copy stays),
     # keep them all (the papers' setting), or refuse the data.
     duplicates: str = "drop"
+    # Secure aggregation (fedmedclip/secagg, docs/secure-aggregation.md): the server learns only the weighted
+    # sum of the updates of the sites present. `secagg_threshold`: the Shamir threshold t, above half the
+    # sites (None: floor(n/2) + 1); every step of a round needs t sites.
+    secure_aggregation: bool = False
+    secagg_threshold: int | None = None
 
     def validate(self) -> TrainConfig:
         from .methods import METHODS
@@ -140,6 +145,7 @@ class TrainConfig:
         if self.min_class_images < 1:
             raise ConfigError(f"--min-class-images must be at least 1, got {self.min_class_images}")
         self._validate_privacy(METHODS[self.method])
+        self._validate_secure_aggregation()
         if self.transductive:
             self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
@@ -165,6 +171,56 @@ class TrainConfig:
                 f"{self.federation} sends nothing"
             )
         self.privacy = settings.to_config()
+
+    def _validate_secure_aggregation(self) -> None:
+        from .privacy import PrivacySettings
+
+        t = self.secagg_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
+            raise ConfigError(f"--secagg-threshold must be an integer, got {t!r}")
+        if not self.secure_aggregation:
+            if t is not None:
+                raise ConfigError("--secagg-threshold needs --secure-aggregation")
+            return
+        if self.federation != "federated":
+            raise ConfigError(
+                f"secure aggregation hides the sites' updates from the server; --federation {self.federation} "
+                "sends none"
+            )
+        if self.aggregator != "mean":
+            raise ConfigError(
+                f"--aggregator {self.aggregator} needs each site's update, which secure aggregation hides from "
+                "the server: use the method's mean (each site bounds its own update instead)"
+            )
+        if self.sites is not None and self.partition != "natural":
+            from .secagg.protocol import default_threshold
+
+            if self.sites < 2:
+                raise ConfigError("secure aggregation needs two or more sites")
+            if t is not None and not default_threshold(self.sites) <= t <= self.sites:
+                raise ConfigError(
+                    f"--secagg-threshold {t} must be above half the {self.sites} sites and at most "
+                    f"{self.sites} (default {default_threshold(self.sites)})"
+                )
+        privacy = PrivacySettings.from_config(self.privacy)
+        if privacy.client_level and privacy.client_noise_at != "server":
+            raise ConfigError(
+                "client-level DP with the noise at the sites needs discrete noise in secure aggregation's ring "
+                "(not implemented); with --secure-aggregation the sites clip and the server adds the noise to "
+                "the unmasked sum: use --dp-client-noise-at server (docs/secure-aggregation.md)"
+            )
+        if privacy.client_quantile is not None:
+            raise ConfigError(
+                "adaptive clipping (--dp-client-quantile) counts the sites' unclipped updates, which secure "
+                "aggregation hides from the server: use a fixed --dp-client-clip"
+            )
+        from .codec import get_codec
+        from .codec.secure import secure_codec
+
+        try:
+            secure_codec(get_codec(self.codec_up, "up"), sites=2, bound=1.0)
+        except CodecError as exc:
+            raise ConfigError(f"--codec-up {self.codec_up} under secure aggregation: {exc}") from None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -192,7 +248,13 @@ class TrainConfig:
         if not d.get("privacy"):
             d.pop("privacy", None)  # likewise: a run without DP keeps the key it had before DP existed
         # Defaults are left out, so keys from before these fields existed still match.
-        for key, default in (("federation", "federated"), ("aggregator", "mean"), ("duplicates", "drop")):
+        for key, default in (
+            ("federation", "federated"),
+            ("aggregator", "mean"),
+            ("duplicates", "drop"),
+            ("secure_aggregation", False),
+            ("secagg_threshold", None),
+        ):
             if d.get(key) == default:
                 d.pop(key)
         return json.loads(json.dumps(d))

@@ -48,6 +48,7 @@ from .preparation import (
     site_data,
 )
 from .privacy.report import attach_epsilon, privacy_results
+from .secagg.identity import site_identity
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,40 @@ def simulate(
     method = method_for(cfg, p)
     ckpt = LocalDirStore(out / "checkpoint")
     mailbox = Mailbox(ckpt.sub("mailbox"), run_id)
+    setups = site_setups(cfg, p, method)
+    # Secure aggregation: each site's identity key is generated in its own private state (this process
+    # stands for the operator who registers the public keys in the manifest).
+    keys = (
+        {
+            s.name: site_identity(out / "checkpoint" / "sites" / s.name / "identity.pem", create=True)[0]
+            for s in setups
+        }
+        if cfg.secure_aggregation
+        else {}
+    )
     server = FederationServer(
-        mailbox, server_setup(cfg, p, method), ckpt.sub("server"), out, ServerOptions(), verbose=False
+        mailbox,
+        server_setup(cfg, p, method),
+        ckpt.sub("server"),
+        out,
+        ServerOptions(),
+        verbose=False,
+        identities={name: key.public for name, key in keys.items()},
     )
     server.start()
     logged = len(server.history)  # a resumed run's earlier rounds were logged when they finished
     observer.start(server.manifest, resumed=logged > 0)
     sites = [
         SiteWorker(
-            mailbox, server.manifest, s, ckpt.sub(f"sites/{s.name}"), model_dir=out / "model", verbose=False
+            mailbox,
+            server.manifest,
+            s,
+            ckpt.sub(f"sites/{s.name}"),
+            model_dir=out / "model",
+            verbose=False,
+            identity=keys.get(s.name),
         )
-        for s in site_setups(cfg, p, method)
+        for s in setups
     ]
     bar = tqdm(
         total=cfg.rounds,
@@ -144,9 +168,17 @@ def _forget_old_rounds(mailbox: Mailbox, r: int, sites: list[str]) -> None:
     old = r - 2
     if old < 0:
         return
-    for key in [mailbox.global_key(old)] + [
-        k for s in sites for k in (mailbox.update_key(old, s), mailbox.report_key(old, s))
-    ]:
+    secure = (
+        [mailbox.secagg_key(old, what) for what in ("roster", "survivors")]
+        + [mailbox.secagg_key(old, what, s) for s in sites for what in ("keys", "shares", "unmask", "inbox")]
+        if old >= 1
+        else []
+    )
+    for key in (
+        [mailbox.global_key(old)]
+        + secure
+        + [k for s in sites for k in (mailbox.update_key(old, s), mailbox.report_key(old, s))]
+    ):
         mailbox.store.delete(key)
 
 

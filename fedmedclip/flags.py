@@ -201,6 +201,20 @@ FLAGS: list[Flag] = [
         "torch threads for training; extraction uses every core (default: %(default)s)",
         {"type": int},
     ),
+    Flag(
+        "secure_aggregation",
+        ("--secure-aggregation",),
+        "secure aggregation (Bonawitz et al. 2017): the server learns only the weighted sum of the sites' "
+        "updates; each site bounds and masks its own, with its registered identity key (docs/secure-aggregation.md)",
+        {"action": "store_true"},
+    ),
+    Flag(
+        "secagg_threshold",
+        ("--secagg-threshold",),
+        "secure aggregation's threshold t: every step of a round needs t sites, and fewer than t colluding "
+        "sites learn nothing of another's update (above half the sites; default: floor(sites/2) + 1)",
+        {"type": int, "metavar": "T"},
+    ),
     # Differential privacy (fedmedclip.privacy, docs/privacy.md): each sets one entry of TrainConfig.privacy.
     Flag(
         "privacy",

@@ -12,12 +12,15 @@ S3", under a data root `BUCKET` or `BUCKET/PREFIX`):
 - `publisher` uploads data centrally: lists the bucket, reads and writes `server/`, each site's
   `sites/<k>/images/` and `sites/<k>/catalog.json`, and the sites' public summaries.
 - `server` (the aggregator) reads the run manifest, shared tensors, global modules, every site's
-  update, report and status, its own state `runs/*/server/`, the `server/` data and the sites' summaries;
-  writes the manifest, shared tensors, global modules, its own status and state. Never `sites/`.
-- a site (`site_0`, ... with data index k) reads the manifest, shared tensors, global modules and the
-  server's status; reads and writes only its own update, report and status keys, its own data prefix
-  `sites/<k>/` (images, catalog, private state) and its own summary; and may delete its own data prefix and
-  summary, every version of them (a hospital withdraws its data: `fedmedclip data withdraw`). Nothing else.
+  update, report, status and secure-aggregation objects, its own state `runs/*/server/`, the `server/` data
+  and the sites' summaries; writes the manifest, shared tensors, global modules, secure aggregation's roster,
+  inboxes and survivors, its own status and state. Never `sites/`.
+- a site (`site_0`, ... with data index k) reads the manifest, shared tensors, global modules, the server's
+  status and secure aggregation's roster, survivors and its own inbox; reads and writes only its own update,
+  report and status keys, its own secure-aggregation keys (advertisement, shares, unmasking answer, identity
+  registration), its own data prefix `sites/<k>/` (images, catalog, private state) and its own summary; and
+  may delete its own data prefix and summary, every version of them (a hospital withdraws its data:
+  `fedmedclip data withdraw`). Nothing else.
 - `mlflow` reads and writes its artifact root only.
 
 No role but the publisher (and MLflow, on its own bucket) may list: every key the runtime uses is computable,
@@ -52,6 +55,16 @@ GLOBAL = "runs/*/rounds/*/global.bin"
 UPDATE = "runs/*/rounds/*/updates/{site}.bin"
 REPORT = "runs/*/rounds/*/reports/{site}.json"
 STATUS = "runs/*/status/{site}.json"
+# Secure aggregation's objects of a round (docs/secure-aggregation.md): a site writes its key advertisement,
+# its sealed shares and its unmasking answer, and reads the roster, the survivors and its own inbox.
+SECAGG_KEYS = "runs/*/rounds/*/secagg/keys/{site}.json"
+SECAGG_SHARES = "runs/*/rounds/*/secagg/shares/{site}.json"
+SECAGG_UNMASK = "runs/*/rounds/*/secagg/unmask/{site}.json"
+SECAGG_INBOX = "runs/*/rounds/*/secagg/inbox/{site}.json"
+SECAGG_ROSTER = "runs/*/rounds/*/secagg/roster.json"
+SECAGG_SURVIVORS = "runs/*/rounds/*/secagg/survivors.json"
+# A site created by the system registers its own public identity key (`site run --register-identity`).
+SECAGG_IDENTITY = "runs/*/secagg/identities/{site}.json"
 SERVER_STATUS = "runs/*/status/server.json"
 SERVER_STATE = "runs/*/server/*"
 SITE_DATA = "sites/{k}/*"
@@ -142,9 +155,32 @@ def access(role: Role, site_count: int) -> Access:
     mlflow role has no access to data roots (see `mlflow_policy`)."""
     if role.kind == SITE:
         own = {"site": role.name, "k": role.site_index}
-        mine = tuple(p.format(**own) for p in (UPDATE, REPORT, STATUS, SITE_DATA, SITE_SUMMARY))
+        mine = tuple(
+            p.format(**own)
+            for p in (
+                UPDATE,
+                REPORT,
+                STATUS,
+                SECAGG_KEYS,
+                SECAGG_SHARES,
+                SECAGG_UNMASK,
+                SECAGG_IDENTITY,
+                SITE_DATA,
+                SITE_SUMMARY,
+            )
+        )
         return Access(
-            read=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, BACKBONES, *mine),
+            read=(
+                MANIFEST,
+                SHARED,
+                GLOBAL,
+                SERVER_STATUS,
+                SECAGG_ROSTER,
+                SECAGG_SURVIVORS,
+                SECAGG_INBOX.format(**own),
+                BACKBONES,
+                *mine,
+            ),
             write=mine,
             delete=(SITE_DATA.format(**own), SITE_SUMMARY.format(**own)),
         )
@@ -158,12 +194,28 @@ def access(role: Role, site_count: int) -> Access:
                 UPDATE.format(**everyone),
                 REPORT.format(**everyone),
                 STATUS.format(**everyone),
+                SECAGG_KEYS.format(**everyone),
+                SECAGG_SHARES.format(**everyone),
+                SECAGG_UNMASK.format(**everyone),
+                SECAGG_IDENTITY.format(**everyone),
+                SECAGG_ROSTER,
+                SECAGG_SURVIVORS,
+                SECAGG_INBOX.format(**everyone),
                 SERVER_STATE,
                 SERVER_DATA,
                 SITE_SUMMARY.format(**everyone),
                 BACKBONES,
             ),
-            write=(MANIFEST, SHARED, GLOBAL, SERVER_STATUS, SERVER_STATE),
+            write=(
+                MANIFEST,
+                SHARED,
+                GLOBAL,
+                SERVER_STATUS,
+                SECAGG_ROSTER,
+                SECAGG_SURVIVORS,
+                SECAGG_INBOX.format(**everyone),
+                SERVER_STATE,
+            ),
             delete=(SERVER_STATE,),
         )
     if role.kind == PUBLISHER:

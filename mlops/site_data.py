@@ -169,7 +169,25 @@ def catalog_image_set(bucket: str, client=None) -> tuple[ImageSet, dict]:
     for image_id, *_ in cat["records"]:
         check_relative_id(image_id, source)
     records = [ImageRecord(i, "", label, split, site or None) for i, label, split, site in cat["records"]]
-    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}"), cat
+    duplicates = _published_duplicates(cat.get("duplicates"), source)
+    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=duplicates), cat
+
+
+def _published_duplicates(found, source: str) -> dict | None:
+    """What the publisher's duplicate check found and dropped (results.json's `data.duplicates` of a run on
+    the published data): a policy name and non-negative counts, nothing else."""
+    from fedmedclip.data import DUPLICATE_POLICIES
+
+    if found is None:
+        return None
+    counts = {k: v for k, v in found.items() if k != "policy"} if isinstance(found, dict) else {}
+    if (
+        not isinstance(found, dict)
+        or found.get("policy") not in DUPLICATE_POLICIES
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in counts.values())
+    ):
+        raise DataError(f"{source}: 'duplicates' must hold a policy and non-negative counts")
+    return dict(found)
 
 
 def check_published_partition(cfg, partition, catalog: dict) -> None:
@@ -359,12 +377,14 @@ def read_site_summary(location: str | Path, index: int, client=None) -> dict:
 
 # ------------------------------------------------------------------------------------------- publishing
 def _load_source(cfg, allow_outside_root: bool) -> ImageSet:
-    from fedmedclip.data import open_source
+    from fedmedclip.data import deduplicate, open_source
     from fedmedclip.preparation import load_image_set
 
     if cfg.data == "synthetic" or is_s3(cfg.data):
         return load_image_set(cfg)
-    return open_source(cfg.data, allow_outside_root=allow_outside_root)
+    # The exact-duplicate rule of a run on the folder (--duplicates), applied before publishing: a run on the
+    # published data trains and tests on the images `train --data FOLDER` would.
+    return deduplicate(open_source(cfg.data, allow_outside_root=allow_outside_root), cfg.duplicates)
 
 
 def _check_publishable(
@@ -471,6 +491,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
         "partition_digest": part.digest,
         "image_list": _image_list_digest(image_set),
         "site_prefixes": {s: prefixes[s] for s in part.site_names},
+        "duplicates": image_set.duplicates,
     }
     _put_json(root, SERVER_PREFIX + PUBLISHED, catalog)
     return {
@@ -480,6 +501,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
         "sites": {s: len(holder_ids[s]) for s in part.site_names},
         "server": len(holder_ids[SERVER]),
         "partition_digest": part.digest,
+        "duplicates": image_set.duplicates,
     }
 
 

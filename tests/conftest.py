@@ -45,6 +45,35 @@ def brain_mri() -> Path:
     return BRAIN_MRI
 
 
+@pytest.fixture
+def data_with_duplicates(tmp_path: Path) -> tuple[Path, dict]:
+    """A small manifest with: a training copy of a test image (same label), two copies of a training image,
+    and a training image copied under another class (conflicting labels)."""
+    import csv
+    import shutil
+
+    from fedmedclip import synthetic
+
+    manifest = synthetic.generate(tmp_path / "data", sites=2, per_class_per_site=3, test_per_class=1, size=16)
+    root = manifest.parent
+    rows = list(csv.reader(manifest.open()))
+    added = {
+        "copy_of_test": ("train/site_0/normal/copy-of-test.png", "test/global/normal/0000.png", "normal"),
+        "pool_copy": ("train/site_1/normal/copy.png", "train/site_0/normal/0001.png", "normal"),
+        "conflict": (
+            "train/site_1/round_lesion/conflict.png",
+            "train/site_0/normal/0002.png",
+            "round_lesion",
+        ),
+    }
+    for new, src, label in added.values():
+        shutil.copy(root / src, root / new)
+        rows.append([new, label, new.split("/")[1], "train"])
+    with manifest.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return manifest, added
+
+
 def without_timing(results: dict) -> dict:
     """results.json without what differs between two runs of the same seed: wall times, the rounds' clock
     times and the run id."""

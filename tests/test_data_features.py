@@ -609,38 +609,12 @@ def test_16_bit_pngs_are_scaled_not_saturated_in_training_and_serving(tmp_path):
 
 
 # ----------------------------------------------------------------------------- exact duplicates
-def _with_duplicates(tmp_path: Path) -> tuple[Path, dict]:
-    """A small manifest with: a training copy of a test image (same label), two copies of a training image,
-    and a training image copied under another class (conflicting labels)."""
-    import csv
-    import shutil
-
-    from fedmedclip import synthetic
-
-    manifest = synthetic.generate(tmp_path / "data", sites=2, per_class_per_site=3, test_per_class=1, size=16)
-    root = manifest.parent
-    rows = list(csv.reader(manifest.open()))
-    added = {
-        "copy_of_test": ("train/site_0/normal/copy-of-test.png", "test/global/normal/0000.png", "normal"),
-        "pool_copy": ("train/site_1/normal/copy.png", "train/site_0/normal/0001.png", "normal"),
-        "conflict": (
-            "train/site_1/round_lesion/conflict.png",
-            "train/site_0/normal/0002.png",
-            "round_lesion",
-        ),
-    }
-    for new, src, label in added.values():
-        shutil.copy(root / src, root / new)
-        rows.append([new, label, new.split("/")[1], "train"])
-    with manifest.open("w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-    return manifest, added
-
-
-def test_exact_duplicates_drop_the_training_copies_and_conflicting_labels_everywhere(tmp_path, caplog):
+def test_exact_duplicates_drop_the_training_copies_and_conflicting_labels_everywhere(
+    data_with_duplicates, caplog
+):
     from fedmedclip.data import deduplicate, open_source
 
-    manifest, added = _with_duplicates(tmp_path)
+    manifest, added = data_with_duplicates
     image_set = open_source(manifest)
     ids = {r.image_id for r in image_set.records}
     dropped = deduplicate(image_set, "drop")
@@ -675,12 +649,12 @@ def test_exact_duplicates_drop_the_training_copies_and_conflicting_labels_everyw
         deduplicate(image_set, "refuse")
 
 
-def test_train_reports_the_duplicates_and_takes_a_run_id(tmp_path, capsys):
+def test_train_reports_the_duplicates_and_takes_a_run_id(data_with_duplicates, tmp_path, capsys):
     """`fedmedclip train --duplicates drop` (the default) on data with duplicates: the console, results.json
     and provenance.json say what was found and dropped; `--run-id` (documented) is accepted and recorded."""
     from fedmedclip.cli import main
 
-    manifest, _ = _with_duplicates(tmp_path)
+    manifest, _ = data_with_duplicates
     out = tmp_path / "run"
     args = [
         "-q",

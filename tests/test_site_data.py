@@ -177,6 +177,28 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
         prepare_step(_params(f"s3://{bucket}", seed=1, cache=cache), "", "")
 
 
+def test_publishing_a_folder_applies_the_duplicate_rule_and_records_it(
+    mlops_stack, data_with_duplicates, tmp_path, as_stack_role
+):
+    """A folder with byte-identical copies is published as `train --data FOLDER` would use it (--duplicates
+    drop: the training copies are not uploaded), and a run on the published data reports what was dropped."""
+    from fedmedclip.data import deduplicate, open_source
+    from fedmedclip.preparation import load_image_set
+
+    manifest, added = data_with_duplicates
+    bucket = _granted_bucket(mlops_stack)
+    cfg = _cfg(tmp_path, data=str(manifest), synthetic={}, min_class_images=2)
+    as_stack_role("publisher")
+    summary = publish(cfg, bucket, progress=False)
+    local = deduplicate(open_source(manifest), "drop")
+    assert summary["duplicates"] == local.duplicates and local.duplicates["dropped_training_copies"] == 2
+    as_stack_role("server")
+    published = load_image_set(_cfg(tmp_path, data=f"s3://{bucket}", synthetic={}, min_class_images=2))
+    assert published.duplicates == local.duplicates
+    assert [r.image_id for r in published.records] == [r.image_id for r in local.records]
+    assert added["copy_of_test"][0] not in {r.image_id for r in published.records}
+
+
 def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
     cache = tmp_path / "c"
     with pytest.raises(DataError, match="does not exist: publish the data first"):

@@ -79,6 +79,8 @@ def prepare_component(
     method_options: str,
     synthetic: str,
     privacy: str,
+    secure_aggregation: bool,
+    secagg_threshold: int,
     site_names: str,
     mailbox: str,
     local_stack: str,

@@ -44,6 +44,8 @@ def test_every_configuration_field_is_a_pipeline_parameter_and_round_trips():
         synthetic=SYNTH,
         codec_up="int8-zlib",
         transductive=True,
+        secure_aggregation=True,
+        secagg_threshold=3,
         out="",
     ).validate()
     params = config_to_parameters(cfg)

@@ -79,6 +79,8 @@ def worker_step(
         copy_store_into_cache(features_dir, cfg.cache_dir)
     if role == SITE_ROLE:
         state = site_state_url(mailbox, index, run_id)
+        # Secure aggregation: the site's identity key is generated in its own private prefix (kept across runs)
+        # and registered through the mailbox; the server takes the registered keys (docs/secure-aggregation.md).
         run_site(
             mailbox,
             run_id,
@@ -89,6 +91,8 @@ def worker_step(
             threads=cfg.threads,
             join_timeout=join_timeout,
             progress=False,
+            identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
+            register_identity=cfg.secure_aggregation,
         )
         return ""
     published = Mailbox(open_store(mailbox), run_id).server_private().sub(RUN_DIR)
@@ -115,7 +119,11 @@ def worker_step(
             source="kubeflow pipeline fedmedclip",
             record_run_dir=False,  # the pod's temporary directory means nothing to a reader
         )
-    if run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False) is None:
+    site_keys = "mailbox" if cfg.secure_aggregation else None
+    if (
+        run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys)
+        is None
+    ):
         raise FedMedClipError(
             f"the server's state in {published.url} says run {run_id} is done, but its run directory was never "
             "published (the worker stopped in between); the run's results are in its checkpoint: start the "

@@ -138,12 +138,12 @@ class Codec:
 
     # ---------------------------------------------------------------- encoder
     def _encode_tensors(
-        self, state, reference, memory, coarseness: float = 1.0
+        self, state, reference, memory, coarseness: float = 1.0, inputs: dict | None = None
     ) -> tuple[list[dict], bytes, dict, Tensors | None]:
         floats, ints, order = split_state(state)
         if memory is not None and not self.keeps_memory:
             raise CodecError(f"codec {self.name!r} keeps no error-feedback memory, but memory= was given")
-        ctx = WireContext(reference=reference, memory=memory)
+        ctx = WireContext(reference=reference, memory=memory, inputs=dict(inputs or {}))
         x, ef_at, ef_input = floats, None, None
         for i, stage in enumerate(self.transforms):
             x = stage.forward(x, ctx)
@@ -173,11 +173,14 @@ class Codec:
             new_memory = {n: ef_input[n] - xhat[n] for n in ef_input}
         return entries, b"".join(chunks), ctx.stage_data, new_memory
 
-    def encode(self, state, *, reference=None, memory=None, meta=None) -> Encoded:
+    def encode(self, state, *, reference=None, memory=None, meta=None, inputs=None) -> Encoded:
+        """inputs: per-call values for the stages, by stage name (see WireContext)."""
         meta = check_meta(meta)
         coarseness = 1.0
         for _ in range(_MAX_COARSENING):
-            entries, raw, stage_data, new_memory = self._encode_tensors(state, reference, memory, coarseness)
+            entries, raw, stage_data, new_memory = self._encode_tensors(
+                state, reference, memory, coarseness, inputs
+            )
             body = raw
             for coder in self.coders:
                 body = coder.forward(body)
@@ -211,17 +214,28 @@ class Codec:
         return pack(MAGIC_V1, {"codec": self.name, "tensors": entries}, Zlib(level).forward(raw))
 
     # ---------------------------------------------------------------- decoder
-    def decode(self, header: dict, body: bytes, *, reference, template, cap: int) -> Decoded:
-        """A parsed FMC2 payload of this codec -> its state. Every size is checked before anything inflates."""
-        if header.get("chain") != self.chain():
-            raise CodecError(
-                f"payload's chain {header.get('chain')!r} differs from codec {self.name!r} here "
-                f"({self.chain()!r}): sender and receiver run different versions"
-            )
+    def decode(
+        self, header: dict, body: bytes, *, reference, template, cap: int, inputs: dict | None = None
+    ) -> Decoded:
+        """A parsed FMC2 payload of this codec -> its state. Every size is checked before anything inflates.
+        inputs: per-call values for the stages' inverses, by stage name (see WireContext)."""
         if self.needs_reference and reference is None:
             raise CodecError(
                 f"this {self.name} payload is a difference to a reference module: decode it with reference= "
                 "(the global module the sender received)"
+            )
+        entries, floats, ints, meta, stage_data = self.decode_stored(header, body, template=template, cap=cap)
+        ctx = WireContext(reference=reference, stage_data=stage_data, inputs=dict(inputs or {}))
+        return Decoded(_assemble(entries, self.invert(floats, ctx), ints), meta, self.name)
+
+    def decode_stored(self, header: dict, body: bytes, *, template, cap: int):
+        """(entries, float tensors as the quantiser stored them, integer tensors, meta, stage_data) of a
+        parsed FMC2 payload of this codec: the first half of `decode`, before the transforms are undone.
+        Secure aggregation sums several payloads at this point, then undoes the transforms once."""
+        if header.get("chain") != self.chain():
+            raise CodecError(
+                f"payload's chain {header.get('chain')!r} differs from codec {self.name!r} here "
+                f"({self.chain()!r}): sender and receiver run different versions or settings"
             )
         meta, stage_data = header.get("meta"), header.get("stage_data")
         if not isinstance(meta, dict) or not isinstance(stage_data, dict):
@@ -244,11 +258,14 @@ class Codec:
             raw = coder.inverse(raw, total if last else cap, exact=last)
         if len(raw) != total:
             raise CodecError(f"payload body holds {len(raw)} bytes, its header says {total}")
-        ctx = WireContext(reference=reference, stage_data=stage_data)
         floats, ints = _split_body(entries, raw, lambda tag: self.quantiser)
+        return entries, floats, ints, meta, stage_data
+
+    def invert(self, floats: Tensors, ctx: WireContext) -> Tensors:
+        """Undo the transforms, last first: the second half of `decode`."""
         for stage in reversed(self.transforms):
             floats = stage.inverse(floats, ctx)
-        return Decoded(_assemble(entries, floats, ints), meta, self.name)
+        return floats
 
 
 def decode_fmc1(header: dict, body: bytes, *, template, cap: int, codec_names) -> Decoded:

@@ -6,8 +6,8 @@ A codec is a chain of stages, applied in order when encoding and undone in rever
     {name: float32 tensor}  {name: (entry, bytes)}  bytes
 
 - A `TensorTransform` maps the float tensors to float tensors of the same names and shapes (difference to a
-  reference, error feedback; later masking for secure aggregation or DP noise). Its `inverse` runs at the
-  receiver.
+  reference, error feedback, secure aggregation's clip, fixed-point grid and mask). Its `inverse` runs at
+  the receiver.
 - A `Quantiser` stores one float32 tensor as bytes plus a few header fields, and reads it back.
 - A `ByteCoder` maps the concatenated tensor bytes to bytes (entropy coding). Its inverse must never produce
   more than the limit it is given: that is what stops decompression bombs.
@@ -39,11 +39,14 @@ class WireContext:
     reference: the module state both ends hold (the decoded global module the site received).
     memory: the sender's error-feedback residual from its previous call (None at first).
     stage_data: per-payload values a stage records in the header (e.g. the reference's digest), by stage name.
+    inputs: per-call values the caller gives a stage, by stage name, never written to the header unless the
+    stage records them itself (secure aggregation's mask, the public grid of the round).
     """
 
     reference: Tensors | None = None
     memory: Tensors | None = None
     stage_data: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
 
 
 class Stage:

@@ -66,6 +66,20 @@ class Mailbox:
     def report_key(self, r: int, site: str) -> str:
         return f"{self.root}/rounds/{r:04d}/reports/{site}.json"
 
+    def secagg_key(self, r: int, what: str, site: str | None = None) -> str:
+        """Secure aggregation's objects of round r (docs/secure-aggregation.md): a site's `keys`
+        (advertisement), `shares`, `unmask` (answer) and `inbox`; the round's `roster` and `survivors`."""
+        base = f"{self.root}/rounds/{r:04d}/secagg"
+        if what in ("roster", "survivors") and site is None:
+            return f"{base}/{what}.json"
+        if what in ("keys", "shares", "unmask", "inbox") and site is not None:
+            return f"{base}/{what}/{site}.json"
+        raise ValueError(f"no secure-aggregation key {what!r} for {site!r}")
+
+    def identity_key(self, site: str) -> str:
+        """Where a site registers its public identity key itself (`site run --register-identity`)."""
+        return f"{self.root}/secagg/identities/{site}.json"
+
     def status_key(self, party: str) -> str:
         return f"{self.root}/status/{party}.json"
 
@@ -119,6 +133,11 @@ class Mailbox:
     def status(self, party: str) -> Status | None:
         """`party`'s heartbeat; None when it has written none; MessageRefused when it does not parse."""
         return self.read_message(self.status_key(party), Status, party)
+
+
+# Seconds between polls at most while a party waits for the next object of a secure-aggregation round, which
+# follows its own within moments (the default cap is 0.25 s).
+SECURE_POLL_CAP = 0.1
 
 
 class Poller:

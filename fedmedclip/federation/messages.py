@@ -4,8 +4,8 @@ the reader parses it against the same declaration. Nothing else a party wrote is
 A declaration is a pydantic model registered with `@message(kind, max_bytes)`: known keys only, every number
 finite (JSON's `1e999` parses to inf and is refused like the `NaN`/`Infinity` tokens), integers bounded,
 strings and lists bounded in length, and the serialised object bounded in bytes (checked before it is read,
-`ObjectStore.get(max_bytes=...)`). Adding a kind of message (a secure-aggregation key advertisement, an
-encrypted share) is one more declaration here; `MESSAGES` lists them all.
+`ObjectStore.get(max_bytes=...)`). Adding a kind of message (secure aggregation's key advertisements and
+sealed shares are the last ones added) is one more declaration here; `MESSAGES` lists them all.
 
 A message that does not parse raises `MessageRefused` with one line naming the kind, the party, where it was
 read and the first problem; the caller makes that party absent for the round and records the reason.
@@ -13,12 +13,14 @@ read and the first problem; the caller makes that party absent for the round and
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ..errors import FedMedClipError
+from ..secagg.primitives import KEY_BYTES, NONCE_BYTES, SEED_BYTES, label
 
 # ---------------------------------------------------------------- field types
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
@@ -260,18 +262,158 @@ class SiteSummary(Message):
     partition_digest: Hex64
 
 
+# ---------------------------------------------------------------- secure aggregation (docs/secure-aggregation.md)
+# The objects secure aggregation adds to a round (fedmedclip/secagg/protocol.py), in the order they travel:
+#     site   -> server  KeyAdvertisement  its round keys, signed with its identity key
+#     server -> sites   Roster            the advertisements it accepted (U1) and the round's public grid
+#     site   -> server  ShareBundle       Shamir shares of its two seeds, one ciphertext per other site of U1
+#     server -> site    Inbox             the ciphertexts addressed to that site, and who shared (U2)
+#     site   -> server  (its masked update, a codec payload)
+#     server -> sites   Survivors         whose masked updates it aggregates (U3)
+#     site   -> server  UnmaskShares      self-mask shares of the survivors, key shares of the dropped
+# Keys, seeds, signatures and ciphertexts are base64 of their exact length.
+MAX_SITES = 1000
+SIGNATURE_BYTES = 64
+TAG_BYTES = 16
+SHARE_PLAINTEXT = 2 * SEED_BYTES  # the pairwise-key seed's share, then the self-mask seed's share
+SEALED_SHARE_BYTES = NONCE_BYTES + SHARE_PLAINTEXT + TAG_BYTES
+
+
+def _exact_base64(n: int):
+    def check(text: str) -> str:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValueError("not base64") from None
+        if len(raw) != n:
+            raise ValueError(f"decodes to {len(raw)} bytes, expected {n}")
+        return text
+
+    return Annotated[str, StringConstraints(max_length=4 * (-(-n // 3))), AfterValidator(check)]
+
+
+RoundIndex = Annotated[int, Field(ge=1, le=1_000_000)]
+PublicKey = _exact_base64(KEY_BYTES)
+Digest = _exact_base64(32)
+Signature = _exact_base64(SIGNATURE_BYTES)
+SealedShare = _exact_base64(SEALED_SHARE_BYTES)
+Share = _exact_base64(SEED_BYTES)
+Sites = Annotated[list[Name], Field(max_length=MAX_SITES)]
+IdentityText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
+TensorName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Step = Annotated[float, Field(ge=1e-30, le=1e30)]
+
+
+def signed_bytes(run_id, round_index, site, cipher_key, mask_key, commitment) -> bytes:
+    """What a site signs: every field of its advertisement, under a label of its own."""
+    return label("advertisement", json.dumps([run_id, round_index, site, cipher_key, mask_key, commitment]))
+
+
+@message("secagg_identity", max_bytes=1 << 10)
+class IdentityRegistration(Message):
+    """A site's public identity key, registered through the mailbox by the site itself where the sites are
+    created by the system (the pipeline; `site run --register-identity`): the server trusts it as far as it
+    trusts the storage role that wrote it (docs/secure-aggregation.md, "Onboarding")."""
+
+    run_id: Name
+    site: Name
+    identity: IdentityText
+
+
+@message("secagg_key_advertisement", max_bytes=2 << 10)
+class KeyAdvertisement(Message):
+    """A site's public keys for one round: `cipher_key` (X25519, encrypts the shares sent to it),
+    `mask_key` (X25519, agrees the pairwise masks), the SHA-256 commitment to its self-mask seed; signed
+    with its identity key over all of it."""
+
+    run_id: Name
+    round: RoundIndex
+    site: Name
+    cipher_key: PublicKey
+    mask_key: PublicKey
+    self_mask_commitment: Digest
+    signature: Signature
+
+    def signed_bytes(self) -> bytes:
+        return signed_bytes(
+            self.run_id, self.round, self.site, self.cipher_key, self.mask_key, self.self_mask_commitment
+        )
+
+
+@message("secagg_roster", max_bytes=1 << 20)
+class Roster(Message):
+    """The advertisements the server accepted (U1), and the round's public quantisation step per tensor."""
+
+    run_id: Name
+    round: RoundIndex
+    advertisements: Annotated[list[KeyAdvertisement], Field(max_length=MAX_SITES)]
+    steps: Annotated[dict[TensorName, Step], Field(max_length=100_000)]
+
+
+@message("secagg_shares", max_bytes=256 << 10)
+class ShareBundle(Message):
+    """One sealed share per other site of the roster (ChaCha20-Poly1305 under a key only the two agree)."""
+
+    run_id: Name
+    round: RoundIndex
+    site: Name
+    shares: Annotated[dict[Name, SealedShare], Field(max_length=MAX_SITES)]
+
+
+@message("secagg_inbox", max_bytes=256 << 10)
+class Inbox(Message):
+    """What the server forwards to `site`: who shared (U2, the site among them) and their sealed shares."""
+
+    run_id: Name
+    round: RoundIndex
+    site: Name
+    senders: Sites
+    shares: Annotated[dict[Name, SealedShare], Field(max_length=MAX_SITES)]
+
+
+@message("secagg_survivors", max_bytes=256 << 10)
+class Survivors(Message):
+    """The sites whose masked updates the server aggregates (U3), out of those that shared (U2)."""
+
+    run_id: Name
+    round: RoundIndex
+    shared: Sites
+    survivors: Sites
+
+
+@message("secagg_unmask", max_bytes=256 << 10)
+class UnmaskShares(Message):
+    """A site's answer to the survivors: its shares of each other survivor's self-mask seed, and of each
+    dropped site's pairwise-key seed, never both for one site; and, when it is a survivor itself, its own
+    self-mask seed (which the server rebuilds anyway: handing it over saves the site keeping a share of it)."""
+
+    run_id: Name
+    round: RoundIndex
+    site: Name
+    self_mask: Annotated[dict[Name, Share], Field(max_length=MAX_SITES)]
+    mask_key: Annotated[dict[Name, Share], Field(max_length=MAX_SITES)]
+    own_self_mask_seed: Share | None = None
+
+
 __all__ = [
     "MESSAGES",
     "GlobalHeader",
+    "IdentityRegistration",
+    "Inbox",
+    "KeyAdvertisement",
     "Message",
     "MessageRefused",
     "PrivacyLedger",
     "Provenance",
     "Recovery",
+    "Roster",
+    "ShareBundle",
     "SiteReport",
     "SiteSummary",
     "SplitMetrics",
     "Status",
+    "Survivors",
+    "UnmaskShares",
     "UpdateHeader",
     "message",
     "parse",

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..codec.secure import SUFFIX as SECURE_SUFFIX
 from ..metrics import classification_report, reliability_bins
 from .storage import atomic_write_bytes
 
@@ -178,6 +179,17 @@ def build_results(
     names = partition.site_names
     ups = [b for rec in history for b in rec["bytes_up"] if b is not None]
     downs = [b for rec in history for b in rec["bytes_down"] if b is not None]
+    # Under secure aggregation the updates travel in the uplink codec's secure form, and each site also sends
+    # the protocol's objects (its key advertisement, shares and unmasking answer), counted apart.
+    codec_up, secure = cfg.codec_up, {}
+    if cfg.secure_aggregation:
+        codec_up += SECURE_SUFFIX
+        sent = [
+            b
+            for rec in history
+            for b in (rec.get("secure_aggregation") or {}).get("protocol_bytes_up", {}).values()
+        ]
+        secure = {"secure_aggregation_bytes_up_per_site_per_round": _mean(sent) or 0.0}
     results = {
         "method": cfg.method,
         "federation": cfg.federation,
@@ -209,11 +221,12 @@ def build_results(
         "history": history,
         "comm": {
             "codec": cfg.codec_up,
-            "codec_up": cfg.codec_up,
+            "codec_up": codec_up,
             "codec_down": cfg.codec_down,
             "bytes_up_per_site_per_round": _mean(ups) or 0.0,
             "bytes_down_per_site_per_round": _mean(downs) or 0.0,
             "total_bytes": int(sum(ups) + sum(downs)),
+            **secure,
         },
         "timing": {"seconds_per_round": _mean(rec["seconds"] for rec in history), **timing},
         "features": features,

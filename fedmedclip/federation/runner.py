@@ -43,6 +43,9 @@ from .storage import open_store
 
 log = logging.getLogger("fedmedclip.federation")
 
+STATE_ROOT = ".fedmedclip-state"  # a site's states on its own disk: STATE_ROOT/RUN_ID/SITE
+DEFAULT_IDENTITY = f"{STATE_ROOT}/identity.pem"  # its long-term identity key (`fedmedclip site keygen`)
+
 
 def method_for(cfg: TrainConfig, p: Prepared):
     return build_method(
@@ -86,9 +89,12 @@ def run_server(
     options: ServerOptions | None = None,
     observer: RunObserver | None = None,
     progress: bool = True,
+    site_keys: dict[str, str] | str | None = None,
 ) -> dict:
     """Prepare the server's holder, then aggregate until the run ends; returns results.json's content.
-    Started again with the same arguments after a crash, it continues from its last completed step."""
+    Started again with the same arguments after a crash, it continues from its last completed step.
+    `site_keys` (secure aggregation): the sites' public identity keys {site: "ed25519:..."}, or "mailbox" to
+    take the keys the sites register there themselves (`run_site(register_identity=True)`)."""
     cfg.validate()
     if cfg.federation != "federated":
         raise ConfigError(
@@ -99,7 +105,16 @@ def run_server(
     torch.set_num_threads(cfg.threads)
     method = method_for(cfg, prepared)
     state = open_store(state_url) if state_url else mailbox.server_private()
-    server = FederationServer(mailbox, server_setup(cfg, prepared, method), state, out, options, observer)
+    identities = site_keys
+    if cfg.secure_aggregation and site_keys == "mailbox":
+        from .secure import registered_identities
+
+        log.info("server of run %s: waiting for the sites to register their identity keys", run_id)
+        timeout = (options or ServerOptions()).join_timeout
+        identities = registered_identities(mailbox, list(prepared.partition.site_names), timeout)
+    server = FederationServer(
+        mailbox, server_setup(cfg, prepared, method), state, out, options, observer, identities=identities
+    )
     log.info(
         "server of run %s: %d sites (%s), %d rounds, quorum %d; mailbox %s",
         run_id,
@@ -209,12 +224,24 @@ def run_site(
     join_timeout: float = 3600.0,
     silence_timeout: float = DEFAULT_SILENCE_TIMEOUT,
     progress: bool = True,
+    identity: str | None = None,
+    register_identity: bool = False,
 ) -> None:
     """Join the run as `site`: wait for its manifest, encode this site's own images once, then train until
-    the server ends the run. Started again with the same arguments after a crash, it continues."""
+    the server ends the run. Started again with the same arguments after a crash, it continues.
+    `identity`: where this site's identity key is (a PEM file, or an object of its private store), used when
+    the run has secure aggregation; with `register_identity` it is created there if missing and its public
+    key registered through the mailbox (sites created by the system: the pipeline's)."""
     check_name("site name", site)
     mailbox = Mailbox(open_store(mailbox_url), run_id)
     t0 = time.monotonic()
+    key = None
+    if register_identity:
+        from ..secagg.identity import site_identity
+        from .secure import register_identity as register
+
+        key, _ = site_identity(identity or DEFAULT_IDENTITY, create=True)
+        register(mailbox, site, key)
     log.info("%s: waiting for run %s in %s", site, run_id, mailbox.store.url)
     manifest = wait_until(
         lambda: mailbox.get_json(mailbox.manifest_key, "server"),
@@ -223,7 +250,11 @@ def run_site(
         Poller(first=0.1, cap=2.0),
     )
     cfg = site_config(manifest, data, cache_dir, threads)
-    state = open_store(state_url or Path(".fedmedclip-state") / run_id / site)
+    if manifest.get("secure_aggregation") and key is None:
+        from ..secagg.identity import site_identity
+
+        key, _ = site_identity(identity or DEFAULT_IDENTITY)
+    state = open_store(state_url or Path(STATE_ROOT) / run_id / site)
     mailbox.put_status(site, "preparing", 0, "encoding its images")
     try:
         setup = prepare_site(cfg, site, manifest, _shared_tensors(mailbox), progress)
@@ -240,7 +271,7 @@ def run_site(
         time.monotonic() - t0,
         state.url,
     )
-    worker = SiteWorker(mailbox, manifest, setup, state)
+    worker = SiteWorker(mailbox, manifest, setup, state, identity=key)
     try:
         worker.run(timeout=silence_timeout)
     except Exception as exc:

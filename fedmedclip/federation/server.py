@@ -28,7 +28,7 @@ from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
 from .records import (
     atomic_write_bytes,
@@ -140,6 +140,7 @@ class FederationServer:
         options: ServerOptions | None = None,
         observer: RunObserver | None = None,
         verbose: bool = True,
+        identities: dict[str, str] | None = None,
     ):
         self.mb, self.setup, self.state = mailbox, setup, state
         self.out = Path(out_dir)
@@ -159,6 +160,31 @@ class FederationServer:
         self.max_update_norm = default_bound(self.global_state) if bound is None else (float(bound) or None)
         self.manifest = make_manifest(mailbox.run_id, setup, self.opt, self.template, self.max_update_norm)
         self.counts = {s["name"]: s["n_train"] for s in self.manifest["sites"]}
+        # Secure aggregation (fedmedclip/federation/secure.py): the manifest fixes the sites' identity keys,
+        # the threshold and the bound each site clips to; the round gets its protocol's sub-phases.
+        self.secure = None
+        if cfg.secure_aggregation:
+            from ..privacy.settings import PrivacySettings
+            from .secure import SecureRun, ServerSecureRound, manifest_section
+
+            if not any(dtype == "float32" for _, dtype in self.template.values()):
+                raise FederationError(
+                    f"{cfg.method} sends no parameters: there is nothing to aggregate securely"
+                )
+            try:
+                self.manifest["secure_aggregation"] = manifest_section(
+                    self.method,
+                    self.counts,
+                    identities,
+                    cfg.secagg_threshold,
+                    self.max_update_norm,
+                    PrivacySettings.from_config(cfg.privacy),
+                    cfg.codec_up,
+                )
+            except FedMedClipError as exc:
+                raise FederationError(f"secure aggregation: {exc}") from None
+            run = SecureRun.from_manifest(json.loads(json.dumps(self.manifest)))
+            self.secure = ServerSecureRound(self, run)
         # Differential privacy (fedmedclip.privacy): delta checked against every site's size before any
         # training; client-level DP's aggregation when on.
         self.client_dp = server_privacy(setup.method.ctx.privacy, self.counts, self.quorum, state)
@@ -211,6 +237,7 @@ class FederationServer:
         "preprocessing",
         "class_names",
         "template",
+        "secure_aggregation",
     )
 
     def start(self) -> None:
@@ -240,7 +267,7 @@ class FederationServer:
             self.setup.partition.save(self.out / "partition.json")
             self._publish(0, self.global_state, [])
             self._write_global(0, self.payload)
-            self.phase, self.round = "updates", 1
+            self.phase, self.round = self._first_phase(), 1
             self._save()
         self.observer.start(self.manifest, resumed=got is not None)
         self._round_started = self._reports_started = time.monotonic()
@@ -251,7 +278,16 @@ class FederationServer:
             self._status(self._waiting_state())
 
     def _waiting_state(self) -> str:
-        return "waiting_updates" if self.phase == "updates" else "waiting_reports"
+        return "waiting_reports" if self.phase == "reports" else "waiting_updates"
+
+    def _first_phase(self) -> str:
+        """A round's first phase: its updates, or under secure aggregation its key advertisements."""
+        return "keys" if self.secure is not None else "updates"
+
+    @property
+    def _collecting(self) -> bool:
+        """Whether the round is still gathering the sites' objects (its refusals are then checkpointed)."""
+        return self.phase not in ("reports", "done", "start")
 
     def _note_recovery(self, party: str, r: int, reason: str) -> None:
         """Record that `party` resumed from older state than its newest (results.json's `recovery`)."""
@@ -271,7 +307,7 @@ class FederationServer:
         self.best_round, self.best_val = body["best_round"], body["best_val"]
         self.site_provenance = body["site_provenance"]
         self.recovery = list(body.get("recovery", []))
-        if self.phase == "updates":
+        if self._collecting:
             self._rejected = dict(body.get("set_aside", {}))
         self.global_state, self.received = tensors["global_state"], tensors["received"]
         self.best_received = tensors.get("best_received")
@@ -279,6 +315,8 @@ class FederationServer:
         self.global_module.load_state_dict(self.received, strict=False)
         if self.client_dp is not None:
             self.client_dp.restore(self.info)
+        if self.secure is not None:
+            self.secure.restore(body.get("secagg"))
         # The newest global module goes out again when the mailbox lacks it (a crash between this checkpoint
         # and publishing, or an in-process mailbox that did not survive): the same bytes.
         newest = self.round if self.phase == "reports" else self.round - 1
@@ -302,8 +340,10 @@ class FederationServer:
             "site_provenance": self.site_provenance,
             "info": self.info,
             "recovery": self.recovery,
-            "set_aside": self._rejected if self.phase == "updates" else {},
+            "set_aside": self._rejected if self._collecting else {},
         }
+        if self.secure is not None:
+            body["secagg"] = self.secure.state()
         tensors = {
             "global_state": self.global_state,
             "received": self.received,
@@ -419,7 +459,8 @@ class FederationServer:
         """`site` is absent from this round; its object is set aside (checkpointed: never read again)."""
         self._updates.pop(site, None)
         self._rejected[site] = reason
-        log.warning("round %d: rejected the update of %s: %s", self.round, site, reason)
+        what = "the update" if self.phase == "updates" and self.secure is None else "what it sent"
+        log.warning("round %d: rejected %s of %s: %s", self.round, what, site, reason)
         if save:
             self._save()
 
@@ -428,6 +469,8 @@ class FederationServer:
         """Do what is ready; True when something was done."""
         if self.finished:
             return False
+        if self.secure is not None and self.phase in ("keys", "shares", "updates", "unmask"):
+            return self.secure.poll()
         if self.phase == "updates":
             return self._poll_updates()
         if self.phase == "reports":
@@ -481,24 +524,38 @@ class FederationServer:
             return f"{site} (never seen)"
         return f"{site} ({st.state} round {st.round}, {max(0.0, time.time() - st.time):.0f} s ago)"
 
-    def _stall_line(self, waiting: list[str], elapsed: float) -> None:
+    def _stall_line(self, waiting: list[str], elapsed: float, what: str = "") -> None:
         if time.monotonic() - self._last_stall_line < self.opt.stall_every:
             return
         self._last_stall_line = time.monotonic()
-        self._status("waiting_updates", f"waiting for {', '.join(waiting)}")
-        self._say(f"round {self.round}: waiting {elapsed:.0f} s for {self._describe(waiting)}")
+        of = f"{what} of " if what else ""
+        self._status("waiting_updates", f"waiting for {of}{', '.join(waiting)}")
+        self._say(f"round {self.round}: waiting {elapsed:.0f} s for {of}{self._describe(waiting)}")
 
     def _describe(self, sites: list[str]) -> str:
         """What each site last said in its status (a status is advisory: one that does not parse is shown
         as refused, never trusted)."""
         return ", ".join(self._describe_one(s) for s in sites)
 
-    def _fail_quorum(self, waiting: list[str], elapsed: float) -> None:
+    def _fail_quorum(
+        self,
+        waiting: list[str],
+        elapsed: float,
+        have: int | None = None,
+        what: str = "update",
+        need: int | None = None,
+    ) -> None:
         why = [f"{s}: {reason}" for s, reason in self._rejected.items()]
+        have = len(self._updates) if have is None else have
+        need = (
+            f"quorum {self.quorum}"
+            if need is None
+            else f"{need} needed: quorum and secure aggregation's threshold"
+        )
         message = (
-            f"round {self.round}: only {len(self._updates)} of {len(self.sites)} sites answered with a usable "
-            f"update within {elapsed:.0f} s (quorum {self.quorum})"
-            + (f"; no update from {self._describe(waiting)}" if waiting else "")
+            f"round {self.round}: only {have} of {len(self.sites)} sites answered with a usable "
+            f"{what} within {elapsed:.0f} s ({need})"
+            + (f"; no {what} from {self._describe(waiting)}" if waiting else "")
             + (f"; rejected: {'; '.join(why)}" if why else "")
             + f". Everything up to round {self.round - 1} is kept in {self.out} and the mailbox"
         )
@@ -508,28 +565,58 @@ class FederationServer:
         raise FederationError(message)
 
     def _aggregate(self) -> None:
-        r = self.round
         new_state, payload, present, failed, client_dp = self._publishable_aggregate(
             [s for s in self.sites if s in self._updates]
         )
+        self._publish_round(new_state, payload, present, failed, client_dp, self._updates)
+
+    def _secure_aggregate(self, mean: dict | None, present: list[str], failed: str | None) -> None:
+        """Under secure aggregation: the unmasked weighted mean of the survivors' updates (None when the round
+        could not be unmasked, `failed` saying why), made publishable as any aggregate is (client-level DP's
+        noise on it, finite, encodable for the sites) or the round fails and the global module stays."""
+        r, client_dp, state, payload = self.round, None, None, None
+        if failed is None:
+            state = mean
+            if self.client_dp is not None:
+                state, client_dp = self.client_dp.aggregate_mean(self.received, mean, len(present), r)
+            try:
+                bad = non_finite(state)
+                if bad:
+                    raise CodecError(f"tensor {bad!r} is non-finite")
+                payload = self._encoded(r, state, present)
+            except CodecError as exc:
+                failed = f"the aggregate of {', '.join(present)} cannot be published: {exc}"
+        if failed:
+            log.warning("round %d failed: %s; the global module stays as it was", r, failed)
+            state, payload, present, client_dp = None, None, [], None
+        self._publish_round(state, payload, present, failed, client_dp, self.secure.updates_info())
+
+    def _publish_round(self, new_state, payload, present, failed, client_dp, updates: dict) -> None:
+        """Publish the round's global module (the previous one again when the round failed), evaluate it,
+        and move to the round's reports. `updates`: {site: its update's loss, bytes, clipped}."""
+        r = self.round
         if not failed:  # a failed round keeps the previous module
             self.global_state = new_state
         downloaded = len(self.payload)  # this round's sites trained from the previous global module
+        previous = self.received
         self._publish(r, self.global_state, present, payload)
         probs = self.method.global_probs(self.global_module, self.setup.global_x)
         self.reports[r] = {"global": evaluate_global(probs, self.setup.global_y), "sites": {}}
         self.info = {
             "present": present,
             "rejected": dict(self._rejected),
-            "losses": {s: self._updates[s]["loss"] for s in present if self._updates[s]["loss"] is not None},
-            "bytes_up": {s: self._updates[s]["bytes"] for s in present},
+            "losses": {s: updates[s]["loss"] for s in present if updates[s]["loss"] is not None},
+            "bytes_up": {s: updates[s]["bytes"] for s in present},
             "bytes_down": {s: downloaded for s in present},
             "seconds": time.monotonic() - self._round_started,
-            "clipped": {s: self._updates[s]["clipped"] for s in present if self._updates[s]["clipped"]},
+            "clipped": {s: updates[s]["clipped"] for s in present if updates[s].get("clipped")},
             "failed": failed,
         }
         if client_dp is not None:
             self.info["client_dp"] = client_dp
+        if self.secure is not None:
+            self.info["secure_aggregation"] = self.secure.record()
+            self.secure.next_round(previous, self.received, present)  # the next round's grid, checkpointed
         self.phase = "reports"
         self._save()
         self._write_global(r, self.payload)
@@ -677,6 +764,8 @@ class FederationServer:
             record["clipped"] = info["clipped"]
         if info.get("failed"):
             record["failed"] = info["failed"]
+        if info.get("secure_aggregation"):
+            record["secure_aggregation"] = info["secure_aggregation"]
         self.history.append(record)
         if is_better(record, round_of(self.history, self.best_round)):
             self.best_round, self.best_val = r, record["val_acc_mean"]
@@ -688,7 +777,9 @@ class FederationServer:
             return
         # No checkpoint here: a restart in the reports phase reads the same reports again and closes the same
         # record (the next round's updates stay in the mailbox).
-        self.phase, self.round = "updates", r + 1
+        self.phase, self.round = self._first_phase(), r + 1
+        if self.secure is not None:
+            self.secure.started = time.monotonic()
         self._status("waiting_updates")
 
     def _round_line(self, rec: dict) -> None:
@@ -731,7 +822,9 @@ class FederationServer:
                 "run_id": self.mb.run_id,
                 "recovery": self.recovery,
                 **setup.extra_results,
-                "privacy": privacy_results(self.cfg.privacy, self.sites, self.reports, self.history),
+                "privacy": privacy_results(
+                    self.cfg.privacy, self.sites, self.reports, self.history, self.cfg.secure_aggregation
+                ),
             },
         )
 
@@ -752,6 +845,9 @@ class FederationServer:
         poller = Poller(cap=self.opt.poll_cap)
         try:
             while not self.finished:
+                # Secure aggregation's shares and answers follow the server's objects within moments.
+                quick = self.phase in ("keys", "shares", "unmask")
+                poller.cap = min(self.opt.poll_cap, SECURE_POLL_CAP) if quick else self.opt.poll_cap
                 if self.poll():
                     poller.reset()
                 elif time.monotonic() - self._heartbeat_at > self.opt.heartbeat_every:

@@ -22,7 +22,7 @@ from ..errors import FedMedClipError
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
 from .storage import ObjectStore
@@ -70,6 +70,7 @@ class SiteWorker:
         state: ObjectStore,
         model_dir=None,
         verbose: bool = True,
+        identity=None,
     ):
         self.mb, self.manifest, self.setup = mailbox, manifest, setup
         self.name, self.rounds = setup.name, int(manifest["rounds"])
@@ -97,6 +98,22 @@ class SiteWorker:
         self._server_said: Status | None = None
         # A payload of the template's size in any codec, plus its header.
         self.max_global_bytes = template_cap(self.template) + (1 << 20)
+        self._received: tuple[int, dict] | None = None  # the newest global module received, by round
+        # Secure aggregation (fedmedclip/federation/secure.py), when the manifest turns it on: with this site's
+        # registered identity key.
+        self.secure = None
+        if manifest.get("secure_aggregation"):
+            from .secure import SecureRun, SiteSecureRound
+
+            if identity is None:
+                raise SiteFailure(
+                    f"site {self.name}: run {mailbox.run_id} uses secure aggregation and this site has no "
+                    "identity key (`fedmedclip site keygen`, then `site run --identity FILE`)"
+                )
+            try:
+                self.secure = SiteSecureRound(self, SecureRun.from_manifest(manifest), identity)
+            except FedMedClipError as exc:
+                raise SiteFailure(f"site {self.name}: {exc}") from None
         self._restore()
 
     # ------------------------------------------------------------------ state
@@ -119,6 +136,8 @@ class SiteWorker:
         if self.reported >= self.rounds:  # it had evaluated the last round: only the end is left
             self.final_round = self.reported
         self.pending = bytes(tensors["pending"].numpy().tobytes()) if "pending" in tensors else None
+        if self.secure is not None:
+            self.secure.restore(body.get("secagg"), tensors)
         if self.ckpt.problems:
             self._recovered("; ".join(self.ckpt.problems))
         self._say(f"resuming after round {self.trained} (state in {self.state.url})")
@@ -138,6 +157,9 @@ class SiteWorker:
         if self.pending is not None:
             tensors["pending"] = torch.frombuffer(bytearray(self.pending), dtype=torch.uint8)
         body = {"run_id": self.mb.run_id, "trained": self.trained, "reported": self.reported}
+        if self.secure is not None:
+            tensors.update(self.secure.tensors())
+            body["secagg"] = self.secure.body()
         self.ckpt.save({**body, "last_report": self.last_report, "recovered": self.recovered}, tensors)
 
     def _say(self, message: str) -> None:
@@ -228,7 +250,14 @@ class SiteWorker:
                 f"site {self.name}: {self.mb.where(self.mb.global_key(g))} belongs to run "
                 f"{meta.run_id!r} round {meta.round!r}"
             )
+        self._received = (g, got.state)
         return got.state, meta
+
+    def received_for(self, r: int) -> dict:
+        """The global module this site trained round r from (round r - 1's), as it received it."""
+        if self._received is not None and self._received[0] == r - 1:
+            return self._received[1]
+        return self._receive(r - 1)[0]
 
     def poll(self) -> bool:
         """Do what is ready; True when something was done."""
@@ -236,6 +265,8 @@ class SiteWorker:
             return False
         if self.final_round is not None:
             return self._finish_if_done()
+        if self.secure is not None and self.secure.untrained:
+            return self.secure.advance()  # secure aggregation: the round's first steps, before training
         if not self._resent:
             # After a restart, what this site already sent goes out again if the mailbox lost it (same bytes).
             self._resent = True
@@ -251,11 +282,14 @@ class SiteWorker:
                 )
         g = self._newest_global()
         if g is None:
-            return False
+            # Secure aggregation: the protocol's steps of the round this site trained.
+            return self.secure.advance() if self.secure is not None else False
         received, meta = self._receive(g)
         if g == self.trained and g >= 1 and self.name not in meta.sites_present:
             self._say(f"round {g}: the server aggregated without this site's update")
             self._keep_unused_update(g)
+        if self.secure is not None and self.secure.round is not None:
+            self.secure.finish()  # the round it trained is closed
         self.trainer.load_shared(received)
         if g >= 1 and g > self.reported:
             report = SiteReport.build(
@@ -290,6 +324,9 @@ class SiteWorker:
         """With error feedback, the memory assumed the update of round g would arrive. It did not (rejected,
         or too late): add what it carried back to the memory, so that it is sent in a later round instead of
         being lost."""
+        if self.secure is not None and self.secure.round == g:
+            self.memory = self.secure.unused_memory(self._receive(g - 1)[0])
+            return
         if self.memory is None or self.pending is None:
             return
         ref, _ = self._receive(g - 1)
@@ -297,6 +334,27 @@ class SiteWorker:
         self.memory = {k: m + (sent[k] - ref[k]) for k, m in self.memory.items()}
 
     def _train(self, r: int, received: dict) -> None:
+        if self.secure is not None:
+            # Secure aggregation: advertise the round's keys now; training waits until this site's shares are
+            # out (`secure.advance` calls `secure_train`), so that the server forwards them while it trains.
+            self.secure.start(r)
+            return
+        update, header, done, privacy = self._local_update(r, received)
+        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=header.to_dict())
+        self._upload(r, enc)
+        self._say(f"{done}, sent {len(enc.payload) / 1e3:.1f} kB{privacy}")
+
+    def secure_train(self, r: int) -> None:
+        """Train round r under secure aggregation: the update waits for this site's inbox (masked, uploaded and
+        checkpointed by `secure.advance`)."""
+        update, header, done, privacy = self._local_update(r, self.received_for(r))
+        self.secure.begin(r, update, self.memory, header.to_dict())
+        self.trained, self.pending = r, None
+        self._status("waiting", r, "trained; in secure aggregation")
+        self._say(f"{done}{privacy}; masked and sent once its inbox is out")
+
+    def _local_update(self, r: int, received: dict):
+        """Train round r: (the update to send, its header, the log line's parts)."""
         t0 = time.perf_counter()
         stats = self.trainer.train_round(r)
         update = self.trainer.shared_update()
@@ -321,7 +379,17 @@ class SiteWorker:
             loss=loss if eps is None else None,
             steps=int(stats.get("steps", 0)),
         )
-        enc = encode(update, self.codec_up, reference=received, memory=self.memory, meta=header.to_dict())
+        done = f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}"
+        privacy = (
+            f", epsilon {eps:.4g} (delta {self.trainer.privacy_report()['delta']:g})"
+            if eps is not None
+            else ""
+        )
+        return update, header, done, privacy
+
+    def _upload(self, r: int, enc) -> None:
+        """Send the update of round r (`enc`: its payload and this site's new error-feedback memory), once: a
+        site redoing a round it had sent (its newest state was lost) must find the same bytes in the mailbox."""
         sent = self.mb.store.get(self.mb.update_key(r, self.name), max_bytes=len(enc.payload) + (1 << 20))
         if sent is not None and sent != enc.payload:
             message = (
@@ -338,14 +406,6 @@ class SiteWorker:
         if sent is None:
             self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
         self._status("uploaded", r, f"{len(enc.payload)} bytes")
-        self._say(
-            f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}, sent {len(enc.payload) / 1e3:.1f} kB"
-            + (
-                f", epsilon {eps:.4g} (delta {self.trainer.privacy_report()['delta']:g})"
-                if eps is not None
-                else ""
-            )
-        )
 
     def _finish_if_done(self) -> bool:
         server = self._check_server()
@@ -379,6 +439,8 @@ class SiteWorker:
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
                 self._check_server()
+            # In a secure round the server's next object follows this site's within moments: poll sooner.
+            poller.cap = min(poll_cap, SECURE_POLL_CAP) if self.secure and self.secure.round else poll_cap
             silent = time.monotonic() - max(last, self._server_beat_at)
             if silent > min(HEARTBEAT_STALE, timeout) and not warned:
                 warned = True

@@ -26,12 +26,13 @@ from .settings import PrivacySettings
 KEY_NAME = "privacy/noise_key"
 
 
-def party_key(store) -> bytes:
-    """This party's secret noise key in its private object store (created from the OS on first use)."""
-    raw = store.get(KEY_NAME)
+def party_key(store, name: str = KEY_NAME) -> bytes:
+    """This party's secret key `name` (its noise key by default; secure aggregation keeps its per-run secret
+    the same way) in its private object store, created from the OS on first use."""
+    raw = store.get(name)
     if raw is None or len(raw) != KEY_BYTES:
         raw = bytes(new_key().tolist())
-        store.put(KEY_NAME, raw)
+        store.put(name, raw)
     return bytes(raw)
 
 
@@ -93,7 +94,6 @@ class ClientPrivacy:
 
     def aggregate(self, previous: dict, states: list[dict], round_index: int) -> tuple[dict, dict]:
         """The new global state from the present sites' decoded updates, and what the round record keeps."""
-        m = len(states)
         deltas = [difference(s, previous) for s in states]
         bound = self.bound
         norms = [norm(d) for d in deltas]
@@ -101,7 +101,31 @@ class ClientPrivacy:
         if at_server:
             deltas = [clip(d, bound)[0] for d in deltas]
         total = {k: sum(d[k] for d in deltas) for k in deltas[0]}
-        std = self.z_update * bound if at_server else 0.0
+        new, info = self._noised(previous, total, len(states), round_index, at_server)
+        info["update_norms_median"] = float(torch.tensor(norms).median())
+        if at_server and self.s.client_quantile is not None:
+            unclipped = sum(1 for n in norms if n <= bound)
+            gen = torch.Generator().manual_seed(derive_seed(self.key, "client-count", round_index))
+            noisy = unclipped + float(torch.normal(0.0, self.sigma_b, (1,), generator=gen))
+            self.bound = bound * math.exp(
+                -self.s.client_clip_lr * (noisy / len(states) - self.s.client_quantile)
+            )
+        info["next_clip"] = self.bound
+        return new, info
+
+    def aggregate_mean(self, previous: dict, mean: dict, m: int, round_index: int) -> tuple[dict, dict]:
+        """Under secure aggregation the server holds only the equal-weight mean of the m present sites'
+        updates, each clipped to S by its site before masking (fedmedclip/federation/secure.py): the same
+        noise on their sum. No single norm is known, so neither the median nor adaptive clipping is."""
+        total = {k: v * m for k, v in difference(mean, previous).items()}
+        new, info = self._noised(previous, total, m, round_index, at_server=True)
+        info["update_norms_median"] = None
+        info["next_clip"] = self.bound
+        return new, info
+
+    def _noised(self, previous: dict, total: dict, m: int, round_index: int, at_server: bool):
+        """previous + (total + noise) / m, and the record's clip, noise multiplier, sites and epsilon."""
+        std = self.z_update * self.bound if at_server else 0.0
         if std:
             noise = gaussian(total, std, self.key, "client-noise", round_index)
             total = {k: v + noise[k] for k, v in total.items()}
@@ -109,20 +133,13 @@ class ClientPrivacy:
         for k, v in total.items():
             new[k] = (previous[k].double() + v / m).to(previous[k].dtype)
         info = {
-            "clip": bound,
+            "clip": self.bound,
             "noise_multiplier": float(self.s.client_noise),
             "sites": m,
-            "update_norms_median": float(torch.tensor(norms).median()),
+            "epsilon": gaussian_rounds_epsilon(
+                self.s.client_noise, round_index, self.s.delta, self.s.accountant
+            ),
         }
-        if at_server and self.s.client_quantile is not None:
-            unclipped = sum(1 for n in norms if n <= bound)
-            gen = torch.Generator().manual_seed(derive_seed(self.key, "client-count", round_index))
-            noisy = unclipped + float(torch.normal(0.0, self.sigma_b, (1,), generator=gen))
-            self.bound = bound * math.exp(-self.s.client_clip_lr * (noisy / m - self.s.client_quantile))
-        info["next_clip"] = self.bound
-        info["epsilon"] = gaussian_rounds_epsilon(
-            self.s.client_noise, round_index, self.s.delta, self.s.accountant
-        )
         return new, info
 
 

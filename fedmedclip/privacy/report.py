@@ -68,14 +68,19 @@ def last_site_privacy(site_names: list[str], reports: dict[int, dict]) -> dict[s
 
 
 def privacy_results(
-    cfg_privacy: dict, site_names: list[str], reports: dict[int, dict], history: list[dict]
+    cfg_privacy: dict,
+    site_names: list[str],
+    reports: dict[int, dict],
+    history: list[dict],
+    secure_aggregation: bool = False,
 ) -> dict:
-    """results.json's `privacy` section (docs/contracts.md)."""
+    """results.json's `privacy` section (docs/contracts.md). `secure_aggregation`: whether the server saw
+    only the sum of the updates (fedmedclip/federation/secure.py)."""
     settings = PrivacySettings.from_config(cfg_privacy)
     section: dict = {
         "record_level": None,
         "client_level": None,
-        "secure_aggregation": False,
+        "secure_aggregation": bool(secure_aggregation),
         "epsilon": None,
         "delta": settings.delta if settings.enabled else None,
         "settings": settings.to_config(),
