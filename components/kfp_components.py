@@ -48,9 +48,9 @@ POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod (an emptyDir-backed /
 # ------------------------------------------------------------------------------- configuration <-> parameters
 def pipeline_settings(cfg=None, options=None) -> dict:
     """The pipeline's structured `settings` parameter of a validated TrainConfig and ServerOptions (default:
-    the declared defaults): every field declared for the pipeline
-    (fedmedclip/flags.py), unset ones left out. `federation` (the pipeline trains federated) and `out` (the run
-    directory is the report task's artifact) are not declared for it."""
+    the declared defaults): every field declared for the pipeline (fedmedclip/flags.py), unset ones left out.
+    `federation` (the pipeline trains federated) and `out` (the run directory is the report task's artifact)
+    are not declared for it."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.flags import to_parameters
@@ -64,11 +64,12 @@ def settings_from_parameters(settings: dict, config_cls=None):
     `cache_dir`, the pod's own (POD_CACHE_DIR)."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
-    from fedmedclip.flags import PIPELINE, from_parameters
+    from fedmedclip.flags import PIPELINE, check_declared, from_parameters
 
     settings = {"cache_dir": POD_CACHE_DIR, **settings} if isinstance(settings, dict) else settings
     cfg, options = from_parameters(settings, config_cls or TrainConfig, ServerOptions, command=PIPELINE)
     cfg.federation, cfg.out = "federated", ""
+    check_declared(options)
     return cfg.validate(), options
 
 

@@ -17,6 +17,7 @@ from .flags import (
     PIPELINE,
     SERVER,
     TRAIN,
+    check_declared,
     declared,
     parse_classes,
     parse_json_object,
@@ -90,9 +91,14 @@ class TrainConfig:
         help="Dirichlet concentration (smaller = more label skew)",
     )
     sites: int | None = setting(
-        3, group="data", extraction=True, partition=True, help="number of sites (default: %(default)s)"
+        3,
+        group="data",
+        minimum=1,
+        extraction=True,
+        partition=True,
+        help="number of sites (default: %(default)s)",
     )
-    rounds: int = setting(10, group="training", help="federated rounds (default: %(default)s)")
+    rounds: int = setting(10, group="training", minimum=1, help="federated rounds (default: %(default)s)")
     backbone: str = setting(
         "tiny",
         group="training",
@@ -119,7 +125,12 @@ class TrainConfig:
     out: str = setting(
         "runs/latest", group="output", resume="never", help="run directory (default: %(default)s)"
     )
-    batch_size: int = setting(32, group="training", help="training batch size (default: %(default)s)")
+    batch_size: int = setting(
+        32,
+        group="training",
+        minimum=2,
+        help="training batch size, at least 2 (BatchNorm) (default: %(default)s)",
+    )
     codec_up: str = setting(
         "fp16-zlib",
         group="federation",
@@ -191,6 +202,7 @@ class TrainConfig:
     min_class_images: int = setting(
         DEFAULT_MIN_CLASS_IMAGES,
         group="data",
+        minimum=1,
         extraction=True,
         resume="never",
         help="with an inferred class list, the fewest training images a class may have (default: %(default)s)",
@@ -200,6 +212,7 @@ class TrainConfig:
     threads: int = setting(
         1,
         group="training",
+        minimum=1,
         resume="never",
         help="torch threads for training; extraction uses every core (default: %(default)s)",
     )
@@ -279,19 +292,9 @@ class TrainConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for d in declared(type(self), nested=False):
-            value, choices = getattr(self, d.name), d.meta["choices"]
-            if choices is not None and value is not None and value not in choices:
-                name = d.name.replace("_", " ")
-                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        check_declared(self)  # types, choices and minimums, as each field declares them
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.sites is not None and self.sites < 1:
-            raise ConfigError(f"--sites must be at least 1, got {self.sites}")
-        if self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be at least 2 (BatchNorm), got {self.batch_size}")
         for flag, name, direction in (
             ("--codec-up", self.codec_up, "up"),
             ("--codec-down", self.codec_down, "down"),
@@ -304,8 +307,6 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)"
                 ) from None
-        if self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         # Unknown method options fail here, before any data is read or any pod starts.
         unknown = sorted(set(self.method_options) - set(METHODS[self.method].options))
         if unknown:
@@ -326,10 +327,6 @@ class TrainConfig:
             if len(names) < 2:
                 raise ConfigError(f"--classes needs at least two classes, got {self.classes!r}")
             self.classes = names
-        if isinstance(self.min_class_images, bool) or not isinstance(self.min_class_images, int):
-            raise ConfigError(f"--min-class-images must be an integer, got {self.min_class_images!r}")
-        if self.min_class_images < 1:
-            raise ConfigError(f"--min-class-images must be at least 1, got {self.min_class_images}")
         self._validate_privacy(METHODS[self.method])
         self._validate_secure_aggregation()
         if self.transductive:
@@ -358,8 +355,6 @@ class TrainConfig:
 
     def _validate_secure_aggregation(self) -> None:
         t = self.secagg_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
-            raise ConfigError(f"--secagg-threshold must be an integer, got {t!r}")
         if not self.secure_aggregation:
             if t is not None:
                 raise ConfigError("--secagg-threshold needs --secure-aggregation")

@@ -44,6 +44,7 @@ def setting(
     flags: tuple[str, ...] = (),
     commands: tuple[str, ...] | None = None,
     choices: tuple | None = None,
+    minimum: float | None = None,
     parse=None,
     metavar: str | None = None,
     extraction: bool = False,
@@ -66,6 +67,7 @@ def setting(
         flags=tuple(flags),
         commands=tuple(commands) if commands is not None else GROUPS[group][1],
         choices=tuple(choices) if choices is not None else None,
+        minimum=minimum,
         parse=parse,
         metavar=metavar,
         extraction=extraction,
@@ -126,6 +128,28 @@ def declared(cls, nested: bool = True) -> list[Declared]:
                 inner_meta = {**inner.meta, "commands": meta["commands"], "group": meta["group"]}
                 out.append(dataclasses.replace(inner, meta=inner_meta, owner=f.name, prefix=meta["prefix"]))
     return out
+
+
+def check_declared(obj) -> None:
+    """What each field of `obj` declares of itself: an integer, a finite number, one of its choices, at least its
+    minimum (None, where allowed, is unset); ConfigError names the flag."""
+    import math
+
+    for d in declared(type(obj), nested=False):
+        value, flag = getattr(obj, d.name), d.flags[0]
+        if value is None:
+            continue
+        if d.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{flag} must be an integer, got {value!r}")
+        if d.type is float and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+        if d.meta["choices"] is not None and value not in d.meta["choices"]:
+            name = d.name.replace("_", " ")
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(d.meta['choices'])}")
+        if d.meta["minimum"] is not None and value < d.meta["minimum"]:
+            raise ConfigError(f"{flag} must be at least {d.meta['minimum']}, got {value}")
 
 
 def add_config_arguments(
@@ -218,7 +242,9 @@ def options_from_args(args: argparse.Namespace, cls=None):
     """The server's options (`ServerOptions`, or `cls`) from the parsed flags."""
     if cls is None:
         from .federation.server import ServerOptions as cls
-    return cls(**values_from_args(args, cls))
+    options = cls(**values_from_args(args, cls))
+    check_declared(options)
+    return options
 
 
 # ------------------------------------------------------------------------- pipeline parameters

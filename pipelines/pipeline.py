@@ -1,4 +1,4 @@
-"""The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time parameters).
+"""The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time settings).
 
     prepare (server Secret) ──► ParallelFor over [server, site_0, site_1, ...]  (all iterations at once):
                                    extract features      (GPU, the party's own Secret, cached on its data)
@@ -91,7 +91,7 @@ class CompileOptions:
 
 
 def build_pipeline(options: CompileOptions | None = None):
-    """The pipeline function (sites, site names and rounds are its run-time parameters)."""
+    """The pipeline function (the run's settings, sites and rounds included, are run-time parameters)."""
     from kfp import dsl, kubernetes
 
     from components.kfp_components import (

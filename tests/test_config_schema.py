@@ -159,3 +159,26 @@ def test_the_pipeline_refuses_settings_of_the_wrong_type_naming_them():
         with pytest.raises(ConfigError, match=message):
             from_parameters(bad, TrainConfig, ServerOptions)
     assert to_parameters(ServerOptions(quorum=None)).get("quorum", "unset") == "unset"  # KFP refuses None
+
+
+def test_each_field_is_validated_as_it_declares():
+    for bad, message in (
+        ({"rounds": 0}, "--rounds must be at least 1, got 0"),
+        ({"min_class_images": "3"}, "--min-class-images must be an integer"),
+        ({"alpha": float("nan")}, "--alpha must be a finite number"),
+        ({"aggregator": "mode"}, "unknown aggregator 'mode'; choose one of mean, median"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig(out="", **bad).validate()
+    from components.kfp_components import settings_from_parameters
+
+    for bad, message in (({"round_timeout": -1.0}, "at least 0"), ({"norm_factor": float("inf")}, "finite")):
+        with pytest.raises(ConfigError, match=message):
+            settings_from_parameters(bad)  # the server's options, as declared, in the pipeline's settings
+    # the README's example field: its declared minimum, and its type
+    Extended = _extended()
+    (new,) = [d for d in declared(Extended) if d.name not in {f.name for f in declared(TrainConfig)}][:1]
+    with pytest.raises(ConfigError, match=f"{new.flags[0]} must be at least {new.meta['minimum']}"):
+        Extended(out="", **{new.name: new.meta["minimum"] - 1}).validate()
+    with pytest.raises(ConfigError, match=f"{new.flags[0]} must be an integer"):
+        Extended(out="", **{new.name: 1.5}).validate()

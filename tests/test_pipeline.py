@@ -218,6 +218,34 @@ def test_the_pipeline_cli_takes_the_trainings_flags():
     assert (both.codec_up, both.codec_down) == ("int8-zlib", "int8-zlib")
 
 
+def test_every_option_of_train_and_server_run_reaches_the_pipelines_settings():
+    """What `train` and `server run` take reaches the pipeline's one `settings` parameter, typed as declared
+    (fedmedclip/flags.py); the registry's privacy budget is the register task's `max_epsilon`."""
+    from fedmedclip.cli import build_parser
+    from pipelines.cli import pipeline_arguments, validated_config
+
+    args = build_parser().parse_args(
+        [
+            "pipeline", "submit", "--host", "http://127.0.0.1:9", "--aggregator", "median", "--duplicates", "keep", "--norm-factor", "5",
+            "--max-update-norm", "2.5", "--clip-updates", "--quorum", "2", "--round-timeout", "30",
+            "--dp-target-epsilon", "8", "--max-epsilon", "8",
+        ]
+    )  # fmt: skip
+    params = pipeline_arguments(args, validated_config(args))
+    settings = params["settings"]
+    assert (settings["aggregator"], settings["duplicates"], settings["privacy"]) == (
+        "median", "keep", {"target_epsilon": 8.0}
+    )  # fmt: skip
+    assert (settings["norm_factor"], settings["max_update_norm"], settings["clip_updates"]) == (
+        5.0,
+        2.5,
+        True,
+    )
+    assert (settings["quorum"], settings["round_timeout"], settings["join_timeout"]) == (2, 30.0, 3600.0)
+    assert settings["cache_dir"] == "/tmp/fedmedclip-cache" and params["max_epsilon"] == 8.0
+    assert "federation" not in settings and "out" not in settings and "stall_every" not in settings
+
+
 def test_cli_compile(tmp_path):
     out = tmp_path / "p.yaml"
     assert (

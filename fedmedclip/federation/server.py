@@ -61,16 +61,21 @@ class ServerOptions:
     `settings` (fedmedclip/flags.py), operational: a restart may change them."""
 
     quorum: int | None = setting(
-        None, group="server", help="minimum sites per round once a round times out (default: every site)"
+        None,
+        group="server",
+        minimum=0,
+        help="minimum sites per round once a round times out (default: every site)",
     )
     round_timeout: float = setting(
         600.0,
         group="server",
+        minimum=0,
         help="seconds a round waits for updates once the global module is out (default: %(default)s)",
     )
     join_timeout: float = setting(
         3600.0,
         group="server",
+        minimum=0,
         help="seconds round 1 waits, while the sites encode their images (default: %(default)s)",
     )
     report_timeout: float | None = (
@@ -79,6 +84,7 @@ class ServerOptions:
     norm_factor: float = setting(
         10.0,
         group="server",
+        minimum=0,
         help="reject an update farther from the global module than this times the median of the round's "
         "others; 0 disables (default: %(default)s)",
     )
@@ -87,6 +93,7 @@ class ServerOptions:
     max_update_norm: float | None = setting(
         None,
         group="server",
+        minimum=0,
         help="the most an update may move the global module (L2 norm of the difference), fixed in the run's "
         "manifest; refused above it (see --clip-updates); 0 disables (default: 2x the norm of the method's "
         "initial global module)",
