@@ -134,10 +134,11 @@ def pipeline_run_name(cfg, kfp_run_id: str) -> str:
 # What every input and output of the pipeline and its components means: ONE table, from which the pipeline's
 # and each component's docstring `Args:` / `Returns:` sections are written (KFP shows them in its UI).
 PARAMETER_DOCS = {
-    "settings": "The run's settings as one object: any flag of `fedmedclip pipeline run` (the fields of "
-    '`fedmedclip train` and the server\'s options, fedmedclip/flags.py) as a key, e.g. {"data": '
-    '"s3://BUCKET", "method": "facmic", "sites": 5, "rounds": 20, "method_options": {"lr_fam": 5e-4}, '
-    '"privacy": {"target_epsilon": 8}, "round_timeout": 600}; a key left out takes its default.',
+    "settings": "The run's settings as one object, keyed by field name: the fields of `fedmedclip train` (all "
+    "but federation and out; `--split` is split_ratio, the `--dp-*` flags are entries of privacy) and the server's "
+    'options (tests/config_schema.json lists them), e.g. {"data": "s3://BUCKET", "method": "facmic", '
+    '"sites": 5, "rounds": 20, "method_options": {"lr_fam": 5e-4}, "privacy": {"target_epsilon": 8}, '
+    '"round_timeout": 600}; a key left out takes its default.',
     "site_names": "Comma-separated site names to check against the partition's ('' = the partition's).",
     "mailbox": "Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.",
     "run_id": "The federation's run id in the mailbox: the KFP run id, so a retried worker resumes.",
