@@ -62,13 +62,15 @@ def one_row(work: Path, sites: int, rounds: int, synthetic: dict) -> dict:
         DEFAULT_YAML,
         row_dir / "root",
         log_path=row_dir / "pipeline.log",
-        sites=sites,
-        rounds=rounds,
-        cache_dir=str(pipe_cache),
-        synthetic=json.dumps(synthetic),
+        settings={
+            "sites": sites,
+            "rounds": rounds,
+            "cache_dir": str(pipe_cache),
+            "synthetic": synthetic,
+            "join_timeout": 900.0,
+        },
         mailbox=str(row_dir / "mailbox"),
         export_site="",
-        join_timeout=900.0,
     )
     pipeline_s = time.perf_counter() - t0
 

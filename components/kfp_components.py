@@ -29,7 +29,6 @@ No `from __future__ import annotations` here: KFP reads the component signatures
 """
 
 import functools
-import json
 import os
 from types import SimpleNamespace
 
@@ -43,118 +42,48 @@ MLFLOW_SECRET_NAME = "fedmedclip-mlflow-pipeline"
 MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
 # Where a worker pod finds the tracking server (from the endpoints ConfigMap): only the server role uses it.
 WORKER_TRACKING_ENV = "FEDMEDCLIP_TRACKING_URI"
+POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod (an emptyDir-backed /tmp in the training image)
+
 
 # ------------------------------------------------------------------------------- configuration <-> parameters
-# Every TrainConfig field the pipeline takes, as a KFP parameter: (parameter, field, type). KFP parameters
-# cannot be None, lists of floats or objects, so: alpha 0 = unset, preprocessing '' = the method's recipe,
-# classes '' = inferred (else comma-separated), split "0.8,0.1,0.1", method options and the synthetic
-# generator's arguments as JSON objects. `federation` (the pipeline trains federated) and `out` (the run
-# directory is the task's artifact) are not parameters.
-CONFIG_PARAMETERS = (
-    ("data", "data", str),
-    ("method", "method", str),
-    ("partition", "partition", str),
-    ("alpha", "alpha", float),
-    ("sites", "sites", int),
-    ("rounds", "rounds", int),
-    ("backbone", "backbone", str),
-    ("preprocessing", "preprocessing", str),
-    ("seed", "seed", int),
-    ("batch_size", "batch_size", int),
-    ("codec_up", "codec_up", str),
-    ("codec_down", "codec_down", str),
-    ("split", "split_ratio", str),
-    ("reference_fraction", "reference_fraction", float),
-    ("transductive", "transductive", bool),
-    ("prompt_template", "prompt_template", str),
-    ("cache_dir", "cache_dir", str),
-    ("skip_bad_images", "skip_bad_images", bool),
-    ("classes", "classes", str),
-    ("min_class_images", "min_class_images", int),
-    ("allow_outside_root", "allow_outside_root", bool),
-    ("threads", "threads", int),
-    ("method_options", "method_options", str),
-    ("synthetic", "synthetic", str),
-    ("privacy", "privacy", str),
-    ("secure_aggregation", "secure_aggregation", bool),
-    ("secagg_threshold", "secagg_threshold", int),
-)
-# TrainConfig fields the pipeline sets itself; `aggregator` and `duplicates` are not parameters yet, so the
-# pipeline's runs use their defaults (the method's mean; exact duplicates dropped).
-NOT_PARAMETERS = ("federation", "out", "aggregator", "duplicates")
-# What a holder's feature extraction depends on; its task's cache key is made of these alone (plus the
-# holder), so a sweep over methods, learning rates, codecs or rounds reuses the extracted features.
-EXTRACTION_FIELDS = (
-    "data",
-    "partition",
-    "alpha",
-    "sites",
-    "seed",
-    "split_ratio",
-    "reference_fraction",
-    "synthetic",
-    "classes",
-    "min_class_images",
-    "allow_outside_root",
-    "skip_bad_images",
-    "backbone",
-    "preprocessing",
-    "prompt_template",
-    "cache_dir",
-)
-
-
-def config_to_parameters(cfg) -> dict:
-    """The pipeline parameters of a validated TrainConfig (what `pipeline run|submit` passes)."""
-    params = {}
-    for name, field, _ in CONFIG_PARAMETERS:
-        value = getattr(cfg, field)
-        if field == "alpha":
-            value = float(value or 0.0)
-        elif field == "preprocessing":
-            value = value or ""
-        elif field == "classes":
-            value = ",".join(value) if value else ""
-        elif field == "split_ratio":
-            value = ",".join(repr(float(x)) for x in value)
-        elif field in ("method_options", "synthetic", "privacy"):
-            value = json.dumps(value or {}, sort_keys=True)
-        elif field == "secagg_threshold":
-            value = int(value or 0)
-        params[name] = value
-    return params
-
-
-def config_from_parameters(params: dict):
-    """The validated TrainConfig of the pipeline parameters (the prepare task; ConfigError names the problem)."""
+def pipeline_settings(cfg=None, options=None) -> dict:
+    """The pipeline's structured `settings` parameter of a validated TrainConfig and ServerOptions (default:
+    the declared defaults): every field declared for the pipeline (fedmedclip/flags.py), unset ones left out.
+    `federation` (the pipeline trains federated) and `out` (the run directory is the report task's artifact)
+    are not declared for it."""
     from fedmedclip.config import TrainConfig
-    from fedmedclip.errors import ConfigError
-    from fedmedclip.flags import parse_split
+    from fedmedclip.federation.server import ServerOptions
+    from fedmedclip.flags import to_parameters
 
-    values = {"federation": "federated", "out": ""}
-    for name, field, _ in CONFIG_PARAMETERS:
-        if name not in params:
-            continue
-        value = params[name]
-        if field == "alpha":
-            value = float(value) or None
-        elif field == "preprocessing":
-            value = value or None
-        elif field == "classes":
-            value = [c.strip() for c in str(value).split(",") if c.strip()] or None
-        elif field == "secagg_threshold":
-            value = int(value) or None
-        elif field == "split_ratio":
-            value = parse_split(value)
-        elif field in ("method_options", "synthetic", "privacy"):
-            try:
-                value = json.loads(value or "{}")
-            except ValueError as exc:
-                raise ConfigError(f"{name} {params[name]!r} is not JSON: {exc}") from None
-            if not isinstance(value, dict):
-                raise ConfigError(f"{name} must be a JSON object, got {params[name]!r}")
-        values[field] = value
-    return TrainConfig(**values).validate()
+    return {**to_parameters(cfg or TrainConfig()), **to_parameters(options or ServerOptions())}
+
+
+def settings_from_parameters(settings: dict, config_cls=None):
+    """(validated TrainConfig, ServerOptions) of the pipeline's `settings` (the prepare task; a ConfigError
+    names the problem). KFP gives every number back as a float; the declared types convert them. Without a
+    `cache_dir`, the pod's own (POD_CACHE_DIR)."""
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.federation.server import ServerOptions
+    from fedmedclip.flags import PIPELINE, check_declared, from_parameters
+
+    settings = {"cache_dir": POD_CACHE_DIR, **settings} if isinstance(settings, dict) else settings
+    cfg, options = from_parameters(settings, config_cls or TrainConfig, ServerOptions, command=PIPELINE)
+    cfg.federation, cfg.out = "federated", ""
+    check_declared(options)
+    return cfg.validate(), options
+
+
+def resolved_config(cfg) -> tuple[dict, dict]:
+    """The run's configuration as the parties get it (the method's preprocessing filled in), and what a party's
+    feature extraction depends on: the fields declared `extraction=True`, its task's cache key, so a sweep over
+    methods, learning rates, codecs or rounds reuses the extracted features."""
+    from fedmedclip.flags import declared
+    from fedmedclip.methods import METHODS
+
+    resolved = cfg.to_json()
+    resolved["preprocessing"] = cfg.preprocessing or METHODS[cfg.method].default_preprocessing
+    fields = declared(type(cfg), nested=False)
+    return resolved, {d.name: resolved[d.name] for d in fields if d.meta["extraction"]}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -205,46 +134,13 @@ def pipeline_run_name(cfg, kfp_run_id: str) -> str:
 # What every input and output of the pipeline and its components means: ONE table, from which the pipeline's
 # and each component's docstring `Args:` / `Returns:` sections are written (KFP shows them in its UI).
 PARAMETER_DOCS = {
-    # the run's configuration (fedmedclip/flags.py: the same as `fedmedclip train`)
-    "data": "Images: s3://BUCKET published per site by `fedmedclip data publish` (each party reads only its own "
-    "prefix), or synthetic, an image folder or a CSV manifest readable in the pods.",
-    "method": "The method (`fedmedclip methods` lists them and their options).",
-    "partition": "iid, dirichlet (with alpha) or natural (the manifest's site column).",
-    "alpha": "Dirichlet concentration (smaller = more label skew); 0 = unset.",
-    "sites": "Number of sites (the partition's; any number: each is one iteration of the workers' loop).",
+    "settings": "The run's settings as one object, keyed by field name: the fields of `fedmedclip train` (all "
+    "but federation and out; `--split` is split_ratio, the `--dp-*` flags are entries of privacy) and the server's "
+    'options (tests/config_schema.json lists them), e.g. {"data": "s3://BUCKET", "method": "facmic", '
+    '"sites": 5, "rounds": 20, "method_options": {"lr_fam": 5e-4}, "privacy": {"target_epsilon": 8}, '
+    '"round_timeout": 600}; a key left out takes its default.',
     "site_names": "Comma-separated site names to check against the partition's ('' = the partition's).",
-    "rounds": "Federated rounds (a loop inside the workers: any number).",
-    "backbone": "tiny | random-vit-b32 | random-vit-b16 | s3://BUCKET/PREFIX or models:/NAME/VERSION published by "
-    "`fedmedclip backbone push` (downloaded once per pod, hash-checked).",
-    "preprocessing": "squash or clip; '' = the method's recipe.",
-    "seed": "Seed of the partition and of every random draw.",
-    "batch_size": "Training batch size.",
-    "codec_up": "How a site's update travels to the server.",
-    "codec_down": "How the global module travels to the sites.",
-    "split": "Per-site train,val,test shares, e.g. 0.8,0.1,0.1.",
-    "reference_fraction": "Share of the training pool held out, unlabelled, as FACMIC's adaptation target.",
-    "transductive": "FACMIC adapts toward the global test images (only to match the paper).",
-    "prompt_template": "Class prompt; {} is the class name.",
-    "cache_dir": "Feature stores, downloads and backbones inside each pod.",
-    "skip_bad_images": "Skip unreadable images (counted, ids recorded) instead of failing.",
-    "classes": "Comma-separated class list ('' = inferred from the data).",
-    "min_class_images": "With an inferred class list, the fewest training images a class may have.",
-    "allow_outside_root": "Allow manifest rows that resolve outside the manifest's folder.",
-    "threads": "Torch threads of each worker.",
-    "method_options": 'Method options as a JSON object, e.g. {"lr_fam": 5e-4} (`fedmedclip methods`).',
-    "synthetic": "Arguments of the synthetic data generator as a JSON object.",
-    "privacy": "Differential privacy settings as a JSON object (the --dp-* flags, docs/privacy.md), e.g. "
-    '{"target_epsilon": 8}; {} = none.',
-    "secure_aggregation": "Secure aggregation (docs/secure-aggregation.md): the server sees only the sum of the "
-    "sites' updates; each site's identity key is generated in its private state and registered through the "
-    "mailbox.",
-    "secagg_threshold": "Secure aggregation's threshold t (above half the sites); 0 = floor(sites/2) + 1.",
-    # the federation
     "mailbox": "Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.",
-    "quorum": "Fewest sites a round may aggregate once it times out; 0 = every site.",
-    "round_timeout": "Seconds a round waits for the sites' updates.",
-    "join_timeout": "Seconds round 1 waits while the sites prepare (a site whose pod never starts fails the "
-    "run after this, naming it).",
     "run_id": "The federation's run id in the mailbox: the KFP run id, so a retried worker resumes.",
     "role": "The party's role: server or site.",
     "party": "The party's name: server, or the site's name in the partition.",
@@ -255,6 +151,7 @@ PARAMETER_DOCS = {
     "extraction": "The extraction settings as JSON (data, partition, backbone, preprocessing, prompt, cache): "
     "the extraction task's cache key, so a sweep over methods or rounds reuses the features.",
     "config": "The run's resolved configuration as JSON (fedmedclip.config.TrainConfig).",
+    "server": "The server's options as JSON (fedmedclip.federation.server.ServerOptions).",
     "features": "The party's feature store (its own images encoded once by the frozen CLIP).",
     # export, tracking, registry
     "export_site": "Model exported to ONNX: global, a site name, or '' (no export).",
@@ -266,6 +163,8 @@ PARAMETER_DOCS = {
     "alias": "Alias the new version is promoted to ('' registers only).",
     "allow_worse": "Promote even when its global balanced accuracy is below the alias holder's.",
     "allow_different_data": "Promote even when the alias holder was trained on other data or partition.",
+    "max_epsilon": "Refuse the promotion of a version trained without record-level differential privacy or "
+    "with a larger epsilon (the largest over its sites); 0 = no budget.",
     "fail_if_not_promoted": "Fail the run (red in the KFP UI) when the promotion is refused; by default the "
     "version stays registered, the refusal is the register task's `promotion` output and an error line.",
     "mlflow_run_id": "The MLflow run the server logged live ('' = log the run directory now).",

@@ -24,10 +24,10 @@ DESCRIPTION = (
 
 
 def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
-    from .flags import add_config_arguments
+    from .flags import SERVER, TRAIN, add_config_arguments
 
     # The federation runtime runs federated training only, and always resumes what its state holds.
-    add_config_arguments(p, exclude=("federation",) if runtime else ())
+    add_config_arguments(p, SERVER if runtime else TRAIN)
     if not runtime:
         p.add_argument(
             "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
@@ -163,17 +163,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_server_run(args) -> int:
     from .federation.runner import run_server
-    from .federation.server import ServerOptions
+    from .flags import options_from_args
 
-    options = ServerOptions(
-        quorum=args.quorum,
-        round_timeout=args.round_timeout,
-        join_timeout=args.join_timeout,
-        norm_factor=args.norm_factor,
-        max_update_norm=args.max_update_norm,
-        clip_updates=args.clip_updates,
-        stall_every=args.stall_every,
-    )
+    options = options_from_args(args)
     cfg = config_from_args(args)
     site_keys = args.site_keys
     if site_keys and not cfg.secure_aggregation:
@@ -254,7 +246,9 @@ def _cmd_site_keygen(args) -> int:
 def _add_runtime_commands(sub) -> None:
     from .config import TrainConfig
     from .federation.runner import DEFAULT_IDENTITY, STATE_ROOT
+    from .federation.server import ServerOptions
     from .federation.site import DEFAULT_SILENCE_TIMEOUT
+    from .flags import SERVER, add_config_arguments
 
     server = sub.add_parser(
         "server", help="the federation's aggregator, as a long-lived process"
@@ -266,50 +260,7 @@ def _add_runtime_commands(sub) -> None:
     )
     _add_runtime_args(p)
     _add_train_args(p, runtime=True)
-    p.add_argument(
-        "--quorum",
-        type=int,
-        default=None,
-        help="minimum sites per round once a round times out (default: every site)",
-    )
-    p.add_argument(
-        "--round-timeout",
-        type=float,
-        default=600.0,
-        help="seconds a round waits for updates (default: %(default)s)",
-    )
-    p.add_argument(
-        "--join-timeout",
-        type=float,
-        default=3600.0,
-        help="seconds round 1 waits, while the sites encode their images (default: %(default)s)",
-    )
-    p.add_argument(
-        "--norm-factor",
-        type=float,
-        default=10.0,
-        help="reject an update farther from the global module than this times the median of the round's "
-        "others; 0 disables (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-update-norm",
-        type=float,
-        default=None,
-        help="the most an update may move the global module (L2 norm of the difference), fixed in the run's "
-        "manifest; refused above it (see --clip-updates); 0 disables (default: 2x the norm of the method's "
-        "initial global module)",
-    )
-    p.add_argument(
-        "--clip-updates",
-        action="store_true",
-        help="clip an update above --max-update-norm onto the bound instead of refusing it",
-    )
-    p.add_argument(
-        "--stall-every",
-        type=float,
-        default=30.0,
-        help="seconds between 'waiting for' lines (default: %(default)s)",
-    )
+    add_config_arguments(p, SERVER, ServerOptions)
     p.add_argument(
         "--site-keys",
         default=None,
@@ -344,7 +295,12 @@ def _add_runtime_commands(sub) -> None:
     p.add_argument(
         "--threads", type=int, default=d.threads, help="torch threads for training (default: %(default)s)"
     )
-    p.add_argument("--join-timeout", type=float, default=3600.0, help="seconds to wait for the run to appear")
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=ServerOptions.join_timeout,
+        help="seconds to wait for the run to appear (default: %(default)s)",
+    )
     p.add_argument(
         "--silence-timeout",
         type=float,

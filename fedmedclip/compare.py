@@ -342,7 +342,7 @@ GRID_FIELDS = ("method", "federation", "partition", "alpha", "seed", "out", "met
 
 
 def add_arguments(p) -> None:
-    from .flags import add_config_arguments
+    from .flags import COMPARE, add_config_arguments
 
     p.add_argument(
         "--methods",
@@ -365,9 +365,7 @@ def add_arguments(p) -> None:
         action="store_true",
         help="run nothing: tabulate the cells of this grid that are already finished",
     )
-    add_config_arguments(
-        p, exclude=GRID_FIELDS, defaults={"rounds": 10}, title="settings shared by every cell"
-    )
+    add_config_arguments(p, COMPARE, exclude=GRID_FIELDS, defaults={"rounds": 10})
 
 
 def cmd_compare(args) -> int:

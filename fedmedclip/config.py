@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .aggregation import AGGREGATORS
@@ -12,8 +12,22 @@ from .codec import CODECS, CodecError, get_codec
 from .data import DEFAULT_MIN_CLASS_IMAGES, DUPLICATE_POLICIES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
+from .flags import (
+    COMPARE,
+    PIPELINE,
+    SERVER,
+    TRAIN,
+    check_declared,
+    declared,
+    parse_classes,
+    parse_json_object,
+    parse_method_options,
+    parse_split,
+    setting,
+)
 from .methods import DEFAULT_METHOD
 from .partition import SCHEMES
+from .privacy.settings import PrivacySettings
 
 SYNTHETIC = "synthetic"
 # federated: the method as published; local: each site alone, nothing shared (lower reference);
@@ -21,79 +35,266 @@ SYNTHETIC = "synthetic"
 FEDERATIONS = ("federated", "local", "centralized")
 
 
+def _method_options(method: str) -> dict:
+    from .methods import METHODS
+
+    return METHODS[method].options if method in METHODS else {}
+
+
+def _synthetic_arguments() -> dict:
+    import inspect
+
+    from .synthetic import generate
+
+    return {k: p.default for k, p in inspect.signature(generate).parameters.items()}
+
+
 @dataclass
 class TrainConfig:
-    data: str = SYNTHETIC  # image-folder root, CSV manifest, or "synthetic"
-    method: str = DEFAULT_METHOD
-    federation: str = "federated"  # one of FEDERATIONS
-    partition: str = "iid"
-    alpha: float | None = None
-    sites: int | None = 3
-    rounds: int = 10
-    backbone: str = "tiny"
-    preprocessing: str | None = None  # None: the method's reference recipe
-    seed: int = 0
-    out: str = "runs/latest"
-    batch_size: int = 32
-    codec_up: str = "fp16-zlib"  # how a site's update travels to the server (fedmedclip.codec)
-    codec_down: str = "fp16-zlib"  # how the global module travels to the sites
-    split_ratio: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    # Share of the training pool held out, unlabelled, as FACMIC's adaptation target (for every method, so
-    # partitions compare fairly). With `transductive` FACMIC adapts toward the global test images instead, as
-    # the reference code does, so nothing is held out: validate() sets this to 0 and the sites train on 100 %
-    # of the pool, as in the paper.
-    reference_fraction: float = 0.1
-    transductive: bool = False
-    prompt_template: str = DEFAULT_PROMPT
-    cache_dir: str = ".cache/fedmedclip"
-    skip_bad_images: bool = False
-    # The class list. None: inferred from the data, and then a class with fewer than `min_class_images`
-    # training images, or in only one of the training pool and the global test set, is refused with every
-    # class's counts (a label typo would otherwise become a class). An explicit list skips that check;
-    # labels outside it are refused.
-    classes: list[str] | None = None
-    min_class_images: int = DEFAULT_MIN_CLASS_IMAGES
-    # Torch threads for training (feature extraction uses every core). Results depend on it in the last bits:
-    # parties that must agree exactly (a simulator and a mailbox run) use the same value. Not a resume key.
-    threads: int = 1
-    # A CSV manifest may list images outside the manifest's folder only when the user says so.
-    allow_outside_root: bool = False
-    method_options: dict = field(default_factory=dict)
-    synthetic: dict = field(default_factory=dict)  # arguments of fedmedclip.synthetic.generate
-    # Differential privacy (the --dp-* flags; fedmedclip.privacy.PrivacySettings, docs/privacy.md): only the
-    # entries that differ from the defaults, empty for a run without DP.
-    privacy: dict = field(default_factory=dict)
-    # How the server combines the accepted updates: the method's own mean, or a robust rule
-    # (fedmedclip/federation/robust.py).
-    aggregator: str = "mean"
-    # Byte-identical images (fedmedclip.data.deduplicate): drop the training-pool copies (the test copy stays),
-    # keep them all (the papers' setting), or refuse the data.
-    duplicates: str = "drop"
-    # Secure aggregation (fedmedclip/secagg, docs/secure-aggregation.md): the server learns only the weighted
-    # sum of the updates of the sites present. `secagg_threshold`: the Shamir threshold t, above half the
-    # sites (None: floor(n/2) + 1); every step of a round needs t sites.
-    secure_aggregation: bool = False
-    secagg_threshold: int | None = None
+    """The run's configuration: each field declared once (fedmedclip/flags.py derives the flags of every
+    command, the pipeline's `settings`, the schema snapshot and, through to_json/resume_key, config.json, the
+    run manifest and the MLflow parameters). `extraction=True`: a party's feature extraction depends on it (the
+    pipeline's extraction task is cached on these alone); `resume`: how it enters the resume key."""
+
+    data: str = setting(
+        SYNTHETIC,
+        group="data",
+        extraction=True,
+        help="image-folder root (<root>/<Training|Testing>/<class>/*), a CSV manifest (path,label[,site][,split]), "
+        "'synthetic' (generated), or s3://BUCKET published by `fedmedclip data publish` (default: %(default)s)",
+    )
+    method: str = setting(
+        DEFAULT_METHOD, group="training", help="the method: {methods} (default: %(default)s)"
+    )
+    federation: str = setting(
+        "federated",
+        group="federation",
+        commands=(TRAIN, COMPARE),
+        resume="unless_default",
+        choices=FEDERATIONS,
+        help="federated (default), local (each site alone, nothing shared) or centralized (all training data "
+        "pooled in one holder): the lower and upper references for any method",
+    )
+    partition: str = setting(
+        "iid",
+        group="data",
+        choices=SCHEMES,
+        extraction=True,
+        partition=True,
+        help="iid, dirichlet (with --alpha) or natural (the manifest's site column) (default: %(default)s)",
+    )
+    alpha: float | None = setting(
+        None,
+        group="data",
+        extraction=True,
+        partition=True,
+        help="Dirichlet concentration (smaller = more label skew)",
+    )
+    sites: int | None = setting(
+        3,
+        group="data",
+        minimum=1,
+        extraction=True,
+        partition=True,
+        help="number of sites (default: %(default)s)",
+    )
+    rounds: int = setting(10, group="training", minimum=1, help="federated rounds (default: %(default)s)")
+    backbone: str = setting(
+        "tiny",
+        group="training",
+        extraction=True,
+        help="tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a Hugging Face id already cached "
+        "(never downloaded); in the pipeline also s3://BUCKET/PREFIX or models:/NAME/VERSION published by "
+        "`fedmedclip backbone push` (default: %(default)s)",
+    )
+    # None: the method's reference recipe
+    preprocessing: str | None = setting(
+        None,
+        group="training",
+        choices=PREPROCESSING_NAMES,
+        extraction=True,
+        help="squash or clip (default: the method's reference recipe: fedmedclip squash, facmic clip)",
+    )
+    seed: int = setting(
+        0,
+        group="data",
+        extraction=True,
+        partition=True,
+        help="random seed of the partition and every draw (default: %(default)s)",
+    )
+    out: str = setting(
+        "runs/latest", group="output", resume="never", help="run directory (default: %(default)s)"
+    )
+    batch_size: int = setting(
+        32,
+        group="training",
+        minimum=2,
+        help="training batch size, at least 2 (BatchNorm) (default: %(default)s)",
+    )
+    codec_up: str = setting(
+        "fp16-zlib",
+        group="federation",
+        help="how a site's update travels to the server (default: %(default)s)",
+    )
+    codec_down: str = setting(
+        "fp16-zlib",
+        group="federation",
+        help="how the global module travels to the sites (default: %(default)s)",
+    )
+    split_ratio: tuple[float, float, float] = setting(
+        (0.8, 0.1, 0.1),
+        group="data",
+        flags=("--split",),
+        parse=parse_split,
+        extraction=True,
+        partition=True,
+        help="per-site train,val,test shares (default: 0.8,0.1,0.1)",
+    )
+    # Held out for every method, so partitions compare fairly. With `transductive` FACMIC adapts toward the
+    # global test images instead, as the reference code does, so nothing is held out: validate() sets this to
+    # 0 and the sites train on 100 % of the pool, as in the paper.
+    reference_fraction: float = setting(
+        0.1,
+        group="data",
+        extraction=True,
+        partition=True,
+        help="share of the training pool held out, unlabelled, as FACMIC's adaptation target (default: "
+        "%(default)s; nothing is held out with --transductive)",
+    )
+    transductive: bool = setting(
+        False,
+        group="data",
+        extraction=True,
+        help="FACMIC adapts toward the global test images, as the reference code does (only to match the paper)",
+    )
+    prompt_template: str = setting(
+        DEFAULT_PROMPT,
+        group="training",
+        extraction=True,
+        help="class prompt, '{}' is the class name (default: %(default)r)",
+    )
+    cache_dir: str = setting(
+        ".cache/fedmedclip",
+        group="data",
+        extraction=True,
+        resume="never",
+        help="feature stores, generated data and the built-in backbones' descriptions (default: %(default)s)",
+    )
+    skip_bad_images: bool = setting(
+        False,
+        group="data",
+        commands=(TRAIN, SERVER, PIPELINE, COMPARE),
+        extraction=True,
+        help="skip unreadable images (counted, ids recorded) instead of failing on the first",
+    )
+    # None: inferred from the data, and then a class with fewer than `min_class_images` training images, or in
+    # only one of the training pool and the global test set, is refused with every class's counts (a label typo
+    # would otherwise become a class). An explicit list skips that check; labels outside it are refused.
+    classes: list[str] | None = setting(
+        None,
+        group="data",
+        parse=parse_classes,
+        extraction=True,
+        resume="unless_default",
+        help="the class list, comma-separated (default: inferred from the data, which then refuses a class with "
+        "fewer than --min-class-images training images or present in only one split)",
+    )
+    min_class_images: int = setting(
+        DEFAULT_MIN_CLASS_IMAGES,
+        group="data",
+        minimum=1,
+        extraction=True,
+        resume="never",
+        help="with an inferred class list, the fewest training images a class may have (default: %(default)s)",
+    )
+    # Results depend on it in the last bits: parties that must agree exactly (a simulator and a mailbox run) use
+    # the same value. Not a resume key.
+    threads: int = setting(
+        1,
+        group="training",
+        minimum=1,
+        resume="never",
+        help="torch threads for training; extraction uses every core (default: %(default)s)",
+    )
+    allow_outside_root: bool = setting(
+        False,
+        group="data",
+        extraction=True,
+        resume="never",
+        help="let a CSV manifest list images outside the manifest's folder (refused by default)",
+    )
+    method_options: dict = setting(
+        group="training",
+        flags=("--method-opt", "--method-option"),
+        parse=parse_method_options,
+        metavar="KEY=VALUE",
+        entries=lambda values: _method_options(values.get("method", DEFAULT_METHOD)),
+        default_factory=dict,
+        help="a method option KEY=VALUE, e.g. lr_fam=5e-4 or local_steps=50 (repeatable; unknown options are "
+        "refused with the list of known ones)",
+    )
+    # arguments of fedmedclip.synthetic.generate
+    synthetic: dict = setting(
+        group="data",
+        parse=parse_json_object,
+        extraction=True,
+        entries=lambda values: _synthetic_arguments(),
+        default_factory=dict,
+        help="JSON arguments of the synthetic data generator, e.g. '{\"per_class_per_site\": 40}'",
+    )
+    # Only the entries that differ from the defaults, empty for a run without DP.
+    privacy: dict = setting(
+        group="privacy",
+        nested=PrivacySettings,
+        prefix="dp-",
+        resume="unless_default",
+        default_factory=dict,
+        help="differential privacy settings (the --dp-* flags; fedmedclip.privacy.PrivacySettings)",
+    )
+    aggregator: str = setting(
+        "mean",
+        group="federation",
+        choices=AGGREGATORS,
+        resume="unless_default",
+        help="how the server combines the accepted updates: mean (the method's own rule), or for small or "
+        "untrusted federations median, trimmed-mean or krum (fedmedclip/federation/robust.py) (default: "
+        "%(default)s)",
+    )
+    duplicates: str = setting(
+        "drop",
+        group="data",
+        choices=DUPLICATE_POLICIES,
+        extraction=True,
+        resume="unless_default",
+        help="byte-identical images: drop the training and validation copies (a test copy stays), keep them all "
+        "(the papers' setting) or refuse the data; copies with different labels are dropped everywhere "
+        "(refuse: stop) (default: %(default)s)",
+    )
+    secure_aggregation: bool = setting(
+        False,
+        group="federation",
+        resume="unless_default",
+        help="secure aggregation (Bonawitz et al. 2017): the server learns only the weighted sum of the sites' "
+        "updates; each site bounds and masks its own, with its registered identity key "
+        "(docs/secure-aggregation.md)",
+    )
+    secagg_threshold: int | None = setting(
+        None,
+        group="federation",
+        metavar="T",
+        resume="unless_default",
+        help="secure aggregation's threshold t: every step of a round needs t sites, and fewer than t colluding "
+        "sites learn nothing of another's update (above half the sites; default: floor(sites/2) + 1)",
+    )
 
     def validate(self) -> TrainConfig:
         from .methods import METHODS
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.federation not in FEDERATIONS:
-            raise ConfigError(
-                f"unknown federation {self.federation!r}; choose one of {', '.join(FEDERATIONS)}"
-            )
-        if self.partition not in SCHEMES:
-            raise ConfigError(f"unknown partition {self.partition!r}; choose one of {', '.join(SCHEMES)}")
+        check_declared(self)  # types, choices and minimums, as each field declares them
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.sites is not None and self.sites < 1:
-            raise ConfigError(f"--sites must be at least 1, got {self.sites}")
-        if self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be at least 2 (BatchNorm), got {self.batch_size}")
         for flag, name, direction in (
             ("--codec-up", self.codec_up, "up"),
             ("--codec-down", self.codec_down, "down"),
@@ -106,16 +307,6 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)"
                 ) from None
-        if self.aggregator not in AGGREGATORS:
-            raise ConfigError(
-                f"unknown aggregator {self.aggregator!r}; choose one of {', '.join(AGGREGATORS)}"
-            )
-        if self.duplicates not in DUPLICATE_POLICIES:
-            raise ConfigError(
-                f"unknown --duplicates {self.duplicates!r}; choose one of {', '.join(DUPLICATE_POLICIES)}"
-            )
-        if self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         # Unknown method options fail here, before any data is read or any pod starts.
         unknown = sorted(set(self.method_options) - set(METHODS[self.method].options))
         if unknown:
@@ -123,10 +314,6 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown option(s) for {self.method}: {', '.join(unknown)}; known: "
                 + (", ".join(f"{k} (default {v})" for k, v in known.items()) or "none")
-            )
-        if self.preprocessing is not None and self.preprocessing not in PREPROCESSING_NAMES:
-            raise ConfigError(
-                f"unknown preprocessing {self.preprocessing!r}; choose one of {', '.join(PREPROCESSING_NAMES)}"
             )
         # s3://BUCKET: images published per site, read by the pipeline's tasks (mlops/site_data.py).
         if self.data != SYNTHETIC and not self.data.startswith("s3://") and not Path(self.data).exists():
@@ -140,10 +327,6 @@ class TrainConfig:
             if len(names) < 2:
                 raise ConfigError(f"--classes needs at least two classes, got {self.classes!r}")
             self.classes = names
-        if isinstance(self.min_class_images, bool) or not isinstance(self.min_class_images, int):
-            raise ConfigError(f"--min-class-images must be an integer, got {self.min_class_images!r}")
-        if self.min_class_images < 1:
-            raise ConfigError(f"--min-class-images must be at least 1, got {self.min_class_images}")
         self._validate_privacy(METHODS[self.method])
         self._validate_secure_aggregation()
         if self.transductive:
@@ -152,8 +335,6 @@ class TrainConfig:
         return self
 
     def _validate_privacy(self, method_cls) -> None:
-        from .privacy import PrivacySettings
-
         if not isinstance(self.privacy, dict):
             raise ConfigError(f"privacy must be an object of settings, got {self.privacy!r}")
         settings = PrivacySettings.from_config(self.privacy)
@@ -173,11 +354,7 @@ class TrainConfig:
         self.privacy = settings.to_config()
 
     def _validate_secure_aggregation(self) -> None:
-        from .privacy import PrivacySettings
-
         t = self.secagg_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
-            raise ConfigError(f"--secagg-threshold must be an integer, got {t!r}")
         if not self.secure_aggregation:
             if t is not None:
                 raise ConfigError("--secagg-threshold needs --secure-aggregation")
@@ -239,36 +416,13 @@ class TrainConfig:
         return cls(**known)
 
     def resume_key(self) -> dict:
-        """What must not change between a run and its resumption (`out` and cache paths may)."""
+        """What must not change between a run and its resumption (the fields declared resume="never", such as
+        `out` and cache paths, may); a field declared resume="unless_default" is left out at its default, so
+        keys from before it existed still match. The run manifest's `settings` is this."""
         d = self.to_json()
-        for k in ("out", "cache_dir", "threads", "min_class_images", "allow_outside_root"):
-            d.pop(k)
-        if d.get("classes") is None:
-            d.pop("classes", None)  # the default is left out: keys from before the field existed still match
-        if not d.get("privacy"):
-            d.pop("privacy", None)  # likewise: a run without DP keeps the key it had before DP existed
-        # Defaults are left out, so keys from before these fields existed still match.
-        for key, default in (
-            ("federation", "federated"),
-            ("aggregator", "mean"),
-            ("duplicates", "drop"),
-            ("secure_aggregation", False),
-            ("secagg_threshold", None),
-        ):
-            if d.get(key) == default:
-                d.pop(key)
+        for f in declared(type(self), nested=False):
+            if f.meta["resume"] == "never" or (
+                f.meta["resume"] == "unless_default" and d[f.name] == json.loads(json.dumps(f.default))
+            ):
+                d.pop(f.name)
         return json.loads(json.dumps(d))
-
-
-def parse_method_options(items: list[str]) -> dict:
-    """`KEY=VALUE` pairs; values parsed as JSON where possible (numbers, true/false), else strings."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"method option {item!r} must look like KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out

@@ -1,354 +1,198 @@
-"""One definition of the training configuration's command-line flags. `fedmedclip train`, `server run`,
-`compare`, `data publish` and `pipeline run|submit|demo` all add their flags from here (each command picks the
-fields it needs), so a flag is spelled, typed, defaulted and documented once."""
+"""One declaration per configuration field, and everything derived from it.
+
+A field is declared once, on its dataclass (`TrainConfig`, `PrivacySettings`, `ServerOptions`), with
+`setting(default, help=..., group=...)`: its type is the annotation, and the metadata carries its help, its
+group (which commands take it), its flag spelling, choices and parser, whether the partition's draw (`partition`)
+and a party's feature extraction (`extraction`) depend on it, and how it enters the run's resume key (`resume`). From that one declaration come:
+- the flags of `train`, `server run`, `pipeline run|submit|demo`, `compare` and `data publish`
+  (`add_config_arguments`, `config_from_args`, `options_from_args`);
+- the pipeline's structured `settings` parameter (`to_parameters`, `from_parameters`: KFP gives integers back
+  as floats and refuses `None`, so unset fields are left out and the receiving side converts by the type);
+- the schema (`schema()`, snapshot in tests/config_schema.json), and through `TrainConfig.to_json()` and
+  `resume_key()` the run manifest, config.json and the MLflow parameters.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from dataclasses import dataclass, field
+import types
+import typing
 
-from .aggregation import AGGREGATORS
-from .config import FEDERATIONS, TrainConfig, parse_method_options
-from .data import DUPLICATE_POLICIES
 from .errors import ConfigError
 
-
-def parse_split(text: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3:
-        raise ConfigError(f"--split {text!r} must be three numbers like 0.8,0.1,0.1")
-    return parts
-
-
-def _json_object(flag: str):
-    def parse(text: str) -> dict:
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"{flag} {text!r} is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"per_class_per_site\": 40}}'")
-        return value
-
-    return parse
+TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH = "train", "server run", "pipeline", "compare", "data publish"
+COMMANDS = (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)
+# group -> (argparse title, the commands that take its fields unless a field names its own)
+GROUPS = {
+    "data": ("data and partition", COMMANDS),
+    "training": ("training", (TRAIN, SERVER, PIPELINE, COMPARE)),
+    "federation": ("federation", (TRAIN, SERVER, PIPELINE, COMPARE)),
+    "privacy": ("differential privacy (docs/privacy.md)", (TRAIN, SERVER, PIPELINE, COMPARE)),
+    "server": ("the server: quorum, timeouts, update checks", (SERVER, PIPELINE)),
+    "output": ("output", (TRAIN, SERVER, COMPARE)),
+}
+RESUME = ("always", "unless_default", "never")  # how a field enters TrainConfig.resume_key()
 
 
-def _classes(text: str) -> list[str]:
-    names = [c.strip() for c in str(text).split(",") if c.strip()]
-    if not names:
-        raise ConfigError("--classes needs a comma-separated list of class names")
-    return names
+def setting(
+    default=dataclasses.MISSING,
+    *,
+    help: str,
+    group: str,
+    flags: tuple[str, ...] = (),
+    commands: tuple[str, ...] | None = None,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    parse=None,
+    metavar: str | None = None,
+    extraction: bool = False,
+    partition: bool = False,
+    resume: str = "always",
+    nested: type | None = None,
+    prefix: str = "",
+    entries=None,
+    default_factory=dataclasses.MISSING,
+):
+    """A dataclass field with its declaration. `parse`: str -> value for a flag's text (ConfigError on bad
+    input); `nested`: a dataclass whose fields become flags `--<prefix><name>` (a dict field of their
+    non-default entries); `entries`: for another dict field, values -> {key: default} of its entries (their
+    types convert a pipeline's floats back to integers); `flags`: the spelling when not `--field-name`."""
+    if group not in GROUPS or resume not in RESUME:
+        raise ValueError(f"unknown group {group!r} or resume {resume!r}")
+    meta = dict(
+        help=help,
+        group=group,
+        flags=tuple(flags),
+        commands=tuple(commands) if commands is not None else GROUPS[group][1],
+        choices=tuple(choices) if choices is not None else None,
+        minimum=minimum,
+        parse=parse,
+        metavar=metavar,
+        extraction=extraction,
+        partition=partition,
+        resume=resume,
+        nested=nested,
+        prefix=prefix,
+        entries=entries,
+    )
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"setting": meta})
 
 
-def _methods_help() -> str:
-    from .methods import METHODS
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """One declared field as the derivations see it."""
 
-    return " | ".join(METHODS)
-
-
-@dataclass
-class Flag:
-    field: str  # TrainConfig field
-    flags: tuple[str, ...]
-    help: str
-    kwargs: dict = field(default_factory=dict)
-    parse: object = None  # str -> value, applied by config_from_args (errors are ConfigError, exit status 2)
-    key: str | None = None  # the entry of a dict field (`privacy`) this flag sets; None: the whole field
+    name: str
+    type: object
+    default: object
+    meta: dict
+    owner: str  # the field of the outer dataclass for a nested one (privacy), else ""
+    prefix: str = ""  # the outer field's flag prefix (`dp-`)
 
     @property
     def dest(self) -> str:
-        return f"{self.field}__{self.key}" if self.key else self.field
+        return f"{self.owner}__{self.name}" if self.owner else self.name
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        if self.meta["flags"]:
+            return self.meta["flags"]
+        return (f"--{self.prefix}{self.name.replace('_', '-')}",)
+
+    def takes(self, command: str) -> bool:
+        return command in self.meta["commands"]
 
 
-FLAGS: list[Flag] = [
-    Flag(
-        "data",
-        ("--data",),
-        "image-folder root (<root>/<Training|Testing>/<class>/*), a CSV manifest (path,label[,site][,split]), "
-        "'synthetic' (generated), or s3://BUCKET published by `fedmedclip data publish` (default: %(default)s)",
-    ),
-    Flag("method", ("--method",), "the method: {methods} (default: %(default)s)"),
-    Flag(
-        "federation",
-        ("--federation",),
-        "federated (default), local (each site alone, nothing shared) or centralized (all training data pooled "
-        "in one holder): the lower and upper references for any method",
-        {"choices": FEDERATIONS},
-    ),
-    Flag(
-        "partition",
-        ("--partition",),
-        "iid, dirichlet (with --alpha) or natural (the manifest's site column) (default: %(default)s)",
-        {"choices": ("iid", "dirichlet", "natural")},
-    ),
-    Flag("alpha", ("--alpha",), "Dirichlet concentration (smaller = more label skew)", {"type": float}),
-    Flag("sites", ("--sites",), "number of sites (default: %(default)s)", {"type": int}),
-    Flag("rounds", ("--rounds",), "federated rounds (default: %(default)s)", {"type": int}),
-    Flag(
-        "backbone",
-        ("--backbone",),
-        "tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a Hugging Face id already cached "
-        "(never downloaded) (default: %(default)s)",
-    ),
-    Flag(
-        "preprocessing",
-        ("--preprocessing",),
-        "squash or clip (default: the method's reference recipe: fedmedclip squash, facmic clip)",
-        {"choices": ("clip", "squash")},
-    ),
-    Flag(
-        "seed",
-        ("--seed",),
-        "random seed of the partition and every draw (default: %(default)s)",
-        {"type": int},
-    ),
-    Flag("out", ("--out",), "run directory (default: %(default)s)"),
-    Flag("batch_size", ("--batch-size",), "training batch size (default: %(default)s)", {"type": int}),
-    Flag("codec_up", ("--codec-up",), "how a site's update travels to the server (default: %(default)s)"),
-    Flag(
-        "codec_down", ("--codec-down",), "how the global module travels to the sites (default: %(default)s)"
-    ),
-    Flag(
-        "split_ratio",
-        ("--split",),
-        "per-site train,val,test shares (default: 0.8,0.1,0.1)",
-        parse=parse_split,
-    ),
-    Flag(
-        "reference_fraction",
-        ("--reference-fraction",),
-        "share of the training pool held out, unlabelled, as FACMIC's adaptation target (default: %(default)s; "
-        "nothing is held out with --transductive)",
-        {"type": float},
-    ),
-    Flag(
-        "transductive",
-        ("--transductive",),
-        "FACMIC adapts toward the global test images, as the reference code does (only to match the paper)",
-        {"action": "store_true"},
-    ),
-    Flag(
-        "prompt_template",
-        ("--prompt-template",),
-        "class prompt, '{}' is the class name (default: %(default)r)",
-    ),
-    Flag(
-        "cache_dir",
-        ("--cache-dir",),
-        "feature stores, generated data and the built-in backbones' descriptions (default: %(default)s)",
-    ),
-    Flag(
-        "skip_bad_images",
-        ("--skip-bad-images",),
-        "skip unreadable images (counted, ids recorded) instead of failing on the first",
-        {"action": "store_true"},
-    ),
-    Flag(
-        "method_options",
-        ("--method-opt", "--method-option"),
-        "a method option KEY=VALUE, e.g. lr_fam=5e-4 or local_steps=50 (repeatable; unknown options are refused "
-        "with the list of known ones)",
-        {"action": "append", "metavar": "KEY=VALUE"},
-        parse=parse_method_options,
-    ),
-    Flag(
-        "synthetic",
-        ("--synthetic",),
-        "JSON arguments of the synthetic data generator, e.g. '{\"per_class_per_site\": 40}'",
-        parse=_json_object("--synthetic"),
-    ),
-    Flag(
-        "classes",
-        ("--classes",),
-        "the class list, comma-separated (default: inferred from the data, which then refuses a class with fewer "
-        "than --min-class-images training images or present in only one split)",
-        parse=_classes,
-    ),
-    Flag(
-        "min_class_images",
-        ("--min-class-images",),
-        "with an inferred class list, the fewest training images a class may have (default: %(default)s)",
-        {"type": int},
-    ),
-    Flag(
-        "allow_outside_root",
-        ("--allow-outside-root",),
-        "let a CSV manifest list images outside the manifest's folder (refused by default)",
-        {"action": "store_true"},
-    ),
-    Flag(
-        "aggregator",
-        ("--aggregator",),
-        "how the server combines the accepted updates: mean (the method's own rule), or for small or untrusted "
-        "federations median, trimmed-mean or krum (default: %(default)s)",
-        {"choices": AGGREGATORS},
-    ),
-    Flag(
-        "duplicates",
-        ("--duplicates",),
-        "byte-identical images: drop the training and validation copies (a test copy stays), keep them all "
-        "(the papers' setting) or refuse the data; copies with different labels are dropped everywhere "
-        "(refuse: stop) (default: %(default)s)",
-        {"choices": DUPLICATE_POLICIES},
-    ),
-    Flag(
-        "threads",
-        ("--threads",),
-        "torch threads for training; extraction uses every core (default: %(default)s)",
-        {"type": int},
-    ),
-    Flag(
-        "secure_aggregation",
-        ("--secure-aggregation",),
-        "secure aggregation (Bonawitz et al. 2017): the server learns only the weighted sum of the sites' "
-        "updates; each site bounds and masks its own, with its registered identity key (docs/secure-aggregation.md)",
-        {"action": "store_true"},
-    ),
-    Flag(
-        "secagg_threshold",
-        ("--secagg-threshold",),
-        "secure aggregation's threshold t: every step of a round needs t sites, and fewer than t colluding "
-        "sites learn nothing of another's update (above half the sites; default: floor(sites/2) + 1)",
-        {"type": int, "metavar": "T"},
-    ),
-    # Differential privacy (fedmedclip.privacy, docs/privacy.md): each sets one entry of TrainConfig.privacy.
-    Flag(
-        "privacy",
-        ("--dp-target-epsilon",),
-        "record-level DP-SGD at each site: the epsilon each site may spend (per site, at --dp-delta); each site's "
-        "noise multiplier is calibrated to it for the planned rounds before any training, and a site stops before "
-        "a step that would exceed it",
-        {"type": float, "metavar": "EPSILON"},
-        key="target_epsilon",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-noise-multiplier",),
-        "record-level DP-SGD with this noise multiplier sigma (noise std sigma x --dp-clip per step) instead of a "
-        "calibrated one; with --dp-target-epsilon that target is then a budget",
-        {"type": float, "metavar": "SIGMA"},
-        key="noise_multiplier",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-clip",),
-        "DP-SGD's per-example gradient norm bound C (default: 1.0)",
-        {"type": float, "metavar": "C"},
-        key="clip",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-delta",),
-        "delta of every (epsilon, delta) guarantee (default: 1e-5; must not exceed 1/n of the smallest site)",
-        {"type": float, "metavar": "DELTA"},
-        key="delta",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-accountant",),
-        "privacy accountant of dp-accounting: rdp (default) or pld (tighter, much slower)",
-        {"choices": ("rdp", "pld")},
-        key="accountant",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-client-noise",),
-        "client-level DP: each site's update is clipped and Gaussian noise of this multiplier z (std z x the "
-        "clip) is added to the sum; meant for federations of many sites (docs/privacy.md)",
-        {"type": float, "metavar": "Z"},
-        key="client_noise",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-client-clip",),
-        "client-level DP: the update norm bound S (the initial one with --dp-client-quantile) (default: 1.0)",
-        {"type": float, "metavar": "S"},
-        key="client_clip",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-client-quantile",),
-        "client-level DP with adaptive clipping (Andrew et al. 2021): the clip follows this quantile of the "
-        "sites' update norms, e.g. 0.5",
-        {"type": float, "metavar": "GAMMA"},
-        key="client_quantile",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-client-clip-lr",),
-        "adaptive clipping's learning rate (geometric update; default: 0.2)",
-        {"type": float, "metavar": "ETA"},
-        key="client_clip_lr",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-client-count-noise",),
-        "adaptive clipping: noise std on the count of unclipped updates (default: sites / 20)",
-        {"type": float, "metavar": "SIGMA_B"},
-        key="client_count_noise",
-    ),
-    Flag(
-        "privacy",
-        ("--dp-client-noise-at",),
-        "client-level DP: who adds the noise: server (a trusted aggregator, on the sum; default) or sites (each "
-        "its share, for an aggregator that sees only the sum)",
-        {"choices": ("server", "sites")},
-        key="client_noise_at",
-    ),
-]
+def _base_type(annotation):
+    """int for `int | None`, the origin for `list[str]`, ..."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _base_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    return typing.get_origin(annotation) or annotation
 
-# The pieces of the configuration a command can ask for by name.
-DATA_FIELDS = (
-    "data",
-    "partition",
-    "alpha",
-    "sites",
-    "seed",
-    "split_ratio",
-    "reference_fraction",
-    "transductive",
-    "synthetic",
-    "cache_dir",
-    "skip_bad_images",
-    "classes",
-    "min_class_images",
-    "allow_outside_root",
-    "duplicates",
-)
+
+def declared(cls, nested: bool = True) -> list[Declared]:
+    """The declared fields of dataclass `cls` in declaration order (a nested declaration's fields follow
+    their outer field, named by it)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("setting")
+        if meta is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(Declared(f.name, _base_type(hints[f.name]), default, meta, ""))
+        if nested and meta["nested"] is not None:
+            for inner in declared(meta["nested"]):
+                inner_meta = {**inner.meta, "commands": meta["commands"], "group": meta["group"]}
+                out.append(dataclasses.replace(inner, meta=inner_meta, owner=f.name, prefix=meta["prefix"]))
+    return out
+
+
+def check_declared(obj) -> None:
+    """What each field of `obj` declares of itself: an integer, a finite number, one of its choices, at least its
+    minimum (None, where allowed, is unset); ConfigError names the flag."""
+    import math
+
+    for d in declared(type(obj), nested=False):
+        value, flag = getattr(obj, d.name), d.flags[0]
+        if value is None:
+            continue
+        if d.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{flag} must be an integer, got {value!r}")
+        if d.type is float and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+        if d.meta["choices"] is not None and value not in d.meta["choices"]:
+            name = d.name.replace("_", " ")
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(d.meta['choices'])}")
+        if d.meta["minimum"] is not None and value < d.meta["minimum"]:
+            raise ConfigError(f"{flag} must be at least {d.meta['minimum']}, got {value}")
 
 
 def add_config_arguments(
     parser: argparse.ArgumentParser,
-    include: tuple[str, ...] | None = None,
+    command: str = TRAIN,
+    cls=None,
     exclude: tuple[str, ...] = (),
     defaults: dict | None = None,
-    title: str | None = None,
 ) -> None:
-    """Add the flags of the chosen TrainConfig fields (default: all), with TrainConfig's defaults unless
-    `defaults` overrides them; `--codec` (both directions) comes with the codec fields."""
-    base = TrainConfig()
-    target = parser.add_argument_group(title) if title else parser
-    for f in FLAGS:
-        if (include is not None and f.field not in include) or f.field in exclude:
+    """Add the flags of `command` for the fields of `cls` (default TrainConfig), grouped by their group, with
+    the declared defaults unless `defaults` overrides them; `--codec` (both directions) comes with the codecs."""
+    if cls is None:
+        from .config import TrainConfig as cls
+    groups = {}
+    for d in declared(cls):
+        if not d.takes(command) or d.name in exclude or d.owner in exclude:
             continue
-        default = (defaults or {}).get(f.field, getattr(base, f.field))
-        kwargs = dict(f.kwargs)
-        if f.key is not None:
-            default = (default or {}).get(f.key)  # unset: the setting's own default (fedmedclip.privacy)
-        elif kwargs.get("action") == "append":
-            default = []
-        elif f.field == "split_ratio":
+        if d.meta["nested"] is not None:
+            continue  # its entries are the flags
+        if d.meta["group"] not in groups:
+            groups[d.meta["group"]] = parser.add_argument_group(GROUPS[d.meta["group"]][0])
+        target = groups[d.meta["group"]]
+        default = (defaults or {}).get(d.name, d.default)
+        kwargs = {"dest": d.dest, "help": d.meta["help"], "metavar": d.meta["metavar"]}
+        if d.owner:
+            default = None  # unset: the setting's own default applies (and stays out of the config)
+        if d.type is bool:
+            kwargs["action"] = "store_true"
+        elif d.meta["parse"] is parse_method_options:  # repeatable KEY=VALUE
+            kwargs.update(action="append", default=[])
+        elif d.meta["parse"] is None and d.type in (int, float):
+            kwargs["type"] = d.type
+        if d.meta["choices"] is not None and d.meta["parse"] is None:
+            kwargs["choices"] = d.meta["choices"]
+        if isinstance(default, tuple):  # as the flag spells it: 0.8,0.1,0.1
             default = ",".join(str(x) for x in default)
-        elif isinstance(default, dict):
-            default = None
-        kwargs.setdefault("default", default)
-        helptext = f.help.format(methods=_methods_help()) if "{methods}" in f.help else f.help
-        target.add_argument(*f.flags, dest=f.dest, help=helptext, **kwargs)
-        if f.field == "codec_up":
+        kwargs.setdefault("default", None if isinstance(default, dict) else default)
+        if "{methods}" in kwargs["help"]:
+            from .methods import METHODS
+
+            kwargs["help"] = kwargs["help"].format(methods=" | ".join(METHODS))
+        target.add_argument(*d.flags, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+        if d.name == "codec_up":
             from .codec import CODECS
 
             target.add_argument(
@@ -359,29 +203,171 @@ def add_config_arguments(
             )
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
-    """A validated TrainConfig from the parsed flags (fields a command did not add keep their defaults)."""
+def values_from_args(args: argparse.Namespace, cls) -> dict:
+    """The declared fields of `cls` that the parsed flags set (fields a command did not add are left out)."""
     values = {}
-    for f in FLAGS:
-        if not hasattr(args, f.dest):
+    for d in declared(cls):
+        if not hasattr(args, d.dest):
             continue
-        value = getattr(args, f.dest)
-        if f.key is not None:
+        value = getattr(args, d.dest)
+        if d.owner:
             if value is not None:
-                values.setdefault(f.field, {})[f.key] = value
+                values.setdefault(d.owner, {})[d.name] = value
             continue
-        if f.parse is not None and value is not None:
-            value = f.parse(value)
-        if value is None and f.field in ("synthetic", "method_options", "classes"):
+        if d.meta["parse"] is not None and value is not None:
+            value = d.meta["parse"](value)
+        if value is None and isinstance(d.default, dict):
             continue
-        values[f.field] = value
+        values[d.name] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace, cls=None, **overrides):
+    """A validated TrainConfig (or `cls`) from the parsed flags."""
+    if cls is None:
+        from .config import TrainConfig as cls
+    values = values_from_args(args, cls)
     both = getattr(args, "codec_both", None)
     if both:
         from .codec import CODECS
-        from .errors import ConfigError
 
         if both not in CODECS:  # named by the flag that was given, not the field it sets
             raise ConfigError(f"unknown codec {both!r} for --codec; choose one of {', '.join(CODECS)}")
         values["codec_up"] = values["codec_down"] = both
     values.update(overrides)
-    return TrainConfig(**values).validate()
+    return cls(**values).validate()
+
+
+def options_from_args(args: argparse.Namespace, cls=None):
+    """The server's options (`ServerOptions`, or `cls`) from the parsed flags."""
+    if cls is None:
+        from .federation.server import ServerOptions as cls
+    options = cls(**values_from_args(args, cls))
+    check_declared(options)
+    return options
+
+
+# ------------------------------------------------------------------------- pipeline parameters
+def to_parameters(obj, command: str = PIPELINE) -> dict:
+    """The declared fields of `obj` that `command` takes, as JSON values without None (what KFP accepts in a
+    structured parameter): an unset field is left out, and the receiving side gives it its default."""
+    values = {}
+    for d in declared(type(obj), nested=False):
+        value = getattr(obj, d.name)
+        if d.takes(command) and value is not None:
+            values[d.name] = json.loads(json.dumps(value))
+    return values
+
+
+def _convert(d: Declared, value, where: str):
+    if value is None:
+        return None
+    if d.type is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # KFP passes every number of a structured parameter as a float
+    if d.type is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} {d.name} must be true or false, got {value!r}")
+    if d.type in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{where} {d.name} must be a number, got {value!r}")
+    if d.type is str and not isinstance(value, str):
+        raise ConfigError(f"{where} {d.name} must be a string, got {value!r}")
+    if d.type is tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else d.meta["parse"](value)
+    if d.type is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where} {d.name} must be an object, got {value!r}")
+    return value
+
+
+def _integral(value, reference) -> object:
+    """`value` as an int where the entry it sets is an int (KFP's floats), else as it is."""
+    is_int = isinstance(reference, int) and not isinstance(reference, bool)
+    return int(value) if is_int and isinstance(value, float) and value.is_integer() else value
+
+
+def from_parameters(values: dict, *classes, command: str = PIPELINE, where: str = "settings") -> list:
+    """Split `values` over the dataclasses `classes` by their fields declared for `command` and build one
+    instance of each (not validated); an unknown key is a ConfigError naming every known one."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be an object of settings, got {values!r}")
+    built, known = [], set()
+    for cls in classes:
+        fields = {d.name: d for d in declared(cls, nested=False) if d.takes(command)}
+        known |= set(fields)
+        mine = {k: _convert(fields[k], v, where) for k, v in values.items() if k in fields}
+        for k, value in mine.items():
+            meta = fields[k].meta
+            if isinstance(value, dict) and (meta["nested"] or meta["entries"]):
+                ref = dataclasses.asdict(meta["nested"]()) if meta["nested"] else meta["entries"](mine)
+                mine[k] = {e: _integral(v, ref.get(e)) for e, v in value.items()}
+        built.append(cls(**mine))
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return built
+
+
+# ------------------------------------------------------------------------- schema
+def schema(*classes) -> dict:
+    """Every declared field of `classes` (default: TrainConfig and ServerOptions) with everything declared
+    about it: the snapshot tests/config_schema.json is this, so a field cannot change in one place only."""
+    if not classes:
+        from .config import TrainConfig
+        from .federation.server import ServerOptions
+
+        classes = (TrainConfig, ServerOptions)
+    out = {}
+    for cls in classes:
+        entries = {}
+        for d in declared(cls):
+            meta = {k: v for k, v in d.meta.items() if k not in ("parse", "nested", "entries")}
+            parse = d.meta["parse"]
+            entries[d.dest] = {
+                "type": getattr(d.type, "__name__", str(d.type)),
+                "default": json.loads(json.dumps(d.default)),
+                "flags": list(d.flags),
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in meta.items() if k != "flags"},
+                "parse": parse.__name__ if parse is not None else None,
+            }
+        out[cls.__name__] = entries
+    return out
+
+
+# ------------------------------------------------------------------------- flag parsers
+def parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise ConfigError(f"--split {text!r} must be three numbers like 0.8,0.1,0.1")
+    return parts
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{text!r} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{text!r} must be a JSON object, e.g. '{{\"per_class_per_site\": 40}}'")
+    return value
+
+
+def parse_classes(text: str) -> list[str]:
+    names = [c.strip() for c in str(text).split(",") if c.strip()]
+    if not names:
+        raise ConfigError("--classes needs a comma-separated list of class names")
+    return names
+
+
+def parse_method_options(items: list[str]) -> dict:
+    """`KEY=VALUE` pairs; values parsed as JSON where possible (numbers, true/false), else strings."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"method option {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out

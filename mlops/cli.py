@@ -257,9 +257,9 @@ def _register_data(subparsers) -> None:
     )
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
-    from fedmedclip.flags import DATA_FIELDS, add_config_arguments
+    from fedmedclip.flags import PUBLISH, add_config_arguments
 
-    add_config_arguments(d, include=DATA_FIELDS, exclude=("skip_bad_images",), title="data and partition")
+    add_config_arguments(d, PUBLISH)
     d.set_defaults(func=cmd_data_publish)
     w = sub.add_parser(
         "withdraw",

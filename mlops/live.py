@@ -277,7 +277,7 @@ class LiveRunLogger:
         flattened to dotted keys) and, with the partition manifest, the data set and the partition as inputs.
         With `run_key` (the federation's run id), a run already logged under that key is continued instead: a
         restarted server keeps one MLflow run; its defining parameters must be the same, and operational
-        ones (OPERATIONAL_PARAMS) that changed are recorded in a tag. Returns the MLflow run id."""
+        ones (`is_operational`) that changed are recorded in a tag. Returns the MLflow run id."""
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 

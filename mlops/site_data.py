@@ -51,7 +51,6 @@ PUBLISHED = "published.json"  # server/: every image's id, label, split, site an
 CATALOG_FORMAT = 1  # server/published.json
 HOLDER_CATALOG_FORMAT = 2  # sites/<k>/catalog.json and server/catalog.json (2: MD5s, assignment, digest)
 SUMMARY_FORMAT = 1
-PARTITION_KEYS = ("partition", "sites", "alpha", "seed", "split_ratio", "reference_fraction")
 SITE_SPLITS = ("train", "val", "test")
 
 
@@ -96,8 +95,11 @@ def site_summary_key(index: int) -> str:
 
 
 def partition_settings(cfg) -> dict:
+    """The settings the partition's draw depends on (declared `partition=True`), as published.json records them."""
+    from fedmedclip.flags import declared
+
     d = cfg.to_json()
-    d = {k: d[k] for k in PARTITION_KEYS}
+    d = {f.name: d[f.name] for f in declared(type(cfg), nested=False) if f.meta["partition"]}
     d["split_ratio"] = list(d["split_ratio"])
     if d["partition"] == "natural":
         d["sites"] = None

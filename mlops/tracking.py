@@ -214,13 +214,15 @@ def experiment_ui_url(tracking_uri: str, experiment_id: str, run_id: str | None 
     return f"{tracking_uri.rstrip('/')}/{page}?workflowType=machine_learning"
 
 
-# Settings that may change when a run is continued (a restarted server with another quorum, threads or cache):
-# logged as parameters at the start; a change on restart is recorded in a tag, never refused.
-OPERATIONAL_PARAMS = ("threads", "cache_dir", "min_class_images", "allow_outside_root", "server.")
-
-
 def is_operational(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_PARAMS)
+    """Settings that may change when a run is continued (a restarted server with another quorum, threads or
+    cache): the server's options and the fields left out of the resume key (declared resume="never"). Logged
+    as parameters at the start; a change on restart is recorded in a tag, never refused."""
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.flags import declared
+
+    never = {d.name for d in declared(TrainConfig, nested=False) if d.meta["resume"] == "never"}
+    return key.startswith("server.") or key in never
 
 
 def run_parameters(

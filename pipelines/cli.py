@@ -17,12 +17,10 @@ from pathlib import Path
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
 LOCAL_CACHE = ".cache/fedmedclip"
-POD_CACHE = "/tmp/fedmedclip-cache"  # pipelines.pipeline.POD_CACHE_DIR (not imported: it pulls kfp)
+POD_CACHE = "/tmp/fedmedclip-cache"  # components.kfp_components.POD_CACHE_DIR (not imported: it pulls kfp)
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
-# TrainConfig fields that are not pipeline parameters (components.kfp_components.NOT_PARAMETERS).
-NOT_PIPELINE_FIELDS = ("federation", "out", "aggregator", "duplicates")  # see kfp_components.NOT_PARAMETERS
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -128,10 +126,13 @@ def compile_options_from_args(args):
 
 
 def _pipeline_params(p: argparse.ArgumentParser, defaults: dict) -> None:
-    from fedmedclip.flags import FLAGS, add_config_arguments
+    """The run's settings (every field declared for the pipeline: `train`'s and the server's, one definition in
+    fedmedclip/flags.py; the pipeline's `settings` parameter), then the pipeline's own parameters."""
+    from fedmedclip.federation.server import ServerOptions
+    from fedmedclip.flags import PIPELINE, add_config_arguments
 
-    fields = tuple(f.field for f in FLAGS if f.field not in NOT_PIPELINE_FIELDS)
-    add_config_arguments(p, include=fields, defaults=defaults, title="the run (as in `train`)")
+    add_config_arguments(p, PIPELINE, defaults=defaults)
+    add_config_arguments(p, PIPELINE, ServerOptions, defaults=defaults)
     g = p.add_argument_group("the federation")
     g.add_argument(
         "--site-names", default="", help="comma-separated site names, checked against the partition's"
@@ -141,15 +142,6 @@ def _pipeline_params(p: argparse.ArgumentParser, defaults: dict) -> None:
         default="",
         help="where the parties exchange modules: s3://BUCKET[/PREFIX] (default: the data's bucket for s3:// "
         "data; locally a folder under the pipeline root)",
-    )
-    g.add_argument(
-        "--quorum", type=int, default=0, help="fewest sites per round after a timeout (0: every site)"
-    )
-    g.add_argument(
-        "--round-timeout", type=float, default=600.0, help="seconds a round waits (default: %(default)s)"
-    )
-    g.add_argument(
-        "--join-timeout", type=float, default=None, help="seconds round 1 waits while sites prepare"
     )
     g = p.add_argument_group("export, tracking and registry")
     g.add_argument("--export-site", default="global", help="model to export to ONNX ('' skips the export)")
@@ -174,6 +166,14 @@ def _pipeline_params(p: argparse.ArgumentParser, defaults: dict) -> None:
         help="fail the run when the promotion is refused (default: the version stays registered and the "
         "register task's `promotion` output says why)",
     )
+    g.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        metavar="EPSILON",
+        help="refuse to promote a version trained without record-level differential privacy or with a larger "
+        "epsilon (as `promote --max-epsilon`)",
+    )
 
 
 def validated_config(args):
@@ -185,14 +185,13 @@ def validated_config(args):
 
 def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
     """The pipeline's run-time parameters for this command line."""
-    from components.kfp_components import config_to_parameters
+    from components.kfp_components import pipeline_settings
+    from fedmedclip.flags import options_from_args
 
-    params = config_to_parameters(cfg)
-    params.update(
+    return dict(
+        settings=pipeline_settings(cfg, options_from_args(args)),
         site_names=args.site_names,
         mailbox=args.mailbox,
-        quorum=args.quorum,
-        round_timeout=args.round_timeout,
         export_site=args.export_site,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
@@ -201,11 +200,9 @@ def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
         allow_worse=args.allow_worse,
         allow_different_data=args.allow_different_data,
         fail_if_not_promoted=args.fail_if_not_promoted,
+        max_epsilon=args.max_epsilon or 0.0,
         local_stack=local_stack,
     )
-    if args.join_timeout is not None:
-        params["join_timeout"] = args.join_timeout
-    return params
 
 
 def _compile(args, out: str) -> Path:
@@ -267,8 +264,6 @@ def _run_local(args, cfg, root: Path, local_stack: str):
     root.mkdir(parents=True, exist_ok=True)
     if not args.mailbox and not cfg.data.startswith("s3://"):
         args.mailbox = str(root / "mailbox")
-    if args.join_timeout is None:
-        args.join_timeout = LOCAL_JOIN_TIMEOUT
     # The one rule of every command (fedmedclip.tracking_server); a local run without a server is not tracked.
     args.tracking_uri = find_tracking_uri(args.tracking_uri) or ""
     print(
@@ -582,7 +577,7 @@ def register(subparsers) -> None:
         "s3:// data or mailbox, when the environment holds no S3 key)",
     )
     _compile_options(r)
-    _pipeline_params(r, {"cache_dir": LOCAL_CACHE})
+    _pipeline_params(r, {"cache_dir": LOCAL_CACHE, "join_timeout": LOCAL_JOIN_TIMEOUT})
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser(
@@ -645,5 +640,5 @@ def register(subparsers) -> None:
         help="tasks read --data from this machine's disk instead of from the stack's S3 (one prefix per site)",
     )
     _compile_options(d)
-    _pipeline_params(d, {"cache_dir": LOCAL_CACHE, "rounds": DEMO_ROUNDS})
+    _pipeline_params(d, {"cache_dir": LOCAL_CACHE, "rounds": DEMO_ROUNDS, "join_timeout": LOCAL_JOIN_TIMEOUT})
     d.set_defaults(func=cmd_demo)

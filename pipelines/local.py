@@ -264,14 +264,11 @@ def run_local(
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise FedMedClipError(f"output directory {str(out)!r} is not empty: choose another --out")
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
+    settings = params["settings"] = dict(params.get("settings") or {})
     for key in ("cache_dir", "data"):
-        if (
-            key in params
-            and params[key]
-            and params[key] != "synthetic"
-            and not params[key].startswith("s3://")
-        ):
-            params[key] = str(Path(params[key]).resolve())
+        value = settings.get(key)
+        if value and value != "synthetic" and not value.startswith("s3://"):
+            settings[key] = str(Path(value).resolve())
     done = run_compiled(
         pipeline_yaml, pipeline_root, log_path=log_path, progress=progress, rounds_of=rounds_of, **params
     )

@@ -1,4 +1,4 @@
-"""The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time parameters).
+"""The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time settings).
 
     prepare (server Secret) ──► ParallelFor over [server, site_0, site_1, ...]  (all iterations at once):
                                    extract features      (GPU, the party's own Secret, cached on its data)
@@ -22,16 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from fedmedclip.config import TrainConfig
-from fedmedclip.methods import DEFAULT_METHOD
 from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
 DEFAULT_YAML = Path(__file__).with_name("fedmedclip_pipeline.yaml")
 GPU_RESOURCE = "nvidia.com/gpu"
-POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod (an emptyDir-backed /tmp in the training image)
 S3_ENDPOINT_KEYS = {k: k for k in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")}
-_DEFAULTS = TrainConfig()
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ class CompileOptions:
 
 
 def build_pipeline(options: CompileOptions | None = None):
-    """The pipeline function (sites, site names and rounds are its run-time parameters)."""
+    """The pipeline function (the run's settings, sites and rounds included, are run-time parameters)."""
     from kfp import dsl, kubernetes
 
     from components.kfp_components import (
@@ -157,11 +153,9 @@ def build_pipeline(options: CompileOptions | None = None):
         tracking_secret: str,
         extraction: str,
         config: str,
+        server: str,
         run_id: str,
         mailbox: str,
-        quorum: int,
-        round_timeout: float,
-        join_timeout: float,
         experiment: str,
         tracking_uri: str,
         local_stack: str,
@@ -178,15 +172,13 @@ def build_pipeline(options: CompileOptions | None = None):
 
         worker = c.worker(
             config=config,
+            server=server,
             role=role,
             party=party,
             index=index,
             run_id=run_id,
             mailbox=mailbox,
             features=extract.outputs["features"],
-            quorum=quorum,
-            round_timeout=round_timeout,
-            join_timeout=join_timeout,
             experiment=experiment,
             tracking_uri=tracking_uri,
             local_stack=local_stack,
@@ -217,39 +209,13 @@ def build_pipeline(options: CompileOptions | None = None):
         model_uri: str
         promotion: str
 
+    # The run's settings: one structured parameter, keys the fields declared for the pipeline (fedmedclip/flags.py),
+    # each left out taking its declared default. The default is empty: KFP writes a structured default into the
+    # YAML's header in hash order, so any other would make the compiled YAML differ from one compile to the next.
     def fedmedclip_pipeline(
-        data: str = _DEFAULTS.data,
-        method: str = DEFAULT_METHOD,
-        partition: str = _DEFAULTS.partition,
-        alpha: float = 0.0,
-        sites: int = _DEFAULTS.sites,
+        settings: dict = {},  # noqa: B006 (KFP reads the default; nothing mutates it)
         site_names: str = "",
-        rounds: int = _DEFAULTS.rounds,
-        backbone: str = _DEFAULTS.backbone,
-        preprocessing: str = "",
-        seed: int = _DEFAULTS.seed,
-        batch_size: int = _DEFAULTS.batch_size,
-        codec_up: str = _DEFAULTS.codec_up,
-        codec_down: str = _DEFAULTS.codec_down,
-        split: str = "0.8,0.1,0.1",
-        reference_fraction: float = _DEFAULTS.reference_fraction,
-        transductive: bool = False,
-        prompt_template: str = _DEFAULTS.prompt_template,
-        cache_dir: str = POD_CACHE_DIR,
-        skip_bad_images: bool = False,
-        classes: str = "",
-        min_class_images: int = _DEFAULTS.min_class_images,
-        allow_outside_root: bool = False,
-        threads: int = _DEFAULTS.threads,
-        method_options: str = "{}",
-        synthetic: str = "{}",
-        privacy: str = "{}",
-        secure_aggregation: bool = False,
-        secagg_threshold: int = 0,
         mailbox: str = "",
-        quorum: int = 0,
-        round_timeout: float = 600.0,
-        join_timeout: float = 3600.0,
         export_site: str = "global",
         tracking_uri: str = "",
         experiment: str = PIPELINE_NAME,
@@ -258,40 +224,10 @@ def build_pipeline(options: CompileOptions | None = None):
         allow_worse: bool = False,
         allow_different_data: bool = False,
         fail_if_not_promoted: bool = False,
+        max_epsilon: float = 0.0,
         local_stack: str = "",
     ) -> Outputs:
-        prep = c.prepare(
-            data=data,
-            method=method,
-            partition=partition,
-            alpha=alpha,
-            sites=sites,
-            rounds=rounds,
-            backbone=backbone,
-            preprocessing=preprocessing,
-            seed=seed,
-            batch_size=batch_size,
-            codec_up=codec_up,
-            codec_down=codec_down,
-            split=split,
-            reference_fraction=reference_fraction,
-            transductive=transductive,
-            prompt_template=prompt_template,
-            cache_dir=cache_dir,
-            skip_bad_images=skip_bad_images,
-            classes=classes,
-            min_class_images=min_class_images,
-            allow_outside_root=allow_outside_root,
-            threads=threads,
-            method_options=method_options,
-            synthetic=synthetic,
-            privacy=privacy,
-            secure_aggregation=secure_aggregation,
-            secagg_threshold=secagg_threshold,
-            site_names=site_names,
-            mailbox=mailbox,
-            local_stack=local_stack,
-        )
+        prep = c.prepare(settings=settings, site_names=site_names, mailbox=mailbox, local_stack=local_stack)
         configure(prep, "prepare", "prepare: validate, partition, parties")
         # The server's credentials: s3:// data's server/published.json (no site's prefix).
         kubernetes.use_secret_as_env(prep, SERVER_SECRET_NAME, secret_keys)
@@ -307,17 +243,17 @@ def build_pipeline(options: CompileOptions | None = None):
                 tracking_secret=party.tracking_secret,
                 extraction=party.extraction,
                 config=party.config,
+                server=party.server,
                 run_id=run_id,
                 mailbox=party.mailbox,
-                quorum=quorum,
-                round_timeout=round_timeout,
-                join_timeout=join_timeout,
                 experiment=experiment,
                 tracking_uri=tracking_uri,
                 local_stack=local_stack,
             ).set_display_name("party: extract features, then its federation worker")
 
-        report = c.report(mailbox=mailbox, data=data, run_id=run_id, local_stack=local_stack).after(worker)
+        report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack).after(
+            worker
+        )
         configure(report, "report", "report: the server's run directory", cache=False)
         kubernetes.use_secret_as_env(report, SERVER_SECRET_NAME, secret_keys)
         s3_endpoint(report)
@@ -336,6 +272,7 @@ def build_pipeline(options: CompileOptions | None = None):
             allow_worse=allow_worse,
             allow_different_data=allow_different_data,
             fail_if_not_promoted=fail_if_not_promoted,
+            max_epsilon=max_epsilon,
             kfp_run_id=run_id,
         )
         configure(reg, "register", "register + promote (MLflow)", cache=False)

@@ -346,7 +346,7 @@ def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_
     registered keys into the manifest; the run is the engine's secure run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from components.kfp_components import config_to_parameters
+    from components.kfp_components import pipeline_settings
     from components.prepare.component import prepare_step
     from components.report.component import report_step
     from components.worker.component import worker_step
@@ -356,10 +356,20 @@ def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_
     cfg = TrainConfig(
         rounds=1, synthetic=SYNTH, cache_dir=str(synthetic_cache), codec_up=CODEC, secure_aggregation=True
     )
-    parties = prepare_step(config_to_parameters(cfg.validate()), "", mailbox)
+    parties = prepare_step(pipeline_settings(cfg.validate()), "", mailbox)
     with ThreadPoolExecutor(len(parties)) as pool:
         futures = [
-            pool.submit(worker_step, p["config"], p["role"], p["party"], p["index"], run_id, mailbox, None)
+            pool.submit(
+                worker_step,
+                p["config"],
+                p["role"],
+                p["party"],
+                p["index"],
+                run_id,
+                mailbox,
+                None,
+                p["server"],
+            )
             for p in parties
         ]
         assert [f.result(timeout=CEILING) for f in futures] == [""] * len(parties)

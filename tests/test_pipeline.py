@@ -51,7 +51,9 @@ def test_one_yaml_for_every_number_of_sites_and_rounds(tmp_path):
     assert size < MAX_PIPELINE_YAML_BYTES
     ir, _ = _load()
     params = ir["root"]["inputDefinitions"]["parameters"]
-    assert {"sites", "rounds", "site_names", "mailbox", "method", "method_options"} <= set(params)
+    assert {"settings", "site_names", "mailbox", "max_epsilon"} <= set(params)
+    # the run's settings: one structured parameter; a key left out takes its declared default
+    assert params["settings"]["parameterType"] == "STRUCT" and params["settings"]["defaultValue"] == {}
     (loop,) = [t for t in ir["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
     assert loop["parameterIterator"]["items"] == {
         "inputParameter": "pipelinechannel--prepare-component-Output"
@@ -147,7 +149,7 @@ def test_caching_is_keyed_on_what_each_task_depends_on():
 def test_pipeline_parameters_are_documented():
     ir, _ = _load()
     params = ir["root"]["inputDefinitions"]["parameters"]
-    assert len(params) > 30
+    assert len(params) >= 13
     assert not [n for n, p in params.items() if not p.get("description")]
 
 
@@ -165,7 +167,7 @@ def test_every_component_input_and_output_is_described_and_the_onnx_is_a_model(t
                     described += 1
                     if not spec.get("description"):
                         missing.append(f"{name} {side} {key}")
-    assert described > 80 and not missing, missing
+    assert described > 50 and not missing, missing
     onnx = ir["components"]["comp-export-component"]["outputDefinitions"]["artifacts"]["onnx"]
     assert onnx["artifactType"]["schemaTitle"] == "system.Model"
     register = ir["components"]["comp-register-component"]
@@ -216,6 +218,34 @@ def test_the_pipeline_cli_takes_the_trainings_flags():
     assert (both.codec_up, both.codec_down) == ("int8-zlib", "int8-zlib")
 
 
+def test_every_option_of_train_and_server_run_reaches_the_pipelines_settings():
+    """What `train` and `server run` take reaches the pipeline's one `settings` parameter, typed as declared
+    (fedmedclip/flags.py); the registry's privacy budget is the register task's `max_epsilon`."""
+    from fedmedclip.cli import build_parser
+    from pipelines.cli import pipeline_arguments, validated_config
+
+    args = build_parser().parse_args(
+        [
+            "pipeline", "submit", "--host", "http://127.0.0.1:9", "--aggregator", "median", "--duplicates", "keep", "--norm-factor", "5",
+            "--max-update-norm", "2.5", "--clip-updates", "--quorum", "2", "--round-timeout", "30",
+            "--dp-target-epsilon", "8", "--max-epsilon", "8",
+        ]
+    )  # fmt: skip
+    params = pipeline_arguments(args, validated_config(args))
+    settings = params["settings"]
+    assert (settings["aggregator"], settings["duplicates"], settings["privacy"]) == (
+        "median", "keep", {"target_epsilon": 8.0}
+    )  # fmt: skip
+    assert (settings["norm_factor"], settings["max_update_norm"], settings["clip_updates"]) == (
+        5.0,
+        2.5,
+        True,
+    )
+    assert (settings["quorum"], settings["round_timeout"], settings["join_timeout"]) == (2, 30.0, 3600.0)
+    assert settings["cache_dir"] == "/tmp/fedmedclip-cache" and params["max_epsilon"] == 8.0
+    assert "federation" not in settings and "out" not in settings and "stall_every" not in settings
+
+
 def test_cli_compile(tmp_path):
     out = tmp_path / "p.yaml"
     assert (
@@ -255,13 +285,15 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         tmp_path / "root",
         tmp_path / "pipeline_run",
         log_path=tmp_path / "pipeline.log",
-        sites=2,
-        rounds=3,
-        data=f"s3://{bucket}",
-        cache_dir=str(tmp_path / "task_cache"),
-        synthetic=json.dumps(SYNTH),
+        settings={
+            "sites": 2,
+            "rounds": 3,
+            "data": f"s3://{bucket}",
+            "cache_dir": str(tmp_path / "task_cache"),
+            "synthetic": SYNTH,
+            "join_timeout": 300.0,
+        },
         local_stack=mlops_stack.data_dir,
-        join_timeout=300.0,
         export_site="",  # the ONNX export has its own tests
         tracking_uri=mlops_stack.tracking_uri,
         model_name=model,

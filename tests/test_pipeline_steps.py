@@ -14,7 +14,7 @@ pytest.importorskip("kfp")
 from conftest import SYNTH, without_timing  # noqa: E402
 
 from components.extract.component import extract_step  # noqa: E402
-from components.kfp_components import config_to_parameters  # noqa: E402
+from components.kfp_components import pipeline_settings  # noqa: E402
 from components.prepare.component import prepare_step  # noqa: E402
 from components.report.component import report_step  # noqa: E402
 from components.worker.component import RUN_DIR, RUN_DIR_MANIFEST, worker_step  # noqa: E402
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _params(cache: Path, **over) -> dict:
     cfg = TrainConfig(sites=2, rounds=2, cache_dir=str(cache), synthetic=SYNTH, out="", **over).validate()
-    return config_to_parameters(cfg)
+    return {**pipeline_settings(cfg), "join_timeout": 60, "round_timeout": 60}
 
 
 def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
@@ -55,8 +55,7 @@ def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
                 run_id,
                 p["mailbox"],
                 str(features[p["party"]]),
-                join_timeout=60,
-                round_timeout=60,
+                p["server"],
             )
             for p in parties
         ]

@@ -312,10 +312,10 @@ def test_facmic_masked_target_and_a_delta_above_one_over_n_are_refused(synthetic
         )
 
 
-def test_the_privacy_settings_travel_as_one_pipeline_parameter():
-    from components.kfp_components import config_from_parameters, config_to_parameters
+def test_the_privacy_settings_travel_in_the_pipeline_settings():
+    from components.kfp_components import pipeline_settings, settings_from_parameters
 
     cfg = TrainConfig(out="", privacy={"target_epsilon": 8, "delta": 1e-6, "client_noise": 0.5}).validate()
-    params = config_to_parameters(cfg)
-    assert params["privacy"] == '{"client_noise": 0.5, "delta": 1e-06, "target_epsilon": 8}'
-    assert config_from_parameters(params).privacy == cfg.privacy
+    settings = pipeline_settings(cfg)
+    assert settings["privacy"] == {"client_noise": 0.5, "delta": 1e-06, "target_epsilon": 8}
+    assert settings_from_parameters(settings)[0].privacy == cfg.privacy

@@ -61,14 +61,13 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
 
 
 def _params(data: str, seed: int = 0, cache: Path | None = None) -> dict:
-    """The pipeline parameters of the prepare task (`components/kfp_components.py`)."""
+    """The pipeline's settings as the prepare task gets them (`components/kfp_components.py`)."""
     return {
         "data": data,
         "method": "fedmedclip",
         "partition": "iid",
-        "alpha": 0.0,
         "seed": seed,
-        "synthetic": json.dumps(SYNTH),
+        "synthetic": SYNTH,
         "cache_dir": str(cache),
         "sites": 2,
         "rounds": 2,

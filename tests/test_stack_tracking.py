@@ -678,3 +678,7 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
         register_step(*args, fail_if_not_promoted=True)
     assert len(client.search_model_versions(f"name = '{name}'")) == 2  # the retry added nothing
     assert client.get_registered_model(name).aliases["champion"] == "1"
+    # The pipeline's max_epsilon (`promote --max-epsilon`): a version trained without DP is refused, visibly.
+    good_args = (str(good), str(onnx_dir), run_id, uri, "test-retry", name, "champion", False)
+    model_uri, outcome = register_step(*good_args, max_epsilon=8.0)
+    assert model_uri == f"models:/{name}/1" and "without record-level differential privacy" in outcome

@@ -1,24 +1,19 @@
-"""The prepare component: the pipeline's parameters round-trip to the run's configuration, each party's item
+"""The prepare component: the pipeline's settings round-trip to the run's configuration, each party's item
 names its own Secret and carries what its extraction depends on (not the method), bad input is refused before
 anything runs; and the component itself as a kfp.local task."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 
 from components.conftest import SYNTH
-from components.kfp_components import (
-    CONFIG_PARAMETERS,
-    NOT_PARAMETERS,
-    config_from_parameters,
-    config_to_parameters,
-)
+from components.kfp_components import pipeline_settings, settings_from_parameters
 from components.prepare.component import prepare_step
 from fedmedclip.config import TrainConfig
 from fedmedclip.errors import ConfigError
+from fedmedclip.federation.server import ServerOptions
 from mlops.sites import SERVER_SECRET_NAME, site_secret_name
 
 
@@ -26,15 +21,10 @@ def _params(cache, **over) -> dict:
     cfg = TrainConfig(
         **{"sites": 2, "rounds": 2, "cache_dir": str(cache), "synthetic": SYNTH, "out": "", **over}
     )
-    return config_to_parameters(cfg.validate())
+    return pipeline_settings(cfg.validate())
 
 
-def test_every_configuration_field_is_a_pipeline_parameter_and_round_trips():
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    mapped = {field for _, field, _ in CONFIG_PARAMETERS}
-    assert fields - mapped == set(NOT_PARAMETERS), (
-        "a TrainConfig field is neither a pipeline parameter nor excluded"
-    )
+def test_the_pipeline_settings_round_trip_through_kfps_types():
     cfg = TrainConfig(
         partition="dirichlet",
         alpha=0.5,
@@ -46,17 +36,31 @@ def test_every_configuration_field_is_a_pipeline_parameter_and_round_trips():
         transductive=True,
         secure_aggregation=True,
         secagg_threshold=3,
+        aggregator="mean",
+        duplicates="keep",
         out="",
     ).validate()
-    params = config_to_parameters(cfg)
-    assert all(isinstance(v, (str, int, float, bool)) for v in params.values())  # KFP parameter types
-    assert config_from_parameters(params).to_json() == cfg.to_json()
+    options = ServerOptions(quorum=2, round_timeout=30.0, norm_factor=0.0, max_update_norm=5.0)
+    settings = pipeline_settings(cfg, options)
+    assert "federation" not in settings and "out" not in settings  # the pipeline sets them itself
+    assert "stall_every" not in settings  # a server-run-only option
+    # KFP hands a structured parameter back through JSON with every number a float.
+    as_kfp = json.loads(json.dumps(settings), parse_int=float)
+    got_cfg, got_options = settings_from_parameters(as_kfp)
+    # compared as text: 2 == 2.0 in Python, but config.json and the resume key would differ
+    assert json.dumps(got_cfg.to_json()) == json.dumps({**cfg.to_json(), "federation": "federated"})
+    assert (got_options.quorum, got_options.round_timeout, got_options.max_update_norm) == (2, 30.0, 5.0)
+    assert isinstance(got_cfg.sites, int) and isinstance(got_options.quorum, int)
     with pytest.raises(ConfigError, match="unknown method"):
-        config_from_parameters({**params, "method": "nope"})
+        settings_from_parameters({**settings, "method": "nope"})
     with pytest.raises(ConfigError, match="unknown option"):
-        config_from_parameters({**params, "method_options": '{"nope": 1}'})
+        settings_from_parameters({**settings, "method_options": {"nope": 1}})
     with pytest.raises(ConfigError, match="three numbers"):
-        config_from_parameters({**params, "split": "0.8,0.2"})
+        settings_from_parameters({**settings, "split_ratio": "0.8,0.2"})
+    with pytest.raises(ConfigError, match="unknown key.* federation, nope"):
+        settings_from_parameters({**settings, "nope": 1, "federation": "local"})
+    with pytest.raises(ConfigError, match="sites must be a number"):
+        settings_from_parameters({**settings, "sites": "3"})
 
 
 def test_prepare_names_each_partys_secret_and_refuses_bad_input(tmp_path):
@@ -82,7 +86,7 @@ def test_the_prepare_component_on_kfp_local(kfp_local, tmp_path):
 
     params = _params(tmp_path / "cache", rounds=3)
     task = components_for().prepare(
-        **params, site_names="", mailbox=str(tmp_path / "mailbox"), local_stack=""
+        settings=params, site_names="", mailbox=str(tmp_path / "mailbox"), local_stack=""
     )
     parties = task.output
     assert [p["party"] for p in parties] == ["server", "site_0", "site_1"]

@@ -32,6 +32,7 @@ def register_step(
     allow_different_data: bool = False,
     kfp_run_id: str = "",
     fail_if_not_promoted: bool = False,
+    max_epsilon: float | None = None,
 ) -> tuple[str, str]:
     """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
     run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
@@ -83,6 +84,7 @@ def register_step(
             allow_worse,
             tracking_uri=uri,
             allow_different_data=allow_different_data,
+            max_epsilon=max_epsilon,
         )
     except PromotionRefused as e:
         # The version stays registered; promoting a worse model, or one trained on other data, is a human
@@ -115,6 +117,7 @@ def register_component(
     allow_worse: bool,
     allow_different_data: bool,
     fail_if_not_promoted: bool,
+    max_epsilon: float,
     kfp_run_id: str,
 ) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)]):  # noqa: F821
     from typing import NamedTuple
@@ -133,6 +136,7 @@ def register_component(
         allow_different_data,
         kfp_run_id,
         fail_if_not_promoted,
+        max_epsilon or None,  # 0: no privacy budget
     )
     # the functional form: this body runs in the pod without this module's names
     outputs = NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)])  # noqa: UP014

@@ -51,7 +51,7 @@ def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
 
 def report_component(
     mailbox: str,
-    data: str,
+    settings: dict,
     run_id: str,
     local_stack: str,
     run_dir: Output[Artifact],
@@ -59,8 +59,10 @@ def report_component(
 ) -> str:
     from components.kfp_components import SERVER_ROLE, act_as, resolve_mailbox
     from components.report.component import report_step
+    from fedmedclip.config import TrainConfig
 
     act_as(SERVER_ROLE, local_stack)
+    data = str(settings.get("data", TrainConfig.data))  # as the prepare task resolved the mailbox
     results, mlflow_run_id = report_step(resolve_mailbox(mailbox, data), run_id, run_dir.path)
     m = results["metrics"]
     metrics.log_metric("best_round", m["best_round"])

@@ -73,7 +73,7 @@ def test_the_report_component_on_kfp_local(kfp_local, tmp_path):
 
     _published(tmp_path, "run-3")
     task = components_for().report(
-        mailbox=str(tmp_path / "mailbox"), data="synthetic", run_id="run-3", local_stack=""
+        mailbox=str(tmp_path / "mailbox"), settings={}, run_id="run-3", local_stack=""
     )
     assert task.outputs["Output"] == "abc"
     assert json.loads(Path(task.outputs["run_dir"].path, "results.json").read_text()) == RESULTS

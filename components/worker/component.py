@@ -54,9 +54,7 @@ def worker_step(
     run_id: str,
     mailbox: str,
     features_dir: str | None,
-    quorum: int = 0,
-    round_timeout: float = 600.0,
-    join_timeout: float = 3600.0,
+    server_json: str = "{}",
     experiment: str = "fedmedclip",
     tracking_uri: str = "",
     kfp_run_id: str = "",
@@ -75,6 +73,7 @@ def worker_step(
     from mlops.tree import publish_tree, tree_files
 
     cfg = TrainConfig.from_json(json.loads(config_json)).validate()
+    options = ServerOptions(**json.loads(server_json))
     if features_dir:
         copy_store_into_cache(features_dir, cfg.cache_dir)
     if role == SITE_ROLE:
@@ -89,7 +88,7 @@ def worker_step(
             cache_dir=cfg.cache_dir,
             state_url=state,
             threads=cfg.threads,
-            join_timeout=join_timeout,
+            join_timeout=options.join_timeout,
             progress=False,
             identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
             register_identity=cfg.secure_aggregation,
@@ -101,7 +100,6 @@ def worker_step(
         return json.loads(done).get("mlflow_run_id", "")
     out = Path(tempfile.mkdtemp(prefix="fedmedclip-server-")) / "run"
     cfg.out = str(out)
-    options = ServerOptions(quorum=quorum or None, round_timeout=round_timeout, join_timeout=join_timeout)
     observer = NO_OBSERVER
     uri = tracking_uri or os.environ.get(WORKER_TRACKING_ENV) or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
@@ -143,15 +141,13 @@ def worker_step(
 
 def worker_component(
     config: str,
+    server: str,
     role: str,
     party: str,
     index: int,
     run_id: str,
     mailbox: str,
     features: Input[Artifact],
-    quorum: int,
-    round_timeout: float,
-    join_timeout: float,
     experiment: str,
     tracking_uri: str,
     local_stack: str,
@@ -171,9 +167,7 @@ def worker_component(
         run_id,
         mailbox,
         features.path,
-        quorum,
-        round_timeout,
-        join_timeout,
+        server,
         experiment,
         tracking_uri,
         run_id,

@@ -221,7 +221,7 @@ def run_site(
     cache_dir: str = ".cache/fedmedclip",
     state_url: str | None = None,
     threads: int = 1,
-    join_timeout: float = 3600.0,
+    join_timeout: float = ServerOptions.join_timeout,
     silence_timeout: float = DEFAULT_SILENCE_TIMEOUT,
     progress: bool = True,
     identity: str | None = None,

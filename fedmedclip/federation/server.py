@@ -23,6 +23,8 @@ import torch
 from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
 from ..errors import FedMedClipError
+from ..flags import SERVER as SERVER_RUN
+from ..flags import setting
 from ..methods import Method
 from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
@@ -55,19 +57,59 @@ class FederationError(FedMedClipError):
 
 @dataclass
 class ServerOptions:
-    quorum: int | None = None  # minimum sites per round; None: every expected site
-    round_timeout: float = 600.0  # seconds a round waits for updates once the global module is out
-    join_timeout: float = 3600.0  # round 1 also waits for the sites to encode their features
+    """The server's options; those declared with `setting` are flags of `server run` and keys of the pipeline's
+    `settings` (fedmedclip/flags.py), operational: a restart may change them."""
+
+    quorum: int | None = setting(
+        None,
+        group="server",
+        minimum=0,
+        help="minimum sites per round once a round times out (default: every site)",
+    )
+    round_timeout: float = setting(
+        600.0,
+        group="server",
+        minimum=0,
+        help="seconds a round waits for updates once the global module is out (default: %(default)s)",
+    )
+    join_timeout: float = setting(
+        3600.0,
+        group="server",
+        minimum=0,
+        help="seconds round 1 waits, while the sites encode their images (default: %(default)s)",
+    )
     report_timeout: float | None = (
         None  # seconds to wait for a present site's metrics (default: round_timeout)
     )
-    norm_factor: float = 10.0  # reject an update whose distance to the global module exceeds this x the others' median (0: off)
+    norm_factor: float = setting(
+        10.0,
+        group="server",
+        minimum=0,
+        help="reject an update farther from the global module than this times the median of the round's "
+        "others; 0 disables (default: %(default)s)",
+    )
     # The absolute bound on an update's distance to the global module it was trained from, fixed in the
     # manifest; None: DEFAULT_BOUND_FACTOR x the norm of the method's initial module; 0: none.
-    max_update_norm: float | None = None
-    clip_updates: bool = False  # above the bound: clip the update onto it instead of refusing it
+    max_update_norm: float | None = setting(
+        None,
+        group="server",
+        minimum=0,
+        help="the most an update may move the global module (L2 norm of the difference), fixed in the run's "
+        "manifest; refused above it (see --clip-updates); 0 disables (default: 2x the norm of the method's "
+        "initial global module)",
+    )
+    clip_updates: bool = setting(
+        False,
+        group="server",
+        help="clip an update above --max-update-norm onto the bound instead of refusing it",
+    )
     max_update_bytes: int | None = None  # cap on an inflated update (default: the template's size + headroom)
-    stall_every: float = 30.0  # seconds between "waiting for ..." lines
+    stall_every: float = setting(
+        30.0,
+        group="server",
+        commands=(SERVER_RUN,),
+        help="seconds between 'waiting for' lines (default: %(default)s)",
+    )
     heartbeat_every: float = 10.0  # seconds between status writes while the server waits
     poll_cap: float = 0.25
 

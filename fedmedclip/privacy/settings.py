@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
+from ..flags import setting
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_CLIP = 1.0
@@ -30,17 +31,78 @@ NOISE_PLACEMENTS = ("server", "sites")
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    target_epsilon: float | None = None
-    noise_multiplier: float | None = None
-    delta: float = DEFAULT_DELTA
-    clip: float = DEFAULT_CLIP
-    accountant: str = "rdp"
-    client_noise: float | None = None
-    client_clip: float = DEFAULT_CLIP
-    client_quantile: float | None = None
-    client_clip_lr: float = 0.2
-    client_count_noise: float | None = None
-    client_noise_at: str = "server"
+    target_epsilon: float | None = setting(
+        None,
+        group="privacy",
+        metavar="EPSILON",
+        help="record-level DP-SGD at each site: the epsilon each site may spend (per site, at --dp-delta); each "
+        "site's noise multiplier is calibrated to it for the planned rounds before any training, and a site stops "
+        "before a step that would exceed it",
+    )
+    noise_multiplier: float | None = setting(
+        None,
+        group="privacy",
+        metavar="SIGMA",
+        help="record-level DP-SGD with this noise multiplier sigma (noise std sigma x --dp-clip per step) instead "
+        "of a calibrated one; with --dp-target-epsilon that target is then a budget",
+    )
+    delta: float = setting(
+        DEFAULT_DELTA,
+        group="privacy",
+        metavar="DELTA",
+        help="delta of every (epsilon, delta) guarantee (default: 1e-5; must not exceed 1/n of the smallest site)",
+    )
+    clip: float = setting(
+        DEFAULT_CLIP,
+        group="privacy",
+        metavar="C",
+        help="DP-SGD's per-example gradient norm bound C (default: 1.0)",
+    )
+    accountant: str = setting(
+        "rdp",
+        group="privacy",
+        choices=ACCOUNTANTS,
+        help="privacy accountant of dp-accounting: rdp (default) or pld (tighter, much slower)",
+    )
+    client_noise: float | None = setting(
+        None,
+        group="privacy",
+        metavar="Z",
+        help="client-level DP: each site's update is clipped and Gaussian noise of this multiplier z (std z x the "
+        "clip) is added to the sum; meant for federations of many sites (docs/privacy.md)",
+    )
+    client_clip: float = setting(
+        DEFAULT_CLIP,
+        group="privacy",
+        metavar="S",
+        help="client-level DP: the update norm bound S (the initial one with --dp-client-quantile) (default: 1.0)",
+    )
+    client_quantile: float | None = setting(
+        None,
+        group="privacy",
+        metavar="GAMMA",
+        help="client-level DP with adaptive clipping (Andrew et al. 2021): the clip follows this quantile of the "
+        "sites' update norms, e.g. 0.5",
+    )
+    client_clip_lr: float = setting(
+        0.2,
+        group="privacy",
+        metavar="ETA",
+        help="adaptive clipping's learning rate (geometric update; default: 0.2)",
+    )
+    client_count_noise: float | None = setting(
+        None,
+        group="privacy",
+        metavar="SIGMA_B",
+        help="adaptive clipping: noise std on the count of unclipped updates (default: sites / 20)",
+    )
+    client_noise_at: str = setting(
+        "server",
+        group="privacy",
+        choices=NOISE_PLACEMENTS,
+        help="client-level DP: who adds the noise: server (a trusted aggregator, on the sum; default) or sites "
+        "(each its share, for an aggregator that sees only the sum)",
+    )
 
     @property
     def record_level(self) -> bool:

@@ -1,0 +1,184 @@
+"""One declaration per configuration field (fedmedclip/flags.py): the schema snapshot, every command's flags
+derived from it, and a field added in one place (the README's example) reaching every command, the pipeline's
+settings, the extraction's cache key, the run manifest and the MLflow parameters."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedmedclip.config import TrainConfig
+from fedmedclip.errors import ConfigError
+from fedmedclip.federation.server import ServerOptions, make_manifest
+from fedmedclip.flags import (
+    COMMANDS,
+    PIPELINE,
+    PUBLISH,
+    add_config_arguments,
+    config_from_args,
+    declared,
+    from_parameters,
+    schema,
+    setting,
+    to_parameters,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(__file__).with_name("config_schema.json")
+UPDATE = "FEDMEDCLIP_UPDATE_SCHEMA"
+
+
+def test_the_schema_matches_its_snapshot():
+    """Every declared field with its type, default, help, group, commands, flags, choices, whether extraction
+    depends on it and how it enters the resume key: changing any of them changes this file."""
+    fresh = json.dumps(schema(), indent=1) + "\n"
+    if os.environ.get(UPDATE):
+        SNAPSHOT.write_text(fresh)
+    assert SNAPSHOT.read_text() == fresh, (
+        f"the configuration's declaration changed: review the diff, then `{UPDATE}=1 pytest "
+        "tests/test_config_schema.py` rewrites tests/config_schema.json"
+    )
+
+
+def _subcommand(parser: argparse.ArgumentParser, path: str) -> argparse.ArgumentParser:
+    for word in path.split():
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[word]
+    return parser
+
+
+def _declared_flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    """dest -> the flags and help of each argument (a command's own `--out` shares a field's flag, not its help)."""
+    return {a.dest: (tuple(a.option_strings), a.help) for a in parser._actions}
+
+
+def _declared_flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    """dest -> the flags and help of each argument (a command's own `--out` shares a field's flag, not its help)."""
+    return {a.dest: (tuple(a.option_strings), a.help) for a in parser._actions}
+
+
+@pytest.mark.parametrize(
+    ("command", "cli"),
+    [("train", "train"), ("server run", "server run"), (PIPELINE, "pipeline run"), (PIPELINE, "pipeline submit"),
+     ("compare", "compare"), (PUBLISH, "data publish")],
+)  # fmt: skip
+def test_every_cli_takes_exactly_the_fields_declared_for_it(command, cli):
+    from fedmedclip.cli import build_parser
+    from fedmedclip.compare import GRID_FIELDS
+
+    actions = _declared_flags(_subcommand(build_parser(), cli))
+    for cls in (TrainConfig, ServerOptions):
+        for d in declared(cls):
+            if d.meta["nested"] is not None:
+                continue
+            grid = command == "compare" and (d.name in GRID_FIELDS or d.owner in GRID_FIELDS)
+            flags, helptext = actions.get(d.dest, ((), ""))
+            derived = flags == d.flags and (helptext == d.meta["help"] or "{methods}" in d.meta["help"])
+            assert derived == (d.takes(command) and not grid), f"{cli}: {d.dest}"
+
+
+def _readme_field() -> str:
+    """The README's example of adding a field (Development, "Adding a configuration field")."""
+    section = (REPO / "README.md").read_text().split("### Adding a configuration field", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _extended():
+    """TrainConfig with the README's example field, and a data field, declared the way the README says."""
+    body = (
+        _readme_field() + '    scanner: str = setting("any", group="data", extraction=True, help="scanner")\n'
+    )
+    namespace = {"setting": setting, "TrainConfig": TrainConfig}
+    exec("class Extended(TrainConfig):\n" + body, namespace)  # noqa: S102 (the README's own text)
+    return dataclasses.dataclass(namespace["Extended"])
+
+
+def test_a_field_declared_once_reaches_every_command_the_pipeline_the_manifest_and_mlflow():
+    Extended = _extended()
+    (new,) = [d.name for d in declared(Extended) if d.name not in {d.name for d in declared(TrainConfig)}][:1]
+    flag = "--" + new.replace("_", "-")
+    # every command of its group, with the declared default; `data publish` only takes the data group
+    for command in COMMANDS:
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_config_arguments(parser, command, Extended)
+        if command == PUBLISH:
+            assert flag not in parser.format_help()
+            assert "--scanner" in parser.format_help()
+            continue
+        assert flag in parser.format_help() and "--scanner" in parser.format_help(), command
+        cfg = config_from_args(parser.parse_args([flag, "3", "--scanner", "ct"]), Extended)
+        assert (getattr(cfg, new), cfg.scanner) == (3, "ct"), command
+        assert getattr(config_from_args(parser.parse_args([]), Extended), new) == 0
+    cfg = Extended(out="", **{new: 3, "scanner": "ct"}).validate()
+
+    # the pipeline's settings, through KFP's floats, and the extraction's cache key
+    from components.kfp_components import pipeline_settings, resolved_config, settings_from_parameters
+
+    settings = pipeline_settings(cfg)
+    assert settings[new] == 3
+    got, _ = settings_from_parameters(json.loads(json.dumps(settings), parse_int=float), Extended)
+    assert getattr(got, new) == 3 and isinstance(getattr(got, new), int)
+    with pytest.raises(ConfigError, match=f"unknown key.*{new}"):
+        settings_from_parameters(settings)  # the undeclared field is refused, naming it
+    config, extraction = resolved_config(got)
+    assert config[new] == 3 and extraction["scanner"] == "ct" and new not in extraction
+
+    # the run manifest (its settings: the resume key) and the MLflow parameters
+    from mlops.tracking import run_parameters
+
+    setup = SimpleNamespace(
+        cfg=cfg,
+        partition=SimpleNamespace(sites={"site_0": {"train": [1]}}, site_names=["site_0"], digest="d"),
+        backbone={},
+        preprocessing={},
+        class_names=["a", "b"],
+    )
+    manifest = make_manifest("run", setup, ServerOptions(), {}, None)
+    assert manifest["settings"][new] == 3
+    assert new not in Extended(out="").resume_key()  # at its default: older runs' keys still match
+    assert run_parameters(cfg.to_json())[new] == "3"
+    # and the schema: the snapshot would change
+    assert new in schema(Extended)["Extended"] and new not in schema()["TrainConfig"]
+
+
+def test_the_pipeline_refuses_settings_of_the_wrong_type_naming_them():
+    for bad, message in (
+        ({"sites": "3"}, "sites must be a number"),
+        ({"transductive": 1}, "transductive must be true or false"),
+        ({"federation": "local"}, "unknown key"),
+        ({"method_options": [1]}, "method_options must be an object"),
+        ([], "must be an object of settings"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            from_parameters(bad, TrainConfig, ServerOptions)
+    assert to_parameters(ServerOptions(quorum=None)).get("quorum", "unset") == "unset"  # KFP refuses None
+
+
+def test_each_field_is_validated_as_it_declares():
+    for bad, message in (
+        ({"rounds": 0}, "--rounds must be at least 1, got 0"),
+        ({"min_class_images": "3"}, "--min-class-images must be an integer"),
+        ({"alpha": float("nan")}, "--alpha must be a finite number"),
+        ({"aggregator": "mode"}, "unknown aggregator 'mode'; choose one of mean, median"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig(out="", **bad).validate()
+    from components.kfp_components import settings_from_parameters
+
+    for bad, message in (({"round_timeout": -1.0}, "at least 0"), ({"norm_factor": float("inf")}, "finite")):
+        with pytest.raises(ConfigError, match=message):
+            settings_from_parameters(bad)  # the server's options, as declared, in the pipeline's settings
+    # the README's example field: its declared minimum, and its type
+    Extended = _extended()
+    (new,) = [d for d in declared(Extended) if d.name not in {f.name for f in declared(TrainConfig)}][:1]
+    with pytest.raises(ConfigError, match=f"{new.flags[0]} must be at least {new.meta['minimum']}"):
+        Extended(out="", **{new.name: new.meta["minimum"] - 1}).validate()
+    with pytest.raises(ConfigError, match=f"{new.flags[0]} must be an integer"):
+        Extended(out="", **{new.name: 1.5}).validate()
