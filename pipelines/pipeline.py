@@ -3,7 +3,7 @@
     prepare (server Secret) ──► ParallelFor over [server, site_0, site_1, ...]  (all iterations at once):
                                    extract features      (GPU, the party's own Secret, cached on its data)
                                    ──► federation worker (CPU, the same Secret; retried, resumes)
-                             ──► report (server Secret) ──► export ONNX ──► register + promote (MLflow)
+                             ──► report (server Secret) ──► export ONNX (server Secret) ──► register + promote (MLflow)
 
 Each iteration is one party of the federation runtime (fedmedclip.federation): its extraction encodes only its
 own images, its worker is the long-lived `fedmedclip server run` or `fedmedclip site run`, and the workers
@@ -258,8 +258,11 @@ def build_pipeline(options: CompileOptions | None = None):
         kubernetes.use_secret_as_env(report, SERVER_SECRET_NAME, secret_keys)
         s3_endpoint(report)
 
-        export = c.export(run_dir=report.outputs["run_dir"], site=export_site)
+        export = c.export(run_dir=report.outputs["run_dir"], site=export_site, local_stack=local_stack)
         configure(export, "export", "export ONNX")
+        # The server's credentials: the global model's OOD score is fitted on the server's images.
+        kubernetes.use_secret_as_env(export, SERVER_SECRET_NAME, secret_keys)
+        s3_endpoint(export)
 
         reg = c.register(
             run_dir=report.outputs["run_dir"],

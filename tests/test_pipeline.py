@@ -264,7 +264,8 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     """`make demo`'s path with the committed YAML on kfp.local: data published one prefix per holder, every task
     with only its own role's key of the local stack (as each pod gets only its own Secret), the mailbox in the
     same bucket; prepare, three parties (extraction, then the server and the two site workers running at the
-    same time), report, registration and promotion. Metrics and payloads are `fedmedclip train`'s."""
+    same time), report, the ONNX export (with the OOD score), registration and promotion. Metrics and payloads are
+    `fedmedclip train`'s."""
     import uuid
 
     from devstack.stack import add_data_root, use_stack_s3
@@ -276,7 +277,9 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     bucket = f"fmc-pipe-{uuid.uuid4().hex[:10]}"
     add_data_root(mlops_stack.data_dir, bucket)
     cache = tmp_path / "cache"
-    cfg = TrainConfig(sites=2, rounds=3, out=str(tmp_path / "engine"), cache_dir=str(cache), synthetic=SYNTH)
+    # Enough server images (global test + reference) for the export's OOD score to calibrate on half of them.
+    synth = {**SYNTH, "test_per_class": 8}
+    cfg = TrainConfig(sites=2, rounds=3, out=str(tmp_path / "engine"), cache_dir=str(cache), synthetic=synth)
     use_stack_s3(mlops_stack, "publisher")
     publish(cfg, bucket, progress=False)
     model = f"pipe-{bucket}"
@@ -290,11 +293,11 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
             "rounds": 3,
             "data": f"s3://{bucket}",
             "cache_dir": str(tmp_path / "task_cache"),
-            "synthetic": SYNTH,
+            "synthetic": synth,
             "join_timeout": 300.0,
         },
         local_stack=mlops_stack.data_dir,
-        export_site="",  # the ONNX export has its own tests
+        export_site="global",
         tracking_uri=mlops_stack.tracking_uri,
         model_name=model,
     )
@@ -330,6 +333,12 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     }
     assert {s["state"] for s in status.values()} == {"done"}
     assert (a / "plots" / "accuracy.png").exists()
+    # The export task, with the server's credentials, fitted the global model's OOD score on the server's
+    # images (without them it would export the classifier alone, with a warning).
+    import onnx
+
+    (exported,) = Path(run.pipeline_root).rglob("model.onnx")
+    assert "ood_score" in [o.name for o in onnx.load(str(exported), load_external_data=False).graph.output]
     # Registered and promoted in MLflow, loadable by alias, with the run's data recorded.
     assert run.model_uri == f"models:/{model}@champion" and run.promotion == "promoted"
     import mlflow
