@@ -79,9 +79,10 @@ CONFIG_PARAMETERS = (
     ("secure_aggregation", "secure_aggregation", bool),
     ("secagg_threshold", "secagg_threshold", int),
 )
-# TrainConfig fields the pipeline sets itself; `aggregator` and `duplicates` are not parameters yet, so the
-# pipeline's runs use their defaults (the method's mean; exact duplicates dropped).
-NOT_PARAMETERS = ("federation", "out", "aggregator", "duplicates")
+# TrainConfig fields the pipeline sets itself; `aggregator`, `duplicates` and `encoder_engine` are not
+# parameters yet, so the pipeline's runs use their defaults (the method's mean; exact duplicates dropped; the
+# image encoder on ONNX Runtime for a CLIP-sized backbone, which gives the features PyTorch gives to 1e-4).
+NOT_PARAMETERS = ("federation", "out", "aggregator", "duplicates", "encoder_engine")
 # What a holder's feature extraction depends on; its task's cache key is made of these alone (plus the
 # holder), so a sweep over methods, learning rates, codecs or rounds reuses the extracted features.
 EXTRACTION_FIELDS = (

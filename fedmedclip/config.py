@@ -10,6 +10,7 @@ from .aggregation import AGGREGATORS
 from .backbone import PREPROCESSING_NAMES
 from .codec import CODECS, CodecError, get_codec
 from .data import DEFAULT_MIN_CLASS_IMAGES, DUPLICATE_POLICIES
+from .encoders import ENGINES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .methods import DEFAULT_METHOD
@@ -56,6 +57,9 @@ class TrainConfig:
     # Torch threads for training (feature extraction uses every core). Results depend on it in the last bits:
     # parties that must agree exactly (a simulator and a mailbox run) use the same value. Not a resume key.
     threads: int = 1
+    # What runs the image encoder during feature extraction (fedmedclip.encoders): every engine gives float32
+    # features within 1e-4 relative of PyTorch's, so stores are shared between them. Not a resume key.
+    encoder_engine: str = "auto"
     # A CSV manifest may list images outside the manifest's folder only when the user says so.
     allow_outside_root: bool = False
     method_options: dict = field(default_factory=dict)
@@ -116,6 +120,10 @@ class TrainConfig:
             )
         if self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.encoder_engine not in ENGINES:
+            raise ConfigError(
+                f"unknown --encoder-engine {self.encoder_engine!r}; choose one of {', '.join(ENGINES)}"
+            )
         # Unknown method options fail here, before any data is read or any pod starts.
         unknown = sorted(set(self.method_options) - set(METHODS[self.method].options))
         if unknown:
@@ -241,7 +249,7 @@ class TrainConfig:
     def resume_key(self) -> dict:
         """What must not change between a run and its resumption (`out` and cache paths may)."""
         d = self.to_json()
-        for k in ("out", "cache_dir", "threads", "min_class_images", "allow_outside_root"):
+        for k in ("out", "cache_dir", "threads", "min_class_images", "allow_outside_root", "encoder_engine"):
             d.pop(k)
         if d.get("classes") is None:
             d.pop("classes", None)  # the default is left out: keys from before the field existed still match

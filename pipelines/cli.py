@@ -22,7 +22,13 @@ DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see 
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
 # TrainConfig fields that are not pipeline parameters (components.kfp_components.NOT_PARAMETERS).
-NOT_PIPELINE_FIELDS = ("federation", "out", "aggregator", "duplicates")  # see kfp_components.NOT_PARAMETERS
+NOT_PIPELINE_FIELDS = (
+    "federation",
+    "out",
+    "aggregator",
+    "duplicates",
+    "encoder_engine",
+)  # see NOT_PARAMETERS
 
 
 # ------------------------------------------------------------------------------------------- flags
