@@ -10,18 +10,21 @@
   images there; the tiny test backbones encode faster than they export.
 
 The graph is cached under `<cache>/encoders/<key>.onnx`, the key made of the weights hash, the preprocessing
-and the torch version. Every time an engine is opened it is checked against PyTorch on a fixed probe batch:
-a graph that disagrees beyond `PARITY_TOLERANCE` (or does not load) is rebuilt once, as a stale or damaged
-cache entry, and if it still disagrees `auto` falls back to `torch` with a warning, while `onnxruntime`
-asked for by name is refused. So every engine here gives the same float32 features to 1e-4 relative, which
+and the torch version. It is checked on a fixed probe image: against PyTorch when exported, and each time it
+is opened against the PyTorch features recorded in it then (running PyTorch again would cost seconds on a busy
+machine). A cached graph built for another key, that does not load, or that disagrees beyond
+`PARITY_TOLERANCE` is exported again; a fresh export that still disagrees is refused (`auto` then falls back
+to `torch` with a warning). A process opens a backbone's engine once: a run's holders share the session. So every engine here gives the same float32 features to 1e-4 relative, which
 is why feature stores do not key on the engine (fedmedclip.features: `provenance["encoder"]` records which
 one built a store, outside its digest)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +45,11 @@ PARITY_TOLERANCE = 1e-4
 # `auto` exports a vision tower of at least this many parameters (ViT-B/32: 88 M; the tiny test shape: 0.1 M).
 AUTO_MIN_VISION_PARAMETERS = 20_000_000
 GRAPH_FORMAT = 1
-_PROBE_IMAGES = 2  # not 1: the exporter would specialise a size-1 batch dimension
+_EXAMPLE_IMAGES = (
+    2  # the export's example batch; not 1: the exporter would specialise a size-1 batch dimension
+)
+META_KEY = "fedmedclip.encoder.key"  # graph_key of what it was exported from
+META_PROBE = "fedmedclip.encoder.probe_features"  # PyTorch's features of the probe image, JSON
 
 
 @dataclass
@@ -117,8 +124,11 @@ def graph_key(backbone: Backbone, preprocessing: Preprocessing) -> str:
     )[:24]
 
 
-def _export(backbone: Backbone, preprocessing: Preprocessing, path: Path) -> None:
-    """Write the graph atomically: a half-written file must never be found in the cache."""
+def _export(backbone: Backbone, preprocessing: Preprocessing, path: Path, key: str, probe_features) -> None:
+    """Write the graph atomically (a half-written file must never be found in the cache), with its key and
+    PyTorch's features of the probe image in its metadata: what every later opening checks it against."""
+    import onnx
+
     from .export import write_graph
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,7 @@ def _export(backbone: Backbone, preprocessing: Preprocessing, path: Path) -> Non
     os.close(fd)
     tmp = Path(tmp_name)
     size = preprocessing.size
-    example = torch.zeros(_PROBE_IMAGES, size, size, 3, dtype=torch.uint8)
+    example = torch.zeros(_EXAMPLE_IMAGES, size, size, 3, dtype=torch.uint8)
     try:
         used = write_graph(
             PixelsToFeatures(backbone, preprocessing).eval(),
@@ -135,64 +145,85 @@ def _export(backbone: Backbone, preprocessing: Preprocessing, path: Path) -> Non
             ["features"],
             ["torchscript", "dynamo"],
         )
+        model = onnx.load(str(tmp))
+        for k, v in ((META_KEY, key), (META_PROBE, json.dumps(probe_features.reshape(-1).tolist()))):
+            model.metadata_props.add(key=k, value=v)
+        onnx.save_model(model, str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("exported the image encoder for ONNX Runtime (%s exporter) to %s", used, path)
 
 
-def _session(path: Path, threads: int):
+def _checked_session(path: Path, key: str, probe: np.ndarray, want: torch.Tensor | None, threads: int):
+    """(session, None) when the graph at `path` loads, was built for `key` and gives `want` (default: the
+    PyTorch features recorded in it at export) on the probe image to PARITY_TOLERANCE; else (None, why)."""
+    from .export import INPUT_NAME
+
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get(META_KEY) != key:
+            return None, f"was built for other weights or preprocessing ({meta.get(META_KEY)!r}, not {key!r})"
+        if want is None:
+            want = torch.tensor(json.loads(meta[META_PROBE]), dtype=torch.float32).reshape(len(probe), -1)
+        got = torch.from_numpy(session.run(None, {INPUT_NAME: probe})[0])
+    except Exception as exc:  # noqa: BLE001 - whatever makes a cached graph unusable, it is rebuilt
+        return None, f"does not load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    diff = relative_difference(got, want) if got.shape == want.shape else float("inf")
+    if not diff <= PARITY_TOLERANCE:
+        return None, f"gives features {diff:.2e} relative from PyTorch's (tolerance {PARITY_TOLERANCE:g})"
+    return session, None
+
+
+# Opened engines, per backbone: a run's holders (the sites and the server) share one session.
+_OPENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def onnxruntime_encoder(
     backbone: Backbone, preprocessing: Preprocessing, cache_dir: str | Path | None = None
 ) -> ImageEncoder:
-    """The ONNX Runtime engine, its graph read from (or exported into) `cache_dir`; checked against PyTorch on
-    a probe batch. Raises FedMedClipError when the graph cannot be made to agree."""
+    """The ONNX Runtime engine, its graph read from (or exported into) `cache_dir`, checked on a probe image
+    against PyTorch (at export) or against the PyTorch features recorded in the graph (when cached). A cached
+    graph that fails is exported again; raises FedMedClipError when a fresh export fails too."""
     from .export import INPUT_NAME
 
     ort = _onnxruntime()
     if ort is None:
         raise ConfigError("encoder engine onnxruntime: ONNX Runtime is not installed (the `cpu` extra)")
-    size = preprocessing.size
-    probe = np.random.default_rng(0).integers(0, 256, (_PROBE_IMAGES, size, size, 3), dtype=np.uint8)
-    want = torch_encoder(backbone, preprocessing).encode(probe)
+    key = graph_key(backbone, preprocessing)
     threads = torch.get_num_threads()  # extraction's threads: every core unless the caller set fewer
+    opened = _OPENED.setdefault(backbone, {})
+    memo = (key, threads, None if cache_dir is None else str(cache_dir))
+    if memo in opened:
+        return opened[memo]
+    size = preprocessing.size
+    probe = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
 
     with tempfile.TemporaryDirectory(prefix="fedmedclip-encoder-") as scratch:
-        folder = Path(cache_dir) if cache_dir is not None else Path(scratch)
-        path = folder / f"{graph_key(backbone, preprocessing)}.onnx"
-        problem = None
-        for attempt in range(2):
-            if not path.exists() or attempt:
-                _export(backbone, preprocessing, path)
-            try:
-                session = _session(path, threads)
-                got = torch.from_numpy(session.run(None, {INPUT_NAME: probe})[0])
-                diff = relative_difference(got, want)
-            except Exception as exc:  # noqa: BLE001 - an unreadable cached graph is rebuilt like a wrong one
-                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.warning("encoder graph %s does not load (%s); exporting it again", path, problem)
-                continue
-            if diff <= PARITY_TOLERANCE:
-                break
-            problem = (
-                f"its features differ from PyTorch's by {diff:.2e} relative (tolerance {PARITY_TOLERANCE:g})"
-            )
-            log.warning("encoder graph %s: %s; exporting it again", path, problem)
-        else:
-            raise FedMedClipError(f"the ONNX Runtime image encoder disagrees with PyTorch: {problem}")
+        path = (Path(cache_dir) if cache_dir is not None else Path(scratch)) / f"{key}.onnx"
+        session = None
+        if path.exists():
+            session, problem = _checked_session(path, key, probe, None, threads)
+            if session is None:
+                log.warning("cached encoder graph %s %s; exporting it again", path, problem)
+        if session is None:
+            want = torch_encoder(backbone, preprocessing).encode(probe)
+            _export(backbone, preprocessing, path, key, want)
+            session, problem = _checked_session(path, key, probe, want, threads)
+            if session is None:
+                raise FedMedClipError(f"the image encoder exported for ONNX Runtime {problem}")
 
     def encode(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {INPUT_NAME: np.ascontiguousarray(images)})[0])
 
-    return ImageEncoder("onnxruntime", encode, ort.__version__)
+    opened[memo] = ImageEncoder("onnxruntime", encode, ort.__version__)
+    return opened[memo]
 
 
 def open_image_encoder(
