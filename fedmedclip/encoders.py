@@ -6,8 +6,8 @@
   the dynamo exporter's time) and run by ONNX Runtime's CPU provider. About 2x PyTorch eager at ViT-B/32 on
   this project's 2-core machines (`bench/bench_extract.py`), features within ~1e-6 relative of `torch`.
 - `auto` (the default): `onnxruntime` for a CLIP-sized vision tower when ONNX Runtime is installed, else
-  `torch`. The export (10-20 s and ~335 MiB at ViT-B/32, once per cache) pays for itself after about 150
-  images there; the tiny test backbones encode faster than they export.
+  `torch`. The one-off export (33 s and 335 MiB at ViT-B/32 on two shared cores) pays for itself after about
+  230 images there; the tiny test backbones encode faster than they export.
 
 The graph is cached under `<cache>/encoders/<key>.onnx`, the key made of the weights hash, the preprocessing
 and the torch version. It is checked on a fixed probe image: against PyTorch when exported, and each time it
