@@ -10,6 +10,7 @@ from .aggregation import AGGREGATORS
 from .backbone import PREPROCESSING_NAMES
 from .codec import CODECS, CodecError, get_codec
 from .data import DEFAULT_MIN_CLASS_IMAGES, DUPLICATE_POLICIES
+from .encoders import ENGINES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .flags import (
@@ -215,6 +216,17 @@ class TrainConfig:
         minimum=1,
         resume="never",
         help="torch threads for training; extraction uses every core (default: %(default)s)",
+    )
+    # Every engine gives float32 features within 1e-4 relative of PyTorch's (fedmedclip.encoders checks it on a
+    # probe batch), so feature stores are shared between engines: not an extraction dependency.
+    encoder_engine: str = setting(
+        "auto",
+        group="training",
+        choices=ENGINES,
+        resume="never",
+        help="what runs the frozen image encoder during feature extraction: onnxruntime (exported once to ONNX, "
+        "cached under --cache-dir, about 2x faster on CPU), torch, or auto (onnxruntime for a CLIP-sized "
+        "backbone when installed); all within 1e-4 of PyTorch (default: %(default)s)",
     )
     allow_outside_root: bool = setting(
         False,

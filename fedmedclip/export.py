@@ -187,6 +187,30 @@ def _quiet_torch_onnx_logs() -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
 
 
+def write_graph(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, output_names, order: list[str]
+) -> str:
+    """Export `module` (input `images`, dynamic batch) to `path` with the first exporter of `order` that
+    succeeds; returns its name. The classifier export and the feature extraction's ONNX Runtime engine
+    (fedmedclip.encoders) both write their graphs through here."""
+    errors = []
+    _quiet_torch_onnx_logs()
+    for name in order:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # exporter deprecation chatter, not about this model
+                EXPORTERS[name](module, example, path, output_names=output_names)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the next one
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log.warning("ONNX export with the %s exporter failed (%s)", name, errors[-1])
+            path.unlink(missing_ok=True)
+            continue
+        if errors:
+            log.warning("exported with the %s exporter after: %s", name, "; ".join(errors))
+        return name
+    raise FedMedClipError("ONNX export failed with every exporter:\n  " + "\n  ".join(errors))
+
+
 def export_classifier(
     clf: ImageClassifier,
     meta: dict,
@@ -224,29 +248,12 @@ def export_classifier(
     )
 
     tmp = out.with_name(f".{out.name}.tmp")
-    order = list(EXPORTERS) if exporter == "auto" else [exporter]
-    errors, used = [], None
     module, names = (
         (clf, OUTPUT_NAMES)
         if ood is None
         else (ScoredClassifier(clf, ood.head).eval(), OUTPUT_NAMES + OOD_OUTPUTS)
     )
-    _quiet_torch_onnx_logs()
-    for name in order:
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # exporter deprecation chatter, not about this model
-                EXPORTERS[name](module, example, tmp, output_names=names)
-            used = name
-            break
-        except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the next one
-            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            log.warning("ONNX export with the %s exporter failed (%s)", name, errors[-1])
-            tmp.unlink(missing_ok=True)
-    if used is None:
-        raise FedMedClipError("ONNX export failed with every exporter:\n  " + "\n  ".join(errors))
-    if errors:
-        log.warning("exported with the %s exporter after: %s", used, "; ".join(errors))
+    used = write_graph(module, example, tmp, names, list(EXPORTERS) if exporter == "auto" else [exporter])
 
     try:
         model = onnx.load(str(tmp))

@@ -5,7 +5,11 @@ weights hash, preprocessing, prompt template, class names, hash of the image lis
 is reused only when that provenance matches, and refuses a mismatch rather than mixing inputs.
 Stores are per holder (each site encodes only its own images), which is also what the pipeline's
 per-site extraction does: CPU encodings differ by ~1e-6 with batch composition, so both paths
-encode the same batches and give identical features."""
+encode the same batches and give identical features.
+
+The image encoder runs on an engine of fedmedclip.encoders (PyTorch, or the same graph through ONNX Runtime):
+every engine there is float32 and checked to 1e-4 relative of PyTorch, so the digest does not name it and a
+store built by one is reused by another; `provenance["encoder"]` (outside the digest) records which built it."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from .backbone import Backbone
 from .data import ImageRecord, file_sha256, load_image
 from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
+from .encoders import open_image_encoder
 from .errors import DataError, ImageDecodeError, ProvenanceMismatch
 from .preprocess import Preprocessing
 
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 DEFAULT_PROMPT = "a picture of a {}"
+# Provenance entries that describe how a store was built, not what it holds: outside the digest.
+UNDIGESTED = ("digest", "encoder")
 
 
 def image_list_sha256(records: list[ImageRecord], workers: int) -> str:
@@ -120,7 +127,7 @@ class FeatureStore:
 def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(stored) | set(wanted)):
-        if key == "digest":
+        if not prefix and key in UNDIGESTED:
             continue
         a, b = stored.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -150,10 +157,13 @@ def build_feature_store(
     skip_bad: bool = False,
     progress: bool = True,
     desc: str = "encoding",
+    engine: str = "auto",
+    encoder_cache: str | Path | None = None,
 ) -> FeatureStore:
     """Load the store at `directory` if its provenance matches, else encode the images into it.
     A store with different provenance is never overwritten: that is an error. With `cache_root`
-    instead of `directory`, the store lives at `cache_root/<provenance digest>`, so reuse is automatic."""
+    instead of `directory`, the store lives at `cache_root/<provenance digest>`, so reuse is automatic.
+    `engine` runs the image encoder (fedmedclip.encoders.ENGINES); `encoder_cache` keeps its exported graph."""
     if not records:
         raise DataError(f"no images to encode for {desc}")
     if (directory is None) == (cache_root is None):
@@ -174,6 +184,7 @@ def build_feature_store(
     if "{}" not in prompt_template:
         raise DataError(f"prompt template {prompt_template!r} must contain '{{}}' for the class name")
 
+    encoder = open_image_encoder(backbone, preprocessing, engine, encoder_cache)
     label_index = {c: i for i, c in enumerate(class_names)}
     feats, labels, ids, skipped = [], [], [], []
     batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
@@ -196,8 +207,7 @@ def build_feature_store(
                 arrays.append(arr)
                 kept.append(rec)
             if arrays:
-                pixels = preprocessing.normalise(torch.from_numpy(np.stack(arrays)))
-                feats.append(backbone.encode_images(pixels))
+                feats.append(encoder.encode(np.stack(arrays)))
                 labels += [label_index[r.label] for r in kept]
                 ids += [r.image_id for r in kept]
             bar.update(len(batch))
@@ -212,7 +222,7 @@ def build_feature_store(
         image_ids=ids,
         class_names=list(class_names),
         text_features=backbone.encode_text([prompt_template.format(c) for c in class_names]).contiguous(),
-        provenance=wanted,
+        provenance={**wanted, "encoder": encoder.describe()},
         skipped=skipped,
     )
     if directory.exists():

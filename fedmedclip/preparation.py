@@ -117,6 +117,8 @@ def extract_features(
         skip_bad=cfg.skip_bad_images,
         progress=progress,
         desc=f"encoding {holder}",
+        engine=cfg.encoder_engine,
+        encoder_cache=Path(cfg.cache_dir) / "encoders",
     )
 
 

@@ -167,6 +167,14 @@ class PreprocessingSpec(Message):
     std: Annotated[list[Finite], Field(min_length=3, max_length=3)]
 
 
+class EncoderUsed(Message):
+    """Which engine encoded a feature store's images (fedmedclip.encoders; outside the store's digest)."""
+
+    engine: Short
+    precision: Short
+    version: Short
+
+
 class Provenance(Message):
     """A holder's feature-store provenance (hashes only: no image id leaves a site)."""
 
@@ -178,6 +186,7 @@ class Provenance(Message):
     n_images: Count
     image_list_sha256: Hex64
     digest: Hex64
+    encoder: EncoderUsed | None = None  # None: a store built before the engine was recorded
 
 
 class PrivacyLedger(Message):
@@ -397,6 +406,7 @@ class UnmaskShares(Message):
 
 __all__ = [
     "MESSAGES",
+    "EncoderUsed",
     "GlobalHeader",
     "IdentityRegistration",
     "Inbox",
