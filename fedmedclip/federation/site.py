@@ -92,6 +92,11 @@ class SiteWorker:
         self.recovered: dict | None = None
         self._resent = False  # whether what a restart may have lost was sent again
         self._server_checked = 0.0
+        # Seconds between the checks a waiting site needs only rarely (whether the server went on without it,
+        # and its status): 0 checks at every poll, as the in-process simulator's fixed order requires; `run()`
+        # checks every SERVER_STATUS_EVERY s, so that its polls while it waits are one request each.
+        self.rare_checks_every, self._rare_checked = 0.0, 0.0
+        self._uploaded: int | None = None  # the last round this process uploaded itself
         self.client_dp = site_client_privacy(setup.method.ctx.privacy, manifest, state, self.name)
         self._server_beat: float | None = None  # the `time` of the server's status when last read
         self._server_beat_at = time.monotonic()  # when (this site's clock) that status last changed
@@ -178,9 +183,10 @@ class SiteWorker:
         past its state (its newest checkpoint was damaged or removed after it sent it) redoes that round from
         the global module before it: what it sends is then byte-identical to what it sent before."""
         floor = max(self.trained, self.reported)
+        rare = time.monotonic() - self._rare_checked >= self.rare_checks_every
         if self.mb.store.exists(self.mb.global_key(floor)):
             g = floor
-        elif floor < self.rounds and self.mb.store.exists(self.mb.global_key(floor + 1)):
+        elif rare and floor < self.rounds and self.mb.store.exists(self.mb.global_key(floor + 1)):
             if self._sent_before(floor + 1):
                 raise SiteFailure(
                     f"site {self.name}: its state ends after round {floor}, but it had sent its update of round "
@@ -190,6 +196,8 @@ class SiteWorker:
                 )
             g = floor + 1
         else:
+            if rare:
+                self._rare_checked = time.monotonic()
             # The server's status says whether it ended the run; read every few seconds, not every poll.
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
@@ -390,7 +398,12 @@ class SiteWorker:
     def _upload(self, r: int, enc) -> None:
         """Send the update of round r (`enc`: its payload and this site's new error-feedback memory), once: a
         site redoing a round it had sent (its newest state was lost) must find the same bytes in the mailbox."""
-        sent = self.mb.store.get(self.mb.update_key(r, self.name), max_bytes=len(enc.payload) + (1 << 20))
+        # A site that uploaded round r - 1 itself has not sent round r before (only a restart loses state).
+        sent = (
+            None
+            if self._uploaded == r - 1
+            else self.mb.store.get(self.mb.update_key(r, self.name), max_bytes=len(enc.payload) + (1 << 20))
+        )
         if sent is not None and sent != enc.payload:
             message = (
                 f"round {r}: this site's state ended before round {r}, and redoing it gave another update than "
@@ -405,6 +418,7 @@ class SiteWorker:
         self._checkpoint()
         if sent is None:
             self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
+        self._uploaded = r
         self._status("uploaded", r, f"{len(enc.payload)} bytes")
 
     def _finish_if_done(self) -> bool:
@@ -428,7 +442,9 @@ class SiteWorker:
         """Poll until the run ends. `timeout`: seconds without progress and without a heartbeat of the
         server (its status changing) before giving up; after HEARTBEAT_STALE seconds of silence the site
         says so."""
+        poll_cap = self.mb.poll_cap(poll_cap)
         poller = Poller(cap=poll_cap)
+        self.rare_checks_every = SERVER_STATUS_EVERY
         self._status("waiting", self.trained, "waiting for the global module")
         last, warned = time.monotonic(), False
         while not self.finished:
