@@ -152,25 +152,27 @@ AIM = 0.7
 class Poller:
     """Backoff between polls, aimed at when the next object is due. After progress (`reset`) it polls from
     `first` seconds, x1.5 each time, capped at `cap`; but a wait is usually as long as the one before it (a
-    site waits about a round for the next global module, the server about as long for the updates), so while
-    less than AIM of the previous wait has passed it sleeps towards that point (still at most `cap` at once)
-    and then starts again from `first`. The object is then seen within milliseconds of its arrival, with a
-    handful of requests per wait instead of one every few milliseconds (each costs an S3 round trip), and an
-    object that comes early is still seen within `cap`."""
+    site waits about a round for the next global module, the server about as long for the round's updates),
+    so until AIM of that is over it sleeps towards that point (still at most `cap` at once) and then starts
+    again from `first`. The object is then seen within milliseconds of its arrival, with a handful of
+    requests per wait instead of one every few milliseconds (each is a round trip when the store is S3), and
+    one that comes early is still seen within `cap`."""
 
     def __init__(self, first: float = 0.005, cap: float = 0.25):
         self.first, self.cap = first, cap
         self.delay = first
-        self.since = time.monotonic()
-        self.previous = 0.0  # how long the last wait lasted
+        self.since = self.aim_at = time.monotonic()
 
-    def reset(self) -> None:
+    def reset(self, due_at: float | None = None) -> None:
+        """After progress. `due_at`: when (time.monotonic()) the next object is expected; by default after as
+        long a wait as the one that just ended."""
         now = time.monotonic()
-        self.previous, self.since, self.delay = now - self.since, now, self.first
+        self.aim_at = now + AIM * (now - self.since) if due_at is None else due_at
+        self.since, self.delay = now, self.first
 
     def sleep(self, until: float = math.inf) -> None:
         now = time.monotonic()
-        ahead = self.since + AIM * self.previous - now  # until the next object is due
+        ahead = self.aim_at - now
         if ahead > self.first:
             delay = min(ahead, self.cap)
             self.delay = self.first  # from there on, close polls again

@@ -28,7 +28,7 @@ from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
 from .records import (
     atomic_write_bytes,
@@ -865,13 +865,19 @@ class FederationServer:
         cap = self.mb.poll_cap(self.opt.poll_cap)
         poller = Poller(cap=cap)
         self.sweep_every = SWEEP_EVERY
+        # How long each phase took last time: the next round's same phase is aimed at (`Poller.reset`).
+        phase, phase_at, took = (self.round, self.phase), time.monotonic(), {}
         try:
             while not self.finished:
                 # Secure aggregation's shares and answers follow the server's objects within moments.
                 quick = self.phase in ("keys", "shares", "unmask")
                 poller.cap = min(cap, SECURE_POLL_CAP) if quick else cap
                 if self.poll():
-                    poller.reset()
+                    now = time.monotonic()
+                    if (self.round, self.phase) != phase:
+                        took[phase[1]] = now - phase_at
+                        phase, phase_at = (self.round, self.phase), now
+                    poller.reset(phase_at + AIM * took.get(self.phase, 0.0))
                 elif time.monotonic() - self._heartbeat_at > self.opt.heartbeat_every:
                     self._beat()
                 else:

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
-from .storage import ObjectStore
+from .storage import ObjectStore, ObjectTooLarge
 
 log = logging.getLogger("fedmedclip.site")
 
@@ -104,6 +104,7 @@ class SiteWorker:
         # A payload of the template's size in any codec, plus its header.
         self.max_global_bytes = template_cap(self.template) + (1 << 20)
         self._received: tuple[int, dict] | None = None  # the newest global module received, by round
+        self._fetched: tuple[int, bytes] | None = None  # a global module's bytes read while waiting for it
         # Secure aggregation (fedmedclip/federation/secure.py), when the manifest turns it on: with this site's
         # registered identity key.
         self.secure = None
@@ -184,7 +185,7 @@ class SiteWorker:
         the global module before it: what it sends is then byte-identical to what it sent before."""
         floor = max(self.trained, self.reported)
         rare = time.monotonic() - self._rare_checked >= self.rare_checks_every
-        if self.mb.store.exists(self.mb.global_key(floor)):
+        if self._fetch_global(floor):
             g = floor
         elif rare and floor < self.rounds and self.mb.store.exists(self.mb.global_key(floor + 1)):
             if self._sent_before(floor + 1):
@@ -203,7 +204,9 @@ class SiteWorker:
                 self._server_checked = time.monotonic()
                 self._check_server()
             return None
-        while g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
+        # Whether the server went on without this site since: at every rare check (an update it then sends
+        # for round g + 1 comes too late, and it catches up with the next global module).
+        while rare and g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
             if self._sent_before(g + 1):
                 self._recovered(
                     f"its update of round {g + 1} was in the mailbox although its state ended before it"
@@ -211,6 +214,18 @@ class SiteWorker:
                 break
             g += 1
         return g
+
+    def _fetch_global(self, g: int) -> bool:
+        """Whether round g's global module is in the mailbox; its bytes are kept for `_receive` (one GET
+        while a site waits, rather than a HEAD and then a GET)."""
+        try:
+            raw = self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+        except ObjectTooLarge:
+            return True  # `_receive` refuses it, naming the server
+        if raw is None:
+            return False
+        self._fetched = (g, raw)
+        return True
 
     def _sent_before(self, r: int) -> bool:
         """Whether this site's update of round r went out (it is in the mailbox, or the server's global
@@ -245,8 +260,13 @@ class SiteWorker:
     def _receive(self, g: int) -> tuple[dict, GlobalHeader]:
         """The global module of round g (its size checked before it is read, the manifest's downlink codec
         and template, its header parsed), or ProtocolError."""
+        fetched, self._fetched = self._fetched, None
         try:
-            payload = self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+            payload = (
+                fetched[1]
+                if fetched is not None and fetched[0] == g
+                else self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+            )
             got = decode(payload, template=self.template, codec=self.codec_down)
             meta = parse(GlobalHeader, got.meta, SERVER)
         except Exception as exc:  # ObjectTooLarge, CodecError, MessageRefused, ...
