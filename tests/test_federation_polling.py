@@ -7,16 +7,11 @@ from collections import Counter
 
 import pytest
 from conftest import SYNTH
+from test_federation_validation import _parties as parties
 
-from fedmedclip import engine
 from fedmedclip.config import TrainConfig
-from fedmedclip.federation.mailbox import Mailbox
-from fedmedclip.federation.server import FederationServer, ServerOptions
-from fedmedclip.federation.site import SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
 from fedmedclip.preparation import prepare
-
-RUN = "polling"
 
 
 class CountingStore(LocalDirStore):
@@ -42,23 +37,8 @@ def prepared(synthetic_cache):
 
 
 def _parties(cfg, p, tmp_path):
-    method = engine.method_for(cfg, p)
-    store = CountingStore(tmp_path / "mailbox")
-    mailbox = Mailbox(store, RUN)
-    server = FederationServer(
-        mailbox,
-        engine.server_setup(cfg, p, method),
-        store.sub("server-state"),
-        tmp_path / "out",
-        ServerOptions(),
-        verbose=False,
-    )
-    server.start()
-    sites = [
-        SiteWorker(mailbox, server.manifest, s, store.sub(f"state-{s.name}"), verbose=False)
-        for s in engine.site_setups(cfg, p, method)
-    ]
-    return server, sites, mailbox, store
+    server, sites, mb, store, _ = parties(cfg, p, tmp_path, quorum=3, store_class=CountingStore)
+    return server, sites, mb, store
 
 
 def test_a_waiting_server_asks_for_the_first_missing_update_only_until_a_sweep(prepared, tmp_path):
