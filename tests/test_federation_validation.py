@@ -36,11 +36,20 @@ def prepared(synthetic_cache):
     return cfg, prepare(cfg, progress=False)
 
 
-def _parties(cfg, p, tmp_path, quorum: int, round_timeout: float = 30, workers: int = 3, **options):
-    """The server (started) and the first `workers` site workers over a local-directory mailbox; also the
-    store and every site's setup (a test may start a worker later)."""
+def _parties(
+    cfg,
+    p,
+    tmp_path,
+    quorum: int,
+    round_timeout: float = 30,
+    workers: int = 3,
+    store_class=LocalDirStore,
+    **options,
+):
+    """The server (started) and the first `workers` site workers over a local-directory mailbox (`store_class`);
+    also the store and every site's setup (a test may start a worker later)."""
     method = engine.method_for(cfg, p)
-    store = LocalDirStore(tmp_path / "mailbox")
+    store = store_class(tmp_path / "mailbox")
     mailbox = Mailbox(store, RUN)
     server = FederationServer(
         mailbox,

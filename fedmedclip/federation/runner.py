@@ -247,7 +247,7 @@ def run_site(
         lambda: mailbox.get_json(mailbox.manifest_key, "server"),
         f"the manifest of run {run_id} at {mailbox.where(mailbox.manifest_key)}",
         join_timeout,
-        Poller(first=0.1, cap=2.0),
+        Poller(first=min(0.1, mailbox.poll_cap(2.0)), cap=mailbox.poll_cap(2.0)),
     )
     cfg = site_config(manifest, data, cache_dir, threads)
     if manifest.get("secure_aggregation") and key is None:

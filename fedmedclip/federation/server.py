@@ -30,7 +30,7 @@ from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
 from .records import (
     atomic_write_bytes,
@@ -49,6 +49,7 @@ from .storage import ObjectStore, ObjectTooLarge
 log = logging.getLogger("fedmedclip.server")
 
 MANIFEST_FORMAT = 1
+SWEEP_EVERY = 1.0  # seconds between a waiting server's reads of every missing object (`sweep_every`)
 
 
 class FederationError(FedMedClipError):
@@ -257,6 +258,12 @@ class FederationServer:
         self._heartbeat_at = time.monotonic()
         self._round_started = time.monotonic()
         self._last_stall_line = time.monotonic()
+        # Seconds between sweeps that read every object the server still waits for: 0 reads them all at every
+        # poll (the in-process simulator's fixed order needs that); `run()` sweeps every SWEEP_EVERY s and in
+        # between asks only for the first one missing, since it needs them all before the round goes on
+        # (quorum and timeouts are decided at a sweep): one request per poll instead of one per site.
+        self.sweep_every = 0.0
+        self._swept_at = 0.0
         self.results: dict | None = None
         self.finished = False
 
@@ -522,13 +529,22 @@ class FederationServer:
     def _waiting_for(self) -> list[str]:
         return [s for s in self.sites if s not in self._updates and s not in self._rejected]
 
+    def _sweep_due(self) -> bool:
+        """Whether this poll reads every object the server waits for, or stops at the first one missing."""
+        if time.monotonic() - self._swept_at < self.sweep_every:
+            return False
+        self._swept_at = time.monotonic()
+        return True
+
     def _poll_updates(self) -> bool:
-        r, progressed = self.round, False
+        r, progressed, sweep = self.round, False, self._sweep_due()
         for site in self._waiting_for():
             try:
                 payload = self._read_update(site)
                 if payload is None:
-                    continue
+                    if sweep:
+                        continue
+                    break
                 self._updates[site] = self._validate(site, payload)
             except UpdateRejected as exc:
                 self._reject(site, str(exc))
@@ -536,6 +552,8 @@ class FederationServer:
                 self._reject(site, f"unusable update: {type(exc).__name__}: {exc}")
             progressed = True
         waiting = self._waiting_for()
+        if waiting and not sweep:
+            return progressed
         now = time.monotonic()
         elapsed = now - self._round_started
         if waiting:
@@ -729,7 +747,7 @@ class FederationServer:
             return False
 
     def _poll_reports(self) -> bool:
-        r, progressed = self.round, False
+        r, progressed, sweep = self.round, False, self._sweep_due()
         got = self.reports[r]["sites"]
         for site in self.info["present"]:
             if site in got:
@@ -745,7 +763,9 @@ class FederationServer:
                 progressed = True
                 continue
             if report is None:
-                continue
+                if sweep:
+                    continue
+                break
             progressed = True
             got[site] = {"val": _metrics(report.val), "test": _metrics(report.test)}
             self.site_provenance[site] = report.provenance.to_dict()
@@ -760,7 +780,7 @@ class FederationServer:
                 got[site]["privacy"] = privacy
         missing = [s for s in self.info["present"] if s not in got]
         limit = self.opt.report_timeout or self.opt.round_timeout
-        if missing and time.monotonic() - self._reports_started < limit:
+        if missing and (not sweep or time.monotonic() - self._reports_started < limit):
             return progressed
         for s in missing:
             log.warning("round %d: no metrics from %s within %.0f s", r, s, limit)
@@ -884,14 +904,22 @@ class FederationServer:
     def run(self) -> dict:
         """Poll until the run ends (or fails with FederationError); returns results.json's content. Whatever
         else stops it, its status says `failed` with the reason, so the sites do not wait for ever."""
-        poller = Poller(cap=self.opt.poll_cap)
+        cap = self.mb.poll_cap(self.opt.poll_cap)
+        poller = Poller(cap=cap)
+        self.sweep_every = SWEEP_EVERY
+        # How long each phase took last time: the next round's same phase is aimed at (`Poller.reset`).
+        phase, phase_at, took = (self.round, self.phase), time.monotonic(), {}
         try:
             while not self.finished:
                 # Secure aggregation's shares and answers follow the server's objects within moments.
                 quick = self.phase in ("keys", "shares", "unmask")
-                poller.cap = min(self.opt.poll_cap, SECURE_POLL_CAP) if quick else self.opt.poll_cap
+                poller.cap = min(cap, SECURE_POLL_CAP) if quick else cap
                 if self.poll():
-                    poller.reset()
+                    now = time.monotonic()
+                    if (self.round, self.phase) != phase:
+                        took[phase[1]] = now - phase_at
+                        phase, phase_at = (self.round, self.phase), now
+                    poller.reset(phase_at + AIM * took.get(self.phase, 0.0))
                 elif time.monotonic() - self._heartbeat_at > self.opt.heartbeat_every:
                     self._beat()
                 else:

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointStore, non_finite
 from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
-from .storage import ObjectStore
+from .storage import ObjectStore, ObjectTooLarge
 
 log = logging.getLogger("fedmedclip.site")
 
@@ -92,6 +92,11 @@ class SiteWorker:
         self.recovered: dict | None = None
         self._resent = False  # whether what a restart may have lost was sent again
         self._server_checked = 0.0
+        # Seconds between the checks a waiting site needs only rarely (whether the server went on without it,
+        # and its status): 0 checks at every poll, as the in-process simulator's fixed order requires; `run()`
+        # checks every SERVER_STATUS_EVERY s, so that its polls while it waits are one request each.
+        self.rare_checks_every, self._rare_checked = 0.0, 0.0
+        self._uploaded: int | None = None  # the last round this process uploaded itself
         self.client_dp = site_client_privacy(setup.method.ctx.privacy, manifest, state, self.name)
         self._server_beat: float | None = None  # the `time` of the server's status when last read
         self._server_beat_at = time.monotonic()  # when (this site's clock) that status last changed
@@ -99,6 +104,7 @@ class SiteWorker:
         # A payload of the template's size in any codec, plus its header.
         self.max_global_bytes = template_cap(self.template) + (1 << 20)
         self._received: tuple[int, dict] | None = None  # the newest global module received, by round
+        self._fetched: tuple[int, bytes] | None = None  # a global module's bytes read while waiting for it
         # Secure aggregation (fedmedclip/federation/secure.py), when the manifest turns it on: with this site's
         # registered identity key.
         self.secure = None
@@ -178,9 +184,10 @@ class SiteWorker:
         past its state (its newest checkpoint was damaged or removed after it sent it) redoes that round from
         the global module before it: what it sends is then byte-identical to what it sent before."""
         floor = max(self.trained, self.reported)
-        if self.mb.store.exists(self.mb.global_key(floor)):
+        rare = time.monotonic() - self._rare_checked >= self.rare_checks_every
+        if self._fetch_global(floor):
             g = floor
-        elif floor < self.rounds and self.mb.store.exists(self.mb.global_key(floor + 1)):
+        elif rare and floor < self.rounds and self.mb.store.exists(self.mb.global_key(floor + 1)):
             if self._sent_before(floor + 1):
                 raise SiteFailure(
                     f"site {self.name}: its state ends after round {floor}, but it had sent its update of round "
@@ -190,12 +197,16 @@ class SiteWorker:
                 )
             g = floor + 1
         else:
+            if rare:
+                self._rare_checked = time.monotonic()
             # The server's status says whether it ended the run; read every few seconds, not every poll.
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
                 self._check_server()
             return None
-        while g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
+        # Whether the server went on without this site since: at every rare check (an update it then sends
+        # for round g + 1 comes too late, and it catches up with the next global module).
+        while rare and g < self.rounds and self.mb.store.exists(self.mb.global_key(g + 1)):
             if self._sent_before(g + 1):
                 self._recovered(
                     f"its update of round {g + 1} was in the mailbox although its state ended before it"
@@ -203,6 +214,18 @@ class SiteWorker:
                 break
             g += 1
         return g
+
+    def _fetch_global(self, g: int) -> bool:
+        """Whether round g's global module is in the mailbox; its bytes are kept for `_receive` (one GET
+        while a site waits, rather than a HEAD and then a GET)."""
+        try:
+            raw = self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+        except ObjectTooLarge:
+            return True  # `_receive` refuses it, naming the server
+        if raw is None:
+            return False
+        self._fetched = (g, raw)
+        return True
 
     def _sent_before(self, r: int) -> bool:
         """Whether this site's update of round r went out (it is in the mailbox, or the server's global
@@ -237,8 +260,13 @@ class SiteWorker:
     def _receive(self, g: int) -> tuple[dict, GlobalHeader]:
         """The global module of round g (its size checked before it is read, the manifest's downlink codec
         and template, its header parsed), or ProtocolError."""
+        fetched, self._fetched = self._fetched, None
         try:
-            payload = self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+            payload = (
+                fetched[1]
+                if fetched is not None and fetched[0] == g
+                else self.mb.store.get(self.mb.global_key(g), max_bytes=self.max_global_bytes)
+            )
             got = decode(payload, template=self.template, codec=self.codec_down)
             meta = parse(GlobalHeader, got.meta, SERVER)
         except Exception as exc:  # ObjectTooLarge, CodecError, MessageRefused, ...
@@ -390,7 +418,12 @@ class SiteWorker:
     def _upload(self, r: int, enc) -> None:
         """Send the update of round r (`enc`: its payload and this site's new error-feedback memory), once: a
         site redoing a round it had sent (its newest state was lost) must find the same bytes in the mailbox."""
-        sent = self.mb.store.get(self.mb.update_key(r, self.name), max_bytes=len(enc.payload) + (1 << 20))
+        # A site that uploaded round r - 1 itself has not sent round r before (only a restart loses state).
+        sent = (
+            None
+            if self._uploaded == r - 1
+            else self.mb.store.get(self.mb.update_key(r, self.name), max_bytes=len(enc.payload) + (1 << 20))
+        )
         if sent is not None and sent != enc.payload:
             message = (
                 f"round {r}: this site's state ended before round {r}, and redoing it gave another update than "
@@ -405,6 +438,7 @@ class SiteWorker:
         self._checkpoint()
         if sent is None:
             self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
+        self._uploaded = r
         self._status("uploaded", r, f"{len(enc.payload)} bytes")
 
     def _finish_if_done(self) -> bool:
@@ -428,7 +462,9 @@ class SiteWorker:
         """Poll until the run ends. `timeout`: seconds without progress and without a heartbeat of the
         server (its status changing) before giving up; after HEARTBEAT_STALE seconds of silence the site
         says so."""
+        poll_cap = self.mb.poll_cap(poll_cap)
         poller = Poller(cap=poll_cap)
+        self.rare_checks_every = SERVER_STATUS_EVERY
         self._status("waiting", self.trained, "waiting for the global module")
         last, warned = time.monotonic(), False
         while not self.finished:

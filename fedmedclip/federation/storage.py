@@ -78,6 +78,9 @@ class ObjectStore:
     """The interface. `url` names the store in messages (`s3://bucket/prefix`, a directory, `memory://x`)."""
 
     url: str = ""
+    # Whether asking for a missing object costs next to nothing (a stat of a local file, a dict lookup), so a
+    # waiting party may poll every few milliseconds; False where each poll is a network round trip (S3).
+    cheap_polls: bool = False
 
     def put(self, key: str, data: bytes) -> None:
         raise NotImplementedError
@@ -105,6 +108,7 @@ class PrefixStore(ObjectStore):
     def __init__(self, base: ObjectStore, prefix: str):
         self.base, self.prefix = base, check_key(prefix.strip("/"))
         self.url = base.where(self.prefix)
+        self.cheap_polls = base.cheap_polls
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{check_key(key)}"
@@ -124,6 +128,8 @@ class PrefixStore(ObjectStore):
 
 class LocalDirStore(ObjectStore):
     """Objects as files under a root directory; `put` writes a temporary file and renames it into place."""
+
+    cheap_polls = True
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -162,6 +168,8 @@ _MEMORY_LOCK = threading.Lock()
 
 class MemoryStore(ObjectStore):
     """Objects in a dict of this process; stores of the same name share their objects (`memory://NAME`)."""
+
+    cheap_polls = True
 
     def __init__(self, name: str = "default"):
         self.url = f"memory://{name}"
