@@ -21,7 +21,8 @@ optimiser and schedule. DP-specific options (`dp_*`, no effect without DP) size 
 noise: the non-private MLP's 3 dim^2 parameters (51k at the tiny width) take noise of norm about ten times their
 clipped mean gradient per step and stay near chance, so under DP the private MLP is a linear head (dp_mlp_depth 0)
 on the FAM's output standardised with reference-set statistics, trained with larger expected batches (256) for 4
-expected epochs per round (fewer, less noisy steps: sigma grows more slowly than the batch), at lr 1e-2; its
+expected epochs per round (fewer, less noisy steps: sigma grows more slowly than the batch), at lr 1e-2 (the FAM,
+whose 2 dim^2 parameters get mostly noise, at 1e-5: AdamW would random-walk it by about lr per step); its
 logits are multiplied by dp_logit_scale at prediction only, so the uncertainty-weighted ensemble does not hand
 its examples to the zero-shot half (whose logits are 100 cos). The sampling rate and the steps come from these
 options through the site's plan, so the accountant composes exactly the steps taken."""
@@ -92,7 +93,10 @@ class FedMedClipSite(SiteTrainer):
         # Re-created every round, as in the reference code: moments reset, lr decays.
         optimiser = torch.optim.AdamW(
             [
-                {"params": self.fam.parameters(), "lr": opt["lr_fam"] * decay},
+                {
+                    "params": self.fam.parameters(),
+                    "lr": opt["lr_fam" if self.dp is None else "dp_lr_fam"] * decay,
+                },
                 {
                     "params": self.mlp.parameters(),
                     "lr": opt["lr_mlp" if self.dp is None else "dp_lr_mlp"] * decay,
@@ -242,6 +246,7 @@ class FedMedClip(Method):
         "dp_epochs": 4.0,
         "dp_mlp_depth": 0,
         "dp_lr_mlp": 1e-2,
+        "dp_lr_fam": 1e-5,
         "dp_logit_scale": 10.0,
     }
     option_help = {
@@ -264,6 +269,8 @@ class FedMedClip(Method):
         "non-private shape, 3 dim^2 parameters)",
         "dp_lr_mlp": "under DP-SGD only: learning rate of the private MLP (the linear head learns with fewer, "
         "noisier steps than the non-private MLP)",
+        "dp_lr_fam": "under DP-SGD only: learning rate of the FAM (AdamW moves each coordinate whose gradient is "
+        "mostly noise by about lr per step, so the FAM random-walks and the head reading it must follow)",
         "dp_logit_scale": "under DP-SGD only: factor on the private MLP's logits at prediction (not in training): "
         "the uncertainty-weighted ensemble compares the MLP's confidence with the zero-shot's (logit scale 100), "
         "and the DP-trained head's logits are an order of magnitude smaller than the non-private MLP's",
