@@ -370,3 +370,15 @@ def test_under_dp_fedmedclips_private_head_is_linear_and_exports_with_its_logit_
         with torch.no_grad():
             got = classification_report(clf.head(setup.data.test_x).numpy(), setup.data.test_y.numpy())
         assert got == {k2: v for k2, v in results["metrics"]["sites"][k].items() if k2 != "site"}
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"dp_batch_size": 0}, {"dp_epochs": float("nan")}, {"dp_logit_scale": -1.0}, {"dp_mlp_depth": True}],
+)
+def test_fedmedclips_dp_options_out_of_range_are_refused_naming_the_option(option):
+    from fedmedclip.methods import METHODS, MethodContext
+
+    ctx = MethodContext(feature_dim=8, num_classes=4, text_features=torch.zeros(4, 8), options=option)
+    with pytest.raises(ConfigError, match=f"option {next(iter(option))}="):
+        METHODS["fedmedclip"](ctx)

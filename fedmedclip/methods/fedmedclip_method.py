@@ -18,7 +18,7 @@ instead of the class-wise KL over the batch), the MLP's BatchNorm normalising wi
 of the unlabelled reference set instead of the site's own batch (its running statistics move with those
 batches), the FAM's and the MLP's parts of each example's gradient clipped separately to C/sqrt(2), and the same
 optimiser and schedule. DP-specific options (`dp_*`, no effect without DP) size the private training for the
-noise: the non-private MLP's 3 dim^2 parameters (51k at the tiny width) take noise of norm about ten times their
+noise: the non-private MLP's 3 dim^2 parameters (51k at the tiny width) take noise of norm about eight times their
 clipped mean gradient per step and stay near chance, so under DP the private MLP is a linear head (dp_mlp_depth 0)
 on the FAM's output standardised with reference-set statistics, trained with larger expected batches (256) for 4
 expected epochs per round (fewer, less noisy steps: sigma grows more slowly than the batch), at lr 1e-2 (the FAM,
@@ -28,6 +28,8 @@ its examples to the zero-shot half (whose logits are 100 cos). The sampling rate
 options through the site's plan, so the accountant composes exactly the steps taken."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,7 @@ from .base import (
 )
 
 SHARED_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+DP_POSITIVE = ("dp_epochs", "dp_lr_mlp", "dp_lr_fam", "dp_logit_scale")  # finite and above 0
 
 
 class FedMedClipSite(SiteTrainer):
@@ -275,6 +278,19 @@ class FedMedClip(Method):
         "the uncertainty-weighted ensemble compares the MLP's confidence with the zero-shot's (logit scale 100), "
         "and the DP-trained head's logits are an order of magnitude smaller than the non-private MLP's",
     }
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        o = self.opt
+        for name, ok in (
+            ("dp_batch_size", isinstance(o["dp_batch_size"], int) and o["dp_batch_size"] >= 1),
+            ("dp_mlp_depth", isinstance(o["dp_mlp_depth"], int) and o["dp_mlp_depth"] >= 0),
+            *((k, isinstance(o[k], (int, float)) and 0 < o[k] < math.inf) for k in DP_POSITIVE),
+        ):
+            if not ok or isinstance(o[name], bool):
+                raise ConfigError(
+                    f"fedmedclip option {name}={o[name]!r} is out of range ({self.option_help[name]})"
+                )
 
     def new_mlp(self) -> PrivateMLP:
         """The site's private MLP: the non-private shape, or under DP-SGD the `dp_mlp_depth` one."""
