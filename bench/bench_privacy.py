@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--methods", default="fedmedclip,facmic")
     ap.add_argument("--epsilons", default="inf,8,4,1")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--partition", default="iid")
@@ -90,7 +91,7 @@ def main() -> None:
             method_options=method_opts.get(method, {}),
         ).validate()
         store, backbone, prep = whole_store(base)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             prepared = prepared_from(replace(base, seed=seed).validate(), store, backbone, prep)
             for eps in epsilons:
                 privacy = (

@@ -124,18 +124,45 @@ class FeatureAdaptationModule(nn.Module):
 
 
 class PrivateMLP(nn.Module):
-    """FedMedCLIP's per-site classifier; it never leaves its site."""
+    """FedMedCLIP's per-site classifier; it never leaves its site. `depth` hidden layers of width `dim` (3 by
+    default; 0 is a linear head); `input_norm` standardises the input first (BatchNorm without affine), which
+    a linear head needs: the FAM's output is unit-norm, its coordinates about dim^-1/2 and of unequal spread.
+    `logit_scale` (a buffer, only when not 1) multiplies the logits of `forward`, the prediction; DP-SGD
+    trains through `net` itself (fedmedclip.privacy.dpsgd.reference_normalised), so it never sees the scale."""
 
-    def __init__(self, dim: int, num_classes: int, mask_rule: str = "code", depth: int = 3):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        mask_rule: str = "code",
+        depth: int = 3,
+        input_norm: bool = False,
+        logit_scale: float = 1.0,
+    ):
         super().__init__()
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [nn.BatchNorm1d(dim, affine=False)] if input_norm else []
         for _ in range(depth):
             layers += [MaskedLinear(dim, dim, mask_rule), nn.BatchNorm1d(dim), nn.ReLU()]
         layers.append(MaskedLinear(dim, num_classes, mask_rule))
         self.net = nn.Sequential(*layers)
+        # None (no entry in the state dict) at 1, so the default MLP's tensors are what they always were.
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)) if logit_scale != 1.0 else None)
+
+    @classmethod
+    def for_state(cls, dim: int, num_classes: int, mask_rule: str, state: dict) -> PrivateMLP:
+        """An MLP of the shape that `state` (its state_dict) was saved from."""
+        return cls(
+            dim,
+            num_classes,
+            mask_rule,
+            depth=sum(1 for k in state if k.endswith(".threshold")) - 1,
+            input_norm="net.0.running_mean" in state,
+            logit_scale=float(state["logit_scale"]) if "logit_scale" in state else 1.0,
+        )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        z = self.net(h)
+        return z if self.logit_scale is None else z * self.logit_scale
 
 
 class FacmicAttention(nn.Module):

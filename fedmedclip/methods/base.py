@@ -163,6 +163,14 @@ class Method:
         """The optimiser steps a site with `n_train` training examples takes per round."""
         raise NotImplementedError
 
+    def dp_batch_size(self) -> int:
+        """The expected Poisson batch under DP-SGD (the plan's sampling rate is this / n_train)."""
+        return self.ctx.batch_size
+
+    def dp_steps_per_round(self, n_train: int) -> int:
+        """The DP-SGD steps a site with `n_train` training examples plans per round."""
+        return self.steps_per_round(n_train)
+
     def dp_plan(self, data: SiteData):
         """This site's DP-SGD plan (noise multiplier, step budget) from its own training-set size."""
         from ..privacy.accounting import plan_site
@@ -172,8 +180,8 @@ class Method:
         plan = plan_site(
             self.ctx.privacy,
             n,
-            self.ctx.batch_size,
-            self.steps_per_round(n),
+            self.dp_batch_size(),
+            self.dp_steps_per_round(n),
             self.ctx.rounds,
             f"site {data.name}",
         )

@@ -17,9 +17,19 @@ prompts instead of the batch contrastive loss, CE of the MLP, and the per-exampl
 instead of the class-wise KL over the batch), the MLP's BatchNorm normalising with the statistics of a batch
 of the unlabelled reference set instead of the site's own batch (its running statistics move with those
 batches), the FAM's and the MLP's parts of each example's gradient clipped separately to C/sqrt(2), and the same
-optimiser and schedule."""
+optimiser and schedule. DP-specific options (`dp_*`, no effect without DP) size the private training for the
+noise: the non-private MLP's 3 dim^2 parameters (51k at the tiny width) take noise of norm about eight times their
+clipped mean gradient per step and stay near chance, so under DP the private MLP is a linear head (dp_mlp_depth 0)
+on the FAM's output standardised with reference-set statistics, trained with larger expected batches (256) for 4
+expected epochs per round (fewer, less noisy steps: sigma grows more slowly than the batch), at lr 1e-2 (the FAM,
+whose 2 dim^2 parameters get mostly noise, at 1e-5: AdamW would random-walk it by about lr per step); its
+logits are multiplied by dp_logit_scale at prediction only, so the uncertainty-weighted ensemble does not hand
+its examples to the zero-shot half (whose logits are 100 cos). The sampling rate and the steps come from these
+options through the site's plan, so the accountant composes exactly the steps taken."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +59,7 @@ from .base import (
 )
 
 SHARED_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+DP_POSITIVE = ("dp_epochs", "dp_lr_mlp", "dp_lr_fam", "dp_logit_scale")  # finite and above 0
 
 
 class FedMedClipSite(SiteTrainer):
@@ -57,7 +68,7 @@ class FedMedClipSite(SiteTrainer):
         ctx, opt = method.ctx, method.opt
         with seeded(method.seed_for("site", index)):
             self.fam = FeatureAdaptationModule(ctx.feature_dim, opt["mask_rule"])
-            self.mlp = PrivateMLP(ctx.feature_dim, ctx.num_classes, opt["mask_rule"])
+            self.mlp = method.new_mlp()
         self.text = ctx.text_features
         self.dp = method.dp_plan(data) if method.private else None
         if self.dp is not None and opt["mask_rule"] == "code":
@@ -85,8 +96,14 @@ class FedMedClipSite(SiteTrainer):
         # Re-created every round, as in the reference code: moments reset, lr decays.
         optimiser = torch.optim.AdamW(
             [
-                {"params": self.fam.parameters(), "lr": opt["lr_fam"] * decay},
-                {"params": self.mlp.parameters(), "lr": opt["lr_mlp"] * decay},
+                {
+                    "params": self.fam.parameters(),
+                    "lr": opt["lr_fam" if self.dp is None else "dp_lr_fam"] * decay,
+                },
+                {
+                    "params": self.mlp.parameters(),
+                    "lr": opt["lr_mlp" if self.dp is None else "dp_lr_mlp"] * decay,
+                },
             ],
             betas=(0.9, 0.98),
             eps=1e-6,
@@ -156,7 +173,7 @@ class FedMedClipSite(SiteTrainer):
             len(ref), self.m.ctx.batch_size, generator(self.m.ctx.seed, "reference", self.index, round_index)
         )
         losses, taken = [], 0
-        for step in range(self.m.steps_per_round(len(y))):
+        for step in range(self.m.dp_steps_per_round(len(y))):
             if not self.dp.may_step(round_index):
                 break
             reference = ref[next(references)]
@@ -228,6 +245,12 @@ class FedMedClip(Method):
         "kd_adaptive": False,
         "entropy": "code",
         "mask_rule": "code",
+        "dp_batch_size": 256,
+        "dp_epochs": 4.0,
+        "dp_mlp_depth": 0,
+        "dp_lr_mlp": 1e-2,
+        "dp_lr_fam": 1e-5,
+        "dp_logit_scale": 10.0,
     }
     option_help = {
         "lr_fam": "learning rate of the FAM (AdamW, re-created every round)",
@@ -240,7 +263,54 @@ class FedMedClip(Method):
         "kd_adaptive": "weight the two KL directions by the uncertainty share (the reference's commented-out intent)",
         "entropy": "uncertainty of the ensemble weight: code (log-softmax of probabilities) or shannon",
         "mask_rule": "code (row magnitude mask, thresholds inert) or dst (element-wise, learnable thresholds)",
+        "dp_batch_size": "under DP-SGD only: expected Poisson batch (sampling rate batch/n_train, at most 1); "
+        "larger batches average the noise sigma C over more examples while sigma grows slowly",
+        "dp_epochs": "under DP-SGD only: expected passes over the training split per round "
+        "(steps per round = round(epochs x n_train / batch)); the accountant composes the steps taken",
+        "dp_mlp_depth": "under DP-SGD only: hidden layers of the private MLP, input standardised with reference-set "
+        "statistics (0: a linear head, 4 x (dim+1) parameters, whose gradient the noise does not swamp; 3: the "
+        "non-private shape, 3 dim^2 parameters)",
+        "dp_lr_mlp": "under DP-SGD only: learning rate of the private MLP (the linear head learns with fewer, "
+        "noisier steps than the non-private MLP)",
+        "dp_lr_fam": "under DP-SGD only: learning rate of the FAM (AdamW moves each coordinate whose gradient is "
+        "mostly noise by about lr per step, so the FAM random-walks and the head reading it must follow)",
+        "dp_logit_scale": "under DP-SGD only: factor on the private MLP's logits at prediction (not in training): "
+        "the uncertainty-weighted ensemble compares the MLP's confidence with the zero-shot's (logit scale 100), "
+        "and the DP-trained head's logits are an order of magnitude smaller than the non-private MLP's",
     }
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        o = self.opt
+        for name, ok in (
+            ("dp_batch_size", isinstance(o["dp_batch_size"], int) and o["dp_batch_size"] >= 1),
+            ("dp_mlp_depth", isinstance(o["dp_mlp_depth"], int) and o["dp_mlp_depth"] >= 0),
+            *((k, isinstance(o[k], (int, float)) and 0 < o[k] < math.inf) for k in DP_POSITIVE),
+        ):
+            if not ok or isinstance(o[name], bool):
+                raise ConfigError(
+                    f"fedmedclip option {name}={o[name]!r} is out of range ({self.option_help[name]})"
+                )
+
+    def new_mlp(self) -> PrivateMLP:
+        """The site's private MLP: the non-private shape, or under DP-SGD the `dp_mlp_depth` one."""
+        c = self.ctx
+        if not self.private:
+            return PrivateMLP(c.feature_dim, c.num_classes, self.opt["mask_rule"])
+        return PrivateMLP(
+            c.feature_dim,
+            c.num_classes,
+            self.opt["mask_rule"],
+            self.opt["dp_mlp_depth"],
+            input_norm=True,
+            logit_scale=self.opt["dp_logit_scale"],
+        )
+
+    def dp_batch_size(self):
+        return self.opt["dp_batch_size"]
+
+    def dp_steps_per_round(self, n_train):
+        return max(1, round(self.opt["dp_epochs"] * n_train / min(self.opt["dp_batch_size"], n_train)))
 
     def steps_per_round(self, n_train):
         return self.opt["local_epochs"] * max(1, n_train // self.ctx.batch_size)
@@ -283,7 +353,11 @@ class FedMedClip(Method):
                 "(its own state store, model/site_<name>.safetensors); copy it into the run's model/ folder to export it"
             )
         fam = FeatureAdaptationModule(self.ctx.feature_dim, self.opt["mask_rule"])
-        mlp = PrivateMLP(self.ctx.feature_dim, self.ctx.num_classes, self.opt["mask_rule"])
+        mlp_state = strip_prefix(state, "mlp.")
+        # Trained with or without DP (model.json does not say), the MLP's own tensors give its shape.
+        mlp = PrivateMLP.for_state(
+            self.ctx.feature_dim, self.ctx.num_classes, self.opt["mask_rule"], mlp_state
+        )
         fam.load_state_dict(strip_prefix(state, "fam."))
-        mlp.load_state_dict(strip_prefix(state, "mlp."))
+        mlp.load_state_dict(mlp_state)
         return fam, mlp, self.opt["entropy"]
