@@ -44,11 +44,14 @@ train: install
 # PYTHONDONTWRITEBYTECODE emptied: where the environment sets it (sandboxes, some CI images), every pytest run
 # and every process a test starts would compile the project's modules and rewrite the test modules again
 # (about 3 s of each run's collection).
+# Two pytest workers (pytest-xdist), a test file to each at a time (its module fixtures are built once): the
+# suite waits on servers and subprocesses about half the time, so one worker leaves a core idle.
+TEST_WORKERS ?= 2
 test: install
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -m "not slow"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
