@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
-from fedmedclip.federation.messages import MessageRefused, SiteSummary, parse
+from fedmedclip.federation.messages import DuplicatesFound, MessageRefused, SiteSummary, parse
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreError
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
@@ -177,19 +177,13 @@ def catalog_image_set(bucket: str, client=None) -> tuple[ImageSet, dict]:
 
 def _published_duplicates(found, source: str) -> dict | None:
     """What the publisher's duplicate check found and dropped (results.json's `data.duplicates` of a run on
-    the published data): a policy name and non-negative counts, nothing else."""
-    from fedmedclip.data import DUPLICATE_POLICIES
-
+    the published data), parsed against its declaration."""
     if found is None:
         return None
-    counts = {k: v for k, v in found.items() if k != "policy"} if isinstance(found, dict) else {}
-    if (
-        not isinstance(found, dict)
-        or found.get("policy") not in DUPLICATE_POLICIES
-        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in counts.values())
-    ):
-        raise DataError(f"{source}: 'duplicates' must hold a policy and non-negative counts")
-    return dict(found)
+    try:
+        return parse(DuplicatesFound, found, "the publisher", source).to_dict()
+    except MessageRefused as exc:
+        raise DataError(str(exc)) from None
 
 
 def check_published_partition(cfg, partition, catalog: dict) -> None:

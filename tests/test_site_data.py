@@ -196,6 +196,13 @@ def test_publishing_a_folder_applies_the_duplicate_rule_and_records_it(
     assert published.duplicates == local.duplicates
     assert [r.image_id for r in published.records] == [r.image_id for r in local.records]
     assert added["copy_of_test"][0] not in {r.image_id for r in published.records}
+    # The counts are the publisher's word, parsed against their declaration before a run reports them.
+    admin, key = mlops_stack.s3_client(), f"server/{PUBLISHED}"
+    catalog = json.loads(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
+    catalog["duplicates"]["groups"] = -1
+    admin.put_object(Bucket=bucket, Key=key, Body=json.dumps(catalog).encode())
+    with pytest.raises(DataError, match="duplicates from the publisher .* refused: groups"):
+        load_image_set(_cfg(tmp_path, data=f"s3://{bucket}", synthetic={}, min_class_images=2))
 
 
 def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):

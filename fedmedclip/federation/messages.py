@@ -19,6 +19,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from ..data import DUPLICATE_POLICIES
 from ..errors import FedMedClipError
 from ..secagg.primitives import KEY_BYTES, NONCE_BYTES, SEED_BYTES, label
 
@@ -257,6 +258,20 @@ class SampleCounts(Message):
     train: Count
     val: Count
     test: Count
+
+
+@message("duplicates", max_bytes=4 << 10)
+class DuplicatesFound(Message):
+    """What the exact-duplicate check found and dropped (fedmedclip.data.deduplicate): published.json's
+    `duplicates`, which a run on the published data reports as results.json's `data.duplicates`."""
+
+    policy: Literal[DUPLICATE_POLICIES]
+    groups: Count
+    files: Count
+    groups_across_splits: Count
+    conflicting_groups: Count
+    dropped_conflicting: Count
+    dropped_training_copies: Count
 
 
 @message("site_summary", max_bytes=256 << 10)
