@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
-from fedmedclip.federation.messages import DuplicatesFound, MessageRefused, SiteSummary, parse
+from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary, parse
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreError
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
@@ -141,8 +141,10 @@ def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
     return store, store.root
 
 
-def _get_json(root: ObjectStore, key: str, required: bool = True) -> dict | None:
-    body = root.get(key)
+def _get_message(root: ObjectStore, key: str, cls, required: bool = True) -> dict | None:
+    """The publisher's object at `key`, bounded and parsed against its declaration `cls`
+    (fedmedclip/federation/messages.py); None when it is absent and not `required`."""
+    body = root.get(key, max_bytes=cls.max_bytes)
     if body is None:
         if required:
             raise DataError(
@@ -150,9 +152,9 @@ def _get_json(root: ObjectStore, key: str, required: bool = True) -> dict | None
             )
         return None
     try:
-        return json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{root.where(key)} is not valid JSON: {exc}") from None
+        return parse(cls, body, "the publisher", root.where(key)).to_dict()
+    except MessageRefused as exc:
+        raise DataError(f"{exc}: publish the data again with this version") from None
 
 
 def _put_json(root: ObjectStore, key: str, obj: dict) -> None:
@@ -164,26 +166,12 @@ def _put_json(root: ObjectStore, key: str, obj: dict) -> None:
 def catalog_image_set(bucket: str, client=None) -> tuple[ImageSet, dict]:
     """The whole image list from server/published.json (records without local files: enough to partition)."""
     root, _ = _root(f"s3://{bucket}", client)
-    cat = _get_json(root, SERVER_PREFIX + PUBLISHED)
+    cat = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog)
     source = root.where(SERVER_PREFIX + PUBLISHED)
-    if cat.get("format") != CATALOG_FORMAT:
-        raise DataError(f"{source}: unknown format {cat.get('format')!r}")
     for image_id, *_ in cat["records"]:
         check_relative_id(image_id, source)
     records = [ImageRecord(i, "", label, split, site or None) for i, label, split, site in cat["records"]]
-    duplicates = _published_duplicates(cat.get("duplicates"), source)
-    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=duplicates), cat
-
-
-def _published_duplicates(found, source: str) -> dict | None:
-    """What the publisher's duplicate check found and dropped (results.json's `data.duplicates` of a run on
-    the published data), parsed against its declaration."""
-    if found is None:
-        return None
-    try:
-        return parse(DuplicatesFound, found, "the publisher", source).to_dict()
-    except MessageRefused as exc:
-        raise DataError(str(exc)) from None
+    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=cat["duplicates"]), cat
 
 
 def check_published_partition(cfg, partition, catalog: dict) -> None:
@@ -197,18 +185,13 @@ def check_published_partition(cfg, partition, catalog: dict) -> None:
 
 
 def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
-    cat = _get_json(root, prefix + CATALOG)
+    cat = _get_message(root, prefix + CATALOG, HolderCatalog)
     where = root.where(prefix + CATALOG)
-    if cat.get("format") != HOLDER_CATALOG_FORMAT:
-        raise DataError(
-            f"{where}: catalog format {cat.get('format')!r}, expected {HOLDER_CATALOG_FORMAT} (it lacks the "
-            "images' MD5s and the assignment): publish the data again with this version"
-        )
-    md5 = cat.get("md5") or {}
+    md5 = cat["md5"]
     for image_id, _label, _split in cat["records"]:
         check_relative_id(image_id, where)
-        if not isinstance(md5.get(image_id), str) or len(md5[image_id]) != 32:
-            raise DataError(f"{where}: no valid MD5 for image {image_id!r}")
+        if image_id not in md5:
+            raise DataError(f"{where}: no MD5 for image {image_id!r}")
     return cat
 
 
@@ -449,7 +432,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
             f"publisher's role granted on it (the local stack: `fedmedclip stack add-bucket {bucket}`; a "
             "cluster: the data bucket of infra/training)"
         ) from None
-    old = _get_json(root, SERVER_PREFIX + PUBLISHED, required=False)
+    old = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog, required=False)
     if old is not None and (
         old.get("partition_digest") != part.digest or old.get("image_list") != _image_list_digest(image_set)
     ):
@@ -526,7 +509,7 @@ def publish_site(
     ids = holder_image_ids(part, site)
     by_id = _check_publishable(image_set, ids, allow_outside_root)
     root, _ = _root(location, client)
-    old = _get_json(root, prefix + CATALOG, required=False)
+    old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
     if old is not None and old.get("partition_digest") != part.digest:
         raise DataError(
             f"{root.where(prefix + CATALOG)} already holds {old.get('holder')!r}'s data for another partition "
@@ -568,8 +551,8 @@ def withdraw_site(location: str, index: int) -> tuple[int, int]:
     version of each, with the site's own key (no listing). Returns (images, object versions deleted)."""
     parse_root(location)
     root, _ = _root(location)
-    catalog = _get_json(root, f"{site_prefix(index)}{CATALOG}")
-    ids = [check_relative_id(i, root.where(site_prefix(index) + CATALOG)) for i in catalog.get("md5") or {}]
+    catalog = _get_message(root, f"{site_prefix(index)}{CATALOG}", HolderCatalog)
+    ids = [check_relative_id(i, root.where(site_prefix(index) + CATALOG)) for i in catalog["md5"]]
     keys = [f"{site_prefix(index)}images/{i}" for i in ids] + [
         site_prefix(index) + CATALOG,
         site_summary_key(index),

@@ -435,7 +435,17 @@ def test_a_site_withdraws_every_version_of_its_own_data(seeded, monkeypatch, cap
     for version in (b"first scan", b"rescanned"):  # two versions of one image
         site_0.put_object(Bucket=bucket, Key="sites/0/images/x/a.png", Body=version)
     site_0.put_object(Bucket=bucket, Key="sites/0/images/b.png", Body=b"b")
-    catalog = {"format": 2, "md5": {"x/a.png": "0" * 32, "b.png": "1" * 32}}
+    ids = ["x/a.png", "b.png"]
+    catalog = {  # what `data publish` writes (a catalog is parsed against its declaration)
+        "format": 2,
+        "holder": "site_0",
+        "index": 0,
+        "class_names": ["a"],
+        "records": [[i, "a", "train"] for i in ids],
+        "md5": {"x/a.png": "0" * 32, "b.png": "1" * 32},
+        "assignment": {"train": ids, "val": [], "test": []},
+        "partition_digest": "0" * 64,
+    }
     site_0.put_object(Bucket=bucket, Key="sites/0/catalog.json", Body=json.dumps(catalog).encode())
     site_0.put_object(Bucket=bucket, Key="summaries/sites/0.json", Body=b"{}")
     site_1.put_object(Bucket=bucket, Key="sites/1/images/c.png", Body=b"site 1 keeps this")

@@ -201,7 +201,9 @@ def test_publishing_a_folder_applies_the_duplicate_rule_and_records_it(
     catalog = json.loads(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
     catalog["duplicates"]["groups"] = -1
     admin.put_object(Bucket=bucket, Key=key, Body=json.dumps(catalog).encode())
-    with pytest.raises(DataError, match="duplicates from the publisher .* refused: groups"):
+    with pytest.raises(
+        DataError, match=r"published_catalog from the publisher .* refused: duplicates.groups"
+    ):
         load_image_set(_cfg(tmp_path, data=f"s3://{bucket}", synthetic={}, min_class_images=2))
 
 
@@ -362,7 +364,7 @@ def _write_catalog(client, bucket: str, ids: list[str]) -> None:
         "records": [[i, "a", "train"] for i in ids],
         "md5": {i: "0" * 32 for i in ids},
         "assignment": {"train": ids, "val": [], "test": []},
-        "partition_digest": "x",
+        "partition_digest": "0" * 64,  # well formed: what these tests refuse is the ids
     }
     client.put_object(Bucket=bucket, Key="sites/0/catalog.json", Body=json.dumps(body).encode())
 

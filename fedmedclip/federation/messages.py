@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -272,6 +272,43 @@ class DuplicatesFound(Message):
     conflicting_groups: Count
     dropped_conflicting: Count
     dropped_training_copies: Count
+
+
+# The published data's catalogs (mlops/site_data.py; docs/contracts.md, "Data in S3"), written by its publisher.
+ImageId = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024)
+]  # checked as a relative id on reading
+Md5 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+ClassNames = Annotated[list[Short], Field(max_length=10_000)]
+
+
+@message("published_catalog", max_bytes=256 << 20)
+class PublishedCatalog(Message):
+    """`server/published.json`: every image's id, label, split and site (no pixels) and the partition drawn."""
+
+    format: Literal[1]
+    source: Annotated[str, StringConstraints(max_length=4096)]
+    class_names: ClassNames
+    records: list[tuple[ImageId, Short, Short, Short | None]]
+    partition_settings: dict[Short, Any]  # shown in refusals only; the digest is what is compared
+    partition_digest: Hex64
+    image_list: Hex64
+    site_prefixes: dict[Name, Short]
+    duplicates: DuplicatesFound | None = None  # absent from catalogs published before it was recorded
+
+
+@message("holder_catalog", max_bytes=64 << 20)
+class HolderCatalog(Message):
+    """`sites/<k>/catalog.json` and `server/catalog.json`: one holder's images, their MD5s and its assignment."""
+
+    format: Literal[2]
+    holder: Name
+    index: Annotated[int, Field(ge=0, le=100_000)] | None
+    class_names: ClassNames
+    records: list[tuple[ImageId, Short, Short]]
+    md5: dict[ImageId, Md5]
+    assignment: dict[Short, list[ImageId]]
+    partition_digest: Hex64
 
 
 @message("site_summary", max_bytes=256 << 10)
