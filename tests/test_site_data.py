@@ -369,6 +369,23 @@ def _write_catalog(client, bucket: str, ids: list[str]) -> None:
     client.put_object(Bucket=bucket, Key="sites/0/catalog.json", Body=json.dumps(body).encode())
 
 
+def test_a_malformed_catalog_is_refused_naming_the_field(s3_env, tmp_path, as_stack_role):
+    """A catalog that does not match its declaration (here `records` not a list) is one clear error naming the
+    object and the field, not a traceback from deep in the reader."""
+    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
+    _write_catalog(admin, bucket, ["a.png"])
+    body = json.loads(admin.get_object(Bucket=bucket, Key="sites/0/catalog.json")["Body"].read())
+    admin.put_object(
+        Bucket=bucket, Key="sites/0/catalog.json", Body=json.dumps({**body, "records": 5}).encode()
+    )
+    as_stack_role("site_0")
+    with pytest.raises(
+        DataError,
+        match=rf"holder_catalog from the publisher \(s3://{bucket}/sites/0/catalog.json\) refused: records",
+    ):
+        read_site_assignment(f"s3://{bucket}", 0, cache_dir=tmp_path / "cache")
+
+
 def test_catalog_ids_cannot_escape_the_download_cache(s3_env, tmp_path, monkeypatch, as_stack_role):
     bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
     as_stack_role("site_0")
