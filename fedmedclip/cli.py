@@ -210,21 +210,18 @@ def _observer(args, cfg, run_id: str | None, **kwargs) -> RunObserver:
 
 
 def _cmd_site_run(args) -> int:
-    from .federation.runner import run_site
+    from .federation.runner import SiteOptions, run_site
+    from .flags import options_from_args
 
     run_site(
         args.mailbox,
         args.run_id,
         args.site,
-        data=args.data,
-        cache_dir=args.cache_dir,
         state_url=args.state,
-        threads=args.threads,
-        join_timeout=args.join_timeout,
-        silence_timeout=args.silence_timeout,
         progress=not args.quiet,
         identity=args.identity,
         register_identity=args.register_identity,
+        **asdict(options_from_args(args, SiteOptions)),
     )
     return 0
 
@@ -244,11 +241,9 @@ def _cmd_site_keygen(args) -> int:
 
 
 def _add_runtime_commands(sub) -> None:
-    from .config import TrainConfig
-    from .federation.runner import DEFAULT_IDENTITY, STATE_ROOT
+    from .federation.runner import DEFAULT_IDENTITY, STATE_ROOT, SiteOptions
     from .federation.server import ServerOptions
-    from .federation.site import DEFAULT_SILENCE_TIMEOUT
-    from .flags import SERVER, add_config_arguments
+    from .flags import SERVER, SITE, add_config_arguments
 
     server = sub.add_parser(
         "server", help="the federation's aggregator, as a long-lived process"
@@ -281,33 +276,10 @@ def _add_runtime_commands(sub) -> None:
         "with the same arguments to continue",
     )
     _add_runtime_args(p)
-    d = TrainConfig()
     p.add_argument(
         "--site", required=True, help="this site's name in the run (as the server's partition names it)"
     )
-    p.add_argument(
-        "--data",
-        default=None,
-        help="this site's images: s3://BUCKET (its own prefix, its own credentials) or a local source "
-        "(default: the run's --data)",
-    )
-    p.add_argument("--cache-dir", default=d.cache_dir, help="feature stores (default: %(default)s)")
-    p.add_argument(
-        "--threads", type=int, default=d.threads, help="torch threads for training (default: %(default)s)"
-    )
-    p.add_argument(
-        "--join-timeout",
-        type=float,
-        default=ServerOptions.join_timeout,
-        help="seconds to wait for the run to appear (default: %(default)s)",
-    )
-    p.add_argument(
-        "--silence-timeout",
-        type=float,
-        default=DEFAULT_SILENCE_TIMEOUT,
-        help="give up after this many seconds without progress and without a heartbeat of the server (its "
-        "status, rewritten every 10 s while it waits); a silence of a minute is logged (default: %(default)s)",
-    )
+    add_config_arguments(p, SITE, SiteOptions)
     p.add_argument(
         "--identity",
         default=DEFAULT_IDENTITY,

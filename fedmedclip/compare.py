@@ -337,11 +337,9 @@ def _cell_numbers(results: dict) -> dict:
 
 
 # ---------------------------------------------------------------- command line
-# The grid's own flags replace these configuration fields; every other field comes from fedmedclip.flags.
-GRID_FIELDS = ("method", "federation", "partition", "alpha", "seed", "out", "method_options")
-
-
 def add_arguments(p) -> None:
+    """The grid's own flags, then every configuration field declared for compare (fedmedclip.flags); the fields
+    the grid sets per cell (`_cell_config`) are declared `grid=True`, so compare takes no flag of theirs."""
     from .flags import COMPARE, add_config_arguments
 
     p.add_argument(
@@ -365,7 +363,7 @@ def add_arguments(p) -> None:
         action="store_true",
         help="run nothing: tabulate the cells of this grid that are already finished",
     )
-    add_config_arguments(p, COMPARE, exclude=GRID_FIELDS, defaults={"rounds": 10})
+    add_config_arguments(p, COMPARE, defaults={"rounds": 10})
 
 
 def cmd_compare(args) -> int:

@@ -65,12 +65,13 @@ class TrainConfig:
         "'synthetic' (generated), or s3://BUCKET published by `fedmedclip data publish` (default: %(default)s)",
     )
     method: str = setting(
-        DEFAULT_METHOD, group="training", help="the method: {methods} (default: %(default)s)"
+        DEFAULT_METHOD, group="training", grid=True, help="the method: {methods} (default: %(default)s)"
     )
     federation: str = setting(
         "federated",
         group="federation",
         commands=(TRAIN, COMPARE),
+        grid=True,
         resume="unless_default",
         choices=FEDERATIONS,
         help="federated (default), local (each site alone, nothing shared) or centralized (all training data "
@@ -82,6 +83,7 @@ class TrainConfig:
         choices=SCHEMES,
         extraction=True,
         partition=True,
+        grid=True,
         help="iid, dirichlet (with --alpha) or natural (the manifest's site column) (default: %(default)s)",
     )
     alpha: float | None = setting(
@@ -89,6 +91,7 @@ class TrainConfig:
         group="data",
         extraction=True,
         partition=True,
+        grid=True,
         help="Dirichlet concentration (smaller = more label skew)",
     )
     sites: int | None = setting(
@@ -121,10 +124,11 @@ class TrainConfig:
         group="data",
         extraction=True,
         partition=True,
+        grid=True,
         help="random seed of the partition and every draw (default: %(default)s)",
     )
     out: str = setting(
-        "runs/latest", group="output", resume="never", help="run directory (default: %(default)s)"
+        "runs/latest", group="output", resume="never", grid=True, help="run directory (default: %(default)s)"
     )
     batch_size: int = setting(
         32,
@@ -240,6 +244,7 @@ class TrainConfig:
         flags=("--method-opt", "--method-option"),
         parse=parse_method_options,
         metavar="KEY=VALUE",
+        grid=True,  # compare's --method-opt, per method
         entries=lambda values: _method_options(values.get("method", DEFAULT_METHOD)),
         default_factory=dict,
         help="a method option KEY=VALUE, e.g. lr_fam=5e-4 or local_steps=50 (repeatable; unknown options are "

@@ -3,9 +3,11 @@
 A field is declared once, on its dataclass (`TrainConfig`, `PrivacySettings`, `ServerOptions`), with
 `setting(default, help=..., group=...)`: its type is the annotation, and the metadata carries its help, its
 group (which commands take it), its flag spelling, choices and parser, whether the partition's draw (`partition`)
-and a party's feature extraction (`extraction`) depend on it, and how it enters the run's resume key (`resume`). From that one declaration come:
-- the flags of `train`, `server run`, `pipeline run|submit|demo`, `compare` and `data publish`
-  (`add_config_arguments`, `config_from_args`, `options_from_args`);
+and a party's feature extraction (`extraction`) depend on it, and how it enters the run's resume key (`resume`);
+`grid`: compare's grid sets it per cell (no compare flag of its own); `manifest`: the run's manifest records it
+(a server option). From that one declaration come:
+- the flags of `train`, `server run`, `site run` (`SiteOptions`), `pipeline run|submit|demo`, `compare` and
+  `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`);
 - the pipeline's structured `settings` parameter (`to_parameters`, `from_parameters`: KFP gives integers back
   as floats and refuses `None`, so unset fields are left out and the receiving side converts by the type);
 - the schema (`schema()`, snapshot in tests/config_schema.json), and through `TrainConfig.to_json()` and
@@ -22,16 +24,18 @@ import typing
 
 from .errors import ConfigError
 
-TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH = "train", "server run", "pipeline", "compare", "data publish"
-COMMANDS = (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)
+TRAIN, SERVER, SITE, PIPELINE = "train", "server run", "site run", "pipeline"
+COMPARE, PUBLISH = "compare", "data publish"
+COMMANDS = (TRAIN, SERVER, SITE, PIPELINE, COMPARE, PUBLISH)
 # group -> (argparse title, the commands that take its fields unless a field names its own)
 GROUPS = {
-    "data": ("data and partition", COMMANDS),
+    "data": ("data and partition", (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)),
     "training": ("training", (TRAIN, SERVER, PIPELINE, COMPARE)),
     "federation": ("federation", (TRAIN, SERVER, PIPELINE, COMPARE)),
     "privacy": ("differential privacy (docs/privacy.md)", (TRAIN, SERVER, PIPELINE, COMPARE)),
     "server": ("the server: quorum, timeouts, update checks", (SERVER, PIPELINE)),
     "output": ("output", (TRAIN, SERVER, COMPARE)),
+    "site": ("this site", (SITE,)),
 }
 RESUME = ("always", "unless_default", "never")  # how a field enters TrainConfig.resume_key()
 
@@ -50,6 +54,8 @@ def setting(
     extraction: bool = False,
     partition: bool = False,
     resume: str = "always",
+    grid: bool = False,
+    manifest: bool = False,
     nested: type | None = None,
     prefix: str = "",
     entries=None,
@@ -58,14 +64,17 @@ def setting(
     """A dataclass field with its declaration. `parse`: str -> value for a flag's text (ConfigError on bad
     input); `nested`: a dataclass whose fields become flags `--<prefix><name>` (a dict field of their
     non-default entries); `entries`: for another dict field, values -> {key: default} of its entries (their
-    types convert a pipeline's floats back to integers); `flags`: the spelling when not `--field-name`."""
+    types convert a pipeline's floats back to integers); `flags`: the spelling when not `--field-name`;
+    `grid`: one of the fields compare's grid (--methods, --partitions, --seeds, --method-opt, --out) sets per
+    cell, so compare takes no flag for it; `manifest`: the run's manifest records it (`make_manifest`)."""
     if group not in GROUPS or resume not in RESUME:
         raise ValueError(f"unknown group {group!r} or resume {resume!r}")
+    commands = tuple(commands) if commands is not None else GROUPS[group][1]
     meta = dict(
         help=help,
         group=group,
         flags=tuple(flags),
-        commands=tuple(commands) if commands is not None else GROUPS[group][1],
+        commands=tuple(c for c in commands if not (grid and c == COMPARE)),
         choices=tuple(choices) if choices is not None else None,
         minimum=minimum,
         parse=parse,
@@ -73,6 +82,8 @@ def setting(
         extraction=extraction,
         partition=partition,
         resume=resume,
+        grid=grid,
+        manifest=manifest,
         nested=nested,
         prefix=prefix,
         entries=entries,
@@ -239,7 +250,7 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
 
 
 def options_from_args(args: argparse.Namespace, cls=None):
-    """The server's options (`ServerOptions`, or `cls`) from the parsed flags."""
+    """The server's options (`ServerOptions`, or `cls`: a site's `SiteOptions`) from the parsed flags, checked."""
     if cls is None:
         from .federation.server import ServerOptions as cls
     options = cls(**values_from_args(args, cls))
@@ -307,13 +318,14 @@ def from_parameters(values: dict, *classes, command: str = PIPELINE, where: str 
 
 # ------------------------------------------------------------------------- schema
 def schema(*classes) -> dict:
-    """Every declared field of `classes` (default: TrainConfig and ServerOptions) with everything declared
-    about it: the snapshot tests/config_schema.json is this, so a field cannot change in one place only."""
+    """Every declared field of `classes` (default: TrainConfig, ServerOptions and SiteOptions) with everything
+    declared about it: the snapshot tests/config_schema.json is this, so a field cannot change in one place only."""
     if not classes:
         from .config import TrainConfig
+        from .federation.runner import SiteOptions
         from .federation.server import ServerOptions
 
-        classes = (TrainConfig, ServerOptions)
+        classes = (TrainConfig, ServerOptions, SiteOptions)
     out = {}
     for cls in classes:
         entries = {}

@@ -16,15 +16,20 @@ import pytest
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.errors import ConfigError
+from fedmedclip.federation.runner import SiteOptions
 from fedmedclip.federation.server import ServerOptions, make_manifest
 from fedmedclip.flags import (
     COMMANDS,
+    COMPARE,
     PIPELINE,
     PUBLISH,
+    SITE,
+    TRAIN,
     add_config_arguments,
     config_from_args,
     declared,
     from_parameters,
+    options_from_args,
     schema,
     setting,
     to_parameters,
@@ -59,29 +64,48 @@ def _declared_flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
     return {a.dest: (tuple(a.option_strings), a.help) for a in parser._actions}
 
 
-def _declared_flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
-    """dest -> the flags and help of each argument (a command's own `--out` shares a field's flag, not its help)."""
-    return {a.dest: (tuple(a.option_strings), a.help) for a in parser._actions}
-
-
 @pytest.mark.parametrize(
     ("command", "cli"),
-    [("train", "train"), ("server run", "server run"), (PIPELINE, "pipeline run"), (PIPELINE, "pipeline submit"),
-     ("compare", "compare"), (PUBLISH, "data publish")],
+    [("train", "train"), ("server run", "server run"), (SITE, "site run"), (PIPELINE, "pipeline run"),
+     (PIPELINE, "pipeline submit"), ("compare", "compare"), (PUBLISH, "data publish")],
 )  # fmt: skip
 def test_every_cli_takes_exactly_the_fields_declared_for_it(command, cli):
+    """A field's flag, with its declared help, on exactly the commands it names; compare takes none for the
+    fields its grid sets per cell (`grid=True`), and `site run` only the site's options."""
     from fedmedclip.cli import build_parser
-    from fedmedclip.compare import GRID_FIELDS
 
     actions = _declared_flags(_subcommand(build_parser(), cli))
-    for cls in (TrainConfig, ServerOptions):
+    for cls in (TrainConfig, ServerOptions, SiteOptions):
         for d in declared(cls):
             if d.meta["nested"] is not None:
                 continue
-            grid = command == "compare" and (d.name in GRID_FIELDS or d.owner in GRID_FIELDS)
             flags, helptext = actions.get(d.dest, ((), ""))
             derived = flags == d.flags and (helptext == d.meta["help"] or "{methods}" in d.meta["help"])
-            assert derived == (d.takes(command) and not grid), f"{cli}: {d.dest}"
+            if cls is SiteOptions and command != SITE:
+                continue  # a site option shares its name (and flag) with the run's setting it stands for
+            assert derived == d.takes(command), f"{cli}: {d.dest}"
+            assert not (d.meta["grid"] and d.takes("compare")), d.name
+
+
+def test_site_run_and_the_pipelines_sites_take_the_declared_site_options():
+    """`run_site` takes each declared site option by name with its declared default; a site the pipeline
+    starts takes the run's values of the same names, and `site run` checks them as declared."""
+    import inspect
+
+    from fedmedclip.cli import build_parser
+    from fedmedclip.federation.runner import run_site
+
+    parameters = inspect.signature(run_site).parameters
+    for d in declared(SiteOptions):
+        assert parameters[d.name].default == d.default, d.name
+    cfg = TrainConfig(out="", data="s3://site-data", cache_dir="/cache", threads=3)
+    got = SiteOptions.of_run(cfg, ServerOptions(join_timeout=7.0))
+    assert got == SiteOptions(data="s3://site-data", cache_dir="/cache", threads=3, join_timeout=7.0)
+    site_run = _subcommand(build_parser(), "site run")
+    base = ["--mailbox", "m", "--run-id", "r", "--site", "s"]
+    assert options_from_args(site_run.parse_args([*base, "--threads", "2"]), SiteOptions).threads == 2
+    with pytest.raises(ConfigError, match="--threads must be at least 1, got 0"):
+        options_from_args(site_run.parse_args([*base, "--threads", "0"]), SiteOptions)
 
 
 def _readme_field() -> str:
@@ -108,9 +132,9 @@ def test_a_field_declared_once_reaches_every_command_the_pipeline_the_manifest_a
     for command in COMMANDS:
         parser = argparse.ArgumentParser(exit_on_error=False)
         add_config_arguments(parser, command, Extended)
-        if command == PUBLISH:
+        if command in (PUBLISH, SITE):  # the data group only; a site's own options only
             assert flag not in parser.format_help()
-            assert "--scanner" in parser.format_help()
+            assert ("--scanner" in parser.format_help()) == (command == PUBLISH)
             continue
         assert flag in parser.format_help() and "--scanner" in parser.format_help(), command
         cfg = config_from_args(parser.parse_args([flag, "3", "--scanner", "ct"]), Extended)
@@ -142,10 +166,54 @@ def test_a_field_declared_once_reaches_every_command_the_pipeline_the_manifest_a
     )
     manifest = make_manifest("run", setup, ServerOptions(), {}, None)
     assert manifest["settings"][new] == 3
+    assert (manifest["quorum"], manifest["round_timeout"]) == (1, 600.0)  # as the server resolves them
     assert new not in Extended(out="").resume_key()  # at its default: older runs' keys still match
     assert run_parameters(cfg.to_json())[new] == "3"
     # and the schema: the snapshot would change
     assert new in schema(Extended)["Extended"] and new not in schema()["TrainConfig"]
+
+
+def _subclass(base, name: str, *fields):
+    return dataclasses.make_dataclass(
+        name, [(f, int, declaration) for f, declaration in fields], bases=(base,)
+    )
+
+
+def test_a_grid_field_a_manifest_entry_and_a_site_option_are_each_declared_once():
+    """The markers of a declaration: a field compare's grid sets per cell (`grid=True`) is a flag of every
+    command of its group but compare; a server option declared `manifest=True` is in the run's manifest; a
+    site option is a flag of `site run` and, for a site the pipeline starts, the run's value of its name."""
+    grid = _subclass(TrainConfig, "Grid", ("arm", setting(0, group="training", grid=True, help="an arm")))
+    for command, takes in ((TRAIN, True), (PIPELINE, True), (COMPARE, False)):
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser, command, grid)
+        assert ("--arm" in parser.format_help()) == takes, command
+
+    recorded = setting(2, group="server", manifest=True, help="recorded")
+    options = _subclass(
+        ServerOptions, "Recorded", ("kept", recorded), ("not_kept", setting(0, group="server", help="x"))
+    )
+    cfg = TrainConfig(out="", rounds=4).validate()
+    setup = SimpleNamespace(
+        cfg=cfg,
+        partition=SimpleNamespace(
+            sites={"a": {"train": [1]}, "b": {"train": [2]}}, site_names=["a", "b"], digest="d"
+        ),
+        backbone={},
+        preprocessing={},
+        class_names=["x", "y"],
+    )
+    manifest = make_manifest("run", setup, options(kept=5, quorum=None, clip_updates=1), {}, 3.0)
+    assert (manifest["kept"], manifest["quorum"], manifest["max_update_norm"]) == (5, 2, 3.0)
+    assert manifest["clip_updates"] is True and "not_kept" not in manifest
+
+    site = _subclass(SiteOptions, "Site", ("rounds", setting(1, group="site", minimum=1, help="the rounds")))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, SITE, site)
+    assert options_from_args(parser.parse_args(["--rounds", "6", "--threads", "2"]), site).rounds == 6
+    with pytest.raises(ConfigError, match="--rounds must be at least 1"):
+        options_from_args(parser.parse_args(["--rounds", "0"]), site)
+    assert site.of_run(cfg, ServerOptions()).rounds == 4  # the run's setting of that name
 
 
 def test_the_pipeline_refuses_settings_of_the_wrong_type_naming_them():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from ..backbone import load_backbone, make_preprocessing
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..flags import declared, setting
 from ..methods import METHODS
 from ..observer import RunObserver
 from ..preparation import (
@@ -213,16 +215,58 @@ def prepare_site(
     return SiteSetup(site, index, method, data, store.provenance)
 
 
+@dataclass
+class SiteOptions:
+    """A site's own options, each declared once (fedmedclip/flags.py): the flags of `fedmedclip site run` and
+    `run_site`'s keywords; a site the pipeline starts takes the run's values of the same names (`of_run`)."""
+
+    data: str | None = setting(
+        None,
+        group="site",
+        help="this site's images: s3://BUCKET (its own prefix, its own credentials) or a local source "
+        "(default: the run's --data)",
+    )
+    cache_dir: str = setting(
+        TrainConfig.cache_dir, group="site", help="feature stores (default: %(default)s)"
+    )
+    threads: int = setting(
+        TrainConfig.threads, group="site", minimum=1, help="torch threads for training (default: %(default)s)"
+    )
+    join_timeout: float = setting(
+        ServerOptions.join_timeout,
+        group="site",
+        minimum=0,
+        help="seconds to wait for the run to appear (default: %(default)s)",
+    )
+    silence_timeout: float = setting(
+        DEFAULT_SILENCE_TIMEOUT,
+        group="site",
+        minimum=0,
+        help="give up after this many seconds without progress and without a heartbeat of the server (its "
+        "status, rewritten every 10 s while it waits); a silence of a minute is logged (default: %(default)s)",
+    )
+
+    @classmethod
+    def of_run(cls, cfg: TrainConfig, options: ServerOptions) -> SiteOptions:
+        """A site that the pipeline starts with the run's settings: each option as the run's configuration or
+        the server's options declare a field of its name (its data, cache, threads, join timeout), else its
+        default."""
+        run = {
+            d.name: getattr(obj, d.name) for obj in (options, cfg) for d in declared(type(obj), nested=False)
+        }
+        return cls(**{d.name: run[d.name] for d in declared(cls) if d.name in run})
+
+
 def run_site(
     mailbox_url: str,
     run_id: str,
     site: str,
-    data: str | None = None,
-    cache_dir: str = ".cache/fedmedclip",
+    data: str | None = SiteOptions.data,
+    cache_dir: str = SiteOptions.cache_dir,
     state_url: str | None = None,
-    threads: int = 1,
-    join_timeout: float = ServerOptions.join_timeout,
-    silence_timeout: float = DEFAULT_SILENCE_TIMEOUT,
+    threads: int = SiteOptions.threads,
+    join_timeout: float = SiteOptions.join_timeout,
+    silence_timeout: float = SiteOptions.silence_timeout,
     progress: bool = True,
     identity: str | None = None,
     register_identity: bool = False,
@@ -279,4 +323,12 @@ def run_site(
         raise
 
 
-__all__ = ["holder_image_ids", "method_for", "prepare_site", "run_server", "run_site", "server_setup"]
+__all__ = [
+    "SiteOptions",
+    "holder_image_ids",
+    "method_for",
+    "prepare_site",
+    "run_server",
+    "run_site",
+    "server_setup",
+]

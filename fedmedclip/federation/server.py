@@ -24,7 +24,7 @@ from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
 from ..errors import FedMedClipError
 from ..flags import SERVER as SERVER_RUN
-from ..flags import setting
+from ..flags import declared, setting
 from ..methods import Method
 from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
@@ -64,12 +64,14 @@ class ServerOptions:
     quorum: int | None = setting(
         None,
         group="server",
+        manifest=True,
         minimum=0,
         help="minimum sites per round once a round times out (default: every site)",
     )
     round_timeout: float = setting(
         600.0,
         group="server",
+        manifest=True,
         minimum=0,
         help="seconds a round waits for updates once the global module is out (default: %(default)s)",
     )
@@ -85,6 +87,7 @@ class ServerOptions:
     norm_factor: float = setting(
         10.0,
         group="server",
+        manifest=True,
         minimum=0,
         help="reject an update farther from the global module than this times the median of the round's "
         "others; 0 disables (default: %(default)s)",
@@ -94,6 +97,7 @@ class ServerOptions:
     max_update_norm: float | None = setting(
         None,
         group="server",
+        manifest=True,
         minimum=0,
         help="the most an update may move the global module (L2 norm of the difference), fixed in the run's "
         "manifest; refused above it (see --clip-updates); 0 disables (default: 2x the norm of the method's "
@@ -102,6 +106,7 @@ class ServerOptions:
     clip_updates: bool = setting(
         False,
         group="server",
+        manifest=True,
         help="clip an update above --max-update-norm onto the bound instead of refusing it",
     )
     max_update_bytes: int | None = None  # cap on an inflated update (default: the template's size + headroom)
@@ -146,6 +151,13 @@ def make_manifest(
 ) -> dict:
     cfg, part = setup.cfg, setup.partition
     counts = {s: len(part.sites[s]["train"]) for s in part.site_names}
+    # The options declared `manifest=True`, as this server resolved them: what the sites and a restart read.
+    resolved = {"quorum": options.quorum or len(part.site_names), "max_update_norm": max_update_norm}
+    recorded = {}
+    for d in declared(type(options), nested=False):
+        if d.meta["manifest"]:
+            value = resolved.get(d.name, getattr(options, d.name))
+            recorded[d.name] = bool(value) if d.type is bool else value
     return {
         "format": MANIFEST_FORMAT,
         "run_id": run_id,
@@ -156,12 +168,8 @@ def make_manifest(
         "codec_down": cfg.codec_down,
         "partition_digest": part.digest,
         "sites": [{"name": s, "index": k, "n_train": counts[s]} for k, s in enumerate(part.site_names)],
-        "quorum": options.quorum or len(part.site_names),
-        "round_timeout": options.round_timeout,
-        "norm_factor": options.norm_factor,
+        **recorded,
         "aggregator": cfg.aggregator,
-        "max_update_norm": max_update_norm,
-        "clip_updates": bool(options.clip_updates),
         "backbone": setup.backbone,
         "preprocessing": setup.preprocessing,
         "class_names": setup.class_names,
