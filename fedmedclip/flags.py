@@ -36,6 +36,9 @@ GROUPS = {
     "server": ("the server: quorum, timeouts, update checks", (SERVER, PIPELINE)),
     "output": ("output", (TRAIN, SERVER, COMPARE)),
     "site": ("this site", (SITE,)),
+    # the pipeline's own run-time parameters besides `settings` (pipelines/cli.py, RunParameters)
+    "pipeline": ("the federation", (PIPELINE,)),
+    "registry": ("export, tracking and registry", (PIPELINE,)),
 }
 RESUME = ("always", "unless_default", "never")  # how a field enters TrainConfig.resume_key()
 

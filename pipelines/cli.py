@@ -1,8 +1,9 @@
 """`fedmedclip pipeline compile|run --local|submit` and `fedmedclip demo` (entry point `pipelines`).
 
-The configuration's flags come from fedmedclip/flags.py (one definition with `train`), and the configuration is
-validated here, before anything is compiled or submitted: an unknown method, option, codec or partition fails
-at once with exit status 2, before any pod (or local task) starts.
+The configuration's flags and the pipeline's own parameters (`RunParameters`) come from their declarations
+(fedmedclip/flags.py: one definition with `train` and `server run`), and the configuration is validated here,
+before anything is compiled or submitted: an unknown method, option, codec or partition fails at once with exit
+status 2, before any pod (or local task) starts.
 Nothing heavy is imported at module level (docs/contracts.md): kfp, torch and mlflow load in the handlers."""
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from fedmedclip.flags import setting
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
 LOCAL_CACHE = ".cache/fedmedclip"
@@ -24,6 +29,59 @@ LOCAL_JOIN_TIMEOUT = 900.0
 
 
 # ------------------------------------------------------------------------------------------- flags
+@dataclass
+class RunParameters:
+    """The pipeline's run-time parameters besides `settings` (pipelines/pipeline.py names them so), each declared
+    once: its flag of `pipeline run|submit|demo` and its argument (`pipeline_arguments`)."""
+
+    site_names: str = setting(
+        "", group="pipeline", help="comma-separated site names, checked against the partition's"
+    )
+    mailbox: str = setting(
+        "",
+        group="pipeline",
+        help="where the parties exchange modules: s3://BUCKET[/PREFIX] (default: the data's bucket for s3:// "
+        "data; locally a folder under the pipeline root)",
+    )
+    export_site: str = setting(
+        "global", group="registry", help="model to export to ONNX ('' skips the export)"
+    )
+    tracking_uri: str = setting(
+        "",
+        group="registry",
+        help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
+        "tracking; in a cluster the endpoints ConfigMap's)",
+    )
+    experiment: str = setting("fedmedclip", group="registry", help="MLflow experiment (default: %(default)s)")
+    model_name: str = setting("fedmedclip", group="registry", help="registered model (default: %(default)s)")
+    promote_alias: str = setting(
+        "champion",
+        group="registry",
+        flags=("--alias",),
+        metavar="ALIAS",
+        help="alias to promote to ('' registers only)",
+    )
+    allow_worse: bool = setting(False, group="registry", help="promote even below the current alias holder")
+    allow_different_data: bool = setting(
+        False,
+        group="registry",
+        help="promote even when the alias holder was trained on other data or another partition",
+    )
+    fail_if_not_promoted: bool = setting(
+        False,
+        group="registry",
+        help="fail the run when the promotion is refused (default: the version stays registered and the "
+        "register task's `promotion` output says why)",
+    )
+    max_epsilon: float = setting(  # 0: no budget
+        0.0,
+        group="registry",
+        metavar="EPSILON",
+        help="refuse to promote a version trained without record-level differential privacy or with a larger "
+        "epsilon (as `promote --max-epsilon`)",
+    )
+
+
 def _compile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compile options (fixed in the graph; sites and rounds are run-time parameters)")
     g.add_argument(
@@ -125,55 +183,27 @@ def compile_options_from_args(args):
     )
 
 
-def _pipeline_params(p: argparse.ArgumentParser, defaults: dict) -> None:
-    """The run's settings (every field declared for the pipeline: `train`'s and the server's, one definition in
-    fedmedclip/flags.py; the pipeline's `settings` parameter), then the pipeline's own parameters."""
+def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = True) -> None:
+    """What `run --local`, `submit` and `demo` share: the YAML to run, where a local run's outputs go, the compile
+    options, then the run's settings (every field declared for the pipeline: `train`'s and the server's, the
+    pipeline's `settings` parameter) and the pipeline's own parameters (RunParameters)."""
+    from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.flags import PIPELINE, add_config_arguments
 
-    add_config_arguments(p, PIPELINE, defaults=defaults)
-    add_config_arguments(p, PIPELINE, ServerOptions, defaults=defaults)
-    g = p.add_argument_group("the federation")
-    g.add_argument(
-        "--site-names", default="", help="comma-separated site names, checked against the partition's"
-    )
-    g.add_argument(
-        "--mailbox",
-        default="",
-        help="where the parties exchange modules: s3://BUCKET[/PREFIX] (default: the data's bucket for s3:// "
-        "data; locally a folder under the pipeline root)",
-    )
-    g = p.add_argument_group("export, tracking and registry")
-    g.add_argument("--export-site", default="global", help="model to export to ONNX ('' skips the export)")
-    g.add_argument(
-        "--tracking-uri",
-        default="",
-        help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
-        "tracking; in a cluster the endpoints ConfigMap's)",
-    )
-    g.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (default: %(default)s)")
-    g.add_argument("--model-name", default="fedmedclip", help="registered model (default: %(default)s)")
-    g.add_argument("--alias", default="champion", help="alias to promote to ('' registers only)")
-    g.add_argument("--allow-worse", action="store_true", help="promote even below the current alias holder")
-    g.add_argument(
-        "--allow-different-data",
-        action="store_true",
-        help="promote even when the alias holder was trained on other data or another partition",
-    )
-    g.add_argument(
-        "--fail-if-not-promoted",
-        action="store_true",
-        help="fail the run when the promotion is refused (default: the version stays registered and the "
-        "register task's `promotion` output says why)",
-    )
-    g.add_argument(
-        "--max-epsilon",
-        type=float,
-        default=None,
-        metavar="EPSILON",
-        help="refuse to promote a version trained without record-level differential privacy or with a larger "
-        "epsilon (as `promote --max-epsilon`)",
-    )
+    p.add_argument("--yaml", default=None, help="a compiled YAML to run (default: compile with the options)")
+    if local:
+        p.add_argument("--out", default=None, help="copy the run directory here")
+        p.add_argument(
+            "--pipeline-root",
+            default=None,
+            help="where the tasks' artifacts, the task log and (for local data) the mailbox go (default: a temp "
+            "dir)",
+        )
+    _compile_options(p)
+    for cls in (TrainConfig, ServerOptions, RunParameters):
+        add_config_arguments(p, PIPELINE, cls, defaults=defaults)
+    p.set_defaults(func=func)
 
 
 def validated_config(args):
@@ -184,25 +214,12 @@ def validated_config(args):
 
 
 def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
-    """The pipeline's run-time parameters for this command line."""
+    """The pipeline's run-time parameters for this command line: the run's `settings`, then RunParameters."""
     from components.kfp_components import pipeline_settings
     from fedmedclip.flags import options_from_args
 
-    return dict(
-        settings=pipeline_settings(cfg, options_from_args(args)),
-        site_names=args.site_names,
-        mailbox=args.mailbox,
-        export_site=args.export_site,
-        tracking_uri=args.tracking_uri,
-        experiment=args.experiment,
-        model_name=args.model_name,
-        promote_alias=args.alias,
-        allow_worse=args.allow_worse,
-        allow_different_data=args.allow_different_data,
-        fail_if_not_promoted=args.fail_if_not_promoted,
-        max_epsilon=args.max_epsilon or 0.0,
-        local_stack=local_stack,
-    )
+    settings = pipeline_settings(cfg, options_from_args(args))
+    return dict(settings=settings, **asdict(options_from_args(args, RunParameters)), local_stack=local_stack)
 
 
 def _compile(args, out: str) -> Path:
@@ -234,33 +251,30 @@ def _local_stack_for(cfg, args) -> str:
     return str(Path(stack).resolve()) if read_state(stack) is not None else ""
 
 
-def _local_paths(cfg) -> None:
-    # Tasks run with this process's working directory; a relative path would be ambiguous.
+def _local_config(args):
+    """The validated configuration of a run on this machine, before anything is compiled or started; its paths
+    absolute: tasks run with this process's working directory, where a relative path would be ambiguous."""
+    cfg = validated_config(args)
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve())
     if cfg.data != "synthetic" and "://" not in cfg.data:
         cfg.data = str(Path(cfg.data).resolve())
+    return cfg
 
 
 def cmd_run(args) -> int:
-    from fedmedclip.errors import FedMedClipError
-
-    if not args.local:
-        raise FedMedClipError(
-            "only --local runs here; use `fedmedclip pipeline submit --host URL` for a cluster"
-        )
-    cfg = validated_config(args)  # before anything is compiled or started
-    _local_paths(cfg)
-    root = Path(args.pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-kfp-")).resolve()
-    run = _run_local(args, cfg, root, _local_stack_for(cfg, args))
-    _print_run(run)
+    cfg = _local_config(args)
+    _run_local(args, cfg, _local_stack_for(cfg, args), "fedmedclip-kfp-")
     return 0
 
 
-def _run_local(args, cfg, root: Path, local_stack: str):
+def _run_local(args, cfg, local_stack: str, prefix: str):
+    """Run the pipeline on this machine, its tasks' artifacts under --pipeline-root (else a new temporary
+    directory starting with `prefix`), and print what it gave."""
     from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
     from pipelines._kfp_local import kfp_chatter_off
     from pipelines.local import run_local, server_status_reader
 
+    root = Path(args.pipeline_root or tempfile.mkdtemp(prefix=prefix)).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if not args.mailbox and not cfg.data.startswith("s3://"):
         args.mailbox = str(root / "mailbox")
@@ -279,7 +293,7 @@ def _run_local(args, cfg, root: Path, local_stack: str):
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
     mailbox = args.mailbox or cfg.data.rstrip("/")
     with kfp_chatter_off(not args.verbose):
-        return run_local(
+        run = run_local(
             yaml_path,
             root,
             args.out,
@@ -288,6 +302,8 @@ def _run_local(args, cfg, root: Path, local_stack: str):
             rounds_of=server_status_reader(mailbox, local_stack),
             **params,
         )
+    _print_run(run)
+    return run
 
 
 def learning_curve(results: dict) -> str:
@@ -354,18 +370,6 @@ def kfp_credentials(args):
     return kwargs
 
 
-def _auth_headers(kwargs: dict, token_file: str | None) -> dict:
-    headers = {}
-    token = kwargs.get("existing_token")
-    if token_file:
-        token = Path(token_file).read_text().strip()
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if kwargs.get("cookies"):
-        headers["Cookie"] = kwargs["cookies"]
-    return headers
-
-
 def _http_problem(host: str, code: int, body: str) -> str:
     detail = " ".join(body.split())[:200]
     if code in (401, 403):
@@ -391,7 +395,11 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
     context = (
         ssl.create_default_context(cafile=kwargs.get("ssl_ca_cert")) if url.startswith("https") else None
     )
-    request = urllib.request.Request(url, headers=_auth_headers(kwargs, token_file))
+    token = Path(token_file).read_text().strip() if token_file else kwargs.get("existing_token")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if kwargs.get("cookies"):
+        headers["Cookie"] = kwargs["cookies"]
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
             raw = r.read(1 << 20)
@@ -407,13 +415,8 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
     except ValueError:
         raise FedMedClipError(f"{url} did not answer JSON: is {host} the Kubeflow Pipelines API?") from None
     tag = str(health.get("tag_name") or health.get("tagName") or "")
-    parts = tag.lstrip("v").split(".")
-    parsed = (
-        (int(parts[0]), int(parts[1]))
-        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit()
-        else None
-    )
-    if parsed is not None and parsed < MIN_KFP_BACKEND:
+    version = re.match(r"v?(\d+)\.(\d+)", tag)
+    if version and (int(version[1]), int(version[2])) < MIN_KFP_BACKEND:
         raise FedMedClipError(
             f"the Kubeflow Pipelines backend at {host} is {tag}; this pipeline needs "
             f"{'.'.join(map(str, MIN_KFP_BACKEND))} or newer (pipelines/README.md, 'Backend version')"
@@ -441,10 +444,7 @@ def cmd_submit(args) -> int:
     import urllib3
     from kfp_server_api.exceptions import ApiException
 
-    quiet = [logging.getLogger(n) for n in ("kfp", "urllib3", "root")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.CRITICAL)  # kfp logs a traceback per retry; the one line below says it all
+    logging.disable(logging.ERROR)  # kfp logs a traceback per retry; the one line below says it all
     try:
         warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
         client = kfp.Client(host=args.host, namespace=args.namespace, **credentials)
@@ -465,8 +465,7 @@ def cmd_submit(args) -> int:
             f"submitting to the Kubeflow Pipelines API at {args.host} failed: {e}"
         ) from None
     finally:
-        for q, level in zip(quiet, levels, strict=True):
-            q.setLevel(level)
+        logging.disable(logging.NOTSET)
     print(f"submitted run {result.run_id}: {args.host.rstrip('/')}/#/runs/details/{result.run_id}")
     return 0
 
@@ -479,8 +478,7 @@ def cmd_demo(args) -> int:
     from fedmedclip.tracking_server import recorded_stack_dir
     from mlops.policies import default_site_names
 
-    cfg = validated_config(args)
-    _local_paths(cfg)
+    cfg = _local_config(args)
     args.stack_dir = args.stack_dir or recorded_stack_dir()
     names = default_site_names(cfg.sites or 3) if cfg.partition != "natural" else None
     # The running stack when it is already up; else started, on free ports when the defaults are taken.
@@ -495,16 +493,14 @@ def cmd_demo(args) -> int:
     args.tracking_uri = args.tracking_uri or info.tracking_uri
     if not args.local_data:
         cfg.data = _publish_for_demo(cfg, info, args.quiet)
-    root = Path(args.pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-demo-")).resolve()
-    run = _run_local(args, cfg, root, info.data_dir)
-    _print_run(run)
+    run = _run_local(args, cfg, info.data_dir, "fedmedclip-demo-")
     print(
         f"\nMLflow UI:  {_ui_link(info.tracking_uri, args.experiment)}\nmodel URI:  {run.model_uri or '(registration failed)'}"
     )
     if run.model_uri and "@" not in run.model_uri:
         print(
             f"(registered but not promoted; `fedmedclip promote {args.model_name} --version ... --alias "
-            f"{args.alias} --allow-worse` overrides)"
+            f"{args.promote_alias} --allow-worse` overrides)"
         )
     return 0
 
@@ -565,20 +561,18 @@ def register(subparsers) -> None:
         "run", help="run the compiled pipeline on this machine (kfp.local, every worker at once)"
     )
     r.add_argument(
-        "--local", action="store_true", required=True, help="run with kfp.local's SubprocessRunner"
+        "--local",
+        action="store_true",
+        required=True,
+        help="run with kfp.local's SubprocessRunner (a cluster: `pipeline submit --host URL`)",
     )
-    r.add_argument("--yaml", default=None, help="a compiled YAML to run (default: compile with the options)")
-    r.add_argument("--out", default=None, help="copy the run directory here")
-    r.add_argument("--pipeline-root", default=None, help="where task artifacts go (default: a temp dir)")
     r.add_argument(
         "--local-stack",
         default=None,
         help="local stack directory whose per-role S3 keys the tasks take (default: the recorded stack, for "
         "s3:// data or mailbox, when the environment holds no S3 key)",
     )
-    _compile_options(r)
-    _pipeline_params(r, {"cache_dir": LOCAL_CACHE, "join_timeout": LOCAL_JOIN_TIMEOUT})
-    r.set_defaults(func=cmd_run)
+    _run_flags(r, cmd_run, {"cache_dir": LOCAL_CACHE, "join_timeout": LOCAL_JOIN_TIMEOUT})
 
     s = sub.add_parser(
         "submit",
@@ -604,13 +598,10 @@ def register(subparsers) -> None:
         help="the Kubeflow dashboard's session cookie, e.g. 'authservice_session=...' (from your browser)",
     )
     a.add_argument("--ssl-ca-cert", default=None, metavar="PATH", help="CA bundle of an https endpoint")
-    s.add_argument("--yaml", default=None, help="compiled YAML (default: compile with the options)")
     s.add_argument("--run-name", default=None, help="the KFP run's name (default: kfp's)")
     s.add_argument("--experiment-name", default="fedmedclip", help="KFP experiment")
     s.add_argument("--no-cache", action="store_true", help="disable KFP step caching for this run")
-    _compile_options(s)
-    _pipeline_params(s, {"cache_dir": POD_CACHE})
-    s.set_defaults(func=cmd_submit)
+    _run_flags(s, cmd_submit, {"cache_dir": POD_CACHE}, local=False)
     p.set_defaults(func=lambda a: (p.print_help(sys.stderr), 2)[1])
 
     try:  # the demo starts the local development stack, which the images do not ship
@@ -627,18 +618,11 @@ def register(subparsers) -> None:
         help="local stack data directory (default: $FEDMEDCLIP_STACK_DIR, else .stack)",
     )
     add_port_options(d)  # used when the stack starts; a running stack keeps its ports
-    d.add_argument("--out", default=None, help="copy the run directory here")
-    d.add_argument(
-        "--pipeline-root",
-        default=None,
-        help="where the tasks' artifacts, the task log and (for local data) the mailbox go (default: a temp dir)",
-    )
-    d.add_argument("--yaml", default=None, help="a compiled YAML to run (default: compile)")
     d.add_argument(
         "--local-data",
         action="store_true",
         help="tasks read --data from this machine's disk instead of from the stack's S3 (one prefix per site)",
     )
-    _compile_options(d)
-    _pipeline_params(d, {"cache_dir": LOCAL_CACHE, "rounds": DEMO_ROUNDS, "join_timeout": LOCAL_JOIN_TIMEOUT})
-    d.set_defaults(func=cmd_demo)
+    _run_flags(
+        d, cmd_demo, {"cache_dir": LOCAL_CACHE, "rounds": DEMO_ROUNDS, "join_timeout": LOCAL_JOIN_TIMEOUT}
+    )

@@ -246,6 +246,25 @@ def test_every_option_of_train_and_server_run_reaches_the_pipelines_settings():
     assert "federation" not in settings and "out" not in settings and "stall_every" not in settings
 
 
+def test_the_pipelines_own_parameters_are_declared_once_with_the_pipelines_defaults():
+    """Every parameter of the compiled pipeline besides `settings` and `local_stack` is a field of RunParameters
+    (its flag of `pipeline run|submit|demo`, pipelines/cli.py) with the pipeline's default, and a command line
+    gives the pipeline exactly its parameters."""
+    from dataclasses import fields
+
+    from fedmedclip.cli import build_parser
+    from pipelines.cli import RunParameters, pipeline_arguments, validated_config
+
+    ir, _ = _load()
+    compiled = {k: v["defaultValue"] for k, v in ir["root"]["inputDefinitions"]["parameters"].items()}
+    declared = {f.name: f.default for f in fields(RunParameters)}
+    assert {**declared, "settings": {}, "local_stack": ""} == compiled
+    args = build_parser().parse_args(["pipeline", "submit", "--host", "h", "--alias", "", "--allow-worse"])
+    params = pipeline_arguments(args, validated_config(args))
+    assert set(params) == set(compiled)
+    assert (params["promote_alias"], params["allow_worse"], params["max_epsilon"]) == ("", True, 0.0)
+
+
 def test_cli_compile(tmp_path):
     out = tmp_path / "p.yaml"
     assert (
