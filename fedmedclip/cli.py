@@ -420,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_backbone)
 
     from . import compare  # light at import: the engine loads only when the command runs
+    from .federation.runner import SiteOptions
 
     p = sub.add_parser("compare", help="methods x partitions x seeds side by side (resumable), tabulated")
     compare.add_arguments(p)
@@ -467,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-dir",
-        default=".cache/fedmedclip",
-        help="with --state: the site's feature cache (default: %(default)s)",
+        default=SiteOptions.cache_dir,
+        help="with --state: the site's feature cache, as `site run --cache-dir` (default: %(default)s)",
     )
     p.set_defaults(func=_cmd_export)
 
