@@ -21,7 +21,6 @@ from pathlib import Path
 from fedmedclip.flags import setting
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
-LOCAL_CACHE = ".cache/fedmedclip"
 POD_CACHE = "/tmp/fedmedclip-cache"  # components.kfp_components.POD_CACHE_DIR (not imported: it pulls kfp)
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
@@ -251,18 +250,8 @@ def _local_stack_for(cfg, args) -> str:
     return str(Path(stack).resolve()) if read_state(stack) is not None else ""
 
 
-def _local_config(args):
-    """The validated configuration of a run on this machine, before anything is compiled or started; its paths
-    absolute: tasks run with this process's working directory, where a relative path would be ambiguous."""
-    cfg = validated_config(args)
-    cfg.cache_dir = str(Path(cfg.cache_dir).resolve())
-    if cfg.data != "synthetic" and "://" not in cfg.data:
-        cfg.data = str(Path(cfg.data).resolve())
-    return cfg
-
-
 def cmd_run(args) -> int:
-    cfg = _local_config(args)
+    cfg = validated_config(args)  # before anything is compiled or started
     _run_local(args, cfg, _local_stack_for(cfg, args), "fedmedclip-kfp-")
     return 0
 
@@ -478,7 +467,7 @@ def cmd_demo(args) -> int:
     from fedmedclip.tracking_server import recorded_stack_dir
     from mlops.policies import default_site_names
 
-    cfg = _local_config(args)
+    cfg = validated_config(args)
     args.stack_dir = args.stack_dir or recorded_stack_dir()
     names = default_site_names(cfg.sites or 3) if cfg.partition != "natural" else None
     # The running stack when it is already up; else started, on free ports when the defaults are taken.
@@ -572,7 +561,7 @@ def register(subparsers) -> None:
         help="local stack directory whose per-role S3 keys the tasks take (default: the recorded stack, for "
         "s3:// data or mailbox, when the environment holds no S3 key)",
     )
-    _run_flags(r, cmd_run, {"cache_dir": LOCAL_CACHE, "join_timeout": LOCAL_JOIN_TIMEOUT})
+    _run_flags(r, cmd_run, {"join_timeout": LOCAL_JOIN_TIMEOUT})
 
     s = sub.add_parser(
         "submit",
@@ -623,6 +612,4 @@ def register(subparsers) -> None:
         action="store_true",
         help="tasks read --data from this machine's disk instead of from the stack's S3 (one prefix per site)",
     )
-    _run_flags(
-        d, cmd_demo, {"cache_dir": LOCAL_CACHE, "rounds": DEMO_ROUNDS, "join_timeout": LOCAL_JOIN_TIMEOUT}
-    )
+    _run_flags(d, cmd_demo, {"rounds": DEMO_ROUNDS, "join_timeout": LOCAL_JOIN_TIMEOUT})
