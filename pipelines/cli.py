@@ -514,7 +514,9 @@ def _publish_for_demo(cfg, info, quiet: bool) -> str:
     from fedmedclip.features import canonical_digest
     from mlops.site_data import partition_settings, publish
 
-    key = {"data": cfg.data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
+    # A local folder by its absolute path: the same relative path from another directory is other data.
+    data = cfg.data if cfg.data == "synthetic" or "://" in cfg.data else str(Path(cfg.data).resolve())
+    key = {"data": data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
     bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
     add_data_root(info.data_dir, bucket)  # the bucket, and every role's policy on it (as the admin)
     saved = {
