@@ -1,7 +1,7 @@
 """One declaration per configuration field, and everything derived from it.
 
-A field is declared once, on its dataclass (`TrainConfig`, `PrivacySettings`, `ServerOptions`), with
-`setting(default, help=..., group=...)`: its type is the annotation, and the metadata carries its help, its
+A field is declared once, on its dataclass (`TrainConfig`, `PrivacySettings`, `ServerOptions`, `SiteOptions`),
+with `setting(default, help=..., group=...)`: its type is the annotation, and the metadata carries its help, its
 group (which commands take it), its flag spelling, choices and parser, whether the partition's draw (`partition`)
 and a party's feature extraction (`extraction`) depend on it, and how it enters the run's resume key (`resume`);
 `grid`: compare's grid sets it per cell (no compare flag of its own); `manifest`: the run's manifest records it
@@ -253,7 +253,8 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
 
 
 def options_from_args(args: argparse.Namespace, cls=None):
-    """The server's options (`ServerOptions`, or `cls`: a site's `SiteOptions`) from the parsed flags, checked."""
+    """The declared options `cls` (default: the server's `ServerOptions`; a site's `SiteOptions`, the pipeline's
+    `RunParameters`) from the parsed flags, each checked as declared."""
     if cls is None:
         from .federation.server import ServerOptions as cls
     options = cls(**values_from_args(args, cls))
