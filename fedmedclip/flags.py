@@ -5,7 +5,8 @@ A field is declared once, on its dataclass (`TrainConfig`, `PrivacySettings`, `S
 group (which commands take it), its flag spelling, choices and parser, whether the partition's draw (`partition`)
 and a party's feature extraction (`extraction`) depend on it, and how it enters the run's resume key (`resume`). From that one declaration come:
 - the flags of `train`, `server run`, `pipeline run|submit|demo`, `compare` and `data publish`
-  (`add_config_arguments`, `config_from_args`, `options_from_args`);
+  (`add_config_arguments`, `config_from_args`, `options_from_args`), and those of `serve` (its settings in
+  serving/options.py);
 - the pipeline's structured `settings` parameter (`to_parameters`, `from_parameters`: KFP gives integers back
   as floats and refuses `None`, so unset fields are left out and the receiving side converts by the type);
 - the schema (`schema()`, snapshot in tests/config_schema.json), and through `TrainConfig.to_json()` and
@@ -24,6 +25,7 @@ from .errors import ConfigError
 
 TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH = "train", "server run", "pipeline", "compare", "data publish"
 COMMANDS = (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)
+SERVE = "serve"  # `fedmedclip serve`: its options are declared in serving/options.py
 # group -> (argparse title, the commands that take its fields unless a field names its own)
 GROUPS = {
     "data": ("data and partition", COMMANDS),
@@ -32,6 +34,11 @@ GROUPS = {
     "privacy": ("differential privacy (docs/privacy.md)", (TRAIN, SERVER, PIPELINE, COMPARE)),
     "server": ("the server: quorum, timeouts, update checks", (SERVER, PIPELINE)),
     "output": ("output", (TRAIN, SERVER, COMPARE)),
+    "serving": ("the server: addresses, request bodies, shutdown, model control", (SERVE,)),
+    "serving model": ("the models: device, ONNX Runtime, image decoding", (SERVE,)),
+    "serving limits": ("the models: per-request limits", (SERVE,)),
+    "serving batching": ("the models: dynamic batching", (SERVE,)),
+    "serving monitoring": ("out-of-distribution and drift monitoring", (SERVE,)),
 }
 RESUME = ("always", "unless_default", "never")  # how a field enters TrainConfig.resume_key()
 

@@ -19,15 +19,17 @@ from grpc import aio
 from . import metrics
 from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc
 from .errors import RequestRejected, quoted
-from .state import NotReady, NotServed, ServerState
+from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
 
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
 _MAX_STRING = 256
@@ -72,17 +74,12 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServerState):
         self.state = state
 
-    async def _refuse(
-        self, context, code: grpc.StatusCode, message: str, reason: str, model: str, method: str
-    ):
-        metrics.ERRORS.labels(model, reason).inc()
-        log.info("refused gRPC %s: %s %s: %s", method, code.name, reason, message)
-        await context.abort(code, message)
-
-    async def _not_served(self, context, exc: NotServed, name: str, method: str):
-        await self._refuse(
-            context, grpc.StatusCode.NOT_FOUND, exc.message, "unknown_model", self.state.label(name), method
-        )
+    async def _refuse(self, context, exc: RequestRejected, name: str, method: str):
+        """One log line and one metric per refused request, and the status code of its HTTP status."""
+        code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+        metrics.ERRORS.labels(self.state.label(name), exc.code).inc()
+        log.info("refused gRPC %s: %s %s: %s", method, code.name, exc.code, exc.message)
+        await context.abort(code, exc.message)
 
     # ---- health and metadata -----------------------------------------------------------------------------
 
@@ -99,87 +96,48 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         # An unknown model, or version, is simply not ready (as Triton answers; REST says 404).
         try:
             self.state.model_ready(request.name, request.version or None)
-        except (NotServed, NotReady):
+        except RequestRejected:
             return grpc_pb2.ModelReadyResponse(ready=False)
         return grpc_pb2.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request, context):
         try:
-            model = self.state.model(request.name, request.version or None, ready=False)
-        except NotServed as exc:
-            await self._not_served(context, exc, request.name, "ModelMetadata")
-        if model.classifier is None:
-            await self._refuse(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"model {model.name!r} is not loaded",
-                "not_ready",
-                model.name,
-                "ModelMetadata",
-            )
-        return metadata_response(model.metadata())
+            return metadata_response(self.state.model_metadata(request.name, request.version or None))
+        except RequestRejected as exc:
+            await self._refuse(context, exc, request.name, "ModelMetadata")
 
     # ---- inference ---------------------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        label = self.state.label(request.model_name)
-        self.state.in_flight += 1
-        metrics.IN_FLIGHT.inc()
-        try:
-            model = self.state.model(request.model_name, request.model_version or None)
+        async def read_request():
             _check_request(request)
-            infer_request = InferRequest.from_grpc(request)
-            response, _ = await model(infer_request, headers=dict(context.invocation_metadata() or ()))
-            return response.to_grpc()
-        except NotServed as exc:
-            await self._not_served(context, exc, request.model_name, "ModelInfer")
-        except NotReady as exc:
-            await self._refuse(
-                context, grpc.StatusCode.UNAVAILABLE, exc.message, "not_ready", label, "ModelInfer"
+            return InferRequest.from_grpc(request)
+
+        headers = dict(context.invocation_metadata() or ())
+        try:
+            response = await self.state.infer(
+                request.model_name, request.model_version or None, read_request, headers
             )
+            return response.to_grpc()
         except RequestRejected as exc:
-            code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-            await self._refuse(context, code, exc.message, exc.code, label, "ModelInfer")
+            await self._refuse(context, exc, request.model_name, "ModelInfer")
         except InferenceError as exc:  # the model logged and counted it (a broken model output)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except aio.AbortError:
             raise
         except Exception:  # a bug: one traceback, and the client gets no detail
-            metrics.ERRORS.labels(label, "internal").inc()
+            metrics.ERRORS.labels(self.state.label(request.model_name), "internal").inc()
             log.exception("internal error in gRPC ModelInfer")
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-        finally:
-            self.state.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
 
     # ---- model control (only with --model-control-token-file) --------------------------------------------
 
     async def _control(self, request, context, action: str):
-        method = f"RepositoryModel{action.capitalize()}"
-        if not self.state.control_enabled:
-            await self._refuse(
-                context,
-                grpc.StatusCode.UNIMPLEMENTED,
-                "model control is disabled on this server",
-                "control_disabled",
-                metrics.NO_MODEL,
-                method,
-            )
         auth = dict(context.invocation_metadata() or ()).get("authorization")
         try:
-            self.state.authorize(auth)
-            if action == "unload":
-                self.state.unload(request.model_name)
-            else:
-                import asyncio
-
-                await asyncio.get_running_loop().run_in_executor(None, self.state.load, request.model_name)
+            await self.state.control(action, request.model_name, auth)
         except RequestRejected as exc:
-            await self._refuse(
-                context, grpc.StatusCode.UNAUTHENTICATED, exc.message, exc.code, metrics.NO_MODEL, method
-            )
-        except NotServed as exc:
-            await self._not_served(context, exc, request.model_name, method)
+            await self._refuse(context, exc, request.model_name, f"RepositoryModel{action.capitalize()}")
 
     async def RepositoryModelLoad(self, request, context):
         await self._control(request, context, "load")
