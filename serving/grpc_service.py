@@ -17,8 +17,9 @@ import grpc
 from grpc import aio
 
 from . import metrics
-from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc
+from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
 from .errors import RequestRejected, quoted
+from .protocol import Budget, check_input, check_output
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
@@ -32,9 +33,6 @@ _STATUS = {
     501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-_MAX_STRING = 256
-_MAX_TENSORS = 8
-_MAX_RANK = 8
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:
@@ -71,8 +69,8 @@ def metadata_response(meta: dict):
 
 
 class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServerState):
-        self.state = state
+    def __init__(self, state: ServerState, budget: Budget):
+        self.state, self.budget = state, budget
 
     async def _refuse(self, context, exc: RequestRejected, name: str, method: str):
         """One log line and one metric per refused request, and the status code of its HTTP status."""
@@ -110,7 +108,7 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def read_request():
-            _check_request(request)
+            _check_request(request, self.budget)
             return InferRequest.from_grpc(request)
 
         headers = dict(context.invocation_metadata() or ())
@@ -148,14 +146,15 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         return grpc_pb2.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 
-def _check_request(request) -> None:
-    """The gRPC request's strings and counts within the same bounds as a REST request (serving.protocol),
-    so nothing a client sends ends up long in a message or a log line."""
-    if len(request.id) > _MAX_STRING:
-        raise RequestRejected("bad_request", f"the request id is over {_MAX_STRING} characters")
-    if len(request.inputs) > _MAX_TENSORS or len(request.outputs) > _MAX_TENSORS:
+def _check_request(request, budget: Budget) -> None:
+    """The gRPC request within the same bounds and types as a REST request (serving.protocol checks each
+    input and requested output of both), so nothing a client sends ends up long in a message or a log line."""
+    if len(request.id) > budget.max_string:
+        raise RequestRejected("bad_request", f"the request id is over {budget.max_string} characters")
+    if len(request.inputs) > budget.max_inputs or len(request.outputs) > budget.max_outputs:
         raise RequestRejected(
-            "bad_request", f"at most {_MAX_TENSORS} input and {_MAX_TENSORS} requested output tensors"
+            "bad_request",
+            f"at most {budget.max_inputs} input and {budget.max_outputs} requested output tensors",
         )
     raw = len(request.raw_input_contents)
     if raw and raw != len(request.inputs):
@@ -164,34 +163,24 @@ def _check_request(request) -> None:
             f"{len(request.inputs)} inputs but {raw} raw_input_contents: they must match one to one",
         )
     for i, tensor in enumerate(request.inputs):
-        if not 0 < len(tensor.name) <= _MAX_STRING or len(tensor.datatype) > _MAX_STRING:
-            raise RequestRejected(
-                "bad_request", f"input {i}: name and datatype must have 1 to {_MAX_STRING} characters"
-            )
-        if len(tensor.shape) > _MAX_RANK or any(d < 0 for d in tensor.shape):
-            raise RequestRejected(
-                "bad_shape",
-                f"input {quoted(tensor.name)}: shape must be at most {_MAX_RANK} non-negative integers",
-            )
+        parameters = to_http_parameters(tensor.parameters) or None
+        check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
         if raw and tensor.HasField("contents"):
             raise RequestRejected(
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
-    for output in request.outputs:
-        if not 0 < len(output.name) <= _MAX_STRING:
-            raise RequestRejected(
-                "bad_request", f"requested output names must have 1 to {_MAX_STRING} characters"
-            )
+    for i, output in enumerate(request.outputs):
+        check_output(output.name, to_http_parameters(output.parameters) or None, i, budget)
 
 
-def build_server(state: ServerState, address: str, max_message_bytes: int) -> aio.Server:
+def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
     server = aio.server(
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
     )
-    grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+    grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC cannot listen on {address}")
     return server

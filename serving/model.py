@@ -236,9 +236,7 @@ class FedMedClipModel(kserve.Model):
                     "unknown_output",
                     f"unknown output {quoted(out.name)}; this model has {list(self.output_names)}",
                 )
-            _check_parameters(out.parameters, f"output {out.name!r}", {"binary_data": bool})
         inp = payload.inputs[0]
-        _check_parameters(inp.parameters, f"input {inp.name!r}", {"binary_data_size": int})
         if inp.name not in (INPUT_UINT8, INPUT_BYTES):
             raise RequestRejected("unknown_input", f"unknown input {quoted(inp.name)}; send {expected}")
         want = "UINT8" if inp.name == INPUT_UINT8 else "BYTES"
@@ -247,9 +245,7 @@ class FedMedClipModel(kserve.Model):
                 "bad_dtype",
                 f"input {inp.name!r} must have datatype {want}, got {quoted(inp.datatype)}; send {expected}",
             )
-        shape = list(inp.shape)
-        if not shape or not all(type(d) is int and d >= 0 for d in shape):
-            raise RequestRejected("bad_shape", f"input {inp.name!r} has an invalid shape {quoted(shape)}")
+        # The transport checked the shape's entries (serving.protocol); each input kind checks its length.
         return inp
 
     def _check_count(self, n: int) -> None:
@@ -356,26 +352,6 @@ class FedMedClipModel(kserve.Model):
             use_binary_outputs=payload.use_binary_outputs if rest else False,
             requested_outputs=requested if rest else None,
         )
-
-
-def _check_parameters(parameters, where: str, typed: dict[str, type]) -> None:
-    """v2 `parameters` must be an object; the ones this server reads must have their type (JSON true is not
-    a size, "yes" is not a boolean)."""
-    if parameters is None:
-        return
-    if not isinstance(parameters, dict):
-        raise RequestRejected(
-            "bad_parameters", f"{where}: 'parameters' must be a JSON object, got {type(parameters).__name__}"
-        )
-    for key, kind in typed.items():
-        if key in parameters:
-            value = parameters[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise RequestRejected(
-                    "bad_parameters",
-                    f"{where}: parameter {key!r} must be {'an integer' if kind is int else 'true or false'}, "
-                    f"got {quoted(value)}",
-                )
 
 
 def _check_uint8_values(data) -> None:

@@ -73,7 +73,9 @@ async def _serve(models: dict, options: ServerOptions) -> None:
     grpc_server = None
     if not options.no_grpc:
         host = f"[{options.host}]" if ":" in options.host else options.host
-        grpc_server = build_server(state, f"{host}:{options.grpc_port}", max_request_bytes + _GRPC_OVERHEAD)
+        grpc_server = build_server(
+            state, parser.budget, f"{host}:{options.grpc_port}", max_request_bytes + _GRPC_OVERHEAD
+        )
         await grpc_server.start()
 
     stop = asyncio.Event()
