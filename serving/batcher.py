@@ -147,8 +147,7 @@ class DynamicBatcher:
         self._executor.shutdown(wait=False)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """`shutdown`, once the runs in progress have answered their requests."""
+        self.shutdown()
         for task in list(self._running):
             await asyncio.gather(task, return_exceptions=True)
-        self._executor.shutdown(wait=False)

@@ -19,7 +19,7 @@ from grpc import aio
 from . import metrics
 from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
 from .errors import RequestRejected, quoted
-from .protocol import Budget, check_input, check_output
+from .protocol import INTEGER_TYPES, Budget, check_input, check_output, integers
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
@@ -165,6 +165,11 @@ def _check_request(request, budget: Budget) -> None:
     for i, tensor in enumerate(request.inputs):
         parameters = to_http_parameters(tensor.parameters) or None
         check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
+        c = tensor.contents
+        for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
+            # Typed contents are 32 or 64 bits wide whatever the datatype: a cast would wrap what is too large.
+            if values and tensor.datatype in INTEGER_TYPES:
+                integers(values, tensor.datatype, f"input {quoted(tensor.name)}")
         if raw and tensor.HasField("contents"):
             raise RequestRejected(
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"

@@ -268,8 +268,6 @@ class FedMedClipModel(kserve.Model):
                 f"got {shape}; send encoded files as {INPUT_BYTES!r} to have the server resize them",
             )
         self._check_count(shape[0])
-        if inp._raw_data is None:  # gRPC typed contents (uint32s): as_numpy would wrap 300 to 44
-            _check_uint8_values(inp.data)
         try:
             images = inp.as_numpy()
         except (ValueError, TypeError, OverflowError) as exc:
@@ -351,15 +349,4 @@ class FedMedClipModel(kserve.Model):
             # (passing the REST flags into a gRPC response breaks it in kserve 0.21).
             use_binary_outputs=payload.use_binary_outputs if rest else False,
             requested_outputs=requested if rest else None,
-        )
-
-
-def _check_uint8_values(data) -> None:
-    """A UINT8 tensor sent as gRPC typed contents (`uint_contents`, 32-bit) holds 0-255 only: as_numpy would
-    wrap 300 to 44. (REST JSON data is checked by serving.protocol, which keeps the exact JSON types.)"""
-    values = np.asarray(data, dtype=np.int64)
-    if values.size and (values.min() < 0 or values.max() > 255):
-        bad = values.min() if values.min() < 0 else values.max()
-        raise RequestRejected(
-            "bad_value", f"input 'images' (UINT8): its values must be integers 0-255, got {int(bad)}"
         )

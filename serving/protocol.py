@@ -233,19 +233,9 @@ def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.nda
         )
     kinds = set(map(type, flat))
     if t.datatype in INTEGER_TYPES:
-        dtype = INTEGER_TYPES[t.datatype]
-        info = np.iinfo(dtype)
+        info = np.iinfo(INTEGER_TYPES[t.datatype])
         _only(kinds, {int}, flat, where, f"integers {info.min}-{info.max}")
-        try:
-            values = np.array(flat, dtype=np.int64)
-        except OverflowError:
-            raise RequestRejected("bad_value", f"{where}: a value is out of the {t.datatype} range") from None
-        if values.size and (values.min() < info.min or values.max() > min(info.max, np.iinfo(np.int64).max)):
-            bad = int(values.min() if values.min() < info.min else values.max())
-            raise RequestRejected(
-                "bad_value", f"{where}: 'data' must hold integers {info.min}-{info.max}, got {bad}"
-            )
-        return values.astype(dtype)
+        return integers(flat, t.datatype, where)
     if t.datatype in FLOAT_TYPES:
         _only(kinds, {int, float}, flat, where, "numbers")
         values = np.array(flat, dtype=np.float64)
@@ -272,6 +262,22 @@ def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.nda
     raise RequestRejected(
         "bad_dtype", f"{where}: {t.datatype} cannot be sent as JSON data; send it as binary data"
     )
+
+
+def integers(values, datatype: str, where: str) -> np.ndarray:
+    """Integer tensor data (a JSON array's, or a gRPC request's typed contents) as `datatype`, refused when a
+    value is outside its range: a cast would wrap 300 to 44 in UINT8."""
+    info = np.iinfo(INTEGER_TYPES[datatype])
+    try:
+        array = np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise RequestRejected("bad_value", f"{where}: a value is out of the {datatype} range") from None
+    if array.size and (array.min() < info.min or array.max() > min(info.max, np.iinfo(np.int64).max)):
+        bad = int(array.min() if array.min() < info.min else array.max())
+        raise RequestRejected(
+            "bad_value", f"{where}: 'data' must hold integers {info.min}-{info.max}, got {bad}"
+        )
+    return array.astype(INTEGER_TYPES[datatype])
 
 
 def _flatten(data: list, where: str, max_rank: int) -> list:

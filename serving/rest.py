@@ -212,12 +212,7 @@ class RestApi:
             if not length.isdigit():
                 raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
             if int(length) > limit:
-                raise RequestRejected(
-                    "request_too_large",
-                    f"request body of {int(length):,} bytes is over the limit of {limit:,} "
-                    "(server option --max-request-bytes)",
-                    413,
-                )
+                raise _too_large(f"{int(length):,}", limit)
         chunks, received = [], 0
         deadline = time.monotonic() + self.body_timeout_s
         while True:
@@ -236,12 +231,7 @@ class RestApi:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > limit:
-                raise RequestRejected(
-                    "request_too_large",
-                    f"request body of {received:,}+ bytes is over the limit of {limit:,} "
-                    "(server option --max-request-bytes)",
-                    413,
-                )
+                raise _too_large(f"{received:,}+", limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -257,6 +247,14 @@ class RestApi:
             headers={"inference-header-content-length": str(json_length)},
             media_type=BINARY,
         )
+
+
+def _too_large(size: str, limit: int) -> RequestRejected:
+    return RequestRejected(
+        "request_too_large",
+        f"request body of {size} bytes is over the limit of {limit:,} (server option --max-request-bytes)",
+        413,
+    )
 
 
 def _without_nulls(body: dict) -> dict:
