@@ -33,8 +33,16 @@ def _positive(value: float, flag: str) -> None:
         raise ConfigError(f"{flag} must be positive, got {value}")
 
 
+class _Checked:
+    """Settings checked against their declarations (an integer, a finite number, a choice, a minimum) when
+    made, from the command line or in code."""
+
+    def __post_init__(self) -> None:
+        check_declared(self)
+
+
 @dataclass(frozen=True)
-class Limits:
+class Limits(_Checked):
     """Per-request limits. Defaults fit a GPU server taking scans of up to ~6000x6000 pixels."""
 
     max_batch_images: int = _limit(64, "images per request", minimum=1)
@@ -55,12 +63,12 @@ class Limits:
     )
 
     def __post_init__(self) -> None:
-        check_declared(self)
+        super().__post_init__()
         _positive(self.max_decode_seconds, "--max-decode-seconds")
 
 
 @dataclass(frozen=True)
-class Batching:
+class Batching(_Checked):
     """Server-side dynamic batching (serving/batcher.py)."""
 
     max_batch_size: int = _batching(32, "images per ONNX Runtime run", minimum=1)
@@ -71,12 +79,9 @@ class Batching:
         1, "ONNX Runtime runs in flight at once; 2 can overlap host work with a GPU run", minimum=1
     )
 
-    def __post_init__(self) -> None:
-        check_declared(self)
-
 
 @dataclass(frozen=True)
-class MonitorOptions:
+class MonitorOptions(_Checked):
     """What the server watches in its answers (serving/monitor.py)."""
 
     ood_window: int = _monitor(
@@ -96,13 +101,13 @@ class MonitorOptions:
     )
 
     def __post_init__(self) -> None:
-        check_declared(self)
+        super().__post_init__()
         if not 0 < self.drift_p_value < 1:
             raise ConfigError(f"--drift-p-value must be in (0, 1), got {self.drift_p_value}")
 
 
 @dataclass(frozen=True)
-class ModelOptions:
+class ModelOptions(_Checked):
     """How each served model runs: ONNX Runtime's device and threads, image decoding, and the settings above."""
 
     device: str = _model(
@@ -125,12 +130,9 @@ class ModelOptions:
     batching: Batching = field(default_factory=Batching)
     monitoring: MonitorOptions = field(default_factory=MonitorOptions)
 
-    def __post_init__(self) -> None:
-        check_declared(self)
-
 
 @dataclass(frozen=True)
-class ServerOptions:
+class ServerOptions(_Checked):
     """The server process (serving/server.py): addresses, REST bodies, shutdown, JSON parsing, model control."""
 
     host: str = _server(
@@ -163,7 +165,7 @@ class ServerOptions:
     control_token: str | None = None  # enables model control for requests presenting it (not a flag: a file)
 
     def __post_init__(self) -> None:
-        check_declared(self)
+        super().__post_init__()
         _positive(self.body_timeout, "--body-timeout")
         for flag, port in self.ports():
             if not 0 < port < 65536:
