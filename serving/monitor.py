@@ -47,11 +47,6 @@ class OodWindow:
                 self._rate.set(self._flagged / len(self._flags))
         self._counter.inc(int(flags.sum()))
 
-    @property
-    def rate(self) -> float | None:
-        with self._lock:
-            return self._flagged / len(self._flags) if len(self._flags) == self._flags.maxlen else None
-
 
 def gaussian_kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
     """exp(-|x - y|^2 / (2 sigma^2)) for every pair of rows."""
@@ -94,7 +89,6 @@ class DriftTest:
         self._running = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift")
         self._tests = 0
-        self.last: tuple[float, float, float] | None = None  # (mmd2, p-value, threshold)
         self._gauges = (
             metrics.DRIFT_MMD2.labels(model),
             metrics.DRIFT_P_VALUE.labels(model),
@@ -122,7 +116,6 @@ class DriftTest:
             result = mmd2_permutation_test(
                 self.reference, sample, self.sigma, self.permutations, self.level, seed
             )
-            self.last = result
             for gauge, value in zip(self._gauges, result, strict=True):
                 gauge.set(value)
             self._count.inc()

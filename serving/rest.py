@@ -84,26 +84,24 @@ class RestApi:
         self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
 
     def app(self) -> Starlette:
-        model = "/v2/models/{name}"
-        versioned = "/v2/models/{name}/versions/{version}"
         routes = [
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2/models", self.list_models, methods=["GET"]),
-            Route(model, self.model_metadata, methods=["GET"]),
-            Route(versioned, self.model_metadata, methods=["GET"]),
-            Route(f"{model}/ready", self.model_ready, methods=["GET"]),
-            Route(f"{versioned}/ready", self.model_ready, methods=["GET"]),
-            Route(f"{model}/infer", self.infer, methods=["POST"]),
-            Route(f"{versioned}/infer", self.infer, methods=["POST"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ]
+        for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [
+                Route(model, self.model_metadata, methods=["GET"]),
+                Route(f"{model}/ready", self.model_ready, methods=["GET"]),
+                Route(f"{model}/infer", self.infer, methods=["POST"]),
+            ]
         if self.state.control_enabled:
             routes += [
-                Route("/v2/repository/models/{name}/load", self.control, methods=["POST"]),
-                Route("/v2/repository/models/{name}/unload", self.control, methods=["POST"]),
+                Route(f"/v2/repository/models/{{name}}/{a}", self.control, methods=["POST"])
+                for a in ("load", "unload")
             ]
         return Starlette(
             routes=routes,
