@@ -214,12 +214,6 @@ class FedMedClipModel(kserve.Model):
         return self._response(payload, outputs)
 
     def _select_input(self, payload):
-        if not isinstance(payload, InferRequest):
-            raise RequestRejected(
-                "protocol",
-                f"model {self.name!r} speaks the v2 Open Inference Protocol only: "
-                f"POST /v2/models/{self.name}/infer (REST) or ModelInfer (gRPC)",
-            )
         s = self.classifier.contract.image_size
         expected = (
             f"'{INPUT_BYTES}' (BYTES [N], encoded JPEG/PNG files) or '{INPUT_UINT8}' (UINT8 [N,{s},{s},3])"

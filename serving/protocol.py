@@ -28,7 +28,7 @@ import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -95,7 +95,6 @@ class Header:
     parameters: dict | None
     inputs: list[Tensor]
     outputs: list[tuple[str, dict | None]] | None = None
-    elements: int = field(default=0)  # JSON tensor elements read
 
 
 # ---------------------------------------------------------------------------------------- the JSON part
@@ -138,7 +137,6 @@ def parse_header(text: bytes, budget: Budget) -> Header:
         if tensor.data is not None:
             left -= len(tensor.data)
         header.inputs.append(tensor)
-    header.elements = budget.max_elements - left
     outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or len(outputs) > budget.max_outputs:

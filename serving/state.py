@@ -54,7 +54,8 @@ class ServerState:
     # ---- models ------------------------------------------------------------------------------------------
 
     def label(self, name: str) -> str:
-        return metrics.model_label(name, self.models)
+        """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
+        return name if name in self.models else metrics.UNKNOWN_MODEL
 
     def model(self, name: str, version: str | None = None, *, ready: bool = True):
         """The model a request names (a version, if given, must be the one served)."""
