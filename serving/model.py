@@ -231,9 +231,10 @@ class FedMedClipModel(kserve.Model):
                     f"unknown output {quoted(out.name)}; this model has {list(self.output_names)}",
                 )
         inp = payload.inputs[0]
-        if inp.name not in (INPUT_UINT8, INPUT_BYTES):
+        datatypes = {t["name"]: t["datatype"] for t in self.get_input_types()}
+        if inp.name not in datatypes:
             raise RequestRejected("unknown_input", f"unknown input {quoted(inp.name)}; send {expected}")
-        want = "UINT8" if inp.name == INPUT_UINT8 else "BYTES"
+        want = datatypes[inp.name]
         if inp.datatype != want:
             raise RequestRejected(
                 "bad_dtype",
