@@ -121,8 +121,6 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
             await self._refuse(context, exc, request.model_name, "ModelInfer")
         except InferenceError as exc:  # the model logged and counted it (a broken model output)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except aio.AbortError:
-            raise
         except Exception:  # a bug: one traceback, and the client gets no detail
             metrics.ERRORS.labels(self.state.label(request.model_name), "internal").inc()
             log.exception("internal error in gRPC ModelInfer")
