@@ -7,7 +7,8 @@ and a party's feature extraction (`extraction`) depend on it, and how it enters 
 `grid`: compare's grid sets it per cell (no compare flag of its own); `manifest`: the run's manifest records it
 (a server option). From that one declaration come:
 - the flags of `train`, `server run`, `site run` (`SiteOptions`), `pipeline run|submit|demo`, `compare` and
-  `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`);
+  `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`), and those of `serve` (its
+  settings in serving/options.py);
 - the pipeline's structured `settings` parameter (`to_parameters`, `from_parameters`: KFP gives integers back
   as floats and refuses `None`, so unset fields are left out and the receiving side converts by the type);
 - the schema (`schema()`, snapshot in tests/config_schema.json), and through `TrainConfig.to_json()` and
@@ -27,6 +28,7 @@ from .errors import ConfigError
 TRAIN, SERVER, SITE, PIPELINE = "train", "server run", "site run", "pipeline"
 COMPARE, PUBLISH = "compare", "data publish"
 COMMANDS = (TRAIN, SERVER, SITE, PIPELINE, COMPARE, PUBLISH)
+SERVE = "serve"  # `fedmedclip serve`: its options are declared in serving/options.py
 # group -> (argparse title, the commands that take its fields unless a field names its own)
 GROUPS = {
     "data": ("data and partition", (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)),
@@ -39,6 +41,11 @@ GROUPS = {
     # the pipeline's own run-time parameters besides `settings` (pipelines/cli.py, RunParameters)
     "pipeline": ("the federation", (PIPELINE,)),
     "registry": ("export, tracking and registry", (PIPELINE,)),
+    "serving": ("the server: addresses, request bodies, shutdown, model control", (SERVE,)),
+    "serving model": ("the models: device, ONNX Runtime, image decoding", (SERVE,)),
+    "serving limits": ("the models: per-request limits", (SERVE,)),
+    "serving batching": ("the models: dynamic batching", (SERVE,)),
+    "serving monitoring": ("out-of-distribution and drift monitoring", (SERVE,)),
 }
 RESUME = ("always", "unless_default", "never")  # how a field enters TrainConfig.resume_key()
 

@@ -34,6 +34,7 @@ try:
         InferRequest,
         InferResponse,
         RequestedOutput,
+        to_http_parameters,
     )
 finally:
     sys.argv = _argv
@@ -55,4 +56,5 @@ __all__ = [
     "grpc_pb2_grpc",
     "installed_version",
     "kserve",
+    "to_http_parameters",
 ]

@@ -17,19 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Batching:
-    max_batch_size: int = 32  # images per ONNX Runtime run
-    max_delay_ms: float = 2.0  # longest a request waits for others to share its run
-    concurrency: int = 1  # runs in flight at once (2 can overlap host work with a GPU run)
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_delay_ms < 0 or self.concurrency < 1:
-            raise ValueError(
-                f"bad batching settings {self}: need max_batch_size >= 1, max_delay_ms >= 0, concurrency >= 1"
-            )
-
+from .options import Batching
 
 # uint8 [N, S, S, 3] -> arrays whose first dimension is N (probabilities, class_index, and the OOD outputs).
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
@@ -44,27 +32,17 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(
-        self,
-        run: RunFn,
-        max_batch_size: int = 32,
-        max_delay_s: float = 0.002,
-        concurrency: int = 1,
-        on_dispatch: Callable[[list[float]], None] | None = None,
+        self, run: RunFn, batching: Batching, on_dispatch: Callable[[list[float]], None] | None = None
     ):
         """`run` maps uint8 [N,S,S,3] to a tuple of arrays with N rows each (probabilities, class_index, ...)
-        and must be thread-safe when `concurrency` > 1. `on_dispatch(queue_waits)` gets each batch's per-request waits (metrics)."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if max_delay_s < 0:
-            raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        and must be thread-safe when `batching.batch_concurrency` > 1. `on_dispatch(queue_waits)` gets each batch's
+        per-request waits (metrics)."""
         self._run = run
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = max_delay_s
-        self.concurrency = concurrency
+        self.max_batch_size = batching.max_batch_size
+        self.max_delay_s = batching.max_batch_delay_ms / 1000.0
+        self.concurrency = batching.batch_concurrency
         self._on_dispatch = on_dispatch
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ort-run")
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ort-run")
         self._items: deque[_Item] = deque()
         self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
@@ -169,8 +147,7 @@ class DynamicBatcher:
         self._executor.shutdown(wait=False)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """`shutdown`, once the runs in progress have answered their requests."""
+        self.shutdown()
         for task in list(self._running):
             await asyncio.gather(task, return_exceptions=True)
-        self._executor.shutdown(wait=False)

@@ -12,13 +12,14 @@ import json
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
+from fedmedclip.flags import SERVE, add_config_arguments, options_from_args
 
 from .errors import ServingError
-
-MIB = 1024 * 1024
+from .options import Batching, Limits, ModelOptions, MonitorOptions, ServerOptions
 
 
 def register(subparsers) -> None:
@@ -39,85 +40,12 @@ def register(subparsers) -> None:
         "`global=models:/fedmedclip@champion site_0=site_0.onnx`",
     )
     serve.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on, REST and gRPC (default: %(default)s, this machine only; 0.0.0.0 for every "
-        "interface, as in a container)",
-    )
-    serve.add_argument(
         "--name",
         default="fedmedclip",
         help="name of a single model given without NAME= (default: %(default)s)",
     )
-    serve.add_argument("--http-port", type=int, default=8080, help="REST port (default: %(default)s)")
-    serve.add_argument("--grpc-port", type=int, default=8081, help="gRPC port (default: %(default)s)")
-    serve.add_argument("--no-grpc", action="store_true", help="serve REST only")
-    serve.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto: CUDA if it works, else CPU; cuda: refuse to start without a working CUDA provider "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-batch-size", type=int, default=32, help="images per ONNX Runtime run (default: %(default)s)"
-    )
-    serve.add_argument(
-        "--max-batch-delay-ms",
-        type=float,
-        default=2.0,
-        help="longest a request waits for others to share its run (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--batch-concurrency",
-        type=int,
-        default=1,
-        help="ONNX Runtime runs in flight at once (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-batch-images", type=int, default=64, help="images per request (default: %(default)s)"
-    )
-    serve.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=40_000_000,
-        help="width*height of one encoded image, checked from its header before decoding (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=64 * MIB,
-        help="request body (REST) / message (gRPC) size limit in bytes (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-request-pixels",
-        type=int,
-        default=64 * 2048 * 2048,
-        help="total width*height of one request's encoded images, from their headers before any is decoded "
-        "(default: %(default)s = 64 images of 2048x2048)",
-    )
-    serve.add_argument(
-        "--max-decode-seconds",
-        type=float,
-        default=10.0,
-        help="CPU seconds decoding one request's encoded images may take; a request over it is refused "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--decode-threads",
-        type=int,
-        default=0,
-        help="threads decoding encoded images, shared fairly between requests (one request uses at most "
-        "half); 0 = one per core, at most 8 (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads, 0 = its default"
-    )
-    serve.add_argument(
-        "--ort-spin",
-        action="store_true",
-        help="let idle ONNX Runtime threads busy-wait (off: they would take CPU from decoding and request handling)",
-    )
+    for options in (ServerOptions, ModelOptions, Limits, Batching, MonitorOptions):
+        add_config_arguments(serve, SERVE, options)
     serve.add_argument(
         "--expected-sha256",
         help="refuse to start unless the model file has this sha256 (registry models are checked against their tag)",
@@ -126,78 +54,10 @@ def register(subparsers) -> None:
         "--cache-dir", help="where a registry model is downloaded (default: a new temporary folder)"
     )
     serve.add_argument(
-        "--access-log", action="store_true", help="log every request (off: it costs throughput)"
-    )
-    serve.add_argument(
-        "--body-timeout",
-        type=float,
-        default=30.0,
-        help="seconds a REST request body may take to arrive; a body announced and not sent gets 408 "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=5.0,
-        help="on SIGTERM: seconds the server keeps answering while its readiness says no (so load balancers "
-        "stop sending) before the ports close (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--grace-period",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, after the drain: longest wait for requests still in flight (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--json-workers",
-        type=int,
-        default=1,
-        help="processes parsing large JSON request bodies off the server's interpreter (0: threads only; "
-        "default: %(default)s)",
-    )
-    serve.add_argument(
         "--model-control-token-file",
         help="enable model control (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
         "Unload) for requests with `Authorization: Bearer TOKEN`, TOKEN being this file's content (at least 32 "
         "characters). Without it, no model can be loaded or unloaded over the network",
-    )
-    serve.add_argument(
-        "--ood-window",
-        type=int,
-        default=200,
-        help="images over which fedmedclip_ood_window_rate is the share flagged out_of_distribution "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--drift-window",
-        type=int,
-        default=200,
-        help="recent images whose embeddings the drift test compares with the exported reference "
-        "(default: %(default)s)",
-    )
-    serve.add_argument(
-        "--drift-every",
-        type=int,
-        default=50,
-        help="run the drift test again after this many new images (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--drift-permutations",
-        type=int,
-        default=100,
-        help="permutations of the MMD test (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--drift-p-value",
-        type=float,
-        default=0.05,
-        help="level of the reported MMD^2 threshold (fedmedclip_drift_mmd2_threshold; default: %(default)s)",
-    )
-    serve.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="the server's log level (default: %(default)s)",
     )
     serve.set_defaults(func=_serve)
 
@@ -250,108 +110,45 @@ def model_specs(items: list[str], default_name: str) -> list[tuple[str, str]]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .batcher import Batching
-    from .images import Limits
-    from .monitor import MonitorOptions
-
     specs = model_specs(args.models, args.name)
     if args.expected_sha256 and len(specs) > 1:
         raise ServingError(
             "--expected-sha256 checks a single model; with several, each needs its sidecar or tag"
         )
-    for opt in ("http_port", "grpc_port") if not args.no_grpc else ("http_port",):
-        port = getattr(args, opt)
-        if not 0 < port < 65536:
-            raise ServingError(f"--{opt.replace('_', '-')} must be a TCP port, got {port}")
+    limits, batching, monitoring = (options_from_args(args, c) for c in (Limits, Batching, MonitorOptions))
+    model_options = replace(
+        options_from_args(args, ModelOptions), limits=limits, batching=batching, monitoring=monitoring
+    )
+    server_options = replace(
+        options_from_args(args, ServerOptions), control_token=_control_token(args.model_control_token_file)
+    )
+    for flag, port in server_options.ports():
         # Checked before the model is fetched and loaded: the server would only fail once it starts listening.
         problem = _cannot_listen(args.host, port)
         if problem:
-            raise ServingError(f"--{opt.replace('_', '-')} {port} {problem} (--host {args.host})")
-    if not args.no_grpc and args.http_port == args.grpc_port:
-        raise ServingError("--http-port and --grpc-port must differ")
-    try:
-        limits = Limits(
-            max_batch_images=args.max_batch_images,
-            max_image_pixels=args.max_image_pixels,
-            max_request_bytes=args.max_request_bytes,
-            max_request_pixels=args.max_request_pixels,
-            max_decode_seconds=args.max_decode_seconds,
-        )
-        batching = Batching(args.max_batch_size, args.max_batch_delay_ms, args.batch_concurrency)
-        monitoring = MonitorOptions(
-            args.ood_window, args.drift_window, args.drift_every, args.drift_permutations, args.drift_p_value
-        )
-        if args.decode_threads < 0 or args.json_workers < 0:
-            raise ValueError("--decode-threads and --json-workers must be 0 or more")
-        if not (args.body_timeout > 0 and args.drain_seconds >= 0 and args.grace_period >= 0):
-            raise ValueError("--body-timeout must be positive, --drain-seconds and --grace-period 0 or more")
-        if not (args.ood_window >= 1 and args.drift_window >= 2 and args.drift_every >= 1):
-            raise ValueError("--ood-window must be at least 1, --drift-window 2, --drift-every 1")
-        if not (args.drift_permutations >= 10 and 0 < args.drift_p_value < 1):
-            raise ValueError("--drift-permutations must be at least 10 and --drift-p-value in (0, 1)")
-    except ValueError as exc:
-        raise ServingError(f"bad option: {exc}") from None
-    token = _control_token(args.model_control_token_file)
+            raise ServingError(f"{flag} {port} {problem} (--host {args.host})")
 
     from .runtime import OnnxClassifier
     from .source import resolve_model
 
     _log_to_stderr(args.log_level)
     # Model files, hashes and execution provider are checked before kserve is imported (a second or two), so
-    # a wrong hash or a missing GPU fails fast.
+    # a wrong hash, a missing GPU, or a model that cannot run or answers NaN fails fast.
     loaded = []
     for name, spec in specs:
         cache = str(Path(args.cache_dir) / name) if args.cache_dir and len(specs) > 1 else args.cache_dir
         resolved = resolve_model(spec, expected_sha256=args.expected_sha256, cache_dir=cache)
-        classifier = OnnxClassifier(
-            resolved.path,
-            device=args.device,
-            intra_op_threads=args.ort_threads,
-            spin=args.ort_spin,
-            expected_sha256=resolved.sha256,
-        )
-        # A model that cannot run, or answers NaN, is refused here too, before kserve is imported.
-        classifier.warm_up((1, batching.max_batch_size))
-        loaded.append((name, resolved, classifier))
+        loaded.append((name, resolved, OnnxClassifier.open(resolved, model_options)))
 
     from .model import FedMedClipModel
-    from .server import ServerOptions, configure_logging, run_server
+    from .server import run_server
 
-    configure_logging(args.log_level)
-    models = []
-    for name, resolved, classifier in loaded:
-        model = FedMedClipModel(
-            name,
-            resolved.path,
-            device=args.device,
-            limits=limits,
-            batching=batching,
-            intra_op_threads=args.ort_threads,
-            origin=resolved.origin,
-            sha256=resolved.sha256,
-            version=resolved.version,
-            classifier=classifier,
-            decode_threads=args.decode_threads,
-            monitoring=monitoring,
-        )
+    models = [
+        FedMedClipModel(name, resolved, model_options, classifier) for name, resolved, classifier in loaded
+    ]
+    for model in models:
         model.load()
-        models.append(model)
-    run_server(
-        models,
-        ServerOptions(
-            host=args.host,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            enable_grpc=not args.no_grpc,
-            max_request_bytes=limits.max_request_bytes,
-            access_log=args.access_log,
-            drain_seconds=args.drain_seconds,
-            grace_period_s=args.grace_period,
-            body_timeout_s=args.body_timeout,
-            json_workers=args.json_workers,
-            control_token=token,
-        ),
-    )
+    run_server(models, server_options)
     return 0
 
 
@@ -409,6 +206,9 @@ def _log_to_stderr(level: str) -> None:
         ours.addHandler(handler)
         ours.propagate = False  # the core CLI's root handler would print every line twice
     ours.setLevel(level)
+    # uvicorn's and kserve's at WARNING: no line per connection.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "kserve", "kserve.trace"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ---- predict ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ class ServingError(FedMedClipError):
 class RequestRejected(ValueError):
     """A client error in one inference request. `code` is a short stable reason (the metrics label);
     `message` names the problem for the client, never quoting more than a few characters of what it sent.
-    HTTP `status` (400 unless said otherwise); gRPC maps it to INVALID_ARGUMENT (413: RESOURCE_EXHAUSTED)."""
+    HTTP `status` (400 unless said otherwise); gRPC maps it to its status code (serving/grpc_service.py)."""
 
     def __init__(self, code: str, message: str, status: int = 400):
         super().__init__(message)
@@ -24,6 +24,20 @@ class RequestRejected(ValueError):
 
     def __reduce__(self):  # raised in the JSON worker process: it must survive pickling with its fields
         return (type(self), (self.code, self.message, self.status))
+
+
+class NotServed(RequestRejected):
+    """The request names a model, or a version of it, that this server does not serve (HTTP 404)."""
+
+    def __init__(self, message: str):
+        super().__init__("unknown_model", message, 404)
+
+
+class NotReady(RequestRejected):
+    """The model exists but cannot answer now (unloaded, or the server is shutting down): HTTP 503."""
+
+    def __init__(self, message: str):
+        super().__init__("not_ready", message, 503)
 
 
 def quoted(value: object, limit: int = 40) -> str:

@@ -17,22 +17,22 @@ import grpc
 from grpc import aio
 
 from . import metrics
-from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc
+from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
 from .errors import RequestRejected, quoted
-from .state import NotReady, NotServed, ServerState
+from .protocol import INTEGER_TYPES, Budget, check_input, check_output, integers
+from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
 
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-_MAX_STRING = 256
-_MAX_TENSORS = 8
-_MAX_RANK = 8
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:
@@ -69,20 +69,15 @@ def metadata_response(meta: dict):
 
 
 class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServerState):
-        self.state = state
+    def __init__(self, state: ServerState, budget: Budget):
+        self.state, self.budget = state, budget
 
-    async def _refuse(
-        self, context, code: grpc.StatusCode, message: str, reason: str, model: str, method: str
-    ):
-        metrics.ERRORS.labels(model, reason).inc()
-        log.info("refused gRPC %s: %s %s: %s", method, code.name, reason, message)
-        await context.abort(code, message)
-
-    async def _not_served(self, context, exc: NotServed, name: str, method: str):
-        await self._refuse(
-            context, grpc.StatusCode.NOT_FOUND, exc.message, "unknown_model", self.state.label(name), method
-        )
+    async def _refuse(self, context, exc: RequestRejected, name: str, method: str):
+        """One log line and one metric per refused request, and the status code of its HTTP status."""
+        code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+        metrics.ERRORS.labels(self.state.label(name), exc.code).inc()
+        log.info("refused gRPC %s: %s %s: %s", method, code.name, exc.code, exc.message)
+        await context.abort(code, exc.message)
 
     # ---- health and metadata -----------------------------------------------------------------------------
 
@@ -99,87 +94,46 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         # An unknown model, or version, is simply not ready (as Triton answers; REST says 404).
         try:
             self.state.model_ready(request.name, request.version or None)
-        except (NotServed, NotReady):
+        except RequestRejected:
             return grpc_pb2.ModelReadyResponse(ready=False)
         return grpc_pb2.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request, context):
         try:
-            model = self.state.model(request.name, request.version or None, ready=False)
-        except NotServed as exc:
-            await self._not_served(context, exc, request.name, "ModelMetadata")
-        if model.classifier is None:
-            await self._refuse(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"model {model.name!r} is not loaded",
-                "not_ready",
-                model.name,
-                "ModelMetadata",
-            )
-        return metadata_response(model.metadata())
+            return metadata_response(self.state.model_metadata(request.name, request.version or None))
+        except RequestRejected as exc:
+            await self._refuse(context, exc, request.name, "ModelMetadata")
 
     # ---- inference ---------------------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        label = self.state.label(request.model_name)
-        self.state.in_flight += 1
-        metrics.IN_FLIGHT.inc()
+        async def read_request():
+            _check_request(request, self.budget)
+            return InferRequest.from_grpc(request)
+
+        headers = dict(context.invocation_metadata() or ())
         try:
-            model = self.state.model(request.model_name, request.model_version or None)
-            _check_request(request)
-            infer_request = InferRequest.from_grpc(request)
-            response, _ = await model(infer_request, headers=dict(context.invocation_metadata() or ()))
-            return response.to_grpc()
-        except NotServed as exc:
-            await self._not_served(context, exc, request.model_name, "ModelInfer")
-        except NotReady as exc:
-            await self._refuse(
-                context, grpc.StatusCode.UNAVAILABLE, exc.message, "not_ready", label, "ModelInfer"
+            response = await self.state.infer(
+                request.model_name, request.model_version or None, read_request, headers
             )
+            return response.to_grpc()
         except RequestRejected as exc:
-            code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-            await self._refuse(context, code, exc.message, exc.code, label, "ModelInfer")
+            await self._refuse(context, exc, request.model_name, "ModelInfer")
         except InferenceError as exc:  # the model logged and counted it (a broken model output)
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except aio.AbortError:
-            raise
         except Exception:  # a bug: one traceback, and the client gets no detail
-            metrics.ERRORS.labels(label, "internal").inc()
+            metrics.ERRORS.labels(self.state.label(request.model_name), "internal").inc()
             log.exception("internal error in gRPC ModelInfer")
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-        finally:
-            self.state.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
 
     # ---- model control (only with --model-control-token-file) --------------------------------------------
 
     async def _control(self, request, context, action: str):
-        method = f"RepositoryModel{action.capitalize()}"
-        if not self.state.control_enabled:
-            await self._refuse(
-                context,
-                grpc.StatusCode.UNIMPLEMENTED,
-                "model control is disabled on this server",
-                "control_disabled",
-                metrics.NO_MODEL,
-                method,
-            )
         auth = dict(context.invocation_metadata() or ()).get("authorization")
         try:
-            self.state.authorize(auth)
-            if action == "unload":
-                self.state.unload(request.model_name)
-            else:
-                import asyncio
-
-                await asyncio.get_running_loop().run_in_executor(None, self.state.load, request.model_name)
+            await self.state.control(action, request.model_name, auth)
         except RequestRejected as exc:
-            await self._refuse(
-                context, grpc.StatusCode.UNAUTHENTICATED, exc.message, exc.code, metrics.NO_MODEL, method
-            )
-        except NotServed as exc:
-            await self._not_served(context, exc, request.model_name, method)
+            await self._refuse(context, exc, request.model_name, f"RepositoryModel{action.capitalize()}")
 
     async def RepositoryModelLoad(self, request, context):
         await self._control(request, context, "load")
@@ -190,14 +144,15 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         return grpc_pb2.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 
-def _check_request(request) -> None:
-    """The gRPC request's strings and counts within the same bounds as a REST request (serving.protocol),
-    so nothing a client sends ends up long in a message or a log line."""
-    if len(request.id) > _MAX_STRING:
-        raise RequestRejected("bad_request", f"the request id is over {_MAX_STRING} characters")
-    if len(request.inputs) > _MAX_TENSORS or len(request.outputs) > _MAX_TENSORS:
+def _check_request(request, budget: Budget) -> None:
+    """The gRPC request within the same bounds and types as a REST request (serving.protocol checks each
+    input and requested output of both), so nothing a client sends ends up long in a message or a log line."""
+    if len(request.id) > budget.max_string:
+        raise RequestRejected("bad_request", f"the request id is over {budget.max_string} characters")
+    if len(request.inputs) > budget.max_inputs or len(request.outputs) > budget.max_outputs:
         raise RequestRejected(
-            "bad_request", f"at most {_MAX_TENSORS} input and {_MAX_TENSORS} requested output tensors"
+            "bad_request",
+            f"at most {budget.max_inputs} input and {budget.max_outputs} requested output tensors",
         )
     raw = len(request.raw_input_contents)
     if raw and raw != len(request.inputs):
@@ -206,34 +161,29 @@ def _check_request(request) -> None:
             f"{len(request.inputs)} inputs but {raw} raw_input_contents: they must match one to one",
         )
     for i, tensor in enumerate(request.inputs):
-        if not 0 < len(tensor.name) <= _MAX_STRING or len(tensor.datatype) > _MAX_STRING:
-            raise RequestRejected(
-                "bad_request", f"input {i}: name and datatype must have 1 to {_MAX_STRING} characters"
-            )
-        if len(tensor.shape) > _MAX_RANK or any(d < 0 for d in tensor.shape):
-            raise RequestRejected(
-                "bad_shape",
-                f"input {quoted(tensor.name)}: shape must be at most {_MAX_RANK} non-negative integers",
-            )
+        parameters = to_http_parameters(tensor.parameters) or None
+        check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
+        c = tensor.contents
+        for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
+            # Typed contents are 32 or 64 bits wide whatever the datatype: a cast would wrap what is too large.
+            if values and tensor.datatype in INTEGER_TYPES:
+                integers(values, tensor.datatype, f"input {quoted(tensor.name)}")
         if raw and tensor.HasField("contents"):
             raise RequestRejected(
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
-    for output in request.outputs:
-        if not 0 < len(output.name) <= _MAX_STRING:
-            raise RequestRejected(
-                "bad_request", f"requested output names must have 1 to {_MAX_STRING} characters"
-            )
+    for i, output in enumerate(request.outputs):
+        check_output(output.name, to_http_parameters(output.parameters) or None, i, budget)
 
 
-def build_server(state: ServerState, address: str, max_message_bytes: int) -> aio.Server:
+def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
     server = aio.server(
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
     )
-    grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+    grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC cannot listen on {address}")
     return server

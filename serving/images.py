@@ -13,8 +13,6 @@ than half of them, so a request of many large images cannot hold up another clie
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ctypes
 import ctypes.util
 import io
@@ -26,7 +24,6 @@ import warnings
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -34,31 +31,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from fedmedclip.preprocess import Preprocessing
 
 from .errors import RequestRejected
+from .options import Limits
 
 log = logging.getLogger("fedmedclip.serving")
 
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits. Defaults fit a GPU server taking scans of up to ~6000x6000 pixels."""
-
-    max_batch_images: int = 64  # images in one request
-    max_image_pixels: int = 40_000_000  # width*height of one encoded image, checked before decoding
-    max_request_bytes: int = 64 * 1024 * 1024  # whole request body (REST) / message (gRPC)
-    # Sum of width*height over one request's encoded images, from their headers, before any is decoded:
-    # 64 images of 2048x2048.
-    max_request_pixels: int = 64 * 2048 * 2048
-    max_decode_seconds: float = 10.0  # CPU seconds decoding one request's images may take
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_images", "max_image_pixels", "max_request_bytes", "max_request_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.max_decode_seconds > 0:
-            raise ValueError(f"max_decode_seconds must be positive, got {self.max_decode_seconds}")
 
 
 def install_pil_guards(limits: Limits) -> None:
@@ -72,19 +50,10 @@ def install_pil_guards(limits: Limits) -> None:
 
 
 def as_encoded_bytes(item: object, index: int) -> bytes:
-    """One element of a BYTES tensor. Binary (REST binary extension, gRPC) gives bytes; JSON can only carry
-    strings, so a JSON string is read as base64 of the file."""
+    """One element of a BYTES tensor: bytes from binary data (REST binary extension, gRPC) and from JSON
+    strings alike, which serving.protocol has already read as base64."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
-    if isinstance(item, str):
-        try:
-            return base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestRejected(
-                "bad_base64",
-                f"image {index}: a BYTES element sent as a JSON string must be the base64 of a JPEG/PNG "
-                "file (or send the tensor as binary data)",
-            ) from None
     raise RequestRejected("bad_dtype", f"image {index}: expected bytes, got {type(item).__name__}")
 
 

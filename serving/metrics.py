@@ -90,8 +90,3 @@ DRIFT_P_VALUE = Gauge(
     ["model"],
 )
 DRIFT_TESTS = Counter("fedmedclip_drift_tests", "Drift tests run", ["model"])
-
-
-def model_label(name: str, served) -> str:
-    """The `model` label for a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
-    return name if name in served else UNKNOWN_MODEL

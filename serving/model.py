@@ -18,24 +18,31 @@ import logging
 import struct
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 
 from . import metrics
 from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve
-from .batcher import Batching, DynamicBatcher
+from .batcher import DynamicBatcher
 from .errors import RequestRejected, quoted
-from .images import DecodePool, Limits, as_encoded_bytes, install_pil_guards
-from .monitor import DriftTest, MonitorOptions, OodWindow
-from .runtime import OnnxClassifier
+from .images import DecodePool, as_encoded_bytes, install_pil_guards
+from .monitor import DriftTest, OodWindow
+from .options import ModelOptions
+from .runtime import OnnxClassifier, non_finite_rows
+from .source import ResolvedModel
 
 log = logging.getLogger("fedmedclip.serving")
 
 INPUT_UINT8 = "images"
 INPUT_BYTES = "image_bytes"
-OUTPUT_NAMES = ("probabilities", "class_index", "class_name")
-OOD_OUTPUT_NAMES = ("ood_score", "out_of_distribution")
+# The outputs, each with its datatype; the last two only for a model exported with its OOD score.
+OUTPUTS = {
+    "probabilities": "FP32",
+    "class_index": "INT64",
+    "class_name": "BYTES",
+    "ood_score": "FP32",
+    "out_of_distribution": "BOOL",
+}
 PLATFORM = "onnx_onnxv1"  # the protocol's platform name for an ONNX model run by ONNX Runtime
 METADATA_PREFIX = "onnx.metadata."  # model metadata `properties`: the ONNX file's metadata_props, as they are
 SERVED_PREFIX = "served."  # ... and what the server knows of the file (sha256, origin, version, device)
@@ -46,35 +53,17 @@ class FedMedClipModel(kserve.Model):
     def __init__(
         self,
         name: str,
-        model_path: str | Path,
-        *,
-        device: str = "auto",
-        limits: Limits | None = None,
-        batching: Batching | None = None,
-        intra_op_threads: int = 0,
-        origin: str | None = None,
-        sha256: str | None = None,
-        version: str | None = None,
+        resolved: ResolvedModel,
+        options: ModelOptions,
         classifier: OnnxClassifier | None = None,
-        decode_threads: int = 0,
-        monitoring: MonitorOptions | None = None,
     ):
-        """`classifier`: an already created session for `model_path` (the CLI creates it before importing
-        kserve so that a bad model or --device fails fast); otherwise `load` creates it. `version`: what
-        answers carry as `model_version` (the registry version, else the sha256 prefix). `decode_threads`:
-        threads decoding encoded images (0: one per core, at most 8)."""
+        """`resolved`: the verified file; every answer carries its `version` as `model_version`.
+        `classifier`: its session, already open (the CLI opens it before importing kserve so that a bad
+        model or --device fails fast); otherwise `load` opens it."""
         super().__init__(name)
-        self.model_path = Path(model_path)
-        self.device = device
-        self.limits = limits or Limits()
-        self.batching = batching or Batching()
-        self.intra_op_threads = intra_op_threads
-        self.origin = origin or str(model_path)
-        self.sha256 = sha256
-        self.version = version or (sha256[:12] if sha256 else "1")
-        self.classifier = classifier
-        self.decode_threads = decode_threads
-        self.monitoring = monitoring or MonitorOptions()
+        self.resolved, self.options, self.classifier = resolved, options, classifier
+        self.origin, self.sha256, self.version = resolved.origin, resolved.sha256, resolved.version
+        self.limits = options.limits
         self.batcher: DynamicBatcher | None = None
         self.decoder: DecodePool | None = None
         self.ood_window: OodWindow | None = None
@@ -86,22 +75,15 @@ class FedMedClipModel(kserve.Model):
     def load(self) -> bool:
         install_pil_guards(self.limits)
         if self.classifier is None:
-            self.classifier = OnnxClassifier(
-                self.model_path, self.device, self.intra_op_threads, expected_sha256=self.sha256
-            )
-        self.classifier.warm_up((1, self.batching.max_batch_size))
+            self.classifier = OnnxClassifier.open(self.resolved, self.options)
         contract = self.classifier.contract
-        self.output_names = OUTPUT_NAMES + (OOD_OUTPUT_NAMES if contract.ood else ())
+        self.output_names = tuple(OUTPUTS)[: 5 if contract.ood else 3]
         if contract.ood:
-            self.ood_window = OodWindow(self.name, self.monitoring.ood_window, contract.ood.false_alarm_rate)
+            self.ood_window = OodWindow(
+                self.name, self.options.monitoring.ood_window, contract.ood.false_alarm_rate
+            )
             self.drift = DriftTest(
-                self.name,
-                contract.ood.reference,
-                contract.ood.sigma,
-                window=self.monitoring.drift_window,
-                every=self.monitoring.drift_every,
-                permutations=self.monitoring.drift_permutations,
-                p_value=self.monitoring.drift_p_value,
+                self.name, contract.ood.reference, contract.ood.sigma, self.options.monitoring
             )
         else:
             log.warning(
@@ -118,14 +100,8 @@ class FedMedClipModel(kserve.Model):
         self._decoded_metric = metrics.DECODED_IMAGES.labels(self.name)
         self._decoded_pixels_metric = metrics.DECODED_PIXELS.labels(self.name)
         self._decode_seconds_metric = metrics.DECODE_SECONDS.labels(self.name)
-        self.decoder = DecodePool(self.decode_threads)
-        self.batcher = DynamicBatcher(
-            self._run,
-            max_batch_size=self.batching.max_batch_size,
-            max_delay_s=self.batching.max_delay_ms / 1000.0,
-            concurrency=self.batching.concurrency,
-            on_dispatch=self._observe_queue,
-        )
+        self.decoder = DecodePool(self.options.decode_threads)
+        self.batcher = DynamicBatcher(self._run, self.options.batching, on_dispatch=self._observe_queue)
         meta = contract.metadata
         log.info(
             "model %r version %s from %s (sha256 %s): %d classes %s, image %dx%d (%s preprocessing), method=%s "
@@ -149,7 +125,7 @@ class FedMedClipModel(kserve.Model):
                 else "none"
             ),
             list(self.classifier.providers),
-            self.batching,
+            self.options.batching,
             self.limits,
             self.decoder.threads,
         )
@@ -205,17 +181,10 @@ class FedMedClipModel(kserve.Model):
 
     def get_output_types(self) -> list[dict]:
         c = self.classifier.contract.num_classes
-        types = [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, c]},
-            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
-            {"name": "class_name", "datatype": "BYTES", "shape": [-1]},
+        return [
+            {"name": name, "datatype": OUTPUTS[name], "shape": [-1, c] if name == "probabilities" else [-1]}
+            for name in self.output_names
         ]
-        if self.classifier.contract.ood:
-            types += [
-                {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
-                {"name": "out_of_distribution", "datatype": "BOOL", "shape": [-1]},
-            ]
-        return types
 
     # ---- inference -------------------------------------------------------------------------------------
 
@@ -228,25 +197,23 @@ class FedMedClipModel(kserve.Model):
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
             images = self._uint8_images(inp) if kind == "uint8" else await self._decode_bytes(inp)
             outputs = await self.batcher.submit(images)
-            self._check_finite(outputs)
-        except _NonFiniteOutput as exc:
-            metrics.ERRORS.labels(self.name, "non_finite_output").inc()
-            log.error("%s", exc)
-            raise InferenceError(str(exc)) from None
         # Refusals (RequestRejected) and internal errors go up: the front end logs and counts each once.
         finally:
             metrics.REQUESTS.labels(self.name, protocol, kind).inc()
             metrics.LATENCY.labels(self.name, protocol).observe(time.perf_counter() - started)
+        bad = non_finite_rows(outputs)
+        if len(bad):  # a server-side failure (HTTP 500), not the client's
+            message = (
+                f"model {self.name!r} ({self.origin}) answered NaN or inf for image(s) "
+                f"{bad.tolist()[:16]} of this request; no answer is given for a broken model output"
+            )
+            metrics.ERRORS.labels(self.name, "non_finite_output").inc()
+            log.error("%s", message)
+            raise InferenceError(message)
         metrics.IMAGES.labels(self.name).inc(len(outputs[1]))
         return self._response(payload, outputs)
 
     def _select_input(self, payload):
-        if not isinstance(payload, InferRequest):
-            raise RequestRejected(
-                "protocol",
-                f"model {self.name!r} speaks the v2 Open Inference Protocol only: "
-                f"POST /v2/models/{self.name}/infer (REST) or ModelInfer (gRPC)",
-            )
         s = self.classifier.contract.image_size
         expected = (
             f"'{INPUT_BYTES}' (BYTES [N], encoded JPEG/PNG files) or '{INPUT_UINT8}' (UINT8 [N,{s},{s},3])"
@@ -263,20 +230,17 @@ class FedMedClipModel(kserve.Model):
                     "unknown_output",
                     f"unknown output {quoted(out.name)}; this model has {list(self.output_names)}",
                 )
-            _check_parameters(out.parameters, f"output {out.name!r}", {"binary_data": bool})
         inp = payload.inputs[0]
-        _check_parameters(inp.parameters, f"input {inp.name!r}", {"binary_data_size": int})
-        if inp.name not in (INPUT_UINT8, INPUT_BYTES):
+        datatypes = {t["name"]: t["datatype"] for t in self.get_input_types()}
+        if inp.name not in datatypes:
             raise RequestRejected("unknown_input", f"unknown input {quoted(inp.name)}; send {expected}")
-        want = "UINT8" if inp.name == INPUT_UINT8 else "BYTES"
+        want = datatypes[inp.name]
         if inp.datatype != want:
             raise RequestRejected(
                 "bad_dtype",
                 f"input {inp.name!r} must have datatype {want}, got {quoted(inp.datatype)}; send {expected}",
             )
-        shape = list(inp.shape)
-        if not shape or not all(type(d) is int and d >= 0 for d in shape):
-            raise RequestRejected("bad_shape", f"input {inp.name!r} has an invalid shape {quoted(shape)}")
+        # The transport checked the shape's entries (serving.protocol); each input kind checks its length.
         return inp
 
     def _check_count(self, n: int) -> None:
@@ -299,8 +263,6 @@ class FedMedClipModel(kserve.Model):
                 f"got {shape}; send encoded files as {INPUT_BYTES!r} to have the server resize them",
             )
         self._check_count(shape[0])
-        if inp._raw_data is None:  # gRPC typed contents (uint32s): as_numpy would wrap 300 to 44
-            _check_uint8_values(inp.data)
         try:
             images = inp.as_numpy()
         except (ValueError, TypeError, OverflowError) as exc:
@@ -345,18 +307,6 @@ class FedMedClipModel(kserve.Model):
         self._decoded_pixels_metric.inc(pixels)
         self._decode_seconds_metric.observe(cpu_seconds)
 
-    def _check_finite(self, outputs: tuple[np.ndarray, ...]) -> None:
-        n = len(outputs[1])
-        bad = ~np.isfinite(outputs[0]).all(axis=1)
-        for extra in outputs[2:]:
-            bad |= ~np.isfinite(extra.reshape(n, -1)).all(axis=1)
-        bad = np.flatnonzero(bad)
-        if len(bad):
-            raise _NonFiniteOutput(
-                f"model {self.name!r} ({self.origin}) answered NaN or inf for image(s) "
-                f"{bad.tolist()[:16]} of this request; no answer is given for a broken model output"
-            )
-
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """One ONNX Runtime run (batcher thread)."""
         started = time.perf_counter()
@@ -371,69 +321,27 @@ class FedMedClipModel(kserve.Model):
 
     def _response(self, payload: InferRequest, outputs: tuple[np.ndarray, ...]) -> InferResponse:
         probs, index = outputs[:2]
-        n = len(index)
-        available = {
-            "probabilities": InferOutput("probabilities", [n, probs.shape[1]], "FP32", data=probs),
-            "class_index": InferOutput("class_index", [n], "INT64", data=index),
-            "class_name": InferOutput("class_name", [n], "BYTES", data=self._class_names[index]),
-        }
+        values = {"probabilities": probs, "class_index": index, "class_name": self._class_names[index]}
         parameters = {"class_names": self._class_names_json}
         ood = self.classifier.contract.ood
         if ood is not None:
             score, embedding = outputs[2:4]
-            flags = score > ood.threshold
-            available["ood_score"] = InferOutput("ood_score", [n], "FP32", data=score)
-            available["out_of_distribution"] = InferOutput("out_of_distribution", [n], "BOOL", data=flags)
+            values["ood_score"], values["out_of_distribution"] = score, score > ood.threshold
             parameters["ood_threshold"] = repr(ood.threshold)
-            self.ood_window.observe(flags)
+            self.ood_window.observe(values["out_of_distribution"])
             self.drift.observe(embedding)
         requested = payload.request_outputs
-        chosen = [available[o.name] for o in requested] if requested else list(available.values())
+        names = [o.name for o in requested] if requested else list(values)
         rest = not payload.from_grpc
         return InferResponse(
             # kserve 0.21 answers HTTP 500 when a response has no id: v2 clients may omit it.
             response_id=payload.id or str(uuid.uuid4()),
             model_name=self.name,
             model_version=self.version,
-            infer_outputs=chosen,
+            infer_outputs=[InferOutput(n, list(values[n].shape), OUTPUTS[n], data=values[n]) for n in names],
             parameters=parameters,
             # REST honours the client's binary_data choices; gRPC always returns raw contents
             # (passing the REST flags into a gRPC response breaks it in kserve 0.21).
             use_binary_outputs=payload.use_binary_outputs if rest else False,
             requested_outputs=requested if rest else None,
-        )
-
-
-class _NonFiniteOutput(Exception):
-    """The model answered NaN/inf: a server-side failure (HTTP 500), not the client's."""
-
-
-def _check_parameters(parameters, where: str, typed: dict[str, type]) -> None:
-    """v2 `parameters` must be an object; the ones this server reads must have their type (JSON true is not
-    a size, "yes" is not a boolean)."""
-    if parameters is None:
-        return
-    if not isinstance(parameters, dict):
-        raise RequestRejected(
-            "bad_parameters", f"{where}: 'parameters' must be a JSON object, got {type(parameters).__name__}"
-        )
-    for key, kind in typed.items():
-        if key in parameters:
-            value = parameters[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise RequestRejected(
-                    "bad_parameters",
-                    f"{where}: parameter {key!r} must be {'an integer' if kind is int else 'true or false'}, "
-                    f"got {quoted(value)}",
-                )
-
-
-def _check_uint8_values(data) -> None:
-    """A UINT8 tensor sent as gRPC typed contents (`uint_contents`, 32-bit) holds 0-255 only: as_numpy would
-    wrap 300 to 44. (REST JSON data is checked by serving.protocol, which keeps the exact JSON types.)"""
-    values = np.asarray(data, dtype=np.int64)
-    if values.size and (values.min() < 0 or values.max() > 255):
-        bad = values.min() if values.min() < 0 else values.max()
-        raise RequestRejected(
-            "bad_value", f"input 'images' (UINT8): its values must be integers 0-255, got {int(bad)}"
         )

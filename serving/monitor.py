@@ -17,30 +17,17 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import metrics
+from .options import MonitorOptions
 
 log = logging.getLogger("fedmedclip.serving")
 
 
-@dataclass(frozen=True)
-class MonitorOptions:
-    """`fedmedclip serve --ood-window/--drift-window/--drift-every/--drift-permutations/--drift-p-value`."""
-
-    ood_window: int = 200  # images whose flags make the windowed OOD rate
-    drift_window: int = 200  # recent images compared with the reference
-    drift_every: int = 50  # a new drift test after this many new images (at most one running)
-    drift_permutations: int = 100
-    drift_p_value: float = 0.05  # level of the reported MMD^2 threshold
-
-
 class OodWindow:
     def __init__(self, model: str, window: int, false_alarm_rate: float):
-        if window < 1:
-            raise ValueError(f"the OOD window must hold at least 1 image, got {window}")
         self._flags: deque[bool] = deque(maxlen=window)
         self._flagged = 0  # flagged images in the window
         self._lock = threading.Lock()
@@ -59,11 +46,6 @@ class OodWindow:
             if len(self._flags) == self._flags.maxlen:
                 self._rate.set(self._flagged / len(self._flags))
         self._counter.inc(int(flags.sum()))
-
-    @property
-    def rate(self) -> float | None:
-        with self._lock:
-            return self._flagged / len(self._flags) if len(self._flags) == self._flags.maxlen else None
 
 
 def gaussian_kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
@@ -97,30 +79,16 @@ def mmd2_permutation_test(
 
 
 class DriftTest:
-    def __init__(
-        self,
-        model: str,
-        reference: np.ndarray,
-        sigma: float,
-        window: int = 200,
-        every: int = 50,
-        permutations: int = 100,
-        p_value: float = 0.05,
-    ):
-        if window < 2 or every < 1 or permutations < 10 or not 0 < p_value < 1:
-            raise ValueError(
-                f"bad drift settings: window {window} (>= 2), every {every} (>= 1), permutations {permutations} "
-                f"(>= 10), p-value {p_value} (in (0, 1))"
-            )
+    def __init__(self, model: str, reference: np.ndarray, sigma: float, options: MonitorOptions):
         self.model, self.reference, self.sigma = model, np.asarray(reference, np.float64), sigma
-        self.window, self.every, self.permutations, self.level = window, every, permutations, p_value
-        self._recent: deque[np.ndarray] = deque(maxlen=window)
+        self.window, self.every = options.drift_window, options.drift_every
+        self.permutations, self.level = options.drift_permutations, options.drift_p_value
+        self._recent: deque[np.ndarray] = deque(maxlen=self.window)
         self._since = 0  # images since the last test started
         self._lock = threading.Lock()
         self._running = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift")
         self._tests = 0
-        self.last: tuple[float, float, float] | None = None  # (mmd2, p-value, threshold)
         self._gauges = (
             metrics.DRIFT_MMD2.labels(model),
             metrics.DRIFT_P_VALUE.labels(model),
@@ -148,7 +116,6 @@ class DriftTest:
             result = mmd2_permutation_test(
                 self.reference, sample, self.sigma, self.permutations, self.level, seed
             )
-            self.last = result
             for gauge, value in zip(self._gauges, result, strict=True):
                 gauge.set(value)
             self._count.inc()

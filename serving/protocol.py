@@ -28,7 +28,7 @@ import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -95,7 +95,6 @@ class Header:
     parameters: dict | None
     inputs: list[Tensor]
     outputs: list[tuple[str, dict | None]] | None = None
-    elements: int = field(default=0)  # JSON tensor elements read
 
 
 # ---------------------------------------------------------------------------------------- the JSON part
@@ -138,7 +137,6 @@ def parse_header(text: bytes, budget: Budget) -> Header:
         if tensor.data is not None:
             left -= len(tensor.data)
         header.inputs.append(tensor)
-    header.elements = budget.max_elements - left
     outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or len(outputs) > budget.max_outputs:
@@ -149,30 +147,38 @@ def parse_header(text: bytes, budget: Budget) -> Header:
         for i, spec in enumerate(outputs):
             if not isinstance(spec, dict):
                 raise RequestRejected("bad_request", f"output {i} must be a JSON object, got {_kind(spec)}")
-            name = _string(spec.get("name"), f"output {i}: 'name'", budget.max_string)
-            params = _parameters(spec.get("parameters"), f"output {quoted(name)}", budget)
-            if params and "binary_data" in params and type(params["binary_data"]) is not bool:
-                raise RequestRejected(
-                    "bad_parameters",
-                    f"output {quoted(name)}: parameter 'binary_data' must be true or false, "
-                    f"got {quoted(params['binary_data'])}",
-                )
-            header.outputs.append((name, params))
+            header.outputs.append(check_output(spec.get("name"), spec.get("parameters"), i, budget))
     return header
 
 
 def _input(spec: object, i: int, budget: Budget, elements_left: int) -> Tensor:
     if not isinstance(spec, dict):
         raise RequestRejected("bad_request", f"input {i} must be a JSON object, got {_kind(spec)}")
-    name = _string(spec.get("name"), f"input {i}: 'name'", budget.max_string)
+    tensor = check_input(
+        spec.get("name"), spec.get("datatype"), spec.get("shape"), spec.get("parameters"), i, budget
+    )
+    where = f"input {quoted(tensor.name)}"
+    if tensor.binary_size is not None:
+        if "data" in spec:
+            raise RequestRejected("bad_request", f"{where} has both 'data' and a binary_data_size parameter")
+        return tensor
+    if "data" not in spec:
+        raise RequestRejected("bad_request", f"{where} has neither 'data' nor a 'binary_data_size' parameter")
+    tensor.data = _data(spec["data"], tensor, budget, elements_left)
+    return tensor
+
+
+def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Tensor:
+    """Input `i`'s name, datatype, shape and parameters, as a JSON request or a gRPC one gives them; the
+    tensor without its data."""
+    name = _string(name, f"input {i}: 'name'", budget.max_string)
     where = f"input {quoted(name)}"
-    datatype = _string(spec.get("datatype"), f"{where}: 'datatype'", budget.max_string)
+    datatype = _string(datatype, f"{where}: 'datatype'", budget.max_string)
     if datatype not in DATATYPES:
         raise RequestRejected(
             "bad_dtype",
             f"{where}: unknown datatype {quoted(datatype)}; the protocol's are {sorted(DATATYPES)}",
         )
-    shape = spec.get("shape")
     if not isinstance(shape, list) or len(shape) > budget.max_rank:
         raise RequestRejected(
             "bad_shape", f"{where}: 'shape' must be a list of at most {budget.max_rank} integers"
@@ -183,23 +189,29 @@ def _input(spec: object, i: int, budget: Budget, elements_left: int) -> Tensor:
             raise RequestRejected(
                 "bad_shape", f"{where}: 'shape' entries must be non-negative integers, got {quoted(d)}"
             )
-    parameters = _parameters(spec.get("parameters"), where, budget)
-    tensor = Tensor(name, datatype, shape, parameters)
-    if parameters and "binary_data_size" in parameters:
-        size = parameters["binary_data_size"]
+    tensor = Tensor(name, datatype, shape, _parameters(parameters, where, budget))
+    if tensor.parameters and "binary_data_size" in tensor.parameters:
+        size = tensor.parameters["binary_data_size"]
         if type(size) is not int or size < 0:
             raise RequestRejected(
                 "bad_parameters",
                 f"{where}: binary_data_size must be a non-negative integer, got {quoted(size)}",
             )
-        if "data" in spec:
-            raise RequestRejected("bad_request", f"{where} has both 'data' and a binary_data_size parameter")
         tensor.binary_size = size
-        return tensor
-    if "data" not in spec:
-        raise RequestRejected("bad_request", f"{where} has neither 'data' nor a 'binary_data_size' parameter")
-    tensor.data = _data(spec["data"], tensor, budget, elements_left)
     return tensor
+
+
+def check_output(name, parameters, i: int, budget: Budget) -> tuple[str, dict | None]:
+    """Requested output `i`'s name and parameters, as a JSON request or a gRPC one gives them."""
+    name = _string(name, f"output {i}: 'name'", budget.max_string)
+    params = _parameters(parameters, f"output {quoted(name)}", budget)
+    if params and "binary_data" in params and type(params["binary_data"]) is not bool:
+        raise RequestRejected(
+            "bad_parameters",
+            f"output {quoted(name)}: parameter 'binary_data' must be true or false, "
+            f"got {quoted(params['binary_data'])}",
+        )
+    return name, params
 
 
 def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.ndarray | list[bytes]:
@@ -219,19 +231,9 @@ def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.nda
         )
     kinds = set(map(type, flat))
     if t.datatype in INTEGER_TYPES:
-        dtype = INTEGER_TYPES[t.datatype]
-        info = np.iinfo(dtype)
+        info = np.iinfo(INTEGER_TYPES[t.datatype])
         _only(kinds, {int}, flat, where, f"integers {info.min}-{info.max}")
-        try:
-            values = np.array(flat, dtype=np.int64)
-        except OverflowError:
-            raise RequestRejected("bad_value", f"{where}: a value is out of the {t.datatype} range") from None
-        if values.size and (values.min() < info.min or values.max() > min(info.max, np.iinfo(np.int64).max)):
-            bad = int(values.min() if values.min() < info.min else values.max())
-            raise RequestRejected(
-                "bad_value", f"{where}: 'data' must hold integers {info.min}-{info.max}, got {bad}"
-            )
-        return values.astype(dtype)
+        return integers(flat, t.datatype, where)
     if t.datatype in FLOAT_TYPES:
         _only(kinds, {int, float}, flat, where, "numbers")
         values = np.array(flat, dtype=np.float64)
@@ -258,6 +260,22 @@ def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.nda
     raise RequestRejected(
         "bad_dtype", f"{where}: {t.datatype} cannot be sent as JSON data; send it as binary data"
     )
+
+
+def integers(values, datatype: str, where: str) -> np.ndarray:
+    """Integer tensor data (a JSON array's, or a gRPC request's typed contents) as `datatype`, refused when a
+    value is outside its range: a cast would wrap 300 to 44 in UINT8."""
+    info = np.iinfo(INTEGER_TYPES[datatype])
+    try:
+        array = np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise RequestRejected("bad_value", f"{where}: a value is out of the {datatype} range") from None
+    if array.size and (array.min() < info.min or array.max() > min(info.max, np.iinfo(np.int64).max)):
+        bad = int(array.min() if array.min() < info.min else array.max())
+        raise RequestRejected(
+            "bad_value", f"{where}: 'data' must hold integers {info.min}-{info.max}, got {bad}"
+        )
+    return array.astype(INTEGER_TYPES[datatype])
 
 
 def _flatten(data: list, where: str, max_rank: int) -> list:

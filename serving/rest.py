@@ -33,20 +33,14 @@ from starlette.routing import Route
 
 from . import metrics
 from ._kserve import InferenceError
-from .errors import RequestRejected
+from .errors import NotReady, RequestRejected
 from .protocol import JsonParser, json_part, to_infer_request
-from .state import NotReady, NotServed, ServerState
+from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, reason: str):
-        super().__init__(message)
-        self.status, self.message, self.reason = status, message, reason
 
 
 def json_response(body: dict, status: int = 200) -> Response:
@@ -57,11 +51,25 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
 
 
-def refused(request: Request, status: int, message: str, reason: str, model: str) -> Response:
+def refused(request: Request, exc: RequestRejected, model: str) -> Response:
     """One log line and one metric per refused request; the body is the protocol's error object."""
-    metrics.ERRORS.labels(model, reason).inc()
-    log.info("refused %s %s: HTTP %d %s: %s", request.method, request.url.path[:80], status, reason, message)
-    return error_response(status, message)
+    metrics.ERRORS.labels(model, exc.code).inc()
+    log.info(
+        "refused %s %s: HTTP %d %s: %s",
+        request.method,
+        request.url.path[:80],
+        exc.status,
+        exc.code,
+        exc.message,
+    )
+    return error_response(exc.status, exc.message)
+
+
+def internal_error(request: Request, exc: Exception, model: str) -> Response:
+    """A bug: one traceback in the log, and the client gets no detail."""
+    metrics.ERRORS.labels(model, "internal").inc()
+    log.error("internal error on %s %s", request.method, request.url.path[:80], exc_info=exc)
+    return error_response(500, "internal server error")
 
 
 class RestApi:
@@ -76,26 +84,24 @@ class RestApi:
         self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
 
     def app(self) -> Starlette:
-        model = "/v2/models/{name}"
-        versioned = "/v2/models/{name}/versions/{version}"
         routes = [
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
             Route("/v2/models", self.list_models, methods=["GET"]),
-            Route(model, self.model_metadata, methods=["GET"]),
-            Route(versioned, self.model_metadata, methods=["GET"]),
-            Route(f"{model}/ready", self.model_ready, methods=["GET"]),
-            Route(f"{versioned}/ready", self.model_ready, methods=["GET"]),
-            Route(f"{model}/infer", self.infer, methods=["POST"]),
-            Route(f"{versioned}/infer", self.infer, methods=["POST"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ]
+        for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [
+                Route(model, self.model_metadata, methods=["GET"]),
+                Route(f"{model}/ready", self.model_ready, methods=["GET"]),
+                Route(f"{model}/infer", self.infer, methods=["POST"]),
+            ]
         if self.state.control_enabled:
             routes += [
-                Route("/v2/repository/models/{name}/load", self.control, methods=["POST"]),
-                Route("/v2/repository/models/{name}/unload", self.control, methods=["POST"]),
+                Route(f"/v2/repository/models/{{name}}/{a}", self.control, methods=["POST"])
+                for a in ("load", "unload")
             ]
         return Starlette(
             routes=routes,
@@ -117,15 +123,13 @@ class RestApi:
             reason = "no_route"
         else:
             message, reason = str(exc.detail)[:200], "http_error"
-        response = refused(request, exc.status_code, message, reason, metrics.NO_MODEL)
+        response = refused(request, RequestRejected(reason, message, exc.status_code), metrics.NO_MODEL)
         if exc.headers:
             response.headers.update(exc.headers)
         return response
 
     async def _internal_error(self, request: Request, exc: Exception) -> Response:
-        metrics.ERRORS.labels(metrics.NO_MODEL, "internal").inc()
-        log.error("internal error on %s %s", request.method, request.url.path[:80], exc_info=exc)
-        return error_response(500, "internal server error")
+        return internal_error(request, exc, metrics.NO_MODEL)
 
     # ---- health and metadata -----------------------------------------------------------------------------
 
@@ -147,21 +151,18 @@ class RestApi:
     async def model_metadata(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
         try:
-            model = self.state.model(name, version, ready=False)
-        except NotServed as exc:
-            return refused(request, 404, exc.message, "unknown_model", self.state.label(name))
-        if model.classifier is None:
-            return refused(request, 503, f"model {name!r} is not loaded", "not_ready", name)
-        return json_response(model.metadata())
+            return json_response(self.state.model_metadata(name, version))
+        except RequestRejected as exc:
+            return refused(request, exc, self.state.label(name))
 
     async def model_ready(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
         try:
             self.state.model_ready(name, version)
-        except NotServed as exc:
-            return refused(request, 404, exc.message, "unknown_model", self.state.label(name))
-        except NotReady as exc:
+        except NotReady as exc:  # a probe's answer, not a refused request
             return error_response(503, exc.message)
+        except RequestRejected as exc:
+            return refused(request, exc, self.state.label(name))
         return json_response({"name": name, "ready": True})
 
     async def metrics(self, request: Request) -> Response:
@@ -174,50 +175,32 @@ class RestApi:
         name = request.path_params["name"]
         action = request.url.path.rsplit("/", 1)[1]
         try:
-            self.state.authorize(request.headers.get("authorization"))
-            if action == "unload":
-                self.state.unload(name)
-            else:
-                await asyncio.get_running_loop().run_in_executor(None, self.state.load, name)
+            await self.state.control(action, name, request.headers.get("authorization"))
         except RequestRejected as exc:
-            return refused(request, exc.status, exc.message, exc.code, self.state.label(name))
-        except NotServed as exc:
-            return refused(request, 404, exc.message, "unknown_model", metrics.UNKNOWN_MODEL)
+            return refused(request, exc, self.state.label(name))
         return json_response({"name": name, action: True})
 
     # ---- inference ---------------------------------------------------------------------------------------
 
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
-        label = self.state.label(name)
-        self.state.in_flight += 1
-        metrics.IN_FLIGHT.inc()
-        try:
-            model = self.state.model(name, version)
+
+        async def read_request():
             body = await self._read_body(request)
             text, offset = json_part(body, request.headers)
-            header = await self.parser.parse(text)
-            infer_request = to_infer_request(header, body, offset, name, version)
-            response, _ = await model(infer_request, headers=dict(request.headers))
-            return self._encode(response)
-        except NotServed as exc:
-            return refused(request, 404, exc.message, "unknown_model", label)
-        except NotReady as exc:
-            return refused(request, 503, exc.message, "not_ready", label)
+            return to_infer_request(await self.parser.parse(text), body, offset, name, version)
+
+        try:
+            return self._encode(await self.state.infer(name, version, read_request, dict(request.headers)))
         except RequestRejected as exc:
-            return refused(request, exc.status, exc.message, exc.code, label)
+            return refused(request, exc, self.state.label(name))
         except InferenceError as exc:  # the model logged and counted it (a broken model output)
             return error_response(500, str(exc))
         except ClientDisconnect:
             log.info("client went away during %s %s", request.method, request.url.path[:80])
             return Response(status_code=499)
-        except Exception as exc:  # a bug: one traceback, and the client gets no detail
-            metrics.ERRORS.labels(label, "internal").inc()
-            log.error("internal error on %s %s", request.method, request.url.path[:80], exc_info=exc)
-            return error_response(500, "internal server error")
-        finally:
-            self.state.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+        except Exception as exc:
+            return internal_error(request, exc, self.state.label(name))
 
     async def _read_body(self, request: Request) -> bytes:
         """The whole body, within --max-request-bytes (413) and --body-timeout (408)."""
@@ -227,12 +210,7 @@ class RestApi:
             if not length.isdigit():
                 raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
             if int(length) > limit:
-                raise RequestRejected(
-                    "request_too_large",
-                    f"request body of {int(length):,} bytes is over the limit of {limit:,} "
-                    "(server option --max-request-bytes)",
-                    413,
-                )
+                raise _too_large(f"{int(length):,}", limit)
         chunks, received = [], 0
         deadline = time.monotonic() + self.body_timeout_s
         while True:
@@ -251,12 +229,7 @@ class RestApi:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > limit:
-                raise RequestRejected(
-                    "request_too_large",
-                    f"request body of {received:,}+ bytes is over the limit of {limit:,} "
-                    "(server option --max-request-bytes)",
-                    413,
-                )
+                raise _too_large(f"{received:,}+", limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -272,6 +245,14 @@ class RestApi:
             headers={"inference-header-content-length": str(json_length)},
             media_type=BINARY,
         )
+
+
+def _too_large(size: str, limit: int) -> RequestRejected:
+    return RequestRejected(
+        "request_too_large",
+        f"request body of {size} bytes is over the limit of {limit:,} (server option --max-request-bytes)",
+        413,
+    )
 
 
 def _without_nulls(body: dict) -> dict:

@@ -86,6 +86,15 @@ def _session(ort, path: Path, options, providers, model_bytes: bytes | None = No
         raise ServingError(f"ONNX Runtime cannot load {path}: {exc}") from None
 
 
+def non_finite_rows(outputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The images (rows) for which any output of a run holds NaN or inf."""
+    n = len(outputs[0])
+    bad = np.zeros(n, dtype=bool)
+    for out in outputs:
+        bad |= ~np.isfinite(out.reshape(n, -1)).all(axis=1)
+    return np.flatnonzero(bad)
+
+
 class OnnxClassifier:
     """The session plus its contract. `run` is thread-safe (ONNX Runtime sessions are)."""
 
@@ -121,6 +130,16 @@ class OnnxClassifier:
             raise ServingError(str(exc)) from None
         self._outputs = self.contract.output_names
         self._warmed: set[int] = set()
+
+    @classmethod
+    def open(cls, resolved, options) -> OnnxClassifier:
+        """The verified file (a source.ResolvedModel) on the device and threads of `options` (ModelOptions),
+        warmed up for the batch sizes it will run."""
+        classifier = cls(
+            resolved.path, options.device, options.ort_threads, options.ort_spin, resolved.sha256
+        )
+        classifier.warm_up((1, options.batching.max_batch_size))
+        return classifier
 
     @property
     def device(self) -> str:
@@ -161,13 +180,11 @@ class OnnxClassifier:
                     f"{self.path}: test inference gave ood_score {ood[0].shape} and embedding {ood[1].shape} "
                     f"for a batch of {n}"
                 )
-            bad = ~np.isfinite(probs).all(axis=1)
-            for extra in ood:
-                bad |= ~np.isfinite(extra.reshape(n, -1)).all(axis=1)
-            if bad.any():
+            bad = non_finite_rows((probs, index, *ood))
+            if len(bad):
                 raise ServingError(
                     f"refusing to serve {self.path}: its outputs on a warm-up batch of {n} are not finite "
-                    f"(NaN or inf for {int(bad.sum())} of {n} images). The model is broken (exported from a "
+                    f"(NaN or inf for {len(bad)} of {n} images). The model is broken (exported from a "
                     "diverged training, or damaged): export it again from a good run."
                 )
             self._warmed.add(n)

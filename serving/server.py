@@ -13,12 +13,12 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
 
 import uvicorn
 
 from . import metrics
 from .grpc_service import build_server
+from .options import ServerOptions
 from .protocol import Budget, JsonParser
 from .rest import RestApi
 from .state import ServerState
@@ -29,21 +29,6 @@ log = logging.getLogger("fedmedclip.serving")
 _GRPC_OVERHEAD = 1 << 20
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    host: str = "127.0.0.1"  # loopback unless asked: the cluster manifests pass --host 0.0.0.0
-    http_port: int = 8080
-    grpc_port: int = 8081
-    enable_grpc: bool = True
-    max_request_bytes: int = 64 * 1024 * 1024
-    access_log: bool = False
-    drain_seconds: float = 5.0  # not ready, still serving, before the ports close
-    grace_period_s: float = 30.0  # longest wait for in-flight requests after the drain
-    body_timeout_s: float = 30.0  # a REST body must arrive within this many seconds
-    json_workers: int = 1  # processes parsing large JSON bodies (0: threads only)
-    control_token: str | None = None  # enables model control for requests presenting it
-
-
 class _Uvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: this process shuts REST and gRPC down in its own order."""
 
@@ -52,17 +37,10 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """uvicorn's loggers at WARNING (no line per connection); ours keep their handler (cli._log_to_stderr)."""
-    logging.getLogger("fedmedclip").setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "kserve", "kserve.trace"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def json_budget(models: dict) -> Budget:
     """The largest JSON tensor any served model accepts: a full UINT8 batch of its image size."""
     largest = max(
-        m.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()
+        m.options.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()
     )
     return Budget(max_elements=largest)
 
@@ -78,7 +56,9 @@ async def _serve(models: dict, options: ServerOptions) -> None:
     state = ServerState(models, options.control_token)
     parser = JsonParser(json_budget(models), processes=options.json_workers)
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
-    app = RestApi(state, parser, options.max_request_bytes, options.body_timeout_s).app()
+    # Every model has the same limits (one `serve` command): the largest is the transports' bound.
+    max_request_bytes = max(m.options.limits.max_request_bytes for m in models.values())
+    app = RestApi(state, parser, max_request_bytes, options.body_timeout).app()
     rest = _Uvicorn(
         uvicorn.Config(
             app,
@@ -87,14 +67,14 @@ async def _serve(models: dict, options: ServerOptions) -> None:
             log_config=None,
             lifespan="off",
             access_log=options.access_log,
-            timeout_graceful_shutdown=int(options.grace_period_s),
+            timeout_graceful_shutdown=int(options.grace_period),
         )
     )
     grpc_server = None
-    if options.enable_grpc:
+    if not options.no_grpc:
         host = f"[{options.host}]" if ":" in options.host else options.host
         grpc_server = build_server(
-            state, f"{host}:{options.grpc_port}", options.max_request_bytes + _GRPC_OVERHEAD
+            state, parser.budget, f"{host}:{options.grpc_port}", max_request_bytes + _GRPC_OVERHEAD
         )
         await grpc_server.start()
 
@@ -122,7 +102,7 @@ async def _serve(models: dict, options: ServerOptions) -> None:
         options.drain_seconds,
         state.in_flight,
     )
-    deadline = started + options.drain_seconds + options.grace_period_s
+    deadline = started + options.drain_seconds + options.grace_period
     while time.monotonic() < deadline and not rest_task.done():
         if time.monotonic() - started >= options.drain_seconds and state.in_flight == 0:
             break

@@ -22,7 +22,7 @@ from fedmedclip.digests import (
 
 from .errors import ServingError
 
-__all__ = ["SHA256_TAG", "ResolvedModel", "find_onnx", "parse_models_uri", "resolve_model", "sha256_file"]
+__all__ = ["SHA256_TAG", "ResolvedModel", "find_onnx", "resolve_model", "sha256_file"]
 
 log = logging.getLogger("fedmedclip.serving")
 
@@ -76,14 +76,6 @@ def find_onnx(folder: Path, what: str) -> Path:
     raise ServingError(f"{what} holds several .onnx files ({[str(p) for p in found]}); pass the file itself")
 
 
-def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
-    parsed = parse_model_reference(uri) if uri.startswith("models:/") else None
-    if parsed is not None:
-        return parsed
-    raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-
-
 def resolve_model(
     spec: str, expected_sha256: str | None = None, cache_dir: str | None = None
 ) -> ResolvedModel:
@@ -122,7 +114,10 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
 
     from fedmedclip.tracking_server import require_tracking_uri
 
-    name, alias, version = parse_models_uri(uri)
+    parsed = parse_model_reference(uri)
+    if parsed is None:
+        raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = parsed
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here).
     tracking = require_tracking_uri(purpose=f"{uri} needs the MLflow registry", error=ServingError)
     mlflow.set_tracking_uri(tracking)

@@ -1,15 +1,17 @@
 """What the REST and gRPC front ends share: the served models by name, whether the server is ready, the
-requests in flight (what a shutdown waits for), and the optional model-control token."""
+requests in flight (what a shutdown waits for), model metadata, and model control with its optional token.
+Each front end only reads its transport's request and maps a `RequestRejected` to its status codes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 from importlib import metadata
 
 from . import metrics
-from .errors import RequestRejected, quoted
+from .errors import NotReady, NotServed, RequestRejected, quoted
 
 log = logging.getLogger("fedmedclip.serving")
 
@@ -18,22 +20,6 @@ SERVER_NAME = "fedmedclip"
 # (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) only with a token.
 EXTENSIONS = ("binary_tensor_data",)
 CONTROL_EXTENSION = "model_repository"
-
-
-class NotServed(Exception):
-    """The request names a model, or a version of it, that this server does not serve (HTTP 404)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class NotReady(Exception):
-    """The model exists but cannot answer now (unloaded, or the server is shutting down): HTTP 503."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 class ServerState:
@@ -68,7 +54,8 @@ class ServerState:
     # ---- models ------------------------------------------------------------------------------------------
 
     def label(self, name: str) -> str:
-        return metrics.model_label(name, self.models)
+        """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
+        return name if name in self.models else metrics.UNKNOWN_MODEL
 
     def model(self, name: str, version: str | None = None, *, ready: bool = True):
         """The model a request names (a version, if given, must be the one served)."""
@@ -93,6 +80,25 @@ class ServerState:
         if self.draining:
             raise NotReady(f"model {name!r} is not ready: the server is shutting down")
 
+    def model_metadata(self, name: str, version: str | None = None) -> dict:
+        model = self.model(name, version, ready=False)
+        if model.classifier is None:
+            raise NotReady(f"model {name!r} is not loaded")
+        return model.metadata()
+
+    async def infer(self, name: str, version: str | None, read_request, headers: dict):
+        """One inference: the named model answers the request that `read_request()` (a coroutine reading and
+        checking the transport's message) gives. Counted in flight, what a shutdown waits for."""
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            model = self.model(name, version)
+            response, _ = await model(await read_request(), headers=headers)
+            return response
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+
     def metadata(self) -> dict:
         extensions = [*EXTENSIONS, *([CONTROL_EXTENSION] if self.control_enabled else [])]
         return {"name": SERVER_NAME, "version": self.version, "extensions": extensions}
@@ -110,6 +116,16 @@ class ServerState:
             raise RequestRejected("unauthenticated", "model control needs 'Authorization: Bearer TOKEN'", 401)
         if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._control_digest):
             raise RequestRejected("unauthenticated", "model control refused: wrong token", 401)
+
+    async def control(self, action: str, name: str, authorization: str | None) -> None:
+        """Model control, `load` or `unload` of `name`, for a request presenting the token."""
+        if not self.control_enabled:
+            raise RequestRejected("control_disabled", "model control is disabled on this server", 501)
+        self.authorize(authorization)
+        if action == "unload":
+            self.unload(name)
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, self.load, name)
 
     def unload(self, name: str) -> None:
         model = self.model(name, ready=False)

@@ -626,6 +626,7 @@ def test_batcher_unit():
     """The batcher alone: concurrent submissions share runs, each gets its own rows, an oversized request
     is chunked, and a failing run fails only its own requests."""
     from serving.batcher import DynamicBatcher
+    from serving.options import Batching
 
     sizes: list[int] = []
 
@@ -637,7 +638,7 @@ def test_batcher_unit():
         return v[:, None], v.astype(np.int64)
 
     async def main():
-        batcher = DynamicBatcher(run, max_batch_size=4, max_delay_s=0.05)
+        batcher = DynamicBatcher(run, Batching(max_batch_size=4, max_batch_delay_ms=50))
         reqs = [np.full((1 + i % 2, 2, 2, 3), i, np.uint8) for i in range(6)]
         outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
         for i, (probs, index) in enumerate(outs):

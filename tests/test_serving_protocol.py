@@ -181,6 +181,17 @@ def test_grpc_answers_parse_with_the_protocols_proto(server, tmp_path, version):
     with pytest.raises(grpc.RpcError) as info:
         call("ModelMetadata", pb["ModelMetadataRequest"](name=MODEL, version="999"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # A gRPC request's tensors pass the checks a REST request's pass (serving.protocol): typed contents
+    # within the datatype's range (uint_contents are 32 bits: 300 would wrap to 44), a known datatype.
+    bad = pb["ModelInferRequest"](model_name=MODEL)
+    bad.inputs.add(name="images", datatype="UINT8", shape=[1, S, S, 3])
+    bad.inputs[0].contents.uint_contents.extend([300] + [0] * (S * S * 3 - 1))
+    bad_dtype = pb["ModelInferRequest"](model_name=MODEL)
+    bad_dtype.inputs.add(name="images", datatype="UINT9", shape=[1])
+    for request, text in ((bad, "integers 0-255, got 300"), (bad_dtype, "unknown datatype 'UINT9'")):
+        with pytest.raises(grpc.RpcError) as info:
+            call("ModelInfer", request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details()
     channel.close()
 
 

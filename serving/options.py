@@ -1,0 +1,178 @@
+"""The settings of `fedmedclip serve`, each declared once (fedmedclip.flags.setting): its default, its help and
+its bounds. The command's flags, the checks of the given values and the objects the server is built from all
+come from these declarations. Standard library only: the core CLI imports this module to add the flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedmedclip.errors import ConfigError
+from fedmedclip.flags import check_declared, setting
+
+MIB = 1024 * 1024
+
+
+def _declare(group: str):
+    """setting() for the flags of one group; the help of a flag that takes a value ends with its default."""
+
+    def declare(default, help: str, **kwargs):
+        if not isinstance(default, bool):
+            help += " (default: %(default)s)"
+        return setting(default, help=help, group=group, **kwargs)
+
+    return declare
+
+
+_server, _model, _limit = _declare("serving"), _declare("serving model"), _declare("serving limits")
+_batching, _monitor = _declare("serving batching"), _declare("serving monitoring")
+
+
+def _positive(value: float, flag: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be positive, got {value}")
+
+
+class _Checked:
+    """Settings checked against their declarations (an integer, a finite number, a choice, a minimum) when
+    made, from the command line or in code."""
+
+    def __post_init__(self) -> None:
+        check_declared(self)
+
+
+@dataclass(frozen=True)
+class Limits(_Checked):
+    """Per-request limits. Defaults fit a GPU server taking scans of up to ~6000x6000 pixels."""
+
+    max_batch_images: int = _limit(64, "images per request", minimum=1)
+    max_image_pixels: int = _limit(
+        40_000_000, "width*height of one encoded image, checked from its header before decoding", minimum=1
+    )
+    max_request_bytes: int = _limit(
+        64 * MIB, "request body (REST) / message (gRPC) size limit in bytes", minimum=1
+    )
+    max_request_pixels: int = _limit(
+        64 * 2048 * 2048,
+        "total width*height of one request's encoded images, from their headers before any is decoded; "
+        "the default is 64 images of 2048x2048",
+        minimum=1,
+    )
+    max_decode_seconds: float = _limit(
+        10.0, "CPU seconds decoding one request's encoded images may take; a request over it is refused"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self.max_decode_seconds, "--max-decode-seconds")
+
+
+@dataclass(frozen=True)
+class Batching(_Checked):
+    """Server-side dynamic batching (serving/batcher.py)."""
+
+    max_batch_size: int = _batching(32, "images per ONNX Runtime run", minimum=1)
+    max_batch_delay_ms: float = _batching(
+        2.0, "longest a request waits for others to share its run", minimum=0
+    )
+    batch_concurrency: int = _batching(
+        1, "ONNX Runtime runs in flight at once; 2 can overlap host work with a GPU run", minimum=1
+    )
+
+
+@dataclass(frozen=True)
+class MonitorOptions(_Checked):
+    """What the server watches in its answers (serving/monitor.py)."""
+
+    ood_window: int = _monitor(
+        200,
+        "images over which fedmedclip_ood_window_rate is the share flagged out_of_distribution",
+        minimum=1,
+    )
+    drift_window: int = _monitor(
+        200, "recent images whose embeddings the drift test compares with the exported reference", minimum=2
+    )
+    drift_every: int = _monitor(
+        50, "run the drift test again after this many new images; at most one runs at a time", minimum=1
+    )
+    drift_permutations: int = _monitor(100, "permutations of the MMD test", minimum=10)
+    drift_p_value: float = _monitor(
+        0.05, "level of the reported MMD^2 threshold (fedmedclip_drift_mmd2_threshold), in (0, 1)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.drift_p_value < 1:
+            raise ConfigError(f"--drift-p-value must be in (0, 1), got {self.drift_p_value}")
+
+
+@dataclass(frozen=True)
+class ModelOptions(_Checked):
+    """How each served model runs: ONNX Runtime's device and threads, image decoding, and the settings above."""
+
+    device: str = _model(
+        "auto",
+        "auto: CUDA if it works, else CPU; cuda: refuse to start without a working CUDA provider",
+        choices=("auto", "cuda", "cpu"),
+    )
+    ort_threads: int = _model(0, "ONNX Runtime intra-op threads, 0 = its default", minimum=0)
+    ort_spin: bool = _model(
+        False,
+        "let idle ONNX Runtime threads busy-wait (off: they would take CPU from decoding and request handling)",
+    )
+    decode_threads: int = _model(
+        0,
+        "threads decoding encoded images, shared fairly between requests (one request uses at most half); "
+        "0 = one per core, at most 8",
+        minimum=0,
+    )
+    limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+    monitoring: MonitorOptions = field(default_factory=MonitorOptions)
+
+
+@dataclass(frozen=True)
+class ServerOptions(_Checked):
+    """The server process (serving/server.py): addresses, REST bodies, shutdown, JSON parsing, model control."""
+
+    host: str = _server(
+        "127.0.0.1",
+        "address to listen on, REST and gRPC: by default this machine only; 0.0.0.0 for every interface, as "
+        "in a container",
+    )
+    http_port: int = _server(8080, "REST port")
+    grpc_port: int = _server(8081, "gRPC port")
+    no_grpc: bool = _server(False, "serve REST only")
+    access_log: bool = _server(False, "log every request (off: it costs throughput)")
+    body_timeout: float = _server(
+        30.0, "seconds a REST request body may take to arrive; a body announced and not sent gets 408"
+    )
+    drain_seconds: float = _server(
+        5.0,
+        "on SIGTERM: seconds the server keeps answering while its readiness says no (so load balancers stop "
+        "sending) before the ports close",
+        minimum=0,
+    )
+    grace_period: float = _server(
+        30.0, "on SIGTERM, after the drain: longest wait in seconds for requests still in flight", minimum=0
+    )
+    json_workers: int = _server(
+        1,
+        "processes parsing large JSON request bodies off the server's interpreter (0: threads only)",
+        minimum=0,
+    )
+    log_level: str = _server("INFO", "the server's log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    control_token: str | None = None  # enables model control for requests presenting it (not a flag: a file)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self.body_timeout, "--body-timeout")
+        for flag, port in self.ports():
+            if not 0 < port < 65536:
+                raise ConfigError(f"{flag} must be a TCP port, got {port}")
+        if not self.no_grpc and self.http_port == self.grpc_port:
+            raise ConfigError("--http-port and --grpc-port must differ")
+
+    def ports(self) -> list[tuple[str, int]]:
+        """(flag, port) of each port the server listens on."""
+        return [("--http-port", self.http_port)] + ([] if self.no_grpc else [("--grpc-port", self.grpc_port)])
