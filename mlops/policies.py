@@ -150,83 +150,51 @@ def roles(site_names: list[str] | tuple[str, ...] | None = None) -> list[Role]:
     ]
 
 
+# THE role table: for each key pattern, what each kind of role may do with it ("r" read, "w" write, "d" delete
+# every version). A site's `{site}` and `{k}` are its own; the server's are every site's (`*`); the publisher's
+# `{k}` is each site's index in turn. The policies of both enforcement points are generated from this table.
+KEY_ACCESS: dict[str, dict[str, str]] = {
+    MANIFEST: {SITE: "r", SERVER: "rw"},
+    SHARED: {SITE: "r", SERVER: "rw"},
+    GLOBAL: {SITE: "r", SERVER: "rw"},
+    UPDATE: {SITE: "rw", SERVER: "r"},
+    REPORT: {SITE: "rw", SERVER: "r"},
+    STATUS: {SITE: "rw", SERVER: "r"},  # the server's read of `status/*.json` covers its own status too
+    SERVER_STATUS: {SITE: "r", SERVER: "w"},
+    SECAGG_KEYS: {SITE: "rw", SERVER: "r"},
+    SECAGG_SHARES: {SITE: "rw", SERVER: "r"},
+    SECAGG_UNMASK: {SITE: "rw", SERVER: "r"},
+    SECAGG_IDENTITY: {SITE: "rw", SERVER: "r"},
+    SECAGG_ROSTER: {SITE: "r", SERVER: "rw"},
+    SECAGG_SURVIVORS: {SITE: "r", SERVER: "rw"},
+    SECAGG_INBOX: {SITE: "r", SERVER: "rw"},
+    SERVER_STATE: {SERVER: "rwd"},
+    SERVER_DATA: {SERVER: "r", PUBLISHER: "rw"},
+    SITE_DATA: {SITE: "rwd"},  # a site withdraws its data: every version of it
+    # The publisher gets each site's images and catalog by index, not `sites/*/images/*`: `*` also matches
+    # `/`, which would reach a site's private state under a path that happens to contain `/images/`.
+    SITE_IMAGES: {PUBLISHER: "rw"},
+    SITE_CATALOG: {PUBLISHER: "rw"},
+    SITE_SUMMARY: {SITE: "rwd", SERVER: "r", PUBLISHER: "rw"},
+    BACKBONES: {SITE: "r", SERVER: "r", PUBLISHER: "rw"},
+}
+
+
 def access(role: Role, site_count: int) -> Access:
-    """What `role` may do under a data root (`site_count`: how many sites the publisher serves). The
-    mlflow role has no access to data roots (see `mlflow_policy`)."""
+    """What `role` may do under a data root (`site_count`: how many sites the publisher serves), from
+    KEY_ACCESS. The mlflow role has no access to data roots (see `mlflow_policy`)."""
     if role.kind == SITE:
-        own = {"site": role.name, "k": role.site_index}
-        mine = tuple(
-            p.format(**own)
-            for p in (
-                UPDATE,
-                REPORT,
-                STATUS,
-                SECAGG_KEYS,
-                SECAGG_SHARES,
-                SECAGG_UNMASK,
-                SECAGG_IDENTITY,
-                SITE_DATA,
-                SITE_SUMMARY,
-            )
-        )
-        return Access(
-            read=(
-                MANIFEST,
-                SHARED,
-                GLOBAL,
-                SERVER_STATUS,
-                SECAGG_ROSTER,
-                SECAGG_SURVIVORS,
-                SECAGG_INBOX.format(**own),
-                BACKBONES,
-                *mine,
-            ),
-            write=mine,
-            delete=(SITE_DATA.format(**own), SITE_SUMMARY.format(**own)),
-        )
-    if role.kind == SERVER:
-        everyone = {"site": "*", "k": "*"}
-        return Access(
-            read=(
-                MANIFEST,
-                SHARED,
-                GLOBAL,
-                UPDATE.format(**everyone),
-                REPORT.format(**everyone),
-                STATUS.format(**everyone),
-                SECAGG_KEYS.format(**everyone),
-                SECAGG_SHARES.format(**everyone),
-                SECAGG_UNMASK.format(**everyone),
-                SECAGG_IDENTITY.format(**everyone),
-                SECAGG_ROSTER,
-                SECAGG_SURVIVORS,
-                SECAGG_INBOX.format(**everyone),
-                SERVER_STATE,
-                SERVER_DATA,
-                SITE_SUMMARY.format(**everyone),
-                BACKBONES,
-            ),
-            write=(
-                MANIFEST,
-                SHARED,
-                GLOBAL,
-                SERVER_STATUS,
-                SECAGG_ROSTER,
-                SECAGG_SURVIVORS,
-                SECAGG_INBOX.format(**everyone),
-                SERVER_STATE,
-            ),
-            delete=(SERVER_STATE,),
-        )
-    if role.kind == PUBLISHER:
-        # Each site's images and catalog by index, not `sites/*/images/*`: `*` also matches `/`, which
-        # would reach a site's private state under a path that happens to contain `/images/`.
-        per_site = tuple(
-            p.format(k=k) for k in range(site_count) for p in (SITE_IMAGES, SITE_CATALOG, SITE_SUMMARY)
-        )
-        keys = (SERVER_DATA, BACKBONES, *per_site)
-        return Access(read=keys, write=keys, list_bucket=True)
-    return Access()
+        fills = [{"site": role.name, "k": role.site_index}]
+    elif role.kind == SERVER:
+        fills = [{"site": "*", "k": "*"}]
+    else:
+        fills = [{"site": "*", "k": k} for k in range(site_count)]
+
+    def keys(op: str) -> tuple[str, ...]:
+        granted = [p for p, kinds in KEY_ACCESS.items() if op in kinds.get(role.kind, "")]
+        return tuple(dict.fromkeys(p.format(**fill) for p in granted for fill in fills))
+
+    return Access(keys("r"), keys("w"), keys("d"), list_bucket=role.kind == PUBLISHER)
 
 
 def check_root(root: str) -> tuple[str, str]:
