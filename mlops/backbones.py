@@ -33,12 +33,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.digests import is_sha256, sha256_file
+from fedmedclip.digests import is_sha256
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
 from fedmedclip.federation.storage import StoreError
 
 from .s3 import ObjectMissing, S3Store
-from .tree import fetch_tree, publish_tree, tree_files
+from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
 
 log = logging.getLogger("fedmedclip.backbones")
 
@@ -127,17 +127,8 @@ def _check_manifest(manifest: object, where: str) -> dict:
         problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
     elif not is_sha256(str(manifest.get("weights_sha256", ""))):
         problem = "no weights_sha256"
-    elif not isinstance(manifest.get("files"), dict) or not manifest["files"]:
-        problem = "no file list"
     else:
-        for name, entry in manifest["files"].items():
-            parts = name.split("/")
-            if name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-                problem = f"file name {name!r} leaves the backbone folder"
-            elif not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
-                problem = f"file {name!r} has no sha256"
-            if problem:
-                break
+        problem = tree_problem(manifest.get("files"))
     if problem:
         raise BackboneUnavailable(f"{where} is damaged: {problem}. " + _how_to_publish(where))
     return manifest
@@ -146,26 +137,12 @@ def _check_manifest(manifest: object, where: str) -> dict:
 # --------------------------------------------------------------------------------------------- cache
 
 
-def _verify_files(folder: Path, manifest: dict) -> str | None:
-    """Why `folder` does not hold exactly the manifest's files, or None."""
-    for name, entry in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry.get("size", path.stat().st_size):
-            return f"{name} has {path.stat().st_size} bytes, the manifest records {entry['size']}"
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            return f"{name} has sha256 {digest[:12]}, the manifest records {entry['sha256'][:12]}"
-    return None
-
-
 def _cached(cache_root: Path, manifest: dict) -> Path | None:
     """The cached copy of this backbone when it is intact; a damaged copy is removed (it is only a copy)."""
     folder = cache_root / manifest["weights_sha256"]
     if not (folder / MANIFEST).is_file():
         return None
-    problem = _verify_files(folder, manifest)
+    problem = tree_mismatch(folder, manifest["files"])
     if problem is None:
         return folder
     log.warning("cached backbone %s is damaged (%s): downloading it again", folder, problem)
@@ -185,7 +162,7 @@ def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".partial-{manifest['weights_sha256'][:12]}-"))
     try:
         download(staging)
-        problem = _verify_files(staging, manifest)
+        problem = tree_mismatch(staging, manifest["files"])
         if problem is not None:
             raise BackboneUnavailable(
                 f"the backbone at {spec} does not match its manifest: {problem}; the published copy is damaged "
