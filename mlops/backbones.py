@@ -24,7 +24,6 @@ local directories pass through unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -35,9 +34,8 @@ from pathlib import Path
 
 from fedmedclip.digests import is_sha256
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
-from fedmedclip.federation.storage import StoreError
 
-from .s3 import ObjectMissing, S3Store
+from .s3 import S3Store, store_errors
 from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
 
 log = logging.getLogger("fedmedclip.backbones")
@@ -225,17 +223,11 @@ def _s3_store(uri: str) -> S3Store:
     return S3Store(f"s3://{bucket}/{prefix.strip('/')}")
 
 
-@contextlib.contextmanager
 def _s3_problems(spec: str):
     """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
-    try:
-        yield
-    except ObjectMissing as exc:
-        raise BackboneUnavailable(
-            f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
-        ) from None
-    except StoreError as exc:
-        raise BackboneUnavailable(str(exc)) from None
+    return store_errors(
+        BackboneUnavailable, lambda exc: f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
+    )
 
 
 def _read_s3_manifest(store: S3Store) -> dict | None:

@@ -11,6 +11,7 @@ request, so S3 publishes an object whole (and its ETag is its MD5): no reader ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -106,6 +107,18 @@ def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
     if code in MISSING:
         return ObjectMissing(f"{where} does not exist")
     return StoreError(f"cannot {verb} {where}: {code or type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def store_errors(error: type[Exception], missing: Callable[[ObjectMissing], str]):
+    """The object store's failures (named object, needed credentials: `s3_error`) as the caller's `error`, one
+    line each, a missing object's with `missing(exc)` (how to publish it). A context manager and a decorator."""
+    try:
+        yield
+    except ObjectMissing as exc:
+        raise error(missing(exc)) from None
+    except StoreError as exc:
+        raise error(str(exc)) from None
 
 
 class S3Store(ObjectStore):
