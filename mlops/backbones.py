@@ -73,6 +73,12 @@ class PublishedBackbone:
             f"{self.spec}\nuse it with: --backbone {self.spec}"
         )
 
+    @classmethod
+    def of(cls, spec: str, manifest: dict, already_published: bool) -> PublishedBackbone:
+        files = manifest["files"]
+        size = sum(f["size"] for f in files.values())
+        return cls(spec, manifest["weights_sha256"], len(files), size, already_published)
+
 
 def is_remote_backbone(spec: str) -> bool:
     """True for the specs `resolve_backbone` downloads: `s3://...` and `models:/...`."""
@@ -262,14 +268,13 @@ def _resolve_s3(spec: str, cache_root: Path) -> Path:
 def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     store = _s3_store(to)
     spec = store.url
-    size = sum(f["size"] for f in manifest["files"].values())
     existing = _read_s3_manifest(store)
     if existing is not None:
         if (
             existing["weights_sha256"] == manifest["weights_sha256"]
             and existing["files"] == manifest["files"]
         ):
-            return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, True)
+            return PublishedBackbone.of(spec, manifest, True)
         raise BackbonePublishError(
             f"{spec} already holds backbone {existing['weights_sha256'][:12]} "
             f"({existing.get('source_name', '?')}); nothing was overwritten: push "
@@ -279,7 +284,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     with _s3_problems(spec):
         publish_tree(store, directory, MANIFEST, manifest)
     log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
+    return PublishedBackbone.of(spec, manifest, False)
 
 
 # ------------------------------------------------------------------------------------ MLflow registry
@@ -293,14 +298,9 @@ def _registry_client(tracking_uri: str | None):
 
 
 def _backbone_versions(client, name: str) -> list:
-    from mlflow.exceptions import MlflowException
+    from .tracking import if_found
 
-    try:
-        return list(client.search_model_versions(f"name = '{name}'"))
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise
+    return list(if_found(client.search_model_versions, f"name = '{name}'", default=[]))
 
 
 def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
@@ -314,7 +314,6 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
         raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
     name = m.group("name")
     client = _registry_client(tracking_uri)
-    size = sum(f["size"] for f in manifest["files"].values())
     if _registered_model_exists(client, name):
         model = client.get_registered_model(name)
         if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
@@ -325,7 +324,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
         for mv in _backbone_versions(client, name):
             if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
                 spec = f"models:/{name}/{mv.version}"
-                return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, True)
+                return PublishedBackbone.of(spec, manifest, True)
     exp_id = get_or_create_experiment(client, REGISTRY_EXPERIMENT)
     tags = {
         KIND_TAG: KIND_BACKBONE,
@@ -337,14 +336,10 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     run = client.create_run(exp_id, run_name=f"backbone {manifest['source_name']}", tags=tags)
     run_id = run.info.run_id
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # The artifacts are the directory's files (hidden entries left out) plus the manifest.
-            staged = Path(tmp) / "backbone"
-            for rel in manifest["files"]:
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(directory / rel, staged / rel)
-            (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            client.log_artifacts(run_id, str(staged), artifact_path="backbone")
+        # The artifacts are the directory's files (hidden entries left out), each as it is, then the manifest.
+        for rel in manifest["files"]:
+            client.log_artifact(run_id, str(directory / rel), Path("backbone", rel).parent.as_posix())
+        client.log_dict(run_id, manifest, f"backbone/{MANIFEST}")
         if not _registered_model_exists(client, name):
             client.create_registered_model(
                 name, tags={KIND_TAG: KIND_BACKBONE}, description="CLIP backbone (fedmedclip backbone push)"
@@ -361,7 +356,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     client.set_terminated(run_id, "FINISHED")
     spec = f"models:/{name}/{mv.version}"
     log.info("registered backbone %s as %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
+    return PublishedBackbone.of(spec, manifest, False)
 
 
 def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:

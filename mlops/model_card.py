@@ -18,10 +18,12 @@ from fedmedclip.digests import parse_model_reference
 from fedmedclip.errors import ConfigError
 from fedmedclip.model_card import CardError, build_card, write_card
 
+from .rundir import REQUIRED_FILES as REQUIRED
+
 CARD_TAG = "model_card"
 CARD_FILES = {"md": "model_card.md", "json": "model_card.json"}
-# The run's logged files a card is built from (REQUIRED ones must be there).
-REQUIRED = ("results.json", "config.json", "partition.json", "provenance.json")
+# The run's logged files a card is built from: the run directory's required files (mlops/rundir.py), and these
+# when the run logged them.
 OPTIONAL = ("model/model.json", "plots/reliability.png")
 
 
