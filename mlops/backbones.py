@@ -42,6 +42,7 @@ log = logging.getLogger("fedmedclip.backbones")
 
 MANIFEST = "fedmedclip-backbone.json"
 MANIFEST_FORMAT = 1
+MANIFEST_MAX_BYTES = 4 << 20  # a manifest lists a model folder's files: far less than this
 REGISTRY_EXPERIMENT = "fedmedclip-backbones"  # the MLflow experiment whose runs hold pushed backbones
 KIND_TAG = "fedmedclip.kind"
 KIND_BACKBONE = "backbone"
@@ -124,15 +125,22 @@ def backbone_manifest(directory: str | Path) -> dict:
     }
 
 
-def _check_manifest(manifest: object, where: str) -> dict:
-    """A manifest read from storage: the right format, a sha256, and file names confined to one folder."""
-    problem = None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
-    elif not is_sha256(str(manifest.get("weights_sha256", ""))):
-        problem = "no weights_sha256"
+def _check_manifest(body: bytes | Path, where: str) -> dict:
+    """A manifest as read from storage or a cache (its bytes, or its file): bounded, valid JSON, the right
+    format, a sha256, and file names confined to one folder."""
+    try:
+        if isinstance(body, Path) and body.stat().st_size > MANIFEST_MAX_BYTES:
+            raise ValueError(f"over {MANIFEST_MAX_BYTES} bytes")
+        manifest = json.loads(body.read_bytes() if isinstance(body, Path) else body)
+    except ValueError as exc:
+        problem = f"not a readable JSON manifest ({exc})"
     else:
-        problem = tree_problem(manifest.get("files"))
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
+        elif not is_sha256(str(manifest.get("weights_sha256", ""))):
+            problem = "no weights_sha256"
+        else:
+            problem = tree_problem(manifest.get("files"))
     if problem:
         raise BackboneUnavailable(f"{where} is damaged: {problem}. " + _how_to_publish(where))
     return manifest
@@ -238,15 +246,8 @@ def _s3_problems(spec: str):
 
 def _read_s3_manifest(store: S3Store) -> dict | None:
     with _s3_problems(store.url):
-        body = store.get(MANIFEST)
-    if body is None:
-        return None
-    try:
-        return _check_manifest(json.loads(body), store.where(MANIFEST))
-    except ValueError as exc:
-        raise BackboneUnavailable(
-            f"{store.where(MANIFEST)} is not valid JSON ({exc}). " + _how_to_publish(store.url)
-        ) from None
+        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
+    return None if body is None else _check_manifest(body, store.where(MANIFEST))
 
 
 def _resolve_s3(spec: str, cache_root: Path) -> Path:
@@ -386,7 +387,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     wanted = tags[WEIGHTS_TAG]
     cached_manifest = cache_root / wanted / MANIFEST
     if cached_manifest.is_file():
-        manifest = _check_manifest(json.loads(cached_manifest.read_text()), str(cached_manifest))
+        manifest = _check_manifest(cached_manifest, str(cached_manifest))
         found = _cached(cache_root, manifest) if manifest["weights_sha256"] == wanted else None
         if found is not None:
             log.info("backbone %s: using the cached copy %s", spec, found)
@@ -399,7 +400,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             raise BackboneUnavailable(f"cannot download {spec}: {exc.message}") from None
         if not (local / MANIFEST).is_file():
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
-        manifest = _check_manifest(json.loads((local / MANIFEST).read_text()), f"{spec} ({MANIFEST})")
+        manifest = _check_manifest(local / MANIFEST, f"{spec} ({MANIFEST})")
         if manifest["weights_sha256"] != wanted:
             raise BackboneUnavailable(
                 f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "

@@ -275,13 +275,16 @@ def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
 
 
 def describe_run(
-    method: str, site_names: list[str], rounds: Any, data: str, partition: str = "", orchestrator: str = ""
+    method: str, site_names: list[str], rounds: Any, data: str, partition: dict, orchestrator: str = ""
 ) -> str:
-    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown."""
+    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown;
+    `partition`: its `scheme`, `alpha` and `seed` (results.json's `partition`, or the configuration's)."""
     sites = ", ".join(site_names[:8]) + (f", ... ({len(site_names)} in all)" if len(site_names) > 8 else "")
+    alpha, seed = partition.get("alpha"), partition.get("seed")
+    scheme = str(partition.get("scheme", "?")) + (f" (alpha {alpha})" if alpha else "")
     lines = [
         f"**{method}** federated over {len(site_names)} sites ({sites}), {rounds} rounds.",
-        f"Data: `{data}`" + (f", partition {partition}." if partition else "."),
+        f"Data: `{data}`, partition {scheme}" + (f", seed {seed}." if seed is not None else "."),
     ]
     if orchestrator:
         lines.append(orchestrator)
