@@ -364,16 +364,15 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from .tracking import registered_version
+
     m = _REGISTRY_URI.match(spec)
     if not m or not (m.group("version") or m.group("alias")):
         raise BackboneUnavailable(f"--backbone {spec!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
     name = m.group("name")
     client = _registry_client(tracking_uri)
     try:
-        if m.group("version"):
-            mv = client.get_model_version(name, m.group("version"))
-        else:
-            mv = client.get_model_version_by_alias(name, m.group("alias"))
+        mv = registered_version(client, name, m.group("alias"), m.group("version"))
     except MlflowException as exc:
         raise BackboneUnavailable(
             f"no backbone registered as {spec} ({exc.message}). " + _how_to_publish(spec)

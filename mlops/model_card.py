@@ -94,7 +94,7 @@ def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) 
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
     from mlflow.exceptions import MlflowException
 
-    from .tracking import TrackingError, _client
+    from .tracking import TrackingError, _client, registered_version
 
     parsed = parse_model_reference(ref)
     if parsed is None:
@@ -102,11 +102,7 @@ def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) 
     name, alias, version = parsed
     client, _ = _client(tracking_uri)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
+        mv = registered_version(client, name, alias, version)
     except MlflowException as exc:
         raise TrackingError(f"no registered version {ref!r}: {exc.message}") from exc
     folder = (mv.tags or {}).get(CARD_TAG)

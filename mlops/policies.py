@@ -41,12 +41,13 @@ from pathlib import Path
 
 from fedmedclip.errors import ConfigError
 
+from .sites import DATA_BUCKET, DEFAULT_SITES, MLFLOW_BUCKET
+
 PUBLISHER = "publisher"
 SERVER = "server"
 MLFLOW = "mlflow"
 SITE = "site"
 ROLE_KINDS = (PUBLISHER, SERVER, SITE, MLFLOW)
-DEFAULT_SITES = 3
 
 # Key patterns under a data root; `{site}` is the site's name, `{k}` its data index.
 MANIFEST = "runs/*/manifest.json"
@@ -86,8 +87,6 @@ _PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 
 REPO = Path(__file__).resolve().parents[1]
 MINIO_POLICIES_YAML = REPO / "infra" / "training" / "platform" / "minio-policies.yaml"
-CLUSTER_DATA_BUCKET = "fedmedclip-data"  # mlops.sites.DATA_BUCKET
-CLUSTER_MLFLOW_BUCKET = "fedmedclip-mlflow"  # mlops.sites.MLFLOW_BUCKET
 
 
 @dataclass(frozen=True)
@@ -280,8 +279,8 @@ def role_policy(role: Role, data_root: str, mlflow_root: str, site_count: int) -
 
 def minio_policies(
     site_names: list[str] | None = None,
-    data_root: str = CLUSTER_DATA_BUCKET,
-    mlflow_root: str = CLUSTER_MLFLOW_BUCKET,
+    data_root: str = DATA_BUCKET,
+    mlflow_root: str = MLFLOW_BUCKET,
 ) -> dict[str, dict]:
     """{`<policy name>.json`: document} for the cluster's MinIO users, in role order."""
     rs = roles(site_names)
