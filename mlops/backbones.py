@@ -35,7 +35,7 @@ from pathlib import Path
 from fedmedclip.digests import is_sha256
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
 
-from .s3 import S3Store, store_errors
+from .s3 import S3Store, split_s3_url, store_errors
 from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
 
 log = logging.getLogger("fedmedclip.backbones")
@@ -229,12 +229,12 @@ def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = 
 
 
 def _s3_store(uri: str) -> S3Store:
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket or not prefix.strip("/"):
+    bucket, prefix = split_s3_url(uri, BackbonePublishError)
+    if not prefix:
         raise BackbonePublishError(
             f"{uri!r}: give a bucket and a prefix for the backbone, e.g. s3://BUCKET/backbones/clip-b32"
         )
-    return S3Store(f"s3://{bucket}/{prefix.strip('/')}")
+    return S3Store(f"s3://{bucket}/{prefix}")
 
 
 def _s3_problems(spec: str):

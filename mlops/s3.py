@@ -39,6 +39,17 @@ class ObjectMissing(StoreError):
     """The object (or its bucket) does not exist."""
 
 
+def split_s3_url(url: str, error: type[Exception] = StoreError) -> tuple[str, str]:
+    """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes); the caller's `error` when it is not one."""
+    text = str(url)
+    if not text.startswith("s3://"):
+        raise error(f"{text!r} is not an s3:// URL")
+    bucket, _, prefix = text[len("s3://") :].partition("/")
+    if not bucket:
+        raise error(f"{text!r}: no bucket; use s3://BUCKET or s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
 def s3_client(
     endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None, region=None
 ):
@@ -126,15 +137,10 @@ class S3Store(ObjectStore):
     check_key: plain relative names; published data passes its image-id check)."""
 
     def __init__(self, url: str, client=None, check: Callable[[str], str] = check_key):
-        if not str(url).startswith("s3://"):
-            raise StoreError(f"{url!r} is not an s3:// URL")
-        bucket, _, prefix = str(url)[len("s3://") :].partition("/")
-        if not bucket:
-            raise StoreError(f"{url!r}: no bucket name")
-        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.bucket, self.prefix = split_s3_url(url)
         if self.prefix:
             check_key(self.prefix)
-        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.client, self.check = client or s3_client(), check
 
     def sub(self, prefix: str) -> S3Store:

@@ -39,7 +39,7 @@ from fedmedclip.federation.storage import LocalDirStore, ObjectStore
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
 from .policies import SITE_SUMMARY
-from .s3 import S3Store, store_errors
+from .s3 import S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
 from .tree import download, file_digests, stored_md5, upload
 
@@ -69,12 +69,7 @@ def parse_bucket(uri: str) -> str:
 
 def parse_root(uri: str) -> tuple[str, str]:
     """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes)."""
-    if not is_s3(uri):
-        raise ConfigError(f"{uri!r} is not an s3:// URI")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    prefix = prefix.strip("/")
-    if not bucket:
-        raise ConfigError(f"{uri!r}: no bucket; use s3://BUCKET or s3://BUCKET/PREFIX")
+    bucket, prefix = split_s3_url(uri, ConfigError)
     if prefix:
         check_relative_id(prefix, f"the data root {uri}")
     return bucket, prefix
