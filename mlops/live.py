@@ -142,6 +142,7 @@ class MlflowObserver(RunObserver):
         partition = json.loads(partition_file.read_text()) if partition_file.is_file() else None
         names = [s["name"] for s in manifest.get("sites", [])]
         cfg = self.cfg
+        scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         where = (
             f"Kubeflow Pipelines run `{self.kfp_run_id}`: the server's worker logged it live."
             if self.kfp_run_id
@@ -160,14 +161,7 @@ class MlflowObserver(RunObserver):
                 partition=partition,
                 data_source=str(cfg.data),
                 run_key=self.run_key,
-                description=describe_run(
-                    cfg.method,
-                    names,
-                    cfg.rounds,
-                    str(cfg.data),
-                    {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed},
-                    where,
-                ),
+                description=describe_run(cfg.method, names, cfg.rounds, str(cfg.data), scheme, where),
                 start_time=self.created,
             )
         except Exception as exc:  # tracking must not stop the federation
