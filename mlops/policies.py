@@ -211,8 +211,12 @@ def _arn(bucket: str, prefix: str, key: str = "") -> str:
     return f"arn:aws:s3:::{bucket}/{path}" if key else f"arn:aws:s3:::{bucket}"
 
 
+def _statement(sid: str, actions, resources: list[str]) -> dict:
+    return {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resources}
+
+
 def _listing(bucket: str, prefix: str, actions: list[str]) -> dict:
-    statement = {"Sid": "List", "Effect": "Allow", "Action": actions, "Resource": [_arn(bucket, prefix)]}
+    statement = _statement("List", actions, [_arn(bucket, prefix)])
     if prefix:  # MinIO confines the listing; moto ignores conditions (the role may read its root anyway)
         statement["Condition"] = {"StringLike": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}}
     return statement
@@ -233,38 +237,26 @@ def data_policy(role: Role, root: str, site_count: int) -> dict:
         ("Delete", DELETE_ACTIONS, acc.delete),
     ):
         if keys:
-            statements.append(
-                {
-                    "Sid": sid,
-                    "Effect": "Allow",
-                    "Action": list(actions),
-                    "Resource": [_arn(bucket, prefix, k) for k in keys],
-                }
-            )
+            statements.append(_statement(sid, actions, [_arn(bucket, prefix, k) for k in keys]))
     return {"Version": "2012-10-17", "Statement": statements}
 
 
 def mlflow_policy(root: str) -> dict:
     """MLflow's artifact store: everything under `root` (`BUCKET` or `BUCKET/PREFIX`), listing included."""
     bucket, prefix = check_root(root)
+    listing = ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"]
+    objects = [
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+    ]
     return {
         "Version": "2012-10-17",
         "Statement": [
-            _listing(
-                bucket, prefix, ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"]
-            ),
-            {
-                "Sid": "Objects",
-                "Effect": "Allow",
-                "Action": [
-                    "s3:GetObject",
-                    "s3:PutObject",
-                    "s3:DeleteObject",
-                    "s3:AbortMultipartUpload",
-                    "s3:ListMultipartUploadParts",
-                ],
-                "Resource": [_arn(bucket, prefix, "*")],
-            },
+            _listing(bucket, prefix, listing),
+            _statement("Objects", objects, [_arn(bucket, prefix, "*")]),
         ],
     }
 
