@@ -24,7 +24,6 @@ local directories pass through unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -33,17 +32,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.digests import is_sha256, sha256_file
+from fedmedclip.digests import is_sha256
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
-from fedmedclip.federation.storage import StoreError
 
-from .s3 import ObjectMissing, S3Store
-from .tree import fetch_tree, publish_tree, tree_files
+from .s3 import S3Store, split_s3_url, store_errors
+from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
 
 log = logging.getLogger("fedmedclip.backbones")
 
 MANIFEST = "fedmedclip-backbone.json"
 MANIFEST_FORMAT = 1
+MANIFEST_MAX_BYTES = 4 << 20  # a manifest lists a model folder's files: far less than this
 REGISTRY_EXPERIMENT = "fedmedclip-backbones"  # the MLflow experiment whose runs hold pushed backbones
 KIND_TAG = "fedmedclip.kind"
 KIND_BACKBONE = "backbone"
@@ -74,6 +73,12 @@ class PublishedBackbone:
             f"backbone {self.weights_sha256[:12]} ({self.files} files, {self.bytes / 2**20:.1f} MiB) {state} "
             f"{self.spec}\nuse it with: --backbone {self.spec}"
         )
+
+    @classmethod
+    def of(cls, spec: str, manifest: dict, already_published: bool) -> PublishedBackbone:
+        files = manifest["files"]
+        size = sum(f["size"] for f in files.values())
+        return cls(spec, manifest["weights_sha256"], len(files), size, already_published)
 
 
 def is_remote_backbone(spec: str) -> bool:
@@ -120,24 +125,22 @@ def backbone_manifest(directory: str | Path) -> dict:
     }
 
 
-def _check_manifest(manifest: object, where: str) -> dict:
-    """A manifest read from storage: the right format, a sha256, and file names confined to one folder."""
-    problem = None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
-    elif not is_sha256(str(manifest.get("weights_sha256", ""))):
-        problem = "no weights_sha256"
-    elif not isinstance(manifest.get("files"), dict) or not manifest["files"]:
-        problem = "no file list"
+def _check_manifest(body: bytes | Path, where: str) -> dict:
+    """A manifest as read from storage or a cache (its bytes, or its file): bounded, valid JSON, the right
+    format, a sha256, and file names confined to one folder."""
+    try:
+        if isinstance(body, Path) and body.stat().st_size > MANIFEST_MAX_BYTES:
+            raise ValueError(f"over {MANIFEST_MAX_BYTES} bytes")
+        manifest = json.loads(body.read_bytes() if isinstance(body, Path) else body)
+    except ValueError as exc:
+        problem = f"not a readable JSON manifest ({exc})"
     else:
-        for name, entry in manifest["files"].items():
-            parts = name.split("/")
-            if name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-                problem = f"file name {name!r} leaves the backbone folder"
-            elif not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
-                problem = f"file {name!r} has no sha256"
-            if problem:
-                break
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
+        elif not is_sha256(str(manifest.get("weights_sha256", ""))):
+            problem = "no weights_sha256"
+        else:
+            problem = tree_problem(manifest.get("files"))
     if problem:
         raise BackboneUnavailable(f"{where} is damaged: {problem}. " + _how_to_publish(where))
     return manifest
@@ -146,26 +149,12 @@ def _check_manifest(manifest: object, where: str) -> dict:
 # --------------------------------------------------------------------------------------------- cache
 
 
-def _verify_files(folder: Path, manifest: dict) -> str | None:
-    """Why `folder` does not hold exactly the manifest's files, or None."""
-    for name, entry in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != entry.get("size", path.stat().st_size):
-            return f"{name} has {path.stat().st_size} bytes, the manifest records {entry['size']}"
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            return f"{name} has sha256 {digest[:12]}, the manifest records {entry['sha256'][:12]}"
-    return None
-
-
 def _cached(cache_root: Path, manifest: dict) -> Path | None:
     """The cached copy of this backbone when it is intact; a damaged copy is removed (it is only a copy)."""
     folder = cache_root / manifest["weights_sha256"]
     if not (folder / MANIFEST).is_file():
         return None
-    problem = _verify_files(folder, manifest)
+    problem = tree_mismatch(folder, manifest["files"])
     if problem is None:
         return folder
     log.warning("cached backbone %s is damaged (%s): downloading it again", folder, problem)
@@ -185,7 +174,7 @@ def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".partial-{manifest['weights_sha256'][:12]}-"))
     try:
         download(staging)
-        problem = _verify_files(staging, manifest)
+        problem = tree_mismatch(staging, manifest["files"])
         if problem is not None:
             raise BackboneUnavailable(
                 f"the backbone at {spec} does not match its manifest: {problem}; the published copy is damaged "
@@ -240,38 +229,25 @@ def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = 
 
 
 def _s3_store(uri: str) -> S3Store:
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket or not prefix.strip("/"):
+    bucket, prefix = split_s3_url(uri, BackbonePublishError)
+    if not prefix:
         raise BackbonePublishError(
             f"{uri!r}: give a bucket and a prefix for the backbone, e.g. s3://BUCKET/backbones/clip-b32"
         )
-    return S3Store(f"s3://{bucket}/{prefix.strip('/')}")
+    return S3Store(f"s3://{bucket}/{prefix}")
 
 
-@contextlib.contextmanager
 def _s3_problems(spec: str):
     """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
-    try:
-        yield
-    except ObjectMissing as exc:
-        raise BackboneUnavailable(
-            f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
-        ) from None
-    except StoreError as exc:
-        raise BackboneUnavailable(str(exc)) from None
+    return store_errors(
+        BackboneUnavailable, lambda exc: f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
+    )
 
 
 def _read_s3_manifest(store: S3Store) -> dict | None:
     with _s3_problems(store.url):
-        body = store.get(MANIFEST)
-    if body is None:
-        return None
-    try:
-        return _check_manifest(json.loads(body), store.where(MANIFEST))
-    except ValueError as exc:
-        raise BackboneUnavailable(
-            f"{store.where(MANIFEST)} is not valid JSON ({exc}). " + _how_to_publish(store.url)
-        ) from None
+        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
+    return None if body is None else _check_manifest(body, store.where(MANIFEST))
 
 
 def _resolve_s3(spec: str, cache_root: Path) -> Path:
@@ -293,14 +269,13 @@ def _resolve_s3(spec: str, cache_root: Path) -> Path:
 def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     store = _s3_store(to)
     spec = store.url
-    size = sum(f["size"] for f in manifest["files"].values())
     existing = _read_s3_manifest(store)
     if existing is not None:
         if (
             existing["weights_sha256"] == manifest["weights_sha256"]
             and existing["files"] == manifest["files"]
         ):
-            return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, True)
+            return PublishedBackbone.of(spec, manifest, True)
         raise BackbonePublishError(
             f"{spec} already holds backbone {existing['weights_sha256'][:12]} "
             f"({existing.get('source_name', '?')}); nothing was overwritten: push "
@@ -310,7 +285,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     with _s3_problems(spec):
         publish_tree(store, directory, MANIFEST, manifest)
     log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
+    return PublishedBackbone.of(spec, manifest, False)
 
 
 # ------------------------------------------------------------------------------------ MLflow registry
@@ -324,14 +299,9 @@ def _registry_client(tracking_uri: str | None):
 
 
 def _backbone_versions(client, name: str) -> list:
-    from mlflow.exceptions import MlflowException
+    from .tracking import if_found
 
-    try:
-        return list(client.search_model_versions(f"name = '{name}'"))
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return []
-        raise
+    return list(if_found(client.search_model_versions, f"name = '{name}'", default=[]))
 
 
 def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
@@ -345,7 +315,6 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
         raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
     name = m.group("name")
     client = _registry_client(tracking_uri)
-    size = sum(f["size"] for f in manifest["files"].values())
     if _registered_model_exists(client, name):
         model = client.get_registered_model(name)
         if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
@@ -356,7 +325,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
         for mv in _backbone_versions(client, name):
             if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
                 spec = f"models:/{name}/{mv.version}"
-                return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, True)
+                return PublishedBackbone.of(spec, manifest, True)
     exp_id = get_or_create_experiment(client, REGISTRY_EXPERIMENT)
     tags = {
         KIND_TAG: KIND_BACKBONE,
@@ -368,14 +337,10 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     run = client.create_run(exp_id, run_name=f"backbone {manifest['source_name']}", tags=tags)
     run_id = run.info.run_id
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # The artifacts are the directory's files (hidden entries left out) plus the manifest.
-            staged = Path(tmp) / "backbone"
-            for rel in manifest["files"]:
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(directory / rel, staged / rel)
-            (staged / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            client.log_artifacts(run_id, str(staged), artifact_path="backbone")
+        # The artifacts are the directory's files (hidden entries left out), each as it is, then the manifest.
+        for rel in manifest["files"]:
+            client.log_artifact(run_id, str(directory / rel), Path("backbone", rel).parent.as_posix())
+        client.log_dict(run_id, manifest, f"backbone/{MANIFEST}")
         if not _registered_model_exists(client, name):
             client.create_registered_model(
                 name, tags={KIND_TAG: KIND_BACKBONE}, description="CLIP backbone (fedmedclip backbone push)"
@@ -392,12 +357,14 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     client.set_terminated(run_id, "FINISHED")
     spec = f"models:/{name}/{mv.version}"
     log.info("registered backbone %s as %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone(spec, manifest["weights_sha256"], len(manifest["files"]), size, False)
+    return PublishedBackbone.of(spec, manifest, False)
 
 
 def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from .tracking import registered_version
 
     m = _REGISTRY_URI.match(spec)
     if not m or not (m.group("version") or m.group("alias")):
@@ -405,10 +372,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     name = m.group("name")
     client = _registry_client(tracking_uri)
     try:
-        if m.group("version"):
-            mv = client.get_model_version(name, m.group("version"))
-        else:
-            mv = client.get_model_version_by_alias(name, m.group("alias"))
+        mv = registered_version(client, name, m.group("alias"), m.group("version"))
     except MlflowException as exc:
         raise BackboneUnavailable(
             f"no backbone registered as {spec} ({exc.message}). " + _how_to_publish(spec)
@@ -422,7 +386,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     wanted = tags[WEIGHTS_TAG]
     cached_manifest = cache_root / wanted / MANIFEST
     if cached_manifest.is_file():
-        manifest = _check_manifest(json.loads(cached_manifest.read_text()), str(cached_manifest))
+        manifest = _check_manifest(cached_manifest, str(cached_manifest))
         found = _cached(cache_root, manifest) if manifest["weights_sha256"] == wanted else None
         if found is not None:
             log.info("backbone %s: using the cached copy %s", spec, found)
@@ -435,7 +399,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             raise BackboneUnavailable(f"cannot download {spec}: {exc.message}") from None
         if not (local / MANIFEST).is_file():
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
-        manifest = _check_manifest(json.loads((local / MANIFEST).read_text()), f"{spec} ({MANIFEST})")
+        manifest = _check_manifest(local / MANIFEST, f"{spec} ({MANIFEST})")
         if manifest["weights_sha256"] != wanted:
             raise BackboneUnavailable(
                 f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "

@@ -292,11 +292,7 @@ def _register_backbone(subparsers) -> None:
         default=".cache/fedmedclip",
         help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
     )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow for models:/ (default: $MLFLOW_TRACKING_URI, else .stack/)",
-    )
+    p.add_argument("--tracking-uri", default=None, help="with models:/: " + URI_HELP)
     p.epilog = (
         "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
         "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
@@ -307,22 +303,32 @@ def _register_backbone(subparsers) -> None:
     p.set_defaults(func=cmd_backbone, core_backbone=p.get_default("func"))
 
 
+URI_HELP = (
+    "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
+    "or .stack/, else an error)"
+)
+
+
+def _mlflow_command(subparsers, name: str, func, help: str):
+    """A command that talks to MLflow: its --tracking-uri and its handler."""
+    p = subparsers.add_parser(name, help=help)
+    p.add_argument("--tracking-uri", default=None, help=URI_HELP)
+    p.set_defaults(func=func)
+    return p
+
+
 def register(subparsers) -> None:
     """Add `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
-    uri_help = (
-        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
-        "or .stack/, else an error)"
-    )
-
-    p = subparsers.add_parser(
+    p = _mlflow_command(
+        subparsers,
         "track",
+        cmd_track,
         help="log a finished run directory to MLflow afterwards, each round at its recorded time; prints the "
         "run id (`train --track` logs while it runs)",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", default=None, help="default: the run directory's name")
-    p.add_argument("--tracking-uri", default=None, help=uri_help)
     p.add_argument(
         "--include-site-models",
         action="store_true",
@@ -330,10 +336,12 @@ def register(subparsers) -> None:
         "central MLflow",
     )
     p.add_argument("--kfp-run-id", default=None, help="the Kubeflow run this run belongs to (tag kfp.run_id)")
-    p.set_defaults(func=cmd_track)
 
-    p = subparsers.add_parser(
-        "register", help="register a tracked run's model as a new version; prints the version number"
+    p = _mlflow_command(
+        subparsers,
+        "register",
+        cmd_register,
+        help="register a tracked run's model as a new version; prints the version number",
     )
     p.add_argument(
         "run_id",
@@ -346,11 +354,11 @@ def register(subparsers) -> None:
         default=None,
         help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder",
     )
-    p.add_argument("--tracking-uri", default=None, help=uri_help)
-    p.set_defaults(func=cmd_register)
 
-    p = subparsers.add_parser(
+    p = _mlflow_command(
+        subparsers,
         "promote",
+        cmd_promote,
         help="point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder",
     )
     p.add_argument("name", metavar="NAME", help="the registered model")
@@ -376,16 +384,14 @@ def register(subparsers) -> None:
         help="refuse a version trained without record-level differential privacy or with a larger epsilon "
         "(the largest over its sites)",
     )
-    p.add_argument("--tracking-uri", default=None, help=uri_help)
-    p.set_defaults(func=cmd_promote)
 
-    p = subparsers.add_parser(
+    p = _mlflow_command(
+        subparsers,
         "card",
+        cmd_card,
         help="print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory",
     )
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
-    p.add_argument("--tracking-uri", default=None, help=uri_help)
-    p.set_defaults(func=cmd_card)
     _register_data(subparsers)
     _register_backbone(subparsers)

@@ -142,7 +142,7 @@ class MlflowObserver(RunObserver):
         partition = json.loads(partition_file.read_text()) if partition_file.is_file() else None
         names = [s["name"] for s in manifest.get("sites", [])]
         cfg = self.cfg
-        scheme = f"{cfg.partition}" + (f" (alpha {cfg.alpha})" if cfg.alpha else "") + f", seed {cfg.seed}"
+        scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         where = (
             f"Kubeflow Pipelines run `{self.kfp_run_id}`: the server's worker logged it live."
             if self.kfp_run_id

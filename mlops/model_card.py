@@ -18,10 +18,12 @@ from fedmedclip.digests import parse_model_reference
 from fedmedclip.errors import ConfigError
 from fedmedclip.model_card import CardError, build_card, write_card
 
+from .rundir import REQUIRED_FILES as REQUIRED
+
 CARD_TAG = "model_card"
 CARD_FILES = {"md": "model_card.md", "json": "model_card.json"}
-# The run's logged files a card is built from (REQUIRED ones must be there).
-REQUIRED = ("results.json", "config.json", "partition.json", "provenance.json")
+# The run's logged files a card is built from: the run directory's required files (mlops/rundir.py), and these
+# when the run logged them.
 OPTIONAL = ("model/model.json", "plots/reliability.png")
 
 
@@ -92,7 +94,7 @@ def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) 
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
     from mlflow.exceptions import MlflowException
 
-    from .tracking import TrackingError, _client
+    from .tracking import TrackingError, _client, registered_version
 
     parsed = parse_model_reference(ref)
     if parsed is None:
@@ -100,11 +102,7 @@ def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) 
     name, alias, version = parsed
     client, _ = _client(tracking_uri)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
+        mv = registered_version(client, name, alias, version)
     except MlflowException as exc:
         raise TrackingError(f"no registered version {ref!r}: {exc.message}") from exc
     folder = (mv.tags or {}).get(CARD_TAG)

@@ -41,12 +41,13 @@ from pathlib import Path
 
 from fedmedclip.errors import ConfigError
 
+from .sites import DATA_BUCKET, DEFAULT_SITES, MLFLOW_BUCKET
+
 PUBLISHER = "publisher"
 SERVER = "server"
 MLFLOW = "mlflow"
 SITE = "site"
 ROLE_KINDS = (PUBLISHER, SERVER, SITE, MLFLOW)
-DEFAULT_SITES = 3
 
 # Key patterns under a data root; `{site}` is the site's name, `{k}` its data index.
 MANIFEST = "runs/*/manifest.json"
@@ -86,8 +87,6 @@ _PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 
 REPO = Path(__file__).resolve().parents[1]
 MINIO_POLICIES_YAML = REPO / "infra" / "training" / "platform" / "minio-policies.yaml"
-CLUSTER_DATA_BUCKET = "fedmedclip-data"  # mlops.sites.DATA_BUCKET
-CLUSTER_MLFLOW_BUCKET = "fedmedclip-mlflow"  # mlops.sites.MLFLOW_BUCKET
 
 
 @dataclass(frozen=True)
@@ -150,83 +149,51 @@ def roles(site_names: list[str] | tuple[str, ...] | None = None) -> list[Role]:
     ]
 
 
+# THE role table: for each key pattern, what each kind of role may do with it ("r" read, "w" write, "d" delete
+# every version). A site's `{site}` and `{k}` are its own; the server's are every site's (`*`); the publisher's
+# `{k}` is each site's index in turn. The policies of both enforcement points are generated from this table.
+KEY_ACCESS: dict[str, dict[str, str]] = {
+    MANIFEST: {SITE: "r", SERVER: "rw"},
+    SHARED: {SITE: "r", SERVER: "rw"},
+    GLOBAL: {SITE: "r", SERVER: "rw"},
+    UPDATE: {SITE: "rw", SERVER: "r"},
+    REPORT: {SITE: "rw", SERVER: "r"},
+    STATUS: {SITE: "rw", SERVER: "r"},  # the server's read of `status/*.json` covers its own status too
+    SERVER_STATUS: {SITE: "r", SERVER: "w"},
+    SECAGG_KEYS: {SITE: "rw", SERVER: "r"},
+    SECAGG_SHARES: {SITE: "rw", SERVER: "r"},
+    SECAGG_UNMASK: {SITE: "rw", SERVER: "r"},
+    SECAGG_IDENTITY: {SITE: "rw", SERVER: "r"},
+    SECAGG_ROSTER: {SITE: "r", SERVER: "rw"},
+    SECAGG_SURVIVORS: {SITE: "r", SERVER: "rw"},
+    SECAGG_INBOX: {SITE: "r", SERVER: "rw"},
+    SERVER_STATE: {SERVER: "rwd"},
+    SERVER_DATA: {SERVER: "r", PUBLISHER: "rw"},
+    SITE_DATA: {SITE: "rwd"},  # a site withdraws its data: every version of it
+    # The publisher gets each site's images and catalog by index, not `sites/*/images/*`: `*` also matches
+    # `/`, which would reach a site's private state under a path that happens to contain `/images/`.
+    SITE_IMAGES: {PUBLISHER: "rw"},
+    SITE_CATALOG: {PUBLISHER: "rw"},
+    SITE_SUMMARY: {SITE: "rwd", SERVER: "r", PUBLISHER: "rw"},
+    BACKBONES: {SITE: "r", SERVER: "r", PUBLISHER: "rw"},
+}
+
+
 def access(role: Role, site_count: int) -> Access:
-    """What `role` may do under a data root (`site_count`: how many sites the publisher serves). The
-    mlflow role has no access to data roots (see `mlflow_policy`)."""
+    """What `role` may do under a data root (`site_count`: how many sites the publisher serves), from
+    KEY_ACCESS. The mlflow role has no access to data roots (see `mlflow_policy`)."""
     if role.kind == SITE:
-        own = {"site": role.name, "k": role.site_index}
-        mine = tuple(
-            p.format(**own)
-            for p in (
-                UPDATE,
-                REPORT,
-                STATUS,
-                SECAGG_KEYS,
-                SECAGG_SHARES,
-                SECAGG_UNMASK,
-                SECAGG_IDENTITY,
-                SITE_DATA,
-                SITE_SUMMARY,
-            )
-        )
-        return Access(
-            read=(
-                MANIFEST,
-                SHARED,
-                GLOBAL,
-                SERVER_STATUS,
-                SECAGG_ROSTER,
-                SECAGG_SURVIVORS,
-                SECAGG_INBOX.format(**own),
-                BACKBONES,
-                *mine,
-            ),
-            write=mine,
-            delete=(SITE_DATA.format(**own), SITE_SUMMARY.format(**own)),
-        )
-    if role.kind == SERVER:
-        everyone = {"site": "*", "k": "*"}
-        return Access(
-            read=(
-                MANIFEST,
-                SHARED,
-                GLOBAL,
-                UPDATE.format(**everyone),
-                REPORT.format(**everyone),
-                STATUS.format(**everyone),
-                SECAGG_KEYS.format(**everyone),
-                SECAGG_SHARES.format(**everyone),
-                SECAGG_UNMASK.format(**everyone),
-                SECAGG_IDENTITY.format(**everyone),
-                SECAGG_ROSTER,
-                SECAGG_SURVIVORS,
-                SECAGG_INBOX.format(**everyone),
-                SERVER_STATE,
-                SERVER_DATA,
-                SITE_SUMMARY.format(**everyone),
-                BACKBONES,
-            ),
-            write=(
-                MANIFEST,
-                SHARED,
-                GLOBAL,
-                SERVER_STATUS,
-                SECAGG_ROSTER,
-                SECAGG_SURVIVORS,
-                SECAGG_INBOX.format(**everyone),
-                SERVER_STATE,
-            ),
-            delete=(SERVER_STATE,),
-        )
-    if role.kind == PUBLISHER:
-        # Each site's images and catalog by index, not `sites/*/images/*`: `*` also matches `/`, which
-        # would reach a site's private state under a path that happens to contain `/images/`.
-        per_site = tuple(
-            p.format(k=k) for k in range(site_count) for p in (SITE_IMAGES, SITE_CATALOG, SITE_SUMMARY)
-        )
-        keys = (SERVER_DATA, BACKBONES, *per_site)
-        return Access(read=keys, write=keys, list_bucket=True)
-    return Access()
+        fills = [{"site": role.name, "k": role.site_index}]
+    elif role.kind == SERVER:
+        fills = [{"site": "*", "k": "*"}]
+    else:
+        fills = [{"site": "*", "k": k} for k in range(site_count)]
+
+    def keys(op: str) -> tuple[str, ...]:
+        granted = [p for p, kinds in KEY_ACCESS.items() if op in kinds.get(role.kind, "")]
+        return tuple(dict.fromkeys(p.format(**fill) for p in granted for fill in fills))
+
+    return Access(keys("r"), keys("w"), keys("d"), list_bucket=role.kind == PUBLISHER)
 
 
 def check_root(root: str) -> tuple[str, str]:
@@ -244,8 +211,12 @@ def _arn(bucket: str, prefix: str, key: str = "") -> str:
     return f"arn:aws:s3:::{bucket}/{path}" if key else f"arn:aws:s3:::{bucket}"
 
 
+def _statement(sid: str, actions, resources: list[str]) -> dict:
+    return {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resources}
+
+
 def _listing(bucket: str, prefix: str, actions: list[str]) -> dict:
-    statement = {"Sid": "List", "Effect": "Allow", "Action": actions, "Resource": [_arn(bucket, prefix)]}
+    statement = _statement("List", actions, [_arn(bucket, prefix)])
     if prefix:  # MinIO confines the listing; moto ignores conditions (the role may read its root anyway)
         statement["Condition"] = {"StringLike": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}}
     return statement
@@ -266,38 +237,26 @@ def data_policy(role: Role, root: str, site_count: int) -> dict:
         ("Delete", DELETE_ACTIONS, acc.delete),
     ):
         if keys:
-            statements.append(
-                {
-                    "Sid": sid,
-                    "Effect": "Allow",
-                    "Action": list(actions),
-                    "Resource": [_arn(bucket, prefix, k) for k in keys],
-                }
-            )
+            statements.append(_statement(sid, actions, [_arn(bucket, prefix, k) for k in keys]))
     return {"Version": "2012-10-17", "Statement": statements}
 
 
 def mlflow_policy(root: str) -> dict:
     """MLflow's artifact store: everything under `root` (`BUCKET` or `BUCKET/PREFIX`), listing included."""
     bucket, prefix = check_root(root)
+    listing = ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"]
+    objects = [
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+    ]
     return {
         "Version": "2012-10-17",
         "Statement": [
-            _listing(
-                bucket, prefix, ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"]
-            ),
-            {
-                "Sid": "Objects",
-                "Effect": "Allow",
-                "Action": [
-                    "s3:GetObject",
-                    "s3:PutObject",
-                    "s3:DeleteObject",
-                    "s3:AbortMultipartUpload",
-                    "s3:ListMultipartUploadParts",
-                ],
-                "Resource": [_arn(bucket, prefix, "*")],
-            },
+            _listing(bucket, prefix, listing),
+            _statement("Objects", objects, [_arn(bucket, prefix, "*")]),
         ],
     }
 
@@ -312,8 +271,8 @@ def role_policy(role: Role, data_root: str, mlflow_root: str, site_count: int) -
 
 def minio_policies(
     site_names: list[str] | None = None,
-    data_root: str = CLUSTER_DATA_BUCKET,
-    mlflow_root: str = CLUSTER_MLFLOW_BUCKET,
+    data_root: str = DATA_BUCKET,
+    mlflow_root: str = MLFLOW_BUCKET,
 ) -> dict[str, dict]:
     """{`<policy name>.json`: document} for the cluster's MinIO users, in role order."""
     rs = roles(site_names)

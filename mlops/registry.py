@@ -28,7 +28,7 @@ from .tracking import (
     PROMOTION_METRIC,
     TrackingError,
     _client,
-    _not_found,
+    if_found,
 )
 
 log = logging.getLogger("fedmedclip.tracking")
@@ -127,15 +127,7 @@ def _onnx_requirements() -> list[str]:
 
 
 def _registered_model_exists(client, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException as e:
-        if not _not_found(e):
-            raise
-        return False
+    return if_found(client.get_registered_model, name) is not None
 
 
 REGISTRATION_KEY_TAG = "fedmedclip.registered_from"  # on a version: the sha256 of its ONNX file, or "model/"
@@ -144,16 +136,9 @@ LOGGED_ONNX_TAG_PREFIX = "fedmedclip.onnx_model."  # on a run: the URI of the ON
 
 def _version_of_run(client, name: str, run_id: str, source_key: str):
     """The version of `name` registered from `run_id` with `source_key`, if there is one."""
-    from mlflow.exceptions import MlflowException
-
     if not re.fullmatch(r"[A-Za-z0-9]+", run_id):
         return None
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException as e:
-        if _not_found(e):
-            return None
-        raise
+    versions = if_found(client.search_model_versions, f"name = '{name}' and run_id = '{run_id}'", default=[])
     mine = [v for v in versions if (v.tags or {}).get(REGISTRATION_KEY_TAG) == source_key]
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
@@ -184,12 +169,9 @@ def register_model(
     from .model_card import check_card, log_model_card
 
     client, _ = _client(tracking_uri)
-    try:
-        mlrun = client.get_run(run_id)
-    except MlflowException as e:
-        if _not_found(e):
-            raise TrackingError(f"no MLflow run {run_id!r} on {mlflow.get_tracking_uri()}") from e
-        raise
+    mlrun = if_found(client.get_run, run_id)
+    if mlrun is None:
+        raise TrackingError(f"no MLflow run {run_id!r} on {mlflow.get_tracking_uri()}")
     run_tags = mlrun.data.tags
     if run_tags.get(COMPLETE_TAG) != "complete":
         raise TrackingError(
@@ -327,16 +309,10 @@ class Promotion:
 
 
 def _version_metric(client, mv) -> float | None:
-    from mlflow.exceptions import MlflowException
-
     names = (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)
     if mv.run_id:
-        try:
-            metrics = client.get_run(mv.run_id).data.metrics
-        except MlflowException as e:
-            if not _not_found(e):
-                raise
-            metrics = {}
+        run = if_found(client.get_run, mv.run_id)
+        metrics = run.data.metrics if run is not None else {}
         for name in names:
             if metrics.get(name) is not None:
                 return float(metrics[name])
@@ -393,16 +369,11 @@ def promote(
     on the promoted version. With `max_epsilon`, a version trained without record-level differential privacy,
     or whose epsilon (its `dp.epsilon` tag: the largest over its sites) is above it, is refused
     (PrivacyRefused); no override."""
-    from mlflow.exceptions import MlflowException
-
     client, _ = _client(tracking_uri)
     version = str(version)
-    try:
-        mv = client.get_model_version(name, version)
-    except MlflowException as e:
-        if _not_found(e):
-            raise TrackingError(f"registered model {name!r} has no version {version}") from e
-        raise
+    mv = if_found(client.get_model_version, name, version)
+    if mv is None:
+        raise TrackingError(f"registered model {name!r} has no version {version}")
     if max_epsilon is not None:
         check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
     candidate = _version_metric(client, mv)

@@ -255,7 +255,7 @@ def log_run_dir(
             run.site_names,
             run.results.get("rounds"),
             str(run.config.get("data") or part.get("source") or "?"),
-            f"{part.get('scheme', '?')}" + (f" (alpha {part['alpha']})" if part.get("alpha") else ""),
+            part,
             f"Logged from the run directory by `{source}`.",
         ),
         start_time=start,

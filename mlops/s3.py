@@ -11,6 +11,7 @@ request, so S3 publishes an object whole (and its ETag is its MD5): no reader ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -36,6 +37,17 @@ _RAISE = object()
 
 class ObjectMissing(StoreError):
     """The object (or its bucket) does not exist."""
+
+
+def split_s3_url(url: str, error: type[Exception] = StoreError) -> tuple[str, str]:
+    """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes); the caller's `error` when it is not one."""
+    text = str(url)
+    if not text.startswith("s3://"):
+        raise error(f"{text!r} is not an s3:// URL")
+    bucket, _, prefix = text[len("s3://") :].partition("/")
+    if not bucket:
+        raise error(f"{text!r}: no bucket; use s3://BUCKET or s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
 
 
 def s3_client(
@@ -108,20 +120,27 @@ def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
     return StoreError(f"cannot {verb} {where}: {code or type(exc).__name__}: {exc}")
 
 
+@contextlib.contextmanager
+def store_errors(error: type[Exception], missing: Callable[[ObjectMissing], str]):
+    """The object store's failures (named object, needed credentials: `s3_error`) as the caller's `error`, one
+    line each, a missing object's with `missing(exc)` (how to publish it). A context manager and a decorator."""
+    try:
+        yield
+    except ObjectMissing as exc:
+        raise error(missing(exc)) from None
+    except StoreError as exc:
+        raise error(str(exc)) from None
+
+
 class S3Store(ObjectStore):
     """`s3://BUCKET[/PREFIX]`; keys are relative to the prefix, each checked by `check` (by default the core's
     check_key: plain relative names; published data passes its image-id check)."""
 
     def __init__(self, url: str, client=None, check: Callable[[str], str] = check_key):
-        if not str(url).startswith("s3://"):
-            raise StoreError(f"{url!r} is not an s3:// URL")
-        bucket, _, prefix = str(url)[len("s3://") :].partition("/")
-        if not bucket:
-            raise StoreError(f"{url!r}: no bucket name")
-        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.bucket, self.prefix = split_s3_url(url)
         if self.prefix:
             check_key(self.prefix)
-        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.client, self.check = client or s3_client(), check
 
     def sub(self, prefix: str) -> S3Store:

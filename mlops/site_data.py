@@ -25,7 +25,6 @@ equal an in-process run on it. Ids read from catalogs are confined to their root
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -36,11 +35,11 @@ from pathlib import Path
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary, parse
-from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreError
+from fedmedclip.federation.storage import LocalDirStore, ObjectStore
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
 from .policies import SITE_SUMMARY
-from .s3 import ObjectMissing, S3Store
+from .s3 import S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
 from .tree import download, file_digests, stored_md5, upload
 
@@ -70,12 +69,7 @@ def parse_bucket(uri: str) -> str:
 
 def parse_root(uri: str) -> tuple[str, str]:
     """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes)."""
-    if not is_s3(uri):
-        raise ConfigError(f"{uri!r} is not an s3:// URI")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    prefix = prefix.strip("/")
-    if not bucket:
-        raise ConfigError(f"{uri!r}: no bucket; use s3://BUCKET or s3://BUCKET/PREFIX")
+    bucket, prefix = split_s3_url(uri, ConfigError)
     if prefix:
         check_relative_id(prefix, f"the data root {uri}")
     return bucket, prefix
@@ -106,19 +100,10 @@ def partition_settings(cfg) -> dict:
     return d
 
 
-def _data_errors(fn):
-    """The object store's failures (mlops/s3.py names the object and the credentials it needs) as DataError."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ObjectMissing as exc:
-            raise DataError(f"{exc}: publish the data first (`fedmedclip data publish`)") from None
-        except StoreError as exc:
-            raise DataError(str(exc)) from None
-
-    return wrapper
+# The object store's failures (mlops/s3.py names the object and the credentials it needs) as DataError.
+_data_errors = store_errors(
+    DataError, lambda exc: f"{exc}: publish the data first (`fedmedclip data publish`)"
+)
 
 
 # ------------------------------------------------------------------------------ where the data lives
@@ -141,8 +126,10 @@ def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
     return store, store.root
 
 
-def _get_message(root: ObjectStore, key: str, cls, required: bool = True) -> dict | None:
-    """The publisher's object at `key`, bounded and parsed against its declaration `cls`
+def _get_message(
+    root: ObjectStore, key: str, cls, required: bool = True, party: str = "the publisher"
+) -> dict | None:
+    """`party`'s object at `key`, bounded and parsed against its declaration `cls`
     (fedmedclip/federation/messages.py); None when it is absent and not `required`."""
     body = root.get(key, max_bytes=cls.max_bytes)
     if body is None:
@@ -152,7 +139,7 @@ def _get_message(root: ObjectStore, key: str, cls, required: bool = True) -> dic
             )
         return None
     try:
-        return parse(cls, body, "the publisher", root.where(key)).to_dict()
+        return parse(cls, body, party, root.where(key)).to_dict()
     except MessageRefused as exc:
         raise DataError(f"{exc}: publish the data again with this version") from None
 
@@ -340,18 +327,10 @@ def read_site_summary(location: str | Path, index: int, client=None) -> dict:
     against its one declaration (`fedmedclip.federation.messages.SiteSummary`), which the writer uses too."""
     root, _ = _root(location, client)
     key = site_summary_key(index)
-    body = root.get(key)
-    if body is None:
-        raise DataError(
-            f"{root.where(key)} does not exist: publish the data first (`fedmedclip data publish`)"
-        )
-    try:
-        summary = parse(SiteSummary, body, f"site {index}'s publisher", root.where(key))
-    except MessageRefused as exc:
-        raise DataError(str(exc)) from None
-    if summary.index != int(index):
-        raise DataError(f"{root.where(key)} is not site {index}'s summary (it says index {summary.index})")
-    return summary.to_dict()
+    summary = _get_message(root, key, SiteSummary, party=f"site {index}'s publisher")
+    if summary["index"] != int(index):
+        raise DataError(f"{root.where(key)} is not site {index}'s summary (it says index {summary['index']})")
+    return summary
 
 
 # ------------------------------------------------------------------------------------------- publishing
@@ -386,28 +365,57 @@ def _check_publishable(
     return by_id
 
 
-def _holder_catalog(holder: str, index: int | None, ids, by_id, image_set, part, assignment, md5s) -> dict:
-    return {
-        "format": HOLDER_CATALOG_FORMAT,
-        "holder": holder,
-        "index": index,
-        "class_names": image_set.class_names,
-        "records": [[i, by_id[i].label, by_id[i].split] for i in ids],
-        "md5": {i: md5s[i] for i in ids},
-        "assignment": assignment,
-        "partition_digest": part.digest,
-    }
+def _publish_holders(
+    root: ObjectStore,
+    image_set: ImageSet,
+    part,
+    holder_ids: dict[str, list[str]],
+    listing: bool,
+    progress: str,
+) -> tuple[int, dict[str, dict]]:
+    """Each holder's images under its own prefix (`upload`: what is there already is skipped, other content
+    refused; found with one listing per prefix when `listing`, the publisher's role, else with one HEAD per
+    image, as a site's role may not list), then each holder's catalog (its images' MD5s and its assignment) and a site's summary: catalogs
+    last, so a reader that finds one finds its images. Returns the bytes sent and the sites' summaries."""
+    from fedmedclip.preparation import SERVER
 
-
-def _site_summary(site: str, index: int, image_set: ImageSet, part) -> dict:
-    return SiteSummary.build(
-        format=SUMMARY_FORMAT,
-        site=site,
-        index=index,
-        class_names=image_set.class_names,
-        samples={s: len(part.sites[site][s]) for s in SITE_SPLITS},
-        partition_digest=part.digest,
-    ).to_dict()
+    by_id = image_set.by_id()
+    prefixes = {h: holder_prefix(part, h) for h in holder_ids}
+    files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
+    md5s = file_digests(files)
+    if listing:
+        there = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()}
+    else:
+        there = lambda key: stored_md5(root, key)  # noqa: E731
+    sent = upload(root, files, md5s, there, progress)
+    summaries = {}
+    for holder, ids in holder_ids.items():
+        if holder == SERVER:
+            index, assignment = None, {"global_test": part.global_test, "reference": part.reference}
+        else:
+            index, assignment = part.site_names.index(holder), part.sites[holder]
+        catalog = {
+            "format": HOLDER_CATALOG_FORMAT,
+            "holder": holder,
+            "index": index,
+            "class_names": image_set.class_names,
+            "records": [[i, by_id[i].label, by_id[i].split] for i in ids],
+            "md5": {i: md5s[f"{prefixes[holder]}images/{i}"] for i in ids},
+            "assignment": assignment,
+            "partition_digest": part.digest,
+        }
+        _put_json(root, prefixes[holder] + CATALOG, catalog)
+        if holder != SERVER:
+            summaries[holder] = SiteSummary.build(
+                format=SUMMARY_FORMAT,
+                site=holder,
+                index=index,
+                class_names=image_set.class_names,
+                samples={s: len(part.sites[holder][s]) for s in SITE_SPLITS},
+                partition_digest=part.digest,
+            ).to_dict()
+            _put_json(root, site_summary_key(index), summaries[holder])
+    return sent, summaries
 
 
 @_data_errors
@@ -422,7 +430,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
     image_set = _load_source(cfg, allow_outside_root)
     part = partition_for(cfg, image_set)
     holder_ids = {h: holder_image_ids(part, h) for h in [*part.site_names, SERVER]}
-    by_id = _check_publishable(image_set, [i for ids in holder_ids.values() for i in ids], allow_outside_root)
+    _check_publishable(image_set, [i for ids in holder_ids.values() for i in ids], allow_outside_root)
     root, _ = _root(f"s3://{bucket}", client)
     try:
         root.ensure_bucket()
@@ -440,27 +448,8 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
             f"s3://{bucket} already holds data published for {old.get('source')!r} with the partition "
             f"{old.get('partition_settings')}; refusing to overwrite it: publish to another bucket"
         )
-    prefixes = {h: holder_prefix(part, h) for h in holder_ids}
-    files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
-    md5s = file_digests(files)
-    there = {}  # what is already there: one listing per prefix, not a request per image
-    for prefix in prefixes.values():
-        there.update(root.md5s(prefix + "images"))
-    sent = upload(root, files, md5s, there, "publish" if progress else "")
-    # Catalogs and summaries last, published.json at the very end: a run can start only on a complete publish.
-    image_md5 = {i: md5s[f"{prefixes[h]}images/{i}"] for h, ids in holder_ids.items() for i in ids}
-    for holder, ids in holder_ids.items():
-        if holder == SERVER:
-            index, assignment = None, {"global_test": part.global_test, "reference": part.reference}
-        else:
-            index, assignment = part.site_names.index(holder), part.sites[holder]
-        _put_json(
-            root,
-            prefixes[holder] + CATALOG,
-            _holder_catalog(holder, index, ids, by_id, image_set, part, assignment, image_md5),
-        )
-        if holder != SERVER:
-            _put_json(root, site_summary_key(index), _site_summary(holder, index, image_set, part))
+    sent, _ = _publish_holders(root, image_set, part, holder_ids, True, "publish" if progress else "")
+    # published.json at the very end: a run can start only on a complete publish.
     catalog = {
         "format": CATALOG_FORMAT,
         "source": cfg.data,
@@ -469,13 +458,13 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
         "partition_settings": partition_settings(cfg),
         "partition_digest": part.digest,
         "image_list": _image_list_digest(image_set),
-        "site_prefixes": {s: prefixes[s] for s in part.site_names},
+        "site_prefixes": {s: holder_prefix(part, s) for s in part.site_names},
         "duplicates": image_set.duplicates,
     }
     _put_json(root, SERVER_PREFIX + PUBLISHED, catalog)
     return {
         "bucket": bucket,
-        "images": len(files),
+        "images": sum(len(ids) for ids in holder_ids.values()),
         "bytes_uploaded": sent,
         "sites": {s: len(holder_ids[s]) for s in part.site_names},
         "server": len(holder_ids[SERVER]),
@@ -507,7 +496,7 @@ def publish_site(
     index = part.site_names.index(site)
     prefix = site_prefix(index)
     ids = holder_image_ids(part, site)
-    by_id = _check_publishable(image_set, ids, allow_outside_root)
+    _check_publishable(image_set, ids, allow_outside_root)
     root, _ = _root(location, client)
     old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
     if old is not None and old.get("partition_digest") != part.digest:
@@ -515,25 +504,15 @@ def publish_site(
             f"{root.where(prefix + CATALOG)} already holds {old.get('holder')!r}'s data for another partition "
             f"({old.get('partition_digest')}); refusing to overwrite it: publish to another bucket"
         )
-    files = {f"{prefix}images/{i}": by_id[i].path for i in ids}
-    md5s = file_digests(files)
-    there = lambda key: stored_md5(root, key)  # noqa: E731  (a site's role may not list: one HEAD per image)
-    sent = upload(root, files, md5s, there, f"{site}: publish" if progress else "")
-    image_md5 = {i: md5s[f"{prefix}images/{i}"] for i in ids}
-    _put_json(
-        root,
-        prefix + CATALOG,
-        _holder_catalog(site, index, ids, by_id, image_set, part, part.sites[site], image_md5),
-    )
-    summary = _site_summary(site, index, image_set, part)
-    _put_json(root, site_summary_key(index), summary)
+    progress_label = f"{site}: publish" if progress else ""
+    sent, summaries = _publish_holders(root, image_set, part, {site: ids}, False, progress_label)
     return {
         "location": root.where(prefix.rstrip("/")),
         "site": site,
         "index": index,
         "images": len(ids),
         "bytes_uploaded": sent,
-        "samples": summary["samples"],
+        "samples": summaries[site]["samples"],
         "partition_digest": part.digest,
     }
 

@@ -9,6 +9,7 @@ clients need no S3 credentials; the server writes them to the versioned bucket.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -93,8 +94,24 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
-def _not_found(e: Exception) -> bool:
-    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+def if_found(call, *args, default=None):
+    """`call(*args)` on the MLflow client, or `default` when the server answers that what it names (run,
+    model, version) does not exist; every other failure raises."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call(*args)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return default
+
+
+def registered_version(client, name: str, alias: str | None, version: str | None):
+    """The registered version `name@alias`, else `name/version` (parse_model_reference's parts)."""
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    return client.get_model_version(name, version)
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -130,6 +147,13 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None  # a NaN or infinite metric is never logged
 
 
+def _put(out: dict[str, float], key: str, value: Any) -> None:
+    """`out[key] = value` as a float metric, unless it is missing or not a finite number."""
+    v = _num(value)
+    if v is not None:
+        out[key] = v
+
+
 def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
     """One round record (an entry of results.json's `history`) as MLflow metrics, named so that the MLflow UI
     groups them (it groups by the part before the first `/`): `global/acc`, `global/bacc`; per site
@@ -138,11 +162,7 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
     over the sites); `time/round_seconds`; under DP `privacy/epsilon_max` (the sites' largest epsilon so far),
     `privacy/client_epsilon` (client-level DP) and `<site>/epsilon`. Missing or non-finite values are left out."""
     out: dict[str, float] = {}
-
-    def add(key: str, value: Any) -> None:
-        v = _num(value)
-        if v is not None:
-            out[key] = v
+    add = functools.partial(_put, out)
 
     g = record.get("global") or {}
     add("global/acc", g.get("acc"))
@@ -180,11 +200,7 @@ def final_metrics(results: dict) -> dict[str, float]:
     (`summary/global_bacc` is what promotion compares), the last round's, traffic and times. One group that
     the MLflow UI lists after the per-round curves (it orders groups by name)."""
     final: dict[str, float] = {}
-
-    def put(key: str, value: Any) -> None:
-        v = _num(value)
-        if v is not None:
-            final[key] = v
+    put = functools.partial(_put, final)
 
     m = results.get("metrics") or {}
     for k, v in (m.get("global") or {}).items():
@@ -266,13 +282,16 @@ def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
 
 
 def describe_run(
-    method: str, site_names: list[str], rounds: Any, data: str, partition: str = "", orchestrator: str = ""
+    method: str, site_names: list[str], rounds: Any, data: str, partition: dict, orchestrator: str = ""
 ) -> str:
-    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown."""
+    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown;
+    `partition`: its `scheme`, `alpha` and `seed` (results.json's `partition`, or the configuration's)."""
     sites = ", ".join(site_names[:8]) + (f", ... ({len(site_names)} in all)" if len(site_names) > 8 else "")
+    alpha, seed = partition.get("alpha"), partition.get("seed")
+    scheme = str(partition.get("scheme", "?")) + (f" (alpha {alpha})" if alpha else "")
     lines = [
         f"**{method}** federated over {len(site_names)} sites ({sites}), {rounds} rounds.",
-        f"Data: `{data}`" + (f", partition {partition}." if partition else "."),
+        f"Data: `{data}`, partition {scheme}" + (f", seed {seed}." if seed is not None else "."),
     ]
     if orchestrator:
         lines.append(orchestrator)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fedmedclip.digests import is_sha256
 from fedmedclip.federation.storage import ObjectStore, StoreError
 
 from .s3 import ObjectMissing, S3Store
@@ -132,12 +133,41 @@ def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, mani
     store.put(manifest_key, json.dumps(manifest, indent=1).encode())
 
 
+def tree_problem(files: object) -> str | None:
+    """Why a manifest's file list (`{rel: {"sha256", "size"}}`, as read from storage) is not one a reader may
+    fetch: none, a name that leaves its folder (or is hidden), an entry without a sha256. None when it is."""
+    if not isinstance(files, dict) or not files:
+        return "no file list"
+    for rel, entry in files.items():
+        parts = str(rel).split("/")
+        if str(rel).startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+            return f"file name {rel!r} leaves its folder"
+        if not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
+            return f"file {rel!r} has no sha256"
+    return None
+
+
+def tree_mismatch(folder: str | Path, files: dict[str, dict]) -> str | None:
+    """Why `folder` does not hold a manifest's files (each one's size and sha256), or None."""
+    for rel, entry in files.items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size", size):
+            return f"{rel} has {size} bytes, the manifest records {entry['size']}"
+        digest = file_digest(path)
+        if digest != entry["sha256"]:
+            return f"{rel} has sha256 {digest[:12]}, the manifest records {entry['sha256'][:12]}"
+    return None
+
+
 def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, checked: bool = True) -> None:
     """The files a manifest lists (`{rel: {"sha256", ...}}`) into `dest`, each checked against its sha256
-    unless `checked` is False (the caller checks the whole tree itself)."""
-    for rel in files:
-        if rel.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in rel.split("/")):
-            raise StoreError(f"{store.url}: the manifest names {rel!r}, which leaves its folder")
+    unless `checked` is False (the caller checks the whole tree itself: `tree_mismatch`)."""
+    problem = tree_problem(files)
+    if problem is not None:
+        raise StoreError(f"{store.url}: the manifest is damaged: {problem}")
     jobs = {rel: (Path(dest) / rel, entry["sha256"] if checked else None) for rel, entry in files.items()}
     download(store, jobs, "sha256")
 

@@ -130,6 +130,14 @@ def test_damaged_missing_or_mismatching_backbone_fails_before_training(s3, clips
         resolve_backbone(lying, tmp_path / "c2")
     assert list((tmp_path / "c2" / "backbones").iterdir()) == []  # nothing half-installed
 
+    # A manifest over its bound (a valid one, padded) is refused unread, naming it: another party wrote it.
+    padded = f"s3://{bucket}/backbones/padded"
+    push_backbone(clips["a"], padded)
+    body = client.get_object(Bucket=bucket, Key=f"backbones/padded/{MANIFEST}")["Body"].read()
+    client.put_object(Bucket=bucket, Key=f"backbones/padded/{MANIFEST}", Body=body + b" " * (4 << 20))
+    with pytest.raises(BackboneUnavailable, match=rf"padded/{MANIFEST} is \d+ bytes, over the limit"):
+        resolve_backbone(padded, tmp_path / "c2")
+
     # Nothing published there, through the CLI: exit 2 and how to publish, no traceback.
     missing = f"s3://{bucket}/backbones/never-pushed"
     code, out, err = cli(capsys, "backbone", missing, "--cache-dir", tmp_path / "c3")
