@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
-from components.extract.component import extract_step  # noqa: E402
 from components.prepare.component import prepare_step  # noqa: E402
+from components.worker.component import extract_step  # noqa: E402
 from devstack.stack import add_data_root  # noqa: E402
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, DataError  # noqa: E402
