@@ -4,10 +4,11 @@ as pipeline tasks, one folder per component (components/<name>/: component.py, R
 The pipeline (pipelines/pipeline.py) is one graph for any number of sites and rounds:
 
     prepare ──► ParallelFor over the parties [server, site_0, site_1, ...]:
-                    extract features (GPU, the party's own Secret) ──► federation worker (CPU, same Secret)
+                    worker: extract features, then the federation worker (one task, GPU, the party's own Secret)
             ──► report (server's Secret) ──► export ONNX ──► register + promote (MLflow)
 
-The workers of one run are long-lived and run at the same time: the server worker is `fedmedclip server run`
+The workers of one run are long-lived and run at the same time, each after encoding its own party's images in
+the same process (one cold start per party, not two): the server worker is `fedmedclip server run`
 (`run_server`), each site worker is `fedmedclip site run` (`run_site`); they exchange codec payloads through the
 mailbox (docs/contracts.md, "Federation runtime: the mailbox") under the run id = the KFP run id, so a retried
 worker continues the run from its checkpoints in storage (the server's in the mailbox, a site's under its own
@@ -75,8 +76,8 @@ def settings_from_parameters(settings: dict, config_cls=None):
 
 def resolved_config(cfg) -> tuple[dict, dict]:
     """The run's configuration as the parties get it (the method's preprocessing filled in), and what a party's
-    feature extraction depends on: the fields declared `extraction=True`, its task's cache key, so a sweep over
-    methods, learning rates, codecs or rounds reuses the extracted features."""
+    feature extraction depends on: the fields declared `extraction=True` (the key of the features a party
+    publishes to its private area of the run, which its retried worker fetches instead of encoding again)."""
     from fedmedclip.flags import declared
     from fedmedclip.methods import METHODS
 
@@ -149,10 +150,9 @@ PARAMETER_DOCS = {
     "tracking_secret": "The Secret with the MLflow user (the server's item); a site's names its own S3 Secret, "
     "which has no MLflow keys, so no site pod holds MLflow credentials.",
     "extraction": "The extraction settings as JSON (data, partition, backbone, preprocessing, prompt, cache): "
-    "the extraction task's cache key, so a sweep over methods or rounds reuses the features.",
+    "what the party's features depend on; a retried worker fetches the features it published for them.",
     "config": "The run's resolved configuration as JSON (fedmedclip.config.TrainConfig).",
     "server": "The server's options as JSON (fedmedclip.federation.server.ServerOptions).",
-    "features": "The party's feature store (its own images encoded once by the frozen CLIP).",
     # export, tracking, registry
     "export_site": "Model exported to ONNX: global, a site name, or '' (no export).",
     "site": "Model exported to ONNX: global, a site name, or '' (no export).",
@@ -188,9 +188,9 @@ _RETURNS = {
 }
 _SUMMARIES = {
     "prepare": "Validate the configuration, draw the partition and list the federation's parties.",
-    "extract": "Encode one party's own images once with the frozen CLIP (the only GPU task).",
-    "worker": "One party's long-lived federation worker: the server (aggregates) or a site (trains on its own "
-    "data); runs until the federation ends, resumes after a retry.",
+    "worker": "One party of the federation in one task: its own images encoded once with the frozen CLIP (the "
+    "only GPU work), then its long-lived worker, the server (aggregates) or a site (trains on its own data), "
+    "until the federation ends; a retry fetches the features it published and resumes.",
     "report": "Download the run directory the server worker published, checked file by file.",
     "export": "Export the run's global or a site's predictor to one ONNX file.",
     "register": "Register the run's model in MLflow (keyed on the run: a retry finds its version) and promote "
@@ -222,7 +222,6 @@ def documented(func, summary: str, returns: str = ""):
 
 NAMES = (
     "prepare",
-    "extract",
     "worker",
     "report",
     "export",

@@ -22,9 +22,14 @@ import sys
 KFP_RUNTIME_ENV = "_KFP_RUNTIME"
 
 
+def in_kfp_task() -> bool:
+    """Whether this process is a KFP task's (its command sets _KFP_RUNTIME=true)."""
+    return os.environ.get(KFP_RUNTIME_ENV, "").lower() == "true"
+
+
 def exit_fast_after_success() -> bool:
     """Install the quick exit in this process (once); True when it is installed."""
-    if os.environ.get(KFP_RUNTIME_ENV, "").lower() != "true" or getattr(sys, "_fedmedclip_fast_exit", False):
+    if not in_kfp_task() or getattr(sys, "_fedmedclip_fast_exit", False):
         return False
     sys._fedmedclip_fast_exit = True
     failed = []

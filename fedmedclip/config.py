@@ -55,7 +55,7 @@ class TrainConfig:
     """The run's configuration: each field declared once (fedmedclip/flags.py derives the flags of every
     command, the pipeline's `settings`, the schema snapshot and, through to_json/resume_key, config.json, the
     run manifest and the MLflow parameters). `extraction=True`: a party's feature extraction depends on it (the
-    pipeline's extraction task is cached on these alone); `resume`: how it enters the resume key."""
+    pipeline's parties key the features they publish on these alone); `resume`: how it enters the resume key."""
 
     data: str = setting(
         SYNTHETIC,

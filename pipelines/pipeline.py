@@ -1,20 +1,22 @@
 """The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time settings).
 
     prepare (server Secret) ──► ParallelFor over [server, site_0, site_1, ...]  (all iterations at once):
-                                   extract features      (GPU, the party's own Secret, cached on its data)
-                                   ──► federation worker (CPU, the same Secret; retried, resumes)
+                                   worker: extract features, then the federation worker, in one task
+                                           (GPU, the party's own Secret; retried, resumes)
                              ──► report (server Secret) ──► export ONNX (server Secret) ──► register + promote (MLflow)
 
-Each iteration is one party of the federation runtime (fedmedclip.federation): its extraction encodes only its
-own images, its worker is the long-lived `fedmedclip server run` or `fedmedclip site run`, and the workers
-exchange codec payloads through the mailbox (`mailbox`, default the data's bucket) under the run id = the KFP
-run id, so a retried worker resumes the run instead of restarting it. Rounds loop inside the workers, so the
-graph (and its compiled YAML) is the same for 1 or 500 sites, 1 or 10,000 rounds. Each iteration reads its own
-Kubernetes Secret: the loop item names it, and KFP compiles it to `secretNameParameter`.
+Each iteration is one party of the federation runtime (fedmedclip.federation): its one task encodes only its own
+images (published to the party's private area of the run, so a retried task fetches them instead of encoding
+again), then runs the long-lived `fedmedclip server run` or `fedmedclip site run` in the same process, and the
+workers exchange codec payloads through the mailbox (`mailbox`, default the data's bucket) under the run id =
+the KFP run id, so a retried worker resumes the run instead of restarting it. Rounds loop inside the workers,
+so the graph (and its compiled YAML) is the same for 1 or 500 sites, 1 or 10,000 rounds. Each iteration reads
+its own Kubernetes Secret: the loop item names it, and KFP compiles it to `secretNameParameter`.
 
-KFP cannot pass the k-th output of one loop to the k-th iteration of another, so a party's extraction sits in
-the party's own iteration, before its worker (and the report waits for the loop with `.after`: kfp 2.17 does
-not compile `dsl.Collected` there, see pipelines/README.md).
+Extraction and worker are one task, not two: each task is a cold start of the KFP executor, torch and
+transformers (seconds of CPU, paid by every party), and the worker needs the same imports (bench/bench_pipeline.py
+measures the pipeline against the in-process engine; pipelines/README.md quotes it). The report waits for the
+loop with `.after`: kfp 2.17 does not compile `dsl.Collected` there, see pipelines/README.md.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
@@ -38,12 +40,11 @@ class Resources:
     memory_limit: str
 
 
-# Per kind of task. Extraction is the only GPU work (encoding images once); the workers train on cached
-# features, which a CPU does in well under a second per round, so they hold no GPU for their long lives.
+# Per kind of task. A worker (a party: its feature extraction, then its federation worker) is sized for the
+# extraction, its heaviest part, and is the only task that asks for a GPU (the per-site GPU pods).
 DEFAULT_RESOURCES = {
     "prepare": Resources("500m", "2", "1Gi", "4Gi"),
-    "extract": Resources("2", "8", "8Gi", "16Gi"),
-    "worker": Resources("1", "4", "4Gi", "16Gi"),
+    "worker": Resources("2", "8", "8Gi", "16Gi"),
     "report": Resources("250m", "1", "512Mi", "2Gi"),
     "export": Resources("2", "4", "8Gi", "16Gi"),
     "register": Resources("500m", "2", "2Gi", "4Gi"),
@@ -51,8 +52,7 @@ DEFAULT_RESOURCES = {
 # Seconds before Kubernetes stops a task (activeDeadlineSeconds). A worker lives as long as the federation.
 DEFAULT_TIMEOUTS = {
     "prepare": 3600,
-    "extract": 6 * 3600,
-    "worker": 72 * 3600,
+    "worker": 72 * 3600,  # its extraction included
     "report": 1800,
     "export": 2 * 3600,
     "register": 3600,
@@ -69,8 +69,8 @@ class Retry:
 
 DEFAULT_RETRIES = {
     "prepare": Retry(2),
-    "extract": Retry(2),
-    "worker": Retry(5),  # a retried worker continues from its last checkpoint in storage
+    # A retried worker fetches the features it published and continues from its last checkpoint in storage.
+    "worker": Retry(5),
     "report": Retry(3),
     "export": Retry(1),
     "register": Retry(3),
@@ -82,9 +82,9 @@ class CompileOptions:
     """Cluster settings fixed in the graph (everything about the run itself is a run-time parameter)."""
 
     base_image: str | None = None
-    gpu: bool = True  # request a GPU for feature extraction
-    gpu_node_selector: dict = field(default_factory=dict)  # label -> value, on extraction tasks
-    gpu_tolerations: tuple = ()  # ({"key", "operator", "value", "effect"}, ...), on extraction tasks
+    gpu: bool = True  # request a GPU for each party's worker (its feature extraction)
+    gpu_node_selector: dict = field(default_factory=dict)  # label -> value, on the worker tasks
+    gpu_tolerations: tuple = ()  # ({"key", "operator", "value", "effect"}, ...), on the worker tasks
     resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
     retries: dict = field(default_factory=lambda: dict(DEFAULT_RETRIES))
@@ -162,15 +162,8 @@ def build_pipeline(options: CompileOptions | None = None):
     ) -> str:
         # A sub-pipeline, not tasks in the loop body: kfp 2.17 compiles a Secret name taken from a field of a
         # loop item over a task's output only when it reaches the tasks as an input of their own DAG.
-        extract = c.extract(
-            extraction=extraction, role=role, party=party, index=index, local_stack=local_stack
-        )
-        # Cached on the extraction settings and the holder only: not the method, codec or rounds.
-        configure(extract, "extract", f"extract features (own images{', GPU' if opt.gpu else ''})")
-        kubernetes.use_secret_as_env(extract, secret, secret_keys)
-        s3_endpoint(gpu_task(extract))
-
         worker = c.worker(
+            extraction=extraction,
             config=config,
             server=server,
             role=role,
@@ -178,14 +171,18 @@ def build_pipeline(options: CompileOptions | None = None):
             index=index,
             run_id=run_id,
             mailbox=mailbox,
-            features=extract.outputs["features"],
             experiment=experiment,
             tracking_uri=tracking_uri,
             local_stack=local_stack,
         )
-        configure(worker, "worker", "federation worker (server or site)", cache=False)
+        configure(
+            worker,
+            "worker",
+            f"extract features{' (GPU)' if opt.gpu else ''}, then the federation worker",
+            cache=False,
+        )
         kubernetes.use_secret_as_env(worker, secret, secret_keys)
-        s3_endpoint(worker)
+        s3_endpoint(gpu_task(worker))
         # Only the server's item names the MLflow Secret; a site's names its own S3 Secret, which has no such
         # keys (optional: nothing is set), so no site pod holds the central MLflow's credentials.
         kubernetes.use_secret_as_env(worker, tracking_secret, MLFLOW_SECRET_KEYS, optional=True)
@@ -196,7 +193,7 @@ def build_pipeline(options: CompileOptions | None = None):
 
     party_summary = (
         "One party of the federation (the server or a site): its feature extraction, then its long-lived "
-        "worker, both with that party's own S3 Secret."
+        "worker, in one task with that party's own S3 Secret."
     )
     party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(
         documented(
@@ -249,7 +246,7 @@ def build_pipeline(options: CompileOptions | None = None):
                 experiment=experiment,
                 tracking_uri=tracking_uri,
                 local_stack=local_stack,
-            ).set_display_name("party: extract features, then its federation worker")
+            ).set_display_name("party: its features, then its federation worker")
 
         report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack).after(
             worker

@@ -1,6 +1,6 @@
-"""The Kubeflow pipeline: one compiled graph for any sites and rounds (run-time parameters), each party reading only
-its own Secret, GPU only for extraction, resources/retries/timeouts on every task, caching keyed on what a task
-depends on, parameters validated before anything starts and documented; and the compiled YAML itself, run with
+"""The Kubeflow pipeline: one compiled graph for any sites and rounds (run-time parameters), each party one task
+(its extraction, then its worker) reading only its own Secret, a GPU only for that task, resources/retries/timeouts
+on every task, caching keyed on what a task depends on, parameters validated before anything starts and documented; and the compiled YAML itself, run with
 kfp.local (every worker at once), gives `fedmedclip train`'s metrics and payloads."""
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def test_one_yaml_for_every_number_of_sites_and_rounds(tmp_path):
     }
     inner = ir["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert [t["componentRef"]["name"] for t in inner.values()] == ["comp-federation-party"]
-    assert set(_party_dag(ir)) == {"extract-component", "worker-component"}
+    # One task per party: its extraction, then its worker, in one process (one cold start, not two).
+    assert set(_party_dag(ir)) == {"worker-component"}
     # Nothing after the loop starts before every worker is done; no round or site appears in the graph.
     names = {t["taskInfo"]["name"] for t in ir["root"]["dag"]["tasks"].values()}
     assert not [n for n in names if "round" in n or "site_" in n]
@@ -70,7 +71,7 @@ def test_one_yaml_for_every_number_of_sites_and_rounds(tmp_path):
 
 def test_each_party_reads_only_the_secret_its_loop_item_names():
     ir, k8s = _load()
-    for task in ("extract-component", "worker-component"):
+    for task in ("worker-component",):
         ex = k8s[_executor(ir, _party_dag(ir)[task]["componentRef"]["name"])]
         s3 = [
             s
@@ -102,19 +103,19 @@ def test_each_party_reads_only_the_secret_its_loop_item_names():
     assert "MLFLOW_TRACKING_URI" in {e["envVar"] for m in reg["configMapAsEnv"] for e in m["keyToEnv"]}
 
 
-def test_resources_retries_timeouts_and_gpu_only_for_extraction(tmp_path):
+def test_resources_retries_timeouts_and_gpu_only_for_the_parties(tmp_path):
     ir, k8s = _load()
     executors = ir["deploymentSpec"]["executors"]
-    assert len(executors) == 6
+    assert len(executors) == 5
     for label, ex in executors.items():
         res = ex["container"]["resources"]
         for key in ("cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit"):
             assert res.get(key), (label, key)
-        assert ("accelerator" in res) == (label == "exec-extract-component"), label
+        assert ("accelerator" in res) == (label == "exec-worker-component"), label
         assert int(k8s[label]["activeDeadlineSeconds"]) > 0, label
         assert ex["container"]["image"] == DEFAULT_BASE_IMAGE
         assert "pip install" not in " ".join(ex["container"]["command"])
-    acc = executors["exec-extract-component"]["container"]["resources"]["accelerator"]
+    acc = executors["exec-worker-component"]["container"]["resources"]["accelerator"]
     assert (acc["resourceType"], acc["resourceCount"]) == ("nvidia.com/gpu", "1")
     worker = _party_dag(ir)["worker-component"]
     assert worker["retryPolicy"]["maxRetryCount"] >= 3 and worker["retryPolicy"]["backoffDuration"]
@@ -124,10 +125,10 @@ def test_resources_retries_timeouts_and_gpu_only_for_extraction(tmp_path):
         gpu_tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
     )
     ir2, k8s2 = _load(compile_pipeline(tmp_path / "gpu.yaml", opts))
-    extract = k8s2["exec-extract-component"]
-    assert extract["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-    assert extract["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert "nodeSelector" not in k8s2["exec-worker-component"]
+    party = k8s2["exec-worker-component"]
+    assert party["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert party["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert not [e for label, e in k8s2.items() if "nodeSelector" in e and label != "exec-worker-component"]
     ir3, _ = _load(compile_pipeline(tmp_path / "cpu.yaml", CompileOptions(gpu=False)))
     assert not [
         e for e in ir3["deploymentSpec"]["executors"].values() if "accelerator" in e["container"]["resources"]
@@ -137,11 +138,10 @@ def test_resources_retries_timeouts_and_gpu_only_for_extraction(tmp_path):
 def test_caching_is_keyed_on_what_each_task_depends_on():
     ir, _ = _load()
     dag = _party_dag(ir)
-    extract = dag["extract-component"]
-    assert extract["cachingOptions"].get("enableCache") is True
-    # The extraction's inputs are the holder and the extraction settings (no method, lr, codec, rounds).
-    assert set(extract["inputs"]["parameters"]) == {"extraction", "role", "party", "index", "local_stack"}
+    # A party's task is never cached (its worker runs the federation); a retry reuses the features it
+    # published (components/worker/test_worker.py), and prepare is cached on the run's settings.
     assert not dag["worker-component"]["cachingOptions"].get("enableCache")
+    assert ir["root"]["dag"]["tasks"]["prepare-component"]["cachingOptions"].get("enableCache") is True
     for name in ("report-component", "register-component"):
         assert not ir["root"]["dag"]["tasks"][name]["cachingOptions"].get("enableCache"), name
 
@@ -155,7 +155,7 @@ def test_pipeline_parameters_are_documented():
 
 def test_every_component_input_and_output_is_described_and_the_onnx_is_a_model(tmp_path):
     """What the KFP UI shows for each task: a description of every input and output (one table,
-    PARAMETER_DOCS), the ONNX export typed as a Model; the extraction task's name says GPU only with one."""
+    PARAMETER_DOCS), the ONNX export typed as a Model; a party's task name says GPU only with one."""
     ir, _ = _load()
     described, missing = 0, []
     for name, component in ir["components"].items():
@@ -175,13 +175,13 @@ def test_every_component_input_and_output_is_described_and_the_onnx_is_a_model(t
     assert set(register["outputDefinitions"]["parameters"]) == {"model_uri", "promotion"}
     assert set(ir["root"]["outputDefinitions"]["parameters"]) == {"model_uri", "promotion"}
 
-    def extract_name(path):
+    def party_name(path):
         party = yaml.safe_load_all(Path(path).read_text()).__next__()["components"]["comp-federation-party"]
-        return party["dag"]["tasks"]["extract-component"]["taskInfo"]["name"]
+        return party["dag"]["tasks"]["worker-component"]["taskInfo"]["name"]
 
-    assert extract_name(DEFAULT_YAML) == "extract features (own images, GPU)"
-    assert extract_name(compile_pipeline(tmp_path / "cpu.yaml", CompileOptions(gpu=False))) == (
-        "extract features (own images)"
+    assert party_name(DEFAULT_YAML) == "extract features (GPU), then the federation worker"
+    assert party_name(compile_pipeline(tmp_path / "cpu.yaml", CompileOptions(gpu=False))) == (
+        "extract features, then the federation worker"
     )
 
 
@@ -282,8 +282,8 @@ def test_cli_compile(tmp_path):
 def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(mlops_stack, tmp_path):
     """`make demo`'s path with the committed YAML on kfp.local: data published one prefix per holder, every task
     with only its own role's key of the local stack (as each pod gets only its own Secret), the mailbox in the
-    same bucket; prepare, three parties (extraction, then the server and the two site workers running at the
-    same time), report, the ONNX export (with the OOD score), registration and promotion. Metrics and payloads are
+    same bucket; prepare, three parties (each one task: its extraction, then the server and the two site workers
+    running at the same time), report, the ONNX export (with the OOD score), registration and promotion. Metrics and payloads are
     `fedmedclip train`'s."""
     import uuid
 
@@ -351,6 +351,10 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         for party in ("server", "site_0", "site_1")
     }
     assert {s["state"] for s in status.values()} == {"done"}
+    # Each party published its features to its own private area of the run, with its own key (a retried
+    # task fetches them there instead of encoding again).
+    for area in (f"runs/{run_id}/server/features", *(f"sites/{k}/private/{run_id}/features" for k in (0, 1))):
+        admin.head_object(Bucket=bucket, Key=f"{area}/manifest.json")
     assert (a / "plots" / "accuracy.png").exists()
     # The export task, with the server's credentials, fitted the global model's OOD score on the server's
     # images (without them it would export the classifier alone, with a warning).

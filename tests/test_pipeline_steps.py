@@ -1,5 +1,5 @@
-"""The pipeline's step functions in sequence, in one process (seconds): prepare -> each party's extraction ->
-the server and site workers at the same time over a local-directory mailbox -> report; the same metrics,
+"""The pipeline's step functions in sequence, in one process (seconds): prepare -> each party's features
+(extracted and published to its private area of the run) -> the server and site workers at the same time over a local-directory mailbox -> report; the same metrics,
 payloads and model files as `fedmedclip train`. Each component's own tests are beside it (components/<name>/)."""
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ pytest.importorskip("kfp")
 
 from conftest import SYNTH, without_timing  # noqa: E402
 
-from components.extract.component import extract_step  # noqa: E402
 from components.kfp_components import pipeline_settings  # noqa: E402
 from components.prepare.component import prepare_step  # noqa: E402
 from components.report.component import report_step  # noqa: E402
-from components.worker.component import RUN_DIR, RUN_DIR_MANIFEST, worker_step  # noqa: E402
+from components.worker.component import RUN_DIR, RUN_DIR_MANIFEST, features_step, worker_step  # noqa: E402
 from fedmedclip.config import TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +36,9 @@ def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
     features = {}
     for p in parties:
         features[p["party"]] = tmp_path / "features" / p["party"]
-        prov = extract_step(p["extraction"], p["role"], p["party"], p["index"], str(features[p["party"]]))
-        assert (features[p["party"]] / "provenance.json").exists() and prov["digest"]
+        args = (p["extraction"], p["role"], p["party"], p["index"], run_id, p["mailbox"])
+        assert features_step(*args, str(features[p["party"]]))  # extracted (and published) now
+        assert (features[p["party"]] / "provenance.json").exists()
 
     # Every worker at once, as the pipeline's loop runs them, here as threads of this process; each waits for
     # the others through the mailbox, so the run can only finish with all of them running together.

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
-from components.extract.component import extract_step  # noqa: E402
 from components.prepare.component import prepare_step  # noqa: E402
+from components.worker.component import extract_step  # noqa: E402
 from devstack.stack import add_data_root  # noqa: E402
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, DataError  # noqa: E402
@@ -136,7 +136,7 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     with pytest.raises(DataError, match=rf"access to s3://{bucket}/sites/1/catalog.json denied"):
         extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
 
-    # site_1's extraction task with site_1's key: its prefix only, and the engine's features bit for bit.
+    # site_1's extraction (its party task) with site_1's key: its prefix only, and the engine's features bit for bit.
     as_stack_role("site_1")
     extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
     s3_cache = cache / "s3" / bucket

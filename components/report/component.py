@@ -49,6 +49,15 @@ def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
     return json.loads((Path(run_dir) / "results.json").read_text()), str(manifest.get("mlflow_run_id") or "")
 
 
+def report_mailbox(mailbox: str, settings: dict) -> str:
+    """The mailbox as the prepare task resolved it ('' = the data's bucket, for s3:// data). Read from the
+    settings without fedmedclip.config, which brings torch (seconds of CPU on the pipeline's critical path): the
+    declared default of `data` (synthetic) names no bucket, as '' does not."""
+    from components.kfp_components import resolve_mailbox
+
+    return resolve_mailbox(mailbox, str(settings.get("data") or ""))
+
+
 def report_component(
     mailbox: str,
     settings: dict,
@@ -57,13 +66,11 @@ def report_component(
     run_dir: Output[Artifact],
     metrics: Output[Metrics],
 ) -> str:
-    from components.kfp_components import SERVER_ROLE, act_as, resolve_mailbox
-    from components.report.component import report_step
-    from fedmedclip.config import TrainConfig
+    from components.kfp_components import SERVER_ROLE, act_as
+    from components.report.component import report_mailbox, report_step
 
     act_as(SERVER_ROLE, local_stack)
-    data = str(settings.get("data", TrainConfig.data))  # as the prepare task resolved the mailbox
-    results, mlflow_run_id = report_step(resolve_mailbox(mailbox, data), run_id, run_dir.path)
+    results, mlflow_run_id = report_step(report_mailbox(mailbox, settings), run_id, run_dir.path)
     m = results["metrics"]
     metrics.log_metric("best_round", m["best_round"])
     for k in ("acc", "bacc", "f1", "ece"):

@@ -1,15 +1,19 @@
 """The report component: the run directory the server worker published (files first, manifest last) comes back
 checked file by file; a changed file, a foreign manifest or no publication at all is refused with a message
-naming the object (and the server's status); and the component itself as a kfp.local task, with its metrics."""
+naming the object (and the server's status); the report's work imports no torch; and the component itself as a
+kfp.local task, with its metrics."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from components.report.component import report_step
+from components.report.component import report_mailbox, report_step
 from components.worker.component import RUN_DIR, RUN_DIR_FORMAT, RUN_DIR_MANIFEST
 from fedmedclip.errors import FedMedClipError
 from fedmedclip.federation.mailbox import Mailbox
@@ -66,6 +70,36 @@ def test_no_published_run_directory_names_the_servers_status(tmp_path):
         FedMedClipError, match=r"published no run directory .*server status: failed no quorum"
     ):
         report_step(str(tmp_path / "mailbox"), "run-2", str(tmp_path / "out"))
+
+
+def test_the_reports_work_imports_no_torch(tmp_path):
+    """torch's import is seconds of CPU on the pipeline's critical path (after every worker, before the
+    export), for a task that only downloads files."""
+    from fedmedclip.config import TrainConfig
+
+    _published(tmp_path, "run-4")
+    script = (
+        "import sys\n"
+        "from components.report.component import report_mailbox, report_step\n"
+        f"mailbox = report_mailbox({str(tmp_path / 'mailbox')!r}, {{'sites': 2}})\n"
+        f"report_step(mailbox, 'run-4', {str(tmp_path / 'out')!r})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": repo},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "False\n"
+    # Without a mailbox, the data's default resolves as the prepare task resolves it: no bucket to default to.
+    assert not TrainConfig.data.startswith("s3://")
+    with pytest.raises(FedMedClipError, match="no mailbox"):
+        report_mailbox("", {})
+    assert report_mailbox("", {"data": "s3://bucket"}) == "s3://bucket"
 
 
 def test_the_report_component_on_kfp_local(kfp_local, tmp_path):

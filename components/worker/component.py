@@ -1,24 +1,123 @@
-"""worker: one party of the federation, long-lived, until the run ends: the server (`fedmedclip server run`:
-aggregates, evaluates, writes the run directory, then publishes it to its private area of the mailbox) or a site
-(`fedmedclip site run`: trains on its own data). Started again after a failure (a KFP retry), it continues from
-its last checkpoint in storage, never from the pod's disk.
+"""worker: one party of the federation, from its features to the end of the run, in ONE task process.
+
+First its feature store: its own images encoded once by the frozen CLIP (the server: the global test and
+reference sets; a site: its train/val/test), exactly as the runtime's own preparation would, and published to
+the party's private area of the run; then, in the same process, its long-lived worker until the run ends: the
+server (`fedmedclip server run`: aggregates, evaluates, writes the run directory, then publishes it to its
+private area of the mailbox) or a site (`fedmedclip site run`: trains on its own data).
+
+One process, not an extraction task then a worker task: each task is a cold start (the KFP executor, torch,
+transformers: seconds of CPU) and the worker's imports are the extraction's. Started again after a failure (a
+KFP retry), the task fetches the features it published (no image is encoded again) and the worker continues
+from its last checkpoint in storage, never from the pod's disk.
 
 No `from __future__ import annotations`: KFP reads the component's annotations as types.
 """
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from kfp.dsl import Artifact, Input
-
-from components.kfp_components import SITE_ROLE, WORKER_TRACKING_ENV, pipeline_run_name
+from components.kfp_components import SERVER_ROLE, SITE_ROLE, WORKER_TRACKING_ENV, pipeline_run_name
 
 RUN_DIR = "rundir"  # under the server's private area of the run: runs/<run>/server/rundir/
 RUN_DIR_MANIFEST = "manifest.json"  # in RUN_DIR, written last: every file's sha256 and size (mlops/tree.py)
 RUN_DIR_FORMAT = 2
+# The party's feature store, under its private area of the run (the server's runs/<run>/server/features/, a
+# site's sites/<k>/private/<run>/features/): the store's files, then its manifest, written last.
+FEATURES = "features"
+FEATURES_MANIFEST = "manifest.json"
+FEATURES_FORMAT = 1
+MAX_FEATURES_MANIFEST_BYTES = 1 << 20
+
+log = logging.getLogger("fedmedclip.pipeline")
+
+
+def extract_step(extraction_json: str, role: str, holder: str, index: int, features_dir: str) -> dict:
+    """The holder's feature store in `features_dir`; returns its provenance."""
+    from fedmedclip.backbone import load_backbone, make_preprocessing
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.federation.runner import site_images
+    from fedmedclip.preparation import SERVER, extract_features, prepare
+
+    # A published backbone (s3://, models:/) is fetched into the cache and hash-checked by load_backbone,
+    # before any image is read: a missing or mismatching one fails here, saying how to publish it.
+    cfg = TrainConfig(**json.loads(extraction_json), out="").validate()
+    if role == SERVER_ROLE:
+        store = prepare(cfg, progress=False, holders=[SERVER]).stores[SERVER]
+    else:
+        # The site's own images only (its own prefix with its own credentials, for published data).
+        images, split, _ = site_images(cfg, holder, index)
+        backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+        prep = make_preprocessing(cfg.preprocessing, backbone)
+        ids = split["train"] + split["val"] + split["test"]
+        store = extract_features(images, ids, backbone, prep, cfg, holder, progress=False)
+    shutil.copytree(store.path, Path(features_dir), dirs_exist_ok=True)
+    return store.provenance
+
+
+def party_area(role: str, index: int, run_id: str, mailbox: str):
+    """The party's private area of the run (an ObjectStore): the server's in the mailbox (`runs/<run>/server/`),
+    a site's under its own prefix (`sites/<k>/private/<run>/`); only its own role may read it."""
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import open_store
+
+    if role == SITE_ROLE:
+        return open_store(site_state_url(mailbox, index, run_id))
+    return Mailbox(open_store(mailbox), run_id).server_private()
+
+
+def _published_features(area, extraction_key: str) -> dict | None:
+    """The files the party's features manifest lists, when it is this extraction's; None otherwise."""
+    from fedmedclip.federation.storage import StoreError
+
+    try:
+        raw = area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES)
+    except StoreError as exc:  # too large, unreadable: extract again (the files are the party's own)
+        log.warning("%s: %s; extracting the features again", area.where(FEATURES_MANIFEST), exc)
+        return None
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+        files = manifest["files"]
+        ok = manifest["format"] == FEATURES_FORMAT and manifest["extraction"] == extraction_key
+        ok = ok and isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        log.warning("%s is not this extraction's manifest; extracting again", area.where(FEATURES_MANIFEST))
+        return None
+    return files
+
+
+def features_step(
+    extraction_json: str, role: str, party: str, index: int, run_id: str, mailbox: str, features_dir: str
+) -> bool:
+    """The party's feature store in `features_dir`: the one it published to its private area of the run (a
+    retried task: fetched, every file checked against the manifest's sha256), else extracted now and published
+    there, the files first and the manifest last. Returns True when it was extracted now."""
+    from fedmedclip.federation.storage import StoreError
+    from mlops.tree import fetch_tree, publish_tree, tree_files
+
+    area = party_area(role, index, run_id, mailbox).sub(FEATURES)
+    key = hashlib.sha256(f"{party}\n{extraction_json}".encode()).hexdigest()
+    files = _published_features(area, key)
+    if files is not None:
+        try:
+            fetch_tree(area, files, features_dir)
+            return False
+        except StoreError as exc:
+            log.warning("%s: the published features are damaged (%s); extracting again", area.url, exc)
+            shutil.rmtree(features_dir, ignore_errors=True)
+    extract_step(extraction_json, role, party, index, features_dir)
+    manifest = {"format": FEATURES_FORMAT, "extraction": key, "files": tree_files(features_dir)}
+    publish_tree(area, features_dir, FEATURES_MANIFEST, manifest)
+    return True
 
 
 def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
@@ -140,6 +239,7 @@ def worker_step(
 
 
 def worker_component(
+    extraction: str,
     config: str,
     server: str,
     role: str,
@@ -147,28 +247,22 @@ def worker_component(
     index: int,
     run_id: str,
     mailbox: str,
-    features: Input[Artifact],
     experiment: str,
     tracking_uri: str,
     local_stack: str,
 ) -> str:
     import logging
+    import tempfile
 
     from components.kfp_components import act_as
-    from components.worker.component import worker_step
+    from components.task_gc import resume_collection
+    from components.worker.component import features_step, worker_step
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     act_as(party, local_stack)
+    features = tempfile.mkdtemp(prefix="fedmedclip-features-")
+    features_step(extraction, role, party, index, run_id, mailbox, features)
+    resume_collection()  # the imports are done (components/task_gc.py); the worker may run for days
     return worker_step(
-        config,
-        role,
-        party,
-        index,
-        run_id,
-        mailbox,
-        features.path,
-        server,
-        experiment,
-        tracking_uri,
-        run_id,
+        config, role, party, index, run_id, mailbox, features, server, experiment, tracking_uri, run_id
     )

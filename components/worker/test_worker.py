@@ -1,21 +1,37 @@
-"""The worker component's own parts: the extraction task's store lands where the worker's preparation looks
-for it, a site keeps its private state under its own prefix, and a server worker retried after it published
-the run directory does nothing again. (The workers running a whole federation together: tests/test_pipeline_steps.py
-and, as kfp.local tasks, tests/test_pipeline.py.)"""
+"""The worker component's own parts: each party's feature store is the one the in-process preparation builds
+for that holder, published to the party's private area of the run so that a retried task fetches it instead of
+encoding again; the store lands where the worker's preparation looks for it; a site keeps its private state
+under its own prefix; and a server worker retried after it published the run directory does nothing again.
+(The workers running a whole federation together: tests/test_pipeline_steps.py and, as kfp.local tasks,
+tests/test_pipeline.py.)"""
 
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
+import torch
+
+from components.conftest import SYNTH
 from components.worker.component import (
+    FEATURES_MANIFEST,
     RUN_DIR,
     RUN_DIR_MANIFEST,
     copy_store_into_cache,
+    extract_step,
+    features_step,
     site_state_url,
     worker_step,
 )
 from fedmedclip.config import TrainConfig
+from fedmedclip.features import FeatureStore
+from fedmedclip.preparation import SERVER, prepare
 from mlops.policies import SITE_PRIVATE
+
+
+def _extraction_settings(tmp_path) -> dict:
+    return {"sites": 2, "synthetic": SYNTH, "cache_dir": str(tmp_path / "cache"), "preprocessing": "squash"}
 
 
 def test_the_extracted_store_is_where_the_workers_preparation_looks(tmp_path):
@@ -49,3 +65,44 @@ def test_a_server_worker_retried_after_publishing_does_nothing_again(tmp_path):
     assert got == "mlflow-7"
     assert (published / RUN_DIR_MANIFEST).read_text() == manifest  # nothing rewritten
     assert not (tmp_path / "cache").exists()  # nothing prepared, nothing trained
+
+
+@pytest.mark.parametrize(("role", "holder", "index"), [("server", SERVER, -1), ("site", "site_1", 1)])
+def test_a_partys_store_is_the_preparations(tmp_path, role, holder, index):
+    settings = _extraction_settings(tmp_path)
+    prov = extract_step(json.dumps(settings), role, holder, index, str(tmp_path / "features"))
+    ref = prepare(TrainConfig(**settings, out="").validate(), progress=False, holders=[holder]).stores[holder]
+    got = FeatureStore.load(tmp_path / "features")
+    assert prov["digest"] == ref.provenance["digest"] == got.provenance["digest"]
+    assert got.image_ids == ref.image_ids and torch.equal(got.features, ref.features)
+
+
+@pytest.mark.parametrize(
+    ("role", "party", "index", "area"),
+    [
+        ("server", "server", -1, "runs/run-1/server/features"),
+        ("site", "site_1", 1, "sites/1/private/run-1/features"),
+    ],
+)
+def test_a_retried_worker_fetches_the_features_it_published_instead_of_encoding_again(
+    tmp_path, role, party, index, area
+):
+    mailbox, extraction = str(tmp_path / "mailbox"), json.dumps(_extraction_settings(tmp_path))
+    assert features_step(extraction, role, party, index, "run-1", mailbox, str(tmp_path / "first"))
+    published = tmp_path / "mailbox" / area
+    assert (published / FEATURES_MANIFEST).is_file() and (published / "features.safetensors").is_file()
+    first = FeatureStore.load(tmp_path / "first")
+
+    shutil.rmtree(tmp_path / "cache")  # a fresh pod: nothing on its disk
+    assert not features_step(extraction, role, party, index, "run-1", mailbox, str(tmp_path / "retry"))
+    assert not (tmp_path / "cache").exists()  # fetched: nothing encoded, no backbone loaded
+    again = FeatureStore.load(tmp_path / "retry")
+    assert again.provenance == first.provenance and torch.equal(again.features, first.features)
+
+    # A damaged published file is never used: the party encodes its images again and republishes them.
+    (published / "features.safetensors").write_bytes(b"damaged")
+    assert features_step(extraction, role, party, index, "run-1", mailbox, str(tmp_path / "third"))
+    assert torch.equal(FeatureStore.load(tmp_path / "third").features, first.features)
+    # Another extraction's manifest (other settings under the same run) is not reused either.
+    other = json.dumps({**_extraction_settings(tmp_path), "prompt_template": "an image of {}"})
+    assert features_step(other, role, party, index, "run-1", mailbox, str(tmp_path / "other"))

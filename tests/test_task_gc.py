@@ -1,0 +1,43 @@
+"""A KFP task's process collects no garbage while it imports (components/task_gc.py): the collector is paused
+when the components are imported, and a task resuming it afterwards has everything imported so far frozen out
+of the collector's sight; outside a KFP task nothing changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import gc, json, sys
+import components.kfp_components
+from components.task_gc import resume_collection
+paused = not gc.isenabled()
+resume_collection()
+print(json.dumps({"paused": paused, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+sys.stdout.flush()
+"""
+
+
+def _task(kfp_runtime: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("_KFP_RUNTIME", None)
+    if kfp_runtime:
+        env["_KFP_RUNTIME"] = "true"
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
+    return json.loads(done.stdout)
+
+
+def test_a_task_imports_without_the_collector_then_resumes_it_with_its_imports_frozen():
+    got = _task(kfp_runtime=True)
+    assert got["paused"] and got["enabled"]
+    assert got["frozen"] > 10_000  # kfp and the components' imports, never walked again
+
+
+def test_outside_a_kfp_task_nothing_changes():
+    assert _task(kfp_runtime=False) == {"paused": False, "enabled": True, "frozen": 0}
