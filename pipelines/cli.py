@@ -91,27 +91,31 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
         "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
         "because the default, ghcr.io/fedmedclip/train:0.1.0, is a placeholder nothing publishes",
     )
-    g.add_argument("--no-gpu", action="store_true", help="request no GPU for feature extraction")
+    g.add_argument(
+        "--no-gpu",
+        action="store_true",
+        help="request no GPU for the parties' tasks (their feature extraction)",
+    )
     g.add_argument(
         "--gpu-node-selector",
         action="append",
         default=[],
         metavar="LABEL=VALUE",
-        help="node selector of the extraction tasks (repeatable), e.g. nvidia.com/gpu.present=true",
+        help="node selector of the parties' tasks (repeatable), e.g. nvidia.com/gpu.present=true",
     )
     g.add_argument(
         "--gpu-toleration",
         action="append",
         default=[],
         metavar="KEY[=VALUE][:EFFECT]",
-        help="toleration of the extraction tasks (repeatable), e.g. nvidia.com/gpu:NoSchedule",
+        help="toleration of the parties' tasks (repeatable), e.g. nvidia.com/gpu:NoSchedule",
     )
     g.add_argument(
         "--resources",
         action="append",
         default=[],
         metavar="KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM",
-        help="requests and limits of a kind of task (prepare, extract, worker, report, export, register), "
+        help="requests and limits of a kind of task (prepare, worker, report, export, register), "
         "e.g. worker=2,4,8Gi,16Gi",
     )
     g.add_argument(

@@ -165,7 +165,7 @@ def worker_step(
     from fedmedclip.config import TrainConfig
     from fedmedclip.errors import FedMedClipError
     from fedmedclip.federation.mailbox import Mailbox
-    from fedmedclip.federation.runner import run_server, run_site
+    from fedmedclip.federation.runner import SiteOptions, run_server, run_site
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.federation.storage import open_store
     from fedmedclip.observer import NO_OBSERVER
@@ -183,11 +183,8 @@ def worker_step(
             mailbox,
             run_id,
             party,
-            data=cfg.data,
-            cache_dir=cfg.cache_dir,
+            **asdict(SiteOptions.of_run(cfg, options)),
             state_url=state,
-            threads=cfg.threads,
-            join_timeout=options.join_timeout,
             progress=False,
             identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
             register_identity=cfg.secure_aggregation,
