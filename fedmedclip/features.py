@@ -104,7 +104,14 @@ class FeatureStore:
             )
         )
         (tmp / "provenance.json").write_text(json.dumps(self.provenance, indent=2))
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            # A concurrent writer of the same store won the race (a non-empty directory cannot be replaced);
+            # stores are keyed by what they hold, so its store is this one.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _complete_store(directory, self.provenance.get("digest", "")):
+                raise
         self.path = directory
 
     @classmethod
@@ -225,10 +232,18 @@ def build_feature_store(
         provenance={**wanted, "encoder": encoder.describe()},
         skipped=skipped,
     )
+    if _complete_store(directory, wanted["digest"]):
+        # Another process sharing the cache encoded the same images meanwhile: its store is the same.
+        return FeatureStore.load(directory)
     if directory.exists():
         shutil.rmtree(directory)  # an incomplete leftover without provenance.json
     store.save(directory)
     return store
+
+
+def _complete_store(directory: Path, digest: str) -> bool:
+    path = directory / "provenance.json"
+    return path.exists() and json.loads(path.read_text()).get("digest") == digest
 
 
 def check_training_classes(stores: dict[str, FeatureStore], train_ids: dict[str, list[str]]) -> None:

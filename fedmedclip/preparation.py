@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,10 +60,16 @@ def _local_source(cfg: TrainConfig) -> Path | str:
     folder = Path(cfg.cache_dir) / "synthetic" / canonical_digest(args)[:16]
     manifest = folder / "manifest.csv"
     if not manifest.exists():
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A private temporary folder: processes sharing the cache may generate the same data at once.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         synthetic.generate(tmp, **args)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process put the same data there first
+            if not manifest.exists():
+                raise
     return manifest
 
 

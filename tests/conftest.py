@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# `make test` runs two pytest-xdist workers on two cores, and tests start servers and parties of their own: one
+# torch thread per process, so that threads do not spin against each other (8-15 % of the suite's CPU time).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FEDMEDCLIP_SHARED", REPO.parent / "shared"))
@@ -31,11 +35,58 @@ def _same_environment_for_every_test():
 SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 32}
 
 
+# ----------------------------------------------------------------------------- shared by the session's workers
+# What every pytest-xdist worker of one session shares (the synthetic cache, the local stack) lives in one
+# folder that the controller (or a run without workers) makes before the workers start, which inherit its
+# name through the environment, and removes at the end after stopping the stack.
+SHARED_ENV = "FEDMEDCLIP_TEST_SESSION_DIR"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="fedmedclip-tests-")
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "workerinput") or SHARED_ENV not in os.environ:
+        return
+    import shutil
+
+    shared = Path(os.environ.pop(SHARED_ENV))
+    if (shared / "stack").is_dir():
+        from devstack.stack import stop_stack
+
+        stop_stack(shared / "stack")
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def session_dir() -> Path:
+    return Path(os.environ[SHARED_ENV])
+
+
+@contextlib.contextmanager
+def session_lock(name: str):
+    """One worker at a time (an advisory lock on a file of the shared folder)."""
+    import fcntl
+
+    with (session_dir() / f"{name}.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def synthetic_cache(tmp_path_factory) -> Path:
-    """One cache directory for the session: SYNTH is generated into it once and each holder's feature store
-    is encoded once (stores are reused by provenance, so a test cannot get another configuration's features)."""
-    return tmp_path_factory.mktemp("synthetic-cache")
+def synthetic_cache() -> Path:
+    """One cache directory for the session's workers: SYNTH is generated into it once and each holder's feature
+    store is encoded once (stores are reused by provenance, so a test cannot get another configuration's
+    features; processes that meet on the same store keep the first one written)."""
+    path = session_dir() / "synthetic-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -109,20 +160,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @pytest.fixture(scope="session")
-def mlops_stack(tmp_path_factory):
-    """A real local stack (moto S3 + MLflow server) on free loopback ports, shared by the session.
+def mlops_stack():
+    """A real local stack (moto S3 + MLflow server) on free loopback ports, shared by the session's workers:
+    the first worker that needs it starts it, the end of the session stops it (pytest_unconfigure).
 
-    Yields devstack.stack.StackInfo: .tracking_uri, .s3_endpoint, .bucket (versioned), .env (a dict of
+    Returns devstack.stack.StackInfo: .tracking_uri, .s3_endpoint, .bucket (versioned), .env (a dict of
     MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL and AWS credentials), .s3_client(). About 8 s to start."""
-    from devstack.stack import start_stack, stop_stack
+    from devstack.stack import read_state, start_stack
 
-    data_dir = tmp_path_factory.mktemp("stack")
-    s3_port, mlflow_port = free_ports(2)
-    info = start_stack(data_dir, s3_port=s3_port, mlflow_port=mlflow_port)
-    try:
-        yield info
-    finally:
-        stop_stack(data_dir)
+    data_dir = session_dir() / "stack"
+    with session_lock("stack"):
+        info = read_state(data_dir)
+        if info is None:
+            s3_port, mlflow_port = free_ports(2)
+            info = start_stack(data_dir, s3_port=s3_port, mlflow_port=mlflow_port)
+    return info
 
 
 @pytest.fixture
