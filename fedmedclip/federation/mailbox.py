@@ -12,11 +12,10 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ConfigError, FedMedClipError
 from .messages import Message, MessageRefused, Status, parse
-from .storage import ObjectStore, ObjectTooLarge
+from .storage import ObjectStore, ObjectTooLarge, in_parallel, start
 
 SERVER = "server"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -48,7 +47,6 @@ class Mailbox:
     def __init__(self, store: ObjectStore, run_id: str):
         self.store, self.run_id = store, check_name("run id", run_id)
         self.root = f"runs/{run_id}"
-        self._pool: ThreadPoolExecutor | None = None
 
     # -- keys
     @property
@@ -97,26 +95,15 @@ class Mailbox:
         return min(cap, CHEAP_POLL_CAP) if self.store.cheap_polls else cap
 
     def read_all(self, reads: Sequence[Callable[[], object]]) -> list:
-        """Each read's result, or the exception it raised, in order. Where each read is a network round trip
-        (S3) they run at the same time, so that n objects cost about one round trip instead of n in a row;
-        on a local directory or in memory one after the other, in order."""
-        if len(reads) < 2 or self.store.cheap_polls:
-            return [_outcome(read) for read in reads]
-        return list(self._executor().map(_outcome, reads))
+        """Each read's result, or the exception it raised, in order: at the same time over S3
+        (`storage.in_parallel`), so that n objects cost about one round trip instead of n in a row."""
+        return in_parallel(self.store, reads)
 
-    def put_soon(self, key: str, data: bytes) -> Callable[[], None]:
-        """Start writing `key`; returns the call that waits until it is written (and raises what the write
-        raised). Where a write is a network round trip (S3) it goes on while the caller works (a site trains
-        while its report travels); on a local directory or in memory it is written before this returns."""
-        if self.store.cheap_polls:
-            self.store.put(key, data)
-            return lambda: None
-        return self._executor().submit(self.store.put, key, data).result
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_READS, thread_name_prefix="mailbox")
-        return self._pool
+    def put_soon(self, key: str, data: bytes) -> Callable[[], object]:
+        """Start writing `key`; returns the wait until it is written (which raises what the write raised).
+        Over S3 the write goes on while the caller works (a site trains while its report travels); on a local
+        directory or in memory it is written before this returns (`storage.start`)."""
+        return start(self.store, lambda: self.store.put(key, data))
 
     # -- typed access
     def put_json(self, key: str, obj) -> None:
@@ -161,18 +148,6 @@ class Mailbox:
     def status(self, party: str) -> Status | None:
         """`party`'s heartbeat; None when it has written none; MessageRefused when it does not parse."""
         return self.read_message(self.status_key(party), Status, party)
-
-
-# Requests of one party at the same time at most (`Mailbox.read_all`, `put_soon`); the S3 client keeps 16
-# connections.
-MAX_CONCURRENT_READS = 8
-
-
-def _outcome(read: Callable[[], object]) -> object:
-    try:
-        return read()
-    except Exception as exc:  # handed to the caller, which decides what a failed read means
-        return exc
 
 
 # Seconds between polls at most while a party waits for the next object of a secure-aggregation round, which
