@@ -110,3 +110,19 @@ def test_a_waiting_party_aims_at_its_wait_without_the_work_the_object_set_off():
     assert poller.aim_at - time.monotonic() <= AIM * 0.2 + 0.05
     poller.reset(due_at=time.monotonic() + 5.0)  # an expected time given overrides the measured wait
     assert poller.aim_at - time.monotonic() > 4.0
+
+
+def test_a_site_writes_its_status_of_every_round_only_when_it_waits(prepared, tmp_path):
+    """`uploaded` goes out at once only when the site's last status is a rare check old; otherwise once it has
+    waited that long: one request per site and round fewer on the store the round's updates go to."""
+    server, sites, mb, store = _parties(*prepared, tmp_path)
+    site = sites[0]
+    site.rare_checks_every = 3600.0  # as run() does: its last status was just written
+    site._status("waiting", 0, "waiting for the global module")
+    assert site.poll()  # it trained round 1 and uploaded it
+    assert store.exists(mb.update_key(1, "site_0"))
+    assert mb.status("site_0").state == "waiting"
+    site.rare_checks_every = 0.0  # it has waited a rare check's time since
+    site._flush_status()
+    st = mb.status("site_0")
+    assert (st.state, st.round) == ("uploaded", 1)

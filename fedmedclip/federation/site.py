@@ -107,6 +107,7 @@ class SiteWorker:
         self._fetched: tuple[int, bytes] | None = None  # a global module's bytes read while waiting for it
         self.seen_global: int | None = None  # the round of the newest global module this site acted on
         self._report_out = None  # waits until the report being sent is written (`Mailbox.put_soon`)
+        self._status_at, self._status_due = -math.inf, None  # when its status was written; one not yet
         # Secure aggregation (fedmedclip/federation/secure.py), when the manifest turns it on: with this site's
         # registered identity key.
         self.secure = None
@@ -176,6 +177,19 @@ class SiteWorker:
 
     def _status(self, state: str, r: int, message: str = "") -> None:
         self.mb.put_status(self.name, state, r, message)
+        self._status_at, self._status_due = time.monotonic(), None
+
+    def _status_soon(self, state: str, r: int, message: str = "") -> None:
+        """A status of every round (`uploaded`): written now when the last one is `rare_checks_every` s old
+        (the in-process simulator: always), else once the site has waited that long (`run`), unless a newer
+        one replaces it first. A status is advisory (the server's "waiting for" lines), and one request per
+        site and round less is one fewer on the S3 server the round's updates queue at."""
+        self._status_due = (state, r, message)
+        self._flush_status()
+
+    def _flush_status(self) -> None:
+        if self._status_due is not None and time.monotonic() - self._status_at >= self.rare_checks_every:
+            self._status(*self._status_due)
 
     # ------------------------------------------------------------------ the protocol
     def _newest_global(self) -> int | None:
@@ -392,7 +406,7 @@ class SiteWorker:
         update, header, done, privacy = self._local_update(r, self.received_for(r))
         self.secure.begin(r, update, self.memory, header.to_dict())
         self.trained, self.pending = r, None
-        self._status("waiting", r, "trained; in secure aggregation")
+        self._status_soon("waiting", r, "trained; in secure aggregation")
         self._say(f"{done}{privacy}; masked and sent once its inbox is out")
 
     def _local_update(self, r: int, received: dict):
@@ -454,7 +468,7 @@ class SiteWorker:
         if sent is None:
             self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
         self._uploaded = r
-        self._status("uploaded", r, f"{len(enc.payload)} bytes")
+        self._status_soon("uploaded", r, f"{len(enc.payload)} bytes")
 
     def _finish_if_done(self) -> bool:
         server = self._check_server()
@@ -500,6 +514,7 @@ class SiteWorker:
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
                 self._check_server()
+            self._flush_status()
             # In a secure round the server's next object follows this site's within moments: poll sooner.
             poller.cap = min(poll_cap, SECURE_POLL_CAP) if self.secure and self.secure.round else poll_cap
             silent = time.monotonic() - max(last, self._server_beat_at)
