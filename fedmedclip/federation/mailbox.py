@@ -162,12 +162,13 @@ AIM = 0.7
 
 class Poller:
     """Backoff between polls, aimed at when the next object is due. After progress (`reset`) it polls from
-    `first` seconds, x1.5 each time, capped at `cap`; but a wait is usually as long as the one before it (a
-    site waits about a round for the next global module, the server about as long for the round's updates),
-    so until AIM of that is over it sleeps towards that point (still at most `cap` at once) and then starts
-    again from `first`. The object is then seen within milliseconds of its arrival, with a handful of
-    requests per wait instead of one every few milliseconds (each is a round trip when the store is S3), and
-    one that comes early is still seen within `cap`."""
+    `first` seconds, x1.5 each time, capped at `cap`; but a wait is usually as long as the one before it (the
+    server waits about as long for a round's updates as for the last round's; a site's next global module
+    comes a round's period after the last one, or at a time the caller gives), so until AIM of that is over it
+    sleeps towards that point (still at most `cap` at once) and then starts again from `first`. The object is
+    then seen within milliseconds of its arrival, with a handful of requests per wait instead of one every few
+    milliseconds (each is a round trip when the store is S3), and one that comes early is still seen within
+    `cap`. The wait is measured up to the poll that saw the object, without the work it then set off."""
 
     def __init__(self, first: float = 0.005, cap: float = 0.25):
         self.first, self.cap = first, cap
