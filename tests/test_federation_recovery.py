@@ -10,11 +10,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from conftest import without_timing
 from test_federation_validation import _parties, prepared, worker  # noqa: F401 (prepared is a fixture)
 
 from fedmedclip.config import TrainConfig
+from fedmedclip.federation.checkpoint import CheckpointStore
 from fedmedclip.federation.site import DEFAULT_SILENCE_TIMEOUT, SiteFailure
+from fedmedclip.federation.storage import LocalDirStore
 
 ROUNDS = 4
 
@@ -185,3 +188,24 @@ def test_a_beating_server_keeps_a_waiting_site(prepared, tmp_path, monkeypatch):
 
 
 TIMEOUT = 1.0
+
+
+class RoundTripDirStore(LocalDirStore):
+    """A real local directory taken for a store of round trips (S3): a checkpoint's two files go at once."""
+
+    cheap_polls = False
+
+
+@pytest.mark.parametrize("landed", ["state.json", "tensors.pt"])
+def test_a_checkpoint_torn_either_way_is_passed_over_for_the_other_slot(tmp_path, landed):
+    """Over S3 a save writes its two files at the same time, so a crash may leave either one of them new in
+    its slot: the digest finds the slot torn both ways, and the other slot, one save older, is loaded."""
+    store = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server")
+    for r in (1, 2):  # slots a and b
+        store.save({"round": r}, {"w": torch.full((2,), float(r))})
+    scratch = CheckpointStore(RoundTripDirStore(tmp_path / "scratch"), "server")
+    for r in (1, 2, 3):  # the same saves elsewhere: save 3 goes to slot a
+        scratch.save({"round": r}, {"w": torch.full((2,), float(r))})
+    (tmp_path / "ckpt" / "a" / landed).write_bytes((tmp_path / "scratch" / "a" / landed).read_bytes())
+    seq, body, tensors = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server").load()
+    assert body == {"round": 2} and seq == 1 and torch.equal(tensors["w"], torch.full((2,), 2.0))

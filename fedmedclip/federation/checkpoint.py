@@ -1,10 +1,11 @@
 """A party's checkpoints in an object store, with an integrity digest, and a fallback to the previous one.
 
-Two slots, `a/` and `b/`, alternate: a save goes to the slot that does not hold the newest checkpoint, tensors
-first and `state.json` last. `state.json` carries a sequence number, the sha256 of the tensors object and a
-digest over itself, so a truncated, zero-byte, missing or edited file (a round number changed by hand, a history
-cut short) is detected and the other slot, one save older, is used instead. Non-finite tensors are refused when
-saving and when loading. Nothing is listed: the two keys of each slot are fixed.
+Two slots, `a/` and `b/`, alternate: a save goes to the slot that does not hold the newest checkpoint, its
+tensors and `state.json` written together. `state.json` carries a sequence number, the sha256 of the tensors
+object and a digest over itself, so a truncated, zero-byte, missing or edited file (a round number changed by
+hand, a history cut short), or a slot torn by a crash between its two files, is detected and the other slot, one
+save older, is used instead. Non-finite tensors are refused when saving and when loading. Nothing is listed:
+the two keys of each slot are fixed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..features import canonical_digest
-from .storage import ObjectStore
+from .storage import ObjectStore, in_parallel
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,19 @@ class CheckpointStore:
         state = {"format": FORMAT, "party": self.party, "seq": seq, "body": body}
         state["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
         state["digest"] = canonical_digest(state)
-        self.store.put(f"{target}/tensors.pt", blob)
-        self.store.put(f"{target}/state.json", json.dumps(state, allow_nan=False).encode())
+        # Both files at once (one round trip over S3, not two in a row): a crash between them leaves a torn
+        # slot whichever of the two landed, since state.json names the sha256 of the tensors beside it, and
+        # `load` then takes the other slot, as it did when tensors.pt was written first.
+        body_bytes = json.dumps(state, allow_nan=False).encode()
+        for failed in in_parallel(
+            self.store,
+            [
+                lambda: self.store.put(f"{target}/tensors.pt", blob),
+                lambda: self.store.put(f"{target}/state.json", body_bytes),
+            ],
+        ):
+            if isinstance(failed, Exception):
+                raise failed
         self._seq_cache = {target: seq, **{s: v for s, v in seqs.items() if s != target}}
         return seq
 

@@ -11,11 +11,11 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError, FedMedClipError
 from .messages import Message, MessageRefused, Status, parse
-from .storage import ObjectStore, ObjectTooLarge
+from .storage import ObjectStore, ObjectTooLarge, in_parallel, start
 
 SERVER = "server"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -94,6 +94,17 @@ class Mailbox:
         """The longest pause between polls of this mailbox's store, given the party's own `cap`."""
         return min(cap, CHEAP_POLL_CAP) if self.store.cheap_polls else cap
 
+    def read_all(self, reads: Sequence[Callable[[], object]]) -> list:
+        """Each read's result, or the exception it raised, in order: at the same time over S3
+        (`storage.in_parallel`), so that n objects cost about one round trip instead of n in a row."""
+        return in_parallel(self.store, reads)
+
+    def put_soon(self, key: str, data: bytes) -> Callable[[], object]:
+        """Start writing `key`; returns the wait until it is written (which raises what the write raised).
+        Over S3 the write goes on while the caller works (a site trains while its report travels); on a local
+        directory or in memory it is written before this returns (`storage.start`)."""
+        return start(self.store, lambda: self.store.put(key, data))
+
     # -- typed access
     def put_json(self, key: str, obj) -> None:
         self.store.put(key, _finite_json(obj))
@@ -151,23 +162,28 @@ AIM = 0.7
 
 class Poller:
     """Backoff between polls, aimed at when the next object is due. After progress (`reset`) it polls from
-    `first` seconds, x1.5 each time, capped at `cap`; but a wait is usually as long as the one before it (a
-    site waits about a round for the next global module, the server about as long for the round's updates),
-    so until AIM of that is over it sleeps towards that point (still at most `cap` at once) and then starts
-    again from `first`. The object is then seen within milliseconds of its arrival, with a handful of
-    requests per wait instead of one every few milliseconds (each is a round trip when the store is S3), and
-    one that comes early is still seen within `cap`."""
+    `first` seconds, x1.5 each time, capped at `cap`; but a wait is usually as long as the one before it (the
+    server waits about as long for a round's updates as for the last round's; a site's next global module
+    comes a round's period after the last one, or at a time the caller gives), so until AIM of that is over it
+    sleeps towards that point (still at most `cap` at once) and then starts again from `first`. The object is
+    then seen within milliseconds of its arrival, with a handful of requests per wait instead of one every few
+    milliseconds (each is a round trip when the store is S3), and one that comes early is still seen within
+    `cap`. The wait is measured up to the poll that saw the object, without the work it then set off."""
 
     def __init__(self, first: float = 0.005, cap: float = 0.25):
         self.first, self.cap = first, cap
         self.delay = first
         self.since = self.aim_at = time.monotonic()
 
-    def reset(self, due_at: float | None = None) -> None:
+    def reset(self, due_at: float | None = None, seen_at: float | None = None) -> None:
         """After progress. `due_at`: when (time.monotonic()) the next object is expected; by default after as
-        long a wait as the one that just ended."""
+        long a wait as the one that just ended: from the previous reset to `seen_at`, when the poll that saw
+        the object began. The work that object set off (a site's training, the server's aggregation) is no
+        part of the wait: counted in, the aim overshot the next object by up to AIM / (1 - AIM) times that
+        work, and a party slept on while it was there."""
         now = time.monotonic()
-        self.aim_at = now + AIM * (now - self.since) if due_at is None else due_at
+        waited = (now if seen_at is None else seen_at) - self.since
+        self.aim_at = now + AIM * max(0.0, waited) if due_at is None else due_at
         self.since, self.delay = now, self.first
 
     def sleep(self, until: float = math.inf) -> None:

@@ -544,15 +544,28 @@ class FederationServer:
         self._swept_at = time.monotonic()
         return True
 
+    def _read_waiting(self, sites: list[str], read, sweep: bool) -> list[tuple[str, object]]:
+        """(site, `read(site)`'s result or the exception it raised) for the objects the server waits for, in
+        the sites' order. At a sweep every one; between sweeps the first, and the others only once it is there
+        (the round needs them all, so while it waits one request per poll is enough), then together
+        (`Mailbox.read_all`): the last update of a round costs one round trip, not one per site after it."""
+        if not sites:
+            return []
+        first = [] if sweep else self.mb.read_all([lambda: read(sites[0])])
+        if first and first[0] is None:
+            return [(sites[0], None)]
+        rest = sites[len(first) :]
+        got = first + self.mb.read_all([lambda s=s: read(s) for s in rest])
+        return list(zip(sites, got, strict=True))
+
     def _poll_updates(self) -> bool:
         r, progressed, sweep = self.round, False, self._sweep_due()
-        for site in self._waiting_for():
+        for site, payload in self._read_waiting(self._waiting_for(), self._read_update, sweep):
             try:
-                payload = self._read_update(site)
+                if isinstance(payload, Exception):
+                    raise payload
                 if payload is None:
-                    if sweep:
-                        continue
-                    break
+                    continue
                 self._updates[site] = self._validate(site, payload)
             except UpdateRejected as exc:
                 self._reject(site, str(exc))
@@ -757,23 +770,18 @@ class FederationServer:
     def _poll_reports(self) -> bool:
         r, progressed, sweep = self.round, False, self._sweep_due()
         got = self.reports[r]["sites"]
-        for site in self.info["present"]:
-            if site in got:
-                continue
-            try:
-                report = self._read_report(site)
-            except (MessageRefused, ProtocolError) as exc:
-                self._reject_report(site, str(exc))
+        waiting = [s for s in self.info["present"] if s not in got]
+        for site, report in self._read_waiting(waiting, self._read_report, sweep):
+            if isinstance(report, (MessageRefused, ProtocolError)):
+                self._reject_report(site, str(report))
                 progressed = True
                 continue
-            except Exception as exc:  # nothing a site wrote may stop the server
-                self._reject_report(site, f"unusable report: {type(exc).__name__}: {exc}")
+            if isinstance(report, Exception):  # nothing a site wrote may stop the server
+                self._reject_report(site, f"unusable report: {type(report).__name__}: {report}")
                 progressed = True
                 continue
             if report is None:
-                if sweep:
-                    continue
-                break
+                continue
             progressed = True
             got[site] = {"val": _metrics(report.val), "test": _metrics(report.test)}
             self.site_provenance[site] = report.provenance.to_dict()
@@ -915,17 +923,19 @@ class FederationServer:
         cap = self.mb.poll_cap(self.opt.poll_cap)
         poller = Poller(cap=cap)
         self.sweep_every = SWEEP_EVERY
-        # How long each phase took last time: the next round's same phase is aimed at (`Poller.reset`).
+        # How long each phase waited last time, from its start to the poll that completed it (without the
+        # work that poll then did): the next round's same phase is aimed at (`Poller.reset`).
         phase, phase_at, took = (self.round, self.phase), time.monotonic(), {}
         try:
             while not self.finished:
                 # Secure aggregation's shares and answers follow the server's objects within moments.
                 quick = self.phase in ("keys", "shares", "unmask")
                 poller.cap = min(cap, SECURE_POLL_CAP) if quick else cap
+                seen_at = time.monotonic()
                 if self.poll():
                     now = time.monotonic()
                     if (self.round, self.phase) != phase:
-                        took[phase[1]] = now - phase_at
+                        took[phase[1]] = seen_at - phase_at
                         phase, phase_at = (self.round, self.phase), now
                     poller.reset(phase_at + AIM * took.get(self.phase, 0.0))
                 elif time.monotonic() - self._heartbeat_at > self.opt.heartbeat_every:

@@ -22,7 +22,7 @@ from ..errors import FedMedClipError
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
+from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
 from .storage import ObjectStore, ObjectTooLarge
@@ -105,6 +105,9 @@ class SiteWorker:
         self.max_global_bytes = template_cap(self.template) + (1 << 20)
         self._received: tuple[int, dict] | None = None  # the newest global module received, by round
         self._fetched: tuple[int, bytes] | None = None  # a global module's bytes read while waiting for it
+        self.seen_global: int | None = None  # the round of the newest global module this site acted on
+        self._report_out = None  # waits until the report being sent is written (`Mailbox.put_soon`)
+        self._status_at, self._status_due = -math.inf, None  # when its status was written; one not yet
         # Secure aggregation (fedmedclip/federation/secure.py), when the manifest turns it on: with this site's
         # registered identity key.
         self.secure = None
@@ -174,6 +177,19 @@ class SiteWorker:
 
     def _status(self, state: str, r: int, message: str = "") -> None:
         self.mb.put_status(self.name, state, r, message)
+        self._status_at, self._status_due = time.monotonic(), None
+
+    def _status_soon(self, state: str, r: int, message: str = "") -> None:
+        """A status of every round (`uploaded`): written now when the last one is `rare_checks_every` s old
+        (the in-process simulator: always), else once the site has waited that long (`run`), unless a newer
+        one replaces it first. A status is advisory (the server's "waiting for" lines), and one request per
+        site and round less is one fewer on the S3 server the round's updates queue at."""
+        self._status_due = (state, r, message)
+        self._flush_status()
+
+    def _flush_status(self) -> None:
+        if self._status_due is not None and time.monotonic() - self._status_at >= self.rare_checks_every:
+            self._status(*self._status_due)
 
     # ------------------------------------------------------------------ the protocol
     def _newest_global(self) -> int | None:
@@ -313,6 +329,7 @@ class SiteWorker:
             # Secure aggregation: the protocol's steps of the round this site trained.
             return self.secure.advance() if self.secure is not None else False
         received, meta = self._receive(g)
+        self.seen_global = g
         if g == self.trained and g >= 1 and self.name not in meta.sites_present:
             self._say(f"round {g}: the server aggregated without this site's update")
             self._keep_unused_update(g)
@@ -330,7 +347,9 @@ class SiteWorker:
                 privacy=self.trainer.privacy_report(),  # its DP-SGD ledger (fedmedclip.privacy), or None
                 **evaluate_site(self.trainer, self.setup.data),
             )
-            self.mb.put_message(self.mb.report_key(g, self.name), report)
+            # The report travels while this site trains; it is out before the update (`_upload`), so the
+            # server still sees a site's report of round g before its update of round g + 1.
+            self._report_out = self.mb.put_soon(self.mb.report_key(g, self.name), report.to_bytes())
             self.last_report = report.to_dict()
             if self.recovered is not None and g > self.recovered["from_round"]:
                 self.recovered = (
@@ -340,13 +359,22 @@ class SiteWorker:
             self.reported = g
         best = meta.best_round
         self.candidates = {r: t for r, t in self.candidates.items() if r in (best, g)}
-        if g >= self.rounds:
-            self.final_round = g
-            self._checkpoint()
-            self._status("finishing", g, "waiting for the server to select the round")
+        try:
+            if g >= self.rounds:
+                self.final_round = g
+                self._checkpoint()
+                self._status("finishing", g, "waiting for the server to select the round")
+                return True
+            self._train(g + 1, received)
             return True
-        self._train(g + 1, received)
-        return True
+        finally:
+            self._wait_report()
+
+    def _wait_report(self) -> None:
+        """Wait until the report this site started sending is written (raises what the write raised)."""
+        out, self._report_out = self._report_out, None
+        if out is not None:
+            out()
 
     def _keep_unused_update(self, g: int) -> None:
         """With error feedback, the memory assumed the update of round g would arrive. It did not (rejected,
@@ -378,7 +406,7 @@ class SiteWorker:
         update, header, done, privacy = self._local_update(r, self.received_for(r))
         self.secure.begin(r, update, self.memory, header.to_dict())
         self.trained, self.pending = r, None
-        self._status("waiting", r, "trained; in secure aggregation")
+        self._status_soon("waiting", r, "trained; in secure aggregation")
         self._say(f"{done}{privacy}; masked and sent once its inbox is out")
 
     def _local_update(self, r: int, received: dict):
@@ -436,10 +464,11 @@ class SiteWorker:
             self._recovered(f"its update of round {r} was in the mailbox although its state ended before it")
         self.memory, self.pending, self.trained = enc.memory, enc.payload, r
         self._checkpoint()
+        self._wait_report()
         if sent is None:
             self.mb.store.put(self.mb.update_key(r, self.name), enc.payload)
         self._uploaded = r
-        self._status("uploaded", r, f"{len(enc.payload)} bytes")
+        self._status_soon("uploaded", r, f"{len(enc.payload)} bytes")
 
     def _finish_if_done(self) -> bool:
         server = self._check_server()
@@ -467,14 +496,25 @@ class SiteWorker:
         self.rare_checks_every = SERVER_STATUS_EVERY
         self._status("waiting", self.trained, "waiting for the global module")
         last, warned = time.monotonic(), False
+        # When this site saw the newest global module: the next one is due about as long after it as it came
+        # after the one before (the round's period, the same for every site), rather than after as long a
+        # wait as this site's last, which is short when it trained last and long when it trained first.
+        seen, seen_when = self.seen_global, None
         while not self.finished:
+            seen_at = time.monotonic()
             if self.poll():
-                poller.reset()
+                due = None
+                if self.seen_global != seen:
+                    if seen_when is not None:
+                        due = seen_at + AIM * (seen_at - seen_when)
+                    seen, seen_when = self.seen_global, seen_at
+                poller.reset(due, seen_at=seen_at)
                 last, warned = time.monotonic(), False
                 continue
             if time.monotonic() - self._server_checked > SERVER_STATUS_EVERY:
                 self._server_checked = time.monotonic()
                 self._check_server()
+            self._flush_status()
             # In a secure round the server's next object follows this site's within moments: poll sooner.
             poller.cap = min(poll_cap, SECURE_POLL_CAP) if self.secure and self.secure.round else poll_cap
             silent = time.monotonic() - max(last, self._server_beat_at)

@@ -18,6 +18,8 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -41,6 +43,46 @@ class ObjectTooLarge(StoreError):
     def __init__(self, where: str, size: int, limit: int):
         super().__init__(f"{where} is {size} bytes, over the limit of {limit}: not read")
         self.size, self.limit = size, limit
+
+
+# Requests of one process to a store at the same time at most (`in_parallel`, `start`); the S3 client keeps 16
+# connections.
+MAX_PARALLEL = 8
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=MAX_PARALLEL, thread_name_prefix="store")
+        return _POOL
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Exception as exc:  # handed to the caller, which decides what a failed request means
+        return exc
+
+
+def in_parallel(store: ObjectStore, calls: Sequence[Callable[[], object]]) -> list:
+    """Each call's result, or the exception it raised, in order. Where each request to `store` is a network
+    round trip (S3) the calls run at the same time, so that n requests cost about one round trip instead of
+    n in a row; on a local directory or in memory one after the other, in order."""
+    if len(calls) < 2 or store.cheap_polls:
+        return [_outcome(call) for call in calls]
+    return list(_pool().map(_outcome, calls))
+
+
+def start(store: ObjectStore, call: Callable[[], object]) -> Callable[[], object]:
+    """Start `call` (a request to `store`); returns the wait for its result, which raises what it raised.
+    Where a request is a round trip (S3) it goes on while the caller works; elsewhere it is done at once."""
+    if store.cheap_polls:
+        result = call()
+        return lambda: result
+    return _pool().submit(call).result
 
 
 def check_size(where: str, size: int, max_bytes: int | None) -> None:
