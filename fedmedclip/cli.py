@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 
 from .errors import ConfigError, FedMedClipError
 from .observer import NO_OBSERVER, RunObserver
+from .startup import imports_without_collection
 
 DESCRIPTION = (
     "Federated adaptation of a frozen CLIP for medical image classification (FedMedCLIP, FACMIC and their "
@@ -502,8 +503,11 @@ def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # The parser's declarations import torch and the methods: in a fresh process, without the garbage collector
+    # walking them meanwhile (fedmedclip/startup.py); every command then runs with it as usual.
+    with imports_without_collection():
+        parser = build_parser()
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

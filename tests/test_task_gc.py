@@ -1,6 +1,7 @@
-"""A KFP task's process collects no garbage while it imports (components/task_gc.py): the collector is paused
-when the components are imported, and a task resuming it afterwards has everything imported so far frozen out
-of the collector's sight; outside a KFP task nothing changes."""
+"""A KFP task's process, and a fresh `fedmedclip` process, collect no garbage while they import
+(fedmedclip/startup.py, components/task_gc.py): in a task the collector is paused when the components are
+imported, and a task resuming it afterwards has everything imported so far frozen out of the collector's sight;
+outside a KFP task nothing changes."""
 
 from __future__ import annotations
 
@@ -41,3 +42,36 @@ def test_a_task_imports_without_the_collector_then_resumes_it_with_its_imports_f
 
 def test_outside_a_kfp_task_nothing_changes():
     assert _task(kfp_runtime=False) == {"paused": False, "enabled": True, "frozen": 0}
+
+
+CLI_SCRIPT = """
+import gc, json, sys
+from fedmedclip.cli import main
+main(["methods"])
+print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "torch": "torch" in sys.modules}))
+"""
+
+
+def test_a_fresh_cli_process_parses_without_the_collector_then_runs_with_it():
+    """`fedmedclip`'s parser imports torch and the methods (fedmedclip/startup.py): a fresh process does so with
+    the collector paused, and the command runs with it back on and those imports frozen."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["torch"] and got["enabled"] and got["frozen"] > 10_000
+
+
+def test_a_process_that_has_imported_torch_is_left_alone(capsys):
+    """A process calling the CLI in-process after importing torch (this test's) gains nothing from a pause, and
+    none of its objects is frozen."""
+    import gc
+
+    import torch  # noqa: F401
+
+    from fedmedclip.cli import main
+
+    frozen = gc.get_freeze_count()
+    assert main(["methods"]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
