@@ -45,8 +45,20 @@ SHARED_ENV = "FEDMEDCLIP_TEST_SESSION_DIR"
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):
         import tempfile
+        import threading
 
         os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="fedmedclip-tests-")
+        if getattr(config.option, "numprocesses", None):
+            # With pytest-xdist workers the controller has nothing to do while they collect and run: it starts
+            # the stack meanwhile, so that the first test needing it does not wait for it (a failure here is
+            # left to that test's fixture, which tries again and reports it).
+            config._fedmedclip_stack_start = threading.Thread(target=_start_quietly, daemon=True)
+            config._fedmedclip_stack_start.start()
+
+
+def _start_quietly() -> None:
+    with contextlib.suppress(Exception):
+        shared_stack()
 
 
 def pytest_unconfigure(config):
@@ -54,6 +66,9 @@ def pytest_unconfigure(config):
         return
     import shutil
 
+    starting = getattr(config, "_fedmedclip_stack_start", None)
+    if starting is not None:
+        starting.join(timeout=600)
     shared = Path(os.environ.pop(SHARED_ENV))
     if (shared / "stack").is_dir():
         from devstack.stack import stop_stack
@@ -162,10 +177,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 @pytest.fixture(scope="session")
 def mlops_stack():
     """A real local stack (moto S3 + MLflow server) on free loopback ports, shared by the session's workers:
-    the first worker that needs it starts it, the end of the session stops it (pytest_unconfigure).
+    the controller of pytest-xdist workers starts it when the session starts, or else the first test that needs
+    it; the end of the session stops it (pytest_unconfigure).
 
     Returns devstack.stack.StackInfo: .tracking_uri, .s3_endpoint, .bucket (versioned), .env (a dict of
     MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL and AWS credentials), .s3_client(). About 8 s to start."""
+    return shared_stack()
+
+
+def shared_stack():
+    """The session's stack, started by whoever asks first (one at a time: a lock on the shared folder)."""
     from devstack.stack import read_state, start_stack
 
     data_dir = session_dir() / "stack"
