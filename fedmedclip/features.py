@@ -33,6 +33,7 @@ from .data import ImageRecord, file_sha256, load_image
 from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
 from .encoders import open_image_encoder
 from .errors import DataError, ImageDecodeError, ProvenanceMismatch
+from .paths import put_folder_in_place
 from .preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,10 @@ class FeatureStore:
             )
         )
         (tmp / "provenance.json").write_text(json.dumps(self.provenance, indent=2))
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            # A concurrent writer of the same store won the race (a non-empty directory cannot be replaced);
-            # stores are keyed by what they hold, so its store is this one.
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not _complete_store(directory, self.provenance.get("digest", "")):
-                raise
+        # Stores are keyed by what they hold: one a concurrent writer put there first is this one.
+        put_folder_in_place(
+            tmp, directory, lambda: _complete_store(directory, self.provenance.get("digest", ""))
+        )
         self.path = directory
 
     @classmethod
@@ -232,11 +229,10 @@ def build_feature_store(
         provenance={**wanted, "encoder": encoder.describe()},
         skipped=skipped,
     )
-    if _complete_store(directory, wanted["digest"]):
-        # Another process sharing the cache encoded the same images meanwhile: its store is the same.
-        return FeatureStore.load(directory)
-    if directory.exists():
-        shutil.rmtree(directory)  # an incomplete leftover without provenance.json
+    if directory.exists() and not _complete_store(directory, wanted["digest"]):
+        # An incomplete leftover without provenance.json (a complete one is another process's store of the same
+        # images, written meanwhile: `save` keeps it).
+        shutil.rmtree(directory)
     store.save(directory)
     return store
 

@@ -4,12 +4,15 @@ An image id is a `/`-separated path relative to its source's root. Read back fro
 an object store, it is joined to a local folder (the data root, a download cache) or to a key prefix
 (`sites/<k>/images/`); an id such as `../../x` or `/etc/x`, or a symlink under the root that points
 elsewhere, would then reach outside. These helpers refuse that with an error naming the id and where it
-came from.
+came from. And `put_folder_in_place`: a folder written under a private name put where processes sharing a
+cache look for it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from .errors import DataError
@@ -71,3 +74,16 @@ def check_file_within(path: str | Path, root: str | Path, what: str, hint: str =
             f"{what} resolves to {os.path.realpath(path)}, outside the data root {os.path.realpath(root)}"
             + (f"; {hint}" if hint else "")
         )
+
+
+def put_folder_in_place(tmp: str | Path, final: str | Path, already_there: Callable[[], bool]) -> None:
+    """Move the folder `tmp` (written under a private temporary name beside `final`) to `final` in one step, so
+    that no reader sees it half-written. Processes sharing a cache may build the same folder at once: when one
+    got there first (a non-empty folder cannot be replaced), `tmp` is dropped, and the error stands only when
+    `already_there()` says that what is at `final` is not that folder."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not already_there():
+            raise

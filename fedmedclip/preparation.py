@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from .errors import ConfigError
 from .features import FeatureStore, build_feature_store, canonical_digest, check_training_classes
 from .methods import METHODS, Method, MethodContext, SiteData
 from .partition import Partition, make_partition
+from .paths import put_folder_in_place
 from .preprocess import Preprocessing
 from .sources import is_remote, remote_source
 
@@ -64,12 +64,7 @@ def _local_source(cfg: TrainConfig) -> Path | str:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         synthetic.generate(tmp, **args)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process put the same data there first
-            if not manifest.exists():
-                raise
+        put_folder_in_place(tmp, folder, manifest.exists)  # or another process put the same data there first
     return manifest
 
 

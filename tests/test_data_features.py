@@ -259,6 +259,25 @@ def test_store_contents(tiny, images, tmp_path):
     assert loaded.rows([records[3].image_id, "not/there.png", records[0].image_id]).tolist() == [3, 0]
 
 
+def test_a_store_another_process_wrote_first_is_kept_and_a_different_one_is_refused(tiny, images, tmp_path):
+    """Processes sharing a cache may encode the same images at once: the second to finish finds the first's
+    store in place and keeps it; a store of other inputs never replaces what is there."""
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    store = build_feature_store(records, classes, tiny, prep, directory=tmp_path / "s", progress=False)
+    written = (tmp_path / "s" / "features.safetensors").read_bytes()
+    store.save(tmp_path / "s")  # the same store again, as the slower of two writers
+    assert (tmp_path / "s" / "features.safetensors").read_bytes() == written
+    other = FeatureStore(
+        store.features + 1, store.labels, store.image_ids, store.class_names, store.text_features,
+        {**store.provenance, "digest": "0" * 64},
+    )  # fmt: skip
+    with pytest.raises(OSError):
+        other.save(tmp_path / "s")
+    assert (tmp_path / "s" / "features.safetensors").read_bytes() == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "s"]  # no temporary folder left behind
+
+
 def test_store_reused_when_provenance_matches(tiny, images, tmp_path, monkeypatch):
     records, classes = images
     prep = make_preprocessing("squash", tiny)

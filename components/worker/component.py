@@ -123,6 +123,8 @@ def features_step(
 def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
     """The extraction task's feature store, where the worker's own preparation looks it up (cache_dir/features/
     <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
+    from fedmedclip.paths import put_folder_in_place
+
     src = Path(features_dir)
     prov = src / "provenance.json"
     if not prov.is_file():
@@ -133,10 +135,7 @@ def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=dst.parent))
     shutil.copytree(src, tmp, dirs_exist_ok=True)
-    try:
-        os.replace(tmp, dst)
-    except OSError:  # another task of this machine put it there first
-        shutil.rmtree(tmp, ignore_errors=True)
+    put_folder_in_place(tmp, dst, (dst / "provenance.json").exists)  # or another task of this machine did
 
 
 def site_state_url(mailbox: str, index: int, run_id: str) -> str:
