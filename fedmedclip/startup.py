@@ -6,8 +6,9 @@ import CLIPModel` takes 4.3 s of CPU with the collector and 3.3 s without it (a 
 party of a federation pays it in its own process. So a fresh process that is about to import them pauses the
 collector (`pause_collection`), and resumes it once its imports are done (`resume_collection`), after
 `gc.freeze()` has moved everything that exists by then out of the collector's sight for good (resuming without
-the freeze gains nothing: the next full collection walks it all). Used by `fedmedclip train`, `server run` and
-`site run` (`imports_without_collection`) and by the Kubeflow tasks (components/task_gc.py).
+the freeze gains nothing: the next full collection walks it all). Used by the `fedmedclip` command while it
+builds its parser, whose declarations import torch and the methods (`imports_without_collection`), and by the
+Kubeflow tasks (components/task_gc.py).
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ import contextlib
 import gc
 import sys
 
+_paused = False  # by pause_collection, until resume_collection
+
 
 def pause_collection() -> bool:
     """No automatic collection until `resume_collection`; True when this call paused it. Only in a process that
     has not imported torch yet: one that has (a test process calling the CLI in-process) gains nothing, and its
     objects are not frozen."""
-    if "torch" in sys.modules or getattr(sys, "_fedmedclip_gc_paused", False) or not gc.isenabled():
+    global _paused
+    if "torch" in sys.modules or _paused or not gc.isenabled():
         return False
     gc.disable()
-    sys._fedmedclip_gc_paused = True
+    _paused = True
     return True
 
 
 def resume_collection() -> None:
     """Where `pause_collection` paused it: freeze what was imported, then collect as usual."""
-    if getattr(sys, "_fedmedclip_gc_paused", False):
-        sys._fedmedclip_gc_paused = False
+    global _paused
+    if _paused:
+        _paused = False
         gc.freeze()
         gc.enable()
 
