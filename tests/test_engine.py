@@ -418,17 +418,27 @@ MAJORITY = 115 / 394  # meningioma: the majority-class rate of the 394 official 
 
 
 @pytest.fixture(scope="module")
-def brain_run(brain_mri, tmp_path_factory) -> dict:
-    """FedMedCLIP, reference options, 3 iid sites, 5 rounds, the tiny backbone, the real brain-tumour MRI
-    set (2,713 training images once exact duplicates are dropped, 394 test images). About 40 s to encode on 2
-    cores, a few seconds to train."""
+def brain_cache(tmp_path_factory) -> Path:
+    """One feature cache for both brain-MRI runs below: encoding the 3,107 JPEGs is most of their time."""
+    return tmp_path_factory.mktemp("brain-cache")
+
+
+@pytest.fixture(scope="module")
+def brain_run(brain_mri, brain_cache, tmp_path_factory) -> dict:
+    """FedMedCLIP, reference options except two that let it read the FACMIC run's encoded features (CLIP's
+    centre-crop preprocessing instead of its default squash, no reference images held out of the sites), 3
+    iid sites, 5 rounds, the tiny backbone, the real brain-tumour MRI set (2,713 training images once exact
+    duplicates are dropped, 394 test images). Whichever of the two runs comes first encodes (about 10 s of CPU);
+    this one then trains in about 2 s."""
     tmp = tmp_path_factory.mktemp("brain")
     cfg = TrainConfig(
         data=str(brain_mri),
         method="fedmedclip",
+        preprocessing="clip",
+        reference_fraction=0.0,
         sites=3,
         rounds=5,
-        cache_dir=str(tmp / "cache"),
+        cache_dir=str(brain_cache),
         out=str(tmp / "run"),
     )
     return engine.train(cfg, progress=False)
@@ -438,16 +448,16 @@ def brain_run(brain_mri, tmp_path_factory) -> dict:
 @pytest.mark.needs_shared
 def test_brain_mri_sites_beat_chance(brain_run):
     """Each site's own model (FAM + private MLP ensemble) on its local test split. Seeds 0-2 give
-    0.44-0.45 site-mean accuracy at the selected round."""
+    0.44-0.46 site-mean accuracy (balanced 0.39-0.46) at the selected round."""
     m = brain_run["metrics"]
-    # 2,713 training images once the 157 training copies of byte-identical files are dropped: 81 test each
+    # 2,713 training images once the 157 training copies of byte-identical files are dropped: 90 test each
     assert [s["n"] for s in m["sites"]] and sum(s["n"] for s in m["sites"]) > 240
     assert m["site_mean"]["acc"] > MAJORITY + 0.07, brain_run["history"]
     assert m["site_mean"]["bacc"] > 0.25 + 0.05, brain_run["history"]
 
 
 @pytest.fixture(scope="module")
-def brain_facmic_run(brain_mri, tmp_path_factory) -> dict:
+def brain_facmic_run(brain_mri, brain_cache, tmp_path_factory) -> dict:
     """FACMIC, reference options (199 local steps, adapting toward the global test images as the
     reference code does), 3 iid sites, 10 rounds, the tiny backbone, the real brain-tumour MRI set."""
     tmp = tmp_path_factory.mktemp("brain-facmic")
@@ -457,7 +467,7 @@ def brain_facmic_run(brain_mri, tmp_path_factory) -> dict:
         transductive=True,
         sites=3,
         rounds=10,
-        cache_dir=str(tmp / "cache"),
+        cache_dir=str(brain_cache),
         out=str(tmp / "run"),
     )
     return engine.train(cfg, progress=False)
@@ -469,7 +479,7 @@ def test_brain_mri_global_beats_chance(brain_facmic_run):
     """The official test split is a shifted domain: a linear probe on these tiny-CLIP features trained on
     all 2,870 training images reaches only ~0.33 on it, and FedMedCLIP's FAM zero-shot against random
     prompt embeddings stays near chance (README, Limitations). FACMIC's LMMD adaptation toward the
-    unlabelled global images is built for this shift: seeds 0-2 give 0.35-0.36 ACC, 0.32-0.33 BACC."""
+    unlabelled global images is built for this shift: seeds 0-2 give 0.33-0.35 ACC, 0.29-0.32 BACC."""
     g = brain_facmic_run["metrics"]["global"]
     assert g["n"] == 394
     assert g["acc"] > MAJORITY + 0.03, brain_facmic_run["history"]
