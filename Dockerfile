@@ -33,12 +33,16 @@ RUN python requirements.py lists pyproject.toml /reqs
 # --------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS train
 ARG GIT_COMMIT=unknown
+# MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK (every image): MLflow's client and server send usage events to
+# mlflow.org by default; nothing about a hospital's runs leaves the cluster.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     MPLBACKEND=Agg \
     PYTHONDONTWRITEBYTECODE=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=true \
     FEDMEDCLIP_GIT_COMMIT=${GIT_COMMIT}
 WORKDIR /app
 # torch first and alone: the PyPI wheel for Linux is the CUDA build (its CUDA libraries come as wheels).
@@ -66,7 +70,9 @@ FROM ${PYTHON_IMAGE} AS serve
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=true
 WORKDIR /app
 COPY constraints.txt ./
 COPY --from=reqs /reqs/serve.txt /tmp/serve.txt
@@ -95,6 +101,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=true \
     HOME=/tmp
 WORKDIR /app
 COPY constraints.txt ./

@@ -693,6 +693,7 @@ def start_stack(
         env.pop(key, None)  # the servers must not act as clients of another server, or with another's key
     env.pop("MOTO_ACCOUNT_ID", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # fewer processes, faster start
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"  # as in the images: no usage events sent to mlflow.org
     # A configured HTTP proxy must not intercept loopback traffic between the two servers.
     env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY", ""), "127.0.0.1", "localhost", "::1"]))
     env["no_proxy"] = env["NO_PROXY"]

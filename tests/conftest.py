@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # as in the images (Dockerfile)
 # `make test` runs two pytest-xdist workers on two cores, and tests start servers and parties of their own: one
 # torch thread per process, so that threads do not spin against each other (8-15 % of the suite's CPU time).
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -251,3 +251,10 @@ def test_images_run_non_root_on_a_read_only_root(stages, target):
         path, context = manifests[target]
         doc = next(d for d in yaml.safe_load_all((REPO / "infra" / path).read_text()) if d)
         assert context(doc)["runAsUser"] == int(uid), f"{path} runs the {target} image as another uid"
+
+
+@pytest.mark.parametrize("target", ["train", "serve", "tracking"])
+def test_no_image_sends_mlflow_usage_telemetry(stages, target):
+    """MLflow's client and server send usage events to mlflow.org unless told not to: every image says so."""
+    env = _env(stages[target])
+    assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true" and env.get("DO_NOT_TRACK") == "true", env
