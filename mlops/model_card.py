@@ -1,7 +1,7 @@
 """Model cards in MLflow (the core builds them: fedmedclip/model_card.py).
 
-`log_model_card` runs at registration (mlops.registry.register_model): it downloads the run's logged
-files (results.json, config.json, partition.json, provenance.json, model/model.json, the reliability plot),
+`log_model_card` runs at registration (mlops.registry.register_model), on the run's logged files downloaded
+once (`download_run_files`: results.json, config.json, partition.json, provenance.json, model/model.json, the reliability plot),
 builds the card with what the registry adds (name, version, tags, the MLflow and KFP run ids), and logs
 `model_card.md`, `model_card.json` and the plot into the run beside the registered model, under
 `model_cards/<name>/v<version>/`; the version's tag `model_card` names that folder. `read_model_card` is what
@@ -32,15 +32,17 @@ def card_folder(name: str, version: str) -> str:
 
 
 def download_run_files(client, run_id: str, dest: Path) -> Path:
-    """The run directory's files a card needs, as logged in MLflow, into `dest`."""
+    """The run directory's files a card needs, as logged in MLflow, into `dest`: through one artifact
+    repository of the run (a `runs:/` download per file resolves the run again and looks for logged models)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from .tracking import TrackingError
 
+    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
     for rel in REQUIRED + OPTIONAL:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
-            client.download_artifacts(run_id, rel, str((dest / rel).parent))
+            repo.download_artifacts(rel, str(dest))  # into dest/rel
         except (MlflowException, OSError) as exc:
             if rel in REQUIRED:
                 raise TrackingError(
@@ -49,24 +51,25 @@ def download_run_files(client, run_id: str, dest: Path) -> Path:
     return dest
 
 
-def check_card(client, run_id: str) -> dict:
-    """Build the run's card once without a version (before registering: a run whose card cannot be built is
-    not registered). Returns the run's results.json."""
+def check_card(run_dir: Path) -> dict:
+    """Build the card of a run's downloaded files once without a version (before registering: a run whose card
+    cannot be built is not registered). Returns the run's results.json."""
     import json
 
     from .tracking import TrackingError
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = download_run_files(client, run_id, Path(tmp))
-        try:
-            build_card(run_dir)
-        except CardError as exc:
-            raise TrackingError(str(exc)) from exc
-        return json.loads((run_dir / "results.json").read_text())
+    try:
+        build_card(run_dir)
+    except CardError as exc:
+        raise TrackingError(str(exc)) from exc
+    return json.loads((run_dir / "results.json").read_text())
 
 
-def log_model_card(client, run_id: str, name: str, version: str, tags: dict, site: str | None = None) -> str:
-    """Build, log and tag the card of `name` version `version`; returns the artifact folder."""
+def log_model_card(
+    client, run_id: str, run_dir: Path, name: str, version: str, tags: dict, site: str | None = None
+) -> str:
+    """Build the card of `name` version `version` from the run's downloaded files (`download_run_files`), log it
+    into the run and tag the version; returns the artifact folder."""
     from .tracking import KFP_RUN_ID_TAG
 
     run_tags = client.get_run(run_id).data.tags
@@ -83,7 +86,6 @@ def log_model_card(client, run_id: str, name: str, version: str, tags: dict, sit
     }
     folder = card_folder(name, str(version))
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = download_run_files(client, run_id, Path(tmp) / "run")
         write_card(run_dir, Path(tmp) / "card", registry)
         client.log_artifacts(run_id, str(Path(tmp) / "card"), artifact_path=folder)
     client.set_model_version_tag(name, str(version), CARD_TAG, folder)

@@ -163,10 +163,8 @@ def register_model(
     (`existing=True`), and an ONNX model already logged into the run for this file is reused. So a retried
     registration task finds its own version instead of adding another."""
     import mlflow
-    import numpy as np
-    from mlflow.exceptions import MlflowException
 
-    from .model_card import check_card, log_model_card
+    from .model_card import download_run_files
 
     client, _ = _client(tracking_uri)
     mlrun = if_found(client.get_run, run_id)
@@ -178,8 +176,23 @@ def register_model(
             f"run {run_id} was not logged from a complete run directory (`fedmedclip track`); refusing to "
             "register a model without its lineage"
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        # The run's files a model card is built from, downloaded once: checked before registering, the card
+        # logged after.
+        run_dir = download_run_files(client, run_id, Path(tmp))
+        return _register(client, mlrun, run_dir, name, onnx_path)
+
+
+def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredVersion:
+    import mlflow
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    from .model_card import check_card, log_model_card
+
+    run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
-    tags.update(privacy_summary(check_card(client, run_id)))
+    tags.update(privacy_summary(check_card(run_dir)))
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")
@@ -270,7 +283,7 @@ def register_model(
     client.update_model_version(
         name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
     )
-    tags["model_card"] = log_model_card(client, run_id, name, str(mv.version), tags, site)
+    tags["model_card"] = log_model_card(client, run_id, run_dir, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
