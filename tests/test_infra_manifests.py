@@ -869,6 +869,9 @@ def test_site_credentials_policy_admits_the_pipeline_and_refuses_the_rest(index)
 
 
 @pytest.mark.slow
+# MLflow's server package, imported here by the Job's script, warns about its own dependencies (SQLAlchemy, Starlette).
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")
 def test_mlflow_basic_auth_scripts_run(index, tmp_path, monkeypatch):
     """The MLflow container's start script and the users Job's script from the manifests, run on this machine
     (sqlite instead of Postgres, a folder instead of MinIO): anonymous requests are refused, the Job creates
