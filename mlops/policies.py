@@ -47,7 +47,6 @@ PUBLISHER = "publisher"
 SERVER = "server"
 MLFLOW = "mlflow"
 SITE = "site"
-ROLE_KINDS = (PUBLISHER, SERVER, SITE, MLFLOW)
 
 # Key patterns under a data root; `{site}` is the site's name, `{k}` its data index.
 MANIFEST = "runs/*/manifest.json"

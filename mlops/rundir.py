@@ -54,10 +54,6 @@ class RunDir:
             return [str(n) for n in names]
         return [str(s["site"]) for s in self.results["metrics"].get("sites", [])]
 
-    @property
-    def global_bacc(self) -> float:
-        return float(self.results["metrics"]["global"]["bacc"])
-
     def lineage(self) -> dict[str, str]:
         backbone = self.results.get("backbone") or self.model_info.get("backbone") or {}
         # Dataset identity: which images (and labels) each holder's feature store was built from.

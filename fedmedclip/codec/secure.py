@@ -84,10 +84,6 @@ def grid_levels(k: int, sites: int) -> int:
     return (2 ** (k - 1) - 1) // sites
 
 
-def _float_names(tensors: Tensors) -> list[str]:
-    return [n for n, t in tensors.items() if t.is_floating_point()]
-
-
 class NormClip(TensorTransform):
     """Scales the update down to L2 norm `bound` (over every float tensor) when it is longer. Whether it was
     clipped is not recorded: that would tell the server something about one site's update."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
@@ -195,7 +194,3 @@ def client_noise_split(settings: PrivacySettings, sites: int) -> tuple[float, fl
             f"below 2 x the count noise {sigma_b:g} (--dp-client-count-noise)"
         )
     return (z**-2 - (2 * sigma_b) ** -2) ** -0.5, float(sigma_b)
-
-
-def finite_or_none(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
