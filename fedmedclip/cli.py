@@ -503,6 +503,9 @@ def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow 3 sends usage events to mlflow.org unless told not to: off for every command and the processes it
+    # starts (the pipeline's local tasks, the parties), as in the images; MLFLOW_DISABLE_TELEMETRY=false opts in.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The parser's declarations import torch and the methods: in a fresh process, without the garbage collector
     # walking them meanwhile (fedmedclip/startup.py); every command then runs with it as usual.
     with imports_without_collection():

@@ -198,6 +198,19 @@ def test_taken_default_ports_are_replaced_and_asked_ports_are_kept(monkeypatch):
     assert build_parser().parse_args(["stack", "up"]).s3_port is None  # resolved by stack_ports
 
 
+def test_the_cli_turns_mlflow_usage_telemetry_off_unless_asked(tmp_path, monkeypatch, capsys):
+    """MLflow 3 sends usage events to mlflow.org by default; a `fedmedclip` command (and what it starts) does not,
+    unless the user set MLFLOW_DISABLE_TELEMETRY=false."""
+    from fedmedclip.cli import main
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    assert main(["stack", "status", "--data-dir", str(tmp_path)]) == 1
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
+    assert main(["stack", "status", "--data-dir", str(tmp_path)]) == 1
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+
+
 def test_stack_start_failure_shows_log_tail(tmp_path):
     data_dir = tmp_path / "broken"
     # An option `mlflow server` does not know: the server exits during start-up, as a broken install would.
