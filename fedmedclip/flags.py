@@ -47,7 +47,9 @@ GROUPS = {
     "serving batching": ("the models: dynamic batching", (SERVE,)),
     "serving monitoring": ("out-of-distribution and drift monitoring", (SERVE,)),
 }
-RESUME = ("always", "unless_default", "never")  # how a field enters TrainConfig.resume_key()
+# How a field enters TrainConfig.resume_key(); for a server option the manifest records, "never" makes it
+# operational: a restart of the server may change it (FederationServer.start).
+RESUME = ("always", "unless_default", "never")
 
 
 def setting(

@@ -18,7 +18,7 @@ from fedmedclip.codec.wire import MAGIC_V2, pack, unpack
 from fedmedclip.config import TrainConfig
 from fedmedclip.federation.checkpoint import non_finite
 from fedmedclip.federation.mailbox import Mailbox
-from fedmedclip.federation.server import FederationServer, ServerOptions, UpdateRejected
+from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions, UpdateRejected
 from fedmedclip.federation.site import SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
 from fedmedclip.preparation import prepare
@@ -72,6 +72,25 @@ def restarted(server, store, out, quorum: int) -> FederationServer:
     )
     again.start()
     return again
+
+
+def test_a_restart_may_change_the_operational_options_not_those_that_define_the_run(prepared, tmp_path):
+    """The options declared resume="never" (quorum, round timeout, norm factor) may take other values when the
+    server starts again on its run; the bound on an update, or clipping to it, may not: refused, named."""
+    cfg, p = prepared
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
+
+    def start_again(**options) -> None:
+        FederationServer(
+            mailbox, server.setup, store.sub("server-state"), tmp_path / "again", ServerOptions(**options),
+            verbose=False,
+        ).start()  # fmt: skip
+
+    start_again(quorum=2, round_timeout=5, norm_factor=3)
+    assert mailbox.get_json(mailbox.manifest_key)["quorum"] == 2
+    for changed in ({"max_update_norm": 1.0}, {"clip_updates": True}):
+        with pytest.raises(FederationError, match=f"differing: {next(iter(changed))}\\)"):
+            start_again(quorum=2, **changed)
 
 
 def worker(server, mailbox, store, setup) -> SiteWorker:

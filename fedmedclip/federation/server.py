@@ -59,12 +59,14 @@ class FederationError(FedMedClipError):
 @dataclass
 class ServerOptions:
     """The server's options; those declared with `setting` are flags of `server run` and keys of the pipeline's
-    `settings` (fedmedclip/flags.py), operational: a restart may change them."""
+    `settings` (fedmedclip/flags.py). Those the manifest records (`manifest=True`) define the run, unless declared
+    `resume="never"`: operational, a restart with another value goes on (quorum, round timeout, norm factor)."""
 
     quorum: int | None = setting(
         None,
         group="server",
         manifest=True,
+        resume="never",
         minimum=0,
         help="minimum sites per round once a round times out (default: every site)",
     )
@@ -72,6 +74,7 @@ class ServerOptions:
         600.0,
         group="server",
         manifest=True,
+        resume="never",
         minimum=0,
         help="seconds a round waits for updates once the global module is out (default: %(default)s)",
     )
@@ -88,6 +91,7 @@ class ServerOptions:
         10.0,
         group="server",
         manifest=True,
+        resume="never",
         minimum=0,
         help="reject an update farther from the global module than this times the median of the round's "
         "others; 0 disables (default: %(default)s)",
@@ -276,32 +280,20 @@ class FederationServer:
         self.finished = False
 
     # ------------------------------------------------------------------ start and restart
-    # The manifest's entries that define the run; a restart may change the operational ones (quorum, timeouts).
-    DEFINING = (
-        "format",
-        "run_id",
-        "settings",
-        "method",
-        "rounds",
-        "codec_up",
-        "codec_down",
-        "partition_digest",
-        "sites",
-        "aggregator",
-        "max_update_norm",
-        "clip_updates",
-        "backbone",
-        "preprocessing",
-        "class_names",
-        "template",
-        "secure_aggregation",
-    )
 
     def start(self) -> None:
         existing = self.mb.get_json(self.mb.manifest_key, SERVER)
         mine = json.loads(json.dumps(self.manifest))
         if existing is not None:
-            diff = [k for k in self.DEFINING if existing.get(k) != mine.get(k)]
+            # Every entry defines the run except the options a restart may change (declared resume="never").
+            operational = {
+                d.name for d in declared(ServerOptions, nested=False) if d.meta["resume"] == "never"
+            }
+            diff = [
+                k
+                for k in sorted((existing.keys() | mine.keys()) - operational)
+                if existing.get(k) != mine.get(k)
+            ]
             if diff:
                 raise FederationError(
                     f"run {self.mb.run_id} already exists in {self.mb.store.url} with other settings "
