@@ -1,8 +1,8 @@
 """Model cards in MLflow (the core builds them: fedmedclip/model_card.py).
 
 `log_model_card` runs at registration (mlops.registry.register_model), on the run's logged files downloaded
-once (`download_run_files`: results.json, config.json, partition.json, provenance.json, model/model.json, the reliability plot),
-builds the card with what the registry adds (name, version, tags, the MLflow and KFP run ids), and logs
+once (`download_run_files`: results.json, config.json, partition.json, provenance.json, model/model.json, the
+reliability plot); it builds the card with what the registry adds (name, version, tags, the MLflow and KFP run ids), and logs
 `model_card.md`, `model_card.json` and the plot into the run beside the registered model, under
 `model_cards/<name>/v<version>/`; the version's tag `model_card` names that folder. `read_model_card` is what
 `fedmedclip card NAME@ALIAS` prints. mlflow is imported inside the functions.
@@ -31,15 +31,17 @@ def card_folder(name: str, version: str) -> str:
     return f"model_cards/{name}/v{version}"
 
 
-def download_run_files(client, run_id: str, dest: Path) -> Path:
-    """The run directory's files a card needs, as logged in MLflow, into `dest`: through one artifact
-    repository of the run (a `runs:/` download per file resolves the run again and looks for logged models)."""
+def download_run_files(client, run, dest: Path) -> Path:
+    """The run directory's files a card needs, as logged in MLflow `run` (an mlflow Run), into `dest`: through
+    one artifact repository of the run (a `runs:/` download per file resolves the run again and looks for logged
+    models)."""
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from .tracking import TrackingError
 
-    repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
+    run_id = run.info.run_id
+    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
     for rel in REQUIRED + OPTIONAL:
         try:
             repo.download_artifacts(rel, str(dest))  # into dest/rel
@@ -66,13 +68,13 @@ def check_card(run_dir: Path) -> dict:
 
 
 def log_model_card(
-    client, run_id: str, run_dir: Path, name: str, version: str, tags: dict, site: str | None = None
+    client, run, run_dir: Path, name: str, version: str, tags: dict, site: str | None = None
 ) -> str:
-    """Build the card of `name` version `version` from the run's downloaded files (`download_run_files`), log it
-    into the run and tag the version; returns the artifact folder."""
+    """Build the card of `name` version `version` from MLflow `run`'s downloaded files (`download_run_files`),
+    log it into the run and tag the version; returns the artifact folder."""
     from .tracking import KFP_RUN_ID_TAG
 
-    run_tags = client.get_run(run_id).data.tags
+    run_id, run_tags = run.info.run_id, run.data.tags
     registry = {
         "name": name,
         "version": str(version),

@@ -179,7 +179,7 @@ def register_model(
     with tempfile.TemporaryDirectory() as tmp:
         # The run's files a model card is built from, downloaded once: checked before registering, the card
         # logged after.
-        run_dir = download_run_files(client, run_id, Path(tmp))
+        run_dir = download_run_files(client, mlrun, Path(tmp))
         return _register(client, mlrun, run_dir, name, onnx_path)
 
 
@@ -283,7 +283,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     client.update_model_version(
         name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
     )
-    tags["model_card"] = log_model_card(client, run_id, run_dir, name, str(mv.version), tags, site)
+    tags["model_card"] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
