@@ -571,14 +571,19 @@ def _terminate(svc: ServiceInfo, timeout: float = STOP_TIMEOUT) -> bool:
     def alive() -> bool:
         return _is_our_process(svc) or bool(_group_members(svc))
 
-    workers = set(_group_members(svc)) - {svc.pid}
+    def workers() -> set[int]:
+        return set(_group_members(svc)) - {svc.pid}
+
+    # Once its workers have stopped (MLflow's uvicorn), a leader that had some (`mlflow server`, which only
+    # waited on them) has nothing left to do but tear its interpreter down, about a second: not waited for.
+    leader_only_waits = leader and bool(workers())
+
+    def stopped() -> bool:  # one scan of /proc for the workers per check
+        return not workers() and (leader_only_waits or not _is_our_process(svc))
+
     signal_all(signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        if workers and leader and not set(_group_members(svc)) - {svc.pid}:
-            # Its workers have stopped (MLflow's uvicorn): the leader (`mlflow server`, which only waited on
-            # them) has nothing left to do but tear its interpreter down, about a second: not waited for.
-            break
+    while time.monotonic() < deadline and not stopped():
         time.sleep(0.05)
     if alive():
         signal_all(signal.SIGKILL)
