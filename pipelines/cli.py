@@ -1,10 +1,8 @@
 """`fedmedclip pipeline compile|run --local|submit` and `fedmedclip demo` (entry point `pipelines`).
 
-The configuration's flags and the pipeline's own parameters (`RunParameters`) come from their declarations
-(fedmedclip/flags.py: one definition with `train` and `server run`), and the configuration is validated here,
-before anything is compiled or submitted: an unknown method, option, codec or partition fails at once with exit
-status 2, before any pod (or local task) starts.
-Nothing heavy is imported at module level (docs/contracts.md): kfp, torch and mlflow load in the handlers."""
+The run's flags come from their declarations (fedmedclip/flags.py) and are validated before anything is compiled
+or submitted (exit status 2). Nothing heavy at module level (docs/contracts.md): kfp, torch and mlflow load in
+the handlers."""
 
 from __future__ import annotations
 
@@ -18,6 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedmedclip.errors import ConfigError, FedMedClipError
 from fedmedclip.flags import setting
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
@@ -30,8 +29,8 @@ LOCAL_JOIN_TIMEOUT = 900.0
 # ------------------------------------------------------------------------------------------- flags
 @dataclass
 class RunParameters:
-    """The pipeline's run-time parameters besides `settings` (pipelines/pipeline.py names them so), each declared
-    once: its flag of `pipeline run|submit|demo` and its argument (`pipeline_arguments`)."""
+    """The pipeline's run-time parameters besides `settings`: each its flag of `pipeline run|submit|demo` and
+    its argument (`pipeline_arguments`)."""
 
     site_names: str = setting(
         "", group="pipeline", help="comma-separated site names, checked against the partition's"
@@ -85,7 +84,6 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compile options (fixed in the graph; sites and rounds are run-time parameters)")
     g.add_argument(
         "--base-image",
-        default=None,
         metavar="IMAGE",
         help="the components' image: the training image you built and pushed (`docker build --target train -t "
         "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
@@ -96,89 +94,74 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="request no GPU for the parties' tasks (their feature extraction)",
     )
-    g.add_argument(
-        "--gpu-node-selector",
-        action="append",
-        default=[],
-        metavar="LABEL=VALUE",
-        help="node selector of the parties' tasks (repeatable), e.g. nvidia.com/gpu.present=true",
-    )
-    g.add_argument(
-        "--gpu-toleration",
-        action="append",
-        default=[],
-        metavar="KEY[=VALUE][:EFFECT]",
-        help="toleration of the parties' tasks (repeatable), e.g. nvidia.com/gpu:NoSchedule",
-    )
-    g.add_argument(
-        "--resources",
-        action="append",
-        default=[],
-        metavar="KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM",
-        help="requests and limits of a kind of task (prepare, worker, report, export, register), "
-        "e.g. worker=2,4,8Gi,16Gi",
-    )
-    g.add_argument(
-        "--timeout", action="append", default=[], metavar="KIND=SECONDS", help="a kind of task's time limit"
-    )
-    g.add_argument(
-        "--worker-retries",
-        type=int,
-        default=None,
-        help="retries of a failed worker (default: 5, with backoff)",
-    )
+    for flag, metavar, help in (
+        (
+            "--gpu-node-selector",
+            "LABEL=VALUE",
+            "node selector of the parties' tasks (repeatable), e.g. nvidia.com/gpu.present=true",
+        ),
+        (
+            "--gpu-toleration",
+            "KEY[=VALUE][:EFFECT]",
+            "toleration of the parties' tasks (repeatable), e.g. nvidia.com/gpu:NoSchedule",
+        ),
+        (
+            "--resources",
+            "KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM",
+            "requests and limits of a kind of task (prepare, worker, report, export, register), e.g. worker=2,4,8Gi,16Gi",
+        ),
+        ("--timeout", "KIND=SECONDS", "a kind of task's time limit"),
+    ):
+        g.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
+    g.add_argument("--worker-retries", type=int, help="retries of a failed worker (default: 5, with backoff)")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE items of a repeatable flag."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def compile_options_from_args(args):
-    from fedmedclip.errors import ConfigError
-    from pipelines.pipeline import DEFAULT_RESOURCES, DEFAULT_RETRIES, CompileOptions, Resources, Retry
+    import pipelines.pipeline as pl
 
-    def pairs(items, flag):
-        out = {}
-        for item in items:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
-            out[key.strip()] = value.strip()
-        return out
-
-    resources = dict(DEFAULT_RESOURCES)
-    for kind, spec in pairs(args.resources, "--resources").items():
-        parts = spec.split(",")
-        if kind not in resources or len(parts) != 4:
+    resources, timeouts, retries = (
+        dict(pl.DEFAULT_RESOURCES),
+        dict(pl.DEFAULT_TIMEOUTS),
+        dict(pl.DEFAULT_RETRIES),
+    )
+    for kind, spec in _pairs(args.resources, "--resources").items():
+        if kind not in resources or len(spec.split(",")) != 4:
             raise ConfigError(
                 f"--resources {kind}={spec}: give one of {', '.join(resources)} and four values "
                 "CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM"
             )
-        resources[kind] = Resources(*parts)
-    from pipelines.pipeline import DEFAULT_TIMEOUTS
-
-    timeouts = dict(DEFAULT_TIMEOUTS)
-    for kind, seconds in pairs(args.timeout, "--timeout").items():
+        resources[kind] = pl.Resources(*spec.split(","))
+    for kind, seconds in _pairs(args.timeout, "--timeout").items():
         if kind not in timeouts or not seconds.isdigit():
             raise ConfigError(
                 f"--timeout {kind}={seconds}: give one of {', '.join(timeouts)} and whole seconds"
             )
         timeouts[kind] = int(seconds)
-    retries = dict(DEFAULT_RETRIES)
     if args.worker_retries is not None:
-        retries["worker"] = Retry(args.worker_retries)
+        retries["worker"] = pl.Retry(args.worker_retries)
     tolerations = []
     for item in args.gpu_toleration:
         key_value, _, effect = item.partition(":")
         key, sep, value = key_value.partition("=")
+        operator = "Equal" if sep else "Exists"
         tolerations.append(
-            {
-                "key": key,
-                "operator": "Equal" if sep else "Exists",
-                "value": value if sep else None,
-                "effect": effect or None,
-            }
+            {"key": key, "operator": operator, "value": value if sep else None, "effect": effect or None}
         )
-    return CompileOptions(
+    return pl.CompileOptions(
         base_image=args.base_image,
         gpu=not args.no_gpu,
-        gpu_node_selector=pairs(args.gpu_node_selector, "--gpu-node-selector"),
+        gpu_node_selector=_pairs(args.gpu_node_selector, "--gpu-node-selector"),
         gpu_tolerations=tuple(tolerations),
         resources=resources,
         timeouts=timeouts,
@@ -187,19 +170,17 @@ def compile_options_from_args(args):
 
 
 def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = True) -> None:
-    """What `run --local`, `submit` and `demo` share: the YAML to run, where a local run's outputs go, the compile
-    options, then the run's settings (every field declared for the pipeline: `train`'s and the server's, the
-    pipeline's `settings` parameter) and the pipeline's own parameters (RunParameters)."""
+    """What `run --local`, `submit` and `demo` share: the YAML, a local run's outputs, the compile options, the
+    run's settings (every field declared for the pipeline) and the pipeline's own parameters (RunParameters)."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.flags import PIPELINE, add_config_arguments
 
-    p.add_argument("--yaml", default=None, help="a compiled YAML to run (default: compile with the options)")
+    p.add_argument("--yaml", help="a compiled YAML to run (default: compile with the options)")
     if local:
-        p.add_argument("--out", default=None, help="copy the run directory here")
+        p.add_argument("--out", help="copy the run directory here")
         p.add_argument(
             "--pipeline-root",
-            default=None,
             help="where the tasks' artifacts, the task log and (for local data) the mailbox go (default: a temp "
             "dir)",
         )
@@ -240,29 +221,23 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _local_stack_for(cfg, args) -> str:
-    """The local stack whose per-role keys the local tasks take when they touch S3 (s3:// data or mailbox)."""
-    if getattr(args, "local_stack", None):
-        return str(Path(args.local_stack).resolve())
-    if not (cfg.data.startswith("s3://") or str(args.mailbox).startswith("s3://")):
-        return ""
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return ""  # the environment's own credentials, for every task
-    from devstack.stack import read_state, recorded_stack_dir
-
-    stack = recorded_stack_dir()
-    return str(Path(stack).resolve()) if read_state(stack) is not None else ""
-
-
 def cmd_run(args) -> int:
     cfg = validated_config(args)  # before anything is compiled or started
-    _run_local(args, cfg, _local_stack_for(cfg, args), "fedmedclip-kfp-")
+    # The local stack whose per-role keys the tasks take when they touch S3 and the environment holds no key.
+    stack = args.local_stack
+    s3 = any(x.startswith("s3://") for x in (cfg.data, args.mailbox))
+    if not stack and s3 and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        from devstack.stack import read_state, recorded_stack_dir
+
+        stack = recorded_stack_dir() if read_state(recorded_stack_dir()) is not None else ""
+    _run_local(args, cfg, str(Path(stack).resolve()) if stack else "", "fedmedclip-kfp-")
     return 0
 
 
 def _run_local(args, cfg, local_stack: str, prefix: str):
     """Run the pipeline on this machine, its tasks' artifacts under --pipeline-root (else a new temporary
     directory starting with `prefix`), and print what it gave."""
+    from fedmedclip.cli import print_summary
     from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
     from pipelines._kfp_local import kfp_chatter_off
     from pipelines.local import run_local, server_status_reader
@@ -273,18 +248,13 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
         args.mailbox = str(root / "mailbox")
     # The one rule of every command (fedmedclip.tracking_server); a local run without a server is not tracked.
     args.tracking_uri = find_tracking_uri(args.tracking_uri) or ""
-    print(
-        f"tracking: {args.tracking_uri}"
-        if args.tracking_uri
-        else f"tracking: none ({NO_TRACKING_SERVER}); the run is neither tracked nor registered",
-        flush=True,
-    )
+    untracked = f"none ({NO_TRACKING_SERVER}); the run is neither tracked nor registered"
+    print(f"tracking: {args.tracking_uri or untracked}", flush=True)
     params = pipeline_arguments(args, cfg, local_stack)
     yaml_path = Path(args.yaml) if args.yaml else _compile(args, str(root / "pipeline.yaml"))
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
-    mailbox = args.mailbox or cfg.data.rstrip("/")
     with kfp_chatter_off(not args.verbose):
         run = run_local(
             yaml_path,
@@ -292,38 +262,29 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
             args.out,
             log_path=None if args.verbose else log_path,
             progress=not args.quiet,
-            rounds_of=server_status_reader(mailbox, local_stack),
+            rounds_of=server_status_reader(args.mailbox or cfg.data.rstrip("/"), local_stack),
             **params,
         )
-    _print_run(run)
+    print(f"\npipeline finished in {run.seconds:.1f} s; task artifacts and logs: {run.pipeline_root}")
+    print_summary(run.results, str(run.run_dir))
+    print(learning_curve(run.results))
+    print(
+        f"model: {run.model_uri}\npromotion: {run.promotion}"
+        if run.model_uri
+        else "model: not registered (no tracking server)"
+    )
     return run
 
 
 def learning_curve(results: dict) -> str:
     """Round 1 against the selected round: what a newcomer looks at to see the federation learn."""
-    hist = results["history"]
-    first = hist[0]
-    best = next(h for h in hist if h["round"] == results["metrics"]["best_round"])
-
-    def sites(h):
+    best_round = results["metrics"]["best_round"]
+    parts = []
+    for h in (results["history"][0], next(h for h in results["history"] if h["round"] == best_round)):
         accs = [s["acc"] for s in h["sites"] if s.get("acc") is not None]
-        return sum(accs) / len(accs) if accs else float("nan")
-
-    return (
-        f"learning: round {first['round']}: global acc {first['global']['acc']:.3f}, sites {sites(first):.3f}"
-        f"  ->  round {best['round']}: global acc {best['global']['acc']:.3f}, sites {sites(best):.3f}"
-    )
-
-
-def _print_run(run) -> None:
-    from fedmedclip.cli import print_summary
-
-    print(f"\npipeline finished in {run.seconds:.1f} s; task artifacts and logs: {run.pipeline_root}")
-    print_summary(run.results, str(run.run_dir))
-    print(learning_curve(run.results))
-    print(f"model: {run.model_uri}" if run.model_uri else "model: not registered (no tracking server)")
-    if run.model_uri:
-        print(f"promotion: {run.promotion}")
+        sites = sum(accs) / len(accs) if accs else float("nan")
+        parts.append(f"round {h['round']}: global acc {h['global']['acc']:.3f}, sites {sites:.3f}")
+    return "learning: " + "  ->  ".join(parts)
 
 
 # The oldest Kubeflow Pipelines backend that runs the compiled YAML: kfp-kubernetes (2.17.0 here) writes the
@@ -334,33 +295,22 @@ MIN_KFP_BACKEND = (2, 15)
 
 
 def kfp_credentials(args):
-    """kfp.Client's keyword arguments for how this user signs in to the KFP API (multi-user Kubeflow):
-    an existing bearer token (--token, $KF_PIPELINES_TOKEN), a service-account token file that is read again
-    for each request (--token-file: kfp's ServiceAccountTokenVolumeCredentials, e.g. a projected token with
-    audience pipelines.kubeflow.org), the session cookie of the Kubeflow dashboard (--cookies), and the CA
-    that signed the endpoint's certificate (--ssl-ca-cert). Without any, kfp's own defaults."""
-    from fedmedclip.errors import ConfigError
-
+    """kfp.Client's keyword arguments for how this user signs in to the KFP API (multi-user Kubeflow): one of a
+    bearer token, a service-account token file read again for each request (kfp's
+    ServiceAccountTokenVolumeCredentials), the dashboard's session cookie; and the endpoint's CA."""
     kwargs = {}
     token = args.token or os.environ.get("KF_PIPELINES_TOKEN")
     if sum(bool(x) for x in (token, args.token_file, args.cookies)) > 1:
         raise ConfigError("give one of --token (or $KF_PIPELINES_TOKEN), --token-file, --cookies")
-    if token:
-        kwargs["existing_token"] = token
+    for flag, path in (("--token-file", args.token_file), ("--ssl-ca-cert", args.ssl_ca_cert)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
     if args.token_file:
-        path = Path(args.token_file)
-        if not path.is_file():
-            raise ConfigError(f"--token-file {path}: no such file")
         from kfp.client import ServiceAccountTokenVolumeCredentials
 
-        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=str(path))
-    if args.cookies:
-        kwargs["cookies"] = args.cookies
-    if args.ssl_ca_cert:
-        if not Path(args.ssl_ca_cert).is_file():
-            raise ConfigError(f"--ssl-ca-cert {args.ssl_ca_cert}: no such file")
-        kwargs["ssl_ca_cert"] = args.ssl_ca_cert
-    return kwargs
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=args.token_file)
+    given = dict(existing_token=token, cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
+    return {**kwargs, **{k: v for k, v in given.items() if v}}
 
 
 def _http_problem(host: str, code: int, body: str) -> str:
@@ -382,31 +332,26 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
     import urllib.error
     import urllib.request
 
-    from fedmedclip.errors import FedMedClipError
-
     url = f"{host.rstrip('/')}/apis/v2beta1/healthz"
-    context = (
-        ssl.create_default_context(cafile=kwargs.get("ssl_ca_cert")) if url.startswith("https") else None
-    )
     token = Path(token_file).read_text().strip() if token_file else kwargs.get("existing_token")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if kwargs.get("cookies"):
         headers["Cookie"] = kwargs["cookies"]
-    request = urllib.request.Request(url, headers=headers)
+    context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_cert"))  # used for https only
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
-            raw = r.read(1 << 20)
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout, context=context
+        ) as r:
+            health = json.loads(r.read(1 << 20))
     except urllib.error.HTTPError as e:
         raise FedMedClipError(_http_problem(host, e.code, e.read(2000).decode(errors="replace"))) from None
+    except json.JSONDecodeError:
+        raise FedMedClipError(f"{url} did not answer JSON: is {host} the Kubeflow Pipelines API?") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise FedMedClipError(
             f"cannot reach the Kubeflow Pipelines API at {host} ({getattr(e, 'reason', e)}); check --host "
             "(e.g. `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80`, then --host http://localhost:8080)"
         ) from None
-    try:
-        health = json.loads(raw)
-    except ValueError:
-        raise FedMedClipError(f"{url} did not answer JSON: is {host} the Kubeflow Pipelines API?") from None
     tag = str(health.get("tag_name") or health.get("tagName") or "")
     version = re.match(r"v?(\d+)\.(\d+)", tag)
     if version and (int(version[1]), int(version[2])) < MIN_KFP_BACKEND:
@@ -418,8 +363,6 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
 
 
 def cmd_submit(args) -> int:
-    from fedmedclip.errors import ConfigError, FedMedClipError
-
     cfg = validated_config(args)  # before anything is compiled or submitted
     if not args.yaml and not args.base_image:
         raise ConfigError(
@@ -437,11 +380,12 @@ def cmd_submit(args) -> int:
     import urllib3
     from kfp_server_api.exceptions import ApiException
 
+    warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
     logging.disable(logging.ERROR)  # kfp logs a traceback per retry; the one line below says it all
     try:
-        warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
-        client = kfp.Client(host=args.host, namespace=args.namespace, **credentials)
-        result = client.create_run_from_pipeline_package(
+        result = kfp.Client(
+            host=args.host, namespace=args.namespace, **credentials
+        ).create_run_from_pipeline_package(
             str(yaml_path),
             arguments=params,
             run_name=args.run_name,
@@ -467,7 +411,6 @@ def cmd_demo(args) -> int:
     """The newcomer path: local stack, data in its S3 one prefix per site, the pipeline on this machine with
     each task holding only its own role's key, a live MLflow run, a registered and promoted model."""
     from devstack.stack import start_stack
-    from fedmedclip.errors import ConfigError
     from fedmedclip.tracking_server import recorded_stack_dir
     from mlops.policies import default_site_names
 
@@ -487,9 +430,8 @@ def cmd_demo(args) -> int:
     if not args.local_data:
         cfg.data = _publish_for_demo(cfg, info, args.quiet)
     run = _run_local(args, cfg, info.data_dir, "fedmedclip-demo-")
-    print(
-        f"\nMLflow UI:  {_ui_link(info.tracking_uri, args.experiment)}\nmodel URI:  {run.model_uri or '(registration failed)'}"
-    )
+    print(f"\nMLflow UI:  {_ui_link(info.tracking_uri, args.experiment)}")
+    print(f"model URI:  {run.model_uri or '(registration failed)'}")
     if run.model_uri and "@" not in run.model_uri:
         print(
             f"(registered but not promoted; `fedmedclip promote {args.model_name} --version ... --alias "
@@ -512,9 +454,10 @@ def _ui_link(tracking_uri: str, experiment: str) -> str:
 
 
 def _publish_for_demo(cfg, info, quiet: bool) -> str:
-    """Publish the demo's data to the local stack's S3, one prefix per site, as the publisher role; one bucket
-    per (source, partition), so a later demo reuses it and another data set never collides."""
-    from devstack.stack import add_data_root, use_stack_s3
+    """Publish the demo's data to the local stack's S3, one prefix per site, with the publisher role's client
+    (the tasks take their own roles' keys); one bucket per (source, partition), so a later demo reuses it and
+    another data set never collides."""
+    from devstack.stack import add_data_root
     from fedmedclip.features import canonical_digest
     from mlops.site_data import partition_settings, publish
 
@@ -523,18 +466,7 @@ def _publish_for_demo(cfg, info, quiet: bool) -> str:
     key = {"data": data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
     bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
     add_data_root(info.data_dir, bucket)  # the bucket, and every role's policy on it (as the admin)
-    saved = {
-        k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3")
-    }
-    try:
-        use_stack_s3(info, role="publisher")
-        summary = publish(cfg, bucket, progress=not quiet)
-    finally:  # the tasks take their own roles' keys; none inherits the publisher's
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    summary = publish(cfg, bucket, client=info.s3_client("publisher"), progress=not quiet)
     per_site = ", ".join(f"{s} {n}" for s, n in summary["sites"].items())
     print(
         f"data published to s3://{bucket}: sites/<k>/ per site ({per_site}), server/ {summary['server']} images"
@@ -546,6 +478,7 @@ def _publish_for_demo(cfg, info, quiet: bool) -> str:
 def register(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
     sub = p.add_subparsers(dest="pipeline_command", metavar="{compile,run,submit}")
+    p.set_defaults(func=lambda a: (p.print_help(sys.stderr), 2)[1])
 
     c = sub.add_parser("compile", help="compile the pipeline to IR YAML (the same for any sites and rounds)")
     _compile_options(c)
@@ -563,41 +496,34 @@ def register(subparsers) -> None:
     )
     r.add_argument(
         "--local-stack",
-        default=None,
         help="local stack directory whose per-role S3 keys the tasks take (default: the recorded stack, for "
         "s3:// data or mailbox, when the environment holds no S3 key)",
     )
     _run_flags(r, cmd_run, {"join_timeout": LOCAL_JOIN_TIMEOUT})
 
+    backend = ".".join(map(str, MIN_KFP_BACKEND))
     s = sub.add_parser(
-        "submit",
-        help="submit to a Kubeflow Pipelines endpoint (kfp.Client; backend "
-        f"{'.'.join(map(str, MIN_KFP_BACKEND))} or newer)",
+        "submit", help=f"submit to a Kubeflow Pipelines endpoint (kfp.Client; backend {backend} or newer)"
     )
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    s.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    s.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
     a = s.add_argument_group("signing in (multi-user Kubeflow; one of the first three)")
-    a.add_argument(
-        "--token", default=None, help="an existing bearer token (default: $KF_PIPELINES_TOKEN, if set)"
-    )
+    a.add_argument("--token", help="an existing bearer token (default: $KF_PIPELINES_TOKEN, if set)")
     a.add_argument(
         "--token-file",
-        default=None,
         metavar="PATH",
         help="a service-account token file, read for every request (kfp's ServiceAccountTokenVolumeCredentials; "
         "in a pod: a projected token with audience pipelines.kubeflow.org)",
     )
     a.add_argument(
         "--cookies",
-        default=None,
         help="the Kubeflow dashboard's session cookie, e.g. 'authservice_session=...' (from your browser)",
     )
-    a.add_argument("--ssl-ca-cert", default=None, metavar="PATH", help="CA bundle of an https endpoint")
-    s.add_argument("--run-name", default=None, help="the KFP run's name (default: kfp's)")
+    a.add_argument("--ssl-ca-cert", metavar="PATH", help="CA bundle of an https endpoint")
+    s.add_argument("--run-name", help="the KFP run's name (default: kfp's)")
     s.add_argument("--experiment-name", default="fedmedclip", help="KFP experiment")
     s.add_argument("--no-cache", action="store_true", help="disable KFP step caching for this run")
     _run_flags(s, cmd_submit, {"cache_dir": POD_CACHE}, local=False)
-    p.set_defaults(func=lambda a: (p.print_help(sys.stderr), 2)[1])
 
     try:  # the demo starts the local development stack, which the images do not ship
         from devstack.cli import add_port_options
@@ -608,9 +534,7 @@ def register(subparsers) -> None:
         help="start the local stack, run the pipeline locally on its S3, register and promote the model",
     )
     d.add_argument(
-        "--stack-dir",
-        default=None,
-        help="local stack data directory (default: $FEDMEDCLIP_STACK_DIR, else .stack)",
+        "--stack-dir", help="local stack data directory (default: $FEDMEDCLIP_STACK_DIR, else .stack)"
     )
     add_port_options(d)  # used when the stack starts; a running stack keeps its ports
     d.add_argument(
