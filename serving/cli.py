@@ -1,8 +1,5 @@
 """`fedmedclip serve` and `fedmedclip predict` (entry point `serving.cli:register`, docs/contracts.md).
-
-Nothing heavy at import: kserve, onnxruntime, mlflow and requests are imported inside the handlers so the
-core CLI stays fast. `python -m serving serve|predict ...` runs the same commands without the core CLI.
-"""
+`python -m serving` runs them without the core CLI; kserve, onnxruntime, mlflow and requests load in the handlers."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ import json
 import logging
 import re
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,10 +32,10 @@ def register(subparsers) -> None:
         nargs="+",
         metavar="[NAME=]MODEL",
         help="an .onnx file, a folder holding one (e.g. KServe's /mnt/models), or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION from the MLflow registry ($MLFLOW_TRACKING_URI, else the running local stack), verified against its onnx_sha256 "
-        "tag; a file is verified against --expected-sha256 or the MODEL.onnx.sha256 sidecar `fedmedclip export` "
-        "writes, and refused without either. Several models: give each a name, e.g. "
-        "`global=models:/fedmedclip@champion site_0=site_0.onnx`",
+        "models:/NAME/VERSION from the MLflow registry ($MLFLOW_TRACKING_URI, else the running local stack), "
+        "verified against its onnx_sha256 tag; a file is verified against --expected-sha256 or the "
+        "MODEL.onnx.sha256 sidecar `fedmedclip export` writes, and refused without either. Several models: give "
+        "each a name, e.g. `global=models:/fedmedclip@champion site_0=site_0.onnx`",
     )
     serve.add_argument(
         "--name",
@@ -70,38 +68,32 @@ def register(subparsers) -> None:
     predict.add_argument("images", nargs="+", help="JPEG or PNG files")
     predict.add_argument("--url", required=True, help="server base URL, e.g. http://localhost:8080")
     predict.add_argument("--model", help="model name (default: the server's only model)")
-    predict.add_argument(
-        "--top", type=int, default=3, help="classes to print per image (default: %(default)s)"
-    )
-    predict.add_argument("--batch", type=int, default=16, help="images per request (default: %(default)s)")
-    predict.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)"
-    )
+    for flag, kind, default, help in (
+        ("--top", int, 3, "classes to print per image"),
+        ("--batch", int, 16, "images per request"),
+        ("--timeout", float, 60.0, "seconds per request"),
+    ):
+        predict.add_argument(flag, type=kind, default=default, help=f"{help} (default: %(default)s)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.set_defaults(func=_predict)
 
 
 # ---- serve ------------------------------------------------------------------------------------------------
-
-
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def model_specs(items: list[str], default_name: str) -> list[tuple[str, str]]:
     """(name, model spec) for each `serve` argument: `NAME=SPEC`, or a bare SPEC served as `default_name`."""
-    specs = []
-    for item in items:
-        name, sep, spec = item.partition("=")
-        if not sep or not MODEL_NAME.match(name) or not spec:
-            name, spec = default_name, item
-        specs.append((name, spec))
     if not MODEL_NAME.match(default_name):
         raise ServingError(
             f"--name {default_name!r}: a model name is 1-63 letters, digits, '_', '.' or '-', starting with a letter "
             "or digit"
         )
-    names = [n for n, _ in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    specs = []
+    for item in items:
+        name, sep, spec = item.partition("=")
+        specs.append((name, spec) if sep and MODEL_NAME.match(name) and spec else (default_name, item))
+    duplicates = sorted(n for n, count in Counter(n for n, _ in specs).items() if count > 1)
     if duplicates:
         raise ServingError(
             f"two models named {duplicates}: give each model its own name, e.g. `serve global=a.onnx site_0=b.onnx`"
@@ -119,9 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
     model_options = replace(
         options_from_args(args, ModelOptions), limits=limits, batching=batching, monitoring=monitoring
     )
-    server_options = replace(
-        options_from_args(args, ServerOptions), control_token=_control_token(args.model_control_token_file)
-    )
+    token = _control_token(args.model_control_token_file)
+    server_options = replace(options_from_args(args, ServerOptions), control_token=token)
     for flag, port in server_options.ports():
         # Checked before the model is fetched and loaded: the server would only fail once it starts listening.
         problem = _cannot_listen(args.host, port)
@@ -143,9 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .model import FedMedClipModel
     from .server import run_server
 
-    models = [
-        FedMedClipModel(name, resolved, model_options, classifier) for name, resolved, classifier in loaded
-    ]
+    models = [FedMedClipModel(name, resolved, model_options, clf) for name, resolved, clf in loaded]
     for model in models:
         model.load()
     run_server(models, server_options)
@@ -189,13 +178,7 @@ def _cannot_listen(host: str, port: int) -> str | None:
 class _StderrHandler(logging.StreamHandler):
     """Writes to the current sys.stderr, not the one at creation (tests and embedding tools swap it)."""
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
 def _log_to_stderr(level: str) -> None:
@@ -212,30 +195,20 @@ def _log_to_stderr(level: str) -> None:
 
 
 # ---- predict ----------------------------------------------------------------------------------------------
-
-
-def encode_bytes_request(blobs: list[bytes], request_id: str | None = None) -> tuple[bytes, int]:
+def encode_bytes_request(blobs: list[bytes]) -> tuple[bytes, int]:
     """A v2 REST request with the binary-data extension: JSON header, then the BYTES tensor (each element
     prefixed by its little-endian uint32 length). Returns (body, JSON header length)."""
     import struct
 
     tensor = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    image_bytes = {"name": "image_bytes", "datatype": "BYTES", "shape": [len(blobs)]}
     header = {
-        "inputs": [
-            {
-                "name": "image_bytes",
-                "datatype": "BYTES",
-                "shape": [len(blobs)],
-                "parameters": {"binary_data_size": len(tensor)},
-            }
-        ],
+        "inputs": [{**image_bytes, "parameters": {"binary_data_size": len(tensor)}}],
         # Small outputs: plain JSON is easiest to read back.
         "outputs": [
             {"name": n, "parameters": {"binary_data": False}} for n in ("probabilities", "class_name")
         ],
     }
-    if request_id is not None:
-        header["id"] = request_id
     head = json.dumps(header).encode()
     return head + tensor, len(head)
 
@@ -246,8 +219,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.top < 1 or args.batch < 1:
         raise FedMedClipError("--top and --batch must be at least 1")
     base = args.url.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        base = "http://" + base
+    base = base if base.startswith(("http://", "https://")) else "http://" + base
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -255,13 +227,13 @@ def _predict(args: argparse.Namespace) -> int:
 
     def call(method: str, url: str, **kw):
         try:
-            return requests.request(method, url, timeout=args.timeout, **kw)
+            return requests.request(method, f"{base}/v2/models{url}", timeout=args.timeout, **kw)
         except requests.RequestException as exc:
             raise FedMedClipError(f"cannot reach the server at {base}: {exc}") from None
 
     model = args.model
     if model is None:
-        resp = call("GET", f"{base}/v2/models")
+        resp = call("GET", "")
         models = resp.json().get("models", []) if resp.ok else []
         if len(models) != 1:
             raise FedMedClipError(f"{base} serves {models or 'no listable models'}: pass --model NAME")
@@ -271,12 +243,8 @@ def _predict(args: argparse.Namespace) -> int:
     for start in range(0, len(paths), args.batch):
         chunk = paths[start : start + args.batch]
         body, json_length = encode_bytes_request([p.read_bytes() for p in chunk])
-        resp = call(
-            "POST",
-            f"{base}/v2/models/{model}/infer",
-            data=body,
-            headers={"Inference-Header-Content-Length": str(json_length)},
-        )
+        headers = {"Inference-Header-Content-Length": str(json_length)}
+        resp = call("POST", f"/{model}/infer", data=body, headers=headers)
         if resp.status_code != 200:
             try:
                 detail = resp.json().get("error", resp.text)
@@ -286,27 +254,23 @@ def _predict(args: argparse.Namespace) -> int:
                 f"{base} answered HTTP {resp.status_code} for {[str(p) for p in chunk]}: {detail}"
             )
         answer = resp.json()
-        outputs = {o["name"]: o for o in answer["outputs"]}
-        class_names = json.loads((answer.get("parameters") or {}).get("class_names", "null") or "null")
-        probs = outputs["probabilities"]["data"]
-        width = outputs["probabilities"]["shape"][1]
+        probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
+        width = probs["shape"][1]
+        names = json.loads((answer.get("parameters") or {}).get("class_names", "null") or "null")
+        names = names if names and len(names) == width else [str(k) for k in range(width)]
         for i, path in enumerate(chunk):
-            row = probs[i * width : (i + 1) * width]
-            names = (
-                class_names if class_names and len(class_names) == width else [str(k) for k in range(width)]
-            )
-            ranked = sorted(zip(names, row, strict=True), key=lambda t: -t[1])[: args.top]
+            row = zip(names, probs["data"][i * width : (i + 1) * width], strict=True)
+            ranked = sorted(row, key=lambda t: -t[1])[: args.top]
             results.append({"image": str(path), "top": [{"class": c, "probability": p} for c, p in ranked]})
 
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        width = max(len(t["class"]) for r in results for t in r["top"])
-        for r in results:
-            best = r["top"][0]
-            print(f"{r['image']}: {best['class']} ({best['probability']:.1%})")
-            for t in r["top"]:
-                print(f"    {t['class']:<{width}}  {t['probability']:.4f}")
+        return 0
+    width = max(len(t["class"]) for r in results for t in r["top"])
+    for r in results:
+        print(f"{r['image']}: {r['top'][0]['class']} ({r['top'][0]['probability']:.1%})")
+        for t in r["top"]:
+            print(f"    {t['class']:<{width}}  {t['probability']:.4f}")
     return 0
 
 
