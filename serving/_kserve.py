@@ -23,12 +23,12 @@ from importlib import metadata
 PINNED_VERSION = "0.21.0"
 
 _argv, sys.argv = sys.argv, sys.argv[:1]
-try:
-    import kserve
-    from kserve.errors import InferenceError
-    from kserve.protocol.grpc import grpc_predict_v2_pb2 as grpc_pb2
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as grpc_pb2_grpc
-    from kserve.protocol.infer_type import (
+try:  # what the other modules take from here
+    import kserve  # noqa: F401
+    from kserve.errors import InferenceError  # noqa: F401
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as grpc_pb2  # noqa: F401
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as grpc_pb2_grpc  # noqa: F401
+    from kserve.protocol.infer_type import (  # noqa: F401
         InferInput,
         InferOutput,
         InferRequest,
@@ -42,19 +42,3 @@ finally:
 
 def installed_version() -> str:
     return metadata.version("kserve")
-
-
-__all__ = [
-    "PINNED_VERSION",
-    "InferInput",
-    "InferOutput",
-    "InferRequest",
-    "InferResponse",
-    "InferenceError",
-    "RequestedOutput",
-    "grpc_pb2",
-    "grpc_pb2_grpc",
-    "installed_version",
-    "kserve",
-    "to_http_parameters",
-]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import json
 import logging
@@ -132,12 +133,12 @@ def _serve(args: argparse.Namespace) -> int:
         loaded.append((name, resolved, OnnxClassifier.open(resolved, model_options)))
 
     from .model import FedMedClipModel
-    from .server import run_server
+    from .server import serve
 
     models = [FedMedClipModel(name, resolved, model_options, clf) for name, resolved, clf in loaded]
     for model in models:
         model.load()
-    run_server(models, server_options)
+    asyncio.run(serve(models, server_options))
     return 0
 
 

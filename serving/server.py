@@ -37,24 +37,17 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def json_budget(models: dict) -> Budget:
-    """The largest JSON tensor any served model accepts: a full UINT8 batch of its image size."""
-    largest = max(
-        m.options.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()
-    )
-    return Budget(max_elements=largest)
-
-
-def run_server(models: list, options: ServerOptions) -> None:
+async def serve(models: list, options: ServerOptions) -> None:
     """Serve `models` (loaded FedMedClipModels, distinct names) until SIGTERM/SIGINT."""
-    asyncio.run(_serve({m.name: m for m in models}, options))
-
-
-async def _serve(models: dict, options: ServerOptions) -> None:
+    models = {m.name: m for m in models}
     if options.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     state = ServerState(models, options.control_token)
-    parser = JsonParser(json_budget(models), processes=options.json_workers)
+    # The largest JSON tensor any served model accepts: a full UINT8 batch of its image size.
+    largest = max(
+        m.options.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()
+    )
+    parser = JsonParser(Budget(max_elements=largest), processes=options.json_workers)
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
     # Every model has the same limits (one `serve` command): the largest is the transports' bound.
     max_request_bytes = max(m.options.limits.max_request_bytes for m in models.values())
