@@ -14,6 +14,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from fedmedclip.errors import ConfigError, FedMedClipError
@@ -26,54 +27,42 @@ DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see 
 LOCAL_JOIN_TIMEOUT = 900.0
 
 
-# ------------------------------------------------------------------------------------------- flags
+_pipeline, _registry = partial(setting, group="pipeline"), partial(setting, group="registry")
+
+
 @dataclass
 class RunParameters:
     """The pipeline's run-time parameters besides `settings`: each its flag of `pipeline run|submit|demo` and
     its argument (`pipeline_arguments`)."""
 
-    site_names: str = setting(
-        "", group="pipeline", help="comma-separated site names, checked against the partition's"
-    )
-    mailbox: str = setting(
+    site_names: str = _pipeline("", help="comma-separated site names, checked against the partition's")
+    mailbox: str = _pipeline(
         "",
-        group="pipeline",
         help="where the parties exchange modules: s3://BUCKET[/PREFIX] (default: the data's bucket for s3:// "
         "data; locally a folder under the pipeline root)",
     )
-    export_site: str = setting(
-        "global", group="registry", help="model to export to ONNX ('' skips the export)"
-    )
-    tracking_uri: str = setting(
+    export_site: str = _registry("global", help="model to export to ONNX ('' skips the export)")
+    tracking_uri: str = _registry(
         "",
-        group="registry",
         help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
         "tracking; in a cluster the endpoints ConfigMap's)",
     )
-    experiment: str = setting("fedmedclip", group="registry", help="MLflow experiment (default: %(default)s)")
-    model_name: str = setting("fedmedclip", group="registry", help="registered model (default: %(default)s)")
-    promote_alias: str = setting(
-        "champion",
-        group="registry",
-        flags=("--alias",),
-        metavar="ALIAS",
-        help="alias to promote to ('' registers only)",
+    experiment: str = _registry("fedmedclip", help="MLflow experiment (default: %(default)s)")
+    model_name: str = _registry("fedmedclip", help="registered model (default: %(default)s)")
+    promote_alias: str = _registry(
+        "champion", flags=("--alias",), metavar="ALIAS", help="alias to promote to ('' registers only)"
     )
-    allow_worse: bool = setting(False, group="registry", help="promote even below the current alias holder")
-    allow_different_data: bool = setting(
-        False,
-        group="registry",
-        help="promote even when the alias holder was trained on other data or another partition",
+    allow_worse: bool = _registry(False, help="promote even below the current alias holder")
+    allow_different_data: bool = _registry(
+        False, help="promote even when the alias holder was trained on other data or another partition"
     )
-    fail_if_not_promoted: bool = setting(
+    fail_if_not_promoted: bool = _registry(
         False,
-        group="registry",
         help="fail the run when the promotion is refused (default: the version stays registered and the "
         "register task's `promotion` output says why)",
     )
-    max_epsilon: float = setting(  # 0: no budget
+    max_epsilon: float = _registry(  # 0: no budget
         0.0,
-        group="registry",
         metavar="EPSILON",
         help="refuse to promote a version trained without record-level differential privacy or with a larger "
         "epsilon (as `promote --max-epsilon`)",
