@@ -53,8 +53,7 @@ def _normalise_sha(value: str, what: str) -> str:
 
 def verify_sha256(path: Path, expected: str, what: str) -> str:
     """Hash `path` and refuse a mismatch. Returns the hash."""
-    expected = _normalise_sha(expected, what)
-    actual = sha256_file(path)
+    expected, actual = _normalise_sha(expected, what), sha256_file(path)
     if actual != expected:
         raise ServingError(
             f"refusing to serve {path}: its sha256 is {actual} but {what} is {expected}: the file changed "
@@ -64,7 +63,7 @@ def verify_sha256(path: Path, expected: str, what: str) -> str:
 
 
 def find_onnx(folder: Path, what: str) -> Path:
-    """The single .onnx file in a folder (an MLflow model directory, KServe's /mnt/models)."""
+    """The single .onnx file in a folder (an MLflow model directory, KServe's /mnt/models), else its model.onnx."""
     found = sorted(p for p in folder.rglob("*.onnx") if p.is_file())
     if len(found) == 1:
         return found[0]
@@ -89,21 +88,20 @@ def resolve_model(
         raise ServingError(
             f"model file {spec} not found (give an .onnx path, a folder, or models:/NAME@ALIAS)"
         )
-    if expected_sha256:
-        return ResolvedModel(path, verify_sha256(path, expected_sha256, "--expected-sha256"), str(path), True)
+    sidecar = sha256_sidecar(path).name
     try:
-        recorded = read_sha256_sidecar(path)
+        recorded = expected_sha256 or read_sha256_sidecar(path)
     except (ValueError, OSError) as exc:
         raise ServingError(f"cannot verify {path}: {exc}") from None
     if recorded is None:
         raise ServingError(
-            f"refusing to serve {path}: it has no sha256 sidecar ({sha256_sidecar(path).name}, written by "
-            "`fedmedclip export`) and no --expected-sha256, so nothing says it is the file that was exported. "
-            f"Re-export it, pass --expected-sha256 HASH, or record its hash with "
-            f"`sha256sum {path.name} > {sha256_sidecar(path).name}` if you trust the file."
+            f"refusing to serve {path}: it has no sha256 sidecar ({sidecar}, written by `fedmedclip export`) and "
+            "no --expected-sha256, so nothing says it is the file that was exported. Re-export it, pass "
+            f"--expected-sha256 HASH, or record its hash with `sha256sum {path.name} > {sidecar}` if you trust the "
+            "file."
         )
-    sha = verify_sha256(path, recorded, f"the sha256 recorded in {sha256_sidecar(path).name}")
-    return ResolvedModel(path, sha, str(path), True)
+    what = "--expected-sha256" if expected_sha256 else f"the sha256 recorded in {sidecar}"
+    return ResolvedModel(path, verify_sha256(path, recorded, what), str(path), True)
 
 
 def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None) -> ResolvedModel:
@@ -155,11 +153,8 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
         raise ServingError(f"cannot download {pinned}: {exc.message}") from None
     except OSError as exc:  # botocore/S3 and network errors surface as OSError subclasses or wrap them
         raise ServingError(f"cannot download {pinned}: {exc}") from None
-    named = (mv.tags or {}).get("onnx_file")  # recorded by `fedmedclip register`
-    if local.is_dir() and named and (local / named).is_file():
-        path = local / named
-    else:
-        path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
+    # `fedmedclip register` stores one model.onnx (its `onnx_file` tag), which find_onnx takes.
+    path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
     sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
     return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True, str(mv.version))
