@@ -119,11 +119,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 def compile_options_from_args(args):
     import pipelines.pipeline as pl
 
-    resources, timeouts, retries = (
-        dict(pl.DEFAULT_RESOURCES),
-        dict(pl.DEFAULT_TIMEOUTS),
-        dict(pl.DEFAULT_RETRIES),
-    )
+    resources, timeouts = dict(pl.DEFAULT_RESOURCES), dict(pl.DEFAULT_TIMEOUTS)
     for kind, spec in _pairs(args.resources, "--resources").items():
         if kind not in resources or len(spec.split(",")) != 4:
             raise ConfigError(
@@ -137,6 +133,7 @@ def compile_options_from_args(args):
                 f"--timeout {kind}={seconds}: give one of {', '.join(timeouts)} and whole seconds"
             )
         timeouts[kind] = int(seconds)
+    retries = dict(pl.DEFAULT_RETRIES)
     if args.worker_retries is not None:
         retries["worker"] = pl.Retry(args.worker_retries)
     tolerations = []
@@ -204,9 +201,8 @@ def _compile(args, out: str) -> Path:
 # ------------------------------------------------------------------------------------------- commands
 def cmd_compile(args) -> int:
     path = _compile(args, args.out)
-    print(
-        f"compiled -> {path} ({path.stat().st_size / 1e3:.1f} kB; sites and rounds are run-time parameters)"
-    )
+    size = path.stat().st_size / 1e3
+    print(f"compiled -> {path} ({size:.1f} kB; sites and rounds are run-time parameters)")
     return 0
 
 
@@ -257,11 +253,9 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     print(f"\npipeline finished in {run.seconds:.1f} s; task artifacts and logs: {run.pipeline_root}")
     print_summary(run.results, str(run.run_dir))
     print(learning_curve(run.results))
-    print(
-        f"model: {run.model_uri}\npromotion: {run.promotion}"
-        if run.model_uri
-        else "model: not registered (no tracking server)"
-    )
+    print(f"model: {run.model_uri}" if run.model_uri else "model: not registered (no tracking server)")
+    if run.model_uri:
+        print(f"promotion: {run.promotion}")
     return run
 
 

@@ -1,7 +1,5 @@
-"""The settings of `fedmedclip serve`, each declared once (fedmedclip.flags.setting): its default, its help and
-its bounds. The command's flags, the checks of the given values and the objects the server is built from all
-come from these declarations. Standard library only: the core CLI imports this module to add the flags.
-"""
+"""The settings of `fedmedclip serve`, each declared once (fedmedclip.flags.setting): the flags, their checks
+and the server's objects come from here. Standard library only: the core CLI imports it to add the flags."""
 
 from __future__ import annotations
 
@@ -34,8 +32,7 @@ def _positive(value: float, flag: str) -> None:
 
 
 class _Checked:
-    """Settings checked against their declarations (an integer, a finite number, a choice, a minimum) when
-    made, from the command line or in code."""
+    """Checked against their declarations when made, from the command line or in code."""
 
     def __post_init__(self) -> None:
         check_declared(self)
