@@ -1,13 +1,10 @@
-"""A v2 REST inference request read as hostile input, against the Open Inference Protocol's request schema
-(tests/specs/open-inference-protocol/, `inference_request`) with the binary tensor data extension.
-
-The JSON part is budgeted before it is parsed (its size, and its tensor elements bounded by counting `,` and
-`[` at C speed), parsed with orjson (no NaN, Infinity or numbers beyond a double) and checked field by field
-with exact types (a `shape` entry is an int: not `"1"`, `true` or `1.0`; integer data holds integers in range,
-float data finite numbers, BYTES data base64 strings). It runs off the event loop, in a worker process for a
-large JSON part, since orjson and numpy hold the interpreter lock for the whole parse (0.5 s for a legal
-64-image UINT8 tensor in JSON). What comes out is plain picklable data; `to_infer_request` makes it kserve's
-InferRequest, which the model reads exactly as a gRPC request (checked by the same `check_input`).
+"""A v2 REST inference request (the Open Inference Protocol's `inference_request`, tests/specs/, with the
+binary tensor data extension) read as hostile input: the JSON part is budgeted before it is parsed (its size;
+its tensor elements, bounded by counting `,` and `[` at C speed), parsed by orjson (no NaN, Infinity or
+numbers beyond a double), and checked field by field with exact types (a dimension is an int, not `"1"`,
+`true` or `1.0`; data are in range, finite, base64). Off the event loop: orjson and numpy hold the interpreter
+lock for the whole parse (0.5 s for a legal 64-image UINT8 tensor in JSON), so a large JSON part goes to a
+worker process, and what comes back is plain picklable data. gRPC requests get the same `check_input`.
 """
 
 from __future__ import annotations
@@ -49,9 +46,8 @@ class Budget:
     max_string: int = 256  # characters of a name, an id, a datatype, a parameter key
     max_parameter_string: int = 4096  # characters of a string parameter value
     max_parameters: int = 32
-    inline_bytes: int = (
-        1 << 20
-    )  # a JSON part up to this size is parsed in a thread, a larger one in a process
+    # A JSON part up to this size is parsed in a thread, a larger one in a worker process.
+    inline_bytes: int = 1 << 20
 
 
 @dataclass

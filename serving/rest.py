@@ -1,12 +1,9 @@
-"""The v2 Open Inference Protocol over REST: our own Starlette routes (run by uvicorn) around the served
-models, answering exactly the protocol's schemas (tests/specs/open-inference-protocol/).
-
-kserve 0.21's REST server mounts the model-repository extension for anyone, validates JSON with pydantic on
-the event loop gRPC shares, answers FastAPI's `{"detail": ...}` (echoing the request) for schema errors,
-unknown routes and methods, null `model_version`/`parameters`, 501 for versioned URLs, and logs a traceback
-per client error. Here every answer that is not a 200 is `{"error": string}` quoting at most a few characters
-of the request, with one log line; the body is read within a size limit (413, from Content-Length before
-reading) and a deadline (408); it is parsed off the event loop within the JSON budgets (serving.protocol).
+"""The v2 Open Inference Protocol over REST: our own Starlette routes (run by uvicorn) around the models,
+answering exactly the protocol's schemas (tests/specs/open-inference-protocol/). Unlike kserve 0.21's REST
+server: no model control for anyone, no JSON validation on the event loop gRPC shares, never FastAPI's
+`{"detail": ...}` echoing the request, versioned URLs served, no traceback per client error. Every answer
+that is not a 200 is `{"error": string}` quoting at most a few characters of the request, with one log line;
+the body is read within a size limit (413) and a deadline (408), and parsed within the JSON budgets.
 """
 
 from __future__ import annotations
