@@ -1,7 +1,5 @@
 """Errors of the serving layer. Pure Python: importable without kserve or onnxruntime."""
 
-from __future__ import annotations
-
 from fedmedclip.errors import FedMedClipError
 
 

@@ -3,8 +3,6 @@ kserve's request_*_seconds histograms). Label values are bounded: `model` is a s
 UNKNOWN_MODEL (a request naming a model not served) or NO_MODEL (no model's route), `reason` one of the
 server's own codes: nothing a client writes becomes a label value, so no client can grow /metrics."""
 
-from __future__ import annotations
-
 from functools import partial
 
 from prometheus_client import Counter, Gauge, Histogram
