@@ -380,11 +380,10 @@ class JsonParser:
             self._processes.submit(parse_header, empty, self.budget).result()
 
     async def parse(self, text: bytes) -> Header:
-        loop = asyncio.get_running_loop()
-        if self._processes is None or len(text) <= self.budget.inline_bytes:
-            return await loop.run_in_executor(self._threads, parse_header, text, self.budget)
+        small = self._processes is None or len(text) <= self.budget.inline_bytes
         try:
-            return await loop.run_in_executor(self._processes, parse_header, text, self.budget)
+            pool = self._threads if small else self._processes
+            return await asyncio.get_running_loop().run_in_executor(pool, parse_header, text, self.budget)
         except BrokenProcessPool:
             # The worker died (killed for memory, say): a new pool serves the next request.
             log.error(
