@@ -1,26 +1,20 @@
 """Errors of the serving layer. Pure Python: importable without kserve or onnxruntime."""
 
-from __future__ import annotations
-
 from fedmedclip.errors import FedMedClipError
 
 
 class ServingError(FedMedClipError):
-    """The server cannot start as asked (model not found, hash mismatch, no CUDA, bad model file).
-
-    The CLI prints the message and exits with status 2; the message names the problem and the fix."""
+    """The server cannot start as asked (model not found, hash mismatch, no CUDA, bad model file): the CLI
+    prints the message, which names the problem and the fix, and exits with status 2."""
 
 
 class RequestRejected(ValueError):
-    """A client error in one inference request. `code` is a short stable reason (the metrics label);
-    `message` names the problem for the client, never quoting more than a few characters of what it sent.
-    HTTP `status` (400 unless said otherwise); gRPC maps it to its status code (serving/grpc_service.py)."""
+    """A client error in one inference request: `code` a short stable reason (the metrics label), `message`
+    for the client (quoting at most a few characters of what it sent), HTTP `status` (gRPC maps it)."""
 
     def __init__(self, code: str, message: str, status: int = 400):
         super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
+        self.code, self.message, self.status = code, message, status
 
     def __reduce__(self):  # raised in the JSON worker process: it must survive pickling with its fields
         return (type(self), (self.code, self.message, self.status))
@@ -41,7 +35,6 @@ class NotReady(RequestRejected):
 
 
 def quoted(value: object, limit: int = 40) -> str:
-    """`repr` of something a client sent, cut to `limit` characters: error messages and log lines name what
-    was wrong without echoing the request."""
+    """`repr` of something a client sent, cut to `limit` characters: messages name it without echoing it."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

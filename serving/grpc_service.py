@@ -1,16 +1,13 @@
-"""The v2 Open Inference Protocol over gRPC (kserve's generated `inference.GRPCInferenceService` stubs, its
-InferRequest.from_grpc / InferResponse.to_grpc codecs), on the shared ServerState.
-
-Against kserve 0.21's servicer: ServerReady and ModelReady say whether the models are loaded and the server is
-not shutting down; a request naming a version must name the served one (NOT_FOUND otherwise); model
-control (RepositoryModelLoad/Unload) answers UNIMPLEMENTED unless the server was started with a token, and
-then UNAUTHENTICATED without it; every refusal is one log line and a status code (INVALID_ARGUMENT,
-NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED), never a traceback; ModelMetadata carries the protocol's
-`properties` map (field 6 of the protocol's proto, which kserve's copy lacks: written as the field's bytes).
+"""The v2 Open Inference Protocol over gRPC (kserve's generated stubs and its InferRequest.from_grpc /
+InferResponse.to_grpc codecs) on the shared ServerState. Unlike kserve 0.21's servicer: readiness follows the
+models and the shutdown, a request naming a version must name the served one, model control answers
+UNIMPLEMENTED without a token file and UNAUTHENTICATED without the token, every refusal is one log line and a
+status code (never a traceback), and ModelMetadata carries the protocol's `properties` map.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import grpc
@@ -35,51 +32,49 @@ _STATUS = {
 }
 
 
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    """One protobuf field of wire type 2 (bytes, string, message, map entry)."""
-    size, varint = len(payload), bytearray()
-    while True:
-        byte = size & 0x7F
-        size >>= 7
-        if size:
-            varint.append(byte | 0x80)
-        else:
-            varint.append(byte)
-            break
-    return bytes([field << 3 | 2]) + bytes(varint) + payload
-
-
 def metadata_response(meta: dict):
-    """ModelMetadataResponse with the protocol's `properties` (map<string, string> = 6) kept as a field the
-    message carries through (protobuf keeps unknown fields when it re-serialises)."""
-    base = grpc_pb2.ModelMetadataResponse(
-        name=meta["name"],
-        versions=meta["versions"],
-        platform=meta["platform"],
-        inputs=meta["inputs"],
-        outputs=meta["outputs"],
+    """ModelMetadataResponse with the protocol's `properties` (map<string, string> = 6), which kserve's proto
+    lacks, as a field protobuf carries through unknown. Its bytes come from kserve's messages of the same wire
+    shape: a map entry is two strings 1 and 2 (TensorMetadata's name and datatype), field 6 repeated bytes
+    (ModelInferResponse.raw_output_contents)."""
+    response = grpc_pb2.ModelMetadataResponse(
+        **{k: meta[k] for k in ("name", "versions", "platform", "inputs", "outputs")}
     )
-    extra = b"".join(
-        _length_delimited(6, _length_delimited(1, k.encode()) + _length_delimited(2, v.encode()))
-        for k, v in meta.get("properties", {}).items()
-    )
-    response = grpc_pb2.ModelMetadataResponse()
-    response.MergeFromString(base.SerializeToString() + extra)
+    entry = grpc_pb2.ModelMetadataResponse.TensorMetadata
+    entries = [entry(name=k, datatype=v).SerializeToString() for k, v in meta.get("properties", {}).items()]
+    response.MergeFromString(grpc_pb2.ModelInferResponse(raw_output_contents=entries).SerializeToString())
     return response
+
+
+def _answered(rpc):
+    """A refusal is one log line, one metric and the gRPC code of its HTTP status; a bug, one traceback."""
+
+    @functools.wraps(rpc)
+    async def answer(self: InferenceService, request, context):
+        try:
+            return await rpc(self, request, context)
+        except RequestRejected as exc:
+            code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+            metrics.ERRORS.labels(self.label(request), exc.code).inc()
+            log.info("refused gRPC %s: %s %s: %s", rpc.__name__, code.name, exc.code, exc.message)
+            await context.abort(code, exc.message)
+        except InferenceError as exc:  # the model logged and counted it (a broken model output)
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except Exception:  # the client gets no detail
+            metrics.ERRORS.labels(self.label(request), "internal").inc()
+            log.exception("internal error in gRPC %s", rpc.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+
+    return answer
 
 
 class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServerState, budget: Budget):
         self.state, self.budget = state, budget
 
-    async def _refuse(self, context, exc: RequestRejected, name: str, method: str):
-        """One log line and one metric per refused request, and the status code of its HTTP status."""
-        code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-        metrics.ERRORS.labels(self.state.label(name), exc.code).inc()
-        log.info("refused gRPC %s: %s %s: %s", method, code.name, exc.code, exc.message)
-        await context.abort(code, exc.message)
-
-    # ---- health and metadata -----------------------------------------------------------------------------
+    def label(self, request) -> str:
+        is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
+        return self.state.label(request.name if is_metadata else request.model_name)
 
     async def ServerLive(self, request, context):
         return grpc_pb2.ServerLiveResponse(live=True)
@@ -98,49 +93,30 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
             return grpc_pb2.ModelReadyResponse(ready=False)
         return grpc_pb2.ModelReadyResponse(ready=True)
 
+    @_answered
     async def ModelMetadata(self, request, context):
-        try:
-            return metadata_response(self.state.model_metadata(request.name, request.version or None))
-        except RequestRejected as exc:
-            await self._refuse(context, exc, request.name, "ModelMetadata")
+        return metadata_response(self.state.model_metadata(request.name, request.version or None))
 
-    # ---- inference ---------------------------------------------------------------------------------------
-
+    @_answered
     async def ModelInfer(self, request, context):
         async def read_request():
             _check_request(request, self.budget)
             return InferRequest.from_grpc(request)
 
         headers = dict(context.invocation_metadata() or ())
-        try:
-            response = await self.state.infer(
-                request.model_name, request.model_version or None, read_request, headers
-            )
-            return response.to_grpc()
-        except RequestRejected as exc:
-            await self._refuse(context, exc, request.model_name, "ModelInfer")
-        except InferenceError as exc:  # the model logged and counted it (a broken model output)
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except Exception:  # a bug: one traceback, and the client gets no detail
-            metrics.ERRORS.labels(self.state.label(request.model_name), "internal").inc()
-            log.exception("internal error in gRPC ModelInfer")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        version = request.model_version or None
+        return (await self.state.infer(request.model_name, version, read_request, headers)).to_grpc()
 
-    # ---- model control (only with --model-control-token-file) --------------------------------------------
-
-    async def _control(self, request, context, action: str):
-        auth = dict(context.invocation_metadata() or ()).get("authorization")
-        try:
-            await self.state.control(action, request.model_name, auth)
-        except RequestRejected as exc:
-            await self._refuse(context, exc, request.model_name, f"RepositoryModel{action.capitalize()}")
-
+    @_answered
     async def RepositoryModelLoad(self, request, context):
-        await self._control(request, context, "load")
+        auth = dict(context.invocation_metadata() or ()).get("authorization")
+        await self.state.control("load", request.model_name, auth)
         return grpc_pb2.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
 
+    @_answered
     async def RepositoryModelUnload(self, request, context):
-        await self._control(request, context, "unload")
+        auth = dict(context.invocation_metadata() or ()).get("authorization")
+        await self.state.control("unload", request.model_name, auth)
         return grpc_pb2.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 
@@ -178,10 +154,7 @@ def _check_request(request, budget: Budget) -> None:
 
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
     server = aio.server(
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
+        options=[(f"grpc.max_{d}_message_length", max_message_bytes) for d in ("send", "receive")]
     )
     grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), server)
     if server.add_insecure_port(address) == 0:

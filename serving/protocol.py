@@ -1,21 +1,10 @@
-"""A v2 REST inference request, read against the Open Inference Protocol's request schema before any model
-sees it (tests/specs/open-inference-protocol/, `inference_request`), with the binary tensor data extension.
-
-Every byte of a request is hostile until checked, and a request must never stall other clients:
-- the JSON part is budgeted *before* it is parsed: its size (the server's request-body limit) and an upper
-  bound on its tensor elements (every element needs a `,` or `[`, counted at C speed) against
-  `Budget.max_elements`, derived from what the served models accept;
-- it is parsed with orjson (which refuses NaN, Infinity and numbers beyond a double) and checked field by
-  field with exact types: a string `id`, integer `shape` entries (not `"1"`, not `true`, not `1.0`), a known
-  `datatype`, integer/boolean/string parameters; tensor data of an integer type holds integers only (never
-  `true`), of a float type finite numbers, of BYTES strings (the base64 of the bytes);
-- this runs off the event loop: in a thread for a small JSON part (a few milliseconds of interpreter time at
-  most), in a worker process for a large one (`JsonParser`), because orjson and the conversion to numpy hold
-  the interpreter lock for the whole parse (0.5 s for a legal 64-image UINT8 tensor in JSON).
-
-What comes out is plain data (numpy arrays, lists of bytes): picklable, so a worker process can hand it
-back, and the same for JSON and binary requests. `to_infer_request` then attaches the binary sections and
-builds kserve's `InferRequest`, which the model reads exactly as it reads a gRPC request.
+"""A v2 REST inference request (the Open Inference Protocol's `inference_request`, tests/specs/, with the
+binary tensor data extension) read as hostile input: the JSON part is budgeted before it is parsed (its size;
+its tensor elements, bounded by counting `,` and `[` at C speed), parsed by orjson (no NaN, Infinity or
+numbers beyond a double), and checked field by field with exact types (a dimension is an int, not `"1"`,
+`true` or `1.0`; data are in range, finite, base64). Off the event loop: orjson and numpy hold the interpreter
+lock for the whole parse (0.5 s for a legal 64-image UINT8 tensor in JSON), so a large JSON part goes to a
+worker process, and what comes back is plain picklable data. gRPC requests get the same `check_input`.
 """
 
 from __future__ import annotations
@@ -23,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import math
 import multiprocessing
@@ -38,20 +28,9 @@ from .errors import RequestRejected, quoted
 
 log = logging.getLogger("fedmedclip.serving")
 
-HEADER_LENGTH = "inference-header-content-length"
-
-# The protocol's tensor data types (inference_rest.md, "Tensor Data Types") and how JSON data of each is read.
-INTEGER_TYPES = {
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-}
-FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+# The protocol's tensor data types (inference_rest.md, "Tensor Data Types").
+INTEGER_TYPES = {f"{u}INT{b}": np.dtype(f"{u.lower()}int{b}") for u in ("U", "") for b in (8, 16, 32, 64)}
+FLOAT_TYPES = {f"FP{b}": np.dtype(f"float{b}") for b in (16, 32, 64)}
 DATATYPES = frozenset({*INTEGER_TYPES, *FLOAT_TYPES, "BOOL", "BYTES", "BF16"})
 _MAX_DIM = 1 << 40  # a dimension beyond this cannot describe data that fits any request
 
@@ -67,26 +46,21 @@ class Budget:
     max_string: int = 256  # characters of a name, an id, a datatype, a parameter key
     max_parameter_string: int = 4096  # characters of a string parameter value
     max_parameters: int = 32
-    inline_bytes: int = (
-        1 << 20
-    )  # a JSON part up to this size is parsed in a thread, a larger one in a process
-
-    def __post_init__(self) -> None:
-        if self.max_elements < 1:
-            raise ValueError(f"max_elements must be at least 1, got {self.max_elements}")
+    # A JSON part up to this size is parsed in a thread, a larger one in a worker process.
+    inline_bytes: int = 1 << 20
 
 
 @dataclass
 class Tensor:
-    """One input of a request. `data`: the JSON data as a numpy array (numeric, BOOL) or a list of bytes
-    (BYTES); None when the tensor follows the JSON as binary data (`binary_size` bytes)."""
+    """One input. `data`: a numpy array (numeric, BOOL) or a list of bytes (BYTES); None when the tensor
+    follows the JSON as binary data (`binary_size` bytes)."""
 
     name: str
     datatype: str
     shape: list[int]
     parameters: dict | None
-    data: np.ndarray | list[bytes] | None = None
     binary_size: int | None = None
+    data: np.ndarray | list[bytes] | None = None
 
 
 @dataclass
@@ -97,12 +71,8 @@ class Header:
     outputs: list[tuple[str, dict | None]] | None = None
 
 
-# ---------------------------------------------------------------------------------------- the JSON part
-
-
 def parse_header(text: bytes, budget: Budget) -> Header:
-    """Budget, parse and check the JSON part of a request (the whole body, or the header of a binary one).
-    Raises RequestRejected naming the first problem. Runs in a thread or a worker process."""
+    """Budget, parse and check the JSON part of a request (the whole body, or the header of a binary one)."""
     # Every JSON array element is preceded by `[` or `,`: this bounds the element count before parsing.
     upper = text.count(b",") + text.count(b"[")
     if upper > budget.max_elements + 4096:
@@ -117,12 +87,9 @@ def parse_header(text: bytes, budget: Budget) -> Header:
     except orjson.JSONDecodeError as exc:
         # orjson's message names the position and the kind of problem, never the text itself.
         raise RequestRejected("bad_json", f"the request is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise RequestRejected("bad_request", f"the request must be a JSON object, got {_kind(doc)}")
-    request_id = doc.get("id")
-    if request_id is not None:
-        request_id = _string(request_id, '"id"', budget.max_string)
-    parameters = _parameters(doc.get("parameters"), "the request", budget)
+    _object(doc, "the request")
+    request_id = None if doc.get("id") is None else _string(doc["id"], '"id"', budget.max_string)
+    header = Header(request_id, _parameters(doc.get("parameters"), "the request", budget), [])
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestRejected("bad_request", 'the request needs "inputs": a non-empty list of input tensors')
@@ -130,13 +97,23 @@ def parse_header(text: bytes, budget: Budget) -> Header:
         raise RequestRejected(
             "bad_request", f"{len(inputs)} input tensors, over the limit of {budget.max_inputs}"
         )
-    header = Header(request_id, parameters, [])
     left = budget.max_elements
     for i, spec in enumerate(inputs):
-        tensor = _input(spec, i, budget, left)
-        if tensor.data is not None:
-            left -= len(tensor.data)
-        header.inputs.append(tensor)
+        spec = _object(spec, f"input {i}")
+        t = check_input(
+            spec.get("name"), spec.get("datatype"), spec.get("shape"), spec.get("parameters"), i, budget
+        )
+        where = f"input {quoted(t.name)}"
+        if t.binary_size is not None and "data" in spec:
+            raise RequestRejected("bad_request", f"{where} has both 'data' and a binary_data_size parameter")
+        if t.binary_size is None:
+            if "data" not in spec:
+                raise RequestRejected(
+                    "bad_request", f"{where} has neither 'data' nor a 'binary_data_size' parameter"
+                )
+            t.data = _data(spec["data"], t, where, budget, left)
+            left -= len(t.data)
+        header.inputs.append(t)
     outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or len(outputs) > budget.max_outputs:
@@ -145,32 +122,13 @@ def parse_header(text: bytes, budget: Budget) -> Header:
             )
         header.outputs = []
         for i, spec in enumerate(outputs):
-            if not isinstance(spec, dict):
-                raise RequestRejected("bad_request", f"output {i} must be a JSON object, got {_kind(spec)}")
+            spec = _object(spec, f"output {i}")
             header.outputs.append(check_output(spec.get("name"), spec.get("parameters"), i, budget))
     return header
 
 
-def _input(spec: object, i: int, budget: Budget, elements_left: int) -> Tensor:
-    if not isinstance(spec, dict):
-        raise RequestRejected("bad_request", f"input {i} must be a JSON object, got {_kind(spec)}")
-    tensor = check_input(
-        spec.get("name"), spec.get("datatype"), spec.get("shape"), spec.get("parameters"), i, budget
-    )
-    where = f"input {quoted(tensor.name)}"
-    if tensor.binary_size is not None:
-        if "data" in spec:
-            raise RequestRejected("bad_request", f"{where} has both 'data' and a binary_data_size parameter")
-        return tensor
-    if "data" not in spec:
-        raise RequestRejected("bad_request", f"{where} has neither 'data' nor a 'binary_data_size' parameter")
-    tensor.data = _data(spec["data"], tensor, budget, elements_left)
-    return tensor
-
-
 def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Tensor:
-    """Input `i`'s name, datatype, shape and parameters, as a JSON request or a gRPC one gives them; the
-    tensor without its data."""
+    """Input `i` as a JSON or a gRPC request gives it, without its data."""
     name = _string(name, f"input {i}: 'name'", budget.max_string)
     where = f"input {quoted(name)}"
     datatype = _string(datatype, f"{where}: 'datatype'", budget.max_string)
@@ -189,20 +147,17 @@ def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Te
             raise RequestRejected(
                 "bad_shape", f"{where}: 'shape' entries must be non-negative integers, got {quoted(d)}"
             )
-    tensor = Tensor(name, datatype, shape, _parameters(parameters, where, budget))
-    if tensor.parameters and "binary_data_size" in tensor.parameters:
-        size = tensor.parameters["binary_data_size"]
-        if type(size) is not int or size < 0:
-            raise RequestRejected(
-                "bad_parameters",
-                f"{where}: binary_data_size must be a non-negative integer, got {quoted(size)}",
-            )
-        tensor.binary_size = size
-    return tensor
+    parameters = _parameters(parameters, where, budget)
+    size = (parameters or {}).get("binary_data_size")
+    if size is not None and (type(size) is not int or size < 0):
+        raise RequestRejected(
+            "bad_parameters", f"{where}: binary_data_size must be a non-negative integer, got {quoted(size)}"
+        )
+    return Tensor(name, datatype, shape, parameters, size)
 
 
 def check_output(name, parameters, i: int, budget: Budget) -> tuple[str, dict | None]:
-    """Requested output `i`'s name and parameters, as a JSON request or a gRPC one gives them."""
+    """Requested output `i`'s name and parameters, as a JSON or a gRPC request gives them."""
     name = _string(name, f"output {i}: 'name'", budget.max_string)
     params = _parameters(parameters, f"output {quoted(name)}", budget)
     if params and "binary_data" in params and type(params["binary_data"]) is not bool:
@@ -214,52 +169,51 @@ def check_output(name, parameters, i: int, budget: Budget) -> tuple[str, dict | 
     return name, params
 
 
-def _data(data: object, t: Tensor, budget: Budget, elements_left: int) -> np.ndarray | list[bytes]:
-    where = f"input {quoted(t.name)}"
+def _data(
+    data: object, t: Tensor, where: str, budget: Budget, elements_left: int
+) -> np.ndarray | list[bytes]:
     if not isinstance(data, list):
         raise RequestRejected("bad_data", f"{where}: 'data' must be a JSON array, got {_kind(data)}")
     flat = _flatten(data, where, budget.max_rank)
-    want = math.prod(t.shape)
-    if len(flat) != want:
+    if len(flat) != math.prod(t.shape):
         raise RequestRejected(
-            "bad_shape", f"{where}: 'data' holds {len(flat):,} values but shape {t.shape} needs {want:,}"
+            "bad_shape",
+            f"{where}: 'data' holds {len(flat):,} values but shape {t.shape} needs {math.prod(t.shape):,}",
         )
     if len(flat) > elements_left:
         raise RequestRejected(
             "too_many_elements",
             f"the request's JSON tensors hold more than the budget of {budget.max_elements:,} elements",
         )
-    kinds = set(map(type, flat))
     if t.datatype in INTEGER_TYPES:
         info = np.iinfo(INTEGER_TYPES[t.datatype])
-        _only(kinds, {int}, flat, where, f"integers {info.min}-{info.max}")
+        _only({int}, flat, where, f"integers {info.min}-{info.max}")
         return integers(flat, t.datatype, where)
     if t.datatype in FLOAT_TYPES:
-        _only(kinds, {int, float}, flat, where, "numbers")
-        values = np.array(flat, dtype=np.float64)
-        cast = values.astype(FLOAT_TYPES[t.datatype])
+        _only({int, float}, flat, where, "numbers")
+        cast = np.array(flat, dtype=np.float64).astype(FLOAT_TYPES[t.datatype])
         if not np.isfinite(cast).all():  # orjson refuses NaN and inf; a float16 can still overflow
             raise RequestRejected("bad_value", f"{where}: a value is not finite as {t.datatype}")
         return cast
     if t.datatype == "BOOL":
-        _only(kinds, {bool}, flat, where, "true or false")
+        _only({bool}, flat, where, "true or false")
         return np.array(flat, dtype=np.bool_)
-    if t.datatype == "BYTES":
-        _only(kinds, {str}, flat, where, "strings (the base64 of each element's bytes)")
-        out = []
-        for k, item in enumerate(flat):
-            try:
-                out.append(base64.b64decode(item, validate=True))
-            except (binascii.Error, ValueError):
-                raise RequestRejected(
-                    "bad_base64",
-                    f"{where}: element {k} is not base64; a BYTES element sent as a JSON string must be the "
-                    "base64 of its bytes (or send the tensor as binary data)",
-                ) from None
-        return out
-    raise RequestRejected(
-        "bad_dtype", f"{where}: {t.datatype} cannot be sent as JSON data; send it as binary data"
-    )
+    if t.datatype != "BYTES":
+        raise RequestRejected(
+            "bad_dtype", f"{where}: {t.datatype} cannot be sent as JSON data; send it as binary data"
+        )
+    _only({str}, flat, where, "strings (the base64 of each element's bytes)")
+    out = []
+    for k, item in enumerate(flat):
+        try:
+            out.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestRejected(
+                "bad_base64",
+                f"{where}: element {k} is not base64; a BYTES element sent as a JSON string must be the "
+                "base64 of its bytes (or send the tensor as binary data)",
+            ) from None
+    return out
 
 
 def integers(values, datatype: str, where: str) -> np.ndarray:
@@ -291,8 +245,8 @@ def _flatten(data: list, where: str, max_rank: int) -> list:
     return level
 
 
-def _only(kinds: set, allowed: set, flat: list, where: str, what: str) -> None:
-    if kinds <= allowed:
+def _only(allowed: set, flat: list, where: str, what: str) -> None:
+    if set(map(type, flat)) <= allowed:
         return
     example = next(v for v in flat if type(v) not in allowed)
     raise RequestRejected(
@@ -300,6 +254,12 @@ def _only(kinds: set, allowed: set, flat: list, where: str, what: str) -> None:
         f"{where}: 'data' must hold {what}, got {type(example).__name__} values such as {quoted(example, 20)}; "
         "nothing is rounded or converted",
     )
+
+
+def _object(value: object, where: str, code: str = "bad_request") -> dict:
+    if not isinstance(value, dict):
+        raise RequestRejected(code, f"{where} must be a JSON object, got {_kind(value)}")
+    return value
 
 
 def _string(value: object, where: str, limit: int) -> str:
@@ -314,10 +274,7 @@ def _parameters(value: object, where: str, budget: Budget) -> dict | None:
     """A protocol `$parameters` object: string keys, string/number/boolean values (finite numbers)."""
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise RequestRejected(
-            "bad_parameters", f"{where}: 'parameters' must be a JSON object, got {_kind(value)}"
-        )
+    _object(value, f"{where}: 'parameters'", "bad_parameters")
     if len(value) > budget.max_parameters:
         raise RequestRejected(
             "bad_parameters", f"{where}: {len(value)} parameters, over the limit of {budget.max_parameters}"
@@ -327,16 +284,15 @@ def _parameters(value: object, where: str, budget: Budget) -> dict | None:
             raise RequestRejected(
                 "bad_parameters", f"{where}: a parameter name is over {budget.max_string} characters"
             )
-        if type(v) is str:
-            if len(v) > budget.max_parameter_string:
-                raise RequestRejected(
-                    "bad_parameters",
-                    f"{where}: parameter {quoted(key)} is over {budget.max_parameter_string} characters",
-                )
-        elif type(v) not in (int, float, bool):
+        if type(v) not in (str, int, float, bool):
             raise RequestRejected(
                 "bad_parameters",
                 f"{where}: parameter {quoted(key)} must be a string, number or boolean, got {_kind(v)}",
+            )
+        if type(v) is str and len(v) > budget.max_parameter_string:
+            raise RequestRejected(
+                "bad_parameters",
+                f"{where}: parameter {quoted(key)} is over {budget.max_parameter_string} characters",
             )
     return value
 
@@ -353,13 +309,10 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
-# --------------------------------------------------------------------------------- the whole REST body
-
-
 def json_part(body: bytes, headers) -> tuple[bytes, int]:
-    """(the JSON part, where the binary data starts) of a REST request body, from the
-    Inference-Header-Content-Length header of the binary tensor data extension (absent: all JSON)."""
-    raw = headers.get(HEADER_LENGTH)
+    """(the JSON part, where the binary data starts) of a REST request body, from the binary tensor data
+    extension's Inference-Header-Content-Length header (absent: all JSON)."""
+    raw = headers.get("inference-header-content-length")
     if raw is None:
         return body, len(body)
     if not raw.isdigit() or not 0 < int(raw) <= len(body):
@@ -368,15 +321,13 @@ def json_part(body: bytes, headers) -> tuple[bytes, int]:
             f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "
             f"got {quoted(raw, 24)}",
         )
-    n = int(raw)
-    return body[:n], n
+    return body[: int(raw)], int(raw)
 
 
 def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, version: str | None):
     """kserve's InferRequest from a checked header and the body's binary sections (zero-copy views)."""
     from ._kserve import InferInput, InferRequest, RequestedOutput
 
-    view = memoryview(body)
     inputs = []
     for t in header.inputs:
         inp = InferInput(name=t.name, shape=t.shape, datatype=t.datatype, parameters=t.parameters)
@@ -388,7 +339,7 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
                     f"body ({len(body) - offset} bytes left)",
                 )
             # The attribute kserve's gRPC path fills from raw_input_contents: as_numpy() reads it in place.
-            inp._raw_data = view[offset : offset + t.binary_size]
+            inp._raw_data = memoryview(body)[offset : offset + t.binary_size]
             offset += t.binary_size
         elif isinstance(t.data, np.ndarray):
             inp._raw_data = memoryview(np.ascontiguousarray(t.data)).cast("B")
@@ -400,17 +351,12 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
             "bad_request",
             f"{len(body) - offset} bytes after the last binary input: binary_data_size is wrong",
         )
-    outputs = (
-        [RequestedOutput(name=name, parameters=params) for name, params in header.outputs]
-        if header.outputs
-        else None
-    )
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,
         request_id=header.id,
         parameters=header.parameters,
-        request_outputs=outputs,
+        request_outputs=[RequestedOutput(name=n, parameters=p) for n, p in header.outputs or ()] or None,
         model_version=version,
     )
 
@@ -422,30 +368,22 @@ class JsonParser:
     def __init__(self, budget: Budget, processes: int = 1, threads: int = 2):
         self.budget = budget
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="json")
-        self._process_count = processes
-        self._processes: ProcessPoolExecutor | None = None
-        if processes > 0:
-            self._processes = self._new_pool()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the server process runs gRPC and ONNX Runtime threads that a fork would copy broken.
-        return ProcessPoolExecutor(self._process_count, mp_context=multiprocessing.get_context("spawn"))
+        spawn = multiprocessing.get_context("spawn")
+        self._new_pool = functools.partial(ProcessPoolExecutor, processes, mp_context=spawn)
+        self._processes = self._new_pool() if processes > 0 else None
 
     def warm_up(self) -> None:
         """Start the worker processes now (a second or so), not on the first large request."""
         if self._processes is not None:
-            self._processes.submit(
-                parse_header,
-                b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [0], "data": []}]}',
-                self.budget,
-            ).result()
+            empty = b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [0], "data": []}]}'
+            self._processes.submit(parse_header, empty, self.budget).result()
 
     async def parse(self, text: bytes) -> Header:
-        loop = asyncio.get_running_loop()
-        if self._processes is None or len(text) <= self.budget.inline_bytes:
-            return await loop.run_in_executor(self._threads, parse_header, text, self.budget)
+        small = self._processes is None or len(text) <= self.budget.inline_bytes
         try:
-            return await loop.run_in_executor(self._processes, parse_header, text, self.budget)
+            pool = self._threads if small else self._processes
+            return await asyncio.get_running_loop().run_in_executor(pool, parse_header, text, self.budget)
         except BrokenProcessPool:
             # The worker died (killed for memory, say): a new pool serves the next request.
             log.error(
@@ -457,6 +395,6 @@ class JsonParser:
             ) from None
 
     def shutdown(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._threads, self._processes):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
