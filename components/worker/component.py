@@ -1,15 +1,9 @@
-"""worker: one party of the federation, from its features to the end of the run, in ONE task process.
+"""worker: one party of the federation, from its features to the end of the run, in ONE task process (each
+task is a cold start of the KFP executor, torch and transformers, and the worker's imports are the extraction's).
 
-First its feature store: its own images encoded once by the frozen CLIP (the server: the global test and
-reference sets; a site: its train/val/test), exactly as the runtime's own preparation would, and published to
-the party's private area of the run; then, in the same process, its long-lived worker until the run ends: the
-server (`fedmedclip server run`: aggregates, evaluates, writes the run directory, then publishes it to its
-private area of the mailbox) or a site (`fedmedclip site run`: trains on its own data).
-
-One process, not an extraction task then a worker task: each task is a cold start (the KFP executor, torch,
-transformers: seconds of CPU) and the worker's imports are the extraction's. Started again after a failure (a
-KFP retry), the task fetches the features it published (no image is encoded again) and the worker continues
-from its last checkpoint in storage, never from the pod's disk.
+First its own images encoded by the frozen CLIP, as the runtime's own preparation would, and published to the
+party's private area of the run; then its long-lived worker (`fedmedclip server run` or `site run`). A retried
+task fetches the features it published and the worker continues from its last checkpoint in storage.
 
 No `from __future__ import annotations`: KFP reads the component's annotations as types.
 """
@@ -71,30 +65,6 @@ def party_area(role: str, index: int, run_id: str, mailbox: str):
     return Mailbox(open_store(mailbox), run_id).server_private()
 
 
-def _published_features(area, extraction_key: str) -> dict | None:
-    """The files the party's features manifest lists, when it is this extraction's; None otherwise."""
-    from fedmedclip.federation.storage import StoreError
-
-    try:
-        raw = area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES)
-    except StoreError as exc:  # too large, unreadable: extract again (the files are the party's own)
-        log.warning("%s: %s; extracting the features again", area.where(FEATURES_MANIFEST), exc)
-        return None
-    if raw is None:
-        return None
-    try:
-        manifest = json.loads(raw)
-        files = manifest["files"]
-        ok = manifest["format"] == FEATURES_FORMAT and manifest["extraction"] == extraction_key
-        ok = ok and isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        log.warning("%s is not this extraction's manifest; extracting again", area.where(FEATURES_MANIFEST))
-        return None
-    return files
-
-
 def features_step(
     extraction_json: str, role: str, party: str, index: int, run_id: str, mailbox: str, features_dir: str
 ) -> bool:
@@ -106,14 +76,16 @@ def features_step(
 
     area = party_area(role, index, run_id, mailbox).sub(FEATURES)
     key = hashlib.sha256(f"{party}\n{extraction_json}".encode()).hexdigest()
-    files = _published_features(area, key)
-    if files is not None:
-        try:
-            fetch_tree(area, files, features_dir)
+    try:  # the files are the party's own: whatever is wrong with them, it extracts again
+        manifest = json.loads(area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES) or "null")
+        if manifest is not None:
+            if (manifest["format"], manifest["extraction"]) != (FEATURES_FORMAT, key):
+                raise StoreError("not this extraction's manifest")
+            fetch_tree(area, manifest["files"], features_dir)  # its file list checked there
             return False
-        except StoreError as exc:
-            log.warning("%s: the published features are damaged (%s); extracting again", area.url, exc)
-            shutil.rmtree(features_dir, ignore_errors=True)
+    except (StoreError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: %s; extracting the features again", area.where(FEATURES_MANIFEST), exc)
+        shutil.rmtree(features_dir, ignore_errors=True)
     extract_step(extraction_json, role, party, index, features_dir)
     manifest = {"format": FEATURES_FORMAT, "extraction": key, "files": tree_files(features_dir)}
     publish_tree(area, features_dir, FEATURES_MANIFEST, manifest)
@@ -175,7 +147,6 @@ def worker_step(
     if features_dir:
         copy_store_into_cache(features_dir, cfg.cache_dir)
     if role == SITE_ROLE:
-        state = site_state_url(mailbox, index, run_id)
         # Secure aggregation: the site's identity key is generated in its own private prefix (kept across runs)
         # and registered through the mailbox; the server takes the registered keys (docs/secure-aggregation.md).
         run_site(
@@ -183,7 +154,7 @@ def worker_step(
             run_id,
             party,
             **asdict(SiteOptions.of_run(cfg, options)),
-            state_url=state,
+            state_url=site_state_url(mailbox, index, run_id),
             progress=False,
             identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
             register_identity=cfg.secure_aggregation,
@@ -224,12 +195,7 @@ def worker_step(
         )
     mlflow_run_id = observer.tracked_run_id or ""
     # Every file of the run directory, then its manifest: the report task reads it back, checked file by file.
-    manifest = {
-        "format": RUN_DIR_FORMAT,
-        "run_id": run_id,
-        "files": tree_files(out),
-        "mlflow_run_id": mlflow_run_id,
-    }
+    manifest = dict(format=RUN_DIR_FORMAT, run_id=run_id, files=tree_files(out), mlflow_run_id=mlflow_run_id)
     publish_tree(published, out, RUN_DIR_MANIFEST, manifest)
     return mlflow_run_id
 
