@@ -1,11 +1,14 @@
-"""Kubeflow pipeline components and the MLOps glue (tracking, registry, local stack): thin wrappers around the core.
+"""Kubeflow pipeline components, one folder each (components/README.md): thin wrappers around the core.
 
-Every component's body imports from this package, so a KFP task's process installs its quick exit here
-(components/task_exit.py: no seconds of interpreter teardown after the task's output is written) and pauses the
-garbage collector while it imports torch and transformers (components/task_gc.py)."""
+Every component's body imports this package, so in a KFP task's process (only there) it installs the quick exit
+(task_exit.py) and pauses the garbage collector while the task imports torch and transformers
+(fedmedclip/startup.py says why); a task that goes on to long work (a party's worker, the ONNX export) resumes
+it with `fedmedclip.startup.resume_collection` once its imports are done."""
 
-from .task_exit import exit_fast_after_success
-from .task_gc import pause_collection
+from fedmedclip.startup import pause_collection
 
-exit_fast_after_success()
-pause_collection()
+from .task_exit import exit_fast_after_success, in_kfp_task
+
+if in_kfp_task():
+    exit_fast_after_success()
+    pause_collection()

@@ -1,14 +1,10 @@
-"""A pipeline task's process ends as soon as its work is done and its output written.
+"""A KFP task's process ends as soon as its work is done and its output written.
 
 A task that imported torch and transformers spends seconds in the interpreter's teardown after the KFP
-executor has written its output (measured: 2-4 s of a loaded 2-core machine per process; ten such tasks
-run per pipeline, most of them on the critical path). Nothing is left to do by then: threads have been
-joined and the other exit handlers have run, so the process leaves with `os._exit(0)` after flushing its
-streams and logs. A task that failed (an uncaught exception, whatever raised it) exits as Python always
-does, with its traceback and a non-zero status; so does one that called `sys.exit`.
-
-Active only in a KFP task's process (the command KFP compiles sets `_KFP_RUNTIME=true`), never in the tests
-or the CLI that import the same components.
+executor has written its output (measured: 2-4 s of a loaded 2-core machine per process; ten such tasks run
+per pipeline, most on the critical path). Nothing is left to do by then (threads joined, the other exit
+handlers run), so it leaves with `os._exit(0)` after flushing its streams and logs. A task that failed (an
+uncaught exception) or called `sys.exit` exits as Python always does, with its traceback and status.
 """
 
 from __future__ import annotations
@@ -19,19 +15,14 @@ import logging
 import os
 import sys
 
-KFP_RUNTIME_ENV = "_KFP_RUNTIME"
-
 
 def in_kfp_task() -> bool:
-    """Whether this process is a KFP task's (its command sets _KFP_RUNTIME=true)."""
-    return os.environ.get(KFP_RUNTIME_ENV, "").lower() == "true"
+    """Whether this process is a KFP task's (the command KFP compiles sets _KFP_RUNTIME=true)."""
+    return os.environ.get("_KFP_RUNTIME", "").lower() == "true"
 
 
-def exit_fast_after_success() -> bool:
-    """Install the quick exit in this process (once); True when it is installed."""
-    if not in_kfp_task() or getattr(sys, "_fedmedclip_fast_exit", False):
-        return False
-    sys._fedmedclip_fast_exit = True
+def exit_fast_after_success() -> None:
+    """Install the quick exit in this process (components/__init__.py does, once, in a KFP task only)."""
     failed = []
     previous_hook, previous_exit = sys.excepthook, sys.exit
 
@@ -54,4 +45,3 @@ def exit_fast_after_success() -> bool:
 
     sys.excepthook, sys.exit = note_failure, note_exit
     atexit.register(leave)
-    return True

@@ -217,14 +217,14 @@ def worker_component(
     import tempfile
 
     from components.kfp_components import act_as
-    from components.task_gc import resume_collection
     from components.worker.component import features_step, worker_step
+    from fedmedclip.startup import resume_collection
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     act_as(party, local_stack)
     features = tempfile.mkdtemp(prefix="fedmedclip-features-")
     features_step(extraction, role, party, index, run_id, mailbox, features)
-    resume_collection()  # the imports are done (components/task_gc.py); the worker may run for days
+    resume_collection()  # the imports are done (components/__init__.py); the worker may run for days
     return worker_step(
         config, role, party, index, run_id, mailbox, features, server, experiment, tracking_uri, run_id
     )
