@@ -31,26 +31,6 @@ class Resources:
     memory_limit: str
 
 
-# Per kind of task. A worker (a party: its feature extraction, then its federation worker) is sized for the
-# extraction, its heaviest part, and is the only task that asks for a GPU (the per-site GPU pods).
-DEFAULT_RESOURCES = {
-    "prepare": Resources("500m", "2", "1Gi", "4Gi"),
-    "worker": Resources("2", "8", "8Gi", "16Gi"),
-    "report": Resources("250m", "1", "512Mi", "2Gi"),
-    "export": Resources("2", "4", "8Gi", "16Gi"),
-    "register": Resources("500m", "2", "2Gi", "4Gi"),
-}
-# Seconds before Kubernetes stops a task (activeDeadlineSeconds). A worker lives as long as the federation, its
-# extraction included.
-DEFAULT_TIMEOUTS = {
-    "prepare": 3600,
-    "worker": 72 * 3600,
-    "report": 1800,
-    "export": 2 * 3600,
-    "register": 3600,
-}
-
-
 @dataclass(frozen=True)
 class Retry:
     retries: int
@@ -59,14 +39,20 @@ class Retry:
     max_backoff: str = "10m"
 
 
-# A retried worker fetches the features it published and continues from its last checkpoint in storage.
-DEFAULT_RETRIES = {
-    "prepare": Retry(2),
-    "worker": Retry(5),
-    "report": Retry(3),
-    "export": Retry(1),
-    "register": Retry(3),
+# Per kind of task: its resources (a worker, a party's extraction then its federation worker, is sized for the
+# extraction, its heaviest part, and alone asks for a GPU), the seconds before Kubernetes stops it
+# (activeDeadlineSeconds: a worker lives as long as the federation) and its retries (a retried worker fetches
+# the features it published and continues from its last checkpoint in storage).
+_TASKS = {
+    "prepare": (Resources("500m", "2", "1Gi", "4Gi"), 3600, Retry(2)),
+    "worker": (Resources("2", "8", "8Gi", "16Gi"), 72 * 3600, Retry(5)),
+    "report": (Resources("250m", "1", "512Mi", "2Gi"), 1800, Retry(3)),
+    "export": (Resources("2", "4", "8Gi", "16Gi"), 2 * 3600, Retry(1)),
+    "register": (Resources("500m", "2", "2Gi", "4Gi"), 3600, Retry(3)),
 }
+DEFAULT_RESOURCES = {kind: task[0] for kind, task in _TASKS.items()}
+DEFAULT_TIMEOUTS = {kind: task[1] for kind, task in _TASKS.items()}
+DEFAULT_RETRIES = {kind: task[2] for kind, task in _TASKS.items()}
 
 
 @dataclass(frozen=True)
@@ -116,6 +102,12 @@ def build_pipeline(options: CompileOptions | None = None):
             kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, S3_ENDPOINT_KEYS, optional=True)
         return task
 
+    def mlflow_access(task, secret: str, uri_env: str):
+        """The MLflow user from `secret` and the tracking server from the endpoints ConfigMap (both optional)."""
+        kubernetes.use_secret_as_env(task, secret, MLFLOW_SECRET_KEYS, optional=True)
+        uri = {"MLFLOW_TRACKING_URI": uri_env}
+        kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, uri, optional=True)
+
     def party_pipeline(
         role: str,
         party: str,
@@ -158,10 +150,7 @@ def build_pipeline(options: CompileOptions | None = None):
                 )
         # Only the server's item names the MLflow Secret; a site's names its own S3 Secret, which has no such
         # keys (optional: nothing is set), so no site pod holds the central MLflow's credentials.
-        kubernetes.use_secret_as_env(worker, tracking_secret, MLFLOW_SECRET_KEYS, optional=True)
-        kubernetes.use_config_map_as_env(
-            worker, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": WORKER_TRACKING_ENV}, optional=True
-        )
+        mlflow_access(worker, tracking_secret, WORKER_TRACKING_ENV)
         return worker.output
 
     party_summary = (
@@ -211,9 +200,8 @@ def build_pipeline(options: CompileOptions | None = None):
                 local_stack=local_stack,
             ).set_display_name("party: its features, then its federation worker")
 
-        report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack).after(
-            worker
-        )
+        report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack)
+        report.after(worker)
         configure(report, "report", "report: the server's run directory", SERVER_SECRET_NAME, cache=False)
 
         export = c.export(run_dir=report.outputs["run_dir"], site=export_site, local_stack=local_stack)
@@ -235,16 +223,8 @@ def build_pipeline(options: CompileOptions | None = None):
             kfp_run_id=run_id,
         )
         configure(reg, "register", "register + promote (MLflow)", None, cache=False)
-        # The tracking server and the pipeline's MLflow user (infra/training); both optional.
-        kubernetes.use_config_map_as_env(
-            reg, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}, optional=True
-        )
-        kubernetes.use_secret_as_env(reg, MLFLOW_SECRET_NAME, MLFLOW_SECRET_KEYS, optional=True)
-        return Outputs(
-            run_dir=report.outputs["run_dir"],
-            model_uri=reg.outputs["model_uri"],
-            promotion=reg.outputs["promotion"],
-        )
+        mlflow_access(reg, MLFLOW_SECRET_NAME, "MLFLOW_TRACKING_URI")  # the pipeline's user (infra/training)
+        return Outputs(report.outputs["run_dir"], reg.outputs["model_uri"], reg.outputs["promotion"])
 
     summary = (
         "Federated adaptation of a frozen CLIP (FedMedCLIP, FACMIC and baselines) as a federation runtime: a "
