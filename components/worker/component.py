@@ -54,27 +54,21 @@ def extract_step(extraction_json: str, role: str, holder: str, index: int, featu
     return store.provenance
 
 
-def party_area(role: str, index: int, run_id: str, mailbox: str):
-    """The party's private area of the run (an ObjectStore): the server's in the mailbox (`runs/<run>/server/`),
-    a site's under its own prefix (`sites/<k>/private/<run>/`); only its own role may read it."""
-    from fedmedclip.federation.mailbox import Mailbox
-    from fedmedclip.federation.storage import open_store
-
-    if role == SITE_ROLE:
-        return open_store(site_state_url(mailbox, index, run_id))
-    return Mailbox(open_store(mailbox), run_id).server_private()
-
-
 def features_step(
     extraction_json: str, role: str, party: str, index: int, run_id: str, mailbox: str, features_dir: str
 ) -> bool:
     """The party's feature store in `features_dir`: the one it published to its private area of the run (a
     retried task: fetched, every file checked against the manifest's sha256), else extracted now and published
     there, the files first and the manifest last. Returns True when it was extracted now."""
-    from fedmedclip.federation.storage import StoreError
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import StoreError, open_store
     from mlops.tree import fetch_tree, publish_tree, tree_files
 
-    area = party_area(role, index, run_id, mailbox).sub(FEATURES)
+    # The party's private area of the run, which only its own role may read: a site's under its own prefix.
+    if role == SITE_ROLE:
+        area = open_store(site_state_url(mailbox, index, run_id)).sub(FEATURES)
+    else:
+        area = Mailbox(open_store(mailbox), run_id).server_private().sub(FEATURES)
     key = hashlib.sha256(f"{party}\n{extraction_json}".encode()).hexdigest()
     try:  # the files are the party's own: whatever is wrong with them, it extracts again
         manifest = json.loads(area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES) or "null")
@@ -97,16 +91,13 @@ def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
     <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
     from fedmedclip.paths import put_folder_in_place
 
-    src = Path(features_dir)
-    prov = src / "provenance.json"
-    if not prov.is_file():
-        return
-    dst = Path(cache_dir) / "features" / json.loads(prov.read_text())["digest"][:24]
+    provenance = json.loads((Path(features_dir) / "provenance.json").read_text())
+    dst = Path(cache_dir) / "features" / provenance["digest"][:24]
     if (dst / "provenance.json").exists():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    shutil.copytree(features_dir, tmp, dirs_exist_ok=True)
     put_folder_in_place(tmp, dst, (dst / "provenance.json").exists)  # or another task of this machine did
 
 
@@ -127,10 +118,9 @@ def worker_step(
     server_json: str = "{}",
     experiment: str = "fedmedclip",
     tracking_uri: str = "",
-    kfp_run_id: str = "",
 ) -> str:
     """Runs party `party` until the federation ends. Returns the MLflow run id of the server's live tracking
-    ('' for a site or without tracking)."""
+    ('' for a site or without tracking); the MLflow run is tagged with `run_id`, the KFP run's."""
     from dataclasses import asdict
 
     from fedmedclip.config import TrainConfig
@@ -171,23 +161,22 @@ def worker_step(
     if uri:
         from mlops.live import MlflowObserver
 
-        kfp_id = kfp_run_id or run_id
         observer = MlflowObserver(
             cfg,
             run_id,
             experiment,
             tracking_uri=uri,
-            kfp_run_id=kfp_id,
+            kfp_run_id=run_id,
             options=asdict(options),
-            run_name=pipeline_run_name(cfg, kfp_id),
+            run_name=pipeline_run_name(cfg, run_id),
             source="kubeflow pipeline fedmedclip",
             record_run_dir=False,  # the pod's temporary directory means nothing to a reader
         )
     site_keys = "mailbox" if cfg.secure_aggregation else None
-    if (
-        run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys)
-        is None
-    ):
+    results = run_server(
+        cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys
+    )
+    if results is None:
         raise FedMedClipError(
             f"the server's state in {published.url} says run {run_id} is done, but its run directory was never "
             "published (the worker stopped in between); the run's results are in its checkpoint: start the "
@@ -226,5 +215,5 @@ def worker_component(
     features_step(extraction, role, party, index, run_id, mailbox, features)
     resume_collection()  # the imports are done (components/__init__.py); the worker may run for days
     return worker_step(
-        config, role, party, index, run_id, mailbox, features, server, experiment, tracking_uri, run_id
+        config, role, party, index, run_id, mailbox, features, server, experiment, tracking_uri
     )
