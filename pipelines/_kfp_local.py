@@ -1,15 +1,8 @@
 """kfp.local, as the pinned kfp (PINNED_VERSION) ships it, made fit for the federation: every workaround of its
 shortcomings is here, and only here (tests/test_kfp_local.py fails if the pinned version changes underneath).
-
-- kfp.local 2.17 runs at most `ParallelExecutor.conservative_max` = 2 iterations of a `dsl.ParallelFor` at a
-  time (kfp/local/orchestrator/enhanced_dag_orchestrator.py); Argo runs them all at once. The federation's
-  server and sites are one loop's iterations waiting for one another: two at a time, they never finish.
-  `parallel_for_runs_all_iterations` lifts the cap during a run, once `check_local_orchestrator` has checked
-  the structure the lift relies on (a kfp that changed fails there with a message instead of hanging).
-- It swaps builtins.print and the root logger's handlers for each task; overlapping tasks restore each other's
-  swaps (`process_state_restored` puts the process back).
-- Its "Cleaned up" message is logged after its own handler is gone (`not_kfp_cleanup` filters it), and it
-  logs every loop item it selects at INFO on the root logger (`kfp_chatter_off` keeps that off the console).
+Its ParallelFor runs 2 iterations at a time where Argo runs them all, and the federation's server and sites are
+one loop's iterations waiting for one another; each task swaps print and the root logger's handlers; it logs
+after its own handler is gone, and every loop item at INFO on the root logger.
 """
 
 from __future__ import annotations
@@ -33,12 +26,10 @@ class LocalOrchestratorChanged(FedMedClipError):
 
 
 def check_local_orchestrator():
-    """The kfp.local structure that lifting the iteration cap relies on; returns the orchestrator module.
-
-    - `ParallelExecutor()` (no arguments) caps iterations at `conservative_max` and `max_workers`;
-    - `execute_parallel_tasks` bounds its thread pool by `self.conservative_max`;
-    - `run_enhanced_dag` looks `ParallelExecutor` up in its module when it runs a DAG (so replacing the
-      module's name for the duration of a run reaches it)."""
+    """The orchestrator module, once checked to have what lifting the cap relies on (a kfp that changed fails
+    here with a message instead of hanging): `ParallelExecutor()` caps iterations at `conservative_max` and
+    `max_workers`, its pool is bounded by `self.conservative_max`, and `run_enhanced_dag` looks the class up in
+    its module on each run (so replacing the module's name for a run reaches it)."""
     import kfp
     from kfp.local.orchestrator import enhanced_dag_orchestrator as orchestrator
 
@@ -66,9 +57,8 @@ def check_local_orchestrator():
 
 @contextlib.contextmanager
 def parallel_for_runs_all_iterations():
-    """Within the block, kfp.local runs all iterations of a ParallelFor at once, as Argo does (a loop's
-    `parallelism`, when set, still bounds them). Only the executor class the orchestrator instantiates is
-    swapped, and it is put back on exit."""
+    """Within the block, kfp.local runs all iterations of a ParallelFor at once (a loop's `parallelism`, when
+    set, still bounds them): the executor class the orchestrator instantiates is swapped for the block."""
     from kfp.local.orchestrator import enhanced_dag_orchestrator
 
     if getattr(enhanced_dag_orchestrator.ParallelExecutor, "lifted_by_fedmedclip", False):
@@ -108,6 +98,7 @@ def process_state_restored():
 
 
 def not_kfp_cleanup(record: logging.LogRecord) -> bool:
+    """Filters kfp.local's "Cleaned up" message, logged after its own handler is gone."""
     return not (_KFP_SOURCE in record.pathname and record.getMessage().startswith("Cleaned up"))
 
 

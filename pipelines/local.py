@@ -36,8 +36,7 @@ class LocalRun:
 def _watch_tasks(
     root: Path, total: int, done: threading.Event, progress: bool, rounds: int, rounds_of
 ) -> None:
-    """Progress bars over the pipeline's tasks (a task is finished when its executor output exists) and,
-    with `rounds_of` (`server_status_reader`), over the federated rounds as the server closes them."""
+    """Progress bars over the tasks (finished: its executor output exists) and the rounds the server closed."""
     from tqdm.auto import tqdm
 
     seen: set[Path] = set()
@@ -67,8 +66,7 @@ def _watch_tasks(
 
 
 def rounds_closed(status: dict, rounds: int) -> int:
-    """How many rounds the server has closed, from its status (docs/contracts.md: `round` is the round it
-    works on; `done` when the run is over)."""
+    """Rounds the server closed, from its status (docs/contracts.md: `round` is the one it works on)."""
     r = status.get("round")
     if not isinstance(r, int):
         return 0
@@ -76,10 +74,9 @@ def rounds_closed(status: dict, rounds: int) -> int:
 
 
 def server_status_reader(mailbox: str, local_stack: str = ""):
-    """A function returning the federation server's last status (`runs/<run>/status/server.json`) in the
-    mailbox (a local directory, or S3 with the local stack's admin key, else the environment's) of the run the
-    local pipeline started, or None while there is none: kfp.local draws the run id itself, so the reader takes
-    the run whose manifest appeared after it was made. Progress only: any failure is None."""
+    """A function returning the server's last status in the mailbox (a local directory, or S3 with the local
+    stack's admin key, else the environment's) for the run whose manifest appeared after it was made (kfp.local
+    draws the run id itself), or None while there is none. Progress only: any failure is None."""
     s3 = mailbox.startswith("s3://")
     if not mailbox or ("://" in mailbox and not s3):
         return None
@@ -140,11 +137,9 @@ def run_compiled(
     rounds_of=None,
     **params,
 ) -> CompiledRun:
-    """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once.
-
-    kfp.local streams every task's executor input and output (thousands of lines). With `log_path` they go
-    to that file instead, and `progress` shows a bar over the tasks (and over the rounds, read from the
-    server's status by `rounds_of`); a failure quotes the log's tail."""
+    """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
+    what kfp.local streams (every task's executor input and output) goes to that file, a failure quotes its
+    tail, and `progress` shows bars over the tasks and the rounds (the server's status read by `rounds_of`)."""
     import yaml
     from kfp import components, local
 
@@ -201,8 +196,7 @@ def run_local(
     rounds_of=None,
     **params,
 ) -> LocalRun:
-    """Execute the fedmedclip pipeline's compiled YAML locally with `params` as pipeline parameters; its
-    run directory is copied to `out` when given."""
+    """Execute the fedmedclip pipeline's YAML locally with `params`; its run directory copied to `out` if given."""
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise FedMedClipError(f"output directory {str(out)!r} is not empty: choose another --out")
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
