@@ -145,9 +145,7 @@ def build_pipeline(options: CompileOptions | None = None):
             for label, value in sorted(opt.gpu_node_selector.items()):
                 kubernetes.add_node_selector(worker, label, value)
             for t in opt.gpu_tolerations:
-                kubernetes.add_toleration(
-                    worker, **{k: t.get(k) for k in ("key", "operator", "value", "effect")}
-                )
+                kubernetes.add_toleration(worker, **t)
         # Only the server's item names the MLflow Secret; a site's names its own S3 Secret, which has no such
         # keys (optional: nothing is set), so no site pod holds the central MLflow's credentials.
         mlflow_access(worker, tracking_secret, WORKER_TRACKING_ENV)
@@ -157,11 +155,8 @@ def build_pipeline(options: CompileOptions | None = None):
         "One party of the federation (the server or a site): its feature extraction, then its long-lived "
         "worker, in one task with that party's own S3 Secret."
     )
-    party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(
-        documented(
-            party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run."
-        )
-    )
+    documented(party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run.")
+    party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(party_pipeline)
 
     class Outputs(NamedTuple):
         run_dir: dsl.Artifact
