@@ -33,32 +33,28 @@ class LocalRun:
     promotion: str = ""  # the register task's outcome: promoted, refused: <why>, not promoted (<why>)
 
 
-def _watch_tasks(
-    root: Path, total: int, done: threading.Event, progress: bool, rounds: int, rounds_of
-) -> None:
+def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rounds_of) -> None:
     """Progress bars over the tasks (finished: its executor output exists) and the rounds the server closed."""
     from tqdm.auto import tqdm
 
     seen: set[Path] = set()
     with contextlib.ExitStack() as bars:
-        bar = bars.enter_context(tqdm(total=total, desc="pipeline tasks", unit="task", disable=not progress))
+        bar = bars.enter_context(tqdm(total=total, desc="pipeline tasks", unit="task"))
         round_bar = None
         while True:
             finished = done.wait(0.5)
-            for path in sorted(
-                set(root.glob("*/*/executor_output.json")) - seen, key=lambda p: p.stat().st_mtime
-            ):
+            new = set(root.glob("*/*/executor_output.json")) - seen
+            for path in sorted(new, key=lambda p: p.stat().st_mtime):
                 seen.add(path)
                 bar.set_postfix_str(path.parent.name, refresh=False)
                 bar.update(1)
-            status = rounds_of() if rounds_of is not None and rounds and progress else None
+            status = rounds_of() if rounds_of is not None and rounds else None
             if status:
                 if round_bar is None:
                     round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
-                best = status.get("best_round")
-                line = f"server {status.get('state', '?')}" + (
-                    f", best round {best}" if best is not None else ""
-                )
+                line = f"server {status.get('state', '?')}"
+                if status.get("best_round") is not None:
+                    line += f", best round {status['best_round']}"
                 round_bar.set_postfix_str(line, refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
             if finished:
@@ -165,13 +161,14 @@ def run_compiled(
             warnings.filterwarnings(
                 "ignore", message=".*(no effect in the current local runner|base image).*"
             )
-            total = len(next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"])
-            rounds = int((params.get("settings") or {}).get("rounds") or 0)
-            args = (root, total, done, progress, rounds, rounds_of)
-            watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
-            watcher.start()
             logging.getLogger().addFilter(not_kfp_cleanup)
             stack.callback(logging.getLogger().removeFilter, not_kfp_cleanup)
+        if log_path is not None and progress:
+            total = len(next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"])
+            rounds = int((params.get("settings") or {}).get("rounds") or 0)
+            args = (root, total, done, rounds, rounds_of)
+            watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
+            watcher.start()
         try:
             task = pipeline(**params)
         except RuntimeError as e:
