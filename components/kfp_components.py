@@ -1,10 +1,7 @@
-"""What the Kubeflow Pipelines v2 lightweight components (components/<name>/component.py) share: the roles and
-Secrets, the pipeline's `settings` <-> the configuration, `act_as` (local runs: each task its own role's key)
-and the one table documenting every input and output. Each component.py has `<name>_step` (the work on local
-paths) and `<name>_component` (the KFP signature, whose body imports its step: KFP ships only that function's
-source into the pod, and the image has the package).
+"""What the components (components/<name>/component.py: `<name>_step`, the work on local paths, and
+`<name>_component`, the KFP signature) share: the roles and Secrets, the pipeline's `settings` <-> the
+configuration, `act_as` and the one table documenting every input and output.
 
-Nothing here computes a round or writes results.json: the server worker does (fedmedclip/federation/records.py).
 No `from __future__ import annotations` here: KFP reads the component signatures' annotations as types.
 """
 
