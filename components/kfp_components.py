@@ -123,12 +123,10 @@ PARAMETER_DOCS = {
     "server": "The server's options as JSON (fedmedclip.federation.server.ServerOptions).",
     # export, tracking, registry
     "export_site": "Model exported to ONNX: global, a site name, or '' (no export).",
-    "site": "Model exported to ONNX: global, a site name, or '' (no export).",
     "tracking_uri": "MLflow server; '' = the endpoints ConfigMap's MLFLOW_TRACKING_URI (none: no tracking).",
     "experiment": "MLflow experiment of the run.",
     "model_name": "Registered model name.",
     "promote_alias": "Alias the new version is promoted to ('' registers only).",
-    "alias": "Alias the new version is promoted to ('' registers only).",
     "allow_worse": "Promote even when its global balanced accuracy is below the alias holder's.",
     "allow_different_data": "Promote even when the alias holder was trained on other data or partition.",
     "max_epsilon": "Refuse the promotion of a version trained without record-level differential privacy or "
@@ -148,6 +146,7 @@ PARAMETER_DOCS = {
     "without a tracking server.",
     "promotion": "promoted, refused: <why> (the version stays registered), or not promoted (<why>).",
 }
+PARAMETER_DOCS.update(site=PARAMETER_DOCS["export_site"], alias=PARAMETER_DOCS["promote_alias"])
 _RETURNS = {
     "prepare": "The parties [server, site_0, ...], each item carrying its role, name, Secret and settings.",
     "worker": "The MLflow run id of the server's live tracking ('' for a site or without tracking).",

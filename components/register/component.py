@@ -34,13 +34,10 @@ def register_step(
 ) -> tuple[str, str]:
     """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
     run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
-    promote it. Returns (model URI, promotion outcome): the URI is '' when no tracking server is configured
-    (registration skipped); the outcome is `promoted`, `refused: <why>` or `not promoted (...)`.
-
-    Idempotent (KFP retries this task): the registration is keyed on the MLflow run and the ONNX file, so a
-    retry finds its own version; promoting a version that already holds the alias changes nothing. A refused
-    promotion leaves the version registered, is logged as an error line and returned as the outcome, and fails
-    the task when `fail_if_not_promoted` (the operator's choice: the run then ends red in the KFP UI)."""
+    promote it. Returns (model URI, '' without a tracking server; `promoted`, `refused: <why>` or `not promoted
+    (...)`). Idempotent (KFP retries this task): keyed on the MLflow run and the ONNX file, a retry finds its
+    own version. A refused promotion leaves the version registered, logs an error line, and fails the task
+    when `fail_if_not_promoted` (the operator's choice: the run then ends red in the KFP UI)."""
     from fedmedclip.errors import FedMedClipError
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
