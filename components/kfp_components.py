@@ -1,30 +1,6 @@
-"""What the Kubeflow Pipelines v2 lightweight components share: the federation runtime (fedmedclip.federation)
-as pipeline tasks, one folder per component (components/<name>/: component.py, README.md, its tests).
-
-The pipeline (pipelines/pipeline.py) is one graph for any number of sites and rounds:
-
-    prepare ──► ParallelFor over the parties [server, site_0, site_1, ...]:
-                    worker: extract features, then the federation worker (one task, GPU, the party's own Secret)
-            ──► report (server's Secret) ──► export ONNX ──► register + promote (MLflow)
-
-The workers of one run are long-lived and run at the same time, each after encoding its own party's images in
-the same process (one cold start per party, not two): the server worker is `fedmedclip server run`
-(`run_server`), each site worker is `fedmedclip site run` (`run_site`); they exchange codec payloads through the
-mailbox (docs/contracts.md, "Federation runtime: the mailbox") under the run id = the KFP run id, so a retried
-worker continues the run from its checkpoints in storage (the server's in the mailbox, a site's under its own
-prefix `sites/<k>/private/<run>/`), never from the pod's disk. Rounds are a loop inside the workers, not tasks.
-
-Each component.py has two halves:
-- `<name>_step`: the work, plain Python on local paths (tests/test_pipeline_steps.py runs them in sequence);
-- `<name>_component`: the KFP signature. KFP ships only a component function's own source into the pod, so
-  each body imports its step (the image has the package). `components_for(base_image)` builds them.
-This module holds what they share: the roles and Secrets, the configuration <-> parameters mapping, `act_as`
-(local runs: each task its own role's key), and the one table documenting every input and output.
-
-Nothing here computes a round, selects a round or writes results.json: the server worker's FederationServer does
-(fedmedclip/federation/records.py). The server worker uploads the run directory it wrote to its private area of the
-mailbox (`runs/<run>/server/rundir/`, a manifest with every file's sha256 written last: mlops/tree.py); the
-report task downloads it with the server's credentials into the `run_dir` artifact.
+"""What the components (components/<name>/component.py: `<name>_step`, the work on local paths, and
+`<name>_component`, the KFP signature) share: the roles and Secrets, the pipeline's `settings` <-> the
+configuration, `act_as` and the one table documenting every input and output.
 
 No `from __future__ import annotations` here: KFP reads the component signatures' annotations as types.
 """
@@ -46,12 +22,8 @@ WORKER_TRACKING_ENV = "FEDMEDCLIP_TRACKING_URI"
 POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod (an emptyDir-backed /tmp in the training image)
 
 
-# ------------------------------------------------------------------------------- configuration <-> parameters
 def pipeline_settings(cfg=None, options=None) -> dict:
-    """The pipeline's structured `settings` parameter of a validated TrainConfig and ServerOptions (default:
-    the declared defaults): every field declared for the pipeline (fedmedclip/flags.py), unset ones left out.
-    `federation` (the pipeline trains federated) and `out` (the run directory is the report task's artifact)
-    are not declared for it."""
+    """The pipeline's `settings` parameter of a TrainConfig and ServerOptions (default: the declared defaults)."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.flags import to_parameters
@@ -60,9 +32,8 @@ def pipeline_settings(cfg=None, options=None) -> dict:
 
 
 def settings_from_parameters(settings: dict, config_cls=None):
-    """(validated TrainConfig, ServerOptions) of the pipeline's `settings` (the prepare task; a ConfigError
-    names the problem). KFP gives every number back as a float; the declared types convert them. Without a
-    `cache_dir`, the pod's own (POD_CACHE_DIR)."""
+    """(validated TrainConfig, ServerOptions) of the pipeline's `settings`; ConfigError names the problem.
+    Without a `cache_dir`, the pod's own (POD_CACHE_DIR)."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.flags import PIPELINE, check_declared, from_parameters
@@ -75,9 +46,8 @@ def settings_from_parameters(settings: dict, config_cls=None):
 
 
 def resolved_config(cfg) -> tuple[dict, dict]:
-    """The run's configuration as the parties get it (the method's preprocessing filled in), and what a party's
-    feature extraction depends on: the fields declared `extraction=True` (the key of the features a party
-    publishes to its private area of the run, which its retried worker fetches instead of encoding again)."""
+    """The run's configuration as the parties get it (the method's preprocessing filled in), and the fields its
+    feature extraction depends on (declared `extraction=True`: the key of the features a party publishes)."""
     from fedmedclip.flags import declared
     from fedmedclip.methods import METHODS
 
@@ -87,18 +57,16 @@ def resolved_config(cfg) -> tuple[dict, dict]:
     return resolved, {d.name: resolved[d.name] for d in fields if d.meta["extraction"]}
 
 
-# ------------------------------------------------------------------------------------------- helpers
 def act_as(role: str, local_stack: str) -> None:
     """Local runs only: take `role`'s S3 credentials from the local stack recorded in `local_stack` (each task
     its own role, as each pod in a cluster gets only its own Secret). With '' the environment is kept."""
     if not local_stack:
         return
     from devstack.stack import read_state
+    from fedmedclip.errors import ConfigError
 
     info = read_state(local_stack)
     if info is None:
-        from fedmedclip.errors import ConfigError
-
         raise ConfigError(
             f"local_stack {local_stack!r}: no local stack is recorded there (`fedmedclip stack up`)"
         )
@@ -155,12 +123,10 @@ PARAMETER_DOCS = {
     "server": "The server's options as JSON (fedmedclip.federation.server.ServerOptions).",
     # export, tracking, registry
     "export_site": "Model exported to ONNX: global, a site name, or '' (no export).",
-    "site": "Model exported to ONNX: global, a site name, or '' (no export).",
     "tracking_uri": "MLflow server; '' = the endpoints ConfigMap's MLFLOW_TRACKING_URI (none: no tracking).",
     "experiment": "MLflow experiment of the run.",
     "model_name": "Registered model name.",
     "promote_alias": "Alias the new version is promoted to ('' registers only).",
-    "alias": "Alias the new version is promoted to ('' registers only).",
     "allow_worse": "Promote even when its global balanced accuracy is below the alias holder's.",
     "allow_different_data": "Promote even when the alias holder was trained on other data or partition.",
     "max_epsilon": "Refuse the promotion of a version trained without record-level differential privacy or "
@@ -180,6 +146,7 @@ PARAMETER_DOCS = {
     "without a tracking server.",
     "promotion": "promoted, refused: <why> (the version stays registered), or not promoted (<why>).",
 }
+PARAMETER_DOCS.update(site=PARAMETER_DOCS["export_site"], alias=PARAMETER_DOCS["promote_alias"])
 _RETURNS = {
     "prepare": "The parties [server, site_0, ...], each item carrying its role, name, Secret and settings.",
     "worker": "The MLflow run id of the server's live tracking ('' for a site or without tracking).",
@@ -196,6 +163,7 @@ _SUMMARIES = {
     "register": "Register the run's model in MLflow (keyed on the run: a retry finds its version) and promote "
     "it to the alias when it is at least as good as the holder.",
 }
+NAMES = tuple(_SUMMARIES)  # one folder each: components/<name>/
 
 
 def documented(func, summary: str, returns: str = ""):
@@ -204,13 +172,10 @@ def documented(func, summary: str, returns: str = ""):
     import inspect
 
     inputs, outputs = [], []
-    for name, param in inspect.signature(func).parameters.items():
-        annotation = str(param.annotation)
-        (outputs if "Output" in annotation else inputs).append(name)
-    ret = inspect.signature(func).return_annotation
-    fields = getattr(ret, "_fields", None)
-    if fields:
-        outputs += list(fields)
+    signature = inspect.signature(func)
+    for name, param in signature.parameters.items():
+        (outputs if "Output" in str(param.annotation) else inputs).append(name)
+    outputs += getattr(signature.return_annotation, "_fields", ())
     lines = [summary, "", "Args:"]
     lines += [f"    {n}: {PARAMETER_DOCS[n]}" for n in inputs]
     described = [(n, PARAMETER_DOCS[n]) for n in outputs] + ([("Output", returns)] if returns else [])
@@ -220,34 +185,19 @@ def documented(func, summary: str, returns: str = ""):
     return func
 
 
-NAMES = (
-    "prepare",
-    "worker",
-    "report",
-    "export",
-    "register",
-)  # one folder each: components/<name>/
-
-
 def component_functions() -> dict:
     """Each component's KFP function (components/<name>/component.py), documented from PARAMETER_DOCS."""
     import importlib
 
-    funcs = {
-        n: getattr(importlib.import_module(f"components.{n}.component"), f"{n}_component") for n in NAMES
-    }
-    for name, func in funcs.items():
-        documented(func, _SUMMARIES[name], _RETURNS.get(name, ""))
-    return funcs
+    def load(n):
+        return getattr(importlib.import_module(f"components.{n}.component"), f"{n}_component")
+
+    return {n: documented(load(n), _SUMMARIES[n], _RETURNS.get(n, "")) for n in NAMES}
 
 
 @functools.cache
 def components_for(base_image: str = DEFAULT_BASE_IMAGE) -> SimpleNamespace:
     """The components built on `base_image` (our training image; compile option --base-image):
     `@dsl.component(base_image=..., install_kfp_package=False)`, so no pip install at pod start."""
-    return SimpleNamespace(
-        **{
-            name: dsl.component(fn, base_image=base_image, install_kfp_package=False)
-            for name, fn in component_functions().items()
-        }
-    )
+    build = functools.partial(dsl.component, base_image=base_image, install_kfp_package=False)
+    return SimpleNamespace(**{name: build(fn) for name, fn in component_functions().items()})

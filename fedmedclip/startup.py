@@ -8,7 +8,7 @@ collector (`pause_collection`), and resumes it once its imports are done (`resum
 `gc.freeze()` has moved everything that exists by then out of the collector's sight for good (resuming without
 the freeze gains nothing: the next full collection walks it all). Used by the `fedmedclip` command while it
 builds its parser, whose declarations import torch and the methods (`imports_without_collection`), and by the
-Kubeflow tasks (components/task_gc.py).
+Kubeflow tasks (components/__init__.py).
 """
 
 from __future__ import annotations

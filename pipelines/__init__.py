@@ -1,1 +1,0 @@
-"""Kubeflow pipelines composed from components/."""

@@ -1,9 +1,6 @@
-"""Running the pipeline on this machine with kfp.local (SubprocessRunner: each task is a subprocess of
-this Python, no Docker, no cluster). It runs the compiled IR YAML itself: the artifact a cluster gets.
-
-Every ParallelFor iteration runs at once, as on Argo (the federation's server and sites wait for one another):
-kfp.local's own cap of two is lifted while a run goes on (pipelines/_kfp_local.py, where every kfp.local
-workaround lives). tests/test_kfp_local.py proves both the cap and the lift with real kfp.local runs.
+"""Running the pipeline on this machine with kfp.local (SubprocessRunner: each task is a subprocess of this
+Python, no Docker, no cluster), from the compiled IR YAML itself: the artifact a cluster gets. Every iteration
+of a ParallelFor runs at once, as on Argo (pipelines/_kfp_local.py lifts kfp.local's cap of two).
 """
 
 from __future__ import annotations
@@ -36,29 +33,13 @@ class LocalRun:
     promotion: str = ""  # the register task's outcome: promoted, refused: <why>, not promoted (<why>)
 
 
-def _task_count(pipeline_yaml: Path) -> int:
-    import yaml
-
-    spec = next(yaml.safe_load_all(pipeline_yaml.read_text()))
-    return len(spec["root"]["dag"]["tasks"])
-
-
-def _watch_tasks(
-    root: Path,
-    total: int,
-    done: threading.Event,
-    progress: bool,
-    rounds: int = 0,
-    rounds_of=None,
-) -> None:
-    """Progress bars over the pipeline's tasks (a task is finished when its executor output exists) and,
-    with `rounds_of` (a reader of the federation server's status in the mailbox, `server_status_reader`),
-    over the federated rounds as the server closes them."""
+def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rounds_of) -> None:
+    """Progress bars over the tasks (finished: its executor output exists) and the rounds the server closed."""
     from tqdm.auto import tqdm
 
     seen: set[Path] = set()
     with contextlib.ExitStack() as bars:
-        bar = bars.enter_context(tqdm(total=total, desc="pipeline tasks", unit="task", disable=not progress))
+        bar = bars.enter_context(tqdm(total=total, desc="pipeline tasks", unit="task"))
         round_bar = None
         while True:
             finished = done.wait(0.5)
@@ -67,113 +48,74 @@ def _watch_tasks(
                 seen.add(path)
                 bar.set_postfix_str(path.parent.name, refresh=False)
                 bar.update(1)
-            status = rounds_of() if rounds_of is not None and rounds and progress else None
+            status = rounds_of() if rounds_of is not None and rounds else None
             if status:
                 if round_bar is None:
                     round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
-                closed = rounds_closed(status, rounds)
-                round_bar.set_postfix_str(status_line(status), refresh=False)
-                round_bar.update(max(0, closed - round_bar.n))
+                line = f"server {status.get('state', '?')}"
+                if status.get("best_round") is not None:
+                    line += f", best round {status['best_round']}"
+                round_bar.set_postfix_str(line, refresh=False)
+                round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
             if finished:
                 return
 
 
 def rounds_closed(status: dict, rounds: int) -> int:
-    """How many rounds the server has closed, from its status (docs/contracts.md: `round` is the round it
-    works on; `done` when the run is over)."""
+    """Rounds the server closed, from its status (docs/contracts.md: `round` is the one it works on)."""
     r = status.get("round")
     if not isinstance(r, int):
         return 0
     return rounds if status.get("state") == "done" else max(0, min(rounds, r - 1))
 
 
-def status_line(status: dict) -> str:
-    text = f"server {status.get('state', '?')}"
-    if status.get("best_round") is not None:
-        text += f", best round {status['best_round']}"
-    return text
-
-
 def server_status_reader(mailbox: str, local_stack: str = ""):
-    """A function returning the federation server's last status (`runs/<run>/status/server.json` in the
-    mailbox) of the run the local pipeline started, or None while there is none. The run id is the KFP run's,
-    which kfp.local draws itself: the reader takes the run whose manifest appeared after it was made.
-
-    A local directory is read directly; an S3 mailbox with the local stack's admin key (`local_stack`), else
-    with the environment's credentials. Progress only: any failure is None."""
-    since = time.time() - 1.0
-    if not mailbox:
+    """A function returning the server's last status in the mailbox (a local directory, or S3 with the local
+    stack's admin key, else the environment's) for the run whose manifest appeared after it was made (kfp.local
+    draws the run id itself), or None while there is none. Progress only: any failure is None."""
+    s3 = mailbox.startswith("s3://")
+    if not mailbox or ("://" in mailbox and not s3):
         return None
-    found: dict = {}
+    since, found = time.time() - 1.0, {}
 
-    if "://" not in mailbox:
-        runs = Path(mailbox) / "runs"
-
-        def newest():
-            manifests = [m for m in runs.glob("*/manifest.json") if m.stat().st_mtime >= since]
-            return max(manifests, key=lambda m: m.stat().st_mtime).parent.name if manifests else None
-
-        def read(run: str):
-            path = runs / run / "status" / "server.json"
-            return json.loads(path.read_text()) if path.is_file() else None
-
-    elif mailbox.startswith("s3://"):
-        bucket, _, prefix = mailbox[len("s3://") :].partition("/")
-        prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-
-        def client():
-            if "client" not in found:
-                if local_stack:
-                    from devstack.stack import read_state
-
-                    found["client"] = read_state(local_stack).s3_client()
-                else:
-                    from mlops.s3 import s3_client
-
-                    found["client"] = s3_client()
-            return found["client"]
-
-        def newest():
-            listed = client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}runs/", Delimiter="/")
-            best = None
-            for common in listed.get("CommonPrefixes", []):
-                key = f"{common['Prefix']}manifest.json"
-                try:
-                    modified = client().head_object(Bucket=bucket, Key=key)["LastModified"].timestamp()
-                except Exception:
-                    continue
-                if modified >= since and (best is None or modified > best[0]):
-                    best = (modified, common["Prefix"][len(prefix) + len("runs/") :].strip("/"))
-            return best[1] if best else None
-
-        def read(run: str):
-            key = f"{prefix}runs/{run}/status/server.json"
-            return json.loads(client().get_object(Bucket=bucket, Key=key)["Body"].read(1 << 20))
-
-    else:
-        return None
+    def started_runs(store) -> dict[str, float]:
+        """Each run of the mailbox, with the time its manifest was written."""
+        if not s3:
+            return {m.parent.name: m.stat().st_mtime for m in Path(mailbox, "runs").glob("*/manifest.json")}
+        prefix = f"{store.prefix}/runs/" if store.prefix else "runs/"
+        listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix, Delimiter="/")
+        runs = {}
+        for common in listed.get("CommonPrefixes", []):
+            with contextlib.suppress(Exception):  # no manifest (yet)
+                head = store.client.head_object(Bucket=store.bucket, Key=f"{common['Prefix']}manifest.json")
+                runs[common["Prefix"][len(prefix) :].strip("/")] = head["LastModified"].timestamp()
+        return runs
 
     def status() -> dict | None:
         try:
+            if "store" not in found:
+                from fedmedclip.federation.storage import open_store
+
+                if s3 and local_stack:
+                    from devstack.stack import read_state
+                    from mlops.s3 import S3Store
+
+                    found["store"] = S3Store(mailbox, read_state(local_stack).s3_client())
+                else:
+                    found["store"] = open_store(mailbox)
             if "run" not in found:
-                run = newest()
-                if run is None:
+                runs = {run: t for run, t in started_runs(found["store"]).items() if t >= since}
+                if not runs:
                     return None
-                found["run"] = run
-            got = read(found["run"])
+                found["run"] = max(runs, key=runs.get)
+            raw = found["store"].get(f"runs/{found['run']}/status/server.json", max_bytes=1 << 20)
+            got = json.loads(raw) if raw is not None else None
             return got if isinstance(got, dict) else None
         except Exception as exc:  # progress display only
             log.debug("server status not readable yet: %s", exc)
             return None
 
     return status
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -191,11 +133,10 @@ def run_compiled(
     rounds_of=None,
     **params,
 ) -> CompiledRun:
-    """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once.
-
-    kfp.local streams every task's executor input and output (thousands of lines). With `log_path` they go
-    to that file instead, and `progress` shows a bar over the tasks (and over the rounds, read from the
-    server's status by `rounds_of`); a failure quotes the log's tail."""
+    """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
+    what kfp.local streams (every task's executor input and output) goes to that file, a failure quotes its
+    tail, and `progress` shows bars over the tasks and the rounds (the server's status read by `rounds_of`)."""
+    import yaml
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)
@@ -220,28 +161,21 @@ def run_compiled(
             warnings.filterwarnings(
                 "ignore", message=".*(no effect in the current local runner|base image).*"
             )
-            watcher = threading.Thread(
-                target=_watch_tasks,
-                args=(
-                    root,
-                    _task_count(pipeline_yaml),
-                    done,
-                    progress,
-                    int(params.get("rounds") or 0),
-                    rounds_of,
-                ),
-                daemon=True,
-            )
+            logging.getLogger().addFilter(not_kfp_cleanup)
+            stack.callback(logging.getLogger().removeFilter, not_kfp_cleanup)
+        if log_path is not None and progress:
+            total = len(next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"])
+            rounds = int((params.get("settings") or {}).get("rounds") or 0)
+            args = (root, total, done, rounds, rounds_of)
+            watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
             watcher.start()
-            root_logger = logging.getLogger()
-            root_logger.addFilter(not_kfp_cleanup)
-            stack.callback(root_logger.removeFilter, not_kfp_cleanup)
         try:
             task = pipeline(**params)
         except RuntimeError as e:
-            where = (
-                f"\n--- last lines of {log_path} ---\n{_tail(log_path)}" if log_path else " (task logs above)"
-            )
+            where = " (task logs above)"
+            if log_path:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+                where = f"\n--- last lines of {log_path} ---\n{tail}"
             raise FedMedClipError(f"the local pipeline run failed: {e}; artifacts in {root}{where}") from e
         finally:
             done.set()
@@ -259,8 +193,7 @@ def run_local(
     rounds_of=None,
     **params,
 ) -> LocalRun:
-    """Execute the fedmedclip pipeline's compiled YAML locally with `params` as pipeline parameters; its
-    run directory is copied to `out` when given."""
+    """Execute the fedmedclip pipeline's YAML locally with `params`; its run directory copied to `out` if given."""
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise FedMedClipError(f"output directory {str(out)!r} is not empty: choose another --out")
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
@@ -272,12 +205,11 @@ def run_local(
     done = run_compiled(
         pipeline_yaml, pipeline_root, log_path=log_path, progress=progress, rounds_of=rounds_of, **params
     )
-    run_dir = Path(done.task.outputs["run_dir"].path)
-    if out is not None:
-        shutil.copytree(run_dir, out, dirs_exist_ok=True)
-        run_dir = Path(out)
-    results = json.loads((run_dir / "results.json").read_text())
     outputs = done.task.outputs
+    run_dir = Path(outputs["run_dir"].path)
+    if out is not None:
+        run_dir = Path(shutil.copytree(run_dir, out, dirs_exist_ok=True))
+    results = json.loads((run_dir / "results.json").read_text())
     return LocalRun(
         run_dir, outputs["model_uri"], results, done.seconds, done.pipeline_root, outputs.get("promotion", "")
     )

@@ -1,22 +1,11 @@
 """The fedmedclip Kubeflow pipeline: one graph for any number of sites and rounds (both are run-time settings).
 
-    prepare (server Secret) ──► ParallelFor over [server, site_0, site_1, ...]  (all iterations at once):
-                                   worker: extract features, then the federation worker, in one task
-                                           (GPU, the party's own Secret; retried, resumes)
-                             ──► report (server Secret) ──► export ONNX (server Secret) ──► register + promote (MLflow)
+    prepare ──► ParallelFor over [server, site_0, ...] (every iteration at once): worker (extract features,
+                then the federation worker; GPU, the party's own Secret; retried, resumes)
+            ──► report ──► export ONNX ──► register + promote (MLflow)
 
-Each iteration is one party of the federation runtime (fedmedclip.federation): its one task encodes only its own
-images (published to the party's private area of the run, so a retried task fetches them instead of encoding
-again), then runs the long-lived `fedmedclip server run` or `fedmedclip site run` in the same process, and the
-workers exchange codec payloads through the mailbox (`mailbox`, default the data's bucket) under the run id =
-the KFP run id, so a retried worker resumes the run instead of restarting it. Rounds loop inside the workers,
-so the graph (and its compiled YAML) is the same for 1 or 500 sites, 1 or 10,000 rounds. Each iteration reads
-its own Kubernetes Secret: the loop item names it, and KFP compiles it to `secretNameParameter`.
-
-Extraction and worker are one task, not two: each task is a cold start of the KFP executor, torch and
-transformers (seconds of CPU, paid by every party), and the worker needs the same imports (bench/bench_pipeline.py
-measures the pipeline against the in-process engine; pipelines/README.md quotes it). The report waits for the
-loop with `.after`: kfp 2.17 does not compile `dsl.Collected` there, see pipelines/README.md.
+pipelines/README.md says why each party is one task, how the run id (the KFP run id) lets a retried worker
+resume, and why the report waits for the loop with `.after` (kfp 2.17 does not compile `dsl.Collected` there).
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
@@ -30,6 +19,8 @@ PIPELINE_NAME = "fedmedclip"
 DEFAULT_YAML = Path(__file__).with_name("fedmedclip_pipeline.yaml")
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_ENDPOINT_KEYS = {k: k for k in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")}
+# The fields of each item of the parties' loop (components/prepare: prepare_step), as namedtuple lists them.
+PARTY_ITEM = "role party index secret tracking_secret extraction config server mailbox"
 
 
 @dataclass(frozen=True)
@@ -40,25 +31,6 @@ class Resources:
     memory_limit: str
 
 
-# Per kind of task. A worker (a party: its feature extraction, then its federation worker) is sized for the
-# extraction, its heaviest part, and is the only task that asks for a GPU (the per-site GPU pods).
-DEFAULT_RESOURCES = {
-    "prepare": Resources("500m", "2", "1Gi", "4Gi"),
-    "worker": Resources("2", "8", "8Gi", "16Gi"),
-    "report": Resources("250m", "1", "512Mi", "2Gi"),
-    "export": Resources("2", "4", "8Gi", "16Gi"),
-    "register": Resources("500m", "2", "2Gi", "4Gi"),
-}
-# Seconds before Kubernetes stops a task (activeDeadlineSeconds). A worker lives as long as the federation.
-DEFAULT_TIMEOUTS = {
-    "prepare": 3600,
-    "worker": 72 * 3600,  # its extraction included
-    "report": 1800,
-    "export": 2 * 3600,
-    "register": 3600,
-}
-
-
 @dataclass(frozen=True)
 class Retry:
     retries: int
@@ -67,14 +39,20 @@ class Retry:
     max_backoff: str = "10m"
 
 
-DEFAULT_RETRIES = {
-    "prepare": Retry(2),
-    # A retried worker fetches the features it published and continues from its last checkpoint in storage.
-    "worker": Retry(5),
-    "report": Retry(3),
-    "export": Retry(1),
-    "register": Retry(3),
+# Per kind of task: its resources (a worker, a party's extraction then its federation worker, is sized for the
+# extraction, its heaviest part, and alone asks for a GPU), the seconds before Kubernetes stops it
+# (activeDeadlineSeconds: a worker lives as long as the federation) and its retries (a retried worker fetches
+# the features it published and continues from its last checkpoint in storage).
+_TASKS = {
+    "prepare": (Resources("500m", "2", "1Gi", "4Gi"), 3600, Retry(2)),
+    "worker": (Resources("2", "8", "8Gi", "16Gi"), 72 * 3600, Retry(5)),
+    "report": (Resources("250m", "1", "512Mi", "2Gi"), 1800, Retry(3)),
+    "export": (Resources("2", "4", "8Gi", "16Gi"), 2 * 3600, Retry(1)),
+    "register": (Resources("500m", "2", "2Gi", "4Gi"), 3600, Retry(3)),
 }
+DEFAULT_RESOURCES = {kind: task[0] for kind, task in _TASKS.items()}
+DEFAULT_TIMEOUTS = {kind: task[1] for kind, task in _TASKS.items()}
+DEFAULT_RETRIES = {kind: task[2] for kind, task in _TASKS.items()}
 
 
 @dataclass(frozen=True)
@@ -107,7 +85,9 @@ def build_pipeline(options: CompileOptions | None = None):
     c = components_for(opt.base_image or DEFAULT_BASE_IMAGE)
     secret_keys = {k: k for k in SECRET_KEYS}
 
-    def configure(task, kind: str, display: str, cache: bool = True):
+    def configure(task, kind: str, display: str, secret, cache: bool = True):
+        """The task's resources, retries, time limit and caching; the S3 key of the party it acts as (`secret`)
+        and where the bucket is (optional, so a cluster without the ConfigMap still runs path data)."""
         r = opt.resources[kind]
         task.set_display_name(display)
         task.set_cpu_request(r.cpu_request).set_cpu_limit(r.cpu_limit)
@@ -117,33 +97,16 @@ def build_pipeline(options: CompileOptions | None = None):
             task.set_retry(retry.retries, retry.backoff, retry.factor, retry.max_backoff)
         kubernetes.set_timeout(task, int(opt.timeouts[kind]))
         task.set_caching_options(cache)
+        if secret is not None:
+            kubernetes.use_secret_as_env(task, secret, secret_keys)
+            kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, S3_ENDPOINT_KEYS, optional=True)
         return task
 
-    def s3_endpoint(task):
-        # Where the bucket is; optional, so a cluster without the ConfigMap still runs path data.
-        return kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, S3_ENDPOINT_KEYS, optional=True)
-
-    def gpu_task(task):
-        if opt.gpu:
-            task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
-            for label, value in sorted(opt.gpu_node_selector.items()):
-                kubernetes.add_node_selector(task, label, value)
-            for t in opt.gpu_tolerations:
-                kubernetes.add_toleration(
-                    task,
-                    key=t.get("key"),
-                    operator=t.get("operator"),
-                    value=t.get("value"),
-                    effect=t.get("effect"),
-                )
-        return task
-
-    def tracking(task):
-        # The tracking server and the pipeline's MLflow user (infra/training); both optional.
-        kubernetes.use_config_map_as_env(
-            task, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}, optional=True
-        )
-        return kubernetes.use_secret_as_env(task, MLFLOW_SECRET_NAME, MLFLOW_SECRET_KEYS, optional=True)
+    def mlflow_access(task, secret: str, uri_env: str):
+        """The MLflow user from `secret` and the tracking server from the endpoints ConfigMap (both optional)."""
+        kubernetes.use_secret_as_env(task, secret, MLFLOW_SECRET_KEYS, optional=True)
+        uri = {"MLFLOW_TRACKING_URI": uri_env}
+        kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, uri, optional=True)
 
     def party_pipeline(
         role: str,
@@ -175,31 +138,25 @@ def build_pipeline(options: CompileOptions | None = None):
             tracking_uri=tracking_uri,
             local_stack=local_stack,
         )
-        configure(
-            worker,
-            "worker",
-            f"extract features{' (GPU)' if opt.gpu else ''}, then the federation worker",
-            cache=False,
-        )
-        kubernetes.use_secret_as_env(worker, secret, secret_keys)
-        s3_endpoint(gpu_task(worker))
+        display = f"extract features{' (GPU)' if opt.gpu else ''}, then the federation worker"
+        configure(worker, "worker", display, secret, cache=False)
+        if opt.gpu:
+            worker.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+            for label, value in sorted(opt.gpu_node_selector.items()):
+                kubernetes.add_node_selector(worker, label, value)
+            for t in opt.gpu_tolerations:
+                kubernetes.add_toleration(worker, **t)
         # Only the server's item names the MLflow Secret; a site's names its own S3 Secret, which has no such
         # keys (optional: nothing is set), so no site pod holds the central MLflow's credentials.
-        kubernetes.use_secret_as_env(worker, tracking_secret, MLFLOW_SECRET_KEYS, optional=True)
-        kubernetes.use_config_map_as_env(
-            worker, ENDPOINTS_CONFIGMAP, {"MLFLOW_TRACKING_URI": WORKER_TRACKING_ENV}, optional=True
-        )
+        mlflow_access(worker, tracking_secret, WORKER_TRACKING_ENV)
         return worker.output
 
     party_summary = (
         "One party of the federation (the server or a site): its feature extraction, then its long-lived "
         "worker, in one task with that party's own S3 Secret."
     )
-    party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(
-        documented(
-            party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run."
-        )
-    )
+    documented(party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run.")
+    party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(party_pipeline)
 
     class Outputs(NamedTuple):
         run_dir: dsl.Artifact
@@ -225,41 +182,26 @@ def build_pipeline(options: CompileOptions | None = None):
         local_stack: str = "",
     ) -> Outputs:
         prep = c.prepare(settings=settings, site_names=site_names, mailbox=mailbox, local_stack=local_stack)
-        configure(prep, "prepare", "prepare: validate, partition, parties")
         # The server's credentials: s3:// data's server/published.json (no site's prefix).
-        kubernetes.use_secret_as_env(prep, SERVER_SECRET_NAME, secret_keys)
-        s3_endpoint(prep)
+        configure(prep, "prepare", "prepare: validate, partition, parties", SERVER_SECRET_NAME)
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         with dsl.ParallelFor(prep.output) as party:
             worker = party_pipeline(
-                role=party.role,
-                party=party.party,
-                index=party.index,
-                secret=party.secret,
-                tracking_secret=party.tracking_secret,
-                extraction=party.extraction,
-                config=party.config,
-                server=party.server,
+                **{name: getattr(party, name) for name in PARTY_ITEM.split()},
                 run_id=run_id,
-                mailbox=party.mailbox,
                 experiment=experiment,
                 tracking_uri=tracking_uri,
                 local_stack=local_stack,
             ).set_display_name("party: its features, then its federation worker")
 
-        report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack).after(
-            worker
-        )
-        configure(report, "report", "report: the server's run directory", cache=False)
-        kubernetes.use_secret_as_env(report, SERVER_SECRET_NAME, secret_keys)
-        s3_endpoint(report)
+        report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack)
+        report.after(worker)
+        configure(report, "report", "report: the server's run directory", SERVER_SECRET_NAME, cache=False)
 
         export = c.export(run_dir=report.outputs["run_dir"], site=export_site, local_stack=local_stack)
-        configure(export, "export", "export ONNX")
         # The server's credentials: the global model's OOD score is fitted on the server's images.
-        kubernetes.use_secret_as_env(export, SERVER_SECRET_NAME, secret_keys)
-        s3_endpoint(export)
+        configure(export, "export", "export ONNX", SERVER_SECRET_NAME)
 
         reg = c.register(
             run_dir=report.outputs["run_dir"],
@@ -275,13 +217,9 @@ def build_pipeline(options: CompileOptions | None = None):
             max_epsilon=max_epsilon,
             kfp_run_id=run_id,
         )
-        configure(reg, "register", "register + promote (MLflow)", cache=False)
-        tracking(reg)
-        return Outputs(
-            run_dir=report.outputs["run_dir"],
-            model_uri=reg.outputs["model_uri"],
-            promotion=reg.outputs["promotion"],
-        )
+        configure(reg, "register", "register + promote (MLflow)", None, cache=False)
+        mlflow_access(reg, MLFLOW_SECRET_NAME, "MLFLOW_TRACKING_URI")  # the pipeline's user (infra/training)
+        return Outputs(report.outputs["run_dir"], reg.outputs["model_uri"], reg.outputs["promotion"])
 
     summary = (
         "Federated adaptation of a frozen CLIP (FedMedCLIP, FACMIC and baselines) as a federation runtime: a "

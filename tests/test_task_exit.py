@@ -1,4 +1,4 @@
-"""A KFP task's process leaves right after its work (components/task_exit.py): with status 0 and its output
+"""A KFP task's process leaves right after its work (components/__init__.py): with status 0 and its output
 flushed when it succeeded, the normal way (traceback, non-zero status) when it failed or called sys.exit,
 and never outside a KFP task."""
 

@@ -1,5 +1,5 @@
 """A KFP task's process, and a fresh `fedmedclip` process, collect no garbage while they import
-(fedmedclip/startup.py, components/task_gc.py): in a task the collector is paused when the components are
+(fedmedclip/startup.py, components/__init__.py): in a task the collector is paused when the components are
 imported, and a task resuming it afterwards has everything imported so far frozen out of the collector's sight;
 outside a KFP task nothing changes."""
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import gc, json, sys
 import components.kfp_components
-from components.task_gc import resume_collection
+from fedmedclip.startup import resume_collection
 paused = not gc.isenabled()
 resume_collection()
 print(json.dumps({"paused": paused, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))

@@ -1,1 +1,0 @@
-"""The export component: component.py (its step and its KFP definition), README.md (inputs and outputs)."""

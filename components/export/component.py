@@ -19,10 +19,10 @@ def export_step(run_dir: str, site: str, onnx_dir: str) -> str:
     if not site:
         log.info("export skipped: export_site is empty")
         return ""
-    from components.task_gc import resume_collection
     from fedmedclip.export import export_onnx
+    from fedmedclip.startup import resume_collection
 
-    resume_collection()  # the imports are done (components/task_gc.py); exporting builds large graphs
+    resume_collection()  # the imports are done (components/__init__.py); exporting builds large graphs
     return str(export_onnx(run_dir, site, out / "model.onnx"))
 
 

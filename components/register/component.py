@@ -1,6 +1,4 @@
-"""register: a model version from the run's MLflow run (the one the server logged live; logged now from the
-run directory if the live logging could not reach MLflow), with the ONNX file when there is one, promoted to
-the alias when it is at least as good as the holder (mlops/registry.py).
+"""register: a model version from the run's MLflow run, promoted when at least as good (mlops/registry.py).
 
 No `from __future__ import annotations`: KFP reads the component's annotations as types.
 """
@@ -36,13 +34,10 @@ def register_step(
 ) -> tuple[str, str]:
     """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
     run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
-    promote it. Returns (model URI, promotion outcome): the URI is '' when no tracking server is configured
-    (registration skipped); the outcome is `promoted`, `refused: <why>` or `not promoted (...)`.
-
-    Idempotent (KFP retries this task): the registration is keyed on the MLflow run and the ONNX file, so a
-    retry finds its own version; promoting a version that already holds the alias changes nothing. A refused
-    promotion leaves the version registered, is logged as an error line and returned as the outcome, and fails
-    the task when `fail_if_not_promoted` (the operator's choice: the run then ends red in the KFP UI)."""
+    promote it. Returns (model URI, '' without a tracking server; `promoted`, `refused: <why>` or `not promoted
+    (...)`). Idempotent (KFP retries this task): keyed on the MLflow run and the ONNX file, a retry finds its
+    own version. A refused promotion leaves the version registered, logs an error line, and fails the task
+    when `fail_if_not_promoted` (the operator's choice: the run then ends red in the KFP UI)."""
     from fedmedclip.errors import FedMedClipError
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -68,12 +63,8 @@ def register_step(
         )
     onnx = Path(onnx_dir) / "model.onnx"
     version = register_model(mlflow_run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
-    log.info(
-        "%s %s from MLflow run %s",
-        "already registered:" if version.existing else "registered",
-        version.uri,
-        mlflow_run_id,
-    )
+    verb = "already registered:" if version.existing else "registered"
+    log.info("%s %s from MLflow run %s", verb, version.uri, mlflow_run_id)
     if not alias:
         return version.uri, f"{NOT_PROMOTED} (no alias asked for)"
     try:
@@ -89,19 +80,14 @@ def register_step(
     except PromotionRefused as e:
         # The version stays registered; promoting a worse model, or one trained on other data, is a human
         # decision (allow_worse, allow_different_data).
-        outcome = f"{REFUSED}: {e}"
         log.error(
-            "PROMOTION REFUSED: %s version %s stays registered, not @%s: %s",
-            model_name,
-            version.version,
-            alias,
-            e,
+            f"PROMOTION REFUSED: {model_name} version {version.version} stays registered, not @{alias}: {e}"
         )
         if fail_if_not_promoted:
             raise FedMedClipError(
                 f"promotion refused (fail_if_not_promoted is set): {e}; {version.uri} stays registered"
             ) from e
-        return version.uri, outcome
+        return version.uri, f"{REFUSED}: {e}"
     log.info(done.describe())
     return f"models:/{model_name}@{alias}", PROMOTED
 
@@ -120,11 +106,9 @@ def register_component(
     max_epsilon: float,
     kfp_run_id: str,
 ) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)]):  # noqa: F821
-    from typing import NamedTuple
-
     from components.register.component import register_step
 
-    model_uri, promotion = register_step(
+    return register_step(  # a plain tuple: KFP reads it field by field
         run_dir.path,
         onnx.path,
         mlflow_run_id,
@@ -138,6 +122,3 @@ def register_component(
         fail_if_not_promoted,
         max_epsilon or None,  # 0: no privacy budget
     )
-    # the functional form: this body runs in the pod without this module's names
-    outputs = NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)])  # noqa: UP014
-    return outputs(model_uri, promotion)

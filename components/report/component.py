@@ -34,28 +34,17 @@ def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
         )
     try:
         manifest = json.loads(raw)
-        valid = manifest["run_id"] == run_id and manifest["format"] == RUN_DIR_FORMAT
-        files = manifest["files"] if valid and isinstance(manifest["files"], dict) else None
+        if (manifest["run_id"], manifest["format"]) != (run_id, RUN_DIR_FORMAT) or not manifest["files"]:
+            raise ValueError
     except (ValueError, KeyError, TypeError):
-        files = None
-    if not files:
         raise FedMedClipError(
             f"{published.where(RUN_DIR_MANIFEST)} is not run {run_id}'s run directory manifest"
-        )
-    try:
-        fetch_tree(published, files, run_dir)
+        ) from None
+    try:  # the file list checked there
+        fetch_tree(published, manifest["files"], run_dir)
     except StoreError as exc:
         raise FedMedClipError(f"the run directory the server published is damaged: {exc}") from None
     return json.loads((Path(run_dir) / "results.json").read_text()), str(manifest.get("mlflow_run_id") or "")
-
-
-def report_mailbox(mailbox: str, settings: dict) -> str:
-    """The mailbox as the prepare task resolved it ('' = the data's bucket, for s3:// data). Read from the
-    settings without fedmedclip.config, which brings torch (seconds of CPU on the pipeline's critical path): the
-    declared default of `data` (synthetic) names no bucket, as '' does not."""
-    from components.kfp_components import resolve_mailbox
-
-    return resolve_mailbox(mailbox, str(settings.get("data") or ""))
 
 
 def report_component(
@@ -66,11 +55,14 @@ def report_component(
     run_dir: Output[Artifact],
     metrics: Output[Metrics],
 ) -> str:
-    from components.kfp_components import SERVER_ROLE, act_as
-    from components.report.component import report_mailbox, report_step
+    from components.kfp_components import SERVER_ROLE, act_as, resolve_mailbox
+    from components.report.component import report_step
 
     act_as(SERVER_ROLE, local_stack)
-    results, mlflow_run_id = report_step(report_mailbox(mailbox, settings), run_id, run_dir.path)
+    # The mailbox as the prepare task resolved it, without fedmedclip.config (it imports torch: seconds of CPU on
+    # the critical path): the declared default of `data` (synthetic) names no bucket, as '' does not.
+    mailbox = resolve_mailbox(mailbox, str(settings.get("data") or ""))
+    results, mlflow_run_id = report_step(mailbox, run_id, run_dir.path)
     m = results["metrics"]
     metrics.log_metric("best_round", m["best_round"])
     for k in ("acc", "bacc", "f1", "ece"):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from components.report.component import report_mailbox, report_step
+from components.kfp_components import resolve_mailbox
+from components.report.component import report_step
 from components.worker.component import RUN_DIR, RUN_DIR_FORMAT, RUN_DIR_MANIFEST
 from fedmedclip.errors import FedMedClipError
 from fedmedclip.federation.mailbox import Mailbox
@@ -80,8 +81,9 @@ def test_the_reports_work_imports_no_torch(tmp_path):
     _published(tmp_path, "run-4")
     script = (
         "import sys\n"
-        "from components.report.component import report_mailbox, report_step\n"
-        f"mailbox = report_mailbox({str(tmp_path / 'mailbox')!r}, {{'sites': 2}})\n"
+        "from components.kfp_components import resolve_mailbox\n"
+        "from components.report.component import report_step\n"
+        f"mailbox = resolve_mailbox({str(tmp_path / 'mailbox')!r}, '')\n"
         f"report_step(mailbox, 'run-4', {str(tmp_path / 'out')!r})\n"
         "print('torch' in sys.modules)\n"
     )
@@ -98,8 +100,8 @@ def test_the_reports_work_imports_no_torch(tmp_path):
     # Without a mailbox, the data's default resolves as the prepare task resolves it: no bucket to default to.
     assert not TrainConfig.data.startswith("s3://")
     with pytest.raises(FedMedClipError, match="no mailbox"):
-        report_mailbox("", {})
-    assert report_mailbox("", {"data": "s3://bucket"}) == "s3://bucket"
+        resolve_mailbox("", "")
+    assert resolve_mailbox("", "s3://bucket") == "s3://bucket"
 
 
 def test_the_report_component_on_kfp_local(kfp_local, tmp_path):

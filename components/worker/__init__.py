@@ -1,1 +1,0 @@
-"""The worker component: component.py (its step and its KFP definition), README.md (inputs and outputs)."""

@@ -1,15 +1,9 @@
-"""worker: one party of the federation, from its features to the end of the run, in ONE task process.
+"""worker: one party of the federation, from its features to the end of the run, in ONE task process (each
+task is a cold start of the KFP executor, torch and transformers, and the worker's imports are the extraction's).
 
-First its feature store: its own images encoded once by the frozen CLIP (the server: the global test and
-reference sets; a site: its train/val/test), exactly as the runtime's own preparation would, and published to
-the party's private area of the run; then, in the same process, its long-lived worker until the run ends: the
-server (`fedmedclip server run`: aggregates, evaluates, writes the run directory, then publishes it to its
-private area of the mailbox) or a site (`fedmedclip site run`: trains on its own data).
-
-One process, not an extraction task then a worker task: each task is a cold start (the KFP executor, torch,
-transformers: seconds of CPU) and the worker's imports are the extraction's. Started again after a failure (a
-KFP retry), the task fetches the features it published (no image is encoded again) and the worker continues
-from its last checkpoint in storage, never from the pod's disk.
+First its own images encoded by the frozen CLIP, as the runtime's own preparation would, and published to the
+party's private area of the run; then its long-lived worker (`fedmedclip server run` or `site run`). A retried
+task fetches the features it published and the worker continues from its last checkpoint in storage.
 
 No `from __future__ import annotations`: KFP reads the component's annotations as types.
 """
@@ -60,60 +54,32 @@ def extract_step(extraction_json: str, role: str, holder: str, index: int, featu
     return store.provenance
 
 
-def party_area(role: str, index: int, run_id: str, mailbox: str):
-    """The party's private area of the run (an ObjectStore): the server's in the mailbox (`runs/<run>/server/`),
-    a site's under its own prefix (`sites/<k>/private/<run>/`); only its own role may read it."""
-    from fedmedclip.federation.mailbox import Mailbox
-    from fedmedclip.federation.storage import open_store
-
-    if role == SITE_ROLE:
-        return open_store(site_state_url(mailbox, index, run_id))
-    return Mailbox(open_store(mailbox), run_id).server_private()
-
-
-def _published_features(area, extraction_key: str) -> dict | None:
-    """The files the party's features manifest lists, when it is this extraction's; None otherwise."""
-    from fedmedclip.federation.storage import StoreError
-
-    try:
-        raw = area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES)
-    except StoreError as exc:  # too large, unreadable: extract again (the files are the party's own)
-        log.warning("%s: %s; extracting the features again", area.where(FEATURES_MANIFEST), exc)
-        return None
-    if raw is None:
-        return None
-    try:
-        manifest = json.loads(raw)
-        files = manifest["files"]
-        ok = manifest["format"] == FEATURES_FORMAT and manifest["extraction"] == extraction_key
-        ok = ok and isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        log.warning("%s is not this extraction's manifest; extracting again", area.where(FEATURES_MANIFEST))
-        return None
-    return files
-
-
 def features_step(
     extraction_json: str, role: str, party: str, index: int, run_id: str, mailbox: str, features_dir: str
 ) -> bool:
     """The party's feature store in `features_dir`: the one it published to its private area of the run (a
     retried task: fetched, every file checked against the manifest's sha256), else extracted now and published
     there, the files first and the manifest last. Returns True when it was extracted now."""
-    from fedmedclip.federation.storage import StoreError
+    from fedmedclip.federation.mailbox import Mailbox
+    from fedmedclip.federation.storage import StoreError, open_store
     from mlops.tree import fetch_tree, publish_tree, tree_files
 
-    area = party_area(role, index, run_id, mailbox).sub(FEATURES)
+    # The party's private area of the run, which only its own role may read: a site's under its own prefix.
+    if role == SITE_ROLE:
+        area = open_store(site_state_url(mailbox, index, run_id)).sub(FEATURES)
+    else:
+        area = Mailbox(open_store(mailbox), run_id).server_private().sub(FEATURES)
     key = hashlib.sha256(f"{party}\n{extraction_json}".encode()).hexdigest()
-    files = _published_features(area, key)
-    if files is not None:
-        try:
-            fetch_tree(area, files, features_dir)
+    try:  # the files are the party's own: whatever is wrong with them, it extracts again
+        manifest = json.loads(area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES) or "null")
+        if manifest is not None:
+            if (manifest["format"], manifest["extraction"]) != (FEATURES_FORMAT, key):
+                raise StoreError("not this extraction's manifest")
+            fetch_tree(area, manifest["files"], features_dir)  # its file list checked there
             return False
-        except StoreError as exc:
-            log.warning("%s: the published features are damaged (%s); extracting again", area.url, exc)
-            shutil.rmtree(features_dir, ignore_errors=True)
+    except (StoreError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: %s; extracting the features again", area.where(FEATURES_MANIFEST), exc)
+        shutil.rmtree(features_dir, ignore_errors=True)
     extract_step(extraction_json, role, party, index, features_dir)
     manifest = {"format": FEATURES_FORMAT, "extraction": key, "files": tree_files(features_dir)}
     publish_tree(area, features_dir, FEATURES_MANIFEST, manifest)
@@ -125,16 +91,13 @@ def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
     <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
     from fedmedclip.paths import put_folder_in_place
 
-    src = Path(features_dir)
-    prov = src / "provenance.json"
-    if not prov.is_file():
-        return
-    dst = Path(cache_dir) / "features" / json.loads(prov.read_text())["digest"][:24]
+    provenance = json.loads((Path(features_dir) / "provenance.json").read_text())
+    dst = Path(cache_dir) / "features" / provenance["digest"][:24]
     if (dst / "provenance.json").exists():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    shutil.copytree(features_dir, tmp, dirs_exist_ok=True)
     put_folder_in_place(tmp, dst, (dst / "provenance.json").exists)  # or another task of this machine did
 
 
@@ -155,10 +118,9 @@ def worker_step(
     server_json: str = "{}",
     experiment: str = "fedmedclip",
     tracking_uri: str = "",
-    kfp_run_id: str = "",
 ) -> str:
     """Runs party `party` until the federation ends. Returns the MLflow run id of the server's live tracking
-    ('' for a site or without tracking)."""
+    ('' for a site or without tracking); the MLflow run is tagged with `run_id`, the KFP run's."""
     from dataclasses import asdict
 
     from fedmedclip.config import TrainConfig
@@ -175,7 +137,6 @@ def worker_step(
     if features_dir:
         copy_store_into_cache(features_dir, cfg.cache_dir)
     if role == SITE_ROLE:
-        state = site_state_url(mailbox, index, run_id)
         # Secure aggregation: the site's identity key is generated in its own private prefix (kept across runs)
         # and registered through the mailbox; the server takes the registered keys (docs/secure-aggregation.md).
         run_site(
@@ -183,7 +144,7 @@ def worker_step(
             run_id,
             party,
             **asdict(SiteOptions.of_run(cfg, options)),
-            state_url=state,
+            state_url=site_state_url(mailbox, index, run_id),
             progress=False,
             identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
             register_identity=cfg.secure_aggregation,
@@ -200,23 +161,22 @@ def worker_step(
     if uri:
         from mlops.live import MlflowObserver
 
-        kfp_id = kfp_run_id or run_id
         observer = MlflowObserver(
             cfg,
             run_id,
             experiment,
             tracking_uri=uri,
-            kfp_run_id=kfp_id,
+            kfp_run_id=run_id,
             options=asdict(options),
-            run_name=pipeline_run_name(cfg, kfp_id),
+            run_name=pipeline_run_name(cfg, run_id),
             source="kubeflow pipeline fedmedclip",
             record_run_dir=False,  # the pod's temporary directory means nothing to a reader
         )
     site_keys = "mailbox" if cfg.secure_aggregation else None
-    if (
-        run_server(cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys)
-        is None
-    ):
+    results = run_server(
+        cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys
+    )
+    if results is None:
         raise FedMedClipError(
             f"the server's state in {published.url} says run {run_id} is done, but its run directory was never "
             "published (the worker stopped in between); the run's results are in its checkpoint: start the "
@@ -224,12 +184,7 @@ def worker_step(
         )
     mlflow_run_id = observer.tracked_run_id or ""
     # Every file of the run directory, then its manifest: the report task reads it back, checked file by file.
-    manifest = {
-        "format": RUN_DIR_FORMAT,
-        "run_id": run_id,
-        "files": tree_files(out),
-        "mlflow_run_id": mlflow_run_id,
-    }
+    manifest = dict(format=RUN_DIR_FORMAT, run_id=run_id, files=tree_files(out), mlflow_run_id=mlflow_run_id)
     publish_tree(published, out, RUN_DIR_MANIFEST, manifest)
     return mlflow_run_id
 
@@ -251,14 +206,14 @@ def worker_component(
     import tempfile
 
     from components.kfp_components import act_as
-    from components.task_gc import resume_collection
     from components.worker.component import features_step, worker_step
+    from fedmedclip.startup import resume_collection
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     act_as(party, local_stack)
     features = tempfile.mkdtemp(prefix="fedmedclip-features-")
     features_step(extraction, role, party, index, run_id, mailbox, features)
-    resume_collection()  # the imports are done (components/task_gc.py); the worker may run for days
+    resume_collection()  # the imports are done (components/__init__.py); the worker may run for days
     return worker_step(
-        config, role, party, index, run_id, mailbox, features, server, experiment, tracking_uri, run_id
+        config, role, party, index, run_id, mailbox, features, server, experiment, tracking_uri
     )
