@@ -74,4 +74,6 @@ def test_a_process_that_has_imported_torch_is_left_alone(capsys):
 
     frozen = gc.get_freeze_count()
     assert main(["methods"]) == 0
-    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    # Not `==`: objects tests/conftest.py froze after collection may be freed meanwhile, which lowers the count;
+    # a freeze by the CLI would raise it by tens of thousands.
+    assert gc.isenabled() and gc.get_freeze_count() <= frozen
