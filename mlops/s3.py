@@ -1,12 +1,8 @@
-"""S3 for the whole MLOps layer: ONE client factory, ONE error mapper and ONE object store, the S3
-implementation of the core's `fedmedclip.federation.storage.ObjectStore`. The federation's mailbox and private
-state, published data (mlops/site_data.py), published backbones (mlops/backbones.py) and the run directory the
-pipeline's server worker publishes all go through `S3Store`.
-
-Registered under the entry-point group `fedmedclip.stores` as `s3`, so `open_store("s3://BUCKET/PREFIX")` in
-the core finds it without importing boto3. Credentials and endpoint come from the environment (a party's own:
-its Kubernetes Secret in a cluster, `eval "$(fedmedclip stack env --role ROLE)"` on this machine). A PUT is one
-request, so S3 publishes an object whole (and its ETag is its MD5): no reader ever sees half of it.
+"""S3 for the MLOps layer: the one boto3 client factory, error mapper and object store (`S3Store`, the core's
+`ObjectStore` for `s3://`) behind the mailbox, published data, backbones and the pipeline's run directory.
+Registered as `s3` under the entry-point group `fedmedclip.stores`, so the core's `open_store` finds it without
+importing boto3. Credentials and endpoint come from the party's environment. Every object is one PUT: no
+reader sees half of it, and its ETag is its MD5.
 """
 
 from __future__ import annotations
@@ -18,13 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from fedmedclip.federation.storage import (
-    ObjectStore,
-    StoreAccessDenied,
-    StoreError,
-    check_key,
-    check_size,
-)
+from fedmedclip.federation.storage import ObjectStore, StoreAccessDenied, StoreError, check_key, check_size
 
 from .sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_secret_name
 
@@ -32,7 +22,6 @@ MISSING = ("NoSuchKey", "404", "NotFound")
 DENIED = ("AccessDenied", "403", "Forbidden")
 REFUSED_KEY = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
 _SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
-_RAISE = object()
 
 
 class ObjectMissing(StoreError):
@@ -50,29 +39,22 @@ def split_s3_url(url: str, error: type[Exception] = StoreError) -> tuple[str, st
     return bucket, prefix.strip("/")
 
 
-def s3_client(
-    endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None, region=None
-):
+def s3_client(endpoint=None, access_key=None, secret_key=None, region=None):
     """A boto3 S3 client: the environment's endpoint (AWS_ENDPOINT_URL_S3) and credentials unless given."""
     import boto3
     from botocore.config import Config
 
-    logging.getLogger("botocore.credentials").setLevel(
-        logging.WARNING
-    )  # "Found credentials in ..." per client
-    endpoint = (
-        endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    )
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials" per client
+    env = os.environ
     # A fresh session: boto3's default one keeps the first credentials it found for the process's life.
     # Retries with backoff absorb a bucket's transient errors; the parties poll anyway.
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16)
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=endpoint,
+        endpoint_url=endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or None,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
         region_name=region,
-        config=config,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16),
     )
 
 
@@ -91,18 +73,17 @@ def credentials_hint(key: str) -> str:
 
 
 def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
-    """A boto3 failure as a StoreError that names the object and what to check: StoreAccessDenied when the
-    credentials are missing or refused, ObjectMissing when the object or its bucket does not exist."""
+    """A boto3 failure as a StoreError naming the object and the credentials it needs: StoreAccessDenied
+    when they are missing or refused, ObjectMissing when the object or its bucket does not exist."""
     from botocore.exceptions import NoCredentialsError
 
-    where, needs = f"s3://{bucket}/{key}", credentials_hint(key)
+    where, needs, code = f"s3://{bucket}/{key}", credentials_hint(key), error_code(exc)
     if isinstance(exc, NoCredentialsError):
         return StoreAccessDenied(
             f"cannot {verb} {where}: no S3 credentials in the environment ({', '.join(SECRET_KEYS)}); it needs "
             f"{needs} credentials: in a cluster the task gets them from its Secret, on this machine run "
             '`eval "$(fedmedclip stack env --role ROLE)"`'
         )
-    code = error_code(exc)
     if code in DENIED:
         key_id = os.environ.get("AWS_ACCESS_KEY_ID", "?")[:8]
         return StoreAccessDenied(
@@ -122,8 +103,8 @@ def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
 
 @contextlib.contextmanager
 def store_errors(error: type[Exception], missing: Callable[[ObjectMissing], str]):
-    """The object store's failures (named object, needed credentials: `s3_error`) as the caller's `error`, one
-    line each, a missing object's with `missing(exc)` (how to publish it). A context manager and a decorator."""
+    """The object store's failures as the caller's `error`, one line each; a missing object's message is
+    `missing(exc)` (how to publish it). A context manager and a decorator."""
     try:
         yield
     except ObjectMissing as exc:
@@ -134,7 +115,7 @@ def store_errors(error: type[Exception], missing: Callable[[ObjectMissing], str]
 
 class S3Store(ObjectStore):
     """`s3://BUCKET[/PREFIX]`; keys are relative to the prefix, each checked by `check` (by default the core's
-    check_key: plain relative names; published data passes its image-id check)."""
+    check_key; published data passes its image-id check)."""
 
     def __init__(self, url: str, client=None, check: Callable[[str], str] = check_key):
         self.bucket, self.prefix = split_s3_url(url)
@@ -144,21 +125,20 @@ class S3Store(ObjectStore):
         self.client, self.check = client or s3_client(), check
 
     def sub(self, prefix: str) -> S3Store:
-        """The same bucket under `prefix/`: still an S3Store (streamed files, MD5s)."""
         return S3Store(f"{self.url}/{check_key(prefix.strip('/'))}", self.client, self.check)
 
     def _key(self, key: str) -> str:
         self.check(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, verb: str, key: str, method: str, missing=_RAISE, **kwargs):
-        """One boto3 call on `key`: its answer, `missing` when the object does not exist (if given), else the
+    def _call(self, verb: str, key: str, method: str, missing_ok: bool = False, **kwargs):
+        """One boto3 call on `key`: its answer (None for a missing object when `missing_ok`), else the
         failure as the mapped StoreError."""
         try:
             return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
         except Exception as exc:  # botocore raises several unrelated classes
-            if missing is not _RAISE and error_code(exc) in MISSING:
-                return missing
+            if missing_ok and error_code(exc) in MISSING:
+                return None
             raise s3_error(exc, verb, self.bucket, self._key(key)) from None
 
     def put(self, key, data):
@@ -172,7 +152,7 @@ class S3Store(ObjectStore):
     def get(self, key, max_bytes=None):
         """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
         object's connection is closed unread), and the body is read with that cap."""
-        response = self._call("read", key, "get_object", missing=None, Key=self._key(key))
+        response = self._call("read", key, "get_object", True, Key=self._key(key))
         if response is None:
             return None
         body = response["Body"]
@@ -192,46 +172,42 @@ class S3Store(ObjectStore):
 
     def download(self, key: str, path: str | Path) -> None:
         """The object into `path` (ObjectMissing when it does not exist)."""
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(path))
-        except Exception as exc:
-            raise s3_error(exc, "read", self.bucket, self._key(key)) from None
+        self._call("read", key, "download_file", Key=self._key(key), Filename=str(path))
+
+    def _head(self, key: str):
+        return self._call("check", key, "head_object", True, Key=self._key(key))
 
     def md5(self, key: str) -> str | None:
         """The stored object's MD5 (its ETag: every object is one PUT), None when it does not exist."""
-        head = self._call("check", key, "head_object", missing=None, Key=self._key(key))
+        head = self._head(key)
         return None if head is None else head["ETag"].strip('"')
 
     def exists(self, key):
-        return self.md5(key) is not None
+        return self._head(key) is not None
 
-    def delete(self, key):
-        self._call("delete", key, "delete_object", Key=self._key(key))
+    def delete(self, key, version: str | None = None):
+        extra = {"VersionId": version} if version else {}
+        self._call("delete", key, "delete_object", Key=self._key(key), **extra)
 
     def delete_every_version(self, key: str) -> int:
-        """Delete `key` and all its earlier versions (a versioned bucket keeps them) without listing, which a
+        """Delete `key` and its earlier versions (a versioned bucket keeps them) without listing, which a
         site's role may not: HEAD gives the current version, deleted until none is left. Returns how many."""
         gone = 0
-        while True:
-            head = self._call("check", key, "head_object", missing=None, Key=self._key(key))
-            if head is None:
-                return gone
+        while (head := self._head(key)) is not None:
             version = head.get("VersionId")
-            if version in (None, "", "null"):
-                self.delete(key)
-                return gone + 1
-            self._call("delete", key, "delete_object", Key=self._key(key), VersionId=version)
+            self.delete(key, None if version in (None, "", "null") else version)
             gone += 1
+            if version in (None, "", "null"):
+                break
+        return gone
 
     def md5s(self, prefix: str) -> dict[str, str]:
         """Every object's MD5 under `prefix` (relative keys), one listing: the publisher's role only."""
-        out, base = {}, self._key(prefix.strip("/")) + "/"
+        out, base, skip = {}, self._key(prefix.strip("/")) + "/", len(self.prefix) + 1 if self.prefix else 0
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base
-            ):
-                for obj in page.get("Contents", []):
-                    out[obj["Key"][len(self.prefix) + 1 if self.prefix else 0 :]] = obj["ETag"].strip('"')
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            for page in pages:
+                out.update({o["Key"][skip:]: o["ETag"].strip('"') for o in page.get("Contents", [])})
         except Exception as exc:
             raise s3_error(exc, "list", self.bucket, base) from None
         return out
@@ -255,5 +231,4 @@ class S3Store(ObjectStore):
             raise s3_error(exc, "create", self.bucket, "") from None
 
 
-def open_s3_store(url: str) -> S3Store:
-    return S3Store(url)
+open_s3_store = S3Store  # the entry point `fedmedclip.stores: s3`
