@@ -62,22 +62,19 @@ def error_code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def credentials_hint(key: str) -> str:
-    """Which credentials a key needs: the Secret a cluster task would hold for it."""
-    m = _SITE_KEY.search(key)
-    if m:
-        return f"site {m.group(1)}'s (Secret {site_secret_name(m.group(1))})"
-    if key.startswith(SERVER_PREFIX) or f"/{SERVER_PREFIX}" in key:
-        return f"the server's (Secret {SERVER_SECRET_NAME})"
-    return "this party's"
-
-
 def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
-    """A boto3 failure as a StoreError naming the object and the credentials it needs: StoreAccessDenied
-    when they are missing or refused, ObjectMissing when the object or its bucket does not exist."""
+    """A boto3 failure as a StoreError naming the object and the credentials it needs (the Secret a cluster
+    task holds for it): StoreAccessDenied when they are missing or refused, ObjectMissing when the object or
+    its bucket does not exist."""
     from botocore.exceptions import NoCredentialsError
 
-    where, needs, code = f"s3://{bucket}/{key}", credentials_hint(key), error_code(exc)
+    where, code, site = f"s3://{bucket}/{key}", error_code(exc), _SITE_KEY.search(key)
+    if site:
+        needs = f"site {site.group(1)}'s (Secret {site_secret_name(site.group(1))})"
+    elif key.startswith(SERVER_PREFIX) or f"/{SERVER_PREFIX}" in key:
+        needs = f"the server's (Secret {SERVER_SECRET_NAME})"
+    else:
+        needs = "this party's"
     if isinstance(exc, NoCredentialsError):
         return StoreAccessDenied(
             f"cannot {verb} {where}: no S3 credentials in the environment ({', '.join(SECRET_KEYS)}); it needs "
@@ -131,37 +128,35 @@ class S3Store(ObjectStore):
         self.check(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, verb: str, key: str, method: str, missing_ok: bool = False, **kwargs):
-        """One boto3 call on `key`: its answer (None for a missing object when `missing_ok`), else the
-        failure as the mapped StoreError."""
+    def _call(self, verb: str, method: str, key: str = "", missing_ok: bool = False, **kwargs):
+        """One boto3 call on the bucket (on the object `key`, a full key, if given): its answer (None for a
+        missing object when `missing_ok`), else the failure as the mapped StoreError."""
         try:
-            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+            return getattr(self.client, method)(Bucket=self.bucket, **({"Key": key} if key else {}), **kwargs)
         except Exception as exc:  # botocore raises several unrelated classes
             if missing_ok and error_code(exc) in MISSING:
                 return None
-            raise s3_error(exc, verb, self.bucket, self._key(key)) from None
+            raise s3_error(exc, verb, self.bucket, key) from None
 
     def put(self, key, data):
-        self._call("write", key, "put_object", Key=self._key(key), Body=bytes(data))
+        self._call("write", "put_object", self._key(key), Body=bytes(data))
 
     def put_file(self, key: str, path: str | Path) -> None:
         """One PUT of the file (streamed), so its ETag is its MD5."""
         with open(path, "rb") as fh:
-            self._call("write", key, "put_object", Key=self._key(key), Body=fh)
+            self._call("write", "put_object", self._key(key), Body=fh)
 
     def get(self, key, max_bytes=None):
         """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
         object's connection is closed unread), and the body is read with that cap."""
-        response = self._call("read", key, "get_object", True, Key=self._key(key))
+        response = self._call("read", "get_object", self._key(key), True)
         if response is None:
             return None
-        body = response["Body"]
+        body, where = response["Body"], self.where(key)
         try:
-            if max_bytes is None:
-                return body.read()
-            check_size(self.where(key), int(response.get("ContentLength", 0)), max_bytes)
-            data = body.read(max_bytes + 1)
-            check_size(self.where(key), len(data), max_bytes)
+            check_size(where, int(response.get("ContentLength", 0)), max_bytes)
+            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            check_size(where, len(data), max_bytes)
             return data
         except StoreError:
             raise
@@ -172,41 +167,39 @@ class S3Store(ObjectStore):
 
     def download(self, key: str, path: str | Path) -> None:
         """The object into `path` (ObjectMissing when it does not exist)."""
-        self._call("read", key, "download_file", Key=self._key(key), Filename=str(path))
-
-    def _head(self, key: str):
-        return self._call("check", key, "head_object", True, Key=self._key(key))
+        self._call("read", "download_file", self._key(key), Filename=str(path))
 
     def md5(self, key: str) -> str | None:
         """The stored object's MD5 (its ETag: every object is one PUT), None when it does not exist."""
-        head = self._head(key)
+        head = self._call("check", "head_object", self._key(key), True)
         return None if head is None else head["ETag"].strip('"')
 
     def exists(self, key):
-        return self._head(key) is not None
+        return self.md5(key) is not None
 
-    def delete(self, key, version: str | None = None):
-        extra = {"VersionId": version} if version else {}
-        self._call("delete", key, "delete_object", Key=self._key(key), **extra)
+    def delete(self, key):
+        self._call("delete", "delete_object", self._key(key))
 
     def delete_every_version(self, key: str) -> int:
         """Delete `key` and its earlier versions (a versioned bucket keeps them) without listing, which a
         site's role may not: HEAD gives the current version, deleted until none is left. Returns how many."""
-        gone = 0
-        while (head := self._head(key)) is not None:
+        gone, full = 0, self._key(key)
+        while (head := self._call("check", "head_object", full, True)) is not None:
             version = head.get("VersionId")
-            self.delete(key, None if version in (None, "", "null") else version)
-            gone += 1
             if version in (None, "", "null"):
-                break
+                self.delete(key)
+                return gone + 1
+            self._call("delete", "delete_object", full, VersionId=version)
+            gone += 1
         return gone
 
     def md5s(self, prefix: str) -> dict[str, str]:
         """Every object's MD5 under `prefix` (relative keys), one listing: the publisher's role only."""
         out, base, skip = {}, self._key(prefix.strip("/")) + "/", len(self.prefix) + 1 if self.prefix else 0
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
-            for page in pages:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
                 out.update({o["Key"][skip:]: o["ETag"].strip('"') for o in page.get("Contents", [])})
         except Exception as exc:
             raise s3_error(exc, "list", self.bucket, base) from None
@@ -218,17 +211,11 @@ class S3Store(ObjectStore):
         not: `fedmedclip stack add-bucket`)."""
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
-            return
         except Exception as exc:
             if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
                 raise s3_error(exc, "list", self.bucket, "") from None
-        try:
-            self.client.create_bucket(Bucket=self.bucket)
-            self.client.put_bucket_versioning(
-                Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
-            )
-        except Exception as exc:
-            raise s3_error(exc, "create", self.bucket, "") from None
+            self._call("create", "create_bucket")
+            self._call("create", "put_bucket_versioning", VersioningConfiguration={"Status": "Enabled"})
 
 
 open_s3_store = S3Store  # the entry point `fedmedclip.stores: s3`
