@@ -1,17 +1,15 @@
-"""Images in S3, one prefix per holder, so that a site's pods, holding only that site's credentials, can read
-only that site's images (the layout mlops/policies.py allows; docs/contracts.md, "Data published to S3"):
+"""Images in S3, one prefix per holder, so that a site's pods, holding only that site's credentials, read only
+that site's images (docs/contracts.md, "Data published to S3"; the roles of mlops/policies.py):
 
   ROOT/server/published.json        every image's id, label, split and site (no pixels) and the partition
-  ROOT/server/catalog.json          the server's images (global test and reference)
-  ROOT/server/images/<image id>
+  ROOT/server/catalog.json          the server's images (global test and reference), then server/images/<id>
   ROOT/sites/<k>/catalog.json       site k's images, their MD5s, its train/val/test ids and the partition digest
   ROOT/sites/<k>/images/<image id>  site k's train/val/test images (k = the site's index)
   ROOT/summaries/sites/<k>.json     what the server may know of site k: class names and sample counts
 
-ROOT is `s3://BUCKET` (the pipeline's `--data`), `s3://BUCKET/PREFIX`, or, for a site that keeps its images at
-home, a local directory of the same layout. Readers need no listing (a site's role may not list); every image
-is checked against its catalog's MD5, and ids read from catalogs stay inside their root (fedmedclip.paths).
-Ids, labels and bytes are the local source's, so every metric equals an in-process run on it.
+ROOT is `s3://BUCKET[/PREFIX]` or, for a site keeping its images at home, a local directory of that layout.
+Readers need no listing; every image is checked against its catalog's MD5, and ids read from catalogs stay
+inside their root (fedmedclip.paths). Ids, labels and bytes are the source's: metrics equal an in-process run.
 """
 
 from __future__ import annotations
@@ -30,9 +28,9 @@ from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAcces
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
 from .policies import SERVER, SITE_SUMMARY  # the server party: its role's name is its holder's
-from .s3 import S3Store, split_s3_url, store_errors
+from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
-from .tree import download, stored_md5, upload
+from .tree import download, file_digest, upload
 
 log = logging.getLogger("fedmedclip.site_data")
 
@@ -94,6 +92,9 @@ class _DataDir(LocalDirStore):
     def _path(self, key: str) -> Path:
         return confined_path(self.root, key, str(self.root))
 
+    def md5(self, key: str) -> str | None:
+        return file_digest(self._path(key), "md5") if self.exists(key) else None
+
 
 def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
     """The published data under `location` (`s3://BUCKET[/PREFIX]` or a local directory) as a store whose
@@ -110,11 +111,9 @@ def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
 def _get_message(root: ObjectStore, key: str, cls, required=True, party="the publisher") -> dict | None:
     """`party`'s object at `key`, bounded and parsed against its declaration `cls` (federation/messages.py)."""
     body = root.get(key, max_bytes=cls.max_bytes)
+    if body is None and required:
+        raise ObjectMissing(f"{root.where(key)} does not exist")  # _data_errors says how to publish it
     if body is None:
-        if required:
-            raise DataError(
-                f"{root.where(key)} does not exist: publish the data first (`fedmedclip data publish`)"
-            )
         return None
     try:
         return parse(cls, body, party, root.where(key)).to_dict()
@@ -122,11 +121,6 @@ def _get_message(root: ObjectStore, key: str, cls, required=True, party="the pub
         raise DataError(f"{exc}: publish the data again with this version") from None
 
 
-def _put_json(root: ObjectStore, key: str, obj: dict) -> None:
-    root.put(key, json.dumps(obj).encode())
-
-
-# ------------------------------------------------------------------------------------------- reading
 def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     cat = _get_message(root, prefix + CATALOG, HolderCatalog)
     where = root.where(prefix + CATALOG)
@@ -170,29 +164,6 @@ def _stage(root, local, prefix, cat, wanted, cache_dir, label, progress) -> list
             if not path.is_file():
                 raise DataError(f"{path} is listed in {where} but does not exist")
     return [ImageRecord(i, str(p.resolve()), *by_id[i], None) for i, p in zip(wanted, paths, strict=True)]
-
-
-@_data_errors
-def stage_holder(cfg, partition, holder: str, client=None, progress: bool = False) -> ImageSet:
-    """Download `holder`'s prefix into the task's cache: its images with the global class names (the
-    pipeline's tasks, with that holder's credentials)."""
-    from fedmedclip.preparation import holder_image_ids
-
-    bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
-    root, _ = _root(f"s3://{bucket}", client)
-    cat = _read_holder_catalog(root, prefix)
-    wanted = holder_image_ids(partition, holder)
-    records = _stage(root, None, prefix, cat, wanted, cfg.cache_dir, holder, progress)
-    log.info(
-        "%s: %d images from s3://%s/%s in %s/s3/%s",
-        holder,
-        len(records),
-        bucket,
-        prefix,
-        cfg.cache_dir,
-        bucket,
-    )
-    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
 
 @dataclass
@@ -252,7 +223,6 @@ def read_site_summary(location: str | Path, index: int, client=None) -> dict:
     return summary
 
 
-# ------------------------------------------------------------------------------------------- publishing
 def _load_source(cfg, allow_outside_root: bool, site: str | None = None):
     """cfg's image set, its partition and the ids of each holder (only `site`'s when given); each id must be a
     clean relative key and each file must lie under the source's root (symlinks resolved) unless
@@ -290,10 +260,9 @@ def _publish_holders(
     by_id = image_set.by_id()
     prefixes = {h: holder_prefix(part, h) for h in holder_ids}
     files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
-    if listing:
-        there = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()}
-    else:
-        there = lambda key: stored_md5(root, key)  # noqa: E731
+    there = (
+        {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else root.md5
+    )
     sent, md5s = upload(root, files, there, progress)
     summaries = {}
     for holder, ids in holder_ids.items():
@@ -301,28 +270,15 @@ def _publish_holders(
             index, assignment = None, {"global_test": part.global_test, "reference": part.reference}
         else:
             index, assignment = part.site_names.index(holder), part.sites[holder]
-        catalog = {
-            "format": 2,  # HolderCatalog
-            "holder": holder,
-            "index": index,
-            "class_names": image_set.class_names,
-            "records": [[i, by_id[i].label, by_id[i].split] for i in ids],
-            "md5": {i: md5s[f"{prefixes[holder]}images/{i}"] for i in ids},
-            "assignment": assignment,
-            "partition_digest": part.digest,
-        }
-        _put_json(root, prefixes[holder] + CATALOG, catalog)
+        common = {"index": index, "class_names": image_set.class_names, "partition_digest": part.digest}
+        catalog = {"format": 2, "holder": holder, **common, "assignment": assignment}  # HolderCatalog
+        catalog["records"] = [[i, by_id[i].label, by_id[i].split] for i in ids]
+        catalog["md5"] = {i: md5s[f"{prefixes[holder]}images/{i}"] for i in ids}
+        root.put(prefixes[holder] + CATALOG, json.dumps(catalog).encode())
         if holder != SERVER:
             samples = {s: len(part.sites[holder][s]) for s in SITE_SPLITS}
-            summaries[holder] = SiteSummary.build(
-                format=1,
-                site=holder,
-                index=index,
-                class_names=image_set.class_names,
-                samples=samples,
-                partition_digest=part.digest,
-            ).to_dict()
-            _put_json(root, site_summary_key(index), summaries[holder])
+            summaries[holder] = SiteSummary.build(format=1, site=holder, samples=samples, **common).to_dict()
+            root.put(site_summary_key(index), json.dumps(summaries[holder]).encode())
     return sent, summaries
 
 
@@ -362,7 +318,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
         "site_prefixes": {s: holder_prefix(part, s) for s in part.site_names},
         "duplicates": image_set.duplicates,
     }
-    _put_json(root, SERVER_PREFIX + PUBLISHED, catalog)
+    root.put(SERVER_PREFIX + PUBLISHED, json.dumps(catalog).encode())
     return {
         "bucket": bucket,
         "images": sum(len(ids) for ids in holder_ids.values()),
@@ -418,7 +374,6 @@ def withdraw_site(location: str, index: int) -> tuple[int, int]:
     return len(ids), sum(root.delete_every_version(key) for key in keys)
 
 
-# ------------------------------------------------------------------------------ the core's image source
 class S3Source:
     """`s3://BUCKET` as an image source of the core (entry-point group `fedmedclip.sources`)."""
 
@@ -446,8 +401,21 @@ class S3Source:
                 f"{partition_settings(cfg)}: run with the published settings, or publish again to another bucket"
             )
 
-    def stage(self, cfg, partition, holder: str):
-        return stage_holder(cfg, partition, holder)
+    @_data_errors
+    def stage(self, cfg, partition, holder: str) -> ImageSet:
+        """`holder`'s images downloaded into the task's cache, with the global class names (its credentials)."""
+        from fedmedclip.preparation import holder_image_ids
+
+        bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
+        root, _ = _root(f"s3://{bucket}")
+        cat = _read_holder_catalog(root, prefix)
+        records = _stage(
+            root, None, prefix, cat, holder_image_ids(partition, holder), cfg.cache_dir, holder, False
+        )
+        log.info(
+            "%s: %d images from %s in the cache %s", holder, len(records), root.where(prefix), cfg.cache_dir
+        )
+        return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
     def site_holder(self, cfg, site: str, index: int):
         got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)

@@ -45,14 +45,6 @@ def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict
     return files
 
 
-def stored_md5(store: ObjectStore, key: str) -> str | None:
-    """The stored object's MD5 (S3: its ETag), None when it does not exist."""
-    if isinstance(store, S3Store):
-        return store.md5(key)
-    data = store.get(key)
-    return None if data is None else hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
 def upload(
     store: ObjectStore,
     files: dict[str, str | Path],
