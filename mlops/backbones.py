@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fedmedclip.digests import is_sha256
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
+from fedmedclip.federation.storage import LocalDirStore, ObjectStore
 from fedmedclip.paths import put_folder_in_place
 
 from .s3 import S3Store, split_s3_url, store_errors
@@ -105,13 +106,22 @@ def backbone_manifest(directory: str | Path) -> dict:
     }
 
 
-def _check_manifest(body: bytes | Path, where: str) -> dict:
-    """A manifest as read from storage or a cache: bounded, JSON, the right format, a sha256, and file names
-    confined to one folder."""
+def _store_problems(spec: str):
+    """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
+    return store_errors(
+        BackboneUnavailable, lambda exc: f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
+    )
+
+
+def _read_manifest(store: ObjectStore, spec: str, where: str | None = None) -> dict | None:
+    """The manifest in `store` (S3, a download, the cache), None when there is none; another party wrote it:
+    bounded, JSON, the right format, a sha256, and file names confined to one folder."""
+    with _store_problems(spec):
+        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
+    if body is None:
+        return None
     try:
-        if isinstance(body, Path) and body.stat().st_size > MANIFEST_MAX_BYTES:
-            raise ValueError(f"over {MANIFEST_MAX_BYTES} bytes")
-        manifest = json.loads(body.read_bytes() if isinstance(body, Path) else body)
+        manifest = json.loads(body)
     except ValueError as exc:
         problem = f"not a readable JSON manifest ({exc})"
     else:
@@ -122,7 +132,9 @@ def _check_manifest(body: bytes | Path, where: str) -> dict:
         else:
             problem = tree_problem(manifest.get("files"))
     if problem:
-        raise BackboneUnavailable(f"{where} is damaged: {problem}. " + _how_to_publish(where))
+        raise BackboneUnavailable(
+            f"{where or store.where(MANIFEST)} is damaged: {problem}. " + _how_to_publish(spec)
+        )
     return manifest
 
 
@@ -205,22 +217,9 @@ def _s3_store(uri: str) -> S3Store:
     return S3Store(f"s3://{bucket}/{prefix}")
 
 
-def _s3_problems(spec: str):
-    """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
-    return store_errors(
-        BackboneUnavailable, lambda exc: f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
-    )
-
-
-def _read_s3_manifest(store: S3Store) -> dict | None:
-    with _s3_problems(store.url):
-        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
-    return None if body is None else _check_manifest(body, store.where(MANIFEST))
-
-
 def _resolve_s3(spec: str, cache_root: Path) -> Path:
     store = _s3_store(spec)
-    manifest = _read_s3_manifest(store)
+    manifest = _read_manifest(store, spec)
     if manifest is None:
         raise BackboneUnavailable(
             f"no backbone published at {spec} ({store.where(MANIFEST)} does not exist). "
@@ -228,7 +227,7 @@ def _resolve_s3(spec: str, cache_root: Path) -> Path:
         )
 
     def download(folder: Path) -> None:  # checked as a whole by _install
-        with _s3_problems(spec):
+        with _store_problems(spec):
             fetch_tree(store, manifest["files"], folder, checked=False)
 
     return _install(cache_root, spec, manifest, download)
@@ -236,7 +235,7 @@ def _resolve_s3(spec: str, cache_root: Path) -> Path:
 
 def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     store = _s3_store(to)
-    existing = _read_s3_manifest(store)
+    existing = _read_manifest(store, store.url)
     if existing is not None:
         if (existing["weights_sha256"], existing["files"]) == (manifest["weights_sha256"], manifest["files"]):
             return PublishedBackbone.of(store.url, manifest, True)
@@ -246,7 +245,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
             f"{manifest['weights_sha256'][:12]} to another prefix"
         )
     # The manifest goes last: a prefix without it was never completely published, and is written over.
-    with _s3_problems(store.url):
+    with _store_problems(store.url):
         publish_tree(store, directory, MANIFEST, manifest)
     log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], store.url)
     return PublishedBackbone.of(store.url, manifest, False)
@@ -326,11 +325,11 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             f"{spec} is not a backbone pushed with `fedmedclip backbone push` (no {KIND_TAG}={KIND_BACKBONE} "
             f"and {WEIGHTS_TAG} tags on version {mv.version}). " + _how_to_publish(spec)
         )
-    cached_manifest = cache_root / wanted / MANIFEST  # the tags name the weights: no download when cached
-    if cached_manifest.is_file():
-        manifest = _check_manifest(cached_manifest, str(cached_manifest))
-        if manifest["weights_sha256"] == wanted and (found := _cached(cache_root, manifest)) is not None:
-            return found
+    cached = _read_manifest(
+        LocalDirStore(cache_root / wanted), spec
+    )  # the tags name the weights: no download
+    if cached is not None and cached["weights_sha256"] == wanted and (found := _cached(cache_root, cached)):
+        return found
     cache_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix=".download-") as tmp:
         try:
@@ -338,9 +337,9 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except MlflowException as exc:
             raise BackboneUnavailable(f"cannot download {spec}: {exc.message}") from None
-        if not (local / MANIFEST).is_file():
+        manifest = _read_manifest(LocalDirStore(local), spec, f"{spec} ({MANIFEST})")
+        if manifest is None:
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
-        manifest = _check_manifest(local / MANIFEST, f"{spec} ({MANIFEST})")
         if manifest["weights_sha256"] != wanted:
             raise BackboneUnavailable(
                 f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "

@@ -1,19 +1,11 @@
-"""Who may touch which objects: the one definition of the storage roles and their S3 permissions, from which
-both enforcement points are generated, so they cannot drift apart: the local stack's IAM users on its moto S3
-(devstack/stack.py) and the cluster's MinIO policies, infra/training/platform/minio-policies.yaml
-(`python -m mlops.policies --write`; tests/test_isolation.py checks the committed file is what this renders).
-
-Keys are those of docs/contracts.md under a data root `BUCKET` or `BUCKET/PREFIX`. The publisher uploads data
-centrally; the server (the aggregator) reads every site's mailbox objects and its own state, never `sites/`;
-a site reads what the server publishes and touches only its own mailbox keys, its own data prefix
-`sites/<k>/` and summary (and may delete every version of them: `fedmedclip data withdraw`); `mlflow` its
-artifact root only.
-
-No role but the publisher (and MLflow, on its own bucket) may list: every key the runtime uses is computable,
-and moto does not evaluate the `s3:prefix` condition that would confine a listing to a prefix. moto matches
-`*` anywhere in a resource (across `/` too), as IAM does; site names are plain words (no `.`, `*`, `/`), so a
-pattern ending in `updates/site_0.bin` cannot match another site's key.
-Standard library only.
+"""Who may touch which objects: the one definition of the storage roles (publisher, server, each site, mlflow)
+and their S3 permissions, from which both enforcement points are generated: the local stack's IAM users
+(devstack/stack.py) and the cluster's infra/training/platform/minio-policies.yaml (`python -m mlops.policies
+--write`; tests/test_isolation.py checks the committed file). Keys are those of docs/contracts.md under a data
+root `BUCKET[/PREFIX]`. No role but the publisher (and MLflow, on its own bucket) may list: every key the runtime
+uses is computable, and moto does not evaluate the `s3:prefix` condition that would confine a listing. moto
+matches `*` across `/` too, as IAM does; site names are plain words (no `.`, `*`, `/`), so a pattern ending in
+`updates/site_0.bin` cannot match another site's key. Standard library only.
 """
 
 from __future__ import annotations

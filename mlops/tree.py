@@ -15,11 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedmedclip.digests import is_sha256
-from fedmedclip.federation.storage import ObjectStore, StoreError
+from fedmedclip.federation.storage import MAX_PARALLEL, ObjectStore, StoreError
 
 from .s3 import ObjectMissing, S3Store
-
-THREADS = 8
 
 
 class TreeMismatch(StoreError):
@@ -158,5 +156,5 @@ def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, che
 def _map(fn, items: list, desc: str, unit: str) -> list:
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(THREADS) as pool:
+    with ThreadPoolExecutor(MAX_PARALLEL) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=not desc))
