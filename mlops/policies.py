@@ -54,16 +54,12 @@ KEY_ACCESS: dict[str, dict[str, str]] = {
     "sites/{k}/images/*": {PUBLISHER: "rw"},
     "sites/{k}/catalog.json": {PUBLISHER: "rw"},
     SITE_SUMMARY: {SITE: "rwd", SERVER: "r", PUBLISHER: "rw"},
-    "backbones/*": {
-        SITE: "r",
-        SERVER: "r",
-        PUBLISHER: "rw",
-    },  # `fedmedclip backbone push`: every pod loads them
+    "backbones/*": {SITE: "r", SERVER: "r", PUBLISHER: "rw"},  # `backbone push`: every party's pods load them
 }
 ACTIONS = {
     "r": ("Read", ["s3:GetObject"]),
     "w": ("Write", ["s3:PutObject", "s3:AbortMultipartUpload"]),
-    # Every version too: the buckets are versioned, and a delete that left the old versions would withdraw nothing.
+    # Every version too: the buckets are versioned; a delete that left the old versions would withdraw nothing.
     "d": ("Delete", ["s3:DeleteObject", "s3:DeleteObjectVersion"]),
 }
 
@@ -122,11 +118,8 @@ def check_root(root: str) -> tuple[str, str]:
 
 
 def _arn(bucket: str, prefix: str, key: str = "") -> str:
-    return (
-        f"arn:aws:s3:::{bucket}/{'/'.join(p for p in (prefix, key) if p)}"
-        if key
-        else f"arn:aws:s3:::{bucket}"
-    )
+    path = "/".join(p for p in (prefix, key) if p)
+    return f"arn:aws:s3:::{bucket}/{path}" if key else f"arn:aws:s3:::{bucket}"
 
 
 def _statement(sid: str, actions: list[str], resources: list[str]) -> dict:
@@ -188,11 +181,8 @@ def render_minio_policies(site_names: list[str] | None = None) -> str:
         "data:",
     ]
     for role in roles(names):
-        doc = (
-            mlflow_policy(MLFLOW_BUCKET)
-            if role.kind == MLFLOW
-            else data_policy(role, DATA_BUCKET, len(names))
-        )
+        mlflow = role.kind == MLFLOW
+        doc = mlflow_policy(MLFLOW_BUCKET) if mlflow else data_policy(role, DATA_BUCKET, len(names))
         lines.append(f"  {role.policy_name}.json: |")
         lines += ["    " + line for line in json.dumps(doc, indent=2).splitlines()]
     return "\n".join(lines) + "\n"
@@ -201,7 +191,7 @@ def render_minio_policies(site_names: list[str] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mlops.policies",
-        description="Render the cluster's MinIO policies from mlops/policies.py.",
+        description="Render the cluster's MinIO policies (mlops/policies.py).",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help=f"rewrite {MINIO_POLICIES_YAML.relative_to(REPO)}")

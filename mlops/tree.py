@@ -44,13 +44,10 @@ def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict
 
 
 def upload(
-    store: ObjectStore,
-    files: dict[str, str | Path],
-    there: dict[str, str] | Callable[[str], str | None] | None = None,
-    progress: str = "",
-) -> tuple[int, dict[str, str]]:
-    """Put each file `{key: path}` (S3: streamed in one PUT). With `there` (the stored MD5s: a listing, or a
-    lookup per key), a key already holding the file is skipped and one holding other content is refused,
+    store: ObjectStore, files: dict, there: dict | Callable | None = None, progress=""
+) -> tuple[int, dict]:
+    """Put each file `{key: path}` (S3: streamed in one PUT). With `there` (the stored MD5s: a listing dict, or
+    a lookup per key), a key already holding the file is skipped and one holding other content is refused,
     never overwritten: a re-run of the same publish sends nothing. Returns the bytes sent and each file's MD5."""
 
     def put(key: str) -> tuple[int, str | None]:
@@ -74,9 +71,7 @@ def upload(
     return sum(sent for sent, _ in done), {key: md5 for key, (_, md5) in zip(files, done, strict=True)}
 
 
-def download(
-    store: ObjectStore, files: dict[str, tuple[Path, str | None]], algorithm: str = "md5", progress: str = ""
-) -> list[Path]:
+def download(store: ObjectStore, files: dict, algorithm: str = "md5", progress: str = "") -> list[Path]:
     """Fetch each `{key: (local path, digest)}`: a local file with that digest is kept; else the object is
     downloaded beside it, checked (TreeMismatch) and renamed into place, so a damaged download is never used.
     A digest of None: downloaded unchecked (the caller checks)."""
@@ -146,11 +141,8 @@ def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, che
     caller checks the whole tree: `tree_mismatch`)."""
     if (problem := tree_problem(files)) is not None:
         raise StoreError(f"{store.url}: the manifest is damaged: {problem}")
-    download(
-        store,
-        {rel: (Path(dest) / rel, e["sha256"] if checked else None) for rel, e in files.items()},
-        "sha256",
-    )
+    jobs = {rel: (Path(dest) / rel, e["sha256"] if checked else None) for rel, e in files.items()}
+    download(store, jobs, "sha256")
 
 
 def _map(fn, items: list, desc: str, unit: str) -> list:
