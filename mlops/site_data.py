@@ -97,8 +97,7 @@ class _DataDir(LocalDirStore):
 
 
 def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
-    """The published data under `location` (`s3://BUCKET[/PREFIX]` or a local directory) as a store whose
-    keys are checked as image ids, and the directory when it is local."""
+    """The published data at `location` as a store whose keys are checked as image ids, and its local folder."""
     text = str(location)
     if not is_s3(text):
         store = _DataDir(text.removeprefix("file://"))
@@ -168,8 +167,7 @@ def _stage(root, local, prefix, cat, wanted, cache_dir, label, progress) -> list
 
 @dataclass
 class SiteAssignment:
-    """One site's data as its own prefix holds it: its images (local files, the federation's class names) and
-    its train/val/test ids in the partition's order."""
+    """One site's data from its own prefix: its images and its train/val/test ids in the partition's order."""
 
     site: str
     index: int
@@ -213,8 +211,7 @@ def read_site_assignment(
 
 @_data_errors
 def read_site_summary(location: str | Path, index: int, client=None) -> dict:
-    """Site k's public summary (`summaries/sites/<k>.json`), parsed against `SiteSummary`, which its writer
-    uses too; the server's role may read it."""
+    """Site k's public summary (`summaries/sites/<k>.json`, which the server's role may read)."""
     root, _ = _root(location, client)
     key = site_summary_key(index)
     summary = _get_message(root, key, SiteSummary, party=f"site {index}'s publisher")
@@ -331,9 +328,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
 
 
 @_data_errors
-def publish_site(
-    cfg, site: str, location, client=None, progress: bool = True, allow_outside_root=False
-) -> dict:
+def publish_site(cfg, site: str, location, client=None, progress=True, allow_outside_root=False) -> dict:
     """Hospital-side onboarding: upload only `site`'s share of cfg's partition (its images, its catalog, its
     summary) to `location` (`s3://BUCKET[/PREFIX]` with that site's own credentials, or a local directory).
     Nothing outside its prefix and summary is written or read, so no listing is needed. Idempotent; content
@@ -348,9 +343,8 @@ def publish_site(
             f"{root.where(prefix + CATALOG)} already holds {old['holder']!r}'s data for another partition "
             f"({old['partition_digest']}); refusing to overwrite it: publish to another bucket"
         )
-    sent, summaries = _publish_holders(
-        root, image_set, part, holder_ids, False, f"{site}: publish" if progress else ""
-    )
+    label = f"{site}: publish" if progress else ""
+    sent, summaries = _publish_holders(root, image_set, part, holder_ids, False, label)
     return {
         "location": root.where(prefix.rstrip("/")),
         "site": site,
@@ -377,8 +371,7 @@ def withdraw_site(location: str, index: int) -> tuple[int, int]:
 class S3Source:
     """`s3://BUCKET` as an image source of the core (entry-point group `fedmedclip.sources`)."""
 
-    def __init__(self):
-        self.catalogs: dict[str, dict] = {}
+    catalogs: dict[str, dict] = {}  # every source of this process: what `published` read, for check_partition
 
     @_data_errors
     def published(self, cfg) -> ImageSet:
@@ -392,8 +385,7 @@ class S3Source:
         return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=cat["duplicates"])
 
     def check_partition(self, cfg, partition) -> None:
-        """Refuse a run whose partition is not the one the data was published for (its images would be
-        missing from the sites' prefixes)."""
+        """Refuse a partition the data was not published for (its images would be missing from the prefixes)."""
         cat = self.catalogs.get(cfg.data)
         if cat is not None and partition.digest != cat["partition_digest"]:
             raise ConfigError(
@@ -408,13 +400,9 @@ class S3Source:
 
         bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
         root, _ = _root(f"s3://{bucket}")
-        cat = _read_holder_catalog(root, prefix)
-        records = _stage(
-            root, None, prefix, cat, holder_image_ids(partition, holder), cfg.cache_dir, holder, False
-        )
-        log.info(
-            "%s: %d images from %s in the cache %s", holder, len(records), root.where(prefix), cfg.cache_dir
-        )
+        cat, wanted = _read_holder_catalog(root, prefix), holder_image_ids(partition, holder)
+        records = _stage(root, None, prefix, cat, wanted, cfg.cache_dir, holder, False)
+        log.info("%s: %d images from %s in %s", holder, len(records), root.where(prefix), cfg.cache_dir)
         return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
     def site_holder(self, cfg, site: str, index: int):
@@ -422,8 +410,4 @@ class S3Source:
         return got.image_set, got.splits, got.partition_digest
 
 
-_SOURCE = S3Source()
-
-
-def s3_source() -> S3Source:
-    return _SOURCE
+s3_source = S3Source  # the entry points `fedmedclip.sources: s3, published`
