@@ -54,23 +54,17 @@ class BackbonePublishError(FedMedClipError):
 @dataclass
 class PublishedBackbone:
     spec: str  # what to pass as --backbone
-    weights_sha256: str
-    files: int
-    bytes: int
+    manifest: dict
     already_published: bool
 
     def describe(self) -> str:
+        files = self.manifest["files"]
         state = "already published at" if self.already_published else "published to"
+        mib = sum(f["size"] for f in files.values()) / 2**20
         return (
-            f"backbone {self.weights_sha256[:12]} ({self.files} files, {self.bytes / 2**20:.1f} MiB) {state} "
+            f"backbone {self.manifest['weights_sha256'][:12]} ({len(files)} files, {mib:.1f} MiB) {state} "
             f"{self.spec}\nuse it with: --backbone {self.spec}"
         )
-
-    @classmethod
-    def of(cls, spec: str, manifest: dict, already_published: bool) -> PublishedBackbone:
-        files = manifest["files"]
-        size = sum(f["size"] for f in files.values())
-        return cls(spec, manifest["weights_sha256"], len(files), size, already_published)
 
 
 def is_remote_backbone(spec: str) -> bool:
@@ -238,7 +232,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     existing = _read_manifest(store, store.url)
     if existing is not None:
         if (existing["weights_sha256"], existing["files"]) == (manifest["weights_sha256"], manifest["files"]):
-            return PublishedBackbone.of(store.url, manifest, True)
+            return PublishedBackbone(store.url, manifest, True)
         raise BackbonePublishError(
             f"{store.url} already holds backbone {existing['weights_sha256'][:12]} "
             f"({existing.get('source_name', '?')}); nothing was overwritten: push "
@@ -248,7 +242,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     with _store_problems(store.url):
         publish_tree(store, directory, MANIFEST, manifest)
     log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], store.url)
-    return PublishedBackbone.of(store.url, manifest, False)
+    return PublishedBackbone(store.url, manifest, False)
 
 
 # ------------------------------------------------------------------------------------ MLflow registry
@@ -271,7 +265,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
             )
         for mv in if_found(client.search_model_versions, f"name = '{name}'", default=[]):
             if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
-                return PublishedBackbone.of(f"models:/{name}/{mv.version}", manifest, True)
+                return PublishedBackbone(f"models:/{name}/{mv.version}", manifest, True)
     tags = {
         KIND_TAG: KIND_BACKBONE,
         WEIGHTS_TAG: manifest["weights_sha256"],
@@ -299,7 +293,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
         client.set_terminated(run_id, state)
     spec = f"models:/{name}/{mv.version}"
     log.info("registered backbone %s as %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone.of(spec, manifest, False)
+    return PublishedBackbone(spec, manifest, False)
 
 
 def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:

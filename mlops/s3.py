@@ -19,8 +19,6 @@ from fedmedclip.federation.storage import ObjectStore, StoreAccessDenied, StoreE
 from .sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_secret_name
 
 MISSING = ("NoSuchKey", "404", "NotFound")
-DENIED = ("AccessDenied", "403", "Forbidden")
-REFUSED_KEY = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
 _SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
 
 
@@ -81,13 +79,13 @@ def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
             f"{needs} credentials: in a cluster the task gets them from its Secret, on this machine run "
             '`eval "$(fedmedclip stack env --role ROLE)"`'
         )
-    if code in DENIED:
+    if code in ("AccessDenied", "403", "Forbidden"):
         key_id = os.environ.get("AWS_ACCESS_KEY_ID", "?")[:8]
         return StoreAccessDenied(
             f"access to {where} denied ({verb}): the credentials in use (access key {key_id}...) do not cover "
             f"it; it needs {needs} credentials"
         )
-    if code in REFUSED_KEY:
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return StoreAccessDenied(
             f"cannot {verb} {where}: the S3 server does not accept these credentials ({code})"
         )
@@ -195,20 +193,16 @@ class S3Store(ObjectStore):
 
     def md5s(self, prefix: str) -> dict[str, str]:
         """Every object's MD5 under `prefix` (relative keys), one listing: the publisher's role only."""
-        out, base, skip = {}, self._key(prefix.strip("/")) + "/", len(self.prefix) + 1 if self.prefix else 0
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base
-            ):
-                out.update({o["Key"][skip:]: o["ETag"].strip('"') for o in page.get("Contents", [])})
+        base, skip = self._key(prefix.strip("/")) + "/", len(self.prefix) + 1 if self.prefix else 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+        try:  # the pages are requested as they are read
+            return {o["Key"][skip:]: o["ETag"].strip('"') for page in pages for o in page.get("Contents", [])}
         except Exception as exc:
             raise s3_error(exc, "list", self.bucket, base) from None
-        return out
 
     def ensure_bucket(self) -> None:
-        """List the bucket (what the publisher's role may do; HeadBucket is not an action of its own), and
-        create it, versioned as the cluster's are, when it does not exist (an admin's key may; a role's may
-        not: `fedmedclip stack add-bucket`)."""
+        """List the bucket (HeadBucket is not an action a role can be granted), and create it, versioned as the
+        cluster's are, when it does not exist (an admin's key may; a role's may not: `stack add-bucket`)."""
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
         except Exception as exc:
