@@ -1,17 +1,8 @@
-"""Real CLIP weights for pods whose image bakes none in: a model directory is pushed once, to S3 or to the
-MLflow model registry, and each pod resolves it into its own cache, checked against what was published.
-
-    fedmedclip backbone push ./clip-b32 --to s3://BUCKET/backbones/clip-b32    # or --to models:/clip-b32
-    resolve_backbone("s3://BUCKET/backbones/clip-b32" or "models:/clip-b32/1" or "models:/clip-b32@prod",
-                     cache_dir)  ->  "<cache_dir>/backbones/<weights sha256>"
-
-A push writes the directory's files and, last, the manifest `fedmedclip-backbone.json` (weights hash,
-identity, each file's sha256 and size): under the S3 prefix (mlops/tree.py), or as the artifacts of a run of
-the experiment `fedmedclip-backbones` registered as a new version of NAME (tags `fedmedclip.kind=backbone`,
-`weights_sha256`). A pod downloads into a private folder, checks every file and then the loaded weights' hash
-against the manifest, and renames it into the cache; later resolutions re-check the files and reuse it. A
-missing or mismatching backbone fails before any training, saying how to publish it. Built-in names and local
-directories pass through unchanged.
+"""Real CLIP weights for pods whose image bakes none in (pipelines/README.md, "Real weights in the cluster"): a model folder
+is pushed once, to an S3 prefix or to the MLflow registry, files first and the manifest (weights hash, identity,
+each file's sha256) last, and each pod resolves `s3://...` or `models:/NAME/VERSION|@ALIAS` into
+`<cache_dir>/backbones/<weights sha256>/`, every file and then the loaded weights checked before the folder is
+renamed into place. A missing or mismatching backbone fails before any training, saying how to publish it.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""Images in S3, one prefix per holder, so that a site's pods, holding only that site's credentials, read only
-that site's images (docs/contracts.md, "Data published to S3"; the roles of mlops/policies.py):
-
-  ROOT/server/published.json        every image's id, label, split and site (no pixels) and the partition
-  ROOT/server/catalog.json          the server's images (global test and reference), then server/images/<id>
-  ROOT/sites/<k>/catalog.json       site k's images, their MD5s, its train/val/test ids and the partition digest
-  ROOT/sites/<k>/images/<image id>  site k's train/val/test images (k = the site's index)
-  ROOT/summaries/sites/<k>.json     what the server may know of site k: class names and sample counts
-
-ROOT is `s3://BUCKET[/PREFIX]` or, for a site keeping its images at home, a local directory of that layout.
-Readers need no listing; every image is checked against its catalog's MD5, and ids read from catalogs stay
-inside their root (fedmedclip.paths). Ids, labels and bytes are the source's: metrics equal an in-process run.
+"""Images published to S3 (or a hospital's local folder of the same layout), one prefix per holder, so that a
+site's pods, holding only that site's credentials, read only that site's images: the layout and its rules are
+docs/contracts.md's "Data published to S3", the roles mlops/policies.py's. Readers need no listing; each image
+is checked against its catalog's MD5 and each id read from a catalog stays inside its root (fedmedclip.paths).
 """
 
 from __future__ import annotations

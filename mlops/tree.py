@@ -1,7 +1,6 @@
-"""Folders published to an object store and fetched back checked: the one helper behind published data
-(site_data.py), published backbones (backbones.py) and the pipeline's run directory (components/worker,
-report). A publisher puts the files first and the manifest (or catalog) listing their digests LAST, so a reader
-that finds it finds every file; a reader checks each file against its digest before using it, with no listing.
+"""Folders published to an object store and fetched back checked, for published data, backbones and the
+pipeline's run directory: the files first, the manifest listing their digests LAST (a reader that finds it
+finds every file), and each file checked against its digest before it is used; no listing is needed.
 """
 
 from __future__ import annotations
