@@ -1,8 +1,9 @@
-"""Real CLIP weights for pods whose image bakes none in (pipelines/README.md, "Real weights in the cluster"): a model folder
-is pushed once, to an S3 prefix or to the MLflow registry, files first and the manifest (weights hash, identity,
-each file's sha256) last, and each pod resolves `s3://...` or `models:/NAME/VERSION|@ALIAS` into
-`<cache_dir>/backbones/<weights sha256>/`, every file and then the loaded weights checked before the folder is
-renamed into place. A missing or mismatching backbone fails before any training, saying how to publish it.
+"""Real CLIP weights for pods whose image bakes none in (pipelines/README.md, "Real weights in the cluster"):
+a model folder is pushed once, to an S3 prefix or to the MLflow registry, files first and the manifest (weights
+hash, identity, each file's sha256) last, and each pod resolves `s3://...` or `models:/NAME/VERSION|@ALIAS`
+into `<cache_dir>/backbones/<weights sha256>/`, every file and then the loaded weights checked before the
+folder is renamed into place. A missing or mismatching backbone fails before any training, saying how to
+publish it.
 """
 
 from __future__ import annotations
