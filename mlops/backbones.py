@@ -21,7 +21,7 @@ from fedmedclip.errors import BackboneNotFound, FedMedClipError
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore
 from fedmedclip.paths import put_folder_in_place
 
-from .s3 import S3Store, split_s3_url, store_errors
+from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
 
 log = logging.getLogger("fedmedclip.backbones")
@@ -99,11 +99,13 @@ def _store_problems(spec: str):
     )
 
 
-def _read_manifest(store: ObjectStore, spec: str, where: str | None = None) -> dict | None:
+def _read_manifest(store: ObjectStore, spec: str, where=None, required=False) -> dict | None:
     """The manifest in `store` (S3, a download, the cache), None when there is none; another party wrote it:
     bounded, JSON, the right format, a sha256, and file names confined to one folder."""
     with _store_problems(spec):
         body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
+        if body is None and required:
+            raise ObjectMissing(f"{store.where(MANIFEST)} does not exist")
     if body is None:
         return None
     try:
@@ -205,12 +207,7 @@ def _s3_store(uri: str) -> S3Store:
 
 def _resolve_s3(spec: str, cache_root: Path) -> Path:
     store = _s3_store(spec)
-    manifest = _read_manifest(store, spec)
-    if manifest is None:
-        raise BackboneUnavailable(
-            f"no backbone published at {spec} ({store.where(MANIFEST)} does not exist). "
-            + _how_to_publish(spec)
-        )
+    manifest = _read_manifest(store, spec, required=True)
 
     def download(folder: Path) -> None:  # checked as a whole by _install
         with _store_problems(spec):
@@ -311,9 +308,8 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             f"{spec} is not a backbone pushed with `fedmedclip backbone push` (no {KIND_TAG}={KIND_BACKBONE} "
             f"and {WEIGHTS_TAG} tags on version {mv.version}). " + _how_to_publish(spec)
         )
-    cached = _read_manifest(
-        LocalDirStore(cache_root / wanted), spec
-    )  # the tags name the weights: no download
+    # The tags name the weights: no download when the cache holds them.
+    cached = _read_manifest(LocalDirStore(cache_root / wanted), spec)
     if cached is not None and cached["weights_sha256"] == wanted and (found := _cached(cache_root, cached)):
         return found
     cache_root.mkdir(parents=True, exist_ok=True)
