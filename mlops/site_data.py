@@ -239,9 +239,7 @@ def _load_source(cfg, allow_outside_root: bool, site: str | None = None):
     return image_set, part, holder_ids
 
 
-def _publish_holders(
-    root: ObjectStore, image_set: ImageSet, part, holder_ids: dict, listing: bool, progress: str
-):
+def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: dict, listing: bool, progress):
     """Each holder's images under its own prefix (what is there already is skipped, other content refused;
     found with one listing per prefix when `listing`, the publisher's role, else one HEAD per image), then its
     catalog and a site's summary: catalogs last, so a reader that finds one finds its images. Returns the

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,9 +41,7 @@ def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict
     return files
 
 
-def upload(
-    store: ObjectStore, files: dict, there: dict | Callable | None = None, progress=""
-) -> tuple[int, dict]:
+def upload(store: ObjectStore, files: dict, there=None, progress: str = "") -> tuple[int, dict]:
     """Put each file `{key: path}` (S3: streamed in one PUT). With `there` (the stored MD5s: a listing dict, or
     a lookup per key), a key already holding the file is skipped and one holding other content is refused,
     never overwritten: a re-run of the same publish sends nothing. Returns the bytes sent and each file's MD5."""
