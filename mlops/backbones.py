@@ -1,25 +1,9 @@
-"""Real CLIP weights for pods whose image bakes none in: a model directory is published once, to S3 or to
-the MLflow model registry, and each pod resolves it into its own cache, checked against the weights hash
-recorded when it was published.
-
-    fedmedclip backbone push ./clip-b32 --to s3://BUCKET/backbones/clip-b32    # or --to models:/clip-b32
-    resolve_backbone("s3://BUCKET/backbones/clip-b32", cache_dir)  ->  "<cache_dir>/backbones/<sha256>"
-    resolve_backbone("models:/clip-b32/1" or "models:/clip-b32@prod", cache_dir)  ->  the same kind of folder
-
-What a push writes:
-- S3: every file of the directory under the prefix, then `fedmedclip-backbone.json` (written last, so a
-  prefix without it was never completely published): the weights hash (`fedmedclip.backbone.load_backbone(dir)
-  .weights_sha256`), the backbone's identity and each file's sha256 and size.
-- MLflow: a run of the experiment `fedmedclip-backbones` holding the directory (and the same manifest) as
-  artifacts, registered as a new version of NAME with the tags `fedmedclip.kind=backbone` and
-  `weights_sha256`.
-
-A pod downloads a backbone once into `<cache_dir>/backbones/<weights sha256>/` and checks every file's sha256
-and then the weights hash of the loaded model against the manifest before the folder is published in the
-cache (an atomic rename). Later resolutions re-check the files' hashes and reuse the folder. The federation
-runtime and the pipeline call `resolve_backbone` before `load_backbone`: a missing or mismatching backbone
-fails there, before any training, with a message saying how to publish it. Built-in names (`tiny`, ...) and
-local directories pass through unchanged.
+"""Real CLIP weights for pods whose image bakes none in (pipelines/README.md, "Real weights in the cluster"):
+a model folder is pushed once, to an S3 prefix or to the MLflow registry, files first and the manifest (weights
+hash, identity, each file's sha256) last, and each pod resolves `s3://...` or `models:/NAME/VERSION|@ALIAS`
+into `<cache_dir>/backbones/<weights sha256>/`, every file and then the loaded weights checked before the
+folder is renamed into place. A missing or mismatching backbone fails before any training, saying how to
+publish it.
 """
 
 from __future__ import annotations
@@ -34,8 +18,10 @@ from pathlib import Path
 
 from fedmedclip.digests import is_sha256
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
+from fedmedclip.federation.storage import LocalDirStore, ObjectStore
+from fedmedclip.paths import put_folder_in_place
 
-from .s3 import S3Store, split_s3_url, store_errors
+from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
 
 log = logging.getLogger("fedmedclip.backbones")
@@ -44,9 +30,7 @@ MANIFEST = "fedmedclip-backbone.json"
 MANIFEST_FORMAT = 1
 MANIFEST_MAX_BYTES = 4 << 20  # a manifest lists a model folder's files: far less than this
 REGISTRY_EXPERIMENT = "fedmedclip-backbones"  # the MLflow experiment whose runs hold pushed backbones
-KIND_TAG = "fedmedclip.kind"
-KIND_BACKBONE = "backbone"
-WEIGHTS_TAG = "weights_sha256"
+KIND_TAG, KIND_BACKBONE, WEIGHTS_TAG = "fedmedclip.kind", "backbone", "weights_sha256"
 CACHE_SUBDIR = "backbones"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))?$")
 
@@ -62,23 +46,17 @@ class BackbonePublishError(FedMedClipError):
 @dataclass
 class PublishedBackbone:
     spec: str  # what to pass as --backbone
-    weights_sha256: str
-    files: int
-    bytes: int
+    manifest: dict
     already_published: bool
 
     def describe(self) -> str:
+        files = self.manifest["files"]
         state = "already published at" if self.already_published else "published to"
+        mib = sum(f["size"] for f in files.values()) / 2**20
         return (
-            f"backbone {self.weights_sha256[:12]} ({self.files} files, {self.bytes / 2**20:.1f} MiB) {state} "
+            f"backbone {self.manifest['weights_sha256'][:12]} ({len(files)} files, {mib:.1f} MiB) {state} "
             f"{self.spec}\nuse it with: --backbone {self.spec}"
         )
-
-    @classmethod
-    def of(cls, spec: str, manifest: dict, already_published: bool) -> PublishedBackbone:
-        files = manifest["files"]
-        size = sum(f["size"] for f in files.values())
-        return cls(spec, manifest["weights_sha256"], len(files), size, already_published)
 
 
 def is_remote_backbone(spec: str) -> bool:
@@ -87,19 +65,12 @@ def is_remote_backbone(spec: str) -> bool:
 
 
 def _how_to_publish(spec: str) -> str:
-    target = spec if spec.startswith("s3://") else _registry_name_uri(spec)
+    m = _REGISTRY_URI.match(spec)
+    target = spec if spec.startswith("s3://") else f"models:/{m.group('name')}" if m else "models:/NAME"
     return (
         f"Publish it from a local CLIP directory (`huggingface-cli download openai/clip-vit-base-patch32 "
         f"--local-dir DIR` on a connected machine) with:\n  fedmedclip backbone push DIR --to {target}"
     )
-
-
-def _registry_name_uri(spec: str) -> str:
-    m = _REGISTRY_URI.match(spec)
-    return f"models:/{m.group('name')}" if m else "models:/NAME"
-
-
-# ------------------------------------------------------------------------------------------ manifest
 
 
 def backbone_manifest(directory: str | Path) -> dict:
@@ -110,28 +81,35 @@ def backbone_manifest(directory: str | Path) -> dict:
     if not directory.is_dir():
         raise BackboneNotFound(f"backbone directory {str(directory)!r} does not exist or is not a directory")
     backbone = load_backbone(str(directory))
-    identity = backbone.identity()
-    # No hidden entries (a `huggingface-cli download` leaves `.cache/` next to the weights), never an earlier
-    # manifest.
-    files = tree_files(directory, skip=(MANIFEST,))
     return {
         "format": MANIFEST_FORMAT,
         "weights_sha256": backbone.weights_sha256,
         "source_name": directory.resolve().name,
-        "identity": {
-            k: v for k, v in identity.items() if k != "name"
-        },  # the pusher's path means nothing here
-        "files": files,
+        # The pusher's path means nothing to a pod.
+        "identity": {k: v for k, v in backbone.identity().items() if k != "name"},
+        # No hidden entries (`huggingface-cli download` leaves `.cache/`), never an earlier manifest.
+        "files": tree_files(directory, skip=(MANIFEST,)),
     }
 
 
-def _check_manifest(body: bytes | Path, where: str) -> dict:
-    """A manifest as read from storage or a cache (its bytes, or its file): bounded, valid JSON, the right
-    format, a sha256, and file names confined to one folder."""
+def _store_problems(spec: str):
+    """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
+    return store_errors(
+        BackboneUnavailable, lambda exc: f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
+    )
+
+
+def _read_manifest(store: ObjectStore, spec: str, where=None, required=False) -> dict | None:
+    """The manifest in `store` (S3, a download, the cache), None when there is none; another party wrote it:
+    bounded, JSON, the right format, a sha256, and file names confined to one folder."""
+    with _store_problems(spec):
+        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
+        if body is None and required:
+            raise ObjectMissing(f"{store.where(MANIFEST)} does not exist")
+    if body is None:
+        return None
     try:
-        if isinstance(body, Path) and body.stat().st_size > MANIFEST_MAX_BYTES:
-            raise ValueError(f"over {MANIFEST_MAX_BYTES} bytes")
-        manifest = json.loads(body.read_bytes() if isinstance(body, Path) else body)
+        manifest = json.loads(body)
     except ValueError as exc:
         problem = f"not a readable JSON manifest ({exc})"
     else:
@@ -142,11 +120,10 @@ def _check_manifest(body: bytes | Path, where: str) -> dict:
         else:
             problem = tree_problem(manifest.get("files"))
     if problem:
-        raise BackboneUnavailable(f"{where} is damaged: {problem}. " + _how_to_publish(where))
+        raise BackboneUnavailable(
+            f"{where or store.where(MANIFEST)} is damaged: {problem}. " + _how_to_publish(spec)
+        )
     return manifest
-
-
-# --------------------------------------------------------------------------------------------- cache
 
 
 def _cached(cache_root: Path, manifest: dict) -> Path | None:
@@ -156,6 +133,7 @@ def _cached(cache_root: Path, manifest: dict) -> Path | None:
         return None
     problem = tree_mismatch(folder, manifest["files"])
     if problem is None:
+        log.info("backbone %s: using the cached copy", folder)
         return folder
     log.warning("cached backbone %s is damaged (%s): downloading it again", folder, problem)
     shutil.rmtree(folder, ignore_errors=True)
@@ -166,9 +144,7 @@ def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
     """Download into a private folder, check files and weights, then publish it in the cache by a rename."""
     from fedmedclip.backbone import load_backbone
 
-    found = _cached(cache_root, manifest)
-    if found is not None:
-        log.info("backbone %s: using the cached copy %s", spec, found)
+    if (found := _cached(cache_root, manifest)) is not None:
         return found
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".partial-{manifest['weights_sha256'][:12]}-"))
@@ -188,25 +164,19 @@ def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
             )
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         final = cache_root / manifest["weights_sha256"]
-        try:
-            staging.rename(final)
-        except OSError:  # another process of this pod published the same backbone first
-            if _cached(cache_root, manifest) is None:
-                raise
+        # Another process of this pod may have published the same backbone first.
+        put_folder_in_place(staging, final, lambda: _cached(cache_root, manifest) is not None)
         log.info("backbone %s: downloaded and checked into %s", spec, final)
         return final
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_backbone(spec: str, cache_dir: str | Path, *, tracking_uri: str | None = None) -> str:
-    """A backbone spec the core can load: `s3://BUCKET/PREFIX` and `models:/NAME/VERSION`,
-    `models:/NAME@ALIAS` become a checked local folder in `<cache_dir>/backbones/`; anything else (built-in
-    names, local directories, cached Hugging Face ids) is returned as it is. Raises BackboneUnavailable,
-    with how to publish the backbone, when it is missing or is not what was published."""
-    spec = str(spec)
-    cache_root = Path(cache_dir) / CACHE_SUBDIR
+    """A backbone spec the core can load: `s3://BUCKET/PREFIX`, `models:/NAME/VERSION` and `models:/NAME@ALIAS`
+    become a checked folder in `<cache_dir>/backbones/`; anything else is returned as it is. Raises
+    BackboneUnavailable, with how to publish it, when it is missing or not what was published."""
+    spec, cache_root = str(spec), Path(cache_dir) / CACHE_SUBDIR
     if spec.startswith("s3://"):
         return str(_resolve_s3(spec, cache_root))
     if spec.startswith("models:/"):
@@ -215,8 +185,8 @@ def resolve_backbone(spec: str, cache_dir: str | Path, *, tracking_uri: str | No
 
 
 def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = None) -> PublishedBackbone:
-    """Publish the CLIP directory `directory` to `s3://BUCKET/PREFIX` or to the registry as `models:/NAME`.
-    Pushing the same weights again changes nothing; a prefix holding another backbone is refused."""
+    """Publish the CLIP directory to `s3://BUCKET/PREFIX` or to the registry as `models:/NAME`. Pushing the
+    same weights again changes nothing; a prefix holding another backbone is refused."""
     manifest = backbone_manifest(directory)
     if to.startswith("s3://"):
         return _push_s3(Path(directory), to, manifest)
@@ -226,8 +196,6 @@ def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = 
 
 
 # ------------------------------------------------------------------------------------------------ S3
-
-
 def _s3_store(uri: str) -> S3Store:
     bucket, prefix = split_s3_url(uri, BackbonePublishError)
     if not prefix:
@@ -237,30 +205,12 @@ def _s3_store(uri: str) -> S3Store:
     return S3Store(f"s3://{bucket}/{prefix}")
 
 
-def _s3_problems(spec: str):
-    """The object store's failures (mlops/s3.py names the object and the credentials) as BackboneUnavailable."""
-    return store_errors(
-        BackboneUnavailable, lambda exc: f"no backbone published at {spec} ({exc}). " + _how_to_publish(spec)
-    )
-
-
-def _read_s3_manifest(store: S3Store) -> dict | None:
-    with _s3_problems(store.url):
-        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
-    return None if body is None else _check_manifest(body, store.where(MANIFEST))
-
-
 def _resolve_s3(spec: str, cache_root: Path) -> Path:
     store = _s3_store(spec)
-    manifest = _read_s3_manifest(store)
-    if manifest is None:
-        raise BackboneUnavailable(
-            f"no backbone published at {spec} ({store.where(MANIFEST)} does not exist). "
-            + _how_to_publish(spec)
-        )
+    manifest = _read_manifest(store, spec, required=True)
 
     def download(folder: Path) -> None:  # checked as a whole by _install
-        with _s3_problems(spec):
+        with _store_problems(spec):
             fetch_tree(store, manifest["files"], folder, checked=False)
 
     return _install(cache_root, spec, manifest, download)
@@ -268,138 +218,110 @@ def _resolve_s3(spec: str, cache_root: Path) -> Path:
 
 def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     store = _s3_store(to)
-    spec = store.url
-    existing = _read_s3_manifest(store)
+    existing = _read_manifest(store, store.url)
     if existing is not None:
-        if (
-            existing["weights_sha256"] == manifest["weights_sha256"]
-            and existing["files"] == manifest["files"]
-        ):
-            return PublishedBackbone.of(spec, manifest, True)
+        if (existing["weights_sha256"], existing["files"]) == (manifest["weights_sha256"], manifest["files"]):
+            return PublishedBackbone(store.url, manifest, True)
         raise BackbonePublishError(
-            f"{spec} already holds backbone {existing['weights_sha256'][:12]} "
+            f"{store.url} already holds backbone {existing['weights_sha256'][:12]} "
             f"({existing.get('source_name', '?')}); nothing was overwritten: push "
             f"{manifest['weights_sha256'][:12]} to another prefix"
         )
     # The manifest goes last: a prefix without it was never completely published, and is written over.
-    with _s3_problems(spec):
+    with _store_problems(store.url):
         publish_tree(store, directory, MANIFEST, manifest)
-    log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone.of(spec, manifest, False)
+    log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], store.url)
+    return PublishedBackbone(store.url, manifest, False)
 
 
 # ------------------------------------------------------------------------------------ MLflow registry
-
-
-def _registry_client(tracking_uri: str | None):
-    from .tracking import _client
-
-    client, _ = _client(tracking_uri)
-    return client
-
-
-def _backbone_versions(client, name: str) -> list:
-    from .tracking import if_found
-
-    return list(if_found(client.search_model_versions, f"name = '{name}'", default=[]))
-
-
 def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
     from mlflow.exceptions import MlflowException
 
-    from .registry import _registered_model_exists
-    from .tracking import get_or_create_experiment
+    from .tracking import _client, get_or_create_experiment, if_found
 
     m = _REGISTRY_URI.match(to)
     if not m or m.group("version") or m.group("alias"):
         raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
     name = m.group("name")
-    client = _registry_client(tracking_uri)
-    if _registered_model_exists(client, name):
-        model = client.get_registered_model(name)
+    client, _ = _client(tracking_uri)
+    model = if_found(client.get_registered_model, name)
+    if model is not None:
         if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
             raise BackbonePublishError(
                 f"registered model {name!r} does not hold backbones (no tag {KIND_TAG}={KIND_BACKBONE}); "
                 "push to another name"
             )
-        for mv in _backbone_versions(client, name):
+        for mv in if_found(client.search_model_versions, f"name = '{name}'", default=[]):
             if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
-                spec = f"models:/{name}/{mv.version}"
-                return PublishedBackbone.of(spec, manifest, True)
-    exp_id = get_or_create_experiment(client, REGISTRY_EXPERIMENT)
+                return PublishedBackbone(f"models:/{name}/{mv.version}", manifest, True)
     tags = {
         KIND_TAG: KIND_BACKBONE,
         WEIGHTS_TAG: manifest["weights_sha256"],
         "backbone.source_name": manifest["source_name"],
-        "backbone.feature_dim": str(manifest["identity"].get("feature_dim", "")),
-        "backbone.image_size": str(manifest["identity"].get("image_size", "")),
+        **{f"backbone.{k}": str(manifest["identity"].get(k, "")) for k in ("feature_dim", "image_size")},
     }
+    exp_id = get_or_create_experiment(client, REGISTRY_EXPERIMENT)
     run = client.create_run(exp_id, run_name=f"backbone {manifest['source_name']}", tags=tags)
-    run_id = run.info.run_id
+    run_id, state = run.info.run_id, "FAILED"
     try:
         # The artifacts are the directory's files (hidden entries left out), each as it is, then the manifest.
         for rel in manifest["files"]:
             client.log_artifact(run_id, str(directory / rel), Path("backbone", rel).parent.as_posix())
         client.log_dict(run_id, manifest, f"backbone/{MANIFEST}")
-        if not _registered_model_exists(client, name):
+        if model is None:
             client.create_registered_model(
                 name, tags={KIND_TAG: KIND_BACKBONE}, description="CLIP backbone (fedmedclip backbone push)"
             )
-        mv = client.create_model_version(
-            name, f"{run.info.artifact_uri.rstrip('/')}/backbone", run_id=run_id, tags=tags
-        )
+        source = f"{run.info.artifact_uri.rstrip('/')}/backbone"
+        mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
+        state = "FINISHED"
     except MlflowException as exc:
-        client.set_terminated(run_id, "FAILED")
         raise BackbonePublishError(f"registering the backbone as {name!r} failed: {exc.message}") from exc
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+    finally:
+        client.set_terminated(run_id, state)
     spec = f"models:/{name}/{mv.version}"
     log.info("registered backbone %s as %s", manifest["weights_sha256"][:12], spec)
-    return PublishedBackbone.of(spec, manifest, False)
+    return PublishedBackbone(spec, manifest, False)
 
 
 def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .tracking import registered_version
+    from .tracking import _client, registered_version
 
     m = _REGISTRY_URI.match(spec)
     if not m or not (m.group("version") or m.group("alias")):
         raise BackboneUnavailable(f"--backbone {spec!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
-    name = m.group("name")
-    client = _registry_client(tracking_uri)
+    client, _ = _client(tracking_uri)
     try:
-        mv = registered_version(client, name, m.group("alias"), m.group("version"))
+        mv = registered_version(client, m.group("name"), m.group("alias"), m.group("version"))
     except MlflowException as exc:
         raise BackboneUnavailable(
             f"no backbone registered as {spec} ({exc.message}). " + _how_to_publish(spec)
         ) from None
     tags = mv.tags or {}
-    if tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(tags.get(WEIGHTS_TAG, "")):
+    wanted = tags.get(WEIGHTS_TAG, "")
+    if tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(wanted):
         raise BackboneUnavailable(
             f"{spec} is not a backbone pushed with `fedmedclip backbone push` (no {KIND_TAG}={KIND_BACKBONE} "
             f"and {WEIGHTS_TAG} tags on version {mv.version}). " + _how_to_publish(spec)
         )
-    wanted = tags[WEIGHTS_TAG]
-    cached_manifest = cache_root / wanted / MANIFEST
-    if cached_manifest.is_file():
-        manifest = _check_manifest(cached_manifest, str(cached_manifest))
-        found = _cached(cache_root, manifest) if manifest["weights_sha256"] == wanted else None
-        if found is not None:
-            log.info("backbone %s: using the cached copy %s", spec, found)
-            return found
-    version_uri = f"models:/{name}/{mv.version}"
-    with tempfile.TemporaryDirectory(dir=_mkdir(cache_root), prefix=".download-") as tmp:
+    # The tags name the weights: no download when the cache holds them.
+    cached = _read_manifest(LocalDirStore(cache_root / wanted), spec)
+    if cached is not None and cached["weights_sha256"] == wanted and (found := _cached(cache_root, cached)):
+        return found
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_root, prefix=".download-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version_uri, dst_path=tmp))
+            uri = f"models:/{m.group('name')}/{mv.version}"
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except MlflowException as exc:
             raise BackboneUnavailable(f"cannot download {spec}: {exc.message}") from None
-        if not (local / MANIFEST).is_file():
+        manifest = _read_manifest(LocalDirStore(local), spec, f"{spec} ({MANIFEST})")
+        if manifest is None:
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
-        manifest = _check_manifest(local / MANIFEST, f"{spec} ({MANIFEST})")
         if manifest["weights_sha256"] != wanted:
             raise BackboneUnavailable(
                 f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "
@@ -413,8 +335,3 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
                     shutil.move(str(local / rel), folder / rel)
 
         return _install(cache_root, spec, manifest, download)
-
-
-def _mkdir(path: Path) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)

@@ -1,12 +1,8 @@
-"""S3 for the whole MLOps layer: ONE client factory, ONE error mapper and ONE object store, the S3
-implementation of the core's `fedmedclip.federation.storage.ObjectStore`. The federation's mailbox and private
-state, published data (mlops/site_data.py), published backbones (mlops/backbones.py) and the run directory the
-pipeline's server worker publishes all go through `S3Store`.
-
-Registered under the entry-point group `fedmedclip.stores` as `s3`, so `open_store("s3://BUCKET/PREFIX")` in
-the core finds it without importing boto3. Credentials and endpoint come from the environment (a party's own:
-its Kubernetes Secret in a cluster, `eval "$(fedmedclip stack env --role ROLE)"` on this machine). A PUT is one
-request, so S3 publishes an object whole (and its ETag is its MD5): no reader ever sees half of it.
+"""S3 for the MLOps layer: the one boto3 client factory, error mapper and object store (`S3Store`, the core's
+`ObjectStore` for `s3://`) behind the mailbox, published data, backbones and the pipeline's run directory.
+Registered as `s3` under the entry-point group `fedmedclip.stores`, so the core's `open_store` finds it without
+importing boto3. Credentials and endpoint come from the party's environment. Every object is one PUT: no
+reader sees half of it, and its ETag is its MD5.
 """
 
 from __future__ import annotations
@@ -18,21 +14,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from fedmedclip.federation.storage import (
-    ObjectStore,
-    StoreAccessDenied,
-    StoreError,
-    check_key,
-    check_size,
-)
+from fedmedclip.federation.storage import ObjectStore, StoreAccessDenied, StoreError, check_key, check_size
 
 from .sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_secret_name
 
 MISSING = ("NoSuchKey", "404", "NotFound")
-DENIED = ("AccessDenied", "403", "Forbidden")
-REFUSED_KEY = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
 _SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
-_RAISE = object()
 
 
 class ObjectMissing(StoreError):
@@ -50,29 +37,22 @@ def split_s3_url(url: str, error: type[Exception] = StoreError) -> tuple[str, st
     return bucket, prefix.strip("/")
 
 
-def s3_client(
-    endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None, region=None
-):
+def s3_client(endpoint=None, access_key=None, secret_key=None, region=None):
     """A boto3 S3 client: the environment's endpoint (AWS_ENDPOINT_URL_S3) and credentials unless given."""
     import boto3
     from botocore.config import Config
 
-    logging.getLogger("botocore.credentials").setLevel(
-        logging.WARNING
-    )  # "Found credentials in ..." per client
-    endpoint = (
-        endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
-    )
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials" per client
+    env = os.environ
     # A fresh session: boto3's default one keeps the first credentials it found for the process's life.
     # Retries with backoff absorb a bucket's transient errors; the parties poll anyway.
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16)
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=endpoint,
+        endpoint_url=endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or None,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
         region_name=region,
-        config=config,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16),
     )
 
 
@@ -80,36 +60,32 @@ def error_code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def credentials_hint(key: str) -> str:
-    """Which credentials a key needs: the Secret a cluster task would hold for it."""
-    m = _SITE_KEY.search(key)
-    if m:
-        return f"site {m.group(1)}'s (Secret {site_secret_name(m.group(1))})"
-    if key.startswith(SERVER_PREFIX) or f"/{SERVER_PREFIX}" in key:
-        return f"the server's (Secret {SERVER_SECRET_NAME})"
-    return "this party's"
-
-
 def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
-    """A boto3 failure as a StoreError that names the object and what to check: StoreAccessDenied when the
-    credentials are missing or refused, ObjectMissing when the object or its bucket does not exist."""
+    """A boto3 failure as a StoreError naming the object and the credentials it needs (the Secret a cluster
+    task holds for it): StoreAccessDenied when they are missing or refused, ObjectMissing when the object or
+    its bucket does not exist."""
     from botocore.exceptions import NoCredentialsError
 
-    where, needs = f"s3://{bucket}/{key}", credentials_hint(key)
+    where, code, site = f"s3://{bucket}/{key}", error_code(exc), _SITE_KEY.search(key)
+    if site:
+        needs = f"site {site.group(1)}'s (Secret {site_secret_name(site.group(1))})"
+    elif key.startswith(SERVER_PREFIX) or f"/{SERVER_PREFIX}" in key:
+        needs = f"the server's (Secret {SERVER_SECRET_NAME})"
+    else:
+        needs = "this party's"
     if isinstance(exc, NoCredentialsError):
         return StoreAccessDenied(
             f"cannot {verb} {where}: no S3 credentials in the environment ({', '.join(SECRET_KEYS)}); it needs "
             f"{needs} credentials: in a cluster the task gets them from its Secret, on this machine run "
             '`eval "$(fedmedclip stack env --role ROLE)"`'
         )
-    code = error_code(exc)
-    if code in DENIED:
+    if code in ("AccessDenied", "403", "Forbidden"):
         key_id = os.environ.get("AWS_ACCESS_KEY_ID", "?")[:8]
         return StoreAccessDenied(
             f"access to {where} denied ({verb}): the credentials in use (access key {key_id}...) do not cover "
             f"it; it needs {needs} credentials"
         )
-    if code in REFUSED_KEY:
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
         return StoreAccessDenied(
             f"cannot {verb} {where}: the S3 server does not accept these credentials ({code})"
         )
@@ -122,8 +98,8 @@ def s3_error(exc: Exception, verb: str, bucket: str, key: str) -> StoreError:
 
 @contextlib.contextmanager
 def store_errors(error: type[Exception], missing: Callable[[ObjectMissing], str]):
-    """The object store's failures (named object, needed credentials: `s3_error`) as the caller's `error`, one
-    line each, a missing object's with `missing(exc)` (how to publish it). A context manager and a decorator."""
+    """The object store's failures as the caller's `error`, one line each; a missing object's message is
+    `missing(exc)` (how to publish it). A context manager and a decorator."""
     try:
         yield
     except ObjectMissing as exc:
@@ -134,7 +110,7 @@ def store_errors(error: type[Exception], missing: Callable[[ObjectMissing], str]
 
 class S3Store(ObjectStore):
     """`s3://BUCKET[/PREFIX]`; keys are relative to the prefix, each checked by `check` (by default the core's
-    check_key: plain relative names; published data passes its image-id check)."""
+    check_key; published data passes its image-id check)."""
 
     def __init__(self, url: str, client=None, check: Callable[[str], str] = check_key):
         self.bucket, self.prefix = split_s3_url(url)
@@ -144,44 +120,41 @@ class S3Store(ObjectStore):
         self.client, self.check = client or s3_client(), check
 
     def sub(self, prefix: str) -> S3Store:
-        """The same bucket under `prefix/`: still an S3Store (streamed files, MD5s)."""
         return S3Store(f"{self.url}/{check_key(prefix.strip('/'))}", self.client, self.check)
 
     def _key(self, key: str) -> str:
         self.check(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, verb: str, key: str, method: str, missing=_RAISE, **kwargs):
-        """One boto3 call on `key`: its answer, `missing` when the object does not exist (if given), else the
-        failure as the mapped StoreError."""
+    def _call(self, verb: str, method: str, key: str = "", missing_ok: bool = False, **kwargs):
+        """One boto3 call on the bucket (on the object `key`, a full key, if given): its answer (None for a
+        missing object when `missing_ok`), else the failure as the mapped StoreError."""
         try:
-            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+            return getattr(self.client, method)(Bucket=self.bucket, **({"Key": key} if key else {}), **kwargs)
         except Exception as exc:  # botocore raises several unrelated classes
-            if missing is not _RAISE and error_code(exc) in MISSING:
-                return missing
-            raise s3_error(exc, verb, self.bucket, self._key(key)) from None
+            if missing_ok and error_code(exc) in MISSING:
+                return None
+            raise s3_error(exc, verb, self.bucket, key) from None
 
     def put(self, key, data):
-        self._call("write", key, "put_object", Key=self._key(key), Body=bytes(data))
+        self._call("write", "put_object", self._key(key), Body=bytes(data))
 
     def put_file(self, key: str, path: str | Path) -> None:
         """One PUT of the file (streamed), so its ETag is its MD5."""
         with open(path, "rb") as fh:
-            self._call("write", key, "put_object", Key=self._key(key), Body=fh)
+            self._call("write", "put_object", self._key(key), Body=fh)
 
     def get(self, key, max_bytes=None):
         """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
         object's connection is closed unread), and the body is read with that cap."""
-        response = self._call("read", key, "get_object", missing=None, Key=self._key(key))
+        response = self._call("read", "get_object", self._key(key), True)
         if response is None:
             return None
-        body = response["Body"]
+        body, where = response["Body"], self.where(key)
         try:
-            if max_bytes is None:
-                return body.read()
-            check_size(self.where(key), int(response.get("ContentLength", 0)), max_bytes)
-            data = body.read(max_bytes + 1)
-            check_size(self.where(key), len(data), max_bytes)
+            check_size(where, int(response.get("ContentLength", 0)), max_bytes)
+            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            check_size(where, len(data), max_bytes)
             return data
         except StoreError:
             raise
@@ -192,68 +165,51 @@ class S3Store(ObjectStore):
 
     def download(self, key: str, path: str | Path) -> None:
         """The object into `path` (ObjectMissing when it does not exist)."""
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(path))
-        except Exception as exc:
-            raise s3_error(exc, "read", self.bucket, self._key(key)) from None
+        self._call("read", "download_file", self._key(key), Filename=str(path))
 
     def md5(self, key: str) -> str | None:
         """The stored object's MD5 (its ETag: every object is one PUT), None when it does not exist."""
-        head = self._call("check", key, "head_object", missing=None, Key=self._key(key))
+        head = self._call("check", "head_object", self._key(key), True)
         return None if head is None else head["ETag"].strip('"')
 
     def exists(self, key):
         return self.md5(key) is not None
 
     def delete(self, key):
-        self._call("delete", key, "delete_object", Key=self._key(key))
+        self._call("delete", "delete_object", self._key(key))
 
     def delete_every_version(self, key: str) -> int:
-        """Delete `key` and all its earlier versions (a versioned bucket keeps them) without listing, which a
+        """Delete `key` and its earlier versions (a versioned bucket keeps them) without listing, which a
         site's role may not: HEAD gives the current version, deleted until none is left. Returns how many."""
-        gone = 0
-        while True:
-            head = self._call("check", key, "head_object", missing=None, Key=self._key(key))
-            if head is None:
-                return gone
+        gone, full = 0, self._key(key)
+        while (head := self._call("check", "head_object", full, True)) is not None:
             version = head.get("VersionId")
             if version in (None, "", "null"):
                 self.delete(key)
                 return gone + 1
-            self._call("delete", key, "delete_object", Key=self._key(key), VersionId=version)
+            self._call("delete", "delete_object", full, VersionId=version)
             gone += 1
+        return gone
 
     def md5s(self, prefix: str) -> dict[str, str]:
         """Every object's MD5 under `prefix` (relative keys), one listing: the publisher's role only."""
-        out, base = {}, self._key(prefix.strip("/")) + "/"
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base
-            ):
-                for obj in page.get("Contents", []):
-                    out[obj["Key"][len(self.prefix) + 1 if self.prefix else 0 :]] = obj["ETag"].strip('"')
+        base, skip = self._key(prefix.strip("/")) + "/", len(self.prefix) + 1 if self.prefix else 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+        try:  # the pages are requested as they are read
+            return {o["Key"][skip:]: o["ETag"].strip('"') for page in pages for o in page.get("Contents", [])}
         except Exception as exc:
             raise s3_error(exc, "list", self.bucket, base) from None
-        return out
 
     def ensure_bucket(self) -> None:
-        """List the bucket (what the publisher's role may do; HeadBucket is not an action of its own), and
-        create it, versioned as the cluster's are, when it does not exist (an admin's key may; a role's may
-        not: `fedmedclip stack add-bucket`)."""
+        """List the bucket (HeadBucket is not an action a role can be granted), and create it, versioned as the
+        cluster's are, when it does not exist (an admin's key may; a role's may not: `stack add-bucket`)."""
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
-            return
         except Exception as exc:
             if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
                 raise s3_error(exc, "list", self.bucket, "") from None
-        try:
-            self.client.create_bucket(Bucket=self.bucket)
-            self.client.put_bucket_versioning(
-                Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
-            )
-        except Exception as exc:
-            raise s3_error(exc, "create", self.bucket, "") from None
+            self._call("create", "create_bucket")
+            self._call("create", "put_bucket_versioning", VersioningConfiguration={"Status": "Enabled"})
 
 
-def open_s3_store(url: str) -> S3Store:
-    return S3Store(url)
+open_s3_store = S3Store  # the entry point `fedmedclip.stores: s3`

@@ -1,26 +1,7 @@
-"""Images in S3, one prefix per holder, so that a site's pods, which hold only that site's credentials, can
-read only that site's images (the layout the policies of mlops/policies.py allow):
-
-  ROOT/server/published.json        every image's id, label, split and site (no pixels) and the partition
-                                    the data was published for (central publishing only)
-  ROOT/server/catalog.json          the server's images (global test and reference)
-  ROOT/server/images/<image id>
-  ROOT/sites/<k>/catalog.json       site k's images, their MD5s, its train/val/test ids in the partition's
-                                    order and the partition digest: a site's data is complete in its prefix
-  ROOT/sites/<k>/images/<image id>  site k's train/val/test images (k = the site's index)
-  ROOT/summaries/sites/<k>.json     what the server may know of site k: class names and sample counts
-
-ROOT is a bucket (`s3://BUCKET`; the pipeline's `--data` takes only this form), a mailbox root
-`s3://BUCKET/PREFIX`, or, for a site that keeps its images at home, a local directory with the same layout.
-
-`fedmedclip data publish` (the publisher's credentials) writes it all from a local source; `data publish
---site NAME` (that site's credentials) writes only site NAME's prefix and summary. A pipeline run with
-`--data s3://BUCKET` reads it: prepare (server credentials) draws the partition from server/published.json and
-checks that it is the published one; each holder's tasks download their own prefix into the task's cache,
-checking each image against the MD5 in the catalog (no listing: a site's role may not list the bucket).
-`read_site_assignment` gives the federation runtime a site's images and train/val/test ids from its own
-prefix alone. Image ids, labels and bytes are those of the local source, so the features, and every metric,
-equal an in-process run on it. Ids read from catalogs are confined to their root (fedmedclip.paths).
+"""Images published to S3 (or a hospital's local folder of the same layout), one prefix per holder, so that a
+site's pods, holding only that site's credentials, read only that site's images: the layout and its rules are
+docs/contracts.md's "Data published to S3", the roles mlops/policies.py's. Readers need no listing; each image
+is checked against its catalog's MD5 and each id read from a catalog stays inside its root (fedmedclip.paths).
 """
 
 from __future__ import annotations
@@ -35,22 +16,24 @@ from pathlib import Path
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary, parse
-from fedmedclip.federation.storage import LocalDirStore, ObjectStore
+from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied
 from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
 
-from .policies import SITE_SUMMARY
-from .s3 import S3Store, split_s3_url, store_errors
+from .policies import SERVER, SITE_SUMMARY  # the server party: its role's name is its holder's
+from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
-from .tree import download, file_digests, stored_md5, upload
+from .tree import download, file_digest, upload
 
 log = logging.getLogger("fedmedclip.site_data")
 
 CATALOG = "catalog.json"  # a holder's own image list, in its prefix
 PUBLISHED = "published.json"  # server/: every image's id, label, split, site and the published partition
-CATALOG_FORMAT = 1  # server/published.json
-HOLDER_CATALOG_FORMAT = 2  # sites/<k>/catalog.json and server/catalog.json (2: MD5s, assignment, digest)
-SUMMARY_FORMAT = 1
 SITE_SPLITS = ("train", "val", "test")
+
+# The object store's failures (mlops/s3.py names the object and the credentials it needs) as DataError.
+_data_errors = store_errors(
+    DataError, lambda exc: f"{exc}: publish the data first (`fedmedclip data publish`)"
+)
 
 
 def is_s3(data: str) -> bool:
@@ -76,15 +59,10 @@ def parse_root(uri: str) -> tuple[str, str]:
 
 
 def holder_prefix(partition, holder: str) -> str:
-    from fedmedclip.preparation import SERVER
-
-    if holder == SERVER:
-        return SERVER_PREFIX
-    return site_prefix(partition.site_names.index(holder))
+    return SERVER_PREFIX if holder == SERVER else site_prefix(partition.site_names.index(holder))
 
 
 def site_summary_key(index: int) -> str:
-    """`summaries/sites/<k>.json`, site k's public summary (the server's role may read it)."""
     return SITE_SUMMARY.format(k=int(index))
 
 
@@ -100,43 +78,33 @@ def partition_settings(cfg) -> dict:
     return d
 
 
-# The object store's failures (mlops/s3.py names the object and the credentials it needs) as DataError.
-_data_errors = store_errors(
-    DataError, lambda exc: f"{exc}: publish the data first (`fedmedclip data publish`)"
-)
-
-
-# ------------------------------------------------------------------------------ where the data lives
 class _DataDir(LocalDirStore):
     """A local directory of the published layout; ids join as image paths (fedmedclip.paths), not store keys."""
 
     def _path(self, key: str) -> Path:
         return confined_path(self.root, key, str(self.root))
 
+    def md5(self, key: str) -> str | None:
+        return file_digest(self._path(key), "md5") if self.exists(key) else None
+
 
 def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
-    """The published data under `location` (`s3://BUCKET[/PREFIX]`, or a local directory of the same
-    layout) as an object store whose keys are checked as image ids, and the directory when it is local."""
+    """The published data at `location` as a store whose keys are checked as image ids, and its local folder."""
     text = str(location)
-    if is_s3(text):
-        bucket, prefix = parse_root(text)
-        url = f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
-        return S3Store(url, client, check=lambda key: check_relative_id(key, text)), None
-    store = _DataDir(text.removeprefix("file://"))
-    return store, store.root
+    if not is_s3(text):
+        store = _DataDir(text.removeprefix("file://"))
+        return store, store.root
+    bucket, prefix = parse_root(text)
+    url = f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
+    return S3Store(url, client, check=lambda key: check_relative_id(key, text)), None
 
 
-def _get_message(
-    root: ObjectStore, key: str, cls, required: bool = True, party: str = "the publisher"
-) -> dict | None:
-    """`party`'s object at `key`, bounded and parsed against its declaration `cls`
-    (fedmedclip/federation/messages.py); None when it is absent and not `required`."""
+def _get_message(root: ObjectStore, key: str, cls, required=True, party="the publisher") -> dict | None:
+    """`party`'s object at `key`, bounded and parsed against its declaration `cls` (federation/messages.py)."""
     body = root.get(key, max_bytes=cls.max_bytes)
+    if body is None and required:
+        raise ObjectMissing(f"{root.where(key)} does not exist")  # _data_errors says how to publish it
     if body is None:
-        if required:
-            raise DataError(
-                f"{root.where(key)} does not exist: publish the data first (`fedmedclip data publish`)"
-            )
         return None
     try:
         return parse(cls, body, party, root.where(key)).to_dict()
@@ -144,65 +112,26 @@ def _get_message(
         raise DataError(f"{exc}: publish the data again with this version") from None
 
 
-def _put_json(root: ObjectStore, key: str, obj: dict) -> None:
-    root.put(key, json.dumps(obj).encode())
-
-
-# ------------------------------------------------------------------------------------------- reading
-@_data_errors
-def catalog_image_set(bucket: str, client=None) -> tuple[ImageSet, dict]:
-    """The whole image list from server/published.json (records without local files: enough to partition)."""
-    root, _ = _root(f"s3://{bucket}", client)
-    cat = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog)
-    source = root.where(SERVER_PREFIX + PUBLISHED)
-    for image_id, *_ in cat["records"]:
-        check_relative_id(image_id, source)
-    records = [ImageRecord(i, "", label, split, site or None) for i, label, split, site in cat["records"]]
-    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=cat["duplicates"]), cat
-
-
-def check_published_partition(cfg, partition, catalog: dict) -> None:
-    """Refuse a run whose partition is not the one the data was published for (its images would be missing
-    from the sites' prefixes)."""
-    if partition.digest != catalog["partition_digest"]:
-        raise ConfigError(
-            f"{cfg.data} was published for the partition {catalog['partition_settings']}, but this run asks for "
-            f"{partition_settings(cfg)}: run with the published settings, or publish again to another bucket"
-        )
-
-
 def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     cat = _get_message(root, prefix + CATALOG, HolderCatalog)
     where = root.where(prefix + CATALOG)
-    md5 = cat["md5"]
     for image_id, _label, _split in cat["records"]:
         check_relative_id(image_id, where)
-        if image_id not in md5:
+        if image_id not in cat["md5"]:
             raise DataError(f"{where}: no MD5 for image {image_id!r}")
     return cat
 
 
-def _stage(
-    root: ObjectStore,
-    local: Path | None,
-    prefix: str,
-    cat: dict,
-    wanted: list[str],
-    cache_root: Path,
-    label: str,
-    progress: bool,
-    confine: Path,
-) -> list[ImageRecord]:
-    """Local files for `wanted` ids of the holder at `prefix`: from a local root in place, from S3 into
-    `cache_root/<prefix>images/` (files already there with the catalog's MD5 are kept; every download is
-    checked against it: mlops/tree.py). No listing: each key follows from the id. Every path, symlinks
-    resolved, stays inside `confine` (the download cache the user gave, or the local root): a linked folder
-    anywhere below it (`<cache>/s3/<bucket>/sites/0/images` pointing elsewhere) is refused, not followed."""
-    where = root.where(prefix + CATALOG)
-    confine = local if local is not None else confine
+def _stage(root, local, prefix, cat, wanted, cache_dir, label, progress) -> list[ImageRecord]:
+    """Local files for the `wanted` ids of the holder at `prefix`: from a local root in place, from S3 into
+    `cache_dir/s3/<bucket[/prefix]>/<prefix>images/` (a file there with the catalog's MD5 is kept; every
+    download is checked). Every path, symlinks resolved, stays inside the local root or `cache_dir`: a linked
+    folder anywhere below it is refused, not followed."""
+    where, confine = root.where(prefix + CATALOG), local if local is not None else Path(cache_dir)
+    base = (local if local is not None else Path(cache_dir) / "s3" / root.url.removeprefix("s3://")) / prefix
 
-    def confined(base: Path, image_id: str) -> Path:
-        path = confined_path(base, image_id, where)
+    def confined(image_id: str) -> Path:
+        path = confined_path(base / "images", image_id, where)
         if not is_within(path, confine):
             raise DataError(
                 f"image id {image_id!r} from {where} is refused: {path} resolves to {os.path.realpath(path)}, "
@@ -217,48 +146,24 @@ def _stage(
             f"{where} lacks {len(missing)} of {label}'s images (e.g. {missing[0]!r}): the data was published "
             "for another partition; publish again"
         )
-    if local is not None:
-        paths = [confined(local / prefix / "images", i) for i in wanted]
+    if local is None:
+        jobs = {f"{prefix}images/{i}": (confined(i), cat["md5"][i]) for i in wanted}
+        paths = download(root, jobs, "md5", f"{label}: images" if progress else "")
+    else:
+        paths = [confined(i) for i in wanted]
         for path in paths:
             if not path.is_file():
                 raise DataError(f"{path} is listed in {where} but does not exist")
-    else:
-        jobs = {
-            f"{prefix}images/{i}": (confined(cache_root / prefix / "images", i), cat["md5"][i])
-            for i in wanted
-        }
-        paths = download(root, jobs, "md5", f"{label}: images" if progress else "")
-    return [
-        ImageRecord(i, str(p.resolve()), by_id[i][0], by_id[i][1], None)
-        for i, p in zip(wanted, paths, strict=True)
-    ]
-
-
-@_data_errors
-def stage_holder(cfg, partition, holder: str, client=None, progress: bool = False) -> ImageSet:
-    """Download `holder`'s prefix into the task's cache and return its images as an ImageSet with the
-    global class names (the pipeline's tasks, with that holder's credentials)."""
-    from fedmedclip.preparation import holder_image_ids
-
-    bucket = parse_bucket(cfg.data)
-    root, _ = _root(f"s3://{bucket}", client)
-    prefix = holder_prefix(partition, holder)
-    cat = _read_holder_catalog(root, prefix)
-    cache_root = Path(cfg.cache_dir) / "s3" / bucket
-    wanted = holder_image_ids(partition, holder)
-    records = _stage(root, None, prefix, cat, wanted, cache_root, holder, progress, Path(cfg.cache_dir))
-    log.info("%s: %d images from s3://%s/%s in %s", holder, len(records), bucket, prefix, cache_root / prefix)
-    return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
+    return [ImageRecord(i, str(p.resolve()), *by_id[i], None) for i, p in zip(wanted, paths, strict=True)]
 
 
 @dataclass
 class SiteAssignment:
-    """One site's data as its own prefix holds it: its images (local files) and its train/val/test ids in
-    the partition's order."""
+    """One site's data from its own prefix: its images and its train/val/test ids in the partition's order."""
 
     site: str
     index: int
-    image_set: ImageSet  # this site's images only, with the federation's class names
+    image_set: ImageSet
     train: list[str]
     val: list[str]
     test: list[str]
@@ -266,65 +171,39 @@ class SiteAssignment:
     source: str  # the catalog it was read from
 
     @property
-    def class_names(self) -> list[str]:
-        return self.image_set.class_names
-
-    @property
     def samples(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in SITE_SPLITS}
 
     @property
     def splits(self) -> dict[str, list[str]]:
-        """{"train"|"val"|"test": image ids in the partition's order}."""
         return {s: list(getattr(self, s)) for s in SITE_SPLITS}
 
 
 @_data_errors
 def read_site_assignment(
-    location: str | Path,
-    index: int,
-    site: str | None = None,
-    cache_dir: str | Path = ".cache/fedmedclip",
-    client=None,
-    progress: bool = False,
+    location, index: int, site=None, cache_dir=".cache/fedmedclip", client=None, progress=False
 ) -> SiteAssignment:
-    """Site k's data from its own prefix only: `location` is `s3://BUCKET[/PREFIX]` (images downloaded into
-    `cache_dir/s3/BUCKET/[PREFIX/]sites/<k>/images/`, checked against the catalog's MD5s) or a local
-    directory of the same layout (images used in place). `site`, when given, must be the catalog's holder.
-    Needs only the site's own credentials (GetObject on `sites/<k>/`)."""
+    """Site k's data from its own prefix only (GetObject on `sites/<k>/`: the site's own credentials):
+    `location` is `s3://BUCKET[/PREFIX]` (images downloaded into `cache_dir`) or a local directory of the same
+    layout (images used in place). `site`, when given, must be the catalog's holder."""
     root, local = _root(location, client)
     prefix = site_prefix(int(index))
     cat = _read_holder_catalog(root, prefix)
-    where = root.where(prefix + CATALOG)
-    holder = cat.get("holder")
+    where, holder, assignment = root.where(prefix + CATALOG), cat["holder"], cat["assignment"]
     if site is not None and holder != site:
         raise DataError(f"{where} holds site {holder!r}'s data, not {site!r}'s: check the site's index")
-    assignment = cat.get("assignment") or {}
-    if set(assignment) != set(SITE_SPLITS) or cat.get("index") != int(index):
+    if set(assignment) != set(SITE_SPLITS) or cat["index"] != int(index):
         raise DataError(f"{where} is not a site's catalog (no train/val/test assignment for index {index})")
-    for split in SITE_SPLITS:
-        for image_id in assignment[split]:
-            check_relative_id(image_id, where)
-    wanted = [i for s in SITE_SPLITS for i in assignment[s]]
-    cache_root = Path(cache_dir) / "s3" / root.url.removeprefix("s3://") if local is None else local
-    records = _stage(root, local, prefix, cat, wanted, cache_root, holder, progress, Path(cache_dir))
-    return SiteAssignment(
-        site=holder,
-        index=int(index),
-        image_set=ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/"))),
-        train=list(assignment["train"]),
-        val=list(assignment["val"]),
-        test=list(assignment["test"]),
-        partition_digest=cat["partition_digest"],
-        source=where,
-    )
+    wanted = [check_relative_id(i, where) for s in SITE_SPLITS for i in assignment[s]]
+    records = _stage(root, local, prefix, cat, wanted, cache_dir, holder, progress)
+    image_set = ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/")))
+    splits = [list(assignment[s]) for s in SITE_SPLITS]
+    return SiteAssignment(holder, int(index), image_set, *splits, cat["partition_digest"], where)
 
 
 @_data_errors
 def read_site_summary(location: str | Path, index: int, client=None) -> dict:
-    """Site k's public summary (`summaries/sites/<k>.json`: site, index, class_names, samples per split,
-    partition_digest), written by whoever published the site's data; the server's role may read it. Parsed
-    against its one declaration (`fedmedclip.federation.messages.SiteSummary`), which the writer uses too."""
+    """Site k's public summary (`summaries/sites/<k>.json`, which the server's role may read)."""
     root, _ = _root(location, client)
     key = site_summary_key(index)
     summary = _get_message(root, key, SiteSummary, party=f"site {index}'s publisher")
@@ -333,104 +212,69 @@ def read_site_summary(location: str | Path, index: int, client=None) -> dict:
     return summary
 
 
-# ------------------------------------------------------------------------------------------- publishing
-def _load_source(cfg, allow_outside_root: bool) -> ImageSet:
+def _load_source(cfg, allow_outside_root: bool, site: str | None = None):
+    """cfg's image set, its partition and the ids of each holder (only `site`'s when given); each id must be a
+    clean relative key and each file must lie under the source's root (symlinks resolved) unless
+    `allow_outside_root`."""
     from fedmedclip.data import deduplicate, open_source
-    from fedmedclip.preparation import load_image_set
+    from fedmedclip.preparation import holder_image_ids, load_image_set, partition_for
 
     if cfg.data == "synthetic" or is_s3(cfg.data):
-        return load_image_set(cfg)
-    # The exact-duplicate rule of a run on the folder (--duplicates), applied before publishing: a run on the
-    # published data trains and tests on the images `train --data FOLDER` would.
-    return deduplicate(open_source(cfg.data, allow_outside_root=allow_outside_root), cfg.duplicates)
-
-
-def _check_publishable(
-    image_set: ImageSet, ids: list[str], allow_outside_root: bool
-) -> dict[str, ImageRecord]:
-    """Every id must be a clean relative key; every file must lie under the source's root (symlinks
-    resolved) unless `allow_outside_root`."""
+        image_set = load_image_set(cfg)
+    else:  # `train --data FOLDER`'s duplicate rule first: the published data is the images such a run uses
+        image_set = deduplicate(open_source(cfg.data, allow_outside_root=allow_outside_root), cfg.duplicates)
+    part = partition_for(cfg, image_set)
+    if site is not None and site not in part.site_names:
+        raise ConfigError(f"site {site!r} is not in the partition; its sites: {', '.join(part.site_names)}")
+    holder_ids = {h: holder_image_ids(part, h) for h in ([site] if site else [*part.site_names, SERVER])}
     source = Path(image_set.source)
-    data_root = source if source.is_dir() else source.parent
-    by_id = image_set.by_id()
-    for image_id in ids:
+    data_root, by_id = source if source.is_dir() else source.parent, image_set.by_id()
+    for image_id in (i for ids in holder_ids.values() for i in ids):
         check_relative_id(image_id, image_set.source)
         if not allow_outside_root:
+            what = f"image {image_id!r} of {image_set.source}"
             check_file_within(
-                by_id[image_id].path,
-                data_root,
-                f"image {image_id!r} of {image_set.source}",
-                "pass --allow-outside-root to publish it anyway",
+                by_id[image_id].path, data_root, what, "pass --allow-outside-root to publish it anyway"
             )
-    return by_id
+    return image_set, part, holder_ids
 
 
-def _publish_holders(
-    root: ObjectStore,
-    image_set: ImageSet,
-    part,
-    holder_ids: dict[str, list[str]],
-    listing: bool,
-    progress: str,
-) -> tuple[int, dict[str, dict]]:
-    """Each holder's images under its own prefix (`upload`: what is there already is skipped, other content
-    refused; found with one listing per prefix when `listing`, the publisher's role, else with one HEAD per
-    image, as a site's role may not list), then each holder's catalog (its images' MD5s and its assignment) and a site's summary: catalogs
-    last, so a reader that finds one finds its images. Returns the bytes sent and the sites' summaries."""
-    from fedmedclip.preparation import SERVER
-
+def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: dict, listing: bool, progress):
+    """Each holder's images under its own prefix (what is there already is skipped, other content refused;
+    found with one listing per prefix when `listing`, the publisher's role, else one HEAD per image), then its
+    catalog and a site's summary: catalogs last, so a reader that finds one finds its images. Returns the
+    bytes sent and the sites' summaries."""
     by_id = image_set.by_id()
     prefixes = {h: holder_prefix(part, h) for h in holder_ids}
     files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
-    md5s = file_digests(files)
-    if listing:
-        there = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()}
-    else:
-        there = lambda key: stored_md5(root, key)  # noqa: E731
-    sent = upload(root, files, md5s, there, progress)
+    there = (
+        {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else root.md5
+    )
+    sent, md5s = upload(root, files, there, progress)
     summaries = {}
     for holder, ids in holder_ids.items():
         if holder == SERVER:
             index, assignment = None, {"global_test": part.global_test, "reference": part.reference}
         else:
             index, assignment = part.site_names.index(holder), part.sites[holder]
-        catalog = {
-            "format": HOLDER_CATALOG_FORMAT,
-            "holder": holder,
-            "index": index,
-            "class_names": image_set.class_names,
-            "records": [[i, by_id[i].label, by_id[i].split] for i in ids],
-            "md5": {i: md5s[f"{prefixes[holder]}images/{i}"] for i in ids},
-            "assignment": assignment,
-            "partition_digest": part.digest,
-        }
-        _put_json(root, prefixes[holder] + CATALOG, catalog)
+        common = {"index": index, "class_names": image_set.class_names, "partition_digest": part.digest}
+        catalog = {"format": 2, "holder": holder, **common, "assignment": assignment}  # HolderCatalog
+        catalog["records"] = [[i, by_id[i].label, by_id[i].split] for i in ids]
+        catalog["md5"] = {i: md5s[f"{prefixes[holder]}images/{i}"] for i in ids}
+        root.put(prefixes[holder] + CATALOG, json.dumps(catalog).encode())
         if holder != SERVER:
-            summaries[holder] = SiteSummary.build(
-                format=SUMMARY_FORMAT,
-                site=holder,
-                index=index,
-                class_names=image_set.class_names,
-                samples={s: len(part.sites[holder][s]) for s in SITE_SPLITS},
-                partition_digest=part.digest,
-            ).to_dict()
-            _put_json(root, site_summary_key(index), summaries[holder])
+            samples = {s: len(part.sites[holder][s]) for s in SITE_SPLITS}
+            summaries[holder] = SiteSummary.build(format=1, site=holder, samples=samples, **common).to_dict()
+            root.put(site_summary_key(index), json.dumps(summaries[holder]).encode())
     return sent, summaries
 
 
 @_data_errors
 def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_root: bool = False) -> dict:
-    """Upload cfg's data source to `bucket`, each holder's images under its own prefix, as the partition of
-    cfg draws them (the publisher's credentials: it lists the bucket to skip what is there). Idempotent for
-    the same source and partition; a bucket published for another partition is refused, never overwritten.
-    Returns a summary."""
-    from fedmedclip.federation.storage import StoreAccessDenied
-    from fedmedclip.preparation import SERVER, holder_image_ids, partition_for
-
-    image_set = _load_source(cfg, allow_outside_root)
-    part = partition_for(cfg, image_set)
-    holder_ids = {h: holder_image_ids(part, h) for h in [*part.site_names, SERVER]}
-    _check_publishable(image_set, [i for ids in holder_ids.values() for i in ids], allow_outside_root)
+    """Upload cfg's data source to `bucket`, each holder's images under its own prefix, as cfg's partition
+    draws them (the publisher's credentials). Idempotent for the same source and partition; a bucket published
+    for another partition is refused, never overwritten. Returns a summary."""
+    image_set, part, holder_ids = _load_source(cfg, allow_outside_root)
     root, _ = _root(f"s3://{bucket}", client)
     try:
         root.ensure_bucket()
@@ -440,28 +284,28 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
             f"publisher's role granted on it (the local stack: `fedmedclip stack add-bucket {bucket}`; a "
             "cluster: the data bucket of infra/training)"
         ) from None
+    image_list = hashlib.sha256(
+        "".join(f"{r.image_id}\t{r.label}\t{r.split}\t{r.site or ''}\n" for r in image_set.records).encode()
+    ).hexdigest()
     old = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog, required=False)
-    if old is not None and (
-        old.get("partition_digest") != part.digest or old.get("image_list") != _image_list_digest(image_set)
-    ):
+    if old is not None and (old["partition_digest"] != part.digest or old["image_list"] != image_list):
         raise DataError(
-            f"s3://{bucket} already holds data published for {old.get('source')!r} with the partition "
-            f"{old.get('partition_settings')}; refusing to overwrite it: publish to another bucket"
+            f"s3://{bucket} already holds data published for {old['source']!r} with the partition "
+            f"{old['partition_settings']}; refusing to overwrite it: publish to another bucket"
         )
     sent, _ = _publish_holders(root, image_set, part, holder_ids, True, "publish" if progress else "")
-    # published.json at the very end: a run can start only on a complete publish.
-    catalog = {
-        "format": CATALOG_FORMAT,
+    catalog = {  # PublishedCatalog, at the very end: a run can start only on a complete publish
+        "format": 1,
         "source": cfg.data,
         "class_names": image_set.class_names,
         "records": [[r.image_id, r.label, r.split, r.site] for r in image_set.records],
         "partition_settings": partition_settings(cfg),
         "partition_digest": part.digest,
-        "image_list": _image_list_digest(image_set),
+        "image_list": image_list,
         "site_prefixes": {s: holder_prefix(part, s) for s in part.site_names},
         "duplicates": image_set.duplicates,
     }
-    _put_json(root, SERVER_PREFIX + PUBLISHED, catalog)
+    root.put(SERVER_PREFIX + PUBLISHED, json.dumps(catalog).encode())
     return {
         "bucket": bucket,
         "images": sum(len(ids) for ids in holder_ids.values()),
@@ -474,98 +318,86 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
 
 
 @_data_errors
-def publish_site(
-    cfg,
-    site: str,
-    location: str | Path,
-    client=None,
-    progress: bool = True,
-    allow_outside_root: bool = False,
-) -> dict:
-    """Hospital-side onboarding: upload only `site`'s share of cfg's partition (its train/val/test images,
-    its catalog with the assignment, its summary) to `location` (`s3://BUCKET[/PREFIX]` with that site's
-    own credentials, or a local directory). Nothing outside `sites/<k>/` and `summaries/sites/<k>.json` is
-    written or read, so no listing is needed. Idempotent; an image or catalog already there with other
-    content (another source or partition) is refused, never overwritten. Returns a summary."""
-    from fedmedclip.preparation import holder_image_ids, partition_for
-
-    image_set = _load_source(cfg, allow_outside_root)
-    part = partition_for(cfg, image_set)
-    if site not in part.site_names:
-        raise ConfigError(f"site {site!r} is not in the partition; its sites: {', '.join(part.site_names)}")
+def publish_site(cfg, site: str, location, client=None, progress=True, allow_outside_root=False) -> dict:
+    """Hospital-side onboarding: upload only `site`'s share of cfg's partition (its images, its catalog, its
+    summary) to `location` (`s3://BUCKET[/PREFIX]` with that site's own credentials, or a local directory).
+    Nothing outside its prefix and summary is written or read, so no listing is needed. Idempotent; content
+    of another source or partition already there is refused, never overwritten. Returns a summary."""
+    image_set, part, holder_ids = _load_source(cfg, allow_outside_root, site)
     index = part.site_names.index(site)
     prefix = site_prefix(index)
-    ids = holder_image_ids(part, site)
-    _check_publishable(image_set, ids, allow_outside_root)
     root, _ = _root(location, client)
     old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
-    if old is not None and old.get("partition_digest") != part.digest:
+    if old is not None and old["partition_digest"] != part.digest:
         raise DataError(
-            f"{root.where(prefix + CATALOG)} already holds {old.get('holder')!r}'s data for another partition "
-            f"({old.get('partition_digest')}); refusing to overwrite it: publish to another bucket"
+            f"{root.where(prefix + CATALOG)} already holds {old['holder']!r}'s data for another partition "
+            f"({old['partition_digest']}); refusing to overwrite it: publish to another bucket"
         )
-    progress_label = f"{site}: publish" if progress else ""
-    sent, summaries = _publish_holders(root, image_set, part, {site: ids}, False, progress_label)
+    label = f"{site}: publish" if progress else ""
+    sent, summaries = _publish_holders(root, image_set, part, holder_ids, False, label)
     return {
         "location": root.where(prefix.rstrip("/")),
         "site": site,
         "index": index,
-        "images": len(ids),
+        "images": len(holder_ids[site]),
         "bytes_uploaded": sent,
         "samples": summaries[site]["samples"],
         "partition_digest": part.digest,
     }
 
 
-def _image_list_digest(image_set: ImageSet) -> str:
-    h = hashlib.sha256()
-    for r in image_set.records:
-        h.update(f"{r.image_id}\t{r.label}\t{r.split}\t{r.site or ''}\n".encode())
-    return h.hexdigest()
-
-
 @_data_errors
 def withdraw_site(location: str, index: int) -> tuple[int, int]:
-    """Delete site k's published images (the ids its catalog lists), then its catalog and its summary, every
-    version of each, with the site's own key (no listing). Returns (images, object versions deleted)."""
-    parse_root(location)
+    """Delete site k's images (the ids its catalog lists), then its catalog and its summary, every version of
+    each, with the site's own key (no listing). Returns (images, object versions deleted)."""
     root, _ = _root(location)
-    catalog = _get_message(root, f"{site_prefix(index)}{CATALOG}", HolderCatalog)
-    ids = [check_relative_id(i, root.where(site_prefix(index) + CATALOG)) for i in catalog["md5"]]
-    keys = [f"{site_prefix(index)}images/{i}" for i in ids] + [
-        site_prefix(index) + CATALOG,
-        site_summary_key(index),
-    ]
+    prefix = site_prefix(index)
+    catalog = _get_message(root, prefix + CATALOG, HolderCatalog)
+    ids = [check_relative_id(i, root.where(prefix + CATALOG)) for i in catalog["md5"]]
+    keys = [f"{prefix}images/{i}" for i in ids] + [prefix + CATALOG, site_summary_key(index)]
     return len(ids), sum(root.delete_every_version(key) for key in keys)
 
 
-# ------------------------------------------------------------------------------ the core's image source
 class S3Source:
-    """`s3://BUCKET` as an image source of the core (entry-point group `fedmedclip.sources`, fedmedclip.sources):
-    the data published here, one prefix per holder."""
+    """`s3://BUCKET` as an image source of the core (entry-point group `fedmedclip.sources`)."""
 
-    def __init__(self):
-        self.catalogs: dict[str, dict] = {}
+    catalogs: dict[str, dict] = {}  # every source of this process: what `published` read, for check_partition
 
-    def published(self, cfg):
+    @_data_errors
+    def published(self, cfg) -> ImageSet:
         """Every image's id, label and split from server/published.json (server credentials), no pixels."""
-        image_set, self.catalogs[cfg.data] = catalog_image_set(parse_bucket(cfg.data))
-        return image_set
+        bucket = parse_bucket(cfg.data)
+        root, _ = _root(f"s3://{bucket}")
+        cat = self.catalogs[cfg.data] = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog)
+        for image_id, *_ in cat["records"]:
+            check_relative_id(image_id, root.where(SERVER_PREFIX + PUBLISHED))
+        records = [ImageRecord(i, "", label, split, site or None) for i, label, split, site in cat["records"]]
+        return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=cat["duplicates"])
 
     def check_partition(self, cfg, partition) -> None:
-        if cfg.data in self.catalogs:
-            check_published_partition(cfg, partition, self.catalogs[cfg.data])
+        """Refuse a partition the data was not published for (its images would be missing from the prefixes)."""
+        cat = self.catalogs.get(cfg.data)
+        if cat is not None and partition.digest != cat["partition_digest"]:
+            raise ConfigError(
+                f"{cfg.data} was published for the partition {cat['partition_settings']}, but this run asks for "
+                f"{partition_settings(cfg)}: run with the published settings, or publish again to another bucket"
+            )
 
-    def stage(self, cfg, partition, holder: str):
-        return stage_holder(cfg, partition, holder)
+    @_data_errors
+    def stage(self, cfg, partition, holder: str) -> ImageSet:
+        """`holder`'s images downloaded into the task's cache, with the global class names (its credentials)."""
+        from fedmedclip.preparation import holder_image_ids
+
+        bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
+        root, _ = _root(f"s3://{bucket}")
+        cat, wanted = _read_holder_catalog(root, prefix), holder_image_ids(partition, holder)
+        records = _stage(root, None, prefix, cat, wanted, cfg.cache_dir, holder, False)
+        log.info("%s: %d images from %s in %s", holder, len(records), root.where(prefix), cfg.cache_dir)
+        return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
     def site_holder(self, cfg, site: str, index: int):
         got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)
         return got.image_set, got.splits, got.partition_digest
 
 
-_SOURCE = S3Source()
-
-
-def s3_source() -> S3Source:
-    return _SOURCE
+s3_source = S3Source  # the entry points `fedmedclip.sources: s3, published`

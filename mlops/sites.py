@@ -1,9 +1,7 @@
-"""Names shared by the pipeline, the cluster manifests (infra/training) and their tests.
-
-A hospital site k reads its images from `s3://DATA_BUCKET/sites/<k>/` with its own credentials, held in the
-Kubernetes Secret `fedmedclip-site-<k>-s3` (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) in the namespace
-where the pipeline's pods run. The MinIO policy attached to that user (generated from mlops/policies.py)
-allows that prefix and the site's own keys of the federation mailbox only.
+"""Names shared by the pipeline, the cluster manifests (infra/training) and their tests: site k reads its
+images from `s3://DATA_BUCKET/sites/<k>/` with its own credentials, the Kubernetes Secret
+`fedmedclip-site-<k>-s3` (keys SECRET_KEYS) in the namespace of the pipeline's pods, whose MinIO policy
+(mlops/policies.py) allows that prefix and the site's own mailbox keys only.
 Standard library only: the pipeline compiler imports this.
 """
 
@@ -19,7 +17,6 @@ SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 ENDPOINTS_CONFIGMAP = "fedmedclip-endpoints"  # MLFLOW_TRACKING_URI, MLFLOW_S3_ENDPOINT_URL, DATA_BUCKET, ...
 DATA_BUCKET = "fedmedclip-data"
 MLFLOW_BUCKET = "fedmedclip-mlflow"
-SITE_PREFIX_TEMPLATE = "sites/{site}/"
 SERVER_PREFIX = "server/"
 DEFAULT_SITES = 3
 
@@ -37,10 +34,10 @@ def _check_site(site: int | str) -> str:
 
 
 def site_secret_name(site: int | str) -> str:
-    """`fedmedclip-site-<site>-s3`, the Secret holding site `site`'s S3 credentials."""
+    """The Secret holding site `site`'s S3 credentials."""
     return SITE_SECRET_TEMPLATE.format(site=_check_site(site))
 
 
 def site_prefix(site: int | str) -> str:
     """`sites/<site>/`, the only data prefix of DATA_BUCKET that site's credentials can read."""
-    return SITE_PREFIX_TEMPLATE.format(site=_check_site(site))
+    return f"sites/{_check_site(site)}/"

@@ -1,10 +1,6 @@
-"""Files published to an object store and fetched back checked: the ONE helper behind published data
-(mlops/site_data.py: images, MD5 per image in the holder's catalog), published backbones (mlops/backbones.py)
-and the run directory the pipeline's server worker hands to the report task (components/worker, report).
-
-The rule every publisher keeps: the files first, the manifest (or catalog) that lists them with their
-digests LAST, so a reader that finds the manifest finds every file; and a reader checks every file it
-fetches against the manifest's digest before it uses it. No listing is needed to read a tree back.
+"""Folders published to an object store and fetched back checked, for published data, backbones and the
+pipeline's run directory: the files first, the manifest listing their digests LAST (a reader that finds it
+finds every file), and each file checked against its digest before it is used; no listing is needed.
 """
 
 from __future__ import annotations
@@ -13,16 +9,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedmedclip.digests import is_sha256
-from fedmedclip.federation.storage import ObjectStore, StoreError
+from fedmedclip.federation.storage import MAX_PARALLEL, ObjectStore, StoreError
 
 from .s3 import ObjectMissing, S3Store
-
-THREADS = 8
 
 
 class TreeMismatch(StoreError):
@@ -37,14 +30,9 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def file_digests(paths: dict[str, str | Path], algorithm: str = "md5") -> dict[str, str]:
-    with ThreadPoolExecutor(THREADS) as pool:
-        return dict(zip(paths, pool.map(lambda p: file_digest(p, algorithm), paths.values()), strict=True))
-
-
 def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Every file below `folder` as {relative path: {"sha256", "size"}}: no hidden entries (an interrupted
-    atomic write's leftovers, a `huggingface-cli download`'s .cache/), nothing named in `skip`."""
+    """Every file below `folder` as {relative path: {"sha256", "size"}}, but hidden entries (an interrupted
+    atomic write's leftovers, a `huggingface-cli download`'s .cache/) and those named in `skip`."""
     folder, files = Path(folder), {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
@@ -53,31 +41,18 @@ def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict
     return files
 
 
-def stored_md5(store: ObjectStore, key: str) -> str | None:
-    """The stored object's MD5 (S3: its ETag, every object being one PUT), None when it does not exist."""
-    if isinstance(store, S3Store):
-        return store.md5(key)
-    data = store.get(key)
-    return None if data is None else hashlib.md5(data, usedforsecurity=False).hexdigest()
+def upload(store: ObjectStore, files: dict, there=None, progress: str = "") -> tuple[int, dict]:
+    """Put each file `{key: path}` (S3: streamed in one PUT). With `there` (the stored MD5s: a listing dict, or
+    a lookup per key), a key already holding the file is skipped and one holding other content is refused,
+    never overwritten: a re-run of the same publish sends nothing. Returns the bytes sent and each file's MD5."""
 
-
-def upload(
-    store: ObjectStore,
-    files: dict[str, str | Path],
-    md5s: dict[str, str] | None = None,
-    there: dict[str, str] | Callable[[str], str | None] | None = None,
-    progress: str = "",
-) -> int:
-    """Put each file `{key: path}` (an S3Store streams it in one PUT). With `md5s` and `there` (the stored
-    MD5s: a listing, or `stored_md5` per key), a key already holding the file is skipped and one holding other
-    content is refused, never overwritten (a re-run of the same publish sends nothing). Returns bytes sent."""
-
-    def put(key: str) -> int:
+    def put(key: str) -> tuple[int, str | None]:
         path = Path(files[key])
-        if md5s is not None and there is not None:
+        md5 = file_digest(path, "md5") if there is not None else None
+        if there is not None:
             found = there.get(key) if isinstance(there, dict) else there(key)
-            if found == md5s[key]:
-                return 0
+            if found == md5:
+                return 0, md5
             if found is not None:
                 raise StoreError(
                     f"{store.where(key)} exists with other content than {path}; refusing to overwrite it"
@@ -86,17 +61,16 @@ def upload(
             store.put_file(key, path)
         else:
             store.put(key, path.read_bytes())
-        return path.stat().st_size
+        return path.stat().st_size, md5
 
-    return sum(_map(put, list(files), progress, "img"))
+    done = _map(put, list(files), progress, "img")
+    return sum(sent for sent, _ in done), {key: md5 for key, (_, md5) in zip(files, done, strict=True)}
 
 
-def download(
-    store: ObjectStore, files: dict[str, tuple[Path, str | None]], algorithm: str = "md5", progress: str = ""
-) -> list[Path]:
-    """Fetch each `{key: (local path, digest)}`: a local file that already has the digest is kept; else the
-    object is downloaded beside it, checked against the digest (TreeMismatch names both) and renamed into
-    place, so a damaged download is never used. A digest of None: downloaded unchecked (the caller checks)."""
+def download(store: ObjectStore, files: dict, algorithm: str = "md5", progress: str = "") -> list[Path]:
+    """Fetch each `{key: (local path, digest)}`: a local file with that digest is kept; else the object is
+    downloaded beside it, checked (TreeMismatch) and renamed into place, so a damaged download is never used.
+    A digest of None: downloaded unchecked (the caller checks)."""
 
     def fetch(key: str) -> Path:
         path, digest = files[key]
@@ -108,10 +82,9 @@ def download(
         try:
             if isinstance(store, S3Store):
                 store.download(key, tmp)
+            elif (data := store.get(key)) is None:
+                raise ObjectMissing(f"{store.where(key)} does not exist")
             else:
-                data = store.get(key)
-                if data is None:
-                    raise ObjectMissing(f"{store.where(key)} does not exist")
                 Path(tmp).write_bytes(data)
             got = file_digest(tmp, algorithm) if digest is not None else None
             if got != digest:
@@ -124,7 +97,7 @@ def download(
             Path(tmp).unlink(missing_ok=True)
         return path
 
-    return list(_map(fetch, list(files), progress, "file"))
+    return _map(fetch, list(files), progress, "file")
 
 
 def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, manifest: dict) -> None:
@@ -134,13 +107,12 @@ def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, mani
 
 
 def tree_problem(files: object) -> str | None:
-    """Why a manifest's file list (`{rel: {"sha256", "size"}}`, as read from storage) is not one a reader may
-    fetch: none, a name that leaves its folder (or is hidden), an entry without a sha256. None when it is."""
+    """Why a manifest's file list (`{rel: {"sha256", "size"}}`, as read from storage) may not be fetched: none,
+    a name that leaves its folder (or is hidden), an entry without a sha256. None when it may."""
     if not isinstance(files, dict) or not files:
         return "no file list"
     for rel, entry in files.items():
-        parts = str(rel).split("/")
-        if str(rel).startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        if str(rel).startswith("/") or any(p in ("", ".", "..") or p[0] == "." for p in str(rel).split("/")):
             return f"file name {rel!r} leaves its folder"
         if not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
             return f"file {rel!r} has no sha256"
@@ -153,27 +125,24 @@ def tree_mismatch(folder: str | Path, files: dict[str, dict]) -> str | None:
         path = Path(folder) / rel
         if not path.is_file():
             return f"{rel} is missing"
-        size = path.stat().st_size
-        if size != entry.get("size", size):
+        if (size := path.stat().st_size) != entry.get("size", size):
             return f"{rel} has {size} bytes, the manifest records {entry['size']}"
-        digest = file_digest(path)
-        if digest != entry["sha256"]:
+        if (digest := file_digest(path)) != entry["sha256"]:
             return f"{rel} has sha256 {digest[:12]}, the manifest records {entry['sha256'][:12]}"
     return None
 
 
 def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, checked: bool = True) -> None:
-    """The files a manifest lists (`{rel: {"sha256", ...}}`) into `dest`, each checked against its sha256
-    unless `checked` is False (the caller checks the whole tree itself: `tree_mismatch`)."""
-    problem = tree_problem(files)
-    if problem is not None:
+    """The files a manifest lists into `dest`, each checked against its sha256 unless `checked` is False (the
+    caller checks the whole tree: `tree_mismatch`)."""
+    if (problem := tree_problem(files)) is not None:
         raise StoreError(f"{store.url}: the manifest is damaged: {problem}")
-    jobs = {rel: (Path(dest) / rel, entry["sha256"] if checked else None) for rel, entry in files.items()}
+    jobs = {rel: (Path(dest) / rel, e["sha256"] if checked else None) for rel, e in files.items()}
     download(store, jobs, "sha256")
 
 
-def _map(fn, items: list, desc: str, unit: str):
+def _map(fn, items: list, desc: str, unit: str) -> list:
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(THREADS) as pool:
+    with ThreadPoolExecutor(MAX_PARALLEL) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=not desc))
