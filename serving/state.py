@@ -8,7 +8,8 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from importlib import metadata
+
+from fedmedclip import __version__
 
 from . import metrics
 from .errors import NotReady, NotServed, RequestRejected, quoted
@@ -29,29 +30,22 @@ class ServerState:
         self.models = dict(models)
         self.draining = False
         self.in_flight = 0
+        self.control_enabled = control_token is not None
         self._control_digest = (
-            hashlib.sha256(control_token.encode()).digest() if control_token is not None else None
+            hashlib.sha256(control_token.encode()).digest() if self.control_enabled else None
         )
-        try:
-            self.version = metadata.version("fedmedclip")
-        except metadata.PackageNotFoundError:
-            self.version = "0"
-        self.update_ready()
-
-    # ---- readiness ---------------------------------------------------------------------------------------
+        self._update_ready()
 
     def ready(self) -> bool:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
         return not self.draining and all(m.ready for m in self.models.values())
 
-    def update_ready(self) -> None:
+    def _update_ready(self) -> None:
         metrics.READY.set(1 if self.ready() else 0)
 
     def start_draining(self) -> None:
         self.draining = True
-        self.update_ready()
-
-    # ---- models ------------------------------------------------------------------------------------------
+        self._update_ready()
 
     def label(self, name: str) -> str:
         """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
@@ -65,7 +59,7 @@ class ServerState:
                 f"this server serves no model {quoted(name)}; it serves {sorted(self.models)} "
                 "(GET /v2/models lists them)"
             )
-        if version is not None and version != "" and version != model.version:
+        if version not in (None, "", model.version):
             raise NotServed(
                 f"model {name!r} has no version {quoted(version)}; it serves version {model.version!r}"
             )
@@ -92,8 +86,7 @@ class ServerState:
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            model = self.model(name, version)
-            response, _ = await model(await read_request(), headers=headers)
+            response, _ = await self.model(name, version)(await read_request(), headers=headers)
             return response
         finally:
             self.in_flight -= 1
@@ -101,44 +94,25 @@ class ServerState:
 
     def metadata(self) -> dict:
         extensions = [*EXTENSIONS, *([CONTROL_EXTENSION] if self.control_enabled else [])]
-        return {"name": SERVER_NAME, "version": self.version, "extensions": extensions}
+        return {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
 
-    # ---- model control -----------------------------------------------------------------------------------
-
-    @property
-    def control_enabled(self) -> bool:
-        return self._control_digest is not None
-
-    def authorize(self, authorization: str | None) -> None:
-        """Refuse (401) a model-control request without the configured bearer token."""
+    async def control(self, action: str, name: str, authorization: str | None) -> None:
+        """Model control, `load` or `unload` of `name`, for a request presenting the token (else 401)."""
+        if not self.control_enabled:
+            raise RequestRejected("control_disabled", "model control is disabled on this server", 501)
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise RequestRejected("unauthenticated", "model control needs 'Authorization: Bearer TOKEN'", 401)
         if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._control_digest):
             raise RequestRejected("unauthenticated", "model control refused: wrong token", 401)
-
-    async def control(self, action: str, name: str, authorization: str | None) -> None:
-        """Model control, `load` or `unload` of `name`, for a request presenting the token."""
-        if not self.control_enabled:
-            raise RequestRejected("control_disabled", "model control is disabled on this server", 501)
-        self.authorize(authorization)
+        model = self.model(name, ready=False)
         if action == "unload":
-            self.unload(name)
+            model.unload()
+            log.warning(
+                "model %r unloaded (model control): the server is not ready until it is loaded again", name
+            )
         else:
-            await asyncio.get_running_loop().run_in_executor(None, self.load, name)
-
-    def unload(self, name: str) -> None:
-        model = self.model(name, ready=False)
-        model.unload()
-        self.update_ready()
-        log.warning(
-            "model %r unloaded (model control): the server is not ready until it is loaded again", name
-        )
-
-    def load(self, name: str) -> None:
-        """Load `name` again from its verified file (blocking: run it off the event loop)."""
-        model = self.model(name, ready=False)
-        if not model.ready:
-            model.load()
-        self.update_ready()
-        log.warning("model %r loaded (model control)", name)
+            if not model.ready:  # from its verified file, checked against the same sha256; off the event loop
+                await asyncio.get_running_loop().run_in_executor(None, model.load)
+            log.warning("model %r loaded (model control)", name)
+        self._update_ready()
