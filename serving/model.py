@@ -25,7 +25,7 @@ from . import metrics
 from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve
 from .batcher import DynamicBatcher
 from .errors import RequestRejected, quoted
-from .images import DecodePool, as_encoded_bytes, install_pil_guards
+from .images import DecodePool, install_pil_guards
 from .monitor import DriftTest, OodWindow
 from .options import ModelOptions
 from .runtime import OnnxClassifier, non_finite_rows
@@ -35,6 +35,7 @@ log = logging.getLogger("fedmedclip.serving")
 
 INPUT_UINT8 = "images"
 INPUT_BYTES = "image_bytes"
+INPUTS = {INPUT_UINT8: "UINT8", INPUT_BYTES: "BYTES"}
 # The outputs, each with its datatype; the last two only for a model exported with its OOD score.
 OUTPUTS = {
     "probabilities": "FP32",
@@ -50,25 +51,14 @@ _LONG_PROPERTY = 4096  # a metadata value longer than this is reported by its sh
 
 
 class FedMedClipModel(kserve.Model):
-    def __init__(
-        self,
-        name: str,
-        resolved: ResolvedModel,
-        options: ModelOptions,
-        classifier: OnnxClassifier | None = None,
-    ):
+    def __init__(self, name: str, resolved: ResolvedModel, options: ModelOptions, classifier=None):
         """`resolved`: the verified file; every answer carries its `version` as `model_version`.
-        `classifier`: its session, already open (the CLI opens it before importing kserve so that a bad
+        `classifier`: its OnnxClassifier, already open (the CLI opens it before importing kserve so that a bad
         model or --device fails fast); otherwise `load` opens it."""
         super().__init__(name)
         self.resolved, self.options, self.classifier = resolved, options, classifier
-        self.origin, self.sha256, self.version = resolved.origin, resolved.sha256, resolved.version
-        self.limits = options.limits
-        self.batcher: DynamicBatcher | None = None
-        self.decoder: DecodePool | None = None
-        self.ood_window: OodWindow | None = None
-        self.drift: DriftTest | None = None
-        self._ready_gauge = metrics.MODEL_READY.labels(name)
+        self.version, self.limits = resolved.version, options.limits
+        self.batcher = self.decoder = self.ood_window = self.drift = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -76,61 +66,37 @@ class FedMedClipModel(kserve.Model):
         install_pil_guards(self.limits)
         if self.classifier is None:
             self.classifier = OnnxClassifier.open(self.resolved, self.options)
-        contract = self.classifier.contract
-        self.output_names = tuple(OUTPUTS)[: 5 if contract.ood else 3]
-        if contract.ood:
-            self.ood_window = OodWindow(
-                self.name, self.options.monitoring.ood_window, contract.ood.false_alarm_rate
-            )
-            self.drift = DriftTest(
-                self.name, contract.ood.reference, contract.ood.sigma, self.options.monitoring
-            )
+        contract, ood = self.classifier.contract, self.classifier.contract.ood
+        self.output_names = tuple(OUTPUTS)[: 5 if ood else 3]
+        if ood:
+            self.ood_window = OodWindow(self.name, self.options.monitoring.ood_window, ood.false_alarm_rate)
+            self.drift = DriftTest(self.name, ood.reference, ood.sigma, self.options.monitoring)
         else:
             log.warning(
                 "model %r (%s) was exported without an OOD score: its answers carry no ood_score or "
                 "out_of_distribution, and no drift is measured (export it again with `fedmedclip export`)",
                 self.name,
-                self.origin,
+                self.resolved.origin,
             )
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
         self._class_names_json = json.dumps(list(contract.class_names))
-        self._batch_size_metric = metrics.BATCH_SIZE.labels(self.name)
-        self._run_seconds_metric = metrics.RUN_SECONDS.labels(self.name)
-        self._queue_metric = metrics.QUEUE_SECONDS.labels(self.name)
-        self._decoded_metric = metrics.DECODED_IMAGES.labels(self.name)
-        self._decoded_pixels_metric = metrics.DECODED_PIXELS.labels(self.name)
-        self._decode_seconds_metric = metrics.DECODE_SECONDS.labels(self.name)
         self.decoder = DecodePool(self.options.decode_threads)
         self.batcher = DynamicBatcher(self._run, self.options.batching, on_dispatch=self._observe_queue)
-        meta = contract.metadata
+        s, meta = contract.image_size, contract.metadata
+        provenance = " ".join(f"{k}={meta.get('fedmedclip.' + k)}" for k in ("method", "site", "run_id"))
+        calibration = (
+            ood and f"threshold {ood.threshold:.4g} at a false-alarm rate of {ood.false_alarm_rate:g}"
+        )
         log.info(
-            "model %r version %s from %s (sha256 %s): %d classes %s, image %dx%d (%s preprocessing), method=%s "
-            "site=%s run_id=%s precision=%s; OOD %s; providers %s; batching %s; limits %s; %d decoding threads",
-            self.name,
-            self.version,
-            self.origin,
-            self.sha256 or "not computed",
-            contract.num_classes,
-            list(contract.class_names),
-            contract.image_size,
-            contract.image_size,
-            contract.preprocessing.name,
-            meta.get("fedmedclip.method"),
-            meta.get("fedmedclip.site"),
-            meta.get("fedmedclip.run_id"),
-            contract.precision,
-            (
-                f"threshold {contract.ood.threshold:.4g} at a false-alarm rate of {contract.ood.false_alarm_rate:g}"
-                if contract.ood
-                else "none"
-            ),
-            list(self.classifier.providers),
-            self.options.batching,
-            self.limits,
-            self.decoder.threads,
+            f"model {self.name!r} version {self.version} from {self.resolved.origin} (sha256 "
+            f"{self.resolved.sha256}): {contract.num_classes} classes {list(contract.class_names)}, "
+            f"image {s}x{s} ({contract.preprocessing.name} preprocessing), {provenance} "
+            f"precision={contract.precision}; "
+            f"OOD {calibration or 'none'}; providers {list(self.classifier.providers)}; "
+            f"batching {self.options.batching}; limits {self.limits}; {self.decoder.threads} decoding threads"
         )
         self.ready = True
-        self._ready_gauge.set(1)
+        metrics.MODEL_READY.labels(self.name).set(1)
         return self.ready
 
     def unload(self) -> None:
@@ -141,7 +107,7 @@ class FedMedClipModel(kserve.Model):
 
     def stop(self) -> None:
         self.ready = False
-        self._ready_gauge.set(0)
+        metrics.MODEL_READY.labels(self.name).set(0)
         for part in (self.batcher, self.decoder, self.drift):
             if part is not None:
                 part.shutdown()
@@ -150,13 +116,10 @@ class FedMedClipModel(kserve.Model):
     # ---- v2 model metadata -----------------------------------------------------------------------------
 
     def metadata(self) -> dict:
-        """The protocol's model metadata: name, versions, platform, inputs, outputs, and `properties`
-        (strings): the ONNX metadata_props under `onnx.metadata.` and the served file's facts under `served.`."""
-        properties = {
-            f"{SERVED_PREFIX}version": self.version,
-            f"{SERVED_PREFIX}origin": self.origin,
-            f"{SERVED_PREFIX}sha256": self.sha256 or "",
-        }
+        """The protocol's model metadata; `properties` (strings) hold the ONNX metadata_props under
+        `onnx.metadata.` and the served file's facts under `served.`."""
+        served = {"version": self.version, "origin": self.resolved.origin, "sha256": self.resolved.sha256}
+        properties = {SERVED_PREFIX + key: value for key, value in served.items()}
         if self.classifier is not None:
             properties[f"{SERVED_PREFIX}device"] = self.classifier.device
             for key, value in sorted(self.classifier.contract.metadata.items()):
@@ -174,10 +137,8 @@ class FedMedClipModel(kserve.Model):
 
     def get_input_types(self) -> list[dict]:
         s = self.classifier.contract.image_size
-        return [
-            {"name": INPUT_UINT8, "datatype": "UINT8", "shape": [-1, s, s, 3]},
-            {"name": INPUT_BYTES, "datatype": "BYTES", "shape": [-1]},
-        ]
+        shapes = {INPUT_UINT8: [-1, s, s, 3], INPUT_BYTES: [-1]}
+        return [{"name": n, "datatype": INPUTS[n], "shape": shapes[n]} for n in INPUTS]
 
     def get_output_types(self) -> list[dict]:
         c = self.classifier.contract.num_classes
@@ -204,7 +165,7 @@ class FedMedClipModel(kserve.Model):
         bad = non_finite_rows(outputs)
         if len(bad):  # a server-side failure (HTTP 500), not the client's
             message = (
-                f"model {self.name!r} ({self.origin}) answered NaN or inf for image(s) "
+                f"model {self.name!r} ({self.resolved.origin}) answered NaN or inf for image(s) "
                 f"{bad.tolist()[:16]} of this request; no answer is given for a broken model output"
             )
             metrics.ERRORS.labels(self.name, "non_finite_output").inc()
@@ -214,6 +175,8 @@ class FedMedClipModel(kserve.Model):
         return self._response(payload, outputs)
 
     def _select_input(self, payload):
+        """The request's one input tensor, its name and datatype checked (the transport checked its shape's
+        entries, serving.protocol; each input kind checks its length)."""
         s = self.classifier.contract.image_size
         expected = (
             f"'{INPUT_BYTES}' (BYTES [N], encoded JPEG/PNG files) or '{INPUT_UINT8}' (UINT8 [N,{s},{s},3])"
@@ -231,16 +194,14 @@ class FedMedClipModel(kserve.Model):
                     f"unknown output {quoted(out.name)}; this model has {list(self.output_names)}",
                 )
         inp = payload.inputs[0]
-        datatypes = {t["name"]: t["datatype"] for t in self.get_input_types()}
-        if inp.name not in datatypes:
+        if inp.name not in INPUTS:
             raise RequestRejected("unknown_input", f"unknown input {quoted(inp.name)}; send {expected}")
-        want = datatypes[inp.name]
-        if inp.datatype != want:
+        if inp.datatype != INPUTS[inp.name]:
             raise RequestRejected(
                 "bad_dtype",
-                f"input {inp.name!r} must have datatype {want}, got {quoted(inp.datatype)}; send {expected}",
+                f"input {inp.name!r} must have datatype {INPUTS[inp.name]}, got {quoted(inp.datatype)}; "
+                f"send {expected}",
             )
-        # The transport checked the shape's entries (serving.protocol); each input kind checks its length.
         return inp
 
     def _check_count(self, n: int) -> None:
@@ -289,7 +250,11 @@ class FedMedClipModel(kserve.Model):
             raise RequestRejected(
                 "bad_shape", f"input {INPUT_BYTES!r}: {len(items)} elements for shape {shape}"
             )
-        blobs = [as_encoded_bytes(item, i) for i, item in enumerate(items)]
+        # Bytes from binary data (REST extension, gRPC) and from JSON strings (serving.protocol reads base64).
+        for i, item in enumerate(items):
+            if not isinstance(item, (bytes, bytearray, memoryview)):
+                raise RequestRejected("bad_dtype", f"image {i}: expected bytes, got {type(item).__name__}")
+        blobs = [bytes(item) for item in items]
         total = sum(len(b) for b in blobs)
         if total > self.limits.max_request_bytes:
             raise RequestRejected(
@@ -303,21 +268,21 @@ class FedMedClipModel(kserve.Model):
         )
 
     def _observe_decode(self, pixels: int, cpu_seconds: float) -> None:
-        self._decoded_metric.inc()
-        self._decoded_pixels_metric.inc(pixels)
-        self._decode_seconds_metric.observe(cpu_seconds)
+        metrics.DECODED_IMAGES.labels(self.name).inc()
+        metrics.DECODED_PIXELS.labels(self.name).inc(pixels)
+        metrics.DECODE_SECONDS.labels(self.name).observe(cpu_seconds)
 
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """One ONNX Runtime run (batcher thread)."""
         started = time.perf_counter()
         out = self.classifier.run(images)
-        self._run_seconds_metric.observe(time.perf_counter() - started)
-        self._batch_size_metric.observe(len(images))
+        metrics.RUN_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.labels(self.name).observe(len(images))
         return out
 
     def _observe_queue(self, waits: list[float]) -> None:
         for w in waits:
-            self._queue_metric.observe(w)
+            metrics.QUEUE_SECONDS.labels(self.name).observe(w)
 
     def _response(self, payload: InferRequest, outputs: tuple[np.ndarray, ...]) -> InferResponse:
         probs, index = outputs[:2]
