@@ -26,7 +26,7 @@ from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, k
 from .batcher import DynamicBatcher
 from .errors import RequestRejected, quoted
 from .images import DecodePool, install_pil_guards
-from .monitor import DriftTest, OodWindow
+from .monitor import OutputMonitor
 from .options import ModelOptions
 from .runtime import OnnxClassifier, non_finite_rows
 from .source import ResolvedModel
@@ -58,7 +58,7 @@ class FedMedClipModel(kserve.Model):
         super().__init__(name)
         self.resolved, self.options, self.classifier = resolved, options, classifier
         self.version, self.limits = resolved.version, options.limits
-        self.batcher = self.decoder = self.ood_window = self.drift = None
+        self.batcher = self.decoder = self.monitor = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -69,8 +69,7 @@ class FedMedClipModel(kserve.Model):
         contract, ood = self.classifier.contract, self.classifier.contract.ood
         self.output_names = tuple(OUTPUTS)[: 5 if ood else 3]
         if ood:
-            self.ood_window = OodWindow(self.name, self.options.monitoring.ood_window, ood.false_alarm_rate)
-            self.drift = DriftTest(self.name, ood.reference, ood.sigma, self.options.monitoring)
+            self.monitor = OutputMonitor(self.name, ood, self.options.monitoring)
         else:
             log.warning(
                 "model %r (%s) was exported without an OOD score: its answers carry no ood_score or "
@@ -108,10 +107,10 @@ class FedMedClipModel(kserve.Model):
     def stop(self) -> None:
         self.ready = False
         metrics.MODEL_READY.labels(self.name).set(0)
-        for part in (self.batcher, self.decoder, self.drift):
+        for part in (self.batcher, self.decoder, self.monitor):
             if part is not None:
                 part.shutdown()
-        self.batcher = self.decoder = self.drift = None
+        self.batcher = self.decoder = self.monitor = None
 
     # ---- v2 model metadata -----------------------------------------------------------------------------
 
@@ -293,8 +292,7 @@ class FedMedClipModel(kserve.Model):
             score, embedding = outputs[2:4]
             values["ood_score"], values["out_of_distribution"] = score, score > ood.threshold
             parameters["ood_threshold"] = repr(ood.threshold)
-            self.ood_window.observe(values["out_of_distribution"])
-            self.drift.observe(embedding)
+            self.monitor.observe(values["out_of_distribution"], embedding)
         requested = payload.request_outputs
         names = [o.name for o in requested] if requested else list(values)
         rest = not payload.from_grpc

@@ -1,45 +1,30 @@
 """What the server watches in the answers it gives: the share of images flagged out of distribution, and
 whether the recent requests' features have drifted from the exporting party's data.
 
-- `OodWindow`: the flags of the last `window` images; their mean is `fedmedclip_ood_window_rate`, next to the
-  false-alarm rate the threshold was calibrated to (`fedmedclip_ood_false_alarm_rate`): in distribution the
-  two agree, a rate several times the calibrated one means the server is being sent other scans.
-- `DriftTest`: maximum mean discrepancy (MMD^2, Gaussian kernel, unbiased estimate with a zero diagonal)
-  between the embeddings of the last `window` images and the exported reference sample, with a permutation
-  p-value and the permutation threshold at level `p_value` (the test of Gretton et al. 2012, as alibi-detect's
-  MMDDrift computes it; bench/bench_ood.py compares the two). It runs on a thread of its own at most every
-  `every` new images, never on the event loop.
+- The share of the last `ood_window` images flagged is `fedmedclip_ood_window_rate`, next to the false-alarm
+  rate the threshold was calibrated to (`fedmedclip_ood_false_alarm_rate`): in distribution the two agree, a
+  rate several times the calibrated one means the server is being sent other scans.
+- The drift test: maximum mean discrepancy (MMD^2, Gaussian kernel, unbiased estimate with a zero diagonal)
+  between the embeddings of the last `drift_window` images and the exported reference sample, with a
+  permutation p-value and threshold at level `drift_p_value` (the test of Gretton et al. 2012, as
+  alibi-detect's MMDDrift computes it; bench/bench_ood.py compares the two). It runs on a thread of its own
+  at most every `drift_every` new images, never on the event loop.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+
+from fedmedclip.onnx_contract import OodContract
 
 from . import metrics
 from .options import MonitorOptions
 
 log = logging.getLogger("fedmedclip.serving")
-
-
-class OodWindow:
-    def __init__(self, model: str, window: int, false_alarm_rate: float):
-        self._flags: deque[bool] = deque(maxlen=window)
-        self._lock = threading.Lock()
-        self._counter, self._rate = metrics.OOD_IMAGES.labels(model), metrics.OOD_WINDOW_RATE.labels(model)
-        self._rate.set(float("nan"))
-        metrics.OOD_FALSE_ALARM_RATE.labels(model).set(false_alarm_rate)
-
-    def observe(self, flags: np.ndarray) -> None:
-        with self._lock:
-            self._flags.extend(flags.tolist())
-            if len(self._flags) == self._flags.maxlen:
-                self._rate.set(sum(self._flags) / len(self._flags))
-        self._counter.inc(int(flags.sum()))
 
 
 def mmd2_permutation_test(
@@ -66,37 +51,37 @@ def mmd2_permutation_test(
     return float(observed), float((observed <= null).mean()), threshold
 
 
-class DriftTest:
-    def __init__(self, model: str, reference: np.ndarray, sigma: float, options: MonitorOptions):
-        self.model, self.reference, self.sigma, self.options = (
-            model,
-            np.asarray(reference, np.float64),
-            sigma,
-            options,
-        )
+class OutputMonitor:
+    """The OOD window and the drift test of one model exported with its OOD score."""
+
+    def __init__(self, model: str, ood: OodContract, options: MonitorOptions):
+        self.model, self.sigma, self.options = model, ood.sigma, options
+        self.reference = np.asarray(ood.reference, np.float64)
+        self._flags: deque[bool] = deque(maxlen=options.ood_window)
         self._recent: deque[np.ndarray] = deque(maxlen=options.drift_window)
-        self._since = self._tests = 0  # images since the last test started; tests started
-        self._lock = threading.Lock()
-        self._running = False
+        self._since = self._tests = 0  # images since the last drift test started; tests started
+        self._drift: Future | None = None  # the drift test running or last run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift")
-        self._gauges = [
-            g.labels(model) for g in (metrics.DRIFT_MMD2, metrics.DRIFT_P_VALUE, metrics.DRIFT_THRESHOLD)
-        ]
-        for gauge in self._gauges:
+        drift = (metrics.DRIFT_MMD2, metrics.DRIFT_P_VALUE, metrics.DRIFT_THRESHOLD)
+        self._gauges = [gauge.labels(model) for gauge in drift]
+        for gauge in (*self._gauges, metrics.OOD_WINDOW_RATE.labels(model)):
             gauge.set(float("nan"))
+        metrics.OOD_FALSE_ALARM_RATE.labels(model).set(ood.false_alarm_rate)
 
-    def observe(self, embeddings: np.ndarray) -> None:
-        with self._lock:
-            self._recent.extend(np.asarray(embeddings, np.float64))
-            self._since += len(embeddings)
-            full = len(self._recent) == self._recent.maxlen
-            if not full or self._since < self.options.drift_every or self._running:
-                return
-            self._running, self._since, self._tests = True, 0, self._tests + 1
-            sample, seed = np.stack(self._recent), self._tests
-        self._executor.submit(self._test, sample, seed)
+    def observe(self, flags: np.ndarray, embeddings: np.ndarray) -> None:
+        """One answer's out_of_distribution flags and embeddings. Only called on the event loop: no lock."""
+        metrics.OOD_IMAGES.labels(self.model).inc(int(flags.sum()))
+        self._flags.extend(flags.tolist())
+        if len(self._flags) == self._flags.maxlen:
+            metrics.OOD_WINDOW_RATE.labels(self.model).set(sum(self._flags) / len(self._flags))
+        self._recent.extend(np.asarray(embeddings, np.float64))
+        self._since += len(embeddings)
+        idle = self._drift is None or self._drift.done()
+        if idle and len(self._recent) == self._recent.maxlen and self._since >= self.options.drift_every:
+            self._since, self._tests = 0, self._tests + 1
+            self._drift = self._executor.submit(self._drift_test, np.stack(self._recent), self._tests)
 
-    def _test(self, sample: np.ndarray, seed: int) -> None:
+    def _drift_test(self, sample: np.ndarray, seed: int) -> None:
         o = self.options
         try:
             result = mmd2_permutation_test(
@@ -107,9 +92,6 @@ class DriftTest:
             metrics.DRIFT_TESTS.labels(self.model).inc()
         except Exception:  # a failed test must not stop the server; the gauges keep their last value
             log.exception("drift test of model %r failed", self.model)
-        finally:
-            with self._lock:
-                self._running = False
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
