@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import metrics
 from .options import Batching
 
 
@@ -29,11 +30,10 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, run: Callable, batching: Batching, on_dispatch: Callable | None = None):
+    def __init__(self, run: Callable, batching: Batching, model: str):
         """`run` maps uint8 [N,S,S,3] to a tuple of arrays with N rows each (probabilities, class_index, ...)
-        and must be thread-safe when `batching.batch_concurrency` > 1. `on_dispatch(queue_waits)` gets each
-        batch's per-request waits (metrics)."""
-        self._run, self._on_dispatch = run, on_dispatch
+        and must be thread-safe when `batching.batch_concurrency` > 1. `model` labels the metrics."""
+        self._run, self.model = run, model
         self.max_batch_size = batching.max_batch_size
         self.max_delay_s = batching.max_batch_delay_ms / 1000.0
         self.concurrency = batching.batch_concurrency
@@ -92,9 +92,9 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Item]) -> None:
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
-            if self._on_dispatch is not None:
-                now = time.monotonic()
-                self._on_dispatch([now - it.enqueued for it in batch])
+            now = time.monotonic()
+            for it in batch:
+                metrics.QUEUE_SECONDS.labels(self.model).observe(now - it.enqueued)
             self.runs += -(-len(images) // self.max_batch_size)
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._chunked, images)
         except Exception as exc:  # every waiting request gets the error instead of hanging
@@ -111,8 +111,12 @@ class DynamicBatcher:
             offset += len(it.images)
 
     def _chunked(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        m = self.max_batch_size
-        parts = [self._run(images[start : start + m]) for start in range(0, len(images), m)]
+        parts = []
+        for start in range(0, len(images), self.max_batch_size):
+            chunk, started = images[start : start + self.max_batch_size], time.perf_counter()
+            parts.append(self._run(chunk))
+            metrics.RUN_SECONDS.labels(self.model).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(self.model).observe(len(chunk))
         return parts[0] if len(parts) == 1 else tuple(np.concatenate(col) for col in zip(*parts, strict=True))
 
     def shutdown(self) -> None:

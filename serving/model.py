@@ -80,7 +80,7 @@ class FedMedClipModel(kserve.Model):
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
         self._class_names_json = json.dumps(list(contract.class_names))
         self.decoder = DecodePool(self.options.decode_threads)
-        self.batcher = DynamicBatcher(self._run, self.options.batching, on_dispatch=self._observe_queue)
+        self.batcher = DynamicBatcher(self.classifier.run, self.options.batching, self.name)
         s, meta = contract.image_size, contract.metadata
         provenance = " ".join(f"{k}={meta.get('fedmedclip.' + k)}" for k in ("method", "site", "run_id"))
         calibration = (
@@ -115,36 +115,27 @@ class FedMedClipModel(kserve.Model):
     # ---- v2 model metadata -----------------------------------------------------------------------------
 
     def metadata(self) -> dict:
-        """The protocol's model metadata; `properties` (strings) hold the ONNX metadata_props under
-        `onnx.metadata.` and the served file's facts under `served.`."""
+        """The protocol's model metadata (the server checks the model is loaded); `properties` (strings) hold
+        the ONNX metadata_props under `onnx.metadata.` and the served file's facts under `served.`."""
+        contract, s = self.classifier.contract, self.classifier.contract.image_size
         served = {"version": self.version, "origin": self.resolved.origin, "sha256": self.resolved.sha256}
         properties = {SERVED_PREFIX + key: value for key, value in served.items()}
-        if self.classifier is not None:
-            properties[f"{SERVED_PREFIX}device"] = self.classifier.device
-            for key, value in sorted(self.classifier.contract.metadata.items()):
-                if len(value) > _LONG_PROPERTY:
-                    value = f"sha256:{hashlib.sha256(value.encode()).hexdigest()} ({len(value)} characters)"
-                properties[METADATA_PREFIX + key] = value
+        properties[f"{SERVED_PREFIX}device"] = self.classifier.device
+        for key, value in sorted(contract.metadata.items()):
+            if len(value) > _LONG_PROPERTY:
+                value = f"sha256:{hashlib.sha256(value.encode()).hexdigest()} ({len(value)} characters)"
+            properties[METADATA_PREFIX + key] = value
+        shapes = {INPUT_UINT8: [-1, s, s, 3], INPUT_BYTES: [-1], "probabilities": [-1, contract.num_classes]}
         return {
             "name": self.name,
             "versions": [self.version],
             "platform": PLATFORM,
-            "inputs": self.get_input_types(),
-            "outputs": self.get_output_types(),
+            "inputs": [{"name": n, "datatype": INPUTS[n], "shape": shapes[n]} for n in INPUTS],
+            "outputs": [
+                {"name": n, "datatype": OUTPUTS[n], "shape": shapes.get(n, [-1])} for n in self.output_names
+            ],
             "properties": properties,
         }
-
-    def get_input_types(self) -> list[dict]:
-        s = self.classifier.contract.image_size
-        shapes = {INPUT_UINT8: [-1, s, s, 3], INPUT_BYTES: [-1]}
-        return [{"name": n, "datatype": INPUTS[n], "shape": shapes[n]} for n in INPUTS]
-
-    def get_output_types(self) -> list[dict]:
-        c = self.classifier.contract.num_classes
-        return [
-            {"name": name, "datatype": OUTPUTS[name], "shape": [-1, c] if name == "probabilities" else [-1]}
-            for name in self.output_names
-        ]
 
     # ---- inference -------------------------------------------------------------------------------------
 
@@ -270,18 +261,6 @@ class FedMedClipModel(kserve.Model):
         metrics.DECODED_IMAGES.labels(self.name).inc()
         metrics.DECODED_PIXELS.labels(self.name).inc(pixels)
         metrics.DECODE_SECONDS.labels(self.name).observe(cpu_seconds)
-
-    def _run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        """One ONNX Runtime run (batcher thread)."""
-        started = time.perf_counter()
-        out = self.classifier.run(images)
-        metrics.RUN_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.labels(self.name).observe(len(images))
-        return out
-
-    def _observe_queue(self, waits: list[float]) -> None:
-        for w in waits:
-            metrics.QUEUE_SECONDS.labels(self.name).observe(w)
 
     def _response(self, payload: InferRequest, outputs: tuple[np.ndarray, ...]) -> InferResponse:
         probs, index = outputs[:2]

@@ -638,7 +638,7 @@ def test_batcher_unit():
         return v[:, None], v.astype(np.int64)
 
     async def main():
-        batcher = DynamicBatcher(run, Batching(max_batch_size=4, max_batch_delay_ms=50))
+        batcher = DynamicBatcher(run, Batching(max_batch_size=4, max_batch_delay_ms=50), "unit")
         reqs = [np.full((1 + i % 2, 2, 2, 3), i, np.uint8) for i in range(6)]
         outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
         for i, (probs, index) in enumerate(outs):
