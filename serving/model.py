@@ -1,14 +1,8 @@
-"""The KServe predictor: a `kserve.Model` serving an exported fedmedclip ONNX classifier on ONNX Runtime.
-
-v2 Open Inference Protocol, REST and gRPC. One request carries exactly one input tensor:
-  - `image_bytes` BYTES [N]: encoded JPEG/PNG files, decoded and resized here with the training geometry;
-  - `images` UINT8 [N, S, S, 3]: pixels already through `Preprocessing.to_uint8`.
-Outputs: `probabilities` FP32 [N, C], `class_index` INT64 [N], `class_name` BYTES [N], and for a model
-exported with its OOD score `ood_score` FP32 [N] with `out_of_distribution` BOOL [N] (score above the
-exported threshold); the response parameter `class_names` (JSON list) labels every column. Every answer
-carries `model_version`: the registry version the server resolved, or the file's sha256 prefix. A model
-that answers NaN or inf for an image gets the request an error (HTTP 500), never a 200 with null values.
-"""
+"""The KServe predictor: a `kserve.Model` serving an exported fedmedclip ONNX classifier on ONNX Runtime, v2
+Open Inference Protocol over REST and gRPC (docs/contracts.md, "The served protocol"). A request carries one
+input tensor: `image_bytes` BYTES [N] (encoded JPEG/PNG files, decoded here with training's geometry) or
+`images` UINT8 [N, S, S, 3] (pixels already through `Preprocessing.to_uint8`). A model that answers NaN or inf
+for an image gets the request an error (HTTP 500), never a 200 with null values."""
 
 from __future__ import annotations
 
@@ -36,7 +30,7 @@ log = logging.getLogger("fedmedclip.serving")
 INPUT_UINT8 = "images"
 INPUT_BYTES = "image_bytes"
 INPUTS = {INPUT_UINT8: "UINT8", INPUT_BYTES: "BYTES"}
-# The outputs, each with its datatype; the last two only for a model exported with its OOD score.
+# The outputs and their datatypes; the last two only for a model exported with its OOD score.
 OUTPUTS = {
     "probabilities": "FP32",
     "class_index": "INT64",
@@ -52,15 +46,12 @@ _LONG_PROPERTY = 4096  # a metadata value longer than this is reported by its sh
 
 class FedMedClipModel(kserve.Model):
     def __init__(self, name: str, resolved: ResolvedModel, options: ModelOptions, classifier=None):
-        """`resolved`: the verified file; every answer carries its `version` as `model_version`.
-        `classifier`: its OnnxClassifier, already open (the CLI opens it before importing kserve so that a bad
-        model or --device fails fast); otherwise `load` opens it."""
+        """`classifier`: the OnnxClassifier of `resolved`, already open (the CLI opens it before importing
+        kserve so that a bad model or --device fails fast); otherwise `load` opens it."""
         super().__init__(name)
         self.resolved, self.options, self.classifier = resolved, options, classifier
         self.version, self.limits = resolved.version, options.limits
         self.batcher = self.decoder = self.monitor = None
-
-    # ---- lifecycle -------------------------------------------------------------------------------------
 
     def load(self) -> bool:
         install_pil_guards(self.limits)
@@ -112,8 +103,6 @@ class FedMedClipModel(kserve.Model):
                 part.shutdown()
         self.batcher = self.decoder = self.monitor = None
 
-    # ---- v2 model metadata -----------------------------------------------------------------------------
-
     def metadata(self) -> dict:
         """The protocol's model metadata (the server checks the model is loaded); `properties` (strings) hold
         the ONNX metadata_props under `onnx.metadata.` and the served file's facts under `served.`."""
@@ -137,8 +126,6 @@ class FedMedClipModel(kserve.Model):
             "properties": properties,
         }
 
-    # ---- inference -------------------------------------------------------------------------------------
-
     async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
         started = time.perf_counter()
         protocol = "grpc" if getattr(payload, "from_grpc", False) else "rest"
@@ -146,7 +133,9 @@ class FedMedClipModel(kserve.Model):
         try:
             inp = self._select_input(payload)
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
-            images = self._uint8_images(inp) if kind == "uint8" else await self._decode_bytes(inp)
+            data = self._read(inp)
+            # Binary inputs arrive as read-only views of the request body; the batcher concatenates or runs them.
+            images = np.ascontiguousarray(data, np.uint8) if kind == "uint8" else await self._decode(data)
             outputs = await self.batcher.submit(images)
         # Refusals (RequestRejected) and internal errors go up: the front end logs and counts each once.
         finally:
@@ -194,57 +183,45 @@ class FedMedClipModel(kserve.Model):
             )
         return inp
 
-    def _check_count(self, n: int) -> None:
-        if n == 0:
-            raise RequestRejected("empty_batch", "the request holds no images (batch dimension is 0)")
-        if n > self.limits.max_batch_images:
-            raise RequestRejected(
-                "too_many_images",
-                f"{n} images in one request, over the limit of {self.limits.max_batch_images} "
-                "(server option --max-batch-images); split the request",
-            )
-
-    def _uint8_images(self, inp) -> np.ndarray:
-        s = self.classifier.contract.image_size
-        shape = list(inp.shape)
-        if len(shape) != 4 or shape[1:] != [s, s, 3]:
+    def _read(self, inp) -> np.ndarray:
+        """The input's data, its shape and image count checked: [N,S,S,3] pixels or [N] encoded files."""
+        s, shape = self.classifier.contract.image_size, list(inp.shape)
+        if inp.name == INPUT_UINT8 and (len(shape) != 4 or shape[1:] != [s, s, 3]):
             raise RequestRejected(
                 "bad_shape",
                 f"input {INPUT_UINT8!r} must have shape [N,{s},{s},3] (RGB pixels after the training resize), "
                 f"got {shape}; send encoded files as {INPUT_BYTES!r} to have the server resize them",
             )
-        self._check_count(shape[0])
-        try:
-            images = inp.as_numpy()
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise RequestRejected(
-                "bad_shape", f"input {INPUT_UINT8!r}: its data does not fill shape {shape} of UINT8 ({exc})"
-            ) from None
-        # Binary inputs arrive as read-only views of the request body; the batcher concatenates or runs them.
-        return np.ascontiguousarray(images, dtype=np.uint8)
-
-    async def _decode_bytes(self, inp) -> np.ndarray:
-        shape = list(inp.shape)
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        if inp.name == INPUT_BYTES and not (len(shape) in (1, 2) and shape[1:] in ([], [1])):
             raise RequestRejected(
                 "bad_shape", f"input {INPUT_BYTES!r} must have shape [N] (one encoded file each), got {shape}"
             )
-        self._check_count(shape[0])
-        try:
-            items = inp.as_numpy().reshape(-1)
-        except (ValueError, TypeError, struct.error) as exc:
+        if shape[0] == 0:
+            raise RequestRejected("empty_batch", "the request holds no images (batch dimension is 0)")
+        if shape[0] > self.limits.max_batch_images:
             raise RequestRejected(
-                "bad_shape", f"input {INPUT_BYTES!r}: its data does not match shape {shape} ({exc})"
-            ) from None
-        if len(items) != shape[0]:
-            raise RequestRejected(
-                "bad_shape", f"input {INPUT_BYTES!r}: {len(items)} elements for shape {shape}"
+                "too_many_images",
+                f"{shape[0]} images in one request, over the limit of {self.limits.max_batch_images} "
+                "(server option --max-batch-images); split the request",
             )
+        try:
+            data = inp.as_numpy()
+        except (ValueError, TypeError, OverflowError, struct.error) as exc:
+            raise RequestRejected(
+                "bad_shape",
+                f"input {inp.name!r}: its data does not fill shape {shape} of {inp.datatype} ({exc})",
+            ) from None
+        if len(data) != shape[0]:  # BYTES data is counted in elements, not bytes
+            raise RequestRejected("bad_shape", f"input {inp.name!r}: {len(data)} elements for shape {shape}")
+        return data
+
+    async def _decode(self, items: np.ndarray) -> np.ndarray:
+        """Encoded files -> pixels: off the event loop, on the shared pool, within the request's budgets."""
         # Bytes from binary data (REST extension, gRPC) and from JSON strings (serving.protocol reads base64).
-        for i, item in enumerate(items):
+        for i, item in enumerate(items.reshape(-1)):
             if not isinstance(item, (bytes, bytearray, memoryview)):
                 raise RequestRejected("bad_dtype", f"image {i}: expected bytes, got {type(item).__name__}")
-        blobs = [bytes(item) for item in items]
+        blobs = [bytes(item) for item in items.reshape(-1)]
         total = sum(len(b) for b in blobs)
         if total > self.limits.max_request_bytes:
             raise RequestRejected(
@@ -252,7 +229,6 @@ class FedMedClipModel(kserve.Model):
                 f"{total:,} bytes of images in one request, over the limit of {self.limits.max_request_bytes:,} "
                 "(server option --max-request-bytes)",
             )
-        # Decoding is CPU work: off the event loop, on the shared pool, within the request's pixel and CPU budget.
         return await self.decoder.decode(
             blobs, self.classifier.contract.preprocessing, self.limits, self._observe_decode
         )
