@@ -1,9 +1,6 @@
-"""The exported classifier on ONNX Runtime: provider selection, the contract check, and `run`.
-
-Reads only what docs/contracts.md promises ("Exported model (ONNX)", checked by fedmedclip.onnx_contract, as
-registration checks it); a file that breaks the contract, or whose outputs on a warm-up batch are not finite,
-is refused at start-up with a message naming the broken part, never at the first request.
-"""
+"""The exported classifier on ONNX Runtime: provider selection, the contract check (fedmedclip.onnx_contract,
+as registration checks it), and `run`. A file that breaks the contract, or whose outputs on a warm-up batch are
+not finite, is refused at start-up with a message naming the broken part, never at the first request."""
 
 from __future__ import annotations
 
@@ -46,7 +43,7 @@ def create_session(
             f"--device cuda: this onnxruntime build ({ort.__version__}) has no {CUDA_EP} (available: {available}). "
             "Install the GPU build (the project's `gpu` extra, onnxruntime-gpu) or use --device auto/cpu."
         )
-    if cuda and hasattr(ort, "preload_dlls"):
+    if cuda:
         # Loads the CUDA/cuDNN libraries installed from pip (onnxruntime-gpu[cuda,cudnn]); no torch in the image.
         try:
             ort.preload_dlls()
@@ -107,7 +104,6 @@ class OnnxClassifier:
             self.contract = contract_of_session(self.session, str(self.path))
         except ContractError as exc:
             raise ServingError(str(exc)) from None
-        self._warmed: set[int] = set()
 
     @classmethod
     def open(cls, resolved, options) -> OnnxClassifier:
@@ -135,7 +131,7 @@ class OnnxClassifier:
         graph that cannot run, or answers NaN/inf (a model exported from a diverged training), fails here
         rather than on a client's request. Batches: a black image first, then white, then seeded noise."""
         s, c = self.contract.image_size, self.contract.num_classes
-        for n in sorted(set(batch_sizes) - self._warmed):
+        for n in sorted(set(batch_sizes)):
             images = np.random.default_rng(n).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
             images[0] = 0
             images[1:2] = 255
@@ -157,4 +153,3 @@ class OnnxClassifier:
                     f"(NaN or inf for {len(bad)} of {n} images). The model is broken (exported from a "
                     "diverged training, or damaged): export it again from a good run."
                 )
-            self._warmed.add(n)
