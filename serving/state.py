@@ -16,12 +16,6 @@ from .errors import NotReady, NotServed, RequestRejected, quoted
 
 log = logging.getLogger("fedmedclip.serving")
 
-SERVER_NAME = "fedmedclip"
-# The binary tensor data extension (Inference-Header-Content-Length) is always on; model control
-# (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) only with a token.
-EXTENSIONS = ("binary_tensor_data",)
-CONTROL_EXTENSION = "model_repository"
-
 
 class ServerState:
     def __init__(self, models: dict, control_token: str | None = None):
@@ -93,8 +87,10 @@ class ServerState:
             metrics.IN_FLIGHT.dec()
 
     def metadata(self) -> dict:
-        extensions = [*EXTENSIONS, *([CONTROL_EXTENSION] if self.control_enabled else [])]
-        return {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
+        # The binary tensor data extension (Inference-Header-Content-Length) is always on; model control
+        # (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) only with a token.
+        extensions = ["binary_tensor_data", *(["model_repository"] if self.control_enabled else [])]
+        return {"name": "fedmedclip", "version": __version__, "extensions": extensions}
 
     async def control(self, action: str, name: str, authorization: str | None) -> None:
         """Model control, `load` or `unload` of `name`, for a request presenting the token (else 401)."""
