@@ -41,7 +41,7 @@ class DynamicBatcher:
         self._items: deque[_Item] = deque()
         self._queued_images = 0
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
         self.runs = 0  # ONNX Runtime runs so far (tests and logs)
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -124,9 +124,3 @@ class DynamicBatcher:
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False)
-
-    async def close(self) -> None:
-        """`shutdown`, once the runs in progress have answered their requests."""
-        self.shutdown()
-        for task in list(self._running):
-            await asyncio.gather(task, return_exceptions=True)

@@ -19,7 +19,6 @@ import struct
 import time
 import warnings
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,6 +26,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from fedmedclip.preprocess import Preprocessing
 
+from . import metrics
 from .errors import RequestRejected
 from .options import Limits
 
@@ -164,20 +164,14 @@ class DecodePool:
     its images in the pool at once, so the pool's queue interleaves requests: another client's image waits
     behind at most that many of a big request's, never behind all of them."""
 
-    def __init__(self, threads: int = 0):
-        self.threads = threads if threads > 0 else min(8, os.cpu_count() or 1)
+    def __init__(self, threads: int, model: str):
+        """`threads`: 0 for one per core, at most 8. `model` labels the metrics."""
+        self.model, self.threads = model, threads if threads > 0 else min(8, os.cpu_count() or 1)
         self.per_request = max(1, self.threads // 2)
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
-    async def decode(
-        self,
-        blobs: list[bytes],
-        pre: Preprocessing,
-        limits: Limits,
-        on_decoded: Callable[[int, float], None] | None = None,
-    ) -> np.ndarray:
-        """uint8 [N, S, S, 3] for N encoded files, in order, within the request budgets of `limits`.
-        `on_decoded(pixels, cpu_seconds)` is called on the event loop after each image (metrics)."""
+    async def decode(self, blobs: list[bytes], pre: Preprocessing, limits: Limits) -> np.ndarray:
+        """uint8 [N, S, S, 3] for N encoded files, in order, within the request budgets of `limits`."""
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self._executor, _header_pixels, blobs, limits)
         if sum(pixels) > limits.max_request_pixels:
@@ -209,8 +203,9 @@ class DecodePool:
                     refusal = refusal or exc
                     return None
                 spent += cpu
-            if on_decoded is not None:
-                on_decoded(pixels[i], cpu)
+            metrics.DECODED_IMAGES.labels(self.model).inc()
+            metrics.DECODED_PIXELS.labels(self.model).inc(pixels[i])
+            metrics.DECODE_SECONDS.labels(self.model).observe(cpu)
             return image
 
         decoded = await asyncio.gather(*(decode_one(i) for i in range(len(blobs))))

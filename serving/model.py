@@ -70,7 +70,7 @@ class FedMedClipModel(kserve.Model):
             )
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
         self._class_names_json = json.dumps(list(contract.class_names))
-        self.decoder = DecodePool(self.options.decode_threads)
+        self.decoder = DecodePool(self.options.decode_threads, self.name)
         self.batcher = DynamicBatcher(self.classifier.run, self.options.batching, self.name)
         s, meta = contract.image_size, contract.metadata
         provenance = " ".join(f"{k}={meta.get('fedmedclip.' + k)}" for k in ("method", "site", "run_id"))
@@ -229,14 +229,7 @@ class FedMedClipModel(kserve.Model):
                 f"{total:,} bytes of images in one request, over the limit of {self.limits.max_request_bytes:,} "
                 "(server option --max-request-bytes)",
             )
-        return await self.decoder.decode(
-            blobs, self.classifier.contract.preprocessing, self.limits, self._observe_decode
-        )
-
-    def _observe_decode(self, pixels: int, cpu_seconds: float) -> None:
-        metrics.DECODED_IMAGES.labels(self.name).inc()
-        metrics.DECODED_PIXELS.labels(self.name).inc(pixels)
-        metrics.DECODE_SECONDS.labels(self.name).observe(cpu_seconds)
+        return await self.decoder.decode(blobs, self.classifier.contract.preprocessing, self.limits)
 
     def _response(self, payload: InferRequest, outputs: tuple[np.ndarray, ...]) -> InferResponse:
         probs, index = outputs[:2]

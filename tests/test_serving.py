@@ -652,7 +652,7 @@ def test_batcher_unit():
         )
         assert isinstance(bad, RuntimeError) and isinstance(ok, RuntimeError)  # same run: both fail
         assert (await batcher.submit(np.full((1, 2, 2, 3), 7, np.uint8)))[1][0] == 7  # and it keeps going
-        await batcher.close()
+        batcher.shutdown()
         return batcher.runs
 
     runs = asyncio.run(main())
