@@ -1,10 +1,7 @@
-"""Server-side dynamic batching: concurrent requests' images share one ONNX Runtime run.
-
-A request's images are queued; a batch closes when it holds `max_batch_size` images or when its oldest
-request has waited `max_delay_s`. Runs happen on a dedicated thread pool, never on the event loop, so the
-REST and gRPC servers keep accepting (and queueing) requests while the accelerator works. With
-`concurrency` > 1 the next batch is prepared while the previous one runs (useful on a GPU).
-"""
+"""Server-side dynamic batching: concurrent requests' images share one ONNX Runtime run. A batch closes when
+it holds `max_batch_size` images or its oldest request has waited `max_batch_delay_ms`. Runs happen on their
+own threads, never on the event loop, so REST and gRPC keep accepting requests while the accelerator works;
+with `batch_concurrency` > 1 the next batch is prepared while the previous one runs (useful on a GPU)."""
 
 from __future__ import annotations
 
@@ -42,7 +39,6 @@ class DynamicBatcher:
         self._queued_images = 0
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
-        self.runs = 0  # ONNX Runtime runs so far (tests and logs)
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """Queue one request's images; resolves to that request's rows of the batched outputs."""
@@ -95,7 +91,6 @@ class DynamicBatcher:
             now = time.monotonic()
             for it in batch:
                 metrics.QUEUE_SECONDS.labels(self.model).observe(now - it.enqueued)
-            self.runs += -(-len(images) // self.max_batch_size)
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._chunked, images)
         except Exception as exc:  # every waiting request gets the error instead of hanging
             for it in batch:
