@@ -1,15 +1,11 @@
-"""What the server watches in the answers it gives: the share of images flagged out of distribution, and
-whether the recent requests' features have drifted from the exporting party's data.
-
-- The share of the last `ood_window` images flagged is `fedmedclip_ood_window_rate`, next to the false-alarm
-  rate the threshold was calibrated to (`fedmedclip_ood_false_alarm_rate`): in distribution the two agree, a
-  rate several times the calibrated one means the server is being sent other scans.
-- The drift test: maximum mean discrepancy (MMD^2, Gaussian kernel, unbiased estimate with a zero diagonal)
-  between the embeddings of the last `drift_window` images and the exported reference sample, with a
-  permutation p-value and threshold at level `drift_p_value` (the test of Gretton et al. 2012, as
-  alibi-detect's MMDDrift computes it; bench/bench_ood.py compares the two). It runs on a thread of its own
-  at most every `drift_every` new images, never on the event loop.
-"""
+"""What the server watches in its answers (gauges in serving/metrics.py):
+- the share of the last `ood_window` images flagged out_of_distribution, next to the false-alarm rate the
+  threshold was calibrated to: in distribution the two agree; several times the calibrated rate means the
+  server is being sent other scans;
+- drift: MMD^2 (Gaussian kernel, unbiased estimate with a zero diagonal) between the embeddings of the last
+  `drift_window` images and the exported reference sample, with a permutation p-value and threshold at level
+  `drift_p_value` (Gretton et al. 2012, as alibi-detect's MMDDrift computes it; bench/bench_ood.py compares
+  the two), on a thread of its own at most every `drift_every` new images, never on the event loop."""
 
 from __future__ import annotations
 

@@ -25,9 +25,8 @@ class ServerState:
         self.draining = False
         self.in_flight = 0
         self.control_enabled = control_token is not None
-        self._control_digest = (
-            hashlib.sha256(control_token.encode()).digest() if self.control_enabled else None
-        )
+        # Digests compare in constant time whatever the length of the token presented.
+        self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
         self._update_ready()
 
     def ready(self) -> bool:
@@ -104,9 +103,7 @@ class ServerState:
         model = self.model(name, ready=False)
         if action == "unload":
             model.unload()
-            log.warning(
-                "model %r unloaded (model control): the server is not ready until it is loaded again", name
-            )
+            log.warning("model %r unloaded (model control): the server is not ready until loaded again", name)
         else:
             if not model.ready:  # from its verified file, checked against the same sha256; off the event loop
                 await asyncio.get_running_loop().run_in_executor(None, model.load)
