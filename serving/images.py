@@ -1,12 +1,8 @@
 """Server-side image decoding: encoded JPEG/PNG bytes -> the uint8 [S, S, 3] array the ONNX graph takes, with
 training's geometry (`Preprocessing.to_uint8`). Every failure is a `RequestRejected` naming the image by its
-index in the request: one bad file gets the client a 400 and the server keeps going.
-
-A few kilobytes of PNG can decode to tens of megapixels, so a request is budgeted: its images' sizes are read
-from their headers first and the request is refused over `max_request_pixels`; decoding then stops (and the
-request is refused) once its images have taken `max_decode_seconds` of CPU. One request holds at most half of
-`DecodePool`'s threads, so a request of many large images cannot hold up another client's small one.
-"""
+index in the request: one bad file gets the client a 400 and the server keeps going. A few kilobytes of PNG
+can decode to tens of megapixels, so a request is budgeted: its images' sizes are read from their headers
+first (`max_request_pixels`), and decoding stops once its images have taken `max_decode_seconds` of CPU."""
 
 from __future__ import annotations
 
@@ -95,14 +91,18 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
     with _open(data, index, limits) as image:
         try:
             image.load()
-            if image.format == "PNG":
-                _check_png_rows(data, index, image.size)
-            pixels = pre.to_uint8(image)
-        except RequestRejected:
-            raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise RequestRejected(
-                "corrupt_image", f"image {index} ({image.format}, mode {image.mode}) cannot be decoded: {exc}"
+                "corrupt_image", f"image {index} ({image.format}) is corrupt or truncated: {exc}"
+            ) from None
+        if image.format == "PNG":
+            _check_png_rows(data, index, image.size)
+        try:
+            pixels = pre.to_uint8(image)
+        except (OSError, ValueError) as exc:
+            raise RequestRejected(
+                "corrupt_image",
+                f"image {index} ({image.format}, mode {image.mode}) cannot be converted: {exc}",
             ) from None
     return pixels, time.thread_time() - started
 
@@ -111,24 +111,18 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pix
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
-def _png_raw_size(width: int, height: int, bit_depth: int, colour_type: int, interlaced: bool) -> int:
-    """Bytes of the filtered scanlines a complete PNG image decompresses to (PNG spec, sections 7-8)."""
-    bits = bit_depth * _PNG_CHANNELS.get(colour_type, 4)
-    total = 0
-    for x0, y0, dx, dy in _ADAM7 if interlaced else ((0, 0, 1, 1),):
-        cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
-        if cols > 0 and rows > 0:
-            total += rows * (1 + -(-(cols * bits) // 8))
-    return total
-
-
 def _check_png_rows(data: bytes, index: int, size: tuple[int, int]) -> None:
     """Refuse a PNG whose image data stops before its last row. PIL pads such a file with zeros when the
     zlib stream ends cleanly early (a 109-byte 30000x1000 "image" of one row decodes without an error), so
     the data is inflated once more, without keeping it, and its length compared with what the header says."""
     try:
         width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-        expected = _png_raw_size(width, height, depth, colour, interlace == 1)
+        # The bytes of filtered scanlines a complete image decompresses to (PNG spec, sections 7-8).
+        bits, expected = depth * _PNG_CHANNELS.get(colour, 4), 0
+        for x0, y0, dx, dy in _ADAM7 if interlace == 1 else ((0, 0, 1, 1),):
+            cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+            if cols > 0 and rows > 0:
+                expected += rows * (1 + -(-(cols * bits) // 8))
         inflater, produced, pos = zlib.decompressobj(), 0, 8
         while pos + 8 <= len(data) and produced < expected:
             length, kind = struct.unpack(">I4s", data[pos : pos + 8])
@@ -161,8 +155,8 @@ except (OSError, AttributeError, TypeError):
 
 class DecodePool:
     """Decoding threads shared by all requests. A request keeps at most `per_request` (half the threads) of
-    its images in the pool at once, so the pool's queue interleaves requests: another client's image waits
-    behind at most that many of a big request's, never behind all of them."""
+    its images in the pool at once, so another client's image waits behind at most that many of a big
+    request's, never behind all of them."""
 
     def __init__(self, threads: int, model: str):
         """`threads`: 0 for one per core, at most 8. `model` labels the metrics."""
@@ -185,7 +179,7 @@ class DecodePool:
 
         async def decode_one(i: int) -> np.ndarray | None:
             nonlocal spent, refusal
-            async with slots:  # taken in order: image i starts once i - per_request has finished
+            async with slots:
                 if refusal is None and spent > limits.max_decode_seconds:
                     refusal = RequestRejected(
                         "decode_budget",

@@ -45,7 +45,6 @@ class ServerState:
         return name if name in self.models else metrics.UNKNOWN_MODEL
 
     def model(self, name: str, version: str | None = None, *, ready: bool = True):
-        """The model a request names (a version, if given, must be the one served)."""
         model = self.models.get(name)
         if model is None:
             raise NotServed(
