@@ -41,7 +41,6 @@ class DynamicBatcher:
         self._running: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Queue one request's images; resolves to that request's rows of the batched outputs."""
         if self._task is None or self._task.done():
             # Created lazily: kserve loads the model before its event loop exists.
             self._wakeup, self._slots = asyncio.Event(), asyncio.Semaphore(self.concurrency)

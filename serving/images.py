@@ -77,7 +77,6 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
 
 
 def _header_pixels(blobs: list[bytes], limits: Limits) -> list[int]:
-    """width*height of each encoded file, from its header; refuses what decode_image would refuse up front."""
     pixels = []
     for index, data in enumerate(blobs):
         with _open(data, index, limits) as image:
@@ -158,8 +157,7 @@ class DecodePool:
     its images in the pool at once, so another client's image waits behind at most that many of a big
     request's, never behind all of them."""
 
-    def __init__(self, threads: int, model: str):
-        """`threads`: 0 for one per core, at most 8. `model` labels the metrics."""
+    def __init__(self, threads: int, model: str):  # threads 0: one per core, at most 8
         self.model, self.threads = model, threads if threads > 0 else min(8, os.cpu_count() or 1)
         self.per_request = max(1, self.threads // 2)
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")

@@ -38,10 +38,6 @@ OUTPUTS = {
     "ood_score": "FP32",
     "out_of_distribution": "BOOL",
 }
-PLATFORM = "onnx_onnxv1"  # the protocol's platform name for an ONNX model run by ONNX Runtime
-METADATA_PREFIX = "onnx.metadata."  # model metadata `properties`: the ONNX file's metadata_props, as they are
-SERVED_PREFIX = "served."  # ... and what the server knows of the file (sha256, origin, version, device)
-_LONG_PROPERTY = 4096  # a metadata value longer than this is reported by its sha256
 
 
 class FedMedClipModel(kserve.Model):
@@ -104,21 +100,22 @@ class FedMedClipModel(kserve.Model):
         self.batcher = self.decoder = self.monitor = None
 
     def metadata(self) -> dict:
-        """The protocol's model metadata (the server checks the model is loaded); `properties` (strings) hold
-        the ONNX metadata_props under `onnx.metadata.` and the served file's facts under `served.`."""
+        """The protocol's model metadata (the server checks the model is loaded). `properties` (strings): what the
+        server knows of the file under `served.`, and the ONNX metadata_props under `onnx.metadata.` (a value
+        over 4,096 characters by its sha256)."""
         contract, s = self.classifier.contract, self.classifier.contract.image_size
         served = {"version": self.version, "origin": self.resolved.origin, "sha256": self.resolved.sha256}
-        properties = {SERVED_PREFIX + key: value for key, value in served.items()}
-        properties[f"{SERVED_PREFIX}device"] = self.classifier.device
+        properties = {f"served.{key}": value for key, value in served.items()}
+        properties["served.device"] = self.classifier.device
         for key, value in sorted(contract.metadata.items()):
-            if len(value) > _LONG_PROPERTY:
+            if len(value) > 4096:
                 value = f"sha256:{hashlib.sha256(value.encode()).hexdigest()} ({len(value)} characters)"
-            properties[METADATA_PREFIX + key] = value
+            properties[f"onnx.metadata.{key}"] = value
         shapes = {INPUT_UINT8: [-1, s, s, 3], INPUT_BYTES: [-1], "probabilities": [-1, contract.num_classes]}
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": PLATFORM,
+            "platform": "onnx_onnxv1",  # the protocol's name for an ONNX model run by ONNX Runtime
             "inputs": [{"name": n, "datatype": INPUTS[n], "shape": shapes[n]} for n in INPUTS],
             "outputs": [
                 {"name": n, "datatype": OUTPUTS[n], "shape": shapes.get(n, [-1])} for n in self.output_names

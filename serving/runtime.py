@@ -70,7 +70,6 @@ def create_session(
 
 
 def non_finite_rows(outputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """The images (rows) for which any output of a run holds NaN or inf."""
     n = len(outputs[0])
     return np.flatnonzero(~np.all([np.isfinite(out.reshape(n, -1)).all(axis=1) for out in outputs], axis=0))
 
