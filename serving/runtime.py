@@ -28,10 +28,8 @@ def create_session(
     `cuda` refuses to start without CUDA, `auto` logs the fallback. `model_bytes`: the file, already read."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_threads > 0:
-        options.intra_op_num_threads = intra_op_threads
+    options = ort.SessionOptions()  # all graph optimisations, ORT's default
+    options.intra_op_num_threads = intra_op_threads  # 0: ORT's default
     if not spin:
         # ORT's idle intra-op threads busy-wait for the next run by default: fine for a benchmark loop, but in
         # a server they burn the cores that decode images and handle requests between runs.
