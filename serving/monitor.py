@@ -51,8 +51,7 @@ class OutputMonitor:
     """The OOD window and the drift test of one model exported with its OOD score."""
 
     def __init__(self, model: str, ood: OodContract, options: MonitorOptions):
-        self.model, self.sigma, self.options = model, ood.sigma, options
-        self.reference = np.asarray(ood.reference, np.float64)
+        self.model, self.ood, self.options = model, ood, options
         self._flags: deque[bool] = deque(maxlen=options.ood_window)
         self._recent: deque[np.ndarray] = deque(maxlen=options.drift_window)
         self._since = self._tests = 0  # images since the last drift test started; tests started
@@ -81,7 +80,7 @@ class OutputMonitor:
         o = self.options
         try:
             result = mmd2_permutation_test(
-                self.reference, sample, self.sigma, o.drift_permutations, o.drift_p_value, seed
+                self.ood.reference, sample, self.ood.sigma, o.drift_permutations, o.drift_p_value, seed
             )
             for gauge, value in zip(self._gauges, result, strict=True):
                 gauge.set(value)

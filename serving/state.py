@@ -27,18 +27,15 @@ class ServerState:
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
-        self._update_ready()
+        metrics.READY.set(self.ready())
 
     def ready(self) -> bool:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
         return not self.draining and all(m.ready for m in self.models.values())
 
-    def _update_ready(self) -> None:
-        metrics.READY.set(1 if self.ready() else 0)
-
     def start_draining(self) -> None:
         self.draining = True
-        self._update_ready()
+        metrics.READY.set(0)
 
     def label(self, name: str) -> str:
         """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
@@ -107,4 +104,4 @@ class ServerState:
             if not model.ready:  # from its verified file, checked against the same sha256; off the event loop
                 await asyncio.get_running_loop().run_in_executor(None, model.load)
             log.warning("model %r loaded (model control)", name)
-        self._update_ready()
+        metrics.READY.set(self.ready())
