@@ -26,7 +26,6 @@ from . import metrics
 from .errors import RequestRejected
 from .options import Limits
 
-ACCEPTED_FORMATS = ("JPEG", "PNG")
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 
 
@@ -46,7 +45,7 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     if not data:
         raise RequestRejected("empty_image", f"image {index} is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except UnidentifiedImageError:
         fmt = next((f for magic, f in _MAGIC.items() if data.startswith(magic)), None)
         if fmt is not None:
@@ -153,13 +152,12 @@ except (OSError, AttributeError, TypeError):
 
 
 class DecodePool:
-    """Decoding threads shared by all requests. A request keeps at most `per_request` (half the threads) of
-    its images in the pool at once, so another client's image waits behind at most that many of a big
-    request's, never behind all of them."""
+    """Decoding threads shared by all requests. A request keeps at most half the threads' worth of its images
+    in the pool at once, so another client's image waits behind at most that many of a big request's, never
+    behind all of them."""
 
     def __init__(self, threads: int, model: str):  # threads 0: one per core, at most 8
         self.model, self.threads = model, threads if threads > 0 else min(8, os.cpu_count() or 1)
-        self.per_request = max(1, self.threads // 2)
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
     async def decode(self, blobs: list[bytes], pre: Preprocessing, limits: Limits) -> np.ndarray:
@@ -173,7 +171,7 @@ class DecodePool:
                 f"budget of {limits.max_request_pixels:,} (server option --max-request-pixels); send fewer "
                 "or smaller images per request",
             )
-        slots, spent, refusal = asyncio.Semaphore(self.per_request), 0.0, None
+        slots, spent, refusal = asyncio.Semaphore(max(1, self.threads // 2)), 0.0, None
 
         async def decode_one(i: int) -> np.ndarray | None:
             nonlocal spent, refusal

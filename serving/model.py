@@ -85,12 +85,6 @@ class FedMedClipModel(kserve.Model):
         metrics.MODEL_READY.labels(self.name).set(1)
         return self.ready
 
-    def unload(self) -> None:
-        """Stop serving and free the session (the model-control extension); `load` brings it back, checked
-        against the same sha256."""
-        self.stop()
-        self.classifier = None
-
     def stop(self) -> None:
         self.ready = False
         metrics.MODEL_READY.labels(self.name).set(0)
@@ -130,9 +124,9 @@ class FedMedClipModel(kserve.Model):
         try:
             inp = self._select_input(payload)
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
+            # UINT8 data arrives as a read-only uint8 view of the request: the batcher concatenates or runs it.
             data = self._read(inp)
-            # Binary inputs arrive as read-only views of the request body; the batcher concatenates or runs them.
-            images = np.ascontiguousarray(data, np.uint8) if kind == "uint8" else await self._decode(data)
+            images = data if kind == "uint8" else await self._decode(data)
             outputs = await self.batcher.submit(images)
         # Refusals (RequestRejected) and internal errors go up: the front end logs and counts each once.
         finally:

@@ -97,8 +97,9 @@ class ServerState:
         if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._control_digest):
             raise RequestRejected("unauthenticated", "model control refused: wrong token", 401)
         model = self.model(name, ready=False)
-        if action == "unload":
-            model.unload()
+        if action == "unload":  # stop serving and free the session; `load` opens the file again
+            model.stop()
+            model.classifier = None
             log.warning("model %r unloaded (model control): the server is not ready until loaded again", name)
         else:
             if not model.ready:  # from its verified file, checked against the same sha256; off the event loop
