@@ -55,14 +55,15 @@ class FedMedClipModel(kserve.Model):
             self.classifier = OnnxClassifier.open(self.resolved, self.options)
         contract, ood = self.classifier.contract, self.classifier.contract.ood
         self.output_names = tuple(OUTPUTS)[: 5 if ood else 3]
+        calibration = "none"
         if ood:
             self.monitor = OutputMonitor(self.name, ood, self.options.monitoring)
+            calibration = f"threshold {ood.threshold:.4g} at a false-alarm rate of {ood.false_alarm_rate:g}"
         else:
             log.warning(
-                "model %r (%s) was exported without an OOD score: its answers carry no ood_score or "
-                "out_of_distribution, and no drift is measured (export it again with `fedmedclip export`)",
-                self.name,
-                self.resolved.origin,
+                f"model {self.name!r} ({self.resolved.origin}) was exported without an OOD score: its answers "
+                "carry no ood_score or out_of_distribution, and no drift is measured (export it again with "
+                "`fedmedclip export`)"
             )
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
         self._class_names_json = json.dumps(list(contract.class_names))
@@ -70,15 +71,12 @@ class FedMedClipModel(kserve.Model):
         self.batcher = DynamicBatcher(self.classifier.run, self.options.batching, self.name)
         s, meta = contract.image_size, contract.metadata
         provenance = " ".join(f"{k}={meta.get('fedmedclip.' + k)}" for k in ("method", "site", "run_id"))
-        calibration = (
-            ood and f"threshold {ood.threshold:.4g} at a false-alarm rate of {ood.false_alarm_rate:g}"
-        )
         log.info(
             f"model {self.name!r} version {self.version} from {self.resolved.origin} (sha256 "
             f"{self.resolved.sha256}): {contract.num_classes} classes {list(contract.class_names)}, "
             f"image {s}x{s} ({contract.preprocessing.name} preprocessing), {provenance} "
             f"precision={contract.precision}; "
-            f"OOD {calibration or 'none'}; providers {list(self.classifier.providers)}; "
+            f"OOD {calibration}; providers {list(self.classifier.providers)}; "
             f"batching {self.options.batching}; limits {self.limits}; {self.decoder.threads} decoding threads"
         )
         self.ready = True
