@@ -1,11 +1,7 @@
-"""What the server watches in its answers (gauges in serving/metrics.py):
-- the share of the last `ood_window` images flagged out_of_distribution, next to the false-alarm rate the
-  threshold was calibrated to: in distribution the two agree; several times the calibrated rate means the
-  server is being sent other scans;
-- drift: MMD^2 (Gaussian kernel, unbiased estimate with a zero diagonal) between the embeddings of the last
-  `drift_window` images and the exported reference sample, with a permutation p-value and threshold at level
-  `drift_p_value` (Gretton et al. 2012, as alibi-detect's MMDDrift computes it; bench/bench_ood.py compares
-  the two), on a thread of its own at most every `drift_every` new images, never on the event loop."""
+"""What the server watches in its answers (README, the OOD score): the share of the last `ood_window` images
+flagged out_of_distribution, and drift: MMD^2 (Gaussian kernel, unbiased estimate with a zero diagonal) between
+the last `drift_window` embeddings and the exported reference sample, with a permutation p-value and threshold
+(Gretton et al. 2012, as alibi-detect's MMDDrift computes it; bench/bench_ood.py compares the two)."""
 
 from __future__ import annotations
 
@@ -48,7 +44,8 @@ def mmd2_permutation_test(
 
 
 class OutputMonitor:
-    """The OOD window and the drift test of one model exported with its OOD score."""
+    """The OOD window and the drift test of one model exported with its OOD score; the test runs on a thread
+    of its own at most every `drift_every` new images, never on the event loop."""
 
     def __init__(self, model: str, ood: OodContract, options: MonitorOptions):
         self.model, self.ood, self.options = model, ood, options
