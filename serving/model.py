@@ -61,9 +61,9 @@ class FedMedClipModel(kserve.Model):
             calibration = f"threshold {ood.threshold:.4g} at a false-alarm rate of {ood.false_alarm_rate:g}"
         else:
             log.warning(
-                f"model {self.name!r} ({self.resolved.origin}) was exported without an OOD score: its answers "
-                "carry no ood_score or out_of_distribution, and no drift is measured (export it again with "
-                "`fedmedclip export`)"
+                f"model {self.name!r} ({self.resolved.origin}) was exported without an OOD score: its "
+                "answers carry no ood_score or out_of_distribution, and no drift is measured (export it "
+                "again with `fedmedclip export`)"
             )
         self._class_names = np.array([c.encode() for c in contract.class_names], dtype=np.object_)
         self._class_names_json = json.dumps(list(contract.class_names))
@@ -75,8 +75,7 @@ class FedMedClipModel(kserve.Model):
             f"model {self.name!r} version {self.version} from {self.resolved.origin} (sha256 "
             f"{self.resolved.sha256}): {contract.num_classes} classes {list(contract.class_names)}, "
             f"image {s}x{s} ({contract.preprocessing.name} preprocessing), {provenance} "
-            f"precision={contract.precision}; "
-            f"OOD {calibration}; providers {list(self.classifier.providers)}; "
+            f"precision={contract.precision}; OOD {calibration}; providers {list(self.classifier.providers)} "
             f"batching {self.options.batching}; limits {self.limits}; {self.decoder.threads} decoding threads"
         )
         self.ready = True
@@ -92,9 +91,9 @@ class FedMedClipModel(kserve.Model):
         self.batcher = self.decoder = self.monitor = None
 
     def metadata(self) -> dict:
-        """The protocol's model metadata (the server checks the model is loaded). `properties` (strings): what the
-        server knows of the file under `served.`, and the ONNX metadata_props under `onnx.metadata.` (a value
-        over 4,096 characters by its sha256)."""
+        """The protocol's model metadata (the server checks the model is loaded). `properties` (strings): what
+        the server knows of the file under `served.`, and the ONNX metadata_props under `onnx.metadata.` (a
+        value over 4,096 characters by its sha256)."""
         contract, s = self.classifier.contract, self.classifier.contract.image_size
         served = {"version": self.version, "origin": self.resolved.origin, "sha256": self.resolved.sha256}
         properties = {f"served.{key}": value for key, value in served.items()}
@@ -122,7 +121,7 @@ class FedMedClipModel(kserve.Model):
         try:
             inp = self._select_input(payload)
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
-            # UINT8 data arrives as a read-only uint8 view of the request: the batcher concatenates or runs it.
+            # UINT8 data may be a read-only view of the request body: the batcher only concatenates or runs it
             data = self._read(inp)
             images = data if kind == "uint8" else await self._decode(data)
             outputs = await self.batcher.submit(images)

@@ -1,7 +1,8 @@
 """What the server watches in its answers (README, the OOD score): the share of the last `ood_window` images
-flagged out_of_distribution, and drift: MMD^2 (Gaussian kernel, unbiased estimate with a zero diagonal) between
-the last `drift_window` embeddings and the exported reference sample, with a permutation p-value and threshold
-(Gretton et al. 2012, as alibi-detect's MMDDrift computes it; bench/bench_ood.py compares the two)."""
+flagged out_of_distribution, and drift: MMD^2 (Gaussian kernel, unbiased estimate with a zero diagonal)
+between the last `drift_window` embeddings and the exported reference sample, with a permutation p-value
+and threshold (Gretton et al. 2012, as alibi-detect's MMDDrift computes it; bench/bench_ood.py compares
+the two)."""
 
 from __future__ import annotations
 

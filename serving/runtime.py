@@ -1,6 +1,6 @@
 """The exported classifier on ONNX Runtime: provider selection, the contract check (fedmedclip.onnx_contract,
-as registration checks it), and `run`. A file that breaks the contract, or whose outputs on a warm-up batch are
-not finite, is refused at start-up with a message naming the broken part, never at the first request."""
+as registration checks it), and `run`. A file that breaks the contract, or whose outputs on a warm-up batch
+are not finite, is refused at start-up with a message naming the broken part, never at the first request."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def create_session(
             "Install the GPU build (the project's `gpu` extra, onnxruntime-gpu) or use --device auto/cpu."
         )
     if cuda:
-        # Loads the CUDA/cuDNN libraries installed from pip (onnxruntime-gpu[cuda,cudnn]); no torch in the image.
+        # Loads the CUDA/cuDNN libraries pip installed (onnxruntime-gpu[cuda,cudnn]); the image has no torch.
         try:
             ort.preload_dlls()
         except Exception as exc:  # a failed preload shows up as a missing CUDA provider below
