@@ -189,7 +189,7 @@ class DecodePool:
                     image, cpu = await loop.run_in_executor(
                         self._executor, decode_image, blobs[i], i, pre, limits
                     )
-                except RequestRejected as exc:
+                except Exception as exc:  # a refusal, or a bug: raised once the images in the pool finish
                     refusal = refusal or exc
                     return None
                 spent += cpu
