@@ -52,7 +52,8 @@ class OutputMonitor:
         self.model, self.ood, self.options = model, ood, options
         self._flags: deque[bool] = deque(maxlen=options.ood_window)
         self._recent: deque[np.ndarray] = deque(maxlen=options.drift_window)
-        self._since = self._tests = 0  # images since the last drift test started; tests started
+        # Counts: flagged images in the window, images since the last drift test started, tests started.
+        self._flagged = self._since = self._tests = 0
         self._drift: Future | None = None  # the drift test running or last run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift")
         drift = (metrics.DRIFT_MMD2, metrics.DRIFT_P_VALUE, metrics.DRIFT_THRESHOLD)
@@ -63,10 +64,15 @@ class OutputMonitor:
 
     def observe(self, flags: np.ndarray, embeddings: np.ndarray) -> None:
         """One answer's out_of_distribution flags and embeddings. Only called on the event loop: no lock."""
-        metrics.OOD_IMAGES.labels(self.model).inc(int(flags.sum()))
-        self._flags.extend(flags.tolist())
+        flagged = int(flags.sum())
+        metrics.OOD_IMAGES.labels(self.model).inc(flagged)
+        for flag in flags.tolist():  # a running count: the window may be long, the request is not
+            if len(self._flags) == self._flags.maxlen:
+                self._flagged -= self._flags[0]
+            self._flags.append(flag)
+        self._flagged += flagged
         if len(self._flags) == self._flags.maxlen:
-            metrics.OOD_WINDOW_RATE.labels(self.model).set(sum(self._flags) / len(self._flags))
+            metrics.OOD_WINDOW_RATE.labels(self.model).set(self._flagged / len(self._flags))
         self._recent.extend(np.asarray(embeddings, np.float64))
         self._since += len(embeddings)
         idle = self._drift is None or self._drift.done()
