@@ -1,14 +1,12 @@
-"""Server-side dynamic batching: concurrent requests' images share one ONNX Runtime run.
-
-A request's images are queued; a batch closes when it holds `max_batch_size` images or when its oldest
-request has waited `max_delay_s`. Runs happen on a dedicated thread pool, never on the event loop, so the
-REST and gRPC servers keep accepting (and queueing) requests while the accelerator works. With
-`concurrency` > 1 the next batch is prepared while the previous one runs (useful on a GPU).
-"""
+"""Server-side dynamic batching: concurrent requests' images share one ONNX Runtime run. A batch closes when
+it holds `max_batch_size` images or its oldest request has waited `max_batch_delay_ms`. Runs happen on their
+own threads, never on the event loop, so REST and gRPC keep accepting requests while the accelerator works;
+with `batch_concurrency` > 1 the next batch is prepared while the previous one runs (useful on a GPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,10 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import metrics
 from .options import Batching
-
-# uint8 [N, S, S, 3] -> arrays whose first dimension is N (probabilities, class_index, and the OOD outputs).
-RunFn = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
 
 @dataclass
@@ -31,41 +27,29 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(
-        self, run: RunFn, batching: Batching, on_dispatch: Callable[[list[float]], None] | None = None
-    ):
+    def __init__(self, run: Callable, batching: Batching, model: str):
         """`run` maps uint8 [N,S,S,3] to a tuple of arrays with N rows each (probabilities, class_index, ...)
-        and must be thread-safe when `batching.batch_concurrency` > 1. `on_dispatch(queue_waits)` gets each batch's
-        per-request waits (metrics)."""
-        self._run = run
+        and must be thread-safe when `batching.batch_concurrency` > 1. `model` labels the metrics."""
+        self._run, self.model = run, model
         self.max_batch_size = batching.max_batch_size
         self.max_delay_s = batching.max_batch_delay_ms / 1000.0
         self.concurrency = batching.batch_concurrency
-        self._on_dispatch = on_dispatch
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ort-run")
         self._items: deque[_Item] = deque()
         self._queued_images = 0
-        self._wakeup: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
-        self.runs = 0  # ONNX Runtime runs so far (tests and logs)
+        self._running: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
 
     async def submit(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Queue one request's images; resolves to that request's rows of the batched outputs."""
         if self._task is None or self._task.done():
-            self._start()
+            # Created lazily: kserve loads the model before its event loop exists.
+            self._wakeup, self._slots = asyncio.Event(), asyncio.Semaphore(self.concurrency)
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dynamic-batcher")
         future = asyncio.get_running_loop().create_future()
         self._items.append(_Item(images, future))
         self._queued_images += len(images)
         self._wakeup.set()
         return await future
-
-    def _start(self) -> None:
-        # Created lazily: kserve loads the model before its event loop exists.
-        self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self.concurrency)
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dynamic-batcher")
 
     async def _loop(self) -> None:
         while True:
@@ -75,15 +59,10 @@ class DynamicBatcher:
             await self._slots.acquire()
             # Wait for a full batch, at most until the oldest queued request's deadline.
             deadline = self._items[0].enqueued + self.max_delay_s
-            while self._queued_images < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            while self._queued_images < self.max_batch_size and time.monotonic() < deadline:
                 self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - time.monotonic())
             batch = self._take()
             if not batch:
                 self._slots.release()
@@ -97,27 +76,21 @@ class DynamicBatcher:
         max_batch_size is run alone, in max_batch_size chunks)."""
         batch: list[_Item] = []
         count = 0
-        while self._items:
-            item = self._items[0]
-            if batch and count + len(item.images) > self.max_batch_size:
-                break
-            self._items.popleft()
+        while self._items and not (batch and count + len(self._items[0].images) > self.max_batch_size):
+            item = self._items.popleft()
             self._queued_images -= len(item.images)
-            if item.future.done():  # the client went away while queued
-                continue
-            batch.append(item)
-            count += len(item.images)
+            if not item.future.done():  # done: the client went away while queued
+                batch.append(item)
+                count += len(item.images)
         return batch
 
     async def _execute(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
-            if self._on_dispatch is not None:
-                now = time.monotonic()
-                self._on_dispatch([now - it.enqueued for it in batch])
-            self.runs += -(-len(images) // self.max_batch_size)
-            outputs = await loop.run_in_executor(self._executor, self._run_chunked, images)
+            now = time.monotonic()
+            for it in batch:
+                metrics.QUEUE_SECONDS.labels(self.model).observe(now - it.enqueued)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._chunked, images)
         except Exception as exc:  # every waiting request gets the error instead of hanging
             for it in batch:
                 if not it.future.done():
@@ -127,27 +100,21 @@ class DynamicBatcher:
             self._slots.release()
         offset = 0
         for it in batch:
-            n = len(it.images)
             if not it.future.done():
-                it.future.set_result(tuple(out[offset : offset + n] for out in outputs))
-            offset += n
+                it.future.set_result(tuple(out[offset : offset + len(it.images)] for out in outputs))
+            offset += len(it.images)
 
-    def _run_chunked(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        if len(images) <= self.max_batch_size:
-            return self._run(images)
+    def _chunked(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         parts = []
         for start in range(0, len(images), self.max_batch_size):
-            parts.append(self._run(images[start : start + self.max_batch_size]))
-        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+            chunk, started = images[start : start + self.max_batch_size], time.perf_counter()
+            parts.append(self._run(chunk))
+            metrics.RUN_SECONDS.labels(self.model).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(self.model).observe(len(chunk))
+        return parts[0] if len(parts) == 1 else tuple(np.concatenate(col) for col in zip(*parts, strict=True))
 
     def shutdown(self) -> None:
         """Synchronous stop (kserve's model.stop): no new runs; a run in progress finishes."""
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False)
-
-    async def close(self) -> None:
-        """`shutdown`, once the runs in progress have answered their requests."""
-        self.shutdown()
-        for task in list(self._running):
-            await asyncio.gather(task, return_exceptions=True)

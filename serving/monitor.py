@@ -1,24 +1,18 @@
-"""What the server watches in the answers it gives: the share of images flagged out of distribution, and
-whether the recent requests' features have drifted from the exporting party's data.
-
-- `OodWindow`: the flags of the last `window` images; their mean is `fedmedclip_ood_window_rate`, next to the
-  false-alarm rate the threshold was calibrated to (`fedmedclip_ood_false_alarm_rate`): in distribution the
-  two agree, a rate several times the calibrated one means the server is being sent other scans.
-- `DriftTest`: maximum mean discrepancy (MMD^2, Gaussian kernel, unbiased estimate with a zero diagonal)
-  between the embeddings of the last `window` images and the exported reference sample, with a permutation
-  p-value and the permutation threshold at level `p_value` (the test of Gretton et al. 2012, as alibi-detect's
-  MMDDrift computes it; bench/bench_ood.py compares the two). It runs on a thread of its own at most every
-  `every` new images, never on the event loop.
-"""
+"""What the server watches in its answers (README, the OOD score): the share of the last `ood_window` images
+flagged out_of_distribution, and drift: MMD^2 (Gaussian kernel, unbiased estimate with a zero diagonal)
+between the last `drift_window` embeddings and the exported reference sample, with a permutation p-value
+and threshold (Gretton et al. 2012, as alibi-detect's MMDDrift computes it; bench/bench_ood.py compares
+the two)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+
+from fedmedclip.onnx_contract import OodContract
 
 from . import metrics
 from .options import MonitorOptions
@@ -26,42 +20,15 @@ from .options import MonitorOptions
 log = logging.getLogger("fedmedclip.serving")
 
 
-class OodWindow:
-    def __init__(self, model: str, window: int, false_alarm_rate: float):
-        self._flags: deque[bool] = deque(maxlen=window)
-        self._flagged = 0  # flagged images in the window
-        self._lock = threading.Lock()
-        self._counter = metrics.OOD_IMAGES.labels(model)
-        self._rate = metrics.OOD_WINDOW_RATE.labels(model)
-        self._rate.set(float("nan"))
-        metrics.OOD_FALSE_ALARM_RATE.labels(model).set(false_alarm_rate)
-
-    def observe(self, flags: np.ndarray) -> None:
-        with self._lock:
-            for flag in flags.tolist():
-                if len(self._flags) == self._flags.maxlen:
-                    self._flagged -= self._flags[0]
-                self._flags.append(flag)
-                self._flagged += flag
-            if len(self._flags) == self._flags.maxlen:
-                self._rate.set(self._flagged / len(self._flags))
-        self._counter.inc(int(flags.sum()))
-
-
-def gaussian_kernel(x: np.ndarray, y: np.ndarray, sigma: float) -> np.ndarray:
-    """exp(-|x - y|^2 / (2 sigma^2)) for every pair of rows."""
-    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
-    return np.exp(-np.maximum(sq, 0.0) / (2.0 * sigma * sigma))
-
-
 def mmd2_permutation_test(
     reference: np.ndarray, window: np.ndarray, sigma: float, permutations: int, level: float, seed: int = 0
 ) -> tuple[float, float, float]:
-    """(MMD^2, p-value, MMD^2 threshold at `level`) between two samples, from one kernel matrix over their
-    union with a zero diagonal; the p-value is the share of `permutations` random splits of the union whose
-    MMD^2 is at least the observed one."""
+    """(MMD^2, p-value, MMD^2 threshold at `level`) between two samples, from one Gaussian kernel matrix over
+    their union with a zero diagonal; the p-value is the share of `permutations` random splits of the union
+    whose MMD^2 is at least the observed one."""
     pooled = np.concatenate([reference, window]).astype(np.float64)
-    k = gaussian_kernel(pooled, pooled, sigma)
+    sq = (pooled * pooled).sum(1)
+    k = np.exp(-np.maximum(sq[:, None] + sq[None, :] - 2.0 * pooled @ pooled.T, 0.0) / (2.0 * sigma * sigma))
     np.fill_diagonal(k, 0.0)
     n, m = len(reference), len(window)
 
@@ -73,57 +40,57 @@ def mmd2_permutation_test(
     observed = mmd2(np.arange(n + m))
     rng = np.random.default_rng(seed)
     null = np.array([mmd2(rng.permutation(n + m)) for _ in range(permutations)])
-    p_value = float((observed <= null).mean())
     threshold = float(np.sort(null)[::-1][min(int(level * permutations), permutations - 1)])
-    return float(observed), p_value, threshold
+    return float(observed), float((observed <= null).mean()), threshold
 
 
-class DriftTest:
-    def __init__(self, model: str, reference: np.ndarray, sigma: float, options: MonitorOptions):
-        self.model, self.reference, self.sigma = model, np.asarray(reference, np.float64), sigma
-        self.window, self.every = options.drift_window, options.drift_every
-        self.permutations, self.level = options.drift_permutations, options.drift_p_value
-        self._recent: deque[np.ndarray] = deque(maxlen=self.window)
-        self._since = 0  # images since the last test started
-        self._lock = threading.Lock()
-        self._running = False
+class OutputMonitor:
+    """The OOD window and the drift test of one model exported with its OOD score; the test runs on a thread
+    of its own at most every `drift_every` new images, never on the event loop."""
+
+    def __init__(self, model: str, ood: OodContract, options: MonitorOptions):
+        self.model, self.ood, self.options = model, ood, options
+        self._flags: deque[bool] = deque(maxlen=options.ood_window)
+        self._recent: deque[np.ndarray] = deque(maxlen=options.drift_window)
+        # Counts: flagged images in the window, images since the last drift test started, tests started.
+        self._flagged = self._since = self._tests = 0
+        self._drift: Future | None = None  # the drift test running or last run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="drift")
-        self._tests = 0
-        self._gauges = (
-            metrics.DRIFT_MMD2.labels(model),
-            metrics.DRIFT_P_VALUE.labels(model),
-            metrics.DRIFT_THRESHOLD.labels(model),
-        )
-        for gauge in self._gauges:
+        drift = (metrics.DRIFT_MMD2, metrics.DRIFT_P_VALUE, metrics.DRIFT_THRESHOLD)
+        self._gauges = [gauge.labels(model) for gauge in drift]
+        for gauge in (*self._gauges, metrics.OOD_WINDOW_RATE.labels(model)):
             gauge.set(float("nan"))
-        self._count = metrics.DRIFT_TESTS.labels(model)
+        metrics.OOD_FALSE_ALARM_RATE.labels(model).set(ood.false_alarm_rate)
 
-    def observe(self, embeddings: np.ndarray) -> None:
-        with self._lock:
-            self._recent.extend(np.asarray(embeddings, np.float64))
-            self._since += len(embeddings)
-            due = len(self._recent) == self.window and self._since >= self.every and not self._running
-            if not due:
-                return
-            self._running, self._since = True, 0
-            sample = np.stack(self._recent)
-            self._tests += 1
-            seed = self._tests
-        self._executor.submit(self._test, sample, seed)
+    def observe(self, flags: np.ndarray, embeddings: np.ndarray) -> None:
+        """One answer's out_of_distribution flags and embeddings. Only called on the event loop: no lock."""
+        flagged = int(flags.sum())
+        metrics.OOD_IMAGES.labels(self.model).inc(flagged)
+        for flag in flags.tolist():  # a running count: the window may be long, the request is not
+            if len(self._flags) == self._flags.maxlen:
+                self._flagged -= self._flags[0]
+            self._flags.append(flag)
+        self._flagged += flagged
+        if len(self._flags) == self._flags.maxlen:
+            metrics.OOD_WINDOW_RATE.labels(self.model).set(self._flagged / len(self._flags))
+        self._recent.extend(np.asarray(embeddings, np.float64))
+        self._since += len(embeddings)
+        idle = self._drift is None or self._drift.done()
+        if idle and len(self._recent) == self._recent.maxlen and self._since >= self.options.drift_every:
+            self._since, self._tests = 0, self._tests + 1
+            self._drift = self._executor.submit(self._drift_test, np.stack(self._recent), self._tests)
 
-    def _test(self, sample: np.ndarray, seed: int) -> None:
+    def _drift_test(self, sample: np.ndarray, seed: int) -> None:
+        o = self.options
         try:
             result = mmd2_permutation_test(
-                self.reference, sample, self.sigma, self.permutations, self.level, seed
+                self.ood.reference, sample, self.ood.sigma, o.drift_permutations, o.drift_p_value, seed
             )
             for gauge, value in zip(self._gauges, result, strict=True):
                 gauge.set(value)
-            self._count.inc()
+            metrics.DRIFT_TESTS.labels(self.model).inc()
         except Exception:  # a failed test must not stop the server; the gauges keep their last value
             log.exception("drift test of model %r failed", self.model)
-        finally:
-            with self._lock:
-                self._running = False
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -8,18 +8,13 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from importlib import metadata
+
+from fedmedclip import __version__
 
 from . import metrics
 from .errors import NotReady, NotServed, RequestRejected, quoted
 
 log = logging.getLogger("fedmedclip.serving")
-
-SERVER_NAME = "fedmedclip"
-# The binary tensor data extension (Inference-Header-Content-Length) is always on; model control
-# (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) only with a token.
-EXTENSIONS = ("binary_tensor_data",)
-CONTROL_EXTENSION = "model_repository"
 
 
 class ServerState:
@@ -29,43 +24,31 @@ class ServerState:
         self.models = dict(models)
         self.draining = False
         self.in_flight = 0
-        self._control_digest = (
-            hashlib.sha256(control_token.encode()).digest() if control_token is not None else None
-        )
-        try:
-            self.version = metadata.version("fedmedclip")
-        except metadata.PackageNotFoundError:
-            self.version = "0"
-        self.update_ready()
-
-    # ---- readiness ---------------------------------------------------------------------------------------
+        self.control_enabled = control_token is not None
+        # Digests compare in constant time whatever the length of the token presented.
+        self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
+        metrics.READY.set(self.ready())
 
     def ready(self) -> bool:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
         return not self.draining and all(m.ready for m in self.models.values())
 
-    def update_ready(self) -> None:
-        metrics.READY.set(1 if self.ready() else 0)
-
     def start_draining(self) -> None:
         self.draining = True
-        self.update_ready()
-
-    # ---- models ------------------------------------------------------------------------------------------
+        metrics.READY.set(0)
 
     def label(self, name: str) -> str:
         """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
         return name if name in self.models else metrics.UNKNOWN_MODEL
 
     def model(self, name: str, version: str | None = None, *, ready: bool = True):
-        """The model a request names (a version, if given, must be the one served)."""
         model = self.models.get(name)
         if model is None:
             raise NotServed(
                 f"this server serves no model {quoted(name)}; it serves {sorted(self.models)} "
                 "(GET /v2/models lists them)"
             )
-        if version is not None and version != "" and version != model.version:
+        if version not in (None, "", model.version):
             raise NotServed(
                 f"model {name!r} has no version {quoted(version)}; it serves version {model.version!r}"
             )
@@ -92,53 +75,34 @@ class ServerState:
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            model = self.model(name, version)
-            response, _ = await model(await read_request(), headers=headers)
+            response, _ = await self.model(name, version)(await read_request(), headers=headers)
             return response
         finally:
             self.in_flight -= 1
             metrics.IN_FLIGHT.dec()
 
     def metadata(self) -> dict:
-        extensions = [*EXTENSIONS, *([CONTROL_EXTENSION] if self.control_enabled else [])]
-        return {"name": SERVER_NAME, "version": self.version, "extensions": extensions}
+        # The binary tensor data extension (Inference-Header-Content-Length) is always on; model control
+        # (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) only with a token.
+        extensions = ["binary_tensor_data", *(["model_repository"] if self.control_enabled else [])]
+        return {"name": "fedmedclip", "version": __version__, "extensions": extensions}
 
-    # ---- model control -----------------------------------------------------------------------------------
-
-    @property
-    def control_enabled(self) -> bool:
-        return self._control_digest is not None
-
-    def authorize(self, authorization: str | None) -> None:
-        """Refuse (401) a model-control request without the configured bearer token."""
+    async def control(self, action: str, name: str, authorization: str | None) -> None:
+        """Model control, `load` or `unload` of `name`, for a request presenting the token (else 401)."""
+        if not self.control_enabled:
+            raise RequestRejected("control_disabled", "model control is disabled on this server", 501)
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise RequestRejected("unauthenticated", "model control needs 'Authorization: Bearer TOKEN'", 401)
         if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._control_digest):
             raise RequestRejected("unauthenticated", "model control refused: wrong token", 401)
-
-    async def control(self, action: str, name: str, authorization: str | None) -> None:
-        """Model control, `load` or `unload` of `name`, for a request presenting the token."""
-        if not self.control_enabled:
-            raise RequestRejected("control_disabled", "model control is disabled on this server", 501)
-        self.authorize(authorization)
-        if action == "unload":
-            self.unload(name)
+        model = self.model(name, ready=False)
+        if action == "unload":  # stop serving and free the session; `load` opens the file again
+            model.stop()
+            model.classifier = None
+            log.warning("model %r unloaded (model control): the server is not ready until loaded again", name)
         else:
-            await asyncio.get_running_loop().run_in_executor(None, self.load, name)
-
-    def unload(self, name: str) -> None:
-        model = self.model(name, ready=False)
-        model.unload()
-        self.update_ready()
-        log.warning(
-            "model %r unloaded (model control): the server is not ready until it is loaded again", name
-        )
-
-    def load(self, name: str) -> None:
-        """Load `name` again from its verified file (blocking: run it off the event loop)."""
-        model = self.model(name, ready=False)
-        if not model.ready:
-            model.load()
-        self.update_ready()
-        log.warning("model %r loaded (model control)", name)
+            if not model.ready:  # from its verified file, checked against the same sha256; off the event loop
+                await asyncio.get_running_loop().run_in_executor(None, model.load)
+            log.warning("model %r loaded (model control)", name)
+        metrics.READY.set(self.ready())

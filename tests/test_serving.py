@@ -625,6 +625,8 @@ def test_contract_violations_refused(tmp_path):
 def test_batcher_unit():
     """The batcher alone: concurrent submissions share runs, each gets its own rows, an oversized request
     is chunked, and a failing run fails only its own requests."""
+    from prometheus_client import REGISTRY
+
     from serving.batcher import DynamicBatcher
     from serving.options import Batching
 
@@ -638,7 +640,7 @@ def test_batcher_unit():
         return v[:, None], v.astype(np.int64)
 
     async def main():
-        batcher = DynamicBatcher(run, Batching(max_batch_size=4, max_batch_delay_ms=50))
+        batcher = DynamicBatcher(run, Batching(max_batch_size=4, max_batch_delay_ms=50), "unit")
         reqs = [np.full((1 + i % 2, 2, 2, 3), i, np.uint8) for i in range(6)]
         outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
         for i, (probs, index) in enumerate(outs):
@@ -652,13 +654,15 @@ def test_batcher_unit():
         )
         assert isinstance(bad, RuntimeError) and isinstance(ok, RuntimeError)  # same run: both fail
         assert (await batcher.submit(np.full((1, 2, 2, 3), 7, np.uint8)))[1][0] == 7  # and it keeps going
-        await batcher.close()
-        return batcher.runs
+        batcher.shutdown()
 
-    runs = asyncio.run(main())
+    asyncio.run(main())
     # 6 requests (9 images) in arrival order: 1+2+1 | 2+1 | 2; then 10 images in chunks; then 2 together; then 1.
     assert sizes == [4, 3, 2, 4, 4, 2, 2, 1]
-    assert runs == len(sizes)
+    # Its metrics count the runs that answered (all but the failed one) and their images.
+    runs = REGISTRY.get_sample_value("fedmedclip_batch_size_count", {"model": "unit"})
+    assert runs == len(sizes) - 1
+    assert REGISTRY.get_sample_value("fedmedclip_batch_size_sum", {"model": "unit"}) == sum(sizes) - 2
 
 
 def test_server_imports_without_torch_or_onnx():

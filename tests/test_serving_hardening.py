@@ -210,20 +210,21 @@ def test_a_big_request_does_not_hold_up_a_small_one(server, ort_session):
 def test_decode_time_budget_refuses_the_rest_of_a_request():
     """The pool alone (real PIL decoding on real threads): once a request's images have taken its CPU
     budget, the next one is not started and the request is refused; within the budget all decode."""
+    from prometheus_client import REGISTRY
+
     from serving.errors import RequestRejected
     from serving.images import DecodePool, Limits
 
     pre = contract_preprocessing(S)
     blobs = [large_png(k) for k in range(3)]
-    pool = DecodePool(2)
-    seen: list[int] = []
+    pool = DecodePool(2, "decode-budget-unit")
     try:
         with pytest.raises(RequestRejected) as info:
-            asyncio.run(
-                pool.decode(blobs, pre, Limits(max_decode_seconds=1e-6), lambda px, s: seen.append(px))
-            )
+            asyncio.run(pool.decode(blobs, pre, Limits(max_decode_seconds=1e-6)))
         assert info.value.code == "decode_budget" and "--max-decode-seconds" in info.value.message
-        assert len(seen) < len(blobs)  # the first image decoded, and then it stopped
+        # the first image decoded, and then it stopped
+        decoded = {"model": "decode-budget-unit"}
+        assert REGISTRY.get_sample_value("fedmedclip_images_decoded_total", decoded) < len(blobs)
         images = asyncio.run(pool.decode(blobs, pre, Limits(max_request_pixels=3 * BIG * BIG)))
         assert images.shape == (3, S, S, 3) and images.dtype == np.uint8
         np.testing.assert_array_equal(images[1], pre.to_uint8(Image.open(io.BytesIO(blobs[1]))))
