@@ -33,32 +33,22 @@ def _mlflow_errors(fn):
     return wrapper
 
 
-# ------------------------------------------------------------------------------------------ handlers
-
-
 @_mlflow_errors
 def cmd_track(args) -> int:
     from .rundir import log_run_dir
-    from .tracking import resolve_tracking_uri
+    from .tracking import _client, experiment_ui_url
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    client, uri = _client(args.tracking_uri)
     run_id = log_run_dir(
         args.run_dir,
         args.experiment,
-        tracking_uri=uri,
-        run_name=args.run_name,
+        uri,
+        args.run_name,
         include_site_models=args.include_site_models,
         kfp_run_id=args.kfp_run_id,
     )
-    from mlflow import MlflowClient
-
-    from .tracking import experiment_ui_url
-
-    exp = MlflowClient(uri).get_run(run_id).info.experiment_id
-    print(
-        f"logged {args.run_dir} to experiment {args.experiment!r}: {experiment_ui_url(uri, exp, run_id)}",
-        file=sys.stderr,
-    )
+    url = experiment_ui_url(uri, client.get_run(run_id).info.experiment_id, run_id)
+    print(f"logged {args.run_dir} to experiment {args.experiment!r}: {url}", file=sys.stderr)
     print(run_id)
     return 0
 
@@ -68,13 +58,9 @@ def cmd_register(args) -> int:
     from .registry import register_model
 
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
-    sha = mv.tags.get("onnx_sha256")
-    print(
-        ("already registered: " if mv.existing else "registered ")
-        + f"{mv.uri} from run {mv.run_id}"
-        + (f" (onnx_sha256 {sha})" if sha else ""),
-        file=sys.stderr,
-    )
+    sha = f" (onnx_sha256 {mv.tags['onnx_sha256']})" if mv.tags.get("onnx_sha256") else ""
+    done = "already registered: " if mv.existing else "registered "
+    print(f"{done}{mv.uri} from run {mv.run_id}{sha}", file=sys.stderr)
     print(mv.version)
     return 0
 
@@ -83,16 +69,8 @@ def cmd_register(args) -> int:
 def cmd_promote(args) -> int:
     from .registry import promote
 
-    result = promote(
-        args.name,
-        args.version,
-        alias=args.alias,
-        allow_worse=args.allow_worse,
-        tracking_uri=args.tracking_uri,
-        allow_different_data=args.allow_different_data,
-        max_epsilon=args.max_epsilon,
-    )
-    print(result.describe())
+    opts = ("alias", "allow_worse", "tracking_uri", "allow_different_data", "max_epsilon")
+    print(promote(args.name, args.version, **{k: getattr(args, k) for k in opts}).describe())
     return 0
 
 
@@ -132,11 +110,11 @@ def cmd_backbone(args) -> int:
     spec downloads and checks it into the cache first; any other spec goes to the core's handler as it is."""
     from fedmedclip.errors import ConfigError
 
+    from .backbones import is_remote_backbone, push_backbone, resolve_backbone
+
     if args.spec == "push":
         if not args.directory or not args.to:
             raise ConfigError("usage: fedmedclip backbone push DIR --to s3://BUCKET/PREFIX (or models:/NAME)")
-        from .backbones import push_backbone
-
         _quiet_mlflow()
         _stack_credentials_for()  # like `data publish`: the local stack when the environment names no S3
         published = push_backbone(args.directory, args.to, tracking_uri=args.tracking_uri)
@@ -148,22 +126,13 @@ def cmd_backbone(args) -> int:
             f"`fedmedclip backbone {args.spec} {args.directory or ''}`: only `backbone push DIR --to URL` "
             "takes a directory and --to"
         )
-    from .backbones import is_remote_backbone, resolve_backbone
-
     if is_remote_backbone(args.spec):
         _quiet_mlflow()
         _stack_credentials_for()
         local = resolve_backbone(args.spec, args.cache_dir, tracking_uri=args.tracking_uri)
         print(f"{args.spec}: checked copy in {local}", file=sys.stderr)
         args.spec = local
-    if args.core_backbone is not None:
-        return args.core_backbone(args)
-    import json
-
-    from fedmedclip.backbone import load_backbone
-
-    print(json.dumps(load_backbone(args.spec).identity(), indent=2))
-    return 0
+    return args.core_backbone(args)
 
 
 def cmd_data_publish(args) -> int:
@@ -174,11 +143,11 @@ def cmd_data_publish(args) -> int:
     if args.site is None:
         bucket = parse_bucket(args.to)
     elif is_s3(args.to):
-        bucket, prefix = parse_root(args.to)
+        root = "/".join(filter(None, parse_root(args.to)))
     cfg = config_from_args(args)
     if args.site is not None:
         if is_s3(args.to):  # the site's own role, like a hospital holding only its own Secret
-            _stack_credentials_for(args.site, "/".join(filter(None, (bucket, prefix))))
+            _stack_credentials_for(args.site, root)
         summary = publish_site(
             cfg, args.site, args.to, progress=not args.quiet, allow_outside_root=args.allow_outside_root
         )
@@ -194,13 +163,11 @@ def cmd_data_publish(args) -> int:
     _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials
     summary = publish(cfg, bucket, progress=not args.quiet, allow_outside_root=args.allow_outside_root)
     sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
+    alpha = f" --alpha {cfg.alpha}" if cfg.alpha else ""
     print(
         f"published {summary['images']} images to s3://{bucket} ({summary['bytes_uploaded'] / 1e6:.1f} MB "
-        f"uploaded; sites {sites}; server {summary['server']})\n"
-        f"run on it: fedmedclip pipeline run --local --data s3://{bucket} --partition {cfg.partition} "
-        f"--seed {cfg.seed}"
-        + (f" --alpha {cfg.alpha}" if cfg.alpha else "")
-        + f" --sites {len(summary['sites'])}",
+        f"uploaded; sites {sites}; server {summary['server']})\nrun on it: fedmedclip pipeline run --local "
+        f"--data s3://{bucket} --partition {cfg.partition} --seed {cfg.seed}{alpha} --sites {len(summary['sites'])}",
         file=sys.stderr,
     )
     return 0
@@ -214,10 +181,10 @@ def cmd_data_withdraw(args) -> int:
     from .site_data import withdraw_site
 
     index = args.site_index
-    if args.site is not None:
-        info = _stack_credentials_for(args.site)  # the local stack: the site's own key and index
-        if info is not None and args.site in info.roles:
-            index = info.roles[args.site].site_index if index is None else index
+    # The local stack: the site's own key and index.
+    info = _stack_credentials_for(args.site) if args.site is not None else None
+    if index is None and info is not None and args.site in info.roles:
+        index = info.roles[args.site].site_index
     if index is None:
         raise ConfigError(
             "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
@@ -229,9 +196,6 @@ def cmd_data_withdraw(args) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-# ------------------------------------------------------------------------------------------ register
 
 
 def _register_data(subparsers) -> None:
@@ -250,7 +214,6 @@ def _register_data(subparsers) -> None:
     )
     d.add_argument(
         "--site",
-        default=None,
         metavar="NAME",
         help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
         "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
@@ -267,10 +230,9 @@ def _register_data(subparsers) -> None:
         "own key",
     )
     w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
-    w.add_argument("--site-index", type=int, default=None, help="the site's k (its prefix sites/<k>/)")
+    w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
     w.add_argument(
         "--site",
-        default=None,
         help="on the local stack: the site's role name (its key and its k from the stack)",
     )
     w.set_defaults(func=cmd_data_withdraw)
@@ -281,18 +243,19 @@ def _register_backbone(subparsers) -> None:
     backbone's identity) without changing it: its handler still serves every other spec."""
     p = subparsers.choices.get("backbone")
     if p is None:  # this layer's commands without the core's (its own tests)
+        from fedmedclip.cli import _cmd_backbone
+
         p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
         p.add_argument("spec", help="a backbone spec, or `push`")
+        p.set_defaults(func=_cmd_backbone)
     p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
-    p.add_argument(
-        "--to", default=None, help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)"
-    )
+    p.add_argument("--to", help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)")
     p.add_argument(
         "--cache-dir",
         default=".cache/fedmedclip",
         help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
     )
-    p.add_argument("--tracking-uri", default=None, help="with models:/: " + URI_HELP)
+    p.add_argument("--tracking-uri", help="with models:/: " + URI_HELP)
     p.epilog = (
         "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
         "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
@@ -312,7 +275,7 @@ URI_HELP = (
 def _mlflow_command(subparsers, name: str, func, help: str):
     """A command that talks to MLflow: its --tracking-uri and its handler."""
     p = subparsers.add_parser(name, help=help)
-    p.add_argument("--tracking-uri", default=None, help=URI_HELP)
+    p.add_argument("--tracking-uri", help=URI_HELP)
     p.set_defaults(func=func)
     return p
 
@@ -328,14 +291,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
-    p.add_argument("--run-name", default=None, help="default: the run directory's name")
+    p.add_argument("--run-name", help="default: the run directory's name")
     p.add_argument(
         "--include-site-models",
         action="store_true",
         help="also log the sites' private heads (model/site_*.safetensors); by default they stay off the "
         "central MLflow",
     )
-    p.add_argument("--kfp-run-id", default=None, help="the Kubeflow run this run belongs to (tag kfp.run_id)")
+    p.add_argument("--kfp-run-id", help="the Kubeflow run this run belongs to (tag kfp.run_id)")
 
     p = _mlflow_command(
         subparsers,
@@ -351,7 +314,6 @@ def register(subparsers) -> None:
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument(
         "--onnx",
-        default=None,
         help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder",
     )
 
@@ -379,7 +341,6 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-epsilon",
         type=float,
-        default=None,
         metavar="EPSILON",
         help="refuse a version trained without record-level differential privacy or with a larger epsilon "
         "(the largest over its sites)",
