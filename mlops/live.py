@@ -398,32 +398,30 @@ class LiveRunLogger:
             )
         final_status, problem = status, None
         try:
-            run_path = Path(run_dir) if run_dir is not None else None
-            if run_path is not None and run_path.is_dir():
-                withheld = _log_run_files(client, run_id, run_path, self.include_site_models)
+            if run_dir is not None and Path(run_dir).is_dir():
+                path = Path(run_dir)
+                withheld = _log_run_files(client, run_id, path, self.include_site_models)
                 if withheld:
                     tags["fedmedclip.site_models"] = (
                         "withheld (kept on the sites' own storage): " + ", ".join(withheld)
                     )
                 try:
-                    results = json.loads((run_path / "results.json").read_text())
+                    results = json.loads((path / "results.json").read_text())
                 except (OSError, ValueError):
                     results = None
                 if isinstance(results, dict):
                     now = int((end_time or time.time()) * 1000)
-                    final = [Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
-                    if final:
-                        client.log_batch(run_id, metrics=final)
+                    client.log_batch(
+                        run_id, metrics=[Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
+                    )
                     if self.description:
                         tags["mlflow.note.content"] = f"{self.description}\n\n{outcome_line(results)}"
-                if status == "FINISHED":
-                    try:
-                        tags.update(_lineage_tags(read_run_dir(run_path), self.record_run_dir))
-                        tags[COMPLETE_TAG] = "complete"
-                    except RunDirError as e:
-                        final_status, problem = "FAILED", e
-            elif status == "FINISHED" and run_dir is not None:
-                final_status, problem = "FAILED", RunDirError(f"run directory {run_path} does not exist")
+            if status == "FINISHED" and run_dir is not None:
+                try:  # a directory that is missing or not complete ends the run FAILED
+                    tags.update(_lineage_tags(read_run_dir(run_dir), self.record_run_dir))
+                    tags[COMPLETE_TAG] = "complete"
+                except RunDirError as e:
+                    final_status, problem = "FAILED", e
             if tags:
                 client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         except BaseException:
