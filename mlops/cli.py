@@ -6,6 +6,7 @@ stdout carries only what scripts capture (run id, version number, export lines);
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ def _quiet_mlflow() -> None:
 def _mlflow_errors(fn):
     """Unexpected MLflow server answers become user errors with the server's message, not tracebacks."""
 
+    @functools.wraps(fn)
     def wrapper(args) -> int:
         from mlflow.exceptions import MlflowException
 
@@ -35,6 +37,8 @@ def _mlflow_errors(fn):
 
 @_mlflow_errors
 def cmd_track(args) -> int:
+    """log a finished run directory to MLflow afterwards, each round at its recorded time; prints the run id
+    (`train --track` logs while it runs)"""
     from .rundir import log_run_dir
     from .tracking import _client, experiment_ui_url
 
@@ -55,6 +59,7 @@ def cmd_track(args) -> int:
 
 @_mlflow_errors
 def cmd_register(args) -> int:
+    """register a tracked run's model as a new version; prints the version number"""
     from .registry import register_model
 
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
@@ -67,6 +72,7 @@ def cmd_register(args) -> int:
 
 @_mlflow_errors
 def cmd_promote(args) -> int:
+    """point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder"""
     from .registry import promote
 
     opts = ("alias", "allow_worse", "tracking_uri", "allow_different_data", "max_epsilon")
@@ -76,6 +82,7 @@ def cmd_promote(args) -> int:
 
 @_mlflow_errors
 def cmd_card(args) -> int:
+    """print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory"""
     from pathlib import Path
 
     if Path(args.model).is_dir():  # a run directory: its card, without the registry's facts
@@ -136,6 +143,7 @@ def cmd_backbone(args) -> int:
 
 
 def cmd_data_publish(args) -> int:
+    """upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)"""
     from fedmedclip.flags import config_from_args
 
     from .site_data import is_s3, parse_bucket, parse_root, publish, publish_site
@@ -174,8 +182,7 @@ def cmd_data_publish(args) -> int:
 
 
 def cmd_data_withdraw(args) -> int:
-    """A hospital withdraws its published data with its own key: every version of its images (the ids its
-    catalog lists), then its catalog and its summary. Its private state is its own to delete as well."""
+    """a site deletes its own published images (every version), its catalog and its summary, with its own key"""
     from fedmedclip.errors import ConfigError
 
     from .site_data import withdraw_site
@@ -203,10 +210,7 @@ def _register_data(subparsers) -> None:
         "data", help="publish a data set to S3, each site's images under its own prefix"
     )
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    d = sub.add_parser(
-        "publish",
-        help="upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)",
-    )
+    d = sub.add_parser("publish", help=cmd_data_publish.__doc__)
     d.add_argument(
         "--to",
         default="s3://fedmedclip-data",
@@ -224,11 +228,7 @@ def _register_data(subparsers) -> None:
 
     add_config_arguments(d, PUBLISH)
     d.set_defaults(func=cmd_data_publish)
-    w = sub.add_parser(
-        "withdraw",
-        help="a site deletes its own published images (every version), its catalog and its summary, with its "
-        "own key",
-    )
+    w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)
     w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
     w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
     w.add_argument(
@@ -272,9 +272,9 @@ URI_HELP = (
 )
 
 
-def _mlflow_command(subparsers, name: str, func, help: str):
-    """A command that talks to MLflow: its --tracking-uri and its handler."""
-    p = subparsers.add_parser(name, help=help)
+def _mlflow_command(subparsers, name: str, func):
+    """A command that talks to MLflow: its --tracking-uri and its handler, whose docstring is its help."""
+    p = subparsers.add_parser(name, help=func.__doc__)
     p.add_argument("--tracking-uri", help=URI_HELP)
     p.set_defaults(func=func)
     return p
@@ -282,13 +282,7 @@ def _mlflow_command(subparsers, name: str, func, help: str):
 
 def register(subparsers) -> None:
     """Add `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
-    p = _mlflow_command(
-        subparsers,
-        "track",
-        cmd_track,
-        help="log a finished run directory to MLflow afterwards, each round at its recorded time; prints the "
-        "run id (`train --track` logs while it runs)",
-    )
+    p = _mlflow_command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", help="default: the run directory's name")
@@ -300,12 +294,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--kfp-run-id", help="the Kubeflow run this run belongs to (tag kfp.run_id)")
 
-    p = _mlflow_command(
-        subparsers,
-        "register",
-        cmd_register,
-        help="register a tracked run's model as a new version; prints the version number",
-    )
+    p = _mlflow_command(subparsers, "register", cmd_register)
     p.add_argument(
         "run_id",
         metavar="RUN_ID",
@@ -317,12 +306,7 @@ def register(subparsers) -> None:
         help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder",
     )
 
-    p = _mlflow_command(
-        subparsers,
-        "promote",
-        cmd_promote,
-        help="point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder",
-    )
+    p = _mlflow_command(subparsers, "promote", cmd_promote)
     p.add_argument("name", metavar="NAME", help="the registered model")
     p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
     p.add_argument(
@@ -346,12 +330,7 @@ def register(subparsers) -> None:
         "(the largest over its sites)",
     )
 
-    p = _mlflow_command(
-        subparsers,
-        "card",
-        cmd_card,
-        help="print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory",
-    )
+    p = _mlflow_command(subparsers, "card", cmd_card)
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
     _register_data(subparsers)
