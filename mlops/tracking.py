@@ -261,14 +261,11 @@ def describe_run(
     lines = [
         f"**{method}** federated over {len(site_names)} sites ({sites}), {rounds} rounds.",
         f"Data: `{data}`, partition {scheme}" + (f", seed {seed}." if seed is not None else "."),
-    ]
-    if orchestrator:
-        lines.append(orchestrator)
-    lines.append(
+        orchestrator,
         "Metrics: `global/*` on the server's global test set, `<site>/*` on each site's own test split "
-        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times."
-    )
-    return "\n\n".join(lines)
+        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times.",
+    ]
+    return "\n\n".join(line for line in lines if line)
 
 
 def outcome_line(results: dict) -> str:
@@ -295,12 +292,6 @@ def _data_name(source: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.suffix else path.name
 
 
-def _data_source_type(source: str) -> str:
-    if source.startswith("s3://"):
-        return "s3"
-    return "synthetic" if source == "synthetic" else "local"
-
-
 def dataset_inputs(partition: dict, data_source: str = "") -> list:
     """The MLflow inputs of a run, from its partition manifest (docs/contracts.md, partition.json): the data
     set (every image id and the class names, whoever holds them) and the partition (which holder holds
@@ -318,12 +309,13 @@ def dataset_inputs(partition: dict, data_source: str = "") -> list:
     partition_name = f"{_data_name(source)}:{scheme}" + (f"(alpha={alpha})" if alpha else "")
     partition_name += f":seed={partition.get('seed')}:{len(partition.get('sites') or {})} sites"
     partition_digest = str(partition.get("digest") or canonical_digest(partition))
+    source_type = "s3" if source.startswith("s3://") else "synthetic" if source == "synthetic" else "local"
 
     def entry(name: str, digest: str, profile: dict, context: str) -> DatasetInput:
         dataset = Dataset(
             name=name,
             digest=digest[:32],
-            source_type=_data_source_type(source),
+            source_type=source_type,
             source=json.dumps({"uri": source}),
             profile=json.dumps(profile),
         )
@@ -351,11 +343,8 @@ def get_or_create_experiment(client, name: str) -> str:
     """The experiment's id, created if missing; it is marked as model training (not GenAI) and described."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        exp_id = client.create_experiment(
-            name,
-            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION},
-        )
-        return exp_id
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION}
+        return client.create_experiment(name, tags=tags)
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"
