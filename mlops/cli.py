@@ -232,8 +232,7 @@ def _register_data(subparsers) -> None:
     w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
     w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
     w.add_argument(
-        "--site",
-        help="on the local stack: the site's role name (its key and its k from the stack)",
+        "--site", help="on the local stack: the site's role name (its key and its k from the stack)"
     )
     w.set_defaults(func=cmd_data_withdraw)
 
@@ -302,8 +301,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument(
-        "--onnx",
-        help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder",
+        "--onnx", help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder"
     )
 
     p = _mlflow_command(subparsers, "promote", cmd_promote)

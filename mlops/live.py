@@ -1,12 +1,8 @@
-"""Live logging: one MLflow run logged while the federated run it describes goes on (`LiveRunLogger`), and the
-core's observer over it (`MlflowObserver`, a fedmedclip.observer.RunObserver), so the core never imports mlflow.
-One mechanism for `server run --track` and `train --track` (entry point `fedmedclip.observers:mlflow`), the
-pipeline's server worker, and `fedmedclip track RUN_DIR` (mlops/rundir.py: each round at its recorded time).
-
-Tracking never stops the federation: an MLflow that cannot be reached at the start, or refuses something later,
-is logged as a warning and the run goes on (the pipeline's register task then logs the run directory after the
-fact). The MLflow run is keyed on the federation's run id (a restarted server continues it; `train --resume`
-continues the one recorded in its run directory); the sites' private heads are not logged.
+"""Live logging: one MLflow run logged while the federated run goes on (`LiveRunLogger`), and the core's observer
+over it (`MlflowObserver`: `server run --track`, `train --track`, the pipeline's server worker); `fedmedclip track
+RUN_DIR` (mlops/rundir.py) logs a finished directory through the same logger. Tracking never stops the
+federation: an MLflow that cannot be reached or refuses something is a warning (the pipeline's register task
+then logs the run directory after the fact). The sites' private heads are not logged.
 """
 
 from __future__ import annotations
@@ -214,12 +210,8 @@ class LiveRunLogger:
         record_run_dir: bool = True,
     ):
         self.experiment, self.tracking_uri, self.kfp_run_id = experiment, tracking_uri, kfp_run_id or None
-        self.include_site_models, self.background, self.record_run_dir = (
-            include_site_models,
-            background,
-            record_run_dir,
-        )
-        self.retry_seconds, self.flush_timeout = retry_seconds, flush_timeout
+        self.include_site_models, self.record_run_dir = include_site_models, record_run_dir
+        self.background, self.retry_seconds, self.flush_timeout = background, retry_seconds, flush_timeout
         self.run_id: str | None = None
         self.description = ""
         self.site_names: list[str] = []

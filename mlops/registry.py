@@ -1,11 +1,6 @@
-"""The model registry: a version registered from a tracked run (with its ONNX file, lineage and model card), and
-promoted to an alias only when it is at least as good as the holder, on the same data.
-
-- `register_model(run_id, name, onnx_path=...)`: lineage tags, the sha256 of the stored ONNX file (tag
-  `onnx_sha256`, which the server verifies), a signature and an input example; the file is checked against the
-  export contract (fedmedclip/onnx_contract.py) as the server does.
-- `promote(name, version, alias="champion")`: refuses a candidate trained on other data than the holder unless
-  `allow_different_data`, and one whose `PROMOTION_METRIC` is below the holder's unless `allow_worse`.
+"""The model registry: a version registered from a tracked run (`register_model`: its ONNX file, lineage and
+model card), and promoted to an alias only when it is at least as good as the holder, on the same data
+(`promote`).
 """
 
 from __future__ import annotations

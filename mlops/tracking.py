@@ -133,12 +133,9 @@ def _finite(raw: dict[str, Any]) -> dict[str, float]:
 
 
 def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
-    """One round record (an entry of results.json's `history`) as MLflow metrics, named so that the MLflow UI
-    groups them (it groups by the part before the first `/`): `global/acc`, `global/bacc`; per site
-    `<site>/acc`, `<site>/bacc`, `<site>/val_acc`, `<site>/bytes_up`, `<site>/bytes_down`; `sites/present`,
-    `sites/rejected`, `sites/val_acc_mean`, `sites/train_loss`; `comm/bytes_up`, `comm/bytes_down` (summed
-    over the sites); `time/round_seconds`; under DP `privacy/epsilon_max` (the sites' largest epsilon so far),
-    `privacy/client_epsilon` (client-level DP) and `<site>/epsilon`. Missing or non-finite values are left out."""
+    """One round record (an entry of results.json's `history`) as MLflow metrics, grouped by the part before the
+    first `/` as the UI does (pipelines/README.md, "Tracking while it runs"); missing or non-finite values are
+    left out."""
     g, present = record.get("global") or {}, record.get("sites_present")
     rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
     raw = {"global/acc": g.get("acc"), "global/bacc": g.get("bacc")}
