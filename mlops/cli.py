@@ -205,66 +205,6 @@ def cmd_data_withdraw(args) -> int:
     return 0
 
 
-def _register_data(subparsers) -> None:
-    p = subparsers.add_parser(
-        "data", help="publish a data set to S3, each site's images under its own prefix"
-    )
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    d = sub.add_parser("publish", help=cmd_data_publish.__doc__)
-    d.add_argument(
-        "--to",
-        default="s3://fedmedclip-data",
-        help="the data bucket (default: %(default)s); with --site also s3://BUCKET/PREFIX or a local directory",
-    )
-    d.add_argument(
-        "--site",
-        metavar="NAME",
-        help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
-        "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
-    )
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
-    from fedmedclip.flags import PUBLISH, add_config_arguments
-
-    add_config_arguments(d, PUBLISH)
-    d.set_defaults(func=cmd_data_publish)
-    w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)
-    w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
-    w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
-    w.add_argument(
-        "--site", help="on the local stack: the site's role name (its key and its k from the stack)"
-    )
-    w.set_defaults(func=cmd_data_withdraw)
-
-
-def _register_backbone(subparsers) -> None:
-    """`backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a
-    backbone's identity) without changing it: its handler still serves every other spec."""
-    p = subparsers.choices.get("backbone")
-    if p is None:  # this layer's commands without the core's (its own tests)
-        from fedmedclip.cli import _cmd_backbone
-
-        p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
-        p.add_argument("spec", help="a backbone spec, or `push`")
-        p.set_defaults(func=_cmd_backbone)
-    p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
-    p.add_argument("--to", help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)")
-    p.add_argument(
-        "--cache-dir",
-        default=".cache/fedmedclip",
-        help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
-    )
-    p.add_argument("--tracking-uri", help="with models:/: " + URI_HELP)
-    p.epilog = (
-        "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
-        "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
-        "checked against the weights hash recorded when pushed).  "
-        "`fedmedclip backbone push DIR --to s3://BUCKET/PREFIX|models:/NAME` publishes DIR for the pods; "
-        "it prints the spec to pass as --backbone."
-    )
-    p.set_defaults(func=cmd_backbone, core_backbone=p.get_default("func"))
-
-
 URI_HELP = (
     "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
     "or .stack/, else an error)"
@@ -331,5 +271,58 @@ def register(subparsers) -> None:
     p = _mlflow_command(subparsers, "card", cmd_card)
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
-    _register_data(subparsers)
-    _register_backbone(subparsers)
+    p = subparsers.add_parser(
+        "data", help="publish a data set to S3, each site's images under its own prefix"
+    )
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = sub.add_parser("publish", help=cmd_data_publish.__doc__)
+    d.add_argument(
+        "--to",
+        default="s3://fedmedclip-data",
+        help="the data bucket (default: %(default)s); with --site also s3://BUCKET/PREFIX or a local directory",
+    )
+    d.add_argument(
+        "--site",
+        metavar="NAME",
+        help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
+        "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
+    )
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
+    from fedmedclip.flags import PUBLISH, add_config_arguments
+
+    add_config_arguments(d, PUBLISH)
+    d.set_defaults(func=cmd_data_publish)
+    w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)
+    w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
+    w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
+    w.add_argument(
+        "--site", help="on the local stack: the site's role name (its key and its k from the stack)"
+    )
+    w.set_defaults(func=cmd_data_withdraw)
+
+    # `backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a backbone's
+    # identity) without changing it: its handler still serves every other spec.
+    p = subparsers.choices.get("backbone")
+    if p is None:  # this layer's commands without the core's (its own tests)
+        from fedmedclip.cli import _cmd_backbone
+
+        p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
+        p.add_argument("spec", help="a backbone spec, or `push`")
+        p.set_defaults(func=_cmd_backbone)
+    p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
+    p.add_argument("--to", help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)")
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/fedmedclip",
+        help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
+    )
+    p.add_argument("--tracking-uri", help="with models:/: " + URI_HELP)
+    p.epilog = (
+        "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
+        "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
+        "checked against the weights hash recorded when pushed).  "
+        "`fedmedclip backbone push DIR --to s3://BUCKET/PREFIX|models:/NAME` publishes DIR for the pods; "
+        "it prints the spec to pass as --backbone."
+    )
+    p.set_defaults(func=cmd_backbone, core_backbone=p.get_default("func"))

@@ -69,20 +69,6 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def check_onnx_contract(model, source: str = "the ONNX file"):
-    """The export contract (fedmedclip.onnx_contract, as the server checks it) plus what registration needs:
-    the backbone's hash, which must be the run's."""
-    from fedmedclip.onnx_contract import ContractError, contract_of_model
-
-    try:
-        contract = contract_of_model(model, source)
-    except ContractError as exc:
-        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
-    if not contract.metadata.get(META_BACKBONE_SHA256):
-        raise TrackingError(f"{source}: metadata_props lack {META_BACKBONE_SHA256} (docs/contracts.md)")
-    return contract
-
-
 def _onnx_signature(contract):
     import numpy as np
     from mlflow.models import ModelSignature
@@ -210,13 +196,20 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict) -> tuple[str, str | No
     import numpy as np
     import onnx
 
+    from fedmedclip.onnx_contract import ContractError, contract_of_model
+
     run_id = mlrun.info.run_id
     try:
         model = onnx.load(str(onnx_path))
     except Exception as e:
         raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
-    contract = check_onnx_contract(model, str(onnx_path))
-    backbone = contract.metadata[META_BACKBONE_SHA256]
+    try:  # the export contract, as the server checks it, and the backbone's hash, which must be the run's
+        contract = contract_of_model(model, str(onnx_path))
+    except ContractError as exc:
+        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
+    backbone = contract.metadata.get(META_BACKBONE_SHA256)
+    if not backbone:
+        raise TrackingError(f"{onnx_path}: metadata_props lack {META_BACKBONE_SHA256} (docs/contracts.md)")
     if tags.get("backbone_sha256") not in (None, "unknown", backbone):
         raise TrackingError(
             f"{onnx_path} was exported from backbone {backbone[:12]} but run {run_id} trained on "
