@@ -249,7 +249,12 @@ class LiveRunLogger:
             all_tags[KFP_RUN_ID_TAG] = str(self.kfp_run_id)
         if run_key:
             all_tags[RUN_KEY_TAG] = str(run_key)
-        existing = self._run_with_key(client, exp_id, run_key) if run_key else None
+        existing = None
+        if run_key:
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", str(run_key)):
+                raise TrackingError(f"run key {run_key!r}: use letters, digits, '.', '_' or '-'")
+            found = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+            existing = found[0] if found else None
         flat = _flatten(params)
         if existing is not None:
             run_id, logged = existing.info.run_id, existing.data.params
@@ -289,13 +294,6 @@ class LiveRunLogger:
             raise
         log.info("MLflow run %s in experiment %r on %s", run_id, self.experiment, uri)
         return run_id
-
-    @staticmethod
-    def _run_with_key(client, exp_id: str, run_key: str):
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", str(run_key)):
-            raise TrackingError(f"run key {run_key!r}: use letters, digits, '.', '_' or '-'")
-        found = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
-        return found[0] if found else None
 
     def log_round(self, record: dict) -> None:
         """One finished round (a results.json `history` entry), step = its round, stamped now."""
