@@ -89,9 +89,9 @@ def if_found(call, *args, default=None):
 
 def registered_version(client, name: str, alias: str | None, version: str | None):
     """The registered version `name@alias`, else `name/version` (parse_model_reference's parts)."""
-    if alias:
-        return client.get_model_version_by_alias(name, alias)
-    return client.get_model_version(name, version)
+    return (
+        client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    )
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
