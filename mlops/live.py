@@ -73,6 +73,7 @@ class MlflowObserver(RunObserver):
         self.kfp_run_id, self.key_file = kfp_run_id, key_file
         # The MLflow run lasts as long as the command (data preparation and feature extraction included).
         self.created = time.time()
+        # The sites' private heads never go to the central MLflow live (`track --include-site-models` may).
         self.logger = LiveRunLogger(
             experiment, tracking_uri, kfp_run_id=kfp_run_id, record_run_dir=record_run_dir
         )
