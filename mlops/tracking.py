@@ -306,14 +306,11 @@ def dataset_inputs(partition: dict, data_source: str = "") -> list:
 
     def entry(name: str, digest: str, profile: dict, context: str) -> DatasetInput:
         dataset = Dataset(
-            name=name,
-            digest=digest[:32],
-            source_type=source_type,
-            source=json.dumps({"uri": source}),
-            profile=json.dumps(profile),
+            name, digest[:32], source_type, json.dumps({"uri": source}), profile=json.dumps(profile)
         )
-        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("fedmedclip.digest", digest)]
-        return DatasetInput(dataset, tags)
+        return DatasetInput(
+            dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("fedmedclip.digest", digest)]
+        )
 
     return [
         entry(_data_name(source), images_digest, data_profile, "training"),
