@@ -11,7 +11,6 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, sha256_file
@@ -85,6 +84,8 @@ def _onnx_signature(contract):
 def _onnx_requirements() -> list[str]:
     # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds). Written as the
     # CPU `onnxruntime` whichever build is installed; GPU images are built from constraints.txt, never from these.
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnx
 
     ort = "onnxruntime"
