@@ -6,6 +6,7 @@ stdout carries only what scripts capture (run id, version number, export lines);
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ def _quiet_mlflow() -> None:
 def _mlflow_errors(fn):
     """Unexpected MLflow server answers become user errors with the server's message, not tracebacks."""
 
+    @functools.wraps(fn)
     def wrapper(args) -> int:
         from mlflow.exceptions import MlflowException
 
@@ -33,71 +35,54 @@ def _mlflow_errors(fn):
     return wrapper
 
 
-# ------------------------------------------------------------------------------------------ handlers
-
-
 @_mlflow_errors
 def cmd_track(args) -> int:
+    """log a finished run directory to MLflow afterwards, each round at its recorded time; prints the run id
+    (`train --track` logs while it runs)"""
     from .rundir import log_run_dir
-    from .tracking import resolve_tracking_uri
+    from .tracking import _client, experiment_ui_url
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    client, uri = _client(args.tracking_uri)
     run_id = log_run_dir(
         args.run_dir,
         args.experiment,
-        tracking_uri=uri,
-        run_name=args.run_name,
+        uri,
+        args.run_name,
         include_site_models=args.include_site_models,
         kfp_run_id=args.kfp_run_id,
     )
-    from mlflow import MlflowClient
-
-    from .tracking import experiment_ui_url
-
-    exp = MlflowClient(uri).get_run(run_id).info.experiment_id
-    print(
-        f"logged {args.run_dir} to experiment {args.experiment!r}: {experiment_ui_url(uri, exp, run_id)}",
-        file=sys.stderr,
-    )
+    url = experiment_ui_url(uri, client.get_run(run_id).info.experiment_id, run_id)
+    print(f"logged {args.run_dir} to experiment {args.experiment!r}: {url}", file=sys.stderr)
     print(run_id)
     return 0
 
 
 @_mlflow_errors
 def cmd_register(args) -> int:
+    """register a tracked run's model as a new version; prints the version number"""
     from .registry import register_model
 
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
-    sha = mv.tags.get("onnx_sha256")
-    print(
-        ("already registered: " if mv.existing else "registered ")
-        + f"{mv.uri} from run {mv.run_id}"
-        + (f" (onnx_sha256 {sha})" if sha else ""),
-        file=sys.stderr,
-    )
+    sha = f" (onnx_sha256 {mv.tags['onnx_sha256']})" if mv.tags.get("onnx_sha256") else ""
+    done = "already registered: " if mv.existing else "registered "
+    print(f"{done}{mv.uri} from run {mv.run_id}{sha}", file=sys.stderr)
     print(mv.version)
     return 0
 
 
 @_mlflow_errors
 def cmd_promote(args) -> int:
+    """point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder"""
     from .registry import promote
 
-    result = promote(
-        args.name,
-        args.version,
-        alias=args.alias,
-        allow_worse=args.allow_worse,
-        tracking_uri=args.tracking_uri,
-        allow_different_data=args.allow_different_data,
-        max_epsilon=args.max_epsilon,
-    )
-    print(result.describe())
+    opts = ("alias", "allow_worse", "tracking_uri", "allow_different_data", "max_epsilon")
+    print(promote(args.name, args.version, **{k: getattr(args, k) for k in opts}).describe())
     return 0
 
 
 @_mlflow_errors
 def cmd_card(args) -> int:
+    """print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory"""
     from pathlib import Path
 
     if Path(args.model).is_dir():  # a run directory: its card, without the registry's facts
@@ -132,11 +117,11 @@ def cmd_backbone(args) -> int:
     spec downloads and checks it into the cache first; any other spec goes to the core's handler as it is."""
     from fedmedclip.errors import ConfigError
 
+    from .backbones import is_remote_backbone, push_backbone, resolve_backbone
+
     if args.spec == "push":
         if not args.directory or not args.to:
             raise ConfigError("usage: fedmedclip backbone push DIR --to s3://BUCKET/PREFIX (or models:/NAME)")
-        from .backbones import push_backbone
-
         _quiet_mlflow()
         _stack_credentials_for()  # like `data publish`: the local stack when the environment names no S3
         published = push_backbone(args.directory, args.to, tracking_uri=args.tracking_uri)
@@ -148,25 +133,17 @@ def cmd_backbone(args) -> int:
             f"`fedmedclip backbone {args.spec} {args.directory or ''}`: only `backbone push DIR --to URL` "
             "takes a directory and --to"
         )
-    from .backbones import is_remote_backbone, resolve_backbone
-
     if is_remote_backbone(args.spec):
         _quiet_mlflow()
         _stack_credentials_for()
         local = resolve_backbone(args.spec, args.cache_dir, tracking_uri=args.tracking_uri)
         print(f"{args.spec}: checked copy in {local}", file=sys.stderr)
         args.spec = local
-    if args.core_backbone is not None:
-        return args.core_backbone(args)
-    import json
-
-    from fedmedclip.backbone import load_backbone
-
-    print(json.dumps(load_backbone(args.spec).identity(), indent=2))
-    return 0
+    return args.core_backbone(args)
 
 
 def cmd_data_publish(args) -> int:
+    """upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)"""
     from fedmedclip.flags import config_from_args
 
     from .site_data import is_s3, parse_bucket, parse_root, publish, publish_site
@@ -174,11 +151,11 @@ def cmd_data_publish(args) -> int:
     if args.site is None:
         bucket = parse_bucket(args.to)
     elif is_s3(args.to):
-        bucket, prefix = parse_root(args.to)
+        root = "/".join(filter(None, parse_root(args.to)))
     cfg = config_from_args(args)
     if args.site is not None:
         if is_s3(args.to):  # the site's own role, like a hospital holding only its own Secret
-            _stack_credentials_for(args.site, "/".join(filter(None, (bucket, prefix))))
+            _stack_credentials_for(args.site, root)
         summary = publish_site(
             cfg, args.site, args.to, progress=not args.quiet, allow_outside_root=args.allow_outside_root
         )
@@ -194,30 +171,27 @@ def cmd_data_publish(args) -> int:
     _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials
     summary = publish(cfg, bucket, progress=not args.quiet, allow_outside_root=args.allow_outside_root)
     sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
+    alpha = f" --alpha {cfg.alpha}" if cfg.alpha else ""
     print(
         f"published {summary['images']} images to s3://{bucket} ({summary['bytes_uploaded'] / 1e6:.1f} MB "
-        f"uploaded; sites {sites}; server {summary['server']})\n"
-        f"run on it: fedmedclip pipeline run --local --data s3://{bucket} --partition {cfg.partition} "
-        f"--seed {cfg.seed}"
-        + (f" --alpha {cfg.alpha}" if cfg.alpha else "")
-        + f" --sites {len(summary['sites'])}",
+        f"uploaded; sites {sites}; server {summary['server']})\nrun on it: fedmedclip pipeline run --local "
+        f"--data s3://{bucket} --partition {cfg.partition} --seed {cfg.seed}{alpha} --sites {len(summary['sites'])}",
         file=sys.stderr,
     )
     return 0
 
 
 def cmd_data_withdraw(args) -> int:
-    """A hospital withdraws its published data with its own key: every version of its images (the ids its
-    catalog lists), then its catalog and its summary. Its private state is its own to delete as well."""
+    """a site deletes its own published images (every version), its catalog and its summary, with its own key"""
     from fedmedclip.errors import ConfigError
 
     from .site_data import withdraw_site
 
     index = args.site_index
-    if args.site is not None:
-        info = _stack_credentials_for(args.site)  # the local stack: the site's own key and index
-        if info is not None and args.site in info.roles:
-            index = info.roles[args.site].site_index if index is None else index
+    # The local stack: the site's own key and index.
+    info = _stack_credentials_for(args.site) if args.site is not None else None
+    if index is None and info is not None and args.site in info.roles:
+        index = info.roles[args.site].site_index
     if index is None:
         raise ConfigError(
             "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
@@ -231,118 +205,35 @@ def cmd_data_withdraw(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ register
-
-
-def _register_data(subparsers) -> None:
-    p = subparsers.add_parser(
-        "data", help="publish a data set to S3, each site's images under its own prefix"
-    )
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    d = sub.add_parser(
-        "publish",
-        help="upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)",
-    )
-    d.add_argument(
-        "--to",
-        default="s3://fedmedclip-data",
-        help="the data bucket (default: %(default)s); with --site also s3://BUCKET/PREFIX or a local directory",
-    )
-    d.add_argument(
-        "--site",
-        default=None,
-        metavar="NAME",
-        help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
-        "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
-    )
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
-    # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
-    from fedmedclip.flags import PUBLISH, add_config_arguments
-
-    add_config_arguments(d, PUBLISH)
-    d.set_defaults(func=cmd_data_publish)
-    w = sub.add_parser(
-        "withdraw",
-        help="a site deletes its own published images (every version), its catalog and its summary, with its "
-        "own key",
-    )
-    w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
-    w.add_argument("--site-index", type=int, default=None, help="the site's k (its prefix sites/<k>/)")
-    w.add_argument(
-        "--site",
-        default=None,
-        help="on the local stack: the site's role name (its key and its k from the stack)",
-    )
-    w.set_defaults(func=cmd_data_withdraw)
-
-
-def _register_backbone(subparsers) -> None:
-    """`backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a
-    backbone's identity) without changing it: its handler still serves every other spec."""
-    p = subparsers.choices.get("backbone")
-    if p is None:  # this layer's commands without the core's (its own tests)
-        p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
-        p.add_argument("spec", help="a backbone spec, or `push`")
-    p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
-    p.add_argument(
-        "--to", default=None, help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)"
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=".cache/fedmedclip",
-        help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
-    )
-    p.add_argument("--tracking-uri", default=None, help="with models:/: " + URI_HELP)
-    p.epilog = (
-        "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
-        "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
-        "checked against the weights hash recorded when pushed).  "
-        "`fedmedclip backbone push DIR --to s3://BUCKET/PREFIX|models:/NAME` publishes DIR for the pods; "
-        "it prints the spec to pass as --backbone."
-    )
-    p.set_defaults(func=cmd_backbone, core_backbone=p.get_default("func"))
-
-
 URI_HELP = (
     "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the running local stack of $FEDMEDCLIP_STACK_DIR "
     "or .stack/, else an error)"
 )
 
 
-def _mlflow_command(subparsers, name: str, func, help: str):
-    """A command that talks to MLflow: its --tracking-uri and its handler."""
-    p = subparsers.add_parser(name, help=help)
-    p.add_argument("--tracking-uri", default=None, help=URI_HELP)
+def _mlflow_command(subparsers, name: str, func):
+    """A command that talks to MLflow: its --tracking-uri and its handler, whose docstring is its help."""
+    p = subparsers.add_parser(name, help=func.__doc__)
+    p.add_argument("--tracking-uri", help=URI_HELP)
     p.set_defaults(func=func)
     return p
 
 
 def register(subparsers) -> None:
     """Add `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
-    p = _mlflow_command(
-        subparsers,
-        "track",
-        cmd_track,
-        help="log a finished run directory to MLflow afterwards, each round at its recorded time; prints the "
-        "run id (`train --track` logs while it runs)",
-    )
+    p = _mlflow_command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
-    p.add_argument("--run-name", default=None, help="default: the run directory's name")
+    p.add_argument("--run-name", help="default: the run directory's name")
     p.add_argument(
         "--include-site-models",
         action="store_true",
         help="also log the sites' private heads (model/site_*.safetensors); by default they stay off the "
         "central MLflow",
     )
-    p.add_argument("--kfp-run-id", default=None, help="the Kubeflow run this run belongs to (tag kfp.run_id)")
+    p.add_argument("--kfp-run-id", help="the Kubeflow run this run belongs to (tag kfp.run_id)")
 
-    p = _mlflow_command(
-        subparsers,
-        "register",
-        cmd_register,
-        help="register a tracked run's model as a new version; prints the version number",
-    )
+    p = _mlflow_command(subparsers, "register", cmd_register)
     p.add_argument(
         "run_id",
         metavar="RUN_ID",
@@ -350,17 +241,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument(
-        "--onnx",
-        default=None,
-        help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder",
+        "--onnx", help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder"
     )
 
-    p = _mlflow_command(
-        subparsers,
-        "promote",
-        cmd_promote,
-        help="point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder",
-    )
+    p = _mlflow_command(subparsers, "promote", cmd_promote)
     p.add_argument("name", metavar="NAME", help="the registered model")
     p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
     p.add_argument(
@@ -379,19 +263,66 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-epsilon",
         type=float,
-        default=None,
         metavar="EPSILON",
         help="refuse a version trained without record-level differential privacy or with a larger epsilon "
         "(the largest over its sites)",
     )
 
-    p = _mlflow_command(
-        subparsers,
-        "card",
-        cmd_card,
-        help="print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory",
-    )
+    p = _mlflow_command(subparsers, "card", cmd_card)
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
-    _register_data(subparsers)
-    _register_backbone(subparsers)
+    p = subparsers.add_parser(
+        "data", help="publish a data set to S3, each site's images under its own prefix"
+    )
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = sub.add_parser("publish", help=cmd_data_publish.__doc__)
+    d.add_argument(
+        "--to",
+        default="s3://fedmedclip-data",
+        help="the data bucket (default: %(default)s); with --site also s3://BUCKET/PREFIX or a local directory",
+    )
+    d.add_argument(
+        "--site",
+        metavar="NAME",
+        help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
+        "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
+    )
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
+    from fedmedclip.flags import PUBLISH, add_config_arguments
+
+    add_config_arguments(d, PUBLISH)
+    d.set_defaults(func=cmd_data_publish)
+    w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)
+    w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
+    w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
+    w.add_argument(
+        "--site", help="on the local stack: the site's role name (its key and its k from the stack)"
+    )
+    w.set_defaults(func=cmd_data_withdraw)
+
+    # `backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a backbone's
+    # identity) without changing it: its handler still serves every other spec.
+    p = subparsers.choices.get("backbone")
+    if p is None:  # this layer's commands without the core's (its own tests)
+        from fedmedclip.cli import _cmd_backbone
+
+        p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
+        p.add_argument("spec", help="a backbone spec, or `push`")
+        p.set_defaults(func=_cmd_backbone)
+    p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
+    p.add_argument("--to", help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)")
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/fedmedclip",
+        help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
+    )
+    p.add_argument("--tracking-uri", help="with models:/: " + URI_HELP)
+    p.epilog = (
+        "SPEC: tiny | random-vit-b32 | random-vit-b16 | a local CLIP directory | a cached Hugging Face id | "
+        "s3://BUCKET/PREFIX or models:/NAME/VERSION, models:/NAME@ALIAS (downloaded into --cache-dir and "
+        "checked against the weights hash recorded when pushed).  "
+        "`fedmedclip backbone push DIR --to s3://BUCKET/PREFIX|models:/NAME` publishes DIR for the pods; "
+        "it prints the spec to pass as --backbone."
+    )
+    p.set_defaults(func=cmd_backbone, core_backbone=p.get_default("func"))

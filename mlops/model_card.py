@@ -1,15 +1,12 @@
-"""Model cards in MLflow (the core builds them: fedmedclip/model_card.py).
-
-`log_model_card` runs at registration (mlops.registry.register_model), on the run's logged files downloaded
-once (`download_run_files`: results.json, config.json, partition.json, provenance.json, model/model.json, the
-reliability plot); it builds the card with what the registry adds (name, version, tags, the MLflow and KFP run ids), and logs
-`model_card.md`, `model_card.json` and the plot into the run beside the registered model, under
-`model_cards/<name>/v<version>/`; the version's tag `model_card` names that folder. `read_model_card` is what
-`fedmedclip card NAME@ALIAS` prints. mlflow is imported inside the functions.
+"""Model cards in MLflow (the core builds them: fedmedclip/model_card.py). At registration
+(mlops.registry.register_model) the card is built from the run's logged files, downloaded once, with what the
+registry adds (name, version, tags, the MLflow and KFP run ids), and logged into the run under
+`model_cards/<name>/v<version>/`, which the version's tag `model_card` names; `fedmedclip card` reads it back.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,28 +16,20 @@ from fedmedclip.errors import ConfigError
 from fedmedclip.model_card import CardError, build_card, write_card
 
 from .rundir import REQUIRED_FILES as REQUIRED
+from .tracking import KFP_RUN_ID_TAG, TrackingError
 
 CARD_TAG = "model_card"
 CARD_FILES = {"md": "model_card.md", "json": "model_card.json"}
-# The run's logged files a card is built from: the run directory's required files (mlops/rundir.py), and these
-# when the run logged them.
+# The run's logged files a card is built from: the run directory's required files, and these when logged.
 OPTIONAL = ("model/model.json", "plots/reliability.png")
 
 
-def card_folder(name: str, version: str) -> str:
-    return f"model_cards/{name}/v{version}"
-
-
 def download_run_files(client, run, dest: Path) -> Path:
-    """The run directory's files a card needs, as logged in MLflow `run` (an mlflow Run), into `dest`: through
-    one artifact repository of the run (a `runs:/` download per file resolves the run again and looks for logged
-    models)."""
+    """The files a card needs from MLflow `run` (an mlflow Run) into `dest`, through one artifact repository
+    (a `runs:/` download per file would resolve the run again and look for logged models)."""
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from .tracking import TrackingError
-
-    run_id = run.info.run_id
     repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
     for rel in REQUIRED + OPTIONAL:
         try:
@@ -48,18 +37,14 @@ def download_run_files(client, run, dest: Path) -> Path:
         except (MlflowException, OSError) as exc:
             if rel in REQUIRED:
                 raise TrackingError(
-                    f"MLflow run {run_id} has no {rel} to build a model card from: {exc}"
+                    f"MLflow run {run.info.run_id} has no {rel} to build a model card from: {exc}"
                 ) from exc
     return dest
 
 
 def check_card(run_dir: Path) -> dict:
-    """Build the card of a run's downloaded files once without a version (before registering: a run whose card
-    cannot be built is not registered). Returns the run's results.json."""
-    import json
-
-    from .tracking import TrackingError
-
+    """Build the card once without a version: a run whose card cannot be built is not registered. Returns the
+    run's results.json."""
     try:
         build_card(run_dir)
     except CardError as exc:
@@ -70,26 +55,22 @@ def check_card(run_dir: Path) -> dict:
 def log_model_card(
     client, run, run_dir: Path, name: str, version: str, tags: dict, site: str | None = None
 ) -> str:
-    """Build the card of `name` version `version` from MLflow `run`'s downloaded files (`download_run_files`),
-    log it into the run and tag the version; returns the artifact folder."""
-    from .tracking import KFP_RUN_ID_TAG
-
-    run_id, run_tags = run.info.run_id, run.data.tags
+    """Log the card of `name` version `version` into MLflow `run` and tag the version; returns the folder."""
     registry = {
         "name": name,
         "version": str(version),
         "tags": dict(tags),
         "site": site,
-        "mlflow_run_id": run_id,
-        "kfp_run_id": run_tags.get(KFP_RUN_ID_TAG),
-        "git_commit": tags.get("git_commit") or run_tags.get("git_commit"),
+        "mlflow_run_id": run.info.run_id,
+        "kfp_run_id": run.data.tags.get(KFP_RUN_ID_TAG),
+        "git_commit": tags.get("git_commit") or run.data.tags.get("git_commit"),
         "onnx_sha256": tags.get("onnx_sha256"),
         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    folder = card_folder(name, str(version))
+    folder = f"model_cards/{name}/v{version}"
     with tempfile.TemporaryDirectory() as tmp:
         write_card(run_dir, Path(tmp) / "card", registry)
-        client.log_artifacts(run_id, str(Path(tmp) / "card"), artifact_path=folder)
+        client.log_artifacts(run.info.run_id, str(Path(tmp) / "card"), artifact_path=folder)
     client.set_model_version_tag(name, str(version), CARD_TAG, folder)
     return folder
 
@@ -98,23 +79,21 @@ def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) 
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
     from mlflow.exceptions import MlflowException
 
-    from .tracking import TrackingError, _client, registered_version
+    from .tracking import _client, registered_version
 
     parsed = parse_model_reference(ref)
     if parsed is None:
         raise ConfigError(f"{ref!r} is not a registered model reference: use NAME@ALIAS or NAME/VERSION")
-    name, alias, version = parsed
     client, _ = _client(tracking_uri)
     try:
-        mv = registered_version(client, name, alias, version)
+        mv = registered_version(client, *parsed)
     except MlflowException as exc:
         raise TrackingError(f"no registered version {ref!r}: {exc.message}") from exc
     folder = (mv.tags or {}).get(CARD_TAG)
     if not folder:
         raise TrackingError(
-            f"{name} version {mv.version} has no model card (registered before cards were generated); register "
-            "its run again to get one"
+            f"{parsed[0]} version {mv.version} has no model card (registered before cards were generated); "
+            "register its run again to get one"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(mv.run_id, f"{folder}/{CARD_FILES[fmt]}", tmp)
-        return Path(path).read_text()
+        return Path(client.download_artifacts(mv.run_id, f"{folder}/{CARD_FILES[fmt]}", tmp)).read_text()

@@ -1,19 +1,12 @@
-"""The model registry: a version registered from a tracked run (with its ONNX file, its lineage, its model card)
-and promoted to an alias only when it is at least as good as the holder, on the same data.
-
-- `register_model(run_id, name, onnx_path=...)`: a new registered model version with lineage tags, the
-  sha256 of the stored ONNX file (tag `onnx_sha256`, which the server verifies), a signature and an input
-  example; the file is checked against the export contract (fedmedclip/onnx_contract.py) as the server does.
-- `promote(name, version, alias="champion")`: moves the alias, refusing a candidate trained on another data
-  set or partition than the current holder unless `allow_different_data`, and one whose global balanced
-  accuracy (`PROMOTION_METRIC` of its run) is below the holder's unless `allow_worse`.
+"""The model registry: a version registered from a tracked run (`register_model`: its ONNX file, lineage and
+model card), and promoted to an alias only when it is at least as good as the holder, on the same data
+(`promote`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import tempfile
 import time
@@ -23,13 +16,7 @@ from pathlib import Path
 from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, sha256_file
 from fedmedclip.privacy.report import privacy_summary
 
-from .tracking import (
-    COMPLETE_TAG,
-    PROMOTION_METRIC,
-    TrackingError,
-    _client,
-    if_found,
-)
+from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found
 
 log = logging.getLogger("fedmedclip.tracking")
 
@@ -63,8 +50,8 @@ LINEAGE_TAGS = (
     "feature_provenance_digest",
     "git_commit",
 )
-
-# ----------------------------------------------------------------------------------------- registry
+REGISTRATION_KEY_TAG = "fedmedclip.registered_from"  # on a version: the sha256 of its ONNX file, or "model/"
+LOGGED_ONNX_TAG_PREFIX = "fedmedclip.onnx_model."  # on a run: the URI of the ONNX model logged for a file
 
 
 @dataclass
@@ -81,57 +68,38 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def check_onnx_contract(model, source: str = "the ONNX file"):
-    """The export contract (fedmedclip.onnx_contract, as the server checks it) plus what registration needs:
-    the backbone's hash, which must be the run's."""
-    from fedmedclip.onnx_contract import ContractError, contract_of_model
-
-    try:
-        contract = contract_of_model(model, source)
-    except ContractError as exc:
-        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
-    if not contract.metadata.get(META_BACKBONE_SHA256):
-        raise TrackingError(f"{source}: metadata_props lack {META_BACKBONE_SHA256} (docs/contracts.md)")
-    return contract
-
-
 def _onnx_signature(contract):
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    inputs, outputs = contract.signature()
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in inputs]),
-        outputs=Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in outputs]),
+        *(
+            Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in side])
+            for side in contract.signature()
+        )
     )
 
 
 def _onnx_requirements() -> list[str]:
-    # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds).
-    # Written as the CPU `onnxruntime`; GPU images are built from constraints.txt, never from these.
+    # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds). Written as the
+    # CPU `onnxruntime` whichever build is installed; GPU images are built from constraints.txt, never from these.
     from importlib.metadata import PackageNotFoundError, version
 
     import onnx
 
-    reqs = [f"onnx=={onnx.__version__}"]
+    ort = "onnxruntime"
     for dist in ("onnxruntime", "onnxruntime-gpu"):
         try:
-            reqs.append(f"onnxruntime=={version(dist)}")
+            ort = f"onnxruntime=={version(dist)}"
             break
         except PackageNotFoundError:
             continue
-    else:
-        reqs.append("onnxruntime")
-    return reqs
+    return [f"onnx=={onnx.__version__}", ort]
 
 
 def _registered_model_exists(client, name: str) -> bool:
     return if_found(client.get_registered_model, name) is not None
-
-
-REGISTRATION_KEY_TAG = "fedmedclip.registered_from"  # on a version: the sha256 of its ONNX file, or "model/"
-LOGGED_ONNX_TAG_PREFIX = "fedmedclip.onnx_model."  # on a run: the URI of the ONNX model logged for a file
 
 
 def _version_of_run(client, name: str, run_id: str, source_key: str):
@@ -144,48 +112,34 @@ def _version_of_run(client, name: str, run_id: str, source_key: str):
 
 
 def register_model(
-    run_id: str,
-    name: str,
-    onnx_path: str | Path | None = None,
-    tracking_uri: str | None = None,
+    run_id: str, name: str, onnx_path: str | Path | None = None, tracking_uri: str | None = None
 ) -> RegisteredVersion:
-    """Register a version of `name` from a logged run.
+    """Register a version of `name` from a logged run: with `onnx_path`, the file logged into the run as an
+    MLflow ONNX model (`onnx_sha256`: the sha256 of the `model.onnx` the registry stores); without it, the run's
+    `model/` artifacts as they are (not loadable as a pyfunc). The version carries the run's lineage tags, its
+    privacy facts (`dp.*`) and a model card (mlops/model_card.py); a run whose card cannot be built is refused.
 
-    With `onnx_path`: the file is logged into the run as an MLflow ONNX model and that model is registered;
-    the version carries `onnx_sha256`, the sha256 of the `model.onnx` stored in the registry. Without it:
-    the run's `model/` artifacts are registered as they are (a plain artifact version, not loadable as a
-    pyfunc). Lineage tags are copied from the run either way, and the privacy facts of its results.json
-    (`dp.*`: epsilon, delta, clip, noise multiplier, secure aggregation on/off). Every version gets a model
-    card (mlops/model_card.py), logged beside the model; a run whose card cannot be built is refused.
-
-    Idempotent, keyed on the run and the file: a version of `name` already registered from this run with the
-    same ONNX file (`onnx_source_sha256`; or, without a file, the run's model folder) is returned as it is
-    (`existing=True`), and an ONNX model already logged into the run for this file is reused. So a retried
-    registration task finds its own version instead of adding another."""
-    import mlflow
-
+    Idempotent, keyed on the run and the file: a version already registered from this run with the same file
+    (or, without one, the run's model folder) is returned as it is (`existing=True`), and an ONNX model already
+    logged into the run for this file is reused, so a retried registration task finds its own version."""
     from .model_card import download_run_files
 
-    client, _ = _client(tracking_uri)
+    client, uri = _client(tracking_uri)
     mlrun = if_found(client.get_run, run_id)
     if mlrun is None:
-        raise TrackingError(f"no MLflow run {run_id!r} on {mlflow.get_tracking_uri()}")
-    run_tags = mlrun.data.tags
-    if run_tags.get(COMPLETE_TAG) != "complete":
+        raise TrackingError(f"no MLflow run {run_id!r} on {uri}")
+    if mlrun.data.tags.get(COMPLETE_TAG) != "complete":
         raise TrackingError(
             f"run {run_id} was not logged from a complete run directory (`fedmedclip track`); refusing to "
             "register a model without its lineage"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        # The run's files a model card is built from, downloaded once: checked before registering, the card
-        # logged after.
-        run_dir = download_run_files(client, mlrun, Path(tmp))
-        return _register(client, mlrun, run_dir, name, onnx_path)
+        # The files a model card is built from, downloaded once: checked before registering, the card logged after.
+        return _register(client, mlrun, download_run_files(client, mlrun, Path(tmp)), name, onnx_path)
 
 
 def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredVersion:
     import mlflow
-    import numpy as np
     from mlflow.exceptions import MlflowException
 
     from .model_card import check_card, log_model_card
@@ -196,99 +150,102 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")
-    source_key = sha256_file(Path(onnx_path)) if onnx_path is not None else "model/"
-    tags[REGISTRATION_KEY_TAG] = source_key
+    source_key = tags[REGISTRATION_KEY_TAG] = (
+        sha256_file(Path(onnx_path)) if onnx_path is not None else "model/"
+    )
     found = _version_of_run(client, name, run_id, source_key)
     if found is not None:
         log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
         return RegisteredVersion(name, str(found.version), run_id, found.source, dict(found.tags), True)
-    site = None
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
     is_new = not _registered_model_exists(client, name)
-
+    site = None
     if onnx_path is not None:
-        import onnx
-
-        onnx_path = Path(onnx_path)
-        try:
-            model = onnx.load(str(onnx_path))
-        except Exception as e:
-            raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
-        contract = check_onnx_contract(model, str(onnx_path))
-        meta = contract.metadata
-        site = meta.get(META_SITE)
-        if tags.get("backbone_sha256") not in (None, "unknown", meta[META_BACKBONE_SHA256]):
-            raise TrackingError(
-                f"{onnx_path} was exported from backbone {meta[META_BACKBONE_SHA256][:12]} but run "
-                f"{run_id} trained on {tags['backbone_sha256'][:12]}: not the model of this run"
-            )
-        if model.ByteSize() > _MAX_INLINE_ONNX:
-            raise TrackingError(
-                f"{onnx_path} holds {model.ByteSize() / 2**30:.1f} GiB of graph and weights; registration stores "
-                "the model as one self-contained file (protobuf's 2 GiB limit): export it in fp16"
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            # Hash exactly the bytes MLflow will store: its flavour re-serialises the graph with
-            # onnx.save_model, which need not reproduce the exporter's bytes.
-            stored = Path(tmp) / ONNX_FILE
-            onnx.save_model(model, str(stored), save_as_external_data=False)
-            tags["onnx_sha256"] = sha256_file(stored)
-        tags["onnx_source_sha256"] = sha256_file(onnx_path)
-        tags["onnx_file"] = ONNX_FILE
-        logged_tag = f"{LOGGED_ONNX_TAG_PREFIX}{source_key[:16]}"
-        source = run_tags.get(logged_tag)  # logged by an earlier attempt that failed before registering
-        if source is None:
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.onnx.log_model(
-                    model,
-                    name=ONNX_MODEL_NAME,
-                    signature=_onnx_signature(contract),
-                    # one black image, uint8 [1, S, S, 3]: the smallest valid request
-                    input_example={
-                        "images": np.zeros((1, contract.image_size, contract.image_size, 3), np.uint8)
-                    },
-                    pip_requirements=_onnx_requirements(),
-                    metadata=dict(tags),
-                    # one self-contained model.onnx: what the server downloads and checks against onnx_sha256
-                    save_as_external_data=False,
-                )
-            source = info.model_uri
-            client.set_tag(run_id, logged_tag, source)
-        register = lambda: mlflow.register_model(source, name, tags=tags)  # noqa: E731
+        source, site = _log_onnx(client, mlrun, Path(onnx_path), tags)
     else:
         # MLflow 3's register_model wants a logged model under runs:/ URIs; a plain folder is registered
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
         source = f"{mlrun.info.artifact_uri.rstrip('/')}/model"
-
-        def register():
+    try:
+        if onnx_path is not None:
+            mv = mlflow.register_model(source, name, tags=tags)
+        else:
             if is_new:
                 client.create_registered_model(name)
-            return client.create_model_version(name, source, run_id=run_id, tags=tags)
-
-    try:
-        mv = register()
+            mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"registering {source} as {name!r} failed: {e.message}") from e
     if is_new:
         client.set_registered_model_tag(name, "project", "fedmedclip")
         client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")
     metric = f", {PROMOTION_METRIC} {bacc:.4f}" if bacc is not None else ""
-    privacy = (
-        f", DP epsilon {tags['dp.epsilon']} (delta {tags['dp.delta']})"
-        if tags.get("dp.epsilon")
-        else ", no record-level DP"
-    )
-    client.update_model_version(
-        name, mv.version, description=f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
-    )
+    epsilon = tags.get("dp.epsilon")
+    privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
+    description = f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
+    client.update_model_version(name, mv.version, description=description)
     tags["model_card"] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
 
-# ---------------------------------------------------------------------------------------- promotion
+def _log_onnx(client, mlrun, onnx_path: Path, tags: dict) -> tuple[str, str | None]:
+    """Check the file, record its hashes in `tags` and log it into the run as an MLflow ONNX model, once per
+    file (a retry reuses what an earlier attempt logged). Returns the model's URI and the file's site."""
+    import mlflow
+    import numpy as np
+    import onnx
+
+    from fedmedclip.onnx_contract import ContractError, contract_of_model
+
+    run_id = mlrun.info.run_id
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:
+        raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
+    try:  # the export contract, as the server checks it, and the backbone's hash, which must be the run's
+        contract = contract_of_model(model, str(onnx_path))
+    except ContractError as exc:
+        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
+    backbone = contract.metadata.get(META_BACKBONE_SHA256)
+    if not backbone:
+        raise TrackingError(f"{onnx_path}: metadata_props lack {META_BACKBONE_SHA256} (docs/contracts.md)")
+    if tags.get("backbone_sha256") not in (None, "unknown", backbone):
+        raise TrackingError(
+            f"{onnx_path} was exported from backbone {backbone[:12]} but run {run_id} trained on "
+            f"{tags['backbone_sha256'][:12]}: not the model of this run"
+        )
+    if model.ByteSize() > _MAX_INLINE_ONNX:
+        raise TrackingError(
+            f"{onnx_path} holds {model.ByteSize() / 2**30:.1f} GiB of graph and weights; registration stores "
+            "the model as one self-contained file (protobuf's 2 GiB limit): export it in fp16"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        # Hash exactly the bytes MLflow will store: its flavour re-serialises the graph with
+        # onnx.save_model, which need not reproduce the exporter's bytes.
+        stored = Path(tmp) / ONNX_FILE
+        onnx.save_model(model, str(stored), save_as_external_data=False)
+        tags["onnx_sha256"] = sha256_file(stored)
+    tags.update(onnx_source_sha256=tags[REGISTRATION_KEY_TAG], onnx_file=ONNX_FILE)
+    logged_tag = f"{LOGGED_ONNX_TAG_PREFIX}{tags[REGISTRATION_KEY_TAG][:16]}"
+    source = mlrun.data.tags.get(logged_tag)  # logged by an earlier attempt that failed before registering
+    if source is None:
+        size = contract.image_size
+        with mlflow.start_run(run_id=run_id):
+            source = mlflow.onnx.log_model(
+                model,
+                name=ONNX_MODEL_NAME,
+                signature=_onnx_signature(contract),
+                # one black image, uint8 [1, S, S, 3]: the smallest valid request
+                input_example={"images": np.zeros((1, size, size, 3), np.uint8)},
+                pip_requirements=_onnx_requirements(),
+                metadata=dict(tags),
+                # one self-contained model.onnx: what the server downloads and checks against onnx_sha256
+                save_as_external_data=False,
+            ).model_uri
+        client.set_tag(run_id, logged_tag, source)
+    return source, contract.metadata.get(META_SITE)
 
 
 @dataclass
@@ -303,35 +260,30 @@ class Promotion:
     different_data: dict[str, tuple[str, str]] = field(default_factory=dict)  # tag -> (candidate, holder)
 
     def describe(self) -> str:
-        prev = (
-            "no previous holder"
-            if self.previous_version is None
-            else f"previous: version {self.previous_version}, {PROMOTION_METRIC} {self.previous_metric:.4f}"
-        )
+        prev = f"previous: version {self.previous_version}, {PROMOTION_METRIC} {_fmt(self.previous_metric)}"
+        prev = prev if self.previous_version is not None else "no previous holder"
         note = " (worse than the previous holder: promoted with --allow-worse)" if self.overridden else ""
         if self.different_data:
-            note += (
-                " (trained on other data than the previous holder: "
-                + ", ".join(self.different_data)
-                + " differ; promoted with --allow-different-data)"
-            )
+            differ = ", ".join(self.different_data)
+            note += f" (trained on other data than the previous holder: {differ} differ; promoted with --allow-different-data)"
         return (
             f"{self.name} version {self.version} is now @{self.alias} ({PROMOTION_METRIC} "
             f"{self.candidate_metric:.4f}; {prev}){note}\nload it with models:/{self.name}@{self.alias}"
         )
 
 
+def _fmt(metric: float | None) -> str:
+    return "(no metric)" if metric is None else f"{metric:.4f}"
+
+
 def _version_metric(client, mv) -> float | None:
     names = (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)
-    if mv.run_id:
-        run = if_found(client.get_run, mv.run_id)
-        metrics = run.data.metrics if run is not None else {}
-        for name in names:
-            if metrics.get(name) is not None:
-                return float(metrics[name])
+    run = if_found(client.get_run, mv.run_id) if mv.run_id else None
+    metrics = run.data.metrics if run is not None else {}
     # The run may be gone (deleted experiment); registration copied the number onto the version.
     tags = mv.tags or {}
-    return next((float(tags[n]) for n in names if tags.get(n) is not None), None)
+    found = [metrics.get(n) for n in names] + [tags.get(n) for n in names]
+    return next((float(v) for v in found if v is not None), None)
 
 
 def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float) -> None:
@@ -342,11 +294,8 @@ def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float
             f"refusing to promote {name} version {version} under --max-epsilon {max_epsilon:g}: it was trained "
             f"without record-level differential privacy (dp.mode {mode}); train with --dp-target-epsilon"
         )
-    try:
-        epsilon = float(tags.get("dp.epsilon", ""))
-    except ValueError:
-        epsilon = math.nan
-    if not math.isfinite(epsilon) or epsilon > max_epsilon:
+    epsilon = _num(tags.get("dp.epsilon"))
+    if epsilon is None or epsilon > max_epsilon:
         raise PrivacyRefused(
             f"refusing to promote {name} version {version}: its epsilon {tags.get('dp.epsilon') or '(none)'} "
             f"(delta {tags.get('dp.delta', '?')}, largest over its sites) is above --max-epsilon {max_epsilon:g}"
@@ -373,15 +322,11 @@ def promote(
     allow_different_data: bool = False,
     max_epsilon: float | None = None,
 ) -> Promotion:
-    """Point `models:/NAME@ALIAS` at `version`.
-
-    Balanced accuracies compare only on the same test data: the promotion is refused
-    (DifferentDataRefused) when the candidate and the current holder differ in a data digest (data set or
-    partition, version tags) unless `allow_different_data`, and (PromotionRefused) when the candidate's
-    PROMOTION_METRIC is below the holder's unless `allow_worse`. Overrides are logged and recorded as tags
-    on the promoted version. With `max_epsilon`, a version trained without record-level differential privacy,
-    or whose epsilon (its `dp.epsilon` tag: the largest over its sites) is above it, is refused
-    (PrivacyRefused); no override."""
+    """Point `models:/NAME@ALIAS` at `version`. Balanced accuracies compare only on the same test data: refused
+    (DifferentDataRefused) when the candidate and the holder differ in a data digest unless
+    `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is below the holder's
+    unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon`, a version without
+    record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused (PrivacyRefused); no override."""
     client, _ = _client(tracking_uri)
     version = str(version)
     mv = if_found(client.get_model_version, name, version)
@@ -397,78 +342,61 @@ def promote(
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
     holder = (client.get_registered_model(name).aliases or {}).get(alias)
-    current = client.get_model_version(name, str(holder)) if holder is not None else None
-    previous_metric = None
-    overridden = False
-    different: dict[str, tuple[str, str]] = {}
-    if current is not None and str(current.version) != version:
+    current = (
+        client.get_model_version(name, str(holder)) if holder is not None and str(holder) != version else None
+    )
+    previous_metric, overridden, different = None, False, {}
+    if current is not None:
+        held = current.version
         different = data_differences(mv.tags, current.tags)
         if different and not allow_different_data:
             listed = "; ".join(
-                f"{tag} {cand[:12]} (version {version}) vs {held[:12]} (version {current.version})"
-                for tag, (cand, held) in different.items()
+                f"{tag} {cand[:12]} (version {version}) vs {was[:12]} (version {held})"
+                for tag, (cand, was) in different.items()
             )
             raise DifferentDataRefused(
-                f"refusing to compare {name} version {version} with the current @{alias} (version "
-                f"{current.version}): they were trained on different data ({listed}), so their balanced "
-                "accuracies are not comparable; pass --allow-different-data to promote it anyway"
+                f"refusing to compare {name} version {version} with the current @{alias} (version {held}): they "
+                f"were trained on different data ({listed}), so their balanced accuracies are not comparable; "
+                "pass --allow-different-data to promote it anyway"
             )
         previous_metric = _version_metric(client, current)
-        if previous_metric is None:
+        if previous_metric is None or candidate < previous_metric:
             if not allow_worse:
                 raise PromotionRefused(
-                    f"cannot compare: the current @{alias} ({name} version {current.version}) has no "
-                    f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
+                    f"cannot compare: the current @{alias} ({name} version {held}) has no {PROMOTION_METRIC}; "
+                    f"pass --allow-worse to promote version {version} anyway"
+                    if previous_metric is None
+                    else f"refusing to promote {name} version {version} to @{alias}: its global balanced accuracy "
+                    f"{candidate:.4f} is below the current @{alias} (version {held}) at {previous_metric:.4f}; "
+                    "pass --allow-worse to override"
                 )
             overridden = True
-        elif candidate < previous_metric:
-            if not allow_worse:
-                raise PromotionRefused(
-                    f"refusing to promote {name} version {version} to @{alias}: its global balanced accuracy "
-                    f"{candidate:.4f} is below the current @{alias} (version {current.version}) at "
-                    f"{previous_metric:.4f}; pass --allow-worse to override"
-                )
-            overridden = True
-    result = Promotion(
-        name,
-        version,
-        alias,
-        candidate,
-        None if current is None or str(current.version) == version else str(current.version),
-        previous_metric,
-        overridden,
-        different,
-    )
+    previous = str(current.version) if current is not None else None
+    result = Promotion(name, version, alias, candidate, previous, previous_metric, overridden, different)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    reasons = {}
     if overridden:
-        reason = (
+        reasons[f"promotion_override.{alias}"] = (
             f"promoted to @{alias} with allow_worse at {stamp}: {PROMOTION_METRIC} {candidate:.4f} vs "
-            f"version {current.version} "
-            + ("(no metric)" if previous_metric is None else f"{previous_metric:.4f}")
+            f"version {previous} {_fmt(previous_metric)}"
         )
-        client.set_model_version_tag(name, version, f"promotion_override.{alias}", reason)
-        log.warning("%s version %s: %s", name, version, reason)
     if different:
-        reason = f"promoted to @{alias} with allow_different_data at {stamp}: " + "; ".join(
-            f"{tag} {cand} vs version {current.version} {held}" for tag, (cand, held) in different.items()
+        reasons[f"promotion_different_data.{alias}"] = (
+            f"promoted to @{alias} with allow_different_data at {stamp}: "
+            + "; ".join(f"{tag} {cand} vs version {previous} {was}" for tag, (cand, was) in different.items())
         )
-        client.set_model_version_tag(name, version, f"promotion_different_data.{alias}", reason[:5000])
+    for tag, reason in reasons.items():
+        client.set_model_version_tag(name, version, tag, reason[:5000])
         log.warning("%s version %s: %s", name, version, reason)
     client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(
-        name,
-        version,
-        f"promoted.{alias}",
-        json.dumps(
-            {
-                "at": stamp,
-                "previous_version": result.previous_version,
-                "previous_metric": previous_metric,
-                "metric": candidate,
-                "allow_worse": overridden,
-                "allow_different_data": sorted(different),
-                "max_epsilon": max_epsilon,
-            }
-        ),
-    )
+    promoted = {
+        "at": stamp,
+        "previous_version": previous,
+        "previous_metric": previous_metric,
+        "metric": candidate,
+        "allow_worse": overridden,
+        "allow_different_data": sorted(different),
+        "max_epsilon": max_epsilon,
+    }
+    client.set_model_version_tag(name, version, f"promoted.{alias}", json.dumps(promoted))
     return result

@@ -1,6 +1,6 @@
-"""A run directory (docs/contracts.md, "Run directory") read and checked, and logged to MLflow: its files
-(the sites' private heads withheld unless asked), its lineage, and, after the fact, the whole run
-(`log_run_dir`: the same MLflow run live logging makes, each round at the time the run recorded for it).
+"""A run directory (docs/contracts.md, "Run directory") read and checked, and logged to MLflow: its files (the
+sites' private heads withheld unless asked), its lineage, and, after the fact, the whole run (`log_run_dir`: the
+same MLflow run live logging makes, each round at the time the run recorded for it).
 """
 
 from __future__ import annotations
@@ -9,27 +9,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fedmedclip.digests import canonical_digest
 from fedmedclip.model_card import dataset_digest
 from fedmedclip.privacy.report import privacy_summary
 
-from .tracking import (
-    RunDirError,
-    _flatten,
-    _num,
-    context_tags,
-    describe_run,
-    git_commit,
-    run_parameters,
-)
+from .tracking import RunDirError, _flatten, _num, context_tags, describe_run, git_commit, run_parameters
 
 log = logging.getLogger("fedmedclip.tracking")
 
 REQUIRED_FILES = ("results.json", "config.json", "partition.json", "provenance.json")
-REQUIRED_DIRS = ("model",)
-OPTIONAL_DIRS = ("plots", "rounds")
 # A site's private part of the model (FedMedCLIP's MLP): never sent to the central MLflow by default.
 SITE_MODEL_GLOB = "site_*.safetensors"
 
@@ -44,32 +33,14 @@ class RunDir:
     model_info: dict
 
     @property
-    def method(self) -> str:
-        return str(self.results["method"])
-
-    @property
     def site_names(self) -> list[str]:
-        names = self.results.get("site_names")
-        if names:
-            return [str(n) for n in names]
-        return [str(s["site"]) for s in self.results["metrics"].get("sites", [])]
-
-    def lineage(self) -> dict[str, str]:
-        backbone = self.results.get("backbone") or self.model_info.get("backbone") or {}
-        # Dataset identity: which images (and labels) each holder's feature store was built from.
-        stores = {h: p.get("digest", "") for h, p in sorted(self.provenance.items())}
-        return {
-            "method": self.method,
-            "partition_digest": str(self.partition.get("digest", "")),
-            "dataset_digest": dataset_digest(self.provenance),
-            "backbone": str(backbone.get("name", "unknown")),
-            "backbone_sha256": str(backbone.get("weights_sha256", "unknown")),
-            "feature_provenance_digest": canonical_digest(stores),
-            "git_commit": git_commit(self.results, self.config),
-        }
+        names = self.results.get("site_names") or [
+            s["site"] for s in self.results["metrics"].get("sites", [])
+        ]
+        return [str(n) for n in names]
 
 
-def _read_json(run_dir: Path, name: str) -> Any:
+def _read_json(run_dir: Path, name: str):
     path = run_dir / name
     if not path.is_file():
         raise RunDirError(
@@ -82,32 +53,24 @@ def _read_json(run_dir: Path, name: str) -> Any:
         raise RunDirError(f"{path} is not valid JSON: {e}") from e
 
 
-def _require(obj: dict, dotted: str, where: Path) -> Any:
-    cur: Any = obj
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            raise RunDirError(
-                f"{where} has no `{dotted}` (see docs/contracts.md for the results.json format)"
-            )
-        cur = cur[part]
-    return cur
-
-
 def read_run_dir(run_dir: str | Path) -> RunDir:
     """Load and check a run directory; RunDirError names the first missing piece."""
     path = Path(run_dir)
     if not path.is_dir():
         raise RunDirError(f"run directory {path} does not exist or is not a directory")
     data = {name: _read_json(path, name) for name in REQUIRED_FILES}
-    for d in REQUIRED_DIRS:
-        if not (path / d).is_dir():
-            raise RunDirError(f"{path} is not a complete run directory: {d}/ is missing")
-    model_json = path / "model" / "model.json"
-    model_info = _read_json(path, "model/model.json") if model_json.exists() else {}
-    results = data["results.json"]
-    where = path / "results.json"
+    if not (path / "model").is_dir():
+        raise RunDirError(f"{path} is not a complete run directory: model/ is missing")
+    model_info = _read_json(path, "model/model.json") if (path / "model" / "model.json").exists() else {}
+    results, where = data["results.json"], path / "results.json"
     for key in ("method", "metrics.global.acc", "metrics.global.bacc", "history"):
-        _require(results, key, where)
+        node = results
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise RunDirError(
+                    f"{where} has no `{key}` (see docs/contracts.md for the results.json format)"
+                )
+            node = node[part]
     if not isinstance(results["history"], list):
         raise RunDirError(f"{where}: `history` must be a list of per-round records")
     for i, rec in enumerate(results["history"]):
@@ -129,8 +92,13 @@ def read_run_dir(run_dir: str | Path) -> RunDir:
 def run_params(run: RunDir) -> dict[str, str]:
     """run_parameters of a run directory: the config, and what results.json resolved."""
     res = run.results
-    part = res.get("partition") or {}
-    preprocessing = res.get("preprocessing")
+    part, preprocessing = res.get("partition") or {}, res.get("preprocessing")
+    options = res.get("method_options")
+    params = run_parameters(
+        run.config,
+        options if isinstance(options, dict) else None,
+        preprocessing.get("name") if isinstance(preprocessing, dict) else None,
+    )
     # Facts from results.json that a search or comparison wants as params; the config wins on clashes.
     extra = {
         "method": res.get("method"),
@@ -144,14 +112,7 @@ def run_params(run: RunDir) -> dict[str, str]:
         "metrics.selection": (res.get("metrics") or {}).get("selection"),
         "federation_run_id": res.get("run_id"),
     }
-    params = run_parameters(
-        run.config,
-        res.get("method_options") if isinstance(res.get("method_options"), dict) else None,
-        preprocessing.get("name") if isinstance(preprocessing, dict) else None,
-    )
-    for k, v in _flatten({k: v for k, v in extra.items() if v is not None}).items():
-        params.setdefault(k, v)
-    return params
+    return {**_flatten({k: v for k, v in extra.items() if v is not None}), **params}
 
 
 def _log_run_files(client, run_id: str, run_path: Path, include_site_models: bool) -> list[str]:
@@ -160,30 +121,39 @@ def _log_run_files(client, run_id: str, run_path: Path, include_site_models: boo
     for name in REQUIRED_FILES:
         if (run_path / name).is_file():
             client.log_artifact(run_id, str(run_path / name))
-    for d in OPTIONAL_DIRS:
+    for d in ("plots", "rounds"):
         if (run_path / d).is_dir():
             client.log_artifacts(run_id, str(run_path / d), artifact_path=d)
     withheld = []
     model_dir = run_path / "model"
-    for f in sorted(model_dir.rglob("*")) if model_dir.is_dir() else []:
-        if not f.is_file():
-            continue
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         if f.parent == model_dir and f.match(SITE_MODEL_GLOB) and not include_site_models:
             withheld.append(f.name)
-            continue
-        where = Path("model") / f.parent.relative_to(model_dir)
-        client.log_artifact(run_id, str(f), artifact_path=where.as_posix())
+        else:
+            client.log_artifact(
+                run_id, str(f), artifact_path=(Path("model") / f.parent.relative_to(model_dir)).as_posix()
+            )
     return withheld
 
 
 def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:
     """Registration's lineage; the run directory's path only where it means something to a reader (not a
     pod's temporary directory: `record_path=False`)."""
-    lineage = run.lineage()
+    backbone = run.results.get("backbone") or run.model_info.get("backbone") or {}
+    commit = git_commit(run.results, run.config)
     tags = {
-        **lineage,
+        "method": str(run.results["method"]),
+        "partition_digest": str(run.partition.get("digest", "")),
+        # Dataset identity: which images (and labels) each holder's feature store was built from.
+        "dataset_digest": dataset_digest(run.provenance),
+        "backbone": str(backbone.get("name", "unknown")),
+        "backbone_sha256": str(backbone.get("weights_sha256", "unknown")),
+        "feature_provenance_digest": canonical_digest(
+            {h: p.get("digest", "") for h, p in sorted(run.provenance.items())}
+        ),
+        "git_commit": commit,
         **privacy_summary(run.results),
-        "mlflow.source.git.commit": lineage["git_commit"],
+        "mlflow.source.git.commit": commit,
         "fedmedclip.sites": ",".join(run.site_names),
     }
     if record_path:
@@ -192,16 +162,14 @@ def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:
 
 
 def recorded_times(results: dict) -> tuple[float | None, float | None]:
-    """(start, end) of a finished run in unix seconds, from what results.json records: each round's
-    `finished_at` and the run's total seconds; (None, None) for a run directory written before rounds had
-    their time."""
+    """(start, end) of a finished run in unix seconds, from each round's `finished_at` and the run's total
+    seconds; (None, None) for a run directory written before rounds had their time."""
     ends = [_num(r.get("finished_at")) for r in results.get("history") or [] if isinstance(r, dict)]
     ends = [t for t in ends if t is not None]
     if not ends:
         return None, None
     end = max(ends)
-    timing = results.get("timing") or {}
-    total = _num(timing.get("total_seconds"))
+    total = _num((results.get("timing") or {}).get("total_seconds"))
     if total is None:
         first = min(results["history"], key=lambda r: _num(r.get("finished_at")) or end)
         total = (end - min(ends)) + (_num(first.get("seconds")) or 0.0)
@@ -233,7 +201,7 @@ def log_run_dir(
         record_run_dir=record_run_dir,
     )
     start, end = recorded_times(run.results)
-    part = run.results.get("partition") or {}
+    part, data = run.results.get("partition") or {}, str(run.config.get("data") or "")
     run_id = logger.start(
         run_params(run),
         tags={
@@ -245,12 +213,12 @@ def log_run_dir(
         run_name=run_name or run.path.resolve().name,
         site_names=run.site_names,
         partition=run.partition,
-        data_source=str(run.config.get("data") or ""),
+        data_source=data,
         description=describe_run(
-            run.method,
+            str(run.results["method"]),
             run.site_names,
             run.results.get("rounds"),
-            str(run.config.get("data") or part.get("source") or "?"),
+            data or str(part.get("source") or "?"),
             part,
             f"Logged from the run directory by `{source}`.",
         ),

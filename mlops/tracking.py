@@ -1,15 +1,11 @@
-"""MLflow plumbing shared by live logging (mlops/live.py), run-directory logging (mlops/rundir.py) and the
-registry (mlops/registry.py): the tracking server by the one rule, the client, the experiment, and how a run's
-records, settings and context become MLflow metrics, parameters, tags and inputs (docs/contracts.md, "Run
-directory"). mlflow is imported inside the functions: `mlops.cli` must stay light.
-
-Artifacts go through the tracking server (`mlflow server --serve-artifacts`, `mlflow-artifacts:` URIs), so
-clients need no S3 credentials; the server writes them to the versioned bucket.
+"""MLflow plumbing shared by live logging, run-directory logging and the registry: the tracking server, the
+client, the experiment, and how a run's records, settings and context become MLflow metrics, parameters, tags
+and inputs (docs/contracts.md, "Run directory"). mlflow is imported inside the functions: `mlops.cli` must stay
+light. Artifacts go through the tracking server (`--serve-artifacts`), so clients need no S3 credentials.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -42,48 +38,32 @@ class RunDirError(TrackingError):
 
 
 def git_commit(*recorded: dict) -> str:
-    """The commit of the code that made the run: recorded in the run directory (results.json, config.json) if
-    the core wrote it, else the image's build argument (no .git inside containers), else this checkout."""
-    for source in recorded:
-        value = source.get("git_commit") if isinstance(source, dict) else None
+    """The commit of the code that made the run: recorded in the run directory (results.json, config.json),
+    else the image's build argument (no .git inside containers), else this checkout's."""
+    env = os.environ.get("FEDMEDCLIP_GIT_COMMIT")
+    for value in [*(r.get("git_commit") for r in recorded if isinstance(r, dict)), env]:
         if value:
             return str(value)
-    env = os.environ.get("FEDMEDCLIP_GIT_COMMIT")
-    if env:
-        return env
-    repo = Path(__file__).resolve().parents[1]
+    git = ("git", "-C", str(Path(__file__).resolve().parents[1]))
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if commit.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
+            [*git, "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=10
         )
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-# ----------------------------------------------------------------------------------- MLflow plumbing
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The answering tracking server by the one rule of fedmedclip.tracking_server (--tracking-uri, else
-    $MLFLOW_TRACKING_URI, else the local stack); TrackingError when there is none or it does not answer.
-    Never MLflow's silent default of a ./mlflow.db or ./mlruns store in the working directory."""
-    return require_tracking_uri(tracking_uri, error=TrackingError)
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _client(tracking_uri: str | None):
+    """The client of the answering tracking server by fedmedclip.tracking_server's rule, else TrackingError
+    (never MLflow's silent default of a ./mlruns store in the working directory), and its URI."""
     import mlflow
     from mlflow import MlflowClient
 
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = require_tracking_uri(tracking_uri, error=TrackingError)
     # Downloads stream through the tracking server, as uploads do: MLflow 3 otherwise fetches presigned S3
     # URLs itself, which needs a route to the bucket (a hospital's pod has none) and is refused by the
     # local stack's S3, which accepts only requests signed with a role's key.
@@ -109,9 +89,9 @@ def if_found(call, *args, default=None):
 
 def registered_version(client, name: str, alias: str | None, version: str | None):
     """The registered version `name@alias`, else `name/version` (parse_model_reference's parts)."""
-    if alias:
-        return client.get_model_version_by_alias(name, alias)
-    return client.get_model_version(name, version)
+    return (
+        client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    )
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -123,22 +103,18 @@ def metric_key(*parts: str) -> str:
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    if isinstance(obj, dict) and not obj and not prefix:
-        return out
-    if isinstance(obj, dict) and obj:
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
+    """Nested dicts as dotted keys, each value a string (JSON unless it is one) within MLflow's limits."""
+    if isinstance(obj, dict) and (obj or not prefix):
+        dotted = {key: f"{prefix}.{key}" if prefix else str(key) for key in obj}
+        return {k: v for key, sub in obj.items() for k, v in _flatten(sub, dotted[key]).items()}
     value = obj if isinstance(obj, str) else json.dumps(obj)
     if len(value) > 6000:  # MLflow's parameter value limit
         value = value[:5980] + "...(truncated)"
-    out[_KEY_BAD.sub("_", prefix)[:250]] = value
-    return out
+    return {_KEY_BAD.sub("_", prefix)[:250]: value}
 
 
 def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
+    if isinstance(x, bool):
         return None
     try:
         v = float(x)
@@ -147,80 +123,69 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None  # a NaN or infinite metric is never logged
 
 
-def _put(out: dict[str, float], key: str, value: Any) -> None:
-    """`out[key] = value` as a float metric, unless it is missing or not a finite number."""
-    v = _num(value)
-    if v is not None:
-        out[key] = v
+def _finite(raw: dict[str, Any]) -> dict[str, float]:
+    """The values that are finite numbers, as float metrics (missing or NaN ones are never logged)."""
+    return {k: v for k, v in ((k, _num(x)) for k, x in raw.items()) if v is not None}
 
 
 def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
-    """One round record (an entry of results.json's `history`) as MLflow metrics, named so that the MLflow UI
-    groups them (it groups by the part before the first `/`): `global/acc`, `global/bacc`; per site
-    `<site>/acc`, `<site>/bacc`, `<site>/val_acc`, `<site>/bytes_up`, `<site>/bytes_down`; `sites/present`,
-    `sites/rejected`, `sites/val_acc_mean`, `sites/train_loss`; `comm/bytes_up`, `comm/bytes_down` (summed
-    over the sites); `time/round_seconds`; under DP `privacy/epsilon_max` (the sites' largest epsilon so far),
-    `privacy/client_epsilon` (client-level DP) and `<site>/epsilon`. Missing or non-finite values are left out."""
-    out: dict[str, float] = {}
-    add = functools.partial(_put, out)
-
-    g = record.get("global") or {}
-    add("global/acc", g.get("acc"))
-    add("global/bacc", g.get("bacc"))
+    """One round record (an entry of results.json's `history`) as MLflow metrics, grouped by the part before the
+    first `/` as the UI does (pipelines/README.md, "Tracking while it runs"); missing or non-finite values are
+    left out."""
+    g, present = record.get("global") or {}, record.get("sites_present")
     rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
-    for s in rows:
-        for k in ("acc", "bacc", "val_acc", "epsilon"):
-            add(metric_key(str(s.get("site")), k), s.get(k))
-    add("sites/val_acc_mean", record.get("val_acc_mean"))
-    add("sites/train_loss", record.get("train_loss"))
-    # Differential privacy (fedmedclip.privacy): the sites' largest epsilon so far, and client-level DP's.
-    add("privacy/epsilon_max", record.get("epsilon_max"))
-    add("privacy/client_epsilon", (record.get("client_dp") or {}).get("epsilon"))
-    add("time/round_seconds", record.get("seconds"))
-    present = record.get("sites_present")
-    add("sites/present", len(present) if isinstance(present, list) else present)
-    if isinstance(record.get("rejected"), dict):
-        add("sites/rejected", len(record["rejected"]))
+    raw = {"global/acc": g.get("acc"), "global/bacc": g.get("bacc")}
+    raw |= {
+        metric_key(str(s.get("site")), k): s.get(k)
+        for s in rows
+        for k in ("acc", "bacc", "val_acc", "epsilon")
+    }
+    raw |= {
+        "sites/val_acc_mean": record.get("val_acc_mean"),
+        "sites/train_loss": record.get("train_loss"),
+        # Differential privacy (fedmedclip.privacy): the sites' largest epsilon so far, and client-level DP's.
+        "privacy/epsilon_max": record.get("epsilon_max"),
+        "privacy/client_epsilon": (record.get("client_dp") or {}).get("epsilon"),
+        "time/round_seconds": record.get("seconds"),
+        "sites/present": len(present) if isinstance(present, list) else present,
+        "sites/rejected": len(record["rejected"]) if isinstance(record.get("rejected"), dict) else None,
+    }
     # Per-site lists follow the order of the record's site rows (the run's site names).
     names = [str(s.get("site")) for s in rows] or [str(n) for n in site_names or []]
     for direction in ("bytes_up", "bytes_down"):
         per_site = record.get(direction)
-        if isinstance(per_site, list):
-            add(f"comm/{direction}", sum(_num(b) or 0.0 for b in per_site))
-            if len(per_site) == len(names):
-                for name, b in zip(names, per_site, strict=True):
-                    add(metric_key(name, direction), b)
-        else:
-            add(f"comm/{direction}", per_site)
-    return out
+        if not isinstance(per_site, list):
+            raw[f"comm/{direction}"] = per_site
+            continue
+        raw[f"comm/{direction}"] = sum(_num(b) or 0.0 for b in per_site)
+        if len(per_site) == len(names):
+            raw |= {metric_key(name, direction): b for name, b in zip(names, per_site, strict=True)}
+    return _finite(raw)
 
 
 def final_metrics(results: dict) -> dict[str, float]:
     """The run's summary from results.json, under `summary/`: the reported (selected-round) model's metrics
     (`summary/global_bacc` is what promotion compares), the last round's, traffic and times. One group that
     the MLflow UI lists after the per-round curves (it orders groups by name)."""
-    final: dict[str, float] = {}
-    put = functools.partial(_put, final)
-
-    m = results.get("metrics") or {}
-    for k, v in (m.get("global") or {}).items():
-        put(f"{SUMMARY}/global_{k}", v)
-    for s in m.get("sites") or []:
-        for k in ("acc", "bacc", "f1", "ece", "n"):
-            put(metric_key(SUMMARY, f"{s.get('site')}_{k}"), s.get(k))
-    for k, v in (m.get("site_mean") or {}).items():
-        put(f"{SUMMARY}/site_mean_{k}", v)
-    put(f"{SUMMARY}/best_round", m.get("best_round"))
-    last = m.get("last_round") or {}
-    for k, v in (last.get("global") or {}).items():
-        put(f"{SUMMARY}/last_round_global_{k}", v)
-    comm = results.get("comm") or {}
-    for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round", "total_bytes"):
-        put(f"{SUMMARY}/{k}", comm.get(k))
-    timing = results.get("timing") or {}
-    for k, v in timing.items():
-        put(f"{SUMMARY}/{k}", v)
-    return final
+    m, comm = results.get("metrics") or {}, results.get("comm") or {}
+    last = (m.get("last_round") or {}).get("global") or {}
+    raw = {
+        **{f"global_{k}": v for k, v in (m.get("global") or {}).items()},
+        **{
+            f"{s.get('site')}_{k}": s.get(k)
+            for s in m.get("sites") or []
+            for k in ("acc", "bacc", "f1", "ece", "n")
+        },
+        **{f"site_mean_{k}": v for k, v in (m.get("site_mean") or {}).items()},
+        "best_round": m.get("best_round"),
+        **{f"last_round_global_{k}": v for k, v in last.items()},
+        **{
+            k: comm.get(k)
+            for k in ("bytes_up_per_site_per_round", "bytes_down_per_site_per_round", "total_bytes")
+        },
+        **(results.get("timing") or {}),
+    }
+    return _finite({metric_key(SUMMARY, k): v for k, v in raw.items()})
 
 
 def experiment_ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
@@ -231,9 +196,8 @@ def experiment_ui_url(tracking_uri: str, experiment_id: str, run_id: str | None 
 
 
 def is_operational(key: str) -> bool:
-    """Settings that may change when a run is continued (a restarted server with another quorum, threads or
-    cache): the server's options and the fields left out of the resume key (declared resume="never"). Logged
-    as parameters at the start; a change on restart is recorded in a tag, never refused."""
+    """Settings a continued run may change (the server's options, the fields declared resume="never"): a
+    change on restart is recorded in a tag, never refused."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.flags import declared
 
@@ -247,11 +211,9 @@ def run_parameters(
     preprocessing: str | None = None,
     extra: dict | None = None,
 ) -> dict[str, str]:
-    """Every resolved setting of a run as MLflow parameters, one key per setting (nested dicts as dotted
-    keys): the configuration (config.json, `out` left out), the method's options with their defaults
-    resolved (`method_options.lr_fam`, ...), the resolved preprocessing, and `extra` (the runtime's: site
-    names, quorum, timeouts, norm factor, ... under `server.`). The live logger and `track RUN_DIR` both log
-    through this, so one run gives the same keys however it is logged."""
+    """Every resolved setting of a run as MLflow parameters (dotted keys): the configuration (`out` left out),
+    the method's options with their defaults, the preprocessing and `extra` (the runtime's: sites, `server.*`).
+    Live logging and `track RUN_DIR` both log through this: one run gives the same keys however it is logged."""
     settings = {k: v for k, v in config.items() if k != "out"}
     if method_options is not None:
         settings["method_options"] = {**(settings.get("method_options") or {}), **method_options}
@@ -292,14 +254,11 @@ def describe_run(
     lines = [
         f"**{method}** federated over {len(site_names)} sites ({sites}), {rounds} rounds.",
         f"Data: `{data}`, partition {scheme}" + (f", seed {seed}." if seed is not None else "."),
-    ]
-    if orchestrator:
-        lines.append(orchestrator)
-    lines.append(
+        orchestrator,
         "Metrics: `global/*` on the server's global test set, `<site>/*` on each site's own test split "
-        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times."
-    )
-    return "\n\n".join(lines)
+        "(per round), `summary/*` at the selected round (the model that is registered), traffic and times.",
+    ]
+    return "\n\n".join(line for line in lines if line)
 
 
 def outcome_line(results: dict) -> str:
@@ -326,12 +285,6 @@ def _data_name(source: str) -> str:
     return f"{path.parent.name}/{path.name}" if path.suffix else path.name
 
 
-def _data_source_type(source: str) -> str:
-    if source.startswith("s3://"):
-        return "s3"
-    return "synthetic" if source == "synthetic" else "local"
-
-
 def dataset_inputs(partition: dict, data_source: str = "") -> list:
     """The MLflow inputs of a run, from its partition manifest (docs/contracts.md, partition.json): the data
     set (every image id and the class names, whoever holds them) and the partition (which holder holds
@@ -349,17 +302,15 @@ def dataset_inputs(partition: dict, data_source: str = "") -> list:
     partition_name = f"{_data_name(source)}:{scheme}" + (f"(alpha={alpha})" if alpha else "")
     partition_name += f":seed={partition.get('seed')}:{len(partition.get('sites') or {})} sites"
     partition_digest = str(partition.get("digest") or canonical_digest(partition))
+    source_type = "s3" if source.startswith("s3://") else "synthetic" if source == "synthetic" else "local"
 
     def entry(name: str, digest: str, profile: dict, context: str) -> DatasetInput:
         dataset = Dataset(
-            name=name,
-            digest=digest[:32],
-            source_type=_data_source_type(source),
-            source=json.dumps({"uri": source}),
-            profile=json.dumps(profile),
+            name, digest[:32], source_type, json.dumps({"uri": source}), profile=json.dumps(profile)
         )
-        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("fedmedclip.digest", digest)]
-        return DatasetInput(dataset, tags)
+        return DatasetInput(
+            dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("fedmedclip.digest", digest)]
+        )
 
     return [
         entry(_data_name(source), images_digest, data_profile, "training"),
@@ -382,11 +333,8 @@ def get_or_create_experiment(client, name: str) -> str:
     """The experiment's id, created if missing; it is marked as model training (not GenAI) and described."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        exp_id = client.create_experiment(
-            name,
-            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION},
-        )
-        return exp_id
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION}
+        return client.create_experiment(name, tags=tags)
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"

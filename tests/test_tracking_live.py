@@ -163,6 +163,8 @@ def test_failed_run_with_partial_directory_logs_what_exists(mlops_stack, client,
     logger = LiveRunLogger("test-live", mlops_stack.tracking_uri)
     run_id = logger.start({"rounds": 2})
     logger.log_round(round_record(1))
+    logger.log_round({"round": 2})  # no metric at all: MLflow queues nothing, and nothing waits for it
+    assert logger.flush(timeout=60) and logger.unsent_rounds == []
     logger.finish(run_dir, "FAILED")
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and [m.step for m in history(client, run_id, "global/acc")] == [1]
