@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from conftest import without_timing
-from test_federation_validation import _parties, prepared, worker  # noqa: F401 (prepared is a fixture)
+from test_federation_validation import _parties, prepared, restarted, worker  # noqa: F401 (prepared is a fixture)
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.federation.checkpoint import CheckpointStore
@@ -54,6 +54,24 @@ def uninterrupted(prepared, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("uninterrupted")
     server, sites, *_ = _parties(_cfg(cfg), p, tmp, quorum=3)
     return _finish(server, sites), tmp
+
+
+def test_a_server_killed_mid_write_leaves_no_partial_file_once_restarted(prepared, uninterrupted, tmp_path):  # noqa: F811
+    """A server killed while writing a round's global module leaves that write's temporary file in its run
+    directory (os.replace never ran); started again, it removes it, and the run directory ends as an
+    uninterrupted run's: the finished files only."""
+    cfg, p = prepared
+    expected, expected_dir = uninterrupted
+    server, sites, mailbox, store, _ = _parties(_cfg(cfg), p, tmp_path, quorum=3)
+    _until([*sites, server], lambda: server.round == 2)
+    partial = server.out / "rounds" / ".global_round_002.bin.k3x9q1.part"  # as tempfile.mkstemp names it
+    partial.write_bytes(b"half a module")
+    server = restarted(server, store, server.out, quorum=3)
+    assert not partial.exists()
+    got = _finish(server, sites)
+    assert without_timing(got) == without_timing(expected)
+    names = sorted(f.name for f in (server.out / "rounds").iterdir())
+    assert names == sorted(f.name for f in (expected_dir / "out" / "rounds").iterdir())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "removed"])

@@ -44,7 +44,7 @@ from .records import (
     write_results,
 )
 from .robust import clip_to, default_bound, distance, robust_aggregate
-from .storage import ObjectStore, ObjectTooLarge
+from .storage import ObjectStore, ObjectTooLarge, remove_partial_writes
 
 log = logging.getLogger("fedmedclip.server")
 
@@ -350,6 +350,8 @@ class FederationServer:
             raise FederationError(
                 f"the server's state in {self.state.url} belongs to run {body.get('run_id')!r}"
             )
+        if self.out.is_dir():
+            remove_partial_writes(self.out)
         self.phase, self.round = body["phase"], int(body["round"])
         self.history, self.info = body["history"], body["info"]
         self.reports = {int(r): v for r, v in body["reports"].items()}

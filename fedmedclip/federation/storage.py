@@ -116,6 +116,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of `atomic_write_bytes` calls that a kill (SIGKILL, a lost node) interrupted
+    below `folder`: a restart writes those files again whole, and the run directory holds only finished ones."""
+    stale = [p for p in Path(folder).rglob(".*.part") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 class ObjectStore:
     """The interface. `url` names the store in messages (`s3://bucket/prefix`, a directory, `memory://x`)."""
 
