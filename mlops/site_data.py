@@ -350,6 +350,7 @@ def publish_site(cfg, site: str, location, client=None, progress=True, allow_out
 def withdraw_site(location: str, index: int) -> tuple[int, int]:
     """Delete site k's images (the ids its catalog lists), then its catalog and its summary, every version of
     each, with the site's own key (no listing). Returns (images, object versions deleted)."""
+    parse_root(location)  # s3:// only: a hospital's local folder is its own to delete
     root, _ = _root(location)
     prefix = site_prefix(index)
     catalog = _get_message(root, prefix + CATALOG, HolderCatalog)

@@ -28,6 +28,7 @@ from mlops.site_data import (  # noqa: E402
     publish_site,
     read_site_assignment,
     read_site_summary,
+    withdraw_site,
 )
 from mlops.tree import file_digest  # noqa: E402
 
@@ -331,6 +332,9 @@ def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
     assert read_site_summary(home, 0)["samples"] == got.samples
     assert sorted(p.name for p in home.iterdir()) == ["sites", "summaries"]
     assert sorted(p.name for p in (home / "sites").iterdir()) == ["0"]
+    with pytest.raises(ConfigError, match="is not an s3:// URL"):  # `data withdraw` is for S3 only
+        withdraw_site(str(home), 0)
+    assert (home / "sites" / "0" / CATALOG).is_file()
 
 
 # -------------------------------------------------------------------------------------- safe paths
