@@ -29,7 +29,7 @@ from devstack.stack import (
 )
 from fedmedclip.errors import FedMedClipError
 from mlops import cli as ccli
-from mlops.registry import DifferentDataRefused, PromotionRefused, promote, register_model
+from mlops.registry import DifferentDataRefused, Promotion, PromotionRefused, promote, register_model
 from mlops.rundir import log_run_dir
 from mlops.tracking import PROMOTION_METRIC, RunDirError, TrackingError
 
@@ -443,6 +443,13 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     images[0, ..., 0] = 255  # red -> class 0 in the tiny model
     probabilities, class_index = session.run(None, {"images": images})
     assert class_index.tolist() == [0, 3] and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_a_promotion_over_a_holder_without_a_metric_describes_itself():
+    """`promote --allow-worse` over a holder with no metric (its run deleted) prints what it did; the text
+    formatted the missing metric as a number (TypeError after the alias had moved) before the shrink."""
+    text = Promotion("m", "2", "champion", 0.8, "1", None, True).describe()
+    assert f"previous: version 1, {PROMOTION_METRIC} (no metric)" in text and "--allow-worse" in text
 
 
 def test_promote_refuses_versions_trained_on_different_data(mlops_stack, tmp_path, capsys):
