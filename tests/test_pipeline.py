@@ -374,7 +374,7 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
 # ------------------------------------------------------------------------------------------- submit
 class _FakeKfpApi:
     """A real HTTP server on loopback standing in for the KFP API: `answers` maps a path prefix to (status,
-    JSON body); every request's headers are kept."""
+    JSON body, or raw bytes); every request's headers are kept."""
 
     def __init__(self, answers: dict[str, tuple[int, dict]]):
         import http.server
@@ -388,7 +388,7 @@ class _FakeKfpApi:
                 status, body = next(
                     (v for k, v in answers.items() if self.path.startswith(k)), (404, {"error": "nope"})
                 )
-                raw = json.dumps(body).encode()
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
@@ -434,11 +434,21 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
     finally:
         refusing.close()
     old = _FakeKfpApi({healthz: (200, {"tag_name": "2.2.0", "multi_user": False})})
+    not_a_ca = tmp_path / "ca.pem"
+    not_a_ca.write_text("not a certificate\n")
     try:
         err = run(old.url, "--token", "t")
         assert "is 2.2.0" in err and "2.15 or newer" in err
+        assert "--ssl-ca-cert" in run(old.url, "--ssl-ca-cert", str(not_a_ca))
     finally:
         old.close()
+    # something else answers: not JSON, not UTF-8, or JSON that is not an object
+    for body in (b"<html>", b"\xff\xfe\xfd", [], "ok"):
+        other = _FakeKfpApi({healthz: (200, body)})
+        try:
+            assert "did not answer a JSON object" in run(other.url), body
+        finally:
+            other.close()
     # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off)
     failing = _FakeKfpApi(
         {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
