@@ -279,7 +279,9 @@ def test_cli_compile(tmp_path):
 
 # ------------------------------------------------------------------------------------------- execution
 @pytest.mark.slow
-def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(mlops_stack, tmp_path):
+def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(
+    mlops_stack, tmp_path, capsys
+):
     """`make demo`'s path with the committed YAML on kfp.local: data published one prefix per holder, every task
     with only its own role's key of the local stack (as each pod gets only its own Secret), the mailbox in the
     same bucket; prepare, three parties (each one task: its extraction, then the server and the two site workers
@@ -291,7 +293,7 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     from fedmedclip.config import TrainConfig
     from fedmedclip.engine import train
     from mlops.site_data import publish
-    from pipelines.local import run_local
+    from pipelines.local import run_local, server_status_reader
 
     bucket = f"fmc-pipe-{uuid.uuid4().hex[:10]}"
     add_data_root(mlops_stack.data_dir, bucket)
@@ -307,6 +309,8 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         tmp_path / "root",
         tmp_path / "pipeline_run",
         log_path=tmp_path / "pipeline.log",
+        progress=True,  # as `demo` shows it: a bar over the tasks, one over the rounds the server closed
+        rounds_of=server_status_reader(f"s3://{bucket}", mlops_stack.data_dir),
         settings={
             "sites": 2,
             "rounds": 3,
@@ -320,6 +324,8 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         tracking_uri=mlops_stack.tracking_uri,
         model_name=model,
     )
+    bars = capsys.readouterr().err
+    assert "pipeline tasks" in bars and "federated rounds" in bars and "3/3" in bars, bars[-2000:]
     run_id = run.results["run_id"]
     ref = train(cfg, progress=False, run_id=run_id)  # the same run id: byte-identical payloads
 
