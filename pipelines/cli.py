@@ -371,9 +371,8 @@ def cmd_submit(args) -> int:
     warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
     logging.disable(logging.ERROR)  # kfp logs a traceback per retry; the one line below says it all
     try:
-        result = kfp.Client(
-            host=args.host, namespace=args.namespace, **credentials
-        ).create_run_from_pipeline_package(
+        client = kfp.Client(host=args.host, namespace=args.namespace, **credentials)
+        result = client.create_run_from_pipeline_package(
             str(yaml_path),
             arguments=params,
             run_name=args.run_name,
