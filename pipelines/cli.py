@@ -320,22 +320,27 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if kwargs.get("cookies"):
         headers["Cookie"] = kwargs["cookies"]
-    context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_cert"))  # used for https only
+    try:  # used for https only; a file that holds no CA is the user's mistake whatever the scheme
+        context = ssl.create_default_context(cafile=kwargs.get("ssl_ca_cert"))
+    except ssl.SSLError as e:
+        raise ConfigError(f"--ssl-ca-cert {kwargs['ssl_ca_cert']}: holds no CA ({e.reason})") from None
     try:
         with urllib.request.urlopen(
             urllib.request.Request(url, headers=headers), timeout=timeout, context=context
         ) as r:
-            health = json.loads(r.read(1 << 20))
+            raw = r.read(1 << 20)
     except urllib.error.HTTPError as e:
         raise FedMedClipError(_http_problem(host, e.code, e.read(2000).decode(errors="replace"))) from None
-    except json.JSONDecodeError:
-        raise FedMedClipError(f"{url} did not answer JSON: is {host} the Kubeflow Pipelines API?") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise FedMedClipError(
             f"cannot reach the Kubeflow Pipelines API at {host} ({getattr(e, 'reason', e)}); check --host "
             "(e.g. `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80`, then --host http://localhost:8080)"
         ) from None
-    tag = str(health.get("tag_name") or health.get("tagName") or "")
+    try:  # what answers may be anything: not JSON, not UTF-8, JSON that is not an object
+        health = json.loads(raw)
+        tag = str(health.get("tag_name") or health.get("tagName") or "")
+    except (ValueError, AttributeError):
+        raise FedMedClipError(f"{url} did not answer a JSON object: is {host} the KFP API?") from None
     version = re.match(r"v?(\d+)\.(\d+)", tag)
     if version and (int(version[1]), int(version[2])) < MIN_KFP_BACKEND:
         raise FedMedClipError(
@@ -366,9 +371,8 @@ def cmd_submit(args) -> int:
     warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
     logging.disable(logging.ERROR)  # kfp logs a traceback per retry; the one line below says it all
     try:
-        result = kfp.Client(
-            host=args.host, namespace=args.namespace, **credentials
-        ).create_run_from_pipeline_package(
+        client = kfp.Client(host=args.host, namespace=args.namespace, **credentials)
+        result = client.create_run_from_pipeline_package(
             str(yaml_path),
             arguments=params,
             run_name=args.run_name,

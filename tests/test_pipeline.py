@@ -279,7 +279,9 @@ def test_cli_compile(tmp_path):
 
 # ------------------------------------------------------------------------------------------- execution
 @pytest.mark.slow
-def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(mlops_stack, tmp_path):
+def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(
+    mlops_stack, tmp_path, capsys
+):
     """`make demo`'s path with the committed YAML on kfp.local: data published one prefix per holder, every task
     with only its own role's key of the local stack (as each pod gets only its own Secret), the mailbox in the
     same bucket; prepare, three parties (each one task: its extraction, then the server and the two site workers
@@ -291,7 +293,7 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
     from fedmedclip.config import TrainConfig
     from fedmedclip.engine import train
     from mlops.site_data import publish
-    from pipelines.local import run_local
+    from pipelines.local import run_local, server_status_reader
 
     bucket = f"fmc-pipe-{uuid.uuid4().hex[:10]}"
     add_data_root(mlops_stack.data_dir, bucket)
@@ -307,6 +309,8 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         tmp_path / "root",
         tmp_path / "pipeline_run",
         log_path=tmp_path / "pipeline.log",
+        progress=True,  # as `demo` shows it: a bar over the tasks, one over the rounds the server closed
+        rounds_of=server_status_reader(f"s3://{bucket}", mlops_stack.data_dir),
         settings={
             "sites": 2,
             "rounds": 3,
@@ -320,6 +324,8 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
         tracking_uri=mlops_stack.tracking_uri,
         model_name=model,
     )
+    bars = capsys.readouterr().err
+    assert "pipeline tasks" in bars and "federated rounds" in bars and "3/3" in bars, bars[-2000:]
     run_id = run.results["run_id"]
     ref = train(cfg, progress=False, run_id=run_id)  # the same run id: byte-identical payloads
 
@@ -374,7 +380,7 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
 # ------------------------------------------------------------------------------------------- submit
 class _FakeKfpApi:
     """A real HTTP server on loopback standing in for the KFP API: `answers` maps a path prefix to (status,
-    JSON body); every request's headers are kept."""
+    JSON body, or raw bytes); every request's headers are kept."""
 
     def __init__(self, answers: dict[str, tuple[int, dict]]):
         import http.server
@@ -388,7 +394,7 @@ class _FakeKfpApi:
                 status, body = next(
                     (v for k, v in answers.items() if self.path.startswith(k)), (404, {"error": "nope"})
                 )
-                raw = json.dumps(body).encode()
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
@@ -434,11 +440,21 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
     finally:
         refusing.close()
     old = _FakeKfpApi({healthz: (200, {"tag_name": "2.2.0", "multi_user": False})})
+    not_a_ca = tmp_path / "ca.pem"
+    not_a_ca.write_text("not a certificate\n")
     try:
         err = run(old.url, "--token", "t")
         assert "is 2.2.0" in err and "2.15 or newer" in err
+        assert "--ssl-ca-cert" in run(old.url, "--ssl-ca-cert", str(not_a_ca))
     finally:
         old.close()
+    # something else answers: not JSON, not UTF-8, or JSON that is not an object
+    for body in (b"<html>", b"\xff\xfe\xfd", [], "ok"):
+        other = _FakeKfpApi({healthz: (200, body)})
+        try:
+            assert "did not answer a JSON object" in run(other.url), body
+        finally:
+            other.close()
     # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off)
     failing = _FakeKfpApi(
         {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
