@@ -164,7 +164,9 @@ def run_compiled(
             logging.getLogger().addFilter(not_kfp_cleanup)
             stack.callback(logging.getLogger().removeFilter, not_kfp_cleanup)
         if log_path is not None and progress:
-            total = len(next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"])
+            # The parties' loop writes no executor output of its own (its workers' rounds have their own bar).
+            tasks = next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"].values()
+            total = sum("parameterIterator" not in t for t in tasks)
             rounds = int((params.get("settings") or {}).get("rounds") or 0)
             args = (root, total, done, rounds, rounds_of)
             watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
