@@ -280,6 +280,8 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
     resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30)
     assert resp.status_code == 200
     client.close()
+    # Each load logs the model's line again: its parts (operators read them) each after a "; "
+    assert "; providers ['CPUExecutionProvider']; batching Batching(" in server.log()
 
 
 # --------------------------------------------------------------------- hostile JSON: 4xx, one line, no echo
