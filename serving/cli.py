@@ -166,9 +166,7 @@ def _cannot_listen(host: str, port: int) -> str | None:
     except socket.gaierror as exc:
         return f"cannot be listened on: --host is not an address ({exc})"
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # as uvicorn binds: TIME_WAIT is no conflict
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
         try:
             sock.bind(address)
         except OSError as exc:

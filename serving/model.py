@@ -74,9 +74,9 @@ class FedMedClipModel(kserve.Model):
         log.info(
             f"model {self.name!r} version {self.version} from {self.resolved.origin} (sha256 "
             f"{self.resolved.sha256}): {contract.num_classes} classes {list(contract.class_names)}, "
-            f"image {s}x{s} ({contract.preprocessing.name} preprocessing), {provenance} "
-            f"precision={contract.precision}; OOD {calibration}; providers {list(self.classifier.providers)} "
-            f"batching {self.options.batching}; limits {self.limits}; {self.decoder.threads} decoding threads"
+            f"image {s}x{s} ({contract.preprocessing.name} preprocessing), {provenance} precision="
+            f"{contract.precision}; OOD {calibration}; providers {list(self.classifier.providers)}; batching "
+            f"{self.options.batching}; limits {self.limits}; {self.decoder.threads} decoding threads"
         )
         self.ready = True
         metrics.MODEL_READY.labels(self.name).set(1)

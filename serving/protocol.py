@@ -395,6 +395,8 @@ class JsonParser:
             ) from None
 
     def shutdown(self) -> None:
+        # The process pool is waited for: its manager thread, left running, races the interpreter's exit
+        # (CPython 3.11.7: an "Exception ignored ... Bad file descriptor" traceback on some stops).
         for pool in (self._threads, self._processes):
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=pool is self._processes, cancel_futures=True)

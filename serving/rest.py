@@ -185,7 +185,7 @@ class RestApi:
 
         try:
             return await asyncio.wait_for(read(), self.body_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise RequestRejected(
                 "body_timeout",
                 f"the request body did not arrive within {self.body_timeout_s:g} s "

@@ -12,7 +12,7 @@ import logging
 from fedmedclip import __version__
 
 from . import metrics
-from .errors import NotReady, NotServed, RequestRejected, quoted
+from .errors import NotReady, NotServed, RequestRejected, ServingError, quoted
 
 log = logging.getLogger("fedmedclip.serving")
 
@@ -102,7 +102,10 @@ class ServerState:
             model.classifier = None
             log.warning("model %r unloaded (model control): the server is not ready until loaded again", name)
         else:
-            if not model.ready:  # from its verified file, checked against the same sha256; off the event loop
-                await asyncio.get_running_loop().run_in_executor(None, model.load)
+            try:  # from its verified file, checked against the same sha256; off the event loop
+                if not model.ready:
+                    await asyncio.get_running_loop().run_in_executor(None, model.load)
+            except ServingError as exc:  # the file changed or went away: the operator is told why
+                raise RequestRejected("load_failed", f"model {name!r} cannot be loaded: {exc}", 500) from None
             log.warning("model %r loaded (model control)", name)
         metrics.READY.set(self.ready())

@@ -247,12 +247,12 @@ def test_tritonclient_http_and_grpc_sync_and_asyncio(server, onnx_path, version)
 # ---------------------------------------------------------------------------- model control and readiness
 
 
-def test_model_control_needs_the_token_and_readiness_follows_the_model(server, spec):
+def test_model_control_needs_the_token_and_readiness_follows_the_model(server, spec, onnx_path):
     import grpc
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    unload = url(server, f"/v2/repository/models/{MODEL}/unload")
+    unload, load = (url(server, f"/v2/repository/models/{MODEL}/{a}") for a in ("unload", "load"))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         resp = requests.post(unload, headers=headers, timeout=10)
         assert resp.status_code == 401 and set(resp.json()) == {"error"}, resp.text
@@ -273,13 +273,31 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
         resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=10)
         assert resp.status_code == 503
         spec.check(resp)
+        # A file changed since it was verified is not loaded: the operator is told why, in one log line.
+        original = onnx_path.read_bytes()
+        onnx_path.write_bytes(original + b"\0")
+        try:
+            resp = requests.post(load, headers=auth, timeout=120)
+            assert resp.status_code == 500 and "changed after its sha256" in resp.json()["error"], resp.text
+            # kserve's RepositoryModelLoadRequest is one string field, model_name (1): written by hand
+            with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(
+                    "/inference.GRPCInferenceService/RepositoryModelLoad",
+                    request_serializer=lambda name: b"\n" + bytes([len(name)]) + name.encode(),
+                )(MODEL, metadata=[("authorization", auth["Authorization"])], timeout=120)
+            assert info.value.code() == grpc.StatusCode.INTERNAL, info.value.details()
+            assert "changed after its sha256" in info.value.details()
+            assert "Traceback" not in server.log()
+        finally:
+            onnx_path.write_bytes(original)
     finally:
-        load = url(server, f"/v2/repository/models/{MODEL}/load")
         assert requests.post(load, headers=auth, timeout=120).status_code == 200
     assert client.is_server_ready() and client.is_model_ready(MODEL)
     resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30)
     assert resp.status_code == 200
     client.close()
+    # Each load logs the model's line again: its parts (operators read them) each after a "; "
+    assert "; providers ['CPUExecutionProvider']; batching Batching(" in server.log()
 
 
 # --------------------------------------------------------------------- hostile JSON: 4xx, one line, no echo
