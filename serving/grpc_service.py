@@ -16,7 +16,7 @@ from grpc import aio
 from . import metrics
 from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
 from .errors import RequestRejected, quoted
-from .protocol import INTEGER_TYPES, Budget, check_input, check_output, integers
+from .protocol import INTEGER_TYPES, Budget, check_input, check_output, check_parameters, integers
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
@@ -131,6 +131,7 @@ def _check_request(request, budget: Budget) -> None:
             "bad_request",
             f"at most {budget.max_inputs} input and {budget.max_outputs} requested output tensors",
         )
+    check_parameters(to_http_parameters(request.parameters) or None, "the request", budget)
     raw = len(request.raw_input_contents)
     if raw and raw != len(request.inputs):
         raise RequestRejected(

@@ -89,7 +89,7 @@ def parse_header(text: bytes, budget: Budget) -> Header:
         raise RequestRejected("bad_json", f"the request is not valid JSON: {exc}") from None
     _object(doc, "the request")
     request_id = None if doc.get("id") is None else _string(doc["id"], '"id"', budget.max_string)
-    header = Header(request_id, _parameters(doc.get("parameters"), "the request", budget), [])
+    header = Header(request_id, check_parameters(doc.get("parameters"), "the request", budget), [])
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestRejected("bad_request", 'the request needs "inputs": a non-empty list of input tensors')
@@ -147,7 +147,7 @@ def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Te
             raise RequestRejected(
                 "bad_shape", f"{where}: 'shape' entries must be non-negative integers, got {quoted(d)}"
             )
-    parameters = _parameters(parameters, where, budget)
+    parameters = check_parameters(parameters, where, budget)
     size = (parameters or {}).get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
         raise RequestRejected(
@@ -159,7 +159,7 @@ def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Te
 def check_output(name, parameters, i: int, budget: Budget) -> tuple[str, dict | None]:
     """Requested output `i`'s name and parameters, as a JSON or a gRPC request gives them."""
     name = _string(name, f"output {i}: 'name'", budget.max_string)
-    params = _parameters(parameters, f"output {quoted(name)}", budget)
+    params = check_parameters(parameters, f"output {quoted(name)}", budget)
     if params and "binary_data" in params and type(params["binary_data"]) is not bool:
         raise RequestRejected(
             "bad_parameters",
@@ -270,8 +270,9 @@ def _string(value: object, where: str, limit: int) -> str:
     return value
 
 
-def _parameters(value: object, where: str, budget: Budget) -> dict | None:
-    """A protocol `$parameters` object: string keys, string/number/boolean values (finite numbers)."""
+def check_parameters(value: object, where: str, budget: Budget) -> dict | None:
+    """A protocol `$parameters` object: string keys, string/number/boolean values (finite numbers: orjson
+    refuses NaN; kserve's gRPC message has no double parameter, so a gRPC one is never read)."""
     if value is None:
         return None
     _object(value, f"{where}: 'parameters'", "bad_parameters")
@@ -288,6 +289,10 @@ def _parameters(value: object, where: str, budget: Budget) -> dict | None:
             raise RequestRejected(
                 "bad_parameters",
                 f"{where}: parameter {quoted(key)} must be a string, number or boolean, got {_kind(v)}",
+            )
+        if type(v) is float and not math.isfinite(v):
+            raise RequestRejected(
+                "bad_parameters", f"{where}: parameter {quoted(key)} is {v}, not a finite number"
             )
         if type(v) is str and len(v) > budget.max_parameter_string:
             raise RequestRejected(

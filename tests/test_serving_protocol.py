@@ -188,7 +188,20 @@ def test_grpc_answers_parse_with_the_protocols_proto(server, tmp_path, version):
     bad.inputs[0].contents.uint_contents.extend([300] + [0] * (S * S * 3 - 1))
     bad_dtype = pb["ModelInferRequest"](model_name=MODEL)
     bad_dtype.inputs.add(name="images", datatype="UINT9", shape=[1])
-    for request, text in ((bad, "integers 0-255, got 300"), (bad_dtype, "unknown datatype 'UINT9'")):
+    # The request's own parameters too (kserve's gRPC server never read them): bounded in number and size.
+    many_params = pb["ModelInferRequest"](model_name=MODEL)
+    many_params.inputs.add(name="images", datatype="UINT8", shape=[1, S, S, 3])
+    for k in range(40):
+        many_params.parameters[f"p{k}"].string_param = "x"
+    long_param = pb["ModelInferRequest"](model_name=MODEL)
+    long_param.parameters["note"].string_param = "x" * 5000
+    cases = (
+        (bad, "integers 0-255, got 300"),
+        (bad_dtype, "unknown datatype 'UINT9'"),
+        (many_params, "the request: 40 parameters, over the limit of 32"),
+        (long_param, "the request: parameter 'note' is over 4096 characters"),
+    )
+    for request, text in cases:
         with pytest.raises(grpc.RpcError) as info:
             call("ModelInfer", request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in info.value.details()
