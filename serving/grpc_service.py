@@ -11,6 +11,7 @@ import functools
 import logging
 
 import grpc
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
 from . import metrics
@@ -110,15 +111,22 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answered
     async def RepositoryModelLoad(self, request, context):
-        auth = dict(context.invocation_metadata() or ()).get("authorization")
-        await self.state.control("load", request.model_name, auth)
-        return grpc_pb2.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+        auth, name = dict(context.invocation_metadata() or ()).get("authorization"), _control_name(request)
+        await self.state.control("load", name, auth)
+        return grpc_pb2.RepositoryModelLoadResponse(model_name=name, isLoaded=True)
 
     @_answered
     async def RepositoryModelUnload(self, request, context):
-        auth = dict(context.invocation_metadata() or ()).get("authorization")
-        await self.state.control("unload", request.model_name, auth)
-        return grpc_pb2.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
+        auth, name = dict(context.invocation_metadata() or ()).get("authorization"), _control_name(request)
+        await self.state.control("unload", name, auth)
+        return grpc_pb2.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
+
+
+def _control_name(request) -> str:
+    """The model a model-control request names. kserve's message has it as field 1; Triton's, which tritonclient
+    sends, as field 2 after repository_name (1): kserve's parser keeps that one as an unknown field."""
+    triton = [f.data for f in UnknownFieldSet(request) if f.field_number == 2 and f.wire_type == 2]
+    return triton[0].decode("utf-8", "replace") if triton else request.model_name
 
 
 def _check_request(request, budget: Budget) -> None:

@@ -300,11 +300,20 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
                 )(MODEL, metadata=[("authorization", auth["Authorization"])], timeout=120)
             assert info.value.code() == grpc.StatusCode.INTERNAL, info.value.details()
             assert "changed after its sha256" in info.value.details()
+            # Triton's message, which tritonclient sends, has model_name as field 2
+            with pytest.raises(InferenceServerException) as info:
+                client.load_model(MODEL, headers={"authorization": auth["Authorization"]})
+            assert info.value.status() == str(grpc.StatusCode.INTERNAL), info.value.message()
+            assert "changed after its sha256" in info.value.message()
             assert "Traceback" not in server.log()
         finally:
             onnx_path.write_bytes(original)
     finally:
         assert requests.post(load, headers=auth, timeout=120).status_code == 200
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+    client.unload_model(MODEL, headers={"authorization": auth["Authorization"]})  # tritonclient, both ways
+    assert not client.is_model_ready(MODEL)
+    client.load_model(MODEL, headers={"authorization": auth["Authorization"]})
     assert client.is_server_ready() and client.is_model_ready(MODEL)
     resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30)
     assert resp.status_code == 200
