@@ -1,8 +1,7 @@
-"""Live logging: one MLflow run logged while the federated run goes on (`LiveRunLogger`), and the core's observer
-over it (`MlflowObserver`: `server run --track`, `train --track`, the pipeline's server worker); `fedmedclip track
-RUN_DIR` (mlops/rundir.py) logs a finished directory through the same logger. Tracking never stops the
-federation: an MLflow that cannot be reached or refuses something is a warning (the pipeline's register task
-then logs the run directory after the fact). The sites' private heads are not logged.
+"""Live logging: one MLflow run logged while the federated run goes on (`LiveRunLogger`; `fedmedclip track
+RUN_DIR`, mlops/rundir.py, logs a finished directory through it too), and the core's observer over it
+(`MlflowObserver`). Tracking never stops the federation: an MLflow that cannot be reached or refuses something
+is a warning (the pipeline's register task then logs the run directory after the fact).
 """
 
 from __future__ import annotations
@@ -83,22 +82,6 @@ class MlflowObserver(RunObserver):
     def tracked_run_id(self) -> str | None:
         return self.logger.run_id if self.enabled else None
 
-    def params(self, manifest: dict) -> dict:
-        """run_parameters of the configuration, the method's resolved options and preprocessing, the sites and
-        the server's options (`server.*`: operational, a restart may change them)."""
-        from fedmedclip.methods import METHODS
-
-        server = {k: v for k, v in self.options.items() if v is not None}
-        if manifest.get("quorum") is not None:
-            server["quorum"] = manifest["quorum"]  # resolved: every site when none was given
-        names = ",".join(s["name"] for s in manifest.get("sites", []))
-        return run_parameters(
-            self.cfg.to_json(),
-            resolved_method_options(self.cfg),
-            self.cfg.preprocessing or METHODS[self.cfg.method].default_preprocessing,
-            {"federation_run_id": self.run_id, "site_names": names, "server": server or None},
-        )
-
     def _recorded_key(self) -> str:
         """`train`'s key: the one its run directory records, else a new one, recorded now."""
         try:
@@ -110,10 +93,16 @@ class MlflowObserver(RunObserver):
             return key
 
     def start(self, manifest: dict, resumed: bool = False) -> None:
+        from fedmedclip.methods import METHODS
+
         if self.key_file is not None:
             self.run_key = self._recorded_key()
         cfg, kfp = self.cfg, self.kfp_run_id
         names = [s["name"] for s in manifest.get("sites", [])]
+        # The server's options are operational (`server.*`): a restart may change them.
+        server = {k: v for k, v in self.options.items() if v is not None}
+        if manifest.get("quorum") is not None:
+            server["quorum"] = manifest["quorum"]  # resolved: every site when none was given
         partition_file = self.run_dir / "partition.json"
         where = (
             f"Kubeflow Pipelines run `{kfp}`: the server's worker logged it live."
@@ -126,8 +115,14 @@ class MlflowObserver(RunObserver):
         }
         scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         try:
+            params = run_parameters(
+                cfg.to_json(),
+                resolved_method_options(cfg),
+                cfg.preprocessing or METHODS[cfg.method].default_preprocessing,
+                {"federation_run_id": self.run_id, "site_names": ",".join(names), "server": server or None},
+            )
             self.logger.start(
-                self.params(manifest),
+                params,
                 tags,
                 self.run_name,
                 site_names=names,
@@ -188,15 +183,13 @@ class _Batch:
 
 
 class LiveRunLogger:
-    """One MLflow run logged while the federated run it describes goes on: `start`, `log_round` per finished
-    round (never waits for MLflow), `finish(run_dir, "FINISHED")` or `"FAILED"` (the rounds logged stay). As a
-    context manager, an exception ends the run FAILED.
+    """One MLflow run: `start`, `log_round` per finished round (never waits for MLflow), `finish` (the rounds
+    logged stay). As a context manager, an exception ends the run FAILED.
 
-    Rounds go through MLflow's own asynchronous logging (`log_batch(..., synchronous=False)`). MLflow gives a
-    batch up once its HTTP retries fail (an outage longer than them), so the logger keeps each batch until
-    MLflow has it and sends the failed ones again, at the next round and in `flush` (every `retry_seconds`);
-    `finish` flushes for up to `flush_timeout`. With `background=False` metrics are sent in the caller's thread
-    and errors raise (after-the-fact logging: `log_run_dir`)."""
+    Rounds go through MLflow's asynchronous logging, which gives a batch up once its HTTP retries fail (an outage
+    longer than them): the logger keeps each batch until MLflow has it and sends the failed ones again, at the
+    next round and in `flush` (every `retry_seconds`); `finish` flushes for up to `flush_timeout`. With
+    `background=False` (after-the-fact logging) metrics are sent in the caller's thread and errors raise."""
 
     def __init__(
         self,
@@ -248,12 +241,11 @@ class LiveRunLogger:
             self.description = all_tags["mlflow.note.content"] = description
         if self.kfp_run_id:
             all_tags[KFP_RUN_ID_TAG] = str(self.kfp_run_id)
-        if run_key:
-            all_tags[RUN_KEY_TAG] = str(run_key)
         existing = None
         if run_key:
             if not re.fullmatch(r"[A-Za-z0-9._-]+", str(run_key)):
                 raise TrackingError(f"run key {run_key!r}: use letters, digits, '.', '_' or '-'")
+            all_tags[RUN_KEY_TAG] = str(run_key)
             found = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
             existing = found[0] if found else None
         flat = _flatten(params)
@@ -391,11 +383,7 @@ class LiveRunLogger:
         try:
             if run_dir is not None and Path(run_dir).is_dir():
                 path = Path(run_dir)
-                withheld = _log_run_files(client, run_id, path, self.include_site_models)
-                if withheld:
-                    tags["fedmedclip.site_models"] = (
-                        "withheld (kept on the sites' own storage): " + ", ".join(withheld)
-                    )
+                tags.update(_log_run_files(client, run_id, path, self.include_site_models))
                 try:
                     results = json.loads((path / "results.json").read_text())
                 except (OSError, ValueError):

@@ -98,10 +98,6 @@ def _onnx_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", ort]
 
 
-def _registered_model_exists(client, name: str) -> bool:
-    return if_found(client.get_registered_model, name) is not None
-
-
 def _version_of_run(client, name: str, run_id: str, source_key: str):
     """The version of `name` registered from `run_id` with `source_key`, if there is one."""
     if not re.fullmatch(r"[A-Za-z0-9]+", run_id):
@@ -160,7 +156,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
-    is_new = not _registered_model_exists(client, name)
+    is_new = if_found(client.get_registered_model, name) is None
     site = None
     if onnx_path is not None:
         source, site = _log_onnx(client, mlrun, Path(onnx_path), tags)
@@ -345,33 +341,32 @@ def promote(
     current = (
         client.get_model_version(name, str(holder)) if holder is not None and str(holder) != version else None
     )
+    previous = str(current.version) if current is not None else None
     previous_metric, overridden, different = None, False, {}
     if current is not None:
-        held = current.version
         different = data_differences(mv.tags, current.tags)
         if different and not allow_different_data:
             listed = "; ".join(
-                f"{tag} {cand[:12]} (version {version}) vs {was[:12]} (version {held})"
+                f"{tag} {cand[:12]} (version {version}) vs {was[:12]} (version {previous})"
                 for tag, (cand, was) in different.items()
             )
             raise DifferentDataRefused(
-                f"refusing to compare {name} version {version} with the current @{alias} (version {held}): they "
-                f"were trained on different data ({listed}), so their balanced accuracies are not comparable; "
-                "pass --allow-different-data to promote it anyway"
+                f"refusing to compare {name} version {version} with the current @{alias} (version {previous}): "
+                f"they were trained on different data ({listed}), so their balanced accuracies are not "
+                "comparable; pass --allow-different-data to promote it anyway"
             )
         previous_metric = _version_metric(client, current)
         if previous_metric is None or candidate < previous_metric:
             if not allow_worse:
                 raise PromotionRefused(
-                    f"cannot compare: the current @{alias} ({name} version {held}) has no {PROMOTION_METRIC}; "
-                    f"pass --allow-worse to promote version {version} anyway"
+                    f"cannot compare: the current @{alias} ({name} version {previous}) has no "
+                    f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
                     if previous_metric is None
-                    else f"refusing to promote {name} version {version} to @{alias}: its global balanced accuracy "
-                    f"{candidate:.4f} is below the current @{alias} (version {held}) at {previous_metric:.4f}; "
-                    "pass --allow-worse to override"
+                    else f"refusing to promote {name} version {version} to @{alias}: its global balanced "
+                    f"accuracy {candidate:.4f} is below the current @{alias} (version {previous}) at "
+                    f"{previous_metric:.4f}; pass --allow-worse to override"
                 )
             overridden = True
-    previous = str(current.version) if current is not None else None
     result = Promotion(name, version, alias, candidate, previous, previous_metric, overridden, different)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reasons = {}

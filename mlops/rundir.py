@@ -115,9 +115,9 @@ def run_params(run: RunDir) -> dict[str, str]:
     return {**_flatten({k: v for k, v in extra.items() if v is not None}), **params}
 
 
-def _log_run_files(client, run_id: str, run_path: Path, include_site_models: bool) -> list[str]:
+def _log_run_files(client, run_id: str, run_path: Path, include_site_models: bool) -> dict[str, str]:
     """The run directory's files into the run's artifacts (never checkpoint/: resume state only).
-    Returns the site model files left out."""
+    Returns the tag that names the site model files left out, if any."""
     for name in REQUIRED_FILES:
         if (run_path / name).is_file():
             client.log_artifact(run_id, str(run_path / name))
@@ -133,7 +133,9 @@ def _log_run_files(client, run_id: str, run_path: Path, include_site_models: boo
             client.log_artifact(
                 run_id, str(f), artifact_path=(Path("model") / f.parent.relative_to(model_dir)).as_posix()
             )
-    return withheld
+    if not withheld:
+        return {}
+    return {"fedmedclip.site_models": "withheld (kept on the sites' own storage): " + ", ".join(withheld)}
 
 
 def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:

@@ -124,14 +124,12 @@ def _num(x: Any) -> float | None:
 
 
 def _finite(raw: dict[str, Any]) -> dict[str, float]:
-    """The values that are finite numbers, as float metrics (missing or NaN ones are never logged)."""
     return {k: v for k, v in ((k, _num(x)) for k, x in raw.items()) if v is not None}
 
 
 def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str, float]:
     """One round record (an entry of results.json's `history`) as MLflow metrics, grouped by the part before the
-    first `/` as the UI does (pipelines/README.md, "Tracking while it runs"); missing or non-finite values are
-    left out."""
+    first `/` as the UI does (pipelines/README.md, "Tracking while it runs")."""
     g, present = record.get("global") or {}, record.get("sites_present")
     rows = [s for s in record.get("sites") or [] if isinstance(s, dict)]
     raw = {"global/acc": g.get("acc"), "global/bacc": g.get("bacc")}
@@ -164,9 +162,8 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
 
 
 def final_metrics(results: dict) -> dict[str, float]:
-    """The run's summary from results.json, under `summary/`: the reported (selected-round) model's metrics
-    (`summary/global_bacc` is what promotion compares), the last round's, traffic and times. One group that
-    the MLflow UI lists after the per-round curves (it orders groups by name)."""
+    """The run's summary from results.json: the reported (selected-round) model's metrics, the last round's,
+    traffic and times, under `summary/`, which the MLflow UI lists after the per-round curves."""
     m, comm = results.get("metrics") or {}, results.get("comm") or {}
     last = (m.get("last_round") or {}).get("global") or {}
     raw = {
@@ -212,8 +209,7 @@ def run_parameters(
     extra: dict | None = None,
 ) -> dict[str, str]:
     """Every resolved setting of a run as MLflow parameters (dotted keys): the configuration (`out` left out),
-    the method's options with their defaults, the preprocessing and `extra` (the runtime's: sites, `server.*`).
-    Live logging and `track RUN_DIR` both log through this: one run gives the same keys however it is logged."""
+    the method's options with their defaults, the preprocessing and `extra` (the runtime's: sites, `server.*`)."""
     settings = {k: v for k, v in config.items() if k != "out"}
     if method_options is not None:
         settings["method_options"] = {**(settings.get("method_options") or {}), **method_options}
@@ -225,8 +221,8 @@ def run_parameters(
 
 
 def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
-    """Who logged the run and from where (MLflow's system tags, shown in the UI): the user (the MLflow user
-    the client signs in as, else the login), the command or pipeline as the source, the code's commit."""
+    """MLflow's system tags (shown in the UI): the user (the MLflow user the client signs in as, else the
+    login), the command or pipeline as the source, the code's commit."""
     import getpass
 
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -246,8 +242,7 @@ def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
 def describe_run(
     method: str, site_names: list[str], rounds: Any, data: str, partition: dict, orchestrator: str = ""
 ) -> str:
-    """The run's description (MLflow's `mlflow.note.content`, shown on top of the run page), in Markdown;
-    `partition`: its `scheme`, `alpha` and `seed` (results.json's `partition`, or the configuration's)."""
+    """The run's description in Markdown (MLflow's `mlflow.note.content`, on top of the run page)."""
     sites = ", ".join(site_names[:8]) + (f", ... ({len(site_names)} in all)" if len(site_names) > 8 else "")
     alpha, seed = partition.get("alpha"), partition.get("seed")
     scheme = str(partition.get("scheme", "?")) + (f" (alpha {alpha})" if alpha else "")
