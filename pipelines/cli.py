@@ -116,7 +116,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def compile_options_from_args(args):
+def _compile(args, out: str) -> Path:
+    """Compile the pipeline with the command line's options (ConfigError for a malformed one)."""
     import pipelines.pipeline as pl
 
     resources, timeouts = dict(pl.DEFAULT_RESOURCES), dict(pl.DEFAULT_TIMEOUTS)
@@ -144,7 +145,7 @@ def compile_options_from_args(args):
         tolerations.append(
             {"key": key, "operator": operator, "value": value if sep else None, "effect": effect or None}
         )
-    return pl.CompileOptions(
+    options = pl.CompileOptions(
         base_image=args.base_image,
         gpu=not args.no_gpu,
         gpu_node_selector=_pairs(args.gpu_node_selector, "--gpu-node-selector"),
@@ -153,6 +154,7 @@ def compile_options_from_args(args):
         timeouts=timeouts,
         retries=retries,
     )
+    return pl.compile_pipeline(out, options)
 
 
 def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = True) -> None:
@@ -190,12 +192,6 @@ def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
 
     settings = pipeline_settings(cfg, options_from_args(args))
     return dict(settings=settings, **asdict(options_from_args(args, RunParameters)), local_stack=local_stack)
-
-
-def _compile(args, out: str) -> Path:
-    from pipelines.pipeline import compile_pipeline
-
-    return compile_pipeline(out, compile_options_from_args(args))
 
 
 # ------------------------------------------------------------------------------------------- commands
