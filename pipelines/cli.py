@@ -277,19 +277,18 @@ def kfp_credentials(args):
     """kfp.Client's keyword arguments for how this user signs in to the KFP API (multi-user Kubeflow): one of a
     bearer token, a service-account token file read again for each request (kfp's
     ServiceAccountTokenVolumeCredentials), the dashboard's session cookie; and the endpoint's CA."""
-    kwargs = {}
     token = args.token or os.environ.get("KF_PIPELINES_TOKEN")
     if sum(bool(x) for x in (token, args.token_file, args.cookies)) > 1:
         raise ConfigError("give one of --token (or $KF_PIPELINES_TOKEN), --token-file, --cookies")
     for flag, path in (("--token-file", args.token_file), ("--ssl-ca-cert", args.ssl_ca_cert)):
         if path and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such file")
+    given = dict(existing_token=token, cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
     if args.token_file:
         from kfp.client import ServiceAccountTokenVolumeCredentials
 
-        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=args.token_file)
-    given = dict(existing_token=token, cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
-    return {**kwargs, **{k: v for k, v in given.items() if v}}
+        given["credentials"] = ServiceAccountTokenVolumeCredentials(path=args.token_file)
+    return {k: v for k, v in given.items() if v}
 
 
 def _http_problem(host: str, code: int, body: str) -> str:
