@@ -282,3 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedMedClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
