@@ -116,7 +116,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def compile_options_from_args(args):
+def _compile(args, out: str) -> Path:
+    """Compile the pipeline with the command line's options (ConfigError for a malformed one)."""
     import pipelines.pipeline as pl
 
     resources, timeouts = dict(pl.DEFAULT_RESOURCES), dict(pl.DEFAULT_TIMEOUTS)
@@ -144,7 +145,7 @@ def compile_options_from_args(args):
         tolerations.append(
             {"key": key, "operator": operator, "value": value if sep else None, "effect": effect or None}
         )
-    return pl.CompileOptions(
+    options = pl.CompileOptions(
         base_image=args.base_image,
         gpu=not args.no_gpu,
         gpu_node_selector=_pairs(args.gpu_node_selector, "--gpu-node-selector"),
@@ -153,6 +154,7 @@ def compile_options_from_args(args):
         timeouts=timeouts,
         retries=retries,
     )
+    return pl.compile_pipeline(out, options)
 
 
 def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = True) -> None:
@@ -190,12 +192,6 @@ def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
 
     settings = pipeline_settings(cfg, options_from_args(args))
     return dict(settings=settings, **asdict(options_from_args(args, RunParameters)), local_stack=local_stack)
-
-
-def _compile(args, out: str) -> Path:
-    from pipelines.pipeline import compile_pipeline
-
-    return compile_pipeline(out, compile_options_from_args(args))
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -281,19 +277,18 @@ def kfp_credentials(args):
     """kfp.Client's keyword arguments for how this user signs in to the KFP API (multi-user Kubeflow): one of a
     bearer token, a service-account token file read again for each request (kfp's
     ServiceAccountTokenVolumeCredentials), the dashboard's session cookie; and the endpoint's CA."""
-    kwargs = {}
     token = args.token or os.environ.get("KF_PIPELINES_TOKEN")
     if sum(bool(x) for x in (token, args.token_file, args.cookies)) > 1:
         raise ConfigError("give one of --token (or $KF_PIPELINES_TOKEN), --token-file, --cookies")
     for flag, path in (("--token-file", args.token_file), ("--ssl-ca-cert", args.ssl_ca_cert)):
         if path and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such file")
+    given = dict(existing_token=token, cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
     if args.token_file:
         from kfp.client import ServiceAccountTokenVolumeCredentials
 
-        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=args.token_file)
-    given = dict(existing_token=token, cookies=args.cookies, ssl_ca_cert=args.ssl_ca_cert)
-    return {**kwargs, **{k: v for k, v in given.items() if v}}
+        given["credentials"] = ServiceAccountTokenVolumeCredentials(path=args.token_file)
+    return {k: v for k, v in given.items() if v}
 
 
 def _http_problem(host: str, code: int, body: str) -> str:

@@ -4,6 +4,7 @@ and the server's objects come from here. Standard library only: the core CLI imp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from fedmedclip.errors import ConfigError
 from fedmedclip.flags import check_declared, setting
@@ -11,31 +12,29 @@ from fedmedclip.flags import check_declared, setting
 MIB = 1024 * 1024
 
 
-def _declare(group: str):
-    """setting() for the flags of one group; the help of a flag that takes a value ends with its default."""
-
-    def declare(default, help: str, **kwargs):
-        if not isinstance(default, bool):
-            help += " (default: %(default)s)"
-        return setting(default, help=help, group=group, **kwargs)
-
-    return declare
+def _declare(group: str, default, help: str, **kwargs):
+    """setting() whose help, for a flag that takes a value, ends with its default."""
+    suffix = "" if isinstance(default, bool) else " (default: %(default)s)"
+    return setting(default, help=help + suffix, group=group, **kwargs)
 
 
-_server, _model, _limit = _declare("serving"), _declare("serving model"), _declare("serving limits")
-_batching, _monitor = _declare("serving batching"), _declare("serving monitoring")
-
-
-def _positive(value: float, flag: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{flag} must be positive, got {value}")
+_server, _model, _limit, _batching, _monitor = (
+    partial(_declare, group)
+    for group in ("serving", "serving model", "serving limits", "serving batching", "serving monitoring")
+)
 
 
 class _Checked:
-    """Checked against their declarations when made, from the command line or in code."""
+    """Checked against their declarations when made, from the command line or in code; `positive`: the float
+    fields that must be above 0 (a declared minimum is inclusive)."""
+
+    positive: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_declared(self)
+        for name in self.positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -59,9 +58,7 @@ class Limits(_Checked):
         10.0, "CPU seconds decoding one request's encoded images may take; a request over it is refused"
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self.max_decode_seconds, "--max-decode-seconds")
+    positive = ("max_decode_seconds",)
 
 
 @dataclass(frozen=True)
@@ -160,10 +157,10 @@ class ServerOptions(_Checked):
     )
     log_level: str = _server("INFO", "the server's log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     control_token: str | None = None  # enables model control for requests presenting it (not a flag: a file)
+    positive = ("body_timeout",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self.body_timeout, "--body-timeout")
         for flag, port in self.ports():
             if not 0 < port < 65536:
                 raise ConfigError(f"{flag} must be a TCP port, got {port}")

@@ -149,10 +149,8 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     pinned = f"models:/{name}/{mv.version}"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
-    except MlflowException as exc:
-        raise ServingError(f"cannot download {pinned}: {exc.message}") from None
-    except OSError as exc:  # botocore/S3 and network errors surface as OSError subclasses or wrap them
-        raise ServingError(f"cannot download {pinned}: {exc}") from None
+    except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
+        raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
     # `fedmedclip register` stores one model.onnx (its `onnx_file` tag), which find_onnx takes.
     path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
     sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
