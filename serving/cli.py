@@ -233,7 +233,10 @@ def _predict(args: argparse.Namespace) -> int:
     model = args.model
     if model is None:
         resp = call("GET", "")
-        models = resp.json().get("models", []) if resp.ok else []
+        try:
+            models = resp.json().get("models", []) if resp.ok else []
+        except (ValueError, AttributeError):
+            models = []
         if len(models) != 1:
             raise FedMedClipError(f"{base} serves {models or 'no listable models'}: pass --model NAME")
         model = models[0]
@@ -252,15 +255,23 @@ def _predict(args: argparse.Namespace) -> int:
             raise FedMedClipError(
                 f"{base} answered HTTP {resp.status_code} for {[str(p) for p in chunk]}: {detail}"
             )
-        answer = resp.json()
-        probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
-        width = probs["shape"][1]
-        names = json.loads((answer.get("parameters") or {}).get("class_names", "null") or "null")
-        names = names if names and len(names) == width else [str(k) for k in range(width)]
-        for i, path in enumerate(chunk):
-            row = zip(names, probs["data"][i * width : (i + 1) * width], strict=True)
-            ranked = sorted(row, key=lambda t: -t[1])[: args.top]
-            results.append({"image": str(path), "top": [{"class": c, "probability": p} for c, p in ranked]})
+        try:  # the server's answer is read as what it claims to be: a v2 inference response
+            answer = resp.json()
+            probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
+            width = probs["shape"][1]
+            names = json.loads((answer.get("parameters") or {}).get("class_names", "null") or "null")
+            names = names if names and len(names) == width else [str(k) for k in range(width)]
+            for i, path in enumerate(chunk):
+                row = zip(names, map(float, probs["data"][i * width : (i + 1) * width]), strict=True)
+                ranked = sorted(row, key=lambda t: -t[1])[: args.top]
+                results.append(
+                    {"image": str(path), "top": [{"class": c, "probability": p} for c, p in ranked]}
+                )
+        except (ValueError, LookupError, TypeError, AttributeError, StopIteration) as exc:
+            raise FedMedClipError(
+                f"{base} answered HTTP 200 for {[str(p) for p in chunk]} without a v2 inference response with "
+                f"`probabilities` ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
 
     if args.json:
         print(json.dumps(results, indent=2))

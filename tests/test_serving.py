@@ -321,6 +321,42 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
     assert "HTTP 400" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>busy</html>", b'{"outputs": 3}', b'{"outputs": [{"name": "probabilities", "shape": [1]}]}'],
+)
+def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_response(body, tmp_path, capsys):
+    """Whatever answers at --url (a proxy's page, another service) is read as a hostile party's bytes: a
+    one-line error naming the server and the images, exit 2, no traceback."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.cli import main
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    image = tmp_path / "scan.png"
+    image.write_bytes(encode(smooth_image(40, 40, 1), "PNG"))
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
+    finally:
+        other.shutdown()
+    err = capsys.readouterr().err
+    assert f"{url} answered HTTP 200 for ['{image}'] without a v2 inference response" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
