@@ -173,10 +173,6 @@ class SiteAssignment:
     def samples(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in SITE_SPLITS}
 
-    @property
-    def splits(self) -> dict[str, list[str]]:
-        return {s: list(getattr(self, s)) for s in SITE_SPLITS}
-
 
 @_data_errors
 def read_site_assignment(location, index: int, site=None, cache_dir=".cache/fedmedclip") -> SiteAssignment:
@@ -395,7 +391,7 @@ class S3Source:
 
     def site_holder(self, cfg, site: str, index: int):
         got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)
-        return got.image_set, got.splits, got.partition_digest
+        return got.image_set, {s: list(getattr(got, s)) for s in SITE_SPLITS}, got.partition_digest
 
 
 s3_source = S3Source  # the entry points `fedmedclip.sources: s3, published`
