@@ -94,9 +94,8 @@ def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
     if not is_s3(text):
         store = _DataDir(text.removeprefix("file://"))
         return store, store.root
-    bucket, prefix = parse_root(text)
-    url = f"s3://{bucket}" + (f"/{prefix}" if prefix else "")
-    return S3Store(url, client, check=lambda key: check_relative_id(key, text)), None
+    parse_root(text)  # its prefix is checked as an id; S3Store normalises the URL
+    return S3Store(text, client, check=lambda key: check_relative_id(key, text)), None
 
 
 def _get_message(root: ObjectStore, key: str, cls, required=True, party="the publisher") -> dict | None:
@@ -122,7 +121,7 @@ def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     return cat
 
 
-def _stage(root, local, prefix, cat, wanted, cache_dir, label, progress) -> list[ImageRecord]:
+def _stage(root, local, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
     """Local files for the `wanted` ids of the holder at `prefix`: from a local root in place, from S3 into
     `cache_dir/s3/<bucket[/prefix]>/<prefix>images/` (a file there with the catalog's MD5 is kept; every
     download is checked). Every path, symlinks resolved, stays inside the local root or `cache_dir`: a linked
@@ -148,7 +147,7 @@ def _stage(root, local, prefix, cat, wanted, cache_dir, label, progress) -> list
         )
     if local is None:
         jobs = {f"{prefix}images/{i}": (confined(i), cat["md5"][i]) for i in wanted}
-        paths = download(root, jobs, "md5", f"{label}: images" if progress else "")
+        paths = download(root, jobs, "md5")
     else:
         paths = [confined(i) for i in wanted]
         for path in paths:
@@ -174,19 +173,13 @@ class SiteAssignment:
     def samples(self) -> dict[str, int]:
         return {s: len(getattr(self, s)) for s in SITE_SPLITS}
 
-    @property
-    def splits(self) -> dict[str, list[str]]:
-        return {s: list(getattr(self, s)) for s in SITE_SPLITS}
-
 
 @_data_errors
-def read_site_assignment(
-    location, index: int, site=None, cache_dir=".cache/fedmedclip", client=None, progress=False
-) -> SiteAssignment:
+def read_site_assignment(location, index: int, site=None, cache_dir=".cache/fedmedclip") -> SiteAssignment:
     """Site k's data from its own prefix only (GetObject on `sites/<k>/`: the site's own credentials):
     `location` is `s3://BUCKET[/PREFIX]` (images downloaded into `cache_dir`) or a local directory of the same
     layout (images used in place). `site`, when given, must be the catalog's holder."""
-    root, local = _root(location, client)
+    root, local = _root(location)
     prefix = site_prefix(int(index))
     cat = _read_holder_catalog(root, prefix)
     where, holder, assignment = root.where(prefix + CATALOG), cat["holder"], cat["assignment"]
@@ -195,16 +188,16 @@ def read_site_assignment(
     if set(assignment) != set(SITE_SPLITS) or cat["index"] != int(index):
         raise DataError(f"{where} is not a site's catalog (no train/val/test assignment for index {index})")
     wanted = [check_relative_id(i, where) for s in SITE_SPLITS for i in assignment[s]]
-    records = _stage(root, local, prefix, cat, wanted, cache_dir, holder, progress)
+    records = _stage(root, local, prefix, cat, wanted, cache_dir, holder)
     image_set = ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/")))
     splits = [list(assignment[s]) for s in SITE_SPLITS]
     return SiteAssignment(holder, int(index), image_set, *splits, cat["partition_digest"], where)
 
 
 @_data_errors
-def read_site_summary(location: str | Path, index: int, client=None) -> dict:
+def read_site_summary(location: str | Path, index: int) -> dict:
     """Site k's public summary (`summaries/sites/<k>.json`, which the server's role may read)."""
-    root, _ = _root(location, client)
+    root, _ = _root(location)
     key = site_summary_key(index)
     summary = _get_message(root, key, SiteSummary, party=f"site {index}'s publisher")
     if summary["index"] != int(index):
@@ -318,7 +311,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
 
 
 @_data_errors
-def publish_site(cfg, site: str, location, client=None, progress=True, allow_outside_root=False) -> dict:
+def publish_site(cfg, site: str, location, progress=True, allow_outside_root=False) -> dict:
     """Hospital-side onboarding: upload only `site`'s share of cfg's partition (its images, its catalog, its
     summary) to `location` (`s3://BUCKET[/PREFIX]` with that site's own credentials, or a local directory).
     Nothing outside its prefix and summary is written or read, so no listing is needed. Idempotent; content
@@ -326,7 +319,7 @@ def publish_site(cfg, site: str, location, client=None, progress=True, allow_out
     image_set, part, holder_ids = _load_source(cfg, allow_outside_root, site)
     index = part.site_names.index(site)
     prefix = site_prefix(index)
-    root, _ = _root(location, client)
+    root, _ = _root(location)
     old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
     if old is not None and old["partition_digest"] != part.digest:
         raise DataError(
@@ -392,13 +385,13 @@ class S3Source:
         bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
         root, _ = _root(f"s3://{bucket}")
         cat, wanted = _read_holder_catalog(root, prefix), holder_image_ids(partition, holder)
-        records = _stage(root, None, prefix, cat, wanted, cfg.cache_dir, holder, False)
+        records = _stage(root, None, prefix, cat, wanted, cfg.cache_dir, holder)
         log.info("%s: %d images from %s in %s", holder, len(records), root.where(prefix), cfg.cache_dir)
         return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
     def site_holder(self, cfg, site: str, index: int):
         got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)
-        return got.image_set, got.splits, got.partition_digest
+        return got.image_set, {s: list(getattr(got, s)) for s in SITE_SPLITS}, got.partition_digest
 
 
 s3_source = S3Source  # the entry points `fedmedclip.sources: s3, published`

@@ -63,11 +63,11 @@ def upload(store: ObjectStore, files: dict, there=None, progress: str = "") -> t
             store.put(key, path.read_bytes())
         return path.stat().st_size, md5
 
-    done = _map(put, list(files), progress, "img")
+    done = _map(put, list(files), progress)
     return sum(sent for sent, _ in done), {key: md5 for key, (_, md5) in zip(files, done, strict=True)}
 
 
-def download(store: ObjectStore, files: dict, algorithm: str = "md5", progress: str = "") -> list[Path]:
+def download(store: ObjectStore, files: dict, algorithm: str = "md5") -> list[Path]:
     """Fetch each `{key: (local path, digest)}`: a local file with that digest is kept; else the object is
     downloaded beside it, checked (TreeMismatch) and renamed into place, so a damaged download is never used.
     A digest of None: downloaded unchecked (the caller checks)."""
@@ -97,7 +97,7 @@ def download(store: ObjectStore, files: dict, algorithm: str = "md5", progress: 
             Path(tmp).unlink(missing_ok=True)
         return path
 
-    return _map(fetch, list(files), progress, "file")
+    return _map(fetch, list(files))
 
 
 def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, manifest: dict) -> None:
@@ -141,8 +141,8 @@ def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, che
     download(store, jobs, "sha256")
 
 
-def _map(fn, items: list, desc: str, unit: str) -> list:
+def _map(fn, items: list, desc: str = "") -> list:
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(MAX_PARALLEL) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit=unit, disable=not desc))
+    with ThreadPoolExecutor(MAX_PARALLEL) as pool:  # a bar (with `desc`) only over a publish's images
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="img", disable=not desc))

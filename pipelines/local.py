@@ -92,10 +92,11 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
         return runs
 
     def status() -> dict | None:
+        from fedmedclip.federation.mailbox import Mailbox
+        from fedmedclip.federation.storage import open_store
+
         try:
             if "store" not in found:
-                from fedmedclip.federation.storage import open_store
-
                 if s3 and local_stack:
                     from devstack.stack import read_state
                     from mlops.s3 import S3Store
@@ -107,10 +108,9 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
                 runs = {run: t for run, t in started_runs(found["store"]).items() if t >= since}
                 if not runs:
                     return None
-                found["run"] = max(runs, key=runs.get)
-            raw = found["store"].get(f"runs/{found['run']}/status/server.json", max_bytes=1 << 20)
-            got = json.loads(raw) if raw is not None else None
-            return got if isinstance(got, dict) else None
+                found["run"] = Mailbox(found["store"], max(runs, key=runs.get))
+            run = found["run"]
+            return run.get_json(run.status_key("server"), max_bytes=1 << 20)  # a JSON object, or None
         except Exception as exc:  # progress display only
             log.debug("server status not readable yet: %s", exc)
             return None
@@ -187,15 +187,10 @@ def run_compiled(
 
 
 def run_local(
-    pipeline_yaml: str | Path,
-    pipeline_root: str | Path | None = None,
-    out: str | Path | None = None,
-    log_path: str | Path | None = None,
-    progress: bool = False,
-    rounds_of=None,
-    **params,
+    pipeline_yaml: str | Path, pipeline_root=None, out: str | Path | None = None, **params
 ) -> LocalRun:
-    """Execute the fedmedclip pipeline's YAML locally with `params`; its run directory copied to `out` if given."""
+    """Execute the fedmedclip pipeline's YAML locally (`params`: run_compiled's options and the pipeline's
+    parameters); its run directory copied to `out` if given."""
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise FedMedClipError(f"output directory {str(out)!r} is not empty: choose another --out")
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
@@ -204,9 +199,7 @@ def run_local(
         value = settings.get(key)
         if value and value != "synthetic" and not value.startswith("s3://"):
             settings[key] = str(Path(value).resolve())
-    done = run_compiled(
-        pipeline_yaml, pipeline_root, log_path=log_path, progress=progress, rounds_of=rounds_of, **params
-    )
+    done = run_compiled(pipeline_yaml, pipeline_root, **params)
     outputs = done.task.outputs
     run_dir = Path(outputs["run_dir"].path)
     if out is not None:
