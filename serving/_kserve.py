@@ -18,7 +18,6 @@ This module is where the pinned kserve's shortcomings are worked around, and onl
 from __future__ import annotations
 
 import sys
-from importlib import metadata
 
 PINNED_VERSION = "0.21.0"
 
@@ -38,7 +37,3 @@ try:  # what the other modules take from here
     )
 finally:
     sys.argv = _argv
-
-
-def installed_version() -> str:
-    return metadata.version("kserve")

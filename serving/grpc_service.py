@@ -111,22 +111,21 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answered
     async def RepositoryModelLoad(self, request, context):
-        auth, name = dict(context.invocation_metadata() or ()).get("authorization"), _control_name(request)
-        await self.state.control("load", name, auth)
+        name = await self._control("load", request, context)
         return grpc_pb2.RepositoryModelLoadResponse(model_name=name, isLoaded=True)
 
     @_answered
     async def RepositoryModelUnload(self, request, context):
-        auth, name = dict(context.invocation_metadata() or ()).get("authorization"), _control_name(request)
-        await self.state.control("unload", name, auth)
+        name = await self._control("unload", request, context)
         return grpc_pb2.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
 
-
-def _control_name(request) -> str:
-    """The model a model-control request names. kserve's message has it as field 1; Triton's, which tritonclient
-    sends, as field 2 after repository_name (1): kserve's parser keeps that one as an unknown field."""
-    triton = [f.data for f in UnknownFieldSet(request) if f.field_number == 2 and f.wire_type == 2]
-    return triton[0].decode("utf-8", "replace") if triton else request.model_name
+    async def _control(self, action: str, request, context) -> str:
+        """Model control of the model the request names. kserve's message has it as field 1; Triton's, which
+        tritonclient sends, as field 2 after repository_name (1): kserve's parser keeps that one as unknown."""
+        triton = [f.data for f in UnknownFieldSet(request) if f.field_number == 2 and f.wire_type == 2]
+        name = triton[0].decode("utf-8", "replace") if triton else request.model_name
+        await self.state.control(action, name, dict(context.invocation_metadata() or ()).get("authorization"))
+        return name
 
 
 def _check_request(request, budget: Budget) -> None:
