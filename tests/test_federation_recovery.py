@@ -62,7 +62,11 @@ def test_a_server_killed_mid_write_leaves_no_partial_file_once_restarted(prepare
     uninterrupted run's: the finished files only."""
     cfg, p = prepared
     expected, expected_dir = uninterrupted
+    first = tmp_path / "out" / ".config.json.a1b2c3.part"  # killed before its first checkpoint
+    first.parent.mkdir()
+    first.write_bytes(b"{")
     server, sites, mailbox, store, _ = _parties(_cfg(cfg), p, tmp_path, quorum=3)
+    assert not first.exists()
     _until([*sites, server], lambda: server.round == 2)
     partial = server.out / "rounds" / ".global_round_002.bin.k3x9q1.part"  # as tempfile.mkstemp names it
     partial.write_bytes(b"half a module")

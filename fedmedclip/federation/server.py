@@ -305,6 +305,10 @@ class FederationServer:
             shared = {"text_features": self.setup.text_features, "reference_x": self.setup.reference_x}
             self.mb.store.put(self.mb.shared_key, save({k: v.contiguous() for k, v in shared.items()}))
             self.mb.put_json(self.mb.manifest_key, self.manifest)
+        # A server killed mid-write, before or after its first checkpoint, left temporary files in the folders
+        # it writes (only those: a mailbox or a site's state may be a folder of the run directory too).
+        for folder in (self.out, *(self.out / d for d in ("rounds", "model", "plots"))):
+            remove_partial_writes(folder)
         got = self.ckpt.load()
         if got is not None:
             self._restore(*got[1:])
@@ -350,8 +354,6 @@ class FederationServer:
             raise FederationError(
                 f"the server's state in {self.state.url} belongs to run {body.get('run_id')!r}"
             )
-        if self.out.is_dir():
-            remove_partial_writes(self.out)
         self.phase, self.round = body["phase"], int(body["round"])
         self.history, self.info = body["history"], body["info"]
         self.reports = {int(r): v for r, v in body["reports"].items()}

@@ -116,13 +116,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def remove_partial_writes(folder: str | Path) -> list[Path]:
+def remove_partial_writes(folder: str | Path) -> None:
     """Delete the temporary files of `atomic_write_bytes` calls that a kill (SIGKILL, a lost node) interrupted
-    below `folder`: a restart writes those files again whole, and the run directory holds only finished ones."""
-    stale = [p for p in Path(folder).rglob(".*.part") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    in `folder` (not below it: another party may be writing there): a restart writes those files again whole."""
+    for p in list(Path(folder).glob(".*.part")):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 class ObjectStore:
