@@ -210,7 +210,8 @@ def cmd_run(args) -> int:
     if not stack and s3 and not os.environ.get("AWS_ACCESS_KEY_ID"):
         from devstack.stack import read_state, recorded_stack_dir
 
-        stack = recorded_stack_dir() if read_state(recorded_stack_dir()) is not None else ""
+        recorded = recorded_stack_dir()
+        stack = recorded if read_state(recorded) is not None else ""
     _run_local(args, cfg, str(Path(stack).resolve()) if stack else "", "fedmedclip-kfp-")
     return 0
 
