@@ -12,21 +12,33 @@ MASK_RULES = ("code", "dst")
 MASK_MARGIN = 0.01  # a row (or weight) is kept when mean|W| - t exceeds this
 
 
-class _CodeStep(torch.autograd.Function):
-    """The reference code's step: forward 1[s > 0.01]; backward passes the gradient only where
-    |s| > 1. Since |s| is ~0.02 in practice, thresholds and the mask path get zero gradient.
-    Written with `setup_context` and a generated vmap rule so that torch.func (DP-SGD's per-example
-    gradients, fedmedclip.privacy) can transform it; plain autograd computes exactly the same."""
+class _MaskStep(torch.autograd.Function):
+    """A mask's step 1[s > margin] forward, each rule's surrogate gradient its `backward`. Written with
+    `setup_context` and a generated vmap rule so that torch.func (DP-SGD's per-example gradients,
+    fedmedclip.privacy) can transform it; plain autograd computes exactly the same."""
 
     generate_vmap_rule = True
+    margin = 0.0
 
-    @staticmethod
-    def forward(s):
-        return (s > MASK_MARGIN).to(s.dtype)
+    @classmethod
+    def forward(cls, s):
+        return (s > cls.margin).to(s.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+
+    @classmethod
+    def mask(cls, s):
+        """The step, through autograd only where gradients are recorded."""
+        return cls.apply(s) if torch.is_grad_enabled() else cls.forward(s)
+
+
+class _CodeStep(_MaskStep):
+    """The reference code's step: forward 1[s > 0.01]; backward passes the gradient only where
+    |s| > 1. Since |s| is ~0.02 in practice, thresholds and the mask path get zero gradient."""
+
+    margin = MASK_MARGIN
 
     @staticmethod
     def backward(ctx, grad):
@@ -34,19 +46,9 @@ class _CodeStep(torch.autograd.Function):
         return grad * (s.abs() > 1).to(grad.dtype)
 
 
-class _DSTStep(torch.autograd.Function):
-    """Dynamic Sparse Training's estimator: derivative 2-4|x| for |x|<=0.4, 0.4 for |x|<=1, else 0.
-    torch.func-compatible like _CodeStep."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(s):
-        return (s > 0).to(s.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
+class _DSTStep(_MaskStep):
+    """Dynamic Sparse Training's estimator: forward 1[s > 0]; derivative 2-4|x| for |x|<=0.4, 0.4 for
+    |x|<=1, else 0."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -81,11 +83,8 @@ class MaskedLinear(nn.Module):
     def mask(self) -> torch.Tensor:
         """The effective mask, broadcastable to the weight: [out, 1] (code) or [out, in] (dst)."""
         if self.mask_rule == "code":
-            s = self.weight.abs().mean(dim=1) - self.threshold
-            step = _CodeStep.apply(s) if torch.is_grad_enabled() else (s > MASK_MARGIN).to(s.dtype)
-            return step.unsqueeze(1)
-        s = self.weight.abs() - self.threshold.unsqueeze(1)
-        return _DSTStep.apply(s) if torch.is_grad_enabled() else (s > 0).to(s.dtype)
+            return _CodeStep.mask(self.weight.abs().mean(dim=1) - self.threshold).unsqueeze(1)
+        return _DSTStep.mask(self.weight.abs() - self.threshold.unsqueeze(1))
 
     def reset_if_collapsed(self) -> bool:
         """The reference code resets thresholds when almost everything is masked; True when it did."""
