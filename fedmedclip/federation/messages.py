@@ -360,6 +360,8 @@ Signature = _exact_base64(SIGNATURE_BYTES)
 SealedShare = _exact_base64(SEALED_SHARE_BYTES)
 Share = _exact_base64(SEED_BYTES)
 Sites = Annotated[list[Name], Field(max_length=MAX_SITES)]
+SealedShares = Annotated[dict[Name, SealedShare], Field(max_length=MAX_SITES)]  # by the other site
+Shares = Annotated[dict[Name, Share], Field(max_length=MAX_SITES)]  # by the site whose seed it shares
 IdentityText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
 TensorName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Step = Annotated[float, Field(ge=1e-30, le=1e30)]
@@ -418,7 +420,7 @@ class ShareBundle(Message):
     run_id: Name
     round: RoundIndex
     site: Name
-    shares: Annotated[dict[Name, SealedShare], Field(max_length=MAX_SITES)]
+    shares: SealedShares
 
 
 @message("secagg_inbox", max_bytes=256 << 10)
@@ -429,7 +431,7 @@ class Inbox(Message):
     round: RoundIndex
     site: Name
     senders: Sites
-    shares: Annotated[dict[Name, SealedShare], Field(max_length=MAX_SITES)]
+    shares: SealedShares
 
 
 @message("secagg_survivors", max_bytes=256 << 10)
@@ -451,8 +453,8 @@ class UnmaskShares(Message):
     run_id: Name
     round: RoundIndex
     site: Name
-    self_mask: Annotated[dict[Name, Share], Field(max_length=MAX_SITES)]
-    mask_key: Annotated[dict[Name, Share], Field(max_length=MAX_SITES)]
+    self_mask: Shares
+    mask_key: Shares
     own_self_mask_seed: Share | None = None
 
 
