@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from json_results import write_json
 
 from fedmedclip.backbone import load_backbone, make_preprocessing
 from fedmedclip.codec import BlockQuant, Codec, Delta, ErrorFeedback, Zlib, decode, encode_state, get_codec
@@ -219,9 +220,7 @@ def main() -> int:
                     f"(max {res['bytes_up_max'] / 1e3:.1f}), {time.perf_counter() - t0:.0f} s",
                     flush=True,
                 )
-                if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps(results, indent=1))
+                write_json(args.json, results)
     print_table(results, args.partitions.split(","), args.uplink.split(","))
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_codecs import prepared_from, whole_store
+from json_results import write_json
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import simulate
@@ -107,9 +108,7 @@ def main() -> None:
                     f"{row['epsilon_max'] if row['epsilon_max'] is not None else 'inf'}  ({row['seconds']:.0f} s)",
                     flush=True,
                 )
-                if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
+                write_json(args.json, {"args": vars(args), "runs": rows})
     print()
     print("| method | epsilon per site | sites' BACC | worst site BACC | global BACC | Δ sites vs inf |")
     print("|---|---|---|---|---|---|")

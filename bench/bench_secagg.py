@@ -32,18 +32,20 @@ updates, with no mailbox. Reported per round:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from json_results import write_json
 
 from fedmedclip.codec import decode, encode, get_codec, template_of
-from fedmedclip.codec.secure import decode_masked_sum, secure_codec
+from fedmedclip.codec.secure import decode_masked_sum
 from fedmedclip.codec.wire import unpack
+from fedmedclip.federation.secure import SecureRun
 from fedmedclip.methods import MethodContext
 from fedmedclip.methods.fedmedclip_method import FedMedClip
 from fedmedclip.secagg.identity import IdentityKey
@@ -51,7 +53,6 @@ from fedmedclip.secagg.primitives import random_secret
 from fedmedclip.secagg.protocol import (
     SecureSettings,
     SiteRound,
-    as_tensors,
     check_advertisement,
     check_bundle,
     check_unmask,
@@ -86,6 +87,40 @@ def timed(f, *a, **kw):
     return out, time.perf_counter() - t0
 
 
+class Costs:
+    """What each party of a secure round spends: a site's seconds and the protocol bytes it sends and
+    receives, the server's seconds."""
+
+    def __init__(self, names: list[str]):
+        self.up = dict.fromkeys(names, 0)
+        self.down = dict.fromkeys(names, 0)
+        self.site_s = dict.fromkeys(names, 0.0)
+        self.server_s = 0.0
+
+    def sites(self, names: list[str], step, received=None) -> dict:
+        """Each site's message of one protocol step, `step(site)`, after reading `received(site)`: timed,
+        both counted in its bytes."""
+        out = {}
+        for s in names:
+            if received is not None:
+                self.down[s] += len(received(s).to_bytes())
+            with self.clock(s):
+                out[s] = step(s)
+            self.up[s] += len(out[s].to_bytes())
+        return out
+
+    @contextmanager
+    def clock(self, site: str | None = None):
+        """Times the block as `site`'s work, or the server's."""
+        t0 = time.perf_counter()
+        yield
+        spent = time.perf_counter() - t0
+        if site is None:
+            self.server_s += spent
+        else:
+            self.site_s[site] += spent
+
+
 def plain_round(reference, ups) -> dict:
     site_s, payloads = [], []
     for u in ups:
@@ -107,94 +142,66 @@ def secure_round(reference, ups, drop: int) -> dict:
     names = [f"site_{i}" for i in range(n)]
     ids = {s: IdentityKey.generate() for s in names}
     settings = SecureSettings(tuple(names), {s: k.public for s, k in ids.items()}, default_threshold(n))
-    codec = secure_codec(get_codec(BASE), sites=n, bound=10.0)
-    k = codec.quantiser.bits
-    shapes = [(name, tuple(t.shape)) for name, t in reference.items()]
-    length = sum(int(np.prod(s)) for _, s in shapes)
-    # A grid at the steady state of `next_steps` for these updates: 3 sd of a weighted update at L.
-    levels = codec.transforms[3].levels
-    steps = {name: 3 * float(ups[0][name].sub(reference[name]).std()) / n / levels for name, _ in shapes}
-    weights = {s: 1.0 / n for s in names}
-    sites = {s: SiteRound(settings, RUN, 1, s, random_secret()) for s in names}
-    up = {s: 0 for s in names}
-    down = {s: 0 for s in names}
-    site_s = {s: 0.0 for s in names}
-    server_s = 0.0
-
-    advs = {}
-    for s in names:
-        adv, t = timed(sites[s].advertisement, ids[s])
-        site_s[s] += t
-        up[s] += len(adv.to_bytes())
-        advs[s] = adv
-    t0 = time.perf_counter()
-    for s, adv in advs.items():
-        check_advertisement(settings, RUN, 1, s, adv)
-    roster = make_roster(settings, RUN, 1, advs, steps)
-    server_s += time.perf_counter() - t0
-    bundles = {}
-    for s in names:
-        down[s] += len(roster.to_bytes())
-        b, t = timed(sites[s].share_bundle, roster)
-        site_s[s] += t
-        up[s] += len(b.to_bytes())
-        bundles[s] = b
-    t0 = time.perf_counter()
-    for s, b in bundles.items():
-        check_bundle(settings, roster, s, b)
-    inboxes = make_inboxes(settings, roster, bundles)
-    server_s += time.perf_counter() - t0
-    payloads, masked_bytes = {}, []
-    for i, s in enumerate(names):
-        down[s] += len(inboxes[s].to_bytes())
-        t0 = time.perf_counter()
-        m = sites[s].masks(roster, inboxes[s], length, k)
-        inputs = {
-            "fixed-point": {"weight": weights[s], "steps": steps},
-            "secagg-mask": as_tensors(m, shapes),
-        }
-        enc = codec.encode(ups[i], reference=reference, inputs=inputs)
-        site_s[s] += time.perf_counter() - t0
-        payloads[s] = enc.payload
-        masked_bytes.append(len(enc.payload))
-    t0 = time.perf_counter()
-    survivors = make_survivors(settings, RUN, 1, list(inboxes), list(payloads))
-    server_s += time.perf_counter() - t0
-    answers = {}
-    for s in names[drop:]:
-        down[s] += len(survivors.to_bytes())
-        a, t = timed(sites[s].unmask_response, roster, inboxes[s], survivors)
-        site_s[s] += t
-        up[s] += len(a.to_bytes())
-        answers[s] = a
-    t0 = time.perf_counter()
-    for s, a in answers.items():
-        check_unmask(settings, survivors, s, a)
-    total = unmask_total(settings, roster, survivors, answers, length, k)
-    decoded, _ = decode_masked_sum(
-        codec,
-        payloads,
-        unmask=as_tensors(total, shapes),
-        weights=weights,
-        steps=steps,
-        reference=reference,
-        template=template_of(reference),
-        cap=1 << 26,
+    run = SecureRun.create(
+        settings, get_codec(BASE), {s: 1.0 / n for s in names}, 10.0, template_of(reference)
     )
-    server_s += time.perf_counter() - t0
+    # A grid at the steady state of `next_steps` for these updates: 3 sd of a weighted update at L.
+    steps = {
+        name: 3 * float(ups[0][name].sub(reference[name]).std()) / n / run.levels for name, _ in run.shapes
+    }
+    sites = {s: SiteRound(settings, RUN, 1, s, random_secret()) for s in names}
+    costs = Costs(names)
+
+    advs = costs.sites(names, lambda s: sites[s].advertisement(ids[s]))
+    with costs.clock():
+        for s, adv in advs.items():
+            check_advertisement(settings, RUN, 1, s, adv)
+        roster = make_roster(settings, RUN, 1, advs, steps)
+    bundles = costs.sites(names, lambda s: sites[s].share_bundle(roster), received=lambda s: roster)
+    with costs.clock():
+        for s, b in bundles.items():
+            check_bundle(settings, roster, s, b)
+        inboxes = make_inboxes(settings, roster, bundles)
+    payloads = {}
+    for i, s in enumerate(names):
+        costs.down[s] += len(inboxes[s].to_bytes())
+        with costs.clock(s):
+            inputs = run.site_inputs(sites[s], roster, inboxes[s])
+            payloads[s] = run.codec.encode(ups[i], reference=reference, inputs=inputs).payload
+    with costs.clock():
+        survivors = make_survivors(settings, RUN, 1, list(inboxes), list(payloads))
+    answers = costs.sites(
+        names[drop:],
+        lambda s: sites[s].unmask_response(roster, inboxes[s], survivors),
+        received=lambda s: survivors,
+    )
+    with costs.clock():
+        for s, a in answers.items():
+            check_unmask(settings, survivors, s, a)
+        total = unmask_total(settings, roster, survivors, answers, run.length, run.bits)
+        decoded, _ = decode_masked_sum(
+            run.codec,
+            payloads,
+            unmask=run.masks(total),
+            weights=run.weights,
+            steps=steps,
+            reference=reference,
+            template=template_of(reference),
+            cap=1 << 26,
+        )
     mean = {name: sum(u[name] for u in ups) / n for name in reference}
     err = max(float((decoded.state[name] - mean[name]).abs().max()) for name in reference)
     body = len(unpack(payloads[names[0]])[2])
     return {
-        "modulus_bits": k,
-        "levels": levels,
+        "modulus_bits": run.bits,
+        "levels": run.levels,
         "threshold": settings.threshold,
-        "masked_bytes": float(np.mean(masked_bytes)),
+        "masked_bytes": float(np.mean([len(p) for p in payloads.values()])),
         "masked_body_bytes": body,
-        "protocol_upload_bytes": float(np.mean([up[s] for s in names[drop:]])),
-        "protocol_download_bytes": float(np.mean([down[s] for s in names[drop:]])),
-        "site_seconds": float(np.mean([site_s[s] for s in names[drop:]])),
-        "server_seconds": server_s,
+        "protocol_upload_bytes": float(np.mean([costs.up[s] for s in names[drop:]])),
+        "protocol_download_bytes": float(np.mean([costs.down[s] for s in names[drop:]])),
+        "site_seconds": float(np.mean([costs.site_s[s] for s in names[drop:]])),
+        "server_seconds": costs.server_s,
         "max_abs_error_vs_plain_mean": err,
         "step": max(steps.values()),
     }
@@ -345,9 +352,7 @@ def main(argv=None) -> int:
                 f"{row['extra_seconds_per_round']:.2f} s/round",
                 flush=True,
             )
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
         return 0
     reference = fam_reference(args.dim)
     values = sum(t.numel() for t in reference.values())
@@ -378,9 +383,7 @@ def main(argv=None) -> int:
             f"extra {row['extra_seconds_per_round']:.3f} s/round",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

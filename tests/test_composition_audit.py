@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aggregation_oracle import weighted_mean
 from conftest import SYNTH
 from test_engine import Killed, config
 
@@ -103,17 +104,6 @@ def aggregate_round(server) -> dict[str, torch.Tensor]:
     return decode(server.mb.store.get(server.mb.global_key(r))).state
 
 
-def weighted(updates: dict[str, dict], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Σ_k n_k·u_k / Σ_k n_k over the given sites, entry by entry, in float64."""
-    total = sum(counts[s] for s in updates)
-    first = next(iter(updates.values()))
-    return {
-        k: sum(counts[s] / total * u[k].double() for s, u in updates.items()).float()
-        for k, v in first.items()
-        if v.is_floating_point()
-    }
-
-
 def assert_module(got: dict, want: dict) -> None:
     for k, w in want.items():
         torch.testing.assert_close(got[k], w, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
@@ -133,7 +123,7 @@ def test_after_a_dropout_each_present_site_weighs_by_its_own_training_split(skew
         send(server, s, u, sizes[s])
     got = aggregate_round(server)
     assert server.info["present"] == ["site_0", "site_2"]
-    assert_module(got, weighted(updates, sizes))
+    assert_module(got, weighted_mean(updates, sizes))
 
 
 def test_a_site_that_reports_a_smaller_count_keeps_the_weight_of_its_training_split(skewed, tmp_path):
@@ -147,7 +137,7 @@ def test_a_site_that_reports_a_smaller_count_keeps_the_weight_of_its_training_sp
         send(server, s, u, 1 if s == "site_1" else sizes[s])
     got = aggregate_round(server)
     assert server.info["present"] == SITES and server.info["rejected"] == {}
-    assert_module(got, weighted(updates, sizes))
+    assert_module(got, weighted_mean(updates, sizes))
 
 
 def test_the_count_the_server_holds_for_a_site_is_what_that_site_trains_on(skewed, tmp_path):

@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from aggregation_oracle import weighted_mean
 from scipy.stats import chisquare
 
 from fedmedclip.codec import CodecError, encode, get_codec, template_of
@@ -33,13 +34,13 @@ from fedmedclip.federation.messages import (
     UnmaskShares,
     parse,
 )
+from fedmedclip.federation.secure import SecureRun
 from fedmedclip.secagg.identity import IdentityKey
 from fedmedclip.secagg.primitives import random_secret
 from fedmedclip.secagg.protocol import (
     SecAggRefused,
     SecureSettings,
     SiteRound,
-    as_tensors,
     check_advertisement,
     check_bundle,
     check_unmask,
@@ -86,31 +87,28 @@ def _settings(identities, threshold=3) -> SecureSettings:
 class Round:
     """One secure round over a dict standing in for the mailbox: every message goes through its bytes."""
 
-    def __init__(self, identities, *, r=1, threshold=3, steps=None, base=BASE):
-        self.settings = _settings(identities, threshold)
+    def __init__(self, identities, *, r=1, threshold=3, steps=None, base=BASE, reference=None):
         self.identities, self.r = identities, r
-        self.reference = _reference()
+        self.reference = _reference() if reference is None else reference
         self.template = template_of(self.reference)
-        self.codec = secure_codec(get_codec(base), sites=len(SITES), bound=BOUND)
-        self.k = self.codec.quantiser.bits
-        self.shapes = [(n, tuple(t.shape)) for n, t in self.reference.items() if t.is_floating_point()]
-        self.length = sum(int(np.prod(s)) for _, s in self.shapes)
+        total = sum(COUNTS.values())
+        weights = {s: c / total for s, c in COUNTS.items()}
+        self.run = SecureRun.create(
+            _settings(identities, threshold), get_codec(base), weights, BOUND, self.template
+        )
         # Steps at which no weighted value of these updates (sd 1e-2, weights <= 0.3) reaches +-L: the
         # 4-bit codec over 5 sites leaves L = 6, int8 L = 102.
-        step = STEPS[base]
-        self.steps = steps or {n: step for n, _ in self.shapes}
-        total = sum(COUNTS.values())
-        self.weights = {s: c / total for s, c in COUNTS.items()}
-        self.sites = {s: SiteRound(self.settings, RUN, r, s, random_secret()) for s in SITES}
+        self.steps = steps or {n: STEPS[base] for n, _ in self.run.shapes}
+        self.sites = {s: SiteRound(self.run.settings, RUN, r, s, random_secret()) for s in SITES}
 
     def keys(self, sites=SITES):
         accepted = {}
         for s in sites:
             adv = self.sites[s].advertisement(self.identities[s])
             adv = parse(KeyAdvertisement, adv.to_bytes(), s)
-            check_advertisement(self.settings, RUN, self.r, s, adv)
+            check_advertisement(self.run.settings, RUN, self.r, s, adv)
             accepted[s] = adv
-        self.roster = make_roster(self.settings, RUN, self.r, accepted, self.steps)
+        self.roster = make_roster(self.run.settings, RUN, self.r, accepted, self.steps)
         return self.roster
 
     def share(self, sites=SITES):
@@ -118,60 +116,51 @@ class Round:
         for s in sites:
             b = self.sites[s].share_bundle(self.roster)
             b = parse(ShareBundle, b.to_bytes(), s)
-            check_bundle(self.settings, self.roster, s, b)
+            check_bundle(self.run.settings, self.roster, s, b)
             bundles[s] = b
-        self.inboxes = make_inboxes(self.settings, self.roster, bundles)
+        self.inboxes = make_inboxes(self.run.settings, self.roster, bundles)
         self.shared = list(self.inboxes)
 
     def mask(self, site, update):
-        m = self.sites[site].masks(self.roster, self.inboxes[site], self.length, self.k)
-        inputs = {
-            "fixed-point": {"weight": self.weights[site], "steps": self.steps},
-            "secagg-mask": as_tensors(m, self.shapes),
-        }
+        inputs = self.run.site_inputs(self.sites[site], self.roster, self.inboxes[site])
         meta = {"run_id": RUN, "round": self.r, "site": site}
-        enc = self.codec.encode(update, reference=self.reference, meta=meta, inputs=inputs)
+        enc = self.run.codec.encode(update, reference=self.reference, meta=meta, inputs=inputs)
         return enc.payload, inputs
 
     def unmasked_own(self, payload, inputs):
         """What the site itself can decode of its payload (it knows its mask): the plain value it sent."""
         _, header, body = unpack(payload)
-        return self.codec.decode(
+        return self.run.codec.decode(
             header, body, reference=self.reference, template=self.template, cap=1 << 24, inputs=inputs
         ).state
 
     def unmask(self, payloads, answering):
-        survivors = make_survivors(self.settings, RUN, self.r, self.shared, list(payloads))
+        survivors = make_survivors(self.run.settings, RUN, self.r, self.shared, list(payloads))
         answers = {}
         for s in answering:
             a = self.sites[s].unmask_response(self.roster, self.inboxes[s], survivors)
             a = parse(UnmaskShares, a.to_bytes(), s)
-            check_unmask(self.settings, survivors, s, a)
+            check_unmask(self.run.settings, survivors, s, a)
             answers[s] = a
-        total = unmask_total(self.settings, self.roster, survivors, answers, self.length, self.k)
-        return self.aggregate(payloads, total)
+        return self.aggregate(payloads, self.total(survivors, answers))
+
+    def total(self, survivors, answers):
+        """The unmasking total the server rebuilds from the answers."""
+        return unmask_total(
+            self.run.settings, self.roster, survivors, answers, self.run.length, self.run.bits
+        )
 
     def aggregate(self, payloads, total):
         return decode_masked_sum(
-            self.codec,
+            self.run.codec,
             payloads,
-            unmask=as_tensors(total, self.shapes),
-            weights={s: self.weights[s] for s in payloads},
+            unmask=self.run.masks(total),
+            weights={s: self.run.weights[s] for s in payloads},
             steps=self.steps,
             reference=self.reference,
             template=self.template,
             cap=1 << 24,
         )
-
-
-def _plain_mean(states: dict[str, dict], weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    total = sum(weights[s] for s in states)
-    first = next(iter(states.values()))
-    return {
-        n: sum(weights[s] / total * st[n].double() for s, st in states.items()).float()
-        for n, v in first.items()
-        if v.is_floating_point()
-    }
 
 
 def _secure_round(identities, *, masked=SITES, answering=SITES, base=BASE):
@@ -188,14 +177,14 @@ def _secure_round(identities, *, masked=SITES, answering=SITES, base=BASE):
 
 
 def _assert_matches_plain(rd, updates, own, decoded, present):
-    weights = {s: rd.weights[s] for s in present}
+    weights = {s: rd.run.weights[s] for s in present}
     # Exactly the plain weighted mean of what each site sent (up to float rounding) ...
-    plain = _plain_mean({s: own[s] for s in present}, weights)
+    plain = weighted_mean({s: own[s] for s in present}, weights)
     for n, v in plain.items():
         assert torch.allclose(decoded.state[n], v, atol=1e-6), n
     # ... and the plain weighted mean of the raw updates to the quantisation step: each site's rounding is at
     # most half a step of its weighted value, the sum's at most n half-steps, over the weights' sum.
-    raw = _plain_mean({s: updates[s] for s in present}, weights)
+    raw = weighted_mean({s: updates[s] for s in present}, weights)
     tol = len(present) * rd.steps["fc1.weight"] / 2 / sum(weights.values()) + 1e-6
     for n, v in raw.items():
         err = float((decoded.state[n] - v).abs().max())
@@ -209,8 +198,8 @@ def test_secure_aggregate_equals_plain_aggregate_with_every_site(identities, bas
     rd, updates, own, decoded, sums = _secure_round(identities, base=base)
     _assert_matches_plain(rd, updates, own, decoded, SITES)
     # The integer sums never wrapped: each site's integers lie in [-L, L] and n L < 2^(k-1).
-    levels = grid_levels(rd.k, len(SITES))
-    assert all(int(s.abs().max()) <= len(SITES) * levels < 2 ** (rd.k - 1) for s in sums.values())
+    levels = grid_levels(rd.run.bits, len(SITES))
+    assert all(int(s.abs().max()) <= len(SITES) * levels < 2 ** (rd.run.bits - 1) for s in sums.values())
 
 
 def test_a_site_dropping_after_its_masked_upload_does_not_spoil_the_round(identities):
@@ -233,20 +222,17 @@ def test_a_site_dropping_before_its_masked_upload_is_left_out_exactly(identities
 def test_a_stored_masked_update_is_indistinguishable_from_uniform_bytes(identities):
     """A chi-square test on the body's bytes: uniform for the masked payload; the same update without the
     mask (the same integers, packed the same way) is far from uniform, so the test has power."""
-    rd = Round(identities)
-    rd.reference = {"w": torch.zeros(40_000)}
-    rd.template, rd.shapes, rd.length = template_of(rd.reference), [("w", (40_000,))], 40_000
-    rd.steps = {"w": 2e-3}
+    rd = Round(identities, reference={"w": torch.zeros(40_000)}, steps={"w": 2e-3})
     rd.keys()
     rd.share()
     update = {"w": torch.randn(40_000, generator=torch.Generator().manual_seed(3)) * 1e-2}
     payload, inputs = rd.mask("site_0", update)
     _, header, body = unpack(payload)
-    assert len(body) == -(-40_000 * rd.k // 8)  # k bits per value, nothing compressible left
+    assert len(body) == -(-40_000 * rd.run.bits // 8)  # k bits per value, nothing compressible left
     counts = np.bincount(np.frombuffer(body, dtype=np.uint8), minlength=256)
     assert chisquare(counts).pvalue > 1e-4
     inputs["secagg-mask"] = {"w": torch.zeros(40_000, dtype=torch.int64)}
-    plain = rd.codec.encode(update, reference=rd.reference, inputs=inputs).payload
+    plain = rd.run.codec.encode(update, reference=rd.reference, inputs=inputs).payload
     counts = np.bincount(np.frombuffer(unpack(plain)[2], dtype=np.uint8), minlength=256)
     assert chisquare(counts).pvalue < 1e-12
 
@@ -259,12 +245,12 @@ def test_a_forged_key_advertisement_is_refused_by_the_server_and_the_sites(ident
         update={"mask_key": rd.sites["site_2"].advertisement(identities["site_2"]).mask_key}
     )
     with pytest.raises(SecAggRefused, match="site_1.*not by the identity key registered"):
-        check_advertisement(rd.settings, RUN, 1, "site_1", forged)
+        check_advertisement(rd.run.settings, RUN, 1, "site_1", forged)
     # Or replays it for another round or as another site.
     with pytest.raises(SecAggRefused, match="labelled run"):
-        check_advertisement(rd.settings, RUN, 2, "site_1", honest)
+        check_advertisement(rd.run.settings, RUN, 2, "site_1", honest)
     with pytest.raises(SecAggRefused, match="labelled"):
-        check_advertisement(rd.settings, RUN, 1, "site_3", honest)
+        check_advertisement(rd.run.settings, RUN, 1, "site_3", honest)
     # A roster that carries it (a server that does not check) is refused by every site.
     advs = {s: rd.sites[s].advertisement(identities[s]) for s in SITES}
     advs["site_1"] = forged
@@ -285,10 +271,10 @@ def test_a_site_whose_identity_key_is_not_in_the_manifest_is_refused(identities)
         update={"signature": base64.b64encode(stranger.sign(adv.signed_bytes())).decode()}
     )
     with pytest.raises(SecAggRefused, match="not by the identity key registered for site_2"):
-        check_advertisement(rd.settings, RUN, 1, "site_2", resigned)
+        check_advertisement(rd.run.settings, RUN, 1, "site_2", resigned)
     # A party that is no site of the run at all.
     with pytest.raises(SecAggRefused, match="not a site of this run"):
-        check_advertisement(rd.settings, RUN, 1, "site_9", adv)
+        check_advertisement(rd.run.settings, RUN, 1, "site_9", adv)
     with pytest.raises(SecAggRefused, match="no identity key is registered for site_3"):
         SecureSettings(tuple(SITES), {s: identities[s].public for s in SITES[:3]}, 3)
 
@@ -299,30 +285,30 @@ def test_unmasking_survives_a_wrong_share_and_refuses_too_few(identities):
     rd.share()
     updates = {s: _update(rd.reference, i) for i, s in enumerate(SITES)}
     payloads = {s: rd.mask(s, updates[s])[0] for s in SITES}
-    survivors = make_survivors(rd.settings, RUN, 1, rd.shared, SITES)
+    survivors = make_survivors(rd.run.settings, RUN, 1, rd.shared, SITES)
     answers = {s: rd.sites[s].unmask_response(rd.roster, rd.inboxes[s], survivors) for s in SITES}
-    honest = unmask_total(rd.settings, rd.roster, survivors, answers, rd.length, rd.k)
+    honest = rd.total(survivors, answers)
     # site_0 is gone after its upload, and site_1 lies about its share of site_0's self-mask seed: every
     # subset of t shares holding the lie rebuilds a seed that misses site_0's commitment, and the one without
     # it rebuilds the right seed.
     del answers["site_0"]
     liar = dict(answers["site_1"].self_mask, site_0=base64.b64encode(bytes(16)).decode())
     answers["site_1"] = answers["site_1"].model_copy(update={"self_mask": liar})
-    total = unmask_total(rd.settings, rd.roster, survivors, answers, rd.length, rd.k)
+    total = rd.total(survivors, answers)
     assert np.array_equal(total, honest)
     rd.aggregate(payloads, total)
     # With no subset left without the lie, the round is refused, naming whose seed cannot be rebuilt.
     del answers["site_4"]
     with pytest.raises(SecAggRefused, match="shares of site_0's self-mask seed do not rebuild"):
-        unmask_total(rd.settings, rd.roster, survivors, answers, rd.length, rd.k)
+        rd.total(survivors, answers)
     # Fewer answers than the threshold: refused.
     del answers["site_2"]
     with pytest.raises(SecAggRefused, match="only 2 shares of site_0's self-mask seed.*threshold is 3"):
-        unmask_total(rd.settings, rd.roster, survivors, answers, rd.length, rd.k)
+        rd.total(survivors, answers)
     # A site never hands over both seeds of one site: an answer asking for a survivor's key seed is refused.
     greedy = answers["site_1"].model_copy(update={"mask_key": {"site_0": liar["site_0"]}})
     with pytest.raises(SecAggRefused, match="name sites the survivors do not ask about"):
-        check_unmask(rd.settings, survivors, "site_1", greedy)
+        check_unmask(rd.run.settings, survivors, "site_1", greedy)
 
 
 def test_a_wrapped_or_wrongly_masked_sum_is_refused(identities):
@@ -336,9 +322,9 @@ def test_a_wrapped_or_wrongly_masked_sum_is_refused(identities):
     noise = np.random.default_rng(0).integers(0, 256, len(body), dtype=np.uint8).tobytes()
     hb = json.dumps(header).encode()
     payloads["site_2"] = magic + struct.pack("<I", len(hb)) + hb + noise[:-1] + b"\x00"
-    survivors = make_survivors(rd.settings, RUN, 1, rd.shared, SITES)
+    survivors = make_survivors(rd.run.settings, RUN, 1, rd.shared, SITES)
     answers = {s: rd.sites[s].unmask_response(rd.roster, rd.inboxes[s], survivors) for s in SITES}
-    total = unmask_total(rd.settings, rd.roster, survivors, answers, rd.length, rd.k)
+    total = rd.total(survivors, answers)
     with pytest.raises(
         CodecError, match="unmasked sum has .* values beyond the \\+-30 that 5 sites' integers"
     ):
@@ -350,12 +336,12 @@ def test_a_payload_on_another_grid_or_weight_is_refused_naming_its_site(identiti
     rd.keys()
     rd.share()
     payloads = {s: rd.mask(s, _update(rd.reference, i))[0] for i, s in enumerate(SITES)}
-    rd.weights["site_1"] *= 2  # the site claimed another weight than the manifest gives it
+    rd.run.weights["site_1"] *= 2  # the site claimed another weight than the manifest gives it
     with pytest.raises(CodecError, match="masked update of site_1: coded on grid"):
-        rd.aggregate(payloads, np.zeros(rd.length, dtype=np.int64))
+        rd.aggregate(payloads, np.zeros(rd.run.length, dtype=np.int64))
     plain = encode(_update(rd.reference, 0), BASE, reference=rd.reference).payload
     with pytest.raises(CodecError, match="masked update of site_0: payload is coded with 'delta-ef-q4-zlib'"):
-        rd.aggregate({**payloads, "site_0": plain}, np.zeros(rd.length, dtype=np.int64))
+        rd.aggregate({**payloads, "site_0": plain}, np.zeros(rd.run.length, dtype=np.int64))
 
 
 def test_ring_sizes_and_the_public_grid():
@@ -367,6 +353,9 @@ def test_ring_sizes_and_the_public_grid():
         (8, 4),
     ]
     assert -(-525_312 * modulus_bits(4, 10) // 8) == 459_648
+    # More sites than the ring holds at float width (k = 16 + 10 - 1 > 24): refused by name.
+    with pytest.raises(CodecError, match="ring needs 2..24 bits, got 25"):
+        secure_codec(get_codec("fp32-zlib"), sites=600, bound=1.0)
     template = {"w": ((100,), "float32")}
     s0 = initial_steps(template, bound=1.0, sites=4, levels=6)
     assert s0["w"] == pytest.approx(3 * 1.0 / 4096 / (6 * 10 * 2))
@@ -388,16 +377,16 @@ def test_a_site_clips_its_update_to_the_bound_and_keeps_the_rest_in_its_error_fe
     norm = float(torch.sqrt(sum((v**2).sum() for v in delta.values())))
     delta = {n: v * (4 * BOUND / norm) for n, v in delta.items()}
     update = {**{n: rd.reference[n] + v for n, v in delta.items()}, "bn.num_batches_tracked": torch.tensor(7)}
-    m = rd.sites["site_4"].masks(rd.roster, rd.inboxes["site_4"], rd.length, rd.k)
+    m = rd.sites["site_4"].masks(rd.roster, rd.inboxes["site_4"], rd.run.length, rd.run.bits)
     inputs = {
-        "fixed-point": {"weight": rd.weights["site_4"], "steps": {n: 1e-3 for n in delta}},
-        "secagg-mask": as_tensors(m, rd.shapes),
+        "fixed-point": {"weight": rd.run.weights["site_4"], "steps": {n: 1e-3 for n in delta}},
+        "secagg-mask": rd.run.masks(m),
     }
-    enc = rd.codec.encode(update, reference=rd.reference, inputs=inputs)
+    enc = rd.run.codec.encode(update, reference=rd.reference, inputs=inputs)
     sent = rd.unmasked_own(enc.payload, inputs)
     sent_delta = {n: sent[n] - rd.reference[n] for n in delta}
     sent_norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in sent_delta.values())))
-    rounding = (rd.length**0.5) * 1e-3 / 2 / rd.weights["site_4"]  # half a step per value, unweighted
+    rounding = (rd.run.length**0.5) * 1e-3 / 2 / rd.run.weights["site_4"]  # half a step per value, unweighted
     assert BOUND * 0.9 <= sent_norm <= BOUND + rounding
     for n, v in delta.items():
         assert torch.allclose(sent_delta[n] + enc.memory[n], v, atol=1e-5), n

@@ -84,6 +84,13 @@ def grid_levels(k: int, sites: int) -> int:
     return (2 ** (k - 1) - 1) // sites
 
 
+def ring_bits(bits: int) -> int:
+    """k, checked: the ring Z_(2^k) that the masks and the packed integers share."""
+    if not 2 <= bits <= MAX_MODULUS_BITS:
+        raise CodecError(f"the secure-aggregation ring needs 2..{MAX_MODULUS_BITS} bits, got {bits}")
+    return int(bits)
+
+
 class NormClip(TensorTransform):
     """Scales the update down to L2 norm `bound` (over every float tensor) when it is longer. Whether it was
     clipped is not recorded: that would tell the server something about one site's update."""
@@ -177,9 +184,7 @@ class Mask(TensorTransform):
     name = "secagg-mask"
 
     def __init__(self, bits: int):
-        if not 2 <= bits <= MAX_MODULUS_BITS:
-            raise CodecError(f"the secure-aggregation ring needs 2..{MAX_MODULUS_BITS} bits, got {bits}")
-        self.bits = int(bits)
+        self.bits = ring_bits(bits)
 
     def params(self):
         return {"modulus_bits": self.bits}
@@ -226,9 +231,7 @@ class PackedUInt(Quantiser):
     tag = "packed-uint"
 
     def __init__(self, bits: int):
-        if not 2 <= bits <= MAX_MODULUS_BITS:
-            raise ValueError(f"bits must be within 2..{MAX_MODULUS_BITS}, got {bits}")
-        self.bits = int(bits)
+        self.bits = ring_bits(bits)
 
     def params(self):
         return {"bits": self.bits}

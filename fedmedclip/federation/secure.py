@@ -135,27 +135,33 @@ class SecureRun:
     levels: int
 
     @classmethod
+    def create(
+        cls, settings: SecureSettings, base: Codec, weights: dict[str, float], bound: float, template: dict
+    ) -> SecureRun:
+        """The run of `settings`' sites masking updates of `template`'s float tensors with the secure form
+        of `base` (each clipped to `bound`), each site's update weighted by `weights` before masking."""
+        codec = secure_codec(base, sites=len(settings.sites), bound=bound)
+        shapes = tuple((n, tuple(shape)) for n, shape in float_entries(template))
+        levels = grid_levels(codec.quantiser.bits, len(settings.sites))
+        return cls(settings, codec, dict(weights), float(bound), shapes, levels)
+
+    @classmethod
     def from_manifest(cls, manifest: dict) -> SecureRun:
         sec = manifest["secure_aggregation"]
         sites = [s["name"] for s in manifest["sites"]]
-        settings = SecureSettings(tuple(sites), dict(sec["identities"]), int(sec["threshold"]))
-        codec = secure_codec(
-            get_codec(manifest["codec_up"], "up"), sites=len(sites), bound=float(sec["bound"])
-        )
-        if codec.name != sec["codec"] or codec.quantiser.bits != sec["modulus_bits"]:
-            raise ProtocolError(
-                f"the run's secure codec is {sec['codec']} in Z_(2^{sec['modulus_bits']}), this version makes "
-                f"{codec.name} in Z_(2^{codec.quantiser.bits}): the parties run different versions"
-            )
-        shapes = tuple((n, tuple(shape)) for n, shape in float_entries(manifest["template"]))
-        return cls(
-            settings,
-            codec,
+        run = cls.create(
+            SecureSettings(tuple(sites), dict(sec["identities"]), int(sec["threshold"])),
+            get_codec(manifest["codec_up"], "up"),
             {s: float(sec["weights"][s]) for s in sites},
             float(sec["bound"]),
-            shapes,
-            grid_levels(codec.quantiser.bits, len(sites)),
+            manifest["template"],
         )
+        if run.codec.name != sec["codec"] or run.bits != sec["modulus_bits"]:
+            raise ProtocolError(
+                f"the run's secure codec is {sec['codec']} in Z_(2^{sec['modulus_bits']}), this version makes "
+                f"{run.codec.name} in Z_(2^{run.bits}): the parties run different versions"
+            )
+        return run
 
     @property
     def length(self) -> int:
@@ -167,6 +173,15 @@ class SecureRun:
 
     def masks(self, vector: np.ndarray) -> dict[str, torch.Tensor]:
         return as_tensors(vector, list(self.shapes))
+
+    def site_inputs(self, protocol: SiteRound, roster: Roster, inbox: Inbox) -> dict:
+        """The secure stages' inputs for `protocol`'s site's update of its round: the site's weight on the
+        roster's grid, and its masks."""
+        vector = protocol.masks(roster, inbox, self.length, self.bits)
+        return {
+            "fixed-point": {"weight": self.weights[protocol.site], "steps": dict(roster.steps)},
+            "secagg-mask": self.masks(vector),
+        }
 
 
 # ====================================================================== the server's side
@@ -315,20 +330,26 @@ class ServerSecureRound:
         for key, msg in publish.items():
             self.srv.mb.put_message(key, msg)
 
-    def _read(self, what: str, cls):
+    def _read(self, what: str, cls, check):
+        """`read(site)` for `_collect`: the site's `what` object of this round, or None; `check(site, obj)`
+        raises when it is refused."""
         mb, r = self.srv.mb, self.srv.round
 
-        return lambda site: mb.read_message(mb.secagg_key(r, what, site), cls, site)
+        def read(site):
+            got = mb.read_message(mb.secagg_key(r, what, site), cls, site)
+            if got is not None:
+                check(site, got)
+            return got
+
+        return read
 
     def _poll_keys(self) -> bool:
         srv, r = self.srv, self.srv.round
-
-        def read(site):
-            adv = self._read("keys", KeyAdvertisement)(site)
-            if adv is not None:
-                check_advertisement(self.run.settings, srv.mb.run_id, r, site, adv)
-            return adv
-
+        read = self._read(
+            "keys",
+            KeyAdvertisement,
+            lambda site, adv: check_advertisement(self.run.settings, srv.mb.run_id, r, site, adv),
+        )
         progressed = self._collect(srv.sites, self.advertisements, read, "key advertisement")
         if not self._due(srv.sites, self.advertisements, self.need, "key advertisements"):
             return progressed
@@ -340,13 +361,11 @@ class ServerSecureRound:
     def _poll_shares(self) -> bool:
         srv, r = self.srv, self.srv.round
         listed = [a.site for a in self.roster.advertisements]
-
-        def read(site):
-            bundle = self._read("shares", ShareBundle)(site)
-            if bundle is not None:
-                check_bundle(self.run.settings, self.roster, site, bundle)
-            return bundle
-
+        read = self._read(
+            "shares",
+            ShareBundle,
+            lambda site, bundle: check_bundle(self.run.settings, self.roster, site, bundle),
+        )
         progressed = self._collect(listed, self.bundles, read, "shares")
         if not self._due(listed, self.bundles, self.need, "shares"):
             return progressed
@@ -369,20 +388,13 @@ class ServerSecureRound:
         self.headers = {}
 
     def _add_masked(self, site: str, payload: bytes) -> None:
-        srv, r = self.srv, self.srv.round
+        srv = self.srv
 
         def check_header(meta) -> None:
             header = parse(UpdateHeader, meta, site)
-            if (header.run_id, header.round, header.site) != (srv.mb.run_id, r, site):
-                raise ProtocolError(
-                    f"update is labelled run {header.run_id!r} round {header.round!r} site {header.site!r}, "
-                    f"expected run {srv.mb.run_id!r} round {r} site {site!r}"
-                )
-            if header.n_train > srv.counts[site]:
-                raise ProtocolError(
-                    f"reported sample count {header.n_train!r} is outside what the manifest says {site} "
-                    f"holds (1..{srv.counts[site]})"
-                )
+            wrong = srv._header_problem(site, header)
+            if wrong:
+                raise ProtocolError(wrong)
             self.headers[site] = {"loss": header.loss, "n_train": header.n_train, "bytes": len(payload)}
 
         try:
@@ -412,13 +424,11 @@ class ServerSecureRound:
     def _poll_unmask(self) -> bool:
         srv = self.srv
         shared = list(self.survivors.shared)
-
-        def read(site):
-            answer = self._read("unmask", UnmaskShares)(site)
-            if answer is not None:
-                check_unmask(self.run.settings, self.survivors, site, answer)
-            return answer
-
+        read = self._read(
+            "unmask",
+            UnmaskShares,
+            lambda site, answer: check_unmask(self.run.settings, self.survivors, site, answer),
+        )
         progressed = self._collect(shared, self.answers, read, "unmasking shares")
         if not self._due(shared, self.answers, len(shared), "unmasking shares"):
             return progressed
@@ -604,17 +614,12 @@ class SiteSecureRound:
         w = self.w
         if w.pending is not None:
             return False
-        vector = self.protocol(r).masks(self._roster, self._inbox, self.run.length, self.run.bits)
-        inputs = {
-            "fixed-point": {"weight": self.run.weights[w.name], "steps": dict(self._roster.steps)},
-            "secagg-mask": self.run.masks(vector),
-        }
         enc = self.run.codec.encode(
             self.update,
             reference=w.received_for(r),
             memory=self.memory_before,
             meta=self.header,
-            inputs=inputs,
+            inputs=self.run.site_inputs(self.protocol(r), self._roster, self._inbox),
         )
         w._upload(r, enc)
         return True

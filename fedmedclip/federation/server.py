@@ -443,7 +443,6 @@ class FederationServer:
 
     def _validate(self, site: str, payload: bytes) -> dict:
         """The decoded update of `site` for the current round, or UpdateRejected with the reason."""
-        r = self.round
         try:
             got = decode(
                 payload,
@@ -458,16 +457,9 @@ class FederationServer:
             header = parse(UpdateHeader, got.meta, site)
         except MessageRefused as exc:
             raise UpdateRejected(str(exc)) from None
-        if header.run_id != self.mb.run_id or header.round != r or header.site != site:
-            raise UpdateRejected(
-                f"update is labelled run {header.run_id!r} round {header.round!r} site "
-                f"{header.site!r}, expected run {self.mb.run_id!r} round {r} site {site!r}"
-            )
-        if header.n_train > self.counts[site]:
-            raise UpdateRejected(
-                f"reported sample count {header.n_train!r} is outside what the manifest says {site} holds "
-                f"(1..{self.counts[site]})"
-            )
+        wrong = self._header_problem(site, header)
+        if wrong:
+            raise UpdateRejected(wrong)
         bad = non_finite(got.state)
         if bad:
             raise UpdateRejected(f"tensor {bad} holds NaN or Inf")
@@ -488,6 +480,21 @@ class FederationServer:
             "bytes": len(payload),
             "clipped": clipped,
         }
+
+    def _header_problem(self, site: str, header: UpdateHeader) -> str | None:
+        """What makes `site`'s update header wrong for the current round (its labels, its sample count), or
+        None: the same checks for a plain update and a masked one."""
+        if (header.run_id, header.round, header.site) != (self.mb.run_id, self.round, site):
+            return (
+                f"update is labelled run {header.run_id!r} round {header.round!r} site {header.site!r}, "
+                f"expected run {self.mb.run_id!r} round {self.round} site {site!r}"
+            )
+        if header.n_train > self.counts[site]:
+            return (
+                f"reported sample count {header.n_train!r} is outside what the manifest says {site} holds "
+                f"(1..{self.counts[site]})"
+            )
+        return None
 
     @property
     def template_tuples(self) -> dict:
