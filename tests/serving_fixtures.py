@@ -115,6 +115,15 @@ def uint8_json(images: np.ndarray, **extra) -> dict:
     return {"inputs": [spec], **extra}
 
 
+def base64_json(files: list[bytes]) -> dict:
+    """A v2 JSON request body carrying image `files` as the `image_bytes` BYTES tensor: JSON cannot carry raw
+    bytes, so each element is the base64 of its file."""
+    import base64
+
+    data = [base64.b64encode(f).decode() for f in files]
+    return {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [len(files)], "data": data}]}
+
+
 def contract_preprocessing(image_size: int) -> Preprocessing:
     """The `clip` recipe at `image_size`: short-side resize + centre crop, so the server's decode path matters."""
     return Preprocessing(

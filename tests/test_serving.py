@@ -24,6 +24,7 @@ from conftest import free_port
 from PIL import Image
 from serving_fixtures import (
     CLASS_NAMES,
+    base64_json,
     contract_preprocessing,
     make_contract_onnx,
     refused_to_serve,
@@ -275,20 +276,8 @@ def test_request_without_id_and_with_id(server, ort_session):
 
 def test_base64_json_bytes(server, ort_session):
     """JSON cannot carry raw bytes: a BYTES element sent as a JSON string is base64 of the file."""
-    import base64
-
     blob = encode(smooth_image(80, 100, 6), "PNG")
-    body = {
-        "inputs": [
-            {
-                "name": "image_bytes",
-                "datatype": "BYTES",
-                "shape": [1],
-                "data": [base64.b64encode(blob).decode()],
-            }
-        ]
-    }
-    resp = requests.post(f"http://{server[0]}/v2/models/{MODEL}/infer", json=body, timeout=10)
+    resp = requests.post(f"http://{server[0]}/v2/models/{MODEL}/infer", json=base64_json([blob]), timeout=10)
     assert resp.status_code == 200, resp.text
     out = {o["name"]: o for o in resp.json()["outputs"]}
     np.testing.assert_allclose(
