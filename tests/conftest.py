@@ -154,6 +154,63 @@ def data_with_duplicates(tmp_path: Path) -> tuple[Path, dict]:
     return manifest, added
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """The built-in tiny backbone (seed 0), built once per test process: it is frozen, and a test that changes
+    one of its attributes does so with monkeypatch."""
+    from fedmedclip.backbone import load_backbone
+
+    return load_backbone("tiny")
+
+
+def train_interrupted(cfg, round_: int, error: type[BaseException], site: str = "site_1") -> None:
+    """`engine.train(cfg)` stopped by `error`, raised by `site` as it starts training round `round_` (earlier
+    rounds, and the sites before it in that round, train as usual), as a process killed there would stop; the
+    run directory and checkpoints are left as that moment leaves them."""
+    from fedmedclip import engine
+    from fedmedclip.federation.site import SiteWorker
+
+    train_site = SiteWorker._train
+
+    def dies(self, r, received):
+        if r == round_ and self.name == site:
+            raise error
+        return train_site(self, r, received)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SiteWorker, "_train", dies)
+        with pytest.raises(error):
+            engine.train(cfg, progress=False)
+
+
+def run_workers_at_once(parties: list[dict], run_id: str, features: dict | None = None) -> list[str]:
+    """Every party's `worker_step` at once, as the pipeline's loop runs them, here as threads of this process
+    over the parties' mailbox: each waits for the others there, so the run can only finish with all of them
+    running together. `features`: {party: its feature store's folder}; a party not in it uses its
+    configuration's cache. Returns the steps' answers in the parties' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.worker.component import worker_step
+
+    features = features or {}
+    with ThreadPoolExecutor(len(parties)) as pool:
+        futures = [
+            pool.submit(
+                worker_step,
+                p["config"],
+                p["role"],
+                p["party"],
+                p["index"],
+                run_id,
+                p["mailbox"],
+                str(features[p["party"]]) if p["party"] in features else None,
+                p["server"],
+            )
+            for p in parties
+        ]
+        return [f.result(timeout=900) for f in futures]
+
+
 def without_timing(results: dict) -> dict:
     """results.json without what differs between two runs of the same seed: wall times, the rounds' clock
     times and the run id."""

@@ -92,6 +92,18 @@ def running_server(models: list[str], log_dir: Path, *options: str, ready_model:
         server.stop()
 
 
+def refused_to_serve(model: Path, *options: str) -> str:
+    """`python -m serving serve MODEL OPTIONS` on a free port, which must refuse to start: exit status 2 with a
+    reason and no traceback, before it listens. Returns its stderr."""
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "serving", "serve", str(model), *options, "--http-port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
 def uint8_json(images: np.ndarray, **extra) -> dict:
     """A v2 JSON request body carrying `images` (uint8 [N, S, S, 3]) as the `images` UINT8 tensor."""
     spec = {
@@ -101,6 +113,15 @@ def uint8_json(images: np.ndarray, **extra) -> dict:
         "data": images.ravel().tolist(),
     }
     return {"inputs": [spec], **extra}
+
+
+def base64_json(files: list[bytes]) -> dict:
+    """A v2 JSON request body carrying image `files` as the `image_bytes` BYTES tensor: JSON cannot carry raw
+    bytes, so each element is the base64 of its file."""
+    import base64
+
+    data = [base64.b64encode(f).decode() for f in files]
+    return {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [len(files)], "data": data}]}
 
 
 def contract_preprocessing(image_size: int) -> Preprocessing:

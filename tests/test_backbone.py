@@ -26,11 +26,6 @@ from fedmedclip.errors import BackboneNotFound, ConfigError, ProvenanceMismatch
 from fedmedclip.preprocess import CLIP_MEAN, IMAGENET_MEAN
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("tiny")
-
-
 def test_tiny_is_deterministic(tiny):
     again = load_backbone("tiny")
     assert again.weights_sha256 == tiny.weights_sha256

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from aggregation_oracle import weighted_mean
-from conftest import SYNTH
+from conftest import SYNTH, train_interrupted
 from test_engine import Killed, config
 
 from fedmedclip import engine
@@ -18,7 +18,6 @@ from fedmedclip.config import TrainConfig
 from fedmedclip.federation.mailbox import Mailbox
 from fedmedclip.federation.runner import method_for, server_setup
 from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions
-from fedmedclip.federation.site import SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
 from fedmedclip.preparation import SERVER, prepare
 
@@ -212,7 +211,7 @@ def test_train_uses_the_default_server_options(synthetic_cache, tmp_path, monkey
 # ----------------------------------------------------------------------------- resume
 
 
-def test_a_resumed_site_keeps_its_error_feedback(synthetic_cache, tmp_path, monkeypatch):
+def test_a_resumed_site_keeps_its_error_feedback(synthetic_cache, tmp_path):
     """`delta-ef-q4-zlib` keeps each site's rounding error and sends it later. A run interrupted while round 3
     is half done (site_0 has trained it, site_1 has not) and resumed publishes exactly the global modules of
     the uninterrupted run in every round: each site resumed with the memory it had."""
@@ -221,18 +220,8 @@ def test_a_resumed_site_keeps_its_error_feedback(synthetic_cache, tmp_path, monk
         return config("fedmedclip", synthetic_cache, out, rounds=5, codec_up="delta-ef-q4-zlib")
 
     straight = engine.train(cfg(tmp_path / "straight"), progress=False)
-    train_site = SiteWorker._train
-
-    def dies(self, r, received):
-        if r == 3 and self.name == "site_1":
-            raise Killed
-        return train_site(self, r, received)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(SiteWorker, "_train", dies)
-    with pytest.raises(Killed):
-        engine.train(cfg(out), progress=False)
-    monkeypatch.setattr(SiteWorker, "_train", train_site)
+    train_interrupted(cfg(out), 3, Killed)
     resumed = engine.train(cfg(out), resume=True, progress=False)
     for r in range(1, 6):
         name = f"rounds/global_round_{r:03d}.bin"

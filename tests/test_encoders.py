@@ -29,11 +29,6 @@ from fedmedclip.features import build_feature_store
 from fedmedclip.federation.messages import Provenance
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("tiny")
-
-
 @pytest.fixture
 def images(tmp_path):
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTH
+from conftest import SYNTH, train_interrupted
 
 from fedmedclip import engine
 from fedmedclip.codec import decode_state
@@ -86,23 +86,13 @@ def _same_model_files(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["fedmedclip", "facmic"])
-def test_train_interrupted_mid_round_then_resumed_matches_uninterrupted(method, cache, tmp_path, monkeypatch):
+def test_train_interrupted_mid_round_then_resumed_matches_uninterrupted(method, cache, tmp_path):
     """Interrupted while round 3 is half done (site_0 has trained it, site_1 has not): the resumed run ends
     with the same metrics and byte-identical model files."""
     straight = engine.train(config(method, cache, tmp_path / "straight"), progress=False)
-    train_site = SiteWorker._train
-
-    def dies(self, r, received):
-        if r == 3 and self.name == "site_1":
-            raise Killed
-        return train_site(self, r, received)
-
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(SiteWorker, "_train", dies)
-    with pytest.raises(Killed):
-        engine.train(config(method, cache, out), progress=False)
+    train_interrupted(config(method, cache, out), 3, Killed)
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(SiteWorker, "_train", train_site)
     resumed = engine.train(config(method, cache, out), resume=True, progress=False)
     _same_results(resumed, straight)
     _same_model_files(out, tmp_path / "straight")
@@ -216,17 +206,7 @@ def damage_bases(synthetic_cache, tmp_path_factory):
     straight = engine.train(
         config("fedmedclip", synthetic_cache, base / "finished", rounds=3), progress=False
     )
-    train_site = SiteWorker._train
-
-    def dies(self, r, received):
-        if r == 3 and self.name == "site_1":
-            raise Killed
-        return train_site(self, r, received)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SiteWorker, "_train", dies)
-        with pytest.raises(Killed):
-            engine.train(config("fedmedclip", synthetic_cache, base / "mid-run", rounds=3), progress=False)
+    train_interrupted(config("fedmedclip", synthetic_cache, base / "mid-run", rounds=3), 3, Killed)
     return straight, base
 
 
@@ -418,30 +398,30 @@ MAJORITY = 115 / 394  # meningioma: the majority-class rate of the 394 official 
 
 
 @pytest.fixture(scope="module")
-def brain_cache(tmp_path_factory) -> Path:
-    """One feature cache for both brain-MRI runs below: encoding the 3,107 JPEGs is most of their time."""
-    return tmp_path_factory.mktemp("brain-cache")
+def train_on_brain_mri(brain_mri, tmp_path_factory):
+    """`train_on_brain_mri(name, **options)`: a run of `options` over 3 iid sites of the real brain-tumour MRI
+    set, with the tiny backbone; one feature cache for both runs below, since encoding the 3,107 JPEGs is most
+    of their time."""
+    cache = tmp_path_factory.mktemp("brain-cache")
+
+    def train(name: str, **options) -> dict:
+        out = tmp_path_factory.mktemp(name) / "run"
+        cfg = TrainConfig(data=str(brain_mri), sites=3, cache_dir=str(cache), out=str(out), **options)
+        return engine.train(cfg, progress=False)
+
+    return train
 
 
 @pytest.fixture(scope="module")
-def brain_run(brain_mri, brain_cache, tmp_path_factory) -> dict:
+def brain_run(train_on_brain_mri) -> dict:
     """FedMedCLIP, reference options except two that let it read the FACMIC run's encoded features (CLIP's
     centre-crop preprocessing instead of its default squash, no reference images held out of the sites), 3
     iid sites, 5 rounds, the tiny backbone, the real brain-tumour MRI set (2,713 training images once exact
     duplicates are dropped, 394 test images). Whichever of the two runs comes first encodes (about 10 s of CPU);
     this one then trains in about 2 s."""
-    tmp = tmp_path_factory.mktemp("brain")
-    cfg = TrainConfig(
-        data=str(brain_mri),
-        method="fedmedclip",
-        preprocessing="clip",
-        reference_fraction=0.0,
-        sites=3,
-        rounds=5,
-        cache_dir=str(brain_cache),
-        out=str(tmp / "run"),
+    return train_on_brain_mri(
+        "brain", method="fedmedclip", preprocessing="clip", reference_fraction=0.0, rounds=5
     )
-    return engine.train(cfg, progress=False)
 
 
 @pytest.mark.slow
@@ -457,20 +437,10 @@ def test_brain_mri_sites_beat_chance(brain_run):
 
 
 @pytest.fixture(scope="module")
-def brain_facmic_run(brain_mri, brain_cache, tmp_path_factory) -> dict:
+def brain_facmic_run(train_on_brain_mri) -> dict:
     """FACMIC, reference options (199 local steps, adapting toward the global test images as the
     reference code does), 3 iid sites, 10 rounds, the tiny backbone, the real brain-tumour MRI set."""
-    tmp = tmp_path_factory.mktemp("brain-facmic")
-    cfg = TrainConfig(
-        data=str(brain_mri),
-        method="facmic",
-        transductive=True,
-        sites=3,
-        rounds=10,
-        cache_dir=str(brain_cache),
-        out=str(tmp / "run"),
-    )
-    return engine.train(cfg, progress=False)
+    return train_on_brain_mri("brain-facmic", method="facmic", transductive=True, rounds=10)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTH, without_timing
+from conftest import SYNTH, run_workers_at_once, without_timing
 
 from fedmedclip import engine
 from fedmedclip.codec import decode
@@ -344,12 +344,9 @@ def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_
     """The pipeline's workers (here as threads over a local-directory mailbox): each site generates its
     identity key in its own private prefix and registers it through the mailbox, the server takes the
     registered keys into the manifest; the run is the engine's secure run."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from components.kfp_components import pipeline_settings
     from components.prepare.component import prepare_step
     from components.report.component import report_step
-    from components.worker.component import worker_step
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_id, mailbox = "pipeline", str(tmp_path / "mailbox")
@@ -357,22 +354,7 @@ def test_pipeline_workers_generate_and_register_their_keys(synthetic_cache, tmp_
         rounds=1, synthetic=SYNTH, cache_dir=str(synthetic_cache), codec_up=CODEC, secure_aggregation=True
     )
     parties = prepare_step(pipeline_settings(cfg.validate()), "", mailbox)
-    with ThreadPoolExecutor(len(parties)) as pool:
-        futures = [
-            pool.submit(
-                worker_step,
-                p["config"],
-                p["role"],
-                p["party"],
-                p["index"],
-                run_id,
-                mailbox,
-                None,
-                p["server"],
-            )
-            for p in parties
-        ]
-        assert [f.result(timeout=CEILING) for f in futures] == [""] * len(parties)
+    assert run_workers_at_once(parties, run_id) == [""] * len(parties)
     results, _ = report_step(mailbox, run_id, str(tmp_path / "run_dir"))
     manifest = json.loads(Path(mailbox, "runs", run_id, "manifest.json").read_text())
     for k, s in enumerate(SITES):

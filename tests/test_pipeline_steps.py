@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("kfp")
 
-from conftest import SYNTH, without_timing  # noqa: E402
+from conftest import SYNTH, run_workers_at_once, without_timing  # noqa: E402
 
 from components.kfp_components import pipeline_settings  # noqa: E402
 from components.prepare.component import prepare_step  # noqa: E402
@@ -40,26 +40,8 @@ def test_steps_in_sequence_give_the_engines_run(tmp_path, monkeypatch):
         assert features_step(*args, str(features[p["party"]]))  # extracted (and published) now
         assert (features[p["party"]] / "provenance.json").exists()
 
-    # Every worker at once, as the pipeline's loop runs them, here as threads of this process; each waits for
-    # the others through the mailbox, so the run can only finish with all of them running together.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(parties)) as pool:
-        futures = [
-            pool.submit(
-                worker_step,
-                p["config"],
-                p["role"],
-                p["party"],
-                p["index"],
-                run_id,
-                p["mailbox"],
-                str(features[p["party"]]),
-                p["server"],
-            )
-            for p in parties
-        ]
-        assert [f.result(timeout=300) for f in futures] == ["", "", ""]  # no tracking server: no MLflow run
+    # Every worker at once, as the pipeline's loop runs them.
+    assert run_workers_at_once(parties, run_id, features) == ["", "", ""]  # no tracking server: no MLflow run
 
     run_dir = tmp_path / "run_dir"
     results, mlflow_run_id = report_step(mailbox, run_id, str(run_dir))

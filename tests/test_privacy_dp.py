@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SYNTH
+from conftest import SYNTH, train_interrupted
 
 from fedmedclip import engine
 from fedmedclip.config import TrainConfig
 from fedmedclip.errors import ConfigError
-from fedmedclip.federation.site import SiteWorker
 from fedmedclip.flags import add_config_arguments, config_from_args
 from fedmedclip.privacy import PrivacySettings
 from fedmedclip.privacy import dpsgd as dpsgd_module
@@ -213,18 +212,8 @@ def test_a_resumed_dp_run_continues_exactly(synthetic_cache, tmp_path, monkeypat
     privacy = {"target_epsilon": 5.0}
     straight = engine.train(config(synthetic_cache, tmp_path / "straight", privacy=privacy), progress=False)
     calls["n"] = 0
-    train_site = SiteWorker._train
-
-    def dies(self, r, received):
-        if r == 2 and self.name == "site_1":
-            raise KeyboardInterrupt
-        return train_site(self, r, received)
-
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(SiteWorker, "_train", dies)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train(config(synthetic_cache, out, privacy=privacy), progress=False)
-    monkeypatch.setattr(SiteWorker, "_train", train_site)
+    train_interrupted(config(synthetic_cache, out, privacy=privacy), 2, KeyboardInterrupt)
     resumed = engine.train(config(synthetic_cache, out, privacy=privacy), resume=True, progress=False)
     assert calls["n"] == 6  # the resumed sites drew new keys ... and used their checkpointed ones
     assert resumed["metrics"] == straight["metrics"]

@@ -24,6 +24,7 @@ import pytest
 import requests
 from serving_fixtures import (
     OipRestSpec,
+    base64_json,
     make_contract_onnx,
     oip_grpc_messages,
     running_server,
@@ -420,7 +421,6 @@ def test_hostile_json_gets_a_4xx_one_log_line_and_no_echo(server, spec, tmp_path
 def test_short_png_and_chunked_and_slow_bodies(server, spec):
     """A PNG whose data ends after one of its rows: 400 (PIL would pad it with zeros). A chunked body over
     --max-request-bytes: 413. A body announced and never sent: 408 after --body-timeout."""
-    import base64
     import struct
     import zlib
 
@@ -433,17 +433,7 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
         + chunk(b"IDAT", zlib.compress(b"\0" * 3001, 9))
         + chunk(b"IEND", b"")
     )
-    body = {
-        "inputs": [
-            {
-                "name": "image_bytes",
-                "datatype": "BYTES",
-                "shape": [1],
-                "data": [base64.b64encode(short).decode()],
-            }
-        ]
-    }
-    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=body, timeout=30)
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=base64_json([short]), timeout=30)
     assert resp.status_code == 400 and "truncated" in spec.check(resp)["error"], resp.text
 
     def chunks():
