@@ -120,5 +120,5 @@ def register_component(
         allow_different_data,
         kfp_run_id,
         fail_if_not_promoted,
-        max_epsilon or None,  # 0: no privacy budget
+        max_epsilon,  # 0: no privacy budget
     )
