@@ -76,19 +76,9 @@ def cmd_promote(args) -> int:
     from fedmedclip.flags import options_from_args
 
     from .promotion import PromotionPolicy
-    from .registry import promote
 
     policy = options_from_args(args, PromotionPolicy)
-    done = promote(
-        args.name,
-        args.version,
-        policy.promote_alias,
-        policy.allow_worse,
-        tracking_uri=args.tracking_uri,
-        allow_different_data=policy.allow_different_data,
-        max_epsilon=policy.max_epsilon,
-    )
-    print(done.describe())
+    print(policy.promote(args.name, args.version, args.tracking_uri).describe())
     return 0
 
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from fedmedclip.flags import setting
+from fedmedclip.flags import check_declared, setting
 
 _promotion = partial(setting, group="promotion")
 
 
 @dataclass
 class PromotionPolicy:
+    """When an alias may move to a version: the options of `fedmedclip promote` and of the pipeline's register
+    task, checked as declared when made."""
+
     # `promote_alias`: the pipeline's parameter name; its flag, as `promote`'s, is --alias.
     promote_alias: str = _promotion(
         "champion",
@@ -39,3 +42,21 @@ class PromotionPolicy:
         help="refuse a version trained without record-level differential privacy or with a larger epsilon "
         "(the largest over its sites); 0: no budget (default: %(default)s)",
     )
+
+    def __post_init__(self) -> None:
+        check_declared(self)  # made from the command line or from the register task's parameters alike
+
+    def promote(self, name: str, version: str, tracking_uri: str | None = None):
+        """Point NAME@ALIAS at `version` under this policy (mlops.registry.promote, imported here: declaring
+        the flags imports no mlflow); what `promote` and the pipeline's register task both do."""
+        from .registry import promote
+
+        return promote(
+            name,
+            version,
+            self.promote_alias,
+            self.allow_worse,
+            tracking_uri,
+            allow_different_data=self.allow_different_data,
+            max_epsilon=self.max_epsilon,
+        )

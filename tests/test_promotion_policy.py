@@ -11,6 +11,7 @@ import pytest
 from run_fixtures import make_run_dir
 
 from fedmedclip.cli import build_parser
+from fedmedclip.errors import ConfigError
 from fedmedclip.flags import PIPELINE, PROMOTE, add_config_arguments, declared, options_from_args, setting
 from mlops.promotion import PromotionPolicy
 
@@ -51,6 +52,8 @@ def test_promote_and_the_pipeline_take_each_promotion_option_from_its_one_declar
     args = parser.parse_args(["promote", "fmc", "--version", "3", *given])
     policy = options_from_args(args, PromotionPolicy)
     assert policy == PromotionPolicy("staging", False, True, 8.0)
+    with pytest.raises(ConfigError, match="--max-epsilon must be a finite number"):
+        PromotionPolicy(max_epsilon=float("nan"))  # as the register task makes it from its parameters
     args = parser.parse_args(["pipeline", "submit", "--host", "h", *given])
     params = pipeline_arguments(args, validated_config(args))
     assert {k: params[k] for k in dataclasses.asdict(policy)} == dataclasses.asdict(policy)
