@@ -142,37 +142,34 @@ def check_model_files_finite(run_dir: str | Path, site: str | int = GLOBAL) -> l
     return checked
 
 
-def _export_dynamo(
-    model: torch.nn.Module, example: torch.Tensor, path: Path, output_names=OUTPUT_NAMES
-) -> None:
-    batch = torch.export.Dim("batch", min=1)
+def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path, output_names, **exporter) -> None:
+    """torch.onnx.export with the contract's input and output names, as one file (the server verifies a single
+    hash); `exporter`: what differs between the exporters (how the batch axis is declared, the opset)."""
     torch.onnx.export(
         model,
         (example,),
         str(path),
         input_names=[INPUT_NAME],
         output_names=list(output_names),
-        dynamic_shapes=({0: batch},),
-        dynamo=True,
-        external_data=False,  # one file: the server verifies a single hash
+        external_data=False,
         verbose=False,
+        **exporter,
     )
+
+
+def _export_dynamo(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, output_names=OUTPUT_NAMES
+) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    _onnx_export(model, example, path, output_names, dynamic_shapes=({0: batch},), dynamo=True)
 
 
 def _export_torchscript(
     model: torch.nn.Module, example: torch.Tensor, path: Path, output_names=OUTPUT_NAMES
 ) -> None:
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=list(output_names),
-        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
-        opset_version=TORCHSCRIPT_OPSET,
-        dynamo=False,
-        external_data=False,
-        verbose=False,
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
+    _onnx_export(
+        model, example, path, output_names, dynamic_axes=axes, opset_version=TORCHSCRIPT_OPSET, dynamo=False
     )
 
 

@@ -7,8 +7,8 @@ and a party's feature extraction (`extraction`) depend on it, and how it enters 
 `grid`: compare's grid sets it per cell (no compare flag of its own); `manifest`: the run's manifest records it
 (a server option). From that one declaration come:
 - the flags of `train`, `server run`, `site run` (`SiteOptions`), `pipeline run|submit|demo`, `compare` and
-  `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`), and those of `serve` (its
-  settings in serving/options.py);
+  `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`), those of `serve` (its
+  settings in serving/options.py) and of `promote` (mlops/promotion.py, also the pipeline's);
 - the pipeline's structured `settings` parameter (`to_parameters`, `from_parameters`: KFP gives integers back
   as floats and refuses `None`, so unset fields are left out and the receiving side converts by the type);
 - the schema (`schema()`, snapshot in tests/config_schema.json), and through `TrainConfig.to_json()` and
@@ -29,6 +29,7 @@ TRAIN, SERVER, SITE, PIPELINE = "train", "server run", "site run", "pipeline"
 COMPARE, PUBLISH = "compare", "data publish"
 COMMANDS = (TRAIN, SERVER, SITE, PIPELINE, COMPARE, PUBLISH)
 SERVE = "serve"  # `fedmedclip serve`: its options are declared in serving/options.py
+PROMOTE = "promote"  # `fedmedclip promote`: its options are declared in mlops/promotion.py
 # group -> (argparse title, the commands that take its fields unless a field names its own)
 GROUPS = {
     "data": ("data and partition", (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)),
@@ -41,6 +42,7 @@ GROUPS = {
     # the pipeline's own run-time parameters besides `settings` (pipelines/cli.py, RunParameters)
     "pipeline": ("the federation", (PIPELINE,)),
     "registry": ("export, tracking and registry", (PIPELINE,)),
+    "promotion": ("promotion: when the alias moves to the new version", (PIPELINE, PROMOTE)),
     "serving": ("the server: addresses, request bodies, shutdown, model control", (SERVE,)),
     "serving model": ("the models: device, ONNX Runtime, image decoding", (SERVE,)),
     "serving limits": ("the models: per-request limits", (SERVE,)),
@@ -263,7 +265,7 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
 
 def options_from_args(args: argparse.Namespace, cls=None):
     """The declared options `cls` (default: the server's `ServerOptions`; a site's `SiteOptions`, the pipeline's
-    `RunParameters`) from the parsed flags, each checked as declared."""
+    `RunParameters`, `promote`'s `PromotionPolicy`) from the parsed flags, each checked as declared."""
     if cls is None:
         from .federation.server import ServerOptions as cls
     options = cls(**values_from_args(args, cls))

@@ -73,10 +73,12 @@ def cmd_register(args) -> int:
 @_mlflow_errors
 def cmd_promote(args) -> int:
     """point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder"""
-    from .registry import promote
+    from fedmedclip.flags import options_from_args
 
-    opts = ("alias", "allow_worse", "tracking_uri", "allow_different_data", "max_epsilon")
-    print(promote(args.name, args.version, **{k: getattr(args, k) for k in opts}).describe())
+    from .promotion import PromotionPolicy
+
+    policy = options_from_args(args, PromotionPolicy)
+    print(policy.promote(args.name, args.version, args.tracking_uri).describe())
     return 0
 
 
@@ -221,6 +223,10 @@ def _mlflow_command(subparsers, name: str, func):
 
 def register(subparsers) -> None:
     """Add `track`, `register`, `promote`, `card`, `data`, `backbone push` to the `fedmedclip` command line."""
+    from fedmedclip.flags import PROMOTE, PUBLISH, add_config_arguments
+
+    from .promotion import PromotionPolicy
+
     p = _mlflow_command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
@@ -247,26 +253,8 @@ def register(subparsers) -> None:
     p = _mlflow_command(subparsers, "promote", cmd_promote)
     p.add_argument("name", metavar="NAME", help="the registered model")
     p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
-    p.add_argument(
-        "--alias",
-        default="champion",
-        help="the alias to move to it; serve it with models:/NAME@ALIAS (default: %(default)s)",
-    )
-    p.add_argument(
-        "--allow-worse", action="store_true", help="promote even if worse than the current holder (recorded)"
-    )
-    p.add_argument(
-        "--allow-different-data",
-        action="store_true",
-        help="compare with the current holder even if trained on another data set or partition (recorded)",
-    )
-    p.add_argument(
-        "--max-epsilon",
-        type=float,
-        metavar="EPSILON",
-        help="refuse a version trained without record-level differential privacy or with a larger epsilon "
-        "(the largest over its sites)",
-    )
+    # The promotion options, as the pipeline's (one declaration: mlops/promotion.py).
+    add_config_arguments(p, PROMOTE, PromotionPolicy)
 
     p = _mlflow_command(subparsers, "card", cmd_card)
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
@@ -289,8 +277,6 @@ def register(subparsers) -> None:
     )
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
-    from fedmedclip.flags import PUBLISH, add_config_arguments
-
     add_config_arguments(d, PUBLISH)
     d.set_defaults(func=cmd_data_publish)
     w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)

@@ -321,14 +321,15 @@ def promote(
     """Point `models:/NAME@ALIAS` at `version`. Balanced accuracies compare only on the same test data: refused
     (DifferentDataRefused) when the candidate and the holder differ in a data digest unless
     `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is below the holder's
-    unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon`, a version without
-    record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused (PrivacyRefused); no override."""
+    unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0 or None: no budget,
+    mlops/promotion.py), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is
+    refused (PrivacyRefused); no override."""
     client, _ = _client(tracking_uri)
     version = str(version)
     mv = if_found(client.get_model_version, name, version)
     if mv is None:
         raise TrackingError(f"registered model {name!r} has no version {version}")
-    if max_epsilon is not None:
+    if max_epsilon:
         check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
     candidate = _version_metric(client, mv)
     if candidate is None:

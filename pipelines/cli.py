@@ -18,7 +18,8 @@ from functools import partial
 from pathlib import Path
 
 from fedmedclip.errors import ConfigError, FedMedClipError
-from fedmedclip.flags import setting
+from fedmedclip.flags import PIPELINE, setting
+from mlops.promotion import PromotionPolicy
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
 POD_CACHE = "/tmp/fedmedclip-cache"  # components.kfp_components.POD_CACHE_DIR (not imported: it pulls kfp)
@@ -31,9 +32,9 @@ _pipeline, _registry = partial(setting, group="pipeline"), partial(setting, grou
 
 
 @dataclass
-class RunParameters:
+class RunParameters(PromotionPolicy):
     """The pipeline's run-time parameters besides `settings`: each its flag of `pipeline run|submit|demo` and
-    its argument (`pipeline_arguments`)."""
+    its argument (`pipeline_arguments`); the promotion's are `fedmedclip promote`'s (PromotionPolicy)."""
 
     site_names: str = _pipeline("", help="comma-separated site names, checked against the partition's")
     mailbox: str = _pipeline(
@@ -49,23 +50,12 @@ class RunParameters:
     )
     experiment: str = _registry("fedmedclip", help="MLflow experiment (default: %(default)s)")
     model_name: str = _registry("fedmedclip", help="registered model (default: %(default)s)")
-    promote_alias: str = _registry(
-        "champion", flags=("--alias",), metavar="ALIAS", help="alias to promote to ('' registers only)"
-    )
-    allow_worse: bool = _registry(False, help="promote even below the current alias holder")
-    allow_different_data: bool = _registry(
-        False, help="promote even when the alias holder was trained on other data or another partition"
-    )
-    fail_if_not_promoted: bool = _registry(
+    fail_if_not_promoted: bool = setting(
         False,
+        group="promotion",
+        commands=(PIPELINE,),  # `promote` itself always fails on a refusal
         help="fail the run when the promotion is refused (default: the version stays registered and the "
         "register task's `promotion` output says why)",
-    )
-    max_epsilon: float = _registry(  # 0: no budget
-        0.0,
-        metavar="EPSILON",
-        help="refuse to promote a version trained without record-level differential privacy or with a larger "
-        "epsilon (as `promote --max-epsilon`)",
     )
 
 

@@ -44,7 +44,8 @@ def register_step(
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
         return "", f"{NOT_PROMOTED} (no tracking server)"
-    from mlops.registry import PromotionRefused, promote, register_model
+    from mlops.promotion import PromotionPolicy
+    from mlops.registry import PromotionRefused, register_model
     from mlops.rundir import log_run_dir
 
     if not mlflow_run_id:
@@ -67,16 +68,9 @@ def register_step(
     log.info("%s %s from MLflow run %s", verb, version.uri, mlflow_run_id)
     if not alias:
         return version.uri, f"{NOT_PROMOTED} (no alias asked for)"
+    policy = PromotionPolicy(alias, allow_worse, allow_different_data, max_epsilon)
     try:
-        done = promote(
-            model_name,
-            version.version,
-            alias,
-            allow_worse,
-            tracking_uri=uri,
-            allow_different_data=allow_different_data,
-            max_epsilon=max_epsilon,
-        )
+        done = policy.promote(model_name, version.version, uri)
     except PromotionRefused as e:
         # The version stays registered; promoting a worse model, or one trained on other data, is a human
         # decision (allow_worse, allow_different_data).
@@ -120,5 +114,5 @@ def register_component(
         allow_different_data,
         kfp_run_id,
         fail_if_not_promoted,
-        max_epsilon or None,  # 0: no privacy budget
+        max_epsilon,  # 0: no privacy budget
     )

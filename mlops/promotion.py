@@ -1,0 +1,62 @@
+"""When an alias may move to a new version (mlops/registry.py, `promote`): the promotion options, each declared
+once (fedmedclip.flags.setting). They are the flags of `fedmedclip promote` and of `pipeline run|submit|demo`,
+whose run-time parameters (pipelines/cli.py, RunParameters) extend this class. Standard library only: the CLI
+imports it to add the flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from fedmedclip.flags import check_declared, setting
+
+_promotion = partial(setting, group="promotion")
+
+
+@dataclass
+class PromotionPolicy:
+    """When an alias may move to a version: the options of `fedmedclip promote` and of the pipeline's register
+    task, checked as declared when made."""
+
+    # `promote_alias`: the pipeline's parameter name; its flag, as `promote`'s, is --alias.
+    promote_alias: str = _promotion(
+        "champion",
+        flags=("--alias",),
+        metavar="ALIAS",
+        help="the alias to move to the new version, served as models:/NAME@ALIAS ('' in a pipeline run: "
+        "register only; default: %(default)s)",
+    )
+    allow_worse: bool = _promotion(
+        False,
+        help="promote even when its global balanced accuracy is below the alias holder's (recorded on the "
+        "version)",
+    )
+    allow_different_data: bool = _promotion(
+        False,
+        help="compare with the alias holder even when it was trained on another data set or partition "
+        "(recorded on the version; --allow-worse still applies)",
+    )
+    max_epsilon: float = _promotion(  # not None: KFP refuses None as a parameter's value
+        0.0,
+        metavar="EPSILON",
+        help="refuse a version trained without record-level differential privacy or with a larger epsilon "
+        "(the largest over its sites); 0: no budget (default: %(default)s)",
+    )
+
+    def __post_init__(self) -> None:
+        check_declared(self)  # made from the command line or from the register task's parameters alike
+
+    def promote(self, name: str, version: str, tracking_uri: str | None = None):
+        """Point NAME@ALIAS at `version` under this policy (mlops.registry.promote, imported here: declaring
+        the flags imports no mlflow); what `promote` and the pipeline's register task both do."""
+        from .registry import promote
+
+        return promote(
+            name,
+            version,
+            self.promote_alias,
+            self.allow_worse,
+            tracking_uri,
+            allow_different_data=self.allow_different_data,
+            max_epsilon=self.max_epsilon,
+        )

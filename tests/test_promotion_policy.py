@@ -1,0 +1,92 @@
+"""The promotion options are declared once (mlops/promotion.py, PromotionPolicy): `fedmedclip promote` and
+`pipeline run|submit` and `demo` take them from that one declaration (same flags, help, default and type), a
+field added to it reaches both, and a budget of 0 means no budget for both (mlops/registry.py, promote)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+from run_fixtures import make_run_dir
+
+from fedmedclip.cli import build_parser
+from fedmedclip.errors import ConfigError
+from fedmedclip.flags import PIPELINE, PROMOTE, add_config_arguments, declared, options_from_args, setting
+from mlops.promotion import PromotionPolicy
+
+PIPELINE_COMMANDS = (("pipeline", "run"), ("pipeline", "submit"), ("demo",))
+
+
+def _command(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentParser:
+    for name in path:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.choices[name]
+    return parser
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    """flag -> what the parser does with it and says about it."""
+    return {
+        flag: (a.dest, a.help, a.default, a.type, a.metavar, a.nargs, a.const)
+        for a in parser._actions
+        for flag in a.option_strings
+    }
+
+
+def test_promote_and_the_pipeline_take_each_promotion_option_from_its_one_declaration():
+    from pipelines.cli import RunParameters, pipeline_arguments, validated_config
+
+    parser = build_parser()
+    promote = _flags(_command(parser, "promote"))
+    for path in PIPELINE_COMMANDS:
+        pipeline = _flags(_command(parser, *path))
+        for d in declared(PromotionPolicy):
+            (flag,) = d.flags
+            assert promote[flag] == pipeline[flag], (path, flag)
+    assert promote["--max-epsilon"][2] == 0.0 and promote["--alias"][0] == "promote_alias"
+    # the pipeline's parameters are the policy's and its own
+    assert issubclass(RunParameters, PromotionPolicy)
+
+    given = ["--alias", "staging", "--allow-different-data", "--max-epsilon", "8"]
+    args = parser.parse_args(["promote", "fmc", "--version", "3", *given])
+    policy = options_from_args(args, PromotionPolicy)
+    assert policy == PromotionPolicy("staging", False, True, 8.0)
+    with pytest.raises(ConfigError, match="--max-epsilon must be a finite number"):
+        PromotionPolicy(max_epsilon=float("nan"))  # as the register task makes it from its parameters
+    args = parser.parse_args(["pipeline", "submit", "--host", "h", *given])
+    params = pipeline_arguments(args, validated_config(args))
+    assert {k: params[k] for k in dataclasses.asdict(policy)} == dataclasses.asdict(policy)
+
+
+def test_a_promotion_field_added_to_the_policy_reaches_both_commands():
+    @dataclasses.dataclass
+    class Extended(PromotionPolicy):
+        min_rounds: int = setting(0, group="promotion", help="refuse a version trained in fewer rounds")
+
+    for command in (PROMOTE, PIPELINE):
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_config_arguments(parser, command, Extended)
+        assert "refuse a version trained in fewer rounds" in parser.format_help(), command
+        got = options_from_args(parser.parse_args(["--min-rounds", "5", "--allow-worse"]), Extended)
+        assert (got.min_rounds, got.allow_worse, got.max_epsilon) == (5, True, 0.0), command
+
+
+def test_a_budget_of_zero_is_no_budget(mlops_stack, tmp_path, capsys):
+    """`promote`'s default --max-epsilon (0, the pipeline's default too) promotes a version trained without DP;
+    a positive budget refuses it."""
+    from mlops import cli as mlops_cli
+    from mlops.registry import PrivacyRefused, promote, register_model
+    from mlops.rundir import log_run_dir
+
+    uri, name = mlops_stack.tracking_uri, "fmc-budget"
+    run_id = log_run_dir(make_run_dir(tmp_path / "plain"), "test-budget", tracking_uri=uri)
+    version = register_model(run_id, name, tracking_uri=uri).version
+    with pytest.raises(PrivacyRefused, match="without record-level differential privacy"):
+        promote(name, version, tracking_uri=uri, max_epsilon=8.0)
+    assert promote(name, version, tracking_uri=uri, max_epsilon=0.0).alias == "champion"
+    parser = argparse.ArgumentParser(prog="fedmedclip")
+    mlops_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["promote", name, "--version", version, "--tracking-uri", uri])
+    assert args.func(args) == 0
+    assert "is now @champion" in capsys.readouterr().out
