@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
+from components import run_parameters
+
 DEFAULT_BASE_IMAGE = "ghcr.io/fedmedclip/train:0.1.0"
 SERVER_ROLE = "server"
 SITE_ROLE = "site"
@@ -108,8 +110,6 @@ PARAMETER_DOCS = {
     'options (tests/config_schema.json lists them), e.g. {"data": "s3://BUCKET", "method": "facmic", '
     '"sites": 5, "rounds": 20, "method_options": {"lr_fam": 5e-4}, "privacy": {"target_epsilon": 8}, '
     '"round_timeout": 600}; a key left out takes its default.',
-    "site_names": "Comma-separated site names to check against the partition's ('' = the partition's).",
-    "mailbox": "Where the parties exchange modules: s3://BUCKET[/PREFIX]; '' = the data's bucket.",
     "run_id": "The federation's run id in the mailbox: the KFP run id, so a retried worker resumes.",
     "role": "The party's role: server or site.",
     "party": "The party's name: server, or the site's name in the partition.",
@@ -121,18 +121,8 @@ PARAMETER_DOCS = {
     "what the party's features depend on; a retried worker fetches the features it published for them.",
     "config": "The run's resolved configuration as JSON (fedmedclip.config.TrainConfig).",
     "server": "The server's options as JSON (fedmedclip.federation.server.ServerOptions).",
-    # export, tracking, registry
-    "export_site": "Model exported to ONNX: global, a site name, or '' (no export).",
-    "tracking_uri": "MLflow server; '' = the endpoints ConfigMap's MLFLOW_TRACKING_URI (none: no tracking).",
-    "experiment": "MLflow experiment of the run.",
-    "model_name": "Registered model name.",
-    "promote_alias": "Alias the new version is promoted to ('' registers only).",
-    "allow_worse": "Promote even when its global balanced accuracy is below the alias holder's.",
-    "allow_different_data": "Promote even when the alias holder was trained on other data or partition.",
-    "max_epsilon": "Refuse the promotion of a version trained without record-level differential privacy or "
-    "with a larger epsilon (the largest over its sites); 0 = no budget.",
-    "fail_if_not_promoted": "Fail the run (red in the KFP UI) when the promotion is refused; by default the "
-    "version stays registered, the refusal is the register task's `promotion` output and an error line.",
+    # the pipeline's own parameters are described by their declarations (components/run_parameters.py)
+    **run_parameters.descriptions(),
     "mlflow_run_id": "The MLflow run the server logged live ('' = log the run directory now).",
     "kfp_run_id": "The KFP run id, recorded on the MLflow run (tag kfp.run_id).",
     "local_stack": "Local runs only: the local stack directory whose per-role keys each task takes ('' in a "

@@ -13,50 +13,17 @@ import re
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict
 from pathlib import Path
 
+from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError, FedMedClipError
-from fedmedclip.flags import PIPELINE, setting
-from mlops.promotion import PromotionPolicy
 
 DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
 POD_CACHE = "/tmp/fedmedclip-cache"  # components.kfp_components.POD_CACHE_DIR (not imported: it pulls kfp)
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
-
-
-_pipeline, _registry = partial(setting, group="pipeline"), partial(setting, group="registry")
-
-
-@dataclass
-class RunParameters(PromotionPolicy):
-    """The pipeline's run-time parameters besides `settings`: each its flag of `pipeline run|submit|demo` and
-    its argument (`pipeline_arguments`); the promotion's are `fedmedclip promote`'s (PromotionPolicy)."""
-
-    site_names: str = _pipeline("", help="comma-separated site names, checked against the partition's")
-    mailbox: str = _pipeline(
-        "",
-        help="where the parties exchange modules: s3://BUCKET[/PREFIX] (default: the data's bucket for s3:// "
-        "data; locally a folder under the pipeline root)",
-    )
-    export_site: str = _registry("global", help="model to export to ONNX ('' skips the export)")
-    tracking_uri: str = _registry(
-        "",
-        help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
-        "tracking; in a cluster the endpoints ConfigMap's)",
-    )
-    experiment: str = _registry("fedmedclip", help="MLflow experiment (default: %(default)s)")
-    model_name: str = _registry("fedmedclip", help="registered model (default: %(default)s)")
-    fail_if_not_promoted: bool = setting(
-        False,
-        group="promotion",
-        commands=(PIPELINE,),  # `promote` itself always fails on a refusal
-        help="fail the run when the promotion is refused (default: the version stays registered and the "
-        "register task's `promotion` output says why)",
-    )
 
 
 def _compile_options(p: argparse.ArgumentParser) -> None:

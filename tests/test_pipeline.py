@@ -5,6 +5,7 @@ kfp.local (every worker at once), gives `fedmedclip train`'s metrics and payload
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -249,8 +250,8 @@ def test_every_option_of_train_and_server_run_reaches_the_pipelines_settings():
 
 def test_the_pipelines_own_parameters_are_declared_once_with_the_pipelines_defaults():
     """Every parameter of the compiled pipeline besides `settings` and `local_stack` is a field of RunParameters
-    (its flag of `pipeline run|submit|demo`, pipelines/cli.py) with the pipeline's default, and a command line
-    gives the pipeline exactly its parameters."""
+    (components/run_parameters.py) with the pipeline's default, its description in the KFP UI is its flag's
+    help (`pipeline run --help`), and a command line gives the pipeline exactly its parameters."""
     from dataclasses import fields
 
     from fedmedclip.cli import build_parser
@@ -260,6 +261,15 @@ def test_the_pipelines_own_parameters_are_declared_once_with_the_pipelines_defau
     compiled = {k: v["defaultValue"] for k, v in ir["root"]["inputDefinitions"]["parameters"].items()}
     declared = {f.name: f.default for f in fields(RunParameters)}
     assert {**declared, "settings": {}, "local_stack": ""} == compiled
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    described = {k: " ".join(v["description"].split()) for k, v in params.items()}
+    run = build_parser()
+    for command in ("pipeline", "run"):
+        run = next(a for a in run._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    helps = {a.dest: a.help for a in run._actions}
+    for name, default in declared.items():
+        help = helps[name] % {"default": default}
+        assert described[name] == help[0].upper() + help[1:] + ".", name
     args = build_parser().parse_args(["pipeline", "submit", "--host", "h", "--alias", "", "--allow-worse"])
     params = pipeline_arguments(args, validated_config(args))
     assert set(params) == set(compiled)
