@@ -668,6 +668,7 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
     from mlflow import MlflowClient
 
     from components.register.component import PROMOTED, REFUSED, register_step
+    from mlops.promotion import PromotionPolicy
 
     uri, name = mlops_stack.tracking_uri, "fedmedclip-retry"
     onnx_dir = tmp_path / "onnx"
@@ -675,7 +676,7 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
     (onnx_dir / "model.onnx").write_bytes(tiny_onnx.read_bytes())
     good = make_run_dir(tmp_path / "good", bacc=0.8)
     run_id = log_run_dir(good, "test-retry", tracking_uri=uri)
-    args = (str(good), str(onnx_dir), run_id, uri, "test-retry", name, "champion", False)
+    args = (str(good), str(onnx_dir), run_id, uri, "test-retry", name, PromotionPolicy())
     first = register_step(*args)
     again = register_step(*args)  # the retry
     assert first == again == (f"models:/{name}@champion", PROMOTED)
@@ -689,7 +690,7 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
 
     worse = make_run_dir(tmp_path / "worse", bacc=0.5)
     worse_id = log_run_dir(worse, "test-retry", tracking_uri=uri)
-    args = (str(worse), str(onnx_dir), worse_id, uri, "test-retry", name, "champion", False)
+    args = (str(worse), str(onnx_dir), worse_id, uri, "test-retry", name, PromotionPolicy())
     with caplog.at_level(logging.ERROR, logger="fedmedclip.pipeline"):
         model_uri, outcome = register_step(*args)
     assert model_uri == f"models:/{name}/2" and outcome.startswith(f"{REFUSED}: ") and "0.5000" in outcome
@@ -699,6 +700,6 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
     assert len(client.search_model_versions(f"name = '{name}'")) == 2  # the retry added nothing
     assert client.get_registered_model(name).aliases["champion"] == "1"
     # The pipeline's max_epsilon (`promote --max-epsilon`): a version trained without DP is refused, visibly.
-    good_args = (str(good), str(onnx_dir), run_id, uri, "test-retry", name, "champion", False)
-    model_uri, outcome = register_step(*good_args, max_epsilon=8.0)
+    budget = PromotionPolicy(max_epsilon=8.0)
+    model_uri, outcome = register_step(str(good), str(onnx_dir), run_id, uri, "test-retry", name, budget)
     assert model_uri == f"models:/{name}/1" and "without record-level differential privacy" in outcome

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from kfp.dsl import Artifact, Input, Model
 
 from components.kfp_components import pipeline_run_name
+from mlops.promotion import PromotionPolicy
 
 log = logging.getLogger("fedmedclip.pipeline")
 
@@ -25,12 +26,9 @@ def register_step(
     tracking_uri: str,
     experiment: str,
     model_name: str,
-    alias: str,
-    allow_worse: bool,
-    allow_different_data: bool = False,
+    policy: PromotionPolicy,
     kfp_run_id: str = "",
     fail_if_not_promoted: bool = False,
-    max_epsilon: float | None = None,
 ) -> tuple[str, str]:
     """Register a model version from the run's MLflow run (the one the server logged live; logged now from the
     run directory if the live logging could not reach MLflow), with the ONNX file when there is one, and
@@ -44,7 +42,6 @@ def register_step(
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
         return "", f"{NOT_PROMOTED} (no tracking server)"
-    from mlops.promotion import PromotionPolicy
     from mlops.registry import PromotionRefused, register_model
     from mlops.rundir import log_run_dir
 
@@ -66,9 +63,9 @@ def register_step(
     version = register_model(mlflow_run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
     verb = "already registered:" if version.existing else "registered"
     log.info("%s %s from MLflow run %s", verb, version.uri, mlflow_run_id)
+    alias = policy.promote_alias
     if not alias:
         return version.uri, f"{NOT_PROMOTED} (no alias asked for)"
-    policy = PromotionPolicy(alias, allow_worse, allow_different_data, max_epsilon)
     try:
         done = policy.promote(model_name, version.version, uri)
     except PromotionRefused as e:
@@ -101,6 +98,7 @@ def register_component(
     kfp_run_id: str,
 ) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)]):  # noqa: F821
     from components.register.component import register_step
+    from mlops.promotion import PromotionPolicy
 
     return register_step(  # a plain tuple: KFP reads it field by field
         run_dir.path,
@@ -109,10 +107,7 @@ def register_component(
         tracking_uri,
         experiment,
         model_name,
-        alias,
-        allow_worse,
-        allow_different_data,
+        PromotionPolicy(alias, allow_worse, allow_different_data, max_epsilon),  # max_epsilon 0: no budget
         kfp_run_id,
         fail_if_not_promoted,
-        max_epsilon,  # 0: no privacy budget
     )
