@@ -24,7 +24,17 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import contrastive_loss
-from .base import Method, SiteTrainer, batch_stream, generator, zero_shot_probs
+from .base import (
+    LOCAL_STEPS_HELP,
+    LOCAL_STEPS_OPTIONS,
+    Method,
+    SiteTrainer,
+    batch_stream,
+    generator,
+    local_steps_per_round,
+    resolve_local_steps,
+    zero_shot_probs,
+)
 
 EVAL_BATCH = 128
 FROZEN = ("logit_scale",)  # the temperature stays exactly 100, as everywhere else in the package
@@ -51,9 +61,8 @@ class FineTuneSite(SiteTrainer):
     """One site fine-tuning its own copy of CLIP. Subclasses add to the loss through `extra_loss`."""
 
     def __init__(self, method: FineTuneMethod, data, index: int):
-        ctx = method.ctx
-        self.m, self.data, self.index = method, data, index
-        self.model = trainable_clip(ctx.backbone)
+        super().__init__(method, data, index)
+        self.model = trainable_clip(method.ctx.backbone)
         self.global_params: dict[str, torch.Tensor] | None = None  # the last received global model
         self.optimiser = torch.optim.Adam(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -78,7 +87,7 @@ class FineTuneSite(SiteTrainer):
         self.global_params = {k: v.clone() for k, v in state.items()}
 
     def shared_update(self):
-        return trainable_state(self.model)
+        return self.m.shared_state(self.model)
 
     def extra_loss(self, h: torch.Tensor, pixels: torch.Tensor, round_index: int) -> torch.Tensor | None:
         """A method's regulariser on the normalised image embeddings h of the batch; None for none."""
@@ -94,10 +103,10 @@ class FineTuneSite(SiteTrainer):
         pass
 
     def train_round(self, round_index):
-        ctx, opt = self.m.ctx, self.m.opt
+        ctx = self.m.ctx
         x, y = self.data.train_x, self.data.train_y
         b = min(ctx.batch_size, len(y))
-        steps = opt["local_steps"] or opt["local_epochs"] * max(1, len(y) // b)
+        steps = self.m.steps_per_round(len(y))
         stream = batch_stream(len(y), b, generator(ctx.seed, "batches", self.index, round_index))
         self.before_round(round_index)
         self.model.train()
@@ -139,12 +148,11 @@ class FineTuneMethod(Method):
     group = "finetune"
     # Not exportable yet: the fine-tuned encoder is no longer the frozen backbone a run identifies by hash.
     exportable = False
-    options = {"lr": 5e-5, "weight_decay": 0.02, "local_steps": 199, "local_epochs": 0}
+    options = {"lr": 5e-5, "weight_decay": 0.02, **LOCAL_STEPS_OPTIONS}
     option_help = {
         "lr": "Adam learning rate (optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",
-        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
-        "local_epochs": "passes over the training split per round instead of local_steps",
+        **LOCAL_STEPS_HELP,
     }
 
     def __init__(self, ctx):
@@ -153,30 +161,20 @@ class FineTuneMethod(Method):
             raise ConfigError(
                 f"{self.name} fine-tunes CLIP and needs the backbone, preprocessing and prompts"
             )
-        # An option the user sets takes effect: local_epochs alone replaces the default local_steps (which
-        # would otherwise win); both set is ambiguous and refused.
-        if ctx.options.get("local_epochs") and "local_steps" not in ctx.options:
-            self.opt["local_steps"] = 0
-        if self.opt["local_steps"] and self.opt["local_epochs"]:
-            raise ConfigError(
-                f"{self.name} got local_steps={self.opt['local_steps']} and "
-                f"local_epochs={self.opt['local_epochs']}: set one of them (the other 0)"
-            )
-        if not (self.opt["local_steps"] or self.opt["local_epochs"]):
-            raise ConfigError(f"{self.name} needs local_steps > 0 or local_epochs > 0")
+        resolve_local_steps(self, self.name)
         enc = ctx.backbone.tokenizer(
             ctx.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         )
         self.tokens = (enc["input_ids"], enc["attention_mask"])
+
+    def steps_per_round(self, n_train):
+        return local_steps_per_round(self, n_train)
 
     def new_global(self):
         return trainable_clip(self.ctx.backbone)
 
     def shared_state(self, module):
         return trainable_state(module)
-
-    def new_site(self, data, index):
-        return self.site_class(self, data, index)
 
     @torch.no_grad()
     def global_probs(self, module, x):
