@@ -44,11 +44,8 @@ TOY = textwrap.dedent(
             super().__init__(method, data, index)
             self.attention = method.new_global()
 
-        def load_shared(self, state):
-            self.attention.load_state_dict(state)
-
-        def shared_update(self):
-            return self.m.shared_state(self.attention)
+        def shared_module(self):
+            return self.attention
 
         def train_round(self, round_index):
             ctx, opt = self.m.ctx, self.m.opt
@@ -63,10 +60,6 @@ TOY = textwrap.dedent(
                 sgd.step()
                 total += loss.item()
             return {"loss": total / opt["steps"], "steps": opt["steps"]}
-
-        @torch.no_grad()
-        def probs(self, x):
-            return self.m.global_probs(self.attention, x)
 
         def resumable_parts(self):
             return {"attention": self.attention}

@@ -62,6 +62,15 @@ def batch_stream(n: int, batch_size: int, gen: torch.Generator):
             yield perm[i : i + b]
 
 
+# Adam's moments as CLIP is trained, which the reference codes keep for every module they train.
+CLIP_ADAM = {"betas": (0.9, 0.98), "eps": 1e-6}
+
+
+def clip_adam(params, opt: dict) -> torch.optim.Adam:
+    """Adam (coupled L2) with CLIP's moments, at a method's `lr` and `weight_decay` options."""
+    return torch.optim.Adam(params, lr=opt["lr"], weight_decay=opt["weight_decay"], **CLIP_ADAM)
+
+
 def zero_shot_probs(h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """softmax_c(100 · cos(ĥ, t_c)) for already-normalised ĥ."""
     return torch.softmax(LOGIT_SCALE * h @ F.normalize(text, dim=1).t(), dim=1)
@@ -75,22 +84,26 @@ class SiteTrainer:
     def __init__(self, method: Method, data: SiteData, index: int):
         self.m, self.data, self.index = method, data, index
 
-    def load_shared(self, state: dict[str, torch.Tensor]) -> None:
+    def shared_module(self) -> nn.Module:
+        """The site's copy of the shared module, which the defaults below receive, send and predict through."""
         raise NotImplementedError
 
+    def load_shared(self, state: dict[str, torch.Tensor]) -> None:
+        self.shared_module().load_state_dict(state)
+
     def shared_update(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.m.shared_state(self.shared_module())
 
     def train_round(self, round_index: int) -> dict:
         """Local training for round `round_index` (1-based); returns stats such as the mean loss."""
         raise NotImplementedError
 
     def private_round(
-        self, round_index: int, modules: dict[str, nn.Module], optimiser, step_arguments
+        self, round_index: int, modules: dict[str, nn.Module], example_loss, optimiser, step_arguments
     ) -> dict:
         """A round of DP-SGD on `modules`: up to the plan's steps, each on a Poisson batch of the site's labelled
-        examples with `_example_loss(mods, f, labels, *step_arguments())`, stopping where the privacy budget
-        would be exceeded. Its stats: the mean loss of its non-empty batches (0 when it took no step: a site
+        examples with the loss `example_loss(modules, f, labels, *step_arguments())`, stopping where the privacy
+        budget would be exceeded. Its stats: the mean loss of its non-empty batches (0 when it took no step: a site
         whose budget is spent still reports a finite loss), its steps and its epsilon so far."""
         x, y = self.data.train_x, self.data.train_y
         losses = []
@@ -100,9 +113,7 @@ class SiteTrainer:
             shared = step_arguments()
             idx = self.dp.sample(len(y), round_index, step)
             losses.append(
-                self.dp.step(
-                    modules, self._example_loss, (x[idx], y[idx]), shared, optimiser, round_index, step
-                )
+                self.dp.step(modules, example_loss, (x[idx], y[idx]), shared, optimiser, round_index, step)
             )
         finite = [v for v in losses if v == v]
         return {
@@ -113,8 +124,9 @@ class SiteTrainer:
 
     @torch.no_grad()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Local prediction (the site's own rule, e.g. FedMedCLIP's ensemble)."""
-        raise NotImplementedError
+        """Local prediction: by default the global rule through the site's module; a method with a rule of its
+        own overrides it (e.g. FedMedCLIP's ensemble)."""
+        return self.m.global_probs(self.shared_module(), x)
 
     def resumable_parts(self) -> dict[str, Any]:
         """The private modules and optimiser a resume restores, by name (each has state_dict/load_state_dict)."""
@@ -277,35 +289,37 @@ class Method:
         return attention, None, "code"
 
 
-# The local schedule of the FACMIC reference, which FACMIC and the baselines that fine-tune CLIP share: a fixed
-# number of steps per round (the reference's n_iter break) or, instead, whole passes over the training split.
-LOCAL_STEPS_OPTIONS = {"local_steps": 199, "local_epochs": 0}
-LOCAL_STEPS_HELP = {
-    "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
-    "local_epochs": "passes over the training split per round instead of local_steps",
-}
+class LocalStepsMethod(Method):
+    """A method on the local schedule of the FACMIC reference, which FACMIC and the baselines that fine-tune CLIP
+    share: a fixed number of steps per round (the reference's n_iter break) or, instead, whole passes over the
+    training split. Its options spread these `options` and `option_help` into their own, and its constructor
+    calls `resolve_local_steps`."""
 
+    options = {"local_steps": 199, "local_epochs": 0}
+    option_help = {
+        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
+        "local_epochs": "passes over the training split per round instead of local_steps",
+    }
 
-def resolve_local_steps(method: Method, label: str) -> None:
-    """Settle `local_steps`/`local_epochs` (LOCAL_STEPS_OPTIONS) as the user set them, naming the method `label`
-    in errors. An option the user sets takes effect: local_epochs alone replaces the default local_steps (which
-    would otherwise win); both set is ambiguous and refused, and so is neither."""
-    opt, given = method.opt, method.ctx.options
-    if given.get("local_epochs") and "local_steps" not in given:
-        opt["local_steps"] = 0
-    if opt["local_steps"] and opt["local_epochs"]:
-        raise ConfigError(
-            f"{label} got local_steps={opt['local_steps']} and local_epochs={opt['local_epochs']}: "
-            "set one of them (the other 0)"
-        )
-    if not (opt["local_steps"] or opt["local_epochs"]):
-        raise ConfigError(f"{label} needs local_steps > 0 or local_epochs > 0")
+    def resolve_local_steps(self, label: str) -> None:
+        """Settle the two options as the user set them, naming the method `label` in errors. An option the user
+        sets takes effect: local_epochs alone replaces the default local_steps (which would otherwise win);
+        both set is ambiguous and refused, and so is neither."""
+        opt, given = self.opt, self.ctx.options
+        if given.get("local_epochs") and "local_steps" not in given:
+            opt["local_steps"] = 0
+        if opt["local_steps"] and opt["local_epochs"]:
+            raise ConfigError(
+                f"{label} got local_steps={opt['local_steps']} and local_epochs={opt['local_epochs']}: "
+                "set one of them (the other 0)"
+            )
+        if not (opt["local_steps"] or opt["local_epochs"]):
+            raise ConfigError(f"{label} needs local_steps > 0 or local_epochs > 0")
 
-
-def local_steps_per_round(method: Method, n_train: int) -> int:
-    """The steps per round under LOCAL_STEPS_OPTIONS: local_steps, or local_epochs passes of drop_last batches."""
-    b = min(method.ctx.batch_size, n_train)
-    return method.opt["local_steps"] or method.opt["local_epochs"] * max(1, n_train // b)
+    def steps_per_round(self, n_train):
+        """local_steps, or local_epochs passes of drop_last batches."""
+        b = min(self.ctx.batch_size, n_train)
+        return self.opt["local_steps"] or self.opt["local_epochs"] * max(1, n_train // b)
 
 
 def dp_sgd_methods() -> list[str]:

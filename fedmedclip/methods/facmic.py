@@ -40,16 +40,7 @@ from ..losses import (
 from ..modules import FacmicAttention, adapt
 from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
-from .base import (
-    LOCAL_STEPS_HELP,
-    LOCAL_STEPS_OPTIONS,
-    Method,
-    SiteTrainer,
-    batch_stream,
-    generator,
-    local_steps_per_round,
-    resolve_local_steps,
-)
+from .base import LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator
 
 
 class FacmicSite(SiteTrainer):
@@ -59,22 +50,12 @@ class FacmicSite(SiteTrainer):
             raise ConfigError(
                 "FACMIC needs an unlabelled reference set: use --reference-fraction > 0 or --transductive"
             )
-        opt = method.opt
         self.attention = method.new_global()
-        self.optimiser = torch.optim.Adam(
-            self.attention.parameters(),
-            lr=opt["lr"],
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            weight_decay=opt["weight_decay"],
-        )
+        self.optimiser = clip_adam(self.attention.parameters(), method.opt)
         self.dp = method.dp_plan(data) if method.private else None
 
-    def load_shared(self, state):
-        self.attention.load_state_dict(state)
-
-    def shared_update(self):
-        return self.m.shared_state(self.attention)
+    def shared_module(self):
+        return self.attention
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
@@ -140,17 +121,15 @@ class FacmicSite(SiteTrainer):
                 weights, bw = reference_alignment(z, q, opt["bandwidth"])
             return ft, z, weights, bw, lam
 
-        return self.private_round(round_index, {"attention": self.attention}, self.optimiser, step_arguments)
-
-    @torch.no_grad()
-    def probs(self, x):
-        return self.m.global_probs(self.attention, x)
+        return self.private_round(
+            round_index, {"attention": self.attention}, self._example_loss, self.optimiser, step_arguments
+        )
 
     def resumable_parts(self):
         return {"attention": self.attention, "optimiser": self.optimiser}
 
 
-class Facmic(Method):
+class Facmic(LocalStepsMethod):
     name = "facmic"
     weighting = "samples"
     default_preprocessing = "clip"
@@ -162,7 +141,7 @@ class Facmic(Method):
     options = {
         "lr": 5e-5,
         "weight_decay": 0.02,
-        **LOCAL_STEPS_OPTIONS,
+        **LocalStepsMethod.options,
         "lmmd_weight": 1.0,
         "bandwidth": "mean",
         "masked_target": False,
@@ -170,7 +149,7 @@ class Facmic(Method):
     option_help = {
         "lr": "Adam learning rate (coupled L2; the optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",
-        **LOCAL_STEPS_HELP,
+        **LocalStepsMethod.option_help,
         "lmmd_weight": "weight of the LMMD adaptation loss (x0.1 for batches of 8 or fewer)",
         "bandwidth": "LMMD kernel bandwidth: mean (code) or median (paper)",
         "masked_target": "apply the attention to the target features too (paper reading)",
@@ -180,15 +159,12 @@ class Facmic(Method):
         super().__init__(ctx)
         if self.opt["bandwidth"] not in ("mean", "median"):
             raise ConfigError(f"bandwidth must be mean or median, not {self.opt['bandwidth']!r}")
-        resolve_local_steps(self, "FACMIC")
+        self.resolve_local_steps("FACMIC")
         if self.private and self.opt["masked_target"]:
             raise ConfigError(
                 "FACMIC with masked_target=true is not available with DP-SGD: its gradient runs through the "
                 "reference batch, summed over the labelled examples, so no example's contribution can be clipped"
             )
-
-    def steps_per_round(self, n_train):
-        return local_steps_per_round(self, n_train)
 
     def lmmd_weight(self, n_train: int) -> float:
         """λ, scaled by 0.1 for batches of 8 or fewer, as the paper does."""

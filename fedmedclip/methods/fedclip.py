@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..losses import contrastive_loss
 from ..modules import adapt
 from ..seeding import seeded
-from .base import Method, SiteTrainer, batch_stream, generator
+from .base import Method, SiteTrainer, batch_stream, clip_adam, generator
 
 
 class FedClipAdapter(nn.Module):
@@ -33,22 +33,13 @@ class FedClipSite(SiteTrainer):
         super().__init__(method, data, index)
         self.adapter = method.new_global()
 
-    def load_shared(self, state):
-        self.adapter.load_state_dict(state)
-
-    def shared_update(self):
-        return self.m.shared_state(self.adapter)
+    def shared_module(self):
+        return self.adapter
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
         # Re-created every round, as in the original: the moments reset.
-        optimiser = torch.optim.Adam(
-            self.adapter.parameters(),
-            lr=opt["lr"],
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            weight_decay=opt["weight_decay"],
-        )
+        optimiser = clip_adam(self.adapter.parameters(), opt)
         x, y = self.data.train_x, self.data.train_y
         steps = opt["local_epochs"] * max(1, len(y) // ctx.batch_size)
         stream = batch_stream(len(y), ctx.batch_size, generator(ctx.seed, "batches", self.index, round_index))
@@ -62,10 +53,6 @@ class FedClipSite(SiteTrainer):
             optimiser.step()
             total += loss.item()
         return {"loss": total / max(steps, 1), "steps": steps}
-
-    @torch.no_grad()
-    def probs(self, x):
-        return self.m.global_probs(self.adapter, x)
 
     def resumable_parts(self):
         return {"adapter": self.adapter}

@@ -47,6 +47,7 @@ from ..modules import FeatureAdaptationModule, MaskedLinear, PrivateMLP, adapt
 from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
+    CLIP_ADAM,
     Method,
     SiteData,
     SiteTrainer,
@@ -85,8 +86,8 @@ class FedMedClipSite(SiteTrainer):
             for layer in (self.fam.fc1, self.fam.fc2):
                 layer.threshold.zero_()
 
-    def shared_update(self):
-        return self.m.shared_state(self.fam)
+    def shared_module(self):
+        return self.fam
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
@@ -103,9 +104,8 @@ class FedMedClipSite(SiteTrainer):
                     "lr": opt["lr_mlp" if self.dp is None else "dp_lr_mlp"] * decay,
                 },
             ],
-            betas=(0.9, 0.98),
-            eps=1e-6,
             weight_decay=opt["weight_decay"],
+            **CLIP_ADAM,
         )
         if self.dp is not None:
             return self._train_round_private(round_index, optimiser)
@@ -175,7 +175,8 @@ class FedMedClipSite(SiteTrainer):
             track_reference_statistics([self.mlp], lambda: self.mlp(adapt(self.fam, reference)))
             return text_n, reference
 
-        return self.private_round(round_index, {"fam": self.fam, "mlp": self.mlp}, optimiser, step_arguments)
+        mods = {"fam": self.fam, "mlp": self.mlp}
+        return self.private_round(round_index, mods, self._example_loss, optimiser, step_arguments)
 
     @torch.no_grad()
     def probs(self, x):

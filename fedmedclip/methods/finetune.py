@@ -24,17 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import contrastive_loss
-from .base import (
-    LOCAL_STEPS_HELP,
-    LOCAL_STEPS_OPTIONS,
-    Method,
-    SiteTrainer,
-    batch_stream,
-    generator,
-    local_steps_per_round,
-    resolve_local_steps,
-    zero_shot_probs,
-)
+from .base import LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator, zero_shot_probs
 
 EVAL_BATCH = 128
 FROZEN = ("logit_scale",)  # the temperature stays exactly 100, as everywhere else in the package
@@ -64,13 +54,7 @@ class FineTuneSite(SiteTrainer):
         super().__init__(method, data, index)
         self.model = trainable_clip(method.ctx.backbone)
         self.global_params: dict[str, torch.Tensor] | None = None  # the last received global model
-        self.optimiser = torch.optim.Adam(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=method.opt["lr"],
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            weight_decay=method.opt["weight_decay"],
-        )
+        self.optimiser = clip_adam([p for p in self.model.parameters() if p.requires_grad], method.opt)
 
     # -- encoding through the trainable model
     def image_features(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -86,8 +70,8 @@ class FineTuneSite(SiteTrainer):
         self.model.load_state_dict(state, strict=False)
         self.global_params = {k: v.clone() for k, v in state.items()}
 
-    def shared_update(self):
-        return self.m.shared_state(self.model)
+    def shared_module(self):
+        return self.model
 
     def extra_loss(self, h: torch.Tensor, pixels: torch.Tensor, round_index: int) -> torch.Tensor | None:
         """A method's regulariser on the normalised image embeddings h of the batch; None for none."""
@@ -126,10 +110,6 @@ class FineTuneSite(SiteTrainer):
         self.after_round(round_index)
         return {"loss": total / max(steps, 1), "steps": steps}
 
-    @torch.no_grad()
-    def probs(self, x):
-        return self.m.global_probs(self.model, x)
-
     def state_dict(self):
         return {"model": trainable_state(self.model), "optimiser": copy.deepcopy(self.optimiser.state_dict())}
 
@@ -138,7 +118,7 @@ class FineTuneSite(SiteTrainer):
         self.optimiser.load_state_dict(state["optimiser"])
 
 
-class FineTuneMethod(Method):
+class FineTuneMethod(LocalStepsMethod):
     """Server side: the global module is a trainable CLIP copy; its trainable parameters travel."""
 
     weighting = "samples"
@@ -148,11 +128,11 @@ class FineTuneMethod(Method):
     group = "finetune"
     # Not exportable yet: the fine-tuned encoder is no longer the frozen backbone a run identifies by hash.
     exportable = False
-    options = {"lr": 5e-5, "weight_decay": 0.02, **LOCAL_STEPS_OPTIONS}
+    options = {"lr": 5e-5, "weight_decay": 0.02, **LocalStepsMethod.options}
     option_help = {
         "lr": "Adam learning rate (optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",
-        **LOCAL_STEPS_HELP,
+        **LocalStepsMethod.option_help,
     }
 
     def __init__(self, ctx):
@@ -161,14 +141,11 @@ class FineTuneMethod(Method):
             raise ConfigError(
                 f"{self.name} fine-tunes CLIP and needs the backbone, preprocessing and prompts"
             )
-        resolve_local_steps(self, self.name)
+        self.resolve_local_steps(self.name)
         enc = ctx.backbone.tokenizer(
             ctx.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         )
         self.tokens = (enc["input_ids"], enc["attention_mask"])
-
-    def steps_per_round(self, n_train):
-        return local_steps_per_round(self, n_train)
 
     def new_global(self):
         return trainable_clip(self.ctx.backbone)
