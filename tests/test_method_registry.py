@@ -25,8 +25,9 @@ TOY = textwrap.dedent(
     from torch import nn
 
     from fedmedclip.losses import contrastive_loss
-    from fedmedclip.methods.base import Method, SiteTrainer, batch_stream, derive_seed, generator, zero_shot_probs
+    from fedmedclip.methods.base import Method, SiteTrainer, batch_stream, generator
     from fedmedclip.modules import adapt
+    from fedmedclip.seeding import seeded
 
 
     class ToyAttention(nn.Module):
@@ -40,14 +41,11 @@ TOY = textwrap.dedent(
 
     class ToySite(SiteTrainer):
         def __init__(self, method, data, index):
-            self.m, self.data, self.index = method, data, index
+            super().__init__(method, data, index)
             self.attention = method.new_global()
 
-        def load_shared(self, state):
-            self.attention.load_state_dict(state)
-
-        def shared_update(self):
-            return {k: v.detach().clone() for k, v in self.attention.state_dict().items()}
+        def shared_module(self):
+            return self.attention
 
         def train_round(self, round_index):
             ctx, opt = self.m.ctx, self.m.opt
@@ -63,15 +61,8 @@ TOY = textwrap.dedent(
                 total += loss.item()
             return {"loss": total / opt["steps"], "steps": opt["steps"]}
 
-        @torch.no_grad()
-        def probs(self, x):
-            return self.m.global_probs(self.attention, x)
-
-        def state_dict(self):
-            return {"attention": self.attention.state_dict()}
-
-        def load_state_dict(self, state):
-            self.attention.load_state_dict(state["attention"])
+        def resumable_parts(self):
+            return {"attention": self.attention}
 
 
     class Toy(Method):
@@ -81,21 +72,13 @@ TOY = textwrap.dedent(
         group = "cached"
         compare_references = ("local",)
         exportable = True
+        site_class = ToySite
         options = {"lr": 0.5, "steps": 3}
         option_help = {"lr": "SGD learning rate", "steps": "steps per round"}
 
         def new_global(self):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.ctx.seed, self.name))
+            with seeded(self.seed_for("global")):
                 return ToyAttention(self.ctx.feature_dim)
-
-        def new_site(self, data, index):
-            return ToySite(self, data, index)
-
-        @torch.no_grad()
-        def global_probs(self, module, x):
-            module.eval()
-            return zero_shot_probs(adapt(module, x), self.ctx.text_features)
     '''
 )
 

@@ -12,6 +12,7 @@ from torch import nn
 from ..aggregation import weighted_average
 from ..backbone import LOGIT_SCALE
 from ..errors import ConfigError
+from ..modules import adapt
 from ..seeding import derive_seed, generator  # noqa: F401 - the methods' helpers, re-exported here
 
 
@@ -61,6 +62,15 @@ def batch_stream(n: int, batch_size: int, gen: torch.Generator):
             yield perm[i : i + b]
 
 
+# Adam's moments as CLIP is trained, which the reference codes keep for every module they train.
+CLIP_ADAM = {"betas": (0.9, 0.98), "eps": 1e-6}
+
+
+def clip_adam(params, opt: dict) -> torch.optim.Adam:
+    """Adam (coupled L2) with CLIP's moments, at a method's `lr` and `weight_decay` options."""
+    return torch.optim.Adam(params, lr=opt["lr"], weight_decay=opt["weight_decay"], **CLIP_ADAM)
+
+
 def zero_shot_probs(h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """softmax_c(100 · cos(ĥ, t_c)) for already-normalised ĥ."""
     return torch.softmax(LOGIT_SCALE * h @ F.normalize(text, dim=1).t(), dim=1)
@@ -69,32 +79,73 @@ def zero_shot_probs(h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 class SiteTrainer:
     """A site's side of a method: private state plus the local copy of the shared module."""
 
-    def load_shared(self, state: dict[str, torch.Tensor]) -> None:
+    dp: Any = None  # its DP-SGD (fedmedclip.privacy.dpsgd.DPSGD) under record-level DP, else None
+
+    def __init__(self, method: Method, data: SiteData, index: int):
+        self.m, self.data, self.index = method, data, index
+
+    def shared_module(self) -> nn.Module:
+        """The site's copy of the shared module, which the defaults below receive, send and predict through."""
         raise NotImplementedError
 
+    def load_shared(self, state: dict[str, torch.Tensor]) -> None:
+        self.shared_module().load_state_dict(state)
+
     def shared_update(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.m.shared_state(self.shared_module())
 
     def train_round(self, round_index: int) -> dict:
         """Local training for round `round_index` (1-based); returns stats such as the mean loss."""
         raise NotImplementedError
 
+    def private_round(
+        self, round_index: int, modules: dict[str, nn.Module], example_loss, optimiser, step_arguments
+    ) -> dict:
+        """A round of DP-SGD on `modules`: up to the plan's steps, each on a Poisson batch of the site's labelled
+        examples with the loss `example_loss(modules, f, labels, *step_arguments())`, stopping where the privacy
+        budget would be exceeded. Its stats: the mean loss of its non-empty batches (0 when it took no step: a site
+        whose budget is spent still reports a finite loss), its steps and its epsilon so far."""
+        x, y = self.data.train_x, self.data.train_y
+        losses = []
+        for step in range(self.m.dp_steps_per_round(len(y))):
+            if not self.dp.may_step(round_index):
+                break
+            shared = step_arguments()
+            idx = self.dp.sample(len(y), round_index, step)
+            losses.append(
+                self.dp.step(modules, example_loss, (x[idx], y[idx]), shared, optimiser, round_index, step)
+            )
+        finite = [v for v in losses if v == v]
+        return {
+            "loss": sum(finite) / len(finite) if finite else 0.0,
+            "steps": len(losses),
+            "epsilon": self.dp.epsilon(),
+        }
+
     @torch.no_grad()
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Local prediction (the site's own rule, e.g. FedMedCLIP's ensemble)."""
+        """Local prediction: by default the global rule through the site's module; a method with a rule of its
+        own overrides it (e.g. FedMedCLIP's ensemble)."""
+        return self.m.global_probs(self.shared_module(), x)
+
+    def resumable_parts(self) -> dict[str, Any]:
+        """The private modules and optimiser a resume restores, by name (each has state_dict/load_state_dict)."""
         raise NotImplementedError
+
+    def _resumed(self) -> dict[str, Any]:
+        return {**self.resumable_parts(), **({"dp": self.dp} if self.dp is not None else {})}
 
     def state_dict(self) -> dict:
-        """Everything private needed to resume: modules and optimiser state."""
-        raise NotImplementedError
+        """Everything private needed to resume: modules, optimiser state and, under DP, the privacy ledger."""
+        return {name: part.state_dict() for name, part in self._resumed().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        for name, part in self._resumed().items():
+            part.load_state_dict(state[name])
 
     def privacy_report(self) -> dict | None:
         """This site's DP-SGD ledger (epsilon so far, its plan), None without record-level DP."""
-        dp = getattr(self, "dp", None)
-        return dp.report() if dp is not None else None
+        return self.dp.report() if self.dp is not None else None
 
     def private_modules(self) -> dict[str, nn.Module]:
         """Modules that never leave the site but belong to the exported model (e.g. the MLP)."""
@@ -132,6 +183,7 @@ class Method:
     compare_references: tuple[str, ...] = ()
     options: dict = {}  # name -> default
     option_help: dict = {}  # name -> one line of help (`fedmedclip methods` prints them)
+    site_class: type[SiteTrainer]  # what `new_site` builds: site_class(method, data, index)
     # Whether a run directory of this method can be rebuilt into a predictor (`predictor_parts`) and exported.
     exportable: bool = False
     # Whether its sites can train with record-level DP-SGD (fedmedclip.privacy): the method then trains on
@@ -195,8 +247,12 @@ class Method:
         """The entries of the shared module that travel."""
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
+    def seed_for(self, *parts) -> int:
+        """A seed of this run and method for `parts` (e.g. "global"), stable across processes."""
+        return derive_seed(self.ctx.seed, self.name, *parts)
+
     def new_site(self, data: SiteData, index: int) -> SiteTrainer:
-        raise NotImplementedError
+        return self.site_class(self, data, index)
 
     def aggregation_counts(self, n_train: list[int]) -> list[int]:
         """The sample counts the `samples` weighting uses: the sites' training-set sizes."""
@@ -212,8 +268,11 @@ class Method:
 
     @torch.no_grad()
     def global_probs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Prediction at the global site, where no private module exists: zero-shot through the module."""
-        raise NotImplementedError
+        """Prediction at the global site, where no private module exists: zero-shot through the module. The
+        default serves methods whose shared module is an attention a(f) on the cached feature f:
+        softmax(100 cos(n(a(f) f), t_c))."""
+        module.eval()
+        return zero_shot_probs(adapt(module, x), self.ctx.text_features)
 
     def predictor_parts(self, model: ModelFiles, site: str | None) -> tuple[nn.Module, nn.Module | None, str]:
         """The head of the exported predictor for `site` (None: the global model), rebuilt from a run's
@@ -230,11 +289,37 @@ class Method:
         return attention, None, "code"
 
 
-def private_round_stats(losses: list[float], steps: int, dp) -> dict:
-    """A DP-SGD round's stats: the mean loss of its non-empty batches (0 when it took no step: a site
-    whose budget is spent still reports a finite loss), its steps and its epsilon so far."""
-    finite = [v for v in losses if v == v]
-    return {"loss": sum(finite) / len(finite) if finite else 0.0, "steps": steps, "epsilon": dp.epsilon()}
+class LocalStepsMethod(Method):
+    """A method on the local schedule of the FACMIC reference, which FACMIC and the baselines that fine-tune CLIP
+    share: a fixed number of steps per round (the reference's n_iter break) or, instead, whole passes over the
+    training split. Its options spread these `options` and `option_help` into their own, and its constructor
+    calls `resolve_local_steps`."""
+
+    options = {"local_steps": 199, "local_epochs": 0}
+    option_help = {
+        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
+        "local_epochs": "passes over the training split per round instead of local_steps",
+    }
+
+    def resolve_local_steps(self, label: str) -> None:
+        """Settle the two options as the user set them, naming the method `label` in errors. An option the user
+        sets takes effect: local_epochs alone replaces the default local_steps (which would otherwise win);
+        both set is ambiguous and refused, and so is neither."""
+        opt, given = self.opt, self.ctx.options
+        if given.get("local_epochs") and "local_steps" not in given:
+            opt["local_steps"] = 0
+        if opt["local_steps"] and opt["local_epochs"]:
+            raise ConfigError(
+                f"{label} got local_steps={opt['local_steps']} and local_epochs={opt['local_epochs']}: "
+                "set one of them (the other 0)"
+            )
+        if not (opt["local_steps"] or opt["local_epochs"]):
+            raise ConfigError(f"{label} needs local_steps > 0 or local_epochs > 0")
+
+    def steps_per_round(self, n_train):
+        """local_steps, or local_epochs passes of drop_last batches."""
+        b = min(self.ctx.batch_size, n_train)
+        return self.opt["local_steps"] or self.opt["local_epochs"] * max(1, n_train // b)
 
 
 def dp_sgd_methods() -> list[str]:

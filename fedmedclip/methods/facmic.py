@@ -40,40 +40,22 @@ from ..losses import (
 from ..modules import FacmicAttention, adapt
 from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
-from .base import (
-    Method,
-    SiteTrainer,
-    batch_stream,
-    derive_seed,
-    generator,
-    private_round_stats,
-    zero_shot_probs,
-)
+from .base import LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator
 
 
 class FacmicSite(SiteTrainer):
     def __init__(self, method: Facmic, data, index):
-        self.m, self.data, self.index = method, data, index
+        super().__init__(method, data, index)
         if data.reference_x is None or len(data.reference_x) == 0:
             raise ConfigError(
                 "FACMIC needs an unlabelled reference set: use --reference-fraction > 0 or --transductive"
             )
-        opt = method.opt
         self.attention = method.new_global()
-        self.optimiser = torch.optim.Adam(
-            self.attention.parameters(),
-            lr=opt["lr"],
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            weight_decay=opt["weight_decay"],
-        )
+        self.optimiser = clip_adam(self.attention.parameters(), method.opt)
         self.dp = method.dp_plan(data) if method.private else None
 
-    def load_shared(self, state):
-        self.attention.load_state_dict(state)
-
-    def shared_update(self):
-        return {k: v.detach().clone() for k, v in self.attention.state_dict().items()}
+    def shared_module(self):
+        return self.attention
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
@@ -122,55 +104,32 @@ class FacmicSite(SiteTrainer):
 
     def _train_round_private(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
-        x, y, ref = self.data.train_x, self.data.train_y, self.data.reference_x
+        y, ref = self.data.train_y, self.data.reference_x
         b = min(ctx.batch_size, len(y))
         lam = self.m.lmmd_weight(len(y))
         target = batch_stream(len(ref), b, generator(ctx.seed, "reference", self.index, round_index))
         text_n = F.normalize(ctx.text_features, dim=1)
         self.attention.eval()
-        losses, taken = [], 0
-        for step in range(self.m.steps_per_round(len(y))):
-            if not self.dp.may_step(round_index):
-                break
-            idx, ft = self.dp.sample(len(y), round_index, step), ref[next(target)]
+
+        def step_arguments():
+            ft = ref[next(target)]
             # The reference batch moves BatchNorm's running statistics, once per step as in the reference code.
-            track_reference_statistics([self.attention], lambda ft=ft: self.attention(ft))
+            track_reference_statistics([self.attention], lambda: self.attention(ft))
             with torch.no_grad():
                 q = torch.softmax(LOGIT_SCALE * adapt(self.attention, ft) @ text_n.t(), dim=1)
                 z = F.normalize(ft, dim=1)
                 weights, bw = reference_alignment(z, q, opt["bandwidth"])
-            losses.append(
-                self.dp.step(
-                    {"attention": self.attention},
-                    self._example_loss,
-                    (x[idx], y[idx]),
-                    (ft, z, weights, bw, lam),
-                    self.optimiser,
-                    round_index,
-                    step,
-                )
-            )
-            taken += 1
-        return private_round_stats(losses, taken, self.dp)
+            return ft, z, weights, bw, lam
 
-    @torch.no_grad()
-    def probs(self, x):
-        return self.m.global_probs(self.attention, x)
+        return self.private_round(
+            round_index, {"attention": self.attention}, self._example_loss, self.optimiser, step_arguments
+        )
 
-    def state_dict(self):
-        state = {"attention": self.attention.state_dict(), "optimiser": self.optimiser.state_dict()}
-        if self.dp is not None:
-            state["dp"] = self.dp.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        self.attention.load_state_dict(state["attention"])
-        self.optimiser.load_state_dict(state["optimiser"])
-        if self.dp is not None:
-            self.dp.load_state_dict(state["dp"])
+    def resumable_parts(self):
+        return {"attention": self.attention, "optimiser": self.optimiser}
 
 
-class Facmic(Method):
+class Facmic(LocalStepsMethod):
     name = "facmic"
     weighting = "samples"
     default_preprocessing = "clip"
@@ -178,11 +137,11 @@ class Facmic(Method):
     compare_references = ("local", "centralized")
     exportable = True
     dp_sgd = True
+    site_class = FacmicSite
     options = {
         "lr": 5e-5,
         "weight_decay": 0.02,
-        "local_steps": 199,
-        "local_epochs": 0,
+        **LocalStepsMethod.options,
         "lmmd_weight": 1.0,
         "bandwidth": "mean",
         "masked_target": False,
@@ -190,8 +149,7 @@ class Facmic(Method):
     option_help = {
         "lr": "Adam learning rate (coupled L2; the optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",
-        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
-        "local_epochs": "passes over the training split per round instead of local_steps",
+        **LocalStepsMethod.option_help,
         "lmmd_weight": "weight of the LMMD adaptation loss (x0.1 for batches of 8 or fewer)",
         "bandwidth": "LMMD kernel bandwidth: mean (code) or median (paper)",
         "masked_target": "apply the attention to the target features too (paper reading)",
@@ -201,26 +159,12 @@ class Facmic(Method):
         super().__init__(ctx)
         if self.opt["bandwidth"] not in ("mean", "median"):
             raise ConfigError(f"bandwidth must be mean or median, not {self.opt['bandwidth']!r}")
-        # An option the user sets takes effect: local_epochs alone replaces the default local_steps (which
-        # would otherwise win); both set is ambiguous and refused.
-        if ctx.options.get("local_epochs") and "local_steps" not in ctx.options:
-            self.opt["local_steps"] = 0
-        if self.opt["local_steps"] and self.opt["local_epochs"]:
-            raise ConfigError(
-                f"FACMIC got local_steps={self.opt['local_steps']} and local_epochs={self.opt['local_epochs']}: "
-                "set one of them (the other 0)"
-            )
-        if not (self.opt["local_steps"] or self.opt["local_epochs"]):
-            raise ConfigError("FACMIC needs local_steps > 0 or local_epochs > 0")
+        self.resolve_local_steps("FACMIC")
         if self.private and self.opt["masked_target"]:
             raise ConfigError(
                 "FACMIC with masked_target=true is not available with DP-SGD: its gradient runs through the "
                 "reference batch, summed over the labelled examples, so no example's contribution can be clipped"
             )
-
-    def steps_per_round(self, n_train):
-        b = min(self.ctx.batch_size, n_train)
-        return self.opt["local_steps"] or self.opt["local_epochs"] * max(1, n_train // b)
 
     def lmmd_weight(self, n_train: int) -> float:
         """λ, scaled by 0.1 for batches of 8 or fewer, as the paper does."""
@@ -233,13 +177,5 @@ class Facmic(Method):
         return [n if n < b else b * (n // b) for n in n_train]
 
     def new_global(self):
-        with seeded(derive_seed(self.ctx.seed, self.name, "global")):
+        with seeded(self.seed_for("global")):
             return FacmicAttention(self.ctx.feature_dim)
-
-    def new_site(self, data, index):
-        return FacmicSite(self, data, index)
-
-    @torch.no_grad()
-    def global_probs(self, module, x):
-        module.eval()
-        return zero_shot_probs(adapt(module, x), self.ctx.text_features)

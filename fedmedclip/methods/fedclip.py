@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..losses import contrastive_loss
 from ..modules import adapt
 from ..seeding import seeded
-from .base import Method, SiteTrainer, batch_stream, derive_seed, generator, zero_shot_probs
+from .base import Method, SiteTrainer, batch_stream, clip_adam, generator
 
 
 class FedClipAdapter(nn.Module):
@@ -30,25 +30,16 @@ class FedClipAdapter(nn.Module):
 
 class FedClipSite(SiteTrainer):
     def __init__(self, method: FedClip, data, index: int):
-        self.m, self.data, self.index = method, data, index
+        super().__init__(method, data, index)
         self.adapter = method.new_global()
 
-    def load_shared(self, state):
-        self.adapter.load_state_dict(state)
-
-    def shared_update(self):
-        return {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+    def shared_module(self):
+        return self.adapter
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
         # Re-created every round, as in the original: the moments reset.
-        optimiser = torch.optim.Adam(
-            self.adapter.parameters(),
-            lr=opt["lr"],
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            weight_decay=opt["weight_decay"],
-        )
+        optimiser = clip_adam(self.adapter.parameters(), opt)
         x, y = self.data.train_x, self.data.train_y
         steps = opt["local_epochs"] * max(1, len(y) // ctx.batch_size)
         stream = batch_stream(len(y), ctx.batch_size, generator(ctx.seed, "batches", self.index, round_index))
@@ -63,15 +54,8 @@ class FedClipSite(SiteTrainer):
             total += loss.item()
         return {"loss": total / max(steps, 1), "steps": steps}
 
-    @torch.no_grad()
-    def probs(self, x):
-        return self.m.global_probs(self.adapter, x)
-
-    def state_dict(self):
-        return {"adapter": self.adapter.state_dict()}
-
-    def load_state_dict(self, state):
-        self.adapter.load_state_dict(state["adapter"])
+    def resumable_parts(self):
+        return {"adapter": self.adapter}
 
 
 class FedClip(Method):
@@ -80,6 +64,7 @@ class FedClip(Method):
     default_preprocessing = "clip"
     group = "cached"
     exportable = True
+    site_class = FedClipSite
     options = {"lr": 5e-5, "weight_decay": 0.2, "local_epochs": 1}
     option_help = {
         "lr": "Adam learning rate (re-created every round)",
@@ -93,13 +78,5 @@ class FedClip(Method):
             raise ConfigError(f"fedclip needs local_epochs >= 1, got {self.opt['local_epochs']}")
 
     def new_global(self):
-        with seeded(derive_seed(self.ctx.seed, self.name, "global")):
+        with seeded(self.seed_for("global")):
             return FedClipAdapter(self.ctx.feature_dim)
-
-    def new_site(self, data, index):
-        return FedClipSite(self, data, index)
-
-    @torch.no_grad()
-    def global_probs(self, module, x):
-        module.eval()
-        return zero_shot_probs(adapt(module, x), self.ctx.text_features)

@@ -47,13 +47,12 @@ from ..modules import FeatureAdaptationModule, MaskedLinear, PrivateMLP, adapt
 from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
+    CLIP_ADAM,
     Method,
     SiteData,
     SiteTrainer,
     batch_stream,
-    derive_seed,
     generator,
-    private_round_stats,
     strip_prefix,
     zero_shot_probs,
 )
@@ -64,7 +63,7 @@ DP_POSITIVE = ("dp_epochs", "dp_lr_mlp", "dp_lr_fam", "dp_logit_scale")  # finit
 
 class FedMedClipSite(SiteTrainer):
     def __init__(self, method: FedMedClip, data: SiteData, index: int):
-        self.m, self.data, self.index = method, data, index
+        super().__init__(method, data, index)
         ctx, opt = method.ctx, method.opt
         with seeded(method.seed_for("site", index)):
             self.fam = FeatureAdaptationModule(ctx.feature_dim, opt["mask_rule"])
@@ -87,8 +86,8 @@ class FedMedClipSite(SiteTrainer):
             for layer in (self.fam.fc1, self.fam.fc2):
                 layer.threshold.zero_()
 
-    def shared_update(self):
-        return {k: v.detach().clone() for k, v in self.fam.state_dict().items() if k in SHARED_KEYS}
+    def shared_module(self):
+        return self.fam
 
     def train_round(self, round_index):
         ctx, opt = self.m.ctx, self.m.opt
@@ -105,9 +104,8 @@ class FedMedClipSite(SiteTrainer):
                     "lr": opt["lr_mlp" if self.dp is None else "dp_lr_mlp"] * decay,
                 },
             ],
-            betas=(0.9, 0.98),
-            eps=1e-6,
             weight_decay=opt["weight_decay"],
+            **CLIP_ADAM,
         )
         if self.dp is not None:
             return self._train_round_private(round_index, optimiser)
@@ -159,7 +157,7 @@ class FedMedClipSite(SiteTrainer):
         )
 
     def _train_round_private(self, round_index, optimiser):
-        x, y, ref = self.data.train_x, self.data.train_y, self.data.reference_x
+        ref = self.data.reference_x
         if ref is None or len(ref) < 2:
             raise ConfigError(
                 "FedMedCLIP with DP-SGD normalises its MLP with reference-set statistics: it needs an "
@@ -167,31 +165,18 @@ class FedMedClipSite(SiteTrainer):
             )
         self.fam.eval()
         self.mlp.eval()
-        mods = {"fam": self.fam, "mlp": self.mlp}
         text_n = F.normalize(self.text, dim=1)
         references = batch_stream(
             len(ref), self.m.ctx.batch_size, generator(self.m.ctx.seed, "reference", self.index, round_index)
         )
-        losses, taken = [], 0
-        for step in range(self.m.dp_steps_per_round(len(y))):
-            if not self.dp.may_step(round_index):
-                break
+
+        def step_arguments():
             reference = ref[next(references)]
-            track_reference_statistics([self.mlp], lambda r=reference: self.mlp(adapt(self.fam, r)))
-            idx = self.dp.sample(len(y), round_index, step)
-            losses.append(
-                self.dp.step(
-                    mods,
-                    self._example_loss,
-                    (x[idx], y[idx]),
-                    (text_n, reference),
-                    optimiser,
-                    round_index,
-                    step,
-                )
-            )
-            taken += 1
-        return private_round_stats(losses, taken, self.dp)
+            track_reference_statistics([self.mlp], lambda: self.mlp(adapt(self.fam, reference)))
+            return text_n, reference
+
+        mods = {"fam": self.fam, "mlp": self.mlp}
+        return self.private_round(round_index, mods, self._example_loss, optimiser, step_arguments)
 
     @torch.no_grad()
     def probs(self, x):
@@ -201,17 +186,8 @@ class FedMedClipSite(SiteTrainer):
         p_mlp = torch.softmax(self.mlp(h), dim=1)
         return ensemble(zero_shot_probs(h, self.text), p_mlp, self.m.opt["entropy"])
 
-    def state_dict(self):
-        state = {"fam": self.fam.state_dict(), "mlp": self.mlp.state_dict()}
-        if self.dp is not None:
-            state["dp"] = self.dp.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        self.fam.load_state_dict(state["fam"])
-        self.mlp.load_state_dict(state["mlp"])
-        if self.dp is not None:
-            self.dp.load_state_dict(state["dp"])
+    def resumable_parts(self):
+        return {"fam": self.fam, "mlp": self.mlp}
 
     def private_modules(self):
         return {"mlp": self.mlp}
@@ -234,6 +210,7 @@ class FedMedClip(Method):
     compare_references = ("local", "centralized")
     exportable = True
     dp_sgd = True
+    site_class = FedMedClipSite
     options = {
         "lr_fam": 5e-5,
         "lr_mlp": 1e-3,
@@ -315,23 +292,12 @@ class FedMedClip(Method):
     def steps_per_round(self, n_train):
         return self.opt["local_epochs"] * max(1, n_train // self.ctx.batch_size)
 
-    def seed_for(self, *parts) -> int:
-        return derive_seed(self.ctx.seed, self.name, *parts)
-
     def new_global(self):
         with seeded(self.seed_for("global")):
             return FeatureAdaptationModule(self.ctx.feature_dim, self.opt["mask_rule"])
 
     def shared_state(self, module):
         return {k: v.detach().clone() for k, v in module.state_dict().items() if k in SHARED_KEYS}
-
-    def new_site(self, data, index):
-        return FedMedClipSite(self, data, index)
-
-    @torch.no_grad()
-    def global_probs(self, module, x):
-        module.eval()
-        return zero_shot_probs(adapt(module, x), self.ctx.text_features)
 
     def predictor_parts(self, model, site):
         from ..errors import FedMedClipError

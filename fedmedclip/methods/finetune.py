@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import contrastive_loss
-from .base import Method, SiteTrainer, batch_stream, generator, zero_shot_probs
+from .base import LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator, zero_shot_probs
 
 EVAL_BATCH = 128
 FROZEN = ("logit_scale",)  # the temperature stays exactly 100, as everywhere else in the package
@@ -51,17 +51,10 @@ class FineTuneSite(SiteTrainer):
     """One site fine-tuning its own copy of CLIP. Subclasses add to the loss through `extra_loss`."""
 
     def __init__(self, method: FineTuneMethod, data, index: int):
-        ctx = method.ctx
-        self.m, self.data, self.index = method, data, index
-        self.model = trainable_clip(ctx.backbone)
+        super().__init__(method, data, index)
+        self.model = trainable_clip(method.ctx.backbone)
         self.global_params: dict[str, torch.Tensor] | None = None  # the last received global model
-        self.optimiser = torch.optim.Adam(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=method.opt["lr"],
-            betas=(0.9, 0.98),
-            eps=1e-6,
-            weight_decay=method.opt["weight_decay"],
-        )
+        self.optimiser = clip_adam([p for p in self.model.parameters() if p.requires_grad], method.opt)
 
     # -- encoding through the trainable model
     def image_features(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -77,8 +70,8 @@ class FineTuneSite(SiteTrainer):
         self.model.load_state_dict(state, strict=False)
         self.global_params = {k: v.clone() for k, v in state.items()}
 
-    def shared_update(self):
-        return trainable_state(self.model)
+    def shared_module(self):
+        return self.model
 
     def extra_loss(self, h: torch.Tensor, pixels: torch.Tensor, round_index: int) -> torch.Tensor | None:
         """A method's regulariser on the normalised image embeddings h of the batch; None for none."""
@@ -94,10 +87,10 @@ class FineTuneSite(SiteTrainer):
         pass
 
     def train_round(self, round_index):
-        ctx, opt = self.m.ctx, self.m.opt
+        ctx = self.m.ctx
         x, y = self.data.train_x, self.data.train_y
         b = min(ctx.batch_size, len(y))
-        steps = opt["local_steps"] or opt["local_epochs"] * max(1, len(y) // b)
+        steps = self.m.steps_per_round(len(y))
         stream = batch_stream(len(y), b, generator(ctx.seed, "batches", self.index, round_index))
         self.before_round(round_index)
         self.model.train()
@@ -117,10 +110,6 @@ class FineTuneSite(SiteTrainer):
         self.after_round(round_index)
         return {"loss": total / max(steps, 1), "steps": steps}
 
-    @torch.no_grad()
-    def probs(self, x):
-        return self.m.global_probs(self.model, x)
-
     def state_dict(self):
         return {"model": trainable_state(self.model), "optimiser": copy.deepcopy(self.optimiser.state_dict())}
 
@@ -129,7 +118,7 @@ class FineTuneSite(SiteTrainer):
         self.optimiser.load_state_dict(state["optimiser"])
 
 
-class FineTuneMethod(Method):
+class FineTuneMethod(LocalStepsMethod):
     """Server side: the global module is a trainable CLIP copy; its trainable parameters travel."""
 
     weighting = "samples"
@@ -139,12 +128,11 @@ class FineTuneMethod(Method):
     group = "finetune"
     # Not exportable yet: the fine-tuned encoder is no longer the frozen backbone a run identifies by hash.
     exportable = False
-    options = {"lr": 5e-5, "weight_decay": 0.02, "local_steps": 199, "local_epochs": 0}
+    options = {"lr": 5e-5, "weight_decay": 0.02, **LocalStepsMethod.options}
     option_help = {
         "lr": "Adam learning rate (optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",
-        "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
-        "local_epochs": "passes over the training split per round instead of local_steps",
+        **LocalStepsMethod.option_help,
     }
 
     def __init__(self, ctx):
@@ -153,17 +141,7 @@ class FineTuneMethod(Method):
             raise ConfigError(
                 f"{self.name} fine-tunes CLIP and needs the backbone, preprocessing and prompts"
             )
-        # An option the user sets takes effect: local_epochs alone replaces the default local_steps (which
-        # would otherwise win); both set is ambiguous and refused.
-        if ctx.options.get("local_epochs") and "local_steps" not in ctx.options:
-            self.opt["local_steps"] = 0
-        if self.opt["local_steps"] and self.opt["local_epochs"]:
-            raise ConfigError(
-                f"{self.name} got local_steps={self.opt['local_steps']} and "
-                f"local_epochs={self.opt['local_epochs']}: set one of them (the other 0)"
-            )
-        if not (self.opt["local_steps"] or self.opt["local_epochs"]):
-            raise ConfigError(f"{self.name} needs local_steps > 0 or local_epochs > 0")
+        self.resolve_local_steps(self.name)
         enc = ctx.backbone.tokenizer(
             ctx.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         )
@@ -174,9 +152,6 @@ class FineTuneMethod(Method):
 
     def shared_state(self, module):
         return trainable_state(module)
-
-    def new_site(self, data, index):
-        return self.site_class(self, data, index)
 
     @torch.no_grad()
     def global_probs(self, module, x):

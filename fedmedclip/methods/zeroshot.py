@@ -15,9 +15,6 @@ from .base import Method, SiteTrainer, zero_shot_probs
 
 
 class ZeroShotSite(SiteTrainer):
-    def __init__(self, method: ZeroShot, data):
-        self.m, self.data = method, data
-
     def load_shared(self, state):
         pass
 
@@ -35,11 +32,8 @@ class ZeroShotSite(SiteTrainer):
     def probs(self, x):
         return self.m.global_probs(None, x)
 
-    def state_dict(self):
+    def resumable_parts(self):
         return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 class ZeroShot(Method):
@@ -48,6 +42,7 @@ class ZeroShot(Method):
     default_preprocessing = "clip"
     group = "cached"
     exportable = True
+    site_class = ZeroShotSite
     options = {}
 
     def new_global(self):
@@ -55,9 +50,6 @@ class ZeroShot(Method):
 
     def shared_state(self, module):
         return {}
-
-    def new_site(self, data, index):
-        return ZeroShotSite(self, data)
 
     def aggregate(self, previous, updates, weights):
         return {}
