@@ -9,10 +9,14 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
-from dataclasses import dataclass, field
+import inspect
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
+from components.run_parameters import RunParameters
 from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
@@ -163,25 +167,31 @@ def build_pipeline(options: CompileOptions | None = None):
         model_uri: str
         promotion: str
 
-    # The run's settings: one structured parameter, keys the fields declared for the pipeline (fedmedclip/flags.py),
-    # each left out taking its declared default. The default is empty: KFP writes a structured default into the
-    # YAML's header in hash order, so any other would make the compiled YAML differ from one compile to the next.
-    def fedmedclip_pipeline(
-        settings: dict = {},  # noqa: B006 (KFP reads the default; nothing mutates it)
-        site_names: str = "",
-        mailbox: str = "",
-        export_site: str = "global",
-        tracking_uri: str = "",
-        experiment: str = PIPELINE_NAME,
-        model_name: str = PIPELINE_NAME,
-        promote_alias: str = "champion",
-        allow_worse: bool = False,
-        allow_different_data: bool = False,
-        fail_if_not_promoted: bool = False,
-        max_epsilon: float = 0.0,
-        local_stack: str = "",
-    ) -> Outputs:
-        prep = c.prepare(settings=settings, site_names=site_names, mailbox=mailbox, local_stack=local_stack)
+    # The pipeline's parameters: `settings`, the run's settings as one structured parameter (keys the fields
+    # declared for the pipeline, fedmedclip/flags.py, each left out taking its declared default), then
+    # RunParameters' fields with their declared types and defaults (the same declaration gives their flags and
+    # descriptions), then `local_stack`. The settings' default is empty: KFP writes a structured default into
+    # the YAML's header in hash order, so any other would make the compiled YAML differ between compiles.
+    def parameter(name, annotation, default):
+        return inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
+        )
+
+    types = typing.get_type_hints(RunParameters)
+    signature = inspect.Signature(
+        [
+            parameter("settings", dict, {}),
+            *(parameter(f.name, types[f.name], f.default) for f in fields(RunParameters)),
+            parameter("local_stack", str, ""),
+        ],
+        return_annotation=Outputs,
+    )
+
+    def fedmedclip_pipeline(*values) -> Outputs:  # KFP passes the parameters in the signature's order
+        p = SimpleNamespace(**dict(zip(signature.parameters, values, strict=True)))
+        prep = c.prepare(
+            settings=p.settings, site_names=p.site_names, mailbox=p.mailbox, local_stack=p.local_stack
+        )
         # The server's credentials: s3:// data's server/published.json (no site's prefix).
         configure(prep, "prepare", "prepare: validate, partition, parties", SERVER_SECRET_NAME)
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -190,16 +200,16 @@ def build_pipeline(options: CompileOptions | None = None):
             worker = party_pipeline(
                 **{name: getattr(party, name) for name in PARTY_ITEM.split()},
                 run_id=run_id,
-                experiment=experiment,
-                tracking_uri=tracking_uri,
-                local_stack=local_stack,
+                experiment=p.experiment,
+                tracking_uri=p.tracking_uri,
+                local_stack=p.local_stack,
             ).set_display_name("party: its features, then its federation worker")
 
-        report = c.report(mailbox=mailbox, settings=settings, run_id=run_id, local_stack=local_stack)
+        report = c.report(mailbox=p.mailbox, settings=p.settings, run_id=run_id, local_stack=p.local_stack)
         report.after(worker)
         configure(report, "report", "report: the server's run directory", SERVER_SECRET_NAME, cache=False)
 
-        export = c.export(run_dir=report.outputs["run_dir"], site=export_site, local_stack=local_stack)
+        export = c.export(run_dir=report.outputs["run_dir"], site=p.export_site, local_stack=p.local_stack)
         # The server's credentials: the global model's OOD score is fitted on the server's images.
         configure(export, "export", "export ONNX", SERVER_SECRET_NAME)
 
@@ -207,14 +217,14 @@ def build_pipeline(options: CompileOptions | None = None):
             run_dir=report.outputs["run_dir"],
             onnx=export.outputs["onnx"],
             mlflow_run_id=report.outputs["Output"],
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            model_name=model_name,
-            alias=promote_alias,
-            allow_worse=allow_worse,
-            allow_different_data=allow_different_data,
-            fail_if_not_promoted=fail_if_not_promoted,
-            max_epsilon=max_epsilon,
+            tracking_uri=p.tracking_uri,
+            experiment=p.experiment,
+            model_name=p.model_name,
+            alias=p.promote_alias,
+            allow_worse=p.allow_worse,
+            allow_different_data=p.allow_different_data,
+            fail_if_not_promoted=p.fail_if_not_promoted,
+            max_epsilon=p.max_epsilon,
             kfp_run_id=run_id,
         )
         configure(reg, "register", "register + promote (MLflow)", None, cache=False)
@@ -226,6 +236,7 @@ def build_pipeline(options: CompileOptions | None = None):
         "server and one long-lived worker per site, exchanging module updates through an object store (any "
         "number of sites and rounds)."
     )
+    fedmedclip_pipeline.__signature__ = signature  # what KFP reads (inspect.signature)
     return dsl.pipeline(name=PIPELINE_NAME, description=summary)(documented(fedmedclip_pipeline, summary))
 
 

@@ -276,6 +276,43 @@ def test_the_pipelines_own_parameters_are_declared_once_with_the_pipelines_defau
     assert (params["promote_alias"], params["allow_worse"], params["max_epsilon"]) == ("", True, 0.0)
 
 
+ADD_A_RUN_PARAMETER = """
+import dataclasses, json, sys
+import components.run_parameters as declared
+from fedmedclip.flags import setting
+
+@dataclasses.dataclass
+class WithOneMore(declared.RunParameters):
+    review_queue: str = setting("radiology", group="registry", help="queue the new version waits in")
+
+declared.RunParameters = WithOneMore  # the one place a field is added, before anything reads it
+from fedmedclip.cli import build_parser, main
+from pipelines.cli import pipeline_arguments, validated_config
+
+assert main(["pipeline", "compile", "--out", sys.argv[1]]) == 0
+args = build_parser().parse_args(["pipeline", "submit", "--host", "h", "--review-queue", "oncology"])
+print(json.dumps(pipeline_arguments(args, validated_config(args))["review_queue"]))
+"""
+
+
+def test_a_run_parameter_added_to_its_declaration_reaches_the_flags_the_pipeline_and_the_kfp_ui(tmp_path):
+    """RunParameters is the one place a pipeline parameter is added: its flag, its argument, the compiled
+    pipeline's parameter (type, default) and its description follow (a fresh process, as a new field would be)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.yaml"
+    done = subprocess.run(
+        [sys.executable, "-c", ADD_A_RUN_PARAMETER, str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == "oncology"
+    ir, _ = _load(out)
+    added = ir["root"]["inputDefinitions"]["parameters"]["review_queue"]
+    assert (added["defaultValue"], added["parameterType"]) == ("radiology", "STRING")
+    assert added["description"] == "Queue the new version waits in."
+
+
 def test_cli_compile(tmp_path):
     out = tmp_path / "p.yaml"
     assert (
