@@ -18,7 +18,7 @@ from pathlib import Path
 from fedmedclip.observer import RunObserver
 
 from ._mlflow import operation_futures
-from .rundir import _lineage_tags, _log_run_files, read_run_dir
+from .rundir import _lineage_tags, _log_run_files, read_run_dir, run_params
 from .tracking import (
     COMPLETE_TAG,
     KFP_RUN_ID_TAG,
@@ -210,6 +210,9 @@ class LiveRunLogger:
         self.description = ""
         self.site_names: list[str] = []
         self._client = None
+        self._param_keys: set[str] = (
+            set()
+        )  # logged: MLflow refuses a parameter logged again with another value
         self._batches: list[_Batch] = []  # each round's metrics, until MLflow has them
         self._last_error: Exception | None = None
         self._finished = False
@@ -272,6 +275,7 @@ class LiveRunLogger:
                 exp_id, run_name=run_name, tags=all_tags, start_time=start_ms
             ).info.run_id
         self._client, self.run_id = client, run_id
+        self._param_keys = set(flat) | set(existing.data.params if existing is not None else ())
         self.site_names = [str(s) for s in site_names or []]
         try:
             client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])  # MLflow splits it
@@ -364,7 +368,7 @@ class LiveRunLogger:
         files (the sites' private heads only with `include_site_models`) and final metrics; a FINISHED run
         whose directory is complete gets the lineage tags registration needs, an incomplete one ends FAILED
         and raises RunDirError."""
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         if self._finished:
             return
@@ -397,8 +401,13 @@ class LiveRunLogger:
                         tags["mlflow.note.content"] = f"{self.description}\n\n{outcome_line(results)}"
             if status == "FINISHED" and run_dir is not None:
                 try:  # a directory that is missing or not complete ends the run FAILED
-                    tags.update(_lineage_tags(read_run_dir(run_dir), self.record_run_dir))
+                    run = read_run_dir(run_dir)
+                    tags.update(_lineage_tags(run, self.record_run_dir))
                     tags[COMPLETE_TAG] = "complete"
+                    # What results.json resolved (run_params, as `fedmedclip track` logs a directory): the
+                    # same parameters whether a run was logged live or after the fact.
+                    params = {k: v for k, v in run_params(run).items() if k not in self._param_keys}
+                    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
                 except RunDirError as e:
                     final_status, problem = "FAILED", e
             if tags:

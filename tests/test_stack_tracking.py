@@ -570,6 +570,12 @@ def test_train_track_logs_every_round_live_with_every_setting(mlops_stack, tmp_p
         "preprocessing",
     ):
         assert key in params, key
+    # the same parameters as `fedmedclip track` logs from the finished directory, but for the server's
+    # options (operational, known live only): one set of parameters however a run is logged
+    capsys.readouterr()
+    assert main(["track", str(tmp_path / "run"), "--experiment", "train-cli-after"]) == 0
+    (after,) = client.search_runs([client.get_experiment_by_name("train-cli-after").experiment_id])
+    assert {k: v for k, v in params.items() if not k.startswith("server.")} == after.data.params
     # live: each round at the time it finished (results.json records it), the run spanning the training
     points = sorted(client.get_metric_history(run_id, "global/bacc"), key=lambda m: m.step)
     finished = [round(rec["finished_at"] * 1000) for rec in results["history"]]
