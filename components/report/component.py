@@ -10,9 +10,7 @@ from pathlib import Path
 from kfp.dsl import Artifact, Metrics, Output
 
 from components.kfp_components import SERVER_ROLE
-from components.worker.component import RUN_DIR, RUN_DIR_FORMAT, RUN_DIR_MANIFEST
-
-MAX_MANIFEST_BYTES = 16 << 20
+from components.worker.component import RUN_DIR, RUN_DIR_MANIFEST, read_run_dir_manifest
 
 
 def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
@@ -24,22 +22,17 @@ def report_step(mailbox: str, run_id: str, run_dir: str) -> tuple[dict, str]:
 
     mb = Mailbox(open_store(mailbox), run_id)
     published = mb.server_private().sub(RUN_DIR)
-    raw = published.get(RUN_DIR_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
-    if raw is None:
+    try:
+        manifest = read_run_dir_manifest(published, run_id)
+    except ValueError as exc:
+        raise FedMedClipError(str(exc)) from None
+    if manifest is None:
         status = mb.status(SERVER_ROLE)
         said = f"{status.state} {status.message}" if status is not None else "none"
         raise FedMedClipError(
             f"run {run_id}: the server worker published no run directory ({published.where(RUN_DIR_MANIFEST)} "
             f"is missing; server status: {said})"
         )
-    try:
-        manifest = json.loads(raw)
-        if (manifest["run_id"], manifest["format"]) != (run_id, RUN_DIR_FORMAT) or not manifest["files"]:
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise FedMedClipError(
-            f"{published.where(RUN_DIR_MANIFEST)} is not run {run_id}'s run directory manifest"
-        ) from None
     try:  # the file list checked there
         fetch_tree(published, manifest["files"], run_dir)
     except StoreError as exc:

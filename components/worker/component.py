@@ -21,6 +21,7 @@ from components.kfp_components import SERVER_ROLE, SITE_ROLE, WORKER_TRACKING_EN
 RUN_DIR = "rundir"  # under the server's private area of the run: runs/<run>/server/rundir/
 RUN_DIR_MANIFEST = "manifest.json"  # in RUN_DIR, written last: every file's sha256 and size (mlops/tree.py)
 RUN_DIR_FORMAT = 2
+MAX_RUN_DIR_MANIFEST_BYTES = 16 << 20
 # The party's feature store, under its private area of the run (the server's runs/<run>/server/features/, a
 # site's sites/<k>/private/<run>/features/): the store's files, then its manifest, written last.
 FEATURES = "features"
@@ -29,6 +30,23 @@ FEATURES_FORMAT = 1
 MAX_FEATURES_MANIFEST_BYTES = 1 << 20
 
 log = logging.getLogger("fedmedclip.pipeline")
+
+
+def read_run_dir_manifest(published, run_id: str) -> dict | None:
+    """The manifest of the run directory published in `published` (the server's private area of the mailbox),
+    None when none is; ValueError when what is there is not run `run_id`'s (too large, damaged, another run's)."""
+    from fedmedclip.federation.storage import ObjectTooLarge
+
+    try:
+        raw = published.get(RUN_DIR_MANIFEST, max_bytes=MAX_RUN_DIR_MANIFEST_BYTES)
+        if raw is None:
+            return None
+        manifest = json.loads(raw)
+        if (manifest["run_id"], manifest["format"]) == (run_id, RUN_DIR_FORMAT) and manifest["files"]:
+            return manifest
+    except (ObjectTooLarge, ValueError, KeyError, TypeError):
+        pass
+    raise ValueError(f"{published.where(RUN_DIR_MANIFEST)} is not run {run_id}'s run directory manifest")
 
 
 def extract_step(extraction_json: str, role: str, holder: str, index: int, features_dir: str) -> dict:
@@ -151,9 +169,13 @@ def worker_step(
         )
         return ""
     published = Mailbox(open_store(mailbox), run_id).server_private().sub(RUN_DIR)
-    done = published.get(RUN_DIR_MANIFEST)
+    try:
+        done = read_run_dir_manifest(published, run_id)
+    except ValueError as exc:  # never trusted: the run (finished, from its checkpoints) publishes it again
+        log.warning("%s; publishing the run directory again", exc)
+        done = None
     if done is not None:  # a retry after the run directory was published: nothing left to do
-        return json.loads(done).get("mlflow_run_id", "")
+        return str(done.get("mlflow_run_id") or "")
     out = Path(tempfile.mkdtemp(prefix="fedmedclip-server-")) / "run"
     cfg.out = str(out)
     observer = NO_OBSERVER

@@ -16,16 +16,20 @@ import torch
 from components.conftest import SYNTH
 from components.worker.component import (
     FEATURES_MANIFEST,
+    MAX_RUN_DIR_MANIFEST_BYTES,
     RUN_DIR,
+    RUN_DIR_FORMAT,
     RUN_DIR_MANIFEST,
     copy_store_into_cache,
     extract_step,
     features_step,
+    read_run_dir_manifest,
     site_state_url,
     worker_step,
 )
 from fedmedclip.config import TrainConfig
 from fedmedclip.features import FeatureStore
+from fedmedclip.federation.storage import LocalDirStore
 from fedmedclip.preparation import SERVER, prepare
 from mlops.policies import SITE_PRIVATE
 
@@ -56,7 +60,8 @@ def test_a_sites_state_is_under_its_own_prefix():
 def test_a_server_worker_retried_after_publishing_does_nothing_again(tmp_path):
     published = tmp_path / "mailbox" / "runs" / "run-1" / "server" / RUN_DIR
     published.mkdir(parents=True)
-    manifest = json.dumps({"format": 2, "run_id": "run-1", "files": {}, "mlflow_run_id": "mlflow-7"})
+    files = {"results.json": {"sha256": "0" * 64, "size": 2}}
+    manifest = json.dumps({"format": 2, "run_id": "run-1", "files": files, "mlflow_run_id": "mlflow-7"})
     (published / RUN_DIR_MANIFEST).write_text(manifest)
     cfg = TrainConfig(out="", cache_dir=str(tmp_path / "cache")).validate()
     got = worker_step(
@@ -65,6 +70,31 @@ def test_a_server_worker_retried_after_publishing_does_nothing_again(tmp_path):
     assert got == "mlflow-7"
     assert (published / RUN_DIR_MANIFEST).read_text() == manifest  # nothing rewritten
     assert not (tmp_path / "cache").exists()  # nothing prepared, nothing trained
+
+
+def test_a_published_run_directory_manifest_is_read_bounded_and_checked(tmp_path):
+    """What a retried server worker (and the report task) reads back from the server's private area: bounded in
+    size and checked, so a damaged or foreign manifest is refused (the worker then publishes again), never a
+    traceback or a skipped run."""
+    store = LocalDirStore(tmp_path / "published")
+    assert read_run_dir_manifest(store, "run-1") is None
+    good = {
+        "format": RUN_DIR_FORMAT,
+        "run_id": "run-1",
+        "files": {"results.json": {"sha256": "0" * 64, "size": 2}},
+    }
+    store.put(RUN_DIR_MANIFEST, json.dumps(good).encode())
+    assert read_run_dir_manifest(store, "run-1") == good
+    for damaged in (
+        b"{not json",
+        b"[1, 2]",
+        json.dumps({**good, "run_id": "run-0"}).encode(),
+        json.dumps({**good, "files": {}}).encode(),
+        b" " * (MAX_RUN_DIR_MANIFEST_BYTES + 1),
+    ):
+        store.put(RUN_DIR_MANIFEST, damaged)
+        with pytest.raises(ValueError, match="is not run run-1's run directory manifest"):
+            read_run_dir_manifest(store, "run-1")
 
 
 @pytest.mark.parametrize(("role", "holder", "index"), [("server", SERVER, -1), ("site", "site_1", 1)])
