@@ -39,7 +39,7 @@ GROUPS = {
     "server": ("the server: quorum, timeouts, update checks", (SERVER, PIPELINE)),
     "output": ("output", (TRAIN, SERVER, COMPARE)),
     "site": ("this site", (SITE,)),
-    # the pipeline's own run-time parameters besides `settings` (pipelines/cli.py, RunParameters)
+    # the pipeline's own run-time parameters besides `settings` (components/run_parameters.py, RunParameters)
     "pipeline": ("the federation", (PIPELINE,)),
     "registry": ("export, tracking and registry", (PIPELINE,)),
     "promotion": ("promotion: when the alias moves to the new version", (PIPELINE, PROMOTE)),

@@ -1,6 +1,6 @@
 """When an alias may move to a new version (mlops/registry.py, `promote`): the promotion options, each declared
 once (fedmedclip.flags.setting). They are the flags of `fedmedclip promote` and of `pipeline run|submit|demo`,
-whose run-time parameters (pipelines/cli.py, RunParameters) extend this class. Standard library only: the CLI
+whose run-time parameters (components/run_parameters.py, RunParameters) extend this class. Standard library only: the CLI
 imports it to add the flags."""
 
 from __future__ import annotations
