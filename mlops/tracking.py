@@ -57,13 +57,13 @@ def git_commit(*recorded: dict) -> str:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _client(tracking_uri: str | None):
-    """The client of the answering tracking server by fedmedclip.tracking_server's rule, else TrackingError
-    (never MLflow's silent default of a ./mlruns store in the working directory), and its URI."""
+def _client(tracking_uri: str | None, purpose: str = "", error: type[FedMedClipError] = TrackingError):
+    """The client of the answering tracking server by fedmedclip.tracking_server's rule, else `error` led by
+    `purpose` (never MLflow's silent default of a ./mlruns store in the working directory), and its URI."""
     import mlflow
     from mlflow import MlflowClient
 
-    uri = require_tracking_uri(tracking_uri, error=TrackingError)
+    uri = require_tracking_uri(tracking_uri, purpose, error)
     # Downloads stream through the tracking server, as uploads do: MLflow 3 otherwise fetches presigned S3
     # URLs itself, which needs a route to the bucket (a hospital's pod has none) and is refused by the
     # local stack's S3, which accepts only requests signed with a role's key.

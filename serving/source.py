@@ -107,29 +107,21 @@ def resolve_model(
 def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None) -> ResolvedModel:
     # Imported here: the core CLI and `predict` must not pay for mlflow.
     import mlflow.artifacts
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from fedmedclip.tracking_server import require_tracking_uri
+    from mlops.tracking import _client, registered_version
 
     parsed = parse_model_reference(uri)
     if parsed is None:
         raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, version = parsed
-    # The one rule of every command (never MLflow's default, which would create ./mlflow.db here).
-    tracking = require_tracking_uri(purpose=f"{uri} needs the MLflow registry", error=ServingError)
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
-    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
+    # downloads through the tracking server as every MLflow client of this project makes them.
+    client, tracking = _client(None, f"{uri} needs the MLflow registry", ServingError)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
+        mv = registered_version(client, *parsed)
     except MlflowException as exc:
         raise ServingError(
-            f"cannot resolve {uri} in the MLflow registry at {mlflow.get_registry_uri()}: {exc.message}"
+            f"cannot resolve {uri} in the MLflow registry at {tracking}: {exc.message}"
         ) from None
     tag = (mv.tags or {}).get(SHA256_TAG)
     if not tag:
@@ -146,7 +138,7 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
     dst.mkdir(parents=True, exist_ok=True)
     # Download the pinned version, not the alias again: the alias may move between the two calls.
-    pinned = f"models:/{name}/{mv.version}"
+    pinned = f"models:/{mv.name}/{mv.version}"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
     except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
