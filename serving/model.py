@@ -6,7 +6,6 @@ for an image gets the request an error (HTTP 500), never a 200 with null values.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -14,6 +13,8 @@ import time
 import uuid
 
 import numpy as np
+
+from fedmedclip.digests import sha256_bytes
 
 from . import metrics
 from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve
@@ -100,7 +101,7 @@ class FedMedClipModel(kserve.Model):
         properties["served.device"] = self.classifier.device
         for key, value in sorted(contract.metadata.items()):
             if len(value) > 4096:
-                value = f"sha256:{hashlib.sha256(value.encode()).hexdigest()} ({len(value)} characters)"
+                value = f"sha256:{sha256_bytes(value.encode())} ({len(value)} characters)"
             properties[f"onnx.metadata.{key}"] = value
         shapes = {INPUT_UINT8: [-1, s, s, 3], INPUT_BYTES: [-1], "probabilities": [-1, contract.num_classes]}
         return {
