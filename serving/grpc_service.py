@@ -14,8 +14,7 @@ import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
-from . import metrics
-from ._kserve import InferenceError, InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
+from ._kserve import InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
 from .errors import RequestRejected, quoted
 from .protocol import INTEGER_TYPES, Budget, check_input, check_output, check_parameters, integers
 from .state import ServerState
@@ -48,24 +47,21 @@ def metadata_response(meta: dict):
     return response
 
 
+def _code(status: int) -> grpc.StatusCode:
+    return _STATUS.get(status, grpc.StatusCode.INVALID_ARGUMENT)
+
+
 def _answered(rpc):
-    """A refusal is one log line, one metric and the gRPC code of its HTTP status; a bug, one traceback."""
+    """A failure is one log line, one metric and the gRPC code of its HTTP status (ServerState.failed)."""
 
     @functools.wraps(rpc)
     async def answer(self: InferenceService, request, context):
         try:
             return await rpc(self, request, context)
-        except RequestRejected as exc:
-            code = _STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-            metrics.ERRORS.labels(self.label(request), exc.code).inc()
-            log.info("refused gRPC %s: %s %s: %s", rpc.__name__, code.name, exc.code, exc.message)
-            await context.abort(code, exc.message)
-        except InferenceError as exc:  # the model logged and counted it (a broken model output)
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except Exception:  # the client gets no detail
-            metrics.ERRORS.labels(self.label(request), "internal").inc()
-            log.exception("internal error in gRPC %s", rpc.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        except Exception as exc:
+            where = f"gRPC {rpc.__name__}"
+            told = self.state.failed(exc, self.label(request), where, lambda status: _code(status).name)
+            await context.abort(_code(told.status), told.message)
 
     return answer
 
@@ -97,7 +93,7 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answered
     async def ModelMetadata(self, request, context):
-        return metadata_response(self.state.model_metadata(request.name, request.version or None))
+        return metadata_response(self.state.model(request.name, request.version or None).metadata())
 
     @_answered
     async def ModelInfer(self, request, context):

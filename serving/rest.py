@@ -20,7 +20,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import metrics
-from ._kserve import InferenceError
 from .errors import NotReady, RequestRejected
 from .protocol import JsonParser, json_part, to_infer_request
 from .state import ServerState
@@ -73,19 +72,21 @@ class RestApi:
                 Route(f"/v2/repository/models/{{name}}/{a}", self.control, methods=["POST"])
                 for a in ("load", "unload")
             ]
+        # RequestRejected too: Starlette re-raises what reaches its handler of Exception (a traceback).
         handlers = {
-            RequestRejected: self._refused,
+            RequestRejected: self._failed,
             HTTPException: self._http_exception,
-            Exception: self._internal,
+            Exception: self._failed,
         }
         return Starlette(routes=routes, exception_handlers=handlers)
 
-    # ---- refusals: one log line and one metric each; the body is the protocol's error object ---------
+    # ---- failures: one log line and one metric each; the body is the protocol's error object ----------
 
-    async def _refused(self, request: Request, exc: RequestRejected, label: str | None = None) -> Response:
-        metrics.ERRORS.labels(label or self.state.label(request.path_params["name"]), exc.code).inc()
-        log.info("refused %s: HTTP %d %s: %s", _where(request), exc.status, exc.code, exc.message)
-        return error_response(exc.status, exc.message)
+    async def _failed(self, request: Request, exc: Exception, label: str | None = None) -> Response:
+        name = request.path_params.get("name")
+        label = label or (metrics.NO_MODEL if name is None else self.state.label(name))
+        told = self.state.failed(exc, label, _where(request), "HTTP {}".format)
+        return error_response(told.status, told.message)
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         # Starlette's own: no route (404) or a method the route does not take (405).
@@ -94,15 +95,9 @@ class RestApi:
             405: ("method_not_allowed", f"{request.method} is not allowed here"),
         }.get(exc.status_code, ("http_error", str(exc.detail)[:200]))
         rejected = RequestRejected(reason, message, exc.status_code)
-        response = await self._refused(request, rejected, metrics.NO_MODEL)
+        response = await self._failed(request, rejected, metrics.NO_MODEL)
         response.headers.update(exc.headers or {})
         return response
-
-    async def _internal(self, request: Request, exc: Exception, label: str = metrics.NO_MODEL) -> Response:
-        """A bug: one traceback in the log, and the client gets no detail."""
-        metrics.ERRORS.labels(label, "internal").inc()
-        log.error("internal error on %s", _where(request), exc_info=exc)
-        return error_response(500, "internal server error")
 
     # ---- health, metadata, and model control (only with --model-control-token-file) --------------------
 
@@ -122,9 +117,8 @@ class RestApi:
         return json_response({"models": sorted(self.state.models)})
 
     async def model_metadata(self, request: Request) -> Response:
-        return json_response(
-            self.state.model_metadata(request.path_params["name"], request.path_params.get("version"))
-        )
+        model = self.state.model(request.path_params["name"], request.path_params.get("version"))
+        return json_response(model.metadata())
 
     async def model_ready(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -155,15 +149,11 @@ class RestApi:
 
         try:
             return _encoded(await self.state.infer(name, version, read_request, dict(request.headers)))
-        except InferenceError as exc:  # the model logged and counted it (a broken model output)
-            return error_response(500, str(exc))
         except ClientDisconnect:
             log.info("client went away during %s", _where(request))
             return Response(status_code=499)
-        except RequestRejected as exc:
-            return await self._refused(request, exc)
         except Exception as exc:
-            return await self._internal(request, exc, self.state.label(name))
+            return await self._failed(request, exc)
 
     async def _read_body(self, request: Request) -> bytes:
         """The whole body, within --max-request-bytes (413) and --body-timeout (408)."""

@@ -12,6 +12,7 @@ import logging
 from fedmedclip import __version__
 
 from . import metrics
+from ._kserve import InferenceError
 from .errors import NotReady, NotServed, RequestRejected, ServingError, quoted
 
 log = logging.getLogger("fedmedclip.serving")
@@ -41,6 +42,20 @@ class ServerState:
         """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
         return name if name in self.models else metrics.UNKNOWN_MODEL
 
+    def failed(self, exc: Exception, label: str, where: str, status_text) -> RequestRejected:
+        """What the client is told of a request that failed, counted and logged once (`status_text`: the
+        transport's name of an HTTP status): a refusal as it is; a broken model output (the model counted
+        and logged it) with its message; a bug as a 500 without detail, its traceback in the log."""
+        if isinstance(exc, RequestRejected):
+            metrics.ERRORS.labels(label, exc.code).inc()
+            log.info("refused %s: %s %s: %s", where, status_text(exc.status), exc.code, exc.message)
+            return exc
+        if isinstance(exc, InferenceError):
+            return RequestRejected("non_finite_output", str(exc), 500)
+        metrics.ERRORS.labels(label, "internal").inc()
+        log.error("internal error in %s", where, exc_info=exc)
+        return RequestRejected("internal", "internal server error", 500)
+
     def model(self, name: str, version: str | None = None, *, ready: bool = True):
         model = self.models.get(name)
         if model is None:
@@ -62,12 +77,6 @@ class ServerState:
         self.model(name, version)
         if self.draining:
             raise NotReady(f"model {name!r} is not ready: the server is shutting down")
-
-    def model_metadata(self, name: str, version: str | None = None) -> dict:
-        model = self.model(name, version, ready=False)
-        if model.classifier is None:
-            raise NotReady(f"model {name!r} is not loaded")
-        return model.metadata()
 
     async def infer(self, name: str, version: str | None, read_request, headers: dict):
         """One inference: the named model answers the request that `read_request()` (a coroutine reading and
