@@ -9,6 +9,7 @@ the body is read within a size limit (413) and a deadline (408), and parsed with
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import orjson
@@ -72,11 +73,11 @@ class RestApi:
                 Route(f"/v2/repository/models/{{name}}/{a}", self.control, methods=["POST"])
                 for a in ("load", "unload")
             ]
-        # RequestRejected too: Starlette re-raises what reaches its handler of Exception (a traceback).
+        # RequestRejected apart: Starlette re-raises what reaches its handler of Exception (a traceback).
         handlers = {
             RequestRejected: self._failed,
             HTTPException: self._http_exception,
-            Exception: self._failed,
+            Exception: functools.partial(self._failed, label=metrics.NO_MODEL),
         }
         return Starlette(routes=routes, exception_handlers=handlers)
 
