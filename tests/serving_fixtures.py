@@ -104,6 +104,24 @@ def refused_to_serve(model: Path, *options: str) -> str:
     return proc.stderr
 
 
+def metric_samples(http: str) -> dict[tuple[str, tuple], float]:
+    """The server's /metrics at `http` (host:port): (sample name, sorted labels) -> value."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://{http}/metrics", timeout=5).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples `name` whose labels include `labels`."""
+    return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= set(lab))
+
+
 def uint8_json(images: np.ndarray, **extra) -> dict:
     """A v2 JSON request body carrying `images` (uint8 [N, S, S, 3]) as the `images` UINT8 tensor."""
     spec = {

@@ -27,6 +27,8 @@ from serving_fixtures import (
     base64_json,
     contract_preprocessing,
     make_contract_onnx,
+    metric,
+    metric_samples,
     refused_to_serve,
     running_server,
     uint8_json,
@@ -154,21 +156,6 @@ def check_answer(
     flags = result.as_numpy("out_of_distribution")
     assert flags.dtype == np.bool_
     np.testing.assert_array_equal(flags, score_ref > threshold)
-
-
-def metric_samples(http: str) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"http://{http}/metrics", timeout=5).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= set(lab))
 
 
 def assert_still_serving(http_client, ort_session) -> None:

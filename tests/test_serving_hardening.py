@@ -19,7 +19,14 @@ import pytest
 import requests
 from conftest import free_port
 from PIL import Image
-from serving_fixtures import contract_preprocessing, make_contract_onnx, refused_to_serve, running_server
+from serving_fixtures import (
+    contract_preprocessing,
+    make_contract_onnx,
+    metric,
+    metric_samples,
+    refused_to_serve,
+    running_server,
+)
 
 MODEL = "fedmedclip"
 S = 64
@@ -94,15 +101,7 @@ def post(http: str, body, headers=None, timeout: float = 60) -> requests.Respons
 
 
 def counter(http: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"http://{http}/metrics", timeout=5).text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and s.labels.get("model") == MODEL
-    )
+    return metric(metric_samples(http), name, model=MODEL)
 
 
 def probabilities(resp: requests.Response) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import SYNTH
-from serving_fixtures import OipRestSpec, running_server, uint8_json
+from serving_fixtures import OipRestSpec, metric_samples, running_server, uint8_json
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -171,13 +171,8 @@ def test_one_server_serves_the_global_and_the_site_model_with_ood_and_drift(expo
             np.testing.assert_array_equal(flags[name], score > threshold)
 
         def samples() -> dict:
-            from prometheus_client.parser import text_string_to_metric_families
-
-            text = requests.get(f"{base}/metrics", timeout=10).text
             return {
-                (s.name, s.labels.get("model")): s.value
-                for f in text_string_to_metric_families(text)
-                for s in f.samples
+                (n, dict(labels).get("model")): v for (n, labels), v in metric_samples(server.http).items()
             }
 
         import time
