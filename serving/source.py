@@ -32,9 +32,8 @@ SHA256_TAG = "onnx_sha256"
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path
-    sha256: str  # of the file actually served
+    sha256: str  # of the file served, as verified (registry tag, --expected-sha256 or the sidecar)
     origin: str  # human-readable: the path, or "models:/NAME@ALIAS (version 3)"
-    verified: bool  # sha256 matched an expected value (registry tag, --expected-sha256 or the sidecar)
     registry_version: str | None = None  # the MLflow model version the alias or URI resolved to
 
     @property
@@ -101,7 +100,7 @@ def resolve_model(
             "file."
         )
     what = "--expected-sha256" if expected_sha256 else f"the sha256 recorded in {sidecar}"
-    return ResolvedModel(path, verify_sha256(path, recorded, what), str(path), True)
+    return ResolvedModel(path, verify_sha256(path, recorded, what), str(path))
 
 
 def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None) -> ResolvedModel:
@@ -147,4 +146,4 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
     sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
-    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", True, str(mv.version))
+    return ResolvedModel(path, sha, f"{uri} (version {mv.version})", str(mv.version))

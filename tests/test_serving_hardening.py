@@ -368,7 +368,7 @@ def test_model_file_is_verified_against_its_sidecar(tmp_path, capsys):
     sidecar = sha256_sidecar(path)
     assert sidecar.read_text() == f"{sha256_file(path)}  model.onnx\n"
     resolved = resolve_model(str(path))
-    assert resolved.verified and resolved.sha256 == sha256_file(path)
+    assert resolved.sha256 == sha256_file(path)
 
     # The file changed after export: refused, naming both hashes.
     original = path.read_bytes()
@@ -383,7 +383,7 @@ def test_model_file_is_verified_against_its_sidecar(tmp_path, capsys):
     sidecar.unlink()
     with pytest.raises(ServingError, match="no sha256 sidecar"):
         resolve_model(str(path))
-    assert resolve_model(str(path), expected_sha256=sha256_file(path)).verified
+    assert resolve_model(str(path), expected_sha256=sha256_file(path)).sha256 == sha256_file(path)
     # A sidecar of another file, or one that is not a hash.
     sidecar.write_text(f"{sha256_file(path)}  other.onnx\n")
     with pytest.raises(ServingError, match="not of 'model.onnx'"):
