@@ -49,6 +49,7 @@ class FedMedClipModel(kserve.Model):
         self.resolved, self.options, self.classifier = resolved, options, classifier
         self.version, self.limits = resolved.version, options.limits
         self.batcher = self.decoder = self.monitor = None
+        metrics.MODEL_READY.labels(name).set_function(lambda: self.ready)
 
     def load(self) -> bool:
         install_pil_guards(self.limits)
@@ -80,12 +81,10 @@ class FedMedClipModel(kserve.Model):
             f"{self.options.batching}; limits {self.limits}; {self.decoder.threads} decoding threads"
         )
         self.ready = True
-        metrics.MODEL_READY.labels(self.name).set(1)
         return self.ready
 
     def stop(self) -> None:
         self.ready = False
-        metrics.MODEL_READY.labels(self.name).set(0)
         for part in (self.batcher, self.decoder, self.monitor):
             if part is not None:
                 part.shutdown()

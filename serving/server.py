@@ -16,7 +16,6 @@ import time
 
 import uvicorn
 
-from . import metrics
 from .grpc_service import build_server
 from .options import ServerOptions
 from .protocol import Budget, JsonParser
@@ -88,7 +87,7 @@ async def serve(models: list, options: ServerOptions) -> None:
     await asyncio.wait({rest_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
 
     # Not ready first, both protocols, while still serving; then drain; then close the ports.
-    state.start_draining()
+    state.draining = True
     started = time.monotonic()
     log.info(
         "shutting down: not ready now; serving for %g s more and until %d request(s) in flight finish",
@@ -109,7 +108,6 @@ async def serve(models: list, options: ServerOptions) -> None:
     for model in models.values():
         model.stop()
     parser.shutdown()
-    metrics.READY.set(0)
     log.info("stopped")
 
 

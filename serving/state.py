@@ -28,15 +28,11 @@ class ServerState:
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
-        metrics.READY.set(self.ready())
+        metrics.READY.set_function(self.ready)  # read at each scrape: it cannot lag behind the state
 
     def ready(self) -> bool:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
         return not self.draining and all(m.ready for m in self.models.values())
-
-    def start_draining(self) -> None:
-        self.draining = True
-        metrics.READY.set(0)
 
     def label(self, name: str) -> str:
         """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
@@ -117,4 +113,3 @@ class ServerState:
             except ServingError as exc:  # the file changed or went away: the operator is told why
                 raise RequestRejected("load_failed", f"model {name!r} cannot be loaded: {exc}", 500) from None
             log.warning("model %r loaded (model control)", name)
-        metrics.READY.set(self.ready())

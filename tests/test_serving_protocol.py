@@ -26,6 +26,8 @@ from serving_fixtures import (
     OipRestSpec,
     base64_json,
     make_contract_onnx,
+    metric,
+    metric_samples,
     oip_grpc_messages,
     running_server,
     uint8_json,
@@ -74,6 +76,12 @@ def url(server, path: str) -> str:
 
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+
+
+def ready_gauges(server) -> tuple[float, float]:
+    """/metrics' fedmedclip_server_ready and the model's fedmedclip_model_ready."""
+    samples = metric_samples(server.http)
+    return metric(samples, "fedmedclip_server_ready"), metric(samples, "fedmedclip_model_ready", model=MODEL)
 
 
 def refusals(server) -> int:
@@ -284,6 +292,7 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
             assert resp.status_code == 503, path
             spec.check(resp)
         assert not client.is_server_ready() and not client.is_model_ready(MODEL)
+        assert ready_gauges(server) == (0, 0)
         resp = requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=10)
         assert resp.status_code == 503
         spec.check(resp)
@@ -312,6 +321,7 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
     finally:
         assert requests.post(load, headers=auth, timeout=120).status_code == 200
     assert client.is_server_ready() and client.is_model_ready(MODEL)
+    assert ready_gauges(server) == (1, 1)
     client.unload_model(MODEL, headers={"authorization": auth["Authorization"]})  # tritonclient, both ways
     assert not client.is_model_ready(MODEL)
     client.load_model(MODEL, headers={"authorization": auth["Authorization"]})
@@ -542,6 +552,7 @@ def test_sigterm_not_ready_first_then_drain_then_ports_close(onnx_path, tmp_path
             time.sleep(0.02)
         # Not ready, but both ports still answer: the load balancer can see it.
         assert not client.is_server_ready() and client.is_server_live()
+        assert ready_gauges(server) == (0, 1)  # the model is still loaded and answers
         assert requests.get(url(server, f"/v2/models/{MODEL}/ready"), timeout=30).status_code == 503
         assert requests.get(url(server, "/v2/health/live"), timeout=30).status_code == 200
         client.close()
