@@ -28,7 +28,9 @@ class ServerState:
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
-        metrics.READY.set_function(self.ready)  # read at each scrape: it cannot lag behind the state
+        # Read at each scrape: they cannot lag behind the state.
+        metrics.READY.set_function(self.ready)
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
 
     def ready(self) -> bool:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
@@ -78,13 +80,11 @@ class ServerState:
         """One inference: the named model answers the request that `read_request()` (a coroutine reading and
         checking the transport's message) gives. Counted in flight, what a shutdown waits for."""
         self.in_flight += 1
-        metrics.IN_FLIGHT.inc()
         try:
             response, _ = await self.model(name, version)(await read_request(), headers=headers)
             return response
         finally:
             self.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
 
     def metadata(self) -> dict:
         # The binary tensor data extension (Inference-Header-Content-Length) is always on; model control

@@ -553,6 +553,9 @@ def test_sigterm_not_ready_first_then_drain_then_ports_close(onnx_path, tmp_path
         # Not ready, but both ports still answer: the load balancer can see it.
         assert not client.is_server_ready() and client.is_server_live()
         assert ready_gauges(server) == (0, 1)  # the model is still loaded and answers
+        while metric(metric_samples(server.http), "fedmedclip_requests_in_flight") != 1:  # the one sending
+            assert time.monotonic() < deadline, "the request being sent is not in flight"
+            time.sleep(0.02)
         assert requests.get(url(server, f"/v2/models/{MODEL}/ready"), timeout=30).status_code == 503
         assert requests.get(url(server, "/v2/health/live"), timeout=30).status_code == 200
         client.close()
