@@ -1,6 +1,7 @@
 """What the REST and gRPC front ends share: the served models by name, whether the server is ready, the
-requests in flight (what a shutdown waits for), model metadata, and model control with its optional token.
-Each front end only reads its transport's request and maps a `RequestRejected` to its status codes."""
+requests in flight (what a shutdown waits for), model metadata, model control with its optional token, and
+what a failed request tells the client (`failed`). Each front end only reads its transport's request and maps
+the HTTP status of a `RequestRejected` to its own."""
 
 from __future__ import annotations
 
