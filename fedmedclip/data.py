@@ -23,6 +23,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import DataError, ImageDecodeError
 from .paths import check_file_within
+from .png_rows import png_rows_problem
 from .preprocess import to_rgb8
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def load_image(path: str | Path) -> Image.Image:
     `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says, so is any warning Pillow raises while it parses and decodes the
     file (corrupt metadata, a malformed file, a decompression bomb), and a JPEG's entropy-coded data is checked
     (`jpeg_scan_problem`): libjpeg decodes garbage scan data into garbage pixels with only a warning, which
-    Pillow drops, so a strict libjpeg-turbo decode must pass too. The pixels returned are Pillow's."""
+    Pillow drops, so a strict libjpeg-turbo decode must pass too; and a PNG's rows are all there
+    (`png_rows_problem`: Pillow pads a PNG whose data ends early with zeros). The pixels returned are Pillow's."""
     path = str(path)
     try:
         data = Path(path).read_bytes()
@@ -96,6 +98,9 @@ def load_image(path: str | Path) -> Image.Image:
             problem = jpeg_scan_problem(data)
             if problem:
                 raise ImageDecodeError(path, f"corrupt JPEG data: {problem}")
+        problem = png_rows_problem(data, img.size) if img.format == "PNG" else None
+        if problem:
+            raise ImageDecodeError(path, f"PNG {problem}")
         return to_rgb8(img)
     except ImageDecodeError:
         raise

@@ -11,15 +11,14 @@ import ctypes
 import ctypes.util
 import io
 import os
-import struct
 import time
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from fedmedclip.png_rows import png_rows_problem
 from fedmedclip.preprocess import Preprocessing
 
 from . import metrics
@@ -93,8 +92,9 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
             raise RequestRejected(
                 "corrupt_image", f"image {index} ({image.format}) is corrupt or truncated: {exc}"
             ) from None
-        if image.format == "PNG":
-            _check_png_rows(data, index, image.size)
+        problem = png_rows_problem(data, image.size) if image.format == "PNG" else None
+        if problem:
+            raise RequestRejected("corrupt_image", f"image {index} (PNG) is {problem}")
         try:
             pixels = pre.to_uint8(image)
         except (OSError, ValueError) as exc:
@@ -103,42 +103,6 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
                 f"image {index} ({image.format}, mode {image.mode}) cannot be converted: {exc}",
             ) from None
     return pixels, time.thread_time() - started
-
-
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-
-
-def _check_png_rows(data: bytes, index: int, size: tuple[int, int]) -> None:
-    """Refuse a PNG whose image data stops before its last row. PIL pads such a file with zeros when the
-    zlib stream ends cleanly early (a 109-byte 30000x1000 "image" of one row decodes without an error), so
-    the data is inflated once more, without keeping it, and its length compared with what the header says."""
-    try:
-        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
-        # The bytes of filtered scanlines a complete image decompresses to (PNG spec, sections 7-8).
-        bits, expected = depth * _PNG_CHANNELS.get(colour, 4), 0
-        for x0, y0, dx, dy in _ADAM7 if interlace == 1 else ((0, 0, 1, 1),):
-            cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
-            if cols > 0 and rows > 0:
-                expected += rows * (1 + -(-(cols * bits) // 8))
-        inflater, produced, pos = zlib.decompressobj(), 0, 8
-        while pos + 8 <= len(data) and produced < expected:
-            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-            if kind == b"IEND":
-                break
-            chunk = data[pos + 8 : pos + 8 + length] if kind == b"IDAT" else b""
-            while chunk and produced < expected:
-                produced += len(inflater.decompress(chunk, 1 << 20))
-                chunk = inflater.unconsumed_tail
-            pos += 12 + length
-    except (struct.error, zlib.error) as exc:
-        raise RequestRejected("corrupt_image", f"image {index} (PNG) is corrupt: {exc}") from None
-    if (width, height) != tuple(size) or produced < expected:
-        rows = produced * height // max(expected, 1)
-        raise RequestRejected(
-            "corrupt_image",
-            f"image {index} (PNG) is truncated: its image data ends after about {rows} of its {height} rows",
-        )
 
 
 # Requests that decoded at least this many pixels hand the freed memory back to the OS afterwards: glibc

@@ -452,6 +452,32 @@ def test_truncated_jpeg_is_an_error_even_when_pillow_is_told_to_pad(tmp_path, mo
         load_image(path)
 
 
+def test_a_png_whose_data_ends_before_its_last_row_is_refused(tmp_path):
+    """Pillow pads a PNG whose zlib stream ends cleanly after a few rows with zeros and reports nothing: the
+    rows are counted (fedmedclip.png_rows, as the server does), and a complete PNG still loads."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def png(rows_sent: int) -> bytes:  # 200 x 100, grey, 8 bits: each row a filter byte and 200 samples
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", 200, 100, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (201 * rows_sent), 9))
+            + chunk(b"IEND", b"")
+        )
+
+    path = tmp_path / "short.png"
+    path.write_bytes(png(10))
+    assert Image.open(path).load() is not None  # what Pillow alone says: nothing wrong
+    with pytest.raises(
+        ImageDecodeError, match="PNG truncated: its image data ends after about 10 of its 100"
+    ):
+        load_image(path)
+    path.write_bytes(png(100))
+    assert load_image(path).size == (200, 100)
+
+
 def test_a_pillow_warning_about_the_file_is_an_error(tmp_path):
     """An APNG control chunk claiming 0 frames: Pillow warns and decodes the default image anyway."""
 
