@@ -23,11 +23,8 @@ class TreeMismatch(StoreError):
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as fh:  # MD5 as S3's ETag, not for security
+        return hashlib.file_digest(fh, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
