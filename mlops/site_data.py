@@ -19,7 +19,7 @@ from fedmedclip.federation.messages import HolderCatalog, MessageRefused, Publis
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied
 from fedmedclip.paths import check_relative_id, confined_path, is_within
 
-from .policies import SERVER, SITE_SUMMARY  # the server party: its role's name is its holder's
+from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
 from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
 from .tree import download, file_digest, upload
@@ -51,11 +51,9 @@ def parse_bucket(uri: str) -> str:
 
 
 def parse_root(uri: str) -> tuple[str, str]:
-    """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes)."""
+    """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes), a data root as the roles' policies name it."""
     bucket, prefix = split_s3_url(uri, ConfigError)
-    if prefix:
-        check_relative_id(prefix, f"the data root {uri}")
-    return bucket, prefix
+    return check_root(f"{bucket}/{prefix}".rstrip("/"))
 
 
 def holder_prefix(partition, holder: str) -> str:
