@@ -227,9 +227,8 @@ def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: d
     by_id = image_set.by_id()
     prefixes = {h: holder_prefix(part, h) for h in holder_ids}
     files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
-    there = (
-        {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else root.md5
-    )
+    listed = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else {}
+    there = listed.get if listing else root.md5
     sent, md5s = upload(root, files, there, progress)
     summaries = {}
     for holder, ids in holder_ids.items():
