@@ -241,7 +241,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     name = to.removeprefix("models:/")
     if parse_model_reference(to) or not name or "/" in name or "@" in name:
         raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
-    client, _ = _client(tracking_uri)
+    client, _ = _client(tracking_uri, f"pushing the backbone to {to}", BackbonePublishError)
     model = if_found(client.get_registered_model, name)
     if model is not None:
         if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
@@ -291,7 +291,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     ref = parse_model_reference(spec)
     if ref is None:
         raise BackboneUnavailable(f"--backbone {spec!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
-    client, _ = _client(tracking_uri)
+    client, _ = _client(tracking_uri, f"--backbone {spec} needs the MLflow registry", BackboneUnavailable)
     try:
         mv = registered_version(client, *ref)
     except MlflowException as exc:
