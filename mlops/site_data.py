@@ -209,6 +209,10 @@ def _load_source(cfg, site: str | None = None):
     each a clean relative key."""
     from fedmedclip.preparation import holder_image_ids, load_image_set, partition_for
 
+    if is_s3(cfg.data):  # its published list has no pixels to upload
+        raise ConfigError(
+            f"--data {cfg.data} is published already: publish a folder, a .csv manifest or synthetic"
+        )
     image_set = load_image_set(cfg)
     part = partition_for(cfg, image_set)
     if site is not None and site not in part.site_names:

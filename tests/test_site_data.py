@@ -489,3 +489,10 @@ def test_a_symlink_out_of_an_image_folder_is_not_published(tmp_path):
     strict = TrainConfig(**{**allowed.to_json(), "min_class_images": 20}).validate()
     with pytest.raises(DataError, match="suspicious classes: 'a' has 12 training image"):
         publish_site(strict, "site_0", tmp_path / "strict", progress=False)
+
+
+def test_published_data_is_not_published_again(tmp_path):
+    """`data publish --data s3://...`: its published list has no pixels; refused before anything is read."""
+    cfg = TrainConfig(data="s3://fedmedclip-data", sites=2, cache_dir=str(tmp_path / "c")).validate()
+    with pytest.raises(ConfigError, match="s3://fedmedclip-data is published already"):
+        publish_site(cfg, "site_0", tmp_path / "out", progress=False)
