@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.digests import is_sha256
+from fedmedclip.digests import is_sha256, parse_model_reference
 from fedmedclip.errors import BackboneNotFound, FedMedClipError
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore
 from fedmedclip.paths import put_folder_in_place
@@ -32,7 +31,6 @@ MANIFEST_MAX_BYTES = 4 << 20  # a manifest lists a model folder's files: far les
 REGISTRY_EXPERIMENT = "fedmedclip-backbones"  # the MLflow experiment whose runs hold pushed backbones
 KIND_TAG, KIND_BACKBONE, WEIGHTS_TAG = "fedmedclip.kind", "backbone", "weights_sha256"
 CACHE_SUBDIR = "backbones"
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))?$")
 
 
 class BackboneUnavailable(BackboneNotFound):
@@ -65,8 +63,8 @@ def is_remote_backbone(spec: str) -> bool:
 
 
 def _how_to_publish(spec: str) -> str:
-    m = _REGISTRY_URI.match(spec)
-    target = spec if spec.startswith("s3://") else f"models:/{m.group('name')}" if m else "models:/NAME"
+    ref = parse_model_reference(spec)
+    target = spec if spec.startswith("s3://") else f"models:/{ref[0]}" if ref else "models:/NAME"
     return (
         f"Publish it from a local CLIP directory (`huggingface-cli download openai/clip-vit-base-patch32 "
         f"--local-dir DIR` on a connected machine) with:\n  fedmedclip backbone push DIR --to {target}"
@@ -240,11 +238,10 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
 
     from .tracking import _client, get_or_create_experiment, if_found
 
-    m = _REGISTRY_URI.match(to)
-    if not m or m.group("version") or m.group("alias"):
+    name = to.removeprefix("models:/")
+    if parse_model_reference(to) or not name or "/" in name or "@" in name:
         raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
-    name = m.group("name")
-    client, _ = _client(tracking_uri)
+    client, _ = _client(tracking_uri, f"pushing the backbone to {to}", BackbonePublishError)
     model = if_found(client.get_registered_model, name)
     if model is not None:
         if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
@@ -291,12 +288,12 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
 
     from .tracking import _client, registered_version
 
-    m = _REGISTRY_URI.match(spec)
-    if not m or not (m.group("version") or m.group("alias")):
+    ref = parse_model_reference(spec)
+    if ref is None:
         raise BackboneUnavailable(f"--backbone {spec!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
-    client, _ = _client(tracking_uri)
+    client, _ = _client(tracking_uri, f"--backbone {spec} needs the MLflow registry", BackboneUnavailable)
     try:
-        mv = registered_version(client, m.group("name"), m.group("alias"), m.group("version"))
+        mv = registered_version(client, *ref)
     except MlflowException as exc:
         raise BackboneUnavailable(
             f"no backbone registered as {spec} ({exc.message}). " + _how_to_publish(spec)
@@ -315,10 +312,10 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     cache_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix=".download-") as tmp:
         try:
-            uri = f"models:/{m.group('name')}/{mv.version}"
+            uri = f"models:/{ref[0]}/{mv.version}"
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except MlflowException as exc:
-            raise BackboneUnavailable(f"cannot download {spec}: {exc.message}") from None
+        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
+            raise BackboneUnavailable(f"cannot download {spec}: {getattr(exc, 'message', exc)}") from None
         manifest = _read_manifest(LocalDirStore(local), spec, f"{spec} ({MANIFEST})")
         if manifest is None:
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))

@@ -158,9 +158,7 @@ def cmd_data_publish(args) -> int:
     if args.site is not None:
         if is_s3(args.to):  # the site's own role, like a hospital holding only its own Secret
             _stack_credentials_for(args.site, root)
-        summary = publish_site(
-            cfg, args.site, args.to, progress=not args.quiet, allow_outside_root=args.allow_outside_root
-        )
+        summary = publish_site(cfg, args.site, args.to, progress=not args.quiet)
         samples = ", ".join(f"{s} {n}" for s, n in summary["samples"].items())
         moved = "uploaded" if is_s3(args.to) else "written"
         print(
@@ -171,7 +169,7 @@ def cmd_data_publish(args) -> int:
         )
         return 0
     _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials
-    summary = publish(cfg, bucket, progress=not args.quiet, allow_outside_root=args.allow_outside_root)
+    summary = publish(cfg, bucket, progress=not args.quiet)
     sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
     alpha = f" --alpha {cfg.alpha}" if cfg.alpha else ""
     print(

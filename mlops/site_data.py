@@ -6,7 +6,6 @@ is checked against its catalog's MD5 and each id read from a catalog stays insid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmedclip.data import ImageRecord, ImageSet
+from fedmedclip.digests import sha256_bytes
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary, parse
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied
-from fedmedclip.paths import check_file_within, check_relative_id, confined_path, is_within
+from fedmedclip.paths import check_relative_id, confined_path, is_within
 
-from .policies import SERVER, SITE_SUMMARY  # the server party: its role's name is its holder's
+from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
 from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
 from .tree import download, file_digest, upload
@@ -51,11 +51,9 @@ def parse_bucket(uri: str) -> str:
 
 
 def parse_root(uri: str) -> tuple[str, str]:
-    """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes)."""
+    """`s3://BUCKET[/PREFIX]` -> (BUCKET, PREFIX without slashes), a data root as the roles' policies name it."""
     bucket, prefix = split_s3_url(uri, ConfigError)
-    if prefix:
-        check_relative_id(prefix, f"the data root {uri}")
-    return bucket, prefix
+    return check_root(f"{bucket}/{prefix}".rstrip("/"))
 
 
 def holder_prefix(partition, holder: str) -> str:
@@ -205,30 +203,23 @@ def read_site_summary(location: str | Path, index: int) -> dict:
     return summary
 
 
-def _load_source(cfg, allow_outside_root: bool, site: str | None = None):
-    """cfg's image set, its partition and the ids of each holder (only `site`'s when given); each id must be a
-    clean relative key and each file must lie under the source's root (symlinks resolved) unless
-    `allow_outside_root`."""
-    from fedmedclip.data import deduplicate, open_source
+def _load_source(cfg, site: str | None = None):
+    """cfg's image set as `train --data` reads it (its classes, duplicate rule and root confinement: the published
+    data is the images such a run uses), its partition and the ids of each holder (only `site`'s when given),
+    each a clean relative key."""
     from fedmedclip.preparation import holder_image_ids, load_image_set, partition_for
 
-    if cfg.data == "synthetic" or is_s3(cfg.data):
-        image_set = load_image_set(cfg)
-    else:  # `train --data FOLDER`'s duplicate rule first: the published data is the images such a run uses
-        image_set = deduplicate(open_source(cfg.data, allow_outside_root=allow_outside_root), cfg.duplicates)
+    if is_s3(cfg.data):  # its published list has no pixels to upload
+        raise ConfigError(
+            f"--data {cfg.data} is published already: publish a folder, a .csv manifest or synthetic"
+        )
+    image_set = load_image_set(cfg)
     part = partition_for(cfg, image_set)
     if site is not None and site not in part.site_names:
         raise ConfigError(f"site {site!r} is not in the partition; its sites: {', '.join(part.site_names)}")
     holder_ids = {h: holder_image_ids(part, h) for h in ([site] if site else [*part.site_names, SERVER])}
-    source = Path(image_set.source)
-    data_root, by_id = source if source.is_dir() else source.parent, image_set.by_id()
     for image_id in (i for ids in holder_ids.values() for i in ids):
         check_relative_id(image_id, image_set.source)
-        if not allow_outside_root:
-            what = f"image {image_id!r} of {image_set.source}"
-            check_file_within(
-                by_id[image_id].path, data_root, what, "pass --allow-outside-root to publish it anyway"
-            )
     return image_set, part, holder_ids
 
 
@@ -240,9 +231,8 @@ def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: d
     by_id = image_set.by_id()
     prefixes = {h: holder_prefix(part, h) for h in holder_ids}
     files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
-    there = (
-        {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else root.md5
-    )
+    listed = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else {}
+    there = listed.get if listing else root.md5
     sent, md5s = upload(root, files, there, progress)
     summaries = {}
     for holder, ids in holder_ids.items():
@@ -263,11 +253,11 @@ def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: d
 
 
 @_data_errors
-def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_root: bool = False) -> dict:
+def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
     """Upload cfg's data source to `bucket`, each holder's images under its own prefix, as cfg's partition
     draws them (the publisher's credentials). Idempotent for the same source and partition; a bucket published
     for another partition is refused, never overwritten. Returns a summary."""
-    image_set, part, holder_ids = _load_source(cfg, allow_outside_root)
+    image_set, part, holder_ids = _load_source(cfg)
     root, _ = _root(f"s3://{bucket}", client)
     try:
         root.ensure_bucket()
@@ -277,9 +267,9 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
             f"publisher's role granted on it (the local stack: `fedmedclip stack add-bucket {bucket}`; a "
             "cluster: the data bucket of infra/training)"
         ) from None
-    image_list = hashlib.sha256(
+    image_list = sha256_bytes(
         "".join(f"{r.image_id}\t{r.label}\t{r.split}\t{r.site or ''}\n" for r in image_set.records).encode()
-    ).hexdigest()
+    )
     old = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog, required=False)
     if old is not None and (old["partition_digest"] != part.digest or old["image_list"] != image_list):
         raise DataError(
@@ -311,12 +301,12 @@ def publish(cfg, bucket: str, client=None, progress: bool = True, allow_outside_
 
 
 @_data_errors
-def publish_site(cfg, site: str, location, progress=True, allow_outside_root=False) -> dict:
+def publish_site(cfg, site: str, location, progress=True) -> dict:
     """Hospital-side onboarding: upload only `site`'s share of cfg's partition (its images, its catalog, its
     summary) to `location` (`s3://BUCKET[/PREFIX]` with that site's own credentials, or a local directory).
     Nothing outside its prefix and summary is written or read, so no listing is needed. Idempotent; content
     of another source or partition already there is refused, never overwritten. Returns a summary."""
-    image_set, part, holder_ids = _load_source(cfg, allow_outside_root, site)
+    image_set, part, holder_ids = _load_source(cfg, site)
     index = part.site_names.index(site)
     prefix = site_prefix(index)
     root, _ = _root(location)

@@ -23,11 +23,8 @@ class TreeMismatch(StoreError):
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as fh:  # MD5 as S3's ETag, not for security
+        return hashlib.file_digest(fh, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
@@ -42,15 +39,14 @@ def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict
 
 
 def upload(store: ObjectStore, files: dict, there=None, progress: str = "") -> tuple[int, dict]:
-    """Put each file `{key: path}` (S3: streamed in one PUT). With `there` (the stored MD5s: a listing dict, or
-    a lookup per key), a key already holding the file is skipped and one holding other content is refused,
-    never overwritten: a re-run of the same publish sends nothing. Returns the bytes sent and each file's MD5."""
+    """Put each file `{key: path}` (S3: streamed in one PUT). With `there` (a key's stored MD5, None when it
+    has none), a key already holding the file is skipped and one holding other content is refused, never
+    overwritten: a re-run of the same publish sends nothing. Returns the bytes sent and each file's MD5."""
 
     def put(key: str) -> tuple[int, str | None]:
-        path = Path(files[key])
-        md5 = file_digest(path, "md5") if there is not None else None
+        path, md5 = Path(files[key]), None
         if there is not None:
-            found = there.get(key) if isinstance(there, dict) else there(key)
+            md5, found = file_digest(path, "md5"), there(key)
             if found == md5:
                 return 0, md5
             if found is not None:

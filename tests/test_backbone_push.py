@@ -182,3 +182,19 @@ def test_push_to_the_registry_and_resolve_a_version_or_alias(mlops_stack, clips,
         push_backbone(clips["b"], "models:/a-classifier", tracking_uri=uri)
     with pytest.raises(BackbonePublishError, match="registry numbers the versions"):
         push_backbone(clips["b"], "models:/tiny-clip/3", tracking_uri=uri)
+
+
+def test_an_unreachable_registry_is_a_backbone_error_naming_the_spec(clips, tmp_path):
+    """Without its registry a `models:/` backbone fails as the backbone it is (how load_backbone's callers
+    report a missing one), naming the spec and the server, not as a bare tracking error."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(
+        BackboneUnavailable, match=rf"--backbone models:/clip/1 needs the MLflow registry: .*{uri}"
+    ):
+        resolve_backbone("models:/clip/1", tmp_path, tracking_uri=uri)
+    with pytest.raises(BackbonePublishError, match=rf"pushing the backbone to models:/clip: .*{uri}"):
+        push_backbone(clips["a"], "models:/clip", tracking_uri=uri)

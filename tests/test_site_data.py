@@ -455,8 +455,9 @@ def test_manifest_paths_outside_the_data_root_need_the_flag(s3_env, tmp_path, mo
     bucket = _granted_bucket(s3_env)
     as_stack_role("publisher")
     cfg = TrainConfig(data=str(manifest), sites=2, cache_dir=str(tmp_path / "c")).validate()
+    allowed = TrainConfig(data=str(manifest), sites=2, cache_dir=str(tmp_path / "c"), allow_outside_root=True)
     with pytest.raises(DataError, match=r"image id '../elsewhere/scan.png' .* '..' segment"):
-        publish(cfg, bucket, progress=False, allow_outside_root=True)
+        publish(allowed.validate(), bucket, progress=False)
     with pytest.raises(DataError, match="outside"):
         publish(cfg, bucket, progress=False)
     assert _keys(s3_env.s3_client(), bucket) == []
@@ -482,6 +483,16 @@ def test_a_symlink_out_of_an_image_folder_is_not_published(tmp_path):
     ):
         publish_site(cfg, "site_0", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    assert (
-        publish_site(cfg, "site_0", tmp_path / "out", progress=False, allow_outside_root=True)["images"] > 0
-    )
+    allowed = TrainConfig(data=str(root), sites=1, cache_dir=str(tmp_path / "c"), allow_outside_root=True)
+    assert publish_site(allowed.validate(), "site_0", tmp_path / "out", progress=False)["images"] > 0
+    # The folder is read as `train --data` reads it: an inferred class list is checked as a run checks it.
+    strict = TrainConfig(**{**allowed.to_json(), "min_class_images": 20}).validate()
+    with pytest.raises(DataError, match="suspicious classes: 'a' has 12 training image"):
+        publish_site(strict, "site_0", tmp_path / "strict", progress=False)
+
+
+def test_published_data_is_not_published_again(tmp_path):
+    """`data publish --data s3://...`: its published list has no pixels; refused before anything is read."""
+    cfg = TrainConfig(data="s3://fedmedclip-data", sites=2, cache_dir=str(tmp_path / "c")).validate()
+    with pytest.raises(ConfigError, match="s3://fedmedclip-data is published already"):
+        publish_site(cfg, "site_0", tmp_path / "out", progress=False)
