@@ -6,7 +6,6 @@ indices whenever a site lacks a class)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from .digests import sha256_file
 from .errors import DataError, ImageDecodeError
 from .paths import check_file_within
 from .png_rows import png_rows_problem
@@ -305,14 +305,11 @@ _HASH_THREADS = 8
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
+    """sha256_file, an unreadable file an ImageDecodeError naming it."""
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise ImageDecodeError(path, f"{type(exc).__name__}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def _sha256_or_none(path: str) -> str | None:

@@ -34,13 +34,18 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB chunks (models are hundreds of MiB)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """A hash (hex) of a file's bytes, read in 1 MiB chunks (models are hundreds of MiB); MD5 is S3's ETag,
+    not for security. (hashlib.file_digest is Python 3.11+; 3.10 is supported.)"""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path)
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:

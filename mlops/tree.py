@@ -5,14 +5,13 @@ finds every file), and each file checked against its digest before it is used; n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedmedclip.digests import is_sha256
+from fedmedclip.digests import file_digest, is_sha256
 from fedmedclip.federation.storage import MAX_PARALLEL, ObjectStore, StoreError
 
 from .s3 import ObjectMissing, S3Store
@@ -20,11 +19,6 @@ from .s3 import ObjectMissing, S3Store
 
 class TreeMismatch(StoreError):
     """A published file is not the one its manifest records (changed or damaged after publishing)."""
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    with open(path, "rb") as fh:  # MD5 as S3's ETag, not for security
-        return hashlib.file_digest(fh, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def tree_files(folder: str | Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
