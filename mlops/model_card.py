@@ -11,8 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedmedclip.digests import parse_model_reference
-from fedmedclip.errors import ConfigError
 from fedmedclip.model_card import CardError, build_card, write_card
 
 from .rundir import REQUIRED_FILES as REQUIRED
@@ -77,22 +75,13 @@ def log_model_card(
 
 def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) -> str:
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
-    from mlflow.exceptions import MlflowException
+    from .tracking import registered_version
 
-    from .tracking import _client, registered_version
-
-    parsed = parse_model_reference(ref)
-    if parsed is None:
-        raise ConfigError(f"{ref!r} is not a registered model reference: use NAME@ALIAS or NAME/VERSION")
-    client, _ = _client(tracking_uri)
-    try:
-        mv = registered_version(client, *parsed)
-    except MlflowException as exc:
-        raise TrackingError(f"no registered version {ref!r}: {exc.message}") from exc
+    client, mv = registered_version(ref, tracking_uri)
     folder = (mv.tags or {}).get(CARD_TAG)
     if not folder:
         raise TrackingError(
-            f"{parsed[0]} version {mv.version} has no model card (registered before cards were generated); "
+            f"{mv.name} version {mv.version} has no model card (registered before cards were generated); "
             "register its run again to get one"
         )
     with tempfile.TemporaryDirectory() as tmp:
