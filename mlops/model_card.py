@@ -61,8 +61,7 @@ def log_model_card(
         "site": site,
         "mlflow_run_id": run.info.run_id,
         "kfp_run_id": run.data.tags.get(KFP_RUN_ID_TAG),
-        "git_commit": tags.get("git_commit") or run.data.tags.get("git_commit"),
-        "onnx_sha256": tags.get("onnx_sha256"),
+        # git_commit and onnx_sha256: the card reads them from the version's `tags` (the run's lineage).
         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     folder = f"model_cards/{name}/v{version}"
