@@ -109,10 +109,7 @@ class MlflowObserver(RunObserver):
             if kfp
             else f"`{self.source}`, logged live as the rounds finished."
         )
-        tags = {
-            **context_tags(self.source, "JOB" if kfp else "LOCAL"),
-            "orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime",
-        }
+        tags = {"orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime"}
         scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         try:
             params = run_parameters(
@@ -125,6 +122,8 @@ class MlflowObserver(RunObserver):
                 params,
                 tags,
                 self.run_name,
+                source=self.source,
+                source_type="JOB" if kfp else "LOCAL",
                 site_names=names,
                 partition=json.loads(partition_file.read_text()) if partition_file.is_file() else None,
                 data_source=str(cfg.data),
@@ -223,6 +222,8 @@ class LiveRunLogger:
         tags: dict[str, str] | None = None,
         run_name: str | None = None,
         *,
+        source: str = "fedmedclip",
+        source_type: str = "LOCAL",
         site_names: list[str] | None = None,
         partition: dict | None = None,
         data_source: str | None = None,
@@ -230,16 +231,17 @@ class LiveRunLogger:
         description: str | None = None,
         start_time: float | None = None,
     ) -> str:
-        """Create the MLflow run (`description` as its note, started at `start_time`, unix seconds), log
-        `params` (flattened to dotted keys) and, with the partition manifest, the data set and partition as
-        inputs. With `run_key`, a run already logged under that key is continued: its defining parameters must
-        be the same; operational ones (`is_operational`) that changed go into a tag. Returns the run id."""
+        """Create the MLflow run (`context_tags` of `source`, then `tags`; `description` as its note, started at
+        `start_time`, unix seconds), log `params` (flattened to dotted keys) and, with the partition manifest, the
+        data set and partition as inputs. With `run_key`, a run already logged under that key is continued: its
+        defining parameters must be the same; operational ones (`is_operational`) that changed go into a tag.
+        Returns the run id."""
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
         client, uri = _client(self.tracking_uri)
         exp_id = get_or_create_experiment(client, self.experiment)
-        all_tags = {**context_tags("fedmedclip"), **(tags or {})}
+        all_tags = {**context_tags(source, source_type), **(tags or {})}
         if description:
             self.description = all_tags["mlflow.note.content"] = description
         if self.kfp_run_id:
