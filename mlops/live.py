@@ -83,13 +83,15 @@ class MlflowObserver(RunObserver):
         return self.logger.run_id if self.enabled else None
 
     def _recorded_key(self) -> str:
-        """`train`'s key: the one its run directory records, else a new one, recorded now."""
+        """`train`'s key: the one its run directory records, else a new one, recorded now (atomically: a torn
+        record would make `--resume` start a second MLflow run)."""
+        from fedmedclip.federation.records import atomic_write_json
+
         try:
             return str(json.loads(self.key_file.read_text())["run_key"])
         except (OSError, ValueError, KeyError, TypeError):
             key = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-            self.key_file.parent.mkdir(parents=True, exist_ok=True)
-            self.key_file.write_text(json.dumps({"run_key": key}) + "\n")
+            atomic_write_json(self.key_file, {"run_key": key})
             return key
 
     def start(self, manifest: dict, resumed: bool = False) -> None:
