@@ -211,9 +211,8 @@ class LiveRunLogger:
         self.description = ""
         self.site_names: list[str] = []
         self._client = None
-        self._param_keys: set[str] = (
-            set()
-        )  # logged: MLflow refuses a parameter logged again with another value
+        # The parameters logged: MLflow refuses a parameter logged again with another value.
+        self._param_keys: set[str] = set()
         self._batches: list[_Batch] = []  # each round's metrics, until MLflow has them
         self._last_error: Exception | None = None
         self._finished = False

@@ -138,7 +138,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .model_card import check_card, log_model_card
+    from .model_card import CARD_TAG, check_card, log_model_card
 
     run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
@@ -181,7 +181,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
     description = f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
     client.update_model_version(name, mv.version, description=description)
-    tags["model_card"] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
+    tags[CARD_TAG] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
