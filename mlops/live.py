@@ -91,7 +91,7 @@ class MlflowObserver(RunObserver):
             return str(json.loads(self.key_file.read_text())["run_key"])
         except (OSError, ValueError, KeyError, TypeError):
             key = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-            atomic_write_json(self.key_file, {"run_key": key})
+            atomic_write_json(self.key_file, {"run_key": key}, indent=None)
             return key
 
     def start(self, manifest: dict, resumed: bool = False) -> None:
