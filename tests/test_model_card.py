@@ -23,6 +23,7 @@ from mlops import cli as ccli
 from mlops.promotion import PromotionPolicy
 from mlops.registry import PrivacyRefused, promote, register_model
 from mlops.rundir import log_run_dir
+from mlops.tracking import TrackingError
 
 TARGET = 6.0
 
@@ -137,6 +138,11 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
     assert "exported predictor: global" in md
     assert run_cli("card", f"{name}/{mv.version}", "--json", "--tracking-uri", uri) == 0
     assert json.loads(capsys.readouterr().out)["model"]["version"] == mv.version
+    # A reference that names nothing: one line naming it and the registry (the lookup `serve models:/` makes).
+    with pytest.raises(TrackingError, match=f"cannot resolve {name}@nope in the MLflow registry at {uri}: "):
+        run_cli("card", f"{name}@nope", "--tracking-uri", uri)
+    with pytest.raises(TrackingError, match="'no-version' is not a registered model reference"):
+        run_cli("card", "no-version", "--tracking-uri", uri)
 
     # A version trained without DP (a run directory from before privacy existed) is registered with a card
     # too, and refused by the privacy gate whatever its accuracy.
