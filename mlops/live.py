@@ -83,13 +83,15 @@ class MlflowObserver(RunObserver):
         return self.logger.run_id if self.enabled else None
 
     def _recorded_key(self) -> str:
-        """`train`'s key: the one its run directory records, else a new one, recorded now."""
+        """`train`'s key: the one its run directory records, else a new one, recorded now (atomically: a torn
+        record would make `--resume` start a second MLflow run)."""
+        from fedmedclip.federation.records import atomic_write_json
+
         try:
             return str(json.loads(self.key_file.read_text())["run_key"])
         except (OSError, ValueError, KeyError, TypeError):
             key = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-            self.key_file.parent.mkdir(parents=True, exist_ok=True)
-            self.key_file.write_text(json.dumps({"run_key": key}) + "\n")
+            atomic_write_json(self.key_file, {"run_key": key}, indent=None)
             return key
 
     def start(self, manifest: dict, resumed: bool = False) -> None:
@@ -109,10 +111,7 @@ class MlflowObserver(RunObserver):
             if kfp
             else f"`{self.source}`, logged live as the rounds finished."
         )
-        tags = {
-            **context_tags(self.source, "JOB" if kfp else "LOCAL"),
-            "orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime",
-        }
+        tags = {"orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime"}
         scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         try:
             params = run_parameters(
@@ -125,6 +124,8 @@ class MlflowObserver(RunObserver):
                 params,
                 tags,
                 self.run_name,
+                source=self.source,
+                source_type="JOB" if kfp else "LOCAL",
                 site_names=names,
                 partition=json.loads(partition_file.read_text()) if partition_file.is_file() else None,
                 data_source=str(cfg.data),
@@ -210,9 +211,8 @@ class LiveRunLogger:
         self.description = ""
         self.site_names: list[str] = []
         self._client = None
-        self._param_keys: set[str] = (
-            set()
-        )  # logged: MLflow refuses a parameter logged again with another value
+        # The parameters logged: MLflow refuses a parameter logged again with another value.
+        self._param_keys: set[str] = set()
         self._batches: list[_Batch] = []  # each round's metrics, until MLflow has them
         self._last_error: Exception | None = None
         self._finished = False
@@ -223,6 +223,8 @@ class LiveRunLogger:
         tags: dict[str, str] | None = None,
         run_name: str | None = None,
         *,
+        source: str = "fedmedclip",
+        source_type: str = "LOCAL",
         site_names: list[str] | None = None,
         partition: dict | None = None,
         data_source: str | None = None,
@@ -230,16 +232,17 @@ class LiveRunLogger:
         description: str | None = None,
         start_time: float | None = None,
     ) -> str:
-        """Create the MLflow run (`description` as its note, started at `start_time`, unix seconds), log
-        `params` (flattened to dotted keys) and, with the partition manifest, the data set and partition as
-        inputs. With `run_key`, a run already logged under that key is continued: its defining parameters must
-        be the same; operational ones (`is_operational`) that changed go into a tag. Returns the run id."""
+        """Create the MLflow run (`context_tags` of `source`, then `tags`; `description` as its note, started at
+        `start_time`, unix seconds), log `params` (flattened to dotted keys) and, with the partition manifest, the
+        data set and partition as inputs. With `run_key`, a run already logged under that key is continued: its
+        defining parameters must be the same; operational ones (`is_operational`) that changed go into a tag.
+        Returns the run id."""
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
         client, uri = _client(self.tracking_uri)
         exp_id = get_or_create_experiment(client, self.experiment)
-        all_tags = {**context_tags("fedmedclip"), **(tags or {})}
+        all_tags = {**context_tags(source, source_type), **(tags or {})}
         if description:
             self.description = all_tags["mlflow.note.content"] = description
         if self.kfp_run_id:

@@ -11,8 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedmedclip.digests import parse_model_reference
-from fedmedclip.errors import ConfigError
 from fedmedclip.model_card import CardError, build_card, write_card
 
 from .rundir import REQUIRED_FILES as REQUIRED
@@ -63,8 +61,7 @@ def log_model_card(
         "site": site,
         "mlflow_run_id": run.info.run_id,
         "kfp_run_id": run.data.tags.get(KFP_RUN_ID_TAG),
-        "git_commit": tags.get("git_commit") or run.data.tags.get("git_commit"),
-        "onnx_sha256": tags.get("onnx_sha256"),
+        # git_commit and onnx_sha256: the card reads them from the version's `tags` (the run's lineage).
         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     folder = f"model_cards/{name}/v{version}"
@@ -77,22 +74,13 @@ def log_model_card(
 
 def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) -> str:
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
-    from mlflow.exceptions import MlflowException
+    from .tracking import registered_version
 
-    from .tracking import _client, registered_version
-
-    parsed = parse_model_reference(ref)
-    if parsed is None:
-        raise ConfigError(f"{ref!r} is not a registered model reference: use NAME@ALIAS or NAME/VERSION")
-    client, _ = _client(tracking_uri)
-    try:
-        mv = registered_version(client, *parsed)
-    except MlflowException as exc:
-        raise TrackingError(f"no registered version {ref!r}: {exc.message}") from exc
+    client, mv = registered_version(ref, tracking_uri)
     folder = (mv.tags or {}).get(CARD_TAG)
     if not folder:
         raise TrackingError(
-            f"{parsed[0]} version {mv.version} has no model card (registered before cards were generated); "
+            f"{mv.name} version {mv.version} has no model card (registered before cards were generated); "
             "register its run again to get one"
         )
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,12 +51,4 @@ class PromotionPolicy:
         the flags imports no mlflow); what `promote` and the pipeline's register task both do."""
         from .registry import promote
 
-        return promote(
-            name,
-            version,
-            self.promote_alias,
-            self.allow_worse,
-            tracking_uri,
-            allow_different_data=self.allow_different_data,
-            max_epsilon=self.max_epsilon,
-        )
+        return promote(name, version, self, tracking_uri)

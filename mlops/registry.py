@@ -16,6 +16,7 @@ from pathlib import Path
 from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, sha256_file
 from fedmedclip.privacy.report import privacy_summary
 
+from .promotion import PromotionPolicy
 from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found
 
 log = logging.getLogger("fedmedclip.tracking")
@@ -34,7 +35,6 @@ class PrivacyRefused(PromotionRefused):
 
 
 LEGACY_PROMOTION_METRICS = ("final_global_bacc",)  # its name before metrics were grouped (older versions)
-DEFAULT_ALIAS = "champion"
 ONNX_MODEL_NAME = "onnx_model"  # name of the logged ONNX model inside the run
 ONNX_FILE = "model.onnx"  # file name MLflow's onnx flavour stores the graph under
 # protobuf cannot serialise a single message above 2 GiB.
@@ -138,7 +138,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .model_card import check_card, log_model_card
+    from .model_card import CARD_TAG, check_card, log_model_card
 
     run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
@@ -181,7 +181,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
     description = f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
     client.update_model_version(name, mv.version, description=description)
-    tags["model_card"] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
+    tags[CARD_TAG] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
@@ -310,20 +310,16 @@ def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple
 
 
 def promote(
-    name: str,
-    version: str | int,
-    alias: str = DEFAULT_ALIAS,
-    allow_worse: bool = False,
-    tracking_uri: str | None = None,
-    allow_different_data: bool = False,
-    max_epsilon: float | None = None,
+    name: str, version: str | int, policy: PromotionPolicy | None = None, tracking_uri: str | None = None
 ) -> Promotion:
-    """Point `models:/NAME@ALIAS` at `version`. Balanced accuracies compare only on the same test data: refused
-    (DifferentDataRefused) when the candidate and the holder differ in a data digest unless
-    `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is below the holder's
-    unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0 or None: no budget,
-    mlops/promotion.py), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is
-    refused (PrivacyRefused); no override."""
+    """Point `models:/NAME@ALIAS` at `version` under `policy` (its defaults when None). Balanced accuracies
+    compare only on the same test data: refused (DifferentDataRefused) when the candidate and the holder differ in
+    a data digest unless `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is
+    below the holder's unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0: no
+    budget), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused
+    (PrivacyRefused); no override."""
+    policy = policy or PromotionPolicy()
+    alias, max_epsilon = policy.promote_alias, policy.max_epsilon
     client, _ = _client(tracking_uri)
     version = str(version)
     mv = if_found(client.get_model_version, name, version)
@@ -346,7 +342,7 @@ def promote(
     previous_metric, overridden, different = None, False, {}
     if current is not None:
         different = data_differences(mv.tags, current.tags)
-        if different and not allow_different_data:
+        if different and not policy.allow_different_data:
             listed = "; ".join(
                 f"{tag} {cand[:12]} (version {version}) vs {was[:12]} (version {previous})"
                 for tag, (cand, was) in different.items()
@@ -358,7 +354,7 @@ def promote(
             )
         previous_metric = _version_metric(client, current)
         if previous_metric is None or candidate < previous_metric:
-            if not allow_worse:
+            if not policy.allow_worse:
                 raise PromotionRefused(
                     f"cannot compare: the current @{alias} ({name} version {previous}) has no "
                     f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"

@@ -14,7 +14,7 @@ from fedmedclip.digests import canonical_digest
 from fedmedclip.model_card import dataset_digest
 from fedmedclip.privacy.report import privacy_summary
 
-from .tracking import RunDirError, _flatten, _num, context_tags, describe_run, git_commit, run_parameters
+from .tracking import RunDirError, _flatten, _num, describe_run, git_commit, run_parameters
 
 log = logging.getLogger("fedmedclip.tracking")
 
@@ -207,12 +207,12 @@ def log_run_dir(
     run_id = logger.start(
         run_params(run),
         tags={
-            **context_tags(source),
             **_lineage_tags(run, record_run_dir),
             "fedmedclip.times": "recorded" if start is not None else "logging time (none recorded)",
             **(tags or {}),
         },
         run_name=run_name or run.path.resolve().name,
+        source=source,
         site_names=run.site_names,
         partition=run.partition,
         data_source=data,

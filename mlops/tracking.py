@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fedmedclip.digests import canonical_digest
+from fedmedclip.digests import canonical_digest, parse_model_reference
 from fedmedclip.errors import FedMedClipError
 from fedmedclip.tracking_server import require_tracking_uri
 
@@ -87,11 +87,25 @@ def if_found(call, *args, default=None):
         return default
 
 
-def registered_version(client, name: str, alias: str | None, version: str | None):
-    """The registered version `name@alias`, else `name/version` (parse_model_reference's parts)."""
-    return (
-        client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    )
+def registered_version(
+    ref: str, tracking_uri: str | None = None, purpose: str = "", error: type[FedMedClipError] = TrackingError
+):
+    """The client and the registered version `ref` names (NAME@ALIAS or NAME/VERSION, `models:/` in front or
+    not), else `error`: a malformed reference before any server is asked, then `_client`'s, then MLflow's."""
+    from mlflow.exceptions import MlflowException
+
+    parsed = parse_model_reference(ref)
+    if parsed is None:
+        raise error(
+            f"{ref!r} is not a registered model reference: use [models:/]NAME@ALIAS or [models:/]NAME/VERSION"
+        )
+    name, alias, version = parsed
+    client, uri = _client(tracking_uri, purpose, error)
+    try:
+        get = client.get_model_version_by_alias if alias else client.get_model_version
+        return client, get(name, alias or version)
+    except MlflowException as exc:
+        raise error(f"cannot resolve {ref} in the MLflow registry at {uri}: {exc.message}") from None
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")

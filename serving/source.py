@@ -14,7 +14,6 @@ from pathlib import Path
 
 from fedmedclip.digests import (
     is_sha256,
-    parse_model_reference,
     read_sha256_sidecar,
     sha256_file,
     sha256_sidecar,
@@ -108,20 +107,11 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from mlops.tracking import _client, registered_version
+    from mlops.tracking import registered_version
 
-    parsed = parse_model_reference(uri)
-    if parsed is None:
-        raise ServingError(f"cannot parse {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
     # downloads through the tracking server as every MLflow client of this project makes them.
-    client, tracking = _client(None, f"{uri} needs the MLflow registry", ServingError)
-    try:
-        mv = registered_version(client, *parsed)
-    except MlflowException as exc:
-        raise ServingError(
-            f"cannot resolve {uri} in the MLflow registry at {tracking}: {exc.message}"
-        ) from None
+    _, mv = registered_version(uri, None, f"{uri} needs the MLflow registry", ServingError)
     tag = (mv.tags or {}).get(SHA256_TAG)
     if not tag:
         raise ServingError(

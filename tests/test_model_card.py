@@ -20,8 +20,10 @@ from fedmedclip.export import export_onnx
 from fedmedclip.metrics import metrics_from_confusion
 from fedmedclip.model_card import SECTIONS, build_card, render_markdown
 from mlops import cli as ccli
+from mlops.promotion import PromotionPolicy
 from mlops.registry import PrivacyRefused, promote, register_model
 from mlops.rundir import log_run_dir
+from mlops.tracking import TrackingError
 
 TARGET = 6.0
 
@@ -122,7 +124,7 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
 
     # promote --max-epsilon: refused below the version's epsilon, accepted at or above it.
     with pytest.raises(PrivacyRefused, match="above --max-epsilon 0.5"):
-        promote(name, mv.version, tracking_uri=uri, max_epsilon=0.5)
+        promote(name, mv.version, PromotionPolicy(max_epsilon=0.5), uri)
     assert (
         run_cli("promote", name, "--version", mv.version, "--max-epsilon", TARGET, "--tracking-uri", uri) == 0
     )
@@ -136,6 +138,11 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
     assert "exported predictor: global" in md
     assert run_cli("card", f"{name}/{mv.version}", "--json", "--tracking-uri", uri) == 0
     assert json.loads(capsys.readouterr().out)["model"]["version"] == mv.version
+    # A reference that names nothing: one line naming it and the registry (the lookup `serve models:/` makes).
+    with pytest.raises(TrackingError, match=f"cannot resolve {name}@nope in the MLflow registry at {uri}: "):
+        run_cli("card", f"{name}@nope", "--tracking-uri", uri)
+    with pytest.raises(TrackingError, match="'no-version' is not a registered model reference"):
+        run_cli("card", "no-version", "--tracking-uri", uri)
 
     # A version trained without DP (a run directory from before privacy existed) is registered with a card
     # too, and refused by the privacy gate whatever its accuracy.
@@ -143,6 +150,6 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
     v2 = register_model(log_run_dir(plain, "test-card", tracking_uri=uri), name, tracking_uri=uri).version
     assert client.get_model_version(name, v2).tags["dp.mode"] == "none"
     with pytest.raises(PrivacyRefused, match="without record-level differential privacy"):
-        promote(name, v2, tracking_uri=uri, max_epsilon=100.0, allow_different_data=True)
+        promote(name, v2, PromotionPolicy(max_epsilon=100.0, allow_different_data=True), uri)
     assert run_cli("card", f"{name}/{v2}", "--tracking-uri", uri) == 0
     assert "Trained WITHOUT differential privacy" in capsys.readouterr().out

@@ -83,8 +83,8 @@ def test_a_budget_of_zero_is_no_budget(mlops_stack, tmp_path, capsys):
     run_id = log_run_dir(make_run_dir(tmp_path / "plain"), "test-budget", tracking_uri=uri)
     version = register_model(run_id, name, tracking_uri=uri).version
     with pytest.raises(PrivacyRefused, match="without record-level differential privacy"):
-        promote(name, version, tracking_uri=uri, max_epsilon=8.0)
-    assert promote(name, version, tracking_uri=uri, max_epsilon=0.0).alias == "champion"
+        promote(name, version, PromotionPolicy(max_epsilon=8.0), uri)
+    assert promote(name, version, PromotionPolicy(max_epsilon=0.0), uri).alias == "champion"
     parser = argparse.ArgumentParser(prog="fedmedclip")
     mlops_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["promote", name, "--version", version, "--tracking-uri", uri])
