@@ -15,7 +15,8 @@ from pathlib import Path
 from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.digests import sha256_bytes
 from fedmedclip.errors import ConfigError, DataError
-from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary, parse
+from fedmedclip.federation.mailbox import read_message
+from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied
 from fedmedclip.paths import check_relative_id, confined_path, is_within
 
@@ -98,15 +99,13 @@ def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
 
 def _get_message(root: ObjectStore, key: str, cls, required=True, party="the publisher") -> dict | None:
     """`party`'s object at `key`, bounded and parsed against its declaration `cls` (federation/messages.py)."""
-    body = root.get(key, max_bytes=cls.max_bytes)
-    if body is None and required:
-        raise ObjectMissing(f"{root.where(key)} does not exist")  # _data_errors says how to publish it
-    if body is None:
-        return None
     try:
-        return parse(cls, body, party, root.where(key)).to_dict()
+        message = read_message(root, key, cls, party)
     except MessageRefused as exc:
         raise DataError(f"{exc}: publish the data again with this version") from None
+    if message is None and required:
+        raise ObjectMissing(f"{root.where(key)} does not exist")  # _data_errors says how to publish it
+    return message.to_dict() if message is not None else None
 
 
 def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:

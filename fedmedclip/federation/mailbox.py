@@ -22,6 +22,18 @@ MAX_MANIFEST_BYTES = 16 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def read_message(store: ObjectStore, key: str, cls: type[Message], party: str) -> Message | None:
+    """The object `party` wrote at `key` of `store`, parsed against its declaration (its size checked before it
+    is read); None when it is not there; MessageRefused when it is too large or does not parse."""
+    try:
+        raw = store.get(key, max_bytes=cls.max_bytes)
+    except ObjectTooLarge as exc:
+        raise MessageRefused(f"{cls.kind} from {party}: {exc}", cls.kind, party) from None
+    if raw is None:
+        return None
+    return parse(cls, raw, party, store.where(key))
+
+
 class ProtocolError(FedMedClipError):
     """A party broke the protocol (a malformed object, another run's object, a refused setting)."""
 
@@ -113,15 +125,7 @@ class Mailbox:
         self.store.put(key, msg.to_bytes())
 
     def read_message(self, key: str, cls: type[Message], party: str) -> Message | None:
-        """The object `party` wrote at `key`, parsed against its declaration (its size checked before it is
-        read); None when it is not there; MessageRefused when it does not parse."""
-        try:
-            raw = self.store.get(key, max_bytes=cls.max_bytes)
-        except ObjectTooLarge as exc:
-            raise MessageRefused(f"{cls.kind} from {party}: {exc}", cls.kind, party) from None
-        if raw is None:
-            return None
-        return parse(cls, raw, party, self.where(key))
+        return read_message(self.store, key, cls, party)
 
     def get_json(self, key: str, who: str = "", max_bytes: int = MAX_MANIFEST_BYTES) -> dict | None:
         try:
