@@ -16,11 +16,11 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from components.kfp_components import DEFAULT_BASE_IMAGE, POD_CACHE_DIR
 from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError, FedMedClipError
+from pipelines.pipeline import DEFAULT_YAML
 
-DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
-POD_CACHE = "/tmp/fedmedclip-cache"  # components.kfp_components.POD_CACHE_DIR (not imported: it pulls kfp)
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
@@ -33,7 +33,7 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
         metavar="IMAGE",
         help="the components' image: the training image you built and pushed (`docker build --target train -t "
         "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
-        "because the default, ghcr.io/fedmedclip/train:0.1.0, is a placeholder nothing publishes",
+        f"because the default, {DEFAULT_BASE_IMAGE}, is a placeholder nothing publishes",
     )
     g.add_argument(
         "--no-gpu",
@@ -463,7 +463,7 @@ def register(subparsers) -> None:
     s.add_argument("--run-name", help="the KFP run's name (default: kfp's)")
     s.add_argument("--experiment-name", default="fedmedclip", help="KFP experiment")
     s.add_argument("--no-cache", action="store_true", help="disable KFP step caching for this run")
-    _run_flags(s, cmd_submit, {"cache_dir": POD_CACHE}, local=False)
+    _run_flags(s, cmd_submit, {"cache_dir": POD_CACHE_DIR}, local=False)
 
     try:  # the demo starts the local development stack, which the images do not ship
         from devstack.cli import add_port_options
