@@ -52,25 +52,22 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rou
             if status:
                 if round_bar is None:
                     round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
-                line = f"server {status.get('state', '?')}"
-                if status.get("best_round") is not None:
-                    line += f", best round {status['best_round']}"
+                line = f"server {status.state}"
+                if status.best_round is not None:
+                    line += f", best round {status.best_round}"
                 round_bar.set_postfix_str(line, refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
             if finished:
                 return
 
 
-def rounds_closed(status: dict, rounds: int) -> int:
+def rounds_closed(status, rounds: int) -> int:
     """Rounds the server closed, from its status (docs/contracts.md: `round` is the one it works on)."""
-    r = status.get("round")
-    if not isinstance(r, int):
-        return 0
-    return rounds if status.get("state") == "done" else max(0, min(rounds, r - 1))
+    return rounds if status.state == "done" else max(0, min(rounds, status.round - 1))
 
 
 def server_status_reader(mailbox: str, local_stack: str = ""):
-    """A function returning the server's last status in the mailbox (a local directory, or S3 with the local
+    """A function returning the server's last status (fedmedclip.federation.messages.Status) in the mailbox (a local directory, or S3 with the local
     stack's admin key, else the environment's) for the run whose manifest appeared after it was made (kfp.local
     draws the run id itself), or None while there is none. Progress only: any failure is None."""
     s3 = mailbox.startswith("s3://")
@@ -91,8 +88,8 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
                 runs[common["Prefix"][len(prefix) :].strip("/")] = head["LastModified"].timestamp()
         return runs
 
-    def status() -> dict | None:
-        from fedmedclip.federation.mailbox import Mailbox
+    def status():
+        from fedmedclip.federation.mailbox import SERVER, Mailbox
         from fedmedclip.federation.storage import open_store
 
         try:
@@ -109,8 +106,7 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
                 if not runs:
                     return None
                 found["run"] = Mailbox(found["store"], max(runs, key=runs.get))
-            run = found["run"]
-            return run.get_json(run.status_key("server"), max_bytes=1 << 20)  # a JSON object, or None
+            return found["run"].status(SERVER)  # read as declared, or None
         except Exception as exc:  # progress display only
             log.debug("server status not readable yet: %s", exc)
             return None
