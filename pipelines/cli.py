@@ -400,10 +400,10 @@ def _publish_for_demo(cfg, info, quiet: bool) -> str:
     from devstack.stack import add_data_root
     from fedmedclip.features import canonical_digest
     from mlops.site_data import partition_settings, publish
+    from pipelines.local import absolute_location
 
     # A local folder by its absolute path: the same relative path from another directory is other data.
-    data = cfg.data if cfg.data == "synthetic" or "://" in cfg.data else str(Path(cfg.data).resolve())
-    key = {"data": data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
+    key = {"data": absolute_location(cfg.data), "synthetic": cfg.synthetic, **partition_settings(cfg)}
     bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
     add_data_root(info.data_dir, bucket)  # the bucket, and every role's policy on it (as the admin)
     summary = publish(cfg, bucket, client=info.s3_client("publisher"), progress=not quiet)

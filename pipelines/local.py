@@ -182,6 +182,14 @@ def run_compiled(
     return CompiledRun(task, root, time.perf_counter() - t0)
 
 
+def absolute_location(value: str) -> str:
+    """A local path made absolute; synthetic data and URLs as they are."""
+    from fedmedclip.config import SYNTHETIC
+    from fedmedclip.sources import is_remote
+
+    return value if value == SYNTHETIC or is_remote(value) else str(Path(value).resolve())
+
+
 def run_local(
     pipeline_yaml: str | Path, pipeline_root=None, out: str | Path | None = None, **params
 ) -> LocalRun:
@@ -192,9 +200,8 @@ def run_local(
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
     settings = params["settings"] = dict(params.get("settings") or {})
     for key in ("cache_dir", "data"):
-        value = settings.get(key)
-        if value and value != "synthetic" and not value.startswith("s3://"):
-            settings[key] = str(Path(value).resolve())
+        if settings.get(key):
+            settings[key] = absolute_location(settings[key])
     done = run_compiled(pipeline_yaml, pipeline_root, **params)
     outputs = done.task.outputs
     run_dir = Path(outputs["run_dir"].path)
