@@ -383,11 +383,9 @@ def cmd_demo(args) -> int:
 def _ui_link(tracking_uri: str, experiment: str) -> str:
     """The experiment's page in the UI's model-training view (MLflow 3 opens on its GenAI pages otherwise)."""
     try:
-        from mlflow import MlflowClient
+        from mlops.tracking import _client, experiment_ui_url
 
-        from mlops.tracking import experiment_ui_url
-
-        exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+        exp = _client(tracking_uri)[0].get_experiment_by_name(experiment)
         return experiment_ui_url(tracking_uri, exp.experiment_id) if exp is not None else tracking_uri
     except Exception:  # a link is a courtesy: the address alone still works
         return tracking_uri
