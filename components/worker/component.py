@@ -112,16 +112,12 @@ def features_step(
 def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
     """The extraction task's feature store, where the worker's own preparation looks it up (cache_dir/features/
     <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
-    from fedmedclip.paths import put_folder_in_place
+    from fedmedclip.features import FeatureStore
 
-    provenance = json.loads((Path(features_dir) / "provenance.json").read_text())
-    dst = Path(cache_dir) / "features" / provenance["digest"][:24]
-    if (dst / "provenance.json").exists():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=dst.parent))
-    shutil.copytree(features_dir, tmp, dirs_exist_ok=True)
-    put_folder_in_place(tmp, dst, (dst / "provenance.json").exists)  # or another task of this machine did
+    store = FeatureStore.load(Path(features_dir))
+    dst = Path(cache_dir) / "features" / store.provenance["digest"][:24]
+    if not (dst / "provenance.json").exists():  # else this task extracted it there, or another task did
+        store.save(dst)  # written aside, then renamed into place
 
 
 def site_state_url(mailbox: str, index: int, name: str) -> str:
