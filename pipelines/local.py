@@ -132,7 +132,6 @@ def run_compiled(
     """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
     what kfp.local streams (every task's executor input and output) goes to that file, a failure quotes its
     tail, and `progress` shows bars over the tasks and the rounds (the server's status read by `rounds_of`)."""
-    import yaml
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)
@@ -161,8 +160,8 @@ def run_compiled(
             stack.callback(logging.getLogger().removeFilter, not_kfp_cleanup)
         if log_path is not None and progress:
             # The parties' loop writes no executor output of its own (its workers' rounds have their own bar).
-            tasks = next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"].values()
-            total = sum("parameterIterator" not in t for t in tasks)
+            tasks = pipeline.pipeline_spec.root.dag.tasks.values()  # the YAML as kfp loaded it
+            total = sum(not t.HasField("parameter_iterator") for t in tasks)
             rounds = int((params.get("settings") or {}).get("rounds") or 0)
             args = (root, total, done, rounds, rounds_of)
             watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
