@@ -178,7 +178,6 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     directory starting with `prefix`), and print what it gave."""
     from fedmedclip.cli import print_summary
     from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
-    from pipelines._kfp_local import kfp_chatter_off
     from pipelines.local import run_local, server_status_reader
 
     root = Path(args.pipeline_root or tempfile.mkdtemp(prefix=prefix)).resolve()
@@ -194,16 +193,15 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
-    with kfp_chatter_off(not args.verbose):
-        run = run_local(
-            yaml_path,
-            root,
-            args.out,
-            log_path=None if args.verbose else log_path,
-            progress=not args.quiet,
-            rounds_of=server_status_reader(args.mailbox or cfg.data.rstrip("/"), local_stack),
-            **params,
-        )
+    run = run_local(
+        yaml_path,
+        root,
+        args.out,
+        log_path=None if args.verbose else log_path,  # kfp's own output there, off the console
+        progress=not args.quiet,
+        rounds_of=server_status_reader(args.mailbox or cfg.data.rstrip("/"), local_stack),
+        **params,
+    )
     print(f"\npipeline finished in {run.seconds:.1f} s; task artifacts and logs: {run.pipeline_root}")
     print_summary(run.results, str(run.run_dir))
     print(learning_curve(run.results))

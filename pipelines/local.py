@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
 
-from ._kfp_local import not_kfp_cleanup, parallel_for_runs_all_iterations, process_state_restored
+from ._kfp_local import kfp_chatter_off, parallel_for_runs_all_iterations, process_state_restored
 
 log = logging.getLogger("fedmedclip.pipeline")
 
@@ -130,8 +130,8 @@ def run_compiled(
     **params,
 ) -> CompiledRun:
     """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
-    what kfp.local streams (every task's executor input and output) goes to that file, a failure quotes its
-    tail, and `progress` shows bars over the tasks and the rounds (the server's status read by `rounds_of`)."""
+    what kfp.local streams (every task's executor input and output) goes to that file and not to the console, a
+    failure quotes its tail, and `progress` shows bars over the tasks and the rounds (`rounds_of` reads them)."""
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)
@@ -156,8 +156,7 @@ def run_compiled(
             warnings.filterwarnings(
                 "ignore", message=".*(no effect in the current local runner|base image).*"
             )
-            logging.getLogger().addFilter(not_kfp_cleanup)
-            stack.callback(logging.getLogger().removeFilter, not_kfp_cleanup)
+            stack.enter_context(kfp_chatter_off())  # it is in the log: off the console
         if log_path is not None and progress:
             # The parties' loop writes no executor output of its own (its workers' rounds have their own bar).
             tasks = pipeline.pipeline_spec.root.dag.tasks.values()  # the YAML as kfp loaded it
