@@ -131,7 +131,7 @@ def run_compiled(
 ) -> CompiledRun:
     """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
     what kfp.local streams (every task's executor input and output) goes to that file and not to the console, a
-    failure quotes its tail, and `progress` shows bars over the tasks and the rounds (`rounds_of` reads them)."""
+    failure quotes its tail, and `progress` shows bars over the tasks and the rounds (the server status `rounds_of` reads)."""
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)
