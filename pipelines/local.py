@@ -130,8 +130,9 @@ def run_compiled(
     **params,
 ) -> CompiledRun:
     """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
-    what kfp.local streams (every task's executor input and output) goes to that file and not to the console, a
-    failure quotes its tail, and `progress` shows bars over the tasks and the rounds (the server status `rounds_of` reads)."""
+    what kfp.local streams (every task's executor input and output) goes to that file, not to the console, a
+    failure quotes its tail, and `progress` shows bars over the tasks and over the rounds (the server's status,
+    read by `rounds_of`)."""
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)

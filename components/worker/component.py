@@ -33,8 +33,8 @@ log = logging.getLogger("fedmedclip.pipeline")
 
 
 def read_manifest(area, key: str, max_bytes: int, what: str, **expected) -> dict | None:
-    """The manifest a task published at `key` of `area`, read bounded: None when there is none; ValueError when it
-    is not `what` manifest (too large, damaged, no file list, or not `expected`'s: another run's, extraction's)."""
+    """The manifest a task published at `key` of `area`, read bounded: None when there is none; ValueError
+    when it is not `what` manifest (too large, damaged, no file list, another run's or extraction's)."""
     from fedmedclip.federation.storage import ObjectTooLarge
 
     try:
