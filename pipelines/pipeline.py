@@ -10,13 +10,13 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
 import inspect
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
 from components.run_parameters import RunParameters
+from fedmedclip.flags import declared
 from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
@@ -176,11 +176,10 @@ def build_pipeline(options: CompileOptions | None = None):
             name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
         )
 
-    types = typing.get_type_hints(RunParameters)
     signature = inspect.Signature(
         [
             parameter("settings", dict, {}),
-            *(parameter(f.name, types[f.name], f.default) for f in fields(RunParameters)),
+            *(parameter(d.name, d.type, d.default) for d in declared(RunParameters)),
             parameter("local_stack", str, ""),
         ],
         return_annotation=Outputs,
