@@ -9,8 +9,6 @@ import functools
 import os
 from types import SimpleNamespace
 
-from kfp import dsl
-
 from components import run_parameters
 
 DEFAULT_BASE_IMAGE = "ghcr.io/fedmedclip/train:0.1.0"
@@ -189,5 +187,7 @@ def component_functions() -> dict:
 def components_for(base_image: str = DEFAULT_BASE_IMAGE) -> SimpleNamespace:
     """The components built on `base_image` (our training image; compile option --base-image):
     `@dsl.component(base_image=..., install_kfp_package=False)`, so no pip install at pod start."""
+    from kfp import dsl
+
     build = functools.partial(dsl.component, base_image=base_image, install_kfp_package=False)
     return SimpleNamespace(**{name: build(fn) for name, fn in component_functions().items()})

@@ -4,10 +4,10 @@ components' READMEs (components.kfp_components.PARAMETER_DOCS). Standard library
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
-from fedmedclip.flags import PIPELINE, setting
+from fedmedclip.flags import PIPELINE, declared, setting
 from mlops.promotion import PromotionPolicy
 
 _pipeline, _registry = partial(setting, group="pipeline"), partial(setting, group="registry")
@@ -46,7 +46,7 @@ class RunParameters(PromotionPolicy):
 def descriptions() -> dict[str, str]:
     """Each parameter's description for KFP: its flag's help as a sentence, the default filled in."""
     docs = {}
-    for f in fields(RunParameters):
-        text = f.metadata["setting"]["help"] % {"default": f.default}
-        docs[f.name] = text[0].upper() + text[1:] + "."
+    for d in declared(RunParameters):
+        text = d.meta["help"] % {"default": d.default}
+        docs[d.name] = text[0].upper() + text[1:] + "."
     return docs

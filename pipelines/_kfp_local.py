@@ -97,16 +97,11 @@ def process_state_restored():
         root.setLevel(saved_level)
 
 
-def not_kfp_cleanup(record: logging.LogRecord) -> bool:
-    """Filters kfp.local's "Cleaned up" message, logged after its own handler is gone."""
-    return not (_KFP_SOURCE in record.pathname and record.getMessage().startswith("Cleaned up"))
-
-
 @contextlib.contextmanager
-def kfp_chatter_off(active: bool):
-    """When `active`, kfp's records below WARNING stay off the console handlers our CLI set up (they are in the
-    task log)."""
-    handlers = list(logging.getLogger().handlers) if active else []
+def kfp_chatter_off():
+    """kfp's records below WARNING stay off the root logger's handlers (those of our CLI, or a test's): the
+    loop items it logs at INFO, and what it logs after its own handler is gone ("Cleaned up")."""
+    handlers = list(logging.getLogger().handlers)
 
     def keep(record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or _KFP_SOURCE not in record.pathname

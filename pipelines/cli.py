@@ -16,11 +16,11 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+from components.kfp_components import DEFAULT_BASE_IMAGE, POD_CACHE_DIR
 from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError, FedMedClipError
+from pipelines.pipeline import DEFAULT_YAML
 
-DEFAULT_YAML = str(Path(__file__).with_name("fedmedclip_pipeline.yaml"))
-POD_CACHE = "/tmp/fedmedclip-cache"  # components.kfp_components.POD_CACHE_DIR (not imported: it pulls kfp)
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
@@ -33,7 +33,7 @@ def _compile_options(p: argparse.ArgumentParser) -> None:
         metavar="IMAGE",
         help="the components' image: the training image you built and pushed (`docker build --target train -t "
         "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
-        "because the default, ghcr.io/fedmedclip/train:0.1.0, is a placeholder nothing publishes",
+        f"because the default, {DEFAULT_BASE_IMAGE}, is a placeholder nothing publishes",
     )
     g.add_argument(
         "--no-gpu",
@@ -178,7 +178,6 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     directory starting with `prefix`), and print what it gave."""
     from fedmedclip.cli import print_summary
     from fedmedclip.tracking_server import NO_TRACKING_SERVER, find_tracking_uri
-    from pipelines._kfp_local import kfp_chatter_off
     from pipelines.local import run_local, server_status_reader
 
     root = Path(args.pipeline_root or tempfile.mkdtemp(prefix=prefix)).resolve()
@@ -194,16 +193,15 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
-    with kfp_chatter_off(not args.verbose):
-        run = run_local(
-            yaml_path,
-            root,
-            args.out,
-            log_path=None if args.verbose else log_path,
-            progress=not args.quiet,
-            rounds_of=server_status_reader(args.mailbox or cfg.data.rstrip("/"), local_stack),
-            **params,
-        )
+    run = run_local(
+        yaml_path,
+        root,
+        args.out,
+        log_path=None if args.verbose else log_path,  # kfp's own output there, off the console
+        progress=not args.quiet,
+        rounds_of=server_status_reader(args.mailbox or cfg.data.rstrip("/"), local_stack),
+        **params,
+    )
     print(f"\npipeline finished in {run.seconds:.1f} s; task artifacts and logs: {run.pipeline_root}")
     print_summary(run.results, str(run.run_dir))
     print(learning_curve(run.results))
@@ -383,11 +381,9 @@ def cmd_demo(args) -> int:
 def _ui_link(tracking_uri: str, experiment: str) -> str:
     """The experiment's page in the UI's model-training view (MLflow 3 opens on its GenAI pages otherwise)."""
     try:
-        from mlflow import MlflowClient
+        from mlops.tracking import _client, experiment_ui_url
 
-        from mlops.tracking import experiment_ui_url
-
-        exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+        exp = _client(tracking_uri)[0].get_experiment_by_name(experiment)
         return experiment_ui_url(tracking_uri, exp.experiment_id) if exp is not None else tracking_uri
     except Exception:  # a link is a courtesy: the address alone still works
         return tracking_uri
@@ -400,10 +396,10 @@ def _publish_for_demo(cfg, info, quiet: bool) -> str:
     from devstack.stack import add_data_root
     from fedmedclip.features import canonical_digest
     from mlops.site_data import partition_settings, publish
+    from pipelines.local import absolute_location
 
     # A local folder by its absolute path: the same relative path from another directory is other data.
-    data = cfg.data if cfg.data == "synthetic" or "://" in cfg.data else str(Path(cfg.data).resolve())
-    key = {"data": data, "synthetic": cfg.synthetic, **partition_settings(cfg)}
+    key = {"data": absolute_location(cfg.data), "synthetic": cfg.synthetic, **partition_settings(cfg)}
     bucket = f"fedmedclip-demo-{canonical_digest(key)[:12]}"
     add_data_root(info.data_dir, bucket)  # the bucket, and every role's policy on it (as the admin)
     summary = publish(cfg, bucket, client=info.s3_client("publisher"), progress=not quiet)
@@ -463,7 +459,7 @@ def register(subparsers) -> None:
     s.add_argument("--run-name", help="the KFP run's name (default: kfp's)")
     s.add_argument("--experiment-name", default="fedmedclip", help="KFP experiment")
     s.add_argument("--no-cache", action="store_true", help="disable KFP step caching for this run")
-    _run_flags(s, cmd_submit, {"cache_dir": POD_CACHE}, local=False)
+    _run_flags(s, cmd_submit, {"cache_dir": POD_CACHE_DIR}, local=False)
 
     try:  # the demo starts the local development stack, which the images do not ship
         from devstack.cli import add_port_options

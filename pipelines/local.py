@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
 
-from ._kfp_local import not_kfp_cleanup, parallel_for_runs_all_iterations, process_state_restored
+from ._kfp_local import kfp_chatter_off, parallel_for_runs_all_iterations, process_state_restored
 
 log = logging.getLogger("fedmedclip.pipeline")
 
@@ -52,25 +52,22 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rou
             if status:
                 if round_bar is None:
                     round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
-                line = f"server {status.get('state', '?')}"
-                if status.get("best_round") is not None:
-                    line += f", best round {status['best_round']}"
+                line = f"server {status.state}"
+                if status.best_round is not None:
+                    line += f", best round {status.best_round}"
                 round_bar.set_postfix_str(line, refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
             if finished:
                 return
 
 
-def rounds_closed(status: dict, rounds: int) -> int:
+def rounds_closed(status, rounds: int) -> int:
     """Rounds the server closed, from its status (docs/contracts.md: `round` is the one it works on)."""
-    r = status.get("round")
-    if not isinstance(r, int):
-        return 0
-    return rounds if status.get("state") == "done" else max(0, min(rounds, r - 1))
+    return rounds if status.state == "done" else max(0, min(rounds, status.round - 1))
 
 
 def server_status_reader(mailbox: str, local_stack: str = ""):
-    """A function returning the server's last status in the mailbox (a local directory, or S3 with the local
+    """A function returning the server's last status (fedmedclip.federation.messages.Status) in the mailbox (a local directory, or S3 with the local
     stack's admin key, else the environment's) for the run whose manifest appeared after it was made (kfp.local
     draws the run id itself), or None while there is none. Progress only: any failure is None."""
     s3 = mailbox.startswith("s3://")
@@ -91,8 +88,8 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
                 runs[common["Prefix"][len(prefix) :].strip("/")] = head["LastModified"].timestamp()
         return runs
 
-    def status() -> dict | None:
-        from fedmedclip.federation.mailbox import Mailbox
+    def status():
+        from fedmedclip.federation.mailbox import SERVER, Mailbox
         from fedmedclip.federation.storage import open_store
 
         try:
@@ -109,8 +106,7 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
                 if not runs:
                     return None
                 found["run"] = Mailbox(found["store"], max(runs, key=runs.get))
-            run = found["run"]
-            return run.get_json(run.status_key("server"), max_bytes=1 << 20)  # a JSON object, or None
+            return found["run"].status(SERVER)  # read as declared, or None
         except Exception as exc:  # progress display only
             log.debug("server status not readable yet: %s", exc)
             return None
@@ -134,9 +130,9 @@ def run_compiled(
     **params,
 ) -> CompiledRun:
     """Execute any compiled pipeline YAML with kfp.local, every ParallelFor iteration at once. With `log_path`,
-    what kfp.local streams (every task's executor input and output) goes to that file, a failure quotes its
-    tail, and `progress` shows bars over the tasks and the rounds (the server's status read by `rounds_of`)."""
-    import yaml
+    what kfp.local streams (every task's executor input and output) goes to that file, not to the console, a
+    failure quotes its tail, and `progress` shows bars over the tasks and over the rounds (the server's status,
+    read by `rounds_of`)."""
     from kfp import components, local
 
     pipeline_yaml = Path(pipeline_yaml)
@@ -161,12 +157,11 @@ def run_compiled(
             warnings.filterwarnings(
                 "ignore", message=".*(no effect in the current local runner|base image).*"
             )
-            logging.getLogger().addFilter(not_kfp_cleanup)
-            stack.callback(logging.getLogger().removeFilter, not_kfp_cleanup)
+            stack.enter_context(kfp_chatter_off())  # it is in the log: off the console
         if log_path is not None and progress:
             # The parties' loop writes no executor output of its own (its workers' rounds have their own bar).
-            tasks = next(yaml.safe_load_all(pipeline_yaml.read_text()))["root"]["dag"]["tasks"].values()
-            total = sum("parameterIterator" not in t for t in tasks)
+            tasks = pipeline.pipeline_spec.root.dag.tasks.values()  # the YAML as kfp loaded it
+            total = sum(not t.HasField("parameter_iterator") for t in tasks)
             rounds = int((params.get("settings") or {}).get("rounds") or 0)
             args = (root, total, done, rounds, rounds_of)
             watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
@@ -186,6 +181,14 @@ def run_compiled(
     return CompiledRun(task, root, time.perf_counter() - t0)
 
 
+def absolute_location(value: str) -> str:
+    """A local path made absolute; synthetic data and URLs as they are."""
+    from fedmedclip.config import SYNTHETIC
+    from fedmedclip.sources import is_remote
+
+    return value if value == SYNTHETIC or is_remote(value) else str(Path(value).resolve())
+
+
 def run_local(
     pipeline_yaml: str | Path, pipeline_root=None, out: str | Path | None = None, **params
 ) -> LocalRun:
@@ -196,9 +199,8 @@ def run_local(
     # Tasks run with this process's working directory; a relative cache or data path would be ambiguous.
     settings = params["settings"] = dict(params.get("settings") or {})
     for key in ("cache_dir", "data"):
-        value = settings.get(key)
-        if value and value != "synthetic" and not value.startswith("s3://"):
-            settings[key] = str(Path(value).resolve())
+        if settings.get(key):
+            settings[key] = absolute_location(settings[key])
     done = run_compiled(pipeline_yaml, pipeline_root, **params)
     outputs = done.task.outputs
     run_dir = Path(outputs["run_dir"].path)

@@ -10,21 +10,19 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
 import inspect
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
 from components.run_parameters import RunParameters
+from fedmedclip.flags import declared
 from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
 DEFAULT_YAML = Path(__file__).with_name("fedmedclip_pipeline.yaml")
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_ENDPOINT_KEYS = {k: k for k in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")}
-# The fields of each item of the parties' loop (components/prepare: prepare_step), as namedtuple lists them.
-PARTY_ITEM = "role party index secret tracking_secret extraction config server mailbox"
 
 
 @dataclass(frozen=True)
@@ -160,6 +158,7 @@ def build_pipeline(options: CompileOptions | None = None):
         "worker, in one task with that party's own S3 Secret."
     )
     documented(party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run.")
+    party_inputs = inspect.signature(party_pipeline).parameters
     party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(party_pipeline)
 
     class Outputs(NamedTuple):
@@ -177,11 +176,10 @@ def build_pipeline(options: CompileOptions | None = None):
             name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
         )
 
-    types = typing.get_type_hints(RunParameters)
     signature = inspect.Signature(
         [
             parameter("settings", dict, {}),
-            *(parameter(f.name, types[f.name], f.default) for f in fields(RunParameters)),
+            *(parameter(d.name, d.type, d.default) for d in declared(RunParameters)),
             parameter("local_stack", str, ""),
         ],
         return_annotation=Outputs,
@@ -197,13 +195,13 @@ def build_pipeline(options: CompileOptions | None = None):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         with dsl.ParallelFor(prep.output) as party:
-            worker = party_pipeline(
-                **{name: getattr(party, name) for name in PARTY_ITEM.split()},
-                run_id=run_id,
-                experiment=p.experiment,
-                tracking_uri=p.tracking_uri,
-                local_stack=p.local_stack,
-            ).set_display_name("party: its features, then its federation worker")
+            given = dict(
+                run_id=run_id, experiment=p.experiment, tracking_uri=p.tracking_uri, local_stack=p.local_stack
+            )
+            # The party pipeline's other inputs are fields of the loop's items (components/prepare: prepare_step).
+            item = {name: getattr(party, name) for name in party_inputs if name not in given}
+            worker = party_pipeline(**item, **given)
+            worker.set_display_name("party: its features, then its federation worker")
 
         report = c.report(mailbox=p.mailbox, settings=p.settings, run_id=run_id, local_stack=p.local_stack)
         report.after(worker)

@@ -582,4 +582,4 @@ def test_round_progress_comes_from_the_servers_status_in_the_mailbox(tmp_path, m
         assert rounds_closed(reader(), 10) == 3, url
         mb.put_status("server", "done", 10, best_round=7)
         status = reader()
-        assert rounds_closed(status, 10) == 10 and status["best_round"] == 7, url
+        assert rounds_closed(status, 10) == 10 and status.best_round == 7, url

@@ -32,21 +32,27 @@ MAX_FEATURES_MANIFEST_BYTES = 1 << 20
 log = logging.getLogger("fedmedclip.pipeline")
 
 
-def read_run_dir_manifest(published, run_id: str) -> dict | None:
-    """The manifest of the run directory published in `published` (the server's private area of the mailbox),
-    None when none is; ValueError when what is there is not run `run_id`'s (too large, damaged, another run's)."""
+def read_manifest(area, key: str, max_bytes: int, what: str, **expected) -> dict | None:
+    """The manifest a task published at `key` of `area`, read bounded: None when there is none; ValueError
+    when it is not `what` manifest (too large, damaged, no file list, another run's or extraction's)."""
     from fedmedclip.federation.storage import ObjectTooLarge
 
     try:
-        raw = published.get(RUN_DIR_MANIFEST, max_bytes=MAX_RUN_DIR_MANIFEST_BYTES)
+        raw = area.get(key, max_bytes=max_bytes)
         if raw is None:
             return None
         manifest = json.loads(raw)
-        if (manifest["run_id"], manifest["format"]) == (run_id, RUN_DIR_FORMAT) and manifest["files"]:
+        if all(manifest[k] == v for k, v in expected.items()) and manifest["files"]:
             return manifest
     except (ObjectTooLarge, ValueError, KeyError, TypeError):
         pass
-    raise ValueError(f"{published.where(RUN_DIR_MANIFEST)} is not run {run_id}'s run directory manifest")
+    raise ValueError(f"{area.where(key)} is not {what} manifest")
+
+
+def read_run_dir_manifest(published, run_id: str) -> dict | None:
+    """The manifest of run `run_id`'s directory in `published` (the server's private area of the mailbox)."""
+    what, limit = f"run {run_id}'s run directory", MAX_RUN_DIR_MANIFEST_BYTES
+    return read_manifest(published, RUN_DIR_MANIFEST, limit, what, run_id=run_id, format=RUN_DIR_FORMAT)
 
 
 def extract_step(extraction_json: str, role: str, holder: str, index: int, features_dir: str) -> dict:
@@ -89,14 +95,13 @@ def features_step(
         area = Mailbox(open_store(mailbox), run_id).server_private().sub(FEATURES)
     key = hashlib.sha256(f"{party}\n{extraction_json}".encode()).hexdigest()
     try:  # the files are the party's own: whatever is wrong with them, it extracts again
-        manifest = json.loads(area.get(FEATURES_MANIFEST, max_bytes=MAX_FEATURES_MANIFEST_BYTES) or "null")
+        what, limit = "this extraction's features", MAX_FEATURES_MANIFEST_BYTES
+        manifest = read_manifest(area, FEATURES_MANIFEST, limit, what, format=FEATURES_FORMAT, extraction=key)
         if manifest is not None:
-            if (manifest["format"], manifest["extraction"]) != (FEATURES_FORMAT, key):
-                raise StoreError("not this extraction's manifest")
             fetch_tree(area, manifest["files"], features_dir)  # its file list checked there
             return False
-    except (StoreError, ValueError, KeyError, TypeError) as exc:
-        log.warning("%s: %s; extracting the features again", area.where(FEATURES_MANIFEST), exc)
+    except (StoreError, ValueError) as exc:
+        log.warning("%s; extracting the features again", exc)
         shutil.rmtree(features_dir, ignore_errors=True)
     extract_step(extraction_json, role, party, index, features_dir)
     manifest = {"format": FEATURES_FORMAT, "extraction": key, "files": tree_files(features_dir)}
@@ -107,22 +112,20 @@ def features_step(
 def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
     """The extraction task's feature store, where the worker's own preparation looks it up (cache_dir/features/
     <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
-    from fedmedclip.paths import put_folder_in_place
+    from fedmedclip.features import FeatureStore
 
-    provenance = json.loads((Path(features_dir) / "provenance.json").read_text())
-    dst = Path(cache_dir) / "features" / provenance["digest"][:24]
-    if (dst / "provenance.json").exists():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=dst.parent))
-    shutil.copytree(features_dir, tmp, dirs_exist_ok=True)
-    put_folder_in_place(tmp, dst, (dst / "provenance.json").exists)  # or another task of this machine did
+    store = FeatureStore.load(Path(features_dir))
+    dst = Path(cache_dir) / "features" / store.provenance["digest"][:24]
+    if not (dst / "provenance.json").exists():  # else this task extracted it there, or another task did
+        store.save(dst)  # written aside, then renamed into place
 
 
-def site_state_url(mailbox: str, index: int, run_id: str) -> str:
-    """Where site k keeps its private state: its own prefix of the mailbox root (`sites/<k>/private/<run>`),
-    which only its role may read (mlops/policies.py)."""
-    return f"{mailbox.rstrip('/')}/sites/{int(index)}/private/{run_id}"
+def site_state_url(mailbox: str, index: int, name: str) -> str:
+    """Where site k keeps its private state `name` (a run's: the run id; its identity key): its own prefix of
+    the mailbox root (`sites/<k>/private/`), which only its role may read (mlops/policies.py)."""
+    from mlops.sites import site_prefix
+
+    return f"{mailbox.rstrip('/')}/{site_prefix(int(index))}private/{name}"
 
 
 def worker_step(
@@ -164,7 +167,7 @@ def worker_step(
             **asdict(SiteOptions.of_run(cfg, options)),
             state_url=site_state_url(mailbox, index, run_id),
             progress=False,
-            identity=f"{mailbox.rstrip('/')}/sites/{int(index)}/private/identity.pem",
+            identity=site_state_url(mailbox, index, "identity.pem"),
             register_identity=cfg.secure_aggregation,
         )
         return ""

@@ -40,12 +40,12 @@ def _extraction_settings(tmp_path) -> dict:
 
 def test_the_extracted_store_is_where_the_workers_preparation_looks(tmp_path):
     store = tmp_path / "features"
-    store.mkdir()
-    (store / "provenance.json").write_text(json.dumps({"digest": "ab" * 32}))
-    (store / "features.safetensors").write_bytes(b"f")
+    tensors = torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64), torch.ones(1, 2)
+    FeatureStore(*tensors[:2], ["a"], ["c"], tensors[2], {"digest": "ab" * 32}).save(store)
     copy_store_into_cache(str(store), str(tmp_path / "cache"))
     copied = tmp_path / "cache" / "features" / ("ab" * 12)
-    assert (copied / "features.safetensors").read_bytes() == b"f"
+    for name in ("features.safetensors", "index.json", "provenance.json"):
+        assert (copied / name).read_bytes() == (store / name).read_bytes()
     (copied / "features.safetensors").write_bytes(b"kept")
     copy_store_into_cache(str(store), str(tmp_path / "cache"))  # already there: never replaced
     assert (copied / "features.safetensors").read_bytes() == b"kept"
