@@ -21,7 +21,7 @@ from fedmedclip.federation.storage import LocalDirStore, ObjectStore
 from fedmedclip.paths import put_folder_in_place
 
 from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
-from .tree import fetch_tree, publish_tree, tree_files, tree_mismatch, tree_problem
+from .tree import fetch_tree, publish_tree, read_manifest, tree_files, tree_mismatch
 
 log = logging.getLogger("fedmedclip.backbones")
 
@@ -100,23 +100,16 @@ def _store_problems(spec: str):
 def _read_manifest(store: ObjectStore, spec: str, where=None, required=False) -> dict | None:
     """The manifest in `store` (S3, a download, the cache), None when there is none; another party wrote it:
     bounded, JSON, the right format, a sha256, and file names confined to one folder."""
+    problem = None
     with _store_problems(spec):
-        body = store.get(MANIFEST, max_bytes=MANIFEST_MAX_BYTES)
-        if body is None and required:
-            raise ObjectMissing(f"{store.where(MANIFEST)} does not exist")
-    if body is None:
-        return None
-    try:
-        manifest = json.loads(body)
-    except ValueError as exc:
-        problem = f"not a readable JSON manifest ({exc})"
-    else:
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            problem = f"not a format-{MANIFEST_FORMAT} backbone manifest"
-        elif not is_sha256(str(manifest.get("weights_sha256", ""))):
-            problem = "no weights_sha256"
-        else:
-            problem = tree_problem(manifest.get("files"))
+        try:
+            manifest = read_manifest(store, MANIFEST, MANIFEST_MAX_BYTES, format=MANIFEST_FORMAT)
+            if manifest is None and required:
+                raise ObjectMissing(f"{store.where(MANIFEST)} does not exist")
+            if manifest is not None and not is_sha256(str(manifest.get("weights_sha256", ""))):
+                problem = "no weights_sha256"
+        except ValueError as exc:
+            problem = str(exc)
     if problem:
         raise BackboneUnavailable(
             f"{where or store.where(MANIFEST)} is damaged: {problem}. " + _how_to_publish(spec)

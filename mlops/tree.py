@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedmedclip.digests import file_digest, is_sha256
-from fedmedclip.federation.storage import MAX_PARALLEL, ObjectStore, StoreError
+from fedmedclip.federation.storage import MAX_PARALLEL, ObjectStore, ObjectTooLarge, StoreError
 
 from .s3 import ObjectMissing, S3Store
 
@@ -107,6 +107,31 @@ def tree_problem(files: object) -> str | None:
         if not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
             return f"file {rel!r} has no sha256"
     return None
+
+
+def read_manifest(store: ObjectStore, key: str, max_bytes: int, **expected) -> dict | None:
+    """The manifest another task or party published at `key` of `store`, read bounded: None when there is none;
+    ValueError naming what is wrong (too large, not a JSON object, another format, run or extraction than
+    `expected`, a file list tree_problem refuses)."""
+    try:
+        raw = store.get(key, max_bytes=max_bytes)
+    except ObjectTooLarge as exc:
+        raise ValueError(str(exc)) from None
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not a readable JSON manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError("not a JSON object")
+    for name, value in expected.items():
+        if manifest.get(name) != value:
+            raise ValueError(f"its {name} is {manifest.get(name)!r}, not {value!r}")
+    problem = tree_problem(manifest.get("files"))
+    if problem:
+        raise ValueError(problem)
+    return manifest
 
 
 def tree_mismatch(folder: str | Path, files: dict[str, dict]) -> str | None:

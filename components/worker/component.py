@@ -33,20 +33,13 @@ log = logging.getLogger("fedmedclip.pipeline")
 
 
 def read_manifest(area, key: str, max_bytes: int, what: str, **expected) -> dict | None:
-    """The manifest a task published at `key` of `area`, read bounded: None when there is none; ValueError
-    when it is not `what` manifest (too large, damaged, no file list, another run's or extraction's)."""
-    from fedmedclip.federation.storage import ObjectTooLarge
+    """mlops.tree.read_manifest, what is wrong a ValueError saying the manifest is not `what` one."""
+    from mlops.tree import read_manifest
 
     try:
-        raw = area.get(key, max_bytes=max_bytes)
-        if raw is None:
-            return None
-        manifest = json.loads(raw)
-        if all(manifest[k] == v for k, v in expected.items()) and manifest["files"]:
-            return manifest
-    except (ObjectTooLarge, ValueError, KeyError, TypeError):
-        pass
-    raise ValueError(f"{area.where(key)} is not {what} manifest")
+        return read_manifest(area, key, max_bytes, **expected)
+    except ValueError as exc:
+        raise ValueError(f"{area.where(key)} is not {what} manifest ({exc})") from None
 
 
 def read_run_dir_manifest(published, run_id: str) -> dict | None:
