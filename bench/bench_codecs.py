@@ -35,7 +35,7 @@ from fedmedclip.codec import BlockQuant, Codec, Delta, ErrorFeedback, Zlib, deco
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import method_for, simulate, site_setups
 from fedmedclip.features import FeatureStore, build_feature_store
-from fedmedclip.methods import METHODS
+from fedmedclip.methods import resolved_preprocessing
 from fedmedclip.preparation import SERVER, Prepared, holder_image_ids, load_image_set, partition_for
 
 
@@ -44,7 +44,7 @@ def whole_store(cfg: TrainConfig):
     and preprocessing that made it."""
     image_set = load_image_set(cfg)
     backbone = load_backbone(cfg.backbone)
-    prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
+    prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     store = build_feature_store(
         image_set.records,
         image_set.class_names,

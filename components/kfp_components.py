@@ -49,10 +49,10 @@ def resolved_config(cfg) -> tuple[dict, dict]:
     """The run's configuration as the parties get it (the method's preprocessing filled in), and the fields its
     feature extraction depends on (declared `extraction=True`: the key of the features a party publishes)."""
     from fedmedclip.flags import declared
-    from fedmedclip.methods import METHODS
+    from fedmedclip.methods import resolved_preprocessing
 
     resolved = cfg.to_json()
-    resolved["preprocessing"] = cfg.preprocessing or METHODS[cfg.method].default_preprocessing
+    resolved["preprocessing"] = resolved_preprocessing(cfg)
     fields = declared(type(cfg), nested=False)
     return resolved, {d.name: resolved[d.name] for d in fields if d.meta["extraction"]}
 

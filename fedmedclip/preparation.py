@@ -22,7 +22,7 @@ from .config import SYNTHETIC, TrainConfig
 from .data import ImageSet, check_class_support, deduplicate, load_image, open_source
 from .errors import ConfigError
 from .features import FeatureStore, build_feature_store, canonical_digest, check_training_classes
-from .methods import METHODS, Method, MethodContext, SiteData
+from .methods import METHODS, Method, MethodContext, SiteData, resolved_preprocessing
 from .partition import Partition, make_partition
 from .paths import put_folder_in_place
 from .preprocess import Preprocessing
@@ -182,7 +182,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, holders: list[str] | None =
     if is_remote(cfg.data):  # the holders' prefixes hold the images of the partition they were published for
         remote_source(cfg.data).check_partition(cfg, partition)
     backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
-    prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
+    prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     t0 = time.perf_counter()
     stores, pixels = {}, {}
     for h in holders or [*partition.site_names, SERVER]:

@@ -45,13 +45,6 @@ log = logging.getLogger("fedmedclip.tracking")
 TRACKING_RECORD = "tracking.json"
 
 
-def resolved_method_options(cfg) -> dict:
-    """The method's options with every default filled in (what results.json's `method_options` holds)."""
-    from fedmedclip.methods import METHODS
-
-    return {**METHODS[cfg.method].options, **(cfg.method_options or {})}
-
-
 class MlflowObserver(RunObserver):
     def __init__(
         self,
@@ -95,7 +88,7 @@ class MlflowObserver(RunObserver):
             return key
 
     def start(self, manifest: dict, resumed: bool = False) -> None:
-        from fedmedclip.methods import METHODS
+        from fedmedclip.methods import resolved_options, resolved_preprocessing
 
         if self.key_file is not None:
             self.run_key = self._recorded_key()
@@ -116,8 +109,8 @@ class MlflowObserver(RunObserver):
         try:
             params = run_parameters(
                 cfg.to_json(),
-                resolved_method_options(cfg),
-                cfg.preprocessing or METHODS[cfg.method].default_preprocessing,
+                resolved_options(cfg),
+                resolved_preprocessing(cfg),
                 {"federation_run_id": self.run_id, "site_names": ",".join(names), "server": server or None},
             )
             self.logger.start(

@@ -318,10 +318,10 @@ def test_observer_logs_rounds_live_and_keeps_them_when_the_run_fails(mlops_stack
     assert run.data.params["method"] == cfg.method and run.data.params["site_names"] == "site_0,site_1"
     # Every resolved setting is a parameter: the method's options with their defaults, the operational
     # settings, the server's options (quorum resolved to every site), the preprocessing the method chose.
-    from mlops.live import resolved_method_options
+    from fedmedclip.methods import resolved_options
 
     params = run.data.params
-    options = resolved_method_options(cfg)
+    options = resolved_options(cfg)
     assert options and all(
         params[f"method_options.{k}"] == (v if isinstance(v, str) else json.dumps(v))
         for k, v in options.items()

@@ -21,7 +21,7 @@ from ..backbone import load_backbone, make_preprocessing
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..flags import declared, setting
-from ..methods import METHODS
+from ..methods import METHODS, resolved_preprocessing
 from ..observer import RunObserver
 from ..preparation import (
     SERVER,
@@ -185,7 +185,7 @@ def prepare_site(
         )
     index = names.index(site)
     backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
-    prep = make_preprocessing(cfg.preprocessing or METHODS[cfg.method].default_preprocessing, backbone)
+    prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     mismatch = []
     if backbone.identity().get("weights_sha256") != manifest["backbone"].get("weights_sha256"):
         mismatch.append(

@@ -40,6 +40,16 @@ def unregister_method(name: str) -> None:
     METHODS.pop(name, None)
 
 
+def resolved_preprocessing(cfg) -> str:
+    """The run's preprocessing: its own, else its method's default."""
+    return cfg.preprocessing or METHODS[cfg.method].default_preprocessing
+
+
+def resolved_options(cfg) -> dict:
+    """The method's options with every default filled in (what results.json's `method_options` holds)."""
+    return {**METHODS[cfg.method].options, **(cfg.method_options or {})}
+
+
 def method_groups() -> dict[str, list[str]]:
     """`compare`'s groups: every method's group, and `all`. The `cached` group also holds the local and
     centralized references its methods declare (`NAME@local`, `NAME@centralized`)."""
