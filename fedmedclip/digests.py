@@ -99,6 +99,10 @@ def read_sha256_sidecar(path: str | Path) -> str | None:
     return digest
 
 
+# The registered model version's tag recording its ONNX file's sha256 (set at registration, checked by serving).
+ONNX_SHA256_TAG = "onnx_sha256"
+
+
 # ---- metadata of an exported ONNX model ------------------------------------------------------------------
 
 FORMAT_VERSION = "1"  # of the exported model's interface and metadata; the server reads exactly this one

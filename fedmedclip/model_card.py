@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .digests import canonical_digest
+from .digests import ONNX_SHA256_TAG, canonical_digest
 from .errors import FedMedClipError
 from .metrics import bootstrap_intervals, metrics_from_confusion
 from .privacy.report import privacy_summary
@@ -217,7 +217,7 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "feature_stores": {
                 h: p.get("digest") for h, p in sorted(provenance.items()) if isinstance(p, dict)
             },
-            "onnx_sha256": registry.get("onnx_sha256") or tags.get("onnx_sha256"),
+            "onnx_sha256": registry.get("onnx_sha256") or tags.get(ONNX_SHA256_TAG),
         },
     }
     if random_backbone(backbone):

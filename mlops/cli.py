@@ -60,10 +60,12 @@ def cmd_track(args) -> int:
 @_mlflow_errors
 def cmd_register(args) -> int:
     """register a tracked run's model as a new version; prints the version number"""
+    from fedmedclip.digests import ONNX_SHA256_TAG
+
     from .registry import register_model
 
     mv = register_model(args.run_id, args.name, onnx_path=args.onnx, tracking_uri=args.tracking_uri)
-    sha = f" (onnx_sha256 {mv.tags['onnx_sha256']})" if mv.tags.get("onnx_sha256") else ""
+    sha = f" ({ONNX_SHA256_TAG} {mv.tags[ONNX_SHA256_TAG]})" if mv.tags.get(ONNX_SHA256_TAG) else ""
     done = "already registered: " if mv.existing else "registered "
     print(f"{done}{mv.uri} from run {mv.run_id}{sha}", file=sys.stderr)
     print(mv.version)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, sha256_file
+from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, ONNX_SHA256_TAG, sha256_file
 from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
@@ -222,7 +222,7 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict) -> tuple[str, str | No
         # onnx.save_model, which need not reproduce the exporter's bytes.
         stored = Path(tmp) / ONNX_FILE
         onnx.save_model(model, str(stored), save_as_external_data=False)
-        tags["onnx_sha256"] = sha256_file(stored)
+        tags[ONNX_SHA256_TAG] = sha256_file(stored)
     tags.update(onnx_source_sha256=tags[REGISTRATION_KEY_TAG], onnx_file=ONNX_FILE)
     logged_tag = f"{LOGGED_ONNX_TAG_PREFIX}{tags[REGISTRATION_KEY_TAG][:16]}"
     source = mlrun.data.tags.get(logged_tag)  # logged by an earlier attempt that failed before registering

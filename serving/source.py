@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmedclip.digests import (
+    ONNX_SHA256_TAG,
     is_sha256,
     read_sha256_sidecar,
     sha256_file,
@@ -21,11 +22,9 @@ from fedmedclip.digests import (
 
 from .errors import ServingError
 
-__all__ = ["SHA256_TAG", "ResolvedModel", "find_onnx", "resolve_model", "sha256_file"]
+__all__ = ["ResolvedModel", "find_onnx", "resolve_model", "sha256_file"]
 
 log = logging.getLogger("fedmedclip.serving")
-
-SHA256_TAG = "onnx_sha256"
 
 
 @dataclass(frozen=True)
@@ -112,16 +111,16 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
     # downloads through the tracking server as every MLflow client of this project makes them.
     _, mv = registered_version(uri, None, f"{uri} needs the MLflow registry", ServingError)
-    tag = (mv.tags or {}).get(SHA256_TAG)
+    tag = (mv.tags or {}).get(ONNX_SHA256_TAG)
     if not tag:
         raise ServingError(
-            f"{uri} (version {mv.version}) has no {SHA256_TAG!r} tag, so its file cannot be verified; register it "
+            f"{uri} (version {mv.version}) has no {ONNX_SHA256_TAG!r} tag, so its file cannot be verified; register it "
             "with `fedmedclip register`, which records the hash"
         )
-    tag = _normalise_sha(tag, f"the registry tag {SHA256_TAG} of {uri}")
+    tag = _normalise_sha(tag, f"the registry tag {ONNX_SHA256_TAG} of {uri}")
     if expected_sha256 and _normalise_sha(expected_sha256, "--expected-sha256") != tag:
         raise ServingError(
-            f"--expected-sha256 {expected_sha256} disagrees with {uri}'s {SHA256_TAG} tag {tag}"
+            f"--expected-sha256 {expected_sha256} disagrees with {uri}'s {ONNX_SHA256_TAG} tag {tag}"
         )
 
     dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
@@ -134,6 +133,6 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
         raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
     # `fedmedclip register` stores one model.onnx (its `onnx_file` tag), which find_onnx takes.
     path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
-    sha = verify_sha256(path, tag, f"the registry tag {SHA256_TAG} of {uri} (version {mv.version})")
+    sha = verify_sha256(path, tag, f"the registry tag {ONNX_SHA256_TAG} of {uri} (version {mv.version})")
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
     return ResolvedModel(path, sha, f"{uri} (version {mv.version})", str(mv.version))
