@@ -50,7 +50,7 @@ def whole_store(cfg: TrainConfig):
         image_set.class_names,
         backbone,
         prep,
-        cache_root=Path(cfg.cache_dir) / "features",
+        cache_dir=cfg.cache_dir,
         prompt_template=cfg.prompt_template,
         workers=4,
         desc="encoding all images",

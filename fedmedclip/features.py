@@ -148,6 +148,12 @@ def _decode(record: ImageRecord, preprocessing: Preprocessing):
         return exc
 
 
+def cached_store(cache_dir: str | Path, digest: str) -> Path:
+    """Where a run's cache (`--cache-dir`) keeps the feature store of provenance `digest`: any run, task or
+    party encoding the same inputs finds it there."""
+    return Path(cache_dir) / "features" / digest[:24]
+
+
 def build_feature_store(
     records: list[ImageRecord],
     class_names: list[str],
@@ -155,7 +161,7 @@ def build_feature_store(
     preprocessing: Preprocessing,
     directory: str | Path | None = None,
     prompt_template: str = DEFAULT_PROMPT,
-    cache_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     skip_bad: bool = False,
@@ -165,16 +171,16 @@ def build_feature_store(
     encoder_cache: str | Path | None = None,
 ) -> FeatureStore:
     """Load the store at `directory` if its provenance matches, else encode the images into it.
-    A store with different provenance is never overwritten: that is an error. With `cache_root`
-    instead of `directory`, the store lives at `cache_root/<provenance digest>`, so reuse is automatic.
+    A store with different provenance is never overwritten: that is an error. With a run's `cache_dir`
+    instead of `directory`, the store lives where `cached_store` says, so reuse is automatic.
     `engine` runs the image encoder (fedmedclip.encoders.ENGINES); `encoder_cache` keeps its exported graph."""
     if not records:
         raise DataError(f"no images to encode for {desc}")
-    if (directory is None) == (cache_root is None):
-        raise ValueError("give exactly one of directory or cache_root")
+    if (directory is None) == (cache_dir is None):
+        raise ValueError("give exactly one of directory or cache_dir")
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     wanted = provenance_for(records, class_names, backbone, preprocessing, prompt_template, workers)
-    directory = Path(directory) if directory is not None else Path(cache_root) / wanted["digest"][:24]
+    directory = Path(directory) if directory is not None else cached_store(cache_dir, wanted["digest"])
     if (directory / "provenance.json").exists():
         stored = json.loads((directory / "provenance.json").read_text())
         if stored.get("digest") == wanted["digest"]:

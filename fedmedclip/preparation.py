@@ -114,7 +114,7 @@ def extract_features(
         image_set.class_names,
         backbone,
         preprocessing,
-        cache_root=Path(cfg.cache_dir) / "features",
+        cache_dir=cfg.cache_dir,
         prompt_template=cfg.prompt_template,
         skip_bad=cfg.skip_bad_images,
         progress=progress,

@@ -319,12 +319,12 @@ def test_store_refuses_a_mismatch_and_is_left_untouched(tiny, images, tmp_path, 
     assert _snapshot(d) == before
 
 
-def test_cache_root_keys_stores_by_provenance(tiny, images, tmp_path):
+def test_the_cache_keys_stores_by_provenance(tiny, images, tmp_path):
     records, classes = images
     prep = make_preprocessing("squash", tiny)
-    a = build_feature_store(records, classes, tiny, prep, cache_root=tmp_path / "c", progress=False)
-    b = build_feature_store(records[:5], classes, tiny, prep, cache_root=tmp_path / "c", progress=False)
-    assert a.path != b.path and a.path.parent == b.path.parent == tmp_path / "c"
+    a = build_feature_store(records, classes, tiny, prep, cache_dir=tmp_path / "c", progress=False)
+    b = build_feature_store(records[:5], classes, tiny, prep, cache_dir=tmp_path / "c", progress=False)
+    assert a.path != b.path and a.path.parent == b.path.parent == tmp_path / "c" / "features"
     assert a.path.name == a.provenance["digest"][:24]
     assert torch.allclose(b.features, a.features[:5], atol=1e-5)
 

@@ -64,7 +64,7 @@ def test_onnxruntime_store_matches_the_pytorch_path_and_shares_its_cache(tiny, i
         classes,
         tiny,
         prep,
-        cache_root=tmp_path / "features",
+        cache_dir=tmp_path,
         progress=False,
         batch_size=4,
         engine="onnxruntime",
@@ -77,7 +77,7 @@ def test_onnxruntime_store_matches_the_pytorch_path_and_shares_its_cache(tiny, i
     # Same inputs, same digest: a PyTorch extraction reuses the ONNX Runtime store, which says who built it.
     assert store.provenance["digest"] == reference.provenance["digest"]
     again = build_feature_store(
-        records, classes, tiny, prep, cache_root=tmp_path / "features", progress=False, engine="torch"
+        records, classes, tiny, prep, cache_dir=tmp_path, progress=False, engine="torch"
     )
     assert again.path == store.path and torch.equal(again.features, store.features)
     assert again.provenance["encoder"]["engine"] == "onnxruntime"

@@ -103,12 +103,12 @@ def features_step(
 
 
 def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
-    """The extraction task's feature store, where the worker's own preparation looks it up (cache_dir/features/
-    <digest[:24]>, the core's layout): the worker then reuses it instead of encoding again."""
-    from fedmedclip.features import FeatureStore
+    """The extraction task's feature store, where the worker's own preparation looks it up (the core's
+    `cached_store`): the worker then reuses it instead of encoding again."""
+    from fedmedclip.features import FeatureStore, cached_store
 
     store = FeatureStore.load(Path(features_dir))
-    dst = Path(cache_dir) / "features" / store.provenance["digest"][:24]
+    dst = cached_store(cache_dir, store.provenance["digest"])
     if not (dst / "provenance.json").exists():  # else this task extracted it there, or another task did
         store.save(dst)  # written aside, then renamed into place
 
