@@ -173,14 +173,21 @@ def partition_for(cfg: TrainConfig, image_set: ImageSet) -> Partition:
     )
 
 
+def checked_partition(cfg: TrainConfig) -> tuple[ImageSet, Partition]:
+    """The run's image set and its partition; for published data checked against the partition its holders'
+    prefixes hold the images of."""
+    image_set = load_image_set(cfg)
+    partition = partition_for(cfg, image_set)
+    if is_remote(cfg.data):
+        remote_source(cfg.data).check_partition(cfg, partition)
+    return image_set, partition
+
+
 def prepare(cfg: TrainConfig, progress: bool = True, holders: list[str] | None = None) -> Prepared:
     """Everything a run needs before its first round. `holders` (default: every site and the server) limits
     which holders' images are read and encoded: a party prepares only its own."""
     cfg.validate()
-    image_set = load_image_set(cfg)
-    partition = partition_for(cfg, image_set)
-    if is_remote(cfg.data):  # the holders' prefixes hold the images of the partition they were published for
-        remote_source(cfg.data).check_partition(cfg, partition)
+    image_set, partition = checked_partition(cfg)
     backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
     prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     t0 = time.perf_counter()

@@ -23,15 +23,11 @@ def prepare_step(settings: dict, site_names: str, mailbox: str) -> list:
     from dataclasses import asdict
 
     from fedmedclip.errors import ConfigError
-    from fedmedclip.preparation import load_image_set, partition_for
-    from fedmedclip.sources import is_remote, remote_source
+    from fedmedclip.preparation import checked_partition
     from mlops.sites import SERVER_SECRET_NAME, site_secret_name
 
     cfg, options = settings_from_parameters(settings)
-    image_set = load_image_set(cfg)
-    part = partition_for(cfg, image_set)
-    if is_remote(cfg.data):
-        remote_source(cfg.data).check_partition(cfg, part)
+    _, part = checked_partition(cfg)
     names = [s.strip() for s in site_names.split(",") if s.strip()]
     if names and names != part.site_names:
         raise ConfigError(
