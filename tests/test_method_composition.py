@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedmedclip.config import TrainConfig
 from fedmedclip.errors import ConfigError
-from fedmedclip.methods import METHODS, MethodContext, SiteData
+from fedmedclip.methods import METHODS, MethodContext, SiteData, resolved_options
 from fedmedclip.methods.facmic import Facmic
 from fedmedclip.methods.fedfocal import focal_smoothed
 from fedmedclip.methods.fedmedclip_method import FedMedClip
@@ -284,6 +285,8 @@ def test_facmic_local_epochs_alone_takes_effect_and_both_set_is_refused():
     data = _site_data(n_train=12, text=text)
     m = Facmic(MethodContext(D, C, text, batch_size=B, options={"local_epochs": 1}))
     assert m.new_site(data, 0).train_round(1)["steps"] == 12 // B  # one pass, not the default 199 steps
+    # ... and the options MLflow logs live (resolved_options) are those it ran with (results.json's)
+    assert resolved_options(TrainConfig(method="facmic", method_options={"local_epochs": 1})) == m.opt
     m = Facmic(MethodContext(D, C, text, batch_size=B, options={"local_epochs": 2, "local_steps": 0}))
     assert m.new_site(data, 0).train_round(1)["steps"] == 2 * 12 // B
     m = Facmic(MethodContext(D, C, text, batch_size=B, options={"local_steps": 5}))

@@ -47,7 +47,7 @@ def resolved_preprocessing(cfg) -> str:
 
 def resolved_options(cfg) -> dict:
     """The method's options with every default filled in (what results.json's `method_options` holds)."""
-    return {**METHODS[cfg.method].options, **(cfg.method_options or {})}
+    return METHODS[cfg.method].resolved(cfg.method_options or {})
 
 
 def method_groups() -> dict[str, list[str]]:

@@ -198,13 +198,18 @@ class Method:
                 f"known: {', '.join(f'{k} (default {v})' for k, v in self.options.items())}"
             )
         self.ctx = ctx
-        self.opt = {**self.options, **ctx.options}
+        self.opt = self.resolved(ctx.options)
         if self.private and not self.dp_sgd:
             raise ConfigError(
                 f"{self.name} does not support record-level differential privacy (DP-SGD is implemented for "
                 "the methods that train small modules on cached features: "
                 f"{', '.join(dp_sgd_methods())}); drop --dp-target-epsilon / --dp-noise-multiplier"
             )
+
+    @classmethod
+    def resolved(cls, given: dict) -> dict:
+        """The options it runs with when the user set `given` (results.json's `method_options`)."""
+        return {**cls.options, **given}
 
     @property
     def private(self) -> bool:
@@ -301,13 +306,19 @@ class LocalStepsMethod(Method):
         "local_epochs": "passes over the training split per round instead of local_steps",
     }
 
-    def resolve_local_steps(self, label: str) -> None:
-        """Settle the two options as the user set them, naming the method `label` in errors. An option the user
-        sets takes effect: local_epochs alone replaces the default local_steps (which would otherwise win);
-        both set is ambiguous and refused, and so is neither."""
-        opt, given = self.opt, self.ctx.options
+    @classmethod
+    def resolved(cls, given):
+        """An option the user sets takes effect: local_epochs alone replaces the default local_steps (which would
+        otherwise win)."""
+        opt = super().resolved(given)
         if given.get("local_epochs") and "local_steps" not in given:
             opt["local_steps"] = 0
+        return opt
+
+    def resolve_local_steps(self, label: str) -> None:
+        """Check the two options as `resolved` settled them, naming the method `label` in errors: both set is
+        ambiguous and refused, and so is neither."""
+        opt = self.opt
         if opt["local_steps"] and opt["local_epochs"]:
             raise ConfigError(
                 f"{label} got local_steps={opt['local_steps']} and local_epochs={opt['local_epochs']}: "
