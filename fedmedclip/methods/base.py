@@ -298,7 +298,7 @@ class LocalStepsMethod(Method):
     """A method on the local schedule of the FACMIC reference, which FACMIC and the baselines that fine-tune CLIP
     share: a fixed number of steps per round (the reference's n_iter break) or, instead, whole passes over the
     training split. Its options spread these `options` and `option_help` into their own, and its constructor
-    calls `resolve_local_steps`."""
+    calls `check_local_steps`."""
 
     options = {"local_steps": 199, "local_epochs": 0}
     option_help = {
@@ -315,9 +315,9 @@ class LocalStepsMethod(Method):
             opt["local_steps"] = 0
         return opt
 
-    def resolve_local_steps(self, label: str) -> None:
-        """Check the two options as `resolved` settled them, naming the method `label` in errors: both set is
-        ambiguous and refused, and so is neither."""
+    def check_local_steps(self, label: str) -> None:
+        """Refuse the two options as `resolved` settled them when both are set (ambiguous) or neither, naming the
+        method `label`."""
         opt = self.opt
         if opt["local_steps"] and opt["local_epochs"]:
             raise ConfigError(

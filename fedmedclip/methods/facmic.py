@@ -159,7 +159,7 @@ class Facmic(LocalStepsMethod):
         super().__init__(ctx)
         if self.opt["bandwidth"] not in ("mean", "median"):
             raise ConfigError(f"bandwidth must be mean or median, not {self.opt['bandwidth']!r}")
-        self.resolve_local_steps("FACMIC")
+        self.check_local_steps("FACMIC")
         if self.private and self.opt["masked_target"]:
             raise ConfigError(
                 "FACMIC with masked_target=true is not available with DP-SGD: its gradient runs through the "

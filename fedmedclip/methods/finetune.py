@@ -141,7 +141,7 @@ class FineTuneMethod(LocalStepsMethod):
             raise ConfigError(
                 f"{self.name} fine-tunes CLIP and needs the backbone, preprocessing and prompts"
             )
-        self.resolve_local_steps(self.name)
+        self.check_local_steps(self.name)
         enc = ctx.backbone.tokenizer(
             ctx.prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         )
