@@ -93,7 +93,7 @@ def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
     if not is_s3(text):
         store = _DataDir(text.removeprefix("file://"))
         return store, store.root
-    parse_root(text)  # its prefix is checked as an id; S3Store normalises the URL
+    parse_root(text)  # a data root as the roles' policies name it; S3Store normalises the URL
     return S3Store(text, client, check=lambda key: check_relative_id(key, text)), None
 
 

@@ -67,9 +67,9 @@ def rounds_closed(status, rounds: int) -> int:
 
 
 def server_status_reader(mailbox: str, local_stack: str = ""):
-    """A function returning the server's last status (fedmedclip.federation.messages.Status) in the mailbox (a local directory, or S3 with the local
-    stack's admin key, else the environment's) for the run whose manifest appeared after it was made (kfp.local
-    draws the run id itself), or None while there is none. Progress only: any failure is None."""
+    """A function returning the server's last status (a messages.Status) in the mailbox (a local directory, or
+    S3 with the local stack's admin key, else the environment's) for the run whose manifest appeared after it was
+    made (kfp.local draws the run id itself), or None while there is none. Progress only: any failure is None."""
     s3 = mailbox.startswith("s3://")
     if not mailbox or ("://" in mailbox and not s3):
         return None
