@@ -279,23 +279,15 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .tracking import _client
+    from .tracking import registered_version
 
-    ref = parse_model_reference(spec)
-    if ref is None:
-        raise BackboneUnavailable(f"--backbone {spec!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
-    client, _ = _client(tracking_uri, f"--backbone {spec} needs the MLflow registry", BackboneUnavailable)
-    name, alias, version = ref
-    try:  # not tracking.registered_version: its refusal would lose this one's hint on how to publish
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
-    except MlflowException as exc:
-        raise BackboneUnavailable(
-            f"no backbone registered as {spec} ({exc.message}). " + _how_to_publish(spec)
-        ) from None
+    _, mv = registered_version(
+        spec,
+        tracking_uri,
+        f"--backbone {spec} needs the MLflow registry",
+        BackboneUnavailable,
+        lambda message: f"no backbone registered as {spec} ({message}). " + _how_to_publish(spec),
+    )
     tags = mv.tags or {}
     wanted = tags.get(WEIGHTS_TAG, "")
     if tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(wanted):
@@ -310,7 +302,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
     cache_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix=".download-") as tmp:
         try:
-            uri = f"models:/{name}/{mv.version}"
+            uri = f"models:/{mv.name}/{mv.version}"
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
             raise BackboneUnavailable(f"cannot download {spec}: {getattr(exc, 'message', exc)}") from None

@@ -88,10 +88,15 @@ def if_found(call, *args, default=None):
 
 
 def registered_version(
-    ref: str, tracking_uri: str | None = None, purpose: str = "", error: type[FedMedClipError] = TrackingError
+    ref: str,
+    tracking_uri: str | None = None,
+    purpose: str = "",
+    error: type[FedMedClipError] = TrackingError,
+    not_found=None,
 ):
     """The client and the registered version `ref` names (NAME@ALIAS or NAME/VERSION, `models:/` in front or
-    not), else `error`: a malformed reference before any server is asked, then `_client`'s, then MLflow's."""
+    not), else `error`: a malformed reference before any server is asked, then `_client`'s, then MLflow's
+    refusal (`not_found(MLflow's message)` words it when given)."""
     from mlflow.exceptions import MlflowException
 
     parsed = parse_model_reference(ref)
@@ -105,6 +110,8 @@ def registered_version(
         get = client.get_model_version_by_alias if alias else client.get_model_version
         return client, get(name, alias or version)
     except MlflowException as exc:
+        if not_found is not None:
+            raise error(not_found(exc.message)) from None
         raise error(f"cannot resolve {ref} in the MLflow registry at {uri}: {exc.message}") from None
 
 
