@@ -32,7 +32,7 @@ MAX_FEATURES_MANIFEST_BYTES = 1 << 20
 log = logging.getLogger("fedmedclip.pipeline")
 
 
-def read_manifest(area, key: str, max_bytes: int, what: str, **expected) -> dict | None:
+def read_published_manifest(area, key: str, max_bytes: int, what: str, **expected) -> dict | None:
     """mlops.tree.read_manifest, what is wrong a ValueError saying the manifest is not `what` one."""
     from mlops.tree import read_manifest
 
@@ -45,7 +45,9 @@ def read_manifest(area, key: str, max_bytes: int, what: str, **expected) -> dict
 def read_run_dir_manifest(published, run_id: str) -> dict | None:
     """The manifest of run `run_id`'s directory in `published` (the server's private area of the mailbox)."""
     what, limit = f"run {run_id}'s run directory", MAX_RUN_DIR_MANIFEST_BYTES
-    return read_manifest(published, RUN_DIR_MANIFEST, limit, what, run_id=run_id, format=RUN_DIR_FORMAT)
+    return read_published_manifest(
+        published, RUN_DIR_MANIFEST, limit, what, run_id=run_id, format=RUN_DIR_FORMAT
+    )
 
 
 def extract_step(extraction_json: str, role: str, holder: str, index: int, features_dir: str) -> dict:
@@ -89,7 +91,9 @@ def features_step(
     key = hashlib.sha256(f"{party}\n{extraction_json}".encode()).hexdigest()
     try:  # the files are the party's own: whatever is wrong with them, it extracts again
         what, limit = "this extraction's features", MAX_FEATURES_MANIFEST_BYTES
-        manifest = read_manifest(area, FEATURES_MANIFEST, limit, what, format=FEATURES_FORMAT, extraction=key)
+        manifest = read_published_manifest(
+            area, FEATURES_MANIFEST, limit, what, format=FEATURES_FORMAT, extraction=key
+        )
         if manifest is not None:
             fetch_tree(area, manifest["files"], features_dir)  # its file list checked there
             return False
