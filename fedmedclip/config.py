@@ -244,6 +244,7 @@ class TrainConfig:
         flags=("--method-opt", "--method-option"),
         parse=parse_method_options,
         metavar="KEY=VALUE",
+        repeatable=True,
         grid=True,  # compare's --method-opt, per method
         entries=lambda values: _method_options(values.get("method", DEFAULT_METHOD)),
         default_factory=dict,

@@ -8,7 +8,8 @@ and a party's feature extraction (`extraction`) depend on it, and how it enters 
 (a server option). From that one declaration come:
 - the flags of `train`, `server run`, `site run` (`SiteOptions`), `pipeline run|submit|demo`, `compare` and
   `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`), those of `serve` (its
-  settings in serving/options.py) and of `promote` (mlops/promotion.py, also the pipeline's);
+  settings in serving/options.py), of `promote` (mlops/promotion.py, also the pipeline's) and
+  `pipeline compile` (pipelines/pipeline.py, CompileOptions: also the flags a pipeline run compiles with);
 - the pipeline's structured `settings` parameter (`to_parameters`, `from_parameters`: KFP gives integers back
   as floats and refuses `None`, so unset fields are left out and the receiving side converts by the type);
 - the schema (`schema()`, snapshot in tests/config_schema.json), and through `TrainConfig.to_json()` and
@@ -30,6 +31,7 @@ COMPARE, PUBLISH = "compare", "data publish"
 COMMANDS = (TRAIN, SERVER, SITE, PIPELINE, COMPARE, PUBLISH)
 SERVE = "serve"  # `fedmedclip serve`: its options are declared in serving/options.py
 PROMOTE = "promote"  # `fedmedclip promote`: its options are declared in mlops/promotion.py
+COMPILE = "pipeline compile"  # its options are declared in pipelines/pipeline.py (CompileOptions)
 # group -> (argparse title, the commands that take its fields unless a field names its own)
 GROUPS = {
     "data": ("data and partition", (TRAIN, SERVER, PIPELINE, COMPARE, PUBLISH)),
@@ -43,6 +45,11 @@ GROUPS = {
     "pipeline": ("the federation", (PIPELINE,)),
     "registry": ("export, tracking and registry", (PIPELINE,)),
     "promotion": ("promotion: when the alias moves to the new version", (PIPELINE, PROMOTE)),
+    # the pipeline's compile options (pipelines/pipeline.py, CompileOptions): a run compiles the graph first
+    "compile": (
+        "compile options (fixed in the graph; sites and rounds are run-time parameters)",
+        (COMPILE, PIPELINE),
+    ),
     "serving": ("the server: addresses, request bodies, shutdown, model control", (SERVE,)),
     "serving model": ("the models: device, ONNX Runtime, image decoding", (SERVE,)),
     "serving limits": ("the models: per-request limits", (SERVE,)),
@@ -65,6 +72,7 @@ def setting(
     minimum: float | None = None,
     parse=None,
     metavar: str | None = None,
+    repeatable: bool = False,
     extraction: bool = False,
     partition: bool = False,
     resume: str = "always",
@@ -77,7 +85,8 @@ def setting(
 ):
     """A dataclass field with its declaration. `parse`: str -> value for a flag's text (ConfigError on bad
     input); `nested`: a dataclass whose fields become flags `--<prefix><name>` (a dict field of their
-    non-default entries); `entries`: for another dict field, values -> {key: default} of its entries (their
+    non-default entries); `repeatable`: the flag may be given again, `parse` takes the list of its texts;
+    a bool field whose default is True is switched off by its flag (`--no-gpu`); `entries`: for another dict field, values -> {key: default} of its entries (their
     types convert a pipeline's floats back to integers); `flags`: the spelling when not `--field-name`;
     `grid`: one of the fields compare's grid (--methods, --partitions, --seeds, --method-opt, --out) sets per
     cell, so compare takes no flag for it; `manifest`: the run's manifest records it (`make_manifest`)."""
@@ -93,6 +102,7 @@ def setting(
         minimum=minimum,
         parse=parse,
         metavar=metavar,
+        repeatable=repeatable,
         extraction=extraction,
         partition=partition,
         resume=resume,
@@ -202,8 +212,8 @@ def add_config_arguments(
         if d.owner:
             default = None  # unset: the setting's own default applies (and stays out of the config)
         if d.type is bool:
-            kwargs["action"] = "store_true"
-        elif d.meta["parse"] is parse_method_options:  # repeatable KEY=VALUE
+            kwargs["action"] = "store_false" if default is True else "store_true"
+        elif d.meta["repeatable"]:
             kwargs.update(action="append", default=[])
         elif d.meta["parse"] is None and d.type in (int, float):
             kwargs["type"] = d.type

@@ -16,102 +16,21 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from components.kfp_components import DEFAULT_BASE_IMAGE, POD_CACHE_DIR
+from components.kfp_components import POD_CACHE_DIR
 from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError, FedMedClipError
-from pipelines.pipeline import DEFAULT_YAML
+from pipelines.pipeline import DEFAULT_YAML, CompileOptions, compile_pipeline
 
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
 # A local run is on one machine: a site that cannot start is reported within minutes, not the cluster's hour.
 LOCAL_JOIN_TIMEOUT = 900.0
 
 
-def _compile_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("compile options (fixed in the graph; sites and rounds are run-time parameters)")
-    g.add_argument(
-        "--base-image",
-        metavar="IMAGE",
-        help="the components' image: the training image you built and pushed (`docker build --target train -t "
-        "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
-        f"because the default, {DEFAULT_BASE_IMAGE}, is a placeholder nothing publishes",
-    )
-    g.add_argument(
-        "--no-gpu",
-        action="store_true",
-        help="request no GPU for the parties' tasks (their feature extraction)",
-    )
-    for flag, metavar, help in (
-        (
-            "--gpu-node-selector",
-            "LABEL=VALUE",
-            "node selector of the parties' tasks (repeatable), e.g. nvidia.com/gpu.present=true",
-        ),
-        (
-            "--gpu-toleration",
-            "KEY[=VALUE][:EFFECT]",
-            "toleration of the parties' tasks (repeatable), e.g. nvidia.com/gpu:NoSchedule",
-        ),
-        (
-            "--resources",
-            "KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM",
-            "requests and limits of a kind of task (prepare, worker, report, export, register), e.g. worker=2,4,8Gi,16Gi",
-        ),
-        ("--timeout", "KIND=SECONDS", "a kind of task's time limit"),
-    ):
-        g.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
-    g.add_argument("--worker-retries", type=int, help="retries of a failed worker (default: 5, with backoff)")
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    """KEY=VALUE items of a repeatable flag."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _compile(args, out: str) -> Path:
     """Compile the pipeline with the command line's options (ConfigError for a malformed one)."""
-    import pipelines.pipeline as pl
+    from fedmedclip.flags import options_from_args
 
-    resources, timeouts = dict(pl.DEFAULT_RESOURCES), dict(pl.DEFAULT_TIMEOUTS)
-    for kind, spec in _pairs(args.resources, "--resources").items():
-        if kind not in resources or len(spec.split(",")) != 4:
-            raise ConfigError(
-                f"--resources {kind}={spec}: give one of {', '.join(resources)} and four values "
-                "CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM"
-            )
-        resources[kind] = pl.Resources(*spec.split(","))
-    for kind, seconds in _pairs(args.timeout, "--timeout").items():
-        if kind not in timeouts or not seconds.isdigit():
-            raise ConfigError(
-                f"--timeout {kind}={seconds}: give one of {', '.join(timeouts)} and whole seconds"
-            )
-        timeouts[kind] = int(seconds)
-    retries = dict(pl.DEFAULT_RETRIES)
-    if args.worker_retries is not None:
-        retries["worker"] = pl.Retry(args.worker_retries)
-    tolerations = []
-    for item in args.gpu_toleration:
-        key_value, _, effect = item.partition(":")
-        key, sep, value = key_value.partition("=")
-        operator = "Equal" if sep else "Exists"
-        tolerations.append(
-            {"key": key, "operator": operator, "value": value if sep else None, "effect": effect or None}
-        )
-    options = pl.CompileOptions(
-        base_image=args.base_image,
-        gpu=not args.no_gpu,
-        gpu_node_selector=_pairs(args.gpu_node_selector, "--gpu-node-selector"),
-        gpu_tolerations=tuple(tolerations),
-        resources=resources,
-        timeouts=timeouts,
-        retries=retries,
-    )
-    return pl.compile_pipeline(out, options)
+    return compile_pipeline(out, options_from_args(args, CompileOptions))
 
 
 def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = True) -> None:
@@ -129,8 +48,7 @@ def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = T
             help="where the tasks' artifacts, the task log and (for local data) the mailbox go (default: a temp "
             "dir)",
         )
-    _compile_options(p)
-    for cls in (TrainConfig, ServerOptions, RunParameters):
+    for cls in (CompileOptions, TrainConfig, ServerOptions, RunParameters):
         add_config_arguments(p, PIPELINE, cls, defaults=defaults)
     p.set_defaults(func=func)
 
@@ -416,8 +334,10 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="pipeline_command", metavar="{compile,run,submit}")
     p.set_defaults(func=lambda a: (p.print_help(sys.stderr), 2)[1])
 
+    from fedmedclip.flags import COMPILE, add_config_arguments
+
     c = sub.add_parser("compile", help="compile the pipeline to IR YAML (the same for any sites and rounds)")
-    _compile_options(c)
+    add_config_arguments(c, COMPILE, CompileOptions)
     c.add_argument("--out", default=DEFAULT_YAML, help="output YAML (default: the committed %(default)s)")
     c.set_defaults(func=cmd_compile)
 

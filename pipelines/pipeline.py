@@ -10,13 +10,16 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
+from components.kfp_components import DEFAULT_BASE_IMAGE
 from components.run_parameters import RunParameters
-from fedmedclip.flags import declared
+from fedmedclip.errors import ConfigError
+from fedmedclip.flags import declared, setting
 from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
@@ -57,17 +60,120 @@ DEFAULT_TIMEOUTS = {kind: task[1] for kind, task in _TASKS.items()}
 DEFAULT_RETRIES = {kind: task[2] for kind, task in _TASKS.items()}
 
 
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE items of a repeatable flag."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_node_selector(items: list[str]) -> dict[str, str]:
+    return _pairs(items, "--gpu-node-selector")
+
+
+def parse_tolerations(items: list[str]) -> tuple[dict, ...]:
+    """KEY[=VALUE][:EFFECT] items as Kubernetes tolerations (no VALUE: the key's existence tolerates)."""
+    tolerations = []
+    for item in items:
+        key_value, _, effect = item.partition(":")
+        key, sep, value = key_value.partition("=")
+        if not key.strip():
+            raise ConfigError(f"--gpu-toleration {item!r} must look like KEY[=VALUE][:EFFECT]")
+        operator = "Equal" if sep else "Exists"
+        tolerations.append(
+            {"key": key, "operator": operator, "value": value if sep else None, "effect": effect or None}
+        )
+    return tuple(tolerations)
+
+
+def parse_resources(items: list[str]) -> dict[str, Resources]:
+    """The default resources, with those of each KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM item."""
+    resources = dict(DEFAULT_RESOURCES)
+    for kind, spec in _pairs(items, "--resources").items():
+        if kind not in resources or len(spec.split(",")) != 4:
+            raise ConfigError(
+                f"--resources {kind}={spec}: give one of {', '.join(resources)} and four values "
+                "CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM"
+            )
+        resources[kind] = Resources(*spec.split(","))
+    return resources
+
+
+def parse_timeouts(items: list[str]) -> dict[str, int]:
+    """The default time limits, with those of each KIND=SECONDS item."""
+    timeouts = dict(DEFAULT_TIMEOUTS)
+    for kind, seconds in _pairs(items, "--timeout").items():
+        if kind not in timeouts or not seconds.isdigit():
+            raise ConfigError(
+                f"--timeout {kind}={seconds}: give one of {', '.join(timeouts)} and whole seconds"
+            )
+        timeouts[kind] = int(seconds)
+    return timeouts
+
+
+_compile = partial(setting, group="compile")
+
+
 @dataclass(frozen=True)
 class CompileOptions:
-    """Cluster settings fixed in the graph (everything about the run itself is a run-time parameter)."""
+    """Cluster settings fixed in the graph (everything about the run itself is a run-time parameter), each
+    declared once: `pipeline compile`'s flags and those `pipeline run|submit|demo` compile with."""
 
-    base_image: str | None = None
-    gpu: bool = True  # request a GPU for each party's worker (its feature extraction)
-    gpu_node_selector: dict = field(default_factory=dict)  # label -> value, on the worker tasks
-    gpu_tolerations: tuple = ()  # ({"key", "operator", "value", "effect"}, ...), on the worker tasks
-    resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
-    timeouts: dict = field(default_factory=lambda: dict(DEFAULT_TIMEOUTS))
-    retries: dict = field(default_factory=lambda: dict(DEFAULT_RETRIES))
+    base_image: str | None = _compile(
+        None,
+        metavar="IMAGE",
+        help="the components' image: the training image you built and pushed (`docker build --target train -t "
+        "REGISTRY/fedmedclip-train:TAG . && docker push ...`; infra/README.md); `submit` needs it (or --yaml) "
+        f"because the default, {DEFAULT_BASE_IMAGE}, is a placeholder nothing publishes",
+    )
+    gpu: bool = _compile(
+        True, flags=("--no-gpu",), help="request no GPU for the parties' tasks (their feature extraction)"
+    )
+    gpu_node_selector: dict = _compile(
+        default_factory=dict,
+        parse=parse_node_selector,
+        repeatable=True,
+        metavar="LABEL=VALUE",
+        help="node selector of the parties' tasks (repeatable), e.g. nvidia.com/gpu.present=true",
+    )
+    gpu_tolerations: tuple = _compile(
+        (),
+        flags=("--gpu-toleration",),
+        parse=parse_tolerations,
+        repeatable=True,
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="toleration of the parties' tasks (repeatable), e.g. nvidia.com/gpu:NoSchedule",
+    )
+    resources: dict = _compile(
+        default_factory=lambda: dict(DEFAULT_RESOURCES),
+        parse=parse_resources,
+        repeatable=True,
+        metavar="KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM",
+        help="requests and limits of a kind of task (prepare, worker, report, export, register), e.g. "
+        "worker=2,4,8Gi,16Gi",
+    )
+    timeouts: dict = _compile(
+        default_factory=lambda: dict(DEFAULT_TIMEOUTS),
+        flags=("--timeout",),
+        parse=parse_timeouts,
+        repeatable=True,
+        metavar="KIND=SECONDS",
+        help="a kind of task's time limit",
+    )
+    worker_retries: int | None = _compile(
+        None, minimum=0, metavar="N", help="retries of a failed worker (default: 5, with backoff)"
+    )
+
+    @property
+    def retries(self) -> dict[str, Retry]:
+        retries = dict(DEFAULT_RETRIES)
+        if self.worker_retries is not None:
+            retries["worker"] = Retry(self.worker_retries)
+        return retries
 
 
 def build_pipeline(options: CompileOptions | None = None):
@@ -75,7 +181,6 @@ def build_pipeline(options: CompileOptions | None = None):
     from kfp import dsl, kubernetes
 
     from components.kfp_components import (
-        DEFAULT_BASE_IMAGE,
         MLFLOW_SECRET_KEYS,
         MLFLOW_SECRET_NAME,
         WORKER_TRACKING_ENV,

@@ -325,6 +325,63 @@ def test_cli_compile(tmp_path):
     assert main(["pipeline", "compile", "--resources", "nope=1", "--out", str(out)]) == 2
 
 
+def test_compile_options_are_declared_once_for_compile_run_submit_and_demo():
+    """Each CompileOptions field gives its flag, with its declared help, to `pipeline compile` and to the
+    commands that compile before they run; the flags give the options, and a malformed one is a ConfigError
+    naming its flag."""
+    from fedmedclip.cli import build_parser
+    from fedmedclip.errors import ConfigError
+    from fedmedclip.flags import declared, options_from_args
+    from pipelines.pipeline import DEFAULT_RESOURCES, DEFAULT_RETRIES, Resources, Retry
+
+    def subcommand(path):
+        parser = build_parser()
+        for word in path.split():
+            (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            parser = sub.choices[word]
+        return parser
+
+    for path in ("pipeline compile", "pipeline run", "pipeline submit", "demo"):
+        actions = {a.dest: (tuple(a.option_strings), a.help) for a in subcommand(path)._actions}
+        for d in declared(CompileOptions):
+            assert actions.get(d.dest) == (d.flags, d.meta["help"]), (path, d.name)
+    compile_ = subcommand("pipeline compile")
+    assert options_from_args(compile_.parse_args([]), CompileOptions) == CompileOptions()
+    argv = [
+        "--base-image",
+        "reg/train:1",
+        "--no-gpu",
+        "--gpu-node-selector",
+        "pool=gpu",
+        "--gpu-toleration",
+        "nvidia.com/gpu:NoSchedule",
+        "--gpu-toleration",
+        "team=a",
+        "--resources",
+        "export=1,2,3Gi,4Gi",
+        "--timeout",
+        "worker=60",
+        "--worker-retries",
+        "0",
+    ]
+    got = options_from_args(compile_.parse_args(argv), CompileOptions)
+    assert (got.base_image, got.gpu, got.gpu_node_selector) == ("reg/train:1", False, {"pool": "gpu"})
+    assert got.gpu_tolerations == (
+        {"key": "nvidia.com/gpu", "operator": "Exists", "value": None, "effect": "NoSchedule"},
+        {"key": "team", "operator": "Equal", "value": "a", "effect": None},
+    )
+    assert got.resources == {**DEFAULT_RESOURCES, "export": Resources("1", "2", "3Gi", "4Gi")}
+    assert (got.timeouts["worker"], got.retries) == (60, {**DEFAULT_RETRIES, "worker": Retry(0)})
+    for bad, flag in (
+        (["--timeout", "worker=1h"], "--timeout"),
+        (["--gpu-node-selector", "pool"], "--gpu-node-selector"),
+        (["--gpu-toleration", ":NoSchedule"], "--gpu-toleration"),
+        (["--worker-retries", "-1"], "--worker-retries"),
+    ):
+        with pytest.raises(ConfigError, match=flag):
+            options_from_args(compile_.parse_args(bad), CompileOptions)
+
+
 # ------------------------------------------------------------------------------------------- execution
 @pytest.mark.slow
 def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_engine(
