@@ -62,7 +62,8 @@ class TrainConfig:
         group="data",
         extraction=True,
         help="image-folder root (<root>/<Training|Testing>/<class>/*), a CSV manifest (path,label[,site][,split]), "
-        "'synthetic' (generated), or s3://BUCKET published by `fedmedclip data publish` (default: %(default)s)",
+        "'synthetic' (generated), or (but for `data publish` itself) s3://BUCKET published by `fedmedclip data "
+        "publish` (default: %(default)s)",
     )
     method: str = setting(
         DEFAULT_METHOD, group="training", grid=True, help="the method: {methods} (default: %(default)s)"

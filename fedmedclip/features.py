@@ -38,7 +38,9 @@ from .preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+# 2: images decoded with the JPEG scan and PNG row checks (fedmedclip/data.py, load_image); a store of format 1
+# may hold the features of a truncated image those checks now refuse, so it is not reused.
+STORE_FORMAT = 2
 DEFAULT_PROMPT = "a picture of a {}"
 # Provenance entries that describe how a store was built, not what it holds: outside the digest.
 UNDIGESTED = ("digest", "encoder")
