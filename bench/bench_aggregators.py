@@ -33,6 +33,7 @@ from bench_codecs import prepared_from, whole_store  # noqa: E402  (one feature 
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.engine import simulate  # noqa: E402
 from fedmedclip.federation.site import SiteWorker  # noqa: E402
+from fedmedclip.paths import DEFAULT_CACHE_DIR  # noqa: E402
 
 FLIP = -5.0
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--partitions", default="iid,dirichlet:0.5")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--cache-dir", default=".cache/fedmedclip")
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     base = TrainConfig(data=args.data, backbone=args.backbone, rounds=args.rounds, cache_dir=args.cache_dir)

@@ -36,6 +36,7 @@ from fedmedclip.config import TrainConfig
 from fedmedclip.engine import method_for, simulate, site_setups
 from fedmedclip.features import FeatureStore, build_feature_store
 from fedmedclip.methods import resolved_preprocessing
+from fedmedclip.paths import DEFAULT_CACHE_DIR
 from fedmedclip.preparation import SERVER, Prepared, holder_image_ids, load_image_set, partition_for
 
 
@@ -184,7 +185,7 @@ def main() -> int:
     )
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--cache-dir", default=".cache/fedmedclip")
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     ap.add_argument("--json", default=None, help="write every run's figures here")
     ap.add_argument("--sizes-only", action="store_true")
     args = ap.parse_args()

@@ -29,6 +29,7 @@ from json_results import write_json
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import simulate
+from fedmedclip.paths import DEFAULT_CACHE_DIR
 
 
 def run_one(cfg: TrainConfig, prepared) -> dict:
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument(
         "--method-opt", action="append", default=[], help="METHOD:KEY=VALUE, e.g. facmic:local_steps=50"
     )
-    ap.add_argument("--cache-dir", default=".cache/fedmedclip")
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

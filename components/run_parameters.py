@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from fedmedclip.flags import PIPELINE, declared, setting
+from fedmedclip.tracking_server import DEFAULT_EXPERIMENT
 from mlops.promotion import PromotionPolicy
 
 _pipeline, _registry = partial(setting, group="pipeline"), partial(setting, group="registry")
@@ -32,7 +33,7 @@ class RunParameters(PromotionPolicy):
         help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
         "tracking; in a cluster the endpoints ConfigMap's)",
     )
-    experiment: str = _registry("fedmedclip", help="MLflow experiment (default: %(default)s)")
+    experiment: str = _registry(DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     model_name: str = _registry("fedmedclip", help="registered model (default: %(default)s)")
     fail_if_not_promoted: bool = setting(
         False,

@@ -13,6 +13,7 @@ import torch
 
 from .digests import canonical_digest
 from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch
+from .paths import DEFAULT_CACHE_DIR
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
 from .seeding import seeded
 
@@ -323,10 +324,10 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
     """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files; with `cache_dir`, built only when
     something is encoded, see `builtin_backbone`), a local directory, a Hugging Face model id already in the
     local cache, or a backbone published with `fedmedclip backbone push` (`s3://...`, `models:/...`:
-    downloaded into `cache_dir`, by default .cache/fedmedclip, and hash-checked; its name stays the spec, so
+    downloaded into `cache_dir`, by default DEFAULT_CACHE_DIR, and hash-checked; its name stays the spec, so
     every pod that loads it gives the same identity). Never touches a model hub."""
     if is_remote_spec(spec):
-        backbone = load_backbone(resolve_remote(spec, cache_dir or ".cache/fedmedclip"), seed)
+        backbone = load_backbone(resolve_remote(spec, cache_dir or DEFAULT_CACHE_DIR), seed)
         backbone.name = spec
         return backbone
     if spec in _RANDOM_SHAPES:

@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from .errors import ConfigError, FedMedClipError
 from .observer import NO_OBSERVER, RunObserver
 from .startup import imports_without_collection
+from .tracking_server import DEFAULT_EXPERIMENT
 
 DESCRIPTION = (
     "Federated adaptation of a frozen CLIP for medical image classification (FedMedCLIP, FACMIC and their "
@@ -50,7 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
         "--no-track", action="store_true", help="do not log to MLflow even if MLFLOW_TRACKING_URI is set"
     )
     p.add_argument(
-        "--experiment", default="fedmedclip", help="MLflow experiment for --track (default: %(default)s)"
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help="MLflow experiment for --track (default: %(default)s)",
     )
 
 

@@ -28,6 +28,7 @@ from .flags import (
 )
 from .methods import DEFAULT_METHOD
 from .partition import SCHEMES
+from .paths import DEFAULT_CACHE_DIR
 from .privacy.settings import PrivacySettings
 
 SYNTHETIC = "synthetic"
@@ -180,7 +181,7 @@ class TrainConfig:
         help="class prompt, '{}' is the class name (default: %(default)r)",
     )
     cache_dir: str = setting(
-        ".cache/fedmedclip",
+        DEFAULT_CACHE_DIR,
         group="data",
         extraction=True,
         resume="never",

@@ -46,6 +46,7 @@ from .digests import (
 from .errors import ConfigError, FedMedClipError
 from .inference import GLOBAL, ImageClassifier, load_classifier, read_model_json, resolve_site
 from .ood import DEFAULT_FALSE_ALARM_RATE, METHOD, OodFit, OodHead, fit_ood, split_for_calibration
+from .paths import DEFAULT_CACHE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +431,7 @@ def export_site_state(
     run_id: str,
     out_path: str | Path = "model.onnx",
     data: str | None = None,
-    cache_dir: str = ".cache/fedmedclip",
+    cache_dir: str = DEFAULT_CACHE_DIR,
     precision: str = "fp32",
     exporter: str = "auto",
     ood: str = "require",

@@ -17,6 +17,9 @@ from pathlib import Path, PurePosixPath
 
 from .errors import DataError
 
+# Where encoded features, downloaded backbones and S3 images are kept unless --cache-dir says otherwise.
+DEFAULT_CACHE_DIR = ".cache/fedmedclip"
+
 
 def check_relative_id(image_id: str, source: str) -> str:
     """`image_id` itself: a non-empty relative posix path with no `.`/`..`/empty segment and no NUL.

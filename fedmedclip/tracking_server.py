@@ -25,6 +25,7 @@ from .errors import FedMedClipError
 
 STACK_DIR_ENV = "FEDMEDCLIP_STACK_DIR"
 DEFAULT_STACK_DIR = ".stack"
+DEFAULT_EXPERIMENT = "fedmedclip"  # the MLflow experiment of every command and the pipeline unless told
 STACK_STATE_FILE = "stack.json"
 NO_TRACKING_SERVER = (
     "no MLflow tracking server: pass --tracking-uri, set MLFLOW_TRACKING_URI, or start the local stack with "

@@ -11,6 +11,9 @@ import json
 import os
 import sys
 
+from fedmedclip.paths import DEFAULT_CACHE_DIR
+from fedmedclip.tracking_server import DEFAULT_EXPERIMENT
+
 
 def _quiet_mlflow() -> None:
     # MLflow prints "View run ... at ..." to stdout, which would pollute `RUN_ID=$(fedmedclip track ...)`.
@@ -229,7 +232,7 @@ def register(subparsers) -> None:
 
     p = _mlflow_command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
-    p.add_argument("--experiment", default="fedmedclip", help="MLflow experiment (created if missing)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", help="default: the run directory's name")
     p.add_argument(
         "--include-site-models",
@@ -300,7 +303,7 @@ def register(subparsers) -> None:
     p.add_argument("--to", help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)")
     p.add_argument(
         "--cache-dir",
-        default=".cache/fedmedclip",
+        default=DEFAULT_CACHE_DIR,
         help="where s3:// and models:/ backbones are downloaded (<cache-dir>/backbones/; default: %(default)s)",
     )
     p.add_argument("--tracking-uri", help="with models:/: " + URI_HELP)

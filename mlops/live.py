@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmedclip.observer import RunObserver
+from fedmedclip.tracking_server import DEFAULT_EXPERIMENT
 
 from ._mlflow import operation_futures
 from .rundir import _lineage_tags, _log_run_files, read_run_dir, run_params
@@ -50,7 +51,7 @@ class MlflowObserver(RunObserver):
         self,
         cfg,
         run_id: str,
-        experiment: str = "fedmedclip",
+        experiment: str = DEFAULT_EXPERIMENT,
         *,
         tracking_uri: str | None = None,
         kfp_run_id: str | None = None,
@@ -157,7 +158,9 @@ class MlflowObserver(RunObserver):
                 self.enabled = False
 
 
-def mlflow_observer(cfg, run_id: str | None, experiment: str = "fedmedclip", **kwargs) -> MlflowObserver:
+def mlflow_observer(
+    cfg, run_id: str | None, experiment: str = DEFAULT_EXPERIMENT, **kwargs
+) -> MlflowObserver:
     """The entry point `fedmedclip.observers:mlflow`. `train` passes `run_id=None`: its MLflow run is keyed on
     a key recorded in its run directory (TRACKING_RECORD) on the first start, so `train --resume` continues
     that run and a new run directory never continues an old one."""
@@ -187,7 +190,7 @@ class LiveRunLogger:
 
     def __init__(
         self,
-        experiment: str = "fedmedclip",
+        experiment: str = DEFAULT_EXPERIMENT,
         tracking_uri: str | None = None,
         *,
         kfp_run_id: str | None = None,

@@ -18,7 +18,7 @@ from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.mailbox import read_message
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied
-from fedmedclip.paths import check_relative_id, confined_path, is_within
+from fedmedclip.paths import DEFAULT_CACHE_DIR, check_relative_id, confined_path, is_within
 
 from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
 from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
@@ -172,7 +172,7 @@ class SiteAssignment:
 
 
 @_data_errors
-def read_site_assignment(location, index: int, site=None, cache_dir=".cache/fedmedclip") -> SiteAssignment:
+def read_site_assignment(location, index: int, site=None, cache_dir=DEFAULT_CACHE_DIR) -> SiteAssignment:
     """Site k's data from its own prefix only (GetObject on `sites/<k>/`: the site's own credentials):
     `location` is `s3://BUCKET[/PREFIX]` (images downloaded into `cache_dir`) or a local directory of the same
     layout (images used in place). `site`, when given, must be the catalog's holder."""

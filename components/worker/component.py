@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from components.kfp_components import SERVER_ROLE, SITE_ROLE, WORKER_TRACKING_ENV, pipeline_run_name
+from fedmedclip.tracking_server import DEFAULT_EXPERIMENT
 
 RUN_DIR = "rundir"  # under the server's private area of the run: runs/<run>/server/rundir/
 RUN_DIR_MANIFEST = "manifest.json"  # in RUN_DIR, written last: every file's sha256 and size (mlops/tree.py)
@@ -134,7 +135,7 @@ def worker_step(
     mailbox: str,
     features_dir: str | None,
     server_json: str = "{}",
-    experiment: str = "fedmedclip",
+    experiment: str = DEFAULT_EXPERIMENT,
     tracking_uri: str = "",
 ) -> str:
     """Runs party `party` until the federation ends. Returns the MLflow run id of the server's live tracking
