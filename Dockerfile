@@ -31,6 +31,16 @@ COPY pyproject.toml docker/requirements.py ./
 RUN python requirements.py lists pyproject.toml /reqs
 
 # --------------------------------------------------------------------------------------------------------
+# The project's source as the train and serve images install it: what the package is made of, listed once.
+FROM scratch AS source
+COPY pyproject.toml README.m[d] /src/
+COPY fedmedclip /src/fedmedclip
+COPY mlops /src/mlops
+COPY components /src/components
+COPY pipelines /src/pipelines
+COPY serving /src/serving
+
+# --------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS train
 ARG GIT_COMMIT=unknown
 # MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK (every image): MLflow's client and server send usage events to
@@ -50,12 +60,7 @@ RUN pip install --no-cache-dir torch==2.13.0
 COPY constraints.txt ./
 COPY --from=reqs /reqs/train.txt /tmp/train.txt
 RUN pip install --no-cache-dir -c constraints.txt -r /tmp/train.txt
-COPY pyproject.toml README.m[d] ./
-COPY fedmedclip ./fedmedclip
-COPY mlops ./mlops
-COPY components ./components
-COPY pipelines ./pipelines
-COPY serving ./serving
+COPY --from=source /src ./
 # --no-deps: every dependency is installed above, pinned by constraints.txt.
 RUN pip install --no-cache-dir --no-deps . \
     && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, mlops, components" \
@@ -77,12 +82,8 @@ WORKDIR /app
 COPY constraints.txt ./
 COPY --from=reqs /reqs/serve.txt /tmp/serve.txt
 RUN pip install --no-cache-dir -c constraints.txt -r /tmp/serve.txt
-COPY pyproject.toml README.m[d] docker/requirements.py ./
-COPY fedmedclip ./fedmedclip
-COPY mlops ./mlops
-COPY components ./components
-COPY pipelines ./pipelines
-COPY serving ./serving
+COPY --from=source /src ./
+COPY docker/requirements.py ./
 # --no-deps: the package's own dependencies include torch; the serving ones are installed above. Then the
 # image is checked: no torch, no CPU onnxruntime (it would clobber onnxruntime-gpu's files), no full mlflow.
 RUN pip install --no-cache-dir --no-deps . \

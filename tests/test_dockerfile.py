@@ -187,14 +187,13 @@ def test_copied_files_exist_and_are_not_dockerignored(stages):
 
 
 def test_packages_installed_by_the_images_are_copied(stages):
-    # setuptools finds these packages; a missing COPY would silently ship an image without them
+    # setuptools finds these packages; a missing COPY would silently ship an image without them. The `source`
+    # stage lists them once; both images take it whole.
+    copied = {shlex.split(t)[0] for k, t in stages["source"]["instructions"] if k == "COPY"}
+    assert {"fedmedclip", "mlops", "components", "pipelines", "serving", "pyproject.toml"} <= copied
     for target in ("train", "serve"):
-        copied = {
-            shlex.split(t)[0] for k, t in stages[target]["instructions"] if k == "COPY" and "--from" not in t
-        }
-        assert {"fedmedclip", "mlops", "components", "pipelines", "serving", "pyproject.toml"} <= copied, (
-            target
-        )
+        copies = [shlex.split(t) for k, t in stages[target]["instructions"] if k == "COPY"]
+        assert ["--from=source", "/src", "./"] in copies, target
 
 
 def test_no_image_ships_the_development_stack_or_tests(stages):
