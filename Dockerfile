@@ -41,44 +41,42 @@ COPY pipelines /src/pipelines
 COPY serving /src/serving
 
 # --------------------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS train
-ARG GIT_COMMIT=unknown
-# MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK (every image): MLflow's client and server send usage events to
-# mlflow.org by default; nothing about a hospital's runs leaves the cluster.
+# What every image shares. MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK: MLflow's client and server send usage
+# events to mlflow.org by default; nothing about a hospital's runs leaves the cluster. HOME: MLflow's client
+# writes there (fetching a registered model); /tmp is an emptyDir in the cluster.
+FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1 \
-    MPLBACKEND=Agg \
     PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     DO_NOT_TRACK=true \
-    FEDMEDCLIP_GIT_COMMIT=${GIT_COMMIT}
+    HOME=/tmp
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin fedmedclip
 WORKDIR /app
+
+# --------------------------------------------------------------------------------------------------------
+FROM base AS train
+ENV HF_HUB_OFFLINE=1 \
+    MPLBACKEND=Agg
 # torch first and alone: the PyPI wheel for Linux is the CUDA build (its CUDA libraries come as wheels).
 RUN pip install --no-cache-dir torch==2.13.0
 COPY constraints.txt ./
 COPY --from=reqs /reqs/train.txt /tmp/train.txt
 RUN pip install --no-cache-dir -c constraints.txt -r /tmp/train.txt
+# The commit only now: a build argument invalidates the cache of every RUN after its declaration.
+ARG GIT_COMMIT=unknown
+ENV FEDMEDCLIP_GIT_COMMIT=${GIT_COMMIT}
 COPY --from=source /src ./
 # --no-deps: every dependency is installed above, pinned by constraints.txt.
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, mlops, components" \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin fedmedclip
-ENV HOME=/tmp
+    && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, mlops, components"
 USER 10001
 ENTRYPOINT ["fedmedclip"]
 CMD ["--help"]
 
 # --------------------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS serve
-ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    MLFLOW_DISABLE_TELEMETRY=true \
-    DO_NOT_TRACK=true
-WORKDIR /app
+FROM base AS serve
 COPY constraints.txt ./
 COPY --from=reqs /reqs/serve.txt /tmp/serve.txt
 RUN pip install --no-cache-dir -c constraints.txt -r /tmp/serve.txt
@@ -87,29 +85,17 @@ COPY docker/requirements.py ./
 # --no-deps: the package's own dependencies include torch; the serving ones are installed above. Then the
 # image is checked: no torch, no CPU onnxruntime (it would clobber onnxruntime-gpu's files), no full mlflow.
 RUN pip install --no-cache-dir --no-deps . \
-    && python requirements.py check-serve \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin fedmedclip
-# HOME: MLflow's client writes there when fetching a registered model; /tmp is an emptyDir in the cluster.
-ENV HOME=/tmp
+    && python requirements.py check-serve
 USER 10001
 EXPOSE 8080 8081
 ENTRYPOINT ["fedmedclip"]
 CMD ["serve", "--help"]
 
 # --------------------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS tracking
-ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    MLFLOW_DISABLE_TELEMETRY=true \
-    DO_NOT_TRACK=true \
-    HOME=/tmp
-WORKDIR /app
+FROM base AS tracking
 COPY constraints.txt ./
 # mlflow[auth]: the basic-auth app (`mlflow server --app-name basic-auth`, infra/training) needs Flask-WTF.
-RUN pip install --no-cache-dir -c constraints.txt "mlflow[auth]==3.17.2" "boto3==1.44.5" "psycopg2-binary==2.9.13" \
-    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin mlflow
+RUN pip install --no-cache-dir -c constraints.txt "mlflow[auth]==3.17.2" "boto3==1.44.5" "psycopg2-binary==2.9.13"
 USER 10001
 EXPOSE 5000
 ENTRYPOINT []

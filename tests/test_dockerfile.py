@@ -56,8 +56,15 @@ def parse(text: str) -> tuple[dict[str, str], list[dict]]:
 
 @pytest.fixture(scope="module")
 def stages() -> dict[str, dict]:
+    """Each stage by name; one built FROM an earlier stage starts with that stage's instructions and base."""
     _, parsed = parse(DOCKERFILE.read_text())
-    return {s["name"]: s for s in parsed}
+    stages: dict[str, dict] = {}
+    for s in parsed:
+        parent = stages.get(s["base"].lower())
+        if parent is not None:
+            s = {**s, "base": parent["base"], "instructions": parent["instructions"] + s["instructions"]}
+        stages[s["name"]] = s
+    return stages
 
 
 def pip_installs(stage: dict) -> list[str]:
@@ -257,3 +264,16 @@ def test_no_image_sends_mlflow_usage_telemetry(stages, target):
     """MLflow's client and server send usage events to mlflow.org unless told not to: every image says so."""
     env = _env(stages[target])
     assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true" and env.get("DO_NOT_TRACK") == "true", env
+
+
+def test_the_commit_does_not_invalidate_the_dependency_layers(stages):
+    """A build argument misses the cache of every RUN after its declaration: GIT_COMMIT, new at each commit,
+    is declared after the dependencies are installed, so a code change does not reinstall torch."""
+    instructions = stages["train"]["instructions"]
+    arg = next(i for i, (k, t) in enumerate(instructions) if k == "ARG" and t.startswith("GIT_COMMIT"))
+    deps = [
+        i
+        for i, (k, t) in enumerate(instructions)
+        if k == "RUN" and "pip install" in t and "--no-deps" not in t
+    ]
+    assert deps and max(deps) < arg
