@@ -396,15 +396,23 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
-def parse_method_options(items: list[str]) -> dict:
-    """`KEY=VALUE` pairs; values parsed as JSON where possible (numbers, true/false), else strings."""
+def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE items of a repeatable flag, keys and values stripped."""
     out = {}
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"method option {item!r} must look like KEY=VALUE")
-        k, v = item.split("=", 1)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_method_options(items: list[str]) -> dict:
+    """`--method-opt KEY=VALUE` pairs; values parsed as JSON where possible (numbers, true/false), else strings."""
+    out = {}
+    for key, text in parse_pairs(items, "--method-opt").items():
         try:
-            out[k.strip()] = json.loads(v)
+            out[key] = json.loads(text)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            out[key] = text
     return out

@@ -19,7 +19,7 @@ from typing import NamedTuple
 from components.kfp_components import DEFAULT_BASE_IMAGE
 from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError
-from fedmedclip.flags import declared, setting
+from fedmedclip.flags import declared, parse_pairs, setting
 from mlops.sites import ENDPOINTS_CONFIGMAP, SECRET_KEYS, SERVER_SECRET_NAME
 
 PIPELINE_NAME = "fedmedclip"
@@ -60,19 +60,8 @@ DEFAULT_TIMEOUTS = {kind: task[1] for kind, task in _TASKS.items()}
 DEFAULT_RETRIES = {kind: task[2] for kind, task in _TASKS.items()}
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    """KEY=VALUE items of a repeatable flag."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def parse_node_selector(items: list[str]) -> dict[str, str]:
-    return _pairs(items, "--gpu-node-selector")
+    return parse_pairs(items, "--gpu-node-selector")
 
 
 def parse_tolerations(items: list[str]) -> tuple[dict, ...]:
@@ -93,7 +82,7 @@ def parse_tolerations(items: list[str]) -> tuple[dict, ...]:
 def parse_resources(items: list[str]) -> dict[str, Resources]:
     """The default resources, with those of each KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM item."""
     resources = dict(DEFAULT_RESOURCES)
-    for kind, spec in _pairs(items, "--resources").items():
+    for kind, spec in parse_pairs(items, "--resources").items():
         if kind not in resources or len(spec.split(",")) != 4:
             raise ConfigError(
                 f"--resources {kind}={spec}: give one of {', '.join(resources)} and four values "
@@ -106,7 +95,7 @@ def parse_resources(items: list[str]) -> dict[str, Resources]:
 def parse_timeouts(items: list[str]) -> dict[str, int]:
     """The default time limits, with those of each KIND=SECONDS item."""
     timeouts = dict(DEFAULT_TIMEOUTS)
-    for kind, seconds in _pairs(items, "--timeout").items():
+    for kind, seconds in parse_pairs(items, "--timeout").items():
         if kind not in timeouts or not seconds.isdigit():
             raise ConfigError(
                 f"--timeout {kind}={seconds}: give one of {', '.join(timeouts)} and whole seconds"
