@@ -86,8 +86,9 @@ def setting(
     """A dataclass field with its declaration. `parse`: str -> value for a flag's text (ConfigError on bad
     input); `nested`: a dataclass whose fields become flags `--<prefix><name>` (a dict field of their
     non-default entries); `repeatable`: the flag may be given again, `parse` takes the list of its texts;
-    a bool field whose default is True is switched off by its flag (`--no-gpu`); `entries`: for another dict field, values -> {key: default} of its entries (their
-    types convert a pipeline's floats back to integers); `flags`: the spelling when not `--field-name`;
+    a bool field whose default is True is switched off by its flag (spell it so: `--no-gpu`); `entries`: for
+    another dict field, values -> {key: default} of its entries (their types convert a pipeline's floats back
+    to integers); `flags`: the spelling when not `--field-name`;
     `grid`: one of the fields compare's grid (--methods, --partitions, --seeds, --method-opt, --out) sets per
     cell, so compare takes no flag for it; `manifest`: the run's manifest records it (`make_manifest`)."""
     if group not in GROUPS or resume not in RESUME:
