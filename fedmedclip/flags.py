@@ -93,6 +93,8 @@ def setting(
     cell, so compare takes no flag for it; `manifest`: the run's manifest records it (`make_manifest`)."""
     if group not in GROUPS or resume not in RESUME:
         raise ValueError(f"unknown group {group!r} or resume {resume!r}")
+    if default is True and not any(f.startswith("--no-") for f in flags):
+        raise ValueError("a setting that defaults to True is switched off by its flag: spell it --no-...")
     commands = tuple(commands) if commands is not None else GROUPS[group][1]
     meta = dict(
         help=help,
