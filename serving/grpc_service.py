@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 
 import grpc
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -124,6 +125,20 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         return name
 
 
+def _parameters(parameters) -> dict | None:
+    """A gRPC parameters map as REST's: kserve's converter, and the protocol's double (4) and uint64 (5)
+    parameters, which kserve's message does not declare (protobuf keeps them as unknown fields): read, so a
+    NaN is refused as REST refuses it."""
+    out = to_http_parameters(parameters)
+    for key, value in parameters.items():
+        for f in UnknownFieldSet(value):
+            if f.field_number == 4 and f.wire_type == 1:  # fixed64: the double's bits
+                out[key] = struct.unpack("<d", struct.pack("<Q", f.data))[0]
+            elif f.field_number == 5 and f.wire_type == 0:  # varint
+                out[key] = f.data
+    return out or None
+
+
 def _check_request(request, budget: Budget) -> None:
     """The gRPC request within the same bounds and types as a REST request (serving.protocol checks each
     input and requested output of both), so nothing a client sends ends up long in a message or a log line."""
@@ -134,7 +149,7 @@ def _check_request(request, budget: Budget) -> None:
             "bad_request",
             f"at most {budget.max_inputs} input and {budget.max_outputs} requested output tensors",
         )
-    check_parameters(to_http_parameters(request.parameters) or None, "the request", budget)
+    check_parameters(_parameters(request.parameters), "the request", budget)
     raw = len(request.raw_input_contents)
     if raw and raw != len(request.inputs):
         raise RequestRejected(
@@ -142,7 +157,7 @@ def _check_request(request, budget: Budget) -> None:
             f"{len(request.inputs)} inputs but {raw} raw_input_contents: they must match one to one",
         )
     for i, tensor in enumerate(request.inputs):
-        parameters = to_http_parameters(tensor.parameters) or None
+        parameters = _parameters(tensor.parameters)
         check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
         c = tensor.contents
         for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
@@ -154,7 +169,7 @@ def _check_request(request, budget: Budget) -> None:
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
     for i, output in enumerate(request.outputs):
-        check_output(output.name, to_http_parameters(output.parameters) or None, i, budget)
+        check_output(output.name, _parameters(output.parameters), i, budget)
 
 
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:

@@ -272,7 +272,7 @@ def _string(value: object, where: str, limit: int) -> str:
 
 def check_parameters(value: object, where: str, budget: Budget) -> dict | None:
     """A protocol `$parameters` object: string keys, string/number/boolean values (finite numbers: orjson
-    refuses NaN; kserve's gRPC message has no double parameter, so a gRPC one is never read)."""
+    refuses NaN; a gRPC double parameter is read from what kserve's message keeps unknown)."""
     if value is None:
         return None
     _object(value, f"{where}: 'parameters'", "bad_parameters")

@@ -204,11 +204,16 @@ def test_grpc_answers_parse_with_the_protocols_proto(server, tmp_path, version):
         many_params.parameters[f"p{k}"].string_param = "x"
     long_param = pb["ModelInferRequest"](model_name=MODEL)
     long_param.parameters["note"].string_param = "x" * 5000
+    # The protocol's double parameter, which kserve's message does not declare: read, and a NaN refused.
+    nan_param = pb["ModelInferRequest"](model_name=MODEL)
+    nan_param.inputs.add(name="images", datatype="UINT8", shape=[1, S, S, 3])
+    nan_param.inputs[0].parameters["scale"].double_param = float("nan")
     cases = (
         (bad, "integers 0-255, got 300"),
         (bad_dtype, "unknown datatype 'UINT9'"),
         (many_params, "the request: 40 parameters, over the limit of 32"),
         (long_param, "the request: parameter 'note' is over 4096 characters"),
+        (nan_param, "input 'images': parameter 'scale' is nan, not a finite number"),
     )
     for request, text in cases:
         with pytest.raises(grpc.RpcError) as info:
