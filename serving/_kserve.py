@@ -13,11 +13,18 @@ This module is where the pinned kserve's shortcomings are worked around, and onl
   "not UTF-8"): serving.protocol reads the binary extension itself and hands kserve zero-copy views.
 - InferResponse.to_grpc breaks when given the REST request's binary_data flags: the model passes them for
   REST only (serving/model.py, `_response`).
+- Its generated gRPC messages lack fields of the protocol's .proto (tests/specs/): InferParameter's double (4)
+  and uint64 (5), ModelMetadataResponse's `properties` (6); and tritonclient names the model of a model-control
+  request in field 2. Protobuf keeps such fields as unknown: `grpc_parameters`, `metadata_response` and
+  `control_model_name` read and write them.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
+
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 PINNED_VERSION = "0.21.0"
 
@@ -37,3 +44,38 @@ try:  # what the other modules take from here
     )
 finally:
     sys.argv = _argv
+
+
+def grpc_parameters(parameters) -> dict | None:
+    """A gRPC parameters map as REST's: kserve's converter, and the protocol's double (4) and uint64 (5)
+    parameters, which kserve's message does not declare (protobuf keeps them as unknown fields): read, so a
+    NaN is refused as REST refuses it."""
+    out = to_http_parameters(parameters)
+    for key, value in parameters.items():
+        for f in UnknownFieldSet(value):
+            if f.field_number == 4 and f.wire_type == 1:  # fixed64: the double's bits
+                out[key] = struct.unpack("<d", struct.pack("<Q", f.data))[0]
+            elif f.field_number == 5 and f.wire_type == 0:  # varint
+                out[key] = f.data
+    return out or None
+
+
+def metadata_response(meta: dict):
+    """ModelMetadataResponse with the protocol's `properties` (map<string, string> = 6), which kserve's proto
+    lacks, as a field protobuf carries through unknown. Its bytes come from kserve's messages of the same wire
+    shape: a map entry is two strings 1 and 2 (TensorMetadata's name and datatype), field 6 repeated bytes
+    (ModelInferResponse.raw_output_contents)."""
+    response = grpc_pb2.ModelMetadataResponse(
+        **{k: meta[k] for k in ("name", "versions", "platform", "inputs", "outputs")}
+    )
+    entry = grpc_pb2.ModelMetadataResponse.TensorMetadata
+    entries = [entry(name=k, datatype=v).SerializeToString() for k, v in meta.get("properties", {}).items()]
+    response.MergeFromString(grpc_pb2.ModelInferResponse(raw_output_contents=entries).SerializeToString())
+    return response
+
+
+def control_model_name(request) -> str:
+    """The model a model-control request names: kserve's message has it as field 1; Triton's, which tritonclient
+    sends, as field 2 after repository_name (1), which kserve's parser keeps as unknown."""
+    triton = [f.data for f in UnknownFieldSet(request) if f.field_number == 2 and f.wire_type == 2]
+    return triton[0].decode("utf-8", "replace") if triton else request.model_name

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import struct
 
 import grpc
-from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc import aio
 
-from ._kserve import InferRequest, grpc_pb2, grpc_pb2_grpc, to_http_parameters
+from ._kserve import (
+    InferRequest,
+    control_model_name,
+    grpc_parameters,
+    grpc_pb2,
+    grpc_pb2_grpc,
+    metadata_response,
+)
 from .errors import RequestRejected, quoted
 from .protocol import INTEGER_TYPES, Budget, check_input, check_output, check_parameters, integers
 from .state import ServerState
@@ -32,20 +37,6 @@ _STATUS = {
     501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-
-
-def metadata_response(meta: dict):
-    """ModelMetadataResponse with the protocol's `properties` (map<string, string> = 6), which kserve's proto
-    lacks, as a field protobuf carries through unknown. Its bytes come from kserve's messages of the same wire
-    shape: a map entry is two strings 1 and 2 (TensorMetadata's name and datatype), field 6 repeated bytes
-    (ModelInferResponse.raw_output_contents)."""
-    response = grpc_pb2.ModelMetadataResponse(
-        **{k: meta[k] for k in ("name", "versions", "platform", "inputs", "outputs")}
-    )
-    entry = grpc_pb2.ModelMetadataResponse.TensorMetadata
-    entries = [entry(name=k, datatype=v).SerializeToString() for k, v in meta.get("properties", {}).items()]
-    response.MergeFromString(grpc_pb2.ModelInferResponse(raw_output_contents=entries).SerializeToString())
-    return response
 
 
 def _code(status: int) -> grpc.StatusCode:
@@ -117,26 +108,10 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         return grpc_pb2.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
 
     async def _control(self, action: str, request, context) -> str:
-        """Model control of the model the request names. kserve's message has it as field 1; Triton's, which
-        tritonclient sends, as field 2 after repository_name (1): kserve's parser keeps that one as unknown."""
-        triton = [f.data for f in UnknownFieldSet(request) if f.field_number == 2 and f.wire_type == 2]
-        name = triton[0].decode("utf-8", "replace") if triton else request.model_name
+        """Model control of the model the request names (kserve's field or Triton's: `control_model_name`)."""
+        name = control_model_name(request)
         await self.state.control(action, name, dict(context.invocation_metadata() or ()).get("authorization"))
         return name
-
-
-def _parameters(parameters) -> dict | None:
-    """A gRPC parameters map as REST's: kserve's converter, and the protocol's double (4) and uint64 (5)
-    parameters, which kserve's message does not declare (protobuf keeps them as unknown fields): read, so a
-    NaN is refused as REST refuses it."""
-    out = to_http_parameters(parameters)
-    for key, value in parameters.items():
-        for f in UnknownFieldSet(value):
-            if f.field_number == 4 and f.wire_type == 1:  # fixed64: the double's bits
-                out[key] = struct.unpack("<d", struct.pack("<Q", f.data))[0]
-            elif f.field_number == 5 and f.wire_type == 0:  # varint
-                out[key] = f.data
-    return out or None
 
 
 def _check_request(request, budget: Budget) -> None:
@@ -149,7 +124,7 @@ def _check_request(request, budget: Budget) -> None:
             "bad_request",
             f"at most {budget.max_inputs} input and {budget.max_outputs} requested output tensors",
         )
-    check_parameters(_parameters(request.parameters), "the request", budget)
+    check_parameters(grpc_parameters(request.parameters), "the request", budget)
     raw = len(request.raw_input_contents)
     if raw and raw != len(request.inputs):
         raise RequestRejected(
@@ -157,7 +132,7 @@ def _check_request(request, budget: Budget) -> None:
             f"{len(request.inputs)} inputs but {raw} raw_input_contents: they must match one to one",
         )
     for i, tensor in enumerate(request.inputs):
-        parameters = _parameters(tensor.parameters)
+        parameters = grpc_parameters(tensor.parameters)
         check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
         c = tensor.contents
         for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
@@ -169,7 +144,7 @@ def _check_request(request, budget: Budget) -> None:
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
     for i, output in enumerate(request.outputs):
-        check_output(output.name, _parameters(output.parameters), i, budget)
+        check_output(output.name, grpc_parameters(output.parameters), i, budget)
 
 
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:

@@ -514,16 +514,24 @@ try:
     from_bytes_breaks = False
 except Exception:
     from_bytes_breaks = True
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+proto_gaps = [sorted(f.name for f in pb.InferParameter.DESCRIPTOR.fields),
+              sorted(pb.ModelMetadataResponse.DESCRIPTOR.fields_by_number),
+              sorted(pb.RepositoryModelLoadRequest.DESCRIPTOR.fields_by_name)]
 print(json.dumps([PINNED_VERSION, version("kserve"), "/repository/models/{model_name}/unload" in src,
-                  "model_repository_extension" in str(DataPlane.metadata.__code__.co_consts), from_bytes_breaks]))
+                  "model_repository_extension" in str(DataPlane.metadata.__code__.co_consts), from_bytes_breaks,
+                  proto_gaps]))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    pinned, installed, mounts_repository, advertises, from_bytes_breaks = json.loads(
+    pinned, installed, mounts_repository, advertises, from_bytes_breaks, proto_gaps = json.loads(
         out.stdout.strip().splitlines()[-1]
     )
     assert installed == pinned == "0.21.0"
     assert mounts_repository and advertises and from_bytes_breaks
+    # The gRPC messages' gaps that grpc_parameters, metadata_response and control_model_name fill: no double or
+    # uint64 parameter, no `properties` (6), the model of a model-control request only as field 1.
+    assert proto_gaps == [["bool_param", "int64_param", "string_param"], [1, 2, 3, 4, 5], ["model_name"]]
 
 
 # ------------------------------------------------------------------------------------------- shutdown
