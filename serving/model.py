@@ -228,7 +228,8 @@ class FedMedClipModel(kserve.Model):
         names = [o.name for o in requested] if requested else list(values)
         rest = not payload.from_grpc
         return InferResponse(
-            # kserve 0.21 answers HTTP 500 when a response has no id: v2 clients may omit it.
+            # The protocol's response id is a string; kserve's to_rest writes null without one (v2 clients may
+            # send none).
             response_id=payload.id or str(uuid.uuid4()),
             model_name=self.name,
             model_version=self.version,
