@@ -42,16 +42,17 @@ COPY serving /src/serving
 
 # --------------------------------------------------------------------------------------------------------
 # What every image shares. MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK: MLflow's client and server send usage
-# events to mlflow.org by default; nothing about a hospital's runs leaves the cluster. HOME: MLflow's client
-# writes there (fetching a registered model); /tmp is an emptyDir in the cluster.
+# events to mlflow.org by default; nothing about a hospital's runs leaves the cluster. HOME=/tmp (MLflow's
+# client writes there when fetching a registered model; /tmp is an emptyDir in the cluster) is set by each
+# image after its last RUN: the build's checks run as root, and importing onnxruntime creates $HOME/.cache,
+# which would be left root-owned and closed to uid 10001.
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
-    DO_NOT_TRACK=true \
-    HOME=/tmp
+    DO_NOT_TRACK=true
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin fedmedclip
 WORKDIR /app
 
@@ -71,6 +72,7 @@ COPY --from=source /src ./
 # --no-deps: every dependency is installed above, pinned by constraints.txt.
 RUN pip install --no-cache-dir --no-deps . \
     && python -c "import torch, kfp, mlflow, onnxruntime, fedmedclip, mlops, components"
+ENV HOME=/tmp
 USER 10001
 ENTRYPOINT ["fedmedclip"]
 CMD ["--help"]
@@ -86,6 +88,7 @@ COPY docker/requirements.py ./
 # image is checked: no torch, no CPU onnxruntime (it would clobber onnxruntime-gpu's files), no full mlflow.
 RUN pip install --no-cache-dir --no-deps . \
     && python requirements.py check-serve
+ENV HOME=/tmp
 USER 10001
 EXPOSE 8080 8081
 ENTRYPOINT ["fedmedclip"]
@@ -96,6 +99,7 @@ FROM base AS tracking
 COPY constraints.txt ./
 # mlflow[auth]: the basic-auth app (`mlflow server --app-name basic-auth`, infra/training) needs Flask-WTF.
 RUN pip install --no-cache-dir -c constraints.txt "mlflow[auth]==3.17.2" "boto3==1.44.5" "psycopg2-binary==2.9.13"
+ENV HOME=/tmp
 USER 10001
 EXPOSE 5000
 ENTRYPOINT []

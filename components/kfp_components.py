@@ -19,7 +19,7 @@ MLFLOW_SECRET_NAME = "fedmedclip-mlflow-pipeline"
 MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
 # Where a worker pod finds the tracking server (from the endpoints ConfigMap): only the server role uses it.
 WORKER_TRACKING_ENV = "FEDMEDCLIP_TRACKING_URI"
-POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod (an emptyDir-backed /tmp in the training image)
+POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod: under the training image's HOME, /tmp
 
 
 def pipeline_settings(cfg=None, options=None) -> dict:

@@ -93,7 +93,7 @@ def setting(
     cell, so compare takes no flag for it; `manifest`: the run's manifest records it (`make_manifest`)."""
     if group not in GROUPS or resume not in RESUME:
         raise ValueError(f"unknown group {group!r} or resume {resume!r}")
-    if default is True and not any(f.startswith("--no-") for f in flags):
+    if default is True and not (flags and all(f.startswith("--no-") for f in flags)):
         raise ValueError("a setting that defaults to True is switched off by its flag: spell it --no-...")
     commands = tuple(commands) if commands is not None else GROUPS[group][1]
     meta = dict(
@@ -215,7 +215,8 @@ def add_config_arguments(
         if d.owner:
             default = None  # unset: the setting's own default applies (and stays out of the config)
         if d.type is bool:
-            kwargs["action"] = "store_false" if default is True else "store_true"
+            # By the declaration, not a command's default: the flag's meaning does not change per command.
+            kwargs["action"] = "store_false" if d.default is True else "store_true"
         elif d.meta["repeatable"]:
             kwargs.update(action="append", default=[])
         elif d.meta["parse"] is None and d.type in (int, float):
@@ -362,7 +363,7 @@ def schema(*classes) -> dict:
             parse = d.meta["parse"]
             entries[d.dest] = {
                 "type": getattr(d.type, "__name__", str(d.type)),
-                "default": json.loads(json.dumps(d.default)),
+                "default": json.loads(json.dumps(d.default, default=dataclasses.asdict)),
                 "flags": list(d.flags),
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in meta.items() if k != "flags"},
                 "parse": parse.__name__ if parse is not None else None,

@@ -10,6 +10,7 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
 import inspect
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,14 +65,20 @@ def parse_node_selector(items: list[str]) -> dict[str, str]:
     return parse_pairs(items, "--gpu-node-selector")
 
 
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")  # Kubernetes' (core/v1 Taint)
+
+
 def parse_tolerations(items: list[str]) -> tuple[dict, ...]:
     """KEY[=VALUE][:EFFECT] items as Kubernetes tolerations (no VALUE: the key's existence tolerates)."""
     tolerations = []
     for item in items:
-        key_value, _, effect = item.partition(":")
-        key, sep, value = key_value.partition("=")
-        if not key.strip():
-            raise ConfigError(f"--gpu-toleration {item!r} must look like KEY[=VALUE][:EFFECT]")
+        key_value, _, effect = (part.strip() for part in item.partition(":"))
+        key, sep, value = (part.strip() for part in key_value.partition("="))
+        if not key or (effect and effect not in TAINT_EFFECTS):
+            raise ConfigError(
+                f"--gpu-toleration {item!r} must look like KEY[=VALUE][:EFFECT], EFFECT one of "
+                f"{', '.join(TAINT_EFFECTS)}"
+            )
         operator = "Equal" if sep else "Exists"
         tolerations.append(
             {"key": key, "operator": operator, "value": value if sep else None, "effect": effect or None}
@@ -79,16 +86,31 @@ def parse_tolerations(items: list[str]) -> tuple[dict, ...]:
     return tuple(tolerations)
 
 
+# The quantities kfp accepts for a task's CPU and memory (PipelineTask.set_cpu_limit, set_memory_limit): checked
+# here so that a wrong one is a ConfigError naming the flag, not kfp's ValueError while compiling.
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
+_MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
+
+
 def parse_resources(items: list[str]) -> dict[str, Resources]:
     """The default resources, with those of each KIND=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM item."""
     resources = dict(DEFAULT_RESOURCES)
     for kind, spec in parse_pairs(items, "--resources").items():
-        if kind not in resources or len(spec.split(",")) != 4:
+        values = [v.strip() for v in spec.split(",")]
+        if kind not in resources or len(values) != 4:
             raise ConfigError(
                 f"--resources {kind}={spec}: give one of {', '.join(resources)} and four values "
                 "CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM"
             )
-        resources[kind] = Resources(*spec.split(","))
+        for i, value in enumerate(values):
+            pattern, what = (_CPU, "CPU") if i < 2 else (_MEMORY, "memory")
+            if not pattern.fullmatch(value):
+                raise ConfigError(
+                    f"--resources {kind}={spec}: {value!r} is not a {what} quantity (CPU: a number, or whole "
+                    "millicores like 500m; memory: whole bytes, optionally with K, M, G, T, P, E or Ki, Mi, Gi, "
+                    "Ti, Pi, Ei)"
+                )
+        resources[kind] = Resources(*values)
     return resources
 
 

@@ -43,7 +43,14 @@ UPDATE = "FEDMEDCLIP_UPDATE_SCHEMA"
 def test_the_schema_matches_its_snapshot():
     """Every declared field with its type, default, help, group, commands, flags, choices, whether extraction
     depends on it and how it enters the resume key: changing any of them changes this file."""
-    fresh = json.dumps(schema(), indent=1) + "\n"
+    from components.run_parameters import RunParameters
+    from pipelines.pipeline import CompileOptions
+
+    # The core's declarations, and the pipeline's own parameters and compile options.
+    fresh = json.dumps(
+        schema(TrainConfig, ServerOptions, SiteOptions, RunParameters, CompileOptions), indent=1
+    )
+    fresh += "\n"
     if os.environ.get(UPDATE):
         SNAPSHOT.write_text(fresh)
     assert SNAPSHOT.read_text() == fresh, (
@@ -250,3 +257,32 @@ def test_each_field_is_validated_as_it_declares():
         Extended(out="", **{new.name: new.meta["minimum"] - 1}).validate()
     with pytest.raises(ConfigError, match=f"{new.flags[0]} must be an integer"):
         Extended(out="", **{new.name: 1.5}).validate()
+
+
+def test_a_true_default_is_declared_with_the_flag_that_switches_it_off():
+    """A bool setting that defaults to True is switched off by its flag, so its flags must say so; the flag
+    keeps that meaning whatever default a command gives the field."""
+    with pytest.raises(ValueError, match="--no-"):
+        setting(True, group="training", help="x")
+    with pytest.raises(ValueError, match="--no-"):
+        setting(True, group="training", flags=("--no-x", "--x"), help="x")
+
+    @dataclasses.dataclass
+    class Switch:
+        gpu: bool = setting(True, group="training", flags=("--no-gpu",), help="x")
+
+    for defaults in (None, {"gpu": False}):
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser, TRAIN, Switch, defaults=defaults)
+        assert options_from_args(parser.parse_args(["--no-gpu"]), Switch).gpu is False, defaults
+
+
+def test_method_options_are_key_value_pairs_with_a_key():
+    from fedmedclip.flags import parse_method_options
+
+    assert parse_method_options(["lr_fam=5e-4", "name= x ", "flag=true"]) == {
+        "lr_fam": 5e-4, "name": "x", "flag": True
+    }  # fmt: skip
+    for bad in ("=5", "novalue"):
+        with pytest.raises(ConfigError, match=f"--method-opt '{bad}' must look like KEY=VALUE"):
+            parse_method_options([bad])

@@ -239,6 +239,10 @@ def test_images_run_non_root_on_a_read_only_root(stages, target):
     assert uid.isdigit() and int(uid) >= 10000, f"{target}: USER {users[-1]!r} must be a uid of 10000 or more"
     env = _env(stage)
     assert env.get("HOME") == "/tmp" and env.get("PYTHONDONTWRITEBYTECODE") == "1", env
+    # HOME=/tmp only after the last RUN: the build runs as root, and what it writes under $HOME (importing
+    # onnxruntime creates $HOME/.cache) would be left root-owned in the runtime user's HOME.
+    kinds = [(k, t) for k, t in stage["instructions"] if k == "RUN" or (k == "ENV" and "HOME=" in t)]
+    assert kinds[-1][0] == "ENV" and [k for k, _ in kinds].count("ENV") == 1, f"{target}: {kinds}"
     for keyword, text in stage["instructions"]:
         if keyword == "RUN":
             assert not re.search(r"chmod\s+(-R\s+)?(0?777|[ao]\+w)", text), (

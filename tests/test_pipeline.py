@@ -376,6 +376,9 @@ def test_compile_options_are_declared_once_for_compile_run_submit_and_demo():
         (["--timeout", "worker=1h"], "--timeout"),
         (["--gpu-node-selector", "pool"], "--gpu-node-selector"),
         (["--gpu-toleration", ":NoSchedule"], "--gpu-toleration"),
+        (["--gpu-toleration", "k:Bogus"], "--gpu-toleration"),
+        (["--resources", "worker=1,2,lots,4Gi"], "--resources"),
+        (["--resources", "worker=,,,"], "--resources"),
         (["--worker-retries", "-1"], "--worker-retries"),
     ):
         with pytest.raises(ConfigError, match=flag):

@@ -208,12 +208,16 @@ def test_grpc_answers_parse_with_the_protocols_proto(server, tmp_path, version):
     nan_param = pb["ModelInferRequest"](model_name=MODEL)
     nan_param.inputs.add(name="images", datatype="UINT8", shape=[1, S, S, 3])
     nan_param.inputs[0].parameters["scale"].double_param = float("nan")
+    many_uint64 = pb["ModelInferRequest"](model_name=MODEL)  # uint64 parameters count as any other
+    for k in range(40):
+        many_uint64.parameters[f"u{k}"].uint64_param = 2**64 - 1
     cases = (
         (bad, "integers 0-255, got 300"),
         (bad_dtype, "unknown datatype 'UINT9'"),
         (many_params, "the request: 40 parameters, over the limit of 32"),
         (long_param, "the request: parameter 'note' is over 4096 characters"),
         (nan_param, "input 'images': parameter 'scale' is nan, not a finite number"),
+        (many_uint64, "the request: 40 parameters, over the limit of 32"),
     )
     for request, text in cases:
         with pytest.raises(grpc.RpcError) as info:
