@@ -319,18 +319,20 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+# `synth`'s flags: the keyword of `synthetic.generate` each sets, whose default it takes.
+SYNTH_FLAGS = (
+    ("--sites", "sites", "hospitals, each with its own scanner look"),
+    ("--per-class", "per_class_per_site", "images per class per site"),
+    ("--test-per-class", "test_per_class", "global test images per class"),
+    ("--size", "size", "image side in pixels"),
+    ("--seed", "seed", "generator seed"),
+)
+
+
 def _cmd_synth(args) -> int:
     from .synthetic import generate
 
-    manifest = generate(
-        args.out,
-        sites=args.sites,
-        per_class_per_site=args.per_class,
-        test_per_class=args.test_per_class,
-        size=args.size,
-        seed=args.seed,
-    )
-    print(manifest)
+    print(generate(args.out, **{name: getattr(args, name) for _, name, _ in SYNTH_FLAGS}))
     return 0
 
 
@@ -396,22 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_methods)
 
+    import inspect
+
+    from .synthetic import generate  # numpy and Pillow, which the commands' declarations load already
+
     p = sub.add_parser("synth", help="write the synthetic multi-site scan set (PNGs + manifest.csv)")
     p.add_argument("out", help="the folder to write (PNGs and manifest.csv with a site column)")
-    p.add_argument(
-        "--sites",
-        type=int,
-        default=3,
-        help="hospitals, each with its own scanner look (default: %(default)s)",
-    )
-    p.add_argument(
-        "--per-class", type=int, default=80, help="images per class per site (default: %(default)s)"
-    )
-    p.add_argument(
-        "--test-per-class", type=int, default=30, help="global test images per class (default: %(default)s)"
-    )
-    p.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    generator = inspect.signature(generate).parameters  # its own defaults
+    for flag, name, help in SYNTH_FLAGS:
+        default = generator[name].default
+        p.add_argument(
+            flag, dest=name, type=int, default=default, metavar="N", help=f"{help} (default: %(default)s)"
+        )
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser(
@@ -429,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="methods x partitions x seeds side by side (resumable), tabulated")
     compare.add_arguments(p)
     p.set_defaults(func=compare.cmd_compare)
+
+    from .ood import DEFAULT_FALSE_ALARM_RATE  # torch, which the commands' declarations load already
 
     p = sub.add_parser(
         "export",
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ood-false-alarm-rate",
         type=float,
-        default=0.05,
+        default=DEFAULT_FALSE_ALARM_RATE,
         help="share of held-out in-distribution images the OOD threshold flags (default: %(default)s)",
     )
     p.add_argument(
