@@ -74,3 +74,23 @@ def test_a_broken_export_is_refused_the_same_way_by_both(tmp_path):
         proto, session = both(model, tmp_path, expected.split()[0].strip("'="))
         assert isinstance(proto, str) and proto == session, expected
         assert expected in proto
+
+
+def test_every_metadata_key_is_written_and_documented_in_order():
+    """METADATA_KEYS is the contract's list: `onnx_metadata` writes exactly those keys, and docs/contracts.md
+    ("Exported model") names each, in that order."""
+    from pathlib import Path
+
+    from fedmedclip.digests import METADATA_KEYS, onnx_metadata
+
+    written = onnx_metadata(
+        class_names=["a"], image_size=8, preprocessing={}, backbone="tiny", backbone_sha256="0" * 64,
+        method="m", site="global",
+    )  # fmt: skip
+    assert list(written) == list(METADATA_KEYS)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text()
+    listed = doc.index("- `metadata_props`")
+    positions = [doc.find(f"`{key}`", listed) for key in METADATA_KEYS]
+    assert -1 not in positions and positions == sorted(positions), dict(
+        zip(METADATA_KEYS, positions, strict=True)
+    )
