@@ -132,8 +132,8 @@ def _check_request(request, budget: Budget) -> None:
             f"{len(request.inputs)} inputs but {raw} raw_input_contents: they must match one to one",
         )
     for i, tensor in enumerate(request.inputs):
-        parameters = grpc_parameters(tensor.parameters)
-        check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
+        fields = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        check_input({**fields, "parameters": grpc_parameters(tensor.parameters)}, i, budget)
         c = tensor.contents
         for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
             # Typed contents are 32 or 64 bits wide whatever the datatype: a cast would wrap what is too large.
@@ -144,7 +144,7 @@ def _check_request(request, budget: Budget) -> None:
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
     for i, output in enumerate(request.outputs):
-        check_output(output.name, grpc_parameters(output.parameters), i, budget)
+        check_output({"name": output.name, "parameters": grpc_parameters(output.parameters)}, i, budget)
 
 
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
