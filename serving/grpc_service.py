@@ -51,8 +51,9 @@ def _answered(rpc):
         try:
             return await rpc(self, request, context)
         except Exception as exc:
-            where = f"gRPC {rpc.__name__}"
-            told = self.state.failed(exc, self.label(request), where, lambda status: _code(status).name)
+            is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
+            label = self.state.label(request.name if is_metadata else request.model_name)
+            told = self.state.failed(exc, label, f"gRPC {rpc.__name__}", lambda status: _code(status).name)
             await context.abort(_code(told.status), told.message)
 
     return answer
@@ -61,10 +62,6 @@ def _answered(rpc):
 class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServerState, budget: Budget):
         self.state, self.budget = state, budget
-
-    def label(self, request) -> str:
-        is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
-        return self.state.label(request.name if is_metadata else request.model_name)
 
     async def ServerLive(self, request, context):
         return grpc_pb2.ServerLiveResponse(live=True)

@@ -159,9 +159,8 @@ def check_output(spec: dict, i: int, budget: Budget) -> tuple[str, dict | None]:
     return name, params
 
 
-def _data(
-    data: object, t: Tensor, where: str, budget: Budget, elements_left: int
-) -> np.ndarray | list[bytes]:
+def _data(data: object, t: Tensor, where: str, budget: Budget, left: int) -> np.ndarray | list[bytes]:
+    """The input's JSON data as its datatype, within the `left` elements of the request's budget."""
     if not isinstance(data, list):
         raise RequestRejected("bad_data", f"{where}: 'data' must be a JSON array, got {_kind(data)}")
     flat = _flatten(data, where, budget.max_rank)
@@ -170,7 +169,7 @@ def _data(
             "bad_shape",
             f"{where}: 'data' holds {len(flat):,} values but shape {t.shape} needs {math.prod(t.shape):,}",
         )
-    if len(flat) > elements_left:
+    if len(flat) > left:
         raise RequestRejected(
             "too_many_elements",
             f"the request's JSON tensors hold more than the budget of {budget.max_elements:,} elements",
@@ -316,16 +315,18 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
     """kserve's InferRequest from a checked header and the body's binary sections (zero-copy views)."""
     from ._kserve import InferInput, InferRequest, RequestedOutput
 
+    binary = sum(t.binary_size or 0 for t in header.inputs)
+    if offset + binary != len(body):
+        how = "runs past the end of" if offset + binary > len(body) else "leaves unread bytes in"
+        raise RequestRejected(
+            "bad_request",
+            f"the inputs' binary_data_size ({binary:,} bytes in all) {how} the request body ({len(body) - offset:,} "
+            "bytes after the JSON)",
+        )
     inputs = []
     for t in header.inputs:
         inp = InferInput(name=t.name, shape=t.shape, datatype=t.datatype, parameters=t.parameters)
         if t.binary_size is not None:
-            if offset + t.binary_size > len(body):
-                raise RequestRejected(
-                    "bad_request",
-                    f"input {quoted(t.name)}: binary_data_size {t.binary_size} runs past the end of the request "
-                    f"body ({len(body) - offset} bytes left)",
-                )
             # The attribute kserve's gRPC path fills from raw_input_contents: as_numpy() reads it in place.
             inp._raw_data = memoryview(body)[offset : offset + t.binary_size]
             offset += t.binary_size
@@ -334,11 +335,6 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
         else:
             inp.data = t.data
         inputs.append(inp)
-    if offset != len(body):
-        raise RequestRejected(
-            "bad_request",
-            f"{len(body) - offset} bytes after the last binary input: binary_data_size is wrong",
-        )
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,

@@ -39,10 +39,6 @@ def json_response(body: dict, status: int = 200) -> Response:
     )
 
 
-def error_response(status: int, message: str) -> Response:
-    return json_response({"error": message}, status)
-
-
 def _where(request: Request) -> str:
     return f"{request.method} {request.url.path[:80]}"
 
@@ -87,7 +83,7 @@ class RestApi:
         name = request.path_params.get("name")
         label = label or (metrics.NO_MODEL if name is None else self.state.label(name))
         told = self.state.failed(exc, label, _where(request), "HTTP {}".format)
-        return error_response(told.status, told.message)
+        return json_response({"error": told.message}, told.status)
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         # Starlette's own: no route (404) or a method the route does not take (405).
@@ -109,7 +105,7 @@ class RestApi:
         if self.state.ready():
             return json_response({"ready": True})
         why = "the server is shutting down" if self.state.draining else "a model is not loaded"
-        return error_response(503, f"not ready: {why}")
+        return json_response({"error": f"not ready: {why}"}, 503)
 
     async def server_metadata(self, request: Request) -> Response:
         return json_response(self.state.metadata())
@@ -126,7 +122,7 @@ class RestApi:
         try:
             self.state.model_ready(name, request.path_params.get("version"))
         except NotReady as exc:  # a probe's answer, not a refused request
-            return error_response(503, exc.message)
+            return json_response({"error": exc.message}, 503)
         return json_response({"name": name, "ready": True})
 
     async def metrics(self, request: Request) -> Response:
@@ -137,8 +133,6 @@ class RestApi:
         name, action = request.path_params["name"], request.url.path.rsplit("/", 1)[1]
         await self.state.control(action, name, request.headers.get("authorization"))
         return json_response({"name": name, action: True})
-
-    # ---- inference ---------------------------------------------------------------------------------------
 
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
