@@ -57,18 +57,14 @@ class RestApi:
             "/v2/models": self.list_models,
             "/metrics": self.metrics,
         }
-        routes = [Route(path, endpoint, methods=["GET"]) for path, endpoint in get.items()]
+        post = {}
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            routes += [
-                Route(model, self.model_metadata, methods=["GET"]),
-                Route(f"{model}/ready", self.model_ready, methods=["GET"]),
-                Route(f"{model}/infer", self.infer, methods=["POST"]),
-            ]
+            get |= {model: self.model_metadata, f"{model}/ready": self.model_ready}
+            post[f"{model}/infer"] = self.infer
         if self.state.control_enabled:
-            routes += [
-                Route(f"/v2/repository/models/{{name}}/{a}", self.control, methods=["POST"])
-                for a in ("load", "unload")
-            ]
+            post |= {f"/v2/repository/models/{{name}}/{a}": self.control for a in ("load", "unload")}
+        routes = [Route(path, endpoint, methods=["GET"]) for path, endpoint in get.items()]
+        routes += [Route(path, endpoint, methods=["POST"]) for path, endpoint in post.items()]
         # RequestRejected apart: Starlette re-raises what reaches its handler of Exception (a traceback).
         handlers = {
             RequestRejected: self._failed,
