@@ -296,19 +296,19 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def json_part(body: bytes, headers) -> tuple[bytes, int]:
-    """(the JSON part, where the binary data starts) of a REST request body, from the binary tensor data
-    extension's Inference-Header-Content-Length header (absent: all JSON)."""
+def json_part(body: bytes, headers) -> bytes:
+    """The JSON part of a REST request body, the binary data following it: the binary tensor data extension's
+    Inference-Header-Content-Length header (absent: all JSON)."""
     raw = headers.get("inference-header-content-length")
     if raw is None:
-        return body, len(body)
+        return body
     if not raw.isdigit() or not 0 < int(raw) <= len(body):
         raise RequestRejected(
             "bad_request",
             f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "
             f"got {quoted(raw, 24)}",
         )
-    return body[: int(raw)], int(raw)
+    return body[: int(raw)]
 
 
 def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, version: str | None):

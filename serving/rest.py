@@ -135,8 +135,8 @@ class RestApi:
 
         async def read_request():
             body = await self._read_body(request)
-            text, offset = json_part(body, request.headers)
-            return to_infer_request(await self.parser.parse(text), body, offset, name, version)
+            text = json_part(body, request.headers)
+            return to_infer_request(await self.parser.parse(text), body, len(text), name, version)
 
         try:
             return _encoded(await self.state.infer(name, version, read_request, dict(request.headers)))
