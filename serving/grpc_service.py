@@ -51,8 +51,9 @@ def _answered(rpc):
         try:
             return await rpc(self, request, context)
         except Exception as exc:
-            where = f"gRPC {rpc.__name__}"
-            told = self.state.failed(exc, self.label(request), where, lambda status: _code(status).name)
+            is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
+            label = self.state.label(request.name if is_metadata else request.model_name)
+            told = self.state.failed(exc, label, f"gRPC {rpc.__name__}", lambda status: _code(status).name)
             await context.abort(_code(told.status), told.message)
 
     return answer
@@ -61,10 +62,6 @@ def _answered(rpc):
 class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServerState, budget: Budget):
         self.state, self.budget = state, budget
-
-    def label(self, request) -> str:
-        is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
-        return self.state.label(request.name if is_metadata else request.model_name)
 
     async def ServerLive(self, request, context):
         return grpc_pb2.ServerLiveResponse(live=True)
@@ -132,8 +129,8 @@ def _check_request(request, budget: Budget) -> None:
             f"{len(request.inputs)} inputs but {raw} raw_input_contents: they must match one to one",
         )
     for i, tensor in enumerate(request.inputs):
-        parameters = grpc_parameters(tensor.parameters)
-        check_input(tensor.name, tensor.datatype, list(tensor.shape), parameters, i, budget)
+        fields = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        check_input({**fields, "parameters": grpc_parameters(tensor.parameters)}, i, budget)
         c = tensor.contents
         for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
             # Typed contents are 32 or 64 bits wide whatever the datatype: a cast would wrap what is too large.
@@ -144,7 +141,7 @@ def _check_request(request, budget: Budget) -> None:
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
     for i, output in enumerate(request.outputs):
-        check_output(output.name, grpc_parameters(output.parameters), i, budget)
+        check_output({"name": output.name, "parameters": grpc_parameters(output.parameters)}, i, budget)
 
 
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:

@@ -83,55 +83,45 @@ def parse_header(text: bytes, budget: Budget) -> Header:
             "binary data or encoded files",
         )
     try:
-        doc = orjson.loads(text)
+        doc = _object(orjson.loads(text), "the request")
     except orjson.JSONDecodeError as exc:
         # orjson's message names the position and the kind of problem, never the text itself.
         raise RequestRejected("bad_json", f"the request is not valid JSON: {exc}") from None
-    _object(doc, "the request")
     request_id = None if doc.get("id") is None else _string(doc["id"], '"id"', budget.max_string)
     header = Header(request_id, check_parameters(doc.get("parameters"), "the request", budget), [])
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise RequestRejected("bad_request", 'the request needs "inputs": a non-empty list of input tensors')
-    if len(inputs) > budget.max_inputs:
+    inputs, outputs = doc.get("inputs"), doc.get("outputs")
+    if not isinstance(inputs, list) or not 0 < len(inputs) <= budget.max_inputs:
+        got = len(inputs) if isinstance(inputs, list) else _kind(inputs)
         raise RequestRejected(
-            "bad_request", f"{len(inputs)} input tensors, over the limit of {budget.max_inputs}"
+            "bad_request", f'"inputs" must be a list of 1 to {budget.max_inputs} tensors, got {got}'
         )
     left = budget.max_elements
     for i, spec in enumerate(inputs):
         spec = _object(spec, f"input {i}")
-        t = check_input(
-            spec.get("name"), spec.get("datatype"), spec.get("shape"), spec.get("parameters"), i, budget
-        )
+        t = check_input(spec, i, budget)
         where = f"input {quoted(t.name)}"
-        if t.binary_size is not None and "data" in spec:
-            raise RequestRejected("bad_request", f"{where} has both 'data' and a binary_data_size parameter")
+        if (t.binary_size is None) == ("data" not in spec):  # the data come one way, exactly
+            has = "both 'data' and" if "data" in spec else "neither 'data' nor"
+            raise RequestRejected("bad_request", f"{where} has {has} a 'binary_data_size' parameter")
         if t.binary_size is None:
-            if "data" not in spec:
-                raise RequestRejected(
-                    "bad_request", f"{where} has neither 'data' nor a 'binary_data_size' parameter"
-                )
             t.data = _data(spec["data"], t, where, budget, left)
             left -= len(t.data)
         header.inputs.append(t)
-    outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or len(outputs) > budget.max_outputs:
             raise RequestRejected(
                 "bad_request", f'"outputs" must be a list of at most {budget.max_outputs} objects'
             )
-        header.outputs = []
-        for i, spec in enumerate(outputs):
-            spec = _object(spec, f"output {i}")
-            header.outputs.append(check_output(spec.get("name"), spec.get("parameters"), i, budget))
+        header.outputs = [check_output(_object(o, f"output {i}"), i, budget) for i, o in enumerate(outputs)]
     return header
 
 
-def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Tensor:
-    """Input `i` as a JSON or a gRPC request gives it, without its data."""
-    name = _string(name, f"input {i}: 'name'", budget.max_string)
+def check_input(spec: dict, i: int, budget: Budget) -> Tensor:
+    """Input `i` without its data: a JSON request's object, or a gRPC request's fields in one."""
+    name = _string(spec.get("name"), f"input {i}: 'name'", budget.max_string)
     where = f"input {quoted(name)}"
-    datatype = _string(datatype, f"{where}: 'datatype'", budget.max_string)
+    datatype = _string(spec.get("datatype"), f"{where}: 'datatype'", budget.max_string)
+    shape = spec.get("shape")
     if datatype not in DATATYPES:
         raise RequestRejected(
             "bad_dtype",
@@ -147,7 +137,7 @@ def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Te
             raise RequestRejected(
                 "bad_shape", f"{where}: 'shape' entries must be non-negative integers, got {quoted(d)}"
             )
-    parameters = check_parameters(parameters, where, budget)
+    parameters = check_parameters(spec.get("parameters"), where, budget)
     size = (parameters or {}).get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
         raise RequestRejected(
@@ -156,10 +146,10 @@ def check_input(name, datatype, shape, parameters, i: int, budget: Budget) -> Te
     return Tensor(name, datatype, shape, parameters, size)
 
 
-def check_output(name, parameters, i: int, budget: Budget) -> tuple[str, dict | None]:
-    """Requested output `i`'s name and parameters, as a JSON or a gRPC request gives them."""
-    name = _string(name, f"output {i}: 'name'", budget.max_string)
-    params = check_parameters(parameters, f"output {quoted(name)}", budget)
+def check_output(spec: dict, i: int, budget: Budget) -> tuple[str, dict | None]:
+    """Requested output `i`'s name and parameters: a JSON request's object, or a gRPC request's fields in one."""
+    name = _string(spec.get("name"), f"output {i}: 'name'", budget.max_string)
+    params = check_parameters(spec.get("parameters"), f"output {quoted(name)}", budget)
     if params and "binary_data" in params and type(params["binary_data"]) is not bool:
         raise RequestRejected(
             "bad_parameters",
@@ -169,9 +159,8 @@ def check_output(name, parameters, i: int, budget: Budget) -> tuple[str, dict | 
     return name, params
 
 
-def _data(
-    data: object, t: Tensor, where: str, budget: Budget, elements_left: int
-) -> np.ndarray | list[bytes]:
+def _data(data: object, t: Tensor, where: str, budget: Budget, left: int) -> np.ndarray | list[bytes]:
+    """The input's JSON data as its datatype, within the `left` elements of the request's budget."""
     if not isinstance(data, list):
         raise RequestRejected("bad_data", f"{where}: 'data' must be a JSON array, got {_kind(data)}")
     flat = _flatten(data, where, budget.max_rank)
@@ -180,7 +169,7 @@ def _data(
             "bad_shape",
             f"{where}: 'data' holds {len(flat):,} values but shape {t.shape} needs {math.prod(t.shape):,}",
         )
-    if len(flat) > elements_left:
+    if len(flat) > left:
         raise RequestRejected(
             "too_many_elements",
             f"the request's JSON tensors hold more than the budget of {budget.max_elements:,} elements",
@@ -282,23 +271,16 @@ def check_parameters(value: object, where: str, budget: Budget) -> dict | None:
         )
     for key, v in value.items():
         if len(key) > budget.max_string:
-            raise RequestRejected(
-                "bad_parameters", f"{where}: a parameter name is over {budget.max_string} characters"
-            )
-        if type(v) not in (str, int, float, bool):
-            raise RequestRejected(
-                "bad_parameters",
-                f"{where}: parameter {quoted(key)} must be a string, number or boolean, got {_kind(v)}",
-            )
-        if type(v) is float and not math.isfinite(v):
-            raise RequestRejected(
-                "bad_parameters", f"{where}: parameter {quoted(key)} is {v}, not a finite number"
-            )
-        if type(v) is str and len(v) > budget.max_parameter_string:
-            raise RequestRejected(
-                "bad_parameters",
-                f"{where}: parameter {quoted(key)} is over {budget.max_parameter_string} characters",
-            )
+            problem = f"a parameter name is over {budget.max_string} characters"
+        elif type(v) not in (str, int, float, bool):
+            problem = f"parameter {quoted(key)} must be a string, number or boolean, got {_kind(v)}"
+        elif type(v) is float and not math.isfinite(v):
+            problem = f"parameter {quoted(key)} is {v}, not a finite number"
+        elif type(v) is str and len(v) > budget.max_parameter_string:
+            problem = f"parameter {quoted(key)} is over {budget.max_parameter_string} characters"
+        else:
+            continue
+        raise RequestRejected("bad_parameters", f"{where}: {problem}")
     return value
 
 
@@ -314,35 +296,37 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def json_part(body: bytes, headers) -> tuple[bytes, int]:
-    """(the JSON part, where the binary data starts) of a REST request body, from the binary tensor data
-    extension's Inference-Header-Content-Length header (absent: all JSON)."""
+def json_part(body: bytes, headers) -> bytes:
+    """The JSON part of a REST request body, the binary data following it: the binary tensor data extension's
+    Inference-Header-Content-Length header (absent: all JSON)."""
     raw = headers.get("inference-header-content-length")
     if raw is None:
-        return body, len(body)
+        return body
     if not raw.isdigit() or not 0 < int(raw) <= len(body):
         raise RequestRejected(
             "bad_request",
             f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "
             f"got {quoted(raw, 24)}",
         )
-    return body[: int(raw)], int(raw)
+    return body[: int(raw)]
 
 
 def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, version: str | None):
     """kserve's InferRequest from a checked header and the body's binary sections (zero-copy views)."""
     from ._kserve import InferInput, InferRequest, RequestedOutput
 
+    binary = sum(t.binary_size or 0 for t in header.inputs)
+    if offset + binary != len(body):
+        how = "runs past the end of" if offset + binary > len(body) else "leaves unread bytes in"
+        raise RequestRejected(
+            "bad_request",
+            f"the inputs' binary_data_size ({binary:,} bytes in all) {how} the request body ({len(body) - offset:,} "
+            "bytes after the JSON)",
+        )
     inputs = []
     for t in header.inputs:
         inp = InferInput(name=t.name, shape=t.shape, datatype=t.datatype, parameters=t.parameters)
         if t.binary_size is not None:
-            if offset + t.binary_size > len(body):
-                raise RequestRejected(
-                    "bad_request",
-                    f"input {quoted(t.name)}: binary_data_size {t.binary_size} runs past the end of the request "
-                    f"body ({len(body) - offset} bytes left)",
-                )
             # The attribute kserve's gRPC path fills from raw_input_contents: as_numpy() reads it in place.
             inp._raw_data = memoryview(body)[offset : offset + t.binary_size]
             offset += t.binary_size
@@ -351,11 +335,6 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
         else:
             inp.data = t.data
         inputs.append(inp)
-    if offset != len(body):
-        raise RequestRejected(
-            "bad_request",
-            f"{len(body) - offset} bytes after the last binary input: binary_data_size is wrong",
-        )
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,

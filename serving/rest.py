@@ -39,10 +39,6 @@ def json_response(body: dict, status: int = 200) -> Response:
     )
 
 
-def error_response(status: int, message: str) -> Response:
-    return json_response({"error": message}, status)
-
-
 def _where(request: Request) -> str:
     return f"{request.method} {request.url.path[:80]}"
 
@@ -61,18 +57,14 @@ class RestApi:
             "/v2/models": self.list_models,
             "/metrics": self.metrics,
         }
-        routes = [Route(path, endpoint, methods=["GET"]) for path, endpoint in get.items()]
+        post = {}
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-            routes += [
-                Route(model, self.model_metadata, methods=["GET"]),
-                Route(f"{model}/ready", self.model_ready, methods=["GET"]),
-                Route(f"{model}/infer", self.infer, methods=["POST"]),
-            ]
+            get |= {model: self.model_metadata, f"{model}/ready": self.model_ready}
+            post[f"{model}/infer"] = self.infer
         if self.state.control_enabled:
-            routes += [
-                Route(f"/v2/repository/models/{{name}}/{a}", self.control, methods=["POST"])
-                for a in ("load", "unload")
-            ]
+            post |= {f"/v2/repository/models/{{name}}/{a}": self.control for a in ("load", "unload")}
+        routes = [Route(path, endpoint, methods=["GET"]) for path, endpoint in get.items()]
+        routes += [Route(path, endpoint, methods=["POST"]) for path, endpoint in post.items()]
         # RequestRejected apart: Starlette re-raises what reaches its handler of Exception (a traceback).
         handlers = {
             RequestRejected: self._failed,
@@ -87,7 +79,7 @@ class RestApi:
         name = request.path_params.get("name")
         label = label or (metrics.NO_MODEL if name is None else self.state.label(name))
         told = self.state.failed(exc, label, _where(request), "HTTP {}".format)
-        return error_response(told.status, told.message)
+        return json_response({"error": told.message}, told.status)
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         # Starlette's own: no route (404) or a method the route does not take (405).
@@ -109,7 +101,7 @@ class RestApi:
         if self.state.ready():
             return json_response({"ready": True})
         why = "the server is shutting down" if self.state.draining else "a model is not loaded"
-        return error_response(503, f"not ready: {why}")
+        return json_response({"error": f"not ready: {why}"}, 503)
 
     async def server_metadata(self, request: Request) -> Response:
         return json_response(self.state.metadata())
@@ -126,7 +118,7 @@ class RestApi:
         try:
             self.state.model_ready(name, request.path_params.get("version"))
         except NotReady as exc:  # a probe's answer, not a refused request
-            return error_response(503, exc.message)
+            return json_response({"error": exc.message}, 503)
         return json_response({"name": name, "ready": True})
 
     async def metrics(self, request: Request) -> Response:
@@ -138,15 +130,13 @@ class RestApi:
         await self.state.control(action, name, request.headers.get("authorization"))
         return json_response({"name": name, action: True})
 
-    # ---- inference ---------------------------------------------------------------------------------------
-
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
 
         async def read_request():
             body = await self._read_body(request)
-            text, offset = json_part(body, request.headers)
-            return to_infer_request(await self.parser.parse(text), body, offset, name, version)
+            text = json_part(body, request.headers)
+            return to_infer_request(await self.parser.parse(text), body, len(text), name, version)
 
         try:
             return _encoded(await self.state.infer(name, version, read_request, dict(request.headers)))
