@@ -13,8 +13,8 @@ MIB = 1024 * 1024
 
 
 def _declare(group: str, default, help: str, **kwargs):
-    """setting() whose help, for a flag that takes a value, ends with its default."""
-    suffix = "" if isinstance(default, bool) else " (default: %(default)s)"
+    """setting() whose help, for a flag that takes a value and has a default, ends with that default."""
+    suffix = "" if isinstance(default, bool) or default is None else " (default: %(default)s)"
     return setting(default, help=help + suffix, group=group, **kwargs)
 
 
@@ -156,7 +156,13 @@ class ServerOptions(_Checked):
         minimum=0,
     )
     log_level: str = _server("INFO", "the server's log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    control_token: str | None = None  # enables model control for requests presenting it (not a flag: a file)
+    model_control_token_file: str | None = _server(
+        None,
+        "enable model control (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) for "
+        "requests with `Authorization: Bearer TOKEN`, TOKEN being this file's content (at least 32 characters). "
+        "Without it, no model can be loaded or unloaded over the network",
+    )
+    control_token: str | None = None  # that file's token, read by the CLI: it enables model control
     positive = ("body_timeout",)
 
     def __post_init__(self) -> None:
