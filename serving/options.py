@@ -9,6 +9,8 @@ from functools import partial
 from fedmedclip.errors import ConfigError
 from fedmedclip.flags import check_declared, setting
 
+from .errors import RequestRejected
+
 MIB = 1024 * 1024
 
 
@@ -59,6 +61,13 @@ class Limits(_Checked):
     )
 
     positive = ("max_decode_seconds",)
+
+    def exceeded(self, code: str, limit: str, what: str, after: str = "") -> RequestRejected:
+        """The refusal of a request for `what`, over the limit `limit`, naming the server option that sets it."""
+        flag = "--" + limit.replace("_", "-")
+        return RequestRejected(
+            code, f"{what} over the limit of {getattr(self, limit):,} (server option {flag}){after}"
+        )
 
 
 @dataclass(frozen=True)
