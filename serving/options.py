@@ -11,8 +11,6 @@ from fedmedclip.flags import check_declared, setting
 
 from .errors import RequestRejected
 
-MIB = 1024 * 1024
-
 
 def _declare(group: str, default, help: str, **kwargs):
     """setting() whose help, for a flag that takes a value and has a default, ends with that default."""
@@ -48,7 +46,7 @@ class Limits(_Checked):
         40_000_000, "width*height of one encoded image, checked from its header before decoding", minimum=1
     )
     max_request_bytes: int = _limit(
-        64 * MIB, "request body (REST) / message (gRPC) size limit in bytes", minimum=1
+        64 * 1024 * 1024, "request body (REST) / message (gRPC) size limit in bytes", minimum=1
     )
     max_request_pixels: int = _limit(
         64 * 2048 * 2048,
