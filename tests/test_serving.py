@@ -334,6 +334,43 @@ def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_respon
     assert len(err.strip().splitlines()) == 1
 
 
+def test_predict_cli_reads_a_refusal_or_a_model_list_that_is_not_an_object(tmp_path, capsys):
+    """An error answer whose JSON is an array, or a model list that is not a list: one line, exit 2."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serving.cli import main
+
+    class Answer(BaseHTTPRequestHandler):
+        def answer(self, status: int, body: bytes):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer(200, b'{"models": 5}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(500, b"[1, 2]")
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    image = tmp_path / "scan.png"
+    image.write_bytes(encode(smooth_image(40, 40, 1), "PNG"))
+    url = f"http://127.0.0.1:{other.server_address[1]}"
+    try:
+        assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
+        assert f"{url} answered HTTP 500 for ['{image}']: [1, 2]" in capsys.readouterr().err
+        assert main(["predict", "--url", url, str(image)]) == 2
+        assert f"{url} serves 5: pass --model NAME" in capsys.readouterr().err
+    finally:
+        other.shutdown()
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
