@@ -38,18 +38,20 @@ def register(subparsers) -> None:
         "MODEL.onnx.sha256 sidecar `fedmedclip export` writes, and refused without either. Several models: give "
         "each a name, e.g. `global=models:/fedmedclip@champion site_0=site_0.onnx`",
     )
+    serve.add_argument(
+        "--name",
+        default="fedmedclip",
+        help="name of a single model given without NAME= (default: %(default)s)",
+    )
     for options in (ServerOptions, ModelOptions, Limits, Batching, MonitorOptions):
         add_config_arguments(serve, SERVE, options)
-    for flag, default, help in (
-        ("--name", "fedmedclip", "name of a single model given without NAME= (default: %(default)s)"),
-        (
-            "--expected-sha256",
-            None,
-            "refuse to start unless the model file has this sha256 (registry models are checked against their tag)",
-        ),
-        ("--cache-dir", None, "where a registry model is downloaded (default: a new temporary folder)"),
-    ):
-        serve.add_argument(flag, default=default, help=help)
+    serve.add_argument(
+        "--expected-sha256",
+        help="refuse to start unless the model file has this sha256 (registry models are checked against their tag)",
+    )
+    serve.add_argument(
+        "--cache-dir", help="where a registry model is downloaded (default: a new temporary folder)"
+    )
     serve.set_defaults(func=_serve)
 
     predict = subparsers.add_parser(
@@ -104,10 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
     model_options = replace(
         options_from_args(args, ModelOptions), limits=limits, batching=batching, monitoring=monitoring
     )
-    server_options = options_from_args(args, ServerOptions)
-    server_options = replace(
-        server_options, control_token=_control_token(server_options.model_control_token_file)
-    )
+    token = _control_token(args.model_control_token_file)
+    server_options = replace(options_from_args(args, ServerOptions), control_token=token)
     for flag, port in server_options.ports():
         # Checked before the model is fetched and loaded: the server would only fail once it starts listening.
         problem = _cannot_listen(args.host, port)
