@@ -96,8 +96,8 @@ class FedMedClipModel(kserve.Model):
         value over 4,096 characters by its sha256)."""
         contract, s = self.classifier.contract, self.classifier.contract.image_size
         served = {"version": self.version, "origin": self.resolved.origin, "sha256": self.resolved.sha256}
-        served["device"] = self.classifier.device
         properties = {f"served.{key}": value for key, value in served.items()}
+        properties["served.device"] = self.classifier.device
         for key, value in sorted(contract.metadata.items()):
             if len(value) > 4096:
                 value = f"sha256:{sha256_bytes(value.encode())} ({len(value)} characters)"
