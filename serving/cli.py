@@ -52,12 +52,6 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--cache-dir", help="where a registry model is downloaded (default: a new temporary folder)"
     )
-    serve.add_argument(
-        "--model-control-token-file",
-        help="enable model control (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
-        "Unload) for requests with `Authorization: Bearer TOKEN`, TOKEN being this file's content (at least 32 "
-        "characters). Without it, no model can be loaded or unloaded over the network",
-    )
     serve.set_defaults(func=_serve)
 
     predict = subparsers.add_parser(
@@ -230,31 +224,30 @@ def _predict(args: argparse.Namespace) -> int:
         except requests.RequestException as exc:
             raise FedMedClipError(f"cannot reach the server at {base}: {exc}") from None
 
+    def field(resp, key: str, default):
+        """`key` of the server's JSON object answer, else `default` (the answer may be neither)."""
+        try:
+            return resp.json().get(key, default)
+        except (ValueError, AttributeError):
+            return default
+
     model = args.model
     if model is None:
         resp = call("GET", "")
-        try:
-            models = resp.json().get("models", []) if resp.ok else []
-        except (ValueError, AttributeError):
-            models = []
-        if len(models) != 1:
+        models = field(resp, "models", []) if resp.ok else []
+        if not isinstance(models, list) or len(models) != 1:
             raise FedMedClipError(f"{base} serves {models or 'no listable models'}: pass --model NAME")
         model = models[0]
 
     results = []
     for start in range(0, len(paths), args.batch):
-        chunk = paths[start : start + args.batch]
-        body, json_length = encode_bytes_request([p.read_bytes() for p in chunk])
+        chunk = [str(p) for p in paths[start : start + args.batch]]
+        body, json_length = encode_bytes_request([Path(p).read_bytes() for p in chunk])
         headers = {"Inference-Header-Content-Length": str(json_length)}
         resp = call("POST", f"/{model}/infer", data=body, headers=headers)
         if resp.status_code != 200:
-            try:
-                detail = resp.json().get("error", resp.text)
-            except ValueError:
-                detail = resp.text
-            raise FedMedClipError(
-                f"{base} answered HTTP {resp.status_code} for {[str(p) for p in chunk]}: {detail}"
-            )
+            detail = field(resp, "error", resp.text)
+            raise FedMedClipError(f"{base} answered HTTP {resp.status_code} for {chunk}: {detail}")
         try:  # the server's answer is read as what it claims to be: a v2 inference response
             answer = resp.json()
             probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
@@ -264,12 +257,10 @@ def _predict(args: argparse.Namespace) -> int:
             for i, path in enumerate(chunk):
                 row = zip(names, map(float, probs["data"][i * width : (i + 1) * width]), strict=True)
                 ranked = sorted(row, key=lambda t: -t[1])[: args.top]
-                results.append(
-                    {"image": str(path), "top": [{"class": c, "probability": p} for c, p in ranked]}
-                )
+                results.append({"image": path, "top": [{"class": c, "probability": p} for c, p in ranked]})
         except (ValueError, LookupError, TypeError, AttributeError, StopIteration) as exc:
             raise FedMedClipError(
-                f"{base} answered HTTP 200 for {[str(p) for p in chunk]} without a v2 inference response with "
+                f"{base} answered HTTP 200 for {chunk} without a v2 inference response with "
                 f"`probabilities` ({type(exc).__name__}: {str(exc)[:200]})"
             ) from None
 
@@ -293,7 +284,3 @@ def main(argv: list[str] | None = None) -> int:
     except FedMedClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,9 @@
 """Server-side image decoding: encoded JPEG/PNG bytes -> the uint8 [S, S, 3] array the ONNX graph takes, with
 training's geometry (`Preprocessing.to_uint8`). Every failure is a `RequestRejected` naming the image by its
 index in the request: one bad file gets the client a 400 and the server keeps going. A few kilobytes of PNG
-can decode to tens of megapixels, so a request is budgeted: its images' sizes are read from their headers
-first (`max_request_pixels`), and decoding stops once its images have taken `max_decode_seconds` of CPU."""
+can decode to tens of megapixels, so a request is budgeted: its bytes (`max_request_bytes`), its images' sizes
+read from their headers first (`max_request_pixels`), and decoding stops once its images have taken
+`max_decode_seconds` of CPU."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .errors import RequestRejected
 from .options import Limits
 
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+_FEWER = "; send fewer or smaller images per request"
 
 
 def install_pil_guards(limits: Limits) -> None:
@@ -38,6 +40,10 @@ def install_pil_guards(limits: Limits) -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _corrupt(index: int, problem: str) -> RequestRejected:
+    return RequestRejected("corrupt_image", f"image {index} {problem}")
+
+
 def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     """Parse one file's header (no pixel is decoded); refuse it unless it is a JPEG/PNG within the pixel
     limit. (Pillow itself refuses a width or height of 0 as unidentified.)"""
@@ -48,29 +54,20 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     except UnidentifiedImageError:
         fmt = next((f for magic, f in _MAGIC.items() if data.startswith(magic)), None)
         if fmt is not None:
-            raise RequestRejected(
-                "corrupt_image", f"image {index} starts like a {fmt} file but is corrupt or truncated"
-            ) from None
-        raise RequestRejected(
-            "not_an_image",
-            f"image {index} is not a JPEG or PNG file ({len(data)} bytes starting {data[:8]!r})",
-        ) from None
+            raise _corrupt(index, f"starts like a {fmt} file but is corrupt or truncated") from None
+        problem = f"image {index} is not a JPEG or PNG file ({len(data)} bytes starting {data[:8]!r})"
+        raise RequestRejected("not_an_image", problem) from None
     except Image.DecompressionBombError as exc:
-        raise RequestRejected(
-            "image_too_large",
-            f"image {index} is over the limit of {limits.max_image_pixels:,} pixels "
-            f"(server option --max-image-pixels): {exc}",
+        raise limits.exceeded(
+            "image_too_large", "max_image_pixels", f"image {index} is", f": {exc}"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise RequestRejected("corrupt_image", f"image {index} has a corrupt header: {exc}") from None
+        raise _corrupt(index, f"has a corrupt header: {exc}") from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
         image.close()
-        raise RequestRejected(
-            "image_too_large",
-            f"image {index} is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{limits.max_image_pixels:,} (server option --max-image-pixels)",
-        )
+        size = f"image {index} is {width}x{height} = {width * height:,} pixels,"
+        raise limits.exceeded("image_too_large", "max_image_pixels", size)
     return image
 
 
@@ -89,19 +86,15 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise RequestRejected(
-                "corrupt_image", f"image {index} ({image.format}) is corrupt or truncated: {exc}"
-            ) from None
+            raise _corrupt(index, f"({image.format}) is corrupt or truncated: {exc}") from None
         problem = png_rows_problem(data, image.size) if image.format == "PNG" else None
         if problem:
-            raise RequestRejected("corrupt_image", f"image {index} (PNG) is {problem}")
+            raise _corrupt(index, f"(PNG) is {problem}")
         try:
             pixels = pre.to_uint8(image)
         except (OSError, ValueError) as exc:
-            raise RequestRejected(
-                "corrupt_image",
-                f"image {index} ({image.format}, mode {image.mode}) cannot be converted: {exc}",
-            ) from None
+            problem = f"({image.format}, mode {image.mode}) cannot be converted: {exc}"
+            raise _corrupt(index, problem) from None
     return pixels, time.thread_time() - started
 
 
@@ -126,27 +119,24 @@ class DecodePool:
 
     async def decode(self, blobs: list[bytes], pre: Preprocessing, limits: Limits) -> np.ndarray:
         """uint8 [N, S, S, 3] for N encoded files, in order, within the request budgets of `limits`."""
+        total = sum(len(b) for b in blobs)
+        if total > limits.max_request_bytes:
+            raise limits.exceeded(
+                "request_too_large", "max_request_bytes", f"{total:,} bytes of images in one request,"
+            )
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self._executor, _header_pixels, blobs, limits)
         if sum(pixels) > limits.max_request_pixels:
-            raise RequestRejected(
-                "request_too_many_pixels",
-                f"the request's {len(blobs)} images hold {sum(pixels):,} pixels in all, over the per-request "
-                f"budget of {limits.max_request_pixels:,} (server option --max-request-pixels); send fewer "
-                "or smaller images per request",
-            )
+            what = f"the request's {len(blobs)} images hold {sum(pixels):,} pixels in all,"
+            raise limits.exceeded("request_too_many_pixels", "max_request_pixels", what, _FEWER)
         slots, spent, refusal = asyncio.Semaphore(max(1, self.threads // 2)), 0.0, None
 
         async def decode_one(i: int) -> np.ndarray | None:
             nonlocal spent, refusal
             async with slots:
                 if refusal is None and spent > limits.max_decode_seconds:
-                    refusal = RequestRejected(
-                        "decode_budget",
-                        f"decoding {i} of the request's {len(blobs)} images took {spent:.1f} s of CPU, over "
-                        f"the per-request budget of {limits.max_decode_seconds:g} s (server option "
-                        "--max-decode-seconds); send fewer or smaller images per request",
-                    )
+                    what = f"decoding {i} of the request's {len(blobs)} images took {spent:.1f} s of CPU,"
+                    refusal = limits.exceeded("decode_budget", "max_decode_seconds", what, _FEWER)
                 if refusal is not None:  # the images already in the pool finish; nothing new starts
                     return None
                 try:

@@ -123,8 +123,10 @@ class FedMedClipModel(kserve.Model):
             kind = "uint8" if inp.name == INPUT_UINT8 else "bytes"
             # UINT8 data may be a read-only view of the request body: the batcher only concatenates or runs it
             data = self._read(inp)
-            images = data if kind == "uint8" else await self._decode(data)
-            outputs = await self.batcher.submit(images)
+            if kind == "bytes":  # bytes whichever way they came: binary, or JSON base64 (serving.protocol)
+                pre = self.classifier.contract.preprocessing
+                data = await self.decoder.decode(list(data.reshape(-1)), pre, self.limits)
+            outputs = await self.batcher.submit(data)
         # Refusals (RequestRejected) and internal errors go up: the front end logs and counts each once.
         finally:
             metrics.REQUESTS.labels(self.name, protocol, kind).inc()
@@ -187,11 +189,8 @@ class FedMedClipModel(kserve.Model):
         if shape[0] == 0:
             raise RequestRejected("empty_batch", "the request holds no images (batch dimension is 0)")
         if shape[0] > self.limits.max_batch_images:
-            raise RequestRejected(
-                "too_many_images",
-                f"{shape[0]} images in one request, over the limit of {self.limits.max_batch_images} "
-                "(server option --max-batch-images); split the request",
-            )
+            what = f"{shape[0]} images in one request,"
+            raise self.limits.exceeded("too_many_images", "max_batch_images", what, "; split the request")
         try:
             data = inp.as_numpy()
         except (ValueError, TypeError, OverflowError, struct.error) as exc:
@@ -200,19 +199,6 @@ class FedMedClipModel(kserve.Model):
                 f"input {inp.name!r}: its data does not fill shape {shape} of {inp.datatype} ({exc})",
             ) from None
         return data  # as_numpy reshapes to `shape`: the count of elements is checked
-
-    async def _decode(self, items: np.ndarray) -> np.ndarray:
-        """Encoded files -> pixels: off the event loop, on the shared pool, within the request's budgets."""
-        # bytes whichever way they came: binary (REST extension, gRPC) or JSON (serving.protocol reads base64)
-        blobs = list(items.reshape(-1))
-        total = sum(len(b) for b in blobs)
-        if total > self.limits.max_request_bytes:
-            raise RequestRejected(
-                "request_too_large",
-                f"{total:,} bytes of images in one request, over the limit of {self.limits.max_request_bytes:,} "
-                "(server option --max-request-bytes)",
-            )
-        return await self.decoder.decode(blobs, self.classifier.contract.preprocessing, self.limits)
 
     def _response(self, payload: InferRequest, outputs: tuple[np.ndarray, ...]) -> InferResponse:
         probs, index = outputs[:2]

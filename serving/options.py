@@ -3,18 +3,19 @@ and the server's objects come from here. Standard library only: the core CLI imp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
 from fedmedclip.errors import ConfigError
 from fedmedclip.flags import check_declared, setting
 
-MIB = 1024 * 1024
+from .errors import RequestRejected
 
 
 def _declare(group: str, default, help: str, **kwargs):
-    """setting() whose help, for a flag that takes a value, ends with its default."""
-    suffix = "" if isinstance(default, bool) else " (default: %(default)s)"
+    """setting() whose help, for a flag that takes a value and has a default, ends with that default."""
+    suffix = "" if isinstance(default, bool) or default is None else " (default: %(default)s)"
     return setting(default, help=help + suffix, group=group, **kwargs)
 
 
@@ -25,16 +26,17 @@ _server, _model, _limit, _batching, _monitor = (
 
 
 class _Checked:
-    """Checked against their declarations when made, from the command line or in code; `positive`: the float
-    fields that must be above 0 (a declared minimum is inclusive)."""
+    """Checked against their declarations when made, from the command line or in code; `within`: float fields
+    -> the open interval each must lie in (a declared minimum is inclusive)."""
 
-    positive: tuple[str, ...] = ()
+    within: dict[str, tuple[float, float]] = {}
 
     def __post_init__(self) -> None:
         check_declared(self)
-        for name in self.positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name, (low, high) in self.within.items():
+            value = getattr(self, name)
+            if not low < value < high:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in ({low}, {high}), got {value}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Limits(_Checked):
         40_000_000, "width*height of one encoded image, checked from its header before decoding", minimum=1
     )
     max_request_bytes: int = _limit(
-        64 * MIB, "request body (REST) / message (gRPC) size limit in bytes", minimum=1
+        64 * 1024 * 1024, "request body (REST) / message (gRPC) size limit in bytes", minimum=1
     )
     max_request_pixels: int = _limit(
         64 * 2048 * 2048,
@@ -58,7 +60,14 @@ class Limits(_Checked):
         10.0, "CPU seconds decoding one request's encoded images may take; a request over it is refused"
     )
 
-    positive = ("max_decode_seconds",)
+    within = {"max_decode_seconds": (0, math.inf)}
+
+    def exceeded(self, code: str, limit: str, what: str, after: str = "") -> RequestRejected:
+        """The refusal of a request for `what`, over the limit `limit`, naming the server option that sets it."""
+        flag = "--" + limit.replace("_", "-")
+        return RequestRejected(
+            code, f"{what} over the limit of {getattr(self, limit):,} (server option {flag}){after}"
+        )
 
 
 @dataclass(frozen=True)
@@ -93,11 +102,7 @@ class MonitorOptions(_Checked):
     drift_p_value: float = _monitor(
         0.05, "level of the reported MMD^2 threshold (fedmedclip_drift_mmd2_threshold), in (0, 1)"
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.drift_p_value < 1:
-            raise ConfigError(f"--drift-p-value must be in (0, 1), got {self.drift_p_value}")
+    within = {"drift_p_value": (0, 1)}
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,14 @@ class ServerOptions(_Checked):
         minimum=0,
     )
     log_level: str = _server("INFO", "the server's log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    control_token: str | None = None  # enables model control for requests presenting it (not a flag: a file)
-    positive = ("body_timeout",)
+    model_control_token_file: str | None = _server(
+        None,
+        "enable model control (POST /v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|Unload) for "
+        "requests with `Authorization: Bearer TOKEN`, TOKEN being this file's content (at least 32 characters). "
+        "Without it, no model can be loaded or unloaded over the network",
+    )
+    control_token: str | None = None  # that file's token, read by the CLI: it enables model control
+    within = {"body_timeout": (0, math.inf)}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,17 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.digests import (
-    ONNX_SHA256_TAG,
-    is_sha256,
-    read_sha256_sidecar,
-    sha256_file,
-    sha256_sidecar,
-)
+from fedmedclip.digests import ONNX_SHA256_TAG, is_sha256, read_sha256_sidecar, sha256_file, sha256_sidecar
 
 from .errors import ServingError
-
-__all__ = ["ResolvedModel", "find_onnx", "resolve_model", "sha256_file"]
 
 log = logging.getLogger("fedmedclip.serving")
 

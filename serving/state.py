@@ -23,9 +23,7 @@ class ServerState:
     def __init__(self, models: dict, control_token: str | None = None):
         """`models`: name -> FedMedClipModel (already loaded). `control_token`: enables model control for
         requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all."""
-        self.models = dict(models)
-        self.draining = False
-        self.in_flight = 0
+        self.models, self.draining, self.in_flight = dict(models), False, 0
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()

@@ -8,6 +8,7 @@ in-process ONNX Runtime session on the same file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -298,6 +299,22 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
     assert "HTTP 400" in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def _other_server(handler, tmp_path):
+    """(URL, image) of a plain HTTP server on loopback answering with `handler` (not a fedmedclip server), and
+    a PNG to send it."""
+    from http.server import ThreadingHTTPServer
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    image = tmp_path / "scan.png"
+    image.write_bytes(encode(smooth_image(40, 40, 1), "PNG"))
+    try:
+        yield f"http://127.0.0.1:{other.server_address[1]}", image
+    finally:
+        other.shutdown()
+
+
 @pytest.mark.parametrize(
     "body",
     [b"<html>busy</html>", b'{"outputs": 3}', b'{"outputs": [{"name": "probabilities", "shape": [1]}]}'],
@@ -305,7 +322,7 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
 def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_response(body, tmp_path, capsys):
     """Whatever answers at --url (a proxy's page, another service) is read as a hostile party's bytes: a
     one-line error naming the server and the images, exit 2, no traceback."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from serving.cli import main
 
@@ -320,18 +337,41 @@ def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_respon
         def log_message(self, *args):
             pass
 
-    other = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
-    image = tmp_path / "scan.png"
-    image.write_bytes(encode(smooth_image(40, 40, 1), "PNG"))
-    try:
-        url = f"http://127.0.0.1:{other.server_address[1]}"
+    with _other_server(Answer, tmp_path) as (url, image):
         assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
-    finally:
-        other.shutdown()
     err = capsys.readouterr().err
     assert f"{url} answered HTTP 200 for ['{image}'] without a v2 inference response" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_predict_cli_reads_a_refusal_or_a_model_list_that_is_not_an_object(tmp_path, capsys):
+    """An error answer whose JSON is an array, or a model list that is not a list: one line, exit 2."""
+    from http.server import BaseHTTPRequestHandler
+
+    from serving.cli import main
+
+    class Answer(BaseHTTPRequestHandler):
+        def answer(self, status: int, body: bytes):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer(200, b'{"models": 5}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(500, b"[1, 2]")
+
+        def log_message(self, *args):
+            pass
+
+    with _other_server(Answer, tmp_path) as (url, image):
+        assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
+        assert f"{url} answered HTTP 500 for ['{image}']: [1, 2]" in capsys.readouterr().err
+        assert main(["predict", "--url", url, str(image)]) == 2
+        assert f"{url} serves 5: pass --model NAME" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- bad input
