@@ -105,7 +105,6 @@ class MlflowObserver(RunObserver):
             if kfp
             else f"`{self.source}`, logged live as the rounds finished."
         )
-        tags = {"orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime"}
         scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         try:
             params = run_parameters(
@@ -116,7 +115,7 @@ class MlflowObserver(RunObserver):
             )
             self.logger.start(
                 params,
-                tags,
+                {"orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime"},
                 self.run_name,
                 source=self.source,
                 source_type="JOB" if kfp else "LOCAL",
@@ -250,10 +249,10 @@ class LiveRunLogger:
             all_tags[RUN_KEY_TAG] = str(run_key)
             found = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
             existing = found[0] if found else None
-        flat = _flatten(params)
+        flat, logged = _flatten(params), existing.data.params if existing is not None else {}
+        differ = {k: (logged[k], v) for k, v in flat.items() if logged.get(k, v) != v}
         if existing is not None:
-            run_id, logged = existing.info.run_id, existing.data.params
-            differ = {k: (logged[k], v) for k, v in flat.items() if logged.get(k, v) != v}
+            run_id = existing.info.run_id
             changed = sorted((k, d) for k, d in differ.items() if not is_operational(k))
             if changed:
                 raise TrackingError(
@@ -267,20 +266,18 @@ class LiveRunLogger:
                 stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
                 record = {k: {"before": old, "now": new} for k, (old, new) in sorted(differ.items())}
                 all_tags[f"fedmedclip.restarted.{stamp}"] = json.dumps(record)[:5000]
-                flat = {k: v for k, v in flat.items() if k not in differ}
         else:
             start_ms = int(start_time * 1000) if start_time is not None else None
             run_id = client.create_run(
                 exp_id, run_name=run_name, tags=all_tags, start_time=start_ms
             ).info.run_id
         self._client, self.run_id = client, run_id
-        self._param_keys = set(flat) | set(existing.data.params if existing is not None else ())
+        self._param_keys = set(flat) | set(logged)
         self.site_names = [str(s) for s in site_names or []]
-        try:
-            client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])  # MLflow splits it
-            if existing is not None:
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
-            elif partition:
+        try:  # MLflow splits the batch; the tags again as a continued run's are new
+            params_now = [Param(k, v) for k, v in flat.items() if k not in differ]
+            client.log_batch(run_id, params=params_now, tags=[RunTag(k, v) for k, v in all_tags.items()])
+            if existing is None and partition:
                 client.log_inputs(run_id, datasets=dataset_inputs(partition, data_source or ""))
         except BaseException as e:
             client.set_terminated(run_id, "FAILED")
@@ -374,6 +371,7 @@ class LiveRunLogger:
         self._finished = True
         client, run_id = self._client, self.run_id
         tags: dict[str, str] = {}
+        metrics, params = [], []
         if not self.flush():
             tags["fedmedclip.unlogged_rounds"] = missing = ",".join(map(str, self.unsent_rounds))
             log.warning(
@@ -393,9 +391,7 @@ class LiveRunLogger:
                     results = None
                 if isinstance(results, dict):
                     now = int((end_time or time.time()) * 1000)
-                    client.log_batch(
-                        run_id, metrics=[Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
-                    )
+                    metrics = [Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
                     if self.description:
                         tags["mlflow.note.content"] = f"{self.description}\n\n{outcome_line(results)}"
             if status == "FINISHED" and run_dir is not None:
@@ -405,12 +401,10 @@ class LiveRunLogger:
                     tags[COMPLETE_TAG] = "complete"
                     # What results.json resolved (run_params, as `fedmedclip track` logs a directory): the
                     # same parameters whether a run was logged live or after the fact.
-                    params = {k: v for k, v in run_params(run).items() if k not in self._param_keys}
-                    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+                    params = [Param(k, v) for k, v in run_params(run).items() if k not in self._param_keys]
                 except RunDirError as e:
                     final_status, problem = "FAILED", e
-            if tags:
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            client.log_batch(run_id, metrics, params, [RunTag(k, v) for k, v in tags.items()])
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise

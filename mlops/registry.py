@@ -43,8 +43,7 @@ _MAX_INLINE_ONNX = 2**31 - 2**20
 DATA_DIGEST_TAGS = ("dataset_digest", "partition_digest")
 LINEAGE_TAGS = (
     "method",
-    "partition_digest",
-    "dataset_digest",
+    *DATA_DIGEST_TAGS,
     "backbone",
     "backbone_sha256",
     "feature_provenance_digest",
@@ -83,19 +82,15 @@ def _onnx_signature(contract):
 
 def _onnx_requirements() -> list[str]:
     # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds). Written as the
-    # CPU `onnxruntime` whichever build is installed; GPU images are built from constraints.txt, never from these.
-    from importlib.metadata import PackageNotFoundError, version
-
+    # CPU `onnxruntime` whichever build is installed (both ship the `onnxruntime` package); GPU images are built
+    # from constraints.txt, never from these.
     import onnx
 
-    ort = "onnxruntime"
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            ort = f"onnxruntime=={version(dist)}"
-            break
-        except PackageNotFoundError:
-            continue
-    return [f"onnx=={onnx.__version__}", ort]
+    try:
+        from onnxruntime import __version__ as ort
+    except ImportError:
+        return [f"onnx=={onnx.__version__}", "onnxruntime"]
+    return [f"onnx=={onnx.__version__}", f"onnxruntime=={ort}"]
 
 
 def _version_of_run(client, name: str, run_id: str, source_key: str):
@@ -156,7 +151,6 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
-    is_new = if_found(client.get_registered_model, name) is None
     site = None
     if onnx_path is not None:
         source, site = _log_onnx(client, mlrun, Path(onnx_path), tags)
@@ -165,17 +159,15 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
         source = f"{mlrun.info.artifact_uri.rstrip('/')}/model"
     try:
+        if if_found(client.get_registered_model, name) is None:
+            description = "FedMedCLIP classifier (see docs/contracts.md)"
+            client.create_registered_model(name, {"project": "fedmedclip"}, description)
         if onnx_path is not None:
             mv = mlflow.register_model(source, name, tags=tags)
         else:
-            if is_new:
-                client.create_registered_model(name)
             mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"registering {source} as {name!r} failed: {e.message}") from e
-    if is_new:
-        client.set_registered_model_tag(name, "project", "fedmedclip")
-        client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")
     metric = f", {PROMOTION_METRIC} {bacc:.4f}" if bacc is not None else ""
     epsilon = tags.get("dp.epsilon")
     privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
@@ -335,12 +327,10 @@ def promote(
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
     holder = (client.get_registered_model(name).aliases or {}).get(alias)
-    current = (
-        client.get_model_version(name, str(holder)) if holder is not None and str(holder) != version else None
-    )
-    previous = str(current.version) if current is not None else None
+    previous = str(holder) if holder is not None and str(holder) != version else None
     previous_metric, overridden, different = None, False, {}
-    if current is not None:
+    if previous is not None:
+        current = client.get_model_version(name, previous)
         different = data_differences(mv.tags, current.tags)
         if different and not policy.allow_different_data:
             listed = "; ".join(
@@ -353,17 +343,16 @@ def promote(
                 "comparable; pass --allow-different-data to promote it anyway"
             )
         previous_metric = _version_metric(client, current)
-        if previous_metric is None or candidate < previous_metric:
-            if not policy.allow_worse:
-                raise PromotionRefused(
-                    f"cannot compare: the current @{alias} ({name} version {previous}) has no "
-                    f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
-                    if previous_metric is None
-                    else f"refusing to promote {name} version {version} to @{alias}: its global balanced "
-                    f"accuracy {candidate:.4f} is below the current @{alias} (version {previous}) at "
-                    f"{previous_metric:.4f}; pass --allow-worse to override"
-                )
-            overridden = True
+        overridden = previous_metric is None or candidate < previous_metric
+        if overridden and not policy.allow_worse:
+            raise PromotionRefused(
+                f"cannot compare: the current @{alias} ({name} version {previous}) has no "
+                f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
+                if previous_metric is None
+                else f"refusing to promote {name} version {version} to @{alias}: its global balanced "
+                f"accuracy {candidate:.4f} is below the current @{alias} (version {previous}) at "
+                f"{previous_metric:.4f}; pass --allow-worse to override"
+            )
     result = Promotion(name, version, alias, candidate, previous, previous_metric, overridden, different)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reasons = {}
