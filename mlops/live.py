@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from fedmedclip.observer import RunObserver
@@ -178,6 +178,7 @@ class _Batch:
     futures: list | None = None  # MLflow's futures while in flight; None: to be sent (again)
 
 
+@dataclass(eq=False)
 class LiveRunLogger:
     """One MLflow run: `start`, `log_round` per finished round (never waits for MLflow), `finish` (the rounds
     logged stay). As a context manager, an exception ends the run FAILED.
@@ -187,30 +188,27 @@ class LiveRunLogger:
     next round and in `flush` (every `retry_seconds`); `finish` flushes for up to `flush_timeout`. With
     `background=False` (after-the-fact logging) metrics are sent in the caller's thread and errors raise."""
 
-    def __init__(
-        self,
-        experiment: str = DEFAULT_EXPERIMENT,
-        tracking_uri: str | None = None,
-        *,
-        kfp_run_id: str | None = None,
-        include_site_models: bool = False,
-        background: bool = True,
-        retry_seconds: float = 5.0,
-        flush_timeout: float = 120.0,
-        record_run_dir: bool = True,
-    ):
-        self.experiment, self.tracking_uri, self.kfp_run_id = experiment, tracking_uri, kfp_run_id or None
-        self.include_site_models, self.record_run_dir = include_site_models, record_run_dir
-        self.background, self.retry_seconds, self.flush_timeout = background, retry_seconds, flush_timeout
-        self.run_id: str | None = None
-        self.description = ""
-        self.site_names: list[str] = []
-        self._client = None
-        # The parameters logged: MLflow refuses a parameter logged again with another value.
-        self._param_keys: set[str] = set()
-        self._batches: list[_Batch] = []  # each round's metrics, until MLflow has them
-        self._last_error: Exception | None = None
-        self._finished = False
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    _: KW_ONLY
+    kfp_run_id: str | None = None
+    include_site_models: bool = False
+    background: bool = True
+    retry_seconds: float = 5.0
+    flush_timeout: float = 120.0
+    record_run_dir: bool = True
+    # What `start` sets and the run's state:
+    run_id: str | None = field(default=None, init=False)
+    description: str = field(default="", init=False)
+    site_names: list[str] = field(default_factory=list, init=False)
+    _client: object = field(default=None, init=False)
+    # The parameters logged: MLflow refuses a parameter logged again with another value.
+    _param_keys: set[str] = field(default_factory=set, init=False)
+    _batches: list[_Batch] = field(
+        default_factory=list, init=False
+    )  # each round's metrics, until MLflow has them
+    _last_error: Exception | None = field(default=None, init=False)
+    _finished: bool = field(default=False, init=False)
 
     def start(
         self,
@@ -227,11 +225,9 @@ class LiveRunLogger:
         description: str | None = None,
         start_time: float | None = None,
     ) -> str:
-        """Create the MLflow run (`context_tags` of `source`, then `tags`; `description` as its note, started at
-        `start_time`, unix seconds), log `params` (flattened to dotted keys) and, with the partition manifest, the
-        data set and partition as inputs. With `run_key`, a run already logged under that key is continued: its
-        defining parameters must be the same; operational ones (`is_operational`) that changed go into a tag.
-        Returns the run id."""
+        """Create the MLflow run and log `params` and, with the partition manifest, its inputs; returns its id.
+        With `run_key`, a run already logged under that key is continued: its defining parameters must be the
+        same; operational ones (`is_operational`) that changed go into a tag."""
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
@@ -381,9 +377,9 @@ class LiveRunLogger:
                 self._last_error,
             )
         final_status, problem = status, None
+        path = Path(run_dir) if run_dir is not None else None
         try:
-            if run_dir is not None and Path(run_dir).is_dir():
-                path = Path(run_dir)
+            if path is not None and path.is_dir():
                 tags.update(_log_run_files(client, run_id, path, self.include_site_models))
                 try:
                     results = json.loads((path / "results.json").read_text())
@@ -394,9 +390,9 @@ class LiveRunLogger:
                     metrics = [Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
                     if self.description:
                         tags["mlflow.note.content"] = f"{self.description}\n\n{outcome_line(results)}"
-            if status == "FINISHED" and run_dir is not None:
+            if status == "FINISHED" and path is not None:
                 try:  # a directory that is missing or not complete ends the run FAILED
-                    run = read_run_dir(run_dir)
+                    run = read_run_dir(path)
                     tags.update(_lineage_tags(run, self.record_run_dir))
                     tags[COMPLETE_TAG] = "complete"
                     # What results.json resolved (run_params, as `fedmedclip track` logs a directory): the

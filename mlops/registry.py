@@ -72,12 +72,8 @@ def _onnx_signature(contract):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(
-        *(
-            Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in side])
-            for side in contract.signature()
-        )
-    )
+    specs = [[TensorSpec(np.dtype(t), shape, name) for name, t, shape in io] for io in contract.signature()]
+    return ModelSignature(*map(Schema, specs))
 
 
 def _onnx_requirements() -> list[str]:
@@ -265,12 +261,10 @@ def _fmt(metric: float | None) -> str:
 
 
 def _version_metric(client, mv) -> float | None:
-    names = (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)
     run = if_found(client.get_run, mv.run_id) if mv.run_id else None
-    metrics = run.data.metrics if run is not None else {}
     # The run may be gone (deleted experiment); registration copied the number onto the version.
-    tags = mv.tags or {}
-    found = [metrics.get(n) for n in names] + [tags.get(n) for n in names]
+    places = (run.data.metrics if run is not None else {}, mv.tags or {})
+    found = [place.get(n) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
     return next((float(v) for v in found if v is not None), None)
 
 
@@ -304,12 +298,9 @@ def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple
 def promote(
     name: str, version: str | int, policy: PromotionPolicy | None = None, tracking_uri: str | None = None
 ) -> Promotion:
-    """Point `models:/NAME@ALIAS` at `version` under `policy` (its defaults when None). Balanced accuracies
-    compare only on the same test data: refused (DifferentDataRefused) when the candidate and the holder differ in
-    a data digest unless `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is
-    below the holder's unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0: no
-    budget), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused
-    (PrivacyRefused); no override."""
+    """Point `models:/NAME@ALIAS` at `version` under `policy` (PromotionPolicy's fields say when; its defaults
+    when None). Balanced accuracies compare only on the same test data; overrides are logged and recorded as
+    tags; a privacy refusal has no override."""
     policy = policy or PromotionPolicy()
     alias, max_epsilon = policy.promote_alias, policy.max_epsilon
     client, _ = _client(tracking_uri)

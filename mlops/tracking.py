@@ -127,7 +127,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     value = obj if isinstance(obj, str) else json.dumps(obj)
     if len(value) > 6000:  # MLflow's parameter value limit
         value = value[:5980] + "...(truncated)"
-    return {_KEY_BAD.sub("_", prefix)[:250]: value}
+    return {metric_key(prefix): value}
 
 
 def _num(x: Any) -> float | None:
