@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, ONNX_SHA256_TAG, sha256_file
-from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
 from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found
@@ -132,8 +131,9 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     from .model_card import CARD_TAG, check_card, log_model_card
 
     run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
-    tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
-    tags.update(privacy_summary(check_card(run_dir)))
+    check_card(run_dir)
+    # The privacy facts (`dp.*`) are lineage too: logged with the other lineage tags once the run was complete.
+    tags = {k: v for k, v in run_tags.items() if k in LINEAGE_TAGS or k.startswith("dp.")}
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")

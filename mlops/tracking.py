@@ -169,11 +169,9 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
     names = [str(s.get("site")) for s in rows] or [str(n) for n in site_names or []]
     for direction in ("bytes_up", "bytes_down"):
         per_site = record.get(direction)
-        if not isinstance(per_site, list):
-            raw[f"comm/{direction}"] = per_site
-            continue
-        raw[f"comm/{direction}"] = sum(_num(b) or 0.0 for b in per_site)
-        if len(per_site) == len(names):
+        listed = isinstance(per_site, list)
+        raw[f"comm/{direction}"] = sum(_num(b) or 0.0 for b in per_site) if listed else per_site
+        if listed and len(per_site) == len(names):
             raw |= {metric_key(name, direction): b for name, b in zip(names, per_site, strict=True)}
     return _finite(raw)
 
