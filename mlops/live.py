@@ -204,9 +204,8 @@ class LiveRunLogger:
     _client: object = field(default=None, init=False)
     # The parameters logged: MLflow refuses a parameter logged again with another value.
     _param_keys: set[str] = field(default_factory=set, init=False)
-    _batches: list[_Batch] = field(
-        default_factory=list, init=False
-    )  # each round's metrics, until MLflow has them
+    # Each round's metrics, until MLflow has them.
+    _batches: list[_Batch] = field(default_factory=list, init=False)
     _last_error: Exception | None = field(default=None, init=False)
     _finished: bool = field(default=False, init=False)
 
@@ -270,7 +269,7 @@ class LiveRunLogger:
         self._client, self.run_id = client, run_id
         self._param_keys = set(flat) | set(logged)
         self.site_names = [str(s) for s in site_names or []]
-        try:  # MLflow splits the batch; the tags again as a continued run's are new
+        try:  # MLflow splits the batch; the tags again, which a continued run has not had yet
             params_now = [Param(k, v) for k, v in flat.items() if k not in differ]
             client.log_batch(run_id, params=params_now, tags=[RunTag(k, v) for k, v in all_tags.items()])
             if existing is None and partition:
