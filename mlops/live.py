@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from fedmedclip.observer import RunObserver
@@ -105,7 +105,6 @@ class MlflowObserver(RunObserver):
             if kfp
             else f"`{self.source}`, logged live as the rounds finished."
         )
-        tags = {"orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime"}
         scheme = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed}
         try:
             params = run_parameters(
@@ -116,7 +115,7 @@ class MlflowObserver(RunObserver):
             )
             self.logger.start(
                 params,
-                tags,
+                {"orchestrator": "kubeflow-pipelines" if kfp else "federation-runtime"},
                 self.run_name,
                 source=self.source,
                 source_type="JOB" if kfp else "LOCAL",
@@ -179,6 +178,7 @@ class _Batch:
     futures: list | None = None  # MLflow's futures while in flight; None: to be sent (again)
 
 
+@dataclass(eq=False)
 class LiveRunLogger:
     """One MLflow run: `start`, `log_round` per finished round (never waits for MLflow), `finish` (the rounds
     logged stay). As a context manager, an exception ends the run FAILED.
@@ -188,30 +188,26 @@ class LiveRunLogger:
     next round and in `flush` (every `retry_seconds`); `finish` flushes for up to `flush_timeout`. With
     `background=False` (after-the-fact logging) metrics are sent in the caller's thread and errors raise."""
 
-    def __init__(
-        self,
-        experiment: str = DEFAULT_EXPERIMENT,
-        tracking_uri: str | None = None,
-        *,
-        kfp_run_id: str | None = None,
-        include_site_models: bool = False,
-        background: bool = True,
-        retry_seconds: float = 5.0,
-        flush_timeout: float = 120.0,
-        record_run_dir: bool = True,
-    ):
-        self.experiment, self.tracking_uri, self.kfp_run_id = experiment, tracking_uri, kfp_run_id or None
-        self.include_site_models, self.record_run_dir = include_site_models, record_run_dir
-        self.background, self.retry_seconds, self.flush_timeout = background, retry_seconds, flush_timeout
-        self.run_id: str | None = None
-        self.description = ""
-        self.site_names: list[str] = []
-        self._client = None
-        # The parameters logged: MLflow refuses a parameter logged again with another value.
-        self._param_keys: set[str] = set()
-        self._batches: list[_Batch] = []  # each round's metrics, until MLflow has them
-        self._last_error: Exception | None = None
-        self._finished = False
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    _: KW_ONLY
+    kfp_run_id: str | None = None
+    include_site_models: bool = False
+    background: bool = True
+    retry_seconds: float = 5.0
+    flush_timeout: float = 120.0
+    record_run_dir: bool = True
+    # What `start` sets and the run's state:
+    run_id: str | None = field(default=None, init=False)
+    description: str = field(default="", init=False)
+    site_names: list[str] = field(default_factory=list, init=False)
+    _client: object = field(default=None, init=False)
+    # The parameters logged: MLflow refuses a parameter logged again with another value.
+    _param_keys: set[str] = field(default_factory=set, init=False)
+    # Each round's metrics, until MLflow has them.
+    _batches: list[_Batch] = field(default_factory=list, init=False)
+    _last_error: Exception | None = field(default=None, init=False)
+    _finished: bool = field(default=False, init=False)
 
     def start(
         self,
@@ -228,11 +224,9 @@ class LiveRunLogger:
         description: str | None = None,
         start_time: float | None = None,
     ) -> str:
-        """Create the MLflow run (`context_tags` of `source`, then `tags`; `description` as its note, started at
-        `start_time`, unix seconds), log `params` (flattened to dotted keys) and, with the partition manifest, the
-        data set and partition as inputs. With `run_key`, a run already logged under that key is continued: its
-        defining parameters must be the same; operational ones (`is_operational`) that changed go into a tag.
-        Returns the run id."""
+        """Create the MLflow run and log `params` and, with the partition manifest, its inputs; returns its id.
+        With `run_key`, a run already logged under that key is continued: its defining parameters must be the
+        same; operational ones (`is_operational`) that changed go into a tag."""
         from mlflow.entities import Param, RunTag
         from mlflow.exceptions import MlflowException
 
@@ -250,10 +244,10 @@ class LiveRunLogger:
             all_tags[RUN_KEY_TAG] = str(run_key)
             found = client.search_runs([exp_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
             existing = found[0] if found else None
-        flat = _flatten(params)
+        flat, logged = _flatten(params), existing.data.params if existing is not None else {}
+        differ = {k: (logged[k], v) for k, v in flat.items() if logged.get(k, v) != v}
         if existing is not None:
-            run_id, logged = existing.info.run_id, existing.data.params
-            differ = {k: (logged[k], v) for k, v in flat.items() if logged.get(k, v) != v}
+            run_id = existing.info.run_id
             changed = sorted((k, d) for k, d in differ.items() if not is_operational(k))
             if changed:
                 raise TrackingError(
@@ -267,20 +261,18 @@ class LiveRunLogger:
                 stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
                 record = {k: {"before": old, "now": new} for k, (old, new) in sorted(differ.items())}
                 all_tags[f"fedmedclip.restarted.{stamp}"] = json.dumps(record)[:5000]
-                flat = {k: v for k, v in flat.items() if k not in differ}
         else:
             start_ms = int(start_time * 1000) if start_time is not None else None
             run_id = client.create_run(
                 exp_id, run_name=run_name, tags=all_tags, start_time=start_ms
             ).info.run_id
         self._client, self.run_id = client, run_id
-        self._param_keys = set(flat) | set(existing.data.params if existing is not None else ())
+        self._param_keys = set(flat) | set(logged)
         self.site_names = [str(s) for s in site_names or []]
-        try:
-            client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])  # MLflow splits it
-            if existing is not None:
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
-            elif partition:
+        try:  # MLflow splits the batch; the tags again, which a continued run has not had yet
+            params_now = [Param(k, v) for k, v in flat.items() if k not in differ]
+            client.log_batch(run_id, params=params_now, tags=[RunTag(k, v) for k, v in all_tags.items()])
+            if existing is None and partition:
                 client.log_inputs(run_id, datasets=dataset_inputs(partition, data_source or ""))
         except BaseException as e:
             client.set_terminated(run_id, "FAILED")
@@ -374,6 +366,7 @@ class LiveRunLogger:
         self._finished = True
         client, run_id = self._client, self.run_id
         tags: dict[str, str] = {}
+        metrics, params = [], []
         if not self.flush():
             tags["fedmedclip.unlogged_rounds"] = missing = ",".join(map(str, self.unsent_rounds))
             log.warning(
@@ -383,9 +376,9 @@ class LiveRunLogger:
                 self._last_error,
             )
         final_status, problem = status, None
+        path = Path(run_dir) if run_dir is not None else None
         try:
-            if run_dir is not None and Path(run_dir).is_dir():
-                path = Path(run_dir)
+            if path is not None and path.is_dir():
                 tags.update(_log_run_files(client, run_id, path, self.include_site_models))
                 try:
                     results = json.loads((path / "results.json").read_text())
@@ -393,24 +386,20 @@ class LiveRunLogger:
                     results = None
                 if isinstance(results, dict):
                     now = int((end_time or time.time()) * 1000)
-                    client.log_batch(
-                        run_id, metrics=[Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
-                    )
+                    metrics = [Metric(k, v, now, 0) for k, v in final_metrics(results).items()]
                     if self.description:
                         tags["mlflow.note.content"] = f"{self.description}\n\n{outcome_line(results)}"
-            if status == "FINISHED" and run_dir is not None:
+            if status == "FINISHED" and path is not None:
                 try:  # a directory that is missing or not complete ends the run FAILED
-                    run = read_run_dir(run_dir)
+                    run = read_run_dir(path)
                     tags.update(_lineage_tags(run, self.record_run_dir))
                     tags[COMPLETE_TAG] = "complete"
                     # What results.json resolved (run_params, as `fedmedclip track` logs a directory): the
                     # same parameters whether a run was logged live or after the fact.
-                    params = {k: v for k, v in run_params(run).items() if k not in self._param_keys}
-                    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+                    params = [Param(k, v) for k, v in run_params(run).items() if k not in self._param_keys]
                 except RunDirError as e:
                     final_status, problem = "FAILED", e
-            if tags:
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            client.log_batch(run_id, metrics, params, [RunTag(k, v) for k, v in tags.items()])
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise

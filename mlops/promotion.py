@@ -15,8 +15,7 @@ _promotion = partial(setting, group="promotion")
 
 @dataclass
 class PromotionPolicy:
-    """When an alias may move to a version: the options of `fedmedclip promote` and of the pipeline's register
-    task, checked as declared when made."""
+    """When an alias may move to a version (see the module's docstring for where these options are used)."""
 
     # `promote_alias`: the pipeline's parameter name; its flag, as `promote`'s, is --alias.
     promote_alias: str = _promotion(

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, ONNX_SHA256_TAG, sha256_file
-from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
 from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found
@@ -43,8 +42,7 @@ _MAX_INLINE_ONNX = 2**31 - 2**20
 DATA_DIGEST_TAGS = ("dataset_digest", "partition_digest")
 LINEAGE_TAGS = (
     "method",
-    "partition_digest",
-    "dataset_digest",
+    *DATA_DIGEST_TAGS,
     "backbone",
     "backbone_sha256",
     "feature_provenance_digest",
@@ -73,29 +71,21 @@ def _onnx_signature(contract):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(
-        *(
-            Schema([TensorSpec(np.dtype(t), shape, name) for name, t, shape in side])
-            for side in contract.signature()
-        )
-    )
+    specs = [[TensorSpec(np.dtype(t), shape, name) for name, t, shape in io] for io in contract.signature()]
+    return ModelSignature(*map(Schema, specs))
 
 
 def _onnx_requirements() -> list[str]:
     # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds). Written as the
-    # CPU `onnxruntime` whichever build is installed; GPU images are built from constraints.txt, never from these.
-    from importlib.metadata import PackageNotFoundError, version
-
+    # CPU `onnxruntime` whichever build is installed (both ship the `onnxruntime` package); GPU images are built
+    # from constraints.txt, never from these.
     import onnx
 
-    ort = "onnxruntime"
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            ort = f"onnxruntime=={version(dist)}"
-            break
-        except PackageNotFoundError:
-            continue
-    return [f"onnx=={onnx.__version__}", ort]
+    try:
+        from onnxruntime import __version__ as ort
+    except ImportError:
+        return [f"onnx=={onnx.__version__}", "onnxruntime"]
+    return [f"onnx=={onnx.__version__}", f"onnxruntime=={ort}"]
 
 
 def _version_of_run(client, name: str, run_id: str, source_key: str):
@@ -141,8 +131,9 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     from .model_card import CARD_TAG, check_card, log_model_card
 
     run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
-    tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
-    tags.update(privacy_summary(check_card(run_dir)))
+    check_card(run_dir)
+    # The privacy facts (`dp.*`) are lineage too: logged with the other lineage tags once the run was complete.
+    tags = {k: v for k, v in run_tags.items() if k in LINEAGE_TAGS or k.startswith("dp.")}
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")
@@ -156,7 +147,6 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
-    is_new = if_found(client.get_registered_model, name) is None
     site = None
     if onnx_path is not None:
         source, site = _log_onnx(client, mlrun, Path(onnx_path), tags)
@@ -165,17 +155,15 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
         source = f"{mlrun.info.artifact_uri.rstrip('/')}/model"
     try:
+        if if_found(client.get_registered_model, name) is None:
+            description = "FedMedCLIP classifier (see docs/contracts.md)"
+            client.create_registered_model(name, {"project": "fedmedclip"}, description)
         if onnx_path is not None:
             mv = mlflow.register_model(source, name, tags=tags)
         else:
-            if is_new:
-                client.create_registered_model(name)
             mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"registering {source} as {name!r} failed: {e.message}") from e
-    if is_new:
-        client.set_registered_model_tag(name, "project", "fedmedclip")
-        client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")
     metric = f", {PROMOTION_METRIC} {bacc:.4f}" if bacc is not None else ""
     epsilon = tags.get("dp.epsilon")
     privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
@@ -273,12 +261,10 @@ def _fmt(metric: float | None) -> str:
 
 
 def _version_metric(client, mv) -> float | None:
-    names = (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)
     run = if_found(client.get_run, mv.run_id) if mv.run_id else None
-    metrics = run.data.metrics if run is not None else {}
     # The run may be gone (deleted experiment); registration copied the number onto the version.
-    tags = mv.tags or {}
-    found = [metrics.get(n) for n in names] + [tags.get(n) for n in names]
+    places = (run.data.metrics if run is not None else {}, mv.tags or {})
+    found = [place.get(n) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
     return next((float(v) for v in found if v is not None), None)
 
 
@@ -312,12 +298,9 @@ def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple
 def promote(
     name: str, version: str | int, policy: PromotionPolicy | None = None, tracking_uri: str | None = None
 ) -> Promotion:
-    """Point `models:/NAME@ALIAS` at `version` under `policy` (its defaults when None). Balanced accuracies
-    compare only on the same test data: refused (DifferentDataRefused) when the candidate and the holder differ in
-    a data digest unless `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is
-    below the holder's unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0: no
-    budget), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused
-    (PrivacyRefused); no override."""
+    """Point `models:/NAME@ALIAS` at `version` under `policy` (PromotionPolicy's fields say when; its defaults
+    when None). Balanced accuracies compare only on the same test data; overrides are logged and recorded as
+    tags; a privacy refusal has no override."""
     policy = policy or PromotionPolicy()
     alias, max_epsilon = policy.promote_alias, policy.max_epsilon
     client, _ = _client(tracking_uri)
@@ -335,12 +318,10 @@ def promote(
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
     holder = (client.get_registered_model(name).aliases or {}).get(alias)
-    current = (
-        client.get_model_version(name, str(holder)) if holder is not None and str(holder) != version else None
-    )
-    previous = str(current.version) if current is not None else None
+    previous = str(holder) if holder is not None and str(holder) != version else None
     previous_metric, overridden, different = None, False, {}
-    if current is not None:
+    if previous is not None:
+        current = client.get_model_version(name, previous)
         different = data_differences(mv.tags, current.tags)
         if different and not policy.allow_different_data:
             listed = "; ".join(
@@ -353,17 +334,16 @@ def promote(
                 "comparable; pass --allow-different-data to promote it anyway"
             )
         previous_metric = _version_metric(client, current)
-        if previous_metric is None or candidate < previous_metric:
-            if not policy.allow_worse:
-                raise PromotionRefused(
-                    f"cannot compare: the current @{alias} ({name} version {previous}) has no "
-                    f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
-                    if previous_metric is None
-                    else f"refusing to promote {name} version {version} to @{alias}: its global balanced "
-                    f"accuracy {candidate:.4f} is below the current @{alias} (version {previous}) at "
-                    f"{previous_metric:.4f}; pass --allow-worse to override"
-                )
-            overridden = True
+        overridden = previous_metric is None or candidate < previous_metric
+        if overridden and not policy.allow_worse:
+            raise PromotionRefused(
+                f"cannot compare: the current @{alias} ({name} version {previous}) has no "
+                f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
+                if previous_metric is None
+                else f"refusing to promote {name} version {version} to @{alias}: its global balanced "
+                f"accuracy {candidate:.4f} is below the current @{alias} (version {previous}) at "
+                f"{previous_metric:.4f}; pass --allow-worse to override"
+            )
     result = Promotion(name, version, alias, candidate, previous, previous_metric, overridden, different)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reasons = {}

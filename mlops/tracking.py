@@ -44,17 +44,14 @@ def git_commit(*recorded: dict) -> str:
     for value in [*(r.get("git_commit") for r in recorded if isinstance(r, dict)), env]:
         if value:
             return str(value)
-    git = ("git", "-C", str(Path(__file__).resolve().parents[1]))
+    root = str(Path(__file__).resolve().parents[1])
+    # The full hash, "-dirty" when tracked files changed (--exclude=*: never a tag's name).
+    command = ["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]
     try:
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=10
-        )
+        git = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return git.stdout.strip() if git.returncode == 0 else "unknown"
 
 
 def _client(tracking_uri: str | None, purpose: str = "", error: type[FedMedClipError] = TrackingError):
@@ -110,9 +107,8 @@ def registered_version(
         get = client.get_model_version_by_alias if alias else client.get_model_version
         return client, get(name, alias or version)
     except MlflowException as exc:
-        if not_found is not None:
-            raise error(not_found(exc.message)) from None
-        raise error(f"cannot resolve {ref} in the MLflow registry at {uri}: {exc.message}") from None
+        why = f"cannot resolve {ref} in the MLflow registry at {uri}: {exc.message}"
+        raise error(not_found(exc.message) if not_found else why) from None
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -131,7 +127,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     value = obj if isinstance(obj, str) else json.dumps(obj)
     if len(value) > 6000:  # MLflow's parameter value limit
         value = value[:5980] + "...(truncated)"
-    return {_KEY_BAD.sub("_", prefix)[:250]: value}
+    return {metric_key(prefix): value}
 
 
 def _num(x: Any) -> float | None:
@@ -173,11 +169,9 @@ def round_metrics(record: dict, site_names: list[str] | None = None) -> dict[str
     names = [str(s.get("site")) for s in rows] or [str(n) for n in site_names or []]
     for direction in ("bytes_up", "bytes_down"):
         per_site = record.get(direction)
-        if not isinstance(per_site, list):
-            raw[f"comm/{direction}"] = per_site
-            continue
-        raw[f"comm/{direction}"] = sum(_num(b) or 0.0 for b in per_site)
-        if len(per_site) == len(names):
+        listed = isinstance(per_site, list)
+        raw[f"comm/{direction}"] = sum(_num(b) or 0.0 for b in per_site) if listed else per_site
+        if listed and len(per_site) == len(names):
             raw |= {metric_key(name, direction): b for name, b in zip(names, per_site, strict=True)}
     return _finite(raw)
 
@@ -236,9 +230,7 @@ def run_parameters(
         settings["method_options"] = {**(settings.get("method_options") or {}), **method_options}
     if preprocessing:
         settings["preprocessing"] = preprocessing
-    params = _flatten(settings)
-    params.update(_flatten({k: v for k, v in (extra or {}).items() if v is not None}))
-    return params
+    return _flatten(settings) | _flatten({k: v for k, v in (extra or {}).items() if v is not None})
 
 
 def context_tags(source: str, source_type: str = "LOCAL") -> dict[str, str]:
