@@ -214,10 +214,11 @@ URI_HELP = (
 )
 
 
-def _mlflow_command(subparsers, name: str, func):
-    """A command that talks to MLflow: its --tracking-uri and its handler, whose docstring is its help."""
+def _command(subparsers, name: str, func, mlflow: bool = True):
+    """A command and its handler, whose docstring is its help; one that talks to MLflow takes --tracking-uri."""
     p = subparsers.add_parser(name, help=func.__doc__)
-    p.add_argument("--tracking-uri", help=URI_HELP)
+    if mlflow:
+        p.add_argument("--tracking-uri", help=URI_HELP)
     p.set_defaults(func=func)
     return p
 
@@ -228,7 +229,7 @@ def register(subparsers) -> None:
 
     from .promotion import PromotionPolicy
 
-    p = _mlflow_command(subparsers, "track", cmd_track)
+    p = _command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", help="default: the run directory's name")
@@ -240,7 +241,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--kfp-run-id", help="the Kubeflow run this run belongs to (tag kfp.run_id)")
 
-    p = _mlflow_command(subparsers, "register", cmd_register)
+    p = _command(subparsers, "register", cmd_register)
     p.add_argument(
         "run_id",
         metavar="RUN_ID",
@@ -251,20 +252,20 @@ def register(subparsers) -> None:
         "--onnx", help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder"
     )
 
-    p = _mlflow_command(subparsers, "promote", cmd_promote)
+    p = _command(subparsers, "promote", cmd_promote)
     p.add_argument("name", metavar="NAME", help="the registered model")
     p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
     # The promotion options, as the pipeline's (one declaration: mlops/promotion.py).
     add_config_arguments(p, PROMOTE, PromotionPolicy)
 
-    p = _mlflow_command(subparsers, "card", cmd_card)
+    p = _command(subparsers, "card", cmd_card)
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
     p = subparsers.add_parser(
         "data", help="publish a data set to S3, each site's images under its own prefix"
     )
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    d = sub.add_parser("publish", help=cmd_data_publish.__doc__)
+    d = _command(sub, "publish", cmd_data_publish, mlflow=False)
     d.add_argument(
         "--to",
         default="s3://fedmedclip-data",
@@ -279,14 +280,12 @@ def register(subparsers) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
     add_config_arguments(d, PUBLISH)
-    d.set_defaults(func=cmd_data_publish)
-    w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)
+    w = _command(sub, "withdraw", cmd_data_withdraw, mlflow=False)
     w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
     w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
     w.add_argument(
         "--site", help="on the local stack: the site's role name (its key and its k from the stack)"
     )
-    w.set_defaults(func=cmd_data_withdraw)
 
     # `backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a backbone's
     # identity) without changing it: its handler still serves every other spec.
