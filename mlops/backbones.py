@@ -100,20 +100,16 @@ def _store_problems(spec: str):
 def _read_manifest(store: ObjectStore, spec: str, where=None, required=False) -> dict | None:
     """The manifest in `store` (S3, a download, the cache), None when there is none; another party wrote it:
     bounded, JSON, the right format, a sha256, and file names confined to one folder."""
-    problem = None
     with _store_problems(spec):
         try:
             manifest = read_manifest(store, MANIFEST, MANIFEST_MAX_BYTES, format=MANIFEST_FORMAT)
-            if manifest is None and required:
-                raise ObjectMissing(f"{store.where(MANIFEST)} does not exist")
             if manifest is not None and not is_sha256(str(manifest.get("weights_sha256", ""))):
-                problem = "no weights_sha256"
+                raise ValueError("no weights_sha256")
         except ValueError as exc:
-            problem = str(exc)
-    if problem:
-        raise BackboneUnavailable(
-            f"{where or store.where(MANIFEST)} is damaged: {problem}. " + _how_to_publish(spec)
-        )
+            where = where or store.where(MANIFEST)
+            raise BackboneUnavailable(f"{where} is damaged: {exc}. " + _how_to_publish(spec)) from None
+        if manifest is None and required:
+            raise ObjectMissing(f"{store.where(MANIFEST)} does not exist")
     return manifest
 
 

@@ -126,23 +126,22 @@ def cmd_backbone(args) -> int:
 
     from .backbones import is_remote_backbone, push_backbone, resolve_backbone
 
-    if args.spec == "push":
-        if not args.directory or not args.to:
-            raise ConfigError("usage: fedmedclip backbone push DIR --to s3://BUCKET/PREFIX (or models:/NAME)")
-        _quiet_mlflow()
-        _stack_credentials_for()  # like `data publish`: the local stack when the environment names no S3
-        published = push_backbone(args.directory, args.to, tracking_uri=args.tracking_uri)
-        print(published.describe(), file=sys.stderr)
-        print(published.spec)
-        return 0
-    if args.directory or args.to:
+    if args.spec == "push" and not (args.directory and args.to):
+        raise ConfigError("usage: fedmedclip backbone push DIR --to s3://BUCKET/PREFIX (or models:/NAME)")
+    if args.spec != "push" and (args.directory or args.to):
         raise ConfigError(
             f"`fedmedclip backbone {args.spec} {args.directory or ''}`: only `backbone push DIR --to URL` "
             "takes a directory and --to"
         )
-    if is_remote_backbone(args.spec):
+    if args.spec == "push" or is_remote_backbone(args.spec):
         _quiet_mlflow()
-        _stack_credentials_for()
+        _stack_credentials_for()  # like `data publish`: the local stack when the environment names no S3
+    if args.spec == "push":
+        published = push_backbone(args.directory, args.to, tracking_uri=args.tracking_uri)
+        print(published.describe(), file=sys.stderr)
+        print(published.spec)
+        return 0
+    if is_remote_backbone(args.spec):
         local = resolve_backbone(args.spec, args.cache_dir, tracking_uri=args.tracking_uri)
         print(f"{args.spec}: checked copy in {local}", file=sys.stderr)
         args.spec = local
@@ -155,13 +154,10 @@ def cmd_data_publish(args) -> int:
 
     from .site_data import is_s3, parse_bucket, parse_root, publish, publish_site
 
-    if args.site is None:
-        bucket = parse_bucket(args.to)
-    elif is_s3(args.to):
-        root = "/".join(filter(None, parse_root(args.to)))
-    cfg = config_from_args(args)
     if args.site is not None:
-        if is_s3(args.to):  # the site's own role, like a hospital holding only its own Secret
+        root = "/".join(filter(None, parse_root(args.to))) if is_s3(args.to) else None
+        cfg = config_from_args(args)
+        if root:  # the site's own role, like a hospital holding only its own Secret
             _stack_credentials_for(args.site, root)
         summary = publish_site(cfg, args.site, args.to, progress=not args.quiet)
         samples = ", ".join(f"{s} {n}" for s, n in summary["samples"].items())
@@ -173,6 +169,8 @@ def cmd_data_publish(args) -> int:
             file=sys.stderr,
         )
         return 0
+    bucket = parse_bucket(args.to)
+    cfg = config_from_args(args)
     _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials
     summary = publish(cfg, bucket, progress=not args.quiet)
     sites = ", ".join(f"{s}: {n}" for s, n in summary["sites"].items())
@@ -216,10 +214,11 @@ URI_HELP = (
 )
 
 
-def _mlflow_command(subparsers, name: str, func):
-    """A command that talks to MLflow: its --tracking-uri and its handler, whose docstring is its help."""
+def _command(subparsers, name: str, func, mlflow: bool = True):
+    """A command and its handler, whose docstring is its help; one that talks to MLflow takes --tracking-uri."""
     p = subparsers.add_parser(name, help=func.__doc__)
-    p.add_argument("--tracking-uri", help=URI_HELP)
+    if mlflow:
+        p.add_argument("--tracking-uri", help=URI_HELP)
     p.set_defaults(func=func)
     return p
 
@@ -230,7 +229,7 @@ def register(subparsers) -> None:
 
     from .promotion import PromotionPolicy
 
-    p = _mlflow_command(subparsers, "track", cmd_track)
+    p = _command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (created if missing)")
     p.add_argument("--run-name", help="default: the run directory's name")
@@ -242,7 +241,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--kfp-run-id", help="the Kubeflow run this run belongs to (tag kfp.run_id)")
 
-    p = _mlflow_command(subparsers, "register", cmd_register)
+    p = _command(subparsers, "register", cmd_register)
     p.add_argument(
         "run_id",
         metavar="RUN_ID",
@@ -253,20 +252,20 @@ def register(subparsers) -> None:
         "--onnx", help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder"
     )
 
-    p = _mlflow_command(subparsers, "promote", cmd_promote)
+    p = _command(subparsers, "promote", cmd_promote)
     p.add_argument("name", metavar="NAME", help="the registered model")
     p.add_argument("--version", required=True, help="the version to promote (what `register` printed)")
     # The promotion options, as the pipeline's (one declaration: mlops/promotion.py).
     add_config_arguments(p, PROMOTE, PromotionPolicy)
 
-    p = _mlflow_command(subparsers, "card", cmd_card)
+    p = _command(subparsers, "card", cmd_card)
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
     p = subparsers.add_parser(
         "data", help="publish a data set to S3, each site's images under its own prefix"
     )
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    d = sub.add_parser("publish", help=cmd_data_publish.__doc__)
+    d = _command(sub, "publish", cmd_data_publish, mlflow=False)
     d.add_argument(
         "--to",
         default="s3://fedmedclip-data",
@@ -281,24 +280,18 @@ def register(subparsers) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
     add_config_arguments(d, PUBLISH)
-    d.set_defaults(func=cmd_data_publish)
-    w = sub.add_parser("withdraw", help=cmd_data_withdraw.__doc__)
+    w = _command(sub, "withdraw", cmd_data_withdraw, mlflow=False)
     w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
     w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
     w.add_argument(
         "--site", help="on the local stack: the site's role name (its key and its k from the stack)"
     )
-    w.set_defaults(func=cmd_data_withdraw)
 
     # `backbone push` and remote specs, added to the core's `backbone SPEC` command (which prints a backbone's
     # identity) without changing it: its handler still serves every other spec.
     p = subparsers.choices.get("backbone")
-    if p is None:  # this layer's commands without the core's (its own tests)
-        from fedmedclip.cli import _cmd_backbone
-
-        p = subparsers.add_parser("backbone", help="load a backbone offline and print its identity")
-        p.add_argument("spec", help="a backbone spec, or `push`")
-        p.set_defaults(func=_cmd_backbone)
+    if p is None:  # this layer's commands without the core's (tests that build their own parser)
+        return
     p.add_argument("directory", nargs="?", metavar="DIR", help="with `push`: the CLIP directory to publish")
     p.add_argument("--to", help="with `push`: s3://BUCKET/PREFIX or models:/NAME (the MLflow registry)")
     p.add_argument(

@@ -151,17 +151,14 @@ class S3Store(ObjectStore):
         if response is None:
             return None
         body, where = response["Body"], self.where(key)
-        try:
+        with contextlib.closing(body):
             check_size(where, int(response.get("ContentLength", 0)), max_bytes)
-            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
-            check_size(where, len(data), max_bytes)
-            return data
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise s3_error(exc, "read", self.bucket, self._key(key)) from None
-        finally:
-            body.close()
+            try:
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            except Exception as exc:  # the connection lost while the body is read
+                raise s3_error(exc, "read", self.bucket, self._key(key)) from None
+        check_size(where, len(data), max_bytes)
+        return data
 
     def download(self, key: str, path: str | Path) -> None:
         """The object into `path` (ObjectMissing when it does not exist)."""

@@ -87,14 +87,13 @@ class _DataDir(LocalDirStore):
         return file_digest(self._path(key), "md5") if self.exists(key) else None
 
 
-def _root(location: str | Path, client=None) -> tuple[ObjectStore, Path | None]:
-    """The published data at `location` as a store whose keys are checked as image ids, and its local folder."""
+def _root(location: str | Path, client=None) -> ObjectStore:
+    """The published data at `location` as a store whose keys are checked as image ids."""
     text = str(location)
     if not is_s3(text):
-        store = _DataDir(text.removeprefix("file://"))
-        return store, store.root
+        return _DataDir(text.removeprefix("file://"))
     parse_root(text)  # a data root as the roles' policies name it; S3Store normalises the URL
-    return S3Store(text, client, check=lambda key: check_relative_id(key, text)), None
+    return S3Store(text, client, check=lambda key: check_relative_id(key, text))
 
 
 def _get_message(root: ObjectStore, key: str, cls, required=True, party="the publisher") -> dict | None:
@@ -118,11 +117,12 @@ def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     return cat
 
 
-def _stage(root, local, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
+def _stage(root, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
     """Local files for the `wanted` ids of the holder at `prefix`: from a local root in place, from S3 into
     `cache_dir/s3/<bucket[/prefix]>/<prefix>images/` (a file there with the catalog's MD5 is kept; every
     download is checked). Every path, symlinks resolved, stays inside the local root or `cache_dir`: a linked
     folder anywhere below it is refused, not followed."""
+    local = root.root if isinstance(root, _DataDir) else None
     where, confine = root.where(prefix + CATALOG), local if local is not None else Path(cache_dir)
     base = (local if local is not None else Path(cache_dir) / "s3" / root.url.removeprefix("s3://")) / prefix
 
@@ -176,7 +176,7 @@ def read_site_assignment(location, index: int, site=None, cache_dir=DEFAULT_CACH
     """Site k's data from its own prefix only (GetObject on `sites/<k>/`: the site's own credentials):
     `location` is `s3://BUCKET[/PREFIX]` (images downloaded into `cache_dir`) or a local directory of the same
     layout (images used in place). `site`, when given, must be the catalog's holder."""
-    root, local = _root(location)
+    root = _root(location)
     prefix = site_prefix(int(index))
     cat = _read_holder_catalog(root, prefix)
     where, holder, assignment = root.where(prefix + CATALOG), cat["holder"], cat["assignment"]
@@ -184,8 +184,8 @@ def read_site_assignment(location, index: int, site=None, cache_dir=DEFAULT_CACH
         raise DataError(f"{where} holds site {holder!r}'s data, not {site!r}'s: check the site's index")
     if set(assignment) != set(SITE_SPLITS) or cat["index"] != int(index):
         raise DataError(f"{where} is not a site's catalog (no train/val/test assignment for index {index})")
-    wanted = [check_relative_id(i, where) for s in SITE_SPLITS for i in assignment[s]]
-    records = _stage(root, local, prefix, cat, wanted, cache_dir, holder)
+    wanted = [i for s in SITE_SPLITS for i in assignment[s]]  # each one a catalog record's id, checked
+    records = _stage(root, prefix, cat, wanted, cache_dir, holder)
     image_set = ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/")))
     splits = [list(assignment[s]) for s in SITE_SPLITS]
     return SiteAssignment(holder, int(index), image_set, *splits, cat["partition_digest"], where)
@@ -194,7 +194,7 @@ def read_site_assignment(location, index: int, site=None, cache_dir=DEFAULT_CACH
 @_data_errors
 def read_site_summary(location: str | Path, index: int) -> dict:
     """Site k's public summary (`summaries/sites/<k>.json`, which the server's role may read)."""
-    root, _ = _root(location)
+    root = _root(location)
     key = site_summary_key(index)
     summary = _get_message(root, key, SiteSummary, party=f"site {index}'s publisher")
     if summary["index"] != int(index):
@@ -257,7 +257,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
     draws them (the publisher's credentials). Idempotent for the same source and partition; a bucket published
     for another partition is refused, never overwritten. Returns a summary."""
     image_set, part, holder_ids = _load_source(cfg)
-    root, _ = _root(f"s3://{bucket}", client)
+    root = _root(f"s3://{bucket}", client)
     try:
         root.ensure_bucket()
     except StoreAccessDenied:
@@ -308,7 +308,7 @@ def publish_site(cfg, site: str, location, progress=True) -> dict:
     image_set, part, holder_ids = _load_source(cfg, site)
     index = part.site_names.index(site)
     prefix = site_prefix(index)
-    root, _ = _root(location)
+    root = _root(location)
     old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
     if old is not None and old["partition_digest"] != part.digest:
         raise DataError(
@@ -333,7 +333,7 @@ def withdraw_site(location: str, index: int) -> tuple[int, int]:
     """Delete site k's images (the ids its catalog lists), then its catalog and its summary, every version of
     each, with the site's own key (no listing). Returns (images, object versions deleted)."""
     parse_root(location)  # s3:// only: a hospital's local folder is its own to delete
-    root, _ = _root(location)
+    root = _root(location)
     prefix = site_prefix(index)
     catalog = _get_message(root, prefix + CATALOG, HolderCatalog)
     ids = [check_relative_id(i, root.where(prefix + CATALOG)) for i in catalog["md5"]]
@@ -350,7 +350,7 @@ class S3Source:
     def published(self, cfg) -> ImageSet:
         """Every image's id, label and split from server/published.json (server credentials), no pixels."""
         bucket = parse_bucket(cfg.data)
-        root, _ = _root(f"s3://{bucket}")
+        root = _root(f"s3://{bucket}")
         cat = self.catalogs[cfg.data] = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog)
         for image_id, *_ in cat["records"]:
             check_relative_id(image_id, root.where(SERVER_PREFIX + PUBLISHED))
@@ -372,9 +372,9 @@ class S3Source:
         from fedmedclip.preparation import holder_image_ids
 
         bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
-        root, _ = _root(f"s3://{bucket}")
+        root = _root(f"s3://{bucket}")
         cat, wanted = _read_holder_catalog(root, prefix), holder_image_ids(partition, holder)
-        records = _stage(root, None, prefix, cat, wanted, cfg.cache_dir, holder)
+        records = _stage(root, prefix, cat, wanted, cfg.cache_dir, holder)
         log.info("%s: %d images from %s in %s", holder, len(records), root.where(prefix), cfg.cache_dir)
         return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
 
