@@ -36,25 +36,18 @@ class Resources:
     memory_limit: str
 
 
-@dataclass(frozen=True)
-class Retry:
-    retries: int
-    backoff: str = "30s"
-    factor: float = 2.0
-    max_backoff: str = "10m"
-
-
 # Per kind of task: its resources (a worker, a party's extraction then its federation worker, is sized for the
 # extraction, its heaviest part, and alone asks for a GPU), the seconds before Kubernetes stops it
 # (activeDeadlineSeconds: a worker lives as long as the federation) and its retries (a retried worker fetches
 # the features it published and continues from its last checkpoint in storage).
 _TASKS = {
-    "prepare": (Resources("500m", "2", "1Gi", "4Gi"), 3600, Retry(2)),
-    "worker": (Resources("2", "8", "8Gi", "16Gi"), 72 * 3600, Retry(5)),
-    "report": (Resources("250m", "1", "512Mi", "2Gi"), 1800, Retry(3)),
-    "export": (Resources("2", "4", "8Gi", "16Gi"), 2 * 3600, Retry(1)),
-    "register": (Resources("500m", "2", "2Gi", "4Gi"), 3600, Retry(3)),
+    "prepare": (Resources("500m", "2", "1Gi", "4Gi"), 3600, 2),
+    "worker": (Resources("2", "8", "8Gi", "16Gi"), 72 * 3600, 5),
+    "report": (Resources("250m", "1", "512Mi", "2Gi"), 1800, 3),
+    "export": (Resources("2", "4", "8Gi", "16Gi"), 2 * 3600, 1),
+    "register": (Resources("500m", "2", "2Gi", "4Gi"), 3600, 3),
 }
+RETRY_BACKOFF = ("30s", 2.0, "10m")  # kfp's set_retry: the first back-off, its factor, the longest
 DEFAULT_RESOURCES = {kind: task[0] for kind, task in _TASKS.items()}
 DEFAULT_TIMEOUTS = {kind: task[1] for kind, task in _TASKS.items()}
 DEFAULT_RETRIES = {kind: task[2] for kind, task in _TASKS.items()}
@@ -179,11 +172,9 @@ class CompileOptions:
     )
 
     @property
-    def retries(self) -> dict[str, Retry]:
-        retries = dict(DEFAULT_RETRIES)
-        if self.worker_retries is not None:
-            retries["worker"] = Retry(self.worker_retries)
-        return retries
+    def retries(self) -> dict[str, int]:
+        worker = {} if self.worker_retries is None else {"worker": self.worker_retries}
+        return {**DEFAULT_RETRIES, **worker}
 
 
 def parameter(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
@@ -217,9 +208,8 @@ def build_pipeline(options: CompileOptions | None = None):
         task.set_display_name(display)
         task.set_cpu_request(r.cpu_request).set_cpu_limit(r.cpu_limit)
         task.set_memory_request(r.memory_request).set_memory_limit(r.memory_limit)
-        retry = opt.retries.get(kind)
-        if retry is not None and retry.retries > 0:
-            task.set_retry(retry.retries, retry.backoff, retry.factor, retry.max_backoff)
+        if opt.retries[kind] > 0:
+            task.set_retry(opt.retries[kind], *RETRY_BACKOFF)
         kubernetes.set_timeout(task, int(opt.timeouts[kind]))
         task.set_caching_options(cache)
         if secret is not None:
