@@ -1,7 +1,6 @@
 """Running the pipeline on this machine with kfp.local (SubprocessRunner: each task is a subprocess of this
 Python, no Docker, no cluster), from the compiled IR YAML itself: the artifact a cluster gets. Every iteration
-of a ParallelFor runs at once, as on Argo (pipelines/_kfp_local.py lifts kfp.local's cap of two).
-"""
+of a ParallelFor runs at once, as on Argo (pipelines/_kfp_local.py lifts kfp.local's cap of two)."""
 
 from __future__ import annotations
 
@@ -52,10 +51,8 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rou
             if status:
                 if round_bar is None:
                     round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
-                line = f"server {status.state}"
-                if status.best_round is not None:
-                    line += f", best round {status.best_round}"
-                round_bar.set_postfix_str(line, refresh=False)
+                best = "" if status.best_round is None else f", best round {status.best_round}"
+                round_bar.set_postfix_str(f"server {status.state}{best}", refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
             if finished:
                 return
