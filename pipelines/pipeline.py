@@ -268,18 +268,16 @@ def build_pipeline(options: CompileOptions | None = None):
     def federation(params: dict) -> Outputs:
         # The server's credentials: s3:// data's server/published.json (no site's prefix).
         prep = task("prepare", params, "prepare: validate, partition, parties", SERVER_SECRET_NAME)
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        params["run_id"] = run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the federation's: the KFP run's
 
         with dsl.ParallelFor(prep.output) as item:
-            given = {name: params[name] for name in ("experiment", "tracking_uri", "local_stack")}
-            given["run_id"] = run_id
+            given = {name: params[name] for name in ("run_id", "experiment", "tracking_uri", "local_stack")}
             # The party pipeline's other inputs are fields of the loop's items (components/prepare: prepare_step).
             fields = {name: getattr(item, name) for name in party_signature.parameters if name not in given}
             worker = party_pipeline(**fields, **given)
             worker.set_display_name("party: its features, then its federation worker")
 
-        display = "report: the server's run directory"
-        report = task("report", params, display, SERVER_SECRET_NAME, cache=False, run_id=run_id)
+        report = task("report", params, "report: the server's run directory", SERVER_SECRET_NAME, cache=False)
         report.after(worker)
         run_dir = report.outputs["run_dir"]
         # The server's credentials: the global model's OOD score is fitted on the server's images.
