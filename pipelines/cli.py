@@ -27,7 +27,7 @@ DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see 
 LOCAL_JOIN_TIMEOUT = 900.0
 
 
-def _compile(args, out: str) -> Path:  # ConfigError for a malformed option
+def _compile(args, out: str | Path) -> Path:  # ConfigError for a malformed option
     return compile_pipeline(out, options_from_args(args, CompileOptions))
 
 
@@ -99,7 +99,7 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     untracked = f"none ({NO_TRACKING_SERVER}); the run is neither tracked nor registered"
     print(f"tracking: {args.tracking_uri or untracked}", flush=True)
     params = pipeline_arguments(args, cfg, local_stack)
-    yaml_path = Path(args.yaml) if args.yaml else _compile(args, str(root / "pipeline.yaml"))
+    yaml_path = Path(args.yaml) if args.yaml else _compile(args, root / "pipeline.yaml")
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
@@ -224,7 +224,7 @@ def cmd_submit(args) -> int:
     check_kfp_endpoint(args.host, credentials, args.token_file)  # one clear line before kfp's retries
     params = pipeline_arguments(args, cfg)
     yaml_path = args.yaml or _compile(
-        args, str(Path(tempfile.mkdtemp(prefix="fedmedclip-kfp-")) / "pipeline.yaml")
+        args, Path(tempfile.mkdtemp(prefix="fedmedclip-kfp-")) / "pipeline.yaml"
     )
     import kfp
     import urllib3
