@@ -96,9 +96,8 @@ def local_session(pipeline_root):
     saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
     try:
         with parallel_for_runs_all_iterations(), warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=".*base image"
-            )  # our image's packages are this Python's
+            # Our image's packages are this Python's: kfp's warning about the components' base image is moot.
+            warnings.filterwarnings("ignore", message=".*base image")
             local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
             yield local
     finally:
