@@ -1,4 +1,5 @@
-"""Kubeflow pipeline components, one folder each (components/README.md): thin wrappers around the core.
+"""Kubeflow pipeline components, one folder each (components/README.md): thin wrappers around the core. No
+component module has `from __future__ import annotations`: KFP reads the components' annotations as types.
 
 Every component's body imports this package, so in a KFP task's process (only there: the command KFP compiles
 sets _KFP_RUNTIME=true) it pauses the garbage collector while the task imports torch and transformers

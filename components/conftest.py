@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 
@@ -17,13 +16,8 @@ SYNTH = {"per_class_per_site": 6, "test_per_class": 2, "size": 24}
 
 @pytest.fixture
 def kfp_local(tmp_path):
-    """kfp.local with the SubprocessRunner (no Docker) and its artifacts under tmp_path; the process's print
-    and root logger, which kfp.local swaps for each task, are put back afterwards."""
-    from kfp import local
+    """kfp.local for one test (pipelines/_kfp_local.py: local_session), its artifacts under tmp_path."""
+    from pipelines._kfp_local import local_session
 
-    from pipelines._kfp_local import process_state_restored
-
-    with process_state_restored(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*base image")  # our image's packages are this Python's
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    with local_session(tmp_path / "kfp") as local:
         yield local

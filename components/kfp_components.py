@@ -1,9 +1,6 @@
 """What the components (components/<name>/component.py: `<name>_step`, the work on local paths, and
 `<name>_component`, the KFP signature) share: the roles and Secrets, the pipeline's `settings` <-> the
-configuration, `act_as` and the one table documenting every input and output.
-
-No `from __future__ import annotations` here: KFP reads the component signatures' annotations as types.
-"""
+configuration, `act_as` and the one table documenting every input and output."""
 
 import functools
 import os
@@ -95,9 +92,16 @@ def resolve_mailbox(mailbox: str, data: str) -> str:
     return mailbox
 
 
-def pipeline_run_name(cfg, kfp_run_id: str) -> str:
-    """The MLflow run's name for a pipeline run: what it is, then the KFP run it belongs to."""
-    return f"{cfg.method}-{cfg.sites}sites-{cfg.rounds}r-kfp-{kfp_run_id[:8]}"
+def pipeline_mlflow_run(cfg, kfp_run_id: str) -> dict:
+    """How a pipeline run's MLflow run is logged, live by the server worker or afterwards by register: named for
+    what it is, then the KFP run it belongs to, and without the pod's temporary run directory, which means
+    nothing to a reader."""
+    return dict(
+        run_name=f"{cfg.method}-{cfg.sites}sites-{cfg.rounds}r-kfp-{kfp_run_id[:8]}" if kfp_run_id else None,
+        kfp_run_id=kfp_run_id or None,
+        source="kubeflow pipeline fedmedclip",
+        record_run_dir=False,
+    )
 
 
 # What every input and output of the pipeline and its components means: ONE table, from which the pipeline's

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 
 from fedmedclip.errors import FedMedClipError
 
@@ -84,13 +85,21 @@ def parallel_for_runs_all_iterations():
 
 
 @contextlib.contextmanager
-def process_state_restored():
-    """builtins.print, the root logger's handlers and level as they were before the block (kfp.local's tasks
-    that overlap can leave print indenting and the root logger writing to stdout for the rest of the process)."""
+def local_session(pipeline_root):
+    """kfp.local for the block, with the SubprocessRunner (each task a subprocess of this Python, no Docker) and
+    its artifacts under `pipeline_root`, every ParallelFor iteration at once; afterwards builtins.print and the
+    root logger's handlers and level as they were (kfp.local's tasks that overlap can leave print indenting and
+    the root logger writing to stdout for the rest of the process)."""
+    from kfp import local
+
     root = logging.getLogger()
     saved_print, saved_handlers, saved_level = builtins.print, root.handlers[:], root.level
     try:
-        yield
+        with parallel_for_runs_all_iterations(), warnings.catch_warnings():
+            # Our image's packages are this Python's: kfp's warning about the components' base image is moot.
+            warnings.filterwarnings("ignore", message=".*base image")
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+            yield local
     finally:
         builtins.print = saved_print
         root.handlers[:] = saved_handlers

@@ -16,9 +16,10 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from components.kfp_components import POD_CACHE_DIR
+from components.kfp_components import POD_CACHE_DIR, pipeline_settings
 from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError, FedMedClipError
+from fedmedclip.flags import COMPILE, PIPELINE, add_config_arguments, config_from_args, options_from_args
 from pipelines.pipeline import DEFAULT_YAML, CompileOptions, compile_pipeline
 
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
@@ -26,10 +27,7 @@ DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see 
 LOCAL_JOIN_TIMEOUT = 900.0
 
 
-def _compile(args, out: str) -> Path:
-    """Compile the pipeline with the command line's options (ConfigError for a malformed one)."""
-    from fedmedclip.flags import options_from_args
-
+def _compile(args, out: str | Path) -> Path:  # ConfigError for a malformed option
     return compile_pipeline(out, options_from_args(args, CompileOptions))
 
 
@@ -38,7 +36,6 @@ def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = T
     run's settings (every field declared for the pipeline) and the pipeline's own parameters (RunParameters)."""
     from fedmedclip.config import TrainConfig
     from fedmedclip.federation.server import ServerOptions
-    from fedmedclip.flags import PIPELINE, add_config_arguments
 
     p.add_argument("--yaml", help="a compiled YAML to run (default: compile with the options)")
     if local:
@@ -55,16 +52,11 @@ def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = T
 
 def validated_config(args):
     """The run's configuration, validated before anything is compiled or started (ConfigError: exit 2)."""
-    from fedmedclip.flags import config_from_args
-
     return config_from_args(args, federation="federated", out="")
 
 
 def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
     """The pipeline's run-time parameters for this command line: the run's `settings`, then RunParameters."""
-    from components.kfp_components import pipeline_settings
-    from fedmedclip.flags import options_from_args
-
     settings = pipeline_settings(cfg, options_from_args(args))
     return dict(settings=settings, **asdict(options_from_args(args, RunParameters)), local_stack=local_stack)
 
@@ -107,7 +99,7 @@ def _run_local(args, cfg, local_stack: str, prefix: str):
     untracked = f"none ({NO_TRACKING_SERVER}); the run is neither tracked nor registered"
     print(f"tracking: {args.tracking_uri or untracked}", flush=True)
     params = pipeline_arguments(args, cfg, local_stack)
-    yaml_path = Path(args.yaml) if args.yaml else _compile(args, str(root / "pipeline.yaml"))
+    yaml_path = Path(args.yaml) if args.yaml else _compile(args, root / "pipeline.yaml")
     log_path = root / "pipeline.log"
     if not args.verbose:
         print(f"running the pipeline locally; task logs: {log_path}", flush=True)
@@ -165,14 +157,16 @@ def kfp_credentials(args):
     return {k: v for k, v in given.items() if v}
 
 
-def _http_problem(host: str, code: int, body: str) -> str:
+def _http_error(host: str, code: int, body: str) -> FedMedClipError:
     detail = " ".join(body.split())[:200]
     if code in (401, 403):
-        return (
+        return FedMedClipError(
             f"the Kubeflow Pipelines API at {host} refused the request (HTTP {code}: {detail or 'no reason'}): "
             "sign in with --token, --token-file or --cookies (multi-user Kubeflow), and --namespace your profile"
         )
-    return f"the Kubeflow Pipelines API at {host} answered HTTP {code} ({detail or 'no body'})"
+    return FedMedClipError(
+        f"the Kubeflow Pipelines API at {host} answered HTTP {code} ({detail or 'no body'})"
+    )
 
 
 def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, timeout: float = 10.0) -> dict:
@@ -194,12 +188,11 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
     except ssl.SSLError as e:
         raise ConfigError(f"--ssl-ca-cert {kwargs['ssl_ca_cert']}: holds no CA ({e.reason})") from None
     try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout, context=context
-        ) as r:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
             raw = r.read(1 << 20)
     except urllib.error.HTTPError as e:
-        raise FedMedClipError(_http_problem(host, e.code, e.read(2000).decode(errors="replace"))) from None
+        raise _http_error(host, e.code, e.read(2000).decode(errors="replace")) from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise FedMedClipError(
             f"cannot reach the Kubeflow Pipelines API at {host} ({getattr(e, 'reason', e)}); check --host "
@@ -231,7 +224,7 @@ def cmd_submit(args) -> int:
     check_kfp_endpoint(args.host, credentials, args.token_file)  # one clear line before kfp's retries
     params = pipeline_arguments(args, cfg)
     yaml_path = args.yaml or _compile(
-        args, str(Path(tempfile.mkdtemp(prefix="fedmedclip-kfp-")) / "pipeline.yaml")
+        args, Path(tempfile.mkdtemp(prefix="fedmedclip-kfp-")) / "pipeline.yaml"
     )
     import kfp
     import urllib3
@@ -250,9 +243,7 @@ def cmd_submit(args) -> int:
             enable_caching=not args.no_cache,
         )
     except ApiException as e:
-        raise FedMedClipError(
-            _http_problem(args.host, e.status or 0, str(e.body or e.reason or ""))
-        ) from None
+        raise _http_error(args.host, e.status or 0, str(e.body or e.reason or "")) from None
     except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as e:
         raise FedMedClipError(
             f"submitting to the Kubeflow Pipelines API at {args.host} failed: {e}"
@@ -333,8 +324,6 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
     sub = p.add_subparsers(dest="pipeline_command", metavar="{compile,run,submit}")
     p.set_defaults(func=lambda a: (p.print_help(sys.stderr), 2)[1])
-
-    from fedmedclip.flags import COMPILE, add_config_arguments
 
     c = sub.add_parser("compile", help="compile the pipeline to IR YAML (the same for any sites and rounds)")
     add_config_arguments(c, COMPILE, CompileOptions)

@@ -1,7 +1,6 @@
 """Running the pipeline on this machine with kfp.local (SubprocessRunner: each task is a subprocess of this
 Python, no Docker, no cluster), from the compiled IR YAML itself: the artifact a cluster gets. Every iteration
-of a ParallelFor runs at once, as on Argo (pipelines/_kfp_local.py lifts kfp.local's cap of two).
-"""
+of a ParallelFor runs at once, as on Argo (pipelines/_kfp_local.py lifts kfp.local's cap of two)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from fedmedclip.errors import FedMedClipError
 
-from ._kfp_local import kfp_chatter_off, parallel_for_runs_all_iterations, process_state_restored
+from ._kfp_local import kfp_chatter_off, local_session
 
 log = logging.getLogger("fedmedclip.pipeline")
 
@@ -52,10 +51,8 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rou
             if status:
                 if round_bar is None:
                     round_bar = bars.enter_context(tqdm(total=rounds, desc="federated rounds", unit="round"))
-                line = f"server {status.state}"
-                if status.best_round is not None:
-                    line += f", best round {status.best_round}"
-                round_bar.set_postfix_str(line, refresh=False)
+                best = "" if status.best_round is None else f", best round {status.best_round}"
+                round_bar.set_postfix_str(f"server {status.state}{best}", refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
             if finished:
                 return
@@ -133,39 +130,36 @@ def run_compiled(
     what kfp.local streams (every task's executor input and output) goes to that file, not to the console, a
     failure quotes its tail, and `progress` shows bars over the tasks and over the rounds (the server's status,
     read by `rounds_of`)."""
-    from kfp import components, local
+    from kfp import components
 
     pipeline_yaml = Path(pipeline_yaml)
     if not pipeline_yaml.exists():
         raise FedMedClipError(f"no compiled pipeline at {pipeline_yaml}: run `fedmedclip pipeline compile`")
     root = Path(pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-kfp-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     pipeline = components.load_component_from_file(str(pipeline_yaml))
     t0 = time.perf_counter()
-    done = threading.Event()
-    watcher = None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(parallel_for_runs_all_iterations())
-        stack.enter_context(process_state_restored())
+        stack.enter_context(local_session(root))
         if log_path is not None:
             log_path = Path(log_path)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             # kfp.local's handler and the tasks' streamed output both write to sys.stdout.
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(log_path.open("w"))))
-            stack.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings(
-                "ignore", message=".*(no effect in the current local runner|base image).*"
-            )
+            warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
             stack.enter_context(kfp_chatter_off())  # it is in the log: off the console
         if log_path is not None and progress:
             # The parties' loop writes no executor output of its own (its workers' rounds have their own bar).
             tasks = pipeline.pipeline_spec.root.dag.tasks.values()  # the YAML as kfp loaded it
             total = sum(not t.HasField("parameter_iterator") for t in tasks)
             rounds = int((params.get("settings") or {}).get("rounds") or 0)
+            done = threading.Event()
             args = (root, total, done, rounds, rounds_of)
             watcher = threading.Thread(target=_watch_tasks, args=args, daemon=True)
             watcher.start()
+            # Last in, first out: `done` is set, then the watcher's last update joined, before the log closes.
+            stack.callback(watcher.join)
+            stack.callback(done.set)
         try:
             task = pipeline(**params)
         except RuntimeError as e:
@@ -174,10 +168,6 @@ def run_compiled(
                 tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
                 where = f"\n--- last lines of {log_path} ---\n{tail}"
             raise FedMedClipError(f"the local pipeline run failed: {e}; artifacts in {root}{where}") from e
-        finally:
-            done.set()
-            if watcher is not None:
-                watcher.join()
     return CompiledRun(task, root, time.perf_counter() - t0)
 
 

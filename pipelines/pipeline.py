@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import NamedTuple
 
 from components.kfp_components import DEFAULT_BASE_IMAGE
@@ -37,25 +36,18 @@ class Resources:
     memory_limit: str
 
 
-@dataclass(frozen=True)
-class Retry:
-    retries: int
-    backoff: str = "30s"
-    factor: float = 2.0
-    max_backoff: str = "10m"
-
-
 # Per kind of task: its resources (a worker, a party's extraction then its federation worker, is sized for the
 # extraction, its heaviest part, and alone asks for a GPU), the seconds before Kubernetes stops it
 # (activeDeadlineSeconds: a worker lives as long as the federation) and its retries (a retried worker fetches
 # the features it published and continues from its last checkpoint in storage).
 _TASKS = {
-    "prepare": (Resources("500m", "2", "1Gi", "4Gi"), 3600, Retry(2)),
-    "worker": (Resources("2", "8", "8Gi", "16Gi"), 72 * 3600, Retry(5)),
-    "report": (Resources("250m", "1", "512Mi", "2Gi"), 1800, Retry(3)),
-    "export": (Resources("2", "4", "8Gi", "16Gi"), 2 * 3600, Retry(1)),
-    "register": (Resources("500m", "2", "2Gi", "4Gi"), 3600, Retry(3)),
+    "prepare": (Resources("500m", "2", "1Gi", "4Gi"), 3600, 2),
+    "worker": (Resources("2", "8", "8Gi", "16Gi"), 72 * 3600, 5),
+    "report": (Resources("250m", "1", "512Mi", "2Gi"), 1800, 3),
+    "export": (Resources("2", "4", "8Gi", "16Gi"), 2 * 3600, 1),
+    "register": (Resources("500m", "2", "2Gi", "4Gi"), 3600, 3),
 }
+RETRY_BACKOFF = ("30s", 2.0, "10m")  # kfp's set_retry: the first back-off, its factor, the longest
 DEFAULT_RESOURCES = {kind: task[0] for kind, task in _TASKS.items()}
 DEFAULT_TIMEOUTS = {kind: task[1] for kind, task in _TASKS.items()}
 DEFAULT_RETRIES = {kind: task[2] for kind, task in _TASKS.items()}
@@ -180,11 +172,15 @@ class CompileOptions:
     )
 
     @property
-    def retries(self) -> dict[str, Retry]:
-        retries = dict(DEFAULT_RETRIES)
-        if self.worker_retries is not None:
-            retries["worker"] = Retry(self.worker_retries)
-        return retries
+    def retries(self) -> dict[str, int]:
+        worker = {} if self.worker_retries is None else {"worker": self.worker_retries}
+        return {**DEFAULT_RETRIES, **worker}
+
+
+def parameter(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
+    )
 
 
 def build_pipeline(options: CompileOptions | None = None):
@@ -203,16 +199,17 @@ def build_pipeline(options: CompileOptions | None = None):
     c = components_for(opt.base_image or DEFAULT_BASE_IMAGE)
     secret_keys = {k: k for k in SECRET_KEYS}
 
-    def configure(task, kind: str, display: str, secret, cache: bool = True):
-        """The task's resources, retries, time limit and caching; the S3 key of the party it acts as (`secret`)
-        and where the bucket is (optional, so a cluster without the ConfigMap still runs path data)."""
-        r = opt.resources[kind]
+    def task(kind: str, values: dict, display: str, secret, cache: bool = True, **given):
+        """The `kind` component's task, each input `given`, else the value of the same name in `values`; its
+        resources, retries, time limit and caching; the S3 key of the party it acts as (`secret`) and where the
+        bucket is (optional, so a cluster without the ConfigMap still runs path data)."""
+        component, values, r = getattr(c, kind), {**values, **given}, opt.resources[kind]
+        task = component(**{name: values[name] for name in component.component_spec.inputs})
         task.set_display_name(display)
         task.set_cpu_request(r.cpu_request).set_cpu_limit(r.cpu_limit)
         task.set_memory_request(r.memory_request).set_memory_limit(r.memory_limit)
-        retry = opt.retries.get(kind)
-        if retry is not None and retry.retries > 0:
-            task.set_retry(retry.retries, retry.backoff, retry.factor, retry.max_backoff)
+        if opt.retries[kind] > 0:
+            task.set_retry(opt.retries[kind], *RETRY_BACKOFF)
         kubernetes.set_timeout(task, int(opt.timeouts[kind]))
         task.set_caching_options(cache)
         if secret is not None:
@@ -226,38 +223,21 @@ def build_pipeline(options: CompileOptions | None = None):
         uri = {"MLFLOW_TRACKING_URI": uri_env}
         kubernetes.use_config_map_as_env(task, ENDPOINTS_CONFIGMAP, uri, optional=True)
 
-    def party_pipeline(
-        role: str,
-        party: str,
-        index: int,
-        secret: str,
-        tracking_secret: str,
-        extraction: str,
-        config: str,
-        server: str,
-        run_id: str,
-        mailbox: str,
-        experiment: str,
-        tracking_uri: str,
-        local_stack: str,
-    ) -> str:
+    def pipeline(name: str, summary: str, signature: inspect.Signature, body, returns: str = ""):
+        """`body` (a dict of the parameters to the pipeline's outputs) as the pipeline `name` of `signature`,
+        which KFP reads (inspect.signature), passing the parameters in its order."""
+
+        def func(*values):
+            return body(dict(zip(signature.parameters, values, strict=True)))
+
+        func.__signature__ = signature
+        return dsl.pipeline(name=name, description=summary)(documented(func, summary, returns))
+
+    def party(p: dict) -> str:
         # A sub-pipeline, not tasks in the loop body: kfp 2.17 compiles a Secret name taken from a field of a
         # loop item over a task's output only when it reaches the tasks as an input of their own DAG.
-        worker = c.worker(
-            extraction=extraction,
-            config=config,
-            server=server,
-            role=role,
-            party=party,
-            index=index,
-            run_id=run_id,
-            mailbox=mailbox,
-            experiment=experiment,
-            tracking_uri=tracking_uri,
-            local_stack=local_stack,
-        )
         display = f"extract features{' (GPU)' if opt.gpu else ''}, then the federation worker"
-        configure(worker, "worker", display, secret, cache=False)
+        worker = task("worker", p, display, p["secret"], cache=False)
         if opt.gpu:
             worker.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
             for label, value in sorted(opt.gpu_node_selector.items()):
@@ -266,32 +246,64 @@ def build_pipeline(options: CompileOptions | None = None):
                 kubernetes.add_toleration(worker, **t)
         # Only the server's item names the MLflow Secret; a site's names its own S3 Secret, which has no such
         # keys (optional: nothing is set), so no site pod holds the central MLflow's credentials.
-        mlflow_access(worker, tracking_secret, WORKER_TRACKING_ENV)
+        mlflow_access(worker, p["tracking_secret"], WORKER_TRACKING_ENV)
         return worker.output
 
+    # The party pipeline's inputs: the worker's, and the Secrets its task mounts.
+    secrets = [parameter(name, str) for name in ("secret", "tracking_secret")]
+    worker_inputs = inspect.signature(c.worker.python_func).parameters.values()
+    party_signature = inspect.Signature([*secrets, *worker_inputs], return_annotation=str)
     party_summary = (
         "One party of the federation (the server or a site): its feature extraction, then its long-lived "
         "worker, in one task with that party's own S3 Secret."
     )
-    documented(party_pipeline, party_summary, "The worker's output: the MLflow run id of the server's run.")
-    party_inputs = inspect.signature(party_pipeline).parameters
-    party_pipeline = dsl.pipeline(name="federation-party", description=party_summary)(party_pipeline)
+    party_returns = "The worker's output: the MLflow run id of the server's run."
+    party_pipeline = pipeline("federation-party", party_summary, party_signature, party, party_returns)
 
     class Outputs(NamedTuple):
         run_dir: dsl.Artifact
         model_uri: str
         promotion: str
 
+    def federation(params: dict) -> Outputs:
+        # The server's credentials: s3:// data's server/published.json (no site's prefix).
+        prep = task("prepare", params, "prepare: validate, partition, parties", SERVER_SECRET_NAME)
+        params["run_id"] = run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # the federation's: the KFP run's
+
+        with dsl.ParallelFor(prep.output) as item:
+            given = {name: params[name] for name in ("run_id", "experiment", "tracking_uri", "local_stack")}
+            # The party pipeline's other inputs are fields of the loop's items (components/prepare: prepare_step).
+            fields = {name: getattr(item, name) for name in party_signature.parameters if name not in given}
+            worker = party_pipeline(**fields, **given)
+            worker.set_display_name("party: its features, then its federation worker")
+
+        report = task("report", params, "report: the server's run directory", SERVER_SECRET_NAME, cache=False)
+        report.after(worker)
+        run_dir = report.outputs["run_dir"]
+        # The server's credentials: the global model's OOD score is fitted on the server's images.
+        export = task(
+            "export", params, "export ONNX", SERVER_SECRET_NAME, run_dir=run_dir, site=params["export_site"]
+        )
+        reg = task(
+            "register",
+            params,
+            "register + promote (MLflow)",
+            None,
+            cache=False,
+            run_dir=run_dir,
+            onnx=export.outputs["onnx"],
+            mlflow_run_id=report.outputs["Output"],
+            alias=params["promote_alias"],
+            kfp_run_id=run_id,
+        )
+        mlflow_access(reg, MLFLOW_SECRET_NAME, "MLFLOW_TRACKING_URI")  # the pipeline's user (infra/training)
+        return Outputs(run_dir, reg.outputs["model_uri"], reg.outputs["promotion"])
+
     # The pipeline's parameters: `settings`, the run's settings as one structured parameter (keys the fields
     # declared for the pipeline, fedmedclip/flags.py, each left out taking its declared default), then
     # RunParameters' fields with their declared types and defaults (the same declaration gives their flags and
     # descriptions), then `local_stack`. The settings' default is empty: KFP writes a structured default into
     # the YAML's header in hash order, so any other would make the compiled YAML differ between compiles.
-    def parameter(name, annotation, default):
-        return inspect.Parameter(
-            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
-        )
-
     signature = inspect.Signature(
         [
             parameter("settings", dict, {}),
@@ -300,58 +312,12 @@ def build_pipeline(options: CompileOptions | None = None):
         ],
         return_annotation=Outputs,
     )
-
-    def fedmedclip_pipeline(*values) -> Outputs:  # KFP passes the parameters in the signature's order
-        p = SimpleNamespace(**dict(zip(signature.parameters, values, strict=True)))
-        prep = c.prepare(
-            settings=p.settings, site_names=p.site_names, mailbox=p.mailbox, local_stack=p.local_stack
-        )
-        # The server's credentials: s3:// data's server/published.json (no site's prefix).
-        configure(prep, "prepare", "prepare: validate, partition, parties", SERVER_SECRET_NAME)
-        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-
-        with dsl.ParallelFor(prep.output) as party:
-            given = dict(
-                run_id=run_id, experiment=p.experiment, tracking_uri=p.tracking_uri, local_stack=p.local_stack
-            )
-            # The party pipeline's other inputs are fields of the loop's items (components/prepare: prepare_step).
-            item = {name: getattr(party, name) for name in party_inputs if name not in given}
-            worker = party_pipeline(**item, **given)
-            worker.set_display_name("party: its features, then its federation worker")
-
-        report = c.report(mailbox=p.mailbox, settings=p.settings, run_id=run_id, local_stack=p.local_stack)
-        report.after(worker)
-        configure(report, "report", "report: the server's run directory", SERVER_SECRET_NAME, cache=False)
-
-        export = c.export(run_dir=report.outputs["run_dir"], site=p.export_site, local_stack=p.local_stack)
-        # The server's credentials: the global model's OOD score is fitted on the server's images.
-        configure(export, "export", "export ONNX", SERVER_SECRET_NAME)
-
-        reg = c.register(
-            run_dir=report.outputs["run_dir"],
-            onnx=export.outputs["onnx"],
-            mlflow_run_id=report.outputs["Output"],
-            tracking_uri=p.tracking_uri,
-            experiment=p.experiment,
-            model_name=p.model_name,
-            alias=p.promote_alias,
-            allow_worse=p.allow_worse,
-            allow_different_data=p.allow_different_data,
-            fail_if_not_promoted=p.fail_if_not_promoted,
-            max_epsilon=p.max_epsilon,
-            kfp_run_id=run_id,
-        )
-        configure(reg, "register", "register + promote (MLflow)", None, cache=False)
-        mlflow_access(reg, MLFLOW_SECRET_NAME, "MLFLOW_TRACKING_URI")  # the pipeline's user (infra/training)
-        return Outputs(report.outputs["run_dir"], reg.outputs["model_uri"], reg.outputs["promotion"])
-
     summary = (
         "Federated adaptation of a frozen CLIP (FedMedCLIP, FACMIC and baselines) as a federation runtime: a "
         "server and one long-lived worker per site, exchanging module updates through an object store (any "
         "number of sites and rounds)."
     )
-    fedmedclip_pipeline.__signature__ = signature  # what KFP reads (inspect.signature)
-    return dsl.pipeline(name=PIPELINE_NAME, description=summary)(documented(fedmedclip_pipeline, summary))
+    return pipeline(PIPELINE_NAME, summary, signature, federation)
 
 
 def compile_pipeline(out: str | Path = DEFAULT_YAML, options: CompileOptions | None = None) -> Path:

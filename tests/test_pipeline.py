@@ -332,7 +332,7 @@ def test_compile_options_are_declared_once_for_compile_run_submit_and_demo():
     from fedmedclip.cli import build_parser
     from fedmedclip.errors import ConfigError
     from fedmedclip.flags import declared, options_from_args
-    from pipelines.pipeline import DEFAULT_RESOURCES, DEFAULT_RETRIES, Resources, Retry
+    from pipelines.pipeline import DEFAULT_RESOURCES, DEFAULT_RETRIES, Resources
 
     def subcommand(path):
         parser = build_parser()
@@ -371,7 +371,7 @@ def test_compile_options_are_declared_once_for_compile_run_submit_and_demo():
         {"key": "team", "operator": "Equal", "value": "a", "effect": None},
     )
     assert got.resources == {**DEFAULT_RESOURCES, "export": Resources("1", "2", "3Gi", "4Gi")}
-    assert (got.timeouts["worker"], got.retries) == (60, {**DEFAULT_RETRIES, "worker": Retry(0)})
+    assert (got.timeouts["worker"], got.retries) == (60, {**DEFAULT_RETRIES, "worker": 0})
     for bad, flag in (
         (["--timeout", "worker=1h"], "--timeout"),
         (["--gpu-node-selector", "pool"], "--gpu-node-selector"),

@@ -1,8 +1,5 @@
 """export: the run's global predictor, or a site's, as one ONNX file (`fedmedclip export`; the contract:
-fedmedclip/onnx_contract.py), with its sha256 sidecar.
-
-No `from __future__ import annotations`: KFP reads the component's annotations as types.
-"""
+fedmedclip/onnx_contract.py), with its sha256 sidecar."""
 
 import logging
 from pathlib import Path

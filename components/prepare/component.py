@@ -1,8 +1,5 @@
 """prepare: validate the run's configuration, draw the partition (as the server's holder would) and list the
-federation's parties, each loop item carrying what its extraction and its worker need.
-
-No `from __future__ import annotations`: KFP reads the component's annotations as types.
-"""
+federation's parties, each loop item carrying what its extraction and its worker need."""
 
 import json
 

@@ -1,7 +1,4 @@
-"""register: a model version from the run's MLflow run, promoted when at least as good (mlops/registry.py).
-
-No `from __future__ import annotations`: KFP reads the component's annotations as types.
-"""
+"""register: a model version from the run's MLflow run, promoted when at least as good (mlops/registry.py)."""
 
 import json
 import logging
@@ -11,7 +8,7 @@ from typing import NamedTuple
 
 from kfp.dsl import Artifact, Input, Model
 
-from components.kfp_components import pipeline_run_name
+from components.kfp_components import pipeline_mlflow_run
 from mlops.promotion import PromotionPolicy
 
 log = logging.getLogger("fedmedclip.pipeline")
@@ -49,16 +46,9 @@ def register_step(
         from fedmedclip.config import TrainConfig
 
         cfg = TrainConfig.from_json(json.loads((Path(run_dir) / "config.json").read_text()))
-        mlflow_run_id = log_run_dir(
-            run_dir,
-            experiment,
-            tracking_uri=uri,
-            run_name=pipeline_run_name(cfg, kfp_run_id) if kfp_run_id else None,
-            tags={"orchestrator": "kubeflow-pipelines"},
-            kfp_run_id=kfp_run_id or None,
-            record_run_dir=False,
-            source="kubeflow pipeline fedmedclip",
-        )
+        tags = {"orchestrator": "kubeflow-pipelines"}
+        run = pipeline_mlflow_run(cfg, kfp_run_id)
+        mlflow_run_id = log_run_dir(run_dir, experiment, tracking_uri=uri, tags=tags, **run)
     onnx = Path(onnx_dir) / "model.onnx"
     version = register_model(mlflow_run_id, model_name, onnx if onnx.exists() else None, tracking_uri=uri)
     verb = "already registered:" if version.existing else "registered"

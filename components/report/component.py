@@ -1,7 +1,5 @@
 """report: the run directory the server worker published to its private area of the mailbox, downloaded with
 the server's credentials into the `run_dir` artifact, every file checked against the manifest's sha256.
-
-No `from __future__ import annotations`: KFP reads the component's annotations as types.
 """
 
 import json

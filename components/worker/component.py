@@ -3,10 +3,7 @@ task is a cold start of the KFP executor, torch and transformers, and the worker
 
 First its own images encoded by the frozen CLIP, as the runtime's own preparation would, and published to the
 party's private area of the run; then its long-lived worker (`fedmedclip server run` or `site run`). A retried
-task fetches the features it published and the worker continues from its last checkpoint in storage.
-
-No `from __future__ import annotations`: KFP reads the component's annotations as types.
-"""
+task fetches the features it published and the worker continues from its last checkpoint in storage."""
 
 import hashlib
 import json
@@ -16,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from components.kfp_components import SERVER_ROLE, SITE_ROLE, WORKER_TRACKING_ENV, pipeline_run_name
+from components.kfp_components import SERVER_ROLE, SITE_ROLE, WORKER_TRACKING_ENV, pipeline_mlflow_run
 from fedmedclip.tracking_server import DEFAULT_EXPERIMENT
 
 RUN_DIR = "rundir"  # under the server's private area of the run: runs/<run>/server/rundir/
@@ -184,17 +181,8 @@ def worker_step(
     if uri:
         from mlops.live import MlflowObserver
 
-        observer = MlflowObserver(
-            cfg,
-            run_id,
-            experiment,
-            tracking_uri=uri,
-            kfp_run_id=run_id,
-            options=asdict(options),
-            run_name=pipeline_run_name(cfg, run_id),
-            source="kubeflow pipeline fedmedclip",
-            record_run_dir=False,  # the pod's temporary directory means nothing to a reader
-        )
+        run = pipeline_mlflow_run(cfg, run_id)
+        observer = MlflowObserver(cfg, run_id, experiment, tracking_uri=uri, options=asdict(options), **run)
     site_keys = "mailbox" if cfg.secure_aggregation else None
     results = run_server(
         cfg, mailbox, run_id, out, None, options, observer, progress=False, site_keys=site_keys
