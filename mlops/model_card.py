@@ -6,6 +6,7 @@ registry adds (name, version, tags, the MLflow and KFP run ids), and logged into
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,12 +40,14 @@ def download_run_files(client, run, dest: Path) -> Path:
     return dest
 
 
-def check_card(run_dir: Path) -> None:
-    """Build the card once without a version: a run whose card cannot be built is not registered."""
+def check_card(run_dir: Path) -> dict:
+    """Build the card once without a version: a run whose card cannot be built is not registered. Returns the
+    run's results.json."""
     try:
         build_card(run_dir)
     except CardError as exc:
         raise TrackingError(str(exc)) from exc
+    return json.loads((run_dir / "results.json").read_text())
 
 
 def log_model_card(

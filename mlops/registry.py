@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, ONNX_SHA256_TAG, sha256_file
+from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
 from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found
@@ -77,15 +78,20 @@ def _onnx_signature(contract):
 
 def _onnx_requirements() -> list[str]:
     # Explicit requirements skip MLflow's inference (a subprocess that loads the model: seconds). Written as the
-    # CPU `onnxruntime` whichever build is installed (both ship the `onnxruntime` package); GPU images are built
-    # from constraints.txt, never from these.
+    # CPU `onnxruntime` whichever build is installed; GPU images are built from constraints.txt, never from these.
+    # Read from the installed distributions: importing onnxruntime to ask would load it for a version string.
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnx
 
-    try:
-        from onnxruntime import __version__ as ort
-    except ImportError:
-        return [f"onnx=={onnx.__version__}", "onnxruntime"]
-    return [f"onnx=={onnx.__version__}", f"onnxruntime=={ort}"]
+    ort = "onnxruntime"
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            ort = f"onnxruntime=={version(dist)}"
+            break
+        except PackageNotFoundError:
+            continue
+    return [f"onnx=={onnx.__version__}", ort]
 
 
 def _version_of_run(client, name: str, run_id: str, source_key: str):
@@ -131,9 +137,10 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     from .model_card import CARD_TAG, check_card, log_model_card
 
     run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
-    check_card(run_dir)
-    # The privacy facts (`dp.*`) are lineage too: logged with the other lineage tags once the run was complete.
-    tags = {k: v for k, v in run_tags.items() if k in LINEAGE_TAGS or k.startswith("dp.")}
+    tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+    # The privacy facts the promotion gate reads: from the files the version's card is built from, so the two
+    # agree (a run logged before its `dp.*` tags existed has none).
+    tags.update(privacy_summary(check_card(run_dir)))
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")
@@ -147,6 +154,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
+    is_new = if_found(client.get_registered_model, name) is None
     site = None
     if onnx_path is not None:
         source, site = _log_onnx(client, mlrun, Path(onnx_path), tags)
@@ -155,15 +163,17 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
         source = f"{mlrun.info.artifact_uri.rstrip('/')}/model"
     try:
-        if if_found(client.get_registered_model, name) is None:
-            description = "FedMedCLIP classifier (see docs/contracts.md)"
-            client.create_registered_model(name, {"project": "fedmedclip"}, description)
         if onnx_path is not None:
             mv = mlflow.register_model(source, name, tags=tags)
         else:
+            if is_new:
+                client.create_registered_model(name)
             mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"registering {source} as {name!r} failed: {e.message}") from e
+    if is_new:
+        client.set_registered_model_tag(name, "project", "fedmedclip")
+        client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")
     metric = f", {PROMOTION_METRIC} {bacc:.4f}" if bacc is not None else ""
     epsilon = tags.get("dp.epsilon")
     privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
