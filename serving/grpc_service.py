@@ -22,7 +22,15 @@ from ._kserve import (
     metadata_response,
 )
 from .errors import RequestRejected, quoted
-from .protocol import INTEGER_TYPES, Budget, check_input, check_output, check_parameters, integers
+from .protocol import (
+    INTEGER_TYPES,
+    Budget,
+    check_input,
+    check_output,
+    check_parameters,
+    count_parameters,
+    integers,
+)
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
@@ -121,7 +129,7 @@ def _check_request(request, budget: Budget) -> None:
             "bad_request",
             f"at most {budget.max_inputs} input and {budget.max_outputs} requested output tensors",
         )
-    check_parameters(grpc_parameters(request.parameters), "the request", budget)
+    check_parameters(_parameters(request.parameters, "the request", budget), "the request", budget)
     raw = len(request.raw_input_contents)
     if raw and raw != len(request.inputs):
         raise RequestRejected(
@@ -130,7 +138,8 @@ def _check_request(request, budget: Budget) -> None:
         )
     for i, tensor in enumerate(request.inputs):
         fields = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        check_input({**fields, "parameters": grpc_parameters(tensor.parameters)}, i, budget)
+        parameters = _parameters(tensor.parameters, f"input {quoted(tensor.name)}", budget)
+        check_input({**fields, "parameters": parameters}, i, budget)
         c = tensor.contents
         for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
             # Typed contents are 32 or 64 bits wide whatever the datatype: a cast would wrap what is too large.
@@ -141,7 +150,14 @@ def _check_request(request, budget: Budget) -> None:
                 "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
             )
     for i, output in enumerate(request.outputs):
-        check_output({"name": output.name, "parameters": grpc_parameters(output.parameters)}, i, budget)
+        parameters = _parameters(output.parameters, f"output {quoted(output.name)}", budget)
+        check_output({"name": output.name, "parameters": parameters}, i, budget)
+
+
+def _parameters(parameters, where: str, budget: Budget) -> dict | None:
+    """A gRPC parameters map as REST's, counted before it is converted (in Python, on the event loop)."""
+    count_parameters(parameters, where, budget)
+    return grpc_parameters(parameters)
 
 
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
