@@ -138,8 +138,8 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
 
     run_id, run_tags = mlrun.info.run_id, mlrun.data.tags
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
-    # The privacy facts the promotion gate reads: from the files the version's card is built from, so the two
-    # agree (a run logged before its `dp.*` tags existed has none).
+    # The privacy facts the promotion gate reads: computed from the files the version's card is built from (not
+    # copied from the run's tags), so the card and the tags agree.
     tags.update(privacy_summary(check_card(run_dir)))
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
@@ -308,9 +308,12 @@ def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple
 def promote(
     name: str, version: str | int, policy: PromotionPolicy | None = None, tracking_uri: str | None = None
 ) -> Promotion:
-    """Point `models:/NAME@ALIAS` at `version` under `policy` (PromotionPolicy's fields say when; its defaults
-    when None). Balanced accuracies compare only on the same test data; overrides are logged and recorded as
-    tags; a privacy refusal has no override."""
+    """Point `models:/NAME@ALIAS` at `version` under `policy` (its defaults when None). Balanced accuracies
+    compare only on the same test data: refused (DifferentDataRefused) when the candidate and the holder differ in
+    a data digest unless `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is
+    below the holder's unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0: no
+    budget), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused
+    (PrivacyRefused); no override."""
     policy = policy or PromotionPolicy()
     alias, max_epsilon = policy.promote_alias, policy.max_epsilon
     client, _ = _client(tracking_uri)

@@ -184,7 +184,7 @@ def read_site_assignment(location, index: int, site=None, cache_dir=DEFAULT_CACH
         raise DataError(f"{where} holds site {holder!r}'s data, not {site!r}'s: check the site's index")
     if set(assignment) != set(SITE_SPLITS) or cat["index"] != int(index):
         raise DataError(f"{where} is not a site's catalog (no train/val/test assignment for index {index})")
-    wanted = [i for s in SITE_SPLITS for i in assignment[s]]  # each one a catalog record's id, checked
+    wanted = [check_relative_id(i, where) for s in SITE_SPLITS for i in assignment[s]]
     records = _stage(root, prefix, cat, wanted, cache_dir, holder)
     image_set = ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/")))
     splits = [list(assignment[s]) for s in SITE_SPLITS]

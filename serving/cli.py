@@ -106,8 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     model_options = replace(
         options_from_args(args, ModelOptions), limits=limits, batching=batching, monitoring=monitoring
     )
-    token = _control_token(args.model_control_token_file)
-    server_options = replace(options_from_args(args, ServerOptions), control_token=token)
+    server_options = options_from_args(args, ServerOptions)  # reads --model-control-token-file's token
     for flag, port in server_options.ports():
         # Checked before the model is fetched and loaded: the server would only fail once it starts listening.
         problem = _cannot_listen(args.host, port)
@@ -134,21 +133,6 @@ def _serve(args: argparse.Namespace) -> int:
         model.load()
     asyncio.run(serve(models, server_options))
     return 0
-
-
-def _control_token(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ServingError(f"--model-control-token-file: cannot read {path}: {exc}") from None
-    if len(token) < 32 or any(c.isspace() for c in token):
-        raise ServingError(
-            f"--model-control-token-file {path}: the token must be one word of at least 32 characters "
-            "(e.g. `openssl rand -hex 32`)"
-        )
-    return token
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 from fedmedclip.errors import ConfigError
 from fedmedclip.flags import check_declared, setting
@@ -36,7 +37,8 @@ class _Checked:
         for name, (low, high) in self.within.items():
             value = getattr(self, name)
             if not low < value < high:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in ({low}, {high}), got {value}")
+                bound = "positive" if (low, high) == (0, math.inf) else f"in ({low}, {high})"
+                raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,19 @@ class Limits(_Checked):
 
     def exceeded(self, code: str, limit: str, what: str, after: str = "") -> RequestRejected:
         """The refusal of a request for `what`, over the limit `limit`, naming the server option that sets it."""
-        flag = "--" + limit.replace("_", "-")
+        flag, unit = "--" + limit.replace("_", "-"), _UNITS[limit]
         return RequestRejected(
-            code, f"{what} over the limit of {getattr(self, limit):,} (server option {flag}){after}"
+            code, f"{what} over the limit of {getattr(self, limit):,}{unit} (server option {flag}){after}"
         )
+
+
+_UNITS = {
+    "max_batch_images": " images",
+    "max_image_pixels": " pixels",
+    "max_request_bytes": " bytes",
+    "max_request_pixels": " pixels",
+    "max_decode_seconds": " s",
+}
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,8 @@ class ServerOptions(_Checked):
         "requests with `Authorization: Bearer TOKEN`, TOKEN being this file's content (at least 32 characters). "
         "Without it, no model can be loaded or unloaded over the network",
     )
-    control_token: str | None = None  # that file's token, read by the CLI: it enables model control
+    # The file's token, read when made (or given in code): it enables model control; never in a repr.
+    control_token: str | None = field(default=None, repr=False)
     within = {"body_timeout": (0, math.inf)}
 
     def __post_init__(self) -> None:
@@ -177,6 +189,20 @@ class ServerOptions(_Checked):
                 raise ConfigError(f"{flag} must be a TCP port, got {port}")
         if not self.no_grpc and self.http_port == self.grpc_port:
             raise ConfigError("--http-port and --grpc-port must differ")
+        path = self.model_control_token_file
+        if path is not None and self.control_token is None:
+            try:
+                token = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"--model-control-token-file: cannot read {path}: {exc}") from None
+            object.__setattr__(self, "control_token", token)  # frozen: set once, as it is made
+        if self.control_token is not None and (
+            len(self.control_token) < 32 or any(c.isspace() for c in self.control_token)
+        ):
+            raise ConfigError(
+                f"--model-control-token-file {path}: the token must be one word of at least 32 characters "
+                "(e.g. `openssl rand -hex 32`)"
+            )
 
     def ports(self) -> list[tuple[str, int]]:
         """(flag, port) of each port the server listens on."""

@@ -634,6 +634,28 @@ def test_port_in_use_refused(onnx_path, capsys):
     assert f"--http-port {port} is already in use" in capsys.readouterr().err
 
 
+def test_model_control_token_file_is_read_and_checked_wherever_the_options_are_made(
+    onnx_path, tmp_path, capsys
+):
+    """The declared option means the same from the command line and in code: its file's token enables model
+    control, a short or unreadable one is refused naming the flag before a model is loaded, and the token is
+    never in the options' repr."""
+    from fedmedclip.errors import ConfigError
+    from serving.cli import main
+    from serving.options import ServerOptions
+
+    token = tmp_path / "token"
+    token.write_text("t" * 40 + "\n")
+    options = ServerOptions(model_control_token_file=str(token))
+    assert options.control_token == "t" * 40 and "t" * 40 not in repr(options)
+    assert ServerOptions().control_token is None
+    token.write_text("short")
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        ServerOptions(model_control_token_file=str(token))
+    assert main(["serve", str(onnx_path), "--model-control-token-file", str(tmp_path / "none")]) == 2
+    assert "--model-control-token-file: cannot read" in capsys.readouterr().err
+
+
 def test_contract_violations_refused(tmp_path):
     import onnx
 
