@@ -269,9 +269,10 @@ class LiveRunLogger:
         self._client, self.run_id = client, run_id
         self._param_keys = set(flat) | set(logged)
         self.site_names = [str(s) for s in site_names or []]
-        try:  # MLflow splits the batch; the tags again, which a continued run has not had yet
+        try:  # MLflow splits the batch; the tags only to a continued run (create_run gave a new one its tags)
             params_now = [Param(k, v) for k, v in flat.items() if k not in differ]
-            client.log_batch(run_id, params=params_now, tags=[RunTag(k, v) for k, v in all_tags.items()])
+            tags_now = [RunTag(k, v) for k, v in all_tags.items()] if existing is not None else []
+            client.log_batch(run_id, params=params_now, tags=tags_now)
             if existing is None and partition:
                 client.log_inputs(run_id, datasets=dataset_inputs(partition, data_source or ""))
         except BaseException as e:
