@@ -225,26 +225,27 @@ def _predict(args: argparse.Namespace) -> int:
 
     results = []
     for start in range(0, len(paths), args.batch):
-        chunk = [str(p) for p in paths[start : start + args.batch]]
-        body, json_length = encode_bytes_request([Path(p).read_bytes() for p in chunk])
+        chunk = paths[start : start + args.batch]
+        shown = [str(p) for p in chunk]  # the images as messages and results name them
+        body, json_length = encode_bytes_request([p.read_bytes() for p in chunk])
         headers = {"Inference-Header-Content-Length": str(json_length)}
         resp = call("POST", f"/{model}/infer", data=body, headers=headers)
         if resp.status_code != 200:
             detail = field(resp, "error", resp.text)
-            raise FedMedClipError(f"{base} answered HTTP {resp.status_code} for {chunk}: {detail}")
+            raise FedMedClipError(f"{base} answered HTTP {resp.status_code} for {shown}: {detail}")
         try:  # the server's answer is read as what it claims to be: a v2 inference response
             answer = resp.json()
             probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
             width = probs["shape"][1]
             names = json.loads((answer.get("parameters") or {}).get("class_names", "null") or "null")
             names = names if names and len(names) == width else [str(k) for k in range(width)]
-            for i, path in enumerate(chunk):
+            for i, path in enumerate(shown):
                 row = zip(names, map(float, probs["data"][i * width : (i + 1) * width]), strict=True)
                 ranked = sorted(row, key=lambda t: -t[1])[: args.top]
                 results.append({"image": path, "top": [{"class": c, "probability": p} for c, p in ranked]})
         except (ValueError, LookupError, TypeError, AttributeError, StopIteration) as exc:
             raise FedMedClipError(
-                f"{base} answered HTTP 200 for {chunk} without a v2 inference response with "
+                f"{base} answered HTTP 200 for {shown} without a v2 inference response with "
                 f"`probabilities` ({type(exc).__name__}: {str(exc)[:200]})"
             ) from None
 
