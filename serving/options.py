@@ -199,9 +199,9 @@ class ServerOptions(_Checked):
         if self.control_token is not None and (
             len(self.control_token) < 32 or any(c.isspace() for c in self.control_token)
         ):
+            where = f"--model-control-token-file {path}" if path is not None else "the model-control token"
             raise ConfigError(
-                f"--model-control-token-file {path}: the token must be one word of at least 32 characters "
-                "(e.g. `openssl rand -hex 32`)"
+                f"{where}: the token must be one word of at least 32 characters (e.g. `openssl rand -hex 32`)"
             )
 
     def ports(self) -> list[tuple[str, int]]:
