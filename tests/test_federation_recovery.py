@@ -231,3 +231,22 @@ def test_a_checkpoint_torn_either_way_is_passed_over_for_the_other_slot(tmp_path
     (tmp_path / "ckpt" / "a" / landed).write_bytes((tmp_path / "scratch" / "a" / landed).read_bytes())
     seq, body, tensors = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server").load()
     assert body == {"round": 2} and seq == 1 and torch.equal(tensors["w"], torch.full((2,), 2.0))
+
+
+def test_a_first_save_torn_before_its_state_landed_is_named_torn(tmp_path):
+    """A party killed during its second save ever, after tensors.pt landed in the fresh slot b and before its
+    state.json did: the slot is passed over for slot a, and the recovery record says why in words."""
+    store = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "site_1")
+    store.save({"round": 1}, {"w": torch.ones(2)})
+    scratch = CheckpointStore(RoundTripDirStore(tmp_path / "scratch"), "site_1")
+    for r in (1, 2):
+        scratch.save({"round": r}, {"w": torch.full((2,), float(r))})
+    (tmp_path / "ckpt" / "b").mkdir()
+    (tmp_path / "ckpt" / "b" / "tensors.pt").write_bytes(
+        (tmp_path / "scratch" / "b" / "tensors.pt").read_bytes()
+    )
+    reloaded = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "site_1")
+    seq, body, _ = reloaded.load()
+    assert (seq, body) == (0, {"round": 1})
+    [problem] = reloaded.problems
+    assert "b: tensors.pt without its state.json (a save torn by a crash" in problem, problem

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 SLOTS = ("a", "b")
+# Why a slot holds one of its two files: `save` writes both at once, so a crash can land between them.
+TORN = "a save torn by a crash, or a file removed"
 
 
 def _walk_tensors(obj: Any, path: str = ""):
@@ -75,7 +77,7 @@ class CheckpointStore:
         """(seq, body, tensors) of a slot, or CheckpointError saying what is wrong with it."""
         raw = self.store.get(f"{slot}/state.json")
         if raw is None:
-            raise CheckpointError("missing state.json")
+            raise CheckpointError(f"tensors.pt without its state.json ({TORN})")
         try:
             state = json.loads(raw)
             body, seq, want = state["body"], int(state["seq"]), state["tensors_sha256"]
@@ -87,7 +89,7 @@ class CheckpointStore:
             raise CheckpointError("state.json does not match its digest (edited or damaged)")
         blob = self.store.get(f"{slot}/tensors.pt")
         if blob is None:
-            raise CheckpointError("missing tensors.pt")
+            raise CheckpointError(f"state.json without its tensors.pt ({TORN})")
         if hashlib.sha256(blob).hexdigest() != want:
             raise CheckpointError(
                 f"tensors.pt does not match its sha256 ({len(blob)} bytes: truncated or damaged)"
