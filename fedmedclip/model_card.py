@@ -6,7 +6,9 @@ Face model cards, and the documentation FDA's good machine learning practice and
 
 Every figure comes from the run's own files: per-class counts from partition.json, metrics and confusion
 counts from results.json (the counts written by each site about its own test split, checked here since another
-party wrote them), privacy from results.json's `privacy` section. No image and no image id enters a card.
+party wrote them), privacy from results.json's `privacy` section; the out-of-distribution score's calibration
+from the registered ONNX file's metadata (`ood_facts`, passed by the registry). No image and no image id enters
+a card.
 `mlops/model_card.py` logs it to MLflow at registration; `fedmedclip card NAME@ALIAS` prints it.
 """
 
@@ -29,6 +31,7 @@ SECTIONS = (
     "Method and hyperparameters",
     "Performance",
     "Calibration",
+    "Out-of-distribution detection",
     "Privacy",
     "Provenance",
 )
@@ -147,7 +150,7 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "registered_at": registry.get("registered_at"),
         },
         "warnings": [],
-        "intended_use": _intended_use(results, class_names),
+        "intended_use": _intended_use(results, class_names, registry.get("ood")),
         "data": {
             "source": str(config.get("data", "")),
             "classes": class_names,
@@ -200,6 +203,8 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "reliability": results.get("reliability"),
             "plot": RELIABILITY_PLOT if (run / "plots" / "reliability.png").is_file() else None,
         },
+        # None: no ONNX file was registered (a run directory's card, or a model folder) or it has no OOD score.
+        "ood": registry.get("ood"),
         "privacy": {
             **summary,
             "record_level": privacy.get("record_level"),
@@ -239,7 +244,28 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
     return card
 
 
-def _intended_use(results: dict, class_names: list[str]) -> dict:
+def ood_facts(ood) -> dict | None:
+    """What a card says of an exported OOD score (an onnx_contract.OodContract, or None for none)."""
+    if ood is None:
+        return None
+    return {
+        "method": ood.method,
+        "threshold": ood.threshold,
+        "false_alarm_rate": ood.false_alarm_rate,
+        "calibration": dict(ood.calibration),
+    }
+
+
+def _unlike_training(ood: dict | None) -> str:
+    if ood is None:
+        return "Classes outside the list above: every image is assigned one of them, however unlike it is."
+    return (
+        "Classes outside the list above: every image is still assigned one of them; the out-of-distribution "
+        "score flags images unlike the training data, a screen with a stated false-alarm rate, not a guarantee."
+    )
+
+
+def _intended_use(results: dict, class_names: list[str], ood: dict | None) -> dict:
     method = results.get("method")
     return {
         "use": (
@@ -253,7 +279,7 @@ def _intended_use(results: dict, class_names: list[str]) -> dict:
             "validated (no prospective study, no regulatory clearance).",
             "Images of other modalities, body parts, scanners, protocols or populations than the training data: "
             "performance there is unknown.",
-            "Classes outside the list above: every image is assigned one of them, however unlike it is.",
+            _unlike_training(ood),
         ],
         "limits": [
             "Metrics come from the sites' own test splits and one global test set of the same data source; "
@@ -410,7 +436,7 @@ def render_markdown(card: dict) -> str:
         out.append("")
     if cal.get("plot"):
         out += [f"![reliability diagram of the global test]({cal['plot']})", ""]
-    out += ["## Privacy", ""]
+    out += ["## Out-of-distribution detection", "", *_ood_lines(card.get("ood")), "", "## Privacy", ""]
     mode = priv.get("dp.mode", "none")
     if mode == "none":
         out.append("- Differential privacy: **none**")
@@ -453,6 +479,28 @@ def render_markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _ood_lines(ood: dict | None) -> list[str]:
+    if ood is None:
+        return [
+            "None recorded: this card was built without an exported ONNX file (a run directory, or a version "
+            "registered from its model folder), or the file has no OOD score (`fedmedclip export --no-ood`). "
+            "Every image is then classified, whatever it shows."
+        ]
+    cal = ood.get("calibration") or {}
+    fitted = f"{cal.get('fit_images', '?')} images held by {cal.get('holder', 'the exporting party')}"
+    return [
+        f"- Score: `ood_score`, {ood['method']} on the frozen CLIP features, fitted on {fitted} "
+        f"({cal.get('fitted_on', 'n/a')})",
+        f"- Threshold: {ood['threshold']:.6g}, calibrated for a {_pct(ood['false_alarm_rate'])}% false-alarm rate "
+        f"on {cal.get('calibration_images', '?')} held-out images ({cal.get('calibrated_on', 'n/a')})",
+        "- The endpoint answers every image with its class probabilities and `ood_score`, and `out_of_distribution` "
+        "true above the threshold; `/metrics` reports the share flagged and a drift test against "
+        f"{cal.get('reference_images', '?')} reference embeddings stored in the model.",
+        "- What the rate does not say: how many images of another kind go unflagged (README, *Performance*: "
+        "measured on data the model never saw).",
+    ]
 
 
 def write_card(run_dir: str | Path, out_dir: str | Path, registry: dict | None = None) -> dict:

@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedmedclip.model_card import CardError, build_card, write_card
+from fedmedclip.digests import META_SITE
+from fedmedclip.model_card import CardError, build_card, ood_facts, write_card
 
 from .rundir import REQUIRED_FILES as REQUIRED
 from .tracking import KFP_RUN_ID_TAG, TrackingError
@@ -50,15 +51,15 @@ def check_card(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def log_model_card(
-    client, run, run_dir: Path, name: str, version: str, tags: dict, site: str | None = None
-) -> str:
-    """Log the card of `name` version `version` into MLflow `run` and tag the version; returns the folder."""
+def log_model_card(client, run, run_dir: Path, name: str, version: str, tags: dict, contract=None) -> str:
+    """Log the card of `name` version `version` into MLflow `run` and tag the version; returns the folder.
+    `contract`: the registered ONNX file's (onnx_contract.ModelContract), None for a model folder."""
     registry = {
         "name": name,
         "version": str(version),
         "tags": dict(tags),
-        "site": site,
+        "site": contract.metadata.get(META_SITE) if contract else None,
+        "ood": ood_facts(contract.ood) if contract else None,
         "mlflow_run_id": run.info.run_id,
         "kfp_run_id": run.data.tags.get(KFP_RUN_ID_TAG),
         # git_commit and onnx_sha256: the card reads them from the version's `tags` (the run's lineage).

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmedclip.digests import META_BACKBONE_SHA256, META_SITE, ONNX_SHA256_TAG, sha256_file
+from fedmedclip.digests import META_BACKBONE_SHA256, ONNX_SHA256_TAG, sha256_file
 from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
@@ -155,9 +155,9 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
     is_new = if_found(client.get_registered_model, name) is None
-    site = None
+    contract = None
     if onnx_path is not None:
-        source, site = _log_onnx(client, mlrun, Path(onnx_path), tags)
+        source, contract = _log_onnx(client, mlrun, Path(onnx_path), tags)
     else:
         # MLflow 3's register_model wants a logged model under runs:/ URIs; a plain folder is registered
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
@@ -179,14 +179,14 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     privacy = f", DP epsilon {epsilon} (delta {tags['dp.delta']})" if epsilon else ", no record-level DP"
     description = f"{tags.get('method', '?')} from run {run_id}{metric}{privacy}"
     client.update_model_version(name, mv.version, description=description)
-    tags[CARD_TAG] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, site)
+    tags[CARD_TAG] = log_model_card(client, mlrun, run_dir, name, str(mv.version), tags, contract)
     log.info("registered %s version %s from %s", name, mv.version, source)
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
 
-def _log_onnx(client, mlrun, onnx_path: Path, tags: dict) -> tuple[str, str | None]:
+def _log_onnx(client, mlrun, onnx_path: Path, tags: dict):
     """Check the file, record its hashes in `tags` and log it into the run as an MLflow ONNX model, once per
-    file (a retry reuses what an earlier attempt logged). Returns the model's URI and the file's site."""
+    file (a retry reuses what an earlier attempt logged). Returns the model's URI and its contract."""
     import mlflow
     import numpy as np
     import onnx
@@ -239,7 +239,7 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict) -> tuple[str, str | No
                 save_as_external_data=False,
             ).model_uri
         client.set_tag(run_id, logged_tag, source)
-    return source, contract.metadata.get(META_SITE)
+    return source, contract
 
 
 @dataclass

@@ -86,6 +86,9 @@ def test_the_card_of_a_run_has_every_section_its_warnings_and_intervals(dp_run):
     )
     assert "kfp-123" in md and "abc123" in md and results["backbone"]["weights_sha256"] in md
     assert card["provenance"]["partition_digest"] == partition["digest"]
+    # A run directory holds no exported file: the card says no OOD score is recorded, and what that means.
+    assert card["ood"] is None and "every image is assigned one of them, however unlike it is" in md
+    assert "## Out-of-distribution detection\n\nNone recorded" in md
 
 
 def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_gate(
@@ -136,8 +139,18 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
         assert f"\n## {section}\n" in md
     assert "kfp-run-42" in md and run_id in md and tags["onnx_sha256"] in md
     assert "exported predictor: global" in md
+    # The OOD score of the registered file, as its metadata (what the server reads) records it.
+    from fedmedclip.onnx_contract import contract_of_model
+
+    ood = contract_of_model(onnx.load(str(onnx_path)), "model.onnx").ood
+    section = md.split("## Out-of-distribution detection\n", 1)[1].split("\n## ", 1)[0]
+    assert f"Threshold: {ood.threshold:.6g}, calibrated for a 5.0% false-alarm rate" in section, section
+    assert f"on {ood.calibration['calibration_images']} held-out images" in section, section
+    assert "the out-of-distribution score flags images unlike the training data" in md
     assert run_cli("card", f"{name}/{mv.version}", "--json", "--tracking-uri", uri) == 0
-    assert json.loads(capsys.readouterr().out)["model"]["version"] == mv.version
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["model"]["version"] == mv.version
+    assert facts["ood"]["threshold"] == ood.threshold and facts["ood"]["method"] == ood.method
     # A reference that names nothing: one line naming it and the registry (the lookup `serve models:/` makes).
     with pytest.raises(TrackingError, match=f"cannot resolve {name}@nope in the MLflow registry at {uri}: "):
         run_cli("card", f"{name}@nope", "--tracking-uri", uri)
