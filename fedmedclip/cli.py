@@ -44,11 +44,14 @@ def _add_train_args(p: argparse.ArgumentParser, runtime: bool = False) -> None:
         "--track",
         action="store_true",
         help="log the run to MLflow while it goes on, each round as it finishes (tracking server: "
-        "MLFLOW_TRACKING_URI, else the local stack of `fedmedclip stack up`); on by default when "
-        "MLFLOW_TRACKING_URI is set",
+        "--tracking-uri, else MLFLOW_TRACKING_URI, else the local stack of `fedmedclip stack up`); on by default "
+        "when --tracking-uri or MLFLOW_TRACKING_URI is set",
     )
+    p.add_argument("--tracking-uri", help="the MLflow tracking server for --track (turns it on)")
     p.add_argument(
-        "--no-track", action="store_true", help="do not log to MLflow even if MLFLOW_TRACKING_URI is set"
+        "--no-track",
+        action="store_true",
+        help="do not log to MLflow even if --tracking-uri or MLFLOW_TRACKING_URI is set",
     )
     p.add_argument(
         "--experiment",
@@ -123,11 +126,12 @@ def _round_time(history: list[dict]) -> str:
 
 def _tracking_on(args) -> bool:
     """Whether to log to MLflow; asked for, the tracking server must be there before any work starts."""
-    on = bool(args.track or (os.environ.get("MLFLOW_TRACKING_URI") and not args.no_track))
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    on = bool(args.track or (given and not args.no_track))
     if on:
         from .tracking_server import require_tracking_uri
 
-        require_tracking_uri(purpose="--track")
+        require_tracking_uri(args.tracking_uri, purpose="--track")
     return on
 
 
@@ -209,7 +213,10 @@ def _observer(args, cfg, run_id: str | None, **kwargs) -> RunObserver:
     tracking mechanism of `train --track` and `server run --track` (`run_id=None`: train's own key)."""
     for ep in entry_points(group="fedmedclip.observers"):
         if ep.name == "mlflow":
-            return ep.load()(cfg=cfg, run_id=run_id, experiment=args.experiment, **kwargs)
+            load = ep.load()
+            return load(
+                cfg=cfg, run_id=run_id, experiment=args.experiment, tracking_uri=args.tracking_uri, **kwargs
+            )
     raise FedMedClipError("--track needs the MLOps layer: install the project with its `pipelines` extra")
 
 

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
         nargs="+",
         metavar="[NAME=]MODEL",
         help="an .onnx file, a folder holding one (e.g. KServe's /mnt/models), or models:/NAME@ALIAS | "
-        "models:/NAME/VERSION from the MLflow registry ($MLFLOW_TRACKING_URI, else the running local stack), "
+        "models:/NAME/VERSION from the MLflow registry (--tracking-uri, else $MLFLOW_TRACKING_URI, else the running "
+        "local stack), "
         "verified against its onnx_sha256 tag; a file is verified against --expected-sha256 or the "
         "MODEL.onnx.sha256 sidecar `fedmedclip export` writes, and refused without either. Several models: give "
         "each a name, e.g. `global=models:/fedmedclip@champion site_0=site_0.onnx`",
@@ -52,6 +53,7 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--cache-dir", help="where a registry model is downloaded (default: a new temporary folder)"
     )
+    serve.add_argument("--tracking-uri", help="the MLflow server of a models:/ reference")
     serve.set_defaults(func=_serve)
 
     predict = subparsers.add_parser(
@@ -122,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = []
     for name, spec in specs:
         cache = str(Path(args.cache_dir) / name) if args.cache_dir and len(specs) > 1 else args.cache_dir
-        resolved = resolve_model(spec, expected_sha256=args.expected_sha256, cache_dir=cache)
+        resolved = resolve_model(spec, args.expected_sha256, cache, args.tracking_uri)
         loaded.append((name, resolved, OnnxClassifier.open(resolved, model_options)))
 
     from .model import FedMedClipModel

@@ -65,11 +65,15 @@ def find_onnx(folder: Path, what: str) -> Path:
 
 
 def resolve_model(
-    spec: str, expected_sha256: str | None = None, cache_dir: str | None = None
+    spec: str,
+    expected_sha256: str | None = None,
+    cache_dir: str | None = None,
+    tracking_uri: str | None = None,
 ) -> ResolvedModel:
-    """Turn the `serve` argument into a verified local .onnx path."""
+    """Turn the `serve` argument into a verified local .onnx path (`tracking_uri`: the registry's server for
+    models:/, else the project's one rule, fedmedclip.tracking_server)."""
     if spec.startswith("models:/"):
-        return _from_registry(spec, expected_sha256, cache_dir)
+        return _from_registry(spec, expected_sha256, cache_dir, tracking_uri)
     path = Path(spec)
     if path.is_dir():
         path = find_onnx(path, f"model folder {spec}")
@@ -93,7 +97,9 @@ def resolve_model(
     return ResolvedModel(path, verify_sha256(path, recorded, what), str(path))
 
 
-def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None) -> ResolvedModel:
+def _from_registry(
+    uri: str, expected_sha256: str | None, cache_dir: str | None, tracking_uri: str | None
+) -> ResolvedModel:
     # Imported here: the core CLI and `predict` must not pay for mlflow.
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
@@ -102,7 +108,7 @@ def _from_registry(uri: str, expected_sha256: str | None, cache_dir: str | None)
 
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
     # downloads through the tracking server as every MLflow client of this project makes them.
-    _, mv = registered_version(uri, None, f"{uri} needs the MLflow registry", ServingError)
+    _, mv = registered_version(uri, tracking_uri, f"{uri} needs the MLflow registry", ServingError)
     tag = (mv.tags or {}).get(ONNX_SHA256_TAG)
     if not tag:
         raise ServingError(

@@ -18,7 +18,7 @@ def registry(mlops_stack, monkeypatch):
     return mlops_stack.tracking_uri
 
 
-def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys):
+def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys, monkeypatch):
     import onnxruntime as ort
     from mlflow import MlflowClient
 
@@ -49,6 +49,12 @@ def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys):
         resolve_model(f"models:/{name}/{version}", cache_dir=str(tmp_path / "cache2")).sha256
         == resolved.sha256
     )
+    # `serve --tracking-uri`: the registry named by the caller, with nothing in the environment to find it.
+    with monkeypatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI")
+        env.setenv("FEDMEDCLIP_STACK_DIR", str(tmp_path / "no-stack"))
+        named = resolve_model(f"models:/{name}@champion", None, str(tmp_path / "cache5"), registry)
+        assert named.sha256 == resolved.sha256
 
     client = MlflowClient(registry)
     client.set_model_version_tag(name, version, "onnx_sha256", "0" * 64)

@@ -536,7 +536,9 @@ def test_train_track_logs_every_round_live_with_every_setting(mlops_stack, tmp_p
         )
         == 0
     )
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlops_stack.tracking_uri)
+    # The first run names the server on its command line (nothing in the environment or a recorded stack).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", str(tmp_path / "no-stack"))
     common = ["--quiet", "train", "--data", str(data / "manifest.csv"), "--sites", "2", "--rounds", "2"]
     common += [
         "--cache-dir",
@@ -547,8 +549,9 @@ def test_train_track_logs_every_round_live_with_every_setting(mlops_stack, tmp_p
         "lr_fam=0.002",
     ]
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "run")]) == 0
+    assert main([*common, "--out", str(tmp_path / "run"), "--tracking-uri", mlops_stack.tracking_uri]) == 0
     run_id = capsys.readouterr().out.strip().splitlines()[-1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlops_stack.tracking_uri)  # the rest: from the environment
     client = MlflowClient(mlops_stack.tracking_uri)
     run = client.get_run(run_id)
     assert run.data.params["method"] == "fedmedclip" and run.info.status == "FINISHED"
@@ -621,7 +624,8 @@ def test_every_command_finds_the_tracking_server_by_one_rule_and_never_writes_a_
     mlops_stack, tmp_path, monkeypatch, capsys
 ):
     """No MLFLOW_TRACKING_URI and no local stack: track, register, promote, serve models:/ and train --track
-    each say so in one line, and nothing (mlflow.db, mlruns/) appears in the working directory. With a local
+    each say so in one line, and each takes the --tracking-uri the line offers; nothing (mlflow.db, mlruns/)
+    appears in the working directory. With a local
     stack recorded (FEDMEDCLIP_STACK_DIR), every one of them finds it."""
     from fedmedclip.cli import main
     from fedmedclip.tracking_server import find_tracking_uri
@@ -654,6 +658,12 @@ def test_every_command_finds_the_tracking_server_by_one_rule_and_never_writes_a_
     ]
     assert main(train) == 2  # before any work
     assert "no MLflow tracking server" in capsys.readouterr().err
+    # The message says "pass --tracking-uri": each of them takes it, and asks the server it names first.
+    dead = "http://127.0.0.1:9"
+    for argv in [*commands, train]:
+        assert main([*argv, "--tracking-uri", dead]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"the MLflow tracking server at {dead} is not reachable" in err, (argv, err)
     assert sorted(p.name for p in work.iterdir()) == []  # no mlflow.db, no mlruns/
 
     monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", mlops_stack.data_dir)
