@@ -453,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
     p.add_argument("--fp16", action="store_true", help="half-precision image encoder (for GPU serving)")
     p.add_argument(
-        "--run-id", default=None, help="training run id (recorded in the metadata; with --state, the run's)"
+        "--run-id",
+        default=None,
+        help="training run id recorded in the metadata (default: the run directory's own, from its results.json; "
+        "with --state, the run's)",
     )
     p.add_argument("--backbone", default=None, help="where the frozen weights are, if moved (hash-checked)")
     p.add_argument(

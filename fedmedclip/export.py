@@ -47,6 +47,7 @@ from .errors import ConfigError, FedMedClipError
 from .inference import GLOBAL, ImageClassifier, load_classifier, read_model_json, resolve_site
 from .ood import DEFAULT_FALSE_ALARM_RATE, METHOD, OodFit, OodHead, fit_ood, split_for_calibration
 from .paths import DEFAULT_CACHE_DIR
+from .privacy.report import privacy_summary
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +360,10 @@ def export_onnx(
                     f"cannot fit the OOD score of {meta['site']!r}: {exc} (export with --no-ood to skip it)"
                 ) from None
             log.warning("exporting %s without an OOD score: %s", meta["site"], exc)
-    meta["privacy"] = run_privacy(run_dir)
+    results = recorded_results(run_dir)
+    meta["privacy"] = _privacy(results)
+    # The run's own id unless the caller names another: what the served model's metadata says it came from.
+    run_id = run_id or str((results or {}).get("run_id") or "")
     return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
 
 
@@ -516,16 +520,23 @@ def export_site_state(
         return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
 
 
-def run_privacy(run_dir: str | Path) -> dict[str, str]:
-    """The run's privacy facts for the model's metadata (`dp.mode` none when results.json has no DP,
-    unknown when the run directory has no results.json)."""
-    from .privacy.report import privacy_summary
-
+def recorded_results(run_dir: str | Path) -> dict | None:
+    """The run directory's results.json, None when it has none (the model's privacy is then unknown)."""
     path = Path(run_dir) / "results.json"
     if not path.exists():
-        return {"dp.mode": "unknown"}
+        return None
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise FedMedClipError(f"cannot read {path} for the model's privacy facts: {exc}") from None
-    return privacy_summary(results if isinstance(results, dict) else {})
+        raise FedMedClipError(f"cannot read {path} for the model's metadata: {exc}") from None
+    return results if isinstance(results, dict) else {}
+
+
+def run_privacy(run_dir: str | Path) -> dict[str, str]:
+    """The run's privacy facts for the model's metadata (`dp.mode` none when results.json has no DP,
+    unknown when the run directory has no results.json)."""
+    return _privacy(recorded_results(run_dir))
+
+
+def _privacy(results: dict | None) -> dict[str, str]:
+    return privacy_summary(results) if results is not None else {"dp.mode": "unknown"}

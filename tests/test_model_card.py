@@ -102,6 +102,8 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     privacy = json.loads(meta[META_PRIVACY])  # what the served model's metadata reports
+    # Exported without --run-id: the metadata names the run the model came from, as its results.json does.
+    assert meta["fedmedclip.run_id"] == json.loads((dp_run / "results.json").read_text())["run_id"] != ""
     assert privacy["dp.mode"] == "record" and float(privacy["dp.epsilon"]) <= TARGET
 
     run_id = log_run_dir(dp_run, "test-card", tracking_uri=uri, kfp_run_id="kfp-run-42")
