@@ -8,6 +8,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import re
 import sys
 from collections import Counter
@@ -181,13 +182,9 @@ def encode_bytes_request(blobs: list[bytes]) -> tuple[bytes, int]:
 
     tensor = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
     image_bytes = {"name": "image_bytes", "datatype": "BYTES", "shape": [len(blobs)]}
-    header = {
-        "inputs": [{**image_bytes, "parameters": {"binary_data_size": len(tensor)}}],
-        # Small outputs: plain JSON is easiest to read back.
-        "outputs": [
-            {"name": n, "parameters": {"binary_data": False}} for n in ("probabilities", "class_name")
-        ],
-    }
+    # No "outputs": every output the model has, as JSON (small, and easiest to read back): the probabilities,
+    # and with an OOD score its `ood_score` and `out_of_distribution`.
+    header = {"inputs": [{**image_bytes, "parameters": {"binary_data_size": len(tensor)}}]}
     head = json.dumps(header).encode()
     return head + tensor, len(head)
 
@@ -237,14 +234,29 @@ def _predict(args: argparse.Namespace) -> int:
             raise FedMedClipError(f"{base} answered HTTP {resp.status_code} for {shown}: {detail}")
         try:  # the server's answer is read as what it claims to be: a v2 inference response
             answer = resp.json()
+            outputs = {o["name"]: o.get("data") for o in answer["outputs"]}
             probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
             width = probs["shape"][1]
-            names = json.loads((answer.get("parameters") or {}).get("class_names", "null") or "null")
+            parameters = answer.get("parameters") or {}
+            names = json.loads(parameters.get("class_names", "null") or "null")
             names = names if names and len(names) == width else [str(k) for k in range(width)]
+            # The OOD screen, where the model has one: the score, the server's decision and its threshold (a
+            # plain v2 server running the ONNX file answers the score alone).
+            scores, flags = outputs.get("ood_score"), outputs.get("out_of_distribution")
+            threshold = parameters.get("ood_threshold")
             for i, path in enumerate(shown):
                 row = zip(names, map(float, probs["data"][i * width : (i + 1) * width]), strict=True)
                 ranked = sorted(row, key=lambda t: -t[1])[: args.top]
-                results.append({"image": path, "top": [{"class": c, "probability": p} for c, p in ranked]})
+                result = {"image": path, "top": [{"class": c, "probability": p} for c, p in ranked]}
+                if scores is not None:
+                    result["ood_score"] = _finite("ood_score", scores[i])
+                    if flags is not None:
+                        if type(flags[i]) is not bool:
+                            raise ValueError(f"out_of_distribution {flags[i]!r} is not true or false")
+                        result["out_of_distribution"] = flags[i]
+                    if threshold is not None:
+                        result["ood_threshold"] = _finite("ood_threshold", threshold)
+                results.append(result)
         except (ValueError, LookupError, TypeError, AttributeError, StopIteration) as exc:
             raise FedMedClipError(
                 f"{base} answered HTTP 200 for {shown} without a v2 inference response with "
@@ -256,10 +268,22 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
     width = max(len(t["class"]) for r in results for t in r["top"])
     for r in results:
-        print(f"{r['image']}: {r['top'][0]['class']} ({r['top'][0]['probability']:.1%})")
+        # The model's own screen for images unlike its training data: its class is then no answer.
+        above = f" > {r['ood_threshold']:.4g}" if "ood_threshold" in r else ""
+        flag = (
+            r.get("out_of_distribution") and f"  OUT OF DISTRIBUTION (ood_score {r['ood_score']:.4g}{above})"
+        )
+        print(f"{r['image']}: {r['top'][0]['class']} ({r['top'][0]['probability']:.1%}){flag or ''}")
         for t in r["top"]:
             print(f"    {t['class']:<{width}}  {t['probability']:.4f}")
     return 0
+
+
+def _finite(name: str, value) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} {value!r} is not finite")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:

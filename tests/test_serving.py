@@ -284,14 +284,26 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
         p = tmp_path / f"scan{i}.{fmt.lower()}"
         p.write_bytes(encode(smooth_image(90, 110, 10 + i), fmt))
         paths.append(p)
+    # Uniform noise: what this test model's OOD score was fitted on, so in distribution for it.
+    noise = np.random.default_rng(7).integers(0, 256, (S, S, 3), dtype=np.uint8)
+    paths.append(tmp_path / "noise.png")
+    paths[-1].write_bytes(encode(noise, "PNG"))
     assert main(["predict", "--url", f"http://{server[0]}", "--top", "2", *map(str, paths)]) == 0
     out = capsys.readouterr().out
-    probs, index, _ = reference_from_files(ort_session, [p.read_bytes() for p in paths])
-    for p, row, i in zip(paths, probs, index, strict=True):
-        assert f"{p}: {CLASS_NAMES[i]} ({row[i]:.1%})" in out
-    assert main(["predict", "--url", f"http://{server[0]}", "--json", str(paths[0])]) == 0
+    probs, index, scores = reference_from_files(ort_session, [p.read_bytes() for p in paths])
+    threshold = ood_threshold(ort_session)
+    flagged = scores > threshold
+    assert flagged.any() and not flagged.all()  # both kinds of line below
+    for p, row, i, score, out_of in zip(paths, probs, index, scores, flagged, strict=True):
+        line = next(x for x in out.splitlines() if x.startswith(f"{p}: "))
+        assert line.startswith(f"{p}: {CLASS_NAMES[i]} ({row[i]:.1%})"), line
+        assert ("OUT OF DISTRIBUTION" in line) == out_of, line
+    assert main(["predict", "--url", f"http://{server[0]}", "--json", *map(str, paths)]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parsed[0]["top"][0]["class"] == CLASS_NAMES[index[0]] and len(parsed[0]["top"]) == 3
+    assert [r["out_of_distribution"] for r in parsed] == flagged.tolist()
+    np.testing.assert_allclose([r["ood_score"] for r in parsed], scores, rtol=1e-4)
+    assert {r["ood_threshold"] for r in parsed} == {threshold}
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
@@ -317,7 +329,16 @@ def _other_server(handler, tmp_path):
 
 @pytest.mark.parametrize(
     "body",
-    [b"<html>busy</html>", b'{"outputs": 3}', b'{"outputs": [{"name": "probabilities", "shape": [1]}]}'],
+    [
+        b"<html>busy</html>",
+        b'{"outputs": 3}',
+        b'{"outputs": [{"name": "probabilities", "shape": [1]}]}',
+        # An OOD screen that says nothing: a score that is no number, a decision that is no boolean.
+        b'{"outputs": [{"name": "probabilities", "shape": [1, 2], "data": [0.5, 0.5]}, '
+        b'{"name": "ood_score", "data": [NaN]}]}',
+        b'{"outputs": [{"name": "probabilities", "shape": [1, 2], "data": [0.5, 0.5]}, '
+        b'{"name": "ood_score", "data": [1.0]}, {"name": "out_of_distribution", "data": ["false"]}]}',
+    ],
 )
 def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_response(body, tmp_path, capsys):
     """Whatever answers at --url (a proxy's page, another service) is read as a hostile party's bytes: a
