@@ -294,7 +294,7 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
     threshold = ood_threshold(ort_session)
     flagged = scores > threshold
     assert flagged.any() and not flagged.all()  # both kinds of line below
-    for p, row, i, score, out_of in zip(paths, probs, index, scores, flagged, strict=True):
+    for p, row, i, out_of in zip(paths, probs, index, flagged, strict=True):
         line = next(x for x in out.splitlines() if x.startswith(f"{p}: "))
         assert line.startswith(f"{p}: {CLASS_NAMES[i]} ({row[i]:.1%})"), line
         assert ("OUT OF DISTRIBUTION" in line) == out_of, line
