@@ -92,6 +92,7 @@ def cmd_card(args) -> int:
     """print the model card of a registered version (NAME@ALIAS or NAME/VERSION) or a run directory"""
     from pathlib import Path
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     if Path(args.model).is_dir():  # a run directory: its card, without the registry's facts
         from fedmedclip.model_card import build_card, render_markdown
 
