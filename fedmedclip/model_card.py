@@ -489,7 +489,9 @@ def _ood_lines(ood: dict | None) -> list[str]:
             "Every image is then classified, whatever it shows."
         ]
     cal = ood.get("calibration") or {}
-    fitted = f"{cal.get('fit_images', '?')} images held by {cal.get('holder', 'the exporting party')}"
+    holder = cal.get("holder", "the exporting party")
+    holder = "the server" if holder == "server" else holder
+    fitted = f"{cal.get('fit_images', '?')} images held by {holder}"
     return [
         f"- Score: `ood_score`, {ood['method']} on the frozen CLIP features, fitted on {fitted} "
         f"({cal.get('fitted_on', 'n/a')})",
