@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from fedmedclip.errors import ConfigError
-from fedmedclip.flags import check_declared, setting
+from fedmedclip.flags import check_declared, declared, setting
 
 from .errors import RequestRejected
 
@@ -45,40 +45,39 @@ class _Checked:
 class Limits(_Checked):
     """Per-request limits. Defaults fit a GPU server taking scans of up to ~6000x6000 pixels."""
 
-    max_batch_images: int = _limit(64, "images per request", minimum=1)
+    # Each limit's metavar is its unit: the flag's help shows it, and a refusal names the limit with it.
+    max_batch_images: int = _limit(64, "images per request", minimum=1, metavar="IMAGES")
     max_image_pixels: int = _limit(
-        40_000_000, "width*height of one encoded image, checked from its header before decoding", minimum=1
+        40_000_000,
+        "width*height of one encoded image, checked from its header before decoding",
+        minimum=1,
+        metavar="PIXELS",
     )
     max_request_bytes: int = _limit(
-        64 * 1024 * 1024, "request body (REST) / message (gRPC) size limit in bytes", minimum=1
+        64 * 1024 * 1024, "request body (REST) / message (gRPC) size limit", minimum=1, metavar="BYTES"
     )
     max_request_pixels: int = _limit(
         64 * 2048 * 2048,
         "total width*height of one request's encoded images, from their headers before any is decoded; "
         "the default is 64 images of 2048x2048",
         minimum=1,
+        metavar="PIXELS",
     )
     max_decode_seconds: float = _limit(
-        10.0, "CPU seconds decoding one request's encoded images may take; a request over it is refused"
+        10.0,
+        "CPU time decoding one request's encoded images may take; a request over it is refused",
+        metavar="SECONDS",
     )
 
     within = {"max_decode_seconds": (0, math.inf)}
 
     def exceeded(self, code: str, limit: str, what: str, after: str = "") -> RequestRejected:
         """The refusal of a request for `what`, over the limit `limit`, naming the server option that sets it."""
-        flag, unit = "--" + limit.replace("_", "-"), _UNITS[limit]
+        unit = next(d.meta["metavar"] for d in declared(type(self)) if d.name == limit).lower()
+        flag = "--" + limit.replace("_", "-")
         return RequestRejected(
-            code, f"{what} over the limit of {getattr(self, limit):,}{unit} (server option {flag}){after}"
+            code, f"{what} over the limit of {getattr(self, limit):,} {unit} (server option {flag}){after}"
         )
-
-
-_UNITS = {
-    "max_batch_images": " images",
-    "max_image_pixels": " pixels",
-    "max_request_bytes": " bytes",
-    "max_request_pixels": " pixels",
-    "max_decode_seconds": " s",
-}
 
 
 @dataclass(frozen=True)

@@ -395,3 +395,18 @@ def test_model_file_is_verified_against_its_sidecar(tmp_path, capsys):
     # The session is built from the bytes that were hashed: a file swapped after the check is refused.
     with pytest.raises(ServingError, match="changed after its sha256 was verified"):
         OnnxClassifier(path, device="cpu", expected_sha256="0" * 64)
+
+
+def test_every_limit_is_refused_with_its_unit_and_its_flag():
+    """A limit's unit is declared with it (its flag's metavar): each refusal says how much, of what, and which
+    server option sets it; a limit declared without a unit fails here, not at its first refusal in service."""
+    from fedmedclip.flags import declared
+    from serving.options import Limits
+
+    limits = Limits()
+    for d in declared(Limits):
+        unit, flag = d.meta["metavar"], "--" + d.name.replace("_", "-")
+        assert unit, f"{flag} declares no unit (metavar)"
+        refusal = limits.exceeded("code", d.name, "this request is")
+        want = f"this request is over the limit of {getattr(limits, d.name):,} {unit.lower()} (server option {flag})"
+        assert refusal.message == want
