@@ -12,13 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted(
-    {
+    path
+    for path in {
         REPO / "README.md",
         *REPO.glob("docs/*.md"),
         *REPO.glob("*/README.md"),
         *REPO.glob("*/*/README.md"),
         *REPO.glob("infra/**/*.md"),
     }
+    if not any(part.startswith(".") for part in path.relative_to(REPO).parts)  # tools' caches, the venv
 )
 # A command as the docs write it: after `fedmedclip ` (optionally `.venv/bin/`), up to the end of the code span,
 # the line, a pipe, a `;`, a comment or a closing parenthesis; shell continuations joined first.
