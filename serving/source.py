@@ -8,8 +8,6 @@ sidecar `fedmedclip export` wrote next to it (`model.onnx.sha256`). A file with 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +106,6 @@ def _from_registry(
 
     from mlops.tracking import registered_version
 
-    if not sys.stderr.isatty():  # a pod's log: one line per event, not a progress bar redrawn in place
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
     # downloads through the tracking server as every MLflow client of this project makes them.
     _, mv = registered_version(uri, tracking_uri, f"{uri} needs the MLflow registry", ServingError)
