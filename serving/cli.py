@@ -237,15 +237,15 @@ def _predict(args: argparse.Namespace) -> int:
             raise FedMedClipError(f"{base} answered HTTP {resp.status_code} for {shown}: {detail}")
         try:  # the server's answer is read as what it claims to be: a v2 inference response
             answer = resp.json()
-            outputs = {o["name"]: o.get("data") for o in answer["outputs"]}
-            probs = next(o for o in answer["outputs"] if o["name"] == "probabilities")
+            outputs = {o["name"]: o for o in answer["outputs"]}
+            probs = outputs["probabilities"]
             width = probs["shape"][1]
             parameters = answer.get("parameters") or {}
             names = json.loads(parameters.get("class_names", "null") or "null")
             names = names if names and len(names) == width else [str(k) for k in range(width)]
             # The OOD screen, where the model has one: the score, the server's decision and its threshold (a
             # plain v2 server running the ONNX file answers the score alone).
-            scores, flags = outputs.get("ood_score"), outputs.get("out_of_distribution")
+            scores, flags = (outputs.get(n, {}).get("data") for n in ("ood_score", "out_of_distribution"))
             threshold = parameters.get("ood_threshold")
             for i, path in enumerate(shown):
                 row = zip(names, map(float, probs["data"][i * width : (i + 1) * width]), strict=True)
@@ -260,7 +260,7 @@ def _predict(args: argparse.Namespace) -> int:
                     if threshold is not None:
                         result["ood_threshold"] = _finite("ood_threshold", threshold)
                 results.append(result)
-        except (ValueError, LookupError, TypeError, AttributeError, StopIteration) as exc:
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
             raise FedMedClipError(
                 f"{base} answered HTTP 200 for {shown} without a v2 inference response with "
                 f"`probabilities` ({type(exc).__name__}: {str(exc)[:200]})"
@@ -271,12 +271,11 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
     width = max(len(t["class"]) for r in results for t in r["top"])
     for r in results:
-        # The model's own screen for images unlike its training data: its class is then no answer.
-        above = f" > {r['ood_threshold']:.4g}" if "ood_threshold" in r else ""
-        flag = (
-            r.get("out_of_distribution") and f"  OUT OF DISTRIBUTION (ood_score {r['ood_score']:.4g}{above})"
-        )
-        print(f"{r['image']}: {r['top'][0]['class']} ({r['top'][0]['probability']:.1%}){flag or ''}")
+        flag = ""
+        if r.get("out_of_distribution"):  # the model's own screen: its class is then no answer
+            above = f" > {r['ood_threshold']:.4g}" if "ood_threshold" in r else ""
+            flag = f"  OUT OF DISTRIBUTION (ood_score {r['ood_score']:.4g}{above})"
+        print(f"{r['image']}: {r['top'][0]['class']} ({r['top'][0]['probability']:.1%}){flag}")
         for t in r["top"]:
             print(f"    {t['class']:<{width}}  {t['probability']:.4f}")
     return 0
