@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from fedmedclip.errors import ConfigError
@@ -73,11 +73,17 @@ class Limits(_Checked):
 
     def exceeded(self, code: str, limit: str, what: str, after: str = "") -> RequestRejected:
         """The refusal of a request for `what`, over the limit `limit`, naming the server option that sets it."""
-        unit = next(d.meta["metavar"] for d in declared(type(self)) if d.name == limit).lower()
-        flag = "--" + limit.replace("_", "-")
+        d = _declaration(type(self), limit)
+        unit, flag = d.meta["metavar"].lower(), d.flags[0]
         return RequestRejected(
             code, f"{what} over the limit of {getattr(self, limit):,} {unit} (server option {flag}){after}"
         )
+
+
+@cache
+def _declaration(cls, name: str):
+    """The declaration of field `name` of `cls`, read once (a refusal is a path a client can drive)."""
+    return next(d for d in declared(cls) if d.name == name)
 
 
 @dataclass(frozen=True)
