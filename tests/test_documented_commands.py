@@ -5,6 +5,7 @@ parser is the real one, with every installed layer's commands)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from pathlib import Path
 
@@ -34,11 +35,17 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict:
     return {}
 
 
-def documented_commands(text: str):
-    """(command path, flag, the command as written) for each `--flag` of each documented command line."""
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
     from fedmedclip.cli import build_parser
 
-    root = build_parser()
+    return build_parser()
+
+
+def documented_commands(text: str):
+    """(command path, flag, the flags its parser knows, the command as written) for each `--flag` of each
+    documented command line."""
+    root = _parser()
     for match in COMMAND.finditer(re.sub(r"\\\n\s*", " ", text)):
         words, parser, path = match.group(1).split(), root, []
         while words and words[0] in _subcommands(parser):
