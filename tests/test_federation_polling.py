@@ -3,6 +3,7 @@ when the mailbox is S3), and a sweep that reads every missing object decides quo
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -72,7 +73,7 @@ def test_a_waiting_server_asks_for_the_first_missing_update_only_until_a_sweep(
     assert sum(store.reads.values()) == 1 and store.reads[mb.update_key(1, "site_0")] == 1
     assert server._updates == {}  # the others are read once site_0's is in, or at the next sweep
 
-    server._swept_at = 0.0  # a sweep is due: every missing update is read
+    server._swept_at = -math.inf  # a sweep is due: every missing update is read
     store.reads.clear()
     assert server.poll()
     assert sorted(server._updates) == ["site_1", "site_2"]
@@ -93,7 +94,7 @@ def test_a_waiting_site_asks_for_one_object_per_poll(prepared, tmp_path):
     assert not site.poll()
     assert dict(store.reads) == {mb.global_key(1): 1}  # the next global module, nothing else
 
-    site._rare_checked = 0.0  # a rare check is due: whether the server went on without it, too
+    site._rare_checked = -math.inf  # a rare check is due: whether the server went on without it, too
     store.reads.clear()
     assert not site.poll()
     assert dict(store.reads) == {mb.global_key(1): 1, mb.global_key(2): 1}

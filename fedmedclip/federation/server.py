@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,7 +276,7 @@ class FederationServer:
         # between asks only for the first one missing, since it needs them all before the round goes on
         # (quorum and timeouts are decided at a sweep): one request per poll instead of one per site.
         self.sweep_every = 0.0
-        self._swept_at = 0.0
+        self._swept_at = -math.inf  # never: monotonic time starts at boot, not long ago
         self.results: dict | None = None
         self.finished = False
 

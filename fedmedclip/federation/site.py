@@ -91,11 +91,11 @@ class SiteWorker:
         # said in its next report, so that the server's results record it.
         self.recovered: dict | None = None
         self._resent = False  # whether what a restart may have lost was sent again
-        self._server_checked = 0.0
+        self._server_checked = -math.inf  # never: monotonic time starts at boot, not long ago
         # Seconds between the checks a waiting site needs only rarely (whether the server went on without it,
         # and its status): 0 checks at every poll, as the in-process simulator's fixed order requires; `run()`
         # checks every SERVER_STATUS_EVERY s, so that its polls while it waits are one request each.
-        self.rare_checks_every, self._rare_checked = 0.0, 0.0
+        self.rare_checks_every, self._rare_checked = 0.0, -math.inf
         self._uploaded: int | None = None  # the last round this process uploaded itself
         self.client_dp = site_client_privacy(setup.method.ctx.privacy, manifest, state, self.name)
         self._server_beat: float | None = None  # the `time` of the server's status when last read
