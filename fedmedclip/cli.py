@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from importlib.metadata import entry_points
 
-from .errors import ConfigError, FedMedClipError
+from .errors import ConfigError, FedMedClipError, run_command
 from .observer import NO_OBSERVER, RunObserver
 from .startup import imports_without_collection
 from .tracking_server import DEFAULT_EXPERIMENT
@@ -532,10 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except FedMedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_command(args)
     except KeyboardInterrupt:
         print("interrupted; a finished round is checkpointed: rerun with --resume", file=sys.stderr)
         return 130

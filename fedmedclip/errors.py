@@ -1,5 +1,8 @@
 """Errors a user can act on. The CLI prints their message and exits with status 2, no traceback."""
 
+import sys
+import traceback
+
 
 class FedMedClipError(Exception):
     """Base class: the message names the problem and, where possible, the fix."""
@@ -32,3 +35,16 @@ class ProvenanceMismatch(FedMedClipError):
 
 class CheckpointError(FedMedClipError):
     """A checkpoint that cannot be resumed from."""
+
+
+def run_command(args) -> int:
+    """A command's exit status: its handler's, or a FedMedClipError's message (status 2) or an OSError's (an
+    --out that cannot be created, a full disk: status 1; the system's words name the path) on one line of
+    stderr, with the traceback under -v."""
+    try:
+        return int(args.func(args) or 0)
+    except (FedMedClipError, OSError) as exc:
+        if getattr(args, "verbose", False) and not isinstance(exc, FedMedClipError):
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, FedMedClipError) else 1

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from fedmedclip.errors import FedMedClipError
+from fedmedclip.errors import FedMedClipError, run_command
 from fedmedclip.flags import SERVE, add_config_arguments, options_from_args
 
 from .errors import ServingError
@@ -292,8 +292,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except FedMedClipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args)

@@ -392,6 +392,21 @@ def test_cli_refuses_a_non_empty_out(tmp_path, capsys):
     assert (out / "results.json").read_text() == "{}"
 
 
+def test_cli_says_in_one_line_why_out_cannot_be_created(tmp_path, capsys):
+    """The operating system's refusal (here: --out under a file) is one line naming the path, not a traceback;
+    -v adds the traceback for a bug report."""
+    from fedmedclip.cli import main
+
+    (tmp_path / "a-file").write_text("kept")
+    args = ["train", "--data", "synthetic", "--out", str(tmp_path / "a-file" / "run")]
+    assert main([*args, "--cache-dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'run'}'"]
+    assert (tmp_path / "a-file").read_text() == "kept"
+    assert main([*args, "--cache-dir", str(tmp_path / "c"), "-v"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- real data
 
 MAJORITY = 115 / 394  # meningioma: the majority-class rate of the 394 official test images
