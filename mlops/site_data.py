@@ -260,11 +260,11 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
     root = _root(f"s3://{bucket}", client)
     try:
         root.ensure_bucket()
-    except StoreAccessDenied:
+    except StoreAccessDenied as exc:  # its words say whether credentials are missing or do not cover it
         raise DataError(
-            f"the credentials in use may not list or create bucket {bucket!r}: publishing needs the "
-            f"publisher's role granted on it (the local stack: `fedmedclip stack add-bucket {bucket}`; a "
-            "cluster: the data bucket of infra/training)"
+            f"{exc}. Publishing needs the publisher's role granted on bucket {bucket!r}: on this machine the "
+            f"local stack's (`fedmedclip stack up`; `fedmedclip stack add-bucket {bucket}` for keys of your "
+            "own), in a cluster the data bucket of infra/training"
         ) from None
     image_list = sha256_bytes(
         "".join(f"{r.image_id}\t{r.label}\t{r.split}\t{r.site or ''}\n" for r in image_set.records).encode()

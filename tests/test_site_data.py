@@ -256,6 +256,17 @@ def test_cli_publish_uses_the_local_stack(s3_env, tmp_path, monkeypatch, capsys)
     assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--quiet", "--seed", "3"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
 
+    # Neither credentials nor a stack: the one line says that, and how to get them.
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", str(tmp_path / "no-stack"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no S3 credentials in the environment" in err and "`fedmedclip stack up`" in err, err
+
 
 # ------------------------------------------------------------------ hospital-side onboarding (--site)
 
