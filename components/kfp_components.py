@@ -7,8 +7,9 @@ import os
 from types import SimpleNamespace
 
 from components import run_parameters
+from fedmedclip import __version__
 
-DEFAULT_BASE_IMAGE = "ghcr.io/fedmedclip/train:0.1.0"
+DEFAULT_BASE_IMAGE = f"ghcr.io/fedmedclip/train:{__version__}"
 SERVER_ROLE = "server"
 SITE_ROLE = "site"
 # The Secret holding the MLflow user the pipeline logs and registers as (infra/training/mlflow-clients).

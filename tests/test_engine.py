@@ -407,6 +407,21 @@ def test_cli_says_in_one_line_why_out_cannot_be_created(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_version_is_declared_once(capsys):
+    """`fedmedclip --version`, the installed distribution's metadata and the pipeline's default image tag are
+    all fedmedclip.__version__."""
+    from importlib.metadata import version
+
+    from components.kfp_components import DEFAULT_BASE_IMAGE
+    from fedmedclip import __version__
+    from fedmedclip.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"fedmedclip {__version__}\n"
+    assert version("fedmedclip") == __version__ and DEFAULT_BASE_IMAGE.endswith(f":{__version__}")
+
+
 # ----------------------------------------------------------------------------- real data
 
 MAJORITY = 115 / 394  # meningioma: the majority-class rate of the 394 official test images
