@@ -252,8 +252,14 @@ class Promotion:
     previous_metric: float | None
     overridden: bool
     different_data: dict[str, tuple[str, str]] = field(default_factory=dict)  # tag -> (candidate, holder)
+    already: bool = False  # the version held the alias already: nothing was changed
 
     def describe(self) -> str:
+        if self.already:
+            return (
+                f"{self.name} version {self.version} is @{self.alias} already ({PROMOTION_METRIC} "
+                f"{self.candidate_metric:.4f}); nothing changed\nload it with models:/{self.name}@{self.alias}"
+            )
         prev = f"previous: version {self.previous_version}, {PROMOTION_METRIC} {_fmt(self.previous_metric)}"
         prev = prev if self.previous_version is not None else "no previous holder"
         note = " (worse than the previous holder: promoted with --allow-worse)" if self.overridden else ""
@@ -331,7 +337,11 @@ def promote(
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
     holder = (client.get_registered_model(name).aliases or {}).get(alias)
-    previous = str(holder) if holder is not None and str(holder) != version else None
+    if holder is not None and str(holder) == version:
+        # Asked again (a retried register task, say): the first promotion's record, naming the version it
+        # replaced, stays as it is.
+        return Promotion(name, version, alias, candidate, None, None, False, already=True)
+    previous = str(holder) if holder is not None else None
     previous_metric, overridden, different = None, False, {}
     if previous is not None:
         current = client.get_model_version(name, previous)

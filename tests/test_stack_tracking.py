@@ -429,6 +429,12 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     result = promote(name, v3, tracking_uri=uri)
     assert (result.previous_version, result.overridden) == (v2, False)
     assert "promotion_override.champion" not in client.get_model_version(name, v3).tags
+    # promoted again (a retried register task): nothing changes, the record still names the version replaced
+    record = client.get_model_version(name, v3).tags["promoted.champion"]
+    assert run_cli("promote", name, "--version", v3, "--tracking-uri", uri) == 0
+    assert f"version {v3} is @champion already" in capsys.readouterr().out
+    assert client.get_model_version(name, v3).tags["promoted.champion"] == record
+    assert json.loads(record)["previous_version"] == v2
 
     # models:/NAME@champion loads, is v3's file byte for byte, and runs
     mlflow.set_tracking_uri(uri)
