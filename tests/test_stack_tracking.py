@@ -373,7 +373,9 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     run_id_a = capsys.readouterr().out.strip()
     assert len(run_id_a) == 32
     assert run_cli("register", run_id_a, "--name", name, "--onnx", tiny_onnx, "--tracking-uri", uri) == 0
-    v1 = capsys.readouterr().out.strip()
+    registered = capsys.readouterr()
+    v1 = registered.out.strip()
+    assert "Downloading artifacts" not in registered.err  # no bar redrawn in place where stderr is a log
     mv1 = client.get_model_version(name, v1)
     for tag in (
         "method",
