@@ -42,7 +42,8 @@ COPY serving /src/serving
 
 # --------------------------------------------------------------------------------------------------------
 # What every image shares. MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK: MLflow's client and server send usage
-# events to mlflow.org by default; nothing about a hospital's runs leaves the cluster. HOME=/tmp (MLflow's
+# events to mlflow.org by default; nothing about a hospital's runs leaves the cluster. A pod's log is no
+# terminal: MLflow's download bar, redrawn in place, would be one long line there. HOME=/tmp (MLflow's
 # client writes there when fetching a registered model; /tmp is an emptyDir in the cluster) is set by each
 # image after its last RUN: the build's checks run as root, and importing onnxruntime creates $HOME/.cache,
 # which would be left root-owned and closed to uid 10001.
@@ -52,7 +53,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
-    DO_NOT_TRACK=true
+    DO_NOT_TRACK=true \
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin fedmedclip
 WORKDIR /app
 

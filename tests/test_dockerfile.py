@@ -265,9 +265,11 @@ def test_images_run_non_root_on_a_read_only_root(stages, target):
 
 @pytest.mark.parametrize("target", ["train", "serve", "tracking"])
 def test_no_image_sends_mlflow_usage_telemetry(stages, target):
-    """MLflow's client and server send usage events to mlflow.org unless told not to: every image says so."""
+    """MLflow's client and server send usage events to mlflow.org unless told not to: every image says so (and
+    that its download bar has no terminal to redraw)."""
     env = _env(stages[target])
     assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true" and env.get("DO_NOT_TRACK") == "true", env
+    assert env.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") == "false", env  # a pod's log is no terminal
 
 
 def test_the_commit_does_not_invalidate_the_dependency_layers(stages):
