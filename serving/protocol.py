@@ -89,6 +89,7 @@ def parse_header(text: bytes, budget: Budget) -> Header:
         raise RequestRejected("bad_json", f"the request is not valid JSON: {exc}") from None
     request_id = None if doc.get("id") is None else _string(doc["id"], '"id"', budget.max_string)
     header = Header(request_id, check_parameters(doc.get("parameters"), "the request", budget), [])
+    _check_binary_flag(header.parameters, "binary_data_output", "the request")
     inputs, outputs = doc.get("inputs"), doc.get("outputs")
     if not isinstance(inputs, list) or not 0 < len(inputs) <= budget.max_inputs:
         got = len(inputs) if isinstance(inputs, list) else _kind(inputs)
@@ -150,13 +151,17 @@ def check_output(spec: dict, i: int, budget: Budget) -> tuple[str, dict | None]:
     """Requested output `i`'s name and parameters: a JSON request's object, or a gRPC request's fields in one."""
     name = _string(spec.get("name"), f"output {i}: 'name'", budget.max_string)
     params = check_parameters(spec.get("parameters"), f"output {quoted(name)}", budget)
-    if params and "binary_data" in params and type(params["binary_data"]) is not bool:
-        raise RequestRejected(
-            "bad_parameters",
-            f"output {quoted(name)}: parameter 'binary_data' must be true or false, "
-            f"got {quoted(params['binary_data'])}",
-        )
+    _check_binary_flag(params, "binary_data", f"output {quoted(name)}")
     return name, params
+
+
+def _check_binary_flag(params: dict | None, key: str, where: str) -> None:
+    """The binary data extension's output flags are booleans: kserve reads any other value by its truth, so
+    "false" or 0.5 would turn the answer binary (or 0 and "" JSON) whatever the client meant."""
+    if params and key in params and type(params[key]) is not bool:
+        raise RequestRejected(
+            "bad_parameters", f"{where}: parameter {key!r} must be true or false, got {quoted(params[key])}"
+        )
 
 
 def _data(data: object, t: Tensor, where: str, budget: Budget, left: int) -> np.ndarray | list[bytes]:

@@ -283,6 +283,14 @@ MALFORMED_BINARY = {
         IMAGE,
         "'binary_data' must be true or false",
     ),
+    "request_binary_data_output_string": (
+        {
+            **_uint8_header(parameters={"binary_data_size": len(IMAGE)}),
+            "parameters": {"binary_data_output": "false"},
+        },
+        IMAGE,
+        "the request: parameter 'binary_data_output' must be true or false, got 'false'",
+    ),
     "input_name_number": (
         {
             "inputs": [
