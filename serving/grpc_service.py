@@ -160,10 +160,14 @@ def _parameters(parameters, where: str, budget: Budget) -> dict | None:
     return grpc_parameters(parameters)
 
 
+# gRPC takes a message length as a C int, and protobuf cannot parse a message over 2 GiB anyway: a larger
+# --max-request-bytes still holds for REST, while gRPC refuses what it could never read.
+_MAX_GRPC_MESSAGE = 2**31 - 1
+
+
 def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
-    server = aio.server(
-        options=[(f"grpc.max_{d}_message_length", max_message_bytes) for d in ("send", "receive")]
-    )
+    limit = min(max_message_bytes, _MAX_GRPC_MESSAGE)
+    server = aio.server(options=[(f"grpc.max_{d}_message_length", limit) for d in ("send", "receive")])
     grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC cannot listen on {address}")

@@ -54,7 +54,10 @@ class Limits(_Checked):
         metavar="PIXELS",
     )
     max_request_bytes: int = _limit(
-        64 * 1024 * 1024, "request body (REST) / message (gRPC) size limit", minimum=1, metavar="BYTES"
+        64 * 1024 * 1024,
+        "request body (REST) / message (gRPC, at most 2 GiB whatever this says) size limit",
+        minimum=1,
+        metavar="BYTES",
     )
     max_request_pixels: int = _limit(
         64 * 2048 * 2048,

@@ -160,6 +160,19 @@ def test_host_option(onnx_path, capsys):
     assert "--host" in err and "cannot be listened on" in err
 
 
+def test_a_request_limit_over_what_grpc_can_carry_still_serves_both(onnx_path, tmp_path):
+    """--max-request-bytes over 2 GiB: gRPC takes a message length as a C int (the server crashed with an
+    OverflowError traceback as it built the gRPC server); REST keeps the limit, gRPC its 2 GiB ceiling."""
+    import tritonclient.grpc as grpcclient  # not kserve's stubs: both register the protocol's proto
+
+    with running_server([str(onnx_path)], tmp_path, "--max-request-bytes", str(3 * 2**30)) as s:
+        assert requests.get(f"http://{s.http}/v2/health/ready", timeout=10).status_code == 200
+        client = grpcclient.InferenceServerClient(s.grpc)
+        assert client.is_server_ready()
+        client.close()
+        assert "Traceback" not in s.log()
+
+
 # ------------------------------------------------------------------------------------ per-request budgets
 
 
