@@ -125,11 +125,17 @@ class OnnxClassifier:
         rather than on a client's request. Batches: a black image first, then white, then seeded noise."""
         s, c = self.contract.image_size, self.contract.num_classes
         for n in sorted(set(batch_sizes)):
-            images = np.random.default_rng(n).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
-            images[0] = 0
-            images[1:2] = 255
             try:
+                images = np.random.default_rng(n).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+                images[0] = 0
+                images[1:2] = 255
                 outputs = self.run(images)
+            except MemoryError:
+                # The largest batch is --max-batch-size images: what every full batch will need in service.
+                raise ServingError(
+                    f"{self.path}: a batch of {n:,} images of {s}x{s} ({n * s * s * 3 / 2**30:,.1f} GiB of pixels "
+                    "alone) does not fit in memory; lower --max-batch-size"
+                ) from None
             except Exception as exc:
                 raise ServingError(f"{self.path}: test inference on a batch of {n} failed: {exc}") from None
             # probabilities, class_index, and for an OOD export ood_score and the embedding (any width)

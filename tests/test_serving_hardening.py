@@ -173,6 +173,13 @@ def test_a_request_limit_over_what_grpc_can_carry_still_serves_both(onnx_path, t
         assert "Traceback" not in s.log()
 
 
+def test_a_batch_size_that_cannot_fit_in_memory_is_refused_in_one_line(onnx_path):
+    """The warm-up runs a full batch of --max-batch-size images: one that cannot be allocated was a
+    MemoryError traceback (exit status 1), not a refusal naming the flag."""
+    err = refused_to_serve(onnx_path, "--max-batch-size", str(10**12), "--grpc-port", str(free_port()))
+    assert "does not fit in memory; lower --max-batch-size" in err, err
+
+
 # ------------------------------------------------------------------------------------ per-request budgets
 
 
