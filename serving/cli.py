@@ -197,6 +197,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.top < 1 or args.batch < 1:
         raise FedMedClipError("--top and --batch must be at least 1")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):  # requests would raise mid-request
+        raise FedMedClipError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     base = args.url.rstrip("/")
     base = base if base.startswith(("http://", "https://")) else "http://" + base
     paths = [Path(p) for p in args.images]

@@ -395,6 +395,19 @@ def test_predict_cli_reads_a_refusal_or_a_model_list_that_is_not_an_object(tmp_p
         assert f"{url} serves 5: pass --model NAME" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_predict_cli_refuses_a_timeout_that_is_not_a_positive_number(timeout, tmp_path, capsys):
+    """requests raised a ValueError or OverflowError traceback for each of these, after reading the images."""
+    from serving.cli import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["predict", "--url", url, "--model", "m", "--timeout", timeout, str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --timeout must be a positive number of seconds, got {float(timeout)}\n", err
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
