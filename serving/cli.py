@@ -200,7 +200,13 @@ def _predict(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.timeout) and args.timeout > 0):  # requests would raise mid-request
         raise FedMedClipError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     base = args.url.rstrip("/")
-    base = base if base.startswith(("http://", "https://")) else "http://" + base
+    scheme, sep, _ = base.partition("://")
+    if not sep:
+        base = "http://" + base  # HOST:PORT
+    elif scheme.lower() not in ("http", "https"):  # it was sent to http://ftp://HOST, a host named "ftp"
+        raise FedMedClipError(
+            f"--url {args.url}: the server speaks HTTP; give http://HOST:PORT or https://..."
+        )
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

@@ -408,6 +408,18 @@ def test_predict_cli_refuses_a_timeout_that_is_not_a_positive_number(timeout, tm
     assert err == f"error: --timeout must be a positive number of seconds, got {float(timeout)}\n", err
 
 
+def test_predict_cli_refuses_a_url_that_is_not_http(tmp_path, capsys):
+    """ftp://HOST was sent as http://ftp://HOST: an error about resolving a host named 'ftp'."""
+    from serving.cli import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    url = f"ftp://127.0.0.1:{free_port()}"
+    assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --url {url}: the server speaks HTTP; give http://HOST:PORT or https://...\n", err
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
