@@ -85,8 +85,14 @@ def parse_header(text: bytes, budget: Budget) -> Header:
     try:
         doc = _object(orjson.loads(text), "the request")
     except orjson.JSONDecodeError as exc:
-        # orjson's message names the position and the kind of problem, never the text itself.
-        raise RequestRejected("bad_json", f"the request is not valid JSON: {exc}") from None
+        # orjson's message names the position and the kind of problem, never the text itself; but for any
+        # byte that is not UTF-8 it says "surrogates not allowed", which binary data never meant.
+        problem = str(exc)
+        try:
+            text.decode()
+        except UnicodeDecodeError as bad:
+            problem = f"byte {bad.start:,} (0x{text[bad.start]:02x}) is not UTF-8 text"
+        raise RequestRejected("bad_json", f"the request is not valid JSON: {problem}") from None
     request_id = None if doc.get("id") is None else _string(doc["id"], '"id"', budget.max_string)
     header = Header(request_id, check_parameters(doc.get("parameters"), "the request", budget), [])
     _check_binary_flag(header.parameters, "binary_data_output", "the request")

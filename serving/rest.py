@@ -32,6 +32,11 @@ _NO_ROUTE = (
     "/v2/health/ready, /v2/models/NAME[/versions/V][/ready], POST /v2/models/NAME[/versions/V]/infer)"
 )
 
+_NO_BINARY_HEADER = (
+    "; a JSON header followed by binary tensor data needs the Inference-Header-Content-Length header (the "
+    "JSON part's length in bytes); a compressed body is not accepted"
+)
+
 
 def json_response(body: dict, status: int = 200) -> Response:
     return Response(
@@ -136,7 +141,14 @@ class RestApi:
         async def read_request():
             body = await self._read_body(request)
             text = json_part(body, request.headers)
-            return to_infer_request(await self.parser.parse(text), body, len(text), name, version)
+            try:
+                header = await self.parser.parse(text)
+            except RequestRejected as exc:
+                if exc.code != "bad_json" or "inference-header-content-length" in request.headers:
+                    raise
+                # A binary request without its header reads as JSON with bytes after it: say what is missing.
+                raise RequestRejected(exc.code, exc.message + _NO_BINARY_HEADER) from None
+            return to_infer_request(header, body, len(text), name, version)
 
         try:
             return _encoded(await self.state.infer(name, version, read_request, dict(request.headers)))

@@ -333,6 +333,29 @@ def test_malformed_binary_request_parameters_are_client_errors(case, server, ort
     assert_serving(server[0], ort_session)
 
 
+def test_a_binary_request_without_its_header_is_told_what_is_missing(server, ort_session):
+    """Without Inference-Header-Content-Length the whole body is read as JSON: PNG bytes after it were "str
+    is not valid UTF-8: surrogates not allowed", zero bytes "unexpected content after document", neither
+    naming the header."""
+    blob = png(np.full((8, 8, 3), 40, np.uint8))
+    for body, problem in (
+        (bytes_request([blob])[0], "is not UTF-8 text"),
+        (
+            binary_request(_uint8_header(parameters={"binary_data_size": len(IMAGE)}), IMAGE)[0],
+            "unexpected content after document",
+        ),
+    ):
+        resp = post(server[0], body, {"Content-Type": "application/octet-stream"})
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert problem in error and "surrogates" not in error, error
+        assert "needs the Inference-Header-Content-Length header" in error, error
+    # With the header, a JSON part that is not JSON is not told the header is missing.
+    resp = post(server[0], b"\xff{}", {"Inference-Header-Content-Length": "3"})
+    assert resp.json()["error"] == "the request is not valid JSON: byte 0 (0xff) is not UTF-8 text", resp.text
+    assert_serving(server[0], ort_session)
+
+
 @pytest.mark.parametrize(
     ("value", "text"),
     [(1.5, "float values such as 1.5"), (7.0, "float values"), (True, "bool values"), ("7", "str values")],
