@@ -450,7 +450,8 @@ def _bad_cases() -> dict[str, tuple[str, np.ndarray, str, str]]:
             "image_bytes",
             bytes_tensor([_png_bomb()]),
             "BYTES",
-            "over the limit of 1,000,000",
+            # PIL's own words named its limit, twice ours: "exceeds limit of 2000000 pixels"
+            "image 0 is 25,000,000 pixels, over the limit of 1,000,000 pixels (server option --max-image-pixels)",
         ),
         "wrong_dtype": ("images", ok.astype(np.float32), "FP32", "must have datatype UINT8"),
         "wrong_shape": ("images", random_images(1, 0, size=32), "UINT8", f"must have shape [N,{S},{S},3]"),
