@@ -256,7 +256,10 @@ def _predict(args: argparse.Namespace) -> int:
             scores, flags = (outputs.get(n, {}).get("data") for n in ("ood_score", "out_of_distribution"))
             threshold = parameters.get("ood_threshold")
             for i, path in enumerate(shown):
-                row = zip(names, map(float, probs["data"][i * width : (i + 1) * width]), strict=True)
+                row = [
+                    (c, _finite("probability", p))
+                    for c, p in zip(names, probs["data"][i * width : (i + 1) * width], strict=True)
+                ]
                 ranked = sorted(row, key=lambda t: -t[1])[: args.top]
                 result = {"image": path, "top": [{"class": c, "probability": p} for c, p in ranked]}
                 if scores is not None:

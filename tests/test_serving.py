@@ -333,6 +333,8 @@ def _other_server(handler, tmp_path):
         b"<html>busy</html>",
         b'{"outputs": 3}',
         b'{"outputs": [{"name": "probabilities", "shape": [1]}]}',
+        # A probability that is no number (Python's JSON reads NaN): it was printed as "nan".
+        b'{"outputs": [{"name": "probabilities", "shape": [1, 2], "data": [NaN, 0.5]}]}',
         # An OOD screen that says nothing: a score that is no number, a decision that is no boolean.
         b'{"outputs": [{"name": "probabilities", "shape": [1, 2], "data": [0.5, 0.5]}, '
         b'{"name": "ood_score", "data": [NaN]}]}',
