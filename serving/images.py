@@ -124,9 +124,10 @@ class DecodePool:
         """uint8 [N, S, S, 3] for N encoded files, in order, within the request budgets of `limits`."""
         total = sum(len(b) for b in blobs)
         if total > limits.max_request_bytes:
-            raise limits.exceeded(
-                "request_too_large", "max_request_bytes", f"{total:,} bytes of images in one request,"
-            )
+            # 413 / RESOURCE_EXHAUSTED, as the transports' own size limits answer: only a gRPC message within
+            # its framing allowance (serving.server) gets here.
+            what = f"{total:,} bytes of images in one request,"
+            raise limits.exceeded("request_too_large", "max_request_bytes", what, status=413)
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self._executor, _header_pixels, blobs, limits)
         if sum(pixels) > limits.max_request_pixels:

@@ -74,12 +74,16 @@ class Limits(_Checked):
 
     within = {"max_decode_seconds": (0, math.inf)}
 
-    def exceeded(self, code: str, limit: str, what: str, after: str = "") -> RequestRejected:
+    def exceeded(
+        self, code: str, limit: str, what: str, after: str = "", status: int = 400
+    ) -> RequestRejected:
         """The refusal of a request for `what`, over the limit `limit`, naming the server option that sets it."""
         d = _declaration(type(self), limit)
         unit, flag = d.meta["metavar"].lower(), d.flags[0]
         return RequestRejected(
-            code, f"{what} over the limit of {getattr(self, limit):,} {unit} (server option {flag}){after}"
+            code,
+            f"{what} over the limit of {getattr(self, limit):,} {unit} (server option {flag}){after}",
+            status,
         )
 
 

@@ -524,6 +524,13 @@ def test_oversized_request_is_refused(server, http_client, ort_session):
     with pytest.raises(InferenceServerException) as info:
         infer(client, "grpc", "image_bytes", bytes_tensor(big * 2), "BYTES")
     assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    # Over the limit by less than gRPC's 1 MiB allowance for framing: the server's own check, the same code
+    # (it was INVALID_ARGUMENT, where the docs say RESOURCE_EXHAUSTED).
+    just_over = [os.urandom(MAX_REQUEST_BYTES // 2 + 1000) for _ in range(2)]
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "grpc", "image_bytes", bytes_tensor(just_over), "BYTES")
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
+    assert "--max-request-bytes" in info.value.message()
     client.close()
     assert_still_serving(http_client, ort_session)
 
