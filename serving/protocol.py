@@ -191,7 +191,8 @@ def _data(data: object, t: Tensor, where: str, budget: Budget, left: int) -> np.
         return integers(flat, t.datatype, where)
     if t.datatype in FLOAT_TYPES:
         _only({int, float}, flat, where, "numbers")
-        cast = np.array(flat, dtype=np.float64).astype(FLOAT_TYPES[t.datatype])
+        with np.errstate(over="ignore"):  # refused just below; numpy would warn on the server's stderr
+            cast = np.array(flat, dtype=np.float64).astype(FLOAT_TYPES[t.datatype])
         if not np.isfinite(cast).all():  # orjson refuses NaN and inf; a float16 can still overflow
             raise RequestRejected("bad_value", f"{where}: a value is not finite as {t.datatype}")
         return cast
