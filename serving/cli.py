@@ -208,9 +208,12 @@ def _predict(args: argparse.Namespace) -> int:
             f"--url {args.url}: the server speaks HTTP; give http://HOST:PORT or https://..."
         )
     paths = [Path(p) for p in args.images]
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise FedMedClipError(f"{', '.join(folders)}: a folder; give image files (e.g. {folders[0]}/*.jpg)")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FedMedClipError(f"image file(s) not found: {missing}")
+        raise FedMedClipError(f"image file(s) not found: {', '.join(missing)}")
 
     def call(method: str, url: str, **kw):
         try:

@@ -151,7 +151,7 @@ class FedMedClipModel(kserve.Model):
             f"'{INPUT_BYTES}' (BYTES [N], encoded JPEG/PNG files) or '{INPUT_UINT8}' (UINT8 [N,{s},{s},3])"
         )
         if len(payload.inputs) != 1:
-            names = [quoted(i.name) for i in payload.inputs[:4]]
+            names = ", ".join(quoted(i.name) for i in payload.inputs[:4])
             raise RequestRejected(
                 "input_count",
                 f"expected exactly one input tensor, {expected}; got {len(payload.inputs)}: {names}",

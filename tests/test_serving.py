@@ -422,6 +422,19 @@ def test_predict_cli_refuses_a_url_that_is_not_http(tmp_path, capsys):
     assert err == f"error: --url {url}: the server speaks HTTP; give http://HOST:PORT or https://...\n", err
 
 
+def test_predict_cli_says_a_folder_is_a_folder(tmp_path, capsys):
+    """A folder given as an image was 'image file(s) not found', although it is there."""
+    from serving.cli import main
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["predict", "--url", url, "--model", "m", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path}: a folder; give image files (e.g. {tmp_path}/*.jpg)\n"
+    )
+    assert main(["predict", "--url", url, "--model", "m", str(tmp_path / "none.png")]) == 2
+    assert capsys.readouterr().err == f"error: image file(s) not found: {tmp_path / 'none.png'}\n"
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
