@@ -223,8 +223,10 @@ def integers(values, datatype: str, where: str) -> np.ndarray:
     info = np.iinfo(INTEGER_TYPES[datatype])
     try:
         array = np.array(values, dtype=np.int64)
-    except OverflowError:
-        raise RequestRejected("bad_value", f"{where}: a value is out of the {datatype} range") from None
+    except OverflowError:  # beyond int64: only UINT64's top half is there, and no served input is UINT64
+        raise RequestRejected(
+            "bad_value", f"{where}: a value is beyond the 64-bit signed integers this server reads"
+        ) from None
     if array.size and (array.min() < info.min or array.max() > min(info.max, np.iinfo(np.int64).max)):
         bad = int(array.min() if array.min() < info.min else array.max())
         raise RequestRejected(

@@ -431,6 +431,11 @@ HOSTILE = {
         b'{"inputs": [{"name": "images", "datatype": "FP16", "shape": [1], "data": [1e6]}]}',
         "not finite as FP16",
     ),
+    # 2**64 - 1 is a UINT64, but read as int64 it overflows: it was called "out of the UINT64 range"
+    "uint64_top": (
+        b'{"inputs": [{"name": "images", "datatype": "UINT64", "shape": [1], "data": [18446744073709551615]}]}',
+        "beyond the 64-bit signed integers this server reads",
+    ),
 }
 
 
