@@ -83,7 +83,7 @@ def read_sha256_sidecar(path: str | Path) -> str | None:
     file, raises ValueError naming the sidecar."""
     path = Path(path)
     sidecar = sha256_sidecar(path)
-    if not sidecar.is_file():
+    if not sidecar.exists():  # a folder or other non-file there is an error reading it, not "no sidecar"
         return None
     lines = [line for line in sidecar.read_text(errors="replace").splitlines() if line.strip()]
     fields = lines[0].split(maxsplit=1) if len(lines) == 1 else []

@@ -442,6 +442,11 @@ def test_model_file_is_verified_against_its_sidecar(tmp_path, capsys):
     sidecar.write_text("not a hash\n")
     with pytest.raises(ServingError, match="not a sha256 sidecar"):
         resolve_model(str(path))
+    sidecar.unlink()
+    sidecar.mkdir()  # something there that is no file: an error reading it, not "it has no sidecar"
+    with pytest.raises(ServingError, match=r"cannot verify .*Is a directory"):
+        resolve_model(str(path))
+    sidecar.rmdir()
 
     # The session is built from the bytes that were hashed: a file swapped after the check is refused.
     with pytest.raises(ServingError, match="changed after its sha256 was verified"):
