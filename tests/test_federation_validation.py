@@ -4,8 +4,11 @@ Nothing non-finite is ever aggregated or selected."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
+import threading
 import zlib
 
 import pytest
@@ -24,6 +27,8 @@ from fedmedclip.federation.storage import LocalDirStore
 from fedmedclip.preparation import prepare
 
 RUN = "hostile"
+# Only ends a test whose server hangs; far above what any wait here takes on a loaded 2-core machine.
+CEILING = 120
 SITES_ALL = ["site_0", "site_1", "site_2"]
 
 
@@ -533,6 +538,33 @@ def test_an_update_object_is_measured_before_it_is_read(prepared, tmp_path):
     server.poll()
     reason = server._rejected["site_2"]
     assert "update too large" in reason and "not read" in reason and str(path.stat().st_size) in reason
+
+
+def test_a_fifo_at_a_sites_keys_is_refused_not_waited_on(prepared, tmp_path):
+    """On a local-directory mailbox a site can leave a FIFO where its update and status go; reading one
+    waits for a writer forever, so the server hung on what a site wrote. The update is rejected and the status
+    shown as refused, both naming the object."""
+    cfg, p = prepared
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    fifos = [store.root / mailbox.update_key(1, "site_2"), store.root / mailbox.status_key("site_2")]
+    for path in fifos:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+    said: list[str] = []
+    polled = threading.Thread(target=lambda: (server.poll(), said.append(server._describe(["site_2"]))))
+    polled.start()
+    polled.join(CEILING)
+    hung = polled.is_alive()
+    while polled.is_alive():  # blocked in open(): a writer's end lets it return, so that the test ends
+        for path in fifos:
+            with contextlib.suppress(OSError):  # OSError: nobody is reading this one yet
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        polled.join(1)
+    assert not hung, "the server waited on a FIFO"
+    reason = server._rejected["site_2"]
+    assert "not a regular file" in reason and str(fifos[0]) in reason
+    assert said[0].startswith("site_2 (status refused:") and "not a regular file" in said[0]
+    assert store.get(mailbox.update_key(1, "site_0")) is None  # an absent object is still None
 
 
 def test_the_s3_store_checks_the_size_before_reading(mlops_stack):

@@ -603,7 +603,7 @@ class FederationServer:
     def _describe_one(self, site: str) -> str:
         try:
             st = self.mb.status(site)
-        except MessageRefused as exc:
+        except FedMedClipError as exc:  # MessageRefused, or a store refusing the object (not a regular file)
             return f"{site} (status refused: {exc})"
         if st is None:
             return f"{site} (never seen)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -193,17 +194,27 @@ class LocalDirStore(ObjectStore):
 
     def get(self, key, max_bytes=None):
         try:
-            with self._path(key).open("rb") as fh:
-                if max_bytes is None:
-                    return fh.read()
-                check_size(self.where(key), os.fstat(fh.fileno()).st_size, max_bytes)
-                data = fh.read(max_bytes + 1)  # a file that grew since: still never more than this
-                check_size(self.where(key), len(data), max_bytes)
-                return data
+            # Non-blocking open: another party sharing the directory may have put a FIFO (or a device) at one
+            # of its keys, whose plain open would wait for a writer forever; such a file is refused below.
+            fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except PermissionError as exc:
             raise StoreAccessDenied(f"cannot read {self.where(key)}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                return None
+            if not stat.S_ISREG(mode):
+                raise StoreError(
+                    f"{self.where(key)} is not a regular file (a FIFO, socket or device): not read"
+                )
+            if max_bytes is None:
+                return fh.read()
+            check_size(self.where(key), os.fstat(fh.fileno()).st_size, max_bytes)
+            data = fh.read(max_bytes + 1)  # a file that grew since: still never more than this
+            check_size(self.where(key), len(data), max_bytes)
+            return data
 
     def exists(self, key):
         return self._path(key).is_file()
