@@ -362,9 +362,13 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
             f"nothing to resume in {str(out)!r}: no config.json (start it without --resume)"
         )
     try:
-        stored = TrainConfig.from_json(json.loads(config_file.read_text())).resume_key()
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"cannot resume {str(out)!r}: config.json is unreadable ({exc})") from None
+        loaded = json.loads(config_file.read_text())
+        if not isinstance(loaded, dict):  # `[]` would otherwise read as the defaults: "differs in rounds"
+            raise TypeError(f"a JSON object expected, got {type(loaded).__name__}")
+        stored = TrainConfig.from_json(loaded).resume_key()
+    except (ValueError, TypeError, RecursionError, ConfigError) as exc:  # RecursionError: nesting too deep
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"cannot resume {str(out)!r}: config.json is unreadable ({why})") from None
     wanted = cfg.resume_key()
     if stored != wanted:
         diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))

@@ -392,6 +392,32 @@ def test_cli_refuses_a_non_empty_out(tmp_path, capsys):
     assert (out / "results.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("[]", "a JSON object expected, got list"),
+        ('"rounds"', "a JSON object expected, got str"),
+        ('{"rounds": 3, "bogus": 1}', "unknown configuration key(s): bogus"),
+    ],
+    ids=["deep", "list", "string", "unknown-key"],
+)
+def test_resume_with_an_unreadable_config_json_names_it_in_one_line(tmp_path, capsys, content, why):
+    """A damaged config.json of the run directory is named as such: deep nesting was a RecursionError's
+    traceback, a list read as the defaults ('differs in rounds, synthetic'), an unknown key did not say where
+    it came from."""
+    from fedmedclip.cli import main
+
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "config.json").write_text(content)
+    args = ["train", "--resume", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot resume {str(out)!r}: config.json is unreadable ({why})"]
+    assert (out / "config.json").read_text() == content and not (tmp_path / "c").exists()
+
+
 def test_cli_says_in_one_line_why_out_cannot_be_created(tmp_path, capsys):
     """The operating system's refusal (here: --out under a file) is one line naming the path, not a traceback;
     -v adds the traceback for a bug report."""
