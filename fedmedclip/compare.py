@@ -162,13 +162,41 @@ def finished_results(cfg) -> dict | None:
         return None
     from .config import TrainConfig
 
-    stored = TrainConfig.from_json(json.loads((d / "config.json").read_text())).resume_key()
+    try:
+        stored = TrainConfig.from_json(_cell_file(d, "config.json")).resume_key()
+    except (TypeError, ConfigError) as exc:
+        raise _damaged(d, "config.json", exc) from None
     if stored != cfg.resume_key():
         raise ConfigError(
             f"{d} holds a finished run with another configuration than this grid asks for "
             "(different rounds, backbone, options?): use another --out, or delete that cell to redo it"
         )
-    return json.loads(results_path.read_text())
+    results = _cell_file(d, "results.json")
+    try:  # the numbers the table reads: a damaged file is named here, not a KeyError in the summary
+        _cell_numbers(results), results["rounds"]
+    except (KeyError, TypeError) as exc:
+        raise _damaged(d, "results.json", f"no {exc}" if isinstance(exc, KeyError) else exc) from None
+    return results
+
+
+def _damaged(d: Path, name: str, why) -> ConfigError:
+    return ConfigError(f"{d}: its {name} is unreadable ({why}): delete that cell to redo it")
+
+
+def _cell_file(d: Path, name: str) -> dict:
+    """A finished cell's JSON object `name`, or a one-line error naming the cell: a file damaged by hand or by
+    the disk gave a traceback (JSONDecodeError, RecursionError) in the middle of the grid."""
+    try:
+        obj = json.loads((d / name).read_text())
+    except FileNotFoundError:
+        raise _damaged(d, name, "missing") from None
+    except RecursionError:
+        raise _damaged(d, name, "nested too deeply") from None
+    except ValueError as exc:
+        raise _damaged(d, name, exc) from None
+    if not isinstance(obj, dict):
+        raise _damaged(d, name, f"a JSON object expected, got {type(obj).__name__}")
+    return obj
 
 
 def run_grid(

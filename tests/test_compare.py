@@ -113,3 +113,34 @@ def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch, 
     more = cells + compare.build_cells([("zeroshot", "federated")], [("iid", "iid", None)], [1])
     records = compare.run_grid(base, more, tmp_path / "g", {}, progress=False, report_only=True)
     assert calls == [] and [r["seed"] for r in records] == [0]  # the unfinished seed 1 is left out
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("results.json", '{"metrics":', "Expecting value"),
+        ("results.json", "[]", "a JSON object expected, got list"),
+        ("results.json", "{}", "no 'metrics'"),
+        ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("config.json", None, "missing"),
+    ],
+    ids=["results-cut", "results-list", "results-empty", "config-deep", "config-missing"],
+)
+def test_a_damaged_finished_cell_is_named_in_one_line(tmp_path, capsys, synthetic_cache, name, content, why):
+    """A finished cell whose results.json or config.json was damaged: the grid stops with one line naming
+    the cell and the file (it was a traceback: JSONDecodeError, KeyError in the summary, RecursionError)."""
+    args = [*grid_args(tmp_path, synthetic_cache)]
+    args[args.index("zeroshot,fedclip@centralized")] = "zeroshot"
+    args[args.index("iid,dirichlet:0.5")] = "iid"
+    args[args.index("--seeds") + 1] = "1"
+    assert main(args) == 0
+    (cell,) = {p.parent for p in (tmp_path / "grid").rglob("results.json")}
+    if content is None:
+        (cell / name).unlink()
+    else:
+        (cell / name).write_text(content)
+    capsys.readouterr()
+    assert main([*args, "--report-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {cell}: its {name} is unreadable (") and why in err[0]
+    assert err[0].endswith("delete that cell to redo it")
