@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTH, train_interrupted
+from conftest import SYNTH, train_interrupted, without_timing
 
 from fedmedclip import engine
 from fedmedclip.codec import decode_state
@@ -231,6 +231,27 @@ def test_resume_after_every_kind_of_damaged_checkpoint_ends_as_the_undamaged_run
     recorded = [e["party"] for e in resumed["recovery"]]
     if party == "server" or when == "mid-run":
         assert recorded == [party.removeprefix("sites/")], resumed["recovery"]
+
+
+def test_a_finished_run_resumed_with_its_run_directory_damaged_writes_it_again(cache, tmp_path):
+    """A finished run whose results.json was damaged (a JSONDecodeError's traceback) or whose model/ and a
+    round's module were removed (resumed as a success, the directory left without them): --resume writes
+    them again from the checkpoints and the mailbox, byte for byte."""
+    out = tmp_path / "run"
+    cfg = config("fedmedclip", cache, out, rounds=2)
+    engine.train(cfg, progress=False)
+    kept = {rel: (out / rel).read_bytes() for rel in ("model/global.safetensors", "model/model.json")}
+    kept["rounds/global_round_002.bin"] = (out / "rounds/global_round_002.bin").read_bytes()
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text('{"metrics":')
+    shutil.rmtree(out / "model")
+    (out / "rounds/global_round_002.bin").unlink()
+    again = engine.train(cfg, resume=True, progress=False)
+    assert without_timing(again) == without_timing(results)
+    assert without_timing(json.loads((out / "results.json").read_text())) == without_timing(results)
+    for rel, data in kept.items():
+        assert (out / rel).read_bytes() == data, rel
+    assert (out / "model/site_site_0.safetensors").exists()
 
 
 def test_no_intact_checkpoint_is_a_clear_error(tmp_path):

@@ -378,7 +378,7 @@ class FederationServer:
             self._write_global(newest, self.payload)
         if self.phase == "done":
             # A finished run started again (a retried pod, maybe on a fresh disk): its run directory again.
-            self.results = self._write_outputs(rewrite=not (self.out / "results.json").exists())
+            self.results = self._finished_outputs()
             self.finished = True
         self._say(f"resuming run {self.mb.run_id}: {self.phase} of round {self.round}")
 
@@ -877,10 +877,24 @@ class FederationServer:
         )
 
     # ------------------------------------------------------------------ the end
-    def _write_outputs(self, rewrite: bool = True) -> dict:
-        """The run directory from the server's state (`rewrite=False`: it is there, read results.json)."""
-        if not rewrite:
-            return json.loads((self.out / "results.json").read_text())
+    def _finished_outputs(self) -> dict:
+        """A finished run's results: its run directory as it is when whole, else written again from the state
+        (a fresh disk; files removed or results.json damaged by hand, which used to be a traceback, or a
+        success that left the run directory without its model or rounds)."""
+        try:
+            results = json.loads((self.out / "results.json").read_text())
+        except (OSError, ValueError, RecursionError):
+            results = None
+        rounds = [f"rounds/global_round_{r:03d}.bin" for r in range(1, len(self.history) + 1)]
+        whole = all((self.out / rel).is_file() for rel in (*RUN_FILES, *rounds))
+        if isinstance(results, dict) and whole:
+            return results
+        if results is not None or any((self.out / rel).exists() for rel in RUN_FILES):
+            self._say(f"the run directory {self.out} is incomplete or damaged: writing it again")
+        return self._write_outputs()
+
+    def _write_outputs(self) -> dict:
+        """The run directory from the server's state."""
         setup = self.setup
         atomic_write_json(self.out / "config.json", self.cfg.to_json())
         setup.partition.save(self.out / "partition.json")
@@ -889,6 +903,13 @@ class FederationServer:
                 payload = self.mb.store.get(self.mb.global_key(r))
                 if payload is not None:
                     atomic_write_bytes(self.out / "rounds" / f"global_round_{r:03d}.bin", payload)
+                else:
+                    log.warning(
+                        "rounds/global_round_%03d.bin cannot be written again: the mailbox no longer holds "
+                        "round %d's global module",
+                        r,
+                        r,
+                    )
         # Holders in the sites' order, then the server: as `fedmedclip train` writes them.
         provenance = {s: self.site_provenance[s] for s in self.sites if s in self.site_provenance}
         return write_run(
@@ -971,6 +992,20 @@ def aggregate_updates(
         return robust_aggregate(aggregator, previous, states)
     weights = aggregation_weights(method.aggregation_counts(sample_counts), method.weighting)
     return method.aggregate(previous, states, weights)
+
+
+# What `_write_outputs` writes into the run directory, besides each round's global module.
+RUN_FILES = (
+    "config.json",
+    "partition.json",
+    "provenance.json",
+    "results.json",
+    "plots/accuracy.png",
+    "plots/reliability.png",
+    "model/model.json",
+    "model/global.safetensors",
+    "model/text_features.safetensors",
+)
 
 
 def write_run(
