@@ -527,9 +527,15 @@ def recorded_results(run_dir: str | Path) -> dict | None:
         return None
     try:
         results = json.loads(path.read_text())
+    except RecursionError:
+        raise FedMedClipError(f"cannot read {path} for the model's metadata: nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise FedMedClipError(f"cannot read {path} for the model's metadata: {exc}") from None
-    return results if isinstance(results, dict) else {}
+    if not isinstance(results, dict):  # read as {}, a damaged file gave the model `dp.mode: none`
+        raise FedMedClipError(
+            f"cannot read {path} for the model's metadata: a JSON object expected, got {type(results).__name__}"
+        )
+    return results
 
 
 def run_privacy(run_dir: str | Path) -> dict[str, str]:

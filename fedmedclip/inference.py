@@ -119,8 +119,12 @@ def read_model_json(run_dir: str | Path) -> dict:
         )
     try:
         meta = json.loads(path.read_text())
+    except RecursionError:
+        raise FedMedClipError(f"{str(path)!r} is not valid JSON: nested too deeply") from None
     except ValueError as exc:
         raise FedMedClipError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise FedMedClipError(f"{str(path)!r} is not a JSON object")
     missing = [k for k in ("method", "class_names", "backbone", "preprocessing") if k not in meta]
     if missing:
         raise FedMedClipError(f"{str(path)!r} lacks {', '.join(missing)}")

@@ -330,6 +330,34 @@ def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
     assert "unknown site 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("results.json", "[]", "a JSON object expected, got list"),
+        ("results.json", "null", "a JSON object expected, got NoneType"),
+        ("results.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("model/model.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("model/model.json", "[]", "is not a JSON object"),
+    ],
+    ids=["results-list", "results-null", "results-deep", "model-deep", "model-list"],
+)
+def test_export_refuses_a_damaged_run_file_in_one_line(runs, tmp_path, capsys, name, content, why):
+    """A results.json that parses to no object was read as {}: the model's metadata then said `dp.mode: none`,
+    a privacy claim made from a damaged file. Nesting too deep was a RecursionError's traceback."""
+    import shutil
+
+    from fedmedclip.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["fedmedclip"][0], run)
+    (run / name).write_text(content)
+    out = tmp_path / "m.onnx"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0] and why in err[0] and "Traceback" not in err[0]
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- what the server verifies, what is refused
 @pytest.mark.parametrize(("method", "site"), MODELS)
 def test_export_records_the_sha256_in_a_sidecar(exported, method, site):
