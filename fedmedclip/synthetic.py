@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import ConfigError
+
+MIN_SIZE, MAX_SIZE = 8, 4096  # image side in pixels
+
 CLASSES = ("diffuse_lesion", "normal", "ring_lesion", "round_lesion")
 
 # (gamma, noise std, bias-field strength, bias-field angle) per acquisition domain.
@@ -60,6 +64,19 @@ def generate(
 ) -> Path:
     """Write PNGs and `manifest.csv` (path,label,site,split) to out_dir; returns the manifest path.
     Deterministic: the same arguments always give byte-identical files."""
+    # Checked before anything is written: size 0 was a traceback from Pillow, size 1 divided by zero, a huge
+    # size a MemoryError, and no sites or no images wrote a set that no run can use.
+    limits = {
+        "sites": (sites, 1, 64),
+        "per_class_per_site": (per_class_per_site, 1, 100_000),
+        "test_per_class": (test_per_class, 1, 100_000),
+        "size": (size, MIN_SIZE, MAX_SIZE),
+    }
+    for name, (value, low, high) in limits.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(
+                f"synthetic data: {name} must be an integer from {low} to {high}, got {value!r}"
+            )
     out = Path(out_dir)
     manifest = out / "manifest.csv"
     rows = []

@@ -724,3 +724,19 @@ def test_train_reports_the_duplicates_and_takes_a_run_id(data_with_duplicates, t
         "3 groups of byte-identical images (1 across training and test): dropped 2 training copies, 2 with conflicting labels"
         in printed
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--size", "0"), ("--size", "1"), ("--size", "100000"), ("--sites", "0"), ("--per-class", "-1")],
+)
+def test_synth_refuses_settings_no_run_can_use_in_one_line(tmp_path, capsys, flag, value):
+    """Size 0 was Pillow's traceback, size 1 a division by zero, a huge size a MemoryError; no sites or a
+    negative count wrote a set that every run then refused. Refused before anything is written."""
+    from fedmedclip.cli import main
+
+    out = tmp_path / "synth"
+    assert main(["-q", "synth", str(out), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: synthetic data: ") and f"got {value}" in err[0]
+    assert not out.exists()
