@@ -349,6 +349,36 @@ def test_bad_run_dir_gives_clear_error(mlops_stack, tmp_path):
     assert MlflowClient(mlops_stack.tracking_uri).get_experiment_by_name("test-bad") is None
 
 
+@pytest.mark.parametrize(
+    "file, damage, named",
+    [
+        ("config.json", lambda d: [], "config.json must be a JSON object"),
+        ("partition.json", lambda d: [], "partition.json must be a JSON object"),
+        ("provenance.json", lambda d: {**d, "site_0": 3}, "'site_0' maps to int"),
+        ("results.json", lambda d: {**d, "partition": "iid"}, "`partition` must be a JSON object"),
+        ("results.json", lambda d: {**d, "timing": [1]}, "`timing` must be a JSON object"),
+        (
+            "results.json",
+            lambda d: {**d, "history": [{**d["history"][0], "global": "0.5"}]},
+            r"`history\[0\]\.global` must be a JSON object",
+        ),
+        (
+            "results.json",
+            lambda d: {**d, "history": [{**d["history"][0], "sites": [1]}]},
+            r"each of `history\[0\]\.sites` must be a JSON object",
+        ),
+    ],
+)
+def test_a_damaged_run_dir_is_refused_naming_the_entry(tmp_path, file, damage, named):
+    """A file of the right name holding the wrong JSON shape is refused before anything is logged (it was an
+    AttributeError traceback from `fedmedclip track`, some after the MLflow run had been created)."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / file
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    with pytest.raises(RunDirError, match=named):
+        log_run_dir(run_dir, "test-damaged", tracking_uri=f"http://127.0.0.1:{free_port()}")
+
+
 def test_unreachable_server_fails_fast(tmp_path):
     run_dir = make_run_dir(tmp_path / "run")
     with pytest.raises(TrackingError, match="not reachable.*stack up"):
