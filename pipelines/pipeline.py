@@ -325,6 +325,11 @@ def compile_pipeline(out: str | Path = DEFAULT_YAML, options: CompileOptions | N
     from kfp import compiler
 
     out = Path(out)
+    # kfp raises a ValueError for any other name (also for .json, which cannot hold the Kubernetes settings).
+    if out.suffix not in (".yaml", ".yml"):
+        raise ConfigError(
+            f"--out {str(out)!r}: the compiled pipeline is a YAML file; give a path ending in .yaml"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(options), str(out))
     return out

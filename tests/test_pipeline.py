@@ -325,6 +325,17 @@ def test_cli_compile(tmp_path):
     assert main(["pipeline", "compile", "--resources", "nope=1", "--out", str(out)]) == 2
 
 
+@pytest.mark.parametrize("name", ["", "pipeline.json", "pipeline"])
+def test_compile_to_a_path_that_is_no_yaml_file_is_one_line(tmp_path, capsys, name):
+    """kfp writes only .yaml/.yml (its Kubernetes settings do not fit .json): `--out DIR` or another name was a
+    ValueError traceback; now one line, and nothing created."""
+    out = tmp_path / "new" / name if name else tmp_path
+    assert main(["pipeline", "compile", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ending in .yaml" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
 def test_compile_options_are_declared_once_for_compile_run_submit_and_demo():
     """Each CompileOptions field gives its flag, with its declared help, to `pipeline compile` and to the
     commands that compile before they run; the flags give the options, and a malformed one is a ConfigError
