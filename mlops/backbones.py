@@ -205,7 +205,24 @@ def _resolve_s3(spec: str, cache_root: Path) -> Path:
 
 def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
     store = _s3_store(to)
-    existing = _read_manifest(store, store.url)
+
+    # A push's failures say what stopped it; the readers' words ("no backbone published ... push it with")
+    # would send the pusher back to the command that just failed.
+    def failed():
+        return store_errors(
+            BackbonePublishError, lambda exc: f"cannot push the backbone to {store.url}: {exc}"
+        )
+
+    with failed():
+        try:
+            existing = read_manifest(store, MANIFEST, MANIFEST_MAX_BYTES, format=MANIFEST_FORMAT)
+            if existing is not None and not is_sha256(str(existing.get("weights_sha256", ""))):
+                raise ValueError("no weights_sha256")
+        except ValueError as exc:
+            raise BackbonePublishError(
+                f"{store.where(MANIFEST)} is there but is no backbone manifest ({exc}); nothing was "
+                "overwritten: push to another prefix"
+            ) from None
     if existing is not None:
         if (existing["weights_sha256"], existing["files"]) == (manifest["weights_sha256"], manifest["files"]):
             return PublishedBackbone(store.url, manifest, True)
@@ -215,7 +232,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
             f"{manifest['weights_sha256'][:12]} to another prefix"
         )
     # The manifest goes last: a prefix without it was never completely published, and is written over.
-    with _store_problems(store.url):
+    with failed():
         publish_tree(store, directory, MANIFEST, manifest)
     log.info("pushed backbone %s to %s", manifest["weights_sha256"][:12], store.url)
     return PublishedBackbone(store.url, manifest, False)

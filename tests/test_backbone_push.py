@@ -104,6 +104,27 @@ def test_push_to_s3_then_each_pod_downloads_once_and_checks(s3, clips, weights, 
     )
 
 
+def test_a_push_that_fails_says_why_and_overwrites_nothing(s3, clips, tmp_path):
+    """A push's failure names what stopped it; it said "no backbone published at ...: publish it with
+    `fedmedclip backbone push DIR --to ...`", the very command that had failed. A damaged manifest at the prefix
+    is left as it is."""
+    client, bucket = s3
+    with pytest.raises(BackbonePublishError) as failed:
+        push_backbone(clips["a"], "s3://fedmedclip-no-such-bucket/backbones/a")
+    message = str(failed.value)
+    assert message.startswith("cannot push the backbone to s3://fedmedclip-no-such-bucket/backbones/a: ")
+    assert "does not exist" in message and "backbone push" not in message
+
+    client.put_object(Bucket=bucket, Key=f"backbones/odd/{MANIFEST}", Body=b'{"format": 1, "files": {}}')
+    with pytest.raises(
+        BackbonePublishError, match="is no backbone manifest.*nothing was overwritten"
+    ) as failed:
+        push_backbone(clips["a"], f"s3://{bucket}/backbones/odd")
+    assert "backbone push" not in str(failed.value)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="backbones/odd/")["Contents"]}
+    assert keys == {f"backbones/odd/{MANIFEST}"}
+
+
 def test_damaged_missing_or_mismatching_backbone_fails_before_training(s3, clips, weights, tmp_path, capsys):
     client, bucket = s3
     damaged = f"s3://{bucket}/backbones/damaged"
