@@ -203,9 +203,13 @@ def cmd_data_withdraw(args) -> int:
             "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
         )
     images, versions = withdraw_site(args.from_, index)
+    what = (
+        f"{images} images, catalog and summary"
+        if images is not None
+        else "summary (its images and catalog were gone already)"
+    )
     print(
-        f"withdrew site {index}'s {images} images, catalog and summary from {args.from_.rstrip('/')} "
-        f"({versions} object versions deleted)",
+        f"withdrew site {index}'s {what} from {args.from_.rstrip('/')} ({versions} object versions deleted)",
         file=sys.stderr,
     )
     return 0

@@ -329,13 +329,24 @@ def publish_site(cfg, site: str, location, progress=True) -> dict:
 
 
 @_data_errors
-def withdraw_site(location: str, index: int) -> tuple[int, int]:
+def withdraw_site(location: str, index: int) -> tuple[int | None, int]:
     """Delete site k's images (the ids its catalog lists), then its catalog and its summary, every version of
-    each, with the site's own key (no listing). Returns (images, object versions deleted)."""
+    each, with the site's own key (no listing). Returns (images, object versions deleted); images is None when
+    the catalog was gone already and only the summary an interrupted withdrawal left behind was deleted."""
     parse_root(location)  # s3:// only: a hospital's local folder is its own to delete
     root = _root(location)
     prefix = site_prefix(index)
-    catalog = _get_message(root, prefix + CATALOG, HolderCatalog)
+    catalog = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
+    if catalog is None:
+        # The images go first and the catalog before the summary: without a catalog, a withdrawal that stopped
+        # part-way has left at most the summary, which this one finishes.
+        versions = root.delete_every_version(site_summary_key(index))
+        if not versions:
+            raise DataError(
+                f"nothing to withdraw: {root.where(prefix + CATALOG)} does not exist (site {index}'s data was "
+                f"withdrawn already, or never published to {location.rstrip('/')})"
+            )
+        return None, versions
     ids = [check_relative_id(i, root.where(prefix + CATALOG)) for i in catalog["md5"]]
     keys = [f"{prefix}images/{i}" for i in ids] + [prefix + CATALOG, site_summary_key(index)]
     return len(ids), sum(root.delete_every_version(key) for key in keys)

@@ -329,6 +329,29 @@ def test_a_site_publishes_its_own_share_with_its_own_key_and_reads_it_back(
         publish_site(_cfg(tmp_path), "site_0", f"s3://{bucket}", progress=False)
 
 
+def test_a_withdrawal_that_stopped_part_way_is_finished_and_a_second_one_says_there_is_nothing(
+    s3_env, monkeypatch, capsys
+):
+    """Images go first, then the catalog, then the summary: a withdrawal stopped after the catalog left the
+    summary behind, and running it again said 'catalog.json does not exist: publish the data first'."""
+    from fedmedclip.cli import main
+
+    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
+    for body in (b'{"old": 1}', b'{"old": 2}'):  # two versions of what an interrupted withdrawal left
+        admin.put_object(Bucket=bucket, Key="summaries/sites/1.json", Body=body)
+    for key, value in s3_env.role_env("site_1").items():  # the site's own key
+        monkeypatch.setenv(key, value)
+    argv = ["data", "withdraw", "--from", f"s3://{bucket}", "--site-index", "1"]
+    assert main(argv) == 0
+    assert "withdrew site 1's summary (its images and catalog were gone already)" in capsys.readouterr().err
+    left = admin.list_object_versions(Bucket=bucket)
+    assert not left.get("Versions") and not left.get("DeleteMarkers")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"nothing to withdraw: s3://{bucket}/sites/1/catalog.json does not exist" in err
+    assert "publish the data first" not in err
+
+
 def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
     from fedmedclip.preparation import load_image_set, partition_for
 
