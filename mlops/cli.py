@@ -122,6 +122,15 @@ def _stack_credentials_for(role: str | None = None, root: str | None = None):
     return info
 
 
+def _recorded_stack():
+    """The recorded local stack (devstack), credentials untouched; None without one or without devstack."""
+    try:
+        from devstack.stack import read_state, recorded_stack_dir
+    except ImportError:
+        return None
+    return read_state(recorded_stack_dir())
+
+
 def cmd_backbone(args) -> int:
     """`backbone push DIR --to URL` publishes a CLIP directory; `backbone SPEC` with an s3:// or models:/
     spec downloads and checks it into the cache first; any other spec goes to the core's handler as it is."""
@@ -196,6 +205,15 @@ def cmd_data_withdraw(args) -> int:
     index = args.site_index
     # The local stack: the site's own key and index.
     info = _stack_credentials_for(args.site) if args.site is not None else None
+    if info is None and args.site is not None and index is None:
+        # A key in the environment (a party's shell: `eval "$(fedmedclip stack env --role site_1)"`) is kept,
+        # and the recorded stack still says which k the role is.
+        info = _recorded_stack()
+        if info is not None and args.site not in info.roles:
+            raise ConfigError(
+                f"the local stack in {info.data_dir} has no role {args.site!r}; its roles: "
+                + ", ".join(info.role_names)
+            )
     if index is None and info is not None and args.site in info.roles:
         index = info.roles[args.site].site_index
     if index is None:

@@ -352,6 +352,24 @@ def test_a_withdrawal_that_stopped_part_way_is_finished_and_a_second_one_says_th
     assert "publish the data first" not in err
 
 
+def test_withdraw_site_names_its_k_from_the_stack_also_with_a_key_in_the_environment(
+    s3_env, monkeypatch, capsys
+):
+    """In a party's shell (`eval "$(fedmedclip stack env --role site_1)"`) the environment's key is kept and
+    `--site site_1` still gives k from the recorded stack; it said "give --site-index K"."""
+    from fedmedclip.cli import main
+
+    bucket = _granted_bucket(s3_env)
+    for key, value in s3_env.role_env("site_1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", s3_env.data_dir)
+    assert main(["data", "withdraw", "--from", f"s3://{bucket}", "--site", "site_1"]) == 2  # nothing there
+    err = capsys.readouterr().err
+    assert f"s3://{bucket}/sites/1/catalog.json does not exist" in err and "--site-index" not in err
+    assert main(["data", "withdraw", "--from", f"s3://{bucket}", "--site", "site_9"]) == 2
+    assert "has no role 'site_9'" in capsys.readouterr().err
+
+
 def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
     from fedmedclip.preparation import load_image_set, partition_for
 
