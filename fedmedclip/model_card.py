@@ -53,6 +53,66 @@ def _read(run_dir: Path, name: str) -> dict:
         raise CardError(f"cannot build a model card: {path} is not JSON ({exc})") from None
 
 
+# The JSON type of each entry of results.json that a reader (the card, `fedmedclip track`) takes apart, where it
+# is present (docs/contracts.md): a damaged file is refused naming the entry, not met with a traceback.
+RESULTS_SHAPES = {
+    "metrics": dict,
+    "metrics.global": dict,
+    "metrics.sites": list,
+    "metrics.site_mean": dict,
+    "metrics.last_round": dict,
+    "history": list,
+    "partition": dict,
+    "backbone": dict,
+    "comm": dict,
+    "timing": dict,
+    "privacy": dict,
+}
+ROUND_SHAPES = {"global": dict, "sites": list, "client_dp": dict}  # of each history record
+
+
+def _shape_problem(value, kind: type, where: str) -> str | None:
+    if value is None or isinstance(value, kind):
+        return None
+    name = "a JSON object" if kind is dict else "a JSON list"
+    return f'{where} must be {name}, got {type(value).__name__} (see docs/contracts.md, "Run directory")'
+
+
+def run_files_problem(run_dir: Path, files: dict) -> str | None:
+    """What is wrong with the shapes of a run directory's parsed JSON files (`files`: name -> content, e.g.
+    results.json, config.json, partition.json, provenance.json, model/model.json), or None."""
+    checks = [(content, dict, str(run_dir / name)) for name, content in files.items()]
+    checks += [
+        (p, dict, f"{run_dir / 'provenance.json'}: holder {h!r}") for h, p in _items(files, "provenance.json")
+    ]
+    results, where = files.get("results.json"), run_dir / "results.json"
+    if isinstance(results, dict):
+        for key, kind in RESULTS_SHAPES.items():
+            head, _, tail = key.partition(".")
+            value = results.get(head)
+            if tail:
+                value = value.get(tail) if isinstance(value, dict) else None
+            checks.append((value, kind, f"{where}: `{key}`"))
+        metrics, history = results.get("metrics"), results.get("history")
+        rows = (metrics.get("sites") if isinstance(metrics, dict) else None) or []
+        checks += [(row, dict, f"{where}: each of `metrics.sites`") for row in rows if isinstance(rows, list)]
+        for i, rec in enumerate(history if isinstance(history, list) else []):
+            checks.append((rec, dict, f"{where}: `history[{i}]`"))
+            if isinstance(rec, dict):
+                checks += [
+                    (rec.get(k), kind, f"{where}: `history[{i}].{k}`") for k, kind in ROUND_SHAPES.items()
+                ]
+                sites = rec.get("sites")
+                if isinstance(sites, list):
+                    checks += [(row, dict, f"{where}: each of `history[{i}].sites`") for row in sites]
+    return next((p for p in (_shape_problem(*c) for c in checks) if p), None)
+
+
+def _items(files: dict, name: str) -> list:
+    content = files.get(name)
+    return list(content.items()) if isinstance(content, dict) else []
+
+
 def dataset_digest(provenance: dict) -> str:
     """One digest of which images (and labels) every holder's feature store was built from."""
     return canonical_digest(
@@ -122,6 +182,11 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
     partition = _read(run, "partition.json")
     provenance = _read(run, "provenance.json")
     model_json = _read(run, "model/model.json") if (run / "model" / "model.json").is_file() else {}
+    files = {"results.json": results, "config.json": config, "partition.json": partition}
+    files |= {"provenance.json": provenance, "model/model.json": model_json}
+    problem = run_files_problem(run, files)
+    if problem:
+        raise CardError(f"cannot build a model card: {problem}")
     registry = dict(registry or {})
     tags = registry.get("tags") or {}
     backbone = results.get("backbone") or model_json.get("backbone") or {}

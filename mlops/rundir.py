@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmedclip.digests import canonical_digest
-from fedmedclip.model_card import dataset_digest
+from fedmedclip.model_card import dataset_digest, run_files_problem
 from fedmedclip.privacy.report import privacy_summary
 
 from .tracking import RunDirError, _flatten, _num, describe_run, git_commit, run_parameters
@@ -53,55 +53,18 @@ def _read_json(run_dir: Path, name: str):
         raise RunDirError(f"{path} is not valid JSON: {e}") from e
 
 
-# results.json's optional entries that logging reads, and the JSON type each must have when present: a damaged
-# file is refused naming the entry, not met with a traceback halfway through logging it.
-RESULTS_SHAPES = {
-    "partition": dict,
-    "backbone": dict,
-    "comm": dict,
-    "timing": dict,
-    "privacy": dict,
-    "metrics.sites": list,
-    "metrics.site_mean": dict,
-    "metrics.last_round": dict,
-}
-ROUND_SHAPES = {"global": dict, "sites": list, "client_dp": dict}  # of each history record
-
-
-def _check_shape(value, kind: type, where: str) -> None:
-    if value is not None and not isinstance(value, kind):
-        name = "a JSON object" if kind is dict else "a JSON list"
-        raise RunDirError(f"{where} must be {name}, got {type(value).__name__} (see docs/contracts.md)")
-
-
-def _check_results_shape(results: dict, where: Path) -> None:
-    for key, kind in RESULTS_SHAPES.items():
-        head, _, tail = key.partition(".")
-        value = results.get(head)
-        _check_shape(
-            value.get(tail) if tail and isinstance(value, dict) else value, kind, f"{where}: `{key}`"
-        )
-    for row in results["metrics"].get("sites") or []:
-        _check_shape(row, dict, f"{where}: each of `metrics.sites`")
-    for i, rec in enumerate(results["history"]):
-        for key, kind in ROUND_SHAPES.items():
-            _check_shape(rec.get(key), kind, f"{where}: `history[{i}].{key}`")
-        for row in rec.get("sites") or []:
-            _check_shape(row, dict, f"{where}: each of `history[{i}].sites`")
-
-
 def read_run_dir(run_dir: str | Path) -> RunDir:
     """Load and check a run directory; RunDirError names the first missing piece."""
     path = Path(run_dir)
     if not path.is_dir():
         raise RunDirError(f"run directory {path} does not exist or is not a directory")
     data = {name: _read_json(path, name) for name in REQUIRED_FILES}
-    for name, value in data.items():
-        _check_shape(value, dict, str(path / name))
     if not (path / "model").is_dir():
         raise RunDirError(f"{path} is not a complete run directory: model/ is missing")
     model_info = _read_json(path, "model/model.json") if (path / "model" / "model.json").exists() else {}
-    _check_shape(model_info, dict, str(path / "model" / "model.json"))
+    problem = run_files_problem(path, {**data, "model/model.json": model_info})
+    if problem:
+        raise RunDirError(problem)
     results, where = data["results.json"], path / "results.json"
     for key in ("method", "metrics.global.acc", "metrics.global.bacc", "history"):
         node = results
@@ -116,14 +79,7 @@ def read_run_dir(run_dir: str | Path) -> RunDir:
     for i, rec in enumerate(results["history"]):
         if not isinstance(rec, dict) or "round" not in rec:
             raise RunDirError(f"{where}: history[{i}] has no `round`")
-    _check_results_shape(results, where)
     partition, provenance = data["partition.json"], data["provenance.json"]
-    for holder, store in provenance.items():
-        if not isinstance(store, dict):
-            raise RunDirError(
-                f"{path / 'provenance.json'} must map each holder to its feature-store provenance (an object); "
-                f"{holder!r} maps to {type(store).__name__}"
-            )
     # Two digests of one partition that disagree mean files from different runs were mixed.
     declared = (results.get("partition") or {}).get("digest")
     if declared and partition.get("digest") and declared != partition["digest"]:

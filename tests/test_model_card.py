@@ -168,3 +168,31 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
         promote(name, v2, PromotionPolicy(max_epsilon=100.0, allow_different_data=True), uri)
     assert run_cli("card", f"{name}/{v2}", "--tracking-uri", uri) == 0
     assert "Trained WITHOUT differential privacy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "file, damage, named",
+    [
+        ("config.json", lambda d: [], "config.json must be a JSON object, got list"),
+        ("provenance.json", lambda d: {**d, "server": 3}, "holder 'server' must be a JSON object, got int"),
+        (
+            "results.json",
+            lambda d: {**d, "metrics": {**d["metrics"], "sites": "x"}},
+            "`metrics.sites` must be",
+        ),
+    ],
+)
+def test_the_card_of_a_damaged_run_directory_names_the_entry(tmp_path, capsys, file, damage, named):
+    """`fedmedclip card RUN_DIR` on a file of the right name with the wrong JSON shape was an AttributeError
+    traceback; now one line naming the entry (the same check as `fedmedclip track`'s)."""
+    from fedmedclip.cli import main
+    from fedmedclip.model_card import CardError
+
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / file
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    with pytest.raises(CardError, match=named):
+        build_card(run_dir)
+    assert main(["card", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build a model card: ") and len(err.strip().splitlines()) == 1

@@ -354,7 +354,7 @@ def test_bad_run_dir_gives_clear_error(mlops_stack, tmp_path):
     [
         ("config.json", lambda d: [], "config.json must be a JSON object"),
         ("partition.json", lambda d: [], "partition.json must be a JSON object"),
-        ("provenance.json", lambda d: {**d, "site_0": 3}, "'site_0' maps to int"),
+        ("provenance.json", lambda d: {**d, "site_0": 3}, "holder 'site_0' must be a JSON object, got int"),
         ("results.json", lambda d: {**d, "partition": "iid"}, "`partition` must be a JSON object"),
         ("results.json", lambda d: {**d, "timing": [1]}, "`timing` must be a JSON object"),
         (
