@@ -44,11 +44,11 @@ def _mlflow_errors(fn):
 def cmd_track(args) -> int:
     """log a finished run directory to MLflow afterwards, each round at its recorded time; prints the run id
     (`train --track` logs while it runs)"""
-    from .rundir import log_run_dir
+    from .rundir import track_run_dir
     from .tracking import _client, experiment_ui_url
 
     client, uri = _client(args.tracking_uri)
-    run_id = log_run_dir(
+    run_id, existing = track_run_dir(
         args.run_dir,
         args.experiment,
         uri,
@@ -57,7 +57,8 @@ def cmd_track(args) -> int:
         kfp_run_id=args.kfp_run_id,
     )
     url = experiment_ui_url(uri, client.get_run(run_id).info.experiment_id, run_id)
-    print(f"logged {args.run_dir} to experiment {args.experiment!r}: {url}", file=sys.stderr)
+    done = "is logged already (nothing logged again) in" if existing else "logged to"
+    print(f"{args.run_dir} {done} experiment {args.experiment!r}: {url}", file=sys.stderr)
     print(run_id)
     return 0
 

@@ -5,16 +5,28 @@ same MLflow run live logging makes, each round at the time the run recorded for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fedmedclip.digests import canonical_digest
 from fedmedclip.model_card import dataset_digest, run_files_problem
 from fedmedclip.privacy.report import privacy_summary
 
-from .tracking import RunDirError, _flatten, _num, describe_run, git_commit, run_parameters
+from .tracking import (
+    COMPLETE_TAG,
+    RUN_KEY_TAG,
+    RunDirError,
+    _client,
+    _flatten,
+    _num,
+    describe_run,
+    git_commit,
+    run_parameters,
+)
 
 log = logging.getLogger("fedmedclip.tracking")
 
@@ -179,7 +191,37 @@ def recorded_times(results: dict) -> tuple[float | None, float | None]:
     return end - total, end
 
 
-def log_run_dir(
+class LoggedRun(NamedTuple):
+    run_id: str
+    existing: bool  # logged before (the same results.json to the same experiment): nothing was logged again
+
+
+def log_run_dir(run_dir: str | Path, experiment: str, tracking_uri: str | None = None, **kwargs) -> str:
+    """Log a finished run directory as one MLflow run and return its run id (track_run_dir)."""
+    return track_run_dir(run_dir, experiment, tracking_uri, **kwargs).run_id
+
+
+def _logged_key(run: RunDir, include_site_models: bool, kfp_run_id: str | None) -> str:
+    """The MLflow run key of a run directory logged after the fact: its results.json (which records every
+    round's time, so another training into the same folder differs), whether the sites' heads went too, and
+    the Kubeflow run it belongs to."""
+    digest = hashlib.sha256((run.path / "results.json").read_bytes())
+    digest.update(f"\0{bool(include_site_models)}\0{kfp_run_id or ''}".encode())
+    return f"rundir-{digest.hexdigest()[:32]}"
+
+
+def _complete_run(tracking_uri: str | None, experiment: str, key: str) -> str | None:
+    """The finished, completely logged MLflow run with run key `key` in `experiment`, if there is one."""
+    client, _ = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    done = [r for r in found if r.info.status == "FINISHED" and r.data.tags.get(COMPLETE_TAG) == "complete"]
+    return done[0].info.run_id if done else None
+
+
+def track_run_dir(
     run_dir: str | Path,
     experiment: str,
     tracking_uri: str | None = None,
@@ -189,12 +231,24 @@ def log_run_dir(
     kfp_run_id: str | None = None,
     record_run_dir: bool = True,
     source: str = "fedmedclip track",
-) -> str:
-    """Log a finished run directory as one MLflow run and return its run id: the same parameters, metrics,
-    files and tags as live logging, each round at the time the run recorded for it (not now)."""
+) -> LoggedRun:
+    """Log a finished run directory as one MLflow run: the same parameters, metrics, files and tags as live
+    logging, each round at the time the run recorded for it (not now). Keyed on the directory's results: logging
+    it again (a retried pipeline task, a second `fedmedclip track`) finds the run it made instead of adding
+    one, and an attempt that stopped part-way is continued."""
     run = read_run_dir(run_dir)  # before touching the server: a bad run dir makes no empty run
     from .live import LiveRunLogger
 
+    key = _logged_key(run, include_site_models, kfp_run_id)
+    found = _complete_run(tracking_uri, experiment, key)
+    if found is not None:
+        log.info(
+            "%s is logged already as run %s in experiment %r: nothing logged again",
+            run.path,
+            found,
+            experiment,
+        )
+        return LoggedRun(found, True)
     logger = LiveRunLogger(
         experiment,
         tracking_uri,
@@ -217,6 +271,7 @@ def log_run_dir(
         site_names=run.site_names,
         partition=run.partition,
         data_source=data,
+        run_key=key,
         description=describe_run(
             str(run.results["method"]),
             run.site_names,
@@ -231,4 +286,4 @@ def log_run_dir(
         logger.log_rounds(run.results["history"])
         logger.finish(run.path, "FINISHED", end_time=end)
     log.info("logged %s as run %s in experiment %r", run.path, run_id, experiment)
-    return run_id
+    return LoggedRun(run_id, False)

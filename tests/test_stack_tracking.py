@@ -349,6 +349,34 @@ def test_bad_run_dir_gives_clear_error(mlops_stack, tmp_path):
     assert MlflowClient(mlops_stack.tracking_uri).get_experiment_by_name("test-bad") is None
 
 
+def test_tracking_a_run_directory_again_finds_its_run(mlops_stack, tmp_path, capsys):
+    """`fedmedclip track` twice (or the pipeline's retried register task logging the run directory) made a
+    second MLflow run of the same training, and registering each gave two versions of one model. The run is
+    keyed on the directory's results.json: again, the same run and nothing logged; a new training, a new run."""
+    from mlflow import MlflowClient
+
+    uri, exp = mlops_stack.tracking_uri, "test-track-twice"
+    run_dir = make_run_dir(tmp_path / "run")
+    argv = ("track", run_dir, "--experiment", exp, "--tracking-uri", uri)
+    capsys.readouterr()
+    assert run_cli(*argv) == 0
+    first = capsys.readouterr()
+    assert run_cli(*argv) == 0
+    again = capsys.readouterr()
+    assert first.out == again.out and "is logged already (nothing logged again)" in again.err
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name(exp).experiment_id
+    assert [r.info.run_id for r in client.search_runs([exp_id])] == [first.out.strip()]
+    # an attempt that stopped part-way (its run FAILED, not marked complete) is continued, not doubled
+    client.set_terminated(first.out.strip(), "FAILED")
+    assert log_run_dir(run_dir, exp, tracking_uri=uri) == first.out.strip()
+    assert client.get_run(first.out.strip()).info.status == "FINISHED"
+    # another training into the same folder is another run
+    make_run_dir(run_dir, bacc=0.5)
+    assert log_run_dir(run_dir, exp, tracking_uri=uri) != first.out.strip()
+    assert len(client.search_runs([exp_id])) == 2
+
+
 @pytest.mark.parametrize(
     "file, damage, named",
     [
