@@ -87,6 +87,8 @@ def test_a_budget_of_zero_is_no_budget(mlops_stack, tmp_path, capsys):
     assert promote(name, version, PromotionPolicy(max_epsilon=0.0), uri).alias == "champion"
     parser = argparse.ArgumentParser(prog="fedmedclip")
     mlops_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["promote", name, "--version", version, "--tracking-uri", uri])
+    # (another alias: promoting the @champion version to @champion again changes nothing, and says so)
+    argv = ["promote", name, "--version", version, "--alias", "staging", "--tracking-uri", uri]
+    args = parser.parse_args(argv)
     assert args.func(args) == 0
-    assert "is now @champion" in capsys.readouterr().out
+    assert "is now @staging" in capsys.readouterr().out
