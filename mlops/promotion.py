@@ -38,6 +38,7 @@ class PromotionPolicy:
     max_epsilon: float = _promotion(  # not None: KFP refuses None as a parameter's value
         0.0,
         metavar="EPSILON",
+        minimum=0.0,  # a negative budget was read as a budget nothing meets: every version refused
         help="refuse a version trained without record-level differential privacy or with a larger epsilon "
         "(the largest over its sites); 0: no budget (default: %(default)s)",
     )

@@ -54,6 +54,9 @@ def test_promote_and_the_pipeline_take_each_promotion_option_from_its_one_declar
     assert policy == PromotionPolicy("staging", False, True, 8.0)
     with pytest.raises(ConfigError, match="--max-epsilon must be a finite number"):
         PromotionPolicy(max_epsilon=float("nan"))  # as the register task makes it from its parameters
+    # a negative budget is no budget anything meets: refused as the flag it is, not as every version's DP
+    with pytest.raises(ConfigError, match="--max-epsilon must be at least 0.0, got -1"):
+        PromotionPolicy(max_epsilon=-1.0)
     args = parser.parse_args(["pipeline", "submit", "--host", "h", *given])
     params = pipeline_arguments(args, validated_config(args))
     assert {k: params[k] for k in dataclasses.asdict(policy)} == dataclasses.asdict(policy)
