@@ -182,7 +182,7 @@ def cmd_data_publish(args) -> int:
             file=sys.stderr,
         )
         return 0
-    bucket = parse_bucket(args.to)
+    bucket = parse_bucket(args.to, "--to")
     cfg = config_from_args(args)
     _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials
     summary = publish(cfg, bucket, progress=not args.quiet)

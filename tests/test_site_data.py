@@ -255,6 +255,12 @@ def test_cli_publish_uses_the_local_stack(s3_env, tmp_path, monkeypatch, capsys)
     assert os.environ["AWS_ACCESS_KEY_ID"] == s3_env.credentials("publisher")[0]
     assert main([*argv, "--cache-dir", str(tmp_path / "c"), "--quiet", "--seed", "3"]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+    # a --to that is no bucket root is refused naming --to (a prefix was refused as `--data`, a folder as
+    # "not an s3:// URL")
+    for to, said in ((f"s3://{bucket}/pre", "give the data bucket only"), (str(tmp_path), "(--site NAME)")):
+        assert main(["data", "publish", "--to", to, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --to '{to}': ") and said in err, err
 
     # Neither credentials nor a stack: the one line says that, and how to get them.
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
