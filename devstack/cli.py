@@ -119,9 +119,10 @@ def cmd_stack_env(args) -> int:
 def cmd_stack_add_bucket(args) -> int:
     from .stack import add_data_root
 
-    info = add_data_root(args.data_dir, args.root)
+    root = args.root.removeprefix("s3://")  # as `data publish --to` spells it; it was "'s3:' is not a bucket"
+    info = add_data_root(args.data_dir, root)
     print(
-        f"roles {', '.join(r for r in info.roles if r != 'mlflow')} granted on {args.root} (versioned); "
+        f"roles {', '.join(r for r in info.roles if r != 'mlflow')} granted on {root.strip('/')} (versioned); "
         f"data roots: {', '.join(info.data_roots)}",
         file=sys.stderr,
     )
@@ -177,6 +178,8 @@ def register(subparsers) -> None:
     )
     _add_stack_options(s, ports=False)
     s.add_argument(
-        "root", metavar="BUCKET[/PREFIX]", help="the bucket (created versioned) or a mailbox root in it"
+        "root",
+        metavar="BUCKET[/PREFIX]",
+        help="the bucket (created versioned) or a mailbox root in it; s3:// in front is accepted",
     )
     s.set_defaults(func=cmd_stack_add_bucket)

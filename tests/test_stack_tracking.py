@@ -211,6 +211,17 @@ def test_the_cli_turns_mlflow_usage_telemetry_off_unless_asked(tmp_path, monkeyp
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
 
 
+def test_add_bucket_takes_the_bucket_as_an_s3_url_too(mlops_stack, capsys):
+    """`stack add-bucket s3://BUCKET` (as `data publish --to` spells a bucket) said "'s3:' is not a valid
+    bucket name"."""
+    import uuid
+
+    bucket = f"fmc-url-{uuid.uuid4().hex[:8]}"
+    assert run_cli("stack", "add-bucket", "--data-dir", mlops_stack.data_dir, f"s3://{bucket}/fed") == 0
+    assert f"granted on {bucket}/fed (versioned)" in capsys.readouterr().err
+    assert f"{bucket}/fed" in read_state(mlops_stack.data_dir).data_roots
+
+
 def test_stack_start_failure_shows_log_tail(tmp_path):
     data_dir = tmp_path / "broken"
     # An option `mlflow server` does not know: the server exits during start-up, as a broken install would.
