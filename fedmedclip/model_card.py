@@ -386,8 +386,12 @@ def render_markdown(card: dict) -> str:
         card["privacy"],
         card["provenance"],
     )
-    title = f"{model.get('name') or 'model'}" + (
-        f" version {model['version']}" if model.get("version") else ""
+    name, version = model.get("name"), model.get("version")
+    # A run directory's card names what it is, not "model"
+    title = (
+        f"{name} version {version}"
+        if name and version
+        else name or f"{model.get('method')} run (not registered)"
     )
     out = [f"# Model card: {title}", ""]
     for w in card["warnings"]:

@@ -220,6 +220,8 @@ def cmd_submit(args) -> int:
             "`docker build --target train ...`, infra/README.md), or --yaml of a pipeline compiled with it: "
             "the default image is a placeholder no registry serves"
         )
+    if not re.match(r"https?://", args.host):  # urllib: "unknown url type"; kfp would guess a scheme
+        raise ConfigError(f"--host {args.host}: give the scheme, e.g. http://{args.host} or https://...")
     credentials = kfp_credentials(args)
     check_kfp_endpoint(args.host, credentials, args.token_file)  # one clear line before kfp's retries
     params = pipeline_arguments(args, cfg)

@@ -59,6 +59,8 @@ def test_the_card_of_a_run_has_every_section_its_warnings_and_intervals(dp_run):
         dp_run, {"name": "fmc", "version": "7", "kfp_run_id": "kfp-123", "git_commit": "abc123"}
     )
     md = render_markdown(card)
+    assert md.startswith("# Model card: fmc version 7\n")
+    assert render_markdown(build_card(dp_run)).startswith("# Model card: fedmedclip run (not registered)\n")
     for section in SECTIONS:
         assert f"\n## {section}\n" in md, section
     assert md.index("**WARNING** The backbone 'tiny' has RANDOM weights") < md.index("## Model")

@@ -549,6 +549,7 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
         return err
 
     assert "cannot reach the Kubeflow Pipelines API" in run(f"http://127.0.0.1:{free_port()}")
+    assert "--host 127.0.0.1:1: give the scheme, e.g. http://127.0.0.1:1" in run("127.0.0.1:1")
     refusing = _FakeKfpApi({healthz: (401, {"error": "Unauthenticated", "code": 16})})
     token_file = tmp_path / "token"
     token_file.write_text("sa-token-123\n")
