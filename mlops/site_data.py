@@ -318,8 +318,9 @@ def publish_site(cfg, site: str, location, progress=True) -> dict:
     old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
     if old is not None and old["partition_digest"] != part.digest:
         raise DataError(
-            f"{root.where(prefix + CATALOG)} already holds {old['holder']!r}'s data for another partition "
-            f"({old['partition_digest']}); refusing to overwrite it: publish to another bucket"
+            f"{root.where(prefix + CATALOG)} already holds the data of {old['holder']} for another partition "
+            f"({old['partition_digest']}); refusing to overwrite it: publish to another "
+            + ("bucket" if is_s3(str(location)) else "folder")
         )
     label = f"{site}: publish" if progress else ""
     sent, summaries = _publish_holders(root, image_set, part, holder_ids, False, label)

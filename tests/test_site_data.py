@@ -388,6 +388,8 @@ def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
     assert got.train == part.sites["site_0"]["train"] and got.test == part.sites["site_0"]["test"]
     assert all((home / "sites" / "0" / "images") in Path(r.path).parents for r in got.image_set.records)
     assert read_site_summary(home, 0)["samples"] == got.samples
+    with pytest.raises(DataError, match="data of site_0 for another partition .* publish to another folder$"):
+        publish_site(_cfg(tmp_path, seed=1), "site_0", home, progress=False)
     assert sorted(p.name for p in home.iterdir()) == ["sites", "summaries"]
     assert sorted(p.name for p in (home / "sites").iterdir()) == ["0"]
     with pytest.raises(ConfigError, match="is not an s3:// URL"):  # `data withdraw` is for S3 only
