@@ -327,14 +327,10 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag} {name}: {exc} (set --codec-up {name} and keep --codec-down)"
                 ) from None
-        # Unknown method options fail here, before any data is read or any pod starts.
-        unknown = sorted(set(self.method_options) - set(METHODS[self.method].options))
-        if unknown:
-            known = METHODS[self.method].options
-            raise ConfigError(
-                f"unknown option(s) for {self.method}: {', '.join(unknown)}; known: "
-                + (", ".join(f"{k} (default {v})" for k, v in known.items()) or "none")
-            )
+        # Unknown method options and bad values fail here, before any data is read or any pod starts.
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be an object, got {self.method_options!r}")
+        METHODS[self.method].check_options(self.method_options)
         # s3://BUCKET: images published per site, read by the pipeline's tasks (mlops/site_data.py).
         if self.data != SYNTHETIC and not self.data.startswith("s3://") and not Path(self.data).exists():
             raise ConfigError(

@@ -286,3 +286,35 @@ def test_method_options_are_key_value_pairs_with_a_key():
     for bad in ("=5", "novalue"):
         with pytest.raises(ConfigError, match=f"--method-opt '{bad}' must look like KEY=VALUE"):
             parse_method_options([bad])
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "message"),
+    [
+        ("fedmedclip", "lr_fam=NaN", "lr_fam=nan must be a finite number"),  # JSON's NaN
+        ("fedmedclip", "lr_mlp=Infinity", "lr_mlp=inf must be a finite number"),
+        ("fedmedclip", "lr_fam=nan", "lr_fam='nan' must be a finite number"),  # not JSON: a string
+        ("fedmedclip", "lr_decay=-1", "lr_decay=-1 must be above 0"),
+        ("fedmedclip", "kd_temperature=0", "kd_temperature=0 must be above 0"),
+        ("fedmedclip", "local_epochs=0", "local_epochs=0 must be at least 1"),
+        ("fedmedclip", "local_epochs=1.5", "local_epochs=1.5 must be an integer"),
+        ("fedmedclip", "kd_adaptive=maybe", "kd_adaptive='maybe' must be true or false"),
+        ("fedmedclip", "entropy=foo", "entropy='foo' must be one of code, shannon"),
+        ("fedmedclip", "mask_rule=null", "mask_rule=None must be a string"),
+        ("facmic", "local_steps=-3", "local_steps=-3 must be at least 0"),
+        ("facmic", "lr=-1", "lr=-1 must be above 0"),
+        ("facmic", "bandwidth=mode", "bandwidth='mode' must be one of mean, median"),
+        ("fedclip", "weight_decay=-5", "weight_decay=-5 must be at least 0"),
+        ("fedprox", "mu=NaN", "mu=nan must be a finite number"),
+        ("moon", "tau=0", "tau=0 must be above 0"),
+        ("fedfocal", "smoothing=1", "smoothing=1 must be below 1"),
+    ],
+)
+def test_method_option_values_of_the_wrong_type_or_range_are_refused_before_any_work(method, option, message):
+    """A --method-opt value is parsed as JSON: a NaN, a typo kept as a string or a negative rate used to reach
+    training (a traceback from the optimiser, or a run on nonsense); each is refused naming the option."""
+    from fedmedclip.flags import parse_method_options
+
+    cfg = TrainConfig(out="", method=method, method_options=parse_method_options([option]))
+    with pytest.raises(ConfigError, match=f"^{method} option {re.escape(message)} \\("):
+        cfg.validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,46 @@ def batch_stream(n: int, batch_size: int, gen: torch.Generator):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - b + 1, b):
             yield perm[i : i + b]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric method option's range: at least `low` (above it when `strict`), and below `below`."""
+
+    low: float
+    strict: bool = False
+    below: float = math.inf
+
+    def problem(self, value) -> str | None:
+        if value < self.low or (self.strict and value == self.low):
+            return f"must be {'above' if self.strict else 'at least'} {self.low:g}"
+        if value >= self.below:
+            return f"must be below {self.below:g}"
+        return None
+
+
+POSITIVE, NON_NEGATIVE = Bound(0.0, strict=True), Bound(0.0)
+
+
+def option_problem(value, default, rule) -> str | None:
+    """Why `value` cannot stand for an option whose default is `default` and whose rule is `rule` (a Bound, a
+    tuple of the allowed strings, or None), or None when it can. The default's type is the option's type: a
+    --method-opt value is parsed as JSON, so a typo must not travel on as a string, a NaN or a list."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "must be an integer"
+    elif isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return "must be a finite number"
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            return "must be a string"
+        if rule is not None and value not in rule:
+            return f"must be one of {', '.join(rule)}"
+        return None
+    return rule.problem(value) if isinstance(rule, Bound) else None
 
 
 # Adam's moments as CLIP is trained, which the reference codes keep for every module they train.
@@ -181,8 +222,9 @@ class Method:
     # (trains CLIP itself), and the references (`--federation local|centralized`) the `cached` group runs.
     group: str = "cached"
     compare_references: tuple[str, ...] = ()
-    options: dict = {}  # name -> default
+    options: dict = {}  # name -> default (its type is the option's type)
     option_help: dict = {}  # name -> one line of help (`fedmedclip methods` prints them)
+    option_rules: dict = {}  # name -> Bound of a numeric option, or the tuple of a string option's values
     site_class: type[SiteTrainer]  # what `new_site` builds: site_class(method, data, index)
     # Whether a run directory of this method can be rebuilt into a predictor (`predictor_parts`) and exported.
     exportable: bool = False
@@ -191,12 +233,7 @@ class Method:
     dp_sgd: bool = False
 
     def __init__(self, ctx: MethodContext):
-        unknown = set(ctx.options) - set(self.options)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) for {self.name}: {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(f'{k} (default {v})' for k, v in self.options.items())}"
-            )
+        self.check_options(ctx.options)
         self.ctx = ctx
         self.opt = self.resolved(ctx.options)
         if self.private and not self.dp_sgd:
@@ -205,6 +242,24 @@ class Method:
                 "the methods that train small modules on cached features: "
                 f"{', '.join(dp_sgd_methods())}); drop --dp-target-epsilon / --dp-noise-multiplier"
             )
+
+    @classmethod
+    def check_options(cls, given: dict) -> None:
+        """Refuse unknown options and values of the wrong type or out of range, naming the option (before any
+        work: TrainConfig.validate calls it too)."""
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) for {cls.name}: {', '.join(unknown)}; known: "
+                + (", ".join(f"{k} (default {v})" for k, v in cls.options.items()) or "none")
+            )
+        for name, value in given.items():
+            problem = option_problem(value, cls.options[name], cls.option_rules.get(name))
+            if problem:
+                help_text = cls.option_help.get(name)
+                raise ConfigError(
+                    f"{cls.name} option {name}={value!r} {problem}" + (f" ({help_text})" if help_text else "")
+                )
 
     @classmethod
     def resolved(cls, given: dict) -> dict:
@@ -301,6 +356,7 @@ class LocalStepsMethod(Method):
     calls `check_local_steps`."""
 
     options = {"local_steps": 199, "local_epochs": 0}
+    option_rules = {"local_steps": NON_NEGATIVE, "local_epochs": NON_NEGATIVE}
     option_help = {
         "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
         "local_epochs": "passes over the training split per round instead of local_steps",

@@ -40,7 +40,7 @@ from ..losses import (
 from ..modules import FacmicAttention, adapt
 from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
-from .base import LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator
+from .base import NON_NEGATIVE, POSITIVE, LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator
 
 
 class FacmicSite(SiteTrainer):
@@ -146,6 +146,13 @@ class Facmic(LocalStepsMethod):
         "bandwidth": "mean",
         "masked_target": False,
     }
+    option_rules = {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        **LocalStepsMethod.option_rules,
+        "lmmd_weight": NON_NEGATIVE,
+        "bandwidth": ("mean", "median"),
+    }
     option_help = {
         "lr": "Adam learning rate (coupled L2; the optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",
@@ -157,8 +164,6 @@ class Facmic(LocalStepsMethod):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        if self.opt["bandwidth"] not in ("mean", "median"):
-            raise ConfigError(f"bandwidth must be mean or median, not {self.opt['bandwidth']!r}")
         self.check_local_steps("FACMIC")
         if self.private and self.opt["masked_target"]:
             raise ConfigError(

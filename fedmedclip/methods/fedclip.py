@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..losses import contrastive_loss
 from ..modules import adapt
 from ..seeding import seeded
-from .base import Method, SiteTrainer, batch_stream, clip_adam, generator
+from .base import NON_NEGATIVE, POSITIVE, Bound, Method, SiteTrainer, batch_stream, clip_adam, generator
 
 
 class FedClipAdapter(nn.Module):
@@ -66,16 +65,12 @@ class FedClip(Method):
     exportable = True
     site_class = FedClipSite
     options = {"lr": 5e-5, "weight_decay": 0.2, "local_epochs": 1}
+    option_rules = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "local_epochs": Bound(1)}
     option_help = {
         "lr": "Adam learning rate (re-created every round)",
         "weight_decay": "Adam L2 weight decay",
         "local_epochs": "passes over the training split per round",
     }
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        if self.opt["local_epochs"] < 1:
-            raise ConfigError(f"fedclip needs local_epochs >= 1, got {self.opt['local_epochs']}")
 
     def new_global(self):
         with seeded(self.seed_for("global")):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import LOGIT_SCALE
+from .base import NON_NEGATIVE, Bound
 from .finetune import FineTuneMethod, FineTuneSite
 
 
@@ -37,6 +38,8 @@ class FedFocal(FineTuneMethod):
     name = "fedfocal"
     site_class = FedFocalSite
     options = {**FineTuneMethod.options, "gamma": 1.0, "smoothing": 0.1}
+    # smoothing 1 would make every target uniform: nothing left to learn
+    option_rules = {**FineTuneMethod.option_rules, "gamma": NON_NEGATIVE, "smoothing": Bound(0.0, below=1.0)}
     option_help = {
         **FineTuneMethod.option_help,
         "gamma": "focal exponent on the target entry",

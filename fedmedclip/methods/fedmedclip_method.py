@@ -29,13 +29,12 @@ options through the site's plan, so the accountant composes exactly the steps ta
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..losses import (
+    ENTROPIES,
     classwise_kl,
     contrastive_loss,
     ensemble,
@@ -43,11 +42,14 @@ from ..losses import (
     prompt_cross_entropy,
     samplewise_kl,
 )
-from ..modules import FeatureAdaptationModule, MaskedLinear, PrivateMLP, adapt
+from ..modules import MASK_RULES, FeatureAdaptationModule, MaskedLinear, PrivateMLP, adapt
 from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
     CLIP_ADAM,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bound,
     Method,
     SiteData,
     SiteTrainer,
@@ -58,7 +60,6 @@ from .base import (
 )
 
 SHARED_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
-DP_POSITIVE = ("dp_epochs", "dp_lr_mlp", "dp_lr_fam", "dp_logit_scale")  # finite and above 0
 
 
 class FedMedClipSite(SiteTrainer):
@@ -229,6 +230,23 @@ class FedMedClip(Method):
         "dp_lr_fam": 1e-5,
         "dp_logit_scale": 10.0,
     }
+    option_rules = {
+        "lr_fam": POSITIVE,
+        "lr_mlp": POSITIVE,
+        "lr_decay": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "local_epochs": Bound(1),  # 0 would train nothing and still report a federated run
+        "kd_weight": NON_NEGATIVE,
+        "kd_temperature": POSITIVE,
+        "entropy": tuple(ENTROPIES),
+        "mask_rule": MASK_RULES,
+        "dp_batch_size": Bound(1),
+        "dp_epochs": POSITIVE,
+        "dp_mlp_depth": NON_NEGATIVE,
+        "dp_lr_mlp": POSITIVE,
+        "dp_lr_fam": POSITIVE,
+        "dp_logit_scale": POSITIVE,
+    }
     option_help = {
         "lr_fam": "learning rate of the FAM (AdamW, re-created every round)",
         "lr_mlp": "learning rate of the private MLP",
@@ -255,19 +273,6 @@ class FedMedClip(Method):
         "the uncertainty-weighted ensemble compares the MLP's confidence with the zero-shot's (logit scale 100), "
         "and the DP-trained head's logits are an order of magnitude smaller than the non-private MLP's",
     }
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        o = self.opt
-        for name, ok in (
-            ("dp_batch_size", isinstance(o["dp_batch_size"], int) and o["dp_batch_size"] >= 1),
-            ("dp_mlp_depth", isinstance(o["dp_mlp_depth"], int) and o["dp_mlp_depth"] >= 0),
-            *((k, isinstance(o[k], (int, float)) and 0 < o[k] < math.inf) for k in DP_POSITIVE),
-        ):
-            if not ok or isinstance(o[name], bool):
-                raise ConfigError(
-                    f"fedmedclip option {name}={o[name]!r} is out of range ({self.option_help[name]})"
-                )
 
     def new_mlp(self) -> PrivateMLP:
         """The site's private MLP: the non-private shape, or under DP-SGD the `dp_mlp_depth` one."""

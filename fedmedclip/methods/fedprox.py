@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from .base import NON_NEGATIVE
 from .finetune import FineTuneMethod, FineTuneSite
 
 PROX_NORMS = ("squared", "unsquared")
@@ -32,17 +32,9 @@ class FedProx(FineTuneMethod):
     needs_global_model = True
     site_class = FedProxSite
     options = {**FineTuneMethod.options, "mu": 0.01, "prox_norm": "squared"}
+    option_rules = {**FineTuneMethod.option_rules, "mu": NON_NEGATIVE, "prox_norm": PROX_NORMS}
     option_help = {
         **FineTuneMethod.option_help,
         "mu": "weight of the proximal term toward the round's global model (active from round 2)",
         "prox_norm": "squared (the FedProx paper) or unsquared (the reference code's norm)",
     }
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        if self.opt["prox_norm"] not in PROX_NORMS:
-            raise ConfigError(
-                f"prox_norm must be one of {', '.join(PROX_NORMS)}, not {self.opt['prox_norm']!r}"
-            )
-        if self.opt["mu"] < 0:
-            raise ConfigError(f"mu must be >= 0, got {self.opt['mu']}")

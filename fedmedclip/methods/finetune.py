@@ -24,7 +24,16 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import contrastive_loss
-from .base import LocalStepsMethod, SiteTrainer, batch_stream, clip_adam, generator, zero_shot_probs
+from .base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    LocalStepsMethod,
+    SiteTrainer,
+    batch_stream,
+    clip_adam,
+    generator,
+    zero_shot_probs,
+)
 
 EVAL_BATCH = 128
 FROZEN = ("logit_scale",)  # the temperature stays exactly 100, as everywhere else in the package
@@ -129,6 +138,7 @@ class FineTuneMethod(LocalStepsMethod):
     # Not exportable yet: the fine-tuned encoder is no longer the frozen backbone a run identifies by hash.
     exportable = False
     options = {"lr": 5e-5, "weight_decay": 0.02, **LocalStepsMethod.options}
+    option_rules = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, **LocalStepsMethod.option_rules}
     option_help = {
         "lr": "Adam learning rate (optimiser state persists across rounds)",
         "weight_decay": "Adam L2 weight decay",

@@ -15,6 +15,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from .base import NON_NEGATIVE, POSITIVE
 from .finetune import FineTuneMethod, FineTuneSite, trainable_state
 
 
@@ -61,6 +62,7 @@ class Moon(FineTuneMethod):
     needs_global_model = True
     site_class = MoonSite
     options = {**FineTuneMethod.options, "mu": 1.0, "tau": 0.5}
+    option_rules = {**FineTuneMethod.option_rules, "mu": NON_NEGATIVE, "tau": POSITIVE}
     option_help = {
         **FineTuneMethod.option_help,
         "mu": "weight of the model-contrastive loss",
