@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -315,6 +316,7 @@ class TrainConfig:
         check_declared(self)  # types, choices and minimums, as each field declares them
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
+        self._validate_split()
         for flag, name, direction in (
             ("--codec-up", self.codec_up, "up"),
             ("--codec-down", self.codec_down, "down"),
@@ -349,6 +351,28 @@ class TrainConfig:
             self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
         return self
+
+    def _validate_split(self) -> None:
+        # Here, not only where the partition is drawn: a NaN share would otherwise reach config.json first
+        # (a traceback from json), and the pipeline would start its pods before refusing.
+        split = self.split_ratio
+        try:
+            shares = tuple(float(x) for x in split)
+        except (TypeError, ValueError):
+            shares = ()
+        if (
+            len(shares) != 3
+            or not all(math.isfinite(x) and x >= 0 for x in shares)
+            or shares[0] == 0
+            or abs(sum(shares) - 1) > 1e-6
+        ):
+            text = ",".join(str(x) for x in split) if isinstance(split, (tuple, list)) else repr(split)
+            raise ConfigError(
+                f"--split {text} must be three train,val,test shares, each a finite number of at least 0 and "
+                "train above 0, summing to 1, like 0.8,0.1,0.1"
+            )
+        if not 0 <= self.reference_fraction < 0.5:
+            raise ConfigError(f"--reference-fraction must be in [0, 0.5), got {self.reference_fraction!r}")
 
     def _validate_privacy(self, method_cls) -> None:
         if not isinstance(self.privacy, dict):

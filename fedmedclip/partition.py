@@ -127,7 +127,7 @@ def make_partition(
         raise ConfigError("the dirichlet partition needs --alpha > 0 (smaller alpha = more skew)")
     if (
         len(split_ratio) != 3
-        or min(split_ratio) < 0
+        or not all(x >= 0 for x in split_ratio)  # NaN too
         or abs(sum(split_ratio) - 1) > 1e-6
         or split_ratio[0] == 0
     ):

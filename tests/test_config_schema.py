@@ -242,6 +242,13 @@ def test_each_field_is_validated_as_it_declares():
         ({"min_class_images": "3"}, "--min-class-images must be an integer"),
         ({"alpha": float("nan")}, "--alpha must be a finite number"),
         ({"aggregator": "mode"}, "unknown aggregator 'mode'; choose one of mean, median"),
+        # a NaN share passed every check and reached config.json (a traceback from json)
+        (
+            {"split_ratio": (float("nan"), 0.1, 0.1)},
+            "--split nan,0.1,0.1 must be three train,val,test shares",
+        ),
+        ({"split_ratio": (0.5, 0.5, 0.5)}, "--split 0.5,0.5,0.5 must be three"),
+        ({"reference_fraction": 0.5}, "--reference-fraction must be in [0, 0.5), got 0.5"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             TrainConfig(out="", **bad).validate()
