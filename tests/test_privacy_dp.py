@@ -275,6 +275,12 @@ def test_dp_flags_parse_into_the_configuration():
         ({"privacy": {"target_epsilon": -1}}, "must be a positive number"),
         ({"privacy": {"target_epsilon": 8, "delta": 2}}, "below 1"),
         ({"privacy": {"target_epsilon": 8, "bogus": 1}}, "unknown privacy setting"),
+        # 1e300 passed, then overflowed the accountant (a traceback) or failed the first report after training
+        ({"privacy": {"noise_multiplier": 1e300}}, "--dp-noise-multiplier must be at most 1e"),
+        ({"privacy": {"target_epsilon": 1e300}}, "--dp-target-epsilon must be at most 1e"),
+        # adaptive clipping's settings with a fixed clip were accepted and ignored
+        ({"privacy": {"client_noise": 1.0, "client_count_noise": 1.0}}, "count-noise is adaptive clipping's"),
+        ({"privacy": {"client_noise": 1.0, "client_clip_lr": 0.5}}, "clip-lr is adaptive clipping's"),
         ({"federation": "local", "privacy": {"client_noise": 1.0}}, "sends nothing"),
         (
             {"privacy": {"client_noise": 1.0, "client_quantile": 0.5, "client_noise_at": "sites"}},

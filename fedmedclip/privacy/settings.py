@@ -25,6 +25,9 @@ from ..flags import setting
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_CLIP = 1.0
+# The largest epsilon, noise multiplier or clip a party's report may carry (fedmedclip/federation/messages.py):
+# above it a run would fail after training (epsilon), or the accountant overflows (a noise multiplier of 1e300).
+LARGEST = 1e30
 ACCOUNTANTS = ("rdp", "pld")
 NOISE_PLACEMENTS = ("server", "sites")
 
@@ -142,6 +145,8 @@ class PrivacySettings:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if not ok or v < 0 or (v == 0 and not allow_zero):
                 raise ConfigError(f"--dp-{name.replace('_', '-')} must be a positive number, got {v!r}")
+            if v > LARGEST:
+                raise ConfigError(f"--dp-{name.replace('_', '-')} must be at most {LARGEST:g}, got {v!r}")
 
         for name in ("target_epsilon", "noise_multiplier", "clip", "client_noise", "client_clip"):
             positive(name, getattr(self, name))
@@ -178,6 +183,16 @@ class PrivacySettings:
             if changed:
                 raise ConfigError(
                     f"--dp-{changed[0].replace('_', '-')} needs client-level DP: set --dp-client-noise too"
+                )
+        elif self.client_quantile is None:
+            # A fixed clip has neither a learning rate nor a clipped-count: these would be silently ignored.
+            changed = [k for k in ("client_count_noise",) if getattr(self, k) is not None] + [
+                k for k in ("client_clip_lr",) if getattr(self, k) != getattr(PrivacySettings(), k)
+            ]
+            if changed:
+                raise ConfigError(
+                    f"--dp-{changed[0].replace('_', '-')} is adaptive clipping's: set --dp-client-quantile too "
+                    "(a fixed --dp-client-clip has no learning rate and counts no unclipped updates)"
                 )
         if not self.record_level:
             changed = [k for k in ("clip", "accountant") if getattr(self, k) != getattr(PrivacySettings(), k)]
