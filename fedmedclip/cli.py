@@ -360,7 +360,7 @@ def _cmd_export(args) -> int:
         false_alarm_rate=args.ood_false_alarm_rate,
     )
     if args.state:
-        missing = [f"--{o}" for o in ("mailbox", "run_id") if not getattr(args, o)]
+        missing = [f"--{o.replace('_', '-')}" for o in ("mailbox", "run_id") if not getattr(args, o)]
         if args.run_dir or missing or args.site == "global":
             raise ConfigError(
                 "export --state exports a site's own model: give --site NAME, --mailbox and --run-id (the ones "
@@ -379,6 +379,12 @@ def _cmd_export(args) -> int:
     else:
         if not args.run_dir:
             raise ConfigError("export needs a run directory (RUN), or --state for a site's own model")
+        stray = [f"--{o}" for o in ("mailbox", "data") if getattr(args, o)]
+        if stray:  # a run directory's export finds its run's data itself: these would be ignored
+            raise ConfigError(
+                f"{' and '.join(stray)} go with --state (a site exporting its own model); a run directory's "
+                "export reads its run's configuration"
+            )
         path = export_onnx(
             args.run_dir, args.site, args.out, run_id=args.run_id or "", backbone=args.backbone, **common
         )

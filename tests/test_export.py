@@ -328,6 +328,23 @@ def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
     run, _ = runs["fedmedclip"]
     assert main(["export", str(run), "--site", "bogus", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "unknown site 'bogus'" in capsys.readouterr().err
+    # the flags as they are spelt (it said --run_id), and a --state flag given with a run directory is refused,
+    # not ignored
+    state = [
+        "export",
+        "--state",
+        str(tmp_path / "state"),
+        "--site",
+        "site_0",
+        "--out",
+        str(tmp_path / "m.onnx"),
+    ]
+    assert main([*state, "--mailbox", str(tmp_path / "mb")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("missing --run-id")
+    assert (
+        main(["export", str(run), "--mailbox", str(tmp_path / "mb"), "--out", str(tmp_path / "m.onnx")]) == 2
+    )
+    assert "--mailbox go with --state" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
