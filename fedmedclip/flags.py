@@ -230,6 +230,8 @@ def add_config_arguments(
             from .methods import METHODS
 
             kwargs["help"] = kwargs["help"].format(methods=" | ".join(METHODS))
+        if d.name in CODEC_FIELDS:
+            kwargs["action"] = _StoreGiven  # so that --codec can refuse a direction it contradicts
         target.add_argument(*d.flags, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
         if d.name == "codec_up":
             from .codec import CODECS
@@ -240,6 +242,17 @@ def add_config_arguments(
                 default=None,
                 help=f"sets both --codec-up and --codec-down: {' | '.join(CODECS)}",
             )
+
+
+CODEC_FIELDS = ("codec_up", "codec_down")  # --codec sets both
+
+
+class _StoreGiven(argparse.Action):
+    """Store the value and record that the flag was given (a value equal to the default is given too)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", option_string)
 
 
 def values_from_args(args: argparse.Namespace, cls) -> dict:
@@ -272,6 +285,13 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
 
         if both not in CODECS:  # named by the flag that was given, not the field it sets
             raise ConfigError(f"unknown codec {both!r} for --codec; choose one of {', '.join(CODECS)}")
+        for name in CODEC_FIELDS:
+            flag = getattr(args, f"{name}_given", None)
+            if flag and values.get(name) != both:  # one of the two would be silently dropped
+                raise ConfigError(
+                    f"--codec {both} sets both directions and {flag} {values[name]} contradicts it: give "
+                    "--codec-up and --codec-down alone"
+                )
         values["codec_up"] = values["codec_down"] = both
     values.update(overrides)
     return cls(**values).validate()

@@ -325,3 +325,25 @@ def test_method_option_values_of_the_wrong_type_or_range_are_refused_before_any_
     cfg = TrainConfig(out="", method=method, method_options=parse_method_options([option]))
     with pytest.raises(ConfigError, match=f"^{method} option {re.escape(message)} \\("):
         cfg.validate()
+
+
+def test_codec_sets_both_directions_and_refuses_a_direction_it_contradicts():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+
+    def codecs(*argv):
+        cfg = config_from_args(parser.parse_args(list(argv)))
+        return cfg.codec_up, cfg.codec_down
+
+    assert codecs("--codec", "int8-zlib") == ("int8-zlib", "int8-zlib")
+    assert codecs("--codec", "int8-zlib", "--codec-up", "int8-zlib") == ("int8-zlib", "int8-zlib")
+    assert codecs("--codec-up", "delta-ef-q4-zlib", "--codec-down", "int8-zlib") == (
+        "delta-ef-q4-zlib",
+        "int8-zlib",
+    )
+    # --codec-up used to be silently overridden, even when it named the default
+    for flag, value in (("--codec-up", "fp32-zlib"), ("--codec-down", "fp16-zlib")):
+        with pytest.raises(
+            ConfigError, match=f"--codec int8-zlib sets both directions and {flag} {value} contradicts"
+        ):
+            codecs("--codec", "int8-zlib", flag, value)
