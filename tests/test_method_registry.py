@@ -196,3 +196,17 @@ def test_no_method_is_named_outside_its_module_and_the_registry():
         "method names written outside fedmedclip/methods/ (declare it on the method instead):\n"
         + "\n".join(found)
     )
+
+
+def test_methods_lists_each_method_with_a_whole_sentence():
+    from fedmedclip.methods import describe_methods
+
+    summaries = {
+        line.split(": ", 1)[0]: line.split(": ", 1)[1]
+        for line in describe_methods().splitlines()
+        if not line.startswith(" ")
+    }
+    assert set(summaries) == set(METHODS)
+    # A docstring's first line stops mid-sentence ("... a class-wise"); the listing gives the sentence.
+    assert all(s.endswith(".") for s in summaries.values()), summaries
+    assert summaries["fedmedclip"].endswith("local prediction is an uncertainty-weighted ensemble.")

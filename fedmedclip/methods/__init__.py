@@ -62,6 +62,13 @@ def method_groups() -> dict[str, list[str]]:
     return groups
 
 
+def _summary(doc: str | None) -> str:
+    """A docstring's first sentence, whatever its line breaks: its first line alone stops mid-sentence."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
 def describe_methods() -> str:
     """What `fedmedclip methods` prints: each method, its group, and its options with defaults and help."""
     lines = []
@@ -75,8 +82,7 @@ def describe_methods() -> str:
             flags.append("trains on images (no feature cache)")
         if not cls.exportable:
             flags.append("not exportable")
-        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        lines.append(f"{name}: {doc[0] if doc else ''}".rstrip(": "))
+        lines.append(f"{name}: {_summary(cls.__doc__ or sys.modules[cls.__module__].__doc__)}".rstrip(": "))
         lines.append(f"  {', '.join(flags)}")
         for opt, default in cls.options.items():
             setting = f"{opt}={default!r}"
