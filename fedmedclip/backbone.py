@@ -101,10 +101,12 @@ def make_preprocessing(name: str, backbone: Backbone) -> Preprocessing:
 
 _HOW_TO_SUPPLY = (
     "fedmedclip never downloads weights at run time. On a machine with internet access run\n"
-    "  huggingface-cli download {spec} --local-dir ./clip-weights\n"
+    "  huggingface-cli download {hub_id} --local-dir {folder}\n"
     "(or `CLIPModel.from_pretrained(...).save_pretrained(DIR)` plus the tokenizer and image processor), copy the\n"
-    "folder here and pass --backbone ./clip-weights, or pre-populate the Hugging Face cache (HF_HOME)."
+    "folder here and pass --backbone {folder}, or pre-populate the Hugging Face cache (HF_HOME)."
 )
+# A missing directory is where the user wants the weights; its name is no Hugging Face id.
+_DEFAULT_HUB_ID = "openai/clip-vit-base-patch32"
 
 
 class Backbone:
@@ -343,15 +345,17 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
     )
     if looks_like_path and not path.is_dir():
         raise BackboneNotFound(
-            f"backbone directory {spec!r} does not exist.\n" + _HOW_TO_SUPPLY.format(spec=spec)
+            f"backbone directory {spec!r} does not exist.\n"
+            + _HOW_TO_SUPPLY.format(hub_id=_DEFAULT_HUB_ID, folder=spec)
         )
     try:
         model = CLIPModel.from_pretrained(spec, local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError) as exc:
+        hub_id, folder = (_DEFAULT_HUB_ID, spec) if looks_like_path else (spec, "./clip-weights")
         raise BackboneNotFound(
             f"no local CLIP weights or tokenizer for {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}).\n"
-            + _HOW_TO_SUPPLY.format(spec=spec if not looks_like_path else "openai/clip-vit-base-patch32")
+            + _HOW_TO_SUPPLY.format(hub_id=hub_id, folder=folder)
         ) from exc
     mean, std = CLIP_MEAN, CLIP_STD
     try:

@@ -136,6 +136,10 @@ def test_missing_directory_says_how_to_supply_weights(tmp_path, no_network):
         load_backbone(str(tmp_path / "no-such-clip"))
     msg = str(info.value)
     assert "does not exist" in msg and "huggingface-cli download" in msg and "--backbone" in msg
+    # The folder asked for is where the weights go; its path is no Hugging Face id to download.
+    folder = tmp_path / "no-such-clip"
+    assert f"huggingface-cli download openai/clip-vit-base-patch32 --local-dir {folder}\n" in msg
+    assert f"pass --backbone {folder}," in msg
     assert no_network == []
 
 
