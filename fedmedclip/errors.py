@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints their message and exits with status 2, no traceback."""
 
+import os
+import signal
 import sys
 import traceback
 
@@ -40,9 +42,16 @@ class CheckpointError(FedMedClipError):
 def run_command(args) -> int:
     """A command's exit status: its handler's, or a FedMedClipError's message (status 2) or an OSError's (an
     --out that cannot be created, a full disk: status 1; the system's words name the path) on one line of
-    stderr, with the traceback under -v."""
+    stderr, with the traceback under -v. A closed output pipe ends it quietly (status 141, as SIGPIPE would)."""
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone shows here, not as a traceback while the interpreter exits
+        return status
+    except BrokenPipeError:
+        # The reader of our output went away (`fedmedclip card --json | head`): end quietly, as a Unix tool
+        # killed by SIGPIPE does; what is still buffered for stdout goes nowhere instead of failing at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (FedMedClipError, OSError) as exc:
         if getattr(args, "verbose", False) and not isinstance(exc, FedMedClipError):
             traceback.print_exc()

@@ -457,6 +457,22 @@ def test_cli_says_in_one_line_why_out_cannot_be_created(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", [10, 1_000_000])
+def test_a_closed_output_pipe_ends_the_command_quietly(capsys, size):
+    """`fedmedclip card --json | head`: the reader goes away; the command ends with SIGPIPE's status and no
+    'error: [Errno 32] Broken pipe' (a large output breaks while printing, a small one at the last flush)."""
+    import argparse
+    import contextlib
+
+    from fedmedclip.errors import run_command
+
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as out, contextlib.redirect_stdout(out):
+        status = run_command(argparse.Namespace(func=lambda args: print("x" * size)))
+    assert status == 141 and capsys.readouterr().err == ""
+
+
 def test_version_is_declared_once(capsys):
     """`fedmedclip --version`, the installed distribution's metadata and the pipeline's default image tag are
     all fedmedclip.__version__."""
