@@ -346,7 +346,7 @@ class TrainConfig:
                 raise ConfigError(f"--classes needs at least two classes, got {self.classes!r}")
             self.classes = names
         self._validate_privacy(METHODS[self.method])
-        self._validate_secure_aggregation()
+        self._validate_secure_aggregation(METHODS[self.method])
         if self.transductive:
             self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
@@ -386,19 +386,22 @@ class TrainConfig:
                 f"{', '.join(dp_sgd_methods())}, which train small modules on cached features); drop "
                 "--dp-target-epsilon / --dp-noise-multiplier"
             )
-        if settings.client_level and self.federation != "federated":
+        if settings.client_level and (self.federation != "federated" or not method_cls.sends_parameters):
+            sender = f"--federation {self.federation}" if self.federation != "federated" else self.method
             raise ConfigError(
-                f"client-level DP (--dp-client-noise) protects what sites send to the server; --federation "
-                f"{self.federation} sends nothing"
+                f"client-level DP (--dp-client-noise) protects what sites send to the server; {sender} sends "
+                "nothing"
             )
         self.privacy = settings.to_config()
 
-    def _validate_secure_aggregation(self) -> None:
+    def _validate_secure_aggregation(self, method_cls) -> None:
         t = self.secagg_threshold
         if not self.secure_aggregation:
             if t is not None:
                 raise ConfigError("--secagg-threshold needs --secure-aggregation")
             return
+        if not method_cls.sends_parameters:
+            raise ConfigError(f"{self.method} sends no parameters: there is nothing to aggregate securely")
         if self.federation != "federated":
             raise ConfigError(
                 f"secure aggregation hides the sites' updates from the server; --federation {self.federation} "

@@ -251,6 +251,7 @@ def test_secure_aggregation_needs_registered_keys_and_says_so_in_the_results(pre
         ({"privacy": {"client_noise": 1.0, "client_noise_at": "sites"}}, "noise at the sites needs discrete"),
         ({"privacy": {"client_noise": 1.0, "client_quantile": 0.5}}, "adaptive clipping"),
         ({"secure_aggregation": False, "secagg_threshold": 2}, "needs --secure-aggregation"),
+        ({"method": "zeroshot"}, "zeroshot sends no parameters"),  # before any work, not by the server
     ):
         with pytest.raises(ConfigError, match=why):
             TrainConfig(**{**base, **bad}).validate()

@@ -282,6 +282,8 @@ def test_dp_flags_parse_into_the_configuration():
         ({"privacy": {"client_noise": 1.0, "client_count_noise": 1.0}}, "count-noise is adaptive clipping's"),
         ({"privacy": {"client_noise": 1.0, "client_clip_lr": 0.5}}, "clip-lr is adaptive clipping's"),
         ({"federation": "local", "privacy": {"client_noise": 1.0}}, "sends nothing"),
+        # ran and reported a client-level epsilon for updates that were never sent
+        ({"method": "zeroshot", "privacy": {"client_noise": 1.0}}, "zeroshot sends nothing"),
         (
             {"privacy": {"client_noise": 1.0, "client_quantile": 0.5, "client_noise_at": "sites"}},
             "adaptive clipping",

@@ -223,10 +223,6 @@ class FederationServer:
             from ..privacy.settings import PrivacySettings
             from .secure import SecureRun, ServerSecureRound, manifest_section
 
-            if not any(dtype == "float32" for _, dtype in self.template.values()):
-                raise FederationError(
-                    f"{cfg.method} sends no parameters: there is nothing to aggregate securely"
-                )
             try:
                 self.manifest["secure_aggregation"] = manifest_section(
                     self.method,

@@ -231,6 +231,8 @@ class Method:
     # Whether its sites can train with record-level DP-SGD (fedmedclip.privacy): the method then trains on
     # per-example losses under DP (see its module's docstring); others refuse --dp-target-epsilon.
     dp_sgd: bool = False
+    # False when nothing travels (zero-shot): client-level DP and secure aggregation have nothing to protect.
+    sends_parameters: bool = True
 
     def __init__(self, ctx: MethodContext):
         self.check_options(ctx.options)

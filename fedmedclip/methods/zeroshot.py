@@ -44,6 +44,7 @@ class ZeroShot(Method):
     exportable = True
     site_class = ZeroShotSite
     options = {}
+    sends_parameters = False
 
     def new_global(self):
         return nn.Module()  # an empty module: its state (and so every payload) has no tensors
