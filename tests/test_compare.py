@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import SYNTH
@@ -115,6 +116,22 @@ def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch, 
     assert calls == [] and [r["seed"] for r in records] == [0]  # the unfinished seed 1 is left out
 
 
+def _one_cell_args(tmp_path, cache) -> list[str]:
+    args = grid_args(tmp_path, cache)
+    args[args.index("zeroshot,fedclip@centralized")] = "zeroshot"
+    args[args.index("iid,dirichlet:0.5")] = "iid"
+    args[args.index("--seeds") + 1] = "1"
+    return args
+
+
+@pytest.fixture(scope="module")
+def one_finished_cell(tmp_path_factory, synthetic_cache):
+    """A grid of one finished zero-shot cell, run once: each damage below is done to a copy of it."""
+    tmp = tmp_path_factory.mktemp("one-cell")
+    assert main(_one_cell_args(tmp, synthetic_cache)) == 0
+    return tmp / "grid"
+
+
 @pytest.mark.parametrize(
     "name, content, why",
     [
@@ -126,14 +143,14 @@ def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch, 
     ],
     ids=["results-cut", "results-list", "results-empty", "config-deep", "config-missing"],
 )
-def test_a_damaged_finished_cell_is_named_in_one_line(tmp_path, capsys, synthetic_cache, name, content, why):
+def test_a_damaged_finished_cell_is_named_in_one_line(
+    tmp_path, capsys, synthetic_cache, one_finished_cell, name, content, why
+):
     """A finished cell whose results.json or config.json was damaged: the grid stops with one line naming
     the cell and the file (it was a traceback: JSONDecodeError, KeyError in the summary, RecursionError)."""
-    args = [*grid_args(tmp_path, synthetic_cache)]
-    args[args.index("zeroshot,fedclip@centralized")] = "zeroshot"
-    args[args.index("iid,dirichlet:0.5")] = "iid"
-    args[args.index("--seeds") + 1] = "1"
-    assert main(args) == 0
+    args = _one_cell_args(tmp_path, synthetic_cache)
+    shutil.copytree(one_finished_cell, tmp_path / "grid")
+    assert main([*args, "--report-only"]) == 0  # the copy is the finished grid
     (cell,) = {p.parent for p in (tmp_path / "grid").rglob("results.json")}
     if content is None:
         (cell / name).unlink()
