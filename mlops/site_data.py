@@ -262,9 +262,8 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
     """Upload cfg's data source to `bucket`, each holder's images under its own prefix, as cfg's partition
     draws them (the publisher's credentials). Idempotent for the same source and partition; a bucket published
     for another partition is refused, never overwritten. Returns a summary."""
-    image_set, part, holder_ids = _load_source(cfg)
     root = _root(f"s3://{bucket}", client)
-    try:
+    try:  # before the images are read and hashed: missing credentials are said at once
         root.ensure_bucket()
     except StoreAccessDenied as exc:  # its words say whether credentials are missing or do not cover it
         raise DataError(
@@ -272,6 +271,7 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
             f"local stack's (`fedmedclip stack up`; `fedmedclip stack add-bucket {bucket}` for keys of your "
             "own), in a cluster the data bucket of infra/training"
         ) from None
+    image_set, part, holder_ids = _load_source(cfg)
     image_list = sha256_bytes(
         "".join(f"{r.image_id}\t{r.label}\t{r.split}\t{r.site or ''}\n" for r in image_set.records).encode()
     )
