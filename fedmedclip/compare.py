@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .jsonfiles import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +188,11 @@ def _cell_file(d: Path, name: str) -> dict:
     """A finished cell's JSON object `name`, or a one-line error naming the cell: a file damaged by hand or by
     the disk gave a traceback (JSONDecodeError, RecursionError) in the middle of the grid."""
     try:
-        obj = json.loads((d / name).read_text())
+        return read_json_object(d / name)
     except FileNotFoundError:
         raise _damaged(d, name, "missing") from None
-    except RecursionError:
-        raise _damaged(d, name, "nested too deeply") from None
     except ValueError as exc:
         raise _damaged(d, name, exc) from None
-    if not isinstance(obj, dict):
-        raise _damaged(d, name, f"a JSON object expected, got {type(obj).__name__}")
-    return obj
 
 
 def run_grid(

@@ -13,7 +13,6 @@ records, results.json and model directory through the same functions (fedmedclip
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from .federation.runner import method_for, server_setup
 from .federation.server import FederationError, FederationServer, ServerOptions, write_run
 from .federation.site import SiteSetup, SiteWorker, model_part
 from .federation.storage import LocalDirStore
+from .jsonfiles import read_json_object
 from .methods import METHODS, SiteTrainer
 from .observer import NO_OBSERVER, RunObserver
 from .preparation import (
@@ -362,13 +362,9 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
             f"nothing to resume in {str(out)!r}: no config.json (start it without --resume)"
         )
     try:
-        loaded = json.loads(config_file.read_text())
-        if not isinstance(loaded, dict):  # `[]` would otherwise read as the defaults: "differs in rounds"
-            raise TypeError(f"a JSON object expected, got {type(loaded).__name__}")
-        stored = TrainConfig.from_json(loaded).resume_key()
-    except (ValueError, TypeError, RecursionError, ConfigError) as exc:  # RecursionError: nesting too deep
-        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise CheckpointError(f"cannot resume {str(out)!r}: config.json is unreadable ({why})") from None
+        stored = TrainConfig.from_json(read_json_object(config_file)).resume_key()
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"cannot resume {str(out)!r}: config.json is unreadable ({exc})") from None
     wanted = cfg.resume_key()
     if stored != wanted:
         diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))

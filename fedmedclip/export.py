@@ -45,6 +45,7 @@ from .digests import (
 )
 from .errors import ConfigError, FedMedClipError
 from .inference import GLOBAL, ImageClassifier, load_classifier, read_model_json, resolve_site
+from .jsonfiles import read_json_object
 from .ood import DEFAULT_FALSE_ALARM_RATE, METHOD, OodFit, OodHead, fit_ood, split_for_calibration
 from .paths import DEFAULT_CACHE_DIR
 from .privacy.report import privacy_summary
@@ -525,17 +526,10 @@ def recorded_results(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "results.json"
     if not path.exists():
         return None
-    try:
-        results = json.loads(path.read_text())
-    except RecursionError:
-        raise FedMedClipError(f"cannot read {path} for the model's metadata: nested too deeply") from None
+    try:  # not an object: read as {}, a damaged file gave the model `dp.mode: none`
+        return read_json_object(path)
     except (OSError, ValueError) as exc:
         raise FedMedClipError(f"cannot read {path} for the model's metadata: {exc}") from None
-    if not isinstance(results, dict):  # read as {}, a damaged file gave the model `dp.mode: none`
-        raise FedMedClipError(
-            f"cannot read {path} for the model's metadata: a JSON object expected, got {type(results).__name__}"
-        )
-    return results
 
 
 def run_privacy(run_dir: str | Path) -> dict[str, str]:

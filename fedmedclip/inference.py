@@ -9,7 +9,6 @@ also the private MLP and the uncertainty-weighted ensemble (docs/algorithms.md Â
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from .backbone import LOGIT_SCALE, Backbone, load_backbone
 from .errors import ConfigError, FedMedClipError, ProvenanceMismatch
+from .jsonfiles import read_json
 from .losses import ENTROPIES, ensemble
 from .methods import METHODS, MethodContext, ModelFiles
 from .modules import adapt
@@ -118,9 +118,7 @@ def read_model_json(run_dir: str | Path) -> dict:
             f"{str(run)!r} has no model/model.json: not a finished `fedmedclip train --out` run directory"
         )
     try:
-        meta = json.loads(path.read_text())
-    except RecursionError:
-        raise FedMedClipError(f"{str(path)!r} is not valid JSON: nested too deeply") from None
+        meta = read_json(path)
     except ValueError as exc:
         raise FedMedClipError(f"{str(path)!r} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .digests import ONNX_SHA256_TAG, canonical_digest
 from .errors import FedMedClipError
+from .jsonfiles import read_json
 from .metrics import bootstrap_intervals, metrics_from_confusion
 from .privacy.report import privacy_summary
 
@@ -46,7 +47,7 @@ class CardError(FedMedClipError):
 def _read(run_dir: Path, name: str) -> dict:
     path = run_dir / name
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         raise CardError(f"cannot build a model card: {path} is missing") from None
     except ValueError as exc:

@@ -6,13 +6,13 @@ same MLflow run live logging makes, each round at the time the run recorded for 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from fedmedclip.digests import canonical_digest
+from fedmedclip.jsonfiles import read_json
 from fedmedclip.model_card import dataset_digest, run_files_problem
 from fedmedclip.privacy.report import privacy_summary
 
@@ -60,7 +60,7 @@ def _read_json(run_dir: Path, name: str):
             f"(expected the output of `fedmedclip train --out {run_dir}`, see docs/contracts.md)"
         )
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except ValueError as e:
         raise RunDirError(f"{path} is not valid JSON: {e}") from e
 

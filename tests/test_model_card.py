@@ -198,3 +198,18 @@ def test_the_card_of_a_damaged_run_directory_names_the_entry(tmp_path, capsys, f
     assert main(["card", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot build a model card: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_file_nested_too_deeply_is_one_line_for_the_card_and_for_track(tmp_path, capsys):
+    """Python's JSON parser raises RecursionError on deep nesting: `card RUN_DIR` printed its traceback."""
+    from fedmedclip.cli import main
+    from mlops.rundir import read_run_dir
+    from mlops.tracking import RunDirError
+
+    run_dir = make_run_dir(tmp_path / "run")
+    (run_dir / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["card", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json is not JSON (nested too deeply)" in err and "Traceback" not in err, err
+    with pytest.raises(RunDirError, match="results.json is not valid JSON: nested too deeply"):
+        read_run_dir(run_dir)

@@ -26,6 +26,7 @@ from ..codec import CodecError, decode, encode
 from ..errors import FedMedClipError
 from ..flags import SERVER as SERVER_RUN
 from ..flags import declared, setting
+from ..jsonfiles import read_json
 from ..methods import Method
 from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
@@ -878,8 +879,8 @@ class FederationServer:
         (a fresh disk; files removed or results.json damaged by hand, which used to be a traceback, or a
         success that left the run directory without its model or rounds)."""
         try:
-            results = json.loads((self.out / "results.json").read_text())
-        except (OSError, ValueError, RecursionError):
+            results = read_json(self.out / "results.json")
+        except (OSError, ValueError):
             results = None
         rounds = [f"rounds/global_round_{r:03d}.bin" for r in range(1, len(self.history) + 1)]
         whole = all((self.out / rel).is_file() for rel in (*RUN_FILES, *rounds))

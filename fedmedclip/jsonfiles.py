@@ -1,0 +1,27 @@
+"""Reading the JSON files of a run directory (config.json, results.json, model/model.json, ...), which a crash,
+a disk or a person may have damaged: every reader gets a ValueError naming what is wrong, never a traceback.
+Standard library only: the model card and `fedmedclip track` read run directories without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_json(path: str | Path):
+    """The JSON in a run directory's file. What is not JSON is a ValueError, nesting too deep for Python's parser
+    included (it raises RecursionError, which no reader of a damaged file expects); OSError passes through."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json_object(path: str | Path) -> dict:
+    """`read_json`, and a ValueError unless it is a JSON object (`[]` must not read as an empty settings)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON object expected, got {type(obj).__name__}")
+    return obj
