@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from ..data import DUPLICATE_POLICIES
 from ..errors import FedMedClipError
+from ..privacy.settings import LARGEST
 from ..secagg.primitives import KEY_BYTES, NONCE_BYTES, SEED_BYTES, label
 
 # ---------------------------------------------------------------- field types
@@ -29,7 +30,7 @@ Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Round = Annotated[int, Field(ge=0, le=1_000_000)]
 Count = Annotated[int, Field(ge=0, le=1_000_000_000)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
-Finite = Annotated[float, Field(ge=-1e30, le=1e30)]
+Finite = Annotated[float, Field(ge=-LARGEST, le=LARGEST)]
 Short = Annotated[str, StringConstraints(max_length=256)]
 Text = Annotated[str, StringConstraints(max_length=4000)]
 
@@ -194,16 +195,16 @@ class PrivacyLedger(Message):
     """A DP-SGD site's privacy ledger (`fedmedclip.privacy`, where a branch has it): its plan and epsilon so
     far."""
 
-    epsilon: Annotated[float, Field(ge=0.0, le=1e30)]
+    epsilon: Annotated[float, Field(ge=0.0, le=LARGEST)]
     delta: Annotated[float, Field(gt=0.0, lt=1.0)]
-    noise_multiplier: Annotated[float, Field(ge=0.0, le=1e30)]
-    clip: Annotated[float, Field(ge=0.0, le=1e30)]
+    noise_multiplier: Annotated[float, Field(ge=0.0, le=LARGEST)]
+    clip: Annotated[float, Field(ge=0.0, le=LARGEST)]
     sample_rate: Annotated[float, Field(gt=0.0, le=1.0)]
     steps: Count
     planned_steps: Count
     n_train: Count
     accountant: Short | None = None
-    budget: Annotated[float, Field(ge=0.0, le=1e30)] | None = None
+    budget: Annotated[float, Field(ge=0.0, le=LARGEST)] | None = None
     stopped_at_round: Round | None = None
 
 

@@ -25,8 +25,9 @@ from ..flags import setting
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_CLIP = 1.0
-# The largest epsilon, noise multiplier or clip a party's report may carry (fedmedclip/federation/messages.py):
-# above it a run would fail after training (epsilon), or the accountant overflows (a noise multiplier of 1e300).
+# The largest epsilon, noise multiplier or clip a setting may hold, and the largest magnitude of any number in a
+# party's message (fedmedclip/federation/messages.py, which reads it from here): a setting above it would make a
+# run fail after training (its reports refused), or overflow the accountant (a noise multiplier of 1e300).
 LARGEST = 1e30
 ACCOUNTANTS = ("rdp", "pld")
 NOISE_PLACEMENTS = ("server", "sites")
