@@ -139,6 +139,11 @@ class PrivacySettings:
         default = PrivacySettings()
         return {k: v for k, v in asdict(self).items() if v != getattr(default, k)}
 
+    def _changed(self, *names: str) -> list[str]:
+        """Those of `names` set to something else than their defaults."""
+        defaults = PrivacySettings()
+        return [k for k in names if getattr(self, k) != getattr(defaults, k)]
+
     def check(self) -> None:
         def positive(name: str, v, allow_zero: bool = False) -> None:
             if v is None:
@@ -174,29 +179,23 @@ class PrivacySettings:
                 "its own noise at the server: use it with --dp-client-noise-at server"
             )
         if not self.client_level:
-            changed = [
-                k for k in ("client_quantile", "client_count_noise") if getattr(self, k) is not None
-            ] + [
-                k
-                for k in ("client_clip", "client_clip_lr", "client_noise_at")
-                if getattr(self, k) != getattr(PrivacySettings(), k)
-            ]
+            changed = self._changed(
+                "client_quantile", "client_count_noise", "client_clip", "client_clip_lr", "client_noise_at"
+            )
             if changed:
                 raise ConfigError(
                     f"--dp-{changed[0].replace('_', '-')} needs client-level DP: set --dp-client-noise too"
                 )
         elif self.client_quantile is None:
             # A fixed clip has neither a learning rate nor a clipped-count: these would be silently ignored.
-            changed = [k for k in ("client_count_noise",) if getattr(self, k) is not None] + [
-                k for k in ("client_clip_lr",) if getattr(self, k) != getattr(PrivacySettings(), k)
-            ]
+            changed = self._changed("client_count_noise", "client_clip_lr")
             if changed:
                 raise ConfigError(
                     f"--dp-{changed[0].replace('_', '-')} is adaptive clipping's: set --dp-client-quantile too "
                     "(a fixed --dp-client-clip has no learning rate and counts no unclipped updates)"
                 )
         if not self.record_level:
-            changed = [k for k in ("clip", "accountant") if getattr(self, k) != getattr(PrivacySettings(), k)]
+            changed = self._changed("clip", "accountant")
             if changed:
                 raise ConfigError(
                     f"--dp-{changed[0]} needs record-level DP: set --dp-target-epsilon or --dp-noise-multiplier"
