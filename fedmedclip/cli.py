@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow 3 sends usage events to mlflow.org unless told not to: off for every command and the processes it
     # starts (the pipeline's local tasks, the parties), as in the images; MLFLOW_DISABLE_TELEMETRY=false opts in.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if not sys.stderr.isatty():  # a pod's or a script's log: MLflow's download bar redrawn in place is noise
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The parser's declarations import torch and the methods: in a fresh process, without the garbage collector
     # walking them meanwhile (fedmedclip/startup.py); every command then runs with it as usual.
     with imports_without_collection():

@@ -18,8 +18,6 @@ from fedmedclip.tracking_server import DEFAULT_EXPERIMENT
 def _quiet_mlflow() -> None:
     # MLflow prints "View run ... at ..." to stdout, which would pollute `RUN_ID=$(fedmedclip track ...)`.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    if not sys.stderr.isatty():  # a pipeline task's or a script's log: a bar redrawn in place is noise there
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _mlflow_errors(fn):

@@ -9,7 +9,6 @@ import errno
 import json
 import logging
 import math
-import os
 import re
 import sys
 from collections import Counter
@@ -170,8 +169,6 @@ def _log_to_stderr(level: str) -> None:
         ours.addHandler(handler)
         ours.propagate = False  # the core CLI's root handler would print every line twice
     ours.setLevel(level)
-    if not sys.stderr.isatty():  # a pod's log: one line per event, not MLflow's download bar redrawn in place
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # uvicorn's and kserve's at WARNING: no line per connection.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "kserve", "kserve.trace"):
         logging.getLogger(name).setLevel(logging.WARNING)

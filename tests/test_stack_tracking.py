@@ -441,7 +441,10 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
     assert run_cli("track", run_a, "--experiment", "test-registry", "--tracking-uri", uri) == 0
     run_id_a = capsys.readouterr().out.strip()
     assert len(run_id_a) == 32
-    assert run_cli("register", run_id_a, "--name", name, "--onnx", tiny_onnx, "--tracking-uri", uri) == 0
+    from fedmedclip.cli import main as cli_main
+
+    register = ["register", run_id_a, "--name", name, "--onnx", tiny_onnx, "--tracking-uri", uri]
+    assert cli_main([str(a) for a in register]) == 0  # through `fedmedclip`'s main, as a script runs it
     registered = capsys.readouterr()
     v1 = registered.out.strip()
     assert "Downloading artifacts" not in registered.err  # no bar redrawn in place where stderr is a log
