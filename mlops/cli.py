@@ -161,6 +161,7 @@ def cmd_backbone(args) -> int:
 
 def cmd_data_publish(args) -> int:
     """upload images to s3://BUCKET/sites/<k>/ and server/ as a partition assigns them (pipeline input)"""
+    from fedmedclip.errors import ConfigError
     from fedmedclip.flags import config_from_args
 
     from .site_data import is_s3, parse_bucket, parse_root, publish, publish_site
@@ -180,6 +181,11 @@ def cmd_data_publish(args) -> int:
             file=sys.stderr,
         )
         return 0
+    if not is_s3(args.to):
+        raise ConfigError(
+            f"--to {args.to!r}: the whole data set is published to s3://BUCKET; a local directory takes one "
+            "site's share (--site NAME)"
+        )
     bucket = parse_bucket(args.to, "--to")
     cfg = config_from_args(args)
     _stack_credentials_for("publisher", bucket)  # the local stack when the environment names no credentials

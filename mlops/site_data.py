@@ -44,11 +44,6 @@ def is_s3(data: str) -> bool:
 def parse_bucket(uri: str, flag: str = "--data") -> str:
     """`s3://BUCKET` -> BUCKET. The pipeline's data is a bucket root: no key prefix is accepted (`flag`: the
     option that gave it, which the refusal names)."""
-    if not is_s3(uri) and flag == "--to":
-        raise ConfigError(
-            f"--to {uri!r}: the whole data set is published to s3://BUCKET; a local directory takes one site's "
-            "share (--site NAME)"
-        )
     bucket, prefix = parse_root(uri)
     if prefix:
         raise ConfigError(
