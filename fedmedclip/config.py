@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .flags import (
     setting,
 )
 from .methods import DEFAULT_METHOD
-from .partition import SCHEMES
+from .partition import SCHEMES, valid_split
 from .paths import DEFAULT_CACHE_DIR
 from .privacy.settings import PrivacySettings
 
@@ -360,12 +359,7 @@ class TrainConfig:
             shares = tuple(float(x) for x in split)
         except (TypeError, ValueError):
             shares = ()
-        if (
-            len(shares) != 3
-            or not all(math.isfinite(x) and x >= 0 for x in shares)
-            or shares[0] == 0
-            or abs(sum(shares) - 1) > 1e-6
-        ):
+        if not valid_split(shares):
             text = ",".join(str(x) for x in split) if isinstance(split, (tuple, list)) else repr(split)
             raise ConfigError(
                 f"--split {text} must be three train,val,test shares, each a finite number of at least 0 and "

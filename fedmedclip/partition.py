@@ -9,6 +9,7 @@ The manifest lists image ids, so it reproduces exactly from its seed."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,16 @@ def _stratified_holdout(labels: np.ndarray, fraction: float, rng) -> np.ndarray:
     return np.sort(np.array(keep, dtype=np.int64))
 
 
+def valid_split(shares) -> bool:
+    """Three train,val,test shares: each a finite number of at least 0, train above 0, summing to 1."""
+    return (
+        len(shares) == 3
+        and all(math.isfinite(x) and x >= 0 for x in shares)
+        and shares[0] > 0
+        and abs(sum(shares) - 1) <= 1e-6
+    )
+
+
 def make_partition(
     image_set: ImageSet,
     scheme: str = "iid",
@@ -125,12 +136,7 @@ def make_partition(
         raise ConfigError(f"unknown partition {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "dirichlet" and (alpha is None or alpha <= 0):
         raise ConfigError("the dirichlet partition needs --alpha > 0 (smaller alpha = more skew)")
-    if (
-        len(split_ratio) != 3
-        or not all(x >= 0 for x in split_ratio)  # NaN too
-        or abs(sum(split_ratio) - 1) > 1e-6
-        or split_ratio[0] == 0
-    ):
+    if not valid_split(split_ratio):
         raise ConfigError(
             f"split ratio {split_ratio} must be three non-negative train:val:test shares summing to 1"
         )
