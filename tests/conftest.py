@@ -228,6 +228,12 @@ def without_timing(results: dict) -> dict:
 # ----------------------------------------------------------------------------- MLOps stack (components)
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The `error: ...` lines of a command's stderr: log lines may be there too, where an earlier test in the
+    worker left a log handler on stderr (an in-process `serve`)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def free_ports(n: int = 2, host: str = "127.0.0.1") -> list[int]:
     """`n` distinct ports nothing listens on right now (the OS picks them; all held open until all are
     chosen, so they differ; a race with other processes afterwards is unlikely)."""

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import SYNTH
+from conftest import SYNTH, error_lines
 
 from fedmedclip import compare, engine
 from fedmedclip.cli import main
@@ -159,6 +159,6 @@ def test_a_damaged_finished_cell_is_named_in_one_line(
     capsys.readouterr()
     assert main([*args, "--report-only"]) == 2
     text = capsys.readouterr().err
-    err = [line for line in text.splitlines() if line.startswith("error:")]  # log lines aside
+    err = error_lines(text)
     assert len(err) == 1 and err[0].startswith(f"error: {cell}: its {name} is unreadable (") and why in err[0]
     assert err[0].endswith("delete that cell to redo it") and "Traceback" not in text

@@ -733,12 +733,14 @@ def test_train_reports_the_duplicates_and_takes_a_run_id(data_with_duplicates, t
 def test_synth_refuses_settings_no_run_can_use_in_one_line(tmp_path, capsys, flag, value):
     """Size 0 was Pillow's traceback, size 1 a division by zero, a huge size a MemoryError; no sites or a
     negative count wrote a set that every run then refused. Refused before anything is written."""
+    from conftest import error_lines
+
     from fedmedclip.cli import main
 
     out = tmp_path / "synth"
     assert main(["-q", "synth", str(out), flag, value]) == 2
     text = capsys.readouterr().err
-    err = [line for line in text.splitlines() if line.startswith("error:")]  # log lines aside
+    err = error_lines(text)
     assert len(err) == 1 and err[0].startswith("error: synthetic data: ") and f"got {value}" in err[0]
     assert "Traceback" not in text
     assert not out.exists()

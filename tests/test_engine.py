@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTH, train_interrupted, without_timing
+from conftest import SYNTH, error_lines, train_interrupted, without_timing
 
 from fedmedclip import engine
 from fedmedclip.codec import decode_state
@@ -448,9 +448,7 @@ def test_cli_says_in_one_line_why_out_cannot_be_created(tmp_path, capsys):
     args = ["train", "--data", "synthetic", "--out", str(tmp_path / "a-file" / "run")]
     assert main([*args, "--cache-dir", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
-    # Only the error's line: log lines may be there too, where an earlier test sent logging to stderr.
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'run'}'"]
+    assert error_lines(err) == [f"error: [Errno 20] Not a directory: '{tmp_path / 'a-file' / 'run'}'"]
     assert "Traceback" not in err
     assert (tmp_path / "a-file").read_text() == "kept"
     assert main([*args, "--cache-dir", str(tmp_path / "c"), "-v"]) == 1

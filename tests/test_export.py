@@ -14,7 +14,7 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from conftest import SYNTH  # noqa: E402
+from conftest import SYNTH, error_lines  # noqa: E402
 
 from fedmedclip.config import TrainConfig  # noqa: E402
 from fedmedclip.errors import ConfigError, FedMedClipError  # noqa: E402
@@ -371,8 +371,7 @@ def test_export_refuses_a_damaged_run_file_in_one_line(runs, tmp_path, capsys, n
     out = tmp_path / "m.onnx"
     assert main(["-q", "export", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    # Only the error's line: log lines may be there too, where an earlier test sent logging to stderr.
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    errors = error_lines(err)
     assert len(errors) == 1 and name in errors[0] and why in errors[0] and "Traceback" not in err, err
     assert not out.exists()
 
