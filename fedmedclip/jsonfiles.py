@@ -1,5 +1,6 @@
 """Reading the JSON files of a run directory (config.json, results.json, model/model.json, ...), which a crash,
 a disk or a person may have damaged: every reader gets a ValueError naming what is wrong, never a traceback.
+And `unique_keys`, the hook every parser of JSON another party wrote passes to `json.loads`.
 Standard library only: the model card and `fedmedclip track` read run directories without torch.
 """
 
@@ -7,6 +8,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+class KeyTwice(ValueError):
+    """A JSON object holds a key twice. Parsers differ on which value counts (Python's keeps the last, others
+    the first or either), so two readers of one object could act on different values: it is refused."""
+
+    def __init__(self, key: str):
+        shown = repr(key) if len(key) <= 60 else repr(key[:57]) + "..."
+        super().__init__(f"key {shown} written twice")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads`'s object_pairs_hook for JSON another party wrote: KeyTwice for a key written twice in any
+    object of it."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise KeyTwice(key)
+        obj[key] = value
+    return obj
 
 
 def read_json(path: str | Path):

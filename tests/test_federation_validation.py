@@ -20,7 +20,7 @@ from fedmedclip.codec import decode, encode
 from fedmedclip.codec.wire import MAGIC_V2, pack, unpack
 from fedmedclip.config import TrainConfig
 from fedmedclip.federation.checkpoint import non_finite
-from fedmedclip.federation.mailbox import Mailbox
+from fedmedclip.federation.mailbox import Mailbox, ProtocolError
 from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions, UpdateRejected
 from fedmedclip.federation.site import SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
@@ -455,6 +455,54 @@ def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again
     )
     assert "val.acc: field required" in record["rejected"]["site_1"]
     assert [row["acc"] for row in record["sites"]] == [None, None, None]
+
+
+def _key_twice(text: bytes, at: str, key: str, first) -> bytes:
+    """JSON `text` whose object that opens with `at` (`{`, `"meta": {`) holds `key` twice: `first`, then the
+    value it had."""
+    return text.decode().replace(at, f"{at}{json.dumps(key)}: {json.dumps(first)}, ", 1).encode()
+
+
+def _header_key_twice(payload: bytes, at: str, key: str, first) -> bytes:
+    magic, header, body = unpack(payload)
+    hb = _key_twice(json.dumps(header).encode(), at, key, first)
+    return magic + struct.pack("<I", len(hb)) + hb + body
+
+
+def test_a_key_written_twice_is_refused_naming_the_party_and_the_key(prepared, tmp_path):
+    """JSON's parsers keep one of a key's two values (Python's the last, another reader maybe the first): which
+    one a party meant is ambiguous, so an object holding a key twice is refused, at any depth, naming the key:
+    an update's header (its own keys or meta's) and a report make the site absent for the round, a status is
+    shown as refused, a manifest is a ProtocolError."""
+    cfg, p = prepared
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    with pytest.raises(UpdateRejected, match="key 'codec' written twice"):
+        server._validate("site_2", _header_key_twice(_update(server, "site_2"), "{", "codec", "fp32-zlib"))
+    # Round 1: site_2's update header says its sample count twice, 1 first.
+    twice = _header_key_twice(_update(server, "site_2"), '"meta": {', "n_train", 1)
+    mailbox.store.put(mailbox.update_key(1, "site_2"), twice)
+    server.poll()
+    assert "key 'n_train' written twice" in server._rejected["site_2"]
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+    # site_0's report gives val twice: null, then its metrics; site_1's provenance gives n_images twice.
+    report = json.dumps(_report(server, p, "site_0")).encode()
+    mailbox.store.put(mailbox.report_key(1, "site_0"), _key_twice(report, "{", "val", None))
+    report = json.dumps(_report(server, p, "site_1")).encode()
+    mailbox.store.put(mailbox.report_key(1, "site_1"), _key_twice(report, '"provenance": {', "n_images", 1))
+    status = _key_twice(json.dumps(_status("site_2")).encode(), "{", "state", "done")
+    mailbox.store.put(mailbox.status_key("site_2"), status)
+    said = server._describe(["site_2"])
+    assert said.startswith("site_2 (status refused: status from site_2") and "'state' written twice" in said
+    record = _close_round(server)
+    assert record["sites_present"] == ["site_0", "site_1"]
+    assert "report from site_0" in record["rejected"]["site_0"]
+    assert "key 'val' written twice" in record["rejected"]["site_0"]
+    assert "report from site_1" in record["rejected"]["site_1"]
+    assert "key 'n_images' written twice" in record["rejected"]["site_1"]
+    mailbox.store.put("elsewhere/manifest.json", b'{"rounds": 3, "quorum": 1, "rounds": 300}')
+    with pytest.raises(ProtocolError, match="from server: key 'rounds' written twice"):
+        mailbox.get_json("elsewhere/manifest.json", "server")
 
 
 def test_an_update_in_another_codec_than_the_manifests_is_rejected(prepared, tmp_path):

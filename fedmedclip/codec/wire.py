@@ -17,6 +17,7 @@ import struct
 
 import torch
 
+from ..jsonfiles import KeyTwice, unique_keys
 from .stages import CodecError, numel
 
 MAGIC_V1 = b"FMC1"
@@ -50,7 +51,11 @@ def unpack(payload) -> tuple[bytes, dict, bytes]:
     if n > len(payload) - 8:
         raise CodecError(f"truncated payload: its header claims {n} bytes, only {len(payload) - 8} follow")
     try:
-        header = json.loads(payload[8 : 8 + n].decode("utf-8"), parse_constant=_no_constants)
+        header = json.loads(
+            payload[8 : 8 + n].decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=unique_keys
+        )
+    except KeyTwice as exc:
+        raise CodecError(f"corrupt payload header: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CodecError(f"corrupt payload header (not JSON): {exc}") from None
     if not isinstance(header, dict):

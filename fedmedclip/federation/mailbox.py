@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError, FedMedClipError
+from ..jsonfiles import KeyTwice, unique_keys
 from .messages import Message, MessageRefused, Status, parse
 from .storage import ObjectStore, ObjectTooLarge, in_parallel, start
 
@@ -135,8 +136,10 @@ class Mailbox:
         if raw is None:
             return None
         try:
-            obj = json.loads(raw)
-        except ValueError as exc:
+            obj = json.loads(raw, object_pairs_hook=unique_keys)
+        except KeyTwice as exc:
+            raise ProtocolError(f"{self.where(key)}{' from ' + who if who else ''}: {exc}") from None
+        except (ValueError, RecursionError) as exc:
             raise ProtocolError(
                 f"{self.where(key)}{' from ' + who if who else ''} is not valid JSON: {exc}"
             ) from None

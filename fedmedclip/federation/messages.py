@@ -1,10 +1,10 @@
 """Every object one party writes for another, declared once: the writer builds it from its declaration and
 the reader parses it against the same declaration. Nothing else a party wrote is ever read.
 
-A declaration is a pydantic model registered with `@message(kind, max_bytes)`: known keys only, every number
-finite (JSON's `1e999` parses to inf and is refused like the `NaN`/`Infinity` tokens), integers bounded,
-strings and lists bounded in length, and the serialised object bounded in bytes (checked before it is read,
-`ObjectStore.get(max_bytes=...)`). Adding a kind of message (secure aggregation's key advertisements and
+A declaration is a pydantic model registered with `@message(kind, max_bytes)`: known keys only, none twice in
+an object (parsers differ on which of the two values counts), every number finite (JSON's `1e999` parses to
+inf and is refused like the `NaN`/`Infinity` tokens), integers bounded, strings and lists bounded in length,
+and the serialised object bounded in bytes (checked before it is read, `ObjectStore.get(max_bytes=...)`). Adding a kind of message (secure aggregation's key advertisements and
 sealed shares are the last ones added) is one more declaration here; `MESSAGES` lists them all.
 
 A message that does not parse raises `MessageRefused` with one line naming the kind, the party, where it was
@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from ..data import DUPLICATE_POLICIES
 from ..errors import FedMedClipError
+from ..jsonfiles import KeyTwice, unique_keys
 from ..privacy.settings import LARGEST
 from ..secagg.primitives import KEY_BYTES, NONCE_BYTES, SEED_BYTES, label
 
@@ -94,6 +95,18 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {err['msg'].lower()}{got}{extra}"
 
 
+def _key_twice(data: bytes) -> KeyTwice | None:
+    """The first key an object of `data` holds twice, which pydantic's JSON parser would take the last value of
+    without a word; None also when `data` is not JSON at all (pydantic's parser then says what is wrong)."""
+    try:
+        json.loads(data, object_pairs_hook=unique_keys)
+    except KeyTwice as exc:
+        return exc
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 def parse(cls: type[Message], data: bytes | dict, party: str = "", where: str = "") -> Message:
     """`data` (the bytes a party wrote, or an already-decoded JSON object such as a payload header's meta)
     parsed against `cls`, or MessageRefused."""
@@ -104,6 +117,9 @@ def parse(cls: type[Message], data: bytes | dict, party: str = "", where: str = 
                 raise MessageRefused(
                     f"{label} takes {len(data)} bytes, over its limit of {cls.max_bytes}", cls.kind, party
                 )
+            twice = _key_twice(bytes(data))
+            if twice is not None:
+                raise MessageRefused(f"{label} refused: {twice}", cls.kind, party)
             return cls.model_validate_json(bytes(data))
         if not isinstance(data, dict):
             raise MessageRefused(f"{label} is not a JSON object", cls.kind, party)
