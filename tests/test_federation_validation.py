@@ -23,7 +23,7 @@ from fedmedclip.federation.checkpoint import non_finite
 from fedmedclip.federation.mailbox import Mailbox, ProtocolError
 from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions, UpdateRejected
 from fedmedclip.federation.site import SiteWorker
-from fedmedclip.federation.storage import LocalDirStore
+from fedmedclip.federation.storage import LocalDirStore, StoreError
 from fedmedclip.preparation import prepare
 
 RUN = "hostile"
@@ -613,6 +613,69 @@ def test_a_fifo_at_a_sites_keys_is_refused_not_waited_on(prepared, tmp_path):
     assert "not a regular file" in reason and str(fifos[0]) in reason
     assert said[0].startswith("site_2 (status refused:") and "not a regular file" in said[0]
     assert store.get(mailbox.update_key(1, "site_0")) is None  # an absent object is still None
+
+
+SECRET = "root:$6$server-only-hunter2:19000:0:99999:7:::\n"  # a file of the server's, not JSON, not a payload
+
+
+def test_a_link_at_a_sites_keys_is_refused_not_followed(prepared, tmp_path):
+    """On a local-directory mailbox a site can replace its update, status or report with a symbolic link to any
+    file the server can read: the server read that file and quoted its first characters in the rejection. The
+    link is refused before anything is read, naming the object; no byte of the file reaches a reason."""
+    cfg, p = prepared
+    server, _, mailbox, store, setups = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    links = [mailbox.update_key(1, "site_2"), mailbox.status_key("site_2"), mailbox.report_key(1, "site_0")]
+    for key in links:
+        (store.root / key).parent.mkdir(parents=True, exist_ok=True)
+        (store.root / key).symlink_to(secret)
+    server.poll()
+    reason = server._rejected["site_2"]
+    assert "symbolic link" in reason and str(store.root / links[0]) in reason and "hunter2" not in reason
+    said = server._describe(["site_2"])
+    assert said.startswith("site_2 (status refused:") and "symbolic link" in said and "hunter2" not in said
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+    mailbox.store.put(mailbox.report_key(1, "site_1"), json.dumps(_report(server, p, "site_1")).encode())
+    record = _close_round(server)
+    assert record["sites_present"] == ["site_0", "site_1"]
+    reason = record["rejected"]["site_0"]
+    assert "symbolic link" in reason and str(store.root / links[2]) in reason and "hunter2" not in reason
+    assert record["sites"][1]["acc"] is not None
+    # A site reads the server's status as the server reads the sites': another site's link is not trusted.
+    site = worker(server, mailbox, store, setups[0])
+    (store.root / mailbox.status_key("server")).unlink()
+    (store.root / mailbox.status_key("server")).symlink_to(secret)
+    assert site._server_status() is None
+    assert secret.read_text() == SECRET
+
+
+def test_the_local_store_never_reads_or_writes_through_a_link(tmp_path):
+    """A link planted at a key, or at a folder on the way to one, leads out of the store: reading refuses it
+    naming the key; writing replaces a link at the key (its target untouched) and refuses a linked folder;
+    deleting never removes a file through a linked folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.json").write_text(SECRET)
+    store = LocalDirStore(tmp_path / "store")
+    store.put("runs/r/ok.json", b"{}")
+    (store.root / "runs/r/linked").symlink_to(outside)
+    (store.root / "runs/r/a.json").symlink_to(outside / "a.json")
+    for key in ("runs/r/linked/a.json", "runs/r/a.json"):
+        with pytest.raises(StoreError, match="symbolic link") as err:
+            store.get(key, max_bytes=1000)
+        assert str(store.root / key) in str(err.value) and "hunter2" not in str(err.value)
+    assert not store.exists("runs/r/a.json") and store.exists("runs/r/ok.json")
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.put("runs/r/linked/a.json", b"overwritten")
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.delete("runs/r/linked/a.json")
+    store.put("runs/r/a.json", b"{}")  # the link itself is replaced
+    assert store.get("runs/r/a.json") == b"{}" and not (store.root / "runs/r/a.json").is_symlink()
+    assert (outside / "a.json").read_text() == SECRET and [p.name for p in outside.iterdir()] == ["a.json"]
+    assert store.get("runs/r/missing.json") is None and store.get("runs/none/x.json") is None
+    assert store.get("runs/r/ok.json/x") is None  # a file where a folder would be: no such object
 
 
 def test_the_s3_store_checks_the_size_before_reading(mlops_stack):

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointStore, non_finite
 from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
-from .storage import ObjectStore, ObjectTooLarge
+from .storage import ObjectStore, ObjectTooLarge, StoreError
 
 log = logging.getLogger("fedmedclip.site")
 
@@ -259,7 +259,7 @@ class SiteWorker:
         """The server's heartbeat, and when it last changed by this site's clock (no clock is shared)."""
         try:
             st = self.mb.status(SERVER)
-        except MessageRefused as exc:
+        except (MessageRefused, StoreError) as exc:  # StoreError: a FIFO or link another site put there
             log.warning("%s: %s", self.name, exc)
             return None
         if st is not None and st.time != self._server_beat:

@@ -9,11 +9,13 @@ The contract every implementation keeps, so that parties never coordinate throug
 - `get` returns the bytes, or None when the key does not exist (a permission problem is an error, never None);
   with `max_bytes` it learns the object's size before reading it and refuses a larger one (`ObjectTooLarge`),
   so another party's object is never read whole to find out it is too big;
-- keys are relative, `/`-separated, and confined to the store (no `..`, no absolute path, no empty segment).
+- keys are relative, `/`-separated, and confined to the store (no `..`, no absolute path, no empty segment;
+  a local directory follows no symbolic link below its root).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -177,8 +179,26 @@ class PrefixStore(ObjectStore):
         self.base.delete(self._k(key))
 
 
+# A folder of a local store, opened to reach the next name below it and never through a link. O_PATH (Linux)
+# needs only search permission on the folder, as a path lookup does; elsewhere the folder is opened to read.
+_FOLDER = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
+
+
+def _is_link(name: str, folder: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 class LocalDirStore(ObjectStore):
-    """Objects as files under a root directory; `put` writes a temporary file and renames it into place."""
+    """Objects as files under a root directory; `put` writes a temporary file and renames it into place.
+
+    Another party sharing the directory may plant a symbolic link at a key, or at a folder on the way to one,
+    leading to any file outside the store: a reader would read it (and quote it in a refusal), a writer write
+    through it. So every name below the root is opened relative to its folder's descriptor without following a
+    link (O_NOFOLLOW), and a link is refused naming the key; `put` renames over a link at the key, which
+    replaces the link itself."""
 
     cheap_polls = True
 
@@ -189,18 +209,74 @@ class LocalDirStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
+    def _link(self, key: str, at: str) -> StoreError:
+        what = "" if at == key else f": its folder {self.where(at)}"
+        return StoreError(f"{self.where(key)}{what} is a symbolic link: not followed")
+
+    def _folder(self, key: str, create: bool = False) -> tuple[int, str]:
+        """(a descriptor of the folder holding `key`, the key's last name), each folder below the root reached
+        without following a link (`create`: made where missing); FileNotFoundError or NotADirectoryError when
+        one is missing or a file."""
+        *folders, name = check_key(key).split("/")
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, _FOLDER)
+        try:
+            for i, folder in enumerate(folders):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(folder, dir_fd=fd)
+                try:
+                    inner = os.open(folder, _FOLDER | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError:
+                    if _is_link(folder, fd):
+                        raise self._link(key, "/".join(folders[: i + 1])) from None
+                    raise
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, name
+
     def put(self, key, data):
-        atomic_write_bytes(self._path(key), data)
+        folder, name = self._folder(key, create=True)
+        try:
+            # Not a key (keys never start with a dot); O_EXCL | O_NOFOLLOW: never a file someone put there.
+            tmp = f".{name}.{os.urandom(8).hex()}.part"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=folder)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=folder)
+                raise
+        finally:
+            os.close(folder)
 
     def get(self, key, max_bytes=None):
         try:
+            folder, name = self._folder(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError as exc:
+            raise StoreAccessDenied(f"cannot read {self.where(key)}: {exc.strerror}") from None
+        try:
             # Non-blocking open: another party sharing the directory may have put a FIFO (or a device) at one
             # of its keys, whose plain open would wait for a writer forever; such a file is refused below.
-            fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=folder)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         except PermissionError as exc:
             raise StoreAccessDenied(f"cannot read {self.where(key)}: {exc.strerror}") from None
+        except OSError:
+            if _is_link(name, folder):
+                raise self._link(key, key) from None
+            raise
+        finally:
+            os.close(folder)
         with os.fdopen(fd, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
             if stat.S_ISDIR(mode):
@@ -217,10 +293,29 @@ class LocalDirStore(ObjectStore):
             return data
 
     def exists(self, key):
-        return self._path(key).is_file()
+        """Whether a regular file is at `key` (a link, a FIFO: no)."""
+        try:
+            folder, name = self._folder(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        finally:
+            os.close(folder)
 
     def delete(self, key):
-        self._path(key).unlink(missing_ok=True)
+        try:
+            folder, name = self._folder(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            os.unlink(name, dir_fd=folder)  # a link at the key is removed itself, never its target
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(folder)
 
 
 _MEMORY: dict[str, dict[str, bytes]] = {}
