@@ -307,7 +307,6 @@ def register(subparsers) -> None:
         help="upload only site NAME's share of the partition (its images, catalog and summary), with that "
         "site's own credentials: a hospital onboarding itself; nothing else in the bucket is touched",
     )
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
     # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
     add_config_arguments(d, PUBLISH)
     w = _command(sub, "withdraw", cmd_data_withdraw, mlflow=False)

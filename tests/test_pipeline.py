@@ -629,6 +629,18 @@ def test_verbosity_flags_are_accepted_after_the_command():
     assert build_parser().parse_args(["demo", "-q"]).quiet is True
 
 
+def test_quiet_silences_data_publish_before_or_after_the_command():
+    """`fedmedclip -q data publish` showed the progress bar and `data publish -q` was refused: the command had
+    its own --quiet, whose default overwrote the top-level -q."""
+    from fedmedclip.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["-q", "data", "publish"]).quiet is True
+    assert parse(["data", "publish", "-q"]).quiet is True
+    assert parse(["data", "publish", "--quiet"]).quiet is True
+    assert parse(["data", "publish"]).quiet is False
+
+
 def test_round_progress_comes_from_the_servers_status_in_the_mailbox(tmp_path, mlops_stack):
     """`pipeline run --local` and `demo` show the rounds as the server closes them, read from the server's
     status in the mailbox (a local folder, or S3 with the local stack's key) of the run they started."""
