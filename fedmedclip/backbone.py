@@ -337,7 +337,8 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
 
     # Offline always: a missing file must fail here, not silently try a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer
+    from transformers.image_processing_base import ImageProcessingMixin
 
     path = Path(spec)
     looks_like_path = (
@@ -359,8 +360,10 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
         ) from exc
     mean, std = CLIP_MEAN, CLIP_STD
     try:
-        processor = CLIPImageProcessor.from_pretrained(spec, local_files_only=True)
-        mean, std = processor.image_mean, processor.image_std
+        # The image processor's settings, not a processor: only its mean and std are used, and making a
+        # CLIPImageProcessor without torchvision (not a dependency) warns users to install it.
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(spec, local_files_only=True)
+        mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
     except (OSError, ValueError):
         pass  # No preprocessor_config.json: OpenAI CLIP's defaults are the right ones.
     return Backbone(model, tokenizer, str(path.resolve()) if path.is_dir() else spec, mean, std)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from importlib.metadata import version
 
 import numpy as np
@@ -105,15 +106,20 @@ def test_load_from_a_local_directory(tiny, tmp_path):
 
 
 def test_local_directory_image_processor_settings_are_used(tmp_path):
-    from transformers import CLIPImageProcessor
+    """Only the processor's settings are read: `transformers.CLIPImageProcessor` needs torchvision (no
+    dependency of ours), and resolving it without torchvision printed "Install torchvision" to every user."""
+    from transformers import CLIPImageProcessorPil
 
     model, tok = random_clip("tiny")
     d = tmp_path / "clip"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(d)
+    CLIPImageProcessorPil(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(d)
     bb = load_backbone(str(d))
     assert bb.image_mean == (0.5, 0.5, 0.5) and bb.image_std == (0.25, 0.25, 0.25)
+    # Resolving it (the fallback that warns) leaves it in the module; `transformers` is looked up now, since
+    # loading a model can put another module object in its place.
+    assert "CLIPImageProcessor" not in vars(sys.modules["transformers"])
     prep = make_preprocessing("clip", bb)
     assert prep.mean == (0.5, 0.5, 0.5) and prep.center_crop and prep.resample == "bicubic"
 
