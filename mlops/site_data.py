@@ -17,11 +17,11 @@ from fedmedclip.digests import sha256_bytes
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.mailbox import read_message
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary
-from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied
+from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied, StoreError
 from fedmedclip.paths import DEFAULT_CACHE_DIR, check_relative_id, confined_path, is_within
 
 from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
-from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
+from .s3 import ObjectMissing, S3Store, s3_client, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
 from .tree import download, file_digest, upload
 
@@ -354,6 +354,36 @@ def withdraw_site(location: str, index: int) -> tuple[int | None, int]:
     return len(ids), sum(root.delete_every_version(key) for key in keys)
 
 
+def _not_published_for(cfg, cat: dict) -> ConfigError:
+    return ConfigError(
+        f"{cfg.data} was published for the partition {cat['partition_settings']}, but this run asks for "
+        f"{partition_settings(cfg)}: run with the published settings, or publish again to another bucket"
+    )
+
+
+def check_published_partition(cfg, role_env: dict[str, str] | None = None) -> None:
+    """Before a pipeline starts on s3:// data: refuse a run whose partition settings are not those the data was
+    published for, which its prepare task would refuse only after its retries (minutes). Reads
+    server/published.json with `role_env`'s credentials (a role's client environment), else the environment's;
+    a catalog that cannot be read leaves the check to the prepare task."""
+    env = role_env or {}
+    client = s3_client(
+        env.get("AWS_ENDPOINT_URL_S3"),
+        env.get("AWS_ACCESS_KEY_ID"),
+        env.get("AWS_SECRET_ACCESS_KEY"),
+        env.get("AWS_DEFAULT_REGION"),
+    )
+    try:
+        cat = _get_message(
+            _root(f"s3://{parse_bucket(cfg.data)}", client), SERVER_PREFIX + PUBLISHED, PublishedCatalog
+        )
+    except (StoreError, DataError) as exc:
+        log.debug("partition not checked before the run: %s", exc)
+        return
+    if cat["partition_settings"] != partition_settings(cfg):
+        raise _not_published_for(cfg, cat)
+
+
 class S3Source:
     """`s3://BUCKET` as an image source of the core (entry-point group `fedmedclip.sources`)."""
 
@@ -374,10 +404,7 @@ class S3Source:
         """Refuse a partition the data was not published for (its images would be missing from the prefixes)."""
         cat = self.catalogs.get(cfg.data)
         if cat is not None and partition.digest != cat["partition_digest"]:
-            raise ConfigError(
-                f"{cfg.data} was published for the partition {cat['partition_settings']}, but this run asks for "
-                f"{partition_settings(cfg)}: run with the published settings, or publish again to another bucket"
-            )
+            raise _not_published_for(cfg, cat)
 
     @_data_errors
     def stage(self, cfg, partition, holder: str) -> ImageSet:

@@ -79,6 +79,12 @@ def cmd_run(args) -> int:
 
         recorded = recorded_stack_dir()
         stack = recorded if read_state(recorded) is not None else ""
+    if cfg.data.startswith("s3://"):  # as the prepare task reads it: with the server's key
+        from devstack.stack import read_state
+        from mlops.site_data import check_published_partition
+
+        info = read_state(stack) if stack else None
+        check_published_partition(cfg, info.role_env("server") if info is not None else None)
     _run_local(args, cfg, str(Path(stack).resolve()) if stack else "", "fedmedclip-kfp-")
     return 0
 

@@ -16,6 +16,8 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("kfp")
 
+from conftest import error_lines  # noqa: E402
+
 from components.prepare.component import prepare_step  # noqa: E402
 from components.worker.component import extract_step  # noqa: E402
 from devstack.stack import add_data_root  # noqa: E402
@@ -85,7 +87,7 @@ def _keys(client, bucket: str) -> list[str]:
 
 
 def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_features(
-    mlops_stack, tmp_path, monkeypatch, as_stack_role
+    mlops_stack, tmp_path, monkeypatch, as_stack_role, capsys
 ):
     from fedmedclip.features import FeatureStore
     from fedmedclip.preparation import (
@@ -175,6 +177,18 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     as_stack_role("server")
     with pytest.raises(ConfigError, match="was published for the partition"):
         prepare_step(_params(f"s3://{bucket}", seed=1, cache=cache), "", "")
+    # ... and by `pipeline run` before anything is compiled or started (the prepare task would refuse it only
+    # after its retries, minutes later), reading the catalog with the local stack's server key.
+    from fedmedclip.cli import main
+
+    as_stack_role("publisher")  # not the key the check reads with: the stack's server key is
+    root = tmp_path / "pipeline-root"
+    argv = ["pipeline", "run", "--local", "--data", f"s3://{bucket}", "--sites", "3", "--rounds", "2"]
+    status = main([*argv, "--local-stack", str(mlops_stack.data_dir), "--pipeline-root", str(root)])
+    (line,) = error_lines(capsys.readouterr().err)
+    assert status == 2 and line.startswith(f"error: s3://{bucket} was published for the partition")
+    assert "'sites': 2" in line and "'sites': 3" in line and line.endswith("publish again to another bucket")
+    assert not root.exists()
 
 
 def test_publishing_a_folder_applies_the_duplicate_rule_and_records_it(
