@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from botocore.exceptions import ClientError
-from conftest import free_port, free_ports
-from onnx_fixtures import make_tiny_onnx
-from run_fixtures import make_run_dir
+from conftest import error_lines, free_port, free_ports
+from onnx_fixtures import make_tiny_onnx, restamp_onnx
+from run_fixtures import make_run_dir, run_model_digest
 
 from devstack import cli as stack_cli
 from devstack.stack import (
@@ -27,6 +27,7 @@ from devstack.stack import (
     stack_status,
     start_stack,
 )
+from fedmedclip.digests import META_MODEL_DIGEST
 from fedmedclip.errors import FedMedClipError
 from mlops import cli as ccli
 from mlops.registry import DifferentDataRefused, Promotion, PromotionRefused, promote, register_model
@@ -458,6 +459,7 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
         "onnx_sha256",
     ):
         assert mv1.tags.get(tag), tag
+    assert mv1.tags["model_digest"] == run_model_digest()  # the run's model, which the file holds
     assert mv1.tags["partition_digest"] == client.get_run(run_id_a).data.tags["partition_digest"]
     assert mv1.run_id == run_id_a
 
@@ -578,8 +580,10 @@ def test_promote_refuses_versions_trained_on_different_data(mlops_stack, tmp_pat
     assert not isinstance(worse.value, DifferentDataRefused)
 
 
-def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx):
+def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx, capsys):
     import mlflow
+
+    from fedmedclip.cli import main
 
     uri = mlops_stack.tracking_uri
     run_id = log_run_dir(make_run_dir(tmp_path / "run"), "test-plain", tracking_uri=uri)
@@ -597,6 +601,19 @@ def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx
     other = make_tiny_onnx(tmp_path / "other.onnx", backbone_sha256="f" * 64)
     with pytest.raises(TrackingError, match="backbone"):
         register_model(run_id, "fedmedclip-plain", onnx_path=other, tracking_uri=uri)
+    # ... nor is an export of another run on the same backbone (what the seed-1 run's export records; every
+    # `train` run's metadata says run id "inprocess"): one line naming both models' digests and what to do
+    another = restamp_onnx(tiny_onnx, tmp_path / "another.onnx", {META_MODEL_DIGEST: run_model_digest(1)})
+    argv = ["register", run_id, "--name", "fedmedclip-plain", "--onnx", str(another), "--tracking-uri", uri]
+    capsys.readouterr()
+    assert main(argv) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "holds another run's model" in err and run_id in err and "fedmedclip export" in err
+    assert run_model_digest(1)[:12] in err and run_model_digest(0)[:12] in err
+    # ... and a file exported before exports recorded their run's model is refused, asking for a new export
+    old = restamp_onnx(tiny_onnx, tmp_path / "old.onnx", {META_MODEL_DIGEST: None})
+    with pytest.raises(TrackingError, match=r"does not record which run's model .* export it again"):
+        register_model(run_id, "fedmedclip-plain", onnx_path=old, tracking_uri=uri)
     with pytest.raises(TrackingError, match="has no version 99"):
         promote("fedmedclip-plain", 99, tracking_uri=uri)
 
