@@ -42,6 +42,10 @@ class PrivacyRefused(PromotionRefused):
     """The candidate's record-level epsilon is above `max_epsilon`, or it was trained without DP."""
 
 
+class NoOnnxRefused(PromotionRefused):
+    """The candidate holds no ONNX model (registered from a run's model/ folder): the alias would not serve."""
+
+
 LEGACY_PROMOTION_METRICS = ("final_global_bacc",)  # its name before metrics were grouped (older versions)
 ONNX_MODEL_NAME = "onnx_model"  # name of the logged ONNX model inside the run
 ONNX_FILE = "model.onnx"  # file name MLflow's onnx flavour stores the graph under
@@ -119,8 +123,9 @@ def register_model(
     """Register a version of `name` from a logged run: with `onnx_path`, the file logged into the run as an
     MLflow ONNX model (`onnx_sha256`: the sha256 of the `model.onnx` the registry stores), refused unless it
     holds this run's model (its `fedmedclip.model_digest` is the run's, `model_digest`); without it, the run's
-    `model/` artifacts as they are (not loadable as a pyfunc). The version carries the run's lineage tags, its
-    privacy facts (`dp.*`) and a model card (mlops/model_card.py); a run whose card cannot be built is refused.
+    `model/` artifacts as they are (not loadable as a pyfunc, not servable: `promote` refuses the version). The
+    version carries the run's lineage tags, its privacy facts (`dp.*`) and a model card (mlops/model_card.py); a
+    run whose card cannot be built is refused.
 
     Idempotent, keyed on the run and the file: a version already registered from this run with the same file
     (or, without one, the run's model folder) is returned as it is (`existing=True`), and an ONNX model already
@@ -353,6 +358,21 @@ def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float
         )
 
 
+def check_servable(name: str, version: str, tags: dict, alias: str) -> None:
+    """NoOnnxRefused unless the version holds an ONNX model: the `onnx_sha256` tag registration sets for one,
+    without which `serve models:/NAME@ALIAS` refuses to load it."""
+    if tags.get(ONNX_SHA256_TAG):
+        return
+    source = tags.get(REGISTRATION_KEY_TAG)
+    why = "registered from its run's model/ folder" if source == "model/" else f"no {ONNX_SHA256_TAG} tag"
+    raise NoOnnxRefused(
+        f"refusing to promote {name} version {version} to @{alias}: it holds no ONNX model ({why}), so "
+        f"`serve models:/{name}@{alias}` could not load it; export the run (`fedmedclip export RUN_DIR --out "
+        f"model.onnx`), register it with `fedmedclip register RUN_ID --name {name} --onnx model.onnx` (in the "
+        "pipeline: a non-empty export_site) and promote that version"
+    )
+
+
 def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple[str, str]]:
     """The data digests (DATA_DIGEST_TAGS) on which two versions differ, as tag -> (candidate, holder).
     A digest missing on either side counts as different: nothing says the data are the same."""
@@ -372,7 +392,8 @@ def promote(
     a data digest unless `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is
     below the holder's unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0: no
     budget), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused
-    (PrivacyRefused); no override."""
+    (PrivacyRefused); no override. A version without an ONNX model (registered without --onnx) is refused
+    (NoOnnxRefused): the alias is what `serve models:/NAME@ALIAS` loads."""
     policy = policy or PromotionPolicy()
     alias, max_epsilon = policy.promote_alias, policy.max_epsilon
     client, _ = _client(tracking_uri)
@@ -382,6 +403,7 @@ def promote(
         raise TrackingError(f"registered model {name!r} has no version {version}")
     if max_epsilon:
         check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
+    check_servable(name, version, mv.tags or {}, alias)
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
