@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,73 @@ def read_sha256_sidecar(path: str | Path) -> str | None:
 ONNX_SHA256_TAG = "onnx_sha256"
 
 
+# ---- the digest of a run's model -------------------------------------------------------------------------
+# Which run an exported file came from: `fedmedclip.run_id` cannot say (every `train` run is "inprocess"), so
+# an export records the digest of the run's selected model, which registration recomputes from the run's logged
+# files. Over the files every export path reads and the registry holds: the selected round's global module as
+# the sites received it and the class-prompt embeddings (a site's own part never leaves the site). Over the
+# tensors (name, dtype, shape, bytes), not the files' bytes: a run directory and a site's export from its
+# private state write the same tensors through different code.
+MODEL_DIGEST_FILES = ("global.safetensors", "text_features.safetensors")
+_MODEL_DIGEST_DOMAIN = b"fedmedclip-model-digest-1\0"
+
+
+def _safetensors_entries(data: bytes, source: str) -> list[tuple[str, str, list, bytes]]:
+    """(name, dtype, shape, bytes) of every tensor of a safetensors file's content, by name. ValueError names
+    `source` when the content is not a safetensors file."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        if size > len(data) - 8:
+            raise ValueError(f"a header of {size} bytes in a file of {len(data)}")
+        header = json.loads(data[8 : 8 + size])
+        entries = []
+        for name in sorted(k for k in header if k != "__metadata__"):
+            info = header[name]
+            begin, end = (int(x) for x in info["data_offsets"])
+            if not 0 <= begin <= end <= len(data) - 8 - size:
+                raise ValueError(f"tensor {name!r} lies outside the file")
+            entries.append(
+                (
+                    name,
+                    str(info["dtype"]),
+                    [int(d) for d in info["shape"]],
+                    data[8 + size + begin : 8 + size + end],
+                )
+            )
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{source} is not a readable safetensors file ({exc})") from None
+    return entries
+
+
+def model_digest(files: Mapping[str, bytes]) -> str:
+    """sha256 (hex) of a run's model: the tensors of each MODEL_DIGEST_FILES file, given by name with its
+    content. ValueError names a file that is missing or unreadable."""
+    digest = hashlib.sha256(_MODEL_DIGEST_DOMAIN)
+    for file_name in MODEL_DIGEST_FILES:
+        if file_name not in files:
+            raise ValueError(f"{file_name} is missing")
+        entries = _safetensors_entries(files[file_name], file_name)
+        digest.update(canonical_json([file_name, [[n, t, s, len(b)] for n, t, s, b in entries]]))
+        for *_, raw in entries:
+            digest.update(raw)
+    return digest.hexdigest()
+
+
+def model_dir_digest(model_dir: str | Path) -> str:
+    """model_digest of a run's `model/` folder. ValueError names a file that is missing or unreadable."""
+    files = {}
+    for file_name in MODEL_DIGEST_FILES:
+        path = Path(model_dir) / file_name
+        try:
+            files[file_name] = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return model_digest(files)
+    except ValueError as exc:
+        raise ValueError(f"{model_dir}: {exc}") from None
+
+
 # ---- metadata of an exported ONNX model ------------------------------------------------------------------
 
 FORMAT_VERSION = "1"  # of the exported model's interface and metadata; the server reads exactly this one
@@ -114,7 +183,8 @@ META_BACKBONE = "fedmedclip.backbone"
 META_BACKBONE_SHA256 = "fedmedclip.backbone_sha256"
 META_METHOD = "fedmedclip.method"
 META_SITE = "fedmedclip.site"
-META_RUN_ID = "fedmedclip.run_id"
+META_RUN_ID = "fedmedclip.run_id"  # "inprocess" for every `train` run: not the run's identity
+META_MODEL_DIGEST = "fedmedclip.model_digest"  # model_digest of the run's model/: which run the file holds
 META_PRECISION = "fedmedclip.precision"  # fp32 | fp16
 META_FORMAT_VERSION = "fedmedclip.format_version"
 META_EXPORTER = "fedmedclip.exporter"  # informational: which torch.onnx exporter wrote the graph
@@ -132,6 +202,7 @@ METADATA_KEYS = (
     META_METHOD,
     META_SITE,
     META_RUN_ID,
+    META_MODEL_DIGEST,
     META_PRECISION,
     META_FORMAT_VERSION,
 )
@@ -149,6 +220,7 @@ def onnx_metadata(
     method: str,
     site: str,
     run_id: str = "",
+    model_digest: str = "",
     precision: str = "fp32",
 ) -> dict[str, str]:
     """The contract's metadata_props (all strings), every key of METADATA_KEYS."""
@@ -161,6 +233,7 @@ def onnx_metadata(
         META_METHOD: str(method),
         META_SITE: str(site),
         META_RUN_ID: str(run_id),
+        META_MODEL_DIGEST: str(model_digest),
         META_PRECISION: str(precision),
         META_FORMAT_VERSION: FORMAT_VERSION,
     }

@@ -15,6 +15,9 @@ Nothing non-finite is exported: the run's model files and every parameter and bu
 checked first, and a NaN or inf is refused naming the file or tensor. The written file's sha256 goes to a
 sidecar next to it (`model.onnx.sha256`, `sha256sum` format), which `fedmedclip serve` verifies.
 
+The metadata records which run's model the file holds (`fedmedclip.model_digest`, digests.model_digest of the
+run's `model/`), whichever path exported it: registration recomputes it from the run's logged files.
+
 With an OOD score (fedmedclip.ood, the default of `fedmedclip export`) the graph has two more outputs,
 `ood_score` float32 [N] and `drift_embedding` float32 [N, K], computed from the same frozen features, and the
 calibration in the metadata. It is fitted on what the exporting party holds: for the global model the
@@ -37,6 +40,7 @@ from .digests import (
     META_EXPORTER,
     META_PRIVACY,
     OOD_OUTPUTS,
+    model_dir_digest,
     onnx_metadata,
     ood_metadata,
     sha256_file,
@@ -74,7 +78,7 @@ class ScoredClassifier(torch.nn.Module):
         return probabilities, torch.argmax(probabilities, dim=1), score, embedding
 
 
-def contract_metadata(meta: dict, precision: str, run_id: str = "") -> dict[str, str]:
+def contract_metadata(meta: dict, precision: str, run_id: str = "", model_digest: str = "") -> dict[str, str]:
     """The `fedmedclip.*` metadata_props of docs/contracts.md, all strings, from model.json-style metadata."""
     return onnx_metadata(
         class_names=meta["class_names"],
@@ -85,6 +89,7 @@ def contract_metadata(meta: dict, precision: str, run_id: str = "") -> dict[str,
         method=meta["method"],
         site=meta["site"],
         run_id=run_id,
+        model_digest=model_digest,
         precision=precision,
     )
 
@@ -219,10 +224,12 @@ def export_classifier(
     run_id: str = "",
     exporter: str = "auto",
     ood: OodFit | None = None,
+    model_digest: str = "",
 ) -> Path:
     """Write `clf` (modified in place for fp16) as ONNX with the contract's names and metadata.
     `meta` needs class_names, preprocessing, backbone, method and site. `exporter`: auto (dynamo,
-    then TorchScript on failure), dynamo or torchscript. `ood`: the fitted OOD score, exported with it."""
+    then TorchScript on failure), dynamo or torchscript. `ood`: the fitted OOD score, exported with it.
+    `model_digest`: the run's (`run_model_digest`), which registration checks the file against."""
     import onnx
 
     if precision not in PRECISIONS:
@@ -257,7 +264,7 @@ def export_classifier(
 
     try:
         model = onnx.load(str(tmp))
-        metadata = {**contract_metadata(meta, precision, run_id), META_EXPORTER: used}
+        metadata = {**contract_metadata(meta, precision, run_id, model_digest), META_EXPORTER: used}
         if ood is not None:
             metadata.update(
                 ood_metadata(
@@ -351,6 +358,7 @@ def export_onnx(
         raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
     check_model_files_finite(run_dir, site)
     clf, meta = load_classifier(run_dir, site, backbone=backbone)
+    digest = run_model_digest(run_dir)
     fitted = None
     if ood != "off":
         try:
@@ -365,7 +373,16 @@ def export_onnx(
     meta["privacy"] = _privacy(results)
     # The run's own id unless the caller names another: what the served model's metadata says it came from.
     run_id = run_id or str((results or {}).get("run_id") or "")
-    return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
+    return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted, digest)
+
+
+def run_model_digest(run_dir: str | Path) -> str:
+    """The digest of the run's selected model (digests.model_digest of RUN/model/): what an export records as
+    `fedmedclip.model_digest` and registration recomputes from the run's logged files."""
+    try:
+        return model_dir_digest(Path(run_dir) / "model")
+    except ValueError as exc:
+        raise FedMedClipError(f"cannot export {run_dir}: {exc}") from None
 
 
 def fit_run_ood(run_dir: str | Path, site: str, clf: ImageClassifier, false_alarm_rate: float) -> OodFit:
@@ -505,6 +522,9 @@ def export_site_state(
         write_model_dir(Path(tmp) / "model", received, shared["text_features"], meta, {site: load(own)})
         check_model_files_finite(tmp, site)
         clf, meta = load_classifier(tmp, site, backbone=cfg.backbone)
+        # The same tensors as the server's run directory holds (the selected round's module as received, the
+        # run's prompt embeddings): the digest the run's registration recomputes.
+        digest = run_model_digest(tmp)
         fitted = None
         if ood != "off":
             d = setup.data
@@ -518,7 +538,7 @@ def export_site_state(
                         f"cannot fit the OOD score of {site!r}: {exc} (export with --no-ood to skip it)"
                     ) from None
                 log.warning("exporting %s without an OOD score: %s", site, exc)
-        return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted)
+        return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted, digest)
 
 
 def recorded_results(run_dir: str | Path) -> dict | None:

@@ -279,7 +279,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument(
-        "--onnx", help="exported ONNX file (`fedmedclip export`); without it the run's model/ folder"
+        "--onnx",
+        help="this run's exported ONNX file (`fedmedclip export`; a file of another run is refused); without "
+        "it the run's model/ folder",
     )
 
     p = _command(subparsers, "promote", cmd_promote)

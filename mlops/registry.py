@@ -13,7 +13,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmedclip.digests import META_BACKBONE_SHA256, ONNX_SHA256_TAG, sha256_file
+from fedmedclip.digests import (
+    META_BACKBONE_SHA256,
+    META_MODEL_DIGEST,
+    META_RUN_ID,
+    MODEL_DIGEST_FILES,
+    ONNX_SHA256_TAG,
+    model_dir_digest,
+    sha256_file,
+)
 from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
@@ -34,6 +42,10 @@ class PrivacyRefused(PromotionRefused):
     """The candidate's record-level epsilon is above `max_epsilon`, or it was trained without DP."""
 
 
+class NoOnnxRefused(PromotionRefused):
+    """The candidate holds no ONNX model (registered from a run's model/ folder): the alias would not serve."""
+
+
 LEGACY_PROMOTION_METRICS = ("final_global_bacc",)  # its name before metrics were grouped (older versions)
 ONNX_MODEL_NAME = "onnx_model"  # name of the logged ONNX model inside the run
 ONNX_FILE = "model.onnx"  # file name MLflow's onnx flavour stores the graph under
@@ -50,6 +62,8 @@ LINEAGE_TAGS = (
     "git_commit",
 )
 REGISTRATION_KEY_TAG = "fedmedclip.registered_from"  # on a version: the sha256 of its ONNX file, or "model/"
+# On a version from an ONNX file: the run's model digest (digests.model_digest), which the file records.
+MODEL_DIGEST_TAG = "model_digest"
 LOGGED_ONNX_TAG_PREFIX = "fedmedclip.onnx_model."  # on a run: the URI of the ONNX model logged for a file
 
 
@@ -107,9 +121,11 @@ def register_model(
     run_id: str, name: str, onnx_path: str | Path | None = None, tracking_uri: str | None = None
 ) -> RegisteredVersion:
     """Register a version of `name` from a logged run: with `onnx_path`, the file logged into the run as an
-    MLflow ONNX model (`onnx_sha256`: the sha256 of the `model.onnx` the registry stores); without it, the run's
-    `model/` artifacts as they are (not loadable as a pyfunc). The version carries the run's lineage tags, its
-    privacy facts (`dp.*`) and a model card (mlops/model_card.py); a run whose card cannot be built is refused.
+    MLflow ONNX model (`onnx_sha256`: the sha256 of the `model.onnx` the registry stores), refused unless it
+    holds this run's model (its `fedmedclip.model_digest` is the run's, `model_digest`); without it, the run's
+    `model/` artifacts as they are (not loadable as a pyfunc, not servable: `promote` refuses the version). The
+    version carries the run's lineage tags, its privacy facts (`dp.*`) and a model card (mlops/model_card.py); a
+    run whose card cannot be built is refused.
 
     Idempotent, keyed on the run and the file: a version already registered from this run with the same file
     (or, without one, the run's model folder) is returned as it is (`existing=True`), and an ONNX model already
@@ -157,7 +173,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     is_new = if_found(client.get_registered_model, name) is None
     contract = None
     if onnx_path is not None:
-        source, contract = _log_onnx(client, mlrun, Path(onnx_path), tags)
+        source, contract = _log_onnx(client, mlrun, Path(onnx_path), tags, run_dir)
     else:
         # MLflow 3's register_model wants a logged model under runs:/ URIs; a plain folder is registered
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
@@ -184,9 +200,48 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     return RegisteredVersion(name, str(mv.version), run_id, source, tags)
 
 
-def _log_onnx(client, mlrun, onnx_path: Path, tags: dict):
-    """Check the file, record its hashes in `tags` and log it into the run as an MLflow ONNX model, once per
-    file (a retry reuses what an earlier attempt logged). Returns the model's URI and its contract."""
+def _run_model_digest(client, mlrun, dest: Path) -> str:
+    """The model digest of a logged run (digests.model_digest), from its model files, downloaded to `dest`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(mlrun.info.artifact_uri, tracking_uri=client.tracking_uri)
+    for file_name in MODEL_DIGEST_FILES:
+        try:
+            repo.download_artifacts(f"model/{file_name}", str(dest))  # into dest/model/
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(
+                f"MLflow run {mlrun.info.run_id} has no model/{file_name} to check the ONNX file against: "
+                f"{getattr(exc, 'message', exc)}"
+            ) from None
+    try:
+        return model_dir_digest(dest / "model")
+    except ValueError as exc:
+        raise TrackingError(f"MLflow run {mlrun.info.run_id}'s model files: {exc}") from None
+
+
+def _check_lineage(onnx_path: Path, contract, run_id: str, run_digest: str) -> None:
+    """Refuse a file that does not hold this run's model: its recorded model digest must be the run's."""
+    recorded = contract.metadata.get(META_MODEL_DIGEST, "")
+    if not recorded:
+        raise TrackingError(
+            f"{onnx_path} does not record which run's model it holds (no {META_MODEL_DIGEST}: exported "
+            f"before exports recorded it); export it again from run {run_id}'s directory (`fedmedclip export "
+            "RUN_DIR`) and register that file"
+        )
+    if recorded != run_digest:
+        raise TrackingError(
+            f"{onnx_path} holds another run's model: its {META_MODEL_DIGEST} {recorded[:12]} (exported with "
+            f"run id {contract.metadata.get(META_RUN_ID, '')!r}) is not MLflow run {run_id}'s "
+            f"{run_digest[:12]}; register it with the run it was exported from, or export this run's model "
+            "(`fedmedclip export RUN_DIR`) and register that"
+        )
+
+
+def _log_onnx(client, mlrun, onnx_path: Path, tags: dict, run_dir: Path):
+    """Check the file (the contract, the run's backbone, the run's model: `run_dir` receives the run's model
+    files), record its hashes in `tags` and log it into the run as an MLflow ONNX model, once per file (a
+    retry reuses what an earlier attempt logged). Returns the model's URI and its contract."""
     import mlflow
     import numpy as np
     import onnx
@@ -210,6 +265,9 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict):
             f"{onnx_path} was exported from backbone {backbone[:12]} but run {run_id} trained on "
             f"{tags['backbone_sha256'][:12]}: not the model of this run"
         )
+    run_digest = _run_model_digest(client, mlrun, run_dir)
+    _check_lineage(onnx_path, contract, run_id, run_digest)
+    tags[MODEL_DIGEST_TAG] = run_digest
     if model.ByteSize() > _MAX_INLINE_ONNX:
         raise TrackingError(
             f"{onnx_path} holds {model.ByteSize() / 2**30:.1f} GiB of graph and weights; registration stores "
@@ -300,6 +358,21 @@ def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float
         )
 
 
+def check_servable(name: str, version: str, tags: dict, alias: str) -> None:
+    """NoOnnxRefused unless the version holds an ONNX model: the `onnx_sha256` tag registration sets for one,
+    without which `serve models:/NAME@ALIAS` refuses to load it."""
+    if tags.get(ONNX_SHA256_TAG):
+        return
+    source = tags.get(REGISTRATION_KEY_TAG)
+    why = "registered from its run's model/ folder" if source == "model/" else f"no {ONNX_SHA256_TAG} tag"
+    raise NoOnnxRefused(
+        f"refusing to promote {name} version {version} to @{alias}: it holds no ONNX model ({why}), so "
+        f"`serve models:/{name}@{alias}` could not load it; export the run (`fedmedclip export RUN_DIR --out "
+        f"model.onnx`), register it with `fedmedclip register RUN_ID --name {name} --onnx model.onnx` (in the "
+        "pipeline: a non-empty export_site) and promote that version"
+    )
+
+
 def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple[str, str]]:
     """The data digests (DATA_DIGEST_TAGS) on which two versions differ, as tag -> (candidate, holder).
     A digest missing on either side counts as different: nothing says the data are the same."""
@@ -319,7 +392,8 @@ def promote(
     a data digest unless `allow_different_data`, and (PromotionRefused) when the candidate's PROMOTION_METRIC is
     below the holder's unless `allow_worse`; overrides are logged and recorded as tags. With `max_epsilon` (0: no
     budget), a version without record-level DP or with a larger epsilon (its `dp.epsilon` tag) is refused
-    (PrivacyRefused); no override."""
+    (PrivacyRefused); no override. A version without an ONNX model (registered without --onnx) is refused
+    (NoOnnxRefused): the alias is what `serve models:/NAME@ALIAS` loads."""
     policy = policy or PromotionPolicy()
     alias, max_epsilon = policy.promote_alias, policy.max_epsilon
     client, _ = _client(tracking_uri)
@@ -329,6 +403,7 @@ def promote(
         raise TrackingError(f"registered model {name!r} has no version {version}")
     if max_epsilon:
         check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
+    check_servable(name, version, mv.tags or {}, alias)
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(

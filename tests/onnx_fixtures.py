@@ -6,7 +6,8 @@ Contract: input `images` uint8 [N, S, S, 3] (NHWC, dynamic N), normalisation ins
 The "model" is deterministic: per-channel means of the normalised image, a fixed linear map, softmax.
 Its predictions are easy to steer: a pure red / green / blue image is class 0 / 1 / 2, a black one is
 class 3 (with the default four classes). Like `fedmedclip export`, it writes the sha256 sidecar next to the
-file.
+file. By default it claims to hold the model of run_fixtures.make_run_dir's default run (its backbone and its
+model digest), so that it registers against that run; `restamp_onnx` makes another run's file of it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import warnings
 from pathlib import Path
 
 from fedmedclip.digests import onnx_metadata, write_sha256_sidecar
+
+DEFAULT = object()  # make_tiny_onnx's model_digest: make_run_dir's default run's
 
 DEFAULT_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
@@ -30,10 +33,12 @@ def make_tiny_onnx(
     backbone_sha256: str = "0" * 64,
     seed: int = 0,
     extra_metadata: dict[str, str] | None = None,
+    model_digest: str = DEFAULT,
 ) -> Path:
     """Write the model to `path` and return it. About 1-2 s (torch.onnx.export)."""
     import onnx
     import torch
+    from run_fixtures import run_model_digest
 
     from fedmedclip.preprocess import CLIP_MEAN, CLIP_STD, Preprocessing
 
@@ -87,6 +92,7 @@ def make_tiny_onnx(
             method=method,
             site=site,
             run_id=run_id,
+            model_digest=run_model_digest() if model_digest is DEFAULT else model_digest,
         ),
         **(extra_metadata or {}),
     }
@@ -97,3 +103,20 @@ def make_tiny_onnx(
     onnx.save_model(model, str(path))
     write_sha256_sidecar(path)
     return path
+
+
+def restamp_onnx(src: str | Path, path: str | Path, metadata: dict[str, str | None]) -> Path:
+    """A copy of `src` at `path` with these metadata_props set (None: removed), and its sidecar: another
+    run's file, or a file from before a key existed, in milliseconds instead of an export."""
+    import onnx
+
+    model = onnx.load(str(src))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(metadata)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        if value is not None:
+            model.metadata_props.add(key=key, value=value)
+    onnx.save_model(model, str(path))
+    write_sha256_sidecar(path)
+    return Path(path)

@@ -8,10 +8,27 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmedclip.digests import canonical_digest
+from fedmedclip.digests import canonical_digest, model_digest
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 BACKBONE_SHA = "0" * 64  # matches onnx_fixtures.make_tiny_onnx's default backbone_sha256
+
+
+def model_files(seed: int = 0) -> dict[str, bytes]:
+    """The shared model files (model/global.safetensors, text_features.safetensors) of
+    `make_run_dir(seed=...)`: another seed, another run's model."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng([seed, 1])
+    return {
+        "text_features.safetensors": save({"text_features": rng.standard_normal((4, 16)).astype(np.float32)}),
+        "global.safetensors": save({"w": rng.standard_normal((16, 16)).astype(np.float32)}),
+    }
+
+
+def run_model_digest(seed: int = 0) -> str:
+    """The model digest (`fedmedclip.model_digest`) of `make_run_dir(seed=...)`'s model."""
+    return model_digest(model_files(seed))
 
 
 def make_run_dir(
@@ -137,13 +154,8 @@ def make_run_dir(
         ("model/model.json", model_json),
     ):
         (run / name).write_text(json.dumps(obj, indent=1))
-    save_file(
-        {"text_features": rng.standard_normal((4, 16)).astype(np.float32)},
-        str(run / "model" / "text_features.safetensors"),
-    )
-    save_file(
-        {"w": rng.standard_normal((16, 16)).astype(np.float32)}, str(run / "model" / "global.safetensors")
-    )
+    for file_name, content in model_files(seed).items():
+        (run / "model" / file_name).write_bytes(content)
     for s in sites:
         save_file(
             {"w": rng.standard_normal((16, 4)).astype(np.float32)},

@@ -203,7 +203,9 @@ def test_onnx_parity_brain_mri(exported, brain_mri):
 
 
 @pytest.mark.parametrize(("method", "site"), MODELS)
-def test_onnx_interface_and_metadata(exported, method, site):
+def test_onnx_interface_and_metadata(exported, runs, method, site):
+    from fedmedclip.digests import model_dir_digest
+
     path, clf, meta = exported[(method, site)]
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -219,6 +221,8 @@ def test_onnx_interface_and_metadata(exported, method, site):
         "fedmedclip.method": method,
         "fedmedclip.site": expected_site,
         "fedmedclip.run_id": f"run-{method}",
+        # which run's model: the run's model/ folder's digest (registration recomputes it from the logged run)
+        "fedmedclip.model_digest": model_dir_digest(runs[method][0] / "model"),
         "fedmedclip.precision": "fp32",
         "fedmedclip.format_version": "1",
     }

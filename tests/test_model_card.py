@@ -15,7 +15,7 @@ from run_fixtures import make_run_dir
 
 from fedmedclip import engine
 from fedmedclip.config import TrainConfig
-from fedmedclip.digests import META_PRIVACY
+from fedmedclip.digests import META_MODEL_DIGEST, META_PRIVACY, model_dir_digest
 from fedmedclip.export import export_onnx
 from fedmedclip.metrics import metrics_from_confusion
 from fedmedclip.model_card import SECTIONS, build_card, render_markdown
@@ -106,6 +106,8 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
     privacy = json.loads(meta[META_PRIVACY])  # what the served model's metadata reports
     # Exported without --run-id: the metadata names the run the model came from, as its results.json does.
     assert meta["fedmedclip.run_id"] == json.loads((dp_run / "results.json").read_text())["run_id"] != ""
+    # ... which is "inprocess" for every `train` run: the file names its run by its model's digest instead
+    assert meta[META_MODEL_DIGEST] == model_dir_digest(dp_run / "model")
     assert privacy["dp.mode"] == "record" and float(privacy["dp.epsilon"]) <= TARGET
 
     run_id = log_run_dir(dp_run, "test-card", tracking_uri=uri, kfp_run_id="kfp-run-42")
@@ -123,6 +125,7 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
     for key in ("dp.epsilon", "dp.delta", "dp.clip", "dp.noise_multiplier", "dp.secure_aggregation"):
         assert tags[key] == privacy[key], key
     assert tags["dp.delta"] == "1e-05" and tags["dp.secure_aggregation"] == "off"
+    assert tags["model_digest"] == meta[META_MODEL_DIGEST]  # recomputed from the run's logged model files
     assert tags["model_card"] == f"model_cards/{name}/v{mv.version}"
     stored = {a.path for a in client.list_artifacts(run_id, tags["model_card"])}
     assert {

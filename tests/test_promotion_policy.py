@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 
 import pytest
+from onnx_fixtures import make_tiny_onnx
 from run_fixtures import make_run_dir
 
 from fedmedclip.cli import build_parser
@@ -84,7 +85,8 @@ def test_a_budget_of_zero_is_no_budget(mlops_stack, tmp_path, capsys):
 
     uri, name = mlops_stack.tracking_uri, "fmc-budget"
     run_id = log_run_dir(make_run_dir(tmp_path / "plain"), "test-budget", tracking_uri=uri)
-    version = register_model(run_id, name, tracking_uri=uri).version
+    # with its ONNX file: a version without one is never promoted
+    version = register_model(run_id, name, make_tiny_onnx(tmp_path / "model.onnx"), tracking_uri=uri).version
     with pytest.raises(PrivacyRefused, match="without record-level differential privacy"):
         promote(name, version, PromotionPolicy(max_epsilon=8.0), uri)
     assert promote(name, version, PromotionPolicy(max_epsilon=0.0), uri).alias == "champion"

@@ -131,6 +131,14 @@ def test_a_site_exports_its_own_model_from_its_private_state(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     meta = ort.InferenceSession(str(site_onnx)).get_modelmeta().custom_metadata_map
     assert meta["fedmedclip.site"] == "site_0" and meta["fedmedclip.run_id"] == RUN
+    # The site's export names the run's model as the server's run directory holds it (what registration
+    # recomputes from the logged run), and so does the global export from that directory.
+    from fedmedclip.digests import model_dir_digest
+
+    digest = model_dir_digest(out / "model")
+    assert meta["fedmedclip.model_digest"] == digest
+    global_meta = ort.InferenceSession(str(exported[1])).get_modelmeta().custom_metadata_map
+    assert global_meta["fedmedclip.model_digest"] == digest
     assert json.loads(meta["fedmedclip.ood.calibration"])["holder"] == "site_0"
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from botocore.exceptions import ClientError
-from conftest import free_port, free_ports
-from onnx_fixtures import make_tiny_onnx
-from run_fixtures import make_run_dir
+from conftest import error_lines, free_port, free_ports
+from onnx_fixtures import make_tiny_onnx, restamp_onnx
+from run_fixtures import make_run_dir, run_model_digest
 
 from devstack import cli as stack_cli
 from devstack.stack import (
@@ -27,6 +27,7 @@ from devstack.stack import (
     stack_status,
     start_stack,
 )
+from fedmedclip.digests import META_MODEL_DIGEST
 from fedmedclip.errors import FedMedClipError
 from mlops import cli as ccli
 from mlops.registry import DifferentDataRefused, Promotion, PromotionRefused, promote, register_model
@@ -458,6 +459,7 @@ def test_register_promote_and_load_champion(mlops_stack, tmp_path, tiny_onnx, ca
         "onnx_sha256",
     ):
         assert mv1.tags.get(tag), tag
+    assert mv1.tags["model_digest"] == run_model_digest()  # the run's model, which the file holds
     assert mv1.tags["partition_digest"] == client.get_run(run_id_a).data.tags["partition_digest"]
     assert mv1.run_id == run_id_a
 
@@ -532,17 +534,18 @@ def test_a_promotion_over_a_holder_without_a_metric_describes_itself():
     assert f"previous: version 1, {PROMOTION_METRIC} (no metric)" in text and "--allow-worse" in text
 
 
-def test_promote_refuses_versions_trained_on_different_data(mlops_stack, tmp_path, capsys):
+def test_promote_refuses_versions_trained_on_different_data(mlops_stack, tmp_path, tiny_onnx, capsys):
     from mlflow import MlflowClient
 
     uri = mlops_stack.tracking_uri
     name = "fedmedclip-data-gate"
     client = MlflowClient(uri, registry_uri=uri)
 
-    def version(path, **kw) -> str:
-        return register_model(
-            log_run_dir(make_run_dir(path, **kw), "test-data-gate", tracking_uri=uri), name, tracking_uri=uri
-        ).version
+    def version(path, seed: int = 0, **kw) -> str:
+        run_id = log_run_dir(make_run_dir(path, seed=seed, **kw), "test-data-gate", tracking_uri=uri)
+        # the run's own export: the tiny file holds the seed-0 run's model; another seed's names its own
+        onnx = restamp_onnx(tiny_onnx, path / "model.onnx", {META_MODEL_DIGEST: run_model_digest(seed)})
+        return register_model(run_id, name, onnx, tracking_uri=uri).version
 
     v1 = version(tmp_path / "a", bacc=0.70)
     promote(name, v1, tracking_uri=uri)
@@ -578,16 +581,38 @@ def test_promote_refuses_versions_trained_on_different_data(mlops_stack, tmp_pat
     assert not isinstance(worse.value, DifferentDataRefused)
 
 
-def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx):
+def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx, capsys):
     import mlflow
+    from mlflow import MlflowClient
+
+    from components.register.component import REFUSED, register_step
+    from fedmedclip.cli import main
+    from mlops.promotion import PromotionPolicy
 
     uri = mlops_stack.tracking_uri
-    run_id = log_run_dir(make_run_dir(tmp_path / "run"), "test-plain", tracking_uri=uri)
+    run_dir = make_run_dir(tmp_path / "run")
+    run_id = log_run_dir(run_dir, "test-plain", tracking_uri=uri)
     mv = register_model(run_id, "fedmedclip-plain", tracking_uri=uri)
     assert mv.tags["partition_digest"] and "onnx_sha256" not in mv.tags
     mlflow.set_tracking_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/fedmedclip-plain/{mv.version}"))
     assert (local / "model.json").is_file() and (local / "global.safetensors").is_file()
+    # A model folder is no model `serve models:/NAME@ALIAS` can load: promote refuses it in one line that says
+    # how to register one, and the alias is not set.
+    capsys.readouterr()
+    assert main(["promote", "fedmedclip-plain", "--version", mv.version, "--tracking-uri", uri]) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert f"fedmedclip-plain version {mv.version} to @champion: it holds no ONNX model" in err
+    assert "fedmedclip register RUN_ID --name fedmedclip-plain --onnx" in err
+    assert not MlflowClient(uri, registry_uri=uri).get_registered_model("fedmedclip-plain").aliases
+    # The pipeline's register task without an export (export_site ''): the version stays registered, the
+    # task's outcome says why it was not promoted.
+    no_onnx = tmp_path / "no-onnx"  # the export task's artifact, left empty
+    got = register_step(
+        str(run_dir), str(no_onnx), run_id, uri, "test-plain", "fedmedclip-plain", PromotionPolicy()
+    )
+    assert got[0] == f"models:/fedmedclip-plain/{mv.version}" and got[1].startswith(f"{REFUSED}: ")
+    assert "holds no ONNX model" in got[1]
 
     with pytest.raises(TrackingError, match="no MLflow run 'deadbeef'"):
         register_model("deadbeef", "fedmedclip-plain", tracking_uri=uri)
@@ -597,6 +622,19 @@ def test_register_plain_model_folder_and_errors(mlops_stack, tmp_path, tiny_onnx
     other = make_tiny_onnx(tmp_path / "other.onnx", backbone_sha256="f" * 64)
     with pytest.raises(TrackingError, match="backbone"):
         register_model(run_id, "fedmedclip-plain", onnx_path=other, tracking_uri=uri)
+    # ... nor is an export of another run on the same backbone (what the seed-1 run's export records; every
+    # `train` run's metadata says run id "inprocess"): one line naming both models' digests and what to do
+    another = restamp_onnx(tiny_onnx, tmp_path / "another.onnx", {META_MODEL_DIGEST: run_model_digest(1)})
+    argv = ["register", run_id, "--name", "fedmedclip-plain", "--onnx", str(another), "--tracking-uri", uri]
+    capsys.readouterr()
+    assert main(argv) == 2
+    (err,) = error_lines(capsys.readouterr().err)
+    assert "holds another run's model" in err and run_id in err and "fedmedclip export" in err
+    assert run_model_digest(1)[:12] in err and run_model_digest(0)[:12] in err
+    # ... and a file exported before exports recorded their run's model is refused, asking for a new export
+    old = restamp_onnx(tiny_onnx, tmp_path / "old.onnx", {META_MODEL_DIGEST: None})
+    with pytest.raises(TrackingError, match=r"does not record which run's model .* export it again"):
+        register_model(run_id, "fedmedclip-plain", onnx_path=old, tracking_uri=uri)
     with pytest.raises(TrackingError, match="has no version 99"):
         promote("fedmedclip-plain", 99, tracking_uri=uri)
 
