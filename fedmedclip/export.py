@@ -255,6 +255,10 @@ def export_classifier(
     )
 
     tmp = out.with_name(f".{out.name}.tmp")
+    try:  # a folder that takes no file is the system's one-line error, not every exporter failing in turn
+        tmp.open("wb").close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write the ONNX file there: {exc.strerror}", str(out)) from None
     module, names = (
         (clf, OUTPUT_NAMES)
         if ood is None

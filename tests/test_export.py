@@ -318,6 +318,12 @@ def test_export_errors_name_the_problem(runs, tmp_path):
     from fedmedclip.inference import load_classifier
 
     clf, meta = load_classifier(run, "global")
+    # A folder that takes no file: the system's error naming the file, before any exporter is tried (each of
+    # them failed on it in turn, and the command said "ONNX export failed with every exporter").
+    unwritable = Path("/proc/fedmedclip-test-model.onnx")
+    with pytest.raises(OSError, match="cannot write the ONNX file there") as info:
+        export_classifier(clf, meta, unwritable, "fp32")
+    assert info.value.filename == str(unwritable)
     clf.encoder.half()
     with pytest.raises(ConfigError, match="already halved"):
         export_classifier(clf, meta, tmp_path / "m.onnx", "fp32")
