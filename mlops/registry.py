@@ -5,6 +5,7 @@ model card), and promoted to an alias only when it is at least as good as the ho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -238,6 +239,24 @@ def _check_lineage(onnx_path: Path, contract, run_id: str, run_digest: str) -> N
         )
 
 
+class _ProviderWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "execution providers" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_provider_check():
+    """MLflow checks the input example by loading the model here, on the machine that registers it, and warns
+    that the CUDA provider the model declares (for the GPU servers that load it) is missing: not this
+    command's concern, so not shown while it logs the model."""
+    logger, quiet = logging.getLogger("mlflow.onnx"), _ProviderWarnings()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _log_onnx(client, mlrun, onnx_path: Path, tags: dict, run_dir: Path):
     """Check the file (the contract, the run's backbone, the run's model: `run_dir` receives the run's model
     files), record its hashes in `tags` and log it into the run as an MLflow ONNX model, once per file (a
@@ -284,7 +303,7 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict, run_dir: Path):
     source = mlrun.data.tags.get(logged_tag)  # logged by an earlier attempt that failed before registering
     if source is None:
         size = contract.image_size
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), _quiet_provider_check():
             source = mlflow.onnx.log_model(
                 model,
                 name=ONNX_MODEL_NAME,
