@@ -94,7 +94,8 @@ class TrainConfig:
         extraction=True,
         partition=True,
         grid=True,
-        help="Dirichlet concentration (smaller = more label skew)",
+        help="Dirichlet concentration of --partition dirichlet, refused with another partition (smaller = more "
+        "label skew)",
     )
     sites: int | None = setting(
         3,
@@ -315,6 +316,12 @@ class TrainConfig:
         check_declared(self)  # types, choices and minimums, as each field declares them
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
+        if self.alpha is not None and self.partition != "dirichlet":
+            # It would be recorded in config.json and the MLflow parameters of a run it did not skew.
+            raise ConfigError(
+                f"--alpha {self.alpha:g} is the concentration of --partition dirichlet; --partition "
+                f"{self.partition} ignores it: drop --alpha, or use --partition dirichlet"
+            )
         self._validate_split()
         for flag, name, direction in (
             ("--codec-up", self.codec_up, "up"),

@@ -347,3 +347,25 @@ def test_codec_sets_both_directions_and_refuses_a_direction_it_contradicts():
             ConfigError, match=f"--codec int8-zlib sets both directions and {flag} {value} contradicts"
         ):
             codecs("--codec", "int8-zlib", flag, value)
+
+
+@pytest.mark.parametrize("command", [["train"], ["pipeline", "submit", "--host", "http://127.0.0.1:9"]])
+@pytest.mark.parametrize("partition", ["iid", "natural"])
+def test_alpha_is_refused_where_the_partition_ignores_it(command, partition, tmp_path, capsys):
+    """--alpha is the Dirichlet concentration: with --partition iid or natural it was accepted and meant
+    nothing (config.json said alpha 0.5 of a run that was not skewed). Refused in one line before any work;
+    the pipeline's settings leave an unset alpha out, so a pipeline run is not refused for it."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = [*command, "--partition", partition, "--alpha", "0.5", "--rounds", "1", "--cache-dir", str(cache)]
+    assert main([*argv, *(["--out", str(out)] if command == ["train"] else [])]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: --alpha 0.5 is the concentration of --partition dirichlet; --partition {partition} ignores "
+        "it: drop --alpha, or use --partition dirichlet"
+    ]
+    assert not out.exists() and not cache.exists()
+    assert TrainConfig(out="", partition="dirichlet", alpha=0.5).validate().alpha == 0.5
+    assert "alpha" not in to_parameters(TrainConfig(out="").validate())
