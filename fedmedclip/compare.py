@@ -142,7 +142,9 @@ def build_cells(methods, partitions, seeds: list[int]) -> list[Cell]:
 def _cell_config(base, cell: Cell, out: Path, method_options: dict, grid_methods: list[str]):
     from dataclasses import replace
 
-    return replace(
+    from .config import TrainConfig
+
+    cfg = replace(
         base,
         method=cell.method,
         federation=cell.federation,
@@ -151,7 +153,12 @@ def _cell_config(base, cell: Cell, out: Path, method_options: dict, grid_methods
         seed=cell.seed,
         out=str(cell.directory(out)),
         method_options=options_for(cell.method, method_options, grid_methods),
-    ).validate()
+    )
+    if not cfg.sends_updates():
+        # The grid's --aggregator is for the cells whose sites send updates: a reference or a method that sends
+        # nothing runs the same under any, and a single run would refuse it.
+        cfg.aggregator = TrainConfig.aggregator
+    return cfg.validate()
 
 
 def finished_results(cfg) -> dict | None:

@@ -351,12 +351,28 @@ class TrainConfig:
             if len(names) < 2:
                 raise ConfigError(f"--classes needs at least two classes, got {self.classes!r}")
             self.classes = names
+        if self.aggregator != "mean" and not self.sends_updates():
+            raise ConfigError(
+                f"--aggregator {self.aggregator} combines the updates the sites send to the server; "
+                f"{self._sender()} sends none: drop --aggregator"
+            )
         self._validate_privacy(METHODS[self.method])
         self._validate_secure_aggregation(METHODS[self.method])
         if self.transductive:
             self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
         return self
+
+    def sends_updates(self) -> bool:
+        """Whether the sites send the server updates to combine: not when each trains alone (`local`), all data
+        is pooled in one holder (`centralized`), or the method sends no parameters (zeroshot)."""
+        from .methods import METHODS
+
+        return self.federation == "federated" and METHODS[self.method].sends_parameters
+
+    def _sender(self) -> str:
+        """What sends no updates, as the user chose it: the federation, else the method."""
+        return f"--federation {self.federation}" if self.federation != "federated" else self.method
 
     def _validate_split(self) -> None:
         # Here, not only where the partition is drawn: a NaN share would otherwise reach config.json first
@@ -387,11 +403,10 @@ class TrainConfig:
                 f"{', '.join(dp_sgd_methods())}, which train small modules on cached features); drop "
                 "--dp-target-epsilon / --dp-noise-multiplier"
             )
-        if settings.client_level and (self.federation != "federated" or not method_cls.sends_parameters):
-            sender = f"--federation {self.federation}" if self.federation != "federated" else self.method
+        if settings.client_level and not self.sends_updates():
             raise ConfigError(
-                f"client-level DP (--dp-client-noise) protects what sites send to the server; {sender} sends "
-                "nothing"
+                f"client-level DP (--dp-client-noise) protects what sites send to the server; {self._sender()} "
+                "sends nothing"
             )
         self.privacy = settings.to_config()
 

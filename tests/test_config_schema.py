@@ -369,3 +369,34 @@ def test_alpha_is_refused_where_the_partition_ignores_it(command, partition, tmp
     assert not out.exists() and not cache.exists()
     assert TrainConfig(out="", partition="dirichlet", alpha=0.5).validate().alpha == 0.5
     assert "alpha" not in to_parameters(TrainConfig(out="").validate())
+
+
+@pytest.mark.parametrize(
+    ("setting", "sender"),
+    [
+        (["--federation", "local"], "--federation local"),
+        (["--federation", "centralized"], "--federation centralized"),
+        (["--method", "zeroshot"], "zeroshot"),
+    ],
+)
+def test_a_robust_aggregator_is_refused_where_no_update_is_sent(setting, sender, tmp_path, capsys):
+    """--aggregator median with --federation local (each site alone), centralized (one pooled holder) or a
+    method that sends nothing was accepted and meant nothing: there are no updates to combine. Refused in one
+    line before any work. `compare`'s --aggregator applies to the grid's cells that aggregate, so a grid with
+    the local reference or zeroshot is not refused for it."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["train", *setting, "--aggregator", "median", "--rounds", "1", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: --aggregator median combines the updates the sites send to the server; {sender} sends none: "
+        "drop --aggregator"
+    ]
+    assert not out.exists() and not cache.exists()
+    grid = ["compare", "--methods", "fedmedclip,fedmedclip@local,fedmedclip@centralized,zeroshot"]
+    argv = [*grid, "--partitions", "iid", "--seeds", "1", "--aggregator", "median", "--report-only"]
+    assert main([*argv, "--out", str(out)]) == 2  # nothing run yet, and nothing refused
+    assert error_lines(capsys.readouterr().err) == [f"error: no finished cell of this grid under {out}"]
