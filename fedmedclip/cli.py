@@ -374,6 +374,7 @@ def _cmd_export(args) -> int:
             args.out,
             data=args.data,
             cache_dir=args.cache_dir,
+            backbone=args.backbone,
             **common,
         )
     else:

@@ -48,7 +48,14 @@ from .digests import (
     write_sha256_sidecar,
 )
 from .errors import ConfigError, FedMedClipError
-from .inference import GLOBAL, ImageClassifier, load_classifier, read_model_json, resolve_site
+from .inference import (
+    GLOBAL,
+    ImageClassifier,
+    load_classifier,
+    load_run_backbone,
+    read_model_json,
+    resolve_site,
+)
 from .jsonfiles import read_json_object
 from .ood import DEFAULT_FALSE_ALARM_RATE, METHOD, OodFit, OodHead, fit_ood, split_for_calibration
 from .paths import DEFAULT_CACHE_DIR
@@ -463,11 +470,13 @@ def export_site_state(
     ood: str = "require",
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     threads: int = 1,
+    backbone: str | None = None,
 ) -> Path:
     """A site's personalised model (its private part with the run's shared modules) from its own private
     state (`site run --state`), on the site's machine: the run's manifest, prompt embeddings and selected
     round's global module come from the mailbox (what the site may read anyway), its own part from `state`,
-    and the OOD score is fitted on its own images. Nothing is written outside `out_path`."""
+    and the OOD score is fitted on its own images. Nothing is written outside `out_path`. `backbone`: where
+    the frozen weights are now, if they moved since the run (they must hash as the run's)."""
     import tempfile
 
     from safetensors.torch import load
@@ -507,6 +516,10 @@ def export_site_state(
     shared = load(shared_raw)
     received = decode(global_raw, template=template_of(manifest)).state
     cfg = site_config(manifest, data, cache_dir, threads)
+    if backbone:
+        # Checked here, before the site's images are encoded with them, in the words of a run directory's export.
+        load_run_backbone({"backbone": manifest["backbone"]}, backbone)
+        cfg.backbone = backbone
     setup = prepare_site(cfg, site, manifest, shared, progress=False)
     meta = {
         "format_version": 1,

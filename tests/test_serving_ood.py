@@ -142,6 +142,59 @@ def test_a_site_exports_its_own_model_from_its_private_state(
     assert json.loads(meta["fedmedclip.ood.calibration"])["holder"] == "site_0"
 
 
+@pytest.mark.slow  # the same mailbox run; the export itself takes seconds
+def test_a_site_exports_with_its_weights_moved_and_is_refused_other_weights(
+    mailbox_run, exported, tmp_path, synthetic_cache, capsys
+):
+    """`export --state --backbone DIR` loads the frozen weights from where they are now, as a run directory's
+    export does: it was silently ignored (the run's spec loaded instead). Other weights are refused in one line,
+    naming the hash; the same weights moved give the same model."""
+    from conftest import error_lines
+
+    from fedmedclip.backbone import random_clip
+    from fedmedclip.cli import main
+
+    _, mailbox, _, states = mailbox_run
+    for seed in (0, 1):  # seed 0: the built-in `tiny` of the run, saved elsewhere; seed 1: other weights
+        model, tokenizer = random_clip("tiny", seed=seed)
+        model.save_pretrained(tmp_path / f"clip-{seed}")
+        tokenizer.save_pretrained(tmp_path / f"clip-{seed}")
+    site = [
+        "export",
+        "--state",
+        str(states["site_0"]),
+        "--site",
+        "site_0",
+        "--mailbox",
+        mailbox,
+        "--run-id",
+        RUN,
+    ]
+    site += [
+        "--cache-dir",
+        str(synthetic_cache),
+        "--ood-false-alarm-rate",
+        str(RATE),
+        "--exporter",
+        "torchscript",
+    ]
+    other = tmp_path / "other.onnx"
+    assert main([*site, "--backbone", str(tmp_path / "clip-1"), "--out", str(other)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith(
+        f"error: backbone {str(tmp_path / 'clip-1')!r} has weights sha256 "
+    ) and line.endswith("point --backbone at the exact weights used for training"), line
+    assert not other.exists()
+    moved = tmp_path / "moved.onnx"
+    assert main([*site, "--backbone", str(tmp_path / "clip-0"), "--out", str(moved)]) == 0
+    size = int(ort.InferenceSession(str(moved)).get_inputs()[0].shape[1])
+    images = np.random.default_rng(2).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    got = ort.InferenceSession(str(moved)).run(None, {"images": images})
+    want = ort.InferenceSession(str(exported[0])).run(None, {"images": images})
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow  # the same mailbox run, then a server of two models
 def test_one_server_serves_the_global_and_the_site_model_with_ood_and_drift(exported, tmp_path):
     site_onnx, global_onnx = exported
