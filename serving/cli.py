@@ -65,7 +65,9 @@ def register(subparsers) -> None:
     )
     predict.add_argument("images", nargs="+", help="JPEG or PNG files")
     predict.add_argument("--url", required=True, help="server base URL, e.g. http://localhost:8080")
-    predict.add_argument("--model", help="model name (default: the server's only model)")
+    predict.add_argument(
+        "--model", help="model name, as `serve` names one (default: the server's only model)"
+    )
     for flag, kind, default, help in (
         ("--top", int, 3, "classes to print per image"),
         ("--batch", int, 16, "images per request"),
@@ -77,16 +79,15 @@ def register(subparsers) -> None:
 
 
 # ---- serve ------------------------------------------------------------------------------------------------
+# Unreserved URL characters only: a name is its own path segment of /v2/models/NAME, never '/', '?', '#', '..'.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MODEL_NAME_RULE = "a model name is 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 
 def model_specs(items: list[str], default_name: str) -> list[tuple[str, str]]:
     """(name, model spec) for each `serve` argument: `NAME=SPEC`, or a bare SPEC served as `default_name`."""
     if not MODEL_NAME.match(default_name):
-        raise ServingError(
-            f"--name {default_name!r}: a model name is 1-63 letters, digits, '_', '.' or '-', starting with a letter "
-            "or digit"
-        )
+        raise ServingError(f"--name {default_name!r}: {MODEL_NAME_RULE}")
     specs = []
     for item in items:
         name, sep, spec = item.partition("=")
@@ -204,6 +205,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise FedMedClipError(
             f"--url {args.url}: the server speaks HTTP; give http://HOST:PORT or https://..."
         )
+    if args.model is not None and not MODEL_NAME.match(args.model):  # it would ask another URL of the server
+        raise FedMedClipError(f"--model {args.model!r}: {MODEL_NAME_RULE}")
     paths = [Path(p) for p in args.images]
     folders = [str(p) for p in paths if p.is_dir()]
     if folders:
@@ -232,6 +235,8 @@ def _predict(args: argparse.Namespace) -> int:
         if not isinstance(models, list) or len(models) != 1:
             raise FedMedClipError(f"{base} serves {models or 'no listable models'}: pass --model NAME")
         model = models[0]
+        if not isinstance(model, str) or not MODEL_NAME.match(model):
+            raise FedMedClipError(f"{base} serves a model named {model!r}: {MODEL_NAME_RULE}")
 
     results = []
     for start in range(0, len(paths), args.batch):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import free_port
+from conftest import error_lines, free_port
 from PIL import Image
 from serving_fixtures import (
     CLASS_NAMES,
@@ -395,6 +395,45 @@ def test_predict_cli_reads_a_refusal_or_a_model_list_that_is_not_an_object(tmp_p
         assert f"{url} answered HTTP 500 for ['{image}']: [1, 2]" in capsys.readouterr().err
         assert main(["predict", "--url", url, str(image)]) == 2
         assert f"{url} serves 5: pass --model NAME" in capsys.readouterr().err
+
+
+def test_predict_cli_refuses_a_model_name_that_would_build_another_url(tmp_path, capsys):
+    """--model went into the URL as given: 'a/b', 'm?x', 'm#x', '..' or 'a b' asked another path (a model of
+    another name, or none) or sent a query. A model name is what `serve` accepts as one; anything else is
+    refused in one line before any request, and so is such a name in the server's own model list."""
+    from http.server import BaseHTTPRequestHandler
+
+    from serving.cli import main
+
+    asked = []
+
+    class Answer(BaseHTTPRequestHandler):
+        def answer(self, body: bytes):
+            asked.append((self.command, self.path))
+            self.send_response(200 if self.command == "GET" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer(b'{"models": ["a b/c"]}')
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer(b'{"error": "no such model"}')
+
+        def log_message(self, *args):
+            pass
+
+    rule = "a model name is 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    with _other_server(Answer, tmp_path) as (url, image):
+        for name in ("a/b", "m?x=1", "m#x", "..", "a b", "", "x" * 64):
+            assert main(["predict", "--url", url, "--model", name, str(image)]) == 2
+            assert error_lines(capsys.readouterr().err) == [f"error: --model {name!r}: {rule}"], name
+        assert asked == []
+        assert main(["predict", "--url", url, str(image)]) == 2
+        assert error_lines(capsys.readouterr().err) == [f"error: {url} serves a model named 'a b/c': {rule}"]
+        assert asked == [("GET", "/v2/models")]
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
