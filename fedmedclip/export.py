@@ -373,7 +373,7 @@ def export_onnx(
     fitted = None
     if ood != "off":
         try:
-            fitted = fit_run_ood(run_dir, meta["site"], clf, false_alarm_rate)
+            fitted = fit_run_ood(run_dir, meta["site"], clf, false_alarm_rate, backbone)
         except FedMedClipError as exc:
             if ood == "require":
                 raise FedMedClipError(
@@ -396,8 +396,12 @@ def run_model_digest(run_dir: str | Path) -> str:
         raise FedMedClipError(f"cannot export {run_dir}: {exc}") from None
 
 
-def fit_run_ood(run_dir: str | Path, site: str, clf: ImageClassifier, false_alarm_rate: float) -> OodFit:
-    """The OOD score of `site` ("global": the server's) fitted on that holder's features of the run."""
+def fit_run_ood(
+    run_dir: str | Path, site: str, clf: ImageClassifier, false_alarm_rate: float, backbone: str | None = None
+) -> OodFit:
+    """The OOD score of `site` ("global": the server's) fitted on that holder's features of the run; `backbone`:
+    where the run's frozen weights are now, if not where config.json says (checked against the run's hash by
+    `load_classifier` before)."""
     import json
 
     from .config import TrainConfig
@@ -406,6 +410,7 @@ def fit_run_ood(run_dir: str | Path, site: str, clf: ImageClassifier, false_alar
     config = Path(run_dir) / "config.json"
     try:
         cfg = TrainConfig.from_json(json.loads(config.read_text()))
+        cfg.backbone = backbone or cfg.backbone
         holder = SERVER if site == GLOBAL else site
         prepared = prepare(cfg, progress=False, holders=[holder])
     except Exception as exc:  # noqa: BLE001 - any reason the holder's data is not readable here (files, S3)

@@ -330,6 +330,24 @@ def test_export_errors_name_the_problem(runs, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_export_with_the_weights_moved_fits_the_ood_score_with_them(runs, tmp_path):
+    """`export RUN --backbone WHERE` (the run's frozen weights moved since): the OOD score is fitted with them
+    too. It re-read config.json's backbone, and `--ood auto` exported without the score, with a warning."""
+    import shutil
+
+    from fedmedclip.export import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["fedmedclip"][0], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "backbone": str(tmp_path / "moved-away")}))
+    out = export_onnx(
+        run, "global", tmp_path / "m.onnx", backbone=config["backbone"], ood="require", exporter="torchscript"
+    )
+    props = {p.key for p in onnx.load(str(out)).metadata_props}
+    assert "fedmedclip.ood.threshold" in props
+
+
 def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
     from fedmedclip.cli import main
 
