@@ -70,32 +70,21 @@ def exported(mailbox_run, synthetic_cache):
     """site_0's personalised model from its own state, and the global model from the server's directory."""
     from fedmedclip.cli import main
 
-    tmp, mailbox, out, states = mailbox_run
+    tmp, _, out, _ = mailbox_run
     site_onnx, global_onnx = tmp / "site_0.onnx", tmp / "global.onnx"
-    rate = ["--ood-false-alarm-rate", str(RATE), "--exporter", "torchscript"]
-    assert (
-        main(
-            [
-                "export",
-                "--state",
-                str(states["site_0"]),
-                "--site",
-                "site_0",
-                "--mailbox",
-                mailbox,
-                "--run-id",
-                RUN,
-                "--cache-dir",
-                str(synthetic_cache),
-                "--out",
-                str(site_onnx),
-                *rate,
-            ]
-        )  # fmt: skip
-        == 0
-    )
-    assert main(["export", str(out), "--site", "global", "--out", str(global_onnx), *rate]) == 0
+    assert main([*site_0_export(mailbox_run, synthetic_cache), "--out", str(site_onnx)]) == 0
+    assert main(["export", str(out), "--site", "global", "--out", str(global_onnx), *EXPORT_OPTIONS]) == 0
     return site_onnx, global_onnx
+
+
+EXPORT_OPTIONS = ["--ood-false-alarm-rate", str(RATE), "--exporter", "torchscript"]
+
+
+def site_0_export(mailbox_run, cache) -> list[str]:
+    """`fedmedclip export`'s arguments for site_0's model from its own state, but --out."""
+    _, mailbox, _, states = mailbox_run
+    site = ["--state", str(states["site_0"]), "--site", "site_0", "--mailbox", mailbox, "--run-id", RUN]
+    return ["export", *site, "--cache-dir", str(cache), *EXPORT_OPTIONS]
 
 
 @pytest.mark.slow  # a mailbox run of three parties (about 10 s here)
@@ -154,30 +143,11 @@ def test_a_site_exports_with_its_weights_moved_and_is_refused_other_weights(
     from fedmedclip.backbone import random_clip
     from fedmedclip.cli import main
 
-    _, mailbox, _, states = mailbox_run
     for seed in (0, 1):  # seed 0: the built-in `tiny` of the run, saved elsewhere; seed 1: other weights
         model, tokenizer = random_clip("tiny", seed=seed)
         model.save_pretrained(tmp_path / f"clip-{seed}")
         tokenizer.save_pretrained(tmp_path / f"clip-{seed}")
-    site = [
-        "export",
-        "--state",
-        str(states["site_0"]),
-        "--site",
-        "site_0",
-        "--mailbox",
-        mailbox,
-        "--run-id",
-        RUN,
-    ]
-    site += [
-        "--cache-dir",
-        str(synthetic_cache),
-        "--ood-false-alarm-rate",
-        str(RATE),
-        "--exporter",
-        "torchscript",
-    ]
+    site = site_0_export(mailbox_run, synthetic_cache)
     other = tmp_path / "other.onnx"
     assert main([*site, "--backbone", str(tmp_path / "clip-1"), "--out", str(other)]) == 2
     (line,) = error_lines(capsys.readouterr().err)
