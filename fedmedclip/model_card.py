@@ -302,6 +302,21 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "Trained WITHOUT differential privacy: nothing bounds what the shared updates or this model reveal "
             "about an individual patient of a site."
         )
+    unaccounted = (privacy.get("record_level") or {}).get("unaccounted_rounds") or {}
+    if unaccounted:
+        card["warnings"].append(
+            "Some updates left their site after its last privacy report ("
+            + "; ".join(
+                f"{site}: round(s) {', '.join(map(str, rounds))}" for site, rounds in unaccounted.items()
+            )
+            + "): the site was gone, or its reports were refused, before it reported the steps behind them. "
+            + (
+                "Such a site's epsilon here is the most its DP-SGD plan allows, not a figure it reported."
+                if summary.get("dp.epsilon")
+                else "Nothing bounds the epsilon of a site that never reported: this model's record-level "
+                "epsilon is unknown."
+            )
+        )
     if worst is None or m.get("global", {}).get("confusion") is None:
         card["warnings"].append(
             "Some metrics have no confusion counts in the run directory (a run from before they were recorded, "
@@ -512,12 +527,19 @@ def render_markdown(card: dict) -> str:
         out.append("- Differential privacy: **none**")
     if priv.get("record_level"):
         out += [
-            f"- Record level (each patient of a site): **epsilon {priv.get('dp.epsilon')}** (largest over sites), "
+            f"- Record level (each patient of a site): **epsilon {priv.get('dp.epsilon') or 'unknown'}** (largest "
+            "over sites), "
             f"delta {priv.get('dp.delta')}, per-example clip C = {priv.get('dp.clip')}, noise multiplier sigma "
             f">= {priv.get('dp.noise_multiplier')}, accountant {priv.get('dp.accountant')}",
             *[
                 f"  - {name}: epsilon {s.get('epsilon'):.4g}, sigma {s.get('noise_multiplier'):.4g}, "
                 f"{s.get('steps')} steps at sampling rate {s.get('sample_rate'):.4g}"
+                + (
+                    f" as of its last report (it reported epsilon {s['reported_epsilon']:.4g}; the epsilon is the "
+                    "most its plan allows)"
+                    if s.get("reported_epsilon") is not None
+                    else ""
+                )
                 + (
                     f", stopped by its budget in round {s['stopped_at_round']}"
                     if s.get("stopped_at_round")

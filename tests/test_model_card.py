@@ -216,3 +216,44 @@ def test_a_run_file_nested_too_deeply_is_one_line_for_the_card_and_for_track(tmp
     assert "results.json is not JSON (nested too deeply)" in err and "Traceback" not in err, err
     with pytest.raises(RunDirError, match="results.json is not valid JSON: nested too deeply"):
         read_run_dir(run_dir)
+
+
+def test_the_card_says_when_a_sites_ledger_leaves_out_updates_that_went_out(tmp_path):
+    """site_1's update of round 3 reached the server after its last report (round 2): the card warns, says its
+    epsilon is its plan's bound with the figure it reported; with a site bounded by nothing, the epsilon is
+    `unknown`, never the largest of the others."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text())
+    ledger = {
+        "epsilon": 5.5,
+        "noise_multiplier": 1.1,
+        "steps": 8,
+        "sample_rate": 0.2,
+        "stopped_at_round": None,
+    }
+    results["privacy"] = {
+        "record_level": {
+            "clip": 1.0,
+            "delta": 1e-5,
+            "accountant": "rdp",
+            "sites": {"site_0": ledger, "site_1": {**ledger, "epsilon": 6.0, "reported_epsilon": 4.0}},
+            "unaccounted_rounds": {"site_1": [3]},
+            "epsilon_max": 6.0,
+        },
+        "secure_aggregation": False,
+    }
+    path.write_text(json.dumps(results))
+    md = render_markdown(build_card(run_dir))
+    assert "**WARNING** Some updates left their site after its last privacy report (site_1: round(s) 3)" in md
+    assert "it reported epsilon 4; the epsilon is the most its plan allows" in md
+    results["privacy"]["record_level"]["epsilon_max"] = None
+    path.write_text(json.dumps(results))
+    md = render_markdown(build_card(run_dir))
+    assert "**epsilon unknown**" in md and "record-level epsilon is unknown" in md
+    # ... and the promotion gate reads it as unknown, not as an epsilon above the budget.
+    from fedmedclip.privacy.report import privacy_summary
+    from mlops.registry import check_privacy_budget
+
+    with pytest.raises(PrivacyRefused, match="its record-level epsilon is unknown"):
+        check_privacy_budget("fmc", "3", privacy_summary(results), 100.0)

@@ -381,3 +381,53 @@ def test_fedmedclips_dp_options_out_of_range_are_refused_naming_the_option(optio
     ctx = MethodContext(feature_dim=8, num_classes=4, text_features=torch.zeros(4, 8), options=option)
     with pytest.raises(ConfigError, match=f"option {next(iter(option))}="):
         METHODS["fedmedclip"](ctx)
+
+
+def _ledger(n: int, sigma: float, steps: int, planned: int, budget: float | None = None) -> dict:
+    q = BATCH / n
+    return {
+        "epsilon": dpsgd_epsilon(q, sigma, steps, 1e-5),
+        "delta": 1e-5,
+        "noise_multiplier": sigma,
+        "clip": 1.0,
+        "sample_rate": q,
+        "steps": steps,
+        "planned_steps": planned,
+        "n_train": n,
+        "accountant": "rdp",
+        "budget": budget,
+        "stopped_at_round": None,
+    }
+
+
+def test_an_update_that_went_out_after_a_sites_last_report_is_accounted_at_its_plan():
+    """The server aggregated site_1's update of round 2, but site_1 was gone before its report of round 2: its
+    newest ledger is round 1's, which leaves out the steps behind that update. Its epsilon is then the most its
+    plan allows (its own figure kept as `reported_epsilon`), never round 1's; site_2 sent updates and no usable
+    report: the target bounds it, and without a target the largest epsilon is unknown rather than understated."""
+    from fedmedclip.privacy.report import privacy_results
+
+    sigma, n, per_round = 1.1, 35, 4
+    sites = ["site_0", "site_1", "site_2"]
+    history = [{"round": r, "sites_present": sites, "rejected": {}} for r in (1, 2)]
+    reports = {
+        r: {"sites": {s: {"privacy": _ledger(n, sigma, r * per_round, 2 * per_round)} for s in sites[:2]}}
+        for r in (1, 2)
+    }
+    reports[2]["sites"]["site_1"] = None  # gone after uploading round 2
+    section = privacy_results({"noise_multiplier": sigma}, sites, reports, history)["record_level"]
+    planned = dpsgd_epsilon(BATCH / n, sigma, 2 * per_round, 1e-5)
+    assert section["sites"]["site_1"]["epsilon"] == pytest.approx(planned)
+    assert (
+        section["sites"]["site_1"]["reported_epsilon"] == reports[1]["sites"]["site_1"]["privacy"]["epsilon"]
+    )
+    assert "reported_epsilon" not in section["sites"]["site_0"]
+    assert section["unaccounted_rounds"] == {"site_1": [2], "site_2": [1, 2]}
+    assert section["epsilon_max"] is None  # site_2: nothing bounds it without a target
+    with_target = {"noise_multiplier": sigma, "target_epsilon": 50.0}
+    for r in (1, 2):
+        for s in sites[:2]:
+            if reports[r]["sites"][s]:
+                reports[r]["sites"][s]["privacy"]["budget"] = 50.0
+    section = privacy_results(with_target, sites, reports, history)["record_level"]
+    assert section["epsilon_max"] == 50.0  # site_2's bound: the most any site of the run may spend
