@@ -21,7 +21,7 @@ from .digests import ONNX_SHA256_TAG, canonical_digest
 from .errors import FedMedClipError
 from .jsonfiles import read_json
 from .metrics import bootstrap_intervals, metrics_from_confusion
-from .privacy.report import privacy_summary
+from .privacy.report import privacy_summary, rounded
 
 CARD_FORMAT = 1
 SECTIONS = (
@@ -532,10 +532,12 @@ def render_markdown(card: dict) -> str:
             f"delta {priv.get('dp.delta')}, per-example clip C = {priv.get('dp.clip')}, noise multiplier sigma "
             f">= {priv.get('dp.noise_multiplier')}, accountant {priv.get('dp.accountant')}",
             *[
-                f"  - {name}: epsilon {s.get('epsilon'):.4g}, sigma {s.get('noise_multiplier'):.4g}, "
+                f"  - {name}: epsilon {rounded(s.get('epsilon'), 4)}, sigma "
+                f"{rounded(s.get('noise_multiplier'), 4, up=False)}, "
                 f"{s.get('steps')} steps at sampling rate {s.get('sample_rate'):.4g}"
                 + (
-                    f" as of its last report (it reported epsilon {s['reported_epsilon']:.4g}; the epsilon is the "
+                    f" as of its last report (it reported epsilon {rounded(s['reported_epsilon'], 4)}; the epsilon "
+                    "is the "
                     "most its plan allows)"
                     if s.get("reported_epsilon") is not None
                     else ""

@@ -257,3 +257,31 @@ def test_the_card_says_when_a_sites_ledger_leaves_out_updates_that_went_out(tmp_
 
     with pytest.raises(PrivacyRefused, match="its record-level epsilon is unknown"):
         check_privacy_budget("fmc", "3", privacy_summary(results), 100.0)
+
+
+def test_the_epsilon_the_gate_and_the_card_read_is_never_below_the_runs(tmp_path):
+    """dp.epsilon was the run's epsilon rounded to the nearest 6 digits: 3.99988015 became "3.99988", which
+    `promote --max-epsilon 3.99988` let through. Epsilons are now rounded up (noise multipliers down) wherever
+    the run's privacy is printed for a decision: the tags, the ONNX metadata and the card."""
+    from fedmedclip.privacy.report import privacy_summary
+    from mlops.registry import check_privacy_budget
+
+    eps, sigma = 3.9998801553475376, 3.2741849515801276
+    site = {
+        "epsilon": eps,
+        "noise_multiplier": sigma,
+        "steps": 8,
+        "sample_rate": 1.0,
+        "stopped_at_round": None,
+    }
+    record = {"clip": 1.0, "delta": 1e-5, "accountant": "rdp", "sites": {"site_0": site}, "epsilon_max": eps}
+    results = {"privacy": {"record_level": record, "secure_aggregation": False}}
+    tags = privacy_summary(results)
+    assert tags["dp.epsilon"] == "3.99989" and tags["dp.noise_multiplier"] == "3.27418"
+    assert tags["dp.sites"] == "site_0:eps=3.99989:sigma=3.27418" and tags["dp.delta"] == "1e-05"
+    with pytest.raises(PrivacyRefused, match="its epsilon 3.99989"):
+        check_privacy_budget("fmc", "1", tags, 3.99988)
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **results}))
+    assert "  - site_0: epsilon 4, sigma 3.274, 8 steps" in render_markdown(build_card(run_dir))

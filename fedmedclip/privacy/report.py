@@ -190,13 +190,13 @@ def privacy_summary(results: dict) -> dict[str, str]:
         sigmas = [s["noise_multiplier"] for s in sites.values() if s.get("noise_multiplier") is not None]
         out.update(
             {
-                "dp.epsilon": _fmt(rec.get("epsilon_max")),
-                "dp.delta": _fmt(rec.get("delta")),
+                "dp.epsilon": rounded(rec.get("epsilon_max")),
+                "dp.delta": rounded(rec.get("delta")),
                 "dp.clip": _fmt(rec.get("clip")),
-                "dp.noise_multiplier": _fmt(min(sigmas)) if sigmas else "",
+                "dp.noise_multiplier": rounded(min(sigmas), up=False) if sigmas else "",
                 "dp.accountant": str(rec.get("accountant")),
                 "dp.sites": ",".join(
-                    f"{n}:eps={_fmt(s.get('epsilon'))}:sigma={_fmt(s.get('noise_multiplier'))}"
+                    f"{n}:eps={rounded(s.get('epsilon'))}:sigma={rounded(s.get('noise_multiplier'), up=False)}"
                     for n, s in sites.items()
                 ),
             }
@@ -204,15 +204,33 @@ def privacy_summary(results: dict) -> dict[str, str]:
     if cli:
         out.update(
             {
-                "dp.client_epsilon": _fmt(cli.get("epsilon")),
-                "dp.client_noise_multiplier": _fmt(cli.get("noise_multiplier")),
+                "dp.client_epsilon": rounded(cli.get("epsilon")),
+                "dp.client_noise_multiplier": rounded(cli.get("noise_multiplier"), up=False),
                 "dp.client_clip": _fmt(cli.get("final_clip") or cli.get("clip")),
                 "dp.client_noise_at": str(cli.get("noise_at")),
             }
         )
-        out.setdefault("dp.delta", _fmt(cli.get("delta")))
+        out.setdefault("dp.delta", rounded(cli.get("delta")))
     return out
 
 
 def _fmt(v) -> str:
     return "" if v is None else f"{float(v):.6g}"
+
+
+def rounded(v, digits: int = 6, up: bool = True) -> str:
+    """`v` in `digits` significant digits, rounded up (an epsilon or a delta: the text never claims less
+    than the run spent, which `promote --max-epsilon` compares with) or down (a noise multiplier: never more
+    noise than it had); "" for None. Rounding to the nearest printed 3.9998802 as 3.99988."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+    if v is None:
+        return ""
+    # Its shortest repr, which reads back as the same float: a bound on it reads back as a float on the same
+    # side of it (the float's exact binary value would turn 1e-05 into 1.00001e-05).
+    exact = Decimal(repr(float(v)))
+    if not exact:
+        return "0"
+    step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    bound = float(exact.quantize(step, rounding=ROUND_CEILING if up else ROUND_FLOOR))
+    return f"{bound:.{digits}g}"
