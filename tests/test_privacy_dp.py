@@ -431,3 +431,28 @@ def test_an_update_that_went_out_after_a_sites_last_report_is_accounted_at_its_p
                 reports[r]["sites"][s]["privacy"]["budget"] = 50.0
     section = privacy_results(with_target, sites, reports, history)["record_level"]
     assert section["epsilon_max"] == 50.0  # site_2's bound: the most any site of the run may spend
+
+
+def test_a_restart_may_not_lower_the_quorum_the_sites_noise_is_sized_for(synthetic_cache, tmp_path):
+    """With client-level noise at the sites each site adds N(0, (z S)^2 / quorum), the quorum of the manifest:
+    a server restarted with a lower --quorum (an operational setting otherwise) would publish sums of fewer
+    sites with less noise than the reported epsilon assumes. It is refused; the same or a higher one resumes."""
+    from test_composition_audit import start_server
+
+    from fedmedclip.federation.server import FederationError
+    from fedmedclip.preparation import prepare
+
+    cfg = TrainConfig(
+        rounds=1,
+        synthetic=SYNTH,
+        cache_dir=str(synthetic_cache),
+        out="unused",
+        privacy={"client_noise": 1.0, "client_noise_at": "sites"},
+    ).validate()
+    p = prepare(cfg, progress=False)
+    start_server(cfg, p, tmp_path, quorum=2)
+    with pytest.raises(
+        FederationError, match=r"noise at the sites, each share sized for its quorum 2: --quorum 1"
+    ):
+        start_server(cfg, p, tmp_path, quorum=1)
+    assert start_server(cfg, p, tmp_path, quorum=3).manifest["quorum"] == 3
