@@ -275,6 +275,7 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             **summary,
             "record_level": privacy.get("record_level"),
             "client_level": privacy.get("client_level"),
+            "not_covered": _not_covered(registry.get("ood")),
         },
         "provenance": {
             "code_commit": registry.get("git_commit") or tags.get("git_commit") or results.get("git_commit"),
@@ -323,6 +324,32 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "or a site whose counts did not check out): their confidence intervals are missing."
         )
     return card
+
+
+NOT_COVERED = [
+    "the metric reports and confusion counts the sites send",
+    "sample counts and other summaries that travel",
+    "the selection of the round on validation accuracy",
+    "the features cache at each site",
+    "the server's data: the reference set, whose features every site receives, and the global test set",
+]
+
+
+def _not_covered(ood: dict | None) -> list[str]:
+    """What no differential privacy of the run covers (docs/privacy.md), this model's OOD score included."""
+    if ood is None:
+        return list(NOT_COVERED)
+    cal = ood.get("calibration") or {}
+    holder = cal.get("holder", "the exporting party")
+    holder = "the server" if holder == "server" else holder
+    return [
+        *NOT_COVERED,
+        f"this model's out-of-distribution score and drift reference, fitted without DP on {holder}'s images: "
+        f"the Gaussians on {cal.get('fit_images', '?')} of them ({cal.get('fitted_on', 'n/a')}), the threshold on "
+        f"{cal.get('calibration_images', '?')} ({cal.get('calibrated_on', 'n/a')}), and the embeddings of "
+        f"{cal.get('reference_images', '?')} of those, one per image, stored in the model; every ood_score "
+        "depends on them",
+    ]
 
 
 def ood_facts(ood) -> dict | None:
@@ -558,8 +585,7 @@ def render_markdown(card: dict) -> str:
         )
     out += [
         f"- Secure aggregation: {priv.get('dp.secure_aggregation', 'off')}",
-        "- Not covered: metric reports, sample counts and other summaries that travel, the selection of the "
-        "round on validation accuracy, the features cache at each site (docs/privacy.md).",
+        "- Not covered (docs/privacy.md): " + "; ".join(priv.get("not_covered") or NOT_COVERED) + ".",
         "",
         "## Provenance",
         "",
@@ -593,7 +619,8 @@ def _ood_lines(ood: dict | None) -> list[str]:
         f"on {cal.get('calibration_images', '?')} held-out images ({cal.get('calibrated_on', 'n/a')})",
         "- The endpoint answers every image with its class probabilities and `ood_score`, and `out_of_distribution` "
         "true above the threshold; `/metrics` reports the share flagged and a drift test against "
-        f"{cal.get('reference_images', '?')} reference embeddings stored in the model.",
+        f"the embeddings of {cal.get('reference_images', '?')} of {holder}'s held-out images, stored in the model "
+        "(no differential privacy covers them: see Privacy).",
         "- What the rate does not say: how many images of another kind go unflagged (README, *Performance*: "
         "measured on data the model never saw).",
     ]

@@ -285,3 +285,31 @@ def test_the_epsilon_the_gate_and_the_card_read_is_never_below_the_runs(tmp_path
     path = run_dir / "results.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **results}))
     assert "  - site_0: epsilon 4, sigma 3.274, 8 steps" in render_markdown(build_card(run_dir))
+
+
+def test_the_card_says_the_ood_score_and_the_reference_set_are_not_covered(tmp_path):
+    """A site's exported model carries an OOD score fitted without DP on its own images (class means and
+    covariance of its training split, the threshold and one embedding per image of its validation and test
+    splits, in the ONNX metadata): the card's Privacy section lists it among what is not covered, beside the
+    server's reference set, which the card left out though docs/privacy.md lists it."""
+    run_dir = make_run_dir(tmp_path / "run")
+    calibration = {
+        "holder": "site_0",
+        "fitted_on": "the site's training split, labels",
+        "calibrated_on": "the site's validation and test splits",
+        "fit_images": 230,
+        "calibration_images": 58,
+        "reference_images": 58,
+    }
+    ood = {"method": "m", "threshold": 1.0, "false_alarm_rate": 0.05, "calibration": calibration}
+    card = build_card(run_dir, {"ood": ood})
+    md = render_markdown(card)
+    privacy = md.split("## Privacy\n", 1)[1].split("\n## ", 1)[0]
+    assert "the reference set, whose features every site receives" in privacy
+    assert (
+        "this model's out-of-distribution score and drift reference, fitted without DP on site_0's images: the "
+        "Gaussians on 230 of them (the site's training split, labels), the threshold on 58 (the site's validation "
+        "and test splits), and the embeddings of 58 of those, one per image, stored in the model" in privacy
+    )
+    assert card["privacy"]["not_covered"][-1].startswith("this model's out-of-distribution score")
+    assert "out-of-distribution" not in " ".join(build_card(run_dir)["privacy"]["not_covered"])
