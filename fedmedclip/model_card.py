@@ -578,10 +578,18 @@ def render_markdown(card: dict) -> str:
             ],
         ]
     if priv.get("client_level"):
+        noise_at = priv.get("dp.client_noise_at")
+        if noise_at == "sites":
+            seen = "each site's update with only its share of the noise"
+        elif priv.get("dp.secure_aggregation") == "on":
+            seen = "the exact sum of the updates before the noise"
+        else:
+            seen = "every site's update in the clear"
         out.append(
-            f"- Client level (a whole site): epsilon {priv.get('dp.client_epsilon')}, noise multiplier "
+            f"- Client level (what a whole site's data contributed, not whether it took part: each round's sites "
+            f"are public): epsilon {priv.get('dp.client_epsilon')}, noise multiplier "
             f"{priv.get('dp.client_noise_multiplier')}, update clip {priv.get('dp.client_clip')}, noise added at the "
-            f"{priv.get('dp.client_noise_at')}"
+            f"{noise_at}; against everyone who sees the published modules, not against the server, which saw {seen}"
         )
     out += [
         f"- Secure aggregation: {priv.get('dp.secure_aggregation', 'off')}",

@@ -313,3 +313,20 @@ def test_the_card_says_the_ood_score_and_the_reference_set_are_not_covered(tmp_p
     )
     assert card["privacy"]["not_covered"][-1].startswith("this model's out-of-distribution score")
     assert "out-of-distribution" not in " ".join(build_card(run_dir)["privacy"]["not_covered"])
+
+
+def test_the_cards_client_level_line_says_what_it_protects_and_from_whom(tmp_path):
+    """Client-level DP's epsilon covers what a site's data contributed (its update replaced by no change), from
+    everyone who sees the published modules; the card said "a whole site" and nothing of whom: not the server,
+    which saw every update (or their exact sum under secure aggregation) before the noise, nor whether a site
+    took part (each round's sites are public)."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text())
+    client = {"noise_multiplier": 1.0, "noise_at": "server", "clip": 0.5, "epsilon": 7.08, "delta": 1e-5}
+    for secure, seen in ((False, "every site's update in the clear"), (True, "the exact sum of the updates")):
+        results["privacy"] = {"client_level": client, "secure_aggregation": secure}
+        path.write_text(json.dumps(results))
+        line = next(x for x in render_markdown(build_card(run_dir)).splitlines() if "Client level" in x)
+        assert "what a whole site's data contributed, not whether it took part" in line, line
+        assert f"not against the server, which saw {seen}" in line, line
