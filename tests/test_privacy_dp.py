@@ -224,7 +224,8 @@ def test_a_resumed_dp_run_continues_exactly(synthetic_cache, tmp_path, monkeypat
 
 
 def test_client_level_dp_clips_each_update_and_noises_the_sum():
-    settings = PrivacySettings.from_config({"client_noise": 1e-6, "client_clip": 0.5})
+    # Unchecked: a noise multiplier below the flags' floor, so that the mean is the clipped one to 1e-4.
+    settings = PrivacySettings(client_noise=1e-6, client_clip=0.5)
     dp = ClientPrivacy(settings, sites=3, quorum=3, key=b"k" * 32)
     previous = {"w": torch.zeros(100), "count": torch.tensor(7)}
     states = [
@@ -278,6 +279,9 @@ def test_dp_flags_parse_into_the_configuration():
         # 1e300 passed, then overflowed the accountant (a traceback) or failed the first report after training
         ({"privacy": {"noise_multiplier": 1e300}}, "--dp-noise-multiplier must be at most 1e"),
         ({"privacy": {"target_epsilon": 1e300}}, "--dp-target-epsilon must be at most 1e"),
+        # dp-accounting reported epsilon 0.0 for a Poisson-sampled DP-SGD at a noise multiplier of 1e-155
+        ({"privacy": {"noise_multiplier": 1e-155}}, "--dp-noise-multiplier must be at least 0.001"),
+        ({"privacy": {"client_noise": 1e-170}}, "--dp-client-noise must be at least 0.001"),
         # adaptive clipping's settings with a fixed clip were accepted and ignored
         ({"privacy": {"client_noise": 1.0, "client_count_noise": 1.0}}, "count-noise is adaptive clipping's"),
         ({"privacy": {"client_noise": 1.0, "client_clip_lr": 0.5}}, "clip-lr is adaptive clipping's"),

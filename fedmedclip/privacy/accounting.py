@@ -12,10 +12,10 @@ import logging
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
-from .settings import PrivacySettings
+from .settings import MIN_NOISE_MULTIPLIER, PrivacySettings
 
 # Calibration searches sigma in [MIN_SIGMA, MAX_SIGMA]: a target that needs more noise than this is refused.
-MIN_SIGMA, MAX_SIGMA = 1e-3, 1e4
+MIN_SIGMA, MAX_SIGMA = MIN_NOISE_MULTIPLIER, 1e4
 
 
 def _accountant(kind: str):
