@@ -303,6 +303,12 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "Trained WITHOUT differential privacy: nothing bounds what the shared updates or this model reveal "
             "about an individual patient of a site."
         )
+    if summary["dp.mode"] != "none" and results.get("federation") == "centralized":
+        card["warnings"].append(
+            "CENTRALIZED reference run: every site's training images were pooled at one holder, so they left "
+            "their sites. Its differential privacy protects their patients from the users of this model only, "
+            "not from that holder, and each site's record-level row below is the pooled training's."
+        )
     unaccounted = (privacy.get("record_level") or {}).get("unaccounted_rounds") or {}
     if unaccounted:
         card["warnings"].append(

@@ -330,3 +330,29 @@ def test_the_cards_client_level_line_says_what_it_protects_and_from_whom(tmp_pat
         line = next(x for x in render_markdown(build_card(run_dir)).splitlines() if "Client level" in x)
         assert "what a whole site's data contributed, not whether it took part" in line, line
         assert f"not against the server, which saw {seen}" in line, line
+
+
+def test_the_card_of_a_centralized_dp_run_says_the_images_left_their_sites(tmp_path):
+    """`train --federation centralized` with DP-SGD pools every site's images at one holder: its epsilon covers
+    the users of the model, not that holder, and each site's row is the pool's (its n, steps and sampling rate);
+    the card showed the per-site record-level rows of a federation without a word."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    site = {
+        "epsilon": 4.0,
+        "noise_multiplier": 1.2,
+        "steps": 116,
+        "sample_rate": 0.07,
+        "stopped_at_round": None,
+    }
+    record = {"clip": 1.0, "delta": 1e-5, "accountant": "rdp", "sites": {"site_0": site}, "epsilon_max": 4.0}
+    results = {
+        **json.loads(path.read_text()),
+        "privacy": {"record_level": record, "secure_aggregation": False},
+    }
+    for federation, warned in (("federated", False), ("centralized", True)):
+        path.write_text(json.dumps({**results, "federation": federation}))
+        md = render_markdown(build_card(run_dir))
+        assert (
+            "**WARNING** CENTRALIZED reference run: every site's training images were pooled" in md
+        ) is warned
