@@ -243,13 +243,35 @@ def test_client_level_dp_clips_each_update_and_noises_the_sum():
 def test_client_level_dp_runs_with_adaptive_clipping(synthetic_cache, tmp_path):
     # The count noise (0.3) keeps the adaptation's direction certain: with every update above the clip the
     # noisy unclipped fraction is N(0, 0.3^2) / 3 sites, below the 0.5 quantile but for a 5-sigma draw.
-    privacy = {"client_noise": 0.4, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 0.3}
+    privacy = {"client_noise": 0.2, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 0.3}
     results = engine.train(config(synthetic_cache, tmp_path / "run", privacy=privacy), progress=False)
     client = results["privacy"]["client_level"]
-    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.4, 2, 1e-5))
+    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.2, 2, 1e-5))
     clips = [rec["client_dp"]["clip"] for rec in results["history"]]
     assert clips[0] == 1e-4 and clips[1] > clips[0]  # every update was above the clip: it grows
     assert client["final_clip"] == clips[-1]
+
+
+def test_adaptive_clippings_two_mechanisms_compose_to_the_epsilon_reported():
+    """Under adaptive clipping a round runs two Gaussian mechanisms: the update sum (sensitivity S, noise
+    z_update S) and the unclipped count (noise sigma_b). One site's update replaced by no change moves the count
+    by up to 1 (a zero update is unclipped), and each round's sites are public; dp-accounting's figure for the
+    two must be the one reported for multiplier z. The paper's split (2 sigma_b, a sensitivity of 1/2) gave
+    z_update 0.537 for z 0.4 and sigma_b 0.3: a true multiplier of 0.26."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from fedmedclip.privacy.accounting import client_noise_split
+
+    z, sigma_b = 0.2, 0.3
+    settings = PrivacySettings(client_noise=z, client_quantile=0.5, client_count_noise=sigma_b)
+    z_update, count_noise = client_noise_split(settings, 3)
+    both = rdp.RdpAccountant()
+    both.compose(dp_accounting.GaussianDpEvent(z_update), 2)
+    both.compose(dp_accounting.GaussianDpEvent(count_noise), 2)
+    assert both.get_epsilon(1e-5) == pytest.approx(gaussian_rounds_epsilon(z, 2, 1e-5), rel=1e-9)
+    with pytest.raises(ConfigError, match="--dp-client-noise 0.4 must be below the count noise 0.3"):
+        client_noise_split(PrivacySettings(client_noise=0.4, client_quantile=0.5, client_count_noise=0.3), 3)
 
 
 def test_dp_flags_parse_into_the_configuration():
