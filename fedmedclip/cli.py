@@ -68,6 +68,8 @@ def config_from_args(args):
 
 def print_summary(results: dict, out: str) -> None:
     """What a person reads at the end of a run: the selected round and how, metrics, traffic, time."""
+    from .privacy.report import rounded
+
     m = results["metrics"]
     g = m["global"]
     print(
@@ -102,11 +104,13 @@ def print_summary(results: dict, out: str) -> None:
     privacy = results.get("privacy") or {}
     if privacy.get("epsilon") is not None:
         print(
-            f"  privacy     : epsilon {privacy['epsilon']:.4g} (largest over the sites) at delta {privacy['delta']:g}"
+            f"  privacy     : epsilon {rounded(privacy['epsilon'], 4)} (largest over the sites) at delta "
+            f"{rounded(privacy['delta'], 4)}"
         )
     if (privacy.get("client_level") or {}).get("epsilon") is not None:
         print(
-            f"  privacy     : client-level epsilon {privacy['client_level']['epsilon']:.4g} at delta {privacy['delta']:g}"
+            f"  privacy     : client-level epsilon {rounded(privacy['client_level']['epsilon'], 4)} at delta "
+            f"{rounded(privacy['delta'], 4)}"
         )
     print(f"results: {out}/results.json\nplots  : {out}/plots/accuracy.png, {out}/plots/reliability.png")
 

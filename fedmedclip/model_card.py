@@ -21,7 +21,7 @@ from .digests import ONNX_SHA256_TAG, canonical_digest
 from .errors import FedMedClipError
 from .jsonfiles import read_json
 from .metrics import bootstrap_intervals, metrics_from_confusion
-from .privacy.report import privacy_summary
+from .privacy.report import privacy_summary, rounded
 
 CARD_FORMAT = 1
 SECTIONS = (
@@ -275,6 +275,7 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             **summary,
             "record_level": privacy.get("record_level"),
             "client_level": privacy.get("client_level"),
+            "not_covered": _not_covered(registry.get("ood")),
         },
         "provenance": {
             "code_commit": registry.get("git_commit") or tags.get("git_commit") or results.get("git_commit"),
@@ -302,12 +303,59 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
             "Trained WITHOUT differential privacy: nothing bounds what the shared updates or this model reveal "
             "about an individual patient of a site."
         )
+    if summary["dp.mode"] != "none" and results.get("federation") == "centralized":
+        card["warnings"].append(
+            "CENTRALIZED reference run: every site's training images were pooled at one holder, so they left "
+            "their sites. Its differential privacy protects their patients from the users of this model only, "
+            "not from that holder, and each site's record-level row below is the pooled training's."
+        )
+    unaccounted = (privacy.get("record_level") or {}).get("unaccounted_rounds") or {}
+    if unaccounted:
+        card["warnings"].append(
+            "Some updates left their site after its last privacy report ("
+            + "; ".join(
+                f"{site}: round(s) {', '.join(map(str, rounds))}" for site, rounds in unaccounted.items()
+            )
+            + "): the site was gone, or its reports were refused, before it reported the steps behind them. "
+            + (
+                "Such a site's epsilon here is the most its DP-SGD plan allows, not a figure it reported."
+                if summary.get("dp.epsilon")
+                else "Nothing bounds the epsilon of a site that never reported: this model's record-level "
+                "epsilon is unknown."
+            )
+        )
     if worst is None or m.get("global", {}).get("confusion") is None:
         card["warnings"].append(
             "Some metrics have no confusion counts in the run directory (a run from before they were recorded, "
             "or a site whose counts did not check out): their confidence intervals are missing."
         )
     return card
+
+
+NOT_COVERED = [
+    "the metric reports and confusion counts the sites send",
+    "sample counts and other summaries that travel",
+    "the selection of the round on validation accuracy",
+    "the features cache at each site",
+    "the server's data: the reference set, whose features every site receives, and the global test set",
+]
+
+
+def _not_covered(ood: dict | None) -> list[str]:
+    """What no differential privacy of the run covers (docs/privacy.md), this model's OOD score included."""
+    if ood is None:
+        return list(NOT_COVERED)
+    cal = ood.get("calibration") or {}
+    holder = cal.get("holder", "the exporting party")
+    holder = "the server" if holder == "server" else holder
+    return [
+        *NOT_COVERED,
+        f"this model's out-of-distribution score and drift reference, fitted without DP on {holder}'s images: "
+        f"the Gaussians on {cal.get('fit_images', '?')} of them ({cal.get('fitted_on', 'n/a')}), the threshold on "
+        f"{cal.get('calibration_images', '?')} ({cal.get('calibrated_on', 'n/a')}), and the embeddings of "
+        f"{cal.get('reference_images', '?')} of those, one per image, stored in the model; every ood_score "
+        "depends on them",
+    ]
 
 
 def ood_facts(ood) -> dict | None:
@@ -512,12 +560,21 @@ def render_markdown(card: dict) -> str:
         out.append("- Differential privacy: **none**")
     if priv.get("record_level"):
         out += [
-            f"- Record level (each patient of a site): **epsilon {priv.get('dp.epsilon')}** (largest over sites), "
+            f"- Record level (each patient of a site): **epsilon {priv.get('dp.epsilon') or 'unknown'}** (largest "
+            "over sites), "
             f"delta {priv.get('dp.delta')}, per-example clip C = {priv.get('dp.clip')}, noise multiplier sigma "
             f">= {priv.get('dp.noise_multiplier')}, accountant {priv.get('dp.accountant')}",
             *[
-                f"  - {name}: epsilon {s.get('epsilon'):.4g}, sigma {s.get('noise_multiplier'):.4g}, "
+                f"  - {name}: epsilon {rounded(s.get('epsilon'), 4)}, sigma "
+                f"{rounded(s.get('noise_multiplier'), 4, up=False)}, "
                 f"{s.get('steps')} steps at sampling rate {s.get('sample_rate'):.4g}"
+                + (
+                    f" as of its last report (it reported epsilon {rounded(s['reported_epsilon'], 4)}; the epsilon "
+                    "is the "
+                    "most its plan allows)"
+                    if s.get("reported_epsilon") is not None
+                    else ""
+                )
                 + (
                     f", stopped by its budget in round {s['stopped_at_round']}"
                     if s.get("stopped_at_round")
@@ -527,15 +584,22 @@ def render_markdown(card: dict) -> str:
             ],
         ]
     if priv.get("client_level"):
+        noise_at = priv.get("dp.client_noise_at")
+        if noise_at == "sites":
+            seen = "each site's update with only its share of the noise"
+        elif priv.get("dp.secure_aggregation") == "on":
+            seen = "the exact sum of the updates before the noise"
+        else:
+            seen = "every site's update in the clear"
         out.append(
-            f"- Client level (a whole site): epsilon {priv.get('dp.client_epsilon')}, noise multiplier "
+            f"- Client level (what a whole site's data contributed, not whether it took part: each round's sites "
+            f"are public): epsilon {priv.get('dp.client_epsilon')}, noise multiplier "
             f"{priv.get('dp.client_noise_multiplier')}, update clip {priv.get('dp.client_clip')}, noise added at the "
-            f"{priv.get('dp.client_noise_at')}"
+            f"{noise_at}; against everyone who sees the published modules, not against the server, which saw {seen}"
         )
     out += [
         f"- Secure aggregation: {priv.get('dp.secure_aggregation', 'off')}",
-        "- Not covered: metric reports, sample counts and other summaries that travel, the selection of the "
-        "round on validation accuracy, the features cache at each site (docs/privacy.md).",
+        "- Not covered (docs/privacy.md): " + "; ".join(priv.get("not_covered") or NOT_COVERED) + ".",
         "",
         "## Provenance",
         "",
@@ -569,7 +633,8 @@ def _ood_lines(ood: dict | None) -> list[str]:
         f"on {cal.get('calibration_images', '?')} held-out images ({cal.get('calibrated_on', 'n/a')})",
         "- The endpoint answers every image with its class probabilities and `ood_score`, and `out_of_distribution` "
         "true above the threshold; `/metrics` reports the share flagged and a drift test against "
-        f"{cal.get('reference_images', '?')} reference embeddings stored in the model.",
+        f"the embeddings of {cal.get('reference_images', '?')} of {holder}'s held-out images, stored in the model "
+        "(no differential privacy covers them: see Privacy).",
         "- What the rate does not say: how many images of another kind go unflagged (README, *Performance*: "
         "measured on data the model never saw).",
     ]

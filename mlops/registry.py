@@ -370,7 +370,12 @@ def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float
             f"without record-level differential privacy (dp.mode {mode}); train with --dp-target-epsilon"
         )
     epsilon = _num(tags.get("dp.epsilon"))
-    if epsilon is None or epsilon > max_epsilon:
+    if epsilon is None:
+        raise PrivacyRefused(
+            f"refusing to promote {name} version {version} under --max-epsilon {max_epsilon:g}: its record-level "
+            "epsilon is unknown (a site sent updates without a privacy report that bounds them; see its model card)"
+        )
+    if epsilon > max_epsilon:
         raise PrivacyRefused(
             f"refusing to promote {name} version {version}: its epsilon {tags.get('dp.epsilon') or '(none)'} "
             f"(delta {tags.get('dp.delta', '?')}, largest over its sites) is above --max-epsilon {max_epsilon:g}"

@@ -14,7 +14,7 @@ import uuid
 
 import numpy as np
 
-from fedmedclip.digests import sha256_bytes
+from fedmedclip.digests import META_DRIFT_REFERENCE, sha256_bytes
 
 from . import metrics
 from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve
@@ -93,13 +93,15 @@ class FedMedClipModel(kserve.Model):
     def metadata(self) -> dict:
         """The protocol's model metadata (the server checks the model is loaded). `properties` (strings): what
         the server knows of the file under `served.`, and the ONNX metadata_props under `onnx.metadata.` (a
-        value over 4,096 characters by its sha256)."""
+        value over 4,096 characters by its sha256, and the drift reference by its sha256 whatever its size: one
+        embedding per held-out image of the exporting party, which no differential privacy covers and no
+        client needs)."""
         contract, s = self.classifier.contract, self.classifier.contract.image_size
         served = {"version": self.version, "origin": self.resolved.origin, "sha256": self.resolved.sha256}
         properties = {f"served.{key}": value for key, value in served.items()}
         properties["served.device"] = self.classifier.device
         for key, value in sorted(contract.metadata.items()):
-            if len(value) > 4096:
+            if len(value) > 4096 or key == META_DRIFT_REFERENCE:
                 value = f"sha256:{sha256_bytes(value.encode())} ({len(value)} characters)"
             properties[f"onnx.metadata.{key}"] = value
         shapes = {INPUT_UINT8: [-1, s, s, 3], INPUT_BYTES: [-1], "probabilities": [-1, contract.num_classes]}

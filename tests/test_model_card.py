@@ -216,3 +216,143 @@ def test_a_run_file_nested_too_deeply_is_one_line_for_the_card_and_for_track(tmp
     assert "results.json is not JSON (nested too deeply)" in err and "Traceback" not in err, err
     with pytest.raises(RunDirError, match="results.json is not valid JSON: nested too deeply"):
         read_run_dir(run_dir)
+
+
+def test_the_card_says_when_a_sites_ledger_leaves_out_updates_that_went_out(tmp_path):
+    """site_1's update of round 3 reached the server after its last report (round 2): the card warns, says its
+    epsilon is its plan's bound with the figure it reported; with a site bounded by nothing, the epsilon is
+    `unknown`, never the largest of the others."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text())
+    ledger = {
+        "epsilon": 5.5,
+        "noise_multiplier": 1.1,
+        "steps": 8,
+        "sample_rate": 0.2,
+        "stopped_at_round": None,
+    }
+    results["privacy"] = {
+        "record_level": {
+            "clip": 1.0,
+            "delta": 1e-5,
+            "accountant": "rdp",
+            "sites": {"site_0": ledger, "site_1": {**ledger, "epsilon": 6.0, "reported_epsilon": 4.0}},
+            "unaccounted_rounds": {"site_1": [3]},
+            "epsilon_max": 6.0,
+        },
+        "secure_aggregation": False,
+    }
+    path.write_text(json.dumps(results))
+    md = render_markdown(build_card(run_dir))
+    assert "**WARNING** Some updates left their site after its last privacy report (site_1: round(s) 3)" in md
+    assert "it reported epsilon 4; the epsilon is the most its plan allows" in md
+    results["privacy"]["record_level"]["epsilon_max"] = None
+    path.write_text(json.dumps(results))
+    md = render_markdown(build_card(run_dir))
+    assert "**epsilon unknown**" in md and "record-level epsilon is unknown" in md
+    # ... and the promotion gate reads it as unknown, not as an epsilon above the budget.
+    from fedmedclip.privacy.report import privacy_summary
+    from mlops.registry import check_privacy_budget
+
+    with pytest.raises(PrivacyRefused, match="its record-level epsilon is unknown"):
+        check_privacy_budget("fmc", "3", privacy_summary(results), 100.0)
+
+
+def test_the_epsilon_the_gate_and_the_card_read_is_never_below_the_runs(tmp_path):
+    """dp.epsilon was the run's epsilon rounded to the nearest 6 digits: 3.99988015 became "3.99988", which
+    `promote --max-epsilon 3.99988` let through. Epsilons are now rounded up (noise multipliers down) wherever
+    the run's privacy is printed for a decision: the tags, the ONNX metadata and the card."""
+    from fedmedclip.privacy.report import privacy_summary
+    from mlops.registry import check_privacy_budget
+
+    eps, sigma = 3.9998801553475376, 3.2741849515801276
+    site = {
+        "epsilon": eps,
+        "noise_multiplier": sigma,
+        "steps": 8,
+        "sample_rate": 1.0,
+        "stopped_at_round": None,
+    }
+    record = {"clip": 1.0, "delta": 1e-5, "accountant": "rdp", "sites": {"site_0": site}, "epsilon_max": eps}
+    results = {"privacy": {"record_level": record, "secure_aggregation": False}}
+    tags = privacy_summary(results)
+    assert tags["dp.epsilon"] == "3.99989" and tags["dp.noise_multiplier"] == "3.27418"
+    assert tags["dp.sites"] == "site_0:eps=3.99989:sigma=3.27418" and tags["dp.delta"] == "1e-05"
+    with pytest.raises(PrivacyRefused, match="its epsilon 3.99989"):
+        check_privacy_budget("fmc", "1", tags, 3.99988)
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **results}))
+    assert "  - site_0: epsilon 4, sigma 3.274, 8 steps" in render_markdown(build_card(run_dir))
+
+
+def test_the_card_says_the_ood_score_and_the_reference_set_are_not_covered(tmp_path):
+    """A site's exported model carries an OOD score fitted without DP on its own images (class means and
+    covariance of its training split, the threshold and one embedding per image of its validation and test
+    splits, in the ONNX metadata): the card's Privacy section lists it among what is not covered, beside the
+    server's reference set, which the card left out though docs/privacy.md lists it."""
+    run_dir = make_run_dir(tmp_path / "run")
+    calibration = {
+        "holder": "site_0",
+        "fitted_on": "the site's training split, labels",
+        "calibrated_on": "the site's validation and test splits",
+        "fit_images": 230,
+        "calibration_images": 58,
+        "reference_images": 58,
+    }
+    ood = {"method": "m", "threshold": 1.0, "false_alarm_rate": 0.05, "calibration": calibration}
+    card = build_card(run_dir, {"ood": ood})
+    md = render_markdown(card)
+    privacy = md.split("## Privacy\n", 1)[1].split("\n## ", 1)[0]
+    assert "the reference set, whose features every site receives" in privacy
+    assert (
+        "this model's out-of-distribution score and drift reference, fitted without DP on site_0's images: the "
+        "Gaussians on 230 of them (the site's training split, labels), the threshold on 58 (the site's validation "
+        "and test splits), and the embeddings of 58 of those, one per image, stored in the model" in privacy
+    )
+    assert card["privacy"]["not_covered"][-1].startswith("this model's out-of-distribution score")
+    assert "out-of-distribution" not in " ".join(build_card(run_dir)["privacy"]["not_covered"])
+
+
+def test_the_cards_client_level_line_says_what_it_protects_and_from_whom(tmp_path):
+    """Client-level DP's epsilon covers what a site's data contributed (its update replaced by no change), from
+    everyone who sees the published modules; the card said "a whole site" and nothing of whom: not the server,
+    which saw every update (or their exact sum under secure aggregation) before the noise, nor whether a site
+    took part (each round's sites are public)."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text())
+    client = {"noise_multiplier": 1.0, "noise_at": "server", "clip": 0.5, "epsilon": 7.08, "delta": 1e-5}
+    for secure, seen in ((False, "every site's update in the clear"), (True, "the exact sum of the updates")):
+        results["privacy"] = {"client_level": client, "secure_aggregation": secure}
+        path.write_text(json.dumps(results))
+        line = next(x for x in render_markdown(build_card(run_dir)).splitlines() if "Client level" in x)
+        assert "what a whole site's data contributed, not whether it took part" in line, line
+        assert f"not against the server, which saw {seen}" in line, line
+
+
+def test_the_card_of_a_centralized_dp_run_says_the_images_left_their_sites(tmp_path):
+    """`train --federation centralized` with DP-SGD pools every site's images at one holder: its epsilon covers
+    the users of the model, not that holder, and each site's row is the pool's (its n, steps and sampling rate);
+    the card showed the per-site record-level rows of a federation without a word."""
+    run_dir = make_run_dir(tmp_path / "run")
+    path = run_dir / "results.json"
+    site = {
+        "epsilon": 4.0,
+        "noise_multiplier": 1.2,
+        "steps": 116,
+        "sample_rate": 0.07,
+        "stopped_at_round": None,
+    }
+    record = {"clip": 1.0, "delta": 1e-5, "accountant": "rdp", "sites": {"site_0": site}, "epsilon_max": 4.0}
+    results = {
+        **json.loads(path.read_text()),
+        "privacy": {"record_level": record, "secure_aggregation": False},
+    }
+    for federation, warned in (("federated", False), ("centralized", True)):
+        path.write_text(json.dumps({**results, "federation": federation}))
+        md = render_markdown(build_card(run_dir))
+        assert (
+            "**WARNING** CENTRALIZED reference run: every site's training images were pooled" in md
+        ) is warned

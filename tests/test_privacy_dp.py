@@ -224,7 +224,8 @@ def test_a_resumed_dp_run_continues_exactly(synthetic_cache, tmp_path, monkeypat
 
 
 def test_client_level_dp_clips_each_update_and_noises_the_sum():
-    settings = PrivacySettings.from_config({"client_noise": 1e-6, "client_clip": 0.5})
+    # Unchecked: a noise multiplier below the flags' floor, so that the mean is the clipped one to 1e-4.
+    settings = PrivacySettings(client_noise=1e-6, client_clip=0.5)
     dp = ClientPrivacy(settings, sites=3, quorum=3, key=b"k" * 32)
     previous = {"w": torch.zeros(100), "count": torch.tensor(7)}
     states = [
@@ -242,13 +243,35 @@ def test_client_level_dp_clips_each_update_and_noises_the_sum():
 def test_client_level_dp_runs_with_adaptive_clipping(synthetic_cache, tmp_path):
     # The count noise (0.3) keeps the adaptation's direction certain: with every update above the clip the
     # noisy unclipped fraction is N(0, 0.3^2) / 3 sites, below the 0.5 quantile but for a 5-sigma draw.
-    privacy = {"client_noise": 0.4, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 0.3}
+    privacy = {"client_noise": 0.2, "client_clip": 1e-4, "client_quantile": 0.5, "client_count_noise": 0.3}
     results = engine.train(config(synthetic_cache, tmp_path / "run", privacy=privacy), progress=False)
     client = results["privacy"]["client_level"]
-    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.4, 2, 1e-5))
+    assert client["epsilon"] == pytest.approx(gaussian_rounds_epsilon(0.2, 2, 1e-5))
     clips = [rec["client_dp"]["clip"] for rec in results["history"]]
     assert clips[0] == 1e-4 and clips[1] > clips[0]  # every update was above the clip: it grows
     assert client["final_clip"] == clips[-1]
+
+
+def test_adaptive_clippings_two_mechanisms_compose_to_the_epsilon_reported():
+    """Under adaptive clipping a round runs two Gaussian mechanisms: the update sum (sensitivity S, noise
+    z_update S) and the unclipped count (noise sigma_b). One site's update replaced by no change moves the count
+    by up to 1 (a zero update is unclipped), and each round's sites are public; dp-accounting's figure for the
+    two must be the one reported for multiplier z. The paper's split (2 sigma_b, a sensitivity of 1/2) gave
+    z_update 0.537 for z 0.4 and sigma_b 0.3: a true multiplier of 0.26."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from fedmedclip.privacy.accounting import client_noise_split
+
+    z, sigma_b = 0.2, 0.3
+    settings = PrivacySettings(client_noise=z, client_quantile=0.5, client_count_noise=sigma_b)
+    z_update, count_noise = client_noise_split(settings, 3)
+    both = rdp.RdpAccountant()
+    both.compose(dp_accounting.GaussianDpEvent(z_update), 2)
+    both.compose(dp_accounting.GaussianDpEvent(count_noise), 2)
+    assert both.get_epsilon(1e-5) == pytest.approx(gaussian_rounds_epsilon(z, 2, 1e-5), rel=1e-9)
+    with pytest.raises(ConfigError, match="--dp-client-noise 0.4 must be below the count noise 0.3"):
+        client_noise_split(PrivacySettings(client_noise=0.4, client_quantile=0.5, client_count_noise=0.3), 3)
 
 
 def test_dp_flags_parse_into_the_configuration():
@@ -278,6 +301,9 @@ def test_dp_flags_parse_into_the_configuration():
         # 1e300 passed, then overflowed the accountant (a traceback) or failed the first report after training
         ({"privacy": {"noise_multiplier": 1e300}}, "--dp-noise-multiplier must be at most 1e"),
         ({"privacy": {"target_epsilon": 1e300}}, "--dp-target-epsilon must be at most 1e"),
+        # dp-accounting reported epsilon 0.0 for a Poisson-sampled DP-SGD at a noise multiplier of 1e-155
+        ({"privacy": {"noise_multiplier": 1e-155}}, "--dp-noise-multiplier must be at least 0.001"),
+        ({"privacy": {"client_noise": 1e-170}}, "--dp-client-noise must be at least 0.001"),
         # adaptive clipping's settings with a fixed clip were accepted and ignored
         ({"privacy": {"client_noise": 1.0, "client_count_noise": 1.0}}, "count-noise is adaptive clipping's"),
         ({"privacy": {"client_noise": 1.0, "client_clip_lr": 0.5}}, "clip-lr is adaptive clipping's"),
@@ -381,3 +407,78 @@ def test_fedmedclips_dp_options_out_of_range_are_refused_naming_the_option(optio
     ctx = MethodContext(feature_dim=8, num_classes=4, text_features=torch.zeros(4, 8), options=option)
     with pytest.raises(ConfigError, match=f"option {next(iter(option))}="):
         METHODS["fedmedclip"](ctx)
+
+
+def _ledger(n: int, sigma: float, steps: int, planned: int, budget: float | None = None) -> dict:
+    q = BATCH / n
+    return {
+        "epsilon": dpsgd_epsilon(q, sigma, steps, 1e-5),
+        "delta": 1e-5,
+        "noise_multiplier": sigma,
+        "clip": 1.0,
+        "sample_rate": q,
+        "steps": steps,
+        "planned_steps": planned,
+        "n_train": n,
+        "accountant": "rdp",
+        "budget": budget,
+        "stopped_at_round": None,
+    }
+
+
+def test_an_update_that_went_out_after_a_sites_last_report_is_accounted_at_its_plan():
+    """The server aggregated site_1's update of round 2, but site_1 was gone before its report of round 2: its
+    newest ledger is round 1's, which leaves out the steps behind that update. Its epsilon is then the most its
+    plan allows (its own figure kept as `reported_epsilon`), never round 1's; site_2 sent updates and no usable
+    report: the target bounds it, and without a target the largest epsilon is unknown rather than understated."""
+    from fedmedclip.privacy.report import privacy_results
+
+    sigma, n, per_round = 1.1, 35, 4
+    sites = ["site_0", "site_1", "site_2"]
+    history = [{"round": r, "sites_present": sites, "rejected": {}} for r in (1, 2)]
+    reports = {
+        r: {"sites": {s: {"privacy": _ledger(n, sigma, r * per_round, 2 * per_round)} for s in sites[:2]}}
+        for r in (1, 2)
+    }
+    reports[2]["sites"]["site_1"] = None  # gone after uploading round 2
+    section = privacy_results({"noise_multiplier": sigma}, sites, reports, history)["record_level"]
+    planned = dpsgd_epsilon(BATCH / n, sigma, 2 * per_round, 1e-5)
+    assert section["sites"]["site_1"]["epsilon"] == pytest.approx(planned)
+    assert (
+        section["sites"]["site_1"]["reported_epsilon"] == reports[1]["sites"]["site_1"]["privacy"]["epsilon"]
+    )
+    assert "reported_epsilon" not in section["sites"]["site_0"]
+    assert section["unaccounted_rounds"] == {"site_1": [2], "site_2": [1, 2]}
+    assert section["epsilon_max"] is None  # site_2: nothing bounds it without a target
+    with_target = {"noise_multiplier": sigma, "target_epsilon": 50.0}
+    for r in (1, 2):
+        for s in sites[:2]:
+            if reports[r]["sites"][s]:
+                reports[r]["sites"][s]["privacy"]["budget"] = 50.0
+    section = privacy_results(with_target, sites, reports, history)["record_level"]
+    assert section["epsilon_max"] == 50.0  # site_2's bound: the most any site of the run may spend
+
+
+def test_a_restart_may_not_lower_the_quorum_the_sites_noise_is_sized_for(synthetic_cache, tmp_path):
+    """With client-level noise at the sites each site adds N(0, (z S)^2 / quorum), the quorum of the manifest:
+    a server restarted with a lower --quorum (an operational setting otherwise) would publish sums of fewer
+    sites with less noise than the reported epsilon assumes. It is refused; the same or a higher one resumes."""
+    from test_composition_audit import start_server
+
+    from fedmedclip.federation.server import FederationError
+    from fedmedclip.preparation import prepare
+
+    cfg = TrainConfig(
+        rounds=1,
+        synthetic=SYNTH,
+        cache_dir=str(synthetic_cache),
+        out="unused",
+        privacy={"client_noise": 1.0, "client_noise_at": "sites"},
+    ).validate()
+    p = prepare(cfg, progress=False)
+    start_server(cfg, p, tmp_path, quorum=2)
+    with pytest.raises(
+        FederationError, match=r"noise at the sites, each share sized for its quorum 2: --quorum 1"
+    ):
+        start_server(cfg, p, tmp_path, quorum=1)
+    assert start_server(cfg, p, tmp_path, quorum=3).manifest["quorum"] == 3

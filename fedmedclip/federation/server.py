@@ -297,6 +297,7 @@ class FederationServer:
                     f"run {self.mb.run_id} already exists in {self.mb.store.url} with other settings "
                     f"(differing: {', '.join(diff)}): use another --run-id, or the same settings to resume it"
                 )
+            self._check_noise_quorum(existing.get("quorum"))
         if existing != mine:
             from safetensors.torch import save
 
@@ -327,6 +328,20 @@ class FederationServer:
             self._status("done", f"selected round {selected}", best_round=selected)
         else:
             self._status(self._waiting_state())
+
+    def _check_noise_quorum(self, recorded) -> None:
+        """Client-level DP with the noise at the sites: each site adds N(0, (z S)^2 / quorum) with the quorum
+        of the manifest it read, so that any quorum of sites sums to the full noise. The quorum is otherwise
+        operational; a lower one here would publish sums of fewer sites with less noise than the epsilon
+        reported assumes."""
+        settings = self.method.ctx.privacy
+        at_sites = settings is not None and settings.client_level and settings.client_noise_at == "sites"
+        if at_sites and isinstance(recorded, int) and self.quorum < recorded:
+            raise FederationError(
+                f"run {self.mb.run_id} adds client-level DP noise at the sites, each share sized for its quorum "
+                f"{recorded}: --quorum {self.quorum} would aggregate fewer sites, with less noise than its "
+                f"epsilon assumes; resume it with --quorum {recorded} or more"
+            )
 
     def _waiting_state(self) -> str:
         return "waiting_reports" if self.phase == "reports" else "waiting_updates"

@@ -12,10 +12,10 @@ import logging
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
-from .settings import PrivacySettings
+from .settings import MIN_NOISE_MULTIPLIER, PrivacySettings
 
 # Calibration searches sigma in [MIN_SIGMA, MAX_SIGMA]: a target that needs more noise than this is refused.
-MIN_SIGMA, MAX_SIGMA = 1e-3, 1e4
+MIN_SIGMA, MAX_SIGMA = MIN_NOISE_MULTIPLIER, 1e4
 
 
 def _accountant(kind: str):
@@ -181,16 +181,19 @@ def plan_site(
 def client_noise_split(settings: PrivacySettings, sites: int) -> tuple[float, float]:
     """(noise multiplier of the update sum, std of the noise on the clipped-count) for client-level DP. With
     adaptive clipping the count is a second Gaussian mechanism; both compose to one of multiplier z (Andrew
-    et al. 2021, Eq. 2): z_update = (z^-2 - (2 sigma_b)^-2)^-1/2."""
+    et al. 2021, Thm 1): z_update = (z^-2 - sigma_b^-2)^-1/2. The paper's 2 sigma_b takes the count's
+    sensitivity as 1/2 (indicators centred at 1/2, one site added or removed with the number of sites hidden);
+    here each round's sites are public and a site's update replaced by no change counts as unclipped, so one
+    site moves the count by up to 1."""
     z = float(settings.client_noise)
     if settings.client_quantile is None:
         return z, 0.0
     sigma_b = settings.client_count_noise if settings.client_count_noise is not None else sites / 20.0
     if sigma_b <= 0:
         raise ConfigError("--dp-client-count-noise must be positive with adaptive clipping")
-    if not 2 * sigma_b > z:
+    if not sigma_b > z:
         raise ConfigError(
             f"adaptive clipping spends part of the noise on the clipped-count: --dp-client-noise {z:g} must be "
-            f"below 2 x the count noise {sigma_b:g} (--dp-client-count-noise)"
+            f"below the count noise {sigma_b:g} (--dp-client-count-noise)"
         )
-    return (z**-2 - (2 * sigma_b) ** -2) ** -0.5, float(sigma_b)
+    return (z**-2 - sigma_b**-2) ** -0.5, float(sigma_b)

@@ -1,7 +1,9 @@
 """Client-level DP (DP-FedAvg, McMahan et al. 2018; adaptive clipping after Andrew et al. 2021): every site's
 update, as its difference to the global module it received, is clipped to norm S; the clipped differences
-are averaged with equal weights and Gaussian noise of std z*S is added to their sum. It hides whether a whole
-site took part, which needs many sites: with 3-10 hospitals the noise drowns the signal (docs/privacy.md).
+are averaged with equal weights and Gaussian noise of std z*S is added to their sum. It hides what a whole site's
+data contributed (each round's update replaced by no change, sensitivity S), not whether it took part (each
+round's participants are public), which needs many sites: with 3-10 hospitals the noise drowns the signal
+(docs/privacy.md).
 
 - noise at the server (default): a trusted aggregator. Sites send their updates as usual; the server clips
   each one, adds the noise to the sum, and with `client_quantile` adapts S toward that quantile of the

@@ -57,14 +57,75 @@ def attach_epsilon(record: dict, site_privacy: dict[str, dict | None]) -> dict:
     return record
 
 
-def last_site_privacy(site_names: list[str], reports: dict[int, dict]) -> dict[str, dict]:
-    """Each site's newest privacy report over the rounds (`reports[r]["sites"][name]["privacy"]`)."""
-    out: dict[str, dict] = {}
+def last_site_privacy(site_names: list[str], reports: dict[int, dict]) -> dict[str, tuple[int, dict]]:
+    """Each site's newest privacy report over the rounds (`reports[r]["sites"][name]["privacy"]`), with its
+    round."""
+    out: dict[str, tuple[int, dict]] = {}
     for r in sorted(reports):
         for name, rep in (reports[r].get("sites") or {}).items():
             if name in site_names and isinstance(rep, dict) and rep.get("privacy"):
-                out[name] = rep["privacy"]
+                out[name] = (r, rep["privacy"])
     return {n: out[n] for n in site_names if n in out}
+
+
+def sent_rounds(history: list[dict], site: str) -> list[int]:
+    """The rounds in which `site`'s update reached the server: aggregated, or read and set aside (it left the
+    site either way). A refused report is no update."""
+    out = []
+    for rec in history:
+        why = (rec.get("rejected") or {}).get(site)
+        refused = isinstance(why, str) and not why.startswith("report:")
+        if site in (rec.get("sites_present") or ()) or refused:
+            out.append(rec["round"])
+    return out
+
+
+def plan_bound(ledger: dict, accountant: str) -> float:
+    """The most a site's DP-SGD plan lets it spend: its planned steps at its sampling rate and noise, or its
+    budget when it has one (it takes no step beyond it)."""
+    from .accounting import dpsgd_epsilon
+
+    eps = dpsgd_epsilon(
+        ledger["sample_rate"],
+        ledger["noise_multiplier"],
+        ledger["planned_steps"],
+        ledger["delta"],
+        ledger.get("accountant") or accountant,
+    )
+    return min(eps, ledger["budget"]) if ledger.get("budget") is not None else eps
+
+
+def record_level_sites(
+    settings: PrivacySettings, site_names: list[str], reports: dict[int, dict], history: list[dict]
+) -> tuple[dict[str, dict], dict[str, list[int]], float | None]:
+    """(each site's ledger, the rounds no ledger covers per site, the largest epsilon over the sites).
+
+    A site's ledger is its newest report's. An update that reached the server after that report (the site
+    was gone before reporting that round, or its reports were refused) cost steps the ledger does not count:
+    that site's epsilon is then the most its plan allows (`reported_epsilon` keeps its own figure). A site
+    that sent updates and no usable report at all is bounded by the target epsilon, the most any site of the
+    run may spend; without a target nothing bounds it and the largest epsilon is unknown (None)."""
+    ledgers = last_site_privacy(site_names, reports)
+    sites: dict[str, dict] = {}
+    unaccounted: dict[str, list[int]] = {}
+    bounds: list[float | None] = []
+    for name in site_names:
+        reported_round, ledger = ledgers.get(name, (0, None))
+        late = [r for r in sent_rounds(history, name) if r > reported_round]
+        if late:
+            unaccounted[name] = late
+        if ledger is None:
+            if late:
+                bounds.append(settings.target_epsilon)
+            continue
+        sites[name] = dict(ledger)
+        if late:
+            sites[name]["reported_epsilon"] = ledger["epsilon"]
+            sites[name]["epsilon"] = max(ledger["epsilon"], plan_bound(ledger, settings.accountant))
+        bounds.append(sites[name]["epsilon"])
+    if any(b is None for b in bounds):
+        return sites, unaccounted, None
+    return sites, unaccounted, max(bounds) if bounds else None
 
 
 def privacy_results(
@@ -86,8 +147,7 @@ def privacy_results(
         "settings": settings.to_config(),
     }
     if settings.record_level:
-        sites = last_site_privacy(site_names, reports)
-        eps = [s["epsilon"] for s in sites.values()]
+        sites, unaccounted, epsilon_max = record_level_sites(settings, site_names, reports, history)
         section["record_level"] = {
             "mechanism": "DP-SGD (Poisson sampling, per-example clipping, Gaussian noise) at each site",
             "accountant": settings.accountant,
@@ -96,7 +156,8 @@ def privacy_results(
             "delta": settings.delta,
             "sites": sites,
             "sites_without_report": [n for n in site_names if n not in sites],
-            "epsilon_max": max(eps) if eps else None,
+            "unaccounted_rounds": unaccounted,
+            "epsilon_max": epsilon_max,
         }
         section["epsilon"] = section["record_level"]["epsilon_max"]
     if settings.client_level:
@@ -129,13 +190,13 @@ def privacy_summary(results: dict) -> dict[str, str]:
         sigmas = [s["noise_multiplier"] for s in sites.values() if s.get("noise_multiplier") is not None]
         out.update(
             {
-                "dp.epsilon": _fmt(rec.get("epsilon_max")),
-                "dp.delta": _fmt(rec.get("delta")),
+                "dp.epsilon": rounded(rec.get("epsilon_max")),
+                "dp.delta": rounded(rec.get("delta")),
                 "dp.clip": _fmt(rec.get("clip")),
-                "dp.noise_multiplier": _fmt(min(sigmas)) if sigmas else "",
+                "dp.noise_multiplier": rounded(min(sigmas), up=False) if sigmas else "",
                 "dp.accountant": str(rec.get("accountant")),
                 "dp.sites": ",".join(
-                    f"{n}:eps={_fmt(s.get('epsilon'))}:sigma={_fmt(s.get('noise_multiplier'))}"
+                    f"{n}:eps={rounded(s.get('epsilon'))}:sigma={rounded(s.get('noise_multiplier'), up=False)}"
                     for n, s in sites.items()
                 ),
             }
@@ -143,15 +204,33 @@ def privacy_summary(results: dict) -> dict[str, str]:
     if cli:
         out.update(
             {
-                "dp.client_epsilon": _fmt(cli.get("epsilon")),
-                "dp.client_noise_multiplier": _fmt(cli.get("noise_multiplier")),
+                "dp.client_epsilon": rounded(cli.get("epsilon")),
+                "dp.client_noise_multiplier": rounded(cli.get("noise_multiplier"), up=False),
                 "dp.client_clip": _fmt(cli.get("final_clip") or cli.get("clip")),
                 "dp.client_noise_at": str(cli.get("noise_at")),
             }
         )
-        out.setdefault("dp.delta", _fmt(cli.get("delta")))
+        out.setdefault("dp.delta", rounded(cli.get("delta")))
     return out
 
 
 def _fmt(v) -> str:
     return "" if v is None else f"{float(v):.6g}"
+
+
+def rounded(v, digits: int = 6, up: bool = True) -> str:
+    """`v` in `digits` significant digits, rounded up (an epsilon or a delta: the text never claims less
+    than the run spent, which `promote --max-epsilon` compares with) or down (a noise multiplier: never more
+    noise than it had); "" for None. Rounding to the nearest printed 3.9998802 as 3.99988."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+    if v is None:
+        return ""
+    # Its shortest repr, which reads back as the same float: a bound on it reads back as a float on the same
+    # side of it (the float's exact binary value would turn 1e-05 into 1.00001e-05).
+    exact = Decimal(repr(float(v)))
+    if not exact:
+        return "0"
+    step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    bound = float(exact.quantize(step, rounding=ROUND_CEILING if up else ROUND_FLOOR))
+    return f"{bound:.{digits}g}"

@@ -29,6 +29,10 @@ DEFAULT_CLIP = 1.0
 # party's message (fedmedclip/federation/messages.py, which reads it from here): a setting above it would make a
 # run fail after training (its reports refused), or overflow the accountant (a noise multiplier of 1e300).
 LARGEST = 1e30
+# The least noise multiplier a setting may hold (the calibration's floor too): below it dp-accounting's figure
+# stops meaning anything (epsilon 5.5e300 at 1e-150, then 0.0 for a Poisson-sampled step at 1e-155, then a
+# ZeroDivisionError), and above it epsilon is already in the millions per step.
+MIN_NOISE_MULTIPLIER = 1e-3
 ACCOUNTANTS = ("rdp", "pld")
 NOISE_PLACEMENTS = ("server", "sites")
 
@@ -156,6 +160,13 @@ class PrivacySettings:
 
         for name in ("target_epsilon", "noise_multiplier", "clip", "client_noise", "client_clip"):
             positive(name, getattr(self, name))
+        for name in ("noise_multiplier", "client_noise"):
+            value = getattr(self, name)
+            if value is not None and value < MIN_NOISE_MULTIPLIER:
+                raise ConfigError(
+                    f"--dp-{name.replace('_', '-')} must be at least {MIN_NOISE_MULTIPLIER:g}, got {value!r}: with "
+                    "less noise the accountant's epsilon means nothing (at 1e-155 it even reports 0)"
+                )
         positive("client_clip_lr", self.client_clip_lr)
         positive("client_count_noise", self.client_count_noise, allow_zero=True)
         positive("delta", self.delta)
