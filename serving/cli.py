@@ -18,7 +18,7 @@ from pathlib import Path
 from fedmedclip.errors import FedMedClipError, run_command
 from fedmedclip.flags import SERVE, add_config_arguments, options_from_args
 
-from .errors import ServingError
+from .errors import ServingError, printable
 from .options import Batching, Limits, ModelOptions, MonitorOptions, ServerOptions
 
 
@@ -162,11 +162,20 @@ class _StderrHandler(logging.StreamHandler):
     stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Each record's line with its control characters escaped: a request's URL path reaches the server
+    percent-decoded, so a client could put ESC sequences, NEL or U+2028 into a refusal's line. A traceback the
+    server logs with exc_info is added after this and keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def _log_to_stderr(level: str) -> None:
     ours = logging.getLogger("fedmedclip")
     if not any(isinstance(h, _StderrHandler) for h in ours.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(process)s %(name)s %(levelname)s %(message)s"))
+        handler.setFormatter(_OneLineFormatter("%(asctime)s %(process)s %(name)s %(levelname)s %(message)s"))
         ours.addHandler(handler)
         ours.propagate = False  # the core CLI's root handler would print every line twice
     ours.setLevel(level)

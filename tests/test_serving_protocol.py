@@ -454,6 +454,21 @@ def test_hostile_json_gets_a_4xx_one_log_line_and_no_echo(server, spec, tmp_path
     assert requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30).ok
 
 
+def test_a_client_cannot_write_control_characters_into_the_log(server):
+    """The URL path reaches the server percent-decoded and a refusal's log line names it: its ESC sequences,
+    NEL, U+2028, backspace and DEL are written as escapes, never as themselves."""
+    hostile = "%1b[2J%1b[31mFORGED%c2%85NEL%e2%80%a8LS%08%7f"
+    before = refusals(server)
+    assert requests.get(url(server, f"/nope{hostile}"), timeout=10).status_code == 404
+    resp = requests.post(url(server, f"/v2/models/{MODEL}/versions/{hostile}/infer"), data=b"{}", timeout=10)
+    assert resp.status_code == 404
+    wait_for_refusals(server, before + 2)
+    log = server.log()
+    assert not {"\x1b", "\x85", "\u2028", "\x08", "\x7f"} & set(log), "a client wrote control characters"
+    forged = [line for line in log.splitlines() if "FORGED" in line]
+    assert len(forged) == 2 and all("\\x1b[31mFORGED\\x85NEL\\u2028LS\\x08\\x7f" in f for f in forged), forged
+
+
 def test_short_png_and_chunked_and_slow_bodies(server, spec):
     """A PNG whose data ends after one of its rows: 400 (PIL would pad it with zeros). A chunked body over
     --max-request-bytes: 413. A body announced and never sent: 408 after --body-timeout."""
