@@ -7,12 +7,14 @@ status code (never a traceback), and ModelMetadata carries the protocol's `prope
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 
 import grpc
 from grpc import aio
 
+from . import metrics
 from ._kserve import (
     InferRequest,
     control_model_name,
@@ -165,10 +167,60 @@ def _parameters(parameters, where: str, budget: Budget) -> dict | None:
 _MAX_GRPC_MESSAGE = 2**31 - 1
 
 
-def build_server(state: ServerState, budget: Budget, address: str, max_message_bytes: int) -> aio.Server:
+def build_server(
+    state: ServerState, budget: Budget, address: str, max_message_bytes: int, body_timeout_s: float
+) -> aio.Server:
     limit = min(max_message_bytes, _MAX_GRPC_MESSAGE)
     server = aio.server(options=[(f"grpc.max_{d}_message_length", limit) for d in ("send", "receive")])
-    grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), server)
+    generated = _Generated()
+    grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), generated)
+    handlers = {
+        method: _message_within(handler, f"gRPC {method}", state, body_timeout_s)
+        for method, handler in generated.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(generated.service, handlers),))
+    server.add_registered_method_handlers(generated.service, handlers)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC cannot listen on {address}")
     return server
+
+
+class _Generated:
+    """Stands for the server in the generated `add_GRPCInferenceServiceServicer_to_server`: keeps the method
+    handlers it registers, which build_server registers again, each reading its message within a deadline."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # the same handlers as below, behind one generic handler
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _message_within(handler, where: str, state: ServerState, seconds: float):
+    """The unary `handler` as one that reads its request message within `seconds` (--body-timeout, as a REST
+    body), else DEADLINE_EXCEEDED. A unary handler waits for its message as long as the client likes: a
+    message announced and not sent held its call, and what had arrived of it (up to the message limit, per
+    call, any number of calls), for good. On the wire a stream-unary call with one message is a unary one."""
+    rpc = handler.unary_unary
+
+    async def read_then_answer(request_iterator, context):
+        try:
+            request = await asyncio.wait_for(context.read(), seconds)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            request = RequestRejected(
+                "body_timeout",
+                f"the request message did not arrive within {seconds:g} s (server option --body-timeout)",
+                408,
+            )
+        if request is aio.EOF:
+            request = RequestRejected("bad_request", "the call ended without a request message")
+        if isinstance(request, RequestRejected):
+            told = state.failed(request, metrics.NO_MODEL, where, lambda status: _code(status).name)
+            await context.abort(_code(told.status), told.message)
+        return await rpc(request, context)
+
+    return grpc.stream_unary_rpc_method_handler(
+        read_then_answer,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -167,7 +167,9 @@ class ServerOptions(_Checked):
     no_grpc: bool = _server(False, "serve REST only")
     access_log: bool = _server(False, "log every request (off: it costs throughput)")
     body_timeout: float = _server(
-        30.0, "seconds a REST request body may take to arrive; a body announced and not sent gets 408"
+        30.0,
+        "seconds a request body (REST) or request message (gRPC) may take to arrive; one announced and not sent "
+        "gets 408 (gRPC DEADLINE_EXCEEDED)",
     )
     drain_seconds: float = _server(
         5.0,

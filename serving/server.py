@@ -66,7 +66,11 @@ async def serve(models: list, options: ServerOptions) -> None:
     if not options.no_grpc:
         host = f"[{options.host}]" if ":" in options.host else options.host
         grpc_server = build_server(
-            state, parser.budget, f"{host}:{options.grpc_port}", max_request_bytes + _GRPC_OVERHEAD
+            state,
+            parser.budget,
+            f"{host}:{options.grpc_port}",
+            max_request_bytes + _GRPC_OVERHEAD,
+            options.body_timeout,
         )
         await grpc_server.start()
 

@@ -16,6 +16,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -469,11 +470,38 @@ def test_a_client_cannot_write_control_characters_into_the_log(server):
     assert len(forged) == 2 and all("\\x1b[31mFORGED\\x85NEL\\u2028LS\\x08\\x7f" in f for f in forged), forged
 
 
+def _stalled_grpc_call(server, answer: dict) -> None:
+    """A ModelInfer call whose request message never comes (the stream stays open, nothing is sent): what the
+    server answers, in `answer`."""
+    import grpc
+
+    sent = threading.Event()
+
+    def nothing():
+        sent.wait(120)
+        yield from ()
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        try:
+            channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")(nothing(), timeout=60)
+        except grpc.RpcError as exc:
+            answer.update(code=exc.code(), details=exc.details())
+        finally:
+            sent.set()
+
+
 def test_short_png_and_chunked_and_slow_bodies(server, spec):
     """A PNG whose data ends after one of its rows: 400 (PIL would pad it with zeros). A chunked body over
-    --max-request-bytes: 413. A body announced and never sent: 408 after --body-timeout."""
+    --max-request-bytes: 413. A body announced and never sent: 408 after --body-timeout, and a gRPC request
+    message announced and never sent: DEADLINE_EXCEEDED after --body-timeout (it was held for good)."""
     import struct
     import zlib
+
+    import grpc
+
+    grpc_answer: dict = {}
+    stalled = threading.Thread(target=_stalled_grpc_call, args=(server, grpc_answer))
+    stalled.start()  # waits out --body-timeout alongside the REST body below
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -508,6 +536,9 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
             answer += data
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"--body-timeout" in answer
+    stalled.join(120)
+    assert grpc_answer.get("code") == grpc.StatusCode.DEADLINE_EXCEEDED, grpc_answer
+    assert "--body-timeout" in grpc_answer["details"], grpc_answer
 
 
 def test_metric_labels_stay_bounded(server):
