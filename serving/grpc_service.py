@@ -171,7 +171,11 @@ def build_server(
     state: ServerState, budget: Budget, address: str, max_message_bytes: int, body_timeout_s: float
 ) -> aio.Server:
     limit = min(max_message_bytes, _MAX_GRPC_MESSAGE)
-    server = aio.server(options=[(f"grpc.max_{d}_message_length", limit) for d in ("send", "receive")])
+    options = [(f"grpc.max_{d}_message_length", limit) for d in ("send", "receive")]
+    # A connection without a call for --body-timeout is closed (GOAWAY; a client reconnects for its next call):
+    # silent connections were held for good, each a file descriptor of the process REST answers from too.
+    options.append(("grpc.max_connection_idle_ms", max(1, round(body_timeout_s * 1000))))
+    server = aio.server(options=options)
     generated = _Generated()
     grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state, budget), generated)
     handlers = {

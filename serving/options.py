@@ -169,7 +169,8 @@ class ServerOptions(_Checked):
     body_timeout: float = _server(
         30.0,
         "seconds a request body (REST) or request message (gRPC) may take to arrive; one announced and not sent "
-        "gets 408 (gRPC DEADLINE_EXCEEDED)",
+        "gets 408 (gRPC DEADLINE_EXCEEDED). Also the longest a connection is kept waiting for a request head "
+        "(REST) or a call (gRPC)",
     )
     drain_seconds: float = _server(
         5.0,

@@ -19,7 +19,7 @@ import uvicorn
 from .grpc_service import build_server
 from .options import ServerOptions
 from .protocol import Budget, JsonParser
-from .rest import RestApi
+from .rest import RestApi, head_deadline_protocol
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
@@ -58,6 +58,7 @@ async def serve(models: list, options: ServerOptions) -> None:
             port=options.http_port,
             log_config=None,
             lifespan="off",
+            http=head_deadline_protocol(options.body_timeout),
             access_log=options.access_log,
             timeout_graceful_shutdown=int(options.grace_period),
         )

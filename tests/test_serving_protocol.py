@@ -490,10 +490,40 @@ def _stalled_grpc_call(server, answer: dict) -> None:
             sent.set()
 
 
+def _until_closed(sock: socket.socket) -> bytes:
+    """What the server sends on `sock` until it closes it (a failed test after two minutes)."""
+    sock.settimeout(120)
+    got = b""
+    while data := sock.recv(65536):
+        got += data
+    sock.close()
+    return got
+
+
+def _http2_connection_without_calls(host: str, port: int) -> socket.socket:
+    """An HTTP/2 connection as a gRPC client opens one (preface, SETTINGS, and the ACK of the server's: gRPC
+    drops a peer that never acknowledges them), on which no call is ever made."""
+    sock = socket.create_connection((host, port), timeout=60)
+    settings, settings_ack = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]), bytes([0, 0, 0, 4, 1, 0, 0, 0, 0])  # empty
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
+    head = b""
+    while len(head) < 9:  # the server's SETTINGS frame comes first: its header, then its payload
+        head += sock.recv(9 - len(head))
+    assert head[3] == 4, head
+    length, payload = int.from_bytes(head[:3], "big"), b""
+    while len(payload) < length:
+        payload += sock.recv(length - len(payload))
+    sock.sendall(settings_ack)
+    return sock
+
+
 def test_short_png_and_chunked_and_slow_bodies(server, spec):
     """A PNG whose data ends after one of its rows: 400 (PIL would pad it with zeros). A chunked body over
     --max-request-bytes: 413. A body announced and never sent: 408 after --body-timeout, and a gRPC request
-    message announced and never sent: DEADLINE_EXCEEDED after --body-timeout (it was held for good)."""
+    message announced and never sent: DEADLINE_EXCEEDED after --body-timeout (it was held for good). Nor is a
+    connection held that never completes a request head (REST: closed, with a 408 if part of one came) or
+    never starts a call (gRPC): they were held for good, each a file descriptor, until the process had none
+    left and its probes failed."""
     import struct
     import zlib
 
@@ -501,7 +531,13 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
 
     grpc_answer: dict = {}
     stalled = threading.Thread(target=_stalled_grpc_call, args=(server, grpc_answer))
-    stalled.start()  # waits out --body-timeout alongside the REST body below
+    stalled.start()  # these wait out --body-timeout alongside the REST body below
+    rest_host, rest_port = server.http.split(":")
+    grpc_host, grpc_port = server.grpc.split(":")
+    silent = socket.create_connection((rest_host, int(rest_port)))
+    slow_head = socket.create_connection((rest_host, int(rest_port)))
+    slow_head.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+    grpc_silent = _http2_connection_without_calls(grpc_host, int(grpc_port))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -539,6 +575,10 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
     stalled.join(120)
     assert grpc_answer.get("code") == grpc.StatusCode.DEADLINE_EXCEEDED, grpc_answer
     assert "--body-timeout" in grpc_answer["details"], grpc_answer
+    assert _until_closed(silent) == b""
+    answer = _until_closed(slow_head)
+    assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer[:300]
+    _until_closed(grpc_silent)
 
 
 def test_metric_labels_stay_bounded(server):
