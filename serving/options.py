@@ -164,6 +164,12 @@ class ServerOptions(_Checked):
     )
     http_port: int = _server(8080, "REST port")
     grpc_port: int = _server(8081, "gRPC port")
+    metrics_port: int | None = _server(
+        None,
+        "serve /metrics on this port, and only there (not on --http-port): its counters show what other clients' "
+        "requests held (how many images, their pixel counts, whether they were out of distribution), so a "
+        "network policy should let the monitoring system reach it and inference clients not",
+    )
     no_grpc: bool = _server(False, "serve REST only")
     access_log: bool = _server(False, "log every request (off: it costs throughput)")
     body_timeout: float = _server(
@@ -202,8 +208,9 @@ class ServerOptions(_Checked):
         for flag, port in self.ports():
             if not 0 < port < 65536:
                 raise ConfigError(f"{flag} must be a TCP port, got {port}")
-        if not self.no_grpc and self.http_port == self.grpc_port:
-            raise ConfigError("--http-port and --grpc-port must differ")
+        ports = [port for _, port in self.ports()]
+        if len(set(ports)) != len(ports):
+            raise ConfigError(f"{', '.join(flag for flag, _ in self.ports())} must differ")
         path = self.model_control_token_file
         if path is not None and self.control_token is None:
             try:
@@ -221,4 +228,11 @@ class ServerOptions(_Checked):
 
     def ports(self) -> list[tuple[str, int]]:
         """(flag, port) of each port the server listens on."""
-        return [("--http-port", self.http_port)] + ([] if self.no_grpc else [("--grpc-port", self.grpc_port)])
+        ports = [
+            ("--http-port", self.http_port),
+            ("--grpc-port", self.grpc_port),
+            ("--metrics-port", self.metrics_port),
+        ]
+        return [
+            (flag, port) for flag, port in ports if port is not None and not (self.no_grpc and "grpc" in flag)
+        ]

@@ -49,9 +49,18 @@ def _where(request: Request) -> str:
 
 
 class RestApi:
-    def __init__(self, state: ServerState, parser: JsonParser, max_request_bytes: int, body_timeout_s: float):
+    def __init__(
+        self,
+        state: ServerState,
+        parser: JsonParser,
+        max_request_bytes: int,
+        body_timeout_s: float,
+        metrics_apart: bool = False,
+    ):
+        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here."""
         self.state, self.parser = state, parser
         self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+        self.metrics_apart = metrics_apart
 
     def app(self) -> Starlette:
         get = {
@@ -60,7 +69,7 @@ class RestApi:
             "/v2/health/live": self.live,
             "/v2/health/ready": self.ready,
             "/v2/models": self.list_models,
-            "/metrics": self.metrics,
+            **({} if self.metrics_apart else {"/metrics": self.metrics}),
         }
         post = {}
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
@@ -77,6 +86,15 @@ class RestApi:
             Exception: functools.partial(self._failed, label=metrics.NO_MODEL),
         }
         return Starlette(routes=routes, exception_handlers=handlers)
+
+    def metrics_app(self) -> Starlette:
+        """GET /metrics and nothing else, for --metrics-port."""
+
+        async def elsewhere(request: Request, exc: HTTPException) -> Response:
+            return json_response({"error": "this port serves GET /metrics only"}, exc.status_code)
+
+        routes = [Route("/metrics", self.metrics, methods=["GET"])]
+        return Starlette(routes=routes, exception_handlers={HTTPException: elsewhere})
 
     # ---- failures: one log line and one metric each; the body is the protocol's error object ----------
 

@@ -1,5 +1,6 @@
 """The server process: REST (uvicorn, serving/rest.py) and gRPC (grpc.aio, serving/grpc_service.py) on one
-event loop, around one or more named models, both bound to the asked host only.
+event loop, around one or more named models, both bound to the asked host only; with --metrics-port,
+/metrics on that port alone.
 
 Shutdown (SIGTERM, SIGINT): readiness turns false at once on REST and gRPC while both keep answering, so
 load balancers stop sending; after --drain-seconds, and once no request is in flight (at most
@@ -50,19 +51,27 @@ async def serve(models: list, options: ServerOptions) -> None:
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
     # Every model has the same limits (one `serve` command): the largest is the transports' bound.
     max_request_bytes = max(m.options.limits.max_request_bytes for m in models.values())
-    app = RestApi(state, parser, max_request_bytes, options.body_timeout).app()
-    rest = _Uvicorn(
-        uvicorn.Config(
+    api = RestApi(state, parser, max_request_bytes, options.body_timeout, options.metrics_port is not None)
+
+    def http_server(app, port: int, access_log: bool) -> _Uvicorn:
+        config = uvicorn.Config(
             app,
             host=options.host,
-            port=options.http_port,
+            port=port,
             log_config=None,
             lifespan="off",
             http=head_deadline_protocol(options.body_timeout),
-            access_log=options.access_log,
+            access_log=access_log,
             timeout_graceful_shutdown=int(options.grace_period),
         )
-    )
+        return _Uvicorn(config)
+
+    rest = http_server(api.app(), options.http_port, options.access_log)
+    # /metrics apart: what it counts is other clients' business, and a port of its own can be reached by
+    # Prometheus only (infra/serving/networkpolicy.yaml).
+    metrics_server = None
+    if options.metrics_port is not None:
+        metrics_server = http_server(api.metrics_app(), options.metrics_port, False)
     grpc_server = None
     if not options.no_grpc:
         host = f"[{options.host}]" if ":" in options.host else options.host
@@ -80,16 +89,20 @@ async def serve(models: list, options: ServerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
     rest_task = asyncio.create_task(rest.serve(), name="rest")
+    tasks = {rest_task}
+    if metrics_server is not None:
+        tasks.add(asyncio.create_task(metrics_server.serve(), name="metrics"))
     log.info(
-        "serving %s on %s: REST :%d%s; model control %s",
+        "serving %s on %s: REST :%d%s%s; model control %s",
         ", ".join(f"{n!r} (version {m.version})" for n, m in models.items()),
         options.host,
         options.http_port,
         f", gRPC :{options.grpc_port}" if grpc_server else "",
+        f", /metrics :{options.metrics_port} only" if metrics_server else "",
         "enabled (token)" if options.control_token else "disabled",
     )
     stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({rest_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({*tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
 
     # Not ready first, both protocols, while still serving; then drain; then close the ports.
     state.draining = True
@@ -100,16 +113,18 @@ async def serve(models: list, options: ServerOptions) -> None:
         state.in_flight,
     )
     deadline = started + options.drain_seconds + options.grace_period
-    while time.monotonic() < deadline and not rest_task.done():
+    while time.monotonic() < deadline and not any(task.done() for task in tasks):
         if time.monotonic() - started >= options.drain_seconds and state.in_flight == 0:
             break
         await asyncio.sleep(0.05)
     log.info("closing the ports (%d request(s) still in flight)", state.in_flight)
     rest.should_exit = True
+    if metrics_server is not None:
+        metrics_server.should_exit = True
     if grpc_server is not None:
         await grpc_server.stop(grace=max(1.0, deadline - time.monotonic()))
     with contextlib.suppress(asyncio.CancelledError):
-        await rest_task
+        await asyncio.gather(*tasks)
     for model in models.values():
         model.stop()
     parser.shutdown()

@@ -55,6 +55,10 @@ class RunningServer:
     grpc: str  # host:port
     proc: subprocess.Popen
     log_path: Path
+    metrics: str = ""  # host:port of /metrics: --metrics-port's, else http's
+
+    def __post_init__(self) -> None:
+        self.metrics = self.metrics or self.http
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -84,7 +88,10 @@ def running_server(models: list[str], log_dir: Path, *options: str, ready_model:
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    server = RunningServer(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path)
+    metrics = (
+        f"127.0.0.1:{options[options.index('--metrics-port') + 1]}" if "--metrics-port" in options else ""
+    )
+    server = RunningServer(f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, log_path, metrics)
     try:
         wait_ready(proc, server.http, ready_model, log_path)
         yield server

@@ -626,7 +626,7 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
         (pipeline_task, minio, 9000), (pipeline_task, mlflow, 5000),
         (mlflow, postgres, 5432), (mlflow, minio, 9000),
         (setup, minio, 9000), (users, mlflow, 5000), (inference, mlflow, 5000),
-        (client, inference, 8080), (client, inference, 8081), (prometheus, inference, 8080),
+        (client, inference, 8080), (client, inference, 8081), (prometheus, inference, 9090),
     ]  # fmt: skip
     for src, dst, port in allowed:
         assert net.reaches(src, dst, port), (src, dst, port)
@@ -639,7 +639,7 @@ def test_network_policies_allow_what_each_component_needs_and_nothing_else(rende
         (setup, mlflow, 5000), (setup, postgres, 5432), (users, postgres, 5432), (users, minio, 9000),
         (mlflow, elsewhere, 443), (minio, elsewhere, 443), (postgres, minio, 9000),
         (elsewhere, inference, 8080), (elsewhere, inference, 8081), (pipeline_task, inference, 8080),
-        (prometheus, inference, 8081),
+        (prometheus, inference, 8081), (prometheus, inference, 8080), (client, inference, 9090),
     ]  # fmt: skip
     for src, dst, port in denied:
         assert not net.reaches(src, dst, port), (src, dst, port)

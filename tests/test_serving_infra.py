@@ -35,8 +35,9 @@ def test_inferenceservice_shape(isvc):
         assert resources[kind]["cpu"] and resources[kind]["memory"]
 
     ports = {p["containerPort"]: p for p in container["ports"]}
-    assert set(ports) == {8080, 8081}
+    assert set(ports) == {8080, 8081, 9090}
     assert ports[8081]["name"] == "h2c" and ports[8080]["name"] in ("http1", "http")
+    assert ports[9090]["name"] == "metrics"
 
     env = {e["name"]: e for e in container["env"]}
     assert "MLFLOW_TRACKING_URI" in env
@@ -69,6 +70,8 @@ def test_container_args_are_a_valid_serve_command(isvc):
     assert args.model_control_token_file is None  # no model control from the network
     assert args.device == "cuda"
     assert (args.http_port, args.grpc_port) == (8080, 8081)
+    # /metrics on a port of its own, where Prometheus scrapes: not on the port inference clients reach.
+    assert args.metrics_port == 9090 and isvc["metadata"]["annotations"]["prometheus.io/port"] == "9090"
     # By hand the server listens on loopback only; in the pod it must listen on the pod's network.
     assert parser.parse_args(["serve", "m.onnx"]).host == "127.0.0.1" and args.host == "0.0.0.0"
     assert args.cache_dir in {m["mountPath"] for m in container["volumeMounts"]}
@@ -119,6 +122,16 @@ def test_network_policy_admits_labelled_namespaces_only():
     assert [r["from"][0]["namespaceSelector"]["matchLabels"] for r in grpc_rules] == [
         {"fedmedclip.io/inference-client": "true"}
     ]
+    # /metrics counts what every client's requests held: the monitoring namespaces reach its port and only
+    # it, and inference clients never reach it.
+    admitted = {
+        tuple(sorted(r["from"][0]["namespaceSelector"]["matchLabels"])): {p["port"] for p in r["ports"]}
+        for r in policy["spec"]["ingress"]
+    }
+    assert admitted == {
+        ("fedmedclip.io/inference-client",): {8080, 8081},
+        ("fedmedclip.io/monitoring",): {9090},
+    }
 
 
 def test_alert_rules_use_metrics_the_server_exports():

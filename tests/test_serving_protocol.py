@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import free_port
 from serving_fixtures import (
     OipRestSpec,
     base64_json,
@@ -54,6 +55,7 @@ def server(onnx_path, tmp_path_factory):
     options = [
         "--max-request-bytes", str(MAX_REQUEST_BYTES), "--body-timeout", str(BODY_TIMEOUT),
         "--model-control-token-file", str(tmp / "token"), "--max-batch-delay-ms", "1",
+        "--metrics-port", str(free_port()),
     ]  # fmt: skip
     with running_server([str(onnx_path)], tmp, *options) as s:
         yield s
@@ -81,7 +83,7 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 
 def ready_gauges(server) -> tuple[float, float]:
     """/metrics' fedmedclip_server_ready and the model's fedmedclip_model_ready."""
-    samples = metric_samples(server.http)
+    samples = metric_samples(server.metrics)
     return metric(samples, "fedmedclip_server_ready"), metric(samples, "fedmedclip_model_ready", model=MODEL)
 
 
@@ -581,11 +583,26 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
     _until_closed(grpc_silent)
 
 
+def test_metrics_only_on_the_metrics_port(server):
+    """/metrics counts what every client's requests held: an inference client reading it before and after
+    another client's request learnt how many images it sent, their pixel counts and whether they were out of
+    distribution. With --metrics-port it is served there only, and that port serves nothing else, so a network
+    policy can admit Prometheus to it and inference clients to the REST and gRPC ports only."""
+    resp = requests.get(url(server, "/metrics"), timeout=10)
+    assert resp.status_code == 404 and set(resp.json()) == {"error"}, resp.text[:300]
+    resp = requests.get(f"http://{server.metrics}/metrics", timeout=10)
+    assert resp.status_code == 200 and "fedmedclip_decoded_pixels_total" in resp.text
+    for method, path in (("GET", "/v2/health/ready"), ("GET", f"/v2/models/{MODEL}"), ("POST", "/metrics")):
+        resp = requests.request(method, f"http://{server.metrics}{path}", json={}, timeout=10)
+        assert resp.status_code in (404, 405), (path, resp.status_code)
+        assert "GET /metrics only" in resp.json()["error"], (path, resp.text)
+
+
 def test_metric_labels_stay_bounded(server):
     """Requests naming invented models (oversized, unknown, malformed) never become label values."""
 
     def metrics_text() -> str:
-        return requests.get(url(server, "/metrics"), timeout=30).text
+        return requests.get(f"http://{server.metrics}/metrics", timeout=30).text
 
     requests.post(url(server, "/v2/models/warm-up-name/infer"), data=b"{}", timeout=10)
     size = len(metrics_text())
@@ -673,7 +690,7 @@ def test_sigterm_not_ready_first_then_drain_then_ports_close(onnx_path, tmp_path
         # Not ready, but both ports still answer: the load balancer can see it.
         assert not client.is_server_ready() and client.is_server_live()
         assert ready_gauges(server) == (0, 1)  # the model is still loaded and answers
-        while metric(metric_samples(server.http), "fedmedclip_requests_in_flight") != 1:  # the one sending
+        while metric(metric_samples(server.metrics), "fedmedclip_requests_in_flight") != 1:  # the one sending
             assert time.monotonic() < deadline, "the request being sent is not in flight"
             time.sleep(0.02)
         assert requests.get(url(server, f"/v2/models/{MODEL}/ready"), timeout=30).status_code == 503
