@@ -25,6 +25,10 @@ def isvc() -> dict:
 
 def test_inferenceservice_shape(isvc):
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    # RawDeployment without this label: KServe's own Ingress for the predictor, plain HTTP on the ingress
+    # domain, reachable by anything that reaches the ingress controller.
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert isvc["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
     predictor = isvc["spec"]["predictor"]
     (container,) = predictor["containers"]
     assert container["name"] == "kserve-container" and container["image"]
