@@ -25,6 +25,7 @@ from fedmedclip.errors import CheckpointError, ConfigError
 from fedmedclip.federation.site import SiteFailure, SiteWorker
 from fedmedclip.methods.fedmedclip_method import FedMedClip
 
+pytestmark = pytest.mark.heavy  # the two brain-MRI runs (tests/conftest.py hands such files out first)
 SYNTHETIC = SYNTH
 OPTIONS = {"fedmedclip": {}, "facmic": {"local_steps": 5}}
 

@@ -18,6 +18,7 @@ from conftest import SYNTH, without_timing
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import train
 
+pytestmark = pytest.mark.heavy  # parties killed and restarted (tests/conftest.py hands such files out first)
 ROUNDS = 6
 BUCKET = "fedmedclip-data"  # the local stack's data bucket: the roles' policies cover its mailbox keys
 SITES = ("site_0", "site_1", "site_2")

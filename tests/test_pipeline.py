@@ -23,6 +23,8 @@ from fedmedclip.cli import main  # noqa: E402
 from mlops.sites import ENDPOINTS_CONFIGMAP, SERVER_SECRET_NAME  # noqa: E402
 from pipelines.pipeline import DEFAULT_YAML, CompileOptions, build_pipeline, compile_pipeline  # noqa: E402
 
+pytestmark = pytest.mark.heavy  # the kfp.local run (tests/conftest.py hands such files out first)
+
 
 def _load(path=DEFAULT_YAML):
     ir, platform = list(yaml.safe_load_all(Path(path).read_text()))

@@ -34,6 +34,8 @@ from mlops.registry import DifferentDataRefused, Promotion, PromotionRefused, pr
 from mlops.rundir import log_run_dir
 from mlops.tracking import PROMOTION_METRIC, RunDirError, TrackingError
 
+pytestmark = pytest.mark.heavy  # MLflow and S3 throughout (tests/conftest.py hands such files out first)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmedclip")
