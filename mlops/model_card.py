@@ -23,21 +23,22 @@ CARD_FILES = {"md": "model_card.md", "json": "model_card.json"}
 OPTIONAL = ("model/model.json", "plots/reliability.png")
 
 
-def download_run_files(client, run, dest: Path) -> Path:
-    """The files a card needs from MLflow `run` (an mlflow Run) into `dest`, through one artifact repository
-    (a `runs:/` download per file would resolve the run again and look for logged models)."""
+def download_run_files(
+    client, run, dest: Path, required=REQUIRED, optional=OPTIONAL, purpose: str = "to build a model card from"
+) -> Path:
+    """The files a card needs (or `required` and `optional` ones, for `purpose`) from MLflow `run` (an mlflow
+    Run) into `dest`, through one artifact repository (a `runs:/` download per file would resolve the run
+    again and look for logged models)."""
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
-    for rel in REQUIRED + OPTIONAL:
+    for rel in (*required, *optional):
         try:
             repo.download_artifacts(rel, str(dest))  # into dest/rel
         except (MlflowException, OSError) as exc:
-            if rel in REQUIRED:
-                raise TrackingError(
-                    f"MLflow run {run.info.run_id} has no {rel} to build a model card from: {exc}"
-                ) from exc
+            if rel in required:
+                raise TrackingError(f"MLflow run {run.info.run_id} has no {rel} {purpose}: {exc}") from exc
     return dest
 
 

@@ -203,18 +203,10 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
 
 def _run_model_digest(client, mlrun, dest: Path) -> str:
     """The model digest of a logged run (digests.model_digest), from its model files, downloaded to `dest`."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from .model_card import download_run_files
 
-    repo = get_artifact_repository(mlrun.info.artifact_uri, tracking_uri=client.tracking_uri)
-    for file_name in MODEL_DIGEST_FILES:
-        try:
-            repo.download_artifacts(f"model/{file_name}", str(dest))  # into dest/model/
-        except (MlflowException, OSError) as exc:
-            raise TrackingError(
-                f"MLflow run {mlrun.info.run_id} has no model/{file_name} to check the ONNX file against: "
-                f"{getattr(exc, 'message', exc)}"
-            ) from None
+    model_files = [f"model/{file_name}" for file_name in MODEL_DIGEST_FILES]
+    download_run_files(client, mlrun, dest, model_files, (), "to check the ONNX file against")
     try:
         return model_dir_digest(dest / "model")
     except ValueError as exc:
