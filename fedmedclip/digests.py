@@ -2,8 +2,8 @@
 sha256 of a file and its sidecar, and the `fedmedclip.*` metadata keys (with the format version) of an
 exported ONNX model (docs/contracts.md, "Exported model").
 
-Standard library only (no torch, numpy, onnx): export, tracking, the server (whose image has no torch) and
-the test fixtures all import it.
+Standard library only at import (no torch, numpy, onnx): export, tracking, the server (whose image has no torch)
+and the test fixtures all import it; `model_digest` reads safetensors files with the safetensors package.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -117,30 +116,16 @@ _MODEL_DIGEST_DOMAIN = b"fedmedclip-model-digest-1\0"
 
 
 def _safetensors_entries(data: bytes, source: str) -> list[tuple[str, str, list, bytes]]:
-    """(name, dtype, shape, bytes) of every tensor of a safetensors file's content, by name. ValueError names
-    `source` when the content is not a safetensors file."""
+    """(name, dtype, shape, bytes) of every tensor of a safetensors file's content, by name, as the safetensors
+    package parses it (no torch or numpy). ValueError names `source` when the content is not a safetensors
+    file."""
+    import safetensors
+
     try:
-        (size,) = struct.unpack("<Q", data[:8])
-        if size > len(data) - 8:
-            raise ValueError(f"a header of {size} bytes in a file of {len(data)}")
-        header = json.loads(data[8 : 8 + size])
-        entries = []
-        for name in sorted(k for k in header if k != "__metadata__"):
-            info = header[name]
-            begin, end = (int(x) for x in info["data_offsets"])
-            if not 0 <= begin <= end <= len(data) - 8 - size:
-                raise ValueError(f"tensor {name!r} lies outside the file")
-            entries.append(
-                (
-                    name,
-                    str(info["dtype"]),
-                    [int(d) for d in info["shape"]],
-                    data[8 + size + begin : 8 + size + end],
-                )
-            )
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        tensors = safetensors.deserialize(bytes(data))
+    except Exception as exc:  # noqa: BLE001 - the package's SafetensorError and its Rust parser's panics
         raise ValueError(f"{source} is not a readable safetensors file ({exc})") from None
-    return entries
+    return sorted((name, t["dtype"], list(t["shape"]), bytes(t["data"])) for name, t in tensors)
 
 
 def model_digest(files: Mapping[str, bytes]) -> str:
