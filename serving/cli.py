@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -120,22 +121,22 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime import OnnxClassifier
     from .source import resolve_model
 
-    _log_to_stderr(args.log_level)
-    # Model files, hashes and execution provider are checked before kserve is imported (a second or two), so
-    # a wrong hash, a missing GPU, or a model that cannot run or answers NaN fails fast.
-    loaded = []
-    for name, spec in specs:
-        cache = str(Path(args.cache_dir) / name) if args.cache_dir and len(specs) > 1 else args.cache_dir
-        resolved = resolve_model(spec, args.expected_sha256, cache, args.tracking_uri)
-        loaded.append((name, resolved, OnnxClassifier.open(resolved, model_options)))
+    with _logging_to_stderr(args.log_level):
+        # Model files, hashes and execution provider are checked before kserve is imported (a second or two),
+        # so a wrong hash, a missing GPU, or a model that cannot run or answers NaN fails fast.
+        loaded = []
+        for name, spec in specs:
+            cache = str(Path(args.cache_dir) / name) if args.cache_dir and len(specs) > 1 else args.cache_dir
+            resolved = resolve_model(spec, args.expected_sha256, cache, args.tracking_uri)
+            loaded.append((name, resolved, OnnxClassifier.open(resolved, model_options)))
 
-    from .model import FedMedClipModel
-    from .server import serve
+        from .model import FedMedClipModel
+        from .server import serve
 
-    models = [FedMedClipModel(name, resolved, model_options, clf) for name, resolved, clf in loaded]
-    for model in models:
-        model.load()
-    asyncio.run(serve(models, server_options))
+        models = [FedMedClipModel(name, resolved, model_options, clf) for name, resolved, clf in loaded]
+        for model in models:
+            model.load()
+        asyncio.run(serve(models, server_options))
     return 0
 
 
@@ -171,17 +172,29 @@ class _OneLineFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
-def _log_to_stderr(level: str) -> None:
+@contextlib.contextmanager
+def _logging_to_stderr(level: str):
+    """The server's log lines on stderr while it runs; the loggers as they were afterwards (an embedding
+    process, such as a test calling main(), keeps its own logging)."""
     ours = logging.getLogger("fedmedclip")
-    if not any(isinstance(h, _StderrHandler) for h in ours.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(_OneLineFormatter("%(asctime)s %(process)s %(name)s %(levelname)s %(message)s"))
-        ours.addHandler(handler)
-        ours.propagate = False  # the core CLI's root handler would print every line twice
+    quiet = ("uvicorn", "uvicorn.error", "uvicorn.access", "kserve", "kserve.trace")
+    before = (ours.propagate, ours.level, [logging.getLogger(n).level for n in quiet])
+    handler = _StderrHandler()
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(process)s %(name)s %(levelname)s %(message)s"))
+    ours.addHandler(handler)
+    ours.propagate = False  # the core CLI's root handler would print every line twice
     ours.setLevel(level)
-    # uvicorn's and kserve's at WARNING: no line per connection.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "kserve", "kserve.trace"):
+    for name in quiet:  # uvicorn's and kserve's at WARNING: no line per connection
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        propagate, own_level, levels = before
+        ours.removeHandler(handler)
+        ours.propagate = propagate
+        ours.setLevel(own_level)
+        for name, quiet_level in zip(quiet, levels, strict=True):
+            logging.getLogger(name).setLevel(quiet_level)
 
 
 # ---- predict ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -729,9 +730,13 @@ def test_sha256_check(onnx_path, tmp_path, capsys):
         resolve_model(str(onnx_path), expected_sha256="abc")
     # A folder with one .onnx (KServe's /mnt/models) resolves to the file.
     assert resolve_model(str(onnx_path.parent)).path == onnx_path
-    # Through the CLI: refused with exit status 2 before anything is served.
+    # Through the CLI: refused with exit status 2 before anything is served, and the calling process's logging
+    # is left as it was (no handler of the server's own on the "fedmedclip" logger).
+    ours = logging.getLogger("fedmedclip")
+    before = (list(ours.handlers), ours.propagate, ours.level)
     assert main(["serve", str(onnx_path), "--expected-sha256", "f" * 64]) == 2
     assert "refusing to serve" in capsys.readouterr().err
+    assert (list(ours.handlers), ours.propagate, ours.level) == before
     assert main(["serve", str(tmp_path / "missing.onnx")]) == 2
     assert "not found" in capsys.readouterr().err
 
