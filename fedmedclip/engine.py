@@ -257,7 +257,7 @@ class ReferenceRun:
             zeros,
             time.perf_counter() - t0,
         )
-        attach_epsilon(record, {n: rep["privacy"] for n, rep in self.reports[r]["sites"].items()})
+        attach_epsilon(record, self.cfg.privacy, self.site_names, self.reports, self.history)
         self.round = r
         self.history.append(record)
         if is_better(record, round_of(self.history, self.best_round)):

@@ -218,6 +218,9 @@ def test_a_resumed_dp_run_continues_exactly(synthetic_cache, tmp_path, monkeypat
     assert calls["n"] == 6  # the resumed sites drew new keys ... and used their checkpointed ones
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["privacy"] == straight["privacy"]
+    assert [rec["epsilon_max"] for rec in resumed["history"]] == [
+        rec["epsilon_max"] for rec in straight["history"]
+    ]
     assert (out / "model" / "global.safetensors").read_bytes() == (
         tmp_path / "straight" / "model" / "global.safetensors"
     ).read_bytes()
@@ -457,6 +460,74 @@ def test_an_update_that_went_out_after_a_sites_last_report_is_accounted_at_its_p
                 reports[r]["sites"][s]["privacy"]["budget"] = 50.0
     section = privacy_results(with_target, sites, reports, history)["record_level"]
     assert section["epsilon_max"] == 50.0  # site_2's bound: the most any site of the run may spend
+
+
+def _close_round(r: int, sites: list[str], present: list[str], reports: dict, history: list[dict]) -> dict:
+    """Round r's record as the server closes it (`_close_round`), from the run's reports and earlier records."""
+    from fedmedclip.federation.records import round_record
+    from fedmedclip.privacy.report import attach_epsilon
+
+    zeros = dict.fromkeys(present, 0)
+    record = round_record(
+        r,
+        {"report": {"acc": 0.5, "bacc": 0.5}},
+        sites,
+        reports[r]["sites"],
+        present,
+        {},
+        zeros,
+        zeros,
+        1.0,
+        finished_at=float(r),
+    )
+    return attach_epsilon(record, {"noise_multiplier": 1.1}, sites, reports, history)
+
+
+def test_each_rounds_epsilon_max_counts_a_site_whose_report_is_missing_at_its_bound():
+    """Round 2: site_1's update was aggregated but its report never came; round 3: site_1 was gone. Its newest
+    ledger (round 1's) leaves out round 2's steps, so both rounds' epsilon_max count site_1 at its plan bound, as
+    results.json's final figure does, never the other sites' lower maximum (what the live MLflow chart showed).
+    Each round's figure is the final figure of the run ended there, and a resumed server, which reads its
+    records and reports again from its checkpoint, closes the round with the same figure."""
+    import json
+
+    from fedmedclip.privacy.report import plan_bound, privacy_results
+
+    sigma, per_round, planned = 1.1, 4, 12
+    sites, n = ["site_0", "site_1", "site_2"], {"site_0": 35, "site_1": 20, "site_2": 35}
+    present = {1: sites, 2: sites, 3: ["site_0", "site_2"]}
+    reports = {
+        r: {"sites": {s: {"privacy": _ledger(n[s], sigma, r * per_round, planned)} for s in present[r]}}
+        for r in (1, 2, 3)
+    }
+    reports[2]["sites"]["site_1"] = None  # its update went out, its report did not
+    history: list[dict] = []
+    for r in (1, 2, 3):
+        history.append(_close_round(r, sites, present[r], reports, history))
+
+    site_1_bound = plan_bound(reports[1]["sites"]["site_1"]["privacy"], "rdp")
+    others = [max(reports[r]["sites"][s]["privacy"]["epsilon"] for s in ("site_0", "site_2")) for r in (2, 3)]
+    assert site_1_bound > max(others)  # what the record said without site_1 would be lower
+    assert history[0]["epsilon_max"] == reports[1]["sites"]["site_1"]["privacy"]["epsilon"]
+    for rec in history[1:]:
+        assert rec["epsilon_max"] == pytest.approx(site_1_bound)
+        assert next(row for row in rec["sites"] if row["site"] == "site_1")["epsilon"] is None
+    for r in (1, 2, 3):
+        ended_here = privacy_results(
+            {"noise_multiplier": sigma}, sites, {k: v for k, v in reports.items() if k <= r}, history[:r]
+        )
+        assert history[r - 1]["epsilon_max"] == ended_here["record_level"]["epsilon_max"]
+
+    # Resumed: the checkpoint's records and reports (JSON, round keys as text) read again give every round's
+    # record, closed again, as it was.
+    body = json.loads(json.dumps({"history": history, "reports": {str(r): v for r, v in reports.items()}}))
+    resumed_reports = {int(r): v for r, v in body["reports"].items()}
+    for r in (1, 2, 3):
+        assert _close_round(r, sites, present[r], resumed_reports, body["history"][: r - 1]) == history[r - 1]
+
+    # No ledger at all for site_1 and no target: unknown, never the other sites' maximum.
+    reports[1]["sites"]["site_1"] = None
+    assert _close_round(1, sites, present[1], reports, [])["epsilon_max"] is None
 
 
 def test_a_restart_may_not_lower_the_quorum_the_sites_noise_is_sized_for(synthetic_cache, tmp_path):

@@ -851,7 +851,7 @@ class FederationServer:
             info["seconds"],
             info["rejected"],
         )
-        attach_epsilon(record, {s: (rep or {}).get("privacy") for s, rep in self.reports[r]["sites"].items()})
+        attach_epsilon(record, self.cfg.privacy, self.sites, self.reports, self.history)
         if info.get("client_dp"):
             record["client_dp"] = info["client_dp"]
         if info.get("clipped"):
@@ -885,6 +885,8 @@ class FederationServer:
             + (f" · val {rec['val_acc_mean']:.3f}" if rec["val_acc_mean"] is not None else "")
             + f" · up {np.mean(ups) / 1e3 if ups else 0:.1f} kB/site · {rec['seconds']:.2f} s{rejected}"
             + (f" · epsilon max {rec['epsilon_max']:.4g}" if rec.get("epsilon_max") is not None else "")
+            # A site sent updates that no ledger bounds (no report, no target): no figure is the truth.
+            + (" · epsilon max unknown" if self.method.private and rec.get("epsilon_max") is None else "")
             + (f" · client epsilon {rec['client_dp']['epsilon']:.4g}" if rec.get("client_dp") else "")
         )
 

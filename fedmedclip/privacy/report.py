@@ -44,16 +44,29 @@ def check_site_privacy(obj) -> tuple[dict | None, str | None]:
     return out, None
 
 
-def attach_epsilon(record: dict, site_privacy: dict[str, dict | None]) -> dict:
-    """Each site row of a round record gets its epsilon so far (None without a report), the record the
-    maximum over sites (`epsilon_max`): what the server's round line and MLflow's live metrics show."""
-    values = []
+def attach_epsilon(
+    record: dict, cfg_privacy: dict, site_names: list[str], reports: dict[int, dict], history: list[dict]
+) -> dict:
+    """Each site row of a round record gets its epsilon reported that round (None without a report), the
+    record the run's largest epsilon so far (`epsilon_max`): what the server's round line and MLflow's live
+    metrics show. `history`: the records of the rounds before (the record's own round is taken from
+    `record`, later ones are ignored), `reports` the run's per-round reports.
+
+    `epsilon_max` is results.json's `privacy.record_level.epsilon_max` as if the run had ended with this round
+    (`record_level_sites` over the rounds up to it): a site without a report this round counts at its newest
+    ledger, or at its plan bound when an update of its went out after that ledger, never left out; null when
+    a site that sent updates has no ledger at all and no target bounds it, and without record-level DP."""
+    r = record["round"]
+    site_privacy = (reports.get(r) or {}).get("sites") or {}
     for row in record.get("sites", []):
-        eps = (site_privacy.get(row["site"]) or {}).get("epsilon")
-        row["epsilon"] = eps
-        if eps is not None:
-            values.append(eps)
-    record["epsilon_max"] = max(values) if values else None
+        row["epsilon"] = ((site_privacy.get(row["site"]) or {}).get("privacy") or {}).get("epsilon")
+    settings = PrivacySettings.from_config(cfg_privacy)
+    record["epsilon_max"] = None
+    if settings.record_level:
+        so_far = [rec for rec in history if rec["round"] < r] + [record]
+        _, _, record["epsilon_max"] = record_level_sites(
+            settings, site_names, {k: v for k, v in reports.items() if k <= r}, so_far
+        )
     return record
 
 
