@@ -34,6 +34,16 @@ class NotReady(RequestRejected):
         super().__init__("not_ready", message, 503)
 
 
+class ServerBusy(RequestRejected):
+    """The request's bytes would take the server over --max-inflight-bytes (every request's at once): HTTP 503
+    with Retry-After (gRPC RESOURCE_EXHAUSTED). Nothing is wrong with the request: sent later, it fits."""
+
+    retry_after_s = 1  # requests in flight end within --body-timeout and their inference; most much sooner
+
+    def __init__(self, message: str):
+        super().__init__("server_busy", message, 503)
+
+
 def quoted(value: object, limit: int = 40) -> str:
     """`repr` of something a client sent, cut to `limit` characters: messages name it without echoing it."""
     text = repr(value)

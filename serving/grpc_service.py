@@ -23,7 +23,7 @@ from ._kserve import (
     grpc_pb2_grpc,
     metadata_response,
 )
-from .errors import RequestRejected, quoted
+from .errors import RequestRejected, ServerBusy, quoted
 from .protocol import (
     INTEGER_TYPES,
     Budget,
@@ -204,27 +204,41 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
     """The unary `handler` as one that reads its request message within `seconds` (--body-timeout, as a REST
     body), else DEADLINE_EXCEEDED. A unary handler waits for its message as long as the client likes: a
     message announced and not sent held its call, and what had arrived of it (up to the message limit, per
-    call, any number of calls), for good. On the wire a stream-unary call with one message is a unary one."""
+    call, any number of calls), for good. On the wire a stream-unary call with one message is a unary one.
+    The message's size counts in --max-inflight-bytes until the call is answered (RESOURCE_EXHAUSTED over it):
+    gRPC hands over a message only once all of it has come, so its size is known then and not before."""
     rpc = handler.unary_unary
 
     async def read_then_answer(request_iterator, context):
-        try:
-            request = await asyncio.wait_for(context.read(), seconds)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            request = RequestRejected(
-                "body_timeout",
-                f"the request message did not arrive within {seconds:g} s (server option --body-timeout)",
-                408,
-            )
-        if request is aio.EOF:
-            request = RequestRejected("bad_request", "the call ended without a request message")
-        if isinstance(request, RequestRejected):
-            told = state.failed(request, metrics.NO_MODEL, where, lambda status: _code(status).name)
-            await context.abort(_code(told.status), told.message)
-        return await rpc(request, context)
+        async def refuse(rejected: RequestRejected, label: str = metrics.NO_MODEL, code=None):
+            code = code or _code(rejected.status)
+            state.failed(rejected, label, where, lambda status: code.name)
+            await context.abort(code, rejected.message)  # raises: the call ends here
 
+        with state.inflight.reserved() as reservation:
+            try:
+                read = await asyncio.wait_for(context.read(), seconds)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                message = (
+                    f"the request message did not arrive within {seconds:g} s (server option --body-timeout)"
+                )
+                await refuse(RequestRejected("body_timeout", message, 408))
+            if read is aio.EOF:
+                await refuse(RequestRejected("bad_request", "the call ended without a request message"))
+            size, request = read
+            try:
+                reservation.grow_to(size)
+            except ServerBusy as busy:
+                # RESOURCE_EXHAUSTED, as for a message over --max-request-bytes: not UNAVAILABLE, it is up.
+                label = (
+                    state.label(request.model_name) if hasattr(request, "model_name") else metrics.NO_MODEL
+                )
+                await refuse(busy, label, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            return await rpc(request, context)
+
+    deserialize = handler.request_deserializer
     return grpc.stream_unary_rpc_method_handler(
         read_then_answer,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=lambda message: (len(message), deserialize(message)),
         response_serializer=handler.response_serializer,
     )

@@ -43,7 +43,8 @@ class _Checked:
 
 @dataclass(frozen=True)
 class Limits(_Checked):
-    """Per-request limits. Defaults fit a GPU server taking scans of up to ~6000x6000 pixels."""
+    """Per-request limits, and the server-wide budget of request bytes they add up to. Defaults fit a GPU
+    server taking scans of up to ~6000x6000 pixels."""
 
     # Each limit's metavar is its unit: the flag's help shows it, and a refusal names the limit with it.
     max_batch_images: int = _limit(64, "images per request", minimum=1, metavar="IMAGES")
@@ -71,8 +72,26 @@ class Limits(_Checked):
         "CPU time decoding one request's encoded images may take; a request over it is refused",
         metavar="SECONDS",
     )
+    max_inflight_bytes: int = _limit(
+        1024**3,
+        "request bytes the whole server holds at once, REST bodies and gRPC messages of every client "
+        "together, at least --max-request-bytes; a request that would go over it is refused with 503 and "
+        "Retry-After before its body is read (gRPC: RESOURCE_EXHAUSTED once its message has come)",
+        minimum=1,
+        metavar="BYTES",
+    )
 
     within = {"max_decode_seconds": (0, math.inf)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_inflight_bytes < self.max_request_bytes:
+            # Refused, not raised to fit: an operator lowering one budget must not find the other moved.
+            raise ConfigError(
+                f"--max-inflight-bytes {self.max_inflight_bytes:,} is below --max-request-bytes "
+                f"{self.max_request_bytes:,}: the budget of every request at once must hold one of the "
+                "largest size allowed; raise --max-inflight-bytes or lower --max-request-bytes"
+            )
 
     def exceeded(
         self, code: str, limit: str, what: str, after: str = "", status: int = 400

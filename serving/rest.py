@@ -3,7 +3,8 @@ answering exactly the protocol's schemas (tests/specs/open-inference-protocol/).
 server: no model control for anyone, no JSON validation on the event loop gRPC shares, never FastAPI's
 `{"detail": ...}` echoing the request, versioned URLs served, no traceback per client error. Every answer
 that is not a 200 is `{"error": string}` quoting at most a few characters of the request, with one log line;
-the body is read within a size limit (413) and a deadline (408), and parsed within the JSON budgets.
+the body is read within a size limit (413), a deadline (408) and the server's budget of request bytes in
+flight (503 with Retry-After), and parsed within the JSON budgets.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import metrics
-from .errors import NotReady, RequestRejected
+from .errors import NotReady, RequestRejected, ServerBusy
 from .protocol import JsonParser, json_part, to_infer_request
 from .state import ServerState
 
@@ -102,7 +103,10 @@ class RestApi:
         name = request.path_params.get("name")
         label = label or (metrics.NO_MODEL if name is None else self.state.label(name))
         told = self.state.failed(exc, label, _where(request), "HTTP {}".format)
-        return json_response({"error": told.message}, told.status)
+        response = json_response({"error": told.message}, told.status)
+        if isinstance(told, ServerBusy):
+            response.headers["retry-after"] = str(told.retry_after_s)
+        return response
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         # Starlette's own: no route (404) or a method the route does not take (405).
@@ -156,33 +160,40 @@ class RestApi:
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
 
-        async def read_request():
-            body = await self._read_body(request)
-            text = json_part(body, request.headers)
+        # The body's bytes count in --max-inflight-bytes until the request is answered, however it ends.
+        with self.state.inflight.reserved() as reservation:
+
+            async def read_request():
+                body = await self._read_body(request, reservation)
+                text = json_part(body, request.headers)
+                try:
+                    header = await self.parser.parse(text)
+                except RequestRejected as exc:
+                    if exc.code != "bad_json" or "inference-header-content-length" in request.headers:
+                        raise
+                    # A binary request without its header reads as JSON with bytes after it: say what is
+                    # missing.
+                    raise RequestRejected(exc.code, exc.message + _NO_BINARY_HEADER) from None
+                return to_infer_request(header, body, len(text), name, version)
+
             try:
-                header = await self.parser.parse(text)
-            except RequestRejected as exc:
-                if exc.code != "bad_json" or "inference-header-content-length" in request.headers:
-                    raise
-                # A binary request without its header reads as JSON with bytes after it: say what is missing.
-                raise RequestRejected(exc.code, exc.message + _NO_BINARY_HEADER) from None
-            return to_infer_request(header, body, len(text), name, version)
+                return _encoded(await self.state.infer(name, version, read_request, dict(request.headers)))
+            except ClientDisconnect:
+                log.info("client went away during %s", _where(request))
+                return Response(status_code=499)
+            except Exception as exc:
+                return await self._failed(request, exc)
 
-        try:
-            return _encoded(await self.state.infer(name, version, read_request, dict(request.headers)))
-        except ClientDisconnect:
-            log.info("client went away during %s", _where(request))
-            return Response(status_code=499)
-        except Exception as exc:
-            return await self._failed(request, exc)
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The whole body, within --max-request-bytes (413) and --body-timeout (408)."""
+    async def _read_body(self, request: Request, reservation) -> bytes:
+        """The whole body, within --max-request-bytes (413), --body-timeout (408) and, with every other
+        request's, --max-inflight-bytes (503: its Content-Length is reserved before a byte of it is read)."""
         limit, length, received = self.max_request_bytes, request.headers.get("content-length"), 0
         if length is not None and not length.isdigit():
             raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
         if length is not None and int(length) > limit:
             raise _too_large(f"{int(length):,}", limit)
+        if length is not None:
+            reservation.grow_to(int(length))
 
         async def read() -> bytes:
             nonlocal received
@@ -191,6 +202,7 @@ class RestApi:
                 received += len(chunk)
                 if received > limit:
                     raise _too_large(f"{received:,}+", limit)
+                reservation.grow_to(received)  # a chunked body as it comes; within a Content-Length, nothing
                 chunks.append(chunk)
             return b"".join(chunks)
 

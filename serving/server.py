@@ -42,7 +42,9 @@ async def serve(models: list, options: ServerOptions) -> None:
     models = {m.name: m for m in models}
     if options.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-    state = ServerState(models, options.control_token)
+    # Every model has the same limits (one `serve` command): the largest budget is the server's.
+    limits = max((m.options.limits for m in models.values()), key=lambda limits: limits.max_inflight_bytes)
+    state = ServerState(models, options.control_token, limits)
     # The largest JSON tensor any served model accepts: a full UINT8 batch of its image size.
     largest = max(
         m.options.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()

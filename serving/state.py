@@ -6,24 +6,81 @@ the HTTP status of a `RequestRejected` to its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
+import threading
 
 from fedmedclip import __version__
 
 from . import metrics
 from ._kserve import InferenceError
-from .errors import NotReady, NotServed, RequestRejected, ServingError, quoted
+from .errors import NotReady, NotServed, RequestRejected, ServerBusy, ServingError, quoted
+from .options import Limits
 
 log = logging.getLogger("fedmedclip.serving")
 
 
+class InFlightBytes:
+    """The request bytes the server holds at once, REST bodies and gRPC messages of every client together,
+    within --max-inflight-bytes. The per-request limits alone let enough clients, each sending a body within
+    --max-request-bytes slowly within --body-timeout, fill the server's memory. Each request reserves its size
+    (`reserved`) before its body is read and gives it back when it is answered, whatever happened to it. REST
+    and gRPC share one event loop; the lock keeps the count right from any thread all the same."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.held, self._lock = limits, 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def reserved(self):
+        """A reservation, of nothing until it grows (`_Reservation.grow_to`), given back when the block is
+        left, however."""
+        reservation = _Reservation(self)
+        try:
+            yield reservation
+        finally:
+            reservation.release()
+
+
+class _Reservation:
+    def __init__(self, budget: InFlightBytes):
+        self.budget, self.bytes = budget, 0
+
+    def grow_to(self, size: int) -> None:
+        """Hold `size` bytes in all (a Content-Length, the bytes of a chunked body so far, a gRPC message),
+        else ServerBusy. A request is admitted when no other holds anything: a budget as small as
+        --max-request-bytes still serves the largest request, gRPC's framing around it included."""
+        budget, more = self.budget, size - self.bytes
+        if more <= 0:
+            return
+        with budget._lock:
+            others = budget.held - self.bytes
+            if others and budget.held + more > budget.limits.max_inflight_bytes:
+                busy = budget.limits.exceeded(
+                    "server_busy",
+                    "max_inflight_bytes",
+                    f"the server is busy: {others:,} bytes of other requests in flight and this request's "
+                    f"{size:,} would be",
+                    f"; retry after {ServerBusy.retry_after_s} s",
+                )
+                raise ServerBusy(busy.message)
+            budget.held += more
+        self.bytes = size
+
+    def release(self) -> None:
+        with self.budget._lock:
+            self.budget.held -= self.bytes
+        self.bytes = 0
+
+
 class ServerState:
-    def __init__(self, models: dict, control_token: str | None = None):
+    def __init__(self, models: dict, control_token: str | None = None, limits: Limits | None = None):
         """`models`: name -> FedMedClipModel (already loaded). `control_token`: enables model control for
-        requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all."""
+        requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all. `limits`: its
+        --max-inflight-bytes bounds `inflight`, the request bytes REST and gRPC hold at once (Limits())."""
         self.models, self.draining, self.in_flight = dict(models), False, 0
+        self.inflight = InFlightBytes(limits or Limits())
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()

@@ -1,7 +1,8 @@
 """Serving hardening (issue 12, "Serving hardening"; issue 13, non-finite values at the serving boundary),
-against a real server process on loopback: where it listens, the per-request pixel and decode budgets, fair
-decoding between clients, malformed binary-request parameters and JSON UINT8 values as client errors, model
-files verified against their sidecar, and models answering NaN refused at start-up or per request.
+against a real server process on loopback: where it listens, the server-wide budget of request bytes held at
+once, the per-request pixel and decode budgets, fair decoding between clients, malformed binary-request
+parameters and JSON UINT8 values as client errors, model files verified against their sidecar, and models
+answering NaN refused at start-up or per request.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import functools
 import io
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ TRAP_PIXEL = 17  # the served model answers NaN for an image whose every pixel i
 BIG = 2000  # side of the large test images: 4 M pixels each
 MAX_REQUEST_PIXELS = 33 * BIG * BIG  # a request of 32 large images fits, one of 34 does not
 MAX_BATCH_IMAGES = 40
+MAX_INFLIGHT_BYTES = 64 * 2**20  # as small as it may be: the default --max-request-bytes
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -52,7 +55,7 @@ def server(onnx_path, tmp_path_factory):
     options = [
         "--name", MODEL, "--max-batch-size", "16", "--max-batch-delay-ms", "5", "--decode-threads", "2",
         "--max-batch-images", str(MAX_BATCH_IMAGES), "--max-image-pixels", str(BIG * BIG),
-        "--max-request-pixels", str(MAX_REQUEST_PIXELS),
+        "--max-request-pixels", str(MAX_REQUEST_PIXELS), "--max-inflight-bytes", str(MAX_INFLIGHT_BYTES),
     ]  # fmt: skip
     with running_server([str(onnx_path)], tmp_path_factory.mktemp("hardening-log"), *options) as s:
         yield s.http, int(s.grpc.rsplit(":", 1)[1]), s.proc.pid
@@ -165,7 +168,10 @@ def test_a_request_limit_over_what_grpc_can_carry_still_serves_both(onnx_path, t
     OverflowError traceback as it built the gRPC server); REST keeps the limit, gRPC its 2 GiB ceiling."""
     import tritonclient.grpc as grpcclient  # not kserve's stubs: both register the protocol's proto
 
-    with running_server([str(onnx_path)], tmp_path, "--max-request-bytes", str(3 * 2**30)) as s:
+    big = str(3 * 2**30)
+    with running_server(
+        [str(onnx_path)], tmp_path, "--max-request-bytes", big, "--max-inflight-bytes", big
+    ) as s:
         assert requests.get(f"http://{s.http}/v2/health/ready", timeout=10).status_code == 200
         client = grpcclient.InferenceServerClient(s.grpc)
         assert client.is_server_ready()
@@ -178,6 +184,75 @@ def test_a_batch_size_that_cannot_fit_in_memory_is_refused_in_one_line(onnx_path
     MemoryError traceback (exit status 1), not a refusal naming the flag."""
     err = refused_to_serve(onnx_path, "--max-batch-size", str(10**12), "--grpc-port", str(free_port()))
     assert "does not fit in memory; lower --max-batch-size" in err, err
+
+
+# ------------------------------------------------------------------------- request bytes held server-wide
+
+
+def _until(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {seconds:g} s"
+        time.sleep(0.01)
+
+
+def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
+    """Per-request limits alone let ~250 clients, each announcing a 64 MB body and sending it slowly within
+    --body-timeout, fill a 16 GiB pod. A body announced near --max-inflight-bytes and not sent holds the
+    budget: another request, REST or gRPC, is refused at once, its body unread (503 with Retry-After /
+    RESOURCE_EXHAUSTED, naming the option); once that client goes away, requests are served again."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    http, grpc_port, _ = server
+    host, port = http.rsplit(":", 1)
+
+    def in_flight() -> float:
+        return metric(metric_samples(http), "fedmedclip_requests_in_flight")
+
+    def refused() -> float:
+        return metric(
+            metric_samples(http), "fedmedclip_request_errors_total", model=MODEL, reason="server_busy"
+        )
+
+    refused_before = refused()
+    image = np.full((1, S, S, 3), 90, np.uint8)
+    with socket.create_connection((host, int(port)), timeout=30) as stalled:
+        stalled.sendall(
+            f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {MAX_INFLIGHT_BYTES - 1000}\r\n\r\n".encode()
+        )
+        # In flight: its Content-Length is reserved in the same step, before the server waits for the body.
+        _until(lambda: in_flight() == 1, "the stalled request was never in flight")
+        resp = post(http, _uint8_header(data=image.ravel().tolist()))
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["retry-after"] == "1"
+        error = resp.json()["error"]
+        assert "server is busy" in error and f"over the limit of {MAX_INFLIGHT_BYTES:,} bytes" in error, error
+        assert "(server option --max-inflight-bytes)" in error, error
+
+        client = grpcclient.InferenceServerClient(f"{host}:{grpc_port}")
+        tensor = grpcclient.InferInput("images", list(image.shape), "UINT8")
+        tensor.set_data_from_numpy(image)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL, [tensor])
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
+        assert "--max-inflight-bytes" in info.value.message()
+        assert refused() == refused_before + 2
+    _until(lambda: in_flight() == 0, "the stalled request was never let go")  # its reservation with it
+    assert client.infer(MODEL, [tensor]).as_numpy("probabilities").shape == (1, 4)
+    client.close()
+    assert_serving(http, ort_session)
+
+
+def test_a_budget_below_one_request_is_refused_in_one_line(onnx_path, capsys):
+    from serving.cli import main
+
+    options = ["--max-request-bytes", "2000", "--max-inflight-bytes", "1000", "--http-port", str(free_port())]
+    assert main(["serve", str(onnx_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "--max-inflight-bytes 1,000 is below --max-request-bytes 2,000" in err, err
 
 
 # ------------------------------------------------------------------------------------ per-request budgets
