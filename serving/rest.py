@@ -227,65 +227,6 @@ def _encoded(response) -> Response:
     return Response(body, 200, headers=headers, media_type="application/octet-stream")
 
 
-def head_deadline_protocol(seconds: float) -> type:
-    """uvicorn's HTTP protocol (httptools, else h11: what its `http="auto"` picks) that closes a connection
-    whose request head (request line and headers) has not arrived `seconds` after the connection opened or its
-    previous response went out, with a 408 if part of one came. uvicorn waits for a head for good: connections
-    opened and left silent, or fed a header byte at a time, were held until the process ran out of file
-    descriptors, and then its probes failed too. Once a head is in, the body has --body-timeout (RestApi)."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    class HeadDeadline(AutoHTTPProtocol):
-        _head_timer = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._await_head()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._await_head()
-
-        def data_received(self, data: bytes) -> None:
-            self._head_bytes += len(data)
-            super().data_received(data)
-
-        def connection_lost(self, exc) -> None:
-            self._stop_waiting()
-            super().connection_lost(exc)
-
-        def _await_head(self) -> None:
-            self._stop_waiting()
-            # A head that arrives makes a new request cycle: the timer then finds another one and does nothing.
-            self._head_bytes, self._cycle_before = 0, self.cycle
-            self._head_timer = self.loop.call_later(seconds, self._head_late)
-
-        def _stop_waiting(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_late(self) -> None:
-            self._head_timer = None
-            if self.cycle is not self._cycle_before or self.transport.is_closing():
-                return
-            if self._head_bytes:  # a request began: say why it is refused; a silent connection is just closed
-                message = (
-                    f"the request head did not arrive within {seconds:g} s ({self._head_bytes:,} bytes received; "
-                    "server option --body-timeout)"
-                )
-                metrics.ERRORS.labels(metrics.NO_MODEL, "body_timeout").inc()
-                log.info("refused a connection: HTTP 408 body_timeout: %s", message)
-                body = orjson.dumps({"error": message})
-                self.transport.write(
-                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-                )
-            self.transport.close()
-
-    return HeadDeadline
-
-
 def _too_large(size: str, limit: int) -> RequestRejected:
     return RequestRejected(
         "request_too_large",

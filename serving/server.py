@@ -17,24 +17,17 @@ import time
 
 import uvicorn
 
+from ._uvicorn import Server, head_deadline_protocol
 from .grpc_service import build_server
 from .options import ServerOptions
 from .protocol import Budget, JsonParser
-from .rest import RestApi, head_deadline_protocol
+from .rest import RestApi
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
 
 # gRPC messages carry protobuf framing around the tensors; leave room above the image-bytes limit.
 _GRPC_OVERHEAD = 1 << 20
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: this process shuts REST and gRPC down in its own order."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 async def serve(models: list, options: ServerOptions) -> None:
@@ -55,7 +48,7 @@ async def serve(models: list, options: ServerOptions) -> None:
     max_request_bytes = max(m.options.limits.max_request_bytes for m in models.values())
     api = RestApi(state, parser, max_request_bytes, options.body_timeout, options.metrics_port is not None)
 
-    def http_server(app, port: int, access_log: bool) -> _Uvicorn:
+    def http_server(app, port: int, access_log: bool) -> Server:
         config = uvicorn.Config(
             app,
             host=options.host,
@@ -66,7 +59,7 @@ async def serve(models: list, options: ServerOptions) -> None:
             access_log=access_log,
             timeout_graceful_shutdown=int(options.grace_period),
         )
-        return _Uvicorn(config)
+        return Server(config)
 
     rest = http_server(api.app(), options.http_port, options.access_log)
     # /metrics apart: what it counts is other clients' business, and a port of its own can be reached by

@@ -712,3 +712,25 @@ def test_sigterm_not_ready_first_then_drain_then_ports_close(onnx_path, tmp_path
             h, p = address.split(":")
             with pytest.raises(OSError):
                 socket.create_connection((h, int(p)), timeout=5).close()
+
+
+def test_the_uvicorn_internals_the_server_relies_on_are_the_pinned_ones():
+    """serving/_uvicorn.py lists what the server takes from uvicorn beyond its settings: if the pin
+    (constraints.txt) changes, this fails, and the list is checked again (the slow-client tests of
+    tests/test_serving_hardening.py exercise the head deadline itself)."""
+    import inspect
+    from importlib.metadata import version
+
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from serving._uvicorn import PINNED_VERSION
+
+    assert version("uvicorn") == PINNED_VERSION == "0.55.0"
+    pinned = {line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()}
+    assert f"uvicorn=={PINNED_VERSION}" in pinned and f"httptools=={version('httptools')}" in pinned
+    for hook in ("connection_made", "data_received", "on_response_complete", "connection_lost"):
+        assert callable(getattr(AutoHTTPProtocol, hook, None)), hook
+    source = inspect.getsource(AutoHTTPProtocol)
+    assert "self.cycle" in source and "self.loop" in source and "self.transport" in source
+    assert "capture_signals" in inspect.getsource(uvicorn.Server.serve)
