@@ -345,7 +345,7 @@ def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, obs
 
 
 # ---------------------------------------------------------------- the command
-def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
+def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
     """Before any work (feature extraction included): a resumed run must have the same configuration; a
     new run needs an empty directory."""
     config_file = out / "config.json"
@@ -362,7 +362,10 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
             f"nothing to resume in {str(out)!r}: no config.json (start it without --resume)"
         )
     try:
-        stored = TrainConfig.from_json(read_json_object(config_file)).resume_key()
+        stored_cfg = TrainConfig.from_json(read_json_object(config_file))
+        # A reference run started before validate() refused its codecs (they never acted) resumes without them.
+        stored_cfg.drop_unsent()
+        stored = stored_cfg.resume_key()
     except (ValueError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"cannot resume {str(out)!r}: config.json is unreadable ({exc})") from None
     wanted = cfg.resume_key()
@@ -385,7 +388,7 @@ def train(
     cfg.validate()
     observer = observer or NO_OBSERVER
     out = Path(cfg.out)
-    _check_resumable(cfg, out, resume)
+    check_resumable(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.to_json())
     t0 = time.perf_counter()
@@ -406,4 +409,4 @@ def train(
     return results
 
 
-__all__ = ["INPROCESS_RUN_ID", "ReferenceRun", "simulate", "site_setups", "train"]
+__all__ = ["INPROCESS_RUN_ID", "ReferenceRun", "check_resumable", "simulate", "site_setups", "train"]
