@@ -316,6 +316,13 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check_declared(self)  # types, choices and minimums, as each field declares them
+        if self.federation != "federated" and METHODS[self.method].needs_global_model:
+            # Here, not when the reference run starts: that was after feature extraction, and in `compare` after
+            # the cells before it had trained.
+            raise ConfigError(
+                f"{self.method} regularises toward a global model, which --federation {self.federation} does not "
+                "have; use fedavg for the local/centralized reference of the fine-tuning baselines"
+            )
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
         if self.alpha is not None and self.partition != "dirichlet":

@@ -37,7 +37,7 @@ from .federation.server import FederationError, FederationServer, ServerOptions,
 from .federation.site import SiteSetup, SiteWorker, model_part
 from .federation.storage import LocalDirStore
 from .jsonfiles import read_json_object
-from .methods import METHODS, SiteTrainer
+from .methods import SiteTrainer
 from .observer import NO_OBSERVER, RunObserver
 from .preparation import (
     SERVER,
@@ -189,12 +189,7 @@ class ReferenceRun:
     model that site would hold, and the global test."""
 
     def __init__(self, cfg: TrainConfig, p: Prepared):
-        self.cfg, self.p, self.mode = cfg, p, cfg.federation
-        if METHODS[cfg.method].needs_global_model:
-            raise ConfigError(
-                f"{cfg.method} regularises toward a global model, which --federation {self.mode} does not "
-                "have; use fedavg for the local/centralized reference of the fine-tuning baselines"
-            )
+        self.cfg, self.p, self.mode = cfg, p, cfg.federation  # validated: no method that needs a global model
         self.method = method_for(cfg, p)
         setups = site_setups(cfg, p, self.method)
         self.datas = [s.data for s in setups]

@@ -174,14 +174,20 @@ def test_a_damaged_finished_cell_is_named_in_one_line(
             "fedavg (iid, seed 0): fedavg does not support record-level differential privacy",
         ),
         ("zeroshot", [], "zeroshot/iid/seed1", "zeroshot (iid, seed 1): output directory "),
+        (
+            "zeroshot,fedprox@local",
+            [],
+            None,
+            "fedprox@local (iid, seed 0): fedprox regularises toward a global",
+        ),
     ],
-    ids=["no-dp-sgd", "cell-not-empty"],
+    ids=["no-dp-sgd", "cell-not-empty", "no-global-model"],
 )
 def test_a_cell_the_grid_cannot_run_stops_it_before_any_cell_trains(
     tmp_path, capsys, synthetic_cache, methods, extra, stray, message
 ):
-    """A cell the grid cannot run (fedavg has no DP-SGD; a cell's folder holds something else) was refused only
-    when its turn came, after the cells before it had trained. Every cell is checked first: one line names the
+    """A cell the grid cannot run (fedavg has no DP-SGD; a cell's folder holds something else; fedprox with no
+    global model) was refused only when its turn came, after the cells before it had trained. Every cell is checked first: one line names the
     cell and why, and no cell has run."""
     args = _one_cell_args(tmp_path, synthetic_cache)
     args[args.index("zeroshot")] = methods

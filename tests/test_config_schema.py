@@ -439,3 +439,35 @@ def test_a_codec_is_refused_where_nothing_travels(federation, tmp_path, capsys):
     assert (
         TrainConfig(out="", codec_up="int8-zlib", codec_down="fp32-zlib").validate().codec_down == "fp32-zlib"
     )
+
+
+@pytest.mark.parametrize(("method", "federation"), [("fedprox", "local"), ("moon", "centralized")])
+def test_a_method_that_needs_a_global_model_is_refused_a_reference_before_any_work(
+    method, federation, tmp_path, capsys
+):
+    """fedprox and moon regularise toward the round's global model, which --federation local|centralized do
+    not have: the run was refused only when it started training, after feature extraction (and in `compare`,
+    after the cells before it had trained), leaving a run folder that needed --resume or deleting."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--federation",
+        federation,
+        "--rounds",
+        "1",
+        "--cache-dir",
+        str(cache),
+    ]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {method} regularises toward a global model, which --federation {federation} does not have; "
+        "use fedavg for the local/centralized reference of the fine-tuning baselines"
+    ]
+    assert not out.exists() and not cache.exists()
+    assert TrainConfig(out="", method="fedavg", federation=federation).validate()
