@@ -11,6 +11,10 @@ method with `--federation local` (each site alone) or `centralized` (all trainin
 lower and upper references. Groups come from the methods' own declarations (`Method.group`,
 `Method.compare_references`): `all`, `cached` (methods on cached features, with their references), `finetune`.
 
+Every cell's configuration is checked before any cell trains. The grid's options for the updates the sites send
+(--aggregator, --secure-aggregation, client-level DP, the codecs) apply to the cells that send updates; the others
+run without them (`TrainConfig.drop_unsent`), as the outputs record.
+
 Outputs: OUT/comparison.md (table), OUT/comparison.json (every cell and the summary),
 OUT/comparison.png (global and mean-site accuracy per method and partition)."""
 
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .jsonfiles import read_json_object
 
 log = logging.getLogger(__name__)
@@ -140,9 +144,8 @@ def build_cells(methods, partitions, seeds: list[int]) -> list[Cell]:
 
 
 def _cell_config(base, cell: Cell, out: Path, method_options: dict, grid_methods: list[str]):
+    """The cell's validated TrainConfig, and the grid's options it runs without (as flags)."""
     from dataclasses import replace
-
-    from .config import TrainConfig
 
     cfg = replace(
         base,
@@ -154,11 +157,19 @@ def _cell_config(base, cell: Cell, out: Path, method_options: dict, grid_methods
         out=str(cell.directory(out)),
         method_options=options_for(cell.method, method_options, grid_methods),
     )
-    if not cfg.sends_updates():
-        # The grid's --aggregator is for the cells whose sites send updates: a reference or a method that sends
-        # nothing runs the same under any, and a single run would refuse it.
-        cfg.aggregator = TrainConfig.aggregator
-    return cfg.validate()
+    # The grid's options for what the sites send (--aggregator, --secure-aggregation, client-level DP, the
+    # codecs) are for the cells that send it: a reference or a method that sends nothing runs the same without
+    # them, and a single run would refuse them. What a cell ran without is recorded in the outputs.
+    not_applied = cfg.drop_unsent()
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"compare cell {_where(cell)}: {exc}") from None
+    return cfg, not_applied
+
+
+def _where(cell: Cell) -> str:
+    return f"{cell.label} ({cell.partition}, seed {cell.seed})"
 
 
 def finished_results(cfg) -> dict | None:
@@ -171,7 +182,10 @@ def finished_results(cfg) -> dict | None:
     from .config import TrainConfig
 
     try:
-        stored = TrainConfig.from_json(_cell_file(d, "config.json")).resume_key()
+        stored_cfg = TrainConfig.from_json(_cell_file(d, "config.json"))
+        # A reference cell finished before its grid's codecs were dropped there (they never acted) still matches.
+        stored_cfg.drop_unsent()
+        stored = stored_cfg.resume_key()
     except (TypeError, ConfigError) as exc:
         raise _damaged(d, "config.json", exc) from None
     if stored != cfg.resume_key():
@@ -209,25 +223,38 @@ def run_grid(
     (data, backbone, rounds, cache_dir, ...). Returns one record per cell: its identity and its results.json."""
     from tqdm.auto import tqdm
 
-    from .engine import train
+    from .engine import check_resumable, train
 
     grid_methods = sorted({c.method for c in cells})
-    records = []
-    bar = tqdm(cells, desc="compare", unit="cell", disable=not progress or report_only)
-    for cell in bar:
-        bar.set_postfix_str(f"{cell.label} {cell.partition} seed{cell.seed}")
-        cfg = _cell_config(base, cell, out, method_options, grid_methods)
-        d = Path(cfg.out)
+    # Every cell is checked before any trains: a cell the grid cannot run, a finished one with other settings
+    # or a started one that cannot resume stops the grid here, not after the cells before it have trained.
+    planned = []
+    for cell in cells:
+        cfg, not_applied = _cell_config(base, cell, out, method_options, grid_methods)
         results = finished_results(cfg)
+        d = Path(cfg.out)
+        if results is None and not report_only:
+            try:
+                check_resumable(cfg, d, resume=(d / "config.json").exists())
+            except (ConfigError, CheckpointError) as exc:  # a started cell that cannot resume, a full folder
+                raise type(exc)(f"compare cell {_where(cell)}: {exc}") from None
+        planned.append((cell, cfg, not_applied, results))
+    for label, flags in dict.fromkeys((c.label, tuple(n)) for c, _, n, _ in planned if n):
+        log.warning("%s runs without %s: it sends no update to the server", label, ", ".join(flags))
+    records = []
+    bar = tqdm(planned, desc="compare", unit="cell", disable=not progress or report_only)
+    for cell, cfg, not_applied, results in bar:
+        bar.set_postfix_str(f"{cell.label} {cell.partition} seed{cell.seed}")
+        d = Path(cfg.out)
         if results is not None:
             if not report_only:
                 log.info("cell %s is finished: not rerun", d)
         elif report_only:
             continue
         else:
-            # A started cell resumes (train refuses another configuration before any work).
+            # A started cell resumes (its configuration was checked above).
             results = train(cfg, resume=(d / "config.json").exists(), progress=progress)
-        records.append({**_identity(cell), "dir": str(d), "results": results})
+        records.append({**_identity(cell), "not_applied": not_applied, "dir": str(d), "results": results})
     return records
 
 
@@ -351,9 +378,25 @@ def write_outputs(records: list[dict], out: Path, settings: dict) -> list[dict]:
         "method's global rule; sites: mean over sites of their local test metrics (selected round: best "
         "mean site validation accuracy). Bytes: measured payload length uploaded per site per round.\n\n"
     )
-    (out / "comparison.md").write_text(body + markdown_table(rows))
+    (out / "comparison.md").write_text(body + markdown_table(rows) + not_applied_note(records))
     plot(rows, out / "comparison.png")
     return rows
+
+
+def not_applied_note(records: list[dict]) -> str:
+    """Which methods ran without which of the grid's options (they send no update: `_cell_config`), one line
+    per set of options; empty when every cell ran with all of them."""
+    labels: dict[tuple[str, ...], list[str]] = {}
+    for r in records:
+        if r.get("not_applied"):
+            methods = labels.setdefault(tuple(r["not_applied"]), [])
+            if r["method"] not in methods:
+                methods.append(r["method"])
+    return "".join(
+        f"\nNot applied to {', '.join(methods)} (no update sent to the server; `train` refuses them there): "
+        f"{', '.join(f'`{flag}`' for flag in flags)}.\n"
+        for flags, methods in labels.items()
+    )
 
 
 def _cell_numbers(results: dict) -> dict:

@@ -142,12 +142,14 @@ class TrainConfig:
     codec_up: str = setting(
         "fp16-zlib",
         group="federation",
-        help="how a site's update travels to the server (default: %(default)s)",
+        help="how a site's update travels to the server (a federated run's: nothing travels with --federation "
+        "local|centralized) (default: %(default)s)",
     )
     codec_down: str = setting(
         "fp16-zlib",
         group="federation",
-        help="how the global module travels to the sites (default: %(default)s)",
+        help="how the global module travels to the sites (a federated run's: nothing travels with --federation "
+        "local|centralized) (default: %(default)s)",
     )
     split_ratio: tuple[float, float, float] = setting(
         (0.8, 0.1, 0.1),
@@ -314,6 +316,13 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         check_declared(self)  # types, choices and minimums, as each field declares them
+        if self.federation != "federated" and METHODS[self.method].needs_global_model:
+            # Here, not when the reference run starts: that was after feature extraction, and in `compare` after
+            # the cells before it had trained.
+            raise ConfigError(
+                f"{self.method} regularises toward a global model, which --federation {self.federation} does not "
+                "have; use fedavg for the local/centralized reference of the fine-tuning baselines"
+            )
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
         if self.alpha is not None and self.partition != "dirichlet":
@@ -356,6 +365,17 @@ class TrainConfig:
                 f"--aggregator {self.aggregator} combines the updates the sites send to the server; "
                 f"{self._sender()} sends none: drop --aggregator"
             )
+        for flag, name, default, what in (
+            ("--codec-up", self.codec_up, TrainConfig.codec_up, "the updates the sites send to the server"),
+            ("--codec-down", self.codec_down, TrainConfig.codec_down, "the global module sent to the sites"),
+        ):
+            # Checked against the default, not whether the flag was given: a stored or pipeline configuration
+            # names both codecs, and the defaults must keep working for the references.
+            if name != default and self.federation != "federated":
+                raise ConfigError(
+                    f"{flag} {name} encodes {what}; --federation {self.federation} sends none: drop {flag} "
+                    "(--codec sets it too)"
+                )
         self._validate_privacy(METHODS[self.method])
         self._validate_secure_aggregation(METHODS[self.method])
         if self.transductive:
@@ -369,6 +389,37 @@ class TrainConfig:
         from .methods import METHODS
 
         return self.federation == "federated" and METHODS[self.method].sends_parameters
+
+    def drop_unsent(self) -> list[str]:
+        """Reset to their defaults the options that act only on what the sites and the server send each other,
+        where this run sends none of it (validate() refuses them there), and return them as the flags that set
+        them. `compare` applies its grid's options to the cells they act on this way, and a stored configuration
+        of a reference run from before validate() refused its codecs matches the same run without them."""
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            return []  # validate() names it
+        dropped = []
+        if not self.sends_updates():
+            if self.aggregator != TrainConfig.aggregator:
+                dropped.append(f"--aggregator {self.aggregator}")
+                self.aggregator = TrainConfig.aggregator
+            if self.secure_aggregation:
+                dropped.append("--secure-aggregation")
+                if self.secagg_threshold is not None:
+                    dropped.append(f"--secagg-threshold {self.secagg_threshold}")
+                self.secure_aggregation, self.secagg_threshold = False, None
+            if isinstance(self.privacy, dict) and self.privacy.get("client_noise") is not None:
+                client = [k for k in self.privacy if k.startswith("client_")]
+                dropped += [f"--dp-{k.replace('_', '-')} {self.privacy[k]}" for k in client]
+                self.privacy = {k: v for k, v in self.privacy.items() if k not in client}
+        if self.federation != "federated":
+            for flag, name in (("--codec-up", "codec_up"), ("--codec-down", "codec_down")):
+                default = getattr(TrainConfig, name)
+                if getattr(self, name) != default:
+                    dropped.append(f"{flag} {getattr(self, name)}")
+                    setattr(self, name, default)
+        return dropped
 
     def _sender(self) -> str:
         """What sends no updates, as the user chose it: the federation, else the method."""

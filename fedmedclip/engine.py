@@ -37,7 +37,7 @@ from .federation.server import FederationError, FederationServer, ServerOptions,
 from .federation.site import SiteSetup, SiteWorker, model_part
 from .federation.storage import LocalDirStore
 from .jsonfiles import read_json_object
-from .methods import METHODS, SiteTrainer
+from .methods import SiteTrainer
 from .observer import NO_OBSERVER, RunObserver
 from .preparation import (
     SERVER,
@@ -189,12 +189,7 @@ class ReferenceRun:
     model that site would hold, and the global test."""
 
     def __init__(self, cfg: TrainConfig, p: Prepared):
-        self.cfg, self.p, self.mode = cfg, p, cfg.federation
-        if METHODS[cfg.method].needs_global_model:
-            raise ConfigError(
-                f"{cfg.method} regularises toward a global model, which --federation {self.mode} does not "
-                "have; use fedavg for the local/centralized reference of the fine-tuning baselines"
-            )
+        self.cfg, self.p, self.mode = cfg, p, cfg.federation  # validated: no method that needs a global model
         self.method = method_for(cfg, p)
         setups = site_setups(cfg, p, self.method)
         self.datas = [s.data for s in setups]
@@ -345,7 +340,7 @@ def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, obs
 
 
 # ---------------------------------------------------------------- the command
-def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
+def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
     """Before any work (feature extraction included): a resumed run must have the same configuration; a
     new run needs an empty directory."""
     config_file = out / "config.json"
@@ -362,7 +357,10 @@ def _check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
             f"nothing to resume in {str(out)!r}: no config.json (start it without --resume)"
         )
     try:
-        stored = TrainConfig.from_json(read_json_object(config_file)).resume_key()
+        stored_cfg = TrainConfig.from_json(read_json_object(config_file))
+        # A reference run started before validate() refused its codecs (they never acted) resumes without them.
+        stored_cfg.drop_unsent()
+        stored = stored_cfg.resume_key()
     except (ValueError, TypeError, ConfigError) as exc:
         raise CheckpointError(f"cannot resume {str(out)!r}: config.json is unreadable ({exc})") from None
     wanted = cfg.resume_key()
@@ -385,7 +383,7 @@ def train(
     cfg.validate()
     observer = observer or NO_OBSERVER
     out = Path(cfg.out)
-    _check_resumable(cfg, out, resume)
+    check_resumable(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.to_json())
     t0 = time.perf_counter()
@@ -406,4 +404,4 @@ def train(
     return results
 
 
-__all__ = ["INPROCESS_RUN_ID", "ReferenceRun", "simulate", "site_setups", "train"]
+__all__ = ["INPROCESS_RUN_ID", "ReferenceRun", "check_resumable", "simulate", "site_setups", "train"]

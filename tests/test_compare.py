@@ -162,3 +162,116 @@ def test_a_damaged_finished_cell_is_named_in_one_line(
     err = error_lines(text)
     assert len(err) == 1 and err[0].startswith(f"error: {cell}: its {name} is unreadable (") and why in err[0]
     assert err[0].endswith("delete that cell to redo it") and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "methods, extra, stray, message",
+    [
+        (
+            "fedmedclip,fedavg",
+            ["--dp-target-epsilon", "5"],
+            None,
+            "fedavg (iid, seed 0): fedavg does not support record-level differential privacy",
+        ),
+        ("zeroshot", [], "zeroshot/iid/seed1", "zeroshot (iid, seed 1): output directory "),
+        (
+            "zeroshot,fedprox@local",
+            [],
+            None,
+            "fedprox@local (iid, seed 0): fedprox regularises toward a global",
+        ),
+    ],
+    ids=["no-dp-sgd", "cell-not-empty", "no-global-model"],
+)
+def test_a_cell_the_grid_cannot_run_stops_it_before_any_cell_trains(
+    tmp_path, capsys, synthetic_cache, methods, extra, stray, message
+):
+    """A cell the grid cannot run (fedavg has no DP-SGD; a cell's folder holds something else; fedprox with no
+    global model) was refused only when its turn came, after the cells before it had trained. Every cell is checked first: one line names the
+    cell and why, and no cell has run."""
+    args = _one_cell_args(tmp_path, synthetic_cache)
+    args[args.index("zeroshot")] = methods
+    args[args.index("--seeds") + 1] = "2"
+    grid = tmp_path / "grid"
+    if stray:
+        (grid / "runs" / stray).mkdir(parents=True)
+        (grid / "runs" / stray / "notes.txt").write_text("not a run")
+    assert main([*args, *extra]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"error: compare cell {message}"), err
+    assert not extra or extra[0] in err[0]
+    assert not list(grid.rglob("config.json"))  # nothing started
+
+
+def test_the_grids_options_for_updates_are_not_applied_where_none_is_sent(tmp_path):
+    """--secure-aggregation, client-level DP and the codecs protect or encode the updates the sites send: a
+    reference cell (NAME@local) or zeroshot sends none, and a single `train` refuses them there. The grid
+    refused them mid-way, after the cells before had trained; it runs those cells without them, as it did
+    with --aggregator, and says so."""
+    from fedmedclip.config import TrainConfig
+
+    grid = ["fedmedclip", "zeroshot"]
+    base = TrainConfig(
+        out="",
+        codec_up="int8-zlib",
+        codec_down="fp32-zlib",
+        secure_aggregation=True,
+        secagg_threshold=3,
+        privacy={"client_noise": 1.0, "client_clip": 2.0},
+    ).validate()
+    plans = {
+        cell.label: compare._cell_config(base, cell, tmp_path, {}, grid)
+        for cell in compare.build_cells(
+            [("fedmedclip", "federated"), ("fedmedclip", "local"), ("zeroshot", "federated")],
+            [("iid", "iid", None)],
+            [0],
+        )
+    }
+    cfg, not_applied = plans["fedmedclip"]
+    assert not_applied == [] and cfg.secure_aggregation and cfg.codec_up == "int8-zlib"
+    sent = ["--secure-aggregation", "--secagg-threshold 3", "--dp-client-noise 1.0", "--dp-client-clip 2.0"]
+    cfg, not_applied = plans["fedmedclip@local"]
+    assert not_applied == [*sent, "--codec-up int8-zlib", "--codec-down fp32-zlib"]
+    assert (cfg.secure_aggregation, cfg.secagg_threshold, cfg.privacy) == (False, None, {})
+    assert (cfg.codec_up, cfg.codec_down) == ("fp16-zlib", "fp16-zlib")
+    cfg, not_applied = plans["zeroshot"]  # federated: its (empty) payloads still travel with the codecs
+    assert not_applied == sent and cfg.codec_up == "int8-zlib"
+    assert base.secure_aggregation and base.privacy == {"client_noise": 1.0, "client_clip": 2.0}
+
+    records = [{"method": label, "not_applied": not_applied} for label, (_, not_applied) in plans.items()] + [
+        {"method": "zeroshot", "not_applied": plans["zeroshot"][1]}
+    ]
+    note = compare.not_applied_note(records)
+    assert note.count("\n") == 4 and "Not applied to fedmedclip@local (" in note
+    assert "Not applied to zeroshot (" in note and "`--codec-up int8-zlib`" in note
+
+
+def test_the_table_says_which_cells_ran_without_the_grids_options(
+    tmp_path, synthetic_cache, one_finished_cell
+):
+    """The finished zero-shot cell matches a grid asking for --secure-aggregation and client-level DP (zeroshot
+    sends nothing, so it runs without them; the grid was refused), and the outputs say what it ran without."""
+    args = _one_cell_args(tmp_path, synthetic_cache)
+    shutil.copytree(one_finished_cell, tmp_path / "grid")
+    assert main([*args, "--secure-aggregation", "--dp-client-noise", "1", "--report-only"]) == 0
+    table = (tmp_path / "grid" / "comparison.md").read_text()
+    assert table.endswith(
+        "\nNot applied to zeroshot (no update sent to the server; `train` refuses them there): "
+        "`--secure-aggregation`, `--dp-client-noise 1.0`.\n"
+    )
+    (cell,) = json.loads((tmp_path / "grid" / "comparison.json").read_text())["cells"]
+    assert cell["not_applied"] == ["--secure-aggregation", "--dp-client-noise 1.0"]
+
+
+def test_a_reference_run_recorded_with_a_codec_still_resumes(tmp_path):
+    """A --federation local run (or compare cell) started before its codecs were refused recorded them; they
+    never acted, so it resumes, and a finished cell matches, without them."""
+    from fedmedclip.config import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = TrainConfig(out=str(run), federation="local", codec_up="int8-zlib")
+    (run / "config.json").write_text(json.dumps(old.to_json()))
+    engine.check_resumable(TrainConfig(out=str(run), federation="local").validate(), run, resume=True)
+    with pytest.raises(ConfigError, match="drop --codec-up"):
+        old.validate()

@@ -400,3 +400,74 @@ def test_a_robust_aggregator_is_refused_where_no_update_is_sent(setting, sender,
     argv = [*grid, "--partitions", "iid", "--seeds", "1", "--aggregator", "median", "--report-only"]
     assert main([*argv, "--out", str(out)]) == 2  # nothing run yet, and nothing refused
     assert error_lines(capsys.readouterr().err) == [f"error: no finished cell of this grid under {out}"]
+
+
+@pytest.mark.parametrize("federation", ["local", "centralized"])
+def test_a_codec_is_refused_where_nothing_travels(federation, tmp_path, capsys):
+    """--codec-up / --codec-down with --federation local (each site alone) or centralized (one pooled holder)
+    were accepted and meant nothing: no update travels. Refused as --aggregator is, in one line before any
+    work; the default codecs, which every stored configuration names, still run."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = [
+        "train",
+        "--federation",
+        federation,
+        "--rounds",
+        "1",
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+    ]
+    up = "the updates the sites send to the server"
+    for given, flag, codec, what in (
+        (["--codec-up", "int8-zlib"], "--codec-up", "int8-zlib", up),
+        (["--codec-down", "fp32-zlib"], "--codec-down", "fp32-zlib", "the global module sent to the sites"),
+        (["--codec", "int8-zlib"], "--codec-up", "int8-zlib", up),
+    ):
+        assert main([*argv, *given]) == 2
+        assert error_lines(capsys.readouterr().err) == [
+            f"error: {flag} {codec} encodes {what}; --federation {federation} sends none: drop {flag} "
+            "(--codec sets it too)"
+        ]
+    assert not out.exists() and not cache.exists()
+    assert TrainConfig(out="", federation=federation, codec_up="fp16-zlib", codec_down="fp16-zlib").validate()
+    assert (
+        TrainConfig(out="", codec_up="int8-zlib", codec_down="fp32-zlib").validate().codec_down == "fp32-zlib"
+    )
+
+
+@pytest.mark.parametrize(("method", "federation"), [("fedprox", "local"), ("moon", "centralized")])
+def test_a_method_that_needs_a_global_model_is_refused_a_reference_before_any_work(
+    method, federation, tmp_path, capsys
+):
+    """fedprox and moon regularise toward the round's global model, which --federation local|centralized do
+    not have: the run was refused only when it started training, after feature extraction (and in `compare`,
+    after the cells before it had trained), leaving a run folder that needed --resume or deleting."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--federation",
+        federation,
+        "--rounds",
+        "1",
+        "--cache-dir",
+        str(cache),
+    ]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: {method} regularises toward a global model, which --federation {federation} does not have; "
+        "use fedavg for the local/centralized reference of the fine-tuning baselines"
+    ]
+    assert not out.exists() and not cache.exists()
+    assert TrainConfig(out="", method="fedavg", federation=federation).validate()
