@@ -412,17 +412,7 @@ def test_a_codec_is_refused_where_nothing_travels(federation, tmp_path, capsys):
     from fedmedclip.cli import main
 
     out, cache = tmp_path / "run", tmp_path / "cache"
-    argv = [
-        "train",
-        "--federation",
-        federation,
-        "--rounds",
-        "1",
-        "--cache-dir",
-        str(cache),
-        "--out",
-        str(out),
-    ]
+    argv = f"train --federation {federation} --rounds 1 --cache-dir {cache} --out {out}".split()
     up = "the updates the sites send to the server"
     for given, flag, codec, what in (
         (["--codec-up", "int8-zlib"], "--codec-up", "int8-zlib", up),
@@ -453,17 +443,7 @@ def test_a_method_that_needs_a_global_model_is_refused_a_reference_before_any_wo
     from fedmedclip.cli import main
 
     out, cache = tmp_path / "run", tmp_path / "cache"
-    argv = [
-        "train",
-        "--method",
-        method,
-        "--federation",
-        federation,
-        "--rounds",
-        "1",
-        "--cache-dir",
-        str(cache),
-    ]
+    argv = f"train --method {method} --federation {federation} --rounds 1 --cache-dir {cache}".split()
     assert main([*argv, "--out", str(out)]) == 2
     assert error_lines(capsys.readouterr().err) == [
         f"error: {method} regularises toward a global model, which --federation {federation} does not have; "
