@@ -231,17 +231,16 @@ def _check_lineage(onnx_path: Path, contract, run_id: str, run_digest: str) -> N
         )
 
 
-class _ProviderWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "execution providers" not in record.getMessage()
-
-
 @contextlib.contextmanager
 def _quiet_provider_check():
     """MLflow checks the input example by loading the model here, on the machine that registers it, and warns
     that the CUDA provider the model declares (for the GPU servers that load it) is missing: not this
     command's concern, so not shown while it logs the model."""
-    logger, quiet = logging.getLogger("mlflow.onnx"), _ProviderWarnings()
+
+    def quiet(record: logging.LogRecord) -> bool:  # a logging filter may be any callable
+        return "execution providers" not in record.getMessage()
+
+    logger = logging.getLogger("mlflow.onnx")
     logger.addFilter(quiet)
     try:
         yield
