@@ -255,7 +255,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
                 f"registered model {name!r} does not hold backbones (no tag {KIND_TAG}={KIND_BACKBONE}); "
                 "push to another name"
             )
-        for mv in if_found(client.search_model_versions, f"name = '{name}'", default=[]):
+        for mv in client.search_model_versions(f"name = '{name}'"):
             if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
                 return PublishedBackbone(f"models:/{name}/{mv.version}", manifest, True)
     tags = {

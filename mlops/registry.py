@@ -113,7 +113,7 @@ def _version_of_run(client, name: str, run_id: str, source_key: str):
     """The version of `name` registered from `run_id` with `source_key`, if there is one."""
     if not re.fullmatch(r"[A-Za-z0-9]+", run_id):
         return None
-    versions = if_found(client.search_model_versions, f"name = '{name}' and run_id = '{run_id}'", default=[])
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     mine = [v for v in versions if (v.tags or {}).get(REGISTRATION_KEY_TAG) == source_key]
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
