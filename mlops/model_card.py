@@ -79,7 +79,7 @@ def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) 
     from .tracking import registered_version
 
     client, mv = registered_version(ref, tracking_uri)
-    folder = (mv.tags or {}).get(CARD_TAG)
+    folder = mv.tags.get(CARD_TAG)
     if not folder:
         raise TrackingError(
             f"{mv.name} version {mv.version} has no model card (registered before cards were generated); "

@@ -114,7 +114,7 @@ def _version_of_run(client, name: str, run_id: str, source_key: str):
     if not re.fullmatch(r"[A-Za-z0-9]+", run_id):
         return None
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    mine = [v for v in versions if (v.tags or {}).get(REGISTRATION_KEY_TAG) == source_key]
+    mine = [v for v in versions if v.tags.get(REGISTRATION_KEY_TAG) == source_key]
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
@@ -347,7 +347,7 @@ def _fmt(metric: float | None) -> str:
 def _version_metric(client, mv) -> float | None:
     run = if_found(client.get_run, mv.run_id) if mv.run_id else None
     # The run may be gone (deleted experiment); registration copied the number onto the version.
-    places = (run.data.metrics if run is not None else {}, mv.tags or {})
+    places = (run.data.metrics if run is not None else {}, mv.tags)
     found = [place.get(n) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
     return next((float(v) for v in found if v is not None), None)
 
@@ -393,7 +393,7 @@ def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple
     A digest missing on either side counts as different: nothing says the data are the same."""
     out = {}
     for tag in DATA_DIGEST_TAGS:
-        a, b = (candidate_tags or {}).get(tag, ""), (holder_tags or {}).get(tag, "")
+        a, b = candidate_tags.get(tag, ""), holder_tags.get(tag, "")
         if not a or not b or a != b:
             out[tag] = (a or "(none)", b or "(none)")
     return out
@@ -417,8 +417,8 @@ def promote(
     if mv is None:
         raise TrackingError(f"registered model {name!r} has no version {version}")
     if max_epsilon:
-        check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
-    check_servable(name, version, mv.tags or {}, alias)
+        check_privacy_budget(name, version, mv.tags, max_epsilon)
+    check_servable(name, version, mv.tags, alias)
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
@@ -426,7 +426,7 @@ def promote(
             "only versions registered from a tracked run directory can be promoted"
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
-    holder = (client.get_registered_model(name).aliases or {}).get(alias)
+    holder = client.get_registered_model(name).aliases.get(alias)
     if holder is not None and str(holder) == version:
         # Asked again (a retried register task, say): the first promotion's record, naming the version it
         # replaced, stays as it is.

@@ -347,6 +347,6 @@ def get_or_create_experiment(client, name: str) -> str:
         raise TrackingError(
             f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"
         )
-    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+    if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
