@@ -250,13 +250,13 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     client, _ = _client(tracking_uri, f"pushing the backbone to {to}", BackbonePublishError)
     model = if_found(client.get_registered_model, name)
     if model is not None:
-        if (model.tags or {}).get(KIND_TAG) != KIND_BACKBONE:
+        if model.tags.get(KIND_TAG) != KIND_BACKBONE:
             raise BackbonePublishError(
                 f"registered model {name!r} does not hold backbones (no tag {KIND_TAG}={KIND_BACKBONE}); "
                 "push to another name"
             )
-        for mv in if_found(client.search_model_versions, f"name = '{name}'", default=[]):
-            if (mv.tags or {}).get(WEIGHTS_TAG) == manifest["weights_sha256"]:
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            if mv.tags.get(WEIGHTS_TAG) == manifest["weights_sha256"]:
                 return PublishedBackbone(f"models:/{name}/{mv.version}", manifest, True)
     tags = {
         KIND_TAG: KIND_BACKBONE,
@@ -301,7 +301,7 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
         BackboneUnavailable,
         lambda message: f"no backbone registered as {spec} ({message}). " + _how_to_publish(spec),
     )
-    tags = mv.tags or {}
+    tags = mv.tags
     wanted = tags.get(WEIGHTS_TAG, "")
     if tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(wanted):
         raise BackboneUnavailable(

@@ -82,9 +82,10 @@ def cmd_promote(args) -> int:
     from fedmedclip.flags import options_from_args
 
     from .promotion import PromotionPolicy
+    from .registry import promote
 
     policy = options_from_args(args, PromotionPolicy)
-    print(policy.promote(args.name, args.version, args.tracking_uri).describe())
+    print(promote(args.name, args.version, policy, args.tracking_uri).describe())
     return 0
 
 

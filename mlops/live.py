@@ -185,7 +185,7 @@ class LiveRunLogger:
 
     Rounds go through MLflow's asynchronous logging, which gives a batch up once its HTTP retries fail (an outage
     longer than them): the logger keeps each batch until MLflow has it and sends the failed ones again, at the
-    next round and in `flush` (every `retry_seconds`); `finish` flushes for up to `flush_timeout`. With
+    next round and in `flush` (every `retry_seconds`); `finish` flushes for up to two minutes. With
     `background=False` (after-the-fact logging) metrics are sent in the caller's thread and errors raise."""
 
     experiment: str = DEFAULT_EXPERIMENT
@@ -195,7 +195,6 @@ class LiveRunLogger:
     include_site_models: bool = False
     background: bool = True
     retry_seconds: float = 5.0
-    flush_timeout: float = 120.0
     record_run_dir: bool = True
     # What `start` sets and the run's state:
     run_id: str | None = field(default=None, init=False)
@@ -336,9 +335,9 @@ class LiveRunLogger:
             self._last_error, b.futures = error, None
         return not self._batches
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float = 120.0) -> bool:
         """Wait until every round logged so far is in MLflow (or `timeout` seconds); True when it is."""
-        deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + timeout
         while True:
             self._send()
             if self._settle(max(0.0, deadline - time.monotonic())):

@@ -15,7 +15,7 @@ from fedmedclip.digests import META_SITE
 from fedmedclip.model_card import CardError, build_card, ood_facts, write_card
 
 from .rundir import REQUIRED_FILES as REQUIRED
-from .tracking import KFP_RUN_ID_TAG, TrackingError
+from .tracking import KFP_RUN_ID_TAG, TrackingError, registered_version
 
 CARD_TAG = "model_card"
 CARD_FILES = {"md": "model_card.md", "json": "model_card.json"}
@@ -76,10 +76,8 @@ def log_model_card(client, run, run_dir: Path, name: str, version: str, tags: di
 
 def read_model_card(ref: str, fmt: str = "md", tracking_uri: str | None = None) -> str:
     """The card of a registered version (NAME@ALIAS or NAME/VERSION) as Markdown or JSON text."""
-    from .tracking import registered_version
-
     client, mv = registered_version(ref, tracking_uri)
-    folder = (mv.tags or {}).get(CARD_TAG)
+    folder = mv.tags.get(CARD_TAG)
     if not folder:
         raise TrackingError(
             f"{mv.name} version {mv.version} has no model card (registered before cards were generated); "

@@ -92,9 +92,9 @@ def default_site_names(n_sites: int = DEFAULT_SITES) -> list[str]:
     return [f"site_{k}" for k in range(n_sites)]
 
 
-def roles(site_names: list[str] | tuple[str, ...] | None = None) -> list[Role]:
+def roles(site_names: list[str] | tuple[str, ...]) -> list[Role]:
     """publisher, server, one role per site (k = its position in `site_names`), mlflow."""
-    names = list(site_names) if site_names is not None else default_site_names()
+    names = list(site_names)
     for n in names:
         if not isinstance(n, str) or not _SITE_NAME.match(n) or n in (PUBLISHER, SERVER, MLFLOW, "admin"):
             raise ConfigError(
@@ -165,9 +165,9 @@ def mlflow_policy(root: str) -> dict:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def render_minio_policies(site_names: list[str] | None = None) -> str:
+def render_minio_policies() -> str:
     """The text of infra/training/platform/minio-policies.yaml: one policy per MinIO user, in role order."""
-    names = list(site_names) if site_names is not None else default_site_names()
+    names = default_site_names()
     lines = [
         "# GENERATED from mlops/policies.py by `python -m mlops.policies --write`: do not edit by hand",
         "# (tests/test_isolation.py checks that this file is what the module renders). One IAM policy per MinIO",

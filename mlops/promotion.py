@@ -45,10 +45,3 @@ class PromotionPolicy:
 
     def __post_init__(self) -> None:
         check_declared(self)  # made from the command line or from the register task's parameters alike
-
-    def promote(self, name: str, version: str, tracking_uri: str | None = None):
-        """Point NAME@ALIAS at `version` under this policy (mlops.registry.promote, imported here: declaring
-        the flags imports no mlflow); what `promote` and the pipeline's register task both do."""
-        from .registry import promote
-
-        return promote(name, version, self, tracking_uri)

@@ -113,8 +113,8 @@ def _version_of_run(client, name: str, run_id: str, source_key: str):
     """The version of `name` registered from `run_id` with `source_key`, if there is one."""
     if not re.fullmatch(r"[A-Za-z0-9]+", run_id):
         return None
-    versions = if_found(client.search_model_versions, f"name = '{name}' and run_id = '{run_id}'", default=[])
-    mine = [v for v in versions if (v.tags or {}).get(REGISTRATION_KEY_TAG) == source_key]
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    mine = [v for v in versions if v.tags.get(REGISTRATION_KEY_TAG) == source_key]
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
@@ -231,17 +231,16 @@ def _check_lineage(onnx_path: Path, contract, run_id: str, run_digest: str) -> N
         )
 
 
-class _ProviderWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "execution providers" not in record.getMessage()
-
-
 @contextlib.contextmanager
 def _quiet_provider_check():
     """MLflow checks the input example by loading the model here, on the machine that registers it, and warns
     that the CUDA provider the model declares (for the GPU servers that load it) is missing: not this
     command's concern, so not shown while it logs the model."""
-    logger, quiet = logging.getLogger("mlflow.onnx"), _ProviderWarnings()
+
+    def quiet(record: logging.LogRecord) -> bool:  # a logging filter may be any callable
+        return "execution providers" not in record.getMessage()
+
+    logger = logging.getLogger("mlflow.onnx")
     logger.addFilter(quiet)
     try:
         yield
@@ -348,7 +347,7 @@ def _fmt(metric: float | None) -> str:
 def _version_metric(client, mv) -> float | None:
     run = if_found(client.get_run, mv.run_id) if mv.run_id else None
     # The run may be gone (deleted experiment); registration copied the number onto the version.
-    places = (run.data.metrics if run is not None else {}, mv.tags or {})
+    places = (run.data.metrics if run is not None else {}, mv.tags)
     found = [place.get(n) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
     return next((float(v) for v in found if v is not None), None)
 
@@ -394,7 +393,7 @@ def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple
     A digest missing on either side counts as different: nothing says the data are the same."""
     out = {}
     for tag in DATA_DIGEST_TAGS:
-        a, b = (candidate_tags or {}).get(tag, ""), (holder_tags or {}).get(tag, "")
+        a, b = candidate_tags.get(tag, ""), holder_tags.get(tag, "")
         if not a or not b or a != b:
             out[tag] = (a or "(none)", b or "(none)")
     return out
@@ -418,8 +417,8 @@ def promote(
     if mv is None:
         raise TrackingError(f"registered model {name!r} has no version {version}")
     if max_epsilon:
-        check_privacy_budget(name, version, mv.tags or {}, max_epsilon)
-    check_servable(name, version, mv.tags or {}, alias)
+        check_privacy_budget(name, version, mv.tags, max_epsilon)
+    check_servable(name, version, mv.tags, alias)
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
@@ -427,7 +426,7 @@ def promote(
             "only versions registered from a tracked run directory can be promoted"
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
-    holder = (client.get_registered_model(name).aliases or {}).get(alias)
+    holder = client.get_registered_model(name).aliases.get(alias)
     if holder is not None and str(holder) == version:
         # Asked again (a retried register task, say): the first promotion's record, naming the version it
         # replaced, stays as it is.

@@ -178,9 +178,9 @@ def _lineage_tags(run: RunDir, record_path: bool = True) -> dict[str, str]:
 
 def recorded_times(results: dict) -> tuple[float | None, float | None]:
     """(start, end) of a finished run in unix seconds, from each round's `finished_at` and the run's total
-    seconds; (None, None) for a run directory written before rounds had their time."""
-    ends = [_num(r.get("finished_at")) for r in results.get("history") or [] if isinstance(r, dict)]
-    ends = [t for t in ends if t is not None]
+    seconds; (None, None) for a run directory written before rounds had their time. `results` has passed
+    read_run_dir: its history is a list of round records."""
+    ends = [t for t in (_num(r.get("finished_at")) for r in results["history"]) if t is not None]
     if not ends:
         return None, None
     end = max(ends)

@@ -21,7 +21,7 @@ from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAcces
 from fedmedclip.paths import DEFAULT_CACHE_DIR, check_relative_id, confined_path, is_within
 
 from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
-from .s3 import ObjectMissing, S3Store, s3_client, split_s3_url, store_errors
+from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
 from .sites import SERVER_PREFIX, site_prefix
 from .tree import download, file_digest, upload
 
@@ -361,18 +361,11 @@ def _not_published_for(cfg, cat: dict) -> ConfigError:
     )
 
 
-def check_published_partition(cfg, role_env: dict[str, str] | None = None) -> None:
+def check_published_partition(cfg, client=None) -> None:
     """Before a pipeline starts on s3:// data: refuse a run whose partition settings are not those the data was
     published for, which its prepare task would refuse only after its retries (minutes). Reads
-    server/published.json with `role_env`'s credentials (a role's client environment), else the environment's;
-    a catalog that cannot be read leaves the check to the prepare task."""
-    env = role_env or {}
-    client = s3_client(
-        env.get("AWS_ENDPOINT_URL_S3"),
-        env.get("AWS_ACCESS_KEY_ID"),
-        env.get("AWS_SECRET_ACCESS_KEY"),
-        env.get("AWS_DEFAULT_REGION"),
-    )
+    server/published.json with `client` (a role's boto3 client), else the environment's credentials; a
+    catalog that cannot be read leaves the check to the prepare task."""
     try:
         cat = _get_message(
             _root(f"s3://{parse_bucket(cfg.data)}", client), SERVER_PREFIX + PUBLISHED, PublishedCatalog

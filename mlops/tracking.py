@@ -71,17 +71,17 @@ def _client(tracking_uri: str | None, purpose: str = "", error: type[FedMedClipE
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
-def if_found(call, *args, default=None):
-    """`call(*args)` on the MLflow client, or `default` when the server answers that what it names (run,
-    model, version) does not exist; every other failure raises."""
+def if_found(call, *args):
+    """`call(*args)` on the MLflow client, or None when the server answers that what it names (run, model,
+    version) does not exist; every other failure raises."""
     from mlflow.exceptions import MlflowException
 
     try:
         return call(*args)
     except MlflowException as e:
-        if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        return default
+        return None
 
 
 def registered_version(
@@ -347,6 +347,6 @@ def get_or_create_experiment(client, name: str) -> str:
         raise TrackingError(
             f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"
         )
-    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+    if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id

@@ -84,7 +84,7 @@ def cmd_run(args) -> int:
         from mlops.site_data import check_published_partition
 
         info = read_state(stack) if stack else None
-        check_published_partition(cfg, info.role_env("server") if info is not None else None)
+        check_published_partition(cfg, info.s3_client("server") if info is not None else None)
     _run_local(args, cfg, str(Path(stack).resolve()) if stack else "", "fedmedclip-kfp-")
     return 0
 

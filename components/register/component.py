@@ -39,7 +39,7 @@ def register_step(
     if not uri:
         log.warning("registration skipped: no tracking_uri parameter and no MLFLOW_TRACKING_URI")
         return "", f"{NOT_PROMOTED} (no tracking server)"
-    from mlops.registry import PromotionRefused, register_model
+    from mlops.registry import PromotionRefused, promote, register_model
     from mlops.rundir import log_run_dir
 
     if not mlflow_run_id:
@@ -57,7 +57,7 @@ def register_step(
     if not alias:
         return version.uri, f"{NOT_PROMOTED} (no alias asked for)"
     try:
-        done = policy.promote(model_name, version.version, uri)
+        done = promote(model_name, version.version, policy, uri)
     except PromotionRefused as e:
         # The version stays registered; promoting a worse model, or one trained on other data, is a human
         # decision (allow_worse, allow_different_data).
