@@ -54,13 +54,13 @@ class RestApi:
         self,
         state: ServerState,
         parser: JsonParser,
-        max_request_bytes: int,
         body_timeout_s: float,
         metrics_apart: bool = False,
     ):
-        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here."""
-        self.state, self.parser = state, parser
-        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here.
+        A body is read within the state's --max-request-bytes."""
+        self.state, self.parser, self.body_timeout_s = state, parser, body_timeout_s
+        self.max_request_bytes = state.inflight.limits.max_request_bytes
         self.metrics_apart = metrics_apart
 
     def app(self) -> Starlette:

@@ -32,11 +32,11 @@ _GRPC_OVERHEAD = 1 << 20
 
 async def serve(models: list, options: ServerOptions) -> None:
     """Serve `models` (loaded FedMedClipModels, distinct names) until SIGTERM/SIGINT."""
+    # Every model has the same options (one `serve` command, serving/cli.py): their limits are the server's.
+    limits = models[0].options.limits
     models = {m.name: m for m in models}
     if options.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-    # Every model has the same limits (one `serve` command): the largest budget is the server's.
-    limits = max((m.options.limits for m in models.values()), key=lambda limits: limits.max_inflight_bytes)
     state = ServerState(models, options.control_token, limits)
     # The largest JSON tensor any served model accepts: a full UINT8 batch of its image size.
     largest = max(
@@ -44,9 +44,7 @@ async def serve(models: list, options: ServerOptions) -> None:
     )
     parser = JsonParser(Budget(max_elements=largest), processes=options.json_workers)
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
-    # Every model has the same limits (one `serve` command): the largest is the transports' bound.
-    max_request_bytes = max(m.options.limits.max_request_bytes for m in models.values())
-    api = RestApi(state, parser, max_request_bytes, options.body_timeout, options.metrics_port is not None)
+    api = RestApi(state, parser, options.body_timeout, options.metrics_port is not None)
 
     def http_server(app, port: int, access_log: bool) -> Server:
         config = uvicorn.Config(
@@ -74,7 +72,7 @@ async def serve(models: list, options: ServerOptions) -> None:
             state,
             parser.budget,
             f"{host}:{options.grpc_port}",
-            max_request_bytes + _GRPC_OVERHEAD,
+            limits.max_request_bytes + _GRPC_OVERHEAD,
             options.body_timeout,
         )
         await grpc_server.start()
