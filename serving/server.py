@@ -59,12 +59,11 @@ async def serve(models: list, options: ServerOptions) -> None:
         )
         return Server(config)
 
-    rest = http_server(api.app(), options.http_port, options.access_log)
+    http_servers = {"rest": http_server(api.app(), options.http_port, options.access_log)}
     # /metrics apart: what it counts is other clients' business, and a port of its own can be reached by
     # Prometheus only (infra/serving/networkpolicy.yaml).
-    metrics_server = None
     if options.metrics_port is not None:
-        metrics_server = http_server(api.metrics_app(), options.metrics_port, False)
+        http_servers["metrics"] = http_server(api.metrics_app(), options.metrics_port, False)
     grpc_server = None
     if not options.no_grpc:
         host = f"[{options.host}]" if ":" in options.host else options.host
@@ -81,17 +80,14 @@ async def serve(models: list, options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
-    rest_task = asyncio.create_task(rest.serve(), name="rest")
-    tasks = {rest_task}
-    if metrics_server is not None:
-        tasks.add(asyncio.create_task(metrics_server.serve(), name="metrics"))
+    tasks = {asyncio.create_task(server.serve(), name=name) for name, server in http_servers.items()}
     log.info(
         "serving %s on %s: REST :%d%s%s; model control %s",
         ", ".join(f"{n!r} (version {m.version})" for n, m in models.items()),
         options.host,
         options.http_port,
         f", gRPC :{options.grpc_port}" if grpc_server else "",
-        f", /metrics :{options.metrics_port} only" if metrics_server else "",
+        f", /metrics :{options.metrics_port} only" if "metrics" in http_servers else "",
         "enabled (token)" if options.control_token else "disabled",
     )
     stopped = asyncio.create_task(stop.wait())
@@ -111,9 +107,8 @@ async def serve(models: list, options: ServerOptions) -> None:
             break
         await asyncio.sleep(0.05)
     log.info("closing the ports (%d request(s) still in flight)", state.in_flight)
-    rest.should_exit = True
-    if metrics_server is not None:
-        metrics_server.should_exit = True
+    for server in http_servers.values():
+        server.should_exit = True
     if grpc_server is not None:
         await grpc_server.stop(grace=max(1.0, deadline - time.monotonic()))
     with contextlib.suppress(asyncio.CancelledError):
