@@ -230,9 +230,7 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
                 reservation.grow_to(size)
             except ServerBusy as busy:
                 # RESOURCE_EXHAUSTED, as for a message over --max-request-bytes: not UNAVAILABLE, it is up.
-                label = (
-                    state.label(request.model_name) if hasattr(request, "model_name") else metrics.NO_MODEL
-                )
+                label = state.label(getattr(request, "model_name", None))
                 await refuse(busy, label, grpc.StatusCode.RESOURCE_EXHAUSTED)
             return await rpc(request, context)
 

@@ -100,8 +100,7 @@ class RestApi:
     # ---- failures: one log line and one metric each; the body is the protocol's error object ----------
 
     async def _failed(self, request: Request, exc: Exception, label: str | None = None) -> Response:
-        name = request.path_params.get("name")
-        label = label or (metrics.NO_MODEL if name is None else self.state.label(name))
+        label = label or self.state.label(request.path_params.get("name"))
         told = self.state.failed(exc, label, _where(request), "HTTP {}".format)
         response = json_response({"error": told.message}, told.status)
         if isinstance(told, ServerBusy):

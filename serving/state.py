@@ -92,8 +92,11 @@ class ServerState:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
         return not self.draining and all(m.ready for m in self.models.values())
 
-    def label(self, name: str) -> str:
-        """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
+    def label(self, name: str | None) -> str:
+        """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL; NO_MODEL
+        for a request naming none (None)."""
+        if name is None:
+            return metrics.NO_MODEL
         return name if name in self.models else metrics.UNKNOWN_MODEL
 
     def failed(self, exc: Exception, label: str, where: str, status_text) -> RequestRejected:
