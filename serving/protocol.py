@@ -367,12 +367,12 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
 
 
 class JsonParser:
-    """Runs `parse_header` off the event loop: small JSON parts on threads, large ones in `processes` worker
-    processes (0: threads only), so that no parse holds the server's interpreter lock for long."""
+    """Runs `parse_header` off the event loop: small JSON parts on two threads, large ones in `processes`
+    worker processes (0: threads only), so that no parse holds the server's interpreter lock for long."""
 
-    def __init__(self, budget: Budget, processes: int = 1, threads: int = 2):
+    def __init__(self, budget: Budget, processes: int):
         self.budget = budget
-        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="json")
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="json")
         # spawn, not fork: the server process runs gRPC and ONNX Runtime threads that a fork would copy broken.
         spawn = multiprocessing.get_context("spawn")
         self._new_pool = functools.partial(ProcessPoolExecutor, processes, mp_context=spawn)

@@ -55,7 +55,7 @@ class RestApi:
         state: ServerState,
         parser: JsonParser,
         body_timeout_s: float,
-        metrics_apart: bool = False,
+        metrics_apart: bool,
     ):
         """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here.
         A body is read within the state's --max-request-bytes."""

@@ -75,12 +75,12 @@ class _Reservation:
 
 
 class ServerState:
-    def __init__(self, models: dict, control_token: str | None = None, limits: Limits | None = None):
+    def __init__(self, models: dict, control_token: str | None, limits: Limits):
         """`models`: name -> FedMedClipModel (already loaded). `control_token`: enables model control for
         requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all. `limits`: its
-        --max-inflight-bytes bounds `inflight`, the request bytes REST and gRPC hold at once (Limits())."""
+        --max-inflight-bytes bounds `inflight`, the request bytes REST and gRPC hold at once."""
         self.models, self.draining, self.in_flight = dict(models), False, 0
-        self.inflight = InFlightBytes(limits or Limits())
+        self.inflight = InFlightBytes(limits)
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
