@@ -8,7 +8,6 @@ status code (never a traceback), and ModelMetadata carries the protocol's `prope
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 
 import grpc
@@ -53,22 +52,6 @@ def _code(status: int) -> grpc.StatusCode:
     return _STATUS.get(status, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def _answered(rpc):
-    """A failure is one log line, one metric and the gRPC code of its HTTP status (ServerState.failed)."""
-
-    @functools.wraps(rpc)
-    async def answer(self: InferenceService, request, context):
-        try:
-            return await rpc(self, request, context)
-        except Exception as exc:
-            is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
-            label = self.state.label(request.name if is_metadata else request.model_name)
-            told = self.state.failed(exc, label, f"gRPC {rpc.__name__}", lambda status: _code(status).name)
-            await context.abort(_code(told.status), told.message)
-
-    return answer
-
-
 class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServerState, budget: Budget):
         self.state, self.budget = state, budget
@@ -90,11 +73,9 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
             return grpc_pb2.ModelReadyResponse(ready=False)
         return grpc_pb2.ModelReadyResponse(ready=True)
 
-    @_answered
     async def ModelMetadata(self, request, context):
         return metadata_response(self.state.model(request.name, request.version or None).metadata())
 
-    @_answered
     async def ModelInfer(self, request, context):
         async def read_request():
             _check_request(request, self.budget)
@@ -104,12 +85,10 @@ class InferenceService(grpc_pb2_grpc.GRPCInferenceServiceServicer):
         version = request.model_version or None
         return (await self.state.infer(request.model_name, version, read_request, headers)).to_grpc()
 
-    @_answered
     async def RepositoryModelLoad(self, request, context):
         name = await self._control("load", request, context)
         return grpc_pb2.RepositoryModelLoadResponse(model_name=name, isLoaded=True)
 
-    @_answered
     async def RepositoryModelUnload(self, request, context):
         name = await self._control("unload", request, context)
         return grpc_pb2.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
@@ -206,14 +185,15 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
     message announced and not sent held its call, and what had arrived of it (up to the message limit, per
     call, any number of calls), for good. On the wire a stream-unary call with one message is a unary one.
     The message's size counts in --max-inflight-bytes until the call is answered (RESOURCE_EXHAUSTED over it):
-    gRPC hands over a message only once all of it has come, so its size is known then and not before."""
+    gRPC hands over a message only once all of it has come, so its size is known then and not before.
+    Every failure, reading the message or answering it, is one log line, one metric and the gRPC code of its
+    HTTP status (ServerState.failed), never a traceback."""
     rpc = handler.unary_unary
 
     async def read_then_answer(request_iterator, context):
-        async def refuse(rejected: RequestRejected, label: str = metrics.NO_MODEL, code=None):
-            code = code or _code(rejected.status)
-            state.failed(rejected, label, where, lambda status: code.name)
-            await context.abort(code, rejected.message)  # raises: the call ends here
+        async def refuse(exc: Exception, label: str = metrics.NO_MODEL, code=None):
+            told = state.failed(exc, label, where, lambda status: (code or _code(status)).name)
+            await context.abort(code or _code(told.status), told.message)  # raises: the call ends here
 
         with state.inflight.reserved() as reservation:
             try:
@@ -230,11 +210,15 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
                 reservation.grow_to(size)
             except ServerBusy as busy:
                 # RESOURCE_EXHAUSTED, as for a message over --max-request-bytes: not UNAVAILABLE, it is up.
-                label = (
-                    state.label(request.model_name) if hasattr(request, "model_name") else metrics.NO_MODEL
-                )
+                label = state.label(getattr(request, "model_name", None))
                 await refuse(busy, label, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            return await rpc(request, context)
+            try:
+                return await rpc(request, context)
+            except Exception as exc:
+                is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
+                await refuse(
+                    exc, state.label(request.name if is_metadata else getattr(request, "model_name", None))
+                )
 
     deserialize = handler.request_deserializer
     return grpc.stream_unary_rpc_method_handler(

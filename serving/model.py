@@ -118,7 +118,7 @@ class FedMedClipModel(kserve.Model):
 
     async def predict(self, payload, headers=None, response_headers=None) -> InferResponse:
         started = time.perf_counter()
-        protocol = "grpc" if getattr(payload, "from_grpc", False) else "rest"
+        protocol = "grpc" if payload.from_grpc else "rest"
         kind = "invalid"
         try:
             inp = self._select_input(payload)

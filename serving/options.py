@@ -224,12 +224,12 @@ class ServerOptions(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for flag, port in self.ports():
+        ports = self.ports()
+        for flag, port in ports:
             if not 0 < port < 65536:
                 raise ConfigError(f"{flag} must be a TCP port, got {port}")
-        ports = [port for _, port in self.ports()]
-        if len(set(ports)) != len(ports):
-            raise ConfigError(f"{', '.join(flag for flag, _ in self.ports())} must differ")
+        if len({port for _, port in ports}) != len(ports):
+            raise ConfigError(f"{', '.join(flag for flag, _ in ports)} must differ")
         path = self.model_control_token_file
         if path is not None and self.control_token is None:
             try:

@@ -342,21 +342,23 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
             f"the inputs' binary_data_size ({binary:,} bytes in all) {how} the request body ({len(body) - offset:,} "
             "bytes after the JSON)",
         )
-    inputs = []
+    inputs, raw = [], []
     for t in header.inputs:
         inp = InferInput(name=t.name, shape=t.shape, datatype=t.datatype, parameters=t.parameters)
         if t.binary_size is not None:
-            # The attribute kserve's gRPC path fills from raw_input_contents: as_numpy() reads it in place.
-            inp._raw_data = memoryview(body)[offset : offset + t.binary_size]
+            # Passed as kserve's gRPC path passes raw_input_contents (`raw_inputs`): as_numpy() reads it in place.
+            raw.append(memoryview(body)[offset : offset + t.binary_size])
             offset += t.binary_size
         elif isinstance(t.data, np.ndarray):
-            inp._raw_data = memoryview(np.ascontiguousarray(t.data)).cast("B")
+            raw.append(memoryview(np.ascontiguousarray(t.data)).cast("B"))
         else:
+            raw.append(None)
             inp.data = t.data
         inputs.append(inp)
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,
+        raw_inputs=raw,
         request_id=header.id,
         parameters=header.parameters,
         request_outputs=[RequestedOutput(name=n, parameters=p) for n, p in header.outputs or ()] or None,
@@ -365,12 +367,12 @@ def to_infer_request(header: Header, body: bytes, offset: int, model_name: str, 
 
 
 class JsonParser:
-    """Runs `parse_header` off the event loop: small JSON parts on threads, large ones in `processes` worker
-    processes (0: threads only), so that no parse holds the server's interpreter lock for long."""
+    """Runs `parse_header` off the event loop: small JSON parts on two threads, large ones in `processes`
+    worker processes (0: threads only), so that no parse holds the server's interpreter lock for long."""
 
-    def __init__(self, budget: Budget, processes: int = 1, threads: int = 2):
+    def __init__(self, budget: Budget, processes: int):
         self.budget = budget
-        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="json")
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="json")
         # spawn, not fork: the server process runs gRPC and ONNX Runtime threads that a fork would copy broken.
         spawn = multiprocessing.get_context("spawn")
         self._new_pool = functools.partial(ProcessPoolExecutor, processes, mp_context=spawn)

@@ -54,13 +54,13 @@ class RestApi:
         self,
         state: ServerState,
         parser: JsonParser,
-        max_request_bytes: int,
         body_timeout_s: float,
-        metrics_apart: bool = False,
+        metrics_apart: bool,
     ):
-        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here."""
-        self.state, self.parser = state, parser
-        self.max_request_bytes, self.body_timeout_s = max_request_bytes, body_timeout_s
+        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here.
+        A body is read within the state's --max-request-bytes."""
+        self.state, self.parser, self.body_timeout_s = state, parser, body_timeout_s
+        self.max_request_bytes = state.inflight.limits.max_request_bytes
         self.metrics_apart = metrics_apart
 
     def app(self) -> Starlette:
@@ -100,8 +100,7 @@ class RestApi:
     # ---- failures: one log line and one metric each; the body is the protocol's error object ----------
 
     async def _failed(self, request: Request, exc: Exception, label: str | None = None) -> Response:
-        name = request.path_params.get("name")
-        label = label or (metrics.NO_MODEL if name is None else self.state.label(name))
+        label = label or self.state.label(request.path_params.get("name"))
         told = self.state.failed(exc, label, _where(request), "HTTP {}".format)
         response = json_response({"error": told.message}, told.status)
         if isinstance(told, ServerBusy):

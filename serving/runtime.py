@@ -119,7 +119,7 @@ class OnnxClassifier:
         # fp16 exports hand back float16 probabilities (the contract checked the other outputs' types).
         return probs.astype(np.float32, copy=False), *rest
 
-    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Runs at start-up: the first CUDA run of each batch shape allocates memory and picks kernels, and a
         graph that cannot run, or answers NaN/inf (a model exported from a diverged training), fails here
         rather than on a client's request. Batches: a black image first, then white, then seeded noise."""

@@ -32,11 +32,11 @@ _GRPC_OVERHEAD = 1 << 20
 
 async def serve(models: list, options: ServerOptions) -> None:
     """Serve `models` (loaded FedMedClipModels, distinct names) until SIGTERM/SIGINT."""
+    # Every model has the same options (one `serve` command, serving/cli.py): their limits are the server's.
+    limits = models[0].options.limits
     models = {m.name: m for m in models}
     if options.access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-    # Every model has the same limits (one `serve` command): the largest budget is the server's.
-    limits = max((m.options.limits for m in models.values()), key=lambda limits: limits.max_inflight_bytes)
     state = ServerState(models, options.control_token, limits)
     # The largest JSON tensor any served model accepts: a full UINT8 batch of its image size.
     largest = max(
@@ -44,9 +44,7 @@ async def serve(models: list, options: ServerOptions) -> None:
     )
     parser = JsonParser(Budget(max_elements=largest), processes=options.json_workers)
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
-    # Every model has the same limits (one `serve` command): the largest is the transports' bound.
-    max_request_bytes = max(m.options.limits.max_request_bytes for m in models.values())
-    api = RestApi(state, parser, max_request_bytes, options.body_timeout, options.metrics_port is not None)
+    api = RestApi(state, parser, options.body_timeout, options.metrics_port is not None)
 
     def http_server(app, port: int, access_log: bool) -> Server:
         config = uvicorn.Config(
@@ -61,12 +59,11 @@ async def serve(models: list, options: ServerOptions) -> None:
         )
         return Server(config)
 
-    rest = http_server(api.app(), options.http_port, options.access_log)
+    http_servers = {"rest": http_server(api.app(), options.http_port, options.access_log)}
     # /metrics apart: what it counts is other clients' business, and a port of its own can be reached by
     # Prometheus only (infra/serving/networkpolicy.yaml).
-    metrics_server = None
     if options.metrics_port is not None:
-        metrics_server = http_server(api.metrics_app(), options.metrics_port, False)
+        http_servers["metrics"] = http_server(api.metrics_app(), options.metrics_port, False)
     grpc_server = None
     if not options.no_grpc:
         host = f"[{options.host}]" if ":" in options.host else options.host
@@ -74,7 +71,7 @@ async def serve(models: list, options: ServerOptions) -> None:
             state,
             parser.budget,
             f"{host}:{options.grpc_port}",
-            max_request_bytes + _GRPC_OVERHEAD,
+            limits.max_request_bytes + _GRPC_OVERHEAD,
             options.body_timeout,
         )
         await grpc_server.start()
@@ -83,17 +80,14 @@ async def serve(models: list, options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
-    rest_task = asyncio.create_task(rest.serve(), name="rest")
-    tasks = {rest_task}
-    if metrics_server is not None:
-        tasks.add(asyncio.create_task(metrics_server.serve(), name="metrics"))
+    tasks = {asyncio.create_task(server.serve(), name=name) for name, server in http_servers.items()}
     log.info(
         "serving %s on %s: REST :%d%s%s; model control %s",
         ", ".join(f"{n!r} (version {m.version})" for n, m in models.items()),
         options.host,
         options.http_port,
         f", gRPC :{options.grpc_port}" if grpc_server else "",
-        f", /metrics :{options.metrics_port} only" if metrics_server else "",
+        f", /metrics :{options.metrics_port} only" if "metrics" in http_servers else "",
         "enabled (token)" if options.control_token else "disabled",
     )
     stopped = asyncio.create_task(stop.wait())
@@ -113,9 +107,8 @@ async def serve(models: list, options: ServerOptions) -> None:
             break
         await asyncio.sleep(0.05)
     log.info("closing the ports (%d request(s) still in flight)", state.in_flight)
-    rest.should_exit = True
-    if metrics_server is not None:
-        metrics_server.should_exit = True
+    for server in http_servers.values():
+        server.should_exit = True
     if grpc_server is not None:
         await grpc_server.stop(grace=max(1.0, deadline - time.monotonic()))
     with contextlib.suppress(asyncio.CancelledError):

@@ -75,12 +75,12 @@ class _Reservation:
 
 
 class ServerState:
-    def __init__(self, models: dict, control_token: str | None = None, limits: Limits | None = None):
+    def __init__(self, models: dict, control_token: str | None, limits: Limits):
         """`models`: name -> FedMedClipModel (already loaded). `control_token`: enables model control for
         requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all. `limits`: its
-        --max-inflight-bytes bounds `inflight`, the request bytes REST and gRPC hold at once (Limits())."""
+        --max-inflight-bytes bounds `inflight`, the request bytes REST and gRPC hold at once."""
         self.models, self.draining, self.in_flight = dict(models), False, 0
-        self.inflight = InFlightBytes(limits or Limits())
+        self.inflight = InFlightBytes(limits)
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
         self._control_digest = hashlib.sha256((control_token or "").encode()).digest()
@@ -92,8 +92,11 @@ class ServerState:
         """Ready to serve: not shutting down, and every model loaded (the protocol's "server ready")."""
         return not self.draining and all(m.ready for m in self.models.values())
 
-    def label(self, name: str) -> str:
-        """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL."""
+    def label(self, name: str | None) -> str:
+        """The `model` label of a request naming `name`: itself if it is served, else UNKNOWN_MODEL; NO_MODEL
+        for a request naming none (None)."""
+        if name is None:
+            return metrics.NO_MODEL
         return name if name in self.models else metrics.UNKNOWN_MODEL
 
     def failed(self, exc: Exception, label: str, where: str, status_text) -> RequestRejected:
