@@ -139,7 +139,6 @@ PARAMETER_DOCS = {
     "without a tracking server.",
     "promotion": "promoted, refused: <why> (the version stays registered), or not promoted (<why>).",
 }
-PARAMETER_DOCS.update(site=PARAMETER_DOCS["export_site"], alias=PARAMETER_DOCS["promote_alias"])
 _RETURNS = {
     "prepare": "The parties [server, site_0, ...], each item carrying its role, name, Secret and settings.",
     "worker": "The MLflow run id of the server's live tracking ('' for a site or without tracking).",
