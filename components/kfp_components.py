@@ -20,13 +20,12 @@ WORKER_TRACKING_ENV = "FEDMEDCLIP_TRACKING_URI"
 POD_CACHE_DIR = "/tmp/fedmedclip-cache"  # inside each pod: under the training image's HOME, /tmp
 
 
-def pipeline_settings(cfg=None, options=None) -> dict:
-    """The pipeline's `settings` parameter of a TrainConfig and ServerOptions (default: the declared defaults)."""
-    from fedmedclip.config import TrainConfig
+def pipeline_settings(cfg, options=None) -> dict:
+    """The pipeline's `settings` parameter of a TrainConfig and ServerOptions (default: the declared options)."""
     from fedmedclip.federation.server import ServerOptions
     from fedmedclip.flags import to_parameters
 
-    return {**to_parameters(cfg or TrainConfig()), **to_parameters(options or ServerOptions())}
+    return {**to_parameters(cfg), **to_parameters(options or ServerOptions())}
 
 
 def settings_from_parameters(settings: dict, config_cls=None):
@@ -139,7 +138,6 @@ PARAMETER_DOCS = {
     "without a tracking server.",
     "promotion": "promoted, refused: <why> (the version stays registered), or not promoted (<why>).",
 }
-PARAMETER_DOCS.update(site=PARAMETER_DOCS["export_site"], alias=PARAMETER_DOCS["promote_alias"])
 _RETURNS = {
     "prepare": "The parties [server, site_0, ...], each item carrying its role, name, Secret and settings.",
     "worker": "The MLflow run id of the server's live tracking ('' for a site or without tracking).",

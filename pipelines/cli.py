@@ -175,7 +175,7 @@ def _http_error(host: str, code: int, body: str) -> FedMedClipError:
     )
 
 
-def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, timeout: float = 10.0) -> dict:
+def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None) -> dict:
     """GET the KFP API's healthz with this user's credentials; returns its JSON. One line (FedMedClipError)
     for what goes wrong: unreachable, refused credentials, another HTTP error, a backend older than
     MIN_KFP_BACKEND."""
@@ -195,7 +195,7 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None = None, t
         raise ConfigError(f"--ssl-ca-cert {kwargs['ssl_ca_cert']}: holds no CA ({e.reason})") from None
     try:
         request = urllib.request.Request(url, headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
+        with urllib.request.urlopen(request, timeout=10.0, context=context) as r:
             raw = r.read(1 << 20)
     except urllib.error.HTTPError as e:
         raise _http_error(host, e.code, e.read(2000).decode(errors="replace")) from None

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -120,7 +119,7 @@ class CompiledRun:
 
 def run_compiled(
     pipeline_yaml: str | Path,
-    pipeline_root: str | Path | None = None,
+    pipeline_root: str | Path,
     log_path: str | Path | None = None,
     progress: bool = False,
     rounds_of=None,
@@ -135,7 +134,7 @@ def run_compiled(
     pipeline_yaml = Path(pipeline_yaml)
     if not pipeline_yaml.exists():
         raise FedMedClipError(f"no compiled pipeline at {pipeline_yaml}: run `fedmedclip pipeline compile`")
-    root = Path(pipeline_root or tempfile.mkdtemp(prefix="fedmedclip-kfp-")).resolve()
+    root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     pipeline = components.load_component_from_file(str(pipeline_yaml))
     t0 = time.perf_counter()
@@ -180,7 +179,7 @@ def absolute_location(value: str) -> str:
 
 
 def run_local(
-    pipeline_yaml: str | Path, pipeline_root=None, out: str | Path | None = None, **params
+    pipeline_yaml: str | Path, pipeline_root: str | Path, out: str | Path | None = None, **params
 ) -> LocalRun:
     """Execute the fedmedclip pipeline's YAML locally (`params`: run_compiled's options and the pipeline's
     parameters); its run directory copied to `out` if given."""

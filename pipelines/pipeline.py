@@ -281,9 +281,7 @@ def build_pipeline(options: CompileOptions | None = None):
         report.after(worker)
         run_dir = report.outputs["run_dir"]
         # The server's credentials: the global model's OOD score is fitted on the server's images.
-        export = task(
-            "export", params, "export ONNX", SERVER_SECRET_NAME, run_dir=run_dir, site=params["export_site"]
-        )
+        export = task("export", params, "export ONNX", SERVER_SECRET_NAME, run_dir=run_dir)
         reg = task(
             "register",
             params,
@@ -293,7 +291,6 @@ def build_pipeline(options: CompileOptions | None = None):
             run_dir=run_dir,
             onnx=export.outputs["onnx"],
             mlflow_run_id=report.outputs["Output"],
-            alias=params["promote_alias"],
             kfp_run_id=run_id,
         )
         mlflow_access(reg, MLFLOW_SECRET_NAME, "MLFLOW_TRACKING_URI")  # the pipeline's user (infra/training)

@@ -23,14 +23,16 @@ def export_step(run_dir: str, site: str, onnx_dir: str) -> str:
     return str(export_onnx(run_dir, site, out / "model.onnx"))
 
 
-def export_component(run_dir: Input[Artifact], site: str, local_stack: str, onnx: Output[Model]) -> str:
+def export_component(
+    run_dir: Input[Artifact], export_site: str, local_stack: str, onnx: Output[Model]
+) -> str:
     from components.export.component import export_step
     from components.kfp_components import SERVER_ROLE, act_as
 
     # The server's credentials: the global model's OOD score is fitted on the server's own images (global test
     # and reference set), read from the run's data as the server worker read them.
     act_as(SERVER_ROLE, local_stack)
-    path = export_step(run_dir.path, site, onnx.path)
+    path = export_step(run_dir.path, export_site, onnx.path)
     if path:
         from fedmedclip.digests import read_sha256_sidecar
 

@@ -80,7 +80,7 @@ def register_component(
     tracking_uri: str,
     experiment: str,
     model_name: str,
-    alias: str,
+    promote_alias: str,
     allow_worse: bool,
     allow_different_data: bool,
     fail_if_not_promoted: bool,
@@ -97,7 +97,8 @@ def register_component(
         tracking_uri,
         experiment,
         model_name,
-        PromotionPolicy(alias, allow_worse, allow_different_data, max_epsilon),  # max_epsilon 0: no budget
+        # max_epsilon 0: no budget
+        PromotionPolicy(promote_alias, allow_worse, allow_different_data, max_epsilon),
         kfp_run_id,
         fail_if_not_promoted,
     )
