@@ -234,8 +234,15 @@ def run_grid(
         results = finished_results(cfg)
         d = Path(cfg.out)
         if results is None and not report_only:
+            started = (d / "config.json").exists()
+            if not started and d.is_dir() and any(d.iterdir()):
+                # engine's advice for this, --resume, is not a flag of compare: a started cell resumes by itself.
+                raise ConfigError(
+                    f"compare cell {_where(cell)}: {d} holds files but no run of it (no config.json): remove "
+                    "them, or give the grid another --out"
+                )
             try:
-                check_resumable(cfg, d, resume=(d / "config.json").exists())
+                check_resumable(cfg, d, resume=started)
             except (ConfigError, CheckpointError) as exc:  # a started cell that cannot resume, a full folder
                 raise type(exc)(f"compare cell {_where(cell)}: {exc}") from None
         planned.append((cell, cfg, not_applied, results))
