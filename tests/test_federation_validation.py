@@ -651,6 +651,27 @@ def test_a_fifo_at_a_sites_keys_is_refused_not_waited_on(prepared, tmp_path):
     assert store.get(mailbox.update_key(1, "site_0")) is None  # an absent object is still None
 
 
+def test_a_folder_at_a_sites_keys_is_absent_not_an_error(prepared, tmp_path):
+    """On a local-directory mailbox a site can make a folder where its update, report and status go. Reading
+    one raised IsADirectoryError, which the server's "waiting for" line let through: a site stopped the
+    server so, and again after every restart. A folder at a key is no object: the site is waited for (and
+    named as never seen), then absent for the round."""
+    cfg, p = prepared
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, round_timeout=0, workers=0)
+    for key in (
+        mailbox.update_key(1, "site_2"),
+        mailbox.report_key(1, "site_2"),
+        mailbox.status_key("site_2"),
+    ):
+        (store.root / key).mkdir(parents=True)
+        assert store.get(key, max_bytes=100) is None and not store.exists(key)
+    assert server._describe(["site_2"]) == "site_2 (never seen)"
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+    server.poll()
+    assert server.phase == "reports" and server.info["present"] == ["site_0", "site_1"]
+
+
 SECRET = "root:$6$server-only-hunter2:19000:0:99999:7:::\n"  # a file of the server's, not JSON, not a payload
 
 
