@@ -250,3 +250,24 @@ def test_a_first_save_torn_before_its_state_landed_is_named_torn(tmp_path):
     assert (seq, body) == (0, {"round": 1})
     [problem] = reloaded.problems
     assert "b: tensors.pt without its state.json (a save torn by a crash" in problem, problem
+
+
+@pytest.mark.parametrize("damage", [b"null", b"[]", b'"state"', b"[" * 100_000])
+def test_a_state_json_damaged_into_other_json_is_passed_over_and_saved_over(tmp_path, damage):
+    """Slot a's state.json damaged into JSON that is no checkpoint (null, an array, a string, brackets nested
+    past the parser's depth): `load` passes it over for slot b and names the damage, and the party's next
+    saves go on (the first into the damaged slot). The next save stopped with an AttributeError instead, and
+    the nesting stopped `load` with a RecursionError: at every restart, since the damaged slot stayed."""
+    store = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server")
+    for r in (1, 2):  # slots a and b
+        store.save({"round": r}, {"w": torch.full((2,), float(r))})
+    (tmp_path / "ckpt" / "a" / "state.json").write_bytes(damage)
+    restarted_store = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server")
+    seq, body, _ = restarted_store.load()
+    assert (seq, body) == (1, {"round": 2})
+    [problem] = restarted_store.problems
+    assert "a: unreadable state.json" in problem, problem
+    assert restarted_store.save({"round": 3}, {"w": torch.full((2,), 3.0)}) == 2
+    assert restarted_store.save({"round": 4}, {"w": torch.full((2,), 4.0)}) == 3
+    seq, body, _ = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server").load()
+    assert (seq, body) == (3, {"round": 4})

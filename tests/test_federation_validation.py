@@ -457,6 +457,42 @@ def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again
     assert [row["acc"] for row in record["sites"]] == [None, None, None]
 
 
+def _ledger(noise_multiplier: float, accountant: str = "rdp", planned_steps: int = 12) -> dict:
+    return {
+        "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": noise_multiplier, "clip": 1.0, "sample_rate": 0.1,
+        "steps": 4, "planned_steps": planned_steps, "n_train": 20, "accountant": accountant,
+    }  # fmt: skip
+
+
+def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unknown(prepared, tmp_path):
+    """A DP run's round 1: site_1's ledger says noise multiplier 0, site_2's 1e-300 (both finite, both in range
+    of the declaration). Round 2: their updates go in, their reports are garbage, so each site's epsilon is the
+    most its plan allows; the accountant gives inf for one and divides by zero for the other. That stopped the
+    server at closing round 2 (a ZeroDivisionError, or an inf it could not checkpoint), and again after every
+    restart. Now such a plan bounds nothing: without a target epsilon the run's epsilon is unknown, and the
+    run completes. A ledger naming the PLD accountant with 1e9 planned steps (154 GiB to compose) is
+    accounted with the run's RDP accountant."""
+    cfg, p = prepared
+    cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 2, "privacy": {"noise_multiplier": 1.1}})
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
+    ledgers = {"site_0": _ledger(1.1, "pld", 10**9), "site_1": _ledger(0.0), "site_2": _ledger(1e-300)}
+    for r in (1, 2):
+        for k, site in enumerate(SITES_ALL):
+            mailbox.store.put(mailbox.update_key(r, site), _update(server, site, seed=k + r))
+            report = {**_report(server, p, site), "privacy": ledgers[site]}
+            garbage = r == 2 and site != "site_0"
+            mailbox.store.put(
+                mailbox.report_key(r, site), b"garbage" if garbage else json.dumps(report).encode()
+            )
+        record = _close_round(server)
+    assert record["sites_present"] == SITES_ALL and record["epsilon_max"] is None
+    record_level = server.results["privacy"]["record_level"]
+    assert record_level["epsilon_max"] is None
+    assert record_level["sites"]["site_2"]["epsilon"] is None and record_level["unaccounted_rounds"] == {
+        "site_1": [2], "site_2": [2]
+    }  # fmt: skip
+
+
 def _key_twice(text: bytes, at: str, key: str, first) -> bytes:
     """JSON `text` whose object that opens with `at` (`{`, `"meta": {`) holds `key` twice: `first`, then the
     value it had."""
@@ -613,6 +649,27 @@ def test_a_fifo_at_a_sites_keys_is_refused_not_waited_on(prepared, tmp_path):
     assert "not a regular file" in reason and str(fifos[0]) in reason
     assert said[0].startswith("site_2 (status refused:") and "not a regular file" in said[0]
     assert store.get(mailbox.update_key(1, "site_0")) is None  # an absent object is still None
+
+
+def test_a_folder_at_a_sites_keys_is_absent_not_an_error(prepared, tmp_path):
+    """On a local-directory mailbox a site can make a folder where its update, report and status go. Reading
+    one raised IsADirectoryError, which the server's "waiting for" line let through: a site stopped the
+    server so, and again after every restart. A folder at a key is no object: the site is waited for (and
+    named as never seen), then absent for the round."""
+    cfg, p = prepared
+    server, _, mailbox, store, _ = _parties(cfg, p, tmp_path, quorum=2, round_timeout=0, workers=0)
+    for key in (
+        mailbox.update_key(1, "site_2"),
+        mailbox.report_key(1, "site_2"),
+        mailbox.status_key("site_2"),
+    ):
+        (store.root / key).mkdir(parents=True)
+        assert store.get(key, max_bytes=100) is None and not store.exists(key)
+    assert server._describe(["site_2"]) == "site_2 (never seen)"
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+    server.poll()
+    assert server.phase == "reports" and server.info["present"] == ["site_0", "site_1"]
 
 
 SECRET = "root:$6$server-only-hunter2:19000:0:99999:7:::\n"  # a file of the server's, not JSON, not a payload

@@ -78,15 +78,9 @@ class CheckpointStore:
         raw = self.store.get(f"{slot}/state.json")
         if raw is None:
             raise CheckpointError(f"tensors.pt without its state.json ({TORN})")
-        try:
-            state = json.loads(raw)
-            body, seq, want = state["body"], int(state["seq"]), state["tensors_sha256"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"unreadable state.json ({type(exc).__name__})") from None
-        if state.get("format") != FORMAT or state.get("digest") != canonical_digest(
-            {k: v for k, v in state.items() if k != "digest"}
-        ):
-            raise CheckpointError("state.json does not match its digest (edited or damaged)")
+        state = _intact_state(raw)
+        body, want = state["body"], state["tensors_sha256"]
+        seq = state["seq"]
         blob = self.store.get(f"{slot}/tensors.pt")
         if blob is None:
             raise CheckpointError(f"state.json without its tensors.pt ({TORN})")
@@ -180,10 +174,28 @@ class CheckpointStore:
         raw = self.store.get(f"{slot}/state.json")
         if raw is None:
             raise CheckpointError("missing")
-        try:
-            state = json.loads(raw)
-            if state.get("digest") != canonical_digest({k: v for k, v in state.items() if k != "digest"}):
-                raise CheckpointError("damaged")
-            return int(state["seq"])
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError("damaged") from None
+        return _intact_state(raw)["seq"]
+
+
+def _intact_state(raw: bytes) -> dict:
+    """A slot's state.json, or CheckpointError saying what is wrong with it. Damage can leave any JSON there
+    (`null`, an array, brackets nested past the parser's depth): each is refused here, for `load` and for the
+    `save` after it alike, never an AttributeError or RecursionError that would stop the party at every
+    restart."""
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"unreadable state.json ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not {"body", "seq", "tensors_sha256"} <= state.keys():
+        raise CheckpointError("unreadable state.json (not a checkpoint's object)")
+    if state.get("format") != FORMAT or state.get("digest") != canonical_digest(
+        {k: v for k, v in state.items() if k != "digest"}
+    ):
+        raise CheckpointError("state.json does not match its digest (edited or damaged)")
+    if (
+        not isinstance(state["seq"], int)
+        or isinstance(state["seq"], bool)
+        or not isinstance(state["body"], dict)
+    ):
+        raise CheckpointError("unreadable state.json (a sequence number or body of the wrong type)")
+    return state

@@ -277,14 +277,19 @@ class LocalDirStore(ObjectStore):
             raise
         finally:
             os.close(folder)
-        with os.fdopen(fd, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
+        # What is at the key is looked at before it becomes a file object: `os.fdopen` of a folder raises
+        # IsADirectoryError, which no caller expects of a party's key (a site could stop the server so).
+        try:
+            mode = os.fstat(fd).st_mode
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(mode):
+            os.close(fd)
             if stat.S_ISDIR(mode):
                 return None
-            if not stat.S_ISREG(mode):
-                raise StoreError(
-                    f"{self.where(key)} is not a regular file (a FIFO, socket or device): not read"
-                )
+            raise StoreError(f"{self.where(key)} is not a regular file (a FIFO, socket or device): not read")
+        with os.fdopen(fd, "rb") as fh:
             if max_bytes is None:
                 return fh.read()
             check_size(self.where(key), os.fstat(fh.fileno()).st_size, max_bytes)

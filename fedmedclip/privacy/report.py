@@ -93,19 +93,27 @@ def sent_rounds(history: list[dict], site: str) -> list[int]:
     return out
 
 
-def plan_bound(ledger: dict, accountant: str) -> float:
+def plan_bound(ledger: dict, accountant: str) -> float | None:
     """The most a site's DP-SGD plan lets it spend: its planned steps at its sampling rate and noise, or its
-    budget when it has one (it takes no step beyond it)."""
+    budget when it has one (it takes no step beyond it); None when the plan has no finite figure. Another
+    party wrote the plan: it is accounted with the run's `accountant` (every honest site's), never one the
+    ledger names, and a plan the accountant cannot compose (a noise multiplier of 1e-300 divides by zero,
+    1e300 overflows, 0 gives inf) bounds nothing rather than stopping the server that closes the round."""
     from .accounting import dpsgd_epsilon
 
-    eps = dpsgd_epsilon(
-        ledger["sample_rate"],
-        ledger["noise_multiplier"],
-        ledger["planned_steps"],
-        ledger["delta"],
-        ledger.get("accountant") or accountant,
-    )
-    return min(eps, ledger["budget"]) if ledger.get("budget") is not None else eps
+    try:
+        eps = dpsgd_epsilon(
+            ledger["sample_rate"],
+            ledger["noise_multiplier"],
+            ledger["planned_steps"],
+            ledger["delta"],
+            accountant,
+        )
+    except (ArithmeticError, ValueError, MemoryError):
+        eps = math.inf
+    if ledger.get("budget") is not None:
+        eps = min(eps, ledger["budget"])
+    return eps if math.isfinite(eps) else None
 
 
 def record_level_sites(
@@ -134,7 +142,11 @@ def record_level_sites(
         sites[name] = dict(ledger)
         if late:
             sites[name]["reported_epsilon"] = ledger["epsilon"]
-            sites[name]["epsilon"] = max(ledger["epsilon"], plan_bound(ledger, settings.accountant))
+            # A plan without a finite bound is bounded as a site without a ledger is: by the target, or unknown.
+            bound = plan_bound(ledger, settings.accountant)
+            if bound is None:
+                bound = settings.target_epsilon
+            sites[name]["epsilon"] = None if bound is None else max(ledger["epsilon"], bound)
         bounds.append(sites[name]["epsilon"])
     if any(b is None for b in bounds):
         return sites, unaccounted, None
