@@ -564,24 +564,7 @@ def render_markdown(card: dict) -> str:
             "over sites), "
             f"delta {priv.get('dp.delta')}, per-example clip C = {priv.get('dp.clip')}, noise multiplier sigma "
             f">= {priv.get('dp.noise_multiplier')}, accountant {priv.get('dp.accountant')}",
-            *[
-                f"  - {name}: epsilon {rounded(s.get('epsilon'), 4)}, sigma "
-                f"{rounded(s.get('noise_multiplier'), 4, up=False)}, "
-                f"{s.get('steps')} steps at sampling rate {s.get('sample_rate'):.4g}"
-                + (
-                    f" as of its last report (it reported epsilon {rounded(s['reported_epsilon'], 4)}; the epsilon "
-                    "is the "
-                    "most its plan allows)"
-                    if s.get("reported_epsilon") is not None
-                    else ""
-                )
-                + (
-                    f", stopped by its budget in round {s['stopped_at_round']}"
-                    if s.get("stopped_at_round")
-                    else ""
-                )
-                for name, s in (priv["record_level"].get("sites") or {}).items()
-            ],
+            *[_site_privacy_line(name, s) for name, s in (priv["record_level"].get("sites") or {}).items()],
         ]
     if priv.get("client_level"):
         noise_at = priv.get("dp.client_noise_at")
@@ -613,6 +596,25 @@ def render_markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _site_privacy_line(name: str, s: dict) -> str:
+    """A site's record-level line of the card: its epsilon (the most its plan allows when updates of it went
+    out after its last report; unknown when that plan bounds nothing), its noise, steps and sampling rate."""
+    line = (
+        f"  - {name}: epsilon {rounded(s.get('epsilon'), 4) or 'unknown'}, sigma "
+        f"{rounded(s.get('noise_multiplier'), 4, up=False)}, "
+        f"{s.get('steps')} steps at sampling rate {s.get('sample_rate'):.4g}"
+    )
+    if s.get("reported_epsilon") is not None:
+        line += f" as of its last report (it reported epsilon {rounded(s['reported_epsilon'], 4)}; " + (
+            "the epsilon is the most its plan allows)"
+            if s.get("epsilon") is not None
+            else "updates went out after it, and its plan bounds nothing)"
+        )
+    if s.get("stopped_at_round"):
+        line += f", stopped by its budget in round {s['stopped_at_round']}"
+    return line
 
 
 def _ood_lines(ood: dict | None) -> list[str]:

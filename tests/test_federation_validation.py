@@ -491,6 +491,12 @@ def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unk
     assert record_level["sites"]["site_2"]["epsilon"] is None and record_level["unaccounted_rounds"] == {
         "site_1": [2], "site_2": [2]
     }  # fmt: skip
+    # The model card says so, not "epsilon " and "the most its plan allows".
+    from fedmedclip.model_card import _site_privacy_line
+
+    line = _site_privacy_line("site_2", record_level["sites"]["site_2"])
+    assert line.startswith("  - site_2: epsilon unknown, "), line
+    assert line.endswith("updates went out after it, and its plan bounds nothing)"), line
 
 
 def _key_twice(text: bytes, at: str, key: str, first) -> bytes:
