@@ -464,18 +464,26 @@ def _ledger(noise_multiplier: float, accountant: str = "rdp", planned_steps: int
     }  # fmt: skip
 
 
-def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unknown(prepared, tmp_path):
+def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unknown(
+    prepared, tmp_path, caplog
+):
     """A DP run's round 1: site_1's ledger says noise multiplier 0, site_2's 1e-300 (both finite, both in range
     of the declaration). Round 2: their updates go in, their reports are garbage, so each site's epsilon is the
     most its plan allows; the accountant gives inf for one and divides by zero for the other. That stopped the
     server at closing round 2 (a ZeroDivisionError, or an inf it could not checkpoint), and again after every
     restart. Now such a plan bounds nothing: without a target epsilon the run's epsilon is unknown, and the
-    run completes. A ledger naming the PLD accountant with 1e9 planned steps (154 GiB to compose) is
-    accounted with the run's RDP accountant."""
+    run completes. A ledger naming the PLD accountant with 1e9 planned steps (154 GiB to compose) is not the
+    run's plan for the site: it is ignored when it arrives (the site then has no ledger), and the run's own
+    accountant is what any plan is composed with."""
     cfg, p = prepared
     cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 2, "privacy": {"noise_multiplier": 1.1}})
     server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
-    ledgers = {"site_0": _ledger(1.1, "pld", 10**9), "site_1": _ledger(0.0), "site_2": _ledger(1e-300)}
+    planned = server.method.dp_steps_per_round(20) * 2  # the run's plan for a site of 20 training images
+    ledgers = {
+        "site_0": _ledger(1.1, "pld", 10**9),
+        "site_1": _ledger(0.0, "pld", planned),
+        "site_2": _ledger(1e-300, "rdp", planned),
+    }
     for r in (1, 2):
         for k, site in enumerate(SITES_ALL):
             mailbox.store.put(mailbox.update_key(r, site), _update(server, site, seed=k + r))
@@ -489,8 +497,13 @@ def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unk
     record_level = server.results["privacy"]["record_level"]
     assert record_level["epsilon_max"] is None
     assert record_level["sites"]["site_2"]["epsilon"] is None and record_level["unaccounted_rounds"] == {
-        "site_1": [2], "site_2": [2]
+        "site_0": [1, 2], "site_1": [2], "site_2": [2]
     }  # fmt: skip
+    assert "site_0" not in record_level["sites"]  # its ledger was never the run's plan
+    assert (
+        "ignoring the privacy report of site_0: privacy.planned_steps = 1000000000 is not the run's plan for 20 "
+        f"training images ({planned})" in caplog.text
+    )
     # The model card says so, not "epsilon " and "the most its plan allows".
     from fedmedclip.model_card import _site_privacy_line
 

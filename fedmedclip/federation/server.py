@@ -806,6 +806,9 @@ class FederationServer:
             privacy, why = check_site_privacy(
                 report.privacy.to_dict() if report.privacy is not None else None
             )
+            if privacy is not None and not why:
+                why = self._plan_problem(site, privacy)
+                privacy = None if why else privacy
             if why:
                 log.warning("round %d: ignoring the privacy report of %s: %s", r, site, why)
             if privacy is not None:
@@ -818,6 +821,25 @@ class FederationServer:
             log.warning("round %d: no metrics from %s within %.0f s", r, s, limit)
         self._close_round()
         return True
+
+    def _plan_problem(self, site: str, ledger: dict) -> str | None:
+        """Why a site's DP-SGD ledger is not the run's plan for it, or None. Its planned steps are composed by
+        the accountant when its epsilon must be bounded (an update of it went out after its last report): a
+        ledger claiming 10^7 steps under PLD took the server's memory, at every restart. The plan is the run's:
+        the method's steps per round for the ledger's training-set size (at most the manifest's: a site may
+        have dropped unreadable images), times the rounds."""
+        n, most = ledger["n_train"], self.counts[site]
+        if not 1 <= n <= most:
+            return (
+                f"privacy.n_train = {n} is outside 1..{most}, the training images the manifest gives {site}"
+            )
+        planned = self.method.dp_steps_per_round(n) * self.method.ctx.rounds
+        if ledger["planned_steps"] != planned:
+            return (
+                f"privacy.planned_steps = {ledger['planned_steps']} is not the run's plan for {n} training "
+                f"images ({planned})"
+            )
+        return None
 
     def _read_report(self, site: str) -> SiteReport | None:
         r = self.round
