@@ -5,8 +5,10 @@ clients exercise both):
 - `Server` without its signal handling (`capture_signals`, a method uvicorn calls around `serve`): the
   process shuts REST and gRPC down in its own order (serving/server.py).
 - `head_deadline_protocol`: its HTTP protocol (`AutoHTTPProtocol`: httptools, else h11) with a deadline on the
-  request head, written against the protocol's `cycle`, `loop`, `transport` and its `connection_made`,
-  `data_received`, `on_response_complete` and `connection_lost`; uvicorn has no setting for it.
+  request head and a bound on its size, written against the protocol's `cycle`, `loop`, `transport`, the
+  httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered) and its
+  `connection_made`, `data_received`, `on_response_complete` and `connection_lost`; uvicorn has no setting for
+  either.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from . import metrics
 
 PINNED_VERSION = "0.55.0"
+
+# A request head (request line and headers) larger than this is refused with 431: v2 clients send a few
+# hundred bytes; proxies in front of servers allow 8 to 64 KiB.
+MAX_HEAD_BYTES = 64 * 1024
 
 log = logging.getLogger("fedmedclip.serving")
 
@@ -38,7 +44,10 @@ def head_deadline_protocol(seconds: float) -> type:
     whose request head (request line and headers) has not arrived `seconds` after the connection opened or its
     previous response went out, with a 408 if part of one came. uvicorn waits for a head for good: connections
     opened and left silent, or fed a header byte at a time, were held until the process ran out of file
-    descriptors, and then its probes failed too. Once a head is in, the body has --body-timeout (RestApi)."""
+    descriptors, and then its probes failed too. Once a head is in, the body has --body-timeout (RestApi).
+    A head over MAX_HEAD_BYTES is refused with 431 and the connection closed: httptools keeps every header
+    of a head in memory, with no bound of its own, until the head ends, so one client sending headers for
+    `seconds` made the server hold gigabytes, outside --max-inflight-bytes."""
 
     class HeadDeadline(AutoHTTPProtocol):
         _head_timer = None
@@ -48,12 +57,32 @@ def head_deadline_protocol(seconds: float) -> type:
             self._await_head()
 
         def on_response_complete(self) -> None:
+            latest, queued = self.cycle, bool(getattr(self, "pipeline", None))
             super().on_response_complete()
-            self._await_head()
+            if queued or self.cycle is not latest:
+                # The next request's head came with this one's (pipelined) and is being answered now: what
+                # arrives is its body, neither late nor part of a head.
+                self._stop_waiting()
+            else:
+                self._await_head()
 
         def data_received(self, data: bytes) -> None:
             self._head_bytes += len(data)
             super().data_received(data)
+            # Still in the same head after these bytes (not answered yet, not closed by the parser).
+            if (
+                self._head_bytes > MAX_HEAD_BYTES
+                and self._head_timer is not None
+                and self.cycle is self._cycle_before
+                and not self.transport.is_closing()
+            ):
+                self._stop_waiting()
+                self._refuse(
+                    431,
+                    b"Request Header Fields Too Large",
+                    "head_too_large",
+                    f"the request head (request line and headers) is over {MAX_HEAD_BYTES:,} bytes",
+                )
 
         def connection_lost(self, exc) -> None:
             self._stop_waiting()
@@ -74,18 +103,24 @@ def head_deadline_protocol(seconds: float) -> type:
             self._head_timer = None
             if self.cycle is not self._cycle_before or self.transport.is_closing():
                 return
-            if self._head_bytes:  # a request began: say why it is refused; a silent connection is just closed
-                message = (
-                    f"the request head did not arrive within {seconds:g} s ({self._head_bytes:,} bytes received; "
-                    "server option --body-timeout)"
-                )
-                metrics.ERRORS.labels(metrics.NO_MODEL, "body_timeout").inc()
-                log.info("refused a connection: HTTP 408 body_timeout: %s", message)
-                body = orjson.dumps({"error": message})
-                self.transport.write(
-                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-                )
+            if not self._head_bytes:  # a silent connection is just closed
+                self.transport.close()
+                return
+            message = (
+                f"the request head did not arrive within {seconds:g} s ({self._head_bytes:,} bytes received; "
+                "server option --body-timeout)"
+            )
+            self._refuse(408, b"Request Timeout", "body_timeout", message)
+
+        def _refuse(self, status: int, phrase: bytes, reason: str, message: str) -> None:
+            """Answer `status` with the protocol's error object and close: no request is being answered."""
+            metrics.ERRORS.labels(metrics.NO_MODEL, reason).inc()
+            log.info("refused a connection: HTTP %d %s: %s", status, reason, message)
+            body = orjson.dumps({"error": message})
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+            )
             self.transport.close()
 
     return HeadDeadline

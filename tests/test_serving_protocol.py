@@ -583,6 +583,38 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
     _until_closed(grpc_silent)
 
 
+def test_a_huge_request_head_is_refused_and_pipelined_bodies_are_not_heads(server, spec):
+    """A request head that never ends: httptools kept every header in memory until the head ended, so one
+    client sending headers for --body-timeout made the server hold gigabytes (400 MB in 3.5 s on loopback),
+    outside --max-inflight-bytes. Now a head over 64 KiB gets 431 and the connection is closed at once. The
+    bodies of pipelined requests, which follow a head already in, are not counted as a head."""
+    from serving._uvicorn import MAX_HEAD_BYTES
+
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * MAX_HEAD_BYTES + b"\r\n"
+        )
+        answer = _until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), answer[:300]
+    assert set(json.loads(body)) == {"error"} and "over 65,536 bytes" in json.loads(body)["error"]
+
+    pixels = images(2 * MAX_HEAD_BYTES // (S * S * 3))
+    binary = {"binary_data_size": pixels.nbytes}
+    tensor = {"name": "images", "datatype": "UINT8", "shape": list(pixels.shape), "parameters": binary}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(header)}"
+        f"\r\nContent-Length: {len(header) + pixels.nbytes}\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall((request + b"\r\n" + header + pixels.tobytes()) * 2)
+        sock.sendall(request + b"Connection: close\r\n\r\n" + header + pixels.tobytes())
+        answer = _until_closed(sock)
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3 and b"HTTP/1.1 4" not in answer, answer[:300]
+
+
 def test_metrics_only_on_the_metrics_port(server):
     """/metrics counts what every client's requests held: an inference client reading it before and after
     another client's request learnt how many images it sent, their pixel counts and whether they were out of
@@ -733,4 +765,5 @@ def test_the_uvicorn_internals_the_server_relies_on_are_the_pinned_ones():
         assert callable(getattr(AutoHTTPProtocol, hook, None)), hook
     source = inspect.getsource(AutoHTTPProtocol)
     assert "self.cycle" in source and "self.loop" in source and "self.transport" in source
+    assert "self.pipeline" in source or "h11" in AutoHTTPProtocol.__module__
     assert "capture_signals" in inspect.getsource(uvicorn.Server.serve)
