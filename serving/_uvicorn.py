@@ -8,7 +8,8 @@ clients exercise both):
   request head and a bound on its size, written against the protocol's `cycle`, `loop`, `transport`, the
   httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered) and its
   `connection_made`, `data_received`, `on_response_complete` and `connection_lost`; uvicorn has no setting for
-  either.
+  either. Its `send_400_response` (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it
+  answered text/plain, not the protocol's error object.
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def head_deadline_protocol(seconds: float) -> type:
                 self._head_timer.cancel()
                 self._head_timer = None
 
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own answer to bytes its parser refuses (a request line or header that is not HTTP/1.1,
+            # a bad or doubled Content-Length, Content-Length with Transfer-Encoding, ...) was text/plain;
+            # uvicorn has logged `msg` already.
+            message = (
+                "the request is not valid HTTP/1.1: its request line, a header or its framing (Content-Length, "
+                "Transfer-Encoding) could not be parsed"
+            )
+            self._stop_waiting()
+            self._refuse(400, b"Bad Request", "bad_http", message, logged=True)
+
         def _head_late(self) -> None:
             self._head_timer = None
             if self.cycle is not self._cycle_before or self.transport.is_closing():
@@ -112,10 +124,13 @@ def head_deadline_protocol(seconds: float) -> type:
             )
             self._refuse(408, b"Request Timeout", "body_timeout", message)
 
-        def _refuse(self, status: int, phrase: bytes, reason: str, message: str) -> None:
+        def _refuse(
+            self, status: int, phrase: bytes, reason: str, message: str, logged: bool = False
+        ) -> None:
             """Answer `status` with the protocol's error object and close: no request is being answered."""
             metrics.ERRORS.labels(metrics.NO_MODEL, reason).inc()
-            log.info("refused a connection: HTTP %d %s: %s", status, reason, message)
+            if not logged:
+                log.info("refused a connection: HTTP %d %s: %s", status, reason, message)
             body = orjson.dumps({"error": message})
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"

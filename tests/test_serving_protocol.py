@@ -615,6 +615,26 @@ def test_a_huge_request_head_is_refused_and_pipelined_bodies_are_not_heads(serve
     assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3 and b"HTTP/1.1 4" not in answer, answer[:300]
 
 
+def test_a_request_that_is_not_http_gets_the_protocols_error_object(server):
+    """Bytes uvicorn's parser refuses (a method it does not know, a doubled or negative Content-Length,
+    Content-Length with Transfer-Encoding, an HTTP/2 preface) were answered text/plain, not the protocol's
+    `{"error": string}`."""
+    host, port = server.http.split(":")
+    post = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n".encode()
+    for request in (
+        b"FOO /v2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        post + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x",
+        post + b"Content-Length: -1\r\n\r\n{}",
+        post + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=120) as sock:
+            sock.sendall(request)
+            head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, (request, head)
+        assert "not valid HTTP/1.1" in json.loads(body)["error"], (request, body)
+
+
 def test_metrics_only_on_the_metrics_port(server):
     """/metrics counts what every client's requests held: an inference client reading it before and after
     another client's request learnt how many images it sent, their pixel counts and whether they were out of
@@ -761,7 +781,14 @@ def test_the_uvicorn_internals_the_server_relies_on_are_the_pinned_ones():
     assert version("uvicorn") == PINNED_VERSION == "0.55.0"
     pinned = {line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()}
     assert f"uvicorn=={PINNED_VERSION}" in pinned and f"httptools=={version('httptools')}" in pinned
-    for hook in ("connection_made", "data_received", "on_response_complete", "connection_lost"):
+    hooks = (
+        "connection_made",
+        "data_received",
+        "on_response_complete",
+        "connection_lost",
+        "send_400_response",
+    )
+    for hook in hooks:
         assert callable(getattr(AutoHTTPProtocol, hook, None)), hook
     source = inspect.getsource(AutoHTTPProtocol)
     assert "self.cycle" in source and "self.loop" in source and "self.transport" in source
