@@ -9,7 +9,8 @@ clients exercise both):
   httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered) and its
   `connection_made`, `data_received`, `on_response_complete` and `connection_lost`; uvicorn has no setting for
   either. Its `send_400_response` (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it
-  answered text/plain, not the protocol's error object.
+  answered text/plain, not the protocol's error object; so is `_unsupported_upgrade_warning` (its warnings,
+  one to install a WebSocket library, for each request with an Upgrade header it does not make).
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def head_deadline_protocol(seconds: float) -> type:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn's two warnings per request with an Upgrade header (one telling the operator to install a
+            # WebSocket library) for what is no fault: the request is answered over HTTP/1.1 all the same.
+            log.debug("a request asked for an Upgrade: answered over HTTP/1.1")
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's own answer to bytes its parser refuses (a request line or header that is not HTTP/1.1,

@@ -635,6 +635,26 @@ def test_a_request_that_is_not_http_gets_the_protocols_error_object(server):
         assert "not valid HTTP/1.1" in json.loads(body)["error"], (request, body)
 
 
+def test_a_request_asking_for_an_upgrade_is_answered_over_http(server, spec):
+    """uvicorn made WebSocket handshakes on every route (text/plain 400, an empty 403: not the protocol's
+    errors), and its httptools parser reads a request asking for an Upgrade without its body: `curl --http2`
+    (`Upgrade: h2c`) got 'not valid JSON' for a valid request. Now the Upgrade header is ignored, and a body
+    cut short is refused naming why."""
+    websocket = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    resp = requests.get(url(server, "/v2/health/live"), headers=websocket, timeout=30)
+    assert resp.status_code == 200 and resp.json() == {"live": True}, resp.text[:300]
+    h2c = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+    }
+    resp = requests.post(
+        url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), headers=h2c, timeout=30
+    )
+    assert resp.status_code == 400 and "without Upgrade" in spec.check(resp)["error"], resp.text[:300]
+
+
 def test_metrics_only_on_the_metrics_port(server):
     """/metrics counts what every client's requests held: an inference client reading it before and after
     another client's request learnt how many images it sent, their pixel counts and whether they were out of
@@ -787,6 +807,7 @@ def test_the_uvicorn_internals_the_server_relies_on_are_the_pinned_ones():
         "on_response_complete",
         "connection_lost",
         "send_400_response",
+        "_unsupported_upgrade_warning",
     )
     for hook in hooks:
         assert callable(getattr(AutoHTTPProtocol, hook, None)), hook
