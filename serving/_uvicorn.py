@@ -6,9 +6,9 @@ clients exercise both):
   process shuts REST and gRPC down in its own order (serving/server.py).
 - `head_deadline_protocol`: its HTTP protocol (`AutoHTTPProtocol`: httptools, else h11) with a deadline on the
   request head and a bound on its size, written against the protocol's `cycle`, `loop`, `transport`, the
-  httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered) and its
-  `connection_made`, `data_received`, `on_response_complete` and `connection_lost`; uvicorn has no setting for
-  either. Its `send_400_response` (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it
+  httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered),
+  `on_message_begin`, `on_headers_complete` and `on_message_complete`, and its `connection_made`, `data_received`,
+  `on_response_complete` and `connection_lost`; uvicorn has no setting for either. Its `send_400_response` (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it
   answered text/plain, not the protocol's error object; so is `_unsupported_upgrade_warning` (its warnings,
   one to install a WebSocket library, for each request with an Upgrade header it does not make).
 """
@@ -52,7 +52,7 @@ def head_deadline_protocol(seconds: float) -> type:
     `seconds` made the server hold gigabytes, outside --max-inflight-bytes."""
 
     class HeadDeadline(AutoHTTPProtocol):
-        _head_timer = None
+        _head_timer, _in_message, _in_head, _head_size, _heads_begun = None, False, False, 0, 0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -70,21 +70,35 @@ def head_deadline_protocol(seconds: float) -> type:
 
         def data_received(self, data: bytes) -> None:
             self._head_bytes += len(data)
+            # The bytes of a head (httptools only: h11 bounds a head itself, at 16 KiB): a chunk that goes on
+            # with a head, or that begins one while no request was being read. A chunk ending one request and
+            # beginning the next (pipelining) is not counted: a head is refused past MAX_HEAD_BYTES and that
+            # one chunk at most, never below it.
+            continued, idle, self._heads_begun = self._in_head, not self._in_message, 0
             super().data_received(data)
-            # Still in the same head after these bytes (not answered yet, not closed by the parser).
-            if (
-                self._head_bytes > MAX_HEAD_BYTES
-                and self._head_timer is not None
-                and self.cycle is self._cycle_before
-                and not self.transport.is_closing()
-            ):
-                self._stop_waiting()
-                self._refuse(
-                    431,
-                    b"Request Header Fields Too Large",
-                    "head_too_large",
-                    f"the request head (request line and headers) is over {MAX_HEAD_BYTES:,} bytes",
-                )
+            if self._in_head and (continued, idle, self._heads_begun) in ((True, False, 0), (False, True, 1)):
+                self._head_size += len(data)
+                if self._head_size > MAX_HEAD_BYTES and not self.transport.is_closing():
+                    self._stop_waiting()
+                    self._refuse(
+                        431,
+                        b"Request Header Fields Too Large",
+                        "head_too_large",
+                        f"the request head (request line and headers) is over {MAX_HEAD_BYTES:,} bytes",
+                    )
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_message, self._in_head, self._head_size = True, True, 0
+            self._heads_begun += 1
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_message = False
+            super().on_message_complete()
 
         def connection_lost(self, exc) -> None:
             self._stop_waiting()

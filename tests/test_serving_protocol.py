@@ -613,6 +613,17 @@ def test_a_huge_request_head_is_refused_and_pipelined_bodies_are_not_heads(serve
         sock.sendall(request + b"Connection: close\r\n\r\n" + header + pixels.tobytes())
         answer = _until_closed(sock)
     assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3 and b"HTTP/1.1 4" not in answer, answer[:300]
+    # Nor is the rest of a body the server refused before reading it all.
+    chunked = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = (
+        b"%x\r\n%s\r\n" % (MAX_HEAD_BYTES, b"0" * MAX_HEAD_BYTES) * (2 * MAX_REQUEST_BYTES // MAX_HEAD_BYTES)
+    )
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(
+            chunked.encode() + chunks + b"0\r\n\r\nGET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )
+        answer = _until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 200 OK\r\n") == 1, answer[:300]
 
 
 def test_a_request_that_is_not_http_gets_the_protocols_error_object(server):
@@ -808,6 +819,9 @@ def test_the_uvicorn_internals_the_server_relies_on_are_the_pinned_ones():
         "connection_lost",
         "send_400_response",
         "_unsupported_upgrade_warning",
+        "on_message_begin",
+        "on_headers_complete",
+        "on_message_complete",
     )
     for hook in hooks:
         assert callable(getattr(AutoHTTPProtocol, hook, None)), hook
