@@ -472,6 +472,20 @@ def test_a_client_cannot_write_control_characters_into_the_log(server):
     assert len(forged) == 2 and all("\\x1b[31mFORGED\\x85NEL\\u2028LS\\x08\\x7f" in f for f in forged), forged
 
 
+def test_a_grpc_message_that_is_not_protobuf_is_invalid_argument(server):
+    """Bytes protobuf cannot parse made gRPC answer UNKNOWN naming a Python exception class, and the server
+    log a call 'without a request message'. Now: INVALID_ARGUMENT saying what was wrong, logged so."""
+    import grpc
+
+    before = refusals(server)
+    with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff" * 10, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "(10 bytes) is not valid protobuf" in info.value.details(), info.value.details()
+    wait_for_refusals(server, before + 1)
+    assert "is not valid protobuf" in server.log().rsplit(" refused ", 1)[1]
+
+
 def _stalled_grpc_call(server, answer: dict) -> None:
     """A ModelInfer call whose request message never comes (the stream stays open, nothing is sent): what the
     server answers, in `answer`."""
