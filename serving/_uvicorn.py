@@ -7,10 +7,12 @@ clients exercise both):
 - `head_deadline_protocol`: its HTTP protocol (`AutoHTTPProtocol`: httptools, else h11) with a deadline on the
   request head and a bound on its size, written against the protocol's `cycle`, `loop`, `transport`, the
   httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered),
-  `on_message_begin`, `on_headers_complete` and `on_message_complete`, and its `connection_made`, `data_received`,
-  `on_response_complete` and `connection_lost`; uvicorn has no setting for either. Its `send_400_response` (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it
-  answered text/plain, not the protocol's error object; so is `_unsupported_upgrade_warning` (its warnings,
-  one to install a WebSocket library, for each request with an Upgrade header it does not make).
+  `on_message_begin`, `on_headers_complete`, `on_body` and `on_message_complete` (and httptools' own
+  `on_chunk_header`, which it calls on a protocol that has it), and its `connection_made`, `data_received`,
+  `on_response_complete` and `connection_lost`; uvicorn has no setting for either. Its `send_400_response`
+  (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it answered text/plain, not the
+  protocol's error object; so is `_unsupported_upgrade_warning` (its warnings, one to install a WebSocket
+  library, for each request with an Upgrade header it does not make).
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ def head_deadline_protocol(seconds: float) -> type:
     previous response went out, with a 408 if part of one came. uvicorn waits for a head for good: connections
     opened and left silent, or fed a header byte at a time, were held until the process ran out of file
     descriptors, and then its probes failed too. Once a head is in, the body has --body-timeout (RestApi).
-    A head over MAX_HEAD_BYTES is refused with 431 and the connection closed: httptools keeps every header
-    of a head in memory, with no bound of its own, until the head ends, so one client sending headers for
-    `seconds` made the server hold gigabytes, outside --max-inflight-bytes."""
+    A head, or the trailers of a chunked body, over MAX_HEAD_BYTES is refused with 431 and the connection
+    closed: httptools keeps every header in memory, with no bound of its own, until the head (or the body)
+    ends, so one client sending headers for `seconds` made the server hold gigabytes, outside
+    --max-inflight-bytes."""
 
     class HeadDeadline(AutoHTTPProtocol):
         _head_timer, _in_message, _in_head, _head_size, _heads_begun = None, False, False, 0, 0
+        # After a chunk's size line, before its data: the last chunk's trailers come here.
+        _in_chunk_header, _bodies = False, 0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -70,13 +75,18 @@ def head_deadline_protocol(seconds: float) -> type:
 
         def data_received(self, data: bytes) -> None:
             self._head_bytes += len(data)
-            # The bytes of a head (httptools only: h11 bounds a head itself, at 16 KiB): a chunk that goes on
-            # with a head, or that begins one while no request was being read. A chunk ending one request and
-            # beginning the next (pipelining) is not counted: a head is refused past MAX_HEAD_BYTES and that
-            # one chunk at most, never below it.
-            continued, idle, self._heads_begun = self._in_head, not self._in_message, 0
+            # The bytes of a head or of trailers (httptools only: h11 bounds a head itself, at 16 KiB): a chunk
+            # that goes on with a head, or begins one while no request was being read; a chunk of trailers
+            # only (between the last chunk's size line and the end of the body, no data). A chunk ending one
+            # request and beginning the next (pipelining), or the one where trailers begin, is not counted:
+            # headers are refused past MAX_HEAD_BYTES and that one chunk at most, never below it.
+            in_head, in_chunk_header, idle = self._in_head, self._in_chunk_header, not self._in_message
+            self._heads_begun = self._bodies = 0
             super().data_received(data)
-            if self._in_head and (continued, idle, self._heads_begun) in ((True, False, 0), (False, True, 1)):
+            begun, bodies = self._heads_begun, self._bodies
+            if (self._in_head and ((in_head, begun) == (True, 0) or (idle, begun) == (True, 1))) or (
+                self._in_chunk_header and in_chunk_header and (begun, bodies) == (0, 0)
+            ):
                 self._head_size += len(data)
                 if self._head_size > MAX_HEAD_BYTES and not self.transport.is_closing():
                     self._stop_waiting()
@@ -84,7 +94,8 @@ def head_deadline_protocol(seconds: float) -> type:
                         431,
                         b"Request Header Fields Too Large",
                         "head_too_large",
-                        f"the request head (request line and headers) is over {MAX_HEAD_BYTES:,} bytes",
+                        f"the request head (request line and headers), or its trailers, are over "
+                        f"{MAX_HEAD_BYTES:,} bytes",
                     )
 
         def on_message_begin(self) -> None:
@@ -97,8 +108,15 @@ def head_deadline_protocol(seconds: float) -> type:
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self._in_message = False
+            self._in_message = self._in_chunk_header = False
             super().on_message_complete()
+
+        def on_chunk_header(self) -> None:  # httptools calls it when a protocol has it
+            self._in_chunk_header = True
+
+        def on_body(self, body: bytes) -> None:
+            self._in_chunk_header, self._bodies = False, self._bodies + 1
+            super().on_body(body)
 
         def connection_lost(self, exc) -> None:
             self._stop_waiting()

@@ -12,6 +12,7 @@ starts its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -597,11 +598,12 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
     _until_closed(grpc_silent)
 
 
-def test_a_huge_request_head_is_refused_and_pipelined_bodies_are_not_heads(server, spec):
+def test_a_huge_request_head_or_trailers_are_refused_and_bodies_are_not_heads(server, spec):
     """A request head that never ends: httptools kept every header in memory until the head ended, so one
     client sending headers for --body-timeout made the server hold gigabytes (400 MB in 3.5 s on loopback),
-    outside --max-inflight-bytes. Now a head over 64 KiB gets 431 and the connection is closed at once. The
-    bodies of pipelined requests, which follow a head already in, are not counted as a head."""
+    outside --max-inflight-bytes. Now a head over 64 KiB gets 431 and the connection is closed at once, and
+    so do the trailers of a chunked body. The bodies of pipelined requests, which follow a head already in,
+    and the rest of a body refused before it was read, are not counted as a head."""
     from serving._uvicorn import MAX_HEAD_BYTES
 
     host, port = server.http.split(":")
@@ -638,6 +640,17 @@ def test_a_huge_request_head_is_refused_and_pipelined_bodies_are_not_heads(serve
         )
         answer = _until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 200 OK\r\n") == 1, answer[:300]
+    # The trailers of a chunked body, which httptools kept in memory as a head's headers: refused the same.
+    before = refusals(server)
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        with contextlib.suppress(OSError):  # the server may close while these are on their way
+            sock.sendall(chunked.encode() + b"2\r\n{}\r\n0\r\n")
+            for _ in range(16):
+                sock.sendall(b"X-Trailer: " + b"t" * MAX_HEAD_BYTES + b"\r\n")
+        with contextlib.suppress(OSError):
+            _until_closed(sock)
+    wait_for_refusals(server, before + 1)
+    assert "HTTP 431 head_too_large" in server.log().rsplit(" refused ", 1)[1]
 
 
 def test_a_request_that_is_not_http_gets_the_protocols_error_object(server):
