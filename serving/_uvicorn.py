@@ -75,11 +75,11 @@ def head_deadline_protocol(seconds: float) -> type:
 
         def data_received(self, data: bytes) -> None:
             self._head_bytes += len(data)
-            # The bytes of a head or of trailers (httptools only: h11 bounds a head itself, at 16 KiB): a chunk
-            # that goes on with a head, or begins one while no request was being read; a chunk of trailers
-            # only (between the last chunk's size line and the end of the body, no data). A chunk ending one
-            # request and beginning the next (pipelining), or the one where trailers begin, is not counted:
-            # headers are refused past MAX_HEAD_BYTES and that one chunk at most, never below it.
+            # The bytes of a head or of trailers (httptools only: h11 bounds a head itself, at 16 KiB): a
+            # chunk that goes on with a head, or begins one while no request was being read; a chunk of
+            # trailers only (between the last chunk's size line and the end of the body, no data). A chunk
+            # ending one request and beginning the next (pipelining), or the one where trailers begin, is not
+            # counted: headers are refused past MAX_HEAD_BYTES and that one chunk at most, never below it.
             in_head, in_chunk_header, idle = self._in_head, self._in_chunk_header, not self._in_message
             self._heads_begun = self._bodies = 0
             super().data_received(data)
@@ -143,8 +143,8 @@ def head_deadline_protocol(seconds: float) -> type:
             # a bad or doubled Content-Length, Content-Length with Transfer-Encoding, ...) was text/plain;
             # uvicorn has logged `msg` already.
             message = (
-                "the request is not valid HTTP/1.1: its request line, a header or its framing (Content-Length, "
-                "Transfer-Encoding) could not be parsed"
+                "the request is not valid HTTP/1.1: its request line, a header or its framing "
+                "(Content-Length, Transfer-Encoding) could not be parsed"
             )
             self._stop_waiting()
             self._refuse(400, b"Bad Request", "bad_http", message, logged=True)

@@ -220,9 +220,9 @@ class RestApi:
             # the client's own, so the client is told what to leave out rather than that its JSON is empty.
             raise RequestRejected(
                 "bad_request",
-                f"the request body ended after {len(body):,} of its Content-Length {int(length):,} bytes; a "
-                "request with 'Connection: Upgrade' is read without its body: this server speaks HTTP/1.1 only, "
-                "send it without Upgrade (e.g. not with curl --http2)",
+                f"the request body ended after {len(body):,} of its Content-Length {int(length):,} bytes; "
+                "a request with 'Connection: Upgrade' is read without its body: this server speaks HTTP/1.1 "
+                "only, send it without Upgrade (e.g. not with curl --http2)",
             )
         return body
 
