@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from . import metrics
@@ -206,6 +207,8 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
             if read is aio.EOF:
                 await refuse(RequestRejected("bad_request", "the call ended without a request message"))
             size, request = read
+            if isinstance(request, _Undecodable):
+                await refuse(RequestRejected("bad_request", request.message))
             try:
                 reservation.grow_to(size)
             except ServerBusy as busy:
@@ -221,8 +224,23 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
                 )
 
     deserialize = handler.request_deserializer
+
+    def sized(message: bytes):
+        # Never raises: gRPC would answer a deserializer's exception itself, UNKNOWN naming its Python class,
+        # and hand the handler an end of stream (logged as a call without a message).
+        try:
+            return len(message), deserialize(message)
+        except DecodeError:
+            problem = f"the request message of {where} ({len(message):,} bytes) is not valid protobuf"
+            return len(message), _Undecodable(problem)
+
     return grpc.stream_unary_rpc_method_handler(
-        read_then_answer,
-        request_deserializer=lambda message: (len(message), deserialize(message)),
-        response_serializer=handler.response_serializer,
+        read_then_answer, request_deserializer=sized, response_serializer=handler.response_serializer
     )
+
+
+class _Undecodable:
+    """A request message that protobuf cannot parse, for the handler to refuse."""
+
+    def __init__(self, message: str):
+        self.message = message

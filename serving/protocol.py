@@ -321,7 +321,8 @@ def json_part(body: bytes, headers) -> bytes:
     raw = headers.get("inference-header-content-length")
     if raw is None:
         return body
-    if not raw.isdigit() or not 0 < int(raw) <= len(body):
+    # ASCII digits only: str.isdigit() takes '²' (a header is read as Latin-1), which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= len(body):
         raise RequestRejected(
             "bad_request",
             f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "

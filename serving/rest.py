@@ -187,7 +187,7 @@ class RestApi:
         """The whole body, within --max-request-bytes (413), --body-timeout (408) and, with every other
         request's, --max-inflight-bytes (503: its Content-Length is reserved before a byte of it is read)."""
         limit, length, received = self.max_request_bytes, request.headers.get("content-length"), 0
-        if length is not None and not length.isdigit():
+        if length is not None and not (length.isascii() and length.isdigit()):
             raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
         if length is not None and int(length) > limit:
             raise _too_large(f"{int(length):,}", limit)
@@ -206,7 +206,7 @@ class RestApi:
             return b"".join(chunks)
 
         try:
-            return await asyncio.wait_for(read(), self.body_timeout_s)
+            body = await asyncio.wait_for(read(), self.body_timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise RequestRejected(
                 "body_timeout",
@@ -214,6 +214,17 @@ class RestApi:
                 f"({received:,} bytes received; server option --body-timeout)",
                 408,
             ) from None
+        if length is not None and len(body) != int(length):
+            # uvicorn's httptools parser stops at the head of a request asking for an Upgrade it does not
+            # make (`curl --http2` sends `Upgrade: h2c`), and the body ends there: not a protocol error of
+            # the client's own, so the client is told what to leave out rather than that its JSON is empty.
+            raise RequestRejected(
+                "bad_request",
+                f"the request body ended after {len(body):,} of its Content-Length {int(length):,} bytes; "
+                "a request with 'Connection: Upgrade' is read without its body: this server speaks HTTP/1.1 "
+                "only, send it without Upgrade (e.g. not with curl --http2)",
+            )
+        return body
 
 
 def _encoded(response) -> Response:

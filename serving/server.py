@@ -54,6 +54,9 @@ async def serve(models: list, options: ServerOptions) -> None:
             log_config=None,
             lifespan="off",
             http=head_deadline_protocol(options.body_timeout),
+            # No WebSocket route: an `Upgrade: websocket` request is answered as HTTP, with the protocol's
+            # errors, rather than by uvicorn's WebSocket handshake (text/plain 400, empty 403).
+            ws="none",
             access_log=access_log,
             timeout_graceful_shutdown=int(options.grace_period),
         )

@@ -428,6 +428,9 @@ def test_a_binary_request_without_its_header_is_told_what_is_missing(server, ort
     # With the header, a JSON part that is not JSON is not told the header is missing.
     resp = post(server[0], b"\xff{}", {"Inference-Header-Content-Length": "3"})
     assert resp.json()["error"] == "the request is not valid JSON: byte 0 (0xff) is not UTF-8 text", resp.text
+    # A digit that is not ASCII ('²', Latin-1 0xb2) was taken for one, then failed as a 500 with a traceback.
+    resp = post(server[0], b"{}", {"Inference-Header-Content-Length": "\u00b2"})
+    assert resp.status_code == 400 and "must be an integer" in resp.json()["error"], resp.text
     assert_serving(server[0], ort_session)
 
 

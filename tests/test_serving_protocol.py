@@ -12,6 +12,7 @@ starts its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -472,6 +473,20 @@ def test_a_client_cannot_write_control_characters_into_the_log(server):
     assert len(forged) == 2 and all("\\x1b[31mFORGED\\x85NEL\\u2028LS\\x08\\x7f" in f for f in forged), forged
 
 
+def test_a_grpc_message_that_is_not_protobuf_is_invalid_argument(server):
+    """Bytes protobuf cannot parse made gRPC answer UNKNOWN naming a Python exception class, and the server
+    log a call 'without a request message'. Now: INVALID_ARGUMENT saying what was wrong, logged so."""
+    import grpc
+
+    before = refusals(server)
+    with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff" * 10, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "(10 bytes) is not valid protobuf" in info.value.details(), info.value.details()
+    wait_for_refusals(server, before + 1)
+    assert "is not valid protobuf" in server.log().rsplit(" refused ", 1)[1]
+
+
 def _stalled_grpc_call(server, answer: dict) -> None:
     """A ModelInfer call whose request message never comes (the stream stays open, nothing is sent): what the
     server answers, in `answer`."""
@@ -581,6 +596,101 @@ def test_short_png_and_chunked_and_slow_bodies(server, spec):
     answer = _until_closed(slow_head)
     assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer[:300]
     _until_closed(grpc_silent)
+
+
+def test_a_huge_request_head_or_trailers_are_refused_and_bodies_are_not_heads(server, spec):
+    """A request head that never ends: httptools kept every header in memory until the head ended, so one
+    client sending headers for --body-timeout made the server hold gigabytes (400 MB in 3.5 s on loopback),
+    outside --max-inflight-bytes. Now a head over 64 KiB gets 431 and the connection is closed at once, and
+    so do the trailers of a chunked body. The bodies of pipelined requests, which follow a head already in,
+    and the rest of a body refused before it was read, are not counted as a head."""
+    from serving._uvicorn import MAX_HEAD_BYTES
+
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * MAX_HEAD_BYTES + b"\r\n"
+        )
+        answer = _until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), answer[:300]
+    assert set(json.loads(body)) == {"error"} and "over 65,536 bytes" in json.loads(body)["error"]
+
+    pixels = images(2 * MAX_HEAD_BYTES // (S * S * 3))
+    binary = {"binary_data_size": pixels.nbytes}
+    tensor = {"name": "images", "datatype": "UINT8", "shape": list(pixels.shape), "parameters": binary}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(header)}"
+        f"\r\nContent-Length: {len(header) + pixels.nbytes}\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall((request + b"\r\n" + header + pixels.tobytes()) * 2)
+        sock.sendall(request + b"Connection: close\r\n\r\n" + header + pixels.tobytes())
+        answer = _until_closed(sock)
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3 and b"HTTP/1.1 4" not in answer, answer[:300]
+    # Nor is the rest of a body the server refused before reading it all.
+    chunked = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = (
+        b"%x\r\n%s\r\n" % (MAX_HEAD_BYTES, b"0" * MAX_HEAD_BYTES) * (2 * MAX_REQUEST_BYTES // MAX_HEAD_BYTES)
+    )
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(
+            chunked.encode() + chunks + b"0\r\n\r\nGET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )
+        answer = _until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413") and answer.count(b"HTTP/1.1 200 OK\r\n") == 1, answer[:300]
+    # The trailers of a chunked body, which httptools kept in memory as a head's headers: refused the same.
+    before = refusals(server)
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        with contextlib.suppress(OSError):  # the server may close while these are on their way
+            sock.sendall(chunked.encode() + b"2\r\n{}\r\n0\r\n")
+            for _ in range(16):
+                sock.sendall(b"X-Trailer: " + b"t" * MAX_HEAD_BYTES + b"\r\n")
+        with contextlib.suppress(OSError):
+            _until_closed(sock)
+    wait_for_refusals(server, before + 1)
+    assert "HTTP 431 head_too_large" in server.log().rsplit(" refused ", 1)[1]
+
+
+def test_a_request_that_is_not_http_gets_the_protocols_error_object(server):
+    """Bytes uvicorn's parser refuses (a method it does not know, a doubled or negative Content-Length,
+    Content-Length with Transfer-Encoding, an HTTP/2 preface) were answered text/plain, not the protocol's
+    `{"error": string}`."""
+    host, port = server.http.split(":")
+    post = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n".encode()
+    for request in (
+        b"FOO /v2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        post + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x",
+        post + b"Content-Length: -1\r\n\r\n{}",
+        post + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=120) as sock:
+            sock.sendall(request)
+            head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, (request, head)
+        assert "not valid HTTP/1.1" in json.loads(body)["error"], (request, body)
+
+
+def test_a_request_asking_for_an_upgrade_is_answered_over_http(server, spec):
+    """uvicorn made WebSocket handshakes on every route (text/plain 400, an empty 403: not the protocol's
+    errors), and its httptools parser reads a request asking for an Upgrade without its body: `curl --http2`
+    (`Upgrade: h2c`) got 'not valid JSON' for a valid request. Now the Upgrade header is ignored, and a body
+    cut short is refused naming why."""
+    websocket = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    resp = requests.get(url(server, "/v2/health/live"), headers=websocket, timeout=30)
+    assert resp.status_code == 200 and resp.json() == {"live": True}, resp.text[:300]
+    h2c = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+    }
+    resp = requests.post(
+        url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), headers=h2c, timeout=30
+    )
+    assert resp.status_code == 400 and "without Upgrade" in spec.check(resp)["error"], resp.text[:300]
 
 
 def test_metrics_only_on_the_metrics_port(server):
@@ -729,8 +839,20 @@ def test_the_uvicorn_internals_the_server_relies_on_are_the_pinned_ones():
     assert version("uvicorn") == PINNED_VERSION == "0.55.0"
     pinned = {line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()}
     assert f"uvicorn=={PINNED_VERSION}" in pinned and f"httptools=={version('httptools')}" in pinned
-    for hook in ("connection_made", "data_received", "on_response_complete", "connection_lost"):
+    hooks = (
+        "connection_made",
+        "data_received",
+        "on_response_complete",
+        "connection_lost",
+        "send_400_response",
+        "_unsupported_upgrade_warning",
+        "on_message_begin",
+        "on_headers_complete",
+        "on_message_complete",
+    )
+    for hook in hooks:
         assert callable(getattr(AutoHTTPProtocol, hook, None)), hook
     source = inspect.getsource(AutoHTTPProtocol)
     assert "self.cycle" in source and "self.loop" in source and "self.transport" in source
+    assert "self.pipeline" in source or "h11" in AutoHTTPProtocol.__module__
     assert "capture_signals" in inspect.getsource(uvicorn.Server.serve)
