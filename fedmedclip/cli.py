@@ -66,6 +66,10 @@ def config_from_args(args):
     return from_flags(args)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def print_summary(results: dict, out: str) -> None:
     """What a person reads at the end of a run: the selected round and how, metrics, traffic, time."""
     from .privacy.report import rounded
@@ -73,7 +77,7 @@ def print_summary(results: dict, out: str) -> None:
     m = results["metrics"]
     g = m["global"]
     print(
-        f"\n{results['method']} on {results['sites']} sites, {results['rounds']} rounds "
+        f"\n{results['method']} on {_count(results['sites'], 'site')}, {_count(results['rounds'], 'round')} "
         f"(selected round {m['best_round']}: {m['selection']})"
     )
     print(
