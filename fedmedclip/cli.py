@@ -139,7 +139,12 @@ def _tracking_on(args) -> bool:
     if on:
         from .tracking_server import require_tracking_uri
 
-        require_tracking_uri(args.tracking_uri, purpose="--track")
+        # Tracking switched on by the environment alone surprises: say so, and how to go without it.
+        why = "--track" if args.track or args.tracking_uri else "tracking (on as MLFLOW_TRACKING_URI is set)"
+        try:
+            require_tracking_uri(args.tracking_uri, purpose=why)
+        except FedMedClipError as e:
+            raise FedMedClipError(f"{e}; or pass --no-track" if why != "--track" else str(e)) from None
     return on
 
 
