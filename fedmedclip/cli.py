@@ -366,6 +366,9 @@ def _cmd_backbone(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_onnx, export_site_state
 
+    rate = args.ood_false_alarm_rate
+    if not args.no_ood and not 0 < rate < 1:  # a typo, refused before the model and its features are loaded
+        raise ConfigError(f"--ood-false-alarm-rate must be in (0, 1), e.g. 0.05, got {rate}")
     common = dict(
         precision="fp16" if args.fp16 else "fp32",
         exporter=args.exporter,
