@@ -66,6 +66,10 @@ def config_from_args(args):
     return from_flags(args)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def print_summary(results: dict, out: str) -> None:
     """What a person reads at the end of a run: the selected round and how, metrics, traffic, time."""
     from .privacy.report import rounded
@@ -73,7 +77,7 @@ def print_summary(results: dict, out: str) -> None:
     m = results["metrics"]
     g = m["global"]
     print(
-        f"\n{results['method']} on {results['sites']} sites, {results['rounds']} rounds "
+        f"\n{results['method']} on {_count(results['sites'], 'site')}, {_count(results['rounds'], 'round')} "
         f"(selected round {m['best_round']}: {m['selection']})"
     )
     print(
@@ -135,7 +139,12 @@ def _tracking_on(args) -> bool:
     if on:
         from .tracking_server import require_tracking_uri
 
-        require_tracking_uri(args.tracking_uri, purpose="--track")
+        # Tracking switched on by the environment alone surprises: say so, and how to go without it.
+        why = "--track" if args.track or args.tracking_uri else "tracking (on as MLFLOW_TRACKING_URI is set)"
+        try:
+            require_tracking_uri(args.tracking_uri, purpose=why)
+        except FedMedClipError as e:
+            raise FedMedClipError(f"{e}; or pass --no-track" if why != "--track" else str(e)) from None
     return on
 
 
@@ -357,6 +366,9 @@ def _cmd_backbone(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_onnx, export_site_state
 
+    rate = args.ood_false_alarm_rate
+    if not args.no_ood and not 0 < rate < 1:  # a typo, refused before the model and its features are loaded
+        raise ConfigError(f"--ood-false-alarm-rate must be in (0, 1), e.g. 0.05, got {rate}")
     common = dict(
         precision="fp16" if args.fp16 else "fp32",
         exporter=args.exporter,

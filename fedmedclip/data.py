@@ -199,7 +199,8 @@ def from_image_folder(
     """`<root>/<split>/<class>/*.jpg` with split folders Training/Testing (or train/test)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data directory {str(root)!r} does not exist")
+        what = "is a file, not a folder or a .csv manifest" if root.exists() else "does not exist"
+        raise DataError(f"data directory {str(root)!r} {what}")
     split_dirs = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         split = _SPLIT_ALIASES.get(d.name.lower())

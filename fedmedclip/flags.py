@@ -407,9 +407,11 @@ def parse_json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{text!r} is not JSON: {exc}") from None
+        raise ConfigError(f"--synthetic {text!r} is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{text!r} must be a JSON object, e.g. '{{\"per_class_per_site\": 40}}'")
+        raise ConfigError(
+            f"--synthetic {text!r} must be a JSON object, e.g. '{{\"per_class_per_site\": 40}}'"
+        )
     return value
 
 

@@ -174,12 +174,12 @@ def resolve_backbone(spec: str, cache_dir: str | Path, *, tracking_uri: str | No
 def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = None) -> PublishedBackbone:
     """Publish the CLIP directory to `s3://BUCKET/PREFIX` or to the registry as `models:/NAME`. Pushing the
     same weights again changes nothing; a prefix holding another backbone is refused."""
+    if not to.startswith(("s3://", "models:/")):  # before loading the weights, which takes a while
+        raise BackbonePublishError(f"--to {to!r}: publish to s3://BUCKET/PREFIX or to models:/NAME")
     manifest = backbone_manifest(directory)
     if to.startswith("s3://"):
         return _push_s3(Path(directory), to, manifest)
-    if to.startswith("models:/"):
-        return _push_registry(Path(directory), to, manifest, tracking_uri)
-    raise BackbonePublishError(f"--to {to!r}: publish to s3://BUCKET/PREFIX or to models:/NAME")
+    return _push_registry(Path(directory), to, manifest, tracking_uri)
 
 
 # ------------------------------------------------------------------------------------------------ S3

@@ -223,8 +223,15 @@ def cmd_data_withdraw(args) -> int:
     if index is None and info is not None and args.site in info.roles:
         index = info.roles[args.site].site_index
     if index is None:
+        # --site names a role of the local stack; without one recorded it cannot say which k the site is.
+        given = (
+            f"--site {args.site} takes its k from the local stack, and none is recorded (`fedmedclip stack up`; "
+            "$FEDMEDCLIP_STACK_DIR names a --data-dir other than .stack); otherwise "
+            if args.site
+            else ""
+        )
         raise ConfigError(
-            "give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
+            f"{given}give --site-index K (the k of sites/<k>/ and of the Secret fedmedclip-site-<k>-s3)"
         )
     images, versions = withdraw_site(args.from_, index)
     what = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -162,12 +163,38 @@ def run_compiled(
         try:
             task = pipeline(**params)
         except RuntimeError as e:
-            where = " (task logs above)"
-            if log_path:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-                where = f"\n--- last lines of {log_path} ---\n{tail}"
-            raise FedMedClipError(f"the local pipeline run failed: {e}; artifacts in {root}{where}") from e
+            reason = _ANSI.sub("", str(e))
+            if log_path is None:
+                raise FedMedClipError(f"the local pipeline run failed: {reason}; artifacts in {root}") from e
+            lines = _ANSI.sub("", log_path.read_text(errors="replace")).splitlines()
+            raised = _last_exception(lines)
+            if raised:  # the task's own error is the line to read; its traceback stays in the log
+                raise FedMedClipError(
+                    f"the local pipeline run failed: {reason} It raised {raised}; task logs: {log_path}"
+                ) from e
+            tail = "\n".join(lines[-40:])
+            where = f"\n--- last lines of {log_path} ---\n{tail}"
+            raise FedMedClipError(
+                f"the local pipeline run failed: {reason}; artifacts in {root}{where}"
+            ) from e
     return CompiledRun(task, root, time.perf_counter() - t0)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task and status names
+
+
+def _last_exception(lines: list[str]) -> str:
+    """`Type: message` of the last traceback in a task log (kfp.local streams a failed task's output indented),
+    the type without its module; '' when the log holds none."""
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Traceback (most recent call last):"]
+    if not starts:
+        return ""
+    indent = len(lines[starts[-1]]) - len(lines[starts[-1]].lstrip())
+    for line in lines[starts[-1] + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) == indent:
+            kind, sep, message = line.strip().partition(": ")
+            return f"{kind.rsplit('.', 1)[-1]}{sep}{message}"
+    return ""
 
 
 def absolute_location(value: str) -> str:

@@ -219,3 +219,10 @@ def test_an_unreachable_registry_is_a_backbone_error_naming_the_spec(clips, tmp_
         resolve_backbone("models:/clip/1", tmp_path, tracking_uri=uri)
     with pytest.raises(BackbonePublishError, match=rf"pushing the backbone to models:/clip: .*{uri}"):
         push_backbone(clips["a"], "models:/clip", tracking_uri=uri)
+
+
+def test_a_wrong_destination_is_refused_before_the_directory_is_loaded(tmp_path):
+    with pytest.raises(
+        BackbonePublishError, match=r"--to 'http://x': publish to s3://BUCKET/PREFIX or to models"
+    ):
+        push_backbone(tmp_path / "not-loaded", "http://x")

@@ -236,6 +236,17 @@ def test_the_pipeline_refuses_settings_of_the_wrong_type_naming_them():
     assert to_parameters(ServerOptions(quorum=None)).get("quorum", "unset") == "unset"  # KFP refuses None
 
 
+def test_a_bad_synthetic_argument_names_its_flag():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TRAIN, TrainConfig)
+    for text, message in (
+        ("{bad", "--synthetic '{bad' is not JSON"),
+        ("[1]", "--synthetic '.1.' must be a JSON"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(parser.parse_args(["--synthetic", text]), TrainConfig)
+
+
 def test_each_field_is_validated_as_it_declares():
     for bad, message in (
         ({"rounds": 0}, "--rounds must be at least 1, got 0"),

@@ -133,6 +133,9 @@ def test_a_symlink_out_of_an_image_folder_is_refused_unless_allowed(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     root = make_folder(tmp_path / "bt")
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match="'.*notes.txt' is a file, not a folder or a .csv manifest"):
+        open_source(tmp_path / "notes.txt")
     (root / "Training" / "meningioma").mkdir()
     with pytest.raises(DataError, match="meningioma.*contains no images"):
         from_image_folder(root)

@@ -574,3 +574,14 @@ def test_ood_statistics_against_their_references():
         conformal_threshold(np.arange(18.0), 0.05)
     pts = np.array([[0.0], [1.0], [3.0]])  # squared distances 1, 4, 9 (each twice): lower middle 4
     assert median_bandwidth(pts) == pytest.approx(np.sqrt(2.0))
+
+
+def test_a_false_alarm_rate_out_of_range_is_refused_naming_the_flag_before_any_work(tmp_path, capsys):
+    from fedmedclip.cli import main
+
+    for rate in ("2", "0", "nan"):
+        assert main(["export", str(tmp_path / "run"), "--ood-false-alarm-rate", rate]) == 2
+        assert (
+            f"--ood-false-alarm-rate must be in (0, 1), e.g. 0.05, got {float(rate)}"
+            in capsys.readouterr().err
+        )

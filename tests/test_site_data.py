@@ -390,6 +390,18 @@ def test_withdraw_site_names_its_k_from_the_stack_also_with_a_key_in_the_environ
     assert "has no role 'site_9'" in capsys.readouterr().err
 
 
+def test_withdraw_by_site_name_without_a_local_stack_says_why_it_needs_the_index(
+    tmp_path, monkeypatch, capsys
+):
+    from fedmedclip.cli import main
+
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", str(tmp_path / "no-stack"))
+    assert main(["data", "withdraw", "--from", "s3://fedmedclip-data", "--site", "site_2"]) == 2
+    err = capsys.readouterr().err
+    assert "--site site_2 takes its k from the local stack, and none is recorded" in err
+    assert "give --site-index K" in err
+
+
 def test_a_site_keeps_its_data_in_a_local_directory(tmp_path):
     from fedmedclip.preparation import load_image_set, partition_for
 

@@ -841,3 +841,15 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
     budget = PromotionPolicy(max_epsilon=8.0)
     model_uri, outcome = register_step(str(good), str(onnx_dir), run_id, uri, "test-retry", name, budget)
     assert model_uri == f"models:/{name}/1" and "without record-level differential privacy" in outcome
+
+
+def test_tracking_switched_on_by_the_environment_says_so_and_how_to_go_without(tmp_path, monkeypatch, capsys):
+    """An MLFLOW_TRACKING_URI left in the shell turns tracking on: its error said `--track:`, a flag never given."""
+    from fedmedclip.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert main(["train", "--out", str(tmp_path / "t"), "--cache-dir", str(tmp_path)]) == 2  # before any work
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tracking (on as MLFLOW_TRACKING_URI is set): the MLflow tracking server at")
+    assert err.endswith("; or pass --no-track") and len(err.splitlines()) == 1
+    assert not (tmp_path / "t").exists()
