@@ -240,6 +240,15 @@ def _predict(args: argparse.Namespace) -> int:
     def call(method: str, url: str, **kw):
         try:
             return requests.request(method, f"{base}/v2/models{url}", timeout=args.timeout, **kw)
+        except requests.ConnectionError as exc:
+            # urllib3's own text ("HTTPConnectionPool(host=..., port=...): Max retries exceeded with url: ...
+            # (Caused by NewConnectionError(...))") says the same in 200 characters: its innermost reason.
+            reason = exc.args[0] if exc.args else exc
+            reason = getattr(reason, "reason", reason)
+            reason = str(reason).rsplit("] ", 1)[-1].rstrip("')\"")
+            raise FedMedClipError(
+                f"cannot reach the server at {base} ({reason}): is `fedmedclip serve` running?"
+            ) from None
         except requests.RequestException as exc:
             raise FedMedClipError(f"cannot reach the server at {base}: {exc}") from None
 

@@ -469,6 +469,22 @@ def test_predict_cli_refuses_a_url_that_is_not_http(tmp_path, capsys):
     assert err == f"error: --url {url}: the server speaks HTTP; give http://HOST:PORT or https://...\n", err
 
 
+def test_predict_cli_says_in_a_few_words_that_no_server_answers(tmp_path, capsys):
+    """Nothing listening on the port: the line was urllib3's 200 characters ("HTTPConnectionPool(host=...):
+    Max retries exceeded with url: ... (Caused by NewConnectionError(...))")."""
+    from serving.cli import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: cannot reach the server at {url} (Connection refused): is `fedmedclip serve` running?\n"
+    )
+
+
 def test_predict_cli_says_a_folder_is_a_folder(tmp_path, capsys):
     """A folder given as an image was 'image file(s) not found', although it is there."""
     from serving.cli import main
