@@ -174,16 +174,21 @@ def site_images(cfg: TrainConfig, site: str, index: int):
     return image_set, partition.sites[site], partition.digest
 
 
-def prepare_site(
-    cfg: TrainConfig, site: str, manifest: dict, shared: dict, progress: bool = True
-) -> SiteSetup:
-    """This site's setup from its own data only, checked against the run's manifest."""
+def site_index(manifest: dict, site: str) -> int:
+    """The site's place in the run's manifest, or ConfigError when the run has no such site."""
     names = [s["name"] for s in manifest["sites"]]
     if site not in names:
         raise ConfigError(
             f"site {site!r} is not part of run {manifest['run_id']}: its sites are {', '.join(names)}"
         )
-    index = names.index(site)
+    return names.index(site)
+
+
+def prepare_site(
+    cfg: TrainConfig, site: str, manifest: dict, shared: dict, progress: bool = True
+) -> SiteSetup:
+    """This site's setup from its own data only, checked against the run's manifest."""
+    index = site_index(manifest, site)
     backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
     prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     mismatch = []
@@ -293,6 +298,7 @@ def run_site(
         join_timeout,
         Poller(first=min(0.1, mailbox.poll_cap(2.0)), cap=mailbox.poll_cap(2.0)),
     )
+    site_index(manifest, site)  # before its key is read and its images encoded: the run may not have it
     cfg = site_config(manifest, data, cache_dir, threads)
     if manifest.get("secure_aggregation") and key is None:
         from ..secagg.identity import site_identity
