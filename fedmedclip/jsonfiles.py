@@ -31,14 +31,19 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
-def read_json(path: str | Path):
-    """The JSON in a run directory's file. What is not JSON is a ValueError, nesting too deep for Python's parser
-    included (it raises RecursionError, which no reader of a damaged file expects); OSError passes through."""
-    text = Path(path).read_text()
+def loads(data: str | bytes, unique: bool = False, **options):
+    """JSON text parsed (`options`: json.loads's), or a ValueError: what is not JSON, nesting too deep for
+    Python's parser (it raises RecursionError, which no reader of a damaged file or another party's object
+    expects) and, with `unique`, a key written twice (KeyTwice, `unique_keys`)."""
     try:
-        return json.loads(text)
+        return json.loads(data, object_pairs_hook=unique_keys if unique else None, **options)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+def read_json(path: str | Path):
+    """The JSON in a run directory's file (`loads`: a ValueError for what is not JSON); OSError passes through."""
+    return loads(Path(path).read_text())
 
 
 def read_json_object(path: str | Path) -> dict:

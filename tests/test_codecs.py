@@ -366,6 +366,16 @@ def test_wrong_magic_garbage_and_bad_json_are_refused():
         decode(p, reference=reference, codec="fp16-zlib")
 
 
+def test_a_header_nested_past_the_parsers_depth_is_a_codec_error():
+    """A payload header of 100,000 nested brackets raised Python's RecursionError out of `unpack`, where every
+    other malformed envelope is a CodecError the reader turns into a rejection naming the party."""
+    from fedmedclip.codec.wire import MAGIC_V2, unpack
+
+    header = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(CodecError, match=r"corrupt payload header \(not JSON\): nested too deeply"):
+        unpack(MAGIC_V2 + struct.pack("<I", len(header)) + header)
+
+
 def test_headers_that_lie_about_sizes_and_shapes_are_refused():
     reference, payloads = _payloads()
     for name, p in payloads.items():

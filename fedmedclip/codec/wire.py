@@ -17,7 +17,7 @@ import struct
 
 import torch
 
-from ..jsonfiles import KeyTwice, unique_keys
+from ..jsonfiles import KeyTwice, loads
 from .stages import CodecError, numel
 
 MAGIC_V1 = b"FMC1"
@@ -51,9 +51,7 @@ def unpack(payload) -> tuple[bytes, dict, bytes]:
     if n > len(payload) - 8:
         raise CodecError(f"truncated payload: its header claims {n} bytes, only {len(payload) - 8} follow")
     try:
-        header = json.loads(
-            payload[8 : 8 + n].decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=unique_keys
-        )
+        header = loads(payload[8 : 8 + n].decode("utf-8"), unique=True, parse_constant=_no_constants)
     except KeyTwice as exc:
         raise CodecError(f"corrupt payload header: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:

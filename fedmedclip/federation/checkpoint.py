@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..features import canonical_digest
+from ..jsonfiles import loads
 from .storage import ObjectStore, in_parallel
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,8 @@ def _intact_state(raw: bytes) -> dict:
     `save` after it alike, never an AttributeError or RecursionError that would stop the party at every
     restart."""
     try:
-        state = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        state = loads(raw)
+    except ValueError as exc:
         raise CheckpointError(f"unreadable state.json ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not {"body", "seq", "tensors_sha256"} <= state.keys():
         raise CheckpointError("unreadable state.json (not a checkpoint's object)")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError, FedMedClipError
-from ..jsonfiles import KeyTwice, unique_keys
+from ..jsonfiles import KeyTwice, loads
 from .messages import Message, MessageRefused, Status, parse
 from .storage import ObjectStore, ObjectTooLarge, in_parallel, start
 
@@ -136,10 +136,10 @@ class Mailbox:
         if raw is None:
             return None
         try:
-            obj = json.loads(raw, object_pairs_hook=unique_keys)
+            obj = loads(raw, unique=True)
         except KeyTwice as exc:
             raise ProtocolError(f"{self.where(key)}{' from ' + who if who else ''}: {exc}") from None
-        except (ValueError, RecursionError) as exc:
+        except ValueError as exc:
             raise ProtocolError(
                 f"{self.where(key)}{' from ' + who if who else ''} is not valid JSON: {exc}"
             ) from None

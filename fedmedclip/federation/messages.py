@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from ..data import DUPLICATE_POLICIES
 from ..errors import FedMedClipError
-from ..jsonfiles import KeyTwice, unique_keys
+from ..jsonfiles import KeyTwice, loads
 from ..privacy.settings import LARGEST
 from ..secagg.primitives import KEY_BYTES, NONCE_BYTES, SEED_BYTES, label
 
@@ -99,10 +99,10 @@ def _key_twice(data: bytes) -> KeyTwice | None:
     """The first key an object of `data` holds twice, which pydantic's JSON parser would take the last value of
     without a word; None also when `data` is not JSON at all (pydantic's parser then says what is wrong)."""
     try:
-        json.loads(data, object_pairs_hook=unique_keys)
+        loads(data, unique=True)
     except KeyTwice as exc:
         return exc
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
     return None
 
