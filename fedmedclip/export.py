@@ -521,11 +521,13 @@ def export_site_state(
     shared = load(shared_raw)
     received = decode(global_raw, template=template_of(manifest)).state
     cfg = site_config(manifest, data, cache_dir, threads)
+    checked = None
     if backbone:
-        # Checked here, before the site's images are encoded with them, in the words of a run directory's export.
-        load_run_backbone({"backbone": manifest["backbone"]}, backbone)
+        # Checked here, before the site's images are encoded with them, in the words of a run directory's export;
+        # loaded once, for the encoding and the classifier alike.
+        checked = load_run_backbone({"backbone": manifest["backbone"]}, backbone)
         cfg.backbone = backbone
-    setup = prepare_site(cfg, site, manifest, shared, progress=False)
+    setup = prepare_site(cfg, site, manifest, shared, progress=False, backbone=checked)
     meta = {
         "format_version": 1,
         "method": manifest["method"],
@@ -543,7 +545,7 @@ def export_site_state(
     with tempfile.TemporaryDirectory(prefix="fedmedclip-site-export-") as tmp:
         write_model_dir(Path(tmp) / "model", received, shared["text_features"], meta, {site: load(own)})
         check_model_files_finite(tmp, site)
-        clf, meta = load_classifier(tmp, site, backbone=cfg.backbone)
+        clf, meta = load_classifier(tmp, site, backbone=checked or cfg.backbone)
         # The same tensors as the server's run directory holds (the selected round's module as received, the
         # run's prompt embeddings): the digest the run's registration recomputes.
         digest = run_model_digest(tmp)

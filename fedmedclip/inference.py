@@ -149,13 +149,17 @@ def resolve_site(meta: dict, site: str | int) -> str:
     )
 
 
-def load_run_backbone(meta: dict, backbone: str | None = None) -> Backbone:
-    """The run's frozen backbone, checked against the weights hash recorded at training."""
+def load_run_backbone(meta: dict, backbone: str | Backbone | None = None) -> Backbone:
+    """The run's frozen backbone, checked against the weights hash recorded at training; `backbone`: where the
+    weights are now, or a backbone already loaded from there."""
     ident = meta["backbone"]
-    spec, seed = backbone or ident["name"], 0
-    if backbone is None and "@seed" in spec:  # built-in random shapes with a non-default seed
-        spec, seed = spec.split("@seed")[0], int(spec.split("@seed")[1])
-    bb = load_backbone(spec, seed)
+    if isinstance(backbone, Backbone):
+        spec, bb = backbone.name, backbone
+    else:
+        spec, seed = backbone or ident["name"], 0
+        if backbone is None and "@seed" in spec:  # built-in random shapes with a non-default seed
+            spec, seed = spec.split("@seed")[0], int(spec.split("@seed")[1])
+        bb = load_backbone(spec, seed)
     want = ident.get("weights_sha256")
     if want and bb.weights_sha256 != want:
         raise ProvenanceMismatch(
@@ -176,7 +180,7 @@ def _method_context(meta: dict, text: torch.Tensor) -> MethodContext:
 
 
 def load_classifier(
-    run_dir: str | Path, site: str | int = GLOBAL, backbone: str | None = None
+    run_dir: str | Path, site: str | int = GLOBAL, backbone: str | Backbone | None = None
 ) -> tuple[ImageClassifier, dict]:
     """The predictor of `site` ("global", a site name or an index) from RUN/model, and metadata:
     model.json's contents plus `site` (canonical name) and `run_dir`. `backbone` overrides where the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import load_backbone, make_preprocessing
+from ..backbone import Backbone, load_backbone, make_preprocessing
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..flags import declared, setting
@@ -185,11 +185,17 @@ def site_index(manifest: dict, site: str) -> int:
 
 
 def prepare_site(
-    cfg: TrainConfig, site: str, manifest: dict, shared: dict, progress: bool = True
+    cfg: TrainConfig,
+    site: str,
+    manifest: dict,
+    shared: dict,
+    progress: bool = True,
+    backbone: Backbone | None = None,
 ) -> SiteSetup:
-    """This site's setup from its own data only, checked against the run's manifest."""
+    """This site's setup from its own data only, checked against the run's manifest. `backbone`: cfg.backbone
+    already loaded (an export that checked it first), else it is loaded here."""
     index = site_index(manifest, site)
-    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+    backbone = backbone or load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
     prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     mismatch = []
     if backbone.identity().get("weights_sha256") != manifest["backbone"].get("weights_sha256"):
