@@ -243,6 +243,17 @@ def without_timing(results: dict) -> dict:
 # ----------------------------------------------------------------------------- MLOps stack (components)
 
 
+def wait_for(predicate, what: str, timeout: float = 900) -> None:
+    """Wait for an event (a file, a key, a metric); the ceiling is only there so that a broken run ends."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def error_lines(stderr: str) -> list[str]:
     """The `error: ...` lines of a command's stderr: log lines may be there too, where an earlier test in the
     worker left a log handler on stderr (an in-process `serve`)."""

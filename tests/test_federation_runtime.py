@@ -9,11 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH, without_timing
+from conftest import SYNTH, wait_for, without_timing
 
 from fedmedclip.config import TrainConfig
 from fedmedclip.engine import train
@@ -67,15 +66,6 @@ class Party:
 
     def output(self) -> str:
         return self.log.read_text()
-
-
-def wait_for(predicate, what: str, timeout: float = CEILING) -> None:
-    """Wait for an event (a file, a key); the ceiling is only there so that a broken run ends."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def common_args(cache: Path, method: str = "fedmedclip", rounds: int = ROUNDS) -> list[str]:

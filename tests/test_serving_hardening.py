@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, wait_for
 from PIL import Image
 from serving_fixtures import (
     contract_preprocessing,
@@ -189,13 +189,6 @@ def test_a_batch_size_that_cannot_fit_in_memory_is_refused_in_one_line(onnx_path
 # ------------------------------------------------------------------------- request bytes held server-wide
 
 
-def _until(condition, what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {seconds:g} s"
-        time.sleep(0.01)
-
-
 def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
     """Per-request limits alone let ~250 clients, each announcing a 64 MB body and sending it slowly within
     --body-timeout, fill a 16 GiB pod. A body announced near --max-inflight-bytes and not sent holds the
@@ -223,7 +216,7 @@ def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
             f"Content-Length: {MAX_INFLIGHT_BYTES - 1000}\r\n\r\n".encode()
         )
         # In flight: its Content-Length is reserved in the same step, before the server waits for the body.
-        _until(lambda: in_flight() == 1, "the stalled request was never in flight")
+        wait_for(lambda: in_flight() == 1, "the stalled request to be in flight")
         resp = post(http, _uint8_header(data=image.ravel().tolist()))
         assert resp.status_code == 503, resp.text
         assert resp.headers["retry-after"] == "1"
@@ -239,7 +232,7 @@ def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
         assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
         assert "--max-inflight-bytes" in info.value.message()
         assert refused() == refused_before + 2
-    _until(lambda: in_flight() == 0, "the stalled request was never let go")  # its reservation with it
+    wait_for(lambda: in_flight() == 0, "the stalled request to be let go")  # its reservation with it
     assert client.infer(MODEL, [tensor]).as_numpy("probabilities").shape == (1, 4)
     client.close()
     assert_serving(http, ort_session)
