@@ -184,17 +184,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task and status names
 
 
 def _last_exception(lines: list[str]) -> str:
-    """`Type: message` of the last traceback in a task log (kfp.local streams a failed task's output indented),
-    the type without its module; '' when the log holds none."""
+    """`Type: message` of the last exception line after a traceback in a task log, the type without its
+    module; '' when the log holds none. Any indentation: kfp.local streams a task's output indented, and the
+    iterations of a loop run at once, so two tasks' tracebacks can interleave line by line."""
     starts = [i for i, line in enumerate(lines) if line.strip() == "Traceback (most recent call last):"]
-    if not starts:
-        return ""
-    indent = len(lines[starts[-1]]) - len(lines[starts[-1]].lstrip())
-    for line in lines[starts[-1] + 1 :]:
-        if line.strip() and len(line) - len(line.lstrip()) == indent:
-            kind, sep, message = line.strip().partition(": ")
-            return f"{kind.rsplit('.', 1)[-1]}{sep}{message}"
+    for line in reversed(lines[starts[0] + 1 :] if starts else []):
+        if found := _EXCEPTION_LINE.fullmatch(line.strip()):
+            return found[1] + (found[2] or "")
     return ""
+
+
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))(: .*)?")
 
 
 def absolute_location(value: str) -> str:

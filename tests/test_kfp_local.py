@@ -27,7 +27,7 @@ from pipelines._kfp_local import (
     check_local_orchestrator,
     parallel_for_runs_all_iterations,
 )
-from pipelines.local import run_compiled
+from pipelines.local import _last_exception, run_compiled
 
 # ------------------------------------------------------------------------------ compile-size harness
 
@@ -223,6 +223,29 @@ def test_run_compiled_reports_a_failed_worker(meeting_yaml, tmp_path):
         message,
     ), message
     assert re.search(r"only [12] of 3 workers running", (tmp_path / "pipeline.log").read_text())
+
+
+def test_the_failed_tasks_error_is_found_in_interleaved_task_output():
+    """The two iterations of a loop stream their output at once: one traceback indented, the other's last
+    lines after kfp.local's own summary line (a loaded machine, 2026-12-07); the last error line is read."""
+    log = [
+        "03:19:34.912 - INFO - Executing task 'rendezvous'",
+        "                    Traceback (most recent call last):",
+        '                      File "executor.py", line 453, in execute',
+        "                    RuntimeError: server server: only 2 of 3 workers running after 1.0 s",
+        "                    Traceback (most recent call last):",
+        "                        executor_main()",
+        "03:19:35.026 - ERROR - Task 'rendezvous' finished with status FAILURE",
+        "-" * 80,
+        "    raise RuntimeError(",
+        "RuntimeError: site site_0: only 2 of 3 workers running after 1.0 s",
+        "03:19:35.049 - INFO - Skipping task summarise: upstream task(s) ['for-loop-1'] failed.",
+    ]
+    assert _last_exception(log) == "RuntimeError: site site_0: only 2 of 3 workers running after 1.0 s"
+    assert _last_exception(log[:6]) == "RuntimeError: server server: only 2 of 3 workers running after 1.0 s"
+    assert _last_exception(["    fedmedclip.errors.FedMedClipError: no data"]) == ""  # no traceback before it
+    traceback = ["Traceback (most recent call last):", "  fedmedclip.errors.FedMedClipError: x"]
+    assert _last_exception(traceback) == "FedMedClipError: x"
 
 
 def test_compile_size_harness(tmp_path):
