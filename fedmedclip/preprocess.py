@@ -32,6 +32,8 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     Pillow versions open 16-bit PNGs) by its high byte, value >> 8, exactly as Pillow reads a 16-bit-per-channel
     RGB PNG; every other mode as Pillow converts it. Training (`fedmedclip.data.load_image`) and serving
     (`Preprocessing.to_uint8`) both go through this one function."""
+    if image.mode == "RGB":
+        return image  # convert would copy it: load_image's RGB is converted again in to_uint8
     if image.mode not in _HIGH_BIT_GREY:
         return image.convert("RGB")
     values = np.asarray(image).astype(np.int64)
