@@ -105,6 +105,8 @@ class RestApi:
         response = json_response({"error": told.message}, told.status)
         if isinstance(told, ServerBusy):
             response.headers["retry-after"] = str(told.retry_after_s)
+        elif told.status == 401:  # RFC 9110 15.5.2: a 401 names the scheme that would be accepted
+            response.headers["www-authenticate"] = 'Bearer realm="model control"'
         return response
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:

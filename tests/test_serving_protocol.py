@@ -298,6 +298,7 @@ def test_model_control_needs_the_token_and_readiness_follows_the_model(server, s
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         resp = requests.post(unload, headers=headers, timeout=10)
         assert resp.status_code == 401 and set(resp.json()) == {"error"}, resp.text
+        assert resp.headers["WWW-Authenticate"] == 'Bearer realm="model control"'
     client = grpcclient.InferenceServerClient(server.grpc)
     with pytest.raises(InferenceServerException) as info:
         client.unload_model(MODEL)
