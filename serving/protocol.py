@@ -315,14 +315,19 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def is_decimal(header_value: str) -> bool:
+    """Whether a length header is a decimal integer: ASCII digits only, as str.isdigit() takes '²' (a header is
+    read as Latin-1), which int() refuses."""
+    return header_value.isascii() and header_value.isdigit()
+
+
 def json_part(body: bytes, headers) -> bytes:
     """The JSON part of a REST request body, the binary data following it: the binary tensor data extension's
     Inference-Header-Content-Length header (absent: all JSON)."""
     raw = headers.get("inference-header-content-length")
     if raw is None:
         return body
-    # ASCII digits only: str.isdigit() takes '²' (a header is read as Latin-1), which int() refuses.
-    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= len(body):
+    if not is_decimal(raw) or not 0 < int(raw) <= len(body):
         raise RequestRejected(
             "bad_request",
             f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from . import metrics
 from .errors import NotReady, RequestRejected, ServerBusy
-from .protocol import JsonParser, json_part, to_infer_request
+from .protocol import JsonParser, is_decimal, json_part, to_infer_request
 from .state import ServerState
 
 log = logging.getLogger("fedmedclip.serving")
@@ -189,7 +189,7 @@ class RestApi:
         """The whole body, within --max-request-bytes (413), --body-timeout (408) and, with every other
         request's, --max-inflight-bytes (503: its Content-Length is reserved before a byte of it is read)."""
         limit, length, received = self.max_request_bytes, request.headers.get("content-length"), 0
-        if length is not None and not (length.isascii() and length.isdigit()):
+        if length is not None and not is_decimal(length):
             raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
         if length is not None and int(length) > limit:
             raise _too_large(f"{int(length):,}", limit)
