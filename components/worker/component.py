@@ -118,9 +118,9 @@ def copy_store_into_cache(features_dir: str, cache_dir: str) -> None:
 def site_state_url(mailbox: str, index: int, name: str) -> str:
     """Where site k keeps its private state `name` (a run's: the run id; its identity key): its own prefix of
     the mailbox root (`sites/<k>/private/`), which only its role may read (mlops/policies.py)."""
-    from mlops.sites import site_prefix
+    from mlops.policies import SITE_PRIVATE
 
-    return f"{mailbox.rstrip('/')}/{site_prefix(int(index))}private/{name}"
+    return f"{mailbox.rstrip('/')}/{SITE_PRIVATE.format(k=int(index)).removesuffix('*')}{name}"
 
 
 def worker_step(
