@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .backbone import Backbone
 from .digests import (
     FORMAT_VERSION,  # noqa: F401 - part of this module's interface since the first export format
     META_EXPORTER,
@@ -368,12 +369,14 @@ def export_onnx(
     if ood not in OOD_MODES:
         raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
     check_model_files_finite(run_dir, site)
-    clf, meta = load_classifier(run_dir, site, backbone=backbone)
+    # Loaded once, checked against the run's hash: the classifier's encoder and the OOD fit's encoding alike.
+    loaded = load_run_backbone(read_model_json(run_dir), backbone)
+    clf, meta = load_classifier(run_dir, site, backbone=loaded)
     digest = run_model_digest(run_dir)
     fitted = None
     if ood != "off":
         try:
-            fitted = fit_run_ood(run_dir, meta["site"], clf, false_alarm_rate, backbone)
+            fitted = fit_run_ood(run_dir, meta["site"], clf, false_alarm_rate, loaded)
         except FedMedClipError as exc:
             if ood == "require":
                 raise FedMedClipError(
@@ -397,22 +400,27 @@ def run_model_digest(run_dir: str | Path) -> str:
 
 
 def fit_run_ood(
-    run_dir: str | Path, site: str, clf: ImageClassifier, false_alarm_rate: float, backbone: str | None = None
+    run_dir: str | Path,
+    site: str,
+    clf: ImageClassifier,
+    false_alarm_rate: float,
+    backbone: str | Backbone | None = None,
 ) -> OodFit:
     """The OOD score of `site` ("global": the server's) fitted on that holder's features of the run; `backbone`:
-    where the run's frozen weights are now, if not where config.json says (checked against the run's hash by
-    `load_classifier` before)."""
+    where the run's frozen weights are now, if not where the run recorded them, or those weights loaded
+    already (checked against the run's hash either way)."""
     import json
 
     from .config import TrainConfig
     from .preparation import SERVER, _rows, prepare
 
+    loaded = load_run_backbone(read_model_json(run_dir), backbone)
     config = Path(run_dir) / "config.json"
     try:
         cfg = TrainConfig.from_json(json.loads(config.read_text()))
-        cfg.backbone = backbone or cfg.backbone
+        cfg.backbone = loaded.name
         holder = SERVER if site == GLOBAL else site
-        prepared = prepare(cfg, progress=False, holders=[holder])
+        prepared = prepare(cfg, progress=False, holders=[holder], backbone=loaded)
     except Exception as exc:  # noqa: BLE001 - any reason the holder's data is not readable here (files, S3)
         raise FedMedClipError(f"the run's data cannot be read here ({type(exc).__name__}: {exc})") from None
     store = prepared.stores[holder]

@@ -183,12 +183,18 @@ def checked_partition(cfg: TrainConfig) -> tuple[ImageSet, Partition]:
     return image_set, partition
 
 
-def prepare(cfg: TrainConfig, progress: bool = True, holders: list[str] | None = None) -> Prepared:
+def prepare(
+    cfg: TrainConfig,
+    progress: bool = True,
+    holders: list[str] | None = None,
+    backbone: Backbone | None = None,
+) -> Prepared:
     """Everything a run needs before its first round. `holders` (default: every site and the server) limits
-    which holders' images are read and encoded: a party prepares only its own."""
+    which holders' images are read and encoded: a party prepares only its own. `backbone`: cfg.backbone, when
+    the caller has loaded it already."""
     cfg.validate()
     image_set, partition = checked_partition(cfg)
-    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
+    backbone = backbone or load_backbone(cfg.backbone, cache_dir=cfg.cache_dir)
     prep = make_preprocessing(resolved_preprocessing(cfg), backbone)
     t0 = time.perf_counter()
     stores, pixels = {}, {}

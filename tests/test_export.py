@@ -348,6 +348,24 @@ def test_export_with_the_weights_moved_fits_the_ood_score_with_them(runs, tmp_pa
     assert "fedmedclip.ood.threshold" in props
 
 
+def test_export_loads_the_backbone_once(runs, tmp_path, monkeypatch):
+    """The classifier's encoder and the OOD fit's encoding use one load of the frozen weights (a directory
+    backbone, ViT-B/32's 600 MB, was read and hashed twice: by the classifier, then by the fit's preparation)."""
+    from fedmedclip import backbone, export, inference, preparation
+
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return backbone.load_backbone(*args, **kwargs)
+
+    for module in (inference, preparation):
+        monkeypatch.setattr(module, "load_backbone", counted)
+    out = export.export_onnx(runs["fedmedclip"][0], "global", tmp_path / "m.onnx", ood="require")
+    assert loads == ["tiny"]
+    assert "fedmedclip.ood.threshold" in {p.key for p in onnx.load(str(out)).metadata_props}
+
+
 def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
     from fedmedclip.cli import main
 
