@@ -197,31 +197,49 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
             await context.abort(code or _code(told.status), told.message)  # raises: the call ends here
 
         with state.inflight.reserved() as reservation:
+            # The deadline cancels this task, not one of its own around the read (asyncio.wait_for's): gRPC's
+            # cancellation of the call must reach this task, below.
+            late = []
+            timer = asyncio.get_running_loop().call_later(seconds, _cancel, asyncio.current_task(), late)
             try:
-                read = await asyncio.wait_for(context.read(), seconds)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                read = await context.read()
+            except asyncio.CancelledError:
+                if not late:
+                    raise
                 message = (
                     f"the request message did not arrive within {seconds:g} s (server option --body-timeout)"
                 )
                 await refuse(RequestRejected("body_timeout", message, 408))
+            finally:
+                timer.cancel()
             if read is aio.EOF:
+                try:
+                    # gRPC ends a call itself when it refuses the message (over --max-request-bytes and its
+                    # framing allowance, a compression it cannot read) or the client cancels: the handler sees
+                    # an end of stream, and its next operation on the call cancels it (a bare await of the loop
+                    # may come before that cancellation under load). A client may also just send none.
+                    await context.send_initial_metadata(())
+                except asyncio.CancelledError:
+                    message = "gRPC or the client ended the call before its request message was whole"
+                    state.failed(
+                        RequestRejected("call_ended", message), metrics.NO_MODEL, where, lambda _: "by gRPC,"
+                    )
+                    raise
                 await refuse(RequestRejected("bad_request", "the call ended without a request message"))
             size, request = read
             if isinstance(request, _Undecodable):
                 await refuse(RequestRejected("bad_request", request.message))
+            # Metadata and readiness requests name the model `name`, the others `model_name`.
+            label = state.label(getattr(request, "model_name", getattr(request, "name", None)))
             try:
                 reservation.grow_to(size)
             except ServerBusy as busy:
                 # RESOURCE_EXHAUSTED, as for a message over --max-request-bytes: not UNAVAILABLE, it is up.
-                label = state.label(getattr(request, "model_name", None))
                 await refuse(busy, label, grpc.StatusCode.RESOURCE_EXHAUSTED)
             try:
                 return await rpc(request, context)
             except Exception as exc:
-                is_metadata = isinstance(request, grpc_pb2.ModelMetadataRequest)
-                await refuse(
-                    exc, state.label(request.name if is_metadata else getattr(request, "model_name", None))
-                )
+                await refuse(exc, label)
 
     deserialize = handler.request_deserializer
 
@@ -237,6 +255,11 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
     return grpc.stream_unary_rpc_method_handler(
         read_then_answer, request_deserializer=sized, response_serializer=handler.response_serializer
     )
+
+
+def _cancel(task: asyncio.Task, late: list) -> None:
+    late.append(True)
+    task.cancel()
 
 
 class _Undecodable:

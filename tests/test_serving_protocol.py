@@ -488,6 +488,25 @@ def test_a_grpc_message_that_is_not_protobuf_is_invalid_argument(server):
     assert "is not valid protobuf" in server.log().rsplit(" refused ", 1)[1]
 
 
+def test_a_grpc_message_over_grpcs_own_limit_is_logged_as_ended_by_grpc(server):
+    """gRPC refuses a message over its limit itself (RESOURCE_EXHAUSTED) and hands the handler an end of
+    stream: the server logged a call 'without a request message' and counted a bad_request. Now the log line
+    and the metric say gRPC (or the client) ended the call."""
+    import grpc
+
+    before = refusals(server)
+    counted = metric(metric_samples(server.metrics), "fedmedclip_request_errors_total", reason="call_ended")
+    message = b"\0" * (MAX_REQUEST_BYTES + 2 * 2**20)  # past gRPC's 1 MiB framing allowance too
+    with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    wait_for_refusals(server, before + 1)
+    logged = server.log().rsplit(" refused ", 1)[1]
+    assert "call_ended: gRPC or the client ended the call" in logged and "without a request" not in logged
+    after = metric(metric_samples(server.metrics), "fedmedclip_request_errors_total", reason="call_ended")
+    assert after == counted + 1
+
+
 def _stalled_grpc_call(server, answer: dict) -> None:
     """A ModelInfer call whose request message never comes (the stream stays open, nothing is sent): what the
     server answers, in `answer`."""
