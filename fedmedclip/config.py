@@ -360,22 +360,8 @@ class TrainConfig:
             if len(names) < 2:
                 raise ConfigError(f"--classes needs at least two classes, got {self.classes!r}")
             self.classes = names
-        if self.aggregator != "mean" and not self.sends_updates():
-            raise ConfigError(
-                f"--aggregator {self.aggregator} combines the updates the sites send to the server; "
-                f"{self._sender()} sends none: drop --aggregator"
-            )
-        for flag, name, default, what in (
-            ("--codec-up", self.codec_up, TrainConfig.codec_up, "the updates the sites send to the server"),
-            ("--codec-down", self.codec_down, TrainConfig.codec_down, "the global module sent to the sites"),
-        ):
-            # Checked against the default, not whether the flag was given: a stored or pipeline configuration
-            # names both codecs, and the defaults must keep working for the references.
-            if name != default and self.federation != "federated":
-                raise ConfigError(
-                    f"{flag} {name} encodes {what}; --federation {self.federation} sends none: drop {flag} "
-                    "(--codec sets it too)"
-                )
+        if unsent := self._unsent():
+            raise ConfigError(unsent[0][2])
         self._validate_privacy(METHODS[self.method])
         self._validate_secure_aggregation(METHODS[self.method])
         if self.transductive:
@@ -395,31 +381,67 @@ class TrainConfig:
         where this run sends none of it (validate() refuses them there), and return them as the flags that set
         them. `compare` applies its grid's options to the cells they act on this way, and a stored configuration
         of a reference run from before validate() refused its codecs matches the same run without them."""
+        dropped = []
+        for flags, defaults, _ in self._unsent():
+            dropped += flags
+            for name, value in defaults.items():
+                setattr(self, name, value)
+        return dropped
+
+    def _unsent(self) -> list[tuple[list[str], dict, str]]:
+        """The options set that act only on what the sites and the server send each other, where this run sends
+        none of it: each as the flags that set it, its fields' default values, and why it means nothing here
+        (validate()'s refusal)."""
         from .methods import METHODS
 
         if self.method not in METHODS:
             return []  # validate() names it
-        dropped = []
+        unsent, sender = [], self._sender()
+
+        def option(flags: list[str], defaults: dict, why: str) -> None:
+            unsent.append((flags, defaults, why))
+
         if not self.sends_updates():
             if self.aggregator != TrainConfig.aggregator:
-                dropped.append(f"--aggregator {self.aggregator}")
-                self.aggregator = TrainConfig.aggregator
+                why = f"combines the updates the sites send to the server; {sender} sends none: drop --aggregator"
+                option(
+                    [f"--aggregator {self.aggregator}"],
+                    {"aggregator": TrainConfig.aggregator},
+                    f"--aggregator {self.aggregator} {why}",
+                )
             if self.secure_aggregation:
-                dropped.append("--secure-aggregation")
-                if self.secagg_threshold is not None:
-                    dropped.append(f"--secagg-threshold {self.secagg_threshold}")
-                self.secure_aggregation, self.secagg_threshold = False, None
+                threshold = (
+                    [] if self.secagg_threshold is None else [f"--secagg-threshold {self.secagg_threshold}"]
+                )
+                why = (
+                    f"{self.method} sends no parameters: there is nothing to aggregate securely"
+                    if not METHODS[self.method].sends_parameters
+                    else f"secure aggregation hides the sites' updates from the server; {sender} sends none"
+                )
+                option(
+                    ["--secure-aggregation", *threshold],
+                    {"secure_aggregation": False, "secagg_threshold": None},
+                    why,
+                )
             if isinstance(self.privacy, dict) and self.privacy.get("client_noise") is not None:
                 client = [k for k in self.privacy if k.startswith("client_")]
-                dropped += [f"--dp-{k.replace('_', '-')} {self.privacy[k]}" for k in client]
-                self.privacy = {k: v for k, v in self.privacy.items() if k not in client}
+                option(
+                    [f"--dp-{k.replace('_', '-')} {self.privacy[k]}" for k in client],
+                    {"privacy": {k: v for k, v in self.privacy.items() if k not in client}},
+                    f"client-level DP (--dp-client-noise) protects what sites send to the server; {sender} sends nothing",
+                )
         if self.federation != "federated":
-            for flag, name in (("--codec-up", "codec_up"), ("--codec-down", "codec_down")):
-                default = getattr(TrainConfig, name)
-                if getattr(self, name) != default:
-                    dropped.append(f"{flag} {getattr(self, name)}")
-                    setattr(self, name, default)
-        return dropped
+            # Against the default, not whether the flag was given: a stored or pipeline configuration names both
+            # codecs, and the defaults must keep working for the references.
+            for flag, name, what in (
+                ("--codec-up", "codec_up", "the updates the sites send to the server"),
+                ("--codec-down", "codec_down", "the global module sent to the sites"),
+            ):
+                value, default = getattr(self, name), getattr(TrainConfig, name)
+                if value != default:
+                    why = f"encodes {what}; {sender} sends none: drop {flag} (--codec sets it too)"
+                    option([f"{flag} {value}"], {name: default}, f"{flag} {value} {why}")
+        return unsent
 
     def _sender(self) -> str:
         """What sends no updates, as the user chose it: the federation, else the method."""
@@ -454,11 +476,6 @@ class TrainConfig:
                 f"{', '.join(dp_sgd_methods())}, which train small modules on cached features); drop "
                 "--dp-target-epsilon / --dp-noise-multiplier"
             )
-        if settings.client_level and not self.sends_updates():
-            raise ConfigError(
-                f"client-level DP (--dp-client-noise) protects what sites send to the server; {self._sender()} "
-                "sends nothing"
-            )
         self.privacy = settings.to_config()
 
     def _validate_secure_aggregation(self, method_cls) -> None:
@@ -467,13 +484,6 @@ class TrainConfig:
             if t is not None:
                 raise ConfigError("--secagg-threshold needs --secure-aggregation")
             return
-        if not method_cls.sends_parameters:
-            raise ConfigError(f"{self.method} sends no parameters: there is nothing to aggregate securely")
-        if self.federation != "federated":
-            raise ConfigError(
-                f"secure aggregation hides the sites' updates from the server; --federation {self.federation} "
-                "sends none"
-            )
         if self.aggregator != "mean":
             raise ConfigError(
                 f"--aggregator {self.aggregator} needs each site's update, which secure aggregation hides from "

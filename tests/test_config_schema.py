@@ -413,6 +413,41 @@ def test_a_robust_aggregator_is_refused_where_no_update_is_sent(setting, sender,
     assert error_lines(capsys.readouterr().err) == [f"error: no finished cell of this grid under {out}"]
 
 
+@pytest.mark.parametrize(
+    "run", [{"federation": "local"}, {"federation": "centralized"}, {"method": "zeroshot"}]
+)
+def test_an_option_validate_refuses_where_nothing_is_sent_is_one_drop_unsent_drops(run, tmp_path):
+    """validate() refuses, and drop_unsent() (compare's cells) resets, the same options from one list: each
+    option the run cannot use is refused alone and dropped alone, after which the run validates; each it can
+    use is neither."""
+    unsent_somewhere = {
+        "aggregator": "median",
+        "secure_aggregation": True,
+        "privacy": {"client_noise": 1.0, "client_clip": 0.5},
+        "codec_up": "int8-zlib",
+        "codec_down": "fp32-zlib",
+    }
+    refused = []
+    for name, value in unsent_somewhere.items():
+        cfg = TrainConfig(out=str(tmp_path), sites=3, **run, **{name: value})
+        try:
+            TrainConfig(**dataclasses.asdict(cfg)).validate()
+        except ConfigError as exc:
+            refused.append(name)
+            assert "sends no" in str(exc), exc
+            assert cfg.drop_unsent() and getattr(cfg, name) != value
+        else:
+            assert cfg.drop_unsent() == []
+        cfg.validate()
+    federated = run.get("federation", "federated") == "federated"  # zeroshot's empty payloads use the codecs
+    assert refused == [
+        "aggregator",
+        "secure_aggregation",
+        "privacy",
+        *([] if federated else ["codec_up", "codec_down"]),
+    ]
+
+
 @pytest.mark.parametrize("federation", ["local", "centralized"])
 def test_a_codec_is_refused_where_nothing_travels(federation, tmp_path, capsys):
     """--codec-up / --codec-down with --federation local (each site alone) or centralized (one pooled holder)
