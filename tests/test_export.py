@@ -330,13 +330,24 @@ def test_export_errors_name_the_problem(runs, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_export_with_the_weights_moved_fits_the_ood_score_with_them(runs, tmp_path):
+def test_export_with_the_weights_moved_fits_the_ood_score_with_them(runs, tmp_path, monkeypatch):
     """`export RUN --backbone WHERE` (the run's frozen weights moved since): the OOD score is fitted with them
-    too. It re-read config.json's backbone, and `--ood auto` exported without the score, with a warning."""
+    too. It re-read config.json's backbone, and `--ood auto` exported without the score, with a warning. The
+    weights are loaded once, for the classifier's encoder and the OOD fit's encoding (a directory backbone,
+    ViT-B/32's 600 MB, was read and hashed twice)."""
     import shutil
 
+    from fedmedclip import backbone, inference, preparation
     from fedmedclip.export import export_onnx
 
+    loads = []
+
+    def counted(spec, *args, **kwargs):
+        loads.append(spec)
+        return backbone.load_backbone(spec, *args, **kwargs)
+
+    for module in (inference, preparation):
+        monkeypatch.setattr(module, "load_backbone", counted)
     run = tmp_path / "run"
     shutil.copytree(runs["fedmedclip"][0], run)
     config = json.loads((run / "config.json").read_text())
@@ -346,24 +357,7 @@ def test_export_with_the_weights_moved_fits_the_ood_score_with_them(runs, tmp_pa
     )
     props = {p.key for p in onnx.load(str(out)).metadata_props}
     assert "fedmedclip.ood.threshold" in props
-
-
-def test_export_loads_the_backbone_once(runs, tmp_path, monkeypatch):
-    """The classifier's encoder and the OOD fit's encoding use one load of the frozen weights (a directory
-    backbone, ViT-B/32's 600 MB, was read and hashed twice: by the classifier, then by the fit's preparation)."""
-    from fedmedclip import backbone, export, inference, preparation
-
-    loads = []
-
-    def counted(*args, **kwargs):
-        loads.append(args[0])
-        return backbone.load_backbone(*args, **kwargs)
-
-    for module in (inference, preparation):
-        monkeypatch.setattr(module, "load_backbone", counted)
-    out = export.export_onnx(runs["fedmedclip"][0], "global", tmp_path / "m.onnx", ood="require")
-    assert loads == ["tiny"]
-    assert "fedmedclip.ood.threshold" in {p.key for p in onnx.load(str(out)).metadata_props}
+    assert loads == [config["backbone"]]
 
 
 def test_export_cli_reports_errors_with_status_2(runs, tmp_path, capsys):
