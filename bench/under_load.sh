@@ -17,7 +17,8 @@ start=$(date +%s)
 status=0
 .venv/bin/pytest -q -p no:cacheprovider \
     tests/test_federation_runtime.py tests/test_federation_recovery.py \
-    tests/test_serving.py tests/test_serving_hardening.py tests/test_serving_infra.py tests/test_serving_registry.py \
+    tests/test_serving.py tests/test_serving_protocol.py tests/test_serving_hardening.py tests/test_serving_infra.py \
+    tests/test_serving_registry.py \
     "tests/test_infra_manifests.py::test_mlflow_basic_auth_scripts_run" \
     "$@" || status=$?
 echo "under load: pytest exit status $status after $(( $(date +%s) - start )) s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
