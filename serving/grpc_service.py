@@ -198,13 +198,12 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
 
         with state.inflight.reserved() as reservation:
             # The deadline cancels this task, not one of its own around the read (asyncio.wait_for's): gRPC's
-            # cancellation of the call must reach this task, below.
-            late = []
-            timer = asyncio.get_running_loop().call_later(seconds, _cancel, asyncio.current_task(), late)
+            # cancellation of the call must reach this task, below; the deadline's says so in its message.
+            timer = asyncio.get_running_loop().call_later(seconds, asyncio.current_task().cancel, _LATE)
             try:
                 read = await context.read()
-            except asyncio.CancelledError:
-                if not late:
+            except asyncio.CancelledError as exc:
+                if exc.args != (_LATE,):
                     raise
                 message = (
                     f"the request message did not arrive within {seconds:g} s (server option --body-timeout)"
@@ -257,9 +256,7 @@ def _message_within(handler, where: str, state: ServerState, seconds: float):
     )
 
 
-def _cancel(task: asyncio.Task, late: list) -> None:
-    late.append(True)
-    task.cancel()
+_LATE = "the request message is late"  # the message of the deadline's cancellation
 
 
 class _Undecodable:
