@@ -80,8 +80,7 @@ class CheckpointStore:
         if raw is None:
             raise CheckpointError(f"tensors.pt without its state.json ({TORN})")
         state = _intact_state(raw)
-        body, want = state["body"], state["tensors_sha256"]
-        seq = state["seq"]
+        body, seq, want = state["body"], state["seq"], state["tensors_sha256"]
         blob = self.store.get(f"{slot}/tensors.pt")
         if blob is None:
             raise CheckpointError(f"state.json without its tensors.pt ({TORN})")
