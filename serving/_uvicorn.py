@@ -28,8 +28,9 @@ from . import metrics
 
 PINNED_VERSION = "0.55.0"
 
-# A request head (request line and headers) larger than this is refused with 431: v2 clients send a few
-# hundred bytes; proxies in front of servers allow 8 to 64 KiB.
+# A request head (request line and headers) still incomplete past this is refused with 431: v2 clients send a
+# few hundred bytes; proxies in front of servers allow 8 to 64 KiB. Counted at the end of each network read
+# (at most 256 KiB), so a head that arrives whole in one read is parsed whatever its size below that.
 MAX_HEAD_BYTES = 64 * 1024
 
 log = logging.getLogger("fedmedclip.serving")
