@@ -39,6 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 TRAINING = INFRA / "training"
 PLATFORM_NS = "fedmedclip"
+PUBLISHER_SECRET = (
+    "fedmedclip-publisher-s3"  # central uploads' key (platform/secrets.yaml), outside the pipeline
+)
 SERVING = INFRA / "serving"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 
@@ -297,6 +300,20 @@ def test_one_policy_per_site_limited_to_its_prefix(index):
             ref = env[var]["valueFrom"]["secretKeyRef"]
             assert (ref["name"], ref["key"]) == (site_secret_name(k), key)
     assert 'add_user "site-$k"' in script and "/policies/$1.json" in script
+    # and every other user from its own Secret, the publisher's included (platform/secrets.yaml defines it)
+    for user, secret in (
+        ("SERVER", SERVER_SECRET_NAME),
+        ("MLFLOW", "mlflow-s3"),
+        ("PUBLISHER", PUBLISHER_SECRET),
+    ):
+        assert ("Secret", PLATFORM_NS, secret) in index, secret
+        for var, key in (
+            (f"{user}_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+            (f"{user}_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+        ):
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (secret, key), var
+        assert f'add_user {user.lower()} "${user}_ACCESS_KEY" "${user}_SECRET_KEY"' in script
     # every bucket is created and versioned
     for bucket in (DATA_BUCKET, MLFLOW_BUCKET):
         assert bucket in script
