@@ -11,7 +11,7 @@
 # serve:    ONNX Runtime GPU + KServe + mlflow-skinny (resolves and downloads the registered model); no torch, no
 #           full mlflow, no tritonclient (fedmedclip.preprocess is torch-free on purpose).
 # tracking: the MLflow server of infra/training (mlflow[auth] + boto3 + the Postgres driver).
-# One rule from docs/stack.md: onnxruntime and onnxruntime-gpu write the same package folder, never both.
+# One rule of the pinned stack: onnxruntime and onnxruntime-gpu write the same package folder, never both.
 # Every image runs as uid 10001 (numeric, >= 10000 so it never collides with a host user; Kubernetes can verify
 # runAsNonRoot on a number) and writes nothing outside HOME=/tmp and the folders its manifests mount, so it runs
 # with a read-only root filesystem (infra/): the code is installed, byte-compiled, owned by root, and Python

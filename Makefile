@@ -13,7 +13,8 @@ PIP     := $(BIN)/pip --disable-pip-version-check -q
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch first and alone: any other torch spec pulls GBs of CUDA wheels.
+	# torch first and alone: any other torch spec pulls GBs of CUDA wheels. The CPU build where pip finds it
+	# (this project's machines: a local wheel folder); from PyPI alone the Linux wheel is the CUDA build.
 	$(PIP) install torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | grep -v "^WARNING: Location" || true
@@ -46,8 +47,8 @@ train: install
 # (about 3 s of each run's collection).
 # Three pytest workers (pytest-xdist) on two cores, a test file to each at a time (its module fixtures are built
 # once), the long files first (tests/conftest.py): the suite waits on servers, subprocesses and protocol
-# timeouts about a fifth of its time, which a third worker fills (905 tests: 2 min 55-58 s, two workers 3 min
-# 6 s, one worker about 5 min; README "The suite's time").
+# timeouts about a fifth of its time, which a third worker fills (two workers took about 5 % longer, four
+# longer too, one about 5 min; the figures: README "The suite's time").
 TEST_WORKERS ?= 3
 test: install
 	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile

@@ -6,7 +6,7 @@ group (which commands take it), its flag spelling, choices and parser, whether t
 and a party's feature extraction (`extraction`) depend on it, and how it enters the run's resume key (`resume`);
 `grid`: compare's grid sets it per cell (no compare flag of its own); `manifest`: the run's manifest records it
 (a server option). From that one declaration come:
-- the flags of `train`, `server run`, `site run` (`SiteOptions`), `pipeline run|submit|demo`, `compare` and
+- the flags of `train`, `server run`, `site run` (`SiteOptions`), `pipeline run|submit`, `demo`, `compare` and
   `data publish` (`add_config_arguments`, `config_from_args`, `options_from_args`), those of `serve` (its
   settings in serving/options.py), of `promote` (mlops/promotion.py, also the pipeline's) and
   `pipeline compile` (pipelines/pipeline.py, CompileOptions: also the flags a pipeline run compiles with);

@@ -85,12 +85,12 @@ def test_targets_exist(stages):
 
 def test_train_has_one_cuda_stack_and_torch_first(stages):
     """One CUDA stack: the libraries of the PyPI wheels (torch, onnxruntime-gpu) on a plain Python base, not a
-    CUDA base image as well; torch installed first and alone (docs/stack.md); never the cpu extra."""
+    CUDA base image as well; torch installed first and alone (the Dockerfile and Makefile say why); never the cpu extra."""
     train = stages["train"]
     assert "nvidia/cuda" not in train["base"] and train["base"].startswith("python:"), train["base"]
     installs = pip_installs(train)
     assert installs[0].split()[-1] == "torch==2.13.0" and len(shlex.split(installs[0])) == 4, (
-        "torch must be installed first and alone (docs/stack.md)"
+        "torch must be installed first and alone: any other torch spec pulls another build"
     )
     assert any("-r /tmp/train.txt" in cmd for cmd in installs)  # the pipelines and gpu extras (reqs stage)
     for cmd in installs:
