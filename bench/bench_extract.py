@@ -19,6 +19,7 @@ plain loop's (max |a - b| / max |b|). A stage profile (one batch, serial) says w
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -40,18 +41,18 @@ from fedmedclip.synthetic import generate
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "brain-tumor-mri"
 
 
-def plain_loop(records, backbone, prep, batch_size: int) -> torch.Tensor:
+def plain_loop(records, model, prep, batch_size: int, device: str = "cpu") -> torch.Tensor:
     """What a script without this project would do: no validation, no overlap, PyTorch eager."""
     feats = []
     for i in range(0, len(records), batch_size):
         arrays = [prep.to_uint8(Image.open(r.path).convert("RGB")) for r in records[i : i + batch_size]]
-        pixels = prep.normalise(torch.from_numpy(np.stack(arrays)))
+        pixels = prep.normalise(torch.from_numpy(np.stack(arrays)).to(device))
         with torch.no_grad():
-            feats.append(backbone.model.get_image_features(pixel_values=pixels).pooler_output)
+            feats.append(model.get_image_features(pixel_values=pixels).pooler_output.cpu())
     return torch.cat(feats)
 
 
-def profile(records, backbone, prep, engines, encoder_cache) -> dict:
+def profile(records, backbone, prep, engines, encoder_cache, device) -> dict:
     """Milliseconds per image of each stage on one batch, run serially."""
     out = {}
     t = time.perf_counter()
@@ -61,7 +62,7 @@ def profile(records, backbone, prep, engines, encoder_cache) -> dict:
     arrays = np.stack([prep.to_uint8(im) for im in images])
     out["resize"] = time.perf_counter() - t
     for engine in engines:
-        encoder = open_image_encoder(backbone, prep, engine, encoder_cache)
+        encoder = open_image_encoder(backbone, prep, engine, encoder_cache, device)
         encoder.encode(arrays[:2])  # warm-up
         t = time.perf_counter()
         encoder.encode(arrays)
@@ -82,6 +83,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--engines", default="torch,onnxruntime", help=f"comma-separated, of {', '.join(ENGINES[1:])}"
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where both sides encode (cuda: the plain loop's model and the project's torch engine on the GPU)",
     )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -107,16 +114,17 @@ def main() -> int:
     export_seconds = {}
     for engine in engines:  # the one-off export, outside the timed runs
         t = time.perf_counter()
-        open_image_encoder(backbone, prep, engine, encoder_cache)
+        open_image_encoder(backbone, prep, engine, encoder_cache, args.device)
         export_seconds[engine] = time.perf_counter() - t
-    stages = profile(chosen[: args.batch_size], backbone, prep, engines, encoder_cache)
+    stages = profile(chosen[: args.batch_size], backbone, prep, engines, encoder_cache, args.device)
+    model = backbone.model if args.device == "cpu" else copy.deepcopy(backbone.model).to(args.device)
 
     rates: dict[str, list[float]] = {"plain loop": [], **{e: [] for e in engines}}
     differences = {}
     reference = None
     for rep in range(args.repeats):
         t = time.perf_counter()
-        reference = plain_loop(chosen, backbone, prep, args.batch_size)
+        reference = plain_loop(chosen, model, prep, args.batch_size, args.device)
         rates["plain loop"].append(len(chosen) / (time.perf_counter() - t))
         for engine in engines:
             encoders._OPENED.clear()  # each run opens its engine, as one holder's extraction process does
@@ -131,6 +139,7 @@ def main() -> int:
                 batch_size=args.batch_size,
                 engine=engine,
                 encoder_cache=encoder_cache,
+                device=args.device,
             )
             rates[engine].append(len(chosen) / (time.perf_counter() - t))
             assert store.provenance["encoder"]["engine"] == engine

@@ -10,7 +10,7 @@ from .aggregation import AGGREGATORS
 from .backbone import PREPROCESSING_NAMES
 from .codec import CODECS, CodecError, get_codec
 from .data import DEFAULT_MIN_CLASS_IMAGES, DUPLICATE_POLICIES
-from .encoders import ENGINES
+from .encoders import DEVICES, ENGINES
 from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .flags import (
@@ -236,6 +236,16 @@ class TrainConfig:
         help="what runs the frozen image encoder during feature extraction: onnxruntime (exported once to ONNX, "
         "cached under --cache-dir, about 2x faster on CPU), torch, or auto (onnxruntime for a CLIP-sized "
         "backbone when installed); all within 1e-4 of PyTorch (default: %(default)s)",
+    )
+    # Features on CUDA are checked against the CPU's to the same 1e-4 (fedmedclip.encoders): not an extraction
+    # dependency either, and not checked here, where a CPU machine may be submitting a run for GPU pods.
+    encoder_device: str = setting(
+        "auto",
+        group="training",
+        choices=DEVICES,
+        resume="never",
+        help="where feature extraction runs the image encoder: cuda (the torch engine on the GPU, float32), cpu, "
+        "or auto (cuda when torch sees a GPU, as in the pipeline's extraction task; default: %(default)s)",
     )
     allow_outside_root: bool = setting(
         False,

@@ -7,7 +7,12 @@
   this project's 2-core machines (`bench/bench_extract.py`), features within ~1e-6 relative of `torch`.
 - `auto` (the default): `onnxruntime` for a CLIP-sized vision tower when ONNX Runtime is installed, else
   `torch`. The one-off export (33 s and 335 MiB at ViT-B/32 on two shared cores) pays for itself after about
-  230 images there; the tiny test backbones encode faster than they export.
+  230 images there; the tiny test backbones encode faster than they export. On a GPU, `torch`.
+
+The device (`--encoder-device`): `auto` is CUDA when torch sees a GPU (a pipeline's extraction task asks for
+one), else the CPU. On CUDA the torch engine encodes with a copy of the vision path on the GPU, in float32
+with TF32 off, and is checked on the probe image against the CPU's features to `PARITY_TOLERANCE` like every
+engine; the onnxruntime engine runs on the CPU only.
 
 The graph is cached under `<cache>/encoders/<key>.onnx`, the key made of the weights hash, the preprocessing
 and the torch version. It is checked on a fixed probe image: against PyTorch when exported, and each time it
@@ -20,6 +25,7 @@ one built a store, outside its digest)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -40,6 +46,7 @@ from .preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
+DEVICES = ("auto", "cpu", "cuda")
 # Largest relative difference (max |a - b| / max |b|) allowed between an engine and the PyTorch path.
 PARITY_TOLERANCE = 1e-4
 # `auto` exports a vision tower of at least this many parameters (ViT-B/32: 88 M; the tiny test shape: 0.1 M).
@@ -59,10 +66,11 @@ class ImageEncoder:
     engine: str
     encode: Callable[[np.ndarray], torch.Tensor]
     version: str
+    device: str = "cpu"
 
     def describe(self) -> dict:
         """What a feature store's provenance records under `encoder` (outside its digest)."""
-        return {"engine": self.engine, "precision": "fp32", "version": self.version}
+        return {"engine": self.engine, "precision": "fp32", "version": self.version, "device": self.device}
 
 
 class PixelsToFeatures(torch.nn.Module):
@@ -85,6 +93,52 @@ def torch_encoder(backbone: Backbone, preprocessing: Preprocessing) -> ImageEnco
     return ImageEncoder("torch", encode, torch.__version__)
 
 
+def cuda_torch_encoder(backbone: Backbone, preprocessing: Preprocessing) -> ImageEncoder:
+    """The torch engine on the GPU: a copy of the pixels-to-features path there (the backbone itself stays on
+    the CPU for the rest of the process), float32 with cuDNN's TF32 off, checked on the probe image against
+    the CPU's features. Opened once per backbone and recipe: a run's holders share the copy."""
+    opened = _OPENED.setdefault(backbone, {})
+    memo = ("cuda", graph_key(backbone, preprocessing))
+    if memo in opened:
+        return opened[memo]
+    module = copy.deepcopy(PixelsToFeatures(backbone, preprocessing)).eval().to("cuda")
+
+    def encode(images: np.ndarray) -> torch.Tensor:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return module(torch.from_numpy(np.ascontiguousarray(images)).to("cuda")).cpu()
+
+    probe = _probe_image(preprocessing)
+    diff = relative_difference(encode(probe), torch_encoder(backbone, preprocessing).encode(probe))
+    if not diff <= PARITY_TOLERANCE:
+        raise FedMedClipError(
+            f"the image encoder on CUDA gives features {diff:.2e} relative from the CPU's (tolerance "
+            f"{PARITY_TOLERANCE:g}): encode with --encoder-device cpu"
+        )
+    opened[memo] = ImageEncoder("torch", encode, torch.__version__, device="cuda")
+    return opened[memo]
+
+
+def resolve_device(device: str) -> str:
+    """The device `device` names: `auto` is CUDA when torch sees a GPU, else the CPU; `cuda` without one is
+    refused naming the flag."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown encoder device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "--encoder-device cuda: torch sees no CUDA device here (a CPU build of torch, no GPU, or no driver); "
+            "use auto or cpu"
+        )
+    return "cuda"
+
+
+def _probe_image(preprocessing: Preprocessing) -> np.ndarray:
+    """The fixed image every engine is checked on."""
+    size = preprocessing.size
+    return np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+
+
 def _onnxruntime():
     try:
         import onnxruntime
@@ -93,10 +147,17 @@ def _onnxruntime():
     return onnxruntime
 
 
-def resolve_engine(engine: str, backbone: Backbone) -> str:
-    """The engine `engine` names for this backbone: `auto` becomes `onnxruntime` or `torch`."""
+def resolve_engine(engine: str, backbone: Backbone, device: str = "cpu") -> str:
+    """The engine `engine` names for this backbone on `device` (resolved): `auto` becomes `onnxruntime` or
+    `torch`."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown encoder engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if device == "cuda":
+        if engine == "onnxruntime":
+            raise ConfigError(
+                "--encoder-engine onnxruntime runs on the CPU only: with --encoder-device cuda use torch or auto"
+            )
+        return "torch"
     if engine != "auto":
         return engine
     vision = sum(p.numel() for p in backbone.model.vision_model.parameters())
@@ -202,8 +263,7 @@ def onnxruntime_encoder(
     memo = (key, threads, None if cache_dir is None else str(cache_dir))
     if memo in opened:
         return opened[memo]
-    size = preprocessing.size
-    probe = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    probe = _probe_image(preprocessing)
 
     with tempfile.TemporaryDirectory(prefix="fedmedclip-encoder-") as scratch:
         path = (Path(cache_dir) if cache_dir is not None else Path(scratch)) / f"{key}.onnx"
@@ -231,10 +291,20 @@ def open_image_encoder(
     preprocessing: Preprocessing,
     engine: str = "auto",
     cache_dir: str | Path | None = None,
+    device: str = "auto",
 ) -> ImageEncoder:
-    """The engine `engine` names (see the module's docstring); `cache_dir` keeps exported graphs between runs
-    (None: a temporary export, gone after this call)."""
-    chosen = resolve_engine(engine, backbone)
+    """The engine `engine` names on the device `device` names (see the module's docstring); `cache_dir` keeps
+    exported graphs between runs (None: a temporary export, gone after this call)."""
+    where = resolve_device(device)
+    chosen = resolve_engine(engine, backbone, where)
+    if where == "cuda":
+        try:
+            return cuda_torch_encoder(backbone, preprocessing)
+        except FedMedClipError as exc:
+            if device != "auto":
+                raise
+            log.warning("encoding on the CPU instead of CUDA: %s", exc)
+            chosen = resolve_engine(engine, backbone)
     if chosen == "torch":
         return torch_encoder(backbone, preprocessing)
     try:

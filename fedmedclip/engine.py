@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .encoders import resolve_device
 from .errors import CheckpointError, ConfigError
 from .federation.checkpoint import CheckpointStore
 from .federation.mailbox import Mailbox
@@ -381,6 +382,7 @@ def train(
     `observer` (fedmedclip.observer; `train --track`: the MLOps layer's MLflow logging) is told the start, each round as it finishes, and the
     end (`finish(results, None)`, or `finish(None, message)` when the run fails)."""
     cfg.validate()
+    resolve_device(cfg.encoder_device)  # here, not in validate(): a CPU machine may submit a run for GPU pods
     observer = observer or NO_OBSERVER
     out = Path(cfg.out)
     check_resumable(cfg, out, resume)

@@ -171,11 +171,13 @@ def build_feature_store(
     desc: str = "encoding",
     engine: str = "auto",
     encoder_cache: str | Path | None = None,
+    device: str = "auto",
 ) -> FeatureStore:
     """Load the store at `directory` if its provenance matches, else encode the images into it.
     A store with different provenance is never overwritten: that is an error. With a run's `cache_dir`
     instead of `directory`, the store lives where `cached_store` says, so reuse is automatic.
-    `engine` runs the image encoder (fedmedclip.encoders.ENGINES); `encoder_cache` keeps its exported graph."""
+    `engine` runs the image encoder (fedmedclip.encoders.ENGINES) on `device` (fedmedclip.encoders.DEVICES);
+    `encoder_cache` keeps its exported graph."""
     if not records:
         raise DataError(f"no images to encode for {desc}")
     if (directory is None) == (cache_dir is None):
@@ -196,7 +198,7 @@ def build_feature_store(
     if "{}" not in prompt_template:
         raise DataError(f"prompt template {prompt_template!r} must contain '{{}}' for the class name")
 
-    encoder = open_image_encoder(backbone, preprocessing, engine, encoder_cache)
+    encoder = open_image_encoder(backbone, preprocessing, engine, encoder_cache, device)
     label_index = {c: i for i, c in enumerate(class_names)}
     feats, labels, ids, skipped = [], [], [], []
     batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]

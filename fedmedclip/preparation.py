@@ -121,6 +121,7 @@ def extract_features(
         desc=f"encoding {holder}",
         engine=cfg.encoder_engine,
         encoder_cache=Path(cfg.cache_dir) / "encoders",
+        device=cfg.encoder_device,
     )
 
 

@@ -22,6 +22,7 @@ from fedmedclip.encoders import (
     graph_key,
     open_image_encoder,
     relative_difference,
+    resolve_device,
     resolve_engine,
 )
 from fedmedclip.errors import ConfigError
@@ -58,6 +59,7 @@ def test_onnxruntime_store_matches_the_pytorch_path_and_shares_its_cache(tiny, i
         "engine": "torch",
         "precision": "fp32",
         "version": torch.__version__,
+        "device": "cpu",
     }
     store = build_feature_store(
         records,
@@ -130,6 +132,50 @@ def test_engine_choice(tiny, monkeypatch):
     assert resolve_engine("auto", tiny) == "onnxruntime"
     with pytest.raises(ConfigError, match="unknown encoder engine 'tensorrt'"):
         resolve_engine("tensorrt", tiny)
+
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def test_encoder_device_choice(tiny):
+    """`auto` is CUDA only where torch sees a GPU; `cuda` where it sees none is refused naming the flag, as is
+    the onnxruntime engine on CUDA (it runs on the CPU only); on CUDA `auto` picks the torch engine."""
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cpu" if NO_CUDA else "cuda")
+    with pytest.raises(ConfigError, match="unknown encoder device 'tpu'"):
+        resolve_device("tpu")
+    if NO_CUDA:
+        with pytest.raises(ConfigError, match="--encoder-device cuda: torch sees no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_engine("auto", tiny, "cuda") == "torch"
+    with pytest.raises(ConfigError, match="--encoder-engine onnxruntime runs on the CPU only"):
+        resolve_engine("onnxruntime", tiny, "cuda")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has a CUDA device")
+def test_train_on_cuda_without_one_is_refused_before_anything_is_written(tmp_path):
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.engine import train
+
+    cfg = TrainConfig(data="synthetic", rounds=1, encoder_device="cuda", out=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="--encoder-device cuda"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device visible to torch (CI has none)")
+def test_a_store_encoded_on_cuda_has_the_cpus_features_and_shares_its_cache(tiny, images, tmp_path):
+    records, classes = images
+    prep = make_preprocessing("clip", tiny)
+    cpu = build_feature_store(
+        records, classes, tiny, prep, directory=tmp_path / "cpu", progress=False, batch_size=4, device="cpu"
+    )
+    gpu = build_feature_store(records, classes, tiny, prep, cache_dir=tmp_path, progress=False, device="cuda")
+    assert (
+        gpu.provenance["encoder"]["device"] == "cuda" and gpu.provenance["digest"] == cpu.provenance["digest"]
+    )
+    assert relative_difference(gpu.features, cpu.features) <= PARITY_TOLERANCE
+    assert next(tiny.model.parameters()).device.type == "cpu"  # the backbone itself stays on the CPU
 
 
 def test_no_graph_is_left_without_a_cache(tiny, tmp_path, monkeypatch):

@@ -191,6 +191,7 @@ class EncoderUsed(Message):
     engine: Short
     precision: Short
     version: Short
+    device: Short = "cpu"  # stores built before the device was recorded were all encoded on the CPU
 
 
 class Provenance(Message):
