@@ -93,28 +93,31 @@ def torch_encoder(backbone: Backbone, preprocessing: Preprocessing) -> ImageEnco
     return ImageEncoder("torch", encode, torch.__version__)
 
 
-def cuda_torch_encoder(backbone: Backbone, preprocessing: Preprocessing) -> ImageEncoder:
-    """The torch engine on the GPU: a copy of the pixels-to-features path there (the backbone itself stays on
-    the CPU for the rest of the process), float32 with cuDNN's TF32 off, checked on the probe image against
-    the CPU's features. Opened once per backbone and recipe: a run's holders share the copy."""
+def device_torch_encoder(
+    backbone: Backbone, preprocessing: Preprocessing, device: str = "cuda"
+) -> ImageEncoder:
+    """The torch engine on `device` (the GPU; any torch device works the same way): a copy of the
+    pixels-to-features path there (the backbone itself stays on the CPU for the rest of the process), float32
+    with cuDNN's TF32 off, checked on the probe image against the CPU's features. Opened once per backbone,
+    recipe and device: a run's holders share the copy."""
     opened = _OPENED.setdefault(backbone, {})
-    memo = ("cuda", graph_key(backbone, preprocessing))
+    memo = (device, graph_key(backbone, preprocessing))
     if memo in opened:
         return opened[memo]
-    module = copy.deepcopy(PixelsToFeatures(backbone, preprocessing)).eval().to("cuda")
+    module = copy.deepcopy(PixelsToFeatures(backbone, preprocessing)).eval().to(device)
 
     def encode(images: np.ndarray) -> torch.Tensor:
         with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            return module(torch.from_numpy(np.ascontiguousarray(images)).to("cuda")).cpu()
+            return module(torch.from_numpy(np.ascontiguousarray(images)).to(device)).cpu()
 
     probe = _probe_image(preprocessing)
     diff = relative_difference(encode(probe), torch_encoder(backbone, preprocessing).encode(probe))
     if not diff <= PARITY_TOLERANCE:
         raise FedMedClipError(
-            f"the image encoder on CUDA gives features {diff:.2e} relative from the CPU's (tolerance "
+            f"the image encoder on {device} gives features {diff:.2e} relative from the CPU's (tolerance "
             f"{PARITY_TOLERANCE:g}): encode with --encoder-device cpu"
         )
-    opened[memo] = ImageEncoder("torch", encode, torch.__version__, device="cuda")
+    opened[memo] = ImageEncoder("torch", encode, torch.__version__, device=device)
     return opened[memo]
 
 
@@ -299,7 +302,7 @@ def open_image_encoder(
     chosen = resolve_engine(engine, backbone, where)
     if where == "cuda":
         try:
-            return cuda_torch_encoder(backbone, preprocessing)
+            return device_torch_encoder(backbone, preprocessing, "cuda")
         except FedMedClipError as exc:
             if device != "auto":
                 raise

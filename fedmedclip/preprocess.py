@@ -74,8 +74,9 @@ class Preprocessing:
         """uint8 NHWC torch tensor -> float32 NCHW, scaled to [0,1] and standardised."""
         import torch
 
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        device = images_uint8.device  # the batch's (feature extraction on a GPU): constants go where it is
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         # One contiguous NCHW float tensor, then the same three operations in place: the values are those of
         # `(x / 255 - mean) / std` to the bit, at a quarter of the time on a CPU (a batch of 32 224x224 images:
         # 3 ms instead of 13 ms on one thread), where three fresh 19 MB tensors cost more than the arithmetic.

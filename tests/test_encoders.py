@@ -152,6 +152,20 @@ def test_encoder_device_choice(tiny):
         resolve_engine("onnxruntime", tiny, "cuda")
 
 
+def test_the_device_engine_encodes_with_a_copy_and_checks_it_against_the_cpu(tiny):
+    """The GPU engine's code on the CPU device (torch runs it the same way): a copy of the vision path encodes,
+    the backbone is left where it was, the probe check passes, the encoder records its device; one copy per
+    backbone, recipe and device."""
+    from fedmedclip.encoders import device_torch_encoder, torch_encoder
+
+    prep = make_preprocessing("squash", tiny)
+    moved = device_torch_encoder(tiny, prep, "cpu")
+    assert moved.describe()["device"] == "cpu" and moved is device_torch_encoder(tiny, prep, "cpu")
+    pixels = np.random.default_rng(1).integers(0, 256, (3, prep.size, prep.size, 3), dtype=np.uint8)
+    assert torch.equal(moved.encode(pixels), torch_encoder(tiny, prep).encode(pixels))
+    assert all(p.device.type == "cpu" for p in tiny.model.parameters())
+
+
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has a CUDA device")
 def test_train_on_cuda_without_one_is_refused_before_anything_is_written(tmp_path):
     from fedmedclip.config import TrainConfig
