@@ -33,6 +33,7 @@ from json_results import write_json
 from fedmedclip.backbone import load_backbone, make_preprocessing
 from fedmedclip.codec import BlockQuant, Codec, Delta, ErrorFeedback, Zlib, decode, encode_state, get_codec
 from fedmedclip.config import TrainConfig
+from fedmedclip.data import DUPLICATE_POLICIES
 from fedmedclip.engine import method_for, simulate, site_setups
 from fedmedclip.features import FeatureStore, build_feature_store
 from fedmedclip.methods import resolved_preprocessing
@@ -184,6 +185,12 @@ def main() -> int:
         "--table-from", default=None, help="only print the table of earlier --json files (comma-separated)"
     )
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument(
+        "--duplicates",
+        default=TrainConfig.duplicates,
+        choices=DUPLICATE_POLICIES,
+        help="the data set's exact duplicates (as `train --duplicates`; default: %(default)s)",
+    )
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     ap.add_argument("--json", default=None, help="write every run's figures here")
@@ -197,7 +204,12 @@ def main() -> int:
         print_table(rows, args.partitions.split(","), args.uplink.split(","))
         return 0
     base = TrainConfig(
-        data=args.data, backbone=args.backbone, sites=args.sites, rounds=args.rounds, cache_dir=args.cache_dir
+        data=args.data,
+        backbone=args.backbone,
+        sites=args.sites,
+        rounds=args.rounds,
+        cache_dir=args.cache_dir,
+        duplicates=args.duplicates,
     ).validate()
     store, backbone, prep = whole_store(base)
     results = []
