@@ -10,7 +10,7 @@
   230 images there; the tiny test backbones encode faster than they export. On a GPU, `torch`.
 
 The device (`--encoder-device`): `auto` is CUDA when torch sees a GPU (a pipeline's extraction task asks for
-one), else the CPU. On CUDA the torch engine encodes with a copy of the vision path on the GPU, in float32
+one) unless the engine named is `onnxruntime`, else the CPU. On CUDA the torch engine encodes with a copy of the vision path on the GPU, in float32
 with TF32 off, and is checked on the probe image against the CPU's features to `PARITY_TOLERANCE` like every
 engine; the onnxruntime engine runs on the CPU only.
 
@@ -298,7 +298,8 @@ def open_image_encoder(
 ) -> ImageEncoder:
     """The engine `engine` names on the device `device` names (see the module's docstring); `cache_dir` keeps
     exported graphs between runs (None: a temporary export, gone after this call)."""
-    where = resolve_device(device)
+    # An engine named explicitly wins over `auto`'s device: onnxruntime then runs where it can, on the CPU.
+    where = "cpu" if (device, engine) == ("auto", "onnxruntime") else resolve_device(device)
     chosen = resolve_engine(engine, backbone, where)
     if where == "cuda":
         try:
