@@ -311,6 +311,66 @@ def test_unmasking_survives_a_wrong_share_and_refuses_too_few(identities):
         check_unmask(rd.run.settings, survivors, "site_1", greedy)
 
 
+def test_a_server_showing_different_survivors_cannot_unmask_one_site(identities):
+    """The active server the consistency round would stop: it tells site_0 and site_1 that site_0 survived and
+    the three others (the threshold) that site_0 dropped. site_0's answer is a share, never its seed (once it
+    handed over its own self-mask seed here, and the others' shares of its mask key then gave its update away):
+    the server rebuilds site_0's mask key, as for a site that dropped, but not its self-mask seed, which still
+    hides its update. With t > n/2 no split of the sites gives the threshold on both sides."""
+    rd = Round(identities)
+    rd.keys()
+    rd.share()
+    told_survived = make_survivors(rd.run.settings, RUN, 1, rd.shared, SITES)
+    told_dropped = make_survivors(rd.run.settings, RUN, 1, rd.shared, SITES[1:])
+    answers = {
+        s: rd.sites[s].unmask_response(
+            rd.roster, rd.inboxes[s], told_survived if s in SITES[:2] else told_dropped
+        )
+        for s in SITES
+    }
+    assert set(json.loads(answers["site_0"].to_bytes())) == {
+        "run_id",
+        "round",
+        "site",
+        "self_mask",
+        "mask_key",
+    }
+    assert [s for s, a in answers.items() if "site_0" in a.self_mask] == ["site_0", "site_1"]
+    assert [s for s, a in answers.items() if "site_0" in a.mask_key] == SITES[2:]
+    with pytest.raises(
+        SecAggRefused, match="only 2 shares of site_0's self-mask seed arrived, the threshold is 3"
+    ):
+        rd.total(told_survived, answers)
+
+
+def test_with_three_sites_a_survivor_silent_at_unmasking_does_not_spoil_the_round(identities):
+    """Threshold 2 of 3: every survivor's self-mask seed is rebuilt from the two that answer, each answering
+    with its own share of its own seed too (a site's share of itself comes back to it in its inbox, sealed to
+    itself, so a restarted site still has it)."""
+    three = {s: identities[s] for s in SITES[:3]}
+    settings = SecureSettings(tuple(three), {s: k.public for s, k in three.items()}, 2)
+    rounds = {s: SiteRound(settings, RUN, 1, s, random_secret()) for s in three}
+    accepted = {}
+    for s, site in rounds.items():
+        accepted[s] = site.advertisement(three[s])
+        check_advertisement(settings, RUN, 1, s, accepted[s])
+    roster = make_roster(settings, RUN, 1, accepted, {})
+    bundles = {}
+    for s, site in rounds.items():
+        bundles[s] = site.share_bundle(roster)
+        check_bundle(settings, roster, s, bundles[s])
+    inboxes = make_inboxes(settings, roster, bundles)
+    updates = {s: np.random.default_rng(k).integers(0, 256, 32) for k, s in enumerate(three)}
+    masked = {s: (updates[s] + rounds[s].masks(roster, inboxes[s], 32, 8)) % 256 for s in three}
+    survivors = make_survivors(settings, RUN, 1, list(three), list(three))
+    answers = {}
+    for s in SITES[:2]:  # site_2 uploaded its masked update, then fell silent
+        answers[s] = rounds[s].unmask_response(roster, inboxes[s], survivors)
+        check_unmask(settings, survivors, s, answers[s])
+    total = unmask_total(settings, roster, survivors, answers, 32, 8)
+    assert np.array_equal((sum(masked.values()) - total) % 256, sum(updates.values()) % 256)
+
+
 def test_a_wrapped_or_wrongly_masked_sum_is_refused(identities):
     """A site that masks with something else (or sends integers outside its range) makes the unmasked sum
     garbage: integers beyond what n sites' values in [-L, L] can sum to. It is refused, never published."""

@@ -464,16 +464,15 @@ class Survivors(Message):
 
 @message("secagg_unmask", max_bytes=256 << 10)
 class UnmaskShares(Message):
-    """A site's answer to the survivors: its shares of each other survivor's self-mask seed, and of each
-    dropped site's pairwise-key seed, never both for one site; and, when it is a survivor itself, its own
-    self-mask seed (which the server rebuilds anyway: handing it over saves the site keeping a share of it)."""
+    """A site's answer to the survivors: its shares of each survivor's self-mask seed (its own share of its own
+    among them), and of each other dropped site's pairwise-key seed, never both for one site; shares only, never
+    a seed (secagg/protocol.py says why)."""
 
     run_id: Name
     round: RoundIndex
     site: Name
     self_mask: Shares
     mask_key: Shares
-    own_self_mask_seed: Share | None = None
 
 
 __all__ = [

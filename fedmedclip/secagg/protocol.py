@@ -9,15 +9,16 @@ The steps of round r, with U1 >= U2 >= U3 the sites still taking part after each
    (`SiteRound.advertisement`). The server accepts only advertisements signed by the key the manifest holds
    for that site (`check_advertisement`) and publishes them (U1, `make_roster`).
 1. each site checks every signature of the roster itself, splits the seeds of its mask key pair and of b_u
-   into Shamir shares (threshold t), one for each site of the manifest, and seals the share of every other
-   site of U1 to it (ChaCha20-Poly1305 under an X25519 key only the two agree) (`share_bundle`). The server
-   forwards to each site what was sealed to it, and who shared: U2 (`make_inboxes`).
+   into Shamir shares (threshold t), one for each site of the manifest, and seals the share of every site of
+   U1 to it, its own share to itself (ChaCha20-Poly1305 under an X25519 key only the two agree, for its own
+   one only it) (`share_bundle`). The server forwards to each site what was sealed to it, its own share
+   included, and who shared: U2 (`make_inboxes`).
 2. each site masks its update: y_u = x_u + PRG(b_u) + sum over v in U2 of +-PRG(s_uv) mod 2^k, s_uv agreed
    from the two mask keys, + when u comes before v in the manifest (`SiteRound.masks`, applied by the codec's
    secagg-mask stage). Pairwise masks cancel in the sum over U2.
 3. the server fixes the survivors U3 (whose masked updates it has) (`make_survivors`); each site answers
-   with its shares of b_u for u in U3 and of the mask key seed for u in U2 - U3, never both for one site
-   (`unmask_response`). From any t answers the server rebuilds those seeds, checks each against what its
+   with its shares of b_u for u in U3 (its own share of its own b_u among them) and of the mask key seed for
+   u in U2 - U3 (others only), never both for one site, and never a seed itself (`unmask_response`). From any t answers the server rebuilds those seeds, checks each against what its
    owner advertised, and computes the total to subtract: the survivors' self-masks and the dropped sites'
    pairwise masks with the survivors (`unmask_total`).
 
@@ -25,7 +26,10 @@ A site that drops after step 1 (even after uploading its masked update) does not
 t sites answer step 3. Every derived secret comes from the site's per-run secret, the run, the round and the
 site (HKDF), so a restarted site derives the same keys again. The consistency round of the paper's active
 model is not implemented; with t > n/2 (enforced) a server that shows different survivors to different sites
-still cannot gather t shares of both seeds of one honest site from honest sites alone."""
+still cannot gather t shares of both seeds of one honest site from honest sites alone: every answer, the
+site's own about itself included, is one share, and a site answers one set of survivors only. (A site
+that handed over its own b_u when told it survived, as this protocol once did, let such a server rebuild
+its mask key from the others, told it dropped, and read its update.)"""
 
 from __future__ import annotations
 
@@ -238,15 +242,15 @@ class SiteRound:
         return advs
 
     def share_bundle(self, roster: Roster) -> ShareBundle:
-        """Shares of both seeds for every site of the manifest; those of the roster's other sites sealed."""
+        """Shares of both seeds for every site of the manifest; those of the roster's sites sealed, this site's
+        own to itself: the server keeps it with the others, and a restarted site reads it back from its inbox
+        (the shares are random, so it could not derive the same again)."""
         advs = self._roster(roster)
         n, t = len(self.settings.sites), self.settings.threshold
         key_shares = P.split_secret(self._mask_seed, t, n)
         self_shares = P.split_secret(self._self_seed, t, n)
         sealed = {}
         for v, adv in advs.items():
-            if v == self.site:
-                continue
             i = self.settings.index(v)
             aad = share_label(self.run_id, self.round, self.site, v)
             key = P.agree(self._cipher, raw(adv.cipher_key), aad)
@@ -270,14 +274,14 @@ class SiteRound:
         return advs, self.settings.order(senders)
 
     def opened_shares(self, roster: Roster, inbox: Inbox) -> dict[str, tuple[bytes, bytes]]:
-        """{sender: (share of its mask key seed, share of its self-mask seed)} of every share that opens; one
-        that does not (altered, or sealed to another key) is left out: this site then cannot help unmask that
-        sender, which other sites can."""
+        """{sender: (share of its mask key seed, share of its self-mask seed)} of every share that opens, this
+        site's own included; one that does not (altered, or sealed to another key) is left out: this site then
+        cannot help unmask that sender, which other sites can."""
         advs, senders = self._inbox(roster, inbox)
         out = {}
         for u in senders:
             sealed = inbox.shares.get(u)
-            if u == self.site or sealed is None:
+            if sealed is None:
                 continue
             aad = share_label(self.run_id, self.round, u, self.site)
             plain = P.open_sealed(P.agree(self._cipher, raw(advs[u].cipher_key), aad), raw(sealed), aad)
@@ -304,8 +308,9 @@ class SiteRound:
         return total.value()
 
     def unmask_response(self, roster: Roster, inbox: Inbox, survivors: Survivors) -> UnmaskShares:
-        """Shares of the survivors' self-mask seeds and of the dropped sites' mask key seeds. The caller
-        keeps the survivors it answered and never answers other survivors of the same round."""
+        """Shares of the survivors' self-mask seeds (this site's own share of its own among them) and of the
+        dropped sites' mask key seeds; one share each, never a seed. The caller keeps the survivors it
+        answered and never answers other survivors of the same round."""
         _, senders = self._inbox(roster, inbox)
         survived = check_survivors(self.settings, self.run_id, self.round, senders, survivors)
         opened = self.opened_shares(roster, inbox)
@@ -314,8 +319,9 @@ class SiteRound:
             round=self.round,
             site=self.site,
             self_mask={u: text(opened[u][1]) for u in survived if u in opened},
-            mask_key={u: text(opened[u][0]) for u in senders if u not in survived and u in opened},
-            own_self_mask_seed=text(self._self_seed) if self.site in survived else None,
+            mask_key={
+                u: text(opened[u][0]) for u in senders if u not in survived and u != self.site and u in opened
+            },
         )
 
 
@@ -353,8 +359,8 @@ def make_roster(
 
 
 def check_bundle(settings: SecureSettings, roster: Roster, site: str, bundle: ShareBundle) -> None:
-    """A share bundle from `site`: labelled so, from a site of the roster, one share for each other site of
-    it."""
+    """A share bundle from `site`: labelled so, from a site of the roster, one share for each site of it
+    (its own to itself)."""
     if (bundle.run_id, bundle.round, bundle.site) != (roster.run_id, roster.round, site):
         raise SecAggRefused(
             f"shares from {site} are labelled run {bundle.run_id!r} round {bundle.round} site {bundle.site!r}"
@@ -362,17 +368,17 @@ def check_bundle(settings: SecureSettings, roster: Roster, site: str, bundle: Sh
     listed = [a.site for a in roster.advertisements]
     if site not in listed:
         raise SecAggRefused(f"shares from {site}, which is not in the round's roster")
-    want = sorted(s for s in listed if s != site)
+    want = sorted(listed)
     if sorted(bundle.shares) != want:
         raise SecAggRefused(
-            f"shares from {site} are addressed to {sorted(bundle.shares)}, the roster's other sites are {want}"
+            f"shares from {site} are addressed to {sorted(bundle.shares)}, the roster's sites are {want}"
         )
 
 
 def make_inboxes(
     settings: SecureSettings, roster: Roster, bundles: dict[str, ShareBundle]
 ) -> dict[str, Inbox]:
-    """For each site that shared (U2), the shares sealed to it by the others of U2."""
+    """For each site that shared (U2), the shares sealed to it by every site of U2, its own included."""
     shared = settings.order(bundles)
     _enough(settings, f"round {roster.round}: sites that shared keys", shared)
     return {
@@ -381,7 +387,7 @@ def make_inboxes(
             round=roster.round,
             site=v,
             senders=shared,
-            shares={u: bundles[u].shares[v] for u in shared if u != v},
+            shares={u: bundles[u].shares[v] for u in shared},
         )
         for v in shared
     }
@@ -398,19 +404,16 @@ def make_survivors(
 
 def check_unmask(settings: SecureSettings, survivors: Survivors, site: str, answer: UnmaskShares) -> None:
     """An answer from `site`: labelled so, from a site that shared, only shares the survivors ask for
-    (self-mask shares of survivors, key shares of the dropped), never both for one site."""
+    (self-mask shares of survivors, its own among them, key shares of the others that dropped), never both for
+    one site."""
     if (answer.run_id, answer.round, answer.site) != (survivors.run_id, survivors.round, site):
         raise SecAggRefused(f"unmasking shares from {site} are labelled for another run, round or site")
     if site not in survivors.shared:
         raise SecAggRefused(f"unmasking shares from {site}, which did not share keys this round")
     survived = set(survivors.survivors)
     dropped = set(survivors.shared) - survived
-    if not set(answer.self_mask) <= survived - {site} or not set(answer.mask_key) <= dropped - {site}:
+    if not set(answer.self_mask) <= survived or not set(answer.mask_key) <= dropped - {site}:
         raise SecAggRefused(f"unmasking shares from {site} name sites the survivors do not ask about")
-    if answer.own_self_mask_seed is not None and site not in survived:
-        raise SecAggRefused(
-            f"unmasking shares from {site} hand over its self-mask seed, but it is no survivor"
-        )
 
 
 def _rebuild(
@@ -449,10 +452,6 @@ def unmask_total(
     survived = settings.order(survivors.survivors)
     dropped = settings.order(set(survivors.shared) - set(survived))
     for u in survived:
-        own = answers[u].own_self_mask_seed if u in answers else None
-        if own is not None and self_commitment(raw(own)) == advs[u].self_mask_commitment:
-            total.add(self_mask(raw(own), length, bits))
-            continue
         shares = {settings.index(s) + 1: raw(a.self_mask[u]) for s, a in answers.items() if u in a.self_mask}
         seed = _rebuild(settings, u, "self-mask seed", shares, self_commitment, advs[u].self_mask_commitment)
         total.add(self_mask(seed, length, bits))
