@@ -253,6 +253,14 @@ def test_client_level_dp_runs_with_adaptive_clipping(synthetic_cache, tmp_path):
     clips = [rec["client_dp"]["clip"] for rec in results["history"]]
     assert clips[0] == 1e-4 and clips[1] > clips[0]  # every update was above the clip: it grows
     assert client["final_clip"] == clips[-1]
+    # What the records publish is the mechanism's output: no training loss (an average over a site's data
+    # without noise) and no statistic of the single updates' norms (with three sites, the median is one's).
+    assert all(
+        rec["train_loss"] is None and set(rec["client_dp"]) == CLIENT_RECORD for rec in results["history"]
+    )
+
+
+CLIENT_RECORD = {"clip", "next_clip", "noise_multiplier", "sites", "epsilon"}
 
 
 def test_adaptive_clippings_two_mechanisms_compose_to_the_epsilon_reported():

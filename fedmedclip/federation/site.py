@@ -426,13 +426,16 @@ class SiteWorker:
         eps = stats.get("epsilon")
         if self.client_dp is not None:  # client-level DP with the noise added here (fedmedclip.privacy)
             update, _ = self.client_dp.apply(update, received, r)
+        # Under DP (DP-SGD, or client level, which protects the whole site's data) the training loss, an average
+        # over the site's examples without noise, stays here: the round records publish it.
+        privacy = self.setup.method.ctx.privacy  # PrivacySettings, or None without DP
+        private = eps is not None or (privacy is not None and privacy.client_level)
         header = UpdateHeader.build(
             run_id=self.mb.run_id,
             round=r,
             site=self.name,
             n_train=self.setup.data.n_train,
-            # Under DP-SGD the training loss, an average over the site's examples without noise, stays here.
-            loss=loss if eps is None else None,
+            loss=None if private else loss,
             steps=int(stats.get("steps", 0)),
         )
         done = f"round {r}: trained {stats.get('steps', 0)} steps in {time.perf_counter() - t0:.2f} s, loss {loss:.4f}"

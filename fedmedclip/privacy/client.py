@@ -103,8 +103,9 @@ class ClientPrivacy:
         if at_server:
             deltas = [clip(d, bound)[0] for d in deltas]
         total = {k: sum(d[k] for d in deltas) for k in deltas[0]}
+        # The norms stay here: the round record is published, and a statistic of single updates without noise
+        # (with three sites, the median is one site's norm) is no output of the mechanism.
         new, info = self._noised(previous, total, len(states), round_index, at_server)
-        info["update_norms_median"] = float(torch.tensor(norms).median())
         if at_server and self.s.client_quantile is not None:
             unclipped = sum(1 for n in norms if n <= bound)
             gen = torch.Generator().manual_seed(derive_seed(self.key, "client-count", round_index))
@@ -118,10 +119,9 @@ class ClientPrivacy:
     def aggregate_mean(self, previous: dict, mean: dict, m: int, round_index: int) -> tuple[dict, dict]:
         """Under secure aggregation the server holds only the equal-weight mean of the m present sites'
         updates, each clipped to S by its site before masking (fedmedclip/federation/secure.py): the same
-        noise on their sum. No single norm is known, so neither the median nor adaptive clipping is."""
+        noise on their sum. No single norm is known, so adaptive clipping is not either."""
         total = {k: v * m for k, v in difference(mean, previous).items()}
         new, info = self._noised(previous, total, m, round_index, at_server=True)
-        info["update_norms_median"] = None
         info["next_clip"] = self.bound
         return new, info
 
