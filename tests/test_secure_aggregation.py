@@ -371,6 +371,24 @@ def test_with_three_sites_a_survivor_silent_at_unmasking_does_not_spoil_the_roun
     assert np.array_equal((sum(masked.values()) - total) % 256, sum(updates.values()) % 256)
 
 
+def test_one_wrong_share_anywhere_among_many_answers_is_passed_over():
+    """Ten answers at threshold 6: the first 64 subsets in lexicographic order all hold the first answer, so a
+    liar there failed the round; the subsets without each answer in turn come first now, whichever one lies."""
+    from fedmedclip.secagg import primitives as P
+    from fedmedclip.secagg.protocol import _rebuild, self_commitment
+
+    sites = tuple(f"site_{k}" for k in range(10))
+    settings = SecureSettings(sites, {s: IdentityKey.generate().public for s in sites}, 6)
+    seed = bytes(range(1, 17))  # a 16-byte seed, as every secret a site shares
+    shares = {x + 1: share for x, share in enumerate(P.split_secret(seed, 6, 10))}
+    for liar in (1, 5, 10):
+        lied = {**shares, liar: bytes(16)}
+        assert (
+            _rebuild(settings, "site_0", "self-mask seed", lied, self_commitment, self_commitment(seed))
+            == seed
+        )
+
+
 def test_a_wrapped_or_wrongly_masked_sum_is_refused(identities):
     """A site that masks with something else (or sends integers outside its range) makes the unmasked sum
     garbage: integers beyond what n sites' values in [-L, L] can sum to. It is refused, never published."""

@@ -416,6 +416,21 @@ def check_unmask(settings: SecureSettings, survivors: Survivors, site: str, answ
         raise SecAggRefused(f"unmasking shares from {site} name sites the survivors do not ask about")
 
 
+def _subsets(xs: list[int], t: int):
+    """Subsets of t of the answers' x, in the order to try them: the first t; then, for one wrong share
+    wherever it is, the first t without each answer in turn; then the others in lexicographic order (whose
+    first ones all hold the first answer when there are many), MAX_RECONSTRUCTION_TRIES in all at most."""
+    leave_one_out = ([x for x in xs if x != left][:t] for left in xs)
+    ordered = itertools.chain([xs[:t]], leave_one_out, (list(c) for c in itertools.combinations(xs, t)))
+    seen = set()
+    for subset in ordered:
+        if len(subset) == t and tuple(subset) not in seen:
+            seen.add(tuple(subset))
+            yield subset
+            if len(seen) == MAX_RECONSTRUCTION_TRIES:
+                return
+
+
 def _rebuild(
     settings: SecureSettings, owner: str, what: str, shares: dict[int, bytes], public, expected
 ) -> bytes:
@@ -426,8 +441,7 @@ def _rebuild(
         raise SecAggRefused(
             f"only {len(shares)} shares of {owner}'s {what} arrived, the threshold is {t}: the round cannot be unmasked"
         )
-    xs = sorted(shares)
-    for subset in itertools.islice(itertools.combinations(xs, t), MAX_RECONSTRUCTION_TRIES):
+    for subset in _subsets(sorted(shares), t):
         seed = P.combine_secret({x: shares[x] for x in subset})
         if public(seed) == expected:
             return seed
