@@ -498,13 +498,14 @@ def export_site_state(
     from .federation.mailbox import SERVER, Mailbox
     from .federation.records import write_model_dir
     from .federation.runner import prepare_site, site_config
+    from .federation.server import read_manifest
     from .federation.site import template_of
     from .federation.storage import open_store
 
     if ood not in OOD_MODES:
         raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
     mb = Mailbox(open_store(mailbox), run_id)
-    manifest = mb.get_json(mb.manifest_key, "server")
+    manifest = read_manifest(mb)
     if manifest is None:
         raise FedMedClipError(f"{mb.where(mb.manifest_key)} is missing: no run {run_id!r} in that mailbox")
     status = mb.status(SERVER)

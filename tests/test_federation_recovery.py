@@ -271,3 +271,35 @@ def test_a_state_json_damaged_into_other_json_is_passed_over_and_saved_over(tmp_
     assert restarted_store.save({"round": 4}, {"w": torch.full((2,), 4.0)}) == 3
     seq, body, _ = CheckpointStore(RoundTripDirStore(tmp_path / "ckpt"), "server").load()
     assert (seq, body) == (3, {"round": 4})
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ({"sites": "site_0"}, "sites: input should be a valid list"),
+        ({"clip_updates": "yes"}, "clip_updates: input should be a valid boolean"),
+        ({"backbone": {"name": "tiny"}}, "backbone.weights_sha256: field required"),
+    ],
+)
+def test_a_site_refuses_a_manifest_that_breaks_its_declaration_in_one_line(
+    prepared,  # noqa: F811
+    tmp_path,
+    capsys,
+    damage,
+    problem,
+):
+    """The manifest the server wrote, damaged into other JSON (by whoever can write the bucket): a site stops
+    with one line naming the server and the field (it indexed the JSON and died with a TypeError's traceback)."""
+    from fedmedclip.cli import main
+
+    cfg, p = prepared
+    server, *_ = _parties(_cfg(cfg), p, tmp_path, quorum=3)
+    key = tmp_path / "mailbox" / "runs" / "hostile" / "manifest.json"
+    key.write_text(json.dumps({**json.loads(key.read_text()), **damage}))
+    code = main(
+        ["site", "run", "--mailbox", str(tmp_path / "mailbox"), "--run-id", "hostile", "--site", "site_0",
+         "--state", str(tmp_path / "state"), "--join-timeout", "5"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: run_manifest from server") and problem in err[-1], err
+    assert "Traceback" not in "\n".join(err)

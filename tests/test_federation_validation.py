@@ -993,21 +993,28 @@ def test_a_new_kind_of_message_is_one_declaration(tmp_path):
         MESSAGES.pop("test_key_advertisement", None)
 
 
-def test_a_site_the_run_does_not_have_is_told_so_before_its_key_is_read(tmp_path):
+def test_a_site_the_run_does_not_have_is_told_so_before_its_key_is_read(prepared, tmp_path):
     """`site run --site site_7` for a run of site_0..site_2 with secure aggregation said "cannot read the
     identity key .fedmedclip-state/identity.pem": the key was read before the site was looked up in the
     manifest. The run's sites are named first, and nothing is written for the unknown site."""
     from fedmedclip.errors import ConfigError
     from fedmedclip.federation.runner import run_site
 
-    mailbox = Mailbox(LocalDirStore(tmp_path / "mailbox"), "r1")
-    sites = [{"name": name} for name in SITES_ALL]
-    manifest = {"run_id": "r1", "sites": sites, "secure_aggregation": True}
+    cfg, p = prepared
+    _, _, mailbox, *_ = _parties(cfg, p, tmp_path, quorum=3, workers=0)  # the server writes the manifest
+    manifest = json.loads(mailbox.store.get(mailbox.manifest_key))
+    manifest["secure_aggregation"] = {"threshold": 2}  # as if on: a site would read its identity key
     mailbox.store.put(mailbox.manifest_key, json.dumps(manifest).encode())
+    written = sorted(p.name for p in (tmp_path / "mailbox").rglob("*") if p.is_file())
     with pytest.raises(
-        ConfigError, match=r"^site 'site_7' is not part of run r1: its sites are site_0, site_1"
+        ConfigError, match=r"^site 'site_7' is not part of run hostile: its sites are site_0, site_1"
     ):
         run_site(
-            str(tmp_path / "mailbox"), "r1", "site_7", identity=str(tmp_path / "none.pem"), progress=False
+            str(tmp_path / "mailbox"),
+            "hostile",
+            "site_7",
+            identity=str(tmp_path / "none.pem"),
+            progress=False,
         )
-    assert sorted(p.name for p in (tmp_path / "mailbox").rglob("*") if p.is_file()) == ["manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "mailbox").rglob("*") if p.is_file()) == written
+    assert not (tmp_path / "none.pem").exists()

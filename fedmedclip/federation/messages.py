@@ -34,6 +34,7 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Finite = Annotated[float, Field(ge=-LARGEST, le=LARGEST)]
 Short = Annotated[str, StringConstraints(max_length=256)]
 Text = Annotated[str, StringConstraints(max_length=4000)]
+MAX_SITES = 1000  # sites of one run, in every list or map of them
 
 MESSAGES: dict[str, type[Message]] = {}
 
@@ -129,6 +130,15 @@ def parse(cls: type[Message], data: bytes | dict, party: str = "", where: str = 
 
 
 # ---------------------------------------------------------------- the declarations
+class ManifestSite(Message):
+    """A site of the run as the manifest lists it: its name, data index and training-set size (the
+    aggregation weights come from here)."""
+
+    name: Name
+    index: Annotated[int, Field(ge=0, le=1_000_000)]
+    n_train: Count
+
+
 @message("update_header", max_bytes=4 << 10)
 class UpdateHeader(Message):
     """What a site's update says about itself (the `meta` of its payload header)."""
@@ -183,6 +193,33 @@ class PreprocessingSpec(Message):
     center_crop: bool
     mean: Annotated[list[Finite], Field(min_length=3, max_length=3)]
     std: Annotated[list[Finite], Field(min_length=3, max_length=3)]
+
+
+class ManifestCore(Message):
+    """The run's manifest (`runs/<run>/manifest.json`), written once by the server
+    (fedmedclip.federation.server.make_manifest), read by every party: all but the server options it records.
+    Those are the ServerOptions fields declared `manifest=True`, added from their declarations where they live
+    (fedmedclip.federation.server.RunManifest, the registered message); `settings` is the run's configuration,
+    checked field by field by TrainConfig where a site builds its own."""
+
+    format: Annotated[int, Field(ge=1, le=1000)]
+    run_id: Name
+    settings: Annotated[dict[Short, Any], Field(max_length=1000)]
+    method: Name
+    rounds: Annotated[int, Field(ge=1, le=1_000_000)]
+    codec_up: Short
+    codec_down: Short
+    partition_digest: Short
+    sites: Annotated[list[ManifestSite], Field(min_length=1, max_length=MAX_SITES)]
+    aggregator: Short
+    backbone: BackboneIdentity
+    preprocessing: PreprocessingSpec
+    class_names: Annotated[list[Short], Field(min_length=1, max_length=10_000)]
+    # tensor name -> [shape, dtype] of the global module
+    template: Annotated[
+        dict[Short, Annotated[list[Any], Field(min_length=2, max_length=2)]], Field(max_length=100_000)
+    ]
+    secure_aggregation: Annotated[dict[Short, Any], Field(max_length=100)] | None = None
 
 
 class EncoderUsed(Message):
@@ -351,7 +388,6 @@ class SiteSummary(Message):
 #     server -> sites   Survivors         whose masked updates it aggregates (U3)
 #     site   -> server  UnmaskShares      self-mask shares of the survivors, key shares of the dropped
 # Keys, seeds, signatures and ciphertexts are base64 of their exact length.
-MAX_SITES = 1000
 SIGNATURE_BYTES = 64
 TAG_BYTES = 16
 SHARE_PLAINTEXT = 2 * SEED_BYTES  # the pairwise-key seed's share, then the self-mask seed's share

@@ -39,7 +39,7 @@ from ..preparation import (
 )
 from ..sources import is_published_layout, is_remote, remote_source
 from .mailbox import Mailbox, Poller, ProtocolError, check_name, wait_until
-from .server import FederationError, FederationServer, ServerOptions, ServerSetup
+from .server import FederationError, FederationServer, ServerOptions, ServerSetup, read_manifest
 from .site import DEFAULT_SILENCE_TIMEOUT, SiteSetup, SiteWorker
 from .storage import open_store
 
@@ -299,7 +299,7 @@ def run_site(
         register(mailbox, site, key)
     log.info("%s: waiting for run %s in %s", site, run_id, mailbox.store.url)
     manifest = wait_until(
-        lambda: mailbox.get_json(mailbox.manifest_key, "server"),
+        lambda: read_manifest(mailbox),
         f"the manifest of run {run_id} at {mailbox.where(mailbox.manifest_key)}",
         join_timeout,
         Poller(first=min(0.1, mailbox.poll_cap(2.0)), cap=mailbox.poll_cap(2.0)),

@@ -17,9 +17,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field, create_model
 
 from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
@@ -32,8 +34,8 @@ from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
-from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
-from .messages import GlobalHeader, MessageRefused, SiteReport, UpdateHeader, parse
+from .mailbox import AIM, MAX_MANIFEST_BYTES, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
+from .messages import GlobalHeader, ManifestCore, MessageRefused, SiteReport, UpdateHeader, message, parse
 from .records import (
     atomic_write_bytes,
     atomic_write_json,
@@ -150,6 +152,33 @@ class ServerSetup:
 
 def tensor_template(state: dict[str, torch.Tensor]) -> dict:
     return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()}
+
+
+def _recorded_field(d):
+    """A `manifest=True` option as the manifest holds it: its declared type (None where its default is), at
+    least its declared minimum."""
+    kind = Annotated[d.type, Field(ge=d.meta["minimum"])] if d.meta.get("minimum") is not None else d.type
+    return (kind | None if d.default is None else kind), ...
+
+
+# The run's manifest as every party parses it: ManifestCore and the options declared `manifest=True` above.
+RunManifest = message("run_manifest", max_bytes=MAX_MANIFEST_BYTES)(
+    create_model(
+        "RunManifest",
+        __base__=ManifestCore,
+        __module__=__name__,
+        **{d.name: _recorded_field(d) for d in declared(ServerOptions, nested=False) if d.meta["manifest"]},
+    )
+)
+
+
+def read_manifest(mailbox: Mailbox) -> dict | None:
+    """The run's manifest as the server wrote it, held to its declaration: None while it is not there,
+    MessageRefused naming the server when it does not parse (a site then stops in one line)."""
+    manifest = mailbox.get_json(mailbox.manifest_key, SERVER)
+    if manifest is not None:
+        parse(RunManifest, manifest, SERVER, mailbox.where(mailbox.manifest_key))
+    return manifest
 
 
 def make_manifest(
