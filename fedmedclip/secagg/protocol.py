@@ -18,9 +18,10 @@ The steps of round r, with U1 >= U2 >= U3 the sites still taking part after each
    secagg-mask stage). Pairwise masks cancel in the sum over U2.
 3. the server fixes the survivors U3 (whose masked updates it has) (`make_survivors`); each site answers
    with its shares of b_u for u in U3 (its own share of its own b_u among them) and of the mask key seed for
-   u in U2 - U3 (others only), never both for one site, and never a seed itself (`unmask_response`). From any t answers the server rebuilds those seeds, checks each against what its
-   owner advertised, and computes the total to subtract: the survivors' self-masks and the dropped sites'
-   pairwise masks with the survivors (`unmask_total`).
+   u in U2 - U3 (others only), never both for one site, and never a seed itself (`unmask_response`). From
+   any t answers the server rebuilds those seeds, checks each against what its owner advertised, and
+   computes the total to subtract: the survivors' self-masks and the dropped sites' pairwise masks with the
+   survivors (`unmask_total`).
 
 A site that drops after step 1 (even after uploading its masked update) does not spoil the round as long as
 t sites answer step 3. Every derived secret comes from the site's per-run secret, the run, the round and the
