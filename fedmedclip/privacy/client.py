@@ -98,10 +98,9 @@ class ClientPrivacy:
         """The new global state from the present sites' decoded updates, and what the round record keeps."""
         deltas = [difference(s, previous) for s in states]
         bound = self.bound
-        norms = [norm(d) for d in deltas]
         at_server = self.s.client_noise_at == "server"
-        if at_server:
-            deltas = [clip(d, bound)[0] for d in deltas]
+        if at_server:  # each update clipped; its norm before, for adaptive clipping's count
+            deltas, norms = zip(*(clip(d, bound) for d in deltas), strict=True)
         total = {k: sum(d[k] for d in deltas) for k in deltas[0]}
         # The norms stay here: the round record is published, and a statistic of single updates without noise
         # (with three sites, the median is one site's norm) is no output of the mechanism.
