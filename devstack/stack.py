@@ -322,17 +322,32 @@ def read_state(data_dir: str | Path) -> StackInfo | None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable and writable by its owner only (it holds secret keys), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write `text` to `path` readable and writable by its owner only (it holds secret keys), atomically.
+    The temporary file's name is this write's own (mkstemp, mode 0600): two processes writing at once each
+    replace the file whole, where a shared name let one truncate the other's half-written file."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o600)  # a leftover temporary file keeps its old mode through O_CREAT
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _state_lock(data_dir: str | Path):
+    """One process at a time changes a stack's state file (an advisory lock beside it): starting the stack and
+    granting a data root read the state, act, and write it back, and two commands at once (two `data publish`,
+    the demo and a test) lost each other's roots."""
+    import fcntl
+
+    Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    with (Path(data_dir) / ".stack.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _write_state(info: StackInfo) -> None:
@@ -666,10 +681,13 @@ def start_stack(
     default is replaced by a free one, logged). If a healthy stack is already recorded in `data_dir`, it is
     returned unchanged (ports, sites and buckets as recorded). Raises StackError naming the problem (port
     taken, server died, with its log tail)."""
-    from mlops.policies import check_root, default_site_names, roles
-
     data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _state_lock(data_dir):  # a second `stack up` at once waits, then finds this one running
+        return _start_stack(data_dir, s3_port, mlflow_port, host, bucket, mlflow_args, site_names, data_roots)
+
+
+def _start_stack(data_dir, s3_port, mlflow_port, host, bucket, mlflow_args, site_names, data_roots) -> StackInfo:
+    from mlops.policies import check_root, default_site_names, roles
 
     current = stack_status(data_dir)
     if current.running:
@@ -827,15 +845,25 @@ def add_data_root(data_dir: str | Path, root: str) -> StackInfo:
     """Grant every data role of the running local stack its policy on `root` (a bucket, or `BUCKET/PREFIX`),
     creating the bucket, versioned, if it is missing (as the admin). Idempotent; returns the updated stack.
     In a cluster the buckets and policies come from infra/training instead."""
+    from mlops.policies import check_root
+
+    root = root.strip("/")
+    check_root(root)
+    with _state_lock(data_dir):  # the state as it is now, not as another command is about to write it
+        info = running_stack(data_dir)
+        if root not in info.data_roots:
+            _grant_data_root(info, root)
+            info.data_roots.append(root)
+            _write_state(info)
+    return info
+
+
+def _grant_data_root(info: StackInfo, root: str) -> None:
     from botocore.config import Config
 
     from mlops.policies import MLFLOW, check_root, data_policy, roles
 
-    info = running_stack(data_dir)
-    root = root.strip("/")
     bucket, _ = check_root(root)
-    if root in info.data_roots:
-        return info
     if not info.roles:
         raise StackError(f"the local stack in {info.data_dir} predates per-role credentials: restart it")
     access_key, secret_key = info.credentials(ADMIN)
@@ -862,9 +890,6 @@ def add_data_root(data_dir: str | Path, root: str) -> StackInfo:
         raise StackError(f"cannot grant the stack's roles on {root!r}: {e}") from e
     if status != "Enabled":
         raise StackError(f"bucket {bucket!r} versioning is {status!r}, expected 'Enabled'")
-    info.data_roots.append(root)
-    _write_state(info)
-    return info
 
 
 def stop_stack(data_dir: str | Path = DEFAULT_DATA_DIR, purge: bool = False) -> list[str]:

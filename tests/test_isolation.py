@@ -12,6 +12,7 @@ import stat
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -424,6 +425,24 @@ def test_a_mailbox_root_under_a_prefix(seeded):
     admin = _client(seeded, ADMIN)
     assert admin.get_bucket_versioning(Bucket=bucket)["Status"] == "Enabled"
     assert add_data_root(seeded.data_dir, f"{bucket}/fed").data_roots == info.data_roots  # idempotent
+
+
+def test_roots_granted_at_once_by_several_commands_are_all_recorded(seeded):
+    """Commands that grant roots on the same stack at once (two `data publish`, the demo beside a test run) each
+    read the state file, grant, and write it back: every root they granted is recorded, and the file stays
+    whole (with one shared temporary file, a writer truncated another's half-written state, and the later
+    writer dropped the roots the earlier one had added)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from devstack.stack import read_state
+
+    tag = uuid.uuid4().hex[:8]
+    roots = [f"fmc-race-{tag}-{i}" for i in range(6)]
+    with ThreadPoolExecutor(len(roots)) as pool:
+        list(pool.map(lambda root: add_data_root(seeded.data_dir, root), roots))
+    recorded = read_state(seeded.data_dir).data_roots
+    assert set(roots) <= set(recorded), sorted(set(roots) - set(recorded))
+    assert not list(Path(seeded.data_dir).glob(".stack.json*")), "a temporary state file was left behind"
 
 
 def test_a_site_withdraws_every_version_of_its_own_data(seeded, monkeypatch, capsys):
