@@ -686,7 +686,9 @@ def start_stack(
         return _start_stack(data_dir, s3_port, mlflow_port, host, bucket, mlflow_args, site_names, data_roots)
 
 
-def _start_stack(data_dir, s3_port, mlflow_port, host, bucket, mlflow_args, site_names, data_roots) -> StackInfo:
+def _start_stack(
+    data_dir, s3_port, mlflow_port, host, bucket, mlflow_args, site_names, data_roots
+) -> StackInfo:
     from mlops.policies import check_root, default_site_names, roles
 
     current = stack_status(data_dir)
