@@ -273,6 +273,32 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
         store.save({"round": 3}, {"w": torch.tensor([1.0, float("inf")])})
 
 
+@pytest.mark.parametrize("loaded", [True, False], ids=["after-load", "without-load"])
+def test_a_save_after_a_torn_one_keeps_the_intact_checkpoint(tmp_path, loaded):
+    """A save that died after its state.json landed but before its tensors.pt did (over S3 the two writes run
+    at once) leaves the newest-looking slot torn. The party's next save goes into that torn slot, never over
+    the one intact checkpoint: if it dies the same way, the party can still resume. (Chosen by state.json
+    alone, the next save overwrote the intact slot.)"""
+    from fedmedclip.federation.checkpoint import CheckpointStore
+    from fedmedclip.federation.storage import LocalDirStore
+
+    store = LocalDirStore(tmp_path)
+    first = CheckpointStore(store, "server")
+    first.save({"round": 1}, {"w": torch.ones(2)})  # slot a
+    first.save({"round": 2}, {"w": torch.full((2,), 2.0)})  # slot b
+    older_tensors = (tmp_path / "a" / "tensors.pt").read_bytes()
+    first.save({"round": 3}, {"w": torch.full((2,), 3.0)})  # slot a ...
+    (tmp_path / "a" / "tensors.pt").write_bytes(older_tensors)  # ... of which only state.json landed
+    intact = {name: (tmp_path / "b" / name).read_bytes() for name in ("state.json", "tensors.pt")}
+
+    restarted = CheckpointStore(store, "server")
+    if loaded:
+        assert restarted.load()[1] == {"round": 2}
+    restarted.save({"round": 3}, {"w": torch.full((2,), 3.0)})
+    assert {name: (tmp_path / "b" / name).read_bytes() for name in intact} == intact
+    assert CheckpointStore(store, "server").load()[1] == {"round": 3}
+
+
 def test_resume_with_another_configuration_is_refused_before_any_encoding(cache, tmp_path):
     cfg = config("fedmedclip", cache, tmp_path / "run", rounds=2)
     engine.train(cfg, progress=False)

@@ -1,6 +1,6 @@
 """A party's checkpoints in an object store, with an integrity digest, and a fallback to the previous one.
 
-Two slots, `a/` and `b/`, alternate: a save goes to the slot that does not hold the newest checkpoint, its
+Two slots, `a/` and `b/`, alternate: a save goes to the slot that does not hold the newest intact checkpoint, its
 tensors and `state.json` written together. `state.json` carries a sequence number, the sha256 of the tensors
 object and a digest over itself, so a truncated, zero-byte, missing or edited file (a round number changed by
 hand, a history cut short), or a slot torn by a crash between its two files, is detected and the other slot, one
@@ -73,6 +73,8 @@ class CheckpointStore:
         # What `load` found wrong (a damaged or removed slot): the party then resumed from older state than
         # its newest, and says so (results.json's `recovery`).
         self.problems: list[str] = []
+        # Each slot's sequence number as `load` or this process's last save left it, -1 when torn or damaged.
+        self._seqs: dict[str, int] | None = None
 
     def _read(self, slot: str) -> tuple[int, dict, Any]:
         """(seq, body, tensors) of a slot, or CheckpointError saying what is wrong with it."""
@@ -101,12 +103,14 @@ class CheckpointStore:
         """The newest intact checkpoint as (seq, body, tensors); None when there is none at all. A damaged
         newest slot falls back to the other with a warning; when every existing slot is damaged, an error."""
         found, problems, absent = [], [], []
+        self._seqs = dict.fromkeys(SLOTS, -1)  # what the next save overwrites: the slot not holding `best`
         for slot in SLOTS:
             if not self.store.exists(f"{slot}/state.json") and not self.store.exists(f"{slot}/tensors.pt"):
                 absent.append(slot)
                 continue
             try:
                 found.append(self._read(slot))
+                self._seqs[slot] = found[-1][0]
             except CheckpointError as exc:
                 problems.append(f"{self.store.where(slot)}: {exc}")
         # Saves alternate between the slots, so once a party has saved twice both exist: a slot gone after
@@ -137,12 +141,10 @@ class CheckpointStore:
         bad = non_finite(tensors) or _json_finite(body)
         if bad:
             raise CheckpointError(f"{self.party}: refusing to checkpoint non-finite state ({bad})")
-        seqs = {}
-        for slot in SLOTS:
-            try:
-                seqs[slot] = self._read_seq(slot)
-            except CheckpointError:
-                seqs[slot] = -1
+        # The slots' sequence numbers as `load` or the last save found them intact (a torn or damaged slot is
+        # -1): a slot whose state.json landed without its tensors looks newest by that file alone, and the save
+        # after a restart overwrote the one intact slot.
+        seqs = self._seqs or {slot: self._intact_seq(slot) for slot in SLOTS}
         target = min(SLOTS, key=lambda s: seqs[s])
         seq = max(seqs.values()) + 1
         buf = io.BytesIO()
@@ -155,6 +157,7 @@ class CheckpointStore:
         # slot whichever of the two landed, since state.json names the sha256 of the tensors beside it, and
         # `load` then takes the other slot, as it did when tensors.pt was written first.
         body_bytes = json.dumps(state, allow_nan=False).encode()
+        self._seqs = {**seqs, target: -1}  # torn until both files are written
         for failed in in_parallel(
             self.store,
             [
@@ -164,17 +167,14 @@ class CheckpointStore:
         ):
             if isinstance(failed, Exception):
                 raise failed
-        self._seq_cache = {target: seq, **{s: v for s, v in seqs.items() if s != target}}
+        self._seqs[target] = seq
         return seq
 
-    def _read_seq(self, slot: str) -> int:
-        cache = getattr(self, "_seq_cache", None)
-        if cache is not None and slot in cache:
-            return cache[slot]
-        raw = self.store.get(f"{slot}/state.json")
-        if raw is None:
-            raise CheckpointError("missing")
-        return _intact_state(raw)["seq"]
+    def _intact_seq(self, slot: str) -> int:
+        try:
+            return self._read(slot)[0]
+        except CheckpointError:
+            return -1
 
 
 def _intact_state(raw: bytes) -> dict:
