@@ -71,10 +71,9 @@ def write_sha256_sidecar(path: str | Path, digest: str | None = None) -> str:
     digest = sha256_file(path) if digest is None else digest.lower()
     if not is_sha256(digest):
         raise ValueError(f"not a sha256: {digest!r}")
-    sidecar = sha256_sidecar(path)
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")
-    tmp.replace(sidecar)
+    from .federation.storage import atomic_write_bytes  # a temporary file of its own: writers never meet
+
+    atomic_write_bytes(sha256_sidecar(path), f"{digest}  {path.name}\n".encode())
     return digest
 
 

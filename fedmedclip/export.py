@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -262,9 +263,11 @@ def export_classifier(
         0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
 
-    tmp = out.with_name(f".{out.name}.tmp")
     try:  # a folder that takes no file is the system's one-line error, not every exporter failing in turn
-        tmp.open("wb").close()
+        # A temporary file of this export's own: two exports to one --out never write into the same file.
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(name)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write the ONNX file there: {exc.strerror}", str(out)) from None
     module, names = (

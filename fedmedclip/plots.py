@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import matplotlib
@@ -18,13 +18,14 @@ def _nan(values) -> list[float]:
 
 
 def _save(fig, path: Path) -> None:
-    """Written to a temporary file and renamed, like every final file of a run."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    """Written whole or not at all, like every final file of a run (a temporary file of this write's own,
+    renamed: two processes drawing the same plot never tear each other's file)."""
+    from .federation.storage import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_accuracy(history: list[dict], path: Path, title: str = "", selected: int | None = None) -> None:

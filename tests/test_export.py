@@ -597,3 +597,38 @@ def test_a_false_alarm_rate_out_of_range_is_refused_naming_the_flag_before_any_w
             f"--ood-false-alarm-rate must be in (0, 1), e.g. 0.05, got {float(rate)}"
             in capsys.readouterr().err
         )
+
+
+def test_files_written_at_once_by_two_commands_are_whole_for_a_reader(tmp_path):
+    """Two commands writing the same sha256 sidecar or plot at once (two exports to one --out, two runs of one
+    directory), a third reading it: every write lands whole and the reader never meets half a file. (One
+    shared temporary name let a writer truncate the other's file and fail its rename.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmedclip.digests import read_sha256_sidecar, write_sha256_sidecar
+    from fedmedclip.plots import plot_accuracy
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    write_sha256_sidecar(model, "a" * 64)
+    history = [
+        {"round": 1, "global": {"acc": 0.5}, "sites": [{"site": "site_0", "acc": 0.4}], "val_acc_mean": 0.4}
+    ]
+
+    def write(digit: str) -> None:
+        for _ in range(300):
+            write_sha256_sidecar(model, digit * 64)
+        for _ in range(4):
+            plot_accuracy(history, tmp_path / "accuracy.png")
+
+    def read() -> set:
+        return {read_sha256_sidecar(model) for _ in range(600)}
+
+    with ThreadPoolExecutor(3) as pool:
+        writers = [pool.submit(write, digit) for digit in "ab"]
+        seen = pool.submit(read)
+        for w in writers:
+            w.result()
+    assert seen.result() <= {"a" * 64, "b" * 64}
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "model.onnx", "model.onnx.sha256"]
