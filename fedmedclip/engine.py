@@ -12,8 +12,10 @@ records, results.json and model directory through the same functions (fedmedclip
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -370,6 +372,36 @@ def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise CheckpointError(f"cannot resume {str(out)!r}: the configuration differs in {', '.join(diff)}")
 
 
+@contextlib.contextmanager
+def _only_writer(out: Path):
+    """This process alone writes the run directory while it trains: an advisory lock on the directory itself
+    (a lock file would make a new run's directory non-empty). Two `train --out RUN` started at once both found
+    it empty and wrote the same checkpoints and files, the loser failing on a torn file or a misleading
+    'redoing it gave another update'. Where the file system has no locks, the run goes on without one."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (ImportError, OSError) as exc:
+            if isinstance(exc, BlockingIOError):
+                raise ConfigError(
+                    f"another process is writing the run directory {str(out)!r} (a `train` or `compare` of it "
+                    "still running): wait for it to end, or pass another --out"
+                ) from None
+        try:
+            yield
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a run refused before it wrote anything leaves no directory behind
+            raise
+    finally:
+        os.close(fd)
+
+
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -385,24 +417,24 @@ def train(
     resolve_device(cfg.encoder_device)  # here, not in validate(): a CPU machine may submit a run for GPU pods
     observer = observer or NO_OBSERVER
     out = Path(cfg.out)
-    check_resumable(cfg, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_json())
-    t0 = time.perf_counter()
-    prepared = prepare(cfg, progress)
-    torch.set_num_threads(cfg.threads)
-    try:
-        if cfg.federation == "federated":
-            results = simulate(cfg, prepared, out, progress, run_id, observer)
-        else:
-            results = _run_reference(cfg, prepared, out, progress, observer)
-    except BaseException as exc:
-        observer.finish(None, f"{type(exc).__name__}: {exc}")
-        raise
-    results["timing"]["total_seconds"] = time.perf_counter() - t0
-    results["timing"]["feature_seconds"] = prepared.feature_seconds
-    atomic_write_json(out / "results.json", results)
-    observer.finish(results, None)
+    with _only_writer(out):
+        check_resumable(cfg, out, resume)
+        atomic_write_json(out / "config.json", cfg.to_json())
+        t0 = time.perf_counter()
+        prepared = prepare(cfg, progress)
+        torch.set_num_threads(cfg.threads)
+        try:
+            if cfg.federation == "federated":
+                results = simulate(cfg, prepared, out, progress, run_id, observer)
+            else:
+                results = _run_reference(cfg, prepared, out, progress, observer)
+        except BaseException as exc:
+            observer.finish(None, f"{type(exc).__name__}: {exc}")
+            raise
+        results["timing"]["total_seconds"] = time.perf_counter() - t0
+        results["timing"]["feature_seconds"] = prepared.feature_seconds
+        atomic_write_json(out / "results.json", results)
+        observer.finish(results, None)
     return results
 
 

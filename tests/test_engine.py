@@ -299,6 +299,45 @@ def test_a_save_after_a_torn_one_keeps_the_intact_checkpoint(tmp_path, loaded):
     assert CheckpointStore(store, "server").load()[1] == {"round": 3}
 
 
+def test_a_second_train_of_a_run_directory_being_written_is_refused(cache, tmp_path):
+    """Two `train --out RUN` at once (or a --resume of a run still going): the second is refused in one line
+    while the first writes, whichever flags it has, and the first ends as if alone. (Both found the directory
+    empty and wrote the same files, the loser failing on a torn file or a misleading error.) A refused run
+    leaves no directory of its own behind."""
+    import threading
+
+    from fedmedclip.observer import RunObserver
+
+    class HeldAtRoundOne(RunObserver):
+        def __init__(self):
+            self.at_round, self.go_on = threading.Event(), threading.Event()
+
+        def round(self, record):
+            self.at_round.set()
+            assert self.go_on.wait(600)
+
+    out, held = tmp_path / "run", HeldAtRoundOne()
+    first: dict = {}
+    runner = threading.Thread(
+        target=lambda: first.update(
+            engine.train(config("fedmedclip", cache, out, rounds=2), progress=False, observer=held)
+        )
+    )
+    runner.start()
+    try:
+        assert held.at_round.wait(600)
+        for resume in (False, True):
+            with pytest.raises(ConfigError, match="another process is writing the run directory"):
+                engine.train(config("fedmedclip", cache, out, rounds=2), resume=resume, progress=False)
+    finally:
+        held.go_on.set()
+        runner.join(600)
+    assert first["metrics"] and (out / "results.json").exists()
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        engine.train(config("fedmedclip", cache, tmp_path / "never"), resume=True, progress=False)
+    assert not (tmp_path / "never").exists()
+
+
 def test_resume_with_another_configuration_is_refused_before_any_encoding(cache, tmp_path):
     cfg = config("fedmedclip", cache, tmp_path / "run", rounds=2)
     engine.train(cfg, progress=False)
