@@ -498,3 +498,107 @@ def test_protocol_objects_are_parsed_against_their_declaration(identities):
         parse(KeyAdvertisement, json.dumps({**adv, "note": "hi"}).encode(), "site_1")
     with pytest.raises(MessageRefused, match="secagg_shares from site_2 takes .* over its limit"):
         parse(ShareBundle, b" " * (ShareBundle.max_bytes + 1), "site_2")
+
+
+def test_a_zero_length_identity_file_left_by_a_killed_keygen_is_replaced_by_a_working_key(tmp_path):
+    """Older code created the key file, then wrote it: a kill in between left an empty file that every restart
+    refused. Nothing can have been read from it, so the next start that creates the key replaces it."""
+    from fedmedclip.secagg.identity import site_identity, verify
+
+    path = tmp_path / ".fedmedclip-state" / "identity.pem"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    key, created = site_identity(path, create=True)
+    assert created and (path.stat().st_mode & 0o777) == 0o600
+    assert IdentityKey.load(path).public == key.public
+    assert verify(key.public, b"round 1", IdentityKey.load(path).sign(b"round 1"))
+    again, created = site_identity(path, create=True)
+    assert again.public == key.public and not created
+    assert sorted(p.name for p in path.parent.iterdir()) == ["identity.pem"]  # no temporary file left
+    empty = tmp_path / "other" / "identity.pem"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"the identity key {empty} is empty"):
+        site_identity(empty)  # without `create` it is only named
+
+
+def test_a_non_empty_identity_file_that_is_not_a_key_is_refused_naming_it_and_kept(tmp_path):
+    """Half a key (a kill mid-write of older code) or anything else: it may be a key a server has registered,
+    so it is never replaced; the message names the file and says what to do."""
+    from fedmedclip.secagg.identity import site_identity
+
+    path = tmp_path / "identity.pem"
+    half = IdentityKey.generate().to_pem()[:40]
+    path.write_bytes(half)
+    for create in (True, False):
+        with pytest.raises(ConfigError, match="never replaced automatically") as err:
+            site_identity(path, create=create)
+        assert str(path) in str(err.value) and "not an unencrypted PEM private key" in str(err.value)
+    assert path.read_bytes() == half
+    with pytest.raises(ConfigError, match="never overwritten"):
+        IdentityKey.generate().save(path)
+    assert path.read_bytes() == half
+
+
+_CREATE_AT_ONCE = """
+import json, os, sys, threading
+from pathlib import Path
+from fedmedclip.secagg.identity import site_identity
+root, me, n, trials = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = []
+for t in range(trials):
+    gate = root / f"gate{t}"
+    gate.mkdir(exist_ok=True)
+    (gate / me).touch()
+    while len(os.listdir(gate)) < n:  # every process starts this trial at the same moment
+        pass
+    got = []
+
+    def create():
+        try:
+            key, created = site_identity(root / f"k{t}" / "identity.pem", create=True)
+            got.append([key.public, created])
+        except Exception as exc:
+            got.append(["error", f"{type(exc).__name__}: {exc}"])
+
+    threads = [threading.Thread(target=create) for _ in range(3)]  # and three threads in each
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    out.append(got)
+print(json.dumps(out))
+"""
+
+
+def test_processes_creating_one_identity_key_at_once_all_get_the_one_written(tmp_path):
+    """Several sites started at once with the same identity path (`site run --register-identity` from one
+    working directory), here processes of three threads each: none errors or reads a half-written key,
+    exactly one creates it, and all use that one."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fedmedclip
+
+    n, trials = 4, 25
+    env = {**os.environ, "PYTHONPATH": str(Path(fedmedclip.__file__).parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CREATE_AT_ONCE, str(tmp_path), f"p{i}", str(n), str(trials)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for i in range(n)
+    ]
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    for t in range(trials):
+        got = [g for r in results for g in r[t]]
+        assert len(got) == 3 * n
+        assert [g for g in got if g[0] == "error"] == [], t
+        path = tmp_path / f"k{t}" / "identity.pem"
+        assert {g[0] for g in got} == {IdentityKey.load(path).public}, t
+        assert sum(g[1] for g in got) == 1, t
+        assert (path.stat().st_mode & 0o777) == 0o600
+        assert sorted(p.name for p in path.parent.iterdir()) == ["identity.pem"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -52,18 +54,47 @@ class IdentityKey:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read the identity key {path}: {exc.strerror}") from None
-        return cls.from_pem(data, str(path))
+        if not data:
+            raise ConfigError(
+                f"the identity key {path} is empty (its generation was interrupted): it is replaced by the next "
+                "start that creates the key (`fedmedclip site keygen`, `site run --register-identity`)"
+            )
+        try:
+            return cls.from_pem(data, str(path))
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc}; an identity key is never replaced automatically (its public key may be registered "
+                f"with a server): restore the key, or remove {path} and register the new key it gets"
+            ) from None
 
     def save(self, path: str | Path) -> None:
         """Write the private key (PEM, PKCS#8) readable by its owner only; never overwrites a key."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._publish(Path(path)):
+            raise ConfigError(f"{path} exists: an identity key is never overwritten")
+
+    def _publish(self, path: Path) -> bool:
+        """Put the key at `path` whole or not at all, unless a key is there already (False): the PEM goes to a
+        temporary file of this process's own beside it (0600), synced, then is linked to `path`, which fails
+        when another process got there first. Only a zero-length file, what a kill mid-write of older code
+        left and which nobody can have read a key from, is replaced (under a lock of the folder, so that two
+        processes that both found it empty publish one key)."""
+        folder = path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".part")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError(f"{path} exists: an identity key is never overwritten") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.to_pem())
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.to_pem())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if not _replace_if_empty(tmp, path):
+                    return False
+            _sync_folder(folder)
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     @property
     def public(self) -> str:
@@ -79,18 +110,60 @@ class IdentityKey:
 IDENTITY_FILE = "identity.pem"
 
 
+def _missing_or_empty(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def _replace_if_empty(tmp: str, path: Path) -> bool:
+    """Move `tmp` onto `path` if that is a zero-length file (True); False when it holds anything. Every
+    process that found `path` taken comes here, and they take turns (an exclusive lock of the folder, freed by
+    the kernel when its holder dies): the first replaces the empty file, the others then find a key."""
+    import fcntl
+
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.link(tmp, path)  # removed by hand meanwhile
+            return True
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size:
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the new name durable: a key whose public half went out must survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def site_identity(location: str | Path, create: bool = False) -> tuple[IdentityKey, bool]:
     """(the identity key kept at `location`, whether it was created now). `location`: a PEM file, or an
     object of a store (`s3://BUCKET/PREFIX/identity.pem`, where a pipeline site keeps its private state).
-    With `create`, a missing key is generated there (a local file readable by its owner only); an existing
-    one is never replaced."""
+    With `create`, a missing key is generated there (a local file readable by its owner only, which appears
+    whole or not at all; processes creating it at once all get the one that was written first); an existing
+    one is never replaced, and a file that is not a key is refused. Only a zero-length file (a generation killed
+    mid-write by older code, from which no key can have been read) is replaced."""
     text = str(location)
     if "://" not in text or text.startswith("file://"):
         path = Path(text.removeprefix("file://"))
-        if not path.exists() and create:
+        if create and _missing_or_empty(path):
             key = IdentityKey.generate()
-            key.save(path)
-            return key, True
+            if key._publish(path):
+                return key, True
         return IdentityKey.load(path), False
     from ..federation.storage import open_store
 
