@@ -242,19 +242,23 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
 def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str | None) -> PublishedBackbone:
     from mlflow.exceptions import MlflowException
 
-    from .tracking import _client, get_or_create_experiment, if_found
+    from .tracking import _client, get_or_create_experiment, if_found, unless_exists
 
     name = to.removeprefix("models:/")
     if parse_model_reference(to) or not name or "/" in name or "@" in name:
         raise BackbonePublishError(f"--to {to!r}: give models:/NAME (the registry numbers the versions)")
     client, _ = _client(tracking_uri, f"pushing the backbone to {to}", BackbonePublishError)
-    model = if_found(client.get_registered_model, name)
-    if model is not None:
+
+    def holds_backbones(model) -> None:
         if model.tags.get(KIND_TAG) != KIND_BACKBONE:
             raise BackbonePublishError(
                 f"registered model {name!r} does not hold backbones (no tag {KIND_TAG}={KIND_BACKBONE}); "
                 "push to another name"
             )
+
+    model = if_found(client.get_registered_model, name)
+    if model is not None:
+        holds_backbones(model)
         for mv in client.search_model_versions(f"name = '{name}'"):
             if mv.tags.get(WEIGHTS_TAG) == manifest["weights_sha256"]:
                 return PublishedBackbone(f"models:/{name}/{mv.version}", manifest, True)
@@ -273,9 +277,14 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
             client.log_artifact(run_id, str(directory / rel), Path("backbone", rel).parent.as_posix())
         client.log_dict(run_id, manifest, f"backbone/{MANIFEST}")
         if model is None:
-            client.create_registered_model(
-                name, tags={KIND_TAG: KIND_BACKBONE}, description="CLIP backbone (fedmedclip backbone push)"
+            created = unless_exists(
+                client.create_registered_model,
+                name,
+                tags={KIND_TAG: KIND_BACKBONE},
+                description="CLIP backbone (fedmedclip backbone push)",
             )
+            if created is None:  # registered by another push (or command) since the look-up
+                holds_backbones(client.get_registered_model(name))
         source = f"{run.info.artifact_uri.rstrip('/')}/backbone"
         mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
         state = "FINISHED"

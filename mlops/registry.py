@@ -26,7 +26,7 @@ from fedmedclip.digests import (
 from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
-from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found
+from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found, unless_exists
 
 log = logging.getLogger("fedmedclip.tracking")
 
@@ -183,8 +183,8 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
         if onnx_path is not None:
             mv = mlflow.register_model(source, name, tags=tags)
         else:
-            if is_new:
-                client.create_registered_model(name)
+            if is_new:  # unless another registration created the name since the look-up (it describes it)
+                is_new = unless_exists(client.create_registered_model, name) is not None
             mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"registering {source} as {name!r} failed: {e.message}") from e

@@ -84,6 +84,21 @@ def if_found(call, *args):
         return None
 
 
+def unless_exists(call, *args, **kwargs):
+    """`call(*args, **kwargs)` creating something on the MLflow client (an experiment, a registered model), or
+    None when the server answers that it already exists: another process (a second command, a test worker)
+    created it between this one's look-up and its create, and using it is what both meant. Every other
+    failure raises."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call(*args, **kwargs)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return None
+
+
 def registered_version(
     ref: str,
     tracking_uri: str | None = None,
@@ -342,7 +357,14 @@ def get_or_create_experiment(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION}
-        return client.create_experiment(name, tags=tags)
+        created = unless_exists(client.create_experiment, name, tags=tags)
+        if created is not None:
+            return created
+        exp = client.get_experiment_by_name(name)  # created by another process since the look-up
+        if exp is None:
+            raise TrackingError(
+                f"experiment {name!r} was created and removed again while this run created it"
+            )
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(
             f"experiment {name!r} exists but is deleted; restore it in the MLflow UI or choose another name"

@@ -226,3 +226,44 @@ def test_a_wrong_destination_is_refused_before_the_directory_is_loaded(tmp_path)
         BackbonePublishError, match=r"--to 'http://x': publish to s3://BUCKET/PREFIX or to models"
     ):
         push_backbone(tmp_path / "not-loaded", "http://x")
+
+
+def test_pushes_of_several_backbones_to_a_new_registered_name_at_once_all_succeed(
+    mlops_stack, tmp_path, monkeypatch
+):
+    """`backbone push --to models:/NAME` of several backbones at once, NAME not registered yet: each push found
+    the name new and created it, and all but one failed "Registered Model ... already exists". Now each adds its
+    version to the one registered model (each thread has its own client; their look-ups are made to meet)."""
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    import mlops.tracking as tracking
+    from mlops.backbones import KIND_BACKBONE, KIND_TAG
+
+    uri, name, n = mlops_stack.tracking_uri, f"tiny-clip-at-once-{uuid.uuid4().hex[:12]}", 3
+    clips = [save_clip(tmp_path / f"clip{i}", seed=10 + i) for i in range(n)]
+    barrier = threading.Barrier(n, timeout=120)
+
+    class LookingUpTogether(MlflowClient):
+        def get_registered_model(self, *args, **kwargs):
+            try:
+                return super().get_registered_model(*args, **kwargs)
+            finally:
+                if not self.__dict__.setdefault("_looked_up", False):
+                    self._looked_up = True
+                    barrier.wait()  # every push has found the name new before any creates it
+
+    real_client = tracking._client
+    together = lambda *a: (LookingUpTogether(uri, registry_uri=uri), real_client(*a)[1])  # noqa: E731
+    monkeypatch.setattr(tracking, "_client", together)
+    with ThreadPoolExecutor(n) as pool:
+        pushed = list(pool.map(lambda clip: push_backbone(clip, f"models:/{name}", tracking_uri=uri), clips))
+    assert sorted(int(p.spec.rsplit("/", 1)[1]) for p in pushed) == list(range(1, n + 1))
+    assert not any(p.already_published for p in pushed)
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.get_registered_model(name).tags[KIND_TAG] == KIND_BACKBONE
+    weights = {load_backbone(str(clip)).weights_sha256 for clip in clips}
+    assert {mv.tags["weights_sha256"] for mv in client.search_model_versions(f"name = '{name}'")} == weights

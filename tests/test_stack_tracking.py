@@ -853,3 +853,70 @@ def test_tracking_switched_on_by_the_environment_says_so_and_how_to_go_without(t
     assert err.startswith("error: tracking (on as MLFLOW_TRACKING_URI is set): the MLflow tracking server at")
     assert err.endswith("; or pass --no-track") and len(err.splitlines()) == 1
     assert not (tmp_path / "t").exists()
+
+
+def _looking_up_together(n: int, method: str):
+    """An MlflowClient class whose instances each return from their first `method` call (a look-up) only when
+    `n` instances have made theirs: `n` callers (threads standing for processes, each with its own client) all
+    find nothing before any of them creates, the moment two commands or test workers meet in practice."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    barrier = threading.Barrier(n, timeout=120)
+
+    def first_together(self, *args, **kwargs):
+        try:
+            return getattr(MlflowClient, method)(self, *args, **kwargs)
+        finally:
+            if not self.__dict__.setdefault("_looked_up", False):
+                self._looked_up = True
+                barrier.wait()
+
+    return type("LookingUpTogether", (MlflowClient,), {method: first_together})
+
+
+def test_several_processes_tracking_into_a_new_experiment_at_once_share_it(mlops_stack):
+    """Two commands (or test workers) starting runs in an experiment that does not exist yet: each looks it up,
+    finds none and creates it; the later create was refused (RESOURCE_ALREADY_EXISTS), which crashed
+    `fedmedclip track` and silently switched live tracking off. Every caller now gets the one experiment."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from mlops.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, get_or_create_experiment
+
+    uri, name, n = mlops_stack.tracking_uri, f"test-at-once-{uuid.uuid4().hex[:12]}", 4
+    together = _looking_up_together(n, "get_experiment_by_name")
+    with ThreadPoolExecutor(n) as pool:
+        ids = list(pool.map(lambda _: get_or_create_experiment(together(uri), name), range(n)))
+    client = MlflowClient(uri)
+    assert ids == [client.get_experiment_by_name(name).experiment_id] * n
+    assert client.get_experiment(ids[0]).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert len(client.search_experiments(filter_string=f"name = '{name}'")) == 1
+
+
+def test_several_registrations_of_a_new_model_name_at_once_all_succeed(mlops_stack, tmp_path, monkeypatch):
+    """Registrations of several runs (without --onnx) under a name not registered yet, at once (two pipelines'
+    register tasks): each found the name new and created it, and all but one failed "Registered Model ...
+    already exists". Now each adds its version to the one registered model, described once."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    import mlops.registry as registry
+
+    uri, name, n = mlops_stack.tracking_uri, f"fedmedclip-at-once-{uuid.uuid4().hex[:12]}", 3
+    runs = [log_run_dir(make_run_dir(tmp_path / f"run{i}", seed=i), name, tracking_uri=uri) for i in range(n)]
+    together, real_client = _looking_up_together(n, "get_registered_model"), registry._client
+    monkeypatch.setattr(registry, "_client", lambda *a: (together(uri, registry_uri=uri), real_client(*a)[1]))
+    with ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(lambda run_id: register_model(run_id, name, tracking_uri=uri), runs))
+    assert sorted(int(mv.version) for mv in got) == list(range(1, n + 1))
+    assert [mv.run_id for mv in got] == runs
+    client = MlflowClient(uri, registry_uri=uri)
+    model = client.get_registered_model(name)
+    assert model.tags["project"] == "fedmedclip" and model.description.startswith("FedMedCLIP classifier")
+    assert len(client.search_model_versions(f"name = '{name}'")) == n
