@@ -8,6 +8,7 @@ sidecar `fedmedclip export` wrote next to it (`model.onnx.sha256`). A file with 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +126,28 @@ def _from_registry(
     dst.mkdir(parents=True, exist_ok=True)
     # Download the pinned version, not the alias again: the alias may move between the two calls.
     pinned = f"models:/{mv.name}/{mv.version}"
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(dst)))
-    except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
-        raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
-    # `fedmedclip register` stores one model.onnx (its `onnx_file` tag), which find_onnx takes.
-    path = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
-    sha = verify_sha256(path, tag, f"the registry tag {ONNX_SHA256_TAG} of {uri} (version {mv.version})")
+    # Into a folder of this process's own beside the cache, verified there, then moved into place: replicas
+    # sharing a --cache-dir and starting together never read (or serve) a file another one is still writing.
+    with tempfile.TemporaryDirectory(prefix=".fedmedclip-download-", dir=dst) as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp))
+        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
+            raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
+        # `fedmedclip register` stores one model.onnx (its `onnx_file` tag), which find_onnx takes.
+        fetched = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
+        sha = verify_sha256(
+            fetched, tag, f"the registry tag {ONNX_SHA256_TAG} of {uri} (version {mv.version})"
+        )
+        path = _move_into(Path(tmp), dst, last=fetched)
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
     return ResolvedModel(path, sha, f"{uri} (version {mv.version})", str(mv.version))
+
+
+def _move_into(tmp: Path, dst: Path, last: Path) -> Path:
+    """Move every file downloaded under `tmp` to the same place under `dst`, each replacing what is there in one
+    step (os.replace), `last` (the verified model) after its companions. Returns where `last` went."""
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file() and p != last) + [last]:
+        target = dst / file.relative_to(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+    return dst / last.relative_to(tmp)

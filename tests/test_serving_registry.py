@@ -70,3 +70,44 @@ def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys, monkeypat
         resolve_model(f"models:/{name}@champion")
     with pytest.raises(ServingError, match="cannot resolve models:/serving-registry-test@nope"):
         resolve_model(f"models:/{name}@nope")
+
+
+def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(registry, tmp_path):
+    """Replicas on one host (one --cache-dir) starting at once: each downloaded the registered file into the
+    shared folder in place, then hashed it, and one hashed a file the other was still writing ("its sha256
+    is e3b0c442..."), refusing to start. Each now downloads into a folder of its own, verifies, then moves the
+    file into place. A race, not forced (a guard): a file of 48 MiB gives each download a window the others'
+    overlap (every run tried failed before the fix), and a second round starts on the file the first left."""
+    import hashlib
+    import os
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from serving.source import resolve_model
+
+    client = MlflowClient(registry, registry_uri=registry)
+    name, n = f"serving-at-once-{uuid.uuid4().hex[:12]}", 4
+    data = os.urandom(48 << 20)  # what resolve_model checks is the hash, not the graph
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.onnx").write_bytes(data)
+    run = client.create_run(client.create_experiment(name))
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model(name)
+    sha = hashlib.sha256(data).hexdigest()
+    source = f"{run.info.artifact_uri}/model"
+    client.create_model_version(name, source, run_id=run.info.run_id, tags={"onnx_sha256": sha})
+    cache = tmp_path / "cache"
+
+    def start(barrier):
+        barrier.wait()
+        return resolve_model(f"models:/{name}/1", cache_dir=str(cache))
+
+    for _ in range(2):
+        with ThreadPoolExecutor(n) as pool:
+            resolved = list(pool.map(start, [threading.Barrier(n, timeout=120)] * n))
+        assert {(r.path, r.sha256) for r in resolved} == {(cache / "model.onnx", sha)}
+        assert hashlib.sha256((cache / "model.onnx").read_bytes()).hexdigest() == sha
+        assert sorted(p.name for p in cache.iterdir()) == ["model.onnx"]  # no download folder left behind
