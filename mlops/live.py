@@ -30,11 +30,11 @@ from .tracking import (
     _flatten,
     _num,
     context_tags,
-    dataset_inputs,
     describe_run,
     final_metrics,
     get_or_create_experiment,
     is_operational,
+    log_dataset_inputs,
     outcome_line,
     round_metrics,
     run_parameters,
@@ -273,7 +273,7 @@ class LiveRunLogger:
             tags_now = [RunTag(k, v) for k, v in all_tags.items()] if existing is not None else []
             client.log_batch(run_id, params=params_now, tags=tags_now)
             if existing is None and partition:
-                client.log_inputs(run_id, datasets=dataset_inputs(partition, data_source or ""))
+                log_dataset_inputs(client, run_id, partition, data_source or "")
         except BaseException as e:
             client.set_terminated(run_id, "FAILED")
             self._finished = True

@@ -341,6 +341,20 @@ def dataset_inputs(partition: dict, data_source: str = "") -> list:
     ]
 
 
+def log_dataset_inputs(client, run_id: str, partition: dict, data_source: str = "") -> None:
+    """Log `dataset_inputs` to the run. Runs of one experiment starting together (two commands, the test
+    workers) log the same new data set at once, and MLflow's store inserts it for each, refusing the later
+    (BAD_REQUEST, 'UNIQUE constraint failed: datasets...'): the data set exists then, and a second call links
+    it. A refusal of another kind is refused again, and raised."""
+    from mlflow.exceptions import MlflowException
+
+    datasets = dataset_inputs(partition, data_source)
+    try:
+        client.log_inputs(run_id, datasets=datasets)
+    except MlflowException:
+        client.log_inputs(run_id, datasets=datasets)
+
+
 # MLflow 3's UI opens an experiment on its GenAI overview unless the experiment says it is model training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"

@@ -920,3 +920,40 @@ def test_several_registrations_of_a_new_model_name_at_once_all_succeed(mlops_sta
     model = client.get_registered_model(name)
     assert model.tags["project"] == "fedmedclip" and model.description.startswith("FedMedCLIP classifier")
     assert len(client.search_model_versions(f"name = '{name}'")) == n
+
+
+def test_runs_starting_together_log_one_new_data_set_without_a_refusal(mlops_stack):
+    """Runs of one experiment that start at the same moment log the same new data set (two `track` commands,
+    two pipelines on one partition): MLflow's store inserted it for each and refused the later ones (BAD_REQUEST,
+    "UNIQUE constraint failed: datasets..."), and the run failed to start. Each run now has both inputs. The
+    collision lands in MLflow's server, where no barrier of ours can line it up: a guard, made likely by
+    repeating the start of six runs at once (before the retry, 2 of 6 such rounds collided with four runs)."""
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from mlops.tracking import log_dataset_inputs
+
+    uri, n = mlops_stack.tracking_uri, 6
+    client = MlflowClient(uri)
+    for trial in range(8):
+        experiment = client.create_experiment(f"test-datasets-{uuid.uuid4().hex[:12]}")
+        partition = {
+            "sites": {"site_0": {"train": [f"{trial}.png"]}},
+            "class_names": ["a", "b"],
+            "digest": uuid.uuid4().hex,
+        }
+        runs = [client.create_run(experiment).info.run_id for _ in range(n)]
+        barrier = threading.Barrier(n, timeout=120)
+
+        def start(run_id: str, barrier=barrier, partition=partition) -> None:
+            own = MlflowClient(uri)
+            barrier.wait()
+            log_dataset_inputs(own, run_id, partition, "synthetic")
+
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(start, runs))
+        for run_id in runs:
+            assert len(client.get_run(run_id).inputs.dataset_inputs) == 2, (trial, run_id)
