@@ -122,7 +122,8 @@ def _from_registry(
             f"--expected-sha256 {expected_sha256} disagrees with {uri}'s {ONNX_SHA256_TAG} tag {tag}"
         )
 
-    dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
+    # Absolute: MLflow answers with absolute paths, which _move_into places relative to the download folder.
+    dst = Path(cache_dir).resolve() if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
     dst.mkdir(parents=True, exist_ok=True)
     # Download the pinned version, not the alias again: the alias may move between the two calls.
     pinned = f"models:/{mv.name}/{mv.version}"

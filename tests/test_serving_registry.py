@@ -72,12 +72,13 @@ def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys, monkeypat
         resolve_model(f"models:/{name}@nope")
 
 
-def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(registry, tmp_path):
+def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(registry, tmp_path, monkeypatch):
     """Replicas on one host (one --cache-dir) starting at once: each downloaded the registered file into the
     shared folder in place, then hashed it, and one hashed a file the other was still writing ("its sha256
     is e3b0c442..."), refusing to start. Each now downloads into a folder of its own, verifies, then moves the
     file into place. A race, not forced (a guard): a file of 48 MiB gives each download a window the others'
-    overlap (every run tried failed before the fix), and a second round starts on the file the first left."""
+    overlap (every run tried failed before the fix), and a second round starts on the file the first left.
+    The --cache-dir is relative, as a replica's command line may give it."""
     import hashlib
     import os
     import threading
@@ -100,10 +101,11 @@ def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(regist
     source = f"{run.info.artifact_uri}/model"
     client.create_model_version(name, source, run_id=run.info.run_id, tags={"onnx_sha256": sha})
     cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
 
     def start(barrier):
         barrier.wait()
-        return resolve_model(f"models:/{name}/1", cache_dir=str(cache))
+        return resolve_model(f"models:/{name}/1", cache_dir="cache")
 
     for _ in range(2):
         with ThreadPoolExecutor(n) as pool:
