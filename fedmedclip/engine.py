@@ -419,9 +419,11 @@ def train(
     out = Path(cfg.out)
     with _only_writer(out):
         check_resumable(cfg, out, resume)
-        atomic_write_json(out / "config.json", cfg.to_json())
         t0 = time.perf_counter()
         prepared = prepare(cfg, progress)
+        # Once the data, the backbone and the prompts are found good: a run refused before (an unknown class,
+        # a damaged backbone) leaves no config.json that would make its corrected command "not empty".
+        atomic_write_json(out / "config.json", cfg.to_json())
         torch.set_num_threads(cfg.threads)
         try:
             if cfg.federation == "federated":

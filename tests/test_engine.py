@@ -338,6 +338,19 @@ def test_a_second_train_of_a_run_directory_being_written_is_refused(cache, tmp_p
     assert not (tmp_path / "never").exists()
 
 
+def test_a_run_refused_before_it_starts_can_be_run_again_corrected(cache, tmp_path):
+    """A new run refused while its data, backbone and prompts are checked (here a class the data does not
+    have) writes nothing: the corrected command then starts on the same --out. (config.json was written first,
+    so the corrected command was refused as "not empty", and with --resume as "differs in classes".)"""
+    from fedmedclip.errors import FedMedClipError
+
+    out = tmp_path / "run"
+    with pytest.raises(FedMedClipError, match="foo"):
+        engine.train(config("fedmedclip", cache, out, rounds=1, classes=["normal", "foo"]), progress=False)
+    assert not out.exists()
+    assert engine.train(config("fedmedclip", cache, out, rounds=1), progress=False)["metrics"]
+
+
 def test_resume_with_another_configuration_is_refused_before_any_encoding(cache, tmp_path):
     cfg = config("fedmedclip", cache, tmp_path / "run", rounds=2)
     engine.train(cfg, progress=False)
