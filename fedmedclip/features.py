@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ from .data import ImageRecord, file_sha256, load_image
 from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
 from .encoders import open_image_encoder
 from .errors import DataError, ImageDecodeError, ProvenanceMismatch
+from .jsonfiles import read_json_object
 from .paths import put_folder_in_place
 from .preprocess import Preprocessing
 
@@ -115,19 +117,44 @@ class FeatureStore:
 
     @classmethod
     def load(cls, directory: Path) -> FeatureStore:
-        tensors = load_file(str(directory / "features.safetensors"))
-        index = json.loads((directory / "index.json").read_text())
-        prov = json.loads((directory / "provenance.json").read_text())
-        return cls(
-            tensors["features"],
-            tensors["labels"],
-            index["image_ids"],
-            index["class_names"],
-            tensors["text_features"],
-            prov,
-            index.get("skipped", []),
-            directory,
-        )
+        """The store `save` wrote at `directory`, or a DataError naming it and what is wrong: a cache damaged on
+        disk stopped every run that reused it with a traceback."""
+        try:
+            tensors = load_file(str(directory / "features.safetensors"))
+            index = read_json_object(directory / "index.json")
+            store = cls(
+                tensors["features"],
+                tensors["labels"],
+                [str(i) for i in index["image_ids"]],
+                [str(c) for c in index["class_names"]],
+                tensors["text_features"],
+                _stored_provenance(directory),
+                [str(i) for i in index.get("skipped", [])],
+                directory,
+            )
+            rows = len(store.image_ids)
+            if store.features.shape[:1] != (rows,) or store.labels.shape != (rows,):
+                raise ValueError(f"{rows} image ids for {tuple(store.features.shape)} features")
+            if not (torch.isfinite(store.features).all() and torch.isfinite(store.text_features).all()):
+                raise ValueError("non-finite features")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            raise _damaged(directory, exc) from None
+        return store
+
+
+def _damaged(directory: Path, exc: Exception) -> DataError:
+    return DataError(
+        f"feature store {str(directory)!r} is damaged ({type(exc).__name__}: {exc}): delete it, and the next run "
+        "encodes the images again"
+    )
+
+
+def _stored_provenance(directory: Path) -> dict:
+    """A store's provenance.json (an object with its digest), else ValueError."""
+    prov = read_json_object(directory / "provenance.json")
+    if not isinstance(prov.get("digest"), str):
+        raise ValueError("provenance.json has no digest")
+    return prov
 
 
 def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -186,7 +213,10 @@ def build_feature_store(
     wanted = provenance_for(records, class_names, backbone, preprocessing, prompt_template, workers)
     directory = Path(directory) if directory is not None else cached_store(cache_dir, wanted["digest"])
     if (directory / "provenance.json").exists():
-        stored = json.loads((directory / "provenance.json").read_text())
+        try:
+            stored = _stored_provenance(directory)
+        except (OSError, ValueError) as exc:
+            raise _damaged(directory, exc) from None
         if stored.get("digest") == wanted["digest"]:
             log.info("reusing feature store %s", directory)
             return FeatureStore.load(directory)
@@ -248,8 +278,10 @@ def build_feature_store(
 
 
 def _complete_store(directory: Path, digest: str) -> bool:
-    path = directory / "provenance.json"
-    return path.exists() and json.loads(path.read_text()).get("digest") == digest
+    try:
+        return _stored_provenance(directory)["digest"] == digest
+    except (OSError, ValueError):
+        return False
 
 
 def check_training_classes(stores: dict[str, FeatureStore], train_ids: dict[str, list[str]]) -> None:

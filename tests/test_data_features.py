@@ -262,6 +262,35 @@ def test_store_contents(tiny, images, tmp_path):
     assert loaded.rows([records[3].image_id, "not/there.png", records[0].image_id]).tolist() == [3, 0]
 
 
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("features.safetensors", b"\x00" * 64),
+        ("index.json", b"{bad"),
+        ("index.json", b"{}"),
+        ("index.json", b'{"image_ids": ["a"], "class_names": ["glioma", "normal"]}'),
+        ("provenance.json", b"{bad"),
+        ("provenance.json", b"[]"),
+    ],
+    ids=["features-garbage", "index-not-json", "index-empty", "index-other-rows", "prov-not-json", "prov-list"],
+)
+def test_a_damaged_store_is_refused_in_one_line_naming_it(tiny, images, tmp_path, name, content):
+    """A feature store damaged on disk (a cache folder of every run) is refused naming the store and what is
+    wrong, when a run reuses it and when it is loaded: each of these was a traceback (SafetensorError,
+    JSONDecodeError, KeyError, AttributeError) at every start."""
+    records, classes = images
+    prep = make_preprocessing("squash", tiny)
+    build = lambda: build_feature_store(  # noqa: E731
+        records, classes, tiny, prep, directory=tmp_path / "s", progress=False
+    )
+    build()
+    (tmp_path / "s" / name).write_bytes(content)
+    for call in (build, lambda: FeatureStore.load(tmp_path / "s")):
+        with pytest.raises(DataError, match=r"feature store .*/s' is damaged .*delete it") as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
 def test_a_store_another_process_wrote_first_is_kept_and_a_different_one_is_refused(tiny, images, tmp_path):
     """Processes sharing a cache may encode the same images at once: the second to finish finds the first's
     store in place and keeps it; a store of other inputs never replaces what is there."""
