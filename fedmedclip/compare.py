@@ -181,8 +181,9 @@ def finished_results(cfg) -> dict | None:
         return None
     from .config import TrainConfig
 
+    stored_json = _cell_file(d, "config.json")  # names the cell itself
     try:
-        stored_cfg = TrainConfig.from_json(_cell_file(d, "config.json"))
+        stored_cfg = TrainConfig.from_json(stored_json)
         # A reference cell finished before its grid's codecs were dropped there (they never acted) still matches.
         stored_cfg.drop_unsent()
         stored = stored_cfg.resume_key()
@@ -195,7 +196,7 @@ def finished_results(cfg) -> dict | None:
         )
     results = _cell_file(d, "results.json")
     try:  # the numbers the table reads: a damaged file is named here, not a KeyError in the summary
-        _cell_numbers(results), results["rounds"]
+        _check_cell_numbers(results), results["rounds"]
     except (KeyError, TypeError) as exc:
         raise _damaged(d, "results.json", f"no {exc}" if isinstance(exc, KeyError) else exc) from None
     return results
@@ -415,6 +416,22 @@ def _cell_numbers(results: dict) -> dict:
         "bytes_per_site_per_round": results["comm"]["bytes_up_per_site_per_round"],
         "seconds_per_round": results["timing"]["seconds_per_round"],
     }
+
+
+def _check_cell_numbers(results: dict) -> None:
+    """Each number the table reads is a number or null (a TypeError naming the first that is not, by where it
+    is in results.json: the summary would stop on it with numpy's message)."""
+    m = results["metrics"]
+    numbers = {
+        **{f"metrics.global.{k}": m["global"][k] for k in METRICS},
+        **{f"metrics.site_mean.{k}": m["site_mean"][k] for k in METRICS},
+        "metrics.best_round": m["best_round"],
+        "comm.bytes_up_per_site_per_round": results["comm"]["bytes_up_per_site_per_round"],
+        "timing.seconds_per_round": results["timing"]["seconds_per_round"],
+    }
+    for name, value in numbers.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} is {json.dumps(value)[:40]}, not a number")
 
 
 # ---------------------------------------------------------------- command line

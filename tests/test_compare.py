@@ -140,8 +140,24 @@ def one_finished_cell(tmp_path_factory, synthetic_cache):
         ("results.json", "{}", "no 'metrics'"),
         ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ("config.json", None, "missing"),
+        (
+            "results.json",
+            lambda r: r["metrics"]["global"].update(bacc="high"),
+            'metrics.global.bacc is "high"',
+        ),
+        ("results.json", lambda r: r["comm"].update(bytes_up_per_site_per_round=[1]), "comm.bytes_up"),
+        ("results.json", lambda r: r["metrics"].update(site_mean="x"), "string indices must be integers"),
     ],
-    ids=["results-cut", "results-list", "results-empty", "config-deep", "config-missing"],
+    ids=[
+        "results-cut",
+        "results-list",
+        "results-empty",
+        "config-deep",
+        "config-missing",
+        "results-word-for-number",
+        "results-list-for-number",
+        "results-word-for-object",
+    ],
 )
 def test_a_damaged_finished_cell_is_named_in_one_line(
     tmp_path, capsys, synthetic_cache, one_finished_cell, name, content, why
@@ -154,6 +170,10 @@ def test_a_damaged_finished_cell_is_named_in_one_line(
     (cell,) = {p.parent for p in (tmp_path / "grid").rglob("results.json")}
     if content is None:
         (cell / name).unlink()
+    elif callable(content):  # a number edited into another type
+        edited = json.loads((cell / name).read_text())
+        content(edited)
+        (cell / name).write_text(json.dumps(edited))
     else:
         (cell / name).write_text(content)
     capsys.readouterr()
@@ -161,6 +181,7 @@ def test_a_damaged_finished_cell_is_named_in_one_line(
     text = capsys.readouterr().err
     err = error_lines(text)
     assert len(err) == 1 and err[0].startswith(f"error: {cell}: its {name} is unreadable (") and why in err[0]
+    assert err[0].count("unreadable") == 1, err[0]
     assert err[0].endswith("delete that cell to redo it") and "Traceback" not in text
 
 
