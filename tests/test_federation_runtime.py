@@ -305,3 +305,20 @@ def test_absent_sites_quorum_and_a_round_without_quorum(cache, tmp_path, capsys,
 
     _, body, _ = CheckpointStore(LocalDirStore(mailbox / "runs/r/server/ckpt"), "server").load()
     assert body["history"][0]["sites_present"] == ["site_0", "site_1", "site_2"]
+
+
+def test_a_mailbox_or_state_that_is_a_file_is_refused_at_once(tmp_path, capsys):
+    """A local --mailbox (or a site's --state) naming a file: the party says so at once, exit status 2, where a
+    site waited its whole --join-timeout (an hour by default) for a manifest that could never appear there."""
+    from fedmedclip.cli import main
+
+    file = tmp_path / "afile.txt"
+    file.write_text("x")
+    site = ["site", "run", "--run-id", "r", "--site", "site_0", "--join-timeout", "600"]
+    for argv in (
+        [*site, "--mailbox", str(file)],
+        ["server", "run", "--run-id", "r", "--out", str(tmp_path / "out"), "--mailbox", str(file)],
+    ):
+        assert main(["-q", *argv]) == 2
+        assert f"{file} is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]

@@ -205,6 +205,8 @@ class LocalDirStore(ObjectStore):
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.url = str(self.root)
+        if self.root.exists() and not self.root.is_dir():  # a mailbox there would be waited for, never found
+            raise StoreError(f"{root} is a file, not a folder: give a folder (or s3://BUCKET/PREFIX)")
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
