@@ -73,6 +73,11 @@ def require_tracking_uri(explicit: str | None = None, purpose: str = "", error=F
     uri = find_tracking_uri(explicit)
     if uri is None:
         raise error(f"{lead}{NO_TRACKING_SERVER} (then `eval $(fedmedclip stack env)` for other shells)")
+    if not uri.startswith(("http://", "https://")):  # MLflow would take a path or a database, here or later
+        raise error(
+            f"{lead}{uri!r} is not a tracking server's address: give http(s)://HOST:PORT in --tracking-uri or "
+            "MLFLOW_TRACKING_URI (runs and models are tracked by a server, whose artifacts are on S3)"
+        )
     problem = unreachable(uri)
     if problem is not None:
         raise error(

@@ -372,3 +372,31 @@ def test_mlflow_is_the_pinned_version_whose_asynchronous_logging_we_read():
     assert version("mlflow") == PINNED_VERSION == "3.17.2"
     future = Future()
     assert operation_futures(RunOperations([future])) == [future]
+
+
+@pytest.mark.parametrize("uri", ["notascheme", "file:///tmp/mlruns", "sqlite:///mlflow.db"])
+def test_a_tracking_uri_that_is_no_server_is_refused_before_any_work(tmp_path, capsys, uri):
+    """`train --tracking-uri` (or `serve models:/...`) with a path or a database instead of a tracking server:
+    refused in one line before anything is encoded or written. `train` trained the whole run and then said it
+    was 'complete but not tracked'; `serve` and `backbone` stopped with MLflow's traceback."""
+    from fedmedclip.cli import main
+
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--synthetic",
+        json.dumps(SYNTH),
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--tracking-uri",
+        uri,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert main(["-q", *argv]) == 2
+    assert f"{uri!r} is not a tracking server's address" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+    assert main(["serve", "models:/any@champion", "--tracking-uri", uri]) == 2
+    assert f"{uri!r} is not a tracking server's address" in capsys.readouterr().err
