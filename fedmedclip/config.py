@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,11 +45,9 @@ def _method_options(method: str) -> dict:
 
 
 def _synthetic_arguments() -> dict:
-    import inspect
+    from .synthetic import defaults
 
-    from .synthetic import generate
-
-    return {k: p.default for k, p in inspect.signature(generate).parameters.items()}
+    return defaults()
 
 
 @dataclass
@@ -125,6 +124,7 @@ class TrainConfig:
     seed: int = setting(
         0,
         group="data",
+        minimum=0,
         extraction=True,
         partition=True,
         grid=True,
@@ -266,7 +266,7 @@ class TrainConfig:
         help="a method option KEY=VALUE, e.g. lr_fam=5e-4 or local_steps=50 (repeatable; unknown options are "
         "refused with the list of known ones)",
     )
-    # arguments of fedmedclip.synthetic.generate
+    # arguments of fedmedclip.synthetic.generate (its keywords, each an integer within the bounds it declares)
     synthetic: dict = setting(
         group="data",
         parse=parse_json_object,
@@ -342,6 +342,8 @@ class TrainConfig:
                 f"{self.partition} ignores it: drop --alpha, or use --partition dirichlet"
             )
         self._validate_split()
+        self._validate_prompt_template()
+        self._validate_synthetic()
         for flag, name, direction in (
             ("--codec-up", self.codec_up, "up"),
             ("--codec-down", self.codec_down, "down"),
@@ -473,6 +475,37 @@ class TrainConfig:
             )
         if not 0 <= self.reference_fraction < 0.5:
             raise ConfigError(f"--reference-fraction must be in [0, 0.5), got {self.reference_fraction!r}")
+
+    def _validate_prompt_template(self) -> None:
+        # Here, not where the prompts are formatted: '{} {x}' was a KeyError there, '{}{}' an IndexError.
+        template = self.prompt_template
+        if not isinstance(template, str):
+            raise ConfigError(f"--prompt-template must be a string, got {template!r}")
+        try:
+            fields = [f[1:] for f in string.Formatter().parse(template) if f[1] is not None]
+        except ValueError as exc:
+            fields = [str(exc)]
+        if fields != [("", "", None)]:
+            raise ConfigError(
+                f"--prompt-template {template!r} must hold exactly one '{{}}' (the class name) and no other "
+                "replacement field, e.g. 'a brain MRI showing {}' (a literal brace is written '{{' or '}}')"
+            )
+
+    def synthetic_arguments(self) -> dict:
+        """The arguments of fedmedclip.synthetic.generate for `--data synthetic`: --synthetic's, with one site per
+        --sites unless it names its own."""
+        return {"sites": self.sites or 3, **self.synthetic}
+
+    def _validate_synthetic(self) -> None:
+        # Here, not when the data is generated: that was after config.json was written and the pipeline had
+        # started, and an unknown option was a TypeError from generate().
+        from .synthetic import check_arguments
+
+        if not isinstance(self.synthetic, dict):
+            raise ConfigError(f"--synthetic must be a JSON object, got {self.synthetic!r}")
+        check_arguments(self.synthetic, "--synthetic")
+        if self.data == SYNTHETIC and "sites" not in self.synthetic:  # the generator's sites are --sites
+            check_arguments({"sites": self.synthetic_arguments()["sites"]}, "--sites with --data synthetic")
 
     def _validate_privacy(self, method_cls) -> None:
         if not isinstance(self.privacy, dict):

@@ -5,6 +5,7 @@ indices whenever a site lacks a class)."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -257,47 +258,82 @@ def from_csv(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {str(path)!r} does not exist")
-    base = path.parent
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
+    records = []
+    try:
         missing = {"path", "label"} - set(reader.fieldnames or [])
         if missing:
             raise DataError(
                 f"{path}: missing column(s) {', '.join(sorted(missing))}; need path,label[,site][,split]"
             )
-        records = []
         seen: dict[Path, int] = {}
         for line, row in enumerate(reader, start=2):
-            rel = (row.get("path") or "").strip()
-            label = (row.get("label") or "").strip()
-            if not rel or not label:
-                raise DataError(f"{path}:{line}: empty path or label")
-            # The same image twice (e.g. in train and test) would leak across the splits.
-            key = (base / rel).resolve()
-            if key in seen:
-                raise DataError(f"{path}:{line}: image {rel!r} is already listed on line {seen[key]}")
-            seen[key] = line
-            if classes is not None and label not in classes:
-                raise DataError(f"{path}:{line}: unknown label {label!r}; expected one of {sorted(classes)}")
-            split_raw = (row.get("split") or "train").strip().lower()
-            split = _SPLIT_ALIASES.get(split_raw)
-            if split is None:
-                raise DataError(f"{path}:{line}: unknown split {split_raw!r}; use train or test")
-            file = (base / rel).resolve()
-            if not allow_outside_root:
-                check_file_within(
-                    file,
-                    base,
-                    f"{path}:{line}: image {rel!r}",
-                    "pass allow_outside_root (the command line's --allow-outside-root) if that is intended",
-                )
-            if not file.is_file():
-                raise DataError(f"{path}:{line}: image file {str(file)!r} does not exist")
-            site = (row.get("site") or "").strip() or None
-            records.append(ImageRecord(rel, str(file), label, split, site))
+            records.append(_manifest_record(path, line, row, seen, classes, allow_outside_root))
+    except csv.Error as exc:  # Python 3.10's csv refuses a NUL byte; a field beyond csv's size limit
+        raise DataError(f"{path}:{reader.line_num}: not a readable CSV row: {exc}") from None
     class_names = _resolve_classes(sorted({r.label for r in records}), classes, str(path))
     _check_classes(class_names, [r for r in records if r.split == "train"], f"{path} (training split)")
     return ImageSet(class_names, records, str(path.resolve()))
+
+
+def _manifest_text(path: Path) -> str:
+    """The manifest's text: UTF-8 (a byte-order mark is dropped), else a DataError naming the line."""
+    data = path.read_bytes()
+    data = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}): save the manifest as UTF-8"
+        ) from None
+
+
+def _manifest_record(
+    path: Path,
+    line: int,
+    row: dict,
+    seen: dict[Path, int],
+    classes: list[str] | None,
+    allow_outside_root: bool,
+) -> ImageRecord:
+    """One row of a CSV manifest (`line`: its line) as an ImageRecord, or a DataError naming the line."""
+    base = path.parent
+    rel = (row.get("path") or "").strip()
+    label = (row.get("label") or "").strip()
+    if not rel or not label:
+        raise DataError(f"{path}:{line}: empty path or label")
+    if "\0" in rel:  # no file system path holds one: os calls raised ValueError("embedded null byte")
+        raise DataError(f"{path}:{line}: image path {rel!r} contains a NUL byte")
+    try:
+        file = (base / rel).resolve()
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}:{line}: image path {rel!r}: {exc}") from None
+    # The same image twice (e.g. in train and test) would leak across the splits.
+    if file in seen:
+        raise DataError(f"{path}:{line}: image {rel!r} is already listed on line {seen[file]}")
+    seen[file] = line
+    if classes is not None and label not in classes:
+        raise DataError(f"{path}:{line}: unknown label {label!r}; expected one of {sorted(classes)}")
+    split_raw = (row.get("split") or "train").strip().lower()
+    split = _SPLIT_ALIASES.get(split_raw)
+    if split is None:
+        raise DataError(f"{path}:{line}: unknown split {split_raw!r}; use train or test")
+    if not allow_outside_root:
+        check_file_within(
+            file,
+            base,
+            f"{path}:{line}: image {rel!r}",
+            "pass allow_outside_root (the command line's --allow-outside-root) if that is intended",
+        )
+    try:
+        is_file = file.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system
+        raise DataError(f"{path}:{line}: image {rel!r}: {exc}") from None
+    if not is_file:
+        raise DataError(f"{path}:{line}: image file {str(file)!r} does not exist")
+    site = (row.get("site") or "").strip() or None
+    return ImageRecord(rel, str(file), label, split, site)
 
 
 # ----------------------------------------------------------------------------- exact duplicates

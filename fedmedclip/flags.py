@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 
@@ -171,8 +172,6 @@ def declared(cls, nested: bool = True) -> list[Declared]:
 def check_declared(obj) -> None:
     """What each field of `obj` declares of itself: an integer, a finite number, one of its choices, at least its
     minimum (None, where allowed, is unset); ConfigError names the flag."""
-    import math
-
     for d in declared(type(obj), nested=False):
         value, flag = getattr(obj, d.name), d.flags[0]
         if value is None:
@@ -403,9 +402,23 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts
 
 
+def _finite_json(text: str, flag: str):
+    """`text` as JSON, refusing what is not JSON: NaN, Infinity and a number beyond a float's range (1e400), which
+    Python's json reads as a float but no JSON file, config.json or pipeline parameter can hold."""
+
+    def refuse(token: str):
+        raise ConfigError(f"{flag} {text!r}: {token} is not a JSON number; give a finite number")
+
+    def number(token: str) -> float:
+        value = float(token)
+        return value if math.isfinite(value) else refuse(token)
+
+    return json.loads(text, parse_constant=refuse, parse_float=number)
+
+
 def parse_json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
+        value = _finite_json(text, "--synthetic")
     except ValueError as exc:
         raise ConfigError(f"--synthetic {text!r} is not JSON: {exc}") from None
     if not isinstance(value, dict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,14 +57,18 @@ def _local_source(cfg: TrainConfig) -> Path | str:
         return cfg.data
     from . import synthetic
 
-    args = {"sites": cfg.sites or 3, **cfg.synthetic}
+    args = cfg.synthetic_arguments()
     folder = Path(cfg.cache_dir) / "synthetic" / canonical_digest(args)[:16]
     manifest = folder / "manifest.csv"
     if not manifest.exists():
         # A private temporary folder: processes sharing the cache may generate the same data at once.
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        synthetic.generate(tmp, **args)
+        try:
+            synthetic.generate(tmp, **args)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed generation leaves nothing in the cache
+            raise
         put_folder_in_place(tmp, folder, manifest.exists)  # or another process put the same data there first
     return manifest
 
@@ -162,8 +167,10 @@ def load_pixels(
 
 
 def partition_for(cfg: TrainConfig, image_set: ImageSet) -> Partition:
-    """The configured partition of the image set (the pipeline's prepare task calls this too)."""
-    return make_partition(
+    """The configured partition of the image set (the pipeline's prepare task calls this too). With
+    --partition natural the data names the sites: a --sites that differs is refused, as --alpha is where the
+    partition ignores it (config.json, the run manifest and the MLflow parameters would record it)."""
+    partition = make_partition(
         image_set,
         cfg.partition,
         cfg.sites if cfg.partition != "natural" else None,
@@ -172,6 +179,13 @@ def partition_for(cfg: TrainConfig, image_set: ImageSet) -> Partition:
         cfg.split_ratio,
         cfg.reference_fraction,
     )
+    if cfg.partition == "natural" and cfg.sites is not None and cfg.sites != len(partition.site_names):
+        names = partition.site_names
+        raise ConfigError(
+            f"--sites {cfg.sites}, but --partition natural trains the {len(names)} site(s) the data names "
+            f"({', '.join(names)}): pass --sites {len(names)}, or another --partition"
+        )
+    return partition
 
 
 def checked_partition(cfg: TrainConfig) -> tuple[ImageSet, Partition]:

@@ -7,6 +7,9 @@ a smooth bias field of site-specific direction), so a site is a domain, as in re
 from __future__ import annotations
 
 import csv
+import inspect
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,19 @@ from PIL import Image
 from .errors import ConfigError
 
 MIN_SIZE, MAX_SIZE = 8, 4096  # image side in pixels
+
+
+@dataclass(frozen=True)
+class Between:
+    """What a keyword of `generate` accepts, declared on it (`Annotated[int, Between(1, 64)]`): an integer from
+    `low` to `high` (None: no upper bound)."""
+
+    low: int
+    high: int | None = None
+
+    def describe(self) -> str:
+        return f"from {self.low} to {self.high}" if self.high is not None else f"of at least {self.low}"
+
 
 CLASSES = ("diffuse_lesion", "normal", "ring_lesion", "round_lesion")
 
@@ -56,27 +72,18 @@ def _render(cls: str, shift, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def generate(
     out_dir: str | Path,
-    sites: int = 3,
-    per_class_per_site: int = 80,
-    test_per_class: int = 30,
-    size: int = 96,
-    seed: int = 0,
+    sites: typing.Annotated[int, Between(1, 64)] = 3,
+    per_class_per_site: typing.Annotated[int, Between(1, 100_000)] = 80,
+    test_per_class: typing.Annotated[int, Between(1, 100_000)] = 30,
+    size: typing.Annotated[int, Between(MIN_SIZE, MAX_SIZE)] = 96,
+    seed: typing.Annotated[int, Between(0)] = 0,
 ) -> Path:
     """Write PNGs and `manifest.csv` (path,label,site,split) to out_dir; returns the manifest path.
-    Deterministic: the same arguments always give byte-identical files."""
+    Deterministic: the same arguments always give byte-identical files. Its keywords (after `out_dir`), with
+    what each accepts, are the options of `--synthetic` and the flags of `fedmedclip synth` (`arguments()`)."""
     # Checked before anything is written: size 0 was a traceback from Pillow, size 1 divided by zero, a huge
-    # size a MemoryError, and no sites or no images wrote a set that no run can use.
-    limits = {
-        "sites": (sites, 1, 64),
-        "per_class_per_site": (per_class_per_site, 1, 100_000),
-        "test_per_class": (test_per_class, 1, 100_000),
-        "size": (size, MIN_SIZE, MAX_SIZE),
-    }
-    for name, (value, low, high) in limits.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ConfigError(
-                f"synthetic data: {name} must be an integer from {low} to {high}, got {value!r}"
-            )
+    # size a MemoryError, a negative seed numpy's, and no sites or no images wrote a set that no run can use.
+    check_arguments({k: v for k, v in locals().items() if k != "out_dir"})  # first: its arguments alone
     out = Path(out_dir)
     manifest = out / "manifest.csv"
     rows = []
@@ -98,3 +105,36 @@ def generate(
         w.writerow(["path", "label", "site", "split"])
         w.writerows(rows)
     return manifest
+
+
+def arguments() -> dict[str, Between]:
+    """generate's keywords after `out_dir`, each with what it accepts, from its own signature."""
+    hints = typing.get_type_hints(generate, include_extras=True)
+    names = list(inspect.signature(generate).parameters)[1:]
+    return {name: next(m for m in hints[name].__metadata__ if isinstance(m, Between)) for name in names}
+
+
+def defaults() -> dict[str, int]:
+    """generate's keywords after `out_dir` with their defaults."""
+    return {k: p.default for k, p in list(inspect.signature(generate).parameters.items())[1:]}
+
+
+def check_arguments(args: dict, where: str = "synthetic data") -> None:
+    """ConfigError (prefixed `where`: the flag that set them) unless `args` are keywords `generate` takes, each
+    an integer within its declared bounds."""
+    accepted = arguments()
+    unknown = sorted(str(k) for k in args if k not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option(s) {', '.join(map(repr, unknown))}; the generator takes "
+            f"{', '.join(accepted)}"
+        )
+    for name, value in args.items():
+        bounds = accepted[name]
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < bounds.low
+            or (bounds.high is not None and value > bounds.high)
+        ):
+            raise ConfigError(f"{where}: {name} must be an integer {bounds.describe()}, got {value!r}")

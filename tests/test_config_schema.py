@@ -497,3 +497,145 @@ def test_a_method_that_needs_a_global_model_is_refused_a_reference_before_any_wo
     ]
     assert not out.exists() and not cache.exists()
     assert TrainConfig(out="", method="fedavg", federation=federation).validate()
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "message"),
+    [
+        ({"nope": 1}, "--synthetic: unknown option(s) 'nope'; the generator takes sites, per_class_per_site"),
+        ({"out_dir": "x"}, "--synthetic: unknown option(s) 'out_dir'"),
+        ({"seed": "x"}, "--synthetic: seed must be an integer of at least 0, got 'x'"),
+        ({"seed": 1.5}, "--synthetic: seed must be an integer of at least 0, got 1.5"),
+        ({"seed": -1}, "--synthetic: seed must be an integer of at least 0, got -1"),
+        ({"size": True}, "--synthetic: size must be an integer from 8 to 4096, got True"),
+        (
+            {"per_class_per_site": 0},
+            "--synthetic: per_class_per_site must be an integer from 1 to 100000, got 0",
+        ),
+    ],
+)
+def test_a_synthetic_option_the_generator_does_not_take_is_refused_before_any_work(
+    synthetic, message, tmp_path, capsys
+):
+    """An unknown --synthetic key was a TypeError traceback from generate() (after config.json was written, and
+    after `pipeline run --local` had started), leaving an empty temporary folder in the cache; a string or a
+    fractional seed a TypeError. The keys and their bounds are generate()'s own declaration."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+    from fedmedclip.synthetic import arguments, generate
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(out="", synthetic=synthetic).validate()
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["train", "--synthetic", json.dumps(synthetic), "--rounds", "1", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(out)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"error: {message}")
+    assert not out.exists() and not cache.exists()
+    import inspect
+
+    assert list(arguments()) == list(inspect.signature(generate).parameters)[1:]
+    # the pipeline's settings give integers back as floats: still the generator's integers
+    (cfg,) = from_parameters({"synthetic": {"size": 16.0, "seed": 3.0}}, TrainConfig)
+    assert cfg.validate().synthetic == {"size": 16, "seed": 3}
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_a_json_flag_refuses_numbers_json_cannot_hold_naming_the_flag(number, tmp_path, capsys):
+    """Python's json reads NaN, Infinity and 1e400 (an infinite float): --synthetic '{"size": NaN}' reached
+    config.json's writing (a traceback: out of range float values are not JSON compliant), and `pipeline run
+    --local` a protobuf SerializeToJsonError. Refused where the flag's JSON is read."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+    from fedmedclip.flags import parse_json_object
+
+    text = f'{{"per_class_per_site": {number}}}'
+    message = f"--synthetic '{text}': {number} is not a JSON number; give a finite number"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_json_object(text)
+    for command in (["train", "--out", str(tmp_path / "run")], ["pipeline", "run", "--local"]):
+        cache = tmp_path / "cache"
+        assert main([*command, "--synthetic", text, "--rounds", "1", "--cache-dir", str(cache)]) == 2
+        assert error_lines(capsys.readouterr().err) == [f"error: {message}"]
+        assert not (tmp_path / "run").exists() and not cache.exists()
+    assert parse_json_object('{"size": 16, "seed": 1e2}') == {"size": 16, "seed": 100.0}
+
+
+def test_a_negative_or_fractional_seed_is_refused_before_any_work(tmp_path, capsys):
+    """--seed -1 was numpy's ValueError traceback from the partition's draw (after config.json was written), and
+    `fedmedclip synth DIR --seed -1` the same from the generator; the seed's minimum is declared."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    assert declared_field("seed").meta["minimum"] == 0
+    for bad, message in (
+        (-1, "--seed must be at least 0, got -1"),
+        (1.5, "--seed must be an integer, got 1.5"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig(out="", seed=bad).validate()
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--seed", "-1", "--rounds", "1", "--cache-dir", str(cache), "--out", str(out)]) == 2
+    assert error_lines(capsys.readouterr().err) == ["error: --seed must be at least 0, got -1"]
+    assert not out.exists() and not cache.exists()
+    assert main(["-q", "synth", str(tmp_path / "synth"), "--seed", "-1"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "error: synthetic data: seed must be an integer of at least 0, got -1"
+    ]
+    assert not (tmp_path / "synth").exists()
+    assert TrainConfig(out="", seed=0).validate().seed == 0
+
+
+def declared_field(name: str):
+    return next(d for d in declared(TrainConfig) if d.name == name)
+
+
+@pytest.mark.parametrize(
+    "template", ["{} {x}", "{} {0}", "{} }", "{} {", "{}{}", "{0}", "{!r}", "{:d}", "mri"]
+)
+def test_a_prompt_template_needs_exactly_one_replacement_field(template, tmp_path, capsys):
+    """'{} {x}' was a KeyError traceback where the prompts were formatted, '{} {0}', '{} }', '{} {' and '{}{}'
+    a ValueError or an IndexError: refused up front, naming --prompt-template."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    message = f"--prompt-template {template!r} must hold exactly one '{{}}' (the class name)"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(out="", prompt_template=template).validate()
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["train", "--prompt-template", template, "--rounds", "1", "--cache-dir", str(cache)]
+    assert main([*argv, "--out", str(out)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"error: {message}")
+    assert not out.exists() and not cache.exists()
+    for good in ("a brain MRI showing {}", "{}", "{{literal}} {} scan"):
+        assert TrainConfig(out="", prompt_template=good).validate().prompt_template == good
+
+
+def test_a_sites_count_the_natural_partition_contradicts_is_refused(tmp_path, capsys):
+    """--partition natural trains the sites the manifest names: with --sites 5 and a manifest of 3 sites the run
+    trained 3 while config.json (and the run manifest, MLflow) recorded 5. Refused where the manifest's sites
+    are known, as --alpha is where the partition ignores it; a matching --sites runs."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+    from fedmedclip.preparation import checked_partition
+    from fedmedclip.synthetic import generate
+
+    manifest = generate(tmp_path / "data", sites=3, per_class_per_site=12, test_per_class=3, size=8)
+    message = (
+        "--sites 5, but --partition natural trains the 3 site(s) the data names (site_0, site_1, site_2): pass "
+        "--sites 3, or another --partition"
+    )
+    cfg = TrainConfig(out="", data=str(manifest), partition="natural", sites=5, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        checked_partition(cfg.validate())
+    cfg.sites = 3
+    assert checked_partition(cfg.validate())[1].site_names == ["site_0", "site_1", "site_2"]
+    argv = ["train", "--data", str(manifest), "--partition", "natural", "--sites", "5", "--rounds", "1"]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {message}"]

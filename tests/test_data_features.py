@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import struct
 import warnings
 import zlib
@@ -272,7 +273,14 @@ def test_store_contents(tiny, images, tmp_path):
         ("provenance.json", b"{bad"),
         ("provenance.json", b"[]"),
     ],
-    ids=["features-garbage", "index-not-json", "index-empty", "index-other-rows", "prov-not-json", "prov-list"],
+    ids=[
+        "features-garbage",
+        "index-not-json",
+        "index-empty",
+        "index-other-rows",
+        "prov-not-json",
+        "prov-list",
+    ],
 )
 def test_a_damaged_store_is_refused_in_one_line_naming_it(tiny, images, tmp_path, name, content):
     """A feature store damaged on disk (a cache folder of every run) is refused naming the store and what is
@@ -776,3 +784,41 @@ def test_synth_refuses_settings_no_run_can_use_in_one_line(tmp_path, capsys, fla
     assert len(err) == 1 and err[0].startswith("error: synthetic data: ") and f"got {value}" in err[0]
     assert "Traceback" not in text
     assert not out.exists()
+
+
+def test_a_manifest_that_is_not_utf8_or_names_a_nul_byte_is_refused_naming_the_line(tmp_path):
+    """A manifest in another encoding was a UnicodeDecodeError traceback, a NUL byte in a path a ValueError
+    (embedded null byte): each a DataError naming the file and its line, as any other bad row is. A UTF-8
+    byte-order mark (as spreadsheet programs write) is not part of the first column's name."""
+    p = _manifest(tmp_path, ["img/0.png,a,h1,train", "img/1.png,b,h1,train"])
+    p.write_bytes(p.read_bytes() + "img/2.png,caf\u00e9,h1,train\n".encode("latin-1"))
+    with pytest.raises(
+        DataError, match=re.escape(f"{p}:4: not UTF-8 text (byte 0xe9): save the manifest as UTF-8")
+    ):
+        from_csv(p)
+    p.write_text("path,label,site,split\nimg/0.png,a,h1,train\nimg/1\x00.png,b,h1,train\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:3: image path 'img/1\\x00.png' contains a NUL byte")):
+        from_csv(p)
+    p.write_text("path,label,site,split\nimg/0.png,a,h1,train\nimg/1.png,b\x00,h1,train\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}:3: ")):
+        from_csv(p, classes=["a", "b"])  # a NUL elsewhere in a row: named by its line too
+    p.write_bytes(b"\xef\xbb\xbfpath,label\nimg/0.png,a\nimg/1.png,b\n")
+    assert [r.label for r in from_csv(p).records] == ["a", "b"]
+
+
+def test_a_failed_generation_of_the_synthetic_data_leaves_no_folder_in_the_cache(tmp_path, monkeypatch):
+    """The temporary folder the synthetic data is generated into was left behind, empty, by every generation
+    that failed (an option generate() did not take)."""
+    from fedmedclip import synthetic
+    from fedmedclip.config import TrainConfig
+    from fedmedclip.preparation import _local_source
+
+    def fail(out_dir, **kwargs):
+        (Path(out_dir) / "half").mkdir()
+        raise OSError("disk full")
+
+    cfg = TrainConfig(out="", cache_dir=str(tmp_path / "cache"), synthetic={"size": 8}).validate()
+    monkeypatch.setattr(synthetic, "generate", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _local_source(cfg)
+    assert list((tmp_path / "cache" / "synthetic").iterdir()) == []
