@@ -322,3 +322,24 @@ def test_a_mailbox_or_state_that_is_a_file_is_refused_at_once(tmp_path, capsys):
         assert main(["-q", *argv]) == 2
         assert f"{file} is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+@pytest.mark.parametrize("flag", ["--quorum", "--stall-every"])
+def test_a_zero_quorum_or_stall_interval_is_refused(tmp_path, capsys, flag):
+    """`server run --quorum 0` ran with every site as its quorum (what leaving it unset means) while a quorum
+    above the sites was refused; `--stall-every 0` printed a 'waiting' line at every poll."""
+    from fedmedclip.cli import main
+
+    argv = [
+        "server",
+        "run",
+        "--run-id",
+        "r",
+        "--out",
+        str(tmp_path / "out"),
+        "--mailbox",
+        str(tmp_path / "mb"),
+    ]
+    assert main(["-q", *argv, flag, "0"]) == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

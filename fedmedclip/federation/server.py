@@ -71,7 +71,7 @@ class ServerOptions:
         group="server",
         manifest=True,
         resume="never",
-        minimum=0,
+        minimum=1,  # 0 read as "every site" (the unset default) while 9 of 3 was refused
         help="minimum sites per round once a round times out (default: every site)",
     )
     round_timeout: float = setting(
@@ -122,6 +122,7 @@ class ServerOptions:
         30.0,
         group="server",
         commands=(SERVER_RUN,),
+        minimum=1,  # 0 printed a 'waiting' line at every poll
         help="seconds between 'waiting for' lines (default: %(default)s)",
     )
     heartbeat_every: float = 10.0  # seconds between status writes while the server waits
