@@ -44,8 +44,13 @@ def _site_names(args) -> list[str]:
     from fedmedclip.errors import ConfigError
     from mlops.policies import default_site_names
 
-    if args.site_names:
-        names = [n.strip() for n in args.site_names.split(",") if n.strip()]
+    if args.site_names is not None:
+        names = [n.strip() for n in args.site_names.split(",")]
+        if not all(names):  # ",," named no site; "a,,b" a typo: neither starts a stack without site roles
+            raise ConfigError(
+                f"--site-names {args.site_names!r}: a site name is empty; give comma-separated names, "
+                "e.g. --site-names charite,ucsf"
+            )
         if args.sites is not None and args.sites != len(names):
             raise ConfigError(f"--sites {args.sites} but --site-names names {len(names)} sites: {names}")
         return names

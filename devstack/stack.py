@@ -641,6 +641,8 @@ def stack_ports(host: str = DEFAULT_HOST, s3_port: int | None = None, mlflow_por
             if not raw.isdigit() or not 0 < int(raw) < 65536:
                 raise StackError(f"${env}={raw!r} is not a port number")
             port = int(raw)
+        elif port is not None and not 0 < int(port) < 65536:  # bind() would raise, or port 0 pick any
+            raise StackError(f"{flag} {port}: not a port number (1 to 65535)")
         asked = port is not None
         port = default if port is None else int(port)
         if port in chosen or not _port_free(host, port):

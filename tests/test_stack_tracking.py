@@ -957,3 +957,54 @@ def test_runs_starting_together_log_one_new_data_set_without_a_refusal(mlops_sta
             list(pool.map(start, runs))
         for run_id in runs:
             assert len(client.get_run(run_id).inputs.dataset_inputs) == 2, (trial, run_id)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["stack", "up", "--data-dir"], ["demo", "--local-data", "--stack-dir"]],
+    ids=["stack-up", "demo"],
+)
+@pytest.mark.parametrize("flag, port", [("--s3-port", "-1"), ("--s3-port", "70000"), ("--mlflow-port", "0")])
+def test_a_port_flag_out_of_range_is_one_line_before_anything_starts(command, flag, port, tmp_path, capsys):
+    """-1 or 70000 was bind()'s OverflowError traceback; 0 was taken and then waited 90 s for "port 0"."""
+    from devstack.stack import stop_stack
+    from fedmedclip.cli import main
+
+    data_dir = tmp_path / "stack"
+    try:
+        assert main([*command, str(data_dir), flag, port]) == 2
+    finally:
+        stop_stack(data_dir)  # were anything started
+    err = capsys.readouterr().err
+    assert error_lines(err) == [f"error: {flag} {port}: not a port number (1 to 65535)"], err
+    assert read_state(data_dir) is None
+
+
+@pytest.mark.parametrize("names", [",,", "", "charite,,ucsf", "charite, "])
+def test_empty_site_names_are_refused_before_the_stack_starts(names, tmp_path, capsys):
+    """`--site-names ,,` started a stack without a single site role, where `--sites 0` is refused."""
+    from devstack.stack import stop_stack
+    from fedmedclip.cli import main
+
+    data_dir = tmp_path / "stack"
+    s3_port, ml_port = free_ports(2)
+    argv = [
+        "stack",
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--s3-port",
+        str(s3_port),
+        "--mlflow-port",
+        str(ml_port),
+    ]
+    try:
+        assert main([*argv, "--site-names", names]) == 2
+    finally:
+        stop_stack(data_dir)
+    err = capsys.readouterr().err
+    assert error_lines(err) == [
+        f"error: --site-names {names!r}: a site name is empty; give comma-separated names, e.g. --site-names "
+        "charite,ucsf"
+    ], err
+    assert read_state(data_dir) is None
