@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from components.kfp_components import POD_CACHE_DIR, pipeline_settings
@@ -69,10 +69,43 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def check_yaml(args) -> None:
+    """--yaml, when given, is a compiled pipeline taking this command's parameters: one line (exit 2) before
+    anything starts, where kfp's loader raised AttributeError, KeyError or YAML's ScannerError."""
+    if args.yaml:
+        from pipelines.local import load_pipeline
+
+        load_pipeline(args.yaml, ("settings", *(f.name for f in fields(RunParameters)), "local_stack"))
+
+
+def check_local_stack(stack_dir: str) -> None:
+    """An explicit --local-stack is a running local stack's directory (one line, exit 2), before anything
+    starts: its keys were otherwise found missing only inside the prepare task, after its retries."""
+    from devstack.stack import StackError, stack_status
+
+    try:
+        status = stack_status(stack_dir)
+    except StackError as exc:  # a stack.json that cannot be read
+        raise ConfigError(f"--local-stack {stack_dir}: {exc}") from None
+    if not status.running:
+        why = (
+            f"its servers are not running or not answering (`fedmedclip stack status --data-dir {stack_dir}`)"
+            if status.recorded
+            else "no stack.json there"
+        )
+        raise ConfigError(
+            f"--local-stack {stack_dir}: not a running local stack ({why}); start one with "
+            f"`fedmedclip stack up --data-dir {stack_dir}`, or leave --local-stack out"
+        )
+
+
 def cmd_run(args) -> int:
     cfg = validated_config(args)  # before anything is compiled or started
+    check_yaml(args)
     # The local stack whose per-role keys the tasks take when they touch S3 and the environment holds no key.
     stack = args.local_stack
+    if stack:
+        check_local_stack(stack)
     s3 = any(x.startswith("s3://") for x in (cfg.data, args.mailbox))
     if not stack and s3 and not os.environ.get("AWS_ACCESS_KEY_ID"):
         from devstack.stack import read_state, recorded_stack_dir
@@ -270,6 +303,7 @@ def cmd_demo(args) -> int:
     from mlops.policies import default_site_names
 
     cfg = validated_config(args)
+    check_yaml(args)  # before the stack starts
     args.stack_dir = args.stack_dir or recorded_stack_dir()
     names = default_site_names(cfg.sites or 3) if cfg.partition != "natural" else None
     # The running stack when it is already up; else started, on free ports when the defaults are taken.

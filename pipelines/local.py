@@ -111,6 +111,41 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
     return status
 
 
+def load_pipeline(pipeline_yaml: str | Path, params=(), flag: str = "--yaml"):
+    """The compiled pipeline in `pipeline_yaml` as kfp loads it, taking every parameter named in `params`; else
+    a FedMedClipError in one line naming `flag`, the file and why (no such file, not YAML, not a compiled
+    pipeline, another pipeline's parameters), before anything runs."""
+    from kfp import components
+
+    path = Path(pipeline_yaml)
+    if not path.is_file():
+        why = "it is a directory" if path.is_dir() else "no such file"
+        raise FedMedClipError(
+            f"{flag} {path}: {why}; give a YAML from `fedmedclip pipeline compile --out FILE.yaml`"
+        )
+    # kfp and yaml raise many kinds on what is no compiled pipeline: AttributeError, KeyError, YAMLError, ...
+    try:
+        pipeline = components.load_component_from_file(str(path))
+        inputs = set(pipeline.component_spec.inputs or {})
+    except Exception as exc:
+        mark = getattr(exc, "problem_mark", None)  # YAML's own: what is wrong, and where
+        detail = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if mark is not None:
+            detail += f" at line {mark.line + 1}, column {mark.column + 1}"
+        why = f"{type(exc).__name__}: {detail[:160]}" if detail else type(exc).__name__
+        raise FedMedClipError(
+            f"{flag} {path}: not a compiled pipeline YAML ({why}); give one from `fedmedclip pipeline compile`"
+        ) from None
+    unknown = sorted(set(params) - inputs)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise FedMedClipError(
+            f"{flag} {path}: this pipeline has no parameter {', '.join(unknown[:3])}{more} (compiled from "
+            "another pipeline?); give one from `fedmedclip pipeline compile`"
+        )
+    return pipeline
+
+
 @dataclass
 class CompiledRun:
     task: object  # what kfp.local returns for the pipeline: `.outputs` holds its outputs
@@ -130,14 +165,9 @@ def run_compiled(
     what kfp.local streams (every task's executor input and output) goes to that file, not to the console, a
     failure quotes its tail, and `progress` shows bars over the tasks and over the rounds (the server's status,
     read by `rounds_of`)."""
-    from kfp import components
-
-    pipeline_yaml = Path(pipeline_yaml)
-    if not pipeline_yaml.exists():
-        raise FedMedClipError(f"no compiled pipeline at {pipeline_yaml}: run `fedmedclip pipeline compile`")
+    pipeline = load_pipeline(pipeline_yaml, params)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    pipeline = components.load_component_from_file(str(pipeline_yaml))
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         stack.enter_context(local_session(root))

@@ -12,6 +12,7 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 import inspect
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -102,8 +103,30 @@ def parse_resources(items: list[str]) -> dict[str, Resources]:
                     "millicores like 500m; memory: whole bytes, optionally with K, M, G, T, P, E or Ki, Mi, Gi, "
                     "Ti, Pi, Ei)"
                 )
+        for what, (request, limit) in (("CPU", values[:2]), ("memory", values[2:])):
+            if quantity(request) > quantity(limit):  # Kubernetes refuses such a pod
+                raise ConfigError(
+                    f"--resources {kind}={spec}: the {what} request {request} is above its limit {limit}; "
+                    "a request must not exceed its limit"
+                )
         resources[kind] = Resources(*values)
     return resources
+
+
+# Kubernetes' suffixes of the quantities above (kfp writes "K" for its decimal kilo, Kubernetes "k").
+_SUFFIXES = {
+    "m": Fraction(1, 1000),
+    **{s: 1000**i for i, s in enumerate(("K", "M", "G", "T", "P", "E"), start=1)},
+    **{f"{s}i": 1024**i for i, s in enumerate(("K", "M", "G", "T", "P", "E"), start=1)},
+}
+
+
+def quantity(value: str) -> Fraction:
+    """The exact amount a CPU or memory quantity (as `_CPU` and `_MEMORY` accept them) stands for: cores, or
+    bytes; "500m" is 1/2, "8Gi" 8 * 2**30, "4G" 4 * 10**9."""
+    number = value.rstrip("KMGTPEim")
+    suffix = value[len(number) :]
+    return Fraction(number) * _SUFFIXES.get(suffix, 1)
 
 
 def parse_timeouts(items: list[str]) -> dict[str, int]:

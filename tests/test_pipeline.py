@@ -669,3 +669,91 @@ def test_round_progress_comes_from_the_servers_status_in_the_mailbox(tmp_path, m
         mb.put_status("server", "done", 10, best_round=7)
         status = reader()
         assert rounds_closed(status, 10) == 10 and status.best_round == 7, url
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("hello world\n", "AttributeError"),
+        ("a: [b\n", "ParserError: expected ',' or ']'"),
+        ("a:\n\tb: 1\n", "ScannerError: found character '\\t'"),
+        ("a: 1\n", "KeyError"),
+        ("", "no such file"),
+    ],
+    ids=["text", "unclosed", "tab", "not-a-pipeline", "missing"],
+)
+def test_run_with_a_yaml_that_is_no_compiled_pipeline_is_one_line_before_anything_starts(
+    text, why, tmp_path, capsys
+):
+    """kfp's loader raised AttributeError, KeyError or YAML's errors as tracebacks; now one line naming --yaml."""
+    yaml_file = tmp_path / ("afile.txt" if text else "missing.yaml")
+    if text:
+        yaml_file.write_text(text)
+    root = tmp_path / "root"
+    assert main(["pipeline", "run", "--local", "--yaml", str(yaml_file), "--pipeline-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --yaml {yaml_file}: ") and why in err, err
+    assert not root.exists()  # nothing started
+
+
+def test_run_with_another_pipelines_yaml_is_one_line(tmp_path, capsys):
+    from kfp import compiler, dsl
+
+    def echo(a: int) -> int:
+        return a
+
+    def other(x: int = 1):
+        component(a=x)
+
+    # Real types for kfp: this module's annotations are strings (`from __future__ import annotations`).
+    echo.__annotations__, other.__annotations__ = {"a": int, "return": int}, {"x": int}
+    component = dsl.component(echo, base_image="python:3.11")
+    other = dsl.pipeline(other)
+    yaml_file = tmp_path / "other.yaml"
+    compiler.Compiler().compile(other, str(yaml_file))
+    root = tmp_path / "root"
+    assert main(["pipeline", "run", "--local", "--yaml", str(yaml_file), "--pipeline-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "this pipeline has no parameter" in err, err
+    assert not root.exists()
+
+
+@pytest.mark.parametrize(
+    "spec, what",
+    [
+        ("worker=4,2,8Gi,4Gi", "the CPU request 4 is above its limit 2"),
+        ("worker=500m,0.4,1Gi,2Gi", "the CPU request 500m is above its limit 0.4"),
+        ("worker=1,2,8Gi,4G", "the memory request 8Gi is above its limit 4G"),
+        ("prepare=1,1,1025Mi,1Gi", "the memory request 1025Mi is above its limit 1Gi"),
+        ("report=1,1,2G,1953124Ki", "the memory request 2G is above its limit 1953124Ki"),
+    ],
+)
+def test_compile_refuses_a_resource_request_above_its_limit(spec, what, tmp_path, capsys):
+    """Kubernetes refuses a pod whose request exceeds its limit: the flag says so, by the quantities' meaning."""
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "--resources", spec, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --resources {spec}: {what}; a request must not exceed its limit", err
+    assert not out.exists()
+    # Equal amounts spelled differently are no excess: 500m is 0.5 cores, 1Gi is 1024Mi, 2G is 1953125Ki.
+    for equal in ("worker=500m,0.5,1Gi,1024Mi", "worker=1,1,2G,1953125Ki", "worker=2,2000m,4000M,4G"):
+        assert main(["pipeline", "compile", "--resources", equal, "--out", str(out)]) == 0, equal
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["nonexistent", "no-stack-json"])
+def test_run_with_a_local_stack_that_is_not_running_is_one_line_up_front(made, tmp_path, capsys):
+    """An explicit --local-stack without a running stack was refused only in the prepare task, after its
+    retries (about 90 s)."""
+    stack_dir = tmp_path / "stack"
+    if made:
+        stack_dir.mkdir()
+    root = tmp_path / "root"
+    argv = ["pipeline", "run", "--local", "--local-stack", str(stack_dir), "--data", "s3://bkt"]
+    assert main([*argv, "--pipeline-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"error: --local-stack {stack_dir}: not a running local stack (no stack.json there); start one with "
+        f"`fedmedclip stack up --data-dir {stack_dir}`, or leave --local-stack out"
+    ), err
+    assert not root.exists()
