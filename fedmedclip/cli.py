@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import asdict
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from .errors import ConfigError, FedMedClipError, run_command
 from .observer import NO_OBSERVER, RunObserver
@@ -352,6 +353,9 @@ SYNTH_FLAGS = (
 def _cmd_synth(args) -> int:
     from .synthetic import generate
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never written over a run or older images
+        raise ConfigError(f"{out} is not an empty folder: give a new one for the synthetic data")
     print(generate(args.out, **{name: getattr(args, name) for _, name, _ in SYNTH_FLAGS}))
     return 0
 

@@ -474,6 +474,8 @@ def cmd_compare(args) -> int:
     partitions = parse_partitions(args.partitions)
     base = config_from_args(args, method_options={})
     out = Path(args.out)
+    if (out / "config.json").exists() or (out / "checkpoint").exists():  # a grid's runs are under out/runs/
+        raise ConfigError(f"--out {out} is the run directory of a `train`: give the grid a folder of its own")
     cells = build_cells(methods, partitions, list(range(args.seeds)))
     records = run_grid(
         base, cells, out, parse_method_options(args.method_opt), not args.quiet, report_only=args.report_only

@@ -300,3 +300,20 @@ def test_a_reference_run_recorded_with_a_codec_still_resumes(tmp_path):
     engine.check_resumable(TrainConfig(out=str(run), federation="local").validate(), run, resume=True)
     with pytest.raises(ConfigError, match="drop --codec-up"):
         old.validate()
+
+
+def test_a_grid_is_not_written_into_a_train_run_or_synthetic_data_over_a_folder(
+    tmp_path, capsys, synthetic_cache
+):
+    """`compare --out RUN` of a `train` run directory wrote its cells' runs/ into it, and `synth DIR` wrote its
+    images and manifest over whatever DIR held (a run, older images left beside a new manifest). Both are
+    refused in one line, the folder untouched."""
+    run = tmp_path / "grid"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert main(_one_cell_args(tmp_path, synthetic_cache)) == 2
+    assert "is the run directory of a `train`" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert main(["-q", "synth", str(run), "--per-class", "1"]) == 2
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
