@@ -111,7 +111,8 @@ def read_model_json(run_dir: str | Path) -> dict:
     """`RUN/model/model.json`, with errors that say what is wrong with the run directory."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise FedMedClipError(f"run directory {str(run)!r} does not exist")
+        what = "is a file, not a run directory" if run.exists() else "does not exist"
+        raise FedMedClipError(f"run directory {str(run)!r} {what}")
     path = run / "model" / "model.json"
     if not path.is_file():
         raise FedMedClipError(

@@ -309,6 +309,9 @@ def test_export_errors_name_the_problem(runs, tmp_path):
         export_onnx(run, 9, tmp_path / "m.onnx")
     with pytest.raises(FedMedClipError, match="does not exist"):
         export_onnx(tmp_path / "missing-run", "global", tmp_path / "m.onnx")
+    (tmp_path / "a-file").write_text("x")  # said the run directory 'does not exist'
+    with pytest.raises(FedMedClipError, match="'.*a-file' is a file, not a run directory"):
+        export_onnx(tmp_path / "a-file", "global", tmp_path / "m.onnx")
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(FedMedClipError, match="no model/model.json"):
         export_onnx(tmp_path / "not-a-run", "global", tmp_path / "m.onnx")
