@@ -322,32 +322,27 @@ def read_state(data_dir: str | Path) -> StackInfo | None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable and writable by its owner only (it holds secret keys), atomically.
-    The temporary file's name is this write's own (mkstemp, mode 0600): two processes writing at once each
-    replace the file whole, where a shared name let one truncate the other's half-written file."""
-    import tempfile
+    """Write `text` to `path` readable and writable by its owner only (it holds secret keys), atomically:
+    atomic_write_bytes's temporary file is mkstemp's, mode 0600 and this write's own (two processes writing at
+    once each replace the file whole; a shared name let one truncate the other's half-written file)."""
+    from fedmedclip.federation.storage import atomic_write_bytes
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 @contextlib.contextmanager
 def _state_lock(data_dir: str | Path):
-    """One process at a time changes a stack's state file (an advisory lock beside it): starting the stack and
+    """One process at a time changes a stack's state file (a lock of its folder): starting the stack and
     granting a data root read the state, act, and write it back, and two commands at once (two `data publish`,
     the demo and a test) lost each other's roots."""
-    import fcntl
+    from fedmedclip.paths import lock_folder
 
     Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    with (Path(data_dir) / ".stack.lock").open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    fd = lock_folder(data_dir)
+    try:
         yield
+    finally:
+        os.close(fd)
 
 
 def _write_state(info: StackInfo) -> None:

@@ -42,6 +42,7 @@ from .federation.storage import LocalDirStore
 from .jsonfiles import read_json_object
 from .methods import SiteTrainer
 from .observer import NO_OBSERVER, RunObserver
+from .paths import lock_folder
 from .preparation import (
     SERVER,
     Prepared,
@@ -380,26 +381,24 @@ def _only_writer(out: Path):
     'redoing it gave another update'. Where the file system has no locks, the run goes on without one."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
     try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (ImportError, OSError) as exc:
-            if isinstance(exc, BlockingIOError):
-                raise ConfigError(
-                    f"another process is writing the run directory {str(out)!r} (a `train` or `compare` of it "
-                    "still running): wait for it to end, or pass another --out"
-                ) from None
-        try:
-            yield
-        except BaseException:
-            if created and not any(out.iterdir()):
-                out.rmdir()  # a run refused before it wrote anything leaves no directory behind
-            raise
+        fd = lock_folder(out, wait=False)
+    except BlockingIOError:
+        raise ConfigError(
+            f"another process is writing the run directory {str(out)!r} (a `train` or `compare` of it "
+            "still running): wait for it to end, or pass another --out"
+        ) from None
+    except (ImportError, OSError):  # no fcntl, or a file system without locks
+        fd = None
+    try:
+        yield
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a run refused before it wrote anything leaves no directory behind
+        raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def train(

@@ -5,7 +5,7 @@ an object store, it is joined to a local folder (the data root, a download cache
 (`sites/<k>/images/`); an id such as `../../x` or `/etc/x`, or a symlink under the root that points
 elsewhere, would then reach outside. These helpers refuse that with an error naming the id and where it
 came from. And `put_folder_in_place`: a folder written under a private name put where processes sharing a
-cache look for it.
+cache look for it; `lock_folder`: processes that change a folder's contents taking turns.
 """
 
 from __future__ import annotations
@@ -90,3 +90,18 @@ def put_folder_in_place(tmp: str | Path, final: str | Path, already_there: Calla
         shutil.rmtree(tmp, ignore_errors=True)
         if not already_there():
             raise
+
+
+def lock_folder(folder: str | Path, wait: bool = True) -> int:
+    """An exclusive advisory lock on `folder` itself (flock on a descriptor of it: no lock file that would make
+    the folder non-empty, and the kernel frees it when its holder dies); returns the descriptor, whose
+    os.close releases the lock. With `wait` False, another holder is BlockingIOError at once."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -105,8 +105,8 @@ def check_key(key: str) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file whole or not at all: a temporary file in the same folder, renamed into place, so a reader
-    (or a crash) never sees half of it."""
+    """Write a file whole or not at all: a temporary file in the same folder (mkstemp's: this write's own,
+    readable by its owner only), renamed into place, so a reader (or a crash) never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import ConfigError
+from ..paths import lock_folder
 
 PREFIX = "ed25519:"
 PUBLIC_BYTES = 32
@@ -122,11 +123,8 @@ def _replace_if_empty(tmp: str, path: Path) -> bool:
     """Move `tmp` onto `path` if that is a zero-length file (True); False when it holds anything. Every
     process that found `path` taken comes here, and they take turns (an exclusive lock of the folder, freed by
     the kernel when its holder dies): the first replaces the empty file, the others then find a key."""
-    import fcntl
-
-    fd = os.open(path.parent, os.O_RDONLY)
+    fd = lock_folder(path.parent)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             os.link(tmp, path)  # removed by hand meanwhile
             return True
