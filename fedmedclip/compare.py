@@ -196,7 +196,7 @@ def finished_results(cfg) -> dict | None:
         )
     results = _cell_file(d, "results.json")
     try:  # the numbers the table reads: a damaged file is named here, not a KeyError in the summary
-        _check_cell_numbers(results), results["rounds"]
+        _cell_numbers(results), results["rounds"]
     except (KeyError, TypeError) as exc:
         raise _damaged(d, "results.json", f"no {exc}" if isinstance(exc, KeyError) else exc) from None
     return results
@@ -408,30 +408,26 @@ def not_applied_note(records: list[dict]) -> str:
 
 
 def _cell_numbers(results: dict) -> dict:
-    m = results["metrics"]
-    return {
-        "global": {k: m["global"][k] for k in METRICS},
-        "site_mean": m["site_mean"],
-        "best_round": m["best_round"],
-        "bytes_per_site_per_round": results["comm"]["bytes_up_per_site_per_round"],
-        "seconds_per_round": results["timing"]["seconds_per_round"],
-    }
+    """The numbers the table reads; each must be a number or null (a TypeError names the first that is not, by
+    where it is in results.json: the summary would stop on it with numpy's message)."""
 
-
-def _check_cell_numbers(results: dict) -> None:
-    """Each number the table reads is a number or null (a TypeError naming the first that is not, by where it
-    is in results.json: the summary would stop on it with numpy's message)."""
-    m = results["metrics"]
-    numbers = {
-        **{f"metrics.global.{k}": m["global"][k] for k in METRICS},
-        **{f"metrics.site_mean.{k}": m["site_mean"][k] for k in METRICS},
-        "metrics.best_round": m["best_round"],
-        "comm.bytes_up_per_site_per_round": results["comm"]["bytes_up_per_site_per_round"],
-        "timing.seconds_per_round": results["timing"]["seconds_per_round"],
-    }
-    for name, value in numbers.items():
+    def number(value, name: str):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{name} is {json.dumps(value)[:40]}, not a number")
+        return value
+
+    m = results["metrics"]
+    for k in METRICS:
+        number(m["site_mean"][k], f"metrics.site_mean.{k}")
+    return {
+        "global": {k: number(m["global"][k], f"metrics.global.{k}") for k in METRICS},
+        "site_mean": m["site_mean"],
+        "best_round": number(m["best_round"], "metrics.best_round"),
+        "bytes_per_site_per_round": number(
+            results["comm"]["bytes_up_per_site_per_round"], "comm.bytes_up_per_site_per_round"
+        ),
+        "seconds_per_round": number(results["timing"]["seconds_per_round"], "timing.seconds_per_round"),
+    }
 
 
 # ---------------------------------------------------------------- command line
