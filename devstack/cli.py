@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedmedclip.paths import check_folder_flag
+
 
 def add_port_options(p: argparse.ArgumentParser) -> None:
     """--s3-port and --mlflow-port of a new local stack (`stack up`, `demo`): devstack.stack.stack_ports."""
@@ -60,6 +62,7 @@ def _site_names(args) -> list[str]:
 def cmd_stack_up(args) -> int:
     from .stack import DEFAULT_DATA_BUCKET, stack_status, start_stack
 
+    check_folder_flag("--data-dir", args.data_dir)  # before anything is written or started
     was_running = stack_status(args.data_dir).running
     info = start_stack(
         args.data_dir,
@@ -124,6 +127,7 @@ def cmd_stack_env(args) -> int:
 def cmd_stack_add_bucket(args) -> int:
     from .stack import add_data_root
 
+    check_folder_flag("--data-dir", args.data_dir)
     root = args.root.removeprefix("s3://")  # as `data publish --to` spells it; it was "'s3:' is not a bucket"
     info = add_data_root(args.data_dir, root)
     print(

@@ -330,6 +330,8 @@ def _manifest_record(
         is_file = file.is_file()
     except (OSError, ValueError) as exc:  # a name too long for the file system
         raise DataError(f"{path}:{line}: image {rel!r}: {exc}") from None
+    if not is_file and file.is_dir():  # it said the image file 'does not exist'
+        raise DataError(f"{path}:{line}: image path {str(file)!r} is a directory, not an image file")
     if not is_file:
         raise DataError(f"{path}:{line}: image file {str(file)!r} does not exist")
     site = (row.get("site") or "").strip() or None

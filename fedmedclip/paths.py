@@ -15,10 +15,20 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 # Where encoded features, downloaded backbones and S3 images are kept unless --cache-dir says otherwise.
 DEFAULT_CACHE_DIR = ".cache/fedmedclip"
+
+
+def check_folder_flag(flag: str, folder: str | Path) -> None:
+    """A folder a command creates or writes in, refused in one line (ConfigError) when it or a folder above it
+    is a file: mkdir said only "[Errno 17] File exists" or "[Errno 20] Not a directory"."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f" {existing}"
+        raise ConfigError(f"{flag} {folder}:{where} is a file, not a directory")
 
 
 def check_relative_id(image_id: str, source: str) -> str:

@@ -20,6 +20,7 @@ from components.kfp_components import POD_CACHE_DIR, pipeline_settings
 from components.run_parameters import RunParameters
 from fedmedclip.errors import ConfigError, FedMedClipError
 from fedmedclip.flags import COMPILE, PIPELINE, add_config_arguments, config_from_args, options_from_args
+from fedmedclip.paths import check_folder_flag
 from pipelines.pipeline import DEFAULT_YAML, CompileOptions, compile_pipeline
 
 DEMO_ROUNDS = 30  # a round costs a fraction of a second: enough of them to see the model learn
@@ -52,7 +53,11 @@ def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = T
 
 def validated_config(args):
     """The run's configuration, validated before anything is compiled or started (ConfigError: exit 2)."""
-    return config_from_args(args, federation="federated", out="")
+    cfg = config_from_args(args, federation="federated", out="")
+    root = getattr(args, "pipeline_root", None)  # `submit` has none
+    if root:
+        check_folder_flag("--pipeline-root", root)
+    return cfg
 
 
 def pipeline_arguments(args, cfg, local_stack: str = "") -> dict:
@@ -305,6 +310,7 @@ def cmd_demo(args) -> int:
     cfg = validated_config(args)
     check_yaml(args)  # before the stack starts
     args.stack_dir = args.stack_dir or recorded_stack_dir()
+    check_folder_flag("--stack-dir", args.stack_dir)  # before the stack starts
     names = default_site_names(cfg.sites or 3) if cfg.partition != "natural" else None
     # The running stack when it is already up; else started, on free ports when the defaults are taken.
     info = start_stack(args.stack_dir, args.s3_port, args.mlflow_port, site_names=names)
