@@ -338,11 +338,8 @@ def _state_lock(data_dir: str | Path):
     from fedmedclip.paths import lock_folder
 
     Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = lock_folder(data_dir)
-    try:
+    with lock_folder(data_dir):
         yield
-    finally:
-        os.close(fd)
 
 
 def _write_state(info: StackInfo) -> None:

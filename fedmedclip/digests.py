@@ -141,19 +141,19 @@ def model_digest(files: Mapping[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def model_dir_digest(model_dir: str | Path) -> str:
-    """model_digest of a run's `model/` folder. ValueError names a file that is missing or unreadable."""
-    files = {}
+def model_dir_digest(model_dir: str | Path, where: str = "") -> str:
+    """model_digest of a run's `model/` folder. ValueError names a file that is missing or unreadable, in
+    `where` (default: the folder's path; a download's temporary folder means nothing to the user)."""
+    files, where = {}, where or str(model_dir)
     for file_name in MODEL_DIGEST_FILES:
-        path = Path(model_dir) / file_name
         try:
-            files[file_name] = path.read_bytes()
+            files[file_name] = (Path(model_dir) / file_name).read_bytes()
         except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+            raise ValueError(f"cannot read {where}/{file_name}: {exc.strerror or exc}") from None
     try:
         return model_digest(files)
     except ValueError as exc:
-        raise ValueError(f"{model_dir}: {exc}") from None
+        raise ValueError(f"{where}: {exc}") from None
 
 
 # ---- metadata of an exported ONNX model ------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -381,24 +380,20 @@ def _only_writer(out: Path):
     'redoing it gave another update'. Where the file system has no locks, the run goes on without one."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = lock_folder(out, wait=False)
-    except BlockingIOError:
+
+    def refuse() -> None:
         raise ConfigError(
             f"another process is writing the run directory {str(out)!r} (a `train` or `compare` of it "
             "still running): wait for it to end, or pass another --out"
-        ) from None
-    except (ImportError, OSError):  # no fcntl, or a file system without locks
-        fd = None
+        )
+
     try:
-        yield
+        with lock_folder(out, on_wait=refuse):
+            yield
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a run refused before it wrote anything leaves no directory behind
         raise
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def train(

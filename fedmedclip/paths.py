@@ -10,6 +10,7 @@ cache look for it; `lock_folder`: processes that change a folder's contents taki
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
@@ -102,16 +103,26 @@ def put_folder_in_place(tmp: str | Path, final: str | Path, already_there: Calla
             raise
 
 
-def lock_folder(folder: str | Path, wait: bool = True) -> int:
-    """An exclusive advisory lock on `folder` itself (flock on a descriptor of it: no lock file that would make
-    the folder non-empty, and the kernel frees it when its holder dies); returns the descriptor, whose
-    os.close releases the lock. With `wait` False, another holder is BlockingIOError at once."""
-    import fcntl
-
+@contextlib.contextmanager
+def lock_folder(folder: str | Path, on_wait: Callable[[], None] = lambda: None):
+    """An exclusive advisory lock on `folder` itself, held for the `with` block (flock on a descriptor of it: no
+    lock file that would make the folder non-empty, and the kernel frees it when its holder dies). When another
+    process holds it, `on_wait()` first: it says why this one waits, or raises to refuse rather than wait.
+    Where the file system takes no locks, the block runs without one."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BaseException:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+    finally:
         os.close(fd)
-        raise
-    return fd

@@ -176,6 +176,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     if onnx_path is not None:
         source, contract = _log_onnx(client, mlrun, Path(onnx_path), tags, run_dir)
     else:
+        _run_model_digest(client, mlrun, run_dir)  # as with an ONNX file: a damaged model file is refused
         # MLflow 3's register_model wants a logged model under runs:/ URIs; a plain folder is registered
         # by its artifact location instead (downloadable with models:/NAME/VERSION, not a pyfunc).
         source = f"{mlrun.info.artifact_uri.rstrip('/')}/model"
@@ -206,11 +207,11 @@ def _run_model_digest(client, mlrun, dest: Path) -> str:
     from .model_card import download_run_files
 
     model_files = [f"model/{file_name}" for file_name in MODEL_DIGEST_FILES]
-    download_run_files(client, mlrun, dest, model_files, (), "to check the ONNX file against")
+    download_run_files(client, mlrun, dest, model_files, (), "to check its model files")
     try:
-        return model_dir_digest(dest / "model")
+        return model_dir_digest(dest / "model", where=f"MLflow run {mlrun.info.run_id}'s artifacts model")
     except ValueError as exc:
-        raise TrackingError(f"MLflow run {mlrun.info.run_id}'s model files: {exc}") from None
+        raise TrackingError(str(exc)) from None
 
 
 def _check_lineage(onnx_path: Path, contract, run_id: str, run_digest: str) -> None:

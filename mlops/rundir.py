@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from fedmedclip.digests import canonical_digest
+from fedmedclip.digests import canonical_digest, model_dir_digest
 from fedmedclip.jsonfiles import read_json
 from fedmedclip.model_card import dataset_digest, run_files_problem
+from fedmedclip.paths import lock_folder
 from fedmedclip.privacy.report import privacy_summary
 
 from .tracking import (
@@ -77,6 +78,10 @@ def read_run_dir(run_dir: str | Path) -> RunDir:
     problem = run_files_problem(path, {**data, "model/model.json": model_info})
     if problem:
         raise RunDirError(problem)
+    try:  # the model's files as export and registration read them: a truncated or damaged one is no model
+        model_dir_digest(path / "model")
+    except ValueError as e:
+        raise RunDirError(str(e)) from None
     results, where = data["results.json"], path / "results.json"
     for key in ("method", "metrics.global.acc", "metrics.global.bacc", "history"):
         node = results
@@ -240,50 +245,54 @@ def track_run_dir(
     from .live import LiveRunLogger
 
     key = _logged_key(run, include_site_models, kfp_run_id)
-    found = _complete_run(tracking_uri, experiment, key)
-    if found is not None:
-        log.info(
-            "%s is logged already as run %s in experiment %r: nothing logged again",
-            run.path,
-            found,
+    # Find-or-create and the logging, one process at a time: a second `track` waits, then finds this one's run.
+    with lock_folder(
+        run.path, on_wait=lambda: log.info("%s: waiting for the process writing or logging it", run.path)
+    ):
+        found = _complete_run(tracking_uri, experiment, key)
+        if found is not None:
+            log.info(
+                "%s is logged already as run %s in experiment %r: nothing logged again",
+                run.path,
+                found,
+                experiment,
+            )
+            return LoggedRun(found, True)
+        logger = LiveRunLogger(
             experiment,
+            tracking_uri,
+            kfp_run_id=kfp_run_id,
+            include_site_models=include_site_models,
+            background=False,
+            record_run_dir=record_run_dir,
         )
-        return LoggedRun(found, True)
-    logger = LiveRunLogger(
-        experiment,
-        tracking_uri,
-        kfp_run_id=kfp_run_id,
-        include_site_models=include_site_models,
-        background=False,
-        record_run_dir=record_run_dir,
-    )
-    start, end = recorded_times(run.results)
-    part, data = run.results.get("partition") or {}, str(run.config.get("data") or "")
-    run_id = logger.start(
-        run_params(run),
-        tags={
-            **_lineage_tags(run, record_run_dir),
-            "fedmedclip.times": "recorded" if start is not None else "logging time (none recorded)",
-            **(tags or {}),
-        },
-        run_name=run_name or run.path.resolve().name,
-        source=source,
-        site_names=run.site_names,
-        partition=run.partition,
-        data_source=data,
-        run_key=key,
-        description=describe_run(
-            str(run.results["method"]),
-            run.site_names,
-            run.results.get("rounds"),
-            data or str(part.get("source") or "?"),
-            part,
-            f"Logged from the run directory by `{source}`.",
-        ),
-        start_time=start,
-    )
-    with logger:
-        logger.log_rounds(run.results["history"])
-        logger.finish(run.path, "FINISHED", end_time=end)
-    log.info("logged %s as run %s in experiment %r", run.path, run_id, experiment)
-    return LoggedRun(run_id, False)
+        start, end = recorded_times(run.results)
+        part, data = run.results.get("partition") or {}, str(run.config.get("data") or "")
+        run_id = logger.start(
+            run_params(run),
+            tags={
+                **_lineage_tags(run, record_run_dir),
+                "fedmedclip.times": "recorded" if start is not None else "logging time (none recorded)",
+                **(tags or {}),
+            },
+            run_name=run_name or run.path.resolve().name,
+            source=source,
+            site_names=run.site_names,
+            partition=run.partition,
+            data_source=data,
+            run_key=key,
+            description=describe_run(
+                str(run.results["method"]),
+                run.site_names,
+                run.results.get("rounds"),
+                data or str(part.get("source") or "?"),
+                part,
+                f"Logged from the run directory by `{source}`.",
+            ),
+            start_time=start,
+        )
+        with logger:
+            logger.log_rounds(run.results["history"])
+            logger.finish(run.path, "FINISHED", end_time=end)
+        log.info("logged %s as run %s in experiment %r", run.path, run_id, experiment)
+        return LoggedRun(run_id, False)

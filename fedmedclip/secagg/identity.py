@@ -123,8 +123,7 @@ def _replace_if_empty(tmp: str, path: Path) -> bool:
     """Move `tmp` onto `path` if that is a zero-length file (True); False when it holds anything. Every
     process that found `path` taken comes here, and they take turns (an exclusive lock of the folder, freed by
     the kernel when its holder dies): the first replaces the empty file, the others then find a key."""
-    fd = lock_folder(path.parent)
-    try:
+    with lock_folder(path.parent):
         try:
             os.link(tmp, path)  # removed by hand meanwhile
             return True
@@ -135,8 +134,6 @@ def _replace_if_empty(tmp: str, path: Path) -> bool:
             return False
         os.replace(tmp, path)
         return True
-    finally:
-        os.close(fd)
 
 
 def _sync_folder(folder: Path) -> None:
