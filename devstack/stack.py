@@ -43,6 +43,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -331,14 +332,14 @@ def _write_private(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _state_lock(data_dir: str | Path):
-    """One process at a time changes a stack's state file (a lock of its folder): starting the stack and
-    granting a data root read the state, act, and write it back, and two commands at once (two `data publish`,
-    the demo and a test) lost each other's roots."""
+def _state_lock(data_dir: str | Path, on_wait: Callable[[], None] = lambda: None):
+    """One process at a time changes a stack's state file (a lock of its folder): starting the stack, granting
+    a data root and stopping it read the state, act, and write or remove it, and two commands at once (two
+    `data publish`, the demo and a test) lost each other's roots. `on_wait`: lock_folder's."""
     from fedmedclip.paths import lock_folder
 
     Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    with lock_folder(data_dir):
+    with lock_folder(data_dir, on_wait=on_wait):
         yield
 
 
@@ -690,7 +691,7 @@ def _start_stack(
         return current.info  # type: ignore[return-value]
     if current.recorded:
         # Leftovers of a crashed or half-stopped stack: clean them up before starting again.
-        stop_stack(data_dir)
+        _stop_stack(data_dir)
 
     names = list(site_names) if site_names is not None else default_site_names()
     roles(names)  # validates the names before anything starts
@@ -890,8 +891,23 @@ def _grant_data_root(info: StackInfo, root: str) -> None:
 
 def stop_stack(data_dir: str | Path = DEFAULT_DATA_DIR, purge: bool = False) -> list[str]:
     """Stop the recorded servers (MLflow first). Idempotent: returns the names of what was stopped.
-    `purge` also deletes the MLflow database (whose artifacts are gone with moto's memory anyway)."""
+    `purge` also deletes the MLflow database (whose artifacts are gone with moto's memory anyway).
+    Under the state lock, as `stack up` and grants: a `stack down` during a grant removed the state file that
+    the grant then wrote back (a stack recorded again, its servers stopped), and one during `stack up` stopped
+    the S3 server that `up` went on waiting for. It now waits for them, saying so, then stops what they left."""
     data_dir = Path(data_dir).resolve()
+    if not data_dir.is_dir():
+        return []  # nothing recorded there: no folder made for the lock
+
+    def say_why() -> None:
+        _log.info("%s: another stack command (`stack up`, a grant) is changing it; waiting for it", data_dir)
+
+    with _state_lock(data_dir, on_wait=say_why):
+        return _stop_stack(data_dir, purge)
+
+
+def _stop_stack(data_dir: Path, purge: bool = False) -> list[str]:
+    """stop_stack's work, its caller holding the state lock."""
     info = read_state(data_dir)
     stopped: list[str] = []
     if info is not None:

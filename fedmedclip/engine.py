@@ -12,7 +12,6 @@ records, results.json and model directory through the same functions (fedmedclip
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -31,6 +30,7 @@ from .federation.records import (
     evaluate_global,
     evaluate_site,
     is_better,
+    only_writer,
     round_of,
     round_record,
 )
@@ -41,7 +41,6 @@ from .federation.storage import LocalDirStore
 from .jsonfiles import read_json_object
 from .methods import SiteTrainer
 from .observer import NO_OBSERVER, RunObserver
-from .paths import lock_folder
 from .preparation import (
     SERVER,
     Prepared,
@@ -372,30 +371,6 @@ def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise CheckpointError(f"cannot resume {str(out)!r}: the configuration differs in {', '.join(diff)}")
 
 
-@contextlib.contextmanager
-def _only_writer(out: Path):
-    """This process alone writes the run directory while it trains: an advisory lock on the directory itself
-    (a lock file would make a new run's directory non-empty). Two `train --out RUN` started at once both found
-    it empty and wrote the same checkpoints and files, the loser failing on a torn file or a misleading
-    'redoing it gave another update'. Where the file system has no locks, the run goes on without one."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-
-    def refuse() -> None:
-        raise ConfigError(
-            f"another process is writing the run directory {str(out)!r} (a `train` or `compare` of it "
-            "still running): wait for it to end, or pass another --out"
-        )
-
-    try:
-        with lock_folder(out, on_wait=refuse):
-            yield
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a run refused before it wrote anything leaves no directory behind
-        raise
-
-
 def train(
     cfg: TrainConfig,
     resume: bool = False,
@@ -411,7 +386,7 @@ def train(
     resolve_device(cfg.encoder_device)  # here, not in validate(): a CPU machine may submit a run for GPU pods
     observer = observer or NO_OBSERVER
     out = Path(cfg.out)
-    with _only_writer(out):
+    with only_writer(out):
         check_resumable(cfg, out, resume)
         t0 = time.perf_counter()
         prepared = prepare(cfg, progress)

@@ -6,6 +6,7 @@ is checked against its catalog's MD5 and each id read from a catalog stays insid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.mailbox import read_message
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied, StoreError
-from fedmedclip.paths import DEFAULT_CACHE_DIR, check_relative_id, confined_path, is_within
+from fedmedclip.paths import DEFAULT_CACHE_DIR, check_relative_id, confined_path, is_within, lock_folder
 
 from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
 from .s3 import ObjectMissing, S3Store, split_s3_url, store_errors
@@ -300,6 +301,25 @@ def publish(cfg, bucket: str, client=None, progress: bool = True) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _one_publish_at_a_time(root: ObjectStore):
+    """A local folder takes one publish at a time (a lock of the folder itself). Two at once both found no
+    catalog there and both wrote: the last catalog won over a mix of both partitions' images, the other
+    publish reporting success for data no longer there (or one failed on the other's files). The second now
+    waits, saying so, then finds the first one's catalog as any publish finds an existing destination: the
+    same data (nothing sent) or another partition's (refused). An S3 root is left as it was."""
+    if not isinstance(root, _DataDir):
+        yield
+        return
+    root.root.mkdir(parents=True, exist_ok=True)
+
+    def say_why() -> None:
+        log.info("%s: another `data publish` is writing this folder; waiting for it to end", root.root)
+
+    with lock_folder(root.root, on_wait=say_why):
+        yield
+
+
 @_data_errors
 def publish_site(cfg, site: str, location, progress=True) -> dict:
     """Hospital-side onboarding: upload only `site`'s share of cfg's partition (its images, its catalog, its
@@ -310,15 +330,16 @@ def publish_site(cfg, site: str, location, progress=True) -> dict:
     index = part.site_names.index(site)
     prefix = site_prefix(index)
     root = _root(location)
-    old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
-    if old is not None and old["partition_digest"] != part.digest:
-        raise DataError(
-            f"{root.where(prefix + CATALOG)} already holds the data of {old['holder']} for another partition "
-            f"({old['partition_digest']}); refusing to overwrite it: publish to another "
-            + ("bucket" if is_s3(str(location)) else "folder")
-        )
-    label = f"{site}: publish" if progress else ""
-    sent, summaries = _publish_holders(root, image_set, part, holder_ids, False, label)
+    with _one_publish_at_a_time(root):
+        old = _get_message(root, prefix + CATALOG, HolderCatalog, required=False)
+        if old is not None and old["partition_digest"] != part.digest:
+            raise DataError(
+                f"{root.where(prefix + CATALOG)} already holds the data of {old['holder']} for another partition "
+                f"({old['partition_digest']}); refusing to overwrite it: publish to another "
+                + ("bucket" if is_s3(str(location)) else "folder")
+            )
+        label = f"{site}: publish" if progress else ""
+        sent, summaries = _publish_holders(root, image_set, part, holder_ids, False, label)
     return {
         "location": root.where(prefix.rstrip("/")),
         "site": site,

@@ -9,6 +9,7 @@ and sends only the metrics. Selection reads validation metrics only, never a tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,7 +19,9 @@ import numpy as np
 import torch
 
 from ..codec.secure import SUFFIX as SECURE_SUFFIX
+from ..errors import ConfigError
 from ..metrics import classification_report, reliability_bins
+from ..paths import lock_folder
 from .storage import atomic_write_bytes
 
 SELECTION_BEST_VAL = "best client-mean validation accuracy"
@@ -27,6 +30,33 @@ SUMMARY_KEYS = ("acc", "bacc", "f1", "ece", "ece_reference")
 
 
 # ---------------------------------------------------------------- files
+@contextlib.contextmanager
+def only_writer(out: str | Path):
+    """This process alone writes the run directory `out` while it runs (`train`, `compare`, `server run`): an
+    advisory lock on the directory itself (a lock file would make a new run's directory non-empty). Two runs of
+    one --out at once both found it empty, or both resumed it, and wrote the same checkpoints and files: the
+    loser failed on a torn file or a misleading 'redoing it gave another update', and a second `server run`
+    deleted the first one's temporary files as a crash's leftovers. The second is refused in one line
+    (ConfigError). Where the file system has no locks, the run goes on without one."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def refuse() -> None:
+        raise ConfigError(
+            f"another process is writing the run directory {str(out)!r} (a `train`, `compare` or `server run` "
+            "of it still running): wait for it to end, or pass another --out"
+        )
+
+    try:
+        with lock_folder(out, on_wait=refuse):
+            yield
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a run refused before it wrote anything leaves no directory behind
+        raise
+
+
 def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=indent, allow_nan=False).encode())
 

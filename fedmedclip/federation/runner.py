@@ -39,6 +39,7 @@ from ..preparation import (
 )
 from ..sources import is_published_layout, is_remote, remote_source
 from .mailbox import Mailbox, Poller, ProtocolError, check_name, wait_until
+from .records import only_writer
 from .server import FederationError, FederationServer, ServerOptions, ServerSetup, read_manifest
 from .site import DEFAULT_SILENCE_TIMEOUT, SiteSetup, SiteWorker
 from .storage import open_store
@@ -94,7 +95,8 @@ def run_server(
     site_keys: dict[str, str] | str | None = None,
 ) -> dict:
     """Prepare the server's holder, then aggregate until the run ends; returns results.json's content.
-    Started again with the same arguments after a crash, it continues from its last completed step.
+    Started again with the same arguments after a crash, it continues from its last completed step; started
+    while another server writes `out`, it is refused (ConfigError) before it touches the run.
     `site_keys` (secure aggregation): the sites' public identity keys {site: "ed25519:..."}, or "mailbox" to
     take the keys the sites register there themselves (`run_site(register_identity=True)`)."""
     cfg.validate()
@@ -103,37 +105,40 @@ def run_server(
             "the federation runtime runs federated training; --federation local|centralized run in `fedmedclip train`"
         )
     mailbox = Mailbox(open_store(mailbox_url), run_id)
-    prepared = prepare(cfg, progress, holders=[SERVER])
-    torch.set_num_threads(cfg.threads)
-    method = method_for(cfg, prepared)
-    state = open_store(state_url) if state_url else mailbox.server_private()
-    identities = site_keys
-    if cfg.secure_aggregation and site_keys == "mailbox":
-        from .secure import registered_identities
+    # One server per run directory: a second one (a restart while the first still runs) is refused in one
+    # line, before it resumes the run and deletes the first one's temporary files as a crash's leftovers.
+    with only_writer(out):
+        prepared = prepare(cfg, progress, holders=[SERVER])
+        torch.set_num_threads(cfg.threads)
+        method = method_for(cfg, prepared)
+        state = open_store(state_url) if state_url else mailbox.server_private()
+        identities = site_keys
+        if cfg.secure_aggregation and site_keys == "mailbox":
+            from .secure import registered_identities
 
-        log.info("server of run %s: waiting for the sites to register their identity keys", run_id)
-        timeout = (options or ServerOptions()).join_timeout
-        identities = registered_identities(mailbox, list(prepared.partition.site_names), timeout)
-    server = FederationServer(
-        mailbox, server_setup(cfg, prepared, method), state, out, options, observer, identities=identities
-    )
-    log.info(
-        "server of run %s: %d sites (%s), %d rounds, quorum %d; mailbox %s",
-        run_id,
-        len(server.sites),
-        ", ".join(server.sites),
-        cfg.rounds,
-        server.quorum,
-        mailbox.store.url,
-    )
-    try:
-        server.start()
-    except FederationError:
-        raise  # a refused configuration: the run in the mailbox (maybe another's) is left as it is
-    except Exception as exc:
-        server.fail(f"the server could not resume: {type(exc).__name__}: {exc}")
-        raise
-    return server.run()
+            log.info("server of run %s: waiting for the sites to register their identity keys", run_id)
+            timeout = (options or ServerOptions()).join_timeout
+            identities = registered_identities(mailbox, list(prepared.partition.site_names), timeout)
+        server = FederationServer(
+            mailbox, server_setup(cfg, prepared, method), state, out, options, observer, identities=identities
+        )
+        log.info(
+            "server of run %s: %d sites (%s), %d rounds, quorum %d; mailbox %s",
+            run_id,
+            len(server.sites),
+            ", ".join(server.sites),
+            cfg.rounds,
+            server.quorum,
+            mailbox.store.url,
+        )
+        try:
+            server.start()
+        except FederationError:
+            raise  # a refused configuration: the run in the mailbox (maybe another's) is left as it is
+        except Exception as exc:
+            server.fail(f"the server could not resume: {type(exc).__name__}: {exc}")
+            raise
+        return server.run()
 
 
 def _shared_tensors(mailbox: Mailbox) -> dict[str, torch.Tensor]:
