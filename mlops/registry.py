@@ -130,7 +130,8 @@ def register_model(
 
     Idempotent, keyed on the run and the file: a version already registered from this run with the same file
     (or, without one, the run's model folder) is returned as it is (`existing=True`), and an ONNX model already
-    logged into the run for this file is reused, so a retried registration task finds its own version."""
+    logged into the run for this file is reused, so a retried registration task finds its own version; two
+    registrations at once end with one version (the later deletes its own)."""
     from .model_card import download_run_files
 
     client, uri = _client(tracking_uri)
@@ -189,6 +190,13 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
             mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     except MlflowException as e:
         raise TrackingError(f"registering {source} as {name!r} failed: {e.message}") from e
+    # Two registrations of this run at once both found no version and created one each: the later gives way to
+    # the earlier (the lowest number, what a look-up returns), deleting its own before anything refers to it.
+    first = _version_of_run(client, name, run_id, source_key)
+    if first is not None and str(first.version) != str(mv.version):
+        client.delete_model_version(name, mv.version)
+        log.info("%s version %s was registered from run %s meanwhile: reused", name, first.version, run_id)
+        return RegisteredVersion(name, str(first.version), run_id, first.source, dict(first.tags), True)
     if is_new:
         client.set_registered_model_tag(name, "project", "fedmedclip")
         client.update_registered_model(name, description="FedMedCLIP classifier (see docs/contracts.md)")

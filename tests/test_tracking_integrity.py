@@ -75,14 +75,15 @@ def test_register_refuses_a_run_whose_logged_model_file_is_damaged(mlops_stack, 
 
 
 class _CreatesHeld(http.server.ThreadingHTTPServer):
-    """A forwarding proxy in front of the MLflow server that holds every `runs/create` until `released` is set:
-    a `track` that has looked for its run and found none is kept from creating it while the other looks too."""
+    """A forwarding proxy in front of the MLflow server that holds every request to `held` (an endpoint such as
+    `/runs/create`) until `released` is set: a `track` that has looked for its run and found none is kept from
+    creating it while the other looks too."""
 
     daemon_threads = True
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, held: str = "/runs/create"):
         super().__init__(("127.0.0.1", 0), _Forward)
-        self.upstream = urlsplit(upstream)
+        self.upstream, self.held = urlsplit(upstream), held
         self.creates = 0
         self.counting = threading.Lock()
         self.released = threading.Event()
@@ -97,7 +98,7 @@ class _Forward(http.server.BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.split("?")[0].endswith("/runs/create"):
+        if self.path.split("?")[0].endswith(self.server.held):
             with self.server.counting:
                 self.server.creates += 1
             self.server.released.wait()
@@ -181,3 +182,46 @@ def test_two_tracks_of_one_run_directory_at_once_make_one_run(mlops_stack, tmp_p
     assert len(runs) == 1, [err for _, err in outputs]  # one MLflow run with the directory's run key
     assert run_ids == {runs[0].info.run_id}
     assert sum("is logged already (nothing logged again)" in err for _, err in outputs) == 1, outputs
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
+def test_two_registrations_of_one_run_at_once_make_one_version(mlops_stack, tmp_path):
+    """Two `fedmedclip register RUN --name N` at once (a retried registration task beside the first, two
+    engineers) each looked for the run's version, found none, and created one: two versions of one run. A proxy
+    holds each version's creation until both have asked, so that they meet every time; now the later version
+    gives way to the earlier, and both commands print the same version."""
+    from mlflow import MlflowClient
+
+    uri, name = mlops_stack.tracking_uri, f"fedmedclip-at-once-{uuid.uuid4().hex[:8]}"
+    run_id = log_run_dir(make_run_dir(tmp_path / "run", rounds=1), "test-register-at-once", tracking_uri=uri)
+    proxy = _CreatesHeld(uri, held="/model-versions/create")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    command = [str(Path(sys.executable).parent / "fedmedclip"), "register", run_id, "--name", name]
+    procs = [
+        subprocess.Popen(
+            [*command, "--tracking-uri", proxy.uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+
+    def settled() -> bool:
+        ended = [p.poll() is not None for p in procs]
+        if proxy.creates >= 2 or any(ended):
+            proxy.released.set()
+        return all(ended)
+
+    try:
+        wait_for(settled, "both `register` processes to end", timeout=600)
+    finally:
+        proxy.released.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outputs = [p.communicate() for p in procs]
+        proxy.shutdown()
+        proxy.server_close()
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert proxy.creates == 2  # both created one: the race happened
+    versions = MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == ["1"], [err for _, err in outputs]
+    assert [out.strip() for out, _ in outputs] == ["1", "1"], outputs  # the version each prints
