@@ -81,7 +81,7 @@ class _CreatesHeld(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, held: str = "/runs/create"):
+    def __init__(self, upstream: str, held: str):
         super().__init__(("127.0.0.1", 0), _Forward)
         self.upstream, self.held = urlsplit(upstream), held
         self.creates = 0
@@ -135,6 +135,39 @@ def _waiting_for_lock(folder: Path, pids: set[int]) -> bool:
     return False
 
 
+def _twice_at_once(uri: str, held: str, args: list[str], waiting_on: Path | None = None) -> list[tuple]:
+    """Run `fedmedclip ARGS --tracking-uri` twice at once through a proxy holding every request to `held` until
+    both have asked (or one ended, or one waits for a lock of `waiting_on`); (stdout, stderr) of each, both
+    having exited 0."""
+    proxy = _CreatesHeld(uri, held)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    command = [str(Path(sys.executable).parent / "fedmedclip"), *args, "--tracking-uri", proxy.uri]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    pids = {p.pid for p in procs}
+
+    def settled() -> bool:
+        ended = [p.poll() is not None for p in procs]
+        locked = waiting_on is not None and _waiting_for_lock(waiting_on, pids)
+        if proxy.creates >= 2 or any(ended) or locked:
+            proxy.released.set()
+        return all(ended)
+
+    try:
+        wait_for(settled, f"both `{args[0]}` processes to end", timeout=600)
+    finally:
+        proxy.released.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outputs = [p.communicate() for p in procs]
+        proxy.shutdown()
+        proxy.server_close()
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    return outputs
+
+
 @pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux's /proc/locks")
 def test_two_tracks_of_one_run_directory_at_once_make_one_run(mlops_stack, tmp_path):
     """Two `fedmedclip track RUN_DIR` at once each looked for the run keyed on the directory, found none, and
@@ -145,37 +178,7 @@ def test_two_tracks_of_one_run_directory_at_once_make_one_run(mlops_stack, tmp_p
 
     uri, exp = mlops_stack.tracking_uri, f"test-track-at-once-{uuid.uuid4().hex[:8]}"
     run_dir = make_run_dir(tmp_path / "run", rounds=1)
-    proxy = _CreatesHeld(uri)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    command = [str(Path(sys.executable).parent / "fedmedclip"), "track", str(run_dir), "--experiment", exp]
-    procs = [
-        subprocess.Popen(
-            [*command, "--tracking-uri", proxy.uri],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    pids = {p.pid for p in procs}
-
-    def settled() -> bool:
-        ended = [p.poll() is not None for p in procs]
-        if proxy.creates >= 2 or any(ended) or _waiting_for_lock(run_dir, pids):
-            proxy.released.set()
-        return all(ended)
-
-    try:
-        wait_for(settled, "both `track` processes to end", timeout=600)
-    finally:
-        proxy.released.set()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate() for p in procs]
-        proxy.shutdown()
-        proxy.server_close()
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    outputs = _twice_at_once(uri, "/runs/create", ["track", str(run_dir), "--experiment", exp], run_dir)
     run_ids = {out.strip() for out, _ in outputs}
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
@@ -194,34 +197,7 @@ def test_two_registrations_of_one_run_at_once_make_one_version(mlops_stack, tmp_
 
     uri, name = mlops_stack.tracking_uri, f"fedmedclip-at-once-{uuid.uuid4().hex[:8]}"
     run_id = log_run_dir(make_run_dir(tmp_path / "run", rounds=1), "test-register-at-once", tracking_uri=uri)
-    proxy = _CreatesHeld(uri, held="/model-versions/create")
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    command = [str(Path(sys.executable).parent / "fedmedclip"), "register", run_id, "--name", name]
-    procs = [
-        subprocess.Popen(
-            [*command, "--tracking-uri", proxy.uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-
-    def settled() -> bool:
-        ended = [p.poll() is not None for p in procs]
-        if proxy.creates >= 2 or any(ended):
-            proxy.released.set()
-        return all(ended)
-
-    try:
-        wait_for(settled, "both `register` processes to end", timeout=600)
-    finally:
-        proxy.released.set()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate() for p in procs]
-        proxy.shutdown()
-        proxy.server_close()
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
-    assert proxy.creates == 2  # both created one: the race happened
+    outputs = _twice_at_once(uri, "/model-versions/create", ["register", run_id, "--name", name])
     versions = MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == ["1"], [err for _, err in outputs]
     assert [out.strip() for out, _ in outputs] == ["1", "1"], outputs  # the version each prints
