@@ -6,6 +6,7 @@ with SIGKILL mid-protocol end identical to an uninterrupted secure run of `fedme
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -23,7 +24,7 @@ from fedmedclip.config import TrainConfig
 from fedmedclip.errors import ConfigError
 from fedmedclip.export import run_privacy
 from fedmedclip.federation.mailbox import Mailbox
-from fedmedclip.federation.messages import KeyAdvertisement
+from fedmedclip.federation.messages import KeyAdvertisement, Roster, signed_bytes
 from fedmedclip.federation.server import FederationError, FederationServer, ServerOptions
 from fedmedclip.federation.site import SiteFailure, SiteWorker
 from fedmedclip.federation.storage import LocalDirStore
@@ -31,6 +32,7 @@ from fedmedclip.model_card import build_card
 from fedmedclip.preparation import prepare
 from fedmedclip.privacy.report import privacy_summary
 from fedmedclip.secagg.identity import IdentityKey
+from fedmedclip.secagg.protocol import verified_roster
 
 RUN = "secure"
 SITES = ("site_0", "site_1", "site_2")
@@ -380,3 +382,65 @@ def test_server_run_asks_for_the_sites_keys(tmp_path, capsys):
     assert "must hold a JSON object" in capsys.readouterr().err
     assert main([*args, "--no-track", "--site-keys", "mailbox"]) == 2
     assert "--secure-aggregation, which is off" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- a hostile site, a damaged private record
+def _signed_advertisement(keys: dict, protocol, **change) -> KeyAdvertisement:
+    """A site's own advertisement of round 1 (`protocol`: its SiteRound) with `change` applied, signed again
+    with its own valid key."""
+    key = keys[protocol.site]
+    fields = protocol.advertisement(key).to_dict()
+    fields.pop("signature")
+    fields.update(change)
+    signature = key.sign(signed_bytes(*fields.values()))
+    return KeyAdvertisement.build(**fields, signature=base64.b64encode(signature).decode())
+
+
+@pytest.mark.parametrize("which", ["cipher_key", "mask_key"])
+def test_a_low_order_public_key_signed_by_its_own_site_is_refused_at_the_server(
+    which, prepared, keys, tmp_path
+):
+    """site_2 signs, with its own registered key, an advertisement whose X25519 key is a low-order point (all
+    zeros), with which no shared key can be agreed, and shares its seeds as the protocol says. Before: the
+    server accepted it (the signature is valid) and put it in the roster; every honest site then stopped with
+    `ValueError: Error computing shared key` when it sealed its shares (a zero cipher key) or masked its update
+    (a zero mask key), and again at every restart. Now the server refuses the advertisement naming site_2, and
+    the round aggregates the honest sites."""
+    fed = Federation(prepared, keys, tmp_path)
+    hostile = fed.sites.pop("site_2").secure.protocol(1)  # site_2 is played by hand from here on
+    zero = base64.b64encode(bytes(32)).decode()
+    fed.mb.put_message(
+        fed.mb.secagg_key(1, "keys", "site_2"),
+        _signed_advertisement(keys, hostile, **{which: zero}),
+    )
+    # Its shares once the roster is out: sealed as an honest site's, whatever its own entry in the roster says.
+    hostile._roster = lambda roster: verified_roster(hostile.settings, hostile.run_id, 1, roster)
+    roster_key = fed.mb.secagg_key(1, "roster")
+    for _ in range(1000):
+        if fed.store.exists(roster_key):
+            break
+        fed.server.poll()
+        for site in fed.sites.values():
+            site.poll()
+    roster = fed.mb.read_message(roster_key, Roster, "server")
+    fed.mb.put_message(fed.mb.secagg_key(1, "shares", "site_2"), hostile.share_bundle(roster))
+    fed.round_one()
+    rec = fed.record
+    assert "low-order" in rec["rejected"].get("site_2", ""), rec["rejected"]
+    assert rec["present"] == ["site_0", "site_1"]
+
+
+@pytest.mark.parametrize("damage", [b'{"run_id": "secure", "rou', b"[]", b"\xff\xfe"])
+def test_a_damaged_record_of_the_survivors_answered_sits_the_round_out(damage, prepared, keys, tmp_path):
+    """site_0's private record of the survivors it answered (secagg/answered.json) is damaged on its disk.
+    Before: the site stopped with a JSONDecodeError or AttributeError traceback when the
+    survivors came out, and again at every restart (it reads the record first). Now it does not answer (it
+    cannot know whether it answered other survivors of this round) and says why; the others unmask the
+    round."""
+    fed = Federation(prepared, keys, tmp_path)
+    fed.store.put("state-site_0/secagg/answered.json", damage)
+    fed.round_one()
+    rec = fed.record
+    assert rec["secure_aggregation"]["answered"] == ["site_1", "site_2"]
+    assert rec["present"] == list(SITES) and not rec["failed"]
+    assert fed.sites["site_0"].secure._out is not None

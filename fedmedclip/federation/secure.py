@@ -40,6 +40,7 @@ from ..aggregation import aggregation_weights
 from ..codec import CodecError, get_codec
 from ..codec.chain import Codec
 from ..codec.secure import MaskedSum, float_entries, grid_levels, initial_steps, next_steps, secure_codec
+from ..jsonfiles import loads
 from ..privacy.client import party_key
 from ..privacy.settings import PrivacySettings
 from ..secagg.identity import IdentityKey
@@ -69,6 +70,7 @@ from .messages import (
     UpdateHeader,
     parse,
 )
+from .storage import StoreError
 
 log = logging.getLogger("fedmedclip.secagg")
 
@@ -632,8 +634,22 @@ class SiteSecureRound:
         key = mb.secagg_key(r, "unmask", name)
         # Kept in this site's private state before the answer goes out: after a restart it answers the same
         # survivors only.
-        raw = self.w.state.get(ANSWERED_KEY, max_bytes=1 << 20)
-        answered = json.loads(raw) if raw is not None else {}
+        try:
+            raw = self.w.state.get(ANSWERED_KEY, max_bytes=1 << 20)
+            answered = loads(raw) if raw is not None else {}
+        except (StoreError, ValueError):  # too large, not JSON (UnicodeDecodeError is a ValueError)
+            answered = None
+        if not isinstance(answered, dict):
+            # Damaged on this site's disk: whether it answered other survivors of this round is unknown, and
+            # answering these too could hand over both seeds of one site. It sits the round out (the others
+            # unmask it), a restart alike (the record says so: survivors unknown); the next round answers.
+            unknown = {"run_id": mb.run_id, "round": r, "survivors": None}
+            self.w.state.put(ANSWERED_KEY, json.dumps(unknown).encode())
+            self._sit_out(
+                f"its record of the survivors it answered ({self.w.state.where(ANSWERED_KEY)}) is damaged: it "
+                "does not answer this round"
+            )
+            return False
         if answered.get("run_id") == mb.run_id and answered.get("round") == r:
             if answered.get("survivors") != list(survivors.survivors):
                 self._sit_out(

@@ -54,6 +54,21 @@ def public_bytes(key: x25519.X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+# Any X25519 private key: only a low-order public key gives it the all-zero shared secret, which `exchange`
+# refuses (ValueError), and it gives every private key that secret (a clamped scalar is a multiple of 8).
+_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, KEY_BYTES + 1)))
+
+
+def usable_public(peer_public: bytes) -> bool:
+    """Whether a key can be agreed with `peer_public`: 32 bytes that are not a low-order point (all zeros, one,
+    ...), with which every party's `agree` raises instead of deriving a key."""
+    try:
+        _PROBE.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError:
+        return False
+    return True
+
+
 def agree(private: x25519.X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
     """A 32-byte key both ends derive: HKDF of the X25519 shared secret, bound to `info`."""
     shared = private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))

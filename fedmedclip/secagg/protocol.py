@@ -174,6 +174,13 @@ def check_advertisement(
             f"key advertisement from {site}: the signature is not by the identity key registered for "
             f"{site}: forged or altered, refused"
         )
+    # Signed by the site itself, yet a key no party can agree with: every other site's `agree` would raise.
+    for name in ("cipher_key", "mask_key"):
+        if not P.usable_public(raw(getattr(adv, name))):
+            raise SecAggRefused(
+                f"key advertisement from {site}: its {name} is a low-order X25519 point, with which no key can "
+                "be agreed: refused"
+            )
 
 
 def verified_roster(
