@@ -457,32 +457,31 @@ def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again
     assert [row["acc"] for row in record["sites"]] == [None, None, None]
 
 
-def _ledger(noise_multiplier: float, accountant: str = "rdp", planned_steps: int = 12) -> dict:
+def _ledger(noise_multiplier: float, accountant: str, planned_steps: int, sample_rate: float) -> dict:
     return {
-        "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": noise_multiplier, "clip": 1.0, "sample_rate": 0.1,
-        "steps": 4, "planned_steps": planned_steps, "n_train": 20, "accountant": accountant,
+        "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": noise_multiplier, "clip": 1.0,
+        "sample_rate": sample_rate, "steps": 4, "planned_steps": planned_steps, "n_train": 20,
+        "accountant": accountant,
     }  # fmt: skip
 
 
-def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unknown(
-    prepared, tmp_path, caplog
-):
-    """A DP run's round 1: site_1's ledger says noise multiplier 0, site_2's 1e-300 (both finite, both in range
-    of the declaration). Round 2: their updates go in, their reports are garbage, so each site's epsilon is the
-    most its plan allows; the accountant gives inf for one and divides by zero for the other. That stopped the
-    server at closing round 2 (a ZeroDivisionError, or an inf it could not checkpoint), and again after every
-    restart. Now such a plan bounds nothing: without a target epsilon the run's epsilon is unknown, and the
-    run completes. A ledger naming the PLD accountant with 1e9 planned steps (154 GiB to compose) is not the
-    run's plan for the site: it is ignored when it arrives (the site then has no ledger), and the run's own
-    accountant is what any plan is composed with."""
+def test_a_privacy_ledger_that_is_not_the_runs_plan_is_ignored_when_it_arrives(prepared, tmp_path, caplog):
+    """A DP run (noise multiplier 1.1) whose sites' round-1 ledgers each change one figure of the run's plan;
+    round 2: their updates go in, their reports are garbage, so each site's epsilon is the most its plan allows.
+    Composed, those plans stopped the server at closing round 2, and again after every restart: noise 0 gives
+    inf and 1e-300 divides by zero; 1e9 planned steps under PLD took 154 GiB; sampling rate 0.5 at noise 0.05
+    took 74 s of the server's loop (and a site could change it every round). Now a ledger is the run's plan or
+    it is ignored when it arrives, saying which figure differs (the site then has no ledger: without a target
+    epsilon the run's epsilon is unknown), and the run completes."""
     cfg, p = prepared
     cfg = TrainConfig.from_json({**cfg.to_json(), "rounds": 2, "privacy": {"noise_multiplier": 1.1}})
     server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
     planned = server.method.dp_steps_per_round(20) * 2  # the run's plan for a site of 20 training images
+    rate = min(1.0, server.method.dp_batch_size() / 20)
     ledgers = {
-        "site_0": _ledger(1.1, "pld", 10**9),
-        "site_1": _ledger(0.0, "pld", planned),
-        "site_2": _ledger(1e-300, "rdp", planned),
+        "site_0": _ledger(1.1, "pld", 10**9, rate),
+        "site_1": _ledger(1e-300, "rdp", planned, rate),
+        "site_2": _ledger(0.05, "pld", planned, 0.5),
     }
     for r in (1, 2):
         for k, site in enumerate(SITES_ALL):
@@ -495,19 +494,31 @@ def test_a_privacy_ledger_no_accountant_can_compose_leaves_the_sites_epsilon_unk
         record = _close_round(server)
     assert record["sites_present"] == SITES_ALL and record["epsilon_max"] is None
     record_level = server.results["privacy"]["record_level"]
-    assert record_level["epsilon_max"] is None
-    assert record_level["sites"]["site_2"]["epsilon"] is None and record_level["unaccounted_rounds"] == {
-        "site_0": [1, 2], "site_1": [2], "site_2": [2]
-    }  # fmt: skip
-    assert "site_0" not in record_level["sites"]  # its ledger was never the run's plan
-    assert (
-        "ignoring the privacy report of site_0: privacy.planned_steps = 1000000000 is not the run's plan for 20 "
-        f"training images ({planned})" in caplog.text
-    )
-    # The model card says so, not "epsilon " and "the most its plan allows".
-    from fedmedclip.model_card import _site_privacy_line
+    assert record_level["epsilon_max"] is None and record_level["sites"] == {}  # no ledger was the run's plan
+    assert record_level["unaccounted_rounds"] == {"site_0": [1, 2], "site_1": [1, 2], "site_2": [1, 2]}
+    for site, why in [
+        (
+            "site_0",
+            f"privacy.planned_steps = 1000000000 is not the run's plan for 20 training images ({planned})",
+        ),
+        ("site_1", "privacy.noise_multiplier = 1e-300 is not the run's plan for 20 training images (1.1)"),
+        ("site_2", f"privacy.sample_rate = 0.5 is not the run's plan for 20 training images ({rate})"),
+    ]:
+        assert f"ignoring the privacy report of {site}: {why}" in caplog.text
 
-    line = _site_privacy_line("site_2", record_level["sites"]["site_2"])
+
+def test_a_plan_no_accountant_can_compose_bounds_nothing():
+    """A plan the accountant cannot compose (noise 0: inf; 1e-300: a division by zero) bounds nothing rather
+    than stopping the server that closes the round; the model card says the epsilon is unknown, not "epsilon "
+    and "the most its plan allows". A plan with a budget is bounded by it, its noise not composed."""
+    from fedmedclip.model_card import _site_privacy_line
+    from fedmedclip.privacy.report import plan_bound
+
+    for noise in (0.0, 1e-300):
+        assert plan_bound(_ledger(noise, "rdp", 12, 0.1), "rdp") is None
+    assert plan_bound({**_ledger(0.05, "pld", 10**9, 0.5), "budget": 3.0}, "pld") == 3.0
+    row = {**_ledger(1e-300, "rdp", 12, 0.1), "epsilon": None, "reported_epsilon": 1.0}
+    line = _site_privacy_line("site_2", row)
     assert line.startswith("  - site_2: epsilon unknown, "), line
     assert line.endswith("updates went out after it, and its plan bounds nothing)"), line
 

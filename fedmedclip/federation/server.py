@@ -863,12 +863,24 @@ class FederationServer:
             return (
                 f"privacy.n_train = {n} is outside 1..{most}, the training images the manifest gives {site}"
             )
-        planned = self.method.dp_steps_per_round(n) * self.method.ctx.rounds
-        if ledger["planned_steps"] != planned:
-            return (
-                f"privacy.planned_steps = {ledger['planned_steps']} is not the run's plan for {n} training "
-                f"images ({planned})"
-            )
+        # The rest of the plan is the run's too (accounting.plan_site, the same arithmetic as the site's): a
+        # ledger with its own sampling rate or noise made the accountant take minutes (PLD at rate 0.5 and
+        # noise 0.05: 74 s), each round a site changed them, and at every restart. A target-epsilon run's
+        # noise is the site's calibration, not checked here: its plan is bounded by the budget (plan_bound).
+        settings, method = self.method.ctx.privacy, self.method
+        plan = {
+            "planned_steps": method.dp_steps_per_round(n) * method.ctx.rounds,
+            "sample_rate": min(1.0, method.dp_batch_size() / n),
+            "delta": float(settings.delta),
+            "budget": settings.target_epsilon,
+        }
+        if settings.noise_multiplier is not None:
+            plan["noise_multiplier"] = float(settings.noise_multiplier)
+        for key, value in plan.items():
+            if ledger[key] != value:
+                return (
+                    f"privacy.{key} = {ledger[key]} is not the run's plan for {n} training images ({value})"
+                )
         return None
 
     def _read_report(self, site: str) -> SiteReport | None:

@@ -94,13 +94,16 @@ def sent_rounds(history: list[dict], site: str) -> list[int]:
 
 
 def plan_bound(ledger: dict, accountant: str) -> float | None:
-    """The most a site's DP-SGD plan lets it spend: its planned steps at its sampling rate and noise, or its
-    budget when it has one (it takes no step beyond it); None when the plan has no finite figure. Another
-    party wrote the plan: it is accounted with the run's `accountant` (every honest site's), never one the
-    ledger names, and a plan the accountant cannot compose (a noise multiplier of 1e-300 divides by zero,
-    1e300 overflows, 0 gives inf) bounds nothing rather than stopping the server that closes the round."""
+    """The most a site's DP-SGD plan lets it spend: its budget when it has one (it takes no step beyond it),
+    else its planned steps at its sampling rate and noise; None when the plan has no finite figure. Another
+    party wrote the plan (the server checks it is the run's: _plan_problem): it is accounted with the run's
+    `accountant` (every honest site's), never one the ledger names, and a plan the accountant cannot compose (a
+    noise multiplier of 1e-300 divides by zero, 1e300 overflows, 0 gives inf) bounds nothing rather than
+    stopping the server that closes the round."""
     from .accounting import dpsgd_epsilon
 
+    if ledger.get("budget") is not None:  # the noise behind it is the site's own calibration: not composed
+        return ledger["budget"]
     try:
         eps = dpsgd_epsilon(
             ledger["sample_rate"],
@@ -111,8 +114,6 @@ def plan_bound(ledger: dict, accountant: str) -> float | None:
         )
     except (ArithmeticError, ValueError, MemoryError):
         eps = math.inf
-    if ledger.get("budget") is not None:
-        eps = min(eps, ledger["budget"])
     return eps if math.isfinite(eps) else None
 
 
