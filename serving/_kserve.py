@@ -11,6 +11,9 @@ This module is where the pinned kserve's shortcomings are worked around, and onl
   (serving/rest.py and serving/grpc_service.py list it); the server composes its own from the parts above.
 - InferRequest.from_bytes re-encodes every binary tensor into Python lists (BYTES holding JPEG files fail as
   "not UTF-8"): serving.protocol reads the binary extension itself and hands kserve zero-copy views.
+- InferInput.as_numpy decodes a BYTES tensor's binary data (REST binary extension, gRPC raw_input_contents)
+  element by element in Python on the event loop, every element the data holds whatever its shape says: 64 MB
+  of 6-byte elements held every client for 8 s. `raw_bytes_elements` reads only as many as the shape has.
 - InferResponse.to_grpc breaks when given the REST request's binary_data flags: the model passes them for
   REST only (serving/model.py, `_response`).
 - Its generated gRPC messages lack fields of the protocol's .proto (tests/specs/): InferParameter's double (4)
@@ -24,6 +27,7 @@ from __future__ import annotations
 import struct
 import sys
 
+import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 PINNED_VERSION = "0.21.0"
@@ -79,3 +83,28 @@ def control_model_name(request) -> str:
     sends, as field 2 after repository_name (1), which kserve's parser keeps as unknown."""
     triton = [f.data for f in UnknownFieldSet(request) if f.field_number == 2 and f.wire_type == 2]
     return triton[0].decode("utf-8", "replace") if triton else request.model_name
+
+
+def raw_bytes_elements(inp, count: int):
+    """The `count` elements of BYTES input `inp` when it came as binary data (each a 4-byte little-endian
+    length, then its bytes) as a numpy object array, else None (JSON or gRPC typed contents: kserve's lists,
+    bounded by the request's budgets). ValueError when the data does not hold exactly `count` elements: at
+    most `count` are read, so a request costs its shape's elements and never the data's."""
+    raw = getattr(inp, "_raw_data", None)
+    if raw is None:
+        return None
+    out, offset, size = [], 0, len(raw)
+    for k in range(count):
+        if offset + 4 > size:
+            raise ValueError(f"the binary data ends within the length of element {k} of {count}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise ValueError(f"element {k} of {length:,} bytes runs past the end of the binary data")
+        out.append(bytes(raw[offset : offset + length]))
+        offset += length
+    if offset != size:
+        raise ValueError(f"{size - offset:,} bytes of binary data follow its {count} elements")
+    array = np.empty(count, dtype=np.object_)
+    array[:] = out
+    return array

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+from .errors import NotReady
 from .options import Batching
 
 
@@ -114,7 +115,13 @@ class DynamicBatcher:
         return parts[0] if len(parts) == 1 else tuple(np.concatenate(col) for col in zip(*parts, strict=True))
 
     def shutdown(self) -> None:
-        """Synchronous stop (kserve's model.stop): no new runs; a run in progress finishes."""
+        """Synchronous stop (kserve's model.stop): no new runs; a run in progress finishes; requests still
+        queued are told the model is not loaded (they waited for good)."""
         if self._task is not None:
             self._task.cancel()
+        while self._items:
+            item = self._items.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotReady(f"model {self.model!r} was unloaded"))
+        self._queued_images = 0
         self._executor.shutdown(wait=False)

@@ -2,7 +2,8 @@
 training's geometry (`Preprocessing.to_uint8`). Every failure is a `RequestRejected` naming the image by its
 index in the request: one bad file gets the client a 400 and the server keeps going. A few kilobytes of PNG
 can decode to tens of megapixels, so a request is budgeted: its bytes (`max_request_bytes`), its images' sizes
-read from their headers first (`max_request_pixels`), and decoding stops once its images have taken
+read from their headers first (`max_request_pixels`; each, and the size it is resized to,
+within `max_image_pixels`), and decoding stops once its images have taken
 `max_decode_seconds` of CPU."""
 
 from __future__ import annotations
@@ -74,11 +75,34 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     return image
 
 
-def _header_pixels(blobs: list[bytes], limits: Limits) -> list[int]:
+def resized_size(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int]:
+    """The size `Preprocessing.to_uint8` resizes an image of `size` to before its centre crop: the short side
+    to `pre.size`, the long one in proportion (a squash resizes straight to size x size)."""
+    if not pre.center_crop:
+        return pre.size, pre.size
+    w, h = size
+    scale = pre.size / min(w, h)
+    return max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
+
+
+def _header_pixels(blobs: list[bytes], limits: Limits, pre: Preprocessing) -> list[int]:
+    """Each image's width*height from its header, within the per-image limit; and within the same limit the
+    image it is resized to before the centre crop: a 1-pixel-high strip is scaled up by the crop size on both
+    sides (a 952-byte 300000x1 PNG became a 9,600,000x32 image, 1.7 GB in the decoding thread)."""
     pixels = []
     for index, data in enumerate(blobs):
         with _open(data, index, limits) as image:
-            pixels.append(image.width * image.height)
+            width, height = image.size
+        new_w, new_h = resized_size((width, height), pre)
+        if new_w * new_h > limits.max_image_pixels:
+            what = (
+                f"image {index} is {width}x{height}: resized to {pre.size} pixels on its short side it would be "
+                f"{new_w}x{new_h} = {new_w * new_h:,} pixels,"
+            )
+            raise limits.exceeded(
+                "image_aspect_ratio", "max_image_pixels", what, "; crop it closer to a square"
+            )
+        pixels.append(width * height)
     return pixels
 
 
@@ -129,7 +153,7 @@ class DecodePool:
             what = f"{total:,} bytes of images in one request,"
             raise limits.exceeded("request_too_large", "max_request_bytes", what, status=413)
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._executor, _header_pixels, blobs, limits)
+        pixels = await loop.run_in_executor(self._executor, _header_pixels, blobs, limits, pre)
         if sum(pixels) > limits.max_request_pixels:
             what = f"the request's {len(blobs)} images hold {sum(pixels):,} pixels in all,"
             raise limits.exceeded("request_too_many_pixels", "max_request_pixels", what, _FEWER)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import time
 import uuid
@@ -17,7 +18,7 @@ import numpy as np
 from fedmedclip.digests import META_DRIFT_REFERENCE, sha256_bytes
 
 from . import metrics
-from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve
+from ._kserve import InferenceError, InferOutput, InferRequest, InferResponse, kserve, raw_bytes_elements
 from .batcher import DynamicBatcher
 from .errors import RequestRejected, quoted
 from .images import DecodePool, install_pil_guards
@@ -158,6 +159,10 @@ class FedMedClipModel(kserve.Model):
                 "input_count",
                 f"expected exactly one input tensor, {expected}; got {len(payload.inputs)}: {names}",
             )
+        requested = [out.name for out in payload.request_outputs or []]
+        if len(set(requested)) != len(requested):
+            twice = next(n for n in requested if requested.count(n) > 1)
+            raise RequestRejected("duplicate_output", f"output {quoted(twice)} is requested more than once")
         for out in payload.request_outputs or []:
             if out.name not in self.output_names:
                 raise RequestRejected(
@@ -194,7 +199,8 @@ class FedMedClipModel(kserve.Model):
             what = f"{shape[0]} images in one request,"
             raise self.limits.exceeded("too_many_images", "max_batch_images", what, "; split the request")
         try:
-            data = inp.as_numpy()
+            elements = raw_bytes_elements(inp, math.prod(shape)) if inp.name == INPUT_BYTES else None
+            data = inp.as_numpy() if elements is None else elements.reshape(shape)
         except (ValueError, TypeError, OverflowError, struct.error) as exc:
             raise RequestRejected(
                 "bad_shape",

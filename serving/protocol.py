@@ -48,6 +48,11 @@ class Budget:
     max_parameters: int = 32
     # A JSON part up to this size is parsed in a thread, a larger one in a worker process.
     inline_bytes: int = 1 << 20
+    # Elements of one BYTES tensor (one encoded image each: the served models' --max-batch-images); None: only
+    # `max_elements`. Checked before their base64 is decoded: millions of tiny strings, refused later for
+    # their count, cost the parsing worker seconds and the server half a second of its interpreter lock and
+    # half a gigabyte to take its answer back.
+    max_bytes_elements: int | None = None
 
 
 @dataclass
@@ -204,6 +209,12 @@ def _data(data: object, t: Tensor, where: str, budget: Budget, left: int) -> np.
             "bad_dtype", f"{where}: {t.datatype} cannot be sent as JSON data; send it as binary data"
         )
     _only({str}, flat, where, "strings (the base64 of each element's bytes)")
+    if budget.max_bytes_elements is not None and len(flat) > budget.max_bytes_elements:
+        raise RequestRejected(
+            "too_many_images",
+            f"{where}: {len(flat):,} BYTES elements (one encoded image each), over the limit of "
+            f"{budget.max_bytes_elements:,} images (server option --max-batch-images); split the request",
+        )
     out = []
     for k, item in enumerate(flat):
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 
@@ -42,7 +43,10 @@ async def serve(models: list, options: ServerOptions) -> None:
     largest = max(
         m.options.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()
     )
-    parser = JsonParser(Budget(max_elements=largest), processes=options.json_workers)
+    images = max(m.options.limits.max_batch_images for m in models.values())
+    parser = JsonParser(
+        Budget(max_elements=largest, max_bytes_elements=images), processes=options.json_workers
+    )
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
     api = RestApi(state, parser, options.body_timeout, options.metrics_port is not None)
 
@@ -81,6 +85,7 @@ async def serve(models: list, options: ServerOptions) -> None:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_AcceptErrors())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
     tasks = {asyncio.create_task(server.serve(), name=name) for name, server in http_servers.items()}
@@ -120,6 +125,46 @@ async def serve(models: list, options: ServerOptions) -> None:
         model.stop()
     parser.shutdown()
     log.info("stopped")
+
+
+class _AcceptErrors:
+    """The event loop's exception handler: a listening socket that cannot accept a connection for want of file
+    descriptors (every one held by open connections: a client opening thousands, each closed only after
+    --body-timeout without a request) is one log line, at most every ACCEPT_LOG_EVERY_S seconds; anything else
+    goes to asyncio's own handler. asyncio (3.10 to 3.12) tries the accept once per connection waiting, up to
+    uvicorn's backlog of 2048 each time, and logs every failure with its traceback: 59,120 tracebacks (355,000
+    lines) in five seconds."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self) -> None:
+        self._last, self._missed = -math.inf, 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if isinstance(context.get("exception"), (OSError, ValueError)) and "._start_serving" in repr(
+            context.get("handle")
+        ):
+            # One of asyncio's retries after a failed accept, come after its socket closed (a shutdown): as many
+            # tracebacks as the failed accepts of the last second.
+            self._missed += 1
+            return
+        if context.get("message") != self.MESSAGE:
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < ACCEPT_LOG_EVERY_S:
+            self._missed += 1
+            return
+        log.error(
+            "cannot accept new connections: %s (%d more times since the last such line); open connections "
+            "hold the process's file descriptors, idle ones until --body-timeout",
+            context.get("exception"),
+            self._missed,
+        )
+        self._last, self._missed = now, 0
+
+
+ACCEPT_LOG_EVERY_S = 10.0
 
 
 def _on_signal(stop: asyncio.Event, sig: int) -> None:

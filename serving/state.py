@@ -21,6 +21,9 @@ from .options import Limits
 
 log = logging.getLogger("fedmedclip.serving")
 
+# Longest an unload waits for the requests inside the model: one request's decoding budget and its run.
+UNLOAD_WAIT_S = 60.0
+
 
 class InFlightBytes:
     """The request bytes the server holds at once, REST bodies and gRPC messages of every client together,
@@ -80,6 +83,9 @@ class ServerState:
         requests that present it (`Authorization: Bearer TOKEN`); None: no model control at all. `limits`: its
         --max-inflight-bytes bounds `inflight`, the request bytes REST and gRPC hold at once."""
         self.models, self.draining, self.in_flight = dict(models), False, 0
+        # Inferences inside each model now (an unload waits for them), and one control action per model at once.
+        self._running = dict.fromkeys(self.models, 0)
+        self._control_locks = {name: asyncio.Lock() for name in self.models}
         self.inflight = InFlightBytes(limits)
         self.control_enabled = control_token is not None
         # Digests compare in constant time whatever the length of the token presented.
@@ -140,7 +146,15 @@ class ServerState:
         checking the transport's message) gives. Counted in flight, what a shutdown waits for."""
         self.in_flight += 1
         try:
-            response, _ = await self.model(name, version)(await read_request(), headers=headers)
+            self.model(name, version)  # not served, or not loaded: refused before the message is read
+            request = await read_request()
+            # Again once it has come: the model may have been unloaded meanwhile (model control).
+            model = self.model(name, version)
+            self._running[name] += 1
+            try:
+                response, _ = await model(request, headers=headers)
+            finally:
+                self._running[name] -= 1
             return response
         finally:
             self.in_flight -= 1
@@ -161,14 +175,28 @@ class ServerState:
         if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._control_digest):
             raise RequestRejected("unauthenticated", "model control refused: wrong token", 401)
         model = self.model(name, ready=False)
-        if action == "unload":  # stop serving and free the session; `load` opens the file again
-            model.stop()
-            model.classifier = None
-            log.warning("model %r unloaded (model control): the server is not ready until loaded again", name)
-        else:
+        async with self._control_locks[name]:  # a load and an unload of one model never interleave
+            if action == "unload":
+                await self._unload(name, model)
+                return
             try:  # from its verified file, checked against the same sha256; off the event loop
                 if not model.ready:
                     await asyncio.get_running_loop().run_in_executor(None, model.load)
             except ServingError as exc:  # the file changed or went away: the operator is told why
                 raise RequestRejected("load_failed", f"model {name!r} cannot be loaded: {exc}", 500) from None
             log.warning("model %r loaded (model control)", name)
+
+    async def _unload(self, name: str, model) -> None:
+        """Stop serving `model` and free its session (`load` opens the file again): new requests are refused
+        (503) at once; those already inside it finish first, at most UNLOAD_WAIT_S. Stopping it under them
+        cancelled their decoding and took their batcher away: a text/plain 500 and a traceback each."""
+        model.ready = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNLOAD_WAIT_S
+        while self._running[name] and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._running[name]:
+            log.warning("unloading model %r with %d request(s) still inside it", name, self._running[name])
+        model.stop()
+        model.classifier = None
+        log.warning("model %r unloaded (model control): the server is not ready until loaded again", name)
