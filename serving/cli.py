@@ -53,7 +53,9 @@ def register(subparsers) -> None:
         help="refuse to start unless the model file has this sha256 (registry models are checked against their tag)",
     )
     serve.add_argument(
-        "--cache-dir", help="where a registry model is downloaded (default: a new temporary folder)"
+        "--cache-dir",
+        help="where a registry model is downloaded, in a folder named by its sha256 (default: a new temporary "
+        "folder)",
     )
     serve.add_argument("--tracking-uri", help="the MLflow server of a models:/ reference")
     serve.set_defaults(func=_serve)

@@ -139,7 +139,9 @@ def _from_registry(
         sha = verify_sha256(
             fetched, tag, f"the registry tag {ONNX_SHA256_TAG} of {uri} (version {mv.version})"
         )
-        path = _move_into(Path(tmp), dst, last=fetched)
+        # One folder per file (its sha256): replicas of two versions sharing --cache-dir (a rolling update) never
+        # replace the file the other just verified, which it then refused to load as changed.
+        path = _move_into(Path(tmp), dst / sha, last=fetched)
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
     return ResolvedModel(path, sha, f"{uri} (version {mv.version})", str(mv.version))
 

@@ -110,6 +110,17 @@ def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(regist
     for _ in range(2):
         with ThreadPoolExecutor(n) as pool:
             resolved = list(pool.map(start, [threading.Barrier(n, timeout=120)] * n))
-        assert {(r.path, r.sha256) for r in resolved} == {(cache / "model.onnx", sha)}
-        assert hashlib.sha256((cache / "model.onnx").read_bytes()).hexdigest() == sha
-        assert sorted(p.name for p in cache.iterdir()) == ["model.onnx"]  # no download folder left behind
+        assert {(r.path, r.sha256) for r in resolved} == {(cache / sha / "model.onnx", sha)}
+        assert hashlib.sha256((cache / sha / "model.onnx").read_bytes()).hexdigest() == sha
+        assert sorted(p.name for p in cache.iterdir()) == [sha]  # no download folder left behind
+
+    # A second version resolved into the same folder (a rolling update's new replicas) leaves the first's file:
+    # it replaced model.onnx under the replicas still to load the first, which refused it as changed.
+    other = os.urandom(1 << 10)
+    (tmp_path / "model" / "model.onnx").write_bytes(other)
+    run = client.create_run(client.get_experiment_by_name(name).experiment_id)
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    tag = {"onnx_sha256": hashlib.sha256(other).hexdigest()}
+    client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tag)
+    second = resolve_model(f"models:/{name}/2", cache_dir="cache")
+    assert second.path.read_bytes() == other and resolved[0].path.read_bytes() == data
