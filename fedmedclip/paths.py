@@ -32,9 +32,13 @@ def check_folder_flag(flag: str, folder: str | Path) -> None:
         raise ConfigError(f"{flag} {folder}:{where} is a file, not a directory")
 
 
+MAX_NAME_BYTES = 255  # the longest file name (one segment of a path) a POSIX file system takes
+
+
 def check_relative_id(image_id: str, source: str) -> str:
-    """`image_id` itself: a non-empty relative posix path with no `.`/`..`/empty segment and no NUL.
-    `source` names where the id was read (a manifest line, a catalog URI) for the error."""
+    """`image_id` itself: a non-empty relative posix path with no `.`/`..`/empty segment, no NUL and no
+    segment longer than a file name can be. `source` names where the id was read (a manifest line, a catalog
+    URI) for the error."""
     problem = None
     if not isinstance(image_id, str) or not image_id:
         problem = "it is empty"
@@ -48,6 +52,8 @@ def check_relative_id(image_id: str, source: str) -> str:
             problem = "it has a '..' segment"
         elif any(p in ("", ".") for p in parts):
             problem = "it has an empty or '.' segment"
+        elif long := next((p for p in parts if len(p.encode()) > MAX_NAME_BYTES), None):
+            problem = f"its name {long[:40]!r}... takes {len(long.encode())} bytes, more than a file name can"
     if problem:
         raise DataError(
             f"image id {image_id!r} from {source} is refused: {problem} (ids must stay inside their root)"

@@ -110,12 +110,31 @@ def _get_message(root: ObjectStore, key: str, cls, required=True, party="the pub
 
 
 def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
+    """The holder's catalog at `prefix`, parsed and consistent: each image listed once, with a label of its
+    classes, an MD5, and an id that stays inside its root and that a file system can name; an MD5 for exactly
+    the images it lists. Another party wrote it: what disagrees is refused, never picked from (a record listed
+    twice with two labels used the last one)."""
     cat = _get_message(root, prefix + CATALOG, HolderCatalog)
     where = root.where(prefix + CATALOG)
-    for image_id, _label, _split in cat["records"]:
+    who = f"{where} (holder {cat['holder']!r})"
+    classes = set(cat["class_names"])
+    if len(classes) != len(cat["class_names"]):
+        raise DataError(f"{who} names a class twice in its class_names {cat['class_names']}")
+    listed: set[str] = set()
+    for image_id, label, _split in cat["records"]:
         check_relative_id(image_id, where)
+        if image_id in listed:
+            raise DataError(f"{who} lists image {image_id!r} twice")
+        listed.add(image_id)
+        if label not in classes:
+            raise DataError(f"{who}: image {image_id!r} has label {label!r}, not one of its class_names")
         if image_id not in cat["md5"]:
-            raise DataError(f"{where}: no MD5 for image {image_id!r}")
+            raise DataError(f"{who}: no MD5 for image {image_id!r}")
+    if len(cat["md5"]) != len(listed):
+        extra = sorted(set(cat["md5"]) - listed)
+        raise DataError(
+            f"{who} records an MD5 for {len(extra)} image(s) it does not list (e.g. {extra[0]!r})"
+        )
     return cat
 
 
@@ -144,14 +163,23 @@ def _stage(root, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
             f"{where} lacks {len(missing)} of {label}'s images (e.g. {missing[0]!r}): the data was published "
             "for another partition; publish again"
         )
-    if local is None:
-        jobs = {f"{prefix}images/{i}": (confined(i), cat["md5"][i]) for i in wanted}
-        paths = download(root, jobs, "md5")
-    else:
-        paths = [confined(i) for i in wanted]
-        for path in paths:
-            if not path.is_file():
-                raise DataError(f"{path} is listed in {where} but does not exist")
+    try:
+        if local is None:
+            jobs = {f"{prefix}images/{i}": (confined(i), cat["md5"][i]) for i in wanted}
+            paths = download(root, jobs, "md5")
+        else:
+            paths = [confined(i) for i in wanted]
+            for image_id, path in zip(wanted, paths, strict=True):
+                if not path.is_file():
+                    raise DataError(f"{path} is listed in {where} but does not exist")
+                # Used in place, checked as a download is: a file changed since publishing is not trained on.
+                if (got := file_digest(path, "md5")) != cat["md5"][image_id]:
+                    raise DataError(
+                        f"{path} has MD5 {got}, not the {cat['md5'][image_id]} {where} records for image "
+                        f"{image_id!r}: it was changed after publishing; publish {label}'s data again"
+                    )
+    except OSError as exc:  # a name the file system refuses, a file where a folder is needed, a full disk
+        raise DataError(f"cannot stage {label}'s images listed in {where}: {exc}") from None
     return [ImageRecord(i, str(p.resolve()), *by_id[i], None) for i, p in zip(wanted, paths, strict=True)]
 
 
@@ -187,6 +215,13 @@ def read_site_assignment(location, index: int, site=None, cache_dir=DEFAULT_CACH
     if set(assignment) != set(SITE_SPLITS) or cat["index"] != int(index):
         raise DataError(f"{where} is not a site's catalog (no train/val/test assignment for index {index})")
     wanted = [check_relative_id(i, where) for s in SITE_SPLITS for i in assignment[s]]
+    if len(set(wanted)) != len(wanted):  # one image in two splits: tested on what it was trained on
+        twice = next(i for n, i in enumerate(wanted) if i in wanted[:n])
+        splits = [s for s in SITE_SPLITS if twice in assignment[s]]
+        raise DataError(
+            f"{where} (holder {holder!r}) assigns image {twice!r} more than once "
+            f"({', '.join(splits) if len(splits) > 1 else 'twice to ' + splits[0]})"
+        )
     records = _stage(root, prefix, cat, wanted, cache_dir, holder)
     image_set = ImageSet(list(cat["class_names"]), records, root.where(prefix.rstrip("/")))
     splits = [list(assignment[s]) for s in SITE_SPLITS]
@@ -428,9 +463,37 @@ class S3Source:
         bucket, prefix = parse_bucket(cfg.data), holder_prefix(partition, holder)
         root = _root(f"s3://{bucket}")
         cat, wanted = _read_holder_catalog(root, prefix), holder_image_ids(partition, holder)
+        self._check_holder_catalog(cfg, partition, holder, cat, root.where(prefix + CATALOG))
         records = _stage(root, prefix, cat, wanted, cfg.cache_dir, holder)
         log.info("%s: %d images from %s in %s", holder, len(records), root.where(prefix), cfg.cache_dir)
         return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}/{prefix}")
+
+    def _check_holder_catalog(self, cfg, partition, holder: str, cat: dict, where: str) -> None:
+        """`holder`'s catalog is that holder's, for this partition, with the published labels and classes: its
+        labels are the ones trained on, so one that disagrees with server/published.json is refused, not used."""
+        if cat["holder"] != holder:
+            raise DataError(
+                f"{where} holds {cat['holder']!r}'s data, not {holder!r}'s: publish the data again"
+            )
+        if cat["partition_digest"] != partition.digest:
+            raise DataError(
+                f"{where} ({holder}'s catalog) was published for another partition ({cat['partition_digest']}, "
+                f"not {partition.digest}): publish the data again"
+            )
+        if list(cat["class_names"]) != list(partition.class_names):
+            raise DataError(
+                f"{where} ({holder}'s catalog) has the classes {cat['class_names']}, not the published "
+                f"{partition.class_names}: publish the data again"
+            )
+        published = self.catalogs.get(cfg.data)
+        if published is not None:
+            labels = {i: label for i, label, *_ in published["records"]}
+            for image_id, label, _split in cat["records"]:
+                if image_id in labels and labels[image_id] != label:
+                    raise DataError(
+                        f"{where} ({holder}'s catalog) labels image {image_id!r} {label!r}, but "
+                        f"server/{PUBLISHED} labels it {labels[image_id]!r}: publish the data again"
+                    )
 
     def site_holder(self, cfg, site: str, index: int):
         got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from fedmedclip.digests import file_digest, is_sha256
 from fedmedclip.federation.storage import MAX_PARALLEL, ObjectStore, ObjectTooLarge, StoreError
+from fedmedclip.jsonfiles import loads
+from fedmedclip.paths import MAX_NAME_BYTES
 
 from .s3 import ObjectMissing, S3Store
 
@@ -98,12 +100,19 @@ def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, mani
 
 def tree_problem(files: object) -> str | None:
     """Why a manifest's file list (`{rel: {"sha256", "size"}}`, as read from storage) may not be fetched: none,
-    a name that leaves its folder (or is hidden), an entry without a sha256. None when it may."""
+    a name that leaves its folder (or is hidden), one longer than a file system takes, a name both a file and
+    a folder of others (`a` and `a/b`), an entry without a sha256. None when it may."""
     if not isinstance(files, dict) or not files:
         return "no file list"
+    folders = {"/".join(str(rel).split("/")[:n]) for rel in files for n in range(1, str(rel).count("/") + 1)}
     for rel, entry in files.items():
-        if str(rel).startswith("/") or any(p in ("", ".", "..") or p[0] == "." for p in str(rel).split("/")):
+        parts = str(rel).split("/")
+        if str(rel).startswith("/") or any(p in ("", ".", "..") or p[0] == "." for p in parts):
             return f"file name {rel!r} leaves its folder"
+        if any(len(p.encode()) > MAX_NAME_BYTES for p in parts) or "\0" in str(rel):
+            return f"file name {str(rel)[:60]!r}... is not a name a file system takes"
+        if rel in folders:
+            return f"file name {rel!r} is also a folder of other files"
         if not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
             return f"file {rel!r} has no sha256"
     return None
@@ -119,8 +128,8 @@ def read_manifest(store: ObjectStore, key: str, max_bytes: int, **expected) -> d
         raise ValueError(str(exc)) from None
     if raw is None:
         return None
-    try:
-        manifest = json.loads(raw)
+    try:  # too deeply nested, a key twice: ValueError too
+        manifest = loads(raw, unique=True)
     except ValueError as exc:
         raise ValueError(f"not a readable JSON manifest ({exc})") from None
     if not isinstance(manifest, dict):
@@ -153,7 +162,10 @@ def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, che
     if (problem := tree_problem(files)) is not None:
         raise StoreError(f"{store.url}: the manifest is damaged: {problem}")
     jobs = {rel: (Path(dest) / rel, e["sha256"] if checked else None) for rel, e in files.items()}
-    download(store, jobs, "sha256")
+    try:
+        download(store, jobs, "sha256")
+    except OSError as exc:  # the local side: a full disk, a name the file system refuses
+        raise StoreError(f"cannot fetch {store.url}'s files into {dest}: {exc}") from None
 
 
 def _map(fn, items: list, desc: str = "") -> list:

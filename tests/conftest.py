@@ -302,6 +302,15 @@ def shared_stack():
 
 
 @pytest.fixture
+def s3_env(mlops_stack, monkeypatch):
+    """The stack's credentials and endpoint in the environment, as a task's Secret and ConfigMap give them."""
+    for k, v in mlops_stack.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", mlops_stack.s3_endpoint)
+    return mlops_stack
+
+
+@pytest.fixture
 def as_stack_role(mlops_stack, monkeypatch):
     """`as_stack_role("site_0")`: this test's process (and the processes it starts) acts as that role of the
     session stack, with that role's S3 key only (mlops/policies.py says what it may do); the admin's

@@ -37,15 +37,6 @@ from mlops.tree import file_digest  # noqa: E402
 SYNTH = {"per_class_per_site": 12, "test_per_class": 6, "size": 48}
 
 
-@pytest.fixture
-def s3_env(mlops_stack, monkeypatch):
-    """The stack's credentials and endpoint in the environment, as a task's Secret and ConfigMap give them."""
-    for k, v in mlops_stack.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", mlops_stack.s3_endpoint)
-    return mlops_stack
-
-
 def _bucket() -> str:
     return f"fmc-data-{uuid.uuid4().hex[:10]}"
 
