@@ -76,3 +76,55 @@ def test_the_check_finds_a_flag_no_command_has():
     found = [(path, flag) for path, flag, known, _ in documented_commands(text) if flag not in known]
     assert found == [("train", "--bogus"), ("serve", "--nope")]
     assert len(list(documented_commands(text))) == 3  # --rounds is read, and known
+
+
+# Flags of other tools that the docs show beside ours (a `kubectl`, `checkov`, `stress-ng` line), and the
+# development section's example of a field being added (`--patience`, which exists only in that example).
+OTHER_TOOLS_FLAGS = {
+    "--cert", "--key", "--for",  # kubectl
+    "--compact", "--framework",  # checkov
+    "--cpu",  # stress-ng
+    "--local-dir",  # huggingface-cli
+    "--subprocesses",  # py-spy
+    "--patience",  # README, development: the example field
+}  # fmt: skip
+# A flag as prose writes it: not `--dp-` or `--dp-*` (a family of flags), not part of a longer word.
+FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w*-])")
+
+
+def _flags_anywhere() -> set[str]:
+    """Every flag the project's command lines know: the `fedmedclip` parser's, and those its scripts (bench/,
+    infra/, the CI script, the Makefile, pyproject.toml's pytest options) spell out."""
+    known: set[str] = set()
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        known.update(flag for flag in parser._option_string_actions if flag.startswith("--"))
+        for sub in _subcommands(parser).values():
+            walk(sub)
+
+    walk(_parser())
+    sources = [p for p in REPO.rglob("*.py") if not any(x.startswith(".") or x == "tests" for x in p.parts)]
+    for path in [
+        *sources,
+        *REPO.glob(".ci/*"),
+        REPO / "Makefile",
+        REPO / "pyproject.toml",
+        REPO / "Dockerfile",
+    ]:
+        known.update(FLAG.findall(path.read_text()))
+    return known
+
+
+def test_every_flag_the_prose_names_exists():
+    """A `--flag` anywhere in the docs, prose included (the check above reads `fedmedclip ...` lines only), is
+    one some command line of the project knows, or another tool's the docs show beside ours."""
+    known = _flags_anywhere() | OTHER_TOOLS_FLAGS
+    unknown = sorted(
+        f"{doc.relative_to(REPO)}: {flag}" for doc in DOCS for flag in set(FLAG.findall(doc.read_text()))
+        if flag not in known
+    )  # fmt: skip
+    assert not unknown, "\n".join(unknown)
+    assert FLAG.findall("the `--dp-*` flags, `--rounds 3` and --no-gpu; not --dp- nor x--y") == [
+        "--rounds",
+        "--no-gpu",
+    ]
