@@ -561,3 +561,16 @@ def test_a_restart_may_not_lower_the_quorum_the_sites_noise_is_sized_for(synthet
     ):
         start_server(cfg, p, tmp_path, quorum=1)
     assert start_server(cfg, p, tmp_path, quorum=3).manifest["quorum"] == 3
+
+
+def test_a_damaged_noise_key_is_replaced_saying_so(tmp_path, caplog):
+    """A party's noise key cut short (a crash mid-write) was replaced without a word: the operator learns it
+    from one warning naming the file, and the new key is whole and kept."""
+    from fedmedclip.federation.storage import LocalDirStore
+    from fedmedclip.privacy.client import KEY_NAME, party_key
+
+    store = LocalDirStore(tmp_path)
+    store.put(KEY_NAME, b"short")
+    key = party_key(store)
+    assert len(key) == 32 and store.get(KEY_NAME) == key and party_key(store) == key
+    assert f"{store.where(KEY_NAME)} holds 5 bytes, not a key: a new one is made" in caplog.text

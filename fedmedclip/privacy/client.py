@@ -16,6 +16,7 @@ The noise's randomness comes from a key only that party holds (`party_key`), kep
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ from .accounting import client_noise_split, gaussian_rounds_epsilon
 from .dpsgd import KEY_BYTES, new_key
 from .settings import PrivacySettings
 
+log = logging.getLogger("fedmedclip.privacy")
+
 KEY_NAME = "privacy/noise_key"
 
 
@@ -33,6 +36,8 @@ def party_key(store, name: str = KEY_NAME) -> bytes:
     the same way) in its private object store, created from the OS on first use."""
     raw = store.get(name)
     if raw is None or len(raw) != KEY_BYTES:
+        if raw is not None:  # damaged (a crash mid-write): a round redone with new noise is caught as changed
+            log.warning("%s holds %d bytes, not a key: a new one is made", store.where(name), len(raw))
         raw = bytes(new_key().tolist())
         store.put(name, raw)
     return bytes(raw)
