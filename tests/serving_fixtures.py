@@ -74,11 +74,18 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(models: list[str], log_dir: Path, *options: str, ready_model: str = "fedmedclip"):
+def running_server(
+    models: list[str], log_dir: Path, *options: str, ready_model: str = "fedmedclip", token: str | None = None
+):
     """`python -m serving serve MODELS... OPTIONS` (the handler of `fedmedclip serve`) on free loopback ports,
     on CPU, its output in log_dir/server.log; stopped with SIGTERM afterwards (no drain period unless
-    OPTIONS give --drain-seconds: nothing balances load in front of a test server)."""
+    OPTIONS give --drain-seconds: nothing balances load in front of a test server). `token`: model control
+    enabled with it (in log_dir/token)."""
     from conftest import free_port
+
+    if token is not None:
+        (log_dir / "token").write_text(token + "\n")
+        options = ("--model-control-token-file", str(log_dir / "token"), *options)
 
     http_port, grpc_port = free_port(), free_port()
     log_path = log_dir / "server.log"

@@ -65,14 +65,13 @@ def onnx_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(onnx_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile-server")
-    (tmp / "token").write_text(TOKEN + "\n")
     options = [
-        "--model-control-token-file", str(tmp / "token"), "--decode-threads", "1",
-        "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-batch-images", str(MAX_BATCH_IMAGES),
-        "--max-batch-delay-ms", "1",
+        "--decode-threads", "1", "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+        "--max-batch-images", str(MAX_BATCH_IMAGES), "--max-batch-delay-ms", "1",
     ]  # fmt: skip
-    with running_server([str(onnx_path)], tmp, *options) as s:
+    with running_server(
+        [str(onnx_path)], tmp_path_factory.mktemp("hostile-server"), *options, token=TOKEN
+    ) as s:
         yield s
 
 

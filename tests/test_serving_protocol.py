@@ -51,14 +51,13 @@ def onnx_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(onnx_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("protocol-server")
-    (tmp / "token").write_text(TOKEN + "\n")
     options = [
         "--max-request-bytes", str(MAX_REQUEST_BYTES), "--body-timeout", str(BODY_TIMEOUT),
-        "--model-control-token-file", str(tmp / "token"), "--max-batch-delay-ms", "1",
-        "--metrics-port", str(free_port()),
+        "--max-batch-delay-ms", "1", "--metrics-port", str(free_port()),
     ]  # fmt: skip
-    with running_server([str(onnx_path)], tmp, *options) as s:
+    with running_server(
+        [str(onnx_path)], tmp_path_factory.mktemp("protocol-server"), *options, token=TOKEN
+    ) as s:
         yield s
 
 
