@@ -49,44 +49,39 @@ def _waiting_for_lock(folder: Path, pids: set[int]) -> set[int]:
 
 
 def test_a_second_server_run_of_a_run_directory_being_written_is_refused(synthetic_cache, tmp_path):
-    """`server run --out RUN` started again while the first still runs (by mistake, or a restart of a server
-    thought dead) resumed the run beside it and, taking the first one's temporary files for a crash's leftovers,
-    deleted them. Now it is refused in one line (exit 2) naming the directory, as `train` is, and touches
-    nothing: the first goes on."""
+    """`server run --out RUN` started while another process writes RUN (a server thought dead, or a `train`)
+    resumed the run beside it and, taking the other's temporary files for a crash's leftovers, deleted them.
+    Now it is refused in one line (exit 2) naming the directory, as `train` is, and touches nothing. This test
+    holds the run directory as a running server does."""
+    from fedmedclip.paths import lock_folder
+
     out = tmp_path / "run"
+    out.mkdir()
+    in_flight = out / ".results.json.0123abcd.part"  # a write of the first server's, not finished yet
+    in_flight.write_bytes(b"half")
     args = [
         *("server", "run", "--mailbox", str(tmp_path / "mailbox"), "--run-id", "r", "--out", str(out)),
         *("--cache-dir", str(synthetic_cache), "--synthetic", json.dumps(SYNTH), "--rounds", "2"),
         *("--join-timeout", str(CEILING), "--no-track", "-q"),
     ]
-    first = _start(args, tmp_path / "first.log")
-    second = None
-    try:
-        # The first has started the run (its manifest out, waiting for the sites to join).
-        wait_for(
-            lambda: (out / "config.json").exists() or first.poll() is not None, "the first server's start"
-        )
-        assert first.poll() is None, (tmp_path / "first.log").read_text()
-        in_flight = out / ".results.json.0123abcd.part"  # a write of the first server's, not finished yet
-        in_flight.write_bytes(b"half")
-        second_log = tmp_path / "second.log"
-        second = _start(args, second_log)
-        # Refused, or (before) past the point of refusal: it resumed the run and went on beside the first.
-        wait_for(
-            lambda: second.poll() is not None or "server of run r:" in second_log.read_text(),
-            "the second server to end or to resume the run",
-        )
-        assert second.poll() == 2, second_log.read_text()
-        text = second_log.read_text()
-        assert error_lines(text) == [
-            f"error: another process is writing the run directory {str(out)!r} (a `train`, `compare` or "
-            "`server run` of it still running): wait for it to end, or pass another --out"
-        ], text
-        assert "resuming" not in text
-        assert in_flight.read_bytes() == b"half"  # the first server's files are left alone
-        assert first.poll() is None, (tmp_path / "first.log").read_text()
-    finally:
-        _stop(first, *([second] if second else []))
+    log = tmp_path / "second.log"
+    with lock_folder(out):
+        second = _start(args, log)
+        try:
+            # Refused, or (before) past the point of refusal: it started the run and waited for its sites.
+            wait_for(
+                lambda: second.poll() is not None or (out / "config.json").exists(),
+                "the second server to end or to start the run",
+            )
+        finally:
+            _stop(second)
+    text = log.read_text()
+    assert second.returncode == 2, text
+    assert error_lines(text) == [
+        f"error: another process is writing the run directory {str(out)!r} (a `train`, `compare` or "
+        "`server run` of it still running): wait for it to end, or pass another --out"
+    ], text
+    assert in_flight.read_bytes() == b"half" and sorted(p.name for p in out.iterdir()) == [in_flight.name]
 
 
 def test_two_publishes_into_one_local_folder_take_turns(synthetic_cache, tmp_path):
