@@ -12,6 +12,18 @@ _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
+def png_chunks(data: bytes):
+    """(type, offset of its data, length) of each chunk of PNG `data` in order, IEND the last; read from the
+    chunk headers alone, stopping where the data ends."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        yield kind, pos + 8, length
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
 def png_rows_problem(data: bytes, size: tuple[int, int]) -> str | None:
     """What is wrong with the rows of a PNG Pillow opened as `size` (`corrupt: ...`, `truncated: ...`), else
     None. The image data is inflated once more, without keeping it, and its length compared with what the
@@ -24,16 +36,14 @@ def png_rows_problem(data: bytes, size: tuple[int, int]) -> str | None:
             cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
             if cols > 0 and rows > 0:
                 expected += rows * (1 + -(-(cols * bits) // 8))
-        inflater, produced, pos = zlib.decompressobj(), 0, 8
-        while pos + 8 <= len(data) and produced < expected:
-            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-            if kind == b"IEND":
+        inflater, produced = zlib.decompressobj(), 0
+        for kind, start, length in png_chunks(data):
+            if produced >= expected:
                 break
-            chunk = data[pos + 8 : pos + 8 + length] if kind == b"IDAT" else b""
+            chunk = data[start : start + length] if kind == b"IDAT" else b""
             while chunk and produced < expected:
                 produced += len(inflater.decompress(chunk, 1 << 20))
                 chunk = inflater.unconsumed_tail
-            pos += 12 + length
     except (struct.error, zlib.error) as exc:
         return f"corrupt: {exc}"
     if (width, height) != tuple(size) or produced < expected:

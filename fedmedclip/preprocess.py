@@ -54,20 +54,25 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """What `to_uint8` resizes an image of `size` (width, height) to before its centre crop: the short side
+        to `size`, the long one in proportion; a squash, straight to size x size. The server bounds it from an
+        image's header before decoding (a thin strip is scaled up on both sides)."""
+        if not self.center_crop:
+            return self.size, self.size
+        w, h = size
+        scale = self.size / min(w, h)
+        return max(self.size, round(w * scale)), max(self.size, round(h * scale))
+
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """Geometry only: 8-bit RGB (`to_rgb8`), resized (and cropped) to size x size, as uint8 HxWx3."""
         image = to_rgb8(image)
-        resample = _RESAMPLE[self.resample]
+        new_w, new_h = self.resized_size(image.size)
+        image = image.resize((new_w, new_h), _RESAMPLE[self.resample])
         if self.center_crop:
-            w, h = image.size
-            scale = self.size / min(w, h)
-            new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-            image = image.resize((new_w, new_h), resample)
             left = (new_w - self.size) // 2
             top = (new_h - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
-        else:
-            image = image.resize((self.size, self.size), resample)
         return np.array(image, dtype=np.uint8)
 
     def normalise(self, images_uint8):

@@ -14,7 +14,6 @@ import ctypes.util
 import io
 import os
 import re
-import struct
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fedmedclip.png_rows import png_rows_problem
+from fedmedclip.png_rows import png_chunks, png_rows_problem
 from fedmedclip.preprocess import Preprocessing
 
 from . import metrics
@@ -57,18 +56,14 @@ MAX_PNG_ANCILLARY_CHUNKS = 1_024  # every chunk but the image data (IDAT)
 def _png_chunks_problem(data: bytes) -> str | None:
     """Why a PNG holds too many chunks to be read, else None: counted from their lengths, at most as many as
     the limits allow, before Pillow walks them."""
-    pos, chunks, ancillary = 8, 0, 0
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        chunks, ancillary = chunks + 1, ancillary + (kind != b"IDAT")
+    ancillary = 0
+    for chunks, (kind, _, _) in enumerate(png_chunks(data), start=1):
+        ancillary += kind != b"IDAT"
         if chunks > MAX_PNG_CHUNKS or ancillary > MAX_PNG_ANCILLARY_CHUNKS:
             return (
                 f"holds over {MAX_PNG_CHUNKS:,} chunks, or over {MAX_PNG_ANCILLARY_CHUNKS:,} besides its image "
                 "data: no PNG needs that many"
             )
-        if kind == b"IEND":
-            break
-        pos += 12 + length
     return None
 
 
@@ -103,16 +98,6 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     return image
 
 
-def resized_size(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int]:
-    """The size `Preprocessing.to_uint8` resizes an image of `size` to before its centre crop: the short side
-    to `pre.size`, the long one in proportion (a squash resizes straight to size x size)."""
-    if not pre.center_crop:
-        return pre.size, pre.size
-    w, h = size
-    scale = pre.size / min(w, h)
-    return max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
-
-
 def _header_pixels(blobs: list[bytes], limits: Limits, pre: Preprocessing) -> list[int]:
     """Each image's width*height from its header, within the per-image limit; and within the same limit the
     image it is resized to before the centre crop: a 1-pixel-high strip is scaled up by the crop size on both
@@ -121,7 +106,7 @@ def _header_pixels(blobs: list[bytes], limits: Limits, pre: Preprocessing) -> li
     for index, data in enumerate(blobs):
         with _open(data, index, limits) as image:
             width, height = image.size
-        new_w, new_h = resized_size((width, height), pre)
+        new_w, new_h = pre.resized_size((width, height))
         if new_w * new_h > limits.max_image_pixels:
             what = (
                 f"image {index} is {width}x{height}: resized to {pre.size} pixels on its short side it would be "

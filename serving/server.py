@@ -43,9 +43,9 @@ async def serve(models: list, options: ServerOptions) -> None:
     largest = max(
         m.options.limits.max_batch_images * m.classifier.contract.image_size**2 * 3 for m in models.values()
     )
-    images = max(m.options.limits.max_batch_images for m in models.values())
     parser = JsonParser(
-        Budget(max_elements=largest, max_bytes_elements=images), processes=options.json_workers
+        Budget(max_elements=largest, max_bytes_elements=limits.max_batch_images),
+        processes=options.json_workers,
     )
     await asyncio.get_running_loop().run_in_executor(None, parser.warm_up)
     api = RestApi(state, parser, options.body_timeout, options.metrics_port is not None)

@@ -31,6 +31,7 @@ from ..flags import declared, setting
 from ..jsonfiles import read_json
 from ..methods import Method
 from ..observer import NO_OBSERVER, RunObserver
+from ..privacy.accounting import sample_rate
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import CheckpointStore, non_finite
@@ -870,7 +871,7 @@ class FederationServer:
         settings, method = self.method.ctx.privacy, self.method
         plan = {
             "planned_steps": method.dp_steps_per_round(n) * method.ctx.rounds,
-            "sample_rate": min(1.0, method.dp_batch_size() / n),
+            "sample_rate": sample_rate(method.dp_batch_size(), n),
             "delta": float(settings.delta),
             "budget": settings.target_epsilon,
         }

@@ -139,6 +139,12 @@ def check_delta(delta: float, n_train: int, who: str) -> None:
         )
 
 
+def sample_rate(batch_size: int, n_train: int) -> float:
+    """A site's Poisson sampling rate: its expected batch over its training-set size (the server checks a site's
+    ledger against it)."""
+    return min(1.0, batch_size / n_train)
+
+
 def plan_site(
     settings: PrivacySettings,
     n_train: int,
@@ -150,7 +156,7 @@ def plan_site(
     """The noise multiplier and step budget of a site, before any training. ConfigError when delta is above
     1/n or the target cannot be met."""
     check_delta(settings.delta, n_train, who)
-    q = min(1.0, batch_size / n_train)
+    q = sample_rate(batch_size, n_train)
     planned = steps_per_round * rounds
     acct = settings.accountant
     if settings.noise_multiplier is not None:
