@@ -46,6 +46,8 @@ from serving_fixtures import (
     OipRestSpec,
     base64_json,
     make_contract_onnx,
+    metric,
+    metric_samples,
     oip_grpc_messages,
     running_server,
     uint8_json,
@@ -302,12 +304,19 @@ def test_unloading_a_model_lets_the_requests_inside_it_finish(server, spec):
     def post_into(answers: list) -> None:
         answers.append(requests.post(infer_url(server), json=body, timeout=120))
 
+    def decoded() -> float:  # the images the model has decoded so far
+        return metric(metric_samples(server.http), "fedmedclip_images_decoded_total", model=MODEL)
+
     try:
         for _ in range(2):
             answers: list[requests.Response] = []
+            before = decoded()
             inside = threading.Thread(target=post_into, args=(answers,))
             inside.start()
-            time.sleep(0.15)  # its images are decoding
+            wait_for(
+                lambda before=before, answers=answers: decoded() > before or bool(answers),
+                "the request's first image to be decoded",
+            )
             assert requests.post(f"{control}/unload", headers=auth, timeout=120).status_code == 200
             inside.join()
             (resp,) = answers
@@ -359,7 +368,7 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
     try:
         wait_ready(proc, f"127.0.0.1:{http}", MODEL, log_path)
         exhaust()
-        wait_for(lambda: "accept" in log_path.read_text(), "the accept failure", timeout=15)
+        wait_for(lambda: "accept" in log_path.read_text(), "the accept failure", timeout=300)
         close_all()
         resp = requests.get(f"http://127.0.0.1:{http}/v2/health/live", timeout=30)
         assert resp.status_code == 200
