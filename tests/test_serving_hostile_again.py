@@ -358,7 +358,7 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
 
     def exhaust() -> None:
         for _ in range(300):
-            connections.append(socket.create_connection(("127.0.0.1", http), timeout=5))
+            connections.append(socket.create_connection(("127.0.0.1", http), timeout=120))
         time.sleep(1.5)  # asyncio tries the accept again every second
 
     def close_all() -> None:
@@ -370,7 +370,7 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
         exhaust()
         wait_for(lambda: "accept" in log_path.read_text(), "the accept failure", timeout=300)
         close_all()
-        resp = requests.get(f"http://127.0.0.1:{http}/v2/health/live", timeout=30)
+        resp = requests.get(f"http://127.0.0.1:{http}/v2/health/live", timeout=120)
         assert resp.status_code == 200
         exhaust()  # and stopped while they are held: asyncio's retries come after the port has closed
         proc.terminate()
