@@ -12,7 +12,8 @@ clients exercise both):
   `on_response_complete` and `connection_lost`; uvicorn has no setting for either. Its `send_400_response`
   (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it answered text/plain, not the
   protocol's error object; so is `_unsupported_upgrade_warning` (its warnings, one to install a WebSocket
-  library, for each request with an Upgrade header it does not make).
+  library, for each request with an Upgrade header it does not make): the bytes after such a request's head
+  (llhttp ends the request there) are dropped and the connection closed after its answer.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def head_deadline_protocol(seconds: float) -> type:
         _head_timer, _in_message, _in_head, _head_size, _heads_begun = None, False, False, 0, 0
         # After a chunk's size line, before its data: the last chunk's trailers come here.
         _in_chunk_header, _bodies = False, 0
+        # A request asked for an Upgrade this server does not make: llhttp ended it at its head, and what
+        # follows on the connection is its unread body, not a request.
+        _after_upgrade = False
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -75,6 +79,10 @@ def head_deadline_protocol(seconds: float) -> type:
                 self._await_head()
 
         def data_received(self, data: bytes) -> None:
+            if self._after_upgrade:
+                # Fed to the parser, a body's bytes were a request with an invalid method: its 400 raced the
+                # application's answer to the request (tests/test_serving_protocol.py's Upgrade test).
+                return
             self._head_bytes += len(data)
             # The bytes of a head or of trailers (httptools only: h11 bounds a head itself, at 16 KiB): a
             # chunk that goes on with a head, or begins one while no request was being read; a chunk of
@@ -138,6 +146,10 @@ def head_deadline_protocol(seconds: float) -> type:
             # uvicorn's two warnings per request with an Upgrade header (one telling the operator to install a
             # WebSocket library) for what is no fault: the request is answered over HTTP/1.1 all the same.
             log.debug("a request asked for an Upgrade: answered over HTTP/1.1")
+            # The request's body, if any, is left unread: the connection closes after its answer.
+            self._after_upgrade = True
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's own answer to bytes its parser refuses (a request line or header that is not HTTP/1.1,
