@@ -301,6 +301,22 @@ def shared_stack():
     return info
 
 
+@pytest.fixture(scope="session")
+def spec():
+    """The Open Inference Protocol's REST schema, which serving tests check answers against."""
+    from serving_fixtures import OipRestSpec
+
+    return OipRestSpec()
+
+
+@pytest.fixture(scope="session")
+def pb(tmp_path_factory):
+    """The Open Inference Protocol's gRPC messages, compiled once from its own .proto."""
+    from serving_fixtures import oip_grpc_messages
+
+    return oip_grpc_messages(tmp_path_factory.mktemp("oip-proto"))
+
+
 @pytest.fixture
 def s3_env(mlops_stack, monkeypatch):
     """The stack's credentials and endpoint in the environment, as a task's Secret and ConfigMap give them."""

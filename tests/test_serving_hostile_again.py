@@ -43,12 +43,10 @@ from conftest import free_port, wait_for
 from PIL import Image
 from serving_fixtures import (
     REPO,
-    OipRestSpec,
     base64_json,
     make_contract_onnx,
     metric,
     metric_samples,
-    oip_grpc_messages,
     running_server,
     uint8_json,
     wait_ready,
@@ -76,16 +74,6 @@ def server(onnx_path, tmp_path_factory):
         [str(onnx_path)], tmp_path_factory.mktemp("hostile-server"), *options, token=TOKEN
     ) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def spec() -> OipRestSpec:
-    return OipRestSpec()
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory):
-    return oip_grpc_messages(tmp_path_factory.mktemp("hostile-proto"))
 
 
 def infer_url(server) -> str:

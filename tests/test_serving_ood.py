@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import SYNTH
-from serving_fixtures import OipRestSpec, metric_samples, running_server, uint8_json
+from serving_fixtures import metric_samples, running_server, uint8_json
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -166,9 +166,8 @@ def test_a_site_exports_with_its_weights_moved_and_is_refused_other_weights(
 
 
 @pytest.mark.slow  # the same mailbox run, then a server of two models
-def test_one_server_serves_the_global_and_the_site_model_with_ood_and_drift(exported, tmp_path):
+def test_one_server_serves_the_global_and_the_site_model_with_ood_and_drift(exported, spec, tmp_path):
     site_onnx, global_onnx = exported
-    spec = OipRestSpec()
     options = [
         "--ood-window", "10", "--drift-window", "20", "--drift-every", "10", "--drift-permutations", "50",
         "--max-batch-delay-ms", "1",

@@ -26,12 +26,10 @@ import pytest
 import requests
 from conftest import free_port
 from serving_fixtures import (
-    OipRestSpec,
     base64_json,
     make_contract_onnx,
     metric,
     metric_samples,
-    oip_grpc_messages,
     running_server,
     uint8_json,
 )
@@ -59,11 +57,6 @@ def server(onnx_path, tmp_path_factory):
         [str(onnx_path)], tmp_path_factory.mktemp("protocol-server"), *options, token=TOKEN
     ) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def spec() -> OipRestSpec:
-    return OipRestSpec()
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +143,11 @@ def test_binary_answers_have_their_content_type(server, spec):
     assert {o["name"] for o in header["outputs"]} >= {"probabilities", "ood_score", "out_of_distribution"}
 
 
-def test_grpc_answers_parse_with_the_protocols_proto(server, tmp_path, version):
+def test_grpc_answers_parse_with_the_protocols_proto(server, pb, version):
     """Each RPC of the protocol's service, answered bytes parsed by classes built from its own .proto:
     ModelMetadata carries versions, the platform and the `properties` map (the ONNX metadata)."""
     import grpc
 
-    pb = oip_grpc_messages(tmp_path)
     channel = grpc.insecure_channel(server.grpc)
 
     def call(method: str, request):
