@@ -290,8 +290,8 @@ class TrainConfig:
         choices=AGGREGATORS,
         resume="unless_default",
         help="how the server combines the accepted updates: mean (the method's own rule), or for small or "
-        "untrusted federations median, trimmed-mean or krum (fedmedclip/federation/robust.py) (default: "
-        "%(default)s)",
+        "untrusted federations median, trimmed-mean or krum (fedmedclip/federation/robust.py), which also "
+        "select the round by the sites' median validation accuracy, not their mean (default: %(default)s)",
     )
     duplicates: str = setting(
         "drop",

@@ -418,6 +418,30 @@ def _close_round(server) -> dict:
     raise AssertionError(f"round {server.round} did not close (phase {server.phase})")
 
 
+@pytest.mark.parametrize("aggregator, selected", [("mean", 1), ("median", 2)])
+def test_under_a_robust_aggregator_one_site_cannot_choose_the_selected_round(
+    prepared, tmp_path, aggregator, selected
+):
+    """Each site reports its own validation accuracy, and the selected round (the model results.json and the
+    export report) was the best mean of them: site_2 reporting 1.0 for round 1 and 0.0 for round 2, where the
+    honest sites measured 0.5 then 0.6, chose round 1. Under a robust aggregator (the operator expects a lying
+    site) rounds are ranked by the median: round 2, what the honest sites measured."""
+    from dataclasses import replace
+
+    cfg, p = prepared
+    cfg = replace(cfg, aggregator=aggregator)
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
+    honest_then_lie = {1: (0.5, 0.5, 1.0), 2: (0.6, 0.6, 0.0)}
+    for r, accuracies in honest_then_lie.items():
+        for k, (site, acc) in enumerate(zip(("site_0", "site_1", "site_2"), accuracies, strict=True)):
+            mailbox.store.put(mailbox.update_key(r, site), _update(server, site, seed=k))
+            report = {**_report(server, p, site), "val": {**_metrics_of(), "acc": acc}}
+            mailbox.store.put(mailbox.report_key(r, site), json.dumps(report).encode())
+        record = _close_round(server)
+        assert [row["val_acc"] for row in record["sites"]] == list(accuracies)
+    assert server.best_round == selected
+
+
 def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again(prepared, tmp_path):
     """The objects that ended the server (and ended it again on every restart): an update header whose loss is
     1e999, a report whose provenance holds 1e999, a report whose metrics hold only `n`, a status whose time is

@@ -25,6 +25,7 @@ from ..paths import lock_folder
 from .storage import atomic_write_bytes
 
 SELECTION_BEST_VAL = "best client-mean validation accuracy"
+SELECTION_BEST_VAL_MEDIAN = "best client-median validation accuracy (robust aggregator)"
 SELECTION_LAST = "last round (no site has a validation split)"
 SUMMARY_KEYS = ("acc", "bacc", "f1", "ece", "ece_reference")
 
@@ -138,16 +139,29 @@ def round_record(
     }
 
 
-def selection_key(record: dict) -> tuple[int, float] | None:
+def selects_by_median(aggregator: str) -> bool:
+    """Whether rounds are ranked by the median of the sites' validation accuracies: under a robust aggregator,
+    the operator's word that a site may lie. Each site reports its own accuracy, and with the mean one site
+    reporting 1.0 for the round it wants and 0.0 for the others chose the selected model alone (a third of the
+    mean with three sites); the median of three or more stays between honest sites' figures."""
+    return aggregator != "mean"
+
+
+def selection_key(record: dict, median: bool = False) -> tuple[int, float] | None:
     """How a round ranks for selection: first by how many sites reported validation metrics in it, then by
-    their mean validation accuracy; None for a round without validation metrics (never selected by them).
+    their mean (`median`: median) validation accuracy; None for a round without validation metrics (never
+    selected by them).
 
     A mean over fewer sites is not comparable with one over every site: a round in which a weak site was
     absent would win by that alone. So a round in which every site with a validation split reported beats
     every round with fewer (and those are compared only among themselves when no round had every site).
     The selected round is then one whose metrics and model parts exist at every site."""
     v = record.get("val_acc_mean")
-    return None if v is None else (len(record.get("validation_sites") or ()), v)
+    if v is None:
+        return None
+    if median:
+        v = float(np.median([row["val_acc"] for row in record["sites"] if row["val_acc"] is not None]))
+    return len(record.get("validation_sites") or ()), v
 
 
 def round_of(history: list[dict], r: int | None) -> dict | None:
@@ -155,18 +169,18 @@ def round_of(history: list[dict], r: int | None) -> dict | None:
     return None if r is None else next(rec for rec in history if rec["round"] == r)
 
 
-def is_better(record: dict, best: dict | None) -> bool:
+def is_better(record: dict, best: dict | None, median: bool = False) -> bool:
     """Whether `record` replaces `best` (the record of the round selected so far, or None) as the selected
     round: the first maximum of `selection_key`."""
-    key = selection_key(record)
-    return key is not None and (best is None or key > selection_key(best))
+    key = selection_key(record, median)
+    return key is not None and (best is None or key > selection_key(best, median))
 
 
-def selection_of(history: list[dict], best_round: int | None) -> tuple[int, str]:
+def selection_of(history: list[dict], best_round: int | None, median: bool = False) -> tuple[int, str]:
     """The selected round and how it was selected. `best_round` is the running best by validation."""
     if best_round is None:
         return history[-1]["round"], SELECTION_LAST
-    return best_round, SELECTION_BEST_VAL
+    return best_round, SELECTION_BEST_VAL_MEDIAN if median else SELECTION_BEST_VAL
 
 
 def _site_mean(rows: list[dict]) -> dict:
@@ -204,7 +218,7 @@ def build_results(
 ) -> dict:
     """results.json (docs/contracts.md). `reports[r]` = {"global": evaluate_global(...), "sites": {name:
     evaluate_site(...) or None}} for every round r of `history`."""
-    selected, how = selection_of(history, best_round)
+    selected, how = selection_of(history, best_round, selects_by_median(cfg.aggregator))
     last = history[-1]["round"]
     names = partition.site_names
     ups = [b for rec in history for b in rec["bytes_up"] if b is not None]

@@ -45,6 +45,8 @@ from .records import (
     is_better,
     round_of,
     round_record,
+    selection_key,
+    selects_by_median,
     write_model_dir,
     write_results,
 )
@@ -926,8 +928,9 @@ class FederationServer:
         if info.get("secure_aggregation"):
             record["secure_aggregation"] = info["secure_aggregation"]
         self.history.append(record)
-        if is_better(record, round_of(self.history, self.best_round)):
-            self.best_round, self.best_val = r, record["val_acc_mean"]
+        median = selects_by_median(self.cfg.aggregator)
+        if is_better(record, round_of(self.history, self.best_round), median):
+            self.best_round, self.best_val = r, selection_key(record, median)[1]
             self.best_received = {k: v.clone() for k, v in self.received.items()}
         self.observer.round(record)
         self._round_line(record)
