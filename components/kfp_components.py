@@ -133,7 +133,7 @@ PARAMETER_DOCS = {
     "Output": "",
     "run_dir": "The run directory the server worker wrote (docs/contracts.md): results.json, plots, model/.",
     "metrics": "The selected round's global and site-mean metrics.",
-    "onnx": "The exported ONNX model (model.onnx, uint8 images in, probabilities and class index out).",
+    "onnx": "The exported ONNX model (model.onnx: uint8 images in; probabilities and class index out, and with the OOD score ood_score and drift_embedding).",
     "model_uri": "The registered model: models:/NAME@ALIAS when promoted, models:/NAME/VERSION otherwise, '' "
     "without a tracking server.",
     "promotion": "promoted, refused: <why> (the version stays registered), or not promoted (<why>).",

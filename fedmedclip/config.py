@@ -299,9 +299,9 @@ class TrainConfig:
         choices=DUPLICATE_POLICIES,
         extraction=True,
         resume="unless_default",
-        help="byte-identical images: drop the training and validation copies (a test copy stays), keep them all "
-        "(the papers' setting) or refuse the data; copies with different labels are dropped everywhere "
-        "(refuse: stop) (default: %(default)s)",
+        help="byte-identical images: drop the training pool's copies (of a test image; of each other, all but "
+        "the first by id), keep them all (the papers' setting) or refuse the data; copies with different labels "
+        "are dropped everywhere (refuse: stop) (default: %(default)s)",
     )
     secure_aggregation: bool = setting(
         False,

@@ -329,7 +329,7 @@ class DuplicatesFound(Message):
     dropped_training_copies: Count
 
 
-# The published data's catalogs (mlops/site_data.py; docs/contracts.md, "Data in S3"), written by its publisher.
+# The published data's catalogs (mlops/site_data.py; docs/contracts.md, "Data published to S3"), written by its publisher.
 ImageId = Annotated[
     str, StringConstraints(min_length=1, max_length=1024)
 ]  # checked as a relative id on reading
