@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import stat
 import threading
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch
 
 from .digests import canonical_digest
 from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch
+from .jsonfiles import loads
 from .paths import DEFAULT_CACHE_DIR
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
 from .seeding import seeded
@@ -322,6 +326,240 @@ def resolve_remote(spec: str, cache_dir: str | Path) -> str:
     raise BackboneNotFound(f"backbone {spec!r}: no resolver for remote backbones is installed")
 
 
+# ----------------------------------------------------------- a CLIP folder: another party may have written it
+# A folder may be a backbone another party published (what a resolved s3:// or models:/ backbone becomes): its
+# files are checked here before transformers reads any of them, so a hostile one is a one-line refusal naming
+# the file and the field, never gigabytes allocated or a traceback from inside transformers.
+
+# The files transformers reads from a CLIP folder besides the weights, each bounded before anything reads it: a
+# real CLIP's configs are a few KiB and its tokenizer files 0.5 to 2.2 MiB (tokenizer.json), so these are far
+# above any real one and far below what hurts when read whole.
+_FOLDER_FILE_MAX_BYTES = {
+    "config.json": 4 << 20,
+    "preprocessor_config.json": 4 << 20,
+    "processor_config.json": 4 << 20,
+    "tokenizer_config.json": 4 << 20,
+    "special_tokens_map.json": 4 << 20,
+    "added_tokens.json": 16 << 20,
+    "tokenizer.json": 64 << 20,
+    "vocab.json": 32 << 20,
+    "merges.txt": 32 << 20,
+}
+
+# config.json's fields that size a CLIPModel (CLIPTextConfig, CLIPVisionConfig, CLIPConfig), each an integer in
+# [low, high]. Every released CLIP is well inside: the largest, ViT-bigG/14, has widths 1664 (vision) and 1280
+# (text), MLPs of 8192, 48 layers, 20 heads and a 1280 projection; L/14-336 and DFN's H/14-378 see 336 and 378
+# pixels in patches of 14; every OpenAI and LAION CLIP has 49408 tokens and 77 positions. Past these a config
+# makes transformers allocate gigabytes (a width of 10**6, 10**5 layers); 0, -1, 1.5 or "768" crash inside it.
+# At least 77 positions: every prompt is encoded padded to 77 tokens (Backbone.encode_text).
+_SIZE_BOUNDS = {
+    "hidden_size": (1, 8192),
+    "intermediate_size": (1, 32768),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 256),
+    "projection_dim": (1, 8192),
+    "vocab_size": (1, 1 << 20),
+    "max_position_embeddings": (77, 8192),
+    "image_size": (1, 2048),
+    "patch_size": (1, 256),
+    "num_channels": (1, 16),
+}
+_COMMON = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim")
+_SIZE_FIELDS = {  # which of them each part of config.json holds ("": its top level)
+    "text_config": (*_COMMON, "vocab_size", "max_position_embeddings"),
+    "vision_config": (*_COMMON, "image_size", "patch_size", "num_channels"),
+    "": ("projection_dim",),
+}
+# The bounds one by one still allow 256 layers of width 8192; the whole model is bounded by this: twice
+# ViT-bigG/14's 2.5 billion parameters (20 GB in float32).
+_MAX_PARAMETERS = 5_000_000_000
+_DTYPES = ("float32", "float16", "bfloat16")  # what CLIPs are published in; float64 would double the memory
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _folder_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` when it is there (None when not), refused unless it is a regular file within its bound."""
+    path = folder / name
+    try:
+        st = path.stat()  # through a link: a Hugging Face cache's snapshot folder is links to its blobs
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BackboneNotFound(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BackboneNotFound(f"{path} is not a regular file: refused unread")
+    if st.st_size > (limit := _FOLDER_FILE_MAX_BYTES[name]):
+        raise BackboneNotFound(
+            f"{path} is {st.st_size} bytes, over the limit of {limit} for a CLIP's {name}: refused unread"
+        )
+    return path
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def _folder_json(folder: Path, name: str) -> dict | None:
+    """The JSON object in `folder/name` (None when there is none), read bounded and strictly: a key twice,
+    NaN or Infinity, anything but an object are refused, naming the file."""
+    path = _folder_file(folder, name)
+    if path is None:
+        return None
+    limit = _FOLDER_FILE_MAX_BYTES[name]
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)  # a file that grew since its size was looked at: still no more than this
+        if len(raw) > limit:
+            raise ValueError(f"over the limit of {limit} bytes")
+        obj = loads(raw, unique=True, parse_constant=_refuse_constant)
+    except OSError as exc:
+        raise BackboneNotFound(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise BackboneNotFound(f"{path} is not readable JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise BackboneNotFound(f"{path} holds {type(obj).__name__}, not a JSON object")
+    return obj
+
+
+def _size_problem(value: object, field: str) -> str | None:
+    low, high = _SIZE_BOUNDS[field]
+    if type(value) is not int or not low <= value <= high:  # bool, float, str, list: no size
+        return f"is {_shown(value)}; a CLIP's is an integer from {low} to {high}"
+    return None
+
+
+def _checked_clip_config(folder: Path):
+    """The CLIPConfig of `folder`'s config.json (None when there is none: transformers then says what is
+    missing), checked before anything is built from it: the schema above, then the whole model's size.
+    BackboneNotFound naming the file and the field otherwise."""
+    from transformers import CLIPConfig
+    from transformers.activations import ACT2FN
+
+    raw = _folder_json(folder, "config.json")
+    if raw is None:
+        return None
+    where = folder / "config.json"
+
+    def refuse(name: str, problem: str):
+        raise BackboneNotFound(f"{where}: {name} {problem}: refused before building the model")
+
+    if raw.get("model_type", "clip") != "clip":
+        refuse("model_type", f"is {_shown(raw['model_type'])}, not 'clip'")
+    for key in ("dtype", "torch_dtype"):
+        if raw.get(key) is not None and raw[key] not in _DTYPES:
+            refuse(key, f"is {_shown(raw[key])}, not one of {', '.join(_DTYPES)}")
+    # Each part as written; transformers also reads the older `text_config_dict` and `vision_config_dict`.
+    parts = {"": raw}
+    for part in ("text_config", "vision_config"):
+        for key in (part, f"{part}_dict"):
+            if raw.get(key) is not None:
+                if not isinstance(raw[key], dict):
+                    refuse(key, f"is {type(raw[key]).__name__}, not a JSON object")
+                parts[key] = raw[key]
+    for key, fields in parts.items():
+        prefix = f"{key}." if key else ""
+        for field in _SIZE_FIELDS[key.removesuffix("_dict")]:
+            if field in fields and (problem := _size_problem(fields[field], field)):
+                refuse(prefix + field, problem)
+        if not key:
+            continue
+        if "hidden_act" in fields and not (
+            isinstance(fields["hidden_act"], str) and fields["hidden_act"] in ACT2FN
+        ):
+            refuse(
+                f"{prefix}hidden_act",
+                f"is {_shown(fields['hidden_act'])}, not an activation transformers has",
+            )
+        eps = fields.get("layer_norm_eps", 1e-5)
+        if type(eps) not in (int, float) or not 0 < eps < 1:
+            refuse(f"{prefix}layer_norm_eps", f"is {_shown(eps)}; a CLIP's is a small positive number")
+    try:
+        config = CLIPConfig.from_dict(raw)
+    except Exception as exc:  # transformers' own checks (heads dividing the width, ...); several classes
+        said = " ".join(line.strip() for line in str(exc).splitlines())
+        refuse("its settings", f"are refused by transformers ({said[:200]})")
+    # What the model is built from: the parts merged over transformers' defaults, checked as a whole.
+    for key, part in (
+        ("text_config", config.text_config),
+        ("vision_config", config.vision_config),
+        ("", config),
+    ):
+        for field in _SIZE_FIELDS[key]:
+            if problem := _size_problem(getattr(part, field, None), field):
+                refuse(f"{key}.{field}" if key else field, problem)
+    if config.vision_config.patch_size > config.vision_config.image_size:
+        refuse("vision_config.patch_size", "is larger than its image_size")
+    if (n := _parameters(config)) > _MAX_PARAMETERS:
+        refuse(
+            "its sizes",
+            f"make a model of {n / 1e9:.1f} billion parameters, "
+            f"over the bound of {_MAX_PARAMETERS / 1e9:g} billion",
+        )
+    return config
+
+
+def _parameters(config) -> int:
+    """About how many parameters a CLIPModel of `config` has: each encoder's layers (attention 4 h*h, the MLP
+    2 h*i, their biases and norms) and embeddings, and the two projections."""
+    t, v = config.text_config, config.vision_config
+
+    def layers(c) -> int:
+        h, i = c.hidden_size, c.intermediate_size
+        return c.num_hidden_layers * (4 * h * h + 2 * h * i + 9 * h + i)
+
+    positions = (v.image_size // v.patch_size) ** 2 + 1
+    return (
+        layers(t)
+        + (t.vocab_size + t.max_position_embeddings) * t.hidden_size
+        + layers(v)
+        + (v.num_channels * v.patch_size**2 + positions) * v.hidden_size
+        + config.projection_dim * (t.hidden_size + v.hidden_size)
+    )
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    for name in (
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+    ):
+        _folder_file(folder, name)
+
+
+def _folder_image_settings(folder: Path) -> tuple[dict, str]:
+    """The image processor's settings in `folder` as transformers finds them (processor_config.json's
+    `image_processor`, else preprocessor_config.json; {} when neither), read strictly, and the file's name."""
+    processor = _folder_json(folder, "processor_config.json")
+    if processor is not None and isinstance(processor.get("image_processor"), dict):
+        return processor["image_processor"], str(folder / "processor_config.json")
+    settings = _folder_json(folder, "preprocessor_config.json")
+    return settings or {}, str(folder / "preprocessor_config.json")
+
+
+def _checked_mean_std(settings: dict, where: str) -> tuple[tuple, tuple]:
+    """The image mean and std (OpenAI CLIP's where not given): three finite numbers each, the std's positive."""
+    checked = []
+    for name, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        value = settings.get(name)
+        value = default if value is None else value
+        numbers = isinstance(value, list | tuple) and len(value) == 3
+        numbers = numbers and all(type(v) in (int, float) and math.isfinite(v) for v in value)
+        if not numbers or name == "image_std" and min(value) <= 0:
+            raise BackboneNotFound(
+                f"{where}: {name} is {_shown(value)}, not three finite numbers"
+                + (" above 0" if name == "image_std" else "")
+            )
+        checked.append(tuple(float(v) for v in value))
+    return checked[0], checked[1]
+
+
 def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None) -> Backbone:
     """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files; with `cache_dir`, built only when
     something is encoded, see `builtin_backbone`), a local directory, a Hugging Face model id already in the
@@ -349,8 +587,17 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
             f"backbone directory {spec!r} does not exist.\n"
             + _HOW_TO_SUPPLY.format(hub_id=_DEFAULT_HUB_ID, folder=spec)
         )
+    # A folder's files are checked before transformers reads any of them, and the model is built from the
+    # config that was checked (transformers does not read config.json again).
+    local = path.is_dir()
+    config = _checked_clip_config(path) if local else None
+    if local:
+        _check_tokenizer_files(path)
+        settings, where = _folder_image_settings(path)
     try:
-        model = CLIPModel.from_pretrained(spec, local_files_only=True)
+        model = CLIPModel.from_pretrained(
+            spec, local_files_only=True, **({"config": config} if config is not None else {})
+        )
         tokenizer = CLIPTokenizer.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError) as exc:
         hub_id, folder = (_DEFAULT_HUB_ID, spec) if looks_like_path else (spec, "./clip-weights")
@@ -358,12 +605,22 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
             f"no local CLIP weights or tokenizer for {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}).\n"
             + _HOW_TO_SUPPLY.format(hub_id=hub_id, folder=folder)
         ) from exc
-    mean, std = CLIP_MEAN, CLIP_STD
-    try:
+    except RuntimeError as exc:  # weights of other shapes than the checked config gives, memory exhausted
+        raise BackboneNotFound(
+            f"backbone {spec!r}: transformers cannot build it from its files: its config.json and weights "
+            f"disagree, or it does not fit in memory ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
+    # A token the text model has no embedding for would fail inside it at the first prompt.
+    if len(tokenizer) > (vocab := model.config.text_config.vocab_size):
+        raise BackboneNotFound(
+            f"backbone {spec!r}: its tokenizer has {len(tokenizer)} tokens, more than its text model's {vocab}"
+        )
+    if not local:  # a model in the Hugging Face cache
+        settings, where = {}, spec
         # The image processor's settings, not a processor: only its mean and std are used, and making a
-        # CLIPImageProcessor without torchvision (not a dependency) warns users to install it.
-        settings, _ = ImageProcessingMixin.get_image_processor_dict(spec, local_files_only=True)
-        mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
-    except (OSError, ValueError):
-        pass  # No preprocessor_config.json: OpenAI CLIP's defaults are the right ones.
-    return Backbone(model, tokenizer, str(path.resolve()) if path.is_dir() else spec, mean, std)
+        # CLIPImageProcessor without torchvision (not a dependency) warns users to install it. None found:
+        # OpenAI CLIP's defaults are the right ones.
+        with contextlib.suppress(OSError, ValueError):
+            settings, _ = ImageProcessingMixin.get_image_processor_dict(spec, local_files_only=True)
+    mean, std = _checked_mean_std(settings, where)
+    return Backbone(model, tokenizer, str(path.resolve()) if local else spec, mean, std)

@@ -143,7 +143,13 @@ def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
                 f"the backbone at {spec} does not match its manifest: {problem}; the published copy is damaged "
                 "or was changed after it was published. " + _how_to_publish(spec)
             )
-        weights = load_backbone(str(staging)).weights_sha256
+        try:  # its config, tokenizer and processor files checked before transformers reads them
+            weights = load_backbone(str(staging)).weights_sha256
+        except BackboneNotFound as exc:  # it names the staging folder, which is about to go: name the spec
+            why = str(exc).splitlines()[0].replace(str(staging), spec).rstrip(".")
+            raise BackboneUnavailable(
+                f"the backbone at {spec} is refused: {why}. " + _how_to_publish(spec)
+            ) from None
         if weights != manifest["weights_sha256"]:
             raise BackboneUnavailable(
                 f"the backbone at {spec} loads with weights sha256 {weights[:12]}, but it was published as "

@@ -19,6 +19,8 @@ from fedmedclip.federation.storage import ObjectStore, StoreAccessDenied, StoreE
 from .sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_secret_name
 
 MISSING = ("NoSuchKey", "404", "NotFound")
+# A download's body is written 1 MiB at a time: a CLIP's ~600 MB of weights is never whole in memory.
+DOWNLOAD_CHUNK = 1 << 20
 _SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
 
 
@@ -160,9 +162,44 @@ class S3Store(ObjectStore):
         check_size(where, len(data), max_bytes)
         return data
 
-    def download(self, key: str, path: str | Path) -> None:
-        """The object into `path` (ObjectMissing when it does not exist)."""
-        self._call("read", "download_file", self._key(key), Filename=str(path))
+    def download(
+        self,
+        key: str,
+        path: str | Path,
+        max_bytes: int | None = None,
+        announced: Callable[[int], None] | None = None,
+    ) -> int:
+        """The object streamed into `path` a chunk at a time, never whole in memory (ObjectMissing when it does
+        not exist); returns the bytes written. `announced(length)`, when given, sees the response's
+        Content-Length before any of the body is read, and raises to refuse the object unread (a reader that
+        knows the size the object must have). With `max_bytes`, as `get`: a larger object is refused from its
+        Content-Length, its connection closed unread, and a body that runs on past it is cut at max_bytes + 1
+        bytes (ObjectTooLarge): an object replaced by a huge one, or an endless stream, cannot fill the disk."""
+        full = self._key(key)
+        response = self._call("read", "get_object", full)
+        body, where = response["Body"], self.where(key)
+        limit = None if max_bytes is None else max_bytes + 1
+        written = 0
+        with contextlib.closing(body):
+            length = response.get("ContentLength")
+            if length is not None:  # S3 always sends it; without it, the cap on the body still holds
+                if announced is not None:
+                    announced(int(length))
+                check_size(where, int(length), max_bytes)
+            # The local side's failures (a full disk) are OSErrors, for the caller.
+            with open(path, "wb") as fh:
+                while limit is None or written < limit:
+                    want = DOWNLOAD_CHUNK if limit is None else min(DOWNLOAD_CHUNK, limit - written)
+                    try:
+                        chunk = body.read(want)
+                    except Exception as exc:  # the connection lost while the body is read
+                        raise s3_error(exc, "read", self.bucket, full) from None
+                    if not chunk:
+                        break
+                    fh.write(chunk)
+                    written += len(chunk)
+        check_size(where, written, max_bytes)
+        return written
 
     def md5(self, key: str) -> str | None:
         """The stored object's MD5 (its ETag: every object is one PUT), None when it does not exist."""

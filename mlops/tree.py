@@ -59,25 +59,53 @@ def upload(store: ObjectStore, files: dict, there=None, progress: str = "") -> t
     return sum(sent for sent, _ in done), {key: md5 for key, (_, md5) in zip(files, done, strict=True)}
 
 
-def download(store: ObjectStore, files: dict, algorithm: str = "md5") -> list[Path]:
+def download(
+    store: ObjectStore, files: dict, algorithm: str = "md5", sizes: dict[str, int] | None = None
+) -> list[Path]:
     """Fetch each `{key: (local path, digest)}`: a local file with that digest is kept; else the object is
     downloaded beside it, checked (TreeMismatch) and renamed into place, so a damaged download is never used.
-    A digest of None: downloaded unchecked (the caller checks)."""
+    A digest of None: downloaded unchecked (the caller checks). With `sizes` (a key's size as its publisher
+    recorded it: a published tree's files), no more than that is read of an object: one announcing another
+    size is refused before its body is read, one whose body runs on is cut one byte past it (TreeMismatch),
+    so an object replaced by a huge one never fills the disk before its digest could refuse it. A key without
+    a recorded size (a site's images) is read whole."""
 
     def fetch(key: str) -> Path:
         path, digest = files[key]
-        if digest is not None and path.is_file() and file_digest(path, algorithm) == digest:
+        size = None if sizes is None else sizes.get(key)
+        if (
+            digest is not None
+            and path.is_file()
+            and (size is None or path.stat().st_size == size)
+            and file_digest(path, algorithm) == digest
+        ):
             return path
+
+        def other_size(what: str) -> TreeMismatch:
+            return TreeMismatch(
+                f"{store.where(key)} {what}, not the {size} bytes its publisher recorded: it was changed after "
+                "publishing, and is refused without being read whole; publish again"
+            )
+
+        def announced(length: int) -> None:
+            if size is not None and length != size:
+                raise other_size(f"is {length} bytes")
+
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         os.close(fd)
         try:
-            if isinstance(store, S3Store):
-                store.download(key, tmp)
-            elif (data := store.get(key)) is None:
-                raise ObjectMissing(f"{store.where(key)} does not exist")
-            else:
-                Path(tmp).write_bytes(data)
+            try:
+                if isinstance(store, S3Store):
+                    store.download(key, tmp, size, announced)
+                elif (data := store.get(key, max_bytes=size)) is None:
+                    raise ObjectMissing(f"{store.where(key)} does not exist")
+                else:
+                    announced(len(data))
+                    Path(tmp).write_bytes(data)
+            except ObjectTooLarge as exc:  # only with a recorded size: the file's, or a body running past it
+                raise other_size(f"is {exc.size} bytes" if exc.size > size + 1 else "is larger") from None
+            announced(os.path.getsize(tmp))  # a response without a Content-Length
             got = file_digest(tmp, algorithm) if digest is not None else None
             if got != digest:
                 raise TreeMismatch(
@@ -101,7 +129,7 @@ def publish_tree(store: ObjectStore, folder: str | Path, manifest_key: str, mani
 def tree_problem(files: object) -> str | None:
     """Why a manifest's file list (`{rel: {"sha256", "size"}}`, as read from storage) may not be fetched: none,
     a name that leaves its folder (or is hidden), one longer than a file system takes, a name both a file and
-    a folder of others (`a` and `a/b`), an entry without a sha256. None when it may."""
+    a folder of others (`a` and `a/b`), an entry without a sha256 or a size. None when it may."""
     if not isinstance(files, dict) or not files:
         return "no file list"
     folders = {"/".join(str(rel).split("/")[:n]) for rel in files for n in range(1, str(rel).count("/") + 1)}
@@ -115,6 +143,10 @@ def tree_problem(files: object) -> str | None:
             return f"file name {rel!r} is also a folder of other files"
         if not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
             return f"file {rel!r} has no sha256"
+        # Its size bounds its download (`download`): without one, a replaced object would be read whole.
+        size = entry.get("size")
+        if type(size) is not int or size < 0:
+            return f"file {rel!r} has no size (a number of bytes)"
     return None
 
 
@@ -157,13 +189,13 @@ def tree_mismatch(folder: str | Path, files: dict[str, dict]) -> str | None:
 
 
 def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, checked: bool = True) -> None:
-    """The files a manifest lists into `dest`, each checked against its sha256 unless `checked` is False (the
-    caller checks the whole tree: `tree_mismatch`)."""
+    """The files a manifest lists into `dest`, each read no further than its recorded size and checked against
+    its sha256 unless `checked` is False (the caller checks the whole tree: `tree_mismatch`)."""
     if (problem := tree_problem(files)) is not None:
         raise StoreError(f"{store.url}: the manifest is damaged: {problem}")
     jobs = {rel: (Path(dest) / rel, e["sha256"] if checked else None) for rel, e in files.items()}
-    try:
-        download(store, jobs, "sha256")
+    try:  # each file read no further than the size its manifest records, checked or not
+        download(store, jobs, "sha256", {rel: e["size"] for rel, e in files.items()})
     except OSError as exc:  # the local side: a full disk, a name the file system refuses
         raise StoreError(f"cannot fetch {store.url}'s files into {dest}: {exc}") from None
 
