@@ -109,6 +109,23 @@ def _get_message(root: ObjectStore, key: str, cls, required=True, party="the pub
     return message.to_dict() if message is not None else None
 
 
+def _checked_listing(cat: dict, where: str, who: str) -> set[str]:
+    """The ids a catalog lists (a holder's, or server/published.json), each once, inside its root and nameable
+    by a file system, with a label of its classes, each class named once; DataError naming `who` otherwise."""
+    classes = set(cat["class_names"])
+    if len(classes) != len(cat["class_names"]):
+        raise DataError(f"{who} names a class twice in its class_names {cat['class_names']}")
+    listed: set[str] = set()
+    for image_id, label, *_ in cat["records"]:
+        check_relative_id(image_id, where)
+        if image_id in listed:
+            raise DataError(f"{who} lists image {image_id!r} twice")
+        listed.add(image_id)
+        if label not in classes:
+            raise DataError(f"{who}: image {image_id!r} has label {label!r}, not one of its class_names")
+    return listed
+
+
 def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     """The holder's catalog at `prefix`, parsed and consistent: each image listed once, with a label of its
     classes, an MD5, and an id that stays inside its root and that a file system can name; an MD5 for exactly
@@ -117,19 +134,9 @@ def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     cat = _get_message(root, prefix + CATALOG, HolderCatalog)
     where = root.where(prefix + CATALOG)
     who = f"{where} (holder {cat['holder']!r})"
-    classes = set(cat["class_names"])
-    if len(classes) != len(cat["class_names"]):
-        raise DataError(f"{who} names a class twice in its class_names {cat['class_names']}")
-    listed: set[str] = set()
-    for image_id, label, _split in cat["records"]:
-        check_relative_id(image_id, where)
-        if image_id in listed:
-            raise DataError(f"{who} lists image {image_id!r} twice")
-        listed.add(image_id)
-        if label not in classes:
-            raise DataError(f"{who}: image {image_id!r} has label {label!r}, not one of its class_names")
-        if image_id not in cat["md5"]:
-            raise DataError(f"{who}: no MD5 for image {image_id!r}")
+    listed = _checked_listing(cat, where, who)
+    if (unhashed := next((i for i, *_ in cat["records"] if i not in cat["md5"]), None)) is not None:
+        raise DataError(f"{who}: no MD5 for image {unhashed!r}")
     if len(cat["md5"]) != len(listed):
         extra = sorted(set(cat["md5"]) - listed)
         raise DataError(
@@ -443,9 +450,10 @@ class S3Source:
         """Every image's id, label and split from server/published.json (server credentials), no pixels."""
         bucket = parse_bucket(cfg.data)
         root = _root(f"s3://{bucket}")
-        cat = self.catalogs[cfg.data] = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog)
-        for image_id, *_ in cat["records"]:
-            check_relative_id(image_id, root.where(SERVER_PREFIX + PUBLISHED))
+        cat = _get_message(root, SERVER_PREFIX + PUBLISHED, PublishedCatalog)
+        where = root.where(SERVER_PREFIX + PUBLISHED)
+        _checked_listing(cat, where, f"{where} (the publisher's)")
+        self.catalogs[cfg.data] = cat
         records = [ImageRecord(i, "", label, split, site or None) for i, label, split, site in cat["records"]]
         return ImageSet(list(cat["class_names"]), records, f"s3://{bucket}", duplicates=cat["duplicates"])
 

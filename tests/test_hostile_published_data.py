@@ -214,6 +214,33 @@ def test_the_server_refuses_a_holder_catalog_of_another_holder_partition_or_labe
             S3Source().stage(cfg, partition, SERVER)
 
 
+def test_the_publishers_catalog_that_disagrees_with_itself_is_refused(s3_env, tmp_path, as_stack_role):
+    """server/published.json (every image's id, label, split and site, which the partition is drawn from) was
+    read with only its ids checked: an image listed twice was partitioned twice (given to two sites, or
+    evaluated twice), a label outside its classes or a class named twice reached training. Refused as a
+    holder's catalog is, naming the file."""
+    pytest.importorskip("boto3")
+    from fedmedclip.preparation import checked_partition
+    from mlops.site_data import PUBLISHED, publish
+
+    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
+    as_stack_role("publisher")
+    publish(_cfg(tmp_path), bucket, progress=False)
+    key = f"server/{PUBLISHED}"
+    original = json.loads(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
+    first = original["records"][0]
+    as_stack_role("server")
+    cfg = _cfg(tmp_path, data=f"s3://{bucket}")
+    for change, why in (
+        ({"records": [*original["records"], first]}, rf"lists image '{first[0]}' twice"),
+        ({"records": [[first[0], "no-such-class", *first[2:]], *original["records"][1:]]}, "not one of its"),
+        ({"class_names": [*original["class_names"], original["class_names"][0]]}, "names a class twice"),
+    ):
+        admin.put_object(Bucket=bucket, Key=key, Body=json.dumps({**original, **change}).encode())
+        with pytest.raises(DataError, match=rf"published\.json \(the publisher's\).*{why}"):
+            checked_partition(cfg)
+
+
 def test_a_hostile_backbone_manifest_is_refused_not_a_traceback(s3_env, tmp_path):
     pytest.importorskip("boto3")
     from mlops.backbones import MANIFEST, BackboneUnavailable, resolve_backbone
