@@ -10,11 +10,15 @@ Before these fixes:
 - config.json was handed to transformers unchecked: a width of 10**6, 10**5 layers, image_size 10**6, 0, -1,
   1.5, "768", NaN, a list for text_config or an unknown activation raised RuntimeError, ZeroDivisionError,
   KeyError or StrictDataclassFieldValidationError tracebacks from inside transformers (or allocated gigabytes
-  for layers the weights lack); an image_std of 0 was used as it was."""
+  for layers the weights lack); an image_std of 0 was used as it was;
+- a `models:/` backbone was downloaded whole (`mlflow.artifacts.download_artifacts` of the version's folder)
+  before its manifest was read: a weights artifact replaced by a 50 GB file filled the disk first, and so did
+  a file the manifest does not list, or a padded manifest."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -342,3 +346,118 @@ def test_every_released_clip_shape_passes_the_bounds(tmp_path):
         config = _checked_clip_config(folder)
         assert config is not None and config.vision_config.hidden_size == vision_config["hidden_size"], name
         assert _parameters(config) == pytest.approx(parameters, rel=0.01), name
+
+
+# ------------------------------------------------------------------------------------ MLflow registry
+@pytest.fixture
+def registry(mlops_stack, monkeypatch):
+    """The stack's MLflow server (artifacts proxied to its S3), and the artifact files downloaded from it since
+    (each path MlflowArtifactsRepository fetched, relative to the version's folder): what came to this machine."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    downloaded, real = [], MlflowArtifactsRepository._download_file
+
+    def recorded(self, remote_file_path, local_path):
+        downloaded.append(remote_file_path)
+        return real(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(MlflowArtifactsRepository, "_download_file", recorded)
+    uri = mlops_stack.tracking_uri
+    return MlflowClient(uri, registry_uri=uri), uri, downloaded
+
+
+def _registered(registry, clip: Path, manifest: dict) -> tuple[str, str]:
+    """The backbone pushed to a registered name of its own: its spec and the run holding its artifacts."""
+    from mlops.backbones import _push_registry
+
+    client, uri, downloaded = registry
+    name = f"hostile-{uuid.uuid4().hex[:12]}"
+    spec = _push_registry(clip, f"models:/{name}", manifest, uri).spec  # the manifest, not the model reloaded
+    downloaded.clear()
+    return spec, client.get_model_version(name, spec.rsplit("/", 1)[1]).run_id
+
+
+def _logged(client, run_id: str, rel: str, size: int, folder: Path) -> None:
+    """`backbone/<rel>` of the run replaced by (or added as) a file of `size` zero bytes (sparse here)."""
+    path = folder / uuid.uuid4().hex / rel
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    client.log_artifact(run_id, str(path), f"backbone/{rel}".rsplit("/", 1)[0])
+
+
+def test_a_registry_backbone_with_a_file_replaced_or_added_is_refused_before_any_file_is_downloaded(
+    registry, clip, manifest, tmp_path, capsys
+):
+    """Whoever can write the version's run: a weights artifact replaced by a larger file, a file the manifest
+    does not list, a padded manifest; each refused naming the spec and the file from the artifact store's
+    listing, nothing of it (nor of any other backbone file) downloaded, nothing left in the cache."""
+    client, uri, downloaded = registry
+    spec, run_id = _registered(registry, clip, manifest)
+    size = manifest["files"][WEIGHTS]["size"]
+    big = size + (4 << 20)  # a 50 GB file, scaled down: the same refusal, its body never downloaded
+    _logged(client, run_id, WEIGHTS, big, tmp_path)
+    message = f"{spec}/{WEIGHTS} is listed at {big} bytes, not at the {size} bytes its manifest records"
+    with pytest.raises(BackboneUnavailable, match=rf"(?s)^{re.escape(message)}: .*push DIR --to models:/"):
+        resolve_backbone(spec, tmp_path / "pod", tracking_uri=uri)
+    assert downloaded == [MANIFEST]  # the manifest alone: bounded, then read
+    assert _leftovers(tmp_path / "pod" / "backbones") == []
+    # Through the CLI: status 2, one error line naming the spec and the file, no traceback.
+    capsys.readouterr()
+    argv = ["--quiet", "backbone", spec, "--cache-dir", str(tmp_path / "cli"), "--tracking-uri", uri]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and [ln for ln in err.splitlines() if message in ln] and "Traceback" not in err, err
+    assert _leftovers(tmp_path / "cli" / "backbones") == []
+
+    # The weights as pushed again: the backbone resolves, each file downloaded once.
+    client.log_artifact(run_id, str(clip / WEIGHTS), "backbone")
+    downloaded.clear()
+    local = Path(resolve_backbone(spec, tmp_path / "pod", tracking_uri=uri))
+    assert local == tmp_path / "pod" / "backbones" / manifest["weights_sha256"]
+    assert sorted(downloaded) == sorted([MANIFEST, *manifest["files"]])
+
+    # A file the manifest does not list (here in a folder of its own), then a manifest over its bound.
+    for rel, size, refusal in (
+        ("extra/weights.bin", 1 << 20, f"{spec}/extra/ is in the artifact store but not in the manifest"),
+        (
+            MANIFEST,
+            (4 << 20) + 1,
+            f"{spec}/{MANIFEST} is listed at {(4 << 20) + 1} bytes, where a manifest has at most",
+        ),
+    ):
+        _logged(client, run_id, rel, size, tmp_path)
+        downloaded.clear()
+        with pytest.raises(BackboneUnavailable, match=rf"^{re.escape(refusal)}"):
+            resolve_backbone(spec, tmp_path / "new-pod", tracking_uri=uri)
+        assert downloaded == ([MANIFEST] if rel != MANIFEST else [])
+        assert _leftovers(tmp_path / "new-pod" / "backbones") == []
+
+
+def test_a_registry_file_replaced_between_its_listing_and_its_download_is_refused_and_removed(
+    registry, clip, manifest, tmp_path, monkeypatch
+):
+    """The listing matched the manifest, then the weights were replaced by a larger file before their download:
+    measured after it, refused naming the file, the download removed; nothing in the cache."""
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    client, uri, downloaded = registry
+    spec, run_id = _registered(registry, clip, manifest)
+    size = manifest["files"][WEIGHTS]["size"]
+    big = size + (1 << 20)
+    recording = MlflowArtifactsRepository._download_file  # the fixture's
+
+    def replaced_first(self, remote_file_path, local_path):
+        if remote_file_path == WEIGHTS and WEIGHTS not in downloaded:
+            _logged(client, run_id, WEIGHTS, big, tmp_path)
+        return recording(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(MlflowArtifactsRepository, "_download_file", replaced_first)
+    with pytest.raises(
+        BackboneUnavailable,
+        match=rf"^{re.escape(f'{spec}/{WEIGHTS} was {big} bytes when downloaded, not the {size} bytes listed')}",
+    ):
+        resolve_backbone(spec, tmp_path / "pod", tracking_uri=uri)
+    assert WEIGHTS in downloaded
+    assert _leftovers(tmp_path / "pod" / "backbones") == []
