@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import metrics
-from .errors import NotReady, RequestRejected, ServerBusy
+from .errors import NotReady, RequestRejected, ServerBusy, quoted
 from .protocol import JsonParser, is_decimal, json_part, to_infer_request
 from .state import ServerState
 
@@ -189,6 +189,15 @@ class RestApi:
         """The whole body, within --max-request-bytes (413), --body-timeout (408) and, with every other
         request's, --max-inflight-bytes (503: its Content-Length is reserved before a byte of it is read)."""
         limit, length, received = self.max_request_bytes, request.headers.get("content-length"), 0
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # A client compressing its body (gzip, br) got 'not valid JSON' for a valid request. The body is
+            # read as sent: inflating a client's bytes would need a bound of its own (a gzip bomb).
+            raise RequestRejected(
+                "bad_request",
+                f"Content-Encoding {quoted(encoding)} is not supported: send the body uncompressed",
+                415,
+            )
         if length is not None and not is_decimal(length):
             raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
         if length is not None and int(length) > limit:

@@ -450,6 +450,22 @@ def test_hostile_json_gets_a_4xx_one_log_line_and_no_echo(server, spec, tmp_path
     assert requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30).ok
 
 
+def test_a_compressed_body_is_refused_naming_its_content_encoding(server, spec):
+    """A client that compresses its body (Content-Encoding: gzip) got 'not valid JSON' for a valid request:
+    now 415 naming the encoding. The body is not inflated: a client's gzip would need a bound of its own."""
+    import gzip
+
+    body = json.dumps(uint8_json(images(1))).encode()
+    infer = url(server, f"/v2/models/{MODEL}/infer")
+    resp = requests.post(infer, data=gzip.compress(body), headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert resp.status_code == 415, resp.text[:300]
+    assert (
+        "Content-Encoding 'gzip' is not supported"
+        in spec.check(resp, "POST", f"/v2/models/{MODEL}/infer")["error"]
+    )
+    assert requests.post(infer, data=body, headers={"Content-Encoding": "identity"}, timeout=30).ok
+
+
 def test_a_client_cannot_write_control_characters_into_the_log(server):
     """The URL path reaches the server percent-decoded and a refusal's log line names it: its ESC sequences,
     NEL, U+2028, backspace and DEL are written as escapes, never as themselves."""
