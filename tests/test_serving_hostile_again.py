@@ -355,6 +355,7 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
 
     try:
         wait_ready(proc, f"127.0.0.1:{http}", MODEL, log_path)
+        started = time.monotonic()
         exhaust()
         wait_for(lambda: "accept" in log_path.read_text(), "the accept failure", timeout=300)
         close_all()
@@ -363,6 +364,7 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
         exhaust()  # and stopped while they are held: asyncio's retries come after the port has closed
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+        seconds = time.monotonic() - started
     finally:
         close_all()
         if proc.poll() is None:
@@ -370,4 +372,5 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
             proc.wait()
     text = log_path.read_text(errors="replace")
     assert "Traceback" not in text, text[-3000:]
-    assert 1 <= text.count("cannot accept new connections") <= 2, text[-3000:]
+    # One line per ten seconds at most, whichever way the machine's load stretches the steps above.
+    assert 1 <= text.count("cannot accept new connections") <= 2 + int(seconds // 10), text[-3000:]
