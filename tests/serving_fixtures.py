@@ -123,7 +123,7 @@ def metric_samples(http: str) -> dict[tuple[str, tuple], float]:
     import requests
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = requests.get(f"http://{http}/metrics", timeout=5).text
+    text = requests.get(f"http://{http}/metrics", timeout=60).text
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

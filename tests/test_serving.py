@@ -175,8 +175,8 @@ def assert_still_serving(http_client, ort_session) -> None:
 def test_health_endpoints(server):
     http = server[0]
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
-        assert requests.get(f"http://{http}{path}", timeout=5).status_code == 200, path
-    assert requests.get(f"http://{http}/v2/models/nope/ready", timeout=5).status_code == 404
+        assert requests.get(f"http://{http}{path}", timeout=60).status_code == 200, path
+    assert requests.get(f"http://{http}/v2/models/nope/ready", timeout=60).status_code == 404
 
 
 def test_model_metadata_rest_and_grpc(server, grpc_client, onnx_path, ort_session):
@@ -190,7 +190,7 @@ def test_model_metadata_rest_and_grpc(server, grpc_client, onnx_path, ort_sessio
         "ood_score": ("FP32", [-1]),
         "out_of_distribution": ("BOOL", [-1]),
     }
-    meta = requests.get(f"http://{server[0]}/v2/models/{MODEL}", timeout=5).json()
+    meta = requests.get(f"http://{server[0]}/v2/models/{MODEL}", timeout=60).json()
     assert meta["name"] == MODEL
     assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == expected_inputs
     assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]} == expected_outputs
