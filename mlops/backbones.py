@@ -303,28 +303,10 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
     return PublishedBackbone(spec, manifest, False)
 
 
-def _listed_sizes(repo, top: list, files: dict) -> dict[str, int | None]:
-    """Each file the artifact store lists under a backbone's folder (`top`: its first level), with the size it
-    lists (None: none), walked only into the folders that hold the manifest's files: any other folder is
-    returned as `NAME/` (refused as an entry the manifest lacks), never walked, however deep it goes."""
-    folders = {rel.rsplit("/", n)[0] for rel in files for n in range(1, rel.count("/") + 1)}
-    sizes, pending = {}, list(top)
-    while pending:
-        info = pending.pop()
-        if not info.is_dir:
-            sizes[info.path] = info.file_size
-        elif info.path in folders:
-            pending += repo.list_artifacts(info.path)
-        else:
-            sizes[f"{info.path}/"] = None
-    return sizes
-
-
 def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from .tracking import registered_version
+    from .tracking import ArtifactSizeError, ListedArtifacts, registered_version
 
     _, mv = registered_version(
         spec,
@@ -350,58 +332,44 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             f"{spec}/{rel} {why}: it was changed after publishing, and is refused. " + _how_to_publish(spec)
         )
 
-    def at(size: int | None) -> str:  # an artifact store may list a file without its size: refused too
-        return "without a size" if size is None else f"at {size} bytes"
-
     def failed(exc: Exception) -> BackboneUnavailable:  # botocore/S3 and network errors are OSErrors
         return BackboneUnavailable(f"cannot download {spec}: {getattr(exc, 'message', exc)}")
 
-    # Whoever can write the version's run may have replaced any file by a huge one: the artifact store's own
-    # listing bounds each file before it is downloaded (the manifest to MANIFEST_MAX_BYTES, the others to the
-    # sizes the manifest records), and each is downloaded alone and measured again (replaced in between).
-    def fetched(rel: str, folder: Path, size: int) -> None:
-        path = Path(repo.download_artifacts(rel, str(folder)))
-        if (got := path.stat().st_size) != size:
-            path.unlink()
-            raise refused(rel, f"was {got} bytes when downloaded, not the {size} bytes listed")
-
+    # The artifact store's own listing bounds each file before it is downloaded (the manifest to
+    # MANIFEST_MAX_BYTES, the others to the sizes the manifest records), each downloaded alone and measured.
     cache_root.mkdir(parents=True, exist_ok=True)
     try:
-        repo = get_artifact_repository(mv.source)  # where the push logged the files (`_push_registry`)
-        top = repo.list_artifacts(None)
-        size = next((f.file_size for f in top if f.path == MANIFEST and not f.is_dir), -1)
-        if size == -1:
+        store = ListedArtifacts(mv.source)  # where the push logged the files (`_push_registry`)
+        if MANIFEST not in store.sizes:
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
-        if size is None or size > MANIFEST_MAX_BYTES:
-            raise refused(
-                MANIFEST, f"is listed {at(size)}, where a manifest has at most {MANIFEST_MAX_BYTES}"
-            )
+        bound = f"where a manifest has at most {MANIFEST_MAX_BYTES}"
+        size = store.check(MANIFEST, MANIFEST_MAX_BYTES, bound, at_most=True)
         with tempfile.TemporaryDirectory(dir=cache_root, prefix=".download-") as tmp:
-            fetched(MANIFEST, Path(tmp), size)
+            store.fetch(MANIFEST, Path(tmp), size)
             manifest = _read_manifest(LocalDirStore(tmp), spec, f"{spec}/{MANIFEST}", required=True)
-        files, listed = manifest["files"], _listed_sizes(repo, top, manifest["files"])
+        files = manifest["files"]
+        if manifest["weights_sha256"] != wanted:
+            raise BackboneUnavailable(
+                f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "
+                f"{manifest['weights_sha256'][:12]}. " + _how_to_publish(spec)
+            )
+        for rel in sorted(store.walk_into(files).keys() - {MANIFEST} | files.keys()):  # before any download
+            if rel not in files:
+                raise refused(rel, "is in the artifact store but not in the manifest")
+            store.check(
+                rel, files[rel]["size"], f"not at the {files[rel]['size']} bytes its manifest records"
+            )
+    except ArtifactSizeError as exc:
+        raise refused(exc.rel, exc.why) from None
     except (MlflowException, OSError) as exc:
         raise failed(exc) from None
-    if manifest["weights_sha256"] != wanted:
-        raise BackboneUnavailable(
-            f"{spec} is tagged {WEIGHTS_TAG}={wanted[:12]} but its manifest records "
-            f"{manifest['weights_sha256'][:12]}. " + _how_to_publish(spec)
-        )
-    for rel in sorted(listed.keys() - {MANIFEST} | files.keys()):  # before any of them is downloaded
-        if rel not in files:
-            raise refused(rel, "is in the artifact store but not in the manifest")
-        if rel not in listed:
-            raise refused(rel, "is in the manifest but not in the artifact store")
-        if listed[rel] != files[rel]["size"]:
-            raise refused(
-                rel,
-                f"is listed {at(listed[rel])}, not at the {files[rel]['size']} bytes its manifest records",
-            )
 
     def download(folder: Path) -> None:  # then checked as a whole (sha256, weights) by _install
         try:
             for rel, entry in files.items():
-                fetched(rel, folder, entry["size"])
+                store.fetch(rel, folder, entry["size"])
+        except ArtifactSizeError as exc:
+            raise refused(exc.rel, exc.why) from None
         except (MlflowException, OSError) as exc:
             raise failed(exc) from None
 

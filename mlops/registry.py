@@ -50,6 +50,9 @@ class NoOnnxRefused(PromotionRefused):
 LEGACY_PROMOTION_METRICS = ("final_global_bacc",)  # its name before metrics were grouped (older versions)
 ONNX_MODEL_NAME = "onnx_model"  # name of the logged ONNX model inside the run
 ONNX_FILE = "model.onnx"  # file name MLflow's onnx flavour stores the graph under
+# On a version beside onnx_sha256 (fedmedclip.digests): its model.onnx's size, which the server compares with
+# the artifact store's listing before downloading it (a file replaced by a huge one never reaches its disk).
+ONNX_BYTES_TAG = "onnx_bytes"
 # protobuf cannot serialise a single message above 2 GiB.
 _MAX_INLINE_ONNX = 2**31 - 2**20
 # The digests that say which data a version was trained on; promotion compares only like with like.
@@ -298,6 +301,7 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict, run_dir: Path):
         stored = Path(tmp) / ONNX_FILE
         onnx.save_model(model, str(stored), save_as_external_data=False)
         tags[ONNX_SHA256_TAG] = sha256_file(stored)
+        tags[ONNX_BYTES_TAG] = str(stored.stat().st_size)
     tags.update(onnx_source_sha256=tags[REGISTRATION_KEY_TAG], onnx_file=ONNX_FILE)
     logged_tag = f"{LOGGED_ONNX_TAG_PREFIX}{tags[REGISTRATION_KEY_TAG][:16]}"
     source = mlrun.data.tags.get(logged_tag)  # logged by an earlier attempt that failed before registering

@@ -126,6 +126,63 @@ def registered_version(
         raise error(not_found(exc.message) if not_found else why) from None
 
 
+class ArtifactSizeError(TrackingError):
+    """A registered version's file is missing from its artifact store, or listed or downloaded at another size
+    than expected: `rel` (its path in the version's folder) and `why`, which each caller words for its party."""
+
+    def __init__(self, rel: str, why: str):
+        super().__init__(f"{rel} {why}")
+        self.rel, self.why = rel, why
+
+
+class ListedArtifacts:
+    """A registered version's files as its artifact store lists them (`source`: the version's), with their sizes.
+    Whoever can write the version's run may have replaced a file by a huge one: MLflow's download of the whole
+    folder fetched it before any hash refused it. So each file is bounded by the listing first (`check`), then
+    downloaded alone and measured again (`fetch`: it may have been replaced in between)."""
+
+    def __init__(self, source: str):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        self.repo = get_artifact_repository(source)
+        self._top = self.repo.list_artifacts(None)
+        self.sizes = self.walk_into(())
+
+    def walk_into(self, files) -> dict[str, int | None]:
+        """Each file listed (size None: listed without one), walked only into the folders holding `files`: any
+        other folder is listed as `NAME/`, never walked, however deep it goes."""
+        folders = {rel.rsplit("/", n)[0] for rel in files for n in range(1, rel.count("/") + 1)}
+        self.sizes, pending = {}, list(self._top)
+        while pending:
+            info = pending.pop()
+            if not info.is_dir:
+                self.sizes[info.path] = info.file_size
+            elif info.path in folders:
+                pending += self.repo.list_artifacts(info.path)
+            else:
+                self.sizes[f"{info.path}/"] = None
+        return self.sizes
+
+    def check(self, rel: str, size: int, expected: str, at_most: bool = False) -> int:
+        """The size `rel` is listed at, when it is `size` (`at_most`: no more), else ArtifactSizeError ending with
+        `expected` ("not at the 5 bytes its manifest records"). A file listed without a size is refused too."""
+        if rel not in self.sizes:
+            raise ArtifactSizeError(rel, "is not in the artifact store")
+        listed = self.sizes[rel]
+        if listed is None or (listed > size if at_most else listed != size):
+            at = "without a size" if listed is None else f"at {listed} bytes"
+            raise ArtifactSizeError(rel, f"is listed {at}, {expected}")
+        return listed
+
+    def fetch(self, rel: str, folder: Path, size: int) -> Path:
+        """`rel` downloaded alone into `folder` and measured: not `size` bytes (the listed), removed and refused."""
+        path = Path(self.repo.download_artifacts(rel, str(folder)))
+        if (got := path.stat().st_size) != size:
+            path.unlink()
+            raise ArtifactSizeError(rel, f"was {got} bytes when downloaded, not the {size} bytes listed")
+        return path
+
+
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 

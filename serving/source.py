@@ -1,8 +1,9 @@
 """Where the served ONNX file comes from: a local path (file or a folder holding one .onnx, e.g. KServe's
 /mnt/models), or the MLflow registry (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, artifacts on S3 behind
 the MLflow server). Every model is verified before ONNX Runtime sees it: a registry model against the sha256
-recorded at registration (model-version tag `onnx_sha256`), a file against `--expected-sha256` or else the
-sidecar `fedmedclip export` wrote next to it (`model.onnx.sha256`). A file with neither is refused.
+recorded at registration (model-version tag `onnx_sha256`; its size, `onnx_bytes`, bounds it before it is
+downloaded), a file against `--expected-sha256` or else the sidecar `fedmedclip export` wrote next to it
+(`model.onnx.sha256`). A file with neither is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from fedmedclip.digests import ONNX_SHA256_TAG, is_sha256, read_sha256_sidecar, 
 from .errors import ServingError
 
 log = logging.getLogger("fedmedclip.serving")
+
+# A registry version registered before `fedmedclip register` recorded its file's size (the `onnx_bytes` tag)
+# is bounded by this: an fp32 CLIP ViT-L/14 ONNX is about 1.7 GB, and registration stores one file under
+# protobuf's 2 GiB limit; a file listed larger was not registered, and would fill the pod's disk.
+MAX_REGISTRY_ONNX_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,20 @@ def verify_sha256(path: Path, expected: str, what: str) -> str:
 
 def find_onnx(folder: Path, what: str) -> Path:
     """The single .onnx file in a folder (an MLflow model directory, KServe's /mnt/models), else its model.onnx."""
-    found = sorted(p for p in folder.rglob("*.onnx") if p.is_file())
+    return Path(_pick_onnx([str(p) for p in folder.rglob("*.onnx") if p.is_file()], what))
+
+
+def _pick_onnx(found: list[str], what: str) -> str:
+    """The single .onnx path of `found`, else its model.onnx."""
+    found = sorted(p for p in found if p.endswith(".onnx"))
     if len(found) == 1:
         return found[0]
-    named = [p for p in found if p.name == "model.onnx"]
+    named = [p for p in found if p.rsplit("/", 1)[-1] == "model.onnx"]
     if len(named) == 1:
         return named[0]
     if not found:
         raise ServingError(f"{what} holds no .onnx file")
-    raise ServingError(f"{what} holds several .onnx files ({[str(p) for p in found]}); pass the file itself")
+    raise ServingError(f"{what} holds several .onnx files ({found}); pass the file itself")
 
 
 def resolve_model(
@@ -102,15 +113,16 @@ def _from_registry(
     uri: str, expected_sha256: str | None, cache_dir: str | None, tracking_uri: str | None
 ) -> ResolvedModel:
     # Imported here: the core CLI and `predict` must not pay for mlflow.
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from mlops.tracking import registered_version
+    from mlops.registry import ONNX_BYTES_TAG
+    from mlops.tracking import ArtifactSizeError, ListedArtifacts, registered_version
 
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
     # downloads through the tracking server as every MLflow client of this project makes them.
     _, mv = registered_version(uri, tracking_uri, f"{uri} needs the MLflow registry", ServingError)
-    tag = (mv.tags or {}).get(ONNX_SHA256_TAG)
+    tags = mv.tags or {}
+    tag = tags.get(ONNX_SHA256_TAG)
     if not tag:
         raise ServingError(
             f"{uri} (version {mv.version}) has no {ONNX_SHA256_TAG!r} tag, so its file cannot be verified; register it "
@@ -121,36 +133,65 @@ def _from_registry(
         raise ServingError(
             f"--expected-sha256 {expected_sha256} disagrees with {uri}'s {ONNX_SHA256_TAG} tag {tag}"
         )
-
-    # Absolute: MLflow answers with absolute paths, which _move_into places relative to the download folder.
-    dst = Path(cache_dir).resolve() if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
-    dst.mkdir(parents=True, exist_ok=True)
+    recorded = tags.get(ONNX_BYTES_TAG)
+    if recorded is not None and not (
+        recorded.isascii() and recorded.isdigit() and int(recorded) <= MAX_REGISTRY_ONNX_BYTES
+    ):
+        raise ServingError(
+            f"{uri} (version {mv.version}) has the {ONNX_BYTES_TAG} tag {recorded[:40]!r}, not a size of at most "
+            f"{MAX_REGISTRY_ONNX_BYTES} bytes"
+        )
     # Download the pinned version, not the alias again: the alias may move between the two calls.
     pinned = f"models:/{mv.name}/{mv.version}"
+
+    def refused(exc: ArtifactSizeError) -> ServingError:
+        return ServingError(f"refusing to serve {uri} (version {mv.version}): {pinned}/{exc.rel} {exc.why}")
+
+    def failed(exc: Exception) -> ServingError:  # botocore/S3 and network errors are OSErrors or wrap them
+        return ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}")
+
+    # Whoever can write the version's run may have replaced its file by a huge one: the artifact store's own
+    # listing bounds it before it is downloaded, by its onnx_bytes tag, else (registered before that tag) by
+    # MAX_REGISTRY_ONNX_BYTES. Only that file is downloaded: the server reads nothing else of the version.
+    try:
+        store = ListedArtifacts(mv.source)
+        # `fedmedclip register` names the file it stored (its `onnx_file` tag); else the one find_onnx would
+        # pick among the version's top-level files.
+        rel = tags.get("onnx_file") or _pick_onnx(list(store.sizes), pinned)
+        if rel.startswith("/") or ".." in rel.split("/"):  # it is placed under the cache
+            raise ServingError(f"{pinned}'s model file {rel[:200]!r} is not a path inside the version")
+        store.walk_into([rel])
+        if recorded is None:
+            why = f"above the {MAX_REGISTRY_ONNX_BYTES} bytes of a version without an {ONNX_BYTES_TAG} tag"
+            size = store.check(rel, MAX_REGISTRY_ONNX_BYTES, why, at_most=True)
+        else:
+            size = store.check(
+                rel, int(recorded), f"not at the {recorded} bytes its {ONNX_BYTES_TAG} tag records"
+            )
+    except ArtifactSizeError as exc:
+        raise refused(exc) from None
+    except (MlflowException, OSError) as exc:
+        raise failed(exc) from None
+
+    # Absolute: the path is reported and logged, and must not depend on the working directory.
+    dst = Path(cache_dir).resolve() if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
     # Into a folder of this process's own beside the cache, verified there, then moved into place: replicas
     # sharing a --cache-dir and starting together never read (or serve) a file another one is still writing.
     with tempfile.TemporaryDirectory(prefix=".fedmedclip-download-", dir=dst) as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=tmp))
-        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
-            raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
-        # `fedmedclip register` stores one model.onnx (its `onnx_file` tag), which find_onnx takes.
-        fetched = find_onnx(local, f"{pinned} (downloaded to {local})") if local.is_dir() else local
+            fetched = store.fetch(rel, Path(tmp), size)  # measured again: it may be replaced since listed
+        except ArtifactSizeError as exc:
+            raise refused(exc) from None
+        except (MlflowException, OSError) as exc:
+            raise failed(exc) from None
         sha = verify_sha256(
             fetched, tag, f"the registry tag {ONNX_SHA256_TAG} of {uri} (version {mv.version})"
         )
         # One folder per file (its sha256): replicas of two versions sharing --cache-dir (a rolling update) never
         # replace the file the other just verified, which it then refused to load as changed.
-        path = _move_into(Path(tmp), dst / sha, last=fetched)
+        path = dst / sha / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched, path)
     log.info("fetched %s version %s to %s, sha256 %s verified", uri, mv.version, path, sha)
     return ResolvedModel(path, sha, f"{uri} (version {mv.version})", str(mv.version))
-
-
-def _move_into(tmp: Path, dst: Path, last: Path) -> Path:
-    """Move every file downloaded under `tmp` to the same place under `dst`, each replacing what is there in one
-    step (os.replace), `last` (the verified model) after its companions. Returns where `last` went."""
-    for file in sorted(p for p in tmp.rglob("*") if p.is_file() and p != last) + [last]:
-        target = dst / file.relative_to(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(file, target)
-    return dst / last.relative_to(tmp)

@@ -1,6 +1,7 @@
 """The server's registry path against the real local stack (moto S3 + MLflow server, `mlops_stack`):
 a model registered by `mlops.registry.register_model` is fetched with `models:/NAME@ALIAS` and verified
-against its `onnx_sha256` tag; a tampered or missing tag refuses to start."""
+against its `onnx_sha256` tag; a tampered or missing tag refuses to start. Its model.onnx, listed by the
+artifact store at another size than its `onnx_bytes` tag records, is refused before it is downloaded."""
 
 from __future__ import annotations
 
@@ -124,3 +125,166 @@ def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(regist
     client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tag)
     second = resolve_model(f"models:/{name}/2", cache_dir="cache")
     assert second.path.read_bytes() == other and resolved[0].path.read_bytes() == data
+
+
+# ------------------------------------------------------------------ the registry's file bounded before download
+@pytest.fixture()
+def downloads(monkeypatch):
+    """The artifact files MLflow downloads from here on (each path relative to the version's folder)."""
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    downloaded, real = [], MlflowArtifactsRepository._download_file
+
+    def recorded(self, remote_file_path, local_path):
+        downloaded.append(remote_file_path)
+        return real(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(MlflowArtifactsRepository, "_download_file", recorded)
+    return downloaded
+
+
+def _sparse(path, size: int):
+    """A file of `size` zero bytes at `path` (sparse here): a 50 GB replacement, scaled down."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def _hand_registered(client, folder, name: str, data: bytes, **tags: str):
+    """`data` logged as model/model.onnx of a new run and registered as version 1 of `name` from that folder,
+    with its sha256 tag and `tags` (as the replicas' test registers one). Returns the run id and the version."""
+    import hashlib
+
+    (folder / "model").mkdir()
+    (folder / "model" / "model.onnx").write_bytes(data)
+    run = client.create_run(client.create_experiment(name))
+    client.log_artifacts(run.info.run_id, str(folder / "model"), "model")
+    client.create_registered_model(name)
+    tags["onnx_sha256"] = hashlib.sha256(data).hexdigest()
+    source = f"{run.info.artifact_uri}/model"
+    return run.info.run_id, client.create_model_version(name, source, run.info.run_id, tags=tags)
+
+
+def test_a_registry_model_replaced_by_a_larger_file_is_refused_before_it_is_downloaded(
+    registry, downloads, tmp_path, monkeypatch, capsys
+):
+    """Whoever can write the version's run replaced model.onnx by a larger file: the whole version was
+    downloaded before its sha256 refused it (a 50 GB file filled the pod's disk first). Now the artifact
+    store's listing is compared with the `onnx_bytes` tag first, or, on a version without it, with
+    MAX_REGISTRY_ONNX_BYTES: refused naming the file and both sizes, nothing of it downloaded; the server
+    refuses to start in one line."""
+    import re
+    import uuid
+
+    from conftest import free_port
+    from mlflow import MlflowClient
+
+    import serving.source
+    from serving.cli import main
+    from serving.errors import ServingError
+    from serving.source import resolve_model
+
+    client = MlflowClient(registry, registry_uri=registry)
+    name, data = f"serving-replaced-{uuid.uuid4().hex[:12]}", b"not a graph: only hashed" * 40
+    run_id, mv = _hand_registered(
+        client, tmp_path, name, data, onnx_bytes=str(len(data)), onnx_file="model.onnx"
+    )
+    uri = f"models:/{name}/{mv.version}"
+    big = len(data) + (4 << 20)
+    client.log_artifact(run_id, str(_sparse(tmp_path / "big" / "model.onnx", big)), "model")
+    downloads.clear()
+
+    message = (
+        f"refusing to serve {uri} (version {mv.version}): {uri}/model.onnx is listed at {big} bytes, not at the "
+        f"{len(data)} bytes its onnx_bytes tag records"
+    )
+    with pytest.raises(ServingError, match=f"^{re.escape(message)}$"):
+        resolve_model(uri, cache_dir=str(tmp_path / "cache"))
+    assert downloads == [] and not (tmp_path / "cache").exists()
+    # `serve` (`python -m serving serve`'s main): exit status 2 before it listens, that one line, no traceback.
+    argv = ["serve", uri, "--cache-dir", str(tmp_path / "cli"), "--http-port", str(free_port())]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.strip()] == [f"error: {message}"], err
+    assert not (tmp_path / "cli").exists()
+
+    # A version registered before the tag: the listing is bounded by MAX_REGISTRY_ONNX_BYTES (scaled down).
+    client.delete_model_version_tag(name, mv.version, "onnx_bytes")
+    monkeypatch.setattr(serving.source, "MAX_REGISTRY_ONNX_BYTES", 1 << 20)
+    message = f"{uri}/model.onnx is listed at {big} bytes, above the {1 << 20} bytes of a version without an"
+    with pytest.raises(ServingError, match=re.escape(message)):
+        resolve_model(uri, cache_dir=str(tmp_path / "cache"))
+    assert downloads == [] and not (tmp_path / "cache").exists()
+
+
+def test_a_registry_model_replaced_between_its_listing_and_its_download_is_refused_and_removed(
+    registry, downloads, tmp_path, monkeypatch
+):
+    """The listing matched the `onnx_bytes` tag, then model.onnx was replaced by a larger file before its
+    download: measured after it, refused naming the file and both sizes, nothing left in the cache."""
+    import re
+    import uuid
+
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    from serving.errors import ServingError
+    from serving.source import resolve_model
+
+    client = MlflowClient(registry, registry_uri=registry)
+    name, data = f"serving-swapped-{uuid.uuid4().hex[:12]}", b"not a graph: only hashed" * 40
+    run_id, mv = _hand_registered(client, tmp_path, name, data, onnx_bytes=str(len(data)))
+    big, recording = len(data) + (1 << 20), MlflowArtifactsRepository._download_file  # the fixture's
+
+    def replaced_first(self, remote_file_path, local_path):
+        if not downloads:
+            client.log_artifact(run_id, str(_sparse(tmp_path / "big" / "model.onnx", big)), "model")
+        return recording(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(MlflowArtifactsRepository, "_download_file", replaced_first)
+    uri = f"models:/{name}/{mv.version}"
+    message = f"{uri}/model.onnx was {big} bytes when downloaded, not the {len(data)} bytes listed"
+    with pytest.raises(ServingError, match=f"^refusing to serve {re.escape(uri)} .*: {re.escape(message)}$"):
+        resolve_model(uri, cache_dir=str(tmp_path / "cache"))
+    assert downloads == ["model.onnx"]
+    assert [p for p in (tmp_path / "cache").rglob("*")] == []
+
+
+def test_a_registered_model_records_its_size_and_only_its_onnx_file_is_downloaded(
+    registry, downloads, tmp_path
+):
+    """`fedmedclip register` records model.onnx's size (`onnx_bytes`) beside its sha256; serving downloads that
+    file alone (MLmodel, environment files and examples were fetched with it, and nothing reads them), into
+    <cache>/<sha256>/model.onnx. The file replaced in the logged model by a larger one is refused unread."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from mlops.registry import register_model
+    from mlops.rundir import log_run_dir
+    from serving.errors import ServingError
+    from serving.source import resolve_model
+
+    onnx_path = make_tiny_onnx(tmp_path / "tiny.onnx")
+    run_id = log_run_dir(make_run_dir(tmp_path / "run"), "test-serving-registry", tracking_uri=registry)
+    name = f"serving-sized-{uuid.uuid4().hex[:12]}"
+    version = register_model(run_id, name, onnx_path, registry).version
+    mv = MlflowClient(registry, registry_uri=registry).get_model_version(name, version)
+    downloads.clear()
+
+    resolved = resolve_model(f"models:/{name}/{version}", cache_dir=str(tmp_path / "cache"))
+    assert resolved.path == tmp_path / "cache" / resolved.sha256 / "model.onnx"
+    assert mv.tags["onnx_bytes"] == str(resolved.path.stat().st_size)
+    assert downloads == ["model.onnx"]
+
+    # The file as registered lives in the logged model the version's source names (models:/m-...).
+    big, model_id = int(mv.tags["onnx_bytes"]) + (1 << 20), mv.source.removeprefix("models:/")
+    MlflowClient(registry).log_model_artifact(model_id, str(_sparse(tmp_path / "big" / "model.onnx", big)))
+    downloads.clear()
+    with pytest.raises(
+        ServingError, match=f"model.onnx is listed at {big} bytes, not at the {mv.tags['onnx_bytes']}"
+    ):
+        resolve_model(f"models:/{name}/{version}", cache_dir=str(tmp_path / "cache2"))
+    assert downloads == []
