@@ -279,7 +279,8 @@ def _predict(args: argparse.Namespace) -> int:
         headers = {"Inference-Header-Content-Length": str(json_length)}
         resp = call("POST", f"/{model}/infer", data=body, headers=headers)
         if resp.status_code != 200:
-            detail = field(resp, "error", resp.text)
+            # The server's words, as a terminal shows them: its control characters escaped, a few lines' worth.
+            detail = printable(str(field(resp, "error", resp.text))[:2000])
             raise FedMedClipError(f"{base} answered HTTP {resp.status_code} for {shown}: {detail}")
         try:  # the server's answer is read as what it claims to be: a v2 inference response
             answer = resp.json()
@@ -288,7 +289,10 @@ def _predict(args: argparse.Namespace) -> int:
             width = probs["shape"][1]
             parameters = answer.get("parameters") or {}
             names = json.loads(parameters.get("class_names", "null") or "null")
-            names = names if names and len(names) == width else [str(k) for k in range(width)]
+            if not (
+                isinstance(names, list) and len(names) == width and all(isinstance(n, str) for n in names)
+            ):
+                names = [str(k) for k in range(width)]  # no list of names the classes: their indices
             # The OOD screen, where the model has one: the score, the server's decision and its threshold (a
             # plain v2 server running the ONNX file answers the score alone).
             scores, flags = (outputs.get(n, {}).get("data") for n in ("ood_score", "out_of_distribution"))
@@ -318,15 +322,18 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    width = max(len(t["class"]) for r in results for t in r["top"])
+    # Class names are the server's words: ESC, CR and the like are written as escapes, never sent to the
+    # terminal (--json escapes them as JSON does).
+    shown_class = {t["class"]: printable(str(t["class"])) for r in results for t in r["top"]}
+    width = max(len(c) for c in shown_class.values())
     for r in results:
         flag = ""
         if r.get("out_of_distribution"):  # the model's own screen: its class is then no answer
             above = f" > {r['ood_threshold']:.4g}" if "ood_threshold" in r else ""
             flag = f"  OUT OF DISTRIBUTION (ood_score {r['ood_score']:.4g}{above})"
-        print(f"{r['image']}: {r['top'][0]['class']} ({r['top'][0]['probability']:.1%}){flag}")
+        print(f"{r['image']}: {shown_class[r['top'][0]['class']]} ({r['top'][0]['probability']:.1%}){flag}")
         for t in r["top"]:
-            print(f"    {t['class']:<{width}}  {t['probability']:.4f}")
+            print(f"    {shown_class[t['class']]:<{width}}  {t['probability']:.4f}")
     return 0
 
 

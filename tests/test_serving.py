@@ -405,6 +405,48 @@ def test_predict_cli_reads_a_refusal_or_a_model_list_that_is_not_an_object(tmp_p
         assert f"{url} serves 5: pass --model NAME" in capsys.readouterr().err
 
 
+def test_predict_cli_never_sends_a_servers_control_characters_to_the_terminal(tmp_path, capsys):
+    """Class names and refusals are the server's words, and predict printed them as they came: ESC sequences
+    (clearing the screen, colouring or rewriting earlier lines) and CR reached the operator's terminal.
+    Now written as escapes; --json escapes them as JSON does."""
+    from http.server import BaseHTTPRequestHandler
+
+    from serving.cli import main
+
+    forged = "\x1b[2J\x1b[31mglioma\rnotumor"
+    answer = {
+        "outputs": [{"name": "probabilities", "shape": [1, 2], "data": [0.9, 0.1]}],
+        "parameters": {"class_names": json.dumps([forged, "b"])},
+    }
+
+    class Answer(BaseHTTPRequestHandler):
+        refuse = False
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": forged} if Answer.refuse else answer).encode()
+            self.send_response(400 if Answer.refuse else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with _other_server(Answer, tmp_path) as (url, image):
+        assert main(["predict", "--url", url, "--model", "m", str(image)]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\r" not in out and "\\x1b[2J\\x1b[31mglioma\\rnotumor (90.0%)" in out, (
+            out
+        )
+        assert main(["predict", "--url", url, "--model", "m", "--json", str(image)]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] == forged
+        Answer.refuse = True
+        assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
+        err = capsys.readouterr().err
+        assert "\x1b" not in err and "\r" not in err and "HTTP 400" in err, err
+
+
 def test_predict_cli_refuses_a_model_name_that_would_build_another_url(tmp_path, capsys):
     """--model went into the URL as given: 'a/b', 'm?x', 'm#x', '..' or 'a b' asked another path (a model of
     another name, or none) or sent a query. A model name is what `serve` accepts as one; anything else is
