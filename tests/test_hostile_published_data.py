@@ -158,6 +158,21 @@ def _granted_bucket(stack) -> str:
     return bucket
 
 
+def _published_as_server(stack, tmp_path, as_stack_role, name: str) -> tuple[str, object, str, dict]:
+    """Synthetic data published by the publisher's role into a bucket of its own; then this process holds the
+    server's role. (bucket, the admin's client, the key of server/`name`, its JSON as published)."""
+    from mlops.site_data import publish
+
+    pytest.importorskip("boto3")
+    bucket, admin = _granted_bucket(stack), stack.s3_client()
+    as_stack_role("publisher")
+    publish(_cfg(tmp_path), bucket, progress=False)
+    key = f"server/{name}"
+    original = json.loads(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
+    as_stack_role("server")
+    return bucket, admin, key, original
+
+
 def test_an_s3_catalog_assigning_an_image_twice_is_refused_not_a_traceback(s3_env, tmp_path, as_stack_role):
     pytest.importorskip("boto3")
     bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
@@ -184,16 +199,10 @@ def test_an_s3_catalog_assigning_an_image_twice_is_refused_not_a_traceback(s3_en
 def test_the_server_refuses_a_holder_catalog_of_another_holder_partition_or_labels(
     s3_env, tmp_path, as_stack_role
 ):
-    pytest.importorskip("boto3")
     from fedmedclip.preparation import SERVER, checked_partition
-    from mlops.site_data import S3Source, publish
+    from mlops.site_data import S3Source
 
-    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
-    as_stack_role("publisher")
-    publish(_cfg(tmp_path), bucket, progress=False)
-    key = f"server/{CATALOG}"
-    original = json.loads(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
-    as_stack_role("server")
+    bucket, admin, key, original = _published_as_server(s3_env, tmp_path, as_stack_role, CATALOG)
     cfg = _cfg(tmp_path, data=f"s3://{bucket}")
     _, partition = checked_partition(cfg)  # reads server/published.json, as the prepare task does
     assert len(S3Source().stage(cfg, partition, SERVER).records) > 0
@@ -219,17 +228,11 @@ def test_the_publishers_catalog_that_disagrees_with_itself_is_refused(s3_env, tm
     read with only its ids checked: an image listed twice was partitioned twice (given to two sites, or
     evaluated twice), a label outside its classes or a class named twice reached training. Refused as a
     holder's catalog is, naming the file."""
-    pytest.importorskip("boto3")
     from fedmedclip.preparation import checked_partition
-    from mlops.site_data import PUBLISHED, publish
+    from mlops.site_data import PUBLISHED
 
-    bucket, admin = _granted_bucket(s3_env), s3_env.s3_client()
-    as_stack_role("publisher")
-    publish(_cfg(tmp_path), bucket, progress=False)
-    key = f"server/{PUBLISHED}"
-    original = json.loads(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
+    bucket, admin, key, original = _published_as_server(s3_env, tmp_path, as_stack_role, PUBLISHED)
     first = original["records"][0]
-    as_stack_role("server")
     cfg = _cfg(tmp_path, data=f"s3://{bucket}")
     for change, why in (
         ({"records": [*original["records"], first]}, rf"lists image '{first[0]}' twice"),

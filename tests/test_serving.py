@@ -320,12 +320,26 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
 
 
 @contextlib.contextmanager
-def _other_server(handler, tmp_path):
-    """(URL, image) of a plain HTTP server on loopback answering with `handler` (not a fedmedclip server), and
-    a PNG to send it."""
-    from http.server import ThreadingHTTPServer
+def _other_server(answer, tmp_path):
+    """(URL, image) of a plain HTTP server on loopback (not a fedmedclip server) whose answer to each request is
+    `answer(method, path)` -> (status, body), and a PNG to send it."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    other = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Answer(BaseHTTPRequestHandler):
+        def reply(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body = answer(self.command, self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = reply
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=other.serve_forever, daemon=True).start()
     image = tmp_path / "scan.png"
     image.write_bytes(encode(smooth_image(40, 40, 1), "PNG"))
@@ -353,22 +367,9 @@ def _other_server(handler, tmp_path):
 def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_response(body, tmp_path, capsys):
     """Whatever answers at --url (a proxy's page, another service) is read as a hostile party's bytes: a
     one-line error naming the server and the images, exit 2, no traceback."""
-    from http.server import BaseHTTPRequestHandler
-
     from serving.cli import main
 
-    class Answer(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with _other_server(Answer, tmp_path) as (url, image):
+    with _other_server(lambda method, path: (200, body), tmp_path) as (url, image):
         assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
     err = capsys.readouterr().err
     assert f"{url} answered HTTP 200 for ['{image}'] without a v2 inference response" in err, err
@@ -377,28 +378,12 @@ def test_predict_cli_says_in_one_line_that_a_server_answered_no_inference_respon
 
 def test_predict_cli_reads_a_refusal_or_a_model_list_that_is_not_an_object(tmp_path, capsys):
     """An error answer whose JSON is an array, or a model list that is not a list: one line, exit 2."""
-    from http.server import BaseHTTPRequestHandler
-
     from serving.cli import main
 
-    class Answer(BaseHTTPRequestHandler):
-        def answer(self, status: int, body: bytes):
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(method: str, path: str) -> tuple[int, bytes]:
+        return (200, b'{"models": 5}') if method == "GET" else (500, b"[1, 2]")
 
-        def do_GET(self):
-            self.answer(200, b'{"models": 5}')
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.answer(500, b"[1, 2]")
-
-        def log_message(self, *args):
-            pass
-
-    with _other_server(Answer, tmp_path) as (url, image):
+    with _other_server(answer, tmp_path) as (url, image):
         assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
         assert f"{url} answered HTTP 500 for ['{image}']: [1, 2]" in capsys.readouterr().err
         assert main(["predict", "--url", url, str(image)]) == 2
@@ -409,8 +394,6 @@ def test_predict_cli_never_sends_a_servers_control_characters_to_the_terminal(tm
     """Class names and refusals are the server's words, and predict printed them as they came: ESC sequences
     (clearing the screen, colouring or rewriting earlier lines) and CR reached the operator's terminal.
     Now written as escapes; --json escapes them as JSON does."""
-    from http.server import BaseHTTPRequestHandler
-
     from serving.cli import main
 
     forged = "\x1b[2J\x1b[31mglioma\rnotumor"
@@ -419,21 +402,12 @@ def test_predict_cli_never_sends_a_servers_control_characters_to_the_terminal(tm
         "parameters": {"class_names": json.dumps([forged, "b"])},
     }
 
-    class Answer(BaseHTTPRequestHandler):
-        refuse = False
+    refuse = []
 
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"error": forged} if Answer.refuse else answer).encode()
-            self.send_response(400 if Answer.refuse else 200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def reply(method: str, path: str) -> tuple[int, bytes]:
+        return (400, json.dumps({"error": forged}).encode()) if refuse else (200, json.dumps(answer).encode())
 
-        def log_message(self, *args):
-            pass
-
-    with _other_server(Answer, tmp_path) as (url, image):
+    with _other_server(reply, tmp_path) as (url, image):
         assert main(["predict", "--url", url, "--model", "m", str(image)]) == 0
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\r" not in out and "\\x1b[2J\\x1b[31mglioma\\rnotumor (90.0%)" in out, (
@@ -441,7 +415,7 @@ def test_predict_cli_never_sends_a_servers_control_characters_to_the_terminal(tm
         )
         assert main(["predict", "--url", url, "--model", "m", "--json", str(image)]) == 0
         assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] == forged
-        Answer.refuse = True
+        refuse.append(True)
         assert main(["predict", "--url", url, "--model", "m", str(image)]) == 2
         err = capsys.readouterr().err
         assert "\x1b" not in err and "\r" not in err and "HTTP 400" in err, err
@@ -451,32 +425,16 @@ def test_predict_cli_refuses_a_model_name_that_would_build_another_url(tmp_path,
     """--model went into the URL as given: 'a/b', 'm?x', 'm#x', '..' or 'a b' asked another path (a model of
     another name, or none) or sent a query. A model name is what `serve` accepts as one; anything else is
     refused in one line before any request, and so is such a name in the server's own model list."""
-    from http.server import BaseHTTPRequestHandler
-
     from serving.cli import main
 
     asked = []
 
-    class Answer(BaseHTTPRequestHandler):
-        def answer(self, body: bytes):
-            asked.append((self.command, self.path))
-            self.send_response(200 if self.command == "GET" else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            self.answer(b'{"models": ["a b/c"]}')
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.answer(b'{"error": "no such model"}')
-
-        def log_message(self, *args):
-            pass
+    def answer(method: str, path: str) -> tuple[int, bytes]:
+        asked.append((method, path))
+        return (200, b'{"models": ["a b/c"]}') if method == "GET" else (404, b'{"error": "no such model"}')
 
     rule = "a model name is 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
-    with _other_server(Answer, tmp_path) as (url, image):
+    with _other_server(answer, tmp_path) as (url, image):
         for name in ("a/b", "m?x=1", "m#x", "..", "a b", "", "x" * 64):
             assert main(["predict", "--url", url, "--model", name, str(image)]) == 2
             assert error_lines(capsys.readouterr().err) == [f"error: --model {name!r}: {rule}"], name
