@@ -42,12 +42,13 @@ def _mlflow_errors(fn):
 def cmd_track(args) -> int:
     """log a finished run directory to MLflow afterwards, each round at its recorded time; prints the run id
     (`train --track` logs while it runs)"""
-    from .rundir import track_run_dir
+    from .rundir import read_run_dir, track_run_dir
     from .tracking import _client, experiment_ui_url
 
+    run = read_run_dir(args.run_dir)  # a wrong directory is said before the tracking server is looked for
     client, uri = _client(args.tracking_uri)
     run_id, existing = track_run_dir(
-        args.run_dir,
+        run,
         args.experiment,
         uri,
         args.run_name,

@@ -227,7 +227,7 @@ def _complete_run(tracking_uri: str | None, experiment: str, key: str) -> str | 
 
 
 def track_run_dir(
-    run_dir: str | Path,
+    run_dir: str | Path | RunDir,
     experiment: str,
     tracking_uri: str | None = None,
     run_name: str | None = None,
@@ -241,7 +241,8 @@ def track_run_dir(
     logging, each round at the time the run recorded for it (not now). Keyed on the directory's results: logging
     it again (a retried pipeline task, a second `fedmedclip track`) finds the run it made instead of adding
     one, and an attempt that stopped part-way is continued."""
-    run = read_run_dir(run_dir)  # before touching the server: a bad run dir makes no empty run
+    # Before touching the server: a bad run dir makes no empty run.
+    run = run_dir if isinstance(run_dir, RunDir) else read_run_dir(run_dir)
     from .live import LiveRunLogger
 
     key = _logged_key(run, include_site_models, kfp_run_id)
