@@ -590,6 +590,25 @@ def test_a_label_typo_in_a_manifest_is_refused_with_every_class_count(tmp_path):
         from_csv(manifest, classes=["glioma_tumor", "no_tumor"])
 
 
+@pytest.mark.parametrize("name", ["a\x1b[31mred", "line\nbreak", "carriage\rreturn", " "])
+def test_a_class_name_with_control_characters_is_refused(tmp_path, name):
+    """A class is named by its folder or a manifest's label, and printed by every console, log, model card and
+    `predict`: ESC, CR or a newline in one reached every terminal that showed it (and the served model's
+    answers). Refused naming it, from a folder and from a manifest."""
+    for split in ("Training", "Testing"):
+        for c in (name, "b"):
+            _png(tmp_path / "folders" / split / c / "0.png", 1)
+    with pytest.raises(DataError, match="class name .* (holds control characters|is empty)"):
+        from_image_folder(tmp_path / "folders")
+    _png(tmp_path / "img" / "0.png", 2)
+    _png(tmp_path / "img" / "1.png", 3)
+    manifest = tmp_path / "manifest.csv"
+    label = '"' + name + '"'
+    manifest.write_text(f"path,label,site,split\nimg/0.png,{label},,train\nimg/1.png,b,,test\n")
+    with pytest.raises(DataError, match="holds control characters|empty path or label"):
+        from_csv(manifest)
+
+
 def test_class_support_minimum_and_splits():
     check_class_support(_image_set({"a": 10, "b": 30}, {"a": 1, "b": 1}))  # exactly the minimum
     with pytest.raises(DataError, match=r"'a' has 9 training image\(s\), fewer than 10.*a 9/1, b 30/1"):

@@ -238,6 +238,7 @@ def test_the_publishers_catalog_that_disagrees_with_itself_is_refused(s3_env, tm
         ({"records": [*original["records"], first]}, rf"lists image '{first[0]}' twice"),
         ({"records": [[first[0], "no-such-class", *first[2:]], *original["records"][1:]]}, "not one of its"),
         ({"class_names": [*original["class_names"], original["class_names"][0]]}, "names a class twice"),
+        ({"class_names": ["\x1b[2J", *original["class_names"][1:]]}, "holds control characters"),
     ):
         admin.put_object(Bucket=bucket, Key=key, Body=json.dumps({**original, **change}).encode())
         with pytest.raises(DataError, match=rf"published\.json \(the publisher's\).*{why}"):
