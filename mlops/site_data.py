@@ -139,6 +139,8 @@ def _read_holder_catalog(root: ObjectStore, prefix: str) -> dict:
     listed = _checked_listing(cat, where, who)
     if (unhashed := next((i for i, *_ in cat["records"] if i not in cat["md5"]), None)) is not None:
         raise DataError(f"{who}: no MD5 for image {unhashed!r}")
+    if cat["bytes"] is not None and set(cat["bytes"]) != listed:
+        raise DataError(f"{who}: its image sizes (bytes) are not those of exactly the images it lists")
     if len(cat["md5"]) != len(listed):
         extra = sorted(set(cat["md5"]) - listed)
         raise DataError(
@@ -175,7 +177,9 @@ def _stage(root, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
     try:
         if local is None:
             jobs = {f"{prefix}images/{i}": (confined(i), cat["md5"][i]) for i in wanted}
-            paths = download(root, jobs, "md5")
+            # No image is read past the size its publisher recorded (catalogs since sizes were written).
+            sizes = None if cat["bytes"] is None else {f"{prefix}images/{i}": cat["bytes"][i] for i in wanted}
+            paths = download(root, jobs, "md5", sizes)
         else:
             paths = [confined(i) for i in wanted]
             for image_id, path in zip(wanted, paths, strict=True):
@@ -289,6 +293,7 @@ def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: d
         catalog = {"format": 2, "holder": holder, **common, "assignment": assignment}  # HolderCatalog
         catalog["records"] = [[i, by_id[i].label, by_id[i].split] for i in ids]
         catalog["md5"] = {i: md5s[f"{prefixes[holder]}images/{i}"] for i in ids}
+        catalog["bytes"] = {i: os.path.getsize(by_id[i].path) for i in ids}  # each download's bound
         root.put(prefixes[holder] + CATALOG, json.dumps(catalog).encode())
         if holder != SERVER:
             samples = {s: len(part.sites[holder][s]) for s in SITE_SPLITS}

@@ -74,7 +74,9 @@ def test_a_catalog_assigning_an_image_to_two_splits_is_refused(home, tmp_path):
         _read(home, tmp_path)
 
 
-@pytest.mark.parametrize("attack", ["record twice", "unknown label", "stray md5", "class twice"])
+@pytest.mark.parametrize(
+    "attack", ["record twice", "unknown label", "stray md5", "class twice", "stray size"]
+)
 def test_a_catalog_that_disagrees_with_itself_is_refused(home, tmp_path, attack):
     cat = _catalog(home)
     first = cat["records"][0]
@@ -88,6 +90,9 @@ def test_a_catalog_that_disagrees_with_itself_is_refused(home, tmp_path, attack)
     elif attack == "stray md5":
         cat["md5"]["ghost.png"] = "0" * 32
         why = r"records an MD5 for 1 image\(s\) it does not list \(e.g. 'ghost.png'\)"
+    elif attack == "stray size":  # a size for an image it does not list, none for one it does
+        cat["bytes"]["ghost.png"] = cat["bytes"].pop(first[0])
+        why = r"its image sizes \(bytes\) are not those of exactly the images it lists"
     else:
         cat["class_names"].append(cat["class_names"][0])
         why = "names a class twice"

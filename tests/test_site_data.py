@@ -228,11 +228,19 @@ def test_s3_data_errors_name_the_problem(s3_env, tmp_path, monkeypatch):
     parties = prepare_step(_params(f"s3://{bucket}", cache=cache), "", "")
     with pytest.raises(DataError, match=f"s3://{bucket}/{victim}"):
         extract_step(_extraction(parties, "site_0"), "site", "site_0", 0, str(tmp_path / "f0"))
-    # An image replaced after publishing: its MD5 is not the catalog's, and nothing is staged from it.
+    # An image replaced after publishing: one of another size is refused from its Content-Length, before its
+    # body is read (a 50 GB object filled the site's disk before its MD5 could refuse it); one of the same size
+    # by its MD5. Nothing is staged from either.
     tampered = next(k for k in _keys(client, bucket) if k.startswith("sites/1/images/"))
-    client.put_object(Bucket=bucket, Key=tampered, Body=b"not the published scan")
-    with pytest.raises(DataError, match=rf"s3://{bucket}/{tampered} has MD5 .*changed after publishing"):
-        extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
+    n = len(client.get_object(Bucket=bucket, Key=tampered)["Body"].read())
+    for body, why in (
+        (bytes(n + (4 << 20)), rf"is {n + (4 << 20)} bytes, not the {n} bytes its publisher recorded"),
+        (bytes(n), "has MD5 .*changed after publishing"),
+    ):
+        client.put_object(Bucket=bucket, Key=tampered, Body=body)
+        with pytest.raises(DataError, match=rf"s3://{bucket}/{tampered} {why}"):
+            extract_step(_extraction(parties, "site_1"), "site", "site_1", 1, str(tmp_path / "f1"))
+        assert not (cache / "s3" / bucket / tampered).exists() and not list(cache.rglob(".part-*"))
     client.delete_object(Bucket=bucket, Key=tampered)
 
     # No credentials: the error says which Secret a cluster task would have.

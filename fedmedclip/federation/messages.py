@@ -354,7 +354,8 @@ class PublishedCatalog(Message):
 
 @message("holder_catalog", max_bytes=64 << 20)
 class HolderCatalog(Message):
-    """`sites/<k>/catalog.json` and `server/catalog.json`: one holder's images, their MD5s and its assignment."""
+    """`sites/<k>/catalog.json` and `server/catalog.json`: one holder's images, their MD5s and sizes, and its
+    assignment. `bytes` bounds each image's download (absent from catalogs published before it was written)."""
 
     format: Literal[2]
     holder: Name
@@ -364,6 +365,7 @@ class HolderCatalog(Message):
     md5: dict[ImageId, Md5]
     assignment: dict[Short, list[ImageId]]
     partition_digest: Hex64
+    bytes: dict[ImageId, Annotated[int, Field(ge=0)]] | None = None
 
 
 @message("site_summary", max_bytes=256 << 10)
