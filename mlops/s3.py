@@ -19,7 +19,7 @@ from fedmedclip.federation.storage import ObjectStore, StoreAccessDenied, StoreE
 from .sites import SECRET_KEYS, SERVER_PREFIX, SERVER_SECRET_NAME, site_secret_name
 
 MISSING = ("NoSuchKey", "404", "NotFound")
-# A download's body is written 1 MiB at a time: a CLIP's ~600 MB of weights is never whole in memory.
+# A body is read 1 MiB at a time: a download never holds a CLIP's ~600 MB of weights whole in memory.
 DOWNLOAD_CHUNK = 1 << 20
 _SITE_KEY = re.compile(r"(?:^|/)sites/(\d+)/")
 
@@ -149,17 +149,11 @@ class S3Store(ObjectStore):
     def get(self, key, max_bytes=None):
         """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
         object's connection is closed unread), and the body is read with that cap."""
-        response = self._call("read", "get_object", self._key(key), True)
-        if response is None:
-            return None
-        body, where = response["Body"], self.where(key)
-        with contextlib.closing(body):
-            check_size(where, int(response.get("ContentLength", 0)), max_bytes)
-            try:
-                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
-            except Exception as exc:  # the connection lost while the body is read
-                raise s3_error(exc, "read", self.bucket, self._key(key)) from None
-        check_size(where, len(data), max_bytes)
+        with self._body(key, max_bytes, missing_ok=True) as chunks:
+            if chunks is None:
+                return None
+            data = b"".join(chunks)
+        check_size(self.where(key), len(data), max_bytes)
         return data
 
     def download(
@@ -175,31 +169,45 @@ class S3Store(ObjectStore):
         knows the size the object must have). With `max_bytes`, as `get`: a larger object is refused from its
         Content-Length, its connection closed unread, and a body that runs on past it is cut at max_bytes + 1
         bytes (ObjectTooLarge): an object replaced by a huge one, or an endless stream, cannot fill the disk."""
-        full = self._key(key)
-        response = self._call("read", "get_object", full)
-        body, where = response["Body"], self.where(key)
-        limit = None if max_bytes is None else max_bytes + 1
         written = 0
+        # The local side's failures (a full disk) are OSErrors, for the caller.
+        with self._body(key, max_bytes, announced) as chunks, open(path, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                written += len(chunk)
+        check_size(self.where(key), written, max_bytes)
+        return written
+
+    @contextlib.contextmanager
+    def _body(self, key: str, max_bytes: int | None, announced=None, missing_ok: bool = False):
+        """The object's body as chunks of at most DOWNLOAD_CHUNK bytes, no more than max_bytes + 1 in all (None
+        when it does not exist and `missing_ok`), after its Content-Length was shown to `announced` and checked
+        against `max_bytes`: a refused object's connection is closed with its body unread."""
+        full = self._key(key)
+        response = self._call("read", "get_object", full, missing_ok)
+        if response is None:
+            yield None
+            return
+        body, where = response["Body"], self.where(key)
         with contextlib.closing(body):
             length = response.get("ContentLength")
             if length is not None:  # S3 always sends it; without it, the cap on the body still holds
                 if announced is not None:
                     announced(int(length))
                 check_size(where, int(length), max_bytes)
-            # The local side's failures (a full disk) are OSErrors, for the caller.
-            with open(path, "wb") as fh:
-                while limit is None or written < limit:
-                    want = DOWNLOAD_CHUNK if limit is None else min(DOWNLOAD_CHUNK, limit - written)
-                    try:
-                        chunk = body.read(want)
-                    except Exception as exc:  # the connection lost while the body is read
-                        raise s3_error(exc, "read", self.bucket, full) from None
-                    if not chunk:
-                        break
-                    fh.write(chunk)
-                    written += len(chunk)
-        check_size(where, written, max_bytes)
-        return written
+            yield self._chunks(body, full, None if max_bytes is None else max_bytes + 1)
+
+    def _chunks(self, body, full: str, limit: int | None):
+        read = 0
+        while limit is None or read < limit:
+            try:
+                chunk = body.read(DOWNLOAD_CHUNK if limit is None else min(DOWNLOAD_CHUNK, limit - read))
+            except Exception as exc:  # the connection lost while the body is read
+                raise s3_error(exc, "read", self.bucket, full) from None
+            if not chunk:
+                return
+            read += len(chunk)
+            yield chunk
 
     def md5(self, key: str) -> str | None:
         """The stored object's MD5 (its ETag: every object is one PUT), None when it does not exist."""
