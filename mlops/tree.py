@@ -101,11 +101,10 @@ def download(
                 elif (data := store.get(key, max_bytes=size)) is None:
                     raise ObjectMissing(f"{store.where(key)} does not exist")
                 else:
-                    announced(len(data))
-                    Path(tmp).write_bytes(data)
+                    Path(tmp).write_bytes(data)  # at most size + 1 bytes: get's cap
             except ObjectTooLarge as exc:  # only with a recorded size: the file's, or a body running past it
                 raise other_size(f"is {exc.size} bytes" if exc.size > size + 1 else "is larger") from None
-            announced(os.path.getsize(tmp))  # a response without a Content-Length
+            announced(os.path.getsize(tmp))  # a local store's file, or a response without a Content-Length
             got = file_digest(tmp, algorithm) if digest is not None else None
             if got != digest:
                 raise TreeMismatch(
