@@ -8,6 +8,7 @@ reader sees half of it, and its ETag is its MD5.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -40,17 +41,31 @@ def split_s3_url(url: str, error: type[Exception] = StoreError) -> tuple[str, st
 
 
 def s3_client(endpoint=None, access_key=None, secret_key=None, region=None):
-    """A boto3 S3 client: the environment's endpoint (AWS_ENDPOINT_URL_S3) and credentials unless given."""
+    """A boto3 S3 client: the environment's endpoint (AWS_ENDPOINT_URL_S3) and credentials unless given.
+
+    One client per endpoint, credentials and environment for the process's life (boto3's clients are
+    thread-safe): building one reads botocore's service model, about 30 ms of CPU, where a party makes one per
+    store it opens. The environment is part of the key (every AWS_* variable and the proxies), so a process that
+    changes its credentials or endpoint there gets a client of the new ones."""
+    env = os.environ
+    settings = tuple(
+        sorted((k, v) for k, v in env.items() if k.startswith("AWS_") or k.lower().endswith("_proxy"))
+    )
+    endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or None
+    return _client(endpoint, access_key, secret_key, region, settings)
+
+
+@functools.lru_cache(maxsize=64)
+def _client(endpoint, access_key, secret_key, region, _environment):
     import boto3
     from botocore.config import Config
 
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # "Found credentials" per client
-    env = os.environ
     # A fresh session: boto3's default one keeps the first credentials it found for the process's life.
     # Retries with backoff absorb a bucket's transient errors; the parties poll anyway.
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("MLFLOW_S3_ENDPOINT_URL") or None,
+        endpoint_url=endpoint,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
         region_name=region,

@@ -298,6 +298,30 @@ def test_server_side_copy_cannot_exfiltrate_another_sites_image(seeded):
     assert _code(lambda: admin.copy_object(Bucket=BUCKET, Key=dst, CopySource=source)) == "AccessDenied"
 
 
+def test_a_process_whose_credentials_change_gets_a_client_of_the_new_ones(seeded, monkeypatch):
+    """mlops.s3 keeps one boto3 client per endpoint, credentials and environment: a process that switches its
+    environment to another party's key (as a test or a notebook does) is answered as that party, never with
+    the client of the key it held before; the same environment gets the same client back."""
+    from mlops.s3 import s3_client
+
+    own = {
+        role: f"sites/{role[-1]}/images/{RUN}/{name}"
+        for role, name in (("site_0", "a.png"), ("site_1", "b.png"))
+    }
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", seeded.s3_endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", seeded.region)
+    for role, other in (("site_0", "site_1"), ("site_1", "site_0")):
+        key_id, secret = seeded.credentials(role)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        client = s3_client()
+        assert s3_client() is client
+        assert _code(lambda c=client, k=own[role]: c.get_object(Bucket=BUCKET, Key=k)) == OK, role
+        assert _code(lambda c=client, k=own[other]: c.get_object(Bucket=BUCKET, Key=k)) == "AccessDenied", (
+            role
+        )
+
+
 def test_unauthenticated_and_unknown_credentials_are_refused(seeded):
     key = f"sites/0/images/{RUN}/a.png"
     anonymous = _client(seeded, signed=False)
