@@ -11,6 +11,7 @@ resume, and why the report waits for the loop with `.after` (kfp 2.17 does not c
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations as types.
 import inspect
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
@@ -208,6 +209,14 @@ def parameter(name: str, annotation, default=inspect.Parameter.empty) -> inspect
 
 def build_pipeline(options: CompileOptions | None = None):
     """The pipeline function (the run's settings, sites and rounds included, are run-time parameters)."""
+    # kfp's task setters (set_cpu_request and the like) each call inspect.stack(), which reads the source of
+    # every frame above them: under a deep caller (a test runner, a notebook) that is 27 ms a setter, most of a
+    # compile's CPU. Built in a thread of its own, the stack holds only this module's and kfp's frames.
+    with ThreadPoolExecutor(1, thread_name_prefix="build-pipeline") as pool:
+        return pool.submit(_build_pipeline, options).result()
+
+
+def _build_pipeline(options: CompileOptions | None):
     from kfp import dsl, kubernetes
 
     from components.kfp_components import (
