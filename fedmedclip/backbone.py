@@ -16,6 +16,7 @@ import torch
 
 from .digests import canonical_digest
 from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch
+from .extensions import installed
 from .jsonfiles import loads
 from .paths import DEFAULT_CACHE_DIR
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
@@ -311,9 +312,7 @@ def is_remote_spec(spec: str) -> bool:
 def resolve_remote(spec: str, cache_dir: str | Path) -> str:
     """The local directory of a published backbone, downloaded once into `cache_dir` and checked against its
     recorded weights hash by the MLOps layer (entry-point group `fedmedclip.backbones`, name `resolve`)."""
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=BACKBONE_ENTRY_POINTS):
+    for ep in installed(BACKBONE_ENTRY_POINTS):
         if ep.name == "resolve":
             try:
                 resolve = ep.load()

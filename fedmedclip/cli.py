@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 from dataclasses import asdict
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from .errors import ConfigError, FedMedClipError, run_command
+from .extensions import installed
 from .observer import NO_OBSERVER, RunObserver
 from .startup import imports_without_collection
 from .tracking_server import DEFAULT_EXPERIMENT
@@ -225,7 +225,7 @@ def _cmd_server_run(args) -> int:
 def _observer(args, cfg, run_id: str | None, **kwargs) -> RunObserver:
     """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed: the one
     tracking mechanism of `train --track` and `server run --track` (`run_id=None`: train's own key)."""
-    for ep in entry_points(group="fedmedclip.observers"):
+    for ep in installed("fedmedclip.observers"):
         if ep.name == "mlflow":
             load = ep.load()
             return load(
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_export)
 
-    for ep in entry_points(group="fedmedclip.commands"):
+    for ep in installed("fedmedclip.commands"):
         try:
             ep.load()(sub)
         except ImportError as exc:  # that layer's extra is not installed in this environment

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -151,10 +152,17 @@ def _base_type(annotation):
     return typing.get_origin(annotation) or annotation
 
 
+@functools.cache
+def _type_hints(cls) -> dict:
+    """`cls`'s resolved annotations, once: resolving them is most of `declared`'s time, which every parser
+    build and every configuration check calls."""
+    return typing.get_type_hints(cls)
+
+
 def declared(cls, nested: bool = True) -> list[Declared]:
     """The declared fields of dataclass `cls` in declaration order (a nested declaration's fields follow
     their outer field, named by it)."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         meta = f.metadata.get("setting")

@@ -16,9 +16,8 @@ NAME --to DIR` inside a hospital) is read by the source registered as `published
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 from .errors import ConfigError
+from .extensions import installed
 
 SOURCE_ENTRY_POINTS = "fedmedclip.sources"
 
@@ -39,7 +38,7 @@ def is_published_layout(data: str) -> bool:
 def remote_source(data: str):
     """The registered source for `data`'s URL scheme (`published` for a local directory in that layout)."""
     scheme = str(data).split("://", 1)[0] if is_remote(data) else "published"
-    for ep in entry_points(group=SOURCE_ENTRY_POINTS):
+    for ep in installed(SOURCE_ENTRY_POINTS):
         if ep.name == scheme:
             try:
                 return ep.load()()

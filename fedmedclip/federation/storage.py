@@ -23,10 +23,10 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import FedMedClipError
+from ..extensions import installed
 
 STORE_ENTRY_POINTS = "fedmedclip.stores"
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
@@ -372,7 +372,7 @@ def open_store(url: str | Path) -> ObjectStore:
         return MemoryStore(rest or "default")
     if scheme == "file":
         return LocalDirStore(rest)
-    for ep in entry_points(group=STORE_ENTRY_POINTS):
+    for ep in installed(STORE_ENTRY_POINTS):
         if ep.name == scheme:
             try:
                 factory = ep.load()
