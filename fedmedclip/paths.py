@@ -35,26 +35,30 @@ def check_folder_flag(flag: str, folder: str | Path) -> None:
 MAX_NAME_BYTES = 255  # the longest file name (one segment of a path) a POSIX file system takes
 
 
-def check_relative_id(image_id: str, source: str) -> str:
-    """`image_id` itself: a non-empty relative posix path with no `.`/`..`/empty segment, no NUL and no
-    segment longer than a file name can be. `source` names where the id was read (a manifest line, a catalog
-    URI) for the error."""
-    problem = None
+def relative_id_problem(image_id: object) -> str | None:
+    """Why `image_id` is not a non-empty relative posix path with no `.`/`..`/empty segment, no NUL and no
+    segment longer than a file name can be (None when it is one): a path another party named, to be placed
+    under a root of ours."""
     if not isinstance(image_id, str) or not image_id:
-        problem = "it is empty"
-    elif "\0" in image_id:
-        problem = "it contains a NUL byte"
-    elif image_id.startswith("/") or PurePosixPath(image_id).is_absolute() or _windows_absolute(image_id):
-        problem = "it is an absolute path"
-    else:
-        parts = image_id.split("/")
-        if ".." in parts:
-            problem = "it has a '..' segment"
-        elif any(p in ("", ".") for p in parts):
-            problem = "it has an empty or '.' segment"
-        elif long := next((p for p in parts if len(p.encode()) > MAX_NAME_BYTES), None):
-            problem = f"its name {long[:40]!r}... takes {len(long.encode())} bytes, more than a file name can"
-    if problem:
+        return "it is empty"
+    if "\0" in image_id:
+        return "it contains a NUL byte"
+    if image_id.startswith("/") or PurePosixPath(image_id).is_absolute() or _windows_absolute(image_id):
+        return "it is an absolute path"
+    parts = image_id.split("/")
+    if ".." in parts:
+        return "it has a '..' segment"
+    if any(p in ("", ".") for p in parts):
+        return "it has an empty or '.' segment"
+    if long := next((p for p in parts if len(p.encode()) > MAX_NAME_BYTES), None):
+        return f"its name {long[:40]!r}... takes {len(long.encode())} bytes, more than a file name can"
+    return None
+
+
+def check_relative_id(image_id: str, source: str) -> str:
+    """`image_id` itself when `relative_id_problem` finds nothing, else DataError; `source` names where the id
+    was read (a manifest line, a catalog URI) for the error."""
+    if problem := relative_id_problem(image_id):
         raise DataError(
             f"image id {image_id!r} from {source} is refused: {problem} (ids must stay inside their root)"
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmedclip.digests import ONNX_SHA256_TAG, is_sha256, read_sha256_sidecar, sha256_file, sha256_sidecar
+from fedmedclip.paths import relative_id_problem
 
 from .errors import ServingError
 
@@ -158,8 +159,10 @@ def _from_registry(
         # `fedmedclip register` names the file it stored (its `onnx_file` tag); else the one find_onnx would
         # pick among the version's top-level files.
         rel = tags.get("onnx_file") or _pick_onnx(list(store.sizes), pinned)
-        if rel.startswith("/") or ".." in rel.split("/"):  # it is placed under the cache
-            raise ServingError(f"{pinned}'s model file {rel[:200]!r} is not a path inside the version")
+        if problem := relative_id_problem(rel):  # it is placed under the cache
+            raise ServingError(
+                f"{pinned}'s model file {rel[:200]!r} is not a path inside the version: {problem}"
+            )
         store.walk_into([rel])
         if recorded is None:
             why = f"above the {MAX_REGISTRY_ONNX_BYTES} bytes of a version without an {ONNX_BYTES_TAG} tag"

@@ -219,6 +219,30 @@ def test_a_registry_model_replaced_by_a_larger_file_is_refused_before_it_is_down
     assert downloads == [] and not (tmp_path / "cache").exists()
 
 
+def test_a_model_file_tag_that_leaves_the_version_is_refused_before_any_download(
+    registry, downloads, tmp_path
+):
+    """The `onnx_file` tag names the version's file, which is placed under the cache: one that is not a clean
+    relative path (a '..', an absolute path, an empty or '.' segment, a NUL) is refused naming it, nothing
+    downloaded, nothing written."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from serving.errors import ServingError
+    from serving.source import resolve_model
+
+    client = MlflowClient(registry, registry_uri=registry)
+    name, data = f"serving-escape-{uuid.uuid4().hex[:12]}", b"not a graph: only hashed" * 40
+    _, mv = _hand_registered(client, tmp_path, name, data, onnx_bytes=str(len(data)))
+    for tag in ("../model.onnx", "/etc/model.onnx", "a//model.onnx", "./model.onnx", "model\0.onnx"):
+        client.set_model_version_tag(name, mv.version, "onnx_file", tag)
+        with pytest.raises(ServingError, match="is not a path inside the version: it ") as refused:
+            resolve_model(f"models:/{name}/{mv.version}", cache_dir=str(tmp_path / "cache"))
+        assert repr(tag) in str(refused.value), tag
+        assert downloads == [] and not (tmp_path / "cache").exists(), tag
+
+
 def test_a_registry_model_replaced_between_its_listing_and_its_download_is_refused_and_removed(
     registry, downloads, tmp_path, monkeypatch
 ):
