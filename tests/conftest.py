@@ -277,6 +277,39 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+@contextlib.contextmanager
+def stand_in_http_server(answer):
+    """A real HTTP server on loopback standing in for another party's (the KFP API, a server that is not
+    fedmedclip's): each GET and POST, its body read, is answered `answer(method, path, headers)` -> (status,
+    body bytes, Content-Type or None). Yields its URL; shut down and closed afterwards."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def reply(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body, content_type = answer(self.command, self.path, dict(self.headers))
+            self.send_response(status)
+            if content_type:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = reply
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="session")
 def mlops_stack():
     """A real local stack (moto S3 + MLflow server) on free loopback ports, shared by the session's workers:

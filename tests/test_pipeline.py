@@ -6,6 +6,7 @@ kfp.local (every worker at once), gives `fedmedclip train`'s metrics and payload
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -501,41 +502,21 @@ def test_compiled_yaml_runs_locally_with_every_worker_at_once_and_matches_the_en
 
 
 # ------------------------------------------------------------------------------------------- submit
-class _FakeKfpApi:
+@contextlib.contextmanager
+def _fake_kfp_api(answers: dict[str, tuple[int, dict]]):
     """A real HTTP server on loopback standing in for the KFP API: `answers` maps a path prefix to (status,
-    JSON body, or raw bytes); every request's headers are kept."""
+    JSON body, or raw bytes). Yields (its URL, the requests seen: method, path, headers)."""
+    from conftest import stand_in_http_server
 
-    def __init__(self, answers: dict[str, tuple[int, dict]]):
-        import http.server
-        import threading
+    seen = []
 
-        seen = self.seen = []
+    def answer(method, path, headers):
+        seen.append((method, path, headers))
+        status, body = next((v for k, v in answers.items() if path.startswith(k)), (404, {"error": "nope"}))
+        return status, body if isinstance(body, bytes) else json.dumps(body).encode(), "application/json"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self):
-                seen.append((self.command, self.path, dict(self.headers)))
-                status, body = next(
-                    (v for k, v in answers.items() if self.path.startswith(k)), (404, {"error": "nope"})
-                )
-                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    with stand_in_http_server(answer) as url:
+        yield url, seen
 
 
 def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
@@ -552,43 +533,30 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
 
     assert "cannot reach the Kubeflow Pipelines API" in run(f"http://127.0.0.1:{free_port()}")
     assert "--host 127.0.0.1:1: give the scheme, e.g. http://127.0.0.1:1" in run("127.0.0.1:1")
-    refusing = _FakeKfpApi({healthz: (401, {"error": "Unauthenticated", "code": 16})})
     token_file = tmp_path / "token"
     token_file.write_text("sa-token-123\n")
-    try:
-        err = run(refusing.url, "--token-file", str(token_file))
+    with _fake_kfp_api({healthz: (401, {"error": "Unauthenticated", "code": 16})}) as (url, seen):
+        err = run(url, "--token-file", str(token_file))
         assert "HTTP 401" in err and "--token" in err and "--cookies" in err
-        assert refusing.seen[-1][2]["Authorization"] == "Bearer sa-token-123"
-        run(refusing.url, "--cookies", "authservice_session=abc")
-        assert refusing.seen[-1][2]["Cookie"] == "authservice_session=abc"
-    finally:
-        refusing.close()
-    old = _FakeKfpApi({healthz: (200, {"tag_name": "2.2.0", "multi_user": False})})
+        assert seen[-1][2]["Authorization"] == "Bearer sa-token-123"
+        run(url, "--cookies", "authservice_session=abc")
+        assert seen[-1][2]["Cookie"] == "authservice_session=abc"
     not_a_ca = tmp_path / "ca.pem"
     not_a_ca.write_text("not a certificate\n")
-    try:
-        err = run(old.url, "--token", "t")
+    with _fake_kfp_api({healthz: (200, {"tag_name": "2.2.0", "multi_user": False})}) as (url, _):
+        err = run(url, "--token", "t")
         assert "is 2.2.0" in err and "2.15 or newer" in err
-        assert "--ssl-ca-cert" in run(old.url, "--ssl-ca-cert", str(not_a_ca))
-    finally:
-        old.close()
+        assert "--ssl-ca-cert" in run(url, "--ssl-ca-cert", str(not_a_ca))
     # something else answers: not JSON, not UTF-8, or JSON that is not an object
     for body in (b"<html>", b"\xff\xfe\xfd", [], "ok"):
-        other = _FakeKfpApi({healthz: (200, body)})
-        try:
-            assert "did not answer a JSON object" in run(other.url), body
-        finally:
-            other.close()
+        with _fake_kfp_api({healthz: (200, body)}) as (url, _):
+            assert "did not answer a JSON object" in run(url), body
     # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off)
-    failing = _FakeKfpApi(
-        {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
-    )
-    try:
-        err = run(failing.url, "--token", "t")
+    failing = {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
+    with _fake_kfp_api(failing) as (url, seen):
+        err = run(url, "--token", "t")
         assert "HTTP 500" in err and "boom" in err
-        assert any(method == "POST" or "experiments" in path for method, path, _ in failing.seen)
-    finally:
-        failing.close()
+        assert any(method == "POST" or "experiments" in path for method, path, _ in seen)
     # compiling for a cluster needs the image that was built and pushed, not the placeholder
     assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 2
     assert "--base-image" in capsys.readouterr().err

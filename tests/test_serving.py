@@ -323,30 +323,12 @@ def test_predict_cli(server, tmp_path, capsys, ort_session):
 def _other_server(answer, tmp_path):
     """(URL, image) of a plain HTTP server on loopback (not a fedmedclip server) whose answer to each request is
     `answer(method, path)` -> (status, body), and a PNG to send it."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from conftest import stand_in_http_server
 
-    class Answer(BaseHTTPRequestHandler):
-        def reply(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            status, body = answer(self.command, self.path)
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = reply
-
-        def log_message(self, *args):
-            pass
-
-    other = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=other.serve_forever, daemon=True).start()
     image = tmp_path / "scan.png"
     image.write_bytes(encode(smooth_image(40, 40, 1), "PNG"))
-    try:
-        yield f"http://127.0.0.1:{other.server_address[1]}", image
-    finally:
-        other.shutdown()
+    with stand_in_http_server(lambda method, path, _headers: (*answer(method, path), None)) as url:
+        yield url, image
 
 
 @pytest.mark.parametrize(
