@@ -559,6 +559,21 @@ def _checked_mean_std(settings: dict, where: str) -> tuple[tuple, tuple]:
     return checked[0], checked[1]
 
 
+def _check_weights_fit(spec: str, loading: dict) -> None:
+    """Every weight the config builds is in the files and every weight in the files has its place: transformers
+    fills a missing weight at random (a warning, then features that are noise for every site and every served
+    image) and drops one it has no place for (a config of fewer layers than the weights were trained with)."""
+    missing = (
+        "weights its config.json builds are not in its weight files (transformers would draw them at random)"
+    )
+    unplaced = "weights in its weight files have no place in the model its config.json builds"
+    for kind, what in (("missing_keys", missing), ("unexpected_keys", unplaced)):
+        if keys := sorted(loading.get(kind) or ()):
+            raise BackboneNotFound(
+                f"backbone {spec!r}: its config.json and weights disagree: {len(keys)} {what}, e.g. {keys[0]}"
+            )
+
+
 def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None) -> Backbone:
     """`tiny` / `random-vit-b32` / `random-vit-b16` (seeded random, no files; with `cache_dir`, built only when
     something is encoded, see `builtin_backbone`), a local directory, a Hugging Face model id already in the
@@ -594,8 +609,11 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
         _check_tokenizer_files(path)
         settings, where = _folder_image_settings(path)
     try:
-        model = CLIPModel.from_pretrained(
-            spec, local_files_only=True, **({"config": config} if config is not None else {})
+        model, loading = CLIPModel.from_pretrained(
+            spec,
+            local_files_only=True,
+            output_loading_info=True,
+            **({"config": config} if config is not None else {}),
         )
         tokenizer = CLIPTokenizer.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -609,6 +627,7 @@ def load_backbone(spec: str, seed: int = 0, cache_dir: str | Path | None = None)
             f"backbone {spec!r}: transformers cannot build it from its files: its config.json and weights "
             f"disagree, or it does not fit in memory ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         ) from None
+    _check_weights_fit(spec, loading)
     # A token the text model has no embedding for would fail inside it at the first prompt.
     if len(tokenizer) > (vocab := model.config.text_config.vocab_size):
         raise BackboneNotFound(

@@ -253,6 +253,18 @@ def test_a_hostile_config_json_is_refused_naming_the_field_before_transformers_r
         rf"^backbone '{folder}': transformers cannot build it from its files: its config.json and weights disagree",
     )
 
+    # Within every bound and of the weights' shapes, but another number of layers: a layer more than the weights
+    # hold was drawn at random (a warning, then noise for features), one fewer dropped a trained layer.
+    layers = good["vision_config"]["num_hidden_layers"]
+    for more, why in (
+        (1, "weights its config.json builds are not in its weight files"),
+        (-1, "weights in its weight files have no place"),
+    ):
+        _refused(
+            written(part("vision_config", "num_hidden_layers", layers + more)),
+            rf"^backbone '{folder}': its config.json and weights disagree: 16 {why}.*, e.g. vision_model\.encoder",
+        )
+
     # Not strict JSON: NaN, a number past a double (inf), a key twice; over the size bound, refused unread.
     config = folder / "config.json"
     for raw, why in (
