@@ -16,7 +16,7 @@ import torch
 
 from .digests import canonical_digest
 from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch
-from .extensions import installed
+from .extensions import load_extension
 from .jsonfiles import loads
 from .paths import DEFAULT_CACHE_DIR
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
@@ -312,17 +312,12 @@ def is_remote_spec(spec: str) -> bool:
 def resolve_remote(spec: str, cache_dir: str | Path) -> str:
     """The local directory of a published backbone, downloaded once into `cache_dir` and checked against its
     recorded weights hash by the MLOps layer (entry-point group `fedmedclip.backbones`, name `resolve`)."""
-    for ep in installed(BACKBONE_ENTRY_POINTS):
-        if ep.name == "resolve":
-            try:
-                resolve = ep.load()
-            except ImportError as exc:
-                raise BackboneNotFound(
-                    f"backbone {spec!r} is published remotely: reading it needs the MLOps layer's packages "
-                    f"({exc}); install the project with its `pipelines` extra"
-                ) from None
-            return resolve(spec, cache_dir)
-    raise BackboneNotFound(f"backbone {spec!r}: no resolver for remote backbones is installed")
+    resolve = load_extension(
+        BACKBONE_ENTRY_POINTS, "resolve", BackboneNotFound, f"backbone {spec!r} (published remotely)"
+    )
+    if resolve is None:
+        raise BackboneNotFound(f"backbone {spec!r}: no resolver for remote backbones is installed")
+    return resolve(spec, cache_dir)
 
 
 # ----------------------------------------------------------- a CLIP folder: another party may have written it

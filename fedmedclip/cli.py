@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import ConfigError, FedMedClipError, run_command
-from .extensions import installed
+from .extensions import installed, load_extension
 from .observer import NO_OBSERVER, RunObserver
 from .startup import imports_without_collection
 from .tracking_server import DEFAULT_EXPERIMENT
@@ -225,13 +225,12 @@ def _cmd_server_run(args) -> int:
 def _observer(args, cfg, run_id: str | None, **kwargs) -> RunObserver:
     """The MLOps layer's live MLflow logger (entry point `fedmedclip.observers`), if installed: the one
     tracking mechanism of `train --track` and `server run --track` (`run_id=None`: train's own key)."""
-    for ep in installed("fedmedclip.observers"):
-        if ep.name == "mlflow":
-            load = ep.load()
-            return load(
-                cfg=cfg, run_id=run_id, experiment=args.experiment, tracking_uri=args.tracking_uri, **kwargs
-            )
-    raise FedMedClipError("--track needs the MLOps layer: install the project with its `pipelines` extra")
+    observer = load_extension("fedmedclip.observers", "mlflow", FedMedClipError, "--track")
+    if observer is None:
+        raise FedMedClipError("--track needs the MLOps layer: install the project with its `pipelines` extra")
+    return observer(
+        cfg=cfg, run_id=run_id, experiment=args.experiment, tracking_uri=args.tracking_uri, **kwargs
+    )
 
 
 def _cmd_site_run(args) -> int:

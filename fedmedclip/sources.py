@@ -17,7 +17,7 @@ NAME --to DIR` inside a hospital) is read by the source registered as `published
 from __future__ import annotations
 
 from .errors import ConfigError
-from .extensions import installed
+from .extensions import load_extension
 
 SOURCE_ENTRY_POINTS = "fedmedclip.sources"
 
@@ -38,15 +38,11 @@ def is_published_layout(data: str) -> bool:
 def remote_source(data: str):
     """The registered source for `data`'s URL scheme (`published` for a local directory in that layout)."""
     scheme = str(data).split("://", 1)[0] if is_remote(data) else "published"
-    for ep in installed(SOURCE_ENTRY_POINTS):
-        if ep.name == scheme:
-            try:
-                return ep.load()()
-            except ImportError as exc:
-                raise ConfigError(
-                    f"--data {data}: reading {scheme}:// data needs the MLOps layer's packages ({exc}); install "
-                    "the project with its `pipelines` extra"
-                ) from None
+    source = load_extension(
+        SOURCE_ENTRY_POINTS, scheme, ConfigError, f"--data {data}: reading {scheme}:// data"
+    )
+    if source is not None:
+        return source()
     raise ConfigError(
         f"--data {data}: no source for {scheme}:// (use a local folder, a .csv manifest or s3://)"
     )

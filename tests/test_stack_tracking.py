@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import stat
 from pathlib import Path
@@ -87,6 +88,35 @@ def test_cli_light_imports():
     code = "import sys; import mlops.cli, devstack.cli; print(sorted(m for m in ('mlflow', 'boto3', 'torch', 'kfp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_what_the_mlops_layer_adds_is_refused_in_one_wording_where_it_cannot_be_imported():
+    """A core install whose MLOps layer cannot be imported (its extra absent): an s3:// mailbox, data source or
+    backbone is each refused in one line naming what needs the layer and the import that failed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['mlops'] = None\n"
+        "from fedmedclip.backbone import resolve_remote\n"
+        "from fedmedclip.federation.storage import open_store\n"
+        "from fedmedclip.sources import remote_source\n"
+        "for call in (lambda: open_store('s3://b/x'), lambda: remote_source('s3://b'),\n"
+        "             lambda: resolve_remote('s3://b/clip', '.')):\n"
+        "    try: call()\n"
+        "    except Exception as exc: print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
+    needs = (
+        r"needs the MLOps layer's packages \(No module named 'mlops\.\w+'.*\); install the project with its"
+    )
+    assert [re.sub(needs, "NEEDS", line) for line in out.stdout.splitlines()] == [
+        "StoreError s3://b/x: the s3:// store NEEDS `pipelines` extra",
+        "ConfigError --data s3://b: reading s3:// data NEEDS `pipelines` extra",
+        "BackboneNotFound backbone 's3://b/clip' (published remotely) NEEDS `pipelines` extra",
+    ]
 
 
 def test_stack_up_status_env_down_via_cli(tmp_path, capsys):

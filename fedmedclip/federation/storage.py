@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import FedMedClipError
-from ..extensions import installed
+from ..extensions import load_extension
 
 STORE_ENTRY_POINTS = "fedmedclip.stores"
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
@@ -372,14 +372,7 @@ def open_store(url: str | Path) -> ObjectStore:
         return MemoryStore(rest or "default")
     if scheme == "file":
         return LocalDirStore(rest)
-    for ep in installed(STORE_ENTRY_POINTS):
-        if ep.name == scheme:
-            try:
-                factory = ep.load()
-            except ImportError as exc:
-                raise StoreError(
-                    f"{text}: the {scheme}:// store needs the MLOps layer's packages ({exc}); install the "
-                    "project with its `pipelines` extra"
-                ) from None
-            return factory(text)
+    factory = load_extension(STORE_ENTRY_POINTS, scheme, StoreError, f"{text}: the {scheme}:// store")
+    if factory is not None:
+        return factory(text)
     raise StoreError(f"{text}: unknown store scheme {scheme!r}; use a local directory, memory:// or s3://")
