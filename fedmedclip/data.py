@@ -153,19 +153,20 @@ def jpeg_scan_problem(data: bytes) -> str | None:
     return None
 
 
-def class_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a class (None when it can): class names are printed by every console, log, model
-    card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named so, a
-    manifest's label) would drive the terminal of whoever reads them."""
-    if not name.strip():
-        return f"class name {name!r} is empty"
-    if not name.isprintable():
-        return f"class name {name!r} holds control characters (ESC, CR, newline, ...)"
+def class_names_problem(names) -> str | None:
+    """Why one of `names` cannot be a class (None when each can): class names are printed by every console, log,
+    model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named so,
+    a manifest's label) would drive the terminal of whoever reads them."""
+    for name in names:
+        if not name.strip():
+            return f"class name {name!r} is empty"
+        if not name.isprintable():
+            return f"class name {name!r} holds control characters (ESC, CR, newline, ...)"
     return None
 
 
 def _check_classes(class_names: list[str], records: list[ImageRecord], source: str) -> None:
-    if problem := next(filter(None, map(class_name_problem, class_names)), None):
+    if problem := class_names_problem(class_names):
         raise DataError(f"{source}: {problem}: rename its folder or label")
     present = {r.label for r in records}
     empty = [c for c in class_names if c not in present]

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.data import ImageRecord, ImageSet, class_name_problem
+from fedmedclip.data import ImageRecord, ImageSet, class_names_problem
 from fedmedclip.digests import sha256_bytes
 from fedmedclip.errors import ConfigError, DataError
 from fedmedclip.federation.mailbox import read_message
@@ -115,7 +115,7 @@ def _checked_listing(cat: dict, where: str, who: str) -> set[str]:
     classes = set(cat["class_names"])
     if len(classes) != len(cat["class_names"]):
         raise DataError(f"{who} names a class twice in its class_names {cat['class_names']}")
-    if problem := next(filter(None, map(class_name_problem, cat["class_names"])), None):
+    if problem := class_names_problem(cat["class_names"]):
         raise DataError(f"{who}: {problem}")
     listed: set[str] = set()
     for image_id, label, *_ in cat["records"]:
