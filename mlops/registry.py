@@ -361,8 +361,10 @@ def _version_metric(client, mv) -> float | None:
     run = if_found(client.get_run, mv.run_id) if mv.run_id else None
     # The run may be gone (deleted experiment); registration copied the number onto the version.
     places = (run.data.metrics if run is not None else {}, mv.tags)
-    found = [place.get(n) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
-    return next((float(v) for v in found if v is not None), None)
+    # Finite numbers only: anyone who may register may write a tag, and a NaN compares as no worse than any
+    # holder (`nan < 0.6` is False), so it would have been promoted.
+    found = [_num(place.get(n)) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
+    return next((v for v in found if v is not None), None)
 
 
 def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float) -> None:
@@ -435,7 +437,7 @@ def promote(
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
-            f"{name} version {version} has no {PROMOTION_METRIC} (neither on its run nor as a tag); "
+            f"{name} version {version} has no finite {PROMOTION_METRIC} (neither on its run nor as a tag); "
             "only versions registered from a tracked run directory can be promoted"
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
@@ -463,7 +465,7 @@ def promote(
         overridden = previous_metric is None or candidate < previous_metric
         if overridden and not policy.allow_worse:
             raise PromotionRefused(
-                f"cannot compare: the current @{alias} ({name} version {previous}) has no "
+                f"cannot compare: the current @{alias} ({name} version {previous}) has no finite "
                 f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
                 if previous_metric is None
                 else f"refusing to promote {name} version {version} to @{alias}: its global balanced "

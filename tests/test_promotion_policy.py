@@ -97,3 +97,33 @@ def test_a_budget_of_zero_is_no_budget(mlops_stack, tmp_path, capsys):
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     assert "is now @staging" in capsys.readouterr().out
+
+
+def test_a_version_whose_metric_is_not_a_finite_number_is_never_promoted(mlops_stack, tmp_path):
+    """Whoever may register may write a version's tags: a promotion metric of NaN compared as no worse than the
+    holder's (`nan < 0.6` is False) and took the alias; a word made promote end in a traceback. Either is now no
+    metric: refused as a candidate, and a holder without one is not compared without --allow-worse."""
+    from mlflow import MlflowClient
+
+    from mlops.registry import PromotionRefused, promote, register_model
+    from mlops.rundir import log_run_dir
+    from mlops.tracking import PROMOTION_METRIC, TrackingError
+
+    uri, name = mlops_stack.tracking_uri, "fmc-finite"
+    run_id = log_run_dir(make_run_dir(tmp_path / "plain"), "test-finite", tracking_uri=uri)
+    holder = register_model(run_id, name, make_tiny_onnx(tmp_path / "model.onnx"), tracking_uri=uri)
+    assert promote(name, holder.version, tracking_uri=uri).alias == "champion"
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    for value in ("nan", "inf", "high"):
+        # the holder's tags and this metric, from a run without metrics (a run's metric is read first)
+        tags = {**holder.tags, PROMOTION_METRIC: value}
+        run = client.create_run(experiment).info
+        source = f"{run.artifact_uri}/model"
+        candidate = client.create_model_version(name, source, run_id=run.run_id, tags=tags).version
+        with pytest.raises(TrackingError, match=f"version {candidate} has no finite {PROMOTION_METRIC}"):
+            promote(name, candidate, tracking_uri=uri)
+    assert client.get_registered_model(name).aliases["champion"] == holder.version
+    client.set_registered_model_alias(name, "champion", candidate)  # a holder with such a metric
+    with pytest.raises(PromotionRefused, match=f"version {candidate}\\) has no finite {PROMOTION_METRIC}"):
+        promote(name, holder.version, tracking_uri=uri)
