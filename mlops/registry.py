@@ -172,7 +172,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     if found is not None:
         log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
         return RegisteredVersion(name, str(found.version), run_id, found.source, dict(found.tags), True)
-    bacc = mlrun.data.metrics.get(PROMOTION_METRIC)
+    bacc = _num(mlrun.data.metrics.get(PROMOTION_METRIC))  # a non-finite one is no metric (promote reads so)
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
     is_new = if_found(client.get_registered_model, name) is None
