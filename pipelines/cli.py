@@ -247,7 +247,8 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None) -> dict:
         tag = str(health.get("tag_name") or health.get("tagName") or "")
     except (ValueError, AttributeError):
         raise FedMedClipError(f"{url} did not answer a JSON object: is {host} the KFP API?") from None
-    version = re.match(r"v?(\d+)\.(\d+)", tag)
+    # A version's numbers only: a longer run of digits is no version (and int() refuses over 4,300 digits).
+    version = re.match(r"v?(\d{1,9})\.(\d{1,9})(?!\d)", tag)
     if version and (int(version[1]), int(version[2])) < MIN_KFP_BACKEND:
         raise FedMedClipError(
             f"the Kubeflow Pipelines backend at {host} is {tag}; this pipeline needs "

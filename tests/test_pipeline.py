@@ -551,12 +551,14 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
     for body in (b"<html>", b"\xff\xfe\xfd", [], "ok"):
         with _fake_kfp_api({healthz: (200, body)}) as (url, _):
             assert "did not answer a JSON object" in run(url), body
-    # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off)
-    failing = {healthz: (200, {"tag_name": "2.17.0", "multi_user": False}), "/": (500, {"error": "boom"})}
-    with _fake_kfp_api(failing) as (url, seen):
-        err = run(url, "--token", "t")
-        assert "HTTP 500" in err and "boom" in err
-        assert any(method == "POST" or "experiments" in path for method, path, _ in seen)
+    # healthy, but the API fails: the HTTP error in one line (kfp's retries and tracebacks kept off); a tag of
+    # more digits than a version has is no version (it ended in int()'s ValueError over 4,300 digits)
+    for tag in ("2.17.0", "1" * 5000 + ".0"):
+        failing = {healthz: (200, {"tag_name": tag, "multi_user": False}), "/": (500, {"error": "boom"})}
+        with _fake_kfp_api(failing) as (url, seen):
+            err = run(url, "--token", "t")
+            assert "HTTP 500" in err and "boom" in err
+            assert any(method == "POST" or "experiments" in path for method, path, _ in seen)
     # compiling for a cluster needs the image that was built and pushed, not the placeholder
     assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 2
     assert "--base-image" in capsys.readouterr().err
