@@ -41,9 +41,16 @@ def loads(data: str | bytes, unique: bool = False, **options):
         raise ValueError("nested too deeply") from None
 
 
+def no_constant(name: str):
+    """`json.loads`'s parse_constant for strict JSON: NaN and Infinity are not JSON (Python's writer puts them
+    unless told not to; every writer of this project is told), so one in a file was written by another hand."""
+    raise ValueError(f"{name} is not a number JSON has")
+
+
 def read_json(path: str | Path):
-    """The JSON in a run directory's file (`loads`: a ValueError for what is not JSON); OSError passes through."""
-    return loads(Path(path).read_text())
+    """The JSON in a run directory's file (`loads`: a ValueError for what is not JSON, NaN and Infinity
+    included); OSError passes through."""
+    return loads(Path(path).read_text(), parse_constant=no_constant)
 
 
 def read_json_object(path: str | Path) -> dict:

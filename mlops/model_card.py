@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from fedmedclip.digests import META_SITE
+from fedmedclip.jsonfiles import read_json
 from fedmedclip.model_card import CardError, build_card, ood_facts, write_card
+from fedmedclip.privacy.report import privacy_summary
 
 from .rundir import REQUIRED_FILES as REQUIRED
 from .tracking import KFP_RUN_ID_TAG, TrackingError, registered_version
@@ -42,14 +44,17 @@ def download_run_files(
     return dest
 
 
-def check_card(run_dir: Path) -> dict:
-    """Build the card once without a version: a run whose card cannot be built is not registered. Returns the
-    run's results.json."""
+def check_card(run_dir: Path, source: str) -> dict[str, str]:
+    """Build the card once without a version, as write_card will write it: a run (`source`, for the message)
+    whose card cannot be built or written is not registered, and no version is left behind. Returns the run's
+    privacy facts (privacy_summary), which the version's tags carry."""
     try:
-        build_card(run_dir)
+        json.dumps(build_card(run_dir), allow_nan=False)
+        return privacy_summary(read_json(run_dir / "results.json"))
     except CardError as exc:
         raise TrackingError(str(exc)) from exc
-    return json.loads((run_dir / "results.json").read_text())
+    except (ValueError, TypeError, ArithmeticError) as exc:  # a figure of another type or range than written
+        raise TrackingError(f"cannot build a model card from {source}'s files: {exc}") from exc
 
 
 def log_model_card(client, run, run_dir: Path, name: str, version: str, tags: dict, contract=None) -> str:

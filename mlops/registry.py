@@ -23,7 +23,6 @@ from fedmedclip.digests import (
     model_dir_digest,
     sha256_file,
 )
-from fedmedclip.privacy.report import privacy_summary
 
 from .promotion import PromotionPolicy
 from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found, unless_exists
@@ -161,7 +160,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
     # The privacy facts the promotion gate reads: computed from the files the version's card is built from (not
     # copied from the run's tags), so the card and the tags agree.
-    tags.update(privacy_summary(check_card(run_dir)))
+    tags.update(check_card(run_dir, f"MLflow run {run_id}"))
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")

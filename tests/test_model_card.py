@@ -357,3 +357,60 @@ def test_the_card_of_a_centralized_dp_run_says_the_images_left_their_sites(tmp_p
         assert (
             "**WARNING** CENTRALIZED reference run: every site's training images were pooled" in md
         ) is warned
+
+
+def test_a_run_whose_logged_figures_are_not_numbers_is_not_registered(mlops_stack, tmp_path):
+    """Whoever may log to a run may replace its results.json: a NaN, a word or a negative epsilon made the
+    registration register the version, then fail writing its card (a retry then found the version and said it
+    was registered, without a card), end in a traceback, or tag `dp.epsilon` -1, which passes every
+    --max-epsilon. Each is refused in one line before any version exists; the file restored, it registers."""
+    from mlflow import MlflowClient
+
+    uri, name = mlops_stack.tracking_uri, "fmc-figures"
+    run_dir = make_run_dir(tmp_path / "run")
+    results = json.loads((run_dir / "results.json").read_text())
+    ledger = {
+        "epsilon": 5.5,
+        "noise_multiplier": 1.1,
+        "steps": 8,
+        "sample_rate": 0.2,
+        "stopped_at_round": None,
+    }
+    results["privacy"] = {
+        "record_level": {"clip": 1.0, "delta": 1e-5, "accountant": "rdp", "sites": {"site_0": ledger}},
+        "secure_aggregation": False,
+    }
+    results["privacy"]["record_level"]["epsilon_max"] = 5.5
+    (run_dir / "results.json").write_text(json.dumps(results))
+    run_id = log_run_dir(run_dir, "test-figures", tracking_uri=uri)
+    client = MlflowClient(uri)
+    replaced = tmp_path / "replaced" / "results.json"
+    replaced.parent.mkdir()
+    good = json.dumps(results)
+    record = results["privacy"]["record_level"]
+    for text, refused in (
+        (
+            good.replace('"epsilon_max": 5.5', '"epsilon_max": -1'),
+            r"privacy\.record_level\.epsilon_max is '-1'",
+        ),
+        (
+            good.replace('"epsilon": 5.5', '"epsilon": "abc"'),
+            r"privacy\.record_level\.sites\.site_0\.epsilon is",
+        ),
+        (good.replace('"epsilon_max": 5.5', '"epsilon_max": Infinity'), "Infinity is not a number JSON has"),
+        (
+            json.dumps({**results, "metrics": {**results["metrics"], "global": {"acc": float("nan")}}}),
+            "NaN is",
+        ),
+        (json.dumps({**results, "privacy": {"record_level": {**record, "delta": "x"}}}), "delta is 'x'"),
+    ):
+        assert text != good
+        replaced.write_text(text)
+        client.log_artifact(run_id, str(replaced))  # over the run's results.json
+        with pytest.raises(TrackingError, match=refused):
+            register_model(run_id, name, tracking_uri=uri)
+        assert not client.search_model_versions(f"name = '{name}'"), text
+    replaced.write_text(good)
+    client.log_artifact(run_id, str(replaced))
+    version = register_model(run_id, name, tracking_uri=uri)
+    assert version.tags["dp.epsilon"] == "5.5" and version.tags["model_card"]

@@ -213,16 +213,18 @@ def privacy_summary(results: dict) -> dict[str, str]:
     }
     if rec:
         sites = rec.get("sites") or {}
-        sigmas = [s["noise_multiplier"] for s in sites.values() if s.get("noise_multiplier") is not None]
+        sigmas = [_figure(s, "noise_multiplier", f"record_level.sites.{n}.") for n, s in sites.items()]
+        sigmas = [v for v in sigmas if v is not None]
         out.update(
             {
-                "dp.epsilon": rounded(rec.get("epsilon_max")),
-                "dp.delta": rounded(rec.get("delta")),
-                "dp.clip": _fmt(rec.get("clip")),
+                "dp.epsilon": rounded(_figure(rec, "epsilon_max", "record_level.")),
+                "dp.delta": rounded(_figure(rec, "delta", "record_level.")),
+                "dp.clip": _fmt(_figure(rec, "clip", "record_level.")),
                 "dp.noise_multiplier": rounded(min(sigmas), up=False) if sigmas else "",
                 "dp.accountant": str(rec.get("accountant")),
                 "dp.sites": ",".join(
-                    f"{n}:eps={rounded(s.get('epsilon'))}:sigma={rounded(s.get('noise_multiplier'), up=False)}"
+                    f"{n}:eps={rounded(_figure(s, 'epsilon', f'record_level.sites.{n}.'))}"
+                    f":sigma={rounded(s.get('noise_multiplier'), up=False)}"
                     for n, s in sites.items()
                 ),
             }
@@ -230,14 +232,30 @@ def privacy_summary(results: dict) -> dict[str, str]:
     if cli:
         out.update(
             {
-                "dp.client_epsilon": rounded(cli.get("epsilon")),
-                "dp.client_noise_multiplier": rounded(cli.get("noise_multiplier"), up=False),
-                "dp.client_clip": _fmt(cli.get("final_clip") or cli.get("clip")),
+                "dp.client_epsilon": rounded(_figure(cli, "epsilon", "client_level.")),
+                "dp.client_noise_multiplier": rounded(
+                    _figure(cli, "noise_multiplier", "client_level."), up=False
+                ),
+                "dp.client_clip": _fmt(
+                    _figure(cli, "final_clip", "client_level.") or _figure(cli, "clip", "client_level.")
+                ),
                 "dp.client_noise_at": str(cli.get("noise_at")),
             }
         )
-        out.setdefault("dp.delta", rounded(cli.get("delta")))
+        out.setdefault("dp.delta", rounded(_figure(cli, "delta", "client_level.")))
     return out
+
+
+def _figure(section, key: str, where: str) -> float | None:
+    """`section[key]`, a privacy figure: None, or a finite number of at least 0 (a ValueError naming it
+    otherwise). results.json reaches the registry through whoever may log to the run: a negative epsilon
+    would pass any --max-epsilon, a word would end registration in a traceback."""
+    v = section.get(key) if isinstance(section, dict) else None
+    if v is not None and (
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+    ):
+        raise ValueError(f"privacy.{where}{key} is {str(v)[:40]!r}, not a finite number of at least 0")
+    return v
 
 
 def _fmt(v) -> str:
