@@ -176,8 +176,19 @@ def _global_counts(report: dict | None, class_names: list[str]) -> dict | None:
 
 def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
     """The card's facts (JSON-able) from a run directory. `registry`: what the registry adds (name, version,
-    tags, mlflow_run_id, kfp_run_id, git_commit, onnx_sha256, registered_at), all optional."""
-    run = Path(run_dir)
+    tags, mlflow_run_id, kfp_run_id, git_commit, onnx_sha256, registered_at), all optional. A figure of
+    another type or range than a run writes (a word for a count, a negative epsilon: the files were edited, or
+    replaced in MLflow) is a CardError naming the run directory, not a traceback."""
+    try:
+        return _build_card(Path(run_dir), registry)
+    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+        raise CardError(
+            f"cannot build a model card: {run_dir} holds a figure of another type or range than a run writes "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _build_card(run: Path, registry: dict | None) -> dict:
     results = _read(run, "results.json")
     config = _read(run, "config.json")
     partition = _read(run, "partition.json")

@@ -186,6 +186,12 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
             lambda d: {**d, "metrics": {**d["metrics"], "sites": "x"}},
             "`metrics.sites` must be",
         ),
+        # a word where a number was written: a ValueError traceback
+        (
+            "config.json",
+            lambda d: {**d, "seed": "x"},
+            r"of another type or range than a run writes \(ValueError: invalid literal for int\(\)",
+        ),
     ],
 )
 def test_the_card_of_a_damaged_run_directory_names_the_entry(tmp_path, capsys, file, damage, named):
