@@ -287,6 +287,10 @@ def _predict(args: argparse.Namespace) -> int:
             outputs = {o["name"]: o for o in answer["outputs"]}
             probs = outputs["probabilities"]
             width = probs["shape"][1]
+            if type(width) is not int or width < 1:  # no class to rank: `top` would be empty
+                raise ValueError(
+                    f"probabilities' shape {probs['shape']!r} gives each image {width!r} classes"
+                )
             parameters = answer.get("parameters") or {}
             names = json.loads(parameters.get("class_names", "null") or "null")
             if not (
@@ -299,7 +303,7 @@ def _predict(args: argparse.Namespace) -> int:
             threshold = parameters.get("ood_threshold")
             for i, path in enumerate(shown):
                 row = [
-                    (c, _finite("probability", p))
+                    (c, _probability(p))
                     for c, p in zip(names, probs["data"][i * width : (i + 1) * width], strict=True)
                 ]
                 ranked = sorted(row, key=lambda t: -t[1])[: args.top]
@@ -313,7 +317,7 @@ def _predict(args: argparse.Namespace) -> int:
                     if threshold is not None:
                         result["ood_threshold"] = _finite("ood_threshold", threshold)
                 results.append(result)
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        except (ValueError, LookupError, TypeError, AttributeError, OverflowError) as exc:
             raise FedMedClipError(
                 f"{base} answered HTTP 200 for {shown} without a v2 inference response with "
                 f"`probabilities` ({type(exc).__name__}: {str(exc)[:200]})"
@@ -338,10 +342,22 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _finite(name: str, value) -> float:
-    number = float(value)
+    number = float(value)  # OverflowError for an integer beyond a float's range
     if not math.isfinite(number):
         raise ValueError(f"{name} {value!r} is not finite")
     return number
+
+
+# A softmax computed in float32 or float16 (or another server's way) may land a rounding outside [0, 1].
+PROBABILITY_ROUNDING = 1e-6
+
+
+def _probability(value) -> float:
+    """A server's probability, within a float's rounding of [0, 1]: read as [0, 1] (no "-0.0000")."""
+    number = _finite("probability", value)
+    if not -PROBABILITY_ROUNDING <= number <= 1 + PROBABILITY_ROUNDING:
+        raise ValueError(f"probability {value!r} is not within [0, 1]")
+    return min(max(number, 0.0), 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,12 @@ tests/test_serving_hardening.py and tests/test_serving_protocol.py. Each test na
   and their batcher taken away: answers in text/plain ("Internal Server Error") or a 500, each with a
   traceback in the log;
 - a client holding every file descriptor of the process made asyncio log each failed accept with its
-  traceback, up to 2048 per try: 355,000 log lines in five seconds.
+  traceback, up to 2048 per try: 355,000 log lines in five seconds;
+- and the other way round, `fedmedclip predict` took a server's probabilities as given: none for an image
+  ended in a traceback, -3 or 1e300 were printed as percentages.
 
 One server for the module (model control enabled, one decoding thread, a small per-image pixel limit); the
-file descriptor test starts its own.
+file descriptor test starts its own, the predict test a stand-in server.
 """
 
 from __future__ import annotations
@@ -374,3 +376,52 @@ def test_running_out_of_file_descriptors_is_one_log_line(onnx_path, tmp_path):
     assert "Traceback" not in text, text[-3000:]
     # One line per ten seconds at most, whichever way the machine's load stretches the steps above.
     assert 1 <= text.count("cannot accept new connections") <= 2 + int(seconds // 10), text[-3000:]
+
+
+# ------------------------------------------------------------------------- predict against a server's numbers
+
+NOT_PROBABILITIES = {
+    # name: the `probabilities` output, what the refusal says
+    # No class: a traceback (`max() arg is an empty sequence`), or with --json an empty "top".
+    "no_class": ({"shape": [1, 0], "data": []}, "probabilities' shape [1, 0] gives each image 0 classes"),
+    "negative_width": ({"shape": [1, -1], "data": []}, "gives each image -1 classes"),
+    # Printed as they came: "-300.0%" and "400.0%", or a percentage of 300 digits.
+    "below_0_above_1": ({"shape": [1, 2], "data": [-3, 4]}, "probability -3 is not within [0, 1]"),
+    "huge": ({"shape": [1, 2], "data": [1e300, 0.5]}, "probability 1e+300 is not within [0, 1]"),
+    # An integer beyond a float's range: float() raised OverflowError, a traceback.
+    "beyond_float": ({"shape": [1, 2], "data": [10**400, 0.5]}, "int too large to convert to float"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_PROBABILITIES))
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_predict_refuses_probabilities_a_model_cannot_give(case, as_json, tmp_path, capsys):
+    """`fedmedclip predict` read a server's probabilities as given: none at all ended in a traceback (or an
+    empty "top" with --json), -3 or 1e300 were printed as percentages. Now each is refused in one line naming
+    the server and the images, exit 2; values within a float's rounding of [0, 1] are read as [0, 1]."""
+    from conftest import error_lines, stand_in_http_server
+
+    from serving.cli import main
+
+    probabilities, text = NOT_PROBABILITIES[case]
+    answer = json.dumps({"outputs": [{"name": "probabilities", **probabilities}]}).encode()
+    image = tmp_path / "scan.png"
+    image.write_bytes(png(images(1)[0]))
+    as_json_flag = ["--json"] if as_json else []
+    with stand_in_http_server(lambda method, path, headers: (200, answer, "application/json")) as url:
+        status = main(["predict", "--url", url, "--model", "m", *as_json_flag, str(image)])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == "", (status, out, err)
+    (line,) = error_lines(err)
+    assert line.startswith(
+        f"error: {url} answered HTTP 200 for ['{image}'] without a v2 inference response with `probabilities`"
+    ), line
+    assert text in line and "Traceback" not in err, err
+
+    # A float's rounding either side of 0 and 1 (a softmax in float32 or float16) is still an answer.
+    rounded = {"shape": [1, 2], "data": [1 + 1e-7, -1e-7]}
+    answer = json.dumps({"outputs": [{"name": "probabilities", **rounded}]}).encode()
+    with stand_in_http_server(lambda method, path, headers: (200, answer, "application/json")) as url:
+        assert main(["predict", "--url", url, "--model", "m", "--json", str(image)]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert [t["probability"] for t in top] == [1.0, 0.0], top

@@ -450,6 +450,27 @@ def test_hostile_json_gets_a_4xx_one_log_line_and_no_echo(server, spec, tmp_path
     assert requests.post(url(server, f"/v2/models/{MODEL}/infer"), json=uint8_json(images(1)), timeout=30).ok
 
 
+def test_an_inference_header_length_of_thousands_of_digits_is_a_client_error(server, spec):
+    """A 5,000-digit Inference-Header-Content-Length passed the digits check, then int() refused it (Python's
+    4,300-digit limit): HTTP 500 "internal server error" and a traceback in the log. Now the 400 of any other
+    length outside the body; leading zeros still read as the number they pad."""
+    infer = f"/v2/models/{MODEL}/infer"
+    body = json.dumps(uint8_json(images(1))).encode()
+    before = refusals(server)
+    for length in ("9" * 5000, "1" + "0" * 4999):
+        resp = _raw(server, body, {"Inference-Header-Content-Length": length})
+        assert resp.status_code == 400, (len(length), resp.status_code, resp.text[:300])
+        assert spec.check(resp, "POST", infer)["error"] == (
+            f"header Inference-Header-Content-Length must be an integer in 1..{len(body)} (the body's size), "
+            f"got '{length[:20]}..."
+        ), resp.text[:300]
+    wait_for_refusals(server, before + 2)
+    log = server.log()
+    assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+    padded = {"Inference-Header-Content-Length": "0" * 5000 + str(len(body))}
+    assert _raw(server, body, padded).status_code == 200
+
+
 def test_a_compressed_body_is_refused_naming_its_content_encoding(server, spec):
     """A client that compresses its body (Content-Encoding: gzip) got 'not valid JSON' for a valid request:
     now 415 naming the encoding. The body is not inflated: a client's gzip would need a bound of its own."""
