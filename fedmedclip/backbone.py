@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import stat
@@ -15,11 +14,20 @@ from pathlib import Path
 import torch
 
 from .digests import canonical_digest
-from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch
+from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch, shown
 from .extensions import load_extension
 from .jsonfiles import loads
 from .paths import DEFAULT_CACHE_DIR
-from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_NAMES, Preprocessing
+from .preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_IMAGE_SIZE,
+    PREPROCESSING_NAMES,
+    Preprocessing,
+    channel_values_problem,
+)
 from .seeding import seeded
 
 # exp(logit_scale) of both OpenAI CLIPs is exactly 100; the methods use it as a frozen temperature.
@@ -354,7 +362,7 @@ _SIZE_BOUNDS = {
     "projection_dim": (1, 8192),
     "vocab_size": (1, 1 << 20),
     "max_position_embeddings": (77, 8192),
-    "image_size": (1, 2048),
+    "image_size": (1, MAX_IMAGE_SIZE),
     "patch_size": (1, 256),
     "num_channels": (1, 16),
 }
@@ -368,11 +376,6 @@ _SIZE_FIELDS = {  # which of them each part of config.json holds ("": its top le
 # ViT-bigG/14's 2.5 billion parameters (20 GB in float32).
 _MAX_PARAMETERS = 5_000_000_000
 _DTYPES = ("float32", "float16", "bfloat16")  # what CLIPs are published in; float64 would double the memory
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _folder_file(folder: Path, name: str) -> Path | None:
@@ -422,7 +425,7 @@ def _folder_json(folder: Path, name: str) -> dict | None:
 def _size_problem(value: object, field: str) -> str | None:
     low, high = _SIZE_BOUNDS[field]
     if type(value) is not int or not low <= value <= high:  # bool, float, str, list: no size
-        return f"is {_shown(value)}; a CLIP's is an integer from {low} to {high}"
+        return f"is {shown(value)}; a CLIP's is an integer from {low} to {high}"
     return None
 
 
@@ -442,10 +445,10 @@ def _checked_clip_config(folder: Path):
         raise BackboneNotFound(f"{where}: {name} {problem}: refused before building the model")
 
     if raw.get("model_type", "clip") != "clip":
-        refuse("model_type", f"is {_shown(raw['model_type'])}, not 'clip'")
+        refuse("model_type", f"is {shown(raw['model_type'])}, not 'clip'")
     for key in ("dtype", "torch_dtype"):
         if raw.get(key) is not None and raw[key] not in _DTYPES:
-            refuse(key, f"is {_shown(raw[key])}, not one of {', '.join(_DTYPES)}")
+            refuse(key, f"is {shown(raw[key])}, not one of {', '.join(_DTYPES)}")
     # Each part as written; transformers also reads the older `text_config_dict` and `vision_config_dict`.
     parts = {"": raw}
     for part in ("text_config", "vision_config"):
@@ -466,11 +469,11 @@ def _checked_clip_config(folder: Path):
         ):
             refuse(
                 f"{prefix}hidden_act",
-                f"is {_shown(fields['hidden_act'])}, not an activation transformers has",
+                f"is {shown(fields['hidden_act'])}, not an activation transformers has",
             )
         eps = fields.get("layer_norm_eps", 1e-5)
         if type(eps) not in (int, float) or not 0 < eps < 1:
-            refuse(f"{prefix}layer_norm_eps", f"is {_shown(eps)}; a CLIP's is a small positive number")
+            refuse(f"{prefix}layer_norm_eps", f"is {shown(eps)}; a CLIP's is a small positive number")
     try:
         config = CLIPConfig.from_dict(raw)
     except Exception as exc:  # transformers' own checks (heads dividing the width, ...); several classes
@@ -543,13 +546,8 @@ def _checked_mean_std(settings: dict, where: str) -> tuple[tuple, tuple]:
     for name, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
         value = settings.get(name)
         value = default if value is None else value
-        numbers = isinstance(value, list | tuple) and len(value) == 3
-        numbers = numbers and all(type(v) in (int, float) and math.isfinite(v) for v in value)
-        if not numbers or name == "image_std" and min(value) <= 0:
-            raise BackboneNotFound(
-                f"{where}: {name} is {_shown(value)}, not three finite numbers"
-                + (" above 0" if name == "image_std" else "")
-            )
+        if problem := channel_values_problem(name, value):
+            raise BackboneNotFound(f"{where}: {problem}")
         checked.append(tuple(float(v) for v in value))
     return checked[0], checked[1]
 

@@ -6,6 +6,12 @@ import sys
 import traceback
 
 
+def shown(value: object) -> str:
+    """`value` for a one-line message about another party's input: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class FedMedClipError(Exception):
     """Base class: the message names the problem and, where possible, the fix."""
 

@@ -35,13 +35,24 @@ from .digests import (
     OOD_OUTPUTS,
     SERVING_METADATA_KEYS,
 )
-from .errors import FedMedClipError
-from .preprocess import Preprocessing
+from .errors import FedMedClipError, shown
+from .preprocess import MAX_IMAGE_SIZE, Preprocessing
 
 INPUT = "images"
 OUTPUTS = ("probabilities", "class_index")
 # ONNX Runtime's spelling of the element types; a ModelProto's are mapped onto it.
 _PROBABILITY_TYPES = ("tensor(float)", "tensor(float16)")
+# What `fedmedclip export` writes in META_OOD_CALIBRATION (fedmedclip.ood.fit_ood, its `described` from export),
+# any of it, and nothing else: the model card prints it and stores it as strict JSON after registration.
+_CALIBRATION_STRINGS = ("holder", "fitted_on", "calibrated_on")
+_CALIBRATION_COUNTS = (
+    "fit_images",
+    "fit_classes",
+    "calibration_images",
+    "embedding_dims",
+    "reference_images",
+)
+_CALIBRATION_SHARES = ("covariance_shrinkage",)  # a Ledoit-Wolf shrinkage: from 0 to 1
 
 
 class ContractError(FedMedClipError):
@@ -144,10 +155,22 @@ def read_contract(
     try:
         class_names = tuple(str(c) for c in json.loads(meta[META_CLASS_NAMES]))
         image_size = int(meta[META_IMAGE_SIZE])
-        pre = Preprocessing.from_dict(json.loads(meta[META_PREPROCESSING]))
+        recipe = json.loads(meta[META_PREPROCESSING])
     except (ValueError, KeyError, TypeError) as exc:
         raise ContractError(
             f"{source}: unreadable fedmedclip metadata ({type(exc).__name__}: {exc})"
+        ) from None
+    # Before the recipe's own check of its size, to name the key: 0 serves nonsense, -4 fails registration.
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ContractError(
+            f"{source}: {META_IMAGE_SIZE} is {image_size}; an image side is an integer from 1 to "
+            f"{MAX_IMAGE_SIZE}"
+        )
+    try:
+        pre = Preprocessing.from_dict(recipe)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ContractError(
+            f"{source}: unusable {META_PREPROCESSING} ({type(exc).__name__}: {exc})"
         ) from None
     if not class_names:
         raise ContractError(f"{source}: {META_CLASS_NAMES} is empty")
@@ -210,9 +233,38 @@ def _read_ood(meta: dict[str, str], outputs: dict[str, TensorInfo], source: str)
             f"{source}: OOD threshold {threshold}, false-alarm rate {rate} and kernel bandwidth {sigma} must be "
             "finite, the rate in (0, 1) and the bandwidth positive"
         )
-    if rows < 2 or not np.isfinite(reference).all() or not isinstance(calibration, dict):
+    # The drift kernel divides by 2 sigma^2 (serving/monitor.py, in this order): at 0 or infinity every kernel
+    # value is 0 or 1 and drift is never reported.
+    if not 0 < 2.0 * sigma * sigma < math.inf:
+        raise ContractError(
+            f"{source}: 2 sigma^2 of kernel bandwidth {sigma} is not a finite number above 0 in float64"
+        )
+    if rows < 2 or not np.isfinite(reference).all():
         raise ContractError(f"{source}: the drift reference must hold 2 or more finite rows")
+    _check_calibration(calibration, source)
     width = outputs["drift_embedding"].shape[-1] if outputs["drift_embedding"].shape else None
     if isinstance(width, int) and width != dims:
         raise ContractError(f"{source}: embeddings of {width} values but a drift reference of {dims}")
     return OodContract(meta[META_OOD_METHOD], threshold, rate, calibration, reference, sigma)
+
+
+def _check_calibration(calibration, source: str) -> None:
+    """ContractError unless `calibration` is what the exporter writes: some of its keys, each of its type."""
+    if not isinstance(calibration, dict):
+        raise ContractError(f"{source}: {META_OOD_CALIBRATION} is not a JSON object")
+    unknown = set(calibration) - {*_CALIBRATION_STRINGS, *_CALIBRATION_COUNTS, *_CALIBRATION_SHARES}
+    if unknown:
+        keys = sorted(unknown)[:5]
+        raise ContractError(
+            f"{source}: {META_OOD_CALIBRATION} has keys {shown(keys)} that `fedmedclip export` never writes"
+        )
+    for key, value in sorted(calibration.items()):
+        if key in _CALIBRATION_STRINGS:
+            wrong, expected = type(value) is not str, "a string"
+        elif key in _CALIBRATION_COUNTS:  # json reads NaN and 1e400 as floats; True is no count either
+            wrong, expected = type(value) is not int or value < 0, "an integer from 0"
+        else:
+            wrong = type(value) not in (int, float) or not 0 <= value <= 1  # NaN compares false
+            expected = "a number from 0 to 1"
+        if wrong:
+            raise ContractError(f"{source}: {META_OOD_CALIBRATION} {key} is {shown(value)}, not {expected}")

@@ -8,10 +8,13 @@ The server imports this module without torch installed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
+
+from .errors import shown
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -21,6 +24,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 PREPROCESSING_NAMES = ("clip", "squash")
+
+# The largest image side a recipe may have: the largest a backbone's config may declare (backbone._SIZE_BOUNDS),
+# whose image size every recipe takes. Here, not there, so that the torch-free server reads it too.
+MAX_IMAGE_SIZE = 2048
 
 # Pillow modes holding more than 8 bits per grey value: exported MRI/CT slices are often 16-bit PNGs (I;16).
 # Pillow's own convert("RGB") clips them at 255 instead of scaling them.
@@ -40,6 +47,20 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise ValueError(f"grey values {values.min()}..{values.max()} are outside 16 bits: no scale for them")
     return Image.fromarray((values >> 8).astype(np.uint8), mode="L").convert("RGB")
+
+
+def channel_values_problem(name: str, values) -> str | None:
+    """Why `values` cannot be an image mean (or, `name` ending in std, an image std), None when they can: three
+    finite numbers, a std's above 0 (it divides)."""
+    std = name.endswith("std")
+    numbers = isinstance(values, list | tuple) and len(values) == 3
+    if (
+        numbers
+        and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+        and not (std and min(values) <= 0)
+    ):
+        return None
+    return f"{name} is {shown(values)}, not three finite numbers" + (" above 0" if std else "")
 
 
 @dataclass(frozen=True)
@@ -93,11 +114,27 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        """The recipe `describe` wrote. ValueError names a field no recipe has (an exported model's metadata is
+        whoever registered it's: a size of 0 or a std of 0 would serve every image standardised to nonsense)."""
+        size, resample, center_crop = d["size"], d["resample"], d["center_crop"]
+        if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"preprocessing size is {shown(size)}, not an integer from 1 to {MAX_IMAGE_SIZE}"
+            )
+        if resample not in _RESAMPLE:  # to_uint8 would fail on every image
+            raise ValueError(f"preprocessing resample is {shown(resample)}, not one of {sorted(_RESAMPLE)}")
+        if type(center_crop) is not bool:  # bool("false") is True
+            raise ValueError(f"preprocessing center_crop is {shown(center_crop)}, not true or false")
+        mean, std = d["mean"], d["std"]
+        if problem := channel_values_problem("preprocessing mean", mean) or channel_values_problem(
+            "preprocessing std", std
+        ):
+            raise ValueError(problem)
         return cls(
             name=d["name"],
-            size=int(d["size"]),
-            resample=d["resample"],
-            center_crop=bool(d["center_crop"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
+            size=size,
+            resample=resample,
+            center_crop=center_crop,
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
         )

@@ -4,8 +4,10 @@ an export with the OOD score (two more outputs) is accepted by both."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from serving_fixtures import make_contract_onnx
+from serving_fixtures import contract_preprocessing, make_contract_onnx
 
 from fedmedclip.onnx_contract import ContractError, contract_of_model, contract_of_session
 
@@ -94,3 +96,107 @@ def test_every_metadata_key_is_written_and_documented_in_order():
     assert -1 not in positions and positions == sorted(positions), dict(
         zip(METADATA_KEYS, positions, strict=True)
     )
+
+
+@pytest.fixture(scope="module")
+def scored_export(tmp_path_factory):
+    """The serialised bytes of a fixture export with the OOD score, written once for the hostile cases."""
+    path = make_contract_onnx(tmp_path_factory.mktemp("scored") / "m.onnx", image_size=32, ood=True)
+    return onnx.load(str(path)).SerializeToString()
+
+
+def _with_image_size(model, size: int, preprocessing: dict | None = None):
+    """`model` declaring image size `size` (in both metadata keys) over an input whose height, width and
+    channels are symbolic, so nothing but the declared size can refuse it; `preprocessing`: more of the recipe
+    replaced."""
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[1:], ("H", "W", "C"), strict=True):
+        dim.dim_param = name  # clears dim_value: the input no longer fixes the size
+    recipe = {p.key: p.value for p in model.metadata_props}["fedmedclip.preprocessing"]
+    _set_meta(model, "fedmedclip.image_size", str(size))
+    _set_meta(
+        model,
+        "fedmedclip.preprocessing",
+        json.dumps({**json.loads(recipe), "size": size, **(preprocessing or {})}),
+    )
+    return model
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+# (metadata key, JSON value written there, a part of the refusal): values a hostile registrant can write that
+# crash registration's card writer, or serve a model whose OOD fields say nothing.
+_HOSTILE_OOD = [
+    ("fedmedclip.ood.calibration", {"holder": "server", "calibration_images": _NAN, "fit_images": -7},
+     "calibration_images is nan, not an integer from 0"),
+    ("fedmedclip.ood.calibration", {"fit_images": -7}, "fit_images is -7, not an integer from 0"),
+    ("fedmedclip.ood.calibration", {"fit_classes": 3.0}, "fit_classes is 3.0, not an integer from 0"),
+    ("fedmedclip.ood.calibration", {"reference_images": True}, "reference_images is True, not an integer"),
+    ("fedmedclip.ood.calibration", {"embedding_dims": "8"}, "embedding_dims is '8', not an integer"),
+    ("fedmedclip.ood.calibration", {"holder": 7}, "holder is 7, not a string"),
+    ("fedmedclip.ood.calibration", {"covariance_shrinkage": _INF}, "covariance_shrinkage is inf, not a number from 0 to 1"),
+    ("fedmedclip.ood.calibration", {"covariance_shrinkage": -0.5}, "covariance_shrinkage is -0.5, not a number from 0 to 1"),
+    ("fedmedclip.ood.calibration", {"holder": "server", "note": _NAN}, "has keys ['note'] that `fedmedclip export` never writes"),
+    ("fedmedclip.ood.calibration", [1, 2], "is not a JSON object"),
+    ("fedmedclip.drift.sigma", 1e-200, "2 sigma^2 of kernel bandwidth 1e-200 is not a finite number above 0"),
+    ("fedmedclip.drift.sigma", 1e200, "2 sigma^2 of kernel bandwidth 1e+200 is not a finite number above 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"), _HOSTILE_OOD, ids=[c[2].split(",")[0] for c in _HOSTILE_OOD]
+)
+def test_hostile_ood_metadata_is_refused_the_same_way_by_both(scored_export, tmp_path, key, value, expected):
+    """What `fedmedclip export` never writes in the OOD calibration (fedmedclip.ood.fit_ood and export's
+    `described`: three strings, five counts and a shrinkage, nothing else), and a kernel bandwidth whose
+    2 sigma^2 (serving/monitor.py's denominator) underflows to 0 or overflows: refused before registration."""
+    model = onnx.ModelProto.FromString(scored_export)
+    _set_meta(model, key, json.dumps(value))
+    proto, session = both(model, tmp_path, "hostile")
+    assert isinstance(proto, str) and proto == session, proto
+    assert proto.startswith("hostile: ") and expected in proto, proto
+
+
+_HOSTILE_SIZES = [
+    (0, None, "fedmedclip.image_size is 0; an image side is an integer from 1 to 2048"),
+    (-4, None, "fedmedclip.image_size is -4; an image side is an integer from 1 to 2048"),
+    (1_000_000_000, None, "fedmedclip.image_size is 1000000000; an image side is an integer from 1 to 2048"),
+    (4096, None, "fedmedclip.image_size is 4096; an image side is an integer from 1 to 2048"),
+    (32, {"mean": [_NAN, 0.5, 0.5]}, "preprocessing mean is [nan, 0.5, 0.5], not three finite numbers"),
+    (32, {"mean": [0.5, 0.5]}, "preprocessing mean is [0.5, 0.5], not three finite numbers"),
+    (32, {"std": [0, 1, 1]}, "preprocessing std is [0, 1, 1], not three finite numbers above 0"),
+    (32, {"std": [-1e308, 1, 1]}, "preprocessing std is [-1e+308, 1, 1], not three finite numbers above 0"),
+    (32, {"std": "abc"}, "preprocessing std is 'abc', not three finite numbers above 0"),
+    (32, {"resample": "nearest"}, "preprocessing resample is 'nearest', not one of ['bicubic', 'bilinear']"),
+    (32, {"center_crop": "false"}, "preprocessing center_crop is 'false', not true or false"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("size", "recipe", "expected"), _HOSTILE_SIZES, ids=[c[2].split(",")[0] for c in _HOSTILE_SIZES]
+)
+def test_an_image_size_or_preprocessing_no_export_writes_is_refused_by_both(
+    scored_export, tmp_path, size, recipe, expected
+):
+    """An image side of 0 serves a model that answers every image wrongly, a negative one crashes registration's
+    input example, one above what a backbone may declare (backbone._SIZE_BOUNDS) is no export's; a mean or std
+    that is not three finite numbers (the std's above 0) standardises every pixel to NaN or infinity. Each is
+    refused even over an input whose height and width are symbolic (nothing else then checks the size)."""
+    model = _with_image_size(onnx.ModelProto.FromString(scored_export), size, recipe)
+    proto, session = both(model, tmp_path, "hostile")
+    assert isinstance(proto, str) and proto == session, proto
+    assert proto.startswith("hostile: ") and expected in proto, proto
+
+
+def test_the_largest_image_side_is_the_backbones_and_is_accepted(scored_export, tmp_path):
+    """The contract's bound is the one a backbone's config is held to, and a model at either end of it (over
+    symbolic input dims) is accepted by both readers, as is the export's own recipe read back unchanged."""
+    from fedmedclip.backbone import _SIZE_BOUNDS
+    from fedmedclip.preprocess import MAX_IMAGE_SIZE, Preprocessing
+
+    assert _SIZE_BOUNDS["image_size"] == (1, MAX_IMAGE_SIZE)
+    for size in (1, MAX_IMAGE_SIZE):
+        model = _with_image_size(onnx.ModelProto.FromString(scored_export), size)
+        proto, session = both(model, tmp_path, f"side{size}")
+        assert proto.image_size == session.image_size == proto.preprocessing.size == size
+    recipe = contract_preprocessing(32)
+    assert Preprocessing.from_dict(recipe.describe()) == recipe
