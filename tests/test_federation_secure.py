@@ -444,3 +444,54 @@ def test_a_damaged_record_of_the_survivors_answered_sits_the_round_out(damage, p
     assert rec["secure_aggregation"]["answered"] == ["site_1", "site_2"]
     assert rec["present"] == list(SITES) and not rec["failed"]
     assert fed.sites["site_0"].secure._out is not None
+
+
+# ------------------------------------------------------------- a hostile or damaged manifest
+@pytest.mark.parametrize(
+    "entry, value",
+    [
+        ("threshold", "x"),
+        ("threshold", 2.9),
+        ("bound", "x"),
+        ("weights", "x"),
+        ("weights", float("nan")),
+    ],
+)
+def test_a_hostile_secure_aggregation_section_is_refused_where_a_site_reads_the_manifest(
+    entry, value, prepared, keys, tmp_path, capsys
+):
+    """The manifest's `secure_aggregation` section with a threshold, bound or site weight that is not what
+    the server writes. Before: it parsed as an untyped map, and the site's SecureRun.from_manifest raised a
+    bare ValueError after the site had encoded its images (its process died with a traceback); 2.9 became
+    threshold 2 and a NaN weight was taken. Now the one parse of the manifest refuses it, naming the server,
+    in one line."""
+    from fedmedclip.cli import main
+    from fedmedclip.federation.messages import MessageRefused
+    from fedmedclip.federation.server import read_manifest
+
+    fed = Federation(prepared, keys, tmp_path, workers=())  # the server writes the manifest
+    manifest = json.loads(fed.store.get(fed.mb.manifest_key))
+    sec = manifest["secure_aggregation"]
+    if entry == "weights":
+        sec["weights"]["site_0"] = value
+    else:
+        sec[entry] = value
+    fed.store.put(fed.mb.manifest_key, json.dumps(manifest).encode())  # NaN is written as JSON's NaN token
+    refusal = rf"^run_manifest from server \(.*manifest\.json\) refused: secure_aggregation\.{entry}\b"
+    # What a site does: it reads the manifest, then starts its worker on it.
+    with pytest.raises(MessageRefused, match=refusal) as refused:
+        SiteWorker(
+            fed.mb,
+            read_manifest(fed.mb),
+            fed.setups["site_0"],
+            fed.store.sub("state-site_0"),
+            verbose=False,
+            identity=keys["site_0"],
+        )
+    assert "\n" not in str(refused.value) and refused.value.party == "server"
+    # `site run` stops in one line of stderr, before it reads its key or encodes an image.
+    args = ["site", "run", "--mailbox", str(tmp_path / "mailbox"), "--run-id", RUN, "--site", "site_0"]
+    assert main(["-q", *args, "--identity", str(tmp_path / "none.pem")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: run_manifest from server"), err
+    assert not (tmp_path / "none.pem").exists()

@@ -1034,11 +1034,20 @@ def test_a_site_the_run_does_not_have_is_told_so_before_its_key_is_read(prepared
     manifest. The run's sites are named first, and nothing is written for the unknown site."""
     from fedmedclip.errors import ConfigError
     from fedmedclip.federation.runner import run_site
+    from fedmedclip.secagg.identity import IdentityKey
 
     cfg, p = prepared
     _, _, mailbox, *_ = _parties(cfg, p, tmp_path, quorum=3, workers=0)  # the server writes the manifest
     manifest = json.loads(mailbox.store.get(mailbox.manifest_key))
-    manifest["secure_aggregation"] = {"threshold": 2}  # as if on: a site would read its identity key
+    # As if on (a site would read its identity key): a section the manifest's declaration accepts.
+    manifest["secure_aggregation"] = {
+        "threshold": 2,
+        "identities": {s: IdentityKey.generate().public for s in SITES_ALL},
+        "bound": 1.0,
+        "codec": "fp32-zlib+secagg",
+        "modulus_bits": 18,
+        "weights": {s: 1 / 3 for s in SITES_ALL},
+    }
     mailbox.store.put(mailbox.manifest_key, json.dumps(manifest).encode())
     written = sorted(p.name for p in (tmp_path / "mailbox").rglob("*") if p.is_file())
     with pytest.raises(

@@ -17,7 +17,16 @@ import base64
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from ..data import DUPLICATE_POLICIES
 from ..errors import FedMedClipError
@@ -34,6 +43,8 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Finite = Annotated[float, Field(ge=-LARGEST, le=LARGEST)]
 Short = Annotated[str, StringConstraints(max_length=256)]
 Text = Annotated[str, StringConstraints(max_length=4000)]
+# A site's public identity key (secure aggregation): base64 of an Ed25519 key's 32 bytes
+IdentityText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
 MAX_SITES = 1000  # sites of one run, in every list or map of them
 
 MESSAGES: dict[str, type[Message]] = {}
@@ -195,6 +206,20 @@ class PreprocessingSpec(Message):
     std: Annotated[list[Finite], Field(min_length=3, max_length=3)]
 
 
+class ManifestSecureAggregation(Message):
+    """The manifest's `secure_aggregation` entry, as the server writes it (fedmedclip.federation.secure's
+    `manifest_section`) and every site reads it back (`SecureRun.from_manifest`)."""
+
+    threshold: Annotated[int, Field(ge=2, le=MAX_SITES)]  # t: n/2 < t <= n, checked against the sites below
+    identities: Annotated[dict[Name, IdentityText], Field(max_length=MAX_SITES)]  # each site's registered key
+    bound: Annotated[float, Field(gt=0.0, le=LARGEST)]  # the L2 norm each site clips its update to
+    codec: Short  # the secure codec's name; that this version makes the same is checked by the reader
+    # k of the ring Z_(2^k) the masks live in (fedmedclip.codec.secure allows far fewer bits; the reader
+    # checks it is the one this version makes)
+    modulus_bits: Annotated[int, Field(ge=2, le=64)]
+    weights: Annotated[dict[Name, Unit], Field(max_length=MAX_SITES)]  # each site's aggregation weight
+
+
 class ManifestCore(Message):
     """The run's manifest (`runs/<run>/manifest.json`), written once by the server
     (fedmedclip.federation.server.make_manifest), read by every party: all but the server options it records.
@@ -219,7 +244,23 @@ class ManifestCore(Message):
     template: Annotated[
         dict[Short, Annotated[list[Any], Field(min_length=2, max_length=2)]], Field(max_length=100_000)
     ]
-    secure_aggregation: Annotated[dict[Short, Any], Field(max_length=100)] | None = None
+    secure_aggregation: ManifestSecureAggregation | None = None
+
+    @field_validator("secure_aggregation")
+    @classmethod
+    def _of_the_runs_sites(cls, sec: ManifestSecureAggregation | None, info: ValidationInfo):
+        # What a site would otherwise look up and not find (a KeyError). The threshold's range is the protocol's
+        # to check (secagg.protocol.SecureSettings), with the keys themselves.
+        if sec is None or "sites" not in info.data:  # no sites: that refusal comes first
+            return sec
+        sites = [s.name for s in info.data["sites"]]
+        for entry in ("identities", "weights"):
+            named = list(getattr(sec, entry))
+            if sorted(named) != sorted(sites):
+                raise ValueError(
+                    f"{entry} names {', '.join(named) or 'no site'}, the run's sites are {', '.join(sites)}"
+                )
+        return sec
 
 
 class EncoderUsed(Message):
@@ -418,7 +459,6 @@ Share = _exact_base64(SEED_BYTES)
 Sites = Annotated[list[Name], Field(max_length=MAX_SITES)]
 SealedShares = Annotated[dict[Name, SealedShare], Field(max_length=MAX_SITES)]  # by the other site
 Shares = Annotated[dict[Name, Share], Field(max_length=MAX_SITES)]  # by the site whose seed it shares
-IdentityText = Annotated[str, StringConstraints(pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$")]
 TensorName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Step = Annotated[float, Field(ge=1e-30, le=1e30)]
 

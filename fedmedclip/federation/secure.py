@@ -98,8 +98,9 @@ def manifest_section(
     codec_up: str,
 ) -> dict:
     """The run manifest's `secure_aggregation` entry: the threshold t, each site's registered identity key,
-    the bound every site clips its update to, the secure codec, and each site's weight. SecAggRefused (or
-    a ConfigError about a key) when the keys, the threshold or the bound cannot make a secure run."""
+    the bound every site clips its update to, the secure codec, and each site's weight (declared, for every
+    reader, by messages.ManifestSecureAggregation). SecAggRefused (or a ConfigError about a key) when the keys,
+    the threshold or the bound cannot make a secure run."""
     sites = list(counts)
     t = int(threshold) if threshold else default_threshold(len(sites))
     SecureSettings(tuple(sites), dict(identities or {}), t)  # every site registered, t in (n/2, n]
