@@ -302,7 +302,8 @@ def stand_in_http_server(answer):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Its loop looks for shutdown() every poll_interval: 0.5 s by default, half a second of each test's wall.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

@@ -140,7 +140,7 @@ def _twice_at_once(uri: str, held: str, args: list[str], waiting_on: Path | None
     both have asked (or one ended, or one waits for a lock of `waiting_on`); (stdout, stderr) of each, both
     having exited 0."""
     proxy = _CreatesHeld(uri, held)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     command = [str(Path(sys.executable).parent / "fedmedclip"), *args, "--tracking-uri", proxy.uri]
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
