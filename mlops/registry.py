@@ -171,7 +171,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     if found is not None:
         log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
         return RegisteredVersion(name, str(found.version), run_id, found.source, dict(found.tags), True)
-    bacc = _num(mlrun.data.metrics.get(PROMOTION_METRIC))  # a non-finite one is no metric (promote reads so)
+    bacc = _accuracy(mlrun.data.metrics.get(PROMOTION_METRIC))  # as promote reads it
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
     is_new = if_found(client.get_registered_model, name) is None
@@ -360,10 +360,17 @@ def _version_metric(client, mv) -> float | None:
     run = if_found(client.get_run, mv.run_id) if mv.run_id else None
     # The run may be gone (deleted experiment); registration copied the number onto the version.
     places = (run.data.metrics if run is not None else {}, mv.tags)
-    # Finite numbers only: anyone who may register may write a tag, and a NaN compares as no worse than any
-    # holder (`nan < 0.6` is False), so it would have been promoted.
-    found = [_num(place.get(n)) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)]
+    found = [
+        _accuracy(place.get(n)) for place in places for n in (PROMOTION_METRIC, *LEGACY_PROMOTION_METRICS)
+    ]
     return next((v for v in found if v is not None), None)
+
+
+def _accuracy(raw) -> float | None:
+    """A balanced accuracy as a number from 0 to 1, None for anything else: anyone who may register may write a
+    version's tags, and a NaN compares as no worse than any holder (`nan < 0.6` is False), a 5.0 as better."""
+    value = _num(raw)
+    return value if value is not None and 0.0 <= value <= 1.0 else None
 
 
 def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float) -> None:
@@ -436,7 +443,7 @@ def promote(
     candidate = _version_metric(client, mv)
     if candidate is None:
         raise TrackingError(
-            f"{name} version {version} has no finite {PROMOTION_METRIC} (neither on its run nor as a tag); "
+            f"{name} version {version} has no {PROMOTION_METRIC} from 0 to 1 (neither on its run nor as a tag); "
             "only versions registered from a tracked run directory can be promoted"
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
@@ -464,8 +471,8 @@ def promote(
         overridden = previous_metric is None or candidate < previous_metric
         if overridden and not policy.allow_worse:
             raise PromotionRefused(
-                f"cannot compare: the current @{alias} ({name} version {previous}) has no finite "
-                f"{PROMOTION_METRIC}; pass --allow-worse to promote version {version} anyway"
+                f"cannot compare: the current @{alias} ({name} version {previous}) has no "
+                f"{PROMOTION_METRIC} from 0 to 1; pass --allow-worse to promote version {version} anyway"
                 if previous_metric is None
                 else f"refusing to promote {name} version {version} to @{alias}: its global balanced "
                 f"accuracy {candidate:.4f} is below the current @{alias} (version {previous}) at "

@@ -115,15 +115,17 @@ def test_a_version_whose_metric_is_not_a_finite_number_is_never_promoted(mlops_s
     assert promote(name, holder.version, tracking_uri=uri).alias == "champion"
     client = MlflowClient(uri)
     experiment = client.get_run(run_id).info.experiment_id
-    for value in ("nan", "inf", "high"):
+    for value in ("nan", "inf", "high", "5.0"):
         # the holder's tags and this metric, from a run without metrics (a run's metric is read first)
         tags = {**holder.tags, PROMOTION_METRIC: value}
         run = client.create_run(experiment).info
         source = f"{run.artifact_uri}/model"
         candidate = client.create_model_version(name, source, run_id=run.run_id, tags=tags).version
-        with pytest.raises(TrackingError, match=f"version {candidate} has no finite {PROMOTION_METRIC}"):
+        with pytest.raises(TrackingError, match=f"version {candidate} has no {PROMOTION_METRIC} from 0 to 1"):
             promote(name, candidate, tracking_uri=uri)
     assert client.get_registered_model(name).aliases["champion"] == holder.version
     client.set_registered_model_alias(name, "champion", candidate)  # a holder with such a metric
-    with pytest.raises(PromotionRefused, match=f"version {candidate}\\) has no finite {PROMOTION_METRIC}"):
+    with pytest.raises(
+        PromotionRefused, match=f"version {candidate}\\) has no {PROMOTION_METRIC} from 0 to 1"
+    ):
         promote(name, holder.version, tracking_uri=uri)
