@@ -12,12 +12,10 @@ exception) or called `sys.exit` exits as Python always does, with its traceback 
 """
 
 import atexit
-import contextlib
-import logging
 import os
 import sys
 
-from fedmedclip.startup import pause_collection
+from fedmedclip.startup import leave_now, pause_collection
 
 
 def exit_fast_after_success() -> None:
@@ -34,13 +32,8 @@ def exit_fast_after_success() -> None:
         previous_exit(code)
 
     def leave():
-        if failed:
-            return
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed stream: nothing to flush
-                stream.flush()
-        os._exit(0)
+        if not failed:
+            leave_now()
 
     sys.excepthook, sys.exit = note_failure, note_exit
     atexit.register(leave)

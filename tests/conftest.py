@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,13 +94,10 @@ def _end_finished_worker(config) -> None:
     its interpreter down: freeing a heap of millions of objects (torch, transformers, MLflow, kserve, ONNX
     Runtime, each test's leftovers) took a second or more of a loaded machine, while the controller waited for
     it at the end of the suite, when nothing else runs. A worker that did not get there exits as Python does."""
-    if not getattr(config, "_fedmedclip_unconfigured", False):
-        return
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed stream: nothing to flush
-            stream.flush()
-    os._exit(0)
+    if getattr(config, "_fedmedclip_unconfigured", False):
+        from fedmedclip.startup import leave_now
+
+        leave_now()
 
 
 def _start_quietly() -> None:

@@ -26,6 +26,8 @@ from mlops.rundir import log_run_dir
 from mlops.tracking import TrackingError
 
 TARGET = 6.0
+# A site's DP-SGD ledger as results.json records it (privacy.record_level.sites)
+LEDGER = {"epsilon": 5.5, "noise_multiplier": 1.1, "steps": 8, "sample_rate": 0.2, "stopped_at_round": None}
 
 
 def run_cli(*argv) -> int:
@@ -232,13 +234,7 @@ def test_the_card_says_when_a_sites_ledger_leaves_out_updates_that_went_out(tmp_
     run_dir = make_run_dir(tmp_path / "run")
     path = run_dir / "results.json"
     results = json.loads(path.read_text())
-    ledger = {
-        "epsilon": 5.5,
-        "noise_multiplier": 1.1,
-        "steps": 8,
-        "sample_rate": 0.2,
-        "stopped_at_round": None,
-    }
+    ledger = dict(LEDGER)
     results["privacy"] = {
         "record_level": {
             "clip": 1.0,
@@ -375,13 +371,7 @@ def test_a_run_whose_logged_figures_are_not_numbers_is_not_registered(mlops_stac
     uri, name = mlops_stack.tracking_uri, "fmc-figures"
     run_dir = make_run_dir(tmp_path / "run")
     results = json.loads((run_dir / "results.json").read_text())
-    ledger = {
-        "epsilon": 5.5,
-        "noise_multiplier": 1.1,
-        "steps": 8,
-        "sample_rate": 0.2,
-        "stopped_at_round": None,
-    }
+    ledger = dict(LEDGER)
     results["privacy"] = {
         "record_level": {"clip": 1.0, "delta": 1e-5, "accountant": "rdp", "sites": {"site_0": ledger}},
         "secure_aggregation": False,
