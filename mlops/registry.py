@@ -170,7 +170,13 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     found = _version_of_run(client, name, run_id, source_key)
     if found is not None:
         log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
-        return RegisteredVersion(name, str(found.version), run_id, found.source, dict(found.tags), True)
+        found_tags = dict(found.tags)
+        if CARD_TAG not in found_tags:  # the attempt that registered it stopped before its card was logged
+            contract = _onnx_contract(Path(onnx_path))[1] if onnx_path is not None else None
+            found_tags[CARD_TAG] = log_model_card(
+                client, mlrun, run_dir, name, str(found.version), found_tags, contract
+            )
+        return RegisteredVersion(name, str(found.version), run_id, found.source, found_tags, True)
     bacc = _accuracy(mlrun.data.metrics.get(PROMOTION_METRIC))  # as promote reads it
     if bacc is not None:
         tags[PROMOTION_METRIC] = f"{bacc:.6f}"
@@ -259,6 +265,22 @@ def _quiet_provider_check():
         logger.removeFilter(quiet)
 
 
+def _onnx_contract(onnx_path: Path):
+    """The ONNX file's model and its export contract, as the server checks it (TrackingError naming the file)."""
+    import onnx
+
+    from fedmedclip.onnx_contract import ContractError, contract_of_model
+
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:
+        raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
+    try:
+        return model, contract_of_model(model, str(onnx_path))
+    except ContractError as exc:
+        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
+
+
 def _log_onnx(client, mlrun, onnx_path: Path, tags: dict, run_dir: Path):
     """Check the file (the contract, the run's backbone, the run's model: `run_dir` receives the run's model
     files), record its hashes in `tags` and log it into the run as an MLflow ONNX model, once per file (a
@@ -267,17 +289,8 @@ def _log_onnx(client, mlrun, onnx_path: Path, tags: dict, run_dir: Path):
     import numpy as np
     import onnx
 
-    from fedmedclip.onnx_contract import ContractError, contract_of_model
-
     run_id = mlrun.info.run_id
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as e:
-        raise TrackingError(f"{onnx_path} is not a readable ONNX model: {e}") from e
-    try:  # the export contract, as the server checks it, and the backbone's hash, which must be the run's
-        contract = contract_of_model(model, str(onnx_path))
-    except ContractError as exc:
-        raise TrackingError(f'{exc} (docs/contracts.md, "Exported model")') from None
+    model, contract = _onnx_contract(onnx_path)
     backbone = contract.metadata.get(META_BACKBONE_SHA256)
     if not backbone:
         raise TrackingError(f"{onnx_path}: metadata_props lack {META_BACKBONE_SHA256} (docs/contracts.md)")

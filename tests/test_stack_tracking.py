@@ -31,6 +31,7 @@ from devstack.stack import (
 from fedmedclip.digests import META_MODEL_DIGEST
 from fedmedclip.errors import FedMedClipError
 from mlops import cli as ccli
+from mlops.model_card import read_model_card
 from mlops.registry import DifferentDataRefused, Promotion, PromotionRefused, promote, register_model
 from mlops.rundir import log_run_dir
 from mlops.tracking import PROMOTION_METRIC, RunDirError, TrackingError
@@ -858,6 +859,14 @@ def test_registration_is_keyed_on_the_run_and_a_refused_promotion_is_visible(
         and register_model(run_id, name, tiny_onnx, uri).existing
     )
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # An attempt stopped between registering the version and logging its card (a killed task, MLflow down):
+    # the retry logs the card, where it returned the version without one.
+    card = client.get_model_version(name, "1").tags["model_card"]
+    client.delete_model_version_tag(name, "1", "model_card")
+    retried = register_model(run_id, name, tiny_onnx, uri)
+    assert retried.existing and retried.tags["model_card"] == card
+    assert client.get_model_version(name, "1").tags["model_card"] == card
+    assert read_model_card(f"{name}/1", tracking_uri=uri).startswith(f"# Model card: {name} version 1\n")
 
     worse = make_run_dir(tmp_path / "worse", bacc=0.5)
     worse_id = log_run_dir(worse, "test-retry", tracking_uri=uri)
