@@ -22,7 +22,7 @@ import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .digests import sha256_file
-from .errors import DataError, ImageDecodeError
+from .errors import DataError, ImageDecodeError, class_names_problem
 from .paths import check_file_within
 from .png_rows import png_rows_problem
 from .preprocess import to_rgb8
@@ -150,18 +150,6 @@ def jpeg_scan_problem(data: bytes) -> str | None:
         simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
     except ValueError as exc:
         return re.sub(r"^corrupt jpeg data:\s*", "", str(exc), flags=re.IGNORECASE) or "undecodable"
-    return None
-
-
-def class_names_problem(names) -> str | None:
-    """Why one of `names` cannot be a class (None when each can): class names are printed by every console, log,
-    model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named so,
-    a manifest's label) would drive the terminal of whoever reads them."""
-    for name in names:
-        if not name.strip():
-            return f"class name {name!r} is empty"
-        if not name.isprintable():
-            return f"class name {name!r} holds control characters (ESC, CR, newline, ...)"
     return None
 
 

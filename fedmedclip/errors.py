@@ -12,6 +12,18 @@ def shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def class_names_problem(names) -> str | None:
+    """Why one of `names` cannot be a class (None when each can): class names are printed by every console, log,
+    model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named so,
+    a manifest's label) would drive the terminal of whoever reads them."""
+    for name in names:
+        if not name.strip():
+            return f"class name {name!r} is empty"
+        if not name.isprintable():
+            return f"class name {name!r} holds control characters (ESC, CR, newline, ...)"
+    return None
+
+
 class FedMedClipError(Exception):
     """Base class: the message names the problem and, where possible, the fix."""
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from .digests import ONNX_SHA256_TAG, canonical_digest
-from .errors import FedMedClipError
+from .errors import FedMedClipError, class_names_problem
 from .jsonfiles import read_json
 from .metrics import bootstrap_intervals, metrics_from_confusion
 from .privacy.report import privacy_summary, rounded
@@ -203,6 +203,8 @@ def _build_card(run: Path, registry: dict | None) -> dict:
     tags = registry.get("tags") or {}
     backbone = results.get("backbone") or model_json.get("backbone") or {}
     class_names = list(partition.get("class_names") or model_json.get("class_names") or [])
+    if problem := class_names_problem(map(str, class_names)):  # the card is printed to terminals and logs
+        raise CardError(f"cannot build a model card: {run / 'partition.json'}: {problem}")
     num_classes = len(class_names)
     m = results.get("metrics") or {}
     seed = int(config.get("seed") or 0)

@@ -35,7 +35,7 @@ from .digests import (
     OOD_OUTPUTS,
     SERVING_METADATA_KEYS,
 )
-from .errors import FedMedClipError, shown
+from .errors import FedMedClipError, class_names_problem, shown
 from .preprocess import MAX_IMAGE_SIZE, Preprocessing
 
 INPUT = "images"
@@ -174,6 +174,12 @@ def read_contract(
         ) from None
     if not class_names:
         raise ContractError(f"{source}: {META_CLASS_NAMES} is empty")
+    # Answered to every client, logged and printed by `predict`; two of one name would make answers ambiguous.
+    problem = class_names_problem(class_names)
+    if problem is None and len(set(class_names)) != len(class_names):
+        problem = "a class name written twice"
+    if problem:
+        raise ContractError(f"{source}: {META_CLASS_NAMES}: {problem}")
     if pre.size != image_size:
         raise ContractError(
             f"{source}: preprocessing size {pre.size} != {META_IMAGE_SIZE} {image_size} (broken export)"

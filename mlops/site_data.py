@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmedclip.data import ImageRecord, ImageSet, class_names_problem
+from fedmedclip.data import ImageRecord, ImageSet
 from fedmedclip.digests import sha256_bytes
-from fedmedclip.errors import ConfigError, DataError
+from fedmedclip.errors import ConfigError, DataError, class_names_problem
 from fedmedclip.federation.mailbox import read_message
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary
 from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied, StoreError

@@ -188,6 +188,12 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
             lambda d: {**d, "metrics": {**d["metrics"], "sites": "x"}},
             "`metrics.sites` must be",
         ),
+        # a class name that drives the terminal `fedmedclip card` prints to (the registered card is printed too)
+        (
+            "partition.json",
+            lambda d: {**d, "class_names": ["x\x1b[2J", *d["class_names"][1:]]},
+            r"partition.json: class name 'x\\x1b\[2J' holds control characters",
+        ),
         # a word where a number was written: a ValueError traceback
         (
             "config.json",

@@ -200,3 +200,24 @@ def test_the_largest_image_side_is_the_backbones_and_is_accepted(scored_export, 
         assert proto.image_size == session.image_size == proto.preprocessing.size == size
     recipe = contract_preprocessing(32)
     assert Preprocessing.from_dict(recipe.describe()) == recipe
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["normal\x1b[2J", "b", "c", "d"], "holds control characters"),
+        (["a", "b\r", "c", "d"], "holds control characters"),
+        (["a", " ", "c", "d"], "is empty"),
+        (["a", "a", "c", "d"], "a class name written twice"),
+    ],
+)
+def test_class_names_that_would_drive_a_terminal_or_answer_ambiguously_are_refused_by_both(
+    scored_export, tmp_path, names, expected
+):
+    """The exported class names are answered to every client, logged and printed by `predict`: a registrant's
+    ESC or CR would reach their terminals, a name twice makes two answers one; refused as the data's are."""
+    model = onnx.ModelProto.FromString(scored_export)
+    _set_meta(model, "fedmedclip.class_names", json.dumps(names))
+    proto, session = both(model, tmp_path, "hostile")
+    assert isinstance(proto, str) and proto == session, proto
+    assert proto.startswith("hostile: fedmedclip.class_names: ") and expected in proto, proto
