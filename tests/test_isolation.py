@@ -26,7 +26,9 @@ from devstack.stack import ADMIN, DEFAULT_DATA_BUCKET, StackError, add_data_root
 from mlops import policies  # noqa: E402
 
 RUN = f"iso-{uuid.uuid4().hex[:8]}"  # this session's run id: the shared bucket may hold other tests' objects
-BUCKET = DEFAULT_DATA_BUCKET
+# A data root of this file's own: other test files publish into the default one meanwhile (a site's summary
+# at the fixed key summaries/sites/0.json was replaced between a put here and its read-back).
+BUCKET = "fmc-isolation"
 OK = "ok"
 
 
@@ -109,6 +111,7 @@ SEEDED = {
 
 @pytest.fixture(scope="module")
 def seeded(mlops_stack):
+    mlops_stack = add_data_root(mlops_stack.data_dir, BUCKET)
     admin = _client(mlops_stack, ADMIN)
     for key, body in SEEDED.items():
         key = key.format(run=RUN)
@@ -588,7 +591,9 @@ def test_the_enforced_local_policies_are_the_clusters(seeded):
     for role in policies.roles(seeded.site_names):
         if role.kind == policies.MLFLOW:
             continue  # the cluster's MLflow has a bucket of its own; locally it is a prefix
-        doc = iam.get_user_policy(UserName=role.name, PolicyName=f"data@{BUCKET}")["PolicyDocument"]
+        doc = iam.get_user_policy(UserName=role.name, PolicyName=f"data@{DEFAULT_DATA_BUCKET}")[
+            "PolicyDocument"
+        ]
         doc = json.loads(doc) if isinstance(doc, str) else doc
         assert doc == minio[f"{role.policy_name}.json"], role.name
 
