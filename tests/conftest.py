@@ -48,7 +48,7 @@ def pytest_configure(config):
     if hasattr(config, "workerinput"):
         # Registered before the tests run, so it runs after every exit handler they register (atexit is LIFO).
         atexit.register(_end_finished_worker, config)
-    if not hasattr(config, "workerinput"):
+    else:
         import tempfile
         import threading
 
