@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from fedmedclip.backbone import load_backbone, make_preprocessing
-from fedmedclip.data import load_image, open_source
+from fedmedclip.data import load_preprocessed, open_source
 from fedmedclip.methods import METHODS, MethodContext, SiteData
 from fedmedclip.synthetic import generate
 
 
 def encode(records, backbone, prep) -> torch.Tensor:
-    arrays = np.stack([prep.to_uint8(load_image(r.path)) for r in records])
+    arrays = np.stack([load_preprocessed(r.path, prep) for r in records])
     return backbone.encode_images(prep.normalise(torch.from_numpy(arrays)))
 
 

@@ -46,10 +46,10 @@ def train_run(data: str, out: Path, backbone: str, rounds: int, cache: str):
 def pixels(paths: list[str], pre) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fedmedclip.data import load_image
+    from fedmedclip.data import load_preprocessed
 
     with ThreadPoolExecutor(4) as pool:
-        return np.stack(list(pool.map(lambda p: pre.to_uint8(load_image(p)), paths)))
+        return np.stack(list(pool.map(lambda p: load_preprocessed(p, pre), paths)))
 
 
 def graph_outputs(onnx_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:

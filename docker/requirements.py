@@ -6,7 +6,7 @@ check that the serving image holds what it must not. Standard library only (Pyth
 
 - train: the core (less torch, installed first and alone in its own layer) + `pipelines` + `gpu`. One CUDA
   stack: the CUDA libraries of the PyPI wheels (torch, onnxruntime-gpu[cuda,cudnn]); the base image has none.
-- serve: what `fedmedclip.preprocess` needs from the core (numpy, pillow) + `serving` + `gpu`, with mlflow
+- serve: what `fedmedclip.preprocess` needs from the core (numpy, pillow, simplejpeg) + `serving` + `gpu`, with mlflow
   replaced by `mlflow-skinny` of the same version (the server only resolves and downloads a registered model)
   and without `tritonclient` (a client library for tests and benchmarks). Never torch, transformers or the CPU
   onnxruntime, whose files onnxruntime-gpu's would clobber.
@@ -33,7 +33,9 @@ def lists(pyproject: str | Path) -> dict[str, list[str]]:
     extras = project["optional-dependencies"]
     core = project["dependencies"]
     train = [r for r in core if name(r) != "torch"] + extras["pipelines"] + extras["gpu"]
-    serve = [r for r in core if name(r) in {"numpy", "pillow"}] + extras["serving"] + extras["gpu"]
+    serve = (
+        [r for r in core if name(r) in {"numpy", "pillow", "simplejpeg"}] + extras["serving"] + extras["gpu"]
+    )
     serve = [
         re.sub(r"^mlflow(?=[=<>~!\s]|$)", "mlflow-skinny", r) for r in serve if name(r) not in SERVE_DROPPED
     ]
@@ -57,6 +59,7 @@ def check_serve() -> None:
         raise SystemExit(f"the serving image must not contain {dist}")
     import mlflow.artifacts  # noqa: F401  (mlflow-skinny)
     import onnxruntime  # noqa: F401
+    import simplejpeg  # noqa: F401  (the JPEG scan check training makes too: the server does not start without it)
 
     import fedmedclip.preprocess  # noqa: F401
 

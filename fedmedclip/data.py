@@ -10,7 +10,6 @@ import csv
 import io
 import logging
 import os
-import re
 import threading
 import warnings
 from collections import Counter
@@ -18,20 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .digests import sha256_file
-from .errors import DataError, ImageDecodeError, class_names_problem
+from .errors import DataError, ImageDecodeError, class_names_problem, shown
 from .paths import check_file_within
-from .png_rows import png_rows_problem
-from .preprocess import to_rgb8
+from .preprocess import (
+    MAX_IMAGE_PIXELS,  # noqa: F401  (imported from here too)
+    Preprocessing,
+    bomb_pixels,
+    decoded_data_problem,
+    jpeg_scan_problem,  # noqa: F401  (imported from here too)
+    opened_image_problem,
+    pixel_limit_problem,
+    png_chunks_problem,
+    to_rgb8,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-# Refuse decompression bombs: 8,192 x 8,192 is far beyond any scan we expect.
-MAX_IMAGE_PIXELS = 8192 * 8192
+# The largest image file read: it is read whole before decoding. Far above any scan within the pixel limit
+# (an 8,192 x 8,192 16-bit RGB TIFF, uncompressed, is 384 MiB; such a scan is stored compressed), far below a
+# file that would take the memory of every decoding thread at once.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 _SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 
@@ -70,38 +79,50 @@ _DECODE_LOCK = threading.Lock()
 _PIL_DIR = os.path.dirname(Image.__file__) + os.sep
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, preprocessing: Preprocessing | None = None) -> Image.Image:
     """Open and fully decode an image as RGB, or raise ImageDecodeError naming the file.
 
-    Strict on purpose, so that nothing damaged is trained on: truncated data is an error whatever
+    Strict on purpose, so that nothing damaged is trained on, and with the checks the server makes
+    (fedmedclip.preprocess: one function each): a file over `MAX_IMAGE_BYTES`, a PNG of too many chunks, an
+    image over `MAX_IMAGE_PIXELS` (in one wording, whether Pillow's own check or ours finds it), a mode with no
+    faithful 8-bit RGB conversion (32-bit float) or more than one frame (`opened_image_problem`), and, given
+    the `preprocessing` it is for, an image whose resize would be over the pixel limit (a thin strip), are
+    refused from the header, before any pixel is decoded. Truncated data is an error whatever
     `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says, so is any warning Pillow raises while it parses and decodes the
-    file (corrupt metadata, a malformed file, a decompression bomb), and a JPEG's entropy-coded data is checked
-    (`jpeg_scan_problem`): libjpeg decodes garbage scan data into garbage pixels with only a warning, which
-    Pillow drops, so a strict libjpeg-turbo decode must pass too; and a PNG's rows are all there
-    (`png_rows_problem`: Pillow pads a PNG whose data ends early with zeros). The pixels returned are Pillow's."""
+    file (corrupt metadata, a malformed file), and so are corrupt JPEG scan data and missing PNG rows, which
+    Pillow decodes without an error (`decoded_data_problem`). The pixels returned are Pillow's."""
     path = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = _image_bytes(path)
+        if problem := png_chunks_problem(data):
+            raise ImageDecodeError(path, f"PNG {problem}")
         with _DECODE_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's bomb check speaks first, in numbers of its own limit: above it a warning (ignored here:
+            # our own check below names the size), above twice it an error (worded with ours, below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
             try:
                 img = Image.open(io.BytesIO(data))
                 w, h = img.size
                 if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageDecodeError(path, f"{w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+                    raise ImageDecodeError(
+                        path, pixel_limit_problem(f"{w}x{h} = {w * h:,} pixels", MAX_IMAGE_PIXELS)
+                    )
+                if problem := opened_image_problem(img):
+                    raise ImageDecodeError(path, problem)
+                if preprocessing and (problem := preprocessing.resize_problem(img.size, MAX_IMAGE_PIXELS)):
+                    raise ImageDecodeError(
+                        path, pixel_limit_problem(problem, MAX_IMAGE_PIXELS) + "; crop it closer to a square"
+                    )
+                # A frame or tile bigger than the image itself (a malformed file) is refused while decoding.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img.load()
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
         _refuse_decoder_warnings(path, caught)
-        if img.format == "JPEG":
-            problem = jpeg_scan_problem(data)
-            if problem:
-                raise ImageDecodeError(path, f"corrupt JPEG data: {problem}")
-        problem = png_rows_problem(data, img.size) if img.format == "PNG" else None
-        if problem:
-            raise ImageDecodeError(path, f"PNG {problem}")
+        if problem := decoded_data_problem(data, img):
+            raise ImageDecodeError(path, problem)
         return to_rgb8(img)
     except ImageDecodeError:
         raise
@@ -111,14 +132,34 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageDecodeError(
             path, "cannot identify image file (not an image format Pillow reads)"
         ) from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        pixels = bomb_pixels(exc)
+        what = f"{pixels:,} pixels" if pixels else "its size"
+        raise ImageDecodeError(path, pixel_limit_problem(what, MAX_IMAGE_PIXELS)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def load_preprocessed(path: str | Path, preprocessing: Preprocessing) -> np.ndarray:
+    """`preprocessing.to_uint8` of `load_image(path, preprocessing)`: the pixels an encoder takes, or an
+    ImageDecodeError naming the file (one --skip-bad-images skips), never a bare ValueError or a resize that
+    fills the memory."""
+    return preprocessing.to_uint8(load_image(path, preprocessing))
+
+
+def _image_bytes(path: str) -> bytes:
+    """The file's bytes, refused (ImageDecodeError) above MAX_IMAGE_BYTES before they are read: a 5 GB file
+    was read whole, to a MemoryError traceback. At most that many are read, whatever its size said (a file
+    growing meanwhile, a device)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(MAX_IMAGE_BYTES + 1) if size <= MAX_IMAGE_BYTES else b""
+    if size > MAX_IMAGE_BYTES or len(data) > MAX_IMAGE_BYTES:
+        what = f"is {size:,} bytes" if size > MAX_IMAGE_BYTES else "holds more bytes than its size says"
+        raise ImageDecodeError(
+            path, f"the file {what}, over the limit of {MAX_IMAGE_BYTES:,} bytes for one image"
+        )
+    return data
 
 
 def _refuse_decoder_warnings(path: str, caught: list[warnings.WarningMessage]) -> None:
@@ -134,23 +175,17 @@ def _refuse_decoder_warnings(path: str, caught: list[warnings.WarningMessage]) -
         raise ImageDecodeError(path, f"decoder warning: {damage[0].category.__name__}: {damage[0].message}")
 
 
-# ----------------------------------------------------------------------------- JPEG scan check
-# libjpeg treats damaged entropy-coded data as a warning: it substitutes zeros or garbage coefficients and the
-# image decodes. Pillow discards those warnings, so the file is decoded a second time by libjpeg-turbo through
-# simplejpeg in strict mode, which turns every such warning into an error: an invalid Huffman code, data that
-# ends before the last block or leaves bytes over, restart markers missing or out of order, in sequential and
-# progressive JPEGs alike. Decoding to grayscale skips the colour work (the entropy-coded data of every
-# component is still read): about 0.35 ms for a 512x512 MRI JPEG on one core, a third of Pillow's own decode.
+def _listed(value: str) -> str:
+    """A file name or label in a list of them: as it is when printable and short, else as `shown` writes it
+    (escaped, cut): a name holding ESC drove the terminal of whoever read the log, a 100,000-character label
+    made a 300 KB line."""
+    return value if value.isprintable() and len(value) <= 60 else shown(value)
 
 
-def jpeg_scan_problem(data: bytes) -> str | None:
-    """What libjpeg-turbo finds wrong with a JPEG file's structure or entropy-coded data when told to refuse
-    what it would only warn about, or None when nothing is."""
-    try:
-        simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
-    except ValueError as exc:
-        return re.sub(r"^corrupt jpeg data:\s*", "", str(exc), flags=re.IGNORECASE) or "undecodable"
-    return None
+def _shown_list(values: list[str], most: int = 10) -> str:
+    """The first `most` of `values`, each as `shown` writes it, and how many more: one bounded line."""
+    more = f" and {len(values) - most} more" if len(values) > most else ""
+    return ", ".join(map(shown, values[:most])) + more
 
 
 def _check_classes(class_names: list[str], records: list[ImageRecord], source: str) -> None:
@@ -182,12 +217,12 @@ def check_class_support(image_set: ImageSet, min_images: int = DEFAULT_MIN_CLASS
     problems = []
     for c in image_set.class_names:
         if train[c] < min_images:
-            problems.append(f"{c!r} has {train[c]} training image(s), fewer than {min_images}")
+            problems.append(f"{shown(c)} has {train[c]} training image(s), fewer than {min_images}")
         if test and (train[c] == 0) != (test[c] == 0):
             where = "training pool" if train[c] else "global test set"
-            problems.append(f"{c!r} is only in the {where}")
+            problems.append(f"{shown(c)} is only in the {where}")
     if problems:
-        counts = ", ".join(f"{c} {train[c]}/{test[c]}" for c in image_set.class_names)
+        counts = ", ".join(f"{_listed(c)} {train[c]}/{test[c]}" for c in image_set.class_names)
         raise DataError(
             f"{image_set.source}: suspicious classes: {'; '.join(problems)}. Images per class "
             f"(training/test): {counts}. A typo in a label makes a new class: fix the label, or if these "
@@ -199,37 +234,52 @@ def check_class_support(image_set: ImageSet, min_images: int = DEFAULT_MIN_CLASS
 def from_image_folder(
     root: str | Path, classes: list[str] | None = None, allow_outside_root: bool = False
 ) -> ImageSet:
-    """`<root>/<split>/<class>/*.jpg` with split folders Training/Testing (or train/test)."""
+    """`<root>/<split>/<class>/*.jpg` with split folders Training/Testing (or train/test); the images of a
+    class are every image file under its folder, in sub-folders too. Hidden files and folders (a name starting
+    with ".": .thumbnails/, macOS's ._scan.jpg and .DS_Store) are skipped: they are a tool's, not the data's."""
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder or a .csv manifest" if root.exists() else "does not exist"
         raise DataError(f"data directory {str(root)!r} {what}")
-    split_dirs = {}
+    split_dirs: dict[str, Path] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         split = _SPLIT_ALIASES.get(d.name.lower())
+        # Training/ and train/ (a case-sensitive file system): one was dropped without a word.
+        if split and split in split_dirs:
+            raise DataError(
+                f"{root}: both {shown(split_dirs[split].name + '/')} and {shown(d.name + '/')} are its {split} "
+                "split: merge them into one folder"
+            )
         if split:
             split_dirs[split] = d
     if "train" not in split_dirs:
+        found_names = _shown_list(sorted(p.name for p in root.iterdir())) or "nothing"
         raise DataError(
-            f"{root}: expected a Training/ (or train/) folder of class folders, found: "
-            f"{', '.join(p.name for p in root.iterdir()) or 'nothing'}"
+            f"{root}: expected a Training/ (or train/) folder of class folders, found: {found_names}"
         )
     found: set[str] = set()
     records = []
     for split, d in split_dirs.items():
-        for class_dir in sorted(p for p in d.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
             files = sorted(
-                f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                f
+                for f in class_dir.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(class_dir).parts)
             )
             if not files:
-                raise DataError(f"class folder {str(class_dir)!r} contains no images")
+                raise DataError(
+                    f"class folder {str(class_dir)!r} contains no images (hidden files and folders, whose names "
+                    'start with ".", are skipped)'
+                )
             found.add(class_dir.name)
             for f in files:
                 if not allow_outside_root:  # a symlink out of the data folder is not this data set's image
                     check_file_within(
                         f,
                         root,
-                        f"image {f.relative_to(root).as_posix()!r} of {root}",
+                        f"image {shown(f.relative_to(root).as_posix())} of {root}",
                         "pass --allow-outside-root",
                     )
                 records.append(
@@ -245,9 +295,7 @@ def _resolve_classes(found: list[str], classes: list[str] | None, source: str) -
         return found
     unknown = [c for c in found if c not in classes]
     if unknown:
-        raise DataError(
-            f"{source}: unknown label(s) {', '.join(map(repr, unknown))}; expected one of {classes}"
-        )
+        raise DataError(f"{source}: unknown label(s) {_shown_list(unknown)}; expected one of {classes}")
     return sorted(classes)
 
 
@@ -269,10 +317,13 @@ def from_csv(
                 f"{path}: missing column(s) {', '.join(sorted(missing))}; need path,label[,site][,split]"
             )
         seen: dict[Path, int] = {}
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            # The csv reader's line count is the row's last line: exact for a row of one line, wherever blank
+            # lines were skipped (DictReader's own line_num lags a row behind, and did on a row it refused).
+            line = reader.reader.line_num
             records.append(_manifest_record(path, line, row, seen, classes, allow_outside_root))
     except csv.Error as exc:  # Python 3.10's csv refuses a NUL byte; a field beyond csv's size limit
-        raise DataError(f"{path}:{reader.line_num}: not a readable CSV row: {exc}") from None
+        raise DataError(f"{path}:{reader.reader.line_num}: not a readable CSV row: {exc}") from None
     class_names = _resolve_classes(sorted({r.label for r in records}), classes, str(path))
     _check_classes(class_names, [r for r in records if r.split == "train"], f"{path} (training split)")
     return ImageSet(class_names, records, str(path.resolve()))
@@ -306,38 +357,46 @@ def _manifest_record(
     if not rel or not label:
         raise DataError(f"{path}:{line}: empty path or label")
     if "\0" in rel:  # no file system path holds one: os calls raised ValueError("embedded null byte")
-        raise DataError(f"{path}:{line}: image path {rel!r} contains a NUL byte")
+        raise DataError(f"{path}:{line}: image path {shown(rel)} contains a NUL byte")
     try:
         file = (base / rel).resolve()
+    except RuntimeError:  # Python 3.10-3.12's resolve on a loop of symbolic links
+        raise DataError(f"{path}:{line}: image path {shown(rel)} is a loop of symbolic links") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}:{line}: image path {rel!r}: {exc}") from None
+        raise DataError(f"{path}:{line}: image path {shown(rel)}: {_os_reason(exc)}") from None
     # The same image twice (e.g. in train and test) would leak across the splits.
     if file in seen:
-        raise DataError(f"{path}:{line}: image {rel!r} is already listed on line {seen[file]}")
+        raise DataError(f"{path}:{line}: image {shown(rel)} is already listed on line {seen[file]}")
     seen[file] = line
     if classes is not None and label not in classes:
-        raise DataError(f"{path}:{line}: unknown label {label!r}; expected one of {sorted(classes)}")
+        raise DataError(f"{path}:{line}: unknown label {shown(label)}; expected one of {sorted(classes)}")
     split_raw = (row.get("split") or "train").strip().lower()
     split = _SPLIT_ALIASES.get(split_raw)
     if split is None:
-        raise DataError(f"{path}:{line}: unknown split {split_raw!r}; use train or test")
+        raise DataError(f"{path}:{line}: unknown split {shown(split_raw)}; use train or test")
     if not allow_outside_root:
         check_file_within(
             file,
             base,
-            f"{path}:{line}: image {rel!r}",
+            f"{path}:{line}: image {shown(rel)}",
             "pass allow_outside_root (the command line's --allow-outside-root) if that is intended",
         )
     try:
         is_file = file.is_file()
     except (OSError, ValueError) as exc:  # a name too long for the file system
-        raise DataError(f"{path}:{line}: image {rel!r}: {exc}") from None
+        raise DataError(f"{path}:{line}: image {shown(rel)}: {_os_reason(exc)}") from None
+    # The resolved path in full from here: stat took it (it refuses one over PATH_MAX); repr escapes it.
     if not is_file and file.is_dir():  # it said the image file 'does not exist'
         raise DataError(f"{path}:{line}: image path {str(file)!r} is a directory, not an image file")
     if not is_file:
         raise DataError(f"{path}:{line}: image file {str(file)!r} does not exist")
     site = (row.get("site") or "").strip() or None
     return ImageRecord(rel, str(file), label, split, site)
+
+
+def _os_reason(exc: Exception) -> str:
+    """An OSError's reason without the file name it repeats (a 100,000-character path twice in one line)."""
+    return (isinstance(exc, OSError) and exc.strerror) or str(exc)
 
 
 # ----------------------------------------------------------------------------- exact duplicates
@@ -394,7 +453,7 @@ def deduplicate(image_set: ImageSet, policy: str = "drop") -> ImageSet:
         "dropped_conflicting": sum(len(g) for g in conflicting),
         "dropped_training_copies": 0,
     }
-    show = lambda g: " = ".join(f"{r.image_id} ({r.label})" for r in g)  # noqa: E731
+    show = lambda g: " = ".join(f"{_listed(r.image_id)} ({_listed(r.label)})" for r in g)  # noqa: E731
     if policy == "refuse" and groups:
         raise DataError(
             f"{image_set.source}: {len(groups)} group(s) of byte-identical images ({across} across the training "

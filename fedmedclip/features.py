@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .data import ImageRecord, file_sha256, load_image
+from .data import ImageRecord, file_sha256, load_preprocessed
 from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
 from .encoders import open_image_encoder
-from .errors import DataError, ImageDecodeError, ProvenanceMismatch
+from .errors import DataError, ImageDecodeError, ProvenanceMismatch, shown
 from .jsonfiles import read_json_object
 from .paths import put_folder_in_place
 from .preprocess import Preprocessing
@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 
 # 2: images decoded with the JPEG scan and PNG row checks (fedmedclip/data.py, load_image); a store of format 1
 # may hold the features of a truncated image those checks now refuse, so it is not reused.
-STORE_FORMAT = 2
+# 3: images of a mode with no faithful 8-bit conversion (a float TIFF, decoded all black), of several frames, or
+# over the file size limit are refused (fedmedclip.preprocess.opened_image_problem, data.MAX_IMAGE_BYTES): a
+# store of format 2 may hold their features.
+STORE_FORMAT = 3
 DEFAULT_PROMPT = "a picture of a {}"
 # Provenance entries that describe how a store was built, not what it holds: outside the digest.
 UNDIGESTED = ("digest", "encoder")
@@ -172,7 +175,7 @@ def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 def _decode(record: ImageRecord, preprocessing: Preprocessing):
     try:
-        return preprocessing.to_uint8(load_image(record.path))
+        return load_preprocessed(record.path, preprocessing)
     except ImageDecodeError as exc:
         return exc
 
@@ -246,7 +249,8 @@ def build_feature_store(
                     if not skip_bad:
                         raise arr
                     skipped.append(rec.image_id)
-                    log.warning("skipping unreadable image %s (%s)", rec.path, arr.reason)
+                    # %r: a file name may hold ESC or CR, which reached the terminal raw
+                    log.warning("skipping unreadable image %r (%s)", rec.path, arr.reason)
                     continue
                 arrays.append(arr)
                 kept.append(rec)
@@ -299,9 +303,11 @@ def check_training_classes(stores: dict[str, FeatureStore], train_ids: dict[str,
     empty = [c for c, n in zip(class_names, counts.tolist(), strict=True) if n == 0]
     if empty:
         skipped = sorted({i for site, ids in train_ids.items() for i in set(ids) & set(stores[site].skipped)})
-        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        listed = ", ".join(map(shown, skipped[:10])) + (
+            f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        )
         reason = (
-            f"--skip-bad-images skipped {len(skipped)} unreadable training image(s): {shown}"
+            f"--skip-bad-images skipped {len(skipped)} unreadable training image(s): {listed}"
             if skipped
             else "the partition put none of its images in a site's training split"
         )

@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from .data import ImageSet
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, shown
 from .features import canonical_digest
 
 SCHEMES = ("iid", "dirichlet", "natural")
 LOCAL_SPLITS = ("train", "val", "test")
+# The fewest training-pool images a site may get, whatever the scheme: a site of one or two images leaves a
+# local split of at most one image, and training on it ended in a BatchNorm traceback.
+MIN_SITE_IMAGES = 10
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Partition:
 
 
 def dirichlet_split(
-    labels: np.ndarray, num_sites: int, alpha: float, rng, min_size: int = 10
+    labels: np.ndarray, num_sites: int, alpha: float, rng, min_size: int = MIN_SITE_IMAGES
 ) -> list[np.ndarray]:
     """Positions of `labels` per site; per class p ~ Dir(alpha), split by cumulative p. Redrawn until
     every site holds at least `min_size` samples (small alpha can leave a site empty)."""
@@ -162,13 +165,22 @@ def make_partition(
         names = sorted(set(site_of))
         if num_sites not in (None, len(names)):
             raise ConfigError(
-                f"--sites {num_sites} but the data names {len(names)} sites: {', '.join(names)}"
+                f"--sites {num_sites} but the data names {len(names)} sites: {', '.join(map(shown, names))}"
             )
         groups = [remaining[[s == n for s in site_of]] for n in names]
+        short = [
+            f"{shown(n)} ({len(g)})" for n, g in zip(names, groups, strict=True) if len(g) < MIN_SITE_IMAGES
+        ]
+        if short:
+            raise DataError(
+                f"{image_set.source}: the natural partition needs at least {MIN_SITE_IMAGES} training-pool "
+                "images per site once the reference set is held out, as iid and dirichlet do; too few at: "
+                f"{', '.join(short)}. Merge or drop those sites, or fix their site names"
+            )
     else:
         if not num_sites or num_sites < 1:
             raise ConfigError("--sites must be at least 1")
-        if len(remaining) < num_sites * 10:
+        if len(remaining) < num_sites * MIN_SITE_IMAGES:
             raise DataError(f"{len(remaining)} training images are too few for {num_sites} sites")
         names = [f"site_{k}" for k in range(num_sites)]
         if scheme == "iid":

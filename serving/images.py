@@ -1,10 +1,11 @@
 """Server-side image decoding: encoded JPEG/PNG bytes -> the uint8 [S, S, 3] array the ONNX graph takes, with
-training's geometry (`Preprocessing.to_uint8`). Every failure is a `RequestRejected` naming the image by its
-index in the request: one bad file gets the client a 400 and the server keeps going. A few kilobytes of PNG
-can decode to tens of megapixels, so a request is budgeted: its bytes (`max_request_bytes`), its images' sizes
-read from their headers first (`max_request_pixels`; each, and the size it is resized to,
-within `max_image_pixels`), and decoding stops once its images have taken
-`max_decode_seconds` of CPU."""
+training's geometry (`Preprocessing.to_uint8`), refusing what training refuses with training's own checks
+(fedmedclip.preprocess: chunk counts, image modes and frames, corrupt JPEG scan data, short PNG rows). Every
+failure is a `RequestRejected` naming the image by its index in the request: one bad file gets the client a
+400 and the server keeps going. A few kilobytes of PNG can decode to tens of megapixels, so a request is
+budgeted: its bytes (`max_request_bytes`), its images' sizes read from their headers first
+(`max_request_pixels`; each, and the size it is resized to, within `max_image_pixels`), and decoding stops
+once its images have taken `max_decode_seconds` of CPU."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import ctypes
 import ctypes.util
 import io
 import os
-import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fedmedclip.png_rows import png_chunks, png_rows_problem
-from fedmedclip.preprocess import Preprocessing
+from fedmedclip.preprocess import (
+    Preprocessing,
+    bomb_pixels,
+    decoded_data_problem,
+    opened_image_problem,
+    png_chunks_problem,
+)
 
 from . import metrics
-from .errors import RequestRejected
+from .errors import RequestRejected, ServingError
 from .options import Limits
 
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
@@ -34,7 +39,16 @@ _FEWER = "; send fewer or smaller images per request"
 
 def install_pil_guards(limits: Limits) -> None:
     """Process-wide PIL settings. PIL itself refuses above 2x MAX_IMAGE_PIXELS inside Image.open (our own
-    header check refuses above 1x first); truncated files must fail, never be silently padded."""
+    header check refuses above 1x first); truncated files must fail, never be silently padded. And the JPEG
+    scan check training makes (fedmedclip.preprocess.jpeg_scan_problem) needs simplejpeg: without it the
+    server does not start, rather than serve JPEGs training would refuse."""
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        raise ServingError(
+            "the server checks JPEG data as training does, with simplejpeg, which is not installed: "
+            "pip install simplejpeg (the version of constraints.txt)"
+        ) from None
     Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     # Between 1x and 2x the limit PIL only warns; _open refuses those from the header itself. Set once
@@ -46,33 +60,14 @@ def _corrupt(index: int, problem: str) -> RequestRejected:
     return RequestRejected("corrupt_image", f"image {index} {problem}")
 
 
-# Chunks of one PNG: Pillow reads each in Python (the header's before the pixels, the rest after them), and
-# 300,000 empty ones (3.6 MB) took 1.4 s of a decoding thread before any budget counted it. A real file has a
-# few ancillary chunks and its image data in chunks of 8 KiB or more: a 64 MiB PNG, 8,192.
-MAX_PNG_CHUNKS = 65_536
-MAX_PNG_ANCILLARY_CHUNKS = 1_024  # every chunk but the image data (IDAT)
-
-
-def _png_chunks_problem(data: bytes) -> str | None:
-    """Why a PNG holds too many chunks to be read, else None: counted from their lengths, at most as many as
-    the limits allow, before Pillow walks them."""
-    ancillary = 0
-    for chunks, (kind, _, _) in enumerate(png_chunks(data), start=1):
-        ancillary += kind != b"IDAT"
-        if chunks > MAX_PNG_CHUNKS or ancillary > MAX_PNG_ANCILLARY_CHUNKS:
-            return (
-                f"holds over {MAX_PNG_CHUNKS:,} chunks, or over {MAX_PNG_ANCILLARY_CHUNKS:,} besides its image "
-                "data: no PNG needs that many"
-            )
-    return None
-
-
 def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     """Parse one file's header (no pixel is decoded); refuse it unless it is a JPEG/PNG within the pixel
-    limit and, a PNG, within the chunk limits. (Pillow itself refuses a width or height of 0 as unidentified.)"""
+    limit, a PNG within the chunk limits, of one frame and a mode training decodes (the checks of
+    fedmedclip.preprocess, which training makes too). (Pillow itself refuses a width or height of 0 as
+    unidentified.)"""
     if not data:
         raise RequestRejected("empty_image", f"image {index} is empty (0 bytes)")
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and (problem := _png_chunks_problem(data)):
+    if problem := png_chunks_problem(data):
         raise RequestRejected("too_many_chunks", f"image {index} (PNG) {problem}")
     try:
         image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
@@ -85,8 +80,8 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     except Image.DecompressionBombError as exc:
         # PIL refuses above twice our limit, in words naming its own limit (2x ours): the client is told
         # ours, and the image's size from PIL's message.
-        found = re.search(r"Image size \((\d+) pixels\)", str(exc))
-        size = f" {int(found[1]):,} pixels," if found else ""
+        pixels = bomb_pixels(exc)
+        size = f" {pixels:,} pixels," if pixels else ""
         raise limits.exceeded("image_too_large", "max_image_pixels", f"image {index} is{size}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise _corrupt(index, f"has a corrupt header: {exc}") from None
@@ -95,23 +90,23 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
         image.close()
         size = f"image {index} is {width}x{height} = {width * height:,} pixels,"
         raise limits.exceeded("image_too_large", "max_image_pixels", size)
+    if problem := opened_image_problem(image):
+        fmt = image.format
+        image.close()
+        raise RequestRejected("unsupported_image", f"image {index} ({fmt}) {problem}")
     return image
 
 
 def _header_pixels(blobs: list[bytes], limits: Limits, pre: Preprocessing) -> list[int]:
     """Each image's width*height from its header, within the per-image limit; and within the same limit the
-    image it is resized to before the centre crop: a 1-pixel-high strip is scaled up by the crop size on both
-    sides (a 952-byte 300000x1 PNG became a 9,600,000x32 image, 1.7 GB in the decoding thread)."""
+    image it is resized to before the centre crop (`Preprocessing.resize_problem`, which training checks
+    too: a thin strip is scaled up by the crop size on both sides)."""
     pixels = []
     for index, data in enumerate(blobs):
         with _open(data, index, limits) as image:
             width, height = image.size
-        new_w, new_h = pre.resized_size((width, height))
-        if new_w * new_h > limits.max_image_pixels:
-            what = (
-                f"image {index} is {width}x{height}: resized to {pre.size} pixels on its short side it would be "
-                f"{new_w}x{new_h} = {new_w * new_h:,} pixels,"
-            )
+        if problem := pre.resize_problem((width, height), limits.max_image_pixels):
+            what = f"image {index} is {problem},"
             raise limits.exceeded(
                 "image_aspect_ratio", "max_image_pixels", what, "; crop it closer to a square"
             )
@@ -127,11 +122,11 @@ def decode_image(data: bytes, index: int, pre: Preprocessing, limits: Limits) ->
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise _corrupt(index, f"({image.format}) is corrupt or truncated: {exc}") from None
-        problem = png_rows_problem(data, image.size) if image.format == "PNG" else None
-        if problem:
-            raise _corrupt(index, f"(PNG) is {problem}")
+        # What Pillow decodes without an error and training refuses: corrupt JPEG scan data, missing PNG rows.
+        if problem := decoded_data_problem(data, image):
+            raise _corrupt(index, f"({image.format}) is refused: {problem}")
         try:
-            pixels = pre.to_uint8(image)
+            pixels = pre.to_uint8(image, limits.max_image_pixels)
         except (OSError, ValueError) as exc:
             problem = f"({image.format}, mode {image.mode}) cannot be converted: {exc}"
             raise _corrupt(index, problem) from None

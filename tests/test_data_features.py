@@ -87,8 +87,8 @@ def test_load_image_decodes_rgb(tmp_path):
         ("truncated.jpg", None, "truncated"),
         ("notes.jpg", b"this is a text file, not a scan\n" * 10, "cannot identify"),
         ("empty.png", b"", ""),
-        ("bomb-pil.png", _png_header(20_000, 20_000), "decompression bomb"),
-        ("bomb-warn.png", _png_header(10_000, 10_000), "DecompressionBomb"),
+        ("bomb-pil.png", _png_header(20_000, 20_000), "exceeds the limit"),
+        ("bomb-warn.png", _png_header(10_000, 10_000), "exceeds the limit"),
         ("bomb-ours.png", _png_header(9_000, 9_000), "exceeds the limit"),
     ],
 )

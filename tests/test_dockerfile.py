@@ -137,7 +137,7 @@ def test_requirement_lists_from_pyproject(stages, tmp_path):
     assert {"torch", "onnxruntime", "transformers"}.isdisjoint(serve)
     # slim: the registry client only, no full mlflow (server, UI, pandas...) and no Triton client
     assert "mlflow-skinny" in serve and not {"mlflow", "tritonclient"} & serve
-    assert {"onnxruntime-gpu", "kserve", "numpy", "pillow"} <= serve
+    assert {"onnxruntime-gpu", "kserve", "numpy", "pillow", "simplejpeg"} <= serve
     assert "torch" not in train and "onnxruntime" not in train  # torch has its own layer
     assert {"onnxruntime-gpu", "kfp", "mlflow", "transformers"} <= train
 
