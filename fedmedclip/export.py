@@ -12,7 +12,8 @@ out) is the same for both precisions. ONNX Runtime's CPU provider runs the fp16 
 inserts casts around half-precision nodes it lacks kernels for), so parity is testable without a GPU.
 
 Nothing non-finite is exported: the run's model files and every parameter and buffer of the classifier are
-checked first, and a NaN or inf is refused naming the file or tensor. The written file's sha256 goes to a
+checked first, and a NaN or inf (or a negative BatchNorm variance, finite but a NaN once normalised) is refused
+naming the file or tensor; then a probe batch runs through the model, and a non-finite answer is refused too. The written file's sha256 goes to a
 sidecar next to it (`model.onnx.sha256`, `sha256sum` format), which `fedmedclip serve` verifies.
 
 The metadata records which run's model the file holds (`fedmedclip.model_digest`, digests.model_digest of the
@@ -126,10 +127,19 @@ def check_classifier_finite(clf: torch.nn.Module, where: str) -> None:
                 )
 
 
+def _negative_variance(key: str, tensor: torch.Tensor) -> str | None:
+    """'2 of 64 values below 0' for a BatchNorm running variance (`*.running_var`) holding any: finite, but the
+    normalisation takes its square root, so the model would answer NaN."""
+    if not key.endswith("running_var") or not tensor.is_floating_point():
+        return None
+    negative = int((tensor < 0).sum())
+    return f"{negative} of {tensor.numel()} values below 0" if negative else None
+
+
 def check_model_files_finite(run_dir: str | Path, site: str | int = GLOBAL) -> list[Path]:
-    """Refuse a run whose model files for `site`'s predictor hold a NaN or inf, naming the file and tensor.
-    Reads the files the predictor may be built from: the class-prompt embeddings, the communicated module
-    and the site's own file. Returns the files checked."""
+    """Refuse a run whose model files for `site`'s predictor hold a NaN or inf, or a negative BatchNorm
+    variance, naming the file and tensor. Reads the files the predictor may be built from: the class-prompt
+    embeddings, the communicated module and the site's own file. Returns the files checked."""
     from safetensors import SafetensorError, safe_open
 
     meta = read_model_json(run_dir)
@@ -146,12 +156,19 @@ def check_model_files_finite(run_dir: str | Path, site: str | int = GLOBAL) -> l
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    problem = _non_finite(fh.get_tensor(key))
+                    tensor = fh.get_tensor(key)
+                    problem = _non_finite(tensor)
                     if problem:
                         raise FedMedClipError(
                             f"refusing to export site {name!r} of {run_dir}: {path} holds a non-finite "
                             f"tensor {key!r} ({problem}); the training that wrote it diverged or the file "
                             "is damaged"
+                        )
+                    problem = _negative_variance(key, tensor)
+                    if problem:
+                        raise FedMedClipError(
+                            f"refusing to export site {name!r} of {run_dir}: {path} holds a BatchNorm variance "
+                            f"{key!r} with {problem}, which no training writes; the file is damaged or was edited"
                         )
         except (SafetensorError, OSError) as exc:
             raise FedMedClipError(f"cannot read {path}: {exc}") from None
@@ -234,11 +251,13 @@ def export_classifier(
     exporter: str = "auto",
     ood: OodFit | None = None,
     model_digest: str = "",
+    source: str = "",
 ) -> Path:
     """Write `clf` (modified in place for fp16) as ONNX with the contract's names and metadata.
     `meta` needs class_names, preprocessing, backbone, method and site. `exporter`: auto (dynamo,
     then TorchScript on failure), dynamo or torchscript. `ood`: the fitted OOD score, exported with it.
-    `model_digest`: the run's (`run_model_digest`), which registration checks the file against."""
+    `model_digest`: the run's (`run_model_digest`), which registration checks the file against. `source`: where
+    the model files are, for an error (default: meta's run_dir's model/ folder)."""
     import onnx
 
     if precision not in PRECISIONS:
@@ -262,6 +281,13 @@ def export_classifier(
     example = torch.randint(
         0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
+    module, names = (
+        (clf, OUTPUT_NAMES)
+        if ood is None
+        else (ScoredClassifier(clf, ood.head).eval(), OUTPUT_NAMES + OOD_OUTPUTS)
+    )
+    where = source or (str(Path(meta["run_dir"]) / "model") if meta.get("run_dir") else "its model files")
+    check_outputs_finite(module, example, names, f"site {meta.get('site', '?')!r} ({where})")
 
     try:  # a folder that takes no file is the system's one-line error, not every exporter failing in turn
         # A temporary file of this export's own: two exports to one --out never write into the same file.
@@ -270,11 +296,6 @@ def export_classifier(
         tmp = Path(name)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write the ONNX file there: {exc.strerror}", str(out)) from None
-    module, names = (
-        (clf, OUTPUT_NAMES)
-        if ood is None
-        else (ScoredClassifier(clf, ood.head).eval(), OUTPUT_NAMES + OOD_OUTPUTS)
-    )
     used = write_graph(module, example, tmp, names, list(EXPORTERS) if exporter == "auto" else [exporter])
 
     try:
@@ -320,6 +341,23 @@ def export_classifier(
         sha256_sidecar(out).name,
     )
     return out
+
+
+def check_outputs_finite(module: torch.nn.Module, example: torch.Tensor, names, where: str) -> None:
+    """Refuse a model that answers a non-finite number on a probe batch (the export's example images, a black
+    and a white one): finite weights can still make one (a negative variance, a zero scale), and its ONNX graph
+    would serve NaN probabilities. `where`: the model and its files, for the error."""
+    size = example.shape[1]
+    plain = [torch.full((size, size, 3), v, dtype=torch.uint8) for v in (0, 255)]
+    with torch.no_grad():
+        outputs = module(torch.cat([example, torch.stack(plain)]))
+    for name, output in zip(names, outputs, strict=True):
+        problem = _non_finite(output)
+        if problem:
+            raise FedMedClipError(
+                f"refusing to export {where}: it answers a non-finite {name!r} on probe images ({problem}); its "
+                "model files are damaged or were edited"
+            )
 
 
 def _check_interface(model, size: int, num_classes: int, embedding_dims: int | None = None) -> None:
@@ -574,7 +612,10 @@ def export_site_state(
                         f"cannot fit the OOD score of {site!r}: {exc} (export with --no-ood to skip it)"
                     ) from None
                 log.warning("exporting %s without an OOD score: %s", site, exc)
-        return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted, digest)
+        where = (
+            f"{open_store(state).where(f'model/site_{site}.safetensors')} with run {run_id}'s global module"
+        )
+        return export_classifier(clf, meta, out_path, precision, run_id, exporter, fitted, digest, where)
 
 
 def recorded_results(run_dir: str | Path) -> dict | None:

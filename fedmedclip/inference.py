@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from torch import nn
 
 from .backbone import LOGIT_SCALE, Backbone, load_backbone
-from .errors import ConfigError, FedMedClipError, ProvenanceMismatch
+from .config import FEDERATIONS
+from .errors import ConfigError, FedMedClipError, ProvenanceMismatch, class_names_problem, shown
+from .federation.messages import BackboneIdentity, Message, PreprocessingSpec, Short, Text, _first_problem
 from .jsonfiles import read_json
 from .losses import ENTROPIES, ensemble
 from .methods import METHODS, MethodContext, ModelFiles
@@ -107,8 +111,57 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _class_names(names: list[str]) -> list[str]:
+    if problem := class_names_problem(names):
+        raise ValueError(problem)
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"class name {shown(twice)} is listed twice")
+    return names
+
+
+def _distinct_sites(names: list[str] | None) -> list[str] | None:
+    if names is not None and len(set(names)) != len(names):
+        raise ValueError(f"site {shown(next(n for n in names if names.count(n) > 1))} is listed twice")
+    return names
+
+
+def _federation(mode: str) -> str:
+    if mode not in FEDERATIONS:
+        raise ValueError(f"federation is {shown(mode)}, not one of {', '.join(FEDERATIONS)}")
+    return mode
+
+
+SiteList = Annotated[list[Short], Field(max_length=10_000), AfterValidator(_distinct_sites)]
+
+
+class ModelJson(Message):
+    """model/model.json as the server (federation.server.model_meta) and a site's export write it: the entries
+    export and serving read, with their types (the backbone and preprocessing as the run's manifest declares
+    them). Keys this version does not read are not looked at."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format_version: Annotated[int, Field(ge=1, le=1000)] | None = None
+    method: Short
+    method_options: Annotated[dict[Short, Any], Field(max_length=1000)] = {}
+    federation: Annotated[Short, AfterValidator(_federation)] = "federated"
+    class_names: Annotated[list[Short], Field(min_length=1, max_length=10_000), AfterValidator(_class_names)]
+    prompt_template: Text | None = None
+    backbone: BackboneIdentity
+    preprocessing: PreprocessingSpec
+    feature_dim: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    sites: SiteList | None = None
+    site_names: SiteList | None = None  # what runs wrote before `sites`
+    best_round: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    partition_digest: Short | None = None
+
+
 def read_model_json(run_dir: str | Path) -> dict:
-    """`RUN/model/model.json`, with errors that say what is wrong with the run directory."""
+    """`RUN/model/model.json`, with errors that say what is wrong with the run directory: each entry export and
+    serving read has its type (`ModelJson`), the preprocessing is one `Preprocessing` takes, and the classes are
+    those the run's partition.json says it trained on (where the run directory has one: a site's export builds
+    its model folder without it)."""
     run = Path(run_dir)
     if not run.is_dir():
         what = "is a file, not a run directory" if run.exists() else "does not exist"
@@ -127,7 +180,37 @@ def read_model_json(run_dir: str | Path) -> dict:
     missing = [k for k in ("method", "class_names", "backbone", "preprocessing") if k not in meta]
     if missing:
         raise FedMedClipError(f"{str(path)!r} lacks {', '.join(missing)}")
+    try:
+        ModelJson.model_validate(meta)
+        Preprocessing.from_dict(meta["preprocessing"])  # its values' ranges, beyond their types
+    except ValidationError as exc:
+        raise FedMedClipError(f"{str(path)!r} is damaged or was edited: {_first_problem(exc)}") from None
+    except ValueError as exc:
+        raise FedMedClipError(f"{str(path)!r} is damaged or was edited: {exc}") from None
+    _check_trained_classes(run, path, meta["class_names"])
     return meta
+
+
+def _check_trained_classes(run: Path, path: Path, class_names: list[str]) -> None:
+    """model.json's classes, in order, are those of the run's partition.json: the text features' rows and the
+    heads' outputs follow that order, so reordered or renamed classes would label every answer wrongly."""
+    partition = run / "partition.json"
+    if not partition.exists():
+        return
+    try:
+        trained = read_json(partition)
+    except (OSError, ValueError) as exc:
+        raise FedMedClipError(f"cannot read {str(partition)!r}: {exc}") from None
+    trained = trained.get("class_names") if isinstance(trained, dict) else None
+    if not (isinstance(trained, list) and all(isinstance(c, str) for c in trained)):
+        raise FedMedClipError(
+            f"{str(partition)!r} is damaged or was edited: class_names is not a list of names"
+        )
+    if trained != class_names:
+        raise FedMedClipError(
+            f"{str(path)!r} lists the classes {shown(class_names)}, but the run trained on {shown(trained)} "
+            f"({partition.name}): model.json was edited, and its model would answer under the wrong names"
+        )
 
 
 def site_names(meta: dict) -> list[str]:

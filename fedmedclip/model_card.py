@@ -70,6 +70,25 @@ RESULTS_SHAPES = {
     "privacy": dict,
 }
 ROUND_SHAPES = {"global": dict, "sites": list, "client_dp": dict}  # of each history record
+# Of the other files' entries a reader takes apart, where present: partition.json's `counts` is
+# {site: {split: {class: n}}}; model/model.json's are those a card falls back on (export checks the whole file).
+FILE_SHAPES = {
+    "partition.json": {
+        "class_names": list,
+        "split_ratio": list,
+        "sites": dict,
+        "reference": list,
+        "global_test": list,
+        "counts": dict,
+    },
+    "model/model.json": {
+        "class_names": list,
+        "backbone": dict,
+        "preprocessing": dict,
+        "method_options": dict,
+        "sites": list,
+    },
+}
 
 
 def _shape_problem(value, kind: type, where: str) -> str | None:
@@ -86,6 +105,15 @@ def run_files_problem(run_dir: Path, files: dict) -> str | None:
     checks += [
         (p, dict, f"{run_dir / 'provenance.json'}: holder {h!r}") for h, p in _items(files, "provenance.json")
     ]
+    for name, shapes in FILE_SHAPES.items():
+        content = files.get(name)
+        if isinstance(content, dict):
+            checks += [(content.get(k), kind, f"{run_dir / name}: `{k}`") for k, kind in shapes.items()]
+    where = run_dir / "partition.json"
+    for site, splits in _items(files, "partition.json", "counts"):
+        checks.append((splits, dict, f"{where}: `counts.{site}`"))
+        if isinstance(splits, dict):
+            checks += [(per, dict, f"{where}: `counts.{site}.{split}`") for split, per in splits.items()]
     results, where = files.get("results.json"), run_dir / "results.json"
     if isinstance(results, dict):
         for key, kind in RESULTS_SHAPES.items():
@@ -109,8 +137,11 @@ def run_files_problem(run_dir: Path, files: dict) -> str | None:
     return next((p for p in (_shape_problem(*c) for c in checks) if p), None)
 
 
-def _items(files: dict, name: str) -> list:
+def _items(files: dict, name: str, entry: str = "") -> list:
+    """The (key, value) pairs of file `name`'s object (of its `entry`, when given), [] where it is none."""
     content = files.get(name)
+    if entry:
+        content = content.get(entry) if isinstance(content, dict) else None
     return list(content.items()) if isinstance(content, dict) else []
 
 
@@ -181,7 +212,7 @@ def build_card(run_dir: str | Path, registry: dict | None = None) -> dict:
     replaced in MLflow) is a CardError naming the run directory, not a traceback."""
     try:
         return _build_card(Path(run_dir), registry)
-    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
         raise CardError(
             f"cannot build a model card: {run_dir} holds a figure of another type or range than a run writes "
             f"({type(exc).__name__}: {exc})"

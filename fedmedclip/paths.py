@@ -11,6 +11,7 @@ cache look for it; `lock_folder`: processes that change a folder's contents taki
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -104,13 +105,28 @@ def put_folder_in_place(tmp: str | Path, final: str | Path, already_there: Calla
     """Move the folder `tmp` (written under a private temporary name beside `final`) to `final` in one step, so
     that no reader sees it half-written. Processes sharing a cache may build the same folder at once: when one
     got there first (a non-empty folder cannot be replaced), `tmp` is dropped, and the error stands only when
-    `already_there()` says that what is at `final` is not that folder."""
+    `already_there()` says that what is at `final` is not that folder: then, when something else is there (an
+    interrupted or edited copy, a file), an OSError in one line naming `final` and what to do; it is left
+    untouched."""
     try:
         os.replace(tmp, final)
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not already_there():
-            raise
+        if already_there():
+            return
+        if os.path.lexists(final) and exc.errno in _IN_THE_WAY:
+            # The system's words named the temporary folder, removed by now, and said nothing of what to do.
+            what = "a folder" if os.path.isdir(final) else "a file"
+            clear = OSError(
+                f"{final} is {what} that does not hold what belongs there (an interrupted or edited copy): it is "
+                "left untouched; delete it, and the next run builds it again"
+            )
+            clear.errno = exc.errno
+            raise clear from None
+        raise
+
+
+_IN_THE_WAY = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # os.replace onto what is there
 
 
 @contextlib.contextmanager

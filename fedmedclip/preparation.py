@@ -20,9 +20,12 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone, load_backbone, make_preprocessing
 from .config import SYNTHETIC, TrainConfig
-from .data import ImageSet, check_class_support, deduplicate, load_image, open_source
-from .errors import ConfigError
+from .data import ImageSet, check_class_support, deduplicate, load_preprocessed, open_source
+from .digests import sha256_file
+from .errors import ConfigError, DataError
 from .features import FeatureStore, build_feature_store, canonical_digest, check_training_classes
+from .federation.storage import atomic_write_bytes
+from .jsonfiles import read_json_object
 from .methods import METHODS, Method, MethodContext, SiteData, resolved_preprocessing
 from .partition import Partition, make_partition
 from .paths import put_folder_in_place
@@ -52,25 +55,111 @@ def load_image_set(cfg: TrainConfig) -> ImageSet:
     return image_set
 
 
+# In a cached synthetic data set's folder: the generator's arguments and the sha256 of each file it wrote, recorded
+# when it was generated and checked whenever the folder is reused (the generator is deterministic, so a file that
+# differs was changed since: a relabelled manifest line would otherwise be trained on without a word).
+GENERATED = "generated.json"
+
+
 def _local_source(cfg: TrainConfig) -> Path | str:
+    """The data's manifest; `synthetic` is generated into the cache once, and checked against its GENERATED record
+    whenever it is reused: a folder changed since, or incomplete, is refused in one line and left as it is."""
     if cfg.data != SYNTHETIC:
         return cfg.data
-    from . import synthetic
-
     args = cfg.synthetic_arguments()
     folder = Path(cfg.cache_dir) / "synthetic" / canonical_digest(args)[:16]
     manifest = folder / "manifest.csv"
-    if not manifest.exists():
-        # A private temporary folder: processes sharing the cache may generate the same data at once.
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
-            synthetic.generate(tmp, **args)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed generation leaves nothing in the cache
-            raise
-        put_folder_in_place(tmp, folder, manifest.exists)  # or another process put the same data there first
+    empty = folder.is_dir() and not any(folder.iterdir())  # an empty folder is generated into
+    if os.path.lexists(folder) and not empty:
+        problem = _generation_problem(folder, args)
+        if problem and not os.path.lexists(folder / GENERATED) and manifest.is_file():
+            # Generated before the record was kept: checked once against a fresh generation, then recorded.
+            problem = _record_earlier_generation(folder, args)
+        if problem:
+            raise DataError(
+                f"the synthetic data set cached in {folder} {problem}; it is left untouched: delete that folder, "
+                "and the next run generates it again"
+            )
+        return manifest
+    # A private temporary folder: processes sharing the cache may generate the same data at once, and the first
+    # one put in place is kept.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _generate(folder, args)
+    put_folder_in_place(tmp, folder, lambda: _generation_problem(folder, args) is None)
     return manifest
+
+
+def _generate(folder: Path, args: dict) -> Path:
+    """synthetic.generate(**args) into a new private folder beside `folder`, with its GENERATED record; nothing
+    is left behind when it fails."""
+    from . import synthetic
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        synthetic.generate(tmp, **args)
+        record = {"format": 1, "arguments": args, "files": _file_digests(tmp)}
+        (tmp / GENERATED).write_text(json.dumps(record, indent=1, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed generation leaves nothing in the cache
+        raise
+    return tmp
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each file under `folder` (but its GENERATED record), by `/`-separated relative path."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p != folder / GENERATED
+    }
+
+
+def _generation_problem(folder: Path, args: dict) -> str | None:
+    """What is wrong with a cached synthetic data set, against the GENERATED record written with it (None: each
+    file it recorded is there with the same bytes)."""
+    if not folder.is_dir():
+        return "is not a folder"
+    if not os.path.lexists(folder / "manifest.csv"):
+        return "is incomplete: it has no manifest.csv"
+    try:
+        record = read_json_object(folder / GENERATED)
+    except FileNotFoundError:
+        return f"has no {GENERATED} (the record of what was generated)"
+    except (OSError, ValueError) as exc:
+        return f"has a damaged {GENERATED} ({exc})"
+    files = record.get("files")
+    if record.get("arguments") != args or not isinstance(files, dict) or "manifest.csv" not in files:
+        return f"has a {GENERATED} that does not describe it"
+    for rel, want in files.items():
+        path = folder / str(rel)
+        try:
+            got = sha256_file(path) if path.is_file() and not path.is_symlink() else None
+        except OSError:
+            got = None
+        if got is None:
+            return f"is incomplete: {rel} is missing or unreadable"
+        if got != want:
+            return f"was changed since it was generated: {rel} differs"
+    return None
+
+
+def _record_earlier_generation(folder: Path, args: dict) -> str | None:
+    """A folder generated before GENERATED records were kept: compared file by file with a fresh generation
+    (deterministic), which gives it its record when each file is the same; else what differs."""
+    tmp = _generate(folder, args)
+    try:
+        wanted = read_json_object(tmp / GENERATED)["files"]
+        for rel, want in wanted.items():
+            path = folder / rel
+            if not path.is_file() or path.is_symlink() or sha256_file(path) != want:
+                return f"was changed since it was generated: {rel} differs from what the generator writes"
+        try:  # only the record is added: a read-only cache is checked again the next time
+            atomic_write_bytes(folder / GENERATED, (tmp / GENERATED).read_bytes())
+        except OSError as exc:
+            log.debug("could not record %s in %s: %s", GENERATED, folder, exc)
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def holder_images(cfg: TrainConfig, image_set: ImageSet, partition: Partition, holder: str) -> ImageSet:
@@ -151,7 +240,7 @@ def load_pixels(
     missing = [p for p in dict.fromkeys(paths) if (recipe, p) not in _PIXEL_CACHE]
     if missing:
         with ThreadPoolExecutor(min(8, (os.cpu_count() or 2) * 2)) as pool:
-            arrays = pool.map(lambda p: preprocessing.to_uint8(load_image(p)), missing)
+            arrays = pool.map(lambda p: load_preprocessed(p, preprocessing), missing)
             for p, a in tqdm(
                 zip(missing, arrays, strict=True),
                 total=len(missing),
