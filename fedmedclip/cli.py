@@ -479,7 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir", nargs="?", help="a `fedmedclip train --out` or `server run --out` run directory"
     )
     p.add_argument("--site", default="global", help="global | a site name | a site index (default: global)")
-    p.add_argument("--out", default="model.onnx", help="ONNX file to write (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="model.onnx",
+        help="ONNX file to write (default: %(default)s); a file already there is replaced only when it is an "
+        "earlier export (its .sha256 sidecar matches it), anything else is refused",
+    )
     p.add_argument("--fp16", action="store_true", help="half-precision image encoder (for GPU serving)")
     p.add_argument(
         "--run-id",

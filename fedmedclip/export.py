@@ -28,6 +28,7 @@ server's images (`export RUN`), for a site's own model that site's images, read 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from .digests import (
     model_dir_digest,
     onnx_metadata,
     ood_metadata,
+    read_sha256_sidecar,
     sha256_file,
     sha256_sidecar,
     write_sha256_sidecar,
@@ -61,7 +63,7 @@ from .inference import (
 )
 from .jsonfiles import read_json_object
 from .ood import DEFAULT_FALSE_ALARM_RATE, METHOD, OodFit, OodHead, fit_ood, split_for_calibration
-from .paths import DEFAULT_CACHE_DIR
+from .paths import DEFAULT_CACHE_DIR, lock_folder
 from .privacy.report import privacy_summary
 
 log = logging.getLogger(__name__)
@@ -265,8 +267,7 @@ def export_classifier(
     if exporter not in ("auto", *EXPORTERS):
         raise ConfigError(f"unknown exporter {exporter!r}; choose auto, dynamo or torchscript")
     out = Path(out_path)
-    if out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a directory; give a file name such as model.onnx")
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_classifier_finite(clf, f"the {meta.get('method', '?')} predictor of site {meta.get('site', '?')!r}")
     clf = clf.eval()
@@ -324,10 +325,7 @@ def export_classifier(
         onnx.checker.check_model(model)
         onnx.save_model(model, str(tmp))
         digest = sha256_file(tmp)
-        # A stale sidecar of an earlier export must never vouch for the new file, even if we stop here.
-        sha256_sidecar(out).unlink(missing_ok=True)
-        os.replace(tmp, out)  # never leave a half-written model under the final name
-        write_sha256_sidecar(out, digest)
+        put_export_in_place(tmp, out, digest)
     finally:
         tmp.unlink(missing_ok=True)
     log.info(
@@ -341,6 +339,62 @@ def export_classifier(
         sha256_sidecar(out).name,
     )
     return out
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the export may not write `out` (None when it may): it is a folder, or a file that is not an earlier
+    export of this tool, which the export would replace. An export is recognised by its sha256 sidecar (every
+    export writes one) matching it: `--out RUN/results.json` destroyed a run's results."""
+    if out.is_dir():
+        return f"--out {str(out)!r} is a directory; give a file name such as model.onnx"
+    if not os.path.lexists(out):
+        return None
+    try:  # is_file first: hashing a FIFO would wait for a writer
+        if out.is_file() and read_sha256_sidecar(out) == sha256_file(out):
+            return None
+    except (OSError, ValueError):  # an unreadable or malformed sidecar vouches for nothing
+        pass
+    return (
+        f"--out {str(out)!r} already exists and is not a model this tool exported (no {sha256_sidecar(out).name} "
+        "beside it matching it, as every export writes): it is left untouched; remove it or choose another path"
+    )
+
+
+@contextlib.contextmanager
+def _out_folder_locked(out: Path):
+    """Exports to one folder taking turns at checking and replacing their --out: an export puts the file, then
+    its sidecar, in place, and another one looking between the two would see a file no sidecar vouches for and
+    refuse it (two exports to one --out at once must both succeed)."""
+    if not out.parent.is_dir():  # nothing there yet (created later), or a file above it (mkdir's error then)
+        yield
+        return
+    with lock_folder(
+        out.parent, on_wait=lambda: log.info("waiting for another process writing %s", out.parent)
+    ):
+        yield
+
+
+def check_out(out: str | Path) -> None:
+    """ConfigError in one line unless the export may write `out` (`_out_problem`); every export path checks it
+    before loading anything, and again as it puts the file in place."""
+    out = Path(out)
+    with _out_folder_locked(out):
+        problem = _out_problem(out)
+    if problem:
+        raise ConfigError(problem)
+
+
+def put_export_in_place(tmp: Path, out: Path, digest: str) -> None:
+    """Rename the written export `tmp` (of sha256 `digest`) to `out` and write its sidecar, after checking again
+    that `out` may be replaced: something else may have been put there while the model was exported."""
+    with _out_folder_locked(out):
+        problem = _out_problem(out)
+        if problem:
+            raise ConfigError(problem)
+        # A stale sidecar of an earlier export must never vouch for the new file, even if we stop here.
+        sha256_sidecar(out).unlink(missing_ok=True)
+        os.replace(tmp, out)  # never leave a half-written model under the final name
+        write_sha256_sidecar(out, digest)
 
 
 def check_outputs_finite(module: torch.nn.Module, example: torch.Tensor, names, where: str) -> None:
@@ -409,6 +463,7 @@ def export_onnx(
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if ood not in OOD_MODES:
         raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
+    check_out(out_path)
     check_model_files_finite(run_dir, site)
     # Loaded once, checked against the run's hash: the classifier's encoder and the OOD fit's encoding alike.
     loaded = load_run_backbone(read_model_json(run_dir), backbone)
@@ -545,6 +600,7 @@ def export_site_state(
 
     if ood not in OOD_MODES:
         raise ConfigError(f"unknown OOD mode {ood!r}; choose one of {', '.join(OOD_MODES)}")
+    check_out(out_path)
     mb = Mailbox(open_store(mailbox), run_id)
     manifest = read_manifest(mb)
     if manifest is None:

@@ -2,7 +2,9 @@
 
 Exactness is the point: a store records the provenance of its features (backbone identity and
 weights hash, preprocessing, prompt template, class names, hash of the image list and contents),
-is reused only when that provenance matches, and refuses a mismatch rather than mixing inputs.
+is reused only when that provenance matches, and refuses a mismatch rather than mixing inputs. provenance.json
+also records the sha256 of the store's other files, and a store is reused only when those files, its digest,
+its labels and its image ids are what it claims: one edited or damaged on disk is refused, never trained on.
 Stores are per holder (each site encodes only its own images), which is also what the pipeline's
 per-site extraction does: CPU encodings differ by ~1e-6 with batch composition, so both paths
 encode the same batches and give identical features.
@@ -26,12 +28,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .data import ImageRecord, file_sha256, load_preprocessed
-from .digests import canonical_digest  # also imported from here by partition, engine and pipelines
+from .digests import (  # canonical_digest: also imported from here by partition, engine and pipelines
+    canonical_digest,
+    canonical_json,
+    is_sha256,
+    sha256_bytes,
+    sha256_file,
+)
 from .encoders import open_image_encoder
 from .errors import DataError, ImageDecodeError, ProvenanceMismatch, shown
 from .jsonfiles import read_json_object
@@ -45,10 +54,21 @@ log = logging.getLogger(__name__)
 # 3: images of a mode with no faithful 8-bit conversion (a float TIFF, decoded all black), of several frames, or
 # over the file size limit are refused (fedmedclip.preprocess.opened_image_problem, data.MAX_IMAGE_BYTES): a
 # store of format 2 may hold their features.
-STORE_FORMAT = 3
+# 4: provenance.json records the sha256 of features.safetensors and index.json (FILES_SHA256), checked at every
+# load. A store of format 3 may have been edited (labels, ids, features) without a trace, and one of format 4
+# without the hashes is refused, so that deleting them cannot turn the check off. `load` still reads a format-3
+# store (checking what it can: shapes, finiteness, labels), but no run reuses one: its digest is not the format-4
+# digest a run asks for, so the images are encoded once more, into a folder of their own, and the old one is
+# left as it is.
+STORE_FORMAT = 4
+HASHED_SINCE_FORMAT = 4
 DEFAULT_PROMPT = "a picture of a {}"
-# Provenance entries that describe how a store was built, not what it holds: outside the digest.
-UNDIGESTED = ("digest", "encoder")
+# provenance.json's {file name: sha256} of the store's other files; written by `save`, left out of
+# FeatureStore.provenance (a site's report carries that, and its declaration takes no such key).
+FILES_SHA256 = "files_sha256"
+HASHED_FILES = ("features.safetensors", "index.json")
+# Provenance entries that describe how a store was built or written, not what it holds: outside the digest.
+UNDIGESTED = ("digest", "encoder", FILES_SHA256)
 
 
 def image_list_sha256(records: list[ImageRecord], workers: int) -> str:
@@ -94,24 +114,36 @@ class FeatureStore:
     path: Path | None = None
 
     def rows(self, image_ids: list[str]) -> np.ndarray:
-        """Row indices of the given image ids (skipped images are left out)."""
+        """Row indices of the given image ids (skipped images are left out). An id the store neither holds nor
+        skipped is a DataError: dropped silently, a training image went missing from the run unnoticed."""
         where = {iid: i for i, iid in enumerate(self.image_ids)}
+        skipped = set(self.skipped)
+        for i in image_ids:
+            if i not in where and i not in skipped:
+                problem = f"it holds no image {shown(i)}, neither encoded nor skipped as unreadable"
+                if self.path is None:
+                    raise DataError(f"feature store: {problem}")
+                raise _damaged(self.path, ValueError(problem))
         return np.array([where[i] for i in image_ids if i in where], dtype=np.int64)
 
     def save(self, directory: Path) -> None:
-        """Write atomically: a half-written store must never look valid."""
+        """Write atomically: a half-written store must never look valid. provenance.json records the sha256 of
+        the other files (FILES_SHA256), which `load` checks."""
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=directory.parent))
-        save_file(
-            {"features": self.features, "labels": self.labels, "text_features": self.text_features},
-            str(tmp / "features.safetensors"),
-        )
-        (tmp / "index.json").write_text(
-            json.dumps(
+        files = {
+            "features.safetensors": save_tensors(
+                {"features": self.features, "labels": self.labels, "text_features": self.text_features}
+            ),
+            "index.json": json.dumps(
                 {"image_ids": self.image_ids, "class_names": self.class_names, "skipped": self.skipped}
-            )
-        )
-        (tmp / "provenance.json").write_text(json.dumps(self.provenance, indent=2))
+            ).encode(),
+        }
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        hashes = {name: sha256_bytes(data) for name, data in files.items()}
+        written = {**self.provenance, FILES_SHA256: hashes}
+        (tmp / "provenance.json").write_text(json.dumps(written, indent=2))
         # Stores are keyed by what they hold: one a concurrent writer put there first is this one.
         put_folder_in_place(
             tmp, directory, lambda: _complete_store(directory, self.provenance.get("digest", ""))
@@ -121,8 +153,13 @@ class FeatureStore:
     @classmethod
     def load(cls, directory: Path) -> FeatureStore:
         """The store `save` wrote at `directory`, or a DataError naming it and what is wrong: a cache damaged on
-        disk stopped every run that reused it with a traceback."""
+        disk stopped every run that reused it with a traceback, and one edited on disk (labels, image ids,
+        features) trained silently. Its files are checked against the sha256 provenance.json records, its
+        labels against its classes; `build_feature_store` checks the provenance's digest and that the store
+        holds the images asked for."""
         try:
+            provenance = _stored_provenance(directory)
+            _check_files(directory, provenance.pop(FILES_SHA256, None), provenance.get("format"))
             tensors = load_file(str(directory / "features.safetensors"))
             index = read_json_object(directory / "index.json")
             store = cls(
@@ -131,7 +168,7 @@ class FeatureStore:
                 [str(i) for i in index["image_ids"]],
                 [str(c) for c in index["class_names"]],
                 tensors["text_features"],
-                _stored_provenance(directory),
+                provenance,
                 [str(i) for i in index.get("skipped", [])],
                 directory,
             )
@@ -140,9 +177,74 @@ class FeatureStore:
                 raise ValueError(f"{rows} image ids for {tuple(store.features.shape)} features")
             if not (torch.isfinite(store.features).all() and torch.isfinite(store.text_features).all()):
                 raise ValueError("non-finite features")
+            _check_labels(store)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise _damaged(directory, exc) from None
         return store
+
+
+def _check_files(directory: Path, recorded: object, store_format: object) -> None:
+    """ValueError unless each HASHED_FILES file hashes as provenance.json records (`recorded`). Only a store
+    written before the hashes were (an int format below HASHED_SINCE_FORMAT) may record none."""
+    if recorded is None and isinstance(store_format, int) and store_format < HASHED_SINCE_FORMAT:
+        return
+    if not (
+        isinstance(recorded, dict)
+        and set(recorded) == set(HASHED_FILES)
+        and all(isinstance(h, str) and is_sha256(h) for h in recorded.values())
+    ):
+        raise ValueError(
+            f"provenance.json's {FILES_SHA256} is not {{file name: sha256}} of {', '.join(HASHED_FILES)}"
+        )
+    for name in HASHED_FILES:
+        if not (directory / name).is_file():  # a link to /dev/zero, a FIFO: hashing it would never end
+            raise ValueError(f"{name} is not a regular file")
+        if sha256_file(directory / name) != recorded[name]:
+            raise ValueError(f"{name} is not the file the store was written with (its sha256 differs)")
+
+
+def _check_labels(store: FeatureStore) -> None:
+    """ValueError for a label that names no class of the store (a class count of a training image fails
+    later with a traceback, a prediction indexes past the class names)."""
+    if store.labels.dtype != torch.int64:
+        raise ValueError(f"labels of type {store.labels.dtype}, not int64")
+    classes = len(store.class_names)
+    outside = ((store.labels < 0) | (store.labels >= classes)).nonzero()
+    if len(outside):
+        row = int(outside[0])
+        raise ValueError(
+            f"label {int(store.labels[row])} of image {shown(store.image_ids[row])} is outside the range of the "
+            f"{classes} classes (0 to {classes - 1})"
+        )
+    if store.text_features.shape != (classes, *store.features.shape[1:]):
+        raise ValueError(
+            f"{tuple(store.text_features.shape)} text features for {classes} classes of "
+            f"{tuple(store.features.shape[1:])} features"
+        )
+
+
+def _holds_problem(store: FeatureStore, records: list[ImageRecord], class_names: list[str]) -> str | None:
+    """Why `store` does not hold the features of `records` as `build_feature_store` would encode them (None when
+    it does): its image ids, in order, are the records' less the skipped ones, and each label is the record's.
+    A store reused by its provenance is checked so: an id renamed in index.json dropped its training image, ids
+    swapped or labels edited trained on other labels, without a word."""
+    if store.class_names != list(class_names):
+        return f"its class names {shown(store.class_names)} are not the data's {shown(list(class_names))}"
+    skipped = set(store.skipped)
+    ids = [r.image_id for r in records]
+    kept = [r for r in records if r.image_id not in skipped]
+    if not skipped <= set(ids) or len(skipped) != len(store.skipped):
+        return "the images it records as skipped are not among the data's"
+    if [r.image_id for r in kept] != store.image_ids:
+        if len(kept) != len(store.image_ids):
+            return f"it holds {len(store.image_ids)} images, the data {len(kept)} readable ones"
+        row = next(i for i, r in enumerate(kept) if r.image_id != store.image_ids[i])
+        return f"its image {row} is {shown(store.image_ids[row])}, the data's is {shown(kept[row].image_id)}"
+    label_index = {c: i for i, c in enumerate(class_names)}
+    for rec, stored in zip(kept, store.labels.tolist(), strict=True):
+        if label_index.get(rec.label) != stored:
+            return f"it labels image {shown(rec.image_id)} {shown(class_names[stored])}, the data {shown(rec.label)}"
+    return None
 
 
 def _damaged(directory: Path, exc: Exception) -> DataError:
@@ -160,7 +262,17 @@ def _stored_provenance(directory: Path) -> dict:
     return prov
 
 
+def _check_digest(prov: dict) -> None:
+    """ValueError unless `prov`'s digest is that of its other entries, as `provenance_for` computed it: an entry
+    edited (another backbone's name) was trusted, and recorded in the run's provenance, while the digest alone
+    was compared."""
+    if canonical_digest({k: v for k, v in prov.items() if k not in UNDIGESTED}) != prov["digest"]:
+        raise ValueError("provenance.json does not hold the inputs its digest names (it was edited)")
+
+
 def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    if not prefix:  # compared as JSON: a tuple requested and the list it was stored as are one value
+        stored, wanted = json.loads(canonical_json(stored)), json.loads(canonical_json(wanted))
     out = []
     for key in sorted(set(stored) | set(wanted)):
         if not prefix and key in UNDIGESTED:
@@ -218,11 +330,16 @@ def build_feature_store(
     if (directory / "provenance.json").exists():
         try:
             stored = _stored_provenance(directory)
+            _check_digest(stored)
         except (OSError, ValueError) as exc:
             raise _damaged(directory, exc) from None
         if stored.get("digest") == wanted["digest"]:
             log.info("reusing feature store %s", directory)
-            return FeatureStore.load(directory)
+            store = FeatureStore.load(directory)
+            problem = _holds_problem(store, records, class_names)
+            if problem:
+                raise _damaged(directory, ValueError(f"{problem}: it was edited"))
+            return store
         raise ProvenanceMismatch(
             f"feature store {str(directory)!r} was built from different inputs:\n  "
             + "\n  ".join(_differences(stored, wanted))

@@ -260,7 +260,9 @@ def test_store_contents(tiny, images, tmp_path):
     assert prov["n_images"] == 8 and len(prov["image_list_sha256"]) == 64
     loaded = FeatureStore.load(tmp_path / "s")
     assert torch.equal(loaded.features, store.features) and loaded.image_ids == store.image_ids
-    assert loaded.rows([records[3].image_id, "not/there.png", records[0].image_id]).tolist() == [3, 0]
+    assert loaded.rows([records[3].image_id, records[0].image_id]).tolist() == [3, 0]
+    with pytest.raises(DataError, match="holds no image 'not/there.png'"):
+        loaded.rows(["not/there.png"])
 
 
 @pytest.mark.parametrize(

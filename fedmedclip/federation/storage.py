@@ -113,7 +113,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError as exc:
+            # The system's words named the temporary file, removed below, before the path asked for.
+            clear = IsADirectoryError(f"cannot write {path}: it is a directory")
+            clear.errno = exc.errno
+            raise clear from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
