@@ -27,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, shown
 from .jsonfiles import read_json_object
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = "iid,dirichlet:0.1,dirichlet:0.5,dirichlet:1.0"
+# The most seeds per cell: a billion was a MemoryError building the grid, 10**30 an OverflowError.
+MAX_SEEDS = 1000
 METRICS = ("acc", "bacc", "f1", "ece")
 
 
@@ -90,7 +92,9 @@ def parse_methods(spec: str) -> list[tuple[str, str]]:
 
 def parse_partitions(spec: str) -> list[tuple[str, str, float | None]]:
     """`iid,dirichlet:0.5,natural` -> [(label, scheme, alpha)]."""
-    out = []
+    from .flags import is_finite_number
+
+    out, given = [], {}
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
@@ -100,13 +104,21 @@ def parse_partitions(spec: str) -> list[tuple[str, str, float | None]]:
                 a = float(alpha)
             except ValueError:
                 raise ConfigError(f"partition {item!r} needs a concentration, e.g. dirichlet:0.5") from None
-            if a <= 0:
-                raise ConfigError(f"partition {item!r}: the concentration must be > 0")
-            out.append((f"dirichlet:{a:g}", scheme, a))
+            if not (is_finite_number(a) and a > 0):
+                raise ConfigError(f"partition {item!r}: the concentration must be a finite number > 0")
+            entry = (f"dirichlet:{a:g}", scheme, a)
         elif scheme in ("iid", "natural") and not alpha:
-            out.append((scheme, scheme, None))
+            entry = (scheme, scheme, None)
         else:
             raise ConfigError(f"unknown partition {item!r}; use iid, natural or dirichlet:ALPHA")
+        # One cell per partition: a second spelling of one (dirichlet:0.50) ran it twice as a fake spread, and two
+        # concentrations that print alike (0.5, 0.5000001) would share its run directory.
+        if entry[0] in given:
+            raise ConfigError(
+                f"--partitions names {entry[0]} twice ({given[entry[0]]!r} and {item!r}): give each partition once"
+            )
+        given[entry[0]] = item
+        out.append(entry)
     if not out:
         raise ConfigError("--partitions selects nothing")
     return out
@@ -443,7 +455,12 @@ def add_arguments(p) -> None:
         "references (default: %(default)s; `fedmedclip methods` lists them)",
     )
     p.add_argument("--partitions", default=DEFAULT_PARTITIONS, help="comma list (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default: %(default)s)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help=f"seeds 0..N-1 per cell, N at most {MAX_SEEDS} (default: %(default)s)",
+    )
     p.add_argument(
         "--method-opt",
         action="append",
@@ -464,8 +481,10 @@ def cmd_compare(args) -> int:
     from .config import parse_method_options
     from .flags import config_from_args
 
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be from 1 to {MAX_SEEDS}, got {shown(args.seeds)}")
+    if args.out == "":  # Path("") is the working folder
+        raise ConfigError("--out must not be empty")
     methods = parse_methods(args.methods)
     partitions = parse_partitions(args.partitions)
     base = config_from_args(args, method_options={})

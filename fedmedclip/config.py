@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .features import DEFAULT_PROMPT
 from .flags import (
     COMPARE,
+    MAX_THREADS,
     PIPELINE,
     SERVER,
     TRAIN,
@@ -36,6 +37,24 @@ SYNTHETIC = "synthetic"
 # federated: the method as published; local: each site alone, nothing shared (lower reference);
 # centralized: all sites' training data pooled in one holder (upper reference).
 FEDERATIONS = ("federated", "local", "centralized")
+# The most rounds a run may ask for: 10**30 was accepted and ran until stopped.
+MAX_ROUNDS = 100_000
+# How far out a Gaussian noise value may fall, in standard deviations, that a codec must still carry: beyond 8
+# std a value is rarer than 1e-15, never seen in a module of millions of values over a run's rounds.
+NOISE_TAIL = 8.0
+
+
+def largest_value(codec) -> float:
+    """The largest magnitude `codec` carries finitely: its quantiser's `largest` where it declares one, fp16's
+    65504 for half precision, else float32's (every other quantiser stores float32 values, steps or scales)."""
+    import numpy as np
+
+    from .codec.quantisers import FP16_MAX, Float16
+
+    declared_largest = getattr(codec.quantiser, "largest", None)
+    if declared_largest is not None:
+        return float(declared_largest)
+    return FP16_MAX if isinstance(codec.quantiser, Float16) else float(np.finfo(np.float32).max)
 
 
 def _method_options(method: str) -> dict:
@@ -104,7 +123,13 @@ class TrainConfig:
         partition=True,
         help="number of sites (default: %(default)s)",
     )
-    rounds: int = setting(10, group="training", minimum=1, help="federated rounds (default: %(default)s)")
+    rounds: int = setting(
+        10,
+        group="training",
+        minimum=1,
+        maximum=MAX_ROUNDS,
+        help=f"federated rounds, at most {MAX_ROUNDS:,} (default: %(default)s)",
+    )
     backbone: str = setting(
         "tiny",
         group="training",
@@ -223,8 +248,10 @@ class TrainConfig:
         1,
         group="training",
         minimum=1,
+        maximum=MAX_THREADS,
         resume="never",
-        help="torch threads for training; extraction uses every core (default: %(default)s)",
+        help=f"torch threads for training, at most {MAX_THREADS}; extraction uses every core (default: "
+        "%(default)s)",
     )
     # Every engine gives float32 features within 1e-4 relative of PyTorch's (fedmedclip.encoders checks it on a
     # probe batch), so feature stores are shared between engines: not an extraction dependency.
@@ -315,6 +342,8 @@ class TrainConfig:
         None,
         group="federation",
         metavar="T",
+        # a count of sites, above half of at least two: 2 or more, checked with the sites (_validate_secure_aggregation)
+        minimum=1,
         resume="unless_default",
         help="secure aggregation's threshold t: every step of a round needs t sites, and fewer than t colluding "
         "sites learn nothing of another's update (above half the sites; default: floor(sites/2) + 1)",
@@ -335,6 +364,7 @@ class TrainConfig:
             )
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
+        self._validate_nonempty()
         if self.alpha is not None and self.partition != "dirichlet":
             # It would be recorded in config.json and the MLflow parameters of a run it did not skew.
             raise ConfigError(
@@ -376,6 +406,7 @@ class TrainConfig:
             raise ConfigError(unsent[0][2])
         self._validate_privacy(METHODS[self.method])
         self._validate_secure_aggregation(METHODS[self.method])
+        self._validate_aggregator()
         if self.transductive:
             self.reference_fraction = 0.0  # the target is the global test set: hold nothing out
         self.split_ratio = tuple(float(x) for x in self.split_ratio)
@@ -459,6 +490,23 @@ class TrainConfig:
         """What sends no updates, as the user chose it: the federation, else the method."""
         return f"--federation {self.federation}" if self.federation != "federated" else self.method
 
+    def _validate_nonempty(self) -> None:
+        """A text setting names something (a folder, a data source, a backbone, a codec): an empty one was taken
+        as the working folder (--data, --cache-dir) or ignored. `out` alone may be empty: a pipeline's parties
+        and a site have no run directory of their own."""
+        for d in declared(type(self), nested=False):
+            if d.type is str and d.name != "out" and getattr(self, d.name) == "":
+                raise ConfigError(f"{d.flags[0]} must not be empty")
+
+    def _validate_aggregator(self) -> None:
+        """A robust rule needs three or more updates to be anything but the mean: with fewer sites it silently
+        was the mean. Where the partition's sites are known (not natural: the data names them, checked once it
+        is read)."""
+        from .federation.robust import check_robust_sites
+
+        if self.sites is not None and self.partition != "natural" and self.sends_updates():
+            check_robust_sites(self.aggregator, self.sites)
+
     def _validate_split(self) -> None:
         # Here, not only where the partition is drawn: a NaN share would otherwise reach config.json first
         # (a traceback from json), and the pipeline would start its pods before refusing.
@@ -506,6 +554,8 @@ class TrainConfig:
         check_arguments(self.synthetic, "--synthetic")
         if self.data == SYNTHETIC and "sites" not in self.synthetic:  # the generator's sites are --sites
             check_arguments({"sites": self.synthetic_arguments()["sites"]}, "--sites with --data synthetic")
+            # each within its bounds; together within the generator's total (images, pixels)
+            check_arguments(self.synthetic_arguments(), "--synthetic with --sites")
 
     def _validate_privacy(self, method_cls) -> None:
         if not isinstance(self.privacy, dict):
@@ -519,7 +569,32 @@ class TrainConfig:
                 f"{', '.join(dp_sgd_methods())}, which train small modules on cached features); drop "
                 "--dp-target-epsilon / --dp-noise-multiplier"
             )
+        self._validate_client_noise(settings)
         self.privacy = settings.to_config()
+
+    def _validate_client_noise(self, settings: PrivacySettings) -> None:
+        """Client-level DP's noise travels in the modules: at the sites in their updates (--codec-up), and either
+        way in the new global module (--codec-down). Noise a codec cannot carry failed every round (`overflows
+        fp16`) and the run still ended as if it had trained; refused here, with the accountant's cost of the
+        rounds (fedmedclip.privacy.accounting)."""
+        if not settings.client_level or not self.sends_updates():
+            return
+        from .privacy.accounting import check_accountable
+
+        check_accountable(settings.accountant, 1.0, settings.client_noise, self.rounds, "--dp-client-noise")
+        directions = [("--codec-down", self.codec_down)]
+        if settings.client_noise_at == "sites":
+            directions.insert(0, ("--codec-up", self.codec_up))
+        std = settings.client_noise * settings.client_clip  # the noise's std on one site's share, at most
+        for flag, name in directions:
+            largest = largest_value(get_codec(name)) / NOISE_TAIL
+            if std > largest:
+                raise ConfigError(
+                    f"--dp-client-noise {settings.client_noise:g} x --dp-client-clip {settings.client_clip:g}: "
+                    f"noise of std {std:.3g} cannot travel in {flag} {name} (the most it carries is noise of std "
+                    f"{largest:.3g}: {NOISE_TAIL:g} std within its largest finite value): "
+                    "lower the noise or the clip, or use a codec of a wider range (fp32-zlib)"
+                )
 
     def _validate_secure_aggregation(self, method_cls) -> None:
         t = self.secagg_threshold
@@ -531,6 +606,12 @@ class TrainConfig:
             raise ConfigError(
                 f"--aggregator {self.aggregator} needs each site's update, which secure aggregation hides from "
                 "the server: use the method's mean (each site bounds its own update instead)"
+            )
+        if t is not None and t < 2 and (self.sites is None or self.partition == "natural"):
+            # the data names the sites (checked once it is read): above half of at least two is 2 or more
+            raise ConfigError(
+                f"--secagg-threshold {t} must be above half the sites, so at least 2 (secure aggregation needs "
+                "two or more sites)"
             )
         if self.sites is not None and self.partition != "natural":
             from .secagg.protocol import default_threshold

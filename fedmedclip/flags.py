@@ -26,7 +26,7 @@ import math
 import types
 import typing
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 TRAIN, SERVER, SITE, PIPELINE = "train", "server run", "site run", "pipeline"
 COMPARE, PUBLISH = "compare", "data publish"
@@ -61,6 +61,24 @@ GROUPS = {
 # How a field enters TrainConfig.resume_key(); for a server option the manifest records, "never" makes it
 # operational: a restart of the server may change it (FederationServer.start).
 RESUME = ("always", "unless_default", "never")
+# The most threads a setting may ask for (torch's, ONNX Runtime's, image decoding's): far above any machine's cores,
+# and not this machine's core count (a run and its config.json move between machines). A million threads
+# crashed torch (after config.json was written), and 5000 hung.
+MAX_THREADS = 1024
+# The most digits an integer read from a flag's JSON may have: 400 is already beyond any float (1e308), which
+# every number a setting takes must fit, and Python's int() refuses over 4300 digits with a ValueError.
+MAX_JSON_DIGITS = 400
+
+
+def is_finite_number(value) -> bool:
+    """Whether `value` is a number (not a bool) that a float holds finitely: an int beyond a float's range
+    (10**400, which `math.isfinite` refuses with an OverflowError) is not. Every check of a finite number uses it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def setting(
@@ -72,6 +90,7 @@ def setting(
     commands: tuple[str, ...] | None = None,
     choices: tuple | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     parse=None,
     metavar: str | None = None,
     repeatable: bool = False,
@@ -87,7 +106,9 @@ def setting(
 ):
     """A dataclass field with its declaration. `parse`: str -> value for a flag's text (ConfigError on bad
     input); `nested`: a dataclass whose fields become flags `--<prefix><name>` (a dict field of their
-    non-default entries); `repeatable`: the flag may be given again, `parse` takes the list of its texts;
+    non-default entries); `minimum`, `maximum`: the inclusive range of a number (check_declared refuses a value
+    outside it, naming the flag; the schema shows both, and a field's help says its maximum); `repeatable`: the
+    flag may be given again, `parse` takes the list of its texts;
     a bool field whose default is True is switched off by its flag (spell it so: `--no-gpu`); `entries`: for
     another dict field, values -> {key: default} of its entries (their types convert a pipeline's floats back
     to integers); `flags`: the spelling when not `--field-name`;
@@ -105,6 +126,7 @@ def setting(
         commands=tuple(c for c in commands if not (grid and c == COMPARE)),
         choices=tuple(choices) if choices is not None else None,
         minimum=minimum,
+        maximum=maximum,
         parse=parse,
         metavar=metavar,
         repeatable=repeatable,
@@ -130,6 +152,7 @@ class Declared:
     meta: dict
     owner: str  # the field of the outer dataclass for a nested one (privacy), else ""
     prefix: str = ""  # the outer field's flag prefix (`dp-`)
+    optional: bool = False  # its annotation allows None (`int | None`): None is unset, not a bad value
 
     @property
     def dest(self) -> str:
@@ -143,6 +166,12 @@ class Declared:
 
     def takes(self, command: str) -> bool:
         return command in self.meta["commands"]
+
+
+def _allows_none(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
 
 
 def _base_type(annotation):
@@ -169,7 +198,8 @@ def declared(cls, nested: bool = True) -> list[Declared]:
         if meta is None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(Declared(f.name, _base_type(hints[f.name]), default, meta, ""))
+        hint = hints[f.name]
+        out.append(Declared(f.name, _base_type(hint), default, meta, "", optional=_allows_none(hint)))
         if nested and meta["nested"] is not None:
             for inner in declared(meta["nested"]):
                 inner_meta = {**inner.meta, "commands": meta["commands"], "group": meta["group"]}
@@ -178,23 +208,27 @@ def declared(cls, nested: bool = True) -> list[Declared]:
 
 
 def check_declared(obj) -> None:
-    """What each field of `obj` declares of itself: an integer, a finite number, one of its choices, at least its
-    minimum (None, where allowed, is unset); ConfigError names the flag."""
+    """What each field of `obj` declares of itself: a value (None only where its annotation allows None: unset),
+    an integer, a finite number, one of its choices, within its minimum and maximum; ConfigError names the flag."""
     for d in declared(type(obj), nested=False):
         value, flag = getattr(obj, d.name), d.flags[0]
         if value is None:
-            continue
+            if d.optional:
+                continue
+            raise ConfigError(
+                f"{flag} has no value (None): give one, or leave it out for its default {shown(d.default)}"
+            )
         if d.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{flag} must be an integer, got {value!r}")
-        if d.type is float and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-        ):
-            raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+            raise ConfigError(f"{flag} must be an integer, got {shown(value)}")
+        if d.type is float and not is_finite_number(value):
+            raise ConfigError(f"{flag} must be a finite number, got {shown(value)}")
         if d.meta["choices"] is not None and value not in d.meta["choices"]:
             name = d.name.replace("_", " ")
-            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(d.meta['choices'])}")
+            raise ConfigError(f"unknown {name} {shown(value)}; choose one of {', '.join(d.meta['choices'])}")
         if d.meta["minimum"] is not None and value < d.meta["minimum"]:
-            raise ConfigError(f"{flag} must be at least {d.meta['minimum']}, got {value}")
+            raise ConfigError(f"{flag} must be at least {d.meta['minimum']}, got {shown(value)}")
+        if d.meta["maximum"] is not None and value > d.meta["maximum"]:
+            raise ConfigError(f"{flag} must be at most {d.meta['maximum']}, got {shown(value)}")
 
 
 def add_config_arguments(
@@ -273,6 +307,9 @@ def values_from_args(args: argparse.Namespace, cls) -> dict:
             if value is not None:
                 values.setdefault(d.owner, {})[d.name] = value
             continue
+        if value == "" and d.type is str and d.default is None:
+            # None is unset; an empty text is no value of its own (a folder "" was the working folder)
+            raise ConfigError(f"{d.flags[0]} must not be empty: leave it out for its default")
         if d.meta["parse"] is not None and value is not None:
             value = d.meta["parse"](value)
         if value is None and isinstance(d.default, dict):
@@ -286,8 +323,13 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
     if cls is None:
         from .config import TrainConfig as cls
     values = values_from_args(args, cls)
+    for d in declared(cls, nested=False):
+        # A run's text settings name something (a folder, a backbone, a codec): an empty one meant the working
+        # folder (--out, --data, --cache-dir) or was ignored (--codec).
+        if d.type is str and values.get(d.name) == "":
+            raise ConfigError(f"{d.flags[0]} must not be empty")
     both = getattr(args, "codec_both", None)
-    if both:
+    if both is not None:
         from .codec import CODECS
 
         if both not in CODECS:  # named by the flag that was given, not the field it sets
@@ -328,7 +370,12 @@ def to_parameters(obj, command: str = PIPELINE) -> dict:
 
 def _convert(d: Declared, value, where: str):
     if value is None:
-        return None
+        if d.optional:
+            return None
+        # KFP never sends null: this is a settings object written by hand, and null is no value of the field
+        raise ConfigError(
+            f"{where} {d.name} is null: give a value, or leave {d.name} out for its default {shown(d.default)}"
+        )
     if d.type is int and isinstance(value, float) and value.is_integer():
         return int(value)  # KFP passes every number of a structured parameter as a float
     if d.type is bool and not isinstance(value, bool):
@@ -339,6 +386,15 @@ def _convert(d: Declared, value, where: str):
         raise ConfigError(f"{where} {d.name} must be a string, got {value!r}")
     if d.type is tuple:
         return tuple(value) if isinstance(value, (list, tuple)) else d.meta["parse"](value)
+    if d.type is list:
+        # a list of names (classes): the flag's comma-separated text, or a JSON list of strings
+        if isinstance(value, str) and d.meta["parse"] is not None:
+            return d.meta["parse"](value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(
+                f"{where} {d.name} must be a list of strings or one comma-separated string, got {shown(value)}"
+            )
+        return list(value)
     if d.type is dict and not isinstance(value, dict):
         raise ConfigError(f"{where} {d.name} must be an object, got {value!r}")
     return value
@@ -410,18 +466,43 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts
 
 
+def _json_integer(token: str, refuse):
+    """A JSON integer `token` as an int, `refuse(token)` beyond a float's range: 10**400 was an OverflowError
+    where a finite number was checked, and over 4300 digits Python's int() refuses with a ValueError."""
+    digits = len(token.lstrip("-"))
+    if digits > MAX_JSON_DIGITS:
+        return refuse(f"an integer of {digits} digits")
+    value = int(token)
+    return value if is_finite_number(value) else refuse(f"an integer of {digits} digits")
+
+
 def _finite_json(text: str, flag: str):
-    """`text` as JSON, refusing what is not JSON: NaN, Infinity and a number beyond a float's range (1e400), which
-    Python's json reads as a float but no JSON file, config.json or pipeline parameter can hold."""
+    """`text` as JSON, refusing what is not JSON: NaN, Infinity and a number beyond a float's range (1e400, or
+    an integer of 400 digits), which Python's json reads but no JSON file, config.json or pipeline parameter can
+    hold; and an object that names a key twice (Python's json keeps the last one silently)."""
 
     def refuse(token: str):
-        raise ConfigError(f"{flag} {text!r}: {token} is not a JSON number; give a finite number")
+        raise ConfigError(f"{flag} {shown(text)}: {token} is not a JSON number; give a finite number")
 
     def number(token: str) -> float:
         value = float(token)
         return value if math.isfinite(value) else refuse(token)
 
-    return json.loads(text, parse_constant=refuse, parse_float=number)
+    def unique(pairs: list) -> dict:
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"{flag} {shown(text)}: key {key!r} is given twice; give it once")
+            out[key] = value
+        return out
+
+    return json.loads(
+        text,
+        parse_constant=refuse,
+        parse_float=number,
+        parse_int=lambda token: _json_integer(token, refuse),
+        object_pairs_hook=unique,
+    )
 
 
 def parse_json_object(text: str) -> dict:
@@ -449,8 +530,13 @@ def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
-        out[key.strip()] = value.strip()
+            raise ConfigError(f"{flag} {shown(item)} must look like KEY=VALUE")
+        key = key.strip()
+        if key in out:  # the last one silently won
+            raise ConfigError(
+                f"{flag} {key} is given twice ({shown(out[key])} and {shown(value.strip())}): give it once"
+            )
+        out[key] = value.strip()
     return out
 
 
@@ -458,8 +544,12 @@ def parse_method_options(items: list[str]) -> dict:
     """`--method-opt KEY=VALUE` pairs; values parsed as JSON where possible (numbers, true/false), else strings."""
     out = {}
     for key, text in parse_pairs(items, "--method-opt").items():
+
+        def refuse(token: str, key=key, text=text):
+            raise ConfigError(f"--method-opt {key}={shown(text)}: {token} is beyond any finite number")
+
         try:
-            out[key] = json.loads(text)
+            out[key] = json.loads(text, parse_int=lambda token, refuse=refuse: _json_integer(token, refuse))
         except json.JSONDecodeError:
             out[key] = text
     return out

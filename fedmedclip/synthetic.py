@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 MIN_SIZE, MAX_SIZE = 8, 4096  # image side in pixels
+# Each keyword has its bounds, and together they are bounded too: per_class_per_site 100000 with 64 sites of
+# 4096^2 images was 25.6 million images. 200,000 images (as many as the defaults' 1080 times 185), and 2^31
+# pixels (2 GiB of 8-bit pixels to render and compress: 128 images of 4096^2, or 233,000 of 96^2) at most.
+MAX_IMAGES, MAX_PIXELS = 200_000, 2**31
 
 
 @dataclass(frozen=True)
@@ -137,4 +141,14 @@ def check_arguments(args: dict, where: str = "synthetic data") -> None:
             or value < bounds.low
             or (bounds.high is not None and value > bounds.high)
         ):
-            raise ConfigError(f"{where}: {name} must be an integer {bounds.describe()}, got {value!r}")
+            raise ConfigError(f"{where}: {name} must be an integer {bounds.describe()}, got {shown(value)}")
+    given = {**defaults(), **args}
+    images = len(CLASSES) * (given["sites"] * given["per_class_per_site"] + given["test_per_class"])
+    pixels = images * given["size"] ** 2
+    if images > MAX_IMAGES or pixels > MAX_PIXELS:
+        raise ConfigError(
+            f"{where}: {given['sites']} sites x {len(CLASSES)} classes x {given['per_class_per_site']} images, "
+            f"and {len(CLASSES)} x {given['test_per_class']} test images, of {given['size']}x{given['size']} pixels "
+            f"make {images:,} images and {pixels:,} pixels; the generator makes at most {MAX_IMAGES:,} images "
+            f"and {MAX_PIXELS:,} pixels: lower per_class_per_site, test_per_class, sites or size"
+        )

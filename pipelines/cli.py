@@ -52,8 +52,14 @@ def _run_flags(p: argparse.ArgumentParser, func, defaults: dict, local: bool = T
 
 
 def validated_config(args):
-    """The run's configuration, validated before anything is compiled or started (ConfigError: exit 2)."""
+    """The run's configuration, validated before anything is compiled or started (ConfigError: exit 2): its
+    settings, the server's options, the pipeline's parameters and the compile options, all before the pipeline
+    root is made or the tracking server is looked up (--quorum 0 and --max-epsilon nan were refused after)."""
+    from fedmedclip.federation.server import ServerOptions
+
     cfg = config_from_args(args, federation="federated", out="")
+    for cls in (ServerOptions, RunParameters, CompileOptions):
+        options_from_args(args, cls)
     root = getattr(args, "pipeline_root", None)  # `submit` has none
     if root:
         check_folder_flag("--pipeline-root", root)

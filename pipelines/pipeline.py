@@ -130,13 +130,26 @@ def quantity(value: str) -> Fraction:
     return Fraction(number) * _SUFFIXES.get(suffix, 1)
 
 
+# A task's time limit is Kubernetes' activeDeadlineSeconds, which kfp writes as a 32-bit integer: 0 would mean
+# no limit at all (not the zero seconds it says), and above 2^31 - 1 (68 years) kfp refuses the value.
+MAX_TIMEOUT = 2**31 - 1
+# Retries of a failed worker: each resumes the federation from its last checkpoint; kfp stores the count as a
+# 32-bit integer (10**12 was a protobuf ParseError while compiling), and a hundred is already days of retrying.
+MAX_RETRIES = 100
+
+
 def parse_timeouts(items: list[str]) -> dict[str, int]:
-    """The default time limits, with those of each KIND=SECONDS item."""
+    """The default time limits, with those of each KIND=SECONDS item (once per kind: parse_pairs)."""
     timeouts = dict(DEFAULT_TIMEOUTS)
     for kind, seconds in parse_pairs(items, "--timeout").items():
-        if kind not in timeouts or not seconds.isdigit():
+        # ASCII digits only: str.isdigit() also takes '²' (int() then fails), and a text of 5000 digits
+        # is beyond int()'s limit; the length check keeps int() to what can be in range.
+        whole = seconds.isascii() and seconds.isdigit() and len(seconds) <= len(str(MAX_TIMEOUT))
+        if kind not in timeouts or not whole or not 1 <= int(seconds) <= MAX_TIMEOUT:
+            text = seconds if len(seconds) <= 24 else f"{seconds[:21]}..."
             raise ConfigError(
-                f"--timeout {kind}={seconds}: give one of {', '.join(timeouts)} and whole seconds"
+                f"--timeout {kind}={text}: give one of {', '.join(timeouts)} and whole seconds "
+                f"from 1 to {MAX_TIMEOUT}"
             )
         timeouts[kind] = int(seconds)
     return timeouts
@@ -189,10 +202,14 @@ class CompileOptions:
         parse=parse_timeouts,
         repeatable=True,
         metavar="KIND=SECONDS",
-        help="a kind of task's time limit",
+        help=f"a kind of task's time limit in seconds, 1 to {MAX_TIMEOUT} (repeatable, once per kind)",
     )
     worker_retries: int | None = _compile(
-        None, minimum=0, metavar="N", help="retries of a failed worker (default: 5, with backoff)"
+        None,
+        minimum=0,
+        maximum=MAX_RETRIES,
+        metavar="N",
+        help=f"retries of a failed worker, at most {MAX_RETRIES} (default: 5, with backoff)",
     )
 
     @property

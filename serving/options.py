@@ -9,7 +9,7 @@ from functools import cache, partial
 from pathlib import Path
 
 from fedmedclip.errors import ConfigError
-from fedmedclip.flags import check_declared, declared, setting
+from fedmedclip.flags import MAX_THREADS, check_declared, declared, setting
 
 from .errors import RequestRejected
 
@@ -19,6 +19,10 @@ def _declare(group: str, default, help: str, **kwargs):
     suffix = "" if isinstance(default, bool) or default is None else " (default: %(default)s)"
     return setting(default, help=help + suffix, group=group, **kwargs)
 
+
+# The most processes parsing JSON bodies and ONNX Runtime runs in flight: each holds a model's worth of memory
+# (a process, or a run's buffers), so far fewer than threads.
+MAX_JSON_WORKERS, MAX_BATCH_CONCURRENCY = 64, 64
 
 _server, _model, _limit, _batching, _monitor = (
     partial(_declare, group)
@@ -121,7 +125,11 @@ class Batching(_Checked):
         2.0, "longest a request waits for others to share its run", minimum=0
     )
     batch_concurrency: int = _batching(
-        1, "ONNX Runtime runs in flight at once; 2 can overlap host work with a GPU run", minimum=1
+        1,
+        f"ONNX Runtime runs in flight at once, at most {MAX_BATCH_CONCURRENCY}; 2 can overlap host work with a "
+        "GPU run",
+        minimum=1,
+        maximum=MAX_BATCH_CONCURRENCY,
     )
 
 
@@ -156,16 +164,22 @@ class ModelOptions(_Checked):
         "auto: CUDA if it works, else CPU; cuda: refuse to start without a working CUDA provider",
         choices=("auto", "cuda", "cpu"),
     )
-    ort_threads: int = _model(0, "ONNX Runtime intra-op threads, 0 = its default", minimum=0)
+    ort_threads: int = _model(
+        0,
+        f"ONNX Runtime intra-op threads, at most {MAX_THREADS}, 0 = its default",
+        minimum=0,
+        maximum=MAX_THREADS,
+    )
     ort_spin: bool = _model(
         False,
         "let idle ONNX Runtime threads busy-wait (off: they would take CPU from decoding and request handling)",
     )
     decode_threads: int = _model(
         0,
-        "threads decoding encoded images, shared fairly between requests (one request uses at most half); "
-        "0 = one per core, at most 8",
+        "threads decoding encoded images, shared fairly between requests (one request uses at most half), at "
+        f"most {MAX_THREADS}; 0 = one per core, at most 8",
         minimum=0,
+        maximum=MAX_THREADS,
     )
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
@@ -208,8 +222,10 @@ class ServerOptions(_Checked):
     )
     json_workers: int = _server(
         1,
-        "processes parsing large JSON request bodies off the server's interpreter (0: threads only)",
+        f"processes parsing large JSON request bodies off the server's interpreter, at most {MAX_JSON_WORKERS} "
+        "(0: threads only)",
         minimum=0,
+        maximum=MAX_JSON_WORKERS,
     )
     log_level: str = _server("INFO", "the server's log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     model_control_token_file: str | None = _server(

@@ -19,10 +19,25 @@ import torch
 from ..errors import ConfigError
 
 TRIM_SHARE = 0.2
+# The fewest sites a robust rule is declared for: with one or two updates each is the mean (the median of two
+# is their mean, krum has no others to compare), so a federation of fewer sites is refused up front
+# (`check_robust_sites`, TrainConfig.validate); a round that closes with fewer updates (a quorum below three
+# after a timeout) still combines them so.
+MIN_ROBUST_SITES = 3
 # The absolute bound on an update, when none is given: this many times the norm of the method's initial
 # global module. Honest rounds measured on the synthetic set with the tiny backbone move the module by at most
 # 0.68x its initial norm (FACMIC's first round; FedMedCLIP 0.005x, FedCLIP 0.006x, FedAvg 0.04x).
 DEFAULT_BOUND_FACTOR = 2.0
+
+
+def check_robust_sites(aggregator: str, sites: int, where: str = "--sites") -> None:
+    """ConfigError unless `aggregator` is the mean or the federation's `sites` (as `where` gives them) are enough
+    for it to differ from the mean."""
+    if aggregator != "mean" and sites < MIN_ROBUST_SITES:
+        raise ConfigError(
+            f"--aggregator {aggregator} needs {MIN_ROBUST_SITES} or more sites, and {where} gives {sites}: with "
+            "fewer it is the mean of their updates; use --aggregator mean (the method's own rule) or more sites"
+        )
 
 
 def float_norm(state: dict[str, torch.Tensor]) -> float:

@@ -20,7 +20,7 @@ import torch
 from ..backbone import Backbone, load_backbone, make_preprocessing
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..flags import declared, setting
+from ..flags import MAX_THREADS, declared, setting
 from ..methods import METHODS, resolved_preprocessing
 from ..observer import RunObserver
 from ..preparation import (
@@ -246,7 +246,11 @@ class SiteOptions:
         TrainConfig.cache_dir, group="site", help="feature stores (default: %(default)s)"
     )
     threads: int = setting(
-        TrainConfig.threads, group="site", minimum=1, help="torch threads for training (default: %(default)s)"
+        TrainConfig.threads,
+        group="site",
+        minimum=1,
+        maximum=MAX_THREADS,
+        help=f"torch threads for training, at most {MAX_THREADS} (default: %(default)s)",
     )
     join_timeout: float = setting(
         ServerOptions.join_timeout,

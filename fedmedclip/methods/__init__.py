@@ -86,7 +86,9 @@ def describe_methods() -> str:
         lines.append(f"  {', '.join(flags)}")
         for opt, default in cls.options.items():
             setting = f"{opt}={default!r}"
-            lines.append(f"  --method-opt {setting:<24} {cls.option_help.get(opt, '')}")
+            rule = cls.option_rules.get(opt)
+            within = f" ({rule.describe()})" if hasattr(rule, "describe") else ""
+            lines.append(f"  --method-opt {setting:<24} {cls.option_help.get(opt, '')}{within}")
     return "\n".join(lines)
 
 

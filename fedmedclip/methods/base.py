@@ -12,7 +12,8 @@ from torch import nn
 
 from ..aggregation import weighted_average
 from ..backbone import LOGIT_SCALE
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
+from ..flags import is_finite_number
 from ..modules import adapt
 from ..seeding import derive_seed, generator  # noqa: F401 - the methods' helpers, re-exported here
 
@@ -65,21 +66,42 @@ def batch_stream(n: int, batch_size: int, gen: torch.Generator):
 
 @dataclass(frozen=True)
 class Bound:
-    """A numeric method option's range: at least `low` (above it when `strict`), and below `below`."""
+    """A numeric method option's range: at least `low` (above it when `strict`), below `below`, and at most
+    `most` (an option that sizes a site's work or memory declares it: a billion local epochs ran forever, an MLP
+    100000 layers deep took 7 GB and then failed)."""
 
     low: float
     strict: bool = False
     below: float = math.inf
+    most: float = math.inf
 
     def problem(self, value) -> str | None:
         if value < self.low or (self.strict and value == self.low):
             return f"must be {'above' if self.strict else 'at least'} {self.low:g}"
         if value >= self.below:
             return f"must be below {self.below:g}"
+        if value > self.most:
+            return f"must be at most {_number(self.most)}"
         return None
+
+    def describe(self) -> str:
+        """The range as `fedmedclip methods` shows it, e.g. "at least 1, at most 1,000"."""
+        parts = [f"{'above' if self.strict else 'at least'} {self.low:g}"]
+        if self.below != math.inf:
+            parts.append(f"below {self.below:g}")
+        if self.most != math.inf:
+            parts.append(f"at most {_number(self.most)}")
+        return ", ".join(parts)
+
+
+def _number(value: float) -> str:
+    """1,000,000 rather than 1e+06 for a whole number."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
 
 POSITIVE, NON_NEGATIVE = Bound(0.0, strict=True), Bound(0.0)
+# The most of an option that sizes a site's work per round: passes over its training split, optimiser steps.
+MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS = 1_000, 100_000
 
 
 def option_problem(value, default, rule) -> str | None:
@@ -92,7 +114,7 @@ def option_problem(value, default, rule) -> str | None:
         if not isinstance(value, int) or isinstance(value, bool):
             return "must be an integer"
     elif isinstance(default, float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not is_finite_number(value):  # 10**400 too: no float holds it
             return "must be a finite number"
     elif isinstance(default, str):
         if not isinstance(value, str):
@@ -260,7 +282,8 @@ class Method:
             if problem:
                 help_text = cls.option_help.get(name)
                 raise ConfigError(
-                    f"{cls.name} option {name}={value!r} {problem}" + (f" ({help_text})" if help_text else "")
+                    f"{cls.name} option {name}={shown(value)} {problem}"
+                    + (f" ({help_text})" if help_text else "")
                 )
 
     @classmethod
@@ -358,7 +381,10 @@ class LocalStepsMethod(Method):
     calls `check_local_steps`."""
 
     options = {"local_steps": 199, "local_epochs": 0}
-    option_rules = {"local_steps": NON_NEGATIVE, "local_epochs": NON_NEGATIVE}
+    option_rules = {
+        "local_steps": Bound(0, most=MAX_LOCAL_STEPS),
+        "local_epochs": Bound(0, most=MAX_LOCAL_EPOCHS),
+    }
     option_help = {
         "local_steps": "training steps per round (the reference's 199); 0 with local_epochs",
         "local_epochs": "passes over the training split per round instead of local_steps",

@@ -15,7 +15,17 @@ from torch import nn
 from ..losses import contrastive_loss
 from ..modules import adapt
 from ..seeding import seeded
-from .base import NON_NEGATIVE, POSITIVE, Bound, Method, SiteTrainer, batch_stream, clip_adam, generator
+from .base import (
+    MAX_LOCAL_EPOCHS,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bound,
+    Method,
+    SiteTrainer,
+    batch_stream,
+    clip_adam,
+    generator,
+)
 
 
 class FedClipAdapter(nn.Module):
@@ -65,7 +75,11 @@ class FedClip(Method):
     exportable = True
     site_class = FedClipSite
     options = {"lr": 5e-5, "weight_decay": 0.2, "local_epochs": 1}
-    option_rules = {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "local_epochs": Bound(1)}
+    option_rules = {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "local_epochs": Bound(1, most=MAX_LOCAL_EPOCHS),
+    }
     option_help = {
         "lr": "Adam learning rate (re-created every round)",
         "weight_decay": "Adam L2 weight decay",

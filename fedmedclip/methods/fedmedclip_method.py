@@ -47,6 +47,7 @@ from ..privacy.dpsgd import reference_normalised, track_reference_statistics
 from ..seeding import seeded
 from .base import (
     CLIP_ADAM,
+    MAX_LOCAL_EPOCHS,
     NON_NEGATIVE,
     POSITIVE,
     Bound,
@@ -203,6 +204,11 @@ class FedMedClipSite(SiteTrainer):
         return tensors
 
 
+# The deepest private MLP under DP-SGD (3 is the non-private shape; each layer is dim^2 parameters more noise), and
+# the largest expected Poisson batch.
+MAX_DP_MLP_DEPTH, MAX_DP_BATCH_SIZE = 16, 1_000_000
+
+
 class FedMedClip(Method):
     name = "fedmedclip"
     weighting = "equal"
@@ -235,14 +241,17 @@ class FedMedClip(Method):
         "lr_mlp": POSITIVE,
         "lr_decay": POSITIVE,
         "weight_decay": NON_NEGATIVE,
-        "local_epochs": Bound(1),  # 0 would train nothing and still report a federated run
+        # 0 would train nothing and still report a federated run
+        "local_epochs": Bound(1, most=MAX_LOCAL_EPOCHS),
         "kd_weight": NON_NEGATIVE,
         "kd_temperature": POSITIVE,
         "entropy": tuple(ENTROPIES),
         "mask_rule": MASK_RULES,
-        "dp_batch_size": Bound(1),
-        "dp_epochs": POSITIVE,
-        "dp_mlp_depth": NON_NEGATIVE,
+        # the expected batch is at most a site's training set (the sampling rate is at most 1): beyond a million
+        # it only says the same thing
+        "dp_batch_size": Bound(1, most=MAX_DP_BATCH_SIZE),
+        "dp_epochs": Bound(0, strict=True, most=MAX_LOCAL_EPOCHS),
+        "dp_mlp_depth": Bound(0, most=MAX_DP_MLP_DEPTH),
         "dp_lr_mlp": POSITIVE,
         "dp_lr_fam": POSITIVE,
         "dp_logit_scale": POSITIVE,

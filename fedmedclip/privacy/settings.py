@@ -17,11 +17,10 @@ the noise to the sum) or sites (each site adds its share, for an aggregator that
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import ConfigError
-from ..flags import setting
+from ..errors import ConfigError, shown
+from ..flags import declared, is_finite_number, setting
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_CLIP = 1.0
@@ -34,6 +33,28 @@ LARGEST = 1e30
 # ZeroDivisionError), and above it epsilon is already in the millions per step.
 MIN_NOISE_MULTIPLIER = 1e-3
 ACCOUNTANTS = ("rdp", "pld")
+
+
+@dataclass(frozen=True)
+class AccountantLimits:
+    """What an accountant composes within about a gigabyte and a few seconds: the least noise multiplier of one
+    step, the largest target epsilon, and (pld) the most points of its privacy-loss grid, which the planned
+    steps at the run's sampling rate and noise fill (fedmedclip.privacy.accounting.check_accountable)."""
+
+    min_noise_multiplier: float
+    max_epsilon: float
+    max_points: int | None = None  # None: no grid (RDP's cost does not grow with the noise or the steps)
+
+
+# rdp: a closed form per order, whatever the noise. pld discretises the privacy loss (1e-4 apart), whose range
+# grows as 1/sigma^2 and with the steps: measured with dp-accounting 0.6 (one step, no subsampling), sigma 0.2
+# takes 0.3 GB and 1.5 s, 0.1 0.7 GB and 3.4 s, 0.05 1.4 GB and 8 s, 0.001 asked for 301 GiB; 4 million points
+# (sigma/sqrt(steps) = 0.085 without subsampling, e.g. 1000 steps at sampling rate 0.05 and sigma 0.3) about
+# 0.5-0.7 GB and 5 s. A target epsilon of 1e30 made the calibration try ever smaller noise (6 GB and counting).
+ACCOUNTANT_LIMITS = {
+    "rdp": AccountantLimits(min_noise_multiplier=MIN_NOISE_MULTIPLIER, max_epsilon=LARGEST),
+    "pld": AccountantLimits(min_noise_multiplier=0.2, max_epsilon=100.0, max_points=4_000_000),
+}
 NOISE_PLACEMENTS = ("server", "sites")
 
 
@@ -134,6 +155,12 @@ class PrivacySettings:
             raise ConfigError(
                 f"unknown privacy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
+        for d in declared(cls):
+            if value.get(d.name, 0) is None and not d.optional:  # null is unset only where None is
+                flag = f"--dp-{d.name.replace('_', '-')}"
+                raise ConfigError(
+                    f"{flag} has no value (null): give one, or leave it out for its default {d.default!r}"
+                )
         s = cls(**{k: v for k, v in value.items() if v is not None})
         s.check()
         return s
@@ -152,11 +179,18 @@ class PrivacySettings:
         def positive(name: str, v, allow_zero: bool = False) -> None:
             if v is None:
                 return
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or v < 0 or (v == 0 and not allow_zero):
-                raise ConfigError(f"--dp-{name.replace('_', '-')} must be a positive number, got {v!r}")
+            if not is_finite_number(v) or v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"--dp-{name.replace('_', '-')} must be a positive number, got {shown(v)}")
             if v > LARGEST:
-                raise ConfigError(f"--dp-{name.replace('_', '-')} must be at most {LARGEST:g}, got {v!r}")
+                raise ConfigError(
+                    f"--dp-{name.replace('_', '-')} must be at most {LARGEST:g}, got {shown(v)}"
+                )
+
+        for name in ("accountant", "client_noise_at"):
+            if not isinstance(getattr(self, name), str):  # unhashable or a number: named, before any lookup
+                raise ConfigError(
+                    f"--dp-{name.replace('_', '-')} must be a name, got {shown(getattr(self, name))}"
+                )
 
         for name in ("target_epsilon", "noise_multiplier", "clip", "client_noise", "client_clip"):
             positive(name, getattr(self, name))
@@ -176,6 +210,7 @@ class PrivacySettings:
             raise ConfigError(
                 f"--dp-accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
             )
+        self._check_accountant_limits()
         if self.client_noise_at not in NOISE_PLACEMENTS:
             raise ConfigError(
                 f"--dp-client-noise-at must be one of {', '.join(NOISE_PLACEMENTS)}, got {self.client_noise_at!r}"
@@ -214,6 +249,26 @@ class PrivacySettings:
         if self.delta != DEFAULT_DELTA and not self.enabled:
             raise ConfigError(
                 "--dp-delta needs DP: set --dp-target-epsilon, --dp-noise-multiplier or --dp-client-noise"
+            )
+
+    def _check_accountant_limits(self) -> None:
+        """The accountant's declared limits (ACCOUNTANT_LIMITS): what it cannot compose within about a gigabyte
+        and a few seconds is refused here, naming it, not by a MemoryError after the data is read."""
+        limits = ACCOUNTANT_LIMITS[self.accountant]
+        other = (
+            "" if self.accountant == "rdp" else " (or use --dp-accountant rdp, which composes any of them)"
+        )
+        for name in ("noise_multiplier", "client_noise"):
+            value = getattr(self, name)
+            if value is not None and value < limits.min_noise_multiplier:
+                raise ConfigError(
+                    f"--dp-{name.replace('_', '-')} {value:g} is below {limits.min_noise_multiplier:g}, the least "
+                    f"noise the {self.accountant} accountant composes{other}"
+                )
+        if self.target_epsilon is not None and self.target_epsilon > limits.max_epsilon:
+            raise ConfigError(
+                f"--dp-target-epsilon {self.target_epsilon:g} is above {limits.max_epsilon:g}, the most the "
+                f"{self.accountant} accountant calibrates to{other}"
             )
 
     def describe(self) -> str:
