@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .encoders import resolve_device
 from .errors import CheckpointError, ConfigError
-from .federation.checkpoint import CheckpointStore
+from .federation.checkpoint import CheckpointStore, configuration, expect_type, expect_types, tensor_map
 from .federation.mailbox import Mailbox
 from .federation.records import (
     atomic_write_json,
+    check_progress,
     evaluate_global,
     evaluate_site,
     is_better,
@@ -281,6 +282,36 @@ class ReferenceRun:
             tensors["best"] = self.best
         store.save(body, tensors)
 
+    def checkpoints(self, out: Path) -> CheckpointStore:
+        """Its checkpoint store in RUN/checkpoint/reference/, recording the run's configuration (its resume key
+        and partition): state that another configuration wrote is refused, never continued."""
+        return CheckpointStore(
+            LocalDirStore(out / "checkpoint" / "reference"),
+            "reference run",
+            configuration(self.cfg.resume_key(), self.p.partition.digest),
+            check=self._check_state,
+        )
+
+    def _check_state(self, body: dict, tensors) -> None:
+        """CheckpointError naming what of a checkpoint is missing or of another type (its digest matched): the
+        store then takes the other slot, as for any damaged one."""
+        check_progress(body)
+        if not 0 <= body["round"] <= self.cfg.rounds:
+            raise CheckpointError(
+                f"body.round is {body['round']}, not a round of this run (0..{self.cfg.rounds})"
+            )
+        expect_type(tensors, dict, "tensors.pt")
+        expect_types(tensors, {"global": dict, "units": list}, "tensors")
+        tensor_map(tensors["global"], "tensors.global")
+        if len(tensors["units"]) != len(self.units):
+            raise CheckpointError(
+                f"tensors.units holds {len(tensors['units'])} trainers, not {len(self.units)}"
+            )
+        for k, unit in enumerate(tensors["units"]):
+            expect_type(unit, dict, f"tensors.units[{k}]")
+        if "best" in tensors:
+            expect_types(tensors["best"], {"global": dict, "units": list}, "tensors.best")
+
     def load(self, store: CheckpointStore) -> None:
         got = store.load()
         if got is None:
@@ -290,9 +321,16 @@ class ReferenceRun:
         self.reports = {int(r): v for r, v in body["reports"].items()}
         self.best_round, self.best_val, self.best = body["best_round"], body["best_val"], tensors.get("best")
         self.global_state = tensors["global"]
-        self.global_module.load_state_dict(self.global_state, strict=False)
-        for t, s in zip(self.units, tensors["units"], strict=True):
-            t.load_state_dict(s)
+        try:
+            self.global_module.load_state_dict(self.global_state, strict=False)
+            for t, s in zip(self.units, tensors["units"], strict=True):
+                t.load_state_dict(s)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a trainer of another method or shape
+            raise CheckpointError(
+                f"reference run: its state in {store.store.url} does not fit this run's trainers "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): resume with the "
+                "configuration that wrote it, or start the run again in an empty --out"
+            ) from None
 
     def finish(self, out: Path) -> dict:
         if self.best is None:
@@ -322,7 +360,7 @@ class ReferenceRun:
 
 def _run_reference(cfg: TrainConfig, p: Prepared, out: Path, progress: bool, observer: RunObserver) -> dict:
     run = ReferenceRun(cfg, p)
-    store = CheckpointStore(LocalDirStore(out / "checkpoint" / "reference"), "reference run")
+    store = run.checkpoints(out)
     run.load(store)
     atomic_write_json(out / "config.json", cfg.to_json())
     p.partition.save(out / "partition.json")
@@ -369,6 +407,18 @@ def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
     if stored != wanted:
         diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise CheckpointError(f"cannot resume {str(out)!r}: the configuration differs in {', '.join(diff)}")
+    # config.json is only what the directory says: each party's checkpoints record the configuration that wrote
+    # them (checked again with the partition's digest as each one loads its state, once the data is prepared).
+    settings = configuration(wanted, None)
+    parties = {
+        "server": out / "checkpoint" / "server" / "ckpt",
+        "reference run": out / "checkpoint" / "reference",
+    }
+    for folder in sorted((out / "checkpoint" / "sites").glob("*/ckpt")):
+        parties[f"site {folder.parent.name}"] = folder
+    for party, folder in parties.items():
+        if folder.is_dir():
+            CheckpointStore(LocalDirStore(folder), party, settings).check_configuration()
 
 
 def train(

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ..codec.secure import SUFFIX as SECURE_SUFFIX
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, shown
 from ..metrics import classification_report, reliability_bins
 from ..paths import lock_folder
+from .checkpoint import expect_type, expect_types
 from .storage import atomic_write_bytes
 
 SELECTION_BEST_VAL = "best client-mean validation accuracy"
@@ -137,6 +138,59 @@ def round_record(
         "seconds": float(seconds),
         "finished_at": round(time.time() if finished_at is None else float(finished_at), 3),
     }
+
+
+NUMBER, MAYBE_NUMBER = (int, float), (int, float, type(None))
+# What every reader of a history indexes in a round record (`round_record`), with its type.
+RECORD_TYPES = {
+    "round": int,
+    "global": dict,
+    "sites": list,
+    "sites_present": list,
+    "rejected": dict,
+    "val_acc_mean": MAYBE_NUMBER,
+    "validation_sites": list,
+    "train_loss": MAYBE_NUMBER,
+    "bytes_up": list,
+    "bytes_down": list,
+    "seconds": NUMBER,
+}
+
+
+def check_progress(body: dict) -> None:
+    """CheckpointError naming what of a checkpoint's record of the run's progress (its round, history,
+    reports and selected round: the server's and a reference run's alike) is missing, of another type, or does
+    not fit together; what a party reads back is checked so, not indexed into a traceback at every restart."""
+    expect_types(
+        body,
+        {
+            "round": int,
+            "history": list,
+            "reports": dict,
+            "best_round": (int, type(None)),
+            "best_val": MAYBE_NUMBER,
+        },
+    )
+    for i, rec in enumerate(body["history"]):
+        where = f"body.history[{i}]"
+        expect_type(rec, dict, where)
+        expect_types(rec, RECORD_TYPES, where)
+        expect_types(rec["global"], {"acc": NUMBER, "bacc": MAYBE_NUMBER}, f"{where}.global")
+        for j, row in enumerate(rec["sites"]):
+            expect_type(row, dict, f"{where}.sites[{j}]")
+            expect_types(row, {"val_acc": MAYBE_NUMBER}, f"{where}.sites[{j}]")
+    for r, report in body["reports"].items():
+        if not r.isdigit():
+            raise CheckpointError(f"body.reports has the key {shown(r)}, not a round number")
+        expect_type(report, dict, f"body.reports.{r}")
+        expect_types(report, {"global": dict, "sites": dict}, f"body.reports.{r}")
+        expect_types(report["global"], {"report": dict, "reliability": dict}, f"body.reports.{r}.global")
+    rounds = [rec["round"] for rec in body["history"]]
+    missing = [r for r in rounds if str(r) not in body["reports"]]
+    if missing:
+        raise CheckpointError(f"body.reports lacks round {missing[0]} of its history")
+    if body["best_round"] is not None and body["best_round"] not in rounds:
+        raise CheckpointError(f"body.best_round {body['best_round']} is no round of its history")
 
 
 def selects_by_median(aggregator: str) -> bool:

@@ -11,9 +11,12 @@ server reads; a restarted server continues from its last completed step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,22 +28,31 @@ from pydantic import Field, create_model
 
 from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
-from ..errors import FedMedClipError
+from ..digests import file_digest
+from ..errors import CheckpointError, FedMedClipError, shown
 from ..flags import SERVER as SERVER_RUN
 from ..flags import declared, setting
-from ..jsonfiles import read_json
 from ..methods import Method
 from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.accounting import sample_rate
 from ..privacy.client import server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
-from .checkpoint import CheckpointStore, non_finite
+from .checkpoint import (
+    CheckpointStore,
+    OtherConfiguration,
+    configuration,
+    expect_type,
+    expect_types,
+    non_finite,
+    tensor_map,
+)
 from .mailbox import AIM, MAX_MANIFEST_BYTES, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, ManifestCore, MessageRefused, SiteReport, UpdateHeader, message, parse
 from .records import (
     atomic_write_bytes,
     atomic_write_json,
     build_results,
+    check_progress,
     evaluate_global,
     is_better,
     round_of,
@@ -241,14 +253,21 @@ class FederationServer:
         self.rounds = int(cfg.rounds)
         self.quorum = self.opt.quorum or len(self.sites)
         if not 1 <= self.quorum <= len(self.sites):
-            raise FederationError(f"quorum {self.quorum} must be between 1 and the {len(self.sites)} sites")
-        self.ckpt = CheckpointStore(state.sub("ckpt"), "server")
+            raise FederationError(f"--quorum {self.quorum} must be between 1 and the {len(self.sites)} sites")
         self.global_module = self.method.new_global()
         self.global_state = self.method.shared_state(self.global_module)
         self.template = tensor_template(self.global_state)
         bound = self.opt.max_update_norm
         self.max_update_norm = default_bound(self.global_state) if bound is None else (float(bound) or None)
         self.manifest = make_manifest(mailbox.run_id, setup, self.opt, self.template, self.max_update_norm)
+        # Its checkpoints record the run's configuration (the manifest's settings and partition): state that
+        # another configuration wrote is refused, never continued.
+        self.ckpt = CheckpointStore(
+            state.sub("ckpt"),
+            "server",
+            configuration(self.manifest["settings"], self.manifest["partition_digest"]),
+            check=self._check_state,
+        )
         self.counts = {s["name"]: s["n_train"] for s in self.manifest["sites"]}
         # Secure aggregation (fedmedclip/federation/secure.py): the manifest fixes the sites' identity keys,
         # the threshold and the bound each site clips to; the round gets its protocol's sub-phases.
@@ -286,6 +305,8 @@ class FederationServer:
         self.best_val: float | None = None
         self.history: list[dict] = []
         self.reports: dict[int, dict] = {}
+        # Each round's global module as broadcast: {round: {"sha256", "bytes"}}, what rounds/ is checked against.
+        self.broadcast: dict[int, dict] = {}
         self.site_provenance: dict[str, dict] = {}
         self.info: dict = {}  # the round being closed: present, rejected, losses, bytes
         self.payload: bytes = b""
@@ -331,6 +352,16 @@ class FederationServer:
                     f"(differing: {', '.join(diff)}): use another --run-id, or the same settings to resume it"
                 )
             self._check_noise_quorum(existing.get("quorum"))
+        # The state read, and refused when another run or configuration wrote it, before anything is written:
+        # a refused start leaves the mailbox's manifest, and the run's status, as it found them.
+        try:
+            got = self.ckpt.load()
+        except OtherConfiguration as exc:
+            raise FederationError(str(exc)) from None
+        if got is not None and got[1].get("run_id") != self.mb.run_id:
+            raise FederationError(
+                f"the server's state in {self.state.url} belongs to run {got[1].get('run_id')!r}"
+            )
         if existing != mine:
             from safetensors.torch import save
 
@@ -341,7 +372,6 @@ class FederationServer:
         # it writes (only those: a mailbox or a site's state may be a folder of the run directory too).
         for folder in (self.out, *(self.out / d for d in ("rounds", "model", "plots"))):
             remove_partial_writes(folder)
-        got = self.ckpt.load()
         if got is not None:
             self._restore(*got[1:])
             if self.ckpt.problems:
@@ -395,14 +425,44 @@ class FederationServer:
             self.recovery.append(entry)
             log.warning("%s resumed from older state at round %d: %s", party, r, reason)
 
-    def _restore(self, body: dict, tensors: dict) -> None:
-        if body.get("run_id") != self.mb.run_id:
-            raise FederationError(
-                f"the server's state in {self.state.url} belongs to run {body.get('run_id')!r}"
+    def _check_state(self, body: dict, tensors) -> None:
+        """CheckpointError naming what of a checkpoint's body or tensors is missing or of another type (its
+        digest matched: written so by a bug, or by a hand that computed the digest again). `CheckpointStore`
+        then takes the other slot, as for any damaged one."""
+        check_progress(body)
+        expect_types(
+            body,
+            {
+                "run_id": str,
+                "phase": str,
+                "info": dict,
+                "site_provenance": dict,
+                "recovery": list,
+                "set_aside": dict,
+            },
+        )
+        phases = ("keys", "shares", "updates", "unmask") if self.secure is not None else ("updates",)
+        if body["phase"] not in (*phases, "reports", "done"):
+            raise CheckpointError(f"body.phase is {shown(body['phase'])}, not a phase of this run's rounds")
+        if not 1 <= body["round"] <= self.rounds:
+            raise CheckpointError(
+                f"body.round is {body['round']}, not a round of this run (1..{self.rounds})"
             )
+        for r, sent in body.get("broadcast", {}).items():
+            expect_types(sent, {"sha256": str, "bytes": int}, f"body.broadcast.{r}")
+            if not r.isdigit():
+                raise CheckpointError(f"body.broadcast has the key {shown(r)}, not a round number")
+        expect_type(tensors, dict, "tensors.pt")
+        expect_types(tensors, {"global_state": dict, "received": dict, "payload": torch.Tensor}, "tensors")
+        for name in ("global_state", "received", "best_received"):
+            if name in tensors:
+                tensor_map(tensors[name], f"tensors.{name}")
+
+    def _restore(self, body: dict, tensors: dict) -> None:
         self.phase, self.round = body["phase"], int(body["round"])
         self.history, self.info = body["history"], body["info"]
         self.reports = {int(r): v for r, v in body["reports"].items()}
+        self.broadcast = {int(r): v for r, v in body.get("broadcast", {}).items()}
         self.best_round, self.best_val = body["best_round"], body["best_val"]
         self.site_provenance = body["site_provenance"]
         self.recovery = list(body.get("recovery", []))
@@ -434,6 +494,7 @@ class FederationServer:
             "round": self.round,
             "history": self.history,
             "reports": {str(r): v for r, v in self.reports.items()},
+            "broadcast": {str(r): v for r, v in self.broadcast.items()},
             "best_round": self.best_round,
             "best_val": self.best_val,
             "site_provenance": self.site_provenance,
@@ -730,6 +791,7 @@ class FederationServer:
         downloaded = len(self.payload)  # this round's sites trained from the previous global module
         previous = self.received
         self._publish(r, self.global_state, present, payload)
+        self.broadcast[r] = {"sha256": hashlib.sha256(self.payload).hexdigest(), "bytes": len(self.payload)}
         probs = self.method.global_probs(self.global_module, self.setup.global_x)
         self.reports[r] = {"global": evaluate_global(probs, self.setup.global_y), "sites": {}}
         self.info = {
@@ -960,38 +1022,51 @@ class FederationServer:
 
     # ------------------------------------------------------------------ the end
     def _finished_outputs(self) -> dict:
-        """A finished run's results: its run directory as it is when whole, else written again from the state
-        (a fresh disk; files removed or results.json damaged by hand, which used to be a traceback, or a
-        success that left the run directory without its model or rounds)."""
-        try:
-            results = read_json(self.out / "results.json")
-        except (OSError, ValueError):
-            results = None
-        rounds = [f"rounds/global_round_{r:03d}.bin" for r in range(1, len(self.history) + 1)]
-        whole = all((self.out / rel).is_file() for rel in (*RUN_FILES, *rounds))
-        if isinstance(results, dict) and whole:
-            return results
-        if results is not None or any((self.out / rel).exists() for rel in RUN_FILES):
-            self._say(f"the run directory {self.out} is incomplete or damaged: writing it again")
+        """A finished run's results, its run directory written again from the server's state (a fresh disk;
+        files removed, truncated or edited by hand): what is in it is never trusted, since results.json, the
+        model and the partition all follow from the checkpoint. A round's module, which the mailbox may no
+        longer hold, is kept where it is the one broadcast (`_write_rounds`)."""
+        self._say(f"run {self.mb.run_id} is finished: writing its run directory {self.out} from its state")
         return self._write_outputs()
+
+    def _write_rounds(self) -> None:
+        """rounds/: each round's global module as it was broadcast. A file that is not those bytes (the sha256
+        and size this state recorded) is written again from the mailbox; where the mailbox no longer holds that
+        round, a missing file stays missing (with a warning) and a damaged one is refused, never kept."""
+        for r in range(1, len(self.history) + 1):
+            path = self.out / "rounds" / f"global_round_{r:03d}.bin"
+            sent = self.broadcast.get(r)
+            if _holds(path, sent):
+                continue
+            limit = sent["bytes"] if sent is not None else None
+            try:
+                payload = self.mb.store.get(self.mb.global_key(r), max_bytes=limit)
+            except ObjectTooLarge:
+                payload = None
+            if payload is not None and (
+                sent is None or hashlib.sha256(payload).hexdigest() == sent["sha256"]
+            ):
+                atomic_write_bytes(path, payload)
+            elif os.path.lexists(path):
+                raise FederationError(
+                    f"{path} is damaged (not the global module broadcast in round {r}, whose sha256 the server's "
+                    f"checkpoint records) and {self.mb.store.url} no longer holds that round's module to write it "
+                    "again: remove the file, and the run finishes without it"
+                )
+            else:
+                log.warning(
+                    "rounds/global_round_%03d.bin cannot be written again: the mailbox no longer holds "
+                    "round %d's global module",
+                    r,
+                    r,
+                )
 
     def _write_outputs(self) -> dict:
         """The run directory from the server's state."""
         setup = self.setup
         atomic_write_json(self.out / "config.json", self.cfg.to_json())
         setup.partition.save(self.out / "partition.json")
-        for r in range(1, len(self.history) + 1):
-            if not (self.out / "rounds" / f"global_round_{r:03d}.bin").exists():
-                payload = self.mb.store.get(self.mb.global_key(r))
-                if payload is not None:
-                    atomic_write_bytes(self.out / "rounds" / f"global_round_{r:03d}.bin", payload)
-                else:
-                    log.warning(
-                        "rounds/global_round_%03d.bin cannot be written again: the mailbox no longer holds "
-                        "round %d's global module",
-                        r,
-                        r,
-                    )
+        self._write_rounds()
         # Holders in the sites' order, then the server: as `fedmedclip train` writes them.
         provenance = {s: self.site_provenance[s] for s in self.sites if s in self.site_provenance}
         return write_run(
@@ -1064,6 +1139,18 @@ class FederationServer:
             log.error("could not write the failed status: %s", exc)
 
 
+def _holds(path: Path, sent: dict | None) -> bool:
+    """Whether `path` is a regular file holding what was broadcast (`sent`: its sha256 and size; None, for a
+    round from before they were recorded: any file)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    return sent is None or (info.st_size == sent["bytes"] and file_digest(path) == sent["sha256"])
+
+
 def aggregate_updates(
     method: Method, previous: dict, states: list[dict], sample_counts: list[int], aggregator: str = "mean"
 ) -> dict:
@@ -1074,20 +1161,6 @@ def aggregate_updates(
         return robust_aggregate(aggregator, previous, states)
     weights = aggregation_weights(method.aggregation_counts(sample_counts), method.weighting)
     return method.aggregate(previous, states, weights)
-
-
-# What `_write_outputs` writes into the run directory, besides each round's global module.
-RUN_FILES = (
-    "config.json",
-    "partition.json",
-    "provenance.json",
-    "results.json",
-    "plots/accuracy.png",
-    "plots/reliability.png",
-    "model/model.json",
-    "model/global.safetensors",
-    "model/text_features.safetensors",
-)
 
 
 def write_run(

@@ -18,12 +18,12 @@ import torch
 
 from ..codec import decode, encode
 from ..codec.wire import template_cap, unpack
-from ..errors import FedMedClipError
+from ..errors import CheckpointError, FedMedClipError, shown
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
-from .checkpoint import CheckpointStore, non_finite
+from .checkpoint import CheckpointStore, configuration, expect_type, expect_types, non_finite, tensor_map
 from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
-from .messages import GlobalHeader, MessageRefused, SiteReport, Status, UpdateHeader, parse
+from .messages import GlobalHeader, MessageRefused, Recovery, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
 from .storage import ObjectStore, ObjectTooLarge, StoreError
 
@@ -77,7 +77,14 @@ class SiteWorker:
         self.codec_up, self.codec_down = manifest["codec_up"], manifest["codec_down"]
         self.template = template_of(manifest)
         self.state, self.model_dir, self.verbose = state, model_dir, verbose
-        self.ckpt = CheckpointStore(state.sub("ckpt"), f"site {self.name}")
+        # Its checkpoints record the run's configuration (the manifest's settings and partition): state that
+        # another configuration wrote is refused, never continued.
+        self.ckpt = CheckpointStore(
+            state.sub("ckpt"),
+            f"site {self.name}",
+            configuration(manifest["settings"], manifest["partition_digest"]),
+            check=_check_state,
+        )
         self.trainer = setup.method.new_site(setup.data, setup.index)
         self.trained = 0  # the last round this site trained (its update of that round exists)
         self.reported = 0  # the last round whose global module this site evaluated
@@ -136,7 +143,14 @@ class SiteWorker:
                 f"site {self.name}: its state store {self.state.url} holds run {body.get('run_id')!r}, not "
                 f"{self.mb.run_id!r}: give each run its own --state"
             )
-        self.trainer.load_state_dict(tensors["trainer"])
+        try:
+            self.trainer.load_state_dict(tensors["trainer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a trainer of another method or shape
+            raise CheckpointError(
+                f"site {self.name}: its state in {self.state.url} does not fit this run's trainer "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): resume with the "
+                "configuration that wrote it, or start this site with an empty --state"
+            ) from None
         self.memory = tensors.get("memory")
         self.candidates = {int(r): t for r, t in tensors["candidates"].items()}
         self.trained, self.reported = int(body["trained"]), int(body["reported"])
@@ -292,7 +306,9 @@ class SiteWorker:
         if meta.run_id != self.mb.run_id or meta.round != g:
             raise ProtocolError(
                 f"site {self.name}: {self.mb.where(self.mb.global_key(g))} belongs to run "
-                f"{meta.run_id!r} round {meta.round!r}"
+                f"{meta.run_id!r} round {meta.round!r}, not run {self.mb.run_id!r} round {g}: a file put there "
+                "by hand or by another run. Remove that file and start the parties again: the server publishes "
+                f"round {g}'s global module itself (from its checkpoint, when it had already)"
             )
         self._received = (g, got.state)
         return got.state, meta
@@ -540,6 +556,39 @@ class SiteWorker:
             else "it has no readable status"
         )
         return f"no heartbeat from the server for {seconds:.0f} s ({said})"
+
+
+def _check_state(body: dict, tensors) -> None:
+    """CheckpointError naming what of a site's checkpoint is missing or of another type (its digest matched:
+    written so by a bug, or by a hand that computed the digest again). `CheckpointStore` then takes the other
+    slot, as for any damaged one; the report it sends again is the one checked here (a traceback at every
+    restart, when it was checked only as it went out)."""
+    expect_types(
+        body,
+        {
+            "run_id": str,
+            "trained": int,
+            "reported": int,
+            "last_report": (dict, type(None)),
+            "recovered": (dict, type(None)),
+        },
+    )
+    for name, kind in (("last_report", SiteReport), ("recovered", Recovery)):
+        if body[name] is not None:
+            try:
+                parse(kind, body[name])
+            except MessageRefused as exc:
+                raise CheckpointError(f"body.{name}: {exc}") from None
+    expect_type(tensors, dict, "tensors.pt")
+    expect_types(tensors, {"trainer": dict, "candidates": dict}, "tensors")
+    for r, part in tensors["candidates"].items():
+        if not isinstance(r, str) or not r.isdigit():
+            raise CheckpointError(f"tensors.candidates has the key {shown(r)}, not a round number")
+        tensor_map(part, f"tensors.candidates.{r}")
+    if "memory" in tensors:
+        tensor_map(tensors["memory"], "tensors.memory")
+    if "pending" in tensors:
+        expect_type(tensors["pending"], torch.Tensor, "tensors.pending")
 
 
 def save_safetensors_to(store: ObjectStore, key: str, tensors: dict[str, torch.Tensor]) -> None:
