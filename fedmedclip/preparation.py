@@ -274,6 +274,10 @@ def partition_for(cfg: TrainConfig, image_set: ImageSet) -> Partition:
             f"--sites {cfg.sites}, but --partition natural trains the {len(names)} site(s) the data names "
             f"({', '.join(names)}): pass --sites {len(names)}, or another --partition"
         )
+    if cfg.partition == "natural" and cfg.sends_updates():  # TrainConfig.validate could not know the count
+        from .federation.robust import check_robust_sites
+
+        check_robust_sites(cfg.aggregator, len(partition.site_names), "--partition natural")
     return partition
 
 

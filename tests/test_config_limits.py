@@ -299,6 +299,30 @@ def test_a_robust_aggregator_needs_three_sites(aggregator):
     TrainConfig(out="", sites=2, aggregator="mean").validate()
 
 
+def test_a_robust_aggregator_over_a_natural_partition_of_two_sites_is_refused():
+    """The data names a natural partition's sites, so the count is checked once the partition is drawn."""
+    from fedmedclip.data import ImageRecord, ImageSet
+    from fedmedclip.preparation import partition_for
+
+    records = [ImageRecord(f"t/{i}.png", f"/x/t/{i}.png", "ab"[i % 2], "test") for i in range(4)]
+    records += [
+        ImageRecord(f"{s}/{i}.png", f"/x/{s}/{i}.png", "ab"[i % 2], "train", s)
+        for s in ("h1", "h2")
+        for i in range(20)
+    ]
+    images = ImageSet(["a", "b"], records, "/x")
+    cfg = TrainConfig(out="", partition="natural", sites=None, aggregator="median")
+    cfg.validate()
+    with pytest.raises(
+        ConfigError, match="^--aggregator median needs 3 or more sites, and --partition natural gives 2"
+    ):
+        partition_for(cfg, images)
+    assert partition_for(TrainConfig(out="", partition="natural", sites=None), images).site_names == [
+        "h1",
+        "h2",
+    ]
+
+
 # ------------------------------------------------------------------------------------ 14: synthetic totals
 def test_the_synthetic_generator_caps_its_total_images_and_pixels():
     """Each keyword within its bounds made up to 25.6 million 4096^2 images together."""
