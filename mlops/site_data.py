@@ -269,7 +269,40 @@ def _load_source(cfg, site: str | None = None):
     holder_ids = {h: holder_image_ids(part, h) for h in ([site] if site else [*part.site_names, SERVER])}
     for image_id in (i for ids in holder_ids.values() for i in ids):
         check_relative_id(image_id, image_set.source)
+    _warn_unreadable(image_set, [i for ids in holder_ids.values() for i in ids])
     return image_set, part, holder_ids
+
+
+def _warn_unreadable(image_set: ImageSet, image_ids: list[str]) -> list[str]:
+    """The ids of the images to publish that training's decoder refuses (fedmedclip.data.load_image), logged in
+    one warning naming the first: published unchecked, they stopped a site's feature extraction much later, in
+    its own pod. Published all the same: a run with --skip-bad-images skips them, as it would locally."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmedclip.data import load_image
+    from fedmedclip.errors import ImageDecodeError, shown
+
+    by_id = image_set.by_id()
+
+    def problem(image_id: str) -> str | None:
+        try:
+            load_image(by_id[image_id].path).close()
+        except ImageDecodeError as exc:
+            return exc.reason
+        return None
+
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 2) * 2)) as pool:
+        problems = dict(zip(image_ids, pool.map(problem, image_ids), strict=True))
+    bad = [i for i, p in problems.items() if p is not None]
+    if bad:
+        log.warning(
+            "%d of the images to publish cannot be decoded (first: %s: %s): published all the same; a run on them "
+            "stops at the site's feature extraction unless it passes --skip-bad-images",
+            len(bad),
+            shown(bad[0]),
+            problems[bad[0]],
+        )
+    return bad
 
 
 def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: dict, listing: bool, progress):

@@ -581,3 +581,29 @@ def test_published_data_is_not_published_again(tmp_path):
     cfg = TrainConfig(data="s3://fedmedclip-data", sites=2, cache_dir=str(tmp_path / "c")).validate()
     with pytest.raises(ConfigError, match="s3://fedmedclip-data is published already"):
         publish_site(cfg, "site_0", tmp_path / "out", progress=False)
+
+
+def test_an_undecodable_image_is_named_when_it_is_published(tmp_path, caplog):
+    """A publisher learns of a file training cannot decode when publishing it, not when a site's pod stops at
+    its feature extraction; it is published all the same (a run with --skip-bad-images skips it)."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for split, n in (("Training", 12), ("Testing", 2)):
+        for c, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (100 * c, 20 * i, 100 * (split == "Testing"))).save(
+                    root / split / cls / f"{i}.png"
+                )
+    (root / "Training" / "b" / "3.png").write_bytes(b"not an image, though named so")
+    cfg = TrainConfig(data=str(root), sites=1, cache_dir=str(tmp_path / "c")).validate()
+    with caplog.at_level("WARNING", logger="fedmedclip.site_data"):
+        summary = publish_site(cfg, "site_0", tmp_path / "out", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(warned) == 1 and "1 of the images" in warned[0] and "'Training/b/3.png'" in warned[0], warned
+    assert "--skip-bad-images" in warned[0]
+    published = tmp_path / "out" / "sites" / "0" / "images"
+    assert (
+        summary["images"] == 22 and (published / "Training" / "b" / "3.png").is_file()
+    )  # 28 less the reference
