@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .encoders import resolve_device
 from .errors import CheckpointError, ConfigError
-from .federation.checkpoint import CheckpointStore, configuration, expect_type, expect_types, tensor_map
+from .federation.checkpoint import (
+    CheckpointStore,
+    configuration,
+    expect_type,
+    expect_types,
+    fit_state,
+    tensor_map,
+)
 from .federation.mailbox import Mailbox
 from .federation.records import (
     atomic_write_json,
@@ -321,16 +328,17 @@ class ReferenceRun:
         self.reports = {int(r): v for r, v in body["reports"].items()}
         self.best_round, self.best_val, self.best = body["best_round"], body["best_val"], tensors.get("best")
         self.global_state = tensors["global"]
-        try:
+
+        def load_units() -> None:
             self.global_module.load_state_dict(self.global_state, strict=False)
             for t, s in zip(self.units, tensors["units"], strict=True):
                 t.load_state_dict(s)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a trainer of another method or shape
-            raise CheckpointError(
-                f"reference run: its state in {store.store.url} does not fit this run's trainers "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): resume with the "
-                "configuration that wrote it, or start the run again in an empty --out"
-            ) from None
+
+        fit_state(
+            load_units,
+            f"reference run: its state in {store.store.url}",
+            "start the run again in an empty --out",
+        )
 
     def finish(self, out: Path) -> dict:
         if self.best is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_features import _png_header
 
 from fedmedclip.data import ImageRecord, ImageSet, deduplicate, from_csv, from_image_folder, load_image
 from fedmedclip.errors import DataError, ImageDecodeError
@@ -249,19 +250,6 @@ def test_a_png_of_too_many_chunks_is_refused_by_training_as_by_the_server(tmp_pa
 
 
 # ----------------------------------------------------------------------------- D1: one pixel limit, one message
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize(
     # ours alone; over Pillow's warning threshold (89,478,485); over its error threshold (twice that)
     ("width", "height", "size"),

@@ -71,6 +71,19 @@ def expect_types(obj: dict, types: dict[str, type | tuple], where: str = "body")
         expect_type(obj[key], kind, f"{where}.{key}")
 
 
+def fit_state(load: Callable[[], None], whose: str, fresh: str) -> None:
+    """Run `load` (a party's load_state_dict calls) and turn its failure into one CheckpointError line: a state
+    of another method or shape (`whose`: the party and where its state is; `fresh`: how to start it anew)."""
+    try:
+        load()
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"{whose} does not fit this run's trainer ({type(exc).__name__}: {first}): resume with the "
+            f"configuration that wrote it, or {fresh}"
+        ) from None
+
+
 def tensor_map(value: Any, where: str) -> None:
     """CheckpointError unless `value` is a dict of tensors (a state dict)."""
     if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):

@@ -21,7 +21,15 @@ from ..codec.wire import template_cap, unpack
 from ..errors import CheckpointError, FedMedClipError, shown
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
-from .checkpoint import CheckpointStore, configuration, expect_type, expect_types, non_finite, tensor_map
+from .checkpoint import (
+    CheckpointStore,
+    configuration,
+    expect_type,
+    expect_types,
+    fit_state,
+    non_finite,
+    tensor_map,
+)
 from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
 from .messages import GlobalHeader, MessageRefused, Recovery, SiteReport, Status, UpdateHeader, parse
 from .records import evaluate_site, save_safetensors
@@ -143,14 +151,11 @@ class SiteWorker:
                 f"site {self.name}: its state store {self.state.url} holds run {body.get('run_id')!r}, not "
                 f"{self.mb.run_id!r}: give each run its own --state"
             )
-        try:
-            self.trainer.load_state_dict(tensors["trainer"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a trainer of another method or shape
-            raise CheckpointError(
-                f"site {self.name}: its state in {self.state.url} does not fit this run's trainer "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): resume with the "
-                "configuration that wrote it, or start this site with an empty --state"
-            ) from None
+        fit_state(
+            lambda: self.trainer.load_state_dict(tensors["trainer"]),
+            f"site {self.name}: its state in {self.state.url}",
+            "start this site with an empty --state",
+        )
         self.memory = tensors.get("memory")
         self.candidates = {int(r): t for r, t in tensors["candidates"].items()}
         self.trained, self.reported = int(body["trained"]), int(body["reported"])
