@@ -350,7 +350,7 @@ def _out_problem(out: Path) -> str | None:
     if not os.path.lexists(out):
         return None
     try:  # is_file first: hashing a FIFO would wait for a writer
-        if out.is_file() and read_sha256_sidecar(out) == sha256_file(out):
+        if out.is_file() and sha256_file(out) in (read_sha256_sidecar(out), _pending_digest(out)):
             return None
     except (OSError, ValueError):  # an unreadable or malformed sidecar vouches for nothing
         pass
@@ -384,17 +384,36 @@ def check_out(out: str | Path) -> None:
         raise ConfigError(problem)
 
 
+def _pending(out: Path) -> Path:
+    """`model.onnx.sha256.pending`: the digest of the export being put in place, until its sidecar is."""
+    sidecar = sha256_sidecar(out)
+    return sidecar.with_name(sidecar.name + ".pending")
+
+
+def _pending_digest(out: Path) -> str | None:
+    try:
+        return _pending(out).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def put_export_in_place(tmp: Path, out: Path, digest: str) -> None:
     """Rename the written export `tmp` (of sha256 `digest`) to `out` and write its sidecar, after checking again
-    that `out` may be replaced: something else may have been put there while the model was exported."""
+    that `out` may be replaced: something else may have been put there while the model was exported. Its
+    digest is recorded as pending first, so that an export stopped between the rename and the sidecar (a
+    kill, a preempted pod) left a file its retry still recognises as an export (`_out_problem`), not one
+    refused for good. The earlier sidecar is replaced, not removed first: it never matches the new file, so it
+    never vouches for it (serve refuses a file its sidecar does not match)."""
     with _out_folder_locked(out):
         problem = _out_problem(out)
         if problem:
             raise ConfigError(problem)
-        # A stale sidecar of an earlier export must never vouch for the new file, even if we stop here.
-        sha256_sidecar(out).unlink(missing_ok=True)
+        from .federation.storage import atomic_write_bytes
+
+        atomic_write_bytes(_pending(out), f"{digest}\n".encode())
         os.replace(tmp, out)  # never leave a half-written model under the final name
         write_sha256_sidecar(out, digest)
+        _pending(out).unlink(missing_ok=True)
 
 
 def check_outputs_finite(module: torch.nn.Module, example: torch.Tensor, names, where: str) -> None:

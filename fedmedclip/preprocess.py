@@ -91,19 +91,47 @@ def png_chunks_problem(data: bytes) -> str | None:
 
 def opened_image_problem(image: Image.Image) -> str | None:
     """Why an opened image (its header parsed, no pixel decoded yet) cannot be decoded faithfully to one 8-bit
-    RGB image, else None: a mode to_rgb8 does not map (`RGB8_MODES`), or more than one frame (a multi-page
-    TIFF, an animated GIF, APNG or WebP, a multi-picture JPEG), of which Pillow would silently give the first."""
+    RGB image, else None: a mode to_rgb8 does not map (`RGB8_MODES`), or more than one image in its frames (a
+    multi-page TIFF, an animated GIF, APNG or WebP: `_holds_other_images`), of which Pillow would silently
+    give the first."""
     if image.mode not in RGB8_MODES:
         what = " (32-bit floating point, of no fixed range)" if image.mode == "F" else ""
         return (
             f"image mode {shown(image.mode)}{what} has no faithful 8-bit RGB conversion: save it as 8- or 16-bit "
             "integer grey or RGB"
         )
-    if getattr(image, "is_animated", False):  # Pillow's n_frames > 1, read without walking every frame
+    # is_animated: Pillow's n_frames > 1, read without walking every frame
+    if getattr(image, "is_animated", False) and _holds_other_images(image):
         return (
             "holds more than one frame (a multi-page file or an animation): save the one image to use alone"
         )
     return None
+
+
+# The most pages of a TIFF looked at for one that is another image rather than a preview of the first.
+MAX_TIFF_PAGES = 64
+
+
+def _holds_other_images(image: Image.Image) -> bool:
+    """Whether a file of several frames holds another image than its first, rather than previews of it: a
+    camera's JPEG with the MP extension (Pillow's MPO: frame 0 is the primary image, the others its previews or
+    a stereo pair's other eye) holds none; a TIFF's pages flagged reduced-resolution (NewSubfileType bit 0) or
+    smaller on both sides than the first (a scanner's or a slide's thumbnail) are previews, any other page is
+    another image (a stack of slices)."""
+    if image.format == "MPO":
+        return False
+    if image.format != "TIFF":
+        return True
+    first = image.size
+    try:
+        for page in range(1, min(image.n_frames, MAX_TIFF_PAGES + 1)):
+            image.seek(page)
+            reduced = int(image.tag_v2.get(254, 0)) & 1
+            if not (reduced or (image.size[0] < first[0] and image.size[1] < first[1])):
+                return True
+        return image.n_frames > MAX_TIFF_PAGES + 1
+    finally:
+        image.seek(0)
 
 
 # ----------------------------------------------------------------------------- JPEG scan check
@@ -132,7 +160,7 @@ def decoded_data_problem(data: bytes, image: Image.Image) -> str | None:
     JPEG's entropy-coded data (`jpeg_scan_problem`: libjpeg decodes garbage into garbage pixels with only a
     warning, which Pillow drops), a PNG's rows (`png_rows_problem`: Pillow pads a PNG whose data ends early
     with zeros)."""
-    if image.format == "JPEG" and (problem := jpeg_scan_problem(data)):
+    if image.format in ("JPEG", "MPO") and (problem := jpeg_scan_problem(data)):
         return f"corrupt JPEG data: {problem}"
     if image.format == "PNG" and (problem := png_rows_problem(data, image.size)):
         return f"PNG {problem}"

@@ -309,3 +309,26 @@ def test_an_earlier_export_is_replaced_also_by_two_exports_at_once(tmp_path):
     assert failures == []
     assert sha256_sidecar(out).read_text() == f"{sha256_file(out)}  model.onnx\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.sha256"]
+
+
+def test_an_export_stopped_between_its_rename_and_its_sidecar_is_replaced_by_its_retry(tmp_path):
+    """A kill (a preempted pod) after the new model took the name and before its sidecar did left a file no
+    sidecar vouched for, and every retry of the export refused it as not an export."""
+    from fedmedclip.export import _pending, check_out, put_export_in_place
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"earlier")
+    write_sha256_sidecar(out)
+    # The state such a kill leaves: the new bytes under the name, the earlier sidecar, the pending digest.
+    out.write_bytes(b"new")
+    _pending(out).write_text(sha256_file(out) + "\n")
+    check_out(out)
+    retry = tmp_path / ".retry.part"
+    retry.write_bytes(b"new")
+    put_export_in_place(retry, out, sha256_file(retry))
+    assert sha256_sidecar(out).read_text() == f"{sha256_file(out)}  model.onnx\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.sha256"]
+    # Without the pending digest it is a file no export vouches for, left as it is.
+    out.write_bytes(b"someone else's")
+    with pytest.raises(ConfigError, match="already exists and is not a model this tool exported"):
+        check_out(out)

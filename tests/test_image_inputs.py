@@ -178,6 +178,26 @@ def test_an_image_of_several_frames_is_refused(tmp_path, name, fmt):
     assert load_image(single).size == (24, 20)
 
 
+def test_a_camera_jpeg_with_previews_and_a_tiff_with_a_thumbnail_are_their_first_image(tmp_path):
+    """Frames that are previews of the first are not other images: a camera's JPEG with the MP extension
+    (Pillow's MPO) and a TIFF whose other page is a smaller thumbnail decode to their first frame, in training
+    and in serving; a TIFF whose other page is as large is a stack, refused."""
+    first, other = _rgb((64, 48), seed=1), _rgb((64, 48), seed=2)
+    mpo = _encoded(first, "MPO", save_all=True, append_images=[other])
+    (tmp_path / "camera.jpg").write_bytes(mpo)
+    assert Image.open(tmp_path / "camera.jpg").format == "MPO"
+    want = np.asarray(Image.open(io.BytesIO(_encoded(first, "JPEG"))).convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "camera.jpg")), want)
+    RequestRejected, decode_image, limits = _serving()
+    assert decode_image(mpo, 0, SQUASH, limits)[0].shape == (16, 16, 3)
+    thumb = _encoded(first, "TIFF", save_all=True, append_images=[other.resize((16, 12))])
+    (tmp_path / "slide.tif").write_bytes(thumb)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "slide.tif")), np.asarray(first))
+    stack = _encoded(first, "TIFF", save_all=True, append_images=[other.resize((64, 12))])
+    (tmp_path / "stack.tif").write_bytes(stack)
+    _refused(tmp_path / "stack.tif", "more than one frame")
+
+
 # ----------------------------------------------------------------------------- B1: symbolic-link loop
 def test_a_manifest_row_naming_a_symlink_loop_is_refused_in_one_line(tmp_path):
     (tmp_path / "l1.jpg").symlink_to(tmp_path / "l2.jpg")
