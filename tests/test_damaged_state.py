@@ -223,6 +223,24 @@ def test_a_planted_global_module_is_refused_saying_what_to_remove(bases, copy_of
 
 
 # ----------------------------------------------------------------------------- the checkpoint store itself
+def test_checkpoints_of_an_earlier_version_are_refused_before_any_work(copy_of, synthetic_cache, monkeypatch):
+    """Checkpoints written before they recorded their tensors' size and their configuration cannot be checked:
+    refused in one line saying so, before the data is prepared (they were listed as damaged slots, after it)."""
+    out = copy_of("mid-run")
+    for state_file in (out / "checkpoint").rglob("ckpt/*/state.json"):
+        state = json.loads(state_file.read_text())
+        state["body"].pop("configuration", None)
+        state.pop("tensors_bytes")
+        state.pop("digest")
+        state["digest"] = canonical_digest(state)
+        state_file.write_text(json.dumps(state))
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: pytest.fail("prepared before the refusal"))
+    with pytest.raises(CheckpointError, match="was written by an earlier fedmedclip") as err:
+        engine.train(config(out, synthetic_cache), resume=True, progress=False)
+    assert "start the run again in an empty --out" in _one_line(err.value)
+    assert str(out / "checkpoint") in str(err.value)
+
+
 def test_a_checkpoint_store_refuses_another_configuration_without_falling_back(tmp_path):
     """What `load` checks as each party resumes (the partition's digest too, which `train` knows only once the
     data is prepared): a checkpoint written by another configuration is refused, naming the slot, whichever

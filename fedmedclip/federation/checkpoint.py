@@ -152,7 +152,10 @@ class CheckpointStore:
             raw = self.store.get(f"{slot}/state.json", max_bytes=MAX_STATE_BYTES)
         except ObjectTooLarge as exc:
             raise CheckpointError(f"state.json is {exc.size} bytes, over {exc.limit}: not read") from None
-        return None if raw is None else _intact_state(raw)
+        try:
+            return None if raw is None else _intact_state(raw)
+        except OtherConfiguration as exc:  # named here, where the slot is known
+            raise OtherConfiguration(f"{self.party}: checkpoint {self.store.where(slot)} {exc}") from None
 
     def _read(self, slot: str) -> tuple[int, dict, Any]:
         """(seq, body, tensors) of a slot, or CheckpointError saying what is wrong with it. Neither file is read
@@ -233,6 +236,8 @@ class CheckpointStore:
         for slot in SLOTS:
             try:
                 state = self._state(slot)
+            except OtherConfiguration:
+                raise
             except CheckpointError:
                 continue
             if state is not None:
@@ -333,9 +338,11 @@ def _intact_state(raw: bytes) -> dict:
     ):
         raise CheckpointError("state.json does not match its digest (edited or damaged)")
     if "tensors_bytes" not in state:
-        raise CheckpointError(
-            "state.json records no size of its tensors.pt (written before checkpoints recorded it and the "
-            "configuration that wrote them): start the run again in an empty --out"
+        # Not damage (the other slot, of the same version, would be no better): refused before any work.
+        raise OtherConfiguration(
+            "was written by an earlier fedmedclip, before checkpoints recorded the size of their tensors and the "
+            "configuration that wrote them, so it cannot be checked against this run's: start the run again in "
+            "an empty --out"
         )
     if (
         not isinstance(state["seq"], int)
