@@ -579,6 +579,14 @@ class TrainConfig:
         rounds (fedmedclip.privacy.accounting)."""
         if not settings.client_level or not self.sends_updates():
             return
+        if self.aggregator != "mean":
+            # Client-level DP aggregates with its own equal-weight mean of clipped updates (what its accountant
+            # composes): a robust rule was recorded in config.json and MLflow, and selected rounds, yet never ran.
+            raise ConfigError(
+                f"--aggregator {self.aggregator} with --dp-client-noise: client-level DP aggregates with its own "
+                "mean of clipped updates (what its guarantee accounts for), never a robust rule; use --aggregator "
+                "mean"
+            )
         from .privacy.accounting import check_accountable
 
         check_accountable(settings.accountant, 1.0, settings.client_noise, self.rounds, "--dp-client-noise")

@@ -58,6 +58,7 @@ from .preparation import (
     site_data,
 )
 from .privacy.report import attach_epsilon, privacy_results
+from .privacy.settings import PrivacySettings
 from .secagg.identity import site_identity
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,10 @@ class ReferenceRun:
                 strict=False,
             )
         )
+        if PrivacySettings.from_config(self.cfg.privacy).enabled:
+            # Under DP the training loss, a mean over the patients' examples without noise, is not published: as
+            # a federated site keeps it (federation/site.py), so do local and centralized runs.
+            site_losses = {}
         record = round_record(
             r,
             self.reports[r]["global"],

@@ -92,6 +92,19 @@ def test_the_accounting_agrees_with_opacus():
     assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
 
 
+@pytest.mark.parametrize("federation", ["local", "centralized"])
+def test_a_dp_run_without_federation_publishes_no_training_loss(synthetic_cache, tmp_path, federation):
+    """A mean over the patients' examples without noise: a federated site keeps it under DP; local and
+    centralized runs published it in every round record (results.json, MLflow)."""
+    results = engine.train(
+        config(
+            synthetic_cache, tmp_path / "run", federation=federation, rounds=1, privacy={"target_epsilon": 4}
+        ),
+        progress=False,
+    )
+    assert [rec["train_loss"] for rec in results["history"]] == [None]
+
+
 def test_a_target_epsilon_run_ends_at_or_below_it_at_every_site(synthetic_cache, tmp_path):
     target = 3.0
     results = engine.train(
@@ -319,6 +332,15 @@ def test_dp_flags_parse_into_the_configuration():
         ({"privacy": {"client_noise": 1.0, "client_count_noise": 1.0}}, "count-noise is adaptive clipping's"),
         ({"privacy": {"client_noise": 1.0, "client_clip_lr": 0.5}}, "clip-lr is adaptive clipping's"),
         ({"federation": "local", "privacy": {"client_noise": 1.0}}, "sends nothing"),
+        # client-level DP aggregated with its own mean: the robust rule was recorded, never run
+        (
+            {"aggregator": "median", "privacy": {"client_noise": 1.0}},
+            "--aggregator median with --dp-client-noise",
+        ),
+        (
+            {"aggregator": "krum", "privacy": {"client_noise": 0.5, "client_noise_at": "sites"}},
+            "client-level DP aggregates with its own mean",
+        ),
         # ran and reported a client-level epsilon for updates that were never sent
         ({"method": "zeroshot", "privacy": {"client_noise": 1.0}}, "zeroshot sends nothing"),
         (
