@@ -92,6 +92,28 @@ def test_the_accounting_agrees_with_opacus():
     assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
 
 
+def test_client_level_dp_at_the_server_clips_and_publishes_no_update_norm(synthetic_cache, tmp_path):
+    """With the noise added at the server its clip bounds each update: the norm bound and the outlier rule
+    rejected updates by norms without noise (the outlier rule by the others' too) and published those norms in
+    the round records and the server's status, which every site reads. Updates far over the default bound are
+    now clipped and counted, and no norm is written."""
+    out = tmp_path / "run"
+    results = engine.train(
+        config(
+            synthetic_cache,
+            out,
+            rounds=1,
+            method_options={"lr_fam": 0.3},  # updates of norm ~170 against the default bound of ~19
+            privacy={"client_noise": 0.5},
+        ),
+        progress=False,
+    )
+    record = results["history"][0]
+    assert "failed" not in record and record["rejected"] == {} and len(record["sites_present"]) == 3
+    written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", "")]
+    assert not [p for p in written if b"update norm" in p.read_bytes()]
+
+
 @pytest.mark.parametrize("federation", ["local", "centralized"])
 def test_a_dp_run_without_federation_publishes_no_training_loss(synthetic_cache, tmp_path, federation):
     """A mean over the patients' examples without noise: a federated site keeps it under DP; local and

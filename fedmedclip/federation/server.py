@@ -571,7 +571,7 @@ class FederationServer:
         if bad:
             raise UpdateRejected(f"tensor {bad} holds NaN or Inf")
         state, clipped = got.state, None
-        if self.max_update_norm is not None:
+        if self.max_update_norm is not None and not self._dp_clips_at_server:
             norm = distance(state, self.received)
             if not norm <= self.max_update_norm:
                 if not self.opt.clip_updates:
@@ -607,9 +607,17 @@ class FederationServer:
     def template_tuples(self) -> dict:
         return {k: (tuple(shape), dtype) for k, (shape, dtype) in self.template.items()}
 
+    @property
+    def _dp_clips_at_server(self) -> bool:
+        """Client-level DP with its noise added here: its clip bounds each update (`ClientPrivacy.aggregate`),
+        so the norm rules stand aside. They decided which updates count by norms without noise (the outlier rule
+        by the others' norms too: one site's data could drop another's update, beyond what the accountant
+        composes), and their refusals published those norms."""
+        return self.client_dp is not None and self.client_dp.s.client_noise_at == "server"
+
     def _norm_outliers(self) -> None:
         """Reject updates whose distance to the global module is far outside the round's others."""
-        if not self.opt.norm_factor or len(self._updates) < 3:
+        if not self.opt.norm_factor or len(self._updates) < 3 or self._dp_clips_at_server:
             return
         norms = {site: distance(u["state"], self.received) for site, u in self._updates.items()}
         for site, norm in norms.items():
