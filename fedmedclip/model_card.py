@@ -382,6 +382,7 @@ NOT_COVERED = [
     "the selection of the round on validation accuracy",
     "the features cache at each site",
     "the server's data: the reference set, whose features every site receives, and the global test set",
+    "partition.json (logged with the run): every image's id, split and label per site",
 ]
 
 
@@ -622,7 +623,10 @@ def render_markdown(card: dict) -> str:
             f"- Client level (what a whole site's data contributed, not whether it took part: each round's sites "
             f"are public): epsilon {priv.get('dp.client_epsilon')}, noise multiplier "
             f"{priv.get('dp.client_noise_multiplier')}, update clip {priv.get('dp.client_clip')}, noise added at the "
-            f"{noise_at}; against everyone who sees the published modules, not against the server, which saw {seen}"
+            f"{noise_at}; against everyone who sees the published modules, not against the server, which saw {seen}; "
+            "against a neighbour that swaps a site's update for another (not only removes it) the sensitivity is "
+            "twice the clip, so this epsilon then needs twice the noise; each site's own model (its private head, "
+            "trained on its data without this noise) is outside it"
         )
     out += [
         f"- Secure aggregation: {priv.get('dp.secure_aggregation', 'off')}",

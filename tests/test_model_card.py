@@ -339,6 +339,10 @@ def test_the_cards_client_level_line_says_what_it_protects_and_from_whom(tmp_pat
         line = next(x for x in render_markdown(build_card(run_dir)).splitlines() if "Client level" in x)
         assert "what a whole site's data contributed, not whether it took part" in line, line
         assert f"not against the server, which saw {seen}" in line, line
+        # the swap neighbour's 2S and the sites' own models, which docs/privacy.md said the line says
+        assert "swaps a site's update for another" in line and "twice the clip" in line, line
+        assert "each site's own model (its private head" in line and "is outside it" in line, line
+    assert any("partition.json" in x for x in build_card(run_dir)["privacy"]["not_covered"])
 
 
 def test_the_card_of_a_centralized_dp_run_says_the_images_left_their_sites(tmp_path):
