@@ -386,8 +386,11 @@ def _accuracy(raw) -> float | None:
     return value if value is not None and 0.0 <= value <= 1.0 else None
 
 
-def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float) -> None:
-    """PrivacyRefused unless the version was trained with record-level DP at epsilon <= max_epsilon."""
+def check_privacy_budget(
+    name: str, version: str, tags: dict, max_epsilon: float, max_delta: float = 0.0
+) -> None:
+    """PrivacyRefused unless the version was trained with record-level DP at epsilon <= max_epsilon (and, given
+    `max_delta`, delta <= max_delta)."""
     mode = tags.get("dp.mode", "none")
     if "record" not in mode.split("+"):
         raise PrivacyRefused(
@@ -404,6 +407,13 @@ def check_privacy_budget(name: str, version: str, tags: dict, max_epsilon: float
         raise PrivacyRefused(
             f"refusing to promote {name} version {version}: its epsilon {tags.get('dp.epsilon') or '(none)'} "
             f"(delta {tags.get('dp.delta', '?')}, largest over its sites) is above --max-epsilon {max_epsilon:g}"
+        )
+    delta = _num(tags.get("dp.delta"))
+    if max_delta and (delta is None or not 0.0 <= delta <= max_delta):
+        raise PrivacyRefused(
+            f"refusing to promote {name} version {version}: its delta {tags.get('dp.delta') or '(none)'} is "
+            f"{'unknown' if delta is None else 'above --max-delta'} {max_delta:g} (epsilon {tags.get('dp.epsilon')} "
+            "holds at that delta, a weaker guarantee than the budget's)"
         )
 
 
@@ -451,7 +461,7 @@ def promote(
     if mv is None:
         raise TrackingError(f"registered model {name!r} has no version {version}")
     if max_epsilon:
-        check_privacy_budget(name, version, mv.tags, max_epsilon)
+        check_privacy_budget(name, version, mv.tags, max_epsilon, policy.max_delta)
     check_servable(name, version, mv.tags, alias)
     candidate = _version_metric(client, mv)
     if candidate is None:
@@ -516,6 +526,7 @@ def promote(
         "allow_worse": overridden,
         "allow_different_data": sorted(different),
         "max_epsilon": max_epsilon,
+        "max_delta": policy.max_delta,
     }
     client.set_model_version_tag(name, version, f"promoted.{alias}", json.dumps(promoted))
     return result

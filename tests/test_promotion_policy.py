@@ -129,3 +129,21 @@ def test_a_version_whose_metric_is_not_a_finite_number_is_never_promoted(mlops_s
         PromotionRefused, match=f"version {candidate}\\) has no {PROMOTION_METRIC} from 0 to 1"
     ):
         promote(name, holder.version, tracking_uri=uri)
+
+
+def test_a_privacy_budget_is_an_epsilon_and_a_delta():
+    """The same run reports a smaller epsilon at a larger delta: --max-epsilon alone let a version at a looser
+    delta through (q=0.14, sigma 2, 250 steps: epsilon 6.0 at delta 1e-5, 3.9 at 4e-3). --max-delta bounds it,
+    and is refused without --max-epsilon."""
+    from mlops.registry import PrivacyRefused, check_privacy_budget
+
+    loose = {"dp.mode": "record", "dp.epsilon": "3.896", "dp.delta": "0.004"}
+    check_privacy_budget("m", "1", loose, 4.0)  # what the gate let through
+    with pytest.raises(PrivacyRefused, match=r"its delta 0.004 is above --max-delta 1e-05"):
+        check_privacy_budget("m", "1", loose, 4.0, 1e-5)
+    check_privacy_budget("m", "1", {**loose, "dp.delta": "1e-05", "dp.epsilon": "3.5"}, 4.0, 1e-5)
+    with pytest.raises(PrivacyRefused, match=r"its delta \(none\) is unknown"):
+        check_privacy_budget("m", "1", {"dp.mode": "record", "dp.epsilon": "3.5"}, 4.0, 1e-5)
+    with pytest.raises(ConfigError, match="--max-delta is half of a privacy budget: give --max-epsilon"):
+        PromotionPolicy(max_delta=1e-5)
+    assert PromotionPolicy(max_epsilon=4.0, max_delta=1e-5).max_delta == 1e-5

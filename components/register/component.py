@@ -85,6 +85,7 @@ def register_component(
     allow_different_data: bool,
     fail_if_not_promoted: bool,
     max_epsilon: float,
+    max_delta: float,
     kfp_run_id: str,
 ) -> NamedTuple("RegisterOutputs", [("model_uri", str), ("promotion", str)]):  # noqa: F821
     from components.register.component import register_step
@@ -98,7 +99,7 @@ def register_component(
         experiment,
         model_name,
         # max_epsilon 0: no budget
-        PromotionPolicy(promote_alias, allow_worse, allow_different_data, max_epsilon),
+        PromotionPolicy(promote_alias, allow_worse, allow_different_data, max_epsilon, max_delta),
         kfp_run_id,
         fail_if_not_promoted,
     )
