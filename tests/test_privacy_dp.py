@@ -114,6 +114,24 @@ def test_client_level_dp_at_the_server_clips_and_publishes_no_update_norm(synthe
     assert not [p for p in written if b"update norm" in p.read_bytes()]
 
 
+def test_client_level_dp_with_the_noise_at_the_sites_trains(synthetic_cache, tmp_path):
+    """Each site's update carries its share of the noise (norm about z S / sqrt(quorum) * sqrt(entries)): the
+    server's default bound, twice the initial module's norm, rejected every one and the round failed. The
+    bound of such a run is the clip plus the noise's expected norm, with a margin."""
+    results = engine.train(
+        config(
+            synthetic_cache,
+            tmp_path / "run",
+            rounds=1,
+            privacy={"client_noise": 0.5, "client_noise_at": "sites"},
+        ),
+        progress=False,
+    )
+    record = results["history"][0]
+    assert "failed" not in record and record["rejected"] == {} and len(record["sites_present"]) == 3
+    assert results["privacy"]["client_level"]["noise_at"] == "sites"
+
+
 @pytest.mark.parametrize("federation", ["local", "centralized"])
 def test_a_dp_run_without_federation_publishes_no_training_loss(synthetic_cache, tmp_path, federation):
     """A mean over the patients' examples without noise: a federated site keeps it under DP; local and

@@ -35,7 +35,7 @@ from ..flags import declared, setting
 from ..methods import Method
 from ..observer import NO_OBSERVER, RunObserver
 from ..privacy.accounting import sample_rate
-from ..privacy.client import server_privacy
+from ..privacy.client import noised_update_bound, server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import (
     CheckpointStore,
@@ -257,8 +257,19 @@ class FederationServer:
         self.global_module = self.method.new_global()
         self.global_state = self.method.shared_state(self.global_module)
         self.template = tensor_template(self.global_state)
-        bound = self.opt.max_update_norm
-        self.max_update_norm = default_bound(self.global_state) if bound is None else (float(bound) or None)
+        bound, privacy = self.opt.max_update_norm, setup.method.ctx.privacy
+        if (
+            bound is None
+            and privacy is not None
+            and privacy.client_level
+            and privacy.client_noise_at == "sites"
+        ):
+            # updates noised at the sites: their clip plus their noise's norm, not the initial module's scale
+            self.max_update_norm = noised_update_bound(privacy, self.global_state)
+        else:
+            self.max_update_norm = (
+                default_bound(self.global_state) if bound is None else (float(bound) or None)
+            )
         self.manifest = make_manifest(mailbox.run_id, setup, self.opt, self.template, self.max_update_norm)
         # Its checkpoints record the run's configuration (the manifest's settings and partition): state that
         # another configuration wrote is refused, never continued.

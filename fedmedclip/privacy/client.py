@@ -67,12 +67,33 @@ def gaussian(like: dict, std: float, key: bytes, *parts) -> dict:
     return {k: torch.normal(0.0, std, v.shape, generator=gen, dtype=torch.float64) for k, v in like.items()}
 
 
+# How far above its expected norm a site's noise may be before the server takes its update for more than a
+# clipped update and its noise: the norm of d independent Gaussians is within a few per cent of std * sqrt(d)
+# for the thousands of entries a module has.
+NOISE_NORM_MARGIN = 1.5
+
+
+def site_noise_std(settings: PrivacySettings, quorum: int) -> float:
+    """The standard deviation of each site's share of the noise: any quorum of sites sums to z S."""
+    return float(settings.client_noise) * float(settings.client_clip) / math.sqrt(max(1, quorum))
+
+
+def noised_update_bound(settings: PrivacySettings, template: dict) -> float:
+    """The norm an honest site's update stays under when the sites add the noise: its clip S plus
+    NOISE_NORM_MARGIN times the expected norm of its noise over the module's float entries (`template`: a
+    state), at a quorum of one, the largest share (so the bound, which the run's manifest records, does not
+    move with a restart's quorum). The server's default bound (twice the initial module's norm) rejected every
+    such update, so that placement ran only with noise too small to protect anything."""
+    entries = sum(v.numel() for v in template.values() if v.is_floating_point())
+    return float(settings.client_clip) + NOISE_NORM_MARGIN * site_noise_std(settings, 1) * math.sqrt(entries)
+
+
 class SiteClientPrivacy:
     """A site's part when the noise is added at the sites: clip its update, add its share of the noise."""
 
     def __init__(self, settings: PrivacySettings, quorum: int, key: bytes, site: str):
         self.bound = float(settings.client_clip)
-        self.std = float(settings.client_noise) * self.bound / math.sqrt(max(1, quorum))
+        self.std = site_noise_std(settings, quorum)
         self.key, self.site = key, site
 
     def apply(self, update: dict, received: dict, round_index: int) -> tuple[dict, dict]:
