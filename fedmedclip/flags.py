@@ -323,11 +323,10 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
     if cls is None:
         from .config import TrainConfig as cls
     values = values_from_args(args, cls)
-    for d in declared(cls, nested=False):
-        # A run's text settings name something (a folder, a backbone, a codec): an empty one meant the working
-        # folder (--out, --data, --cache-dir) or was ignored (--codec).
-        if d.type is str and values.get(d.name) == "":
-            raise ConfigError(f"{d.flags[0]} must not be empty")
+    # validate() refuses every other empty text setting (TrainConfig._validate_nonempty); it lets `out` be empty,
+    # as a pipeline's parties and a site have no run directory, but a command's --out "" was the working folder.
+    if values.get("out") == "":
+        raise ConfigError("--out must not be empty")
     both = getattr(args, "codec_both", None)
     if both is not None:
         from .codec import CODECS
