@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .digests import sha256_file
-from .errors import DataError, ImageDecodeError, class_names_problem, shown
+from .errors import DataError, ImageDecodeError, class_names_problem, shown, shown_list
 from .paths import check_file_within
 from .preprocess import (
     MAX_IMAGE_PIXELS,  # noqa: F401  (imported from here too)
@@ -182,12 +182,6 @@ def _listed(value: str) -> str:
     return value if value.isprintable() and len(value) <= 60 else shown(value)
 
 
-def _shown_list(values: list[str], most: int = 10) -> str:
-    """The first `most` of `values`, each as `shown` writes it, and how many more: one bounded line."""
-    more = f" and {len(values) - most} more" if len(values) > most else ""
-    return ", ".join(map(shown, values[:most])) + more
-
-
 def _check_classes(class_names: list[str], records: list[ImageRecord], source: str) -> None:
     if problem := class_names_problem(class_names):
         raise DataError(f"{source}: {problem}: rename its folder or label")
@@ -253,7 +247,7 @@ def from_image_folder(
         if split:
             split_dirs[split] = d
     if "train" not in split_dirs:
-        found_names = _shown_list(sorted(p.name for p in root.iterdir())) or "nothing"
+        found_names = shown_list(sorted(p.name for p in root.iterdir())) or "nothing"
         raise DataError(
             f"{root}: expected a Training/ (or train/) folder of class folders, found: {found_names}"
         )
@@ -295,7 +289,7 @@ def _resolve_classes(found: list[str], classes: list[str] | None, source: str) -
         return found
     unknown = [c for c in found if c not in classes]
     if unknown:
-        raise DataError(f"{source}: unknown label(s) {_shown_list(unknown)}; expected one of {classes}")
+        raise DataError(f"{source}: unknown label(s) {shown_list(unknown)}; expected one of {classes}")
     return sorted(classes)
 
 

@@ -12,6 +12,12 @@ def shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def shown_list(values: list, most: int = 10) -> str:
+    """The first `most` of `values`, each as `shown` writes it, and how many more: one bounded line."""
+    more = f" and {len(values) - most} more" if len(values) > most else ""
+    return ", ".join(map(shown, values[:most])) + more
+
+
 def class_names_problem(names) -> str | None:
     """Why one of `names` cannot be a class (None when each can): class names are printed by every console, log,
     model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named so,

@@ -42,7 +42,7 @@ from .digests import (  # canonical_digest: also imported from here by partition
     sha256_file,
 )
 from .encoders import open_image_encoder
-from .errors import DataError, ImageDecodeError, ProvenanceMismatch, shown
+from .errors import DataError, ImageDecodeError, ProvenanceMismatch, shown, shown_list
 from .jsonfiles import read_json_object
 from .paths import put_folder_in_place
 from .preprocess import Preprocessing
@@ -420,11 +420,8 @@ def check_training_classes(stores: dict[str, FeatureStore], train_ids: dict[str,
     empty = [c for c, n in zip(class_names, counts.tolist(), strict=True) if n == 0]
     if empty:
         skipped = sorted({i for site, ids in train_ids.items() for i in set(ids) & set(stores[site].skipped)})
-        listed = ", ".join(map(shown, skipped[:10])) + (
-            f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        )
         reason = (
-            f"--skip-bad-images skipped {len(skipped)} unreadable training image(s): {listed}"
+            f"--skip-bad-images skipped {len(skipped)} unreadable training image(s): {shown_list(skipped)}"
             if skipped
             else "the partition put none of its images in a site's training split"
         )
