@@ -21,6 +21,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .digests import sha256_file
 from .errors import DataError, ImageDecodeError, class_names_problem, shown, shown_list
+from .jsonfiles import read_bounded
 from .paths import check_file_within
 from .preprocess import (
     MAX_IMAGE_PIXELS,  # noqa: F401  (imported from here too)
@@ -148,18 +149,12 @@ def load_preprocessed(path: str | Path, preprocessing: Preprocessing) -> np.ndar
 
 
 def _image_bytes(path: str) -> bytes:
-    """The file's bytes, refused (ImageDecodeError) above MAX_IMAGE_BYTES before they are read: a 5 GB file
-    was read whole, to a MemoryError traceback. At most that many are read, whatever its size said (a file
-    growing meanwhile, a device)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        data = f.read(MAX_IMAGE_BYTES + 1) if size <= MAX_IMAGE_BYTES else b""
-    if size > MAX_IMAGE_BYTES or len(data) > MAX_IMAGE_BYTES:
-        what = f"is {size:,} bytes" if size > MAX_IMAGE_BYTES else "holds more bytes than its size says"
-        raise ImageDecodeError(
-            path, f"the file {what}, over the limit of {MAX_IMAGE_BYTES:,} bytes for one image"
-        )
-    return data
+    """The file's bytes, read as every other file another party wrote is (jsonfiles.read_bounded: a regular
+    file, never past MAX_IMAGE_BYTES): a 5 GB file was read whole, to a MemoryError traceback."""
+    try:
+        return read_bounded(path, MAX_IMAGE_BYTES)
+    except ValueError as exc:
+        raise ImageDecodeError(path, f"the file: {exc}") from None
 
 
 def _refuse_decoder_warnings(path: str, caught: list[warnings.WarningMessage]) -> None:

@@ -72,11 +72,11 @@ def read_bounded(path: str | Path, max_bytes: int | None = None) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             what = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
             raise ValueError(f"not a regular file ({what}): not read")
-        raise ValueError(f"{info.st_size} bytes, over the limit of {max_bytes}: not read")
+        raise ValueError(f"{info.st_size:,} bytes, over the limit of {max_bytes:,} bytes: not read")
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(max_bytes + 1)  # a file that grew since: still never more than this
     if len(data) > max_bytes:
-        raise ValueError(f"over the limit of {max_bytes} bytes (it grew while read): not read")
+        raise ValueError(f"over the limit of {max_bytes:,} bytes (it grew while read): not read")
     return data
 
 
