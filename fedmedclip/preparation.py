@@ -130,6 +130,12 @@ def _generation_problem(folder: Path, args: dict) -> str | None:
     files = record.get("files")
     if record.get("arguments") != args or not isinstance(files, dict) or "manifest.csv" not in files:
         return f"has a {GENERATED} that does not describe it"
+    return _files_problem(folder, files)
+
+
+def _files_problem(folder: Path, files: dict, differs: str = "differs") -> str | None:
+    """The first of `files` ({relative path: sha256}) that `folder` lacks, cannot read or holds other bytes of
+    (None: each is there, the same); `differs` says against what a changed one was compared."""
     for rel, want in files.items():
         path = folder / str(rel)
         try:
@@ -139,7 +145,7 @@ def _generation_problem(folder: Path, args: dict) -> str | None:
         if got is None:
             return f"is incomplete: {rel} is missing or unreadable"
         if got != want:
-            return f"was changed since it was generated: {rel} differs"
+            return f"was changed since it was generated: {rel} {differs}"
     return None
 
 
@@ -149,10 +155,9 @@ def _record_earlier_generation(folder: Path, args: dict) -> str | None:
     tmp = _generate(folder, args)
     try:
         wanted = read_json_object(tmp / GENERATED)["files"]
-        for rel, want in wanted.items():
-            path = folder / rel
-            if not path.is_file() or path.is_symlink() or sha256_file(path) != want:
-                return f"was changed since it was generated: {rel} differs from what the generator writes"
+        problem = _files_problem(folder, wanted, "differs from what the generator writes")
+        if problem:
+            return problem
         try:  # only the record is added: a read-only cache is checked again the next time
             atomic_write_bytes(folder / GENERATED, (tmp / GENERATED).read_bytes())
         except OSError as exc:
