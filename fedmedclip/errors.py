@@ -19,14 +19,18 @@ def shown_list(values: list, most: int = 10) -> str:
 
 
 def class_names_problem(names) -> str | None:
-    """Why one of `names` cannot be a class (None when each can): class names are printed by every console, log,
-    model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named so,
-    a manifest's label) would drive the terminal of whoever reads them."""
+    """Why `names` cannot be a model's classes (None when they can): class names are printed by every console,
+    log, model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named
+    so, a manifest's label) would drive the terminal of whoever reads them; a name twice makes two answers one."""
+    seen = set()
     for name in names:
         if not name.strip():
             return f"class name {name!r} is empty"
         if not name.isprintable():
             return f"class name {name!r} holds control characters (ESC, CR, newline, ...)"
+        if name in seen:
+            return f"class name {shown(name)} is listed twice"
+        seen.add(name)
     return None
 
 

@@ -114,9 +114,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _class_names(names: list[str]) -> list[str]:
     if problem := class_names_problem(names):
         raise ValueError(problem)
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise ValueError(f"class name {shown(twice)} is listed twice")
     return names
 
 

@@ -174,11 +174,8 @@ def read_contract(
         ) from None
     if not class_names:
         raise ContractError(f"{source}: {META_CLASS_NAMES} is empty")
-    # Answered to every client, logged and printed by `predict`; two of one name would make answers ambiguous.
-    problem = class_names_problem(class_names)
-    if problem is None and len(set(class_names)) != len(class_names):
-        problem = "a class name written twice"
-    if problem:
+    # Answered to every client, logged and printed by `predict`.
+    if problem := class_names_problem(class_names):
         raise ContractError(f"{source}: {META_CLASS_NAMES}: {problem}")
     if pre.size != image_size:
         raise ContractError(

@@ -194,6 +194,12 @@ def test_every_registered_version_has_a_card_privacy_tags_and_the_max_epsilon_ga
             lambda d: {**d, "class_names": ["x\x1b[2J", *d["class_names"][1:]]},
             r"partition.json: class name 'x\\x1b\[2J' holds control characters",
         ),
+        # two classes of one name: the card's per-class rows and every answer would make them one
+        (
+            "partition.json",
+            lambda d: {**d, "class_names": [*d["class_names"][:-1], d["class_names"][0]]},
+            r"partition.json: class name '\w+' is listed twice",
+        ),
         # a word where a number was written: a ValueError traceback
         (
             "config.json",

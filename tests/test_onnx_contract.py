@@ -208,7 +208,7 @@ def test_the_largest_image_side_is_the_backbones_and_is_accepted(scored_export, 
         (["normal\x1b[2J", "b", "c", "d"], "holds control characters"),
         (["a", "b\r", "c", "d"], "holds control characters"),
         (["a", " ", "c", "d"], "is empty"),
-        (["a", "a", "c", "d"], "a class name written twice"),
+        (["a", "a", "c", "d"], "class name 'a' is listed twice"),
     ],
 )
 def test_class_names_that_would_drive_a_terminal_or_answer_ambiguously_are_refused_by_both(
