@@ -16,7 +16,7 @@ import torch
 from .digests import canonical_digest
 from .errors import BackboneNotFound, ConfigError, ProvenanceMismatch, shown
 from .extensions import load_extension
-from .jsonfiles import loads
+from .jsonfiles import loads, no_constant, read_bounded
 from .paths import DEFAULT_CACHE_DIR
 from .preprocess import (
     CLIP_MEAN,
@@ -379,7 +379,8 @@ _DTYPES = ("float32", "float16", "bfloat16")  # what CLIPs are published in; flo
 
 
 def _folder_file(folder: Path, name: str) -> Path | None:
-    """`folder/name` when it is there (None when not), refused unless it is a regular file within its bound."""
+    """`folder/name` when it is there (None when not), refused unless it is a regular file within its bound: for
+    the files transformers reads itself (the JSON ones this module reads go through `_folder_json`)."""
     path = folder / name
     try:
         st = path.stat()  # through a link: a Hugging Face cache's snapshot folder is links to its blobs
@@ -396,25 +397,20 @@ def _folder_file(folder: Path, name: str) -> Path | None:
     return path
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a number")
-
-
 def _folder_json(folder: Path, name: str) -> dict | None:
     """The JSON object in `folder/name` (None when there is none), read bounded and strictly: a key twice,
     NaN or Infinity, anything but an object are refused, naming the file."""
-    path = _folder_file(folder, name)
-    if path is None:
-        return None
-    limit = _FOLDER_FILE_MAX_BYTES[name]
+    path = folder / name
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(limit + 1)  # a file that grew since its size was looked at: still no more than this
-        if len(raw) > limit:
-            raise ValueError(f"over the limit of {limit} bytes")
-        obj = loads(raw, unique=True, parse_constant=_refuse_constant)
+        raw = read_bounded(path, _FOLDER_FILE_MAX_BYTES[name])  # through a link, as _folder_file
+    except FileNotFoundError:
+        return None
     except OSError as exc:
         raise BackboneNotFound(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise BackboneNotFound(f"{path}: {exc}") from None
+    try:
+        obj = loads(raw, unique=True, parse_constant=no_constant)
     except ValueError as exc:
         raise BackboneNotFound(f"{path} is not readable JSON: {str(exc).splitlines()[0]}") from None
     if not isinstance(obj, dict):
