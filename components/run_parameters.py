@@ -19,17 +19,23 @@ class RunParameters(PromotionPolicy):
     """The pipeline's parameters besides `settings` (and `local_stack`, set by a local run): the promotion's
     are `fedmedclip promote`'s (PromotionPolicy)."""
 
-    site_names: str = _pipeline("", help="comma-separated site names, checked against the partition's")
+    site_names: str = _pipeline(
+        "", empty=True, help="comma-separated site names, checked against the partition's"
+    )
     mailbox: str = _pipeline(
         "",
+        empty=True,
         help="where the parties exchange modules: s3://BUCKET[/PREFIX] (default: the data's bucket for s3:// "
         "data; locally a folder under the pipeline root)",
     )
     export_site: str = _registry(
-        "global", help="model to export to ONNX: global, a site name, or '' (no export; default: %(default)s)"
+        "global",
+        empty=True,
+        help="model to export to ONNX: global, a site name, or '' (no export; default: %(default)s)",
     )
     tracking_uri: str = _registry(
         "",
+        empty=True,
         help="MLflow server (default: locally $MLFLOW_TRACKING_URI, else the running local stack, else no "
         "tracking; in a cluster the endpoints ConfigMap's)",
     )

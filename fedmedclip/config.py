@@ -155,8 +155,13 @@ class TrainConfig:
         grid=True,
         help="random seed of the partition and every draw (default: %(default)s)",
     )
-    out: str = setting(
-        "runs/latest", group="output", resume="never", grid=True, help="run directory (default: %(default)s)"
+    out: str = setting(  # empty: a pipeline's parties and a site have no run directory (a command refuses "")
+        "runs/latest",
+        group="output",
+        resume="never",
+        grid=True,
+        empty=True,
+        help="run directory (default: %(default)s)",
     )
     batch_size: int = setting(
         32,
@@ -364,7 +369,6 @@ class TrainConfig:
             )
         if self.partition == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ConfigError("--partition dirichlet needs --alpha > 0, e.g. --alpha 0.5")
-        self._validate_nonempty()
         if self.alpha is not None and self.partition != "dirichlet":
             # It would be recorded in config.json and the MLflow parameters of a run it did not skew.
             raise ConfigError(
@@ -489,14 +493,6 @@ class TrainConfig:
     def _sender(self) -> str:
         """What sends no updates, as the user chose it: the federation, else the method."""
         return f"--federation {self.federation}" if self.federation != "federated" else self.method
-
-    def _validate_nonempty(self) -> None:
-        """A text setting names something (a folder, a data source, a backbone, a codec): an empty one was taken
-        as the working folder (--data, --cache-dir) or ignored. `out` alone may be empty: a pipeline's parties
-        and a site have no run directory of their own."""
-        for d in declared(type(self), nested=False):
-            if d.type is str and d.name != "out" and getattr(self, d.name) == "":
-                raise ConfigError(f"{d.flags[0]} must not be empty")
 
     def _validate_aggregator(self) -> None:
         """A robust rule needs three or more updates to be anything but the mean: with fewer sites it silently

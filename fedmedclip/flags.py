@@ -94,6 +94,7 @@ def setting(
     parse=None,
     metavar: str | None = None,
     repeatable: bool = False,
+    empty: bool = False,
     extraction: bool = False,
     partition: bool = False,
     resume: str = "always",
@@ -108,7 +109,8 @@ def setting(
     input); `nested`: a dataclass whose fields become flags `--<prefix><name>` (a dict field of their
     non-default entries); `minimum`, `maximum`: the inclusive range of a number (check_declared refuses a value
     outside it, naming the flag; the schema shows both, and a field's help says its maximum); `repeatable`: the
-    flag may be given again, `parse` takes the list of its texts;
+    flag may be given again, `parse` takes the list of its texts; `empty`: a text that may be "" (its help says
+    what "" means), where check_declared refuses "" of any other text: a folder "" was the working folder;
     a bool field whose default is True is switched off by its flag (spell it so: `--no-gpu`); `entries`: for
     another dict field, values -> {key: default} of its entries (their types convert a pipeline's floats back
     to integers); `flags`: the spelling when not `--field-name`;
@@ -118,6 +120,8 @@ def setting(
         raise ValueError(f"unknown group {group!r} or resume {resume!r}")
     if default is True and not (flags and all(f.startswith("--no-") for f in flags)):
         raise ValueError("a setting that defaults to True is switched off by its flag: spell it --no-...")
+    if default == "" and not empty:
+        raise ValueError('a text setting that defaults to "" declares empty=True')
     commands = tuple(commands) if commands is not None else GROUPS[group][1]
     meta = dict(
         help=help,
@@ -130,6 +134,7 @@ def setting(
         parse=parse,
         metavar=metavar,
         repeatable=repeatable,
+        empty=empty,
         extraction=extraction,
         partition=partition,
         resume=resume,
@@ -209,7 +214,8 @@ def declared(cls, nested: bool = True) -> list[Declared]:
 
 def check_declared(obj) -> None:
     """What each field of `obj` declares of itself: a value (None only where its annotation allows None: unset),
-    an integer, a finite number, one of its choices, within its minimum and maximum; ConfigError names the flag."""
+    an integer, a finite number, a text not empty unless it may be, one of its choices, within its minimum and
+    maximum; ConfigError names the flag."""
     for d in declared(type(obj), nested=False):
         value, flag = getattr(obj, d.name), d.flags[0]
         if value is None:
@@ -222,6 +228,8 @@ def check_declared(obj) -> None:
             raise ConfigError(f"{flag} must be an integer, got {shown(value)}")
         if d.type is float and not is_finite_number(value):
             raise ConfigError(f"{flag} must be a finite number, got {shown(value)}")
+        if value == "" and d.type is str and not d.meta["empty"]:
+            raise ConfigError(f"{flag} must not be empty: give a value, or leave it out for its default")
         if d.meta["choices"] is not None and value not in d.meta["choices"]:
             name = d.name.replace("_", " ")
             raise ConfigError(f"unknown {name} {shown(value)}; choose one of {', '.join(d.meta['choices'])}")
@@ -307,9 +315,6 @@ def values_from_args(args: argparse.Namespace, cls) -> dict:
             if value is not None:
                 values.setdefault(d.owner, {})[d.name] = value
             continue
-        if value == "" and d.type is str and d.default is None:
-            # None is unset; an empty text is no value of its own (a folder "" was the working folder)
-            raise ConfigError(f"{d.flags[0]} must not be empty: leave it out for its default")
         if d.meta["parse"] is not None and value is not None:
             value = d.meta["parse"](value)
         if value is None and isinstance(d.default, dict):
@@ -323,8 +328,8 @@ def config_from_args(args: argparse.Namespace, cls=None, **overrides):
     if cls is None:
         from .config import TrainConfig as cls
     values = values_from_args(args, cls)
-    # validate() refuses every other empty text setting (TrainConfig._validate_nonempty); it lets `out` be empty,
-    # as a pipeline's parties and a site have no run directory, but a command's --out "" was the working folder.
+    # `out` is declared empty=True, as a pipeline's parties and a site have no run directory, but a command's
+    # --out "" was the working folder.
     if values.get("out") == "":
         raise ConfigError("--out must not be empty")
     both = getattr(args, "codec_both", None)

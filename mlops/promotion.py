@@ -22,6 +22,7 @@ class PromotionPolicy:
         "champion",
         flags=("--alias",),
         metavar="ALIAS",
+        empty=True,
         help="the alias to move to the new version, served as models:/NAME@ALIAS ('' in a pipeline run: "
         "register only; default: %(default)s)",
     )

@@ -361,7 +361,10 @@ def test_an_empty_out_or_cache_dir_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", "--out", "", "--cache-dir", str(tmp_path / "c")]) == 2
     assert _refused(capsys) == "error: --out must not be empty"
     assert main(["train", "--out", str(tmp_path / "run"), "--cache-dir", ""]) == 2
-    assert _refused(capsys) == "error: --cache-dir must not be empty"
+    assert (
+        _refused(capsys)
+        == "error: --cache-dir must not be empty: give a value, or leave it out for its default"
+    )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError, match="^--data must not be empty"):
         _settings({"data": ""})
@@ -385,6 +388,9 @@ def test_a_key_given_twice_is_refused(tmp_path, capsys):
         (["--quorum", "0"], "error: --quorum must be at least 1, got 0"),
         (["--max-epsilon", "nan"], "error: --max-epsilon must be a finite number, got nan"),
         (["--timeout", "worker=0"], "error: --timeout worker=0: give one of "),
+        # a registered model or experiment named "": refused by MLflow after the whole run had trained
+        (["--model-name", ""], "error: --model-name must not be empty"),
+        (["--experiment", ""], "error: --experiment must not be empty"),
     ],
 )
 def test_pipeline_run_refuses_its_options_before_making_the_pipeline_root(tmp_path, capsys, argv, message):
@@ -428,3 +434,24 @@ def test_serve_options_that_start_threads_or_processes_have_declared_maxima(cls,
     getattr(options, cls)(**{field: most})
     (d,) = [d for d in declared(getattr(options, cls)) if d.name == field]
     assert d.meta["maximum"] == most and f"at most {most}" in d.meta["help"]
+
+
+def test_every_text_setting_is_refused_empty_unless_it_declares_what_empty_means():
+    """One rule, in the declaration: a text setting defaulting to "" must say so (empty=True) and every other
+    text setting of every declared class refuses "" where check_declared runs."""
+    from components.run_parameters import RunParameters
+    from fedmedclip.flags import setting
+    from serving.options import ServerOptions as ServeOptions
+
+    with pytest.raises(ValueError, match='defaults to "" declares empty=True'):
+        setting("", group="output", help="x")
+    may_be_empty = {d.name for cls in (TrainConfig, RunParameters) for d in declared(cls) if d.meta["empty"]}
+    assert may_be_empty == {"out", "promote_alias", "site_names", "mailbox", "export_site", "tracking_uri"}
+    for build, flag in (
+        (lambda: RunParameters(model_name=""), "--model-name"),
+        (lambda: ServeOptions(host=""), "--host"),
+        (lambda: TrainConfig(out="", prompt_template="").validate(), "--prompt-template"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{flag} must not be empty"):
+            build()
+    assert RunParameters(promote_alias="", export_site="").promote_alias == ""  # '' means register only
