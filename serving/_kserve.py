@@ -105,6 +105,4 @@ def raw_bytes_elements(inp, count: int):
         offset += length
     if offset != size:
         raise ValueError(f"{size - offset:,} bytes of binary data follow its {count} elements")
-    array = np.empty(count, dtype=np.object_)
-    array[:] = out
-    return array
+    return np.array(out, dtype=np.object_)

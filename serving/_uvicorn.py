@@ -98,7 +98,6 @@ def head_deadline_protocol(seconds: float) -> type:
             ):
                 self._head_size += len(data)
                 if self._head_size > MAX_HEAD_BYTES and not self.transport.is_closing():
-                    self._stop_waiting()
                     self._refuse(
                         431,
                         b"Request Header Fields Too Large",
@@ -159,7 +158,6 @@ def head_deadline_protocol(seconds: float) -> type:
                 "the request is not valid HTTP/1.1: its request line, a header or its framing "
                 "(Content-Length, Transfer-Encoding) could not be parsed"
             )
-            self._stop_waiting()
             self._refuse(400, b"Bad Request", "bad_http", message, logged=True)
 
         def _head_late(self) -> None:
@@ -179,6 +177,7 @@ def head_deadline_protocol(seconds: float) -> type:
             self, status: int, phrase: bytes, reason: str, message: str, logged: bool = False
         ) -> None:
             """Answer `status` with the protocol's error object and close: no request is being answered."""
+            self._stop_waiting()
             metrics.ERRORS.labels(metrics.NO_MODEL, reason).inc()
             if not logged:
                 log.info("refused a connection: HTTP %d %s: %s", status, reason, message)

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from fedmedclip.errors import FedMedClipError, run_command
-from fedmedclip.flags import SERVE, add_config_arguments, options_from_args
+from fedmedclip.errors import FedMedClipError, run_command, shown
+from fedmedclip.flags import SERVE, add_config_arguments, is_finite_number, options_from_args
 
 from .errors import ServingError, printable
 from .options import Batching, Limits, ModelOptions, MonitorOptions, ServerOptions
@@ -95,8 +95,7 @@ def model_specs(items: list[str], default_name: str) -> list[tuple[str, str]]:
     for item in items:
         name, sep, spec = item.partition("=")
         specs.append((name, spec) if sep and MODEL_NAME.match(name) and spec else (default_name, item))
-    duplicates = sorted(n for n, count in Counter(n for n, _ in specs).items() if count > 1)
-    if duplicates:
+    if duplicates := sorted(n for n, count in Counter(n for n, _ in specs).items() if count > 1):
         raise ServingError(
             f"two models named {duplicates}: give each model its own name, e.g. `serve global=a.onnx site_0=b.onnx`"
         )
@@ -116,8 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
     server_options = options_from_args(args, ServerOptions)  # reads --model-control-token-file's token
     for flag, port in server_options.ports():
         # Checked before the model is fetched and loaded: the server would only fail once it starts listening.
-        problem = _cannot_listen(args.host, port)
-        if problem:
+        if problem := _cannot_listen(args.host, port):
             raise ServingError(f"{flag} {port} {problem} (--host {args.host})")
 
     from .runtime import OnnxClassifier
@@ -180,7 +178,7 @@ def _logging_to_stderr(level: str):
     process, such as a test calling main(), keeps its own logging)."""
     ours = logging.getLogger("fedmedclip")
     quiet = ("uvicorn", "uvicorn.error", "uvicorn.access", "kserve", "kserve.trace")
-    before = (ours.propagate, ours.level, [logging.getLogger(n).level for n in quiet])
+    propagate, own_level, levels = ours.propagate, ours.level, [logging.getLogger(n).level for n in quiet]
     handler = _StderrHandler()
     handler.setFormatter(_OneLineFormatter("%(asctime)s %(process)s %(name)s %(levelname)s %(message)s"))
     ours.addHandler(handler)
@@ -191,7 +189,6 @@ def _logging_to_stderr(level: str):
     try:
         yield
     finally:
-        propagate, own_level, levels = before
         ours.removeHandler(handler)
         ours.propagate = propagate
         ours.setLevel(own_level)
@@ -232,11 +229,9 @@ def _predict(args: argparse.Namespace) -> int:
     if args.model is not None and not MODEL_NAME.match(args.model):  # it would ask another URL of the server
         raise FedMedClipError(f"--model {args.model!r}: {MODEL_NAME_RULE}")
     paths = [Path(p) for p in args.images]
-    folders = [str(p) for p in paths if p.is_dir()]
-    if folders:
+    if folders := [str(p) for p in paths if p.is_dir()]:
         raise FedMedClipError(f"{', '.join(folders)}: a folder; give image files (e.g. {folders[0]}/*.jpg)")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
+    if missing := [str(p) for p in paths if not p.is_file()]:
         raise FedMedClipError(f"image file(s) not found: {', '.join(missing)}")
 
     def call(method: str, url: str, **kw):
@@ -315,7 +310,9 @@ def _predict(args: argparse.Namespace) -> int:
                             raise ValueError(f"out_of_distribution {flags[i]!r} is not true or false")
                         result["out_of_distribution"] = flags[i]
                     if threshold is not None:
-                        result["ood_threshold"] = _finite("ood_threshold", threshold)
+                        # a parameter: this server writes it as text (parameters are strings, bools, ints)
+                        number = float(threshold) if isinstance(threshold, str) else threshold
+                        result["ood_threshold"] = _finite("ood_threshold", number)
                 results.append(result)
         except (ValueError, LookupError, TypeError, AttributeError, OverflowError) as exc:
             raise FedMedClipError(
@@ -342,10 +339,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _finite(name: str, value) -> float:
-    number = float(value)  # OverflowError for an integer beyond a float's range
-    if not math.isfinite(number):
-        raise ValueError(f"{name} {value!r} is not finite")
-    return number
+    """A number of a server's JSON answer: a text ("0.5"), true or 10**400 is none (float() took the first two)."""
+    if not is_finite_number(value):
+        raise ValueError(f"{name} {shown(value)} is not a finite number")
+    return float(value)
 
 
 # A softmax computed in float32 or float16 (or another server's way) may land a rounding outside [0, 1].

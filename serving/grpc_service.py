@@ -121,8 +121,9 @@ def _check_request(request, budget: Budget) -> None:
         )
     elements = 0  # typed contents of all inputs, within the JSON requests' budget
     for i, tensor in enumerate(request.inputs):
+        where = f"input {quoted(tensor.name)}"
         fields = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        parameters = _parameters(tensor.parameters, f"input {quoted(tensor.name)}", budget)
+        parameters = _parameters(tensor.parameters, where, budget)
         check_input({**fields, "parameters": parameters}, i, budget)
         c = tensor.contents
         # Counted before anything reads them: kserve copies typed contents into Python lists on the event loop,
@@ -131,8 +132,7 @@ def _check_request(request, budget: Budget) -> None:
         if count and count != needed:
             raise RequestRejected(
                 "bad_shape",
-                f"input {quoted(tensor.name)}: its contents hold {count:,} values but shape {fields['shape']} "
-                f"needs {needed:,}",
+                f"{where}: its contents hold {count:,} values but shape {fields['shape']} needs {needed:,}",
             )
         elements += count
         if elements > budget.max_elements:
@@ -144,11 +144,9 @@ def _check_request(request, budget: Budget) -> None:
         for values in (c.int_contents, c.int64_contents, c.uint_contents, c.uint64_contents):
             # Typed contents are 32 or 64 bits wide whatever the datatype: a cast would wrap what is too large.
             if values and tensor.datatype in INTEGER_TYPES:
-                integers(values, tensor.datatype, f"input {quoted(tensor.name)}")
+                integers(values, tensor.datatype, where)
         if raw and tensor.HasField("contents"):
-            raise RequestRejected(
-                "bad_request", f"input {quoted(tensor.name)}: contents and raw_input_contents are exclusive"
-            )
+            raise RequestRejected("bad_request", f"{where}: contents and raw_input_contents are exclusive")
     for i, output in enumerate(request.outputs):
         parameters = _parameters(output.parameters, f"output {quoted(output.name)}", budget)
         check_output({"name": output.name, "parameters": parameters}, i, budget)

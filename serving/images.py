@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from fedmedclip.preprocess import (
+    PNG_MAGIC,
     Preprocessing,
     bomb_pixels,
     decoded_data_problem,
@@ -33,7 +34,7 @@ from . import metrics
 from .errors import RequestRejected, ServingError
 from .options import Limits
 
-_MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+_MAGIC = {b"\xff\xd8\xff": "JPEG", PNG_MAGIC: "PNG"}
 _FEWER = "; send fewer or smaller images per request"
 
 

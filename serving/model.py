@@ -163,11 +163,11 @@ class FedMedClipModel(kserve.Model):
         if len(set(requested)) != len(requested):
             twice = next(n for n in requested if requested.count(n) > 1)
             raise RequestRejected("duplicate_output", f"output {quoted(twice)} is requested more than once")
-        for out in payload.request_outputs or []:
-            if out.name not in self.output_names:
+        for name in requested:
+            if name not in self.output_names:
                 raise RequestRejected(
                     "unknown_output",
-                    f"unknown output {quoted(out.name)}; this model has {list(self.output_names)}",
+                    f"unknown output {quoted(name)}; this model has {list(self.output_names)}",
                 )
         inp = payload.inputs[0]
         if inp.name not in INPUTS:

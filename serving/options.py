@@ -263,11 +263,6 @@ class ServerOptions(_Checked):
 
     def ports(self) -> list[tuple[str, int]]:
         """(flag, port) of each port the server listens on."""
-        ports = [
-            ("--http-port", self.http_port),
-            ("--grpc-port", self.grpc_port),
-            ("--metrics-port", self.metrics_port),
-        ]
-        return [
-            (flag, port) for flag, port in ports if port is not None and not (self.no_grpc and "grpc" in flag)
-        ]
+        grpc = None if self.no_grpc else self.grpc_port
+        ports = {"--http-port": self.http_port, "--grpc-port": grpc, "--metrics-port": self.metrics_port}
+        return [(flag, port) for flag, port in ports.items() if port is not None]

@@ -50,17 +50,9 @@ def _where(request: Request) -> str:
 
 
 class RestApi:
-    def __init__(
-        self,
-        state: ServerState,
-        parser: JsonParser,
-        body_timeout_s: float,
-        metrics_apart: bool,
-    ):
-        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here.
-        A body is read within the state's --max-request-bytes."""
+    def __init__(self, state: ServerState, parser: JsonParser, body_timeout_s: float, metrics_apart: bool):
+        """`metrics_apart`: /metrics is served by `metrics_app` on a port of its own (--metrics-port), not here."""
         self.state, self.parser, self.body_timeout_s = state, parser, body_timeout_s
-        self.max_request_bytes = state.inflight.limits.max_request_bytes
         self.metrics_apart = metrics_apart
 
     def app(self) -> Starlette:
@@ -188,7 +180,8 @@ class RestApi:
     async def _read_body(self, request: Request, reservation) -> bytes:
         """The whole body, within --max-request-bytes (413), --body-timeout (408) and, with every other
         request's, --max-inflight-bytes (503: its Content-Length is reserved before a byte of it is read)."""
-        limit, length, received = self.max_request_bytes, request.headers.get("content-length"), 0
+        limit, received = self.state.inflight.limits.max_request_bytes, 0
+        length = request.headers.get("content-length")
         encoding = request.headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             # A client compressing its body (gzip, br) got 'not valid JSON' for a valid request. The body is
@@ -198,12 +191,13 @@ class RestApi:
                 f"Content-Encoding {quoted(encoding)} is not supported: send the body uncompressed",
                 415,
             )
-        if length is not None and not is_decimal(length):
-            raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
-        if length is not None and int(length) > limit:
-            raise _too_large(f"{int(length):,}", limit)
         if length is not None:
-            reservation.grow_to(int(length))
+            if not is_decimal(length):
+                raise RequestRejected("bad_request", "Content-Length must be a non-negative integer")
+            length = int(length)
+            if length > limit:
+                raise _too_large(f"{length:,}", limit)
+            reservation.grow_to(length)
 
         async def read() -> bytes:
             nonlocal received
@@ -225,13 +219,13 @@ class RestApi:
                 f"({received:,} bytes received; server option --body-timeout)",
                 408,
             ) from None
-        if length is not None and len(body) != int(length):
+        if length is not None and len(body) != length:
             # uvicorn's httptools parser stops at the head of a request asking for an Upgrade it does not
             # make (`curl --http2` sends `Upgrade: h2c`), and the body ends there: not a protocol error of
             # the client's own, so the client is told what to leave out rather than that its JSON is empty.
             raise RequestRejected(
                 "bad_request",
-                f"the request body ended after {len(body):,} of its Content-Length {int(length):,} bytes; "
+                f"the request body ended after {len(body):,} of its Content-Length {length:,} bytes; "
                 "a request with 'Connection: Upgrade' is read without its body: this server speaks HTTP/1.1 "
                 "only, send it without Upgrade (e.g. not with curl --http2)",
             )

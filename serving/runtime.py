@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmedclip.digests import sha256_bytes
-from fedmedclip.onnx_contract import ContractError, contract_of_session
+from fedmedclip.onnx_contract import INPUT, ContractError, contract_of_session
 
 from .errors import ServingError
 
@@ -115,7 +115,7 @@ class OnnxClassifier:
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """uint8 [N, S, S, 3] -> (probabilities float32 [N, C], class_index int64 [N]) and, for an export with
         the OOD score, (ood_score float32 [N], embedding float32 [N, K])."""
-        probs, *rest = self.session.run(self.contract.output_names, {"images": images})
+        probs, *rest = self.session.run(self.contract.output_names, {INPUT: images})
         # fp16 exports hand back float16 probabilities (the contract checked the other outputs' types).
         return probs.astype(np.float32, copy=False), *rest
 

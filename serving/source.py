@@ -8,6 +8,7 @@ downloaded), a file against `--expected-sha256` or else the sidecar `fedmedclip 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -49,7 +50,6 @@ def _normalise_sha(value: str, what: str) -> str:
 
 
 def verify_sha256(path: Path, expected: str, what: str) -> str:
-    """Hash `path` and refuse a mismatch. Returns the hash."""
     expected, actual = _normalise_sha(expected, what), sha256_file(path)
     if actual != expected:
         raise ServingError(
@@ -59,13 +59,9 @@ def verify_sha256(path: Path, expected: str, what: str) -> str:
     return actual
 
 
-def find_onnx(folder: Path, what: str) -> Path:
-    """The single .onnx file in a folder (an MLflow model directory, KServe's /mnt/models), else its model.onnx."""
-    return Path(_pick_onnx([str(p) for p in folder.rglob("*.onnx") if p.is_file()], what))
-
-
 def _pick_onnx(found: list[str], what: str) -> str:
-    """The single .onnx path of `found`, else its model.onnx."""
+    """The single .onnx path of `found` (a folder's files: an MLflow model directory, KServe's /mnt/models),
+    else its model.onnx."""
     found = sorted(p for p in found if p.endswith(".onnx"))
     if len(found) == 1:
         return found[0]
@@ -89,7 +85,8 @@ def resolve_model(
         return _from_registry(spec, expected_sha256, cache_dir, tracking_uri)
     path = Path(spec)
     if path.is_dir():
-        path = find_onnx(path, f"model folder {spec}")
+        found = [str(p) for p in path.rglob("*.onnx") if p.is_file()]
+        path = Path(_pick_onnx(found, f"model folder {spec}"))
     elif not path.is_file():
         raise ServingError(
             f"model file {spec} not found (give an .onnx path, a folder, or models:/NAME@ALIAS)"
@@ -145,19 +142,24 @@ def _from_registry(
     # Download the pinned version, not the alias again: the alias may move between the two calls.
     pinned = f"models:/{mv.name}/{mv.version}"
 
-    def refused(exc: ArtifactSizeError) -> ServingError:
-        return ServingError(f"refusing to serve {uri} (version {mv.version}): {pinned}/{exc.rel} {exc.why}")
-
-    def failed(exc: Exception) -> ServingError:  # botocore/S3 and network errors are OSErrors or wrap them
-        return ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}")
+    @contextlib.contextmanager
+    def artifact_errors():
+        try:
+            yield
+        except ArtifactSizeError as exc:
+            raise ServingError(
+                f"refusing to serve {uri} (version {mv.version}): {pinned}/{exc.rel} {exc.why}"
+            ) from None
+        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
+            raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
 
     # Whoever can write the version's run may have replaced its file by a huge one: the artifact store's own
     # listing bounds it before it is downloaded, by its onnx_bytes tag, else (registered before that tag) by
     # MAX_REGISTRY_ONNX_BYTES. Only that file is downloaded: the server reads nothing else of the version.
-    try:
+    with artifact_errors():
         store = ListedArtifacts(mv.source)
-        # `fedmedclip register` names the file it stored (its `onnx_file` tag); else the one find_onnx would
-        # pick among the version's top-level files.
+        # `fedmedclip register` names the file it stored (its `onnx_file` tag); else the one a model folder
+        # would give among the version's top-level files.
         rel = tags.get("onnx_file") or _pick_onnx(list(store.sizes), pinned)
         if problem := relative_id_problem(rel):  # it is placed under the cache
             raise ServingError(
@@ -171,10 +173,6 @@ def _from_registry(
             size = store.check(
                 rel, int(recorded), f"not at the {recorded} bytes its {ONNX_BYTES_TAG} tag records"
             )
-    except ArtifactSizeError as exc:
-        raise refused(exc) from None
-    except (MlflowException, OSError) as exc:
-        raise failed(exc) from None
 
     # Absolute: the path is reported and logged, and must not depend on the working directory.
     dst = Path(cache_dir).resolve() if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
@@ -182,12 +180,8 @@ def _from_registry(
     # Into a folder of this process's own beside the cache, verified there, then moved into place: replicas
     # sharing a --cache-dir and starting together never read (or serve) a file another one is still writing.
     with tempfile.TemporaryDirectory(prefix=".fedmedclip-download-", dir=dst) as tmp:
-        try:
+        with artifact_errors():
             fetched = store.fetch(rel, Path(tmp), size)  # measured again: it may be replaced since listed
-        except ArtifactSizeError as exc:
-            raise refused(exc) from None
-        except (MlflowException, OSError) as exc:
-            raise failed(exc) from None
         sha = verify_sha256(
             fetched, tag, f"the registry tag {ONNX_SHA256_TAG} of {uri} (version {mv.version})"
         )

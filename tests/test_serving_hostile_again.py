@@ -389,7 +389,10 @@ NOT_PROBABILITIES = {
     "below_0_above_1": ({"shape": [1, 2], "data": [-3, 4]}, "probability -3 is not within [0, 1]"),
     "huge": ({"shape": [1, 2], "data": [1e300, 0.5]}, "probability 1e+300 is not within [0, 1]"),
     # An integer beyond a float's range: float() raised OverflowError, a traceback.
-    "beyond_float": ({"shape": [1, 2], "data": [10**400, 0.5]}, "int too large to convert to float"),
+    "beyond_float": ({"shape": [1, 2], "data": [10**400, 0.5]}, "probability 1000000000"),
+    # Not numbers at all: float() read the text "0.5" and true as probabilities.
+    "text": ({"shape": [1, 2], "data": ["0.5", 0.5]}, "probability '0.5' is not a finite number"),
+    "boolean": ({"shape": [1, 2], "data": [True, False]}, "probability True is not a finite number"),
 }
 
 
