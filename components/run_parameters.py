@@ -52,8 +52,5 @@ class RunParameters(PromotionPolicy):
 
 def descriptions() -> dict[str, str]:
     """Each parameter's description for KFP: its flag's help as a sentence, the default filled in."""
-    docs = {}
-    for d in declared(RunParameters):
-        text = d.meta["help"] % {"default": d.default}
-        docs[d.name] = text[0].upper() + text[1:] + "."
-    return docs
+    texts = {d.name: d.meta["help"] % {"default": d.default} for d in declared(RunParameters)}
+    return {name: text[0].upper() + text[1:] + "." for name, text in texts.items()}

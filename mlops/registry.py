@@ -101,14 +101,11 @@ def _onnx_requirements() -> list[str]:
 
     import onnx
 
-    ort = "onnxruntime"
+    onnx_pin = f"onnx=={onnx.__version__}"
     for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            ort = f"onnxruntime=={version(dist)}"
-            break
-        except PackageNotFoundError:
-            continue
-    return [f"onnx=={onnx.__version__}", ort]
+        with contextlib.suppress(PackageNotFoundError):
+            return [onnx_pin, f"onnxruntime=={version(dist)}"]
+    return [onnx_pin, "onnxruntime"]
 
 
 def _version_of_run(client, name: str, run_id: str, source_key: str):
@@ -164,9 +161,7 @@ def _register(client, mlrun, run_dir: Path, name: str, onnx_path) -> RegisteredV
     tags["source_run_id"] = run_id
     if onnx_path is not None and not Path(onnx_path).is_file():
         raise TrackingError(f"ONNX file {onnx_path} does not exist")
-    source_key = tags[REGISTRATION_KEY_TAG] = (
-        sha256_file(Path(onnx_path)) if onnx_path is not None else "model/"
-    )
+    source_key = tags[REGISTRATION_KEY_TAG] = sha256_file(onnx_path) if onnx_path is not None else "model/"
     found = _version_of_run(client, name, run_id, source_key)
     if found is not None:
         log.info("%s version %s is already registered from run %s: reused", name, found.version, run_id)
@@ -357,8 +352,7 @@ class Promotion:
         prev = prev if self.previous_version is not None else "no previous holder"
         note = " (worse than the previous holder: promoted with --allow-worse)" if self.overridden else ""
         if self.different_data:
-            differ = ", ".join(self.different_data)
-            note += f" (trained on other data than the previous holder: {differ} differ; promoted with --allow-different-data)"
+            note += f" (trained on other data than the previous holder: {', '.join(self.different_data)} differ; promoted with --allow-different-data)"
         return (
             f"{self.name} version {self.version} is now @{self.alias} ({PROMOTION_METRIC} "
             f"{self.candidate_metric:.4f}; {prev}){note}\nload it with models:/{self.name}@{self.alias}"
@@ -435,12 +429,8 @@ def check_servable(name: str, version: str, tags: dict, alias: str) -> None:
 def data_differences(candidate_tags: dict, holder_tags: dict) -> dict[str, tuple[str, str]]:
     """The data digests (DATA_DIGEST_TAGS) on which two versions differ, as tag -> (candidate, holder).
     A digest missing on either side counts as different: nothing says the data are the same."""
-    out = {}
-    for tag in DATA_DIGEST_TAGS:
-        a, b = candidate_tags.get(tag, ""), holder_tags.get(tag, "")
-        if not a or not b or a != b:
-            out[tag] = (a or "(none)", b or "(none)")
-    return out
+    pairs = {tag: (candidate_tags.get(tag, ""), holder_tags.get(tag, "")) for tag in DATA_DIGEST_TAGS}
+    return {tag: (a or "(none)", b or "(none)") for tag, (a, b) in pairs.items() if not a or a != b}
 
 
 def promote(
@@ -471,11 +461,11 @@ def promote(
         )
     # A missing alias is an INVALID_PARAMETER_VALUE error from the server: read the alias table instead.
     holder = client.get_registered_model(name).aliases.get(alias)
-    if holder is not None and str(holder) == version:
+    previous = str(holder) if holder is not None else None
+    if previous == version:
         # Asked again (a retried register task, say): the first promotion's record, naming the version it
         # replaced, stays as it is.
         return Promotion(name, version, alias, candidate, None, None, False, already=True)
-    previous = str(holder) if holder is not None else None
     previous_metric, overridden, different = None, False, {}
     if previous is not None:
         current = client.get_model_version(name, previous)

@@ -71,32 +71,29 @@ def _client(tracking_uri: str | None, purpose: str = "", error: type[FedMedClipE
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
-def if_found(call, *args):
-    """`call(*args)` on the MLflow client, or None when the server answers that what it names (run, model,
-    version) does not exist; every other failure raises."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return call(*args)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        return None
-
-
-def unless_exists(call, *args, **kwargs):
-    """`call(*args, **kwargs)` creating something on the MLflow client (an experiment, a registered model), or
-    None when the server answers that it already exists: another process (a second command, a test worker)
-    created it between this one's look-up and its create, and using it is what both meant. Every other
-    failure raises."""
+def _none_on(error_code: str, call, *args, **kwargs):
+    """`call(*args, **kwargs)` on the MLflow client, or None when the server answers with `error_code`; every
+    other failure raises."""
     from mlflow.exceptions import MlflowException
 
     try:
         return call(*args, **kwargs)
     except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+        if e.error_code != error_code:
             raise
         return None
+
+
+def if_found(call, *args):
+    """`call(*args)`, or None when what it names (run, model, version) does not exist."""
+    return _none_on("RESOURCE_DOES_NOT_EXIST", call, *args)
+
+
+def unless_exists(call, *args, **kwargs):
+    """`call(*args, **kwargs)` creating something (an experiment, a registered model), or None when it already
+    exists: another process (a second command, a test worker) created it between this one's look-up and its
+    create, and using it is what both meant."""
+    return _none_on("RESOURCE_ALREADY_EXISTS", call, *args, **kwargs)
 
 
 def registered_version(

@@ -337,8 +337,7 @@ def cmd_demo(args) -> int:
     if run.model_uri and "@" not in run.model_uri:
         print(
             f"(registered but not promoted; `fedmedclip promote {args.model_name} --version "
-            f"{run.model_uri.rsplit('/', 1)[-1]} --alias "
-            f"{args.promote_alias} --allow-worse` overrides)"
+            f"{run.model_uri.rsplit('/', 1)[-1]} --alias {args.promote_alias} --allow-worse` overrides)"
         )
     return 0
 

@@ -111,9 +111,9 @@ def server_status_reader(mailbox: str, local_stack: str = ""):
     return status
 
 
-def load_pipeline(pipeline_yaml: str | Path, params=(), flag: str = "--yaml"):
+def load_pipeline(pipeline_yaml: str | Path, params=()):
     """The compiled pipeline in `pipeline_yaml` as kfp loads it, taking every parameter named in `params`; else
-    a FedMedClipError in one line naming `flag`, the file and why (no such file, not YAML, not a compiled
+    a FedMedClipError in one line naming --yaml, the file and why (no such file, not YAML, not a compiled
     pipeline, another pipeline's parameters), before anything runs."""
     from kfp import components
 
@@ -121,7 +121,7 @@ def load_pipeline(pipeline_yaml: str | Path, params=(), flag: str = "--yaml"):
     if not path.is_file():
         why = "it is a directory" if path.is_dir() else "no such file"
         raise FedMedClipError(
-            f"{flag} {path}: {why}; give a YAML from `fedmedclip pipeline compile --out FILE.yaml`"
+            f"--yaml {path}: {why}; give a YAML from `fedmedclip pipeline compile --out FILE.yaml`"
         )
     # kfp and yaml raise many kinds on what is no compiled pipeline: AttributeError, KeyError, YAMLError, ...
     try:
@@ -134,13 +134,13 @@ def load_pipeline(pipeline_yaml: str | Path, params=(), flag: str = "--yaml"):
             detail += f" at line {mark.line + 1}, column {mark.column + 1}"
         why = f"{type(exc).__name__}: {detail[:160]}" if detail else type(exc).__name__
         raise FedMedClipError(
-            f"{flag} {path}: not a compiled pipeline YAML ({why}); give one from `fedmedclip pipeline compile`"
+            f"--yaml {path}: not a compiled pipeline YAML ({why}); give one from `fedmedclip pipeline compile`"
         ) from None
     unknown = sorted(set(params) - inputs)
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise FedMedClipError(
-            f"{flag} {path}: this pipeline has no parameter {', '.join(unknown[:3])}{more} (compiled from "
+            f"--yaml {path}: this pipeline has no parameter {', '.join(unknown[:3])}{more} (compiled from "
             "another pipeline?); give one from `fedmedclip pipeline compile`"
         )
     return pipeline
@@ -193,17 +193,15 @@ def run_compiled(
         try:
             task = pipeline(**params)
         except RuntimeError as e:
-            reason = _ANSI.sub("", str(e))
-            if log_path is None:
-                raise FedMedClipError(f"the local pipeline run failed: {reason}; artifacts in {root}") from e
-            lines = _ANSI.sub("", log_path.read_text(errors="replace")).splitlines()
-            raised = _last_exception(lines)
-            if raised:  # the task's own error is the line to read; its traceback stays in the log
-                raise FedMedClipError(
-                    f"the local pipeline run failed: {reason} It raised {raised}; task logs: {log_path}"
-                ) from e
-            tail = "\n".join(lines[-40:])
-            where = f"\n--- last lines of {log_path} ---\n{tail}"
+            reason, where = _ANSI.sub("", str(e)), ""
+            if log_path is not None:
+                lines = _ANSI.sub("", log_path.read_text(errors="replace")).splitlines()
+                raised = _last_exception(lines)
+                if raised:  # the task's own error is the line to read; its traceback stays in the log
+                    raise FedMedClipError(
+                        f"the local pipeline run failed: {reason} It raised {raised}; task logs: {log_path}"
+                    ) from e
+                where = f"\n--- last lines of {log_path} ---\n" + "\n".join(lines[-40:])
             raise FedMedClipError(
                 f"the local pipeline run failed: {reason}; artifacts in {root}{where}"
             ) from e
