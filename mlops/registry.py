@@ -23,6 +23,7 @@ from fedmedclip.digests import (
     model_dir_digest,
     sha256_file,
 )
+from fedmedclip.errors import shown
 
 from .promotion import PromotionPolicy
 from .tracking import COMPLETE_TAG, PROMOTION_METRIC, TrackingError, _client, _num, if_found, unless_exists
@@ -403,12 +404,15 @@ def check_privacy_budget(
             f"(delta {tags.get('dp.delta', '?')}, largest over its sites) is above --max-epsilon {max_epsilon:g}"
         )
     delta = _num(tags.get("dp.delta"))
-    if max_delta and (delta is None or not 0.0 <= delta <= max_delta):
-        raise PrivacyRefused(
-            f"refusing to promote {name} version {version}: its delta {tags.get('dp.delta') or '(none)'} is "
-            f"{'unknown' if delta is None else 'above --max-delta'} {max_delta:g} (epsilon {tags.get('dp.epsilon')} "
-            "holds at that delta, a weaker guarantee than the budget's)"
-        )
+    if not max_delta or (delta is not None and 0.0 <= delta <= max_delta):
+        return
+    refused = f"refusing to promote {name} version {version} under --max-delta {max_delta:g}: its delta"
+    if delta is None or delta < 0.0:  # no tag, or one no accountant writes (the registry's tags are editable)
+        raise PrivacyRefused(f"{refused} {shown(tags.get('dp.delta'))} is unknown or not a probability")
+    raise PrivacyRefused(
+        f"{refused} {tags['dp.delta']} is above it (epsilon {tags.get('dp.epsilon')} holds at that delta, a "
+        "weaker guarantee than the budget's)"
+    )
 
 
 def check_servable(name: str, version: str, tags: dict, alias: str) -> None:

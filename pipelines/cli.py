@@ -265,6 +265,7 @@ def check_kfp_endpoint(host: str, kwargs: dict, token_file: str | None) -> dict:
 
 def cmd_submit(args) -> int:
     cfg = validated_config(args)  # before anything is compiled or submitted
+    check_yaml(args)
     if not args.yaml and not args.base_image:
         raise ConfigError(
             "pass --base-image REGISTRY/fedmedclip-train:TAG (the training image you built and pushed: "

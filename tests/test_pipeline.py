@@ -562,6 +562,11 @@ def test_submit_signs_in_and_says_in_one_line_what_went_wrong(tmp_path, capsys):
     # compiling for a cluster needs the image that was built and pushed, not the placeholder
     assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 2
     assert "--base-image" in capsys.readouterr().err
+    # a --yaml that is no compiled pipeline: one line before the endpoint is asked (kfp's loader raised, or the
+    # API refused it after sign-in)
+    (tmp_path / "other.yaml").write_text("just: text\n")
+    err = run("http://127.0.0.1:9", "--yaml", str(tmp_path / "other.yaml"))
+    assert err.startswith(f"error: --yaml {tmp_path / 'other.yaml'}: not a compiled pipeline YAML"), err
 
 
 def test_every_option_of_every_command_says_what_it_does(capsys):

@@ -139,11 +139,20 @@ def test_a_privacy_budget_is_an_epsilon_and_a_delta():
 
     loose = {"dp.mode": "record", "dp.epsilon": "3.896", "dp.delta": "0.004"}
     check_privacy_budget("m", "1", loose, 4.0)  # what the gate let through
-    with pytest.raises(PrivacyRefused, match=r"its delta 0.004 is above --max-delta 1e-05"):
+    with pytest.raises(
+        PrivacyRefused, match=r"under --max-delta 1e-05: its delta 0.004 is above it \(epsilon"
+    ):
         check_privacy_budget("m", "1", loose, 4.0, 1e-5)
     check_privacy_budget("m", "1", {**loose, "dp.delta": "1e-05", "dp.epsilon": "3.5"}, 4.0, 1e-5)
-    with pytest.raises(PrivacyRefused, match=r"its delta \(none\) is unknown"):
-        check_privacy_budget("m", "1", {"dp.mode": "record", "dp.epsilon": "3.5"}, 4.0, 1e-5)
+    # No delta, or a negative one (a tag edited in the registry): the message said "its delta (none) is unknown
+    # 1e-05", and "-1 is above --max-delta".
+    for tag, said in ((None, "None"), ("-1", "'-1'"), ("nan", "'nan'")):
+        damaged = {"dp.mode": "record", "dp.epsilon": "3.5", **({"dp.delta": tag} if tag else {})}
+        with pytest.raises(PrivacyRefused) as refused:
+            check_privacy_budget("m", "1", damaged, 4.0, 1e-5)
+        assert str(refused.value).endswith(
+            f"--max-delta 1e-05: its delta {said} is unknown or not a probability"
+        )
     with pytest.raises(ConfigError, match="--max-delta is half of a privacy budget: give --max-epsilon"):
         PromotionPolicy(max_delta=1e-5)
     assert PromotionPolicy(max_epsilon=4.0, max_delta=1e-5).max_delta == 1e-5
