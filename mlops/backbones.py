@@ -8,6 +8,7 @@ publish it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -97,14 +98,19 @@ def _store_problems(spec: str):
     )
 
 
-def _read_manifest(store: ObjectStore, spec: str, where=None, required=False) -> dict | None:
+def _manifest(store: ObjectStore) -> dict | None:
     """The manifest in `store` (S3, a download, the cache), None when there is none; another party wrote it:
-    bounded, JSON, the right format, a sha256, and file names confined to one folder."""
+    bounded, JSON, the right format, a sha256, and file names confined to one folder (ValueError otherwise)."""
+    manifest = read_manifest(store, MANIFEST, MANIFEST_MAX_BYTES, format=MANIFEST_FORMAT)
+    if manifest is not None and not is_sha256(str(manifest.get("weights_sha256", ""))):
+        raise ValueError("no weights_sha256")
+    return manifest
+
+
+def _read_manifest(store: ObjectStore, spec: str, where=None, required=False) -> dict | None:
     with _store_problems(spec):
         try:
-            manifest = read_manifest(store, MANIFEST, MANIFEST_MAX_BYTES, format=MANIFEST_FORMAT)
-            if manifest is not None and not is_sha256(str(manifest.get("weights_sha256", ""))):
-                raise ValueError("no weights_sha256")
+            manifest = _manifest(store)
         except ValueError as exc:
             where = where or store.where(MANIFEST)
             raise BackboneUnavailable(f"{where} is damaged: {exc}. " + _how_to_publish(spec)) from None
@@ -137,8 +143,7 @@ def _install(cache_root: Path, spec: str, manifest: dict, download) -> Path:
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".partial-{manifest['weights_sha256'][:12]}-"))
     try:
         download(staging)
-        problem = tree_mismatch(staging, manifest["files"])
-        if problem is not None:
+        if (problem := tree_mismatch(staging, manifest["files"])) is not None:
             raise BackboneUnavailable(
                 f"the backbone at {spec} does not match its manifest: {problem}; the published copy is damaged "
                 "or was changed after it was published. " + _how_to_publish(spec)
@@ -180,7 +185,7 @@ def resolve_backbone(spec: str, cache_dir: str | Path, *, tracking_uri: str | No
 def push_backbone(directory: str | Path, to: str, *, tracking_uri: str | None = None) -> PublishedBackbone:
     """Publish the CLIP directory to `s3://BUCKET/PREFIX` or to the registry as `models:/NAME`. Pushing the
     same weights again changes nothing; a prefix holding another backbone is refused."""
-    if not to.startswith(("s3://", "models:/")):  # before loading the weights, which takes a while
+    if not is_remote_backbone(to):  # before loading the weights, which takes a while
         raise BackbonePublishError(f"--to {to!r}: publish to s3://BUCKET/PREFIX or to models:/NAME")
     manifest = backbone_manifest(directory)
     if to.startswith("s3://"):
@@ -221,9 +226,7 @@ def _push_s3(directory: Path, to: str, manifest: dict) -> PublishedBackbone:
 
     with failed():
         try:
-            existing = read_manifest(store, MANIFEST, MANIFEST_MAX_BYTES, format=MANIFEST_FORMAT)
-            if existing is not None and not is_sha256(str(existing.get("weights_sha256", ""))):
-                raise ValueError("no weights_sha256")
+            existing = _manifest(store)
         except ValueError as exc:
             raise BackbonePublishError(
                 f"{store.where(MANIFEST)} is there but is no backbone manifest ({exc}); nothing was "
@@ -315,9 +318,8 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
         BackboneUnavailable,
         lambda message: f"no backbone registered as {spec} ({message}). " + _how_to_publish(spec),
     )
-    tags = mv.tags
-    wanted = tags.get(WEIGHTS_TAG, "")
-    if tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(wanted):
+    wanted = mv.tags.get(WEIGHTS_TAG, "")
+    if mv.tags.get(KIND_TAG) != KIND_BACKBONE or not is_sha256(wanted):
         raise BackboneUnavailable(
             f"{spec} is not a backbone pushed with `fedmedclip backbone push` (no {KIND_TAG}={KIND_BACKBONE} "
             f"and {WEIGHTS_TAG} tags on version {mv.version}). " + _how_to_publish(spec)
@@ -332,13 +334,19 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             f"{spec}/{rel} {why}: it was changed after publishing, and is refused. " + _how_to_publish(spec)
         )
 
-    def failed(exc: Exception) -> BackboneUnavailable:  # botocore/S3 and network errors are OSErrors
-        return BackboneUnavailable(f"cannot download {spec}: {getattr(exc, 'message', exc)}")
+    @contextlib.contextmanager
+    def download_problems():
+        try:
+            yield
+        except ArtifactSizeError as exc:
+            raise refused(exc.rel, exc.why) from None
+        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors
+            raise BackboneUnavailable(f"cannot download {spec}: {getattr(exc, 'message', exc)}") from None
 
     # The artifact store's own listing bounds each file before it is downloaded (the manifest to
     # MANIFEST_MAX_BYTES, the others to the sizes the manifest records), each downloaded alone and measured.
     cache_root.mkdir(parents=True, exist_ok=True)
-    try:
+    with download_problems():
         store = ListedArtifacts(mv.source)  # where the push logged the files (`_push_registry`)
         if MANIFEST not in store.sizes:
             raise BackboneUnavailable(f"{spec} has no {MANIFEST}. " + _how_to_publish(spec))
@@ -359,18 +367,10 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             store.check(
                 rel, files[rel]["size"], f"not at the {files[rel]['size']} bytes its manifest records"
             )
-    except ArtifactSizeError as exc:
-        raise refused(exc.rel, exc.why) from None
-    except (MlflowException, OSError) as exc:
-        raise failed(exc) from None
 
     def download(folder: Path) -> None:  # then checked as a whole (sha256, weights) by _install
-        try:
+        with download_problems():
             for rel, entry in files.items():
                 store.fetch(rel, folder, entry["size"])
-        except ArtifactSizeError as exc:
-            raise refused(exc.rel, exc.why) from None
-        except (MlflowException, OSError) as exc:
-            raise failed(exc) from None
 
     return _install(cache_root, spec, manifest, download)

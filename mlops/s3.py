@@ -131,9 +131,7 @@ class S3Store(ObjectStore):
 
     def __init__(self, url: str, client=None, check: Callable[[str], str] = check_key):
         self.bucket, self.prefix = split_s3_url(url)
-        if self.prefix:
-            check_key(self.prefix)
-        self.url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.url = f"s3://{self.bucket}/{check_key(self.prefix)}" if self.prefix else f"s3://{self.bucket}"
         self.client, self.check = client or s3_client(), check
 
     def sub(self, prefix: str) -> S3Store:
@@ -162,8 +160,6 @@ class S3Store(ObjectStore):
             self._call("write", "put_object", self._key(key), Body=fh)
 
     def get(self, key, max_bytes=None):
-        """With `max_bytes`, the response's Content-Length is checked before the body is read (a larger
-        object's connection is closed unread), and the body is read with that cap."""
         with self._body(key, max_bytes, missing_ok=True) as chunks:
             if chunks is None:
                 return None
@@ -179,11 +175,9 @@ class S3Store(ObjectStore):
         announced: Callable[[int], None] | None = None,
     ) -> int:
         """The object streamed into `path` a chunk at a time, never whole in memory (ObjectMissing when it does
-        not exist); returns the bytes written. `announced(length)`, when given, sees the response's
-        Content-Length before any of the body is read, and raises to refuse the object unread (a reader that
-        knows the size the object must have). With `max_bytes`, as `get`: a larger object is refused from its
-        Content-Length, its connection closed unread, and a body that runs on past it is cut at max_bytes + 1
-        bytes (ObjectTooLarge): an object replaced by a huge one, or an endless stream, cannot fill the disk."""
+        not exist); returns the bytes written. `announced` (a reader that knows the size the object must have)
+        and `max_bytes` refuse it as in `_body`: an object replaced by a huge one, or an endless stream, cannot
+        fill the disk."""
         written = 0
         # The local side's failures (a full disk) are OSErrors, for the caller.
         with self._body(key, max_bytes, announced) as chunks, open(path, "wb") as fh:
@@ -195,9 +189,10 @@ class S3Store(ObjectStore):
 
     @contextlib.contextmanager
     def _body(self, key: str, max_bytes: int | None, announced=None, missing_ok: bool = False):
-        """The object's body as chunks of at most DOWNLOAD_CHUNK bytes, no more than max_bytes + 1 in all (None
-        when it does not exist and `missing_ok`), after its Content-Length was shown to `announced` and checked
-        against `max_bytes`: a refused object's connection is closed with its body unread."""
+        """The object's body as chunks of at most DOWNLOAD_CHUNK bytes, no more than max_bytes + 1 in all (the
+        reader's check_size then refuses a body that ran on past max_bytes), None when it does not exist and
+        `missing_ok`. Its Content-Length is first shown to `announced`, which raises to refuse the object, and
+        checked against `max_bytes`: a refused object's connection is closed with its body unread."""
         full = self._key(key)
         response = self._call("read", "get_object", full, missing_ok)
         if response is None:

@@ -112,11 +112,9 @@ def _get_message(root: ObjectStore, key: str, cls, required=True, party="the pub
 def _checked_listing(cat: dict, where: str, who: str) -> set[str]:
     """The ids a catalog lists (a holder's, or server/published.json), each once, inside its root and nameable
     by a file system, with a label of its classes, each class named once; DataError naming `who` otherwise."""
-    classes = set(cat["class_names"])
-    if len(classes) != len(cat["class_names"]):
-        raise DataError(f"{who} names a class twice in its class_names {cat['class_names']}")
     if problem := class_names_problem(cat["class_names"]):
         raise DataError(f"{who}: {problem}")
+    classes = set(cat["class_names"])
     listed: set[str] = set()
     for image_id, label, *_ in cat["records"]:
         check_relative_id(image_id, where)
@@ -154,9 +152,9 @@ def _stage(root, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
     `cache_dir/s3/<bucket[/prefix]>/<prefix>images/` (a file there with the catalog's MD5 is kept; every
     download is checked). Every path, symlinks resolved, stays inside the local root or `cache_dir`: a linked
     folder anywhere below it is refused, not followed."""
-    local = root.root if isinstance(root, _DataDir) else None
-    where, confine = root.where(prefix + CATALOG), local if local is not None else Path(cache_dir)
-    base = (local if local is not None else Path(cache_dir) / "s3" / root.url.removeprefix("s3://")) / prefix
+    local = isinstance(root, _DataDir)
+    where, confine = root.where(prefix + CATALOG), root.root if local else Path(cache_dir)
+    base = (root.root if local else confine / "s3" / root.url.removeprefix("s3://")) / prefix
 
     def confined(image_id: str) -> Path:
         path = confined_path(base / "images", image_id, where)
@@ -168,14 +166,13 @@ def _stage(root, prefix, cat, wanted, cache_dir, label) -> list[ImageRecord]:
         return path
 
     by_id = {i: (label_, split) for i, label_, split in cat["records"]}
-    missing = [i for i in wanted if i not in by_id]
-    if missing:
+    if missing := [i for i in wanted if i not in by_id]:
         raise DataError(
             f"{where} lacks {len(missing)} of {label}'s images (e.g. {missing[0]!r}): the data was published "
             "for another partition; publish again"
         )
     try:
-        if local is None:
+        if not local:
             jobs = {f"{prefix}images/{i}": (confined(i), cat["md5"][i]) for i in wanted}
             # No image is read past the size its publisher recorded (catalogs since sizes were written).
             sizes = None if cat["bytes"] is None else {f"{prefix}images/{i}": cat["bytes"][i] for i in wanted}
@@ -267,15 +264,14 @@ def _load_source(cfg, site: str | None = None):
     if site is not None and site not in part.site_names:
         raise ConfigError(f"site {site!r} is not in the partition; its sites: {', '.join(part.site_names)}")
     holder_ids = {h: holder_image_ids(part, h) for h in ([site] if site else [*part.site_names, SERVER])}
-    for image_id in (i for ids in holder_ids.values() for i in ids):
-        check_relative_id(image_id, image_set.source)
-    _warn_unreadable(image_set, [i for ids in holder_ids.values() for i in ids])
+    image_ids = [check_relative_id(i, image_set.source) for ids in holder_ids.values() for i in ids]
+    _warn_unreadable(image_set, image_ids)
     return image_set, part, holder_ids
 
 
-def _warn_unreadable(image_set: ImageSet, image_ids: list[str]) -> list[str]:
-    """The ids of the images to publish that training's decoder refuses (fedmedclip.data.load_image), logged in
-    one warning naming the first: published unchecked, they stopped a site's feature extraction much later, in
+def _warn_unreadable(image_set: ImageSet, image_ids: list[str]) -> None:
+    """The images to publish that training's decoder refuses (fedmedclip.data.load_image), logged in one
+    warning naming the first: published unchecked, they stopped a site's feature extraction much later, in
     its own pod. Published all the same: a run with --skip-bad-images skips them, as it would locally."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -302,7 +298,6 @@ def _warn_unreadable(image_set: ImageSet, image_ids: list[str]) -> list[str]:
             shown(bad[0]),
             problems[bad[0]],
         )
-    return bad
 
 
 def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: dict, listing: bool, progress):
@@ -394,11 +389,8 @@ def _one_publish_at_a_time(root: ObjectStore):
         yield
         return
     root.root.mkdir(parents=True, exist_ok=True)
-
-    def say_why() -> None:
-        log.info("%s: another `data publish` is writing this folder; waiting for it to end", root.root)
-
-    with lock_folder(root.root, on_wait=say_why):
+    why = "%s: another `data publish` is writing this folder; waiting for it to end"
+    with lock_folder(root.root, on_wait=lambda: log.info(why, root.root)):
         yield
 
 
@@ -545,7 +537,7 @@ class S3Source:
 
     def site_holder(self, cfg, site: str, index: int):
         got = read_site_assignment(cfg.data, index, site=site, cache_dir=cfg.cache_dir)
-        return got.image_set, {s: list(getattr(got, s)) for s in SITE_SPLITS}, got.partition_digest
+        return got.image_set, {s: getattr(got, s) for s in SITE_SPLITS}, got.partition_digest
 
 
 s3_source = S3Source  # the entry points `fedmedclip.sources: s3, published`

@@ -131,13 +131,13 @@ def tree_problem(files: object) -> str | None:
     a folder of others (`a` and `a/b`), an entry without a sha256 or a size. None when it may."""
     if not isinstance(files, dict) or not files:
         return "no file list"
-    folders = {"/".join(str(rel).split("/")[:n]) for rel in files for n in range(1, str(rel).count("/") + 1)}
-    for rel, entry in files.items():
-        parts = str(rel).split("/")
-        if str(rel).startswith("/") or any(p in ("", ".", "..") or p[0] == "." for p in parts):
+    folders = {"/".join(rel.split("/")[:n]) for rel in files for n in range(1, rel.count("/") + 1)}
+    for rel, entry in files.items():  # JSON: every name is a str
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") or p[0] == "." for p in parts):
             return f"file name {rel!r} leaves its folder"
-        if any(len(p.encode()) > MAX_NAME_BYTES for p in parts) or "\0" in str(rel):
-            return f"file name {str(rel)[:60]!r}... is not a name a file system takes"
+        if any(len(p.encode()) > MAX_NAME_BYTES for p in parts) or "\0" in rel:
+            return f"file name {rel[:60]!r}... is not a name a file system takes"
         if rel in folders:
             return f"file name {rel!r} is also a folder of other files"
         if not isinstance(entry, dict) or not is_sha256(str(entry.get("sha256", ""))):
@@ -168,8 +168,7 @@ def read_manifest(store: ObjectStore, key: str, max_bytes: int, **expected) -> d
     for name, value in expected.items():
         if manifest.get(name) != value:
             raise ValueError(f"its {name} is {manifest.get(name)!r}, not {value!r}")
-    problem = tree_problem(manifest.get("files"))
-    if problem:
+    if problem := tree_problem(manifest.get("files")):
         raise ValueError(problem)
     return manifest
 
@@ -193,7 +192,7 @@ def fetch_tree(store: ObjectStore, files: dict[str, dict], dest: str | Path, che
     if (problem := tree_problem(files)) is not None:
         raise StoreError(f"{store.url}: the manifest is damaged: {problem}")
     jobs = {rel: (Path(dest) / rel, e["sha256"] if checked else None) for rel, e in files.items()}
-    try:  # each file read no further than the size its manifest records, checked or not
+    try:
         download(store, jobs, "sha256", {rel: e["size"] for rel, e in files.items()})
     except OSError as exc:  # the local side: a full disk, a name the file system refuses
         raise StoreError(f"cannot fetch {store.url}'s files into {dest}: {exc}") from None

@@ -95,7 +95,7 @@ def test_a_catalog_that_disagrees_with_itself_is_refused(home, tmp_path, attack)
         why = r"its image sizes \(bytes\) are not those of exactly the images it lists"
     else:
         cat["class_names"].append(cat["class_names"][0])
-        why = "names a class twice"
+        why = "class name '[^']+' is listed twice"
     _write(home, cat)
     with pytest.raises(DataError, match=rf"sites/0/catalog.json \(holder 'site_0'\):? {why}"):
         _read(home, tmp_path)
@@ -242,7 +242,7 @@ def test_the_publishers_catalog_that_disagrees_with_itself_is_refused(s3_env, tm
     for change, why in (
         ({"records": [*original["records"], first]}, rf"lists image '{first[0]}' twice"),
         ({"records": [[first[0], "no-such-class", *first[2:]], *original["records"][1:]]}, "not one of its"),
-        ({"class_names": [*original["class_names"], original["class_names"][0]]}, "names a class twice"),
+        ({"class_names": [*original["class_names"], original["class_names"][0]]}, "is listed twice"),
         ({"class_names": ["\x1b[2J", *original["class_names"][1:]]}, "holds control characters"),
     ):
         admin.put_object(Bucket=bucket, Key=key, Body=json.dumps({**original, **change}).encode())
