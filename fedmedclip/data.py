@@ -359,7 +359,7 @@ def _manifest_record(
     seen[file] = line
     if classes is not None and label not in classes:
         raise DataError(f"{path}:{line}: unknown label {shown(label)}; expected one of {sorted(classes)}")
-    split_raw = (row.get("split") or "train").strip().lower()
+    split_raw = (row.get("split") or "").strip().lower() or "train"  # empty or blank: the training pool
     split = _SPLIT_ALIASES.get(split_raw)
     if split is None:
         raise DataError(f"{path}:{line}: unknown split {shown(split_raw)}; use train or test")

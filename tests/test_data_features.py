@@ -158,7 +158,7 @@ def test_image_folder_errors(tmp_path):
 
 
 def _manifest(tmp_path: Path, rows: list[str], header: str = "path,label,site,split") -> Path:
-    for i in range(4):
+    for i in range(5):
         _png(tmp_path / "img" / f"{i}.png", i)
     p = tmp_path / "manifest.csv"
     p.write_text("\n".join([header, *rows]) + "\n")
@@ -168,7 +168,13 @@ def _manifest(tmp_path: Path, rows: list[str], header: str = "path,label,site,sp
 def test_csv_manifest(tmp_path):
     p = _manifest(
         tmp_path,
-        ["img/0.png,b,h1,train", "img/1.png,a,h2,Training", "img/2.png,a,,test", "img/3.png,b,h1,"],
+        [
+            "img/0.png,b,h1,train",
+            "img/1.png,a,h2,Training",
+            "img/2.png,a,,test",
+            "img/3.png,b,h1,",
+            "img/4.png,b,h1, ",
+        ],
     )
     ims = from_csv(p)
     assert ims.class_names == ["a", "b"]
@@ -177,6 +183,7 @@ def test_csv_manifest(tmp_path):
         ("img/1.png", "a", "h2", "train"),
         ("img/2.png", "a", None, "test"),
         ("img/3.png", "b", "h1", "train"),  # no split: the training pool
+        ("img/4.png", "b", "h1", "train"),  # a blank one too (it was "unknown split ''")
     ]
     assert Path(ims.records[0].path) == (tmp_path / "img" / "0.png").resolve()
     assert open_source(p).class_names == ["a", "b"]
