@@ -307,10 +307,10 @@ class ReferenceRun:
     def _check_state(self, body: dict, tensors) -> None:
         """CheckpointError naming what of a checkpoint is missing or of another type (its digest matched): the
         store then takes the other slot, as for any damaged one."""
-        check_progress(body)
-        if not 0 <= body["round"] <= self.cfg.rounds:
+        progress = check_progress(body)
+        if not 0 <= progress.round <= self.cfg.rounds:
             raise CheckpointError(
-                f"body.round is {body['round']}, not a round of this run (0..{self.cfg.rounds})"
+                f"body.round is {progress.round}, not a round of this run (0..{self.cfg.rounds})"
             )
         expect_type(tensors, dict, "tensors.pt")
         expect_types(tensors, {"global": dict, "units": list}, "tensors")

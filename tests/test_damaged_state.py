@@ -187,7 +187,11 @@ def _nan_report(body):
             lambda b: b["reports"]["1"]["global"]["report"].update(acc=float("nan")),
             "NaN is not a number",
         ),
-        ("server", lambda b: b.update(history=5), "body.history is 5, not list"),
+        (
+            "server",
+            lambda b: b.update(history=5),
+            "checkpoint body refused: history: input should be a valid list, got 5",
+        ),
         ("sites/site_0", _nan_report, "NaN is not a number"),
     ],
     ids=["server-nan", "server-history-of-another-type", "site-nan"],

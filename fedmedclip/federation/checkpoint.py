@@ -5,8 +5,8 @@ tensors and `state.json` written together. `state.json` carries a sequence numbe
 tensors object and a digest over itself, so a truncated, zero-byte, missing, oversized or edited file (a round
 number changed by hand, a history cut short), or a slot torn by a crash between its two files, is detected and
 the other slot, one save older, is used instead. Non-finite values (tensors, or numbers of the body) are refused
-when saving and when loading, and so is a body its party's `check` refuses (a value of the wrong type). Nothing is
-listed: the two keys of each slot are fixed.
+when saving and when loading, and so is a body its party's `check` refuses (a body is declared like the messages
+parties exchange, `Body`, and parsed by the same `parse`). Nothing is listed: the two keys of each slot are fixed.
 
 Each checkpoint also records the configuration that wrote it (`configuration`: the digest of the run's resume key
 and its partition's digest): a party resumed under another configuration is refused, never continued with
@@ -22,13 +22,14 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import CheckpointError, shown
 from ..features import canonical_digest
 from ..jsonfiles import loads, no_constant
+from .messages import Message, MessageRefused, parse
 from .storage import ObjectStore, ObjectTooLarge, in_parallel
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,38 @@ def configuration(settings: dict, partition_digest: str | None) -> dict:
 
 def expect_type(value: Any, kind: type | tuple, where: str) -> None:
     """CheckpointError naming `where` unless `value` is of `kind` (a type or a tuple of types, `type(None)`
-    where null is allowed; a bool is no number)."""
+    where null is allowed; a bool is no number): for tensors.pt, whose tensors are no JSON to parse."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
         raise CheckpointError(f"{where} is {shown(value)}, not {names}")
 
 
-def expect_types(obj: dict, types: dict[str, type | tuple], where: str = "body") -> None:
+def expect_types(obj: dict, types: dict[str, type | tuple], where: str) -> None:
     """CheckpointError naming the first key of `types` that `obj` lacks or holds a value of another type
     (`expect_type`)."""
     for key, kind in types.items():
         if key not in obj:
             raise CheckpointError(f"{where}.{key} is missing")
         expect_type(obj[key], kind, f"{where}.{key}")
+
+
+class Body(Message):
+    """A checkpoint's body, the state.json a party writes for itself and reads back on restart, declared like
+    the messages parties exchange (`parse_body`). `configuration` is the store's own (`configuration()`)."""
+
+    kind: ClassVar[str] = "checkpoint body"
+    max_bytes: ClassVar[int] = MAX_STATE_BYTES
+    configuration: dict | None = None
+
+
+def parse_body(declared: type[Body], body: dict) -> Body:
+    """`body` parsed against `declared`, or CheckpointError naming its first problem (its digest matched: written
+    so by a bug, or by a hand that computed the digest again): the store then takes the other slot."""
+    try:
+        return parse(declared, body)
+    except MessageRefused as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def fit_state(load: Callable[[], None], whose: str, fresh: str) -> None:

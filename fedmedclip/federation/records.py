@@ -14,15 +14,18 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, StringConstraints
 
 from ..codec.secure import SUFFIX as SECURE_SUFFIX
-from ..errors import CheckpointError, ConfigError, shown
+from ..errors import CheckpointError, ConfigError
 from ..metrics import classification_report, reliability_bins
 from ..paths import lock_folder
-from .checkpoint import expect_type, expect_types
+from .checkpoint import Body, parse_body
+from .messages import Message
 from .storage import atomic_write_bytes
 
 SELECTION_BEST_VAL = "best client-mean validation accuracy"
@@ -140,57 +143,70 @@ def round_record(
     }
 
 
-NUMBER, MAYBE_NUMBER = (int, float), (int, float, type(None))
-# What every reader of a history indexes in a round record (`round_record`), with its type.
-RECORD_TYPES = {
-    "round": int,
-    "global": dict,
-    "sites": list,
-    "sites_present": list,
-    "rejected": dict,
-    "val_acc_mean": MAYBE_NUMBER,
-    "validation_sites": list,
-    "train_loss": MAYBE_NUMBER,
-    "bytes_up": list,
-    "bytes_down": list,
-    "seconds": NUMBER,
-}
+# What every reader of a history or of a round's reports indexes (`round_record`, `evaluate_global`): those keys
+# are declared, the rest let be (a record gains entries with the run's options: `client_dp`, `epsilon_max`, ...).
+class _Indexed(Message):
+    model_config = ConfigDict(extra="ignore")
 
 
-def check_progress(body: dict) -> None:
-    """CheckpointError naming what of a checkpoint's record of the run's progress (its round, history,
-    reports and selected round: the server's and a reference run's alike) is missing, of another type, or does
-    not fit together; what a party reads back is checked so, not indexed into a traceback at every restart."""
-    expect_types(
-        body,
-        {
-            "round": int,
-            "history": list,
-            "reports": dict,
-            "best_round": (int, type(None)),
-            "best_val": MAYBE_NUMBER,
-        },
-    )
-    for i, rec in enumerate(body["history"]):
-        where = f"body.history[{i}]"
-        expect_type(rec, dict, where)
-        expect_types(rec, RECORD_TYPES, where)
-        expect_types(rec["global"], {"acc": NUMBER, "bacc": MAYBE_NUMBER}, f"{where}.global")
-        for j, row in enumerate(rec["sites"]):
-            expect_type(row, dict, f"{where}.sites[{j}]")
-            expect_types(row, {"val_acc": MAYBE_NUMBER}, f"{where}.sites[{j}]")
-    for r, report in body["reports"].items():
-        if not r.isdigit():
-            raise CheckpointError(f"body.reports has the key {shown(r)}, not a round number")
-        expect_type(report, dict, f"body.reports.{r}")
-        expect_types(report, {"global": dict, "sites": dict}, f"body.reports.{r}")
-        expect_types(report["global"], {"report": dict, "reliability": dict}, f"body.reports.{r}.global")
-    rounds = [rec["round"] for rec in body["history"]]
-    missing = [r for r in rounds if str(r) not in body["reports"]]
+class GlobalAccuracy(_Indexed):
+    acc: float
+    bacc: float | None
+
+
+class SiteRow(_Indexed):
+    val_acc: float | None
+
+
+class RoundRecord(_Indexed):
+    round: int
+    global_: GlobalAccuracy = Field(alias="global")
+    sites: list[SiteRow]
+    sites_present: list
+    rejected: dict
+    val_acc_mean: float | None
+    validation_sites: list
+    train_loss: float | None
+    bytes_up: list
+    bytes_down: list
+    seconds: float
+
+
+class GlobalReport(_Indexed):
+    report: dict
+    reliability: dict
+
+
+class RoundReports(_Indexed):
+    global_: GlobalReport = Field(alias="global")
+    sites: dict  # by site: its `evaluate_site`, or None
+
+
+RoundKey = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]  # a round number, as a JSON object's key
+
+
+class Progress(Body):
+    """A checkpoint's record of the run's progress (the server's and a reference run's alike)."""
+
+    round: int
+    history: list[RoundRecord]
+    reports: dict[RoundKey, RoundReports]
+    best_round: int | None
+    best_val: float | None
+
+
+def check_progress(body: dict, declared: type[Progress] = Progress) -> Progress:
+    """`body` parsed against `declared`, or CheckpointError naming what is missing, of another type, or does not
+    fit together (reports and selected round of its history): what a party reads back is checked so, not indexed
+    into a traceback at every restart."""
+    progress = parse_body(declared, body)
+    rounds = [rec.round for rec in progress.history]
+    missing = [r for r in rounds if str(r) not in progress.reports]
     if missing:
         raise CheckpointError(f"body.reports lacks round {missing[0]} of its history")
-    if body["best_round"] is not None and body["best_round"] not in rounds:
-        raise CheckpointError(f"body.best_round {body['best_round']} is no round of its history")
+    if progress.best_round is not None and progress.best_round not in rounds:
+        raise CheckpointError(f"body.best_round {progress.best_round} is no round of its history")
+    return progress
 
 
 def selects_by_median(aggregator: str) -> bool:

@@ -47,8 +47,20 @@ from .checkpoint import (
     tensor_map,
 )
 from .mailbox import AIM, MAX_MANIFEST_BYTES, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
-from .messages import GlobalHeader, ManifestCore, MessageRefused, SiteReport, UpdateHeader, message, parse
+from .messages import (
+    GlobalHeader,
+    Hex64,
+    ManifestCore,
+    Message,
+    MessageRefused,
+    SiteReport,
+    UpdateHeader,
+    message,
+    parse,
+)
 from .records import (
+    Progress,
+    RoundKey,
     atomic_write_bytes,
     atomic_write_json,
     build_results,
@@ -230,6 +242,24 @@ def make_manifest(
 
 class UpdateRejected(Exception):
     pass
+
+
+class Broadcast(Message):
+    sha256: Hex64
+    bytes: Annotated[int, Field(ge=0)]
+
+
+class ServerState(Progress):
+    """The server's checkpoint body (`FederationServer._save`)."""
+
+    run_id: str
+    phase: str
+    broadcast: dict[RoundKey, Broadcast] = {}  # the global module sent out in each round
+    site_provenance: dict
+    info: dict
+    recovery: list
+    set_aside: dict
+    secagg: dict | None = None  # secure aggregation's, checked where it is restored
 
 
 class FederationServer:
@@ -440,29 +470,12 @@ class FederationServer:
         """CheckpointError naming what of a checkpoint's body or tensors is missing or of another type (its
         digest matched: written so by a bug, or by a hand that computed the digest again). `CheckpointStore`
         then takes the other slot, as for any damaged one."""
-        check_progress(body)
-        expect_types(
-            body,
-            {
-                "run_id": str,
-                "phase": str,
-                "info": dict,
-                "site_provenance": dict,
-                "recovery": list,
-                "set_aside": dict,
-            },
-        )
+        state = check_progress(body, ServerState)
         phases = ("keys", "shares", "updates", "unmask") if self.secure is not None else ("updates",)
-        if body["phase"] not in (*phases, "reports", "done"):
-            raise CheckpointError(f"body.phase is {shown(body['phase'])}, not a phase of this run's rounds")
-        if not 1 <= body["round"] <= self.rounds:
-            raise CheckpointError(
-                f"body.round is {body['round']}, not a round of this run (1..{self.rounds})"
-            )
-        for r, sent in body.get("broadcast", {}).items():
-            expect_types(sent, {"sha256": str, "bytes": int}, f"body.broadcast.{r}")
-            if not r.isdigit():
-                raise CheckpointError(f"body.broadcast has the key {shown(r)}, not a round number")
+        if state.phase not in (*phases, "reports", "done"):
+            raise CheckpointError(f"body.phase is {shown(state.phase)}, not a phase of this run's rounds")
+        if not 1 <= state.round <= self.rounds:
+            raise CheckpointError(f"body.round is {state.round}, not a round of this run (1..{self.rounds})")
         expect_type(tensors, dict, "tensors.pt")
         expect_types(tensors, {"global_state": dict, "received": dict, "payload": torch.Tensor}, "tensors")
         for name in ("global_state", "received", "best_received"):

@@ -22,12 +22,14 @@ from ..errors import CheckpointError, FedMedClipError, shown
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
 from .checkpoint import (
+    Body,
     CheckpointStore,
     configuration,
     expect_type,
     expect_types,
     fit_state,
     non_finite,
+    parse_body,
     tensor_map,
 )
 from .mailbox import AIM, SECURE_POLL_CAP, SERVER, Mailbox, Poller, ProtocolError
@@ -563,27 +565,23 @@ class SiteWorker:
         return f"no heartbeat from the server for {seconds:.0f} s ({said})"
 
 
+class SiteState(Body):
+    """A site's checkpoint body (`SiteWorker._checkpoint`)."""
+
+    run_id: str
+    trained: int
+    reported: int
+    last_report: SiteReport | None  # the report it sends again: checked here too, not only as it went out
+    recovered: Recovery | None
+    secagg: dict | None = None  # secure aggregation's, checked where it is restored
+
+
 def _check_state(body: dict, tensors) -> None:
     """CheckpointError naming what of a site's checkpoint is missing or of another type (its digest matched:
     written so by a bug, or by a hand that computed the digest again). `CheckpointStore` then takes the other
-    slot, as for any damaged one; the report it sends again is the one checked here (a traceback at every
-    restart, when it was checked only as it went out)."""
-    expect_types(
-        body,
-        {
-            "run_id": str,
-            "trained": int,
-            "reported": int,
-            "last_report": (dict, type(None)),
-            "recovered": (dict, type(None)),
-        },
-    )
-    for name, kind in (("last_report", SiteReport), ("recovered", Recovery)):
-        if body[name] is not None:
-            try:
-                parse(kind, body[name])
-            except MessageRefused as exc:
-                raise CheckpointError(f"body.{name}: {exc}") from None
+    slot, as for any damaged one (a traceback at every restart, when the report was checked only as it went
+    out)."""
+    parse_body(SiteState, body)
     expect_type(tensors, dict, "tensors.pt")
     expect_types(tensors, {"trainer": dict, "candidates": dict}, "tensors")
     for r, part in tensors["candidates"].items():
