@@ -442,6 +442,30 @@ def test_under_a_robust_aggregator_one_site_cannot_choose_the_selected_round(
     assert server.best_round == selected
 
 
+@pytest.mark.parametrize("aggregator, selected", [("mean", 2), ("median", 1)])
+def test_under_a_robust_aggregator_one_site_cannot_choose_the_round_by_when_it_reports(
+    prepared, tmp_path, aggregator, selected
+):
+    """Rounds ranked first by how many sites reported validation metrics: site_2 reporting none in round 1
+    (null, as a site without a validation split does) and 0.0 in round 2 made round 2, where the honest sites
+    measured 0.5 against round 1's 0.6, the selected one under any aggregator. Under a robust aggregator rounds
+    rank by the median of the reports alone: round 1."""
+    from dataclasses import replace
+
+    cfg, p = prepared
+    cfg = replace(cfg, aggregator=aggregator)
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
+    for r, accuracies in {1: (0.6, 0.6, None), 2: (0.5, 0.5, 0.0)}.items():
+        for k, (site, acc) in enumerate(zip(("site_0", "site_1", "site_2"), accuracies, strict=True)):
+            mailbox.store.put(mailbox.update_key(r, site), _update(server, site, seed=k))
+            val = None if acc is None else {**_metrics_of(), "acc": acc}
+            mailbox.store.put(
+                mailbox.report_key(r, site), json.dumps({**_report(server, p, site), "val": val}).encode()
+            )
+        assert [row["val_acc"] for row in _close_round(server)["sites"]] == list(accuracies)
+    assert server.best_round == selected
+
+
 def test_the_fields_the_audit_sent_make_the_site_absent_and_are_never_read_again(prepared, tmp_path):
     """The objects that ended the server (and ended it again on every restart): an update header whose loss is
     1e999, a report whose provenance holds 1e999, a report whose metrics hold only `n`, a status whose time is

@@ -219,18 +219,21 @@ def selects_by_median(aggregator: str) -> bool:
 
 def selection_key(record: dict, median: bool = False) -> tuple[int, float] | None:
     """How a round ranks for selection: first by how many sites reported validation metrics in it, then by
-    their mean (`median`: median) validation accuracy; None for a round without validation metrics (never
-    selected by them).
+    their mean validation accuracy; `median`: by their median alone. None for a round without validation
+    metrics (never selected by them).
 
     A mean over fewer sites is not comparable with one over every site: a round in which a weak site was
     absent would win by that alone. So a round in which every site with a validation split reported beats
     every round with fewer (and those are compared only among themselves when no round had every site).
-    The selected round is then one whose metrics and model parts exist at every site."""
+    The selected round is then one whose metrics and model parts exist at every site. Not under a robust
+    aggregator: there the count was one site's to set (reporting its validation in the round it wanted and in
+    no other picked that round), while the median of the reports, however many, stays between honest sites'
+    figures."""
     v = record.get("val_acc_mean")
     if v is None:
         return None
     if median:
-        v = float(np.median([row["val_acc"] for row in record["sites"] if row["val_acc"] is not None]))
+        return 0, float(np.median([row["val_acc"] for row in record["sites"] if row["val_acc"] is not None]))
     return len(record.get("validation_sites") or ()), v
 
 
