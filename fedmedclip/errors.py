@@ -18,6 +18,27 @@ def shown_list(values: list, most: int = 10) -> str:
     return ", ".join(map(shown, values[:most])) + more
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (control characters such as ESC, CR, NEL, U+2028,
+    bidi overrides) written as its Python escape: what another party wrote never forges a log line or drives
+    the terminal an operator reads the log in."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# The most of another party's words a record or log line keeps: a 2 MB codec name quoted in a rejection reason
+# was written into the server's checkpoint, results.json and log every round.
+MAX_REASON_CHARS = 500
+
+
+def reason_line(text: str) -> str:
+    """Why another party's object was refused (or what it said of itself), as recorded and logged: printable,
+    at most MAX_REASON_CHARS."""
+    text = printable(text)
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
 def class_names_problem(names) -> str | None:
     """Why `names` cannot be a model's classes (None when they can): class names are printed by every console,
     log, model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named

@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from fedmedclip.errors import FedMedClipError, run_command, shown
+from fedmedclip.errors import FedMedClipError, printable, run_command, shown
 from fedmedclip.flags import SERVE, add_config_arguments, is_finite_number, options_from_args
 
-from .errors import ServingError, printable
+from .errors import ServingError
 from .options import Batching, Limits, ModelOptions, MonitorOptions, ServerOptions
 
 

@@ -48,12 +48,3 @@ def quoted(value: object, limit: int = 40) -> str:
     """`repr` of something a client sent, cut to `limit` characters: messages name it without echoing it."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def printable(text: str) -> str:
-    """`text` with every character that is not printable (control characters such as ESC, CR, NEL, U+2028,
-    bidi overrides) written as its Python escape: what a client sent never forges a log line or drives the
-    terminal an operator reads the log in."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

