@@ -176,10 +176,22 @@ def test_publish_then_site_task_downloads_only_its_prefix_and_encodes_the_same_f
     root = tmp_path / "pipeline-root"
     argv = ["pipeline", "run", "--local", "--data", f"s3://{bucket}", "--sites", "3", "--rounds", "2"]
     status = main([*argv, "--local-stack", str(mlops_stack.data_dir), "--pipeline-root", str(root)])
-    (line,) = error_lines(capsys.readouterr().err)
+    out, err = capsys.readouterr()
+    (line,) = error_lines(err)
     assert status == 2 and line.startswith(f"error: s3://{bucket} was published for the partition")
     assert "'sites': 2" in line and "'sites': 3" in line and line.endswith("publish again to another bucket")
     assert not root.exists()
+    # Whose keys the tasks would use is said: the stack's roles', or (a key in the environment, as after
+    # `eval $(fedmedclip stack env)`) that one key for every task, where it went unsaid.
+    assert (
+        out.splitlines()[0]
+        == f"S3: each task takes its own role's key from the local stack in {mlops_stack.data_dir}"
+    )
+    as_stack_role("server")
+    assert main([*argv, "--pipeline-root", str(root)]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("S3: every task uses this environment's key (AWS_ACCESS_KEY_ID); --local-stack DIR")
+    assert "was published for the partition" in err and not root.exists()
 
 
 def test_publishing_a_folder_applies_the_duplicate_rule_and_records_it(
