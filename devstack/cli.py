@@ -60,10 +60,11 @@ def _site_names(args) -> list[str]:
 
 
 def cmd_stack_up(args) -> int:
-    from .stack import DEFAULT_DATA_BUCKET, stack_status, start_stack
+    from .stack import DEFAULT_DATA_BUCKET, earlier_registry_note, stack_status, start_stack
 
     check_folder_flag("--data-dir", args.data_dir)  # before anything is written or started
     was_running = stack_status(args.data_dir).running
+    stale = None if was_running else earlier_registry_note(args.data_dir)
     info = start_stack(
         args.data_dir,
         s3_port=args.s3_port,
@@ -79,6 +80,8 @@ def cmd_stack_up(args) -> int:
             file=sys.stderr,
         )
     print(status.describe(), file=sys.stderr)
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr)
     print(
         f"S3 lives in moto's memory: artifacts do not survive `fedmedclip stack down`.\n"
         f"S3 enforces per-role credentials (in {info.data_dir}/stack.json, readable by you only).\n"
@@ -94,7 +97,10 @@ def cmd_stack_down(args) -> int:
 
     stopped = stop_stack(args.data_dir, purge=args.purge)
     if stopped:
-        print(f"stopped {', '.join(stopped)} (S3 contents are gone)", file=sys.stderr)
+        kept = (
+            "" if args.purge else "; the MLflow database is kept, its artifacts are not: --purge removes it"
+        )
+        print(f"stopped {', '.join(stopped)} (S3 contents are gone{kept})", file=sys.stderr)
     else:
         print(f"no running stack recorded in {args.data_dir}: nothing to stop", file=sys.stderr)
     if args.purge:

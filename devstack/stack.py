@@ -921,6 +921,29 @@ def _stop_stack(data_dir: Path, purge: bool = False) -> list[str]:
     return stopped
 
 
+def earlier_registry_note(data_dir: str | Path) -> str | None:
+    """A line for `stack up` where an earlier stack's MLflow database (kept by `stack down` without --purge)
+    lists registered model versions: their artifacts were in moto's memory, so `serve` and `card` of them
+    failed (`card` after minutes of MLflow's retries) with nothing saying why. None where there are none."""
+    import sqlite3
+
+    db = Path(data_dir) / "mlflow.db"
+    if not db.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            (versions,) = conn.execute("SELECT count(*) FROM model_versions").fetchone()
+    except sqlite3.Error:  # not MLflow's schema (yet): nothing registered to warn of
+        return None
+    if not versions:
+        return None
+    return (
+        f"kept from an earlier stack: {db} lists {versions} registered model version(s) whose files did not "
+        "survive `stack down` (S3 lives in memory): serving, carding or promoting them fails; register again, "
+        f"or `fedmedclip stack down --purge --data-dir {data_dir}` and up again for a clean registry"
+    )
+
+
 def stack_status(data_dir: str | Path = DEFAULT_DATA_DIR) -> StackStatus:
     data_dir = Path(data_dir).resolve()
     info = read_state(data_dir)

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from devstack import cli as stack_cli
 from devstack.stack import (
     StackError,
     _group_members,
+    earlier_registry_note,
     mlflow_healthy,
     read_state,
     stack_status,
@@ -185,9 +187,23 @@ def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
     assert not _group_members(state.services["mlflow"]) and not _group_members(state.services["s3"])
     assert not mlflow_healthy(state.tracking_uri)
     assert not (data_dir / "stack.json").exists()
+    assert (
+        "; the MLflow database is kept, its artifacts are not: --purge removes it)" in capsys.readouterr().err
+    )
     # idempotent
     assert run_cli("stack", "down", "--data-dir", data_dir) == 0
     assert run_cli("stack", "status", "--data-dir", data_dir) == 1
+    # The database stays (runs, versions), their artifacts do not: `stack up` says so where versions exist.
+    assert earlier_registry_note(data_dir) is None  # MLflow's schema, nothing registered
+    with sqlite3.connect(data_dir / "mlflow.db") as db:
+        db.execute("INSERT INTO registered_models (name, creation_time) VALUES ('m', 0)")
+        db.execute(
+            "INSERT INTO model_versions (name, version, creation_time, current_stage, status) "
+            "VALUES ('m', 1, 0, 'None', 'READY')"
+        )
+    assert "lists 1 registered model version(s) whose files did not survive" in earlier_registry_note(
+        data_dir
+    )
     with pytest.raises(StackError, match="stack up"):
         run_cli("stack", "env", "--data-dir", data_dir)
 
