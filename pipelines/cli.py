@@ -111,6 +111,10 @@ def check_local_stack(stack_dir: str) -> None:
 
 
 def cmd_run(args) -> int:
+    if not args.local:  # argparse's `required` printed the whole usage, 50 lines, before its one
+        raise ConfigError(
+            "pipeline run runs on this machine: give --local (a cluster: `pipeline submit --host URL`)"
+        )
     cfg = validated_config(args)  # before anything is compiled or started
     check_yaml(args)
     # The local stack whose per-role keys the tasks take when they touch S3 and the environment holds no key.
@@ -400,8 +404,7 @@ def register(subparsers) -> None:
     r.add_argument(
         "--local",
         action="store_true",
-        required=True,
-        help="run with kfp.local's SubprocessRunner (a cluster: `pipeline submit --host URL`)",
+        help="run with kfp.local's SubprocessRunner (required: a cluster's is `pipeline submit --host URL`)",
     )
     r.add_argument(
         "--local-stack",

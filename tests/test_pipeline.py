@@ -202,6 +202,13 @@ def test_the_cli_validates_before_anything_is_compiled_or_started(tmp_path, caps
         assert message in capsys.readouterr().err, bad
         assert main(["pipeline", "submit", "--host", "http://127.0.0.1:9", *bad]) == 2, bad
     assert not root.exists()  # nothing compiled, no task started
+    # without --local: one line, where argparse's `required` printed the whole usage (50 lines) before it
+    capsys.readouterr()
+    assert main(["pipeline", "run", "--pipeline-root", str(root)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: pipeline run runs on this machine: give --local (a cluster: `pipeline submit --host URL`)"
+    )
+    assert not root.exists()
 
 
 def test_the_pipeline_cli_takes_the_trainings_flags():
