@@ -72,7 +72,10 @@ def require_tracking_uri(explicit: str | None = None, purpose: str = "", error=F
     lead = f"{purpose}: " if purpose else ""
     uri = find_tracking_uri(explicit)
     if uri is None:
-        raise error(f"{lead}{NO_TRACKING_SERVER} (then `eval $(fedmedclip stack env)` for other shells)")
+        raise error(
+            f"{lead}{NO_TRACKING_SERVER} (then `eval $(fedmedclip stack env)` for other shells); no running stack "
+            f"is recorded in {recorded_stack_dir()} (${STACK_DIR_ENV}, else {DEFAULT_STACK_DIR}: where commands look)"
+        )
     if not uri.startswith(("http://", "https://")):  # MLflow would take a path or a database, here or later
         raise error(
             f"{lead}{uri!r} is not a tracking server's address: give http(s)://HOST:PORT in --tracking-uri or "

@@ -815,6 +815,10 @@ def test_every_command_finds_the_tracking_server_by_one_rule_and_never_writes_a_
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no MLflow tracking server" in err, (argv, err)
+        # where it looked for a running local stack, and how to point it elsewhere
+        assert err.endswith(
+            f"no running stack is recorded in {tmp_path / 'no-stack'} ($FEDMEDCLIP_STACK_DIR, else .stack: where commands look)"
+        ), err
     # A mistyped run directory is the first thing said, before the missing server.
     assert main(["track", str(tmp_path / "no-such-run")]) == 2
     assert "no-such-run does not exist" in capsys.readouterr().err
