@@ -142,15 +142,9 @@ class StackInfo:
 
     @property
     def env(self) -> dict[str, str]:
-        """The ADMIN's client environment (bootstrap, tests, operators): MLflow needs only the first;
-        boto3 the rest. A party of the federation uses its own role's: `role_env`."""
-        return {
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_DEFAULT_REGION": self.region,
-        }
+        """The ADMIN's client environment (bootstrap, tests, operators): `role_env("admin")`. A party of the
+        federation uses its own role's."""
+        return self.role_env(ADMIN)
 
     @property
     def role_names(self) -> list[str]:
@@ -189,7 +183,7 @@ class StackInfo:
         """Shell lines giving the admin's environment (`env`) or `role`'s (`role_env`): `export` of each of its
         variables, then `unset` of the MLflow ones a role does not get (a site's shell that held the admin's
         or the server's before gets no MLflow address)."""
-        env = self.env if role is None else self.role_env(role)
+        env = self.role_env(role or ADMIN)
         lines = [f"export {k}={_shell_quote(v)}" for k, v in env.items()]
         absent = [k for k in MLFLOW_CLIENT_VARIABLES if k not in env]
         if absent:
@@ -294,9 +288,8 @@ def _state_path(data_dir: str | Path) -> Path:
 def use_stack_s3(info: StackInfo, role: str | None = None) -> None:
     """Point this process, and the task processes it starts, at the stack's S3 (credentials and endpoint)
     as the admin, or as `role`. The tracking URI is left alone: each command chooses it explicitly."""
-    env = info.env if role is None else info.role_env(role)
+    env = info.role_env(role or ADMIN)
     os.environ.update({k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"})
-    os.environ["AWS_ENDPOINT_URL_S3"] = info.s3_endpoint
 
 
 def use_recorded_stack_s3(stack_dir: str | Path | None = None, role: str | None = None) -> StackInfo | None:

@@ -149,7 +149,13 @@ def test_stack_up_status_env_down_via_cli(tmp_path, capsys):
         env = capsys.readouterr().out
         assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{ml_port}" in env
         assert f"export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:{s3_port}" in env
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        # boto3's own endpoint variable too (it was in a role's lines only: the admin's shell reached AWS)
+        for key in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL_S3",
+        ):
             assert f"export {key}=" in env
 
         # the bucket exists and is versioned
