@@ -10,8 +10,10 @@ import errno
 import json
 import logging
 import math
+import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,8 @@ from fedmedclip.flags import SERVE, add_config_arguments, is_finite_number, opti
 
 from .errors import ServingError
 from .options import Batching, Limits, ModelOptions, MonitorOptions, ServerOptions
+
+log = logging.getLogger("fedmedclip.serving")
 
 
 def register(subparsers) -> None:
@@ -54,8 +58,8 @@ def register(subparsers) -> None:
     )
     serve.add_argument(
         "--cache-dir",
-        help="where a registry model is downloaded, in a folder named by its sha256 (default: a new temporary "
-        "folder)",
+        help="where a registry model is downloaded, in a folder named by its sha256, and kept (default: a "
+        "temporary folder, removed when the server stops)",
     )
     serve.add_argument("--tracking-uri", help="the MLflow server of a models:/ reference")
     serve.set_defaults(func=_serve)
@@ -121,12 +125,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime import OnnxClassifier
     from .source import resolve_model
 
-    with _logging_to_stderr(args.log_level):
+    # The download folder is closed (a temporary one removed) before the log lines stop.
+    with _logging_to_stderr(args.log_level), _download_folder(args.cache_dir, specs) as downloads:
         # Model files, hashes and execution provider are checked before kserve is imported (a second or two),
         # so a wrong hash, a missing GPU, or a model that cannot run or answers NaN fails fast.
         loaded = []
         for name, spec in specs:
-            cache = str(Path(args.cache_dir) / name) if args.cache_dir and len(specs) > 1 else args.cache_dir
+            cache = str(Path(downloads) / name) if downloads and len(specs) > 1 else downloads
             resolved = resolve_model(spec, args.expected_sha256, cache, args.tracking_uri)
             loaded.append((name, resolved, OnnxClassifier.open(resolved, model_options)))
 
@@ -138,6 +143,29 @@ def _serve(args: argparse.Namespace) -> int:
             model.load()
         asyncio.run(serve(models, server_options))
     return 0
+
+
+@contextlib.contextmanager
+def _download_folder(cache_dir: str | None, specs: list[tuple[str, str]]):
+    """Where `serve` downloads its registry models: --cache-dir, kept; without it (and with a models:/ spec), a
+    temporary folder this command owns for its whole run and removes when it ends: after the server stopped
+    (its ports closed, its models stopped), or when it refuses to start after a download. Never sooner: model
+    control loads an unloaded model again from its file there, and no request loads another one. The server's
+    JSON worker processes are spawned and never hold this object: only this process removes the folder."""
+    from .source import is_registry
+
+    if cache_dir or not any(is_registry(spec) for _, spec in specs):
+        yield cache_dir
+        return
+    folder = tempfile.TemporaryDirectory(prefix="fedmedclip-model-", ignore_cleanup_errors=True)
+    try:
+        yield folder.name
+    finally:
+        if os.path.isdir(folder.name) and os.listdir(folder.name):  # a refusal before any download: silent
+            log.info("removing the temporary download folder %s", folder.name)
+        folder.cleanup()
+        if os.path.lexists(folder.name):
+            log.warning("could not remove all of the temporary download folder %s", folder.name)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

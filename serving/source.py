@@ -4,6 +4,9 @@ the MLflow server). Every model is verified before ONNX Runtime sees it: a regis
 recorded at registration (model-version tag `onnx_sha256`; its size, `onnx_bytes`, bounds it before it is
 downloaded), a file against `--expected-sha256` or else the sidecar `fedmedclip export` wrote next to it
 (`model.onnx.sha256`). A file with neither is refused.
+
+A registry model is downloaded into the folder its caller gives (`cache_dir`), which the caller owns: `serve`
+gives --cache-dir, kept, or else a temporary folder it removes when it stops (serving/cli.py).
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ def _pick_onnx(found: list[str], what: str) -> str:
     raise ServingError(f"{what} holds several .onnx files ({found}); pass the file itself")
 
 
+def is_registry(spec: str) -> bool:
+    """Whether the `serve` argument names a registry model (downloaded), not a local file or folder."""
+    return spec.startswith("models:/")
+
+
 def resolve_model(
     spec: str,
     expected_sha256: str | None = None,
@@ -80,8 +88,9 @@ def resolve_model(
     tracking_uri: str | None = None,
 ) -> ResolvedModel:
     """Turn the `serve` argument into a verified local .onnx path (`tracking_uri`: the registry's server for
-    models:/, else the project's one rule, fedmedclip.tracking_server)."""
-    if spec.startswith("models:/"):
+    models:/, else the project's one rule, fedmedclip.tracking_server). A registry model is downloaded into
+    `cache_dir`, which the caller gives and owns (nothing here makes a folder that nobody removes)."""
+    if is_registry(spec):
         return _from_registry(spec, expected_sha256, cache_dir, tracking_uri)
     path = Path(spec)
     if path.is_dir():
@@ -110,6 +119,8 @@ def resolve_model(
 def _from_registry(
     uri: str, expected_sha256: str | None, cache_dir: str | None, tracking_uri: str | None
 ) -> ResolvedModel:
+    if not cache_dir:  # a caller's mistake, not the model's
+        raise ValueError(f"resolving {uri} needs cache_dir, the folder its caller owns to download it into")
     # Imported here: the core CLI and `predict` must not pay for mlflow.
     from mlflow.exceptions import MlflowException
 
@@ -175,7 +186,7 @@ def _from_registry(
             )
 
     # Absolute: the path is reported and logged, and must not depend on the working directory.
-    dst = Path(cache_dir).resolve() if cache_dir else Path(tempfile.mkdtemp(prefix="fedmedclip-model-"))
+    dst = Path(cache_dir).resolve()
     dst.mkdir(parents=True, exist_ok=True)
     # Into a folder of this process's own beside the cache, verified there, then moved into place: replicas
     # sharing a --cache-dir and starting together never read (or serve) a file another one is still writing.

@@ -68,9 +68,12 @@ def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys, monkeypat
 
     client.delete_model_version_tag(name, version, "onnx_sha256")
     with pytest.raises(ServingError, match="no 'onnx_sha256' tag"):
-        resolve_model(f"models:/{name}@champion")
+        resolve_model(f"models:/{name}@champion", cache_dir=str(tmp_path / "cache6"))
     with pytest.raises(ServingError, match="cannot resolve models:/serving-registry-test@nope"):
-        resolve_model(f"models:/{name}@nope")
+        resolve_model(f"models:/{name}@nope", cache_dir=str(tmp_path / "cache6"))
+    # The folder a registry model is downloaded into is its caller's to give (and to remove): none is made here.
+    with pytest.raises(ValueError, match="needs cache_dir"):
+        resolve_model(f"models:/{name}/{version}")
 
 
 def test_replicas_sharing_a_cache_dir_start_together_on_one_verified_file(registry, tmp_path, monkeypatch):
@@ -312,3 +315,74 @@ def test_a_registered_model_records_its_size_and_only_its_onnx_file_is_downloade
     ):
         resolve_model(f"models:/{name}/{version}", cache_dir=str(tmp_path / "cache2"))
     assert downloads == []
+
+
+# ------------------------------------------------------------------ the temporary download's lifetime
+def _temporary_downloads(tmpdir) -> list:
+    """The folders `serve` downloads a registry model into without --cache-dir, under `tmpdir` ($TMPDIR)."""
+    return sorted(tmpdir.glob("fedmedclip-model-*"))
+
+
+def test_a_registry_model_downloaded_without_a_cache_dir_is_removed_when_the_server_stops(
+    registry, tmp_path, monkeypatch
+):
+    """`serve models:/NAME@ALIAS` without --cache-dir downloads into a temporary folder that nothing removed:
+    after a clean SIGTERM stop /tmp/fedmedclip-model-XXXX/<sha256>/model.onnx stayed, the whole model (341 MiB
+    for a ViT-B/32) at every (re)start. The folder now lives as long as the server: there while it serves (a
+    model unloaded by model control is loaded again from it), gone once it exits on SIGTERM, and gone when it
+    refuses to start after the download (a file ONNX Runtime cannot load). A --cache-dir is kept."""
+    import hashlib
+    import re
+    import uuid
+
+    import requests
+    from mlflow import MlflowClient
+    from serving_fixtures import make_contract_onnx, refused_to_serve, running_server
+
+    client = MlflowClient(registry, registry_uri=registry)
+    name = f"serving-tmp-{uuid.uuid4().hex[:12]}"
+    data = make_contract_onnx(tmp_path / "export" / "model.onnx", image_size=32).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    _, mv = _hand_registered(client, tmp_path, name, data, onnx_bytes=str(len(data)))
+    uri = f"models:/{name}/{mv.version}"
+    tmpdir = tmp_path / "tmp"  # the server's temporary files, where this test can list them
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+
+    token = "a-model-control-token-of-40-characters.."
+    (tmp_path / "served").mkdir()
+    with running_server([uri], tmp_path / "served", token=token) as server:
+        (folder,) = _temporary_downloads(tmpdir)
+        served = folder / sha / "model.onnx"
+        assert served.read_bytes() == data
+        assert f" to {served}, sha256 {sha} verified" in server.log()
+        # Unloaded and loaded again (model control): from the same file, which stays while the server runs.
+        auth = {"Authorization": f"Bearer {token}"}
+        for action in ("unload", "load"):
+            url = f"http://{server.http}/v2/repository/models/fedmedclip/{action}"
+            assert requests.post(url, headers=auth, timeout=60).status_code == 200, action
+        assert requests.get(f"http://{server.http}/v2/models/fedmedclip/ready", timeout=60).status_code == 200
+        assert served.is_file() and _temporary_downloads(tmpdir) == [folder]
+        assert server.stop() == 0, server.log()[-3000:]
+    assert _temporary_downloads(tmpdir) == [], server.log()[-3000:]
+    assert re.search(rf"INFO removing the temporary download folder {re.escape(str(folder))}\b", server.log())
+
+    # Refused after its download (verified, but no graph ONNX Runtime can load): exit 2, nothing left behind.
+    bad = f"serving-tmp-bad-{uuid.uuid4().hex[:12]}"
+    (tmp_path / "bad").mkdir()
+    _, bad_mv = _hand_registered(client, tmp_path / "bad", bad, b"verified, not a graph" * 50)
+    err = refused_to_serve(f"models:/{bad}/{bad_mv.version}", "--device", "cpu")
+    assert "ONNX Runtime cannot load" in err and "removing the temporary download folder" in err, err
+    assert _temporary_downloads(tmpdir) == []
+    # Refused before any download (no such alias): its empty folder goes too, without a word of it.
+    err = refused_to_serve(f"models:/{name}@nope", "--device", "cpu")
+    assert "cannot resolve" in err and "removing the temporary" not in err, err
+    assert _temporary_downloads(tmpdir) == []
+
+    # --cache-dir: the user's folder, kept with its file after the server stops; nothing temporary made.
+    cache = tmp_path / "cache"
+    (tmp_path / "cached").mkdir()
+    with running_server([uri, "--cache-dir", str(cache)], tmp_path / "cached") as server:
+        assert server.stop() == 0, server.log()[-3000:]
+    assert (cache / sha / "model.onnx").read_bytes() == data
+    assert _temporary_downloads(tmpdir) == [] and "removing the temporary" not in server.log()
