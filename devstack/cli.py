@@ -185,7 +185,7 @@ def register(subparsers) -> None:
     s.add_argument(
         "--role",
         default=None,
-        help="publisher, server, a site's name (site_0, ...), mlflow or admin (default: admin, as before)",
+        help="publisher, server, a site's name (site_0, ...), mlflow or admin (default: admin)",
     )
     s.set_defaults(func=cmd_stack_env)
     s = stack_sub.add_parser(

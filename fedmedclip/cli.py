@@ -385,7 +385,7 @@ def _cmd_export(args) -> int:
                 "export --state exports a site's own model: give --site NAME, --mailbox and --run-id (the ones "
                 f"`site run` used) and no run directory{'; missing ' + ', '.join(missing) if missing else ''}"
             )
-        path = export_site_state(
+        export_site_state(
             args.state,
             args.site,
             args.mailbox,
@@ -405,13 +405,10 @@ def _cmd_export(args) -> int:
                 f"{' and '.join(stray)} go with --state (a site exporting its own model); a run directory's "
                 "export reads its run's configuration"
             )
-        path = export_onnx(
+        export_onnx(
             args.run_dir, args.site, args.out, run_id=args.run_id or "", backbone=args.backbone, **common
         )
-    from .digests import read_sha256_sidecar
-
-    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB) sha256 {read_sha256_sidecar(path)}")
-    return 0
+    return 0  # the export's log line says the file, its sha256 and its OOD threshold
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -570,7 +567,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args)
     except KeyboardInterrupt:
-        print("interrupted; a finished round is checkpointed: rerun with --resume", file=sys.stderr)
+        # compare has no --resume: the same command skips its finished cells and resumes a started one.
+        if args.command == "compare":
+            print(
+                "interrupted; finished cells are kept and a finished round is checkpointed: rerun the same "
+                "compare command to resume",
+                file=sys.stderr,
+            )
+        else:
+            print("interrupted; a finished round is checkpointed: rerun with --resume", file=sys.stderr)
         return 130
 
 

@@ -386,6 +386,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_outputs(records: list[dict], out: Path, settings: dict) -> list[dict]:
+    from .federation.records import SELECTION_BEST_VAL  # the results' and the console's words for it
+
     rows = summarise(records)
     out.mkdir(parents=True, exist_ok=True)
     cells = [{k: v for k, v in r.items() if k != "results"} | _cell_numbers(r["results"]) for r in records]
@@ -395,8 +397,8 @@ def write_outputs(records: list[dict], out: Path, settings: dict) -> list[dict]:
     body = (
         f"# Comparison\n\nbackbone `{settings['backbone']}`, data `{settings['data']}`, {settings['rounds']} rounds, "
         f"seeds {settings['seeds']} ({len(records)} finished cells); mean ± sample std over seeds, in %. Global: the global test set with each "
-        "method's global rule; sites: mean over sites of their local test metrics (selected round: best "
-        "mean site validation accuracy). Bytes: measured payload length uploaded per site per round.\n\n"
+        "method's global rule; sites: mean over sites of their local test metrics (selected round: "
+        f"{SELECTION_BEST_VAL}). Bytes: measured payload length uploaded per site per round.\n\n"
     )
     (out / "comparison.md").write_text(body + markdown_table(rows) + not_applied_note(records))
     plot(rows, out / "comparison.png")

@@ -185,6 +185,7 @@ class TrainConfig:
         (0.8, 0.1, 0.1),
         group="data",
         flags=("--split",),
+        metavar="TRAIN,VAL,TEST",
         parse=parse_split,
         extraction=True,
         partition=True,

@@ -329,7 +329,7 @@ def export_classifier(
     finally:
         tmp.unlink(missing_ok=True)
     log.info(
-        "wrote %s (%s, %s exporter, opset %d, %.1f MiB), sha256 %s (recorded in %s)",
+        "wrote %s (%s, %s exporter, opset %d, %.1f MiB), sha256 %s (recorded in %s)%s",
         out,
         precision,
         used,
@@ -337,6 +337,9 @@ def export_classifier(
         out.stat().st_size / 2**20,
         digest,
         sha256_sidecar(out).name,
+        ""
+        if ood is None
+        else f"; OOD threshold {ood.threshold:.6g} at a false-alarm rate of {ood.false_alarm_rate:g}",
     )
     return out
 

@@ -289,6 +289,7 @@ def add_config_arguments(
                 "--codec",
                 dest="codec_both",
                 default=None,
+                metavar="CODEC",
                 help=f"sets both --codec-up and --codec-down: {' | '.join(CODECS)}",
             )
 

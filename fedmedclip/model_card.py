@@ -37,6 +37,7 @@ SECTIONS = (
     "Provenance",
 )
 RELIABILITY_PLOT = "reliability.png"
+RUN_PLOT = f"plots/{RELIABILITY_PLOT}"  # where a run directory holds it
 N_BOOT = 2000
 
 
@@ -311,7 +312,8 @@ def _build_card(run: Path, registry: dict | None) -> dict:
             "global_ece": (m.get("global") or {}).get("ece"),
             "site_ece": {s["site"]: s.get("ece") for s in sites},
             "reliability": results.get("reliability"),
-            "plot": RELIABILITY_PLOT if (run / "plots" / "reliability.png").is_file() else None,
+            # The plot as the card links it: from the run directory; write_card puts a copy beside the card.
+            "plot": RUN_PLOT if (run / RUN_PLOT).is_file() else None,
         },
         # None: no ONNX file was registered (a run directory's card, or a model folder) or it has no OOD score.
         "ood": registry.get("ood"),
@@ -697,9 +699,10 @@ def write_card(run_dir: str | Path, out_dir: str | Path, registry: dict | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     card = build_card(run_dir, registry)
+    plot = Path(run_dir) / RUN_PLOT
+    if card["calibration"]["plot"]:  # the card's link names its own copy, beside it
+        shutil.copyfile(plot, out / RELIABILITY_PLOT)
+        card["calibration"]["plot"] = RELIABILITY_PLOT
     (out / "model_card.json").write_text(json.dumps(card, indent=1, allow_nan=False))
     (out / "model_card.md").write_text(render_markdown(card))
-    plot = Path(run_dir) / "plots" / "reliability.png"
-    if plot.is_file():
-        shutil.copyfile(plot, out / RELIABILITY_PLOT)
     return card

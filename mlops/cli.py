@@ -80,12 +80,16 @@ def cmd_register(args) -> int:
 @_mlflow_errors
 def cmd_promote(args) -> int:
     """point NAME@ALIAS at a version; refuses one with lower global balanced accuracy than the holder"""
+    from fedmedclip.errors import ConfigError
     from fedmedclip.flags import options_from_args
 
     from .promotion import PromotionPolicy
     from .registry import promote
 
     policy = options_from_args(args, PromotionPolicy)
+    # '' is the pipeline's "register only" (components/register): a promotion with no alias to move.
+    if not policy.promote_alias:
+        raise ConfigError("--alias must not be empty: promote moves an alias")
     print(promote(args.name, args.version, policy, args.tracking_uri).describe())
     return 0
 
@@ -270,7 +274,11 @@ def register(subparsers) -> None:
 
     p = _command(subparsers, "track", cmd_track)
     p.add_argument("run_dir", metavar="RUN_DIR", help="output of `fedmedclip train --out RUN_DIR`")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (created if missing)")
+    p.add_argument(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help="MLflow experiment (created if missing; default: %(default)s)",
+    )
     p.add_argument("--run-name", help="default: the run directory's name")
     p.add_argument(
         "--include-site-models",
@@ -300,7 +308,9 @@ def register(subparsers) -> None:
     add_config_arguments(p, PROMOTE, PromotionPolicy)
 
     p = _command(subparsers, "card", cmd_card)
-    p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS, NAME/VERSION, or a run directory")
+    p.add_argument(
+        "model", metavar="NAME@ALIAS|NAME/VERSION|RUN_DIR", help="a registered version, or a run directory"
+    )
     p.add_argument("--json", action="store_true", help="the card's JSON instead of its Markdown")
     p = subparsers.add_parser(
         "data", help="publish a data set to S3, each site's images under its own prefix"
@@ -321,7 +331,13 @@ def register(subparsers) -> None:
     # The data and partition settings, spelled as in `fedmedclip train` (one definition: fedmedclip/flags.py).
     add_config_arguments(d, PUBLISH)
     w = _command(sub, "withdraw", cmd_data_withdraw, mlflow=False)
-    w.add_argument("--from", dest="from_", required=True, help="the data root: s3://BUCKET[/PREFIX]")
+    w.add_argument(
+        "--from",
+        dest="from_",
+        metavar="s3://BUCKET[/PREFIX]",
+        required=True,
+        help="the data root the site published to",
+    )
     w.add_argument("--site-index", type=int, help="the site's k (its prefix sites/<k>/)")
     w.add_argument(
         "--site", help="on the local stack: the site's role name (its key and its k from the stack)"

@@ -317,3 +317,40 @@ def test_a_grid_is_not_written_into_a_train_run_or_synthetic_data_over_a_folder(
     assert main(["-q", "synth", str(run), "--per-class", "1"]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_an_interrupted_grid_says_to_rerun_the_same_command(tmp_path, monkeypatch, capsys):
+    """compare has no --resume: rerunning the same command is what resumes (finished cells kept). An
+    interrupted grid gave train's advice, "rerun with --resume"; train keeps it."""
+
+    def interrupted(cfg, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(_one_cell_args(tmp_path, tmp_path / "cache")) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same compare command" in err and "--resume" not in err, err
+    train = [
+        "-q",
+        "train",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    assert main(train) == 130
+    assert "rerun with --resume" in capsys.readouterr().err
+
+
+def test_the_table_names_the_selected_round_as_the_results_do(one_finished_cell):
+    """The table called the selected round "best mean site validation accuracy", results.json and the console
+    "best client-mean validation accuracy" (SELECTION_BEST_VAL): one wording."""
+    from fedmedclip.federation.records import SELECTION_BEST_VAL
+
+    (results,) = one_finished_cell.rglob("results.json")
+    assert json.loads(results.read_text())["metrics"]["selection"] == SELECTION_BEST_VAL
+    table = " ".join((one_finished_cell / "comparison.md").read_text().split())
+    assert f"(selected round: {SELECTION_BEST_VAL})" in table and "mean site validation" not in table

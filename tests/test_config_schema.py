@@ -639,3 +639,19 @@ def test_a_sites_count_the_natural_partition_contradicts_is_refused(tmp_path, ca
     argv = ["train", "--data", str(manifest), "--partition", "natural", "--sites", "5", "--rounds", "1"]
     assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]) == 2
     assert error_lines(capsys.readouterr().err) == [f"error: {message}"]
+
+
+def test_a_flag_spelled_other_than_its_field_declares_the_metavar_it_shows():
+    """`train --help` showed `--split SPLIT_RATIO`: argparse names a flag's value after its field, an internal
+    name where the flag is spelled otherwise (--split for split_ratio); such a field declares its metavar."""
+    from fedmedclip.cli import build_parser
+
+    for cls in (TrainConfig, ServerOptions, SiteOptions):
+        for d in declared(cls):
+            if d.type is bool or d.meta["choices"] is not None:
+                continue  # no value, or argparse shows the choices
+            for flag in d.flags:
+                shown = d.meta["metavar"] or d.dest.upper()
+                assert shown != d.dest.upper() or flag[2:].replace("-", "_") == d.dest, (flag, shown)
+    usage = _subcommand(build_parser(), "train").format_usage()
+    assert "[--split TRAIN,VAL,TEST]" in usage and "[--codec CODEC]" in usage, usage

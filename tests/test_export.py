@@ -445,6 +445,38 @@ def test_export_logs_the_sha256_and_replaces_a_stale_sidecar(runs, tmp_path, cap
     assert sha256_sidecar(out).read_text() == f"{digest}  m.onnx\n"
 
 
+def test_export_says_its_file_once_with_the_ood_threshold(runs, tmp_path, capsys, caplog):
+    """`fedmedclip export` said its file twice (the export's log line, then a plain line of its own) and never
+    the OOD threshold it calibrated (only `serve` logged it): once now, with the threshold."""
+    import logging
+
+    from fedmedclip.cli import main
+    from fedmedclip.digests import read_sha256_sidecar
+
+    run, _ = runs["fedmedclip"]
+    out = tmp_path / "m.onnx"
+    argv = [
+        "-q",
+        "export",
+        str(run),
+        "--out",
+        str(out),
+        "--exporter",
+        "torchscript",
+        "--ood-false-alarm-rate",
+        "0.2",
+    ]
+    with caplog.at_level(logging.INFO, logger="fedmedclip.export"):
+        assert main(argv) == 0
+    said = capsys.readouterr().out + caplog.text  # (stderr: where a log handler of another test may copy it)
+    assert said.count(read_sha256_sidecar(out)) == 1, said
+    threshold = float(
+        {p.key: p.value for p in onnx.load(str(out)).metadata_props}["fedmedclip.ood.threshold"]
+    )
+    (line,) = [x for x in said.splitlines() if str(out) in x]
+    assert f"OOD threshold {threshold:.6g} at a false-alarm rate of 0.2" in line, line
+
+
 def _poison(run: Path, dst: Path, file_name: str, value: float) -> tuple[Path, str]:
     """A copy of `run` whose model/`file_name` has one `value` in its first floating tensor."""
     import shutil

@@ -84,7 +84,8 @@ def test_the_card_of_a_run_has_every_section_its_warnings_and_intervals(dp_run):
     assert card["data"]["counts_per_class"]["site_0"]["train"] == partition["counts"]["site_0"]["train"]
     assert not any(i in md for i in partition["global_test"][:5])
     assert card["calibration"]["global_ece"] == results["metrics"]["global"]["ece"]
-    assert card["calibration"]["plot"] == "reliability.png"
+    # The plot from the run directory (write_card links the copy beside the card).
+    assert card["calibration"]["plot"] == "plots/reliability.png"
     assert (
         float(card["privacy"]["dp.epsilon"]) <= TARGET and card["privacy"]["dp.secure_aggregation"] == "off"
     )
@@ -426,3 +427,39 @@ def test_a_run_whose_logged_figures_are_not_numbers_is_not_registered(mlops_stac
     client.log_artifact(run_id, str(replaced))
     version = register_model(run_id, name, tracking_uri=uri)
     assert version.tags["dp.epsilon"] == "5.5" and version.tags["model_card"]
+
+
+def test_the_cards_plot_link_names_the_plot_where_the_card_is(tmp_path, capsys):
+    """`fedmedclip card RUN_DIR` linked `reliability.png`, which a run directory holds in plots/; a registered
+    card is written beside its own copy of the plot. The link names the file from where the card is (the run
+    directory; the card's folder), and there is none without a plot."""
+    import re
+
+    from fedmedclip.model_card import write_card
+
+    def link(md: str) -> str | None:
+        found = re.search(r"!\[reliability diagram[^\]]*\]\(([^)]*)\)", md)
+        return found and found.group(1)
+
+    run = make_run_dir(tmp_path / "run")  # with plots/reliability.png
+    assert run_cli("card", run) == 0
+    printed = link(capsys.readouterr().out)
+    assert printed and (run / printed).is_file(), printed
+    card = write_card(run, tmp_path / "card")
+    written = link((tmp_path / "card" / "model_card.md").read_text())
+    assert written and (tmp_path / "card" / written).is_file(), written
+    stored = json.loads((tmp_path / "card" / "model_card.json").read_text())
+    assert stored["calibration"]["plot"] == card["calibration"]["plot"] == written
+    (run / "plots" / "reliability.png").unlink()
+    assert run_cli("card", run) == 0
+    assert link(capsys.readouterr().out) is None
+    write_card(run, tmp_path / "card-without")
+    assert link((tmp_path / "card-without" / "model_card.md").read_text()) is None
+
+
+def test_the_card_commands_argument_says_every_form_it_takes():
+    """`card`'s argument read NAME@ALIAS in the usage; it takes NAME/VERSION and a run directory too."""
+    parser = argparse.ArgumentParser(prog="fedmedclip")
+    sub = parser.add_subparsers(dest="command")
+    ccli.register(sub)
+    assert "NAME@ALIAS|NAME/VERSION|RUN_DIR" in sub.choices["card"].format_usage()

@@ -156,3 +156,17 @@ def test_a_privacy_budget_is_an_epsilon_and_a_delta():
     with pytest.raises(ConfigError, match="--max-delta is half of a privacy budget: give --max-epsilon"):
         PromotionPolicy(max_delta=1e-5)
     assert PromotionPolicy(max_epsilon=4.0, max_delta=1e-5).max_delta == 1e-5
+
+
+def test_promote_refuses_an_empty_alias_in_one_line(tmp_path, monkeypatch, capsys):
+    """`promote --alias ''` reached MLflow (whose error said "alias name cannot be empty"): refused before any
+    server is asked, in one line. The pipeline's '' (register only) is the register task's, not promote's."""
+    from conftest import error_lines
+
+    from fedmedclip.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FEDMEDCLIP_STACK_DIR", str(tmp_path / "no-stack"))  # no server to find
+    assert main(["promote", "fmc", "--version", "1", "--alias", ""]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == ["error: --alias must not be empty: promote moves an alias"], err

@@ -619,3 +619,17 @@ def test_an_undecodable_image_is_named_when_it_is_published(tmp_path, caplog):
     assert (
         summary["images"] == 22 and (published / "Training" / "b" / "3.png").is_file()
     )  # 28 less the reference
+
+
+def test_withdraw_names_its_data_root_in_the_usage():
+    """`data withdraw --from FROM_`: the usage showed the parser's internal name."""
+    import argparse
+
+    from mlops import cli as mlops_cli
+
+    parser = argparse.ArgumentParser(prog="fedmedclip")
+    sub = parser.add_subparsers(dest="command")
+    mlops_cli.register(sub)
+    withdraw = sub.choices["data"]._subparsers._group_actions[0].choices["withdraw"]
+    usage = withdraw.format_usage()
+    assert "--from s3://BUCKET[/PREFIX]" in usage and "FROM_" not in usage, usage

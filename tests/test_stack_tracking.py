@@ -1076,3 +1076,18 @@ def test_empty_site_names_are_refused_before_the_stack_starts(names, tmp_path, c
         "charite,ucsf"
     ], err
     assert read_state(data_dir) is None
+
+
+def test_the_help_of_stack_env_and_track_says_their_defaults():
+    """`stack env --role` said "(default: admin, as before)"; `track --experiment` showed no default (train's
+    --experiment says it)."""
+
+    def help_of(*path: str) -> str:
+        choices = _parser()._subparsers._group_actions[0].choices
+        for name in path[:-1]:
+            choices = choices[name]._subparsers._group_actions[0].choices
+        return " ".join(choices[path[-1]].format_help().split())
+
+    env = help_of("stack", "env")
+    assert "mlflow or admin (default: admin)" in env and "as before" not in env
+    assert "MLflow experiment (created if missing; default: fedmedclip)" in help_of("track")
