@@ -259,6 +259,17 @@ def run_grid(
             except (ConfigError, CheckpointError) as exc:  # a started cell that cannot resume, a full folder
                 raise type(exc)(f"compare cell {_where(cell)}: {exc}") from None
         planned.append((cell, cfg, not_applied, results))
+    if not report_only:  # a bare `compare` is every method x 4 partitions x 3 seeds: say what is coming
+        todo = sum(results is None for *_, results in planned)
+        n = [len({getattr(c, attr) for c in cells}) for attr in ("label", "partition", "seed")]
+        log.info(
+            "compare: %d cells (%d methods x %d partitions x %d seeds), %d to run, %d rounds each; --methods, "
+            "--partitions and --seeds narrow it",
+            len(cells),
+            *n,
+            todo,
+            base.rounds,
+        )
     for label, flags in dict.fromkeys((c.label, tuple(n)) for c, _, n, _ in planned if n):
         log.warning("%s runs without %s: it sends no update to the server", label, ", ".join(flags))
     records = []

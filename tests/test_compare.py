@@ -96,12 +96,15 @@ def test_grid_writes_outputs_and_resumes_without_rerunning(tmp_path, monkeypatch
     assert calls == [str(cell)]
 
 
-def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch, synthetic_cache):
+def test_a_finished_cell_with_other_settings_is_an_error(tmp_path, monkeypatch, synthetic_cache, caplog):
     from fedmedclip.config import TrainConfig
 
     base = TrainConfig(rounds=1, synthetic=SYNTH, cache_dir=str(synthetic_cache))
     cells = compare.build_cells([("zeroshot", "federated")], [("iid", "iid", None)], [0])
-    compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)
+    with caplog.at_level("INFO", logger="fedmedclip"):
+        compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)
+    # what is coming is said before it starts (a bare `compare` started 144 cells without a word)
+    assert "compare: 1 cells (1 methods x 1 partitions x 1 seeds), 1 to run, 1 rounds each;" in caplog.text
     base.rounds = 2
     with pytest.raises(ConfigError, match="another configuration"):
         compare.run_grid(base, cells, tmp_path / "g", {}, progress=False)
