@@ -12,7 +12,13 @@ from conftest import SYNTH
 from test_composition_audit import SITES, aggregate_round, moved, send, start_server, train_sizes
 
 from fedmedclip.config import TrainConfig
-from fedmedclip.federation.records import evaluate_global, is_better, round_of, round_record
+from fedmedclip.federation.records import (
+    evaluate_global,
+    is_better,
+    round_of,
+    round_record,
+    validation_sites_of,
+)
 from fedmedclip.preparation import prepare
 
 RUN = "audit"
@@ -93,13 +99,31 @@ def history(*rounds: dict[str, float | None]) -> list[dict]:
     return out
 
 
-def selected(records: list[dict]) -> int | None:
-    """The round the runtimes select, round by round as they do."""
+def selected(records: list[dict], median: bool = False) -> int | None:
+    """The round the server selects, round by round as it does (`median`: under a robust aggregator)."""
     best = None
-    for rec in records:
-        if is_better(rec, round_of(records, best)):
+    for k, rec in enumerate(records):
+        if is_better(rec, round_of(records, best), median, validation_sites_of(records[: k + 1])):
             best = rec["round"]
     return best
+
+
+def test_under_a_robust_aggregator_one_site_picks_no_round_by_what_it_reports_or_withholds():
+    """site_2 lies. Ranked by how many reported, then the median of those who did: reporting nothing in round
+    1 and 0.0 in round 2 (honest 0.6 then 0.5) picked round 2; with honest site_1 absent from round 2 (honest
+    0.3), site_2's 1.0 made the median of two 0.65 and picked it. Every site that has reported validation
+    counts in every round, a missing report as 0: round 1 both times."""
+    honest = {"site_0": 0.6, "site_1": 0.6}
+    assert selected(history({**honest, "site_2": None}, {"site_0": 0.5, "site_1": 0.5, "site_2": 0.0})) == 2
+    assert (
+        selected(history({**honest, "site_2": None}, {"site_0": 0.5, "site_1": 0.5, "site_2": 0.0}), True)
+        == 1
+    )
+    absent = history({**honest, "site_2": 0.0}, {"site_0": 0.3, "site_2": 1.0})
+    assert selected(absent, True) == 1
+    # ... and a round missing a weak site does not win by its absence (the median of those who reported: 0.6)
+    weak = history({"site_0": 0.7, "site_1": 0.3, "site_2": 0.5}, {"site_0": 0.7, "site_2": 0.5})
+    assert selected(weak, True) == 1
 
 
 def test_rounds_are_compared_only_with_rounds_of_as_many_sites():

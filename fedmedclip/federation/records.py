@@ -217,24 +217,34 @@ def selects_by_median(aggregator: str) -> bool:
     return aggregator != "mean"
 
 
-def selection_key(record: dict, median: bool = False) -> tuple[int, float] | None:
+def selection_key(record: dict, median: bool = False, validators=()) -> tuple[int, float] | None:
     """How a round ranks for selection: first by how many sites reported validation metrics in it, then by
-    their mean validation accuracy; `median`: by their median alone. None for a round without validation
-    metrics (never selected by them).
+    their mean validation accuracy; `median`: by the median over `validators` alone. None for a round without
+    validation metrics (never selected by them).
 
     A mean over fewer sites is not comparable with one over every site: a round in which a weak site was
     absent would win by that alone. So a round in which every site with a validation split reported beats
     every round with fewer (and those are compared only among themselves when no round had every site).
-    The selected round is then one whose metrics and model parts exist at every site. Not under a robust
-    aggregator: there the count was one site's to set (reporting its validation in the round it wanted and in
-    no other picked that round), while the median of the reports, however many, stays between honest sites'
-    figures."""
+    The selected round is then one whose metrics and model parts exist at every site.
+
+    Not under a robust aggregator, where the count was one site's to set (reporting its validation in the
+    round it wanted and in no other picked that round). There every site that has reported validation in the
+    run so far (`validators`: `validation_sites_of` the history, and this round's) counts in every round, a
+    missing report as 0: with three or more, neither one site's figure nor its absence moves the median out of
+    the honest sites' range, and a round missing a weak site still cannot win by its absence."""
     v = record.get("val_acc_mean")
     if v is None:
         return None
     if median:
-        return 0, float(np.median([row["val_acc"] for row in record["sites"] if row["val_acc"] is not None]))
+        given = {row["site"]: row["val_acc"] for row in record["sites"]}
+        counted = sorted(set(validators) | {s for s, acc in given.items() if acc is not None})
+        return 0, float(np.median([given.get(s) or 0.0 for s in counted]))
     return len(record.get("validation_sites") or ()), v
+
+
+def validation_sites_of(history: list[dict]) -> set[str]:
+    """Every site that reported validation metrics in some round of `history`."""
+    return {site for rec in history for site in rec.get("validation_sites") or ()}
 
 
 def round_of(history: list[dict], r: int | None) -> dict | None:
@@ -242,11 +252,11 @@ def round_of(history: list[dict], r: int | None) -> dict | None:
     return None if r is None else next(rec for rec in history if rec["round"] == r)
 
 
-def is_better(record: dict, best: dict | None, median: bool = False) -> bool:
+def is_better(record: dict, best: dict | None, median: bool = False, validators=()) -> bool:
     """Whether `record` replaces `best` (the record of the round selected so far, or None) as the selected
-    round: the first maximum of `selection_key`."""
-    key = selection_key(record, median)
-    return key is not None and (best is None or key > selection_key(best, median))
+    round: the first maximum of `selection_key`, both keys taken over the same `validators`."""
+    key = selection_key(record, median, validators)
+    return key is not None and (best is None or key > selection_key(best, median, validators))
 
 
 def selection_of(history: list[dict], best_round: int | None, median: bool = False) -> tuple[int, str]:

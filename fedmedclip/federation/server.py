@@ -71,6 +71,7 @@ from .records import (
     round_record,
     selection_key,
     selects_by_median,
+    validation_sites_of,
     write_model_dir,
     write_results,
 )
@@ -1024,9 +1025,9 @@ class FederationServer:
         if info.get("secure_aggregation"):
             record["secure_aggregation"] = info["secure_aggregation"]
         self.history.append(record)
-        median = selects_by_median(self.cfg.aggregator)
-        if is_better(record, round_of(self.history, self.best_round), median):
-            self.best_round, self.best_val = r, selection_key(record, median)[1]
+        median, validators = selects_by_median(self.cfg.aggregator), validation_sites_of(self.history)
+        if is_better(record, round_of(self.history, self.best_round), median, validators):
+            self.best_round, self.best_val = r, selection_key(record, median, validators)[1]
             self.best_received = {k: v.clone() for k, v in self.received.items()}
         self.observer.round(record)
         self._round_line(record)
