@@ -924,7 +924,7 @@ def earlier_registry_note(data_dir: str | Path) -> str | None:
     if not db.is_file():
         return None
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             (versions,) = conn.execute("SELECT count(*) FROM model_versions").fetchone()
     except sqlite3.Error:  # not MLflow's schema (yet): nothing registered to warn of
         return None

@@ -546,6 +546,17 @@ def _global_flags_everywhere(parser: argparse.ArgumentParser) -> None:
             _global_flags_everywhere(child)
 
 
+# What an interrupted command keeps, and how it goes on: only `train` has --resume; compare skips its finished
+# cells when run again; a server or site process resumes from its state when started again with its arguments.
+INTERRUPTED = {
+    "train": "; a finished round is checkpointed: rerun with --resume",
+    "compare": "; finished cells are kept and a finished round is checkpointed: rerun the same compare command "
+    "to resume",
+    "server": "; a finished round is checkpointed: start it again with the same arguments to resume",
+    "site": "; its state is checkpointed: start it again with the same arguments to resume",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow 3 sends usage events to mlflow.org unless told not to: off for every command and the processes it
     # starts (the pipeline's local tasks, the parties), as in the images; MLFLOW_DISABLE_TELEMETRY=false opts in.
@@ -567,15 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args)
     except KeyboardInterrupt:
-        # compare has no --resume: the same command skips its finished cells and resumes a started one.
-        if args.command == "compare":
-            print(
-                "interrupted; finished cells are kept and a finished round is checkpointed: rerun the same "
-                "compare command to resume",
-                file=sys.stderr,
-            )
-        else:
-            print("interrupted; a finished round is checkpointed: rerun with --resume", file=sys.stderr)
+        print(f"interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

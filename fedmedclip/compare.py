@@ -397,9 +397,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_outputs(records: list[dict], out: Path, settings: dict) -> list[dict]:
-    from .federation.records import SELECTION_BEST_VAL  # the results' and the console's words for it
-
     rows = summarise(records)
+    # as the cells' results.json name it (the median under a robust --aggregator, the last round without validation)
+    selections = "; ".join(sorted({r["results"]["metrics"]["selection"] for r in records}))
     out.mkdir(parents=True, exist_ok=True)
     cells = [{k: v for k, v in r.items() if k != "results"} | _cell_numbers(r["results"]) for r in records]
     (out / "comparison.json").write_text(
@@ -409,7 +409,7 @@ def write_outputs(records: list[dict], out: Path, settings: dict) -> list[dict]:
         f"# Comparison\n\nbackbone `{settings['backbone']}`, data `{settings['data']}`, {settings['rounds']} rounds, "
         f"seeds {settings['seeds']} ({len(records)} finished cells); mean ± sample std over seeds, in %. Global: the global test set with each "
         "method's global rule; sites: mean over sites of their local test metrics (selected round: "
-        f"{SELECTION_BEST_VAL}). Bytes: measured payload length uploaded per site per round.\n\n"
+        f"{selections}). Bytes: measured payload length uploaded per site per round.\n\n"
     )
     (out / "comparison.md").write_text(body + markdown_table(rows) + not_applied_note(records))
     plot(rows, out / "comparison.png")

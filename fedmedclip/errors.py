@@ -46,9 +46,9 @@ def class_names_problem(names) -> str | None:
     seen = set()
     for name in names:
         if not name.strip():
-            return f"class name {name!r} is empty"
+            return f"class name {shown(name)} is empty"
         if not name.isprintable():
-            return f"class name {name!r} holds control characters (ESC, CR, newline, ...)"
+            return f"class name {shown(name)} holds control characters (ESC, CR, newline, ...)"
         if name in seen:
             return f"class name {shown(name)} is listed twice"
         seen.add(name)

@@ -8,7 +8,6 @@ publish it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -307,9 +306,7 @@ def _push_registry(directory: Path, to: str, manifest: dict, tracking_uri: str |
 
 
 def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> Path:
-    from mlflow.exceptions import MlflowException
-
-    from .tracking import ArtifactSizeError, ListedArtifacts, registered_version
+    from .tracking import ListedArtifacts, artifact_problems, registered_version
 
     _, mv = registered_version(
         spec,
@@ -334,14 +331,11 @@ def _resolve_registry(spec: str, cache_root: Path, tracking_uri: str | None) -> 
             f"{spec}/{rel} {why}: it was changed after publishing, and is refused. " + _how_to_publish(spec)
         )
 
-    @contextlib.contextmanager
     def download_problems():
-        try:
-            yield
-        except ArtifactSizeError as exc:
-            raise refused(exc.rel, exc.why) from None
-        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors
-            raise BackboneUnavailable(f"cannot download {spec}: {getattr(exc, 'message', exc)}") from None
+        return artifact_problems(
+            lambda exc: refused(exc.rel, exc.why),
+            lambda why: BackboneUnavailable(f"cannot download {spec}: {why}"),
+        )
 
     # The artifact store's own listing bounds each file before it is downloaded (the manifest to
     # MANIFEST_MAX_BYTES, the others to the sizes the manifest records), each downloaded alone and measured.

@@ -410,7 +410,7 @@ def check_privacy_budget(
     if delta is None or delta < 0.0:  # no tag, or one no accountant writes (the registry's tags are editable)
         raise PrivacyRefused(f"{refused} {shown(tags.get('dp.delta'))} is unknown or not a probability")
     raise PrivacyRefused(
-        f"{refused} {tags['dp.delta']} is above it (epsilon {tags.get('dp.epsilon')} holds at that delta, a "
+        f"{refused} {delta:g} is above it (epsilon {shown(tags.get('dp.epsilon'))} holds at that delta, a "
         "weaker guarantee than the budget's)"
     )
 

@@ -6,6 +6,7 @@ light. Artifacts go through the tracking server (`--serve-artifacts`), so client
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -130,6 +131,21 @@ class ArtifactSizeError(TrackingError):
     def __init__(self, rel: str, why: str):
         super().__init__(f"{rel} {why}")
         self.rel, self.why = rel, why
+
+
+@contextlib.contextmanager
+def artifact_problems(refused, failed):
+    """`ListedArtifacts`' failures as each caller words them for its party: a file refused by its listed or
+    downloaded size as `refused(ArtifactSizeError)`, a listing or download that failed as `failed(why)`
+    (botocore/S3 and network errors are OSErrors or wrap them)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except ArtifactSizeError as exc:
+        raise refused(exc) from None
+    except (MlflowException, OSError) as exc:
+        raise failed(str(getattr(exc, "message", exc))) from None
 
 
 class ListedArtifacts:

@@ -128,13 +128,15 @@ def cmd_run(args) -> int:
         recorded = recorded_stack_dir()
         stack = recorded if read_state(recorded) is not None else ""
     if s3:  # whose keys the tasks use: the environment's (`stack env` exports the admin's) reach every prefix
-        print(
-            f"S3: each task takes its own role's key from the local stack in {stack}"
-            if stack
-            else "S3: every task uses this environment's key (AWS_ACCESS_KEY_ID); --local-stack DIR gives each "
-            "task its own role's key instead",
-            flush=True,
-        )
+        if stack:
+            keys = f"each task takes its own role's key from the local stack in {stack}"
+        elif os.environ.get("AWS_ACCESS_KEY_ID"):
+            keys = "every task uses this environment's key (AWS_ACCESS_KEY_ID); --local-stack DIR gives each task "
+            keys += "its own role's key instead"
+        else:
+            keys = "no key in the environment and no local stack: the tasks take boto3's default credentials "
+            keys += "(a profile, an instance role)"
+        print(f"S3: {keys}", flush=True)
     if cfg.data.startswith("s3://"):  # as the prepare task reads it: with the server's key
         from devstack.stack import read_state
         from mlops.site_data import check_published_partition

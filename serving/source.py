@@ -11,7 +11,6 @@ gives --cache-dir, kept, or else a temporary folder it removes when it stops (se
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -122,10 +121,8 @@ def _from_registry(
     if not cache_dir:  # a caller's mistake, not the model's
         raise ValueError(f"resolving {uri} needs cache_dir, the folder its caller owns to download it into")
     # Imported here: the core CLI and `predict` must not pay for mlflow.
-    from mlflow.exceptions import MlflowException
-
     from mlops.registry import ONNX_BYTES_TAG
-    from mlops.tracking import ArtifactSizeError, ListedArtifacts, registered_version
+    from mlops.tracking import ListedArtifacts, artifact_problems, registered_version
 
     # The one rule of every command (never MLflow's default, which would create ./mlflow.db here), and
     # downloads through the tracking server as every MLflow client of this project makes them.
@@ -153,16 +150,13 @@ def _from_registry(
     # Download the pinned version, not the alias again: the alias may move between the two calls.
     pinned = f"models:/{mv.name}/{mv.version}"
 
-    @contextlib.contextmanager
     def artifact_errors():
-        try:
-            yield
-        except ArtifactSizeError as exc:
-            raise ServingError(
+        return artifact_problems(
+            lambda exc: ServingError(
                 f"refusing to serve {uri} (version {mv.version}): {pinned}/{exc.rel} {exc.why}"
-            ) from None
-        except (MlflowException, OSError) as exc:  # botocore/S3 and network errors are OSErrors or wrap them
-            raise ServingError(f"cannot download {pinned}: {getattr(exc, 'message', exc)}") from None
+            ),
+            lambda why: ServingError(f"cannot download {pinned}: {why}"),
+        )
 
     # Whoever can write the version's run may have replaced its file by a huge one: the artifact store's own
     # listing bounds it before it is downloaded, by its onnx_bytes tag, else (registered before that tag) by

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from conftest import SYNTH, error_lines
 
+from fedmedclip import cli as cli_module
 from fedmedclip import compare, engine
 from fedmedclip.cli import main
 from fedmedclip.errors import ConfigError
@@ -346,6 +347,10 @@ def test_an_interrupted_grid_says_to_rerun_the_same_command(tmp_path, monkeypatc
     ]
     assert main(train) == 130
     assert "rerun with --resume" in capsys.readouterr().err
+    # a command with nothing to resume says only that it was interrupted (every one said "--resume")
+    monkeypatch.setattr(cli_module, "run_command", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["methods"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_the_table_names_the_selected_round_as_the_results_do(one_finished_cell):

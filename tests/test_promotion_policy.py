@@ -144,6 +144,12 @@ def test_a_privacy_budget_is_an_epsilon_and_a_delta():
     ):
         check_privacy_budget("m", "1", loose, 4.0, 1e-5)
     check_privacy_budget("m", "1", {**loose, "dp.delta": "1e-05", "dp.epsilon": "3.5"}, 4.0, 1e-5)
+    # an edited tag float() still reads (whitespace, CR) is written as the number it read, the epsilon escaped
+    with pytest.raises(PrivacyRefused) as refused:
+        check_privacy_budget(
+            "m", "1", {**loose, "dp.delta": "\r0.5\n", "dp.epsilon": "3.5" + " " * 10_000}, 4.0, 1e-5
+        )
+    assert "its delta 0.5 is above it" in str(refused.value) and len(str(refused.value)) < 400, refused.value
     # No delta, or a negative one (a tag edited in the registry): the message said "its delta (none) is unknown
     # 1e-05", and "-1 is above --max-delta".
     for tag, said in ((None, "None"), ("-1", "'-1'"), ("nan", "'nan'")):
