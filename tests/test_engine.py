@@ -201,8 +201,9 @@ def damage_slot(slot: Path, damage: str) -> None:
 
 @pytest.fixture(scope="module")
 def damage_bases(synthetic_cache, tmp_path_factory):
-    """One uninterrupted 3-round run (also the finished run to damage) and one run killed in round 3 (site_1
-    had not trained it yet); every case damages a copy."""
+    """One uninterrupted 3-round run (also the finished run to damage, and the run whose outputs
+    test_results_plots_and_ledger reads) and one run killed in round 3 (site_1 had not trained it yet); every
+    case damages a copy, and nothing writes into them."""
     base = tmp_path_factory.mktemp("damage-bases")
     straight = engine.train(
         config("fedmedclip", synthetic_cache, base / "finished", rounds=3), progress=False
@@ -364,10 +365,11 @@ def test_resume_with_another_configuration_is_refused_before_any_encoding(cache,
 # ----------------------------------------------------------------------------- outputs
 
 
-def test_results_plots_and_ledger(cache, tmp_path):
-    cfg = config("fedmedclip", cache, tmp_path / "run", rounds=3)
-    res = engine.train(cfg, progress=False)
-    out = tmp_path / "run"
+def test_results_plots_and_ledger(damage_bases):
+    """What an uninterrupted 3-round run returns and writes: the damage cases' base run, which they only copy
+    (the same configuration was trained here a second time)."""
+    res, base = damage_bases
+    out = base / "finished"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
 
     assert res["method"] == "fedmedclip" and res["rounds"] == 3 and res["sites"] == 3
