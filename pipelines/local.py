@@ -54,7 +54,10 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rou
                 best = "" if status.best_round is None else f", best round {status.best_round}"
                 round_bar.set_postfix_str(f"server {status.state}{best}", refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
-                if status.state in ("done", "failed"):  # closed now: its s/round is the rounds', not the tasks'
+                if status.state in (
+                    "done",
+                    "failed",
+                ):  # closed now: its s/round is the rounds', not the tasks'
                     round_bar.close()
                     rounds_of = None
             if finished:
