@@ -324,7 +324,7 @@ def _temporary_downloads(tmpdir) -> list:
 
 
 def test_a_registry_model_downloaded_without_a_cache_dir_is_removed_when_the_server_stops(
-    registry, tmp_path, monkeypatch
+    registry, tmp_path, monkeypatch, capsys
 ):
     """`serve models:/NAME@ALIAS` without --cache-dir downloads into a temporary folder that nothing removed:
     after a clean SIGTERM stop /tmp/fedmedclip-model-XXXX/<sha256>/model.onnx stayed, the whole model (341 MiB
@@ -337,7 +337,7 @@ def test_a_registry_model_downloaded_without_a_cache_dir_is_removed_when_the_ser
 
     import requests
     from mlflow import MlflowClient
-    from serving_fixtures import make_contract_onnx, refused_to_serve, running_server
+    from serving_fixtures import make_contract_onnx, running_server
 
     client = MlflowClient(registry, registry_uri=registry)
     name = f"serving-tmp-{uuid.uuid4().hex[:12]}"
@@ -367,22 +367,33 @@ def test_a_registry_model_downloaded_without_a_cache_dir_is_removed_when_the_ser
     assert _temporary_downloads(tmpdir) == [], server.log()[-3000:]
     assert re.search(rf"INFO removing the temporary download folder {re.escape(str(folder))}\b", server.log())
 
+    # The refusals, in this process (the same `serve` command; a process each cost 3 s of imports).
+    import tempfile
+
+    from conftest import free_port
+
+    from serving.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+
+    def refused(*argv: str) -> str:
+        assert main(["serve", *argv, "--device", "cpu", "--http-port", str(free_port())]) == 2
+        return capsys.readouterr().err
+
     # Refused after its download (verified, but no graph ONNX Runtime can load): exit 2, nothing left behind.
     bad = f"serving-tmp-bad-{uuid.uuid4().hex[:12]}"
     (tmp_path / "bad").mkdir()
     _, bad_mv = _hand_registered(client, tmp_path / "bad", bad, b"verified, not a graph" * 50)
-    err = refused_to_serve(f"models:/{bad}/{bad_mv.version}", "--device", "cpu")
+    err = refused(f"models:/{bad}/{bad_mv.version}")
     assert "ONNX Runtime cannot load" in err and "removing the temporary download folder" in err, err
     assert _temporary_downloads(tmpdir) == []
     # Refused before any download (no such alias): its empty folder goes too, without a word of it.
-    err = refused_to_serve(f"models:/{name}@nope", "--device", "cpu")
+    err = refused(f"models:/{name}@nope")
     assert "cannot resolve" in err and "removing the temporary" not in err, err
     assert _temporary_downloads(tmpdir) == []
-
-    # --cache-dir: the user's folder, kept with its file after the server stops; nothing temporary made.
+    # --cache-dir: the user's folder, kept with its verified file when the command ends; nothing temporary made.
     cache = tmp_path / "cache"
-    (tmp_path / "cached").mkdir()
-    with running_server([uri, "--cache-dir", str(cache)], tmp_path / "cached") as server:
-        assert server.stop() == 0, server.log()[-3000:]
-    assert (cache / sha / "model.onnx").read_bytes() == data
-    assert _temporary_downloads(tmpdir) == [] and "removing the temporary" not in server.log()
+    err = refused(f"models:/{bad}/{bad_mv.version}", "--cache-dir", str(cache))
+    assert "ONNX Runtime cannot load" in err and "removing the temporary" not in err, err
+    assert (cache / hashlib.sha256(b"verified, not a graph" * 50).hexdigest() / "model.onnx").is_file()
+    assert _temporary_downloads(tmpdir) == []
