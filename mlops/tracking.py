@@ -7,6 +7,7 @@ light. Artifacts go through the tracking server (`--serve-artifacts`), so client
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -45,6 +46,12 @@ def git_commit(*recorded: dict) -> str:
     for value in [*(r.get("git_commit") for r in recorded if isinstance(r, dict)), env]:
         if value:
             return str(value)
+    return _checkout_commit()
+
+
+@functools.cache
+def _checkout_commit() -> str:
+    """This checkout's commit, asked of git once per process (a registration asked it a dozen times)."""
     root = str(Path(__file__).resolve().parents[1])
     # The full hash, "-dirty" when tracked files changed (--exclude=*: never a tag's name).
     command = ["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]
