@@ -1122,3 +1122,22 @@ def test_what_a_site_wrote_is_recorded_and_logged_bounded_and_printable(prepared
     ]
     logged = [r.getMessage() for r in caplog.records]
     assert all(m.isprintable() and len(m) < 2 * MAX_REASON_CHARS for m in logged), logged
+
+
+def test_the_failed_status_every_site_reads_names_the_rejected_site_not_why(prepared, tmp_path):
+    """A round short of its quorum ends the run with the whole story for the operator (who was rejected and
+    why); the status every site reads said it too, and a norm rule's reason quotes the median of the others'
+    update norms. The status names whom the round lacked."""
+    cfg, p = prepared
+    server, _, mailbox, _, _ = _parties(cfg, p, tmp_path, quorum=3, workers=0)
+    mailbox.store.put(mailbox.update_key(1, "site_2"), b"not a payload of the median norm 0.1234")
+    for k, site in enumerate(("site_0", "site_1")):
+        mailbox.store.put(mailbox.update_key(1, site), _update(server, site, seed=k))
+    with pytest.raises(FederationError) as failed:
+        for _ in range(200):
+            server.poll()
+    assert "rejected: site_2: " in str(failed.value)  # the operator's error: the reason
+    status = mailbox.status("server")
+    assert status.state == "failed" and status.message.endswith("(quorum 3); rejected: site_2"), (
+        status.message
+    )

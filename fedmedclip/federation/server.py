@@ -776,15 +776,20 @@ class FederationServer:
             if need is None
             else f"{need} needed: quorum and secure aggregation's threshold"
         )
-        message = (
+        shortfall = (
             f"round {self.round}: only {have} of {len(self.sites)} sites answered with a usable "
             f"{what} within {elapsed:.0f} s ({need})"
-            + (f"; no {what} from {self._describe(waiting)}" if waiting else "")
+        ) + (f"; no {what} from {self._describe(waiting)}" if waiting else "")
+        message = (
+            shortfall
             + (f"; rejected: {'; '.join(why)}" if why else "")
             + f". Everything up to round {self.round - 1} is kept in {self.out} and the mailbox"
         )
         self._save()  # the records of every closed round stay, for a restart with a lower --quorum
-        self._status("failed", message)
+        # Every site reads the status: whom the round lacked, not why each other site was rejected (a norm
+        # rule's reason quotes the median of the others' update norms), which the operator's error and log say.
+        rejected = f"; rejected: {', '.join(self._rejected)}" if self._rejected else ""
+        self._status("failed", shortfall + rejected)
         self.observer.finish(None, message)
         raise FederationError(message)
 
