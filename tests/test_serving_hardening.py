@@ -191,9 +191,10 @@ def test_a_batch_size_that_cannot_fit_in_memory_is_refused_in_one_line(onnx_path
 
 def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
     """Per-request limits alone let ~250 clients, each announcing a 64 MB body and sending it slowly within
-    --body-timeout, fill a 16 GiB pod. A body announced near --max-inflight-bytes and not sent holds the
+    --body-timeout, fill a 16 GiB pod. A body sent near --max-inflight-bytes and not finished holds the
     budget: another request, REST or gRPC, is refused at once, its body unread (503 with Retry-After /
-    RESOURCE_EXHAUSTED, naming the option); once that client goes away, requests are served again."""
+    RESOURCE_EXHAUSTED, naming the option); once that client goes away, requests are served again. A body
+    only announced holds nothing: 16 heads announcing 64 MiB (2 kB sent) kept every other client out."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -208,15 +209,22 @@ def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
             metric_samples(http), "fedmedclip_request_errors_total", model=MODEL, reason="server_busy"
         )
 
-    refused_before = refused()
     image = np.full((1, S, S, 3), 90, np.uint8)
     with socket.create_connection((host, int(port)), timeout=30) as stalled:
         stalled.sendall(
             f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {MAX_INFLIGHT_BYTES - 1000}\r\n\r\n".encode()
         )
-        # In flight: its Content-Length is reserved in the same step, before the server waits for the body.
         wait_for(lambda: in_flight() == 1, "the stalled request to be in flight")
+        # Announced, not sent: it holds nothing of the budget.
+        assert post(http, _uint8_header(data=image.ravel().tolist())).status_code == 200
+        # Sent but for its last byte: held, so every other request is refused until it ends.
+        stalled.sendall(b" " * (MAX_INFLIGHT_BYTES - 1001))
+        wait_for(
+            lambda: post(http, _uint8_header(data=image.ravel().tolist())).status_code == 503,
+            "the stalled body's bytes to be held",
+        )
+        refused_before = refused()
         resp = post(http, _uint8_header(data=image.ravel().tolist()))
         assert resp.status_code == 503, resp.text
         assert resp.headers["retry-after"] == "1"
