@@ -28,8 +28,8 @@ UNLOAD_WAIT_S = 60.0
 class InFlightBytes:
     """The request bytes the server holds at once, REST bodies and gRPC messages of every client together,
     within --max-inflight-bytes. The per-request limits alone let enough clients, each sending a body within
-    --max-request-bytes slowly within --body-timeout, fill the server's memory. Each request reserves its size
-    (`reserved`) before its body is read and gives it back when it is answered, whatever happened to it. REST
+    --max-request-bytes slowly within --body-timeout, fill the server's memory. Each request holds its bytes
+    (`reserved`) as they arrive and gives them back when it is answered, whatever happened to it. REST
     and gRPC share one event loop; the lock keeps the count right from any thread all the same."""
 
     def __init__(self, limits: Limits):
