@@ -29,6 +29,7 @@ from .preprocess import (
     bomb_pixels,
     decoded_data_problem,
     jpeg_scan_problem,  # noqa: F401  (imported from here too)
+    jpeg_scans_problem,
     opened_image_problem,
     pixel_limit_problem,
     png_chunks_problem,
@@ -97,6 +98,8 @@ def load_image(path: str | Path, preprocessing: Preprocessing | None = None) -> 
         data = _image_bytes(path)
         if problem := png_chunks_problem(data):
             raise ImageDecodeError(path, f"PNG {problem}")
+        if problem := jpeg_scans_problem(data):
+            raise ImageDecodeError(path, f"JPEG {problem}")
         with _DECODE_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # Pillow's bomb check speaks first, in numbers of its own limit: above it a warning (ignored here:

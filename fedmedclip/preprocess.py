@@ -89,6 +89,41 @@ def png_chunks_problem(data: bytes) -> str | None:
     return None
 
 
+# The most scans a JPEG may hold. An encoder writes one (baseline) or about ten (a progressive script: libjpeg's
+# has 10, mozjpeg's up to about 20); each scan is decoded over the whole image again, so a 469 kB progressive
+# 6000x6000 JPEG repeating its refinement scans 1,000 times held a decoding thread for 30 s of CPU, twice.
+MAX_JPEG_SCANS = 100
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # after a scan: not stuffed, not a restart marker
+
+
+def jpeg_scans_problem(data: bytes) -> str | None:
+    """Why a JPEG holds too many scans to be decoded, else None (not a JPEG, or malformed: the decoder says
+    what): its segments walked by their lengths, each scan's entropy-coded data skipped to the next marker,
+    before any is decoded."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, scans = 2, 0
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker != 0xDA:
+            pos = end
+            continue
+        scans += 1
+        if scans > MAX_JPEG_SCANS:
+            return f"holds over {MAX_JPEG_SCANS} scans: no encoder writes that many (a progressive JPEG has about 10)"
+        after = _JPEG_MARKER.search(data, end)
+        if after is None:
+            break
+        pos = after.start()
+    return None
+
+
 def opened_image_problem(image: Image.Image) -> str | None:
     """Why an opened image (its header parsed, no pixel decoded yet) cannot be decoded faithfully to one 8-bit
     RGB image, else None: a mode to_rgb8 does not map (`RGB8_MODES`), or more than one image in its frames (a

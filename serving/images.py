@@ -26,6 +26,7 @@ from fedmedclip.preprocess import (
     Preprocessing,
     bomb_pixels,
     decoded_data_problem,
+    jpeg_scans_problem,
     opened_image_problem,
     png_chunks_problem,
 )
@@ -70,6 +71,8 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
         raise RequestRejected("empty_image", f"image {index} is empty (0 bytes)")
     if problem := png_chunks_problem(data):
         raise RequestRejected("too_many_chunks", f"image {index} (PNG) {problem}")
+    if problem := jpeg_scans_problem(data):
+        raise RequestRejected("too_many_scans", f"image {index} (JPEG) {problem}")
     try:
         image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except UnidentifiedImageError:

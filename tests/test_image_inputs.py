@@ -364,3 +364,44 @@ def test_a_skipped_image_with_a_hostile_name_is_logged_escaped(tmp_path, caplog,
     assert "skipping unreadable image" in caplog.text and "\x1b" not in caplog.text
     assert "\\x1b[31mPWNED.png" in caplog.text
     assert os.path.exists(bad)
+
+
+# ----------------------------------------------------------------------------- A7: scans
+def _with_scans_repeated(data: bytes, times: int) -> bytes:
+    """A progressive JPEG whose refinement scans (those after its first, each with the tables before it) are
+    written `times` over: each repeat is a few hundred bytes, and the decoder walks the whole image again."""
+    pos, parts = 2, []
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data[pos + 1] == 0xDA:  # the scan's data runs to the next marker neither stuffed nor a restart
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+        parts.append((data[pos + 1], data[pos:end]))
+        pos = end
+    first_scan = next(i for i, (m, _) in enumerate(parts) if m == 0xDA)
+    refinement = b"".join(seg for _, seg in parts[first_scan + 1 :])
+    return b"\xff\xd8" + b"".join(seg for _, seg in parts) + refinement * times + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded(tmp_path):
+    """A 469 kB progressive 6000x6000 JPEG whose refinement scans were repeated 1,000 times (each decoded over
+    the whole image) took 30 s of CPU to decode, and the server decoded it twice and answered 200: two such
+    requests held both decoding threads for three minutes. Over MAX_JPEG_SCANS it is refused unread, in
+    training and in the server alike; an ordinary progressive JPEG (about 10 scans) is not."""
+    from fedmedclip.preprocess import MAX_JPEG_SCANS
+
+    progressive = _encoded(_rgb((64, 64)), "JPEG", progressive=True, quality=90)
+    assert load_image(_save_bytes(tmp_path / "ok.jpg", progressive)).size == (64, 64)
+    bomb = _with_scans_repeated(progressive, MAX_JPEG_SCANS // 5)
+    assert len(bomb) < 100_000 and Image.open(io.BytesIO(bomb)).load() is not None  # Pillow decodes it
+    _refused(_save_bytes(tmp_path / "bomb.jpg", bomb), f"JPEG holds over {MAX_JPEG_SCANS} scans")
+    refusal = _served_refusal(bomb)
+    assert (
+        refusal.code == "too_many_scans"
+        and f"image 0 (JPEG) holds over {MAX_JPEG_SCANS} scans" in refusal.message
+    )
+
+
+def _save_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
