@@ -9,7 +9,9 @@ clients exercise both):
   httptools protocol's `pipeline` (requests whose head is in, waiting for the one being answered),
   `on_message_begin`, `on_headers_complete`, `on_body` and `on_message_complete` (and httptools' own
   `on_chunk_header`, which it calls on a protocol that has it), and its `connection_made`, `data_received`,
-  `on_response_complete` and `connection_lost`; uvicorn has no setting for either. Its `send_400_response`
+  `on_response_complete` and `connection_lost`; uvicorn has no setting for either. The same protocol refuses
+  more than MAX_PIPELINED requests waiting on one connection (429) and lets go of a connection whose client
+  reads no answer for the deadline (its `pause_writing`, `resume_writing`). Its `send_400_response`
   (what uvicorn answers a request that is not valid HTTP/1.1) is replaced: it answered text/plain, not the
   protocol's error object; so is `_unsupported_upgrade_warning` (its warnings, one to install a WebSocket
   library, for each request with an Upgrade header it does not make): the bytes after such a request's head
@@ -33,6 +35,11 @@ PINNED_VERSION = "0.55.0"
 # few hundred bytes; proxies in front of servers allow 8 to 64 KiB. Counted at the end of each network read
 # (at most 256 KiB), so a head that arrives whole in one read is parsed whatever its size below that.
 MAX_HEAD_BYTES = 64 * 1024
+
+# The most requests one connection may have waiting behind the one being answered (HTTP/1.1 pipelining, which v2
+# clients do not use): httptools parses a whole network read at once, and a 256 KiB read of 6,393 small GETs
+# whose answers were never read held 6.4 MiB per connection, outside every limit.
+MAX_PIPELINED = 16
 
 log = logging.getLogger("fedmedclip.serving")
 
@@ -63,6 +70,7 @@ def head_deadline_protocol(seconds: float) -> type:
         # A request asked for an Upgrade this server does not make: llhttp ended it at its head, and what
         # follows on the connection is its unread body, not a request.
         _after_upgrade = False
+        _pipelined_over, _write_timer = False, None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -114,6 +122,35 @@ def head_deadline_protocol(seconds: float) -> type:
         def on_headers_complete(self) -> None:
             self._in_head = False
             super().on_headers_complete()
+            if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
+                # Raised in the parser's callback: httptools stops there and uvicorn calls send_400_response.
+                self._pipelined_over = True
+                raise RuntimeError("too many pipelined requests")
+
+        def pause_writing(self) -> None:
+            # The client reads none of its answers: its connection (and what waits on it) is let go after
+            # `seconds`, as a head that does not come is; uvicorn waits for the client to read for good.
+            super().pause_writing()
+            self._stop_write_wait()
+            self._write_timer = self.loop.call_later(seconds, self._write_late)
+
+        def resume_writing(self) -> None:
+            self._stop_write_wait()
+            super().resume_writing()
+
+        def _stop_write_wait(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_late(self) -> None:
+            self._write_timer = None
+            metrics.ERRORS.labels(metrics.NO_MODEL, "client_not_reading").inc()
+            log.info(
+                "closed a connection: its client read no answer for %g s (server option --body-timeout)",
+                seconds,
+            )
+            self.transport.abort()
 
         def on_message_complete(self) -> None:
             self._in_message = self._in_chunk_header = False
@@ -128,6 +165,7 @@ def head_deadline_protocol(seconds: float) -> type:
 
         def connection_lost(self, exc) -> None:
             self._stop_waiting()
+            self._stop_write_wait()
             super().connection_lost(exc)
 
         def _await_head(self) -> None:
@@ -154,6 +192,13 @@ def head_deadline_protocol(seconds: float) -> type:
             # uvicorn's own answer to bytes its parser refuses (a request line or header that is not HTTP/1.1,
             # a bad or doubled Content-Length, Content-Length with Transfer-Encoding, ...) was text/plain;
             # uvicorn has logged `msg` already.
+            if self._pipelined_over:
+                message = (
+                    f"more than {MAX_PIPELINED} requests sent ahead of their answers on one connection: wait for "
+                    "each answer, or open more connections"
+                )
+                self._refuse(429, b"Too Many Requests", "too_many_pipelined", message)
+                return
             message = (
                 "the request is not valid HTTP/1.1: its request line, a header or its framing "
                 "(Content-Length, Transfer-Encoding) could not be parsed"
