@@ -29,10 +29,9 @@ from .preprocess import (
     bomb_pixels,
     decoded_data_problem,
     jpeg_scan_problem,  # noqa: F401  (imported from here too)
-    jpeg_scans_problem,
     opened_image_problem,
+    parts_problem,
     pixel_limit_problem,
-    png_chunks_problem,
     to_rgb8,
 )
 
@@ -96,10 +95,8 @@ def load_image(path: str | Path, preprocessing: Preprocessing | None = None) -> 
     path = str(path)
     try:
         data = _image_bytes(path)
-        if problem := png_chunks_problem(data):
-            raise ImageDecodeError(path, f"PNG {problem}")
-        if problem := jpeg_scans_problem(data):
-            raise ImageDecodeError(path, f"JPEG {problem}")
+        if parts := parts_problem(data):
+            raise ImageDecodeError(path, " ".join(parts))
         with _DECODE_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # Pillow's bomb check speaks first, in numbers of its own limit: above it a warning (ignored here:

@@ -73,7 +73,7 @@ MAX_PNG_ANCILLARY_CHUNKS = 1_024  # every chunk but the image data (IDAT)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def png_chunks_problem(data: bytes) -> str | None:
+def _png_chunks_problem(data: bytes) -> str | None:
     """Why a PNG holds too many chunks to be read, else None (not a PNG: None): counted from their lengths, at
     most as many as the limits allow, before Pillow walks them."""
     if not data.startswith(PNG_MAGIC):
@@ -96,7 +96,7 @@ MAX_JPEG_SCANS = 100
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # after a scan: not stuffed, not a restart marker
 
 
-def jpeg_scans_problem(data: bytes) -> str | None:
+def _jpeg_scans_problem(data: bytes) -> str | None:
     """Why a JPEG holds too many scans to be decoded, else None (not a JPEG, or malformed: the decoder says
     what): its segments walked by their lengths, each scan's entropy-coded data skipped to the next marker,
     before any is decoded."""
@@ -121,6 +121,15 @@ def jpeg_scans_problem(data: bytes) -> str | None:
         if after is None:
             break
         pos = after.start()
+    return None
+
+
+def parts_problem(data: bytes) -> tuple[str, str] | None:
+    """(format, why) when an encoded file holds more parts than its decoder should walk (a PNG's chunks, a JPEG's
+    scans), else None: counted from the bytes, before Pillow parses or decodes any of it."""
+    for fmt, problem in (("PNG", _png_chunks_problem), ("JPEG", _jpeg_scans_problem)):
+        if why := problem(data):
+            return fmt, why
     return None
 
 

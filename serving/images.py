@@ -26,9 +26,8 @@ from fedmedclip.preprocess import (
     Preprocessing,
     bomb_pixels,
     decoded_data_problem,
-    jpeg_scans_problem,
     opened_image_problem,
-    png_chunks_problem,
+    parts_problem,
 )
 
 from . import metrics
@@ -69,10 +68,10 @@ def _open(data: bytes, index: int, limits: Limits) -> Image.Image:
     unidentified.)"""
     if not data:
         raise RequestRejected("empty_image", f"image {index} is empty (0 bytes)")
-    if problem := png_chunks_problem(data):
-        raise RequestRejected("too_many_chunks", f"image {index} (PNG) {problem}")
-    if problem := jpeg_scans_problem(data):
-        raise RequestRejected("too_many_scans", f"image {index} (JPEG) {problem}")
+    if parts := parts_problem(data):
+        fmt, problem = parts
+        code = "too_many_chunks" if fmt == "PNG" else "too_many_scans"
+        raise RequestRejected(code, f"image {index} ({fmt}) {problem}")
     try:
         image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except UnidentifiedImageError:
