@@ -54,10 +54,8 @@ def _watch_tasks(root: Path, total: int, done: threading.Event, rounds: int, rou
                 best = "" if status.best_round is None else f", best round {status.best_round}"
                 round_bar.set_postfix_str(f"server {status.state}{best}", refresh=False)
                 round_bar.update(max(0, rounds_closed(status, rounds) - round_bar.n))
-                if status.state in (
-                    "done",
-                    "failed",
-                ):  # closed now: its s/round is the rounds', not the tasks'
+                # Closed when the server ends: its s/round is then the rounds', not the whole pipeline's.
+                if status.state in ("done", "failed"):
                     round_bar.close()
                     rounds_of = None
             if finished:
