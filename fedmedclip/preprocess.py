@@ -133,17 +133,20 @@ def parts_problem(data: bytes) -> tuple[str, str] | None:
     return None
 
 
+def _mode_problem(mode: str) -> str | None:
+    if mode in RGB8_MODES:
+        return None
+    what = " (32-bit floating point, of no fixed range)" if mode == "F" else ""
+    return f"image mode {shown(mode)}{what} has no faithful 8-bit RGB conversion: save it as 8- or 16-bit integer grey or RGB"
+
+
 def opened_image_problem(image: Image.Image) -> str | None:
     """Why an opened image (its header parsed, no pixel decoded yet) cannot be decoded faithfully to one 8-bit
     RGB image, else None: a mode to_rgb8 does not map (`RGB8_MODES`), or more than one image in its frames (a
     multi-page TIFF, an animated GIF, APNG or WebP: `_holds_other_images`), of which Pillow would silently
     give the first."""
-    if image.mode not in RGB8_MODES:
-        what = " (32-bit floating point, of no fixed range)" if image.mode == "F" else ""
-        return (
-            f"image mode {shown(image.mode)}{what} has no faithful 8-bit RGB conversion: save it as 8- or 16-bit "
-            "integer grey or RGB"
-        )
+    if problem := _mode_problem(image.mode):
+        return problem
     # is_animated: Pillow's n_frames > 1, read without walking every frame
     if getattr(image, "is_animated", False) and _holds_other_images(image):
         return (
@@ -214,10 +217,11 @@ def decoded_data_problem(data: bytes, image: Image.Image) -> str | None:
 def to_rgb8(image: Image.Image) -> Image.Image:
     """An image as 8-bit RGB with its full bit depth kept in range: 16-bit grey (`I;16`, and `I` as some
     Pillow versions open 16-bit PNGs) by its high byte, value >> 8, exactly as Pillow reads a 16-bit-per-channel
-    RGB PNG; every other mode of `RGB8_MODES` as Pillow converts it; anything `opened_image_problem` refuses a
-    ValueError. Training (`fedmedclip.data.load_image`) and serving (`Preprocessing.to_uint8`) both go through
-    this one function."""
-    if problem := opened_image_problem(image):
+    RGB PNG; every other mode of `RGB8_MODES` as Pillow converts it; another mode a ValueError. Training
+    (`fedmedclip.data.load_image`) and serving (`Preprocessing.to_uint8`) both go through this one function, and
+    both refused a file of several images when they opened it (`opened_image_problem`: walking a TIFF's pages
+    again here made Pillow decode its first page twice)."""
+    if problem := _mode_problem(image.mode):
         raise ValueError(problem)
     if image.mode == "RGB":
         return image  # convert would copy it: load_image's RGB is converted again in to_uint8
