@@ -45,16 +45,8 @@ NOISE_TAIL = 8.0
 
 
 def largest_value(codec) -> float:
-    """The largest magnitude `codec` carries finitely: its quantiser's `largest` where it declares one, fp16's
-    65504 for half precision, else float32's (every other quantiser stores float32 values, steps or scales)."""
-    import numpy as np
-
-    from .codec.quantisers import FP16_MAX, Float16
-
-    declared_largest = getattr(codec.quantiser, "largest", None)
-    if declared_largest is not None:
-        return float(declared_largest)
-    return FP16_MAX if isinstance(codec.quantiser, Float16) else float(np.finfo(np.float32).max)
+    """The largest magnitude `codec` carries finitely: its quantiser's `largest` (fp16's 65504, else float32's)."""
+    return float(codec.quantiser.largest)
 
 
 def _method_options(method: str) -> dict:

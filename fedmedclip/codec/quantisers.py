@@ -23,6 +23,7 @@ class Float16(Quantiser):
 
     name = "fp16"
     tag = "float16"
+    largest = FP16_MAX
 
     def encode_tensor(self, name, t, coarseness=1.0):
         if t.numel():

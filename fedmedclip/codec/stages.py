@@ -85,6 +85,8 @@ class Quantiser(Stage):
     tag: ClassVar[str] = ""
     # True when `coarseness` > 1 makes the stored tensor cheaper to code (a codec's size budget needs it).
     scalable: ClassVar[bool] = False
+    # The largest magnitude it stores finitely: float32's (steps and scales are float32) unless it says less.
+    largest: ClassVar[float] = float(torch.finfo(torch.float32).max)
 
     def encode_tensor(self, name: str, t: torch.Tensor, coarseness: float = 1.0) -> tuple[dict, bytes]:
         """A finite float32 tensor -> (extra header fields of its entry, stored bytes). `coarseness`
