@@ -496,8 +496,6 @@ def cmd_compare(args) -> int:
 
     if not 1 <= args.seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds must be from 1 to {MAX_SEEDS}, got {shown(args.seeds)}")
-    if args.out == "":  # Path("") is the working folder
-        raise ConfigError("--out must not be empty")
     methods = parse_methods(args.methods)
     partitions = parse_partitions(args.partitions)
     base = config_from_args(args, method_options={})

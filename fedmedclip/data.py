@@ -28,7 +28,6 @@ from .preprocess import (
     Preprocessing,
     bomb_pixels,
     decoded_data_problem,
-    jpeg_scan_problem,  # noqa: F401  (imported from here too)
     opened_image_problem,
     parts_problem,
     pixel_limit_problem,

@@ -11,7 +11,6 @@ server reads; a restarted server continues from its last completed step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from pydantic import Field, create_model
 
 from ..aggregation import aggregation_weights
 from ..codec import CodecError, decode, encode
-from ..digests import file_digest
+from ..digests import file_digest, sha256_bytes
 from ..errors import CheckpointError, FedMedClipError, reason_line, shown
 from ..flags import SERVER as SERVER_RUN
 from ..flags import declared, setting
@@ -829,7 +828,7 @@ class FederationServer:
         downloaded = len(self.payload)  # this round's sites trained from the previous global module
         previous = self.received
         self._publish(r, self.global_state, present, payload)
-        self.broadcast[r] = {"sha256": hashlib.sha256(self.payload).hexdigest(), "bytes": len(self.payload)}
+        self.broadcast[r] = {"sha256": sha256_bytes(self.payload), "bytes": len(self.payload)}
         probs = self.method.global_probs(self.global_module, self.setup.global_x)
         self.reports[r] = {"global": evaluate_global(probs, self.setup.global_y), "sites": {}}
         self.info = {
@@ -1083,9 +1082,7 @@ class FederationServer:
                 payload = self.mb.store.get(self.mb.global_key(r), max_bytes=limit)
             except ObjectTooLarge:
                 payload = None
-            if payload is not None and (
-                sent is None or hashlib.sha256(payload).hexdigest() == sent["sha256"]
-            ):
+            if payload is not None and (sent is None or sha256_bytes(payload) == sent["sha256"]):
                 atomic_write_bytes(path, payload)
             elif os.path.lexists(path):
                 raise FederationError(
