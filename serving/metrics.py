@@ -47,6 +47,10 @@ READY = Gauge(
 )
 MODEL_READY = _gauge("fedmedclip_model_ready", "1 while the model is loaded and served")
 IN_FLIGHT = Gauge("fedmedclip_requests_in_flight", "Inference requests being handled (REST and gRPC)")
+BYTES_HELD = Gauge(
+    "fedmedclip_request_bytes_held",
+    "Request bytes held against --max-inflight-bytes (REST bodies, gRPC messages)",
+)
 
 # Out-of-distribution images and feature drift (serving/monitor.py).
 OOD_IMAGES = _counter("fedmedclip_ood_images", "Images whose OOD score is above the exported threshold")

@@ -69,11 +69,13 @@ class _Reservation:
                 )
                 raise ServerBusy(busy.message)
             budget.held += more
+            metrics.BYTES_HELD.set(budget.held)
         self.bytes = size
 
     def release(self) -> None:
         with self.budget._lock:
             self.budget.held -= self.bytes
+            metrics.BYTES_HELD.set(self.budget.held)
         self.bytes = 0
 
 

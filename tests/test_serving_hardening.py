@@ -218,12 +218,15 @@ def test_request_bytes_in_flight_are_bounded_server_wide(server, ort_session):
         wait_for(lambda: in_flight() == 1, "the stalled request to be in flight")
         # Announced, not sent: it holds nothing of the budget.
         assert post(http, _uint8_header(data=image.ravel().tolist())).status_code == 200
-        # Sent but for its last byte: held, so every other request is refused until it ends.
+        # Sent but for its last byte: held (as they arrive: no request may take the budget meanwhile, or the
+        # stalled one would be the one refused), so every other request is refused until it ends.
         stalled.sendall(b" " * (MAX_INFLIGHT_BYTES - 1001))
-        wait_for(
-            lambda: post(http, _uint8_header(data=image.ravel().tolist())).status_code == 503,
-            "the stalled body's bytes to be held",
-        )
+
+        def held() -> bool:
+            assert in_flight() == 1, "the stalled request ended before its bytes were held"
+            return metric(metric_samples(http), "fedmedclip_request_bytes_held") == MAX_INFLIGHT_BYTES - 1001
+
+        wait_for(held, "the stalled body's bytes to be held")
         refused_before = refused()
         resp = post(http, _uint8_header(data=image.ravel().tolist()))
         assert resp.status_code == 503, resp.text
