@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from fedmedclip.digests import sha256_bytes
 from fedmedclip.errors import ConfigError, DataError, class_names_problem
 from fedmedclip.federation.mailbox import read_message
 from fedmedclip.federation.messages import HolderCatalog, MessageRefused, PublishedCatalog, SiteSummary
-from fedmedclip.federation.storage import LocalDirStore, ObjectStore, StoreAccessDenied, StoreError
+from fedmedclip.federation.storage import (
+    MAX_PARALLEL,
+    LocalDirStore,
+    ObjectStore,
+    StoreAccessDenied,
+    StoreError,
+)
 from fedmedclip.paths import DEFAULT_CACHE_DIR, check_relative_id, confined_path, is_within, lock_folder
 
 from .policies import SERVER, SITE_SUMMARY, check_root  # the server party: its role's name is its holder's
@@ -264,8 +271,9 @@ def _load_source(cfg, site: str | None = None):
     if site is not None and site not in part.site_names:
         raise ConfigError(f"site {site!r} is not in the partition; its sites: {', '.join(part.site_names)}")
     holder_ids = {h: holder_image_ids(part, h) for h in ([site] if site else [*part.site_names, SERVER])}
-    image_ids = [check_relative_id(i, image_set.source) for ids in holder_ids.values() for i in ids]
-    _warn_unreadable(image_set, image_ids)
+    for ids in holder_ids.values():
+        for image_id in ids:
+            check_relative_id(image_id, image_set.source)
     return image_set, part, holder_ids
 
 
@@ -273,8 +281,6 @@ def _warn_unreadable(image_set: ImageSet, image_ids: list[str]) -> None:
     """The images to publish that training's decoder refuses (fedmedclip.data.load_image), logged in one
     warning naming the first: published unchecked, they stopped a site's feature extraction much later, in
     its own pod. Published all the same: a run with --skip-bad-images skips them, as it would locally."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from fedmedclip.data import load_image
     from fedmedclip.errors import ImageDecodeError, shown
 
@@ -302,15 +308,21 @@ def _warn_unreadable(image_set: ImageSet, image_ids: list[str]) -> None:
 
 def _publish_holders(root: ObjectStore, image_set: ImageSet, part, holder_ids: dict, listing: bool, progress):
     """Each holder's images under its own prefix (what is there already is skipped, other content refused;
-    found with one listing per prefix when `listing`, the publisher's role, else one HEAD per image), then its
-    catalog and a site's summary: catalogs last, so a reader that finds one finds its images. Returns the
-    bytes sent and the sites' summaries."""
+    found with one listing per prefix when `listing`, the publisher's role, else one HEAD per image; those to
+    send are decoded first, `_warn_unreadable`), then its catalog and a site's summary: catalogs last, so a
+    reader that finds one finds its images. Returns the bytes sent and the sites' summaries."""
     by_id = image_set.by_id()
     prefixes = {h: holder_prefix(part, h) for h in holder_ids}
-    files = {f"{prefixes[h]}images/{i}": by_id[i].path for h, ids in holder_ids.items() for i in ids}
-    listed = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()} if listing else {}
-    there = listed.get if listing else root.md5
-    sent, md5s = upload(root, files, there, progress)
+    ids_by_key = {f"{prefixes[h]}images/{i}": i for h, ids in holder_ids.items() for i in ids}
+    files = {key: by_id[i].path for key, i in ids_by_key.items()}
+    if listing:
+        found = {k: v for p in prefixes.values() for k, v in root.md5s(p + "images").items()}
+    else:
+        with ThreadPoolExecutor(MAX_PARALLEL) as pool:
+            found = dict(zip(files, pool.map(root.md5, files), strict=True))
+    # Only the images to send are decoded: a re-publish that sends nothing reads no pixels.
+    _warn_unreadable(image_set, [i for key, i in ids_by_key.items() if found.get(key) is None])
+    sent, md5s = upload(root, files, found.get, progress)
     summaries = {}
     for holder, ids in holder_ids.items():
         if holder == SERVER:

@@ -595,9 +595,8 @@ def test_published_data_is_not_published_again(tmp_path):
         publish_site(cfg, "site_0", tmp_path / "out", progress=False)
 
 
-def test_an_undecodable_image_is_named_when_it_is_published(tmp_path, caplog):
-    """A publisher learns of a file training cannot decode when publishing it, not when a site's pod stops at
-    its feature extraction; it is published all the same (a run with --skip-bad-images skips it)."""
+def _folder_with_an_undecodable_image(tmp_path) -> Path:
+    """A folder of 28 distinct images, of which Training/b/3.png cannot be decoded."""
     from PIL import Image
 
     root = tmp_path / "folder"
@@ -609,16 +608,60 @@ def test_an_undecodable_image_is_named_when_it_is_published(tmp_path, caplog):
                     root / split / cls / f"{i}.png"
                 )
     (root / "Training" / "b" / "3.png").write_bytes(b"not an image, though named so")
+    return root
+
+
+def _decode_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+
+
+def test_an_undecodable_image_is_named_when_it_is_published(tmp_path, caplog):
+    """A publisher learns of a file training cannot decode when publishing it, not when a site's pod stops at
+    its feature extraction; it is published all the same (a run with --skip-bad-images skips it)."""
+    root = _folder_with_an_undecodable_image(tmp_path)
     cfg = TrainConfig(data=str(root), sites=1, cache_dir=str(tmp_path / "c")).validate()
     with caplog.at_level("WARNING", logger="fedmedclip.site_data"):
         summary = publish_site(cfg, "site_0", tmp_path / "out", progress=False)
-    warned = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    warned = _decode_warnings(caplog)
     assert len(warned) == 1 and "1 of the images" in warned[0] and "'Training/b/3.png'" in warned[0], warned
     assert "--skip-bad-images" in warned[0]
     published = tmp_path / "out" / "sites" / "0" / "images"
     assert (
         summary["images"] == 22 and (published / "Training" / "b" / "3.png").is_file()
     )  # 28 less the reference
+
+
+def test_only_the_images_a_site_publish_sends_are_decoded(tmp_path, caplog):
+    """Every image was decoded before anything else: a publish refused for another partition, and a re-publish
+    that sends nothing, decoded the whole source (and warned of its undecodable images) all the same."""
+    root = _folder_with_an_undecodable_image(tmp_path)
+    cfg = TrainConfig(data=str(root), sites=1, cache_dir=str(tmp_path / "c")).validate()
+    with caplog.at_level("WARNING", logger="fedmedclip.site_data"):
+        publish_site(cfg, "site_0", tmp_path / "out", progress=False)
+        assert len(_decode_warnings(caplog)) == 1
+        caplog.clear()
+        assert publish_site(cfg, "site_0", tmp_path / "out", progress=False)["bytes_uploaded"] == 0
+        other = TrainConfig(**{**cfg.to_json(), "seed": 1}).validate()
+        with pytest.raises(DataError, match="for another partition"):
+            publish_site(other, "site_0", tmp_path / "out", progress=False)
+    assert _decode_warnings(caplog) == []
+
+
+def test_only_the_images_a_publish_sends_are_decoded(s3_env, tmp_path, caplog, as_stack_role):
+    """As for a site's share: the publisher's re-publish (found by listing) and its refusal decode nothing."""
+    root = _folder_with_an_undecodable_image(tmp_path)
+    bucket = _granted_bucket(s3_env)
+    as_stack_role("publisher")
+    cfg = TrainConfig(data=str(root), sites=1, cache_dir=str(tmp_path / "c")).validate()
+    with caplog.at_level("WARNING", logger="fedmedclip.site_data"):
+        publish(cfg, bucket, progress=False)
+        assert len(_decode_warnings(caplog)) == 1
+        caplog.clear()
+        assert publish(cfg, bucket, progress=False)["bytes_uploaded"] == 0
+        other = TrainConfig(**{**cfg.to_json(), "seed": 1}).validate()
+        with pytest.raises(DataError, match="refusing to overwrite it"):
+            publish(other, bucket, progress=False)
+    assert _decode_warnings(caplog) == []
 
 
 def test_withdraw_names_its_data_root_in_the_usage():
