@@ -20,28 +20,37 @@ class RequestRejected(ValueError):
         return (type(self), (self.code, self.message, self.status))
 
 
-class NotServed(RequestRejected):
+class _FixedRejection(RequestRejected):
+    """A rejection of one kind: its subclass declares `code` and `status`; made from the message alone."""
+
+    code: str
+    status: int
+
+    def __init__(self, message: str):
+        super().__init__(self.code, message, self.status)
+
+    def __reduce__(self):  # its own arguments: the base's three would not fit this __init__
+        return (type(self), (self.message,))
+
+
+class NotServed(_FixedRejection):
     """The request names a model, or a version of it, that this server does not serve (HTTP 404)."""
 
-    def __init__(self, message: str):
-        super().__init__("unknown_model", message, 404)
+    code, status = "unknown_model", 404
 
 
-class NotReady(RequestRejected):
+class NotReady(_FixedRejection):
     """The model exists but cannot answer now (unloaded, or the server is shutting down): HTTP 503."""
 
-    def __init__(self, message: str):
-        super().__init__("not_ready", message, 503)
+    code, status = "not_ready", 503
 
 
-class ServerBusy(RequestRejected):
+class ServerBusy(_FixedRejection):
     """The request's bytes would take the server over --max-inflight-bytes (every request's at once): HTTP 503
     with Retry-After (gRPC RESOURCE_EXHAUSTED). Nothing is wrong with the request: sent later, it fits."""
 
+    code, status = "server_busy", 503
     retry_after_s = 1  # requests in flight end within --body-timeout and their inference; most much sooner
-
-    def __init__(self, message: str):
-        super().__init__("server_busy", message, 503)
 
 
 def quoted(value: object, limit: int = 40) -> str:

@@ -550,6 +550,27 @@ def test_bad_input_is_a_client_error(case, protocol, http_client, grpc_client, o
     assert_still_serving(http_client, ort_session)
 
 
+@pytest.mark.parametrize(
+    ("kind", "args", "fields"),
+    [
+        ("RequestRejected", ("bad_shape", "shape is wrong", 400), ("bad_shape", "shape is wrong", 400)),
+        ("NotServed", ("model 'x' is not served",), ("unknown_model", "model 'x' is not served", 404)),
+        ("NotReady", ("model 'x' was unloaded",), ("not_ready", "model 'x' was unloaded", 503)),
+        ("ServerBusy", ("over --max-inflight-bytes",), ("server_busy", "over --max-inflight-bytes", 503)),
+    ],
+)
+def test_a_rejection_survives_pickling_with_its_fields(kind, args, fields):
+    """Raised in a JSON worker process, a rejection reaches the server pickled: NotServed, NotReady and
+    ServerBusy were rebuilt with the base's three arguments, which their __init__ refused (TypeError)."""
+    import pickle
+
+    from serving import errors
+
+    got = pickle.loads(pickle.dumps(getattr(errors, kind)(*args)))
+    assert type(got) is getattr(errors, kind)
+    assert (got.code, got.message, got.status) == fields and str(got) == got.message
+
+
 def test_oversized_request_is_refused(server, http_client, ort_session):
     """Over --max-request-bytes: 413 from the Content-Length, before the body is read (REST);
     RESOURCE_EXHAUSTED from gRPC's message limit."""
