@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from .config import TrainConfig
 from .encoders import resolve_device
 from .errors import CheckpointError, ConfigError
 from .federation.checkpoint import (
+    PARTY_CHECKPOINTS,
     CheckpointStore,
     configuration,
     expect_type,
@@ -59,11 +61,44 @@ from .preparation import (
 )
 from .privacy.report import attach_epsilon, privacy_results
 from .privacy.settings import PrivacySettings
-from .secagg.identity import site_identity
+from .secagg.identity import IDENTITY_FILE, site_identity
 
 log = logging.getLogger(__name__)
 
 INPROCESS_RUN_ID = "inprocess"
+
+
+@dataclass(frozen=True)
+class CheckpointFolders:
+    """RUN/checkpoint/ (`root`), where each party of an in-process run keeps its state, each a folder of it
+    (relative, a key of its store): the mailbox of the last rounds, the server's and each site's state (as
+    `server run --state` and `site run --state` keep theirs: checkpoints in PARTY_CHECKPOINTS/, a site's
+    identity key), and a reference run's checkpoints."""
+
+    root: Path
+    mailbox = "mailbox"
+    server = "server"
+    reference = "reference"
+
+    @staticmethod
+    def site(name: str) -> str:
+        return f"sites/{name}"
+
+    def checkpoint_stores(self) -> dict[str, Path]:
+        """Each party's checkpoint folder, by the name its CheckpointStore gives it: the server's, the
+        reference run's, and those of the sites that have one there."""
+        stores = {
+            "server": self.root / self.server / PARTY_CHECKPOINTS,
+            "reference run": self.root / self.reference,
+        }
+        for folder in sorted(self.root.glob(f"{self.site('*')}/{PARTY_CHECKPOINTS}")):
+            stores[f"site {folder.parent.name}"] = folder
+        return stores
+
+
+def checkpoint_folders(out: Path) -> CheckpointFolders:
+    """The checkpoint folders of the run directory `out`."""
+    return CheckpointFolders(Path(out) / "checkpoint")
 
 
 # ---------------------------------------------------------------- the parties, from a prepared run
@@ -93,14 +128,15 @@ def simulate(
     still in the mailbox, exactly. `observer` (fedmedclip.observer: the interface of `fedmedclip server run --track`) hears the start and each round as it finishes; `train` tells it the end once
     results.json is final."""
     method = method_for(cfg, p)
-    ckpt = LocalDirStore(out / "checkpoint")
-    mailbox = Mailbox(ckpt.sub("mailbox"), run_id)
+    folders = checkpoint_folders(out)
+    ckpt = LocalDirStore(folders.root)
+    mailbox = Mailbox(ckpt.sub(folders.mailbox), run_id)
     setups = site_setups(cfg, p, method)
     # Secure aggregation: each site's identity key is generated in its own private state (this process
     # stands for the operator who registers the public keys in the manifest).
     keys = (
         {
-            s.name: site_identity(out / "checkpoint" / "sites" / s.name / "identity.pem", create=True)[0]
+            s.name: site_identity(folders.root / folders.site(s.name) / IDENTITY_FILE, create=True)[0]
             for s in setups
         }
         if cfg.secure_aggregation
@@ -109,7 +145,7 @@ def simulate(
     server = FederationServer(
         mailbox,
         server_setup(cfg, p, method),
-        ckpt.sub("server"),
+        ckpt.sub(folders.server),
         out,
         ServerOptions(),
         verbose=False,
@@ -123,7 +159,7 @@ def simulate(
             mailbox,
             server.manifest,
             s,
-            ckpt.sub(f"sites/{s.name}"),
+            ckpt.sub(folders.site(s.name)),
             model_dir=out / "model",
             verbose=False,
             identity=keys.get(s.name),
@@ -166,9 +202,10 @@ def _stalled(server: FederationServer, sites: list[SiteWorker]) -> str:
     waiting = ", ".join(
         f"{s.name} (trained round {s.trained}, evaluated round {s.reported})" for s in sites if not s.finished
     )
+    state = checkpoint_folders(server.out).root
     return (
         f"the in-process federation cannot go on: the server is in the {server.phase} phase of round "
-        f"{server.round}; sites: {waiting or 'all finished'}. Its state in {server.out / 'checkpoint'} does not "
+        f"{server.round}; sites: {waiting or 'all finished'}. Its state in {state} does not "
         "fit together (were parts of it replaced?): start the run again in an empty --out"
     )
 
@@ -214,6 +251,9 @@ class ReferenceRun:
         if self.mode == "centralized":
             self.units[0].load_shared(self.global_state)  # starts where a federation would
         self.setup = server_setup(cfg, p, self.method)
+        # Under DP the training loss, a mean over the patients' examples without noise, is not published: as a
+        # federated site keeps it (federation/site.py), so do local and centralized runs.
+        self.publish_loss = not PrivacySettings.from_config(cfg.privacy).enabled
         self.round, self.history, self.reports = 0, [], {}
         self.best_round, self.best_val, self.best = None, None, None
 
@@ -252,9 +292,7 @@ class ReferenceRun:
                 strict=False,
             )
         )
-        if PrivacySettings.from_config(self.cfg.privacy).enabled:
-            # Under DP the training loss, a mean over the patients' examples without noise, is not published: as
-            # a federated site keeps it (federation/site.py), so do local and centralized runs.
+        if not self.publish_loss:
             site_losses = {}
         record = round_record(
             r,
@@ -297,8 +335,9 @@ class ReferenceRun:
     def checkpoints(self, out: Path) -> CheckpointStore:
         """Its checkpoint store in RUN/checkpoint/reference/, recording the run's configuration (its resume key
         and partition): state that another configuration wrote is refused, never continued."""
+        folders = checkpoint_folders(out)
         return CheckpointStore(
-            LocalDirStore(out / "checkpoint" / "reference"),
+            LocalDirStore(folders.root / folders.reference),
             "reference run",
             configuration(self.cfg.resume_key(), self.p.partition.digest),
             check=self._check_state,
@@ -404,7 +443,7 @@ def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
             )
         return
     if not config_file.exists():
-        if (out / "checkpoint").exists():
+        if checkpoint_folders(out).root.exists():
             raise CheckpointError(f"cannot resume {str(out)!r}: config.json is missing")
         raise CheckpointError(
             f"nothing to resume in {str(out)!r}: no config.json (start it without --resume)"
@@ -423,13 +462,7 @@ def check_resumable(cfg: TrainConfig, out: Path, resume: bool) -> None:
     # config.json is only what the directory says: each party's checkpoints record the configuration that wrote
     # them (checked again with the partition's digest as each one loads its state, once the data is prepared).
     settings = configuration(wanted, None)
-    parties = {
-        "server": out / "checkpoint" / "server" / "ckpt",
-        "reference run": out / "checkpoint" / "reference",
-    }
-    for folder in sorted((out / "checkpoint" / "sites").glob("*/ckpt")):
-        parties[f"site {folder.parent.name}"] = folder
-    for party, folder in parties.items():
+    for party, folder in checkpoint_folders(out).checkpoint_stores().items():
         if folder.is_dir():
             CheckpointStore(LocalDirStore(folder), party, settings).check_configuration()
 
@@ -472,4 +505,13 @@ def train(
     return results
 
 
-__all__ = ["INPROCESS_RUN_ID", "ReferenceRun", "check_resumable", "simulate", "site_setups", "train"]
+__all__ = [
+    "INPROCESS_RUN_ID",
+    "CheckpointFolders",
+    "ReferenceRun",
+    "check_resumable",
+    "checkpoint_folders",
+    "simulate",
+    "site_setups",
+    "train",
+]

@@ -41,6 +41,8 @@ TORN = "a save torn by a crash, or a file removed"
 # The most a state.json is read of (generous: the server's body holds every round's records and reports, a few
 # kB each). Its tensors.pt is read up to the size the state.json records.
 MAX_STATE_BYTES = 256 << 20
+# The folder of a party's state (`server run --state`, `site run --state`) that holds its checkpoints.
+PARTY_CHECKPOINTS = "ckpt"
 
 
 class OtherConfiguration(CheckpointError):

@@ -37,6 +37,7 @@ from ..privacy.accounting import sample_rate
 from ..privacy.client import noised_update_bound, server_privacy
 from ..privacy.report import attach_epsilon, check_site_privacy, privacy_results
 from .checkpoint import (
+    PARTY_CHECKPOINTS,
     CheckpointStore,
     OtherConfiguration,
     configuration,
@@ -304,7 +305,7 @@ class FederationServer:
         # Its checkpoints record the run's configuration (the manifest's settings and partition): state that
         # another configuration wrote is refused, never continued.
         self.ckpt = CheckpointStore(
-            state.sub("ckpt"),
+            state.sub(PARTY_CHECKPOINTS),
             "server",
             configuration(self.manifest["settings"], self.manifest["partition_digest"]),
             check=self._check_state,

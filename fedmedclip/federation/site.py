@@ -22,6 +22,7 @@ from ..errors import CheckpointError, FedMedClipError, shown
 from ..methods import Method, SiteData
 from ..privacy.client import site_client_privacy
 from .checkpoint import (
+    PARTY_CHECKPOINTS,
     Body,
     CheckpointStore,
     configuration,
@@ -90,7 +91,7 @@ class SiteWorker:
         # Its checkpoints record the run's configuration (the manifest's settings and partition): state that
         # another configuration wrote is refused, never continued.
         self.ckpt = CheckpointStore(
-            state.sub("ckpt"),
+            state.sub(PARTY_CHECKPOINTS),
             f"site {self.name}",
             configuration(manifest["settings"], manifest["partition_digest"]),
             check=_check_state,
