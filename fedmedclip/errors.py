@@ -39,20 +39,29 @@ def reason_line(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
+def first_repeat(names: list) -> int | None:
+    """The index at which `names` lists a name a second time, first in order; None when each is there once."""
+    seen = set()
+    for index, name in enumerate(names):
+        if name in seen:
+            return index
+        seen.add(name)
+    return None
+
+
 def class_names_problem(names) -> str | None:
     """Why `names` cannot be a model's classes (None when they can): class names are printed by every console,
     log, model card and `predict`, and answered by the server, so one holding ESC, CR or a newline (a folder named
     so, a manifest's label) would drive the terminal of whoever reads them; a name twice makes two answers one."""
-    seen = set()
-    for name in names:
+    names = list(names)  # an iterator too (the model card's)
+    twice = first_repeat(names)
+    # The names before the repeat in order, as one pass would: the repeated name itself was checked already.
+    for name in names[:twice]:
         if not name.strip():
             return f"class name {shown(name)} is empty"
         if not name.isprintable():
             return f"class name {shown(name)} holds control characters (ESC, CR, newline, ...)"
-        if name in seen:
-            return f"class name {shown(name)} is listed twice"
-        seen.add(name)
-    return None
+    return None if twice is None else f"class name {shown(names[twice])} is listed twice"
 
 
 class FedMedClipError(Exception):

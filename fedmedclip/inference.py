@@ -20,7 +20,14 @@ from torch import nn
 
 from .backbone import LOGIT_SCALE, Backbone, load_backbone
 from .config import FEDERATIONS
-from .errors import ConfigError, FedMedClipError, ProvenanceMismatch, class_names_problem, shown
+from .errors import (
+    ConfigError,
+    FedMedClipError,
+    ProvenanceMismatch,
+    class_names_problem,
+    first_repeat,
+    shown,
+)
 from .federation.messages import BackboneIdentity, Message, PreprocessingSpec, Short, Text, _first_problem
 from .jsonfiles import read_json
 from .losses import ENTROPIES, ensemble
@@ -118,8 +125,8 @@ def _class_names(names: list[str]) -> list[str]:
 
 
 def _distinct_sites(names: list[str] | None) -> list[str] | None:
-    if names is not None and len(set(names)) != len(names):
-        raise ValueError(f"site {shown(next(n for n in names if names.count(n) > 1))} is listed twice")
+    if names is not None and (twice := first_repeat(names)) is not None:
+        raise ValueError(f"site {shown(names[twice])} is listed twice")
     return names
 
 
