@@ -34,6 +34,7 @@ def _stack_dir_default() -> str:
 def _add_stack_options(p: argparse.ArgumentParser, ports: bool) -> None:
     p.add_argument(
         "--data-dir",
+        "--stack-dir",  # the name `demo` gives it
         default=_stack_dir_default(),
         help="where the stack keeps stack.json, logs and the MLflow database (default: $FEDMEDCLIP_STACK_DIR or .stack)",
     )

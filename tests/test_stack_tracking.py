@@ -1102,3 +1102,11 @@ def test_the_help_of_stack_env_and_track_says_their_defaults():
     env = help_of("stack", "env")
     assert "mlflow or admin (default: admin)" in env and "as before" not in env
     assert "MLflow experiment (created if missing; default: fedmedclip)" in help_of("track")
+
+
+@pytest.mark.parametrize("command", ["up", "status", "env", "down"])
+def test_every_stack_command_takes_the_stack_directory_by_demos_name_too(command, tmp_path):
+    """`demo --stack-dir DIR` then `stack status --stack-dir DIR`: the stack commands knew it only as
+    --data-dir."""
+    args = _parser().parse_args(["stack", command, "--stack-dir", str(tmp_path)])
+    assert args.data_dir == str(tmp_path)
