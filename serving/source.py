@@ -38,6 +38,12 @@ class ResolvedModel:
     registry_version: str | None = None  # the MLflow model version the alias or URI resolved to
 
     @property
+    def public_origin(self) -> str:
+        """`origin` as a client may read it (model metadata): a registry model's reference, a file's name alone,
+        since its absolute path told every client the server's folders (a temporary download's, a home's)."""
+        return self.origin if self.registry_version else self.path.name
+
+    @property
     def version(self) -> str:
         """What every answer carries as `model_version`: the registry version, or the file's sha256 prefix,
         so each prediction traces back to one registered model or one file."""

@@ -210,6 +210,8 @@ def test_model_metadata_rest_and_grpc(server, grpc_client, onnx_path, ort_sessio
     assert len(reference) < 4096
     assert props["onnx.metadata.fedmedclip.drift.reference"].startswith("sha256:")
     assert props["served.sha256"] == sha256_file(onnx_path) and props["served.version"] == version
+    # The file by its name: its absolute path told every client the server's folders.
+    assert props["served.origin"] == onnx_path.name
 
     gmeta = grpc_client.get_model_metadata(MODEL, as_json=True)
     assert {

@@ -37,7 +37,7 @@ def test_serve_from_registry_verifies_hash(registry, tmp_path, capsys, monkeypat
     promote(name, version, tracking_uri=registry)
 
     resolved = resolve_model(f"models:/{name}@champion", cache_dir=str(tmp_path / "cache"))
-    assert resolved.origin == f"models:/{name}@champion (version {version})"
+    assert resolved.origin == f"models:/{name}@champion (version {version})" == resolved.public_origin
     assert resolved.version == str(version)  # what every answer carries as model_version
     assert resolved.path.name == "model.onnx" and (tmp_path / "cache") in resolved.path.parents
     classifier = OnnxClassifier(resolved.path, device="cpu")
