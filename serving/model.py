@@ -98,7 +98,11 @@ class FedMedClipModel(kserve.Model):
         embedding per held-out image of the exporting party, which no differential privacy covers and no
         client needs)."""
         contract, s = self.classifier.contract, self.classifier.contract.image_size
-        served = {"version": self.version, "origin": self.resolved.public_origin, "sha256": self.resolved.sha256}
+        served = {
+            "version": self.version,
+            "origin": self.resolved.public_origin,
+            "sha256": self.resolved.sha256,
+        }
         properties = {f"served.{key}": value for key, value in served.items()}
         properties["served.device"] = self.classifier.device
         for key, value in sorted(contract.metadata.items()):
