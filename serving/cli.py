@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -157,6 +158,9 @@ def _download_folder(cache_dir: str | None, specs: list[tuple[str, str]]):
     if cache_dir or not any(is_registry(spec) for _, spec in specs):
         yield cache_dir
         return
+    # Until the server's own handlers take over, a SIGTERM (a pod stopped while its model downloads or loads)
+    # ends the command through the `finally` below, as Ctrl-C does: its default killed it and left the folder.
+    previous = signal.signal(signal.SIGTERM, _terminated_while_starting)
     folder = tempfile.TemporaryDirectory(prefix="fedmedclip-model-", ignore_cleanup_errors=True)
     try:
         yield folder.name
@@ -166,6 +170,13 @@ def _download_folder(cache_dir: str | None, specs: list[tuple[str, str]]):
         folder.cleanup()
         if os.path.lexists(folder.name):
             log.warning("could not remove all of the temporary download folder %s", folder.name)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated_while_starting(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one exits at once, as the running server's does
+    log.info("%s received while starting: stopping", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -5,7 +5,8 @@ event loop, around one or more named models, both bound to the asked host only; 
 Shutdown (SIGTERM, SIGINT): readiness turns false at once on REST and gRPC while both keep answering, so
 load balancers stop sending; after --drain-seconds, and once no request is in flight (at most
 --grace-period seconds more), the ports close and the process exits 0, after removing the temporary folder
-a registry model was downloaded into without --cache-dir (serving/cli.py). A second signal exits at once.
+a registry model was downloaded into without --cache-dir (serving/cli.py, which also handles a SIGTERM that
+comes before these handlers: exit 143, the folder removed). A second signal exits at once.
 """
 
 from __future__ import annotations

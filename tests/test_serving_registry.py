@@ -323,6 +323,45 @@ def _temporary_downloads(tmpdir) -> list:
     return sorted(tmpdir.glob("fedmedclip-model-*"))
 
 
+def test_a_sigterm_while_the_server_starts_removes_its_temporary_download(registry, tmp_path):
+    """A pod stopped while its model downloads or loads: before the server's own signal handlers, SIGTERM's
+    default killed `serve` and left its temporary download folder (the whole model) behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from conftest import free_port
+    from mlflow import MlflowClient
+    from serving_fixtures import REPO, make_contract_onnx
+
+    client = MlflowClient(registry, registry_uri=registry)
+    name = f"serving-sigterm-{uuid.uuid4().hex[:12]}"
+    data = make_contract_onnx(tmp_path / "export" / "model.onnx", image_size=32).read_bytes()
+    _, mv = _hand_registered(client, tmp_path, name, data, onnx_bytes=str(len(data)))
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    cmd = [sys.executable, "-m", "serving", "serve", f"models:/{name}/{mv.version}", "--device", "cpu",
+           "--http-port", str(free_port()), "--grpc-port", str(free_port())]  # fmt: skip
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(tmpdir)}
+        )
+    try:
+        deadline = time.monotonic() + 600  # event wait: the folder is made as the download starts
+        while not _temporary_downloads(tmpdir):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=600) == 128 + signal.SIGTERM, (tmp_path / "server.log").read_text()
+    finally:
+        proc.kill()
+    assert _temporary_downloads(tmpdir) == [], (tmp_path / "server.log").read_text()
+    assert "SIGTERM received while starting: stopping" in (tmp_path / "server.log").read_text()
+
+
 def test_a_registry_model_downloaded_without_a_cache_dir_is_removed_when_the_server_stops(
     registry, tmp_path, monkeypatch, capsys
 ):
